@@ -1,0 +1,500 @@
+"""The jaxjpeg container: a checksummed, versioned file of named, 64-byte-aligned blobs.
+
+Layout (docs/format.md has the full spec)::
+
+    [preamble, 64 bytes][blob][pad][blob][pad]...[header: canonical UTF-8 JSON]
+
+The header sits at the end so blobs stream to disk in one pass (no copy, no size known in
+advance); the fixed-size preamble, rewritten last, points to it. Readers trust nothing: every
+size, offset and checksum is checked before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import secrets
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "ALIGNMENT",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "BlobInfo",
+    "ContainerReader",
+    "ContainerWriter",
+    "FormatError",
+    "crc32c",
+]
+
+MAGIC = b"\x89JAXJPG\n"
+FORMAT_VERSION = 1
+ALIGNMENT = 64
+DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
+
+# magic, version, flags, header_offset, header_length, header_crc32c, reserved; then preamble_crc32c.
+_PREAMBLE_BODY = struct.Struct("<8sIIQQI24s")
+_PREAMBLE_CRC = struct.Struct("<I")
+PREAMBLE_SIZE = _PREAMBLE_BODY.size + _PREAMBLE_CRC.size
+assert PREAMBLE_SIZE == ALIGNMENT
+_RESERVED = bytes(24)
+
+_IO_CHUNK = 16 * 2**20  # bounds the memory verify() and writes use per step
+_BLOB_KEYS = frozenset({"offset", "length", "crc32c"})
+_HEADER_KEYS = frozenset({"blobs", "metadata"})
+
+
+class FormatError(ValueError):
+    """A container file is malformed, damaged, truncated or of an unsupported version."""
+
+
+class BlobInfo(NamedTuple):
+    offset: int
+    length: int
+    crc32c: int
+
+
+# ----------------------------------------------------------------------------- checksums
+
+_POLYNOMIAL = 0x82F63B78
+
+
+def _make_crc_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(_POLYNOMIAL), table >> 1)
+    return table.astype(np.uint32)
+
+
+_CRC_TABLE = _make_crc_table()
+_BASIS = np.uint32(1) << np.arange(32, dtype=np.uint32)
+
+
+def _raw_update(states: np.ndarray, lanes: np.ndarray) -> np.ndarray:
+    """Advances one inverted CRC state per row of `lanes` (uint8, shape (rows, n))."""
+    for column in np.ascontiguousarray(lanes.T):
+        states = _CRC_TABLE[(states ^ column) & 0xFF] ^ (states >> 8)
+    return states
+
+
+def _apply(operator: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """Applies a GF(2)-linear map, given as the images of the 32 basis bits, to each state."""
+    bits = ((states[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool)
+    return np.bitwise_xor.reduce(np.where(bits, operator, np.uint32(0)), axis=1)
+
+
+def _zeros_operator(n: int) -> np.ndarray:
+    """The linear map that advances a CRC state over n zero bytes (square-and-multiply)."""
+    result, step = _BASIS, _raw_update(_BASIS, np.zeros((32, 1), np.uint8))
+    while n:
+        if n & 1:
+            result = _apply(step, result)
+        step = _apply(step, step)
+        n >>= 1
+    return result
+
+
+def _crc32c_numpy(data, crc: int = 0) -> int:
+    """Slow fallback until jaxjpeg._native is built: numpy over parallel lanes, joined by
+    the CRC's linearity (crc(A+B) = zeros_op(len B)(crc A) ^ crc B)."""
+    buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+    state = np.array([crc ^ 0xFFFFFFFF], np.uint32)
+    for start in range(0, len(buf), _IO_CHUNK):
+        chunk = buf[start : start + _IO_CHUNK]
+        lane_count = 1 << max(0, min(12, (len(chunk) // 256).bit_length() - 1))
+        lane_length = len(chunk) // lane_count
+        body = chunk[: lane_count * lane_length].reshape(lane_count, lane_length)
+        states = np.zeros(lane_count, np.uint32)
+        states[0] = state[0]
+        states = _raw_update(states, body)
+        operator = _zeros_operator(lane_length)
+        while len(states) > 1:
+            states = _apply(operator, states[0::2]) ^ states[1::2]
+            operator = _apply(operator, operator)
+        state = _raw_update(states, chunk[lane_count * lane_length :][None, :])
+    return int(state[0]) ^ 0xFFFFFFFF
+
+
+try:
+    from jaxjpeg._native import crc32c as _native_crc32c
+except ImportError:
+    _native_crc32c = None
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC-32C of a bytes-like object, continuing from `crc`."""
+    if _native_crc32c is not None:
+        return _native_crc32c(data, crc)
+    return _crc32c_numpy(data, crc)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _align_up(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _pack_preamble(header_offset: int, header_length: int, header_crc: int) -> bytes:
+    body = _PREAMBLE_BODY.pack(
+        MAGIC, FORMAT_VERSION, 0, header_offset, header_length, header_crc, _RESERVED
+    )
+    return body + _PREAMBLE_CRC.pack(crc32c(body))
+
+
+def _as_byte_view(data) -> memoryview:
+    """A flat uint8 view of bytes-like objects and C-contiguous arrays, without copying."""
+    if not isinstance(data, np.ndarray):
+        try:
+            view = memoryview(data)
+        except TypeError:
+            data = np.asarray(data)
+        else:
+            if not view.c_contiguous:
+                raise ValueError("blob data must be C-contiguous")
+            return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if data.dtype.hasobject:
+        raise TypeError(f"cannot store an array of dtype {data.dtype} as raw bytes")
+    if not data.flags.c_contiguous:
+        raise ValueError("blob arrays must be C-contiguous (use np.ascontiguousarray)")
+    return memoryview(data.reshape(-1).view(np.uint8))
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class ContainerWriter:
+    """Writes a container atomically: the file at `path` is replaced only on a clean close.
+
+    Blobs stream to "<path>.tmp-<random>" in the same directory; close() writes the header,
+    fills in the preamble, fsyncs file and directory and renames over `path`. Leaving the
+    `with` block by an exception (or calling abort()) removes the temporary file.
+    """
+
+    def __init__(self, path, metadata: dict | None = None):
+        self.path = os.fspath(path)
+        self._metadata: dict = {}
+        self._blobs: dict[str, BlobInfo] = {}
+        self._position = PREAMBLE_SIZE
+        if metadata is not None:
+            self.set_metadata(metadata)
+        self._temp_path, fd = self._create_temp_file()
+        self._file = os.fdopen(fd, "wb")
+        try:
+            self._file.write(bytes(PREAMBLE_SIZE))  # placeholder until close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create_temp_file(self) -> tuple[str, int]:
+        while True:
+            temp_path = f"{self.path}.tmp-{secrets.token_hex(8)}"
+            try:  # O_EXCL: never clobber; mode 0o666 lets the umask decide, like open()
+                return temp_path, os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+
+    def set_metadata(self, metadata: dict) -> None:
+        """Sets the user metadata (any JSON-able dict); it is copied now, written at close."""
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        self._metadata = json.loads(_canonical_json(metadata))
+
+    def add_blob(self, name: str, data) -> None:
+        """Appends `data` (bytes-like or C-contiguous array, written raw) as blob `name`."""
+        self._check_open()
+        if not isinstance(name, str):
+            raise TypeError(f"blob names must be str, got {type(name).__name__}")
+        name.encode("utf-8")  # lone surrogates cannot go in a UTF-8 header: fail now
+        if name in self._blobs:
+            raise ValueError(f"duplicate blob name {name!r}")
+        view = _as_byte_view(data)
+        offset = _align_up(self._position)
+        try:
+            crc = self._write_padded(offset, view)
+        except BaseException:  # a partial write would shift every later offset: give up
+            self.abort()
+            raise
+        self._blobs[name] = BlobInfo(offset, len(view), crc)
+        self._position = offset + len(view)
+
+    def _write_padded(self, offset: int, view: memoryview) -> int:
+        self._file.write(bytes(offset - self._position))
+        crc = 0
+        for start in range(0, len(view), _IO_CHUNK):
+            piece = view[start : start + _IO_CHUNK]
+            self._file.write(piece)
+            crc = crc32c(piece, crc)
+        return crc
+
+    def close(self) -> None:
+        """Finishes the file and atomically moves it to `path`."""
+        self._check_open()
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._file = None
+
+    def _finish(self) -> None:
+        header = _canonical_json(
+            {"blobs": {name: info._asdict() for name, info in self._blobs.items()},
+             "metadata": self._metadata}
+        )
+        if len(header) > DEFAULT_MAX_HEADER_BYTES:
+            raise ValueError(
+                f"header of {len(header)} bytes exceeds the {DEFAULT_MAX_HEADER_BYTES} readers accept"
+            )
+        header_offset = _align_up(self._position)
+        self._file.write(bytes(header_offset - self._position))
+        self._file.write(header)
+        self._file.seek(0)
+        self._file.write(_pack_preamble(header_offset, len(header), crc32c(header)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._temp_path, self.path)
+        _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self) -> None:
+        """Discards everything written; the file at `path` is left as it was."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self._file = None
+            try:
+                os.unlink(self._temp_path)
+            except FileNotFoundError:
+                pass
+
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise ValueError(f"container writer for {self.path} is already closed")
+
+    def __enter__(self) -> "ContainerWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _is_uint(value: Any, bits: int = 64) -> bool:
+    return type(value) is int and 0 <= value < 2**bits  # type() excludes bool
+
+
+class ContainerReader:
+    """Opens a container and validates its preamble, header and blob table.
+
+    Every problem with the file raises FormatError; problems reaching it (missing file,
+    permissions) raise OSError. Blob bytes are read, and checked, only when asked for.
+    """
+
+    def __init__(self, path, *, verify_header: bool = True,
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "rb", buffering=0)
+        try:
+            self._fd = self._file.fileno()
+            self.file_size = os.fstat(self._fd).st_size
+            header_offset, header_length, header_crc = self._read_preamble()
+            self._check_header_bounds(header_offset, header_length, max_header_bytes)
+            header = self._load_header(header_offset, header_length, header_crc, verify_header)
+            self.metadata: dict = header["metadata"]
+            self._blobs = self._validate_blob_table(header["blobs"], header_offset)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _error(self, message: str) -> FormatError:
+        return FormatError(f"{self.path}: {message}")
+
+    def _read_preamble(self) -> tuple[int, int, int]:
+        if self.file_size < PREAMBLE_SIZE:
+            raise self._error(
+                f"file has {self.file_size} bytes, less than the {PREAMBLE_SIZE}-byte preamble "
+                "(truncated, or not a jaxjpeg container)"
+            )
+        raw = bytes(self._pread(0, PREAMBLE_SIZE))
+        magic, version, flags, header_offset, header_length, header_crc, reserved = (
+            _PREAMBLE_BODY.unpack_from(raw)
+        )
+        if magic != MAGIC:
+            raise self._error(f"bad magic {magic!r}, not a jaxjpeg container")
+        if version != FORMAT_VERSION:
+            raise self._error(
+                f"unsupported container format version {version}; this jaxjpeg reads version "
+                f"{FORMAT_VERSION} (the file is newer than this jaxjpeg, or damaged)"
+            )
+        (stored_crc,) = _PREAMBLE_CRC.unpack_from(raw, _PREAMBLE_BODY.size)
+        if crc32c(raw[: _PREAMBLE_BODY.size]) != stored_crc:
+            raise self._error("preamble checksum mismatch (file damaged)")
+        if flags != 0:
+            raise self._error(f"unknown flags 0x{flags:08x} (version 1 defines none)")
+        if reserved != _RESERVED:
+            raise self._error("reserved preamble bytes are not zero")
+        return header_offset, header_length, header_crc
+
+    def _check_header_bounds(self, offset: int, length: int, max_header_bytes: int) -> None:
+        if length > max_header_bytes:
+            raise self._error(f"header length {length} exceeds the limit of {max_header_bytes}")
+        if offset < PREAMBLE_SIZE or offset % ALIGNMENT:
+            raise self._error(f"header offset {offset} is not a multiple of {ALIGNMENT} >= 64")
+        end = offset + length
+        if end > self.file_size:
+            raise self._error(
+                f"truncated: header ends at byte {end} but the file has {self.file_size} bytes"
+            )
+        if end < self.file_size:
+            raise self._error(f"{self.file_size - end} unexpected bytes after the header")
+
+    def _load_header(self, offset: int, length: int, expected_crc: int, verify: bool) -> dict:
+        raw = self._pread(offset, length)
+        if verify and crc32c(raw) != expected_crc:
+            raise self._error("header checksum mismatch (file damaged)")
+        try:
+            header = json.loads(
+                str(raw, "utf-8"),
+                object_pairs_hook=_reject_duplicate_keys,
+                parse_constant=_reject_constant,
+            )
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise self._error(f"header is not valid JSON: {e}") from None
+        if not isinstance(header, dict) or header.keys() != _HEADER_KEYS:
+            keys = sorted(header) if isinstance(header, dict) else type(header).__name__
+            raise self._error(f"header must be an object with keys {sorted(_HEADER_KEYS)}, got {keys}")
+        if not isinstance(header["metadata"], dict):
+            raise self._error("header 'metadata' must be an object")
+        if not isinstance(header["blobs"], dict):
+            raise self._error("header 'blobs' must be an object")
+        return header
+
+    def _validate_blob_table(self, table: dict, payload_end: int) -> dict[str, BlobInfo]:
+        blobs = {}
+        for name, entry in table.items():
+            if not isinstance(entry, dict) or entry.keys() != _BLOB_KEYS:
+                raise self._error(f"blob {name!r}: entry must be an object with keys "
+                                  f"{sorted(_BLOB_KEYS)}")
+            info = BlobInfo(entry["offset"], entry["length"], entry["crc32c"])
+            if not (_is_uint(info.offset) and _is_uint(info.length) and _is_uint(info.crc32c, 32)):
+                raise self._error(f"blob {name!r}: offset, length and crc32c must be unsigned "
+                                  f"integers, got {tuple(info)!r}")
+            if info.offset % ALIGNMENT or info.offset < PREAMBLE_SIZE:
+                raise self._error(f"blob {name!r}: offset {info.offset} is not a multiple of "
+                                  f"{ALIGNMENT} >= {PREAMBLE_SIZE}")
+            if info.offset + info.length > payload_end:
+                raise self._error(f"blob {name!r}: bytes [{info.offset}, "
+                                  f"{info.offset + info.length}) run past the payload end {payload_end}")
+            blobs[name] = info
+        by_offset = sorted(blobs.items(), key=lambda item: (item[1].offset, item[1].length))
+        for (name_a, a), (name_b, b) in zip(by_offset, by_offset[1:]):
+            if a.offset + a.length > b.offset:
+                raise self._error(f"blobs {name_a!r} and {name_b!r} overlap")
+        return dict(by_offset)
+
+    def _pread(self, offset: int, length: int, out=None) -> memoryview:
+        """Reads exactly [offset, offset + length) into `out` (or a new buffer)."""
+        view = memoryview(bytearray(length) if out is None else out).cast("B")
+        if len(view) != length:
+            raise ValueError(f"out has {len(view)} bytes, expected {length}")
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise self._error(f"file shrank while reading bytes [{offset}, {offset + length})")
+            done += n
+        return view
+
+    @property
+    def blob_names(self) -> tuple[str, ...]:
+        """Blob names in file order (the order they were added)."""
+        return tuple(self._blobs)
+
+    def blob_info(self, name: str) -> BlobInfo:
+        return self._blobs[name]
+
+    def read_blob(self, name: str, *, verify: bool = True, out=None) -> memoryview:
+        """Reads one blob's bytes (only its range); `out`, if given, is a writable buffer of
+        exactly the blob's length to read into (e.g. an aligned or pinned array)."""
+        self._check_open()
+        info = self._blobs[name]
+        view = self._pread(info.offset, info.length, out)
+        if verify and crc32c(view) != info.crc32c:
+            raise self._error(f"blob {name!r} checksum mismatch (bytes [{info.offset}, "
+                              f"{info.offset + info.length}) damaged)")
+        return view.toreadonly() if out is None else view
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Reads raw bytes [offset, offset + length), which must lie inside the file."""
+        self._check_open()
+        offset, length = operator.index(offset), operator.index(length)
+        if offset < 0 or length < 0 or offset + length > self.file_size:
+            raise ValueError(f"range ({offset!r}, {length!r}) is outside {self.path} "
+                             f"({self.file_size} bytes)")
+        return bytes(self._pread(offset, length))
+
+    def verify(self) -> list[tuple[str, bool]]:
+        """Checks every blob's checksum, reading in bounded chunks; never raises on a mismatch."""
+        self._check_open()
+        results = []
+        for name, info in self._blobs.items():
+            crc = 0
+            for start in range(0, info.length, _IO_CHUNK):
+                size = min(_IO_CHUNK, info.length - start)
+                crc = crc32c(self._pread(info.offset + start, size), crc)
+            results.append((name, crc == info.crc32c))
+        return results
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _check_open(self) -> None:
+        if self._file.closed:
+            raise ValueError(f"container reader for {self.path} is closed")
+
+    def __enter__(self) -> "ContainerReader":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()

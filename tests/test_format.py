@@ -1,0 +1,467 @@
+"""Tests of the container format (jaxjpeg/format.py, spec in docs/format.md)."""
+
+import json
+import os
+import pathlib
+import signal
+import struct
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxjpeg import format as fmt
+from jaxjpeg.format import ContainerReader, ContainerWriter, FormatError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PREAMBLE = struct.Struct("<8sIIQQI24sI")  # written out here, independently of format.py
+
+
+def reference_crc32c(data: bytes, crc: int = 0) -> int:
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def write_small(path, metadata=None) -> dict:
+    blobs = {"weights": np.arange(24, dtype=np.float32).reshape(4, 6).tobytes(),
+             "": b"", "tile/0.jpg": b"\xff\xd8" + bytes(range(70)) + b"\xff\xd9", "x": b"z"}
+    with ContainerWriter(path, metadata or {"tree": ["a", {"b": 1}], "name": "smäll"}) as w:
+        for name, data in blobs.items():
+            w.add_blob(name, data)
+    return blobs
+
+
+def build_raw(path, header, *, payload=b"", version=1, flags=0, reserved=bytes(24),
+              header_offset=None, header_length=None, header_crc=None, trailing=b""):
+    """Writes a container byte by byte from the spec, with valid checksums unless overridden."""
+    if not isinstance(header, bytes):
+        header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    start = 64 + len(payload) + (-len(payload) % 64)
+    offset = start if header_offset is None else header_offset
+    length = len(header) if header_length is None else header_length
+    crc = fmt.crc32c(header) if header_crc is None else header_crc
+    body = PREAMBLE.pack(b"\x89JAXJPG\n", version, flags, offset, length, crc, reserved, 0)[:60]
+    data = body + struct.pack("<I", fmt.crc32c(body)) + payload
+    data += bytes(start - len(data)) + header + trailing
+    pathlib.Path(path).write_bytes(data)
+
+
+def header_with(blobs, metadata=None) -> dict:
+    return {"blobs": blobs, "metadata": metadata or {}}
+
+
+def expect_format_error(path, match=None, **kwargs):
+    with pytest.raises(FormatError, match=match) as info:
+        with ContainerReader(path, **kwargs) as reader:
+            for name in reader.blob_names:
+                reader.read_blob(name)
+    assert str(path) in str(info.value)
+    return info.value
+
+
+def temp_files(path):
+    return sorted(pathlib.Path(path).parent.glob(pathlib.Path(path).name + ".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- crc32c
+
+
+@pytest.mark.parametrize("crc", [fmt.crc32c, fmt._crc32c_numpy])
+def test_crc32c_known_vectors(crc):
+    assert crc(b"123456789") == 0xE3069283
+    assert crc(b"") == 0
+    assert crc(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
+    assert crc(b"\xff" * 32) == 0x62A8AB43
+    assert crc(bytes(range(32))) == 0x46DD794E
+    assert crc(b"", 0x1234) == 0x1234
+
+
+@pytest.mark.parametrize("size", [1, 255, 256, 511, 512, 4097, 70001])
+def test_crc32c_numpy_fallback_matches_bitwise_reference_and_chains(size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    assert fmt._crc32c_numpy(data, 0xDEADBEEF) == reference_crc32c(data, 0xDEADBEEF)
+    cut = size // 3
+    assert fmt.crc32c(data[cut:], fmt.crc32c(data[:cut])) == fmt.crc32c(data)
+
+
+def test_native_crc32c_matches_fallback():
+    native = pytest.importorskip("jaxjpeg._native")
+    data = np.random.default_rng(0).integers(0, 256, 3 * 2**20 + 5, dtype=np.uint8)
+    for start in range(9):
+        assert native.crc32c(data[start:], 7) == fmt._crc32c_numpy(data[start:], 7)
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_many_blobs_and_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f32": rng.standard_normal((33, 17)).astype(np.float32),
+        "f16": rng.standard_normal(5).astype(np.float16),
+        "i8": rng.integers(-128, 128, (3, 4, 5), dtype=np.int8),
+        "bool": rng.integers(0, 2, 9).astype(bool),
+        "scalar": np.array(3.5, np.float64),
+        "empty_array": np.zeros((0, 4), np.float32),
+    }
+    raw = {f"blob {i} \N{SNOWMAN}": rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+           for i, n in enumerate([0, 1, 63, 64, 65, 127, 128, 1000, 0, 4096, 5])}
+    raw.update({"": b"", "a/b\\c\"d\x00": b"name with odd characters"})
+    metadata = {"tree": {"layers": [{"w": [4, 8]}, None, True]}, "ünï": "cödé", "pi": 3.25}
+    path = tmp_path / "ckpt.jjc"
+    with ContainerWriter(path) as w:
+        for name, data in raw.items():
+            w.add_blob(name, memoryview(data) if len(data) % 2 else data)
+        for name, array in arrays.items():
+            w.add_blob(name, array)
+        w.set_metadata(metadata)  # after the blobs: the header is written at close
+    assert temp_files(path) == []
+    with ContainerReader(path) as reader:
+        assert reader.metadata == metadata
+        assert reader.blob_names == tuple(raw) + tuple(arrays)
+        for name, data in raw.items():
+            assert reader.read_blob(name) == data
+        for name, array in arrays.items():
+            restored = np.frombuffer(reader.read_blob(name), array.dtype).reshape(array.shape)
+            np.testing.assert_array_equal(restored, array)
+        infos = [reader.blob_info(name) for name in reader.blob_names]
+        assert all(info.offset % 64 == 0 for info in infos)
+        assert reader.verify() == [(name, True) for name in reader.blob_names]
+
+
+def test_read_blob_into_aligned_buffer_reads_only_its_range(tmp_path, monkeypatch):
+    path = tmp_path / "c"
+    blobs = write_small(path)
+    with ContainerReader(path) as reader:
+        requested = []
+        real_preadv = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: requested.append(
+            (off, sum(len(b) for b in bufs))) or real_preadv(fd, bufs, off))
+        out = np.empty(len(blobs["tile/0.jpg"]), np.uint8)
+        reader.read_blob("tile/0.jpg", out=out)
+        info = reader.blob_info("tile/0.jpg")
+        assert requested == [(info.offset, info.length)]
+        assert out.tobytes() == blobs["tile/0.jpg"]
+
+
+def test_metadata_is_copied_when_set(tmp_path):
+    metadata = {"shapes": [[1, 2]]}
+    with ContainerWriter(tmp_path / "c", metadata) as w:
+        metadata["shapes"].append([3])
+    with ContainerReader(tmp_path / "c") as reader:
+        assert reader.metadata == {"shapes": [[1, 2]]}
+
+
+def test_read_range_is_bounded_to_the_file(tmp_path):
+    path = tmp_path / "c"
+    write_small(path)
+    size = path.stat().st_size
+    with ContainerReader(path) as reader:
+        assert reader.read_range(0, 8) == b"\x89JAXJPG\n"
+        assert reader.read_range(size, 0) == b""
+        assert reader.read_range(np.int64(1), 3) == b"JAX"
+        for offset, length in [(size - 1, 2), (-1, 1), (0, -1), (2**63, 2**63)]:
+            with pytest.raises(ValueError):
+                reader.read_range(offset, length)
+    with pytest.raises(ValueError, match="closed"):
+        reader.read_blob("x")
+
+
+@pytest.mark.parametrize("bad_call, error", [
+    (lambda w: w.add_blob("x", b"2"), ValueError),  # duplicate of the first "x"
+    (lambda w: w.add_blob(3, b""), TypeError),
+    (lambda w: w.add_blob("\ud800", b""), UnicodeEncodeError),
+    (lambda w: w.add_blob("t", np.zeros((4, 4))[:, ::2]), ValueError),
+    (lambda w: w.add_blob("o", np.array([object()])), TypeError),
+    (lambda w: w.set_metadata({"v": float("nan")}), ValueError),
+    (lambda w: w.set_metadata([1]), TypeError),
+])
+def test_writer_rejects_bad_input_and_leaves_nothing(tmp_path, bad_call, error):
+    path = tmp_path / "c"
+    with pytest.raises(error):
+        with ContainerWriter(path) as w:
+            w.add_blob("x", b"1")
+            bad_call(w)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- atomicity
+
+
+def test_exception_inside_with_keeps_previous_file(tmp_path):
+    path = tmp_path / "c"
+    blobs = write_small(path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with ContainerWriter(path, {"new": 1}) as w:
+            w.add_blob("big", np.ones(2**20, np.uint8))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == before
+    assert temp_files(path) == []
+    with ContainerReader(path) as reader:
+        assert reader.read_blob("x") == blobs["x"]
+
+
+def test_successful_write_replaces_previous_file(tmp_path):
+    path = tmp_path / "c"
+    write_small(path)
+    with ContainerWriter(path, {"generation": 2}) as w:
+        w.add_blob("only", b"new")
+    with ContainerReader(path) as reader:
+        assert reader.metadata == {"generation": 2} and reader.blob_names == ("only",)
+    assert temp_files(path) == []
+
+
+KILLED_WRITER = r"""
+import os, signal, sys
+import numpy as np
+from jaxjpeg.format import ContainerWriter
+
+path, mode = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+def replace_then_die(src, dst):
+    if mode == "after_rename":
+        real_replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace_then_die
+block = np.full(8 * 2**20, 7, np.uint8)
+with ContainerWriter(path, {"generation": 2}) as w:
+    for i in range(4 if mode != "during_blobs" else 10**6):
+        w.add_blob(f"block{i}", block)
+        if i == 3:
+            print("writing", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["during_blobs", "before_rename", "after_rename"])
+def test_sigkilled_writer_leaves_old_or_new_file_never_half(tmp_path, mode):
+    path = tmp_path / "c"
+    old_blobs = write_small(path, {"generation": 1})
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), mode],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "writing\n"
+    if mode == "during_blobs":
+        child.kill()
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    child.stdout.close()
+    with ContainerReader(path) as reader:
+        if mode == "after_rename":
+            assert reader.metadata == {"generation": 2}
+            assert all(ok for _, ok in reader.verify()) and len(reader.blob_names) == 4
+        else:
+            assert reader.metadata == {"generation": 1}
+            assert {n: bytes(reader.read_blob(n)) for n in reader.blob_names} == old_blobs
+    assert len(temp_files(path)) == (0 if mode == "after_rename" else 1)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def metadata_region(path) -> list[int]:
+    """Byte positions of the preamble and the header (everything but the payload)."""
+    with ContainerReader(path) as reader:
+        header_offset = struct.unpack_from("<Q", reader.read_range(16, 8))[0]
+    return list(range(64)) + list(range(header_offset, path.stat().st_size))
+
+
+@pytest.mark.parametrize("change", [lambda b: b ^ 0xFF, lambda b: (b + 1) & 0xFF],
+                         ids=["xor", "plus1"])
+def test_every_preamble_and_header_byte_change_is_refused(tmp_path, change):
+    path = tmp_path / "c"
+    write_small(path)
+    original = path.read_bytes()
+    positions = metadata_region(path)
+    assert len(positions) > 200
+    for position in positions:
+        damaged = bytearray(original)
+        damaged[position] = change(damaged[position])
+        path.write_bytes(damaged)
+        expect_format_error(path)
+
+
+@pytest.mark.parametrize("change", [lambda b: b ^ 0xFF, lambda b: (b + 1) & 0xFF],
+                         ids=["xor", "plus1"])
+def test_every_blob_byte_change_is_caught_on_read(tmp_path, change):
+    path = tmp_path / "c"
+    write_small(path)
+    original = path.read_bytes()
+    with ContainerReader(path) as reader:
+        infos = {name: reader.blob_info(name) for name in reader.blob_names}
+    for name, info in infos.items():
+        for position in range(info.offset, info.offset + info.length):
+            damaged = bytearray(original)
+            damaged[position] = change(damaged[position])
+            path.write_bytes(damaged)
+            with ContainerReader(path) as reader:
+                with pytest.raises(FormatError, match="checksum mismatch"):
+                    reader.read_blob(name)
+                assert reader.read_blob(name, verify=False)[position - info.offset] != \
+                    original[position]
+                assert [n for n, ok in reader.verify() if not ok] == [name]
+
+
+def test_every_truncation_and_any_appended_byte_are_refused(tmp_path):
+    path = tmp_path / "c"
+    write_small(path)
+    original = path.read_bytes()
+    for size in range(len(original)):
+        path.write_bytes(original[:size])
+        expect_format_error(path)
+    path.write_bytes(original + b"\0")
+    expect_format_error(path, match="after the header")
+
+
+def test_verify_header_false_skips_only_the_header_checksum(tmp_path):
+    path = tmp_path / "c"
+    write_small(path, {"name": "aaaa"})
+    path.write_bytes(path.read_bytes().replace(b'"aaaa"', b'"bbbb"'))
+    expect_format_error(path, match="header checksum")
+    with ContainerReader(path, verify_header=False) as reader:
+        assert reader.metadata == {"name": "bbbb"}
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+
+def test_unknown_version_is_refused_with_both_versions_named(tmp_path):
+    build_raw(tmp_path / "c", header_with({}), version=7)
+    expect_format_error(tmp_path / "c", match=r"version 7.*reads version 1")
+
+
+def test_huge_header_length_allocates_nothing(tmp_path):
+    path = tmp_path / "c"
+    for length in [2**64 - 1, 2**40, 300 * 2**20]:
+        build_raw(path, header_with({}), header_length=length)
+        tracemalloc.start()
+        try:
+            expect_format_error(path, match="header length")
+            expect_format_error(path, max_header_bytes=2**64, match="truncated")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20
+
+
+def entry(offset=64, length=4, crc=None):
+    return {"offset": offset, "length": length,
+            "crc32c": fmt.crc32c(b"abcd"[:length] if isinstance(length, int) else b"")
+            if crc is None else crc}
+
+
+@pytest.mark.parametrize("blobs, match", [
+    ({"a": entry(offset=2**62)}, "past the payload end"),
+    ({"a": entry(length=2**62)}, "past the payload end"),
+    ({"a": entry(length=65)}, "past the payload end"),  # runs into the header
+    ({"a": entry(offset=0)}, "multiple of 64"),  # over the preamble
+    ({"a": entry(offset=65, length=1)}, "multiple of 64"),
+    ({"a": entry(offset=-64)}, "unsigned integers"),
+    ({"a": entry(offset=64.0)}, "unsigned integers"),
+    ({"a": entry(offset="64")}, "unsigned integers"),
+    ({"a": entry(offset=None)}, "unsigned integers"),
+    ({"a": entry(offset=True)}, "unsigned integers"),
+    ({"a": entry(length=-1)}, "unsigned integers"),
+    ({"a": entry(length=4.5)}, "unsigned integers"),
+    ({"a": entry(crc=2**32)}, "unsigned integers"),
+    ({"a": entry(crc=-1)}, "unsigned integers"),
+    ({"a": entry(), "b": entry(offset=64, length=2)}, "overlap"),
+    ({"a": {"offset": 64, "length": 4}}, "keys"),
+    ({"a": dict(entry(), extra=1)}, "keys"),
+    ({"a": [64, 4, 0]}, "keys"),
+])
+def test_hostile_blob_tables_are_refused(tmp_path, blobs, match):
+    path = tmp_path / "c"
+    build_raw(path, header_with(blobs), payload=b"abcd")
+    expect_format_error(path, match=match)
+
+
+@pytest.mark.parametrize("header, match", [
+    (b'{"blobs":{"a":{"crc32c":0,"length":0,"offset":64},"a":{"crc32c":0,"length":0,'
+     b'"offset":64}},"metadata":{}}', "duplicate key 'a'"),
+    (b'{"blobs":{},"metadata":{"k":1,"k":2}}', "duplicate key 'k'"),
+    (b'{"blobs":{},"metadata":{"v":NaN}}', "non-finite"),
+    (b'{"blobs":{},"metadata":{"v":-Infinity}}', "non-finite"),
+    (b'{"blobs":{},"metadata":{"v":"\xff"}}', "not valid JSON"),
+    (b'{"blobs":{},"metadata":{}', "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"[" * 200_000 + b"]" * 200_000, "not valid JSON"),
+    (b'{"blobs":{},"metadata":{"n":' + b"9" * 5000 + b"}}", "not valid JSON"),
+    (b"[]", "keys"),
+    (b'{"blobs":{}}', "keys"),
+    (b'{"blobs":{},"metadata":{},"more":1}', "keys"),
+    (b'{"blobs":[],"metadata":{}}', "'blobs' must be an object"),
+    (b'{"blobs":{},"metadata":[]}', "'metadata' must be an object"),
+])
+def test_hostile_header_json_is_refused(tmp_path, header, match):
+    build_raw(tmp_path / "c", header)
+    expect_format_error(tmp_path / "c", match=match)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(flags=1), "unknown flags"),
+    (dict(reserved=b"\1" + bytes(23)), "reserved"),
+    (dict(header_offset=0), "multiple of 64"),
+    (dict(header_offset=96), "multiple of 64"),
+    (dict(header_offset=2**63), "truncated"),
+    (dict(header_offset=128), "truncated"),
+    (dict(header_crc=0), "header checksum"),
+    (dict(trailing=b"x" * 64), "after the header"),
+])
+def test_hostile_preamble_fields_are_refused(tmp_path, fields, match):
+    build_raw(tmp_path / "c", header_with({}), **fields)
+    expect_format_error(tmp_path / "c", match=match)
+
+
+def test_not_a_container_is_refused(tmp_path):
+    (tmp_path / "c").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    expect_format_error(tmp_path / "c", match="bad magic")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(blobs=st.dictionaries(st.text(max_size=3), st.one_of(
+    json_values, st.fixed_dictionaries({"offset": st.sampled_from([0, 64, 128, 65, -1, 2**64]),
+                                        "length": st.integers(-1, 100),
+                                        "crc32c": st.integers(-1, 2**32)})), max_size=4),
+       payload=st.binary(max_size=130))
+def test_arbitrary_headers_never_crash_the_reader(tmp_path_factory, blobs, payload):
+    path = tmp_path_factory.mktemp("fuzz") / "c"
+    build_raw(path, header_with(blobs), payload=payload)
+    try:
+        with ContainerReader(path) as reader:
+            for name in reader.blob_names:
+                info = reader.blob_info(name)
+                assert info.offset % 64 == 0 and info.offset + info.length <= path.stat().st_size
+                try:
+                    assert len(reader.read_blob(name)) == info.length
+                except FormatError as e:
+                    assert "checksum mismatch" in str(e)
+    except FormatError:
+        pass
+
+
+def test_failed_blob_write_abandons_the_save(tmp_path, monkeypatch):
+    path = tmp_path / "c"
+    writer = ContainerWriter(path)
+    writer.add_blob("a", b"1")
+    with pytest.raises(ValueError, match="duplicate"):  # refused before writing: still usable
+        writer.add_blob("a", b"2")
+    monkeypatch.setattr(fmt, "crc32c", lambda *args: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError):
+        writer.add_blob("b", b"2")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="closed"):
+        writer.close()

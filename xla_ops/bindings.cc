@@ -1,0 +1,267 @@
+// pybind11 module jaxjpeg._native: the codec core for numpy callers. Every
+// function validates its arguments and turns codec failures into JpegError;
+// heavy work runs with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_executor.h"
+#include "crc32c.h"
+#include "encoder.h"
+#include "parallel_for.h"
+#include "quant_tables.h"
+#include "stream_header.h"
+
+namespace py = pybind11;
+
+namespace jaxjpeg {
+namespace {
+
+struct JpegError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] void Fail(Status s, const std::string& where) {
+  throw JpegError(where + ": " + StatusMessage(s));
+}
+
+void Check(Status s, const std::string& where) {
+  if (s != Status::kOk) Fail(s, where);
+}
+
+py::buffer_info ContiguousBytes(const py::buffer& data) {
+  py::buffer_info info = data.request();
+  if (info.ndim > 1 && info.strides.back() != info.itemsize) {
+    throw py::value_error("buffer must be C-contiguous");
+  }
+  return info;
+}
+
+struct ParsedStream {
+  StreamInfo info;
+  std::vector<int64_t> starts;
+};
+
+ParsedStream Parse(const uint8_t* data, int64_t size) {
+  ParsedStream p;
+  Check(ParseStreamHeader(data, size, &p.info), "JPEG header");
+  p.starts.resize(p.info.NumIntervals() + 1);
+  Check(IndexRestartIntervals(data, size, p.info, p.starts.data()), "JPEG scan");
+  return p;
+}
+
+py::dict StreamInfoDict(const StreamInfo& info) {
+  py::dict d;
+  d["width"] = info.width;
+  d["height"] = info.height;
+  d["bits"] = info.bits;
+  d["restart_interval"] = info.restart_interval;
+  d["blocks_wide"] = info.blocks_wide;
+  d["blocks_high"] = info.blocks_high;
+  d["num_intervals"] = info.NumIntervals();
+  d["scan_begin"] = info.scan_begin;
+  return d;
+}
+
+py::dict Inspect(const py::buffer& data) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* bytes = static_cast<const uint8_t*>(b.ptr);
+  const int64_t size = b.size * b.itemsize;
+  ParsedStream p;
+  {
+    py::gil_scoped_release release;
+    p = Parse(bytes, size);
+  }
+  py::dict d = StreamInfoDict(p.info);
+  py::array_t<int64_t> starts(static_cast<py::ssize_t>(p.starts.size()));
+  std::memcpy(starts.mutable_data(), p.starts.data(), p.starts.size() * sizeof(int64_t));
+  d["interval_starts"] = starts;
+  py::array_t<uint8_t> tables(static_cast<py::ssize_t>(sizeof(DecoderTables)));
+  std::memcpy(tables.mutable_data(), &p.info.tables, sizeof(DecoderTables));
+  d["tables"] = tables;
+  py::array_t<int32_t> quant(64);
+  std::memcpy(quant.mutable_data(), p.info.tables.quant, sizeof(p.info.tables.quant));
+  d["quant_table"] = quant;
+  return d;
+}
+
+template <int kBits>
+Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* out,
+                         int threads) {
+  const SampleSink sink{out, p.info.width};
+  const int64_t per = p.info.restart_interval ? p.info.restart_interval : p.info.NumBlocks();
+  std::atomic<int32_t> first_error{kPlanOk};
+  ParallelFor(p.info.NumIntervals(), threads, [&](int64_t i) {
+    const int64_t first = i * per;
+    const int64_t n = std::min(per, p.info.NumBlocks() - first);
+    const Status s = DecodeInterval<kBits>(data + p.starts[i], data + p.starts[i + 1],
+                                           p.info.tables, p.info.Grid(), first, n, sink);
+    if (s != Status::kOk) {
+      int32_t seen = first_error.load(), packed = PackPlanStatus(i, s);
+      while (packed < seen && !first_error.compare_exchange_weak(seen, packed)) {
+      }
+    }
+  });
+  const int32_t e = first_error.load();
+  return e == kPlanOk ? Status::kOk : static_cast<Status>(e & 15);
+}
+
+// Decoded samples as libjpeg returns them: uint8 for 8-bit, uint16 for 12-bit.
+py::array DecodeSamples(const py::buffer& data, int threads) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* bytes = static_cast<const uint8_t*>(b.ptr);
+  const int64_t size = b.size * b.itemsize;
+  std::vector<uint16_t> samples;
+  ParsedStream p;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    p = Parse(bytes, size);
+    samples.resize(static_cast<size_t>(p.info.width) * p.info.height);
+    s = p.info.bits == 12 ? DecodeSamplesImpl<12>(bytes, p, samples.data(), threads)
+                          : DecodeSamplesImpl<8>(bytes, p, samples.data(), threads);
+  }
+  Check(s, "JPEG data");
+  if (p.info.bits == 12) {
+    py::array_t<uint16_t> out({p.info.height, p.info.width});
+    std::memcpy(out.mutable_data(), samples.data(), samples.size() * 2);
+    return out;
+  }
+  py::array_t<uint8_t> out({p.info.height, p.info.width});
+  uint8_t* dst = out.mutable_data();
+  for (size_t i = 0; i < samples.size(); ++i) dst[i] = static_cast<uint8_t>(samples[i]);
+  return out;
+}
+
+template <typename T>
+const T* ArrayData(const py::array& a, int64_t expected, const char* name) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + " has the wrong dtype or is not C-contiguous");
+  }
+  if (expected >= 0 && a.size() != expected) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(a.size()) +
+                          " elements, expected " + std::to_string(expected));
+  }
+  return static_cast<const T*>(a.data());
+}
+
+// Executes a decode plan into preallocated numpy outputs (see decode_plan.h).
+void RunPlan(const py::buffer& payload, const py::array& intervals, const py::array& tiles,
+             const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
+             const std::vector<py::array>& outputs, const std::vector<int>& output_types,
+             int threads) {
+  if (outputs.size() != output_types.size()) throw py::value_error("one type per output");
+  const py::buffer_info pay = ContiguousBytes(payload);
+  const py::buffer_info tab = ContiguousBytes(tables);
+  const int64_t table_bytes = tab.size * tab.itemsize;
+  if (table_bytes % sizeof(DecoderTables) != 0) throw py::value_error("tables size mismatch");
+  if (intervals.ndim() != 2 || intervals.shape(1) != kIntervalColumns) {
+    throw py::value_error("intervals must be [n, 5] int64");
+  }
+  if (tiles.ndim() != 2 || tiles.shape(1) != kTileColumns) {
+    throw py::value_error("tiles must be [n, 9] int64");
+  }
+  std::vector<PlanOutput> plan_outputs;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const py::array& o = outputs[i];
+    const int t = output_types[i];
+    const int itemsize = t == static_cast<int>(OutputType::kFloat32) ? 4 : 2;
+    if (t < 0 || t > 2 || o.itemsize() != itemsize || !(o.flags() & py::array::c_style) ||
+        !o.writeable()) {
+      throw py::value_error("output " + std::to_string(i) + " is not a writable C-contiguous array of its type");
+    }
+    plan_outputs.push_back(PlanOutput{const_cast<void*>(o.data()), o.size(), static_cast<OutputType>(t)});
+  }
+  DecodePlan plan{};
+  plan.payload = static_cast<const uint8_t*>(pay.ptr);
+  plan.payload_size = pay.size * pay.itemsize;
+  plan.intervals = ArrayData<int64_t>(intervals, -1, "intervals");
+  plan.num_intervals = intervals.shape(0);
+  plan.tiles = ArrayData<int64_t>(tiles, -1, "tiles");
+  plan.num_tiles = tiles.shape(0);
+  plan.tables = static_cast<const DecoderTables*>(tab.ptr);
+  plan.num_tables = table_bytes / static_cast<int64_t>(sizeof(DecoderTables));
+  plan.row_scale = ArrayData<float>(row_scale, -1, "row_scale");
+  plan.row_offset = ArrayData<float>(row_offset, row_scale.size(), "row_offset");
+  plan.num_affine_rows = row_scale.size();
+  plan.outputs = plan_outputs.data();
+  plan.num_outputs = static_cast<int64_t>(plan_outputs.size());
+  int32_t status;
+  {
+    py::gil_scoped_release release;
+    status = RunDecodePlanOnHost(plan, threads);
+  }
+  if (status != kPlanOk) {
+    throw JpegError("decode failed in restart interval " + std::to_string(status >> 4) + ": " +
+                    StatusMessage(static_cast<Status>(status & 15)));
+  }
+}
+
+py::bytes Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
+                 const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                 int bits, int restart_interval, bool optimize) {
+  if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
+  if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
+  EncodeOptions options;
+  options.bits = bits;
+  std::memcpy(options.qtable, qtable.data(), sizeof(options.qtable));
+  options.restart_interval = restart_interval;
+  options.optimize_huffman = optimize;
+  const py::ssize_t h = samples.shape(0), w = samples.shape(1);
+  if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
+  std::vector<uint8_t> out;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = EncodeGrayscale(samples.data(), static_cast<int>(w), static_cast<int>(h), w, options, &out);
+  }
+  Check(s, "encode");
+  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+py::array_t<uint16_t> QualityTable(int quality, int bits) {
+  if (quality < 1 || quality > 100) throw py::value_error("quality must be in 1..100");
+  if (bits != 8 && bits != 12) throw py::value_error("bits must be 8 or 12");
+  py::array_t<uint16_t> table(64);
+  QualityScaledTable(quality, bits, table.mutable_data());
+  return table;
+}
+
+uint32_t Crc32cOf(const py::buffer& data, uint32_t crc) {
+  const py::buffer_info b = ContiguousBytes(data);
+  py::gil_scoped_release release;
+  return Crc32c(static_cast<const uint8_t*>(b.ptr), static_cast<size_t>(b.size * b.itemsize), crc);
+}
+
+}  // namespace
+}  // namespace jaxjpeg
+
+PYBIND11_MODULE(_native, m) {
+  using namespace jaxjpeg;
+  m.doc() = "jaxjpeg codec core: JPEG encode/decode of weight tiles";
+  py::register_exception<JpegError>(m, "JpegError", PyExc_ValueError);
+  m.attr("DECODER_TABLES_SIZE") = sizeof(DecoderTables);
+  m.attr("INTERVAL_COLUMNS") = static_cast<int>(kIntervalColumns);
+  m.attr("TILE_COLUMNS") = static_cast<int>(kTileColumns);
+  m.attr("PLAN_OK") = kPlanOk;
+  m.def("inspect", &Inspect, py::arg("data"),
+        "Parse a JPEG: dimensions, precision, restart interval, interval start offsets, "
+        "decoder tables.");
+  m.def("decode_samples", &DecodeSamples, py::arg("data"), py::arg("threads") = 0,
+        "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
+  m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("intervals"), py::arg("tiles"),
+        py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
+        py::arg("output_types"), py::arg("threads") = 0,
+        "Decode many restart intervals of many tiles into preallocated outputs.");
+  m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
+        py::arg("restart_interval") = 0, py::arg("optimize") = true,
+        "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file.");
+  m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
+        "The Annex K luminance table scaled to a 1..100 quality (natural order).");
+  m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
+  m.def("status_message", [](int code) { return std::string(StatusMessage(static_cast<Status>(code))); });
+}

@@ -1,0 +1,74 @@
+// Bit reader over one restart interval of entropy-coded data (T.81 F.2.2.5).
+// Removes byte stuffing (0xFF 0x00 -> 0xFF), stops at the first marker, and
+// never reads outside [begin, end). Past the data it supplies zero bits and
+// counts them, so the caller can tell a truncated interval from a complete one.
+#ifndef JAXJPEG_BIT_READER_H_
+#define JAXJPEG_BIT_READER_H_
+
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+
+struct BitReader {
+  const uint8_t* pos;
+  const uint8_t* end;    // first byte not to read (end of range or a marker)
+  uint64_t buffer;       // unread bits, left-aligned
+  int count;             // number of valid bits in buffer
+  int phantom;           // zero bits appended after the data ran out
+};
+
+JJ_HD JJ_INLINE BitReader MakeBitReader(const uint8_t* begin, const uint8_t* end) {
+  return BitReader{begin, end, 0, 0, 0};
+}
+
+// Next data byte, or -1 at the end of the data (range end or a marker).
+JJ_HD JJ_INLINE int NextDataByte(BitReader& r) {
+  if (r.pos >= r.end) return -1;
+  const uint8_t byte = *r.pos;
+  if (byte != 0xFF) {
+    ++r.pos;
+    return byte;
+  }
+  if (r.pos + 1 < r.end && r.pos[1] == 0x00) {
+    r.pos += 2;
+    return 0xFF;
+  }
+  r.end = r.pos;  // a marker (or a lone 0xFF at the range end) ends the data
+  return -1;
+}
+
+// Tops the buffer up to at least 57 bits.
+JJ_HD JJ_INLINE void Refill(BitReader& r) {
+  while (r.count <= 56) {
+    int byte = NextDataByte(r);
+    if (byte < 0) {
+      byte = 0;
+      r.phantom += 8;
+    }
+    r.buffer |= static_cast<uint64_t>(byte) << (56 - r.count);
+    r.count += 8;
+  }
+}
+
+// The next n (1..16) bits without consuming them; needs count >= n.
+JJ_HD JJ_INLINE uint32_t PeekBits(const BitReader& r, int n) {
+  return static_cast<uint32_t>(r.buffer >> (64 - n));
+}
+
+JJ_HD JJ_INLINE void SkipBits(BitReader& r, int n) {
+  r.buffer <<= n;
+  r.count -= n;
+}
+
+// True when decoding consumed bits that were not in the data.
+JJ_HD JJ_INLINE bool ReadPastEnd(const BitReader& r) { return r.count < r.phantom; }
+
+// Whole bytes of data left unread (padding to a byte boundary is allowed).
+JJ_HD inline bool HasUnusedBytes(BitReader r) {
+  if (r.count - r.phantom >= 8) return true;
+  return NextDataByte(r) >= 0;
+}
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_BIT_READER_H_

@@ -1,0 +1,45 @@
+// Host-only JPEG encoder for single-component tiles: 8-bit baseline (SOF0)
+// or 12-bit extended sequential Huffman (SOF1). Every output is a complete
+// standard JPEG file that any decoder opens.
+#ifndef JAXJPEG_ENCODER_H_
+#define JAXJPEG_ENCODER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+
+struct EncodeOptions {
+  // 8 -> SOF0 (baseline), 12 -> SOF1 (extended sequential Huffman).
+  int bits = 8;
+  // Quantization steps in natural (row-major) order; must be filled in
+  // (quant_tables.h has helpers). 8-bit: 1..255. 12-bit: 1..65535, written
+  // as a 16-bit DQT when any step exceeds 255.
+  uint16_t qtable[64] = {};
+  // Blocks per restart interval; 0 = no DRI and no RST markers. Max 65535.
+  int restart_interval = 0;
+  // true: two passes, Huffman tables optimized for this tile.
+  // false: the Annex K luminance tables (8-bit only: they lack the larger
+  // magnitude categories 12-bit needs, so 12-bit returns kUnsupported).
+  bool optimize_huffman = true;
+};
+
+// samples: row-major float32 in [0, 2^bits - 1], continuous (not rounded:
+// the DCT takes them as they are); values outside are clamped, NaN -> 0.
+// width, height in 1..65535; stride (in elements) >= width.
+// Appends SOI, DQT, SOF0/SOF1 (one component, id 1, 1x1 sampling, table 0),
+// DHT (DC 0, AC 0), DRI if restart_interval > 0, SOS, entropy-coded data with
+// RST0..RST7 between intervals, EOI. Partial edge blocks replicate the last
+// column/row. Never throws; on failure *out is left as it was.
+// Errors: kBadSize (dimensions), kBadArgument (null pointers, stride, bits,
+// restart interval, out of memory), kBadQuantTable (a step out of range),
+// kUnsupported (standard Huffman tables with 12-bit samples).
+Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,
+                       const EncodeOptions& options, std::vector<uint8_t>* out);
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_ENCODER_H_

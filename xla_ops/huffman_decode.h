@@ -1,0 +1,114 @@
+// Canonical Huffman decoding tables (T.81 C.2, F.2.2.3) with a lookahead table.
+// Building runs on the host; the table is plain data so it can be copied to
+// device memory (or staged in shared memory) and decoded from there.
+#ifndef JAXJPEG_HUFFMAN_DECODE_H_
+#define JAXJPEG_HUFFMAN_DECODE_H_
+
+#include "bit_reader.h"
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+
+constexpr int kLookaheadBits = 9;
+
+// One DHT table ready for decoding.
+struct HuffmanDecodeTable {
+  // Codes of up to kLookaheadBits bits: (code length << 8) | symbol; 0 if the
+  // code is longer (or no code starts with these bits).
+  uint16_t lookahead[1 << kLookaheadBits];
+  // For AC tables, codes whose length plus magnitude bits fit in the lookahead:
+  // the whole (run, value) pair. Layout: value << 16 | run << 8 | bits used.
+  // 0 = not resolvable here; kEndOfBlock flags an EOB code.
+  int32_t fast_ac[1 << kLookaheadBits];
+  int32_t max_code[17];      // largest code of each length, -1 if none
+  int32_t value_offset[17];  // index into symbols = code + value_offset[len]
+  uint8_t symbols[256];
+};
+
+constexpr int32_t kEndOfBlock = 0x8000;
+
+// Sign-extends a magnitude category value (T.81 F.2.2.1, EXTEND).
+JJ_HD JJ_INLINE int32_t ExtendMagnitude(uint32_t bits, int category) {
+  return bits < (1u << (category - 1)) ? static_cast<int32_t>(bits) - (1 << category) + 1
+                                       : static_cast<int32_t>(bits);
+}
+
+// Builds a decoding table from DHT counts (codes of length 1..16) and symbols.
+// Rejects over-subscribed code spaces the way libjpeg does (the all-ones code
+// of any length is reserved), and DC symbols above 15.
+inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* symbols,
+                                      int num_symbols, bool is_dc, HuffmanDecodeTable* t) {
+  int total = 0;
+  for (int i = 0; i < 16; ++i) total += counts[i];
+  if (total != num_symbols || total > 256 || total == 0) return Status::kBadHuffmanTable;
+  for (int i = 0; i < total; ++i) {
+    if (is_dc && symbols[i] > 15) return Status::kBadHuffmanTable;
+    t->symbols[i] = symbols[i];
+  }
+  for (int i = 0; i < (1 << kLookaheadBits); ++i) {
+    t->lookahead[i] = 0;
+    t->fast_ac[i] = 0;
+  }
+  int32_t code = 0;
+  int index = 0;
+  for (int len = 1; len <= 16; ++len) {
+    const int n = counts[len - 1];
+    t->value_offset[len] = index - code;
+    for (int i = 0; i < n; ++i, ++code, ++index) {
+      if (len > kLookaheadBits) continue;
+      const int shift = kLookaheadBits - len;
+      for (int fill = 0; fill < (1 << shift); ++fill) {
+        t->lookahead[(code << shift) | fill] =
+            static_cast<uint16_t>((len << 8) | t->symbols[index]);
+      }
+    }
+    t->max_code[len] = n ? code - 1 : -1;
+    if (code >= (1 << len)) return Status::kBadHuffmanTable;
+    code <<= 1;
+  }
+  t->max_code[0] = -1;
+  t->value_offset[0] = 0;
+  if (is_dc) return Status::kOk;
+  // Precombine code and magnitude bits where both fit in the lookahead.
+  for (int bits = 0; bits < (1 << kLookaheadBits); ++bits) {
+    const uint16_t entry = t->lookahead[bits];
+    if (entry == 0) continue;
+    const int len = entry >> 8, symbol = entry & 0xFF;
+    const int run = symbol >> 4, category = symbol & 15;
+    if (symbol == 0x00) {
+      t->fast_ac[bits] = kEndOfBlock | len;
+    } else if (category == 0) {
+      if (run == 15) t->fast_ac[bits] = (15 << 8) | len;  // ZRL: 16 zeros
+    } else if (len + category <= kLookaheadBits) {
+      const uint32_t magnitude =
+          (bits >> (kLookaheadBits - len - category)) & ((1u << category) - 1);
+      const int32_t value = ExtendMagnitude(magnitude, category);
+      t->fast_ac[bits] = static_cast<int32_t>(static_cast<uint32_t>(value) << 16) |
+                         (run << 8) | (len + category);
+    }
+  }
+  return Status::kOk;
+}
+
+// Decodes one symbol; returns -1 for a code no table defines. Needs >= 16
+// buffered bits.
+JJ_HD JJ_INLINE int DecodeSymbol(BitReader& r, const HuffmanDecodeTable& t) {
+  const uint16_t entry = t.lookahead[PeekBits(r, kLookaheadBits)];
+  if (entry != 0) {
+    SkipBits(r, entry >> 8);
+    return entry & 0xFF;
+  }
+  for (int len = kLookaheadBits + 1; len <= 16; ++len) {
+    const int32_t code = static_cast<int32_t>(PeekBits(r, len));
+    if (code <= t.max_code[len]) {
+      SkipBits(r, len);
+      const int32_t index = code + t.value_offset[len];
+      return (index >= 0 && index < 256) ? t.symbols[index] : -1;
+    }
+  }
+  return -1;
+}
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_HUFFMAN_DECODE_H_

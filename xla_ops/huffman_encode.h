@@ -1,0 +1,124 @@
+// Huffman side of the encoder (host only): table specifications as a DHT
+// segment carries them, optimal tables from symbol statistics (T.81 K.2),
+// encoding code tables (T.81 C.2) and the entropy-coded-segment bit writer.
+#ifndef JAXJPEG_HUFFMAN_ENCODE_H_
+#define JAXJPEG_HUFFMAN_ENCODE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace jaxjpeg {
+
+constexpr int kMaxHuffmanCodeLength = 16;
+
+// What one DHT table carries: how many codes of each length, then the
+// symbols in order of increasing code length.
+struct HuffmanSpec {
+  uint8_t counts[kMaxHuffmanCodeLength + 1] = {};  // counts[length], [0] unused
+  uint8_t symbols[256] = {};
+  int num_symbols = 0;
+};
+
+// Symbol -> canonical code. length 0 marks a symbol the table cannot code.
+struct HuffmanCodeTable {
+  uint16_t code[256];
+  uint8_t length[256];
+};
+
+// How often each of the 256 symbols occurs in one scan.
+struct SymbolHistogram {
+  uint64_t count[256] = {};
+};
+
+// Tables of T.81 Annex K.3 (Tables K.3 and K.5): luminance DC and AC.
+const HuffmanSpec& StandardLuminanceDcSpec();
+const HuffmanSpec& StandardLuminanceAcSpec();
+
+// Optimal code lengths for `histogram`, limited to 16 bits, never using the
+// all-ones code word (T.81 K.2). Unused symbols get no code; a histogram with
+// a single used symbol still yields a valid one-code table.
+HuffmanSpec BuildOptimalSpec(const SymbolHistogram& histogram);
+
+// Canonical code assignment (T.81 C.1, C.2).
+HuffmanCodeTable BuildCodeTable(const HuffmanSpec& spec);
+
+// Writes an entropy-coded segment: packs codes MSB first, stuffs a zero byte
+// after every 0xFF, pads with 1 bits before markers. Appends to a vector it
+// grows ahead of time (Reserve) so the hot path is free of capacity checks.
+class BitWriter {
+ public:
+  explicit BitWriter(std::vector<uint8_t>* out) : out_(out), size_(out->size()) {}
+
+  // Makes room for `bytes` more output bytes (may throw std::bad_alloc).
+  void Reserve(size_t bytes) {
+    if (size_ + bytes <= out_->size()) return;
+    size_t grown = out_->size() * 2;
+    out_->resize(grown > size_ + bytes ? grown : size_ + bytes);
+  }
+
+  // Appends the low `count` bits of `bits` (count <= 31, higher bits zero).
+  void Put(uint32_t bits, int count) {
+    pending_ = (pending_ << count) | bits;
+    pending_count_ += count;
+    if (pending_count_ >= 32) {
+      pending_count_ -= 32;
+      EmitWord(static_cast<uint32_t>(pending_ >> pending_count_));
+    }
+  }
+
+  // Completes the last byte with 1 bits (T.81 F.1.2.3) and emits it.
+  void FlushWithPadding() {
+    Reserve(16);
+    const int padding = (8 - pending_count_ % 8) % 8;
+    Put((1u << padding) - 1, padding);
+    while (pending_count_ >= 8) {
+      pending_count_ -= 8;
+      EmitByte(static_cast<uint8_t>(pending_ >> pending_count_));
+    }
+  }
+
+  // A marker is only valid on a byte boundary: call after FlushWithPadding.
+  void PutMarker(uint8_t code) {
+    Reserve(2);
+    uint8_t* dst = out_->data() + size_;
+    dst[0] = 0xFF;
+    dst[1] = code;
+    size_ += 2;
+  }
+
+  // Trims the vector to what was written.
+  void Finish() { out_->resize(size_); }
+
+ private:
+  void EmitByte(uint8_t byte) {
+    uint8_t* dst = out_->data() + size_;
+    dst[0] = byte;
+    dst[1] = 0;  // stuffed byte, kept only after 0xFF
+    size_ += byte == 0xFF ? 2 : 1;
+  }
+
+  void EmitWord(uint32_t word) {
+    const uint32_t inverted = ~word;  // a 0xFF byte becomes a zero byte
+    const bool has_ff = ((inverted - 0x01010101u) & ~inverted & 0x80808080u) != 0;
+    if (!has_ff) {
+      uint8_t* dst = out_->data() + size_;
+      dst[0] = static_cast<uint8_t>(word >> 24);
+      dst[1] = static_cast<uint8_t>(word >> 16);
+      dst[2] = static_cast<uint8_t>(word >> 8);
+      dst[3] = static_cast<uint8_t>(word);
+      size_ += 4;
+      return;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) EmitByte(static_cast<uint8_t>(word >> shift));
+  }
+
+  std::vector<uint8_t>* out_;
+  size_t size_;               // bytes written; out_->size() is the capacity
+  uint64_t pending_ = 0;      // bits not yet emitted are the low pending_count_
+  int pending_count_ = 0;     // < 32 between calls
+};
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_HUFFMAN_ENCODE_H_

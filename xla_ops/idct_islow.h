@@ -1,0 +1,139 @@
+// Accurate integer inverse DCT, bit-exact with libjpeg-turbo's default method
+// (JDCT_ISLOW: the Loeffler-Ligtenberg-Moschytz algorithm with 13-bit fixed
+// point constants, as in IJG's jidctint.c), written from T.81 A.3.3 and the
+// published algorithm. Bit-exactness is what lets CPU, GPU and any other JPEG
+// decoder agree on every weight.
+#ifndef JAXJPEG_IDCT_ISLOW_H_
+#define JAXJPEG_IDCT_ISLOW_H_
+
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+namespace idct {
+
+constexpr int kConstBits = 13;
+// cos-derived constants, round(x * 2^13).
+constexpr int32_t k0_298631336 = 2446;
+constexpr int32_t k0_390180644 = 3196;
+constexpr int32_t k0_541196100 = 4433;
+constexpr int32_t k0_765366865 = 6270;
+constexpr int32_t k0_899976223 = 7373;
+constexpr int32_t k1_175875602 = 9633;
+constexpr int32_t k1_501321110 = 12299;
+constexpr int32_t k1_847759065 = 15137;
+constexpr int32_t k1_961570560 = 16069;
+constexpr int32_t k2_053119869 = 16819;
+constexpr int32_t k2_562915447 = 20995;
+constexpr int32_t k3_072711026 = 25172;
+
+template <typename Acc>
+JJ_HD JJ_INLINE Acc Descale(Acc x, int n) {
+  return (x + (Acc(1) << (n - 1))) >> n;
+}
+
+// One 8-point 1-D inverse DCT, outputs descaled by `shift` bits. `in` and
+// `out` are strided views so the same code serves columns and rows.
+template <typename Acc>
+JJ_HD JJ_INLINE void Idct1D(Acc x0, Acc x1, Acc x2, Acc x3, Acc x4, Acc x5, Acc x6, Acc x7,
+                            int shift, Acc out[8]) {
+  // Even part: x0, x2, x4, x6.
+  const Acc z1 = (x2 + x6) * k0_541196100;
+  const Acc t2 = z1 - x6 * k1_847759065;
+  const Acc t3 = z1 + x2 * k0_765366865;
+  const Acc t0 = (x0 + x4) * (Acc(1) << kConstBits);
+  const Acc t1 = (x0 - x4) * (Acc(1) << kConstBits);
+  const Acc e10 = t0 + t3, e13 = t0 - t3, e11 = t1 + t2, e12 = t1 - t2;
+  // Odd part: x7, x5, x3, x1.
+  const Acc s1 = x7 + x1, s2 = x5 + x3, s3 = x7 + x3, s4 = x5 + x1;
+  const Acc z5 = (s3 + s4) * k1_175875602;
+  const Acc m1 = s1 * -k0_899976223, m2 = s2 * -k2_562915447;
+  const Acc m3 = s3 * -k1_961570560 + z5, m4 = s4 * -k0_390180644 + z5;
+  const Acc o0 = x7 * k0_298631336 + m1 + m3;
+  const Acc o1 = x5 * k2_053119869 + m2 + m4;
+  const Acc o2 = x3 * k3_072711026 + m2 + m3;
+  const Acc o3 = x1 * k1_501321110 + m1 + m4;
+  out[0] = Descale<Acc>(e10 + o3, shift);
+  out[7] = Descale<Acc>(e10 - o3, shift);
+  out[1] = Descale<Acc>(e11 + o2, shift);
+  out[6] = Descale<Acc>(e11 - o2, shift);
+  out[2] = Descale<Acc>(e12 + o1, shift);
+  out[5] = Descale<Acc>(e12 - o1, shift);
+  out[3] = Descale<Acc>(e13 + o0, shift);
+  out[4] = Descale<Acc>(e13 - o0, shift);
+}
+
+// libjpeg's post-IDCT range limit: the descaled value is masked to
+// 4 * 2^bits entries, then clamped; values that wrap the mask wrap the same
+// way libjpeg-turbo's table lookup does.
+template <int kBits>
+JJ_HD JJ_INLINE int RangeLimit(int32_t x) {
+  constexpr int kMax = (1 << kBits) - 1, kCenter = 1 << (kBits - 1);
+  const int i = x & (4 * (kMax + 1) - 1);
+  if (i < kCenter) return i + kCenter;
+  if (i < 2 * (kMax + 1)) return kMax;
+  if (i < 4 * (kMax + 1) - kCenter) return 0;
+  return i - (4 * (kMax + 1) - kCenter);
+}
+
+}  // namespace idct
+
+// Traits of a sample precision: 8-bit uses 32-bit arithmetic (enough for every
+// coefficient a conforming 8-bit stream can carry; overflow wraps, see
+// BUILD.md), 12-bit needs 64 bits like libjpeg's JLONG.
+template <int kBits>
+struct IdctTraits;
+template <>
+struct IdctTraits<8> {
+  using Acc = int32_t;
+  static constexpr int kPass1Bits = 2;
+};
+template <>
+struct IdctTraits<12> {
+  using Acc = int64_t;
+  static constexpr int kPass1Bits = 1;
+};
+
+// Inverse DCT of one block of quantized coefficients (natural order) and
+// its quantization table (dequantized here, as libjpeg does) into
+// samples 0..2^bits-1, row-major. All-zero columns and rows take a shortcut
+// (as libjpeg-turbo does) whose results equal the full computation.
+template <int kBits>
+JJ_HD inline void InverseDctIslow(const int32_t coef[64], const int32_t quant[64],
+                                  int32_t samples[64]) {
+  using Acc = typename IdctTraits<kBits>::Acc;
+  constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
+  int32_t ws[64];
+  for (int c = 0; c < 8; ++c) {
+    const int32_t* in = coef + c;
+    const int32_t* q = quant + c;
+    if ((in[8] | in[16] | in[24] | in[32] | in[40] | in[48] | in[56]) == 0) {
+      const int32_t dc = static_cast<int32_t>(Acc(in[0]) * q[0] * (Acc(1) << kPass1));
+      for (int r = 0; r < 8; ++r) ws[r * 8 + c] = dc;
+      continue;
+    }
+    Acc x[8];
+    for (int r = 0; r < 8; ++r) x[r] = Acc(in[r * 8]) * q[r * 8];
+    Acc out[8];
+    idct::Idct1D<Acc>(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                      idct::kConstBits - kPass1, out);
+    for (int r = 0; r < 8; ++r) ws[r * 8 + c] = static_cast<int32_t>(out[r]);
+  }
+  for (int r = 0; r < 8; ++r) {
+    const int32_t* w = ws + r * 8;
+    int32_t* row = samples + r * 8;
+    if ((w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) == 0) {
+      const int v = idct::RangeLimit<kBits>(
+          static_cast<int32_t>(idct::Descale<Acc>(w[0], kPass1 + 3)));
+      for (int c = 0; c < 8; ++c) row[c] = v;
+      continue;
+    }
+    Acc out[8];
+    idct::Idct1D<Acc>(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+                      idct::kConstBits + kPass1 + 3, out);
+    for (int c = 0; c < 8; ++c) row[c] = idct::RangeLimit<kBits>(static_cast<int32_t>(out[c]));
+  }
+}
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_IDCT_ISLOW_H_

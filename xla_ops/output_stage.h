@@ -1,0 +1,113 @@
+// The decoder's output stage: decoded sample -> weight through a per-row affine
+// map, cast to float32 / bfloat16 / float16 and stored into a strided view.
+// The arithmetic is written so host and device round identically (no fused
+// multiply-add, round-to-nearest-even conversions done in integer code).
+#ifndef JAXJPEG_OUTPUT_STAGE_H_
+#define JAXJPEG_OUTPUT_STAGE_H_
+
+#include <cstring>
+
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+
+// Element types the decoder writes. Values cross the FFI boundary.
+enum class OutputType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+JJ_HD JJ_INLINE uint32_t FloatBits(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// s * scale + offset with two roundings on every platform: nvcc would
+// otherwise fuse it into one FMA and the GPU would disagree with the CPU
+// (host code is built with -ffp-contract=off for the same reason).
+JJ_HD JJ_INLINE float AffineSample(int sample, float scale, float offset) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(static_cast<float>(sample), scale), offset);
+#else
+  return static_cast<float>(sample) * scale + offset;
+#endif
+}
+
+JJ_HD JJ_INLINE uint16_t FloatToBFloat16(float f) {
+  const uint32_t x = FloatBits(f);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40);  // quiet NaN
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Rounds `value >> shift` to nearest, ties to even (shift >= 1).
+JJ_HD JJ_INLINE uint32_t ShiftRoundEven(uint32_t value, int shift) {
+  const uint32_t kept = value >> shift;
+  const uint32_t rest = value & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1);
+  return kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
+}
+
+JJ_HD JJ_INLINE uint16_t FloatToHalf(float f) {
+  const uint32_t x = FloatBits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t magnitude = x & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  if (magnitude >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: inf
+  if (magnitude >= 0x38800000u) {  // normal half: rebias exponent, round mantissa
+    const uint32_t rebased = magnitude - (112u << 23);
+    return static_cast<uint16_t>(sign | ShiftRoundEven(rebased, 13));
+  }
+  if (magnitude < 0x33000000u) return static_cast<uint16_t>(sign);  // <= 2^-25: zero
+  const uint32_t mantissa = (magnitude & 0x7FFFFFu) | 0x800000u;
+  const int shift = 126 - static_cast<int>(magnitude >> 23);  // subnormal half
+  return static_cast<uint16_t>(sign | ShiftRoundEven(mantissa, shift));
+}
+
+template <OutputType kType>
+struct OutputElement;
+template <>
+struct OutputElement<OutputType::kFloat32> {
+  using Type = float;
+  JJ_HD static JJ_INLINE float From(float v) { return v; }
+};
+template <>
+struct OutputElement<OutputType::kBFloat16> {
+  using Type = uint16_t;
+  JJ_HD static JJ_INLINE uint16_t From(float v) { return FloatToBFloat16(v); }
+};
+template <>
+struct OutputElement<OutputType::kFloat16> {
+  using Type = uint16_t;
+  JJ_HD static JJ_INLINE uint16_t From(float v) { return FloatToHalf(v); }
+};
+
+// Writes weights: tile row y of the image lands at base + y * row_stride.
+template <OutputType kType>
+struct AffineSink {
+  using Element = typename OutputElement<kType>::Type;
+  Element* base;
+  int64_t row_stride;       // in elements
+  const float* row_scale;   // one per tile row
+  const float* row_offset;  // one per tile row
+
+  JJ_HD JJ_INLINE void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    const float scale = row_scale[y], offset = row_offset[y];
+    Element* out = base + y * row_stride + x0;
+    for (int i = 0; i < count; ++i) {
+      out[i] = OutputElement<kType>::From(AffineSample(samples[i], scale, offset));
+    }
+  }
+};
+
+// Writes raw samples (the view libjpeg gives), for tests and tools.
+struct SampleSink {
+  uint16_t* base;
+  int64_t row_stride;
+
+  JJ_HD JJ_INLINE void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    uint16_t* out = base + y * row_stride + x0;
+    for (int i = 0; i < count; ++i) out[i] = static_cast<uint16_t>(samples[i]);
+  }
+};
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_OUTPUT_STAGE_H_
