@@ -200,8 +200,8 @@ def sorting_batch(rng: np.random.Generator, count: int):
     return tokens, np.sort(tokens, axis=-1)
 
 
-def sensitive_data(seed: int = 0, train_size: int = 2000 * 128, test_size: int = 4096):
-    """Return (x_train, y_train, x_test, y_test) for the sorting task; train and test are disjoint draws."""
+def sensitive_data(seed: int = 0, train_size: int = SENSITIVE_STEPS * 128, test_size: int = 4096):
+    """Return (x_train, y_train, x_test, y_test) for the sorting task; train and test are independent draws."""
     x_train, y_train = sorting_batch(np.random.default_rng([seed, 0]), train_size)
     x_test, y_test = sorting_batch(np.random.default_rng([seed, 1]), test_size)
     return x_train, y_train, x_test, y_test

@@ -150,7 +150,7 @@ const T* ArrayData(const py::array& a, int64_t expected, const char* name) {
 }
 
 // Executes a decode plan into preallocated numpy outputs (see decode_plan.h).
-void RunPlan(const py::buffer& payload, const py::array& intervals, const py::array& tiles,
+void RunPlan(const py::buffer& payload, const py::array& interval_starts, const py::array& tiles,
              const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
              const std::vector<py::array>& outputs, const std::vector<int>& output_types,
              int threads) {
@@ -159,11 +159,11 @@ void RunPlan(const py::buffer& payload, const py::array& intervals, const py::ar
   const py::buffer_info tab = ContiguousBytes(tables);
   const int64_t table_bytes = tab.size * tab.itemsize;
   if (table_bytes % sizeof(DecoderTables) != 0) throw py::value_error("tables size mismatch");
-  if (intervals.ndim() != 2 || intervals.shape(1) != kIntervalColumns) {
-    throw py::value_error("intervals must be [n, 5] int64");
+  if (interval_starts.ndim() != 1 || interval_starts.size() < 1) {
+    throw py::value_error("interval_starts must be a 1-D int64 array of n + 1 offsets");
   }
   if (tiles.ndim() != 2 || tiles.shape(1) != kTileColumns) {
-    throw py::value_error("tiles must be [n, 9] int64");
+    throw py::value_error("tiles must be [n, " + std::to_string(kTileColumns) + "] int64");
   }
   std::vector<PlanOutput> plan_outputs;
   for (size_t i = 0; i < outputs.size(); ++i) {
@@ -179,8 +179,8 @@ void RunPlan(const py::buffer& payload, const py::array& intervals, const py::ar
   DecodePlan plan{};
   plan.payload = static_cast<const uint8_t*>(pay.ptr);
   plan.payload_size = pay.size * pay.itemsize;
-  plan.intervals = ArrayData<int64_t>(intervals, -1, "intervals");
-  plan.num_intervals = intervals.shape(0);
+  plan.interval_starts = ArrayData<int64_t>(interval_starts, -1, "interval_starts");
+  plan.num_intervals = interval_starts.size() - 1;
   plan.tiles = ArrayData<int64_t>(tiles, -1, "tiles");
   plan.num_tiles = tiles.shape(0);
   plan.tables = static_cast<const DecoderTables*>(tab.ptr);
@@ -245,7 +245,6 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "jaxjpeg codec core: JPEG encode/decode of weight tiles";
   py::register_exception<JpegError>(m, "JpegError", PyExc_ValueError);
   m.attr("DECODER_TABLES_SIZE") = sizeof(DecoderTables);
-  m.attr("INTERVAL_COLUMNS") = static_cast<int>(kIntervalColumns);
   m.attr("TILE_COLUMNS") = static_cast<int>(kTileColumns);
   m.attr("PLAN_OK") = kPlanOk;
   m.def("inspect", &Inspect, py::arg("data"),
@@ -253,7 +252,7 @@ PYBIND11_MODULE(_native, m) {
         "decoder tables.");
   m.def("decode_samples", &DecodeSamples, py::arg("data"), py::arg("threads") = 0,
         "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
-  m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("intervals"), py::arg("tiles"),
+  m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
         py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
         py::arg("output_types"), py::arg("threads") = 0,
         "Decode many restart intervals of many tiles into preallocated outputs.");

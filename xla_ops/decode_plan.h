@@ -12,27 +12,19 @@
 
 namespace jaxjpeg {
 
-// Columns of the int64 interval table, one row per restart interval.
-enum IntervalColumn : int {
-  kIntervalBegin = 0,       // first payload byte of the interval's entropy-coded data
-  kIntervalEnd,             // one past its last byte (may include the next marker)
-  kIntervalTile,            // row of the tile table
-  kIntervalFirstBlock,      // first 8x8 block, row-major within the tile
-  kIntervalNumBlocks,       // blocks in this interval
-  kIntervalColumns
-};
-
 // Columns of the int64 tile table, one row per tile (one JPEG image).
 enum TileColumn : int {
-  kTileTables = 0,    // index into the DecoderTables array
-  kTileBits,          // 8 or 12
+  kTileTables = 0,         // index into the DecoderTables array
+  kTileBits,               // 8 or 12
   kTileWidth,
   kTileHeight,
-  kTileOutput,        // which output tensor the tile lands in
-  kTileRow0,          // top-left of the tile in the output's 2-D view
+  kTileOutput,             // which output tensor the tile lands in
+  kTileRow0,               // top-left of the tile in the output's 2-D view
   kTileCol0,
-  kTileRowStride,     // elements per row of the output's 2-D view
-  kTileAffineRow0,    // first of the tile's rows in the affine arrays
+  kTileRowStride,          // elements per row of the output's 2-D view
+  kTileAffineRow0,         // first of the tile's rows in the affine arrays
+  kTileFirstInterval,      // the tile's first interval; tiles are sorted by it
+  kTileRestartInterval,    // blocks per interval (0: the whole tile is one)
   kTileColumns
 };
 
@@ -46,7 +38,9 @@ struct PlanOutput {
 struct DecodePlan {
   const uint8_t* payload;
   int64_t payload_size;
-  const int64_t* intervals;  // [num_intervals, kIntervalColumns]
+  // interval_starts[i] is the payload offset of interval i's entropy-coded
+  // data, which runs to the next start: the decoder stops at the first marker.
+  const int64_t* interval_starts;  // [num_intervals + 1]
   int64_t num_intervals;
   const int64_t* tiles;      // [num_tiles, kTileColumns]
   int64_t num_tiles;
@@ -68,26 +62,43 @@ JJ_HD inline int32_t PackPlanStatus(int64_t interval, Status s) {
   return static_cast<int32_t>((interval << 4) | static_cast<int32_t>(s));
 }
 
-// Checks that interval i reads only inside the payload and its tile writes
-// only inside its output and affine rows. The plan is untrusted input.
-JJ_HD inline bool PlanIntervalInBounds(const DecodePlan& p, int64_t i) {
-  const int64_t* iv = p.intervals + i * kIntervalColumns;
-  if (iv[kIntervalBegin] < 0 || iv[kIntervalBegin] > iv[kIntervalEnd] ||
-      iv[kIntervalEnd] > p.payload_size || iv[kIntervalTile] < 0 ||
-      iv[kIntervalTile] >= p.num_tiles) {
-    return false;
+// The tile holding interval i: the last tile whose first interval is <= i.
+JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
+  int64_t lo = 0, hi = p.num_tiles - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (p.tiles[mid * kTileColumns + kTileFirstInterval] <= i) lo = mid; else hi = mid - 1;
   }
-  const int64_t* tile = p.tiles + iv[kIntervalTile] * kTileColumns;
+  return lo;
+}
+
+// What one interval decodes, resolved from the plan and checked against it.
+struct IntervalWork {
+  const int64_t* tile;
+  int64_t begin, end;
+  int64_t first_block, num_blocks;
+};
+
+// Resolves interval i and checks that it reads only inside the payload and
+// writes only inside its output and affine rows: the plan is untrusted input.
+JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w) {
+  if (p.num_tiles < 1) return false;
+  const int64_t* tile = p.tiles + FindTile(p, i) * kTileColumns;
+  w->tile = tile;
+  w->begin = p.interval_starts[i];
+  w->end = p.interval_starts[i + 1];
+  if (w->begin < 0 || w->begin > w->end || w->end > p.payload_size) return false;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];
   if (width < 1 || height < 1 || width > kMaxDimension || height > kMaxDimension) return false;
   if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return false;
   if (tile[kTileTables] < 0 || tile[kTileTables] >= p.num_tables) return false;
   if (tile[kTileOutput] < 0 || tile[kTileOutput] >= p.num_outputs) return false;
   const int64_t blocks = ((width + 7) / 8) * ((height + 7) / 8);
-  if (iv[kIntervalFirstBlock] < 0 || iv[kIntervalNumBlocks] < 1 ||
-      iv[kIntervalFirstBlock] + iv[kIntervalNumBlocks] > blocks) {
-    return false;
-  }
+  const int64_t per = tile[kTileRestartInterval] > 0 ? tile[kTileRestartInterval] : blocks;
+  const int64_t k = i - tile[kTileFirstInterval];
+  if (k < 0 || per > blocks || k >= (blocks + per - 1) / per) return false;
+  w->first_block = k * per;
+  w->num_blocks = blocks - w->first_block < per ? blocks - w->first_block : per;
   if (tile[kTileAffineRow0] < 0 || tile[kTileAffineRow0] + height > p.num_affine_rows) return false;
   const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
   const int64_t elements = p.outputs[tile[kTileOutput]].elements;
@@ -96,37 +107,34 @@ JJ_HD inline bool PlanIntervalInBounds(const DecodePlan& p, int64_t i) {
 }
 
 template <OutputType kType>
-JJ_HD inline Status DecodePlanIntervalAs(const DecodePlan& p, const int64_t* iv,
-                                         const int64_t* tile) {
+JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w) {
   using Element = typename OutputElement<kType>::Type;
+  const int64_t* tile = w.tile;
   const PlanOutput& out = p.outputs[tile[kTileOutput]];
-  AffineSink<kType> sink{
+  const AffineSink<kType> sink{
       static_cast<Element*>(out.data) + tile[kTileRow0] * tile[kTileRowStride] + tile[kTileCol0],
       tile[kTileRowStride], p.row_scale + tile[kTileAffineRow0],
       p.row_offset + tile[kTileAffineRow0]};
   const int32_t width = static_cast<int32_t>(tile[kTileWidth]);
   const BlockGrid grid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
   const DecoderTables& tables = p.tables[tile[kTileTables]];
-  const uint8_t* begin = p.payload + iv[kIntervalBegin];
-  const uint8_t* end = p.payload + iv[kIntervalEnd];
+  const uint8_t* begin = p.payload + w.begin;
+  const uint8_t* end = p.payload + w.end;
   if (tile[kTileBits] == 12) {
-    return DecodeInterval<12>(begin, end, tables, grid, iv[kIntervalFirstBlock],
-                              iv[kIntervalNumBlocks], sink);
+    return DecodeInterval<12>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
   }
-  return DecodeInterval<8>(begin, end, tables, grid, iv[kIntervalFirstBlock],
-                           iv[kIntervalNumBlocks], sink);
+  return DecodeInterval<8>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
 }
 
 // Decodes interval i of the plan; returns kPlanOk or the packed status.
 JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i) {
-  if (!PlanIntervalInBounds(p, i)) return PackPlanStatus(i, Status::kBadArgument);
-  const int64_t* iv = p.intervals + i * kIntervalColumns;
-  const int64_t* tile = p.tiles + iv[kIntervalTile] * kTileColumns;
+  IntervalWork w;
+  if (!ResolveInterval(p, i, &w)) return PackPlanStatus(i, Status::kBadArgument);
   Status s = Status::kBadArgument;
-  switch (p.outputs[tile[kTileOutput]].type) {
-    case OutputType::kFloat32: s = DecodePlanIntervalAs<OutputType::kFloat32>(p, iv, tile); break;
-    case OutputType::kBFloat16: s = DecodePlanIntervalAs<OutputType::kBFloat16>(p, iv, tile); break;
-    case OutputType::kFloat16: s = DecodePlanIntervalAs<OutputType::kFloat16>(p, iv, tile); break;
+  switch (p.outputs[w.tile[kTileOutput]].type) {
+    case OutputType::kFloat32: s = DecodeIntervalAs<OutputType::kFloat32>(p, w); break;
+    case OutputType::kBFloat16: s = DecodeIntervalAs<OutputType::kBFloat16>(p, w); break;
+    case OutputType::kFloat16: s = DecodeIntervalAs<OutputType::kFloat16>(p, w); break;
   }
   return s == Status::kOk ? kPlanOk : PackPlanStatus(i, s);
 }

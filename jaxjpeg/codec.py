@@ -1,0 +1,238 @@
+"""Numpy-level JPEG coding of float tensors.
+
+A tensor is coded as a 2-D view: ``rows = prod(shape[:-1])``, ``cols =
+shape[-1]`` (a 0-d or 1-D tensor is one row). For a Flax ``Dense`` kernel
+``(in, out)`` a row is one input feature; for a conv kernel ``(kh, kw, in,
+out)`` a row is one spatial tap of one input channel. Each row gets its own
+affine map from weights to samples (see :mod:`jaxjpeg.mapping`), which the
+decoder applies fused with the inverse DCT. The view is cut into tiles of at
+most ``tile_shape`` (JPEG's limit is 65,535 per side); every tile is a
+complete grayscale JPEG file with restart markers, so its restart intervals
+decode independently on all cores (or GPU threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from jaxjpeg import _native, mapping
+
+JpegError = _native.JpegError
+
+DEFAULT_RESTART_INTERVAL = 8       # blocks per interval: ~1% marker overhead, many parallel units
+DEFAULT_TILE_SHAPE = (512, 4096)   # rows, cols of one tile
+MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
+
+OUTPUT_TYPES = {
+    np.dtype(np.float32): 0,
+    np.dtype(ml_dtypes.bfloat16): 1,
+    np.dtype(np.float16): 2,
+}
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The 2-D view a tensor of ``shape`` is coded as."""
+    if len(shape) == 0:
+        return 1, 1
+    return math.prod(shape[:-1]), shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One JPEG file covering ``[row0, row0+height) x [col0, col0+width)``."""
+
+    data: bytes
+    row0: int
+    col0: int
+    height: int
+    width: int
+    bits: int
+    restart_interval: int
+    interval_starts: np.ndarray  # int64, offsets into data, one per interval + end
+
+    @property
+    def num_intervals(self) -> int:
+        return len(self.interval_starts) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor as JPEG tiles plus its per-row affine map."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    tiles: tuple[Tile, ...]
+    row_scale: np.ndarray   # float32 [rows]
+    row_offset: np.ndarray  # float32 [rows]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return matrix_shape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Compressed size: tile bytes plus the affine parameters."""
+        return sum(len(t.data) for t in self.tiles) + self.row_scale.nbytes + self.row_offset.nbytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / max(1, math.prod(self.shape))
+
+
+def quant_table(*, bits: int, quality: int | None = None, step: float | None = None,
+                qtable: Sequence[int] | None = None) -> np.ndarray:
+    """The 64-entry table (natural order) for exactly one of the three controls."""
+    given = [v is not None for v in (quality, step, qtable)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of quality, step or qtable")
+    limit = 255 if bits == 8 else 65535
+    if quality is not None:
+        return _native.quality_table(int(quality), bits)
+    if step is not None:
+        if not 1 <= round(step) <= limit:
+            raise ValueError(f"step must be in 1..{limit} for {bits}-bit samples, got {step}")
+        return np.full(64, round(step), np.uint16)
+    table = np.asarray(qtable)
+    if table.shape != (64,) or table.min() < 1 or table.max() > limit:
+        raise ValueError(f"qtable must have 64 entries in 1..{limit}")
+    return table.astype(np.uint16)
+
+
+def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """(row0, col0, height, width) of every tile, row-major."""
+    th, tw = (min(MAX_TILE_SIDE, max(8, s // 8 * 8)) for s in tile_shape)
+    return [(r, c, min(th, rows - r), min(tw, cols - c))
+            for r in range(0, rows, th) for c in range(0, cols, tw)]
+
+
+def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
+                  qtable: Sequence[int] | None = None, clip: str = "mse",
+                  restart_interval: int = DEFAULT_RESTART_INTERVAL,
+                  tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE,
+                  threads: int | None = None) -> EncodedTensor:
+    """Encodes a float tensor as JPEG tiles.
+
+    Exactly one of ``quality`` (the standard table scaled, 1..100), ``step``
+    (a flat table: uniform quantization of every DCT coefficient) or
+    ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
+    per-row sample range (see :func:`jaxjpeg.mapping.row_affine`).
+    """
+    if bits not in (8, 12):
+        raise ValueError(f"bits must be 8 or 12, got {bits}")
+    if not 0 <= restart_interval <= 65535:
+        raise ValueError("restart_interval must be in 0..65535 blocks")
+    arr = np.asarray(x)
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
+        raise TypeError(f"encode_tensor codes floating-point tensors, got {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError("cannot JPEG-code an empty tensor")
+    table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
+    rows, cols = matrix_shape(arr.shape)
+    view = arr.reshape(rows, cols).astype(np.float32)
+    if not np.all(np.isfinite(view)):
+        raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
+    samples, scale, offset = mapping.row_affine(view, bits, clip=clip, step=float(table.mean()))
+
+    def encode_one(cell):
+        r, c, h, w = cell
+        data = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
+                              restart_interval=restart_interval)
+        starts = _native.inspect(data)["interval_starts"]
+        return Tile(data, r, c, h, w, bits, restart_interval, starts)
+
+    cells = tile_grid(rows, cols, tile_shape)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        tiles = tuple(pool.map(encode_one, cells))
+    return EncodedTensor(tuple(arr.shape), str(arr.dtype), bits, tiles, scale, offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """Operands of one decode call (see xla_ops/decode_plan.h)."""
+
+    payload: np.ndarray          # uint8
+    interval_starts: np.ndarray  # int64 [intervals + 1]
+    tiles: np.ndarray            # int64 [tiles, TILE_COLUMNS]
+    tables: np.ndarray           # uint8 [tables * DECODER_TABLES_SIZE]
+    row_scale: np.ndarray        # float32
+    row_offset: np.ndarray       # float32
+    output_shapes: tuple[tuple[int, int], ...]
+    output_dtypes: tuple[np.dtype, ...]
+
+
+def tile_tables(tile: Tile) -> np.ndarray:
+    """The decoder tables of a tile, parsed from its own header."""
+    return _native.inspect(tile.data)["tables"]
+
+
+def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence) -> DecodePlan:
+    """One plan decoding every tile of every tensor into outputs of ``dtypes``."""
+    payload, starts, tile_rows, tables = [], [], [], []
+    table_index: dict[bytes, int] = {}
+    scales, offsets = [], []
+    offset = interval = affine_row = 0
+    for out_index, enc in enumerate(tensors):
+        rows, cols = enc.matrix_shape
+        for tile in enc.tiles:
+            blob = tile_tables(tile).tobytes()
+            tables_id = table_index.setdefault(blob, len(table_index))
+            if tables_id == len(tables):
+                tables.append(blob)
+            tile_rows.append([tables_id, tile.bits, tile.width, tile.height, out_index, tile.row0,
+                              tile.col0, cols, affine_row + tile.row0, interval,
+                              tile.restart_interval])
+            starts.append(tile.interval_starts[:-1] + offset)
+            payload.append(tile.data)
+            offset += len(tile.data)
+            interval += tile.num_intervals
+        scales.append(enc.row_scale)
+        offsets.append(enc.row_offset)
+        affine_row += rows
+    starts.append(np.array([offset], np.int64))
+    return DecodePlan(
+        payload=np.frombuffer(b"".join(payload), np.uint8),
+        interval_starts=np.concatenate(starts).astype(np.int64),
+        tiles=np.array(tile_rows, np.int64).reshape(-1, _native.TILE_COLUMNS),
+        tables=np.frombuffer(b"".join(tables), np.uint8),
+        row_scale=np.concatenate(scales).astype(np.float32),
+        row_offset=np.concatenate(offsets).astype(np.float32),
+        output_shapes=tuple(t.matrix_shape for t in tensors),
+        output_dtypes=tuple(np.dtype(d) for d in dtypes),
+    )
+
+
+def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:
+    """Executes a plan on the host; returns the 2-D outputs."""
+    outputs = [np.empty(shape, dtype) for shape, dtype in zip(plan.output_shapes, plan.output_dtypes)]
+    types = [output_type(d) for d in plan.output_dtypes]
+    _native.run_plan(plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+                     plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
+                     types, threads)
+    return outputs
+
+
+def output_type(dtype) -> int:
+    try:
+        return OUTPUT_TYPES[np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"decode writes float32, bfloat16 or float16, not {np.dtype(dtype)}") from None
+
+
+def decode_tensors(tensors: Sequence[EncodedTensor], dtypes=None, threads: int = 0) -> list[np.ndarray]:
+    """Decodes tensors in one parallel pass (all restart intervals on all cores)."""
+    if dtypes is None:
+        dtypes = [np.float32] * len(tensors)
+    outputs = run_plan(build_plan(tensors, dtypes), threads)
+    return [o.reshape(t.shape) for o, t in zip(outputs, tensors)]
+
+
+def decode_tensor(enc: EncodedTensor, dtype=np.float32, threads: int = 0) -> np.ndarray:
+    """Decodes one tensor to ``dtype`` (float32, bfloat16 or float16)."""
+    return decode_tensors([enc], [dtype], threads)[0]
