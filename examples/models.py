@@ -162,6 +162,7 @@ class EncoderBlock(nn.Module):
         return x + nn.Dense(self.d_model, name="mlp_out")(h)
 
     def _attention(self, x):
+        """Multi-head self-attention with a fused (in, 3 * d_model) qkv kernel."""
         batch, length, _ = x.shape
         head_dim = self.d_model // self.heads
         qkv = nn.Dense(3 * self.d_model, name="qkv")(x)
@@ -201,7 +202,7 @@ def sorting_batch(rng: np.random.Generator, count: int):
 
 
 def sensitive_data(seed: int = 0, train_size: int = SENSITIVE_STEPS * 128, test_size: int = 4096):
-    """Return (x_train, y_train, x_test, y_test) for the sorting task; train and test are independent draws."""
+    """Return (x_train, y_train, x_test, y_test) for the sorting task (independent seeded draws)."""
     x_train, y_train = sorting_batch(np.random.default_rng([seed, 0]), train_size)
     x_test, y_test = sorting_batch(np.random.default_rng([seed, 1]), test_size)
     return x_train, y_train, x_test, y_test
@@ -275,6 +276,7 @@ def cross_entropy(logits, labels) -> float:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Return log softmax over the last axis."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 

@@ -12,6 +12,7 @@
 #include "cpu_executor.h"
 #include "crc32c.h"
 #include "encoder.h"
+#include "ffi_cpu.h"
 #include "parallel_for.h"
 #include "quant_tables.h"
 #include "stream_header.h"
@@ -262,5 +263,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
+  m.def("ffi_targets", [] {
+    py::dict targets;
+    targets["jaxjpeg_decode"] = py::capsule(reinterpret_cast<void*>(&JaxjpegDecodeCpu));
+    return targets;
+  }, "XLA FFI handler capsules for the CPU platform.");
+  m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);
   m.def("status_message", [](int code) { return std::string(StatusMessage(static_cast<Status>(code))); });
 }

@@ -1,0 +1,103 @@
+"""The decode primitive: JPEG tiles in, weight tensors out, inside jit.
+
+``decode_p`` takes a decode plan's operands (see xla_ops/decode_plan.h) and
+returns a status word, a small workspace, and the decoded tensors. Large data
+(payload, index, tables, affine rows) are operands; the only parameters are
+the output shapes and dtypes, which are what a compiled program must know.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching
+
+from jaxjpeg import _native, codec, lowering
+
+decode_p = Primitive("jaxjpeg_decode")
+decode_p.multiple_results = True
+
+_OPERAND_DTYPES = (np.uint8, np.int32, np.int32, np.uint8, np.float32, np.float32)
+_OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "row_offset")
+
+
+def _abstract_eval(*operands, output_shapes, output_dtypes):
+    for operand, dtype, name in zip(operands, _OPERAND_DTYPES, _OPERAND_NAMES):
+        if operand.ndim != 1 or operand.dtype != dtype:
+            raise TypeError(f"jaxjpeg decode: {name} must be a 1-D {np.dtype(dtype).name} array, "
+                            f"got {operand.dtype.name}{list(operand.shape)}")
+    for dtype in output_dtypes:
+        codec.output_type(dtype)  # raises TypeError for unsupported dtypes
+    status = jax.core.ShapedArray((1,), np.int32)
+    workspace = jax.core.ShapedArray((len(output_shapes) * _native.PLAN_OUTPUT_SIZE,), np.uint8)
+    outputs = [jax.core.ShapedArray(tuple(s), np.dtype(d)) for s, d in zip(output_shapes, output_dtypes)]
+    return [status, workspace, *outputs]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_impl(output_shapes, output_dtypes):
+    return jax.jit(functools.partial(decode_p.bind, output_shapes=output_shapes,
+                                     output_dtypes=output_dtypes))
+
+
+def _impl(*operands, output_shapes, output_dtypes):
+    """Eager calls run the same compiled custom call as jit does."""
+    return _compiled_impl(output_shapes, output_dtypes)(*operands)
+
+
+def _batch(args, dims, *, output_shapes, output_dtypes):
+    """vmap: one decode per batch element (each element is a full plan)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    moved = [a if d is batching.not_mapped else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    per_element = [
+        decode_p.bind(*[m if d is batching.not_mapped else m[i] for m, d in zip(moved, dims)],
+                      output_shapes=output_shapes, output_dtypes=output_dtypes)
+        for i in range(size)
+    ]
+    stacked = [jnp.stack(results) for results in zip(*per_element)]
+    return stacked, [0] * len(stacked)
+
+
+def _not_differentiable(primals, tangents, **params):
+    raise TypeError("jaxjpeg decode is not differentiable: it reads compressed bytes. "
+                    "Decode outside the differentiated function, or apply "
+                    "jax.lax.stop_gradient to its inputs.")
+
+
+decode_p.def_abstract_eval(_abstract_eval)
+decode_p.def_impl(_impl)
+batching.primitive_batchers[decode_p] = _batch
+ad.primitive_jvps[decode_p] = _not_differentiable
+lowering.register(decode_p)
+
+
+def plan_operands(plan: codec.DecodePlan) -> tuple[np.ndarray, ...]:
+    """A host plan as the primitive's operands (int64 tables as int32 pairs)."""
+    return (plan.payload, plan.interval_starts.view(np.int32), plan.tiles.reshape(-1).view(np.int32),
+            plan.tables, plan.row_scale, plan.row_offset)
+
+
+def decode(*operands, output_shapes, output_dtypes):
+    """Binds the primitive; returns (status, [decoded 2-D tensors])."""
+    shapes = tuple(tuple(int(d) for d in s) for s in output_shapes)
+    dtypes = tuple(np.dtype(d).name for d in output_dtypes)
+    status, _, *outputs = decode_p.bind(*operands, output_shapes=shapes, output_dtypes=dtypes)
+    return status, outputs
+
+
+def decode_plan(plan: codec.DecodePlan, operands=None):
+    """Decodes a plan with the primitive; ``operands`` may be device arrays."""
+    operands = plan_operands(plan) if operands is None else operands
+    return decode(*operands, output_shapes=plan.output_shapes, output_dtypes=plan.output_dtypes)
+
+
+def check_status(status) -> None:
+    """Raises JpegError if a decode reported a corrupt interval."""
+    value = int(np.asarray(status)[0])
+    if value != _native.PLAN_OK:
+        raise codec.JpegError(f"decode failed in restart interval {value >> 4}: "
+                              f"{_native.status_message(value & 15)}")

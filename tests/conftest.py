@@ -1,0 +1,92 @@
+"""Shared fixtures for the codec-core tests.
+
+`native_worker` runs jaxjpeg._native calls in a child process. Tests that feed
+the decoder hostile input use it so that a memory-safety bug (a segfault, an
+abort from a sanitizer) fails the one test with the offending input instead of
+killing the whole pytest run; a clean JpegError comes back as a value.
+"""
+
+import pickle
+import select
+import struct
+import subprocess
+import sys
+
+import pytest
+
+_WORKER_SOURCE = r"""
+import pickle, struct, sys
+from jaxjpeg import _native
+stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    head = stdin.read(8)
+    if len(head) < 8:
+        break
+    name, args, kwargs = pickle.loads(stdin.read(struct.unpack("<Q", head)[0]))
+    try:
+        result = ("ok", getattr(_native, name)(*args, **kwargs))
+    except _native.JpegError as e:
+        result = ("JpegError", str(e))
+    except Exception as e:  # reported to the test, which decides
+        result = (type(e).__name__, str(e))
+    blob = pickle.dumps((result, args, kwargs))
+    stdout.write(struct.pack("<Q", len(blob)) + blob)
+    stdout.flush()
+"""
+
+
+class WorkerCrashed(AssertionError):
+    """The child process died inside a native call: a crash, not an error."""
+
+
+class NativeWorker:
+    timeout_s = 60.0
+
+    def __init__(self):
+        self._proc = None
+
+    def _start(self):
+        self._proc = subprocess.Popen([sys.executable, "-c", _WORKER_SOURCE],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def call(self, name, *args, **kwargs):
+        """Returns (kind, value, args, kwargs): kind is "ok" (value = the result),
+        "JpegError" or another exception's type name (value = its message).
+        Array arguments come back as the call left them."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        blob = pickle.dumps((name, args, kwargs))
+        try:
+            self._proc.stdin.write(struct.pack("<Q", len(blob)) + blob)
+            self._proc.stdin.flush()
+            ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout_s)
+            if not ready:  # a hang is a failure too
+                self._proc.kill()
+            head = self._proc.stdout.read(8)
+        except BrokenPipeError:
+            head = b""
+        if len(head) < 8:
+            code = self._proc.wait()
+            self._proc = None
+            preview = args[0][:4096].hex() if args and isinstance(args[0], bytes) else ""
+            raise WorkerCrashed(f"_native.{name} crashed or hung (exit {code}); "
+                                f"first argument (hex): {preview}")
+        (kind, value), args, kwargs = pickle.loads(self._proc.stdout.read(struct.unpack("<Q", head)[0]))
+        return kind, value, args, kwargs
+
+    def decode(self, data: bytes):
+        """("ok", samples) or ("JpegError", message); anything else is returned as is."""
+        kind, value, _, _ = self.call("decode_samples", bytes(data), threads=1)
+        return kind, value
+
+    def close(self):
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def native_worker():
+    worker = NativeWorker()
+    yield worker
+    worker.close()

@@ -1,0 +1,96 @@
+// libFuzzer harness for the jaxjpeg decoder core: parses the header, indexes
+// the restart intervals and decodes every interval of an arbitrary input, the
+// same path jaxjpeg._native.decode_samples takes (single-threaded here).
+//
+// Build and run (see docs/fuzzing.md):
+//   clang++ -std=c++17 -g -O1 -fwrapv -ffp-contract=off \
+//     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+//     -I xla_ops tests/fuzz/fuzz_decode.cc xla_ops/stream_header.cc -o /tmp/fuzz_decode
+//   /tmp/fuzz_decode -max_total_time=600 -max_len=65536 /tmp/jj_corpus
+//
+// The input is copied into an exactly-sized heap buffer (libFuzzer already does
+// this) so AddressSanitizer flags any read past its end.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "decode_plan.h"
+#include "interval_decode.h"
+#include "output_stage.h"
+#include "stream_header.h"
+
+namespace {
+
+// Images above this many samples are skipped so a 20-byte header cannot make
+// the harness allocate gigabytes (libFuzzer's -rss_limit_mb would fire).
+constexpr int64_t kMaxSamples = int64_t(4) << 20;
+
+template <int kBits>
+void DecodeAll(const uint8_t* data, const jaxjpeg::StreamInfo& info, const int64_t* starts,
+               uint16_t* out) {
+  const jaxjpeg::SampleSink sink{out, info.width};
+  const int64_t blocks = info.NumBlocks();
+  const int64_t per = info.restart_interval ? info.restart_interval : blocks;
+  for (int64_t i = 0; i < info.NumIntervals(); ++i) {
+    const int64_t first = i * per;
+    const int64_t n = per < blocks - first ? per : blocks - first;
+    jaxjpeg::DecodeInterval<kBits>(data + starts[i], data + starts[i + 1], info.tables,
+                                   info.Grid(), first, n, sink);
+  }
+}
+
+// The same interval again through the decode-plan executor body with a
+// float32 affine output, as run_plan and the custom call do.
+void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& info,
+                  const int64_t* starts, std::vector<float>& out) {
+  std::vector<float> scale(info.height, 1.0f), offset(info.height, 0.0f);
+  int64_t tile[jaxjpeg::kTileColumns] = {};
+  tile[jaxjpeg::kTileTables] = 0;
+  tile[jaxjpeg::kTileBits] = info.bits;
+  tile[jaxjpeg::kTileWidth] = info.width;
+  tile[jaxjpeg::kTileHeight] = info.height;
+  tile[jaxjpeg::kTileRowStride] = info.width;
+  tile[jaxjpeg::kTileRestartInterval] = info.restart_interval;
+  jaxjpeg::PlanOutput output{out.data(), static_cast<int64_t>(out.size()),
+                             jaxjpeg::OutputType::kFloat32};
+  jaxjpeg::DecodePlan plan{};
+  plan.payload = data;
+  plan.payload_size = size;
+  plan.interval_starts = starts;
+  plan.num_intervals = info.NumIntervals();
+  plan.tiles = tile;
+  plan.num_tiles = 1;
+  plan.tables = &info.tables;
+  plan.num_tables = 1;
+  plan.row_scale = scale.data();
+  plan.row_offset = offset.data();
+  plan.num_affine_rows = info.height;
+  plan.outputs = &output;
+  plan.num_outputs = 1;
+  for (int64_t i = 0; i < plan.num_intervals; ++i) jaxjpeg::DecodePlanInterval(plan, i);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  static jaxjpeg::StreamInfo info;  // large (Huffman lookahead tables): keep it off the stack
+  if (jaxjpeg::ParseStreamHeader(data, static_cast<int64_t>(size), &info) != jaxjpeg::Status::kOk) {
+    return 0;
+  }
+  const int64_t samples = static_cast<int64_t>(info.width) * info.height;
+  if (samples > kMaxSamples) return 0;
+  std::vector<int64_t> starts(info.NumIntervals() + 1);
+  if (jaxjpeg::IndexRestartIntervals(data, static_cast<int64_t>(size), info, starts.data()) !=
+      jaxjpeg::Status::kOk) {
+    return 0;
+  }
+  std::vector<uint16_t> out(static_cast<size_t>(samples));
+  if (info.bits == 12) {
+    DecodeAll<12>(data, info, starts.data(), out.data());
+  } else {
+    DecodeAll<8>(data, info, starts.data(), out.data());
+  }
+  std::vector<float> weights(static_cast<size_t>(samples));
+  DecodeAsPlan(data, static_cast<int64_t>(size), info, starts.data(), weights);
+  return 0;
+}

@@ -1,0 +1,88 @@
+// CPU handler of the decode custom call: the plan's restart intervals run on
+// XLA's intra-op thread pool, the calling thread working alongside.
+#include "ffi_cpu.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
+#include "ffi_decode.h"
+
+namespace jaxjpeg {
+namespace {
+
+// Shared by the caller and the pool tasks. Tasks may start after the work is
+// done (or never); they hold this by shared_ptr and only touch the plan after
+// registering in `active`, so the caller waits only for tasks that did work.
+struct PoolLoop {
+  const DecodePlan* plan = nullptr;
+  int64_t chunk = 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int32_t> first_error{kPlanOk};
+  std::atomic<int> active{0};
+  std::mutex mu;
+  std::condition_variable idle;
+
+  void Work() {
+    active.fetch_add(1);
+    for (int64_t start; (start = next.fetch_add(chunk)) < plan->num_intervals;) {
+      const int64_t stop = std::min(plan->num_intervals, start + chunk);
+      for (int64_t i = start; i < stop; ++i) Record(DecodePlanInterval(*plan, i));
+    }
+    if (active.fetch_sub(1) == 1) {
+      std::lock_guard<std::mutex> lock(mu);
+      idle.notify_all();
+    }
+  }
+
+  void Record(int32_t status) {
+    int32_t seen = first_error.load();
+    while (status < seen && !first_error.compare_exchange_weak(seen, status)) {
+    }
+  }
+
+  void WaitIdle() {
+    std::unique_lock<std::mutex> lock(mu);
+    idle.wait(lock, [&] { return active.load() == 0; });
+  }
+};
+
+int32_t RunOnPool(const DecodePlan& plan, ffi::ThreadPool& pool) {
+  auto loop = std::make_shared<PoolLoop>();
+  loop->plan = &plan;
+  const int64_t helpers = std::max<int64_t>(0, pool.num_threads());
+  loop->chunk = std::max<int64_t>(1, plan.num_intervals / ((helpers + 1) * 16));
+  const int64_t tasks = std::min(helpers, plan.num_intervals / loop->chunk);
+  for (int64_t t = 0; t < tasks; ++t) pool.Schedule([loop] { loop->Work(); });
+  loop->Work();
+  loop->WaitIdle();
+  return loop->first_error.load();
+}
+
+ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
+                         ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
+                         ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
+                         ffi::Buffer<ffi::F32> row_offset, ffi::ResultBuffer<ffi::S32> status,
+                         ffi::ResultBuffer<ffi::U8> workspace, ffi::RemainingRets outputs) {
+  DecodePlan plan{};
+  ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset, &plan);
+  if (err.failure()) return err;
+  if (status->element_count() != 1) return ffi::Error::InvalidArgument("status must be int32[1]");
+  auto* described = reinterpret_cast<PlanOutput*>(workspace->typed_data());
+  err = DescribeOutputs(outputs, described, workspace->element_count() / sizeof(PlanOutput));
+  if (err.failure()) return err;
+  plan.outputs = described;
+  plan.num_outputs = static_cast<int64_t>(outputs.size());
+  const int32_t result = RunOnPool(plan, pool);
+  status->typed_data()[0] = result;
+  if (result != kPlanOk) return ffi::Error(ffi::ErrorCode::kDataLoss, PlanFailure(result));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxjpegDecodeCpu, DecodeCpuImpl,
+                              BindDecodeOperands(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+
+}  // namespace jaxjpeg
