@@ -2,64 +2,189 @@
 
 Each row of a tensor's 2-D view gets an affine map ``w = s * scale + offset``
 from samples ``s`` in ``[0, 2^bits - 1]``. The decoder applies it fused with
-the inverse DCT, so the map costs 8 bytes per row and no extra pass.
+the inverse DCT, so the map costs two numbers per row and no extra pass.
 
 The encoder receives continuous (unrounded) samples, so the only rounding of
-samples happens in the decoder; what remains to choose is the range each row
-is stretched over. Outliers stretch it and scale the coding noise of every
-weight; clipping them trades that noise for their own clipping error.
-``clip="mse"`` picks, per row, the range minimising the sum of both.
+samples happens in the decoder. A flat quantization table of step ``Δ`` is
+uniform quantization of orthonormal DCT coefficients: it adds ``Δ²/12`` of
+noise per sample, and the decoder's rounding to integers adds ``1/12``; row
+``r``'s weights see that noise times ``scale[r]²``. What is left to choose is
+each row's scale (and offset). Three strategies (``clip=``):
+
+``"common"`` (recommended with :mod:`jaxjpeg.rate`)
+    One scale for every row, the smallest at which every row fits around its
+    own mean (row means map to the middle sample, so the DC coefficients are
+    near zero and cost almost nothing), and no clipping at all. The weight-
+    domain step is then ``Δ * scale`` for every weight: for a fixed bit budget
+    an equal step minimises the squared error (by AM-GM, unequal row steps
+    ``q_r`` cost ``½·log2(mean q_r² / geomean(q_r)²)`` bits per weight at the
+    same error), and outliers cost a few extra bits in the entropy coder
+    instead of stretching everyone's step. ``row_weight`` (e.g. a per-row
+    mean squared gradient or input-activation power) makes the step of row
+    ``r`` proportional to ``row_weight[r] ** -0.5``, the allocation that
+    minimises the weighted error.
+``"mse"``
+    Per row, stretch the row's (possibly clipped) range over all samples,
+    choosing the clip that minimises clipping error plus predicted noise.
+    Useful at 8 bits with few rows of very different spread; it needs only
+    one pass over the data plus work on the tails.
+``"minmax"``
+    Per row, the row's min..max over all samples.
+
+Scales and offsets are rounded to float16-representable values wherever that
+keeps every sample in range (samples are computed from the rounded map, so
+the rounding costs no accuracy), so a container may store them as float16.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Fractions of the distance from the row mean to its min / max to try.
+# Fractions of the distance from the row mean to its min / max tried by clip="mse".
 CLIP_CANDIDATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+CLIP_MODES = ("mse", "minmax", "common")
+_F16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
+_F16_MAX = float(np.finfo(np.float16).max)
 
 
 def sample_max(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 1.0):
+def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 1.0,
+               row_weight: np.ndarray | None = None):
     """Maps a float32 [rows, cols] view to samples.
 
     Returns ``(samples, scale, offset)``: continuous float32 samples clipped to
     ``[0, 2^bits - 1]`` and the float32 per-row affine map back to weights.
     ``step`` is the average quantization step in sample units, used by
-    ``clip="mse"`` to predict the coding noise.
+    ``clip="mse"`` to predict the coding noise (the other modes ignore it).
+    ``row_weight`` (``clip="common"`` only): per-row importance, non-negative.
     """
-    lo = view.min(axis=1).astype(np.float64)
-    hi = view.max(axis=1).astype(np.float64)
-    if clip == "mse":
-        lo, hi = _mse_range(view, lo, hi, bits, step)
-    elif clip != "minmax":
-        raise ValueError(f"clip must be 'mse' or 'minmax', got {clip!r}")
+    view = np.asarray(view, np.float32)
     top = sample_max(bits)
-    scale = ((hi - lo) / top).astype(np.float32)
-    offset = lo.astype(np.float32)
+    if clip == "common":
+        scale = common_scale(view, bits, row_weight)
+        center = view.mean(axis=1, dtype=np.float64)
+        offset = center - 0.5 * (top + 1) * scale.astype(np.float64)
+    else:
+        if row_weight is not None:
+            raise ValueError("row_weight needs clip='common'")
+        lo = view.min(axis=1).astype(np.float64)
+        hi = view.max(axis=1).astype(np.float64)
+        if clip == "mse":
+            lo, hi = _mse_range(view, lo, hi, bits, step)
+        elif clip != "minmax":
+            raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+        scale = _f16_up((hi - lo) / top)
+        offset = lo
+    offset = _f16_offset(view, scale, offset, top, clip_ok=clip != "common")
+    scale = scale.astype(np.float32)
     divisor = np.where(scale > 0, scale, np.float32(1))
     samples = (view - offset[:, None]) / divisor[:, None]
     np.clip(samples, 0, top, out=samples)
     return samples.astype(np.float32, copy=False), scale, offset
 
 
+def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = None) -> np.ndarray:
+    """Per-row scales of ``clip="common"``: equal (or ∝ row_weight^-½), every row fitting.
+
+    Row ``r`` fits when its values lie within ``(2^bits)/2 - 1`` samples of its
+    mean on either side (one sample of slack absorbs float16 rounding of the
+    offset and the float32 arithmetic). float32 [rows], float16-representable
+    where possible.
+    """
+    view = np.asarray(view, np.float32)
+    rows = view.shape[0]
+    center = view.mean(axis=1, dtype=np.float64)
+    half = np.maximum(view.max(axis=1) - center, center - view.min(axis=1))
+    room = 0.5 * (sample_max(bits) + 1) - 1.0
+    if row_weight is None:
+        rel = np.ones(rows)
+    else:
+        rel = relative_steps(row_weight, rows)
+    c = float(np.max(half / (rel * room))) if rows else 0.0
+    if not np.isfinite(c) or c <= 0:  # every row constant: any scale is exact
+        c = 1.0
+    return _f16_up(c * rel).astype(np.float32)
+
+
+def relative_steps(row_weight, rows: int, max_ratio: float = 16.0) -> np.ndarray:
+    """Per-row step multipliers ∝ row_weight^-½, geometric mean 1, spread capped.
+
+    Rows with zero (or missing) weight get the coarsest allowed step; the
+    spread is capped at ``max_ratio`` either side of the geometric mean, since
+    gradient-based weights are noisy estimates.
+    """
+    w = np.asarray(row_weight, np.float64).reshape(-1)
+    if w.shape[0] != rows:
+        raise ValueError(f"row_weight has {w.shape[0]} entries for {rows} rows")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("row_weight must be finite and non-negative")
+    positive = w[w > 0]
+    if positive.size == 0:
+        return np.ones(rows)
+    logw = np.log(np.where(w > 0, w, positive.min()))
+    rel = np.exp(-0.5 * (logw - logw.mean()))
+    rel = np.clip(rel, 1 / max_ratio, max_ratio)
+    return rel / np.exp(np.log(rel).mean())
+
+
+def _f16_up(x) -> np.ndarray:
+    """float64 values rounded up to float16-representable ones where float16 holds them."""
+    x = np.asarray(x, np.float64)
+    h = x.astype(np.float16).astype(np.float64)
+    h = np.where(h < x, np.nextafter(h.astype(np.float16), np.float16(np.inf)).astype(np.float64), h)
+    ok = (x >= _F16_MIN_NORMAL) & (x <= _F16_MAX / 2)
+    return np.where(ok, h, x)
+
+
+def _f16_offset(view, scale, offset, top, clip_ok) -> np.ndarray:
+    """float32 offsets, float16-rounded for each row where every sample stays in range.
+
+    Rows of clip="mse" may have been clipped on purpose: for them a rounding
+    may move the window by at most half a sample.
+    """
+    offset = np.asarray(offset, np.float64)
+    scale = np.asarray(scale, np.float64)
+    o16 = offset.astype(np.float16).astype(np.float64)
+    finite = np.isfinite(o16)
+    safe_scale = np.where(scale > 0, scale, 1.0)
+    if clip_ok:
+        ok = np.abs(o16 - offset) <= 0.5 * safe_scale
+    else:
+        lo = (view.min(axis=1) - o16) / safe_scale
+        hi = (view.max(axis=1) - o16) / safe_scale
+        ok = (lo >= 0) & (hi <= top)
+    return np.where(finite & ok, o16, offset).astype(np.float32)
+
+
 def _mse_range(view, lo, hi, bits, step):
-    """Per-row clip range minimising clipping error plus predicted noise."""
+    """Per-row clip range minimising clipping error plus predicted noise.
+
+    Only values beyond the tightest candidate clip contribute clipping error,
+    so one pass over the view finds them and the candidates are scored on
+    those tails alone.
+    """
     top = sample_max(bits)
+    rows = view.shape[0]
     center = view.mean(axis=1, dtype=np.float64)
     # Coefficient quantization with a flat step Δ adds Δ²/12 per sample (the
     # DCT is orthonormal); the decoder's rounding to integers adds 1/12.
     noise_per_unit = (step * step + 1.0) / 12.0
-    best_err = np.full(view.shape[0], np.inf)
+    tight = min(CLIP_CANDIDATES)
+    t_lo = (center - tight * (center - lo)).astype(np.float32)
+    t_hi = (center + tight * (hi - center)).astype(np.float32)
+    r_idx, c_idx = np.nonzero((view < t_lo[:, None]) | (view > t_hi[:, None]))
+    tail = view[r_idx, c_idx].astype(np.float64)
+    cols = view.shape[1]
+    best_err = np.full(rows, np.inf)
     best_lo, best_hi = lo.copy(), hi.copy()
     for ratio in CLIP_CANDIDATES:
         c_lo = center - ratio * (center - lo)
         c_hi = center + ratio * (hi - center)
-        clipped = np.clip(view, c_lo[:, None], c_hi[:, None])
-        clip_err = np.mean(np.square(clipped - view, dtype=np.float64), axis=1)
+        excess = np.maximum(c_lo[r_idx] - tail, 0) + np.maximum(tail - c_hi[r_idx], 0)
+        clip_err = np.bincount(r_idx, weights=excess * excess, minlength=rows) / cols
         noise = np.square((c_hi - c_lo) / top) * noise_per_unit
         err = clip_err + noise
         better = err < best_err

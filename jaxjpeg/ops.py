@@ -51,10 +51,10 @@ def _impl(*operands, output_shapes, output_dtypes):
 
 def _batch(args, dims, *, output_shapes, output_dtypes):
     """vmap: one decode per batch element (each element is a full plan)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
-    moved = [a if d is batching.not_mapped else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     per_element = [
-        decode_p.bind(*[m if d is batching.not_mapped else m[i] for m, d in zip(moved, dims)],
+        decode_p.bind(*[m if d is None else m[i] for m, d in zip(moved, dims)],
                       output_shapes=output_shapes, output_dtypes=output_dtypes)
         for i in range(size)
     ]

@@ -6,6 +6,7 @@ abort from a sanitizer) fails the one test with the offending input instead of
 killing the whole pytest run; a clean JpegError comes back as a value.
 """
 
+import os
 import pickle
 import select
 import struct
@@ -15,8 +16,38 @@ import sys
 import pytest
 
 _WORKER_SOURCE = r"""
-import pickle, struct, sys
+import os, pickle, resource, struct, sys
+import numpy as np
 from jaxjpeg import _native
+if os.environ.get("JJ_WORKER_AS_LIMIT_MB"):
+    limit = int(os.environ["JJ_WORKER_AS_LIMIT_MB"]) << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+def run_plan_guarded(payload, interval_starts, tiles, tables, row_scale, row_offset,
+                     output_sizes, output_types, guard=4096, **kwargs):
+    # run_plan into outputs carved from the middle of bigger arrays filled with
+    # a sentinel; returns (error or None, the outputs, every guard untouched).
+    bigs, outputs = [], []
+    for size, t in zip(output_sizes, output_types):
+        if t == 0:
+            big = np.full(size + 2 * guard, -7.25e30, np.float32)
+        else:
+            big = np.full(size + 2 * guard, 0xABCD, np.uint16)
+        bigs.append(big)
+        outputs.append(big[guard:guard + size])
+    try:
+        _native.run_plan(payload, interval_starts, tiles, tables, row_scale, row_offset, outputs,
+                         list(output_types), **kwargs)
+        error = None
+    except _native.JpegError as e:
+        error = ("JpegError", str(e))
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    intact = all(bool(np.all(big[:guard] == big[0]) and np.all(big[-guard:] == big[0]))
+                 for big in bigs)
+    return error, [o.copy() for o in outputs], intact
+
+LOCAL = {"run_plan_guarded": run_plan_guarded}
 stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 while True:
     head = stdin.read(8)
@@ -24,7 +55,7 @@ while True:
         break
     name, args, kwargs = pickle.loads(stdin.read(struct.unpack("<Q", head)[0]))
     try:
-        result = ("ok", getattr(_native, name)(*args, **kwargs))
+        result = ("ok", (LOCAL.get(name) or getattr(_native, name))(*args, **kwargs))
     except _native.JpegError as e:
         result = ("JpegError", str(e))
     except Exception as e:  # reported to the test, which decides
@@ -42,17 +73,21 @@ class WorkerCrashed(AssertionError):
 class NativeWorker:
     timeout_s = 60.0
 
-    def __init__(self):
+    def __init__(self, memory_limit_mb=None):
         self._proc = None
+        self._env = dict(os.environ)
+        if memory_limit_mb:
+            self._env["JJ_WORKER_AS_LIMIT_MB"] = str(memory_limit_mb)
 
     def _start(self):
-        self._proc = subprocess.Popen([sys.executable, "-c", _WORKER_SOURCE],
+        self._proc = subprocess.Popen([sys.executable, "-c", _WORKER_SOURCE], env=self._env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def call(self, name, *args, **kwargs):
         """Returns (kind, value, args, kwargs): kind is "ok" (value = the result),
         "JpegError" or another exception's type name (value = its message).
-        Array arguments come back as the call left them."""
+        Array arguments come back as the call left them. `name` is a function
+        of jaxjpeg._native, or "run_plan_guarded" (see the worker source)."""
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         blob = pickle.dumps((name, args, kwargs))
@@ -88,5 +123,14 @@ class NativeWorker:
 @pytest.fixture(scope="session")
 def native_worker():
     worker = NativeWorker()
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="session")
+def small_memory_worker():
+    """A worker whose address space is capped at 512 MiB: a small hostile file
+    must fail cleanly, not allocate gigabytes."""
+    worker = NativeWorker(memory_limit_mb=512)
     yield worker
     worker.close()

@@ -11,6 +11,7 @@
 
 #include "cpu_executor.h"
 #include "crc32c.h"
+#include "decode_kernel.h"
 #include "encoder.h"
 #include "ffi_cpu.h"
 #include "parallel_for.h"
@@ -150,11 +151,16 @@ const T* ArrayData(const py::array& a, int64_t expected, const char* name) {
   return static_cast<const T*>(a.data());
 }
 
-// Executes a decode plan into preallocated numpy outputs (see decode_plan.h).
-void RunPlan(const py::buffer& payload, const py::array& interval_starts, const py::array& tiles,
-             const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
-             const std::vector<py::array>& outputs, const std::vector<int>& output_types,
-             int threads) {
+// A decode plan over numpy arrays; owns the output descriptors.
+struct HostPlan {
+  DecodePlan plan{};
+  std::vector<PlanOutput> outputs;
+};
+
+HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_starts,
+                        const py::array& tiles, const py::buffer& tables,
+                        const py::array& row_scale, const py::array& row_offset,
+                        const std::vector<py::array>& outputs, const std::vector<int>& output_types) {
   if (outputs.size() != output_types.size()) throw py::value_error("one type per output");
   const py::buffer_info pay = ContiguousBytes(payload);
   const py::buffer_info tab = ContiguousBytes(tables);
@@ -166,18 +172,19 @@ void RunPlan(const py::buffer& payload, const py::array& interval_starts, const 
   if (tiles.ndim() != 2 || tiles.shape(1) != kTileColumns) {
     throw py::value_error("tiles must be [n, " + std::to_string(kTileColumns) + "] int64");
   }
-  std::vector<PlanOutput> plan_outputs;
+  HostPlan h;
   for (size_t i = 0; i < outputs.size(); ++i) {
     const py::array& o = outputs[i];
     const int t = output_types[i];
     const int itemsize = t == static_cast<int>(OutputType::kFloat32) ? 4 : 2;
     if (t < 0 || t > 2 || o.itemsize() != itemsize || !(o.flags() & py::array::c_style) ||
         !o.writeable()) {
-      throw py::value_error("output " + std::to_string(i) + " is not a writable C-contiguous array of its type");
+      throw py::value_error("output " + std::to_string(i) +
+                            " is not a writable C-contiguous array of its type");
     }
-    plan_outputs.push_back(PlanOutput{const_cast<void*>(o.data()), o.size(), static_cast<OutputType>(t)});
+    h.outputs.push_back(PlanOutput{const_cast<void*>(o.data()), o.size(), static_cast<OutputType>(t)});
   }
-  DecodePlan plan{};
+  DecodePlan& plan = h.plan;
   plan.payload = static_cast<const uint8_t*>(pay.ptr);
   plan.payload_size = pay.size * pay.itemsize;
   plan.interval_starts = ArrayData<int64_t>(interval_starts, -1, "interval_starts");
@@ -189,17 +196,64 @@ void RunPlan(const py::buffer& payload, const py::array& interval_starts, const 
   plan.row_scale = ArrayData<float>(row_scale, -1, "row_scale");
   plan.row_offset = ArrayData<float>(row_offset, row_scale.size(), "row_offset");
   plan.num_affine_rows = row_scale.size();
-  plan.outputs = plan_outputs.data();
-  plan.num_outputs = static_cast<int64_t>(plan_outputs.size());
-  int32_t status;
-  {
-    py::gil_scoped_release release;
-    status = RunDecodePlanOnHost(plan, threads);
-  }
+  plan.outputs = h.outputs.data();
+  plan.num_outputs = static_cast<int64_t>(h.outputs.size());
+  return h;
+}
+
+void RaiseOnFailure(int32_t status) {
   if (status != kPlanOk) {
     throw JpegError("decode failed in restart interval " + std::to_string(status >> 4) + ": " +
                     StatusMessage(static_cast<Status>(status & 15)));
   }
+}
+
+// Executes a decode plan into preallocated numpy outputs (see decode_plan.h).
+void RunPlan(const py::buffer& payload, const py::array& interval_starts, const py::array& tiles,
+             const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
+             const std::vector<py::array>& outputs, const std::vector<int>& output_types,
+             int threads) {
+  const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
+                                    row_offset, outputs, output_types);
+  int32_t status;
+  {
+    py::gil_scoped_release release;
+    status = RunDecodePlanOnHost(h.plan, threads);
+  }
+  RaiseOnFailure(status);
+}
+
+// Runs the CUDA kernel's body over every (block, thread) index on the host,
+// staging tables per block as the kernel does with shared memory.
+int32_t RunKernelHarness(const DecodePlan& plan) {
+  int32_t status = kPlanOk;
+  DecoderTables staged;
+  for (int64_t block = 0; block < KernelBlockCount(plan.num_intervals); ++block) {
+    const int64_t staged_index = StagedTablesIndex(plan, block);
+    for (int t = 0; t < kDecodeThreadsPerBlock && staged_index >= 0; ++t) {
+      StageTablesPart(plan, staged_index, t, &staged);
+    }
+    for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+      DecodeKernelThread(plan, block, t, staged_index >= 0 ? &staged : nullptr, staged_index,
+                         &status);
+    }
+  }
+  return status;
+}
+
+void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_starts,
+                          const py::array& tiles, const py::buffer& tables,
+                          const py::array& row_scale, const py::array& row_offset,
+                          const std::vector<py::array>& outputs,
+                          const std::vector<int>& output_types) {
+  const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
+                                    row_offset, outputs, output_types);
+  int32_t status;
+  {
+    py::gil_scoped_release release;
+    status = RunKernelHarness(h.plan);
+  }
+  RaiseOnFailure(status);
 }
 
 py::bytes Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
@@ -257,6 +311,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
         py::arg("output_types"), py::arg("threads") = 0,
         "Decode many restart intervals of many tiles into preallocated outputs.");
+  m.def("run_plan_kernel_harness", &RunPlanKernelHarness, py::arg("payload"),
+        py::arg("interval_starts"), py::arg("tiles"), py::arg("tables"), py::arg("row_scale"),
+        py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
+        "Run the CUDA kernel body over every (block, thread) on the host (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true,
         "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file.");

@@ -96,7 +96,7 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   const int64_t blocks = ((width + 7) / 8) * ((height + 7) / 8);
   const int64_t per = tile[kTileRestartInterval] > 0 ? tile[kTileRestartInterval] : blocks;
   const int64_t k = i - tile[kTileFirstInterval];
-  if (k < 0 || per > blocks || k >= (blocks + per - 1) / per) return false;
+  if (k < 0 || k >= (blocks + per - 1) / per) return false;
   w->first_block = k * per;
   w->num_blocks = blocks - w->first_block < per ? blocks - w->first_block : per;
   if (tile[kTileAffineRow0] < 0 || tile[kTileAffineRow0] + height > p.num_affine_rows) return false;
@@ -107,7 +107,8 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
 }
 
 template <OutputType kType>
-JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w) {
+JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
+                                     const DecoderTables& tables) {
   using Element = typename OutputElement<kType>::Type;
   const int64_t* tile = w.tile;
   const PlanOutput& out = p.outputs[tile[kTileOutput]];
@@ -117,7 +118,6 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w)
       p.row_offset + tile[kTileAffineRow0]};
   const int32_t width = static_cast<int32_t>(tile[kTileWidth]);
   const BlockGrid grid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
-  const DecoderTables& tables = p.tables[tile[kTileTables]];
   const uint8_t* begin = p.payload + w.begin;
   const uint8_t* end = p.payload + w.end;
   if (tile[kTileBits] == 12) {
@@ -127,14 +127,21 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w)
 }
 
 // Decodes interval i of the plan; returns kPlanOk or the packed status.
-JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i) {
+// `staged` optionally points at a copy of tables[staged_index] in faster
+// memory (CUDA shared memory); it is used when the interval's tile needs it.
+JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i,
+                                        const DecoderTables* staged = nullptr,
+                                        int64_t staged_index = -1) {
   IntervalWork w;
   if (!ResolveInterval(p, i, &w)) return PackPlanStatus(i, Status::kBadArgument);
+  const int64_t table_index = w.tile[kTileTables];
+  const DecoderTables& tables =
+      (staged != nullptr && table_index == staged_index) ? *staged : p.tables[table_index];
   Status s = Status::kBadArgument;
   switch (p.outputs[w.tile[kTileOutput]].type) {
-    case OutputType::kFloat32: s = DecodeIntervalAs<OutputType::kFloat32>(p, w); break;
-    case OutputType::kBFloat16: s = DecodeIntervalAs<OutputType::kBFloat16>(p, w); break;
-    case OutputType::kFloat16: s = DecodeIntervalAs<OutputType::kFloat16>(p, w); break;
+    case OutputType::kFloat32: s = DecodeIntervalAs<OutputType::kFloat32>(p, w, tables); break;
+    case OutputType::kBFloat16: s = DecodeIntervalAs<OutputType::kBFloat16>(p, w, tables); break;
+    case OutputType::kFloat16: s = DecodeIntervalAs<OutputType::kFloat16>(p, w, tables); break;
   }
   return s == Status::kOk ? kPlanOk : PackPlanStatus(i, s);
 }

@@ -16,16 +16,19 @@ struct HuffmanDecodeTable {
   // Codes of up to kLookaheadBits bits: (code length << 8) | symbol; 0 if the
   // code is longer (or no code starts with these bits).
   uint16_t lookahead[1 << kLookaheadBits];
-  // For AC tables, codes whose length plus magnitude bits fit in the lookahead:
-  // the whole (run, value) pair. Layout: value << 16 | run << 8 | bits used.
-  // 0 = not resolvable here; kEndOfBlock flags an EOB code.
+  // For AC tables, every code of up to kLookaheadBits bits as one entry:
+  // code length plus value bits (bits 0-7: the bits the coefficient takes in
+  // all), zero run (bits 8-11), magnitude category (bits 12-15: the number of
+  // value bits after the code), code length (bits 16-23), and kEndOfBlock for
+  // the EOB code. A ZRL (16 zeros) is run 15 with category 0: it stores a zero
+  // value. 0 = the code is longer (or undefined).
   int32_t fast_ac[1 << kLookaheadBits];
   int32_t max_code[17];      // largest code of each length, -1 if none
   int32_t value_offset[17];  // index into symbols = code + value_offset[len]
   uint8_t symbols[256];
 };
 
-constexpr int32_t kEndOfBlock = 0x8000;
+constexpr int32_t kEndOfBlock = 0x1000000;
 
 // Sign-extends a magnitude category value (T.81 F.2.2.1, EXTEND).
 JJ_HD JJ_INLINE int32_t ExtendMagnitude(uint32_t bits, int category) {
@@ -69,25 +72,33 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
   t->max_code[0] = -1;
   t->value_offset[0] = 0;
   if (is_dc) return Status::kOk;
-  // Precombine code and magnitude bits where both fit in the lookahead.
+  // One entry per code that fits the lookahead; value bits are read after it.
   for (int bits = 0; bits < (1 << kLookaheadBits); ++bits) {
     const uint16_t entry = t->lookahead[bits];
     if (entry == 0) continue;
     const int len = entry >> 8, symbol = entry & 0xFF;
     const int run = symbol >> 4, category = symbol & 15;
     if (symbol == 0x00) {
-      t->fast_ac[bits] = kEndOfBlock | len;
-    } else if (category == 0) {
-      if (run == 15) t->fast_ac[bits] = (15 << 8) | len;  // ZRL: 16 zeros
-    } else if (len + category <= kLookaheadBits) {
-      const uint32_t magnitude =
-          (bits >> (kLookaheadBits - len - category)) & ((1u << category) - 1);
-      const int32_t value = ExtendMagnitude(magnitude, category);
-      t->fast_ac[bits] = static_cast<int32_t>(static_cast<uint32_t>(value) << 16) |
-                         (run << 8) | (len + category);
+      t->fast_ac[bits] = kEndOfBlock | (len << 16) | len;
+    } else if (category != 0 || run == 15) {  // other category-0 symbols are invalid
+      t->fast_ac[bits] = (len << 16) | (category << 12) | (run << 8) | (len + category);
     }
   }
   return Status::kOk;
+}
+
+// Takes the next `category` (0..15) bits as a sign-extended magnitude value
+// (T.81 F.2.2.1 EXTEND), without branches; category 0 gives 0. Needs
+// >= category buffered bits.
+JJ_HD JJ_INLINE int32_t TakeMagnitude(BitReader& r, int category) {
+  // (buffer >> 1) >> (63 - category): the top `category` bits, 0 for category 0.
+  const int32_t bits = static_cast<int32_t>((r.buffer >> 1) >> (63 - category));
+  // A leading 0 bit means a negative value: bits - (2^category - 1).
+  const int32_t positive = static_cast<int32_t>(static_cast<int64_t>(r.buffer) >> 63);
+  const int32_t value = bits - (((1 << category) - 1) & ~positive);
+  r.buffer <<= category;
+  r.count -= category;
+  return value;
 }
 
 // Decodes one symbol; returns -1 for a code no table defines. Needs >= 16

@@ -93,45 +93,97 @@ struct IdctTraits<12> {
   static constexpr int kPass1Bits = 1;
 };
 
-// Inverse DCT of one block of quantized coefficients (natural order) and
-// its quantization table (dequantized here, as libjpeg does) into
-// samples 0..2^bits-1, row-major. All-zero columns and rows take a shortcut
-// (as libjpeg-turbo does) whose results equal the full computation.
+namespace idct {
+
+// Pass 2 output for one sample: descale by `shift` bits and range-limit, with
+// the +2^(bits-1) level shift folded into the rounding constant. Equal to
+// RangeLimit<kBits>(Descale(x, shift)) for every x (all arithmetic wraps, and
+// the result only depends on the low bits), but branch-free so it vectorizes:
+// t = level-shifted value masked to 4 * 2^bits entries, then t < 2^bits is a
+// sample, t < 2 * 2^bits + 2^(bits-1) clamps to the maximum, the rest to 0.
+template <int kBits, typename Acc>
+JJ_HD JJ_INLINE int32_t DescaleToSample(Acc x, int shift) {
+  constexpr int32_t kMax = (1 << kBits) - 1, kCenter = 1 << (kBits - 1);
+  const Acc rounded = x + ((Acc(1) << (shift - 1)) + (Acc(kCenter) << shift));
+  const int32_t t = static_cast<int32_t>(rounded >> shift) & (4 * (kMax + 1) - 1);
+  const int32_t high = t < 2 * (kMax + 1) + kCenter ? kMax : 0;
+  return t <= kMax ? t : high;
+}
+
+}  // namespace idct
+
+// Inverse DCT of one block of dequantized coefficients (natural order, each
+// coefficient times its quantization step, as libjpeg computes it in its
+// accumulator type) into samples 0..2^bits-1, row-major. Both passes are
+// plain loops without data-dependent branches, so the compiler turns them
+// into SIMD code (the column pass works on all 8 columns at once). The
+// zero-column / zero-row shortcuts of libjpeg are not needed: they give the
+// same results as the full computation.
 template <int kBits>
-JJ_HD inline void InverseDctIslow(const int32_t coef[64], const int32_t quant[64],
-                                  int32_t samples[64]) {
+JJ_HD JJ_INLINE void InverseDctDequantized(const typename IdctTraits<kBits>::Acc dq[64],
+                                           int32_t samples[64]) {
   using Acc = typename IdctTraits<kBits>::Acc;
   constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
+  constexpr int kShift2 = idct::kConstBits + kPass1 + 3;
   int32_t ws[64];
   for (int c = 0; c < 8; ++c) {
-    const int32_t* in = coef + c;
-    const int32_t* q = quant + c;
-    if ((in[8] | in[16] | in[24] | in[32] | in[40] | in[48] | in[56]) == 0) {
-      const int32_t dc = static_cast<int32_t>(Acc(in[0]) * q[0] * (Acc(1) << kPass1));
-      for (int r = 0; r < 8; ++r) ws[r * 8 + c] = dc;
-      continue;
-    }
-    Acc x[8];
-    for (int r = 0; r < 8; ++r) x[r] = Acc(in[r * 8]) * q[r * 8];
     Acc out[8];
-    idct::Idct1D<Acc>(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
-                      idct::kConstBits - kPass1, out);
+    idct::Idct1D<Acc>(dq[c], dq[8 + c], dq[16 + c], dq[24 + c], dq[32 + c], dq[40 + c],
+                      dq[48 + c], dq[56 + c], idct::kConstBits - kPass1, out);
     for (int r = 0; r < 8; ++r) ws[r * 8 + c] = static_cast<int32_t>(out[r]);
   }
   for (int r = 0; r < 8; ++r) {
     const int32_t* w = ws + r * 8;
+    // Pass 2 without descaling (shift 0 is not allowed by Descale): compute
+    // the raw sums, then descale and range-limit each.
+    const Acc x0 = w[0], x1 = w[1], x2 = w[2], x3 = w[3], x4 = w[4], x5 = w[5], x6 = w[6],
+              x7 = w[7];
+    const Acc z1 = (x2 + x6) * idct::k0_541196100;
+    const Acc t2 = z1 - x6 * idct::k1_847759065;
+    const Acc t3 = z1 + x2 * idct::k0_765366865;
+    const Acc t0 = (x0 + x4) * (Acc(1) << idct::kConstBits);
+    const Acc t1 = (x0 - x4) * (Acc(1) << idct::kConstBits);
+    const Acc e10 = t0 + t3, e13 = t0 - t3, e11 = t1 + t2, e12 = t1 - t2;
+    const Acc s1 = x7 + x1, s2 = x5 + x3, s3 = x7 + x3, s4 = x5 + x1;
+    const Acc z5 = (s3 + s4) * idct::k1_175875602;
+    const Acc m1 = s1 * -idct::k0_899976223, m2 = s2 * -idct::k2_562915447;
+    const Acc m3 = s3 * -idct::k1_961570560 + z5, m4 = s4 * -idct::k0_390180644 + z5;
+    const Acc o0 = x7 * idct::k0_298631336 + m1 + m3;
+    const Acc o1 = x5 * idct::k2_053119869 + m2 + m4;
+    const Acc o2 = x3 * idct::k3_072711026 + m2 + m3;
+    const Acc o3 = x1 * idct::k1_501321110 + m1 + m4;
     int32_t* row = samples + r * 8;
-    if ((w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) == 0) {
-      const int v = idct::RangeLimit<kBits>(
-          static_cast<int32_t>(idct::Descale<Acc>(w[0], kPass1 + 3)));
-      for (int c = 0; c < 8; ++c) row[c] = v;
-      continue;
-    }
-    Acc out[8];
-    idct::Idct1D<Acc>(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-                      idct::kConstBits + kPass1 + 3, out);
-    for (int c = 0; c < 8; ++c) row[c] = idct::RangeLimit<kBits>(static_cast<int32_t>(out[c]));
+    row[0] = idct::DescaleToSample<kBits>(e10 + o3, kShift2);
+    row[7] = idct::DescaleToSample<kBits>(e10 - o3, kShift2);
+    row[1] = idct::DescaleToSample<kBits>(e11 + o2, kShift2);
+    row[6] = idct::DescaleToSample<kBits>(e11 - o2, kShift2);
+    row[2] = idct::DescaleToSample<kBits>(e12 + o1, kShift2);
+    row[5] = idct::DescaleToSample<kBits>(e12 - o1, kShift2);
+    row[3] = idct::DescaleToSample<kBits>(e13 + o0, kShift2);
+    row[4] = idct::DescaleToSample<kBits>(e13 - o0, kShift2);
   }
+}
+
+// The sample every position of a block with only a DC coefficient gets
+// (`dc` dequantized): what InverseDctDequantized computes for such a block.
+template <int kBits>
+JJ_HD JJ_INLINE int32_t DcOnlySample(typename IdctTraits<kBits>::Acc dc) {
+  using Acc = typename IdctTraits<kBits>::Acc;
+  constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
+  const int32_t w0 = static_cast<int32_t>(dc * (Acc(1) << kPass1));
+  return idct::DescaleToSample<kBits>(Acc(w0), kPass1 + 3);
+}
+
+// Inverse DCT of one block of quantized coefficients (natural order) and
+// its quantization table (dequantized here, as libjpeg does) into
+// samples 0..2^bits-1, row-major.
+template <int kBits>
+JJ_HD inline void InverseDctIslow(const int32_t coef[64], const int32_t quant[64],
+                                  int32_t samples[64]) {
+  using Acc = typename IdctTraits<kBits>::Acc;
+  Acc dq[64];
+  for (int i = 0; i < 64; ++i) dq[i] = Acc(coef[i]) * quant[i];
+  InverseDctDequantized<kBits>(dq, samples);
 }
 
 }  // namespace jaxjpeg

@@ -27,45 +27,66 @@ struct BlockGrid {
   int32_t blocks_wide;
 };
 
-// Decodes one block's coefficients (quantized, natural order) into `coef`,
-// which must be zero on entry. `dc` carries the DC predictor.
-JJ_HD JJ_INLINE Status DecodeBlockCoefficients(BitReader& r, const DecoderTables& t,
-                                               int32_t& dc, int32_t coef[64]) {
+// Decodes one block's coefficients into `coef` (natural order), which must be
+// zero on entry: the quantized values, or with kDequantize each times its
+// quantization step (in the IDCT's accumulator type, as libjpeg multiplies).
+// `dc` carries the DC predictor; `last` receives the zig-zag index of the
+// last coefficient written (0: only the DC).
+template <bool kDequantize, typename Coef>
+JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t& dc,
+                                   Coef coef[64], int& last) {
   Refill(r);
   const int category = DecodeSymbol(r, t.dc);
   if (category < 0) return Status::kBadHuffmanCode;
-  if (category > 0) {
-    dc += ExtendMagnitude(PeekBits(r, category), category);
-    SkipBits(r, category);
-  }
-  coef[0] = static_cast<int16_t>(dc);  // libjpeg keeps coefficients as 16-bit
-  for (int k = 1; k < 64;) {
-    if (r.count < 32) Refill(r);  // a code (<= 16) plus its magnitude (<= 15)
+  dc += TakeMagnitude(r, category);
+  const int32_t dc16 = static_cast<int16_t>(dc);  // libjpeg keeps coefficients as 16-bit
+  coef[0] = kDequantize ? Coef(dc16) * t.quant[0] : Coef(dc16);
+  int k = 1;
+  last = 0;
+  while (k < 64) {
+    // A code (<= 16 bits) plus its value bits (<= 15) always fit in 32 bits.
+    if (r.count < 32) Refill(r);
     const int32_t fast = t.ac.fast_ac[PeekBits(r, kLookaheadBits)];
-    int run, value;
-    if (fast != 0) {
-      SkipBits(r, fast & 0xFF);
-      if (fast & kEndOfBlock) break;
-      run = (fast >> 8) & 0xF;
-      value = fast >> 16;
+    int run;
+    int32_t value;
+    if (fast != 0) {  // the code was in the lookahead: one table read
+      if (fast & kEndOfBlock) {
+        SkipBits(r, fast & 0xFF);
+        break;
+      }
+      // The value bits are taken from the buffer as it is, so that the only
+      // serial dependence from one coefficient to the next is one shift.
+      const int total = fast & 0xFF, size = (fast >> 12) & 15, length = (fast >> 16) & 0xFF;
+      const uint32_t mask = (1u << size) - 1;
+      const uint32_t bits = static_cast<uint32_t>(r.buffer >> (64 - total)) & mask;
+      // A leading 0 value bit means a negative value: bits - (2^size - 1).
+      const uint32_t positive = static_cast<uint32_t>(static_cast<int64_t>(r.buffer << length) >> 63);
+      value = static_cast<int32_t>(bits - (mask & ~positive));
+      SkipBits(r, total);
+      run = (fast >> 8) & 15;
     } else {
       const int symbol = DecodeSymbol(r, t.ac);
       if (symbol < 0) return Status::kBadHuffmanCode;
       run = symbol >> 4;
       const int size = symbol & 15;
-      if (size == 0 && run != 15) break;  // EOB
-      value = 0;                          // ZRL: 15 zeros and a zero
-      if (size != 0) {
-        value = ExtendMagnitude(PeekBits(r, size), size);
-        SkipBits(r, size);
-      }
+      if (size == 0 && run != 15) break;  // EOB (ZRL is run 15, size 0: 16 zeros)
+      value = TakeMagnitude(r, size);
     }
     k += run;
     if (k > 63) return Status::kBadCoefficients;
-    coef[ZigzagToNatural(k)] = value;
-    ++k;
+    const int n = ZigzagToNatural(k);
+    coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
+    last = k++;
   }
   return Status::kOk;
+}
+
+// Decodes one block's coefficients (quantized, natural order) into `coef`,
+// which must be zero on entry. `dc` carries the DC predictor.
+JJ_HD JJ_INLINE Status DecodeBlockCoefficients(BitReader& r, const DecoderTables& t,
+                                               int32_t& dc, int32_t coef[64]) {
+  int last;
+  return DecodeBlock<false>(r, t, dc, coef, last);
 }
 
 // Decodes `num_blocks` blocks starting at block `first_block` from the
@@ -75,22 +96,39 @@ template <int kBits, typename Sink>
 JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const DecoderTables& t,
                             const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
                             const Sink& sink) {
+  using Acc = typename IdctTraits<kBits>::Acc;
   BitReader r = MakeBitReader(begin, end);
   int32_t dc = 0;
-  int32_t coef[64];
+  Acc coef[64];
   int32_t samples[64];
   for (int i = 0; i < 64; ++i) coef[i] = 0;
-  for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
-    const Status status = DecodeBlockCoefficients(r, t, dc, coef);
+  const int64_t stop = first_block + num_blocks;
+  int64_t by = first_block / grid.blocks_wide, bx = first_block % grid.blocks_wide;
+  for (int64_t b = first_block; b < stop; ++b) {
+    int last;
+    const Status status = DecodeBlock<true>(r, t, dc, coef, last);
     if (status != Status::kOk) return status;
     if (ReadPastEnd(r)) return Status::kTruncated;
-    InverseDctIslow<kBits>(coef, t.quant, samples);
-    for (int i = 0; i < 64; ++i) coef[i] = 0;
-    const int y0 = static_cast<int>(b / grid.blocks_wide) * 8;
-    const int x0 = static_cast<int>(b % grid.blocks_wide) * 8;
+    if (last == 0) {  // DC only: a constant block
+      const int32_t v = DcOnlySample<kBits>(coef[0]);
+      coef[0] = 0;
+      for (int i = 0; i < 64; ++i) samples[i] = v;
+    } else {
+      InverseDctDequantized<kBits>(coef, samples);
+      for (int i = 0; i < 64; ++i) coef[i] = 0;
+    }
+    const int y0 = static_cast<int>(by) * 8, x0 = static_cast<int>(bx) * 8;
+    if (++bx == grid.blocks_wide) {
+      bx = 0;
+      ++by;
+    }
     const int rows = grid.height - y0 < 8 ? grid.height - y0 : 8;
     const int cols = grid.width - x0 < 8 ? grid.width - x0 : 8;
-    for (int y = 0; y < rows; ++y) sink.PutRow(y0 + y, x0, samples + 8 * y, cols);
+    if (rows == 8 && cols == 8) {  // whole block: fixed-size rows the compiler unrolls
+      for (int y = 0; y < 8; ++y) sink.PutRow(y0 + y, x0, samples + 8 * y, 8);
+    } else {
+      for (int y = 0; y < rows; ++y) sink.PutRow(y0 + y, x0, samples + 8 * y, cols);
+    }
   }
   return HasUnusedBytes(r) ? Status::kTrailingData : Status::kOk;
 }

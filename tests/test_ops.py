@@ -1,0 +1,156 @@
+"""The decode primitive on the CPU: the real XLA custom call, checked bit for
+bit against the codec core, plus the CUDA kernel body run by the CPU harness."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import _native, codec, ops
+
+DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+
+
+def _tensor(rng, shape, scale=0.05):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """Encoded tensors of several shapes, bit depths and rates."""
+    rng = np.random.default_rng(0)
+    shapes = [(1,), (7, 9), (3, 3, 8, 16), (65, 300), (17, 1031), (2, 8, 8)]
+    encs = []
+    for k, shape in enumerate(shapes):
+        bits = 12 if k % 3 == 2 else 8
+        encs.append(jaxjpeg.encode_tensor(_tensor(rng, shape), bits=bits, step=2 + k,
+                                          restart_interval=k % 4, tile_shape=(40, 512)))
+    return encs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jit_matches_core_bit_for_bit(mixed, dtype):
+    plan = codec.build_plan(mixed, [dtype] * len(mixed))
+    expected = codec.run_plan(plan)
+    status, outputs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*ops.plan_operands(plan))
+    ops.check_status(status)
+    for want, got in zip(expected, outputs):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(_bits(want), _bits(got))
+
+
+def test_kernel_harness_matches_core(mixed):
+    """The CUDA kernel's (block, thread) body and table staging, run on the CPU."""
+    plan = codec.build_plan(mixed, [np.float32] * len(mixed))
+    assert plan.tables.size // _native.DECODER_TABLES_SIZE > 1  # staging hits and misses
+    expected = codec.run_plan(plan)
+    outputs = [np.full(s, np.nan, np.float32) for s in plan.output_shapes]
+    _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
+                                    plan.row_scale, plan.row_offset, outputs, [0] * len(outputs))
+    for want, got in zip(expected, outputs):
+        np.testing.assert_array_equal(_bits(want), _bits(got))
+
+
+def test_one_call_decodes_over_100_tensors():
+    rng = np.random.default_rng(1)
+    tensors = [_tensor(rng, (int(rng.integers(1, 40)), int(rng.integers(1, 90)))) for _ in range(120)]
+    encs = [jaxjpeg.encode_tensor(t, step=3) for t in tensors]
+    dtypes = [DTYPES[k % 3] for k in range(len(encs))]
+    plan = codec.build_plan(encs, dtypes)
+    expected = codec.run_plan(plan)
+    status, outputs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*ops.plan_operands(plan))
+    ops.check_status(status)
+    assert len(outputs) == 120
+    for want, got, dtype in zip(expected, outputs, dtypes):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(_bits(want), _bits(got))
+
+
+def test_vmap_over_payloads_of_equal_structure():
+    rng = np.random.default_rng(2)
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), step=4, restart_interval=2) for _ in range(3)]
+    plans = [codec.build_plan([e], [np.float32]) for e in encs]
+    operands = [list(ops.plan_operands(p)) for p in plans]
+    width = max(o[0].size for o in operands)
+    for o in operands:
+        o[0] = np.pad(o[0], (0, width - o[0].size))
+    stacked = [np.stack(column) for column in zip(*operands)]
+    decode = lambda *a: ops.decode_plan(plans[0], a)[1][0]  # noqa: E731
+    batched = jax.jit(jax.vmap(decode))(*stacked)
+    assert batched.shape == (3, 24, 40)
+    for k, enc in enumerate(encs):
+        np.testing.assert_array_equal(np.asarray(batched[k]), jaxjpeg.decode_tensor(enc))
+
+
+def test_repeated_calls_reuse_the_compiled_program():
+    rng = np.random.default_rng(3)
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), step=4) for _ in range(2)]
+    plans = [codec.build_plan([e], [np.float32]) for e in encs]
+    operands = [list(ops.plan_operands(p)) for p in plans]
+    width = max(o[0].size for o in operands)
+    for o in operands:  # same structure, same operand shapes: one program
+        o[0] = np.pad(o[0], (0, width - o[0].size))
+    decode = jax.jit(lambda *a: ops.decode_plan(plans[0], a)[1][0])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    first = decode(*operands[0])
+    after_first = len(compiles)
+    second = decode(*operands[1])
+    assert after_first >= 1
+    assert len(compiles) == after_first  # no new backend compile
+    np.testing.assert_array_equal(np.asarray(first), jaxjpeg.decode_tensor(encs[0]))
+    np.testing.assert_array_equal(np.asarray(second), jaxjpeg.decode_tensor(encs[1]))
+
+
+def test_corrupt_payload_raises_clear_error():
+    rng = np.random.default_rng(4)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), step=2)
+    plan = codec.build_plan([enc], [np.float32])
+    operands = list(ops.plan_operands(plan))
+    payload = operands[0].copy()
+    first_data = int(plan.interval_starts[0])
+    payload[first_data:first_data + 64] = 0xFF  # invalid Huffman codes / markers
+    operands[0] = payload
+    with pytest.raises(Exception, match="jaxjpeg decode failed in restart interval"):
+        status, outs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*operands)
+        jax.block_until_ready(outs)
+
+
+def test_hostile_plan_is_refused_not_written():
+    rng = np.random.default_rng(5)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (16, 16)), step=2)
+    plan = codec.build_plan([enc], [np.float32])
+    operands = list(ops.plan_operands(plan))
+    tiles = plan.tiles.copy()
+    tiles[0, 5] = 10_000  # row0 far outside the output
+    operands[2] = tiles.reshape(-1).view(np.int32)
+    with pytest.raises(Exception, match="invalid argument"):
+        jax.block_until_ready(jax.jit(lambda *a: ops.decode_plan(plan, a))(*operands))
+
+
+def test_grad_is_a_clear_error():
+    rng = np.random.default_rng(6)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (8, 8)), step=2)
+    plan = codec.build_plan([enc], [np.float32])
+    operands = ops.plan_operands(plan)
+
+    def loss(scale):
+        ops_ = (*operands[:4], scale, operands[5])
+        return jnp.sum(ops.decode_plan(plan, ops_)[1][0])
+
+    with pytest.raises(TypeError, match="not differentiable"):
+        jax.grad(loss)(jnp.asarray(operands[4]))
+
+
+def test_cuda_module_is_optional():
+    from jaxjpeg import lowering
+    assert isinstance(lowering.cuda_available(), bool)

@@ -1,0 +1,109 @@
+// CUDA handler of the decode custom call. Everything runs on the stream XLA
+// passes; nothing is allocated and nothing waits for the device, so the
+// handler is safe to capture in a command buffer (CUDA graph).
+#include <cuda_runtime.h>
+
+#include <pybind11/pybind11.h>
+
+#include "decode_kernel.h"
+#include "ffi_decode.h"
+
+namespace jaxjpeg {
+namespace {
+
+constexpr int kDescriptorsPerLaunch = 128;  // 128 * 24 B of kernel parameters
+
+struct DescriptorChunk {
+  PlanOutput items[kDescriptorsPerLaunch];
+  int64_t first;
+  int count;
+};
+
+__global__ void InitStatusKernel(int32_t* status) { *status = kPlanOk; }
+
+__global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk chunk,
+                                       PlanOutput* workspace) {
+  if (threadIdx.x < chunk.count) workspace[chunk.first + threadIdx.x] = chunk.items[threadIdx.x];
+}
+
+__global__ void __launch_bounds__(kDecodeThreadsPerBlock)
+    DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* status) {
+  __shared__ DecoderTables staged;
+  const int64_t staged_index = StagedTablesIndex(plan, blockIdx.x);
+  if (staged_index >= 0) StageTablesPart(plan, staged_index, threadIdx.x, &staged);
+  __syncthreads();
+  DecodeKernelThread(plan, blockIdx.x, threadIdx.x, staged_index >= 0 ? &staged : nullptr,
+                     staged_index, status);
+}
+
+ffi::Error LaunchError(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// Writes the output descriptors into the workspace, a chunk per launch, from
+// kernel parameters (no host buffer has to outlive the call).
+ffi::Error WriteDescriptors(cudaStream_t stream, ffi::RemainingRets& rets, PlanOutput* workspace) {
+  DescriptorChunk chunk;
+  for (size_t first = 0; first < rets.size(); first += kDescriptorsPerLaunch) {
+    chunk.first = static_cast<int64_t>(first);
+    chunk.count = static_cast<int>(std::min<size_t>(kDescriptorsPerLaunch, rets.size() - first));
+    for (int k = 0; k < chunk.count; ++k) {
+      auto ret = rets.get<ffi::AnyBuffer>(first + k);
+      if (ret.has_error()) return ret.error();
+      ffi::AnyBuffer buffer = **ret;
+      OutputType type;
+      if (!ToOutputType(buffer.element_type(), &type)) {
+        return ffi::Error::InvalidArgument("decoded tensors must be float32, bfloat16 or float16");
+      }
+      chunk.items[k] = PlanOutput{buffer.untyped_data(), static_cast<int64_t>(buffer.element_count()), type};
+    }
+    WriteDescriptorsKernel<<<1, kDescriptorsPerLaunch, 0, stream>>>(chunk, workspace);
+  }
+  return LaunchError("writing output descriptors");
+}
+
+ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
+                          ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
+                          ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
+                          ffi::Buffer<ffi::F32> row_offset, ffi::ResultBuffer<ffi::S32> status,
+                          ffi::ResultBuffer<ffi::U8> workspace, ffi::RemainingRets outputs) {
+  DecodePlan plan{};
+  ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset, &plan);
+  if (err.failure()) return err;
+  if (status->element_count() != 1) return ffi::Error::InvalidArgument("status must be int32[1]");
+  if (workspace->element_count() < outputs.size() * sizeof(PlanOutput)) {
+    return ffi::Error::InvalidArgument("workspace too small for outputs");
+  }
+  auto* descriptors = reinterpret_cast<PlanOutput*>(workspace->typed_data());
+  InitStatusKernel<<<1, 1, 0, stream>>>(status->typed_data());
+  err = WriteDescriptors(stream, outputs, descriptors);
+  if (err.failure()) return err;
+  plan.outputs = descriptors;
+  plan.num_outputs = static_cast<int64_t>(outputs.size());
+  if (plan.num_intervals > 0) {
+    DecodeKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0, stream>>>(
+        plan, status->typed_data());
+  }
+  return LaunchError("launching the decode kernel");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxjpegDecodeCuda, DecodeCudaImpl,
+    BindDecodeOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jaxjpeg
+
+PYBIND11_MODULE(_native_cuda, m) {
+  m.doc() = "jaxjpeg CUDA decoder: XLA FFI handler capsules for the CUDA platform";
+  m.def("ffi_targets", [] {
+    pybind11::dict targets;
+    targets["jaxjpeg_decode"] =
+        pybind11::capsule(reinterpret_cast<void*>(&jaxjpeg::JaxjpegDecodeCuda));
+    return targets;
+  });
+}
