@@ -111,10 +111,12 @@ def unflat(d):
     return traverse_util.unflatten_dict(d, sep="/")
 
 
-def model_cases(quick: bool):
+def model_cases(quick: bool, which=("digits", "sorting")):
     import models
 
     cases = []
+    if "digits" not in which:
+        return cases + _sorting_case(quick)
     model, params = models.pretrained_digits_cnn()
     _, _, x_test, y_test = models.digits_data()
     x_train, y_train, _, _ = models.digits_data()
@@ -122,6 +124,13 @@ def model_cases(quick: bool):
         name="digits CNN", model=model, params=params, labels=y_test,
         outputs=lambda p, m=model, x=x_test: models.digits_logits(m, p, x),
         batches=[(x_train[i:i + 128], y_train[i:i + 128]) for i in range(0, 1280, 128)]))
+    return cases + (_sorting_case(quick) if "sorting" in which else [])
+
+
+def _sorting_case(quick: bool):
+    import models
+
+    cases = []
     model, params = models.pretrained_sensitive_model()
     x_tr, y_tr, x_te, y_te = models.sensitive_data(train_size=2048, test_size=1024 if quick else 4096)
     cases.append(dict(
@@ -265,6 +274,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--no-models", action="store_true")
+    parser.add_argument("--models", default="digits,sorting",
+                        help="comma-separated: digits, sorting (trained once and cached)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +289,7 @@ def main():
     model_rows = {}
     if not args.no_models:
         targets = (3.0, 4.0, 5.0) if args.quick else (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
-        for case in model_cases(args.quick):
+        for case in model_cases(args.quick, args.models.split(",")):
             rows = run_model(case, targets)
             model_rows[case["name"]] = rows
             for r in rows:

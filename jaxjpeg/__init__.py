@@ -1,9 +1,16 @@
-"""jaxjpeg: JPEG-coded JAX/Flax checkpoints, decoded on the device."""
+"""jaxjpeg: JPEG-coded JAX/Flax checkpoints, decoded on the device.
 
+    jaxjpeg.save("model.jjpg", params)        # atomic, ~8x smaller than float32
+    params = jaxjpeg.restore("model.jjpg")    # decoded on the device by an XLA custom call
+"""
+
+from jaxjpeg.checkpoint import Policy, RestoreStats, SaveReport, restore, save
 from jaxjpeg.codec import (EncodedTensor, JpegError, Tile, decode_tensor, decode_tensors,
                            encode_tensor)
+from jaxjpeg.format import FormatError
 
 __version__ = "0.1.0"
 
-__all__ = ["EncodedTensor", "JpegError", "Tile", "decode_tensor", "decode_tensors",
-           "encode_tensor", "__version__"]
+__all__ = ["EncodedTensor", "FormatError", "JpegError", "Policy", "RestoreStats", "SaveReport",
+           "Tile", "decode_tensor", "decode_tensors", "encode_tensor", "restore", "save",
+           "__version__"]

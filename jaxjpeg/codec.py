@@ -167,45 +167,97 @@ class DecodePlan:
     output_dtypes: tuple[np.dtype, ...]
 
 
-def tile_tables(tile: Tile) -> np.ndarray:
-    """The decoder tables of a tile, parsed from its own header."""
-    return _native.inspect(tile.data)["tables"]
+class PlanBuilder:
+    """Collects tensors' tiles into one decode plan.
+
+    Tile bytes are copied once, straight into the plan's payload, by a
+    ``fill(view)`` callback per tile (a container read, or a bytes copy).
+    Tables are parsed from each tile's own header and deduplicated.
+    """
+
+    def __init__(self):
+        self._tiles: list[list[int]] = []
+        self._starts: list[np.ndarray] = []
+        self._fills: list = []
+        self._sizes: list[int] = []
+        self._scales: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        self._shapes: list[tuple[int, int]] = []
+        self._dtypes: list[np.dtype] = []
+        self._payload_size = 0
+        self._intervals = 0
+
+    def add_output(self, shape: tuple[int, int], dtype, row_scale, row_offset) -> int:
+        """A 2-D output with its affine rows; returns its index."""
+        output_type(dtype)
+        self._shapes.append((int(shape[0]), int(shape[1])))
+        self._dtypes.append(np.dtype(dtype))
+        self._scales.append(np.asarray(row_scale, np.float32))
+        self._offsets.append(np.asarray(row_offset, np.float32))
+        return len(self._shapes) - 1
+
+    def add_tile(self, output: int, tile_box: tuple[int, int, int, int], *, bits: int,
+                 restart_interval: int, interval_starts: np.ndarray, size: int, fill,
+                 affine_row0: int | None = None) -> None:
+        """A tile at ``tile_box = (row0, col0, height, width)`` of ``output``.
+
+        ``affine_row0`` is the tile's first row in the output's affine arrays
+        (default: its row in the output).
+        """
+        row0, col0, height, width = tile_box
+        affine_base = self._affine_row_base(output)
+        self._tiles.append([-1, bits, width, height, output, row0, col0, self._shapes[output][1],
+                            affine_base + (row0 if affine_row0 is None else affine_row0),
+                            self._intervals, restart_interval])
+        self._starts.append(np.asarray(interval_starts[:-1], np.int64) + self._payload_size)
+        self._fills.append(fill)
+        self._sizes.append(size)
+        self._payload_size += size
+        self._intervals += len(interval_starts) - 1
+
+    def _affine_row_base(self, output: int) -> int:
+        return sum(len(s) for s in self._scales[:output])
+
+    def finish(self) -> DecodePlan:
+        payload = np.empty(self._payload_size, np.uint8)
+        tables: dict[bytes, int] = {}
+        position = 0
+        for row, fill, size in zip(self._tiles, self._fills, self._sizes):
+            view = payload[position:position + size]
+            fill(view)
+            blob = _native.decoder_tables(view).tobytes()
+            row[0] = tables.setdefault(blob, len(tables))
+            position += size
+        starts = self._starts + [np.array([self._payload_size], np.int64)]
+        return DecodePlan(
+            payload=payload,
+            interval_starts=np.concatenate(starts),
+            tiles=np.array(self._tiles, np.int64).reshape(-1, _native.TILE_COLUMNS),
+            tables=np.frombuffer(b"".join(tables), np.uint8),
+            row_scale=np.concatenate(self._scales or [np.zeros(0, np.float32)]),
+            row_offset=np.concatenate(self._offsets or [np.zeros(0, np.float32)]),
+            output_shapes=tuple(self._shapes),
+            output_dtypes=tuple(self._dtypes),
+        )
+
+
+def _copy_into(data: bytes):
+    def fill(view):
+        view[:] = np.frombuffer(data, np.uint8)
+    return fill
 
 
 def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence) -> DecodePlan:
     """One plan decoding every tile of every tensor into outputs of ``dtypes``."""
-    payload, starts, tile_rows, tables = [], [], [], []
-    table_index: dict[bytes, int] = {}
-    scales, offsets = [], []
-    offset = interval = affine_row = 0
-    for out_index, enc in enumerate(tensors):
-        rows, cols = enc.matrix_shape
+    builder = PlanBuilder()
+    for enc, dtype in zip(tensors, dtypes):
+        out = builder.add_output(enc.matrix_shape, dtype, enc.row_scale, enc.row_offset)
         for tile in enc.tiles:
-            blob = tile_tables(tile).tobytes()
-            tables_id = table_index.setdefault(blob, len(table_index))
-            if tables_id == len(tables):
-                tables.append(blob)
-            tile_rows.append([tables_id, tile.bits, tile.width, tile.height, out_index, tile.row0,
-                              tile.col0, cols, affine_row + tile.row0, interval,
-                              tile.restart_interval])
-            starts.append(tile.interval_starts[:-1] + offset)
-            payload.append(tile.data)
-            offset += len(tile.data)
-            interval += tile.num_intervals
-        scales.append(enc.row_scale)
-        offsets.append(enc.row_offset)
-        affine_row += rows
-    starts.append(np.array([offset], np.int64))
-    return DecodePlan(
-        payload=np.frombuffer(b"".join(payload), np.uint8),
-        interval_starts=np.concatenate(starts).astype(np.int64),
-        tiles=np.array(tile_rows, np.int64).reshape(-1, _native.TILE_COLUMNS),
-        tables=np.frombuffer(b"".join(tables), np.uint8),
-        row_scale=np.concatenate(scales).astype(np.float32),
-        row_offset=np.concatenate(offsets).astype(np.float32),
-        output_shapes=tuple(t.matrix_shape for t in tensors),
-        output_dtypes=tuple(np.dtype(d) for d in dtypes),
-    )
+            builder.add_tile(out, (tile.row0, tile.col0, tile.height, tile.width), bits=tile.bits,
+                             restart_interval=tile.restart_interval,
+                             interval_starts=tile.interval_starts, size=len(tile.data),
+                             fill=_copy_into(tile.data))
+    return builder.finish()
 
 
 def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:

@@ -78,7 +78,7 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
             raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
         scale = _f16_up((hi - lo) / top)
         offset = lo
-    offset = _f16_offset(view, scale, offset, top, clip_ok=clip != "common")
+    offset = _f16_offset(view, scale, offset, top, clip_ok=clip == "mse")
     scale = scale.astype(np.float32)
     divisor = np.where(scale > 0, scale, np.float32(1))
     samples = (view - offset[:, None]) / divisor[:, None]

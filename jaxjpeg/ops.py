@@ -101,3 +101,16 @@ def check_status(status) -> None:
     if value != _native.PLAN_OK:
         raise codec.JpegError(f"decode failed in restart interval {value >> 4}: "
                               f"{_native.status_message(value & 15)}")
+
+
+@functools.lru_cache(maxsize=None)
+def plan_decoder(output_shapes: tuple, output_dtypes: tuple, final_shapes: tuple):
+    """A jitted decode whose outputs are reshaped to ``final_shapes``; cached
+    so restoring the same structure again reuses the compiled program."""
+
+    def run(*operands):
+        status, outputs = decode(*operands, output_shapes=output_shapes,
+                                 output_dtypes=output_dtypes)
+        return status, [o.reshape(s) for o, s in zip(outputs, final_shapes)]
+
+    return jax.jit(run)

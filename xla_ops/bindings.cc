@@ -91,6 +91,17 @@ py::dict Inspect(const py::buffer& data) {
   return d;
 }
 
+// The DecoderTables a tile's header defines (the header alone is parsed).
+py::array_t<uint8_t> DecoderTablesOf(const py::buffer& data) {
+  const py::buffer_info b = ContiguousBytes(data);
+  StreamInfo info;
+  Check(ParseStreamHeader(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, &info),
+        "JPEG header");
+  py::array_t<uint8_t> tables(static_cast<py::ssize_t>(sizeof(DecoderTables)));
+  std::memcpy(tables.mutable_data(), &info.tables, sizeof(DecoderTables));
+  return tables;
+}
+
 template <int kBits>
 Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* out,
                          int threads) {
@@ -305,6 +316,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("inspect", &Inspect, py::arg("data"),
         "Parse a JPEG: dimensions, precision, restart interval, interval start offsets, "
         "decoder tables.");
+  m.def("decoder_tables", &DecoderTablesOf, py::arg("data"),
+        "The decoder tables of a JPEG file's header, as the plan's table bytes.");
   m.def("decode_samples", &DecodeSamples, py::arg("data"), py::arg("threads") = 0,
         "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),

@@ -37,33 +37,36 @@ JJ_HD JJ_INLINE int NextDataByte(BitReader& r) {
   return -1;
 }
 
-// Tops the buffer up to at least 56 bits.
-//
-// Fast path: when the next 8 bytes lie inside the range and none of them is
-// 0xFF (no stuffing, no marker), they are loaded as one big-endian word and
-// as many whole bytes as fit are taken at once. The word may also carry the
-// first bits of a byte that is not yet counted; they sit exactly where that
-// byte lands when it is taken later, so OR-ing it in again changes nothing.
-// Otherwise bytes are taken one at a time with stuffing and markers handled.
+// Takes as many whole bytes as fit into the buffer (at least 56 valid bits
+// after it, at most 63) when the next 8 bytes lie inside the range and none
+// of them is 0xFF (no stuffing, no marker): they are loaded as one big-endian
+// word. The word may also carry the first bits of a byte that is not taken
+// yet; they sit exactly where that byte lands when it is taken later, so
+// OR-ing it in again changes nothing. Returns false (and does nothing) when
+// the bytes need the careful path. Needs count <= 63. No branch on count, so
+// a decoder can call it before every symbol.
+JJ_HD JJ_INLINE bool RefillFast(BitReader& r) {
+  if (r.end - r.pos < 8) return false;
+  const uint8_t* p = r.pos;
+  const uint64_t word = (uint64_t(p[0]) << 56) | (uint64_t(p[1]) << 48) |
+                        (uint64_t(p[2]) << 40) | (uint64_t(p[3]) << 32) |
+                        (uint64_t(p[4]) << 24) | (uint64_t(p[5]) << 16) |
+                        (uint64_t(p[6]) << 8) | uint64_t(p[7]);
+  const uint64_t inverted = ~word;  // a 0xFF byte becomes a zero byte
+  if ((inverted - 0x0101010101010101ull) & ~inverted & 0x8080808080808080ull) return false;
+  r.buffer |= word >> r.count;
+  const int bytes = (63 - r.count) >> 3;
+  r.pos += bytes;
+  r.count += bytes << 3;
+  return true;
+}
+
+// Tops the buffer up to at least 56 bits (at most 63): the fast path above,
+// or bytes one at a time with stuffing and markers handled.
 JJ_HD JJ_INLINE void Refill(BitReader& r) {
-  if (r.count > 56) return;
-  if (r.end - r.pos >= 8) {
-    const uint8_t* p = r.pos;
-    const uint64_t word = (uint64_t(p[0]) << 56) | (uint64_t(p[1]) << 48) |
-                          (uint64_t(p[2]) << 40) | (uint64_t(p[3]) << 32) |
-                          (uint64_t(p[4]) << 24) | (uint64_t(p[5]) << 16) |
-                          (uint64_t(p[6]) << 8) | uint64_t(p[7]);
-    const uint64_t inverted = ~word;  // a 0xFF byte becomes a zero byte
-    const uint64_t has_ff = (inverted - 0x0101010101010101ull) & ~inverted & 0x8080808080808080ull;
-    if (has_ff == 0) {
-      r.buffer |= word >> r.count;
-      const int bytes = (63 - r.count) >> 3;
-      r.pos += bytes;
-      r.count += bytes << 3;
-      return;
-    }
-  }
-  while (r.count <= 56) {
+  if (r.count >= 56) return;
+  if (RefillFast(r)) return;
+  while (r.count < 56) {
     int byte = NextDataByte(r);
     if (byte < 0) {
       byte = 0;

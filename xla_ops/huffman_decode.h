@@ -17,18 +17,18 @@ struct HuffmanDecodeTable {
   // code is longer (or no code starts with these bits).
   uint16_t lookahead[1 << kLookaheadBits];
   // For AC tables, every code of up to kLookaheadBits bits as one entry:
-  // code length plus value bits (bits 0-7: the bits the coefficient takes in
-  // all), zero run (bits 8-11), magnitude category (bits 12-15: the number of
-  // value bits after the code), code length (bits 16-23), and kEndOfBlock for
-  // the EOB code. A ZRL (16 zeros) is run 15 with category 0: it stores a zero
-  // value. 0 = the code is longer (or undefined).
+  // the bits the coefficient takes in all, code plus value bits (bits 0-7),
+  // the zero run (bits 8-11), kEndOfBlock for the EOB code, and the mask of
+  // the value bits, 2^category - 1 (bits 16-30). A ZRL (16 zeros) is run 15
+  // with an empty mask: it stores a zero. 0 = the code is longer (or
+  // undefined).
   int32_t fast_ac[1 << kLookaheadBits];
   int32_t max_code[17];      // largest code of each length, -1 if none
   int32_t value_offset[17];  // index into symbols = code + value_offset[len]
   uint8_t symbols[256];
 };
 
-constexpr int32_t kEndOfBlock = 0x1000000;
+constexpr int32_t kEndOfBlock = 0x8000;
 
 // Sign-extends a magnitude category value (T.81 F.2.2.1, EXTEND).
 JJ_HD JJ_INLINE int32_t ExtendMagnitude(uint32_t bits, int category) {
@@ -79,9 +79,9 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
     const int len = entry >> 8, symbol = entry & 0xFF;
     const int run = symbol >> 4, category = symbol & 15;
     if (symbol == 0x00) {
-      t->fast_ac[bits] = kEndOfBlock | (len << 16) | len;
-    } else if (category != 0 || run == 15) {  // other category-0 symbols are invalid
-      t->fast_ac[bits] = (len << 16) | (category << 12) | (run << 8) | (len + category);
+      t->fast_ac[bits] = kEndOfBlock | len;
+    } else if (category != 0 || run == 15) {  // other category-0 symbols end the block
+      t->fast_ac[bits] = (((1 << category) - 1) << 16) | (run << 8) | (len + category);
     }
   }
   return Status::kOk;

@@ -27,6 +27,48 @@ struct BlockGrid {
   int32_t blocks_wide;
 };
 
+namespace detail {
+
+// Decodes one AC coefficient (or zero run, or EOB) at zig-zag index k and
+// stores it. Returns 0 to go on, 1 at the end of the block, or an error
+// status. A code in the lookahead table needs at most 9 + 15 buffered bits;
+// longer codes refill for themselves.
+template <bool kDequantize, typename Coef>
+JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64], int& k) {
+  const int32_t fast = t.ac.fast_ac[PeekBits(r, kLookaheadBits)];
+  int run;
+  int32_t value;
+  if (fast != 0) {  // one table read gives the code's length, run and value size
+    const int total = fast & 0xFF;
+    // The value bits end `total` bits into the buffer. They are read from the
+    // buffer as it is, so that the only serial dependence from one
+    // coefficient to the next is the table read and one shift.
+    const int32_t mask = fast >> 16;
+    const int32_t bits = static_cast<int32_t>(r.buffer >> (64 - total)) & mask;
+    // EXTEND: a leading 0 value bit means a negative value, bits - mask.
+    value = bits - (bits <= (mask >> 1) ? mask : 0);
+    SkipBits(r, total);
+    if (fast & kEndOfBlock) return 1;
+    run = (fast >> 8) & 15;
+  } else {
+    if (r.count < 32) Refill(r);  // a code (<= 16 bits) and its value bits (<= 15)
+    const int symbol = DecodeSymbol(r, t.ac);
+    if (symbol < 0) return static_cast<int>(Status::kBadHuffmanCode);
+    run = symbol >> 4;
+    const int size = symbol & 15;
+    if (size == 0 && run != 15) return 1;  // EOB (ZRL is run 15, size 0: 16 zeros)
+    value = TakeMagnitude(r, size);
+  }
+  k += run;
+  if (k > 63) return static_cast<int>(Status::kBadCoefficients);
+  const int n = ZigzagToNatural(k);
+  coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
+  ++k;
+  return 0;
+}
+
+}  // namespace detail
+
 // Decodes one block's coefficients into `coef` (natural order), which must be
 // zero on entry: the quantized values, or with kDequantize each times its
 // quantization step (in the IDCT's accumulator type, as libjpeg multiplies).
@@ -42,43 +84,19 @@ JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t
   const int32_t dc16 = static_cast<int16_t>(dc);  // libjpeg keeps coefficients as 16-bit
   coef[0] = kDequantize ? Coef(dc16) * t.quant[0] : Coef(dc16);
   int k = 1;
-  last = 0;
-  while (k < 64) {
-    // A code (<= 16 bits) plus its value bits (<= 15) always fit in 32 bits.
-    if (r.count < 32) Refill(r);
-    const int32_t fast = t.ac.fast_ac[PeekBits(r, kLookaheadBits)];
-    int run;
-    int32_t value;
-    if (fast != 0) {  // the code was in the lookahead: one table read
-      if (fast & kEndOfBlock) {
-        SkipBits(r, fast & 0xFF);
-        break;
-      }
-      // The value bits are taken from the buffer as it is, so that the only
-      // serial dependence from one coefficient to the next is one shift.
-      const int total = fast & 0xFF, size = (fast >> 12) & 15, length = (fast >> 16) & 0xFF;
-      const uint32_t mask = (1u << size) - 1;
-      const uint32_t bits = static_cast<uint32_t>(r.buffer >> (64 - total)) & mask;
-      // A leading 0 value bit means a negative value: bits - (2^size - 1).
-      const uint32_t positive = static_cast<uint32_t>(static_cast<int64_t>(r.buffer << length) >> 63);
-      value = static_cast<int32_t>(bits - (mask & ~positive));
-      SkipBits(r, total);
-      run = (fast >> 8) & 15;
-    } else {
-      const int symbol = DecodeSymbol(r, t.ac);
-      if (symbol < 0) return Status::kBadHuffmanCode;
-      run = symbol >> 4;
-      const int size = symbol & 15;
-      if (size == 0 && run != 15) break;  // EOB (ZRL is run 15, size 0: 16 zeros)
-      value = TakeMagnitude(r, size);
+  // Two coefficients per refill: a refill leaves >= 56 bits, and two codes
+  // from the lookahead table with their value bits take at most 2 * 24. No
+  // branch on the bit count, which the data decide and the CPU cannot
+  // predict.
+  for (;;) {
+    if (!RefillFast(r)) Refill(r);
+    int done = detail::DecodeAc<kDequantize>(r, t, coef, k);
+    if (done == 0 && k < 64) done = detail::DecodeAc<kDequantize>(r, t, coef, k);
+    if (done != 0 || k > 63) {
+      last = k - 1;  // k is one past the last coefficient written
+      return done > 1 ? static_cast<Status>(done) : Status::kOk;
     }
-    k += run;
-    if (k > 63) return Status::kBadCoefficients;
-    const int n = ZigzagToNatural(k);
-    coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
-    last = k++;
   }
-  return Status::kOk;
 }
 
 // Decodes one block's coefficients (quantized, natural order) into `coef`,

@@ -1,0 +1,183 @@
+"""Rate control: error bounds met, byte targets hit, monotone behaviour, mapping modes."""
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxjpeg import codec, mapping, rate
+
+
+def _tensor(kind, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "gauss":
+        x = rng.standard_normal(shape)
+    elif kind == "laplace":
+        x = rng.laplace(size=shape)
+    elif kind == "outliers":
+        x = rng.standard_normal(shape)
+        flat = x.reshape(-1)
+        flat[rng.integers(0, flat.size, 5)] = 30.0
+    elif kind == "row-scaled":
+        x = rng.standard_normal(shape) * np.exp(rng.standard_normal(shape[:-1] + (1,)))
+    else:
+        raise ValueError(kind)
+    return (0.05 * x).astype(np.float32)
+
+
+# Shapes keep at least 8 blocks per tile (the default restart interval).
+CASES = [("gauss", (128, 256)), ("laplace", (3, 3, 32, 64)), ("outliers", (200, 72)),
+         ("row-scaled", (64, 512)), ("gauss", (4096,))]
+
+
+@pytest.mark.parametrize("kind,shape", CASES)
+@pytest.mark.parametrize("bound", [0.2, 0.05, 0.01])
+def test_error_bound_met(kind, shape, bound):
+    x = _tensor(kind, shape)
+    enc = rate.encode_for_error(x, bound)
+    assert enc.shape == x.shape
+    err = rate.relative_error(x, enc)
+    assert err <= bound
+    assert err > bound / 4  # not wastefully tight
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_error_bound_fixed_bits(bits):
+    x = _tensor("gauss", (64, 256), seed=3)
+    enc = rate.encode_for_error(x, 0.05, bits=bits)
+    assert enc.bits == bits
+    assert rate.relative_error(x, enc) <= 0.05
+
+
+def test_tighter_bound_costs_more():
+    x = _tensor("laplace", (128, 128), seed=1)
+    sizes = [rate.encode_for_error(x, b).nbytes for b in (0.3, 0.1, 0.03, 0.01, 0.003)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_error_bound_rejects_nonsense():
+    with pytest.raises(ValueError):
+        rate.encode_for_error(_tensor("gauss", (64, 64)), 0.0)
+
+
+def test_step_monotone():
+    x = _tensor("gauss", (128, 128), seed=2)
+    rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    encs = [rate.encode_at_step(x, rms * 2.0 ** -k) for k in range(0, 7)]
+    sizes = [e.nbytes for e in encs]
+    errs = [rate.relative_error(x, e) for e in encs]
+    assert sizes == sorted(sizes)
+    assert errs == sorted(errs, reverse=True)
+    # Uniform quantization: error ≈ q/√12 of the rms.
+    for k, err in enumerate(errs[1:], 1):
+        assert err == pytest.approx(2.0 ** -k / math.sqrt(12), rel=0.15)
+
+
+def _model_like():
+    return {"a": _tensor("gauss", (256, 256), 0), "b": _tensor("laplace", (3, 3, 32, 64), 1),
+            "c": _tensor("row-scaled", (512, 64), 2), "d": _tensor("outliers", (128, 96), 3)}
+
+
+@pytest.mark.parametrize("ratio", [4.0, 8.0, 12.0])
+def test_target_hit_within_2_percent(ratio):
+    tensors = _model_like()
+    alloc = rate.allocate_to_target(tensors, ratio=ratio)
+    target = sum(t.nbytes for t in tensors.values()) / ratio
+    assert abs(alloc.nbytes - target) <= 0.02 * target
+    assert alloc.nbytes == sum(e.nbytes for e in alloc.encodings.values())
+    for name, enc in alloc.encodings.items():
+        assert enc.shape == tensors[name].shape
+        assert alloc.squared_errors[name] == pytest.approx(rate.squared_error(tensors[name], enc))
+
+
+def test_target_single_tensor_and_bytes():
+    x = {"w": _tensor("gauss", (256, 512), 4)}
+    for target in (30_000, 55_555, 100_000):
+        alloc = rate.allocate_to_target(x, target)
+        assert abs(alloc.nbytes - target) <= 0.02 * target
+
+
+def test_sensitivity_shifts_error():
+    tensors = {"a": _tensor("gauss", (256, 256), 5), "b": _tensor("gauss", (256, 256), 6)}
+    alloc = rate.allocate_to_target(tensors, ratio=8, sensitivity={"a": 100.0, "b": 1.0})
+    assert alloc.squared_errors["a"] < alloc.squared_errors["b"] / 10
+    # Equal slope: step ratio ≈ sqrt of the sensitivity ratio.
+    assert alloc.steps["b"] / alloc.steps["a"] == pytest.approx(10.0, rel=0.35)
+
+
+def test_more_bytes_less_error():
+    tensors = _model_like()
+    errs = [sum(rate.allocate_to_target(tensors, ratio=r).squared_errors.values())
+            for r in (16, 8, 4)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_target_infeasible():
+    with pytest.raises(ValueError):
+        rate.allocate_to_target(_model_like(), 100)
+    with pytest.raises(ValueError):
+        rate.allocate_to_target(_model_like())
+
+
+def test_row_weights_favour_heavy_rows():
+    x = _tensor("gauss", (128, 256), 7)
+    weight = np.ones(128)
+    weight[:16] = 100.0
+    enc = rate.encode_at_step(x, 0.02, row_weight=weight)
+    err = (x - codec.decode_tensor(enc)) ** 2
+    assert err[:16].mean() < err[16:].mean() / 10
+
+
+def test_sensitivity_from_gradients():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = {"w": jnp.ones((4, 3)), "b": {"v": jnp.arange(3.0)}}
+
+    def loss(p, batch):
+        return jnp.sum(p["w"] * batch[:, None]) + 2 * jnp.sum(p["b"]["v"])
+
+    batches = [jnp.array([1.0, 2.0, 3.0, 4.0]), jnp.array([3.0, 2.0, 1.0, 0.0])]
+    sens = rate.sensitivity_from_gradients(loss, params, batches)
+    assert sens["b/v"] == pytest.approx(4.0)
+    assert sens["w"] == pytest.approx((1 + 4 + 9 + 16 + 9 + 4 + 1 + 0) / 8)
+    rows = rate.sensitivity_from_gradients(loss, params, batches, per_row=True)
+    np.testing.assert_allclose(rows["w"], [5.0, 4.0, 5.0, 8.0])
+
+
+@pytest.mark.parametrize("clip", mapping.CLIP_MODES)
+@pytest.mark.parametrize("bits", [8, 12])
+def test_mapping_modes_round_trip(clip, bits):
+    view = _tensor("outliers", (64, 128), 8)
+    samples, scale, offset = mapping.row_affine(view, bits, clip=clip, step=4.0)
+    top = mapping.sample_max(bits)
+    assert samples.min() >= 0 and samples.max() <= top
+    assert scale.dtype == np.float32 and offset.dtype == np.float32
+    back = samples * scale[:, None] + offset[:, None]
+    if clip != "mse":  # no clipping: the map is exact up to float32 arithmetic
+        np.testing.assert_allclose(back, view, atol=float(np.abs(view).max()) * 1e-5)
+    # Scales in float16's normal range are float16-representable (a container may store them so).
+    normal = scale >= np.finfo(np.float16).tiny
+    assert np.array_equal(scale[normal].astype(np.float16).astype(np.float32), scale[normal])
+
+
+def test_common_mapping_shares_scale():
+    view = _tensor("row-scaled", (32, 64), 9)
+    _, scale, _ = mapping.row_affine(view, 12, clip="common")
+    assert np.all(scale == scale[0])
+
+
+def test_mse_clip_matches_exhaustive():
+    view = _tensor("outliers", (50, 300), 10).astype(np.float32)
+    lo = view.min(axis=1).astype(np.float64)
+    hi = view.max(axis=1).astype(np.float64)
+    got_lo, got_hi = mapping._mse_range(view, lo, hi, 8, 4.0)
+    center = view.mean(axis=1, dtype=np.float64)
+    best = []
+    for ratio in mapping.CLIP_CANDIDATES:
+        c_lo, c_hi = center - ratio * (center - lo), center + ratio * (hi - center)
+        clip_err = np.mean((np.clip(view, c_lo[:, None], c_hi[:, None]) - view) ** 2, axis=1)
+        best.append(clip_err + ((c_hi - c_lo) / 255) ** 2 * 17 / 12)
+    pick = np.argmin(np.array(best), axis=0)
+    ratios = np.array(mapping.CLIP_CANDIDATES)[pick]
+    np.testing.assert_allclose(got_lo, center - ratios * (center - lo))
+    np.testing.assert_allclose(got_hi, center + ratios * (hi - center))
