@@ -5,12 +5,13 @@
 """
 
 from jaxjpeg.checkpoint import Policy, RestoreStats, SaveReport, restore, save
+from jaxjpeg.compressed import CompressedArray, decode, load
 from jaxjpeg.codec import (EncodedTensor, JpegError, Tile, decode_tensor, decode_tensors,
                            encode_tensor)
 from jaxjpeg.format import FormatError
 
 __version__ = "0.1.0"
 
-__all__ = ["EncodedTensor", "FormatError", "JpegError", "Policy", "RestoreStats", "SaveReport",
+__all__ = ["CompressedArray", "decode", "load", "EncodedTensor", "FormatError", "JpegError", "Policy", "RestoreStats", "SaveReport",
            "Tile", "decode_tensor", "decode_tensors", "encode_tensor", "restore", "save",
            "__version__"]

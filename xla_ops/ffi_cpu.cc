@@ -16,7 +16,8 @@ namespace {
 // done (or never); they hold this by shared_ptr and only touch the plan after
 // registering in `active`, so the caller waits only for tasks that did work.
 struct PoolLoop {
-  const DecodePlan* plan = nullptr;
+  const DecodePlan* plan = nullptr;  // read only after claiming work
+  int64_t num_intervals = 0;         // a copy: late tasks must not read *plan
   int64_t chunk = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int32_t> first_error{kPlanOk};
@@ -26,8 +27,8 @@ struct PoolLoop {
 
   void Work() {
     active.fetch_add(1);
-    for (int64_t start; (start = next.fetch_add(chunk)) < plan->num_intervals;) {
-      const int64_t stop = std::min(plan->num_intervals, start + chunk);
+    for (int64_t start; (start = next.fetch_add(chunk)) < num_intervals;) {
+      const int64_t stop = std::min(num_intervals, start + chunk);
       for (int64_t i = start; i < stop; ++i) Record(DecodePlanInterval(*plan, i));
     }
     if (active.fetch_sub(1) == 1) {
@@ -51,6 +52,7 @@ struct PoolLoop {
 int32_t RunOnPool(const DecodePlan& plan, ffi::ThreadPool& pool) {
   auto loop = std::make_shared<PoolLoop>();
   loop->plan = &plan;
+  loop->num_intervals = plan.num_intervals;
   const int64_t helpers = std::max<int64_t>(0, pool.num_threads());
   loop->chunk = std::max<int64_t>(1, plan.num_intervals / ((helpers + 1) * 16));
   const int64_t tasks = std::min(helpers, plan.num_intervals / loop->chunk);

@@ -107,19 +107,32 @@ JJ_HD JJ_INLINE Status DecodeBlockCoefficients(BitReader& r, const DecoderTables
   return DecodeBlock<false>(r, t, dc, coef, last);
 }
 
-// Decodes `num_blocks` blocks starting at block `first_block` from the
-// entropy-coded bytes [begin, end) of one restart interval (the range may end
-// at, or include, the marker that follows the interval).
+namespace detail {
+
+// Zero, hidden from the host compiler's optimizer so that clearing a block's
+// coefficients stays a few vector stores instead of becoming a memset call
+// (which GCC expands to `rep stos`, slow for 256 bytes).
+template <typename T>
+JJ_HD JJ_INLINE T OpaqueZero() {
+  T zero = 0;
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
+  __asm__("" : "+r"(zero));
+#endif
+  return zero;
+}
+
 template <int kBits, typename Sink>
-JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const DecoderTables& t,
-                            const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
-                            const Sink& sink) {
+JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* end,
+                                          const DecoderTables& t, const BlockGrid& grid,
+                                          int64_t first_block, int64_t num_blocks,
+                                          const Sink& sink) {
   using Acc = typename IdctTraits<kBits>::Acc;
   BitReader r = MakeBitReader(begin, end);
   int32_t dc = 0;
   Acc coef[64];
   int32_t samples[64];
-  for (int i = 0; i < 64; ++i) coef[i] = 0;
+  const Acc zero = OpaqueZero<Acc>();
+  for (int i = 0; i < 64; ++i) coef[i] = zero;
   const int64_t stop = first_block + num_blocks;
   int64_t by = first_block / grid.blocks_wide, bx = first_block % grid.blocks_wide;
   for (int64_t b = first_block; b < stop; ++b) {
@@ -129,11 +142,11 @@ JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const Deco
     if (ReadPastEnd(r)) return Status::kTruncated;
     if (last == 0) {  // DC only: a constant block
       const int32_t v = DcOnlySample<kBits>(coef[0]);
-      coef[0] = 0;
+      coef[0] = zero;
       for (int i = 0; i < 64; ++i) samples[i] = v;
     } else {
       InverseDctDequantized<kBits>(coef, samples);
-      for (int i = 0; i < 64; ++i) coef[i] = 0;
+      for (int i = 0; i < 64; ++i) coef[i] = zero;
     }
     const int y0 = static_cast<int>(by) * 8, x0 = static_cast<int>(bx) * 8;
     if (++bx == grid.blocks_wide) {
@@ -149,6 +162,45 @@ JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const Deco
     }
   }
   return HasUnusedBytes(r) ? Status::kTrailingData : Status::kOk;
+}
+
+// Host builds for x86-64 also compile the decoder for AVX2 and pick it at run
+// time: the same source, but the IDCT's 32-bit multiplies become single
+// instructions (SSE2 has none), which makes the IDCT about 3x faster. Only
+// the code generation differs (no intrinsics), and no FMA is enabled, so the
+// results are the same bits. Off under nvcc, when AVX2 is already the
+// baseline, or with -DJAXJPEG_NO_RUNTIME_DISPATCH.
+#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__) && \
+    !defined(JAXJPEG_NO_RUNTIME_DISPATCH)
+#define JAXJPEG_AVX2_DISPATCH 1
+template <int kBits, typename Sink>
+__attribute__((target("avx2"), noinline)) Status DecodeIntervalAvx2(
+    const uint8_t* begin, const uint8_t* end, const DecoderTables& t, const BlockGrid& grid,
+    int64_t first_block, int64_t num_blocks, const Sink& sink) {
+  return DecodeIntervalBody<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
+}
+
+inline bool HostHasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+}  // namespace detail
+
+// Decodes `num_blocks` blocks starting at block `first_block` from the
+// entropy-coded bytes [begin, end) of one restart interval (the range may end
+// at, or include, the marker that follows the interval).
+template <int kBits, typename Sink>
+JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const DecoderTables& t,
+                            const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
+                            const Sink& sink) {
+#if defined(JAXJPEG_AVX2_DISPATCH)
+  if (detail::HostHasAvx2()) {
+    return detail::DecodeIntervalAvx2<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
+  }
+#endif
+  return detail::DecodeIntervalBody<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
 }
 
 }  // namespace jaxjpeg

@@ -1,0 +1,98 @@
+"""Weights kept compressed in device memory, decoded inside users' jit.
+
+``load(path)`` returns the checkpoint's pytree with every JPEG-coded leaf as a
+:class:`CompressedArray` (a registered pytree node whose children are the
+decode call's operands, already on the device); ``decode(tree)`` turns them
+into arrays and works inside ``jax.jit``, so a model can hold its weights at
+the compressed size and expand them in its own step function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from jaxjpeg import checkpoint as ckpt_lib
+from jaxjpeg import codec, ops
+
+
+@jax.tree_util.register_pytree_node_class
+class CompressedArray:
+    """A JPEG-coded tensor on the device, as the decode call's operands."""
+
+    def __init__(self, operands, matrix_shape, shape, dtype):
+        self.operands = tuple(operands)
+        self.matrix_shape = tuple(matrix_shape)
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held (payload, index, tables, affine map)."""
+        return sum(int(np.prod(o.shape)) * o.dtype.itemsize for o in self.operands)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def decode(self) -> jax.Array:
+        """The decoded tensor. Traceable: use it inside jit. On the CPU a corrupt
+        payload raises; on the GPU the status word is not checked here (the
+        bytes were checksummed when loaded)."""
+        _, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
+                               output_dtypes=(self.dtype,))
+        return out.reshape(self.shape)
+
+    def tree_flatten(self):
+        return self.operands, (self.matrix_shape, self.shape, self.dtype.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        matrix_shape, shape, dtype = aux
+        return cls(children, matrix_shape, shape, ckpt_lib._dtype(dtype))
+
+    def __repr__(self):
+        return (f"CompressedArray(shape={self.shape}, dtype={self.dtype.name}, "
+                f"nbytes={self.nbytes})")
+
+
+def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
+    scale, offset = ckpt.read_affine(leaf)
+    index = ckpt.read_interval_index(leaf)
+    builder = codec.PlanBuilder()
+    matrix = codec.matrix_shape(leaf.shape)
+    ckpt_lib._add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0), matrix,
+                             dtype, scale, offset, index)
+    plan = builder.finish()
+    operands = jax.device_put(ops.plan_operands(plan), device)
+    return CompressedArray(operands, matrix, leaf.shape, dtype)
+
+
+def load(path, *, dtype=None, device=None, verify: bool = True):
+    """The checkpoint as a pytree whose JPEG-coded leaves stay compressed on
+    ``device`` (:class:`CompressedArray`); lossless leaves are plain arrays."""
+    device = device or jax.devices()[0]
+    entries = []
+    with ckpt_lib.Checkpoint(os.fspath(path), verify=verify) as ckpt:
+        for leaf in ckpt.leaves:
+            want = np.dtype(dtype or leaf.dtype)
+            if leaf.kind == "jpeg":
+                codec.output_type(want)
+                value = _compressed_leaf(ckpt, leaf, want, device)
+            else:
+                value = jax.device_put(ckpt.read_raw(leaf).astype(want, copy=False), device)
+            entries.append((leaf.records, value))
+    return ckpt_lib._nest(entries)
+
+
+def _is_compressed(x) -> bool:
+    return isinstance(x, CompressedArray)
+
+
+def decode(tree):
+    """Decodes every CompressedArray in ``tree``; works inside jax.jit."""
+    return jax.tree_util.tree_map(lambda x: x.decode() if _is_compressed(x) else x, tree,
+                                  is_leaf=_is_compressed)
