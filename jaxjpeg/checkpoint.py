@@ -25,7 +25,7 @@ from jaxjpeg import codec, format as fmt, ops
 
 CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
 CHECKPOINT_VERSION = 1
-DEFAULT_STEP = 6.0                # flat quantization step (8-bit samples) when no rate is given
+DEFAULT_STEP = 8                  # flat step, 8-bit samples: ~4 bits/weight (8x) on Gaussian weights
 DEFAULT_TILE_SHAPE = (512, 512)   # small enough that 8-way row or column shards read no extra tiles
 JPEG_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -178,18 +178,55 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
     return record, stored
 
 
+def _error_bound_encoder(bound, restart_interval, tile_shape):
+    from jaxjpeg import rate
+
+    def encode(_, array):
+        return rate.encode_for_error(array, bound, restart_interval=restart_interval,
+                                     tile_shape=tile_shape)
+    return encode
+
+
+def _target_encoder(entries, policy, ratio, nbytes, sensitivity, restart_interval, tile_shape):
+    """Allocates the file's byte budget over the leaves that will be coded."""
+    from jaxjpeg import rate
+
+    coded = {path_string(r): a for r, a in entries if policy.should_compress(path_string(r), a)}
+    kept = sum(a.nbytes for r, a in entries if path_string(r) not in coded)
+    total = sum(a.nbytes for _, a in entries)
+    budget = (nbytes if nbytes is not None else int(total / ratio)) - kept
+    if not coded:
+        return lambda name, array: None
+    if budget <= 0:
+        raise ValueError(f"target size is below the {kept} bytes of leaves stored losslessly")
+    allocation = rate.allocate_to_target(coded, budget, sensitivity=sensitivity,
+                                         restart_interval=restart_interval, tile_shape=tile_shape)
+    return lambda name, array: allocation.encodings[name]
+
+
 def save(path, tree, *, step: float | None = None, quality: int | None = None,
-         qtable: Sequence[int] | None = None, bits: int = 8, clip: str = "mse",
+         qtable: Sequence[int] | None = None, error_bound: float | None = None,
+         target_ratio: float | None = None, target_bytes: int | None = None,
+         sensitivity: dict | None = None, bits: int = 8, clip: str = "common",
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
          tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
          progress: bool | None = None) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
-    The rate is set by one of ``step`` (flat table, the default
-    ``DEFAULT_STEP``), ``quality`` (standard table) or ``qtable``; or by
-    ``encoder(path, array) -> EncodedTensor`` for per-leaf control (see
-    :mod:`jaxjpeg.rate`). The file appears at ``path`` only when complete: a
+    The rate is set by one of:
+
+    * ``step``: a flat quantization table (uniform quantization of every DCT
+      coefficient, in sample units; the default is ``DEFAULT_STEP``);
+    * ``quality``: the standard JPEG table scaled to 1..100; ``qtable``: any
+      64-entry table;
+    * ``error_bound``: each leaf's relative RMS error at most this (the
+      step is searched per leaf, 8 or 12-bit samples);
+    * ``target_ratio`` / ``target_bytes``: the whole file's size, shared
+      across leaves by marginal rate-distortion, weighted by ``sensitivity``
+      (leaf path -> weight, e.g. from :func:`jaxjpeg.rate.sensitivity_from_gradients`);
+    * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control.
+ The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
     """
     policy = policy or Policy()
@@ -203,6 +240,11 @@ def save(path, tree, *, step: float | None = None, quality: int | None = None,
                                    tile_shape=tile_shape)
 
     encode = encoder or default_encoder
+    if error_bound is not None:
+        encode = _error_bound_encoder(error_bound, restart_interval, tile_shape)
+    if target_ratio is not None or target_bytes is not None:
+        encode = _target_encoder(entries, policy, target_ratio, target_bytes, sensitivity,
+                                 restart_interval, tile_shape)
     bar = _progress(sum(a.nbytes for _, a in entries), "jaxjpeg save", progress)
     records_out, reports = [], []
     try:
@@ -210,7 +252,10 @@ def save(path, tree, *, step: float | None = None, quality: int | None = None,
             for index, (records, array) in enumerate(entries):
                 name = path_string(records)
                 record = {"path": records, "shape": list(array.shape), "dtype": str(array.dtype)}
-                if policy.should_compress(name, array):
+                # Non-finite values (e.g. a -inf attention mask) cannot be JPEG-coded
+                # (encode_tensor refuses them): store such leaves losslessly instead of
+                # failing the whole save.
+                if policy.should_compress(name, array) and np.all(np.isfinite(array)):
                     extra, stored = _write_jpeg_leaf(writer, index, encode(name, array))
                 else:
                     writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(array))
@@ -257,8 +302,25 @@ def _dtype(name: str) -> np.dtype:
     return dtype
 
 
+_PATH_KINDS = {"key": (int, str, bool), "attr": (str,), "index": (int,), "flat": (int,)}
+
+
+def _check_path_records(index: int, records) -> None:
+    """Paths are lists of [kind, key] pairs as _key_record writes them."""
+    if not isinstance(records, list) or not all(
+            isinstance(r, list) and len(r) == 2 and r[0] in _PATH_KINDS
+            and type(r[1]) in _PATH_KINDS[r[0]] for r in records):
+        raise fmt.FormatError(f"leaf {index}: malformed path {records!r:.200}")
+
+
+def _intervals_per_tile(height: int, width: int, restart_interval: int) -> int:
+    blocks = -(-height // 8) * -(-width // 8)
+    return -(-blocks // restart_interval) if restart_interval else 1
+
+
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
+        _check_path_records(index, record["path"])
         shape = tuple(int(d) for d in record["shape"])
         if any(d < 0 for d in shape) or math.prod(shape) > file_size * 64 + 2**20:
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
@@ -269,11 +331,15 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
             raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
         tiles = tuple(tuple(int(v) for v in t) for t in record["tiles"])
-        if any(len(t) != 5 for t in tiles) or record["bits"] not in (8, 12):
+        if not tiles or any(len(t) != 5 for t in tiles) or record["bits"] not in (8, 12):
             raise fmt.FormatError(f"leaf {index}: bad tile records")
+        restart_interval = int(record["restart_interval"])
+        if not 0 <= restart_interval <= 65535:
+            raise fmt.FormatError(f"leaf {index}: bad restart interval {restart_interval}")
         return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
-                                   restart_interval=int(record["restart_interval"]))
-    except (KeyError, TypeError, ValueError) as e:
+                                   restart_interval=restart_interval)
+    # OverflowError: a JSON number like 1e400 parses as inf, and int(inf) overflows.
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         if isinstance(e, fmt.FormatError):
             raise
         raise fmt.FormatError(f"leaf {index}: malformed record ({e})") from None
@@ -282,13 +348,42 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
 def _check_tiles_cover(leaf: SavedLeaf) -> None:
     rows, cols = codec.matrix_shape(leaf.shape)
     area = 0
-    for row0, col0, height, width, _ in leaf.tiles:
+    for row0, col0, height, width, intervals in leaf.tiles:
         if not (0 <= row0 and 0 <= col0 and 1 <= height <= 65535 and 1 <= width <= 65535
                 and row0 + height <= rows and col0 + width <= cols):
             raise fmt.FormatError(f"{leaf.path}: tile outside the tensor")
+        # The decoder decodes only the intervals the index lists: fewer than the
+        # tile has would leave part of the output unwritten (uninitialized memory).
+        if intervals != _intervals_per_tile(height, width, leaf.restart_interval):
+            raise fmt.FormatError(f"{leaf.path}: tile at ({row0}, {col0}) records {intervals} "
+                                  f"restart intervals, its size needs "
+                                  f"{_intervals_per_tile(height, width, leaf.restart_interval)}")
         area += height * width
-    if area != rows * cols:
+    if area != rows * cols or not _tiles_disjoint(leaf.tiles):
+        # Equal area alone is not enough: overlapping tiles leave a gap elsewhere,
+        # and a gap would come back as uninitialized memory.
         raise fmt.FormatError(f"{leaf.path}: tiles do not cover the tensor")
+
+
+def _tiles_disjoint(tiles) -> bool:
+    """Whether in-bounds tiles overlap nowhere, on the grid compressed to their edges.
+
+    The writer's tiles form a grid (one compressed cell per tile); a layout
+    needing many more cells than tiles is refused, which bounds the memory.
+    """
+    t = np.array(tiles, np.int64)[:, :4]
+    row_edges = np.unique(np.concatenate([t[:, 0], t[:, 0] + t[:, 2]]))
+    col_edges = np.unique(np.concatenate([t[:, 1], t[:, 1] + t[:, 3]]))
+    if (len(row_edges) - 1) * (len(col_edges) - 1) > 4 * len(t) + 64:
+        return False
+    r0, r1 = np.searchsorted(row_edges, t[:, 0]), np.searchsorted(row_edges, t[:, 0] + t[:, 2])
+    c0, c1 = np.searchsorted(col_edges, t[:, 1]), np.searchsorted(col_edges, t[:, 1] + t[:, 3])
+    diff = np.zeros((len(row_edges), len(col_edges)), np.int64)  # 2-D difference array
+    np.add.at(diff, (r0, c0), 1)
+    np.add.at(diff, (r0, c1), -1)
+    np.add.at(diff, (r1, c0), -1)
+    np.add.at(diff, (r1, c1), 1)
+    return bool(np.all(diff.cumsum(0).cumsum(1)[:-1, :-1] <= 1))
 
 
 class Checkpoint:
@@ -307,14 +402,33 @@ class Checkpoint:
             raise fmt.FormatError(f"{self.path}: checkpoint version {meta.get('version')!r} is "
                                   f"not supported (this jaxjpeg reads {CHECKPOINT_VERSION})")
         try:
+            if not isinstance(meta.get("leaves"), list):
+                raise fmt.FormatError(f"{self.path}: metadata 'leaves' must be a list")
             self.leaves = [_parse_leaf(i, r, self.reader.file_size)
                            for i, r in enumerate(meta["leaves"])]
             for leaf in self.leaves:
                 if leaf.kind == "jpeg":
                     _check_tiles_cover(leaf)
+            self._check_blobs_and_paths()
         except BaseException:
             self.reader.close()
             raise
+
+    def _check_blobs_and_paths(self) -> None:
+        """Every blob a leaf needs exists (else read_blob would raise KeyError), and no
+        path repeats or is a prefix of another (restore without target nests them)."""
+        names = set(self.reader.blob_names)
+        for leaf in self.leaves:
+            needed = ([f"leaf{leaf.index}/raw"] if leaf.kind == "raw" else
+                      [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
+                      + [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))])
+            missing = [n for n in needed if n not in names]
+            if missing:
+                raise fmt.FormatError(f"{self.path}: {leaf.path}: missing blob {missing[0]!r}")
+        full = [tuple(map(tuple, leaf.records)) for leaf in self.leaves]
+        prefixes = {p[:n] for p in full for n in range(len(p))}
+        if len(set(full)) != len(full) or prefixes & set(full):
+            raise fmt.FormatError(f"{self.path}: leaf paths repeat or nest inside each other")
 
     def close(self):
         self.reader.close()

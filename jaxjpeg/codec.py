@@ -113,7 +113,8 @@ def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int]) -> list[tuple[i
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
-                  qtable: Sequence[int] | None = None, clip: str = "mse",
+                  qtable: Sequence[int] | None = None, clip: str = "common",
+                  row_weight: np.ndarray | None = None,
                   restart_interval: int = DEFAULT_RESTART_INTERVAL,
                   tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE,
                   threads: int | None = None) -> EncodedTensor:
@@ -122,7 +123,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
     Exactly one of ``quality`` (the standard table scaled, 1..100), ``step``
     (a flat table: uniform quantization of every DCT coefficient) or
     ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
-    per-row sample range (see :func:`jaxjpeg.mapping.row_affine`).
+    per-row sample range and ``row_weight`` per-row importances (see
+    :func:`jaxjpeg.mapping.row_affine`).
     """
     if bits not in (8, 12):
         raise ValueError(f"bits must be 8 or 12, got {bits}")
@@ -138,7 +140,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
     view = arr.reshape(rows, cols).astype(np.float32)
     if not np.all(np.isfinite(view)):
         raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
-    samples, scale, offset = mapping.row_affine(view, bits, clip=clip, step=float(table.mean()))
+    samples, scale, offset = mapping.row_affine(view, bits, clip=clip, step=float(table.mean()),
+                                                row_weight=row_weight)
 
     def encode_one(cell):
         r, c, h, w = cell

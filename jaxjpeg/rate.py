@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import _native, codec, mapping
+from jaxjpeg import codec, mapping
 
 STEP_LIMIT = {8: 255, 12: 65535}
 MIN_STEP_8BIT = 8          # below this 8-bit rounding noise exceeds 1/64 of the coding noise
@@ -69,9 +69,8 @@ def step_for(x, q: float, bits: int | None = None, row_weight=None) -> tuple[int
 def encode_with_step(x, bits: int, delta: int, row_weight=None, *, clip: str = "common",
                      **options) -> codec.EncodedTensor:
     """Codes ``x`` at integer step ``delta`` (sample units), by default with ``clip="common"``."""
-    if row_weight is None or clip != "common":
-        return codec.encode_tensor(x, bits=bits, step=delta, clip=clip, **options)
-    return _encode_row_weighted(x, bits, delta, row_weight, **options)
+    return codec.encode_tensor(x, bits=bits, step=delta, clip=clip, row_weight=row_weight,
+                               **options)
 
 
 def encode_at_step(x, q: float, *, bits: int | None = None, row_weight=None,
@@ -84,26 +83,6 @@ def encode_at_step(x, q: float, *, bits: int | None = None, row_weight=None,
     """
     b, delta = step_for(x, q, bits, row_weight)
     return encode_with_step(x, b, delta, row_weight, **options)
-
-
-def _encode_row_weighted(x, bits, delta, row_weight, *,
-                         restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
-                         tile_shape=codec.DEFAULT_TILE_SHAPE, threads=None):
-    # TODO(lead): replace with codec.encode_tensor(..., clip="common", row_weight=...)
-    # once encode_tensor passes row_weight through to mapping.row_affine.
-    arr = np.asarray(x)
-    view = _view(arr)
-    if not np.all(np.isfinite(view)):
-        raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
-    table = codec.quant_table(bits=bits, step=delta)
-    samples, scale, offset = mapping.row_affine(view, bits, clip="common", row_weight=row_weight)
-    tiles = []
-    for r, c, h, w in codec.tile_grid(*view.shape, tile_shape):
-        data = _native.encode(np.ascontiguousarray(samples[r:r + h, c:c + w]), table, bits=bits,
-                              restart_interval=restart_interval)
-        tiles.append(codec.Tile(data, r, c, h, w, bits, restart_interval,
-                                _native.inspect(data)["interval_starts"]))
-    return codec.EncodedTensor(tuple(arr.shape), str(arr.dtype), bits, tuple(tiles), scale, offset)
 
 
 def squared_error(x, enc: codec.EncodedTensor) -> float:

@@ -1,0 +1,164 @@
+"""An Orbax ``CheckpointHandler`` that stores a pytree as one jaxjpeg file.
+
+Use it like any Orbax item, e.g. inside a ``CheckpointManager``::
+
+    import orbax.checkpoint as ocp
+    from jaxjpeg.orbax import JaxjpegSave, JaxjpegRestore
+
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=3))
+    mngr.save(step, args=ocp.args.Composite(params=JaxjpegSave(params, step=4.0),
+                                            opt_state=ocp.args.StandardSave(opt_state)))
+    mngr.wait_until_finished()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+    restored = mngr.restore(mngr.latest_step(),
+                            args=ocp.args.Composite(params=JaxjpegRestore(abstract)))
+
+The item directory Orbax gives the handler holds one file, ``checkpoint.jjpg``
+(:func:`jaxjpeg.save` format). Importing :mod:`jaxjpeg` never imports Orbax;
+importing this module does, and registers the args classes with the handler
+(``ocp.args.register_with_handler``), so ``ocp.args.Composite`` and
+``CheckpointManager`` find the handler from the args alone.
+
+Asynchronous saving (the ``CheckpointManager`` default) is supported:
+``async_save`` copies every leaf to host memory while the caller waits (so
+the training loop may donate or overwrite its buffers right after ``save``
+returns), then encodes and writes in Orbax's background commit thread, after
+Orbax has created the item directory. Orbax renames the step directory only
+when the commit has finished; jaxjpeg's own writer is atomic too.
+
+Limits: the file is written through the local file system (``os`` calls),
+so the directory must be a local or mounted path, not ``gs://``. Only the
+primary host writes; every leaf must be fully addressable from it (gather
+multi-host sharded arrays first). Restoring honours target shardings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import Any, Callable, List, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxjpeg import checkpoint as _ckpt
+
+__all__ = ["FILENAME", "JaxjpegCheckpointHandler", "JaxjpegRestore", "JaxjpegSave"]
+
+FILENAME = "checkpoint.jjpg"
+
+
+def _host_copy(tree):
+    """Copies every leaf to host memory (a real copy, not a view of a device buffer)."""
+    def copy(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            raise ValueError("JaxjpegCheckpointHandler saves only fully addressable arrays; "
+                             "gather multi-host sharded arrays first")
+        return np.array(leaf, copy=True)
+    return jax.tree_util.tree_map(copy, tree)
+
+
+class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
+    """Saves and restores a pytree as one jaxjpeg file in the item directory.
+
+    Args:
+      filename: the file's name inside the item directory.
+      primary_host: the process that writes (``None``: every process writes,
+        which is right only on a single host). Defaults to process 0.
+    """
+
+    def __init__(self, filename: str = FILENAME, *, primary_host: Optional[int] = 0):
+        self._filename = filename
+        self._primary_host = primary_host
+
+    def _path(self, directory) -> str:
+        return os.path.join(os.fspath(directory), self._filename)
+
+    def _is_writer(self) -> bool:
+        return self._primary_host is None or jax.process_index() == self._primary_host
+
+    def _write(self, directory, tree, args: "JaxjpegSave") -> None:
+        _ckpt.save(self._path(directory), tree, step=args.step, quality=args.quality,
+                   qtable=args.qtable, bits=args.bits, clip=args.clip, policy=args.policy,
+                   encoder=args.encoder, progress=False)
+
+    async def async_save(self, directory, args: "JaxjpegSave") -> Optional[List[Any]]:
+        """Snapshots the leaves to host now; encodes and writes in the commit thread."""
+        if not isinstance(args, JaxjpegSave):
+            raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
+        if not self._is_writer():
+            return []
+        tree = _host_copy(args.item)
+
+        async def commit():
+            await asyncio.to_thread(self._write, directory, tree, args)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(commit(),
+                                                                 name="jaxjpeg_save")]
+
+    def save(self, directory, args: "JaxjpegSave") -> None:
+        """Saves synchronously."""
+        if not isinstance(args, JaxjpegSave):
+            raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
+        if self._is_writer():
+            self._write(directory, _host_copy(args.item), args)
+
+    def restore(self, directory, args: Optional["JaxjpegRestore"] = None):
+        """Restores the pytree, decoded on the device (see :func:`jaxjpeg.restore`)."""
+        args = args or JaxjpegRestore()
+        path = self._path(directory)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no jaxjpeg checkpoint at {path}")
+        return _ckpt.restore(path, target=args.target, paths=args.paths, dtype=args.dtype,
+                             verify=args.verify)
+
+    def metadata(self, directory):
+        """The saved tree as nested dicts/lists of ``jax.ShapeDtypeStruct``; cheap (header only)."""
+        path = self._path(directory)
+        if not os.path.exists(path):
+            return None
+        with _ckpt.Checkpoint(path, verify=False) as ckpt:
+            entries = [(leaf.records, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+                       for leaf in ckpt.leaves]
+        return _ckpt._nest(entries) if entries else {}
+
+    def finalize(self, directory) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class JaxjpegSave(ocp.args.CheckpointArgs):
+    """Save args: the pytree and the rate controls of :func:`jaxjpeg.save`.
+
+    Give at most one of ``step`` (flat quantization step), ``quality``
+    (standard table) or ``qtable``; none means jaxjpeg's default step.
+    """
+
+    item: Any
+    step: Optional[float] = None
+    quality: Optional[int] = None
+    qtable: Optional[Sequence[int]] = None
+    bits: int = 8
+    clip: str = "mse"
+    policy: Optional[_ckpt.Policy] = None
+    encoder: Optional[Callable] = None
+
+
+@ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class JaxjpegRestore(ocp.args.CheckpointArgs):
+    """Restore args: ``target`` is a pytree of arrays or ``jax.ShapeDtypeStruct``
+    (with shardings, optionally) giving structure, dtypes and placement; it may
+    cover a subset of the saved leaves. Without it the saved structure comes
+    back as nested dicts/lists (``paths`` globs then select leaves)."""
+
+    target: Any = None
+    paths: Optional[Sequence[str]] = None
+    dtype: Any = None
+    verify: bool = True
