@@ -187,6 +187,29 @@ def _error_bound_encoder(bound, restart_interval, tile_shape):
     return encode
 
 
+# Bytes the container adds per blob and per leaf beyond the coded data:
+# alignment padding (32 on average) and the JSON header's records.
+_BLOB_OVERHEAD = 32 + 80
+_LEAF_OVERHEAD = 200
+
+
+def _container_overhead(entries, coded, restart_interval, tile_shape) -> int:
+    """Bytes of the file that do not depend on the steps chosen: preamble,
+    header, padding and the restart-interval index of every coded tile."""
+    overhead = fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
+    for records, array in entries:
+        if path_string(records) not in coded:
+            overhead += _BLOB_OVERHEAD
+            continue
+        tiles = codec.tile_grid(*codec.matrix_shape(array.shape), tile_shape)
+        overhead += _BLOB_OVERHEAD * (len(tiles) + 2)
+        for _, _, h, w in tiles:
+            blocks = -(-h // 8) * -(-w // 8)
+            intervals = -(-blocks // restart_interval) if restart_interval else 1
+            overhead += 4 * (intervals + 1)
+    return overhead
+
+
 def _target_encoder(entries, policy, ratio, nbytes, sensitivity, restart_interval, tile_shape):
     """Allocates the file's byte budget over the leaves that will be coded."""
     from jaxjpeg import rate
@@ -194,7 +217,8 @@ def _target_encoder(entries, policy, ratio, nbytes, sensitivity, restart_interva
     coded = {path_string(r): a for r, a in entries if policy.should_compress(path_string(r), a)}
     kept = sum(a.nbytes for r, a in entries if path_string(r) not in coded)
     total = sum(a.nbytes for _, a in entries)
-    budget = (nbytes if nbytes is not None else int(total / ratio)) - kept
+    overhead = _container_overhead(entries, coded, restart_interval, tile_shape)
+    budget = (nbytes if nbytes is not None else int(total / ratio)) - kept - overhead
     if not coded:
         return lambda name, array: None
     if budget <= 0:

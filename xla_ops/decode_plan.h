@@ -99,11 +99,15 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   if (k < 0 || k >= (blocks + per - 1) / per) return false;
   w->first_block = k * per;
   w->num_blocks = blocks - w->first_block < per ? blocks - w->first_block : per;
-  if (tile[kTileAffineRow0] < 0 || tile[kTileAffineRow0] + height > p.num_affine_rows) return false;
+  // Comparisons by subtraction: the operands are hostile and a sum could
+  // overflow; width and height are already known to be small.
+  if (tile[kTileAffineRow0] < 0 || tile[kTileAffineRow0] > p.num_affine_rows - height) {
+    return false;
+  }
   const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
   const int64_t elements = p.outputs[tile[kTileOutput]].elements;
-  if (stride < 1 || row0 < 0 || col0 < 0 || col0 + width > stride) return false;
-  return row0 + height <= elements / stride;
+  if (stride < 1 || row0 < 0 || col0 < 0 || col0 > stride - width) return false;
+  return row0 <= elements / stride - height;
 }
 
 template <OutputType kType>

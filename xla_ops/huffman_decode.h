@@ -56,6 +56,9 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
   int index = 0;
   for (int len = 1; len <= 16; ++len) {
     const int n = counts[len - 1];
+    // Checked before the lookahead fill below writes anything: an
+    // over-subscribed length would index past the table.
+    if (code + n >= (1 << len)) return Status::kBadHuffmanTable;
     t->value_offset[len] = index - code;
     for (int i = 0; i < n; ++i, ++code, ++index) {
       if (len > kLookaheadBits) continue;
@@ -66,7 +69,6 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
       }
     }
     t->max_code[len] = n ? code - 1 : -1;
-    if (code >= (1 << len)) return Status::kBadHuffmanTable;
     code <<= 1;
   }
   t->max_code[0] = -1;

@@ -115,6 +115,15 @@ Status ParseScan(const uint8_t* seg, int len, HeaderState& st, StreamInfo* info)
   return Status::kOk;
 }
 
+// Refuses dimensions the remaining bytes cannot hold, before anyone sizes
+// buffers from them: every block takes at least 2 bits (a DC code and an
+// EOB), every interval but the last a 2-byte RST marker.
+Status CheckScanFits(const StreamInfo& info, int64_t scan_bytes) {
+  if (scan_bytes * 4 < info.NumBlocks()) return Status::kTruncated;
+  if (info.NumIntervals() > scan_bytes / 2 + 1) return Status::kBadRestart;
+  return Status::kOk;
+}
+
 }  // namespace
 
 Status ParseStreamHeader(const uint8_t* data, int64_t size, StreamInfo* info) {
@@ -143,8 +152,9 @@ Status ParseStreamHeader(const uint8_t* data, int64_t size, StreamInfo* info) {
       s = ParseRestartInterval(seg, seg_len, info);
     } else if (m == marker::kSOS) {
       s = ParseScan(seg, seg_len, st, info);
-      if (s == Status::kOk) info->scan_begin = pos;
-      return s;
+      if (s != Status::kOk) return s;
+      info->scan_begin = pos;
+      return CheckScanFits(*info, size - pos);
     } else if (IsUnsupportedFrame(m)) {
       s = Status::kUnsupported;
     } else if (!((m >= marker::kAPP0 && m <= 0xEF) || m == marker::kCOM)) {

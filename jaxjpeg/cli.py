@@ -1,0 +1,623 @@
+"""The ``jaxjpeg`` command: compress, inspect, verify and extract checkpoints.
+
+    jaxjpeg compress SRC DST [--step S | --quality Q] [--bits 8|12]
+    jaxjpeg inspect CKPT [--source SRC]
+    jaxjpeg verify CKPT
+    jaxjpeg extract CKPT OUTDIR [--leaf PATTERN]
+
+SRC is an Orbax checkpoint directory (a ``StandardCheckpointer`` /
+``PyTreeCheckpointer`` item, a ``CheckpointManager`` step directory, or a
+``CheckpointManager`` root, whose latest step is taken), a Flax msgpack file
+(``flax.serialization.to_bytes``) or a ``.safetensors`` file.
+
+Exit status: 0 on success; 1 when ``verify`` finds damage; 2 for usage
+errors and for inputs that cannot be read (missing, not a checkpoint,
+corrupt), reported as one line on stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import re
+import struct
+import sys
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = ["main", "load_source"]
+
+PROG = "jaxjpeg"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _use_cpu() -> None:
+    """The CLI decodes on the host: keep jax off accelerators unless the user chose.
+
+    Only possible before jax's backends start (they start lazily, on first use)."""
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    try:
+        import jax
+        from jax._src import xla_bridge
+        if not xla_bridge.backends_are_initialized():
+            jax.config.update("jax_platforms", "cpu")
+    except Exception:  # private API moved: decode wherever jax runs by default
+        pass
+
+
+def _bar(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar on interactive terminals; the plain iterable otherwise."""
+    enabled = sys.stderr.isatty()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return _NoBar(iterable)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False,
+                unit_scale=unit == "B")
+
+
+class _NoBar:
+    def __init__(self, iterable=None):
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _require(path: str, *, kind: str = "path") -> None:
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file or directory")
+    if kind == "file" and os.path.isdir(path):
+        raise CliError(f"{path}: is a directory, expected a jaxjpeg checkpoint file")
+
+
+def _open_checkpoint(path: str, verify: bool = True):
+    from jaxjpeg import checkpoint
+    _require(path, kind="file")
+    return checkpoint.Checkpoint(path, verify=verify)
+
+
+def _flatten(tree) -> list[tuple[str, Any]]:
+    """(slash-separated path, leaf) as jaxjpeg names leaves."""
+    from jaxjpeg import checkpoint
+    return [(checkpoint.path_string(records), leaf)
+            for records, leaf in checkpoint._leaves_with_paths(tree)]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load_source(path: str):
+    """Loads a checkpoint in another format as a pytree of numpy arrays.
+
+    Orbax directories, Flax msgpack files and safetensors files are told apart
+    by their layout and first bytes, not by their names alone.
+    """
+    _require(path)
+    if os.path.isdir(path):
+        return _load_orbax(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(path, head):
+        return _load_safetensors(path)
+    if head.startswith(b"\x89JAXJPG\n"):
+        raise CliError(f"{path}: is already a jaxjpeg checkpoint")
+    return _load_msgpack(path)
+
+
+def _looks_like_safetensors(path: str, head: bytes) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= 100 * 2**20 and head[8:9] == b"{"
+
+
+def _load_safetensors(path: str) -> dict:
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        return _read_safetensors(path)
+    try:
+        return dict(load_file(path))
+    except Exception:
+        # Older safetensors releases lack BF16/F8 in numpy: read the (simple) format directly,
+        # which also gives a clean message when the file is not safetensors at all.
+        return _read_safetensors(path)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "C64": "complex64",
+}
+
+
+def _read_safetensors(path: str) -> dict:
+    """A plain reader of the safetensors layout: u64 header size, JSON header, data."""
+    import ml_dtypes
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CliError(f"{path}: not a safetensors file (truncated)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 2**20):
+            raise CliError(f"{path}: not a safetensors file (bad header size)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise CliError(f"{path}: not a safetensors file (header is not JSON)") from None
+        base = 8 + n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dname = _SAFETENSORS_DTYPES[info["dtype"]]
+                dtype = np.dtype(getattr(ml_dtypes, dname, None) or dname)
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CliError(f"{path}: tensor {name!r} has a bad or unsupported "
+                               f"header entry") from None
+            if not 0 <= begin <= end <= size - base or end - begin != math.prod(shape) * dtype.itemsize:
+                raise CliError(f"{path}: tensor {name!r} lies outside the file")
+            f.seek(base + begin)
+            out[name] = np.frombuffer(f.read(end - begin), dtype).reshape(shape)
+    return out
+
+
+def _load_msgpack(path: str):
+    try:
+        from flax import serialization
+    except ImportError:
+        raise CliError("reading Flax msgpack files needs flax (pip install flax)") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tree = serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack raises its own exception types on garbage
+        raise CliError(f"{path}: not a Flax msgpack, safetensors or jaxjpeg file, nor an "
+                       f"Orbax directory ({type(e).__name__})") from None
+    if not isinstance(tree, (dict, list)):
+        raise CliError(f"{path}: msgpack holds a {type(tree).__name__}, not a pytree of arrays")
+    return tree
+
+
+def _is_orbax_item(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "_METADATA"))
+
+
+def _orbax_items(path: str) -> dict[str, str]:
+    """Item name -> directory for an Orbax item, step directory or manager root."""
+    if _is_orbax_item(path):
+        return {"": path}
+    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    items = {d: os.path.join(path, d) for d in subdirs if _is_orbax_item(os.path.join(path, d))}
+    if items:
+        return items
+    steps = [d for d in subdirs if d.isdigit()]
+    if steps:  # a CheckpointManager root: its latest step
+        latest = os.path.join(path, max(steps, key=int))
+        items = _orbax_items(latest)
+        if items:
+            return items
+    raise CliError(f"{path}: not an Orbax checkpoint directory (no _METADATA found in it, "
+                   f"its items or its steps)")
+
+
+def _load_orbax(path: str):
+    items = _orbax_items(path)
+    try:
+        import absl.logging
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    try:
+        import jax
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise CliError("reading Orbax checkpoints needs orbax-checkpoint") from None
+    trees = {}
+    for name, directory in items.items():
+        try:
+            from etils import epath
+            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
+            tree = getattr(metadata, "tree", metadata)
+            restore_args = jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            with ocp.PyTreeCheckpointer() as ckptr:
+                trees[name] = ckptr.restore(os.path.abspath(directory),
+                                            args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        except CliError:
+            raise
+        except Exception as e:
+            raise CliError(f"{directory}: cannot restore the Orbax checkpoint "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
+    if len(trees) == 1 and next(iter(trees)) in ("", "default"):  # one (implicit) item
+        return next(iter(trees.values()))
+    return trees
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+# ---------------------------------------------------------------- compress
+
+
+def cmd_compress(args) -> int:
+    import jaxjpeg
+    from jaxjpeg import checkpoint
+    _require(args.src)
+    if os.path.exists(args.dst) and not args.force:
+        raise CliError(f"{args.dst}: exists (use --force to replace it)")
+    if os.path.isdir(args.dst):
+        raise CliError(f"{args.dst}: is a directory")
+    tree = load_source(args.src)
+    if not _flatten(tree):
+        raise CliError(f"{args.src}: holds no arrays")
+    tree = _as_arrays(tree)
+    policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
+    rate = {}
+    if args.step is not None:
+        rate["step"] = args.step
+    elif args.quality is not None:
+        rate["quality"] = args.quality
+    try:
+        report = jaxjpeg.save(args.dst, tree, bits=args.bits, policy=policy, **rate)
+    except ValueError as e:
+        if isinstance(e, jaxjpeg.FormatError):
+            raise
+        raise CliError(_first_line(e)) from None
+    coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
+    coded_raw = sum(leaf.raw_bytes for leaf in coded)
+    coded_stored = sum(leaf.stored_bytes for leaf in coded)
+    print(f"{args.src} -> {args.dst}")
+    print(f"  leaves      {len(report.leaves)} ({len(coded)} JPEG-coded, "
+          f"{len(report.leaves) - len(coded)} lossless)")
+    print(f"  raw         {_size(report.raw_bytes)} ({report.raw_bytes} bytes)")
+    print(f"  compressed  {_size(report.file_bytes)} ({report.file_bytes} bytes)")
+    print(f"  ratio       {report.ratio:.2f}x overall, "
+          f"{coded_raw / max(1, coded_stored):.2f}x on JPEG-coded leaves")
+    return 0
+
+
+def _as_arrays(tree):
+    """Leaves as numpy arrays (python scalars become 0-d arrays)."""
+    import jax
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args) -> int:
+    with _open_checkpoint(args.ckpt, verify=False) as ckpt:
+        rows = []
+        for leaf in ckpt.leaves:
+            raw = math.prod(leaf.shape) * leaf.dtype.itemsize
+            if leaf.kind == "jpeg":
+                names = [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))]
+                names += [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
+                kind = f"jpeg{leaf.bits}"
+            else:
+                names = [f"leaf{leaf.index}/raw"]
+                kind = "raw"
+            try:
+                stored = sum(ckpt.reader.blob_info(n).length for n in names)
+            except KeyError as e:
+                raise CliError(f"{args.ckpt}: blob {e.args[0]} is missing (file damaged)") from None
+            rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", str(leaf.dtype),
+                         kind, raw, stored])
+        errors = _source_errors(args, ckpt) if args.source else None
+        file_bytes = ckpt.reader.file_size
+    header = ["path", "shape", "dtype", "kind", "raw", "stored", "ratio"]
+    table = []
+    for i, (path, shape, dtype, kind, raw, stored) in enumerate(rows):
+        line = [path, shape, dtype, kind, str(raw), str(stored), f"{raw / max(1, stored):.2f}"]
+        if errors is not None:
+            line.append(errors[i])
+        table.append(line)
+    if errors is not None:
+        header.append("rel_rms")
+    _print_table(header, table, right={4, 5, 6, 7})
+    total_raw = sum(r[4] for r in rows)
+    print(f"{len(rows)} leaves, {_size(total_raw)} raw, {_size(file_bytes)} file, "
+          f"ratio {total_raw / max(1, file_bytes):.2f}x")
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def fmt(row):
+        return "  ".join(str(v).rjust(w) if i in right else str(v).ljust(w)
+                         for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+    print(fmt(header))
+    for row in rows:
+        print(fmt(row))
+
+
+def _glob_escape(path: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+def _source_errors(args, ckpt) -> list[str]:
+    """Relative RMS error of every leaf vs the source, restored in bounded batches."""
+    import jax
+    import jaxjpeg
+    source = dict(_flatten(load_source(args.source)))
+    device = jax.devices("cpu")[0]
+    out = ["missing"] * len(ckpt.leaves)
+    batches, batch, batch_bytes = [], [], 0
+    for i, leaf in enumerate(ckpt.leaves):
+        if leaf.path not in source:
+            continue
+        if np.shape(source[leaf.path]) != leaf.shape:
+            out[i] = "shape!"
+            continue
+        batch.append(i)
+        batch_bytes += math.prod(leaf.shape) * 4
+        if batch_bytes >= 256 * 2**20:
+            batches.append(batch)
+            batch, batch_bytes = [], 0
+    if batch:
+        batches.append(batch)
+    bar = _bar(total=sum(len(b) for b in batches), desc="decode", unit="leaf")
+    try:
+        for batch in batches:
+            patterns = [_glob_escape(ckpt.leaves[i].path) for i in batch]
+            restored = dict(_flatten(jaxjpeg.restore(ckpt.path, paths=patterns, device=device)))
+            for i in batch:
+                path = ckpt.leaves[i].path
+                out[i] = _relative_rms(np.asarray(restored[path]), np.asarray(source[path]))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return out
+
+
+def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
+    if decoded.size == 0:
+        return "0"
+    err = sq = 0.0
+    flat_d, flat_r = decoded.reshape(-1), reference.reshape(-1)
+    for start in range(0, flat_d.size, 1 << 22):
+        d = flat_d[start:start + (1 << 22)].astype(np.float64)
+        r = flat_r[start:start + (1 << 22)].astype(np.float64)
+        err += float(np.sum((d - r) ** 2))
+        sq += float(np.sum(r * r))
+    if err == 0:
+        return "0"
+    if sq == 0:
+        return "inf"
+    return f"{math.sqrt(err / sq):.3e}"
+
+
+# ---------------------------------------------------------------- verify
+
+
+def cmd_verify(args) -> int:
+    from jaxjpeg import _native, checkpoint, format as fmt
+    _require(args.ckpt, kind="file")
+    bad: list[str] = []
+    with fmt.ContainerReader(args.ckpt) as reader:
+        names = reader.blob_names
+        checks = _bar(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
+        damaged = {name for name, ok in checks if not ok}
+        bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
+        try:
+            ckpt = checkpoint.Checkpoint(args.ckpt, verify=True)
+        except fmt.FormatError as e:
+            bad.append(f"metadata: {_first_line(e)}")
+            ckpt = None
+        tiles = 0
+        if ckpt is not None:
+            with ckpt:
+                for leaf in ckpt.leaves:
+                    bad += _verify_leaf(ckpt, leaf, damaged, _native)
+                    tiles += len(leaf.tiles)
+    if bad:
+        print(f"{args.ckpt}: {len(bad)} problem(s)")
+        for line in bad:
+            print(f"  BAD {line}")
+        return 1
+    print(f"{args.ckpt}: OK ({len(names)} blobs checksummed, {tiles} JPEG tiles parsed)")
+    return 0
+
+
+def _verify_blobs(reader) -> Iterable[tuple[str, bool]]:
+    """reader.verify(), one blob at a time (so a bar can follow it)."""
+    from jaxjpeg import format as fmt
+    for name in reader.blob_names:
+        info = reader.blob_info(name)
+        crc = 0
+        for start in range(0, info.length, 16 * 2**20):
+            size = min(16 * 2**20, info.length - start)
+            crc = fmt.crc32c(reader.read_range(info.offset + start, size), crc)
+        yield name, crc == info.crc32c
+
+
+def _verify_leaf(ckpt, leaf, damaged: set[str], native) -> list[str]:
+    """Missing blobs, and JPEG tiles that do not parse or disagree with their record."""
+    prefix = f"leaf{leaf.index}/"
+    if leaf.kind == "raw":
+        names = [prefix + "raw"]
+    else:
+        names = [f"{prefix}tile{k}.jpg" for k in range(len(leaf.tiles))]
+        names += [prefix + "intervals", prefix + "affine"]
+    problems = []
+    for name in names:
+        try:
+            ckpt.reader.blob_info(name)
+        except KeyError:
+            problems.append(f"{name}: missing ({leaf.path})")
+    if problems or leaf.kind == "raw":
+        return problems
+    for k, (_, _, height, width, intervals) in enumerate(leaf.tiles):
+        name = f"{prefix}tile{k}.jpg"
+        if name in damaged:
+            continue
+        try:
+            info = native.inspect(ckpt.reader.read_blob(name, verify=False))
+        except native.JpegError as e:
+            problems.append(f"{name}: JPEG does not parse ({_first_line(e)}) ({leaf.path})")
+            continue
+        want = {"height": height, "width": width, "bits": leaf.bits, "num_intervals": intervals,
+                "restart_interval": leaf.restart_interval}
+        diff = [f"{k}={info[k]} (expected {v})" for k, v in want.items() if info[k] != v]
+        if diff:
+            problems.append(f"{name}: JPEG disagrees with its record: {', '.join(diff)} "
+                            f"({leaf.path})")
+    if not damaged.intersection(names):
+        try:
+            ckpt.read_interval_index(leaf)
+            ckpt.read_affine(leaf)
+        except Exception as e:  # FormatError from the validators
+            problems.append(f"{prefix}*: {_first_line(e)}")
+    return problems
+
+
+# ---------------------------------------------------------------- extract
+
+
+def _safe_name(path: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.replace("/", "."))
+    return name.strip(".") or "leaf"
+
+
+def cmd_extract(args) -> int:
+    with _open_checkpoint(args.ckpt) as ckpt:
+        leaves = [leaf for leaf in ckpt.leaves if leaf.kind == "jpeg"
+                  and (args.leaf is None or fnmatch.fnmatchcase(leaf.path, args.leaf))]
+        if not leaves:
+            what = f"matching {args.leaf!r}" if args.leaf else "at all"
+            raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")
+        os.makedirs(args.outdir, exist_ok=True)
+        used: set[str] = set()
+        written = 0
+        total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
+        bar = _bar(total=total, desc="extract", unit="B")
+        try:
+            for leaf in leaves:
+                base = _safe_name(leaf.path)
+                if base in used:  # two paths that sanitize alike
+                    base = f"{base}.leaf{leaf.index}"
+                used.add(base)
+                for k in range(len(leaf.tiles)):
+                    data = ckpt.reader.read_blob(f"leaf{leaf.index}/tile{k}.jpg", verify=True)
+                    out = os.path.join(args.outdir, f"{base}.tile{k}.jpg")
+                    with open(out, "wb") as f:
+                        f.write(data)
+                    written += 1
+                    bar.update(len(data))
+        finally:
+            bar.close()
+    print(f"wrote {written} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="convert an Orbax / Flax msgpack / safetensors "
+                                        "checkpoint to jaxjpeg")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--step", type=float, help="flat quantization step (default: jaxjpeg's)")
+    rate.add_argument("--quality", type=int, help="JPEG quality 1..100 (standard table)")
+    p.add_argument("--bits", type=int, choices=(8, 12), default=8, help="sample precision")
+    p.add_argument("--min-size", type=int, default=4096,
+                   help="leaves with fewer elements stay lossless (default 4096)")
+    p.add_argument("--lossless", action="append", metavar="GLOB",
+                   help="keep leaves whose path matches GLOB lossless (repeatable)")
+    p.add_argument("-f", "--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("inspect", help="per-leaf table of a jaxjpeg checkpoint")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("--source", metavar="SRC",
+                   help="original checkpoint: add each leaf's relative RMS error")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every checksum and that every JPEG tile parses")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("extract", help="write each JPEG tile as a standalone .jpg")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("outdir", metavar="OUTDIR")
+    p.add_argument("--leaf", metavar="PATTERN", help="only leaves whose path matches this glob")
+    p.set_defaults(func=cmd_extract)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, usage errors (argparse exits 2)
+        return e.code if isinstance(e.code, int) else 2
+    _use_cpu()
+    from jaxjpeg import FormatError, JpegError
+    try:
+        return args.func(args)
+    except CliError as e:
+        message = str(e)
+    except (FormatError, JpegError) as e:
+        message = _first_line(e)
+    except OSError as e:
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _first_line(e)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
