@@ -134,3 +134,16 @@ def small_memory_worker():
     worker = NativeWorker(memory_limit_mb=512)
     yield worker
     worker.close()
+
+
+def _has_gpu() -> bool:
+    try:
+        import jax
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+# GPU tests are collected only where a CUDA device exists (not skipped
+# elsewhere: they are simply not part of a CPU run).
+collect_ignore = [] if _has_gpu() else ["gpu"]

@@ -1,0 +1,92 @@
+"""GPU decode checks, collected only on machines with a CUDA device
+(tests/conftest.py ignores this folder elsewhere): the CUDA handler must
+produce the same bits as the CPU handler from the same bytes."""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import codec, ops
+
+
+def _gpu():
+    return jax.devices("gpu")[0]
+
+
+def _encodings(count, seed=0):
+    rng = np.random.default_rng(seed)
+    encs = []
+    for k in range(count):
+        shape = (int(rng.integers(1, 300)), int(rng.integers(1, 700)))
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 4 == 3 else 8, step=2 + k % 9,
+                                          restart_interval=k % 5, tile_shape=(128, 256)))
+    return encs
+
+
+def _decode_on(device, plan):
+    operands = jax.device_put(ops.plan_operands(plan), device)
+    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                              plan.output_shapes)
+    status, outputs = decode(*operands)
+    return np.asarray(status), [np.asarray(o) for o in outputs]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_gpu_equals_cpu_bit_for_bit(dtype):
+    plan = codec.build_plan(_encodings(40), [dtype] * 40)
+    cpu_status, cpu = _decode_on(jax.devices("cpu")[0], plan)
+    gpu_status, gpu = _decode_on(_gpu(), plan)
+    ops.check_status(cpu_status)
+    ops.check_status(gpu_status)
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_gpu_one_call_many_tensors_mixed_dtypes():
+    encs = _encodings(150, seed=1)
+    dtypes = [[np.float32, ml_dtypes.bfloat16, np.float16][k % 3] for k in range(150)]
+    plan = codec.build_plan(encs, dtypes)
+    expected = codec.run_plan(plan)
+    status, gpu = _decode_on(_gpu(), plan)
+    ops.check_status(status)
+    for a, b in zip(expected, gpu):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_gpu_reports_corrupt_interval_in_status():
+    plan = codec.build_plan(_encodings(3, seed=2), [np.float32] * 3)
+    payload = plan.payload.copy()
+    start = int(plan.interval_starts[0])
+    payload[start:start + 32] = 0xFF
+    operands = list(ops.plan_operands(plan))
+    operands[0] = payload
+    decode = ops.plan_decoder(plan.output_shapes, ("float32",) * 3, plan.output_shapes)
+    status, _ = decode(*jax.device_put(tuple(operands), _gpu()))
+    with pytest.raises(jaxjpeg.JpegError, match="restart interval"):
+        ops.check_status(status)
+
+
+def test_gpu_restore_matches_cpu_restore(tmp_path):
+    rng = np.random.default_rng(3)
+    tree = {"w": (rng.standard_normal((1024, 768)) * 0.02).astype(np.float32),
+            "b": np.zeros(768, np.float32)}
+    path = tmp_path / "m.jjpg"
+    jaxjpeg.save(path, tree)
+    on_gpu = jaxjpeg.restore(path, device=_gpu())
+    on_cpu = jaxjpeg.restore(path, device=jax.devices("cpu")[0])
+    assert on_gpu["w"].devices() == {_gpu()}
+    np.testing.assert_array_equal(np.asarray(on_gpu["w"]), np.asarray(on_cpu["w"]))
+
+
+def test_decode_inside_jit_on_gpu(tmp_path):
+    rng = np.random.default_rng(4)
+    tree = {"w": (rng.standard_normal((512, 512)) * 0.02).astype(np.float32)}
+    path = tmp_path / "m.jjpg"
+    jaxjpeg.save(path, tree)
+    compressed = jaxjpeg.load(path, device=_gpu())
+    out = jax.jit(lambda t, x: x @ jaxjpeg.decode(t)["w"])(compressed, np.ones((4, 512), np.float32))
+    reference = np.ones((4, 512), np.float32) @ np.asarray(jaxjpeg.restore(path, device=jax.devices("cpu")[0])["w"])
+    np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5)
