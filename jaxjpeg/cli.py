@@ -197,7 +197,8 @@ def _read_safetensors(path: str) -> dict:
             except (KeyError, TypeError, ValueError):
                 raise CliError(f"{path}: tensor {name!r} has a bad or unsupported "
                                f"header entry") from None
-            if not 0 <= begin <= end <= size - base or end - begin != math.prod(shape) * dtype.itemsize:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not 0 <= begin <= end <= size - base or end - begin != nbytes:
                 raise CliError(f"{path}: tensor {name!r} lies outside the file")
             f.seek(base + begin)
             out[name] = np.frombuffer(f.read(end - begin), dtype).reshape(shape)
@@ -560,7 +561,8 @@ def cmd_extract(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Compress, inspect, verify and extract jaxjpeg checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compress", help="convert an Orbax / Flax msgpack / safetensors "

@@ -71,21 +71,33 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     return CompressedArray(operands, matrix, leaf.shape, dtype)
 
 
-def load(path, *, dtype=None, device=None, verify: bool = True):
+def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     """The checkpoint as a pytree whose JPEG-coded leaves stay compressed on
-    ``device`` (:class:`CompressedArray`); lossless leaves are plain arrays."""
+    ``device`` (:class:`CompressedArray`); lossless leaves are plain arrays.
+
+    ``target`` (optional) gives the pytree structure (and per-leaf dtypes) to
+    return, e.g. an optimizer state from ``jax.eval_shape(opt.init, params)``;
+    it may name a subset of the saved leaves. Without it the saved structure
+    comes back as nested dicts/lists.
+    """
     device = device or jax.devices()[0]
-    entries = []
     with ckpt_lib.Checkpoint(os.fspath(path), verify=verify) as ckpt:
-        for leaf in ckpt.leaves:
-            want = np.dtype(dtype or leaf.dtype)
-            if leaf.kind == "jpeg":
-                codec.output_type(want)
-                value = _compressed_leaf(ckpt, leaf, want, device)
-            else:
-                value = jax.device_put(ckpt.read_raw(leaf).astype(want, copy=False), device)
-            entries.append((leaf.records, value))
-    return ckpt_lib._nest(entries)
+        if target is None:
+            chosen = [(leaf, np.dtype(dtype or leaf.dtype)) for leaf in ckpt.leaves]
+        else:
+            requests, treedef = ckpt_lib._target_requests(ckpt, target, dtype)
+            chosen = [(r.leaf, r.dtype) for r in requests]
+        values = [_load_leaf(ckpt, leaf, want, device) for leaf, want in chosen]
+    if target is None:
+        return ckpt_lib._nest([(leaf.records, v) for (leaf, _), v in zip(chosen, values)])
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _load_leaf(ckpt, leaf, dtype, device):
+    if leaf.kind == "jpeg":
+        codec.output_type(dtype)
+        return _compressed_leaf(ckpt, leaf, dtype, device)
+    return jax.device_put(ckpt.read_raw(leaf).astype(dtype, copy=False), device)
 
 
 def _is_compressed(x) -> bool:

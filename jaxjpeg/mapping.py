@@ -67,6 +67,11 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
         scale = common_scale(view, bits, row_weight)
         center = view.mean(axis=1, dtype=np.float64)
         offset = center - 0.5 * (top + 1) * scale.astype(np.float64)
+        # Non-negative rows (second moments, variances) must stay non-negative:
+        # sample 0 then decodes to exactly 0. Raising a negative offset to 0
+        # keeps the row's max within range: max - 0 <= (max - center) +
+        # (center - offset) <= top * scale.
+        offset = np.where((view.min(axis=1) >= 0) & (offset < 0), 0.0, offset)
     else:
         if row_weight is not None:
             raise ValueError("row_weight needs clip='common'")
@@ -104,8 +109,8 @@ def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = No
     else:
         rel = relative_steps(row_weight, rows)
     c = float(np.max(half / (rel * room))) if rows else 0.0
-    if not np.isfinite(c) or c <= 0:  # every row constant: any scale is exact
-        c = 1.0
+    if not np.isfinite(c) or c <= 0:  # every row constant: offsets alone are exact
+        c = 0.0
     return _f16_up(c * rel).astype(np.float32)
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -80,9 +80,11 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         return self._primary_host is None or jax.process_index() == self._primary_host
 
     def _write(self, directory, tree, args: "JaxjpegSave") -> None:
-        _ckpt.save(self._path(directory), tree, step=args.step, quality=args.quality,
-                   qtable=args.qtable, bits=args.bits, clip=args.clip, policy=args.policy,
-                   encoder=args.encoder, progress=False)
+        kwargs = dict(args.save_kwargs or {})
+        for name in ("step", "quality", "policy"):
+            if getattr(args, name) is not None:
+                kwargs[name] = getattr(args, name)
+        _ckpt.save(self._path(directory), tree, bits=args.bits, progress=False, **kwargs)
 
     async def async_save(self, directory, args: "JaxjpegSave") -> Optional[List[Any]]:
         """Snapshots the leaves to host now; encodes and writes in the commit thread."""
@@ -136,18 +138,19 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
 class JaxjpegSave(ocp.args.CheckpointArgs):
     """Save args: the pytree and the rate controls of :func:`jaxjpeg.save`.
 
-    Give at most one of ``step`` (flat quantization step), ``quality``
-    (standard table) or ``qtable``; none means jaxjpeg's default step.
+    Give at most one rate control: ``step`` (flat quantization step),
+    ``quality`` (standard table), or another of :func:`jaxjpeg.save`'s
+    (``qtable``, ``error_bound``, ``target_ratio``, ...) through
+    ``save_kwargs``, which is passed to it as is; none means jaxjpeg's
+    default step.
     """
 
     item: Any
     step: Optional[float] = None
     quality: Optional[int] = None
-    qtable: Optional[Sequence[int]] = None
     bits: int = 8
-    clip: str = "mse"
     policy: Optional[_ckpt.Policy] = None
-    encoder: Optional[Callable] = None
+    save_kwargs: Optional[dict] = None
 
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_restore=True)

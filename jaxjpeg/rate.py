@@ -48,6 +48,8 @@ def _view(x) -> np.ndarray:
 def base_scale(x, bits: int, row_weight=None) -> float:
     """The weight-domain step of ``Δ = 1`` at ``bits`` (geometric mean over rows)."""
     scale = mapping.common_scale(_view(x), bits, row_weight).astype(np.float64)
+    if not np.all(scale > 0):  # constant rows: any step codes them exactly
+        return 1.0
     return float(np.exp(np.mean(np.log(scale))))
 
 

@@ -1,0 +1,232 @@
+"""The `jaxjpeg` command line: real conversions from Orbax, Flax msgpack and safetensors
+files, inspection against the source, verification of intact and damaged files, tile
+extraction (opened with Pillow), and clean one-line errors (exit 2, no traceback)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxjpeg
+from jaxjpeg import cli
+from jaxjpeg.format import ContainerReader, ContainerWriter
+
+
+def _params():
+    rng = np.random.default_rng(0)
+    return {"params": {
+        "Dense_0": {"kernel": (0.05 * rng.standard_normal((256, 600))).astype(np.float32),
+                    "bias": np.linspace(-1, 1, 600).astype(np.float32)},
+        "Embed_0": {"embedding": rng.standard_normal((300, 64)).astype(ml_dtypes.bfloat16)},
+        "Conv_0": {"kernel": (0.1 * rng.standard_normal((3, 3, 16, 32))).astype(np.float32)},
+    }}
+
+
+def _flat(tree):
+    return dict(cli._flatten(tree))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same parameters as a Flax msgpack file, a safetensors file, an Orbax
+    StandardCheckpointer directory and an Orbax CheckpointManager root."""
+    from flax import serialization
+    import orbax.checkpoint as ocp
+    import safetensors.numpy
+
+    root = tmp_path_factory.mktemp("sources")
+    params = _params()
+    msgpack = root / "params.msgpack"
+    msgpack.write_bytes(serialization.to_bytes(params))
+    st = root / "params.safetensors"
+    safetensors.numpy.save_file({k.replace("/", "."): v for k, v in _flat(params).items()},
+                                str(st))
+    std = root / "orbax_std"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(std, params)
+    mngr_dir = root / "orbax_mngr"
+    with ocp.CheckpointManager(mngr_dir) as mngr:
+        for step in (1, 2):
+            scaled = {"params": {k: {n: (v * step).astype(v.dtype) for n, v in layer.items()}
+                                 for k, layer in params["params"].items()}}
+            mngr.save(step, args=ocp.args.StandardSave(scaled))
+        mngr.wait_until_finished()
+    return {"params": params, "msgpack": msgpack, "safetensors": st, "orbax": std,
+            "manager": mngr_dir, "root": root}
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("kind", ["msgpack", "safetensors", "orbax"])
+def test_compress_each_format_then_restore(sources, tmp_path, capsys, kind):
+    dst = tmp_path / "out.jjpg"
+    code, out, err = run(capsys, "compress", sources[kind], dst, "--step", "4")
+    assert code == 0, err
+    assert re.search(r"ratio\s+\d+\.\d+x", out) and "compressed" in out
+    restored = _flat(jaxjpeg.restore(dst))
+    expected = _flat(sources["params"])
+    if kind == "safetensors":  # flat keys, dotted as the file has them
+        expected = {k.replace("/", "."): v for k, v in expected.items()}
+    assert set(restored) == set(expected)
+    for path, want in expected.items():
+        got = np.asarray(restored[path])
+        assert got.shape == want.shape and got.dtype == want.dtype, path
+        want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        rel = np.sqrt(np.mean((got64 - want64) ** 2) / np.mean(want64 ** 2))
+        assert rel < 0.1, (path, rel)
+    np.testing.assert_array_equal(np.asarray(restored[next(k for k in expected if "bias" in k)]),
+                                  next(v for k, v in expected.items() if "bias" in k))
+
+
+def test_compress_manager_root_takes_latest_step(sources, tmp_path, capsys):
+    dst = tmp_path / "latest.jjpg"
+    code, _, err = run(capsys, "compress", sources["manager"], dst, "--quality", "95")
+    assert code == 0, err
+    bias = np.asarray(jaxjpeg.restore(dst)["params"]["Dense_0"]["bias"])
+    np.testing.assert_array_equal(bias, 2 * sources["params"]["params"]["Dense_0"]["bias"])
+
+
+def test_compress_12_bit_is_more_accurate(sources, tmp_path, capsys):
+    errors = {}
+    for bits, step in (("8", "4"), ("12", "16")):
+        dst = tmp_path / f"b{bits}.jjpg"
+        assert run(capsys, "compress", sources["msgpack"], dst, "--bits", bits,
+                   "--step", step)[0] == 0
+        code, out, _ = run(capsys, "inspect", dst, "--source", sources["msgpack"])
+        assert code == 0
+        line = next(l for l in out.splitlines() if l.startswith("params/Dense_0/kernel"))
+        assert f"jpeg{bits}" in line
+        errors[bits] = float(line.split()[-1])
+    assert errors["12"] < errors["8"]
+
+
+def test_inspect_table_and_source_errors(sources, tmp_path, capsys):
+    dst = tmp_path / "i.jjpg"
+    report = jaxjpeg.save(dst, sources["params"], step=4)
+    code, out, err = run(capsys, "inspect", dst, "--source", sources["orbax"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["path", "shape", "dtype", "kind", "raw", "stored", "ratio",
+                                "rel_rms"]
+    rows = {l.split()[0]: l.split() for l in lines[1:-1]}
+    assert set(rows) == {leaf.path for leaf in report.leaves}
+    for leaf in report.leaves:
+        path, shape, dtype, kind, raw, stored, ratio, rel = rows[leaf.path]
+        assert shape == "x".join(map(str, leaf.shape)) and dtype == leaf.dtype
+        assert kind.startswith(leaf.kind) and int(raw) == leaf.raw_bytes
+        assert int(stored) == leaf.stored_bytes
+        assert rel == "0" if leaf.kind == "raw" else 0 < float(rel) < 0.1
+    assert rows["params/Dense_0/kernel"][3] == "jpeg8" and rows["params/Dense_0/bias"][3] == "raw"
+    assert f"{report.ratio:.2f}x" in lines[-1]
+    code, out, _ = run(capsys, "inspect", dst)  # without a source: no error column
+    assert code == 0 and "rel_rms" not in out
+
+
+def test_verify_intact_checksum_damage_and_bad_jpeg(sources, tmp_path, capsys):
+    good = tmp_path / "good.jjpg"
+    jaxjpeg.save(good, sources["params"], step=4)
+    code, out, _ = run(capsys, "verify", good)
+    assert code == 0 and "OK" in out
+
+    flipped = tmp_path / "flipped.jjpg"
+    flipped.write_bytes(good.read_bytes())
+    with ContainerReader(flipped) as r:
+        info = r.blob_info("leaf2/tile0.jpg")
+    with open(flipped, "r+b") as f:
+        f.seek(info.offset + info.length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x55]))
+    code, out, _ = run(capsys, "verify", flipped)
+    assert code == 1
+    assert "leaf2/tile0.jpg: checksum mismatch" in out and out.count("BAD") == 1
+
+    # Valid checksums over a JPEG that does not parse: the tile-level check catches it.
+    broken = tmp_path / "broken.jjpg"
+    with ContainerReader(good) as r, ContainerWriter(broken, metadata=r.metadata) as w:
+        for name in r.blob_names:
+            data = bytes(r.read_blob(name))
+            w.add_blob(name, data[:200] + b"\xff\xd9" if name == "leaf2/tile0.jpg" else data)
+    code, out, _ = run(capsys, "verify", broken)
+    assert code == 1 and "leaf2/tile0.jpg: JPEG does not parse" in out
+
+
+def test_extract_tiles_open_in_pillow(sources, tmp_path, capsys):
+    ckpt = tmp_path / "e.jjpg"
+    jaxjpeg.save(ckpt, sources["params"], step=4, tile_shape=(128, 256))
+    outdir = tmp_path / "tiles"
+    code, out, err = run(capsys, "extract", ckpt, outdir)
+    assert code == 0, err
+    files = sorted(os.listdir(outdir))
+    with jaxjpeg.checkpoint.Checkpoint(ckpt) as c:
+        expected = {f"{leaf.path.replace('/', '.')}.tile{k}.jpg": leaf.tiles[k]
+                    for leaf in c.leaves if leaf.kind == "jpeg" for k in range(len(leaf.tiles))}
+    assert sorted(expected) == files and len(files) > 3
+    for name in files:
+        with Image.open(outdir / name) as im:
+            im.load()
+            _, _, height, width, _ = expected[name]
+            assert im.format == "JPEG" and im.mode == "L" and im.size == (width, height)
+    only = tmp_path / "only"
+    code, _, _ = run(capsys, "extract", ckpt, only, "--leaf", "*/Dense_0/*")
+    assert code == 0
+    assert sorted(os.listdir(only)) == [f for f in files if f.startswith("params.Dense_0.")]
+
+
+def test_errors_are_one_line_exit_2(sources, tmp_path, capsys):
+    good = tmp_path / "g.jjpg"
+    jaxjpeg.save(good, sources["params"], step=4)
+    truncated = tmp_path / "t.jjpg"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"this is not a checkpoint at all\n" * 10)
+    empty_dir = tmp_path / "emptydir"
+    empty_dir.mkdir()
+    cases = [
+        ("verify", tmp_path / "missing.jjpg"),
+        ("inspect", tmp_path / "missing.jjpg"),
+        ("inspect", sources["msgpack"]),            # not a jaxjpeg file
+        ("inspect", truncated),
+        ("verify", truncated),
+        ("extract", truncated, tmp_path / "x"),
+        ("inspect", empty_dir),
+        ("compress", tmp_path / "missing", tmp_path / "o.jjpg"),
+        ("compress", junk, tmp_path / "o.jjpg"),
+        ("compress", empty_dir, tmp_path / "o.jjpg"),
+        ("compress", good, tmp_path / "o.jjpg"),     # already jaxjpeg
+        ("compress", sources["msgpack"], good),      # exists, no --force
+        ("extract", good, tmp_path / "x", "--leaf", "no/such/*"),
+        ("inspect", good, "--source", junk),
+    ]
+    for argv in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2, (argv, out, err)
+        assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1, (argv, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "o.jjpg").exists()
+    assert run(capsys, "compress", "a", "b", "--step", "3", "--quality", "3")[0] == 2  # usage
+    assert run(capsys, "frobnicate")[0] == 2
+
+
+def test_console_entry_point_subprocess(sources, tmp_path):
+    dst = tmp_path / "s.jjpg"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "jaxjpeg.cli", "compress",
+                           str(sources["safetensors"]), str(dst)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio" in proc.stdout
+    assert "it/s" not in proc.stderr and "%|" not in proc.stderr  # no bar when not a tty
+    proc = subprocess.run([sys.executable, "-m", "jaxjpeg.cli", "verify", str(tmp_path / "no")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("no such file or directory")

@@ -1,0 +1,114 @@
+"""jaxjpeg.orbax: the handler inside a real Orbax CheckpointManager (async by default),
+with several steps, max_to_keep, restore of the latest step into an abstract target,
+restore without args in a fresh manager, and mixing with Orbax's own handlers. Error
+bounds are loose: these test the round trip, not fidelity."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxjpeg.orbax import FILENAME, JaxjpegCheckpointHandler, JaxjpegRestore, JaxjpegSave
+
+
+def _params(seed: int):
+    key = jax.random.key(seed)
+    k1, k2 = jax.random.split(key)
+    return {"Dense_0": {"kernel": 0.05 * jax.random.normal(k1, (256, 384)),
+                        "bias": jnp.full((384,), float(seed))},
+            "Dense_1": {"kernel": 0.05 * jax.random.normal(k2, (384, 128), jnp.bfloat16)}}
+
+
+def _rel_rms(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+def test_manager_steps_max_to_keep_and_latest(tmp_path):
+    options = ocp.CheckpointManagerOptions(max_to_keep=2)
+    with ocp.CheckpointManager(tmp_path / "ckpts", options=options) as mngr:
+        for step in range(4):
+            mngr.save(step, args=ocp.args.Composite(
+                params=JaxjpegSave(_params(step), step=4.0),
+                extra=ocp.args.JsonSave({"step": step})))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [2, 3] and mngr.latest_step() == 3
+        assert os.path.isfile(tmp_path / "ckpts" / "3" / "params" / FILENAME)
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _params(0))
+        restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+            params=JaxjpegRestore(abstract), extra=ocp.args.JsonRestore()))
+    want = _params(3)
+    got = restored["params"]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    np.testing.assert_array_equal(got["Dense_0"]["bias"], want["Dense_0"]["bias"])  # lossless
+    assert got["Dense_1"]["kernel"].dtype == jnp.bfloat16
+    for name in ("Dense_0", "Dense_1"):
+        assert isinstance(got[name]["kernel"], jax.Array)
+        assert _rel_rms(got[name]["kernel"], want[name]["kernel"]) < 0.25
+    assert restored["extra"] == {"step": 3}
+
+
+def test_fresh_manager_restores_without_args_and_reads_metadata(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(7, args=ocp.args.Composite(params=JaxjpegSave(_params(7), quality=95)))
+        mngr.wait_until_finished()
+    with ocp.CheckpointManager(tmp_path) as mngr:  # handler found from the saved typestr
+        assert mngr.latest_step() == 7
+        restored = mngr.restore(7)["params"]
+        meta = mngr.item_metadata(7)["params"]  # known once the handler is (restore above)
+        assert meta["Dense_0"]["kernel"] == jax.ShapeDtypeStruct((256, 384), jnp.float32)
+    np.testing.assert_array_equal(restored["Dense_0"]["bias"], np.full(384, 7.0, np.float32))
+    assert _rel_rms(restored["Dense_0"]["kernel"], _params(7)["Dense_0"]["kernel"]) < 0.25
+
+
+def test_single_item_manager_and_partial_restore(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=JaxjpegSave(_params(1)))
+        mngr.wait_until_finished()
+        partial = {"Dense_0": {"bias": jax.ShapeDtypeStruct((384,), jnp.float32)}}
+        restored = mngr.restore(1, args=JaxjpegRestore(partial))
+    assert list(restored) == ["Dense_0"] and list(restored["Dense_0"]) == ["bias"]
+    np.testing.assert_array_equal(restored["Dense_0"]["bias"], np.ones(384, np.float32))
+
+
+def test_async_save_snapshots_before_returning(tmp_path):
+    """The caller may overwrite its buffers as soon as save() returns."""
+    params = {"w": np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32),
+              "b": np.arange(512, dtype=np.float32)}
+    original = {k: v.copy() for k, v in params.items()}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(params=JaxjpegSave(params)))
+        for v in params.values():  # clobber while the commit may still be running
+            v[...] = -1e6
+        mngr.wait_until_finished()
+        restored = mngr.restore(0, args=ocp.args.Composite(params=JaxjpegRestore()))["params"]
+    np.testing.assert_array_equal(restored["b"], original["b"])
+    assert _rel_rms(restored["w"], original["w"]) < 0.25
+
+
+def test_plain_checkpointer_sync_and_async(tmp_path):
+    params = _params(2)
+    with ocp.Checkpointer(JaxjpegCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "sync", args=JaxjpegSave(params, step=2.0))
+        got = ckptr.restore(tmp_path / "sync", args=JaxjpegRestore())
+    with ocp.AsyncCheckpointer(JaxjpegCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "async",
+                   args=JaxjpegSave(params, save_kwargs={"qtable": [2] * 64}))
+        ckptr.wait_until_finished()
+        got_async = ckptr.restore(tmp_path / "async", args=JaxjpegRestore(dtype=jnp.float32))
+    np.testing.assert_array_equal(got["Dense_0"]["kernel"], got_async["Dense_0"]["kernel"])
+    assert got_async["Dense_1"]["kernel"].dtype == jnp.float32
+    with pytest.raises(FileNotFoundError):
+        JaxjpegCheckpointHandler().restore(tmp_path)
+
+
+def test_import_jaxjpeg_does_not_import_orbax():
+    code = ("import sys, jaxjpeg, jaxjpeg.cli; "
+            "assert not any(m == 'orbax' or m.startswith('orbax.') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
