@@ -1,0 +1,229 @@
+"""Sharded restore checks on 8 host CPU devices (run by tests/test_sharded_restore.py).
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 must be in the environment
+before jax initialises, so this runs as its own process. Usage:
+
+    python tests/scripts/sharded_restore.py WORKDIR
+
+Prints one JSON line, {check name: "ok" or the failure's traceback}, last.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
+
+import jaxjpeg  # noqa: E402
+from jaxjpeg import checkpoint as ck  # noqa: E402
+
+WORK = sys.argv[1]
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def mesh(shape, names):
+    return jax.sharding.Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
+
+
+rng = np.random.default_rng(0)
+TREE = {
+    "rows": rng.normal(size=(4096, 1024)).astype(np.float32),   # 8 tiles of 512 rows
+    "cols": rng.normal(size=(1024, 4096)).astype(np.float32),   # 2 x 8 tiles
+    "grid": rng.normal(size=(1024, 2048)).astype(np.float32),   # 2 x 4 tiles
+    "conv": rng.normal(size=(8, 2, 64, 512)).astype(np.float32),  # 2-D view (1024, 512)
+    "half": rng.normal(size=(1024, 1024)).astype(jax.numpy.bfloat16),
+    "bias": rng.normal(size=(1024,)).astype(np.float32),        # raw
+}
+PATH = os.path.join(WORK, "tree.jjpg")
+jaxjpeg.save(PATH, TREE)
+REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(PATH).items()}  # one device
+
+
+def tile_bytes(name):
+    """[(row0, col0, h, w, size)] of leaf `name`'s tiles, from the file's records."""
+    with ck.Checkpoint(PATH) as c:
+        (leaf,) = [l for l in c.leaves if l.path == name]
+        return [(r0, c0, h, w, c.tile_size(leaf, k))
+                for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)]
+
+
+def expected_bytes(name, sharding):
+    """device -> bytes of the tiles overlapping its shard's 2-D box (computed here
+    independently of restore: from the shard's index and the tile records)."""
+    shape = TREE[name].shape
+    tiles = tile_bytes(name)
+    out = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        # rows of the 2-D view = row-major positions of the leading indices
+        lead = [np.arange(d)[sl] for sl, d in zip(index[:-1], shape[:-1])]
+        rows = (np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), shape[:-1]).ravel()
+                if lead else np.zeros(1, int))
+        cols = np.arange(shape[-1])[index[-1]]
+        total = 0
+        for r0, c0, h, w, size in tiles:
+            if np.any((rows >= r0) & (rows < r0 + h)) and np.any((cols >= c0) & (cols < c0 + w)):
+                total += size
+        out[str(device)] = total
+    return out
+
+
+def restore_one(name, sharding, dtype=None):
+    stats = jaxjpeg.RestoreStats()
+    target = {name: jax.ShapeDtypeStruct(TREE[name].shape, dtype or TREE[name].dtype,
+                                         sharding=sharding)}
+    return jaxjpeg.restore(PATH, target=target, stats=stats)[name], stats.payload_bytes_per_device
+
+
+def check_exact(name, value, sharding):
+    assert value.sharding.is_equivalent_to(sharding, value.ndim), (value.sharding, sharding)
+    for shard in value.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), REFERENCE[name][shard.index],
+                                      err_msg=f"{name} shard on {shard.device}")
+    np.testing.assert_array_equal(np.asarray(value), REFERENCE[name])
+
+
+@check
+def eight_devices_seen():
+    assert len(jax.devices()) == 8, jax.devices()
+
+
+def aligned(name, spec, mesh_shape=(8,), names=("x",)):
+    sharding = NamedSharding(mesh(mesh_shape, names), spec)
+    value, stats = restore_one(name, sharding)
+    check_exact(name, value, sharding)
+    want = expected_bytes(name, sharding)
+    assert stats == want, (stats, want)
+    # aligned shards: every tile read exactly once, over all devices together
+    assert sum(stats.values()) == sum(t[4] for t in tile_bytes(name)), stats
+    assert len(stats) == len(value.sharding.device_set)
+
+
+@check
+def rows_sharded_8_ways_read_only_their_tiles():
+    aligned("rows", P("x", None))
+
+
+@check
+def cols_sharded_8_ways_read_only_their_tiles():
+    aligned("cols", P(None, "x"))
+
+
+@check
+def mesh_2x4_both_dims_read_only_their_tile():
+    aligned("grid", P("a", "b"), (2, 4), ("a", "b"))
+    with ck.Checkpoint(PATH) as c:  # one tile per device
+        assert len([l for l in c.leaves if l.path == "grid"][0].tiles) == 8
+
+
+@check
+def four_d_leaf_sharded_on_leading_dim():
+    sharding = NamedSharding(mesh((8,), ("x",)), P("x"))
+    value, stats = restore_one("conv", sharding)
+    check_exact("conv", value, sharding)
+    assert stats == expected_bytes("conv", sharding), stats
+
+
+@check
+def four_d_leaf_sharded_on_inner_dims():
+    # shards whose rows in the 2-D view are not contiguous (cut by a gather)
+    for spec in (P(None, "a", "b"), P(None, None, "b", "a"), P("b", None, "a")):
+        sharding = NamedSharding(mesh((2, 4), ("a", "b")), spec)
+        value, stats = restore_one("conv", sharding)
+        check_exact("conv", value, sharding)
+        assert stats == expected_bytes("conv", sharding), (spec, stats)
+
+
+@check
+def unaligned_rows_read_only_overlapping_tiles():
+    # (1024, 2048) in 512x512 tiles, 8 row shards of 128 rows: each shard lies
+    # in one tile row and must read its 4 tiles and no others.
+    sharding = NamedSharding(mesh((8,), ("x",)), P("x", None))
+    value, stats = restore_one("grid", sharding)
+    check_exact("grid", value, sharding)
+    want = expected_bytes("grid", sharding)
+    assert stats == want, (stats, want)
+    tiles = tile_bytes("grid")
+    top = sum(t[4] for t in tiles if t[0] == 0)
+    assert [stats[str(d)] for d in jax.devices()[:4]] == [top] * 4
+
+
+@check
+def replicated_every_device_reads_everything():
+    sharding = NamedSharding(mesh((8,), ("x",)), P())
+    value, stats = restore_one("grid", sharding)
+    check_exact("grid", value, sharding)
+    total = sum(t[4] for t in tile_bytes("grid"))
+    assert stats == {str(d): total for d in jax.devices()}, stats
+
+
+@check
+def bfloat16_sharded_and_dtype_override():
+    sharding = NamedSharding(mesh((2, 4), ("a", "b")), P("b", "a"))
+    value, stats = restore_one("half", sharding)
+    assert value.dtype == jax.numpy.bfloat16
+    check_exact("half", value, sharding)
+    assert stats == expected_bytes("half", sharding)
+    as_f32, _ = restore_one("grid", sharding, dtype=np.float16)
+    assert as_f32.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(as_f32), REFERENCE["grid"].astype(np.float16))
+
+
+@check
+def raw_leaf_sharded():
+    sharding = NamedSharding(mesh((8,), ("x",)), P("x"))
+    value, stats = restore_one("bias", sharding)
+    assert stats == {}  # raw leaves move no JPEG payload
+    check_exact("bias", value, sharding)
+    np.testing.assert_array_equal(np.asarray(value), TREE["bias"])
+
+
+@check
+def whole_tree_mixed_targets():
+    m = mesh((8,), ("x",))
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(m, P("x")))
+              for k, v in TREE.items()}
+    target["grid"] = jax.ShapeDtypeStruct((1024, 2048), np.float32,
+                                          sharding=SingleDeviceSharding(jax.devices()[5]))
+    restored = jaxjpeg.restore(PATH, target=target)
+    for name, value in restored.items():
+        check_exact(name, value, target[name].sharding)
+
+
+@check
+def different_device_count_than_saved():
+    x = rng.normal(size=(2048, 1024)).astype(np.float32)
+    saved_from = jax.device_put(x, NamedSharding(mesh((2,), ("x",)), P("x", None)))
+    path = os.path.join(WORK, "from2.jjpg")
+    jaxjpeg.save(path, {"w": saved_from})
+    single = np.asarray(jaxjpeg.restore(path)["w"])
+    assert 0 < np.sqrt(np.mean((single - x) ** 2)) < 0.1
+    for sharding in (NamedSharding(mesh((8,), ("x",)), P("x", None)),
+                     NamedSharding(mesh((4, 2), ("a", "b")), P("b", "a")),
+                     SingleDeviceSharding(jax.devices()[3])):
+        target = {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)}
+        value = jaxjpeg.restore(path, target=target)["w"]
+        assert value.sharding.is_equivalent_to(sharding, 2), value.sharding
+        np.testing.assert_array_equal(np.asarray(value), single)
+    one = jaxjpeg.restore(path, target={"w": jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=SingleDeviceSharding(jax.devices()[3]))})["w"]
+    assert one.devices() == {jax.devices()[3]}
+
+
+results = {}
+for name, fn in CHECKS.items():
+    try:
+        fn()
+        results[name] = "ok"
+    except BaseException:  # reported per check to the test
+        results[name] = traceback.format_exc()
+print(json.dumps(results))

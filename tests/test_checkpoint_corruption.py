@@ -1,0 +1,404 @@
+"""Damaged, truncated and hostile checkpoints fail with clear errors; saves are atomic.
+
+Findings these tests pin down:
+* With verify=True (the default) every single-byte change to the file is
+  detected (FormatError), except in the zero padding between 64-byte-aligned
+  blobs, which no checksum covers and nothing reads: there the restore gives
+  exactly the original weights.
+* With verify=False the header is still checked, but blob bytes are not: a
+  flipped byte in a JPEG tile either raises JpegError or decodes to *changed*
+  weights, all still inside the leaf's affine range (finite, bounded). The
+  process never crashes (checked in a child process).
+* A SIGKILL during save leaves the previous checkpoint at the path intact; the
+  killed save's "<path>.tmp-<random>" file stays behind (nothing can remove it
+  after SIGKILL) but is never at the path.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import checkpoint as ck
+from jaxjpeg import format as fmt
+
+SCRIPTS = Path(__file__).parent / "scripts"
+DETECTED = (jaxjpeg.FormatError, jaxjpeg.JpegError)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small checkpoint: a JPEG leaf (one tile), a raw float leaf, an int leaf."""
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(64, 64)).astype(np.float32),
+            "b": rng.normal(size=(16,)).astype(np.float32),
+            "n": np.int32(7)}
+    path = tmp_path_factory.mktemp("small") / "small.jjpg"
+    jaxjpeg.save(path, tree)
+    with ck.Checkpoint(path) as c:
+        assert [l.kind for l in c.leaves] == ["raw", "raw", "jpeg"]  # b, n, w
+    restored = {k: np.asarray(v) for k, v in jaxjpeg.restore(path).items()}
+    return path, path.read_bytes(), restored
+
+
+def covered_bytes(path) -> np.ndarray:
+    """True for every byte a checksum covers: preamble, blobs, header."""
+    with fmt.ContainerReader(path) as r:
+        covered = np.zeros(r.file_size, bool)
+        covered[:fmt.PREAMBLE_SIZE] = True
+        for name in r.blob_names:
+            info = r.blob_info(name)
+            covered[info.offset:info.offset + info.length] = True
+        end = max(i.offset + i.length for i in map(r.blob_info, r.blob_names))
+        header_offset = -(-end // fmt.ALIGNMENT) * fmt.ALIGNMENT
+        covered[header_offset:] = True
+    return covered
+
+
+def restore_outcome(path, original, **kwargs):
+    """"detected", "exact" (same weights) or "WRONG" (silently different)."""
+    try:
+        got = jaxjpeg.restore(path, **kwargs)
+    except DETECTED:
+        return "detected"
+    same = all(np.array_equal(np.asarray(got[k]), v) for k, v in original.items())
+    return "exact" if same else "WRONG"
+
+
+def test_every_single_byte_change_is_detected(small, tmp_path):
+    path, data, original = small
+    covered = covered_bytes(path)
+    bad = tmp_path / "bad.jjpg"
+    outcomes = {}
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        bad.write_bytes(damaged)
+        outcomes[position] = restore_outcome(bad, original)
+    wrong = [p for p, o in outcomes.items() if o == "WRONG"]
+    assert not wrong, f"silently wrong weights after flipping bytes {wrong[:20]}"
+    undetected = [p for p, o in outcomes.items() if o == "exact"]
+    assert not covered[undetected].any(), "a flip in checksummed bytes went unnoticed"
+    assert sum(o == "detected" for o in outcomes.values()) == covered.sum()
+
+
+def test_single_byte_changes_in_a_multi_tile_checkpoint(tmp_path):
+    """A sample of payload bytes (every 97th) and every header byte of a bigger file."""
+    rng = np.random.default_rng(1)
+    tree = {"w": rng.normal(size=(600, 700)).astype(np.float32),
+            "conv": rng.normal(size=(3, 3, 32, 64)).astype(np.float32)}
+    path = tmp_path / "big.jjpg"
+    jaxjpeg.save(path, tree)
+    original = {k: np.asarray(v) for k, v in jaxjpeg.restore(path).items()}
+    data = path.read_bytes()
+    covered = covered_bytes(path)
+    with fmt.ContainerReader(path) as r:
+        header_start = max(i.offset + i.length for i in map(r.blob_info, r.blob_names))
+    positions = sorted(set(range(0, header_start, 97)) | set(range(header_start, len(data)))
+                       | set(range(64)))
+    bad = tmp_path / "bad.jjpg"
+    for position in positions:
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        bad.write_bytes(damaged)
+        outcome = restore_outcome(bad, original)
+        assert outcome != "WRONG", position
+        assert outcome == "detected" or not covered[position], position
+
+
+def test_truncation_at_every_length(small, tmp_path):
+    path, data, _ = small
+    bad = tmp_path / "short.jjpg"
+    for length in range(len(data)):
+        bad.write_bytes(data[:length])
+        with pytest.raises(jaxjpeg.FormatError):
+            jaxjpeg.restore(bad)
+    bad.write_bytes(data + b"\0")  # and one byte too many
+    with pytest.raises(jaxjpeg.FormatError, match="unexpected bytes"):
+        jaxjpeg.restore(bad)
+
+
+def test_verify_false_never_crashes(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "verify_false_flips.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    counts = report["counts"]
+    assert sum(counts.values()) == report["tile_bytes"]
+    # Flips in the JPEG header and many in the entropy-coded data are caught by
+    # the decoder; the rest decode to other, but bounded, values.
+    assert counts["error"] > 0 and report["errors"] == ["JpegError"]
+    assert report["in_range"]
+
+
+# ---------------------------------------------------------------- hostile metadata
+
+
+def rewrite(src, dst, edit_meta=None, edit_blobs=None):
+    """Copies a checkpoint, editing its metadata and blobs; checksums stay valid."""
+    with fmt.ContainerReader(src) as r:
+        meta = json.loads(json.dumps(r.metadata))
+        blobs = {n: bytes(r.read_blob(n)) for n in r.blob_names}
+    if edit_meta:
+        meta = edit_meta(meta) or meta
+    if edit_blobs:
+        edit_blobs(blobs)
+    with fmt.ContainerWriter(dst) as w:
+        for name, data in blobs.items():
+            w.add_blob(name, data)
+        w.set_metadata(meta)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """A checkpoint with a 2 x 2-tile JPEG leaf (leaf index 1) and a raw one (index 0)."""
+    rng = np.random.default_rng(2)
+    path = tmp_path_factory.mktemp("tiled") / "tiled.jjpg"
+    jaxjpeg.save(path, {"w": rng.normal(size=(96, 80)).astype(np.float32),
+                        "b": rng.normal(size=(80,)).astype(np.float32)}, tile_shape=(48, 40))
+    with ck.Checkpoint(path) as c:
+        assert [l.kind for l in c.leaves] == ["raw", "jpeg"]
+        assert len(c.leaves[1].tiles) == 4
+    return path
+
+
+def jpeg_leaf(meta):
+    return meta["leaves"][1]
+
+
+def set_in(getter, key, value):
+    def edit(meta):
+        getter(meta)[key] = value
+    return edit
+
+
+def tile_edit(k, column, value):
+    def edit(meta):
+        jpeg_leaf(meta)["tiles"][k][column] = value
+    return edit
+
+
+def swap_tile_origin(meta):  # two tiles on the same spot: equal area, a gap elsewhere
+    tiles = jpeg_leaf(meta)["tiles"]
+    tiles[1][:2] = tiles[0][:2]
+
+
+def drop_leaves(meta):
+    del meta["leaves"]
+
+
+def leaves_not_list(meta):
+    meta["leaves"] = 5
+
+
+def nested_paths(meta):
+    meta["leaves"][0]["path"] = meta["leaves"][1]["path"] + [["key", "x"]]
+
+
+def duplicate_paths(meta):
+    meta["leaves"][0]["path"] = meta["leaves"][1]["path"]
+
+
+def blob_renamer(old, new):
+    def edit(blobs):
+        blobs[new] = blobs.pop(old)
+    return edit
+
+
+def interval_index(transform):
+    def edit(blobs):
+        starts = np.frombuffer(blobs["leaf1/intervals"], np.uint32).copy()
+        blobs["leaf1/intervals"] = transform(starts).astype(np.uint32).tobytes()
+    return edit
+
+
+def _bump_last(s):
+    s[-1] += 100000
+    return s
+
+
+def _reverse_first_tile(s):
+    s[1], s[2] = s[2], s[1]
+    return s
+
+
+def _first_tile_one_interval(meta):  # index count agrees, tile needs more intervals
+    leaf = jpeg_leaf(meta)
+    leaf["tiles"][0][4] = 1
+
+
+HOSTILE_META = {
+    "unknown format": (set_in(lambda m: m, "format", "other-format"), "not a jaxjpeg checkpoint"),
+    "unknown version": (set_in(lambda m: m, "version", 99), "version 99"),
+    "missing leaves": (drop_leaves, "leaves"),
+    "leaves not a list": (leaves_not_list, "leaves"),
+    "huge shape": (set_in(jpeg_leaf, "shape", [2**40, 2**40]), "implausible shape"),
+    "huge raw shape": (set_in(lambda m: m["leaves"][0], "shape", [2**31, 2**20]),
+                       "implausible shape"),
+    "enormous int shape": (set_in(jpeg_leaf, "shape", [10**400, 1]), "implausible shape"),
+    "negative shape": (set_in(jpeg_leaf, "shape", [-96, -80]), "implausible shape"),
+    "shape not a list": (set_in(jpeg_leaf, "shape", "96x80"), "malformed"),
+    "bad dtype": (set_in(jpeg_leaf, "dtype", "no-such-type"), "unknown dtype"),
+    "object dtype": (set_in(lambda m: m["leaves"][0], "dtype", "object"), "unsupported dtype"),
+    "int dtype jpeg": (set_in(jpeg_leaf, "dtype", "int32"), "bad kind"),
+    "unknown kind": (set_in(jpeg_leaf, "kind", "zip"), "bad kind"),
+    "bits 16": (set_in(jpeg_leaf, "bits", 16), "bad tile records"),
+    "no tiles": (set_in(jpeg_leaf, "tiles", []), "bad tile records"),
+    "short tile record": (set_in(jpeg_leaf, "tiles", [[0, 0, 96, 80]]), "bad tile records"),
+    "negative restart interval": (set_in(jpeg_leaf, "restart_interval", -1), "restart interval"),
+    "tile outside": (tile_edit(3, 0, 90), "tile outside"),
+    "tile negative origin": (tile_edit(0, 1, -8), "tile outside"),
+    "tile too tall": (tile_edit(0, 2, 70000), "tile outside"),
+    "tiles do not cover": (set_in(jpeg_leaf, "shape", [96, 96]), "do not cover"),
+    "overlapping tiles": (swap_tile_origin, "do not cover"),
+    "too few intervals": (_first_tile_one_interval, "restart intervals"),
+    "malformed path": (set_in(jpeg_leaf, "path", "w"), "malformed path"),
+    "path of wrong kind": (set_in(jpeg_leaf, "path", [["index", "w"]]), "malformed path"),
+    "nested paths": (nested_paths, "nest"),
+    "duplicate paths": (duplicate_paths, "repeat"),
+}
+
+HOSTILE_BLOBS = {
+    "interval index out of range": (interval_index(_bump_last), "index out of range"),
+    "interval index not increasing": (interval_index(_reverse_first_tile), "index out of range"),
+    "interval index wrong size": (interval_index(lambda s: s[:-1]), "wrong size"),
+    "affine wrong size": (lambda b: b.update({"leaf1/affine": b["leaf1/affine"][:-8]}),
+                          "affine map has the wrong size"),
+    "raw wrong size": (lambda b: b.update({"leaf0/raw": b["leaf0/raw"] + b"\0" * 4}),
+                       "expected"),
+    "missing tile blob": (blob_renamer("leaf1/tile2.jpg", "other"), "missing blob"),
+    "missing raw blob": (blob_renamer("leaf0/raw", "other"), "missing blob"),
+    "tiles swapped": (lambda b: b.update({"leaf1/tile0.jpg": b["leaf1/tile3.jpg"],
+                                          "leaf1/tile3.jpg": b["leaf1/tile0.jpg"]}), None),
+}
+
+
+def assert_clear_error(path, match):
+    tracemalloc.start()
+    try:
+        with pytest.raises(DETECTED, match=match):
+            jaxjpeg.restore(path)
+        with pytest.raises(DETECTED, match=match):
+            jaxjpeg.restore(path, verify=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"refusing a hostile file took {peak} bytes"
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_META))
+def test_hostile_metadata(tiled, tmp_path, case):
+    edit, match = HOSTILE_META[case]
+    assert_clear_error(rewrite(tiled, tmp_path / "hostile.jjpg", edit_meta=edit), match)
+
+
+def test_header_number_overflowing_to_infinity(tiled, tmp_path):
+    """1e400 is valid JSON that parses as inf; ContainerWriter cannot write it, so
+    the header text is edited and its checksum and the preamble recomputed."""
+    data = tiled.read_bytes()
+    with fmt.ContainerReader(tiled) as r:
+        end = max(i.offset + i.length for i in map(r.blob_info, r.blob_names))
+    header_offset = -(-end // fmt.ALIGNMENT) * fmt.ALIGNMENT
+    header = data[header_offset:]
+    assert header.count(b'"shape":[96,80]') == 1
+    header = header.replace(b'"shape":[96,80]', b'"shape":[1e400,80]')
+    path = tmp_path / "inf.jjpg"
+    path.write_bytes(fmt._pack_preamble(header_offset, len(header), fmt.crc32c(header))
+                     + data[fmt.PREAMBLE_SIZE:header_offset] + header)
+    assert_clear_error(path, "malformed")
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_BLOBS))
+def test_hostile_blobs(tiled, tmp_path, case):
+    edit, match = HOSTILE_BLOBS[case]
+    path = rewrite(tiled, tmp_path / "hostile.jjpg", edit_blobs=edit)
+    if match is None:  # valid JPEGs in the wrong places: the index no longer fits them
+        try:
+            jaxjpeg.restore(path)
+        except DETECTED:
+            pass
+        return
+    assert_clear_error(path, match)
+
+
+def test_unchanged_rewrite_restores_identically(tiled, tmp_path):
+    """The rewriting helper itself changes nothing when asked to change nothing."""
+    copy = rewrite(tiled, tmp_path / "copy.jjpg")
+    a, b = jaxjpeg.restore(tiled), jaxjpeg.restore(copy)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "plain.jjpg"
+    with fmt.ContainerWriter(path) as w:
+        w.add_blob("x", b"hello")
+        w.set_metadata({"something": "else"})
+    with pytest.raises(jaxjpeg.FormatError, match="not a jaxjpeg checkpoint"):
+        jaxjpeg.restore(path)
+    (tmp_path / "text.jjpg").write_bytes(b"not a container at all" * 10)
+    with pytest.raises(jaxjpeg.FormatError, match="magic"):
+        jaxjpeg.restore(tmp_path / "text.jjpg")
+
+
+# ---------------------------------------------------------------- atomic save
+
+
+def test_sigkill_mid_save_leaves_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "ckpt.jjpg"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "save_loop.py"), str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+
+        def wait_for(prefix):
+            while True:
+                line = proc.stdout.readline()
+                assert line, f"save loop exited early: {lines}"
+                lines.append(line.strip())
+                if line.startswith(prefix):
+                    return time.monotonic()
+
+        start = wait_for("begin 0")
+        save_seconds = wait_for("saved 0") - start
+        wait_for("begin 1")
+        # kill at a point inside the save, once a temporary file is being written
+        deadline = time.monotonic() + 10 * save_seconds + 5
+        while not list(tmp_path.glob("ckpt.jjpg.tmp-*")):
+            assert time.monotonic() < deadline, "no temporary file appeared"
+            time.sleep(0.005)
+        time.sleep(save_seconds / 4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        lines += proc.stdout.read().split()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert "saved 1" not in lines, "the save finished before the kill; nothing was tested"
+    leftovers = list(tmp_path.glob("ckpt.jjpg.tmp-*"))
+    assert leftovers, "the killed save left no temporary file: was it killed mid-save?"
+    with fmt.ContainerReader(path) as r:
+        assert all(ok for _, ok in r.verify())
+    restored = jaxjpeg.restore(path)
+    assert int(restored["step"]) == 0
+    assert restored["embedding"].shape == (4096, 2048)
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(1024, 1024)).astype(np.float32)  # layer0/kernel, as the script made it
+    err = np.sqrt(np.mean((np.asarray(restored["layer0"]["kernel"]) - first) ** 2))
+    assert 0 < err < 0.1
+    # the path still takes new saves and leftover temp files do not get in the way
+    jaxjpeg.save(path, {"step": np.int64(5)})
+    assert int(jaxjpeg.restore(path)["step"]) == 5
+    for leftover in leftovers:
+        os.unlink(leftover)

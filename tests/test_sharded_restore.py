@@ -1,0 +1,48 @@
+"""Sharded restore on 8 host CPU devices, checked in a subprocess.
+
+The device count is fixed when jax initialises, so tests/scripts/sharded_restore.py
+runs in its own process with XLA_FLAGS=--xla_force_host_platform_device_count=8
+and reports every check; each test below asserts one of them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "sharded_restore.py"
+
+CHECKS = [
+    "eight_devices_seen",
+    "rows_sharded_8_ways_read_only_their_tiles",
+    "cols_sharded_8_ways_read_only_their_tiles",
+    "mesh_2x4_both_dims_read_only_their_tile",
+    "four_d_leaf_sharded_on_leading_dim",
+    "four_d_leaf_sharded_on_inner_dims",
+    "unaligned_rows_read_only_overlapping_tiles",
+    "replicated_every_device_reads_everything",
+    "bfloat16_sharded_and_dtype_override",
+    "raw_leaf_sharded",
+    "whole_tree_mixed_targets",
+    "different_device_count_than_saved",
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path_factory.mktemp("sharded"))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(report) == sorted(CHECKS), "script and test disagree on the checks"
+    return report
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_sharded_restore(results, name):
+    assert results[name] == "ok", results[name]
