@@ -1,7 +1,7 @@
 """Train a small Flax CNN on scikit-learn's bundled digits, save it as a
 jaxjpeg checkpoint, restore it under jit and compare test accuracy.
 
-    python examples/digits_checkpoint.py [--step 8 | --ratio 8 | --error-bound 0.05]
+    python examples/digits_checkpoint.py [--ratio 8 | --relative-step 0.28 | --error-bound 0.05]
 
 Everything is bundled: no downloads. Runs in well under a minute on 2 cores.
 """
@@ -23,19 +23,21 @@ from models import digits_accuracy, digits_data, train_digits_cnn
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     rate = parser.add_mutually_exclusive_group()
-    rate.add_argument("--step", type=float, help="flat quantization step (sample units)")
-    rate.add_argument("--ratio", type=float, help="target compression ratio for the whole file")
+    rate.add_argument("--relative-step", type=float,
+                      help="quantization step as a fraction of each tensor's RMS")
+    rate.add_argument("--ratio", type=float,
+                      help="target compression ratio for the whole file (default 8)")
     rate.add_argument("--error-bound", type=float, help="relative RMS error bound per leaf")
     parser.add_argument("--out", help="checkpoint path (default: a temporary file)")
     return parser.parse_args()
 
 
 def rate_options(args) -> dict:
-    if args.ratio:
-        return {"target_ratio": args.ratio}
+    if args.relative_step:
+        return {"relative_step": args.relative_step}
     if args.error_bound:
         return {"error_bound": args.error_bound}
-    return {"step": args.step} if args.step else {}
+    return {"target_ratio": args.ratio or 8.0}
 
 
 def main():

@@ -25,7 +25,10 @@ from jaxjpeg import codec, format as fmt, ops
 
 CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
 CHECKPOINT_VERSION = 1
-DEFAULT_STEP = 8                  # flat step, 8-bit samples: ~4 bits/weight (8x) on Gaussian weights
+# Default rate: uniform quantization of DCT coefficients with a step of this
+# fraction of each tensor's RMS: ~8% relative RMS error and ~4 bits/weight
+# (8x against float32) on Gaussian weights, whatever the tensor's tails.
+DEFAULT_RELATIVE_STEP = 0.28
 DEFAULT_TILE_SHAPE = (512, 512)   # small enough that 8-way row or column shards read no extra tiles
 JPEG_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -178,6 +181,20 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
     return record, stored
 
 
+def _relative_step_encoder(relative_step, restart_interval, tile_shape):
+    from jaxjpeg import rate
+
+    if not 0 < relative_step < 16:
+        raise ValueError(f"relative_step must be in (0, 16), got {relative_step}")
+
+    def encode(_, array):
+        x = np.asarray(array, np.float32)
+        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+        return rate.encode_at_step(x, relative_step * rms if rms > 0 else 1.0,
+                                   restart_interval=restart_interval, tile_shape=tile_shape)
+    return encode
+
+
 def _error_bound_encoder(bound, restart_interval, tile_shape):
     from jaxjpeg import rate
 
@@ -228,7 +245,8 @@ def _target_encoder(entries, policy, ratio, nbytes, sensitivity, restart_interva
     return lambda name, array: allocation.encodings[name]
 
 
-def save(path, tree, *, step: float | None = None, quality: int | None = None,
+def save(path, tree, *, relative_step: float | None = None, step: float | None = None,
+         quality: int | None = None,
          qtable: Sequence[int] | None = None, error_bound: float | None = None,
          target_ratio: float | None = None, target_bytes: int | None = None,
          sensitivity: dict | None = None, bits: int = 8, clip: str = "common",
@@ -240,8 +258,10 @@ def save(path, tree, *, step: float | None = None, quality: int | None = None,
 
     The rate is set by one of:
 
-    * ``step``: a flat quantization table (uniform quantization of every DCT
-      coefficient, in sample units; the default is ``DEFAULT_STEP``);
+    * ``relative_step`` (the default, ``DEFAULT_RELATIVE_STEP``): uniform
+      quantization of every DCT coefficient with a step of this fraction of
+      the tensor's RMS (8 or 12-bit samples chosen per tensor);
+    * ``step``: a flat quantization table, in sample units of ``bits``;
     * ``quality``: the standard JPEG table scaled to 1..100; ``qtable``: any
       64-entry table;
     * ``error_bound``: each leaf's relative RMS error at most this (the
@@ -250,20 +270,27 @@ def save(path, tree, *, step: float | None = None, quality: int | None = None,
       across leaves by marginal rate-distortion, weighted by ``sensitivity``
       (leaf path -> weight, e.g. from :func:`jaxjpeg.rate.sensitivity_from_gradients`);
     * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control.
- The file appears at ``path`` only when complete: a
+
+    The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
     """
     policy = policy or Policy()
-    if step is None and quality is None and qtable is None:
-        step = DEFAULT_STEP * (16 if bits == 12 else 1)  # the same weight-domain step
     entries = [(records, _to_numpy(leaf)) for records, leaf in _leaves_with_paths(tree)]
+    rates_given = [v is not None for v in (relative_step, step, quality, qtable, error_bound,
+                                           target_ratio, target_bytes, encoder)]
+    if sum(rates_given) > 1:
+        raise ValueError("give at most one rate control")
+    if not any(rates_given):
+        relative_step = DEFAULT_RELATIVE_STEP
 
-    def default_encoder(_, array):
+    def table_encoder(_, array):
         return codec.encode_tensor(array, bits=bits, step=step, quality=quality, qtable=qtable,
                                    clip=clip, restart_interval=restart_interval,
                                    tile_shape=tile_shape)
 
-    encode = encoder or default_encoder
+    encode = encoder or table_encoder
+    if relative_step is not None:
+        encode = _relative_step_encoder(relative_step, restart_interval, tile_shape)
     if error_bound is not None:
         encode = _error_bound_encoder(error_bound, restart_interval, tile_shape)
     if target_ratio is not None or target_bytes is not None:

@@ -27,6 +27,7 @@ import pytest
 from flax import nnx
 
 import jaxjpeg
+from jaxjpeg import _native
 from jaxjpeg import checkpoint as ck
 
 GAUSSIAN_REL_RMS_BOUND = 0.10
@@ -39,10 +40,16 @@ def rel_rms(restored, original) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
 
 
-def predicted_rel_rms(path, leaf_path, original, step=ck.DEFAULT_STEP) -> float:
+def predicted_rel_rms(path, leaf_path, original) -> float:
+    """Flat step Δ (read from the tile's own DQT) adds Δ²/12 per sample, the
+    decoder's rounding 1/12; per-row scales map that to weights."""
     with ck.Checkpoint(path) as c:
         (leaf,) = [l for l in c.leaves if l.path == leaf_path]
         scale, _ = c.read_affine(leaf)
+        tile = bytes(c.reader.read_blob(f"leaf{leaf.index}/tile0.jpg"))
+    table = _native.inspect(tile)["quant_table"]
+    assert np.all(table == table[0]), "expected a flat table"
+    step = float(table[0])
     noise = math.sqrt(np.mean(scale.astype(np.float64) ** 2) * (step ** 2 + 1) / 12)
     return noise / float(np.sqrt(np.mean(np.asarray(original, np.float64) ** 2)))
 
