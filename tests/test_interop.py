@@ -244,15 +244,8 @@ def test_turbo_8bit_streams_from_imagecodecs_decode_in_jaxjpeg(quality):
     check_decodes_like_turbo(data)
 
 
-@pytest.mark.skipif(not imagecodecs.MOZJPEG.available, reason="imagecodecs built without mozjpeg")
-@pytest.mark.parametrize("quality", [20, 90])
-def test_mozjpeg_baseline_streams_decode_in_jaxjpeg(quality):
-    data = imagecodecs.mozjpeg_encode(smooth_image((40, 64)), level=quality, progressive=False)
-    check_decodes_like_turbo(data)
-
-
-# mozjpeg writes progressive streams by default, like Pillow's progressive=True:
-# jaxjpeg decodes sequential streams only and must say so.
+# Progressive streams (mozjpeg's default, Pillow's progressive=True): jaxjpeg
+# decodes sequential streams only and must say so.
 @pytest.mark.parametrize("optimize", [False, True])
 def test_progressive_streams_are_refused_as_unsupported(optimize):
     data = pillow_encode(smooth_image((32, 32)), quality=80, progressive=True, optimize=optimize)
