@@ -119,17 +119,17 @@ JJ_HD JJ_INLINE int32_t DescaleToSample(Acc x, int shift) {
 // into SIMD code (the column pass works on all 8 columns at once). The
 // zero-column / zero-row shortcuts of libjpeg are not needed: they give the
 // same results as the full computation.
-template <int kBits>
-JJ_HD JJ_INLINE void InverseDctDequantized(const typename IdctTraits<kBits>::Acc dq[64],
-                                           int32_t samples[64]) {
+template <int kBits, typename Coef>
+JJ_HD JJ_INLINE void InverseDctDequantized(const Coef dq[64], int32_t samples[64]) {
   using Acc = typename IdctTraits<kBits>::Acc;
   constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
   constexpr int kShift2 = idct::kConstBits + kPass1 + 3;
   int32_t ws[64];
   for (int c = 0; c < 8; ++c) {
     Acc out[8];
-    idct::Idct1D<Acc>(dq[c], dq[8 + c], dq[16 + c], dq[24 + c], dq[32 + c], dq[40 + c],
-                      dq[48 + c], dq[56 + c], idct::kConstBits - kPass1, out);
+    idct::Idct1D<Acc>(Acc(dq[c]), Acc(dq[8 + c]), Acc(dq[16 + c]), Acc(dq[24 + c]),
+                      Acc(dq[32 + c]), Acc(dq[40 + c]), Acc(dq[48 + c]), Acc(dq[56 + c]),
+                      idct::kConstBits - kPass1, out);
     for (int r = 0; r < 8; ++r) ws[r * 8 + c] = static_cast<int32_t>(out[r]);
   }
   for (int r = 0; r < 8; ++r) {
@@ -167,10 +167,10 @@ JJ_HD JJ_INLINE void InverseDctDequantized(const typename IdctTraits<kBits>::Acc
 // The sample every position of a block with only a DC coefficient gets
 // (`dc` dequantized): what InverseDctDequantized computes for such a block.
 template <int kBits>
-JJ_HD JJ_INLINE int32_t DcOnlySample(typename IdctTraits<kBits>::Acc dc) {
+JJ_HD JJ_INLINE int32_t DcOnlySample(int64_t dc) {
   using Acc = typename IdctTraits<kBits>::Acc;
   constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
-  const int32_t w0 = static_cast<int32_t>(dc * (Acc(1) << kPass1));
+  const int32_t w0 = static_cast<int32_t>(Acc(dc) * (Acc(1) << kPass1));
   return idct::DescaleToSample<kBits>(Acc(w0), kPass1 + 3);
 }
 

@@ -39,15 +39,17 @@ JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64]
   int run;
   int32_t value;
   if (fast != 0) {  // one table read gives the code's length, run and value size
-    const int total = fast & 0xFF;
     // The value bits end `total` bits into the buffer. They are read from the
     // buffer as it is, so that the only serial dependence from one
-    // coefficient to the next is the table read and one shift.
+    // coefficient to the next is the table read and one shift. total <= 24,
+    // so `fast & 63` is total and `-fast & 63` is 64 - total: written so, the
+    // shifts take the entry as it is (CPUs mask shift counts the same way).
     const int32_t mask = fast >> 16;
-    const int32_t bits = static_cast<int32_t>(r.buffer >> (64 - total)) & mask;
+    const int32_t bits = static_cast<int32_t>(r.buffer >> ((0 - fast) & 63)) & mask;
     // EXTEND: a leading 0 value bit means a negative value, bits - mask.
-    value = bits - (bits <= (mask >> 1) ? mask : 0);
-    SkipBits(r, total);
+    value = bits - (bits <= (fast >> 17) ? mask : 0);
+    r.buffer <<= (fast & 63);
+    r.count -= fast & 63;
     if (fast & kEndOfBlock) return 1;
     run = (fast >> 8) & 15;
   } else {
@@ -126,12 +128,13 @@ JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* e
                                           const DecoderTables& t, const BlockGrid& grid,
                                           int64_t first_block, int64_t num_blocks,
                                           const Sink& sink) {
-  using Acc = typename IdctTraits<kBits>::Acc;
   BitReader r = MakeBitReader(begin, end);
   int32_t dc = 0;
-  Acc coef[64];
+  // Dequantized coefficients fit 32 bits for 12-bit streams too: |quantized|
+  // <= 2^15 and steps <= 65535 (DQT entries are 16-bit).
+  int32_t coef[64];
   int32_t samples[64];
-  const Acc zero = OpaqueZero<Acc>();
+  const int32_t zero = OpaqueZero<int32_t>();
   for (int i = 0; i < 64; ++i) coef[i] = zero;
   const int64_t stop = first_block + num_blocks;
   int64_t by = first_block / grid.blocks_wide, bx = first_block % grid.blocks_wide;
