@@ -172,12 +172,12 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
         starts.append(tile.interval_starts.astype(np.uint32))
         stored += len(tile.data)
     index_blob = np.concatenate(starts)
-    affine = np.stack([enc.row_scale, enc.row_offset]).astype(np.float32)
+    affine = enc.affine()
     writer.add_blob(f"leaf{index}/intervals", index_blob)
     writer.add_blob(f"leaf{index}/affine", affine)
     stored += index_blob.nbytes + affine.nbytes
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
-              "restart_interval": enc.tiles[0].restart_interval}
+              "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name}
     return record, stored
 
 
@@ -339,6 +339,7 @@ class SavedLeaf:
     bits: int = 0
     restart_interval: int = 0
     tiles: tuple[tuple[int, int, int, int, int], ...] = ()
+    affine_dtype: np.dtype = np.dtype(np.float32)
 
 
 def _dtype(name: str) -> np.dtype:
@@ -387,8 +388,12 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         restart_interval = int(record["restart_interval"])
         if not 0 <= restart_interval <= 65535:
             raise fmt.FormatError(f"leaf {index}: bad restart interval {restart_interval}")
+        affine = record.get("affine", "float32")
+        if affine not in ("float32", "float16"):
+            raise fmt.FormatError(f"leaf {index}: bad affine dtype {affine!r}")
         return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
-                                   restart_interval=restart_interval)
+                                   restart_interval=restart_interval,
+                                   affine_dtype=np.dtype(affine))
     # OverflowError: a JSON number like 1e400 parses as inf, and int(inf) overflows.
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         if isinstance(e, fmt.FormatError):
@@ -501,9 +506,9 @@ class Checkpoint:
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
         rows = codec.matrix_shape(leaf.shape)[0]
         data = self.reader.read_blob(f"leaf{leaf.index}/affine", verify=self.verify)
-        if len(data) != 8 * rows:
+        if len(data) != 2 * rows * leaf.affine_dtype.itemsize:
             raise fmt.FormatError(f"{self.path}: {leaf.path} affine map has the wrong size")
-        affine = np.frombuffer(data, np.float32).reshape(2, rows)
+        affine = np.frombuffer(data, leaf.affine_dtype).reshape(2, rows).astype(np.float32)
         return affine[0], affine[1]
 
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:

@@ -78,8 +78,15 @@ class EncodedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Compressed size: tile bytes plus the affine parameters."""
-        return sum(len(t.data) for t in self.tiles) + self.row_scale.nbytes + self.row_offset.nbytes
+        """Compressed size: tile bytes plus the affine parameters as stored."""
+        return sum(len(t.data) for t in self.tiles) + self.affine().nbytes
+
+    def affine(self) -> np.ndarray:
+        """[2, rows] scale and offset, float16 when that is exact (the mappings
+        pick float16-representable values where they can), else float32."""
+        affine = np.stack([self.row_scale, self.row_offset]).astype(np.float32)
+        half = affine.astype(np.float16)
+        return half if np.array_equal(half.astype(np.float32), affine) else affine
 
     @property
     def bits_per_weight(self) -> float:
