@@ -573,7 +573,11 @@ def _target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], A
         want_dtype = np.dtype(dtype or getattr(want, "dtype", saved.dtype))
         sharding = getattr(want, "sharding", None)
         device = None
-        if sharding is not None and len(sharding.device_set) == 1:
+        # One device of this process: decoded with the other unsharded leaves.
+        # (One device of another process stays a sharding: this process holds
+        # none of it, and _restore_sharded then decodes nothing here.)
+        if (sharding is not None and len(sharding.device_set) == 1
+                and next(iter(sharding.device_set)).process_index == jax.process_index()):
             (device,), sharding = tuple(sharding.device_set), None
         requests.append(_Request(saved, want_dtype, sharding, device))
     return requests, treedef
@@ -670,10 +674,17 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
 def _restore_sharded(ckpt, request, stats) -> jax.Array:
     """Each device decodes only the tiles its shard overlaps, from only their bytes."""
     leaf, sharding = request.leaf, request.sharding
+    boxes = _shard_boxes(leaf.shape, sharding)  # this process's devices only
+    # Under jax.distributed a sharding may hold nothing here (all its devices are
+    # other processes'): read nothing, and give the dtype, which jax cannot
+    # take from an empty list of shards.
+    if not boxes:
+        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
+                                                        dtype=np.dtype(request.dtype))
     scale, offset = ckpt.read_affine(leaf)
     index = ckpt.read_interval_index(leaf)
     shards = []
-    for device, ((r0, r1), (c0, c1), nd_index) in _shard_boxes(leaf.shape, sharding).items():
+    for device, ((r0, r1), (c0, c1), nd_index) in boxes.items():
         tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
         tr0 = min(leaf.tiles[k][0] for k in tile_ids)
         tc0 = min(leaf.tiles[k][1] for k in tile_ids)
@@ -744,7 +755,14 @@ def _unsharded_groups(requests, default_device) -> dict:
 def _place_raw(array: np.ndarray, request: _Request, device):
     array = array.astype(request.dtype, copy=False)
     if request.sharding is not None:
-        return jax.device_put(array, request.sharding)
+        # Not jax.device_put(array, sharding): with a sharding spanning several
+        # processes it checks the value is the same in every process with a
+        # cross-process collective (fails where CPU collectives are off, and
+        # needs every process in lockstep). Each process has read the whole
+        # leaf anyway, so it places just the slices its own devices hold.
+        # (dtype given: jax needs it where no device of the sharding is ours.)
+        return jax.make_array_from_callback(array.shape, request.sharding,
+                                            lambda index: array[index], dtype=array.dtype)
     return jax.device_put(array, request.device or device)
 
 
@@ -759,7 +777,9 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     ``paths`` (glob patterns over slash-separated leaf paths) then selects a
     subset. ``dtype`` overrides every leaf's dtype.
     """
-    device = device or jax.devices()[0]
+    # This process's first device: jax.devices()[0] belongs to process 0 under
+    # jax.distributed, and other processes cannot place data on it.
+    device = device or jax.local_devices()[0]
     with Checkpoint(path, verify=verify) as ckpt:
         if target is not None:
             requests, treedef = _target_requests(ckpt, target, dtype)

@@ -80,7 +80,7 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     it may name a subset of the saved leaves. Without it the saved structure
     comes back as nested dicts/lists.
     """
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # jax.devices()[0] may be another process's
     with ckpt_lib.Checkpoint(os.fspath(path), verify=verify) as ckpt:
         if target is None:
             chosen = [(leaf, np.dtype(dtype or leaf.dtype)) for leaf in ckpt.leaves]
