@@ -10,19 +10,27 @@
 namespace jaxjpeg {
 
 constexpr int kLookaheadBits = 9;
+// Index bits of the AC fast table: codes of up to 9 bits that carry a value
+// (the index then holds the value's sign bit too), and EOB / ZRL codes of up
+// to 10 bits.
+constexpr int kFastAcBits = 10;
 
 // One DHT table ready for decoding.
 struct HuffmanDecodeTable {
   // Codes of up to kLookaheadBits bits: (code length << 8) | symbol; 0 if the
   // code is longer (or no code starts with these bits).
   uint16_t lookahead[1 << kLookaheadBits];
-  // For AC tables, every code of up to kLookaheadBits bits as one entry:
-  // the bits the coefficient takes in all, code plus value bits (bits 0-7),
-  // the zero run (bits 8-11), kEndOfBlock for the EOB code, and the mask of
-  // the value bits, 2^category - 1 (bits 16-30). A ZRL (16 zeros) is run 15
-  // with an empty mask: it stores a zero. 0 = the code is longer (or
-  // undefined).
-  int32_t fast_ac[1 << kLookaheadBits];
+  // For AC tables, every code that fits kFastAcBits with its value's sign
+  // bit, as one entry: the bits the coefficient takes in all, code plus value
+  // bits (bits 0-7), the zero run (bits 8-11), and kEndOfBlock for the EOB
+  // code. A ZRL (16 zeros) is run 15: it stores a zero. 0 = decode the slow
+  // way (longer code, or undefined). fast_ac_bias is what turns those total
+  // bits, read as an unsigned number (code bits then value bits), into the
+  // coefficient: minus the code's part, and for a value with a leading 0 bit
+  // (negative, T.81 F.2.2.1 EXTEND) minus 2^category - 1, which the index
+  // already decides.
+  int32_t fast_ac[1 << kFastAcBits];
+  int32_t fast_ac_bias[1 << kFastAcBits];
   int32_t max_code[17];      // largest code of each length, -1 if none
   int32_t value_offset[17];  // index into symbols = code + value_offset[len]
   uint8_t symbols[256];
@@ -34,6 +42,28 @@ constexpr int32_t kEndOfBlock = 0x8000;
 JJ_HD JJ_INLINE int32_t ExtendMagnitude(uint32_t bits, int category) {
   return bits < (1u << (category - 1)) ? static_cast<int32_t>(bits) - (1 << category) + 1
                                        : static_cast<int32_t>(bits);
+}
+
+// The fast AC entries of one code (length <= kFastAcBits) and its symbol.
+inline void FillFastAc(int32_t code, int len, int symbol, HuffmanDecodeTable* t) {
+  const int run = symbol >> 4, category = symbol & 15;
+  const int shift = kFastAcBits - len;
+  for (int fill = 0; fill < (1 << shift); ++fill) {
+    const int i = (code << shift) | fill;
+    if (symbol == 0x00) {  // EOB
+      t->fast_ac[i] = kEndOfBlock | len;
+      t->fast_ac_bias[i] = -code;
+    } else if (category == 0) {  // ZRL: 16 zeros; other run/0 symbols end the block (slow path)
+      if (run == 15) {
+        t->fast_ac[i] = (run << 8) | len;
+        t->fast_ac_bias[i] = -code;
+      }
+    } else if (len < kFastAcBits) {  // the value's leading bit is in the index
+      const bool negative = ((fill >> (shift - 1)) & 1) == 0;
+      t->fast_ac[i] = (run << 8) | (len + category);
+      t->fast_ac_bias[i] = -(code << category) - (negative ? (1 << category) - 1 : 0);
+    }
+  }
 }
 
 // Builds a decoding table from DHT counts (codes of length 1..16) and symbols.
@@ -48,9 +78,10 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
     if (is_dc && symbols[i] > 15) return Status::kBadHuffmanTable;
     t->symbols[i] = symbols[i];
   }
-  for (int i = 0; i < (1 << kLookaheadBits); ++i) {
-    t->lookahead[i] = 0;
+  for (int i = 0; i < (1 << kLookaheadBits); ++i) t->lookahead[i] = 0;
+  for (int i = 0; i < (1 << kFastAcBits); ++i) {
     t->fast_ac[i] = 0;
+    t->fast_ac_bias[i] = 0;
   }
   int32_t code = 0;
   int index = 0;
@@ -61,6 +92,7 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
     if (code + n >= (1 << len)) return Status::kBadHuffmanTable;
     t->value_offset[len] = index - code;
     for (int i = 0; i < n; ++i, ++code, ++index) {
+      if (!is_dc && len <= kFastAcBits) FillFastAc(code, len, t->symbols[index], t);
       if (len > kLookaheadBits) continue;
       const int shift = kLookaheadBits - len;
       for (int fill = 0; fill < (1 << shift); ++fill) {
@@ -73,19 +105,6 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
   }
   t->max_code[0] = -1;
   t->value_offset[0] = 0;
-  if (is_dc) return Status::kOk;
-  // One entry per code that fits the lookahead; value bits are read after it.
-  for (int bits = 0; bits < (1 << kLookaheadBits); ++bits) {
-    const uint16_t entry = t->lookahead[bits];
-    if (entry == 0) continue;
-    const int len = entry >> 8, symbol = entry & 0xFF;
-    const int run = symbol >> 4, category = symbol & 15;
-    if (symbol == 0x00) {
-      t->fast_ac[bits] = kEndOfBlock | len;
-    } else if (category != 0 || run == 15) {  // other category-0 symbols end the block
-      t->fast_ac[bits] = (((1 << category) - 1) << 16) | (run << 8) | (len + category);
-    }
-  }
   return Status::kOk;
 }
 

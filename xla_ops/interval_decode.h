@@ -29,25 +29,44 @@ struct BlockGrid {
 
 namespace detail {
 
+// Zig-zag to natural order for k = 0..79: past 63 (a zero run that overshoots
+// the block, which the caller reports once the block ends) every index maps
+// to slot 0, so the decoder needs no range check per coefficient; the block
+// is discarded then.
+#define JJ_ZIGZAG_OVERSHOOT 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+#if defined(__CUDACC__)
+static __constant__ uint8_t kZigzagExtDevice[80] = {JJ_ZIGZAG_TO_NATURAL, JJ_ZIGZAG_OVERSHOOT};
+#endif
+static constexpr uint8_t kZigzagExtHost[80] = {JJ_ZIGZAG_TO_NATURAL, JJ_ZIGZAG_OVERSHOOT};
+#undef JJ_ZIGZAG_OVERSHOOT
+
+JJ_HD JJ_INLINE int ZigzagToNaturalExt(int k) {
+#if defined(__CUDA_ARCH__)
+  return kZigzagExtDevice[k];
+#else
+  return kZigzagExtHost[k];
+#endif
+}
+
 // Decodes one AC coefficient (or zero run, or EOB) at zig-zag index k and
 // stores it. Returns 0 to go on, 1 at the end of the block, or an error
-// status. A code in the lookahead table needs at most 9 + 15 buffered bits;
-// longer codes refill for themselves.
+// status. A code in the fast table needs at most 9 + 15 buffered bits (EOB and
+// ZRL codes at most 10); longer codes refill for themselves.
 template <bool kDequantize, typename Coef>
 JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64], int& k) {
-  const int32_t fast = t.ac.fast_ac[PeekBits(r, kLookaheadBits)];
+  const uint32_t index = PeekBits(r, kFastAcBits);
+  const int32_t fast = t.ac.fast_ac[index];
   int run;
   int32_t value;
-  if (fast != 0) {  // one table read gives the code's length, run and value size
-    // The value bits end `total` bits into the buffer. They are read from the
+  if (fast != 0) {  // one index gives the code's length, run and value size
+    // The code and value bits, `total` of them, read as one unsigned number,
+    // plus the entry's bias give the coefficient. They are read from the
     // buffer as it is, so that the only serial dependence from one
     // coefficient to the next is the table read and one shift. total <= 24,
     // so `fast & 63` is total and `-fast & 63` is 64 - total: written so, the
     // shifts take the entry as it is (CPUs mask shift counts the same way).
-    const int32_t mask = fast >> 16;
-    const int32_t bits = static_cast<int32_t>(r.buffer >> ((0 - fast) & 63)) & mask;
-    // EXTEND: a leading 0 value bit means a negative value, bits - mask.
-    value = bits - (bits <= (fast >> 17) ? mask : 0);
+    const uint32_t bits = static_cast<uint32_t>(r.buffer >> ((0 - fast) & 63));
+    value = static_cast<int32_t>(bits + static_cast<uint32_t>(t.ac.fast_ac_bias[index]));
     r.buffer <<= (fast & 63);
     r.count -= fast & 63;
     if (fast & kEndOfBlock) return 1;
@@ -61,9 +80,10 @@ JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64]
     if (size == 0 && run != 15) return 1;  // EOB (ZRL is run 15, size 0: 16 zeros)
     value = TakeMagnitude(r, size);
   }
+  // k <= 63 on entry, so k + run <= 78; past 63 the value lands in slot 0 and
+  // DecodeBlock reports the overshoot.
   k += run;
-  if (k > 63) return static_cast<int>(Status::kBadCoefficients);
-  const int n = ZigzagToNatural(k);
+  const int n = ZigzagToNaturalExt(k);
   coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
   ++k;
   return 0;
@@ -95,6 +115,7 @@ JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t
     int done = detail::DecodeAc<kDequantize>(r, t, coef, k);
     if (done == 0 && k < 64) done = detail::DecodeAc<kDequantize>(r, t, coef, k);
     if (done != 0 || k > 63) {
+      if (k > 64) return Status::kBadCoefficients;  // a zero run went past the block
       last = k - 1;  // k is one past the last coefficient written
       return done > 1 ? static_cast<Status>(done) : Status::kOk;
     }
@@ -171,20 +192,21 @@ JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* e
 // time: the same source, but the IDCT's 32-bit multiplies become single
 // instructions (SSE2 has none), which makes the IDCT about 3x faster. Only
 // the code generation differs (no intrinsics), and no FMA is enabled, so the
-// results are the same bits. Off under nvcc, when AVX2 is already the
-// baseline, or with -DJAXJPEG_NO_RUNTIME_DISPATCH.
+// results are the same bits. BMI2 (on every AVX2 CPU) gives the bit reader's
+// variable shifts as single flag-free instructions. Off under nvcc, when AVX2
+// is already the baseline, or with -DJAXJPEG_NO_RUNTIME_DISPATCH.
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__) && \
     !defined(JAXJPEG_NO_RUNTIME_DISPATCH)
 #define JAXJPEG_AVX2_DISPATCH 1
 template <int kBits, typename Sink>
-__attribute__((target("avx2"), noinline)) Status DecodeIntervalAvx2(
+__attribute__((target("avx2,bmi2"), noinline)) Status DecodeIntervalAvx2(
     const uint8_t* begin, const uint8_t* end, const DecoderTables& t, const BlockGrid& grid,
     int64_t first_block, int64_t num_blocks, const Sink& sink) {
   return DecodeIntervalBody<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
 }
 
 inline bool HostHasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2");
   return has;
 }
 #endif
