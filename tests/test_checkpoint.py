@@ -17,6 +17,7 @@ default step of 8 (measured 0.084..0.088).
 """
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -392,3 +393,42 @@ def test_restore_is_deterministic_and_matches_host_decode(tmp_path):
                            codec.matrix_shape(leaf.shape), np.float32, scale, offset, index)
         (host,) = codec.run_plan(builder.finish())
     np.testing.assert_array_equal(a, host)
+
+
+def _mixed_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"dense": (rng.standard_normal((512, 256)) * 0.02).astype(np.float32),
+            "conv": (rng.standard_normal((3, 3, 64, 128)) * 0.1).astype(np.float32),
+            "heavy": (rng.standard_t(3, (256, 512)) * 0.01).astype(np.float32),
+            "bias": np.zeros(256, np.float32), "step": np.int32(7)}
+
+
+@pytest.mark.parametrize("ratio", [6.0, 8.0, 12.0])
+def test_target_ratio_hits_the_file_size_within_2_percent(tmp_path, ratio):
+    tree = _mixed_tree()
+    report = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=ratio)
+    raw = sum(np.asarray(v).nbytes for v in tree.values())
+    assert report.raw_bytes == raw
+    assert abs(os.path.getsize(tmp_path / "t.jjpg") * ratio / raw - 1) <= 0.02
+
+
+def test_error_bound_holds_for_every_coded_leaf(tmp_path):
+    tree = _mixed_tree(1)
+    jaxjpeg.save(tmp_path / "e.jjpg", tree, error_bound=0.03)
+    restored = jaxjpeg.restore(tmp_path / "e.jjpg")
+    for name in ("dense", "conv", "heavy"):
+        assert rel_rms(restored[name], tree[name]) <= 0.03, name
+
+
+def test_default_rate_is_about_8x_on_gaussian_weights(tmp_path):
+    rng = np.random.default_rng(2)
+    tree = {"w": (rng.standard_normal((1024, 1024)) * 0.02).astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "d.jjpg", tree)
+    restored = jaxjpeg.restore(tmp_path / "d.jjpg")
+    assert 7.0 <= report.ratio <= 9.5
+    assert rel_rms(restored["w"], tree["w"]) <= 0.10
+
+
+def test_rate_controls_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="at most one rate control"):
+        jaxjpeg.save(tmp_path / "x.jjpg", _mixed_tree(), step=4, target_ratio=8)
