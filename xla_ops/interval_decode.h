@@ -29,25 +29,6 @@ struct BlockGrid {
 
 namespace detail {
 
-// Zig-zag to natural order for k = 0..79: past 63 (a zero run that overshoots
-// the block, which the caller reports once the block ends) every index maps
-// to slot 0, so the decoder needs no range check per coefficient; the block
-// is discarded then.
-#define JJ_ZIGZAG_OVERSHOOT 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
-#if defined(__CUDACC__)
-static __constant__ uint8_t kZigzagExtDevice[80] = {JJ_ZIGZAG_TO_NATURAL, JJ_ZIGZAG_OVERSHOOT};
-#endif
-static constexpr uint8_t kZigzagExtHost[80] = {JJ_ZIGZAG_TO_NATURAL, JJ_ZIGZAG_OVERSHOOT};
-#undef JJ_ZIGZAG_OVERSHOOT
-
-JJ_HD JJ_INLINE int ZigzagToNaturalExt(int k) {
-#if defined(__CUDA_ARCH__)
-  return kZigzagExtDevice[k];
-#else
-  return kZigzagExtHost[k];
-#endif
-}
-
 // Decodes one AC coefficient (or zero run, or EOB) at zig-zag index k and
 // stores it. Returns 0 to go on, 1 at the end of the block, or an error
 // status. A code in the fast table needs at most 9 + 15 buffered bits (EOB and
@@ -83,7 +64,7 @@ JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64]
   // k <= 63 on entry, so k + run <= 78; past 63 the value lands in slot 0 and
   // DecodeBlock reports the overshoot.
   k += run;
-  const int n = ZigzagToNaturalExt(k);
+  const int n = ZigzagToNatural(k);
   coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
   ++k;
   return 0;

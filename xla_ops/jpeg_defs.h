@@ -79,13 +79,19 @@ constexpr int kBlockSize = 64;
       50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, \
       39, 46, 53, 60, 61, 54, 47, 55, 62, 63
 
+// Entries 64..79 absorb a zero run that overshoots the block: they map to
+// slot 0, so the decoder needs no range check per coefficient (it reports
+// the overshoot once the block ends and discards the block).
+#define JJ_ZIGZAG_OVERSHOOT 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 #if defined(__CUDACC__)
-static __constant__ uint8_t kZigzagDevice[64] = {JJ_ZIGZAG_TO_NATURAL};
+static __constant__ uint8_t kZigzagDevice[80] = {JJ_ZIGZAG_TO_NATURAL, JJ_ZIGZAG_OVERSHOOT};
 #endif
-static constexpr uint8_t kZigzagHost[64] = {JJ_ZIGZAG_TO_NATURAL};
+static constexpr uint8_t kZigzagHost[80] = {JJ_ZIGZAG_TO_NATURAL, JJ_ZIGZAG_OVERSHOOT};
+#undef JJ_ZIGZAG_OVERSHOOT
 
-// One table for host and device: device code reads constant memory, host code
-// (including the CPU harness that runs kernel bodies) reads the host copy.
+// Zig-zag index k (0..79) to natural order. One table for host and device:
+// device code reads constant memory, host code (including the CPU harness
+// that runs kernel bodies) reads the host copy.
 JJ_HD JJ_INLINE int ZigzagToNatural(int k) {
 #if defined(__CUDA_ARCH__)
   return kZigzagDevice[k];
