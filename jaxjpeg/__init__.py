@@ -4,7 +4,8 @@
     params = jaxjpeg.restore("model.jjpg")    # decoded on the device by an XLA custom call
 """
 
-from jaxjpeg.checkpoint import Policy, RestoreStats, SaveReport, restore, save
+from jaxjpeg.checkpoint import Policy, SaveReport, save
+from jaxjpeg.checkpoint_restore import RestoreStats, restore
 from jaxjpeg.compressed import CompressedArray, decode, load
 from jaxjpeg.codec import (EncodedTensor, JpegError, Tile, decode_tensor, decode_tensors,
                            encode_tensor)

@@ -105,16 +105,15 @@ def _require(path: str, *, kind: str = "path") -> None:
 
 
 def _open_checkpoint(path: str, verify: bool = True):
-    from jaxjpeg import checkpoint
+    from jaxjpeg.checkpoint_reader import Checkpoint
     _require(path, kind="file")
-    return checkpoint.Checkpoint(path, verify=verify)
+    return Checkpoint(path, verify=verify)
 
 
 def _flatten(tree) -> list[tuple[str, Any]]:
     """(slash-separated path, leaf) as jaxjpeg names leaves."""
-    from jaxjpeg import checkpoint
-    return [(checkpoint.path_string(records), leaf)
-            for records, leaf in checkpoint._leaves_with_paths(tree)]
+    from jaxjpeg.treepaths import leaves_with_paths, path_string
+    return [(path_string(records), leaf) for records, leaf in leaves_with_paths(tree)]
 
 
 # ---------------------------------------------------------------- sources
@@ -438,7 +437,7 @@ def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
 
 
 def cmd_verify(args) -> int:
-    from jaxjpeg import _native, checkpoint, format as fmt
+    from jaxjpeg import _native, checkpoint_reader, format as fmt
     _require(args.ckpt, kind="file")
     bad: list[str] = []
     with fmt.ContainerReader(args.ckpt) as reader:
@@ -447,7 +446,7 @@ def cmd_verify(args) -> int:
         damaged = {name for name, ok in checks if not ok}
         bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
         try:
-            ckpt = checkpoint.Checkpoint(args.ckpt, verify=True)
+            ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
         except fmt.FormatError as e:
             bad.append(f"metadata: {_first_line(e)}")
             ckpt = None

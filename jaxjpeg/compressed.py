@@ -15,7 +15,9 @@ import os
 import jax
 import numpy as np
 
-from jaxjpeg import checkpoint as ckpt_lib
+from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
+from jaxjpeg.checkpoint_restore import add_leaf_tiles, target_requests
+from jaxjpeg.treepaths import nest
 from jaxjpeg import codec, ops
 
 
@@ -52,7 +54,7 @@ class CompressedArray:
     @classmethod
     def tree_unflatten(cls, aux, children):
         matrix_shape, shape, dtype = aux
-        return cls(children, matrix_shape, shape, ckpt_lib._dtype(dtype))
+        return cls(children, matrix_shape, shape, parse_dtype(dtype))
 
     def __repr__(self):
         return (f"CompressedArray(shape={self.shape}, dtype={self.dtype.name}, "
@@ -64,7 +66,7 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     index = ckpt.read_interval_index(leaf)
     builder = codec.PlanBuilder()
     matrix = codec.matrix_shape(leaf.shape)
-    ckpt_lib._add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0), matrix,
+    add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0), matrix,
                              dtype, scale, offset, index)
     plan = builder.finish()
     operands = jax.device_put(ops.plan_operands(plan), device)
@@ -81,15 +83,15 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     comes back as nested dicts/lists.
     """
     device = device or jax.local_devices()[0]  # jax.devices()[0] may be another process's
-    with ckpt_lib.Checkpoint(os.fspath(path), verify=verify) as ckpt:
+    with Checkpoint(os.fspath(path), verify=verify) as ckpt:
         if target is None:
             chosen = [(leaf, np.dtype(dtype or leaf.dtype)) for leaf in ckpt.leaves]
         else:
-            requests, treedef = ckpt_lib._target_requests(ckpt, target, dtype)
+            requests, treedef = target_requests(ckpt, target, dtype)
             chosen = [(r.leaf, r.dtype) for r in requests]
         values = [_load_leaf(ckpt, leaf, want, device) for leaf, want in chosen]
     if target is None:
-        return ckpt_lib._nest([(leaf.records, v) for (leaf, _), v in zip(chosen, values)])
+        return nest([(leaf.records, v) for (leaf, _), v in zip(chosen, values)])
     return jax.tree_util.tree_unflatten(treedef, values)
 
 

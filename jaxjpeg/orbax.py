@@ -44,6 +44,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxjpeg import checkpoint as _ckpt
+from jaxjpeg import checkpoint_reader as _reader
+from jaxjpeg import checkpoint_restore as _restore
+from jaxjpeg.treepaths import nest as _nest
 
 __all__ = ["FILENAME", "JaxjpegCheckpointHandler", "JaxjpegRestore", "JaxjpegSave"]
 
@@ -113,7 +116,7 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         path = self._path(directory)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no jaxjpeg checkpoint at {path}")
-        return _ckpt.restore(path, target=args.target, paths=args.paths, dtype=args.dtype,
+        return _restore.restore(path, target=args.target, paths=args.paths, dtype=args.dtype,
                              verify=args.verify)
 
     def metadata(self, directory):
@@ -121,10 +124,10 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         path = self._path(directory)
         if not os.path.exists(path):
             return None
-        with _ckpt.Checkpoint(path, verify=False) as ckpt:
+        with _reader.Checkpoint(path, verify=False) as ckpt:
             entries = [(leaf.records, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
                        for leaf in ckpt.leaves]
-        return _ckpt._nest(entries) if entries else {}
+        return _nest(entries) if entries else {}
 
     def finalize(self, directory) -> None:
         pass

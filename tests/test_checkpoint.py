@@ -30,6 +30,9 @@ from flax import nnx
 import jaxjpeg
 from jaxjpeg import _native
 from jaxjpeg import checkpoint as ck
+from jaxjpeg import checkpoint_reader as ckr
+from jaxjpeg import treepaths
+from jaxjpeg import checkpoint_restore as ckrestore
 
 GAUSSIAN_REL_RMS_BOUND = 0.10
 MODEL_RATIO_RANGE = (0.85, 1.15)
@@ -44,7 +47,7 @@ def rel_rms(restored, original) -> float:
 def predicted_rel_rms(path, leaf_path, original) -> float:
     """Flat step Δ (read from the tile's own DQT) adds Δ²/12 per sample, the
     decoder's rounding 1/12; per-row scales map that to weights."""
-    with ck.Checkpoint(path) as c:
+    with ckr.Checkpoint(path) as c:
         (leaf,) = [l for l in c.leaves if l.path == leaf_path]
         scale, _ = c.read_affine(leaf)
         tile = bytes(c.reader.read_blob(f"leaf{leaf.index}/tile0.jpg"))
@@ -56,12 +59,12 @@ def predicted_rel_rms(path, leaf_path, original) -> float:
 
 
 def leaf_kinds(path) -> dict:
-    with ck.Checkpoint(path) as c:
+    with ckr.Checkpoint(path) as c:
         return {l.path: l.kind for l in c.leaves}
 
 
 def flat(tree) -> dict:
-    return {ck.path_string([ck._key_record(k) for k in p]): v
+    return {treepaths.path_string([treepaths.key_record(k) for k in p]): v
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -383,13 +386,13 @@ def test_restore_is_deterministic_and_matches_host_decode(tmp_path):
     b = np.asarray(jaxjpeg.restore(path)["w"])
     np.testing.assert_array_equal(a, b)
     # the same tiles decoded on the host by codec.run_plan give the same bits
-    with ck.Checkpoint(path) as c:
+    with ckr.Checkpoint(path) as c:
         (leaf,) = c.leaves
         scale, offset = c.read_affine(leaf)
         index = c.read_interval_index(leaf)
         from jaxjpeg import codec
         builder = codec.PlanBuilder()
-        ck._add_leaf_tiles(builder, c, leaf, list(range(len(leaf.tiles))), (0, 0),
+        ckrestore.add_leaf_tiles(builder, c, leaf, list(range(len(leaf.tiles))), (0, 0),
                            codec.matrix_shape(leaf.shape), np.float32, scale, offset, index)
         (host,) = codec.run_plan(builder.finish())
     np.testing.assert_array_equal(a, host)

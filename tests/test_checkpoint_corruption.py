@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import jaxjpeg
-from jaxjpeg import checkpoint as ck
+from jaxjpeg import checkpoint_reader as ckr
 from jaxjpeg import format as fmt
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -43,7 +43,7 @@ def small(tmp_path_factory):
             "n": np.int32(7)}
     path = tmp_path_factory.mktemp("small") / "small.jjpg"
     jaxjpeg.save(path, tree)
-    with ck.Checkpoint(path) as c:
+    with ckr.Checkpoint(path) as c:
         assert [l.kind for l in c.leaves] == ["raw", "raw", "jpeg"]  # b, n, w
     restored = {k: np.asarray(v) for k, v in jaxjpeg.restore(path).items()}
     return path, path.read_bytes(), restored
@@ -165,7 +165,7 @@ def tiled(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiled") / "tiled.jjpg"
     jaxjpeg.save(path, {"w": rng.normal(size=(96, 80)).astype(np.float32),
                         "b": rng.normal(size=(80,)).astype(np.float32)}, tile_shape=(48, 40))
-    with ck.Checkpoint(path) as c:
+    with ckr.Checkpoint(path) as c:
         assert [l.kind for l in c.leaves] == ["raw", "jpeg"]
         assert len(c.leaves[1].tiles) == 4
     return path

@@ -167,7 +167,7 @@ def test_extract_tiles_open_in_pillow(sources, tmp_path, capsys):
     code, out, err = run(capsys, "extract", ckpt, outdir)
     assert code == 0, err
     files = sorted(os.listdir(outdir))
-    with jaxjpeg.checkpoint.Checkpoint(ckpt) as c:
+    with jaxjpeg.checkpoint_reader.Checkpoint(ckpt) as c:
         expected = {f"{leaf.path.replace('/', '.')}.tile{k}.jpg": leaf.tiles[k]
                     for leaf in c.leaves if leaf.kind == "jpeg" for k in range(len(leaf.tiles))}
     assert sorted(expected) == files and len(files) > 3

@@ -45,7 +45,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
                            initialization_timeout=60, shutdown_timeout_seconds=60)
 
 import jaxjpeg  # noqa: E402
-from jaxjpeg import checkpoint as ck, format as fmt  # noqa: E402
+from jaxjpeg import checkpoint_reader as ckr, format as fmt  # noqa: E402
 
 CHECKS = {}
 TILE_BYTES_READ = {}   # check name -> bytes of tile blobs this process read
@@ -101,7 +101,7 @@ REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(PATH).items()}
 
 def tile_records(name):
     """[(blob name, row0, col0, h, w, size)] of leaf `name`'s tiles, from the file."""
-    with ck.Checkpoint(PATH) as c:
+    with ckr.Checkpoint(PATH) as c:
         (leaf,) = [l for l in c.leaves if l.path == name]
         return [(f"leaf{leaf.index}/tile{k}.jpg", r0, c0, h, w, c.tile_size(leaf, k))
                 for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)]
@@ -275,7 +275,7 @@ def whole_tree_mixed_targets():
     np.testing.assert_array_equal(np.asarray(restored["rows"]), REFERENCE["rows"])
     assert restored["half"].addressable_shards == restored["bias"].addressable_shards == []
     assert restored["half"].dtype == jax.numpy.bfloat16 and restored["bias"].dtype == np.float32
-    with ck.Checkpoint(PATH) as c:   # nothing of "half" was read here
+    with ckr.Checkpoint(PATH) as c:   # nothing of "half" was read here
         (half,) = [l for l in c.leaves if l.path == "half"]
     assert not [b for b, _ in BLOBS_READ[start:] if b.startswith(f"leaf{half.index}/")]
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
 
 import jaxjpeg  # noqa: E402
-from jaxjpeg import checkpoint as ck  # noqa: E402
+from jaxjpeg import checkpoint_reader as ckr  # noqa: E402
 
 WORK = sys.argv[1]
 CHECKS = {}
@@ -51,7 +51,7 @@ REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(PATH).items()}  # one 
 
 def tile_bytes(name):
     """[(row0, col0, h, w, size)] of leaf `name`'s tiles, from the file's records."""
-    with ck.Checkpoint(PATH) as c:
+    with ckr.Checkpoint(PATH) as c:
         (leaf,) = [l for l in c.leaves if l.path == name]
         return [(r0, c0, h, w, c.tile_size(leaf, k))
                 for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)]
@@ -121,7 +121,7 @@ def cols_sharded_8_ways_read_only_their_tiles():
 @check
 def mesh_2x4_both_dims_read_only_their_tile():
     aligned("grid", P("a", "b"), (2, 4), ("a", "b"))
-    with ck.Checkpoint(PATH) as c:  # one tile per device
+    with ckr.Checkpoint(PATH) as c:  # one tile per device
         assert len([l for l in c.leaves if l.path == "grid"][0].tiles) == 8
 
 

@@ -16,14 +16,14 @@ import sys
 import numpy as np
 
 import jaxjpeg
-from jaxjpeg import checkpoint as ck
+from jaxjpeg import checkpoint_reader as ckr
 
 work = sys.argv[1]
 rng = np.random.default_rng(0)
 path = os.path.join(work, "small.jjpg")
 jaxjpeg.save(path, {"w": rng.normal(size=(64, 64)).astype(np.float32)})
 reference = np.asarray(jaxjpeg.restore(path)["w"])
-with ck.Checkpoint(path) as c:
+with ckr.Checkpoint(path) as c:
     (leaf,) = c.leaves
     scale, offset = c.read_affine(leaf)
     tile = c.reader.blob_info("leaf0/tile0.jpg")

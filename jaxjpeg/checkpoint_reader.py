@@ -1,0 +1,231 @@
+"""Reading checkpoint files: the metadata schema, validated, and blobs on demand.
+
+Nothing in the file is trusted: every leaf record, tile layout, index and
+blob size is checked before use (see docs/format.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import ml_dtypes
+import numpy as np
+
+from jaxjpeg import codec, format as fmt
+from jaxjpeg.treepaths import path_string
+
+CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
+CHECKPOINT_VERSION = 1
+JPEG_DTYPES = ("float32", "bfloat16", "float16")
+
+@dataclasses.dataclass(frozen=True)
+class SavedLeaf:
+    """One leaf as the file describes it (validated)."""
+
+    index: int
+    records: list
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    kind: str
+    bits: int = 0
+    restart_interval: int = 0
+    tiles: tuple[tuple[int, int, int, int, int], ...] = ()
+    affine_dtype: np.dtype = np.dtype(np.float32)
+
+
+def parse_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise fmt.FormatError(f"unknown dtype {name!r}") from None
+    if dtype.kind not in "biufc":
+        raise fmt.FormatError(f"unsupported dtype {name!r}")
+    return dtype
+
+
+_PATH_KINDS = {"key": (int, str, bool), "attr": (str,), "index": (int,), "flat": (int,)}
+
+
+def _check_path_records(index: int, records) -> None:
+    """Paths are lists of [kind, key] pairs as key_record writes them."""
+    if not isinstance(records, list) or not all(
+            isinstance(r, list) and len(r) == 2 and r[0] in _PATH_KINDS
+            and type(r[1]) in _PATH_KINDS[r[0]] for r in records):
+        raise fmt.FormatError(f"leaf {index}: malformed path {records!r:.200}")
+
+
+def _intervals_per_tile(height: int, width: int, restart_interval: int) -> int:
+    blocks = -(-height // 8) * -(-width // 8)
+    return -(-blocks // restart_interval) if restart_interval else 1
+
+
+def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
+    try:
+        _check_path_records(index, record["path"])
+        shape = tuple(int(d) for d in record["shape"])
+        if any(d < 0 for d in shape) or math.prod(shape) > file_size * 64 + 2**20:
+            raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
+        leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
+                         parse_dtype(record["dtype"]), record["kind"])
+        if leaf.kind == "raw":
+            return leaf
+        if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
+            raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
+        tiles = tuple(tuple(int(v) for v in t) for t in record["tiles"])
+        if not tiles or any(len(t) != 5 for t in tiles) or record["bits"] not in (8, 12):
+            raise fmt.FormatError(f"leaf {index}: bad tile records")
+        restart_interval = int(record["restart_interval"])
+        if not 0 <= restart_interval <= 65535:
+            raise fmt.FormatError(f"leaf {index}: bad restart interval {restart_interval}")
+        affine = record.get("affine", "float32")
+        if affine not in ("float32", "float16"):
+            raise fmt.FormatError(f"leaf {index}: bad affine dtype {affine!r}")
+        return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
+                                   restart_interval=restart_interval,
+                                   affine_dtype=np.dtype(affine))
+    # OverflowError: a JSON number like 1e400 parses as inf, and int(inf) overflows.
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, fmt.FormatError):
+            raise
+        raise fmt.FormatError(f"leaf {index}: malformed record ({e})") from None
+
+
+def _check_tiles_cover(leaf: SavedLeaf) -> None:
+    rows, cols = codec.matrix_shape(leaf.shape)
+    area = 0
+    for row0, col0, height, width, intervals in leaf.tiles:
+        if not (0 <= row0 and 0 <= col0 and 1 <= height <= 65535 and 1 <= width <= 65535
+                and row0 + height <= rows and col0 + width <= cols):
+            raise fmt.FormatError(f"{leaf.path}: tile outside the tensor")
+        # The decoder decodes only the intervals the index lists: fewer than the
+        # tile has would leave part of the output unwritten (uninitialized memory).
+        if intervals != _intervals_per_tile(height, width, leaf.restart_interval):
+            raise fmt.FormatError(f"{leaf.path}: tile at ({row0}, {col0}) records {intervals} "
+                                  f"restart intervals, its size needs "
+                                  f"{_intervals_per_tile(height, width, leaf.restart_interval)}")
+        area += height * width
+    if area != rows * cols or not _tiles_disjoint(leaf.tiles):
+        # Equal area alone is not enough: overlapping tiles leave a gap elsewhere,
+        # and a gap would come back as uninitialized memory.
+        raise fmt.FormatError(f"{leaf.path}: tiles do not cover the tensor")
+
+
+def _tiles_disjoint(tiles) -> bool:
+    """Whether in-bounds tiles overlap nowhere, on the grid compressed to their edges.
+
+    The writer's tiles form a grid (one compressed cell per tile); a layout
+    needing many more cells than tiles is refused, which bounds the memory.
+    """
+    t = np.array(tiles, np.int64)[:, :4]
+    row_edges = np.unique(np.concatenate([t[:, 0], t[:, 0] + t[:, 2]]))
+    col_edges = np.unique(np.concatenate([t[:, 1], t[:, 1] + t[:, 3]]))
+    if (len(row_edges) - 1) * (len(col_edges) - 1) > 4 * len(t) + 64:
+        return False
+    r0, r1 = np.searchsorted(row_edges, t[:, 0]), np.searchsorted(row_edges, t[:, 0] + t[:, 2])
+    c0, c1 = np.searchsorted(col_edges, t[:, 1]), np.searchsorted(col_edges, t[:, 1] + t[:, 3])
+    diff = np.zeros((len(row_edges), len(col_edges)), np.int64)  # 2-D difference array
+    np.add.at(diff, (r0, c0), 1)
+    np.add.at(diff, (r0, c1), -1)
+    np.add.at(diff, (r1, c0), -1)
+    np.add.at(diff, (r1, c1), 1)
+    return bool(np.all(diff.cumsum(0).cumsum(1)[:-1, :-1] <= 1))
+
+
+class Checkpoint:
+    """An open checkpoint file: metadata validated, blobs read on demand."""
+
+    def __init__(self, path, *, verify: bool = True):
+        self.path = os.fspath(path)
+        self.verify = verify
+        self.reader = fmt.ContainerReader(self.path)
+        meta = self.reader.metadata
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            self.reader.close()
+            raise fmt.FormatError(f"{self.path}: not a jaxjpeg checkpoint")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            self.reader.close()
+            raise fmt.FormatError(f"{self.path}: checkpoint version {meta.get('version')!r} is "
+                                  f"not supported (this jaxjpeg reads {CHECKPOINT_VERSION})")
+        try:
+            if not isinstance(meta.get("leaves"), list):
+                raise fmt.FormatError(f"{self.path}: metadata 'leaves' must be a list")
+            self.leaves = [_parse_leaf(i, r, self.reader.file_size)
+                           for i, r in enumerate(meta["leaves"])]
+            for leaf in self.leaves:
+                if leaf.kind == "jpeg":
+                    _check_tiles_cover(leaf)
+            self._check_blobs_and_paths()
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _check_blobs_and_paths(self) -> None:
+        """Every blob a leaf needs exists (else read_blob would raise KeyError), and no
+        path repeats or is a prefix of another (restore without target nests them)."""
+        names = set(self.reader.blob_names)
+        for leaf in self.leaves:
+            needed = ([f"leaf{leaf.index}/raw"] if leaf.kind == "raw" else
+                      [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
+                      + [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))])
+            missing = [n for n in needed if n not in names]
+            if missing:
+                raise fmt.FormatError(f"{self.path}: {leaf.path}: missing blob {missing[0]!r}")
+        full = [tuple(map(tuple, leaf.records)) for leaf in self.leaves]
+        prefixes = {p[:n] for p in full for n in range(len(p))}
+        if len(set(full)) != len(full) or prefixes & set(full):
+            raise fmt.FormatError(f"{self.path}: leaf paths repeat or nest inside each other")
+
+    def close(self):
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
+        data = self.reader.read_blob(f"leaf{leaf.index}/raw", verify=self.verify)
+        expected = math.prod(leaf.shape) * leaf.dtype.itemsize
+        if len(data) != expected:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "
+                                  f"expected {expected}")
+        return np.frombuffer(data, leaf.dtype).reshape(leaf.shape)
+
+    def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
+        rows = codec.matrix_shape(leaf.shape)[0]
+        data = self.reader.read_blob(f"leaf{leaf.index}/affine", verify=self.verify)
+        if len(data) != 2 * rows * leaf.affine_dtype.itemsize:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} affine map has the wrong size")
+        affine = np.frombuffer(data, leaf.affine_dtype).reshape(2, rows).astype(np.float32)
+        return affine[0], affine[1]
+
+    def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:
+        """Per tile: interval starts (relative to the tile, n + 1 values)."""
+        data = self.reader.read_blob(f"leaf{leaf.index}/intervals", verify=self.verify)
+        starts = np.frombuffer(data, np.uint32).astype(np.int64)
+        counts = [t[4] + 1 for t in leaf.tiles]
+        if any(c < 2 for c in counts) or sum(counts) != len(starts):
+            raise fmt.FormatError(f"{self.path}: {leaf.path} interval index has the wrong size")
+        pieces = np.split(starts, np.cumsum(counts)[:-1])
+        for k, piece in enumerate(pieces):
+            size = self.reader.blob_info(f"leaf{leaf.index}/tile{k}.jpg").length
+            if np.any(np.diff(piece) < 0) or piece[0] < 0 or piece[-1] > size:
+                raise fmt.FormatError(f"{self.path}: {leaf.path} tile {k} index out of range")
+        return pieces
+
+    def tile_size(self, leaf: SavedLeaf, k: int) -> int:
+        return self.reader.blob_info(f"leaf{leaf.index}/tile{k}.jpg").length
+
+    def tile_filler(self, leaf: SavedLeaf, k: int):
+        name = f"leaf{leaf.index}/tile{k}.jpg"
+
+        def fill(view):
+            self.reader.read_blob(name, verify=self.verify, out=view)
+        return fill
+

@@ -1,0 +1,279 @@
+"""Restoring checkpoints onto devices: one decode call per device, sharded
+leaves decoded by each device from only the tiles its shard overlaps."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxjpeg import codec, ops
+from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
+from jaxjpeg.treepaths import key_record, nest, path_string
+
+@dataclasses.dataclass
+class RestoreStats:
+    """Filled by restore: compressed bytes handed to each device."""
+
+    payload_bytes_per_device: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, device, n: int) -> None:
+        key = str(device)
+        self.payload_bytes_per_device[key] = self.payload_bytes_per_device.get(key, 0) + n
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    leaf: SavedLeaf
+    dtype: np.dtype
+    sharding: Any = None  # a multi-device jax.sharding.Sharding, or None
+    device: Any = None    # the one device of an unsharded leaf (None: the default)
+
+
+def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], Any]:
+    by_path = {leaf.path: leaf for leaf in ckpt.leaves}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    requests = []
+    for path, want in leaves:
+        name = path_string([key_record(k) for k in path])
+        if name not in by_path:
+            raise KeyError(f"{ckpt.path}: no leaf {name!r} in the checkpoint")
+        saved = by_path[name]
+        shape = tuple(getattr(want, "shape", saved.shape))
+        if shape != saved.shape:
+            raise ValueError(f"{name}: target shape {shape} != saved shape {saved.shape}")
+        want_dtype = np.dtype(dtype or getattr(want, "dtype", saved.dtype))
+        sharding = getattr(want, "sharding", None)
+        device = None
+        # One device of this process: decoded with the other unsharded leaves.
+        # (One device of another process stays a sharding: this process holds
+        # none of it, and _restore_sharded then decodes nothing here.)
+        if (sharding is not None and len(sharding.device_set) == 1
+                and next(iter(sharding.device_set)).process_index == jax.process_index()):
+            (device,), sharding = tuple(sharding.device_set), None
+        requests.append(_Request(saved, want_dtype, sharding, device))
+    return requests, treedef
+
+
+def _decodeparse_dtype(request: _Request) -> np.dtype:
+    """JPEG leaves decode straight to a float output type; others are cast after."""
+    if request.dtype in codec.OUTPUT_TYPES:
+        return request.dtype
+    return np.dtype(np.float32)
+
+
+def _shard_boxes(shape, sharding) -> dict:
+    """device -> (row range, col range) of the 2-D view its shard lies in."""
+    rows, cols = codec.matrix_shape(shape)
+    boxes = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        slices = [s if isinstance(s, slice) else slice(s, s + 1) for s in index]
+        bounds = [sl.indices(dim) for sl, dim in zip(slices, shape)]
+        if len(shape) == 0:
+            boxes[device] = ((0, 1), (0, 1), index)
+            continue
+        lead_first = [b[0] for b in bounds[:-1]]
+        lead_last = [max(b[0], b[1] - 1) for b in bounds[:-1]]
+        r0 = int(np.ravel_multi_index(lead_first, shape[:-1])) if lead_first else 0
+        r1 = (int(np.ravel_multi_index(lead_last, shape[:-1])) + 1) if lead_last else 1
+        c0, c1 = bounds[-1][0], bounds[-1][1]
+        boxes[device] = ((r0, r1), (c0, c1), index)
+    del rows, cols
+    return boxes
+
+
+def _tiles_in_box(leaf: SavedLeaf, rows: tuple[int, int], cols: tuple[int, int]) -> list[int]:
+    return [k for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)
+            if r0 < rows[1] and r0 + h > rows[0] and c0 < cols[1] and c0 + w > cols[0]]
+
+
+def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,
+                    tile_ids: list[int], origin: tuple[int, int], out_shape, dtype,
+                    scale, offset, index) -> int:
+    out = builder.add_output(out_shape, dtype, scale[origin[0]:origin[0] + out_shape[0]],
+                             offset[origin[0]:origin[0] + out_shape[0]])
+    payload = 0
+    for k in tile_ids:
+        r0, c0, h, w, _ = leaf.tiles[k]
+        size = ckpt.tile_size(leaf, k)
+        builder.add_tile(out, (r0 - origin[0], c0 - origin[1], h, w), bits=leaf.bits,
+                         restart_interval=leaf.restart_interval, interval_starts=index[k],
+                         size=size, fill=ckpt.tile_filler(leaf, k))
+        payload += size
+    return payload
+
+
+def _run_plan_on(plan: codec.DecodePlan, device, final_shapes) -> list[jax.Array]:
+    operands = jax.device_put(ops.plan_operands(plan), device)
+    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                              tuple(final_shapes))
+    status, outputs = _call_decoder(decode, operands)
+    ops.check_status(status)
+    return outputs
+
+
+def _call_decoder(decode, operands):
+    """Runs a jitted decode; a corrupt stream is a JpegError however it surfaces.
+
+    The CPU FFI handler reports a failed interval as an XLA error (DATA_LOSS),
+    which jax raises as ValueError/JaxRuntimeError rather than through the status
+    word that ops.check_status reads.
+    """
+    try:
+        return decode(*operands)
+    except (RuntimeError, ValueError) as e:
+        if "jaxjpeg decode failed" in str(e):
+            raise codec.JpegError(str(e).split("jaxjpeg ", 1)[1]) from None
+        raise
+
+
+def _restore_unsharded(ckpt, requests, device, stats) -> list:
+    """All unsharded JPEG leaves in one decode call on one device."""
+    builder = codec.PlanBuilder()
+    payload = 0
+    for r in requests:
+        scale, offset = ckpt.read_affine(r.leaf)
+        index = ckpt.read_interval_index(r.leaf)
+        payload += add_leaf_tiles(builder, ckpt, r.leaf, list(range(len(r.leaf.tiles))), (0, 0),
+                                   codec.matrix_shape(r.leaf.shape), _decodeparse_dtype(r), scale,
+                                   offset, index)
+    plan = builder.finish()
+    if stats is not None:
+        stats.add(device, payload)
+    return _run_plan_on(plan, device, [r.leaf.shape for r in requests])
+
+
+def _restore_sharded(ckpt, request, stats) -> jax.Array:
+    """Each device decodes only the tiles its shard overlaps, from only their bytes."""
+    leaf, sharding = request.leaf, request.sharding
+    boxes = _shard_boxes(leaf.shape, sharding)  # this process's devices only
+    # Under jax.distributed a sharding may hold nothing here (all its devices are
+    # other processes'): read nothing, and give the dtype, which jax cannot
+    # take from an empty list of shards.
+    if not boxes:
+        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
+                                                        dtype=np.dtype(request.dtype))
+    scale, offset = ckpt.read_affine(leaf)
+    index = ckpt.read_interval_index(leaf)
+    shards = []
+    for device, ((r0, r1), (c0, c1), nd_index) in boxes.items():
+        tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
+        tr0 = min(leaf.tiles[k][0] for k in tile_ids)
+        tc0 = min(leaf.tiles[k][1] for k in tile_ids)
+        tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
+        tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
+        builder = codec.PlanBuilder()
+        payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0), (tr1 - tr0, tc1 - tc0),
+                                  _decodeparse_dtype(request), scale, offset, index)
+        if stats is not None:
+            stats.add(device, payload)
+        plan = builder.finish()
+        # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
+        # indexing compiled several small programs per device and leaf, which was
+        # most of a sharded restore's time.)
+        cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape),
+               tuple(_slice_triple(sl, d) for sl, d in zip(nd_index, leaf.shape)), (tr0, tc0))
+        decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                                cut, np.dtype(request.dtype))
+        status, shard = _call_decoder(decode, jax.device_put(ops.plan_operands(plan), device))
+        ops.check_status(status)
+        shards.append(shard)
+    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+
+
+def _slice_triple(sl, dim: int) -> tuple[int, int, int]:
+    return sl.indices(dim) if isinstance(sl, slice) else (int(sl), int(sl) + 1, 1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shard_decoder(output_shapes, output_dtypes, cut, dtype):
+    """A jitted decode of one 2-D box followed by the cut of the shard from it."""
+    box_shape, shape, index, origin = cut
+    decode = ops.plan_decoder(output_shapes, output_dtypes, (box_shape,))
+
+    def run(*operands):
+        status, (box,) = decode(*operands)
+        return status, _cut_shard(box, shape, index, origin).astype(dtype)
+    return jax.jit(run)
+
+
+def _cut_shard(box, shape, index, origin):
+    """The N-D shard ``index`` ((start, stop, step) per dim) of a tensor, from the
+    decoded 2-D box whose top-left is at ``origin`` of the tensor's 2-D view."""
+    if len(shape) == 0:
+        return box.reshape(())
+    ranges = [np.arange(*t) for t in index]
+    grids = np.meshgrid(*ranges[:-1], indexing="ij")
+    rows = (np.ravel_multi_index([g.ravel() for g in grids], shape[:-1]) if len(shape) > 1
+            else np.zeros(1, np.int64)) - origin[0]
+    cols = ranges[-1] - origin[1]
+    shard_shape = tuple(len(r) for r in ranges)
+    if len(rows) == 1 or np.all(np.diff(rows) == 1):  # contiguous rows: a plain slice
+        picked = box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1:index[-1][2]]
+    else:
+        picked = box[rows[:, None], cols[None, :]]
+    return picked.reshape(shard_shape)
+
+
+def _unsharded_groups(requests, default_device) -> dict:
+    """device -> indices of the unsharded JPEG requests it decodes (one call each)."""
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        if r.leaf.kind == "jpeg" and r.sharding is None:
+            groups.setdefault(r.device or default_device, []).append(i)
+    return groups
+
+
+def _place_raw(array: np.ndarray, request: _Request, device):
+    array = array.astype(request.dtype, copy=False)
+    if request.sharding is not None:
+        # Not jax.device_put(array, sharding): with a sharding spanning several
+        # processes it checks the value is the same in every process with a
+        # cross-process collective (fails where CPU collectives are off, and
+        # needs every process in lockstep). Each process has read the whole
+        # leaf anyway, so it places just the slices its own devices hold.
+        # (dtype given: jax needs it where no device of the sharding is ours.)
+        return jax.make_array_from_callback(array.shape, request.sharding,
+                                            lambda index: array[index], dtype=array.dtype)
+    return jax.device_put(array, request.device or device)
+
+
+def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None,
+            device=None, verify: bool = True, stats: RestoreStats | None = None):
+    """Restores a checkpoint as a pytree of arrays decoded on the device.
+
+    ``target`` (optional) is a pytree of arrays or ``jax.ShapeDtypeStruct``
+    (possibly with shardings) whose structure, dtypes and placement the result
+    takes; it may cover a subset of the saved leaves (partial restore).
+    Without a target, the saved structure comes back as nested dicts/lists;
+    ``paths`` (glob patterns over slash-separated leaf paths) then selects a
+    subset. ``dtype`` overrides every leaf's dtype.
+    """
+    # This process's first device: jax.devices()[0] belongs to process 0 under
+    # jax.distributed, and other processes cannot place data on it.
+    device = device or jax.local_devices()[0]
+    with Checkpoint(path, verify=verify) as ckpt:
+        if target is not None:
+            requests, treedef = target_requests(ckpt, target, dtype)
+        else:
+            chosen = [leaf for leaf in ckpt.leaves
+                      if paths is None or any(fnmatch.fnmatchcase(leaf.path, p) for p in paths)]
+            requests = [_Request(leaf, np.dtype(dtype or leaf.dtype), None) for leaf in chosen]
+            treedef = None
+        values: list = [None] * len(requests)
+        for target_device, group in _unsharded_groups(requests, device).items():
+            decoded = _restore_unsharded(ckpt, [requests[i] for i in group], target_device, stats)
+            for i, array in zip(group, decoded):
+                values[i] = array.astype(requests[i].dtype)
+        for i, r in enumerate(requests):
+            if r.leaf.kind == "jpeg" and r.sharding is not None:
+                values[i] = _restore_sharded(ckpt, r, stats)
+            elif r.leaf.kind == "raw":
+                values[i] = _place_raw(ckpt.read_raw(r.leaf), r, device)
+    if treedef is not None:
+        return jax.tree_util.tree_unflatten(treedef, values)
+    return nest([(r.leaf.records, v) for r, v in zip(requests, values)])

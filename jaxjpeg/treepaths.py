@@ -1,0 +1,50 @@
+"""Pytree key paths as the checkpoint records them, and back to nested containers."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+def key_record(key) -> list:
+    if isinstance(key, jax.tree_util.DictKey):
+        return ["key", key.key if isinstance(key.key, (int, str)) else str(key.key)]
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return ["index", key.idx]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return ["attr", key.name]
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return ["flat", key.key]
+    return ["key", str(key)]
+
+
+def path_string(records: Sequence[Sequence]) -> str:
+    """The slash-separated form users match patterns against."""
+    return "/".join(str(value) for _, value in records)
+
+
+def leaves_with_paths(tree) -> list[tuple[list, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [([key_record(k) for k in path], leaf) for path, leaf in leaves]
+
+
+def nest(entries: list[tuple[list, Any]]):
+    """Rebuilds nested dicts/lists from recorded paths (restore without target)."""
+    if len(entries) == 1 and not entries[0][0]:
+        return entries[0][1]
+    root: dict = {}
+    for records, value in entries:
+        node = root
+        for kind, key in records[:-1]:
+            node = node.setdefault((kind, key), {})
+        node[tuple(records[-1])] = value
+    return _materialize(root)
+
+
+def _materialize(node):
+    if not isinstance(node, dict):
+        return node
+    if node and all(kind == "index" for kind, _ in node):
+        return [_materialize(node[k]) for k in sorted(node, key=lambda k: k[1])]
+    return {key: _materialize(value) for (_, key), value in node.items()}
+
