@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from jaxjpeg import codec, format as fmt
-from jaxjpeg.checkpoint_reader import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES
+from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
+                                        parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
 
 
@@ -112,6 +113,15 @@ def _to_numpy(leaf) -> np.ndarray:
         raise ValueError("saving arrays not fully addressable from this process is not supported; "
                          "gather them first (jax.experimental.multihost_utils)")
     return np.asarray(leaf)
+
+
+def _check_storable(name: str, array: np.ndarray) -> None:
+    """Refuses, before anything is written, leaves a reader could not restore."""
+    try:
+        parse_dtype(str(array.dtype))
+    except fmt.FormatError:
+        raise TypeError(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold numeric, "
+                        "bool and bfloat16 arrays only") from None
 
 
 def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict, int]:
@@ -227,6 +237,8 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     """
     policy = policy or Policy()
     entries = [(records, _to_numpy(leaf)) for records, leaf in leaves_with_paths(tree)]
+    for records, array in entries:
+        _check_storable(path_string(records), array)
     rates_given = [v is not None for v in (relative_step, step, quality, qtable, error_bound,
                                            target_ratio, target_bytes, encoder)]
     if sum(rates_given) > 1:

@@ -435,3 +435,11 @@ def test_default_rate_is_about_8x_on_gaussian_weights(tmp_path):
 def test_rate_controls_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="at most one rate control"):
         jaxjpeg.save(tmp_path / "x.jjpg", _mixed_tree(), step=4, target_ratio=8)
+
+
+@pytest.mark.parametrize("leaf", ["a string", np.array([object()]), np.array(["x", "y"])])
+def test_unrestorable_leaves_are_refused_before_writing(tmp_path, leaf):
+    path = tmp_path / "bad.jjpg"
+    with pytest.raises(TypeError, match="dtype"):
+        jaxjpeg.save(path, {"w": np.ones((4, 4), np.float32), "bad": leaf})
+    assert not path.exists()
