@@ -115,6 +115,23 @@ def _to_numpy(leaf) -> np.ndarray:
     return np.asarray(leaf)
 
 
+def _check_unique_paths(entries) -> None:
+    """Leaves are found by their slash-joined paths ({"a/b": x} and
+    {"a": {"b": y}} would collide) and restored into nested containers, so no
+    path may repeat or be a prefix of another."""
+    names = [path_string(records) for records, _ in entries]
+    prefixes = {"/".join(n.split("/")[:k]) for n in names for k in range(1, n.count("/") + 1)}
+    clashes = sorted({n for n in names if names.count(n) > 1} | (prefixes & set(names)))
+    if clashes:
+        raise ValueError(f"leaf paths collide once joined with '/': {clashes[:3]}")
+
+
+def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
+    """JPEG-coded: the policy says so and every value is finite (a -inf mask
+    or a NaN cannot be JPEG-coded and is stored losslessly instead)."""
+    return policy.should_compress(name, array) and bool(np.all(np.isfinite(array)))
+
+
 def _check_storable(name: str, array: np.ndarray) -> None:
     """Refuses, before anything is written, leaves a reader could not restore."""
     try:
@@ -142,7 +159,7 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
     return record, stored
 
 
-def _relative_step_encoder(relative_step, restart_interval, tile_shape):
+def _relative_step_encoder(relative_step, bits, coding):
     from jaxjpeg import rate
 
     if not 0 < relative_step < 16:
@@ -151,17 +168,16 @@ def _relative_step_encoder(relative_step, restart_interval, tile_shape):
     def encode(_, array):
         x = np.asarray(array, np.float32)
         rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-        return rate.encode_at_step(x, relative_step * rms if rms > 0 else 1.0,
-                                   restart_interval=restart_interval, tile_shape=tile_shape)
+        return rate.encode_at_step(x, relative_step * rms if rms > 0 else 1.0, bits=bits,
+                                   **coding)
     return encode
 
 
-def _error_bound_encoder(bound, restart_interval, tile_shape):
+def _error_bound_encoder(bound, bits, coding):
     from jaxjpeg import rate
 
     def encode(_, array):
-        return rate.encode_for_error(array, bound, restart_interval=restart_interval,
-                                     tile_shape=tile_shape)
+        return rate.encode_for_error(array, bound, bits=bits, **coding)
     return encode
 
 
@@ -188,21 +204,22 @@ def _container_overhead(entries, coded, restart_interval, tile_shape) -> int:
     return overhead
 
 
-def _target_encoder(entries, policy, ratio, nbytes, sensitivity, restart_interval, tile_shape):
+def _target_encoder(entries, policy, ratio, nbytes, sensitivity, bits, coding):
     """Allocates the file's byte budget over the leaves that will be coded."""
     from jaxjpeg import rate
 
-    coded = {path_string(r): a for r, a in entries if policy.should_compress(path_string(r), a)}
+    coded = {path_string(r): a for r, a in entries if _is_coded(policy, path_string(r), a)}
     kept = sum(a.nbytes for r, a in entries if path_string(r) not in coded)
     total = sum(a.nbytes for _, a in entries)
-    overhead = _container_overhead(entries, coded, restart_interval, tile_shape)
+    overhead = _container_overhead(entries, coded, coding["restart_interval"],
+                                   coding["tile_shape"])
     budget = (nbytes if nbytes is not None else int(total / ratio)) - kept - overhead
     if not coded:
         return lambda name, array: None
     if budget <= 0:
         raise ValueError(f"target size is below the {kept} bytes of leaves stored losslessly")
-    allocation = rate.allocate_to_target(coded, budget, sensitivity=sensitivity,
-                                         restart_interval=restart_interval, tile_shape=tile_shape)
+    allocation = rate.allocate_to_target(coded, budget, sensitivity=sensitivity, bits=bits,
+                                         **coding)
     return lambda name, array: allocation.encodings[name]
 
 
@@ -210,7 +227,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
          quality: int | None = None,
          qtable: Sequence[int] | None = None, error_bound: float | None = None,
          target_ratio: float | None = None, target_bytes: int | None = None,
-         sensitivity: dict | None = None, bits: int = 8, clip: str = "common",
+         sensitivity: dict | None = None, bits: int | None = None, clip: str = "common",
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
          tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
@@ -232,6 +249,11 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
       (leaf path -> weight, e.g. from :func:`jaxjpeg.rate.sensitivity_from_gradients`);
     * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control.
 
+    ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
+    ``step``/``quality``/``qtable`` and chosen per tensor by the other rate
+    controls. ``clip`` selects the weight-to-sample mapping
+    (:func:`jaxjpeg.mapping.row_affine`).
+
     The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
     """
@@ -239,6 +261,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     entries = [(records, _to_numpy(leaf)) for records, leaf in leaves_with_paths(tree)]
     for records, array in entries:
         _check_storable(path_string(records), array)
+    _check_unique_paths(entries)
     rates_given = [v is not None for v in (relative_step, step, quality, qtable, error_bound,
                                            target_ratio, target_bytes, encoder)]
     if sum(rates_given) > 1:
@@ -246,19 +269,20 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     if not any(rates_given):
         relative_step = DEFAULT_RELATIVE_STEP
 
+    coding = dict(restart_interval=restart_interval, tile_shape=tile_shape, clip=clip)
+
     def table_encoder(_, array):
-        return codec.encode_tensor(array, bits=bits, step=step, quality=quality, qtable=qtable,
-                                   clip=clip, restart_interval=restart_interval,
-                                   tile_shape=tile_shape)
+        return codec.encode_tensor(array, bits=bits or 8, step=step, quality=quality,
+                                   qtable=qtable, **coding)
 
     encode = encoder or table_encoder
     if relative_step is not None:
-        encode = _relative_step_encoder(relative_step, restart_interval, tile_shape)
+        encode = _relative_step_encoder(relative_step, bits, coding)
     if error_bound is not None:
-        encode = _error_bound_encoder(error_bound, restart_interval, tile_shape)
+        encode = _error_bound_encoder(error_bound, bits, coding)
     if target_ratio is not None or target_bytes is not None:
         encode = _target_encoder(entries, policy, target_ratio, target_bytes, sensitivity,
-                                 restart_interval, tile_shape)
+                                 bits, coding)
     bar = _progress(sum(a.nbytes for _, a in entries), "jaxjpeg save", progress)
     records_out, reports = [], []
     try:
@@ -266,10 +290,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
             for index, (records, array) in enumerate(entries):
                 name = path_string(records)
                 record = {"path": records, "shape": list(array.shape), "dtype": str(array.dtype)}
-                # Non-finite values (e.g. a -inf attention mask) cannot be JPEG-coded
-                # (encode_tensor refuses them): store such leaves losslessly instead of
-                # failing the whole save.
-                if policy.should_compress(name, array) and np.all(np.isfinite(array)):
+                if _is_coded(policy, name, array):
                     extra, stored = _write_jpeg_leaf(writer, index, encode(name, array))
                 else:
                     writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(array))

@@ -68,7 +68,9 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
         _check_path_records(index, record["path"])
         shape = tuple(int(d) for d in record["shape"])
-        if any(d < 0 for d in shape) or math.prod(shape) > file_size * 64 + 2**20:
+        # A JPEG block takes at least 2 bits (a DC code and an EOB): no file
+        # holds more than 256 weights per byte, whatever the shape claims.
+        if any(d < 0 for d in shape) or math.prod(shape) > file_size * 256 + 2**20:
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
                          parse_dtype(record["dtype"]), record["kind"])

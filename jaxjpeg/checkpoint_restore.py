@@ -59,7 +59,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
     return requests, treedef
 
 
-def _decodeparse_dtype(request: _Request) -> np.dtype:
+def _decode_dtype(request: _Request) -> np.dtype:
     """JPEG leaves decode straight to a float output type; others are cast after."""
     if request.dtype in codec.OUTPUT_TYPES:
         return request.dtype
@@ -139,7 +139,7 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
         scale, offset = ckpt.read_affine(r.leaf)
         index = ckpt.read_interval_index(r.leaf)
         payload += add_leaf_tiles(builder, ckpt, r.leaf, list(range(len(r.leaf.tiles))), (0, 0),
-                                   codec.matrix_shape(r.leaf.shape), _decodeparse_dtype(r), scale,
+                                   codec.matrix_shape(r.leaf.shape), _decode_dtype(r), scale,
                                    offset, index)
     plan = builder.finish()
     if stats is not None:
@@ -168,7 +168,7 @@ def _restore_sharded(ckpt, request, stats) -> jax.Array:
         tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
         builder = codec.PlanBuilder()
         payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0), (tr1 - tr0, tc1 - tc0),
-                                  _decodeparse_dtype(request), scale, offset, index)
+                                  _decode_dtype(request), scale, offset, index)
         if stats is not None:
             stats.add(device, payload)
         plan = builder.finish()

@@ -43,10 +43,12 @@ class CompressedArray:
     def decode(self) -> jax.Array:
         """The decoded tensor. Traceable: use it inside jit. On the CPU a corrupt
         payload raises; on the GPU the status word is not checked here (the
-        bytes were checksummed when loaded)."""
+        bytes were checksummed when loaded). Dtypes the decoder does not write
+        (float64, integers) decode to float32 and are cast, as restore does."""
+        written = self.dtype if self.dtype in codec.OUTPUT_TYPES else np.dtype(np.float32)
         _, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
-                               output_dtypes=(self.dtype,))
-        return out.reshape(self.shape)
+                               output_dtypes=(written,))
+        return out.reshape(self.shape).astype(self.dtype)
 
     def tree_flatten(self):
         return self.operands, (self.matrix_shape, self.shape, self.dtype.name)
@@ -66,8 +68,9 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     index = ckpt.read_interval_index(leaf)
     builder = codec.PlanBuilder()
     matrix = codec.matrix_shape(leaf.shape)
-    add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0), matrix,
-                             dtype, scale, offset, index)
+    written = dtype if dtype in codec.OUTPUT_TYPES else np.dtype(np.float32)
+    add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0), matrix, written,
+                   scale, offset, index)
     plan = builder.finish()
     operands = jax.device_put(ops.plan_operands(plan), device)
     return CompressedArray(operands, matrix, leaf.shape, dtype)
@@ -97,7 +100,6 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
 
 def _load_leaf(ckpt, leaf, dtype, device):
     if leaf.kind == "jpeg":
-        codec.output_type(dtype)
         return _compressed_leaf(ckpt, leaf, dtype, device)
     return jax.device_put(ckpt.read_raw(leaf).astype(dtype, copy=False), device)
 

@@ -161,6 +161,8 @@ def _f16_offset(view, scale, offset, top, clip_ok) -> np.ndarray:
         lo = (view.min(axis=1) - o16) / safe_scale
         hi = (view.max(axis=1) - o16) / safe_scale
         ok = (lo >= 0) & (hi <= top)
+    # A constant row (scale 0) is its offset alone: round it only if exact.
+    ok = np.where(scale > 0, ok, o16 == offset)
     return np.where(finite & ok, o16, offset).astype(np.float32)
 
 

@@ -84,10 +84,11 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
 
     def _write(self, directory, tree, args: "JaxjpegSave") -> None:
         kwargs = dict(args.save_kwargs or {})
-        for name in ("step", "quality", "policy"):
+        for name in ("step", "quality", "bits", "policy"):
             if getattr(args, name) is not None:
                 kwargs[name] = getattr(args, name)
-        _ckpt.save(self._path(directory), tree, bits=args.bits, progress=False, **kwargs)
+        kwargs["progress"] = False
+        _ckpt.save(self._path(directory), tree, **kwargs)
 
     async def async_save(self, directory, args: "JaxjpegSave") -> Optional[List[Any]]:
         """Snapshots the leaves to host now; encodes and writes in the commit thread."""
@@ -145,13 +146,14 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
     ``quality`` (standard table), or another of :func:`jaxjpeg.save`'s
     (``qtable``, ``error_bound``, ``target_ratio``, ...) through
     ``save_kwargs``, which is passed to it as is; none means jaxjpeg's
-    default step.
+    default rate. ``bits`` (8 or 12) fixes the sample precision; None lets
+    jaxjpeg choose.
     """
 
     item: Any
     step: Optional[float] = None
     quality: Optional[int] = None
-    bits: int = 8
+    bits: Optional[int] = None
     policy: Optional[_ckpt.Policy] = None
     save_kwargs: Optional[dict] = None
 

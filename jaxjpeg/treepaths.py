@@ -45,6 +45,10 @@ def _materialize(node):
     if not isinstance(node, dict):
         return node
     if node and all(kind == "index" for kind, _ in node):
-        return [_materialize(node[k]) for k in sorted(node, key=lambda k: k[1])]
+        keys = sorted(node, key=lambda k: k[1])
+        if [k[1] for k in keys] == list(range(len(keys))):
+            return [_materialize(node[k]) for k in keys]
+        # A subset of a sequence (partial restore) keeps its indices as keys.
+        return {k[1]: _materialize(node[k]) for k in keys}
     return {key: _materialize(value) for (_, key), value in node.items()}
 

@@ -443,3 +443,62 @@ def test_unrestorable_leaves_are_refused_before_writing(tmp_path, leaf):
     with pytest.raises(TypeError, match="dtype"):
         jaxjpeg.save(path, {"w": np.ones((4, 4), np.float32), "bad": leaf})
     assert not path.exists()
+
+
+@pytest.mark.parametrize("value", [0.1, -3.3, 1000.3, 0.0])
+def test_constant_tensors_come_back_exactly(tmp_path, value):
+    tree = {"w": np.full((64, 64), value, np.float32)}
+    jaxjpeg.save(tmp_path / "c.jjpg", tree)
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "c.jjpg")["w"]), tree["w"])
+
+
+@pytest.mark.parametrize("restart_interval", [0, 8, 64])
+def test_all_zero_tensors_restore_whatever_the_restart_interval(tmp_path, restart_interval):
+    """Zeros compress to ~2 bits per 8x8 block: the reader's plausibility
+    bound on shapes must allow that (Adam state at step 0, zero-init LoRA)."""
+    tree = {"w": np.zeros((2048, 2048), np.float32)}
+    path = tmp_path / "z.jjpg"
+    jaxjpeg.save(path, tree, restart_interval=restart_interval)
+    if restart_interval == 0:  # beyond 64 weights per byte, the old bound
+        assert os.path.getsize(path) * 64 < tree["w"].size
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(path)["w"]), tree["w"])
+
+
+def test_paths_that_collide_once_joined_are_refused(tmp_path):
+    tree = {"a/b": np.ones((64, 64), np.float32), "a": {"b": np.zeros((64, 64), np.float32)}}
+    with pytest.raises(ValueError, match="collide"):
+        jaxjpeg.save(tmp_path / "p.jjpg", tree, target_ratio=4)
+    assert not (tmp_path / "p.jjpg").exists()
+
+
+def test_target_ratio_stores_non_finite_leaves_losslessly(tmp_path):
+    mask = np.where(np.tri(128, dtype=bool), 0.0, -np.inf).astype(np.float32)
+    tree = {"mask": mask, "w": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)}
+    jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=4)
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["mask"]), mask)
+
+
+@pytest.mark.parametrize("rate", [{}, {"relative_step": 0.1}, {"error_bound": 0.01}, {"step": 64}])
+def test_bits_are_honoured_by_every_rate_control(tmp_path, rate):
+    tree = {"w": np.random.default_rng(1).standard_normal((128, 128)).astype(np.float32)}
+    jaxjpeg.save(tmp_path / "b.jjpg", tree, bits=12, **rate)
+    with ckr.Checkpoint(tmp_path / "b.jjpg") as c:
+        assert [leaf.bits for leaf in c.leaves] == [12]
+
+
+def test_partial_restore_of_a_list_keeps_indices(tmp_path):
+    tree = {"layers": [np.full((64, 64), i, np.float32) for i in range(4)]}
+    jaxjpeg.save(tmp_path / "l.jjpg", tree)
+    part = jaxjpeg.restore(tmp_path / "l.jjpg", paths=["layers/2", "layers/3"])
+    assert sorted(part["layers"]) == [2, 3]
+    np.testing.assert_array_equal(np.asarray(part["layers"][3]), tree["layers"][3])
+
+
+def test_load_accepts_targets_of_any_float_or_int_dtype(tmp_path):
+    x = (np.random.default_rng(2).standard_normal((64, 64)) * 100).astype(np.float32)
+    jaxjpeg.save(tmp_path / "t.jjpg", {"w": x})
+    compressed = jaxjpeg.load(tmp_path / "t.jjpg",
+                              target={"w": jax.ShapeDtypeStruct((64, 64), np.int32)})
+    decoded = jax.jit(jaxjpeg.decode)(compressed)["w"]
+    restored = jaxjpeg.restore(tmp_path / "t.jjpg")["w"]
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(restored).astype(decoded.dtype))
