@@ -235,8 +235,9 @@ class PlanBuilder:
         for row, fill, size in zip(self._tiles, self._fills, self._sizes):
             view = payload[position:position + size]
             fill(view)
-            blob = _native.decoder_tables(view).tobytes()
-            row[0] = tables.setdefault(blob, len(tables))
+            tile_tables, *geometry = _native.tile_header(view)
+            _check_tile_geometry(row, geometry)
+            row[0] = tables.setdefault(tile_tables.tobytes(), len(tables))
             position += size
         starts = self._starts + [np.array([self._payload_size], np.int64)]
         return DecodePlan(
@@ -249,6 +250,17 @@ class PlanBuilder:
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
         )
+
+
+def _check_tile_geometry(row: list[int], header: list[int]) -> None:
+    """The tile's own header must describe the tile the plan expects: a
+    mismatch (a hostile or mixed-up file) would decode to wrong weights."""
+    width, height, bits, restart_interval = header
+    expected = (row[2], row[3], row[1], row[10])
+    if (width, height, bits, restart_interval) != expected:
+        raise JpegError(f"tile header says {width}x{height}, {bits}-bit, restart interval "
+                        f"{restart_interval}; expected {expected[0]}x{expected[1]}, "
+                        f"{expected[2]}-bit, restart interval {expected[3]}")
 
 
 def _copy_into(data: bytes):

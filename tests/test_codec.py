@@ -99,3 +99,15 @@ def test_flat_table_error_shrinks_with_step():
     errors = [np.linalg.norm(jaxjpeg.decode_tensor(jaxjpeg.encode_tensor(x, step=s)) - x)
               for s in (16, 8, 4, 2)]
     assert errors == sorted(errors, reverse=True)
+
+
+def test_plan_refuses_a_tile_whose_header_disagrees_with_its_record():
+    enc = jaxjpeg.encode_tensor(_gauss((16, 32)), step=4)
+    tile = enc.tiles[0]
+    builder = codec.PlanBuilder()
+    out = builder.add_output((16, 64), np.float32, np.ones(16), np.zeros(16))
+    builder.add_tile(out, (0, 0, 16, 64), bits=8, restart_interval=tile.restart_interval,
+                     interval_starts=tile.interval_starts, size=len(tile.data),
+                     fill=lambda view: view.__setitem__(slice(None), np.frombuffer(tile.data, np.uint8)))
+    with pytest.raises(jaxjpeg.JpegError, match="tile header says 32x16"):
+        builder.finish()

@@ -91,15 +91,20 @@ py::dict Inspect(const py::buffer& data) {
   return d;
 }
 
-// The DecoderTables a tile's header defines (the header alone is parsed).
-py::array_t<uint8_t> DecoderTablesOf(const py::buffer& data) {
+// The DecoderTables a tile's header defines, and the header's geometry
+// (width, height, bits, restart interval) for checking against what the
+// caller believes about the tile. Only the header is parsed.
+py::tuple TileHeader(const py::buffer& data) {
   const py::buffer_info b = ContiguousBytes(data);
   StreamInfo info;
-  Check(ParseStreamHeader(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, &info),
-        "JPEG header");
+  {
+    py::gil_scoped_release release;
+    Check(ParseStreamHeader(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, &info),
+          "JPEG header");
+  }
   py::array_t<uint8_t> tables(static_cast<py::ssize_t>(sizeof(DecoderTables)));
   std::memcpy(tables.mutable_data(), &info.tables, sizeof(DecoderTables));
-  return tables;
+  return py::make_tuple(tables, info.width, info.height, info.bits, info.restart_interval);
 }
 
 template <int kBits>
@@ -316,8 +321,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("inspect", &Inspect, py::arg("data"),
         "Parse a JPEG: dimensions, precision, restart interval, interval start offsets, "
         "decoder tables.");
-  m.def("decoder_tables", &DecoderTablesOf, py::arg("data"),
-        "The decoder tables of a JPEG file's header, as the plan's table bytes.");
+  m.def("tile_header", &TileHeader, py::arg("data"),
+        "(decoder tables as the plan's table bytes, width, height, bits, restart interval) "
+        "of a JPEG file's header.");
   m.def("decode_samples", &DecodeSamples, py::arg("data"), py::arg("threads") = 0,
         "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
