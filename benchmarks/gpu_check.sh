@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check for a machine with an NVIDIA GPU, JAX with CUDA, no network:
 # build in place, run the GPU tests (GPU bits == CPU bits) and the GPU
-# benchmark. Finishes in about 5 minutes on an H200.
+# benchmark. Sized to finish within 8 minutes (not yet run on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
