@@ -165,3 +165,24 @@ def test_cuda_module_built_where_required():
         assert "jaxjpeg_decode" in _native_cuda.ffi_targets()
     else:
         assert isinstance(lowering.cuda_available(), bool)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
+    """Inside jit on a GPU nothing raises: the failing interval's weights must
+    be NaN (and only its weights), while the status word names it."""
+    rng = np.random.default_rng(7)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), step=4, restart_interval=8)
+    plan = codec.build_plan([enc], [dtype])
+    payload = plan.payload.copy()
+    start = int(plan.interval_starts[3])
+    payload[start:start + 40] = 0xFF
+    out = np.zeros(plan.output_shapes[0], dtype)
+    with pytest.raises(jaxjpeg.JpegError, match="restart interval 3"):
+        _native.run_plan_kernel_harness(payload, plan.interval_starts, plan.tiles, plan.tables,
+                                        plan.row_scale, plan.row_offset,
+                                        [out.view(np.uint16) if out.itemsize == 2 else out],
+                                        [codec.output_type(dtype)])
+    nan = np.isnan(out.astype(np.float32))
+    assert nan.sum() == 8 * 64  # interval 3: blocks 24..31 of a 32-block-wide tile row
+    assert nan[:8, 3 * 64:4 * 64].all()

@@ -110,6 +110,21 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   return row0 <= elements / stride - height;
 }
 
+// A corrupt interval's blocks become NaN, never half-decoded values: inside a
+// jitted program on the GPU nothing raises, and NaN is what cannot pass for
+// weights. (The status word still names the first failing interval.)
+template <typename Sink>
+JJ_HD inline void FillIntervalWithNaN(const Sink& sink, const BlockGrid& grid,
+                                      int64_t first_block, int64_t num_blocks) {
+  for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
+    const int y0 = static_cast<int>(b / grid.blocks_wide) * 8;
+    const int x0 = static_cast<int>(b % grid.blocks_wide) * 8;
+    const int rows = grid.height - y0 < 8 ? grid.height - y0 : 8;
+    const int cols = grid.width - x0 < 8 ? grid.width - x0 : 8;
+    for (int y = 0; y < rows; ++y) sink.PutNaNRow(y0 + y, x0, cols);
+  }
+}
+
 template <OutputType kType>
 JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
                                      const DecoderTables& tables) {
@@ -124,10 +139,12 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
   const BlockGrid grid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
   const uint8_t* begin = p.payload + w.begin;
   const uint8_t* end = p.payload + w.end;
-  if (tile[kTileBits] == 12) {
-    return DecodeInterval<12>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
-  }
-  return DecodeInterval<8>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
+  const Status status =
+      tile[kTileBits] == 12
+          ? DecodeInterval<12>(begin, end, tables, grid, w.first_block, w.num_blocks, sink)
+          : DecodeInterval<8>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
+  if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
+  return status;
 }
 
 // Decodes interval i of the plan; returns kPlanOk or the packed status.

@@ -95,6 +95,13 @@ struct AffineSink {
       out[i] = OutputElement<kType>::From(AffineSample(samples[i], scale, offset));
     }
   }
+
+  // Marks a row segment as not decoded (quiet NaN in the output type).
+  JJ_HD JJ_INLINE void PutNaNRow(int y, int x0, int count) const {
+    Element* out = base + y * row_stride + x0;
+    const Element nan = OutputElement<kType>::From(__builtin_nanf(""));
+    for (int i = 0; i < count; ++i) out[i] = nan;
+  }
 };
 
 // Writes raw samples (the view libjpeg gives), for tests and tools.
