@@ -10,61 +10,16 @@
 namespace jaxjpeg {
 
 constexpr int kLookaheadBits = 9;
-// Index bits of the AC fast table: codes of up to 9 bits that carry a value
-// (the index then holds the value's sign bit too), and EOB / ZRL codes of up
-// to 10 bits.
-constexpr int kFastAcBits = 10;
 
 // One DHT table ready for decoding.
 struct HuffmanDecodeTable {
   // Codes of up to kLookaheadBits bits: (code length << 8) | symbol; 0 if the
   // code is longer (or no code starts with these bits).
   uint16_t lookahead[1 << kLookaheadBits];
-  // For AC tables, every code that fits kFastAcBits with its value's sign
-  // bit, as one entry: the bits the coefficient takes in all, code plus value
-  // bits (bits 0-7), the zero run (bits 8-11), and kEndOfBlock for the EOB
-  // code. A ZRL (16 zeros) is run 15: it stores a zero. 0 = decode the slow
-  // way (longer code, or undefined). fast_ac_bias is what turns those total
-  // bits, read as an unsigned number (code bits then value bits), into the
-  // coefficient: minus the code's part, and for a value with a leading 0 bit
-  // (negative, T.81 F.2.2.1 EXTEND) minus 2^category - 1, which the index
-  // already decides.
-  int32_t fast_ac[1 << kFastAcBits];
-  int32_t fast_ac_bias[1 << kFastAcBits];
   int32_t max_code[17];      // largest code of each length, -1 if none
   int32_t value_offset[17];  // index into symbols = code + value_offset[len]
   uint8_t symbols[256];
 };
-
-constexpr int32_t kEndOfBlock = 0x8000;
-
-// Sign-extends a magnitude category value (T.81 F.2.2.1, EXTEND).
-JJ_HD JJ_INLINE int32_t ExtendMagnitude(uint32_t bits, int category) {
-  return bits < (1u << (category - 1)) ? static_cast<int32_t>(bits) - (1 << category) + 1
-                                       : static_cast<int32_t>(bits);
-}
-
-// The fast AC entries of one code (length <= kFastAcBits) and its symbol.
-inline void FillFastAc(int32_t code, int len, int symbol, HuffmanDecodeTable* t) {
-  const int run = symbol >> 4, category = symbol & 15;
-  const int shift = kFastAcBits - len;
-  for (int fill = 0; fill < (1 << shift); ++fill) {
-    const int i = (code << shift) | fill;
-    if (symbol == 0x00) {  // EOB
-      t->fast_ac[i] = kEndOfBlock | len;
-      t->fast_ac_bias[i] = -code;
-    } else if (category == 0) {  // ZRL: 16 zeros; other run/0 symbols end the block (slow path)
-      if (run == 15) {
-        t->fast_ac[i] = (run << 8) | len;
-        t->fast_ac_bias[i] = -code;
-      }
-    } else if (len < kFastAcBits) {  // the value's leading bit is in the index
-      const bool negative = ((fill >> (shift - 1)) & 1) == 0;
-      t->fast_ac[i] = (run << 8) | (len + category);
-      t->fast_ac_bias[i] = -(code << category) - (negative ? (1 << category) - 1 : 0);
-    }
-  }
-}
 
 // Builds a decoding table from DHT counts (codes of length 1..16) and symbols.
 // Rejects over-subscribed code spaces the way libjpeg does (the all-ones code
@@ -79,10 +34,6 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
     t->symbols[i] = symbols[i];
   }
   for (int i = 0; i < (1 << kLookaheadBits); ++i) t->lookahead[i] = 0;
-  for (int i = 0; i < (1 << kFastAcBits); ++i) {
-    t->fast_ac[i] = 0;
-    t->fast_ac_bias[i] = 0;
-  }
   int32_t code = 0;
   int index = 0;
   for (int len = 1; len <= 16; ++len) {
@@ -92,7 +43,6 @@ inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* s
     if (code + n >= (1 << len)) return Status::kBadHuffmanTable;
     t->value_offset[len] = index - code;
     for (int i = 0; i < n; ++i, ++code, ++index) {
-      if (!is_dc && len <= kFastAcBits) FillFastAc(code, len, t->symbols[index], t);
       if (len > kLookaheadBits) continue;
       const int shift = kLookaheadBits - len;
       for (int fill = 0; fill < (1 << shift); ++fill) {
@@ -139,6 +89,162 @@ JJ_HD JJ_INLINE int DecodeSymbol(BitReader& r, const HuffmanDecodeTable& t) {
     }
   }
   return -1;
+}
+
+// The AC fast table: kFastAcBits bits of lookahead resolve one coefficient,
+// and often the next one too. AC decoding is bound by a serial chain (peek
+// the bits, load the entry, shift the consumed bits out) that no
+// out-of-order CPU can overlap; an entry that covers two coefficients walks
+// that chain once for both. The values are computed from the buffer and the
+// entry off that chain.
+constexpr int kFastAcBits = 11;
+
+// One entry, for the codes at the start of its index. The first part is one
+// AC code with its value bits (a coefficient, a ZRL or an EOB); its code and
+// its value's sign bit lie in the index, its other value bits may not. Its
+// value is those bits, code then value bits read as one unsigned number,
+// plus its bias: minus the code's part, and for a leading 0 value bit
+// (negative, T.81 F.2.2.1 EXTEND) minus 2^category - 1. The second part, if
+// any, is the next code when it and all its value bits lie in the index too,
+// so its value is a constant. Every entry stores twice, so that the decoder
+// does not branch on the kind: without a second part, the second store puts
+// a 0 where the first store then puts the first value. One byte per field:
+// reading one is a load, not shifts and masks.
+struct FastAcEntry {
+  uint8_t consumed;      // bits of both parts; 0 = decode the slow way
+  uint8_t kind;          // kOneCode, kEobFirst or kTwoCodes
+  uint8_t ends_block;    // 1: the second part is an EOB
+  uint8_t first_shift;   // 64 - the first part's bits (code and value bits)
+  uint8_t run;           // zero run before the first value (15 for a ZRL's 0)
+  uint8_t second_at;     // zig-zag position of the second store, from k
+  uint8_t advance;       // k after the entry, from k
+  int8_t second_value;   // 0 for an EOB or no second part
+};
+
+// FastAcEntry::kind: one value or ZRL; an EOB first (the other fields
+// unused); or a second part after the first.
+constexpr uint8_t kOneCode = 0;
+constexpr uint8_t kEobFirst = 1;
+constexpr uint8_t kTwoCodes = 2;
+
+// The table: entries and biases apart, so that an index scales by 8 and 4
+// within the load instructions (x86 addressing scales up to 8).
+struct FastAcTable {
+  FastAcEntry entry[1 << kFastAcBits];
+  int32_t bias[1 << kFastAcBits];
+};
+static_assert(sizeof(FastAcEntry) == 8, "an entry index scales by 8");
+
+// What a kFastAcBits-bit string starts with, when that could be the second
+// part of an entry: a complete coefficient or ZRL whose value fits int8, or
+// an EOB.
+struct SecondPart {
+  uint8_t bits;  // its code and value bits; 0xFF: none (longer, EOBn, undefined)
+  uint8_t run;
+  uint8_t is_eob;
+  int8_t value;
+};
+
+// Calls visit(code, len, symbol) for every code of up to kFastAcBits bits,
+// in order. These are the codes DecodeSymbol finds: in a table that
+// BuildHuffmanDecodeTable accepted, its length-by-length search ends exactly
+// at the code that is a prefix.
+template <typename Visit>
+inline void ForEachShortCode(const HuffmanDecodeTable& t, Visit visit) {
+  int32_t code = 0;
+  for (int len = 1; len <= kFastAcBits; ++len) {
+    for (; code <= t.max_code[len]; ++code) visit(code, len, t.symbols[code + t.value_offset[len]]);
+    code <<= 1;
+  }
+}
+
+// The coefficient a value of `category` bits `raw` stands for (T.81 F.2.2.1
+// EXTEND): a leading 0 bit means a negative value.
+inline int32_t Extend(int32_t raw, int category) {
+  return (category != 0 && raw < (1 << (category - 1))) ? raw - (1 << category) + 1 : raw;
+}
+
+// SecondPart for every kFastAcBits-bit string.
+inline void FillSecondParts(const HuffmanDecodeTable& t, SecondPart parts[1 << kFastAcBits]) {
+  for (int i = 0; i < (1 << kFastAcBits); ++i) parts[i] = SecondPart{0xFF, 0, 0, 0};
+  ForEachShortCode(t, [&](int32_t code, int len, int symbol) {
+    const int run = symbol >> 4, category = symbol & 15;
+    if (category == 0 && run != 15 && symbol != 0x00) return;  // EOBn: the slow path's
+    if (len + category > kFastAcBits) return;
+    const int shift = kFastAcBits - len;
+    for (int fill = 0; fill < (1 << shift); ++fill) {
+      const int32_t value = Extend((fill >> (shift - category)) & ((1 << category) - 1), category);
+      if (value < -128 || value > 127) continue;
+      parts[(code << shift) | fill] =
+          SecondPart{static_cast<uint8_t>(len + category), static_cast<uint8_t>(run),
+                     static_cast<uint8_t>(symbol == 0x00 ? 1 : 0), static_cast<int8_t>(value)};
+    }
+  });
+}
+
+// Adds to `e` the second part that starts the n bits left in its index (the
+// part was looked up with zeros after them), if it fits them. Without
+// branches: whether it fits changes from one index to the next, and
+// mispredictions made building tables slow.
+inline void AddFastAcSecondPart(const SecondPart& part, int n, FastAcEntry* e) {
+  const bool fits = part.bits <= n;
+  const bool value = fits && !part.is_eob;
+  const int second_at = e->run + 1 + part.run;  // after an EOB: a 0 after the first
+  e->consumed = static_cast<uint8_t>(e->consumed + (fits ? part.bits : 0));
+  e->second_at = static_cast<uint8_t>(fits ? second_at : e->second_at);
+  e->ends_block = fits && part.is_eob;  // k then stays one past the first value
+  e->advance = static_cast<uint8_t>(value ? second_at + 1 : e->advance);
+  e->second_value = static_cast<int8_t>(value ? part.value : 0);
+  e->kind = fits ? kTwoCodes : kOneCode;
+}
+
+// Fills the fast entries whose index starts with `code` (`len` bits) for
+// `symbol`. Leaves the others (longer codes or values, EOBn) 0.
+inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t code, int len,
+                           int symbol, FastAcTable* fast) {
+  const int run = symbol >> 4, category = symbol & 15;
+  const int shift = kFastAcBits - len;
+  const uint32_t begin = static_cast<uint32_t>(code) << shift, end = begin + (1u << shift);
+  if (symbol == 0x00) {  // EOB
+    for (uint32_t i = begin; i < end; ++i) fast->entry[i].consumed = static_cast<uint8_t>(len);
+    for (uint32_t i = begin; i < end; ++i) fast->entry[i].kind = kEobFirst;
+    return;
+  }
+  if (category == 0 && run != 15) return;  // EOBn
+  if (category != 0 && shift == 0) return;  // the value's sign bit is not in the index
+  const int first = len + category;
+  const int rest = kFastAcBits - first;  // may be negative: value bits beyond the index
+  for (uint32_t i = begin; i < end; ++i) {
+    FastAcEntry e = {};
+    e.consumed = static_cast<uint8_t>(first);
+    e.first_shift = static_cast<uint8_t>(64 - first);
+    e.run = static_cast<uint8_t>(run);
+    e.second_at = static_cast<uint8_t>(run);
+    e.advance = static_cast<uint8_t>(run + 1);
+    if (rest > 0) AddFastAcSecondPart(parts[(i << first) & ((1u << kFastAcBits) - 1)], rest, &e);
+    fast->entry[i] = e;
+    const bool negative = category != 0 && ((i >> (shift - 1)) & 1) == 0;
+    fast->bias[i] = -(code << category) - (negative ? (1 << category) - 1 : 0);
+  }
+}
+
+// Fills the AC fast table from a built AC decoding table. Returns whether
+// entries with a second part are common: entropy-coded bits are close to
+// random, so the share of indices that hold one estimates how often the
+// decoder meets one.
+inline bool BuildFastAcTable(const HuffmanDecodeTable& t, FastAcTable* fast) {
+  SecondPart parts[1 << kFastAcBits];
+  FillSecondParts(t, parts);
+  for (int i = 0; i < (1 << kFastAcBits); ++i) {
+    fast->entry[i] = FastAcEntry{};
+    fast->bias[i] = 0;
+  }
+  ForEachShortCode(t, [&](int32_t code, int len, int symbol) {
+    FillFastAcCode(parts, code, len, symbol, fast);
+  });
+  int pairs = 0;
+  for (int i = 0; i < (1 << kFastAcBits); ++i) pairs += fast->entry[i].kind == kTwoCodes;
+  return pairs * 4 >= (1 << kFastAcBits);
 }
 
 }  // namespace jaxjpeg

@@ -17,6 +17,10 @@ namespace jaxjpeg {
 struct DecoderTables {
   HuffmanDecodeTable dc;
   HuffmanDecodeTable ac;
+  FastAcTable fast_ac;  // built from `ac`
+  // Whether many fast entries hold two parts (see BuildFastAcTable): picks
+  // the faster of two equivalent ways to decode them.
+  int32_t fast_ac_pairs_common;
   int32_t quant[64];  // natural order
 };
 
@@ -29,43 +33,89 @@ struct BlockGrid {
 
 namespace detail {
 
-// Decodes one AC coefficient (or zero run, or EOB) at zig-zag index k and
-// stores it. Returns 0 to go on, 1 at the end of the block, or an error
-// status. A code in the fast table needs at most 9 + 15 buffered bits (EOB and
-// ZRL codes at most 10); longer codes refill for themselves.
+// Stores `value` as the coefficient at zig-zag index k (dequantized or not).
+// k <= 78: past 63 the value lands in slot 0 and DecodeBlock reports the
+// overshoot.
 template <bool kDequantize, typename Coef>
-JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64], int& k) {
-  const uint32_t index = PeekBits(r, kFastAcBits);
-  const int32_t fast = t.ac.fast_ac[index];
-  int run;
-  int32_t value;
-  if (fast != 0) {  // one index gives the code's length, run and value size
-    // The code and value bits, `total` of them, read as one unsigned number,
-    // plus the entry's bias give the coefficient. They are read from the
-    // buffer as it is, so that the only serial dependence from one
-    // coefficient to the next is the table read and one shift. total <= 24,
-    // so `fast & 63` is total and `-fast & 63` is 64 - total: written so, the
-    // shifts take the entry as it is (CPUs mask shift counts the same way).
-    const uint32_t bits = static_cast<uint32_t>(r.buffer >> ((0 - fast) & 63));
-    value = static_cast<int32_t>(bits + static_cast<uint32_t>(t.ac.fast_ac_bias[index]));
-    r.buffer <<= (fast & 63);
-    r.count -= fast & 63;
-    if (fast & kEndOfBlock) return 1;
-    run = (fast >> 8) & 15;
-  } else {
-    if (r.count < 32) Refill(r);  // a code (<= 16 bits) and its value bits (<= 15)
-    const int symbol = DecodeSymbol(r, t.ac);
-    if (symbol < 0) return static_cast<int>(Status::kBadHuffmanCode);
-    run = symbol >> 4;
-    const int size = symbol & 15;
-    if (size == 0 && run != 15) return 1;  // EOB (ZRL is run 15, size 0: 16 zeros)
-    value = TakeMagnitude(r, size);
-  }
-  // k <= 63 on entry, so k + run <= 78; past 63 the value lands in slot 0 and
-  // DecodeBlock reports the overshoot.
-  k += run;
+JJ_HD JJ_INLINE void StoreCoefficient(const DecoderTables& t, Coef coef[64], int k,
+                                      int32_t value) {
   const int n = ZigzagToNatural(k);
   coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
+}
+
+// Decodes the AC codes of one fast-table entry (one or two coefficients, zero
+// runs or an EOB; see FastAcEntry) and stores them, without a branch on the
+// kind of entry. Returns 0 to go on, 1 at the end of the block. Needs at
+// most kFastAcBits - 1 + 15 buffered bits.
+template <bool kDequantize, typename Coef>
+JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
+                                 int32_t bias, Coef coef[64], int& k) {
+  const uint64_t before = r.buffer;
+  r.buffer <<= e.consumed;  // the only step on the chain from entry to entry
+  r.count -= e.consumed;
+  if (e.kind == kEobFirst) return 1;
+  const int32_t value = static_cast<int32_t>(static_cast<uint32_t>(before >> e.first_shift) +
+                                             static_cast<uint32_t>(bias));
+  const int k1 = k + e.run, k2 = k + e.second_at;
+  if (k2 > 63) {
+    // The second part would land past the block: the block is full after
+    // the first (the second's bits belong to what follows), or the second
+    // overruns (decoded again on its own, it is reported then). Its bits go
+    // back into the buffer. Without a second part, only an overrun of the
+    // first comes here.
+    r.buffer = before << (64 - e.first_shift);
+    r.count += e.consumed - (64 - e.first_shift);
+    StoreCoefficient<kDequantize>(t, coef, k1, value);
+    k = k1 + 1;
+    return 0;
+  }
+  // The second store first: without a second part it goes to k1 (a 0), and
+  // the first value replaces it.
+  StoreCoefficient<kDequantize>(t, coef, k2, e.second_value);
+  StoreCoefficient<kDequantize>(t, coef, k1, value);
+  k += e.advance;
+  return e.ends_block;
+}
+
+// The same for a kOneCode entry: less work, for streams where those are the
+// rule (long codes and values, e.g. 12-bit) and a branch on the kind is
+// predictable.
+template <bool kDequantize, typename Coef>
+JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
+                                     int32_t bias, Coef coef[64], int& k) {
+  const uint64_t before = r.buffer;
+  r.buffer <<= e.consumed;
+  r.count -= e.consumed;
+  const int32_t value = static_cast<int32_t>(static_cast<uint32_t>(before >> e.first_shift) +
+                                             static_cast<uint32_t>(bias));
+  k += e.run;
+  StoreCoefficient<kDequantize>(t, coef, k, value);
+  ++k;
+}
+
+// Decodes the next AC entry: the fast table's, or one code the slow way.
+// Returns 0 to go on, 1 at the end of the block, or an error status.
+template <bool kDequantize, bool kPairsCommon, typename Coef>
+JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64], int& k) {
+  const uint32_t index = PeekBits(r, kFastAcBits);
+  const FastAcEntry& e = t.fast_ac.entry[index];
+  if (e.consumed != 0) {
+    const int32_t bias = t.fast_ac.bias[index];
+    if (kPairsCommon || e.kind != kOneCode) {
+      return DecodeFastAc<kDequantize>(r, t, e, bias, coef, k);
+    }
+    DecodeFastAcOne<kDequantize>(r, t, e, bias, coef, k);
+    return 0;
+  }
+  if (r.count < 32) Refill(r);  // a code (<= 16 bits) and its value bits (<= 15)
+  const int symbol = DecodeSymbol(r, t.ac);
+  if (symbol < 0) return static_cast<int>(Status::kBadHuffmanCode);
+  const int run = symbol >> 4;
+  const int size = symbol & 15;
+  if (size == 0 && run != 15) return 1;  // EOB (ZRL is run 15, size 0: 16 zeros)
+  const int32_t value = TakeMagnitude(r, size);
+  k += run;
+  StoreCoefficient<kDequantize>(t, coef, k, value);
   ++k;
   return 0;
 }
@@ -77,7 +127,7 @@ JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64]
 // quantization step (in the IDCT's accumulator type, as libjpeg multiplies).
 // `dc` carries the DC predictor; `last` receives the zig-zag index of the
 // last coefficient written (0: only the DC).
-template <bool kDequantize, typename Coef>
+template <bool kDequantize, bool kPairsCommon = true, typename Coef>
 JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t& dc,
                                    Coef coef[64], int& last) {
   Refill(r);
@@ -87,14 +137,15 @@ JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t
   const int32_t dc16 = static_cast<int16_t>(dc);  // libjpeg keeps coefficients as 16-bit
   coef[0] = kDequantize ? Coef(dc16) * t.quant[0] : Coef(dc16);
   int k = 1;
-  // Two coefficients per refill: a refill leaves >= 56 bits, and two codes
-  // from the lookahead table with their value bits take at most 2 * 24. No
-  // branch on the bit count, which the data decide and the CPU cannot
-  // predict.
+  // Two entries per refill: a refill leaves >= 56 bits, and two fast-table
+  // entries take at most 2 * (kFastAcBits - 1 + 15) = 50 (a slow code
+  // refills for itself). No branch on the bit count, which the data decide
+  // and the CPU cannot predict.
+  static_assert(2 * (kFastAcBits - 1 + 15) <= 56, "two fast entries per refill");
   for (;;) {
     if (!RefillFast(r)) Refill(r);
-    int done = detail::DecodeAc<kDequantize>(r, t, coef, k);
-    if (done == 0 && k < 64) done = detail::DecodeAc<kDequantize>(r, t, coef, k);
+    int done = detail::DecodeAc<kDequantize, kPairsCommon>(r, t, coef, k);
+    if (done == 0 && k < 64) done = detail::DecodeAc<kDequantize, kPairsCommon>(r, t, coef, k);
     if (done != 0 || k > 63) {
       if (k > 64) return Status::kBadCoefficients;  // a zero run went past the block
       last = k - 1;  // k is one past the last coefficient written
@@ -142,7 +193,8 @@ JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* e
   int64_t by = first_block / grid.blocks_wide, bx = first_block % grid.blocks_wide;
   for (int64_t b = first_block; b < stop; ++b) {
     int last;
-    const Status status = DecodeBlock<true>(r, t, dc, coef, last);
+    const Status status = t.fast_ac_pairs_common ? DecodeBlock<true, true>(r, t, dc, coef, last)
+                                                 : DecodeBlock<true, false>(r, t, dc, coef, last);
     if (status != Status::kOk) return status;
     if (ReadPastEnd(r)) return Status::kTruncated;
     if (last == 0) {  // DC only: a constant block

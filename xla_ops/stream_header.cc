@@ -111,6 +111,7 @@ Status ParseScan(const uint8_t* seg, int len, HeaderState& st, StreamInfo* info)
   if (s != Status::kOk) return s;
   s = BuildHuffmanDecodeTable(ac.counts, ac.symbols, ac.num_symbols, false, &t.ac);
   if (s != Status::kOk) return s;
+  t.fast_ac_pairs_common = BuildFastAcTable(t.ac, &t.fast_ac) ? 1 : 0;
   for (int i = 0; i < 64; ++i) t.quant[i] = st.quant[st.quant_selector][i];
   return Status::kOk;
 }
