@@ -86,10 +86,13 @@ ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
   DecodePlan plan{};
   ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset, &plan);
   if (err.failure()) return err;
-  if (status->element_count() != 1) return ffi::Error::InvalidArgument("status must be int32[1]");
-  auto* described = reinterpret_cast<PlanOutput*>(workspace->typed_data());
-  err = DescribeOutputs(outputs, described, workspace->element_count() / sizeof(PlanOutput));
+  err = CheckResults(status, workspace, outputs.size());
   if (err.failure()) return err;
+  auto* described = reinterpret_cast<PlanOutput*>(workspace->typed_data());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    err = DescribeOutput(outputs, i, &described[i]);
+    if (err.failure()) return err;
+  }
   plan.outputs = described;
   plan.num_outputs = static_cast<int64_t>(outputs.size());
   AdviseHugePages(described, plan.num_outputs);

@@ -50,14 +50,8 @@ ffi::Error WriteDescriptors(cudaStream_t stream, ffi::RemainingRets& rets, PlanO
     chunk.first = static_cast<int64_t>(first);
     chunk.count = static_cast<int>(std::min<size_t>(kDescriptorsPerLaunch, rets.size() - first));
     for (int k = 0; k < chunk.count; ++k) {
-      auto ret = rets.get<ffi::AnyBuffer>(first + k);
-      if (ret.has_error()) return ret.error();
-      ffi::AnyBuffer buffer = **ret;
-      OutputType type;
-      if (!ToOutputType(buffer.element_type(), &type)) {
-        return ffi::Error::InvalidArgument("decoded tensors must be float32, bfloat16 or float16");
-      }
-      chunk.items[k] = PlanOutput{buffer.untyped_data(), static_cast<int64_t>(buffer.element_count()), type};
+      ffi::Error err = DescribeOutput(rets, first + k, &chunk.items[k]);
+      if (err.failure()) return err;
     }
     WriteDescriptorsKernel<<<1, kDescriptorsPerLaunch, 0, stream>>>(chunk, workspace);
   }
@@ -72,10 +66,8 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
   DecodePlan plan{};
   ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset, &plan);
   if (err.failure()) return err;
-  if (status->element_count() != 1) return ffi::Error::InvalidArgument("status must be int32[1]");
-  if (workspace->element_count() < outputs.size() * sizeof(PlanOutput)) {
-    return ffi::Error::InvalidArgument("workspace too small for outputs");
-  }
+  err = CheckResults(status, workspace, outputs.size());
+  if (err.failure()) return err;
   auto* descriptors = reinterpret_cast<PlanOutput*>(workspace->typed_data());
   InitStatusKernel<<<1, 1, 0, stream>>>(status->typed_data());
   err = WriteDescriptors(stream, outputs, descriptors);

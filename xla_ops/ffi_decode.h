@@ -81,19 +81,27 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
   return ffi::Error::Success();
 }
 
-// Describes the variadic results; writes into the caller's PlanOutput array.
-inline ffi::Error DescribeOutputs(ffi::RemainingRets& rets, PlanOutput* outputs, size_t capacity) {
-  if (rets.size() > capacity) return ffi::Error::InvalidArgument("workspace too small for outputs");
-  for (size_t i = 0; i < rets.size(); ++i) {
-    auto ret = rets.get<ffi::AnyBuffer>(i);
-    if (ret.has_error()) return ret.error();
-    ffi::AnyBuffer buffer = **ret;
-    OutputType type;
-    if (!ToOutputType(buffer.element_type(), &type)) {
-      return ffi::Error::InvalidArgument("decoded tensors must be float32, bfloat16 or float16");
-    }
-    outputs[i] = PlanOutput{buffer.untyped_data(), static_cast<int64_t>(buffer.element_count()), type};
+// Checks the status word and that the workspace holds one PlanOutput per
+// decoded tensor.
+inline ffi::Error CheckResults(ffi::ResultBuffer<ffi::S32>& status,
+                               ffi::ResultBuffer<ffi::U8>& workspace, size_t num_outputs) {
+  if (status->element_count() != 1) return ffi::Error::InvalidArgument("status must be int32[1]");
+  if (workspace->element_count() < num_outputs * sizeof(PlanOutput)) {
+    return ffi::Error::InvalidArgument("workspace too small for outputs");
   }
+  return ffi::Error::Success();
+}
+
+// Describes variadic result i (a decoded tensor) for the executors.
+inline ffi::Error DescribeOutput(ffi::RemainingRets& rets, size_t i, PlanOutput* out) {
+  auto ret = rets.get<ffi::AnyBuffer>(i);
+  if (ret.has_error()) return ret.error();
+  ffi::AnyBuffer buffer = **ret;
+  OutputType type;
+  if (!ToOutputType(buffer.element_type(), &type)) {
+    return ffi::Error::InvalidArgument("decoded tensors must be float32, bfloat16 or float16");
+  }
+  *out = PlanOutput{buffer.untyped_data(), static_cast<int64_t>(buffer.element_count()), type};
   return ffi::Error::Success();
 }
 
