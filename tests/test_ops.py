@@ -17,6 +17,25 @@ def _tensor(rng, shape, scale=0.05):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
+def _decode_checked(plan, operands=None):
+    """The primitive under jit; a failure raises on any platform (the CPU
+    handler raises itself, the CUDA handler reports through the status word)."""
+    operands = ops.plan_operands(plan) if operands is None else operands
+    status, outputs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*operands)
+    ops.check_status(status)
+    return outputs
+
+
+def _operands_padded_alike(plans):
+    """Operands of plans of equal structure, payloads zero-padded to one size
+    (so one compiled program, or one vmap, serves them all)."""
+    operands = [list(ops.plan_operands(p)) for p in plans]
+    width = max(o[0].size for o in operands)
+    for o in operands:
+        o[0] = np.pad(o[0], (0, width - o[0].size))
+    return operands
+
+
 def _bits(a):
     a = np.asarray(a)
     return a.view(np.uint8)
@@ -39,8 +58,7 @@ def mixed():
 def test_jit_matches_core_bit_for_bit(mixed, dtype):
     plan = codec.build_plan(mixed, [dtype] * len(mixed))
     expected = codec.run_plan(plan)
-    status, outputs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*ops.plan_operands(plan))
-    ops.check_status(status)
+    outputs = _decode_checked(plan)
     for want, got in zip(expected, outputs):
         assert got.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(_bits(want), _bits(got))
@@ -65,8 +83,7 @@ def test_one_call_decodes_over_100_tensors():
     dtypes = [DTYPES[k % 3] for k in range(len(encs))]
     plan = codec.build_plan(encs, dtypes)
     expected = codec.run_plan(plan)
-    status, outputs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*ops.plan_operands(plan))
-    ops.check_status(status)
+    outputs = _decode_checked(plan)
     assert len(outputs) == 120
     for want, got, dtype in zip(expected, outputs, dtypes):
         assert got.dtype == np.dtype(dtype)
@@ -77,10 +94,7 @@ def test_vmap_over_payloads_of_equal_structure():
     rng = np.random.default_rng(2)
     encs = [jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), step=4, restart_interval=2) for _ in range(3)]
     plans = [codec.build_plan([e], [np.float32]) for e in encs]
-    operands = [list(ops.plan_operands(p)) for p in plans]
-    width = max(o[0].size for o in operands)
-    for o in operands:
-        o[0] = np.pad(o[0], (0, width - o[0].size))
+    operands = _operands_padded_alike(plans)
     stacked = [np.stack(column) for column in zip(*operands)]
     decode = lambda *a: ops.decode_plan(plans[0], a)[1][0]  # noqa: E731
     batched = jax.jit(jax.vmap(decode))(*stacked)
@@ -93,10 +107,7 @@ def test_repeated_calls_reuse_the_compiled_program():
     rng = np.random.default_rng(3)
     encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), step=4) for _ in range(2)]
     plans = [codec.build_plan([e], [np.float32]) for e in encs]
-    operands = [list(ops.plan_operands(p)) for p in plans]
-    width = max(o[0].size for o in operands)
-    for o in operands:  # same structure, same operand shapes: one program
-        o[0] = np.pad(o[0], (0, width - o[0].size))
+    operands = _operands_padded_alike(plans)  # one operand shape: one program
     decode = jax.jit(lambda *a: ops.decode_plan(plans[0], a)[1][0])
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -120,10 +131,8 @@ def test_corrupt_payload_raises_clear_error():
     first_data = int(plan.interval_starts[0])
     payload[first_data:first_data + 64] = 0xFF  # invalid Huffman codes / markers
     operands[0] = payload
-    # The CPU handler raises; the CUDA handler reports through the status word.
     with pytest.raises(Exception, match="decode failed in restart interval"):
-        status, outs = jax.jit(lambda *a: ops.decode_plan(plan, a))(*operands)
-        ops.check_status(status)
+        _decode_checked(plan, operands)
 
 
 def test_hostile_plan_is_refused_not_written():
@@ -135,8 +144,7 @@ def test_hostile_plan_is_refused_not_written():
     tiles[0, 5] = 10_000  # row0 far outside the output
     operands[2] = tiles.reshape(-1).view(np.int32)
     with pytest.raises(Exception, match="invalid argument"):
-        status, _ = jax.jit(lambda *a: ops.decode_plan(plan, a))(*operands)
-        ops.check_status(status)
+        _decode_checked(plan, operands)
 
 
 def test_grad_is_a_clear_error():
