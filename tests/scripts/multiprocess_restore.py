@@ -46,6 +46,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
 
 import jaxjpeg  # noqa: E402
 from jaxjpeg import checkpoint_reader as ckr, format as fmt  # noqa: E402
+from shard_tiles import overlaps  # noqa: E402
 
 CHECKS = {}
 TILE_BYTES_READ = {}   # check name -> bytes of tile blobs this process read
@@ -117,13 +118,8 @@ def local_expected(name, sharding):
     for device, index in sharding.devices_indices_map(shape).items():
         if device.process_index != jax.process_index():
             continue
-        lead = [np.arange(d)[sl] for sl, d in zip(index[:-1], shape[:-1])]
-        rows = (np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), shape[:-1]).ravel()
-                if lead else np.zeros(1, int))
-        cols = np.arange(shape[-1])[index[-1]]
         out[str(device)] = [(blob, size) for blob, r0, c0, h, w, size in tiles
-                            if np.any((rows >= r0) & (rows < r0 + h))
-                            and np.any((cols >= c0) & (cols < c0 + w))]
+                            if overlaps(shape, index, (r0, c0, h, w))]
     return out
 
 

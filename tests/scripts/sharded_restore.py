@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import jaxjpeg  # noqa: E402
 from jaxjpeg import checkpoint_reader as ckr  # noqa: E402
+from shard_tiles import overlaps  # noqa: E402
 
 WORK = sys.argv[1]
 CHECKS = {}
@@ -64,16 +65,8 @@ def expected_bytes(name, sharding):
     tiles = tile_bytes(name)
     out = {}
     for device, index in sharding.devices_indices_map(shape).items():
-        # rows of the 2-D view = row-major positions of the leading indices
-        lead = [np.arange(d)[sl] for sl, d in zip(index[:-1], shape[:-1])]
-        rows = (np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), shape[:-1]).ravel()
-                if lead else np.zeros(1, int))
-        cols = np.arange(shape[-1])[index[-1]]
-        total = 0
-        for r0, c0, h, w, size in tiles:
-            if np.any((rows >= r0) & (rows < r0 + h)) and np.any((cols >= c0) & (cols < c0 + w)):
-                total += size
-        out[str(device)] = total
+        out[str(device)] = sum(size for r0, c0, h, w, size in tiles
+                               if overlaps(shape, index, (r0, c0, h, w)))
     return out
 
 
