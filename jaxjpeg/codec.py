@@ -191,11 +191,13 @@ class PlanBuilder:
         self._fills: list = []
         self._sizes: list[int] = []
         self._scales: list[np.ndarray] = []
+        self._affine_bases: list[int] = []   # each output's first row in the affine arrays
         self._offsets: list[np.ndarray] = []
         self._shapes: list[tuple[int, int]] = []
         self._dtypes: list[np.dtype] = []
         self._payload_size = 0
         self._intervals = 0
+        self._affine_rows = 0
 
     def add_output(self, shape: tuple[int, int], dtype, row_scale, row_offset) -> int:
         """A 2-D output with its affine rows; returns its index."""
@@ -203,6 +205,8 @@ class PlanBuilder:
         self._shapes.append((int(shape[0]), int(shape[1])))
         self._dtypes.append(np.dtype(dtype))
         self._scales.append(np.asarray(row_scale, np.float32))
+        self._affine_bases.append(self._affine_rows)
+        self._affine_rows += len(self._scales[-1])
         self._offsets.append(np.asarray(row_offset, np.float32))
         return len(self._shapes) - 1
 
@@ -215,7 +219,7 @@ class PlanBuilder:
         (default: its row in the output).
         """
         row0, col0, height, width = tile_box
-        affine_base = self._affine_row_base(output)
+        affine_base = self._affine_bases[output]
         self._tiles.append([-1, bits, width, height, output, row0, col0, self._shapes[output][1],
                             affine_base + (row0 if affine_row0 is None else affine_row0),
                             self._intervals, restart_interval])
@@ -224,9 +228,6 @@ class PlanBuilder:
         self._sizes.append(size)
         self._payload_size += size
         self._intervals += len(interval_starts) - 1
-
-    def _affine_row_base(self, output: int) -> int:
-        return sum(len(s) for s in self._scales[:output])
 
     def finish(self) -> DecodePlan:
         payload = np.empty(self._payload_size, np.uint8)
