@@ -59,13 +59,6 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
     return requests, treedef
 
 
-def _decode_dtype(request: _Request) -> np.dtype:
-    """JPEG leaves decode straight to a float output type; others are cast after."""
-    if request.dtype in codec.OUTPUT_TYPES:
-        return request.dtype
-    return np.dtype(np.float32)
-
-
 def _shard_boxes(shape, sharding) -> dict:
     """device -> (row range, col range) of the 2-D view its shard lies in."""
     rows, cols = codec.matrix_shape(shape)
@@ -107,6 +100,17 @@ def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
     return payload
 
 
+def add_whole_leaf(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,
+                   dtype) -> int:
+    """All of a leaf's tiles as one output of the plan, decoded to
+    ``codec.written_dtype(dtype)``; returns the payload bytes added."""
+    scale, offset = ckpt.read_affine(leaf)
+    index = ckpt.read_interval_index(leaf)
+    return add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0),
+                          codec.matrix_shape(leaf.shape), codec.written_dtype(dtype), scale,
+                          offset, index)
+
+
 def _run_plan_on(plan: codec.DecodePlan, device, final_shapes) -> list[jax.Array]:
     operands = jax.device_put(ops.plan_operands(plan), device)
     decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
@@ -136,11 +140,7 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
     builder = codec.PlanBuilder()
     payload = 0
     for r in requests:
-        scale, offset = ckpt.read_affine(r.leaf)
-        index = ckpt.read_interval_index(r.leaf)
-        payload += add_leaf_tiles(builder, ckpt, r.leaf, list(range(len(r.leaf.tiles))), (0, 0),
-                                   codec.matrix_shape(r.leaf.shape), _decode_dtype(r), scale,
-                                   offset, index)
+        payload += add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
     plan = builder.finish()
     if stats is not None:
         stats.add(device, payload)
@@ -168,7 +168,7 @@ def _restore_sharded(ckpt, request, stats) -> jax.Array:
         tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
         builder = codec.PlanBuilder()
         payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0), (tr1 - tr0, tc1 - tc0),
-                                  _decode_dtype(request), scale, offset, index)
+                                  codec.written_dtype(request.dtype), scale, offset, index)
         if stats is not None:
             stats.add(device, payload)
         plan = builder.finish()

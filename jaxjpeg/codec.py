@@ -293,6 +293,13 @@ def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:
     return outputs
 
 
+def written_dtype(dtype) -> np.dtype:
+    """The dtype the decoder writes for a requested one: float32, bfloat16 and
+    float16 directly; anything else (float64, integers) as float32, cast after."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in OUTPUT_TYPES else np.dtype(np.float32)
+
+
 def output_type(dtype) -> int:
     try:
         return OUTPUT_TYPES[np.dtype(dtype)]

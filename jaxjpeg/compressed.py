@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
-from jaxjpeg.checkpoint_restore import add_leaf_tiles, target_requests
+from jaxjpeg.checkpoint_restore import add_whole_leaf, target_requests
 from jaxjpeg.treepaths import nest
 from jaxjpeg import codec, ops
 
@@ -45,9 +45,8 @@ class CompressedArray:
         payload raises; on the GPU the status word is not checked here (the
         bytes were checksummed when loaded). Dtypes the decoder does not write
         (float64, integers) decode to float32 and are cast, as restore does."""
-        written = self.dtype if self.dtype in codec.OUTPUT_TYPES else np.dtype(np.float32)
         _, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
-                               output_dtypes=(written,))
+                               output_dtypes=(codec.written_dtype(self.dtype),))
         return out.reshape(self.shape).astype(self.dtype)
 
     def tree_flatten(self):
@@ -64,16 +63,11 @@ class CompressedArray:
 
 
 def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
-    scale, offset = ckpt.read_affine(leaf)
-    index = ckpt.read_interval_index(leaf)
     builder = codec.PlanBuilder()
-    matrix = codec.matrix_shape(leaf.shape)
-    written = dtype if dtype in codec.OUTPUT_TYPES else np.dtype(np.float32)
-    add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0), matrix, written,
-                   scale, offset, index)
+    add_whole_leaf(builder, ckpt, leaf, dtype)
     plan = builder.finish()
     operands = jax.device_put(ops.plan_operands(plan), device)
-    return CompressedArray(operands, matrix, leaf.shape, dtype)
+    return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype)
 
 
 def load(path, target=None, *, dtype=None, device=None, verify: bool = True):

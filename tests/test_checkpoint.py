@@ -388,12 +388,9 @@ def test_restore_is_deterministic_and_matches_host_decode(tmp_path):
     # the same tiles decoded on the host by codec.run_plan give the same bits
     with ckr.Checkpoint(path) as c:
         (leaf,) = c.leaves
-        scale, offset = c.read_affine(leaf)
-        index = c.read_interval_index(leaf)
         from jaxjpeg import codec
         builder = codec.PlanBuilder()
-        ckrestore.add_leaf_tiles(builder, c, leaf, list(range(len(leaf.tiles))), (0, 0),
-                           codec.matrix_shape(leaf.shape), np.float32, scale, offset, index)
+        ckrestore.add_whole_leaf(builder, c, leaf, np.float32)
         (host,) = codec.run_plan(builder.finish())
     np.testing.assert_array_equal(a, host)
 
