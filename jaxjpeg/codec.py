@@ -1,11 +1,13 @@
 """Numpy-level JPEG coding of float tensors.
 
-A tensor is coded as a 2-D view: ``rows = prod(shape[:-1])``, ``cols =
-shape[-1]`` (a 0-d or 1-D tensor is one row). For a Flax ``Dense`` kernel
-``(in, out)`` a row is one input feature; for a conv kernel ``(kh, kw, in,
-out)`` a row is one spatial tap of one input channel. Each row gets its own
-affine map from weights to samples (see :mod:`jaxjpeg.mapping`), which the
-decoder applies fused with the inverse DCT. The view is cut into tiles of at
+A tensor is coded as a 2-D view (:class:`jaxjpeg.views.MatrixView`): by
+default ``rows = prod(shape[:-1])``, ``cols = shape[-1]``; the rate controls
+let :func:`jaxjpeg.views.choose_view` pick the axes instead. Each row gets
+its own affine map from samples to weights and each column optionally a
+scale, ``w = (s * row_scale + row_offset) * col_scale`` (see
+:mod:`jaxjpeg.mapping`), which the decoder applies fused with the inverse
+DCT. Values in the side list (:class:`jaxjpeg.views.Outliers`) are kept
+exactly and written back after decoding. The view is cut into tiles of at
 most ``tile_shape`` (JPEG's limit is 65,535 per side); every tile is a
 complete grayscale JPEG file with restart markers, so its restart intervals
 decode independently on all cores (or GPU threads).
@@ -22,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxjpeg import _native, mapping
+from jaxjpeg.views import MatrixView, Outliers
 
 JpegError = _native.JpegError
 
@@ -63,7 +66,7 @@ class Tile:
 
 @dataclasses.dataclass(frozen=True)
 class EncodedTensor:
-    """A tensor as JPEG tiles plus its per-row affine map."""
+    """A tensor as JPEG tiles of its 2-D view, the view's maps and a side list."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -71,26 +74,43 @@ class EncodedTensor:
     tiles: tuple[Tile, ...]
     row_scale: np.ndarray   # float32 [rows]
     row_offset: np.ndarray  # float32 [rows]
+    view: MatrixView = None                # None: MatrixView.default
+    col_scale: np.ndarray | None = None    # float32 [cols], float16-representable
+    outliers: Outliers | None = None       # values kept exactly
+
+    def __post_init__(self):
+        if self.view is None:
+            object.__setattr__(self, "view", MatrixView.default(len(self.shape)))
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        return matrix_shape(self.shape)
+        return self.view.matrix_shape(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        """Compressed size: tile bytes plus the affine parameters as stored."""
-        return sum(len(t.data) for t in self.tiles) + self.affine().nbytes
+        """Compressed size: tile bytes, maps and side list as stored."""
+        return (sum(len(t.data) for t in self.tiles) + self.affine().nbytes
+                + (0 if self.col_scale is None else self.col_scale.size * 2)
+                + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
     def affine(self) -> np.ndarray:
         """[2, rows] scale and offset, float16 when that is exact (the mappings
         pick float16-representable values where they can), else float32."""
-        affine = np.stack([self.row_scale, self.row_offset]).astype(np.float32)
-        half = affine.astype(np.float16)
-        return half if np.array_equal(half.astype(np.float32), affine) else affine
+        return _half_if_exact(np.stack([self.row_scale, self.row_offset]))
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / max(1, math.prod(self.shape))
+        return 8 * self.nbytes / max(1, self.size)
+
+
+def _half_if_exact(values) -> np.ndarray:
+    values = np.asarray(values, np.float32)
+    half = values.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), values) else values
 
 
 def quant_table(*, bits: int, quality: int | None = None, step: float | None = None,
@@ -119,36 +139,80 @@ def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int]) -> list[tuple[i
             for r in range(0, rows, th) for c in range(0, cols, tw)]
 
 
-def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
-                  qtable: Sequence[int] | None = None, clip: str = "common",
-                  row_weight: np.ndarray | None = None,
-                  restart_interval: int = DEFAULT_RESTART_INTERVAL,
-                  tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE,
-                  threads: int | None = None) -> EncodedTensor:
-    """Encodes a float tensor as JPEG tiles.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A tensor ready to code at any step: its view as float32 with columns
+    divided by their scales and kept values replaced by their row's mean."""
 
-    Exactly one of ``quality`` (the standard table scaled, 1..100), ``step``
-    (a flat table: uniform quantization of every DCT coefficient) or
-    ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
-    per-row sample range and ``row_weight`` per-row importances (see
-    :func:`jaxjpeg.mapping.row_affine`).
+    shape: tuple[int, ...]
+    dtype: str
+    view: MatrixView
+    matrix: np.ndarray               # float32 [rows, cols]
+    row_weight: np.ndarray | None    # per-row importance (see mapping.row_affine)
+    col_scale: np.ndarray | None     # float32 [cols]
+    outliers: Outliers | None
+
+
+def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
+            outliers: Outliers | None = None) -> Prepared:
+    """Puts ``x`` in ``view`` (default: the framework's order) for coding.
+
+    ``col_weight`` (per-column importance of the view) becomes column scales
+    ``∝ col_weight^-½`` (geometric mean 1): column ``c``'s quantization step is
+    then that much finer or coarser. ``outliers`` are kept exactly; without
+    them every value must be finite.
     """
-    if bits not in (8, 12):
-        raise ValueError(f"bits must be 8 or 12, got {bits}")
-    if not 0 <= restart_interval <= 65535:
-        raise ValueError("restart_interval must be in 0..65535 blocks")
     arr = np.asarray(x)
     if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
         raise TypeError(f"encode_tensor codes floating-point tensors, got {arr.dtype}")
     if arr.size == 0:
         raise ValueError("cannot JPEG-code an empty tensor")
-    table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
-    rows, cols = matrix_shape(arr.shape)
-    view = arr.reshape(rows, cols).astype(np.float32)
-    if not np.all(np.isfinite(view)):
+    view = view or MatrixView.default(arr.ndim)
+    matrix = np.array(view.to_matrix(arr), np.float32)
+    if outliers is not None and outliers.count:
+        from jaxjpeg.views import fill_outliers
+        matrix = fill_outliers(matrix, outliers, view, arr.shape)
+    else:
+        outliers = None
+    if not np.all(np.isfinite(matrix)):
         raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
-    samples, scale, offset = mapping.row_affine(view, bits, clip=clip, step=float(table.mean()),
-                                                row_weight=row_weight)
+    col_scale = None
+    if col_weight is not None:
+        col_scale = mapping.column_scales(col_weight, matrix.shape[1])
+        matrix /= col_scale
+    return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
+                    None if row_weight is None else np.asarray(row_weight), col_scale, outliers)
+
+
+def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
+                  qtable: Sequence[int] | None = None, clip: str = "common",
+                  row_weight: np.ndarray | None = None, col_weight: np.ndarray | None = None,
+                  view: MatrixView | None = None, outliers: Outliers | None = None,
+                  restart_interval: int = DEFAULT_RESTART_INTERVAL,
+                  tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE,
+                  threads: int | None = None) -> EncodedTensor:
+    """Encodes a float tensor (or a :class:`Prepared` one) as JPEG tiles.
+
+    Exactly one of ``quality`` (the standard table scaled, 1..100), ``step``
+    (a flat table: uniform quantization of every DCT coefficient) or
+    ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
+    per-row sample range and ``row_weight`` per-row importances (see
+    :func:`jaxjpeg.mapping.row_affine`); ``view``, ``col_weight`` and
+    ``outliers`` as in :func:`prepare`.
+    """
+    if bits not in (8, 12):
+        raise ValueError(f"bits must be 8 or 12, got {bits}")
+    if not 0 <= restart_interval <= 65535:
+        raise ValueError("restart_interval must be in 0..65535 blocks")
+    if isinstance(x, Prepared):
+        p = x
+    else:
+        p = prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
+                    outliers=outliers)
+    table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
+    samples, scale, offset = mapping.row_affine(p.matrix, bits, clip=clip,
+                                                step=float(table.mean()),
+                                                row_weight=p.row_weight)
 
     def encode_one(cell):
         r, c, h, w = cell
@@ -157,10 +221,11 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
         starts = _native.inspect(data)["interval_starts"]
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
-    cells = tile_grid(rows, cols, tile_shape)
+    cells = tile_grid(*samples.shape, tile_shape)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         tiles = tuple(pool.map(encode_one, cells))
-    return EncodedTensor(tuple(arr.shape), str(arr.dtype), bits, tiles, scale, offset)
+    return EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
+                         p.outliers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +238,7 @@ class DecodePlan:
     tables: np.ndarray           # uint8 [tables * DECODER_TABLES_SIZE]
     row_scale: np.ndarray        # float32
     row_offset: np.ndarray       # float32
+    col_scale: np.ndarray        # float32
     output_shapes: tuple[tuple[int, int], ...]
     output_dtypes: tuple[np.dtype, ...]
 
@@ -193,15 +259,25 @@ class PlanBuilder:
         self._scales: list[np.ndarray] = []
         self._affine_bases: list[int] = []   # each output's first row in the affine arrays
         self._offsets: list[np.ndarray] = []
+        self._col_scales: list[np.ndarray] = []
+        self._col_bases: list[int] = []      # each output's first column scale, or -1
         self._shapes: list[tuple[int, int]] = []
         self._dtypes: list[np.dtype] = []
         self._payload_size = 0
         self._intervals = 0
         self._affine_rows = 0
+        self._col_scale_count = 0
 
-    def add_output(self, shape: tuple[int, int], dtype, row_scale, row_offset) -> int:
-        """A 2-D output with its affine rows; returns its index."""
+    def add_output(self, shape: tuple[int, int], dtype, row_scale, row_offset,
+                   col_scale=None) -> int:
+        """A 2-D output with its affine rows (and column scales); returns its index."""
         output_type(dtype)
+        if col_scale is None:
+            self._col_bases.append(-1)
+        else:
+            self._col_scales.append(np.asarray(col_scale, np.float32))
+            self._col_bases.append(self._col_scale_count)
+            self._col_scale_count += self._col_scales[-1].size
         self._shapes.append((int(shape[0]), int(shape[1])))
         self._dtypes.append(np.dtype(dtype))
         self._scales.append(np.asarray(row_scale, np.float32))
@@ -212,17 +288,20 @@ class PlanBuilder:
 
     def add_tile(self, output: int, tile_box: tuple[int, int, int, int], *, bits: int,
                  restart_interval: int, interval_starts: np.ndarray, size: int, fill,
-                 affine_row0: int | None = None) -> None:
+                 affine_row0: int | None = None, col_scale0: int | None = None) -> None:
         """A tile at ``tile_box = (row0, col0, height, width)`` of ``output``.
 
-        ``affine_row0`` is the tile's first row in the output's affine arrays
-        (default: its row in the output).
+        ``affine_row0`` / ``col_scale0`` are the tile's first row in the
+        output's affine arrays and first column in its column scales (default:
+        its row and column in the output).
         """
         row0, col0, height, width = tile_box
-        affine_base = self._affine_bases[output]
+        affine_base, col_base = self._affine_bases[output], self._col_bases[output]
         self._tiles.append([-1, bits, width, height, output, row0, col0, self._shapes[output][1],
                             affine_base + (row0 if affine_row0 is None else affine_row0),
-                            self._intervals, restart_interval])
+                            self._intervals, restart_interval,
+                            -1 if col_base < 0 else
+                            col_base + (col0 if col_scale0 is None else col_scale0)])
         self._starts.append(np.asarray(interval_starts[:-1], np.int64) + self._payload_size)
         self._fills.append(fill)
         self._sizes.append(size)
@@ -248,6 +327,7 @@ class PlanBuilder:
             tables=np.frombuffer(b"".join(tables), np.uint8),
             row_scale=np.concatenate(self._scales or [np.zeros(0, np.float32)]),
             row_offset=np.concatenate(self._offsets or [np.zeros(0, np.float32)]),
+            col_scale=np.concatenate(self._col_scales or [np.zeros(0, np.float32)]),
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
         )
@@ -274,7 +354,8 @@ def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence) -> DecodePlan
     """One plan decoding every tile of every tensor into outputs of ``dtypes``."""
     builder = PlanBuilder()
     for enc, dtype in zip(tensors, dtypes):
-        out = builder.add_output(enc.matrix_shape, dtype, enc.row_scale, enc.row_offset)
+        out = builder.add_output(enc.matrix_shape, dtype, enc.row_scale, enc.row_offset,
+                                 enc.col_scale)
         for tile in enc.tiles:
             builder.add_tile(out, (tile.row0, tile.col0, tile.height, tile.width), bits=tile.bits,
                              restart_interval=tile.restart_interval,
@@ -289,7 +370,7 @@ def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:
     types = [output_type(d) for d in plan.output_dtypes]
     _native.run_plan(plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
                      plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-                     types, threads)
+                     types, threads, plan.col_scale)
     return outputs
 
 
@@ -312,7 +393,15 @@ def decode_tensors(tensors: Sequence[EncodedTensor], dtypes=None, threads: int =
     if dtypes is None:
         dtypes = [np.float32] * len(tensors)
     outputs = run_plan(build_plan(tensors, dtypes), threads)
-    return [o.reshape(t.shape) for o, t in zip(outputs, tensors)]
+    return [restore_view(o, t.shape, t.view, t.outliers) for o, t in zip(outputs, tensors)]
+
+
+def restore_view(matrix: np.ndarray, shape, view: MatrixView, outliers: Outliers | None):
+    """A decoded 2-D view back in the tensor's shape, kept values written back."""
+    out = np.ascontiguousarray(view.from_matrix(matrix, shape))
+    if outliers is not None and outliers.count:
+        outliers.apply(out.reshape(-1))
+    return out
 
 
 def decode_tensor(enc: EncodedTensor, dtype=np.float32, threads: int = 0) -> np.ndarray:

@@ -135,6 +135,16 @@ def relative_steps(row_weight, rows: int, max_ratio: float = 16.0) -> np.ndarray
     return rel / np.exp(np.log(rel).mean())
 
 
+def column_scales(col_weight, cols: int, max_ratio: float = 16.0) -> np.ndarray:
+    """Per-column scales ∝ col_weight^-½ (geometric mean 1, spread capped), float16-exact.
+
+    The coder divides column ``c`` by its scale before the row map and the
+    decoder multiplies it back, so the column's quantization step scales by it.
+    """
+    rel = relative_steps(col_weight, cols, max_ratio)
+    return rel.astype(np.float16).astype(np.float32)
+
+
 def _f16_up(x) -> np.ndarray:
     """float64 values rounded up to float16-representable ones where float16 holds them."""
     x = np.asarray(x, np.float64)

@@ -402,20 +402,23 @@ def test_sos_with_spectral_selection_is_unsupported(native_worker):
 # ---------------------------------------------------------------------------
 # run_plan with hostile plans
 
-T_TABLES, T_BITS, T_W, T_H, T_OUT, T_ROW0, T_COL0, T_STRIDE, T_AFF0, T_FIRST, T_RESTART = range(11)
-assert _native.TILE_COLUMNS == 11
+(T_TABLES, T_BITS, T_W, T_H, T_OUT, T_ROW0, T_COL0, T_STRIDE, T_AFF0, T_FIRST, T_RESTART,
+ T_COLSCALE0) = range(12)
+assert _native.TILE_COLUMNS == 12
+COL_SCALE = np.array([0.25, 1.0, 2.0, 3.0] * 5 + [0.5], np.float32)  # 21 columns
 
 
 def valid_plan():
     """One 13 x 21 8-bit tile with restart interval 2, decoded into output 0
-    (a 20 x 32 float32 array) at row 3, column 5."""
+    (a 20 x 32 float32 array) at row 3, column 5, with a per-column scale."""
     data = stream(8, (13, 21), restart=2, quality=90, seed=5)
     info = _native.inspect(data)
-    tiles = np.array([[0, 8, 21, 13, 0, 3, 5, 32, 0, 0, 2]], np.int64)
+    tiles = np.array([[0, 8, 21, 13, 0, 3, 5, 32, 0, 0, 2, 0]], np.int64)
     return dict(payload=np.frombuffer(data, np.uint8),
                 interval_starts=np.asarray(info["interval_starts"], np.int64),
                 tiles=tiles, tables=np.asarray(info["tables"]),
                 row_scale=np.full(13, 0.5, np.float32), row_offset=np.full(13, -1.0, np.float32),
+                col_scale=COL_SCALE,
                 output_sizes=[20 * 32], output_types=[0]), _native.decode_samples(data)
 
 
@@ -430,7 +433,8 @@ def test_valid_plan_writes_exactly_its_tile(native_worker):
     error, (out,), intact = run_guarded(native_worker, plan)
     assert error is None and intact
     view = out.reshape(20, 32)
-    assert np.array_equal(view[3:16, 5:26], samples.astype(np.float32) * 0.5 - 1.0)
+    expected = (samples.astype(np.float32) * 0.5 - 1.0) * COL_SCALE
+    assert np.array_equal(view[3:16, 5:26], expected)
     view[3:16, 5:26] = -7.25e30
     assert np.all(view == np.float32(-7.25e30))  # nothing else in the output written
 
@@ -482,13 +486,19 @@ HOSTILE_PLANS = {
     "affine_row0_negative": tile_edit(T_AFF0, -1),
     "affine_row0_huge": tile_edit(T_AFF0, BIG - 4),
     "first_interval_wrong": tile_edit(T_FIRST, 2),
+    "col_scale0_past_scales": tile_edit(T_COLSCALE0, 1),
+    "col_scale0_below_minus_one": tile_edit(T_COLSCALE0, -2),
+    "col_scale0_huge": tile_edit(T_COLSCALE0, BIG - 4),
+    "col_scale_shorter": field("col_scale", np.ones(20, np.float32)),
+    "col_scale_missing": field("col_scale", None),
+    "col_scale_wrong_dtype": field("col_scale", np.ones(21, np.float64)),
     "restart_interval_larger_than_tile": tile_edit(T_RESTART, 10 ** 6),
     "restart_interval_wrong": tile_edit(T_RESTART, 1),
     "tables_size_not_multiple": field("tables", np.zeros(_native.DECODER_TABLES_SIZE - 1, np.uint8)),
     "tables_empty": field("tables", np.zeros(0, np.uint8)),
-    "tiles_wrong_columns": field("tiles", np.zeros((1, 10), np.int64)),
-    "tiles_wrong_dtype": field("tiles", np.zeros((1, 11), np.int32)),
-    "tiles_empty": field("tiles", np.zeros((0, 11), np.int64)),
+    "tiles_wrong_columns": field("tiles", np.zeros((1, 11), np.int64)),
+    "tiles_wrong_dtype": field("tiles", np.zeros((1, 12), np.int32)),
+    "tiles_empty": field("tiles", np.zeros((0, 12), np.int64)),
     "starts_empty": field("interval_starts", np.zeros(0, np.int64)),
     "starts_wrong_dtype": field("interval_starts", np.zeros(5, np.int32)),
     "row_offset_shorter": field("row_offset", np.zeros(12, np.float32)),

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -176,7 +177,8 @@ struct HostPlan {
 HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_starts,
                         const py::array& tiles, const py::buffer& tables,
                         const py::array& row_scale, const py::array& row_offset,
-                        const std::vector<py::array>& outputs, const std::vector<int>& output_types) {
+                        const std::vector<py::array>& outputs, const std::vector<int>& output_types,
+                        const std::optional<py::array>& col_scale) {
   if (outputs.size() != output_types.size()) throw py::value_error("one type per output");
   const py::buffer_info pay = ContiguousBytes(payload);
   const py::buffer_info tab = ContiguousBytes(tables);
@@ -212,6 +214,10 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
   plan.row_scale = ArrayData<float>(row_scale, -1, "row_scale");
   plan.row_offset = ArrayData<float>(row_offset, row_scale.size(), "row_offset");
   plan.num_affine_rows = row_scale.size();
+  if (col_scale) {
+    plan.col_scale = ArrayData<float>(*col_scale, -1, "col_scale");
+    plan.num_col_scales = col_scale->size();
+  }
   plan.outputs = h.outputs.data();
   plan.num_outputs = static_cast<int64_t>(h.outputs.size());
   return h;
@@ -228,9 +234,9 @@ void RaiseOnFailure(int32_t status) {
 void RunPlan(const py::buffer& payload, const py::array& interval_starts, const py::array& tiles,
              const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
              const std::vector<py::array>& outputs, const std::vector<int>& output_types,
-             int threads) {
+             int threads, const std::optional<py::array>& col_scale) {
   const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
-                                    row_offset, outputs, output_types);
+                                    row_offset, outputs, output_types, col_scale);
   int32_t status;
   {
     py::gil_scoped_release release;
@@ -261,9 +267,10 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
                           const py::array& tiles, const py::buffer& tables,
                           const py::array& row_scale, const py::array& row_offset,
                           const std::vector<py::array>& outputs,
-                          const std::vector<int>& output_types) {
+                          const std::vector<int>& output_types,
+                          const std::optional<py::array>& col_scale) {
   const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
-                                    row_offset, outputs, output_types);
+                                    row_offset, outputs, output_types, col_scale);
   int32_t status;
   {
     py::gil_scoped_release release;
@@ -328,11 +335,12 @@ PYBIND11_MODULE(_native, m) {
         "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
         py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
-        py::arg("output_types"), py::arg("threads") = 0,
+        py::arg("output_types"), py::arg("threads") = 0, py::arg("col_scale") = py::none(),
         "Decode many restart intervals of many tiles into preallocated outputs.");
   m.def("run_plan_kernel_harness", &RunPlanKernelHarness, py::arg("payload"),
         py::arg("interval_starts"), py::arg("tiles"), py::arg("tables"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
+        py::arg("col_scale") = py::none(),
         "Run the CUDA kernel body over every (block, thread) on the host (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true,

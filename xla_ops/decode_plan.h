@@ -25,6 +25,7 @@ enum TileColumn : int {
   kTileAffineRow0,         // first of the tile's rows in the affine arrays
   kTileFirstInterval,      // the tile's first interval; tiles are sorted by it
   kTileRestartInterval,    // blocks per interval (0: the whole tile is one)
+  kTileColScale0,          // first of the tile's columns in col_scale, or -1: no column scale
   kTileColumns
 };
 
@@ -49,6 +50,8 @@ struct DecodePlan {
   const float* row_scale;    // [num_affine_rows]
   const float* row_offset;   // [num_affine_rows]
   int64_t num_affine_rows;
+  const float* col_scale;    // [num_col_scales]
+  int64_t num_col_scales;
   const PlanOutput* outputs;
   int64_t num_outputs;
 };
@@ -104,6 +107,8 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   if (tile[kTileAffineRow0] < 0 || tile[kTileAffineRow0] > p.num_affine_rows - height) {
     return false;
   }
+  const int64_t col_scale0 = tile[kTileColScale0];
+  if (col_scale0 < -1 || (col_scale0 >= 0 && col_scale0 > p.num_col_scales - width)) return false;
   const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
   const int64_t elements = p.outputs[tile[kTileOutput]].elements;
   if (stride < 1 || row0 < 0 || col0 < 0 || col0 > stride - width) return false;
@@ -134,7 +139,8 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
   const AffineSink<kType> sink{
       static_cast<Element*>(out.data) + tile[kTileRow0] * tile[kTileRowStride] + tile[kTileCol0],
       tile[kTileRowStride], p.row_scale + tile[kTileAffineRow0],
-      p.row_offset + tile[kTileAffineRow0]};
+      p.row_offset + tile[kTileAffineRow0],
+      tile[kTileColScale0] >= 0 ? p.col_scale + tile[kTileColScale0] : nullptr};
   const int32_t width = static_cast<int32_t>(tile[kTileWidth]);
   const BlockGrid grid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
   const uint8_t* begin = p.payload + w.begin;

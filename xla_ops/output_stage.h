@@ -1,5 +1,6 @@
 // The decoder's output stage: decoded sample -> weight through a per-row affine
-// map, cast to float32 / bfloat16 / float16 and stored into a strided view.
+// map and an optional per-column scale, cast to float32 / bfloat16 / float16
+// and stored into a strided view.
 // The arithmetic is written so host and device round identically (no fused
 // multiply-add, round-to-nearest-even conversions done in integer code).
 #ifndef JAXJPEG_OUTPUT_STAGE_H_
@@ -28,6 +29,15 @@ JJ_HD JJ_INLINE float AffineSample(int sample, float scale, float offset) {
   return __fadd_rn(__fmul_rn(static_cast<float>(sample), scale), offset);
 #else
   return static_cast<float>(sample) * scale + offset;
+#endif
+}
+
+// v * column scale, rounded once on every platform (see AffineSample).
+JJ_HD JJ_INLINE float ScaleColumn(float v, float col_scale) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(v, col_scale);
+#else
+  return v * col_scale;
 #endif
 }
 
@@ -79,7 +89,10 @@ struct OutputElement<OutputType::kFloat16> {
   JJ_HD static JJ_INLINE uint16_t From(float v) { return FloatToHalf(v); }
 };
 
-// Writes weights: tile row y of the image lands at base + y * row_stride.
+// Writes weights: tile row y of the image lands at base + y * row_stride, as
+// (sample * row_scale[y] + row_offset[y]) * col_scale[x]. Trained networks
+// carry scale both per input and per output channel; the column factor lets
+// the coder normalise the axis the rows do not cover.
 template <OutputType kType>
 struct AffineSink {
   using Element = typename OutputElement<kType>::Type;
@@ -87,12 +100,21 @@ struct AffineSink {
   int64_t row_stride;       // in elements
   const float* row_scale;   // one per tile row
   const float* row_offset;  // one per tile row
+  const float* col_scale;   // one per tile column, or nullptr: all 1
 
   JJ_HD JJ_INLINE void PutRow(int y, int x0, const int32_t* samples, int count) const {
     const float scale = row_scale[y], offset = row_offset[y];
     Element* out = base + y * row_stride + x0;
+    if (col_scale == nullptr) {
+      for (int i = 0; i < count; ++i) {
+        out[i] = OutputElement<kType>::From(AffineSample(samples[i], scale, offset));
+      }
+      return;
+    }
+    const float* cols = col_scale + x0;
     for (int i = 0; i < count; ++i) {
-      out[i] = OutputElement<kType>::From(AffineSample(samples[i], scale, offset));
+      out[i] = OutputElement<kType>::From(
+          ScaleColumn(AffineSample(samples[i], scale, offset), cols[i]));
     }
   }
 

@@ -43,7 +43,7 @@ void DecodeAll(const uint8_t* data, const jaxjpeg::StreamInfo& info, const int64
 // float32 affine output, as run_plan and the custom call do.
 void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& info,
                   const int64_t* starts, std::vector<float>& out) {
-  std::vector<float> scale(info.height, 1.0f), offset(info.height, 0.0f);
+  std::vector<float> scale(info.height, 1.0f), offset(info.height, 0.0f), cols(info.width, 1.0f);
   int64_t tile[jaxjpeg::kTileColumns] = {};
   tile[jaxjpeg::kTileTables] = 0;
   tile[jaxjpeg::kTileBits] = info.bits;
@@ -51,6 +51,7 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
   tile[jaxjpeg::kTileHeight] = info.height;
   tile[jaxjpeg::kTileRowStride] = info.width;
   tile[jaxjpeg::kTileRestartInterval] = info.restart_interval;
+  tile[jaxjpeg::kTileColScale0] = 0;
   jaxjpeg::PlanOutput output{out.data(), static_cast<int64_t>(out.size()),
                              jaxjpeg::OutputType::kFloat32};
   jaxjpeg::DecodePlan plan{};
@@ -65,6 +66,8 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
   plan.row_scale = scale.data();
   plan.row_offset = offset.data();
   plan.num_affine_rows = info.height;
+  plan.col_scale = cols.data();
+  plan.num_col_scales = info.width;
   plan.outputs = &output;
   plan.num_outputs = 1;
   for (int64_t i = 0; i < plan.num_intervals; ++i) jaxjpeg::DecodePlanInterval(plan, i);

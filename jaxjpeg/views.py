@@ -1,0 +1,208 @@
+"""How a tensor becomes the 2-D matrix the coder sees, and what it may leave out.
+
+The coder, not the framework's axis order, decides the view: which axes
+become rows and which columns (a PyTorch ``(O, I, kh, kw)`` kernel and its
+Flax ``(kh, kw, I, O)`` transpose get the same matrix), how much each row and
+column matters, and which values are kept exactly in a sparse side list
+(non-finite values, values near the dtype's limits, far outliers).
+
+* :class:`MatrixView` -- a permutation of the axes and the split between row
+  and column axes, recorded in the file so restore is exact.
+* :func:`choose_view` -- the row axis is the channel-like axis (size >= 8)
+  whose slices differ most in scale: in trained networks that is the output
+  channel (BatchNorm renormalises each output channel, so its weights' scale
+  is free and varies widely). Column axes follow in a canonical order
+  (larger first), so every layout of the same weights gives one matrix.
+* :func:`find_outliers` -- the side list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+MIN_CHANNEL = 8            # axes shorter than this (kernel taps) never become rows alone
+OUTLIER_SIGMAS = 12.0      # |w - row mean| beyond this many row RMS: kept exactly
+MAX_OUTLIER_FRACTION = 1 / 256  # more than this many outliers: code them instead
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixView:
+    """Axes ``perm[:split]`` become rows, ``perm[split:]`` columns (C order each)."""
+
+    perm: tuple[int, ...]
+    split: int
+
+    @classmethod
+    def default(cls, ndim: int) -> "MatrixView":
+        """The framework's order: every axis but the last to rows (a 0-d/1-D tensor is one row)."""
+        return cls(tuple(range(ndim)), max(0, ndim - 1))
+
+    @classmethod
+    def from_record(cls, record, ndim: int) -> "MatrixView":
+        """Parses ``{"perm": [...], "split": k}``; ValueError if it is not a view of ``ndim`` axes."""
+        if not isinstance(record, dict):
+            raise ValueError(f"view must be an object, got {record!r:.80}")
+        perm, split = record.get("perm"), record.get("split")
+        if (not isinstance(perm, list) or not all(type(a) is int for a in perm)
+                or sorted(perm) != list(range(ndim)) or type(split) is not int
+                or not 0 <= split <= ndim):
+            raise ValueError(f"view {record!r:.80} is not a view of a {ndim}-d tensor")
+        return cls(tuple(perm), split)
+
+    def record(self) -> dict:
+        return {"perm": list(self.perm), "split": self.split}
+
+    @property
+    def is_default(self) -> bool:
+        return self == MatrixView.default(len(self.perm))
+
+    def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        rows = math.prod(shape[a] for a in self.perm[:self.split])
+        cols = math.prod(shape[a] for a in self.perm[self.split:])
+        return int(rows), int(cols)
+
+    def permuted_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(int(shape[a]) for a in self.perm)
+
+    def inverse(self) -> tuple[int, ...]:
+        return tuple(int(a) for a in np.argsort(self.perm))
+
+    def to_matrix(self, x):
+        """``x`` (numpy or jax) as its 2-D view."""
+        return x.transpose(self.perm).reshape(self.matrix_shape(x.shape))
+
+    def from_matrix(self, m, shape: Sequence[int]):
+        """The tensor of ``shape`` whose view is ``m`` (numpy or jax)."""
+        return m.reshape(self.permuted_shape(shape)).transpose(self.inverse())
+
+    def row_axes(self) -> tuple[int, ...]:
+        return self.perm[:self.split]
+
+    def col_axes(self) -> tuple[int, ...]:
+        return self.perm[self.split:]
+
+
+def axis_rms(x: np.ndarray) -> list[np.ndarray]:
+    """Per axis, the RMS of each slice along it (float64)."""
+    sq = np.square(np.asarray(x, np.float64))
+    return [np.sqrt(sq.mean(axis=tuple(b for b in range(sq.ndim) if b != a)))
+            for a in range(sq.ndim)]
+
+
+def scale_spread(rms: np.ndarray) -> float:
+    """How much slices differ in scale: the std of log2 RMS over non-zero slices."""
+    positive = rms[rms > 0]
+    return float(np.std(np.log2(positive))) if positive.size > 1 else 0.0
+
+
+def choose_view(x: np.ndarray) -> MatrixView:
+    """The view of ``x``: the channel axis with the widest scale spread to rows,
+    the other axes to columns, larger axes first (ties: original order)."""
+    x = np.asarray(x)
+    if x.ndim < 2:
+        return MatrixView.default(x.ndim)
+    channels = [a for a in range(x.ndim) if x.shape[a] >= MIN_CHANNEL]
+    if not channels:
+        channels = [int(np.argmax(x.shape))]
+    rms = axis_rms(x)
+    # Ties (e.g. constant tensors) go to the larger axis, then the earlier one.
+    row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), x.shape[a], -a))
+    cols = sorted((a for a in range(x.ndim) if a != row), key=lambda a: (-x.shape[a], a))
+    return MatrixView((row, *cols), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outliers:
+    """Values kept exactly: flat C-order positions in the tensor, and their values."""
+
+    index: np.ndarray   # int64, sorted
+    values: np.ndarray  # the tensor's dtype
+
+    @property
+    def count(self) -> int:
+        return int(self.index.size)
+
+    def index_dtype(self, size: int) -> np.dtype:
+        return np.dtype(np.uint32) if size <= 2**32 else np.dtype(np.uint64)
+
+    def nbytes(self, size: int) -> int:
+        return self.count * (self.index_dtype(size).itemsize + self.values.dtype.itemsize)
+
+    def to_bytes(self, size: int) -> bytes:
+        return (self.index.astype(self.index_dtype(size)).tobytes()
+                + np.ascontiguousarray(self.values).tobytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, count: int, size: int, dtype: np.dtype) -> "Outliers":
+        """Parses a side list; ValueError if it does not hold ``count`` sorted,
+        distinct, in-range positions and their values."""
+        index_dtype = np.dtype(np.uint32) if size <= 2**32 else np.dtype(np.uint64)
+        split = count * index_dtype.itemsize
+        if len(data) != split + count * dtype.itemsize:
+            raise ValueError(f"outlier list holds {len(data)} bytes, expected "
+                             f"{split + count * dtype.itemsize}")
+        index = np.frombuffer(data, index_dtype, count).astype(np.int64)
+        if count and (index[0] < 0 or index[-1] >= size or np.any(np.diff(index) <= 0)):
+            raise ValueError("outlier positions are not sorted, distinct and inside the tensor")
+        return cls(index, np.frombuffer(data, dtype, count, offset=split))
+
+    def apply(self, flat):
+        """``flat`` (1-D numpy) with the kept values written back."""
+        flat[self.index] = self.values.astype(flat.dtype)
+        return flat
+
+
+def extreme_limit(dtype) -> float:
+    """Magnitudes beyond this are kept exactly: coding noise near a format's
+    largest finite value could round to infinity."""
+    return float(np.finfo(np.float16).max) / 4 if np.dtype(dtype) == np.float16 else 1e30
+
+
+def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS) -> Outliers:
+    """The side list of ``x``: every non-finite or extreme value, and values more
+    than ``sigmas`` row RMS (about the row mean, in ``view``) from the mean, as
+    long as those are few (far outliers cost more bits in a DCT block than the
+    ~6 bytes a side-list entry takes, and stretch the sample range)."""
+    x = np.asarray(x)
+    flat = x.reshape(-1)
+    wide = flat.astype(np.float64)
+    must = ~np.isfinite(wide) | (np.abs(wide) > extreme_limit(x.dtype))
+    m = view.to_matrix(np.where(must, np.nan, wide).reshape(x.shape))
+    ok = ~np.isnan(m)
+    count = np.maximum(ok.sum(axis=1), 1)
+    filled = np.where(ok, m, 0.0)
+    mean = filled.sum(axis=1) / count
+    dev = np.where(ok, m - mean[:, None], 0.0)
+    rms = np.sqrt((dev * dev).sum(axis=1) / count)
+    far = ok & (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
+    far_flat = _flat_positions(far, view, x.shape)
+    if far_flat.size > MAX_OUTLIER_FRACTION * flat.size:
+        far_flat = np.zeros(0, np.int64)
+    index = np.union1d(np.flatnonzero(must), far_flat).astype(np.int64)
+    return Outliers(index, flat[index].copy())
+
+
+def _flat_positions(mask_matrix: np.ndarray, view: MatrixView, shape) -> np.ndarray:
+    """C-order flat positions in the tensor of the True entries of a view-shaped mask."""
+    return np.flatnonzero(view.from_matrix(mask_matrix, shape))
+
+
+def fill_outliers(m: np.ndarray, outliers: Outliers, view: MatrixView, shape) -> np.ndarray:
+    """The view ``m`` (float32, modified in place) with each kept value replaced
+    by the mean of the coded values of its row, so the coder sees a smooth row."""
+    if outliers.count == 0:
+        return m
+    mask = np.zeros(math.prod(shape), bool)
+    mask[outliers.index] = True
+    mask_m = view.to_matrix(mask.reshape(shape))
+    keep = ~mask_m
+    sums = np.where(keep, m, 0).sum(axis=1, dtype=np.float64)
+    counts = keep.sum(axis=1)
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+    rows, cols = np.nonzero(mask_m)
+    m[rows, cols] = means[rows]
+    return m
