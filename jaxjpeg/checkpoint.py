@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import os
+import warnings
 import sys
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxjpeg import codec, format as fmt
+from jaxjpeg import codec, format as fmt, views
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
@@ -70,6 +72,15 @@ class LeafReport:
     kind: str           # "jpeg" or "raw"
     raw_bytes: int
     stored_bytes: int
+    note: str = ""      # e.g. values kept exactly, or why a coded leaf was stored raw
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / max(1, self.size)
 
 
 @dataclasses.dataclass
@@ -83,8 +94,26 @@ class SaveReport:
         return sum(leaf.raw_bytes for leaf in self.leaves)
 
     @property
+    def weights(self) -> int:
+        return sum(leaf.size for leaf in self.leaves)
+
+    @property
     def ratio(self) -> float:
+        """Against the leaves as they were (their own dtypes)."""
         return self.raw_bytes / max(1, self.file_bytes)
+
+    @property
+    def ratio_vs_float32(self) -> float:
+        return 4 * self.weights / max(1, self.file_bytes)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All-in: every byte of the file over every weight."""
+        return 8 * self.file_bytes / max(1, self.weights)
+
+    def summary(self) -> str:
+        return (f"{self.path}: {self.file_bytes:,} bytes, {self.bits_per_weight:.2f} bits/weight, "
+                f"{self.ratio_vs_float32:.2f}x vs float32, {self.ratio:.2f}x vs stored dtypes")
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
@@ -126,10 +155,18 @@ def _check_unique_paths(entries) -> None:
         raise ValueError(f"leaf paths collide once joined with '/': {clashes[:3]}")
 
 
+LEAF_SIZE_POWER = 0.3
+MAX_KEPT_FRACTION = 1 / 16  # leaves with more non-finite or extreme values are stored raw
+
+
 def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
-    """JPEG-coded: the policy says so and every value is finite (a -inf mask
-    or a NaN cannot be JPEG-coded and is stored losslessly instead)."""
-    return policy.should_compress(name, array) and bool(np.all(np.isfinite(array)))
+    """JPEG-coded: the policy says so and few enough values are non-finite or
+    extreme (those are kept exactly in the leaf's side list)."""
+    if not policy.should_compress(name, array):
+        return False
+    wide = np.abs(array.astype(np.float64, copy=False))
+    special = np.count_nonzero(~(wide <= views.extreme_limit(array.dtype)))
+    return special <= MAX_KEPT_FRACTION * array.size
 
 
 def _check_storable(name: str, array: np.ndarray) -> None:
@@ -155,29 +192,90 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
     writer.add_blob(f"leaf{index}/affine", affine)
     stored += index_blob.nbytes + affine.nbytes
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
-              "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name}
+              "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name,
+              "view": enc.view.record()}
+    if enc.col_scale is not None:
+        col_scale = codec._half_if_exact(enc.col_scale)
+        writer.add_blob(f"leaf{index}/col_scale", col_scale)
+        record["col_scale"] = col_scale.dtype.name
+        stored += col_scale.nbytes
+    if enc.outliers is not None and enc.outliers.count:
+        data = enc.outliers.to_bytes(enc.size)
+        writer.add_blob(f"leaf{index}/outliers", data)
+        record["outliers"] = enc.outliers.count
+        stored += len(data)
     return record, stored
 
 
-def _relative_step_encoder(relative_step, bits, coding):
+def _leaf_importance(sensitivity, name):
+    """(leaf-level factor or None, per-element importance array or None) of ``name``."""
+    value = (sensitivity or {}).get(name)
+    if value is None:
+        return None, None
+    arr = np.asarray(value, np.float64)
+    if arr.ndim == 0:
+        return float(arr), None
+    return None, arr
+
+
+class _LeafCoder:
+    """Prepares leaves the same way for every rate control (view, side list,
+    row and column steps), so curves measured once match the final coding."""
+
+    def __init__(self, sensitivity, view, coding):
+        self.sensitivity = sensitivity
+        self.view = view
+        self.coding = coding
+
+    def prepare(self, name, array) -> codec.Prepared:
+        from jaxjpeg import rate
+
+        _, importance = _leaf_importance(self.sensitivity, name)
+        try:
+            return rate.prepare_leaf(array, importance, self.view)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
+        """How much one unit of squared error in this leaf costs. Given: the
+        user's factor, or the importance's mean over where the error lands.
+        Data-free: 1 / ||leaf||², every leaf's relative error counting alike."""
+        factor, importance = _leaf_importance(self.sensitivity, name)
+        if factor is not None:
+            return factor
+        if importance is not None:
+            return float(np.mean(np.broadcast_to(importance, p.shape)))
+        coded = np.asarray(p.original, np.float64)[_coded_mask(p)]
+        norm2 = float(np.sum(np.square(coded)))
+        return p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+
+
+def _coded_mask(p: codec.Prepared) -> np.ndarray:
+    mask = np.ones(math.prod(p.shape), bool)
+    if p.outliers is not None:
+        mask[p.outliers.index] = False
+    return mask.reshape(p.shape)
+
+
+def _relative_step_encoder(relative_step, bits, leaf_coder):
     from jaxjpeg import rate
 
     if not 0 < relative_step < 16:
         raise ValueError(f"relative_step must be in (0, 16), got {relative_step}")
 
-    def encode(_, array):
-        x = np.asarray(array, np.float32)
-        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-        return rate.encode_at_step(x, relative_step * rms if rms > 0 else 1.0, bits=bits,
-                                   **coding)
+    def encode(name, array):
+        p = leaf_coder.prepare(name, array)
+        return rate.encode_at_step(p, relative_step * rate.tensor_rms(p), bits=bits,
+                                   **leaf_coder.coding)
     return encode
 
 
-def _error_bound_encoder(bound, bits, coding):
+def _error_bound_encoder(bound, bits, leaf_coder):
     from jaxjpeg import rate
 
-    def encode(_, array):
-        return rate.encode_for_error(array, bound, bits=bits, **coding)
+    def encode(name, array):
+        return rate.encode_for_error(leaf_coder.prepare(name, array), bound, bits=bits,
+                                     **leaf_coder.coding)
     return encode
 
 
@@ -187,47 +285,69 @@ _BLOB_OVERHEAD = 32 + 80
 _LEAF_OVERHEAD = 200
 
 
-def _container_overhead(entries, coded, restart_interval, tile_shape) -> int:
-    """Bytes of the file that do not depend on the steps chosen: preamble,
-    header, padding and the restart-interval index of every coded tile."""
-    overhead = fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
-    for records, array in entries:
-        if path_string(records) not in coded:
-            overhead += _BLOB_OVERHEAD
-            continue
-        tiles = codec.tile_grid(*codec.matrix_shape(array.shape), tile_shape)
-        overhead += _BLOB_OVERHEAD * (len(tiles) + 2)
-        for _, _, h, w in tiles:
-            blocks = -(-h // 8) * -(-w // 8)
-            intervals = -(-blocks // restart_interval) if restart_interval else 1
-            overhead += 4 * (intervals + 1)
+def _coded_overhead(matrix_shape, restart_interval, tile_shape) -> int:
+    """Container bytes of a coded leaf that do not depend on its step: blob
+    padding and records, and the restart-interval index of every tile."""
+    tiles = codec.tile_grid(*matrix_shape, tile_shape)
+    overhead = _BLOB_OVERHEAD * (len(tiles) + 4)
+    for _, _, h, w in tiles:
+        blocks = -(-h // 8) * -(-w // 8)
+        intervals = -(-blocks // restart_interval) if restart_interval else 1
+        overhead += 4 * (intervals + 1)
     return overhead
 
 
-def _target_encoder(entries, policy, ratio, nbytes, sensitivity, bits, coding):
-    """Allocates the file's byte budget over the leaves that will be coded."""
+def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
+    """Allocates the file's byte budget over the leaves that will be coded.
+
+    Curves are measured on each leaf's probe first and the prepared copies
+    dropped; each leaf is then prepared again and coded once, as save reaches
+    it, so memory stays at about one leaf beyond a default save.
+    """
     from jaxjpeg import rate
 
     coded = {path_string(r): a for r, a in entries if _is_coded(policy, path_string(r), a)}
-    kept = sum(a.nbytes for r, a in entries if path_string(r) not in coded)
-    total = sum(a.nbytes for _, a in entries)
-    overhead = _container_overhead(entries, coded, coding["restart_interval"],
-                                   coding["tile_shape"])
-    budget = (nbytes if nbytes is not None else int(total / ratio)) - kept - overhead
     if not coded:
         return lambda name, array: None
+    kept = sum(_stored_raw_bytes(a) for r, a in entries if path_string(r) not in coded)
+    overhead = (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
+                + _BLOB_OVERHEAD * (len(entries) - len(coded)))
+    curves, sens = {}, {}
+    for name, array in coded.items():
+        p = leaf_coder.prepare(name, array)
+        curves[name] = rate.rd_curve(p, bits, **leaf_coder.coding)
+        sens[name] = leaf_coder.leaf_sensitivity(name, p)
+        overhead += _coded_overhead(p.matrix.shape, leaf_coder.coding["restart_interval"],
+                                    leaf_coder.coding["tile_shape"])
+    budget = target_bytes - kept - overhead
     if budget <= 0:
-        raise ValueError(f"target size is below the {kept} bytes of leaves stored losslessly")
-    allocation = rate.allocate_to_target(coded, budget, sensitivity=sensitivity, bits=bits,
-                                         **coding)
-    return lambda name, array: allocation.encodings[name]
+        raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
+                         "leaves stored losslessly and container overhead")
+    allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
+    return lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))
+
+
+def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | None:
+    """The file size asked for, in bytes: ratios are against float32."""
+    elements = sum(a.size for _, a in entries)
+    if target_ratio is not None:
+        if not target_ratio > 0:
+            raise ValueError(f"target_ratio must be positive, got {target_ratio}")
+        return int(4 * elements / target_ratio)
+    if bits_per_weight is not None:
+        if not bits_per_weight > 0:
+            raise ValueError(f"bits_per_weight must be positive, got {bits_per_weight}")
+        return int(bits_per_weight * elements / 8)
+    return None if target_bytes is None else int(target_bytes)
 
 
 def save(path, tree, *, relative_step: float | None = None, step: float | None = None,
          quality: int | None = None,
          qtable: Sequence[int] | None = None, error_bound: float | None = None,
          target_ratio: float | None = None, target_bytes: int | None = None,
+         bits_per_weight: float | None = None,
          sensitivity: dict | None = None, bits: int | None = None, clip: str = "common",
+         view: str = "auto",
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
          tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
@@ -244,10 +364,24 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
       64-entry table;
     * ``error_bound``: each leaf's relative RMS error at most this (the
       step is searched per leaf, 8 or 12-bit samples);
-    * ``target_ratio`` / ``target_bytes``: the whole file's size, shared
-      across leaves by marginal rate-distortion, weighted by ``sensitivity``
-      (leaf path -> weight, e.g. from :func:`jaxjpeg.rate.sensitivity_from_gradients`);
+    * ``target_ratio`` (against float32, whatever the leaves' dtypes),
+      ``bits_per_weight`` (all-in: file bytes * 8 / weights) or
+      ``target_bytes``: the whole file's size, shared across leaves by
+      marginal rate-distortion;
     * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control.
+
+    ``sensitivity`` (leaf path -> importance) steers where the error goes: a
+    number weighs the whole leaf's squared error (e.g. mean squared gradients
+    from :func:`jaxjpeg.rate.sensitivity_from_gradients`); an array
+    broadcastable to the leaf's shape, in the leaf's own layout (per element,
+    or e.g. ``(O, 1, 1, 1)`` per output channel of a PyTorch conv), also sets
+    how the step varies inside the leaf. Without it every leaf's relative
+    error counts alike and every channel keeps the same relative error.
+
+    Every rate control lets the coder choose each leaf's matrix view
+    (``view="framework"`` keeps the arrays' own axis order instead), keeps
+    NaN, infinite and extreme values exactly in a side list, and stores a
+    leaf raw when coding would not make it smaller.
 
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``step``/``quality``/``qtable`` and chosen per tensor by the other rate
@@ -262,27 +396,32 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     for records, array in entries:
         _check_storable(path_string(records), array)
     _check_unique_paths(entries)
-    rates_given = [v is not None for v in (relative_step, step, quality, qtable, error_bound,
-                                           target_ratio, target_bytes, encoder)]
-    if sum(rates_given) > 1:
-        raise ValueError("give at most one rate control")
-    if not any(rates_given):
+    rates = dict(relative_step=relative_step, step=step, quality=quality, qtable=qtable,
+                 error_bound=error_bound, target_ratio=target_ratio, target_bytes=target_bytes,
+                 bits_per_weight=bits_per_weight, encoder=encoder)
+    given = {k: v for k, v in rates.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one rate control, got {sorted(given)}")
+    if not given:
         relative_step = DEFAULT_RELATIVE_STEP
+        given = {"relative_step": relative_step}
 
-    coding = dict(restart_interval=restart_interval, tile_shape=tile_shape, clip=clip)
+    leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
+                                              tile_shape=tile_shape, clip=clip))
 
-    def table_encoder(_, array):
-        return codec.encode_tensor(array, bits=bits or 8, step=step, quality=quality,
-                                   qtable=qtable, **coding)
+    def table_encoder(name, array):
+        return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8, step=step,
+                                   quality=quality, qtable=qtable, **leaf_coder.coding)
 
     encode = encoder or table_encoder
     if relative_step is not None:
-        encode = _relative_step_encoder(relative_step, bits, coding)
+        encode = _relative_step_encoder(relative_step, bits, leaf_coder)
     if error_bound is not None:
-        encode = _error_bound_encoder(error_bound, bits, coding)
-    if target_ratio is not None or target_bytes is not None:
-        encode = _target_encoder(entries, policy, target_ratio, target_bytes, sensitivity,
-                                 bits, coding)
+        encode = _error_bound_encoder(error_bound, bits, leaf_coder)
+    target = _target_size(entries, target_ratio, target_bytes, bits_per_weight)
+    lossy_rate = target is not None
+    if target is not None:
+        encode = _target_encoder(entries, policy, target, bits, leaf_coder)
     bar = _progress(sum(a.nbytes for _, a in entries), "jaxjpeg save", progress)
     records_out, reports = [], []
     try:
@@ -290,20 +429,77 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
             for index, (records, array) in enumerate(entries):
                 name = path_string(records)
                 record = {"path": records, "shape": list(array.shape), "dtype": str(array.dtype)}
-                if _is_coded(policy, name, array):
-                    extra, stored = _write_jpeg_leaf(writer, index, encode(name, array))
+                enc = encode(name, array) if _is_coded(policy, name, array) else None
+                note = _coding_note(name, array, enc)
+                half = _half_copy(array) if lossy_rate and enc is None else None
+                if enc is not None and enc.nbytes < array.nbytes:
+                    extra, stored = _write_jpeg_leaf(writer, index, enc)
+                elif half is not None:
+                    writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(half))
+                    extra, stored = {"kind": "raw", "stored": "float16"}, half.nbytes
+                    note = "stored as float16"
                 else:
                     writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(array))
                     extra, stored = {"kind": "raw"}, array.nbytes
+                    if enc is not None:
+                        note = "stored raw: coding would not make it smaller"
                 record.update(extra)
                 records_out.append(record)
                 reports.append(LeafReport(name, array.shape, str(array.dtype), record["kind"],
-                                          array.nbytes, stored))
+                                          array.nbytes, stored, note))
                 bar.update(array.nbytes)
             writer.set_metadata({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                 "leaves": records_out})
+                                 "rate": _rate_record(given), "leaves": records_out})
     finally:
         bar.close()
     return SaveReport(os.fspath(path), reports, os.path.getsize(path))
 
 
+HALF_MAX_ERROR = 2.0 ** -10   # relative RMS error allowed for float16 storage
+
+
+def _half_copy(array: np.ndarray) -> np.ndarray | None:
+    """A float32 leaf as float16 when that is close (within HALF_MAX_ERROR,
+    every value finite) -- under a byte target, the leaves the policy keeps
+    out of JPEG (biases, norms) would otherwise take a large share of it."""
+    if array.dtype != np.float32 or array.size == 0:
+        return None
+    with np.errstate(over="ignore"):
+        half = array.astype(np.float16)
+    wide = array.astype(np.float64)
+    if not np.all(np.isfinite(half) == np.isfinite(array)):
+        return None
+    finite = np.isfinite(wide)
+    wide = np.where(finite, wide, 0.0)
+    err = np.linalg.norm(np.where(finite, half.astype(np.float64), 0.0) - wide)
+    norm = np.linalg.norm(wide)
+    return half if err <= HALF_MAX_ERROR * norm else None
+
+
+def _stored_raw_bytes(array: np.ndarray) -> int:
+    half = _half_copy(array)
+    return array.nbytes if half is None else half.nbytes
+
+
+def _coding_note(name, array, enc) -> str:
+    """What a user should know about how a leaf was stored (warned once)."""
+    if enc is None or enc.outliers is None:
+        return ""
+    values = np.asarray(enc.outliers.values, np.float64)
+    special = int(np.count_nonzero(~np.isfinite(values)))
+    note = f"{enc.outliers.count} values kept exactly"
+    if special:
+        note += f" ({special} NaN or infinite)"
+        warnings.warn(f"jaxjpeg: {name} holds {special} NaN or infinite values; they are kept "
+                      "exactly and the rest of the leaf is coded", stacklevel=3)
+    return note
+
+
+def _rate_record(given: dict) -> dict:
+    """The rate setting as stored in the file (JSON-safe)."""
+    name, value = next(iter(given.items()))
+    if name == "encoder":
+        return {"encoder": getattr(value, "__name__", "custom")}
+    if name == "qtable":
+        return {"qtable": [int(v) for v in value]}
+    return {name: float(value)}

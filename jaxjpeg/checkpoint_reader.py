@@ -15,9 +15,13 @@ import numpy as np
 
 from jaxjpeg import codec, format as fmt
 from jaxjpeg.treepaths import path_string
+from jaxjpeg.views import MatrixView, Outliers
 
 CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
-CHECKPOINT_VERSION = 1
+# Version 2 added the view, column scales and the side list of kept values;
+# version 1 files (framework-order views, rows only) read as they always did.
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 JPEG_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,14 @@ class SavedLeaf:
     restart_interval: int = 0
     tiles: tuple[tuple[int, int, int, int, int], ...] = ()
     affine_dtype: np.dtype = np.dtype(np.float32)
+    view: MatrixView | None = None
+    col_scale_dtype: np.dtype | None = None  # None: no column scales
+    outliers: int = 0                         # values kept exactly
+    stored_dtype: np.dtype | None = None      # raw leaves: the blob's dtype (None: the leaf's)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return (self.view or MatrixView.default(len(self.shape))).matrix_shape(self.shape)
 
 
 def parse_dtype(name: str) -> np.dtype:
@@ -75,7 +87,13 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
                          parse_dtype(record["dtype"]), record["kind"])
         if leaf.kind == "raw":
-            return leaf
+            stored = record.get("stored")
+            if stored is None:
+                return leaf
+            if stored != "float16" or leaf.dtype != np.float32:
+                raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "
+                                      f"{stored!r:.40}")
+            return dataclasses.replace(leaf, stored_dtype=np.dtype(np.float16))
         if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
             raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
         tiles = tuple(tuple(int(v) for v in t) for t in record["tiles"])
@@ -85,11 +103,19 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         if not 0 <= restart_interval <= 65535:
             raise fmt.FormatError(f"leaf {index}: bad restart interval {restart_interval}")
         affine = record.get("affine", "float32")
-        if affine not in ("float32", "float16"):
-            raise fmt.FormatError(f"leaf {index}: bad affine dtype {affine!r}")
+        col_scale = record.get("col_scale")
+        if affine not in ("float32", "float16") or col_scale not in (None, "float32", "float16"):
+            raise fmt.FormatError(f"leaf {index}: bad affine or column scale dtype")
+        view = (MatrixView.from_record(record["view"], len(shape)) if "view" in record
+                else MatrixView.default(len(shape)))
+        outliers = record.get("outliers", 0)
+        if type(outliers) is not int or not 0 <= outliers <= math.prod(shape):
+            raise fmt.FormatError(f"leaf {index}: bad outlier count {outliers!r:.40}")
         return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
                                    restart_interval=restart_interval,
-                                   affine_dtype=np.dtype(affine))
+                                   affine_dtype=np.dtype(affine), view=view,
+                                   col_scale_dtype=None if col_scale is None else np.dtype(col_scale),
+                                   outliers=outliers)
     # OverflowError: a JSON number like 1e400 parses as inf, and int(inf) overflows.
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         if isinstance(e, fmt.FormatError):
@@ -98,7 +124,7 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
 
 
 def _check_tiles_cover(leaf: SavedLeaf) -> None:
-    rows, cols = codec.matrix_shape(leaf.shape)
+    rows, cols = leaf.matrix_shape
     area = 0
     for row0, col0, height, width, intervals in leaf.tiles:
         if not (0 <= row0 and 0 <= col0 and 1 <= height <= 65535 and 1 <= width <= 65535
@@ -149,10 +175,11 @@ class Checkpoint:
         if meta.get("format") != CHECKPOINT_FORMAT:
             self.reader.close()
             raise fmt.FormatError(f"{self.path}: not a jaxjpeg checkpoint")
-        if meta.get("version") != CHECKPOINT_VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             self.reader.close()
             raise fmt.FormatError(f"{self.path}: checkpoint version {meta.get('version')!r} is "
-                                  f"not supported (this jaxjpeg reads {CHECKPOINT_VERSION})")
+                                  f"not supported (this jaxjpeg reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))})")
         try:
             if not isinstance(meta.get("leaves"), list):
                 raise fmt.FormatError(f"{self.path}: metadata 'leaves' must be a list")
@@ -173,7 +200,9 @@ class Checkpoint:
         for leaf in self.leaves:
             needed = ([f"leaf{leaf.index}/raw"] if leaf.kind == "raw" else
                       [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
-                      + [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))])
+                      + [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))]
+                      + ([f"leaf{leaf.index}/col_scale"] if leaf.col_scale_dtype else [])
+                      + ([f"leaf{leaf.index}/outliers"] if leaf.outliers else []))
             missing = [n for n in needed if n not in names]
             if missing:
                 raise fmt.FormatError(f"{self.path}: {leaf.path}: missing blob {missing[0]!r}")
@@ -193,14 +222,35 @@ class Checkpoint:
 
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
         data = self.reader.read_blob(f"leaf{leaf.index}/raw", verify=self.verify)
-        expected = math.prod(leaf.shape) * leaf.dtype.itemsize
+        stored = leaf.stored_dtype or leaf.dtype
+        expected = math.prod(leaf.shape) * stored.itemsize
         if len(data) != expected:
             raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "
                                   f"expected {expected}")
-        return np.frombuffer(data, leaf.dtype).reshape(leaf.shape)
+        return np.frombuffer(data, stored).reshape(leaf.shape).astype(leaf.dtype, copy=False)
+
+    def read_col_scale(self, leaf: SavedLeaf) -> np.ndarray | None:
+        """float32 [cols] column scales, or None for a leaf without them."""
+        if leaf.col_scale_dtype is None:
+            return None
+        cols = leaf.matrix_shape[1]
+        data = self.reader.read_blob(f"leaf{leaf.index}/col_scale", verify=self.verify)
+        if len(data) != cols * leaf.col_scale_dtype.itemsize:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} column scales have the wrong size")
+        return np.frombuffer(data, leaf.col_scale_dtype).astype(np.float32)
+
+    def read_outliers(self, leaf: SavedLeaf) -> Outliers | None:
+        """The values the leaf keeps exactly, or None."""
+        if not leaf.outliers:
+            return None
+        data = self.reader.read_blob(f"leaf{leaf.index}/outliers", verify=self.verify)
+        try:
+            return Outliers.from_bytes(data, leaf.outliers, math.prod(leaf.shape), leaf.dtype)
+        except ValueError as e:
+            raise fmt.FormatError(f"{self.path}: {leaf.path}: {e}") from None
 
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
-        rows = codec.matrix_shape(leaf.shape)[0]
+        rows = leaf.matrix_shape[0]
         data = self.reader.read_blob(f"leaf{leaf.index}/affine", verify=self.verify)
         if len(data) != 2 * rows * leaf.affine_dtype.itemsize:
             raise fmt.FormatError(f"{self.path}: {leaf.path} affine map has the wrong size")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from jaxjpeg import codec, ops
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import key_record, nest, path_string
+from jaxjpeg.views import MatrixView
 
 @dataclasses.dataclass
 class RestoreStats:
@@ -59,24 +61,31 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
     return requests, treedef
 
 
-def _shard_boxes(shape, sharding) -> dict:
-    """device -> (row range, col range) of the 2-D view its shard lies in."""
-    rows, cols = codec.matrix_shape(shape)
+def _shard_boxes(leaf: SavedLeaf, sharding) -> dict:
+    """device -> (row range, col range) of the leaf's 2-D view its shard lies in,
+    and the shard's (start, stop, step) per axis."""
+    shape, view = leaf.shape, leaf.view
     boxes = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-        slices = [s if isinstance(s, slice) else slice(s, s + 1) for s in index]
-        bounds = [sl.indices(dim) for sl, dim in zip(slices, shape)]
-        if len(shape) == 0:
-            boxes[device] = ((0, 1), (0, 1), index)
-            continue
-        lead_first = [b[0] for b in bounds[:-1]]
-        lead_last = [max(b[0], b[1] - 1) for b in bounds[:-1]]
-        r0 = int(np.ravel_multi_index(lead_first, shape[:-1])) if lead_first else 0
-        r1 = (int(np.ravel_multi_index(lead_last, shape[:-1])) + 1) if lead_last else 1
-        c0, c1 = bounds[-1][0], bounds[-1][1]
-        boxes[device] = ((r0, r1), (c0, c1), index)
-    del rows, cols
+        ranges = tuple(_slice_triple(sl, dim) for sl, dim in zip(index, shape))
+        rows = _view_positions(ranges, shape, view.row_axes())
+        cols = _view_positions(ranges, shape, view.col_axes())
+        boxes[device] = ((int(rows.min()), int(rows.max()) + 1),
+                         (int(cols.min()), int(cols.max()) + 1), ranges)
     return boxes
+
+
+def _slice_triple(sl, dim: int) -> tuple[int, int, int]:
+    return sl.indices(dim) if isinstance(sl, slice) else (int(sl), int(sl) + 1, 1)
+
+
+def _view_positions(ranges, shape, axes) -> np.ndarray:
+    """Positions, along one side of the view, of a shard's slices of ``axes``
+    (C order over those axes, as MatrixView lays them out)."""
+    if not axes:
+        return np.zeros(1, np.int64)
+    grids = np.meshgrid(*[np.arange(*ranges[a]) for a in axes], indexing="ij")
+    return np.ravel_multi_index([g.ravel() for g in grids], [shape[a] for a in axes])
 
 
 def _tiles_in_box(leaf: SavedLeaf, rows: tuple[int, int], cols: tuple[int, int]) -> list[int]:
@@ -84,17 +93,34 @@ def _tiles_in_box(leaf: SavedLeaf, rows: tuple[int, int], cols: tuple[int, int])
             if r0 < rows[1] and r0 + h > rows[0] and c0 < cols[1] and c0 + w > cols[0]]
 
 
+@dataclasses.dataclass(frozen=True)
+class _LeafMaps:
+    """What a leaf's tiles decode through, read once per leaf."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    col_scale: np.ndarray | None
+    index: list
+
+
+def _read_maps(ckpt: Checkpoint, leaf: SavedLeaf) -> _LeafMaps:
+    scale, offset = ckpt.read_affine(leaf)
+    return _LeafMaps(scale, offset, ckpt.read_col_scale(leaf), ckpt.read_interval_index(leaf))
+
+
 def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,
-                    tile_ids: list[int], origin: tuple[int, int], out_shape, dtype,
-                    scale, offset, index) -> int:
-    out = builder.add_output(out_shape, dtype, scale[origin[0]:origin[0] + out_shape[0]],
-                             offset[origin[0]:origin[0] + out_shape[0]])
+                   tile_ids: list[int], origin: tuple[int, int], out_shape, dtype,
+                   maps: _LeafMaps) -> int:
+    rows = slice(origin[0], origin[0] + out_shape[0])
+    cols = slice(origin[1], origin[1] + out_shape[1])
+    out = builder.add_output(out_shape, dtype, maps.scale[rows], maps.offset[rows],
+                             None if maps.col_scale is None else maps.col_scale[cols])
     payload = 0
     for k in tile_ids:
         r0, c0, h, w, _ = leaf.tiles[k]
         size = ckpt.tile_size(leaf, k)
         builder.add_tile(out, (r0 - origin[0], c0 - origin[1], h, w), bits=leaf.bits,
-                         restart_interval=leaf.restart_interval, interval_starts=index[k],
+                         restart_interval=leaf.restart_interval, interval_starts=maps.index[k],
                          size=size, fill=ckpt.tile_filler(leaf, k))
         payload += size
     return payload
@@ -102,22 +128,50 @@ def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
 
 def add_whole_leaf(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,
                    dtype) -> int:
-    """All of a leaf's tiles as one output of the plan, decoded to
-    ``codec.written_dtype(dtype)``; returns the payload bytes added."""
-    scale, offset = ckpt.read_affine(leaf)
-    index = ckpt.read_interval_index(leaf)
+    """All of a leaf's tiles as one output of the plan (its 2-D view), decoded
+    to ``codec.written_dtype(dtype)``; returns the payload bytes added."""
     return add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0),
-                          codec.matrix_shape(leaf.shape), codec.written_dtype(dtype), scale,
-                          offset, index)
+                          leaf.matrix_shape, codec.written_dtype(dtype), _read_maps(ckpt, leaf))
 
 
-def _run_plan_on(plan: codec.DecodePlan, device, final_shapes) -> list[jax.Array]:
-    operands = jax.device_put(ops.plan_operands(plan), device)
-    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                              tuple(final_shapes))
-    status, outputs = _call_decoder(decode, operands)
-    ops.check_status(status)
-    return outputs
+def finish_leaf(matrix, shape, view: MatrixView, kept=None):
+    """A decoded 2-D view (numpy or jax) as the tensor of ``shape``, with the
+    side list ``kept = (flat positions, values)`` written back."""
+    out = view.from_matrix(matrix, shape)
+    if kept is not None:
+        index, values = kept
+        out = out.reshape(-1).at[index].set(values.astype(out.dtype)).reshape(shape)
+    return out
+
+
+def kept_values(ckpt: Checkpoint, leaf: SavedLeaf):
+    """(flat positions, values) of the leaf's side list, or None."""
+    outliers = ckpt.read_outliers(leaf)
+    if outliers is None:
+        return None
+    index_dtype = np.int32 if math.prod(leaf.shape) < 2**31 else np.int64
+    return outliers.index.astype(index_dtype), np.asarray(outliers.values)
+
+
+def _finishes(requests) -> tuple:
+    return tuple((r.leaf.shape, r.leaf.view.perm, r.leaf.view.split, r.leaf.outliers > 0,
+                  np.dtype(r.dtype).name) for r in requests)
+
+
+@functools.lru_cache(maxsize=1024)
+def _leaves_decoder(output_shapes, output_dtypes, finishes):
+    """A jitted decode of whole leaves: views back to tensors, side lists
+    written back, cast; cached so restoring the same structure reuses it."""
+
+    def run(operands, kept):
+        status, outputs = ops.decode(*operands, output_shapes=output_shapes,
+                                     output_dtypes=output_dtypes)
+        kept = iter(kept)
+        leaves = [finish_leaf(o, shape, MatrixView(perm, split), next(kept) if has_kept else None)
+                  .astype(dtype)
+                  for o, (shape, perm, split, has_kept, dtype) in zip(outputs, finishes)]
+        return status, leaves
+    return jax.jit(run)
 
 
 def _call_decoder(decode, operands):
@@ -139,84 +193,112 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
     """All unsharded JPEG leaves in one decode call on one device."""
     builder = codec.PlanBuilder()
     payload = 0
+    kept = []
     for r in requests:
         payload += add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
+        if r.leaf.outliers:
+            kept.append(kept_values(ckpt, r.leaf))
     plan = builder.finish()
     if stats is not None:
         stats.add(device, payload)
-    return _run_plan_on(plan, device, [r.leaf.shape for r in requests])
+    decode = _leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                             _finishes(requests))
+    status, outputs = _call_decoder(decode, jax.device_put((ops.plan_operands(plan), kept),
+                                                           device))
+    ops.check_status(status)
+    return outputs
 
 
 def _restore_sharded(ckpt, request, stats) -> jax.Array:
     """Each device decodes only the tiles its shard overlaps, from only their bytes."""
     leaf, sharding = request.leaf, request.sharding
-    boxes = _shard_boxes(leaf.shape, sharding)  # this process's devices only
+    boxes = _shard_boxes(leaf, sharding)  # this process's devices only
     # Under jax.distributed a sharding may hold nothing here (all its devices are
     # other processes'): read nothing, and give the dtype, which jax cannot
     # take from an empty list of shards.
     if not boxes:
         return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
                                                         dtype=np.dtype(request.dtype))
-    scale, offset = ckpt.read_affine(leaf)
-    index = ckpt.read_interval_index(leaf)
+    maps = _read_maps(ckpt, leaf)
+    kept = kept_values(ckpt, leaf)
     shards = []
-    for device, ((r0, r1), (c0, c1), nd_index) in boxes.items():
+    for device, ((r0, r1), (c0, c1), ranges) in boxes.items():
         tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
         tr0 = min(leaf.tiles[k][0] for k in tile_ids)
         tc0 = min(leaf.tiles[k][1] for k in tile_ids)
         tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
         tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
         builder = codec.PlanBuilder()
-        payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0), (tr1 - tr0, tc1 - tc0),
-                                  codec.written_dtype(request.dtype), scale, offset, index)
+        payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
+                                 (tr1 - tr0, tc1 - tc0), codec.written_dtype(request.dtype), maps)
         if stats is not None:
             stats.add(device, payload)
         plan = builder.finish()
         # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
         # indexing compiled several small programs per device and leaf, which was
         # most of a sharded restore's time.)
-        cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape),
-               tuple(_slice_triple(sl, d) for sl, d in zip(nd_index, leaf.shape)), (tr0, tc0))
+        shard_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
+        cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), ranges, (tr0, tc0),
+               leaf.view.perm, leaf.view.split, shard_kept is not None)
         decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                                 cut, np.dtype(request.dtype))
-        status, shard = _call_decoder(decode, jax.device_put(ops.plan_operands(plan), device))
+        status, shard = _call_decoder(decode, jax.device_put((ops.plan_operands(plan),
+                                                              shard_kept), device))
         ops.check_status(status)
         shards.append(shard)
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 
 
-def _slice_triple(sl, dim: int) -> tuple[int, int, int]:
-    return sl.indices(dim) if isinstance(sl, slice) else (int(sl), int(sl) + 1, 1)
+def _kept_in_shard(kept, shape, ranges):
+    """The side-list entries inside a shard as (flat positions in the shard,
+    values), or None if it holds none."""
+    index, values = kept
+    coords = np.unravel_index(index.astype(np.int64), shape)
+    inside = np.ones(index.size, bool)
+    local = []
+    for c, (start, stop, step) in zip(coords, ranges):
+        inside &= (c >= start) & (c < stop) & ((c - start) % step == 0)
+        local.append((c - start) // step)
+    if not inside.any():
+        return None
+    shard_shape = [len(range(*r)) for r in ranges]
+    positions = np.ravel_multi_index([axis[inside] for axis in local], shard_shape)
+    return positions.astype(index.dtype), values[inside]
 
 
 @functools.lru_cache(maxsize=1024)
 def _shard_decoder(output_shapes, output_dtypes, cut, dtype):
-    """A jitted decode of one 2-D box followed by the cut of the shard from it."""
-    box_shape, shape, index, origin = cut
+    """A jitted decode of one 2-D box, the cut of the shard from it and its
+    side-list entries written back."""
+    box_shape, shape, ranges, origin, perm, split, has_kept = cut
+    view = MatrixView(perm, split)
     decode = ops.plan_decoder(output_shapes, output_dtypes, (box_shape,))
 
-    def run(*operands):
+    def run(operands, kept):
         status, (box,) = decode(*operands)
-        return status, _cut_shard(box, shape, index, origin).astype(dtype)
+        shard = _cut_shard(box, shape, ranges, origin, view)
+        if has_kept:
+            index, values = kept
+            shard = shard.reshape(-1).at[index].set(values.astype(shard.dtype)).reshape(shard.shape)
+        return status, shard.astype(dtype)
     return jax.jit(run)
 
 
-def _cut_shard(box, shape, index, origin):
-    """The N-D shard ``index`` ((start, stop, step) per dim) of a tensor, from the
-    decoded 2-D box whose top-left is at ``origin`` of the tensor's 2-D view."""
-    if len(shape) == 0:
-        return box.reshape(())
-    ranges = [np.arange(*t) for t in index]
-    grids = np.meshgrid(*ranges[:-1], indexing="ij")
-    rows = (np.ravel_multi_index([g.ravel() for g in grids], shape[:-1]) if len(shape) > 1
-            else np.zeros(1, np.int64)) - origin[0]
-    cols = ranges[-1] - origin[1]
-    shard_shape = tuple(len(r) for r in ranges)
-    if len(rows) == 1 or np.all(np.diff(rows) == 1):  # contiguous rows: a plain slice
-        picked = box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1:index[-1][2]]
+def _cut_shard(box, shape, ranges, origin, view: MatrixView):
+    """The N-D shard ``ranges`` ((start, stop, step) per axis) of a tensor, from
+    the decoded 2-D box whose top-left is at ``origin`` of the tensor's view."""
+    rows = _view_positions(ranges, shape, view.row_axes()) - origin[0]
+    cols = _view_positions(ranges, shape, view.col_axes()) - origin[1]
+    if _contiguous(rows) and _contiguous(cols):  # a plain slice
+        picked = box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     else:
         picked = box[rows[:, None], cols[None, :]]
-    return picked.reshape(shard_shape)
+    permuted = tuple(len(range(*ranges[a])) for a in view.perm)
+    return picked.reshape(permuted).transpose(view.inverse())
+
+
+def _contiguous(positions) -> bool:
+    return len(positions) == 1 or bool(np.all(np.diff(positions) == 1))
 
 
 def _unsharded_groups(requests, default_device) -> dict:
@@ -268,7 +350,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
         for target_device, group in _unsharded_groups(requests, device).items():
             decoded = _restore_unsharded(ckpt, [requests[i] for i in group], target_device, stats)
             for i, array in zip(group, decoded):
-                values[i] = array.astype(requests[i].dtype)
+                values[i] = array
         for i, r in enumerate(requests):
             if r.leaf.kind == "jpeg" and r.sharding is not None:
                 values[i] = _restore_sharded(ckpt, r, stats)

@@ -151,6 +151,28 @@ class Prepared:
     row_weight: np.ndarray | None    # per-row importance (see mapping.row_affine)
     col_scale: np.ndarray | None     # float32 [cols]
     outliers: Outliers | None
+    original: np.ndarray             # the tensor itself (not a copy)
+    scales: dict = dataclasses.field(default_factory=dict, compare=False)  # bits -> row scales
+
+    def common_scale(self, bits: int) -> np.ndarray:
+        """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
+        if bits not in self.scales:
+            self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight)
+        return self.scales[bits]
+
+    @property
+    def size(self) -> int:
+        return self.matrix.size
+
+    def side_bytes(self) -> int:
+        """Bytes stored besides the tiles whatever the step: maps and side list."""
+        rows, cols = self.matrix.shape
+        return (4 * rows + (0 if self.col_scale is None else 2 * cols)
+                + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
+
+    def weight_domain(self, matrix: np.ndarray, cols=slice(None)) -> np.ndarray:
+        """Values of the (column-normalised) view back in weight units."""
+        return matrix if self.col_scale is None else matrix * self.col_scale[cols]
 
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
@@ -181,7 +203,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
         col_scale = mapping.column_scales(col_weight, matrix.shape[1])
         matrix /= col_scale
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
-                    None if row_weight is None else np.asarray(row_weight), col_scale, outliers)
+                    None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
+                    arr)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
@@ -210,9 +233,9 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
         p = prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                     outliers=outliers)
     table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
-    samples, scale, offset = mapping.row_affine(p.matrix, bits, clip=clip,
-                                                step=float(table.mean()),
-                                                row_weight=p.row_weight)
+    samples, scale, offset = mapping.row_affine(
+        p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
+        scale=p.common_scale(bits) if clip == "common" else None)
 
     def encode_one(cell):
         r, c, h, w = cell

@@ -16,25 +16,31 @@ import jax
 import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
-from jaxjpeg.checkpoint_restore import add_whole_leaf, target_requests
+from jaxjpeg.checkpoint_restore import add_whole_leaf, finish_leaf, kept_values, target_requests
 from jaxjpeg.treepaths import nest
+from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
 
 
 @jax.tree_util.register_pytree_node_class
 class CompressedArray:
-    """A JPEG-coded tensor on the device, as the decode call's operands."""
+    """A JPEG-coded tensor on the device, as the decode call's operands (and
+    its side list of values kept exactly, if any)."""
 
-    def __init__(self, operands, matrix_shape, shape, dtype):
+    def __init__(self, operands, matrix_shape, shape, dtype, view: MatrixView | None = None,
+                 kept=None):
         self.operands = tuple(operands)
         self.matrix_shape = tuple(matrix_shape)
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
+        self.view = view or MatrixView.default(len(self.shape))
+        self.kept = None if kept is None else tuple(kept)
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held (payload, index, tables, affine map)."""
-        return sum(int(np.prod(o.shape)) * o.dtype.itemsize for o in self.operands)
+        """Device bytes held (payload, index, tables, maps, side list)."""
+        held = self.operands + (self.kept or ())
+        return sum(int(np.prod(o.shape)) * o.dtype.itemsize for o in held)
 
     @property
     def size(self) -> int:
@@ -47,15 +53,20 @@ class CompressedArray:
         (float64, integers) decode to float32 and are cast, as restore does."""
         _, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
                                output_dtypes=(codec.written_dtype(self.dtype),))
-        return out.reshape(self.shape).astype(self.dtype)
+        return finish_leaf(out, self.shape, self.view, self.kept).astype(self.dtype)
 
     def tree_flatten(self):
-        return self.operands, (self.matrix_shape, self.shape, self.dtype.name)
+        children = self.operands + (self.kept or ())
+        return children, (len(self.operands), self.matrix_shape, self.shape, self.dtype.name,
+                          self.view.perm, self.view.split)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        matrix_shape, shape, dtype = aux
-        return cls(children, matrix_shape, shape, parse_dtype(dtype))
+        count, matrix_shape, shape, dtype, perm, split = aux
+        children = tuple(children)
+        kept = children[count:] or None
+        return cls(children[:count], matrix_shape, shape, parse_dtype(dtype),
+                   MatrixView(perm, split), kept)
 
     def __repr__(self):
         return (f"CompressedArray(shape={self.shape}, dtype={self.dtype.name}, "
@@ -66,8 +77,8 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     builder = codec.PlanBuilder()
     add_whole_leaf(builder, ckpt, leaf, dtype)
     plan = builder.finish()
-    operands = jax.device_put(ops.plan_operands(plan), device)
-    return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype)
+    operands, kept = jax.device_put((ops.plan_operands(plan), kept_values(ckpt, leaf)), device)
+    return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype, leaf.view, kept)
 
 
 def load(path, target=None, *, dtype=None, device=None, verify: bool = True):

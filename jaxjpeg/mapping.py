@@ -52,7 +52,7 @@ def sample_max(bits: int) -> int:
 
 
 def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 1.0,
-               row_weight: np.ndarray | None = None):
+               row_weight: np.ndarray | None = None, scale: np.ndarray | None = None):
     """Maps a float32 [rows, cols] view to samples.
 
     Returns ``(samples, scale, offset)``: continuous float32 samples clipped to
@@ -60,11 +60,14 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
     ``step`` is the average quantization step in sample units, used by
     ``clip="mse"`` to predict the coding noise (the other modes ignore it).
     ``row_weight`` (``clip="common"`` only): per-row importance, non-negative.
+    ``scale`` (``clip="common"`` only): the rows' scales, given instead of
+    computed (a sample of rows coded with the scales of its whole tensor).
     """
     view = np.asarray(view, np.float32)
     top = sample_max(bits)
     if clip == "common":
-        scale = common_scale(view, bits, row_weight)
+        if scale is None:
+            scale = common_scale(view, bits, row_weight)
         center = view.mean(axis=1, dtype=np.float64)
         offset = center - 0.5 * (top + 1) * scale.astype(np.float64)
         # Non-negative rows (second moments, variances) must stay non-negative:

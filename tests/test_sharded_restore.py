@@ -22,6 +22,7 @@ CHECKS = [
     "mesh_2x4_both_dims_read_only_their_tile",
     "four_d_leaf_sharded_on_leading_dim",
     "four_d_leaf_sharded_on_inner_dims",
+    "coder_view_leaf_shards_read_only_their_tiles",
     "unaligned_rows_read_only_overlapping_tiles",
     "replicated_every_device_reads_everything",
     "bfloat16_sharded_and_dtype_override",

@@ -89,7 +89,9 @@ TREE = {
 }
 PATH = os.path.join(WORK, "tree.jjpg")
 if PROCESS == 0:
-    jaxjpeg.save(PATH, TREE)
+    # The framework's views, so the tile grid below is the one these checks
+    # describe (test_sharded_restore covers views the coder chose itself).
+    jaxjpeg.save(PATH, TREE, view="framework")
 deadline = time.monotonic() + 60
 while not os.path.exists(PATH):   # save is atomic: the file appears complete
     if time.monotonic() > deadline:
@@ -104,7 +106,8 @@ def tile_records(name):
     """[(blob name, row0, col0, h, w, size)] of leaf `name`'s tiles, from the file."""
     with ckr.Checkpoint(PATH) as c:
         (leaf,) = [l for l in c.leaves if l.path == name]
-        return [(f"leaf{leaf.index}/tile{k}.jpg", r0, c0, h, w, c.tile_size(leaf, k))
+        view = (leaf.view.perm, leaf.view.split)
+        return [(f"leaf{leaf.index}/tile{k}.jpg", r0, c0, h, w, c.tile_size(leaf, k), view)
                 for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)]
 
 
@@ -118,8 +121,8 @@ def local_expected(name, sharding):
     for device, index in sharding.devices_indices_map(shape).items():
         if device.process_index != jax.process_index():
             continue
-        out[str(device)] = [(blob, size) for blob, r0, c0, h, w, size in tiles
-                            if overlaps(shape, index, (r0, c0, h, w))]
+        out[str(device)] = [(blob, size) for blob, r0, c0, h, w, size, view in tiles
+                            if overlaps(shape, index, (r0, c0, h, w), view)]
     return out
 
 

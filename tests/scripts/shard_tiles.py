@@ -1,16 +1,23 @@
 """Which tiles a shard overlaps, computed independently of jaxjpeg's restore
-(from the shard's index and the tile records), for the sharded-restore scripts."""
+(from the shard's index, the leaf's view and the tile records), for the
+sharded-restore scripts."""
+
+import math
 
 import numpy as np
 
 
-def overlaps(shape, index, box) -> bool:
+def overlaps(shape, index, box, view=None) -> bool:
     """Whether tile ``box = (row0, col0, h, w)`` of the 2-D view of a tensor of
-    ``shape`` holds any element of the shard ``index`` (a tuple of slices)."""
-    # rows of the 2-D view = row-major positions of the leading indices
-    lead = [np.arange(d)[sl] for sl, d in zip(index[:-1], shape[:-1])]
-    rows = (np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), shape[:-1]).ravel()
-            if lead else np.zeros(1, int))
-    cols = np.arange(shape[-1])[index[-1]]
+    ``shape`` holds any element of the shard ``index`` (a tuple of slices).
+
+    ``view`` is the leaf's (perm, split): axes ``perm[:split]`` are the rows;
+    None means the framework's order (every axis but the last to rows)."""
+    perm, split = view if view is not None else (tuple(range(len(shape))), len(shape) - 1)
+    mask = np.zeros(shape, bool)
+    mask[index] = True
+    permuted = mask.transpose(perm)
+    rows = math.prod(permuted.shape[:split])
+    matrix = permuted.reshape(rows, -1)
     r0, c0, h, w = box
-    return bool(np.any((rows >= r0) & (rows < r0 + h)) and np.any((cols >= c0) & (cols < c0 + w)))
+    return bool(matrix[r0:r0 + h, c0:c0 + w].any())

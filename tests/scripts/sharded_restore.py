@@ -45,8 +45,16 @@ TREE = {
     "half": rng.normal(size=(1024, 1024)).astype(jax.numpy.bfloat16),
     "bias": rng.normal(size=(1024,)).astype(np.float32),        # raw
 }
+# A Flax conv whose output channels differ in scale and with a few far
+# outliers: the coder views it as (out, kh*kw*in) and keeps the outliers aside.
+_flax_conv = rng.normal(size=(3, 3, 128, 512)) * np.exp(rng.normal(size=512))
+_flax_conv.reshape(-1)[rng.choice(_flax_conv.size, 20, replace=False)] = 1e3
+CODER_VIEW = {"flax_conv": _flax_conv.astype(np.float32)}
 PATH = os.path.join(WORK, "tree.jjpg")
-jaxjpeg.save(PATH, TREE)
+VIEW_PATH = os.path.join(WORK, "view.jjpg")
+# The framework's views for TREE, so the tile grids are the ones the checks describe.
+jaxjpeg.save(PATH, TREE, view="framework")
+jaxjpeg.save(VIEW_PATH, CODER_VIEW)
 REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(PATH).items()}  # one device
 
 
@@ -54,7 +62,8 @@ def tile_bytes(name):
     """[(row0, col0, h, w, size)] of leaf `name`'s tiles, from the file's records."""
     with ckr.Checkpoint(PATH) as c:
         (leaf,) = [l for l in c.leaves if l.path == name]
-        return [(r0, c0, h, w, c.tile_size(leaf, k))
+        view = (leaf.view.perm, leaf.view.split)
+        return [(r0, c0, h, w, c.tile_size(leaf, k), view)
                 for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)]
 
 
@@ -65,8 +74,8 @@ def expected_bytes(name, sharding):
     tiles = tile_bytes(name)
     out = {}
     for device, index in sharding.devices_indices_map(shape).items():
-        out[str(device)] = sum(size for r0, c0, h, w, size in tiles
-                               if overlaps(shape, index, (r0, c0, h, w)))
+        out[str(device)] = sum(size for r0, c0, h, w, size, view in tiles
+                               if overlaps(shape, index, (r0, c0, h, w), view))
     return out
 
 
@@ -124,6 +133,35 @@ def four_d_leaf_sharded_on_leading_dim():
     value, stats = restore_one("conv", sharding)
     check_exact("conv", value, sharding)
     assert stats == expected_bytes("conv", sharding), stats
+
+
+@check
+def coder_view_leaf_shards_read_only_their_tiles():
+    """A leaf the coder transposed (rows = the output axis, the last one) and
+    whose side list holds outliers: shards on each axis get exact values."""
+    name, shape = "flax_conv", CODER_VIEW["flax_conv"].shape
+    whole = np.asarray(jaxjpeg.restore(VIEW_PATH)[name])
+    with ckr.Checkpoint(VIEW_PATH) as c:
+        (leaf,) = c.leaves
+        assert leaf.view.perm[0] == 3 and leaf.view.split == 1 and leaf.outliers >= 20, leaf
+        tiles = [(r0, c0, h, w, c.tile_size(leaf, k), (leaf.view.perm, leaf.view.split))
+                 for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)]
+    assert np.all(whole[CODER_VIEW[name] == 1e3] == 1e3)
+    for spec in (P(None, None, None, "x"), P(None, None, "x"), P(None, None, "a", "b")):
+        devices = (2, 4) if "a" in spec else (8,)
+        names = ("a", "b") if devices == (2, 4) else ("x",)
+        sharding = NamedSharding(mesh(devices, names), spec)
+        stats = jaxjpeg.RestoreStats()
+        target = {name: jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}
+        value = jaxjpeg.restore(VIEW_PATH, target=target, stats=stats)[name]
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index],
+                                          err_msg=f"{spec} shard on {shard.device}")
+        want = {}
+        for device, index in sharding.devices_indices_map(shape).items():
+            want[str(device)] = sum(size for r0, c0, h, w, size, view in tiles
+                                    if overlaps(shape, index, (r0, c0, h, w), view))
+        assert stats.payload_bytes_per_device == want, (spec, stats.payload_bytes_per_device)
 
 
 @check
