@@ -274,8 +274,11 @@ def _error_bound_encoder(bound, bits, leaf_coder):
     from jaxjpeg import rate
 
     def encode(name, array):
-        return rate.encode_for_error(leaf_coder.prepare(name, array), bound, bits=bits,
-                                     **leaf_coder.coding)
+        try:
+            return rate.encode_for_error(leaf_coder.prepare(name, array), bound, bits=bits,
+                                         **leaf_coder.coding)
+        except rate.BoundUnreachable:
+            return None   # stored raw: exact, so within any bound
     return encode
 
 
@@ -429,9 +432,12 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
             for index, (records, array) in enumerate(entries):
                 name = path_string(records)
                 record = {"path": records, "shape": list(array.shape), "dtype": str(array.dtype)}
-                enc = encode(name, array) if _is_coded(policy, name, array) else None
+                coded = _is_coded(policy, name, array)
+                enc = encode(name, array) if coded else None
                 note = _coding_note(name, array, enc)
-                half = _half_copy(array) if lossy_rate and enc is None else None
+                if coded and enc is None:
+                    note = "stored raw: no coding meets the error bound"
+                half = _half_copy(array) if lossy_rate and not coded else None
                 if enc is not None and enc.nbytes < array.nbytes:
                     extra, stored = _write_jpeg_leaf(writer, index, enc)
                 elif half is not None:

@@ -252,9 +252,12 @@ class Checkpoint:
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
         rows = leaf.matrix_shape[0]
         data = self.reader.read_blob(f"leaf{leaf.index}/affine", verify=self.verify)
-        if len(data) != 2 * rows * leaf.affine_dtype.itemsize:
+        # [2, rows], or [2, 1]: one map shared by every row (version 2).
+        stored = len(data) // (2 * leaf.affine_dtype.itemsize)
+        if len(data) % (2 * leaf.affine_dtype.itemsize) or stored not in (rows, 1):
             raise fmt.FormatError(f"{self.path}: {leaf.path} affine map has the wrong size")
-        affine = np.frombuffer(data, leaf.affine_dtype).reshape(2, rows).astype(np.float32)
+        affine = np.frombuffer(data, leaf.affine_dtype).reshape(2, stored).astype(np.float32)
+        affine = np.ascontiguousarray(np.broadcast_to(affine, (2, rows)))
         return affine[0], affine[1]
 
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ from jaxjpeg.views import MatrixView, Outliers
 
 JpegError = _native.JpegError
 
+SHARED_MAP_COLS = 64               # views narrower than this share one row map
 DEFAULT_RESTART_INTERVAL = 8       # blocks per interval: ~1% marker overhead, many parallel units
 DEFAULT_TILE_SHAPE = (512, 4096)   # rows, cols of one tile
 MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
@@ -98,9 +99,13 @@ class EncodedTensor:
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
     def affine(self) -> np.ndarray:
-        """[2, rows] scale and offset, float16 when that is exact (the mappings
-        pick float16-representable values where they can), else float32."""
-        return _half_if_exact(np.stack([self.row_scale, self.row_offset]))
+        """[2, rows] scale and offset -- [2, 1] when every row has the same map
+        -- float16 when that is exact (the mappings pick float16-representable
+        values where they can), else float32."""
+        affine = np.stack([self.row_scale, self.row_offset])
+        if np.all(affine == affine[:, :1]):
+            affine = np.ascontiguousarray(affine[:, :1])
+        return _half_if_exact(affine)
 
     @property
     def bits_per_weight(self) -> float:
@@ -152,12 +157,14 @@ class Prepared:
     col_scale: np.ndarray | None     # float32 [cols]
     outliers: Outliers | None
     original: np.ndarray             # the tensor itself (not a copy)
+    shared_map: bool = False         # one row map for all rows (see mapping.row_affine)
     scales: dict = dataclasses.field(default_factory=dict, compare=False)  # bits -> row scales
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
         if bits not in self.scales:
-            self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight)
+            self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight,
+                                                     shared=self.shared_map)
         return self.scales[bits]
 
     @property
@@ -167,7 +174,7 @@ class Prepared:
     def side_bytes(self) -> int:
         """Bytes stored besides the tiles whatever the step: maps and side list."""
         rows, cols = self.matrix.shape
-        return (4 * rows + (0 if self.col_scale is None else 2 * cols)
+        return (4 * (1 if self.shared_map else rows) + (0 if self.col_scale is None else 2 * cols)
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
     def weight_domain(self, matrix: np.ndarray, cols=slice(None)) -> np.ndarray:
@@ -202,9 +209,10 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     if col_weight is not None:
         col_scale = mapping.column_scales(col_weight, matrix.shape[1])
         matrix /= col_scale
+    shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
-                    arr)
+                    arr, shared)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
@@ -235,7 +243,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
     table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
     samples, scale, offset = mapping.row_affine(
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
-        scale=p.common_scale(bits) if clip == "common" else None)
+        scale=p.common_scale(bits) if clip == "common" else None,
+        shared=p.shared_map and clip == "common")
 
     def encode_one(cell):
         r, c, h, w = cell

@@ -52,7 +52,8 @@ def sample_max(bits: int) -> int:
 
 
 def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 1.0,
-               row_weight: np.ndarray | None = None, scale: np.ndarray | None = None):
+               row_weight: np.ndarray | None = None, scale: np.ndarray | None = None,
+               shared: bool = False):
     """Maps a float32 [rows, cols] view to samples.
 
     Returns ``(samples, scale, offset)``: continuous float32 samples clipped to
@@ -62,19 +63,24 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
     ``row_weight`` (``clip="common"`` only): per-row importance, non-negative.
     ``scale`` (``clip="common"`` only): the rows' scales, given instead of
     computed (a sample of rows coded with the scales of its whole tensor).
+    ``shared`` (``clip="common"`` only): one offset for every row, centred on
+    the whole view's mean; with equal row scales the map is then two numbers
+    in all (rows of a few columns would otherwise pay more for their maps
+    than for their weights).
     """
     view = np.asarray(view, np.float32)
     top = sample_max(bits)
     if clip == "common":
         if scale is None:
-            scale = common_scale(view, bits, row_weight)
-        center = view.mean(axis=1, dtype=np.float64)
+            scale = common_scale(view, bits, row_weight, shared=shared)
+        center = _centers(view, shared)
         offset = center - 0.5 * (top + 1) * scale.astype(np.float64)
         # Non-negative rows (second moments, variances) must stay non-negative:
         # sample 0 then decodes to exactly 0. Raising a negative offset to 0
         # keeps the row's max within range: max - 0 <= (max - center) +
         # (center - offset) <= top * scale.
-        offset = np.where((view.min(axis=1) >= 0) & (offset < 0), 0.0, offset)
+        low = np.full(view.shape[0], view.min()) if shared else view.min(axis=1)
+        offset = np.where((low >= 0) & (offset < 0), 0.0, offset)
     else:
         if row_weight is not None:
             raise ValueError("row_weight needs clip='common'")
@@ -94,7 +100,15 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
     return samples.astype(np.float32, copy=False), scale, offset
 
 
-def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = None) -> np.ndarray:
+def _centers(view: np.ndarray, shared: bool) -> np.ndarray:
+    """float64 [rows]: each row's mean, or the whole view's for every row."""
+    if shared:
+        return np.full(view.shape[0], view.mean(dtype=np.float64))
+    return view.mean(axis=1, dtype=np.float64)
+
+
+def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = None, *,
+                 shared: bool = False) -> np.ndarray:
     """Per-row scales of ``clip="common"``: equal (or ∝ row_weight^-½), every row fitting.
 
     Row ``r`` fits when its values lie within ``(2^bits)/2 - 1`` samples of its
@@ -104,7 +118,7 @@ def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = No
     """
     view = np.asarray(view, np.float32)
     rows = view.shape[0]
-    center = view.mean(axis=1, dtype=np.float64)
+    center = _centers(view, shared)
     half = np.maximum(view.max(axis=1) - center, center - view.min(axis=1))
     room = 0.5 * (sample_max(bits) + 1) - 1.0
     if row_weight is None:

@@ -219,6 +219,10 @@ def relative_error(x, enc: codec.EncodedTensor) -> float:
 # Error bound
 # ----------------------------------------------------------------------------
 
+class BoundUnreachable(ValueError):
+    """No coding of a tensor meets the error bound asked for."""
+
+
 def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=None,
                      **options) -> codec.EncodedTensor:
     """The smallest coding of ``x`` with ``||x - x̂|| / ||x|| <= rel_rms``, x̂ decoded.
@@ -250,7 +254,7 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
         best = _largest_step_within(fallback, bits or 12, budget, dict(options, clip="minmax"))
         if best is not None:
             return best[1]
-        raise ValueError(f"no step meets relative error {rel_rms} (bits={bits})")
+        raise BoundUnreachable(f"no step meets relative error {rel_rms} (bits={bits})")
     return min(found, key=lambda item: item[1].nbytes)[1]
 
 

@@ -1,0 +1,322 @@
+"""The coder's views, column scales and side list of exact values (issue 8),
+checked through the public API and against libjpeg-turbo as an oracle."""
+
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxjpeg
+from jaxjpeg import _native, codec, format as fmt, rate, views
+from jaxjpeg.checkpoint_reader import Checkpoint
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _trained_like_conv(rng, out=96, inp=64, k=3):
+    """A Flax (kh, kw, in, out) kernel whose output channels differ widely in
+    scale, as BatchNorm-trained networks' do."""
+    w = rng.standard_normal((k, k, inp, out)) * np.exp(1.5 * rng.standard_normal(out))
+    return (0.02 * w).astype(np.float32)
+
+
+def _layouts(w_flax):
+    """The same weights in Flax (kh, kw, I, O), PyTorch (O, I, kh, kw) and a
+    Dense-like transpose (O, kh*kw*I)."""
+    torch = w_flax.transpose(3, 2, 0, 1)
+    dense_t = w_flax.reshape(-1, w_flax.shape[-1]).T
+    return {"flax": w_flax, "torch": torch, "dense_t": np.ascontiguousarray(dense_t)}
+
+
+# ---------------------------------------------------------------- views
+
+def test_view_is_the_same_matrix_whatever_the_layout():
+    w = _trained_like_conv(np.random.default_rng(0))
+    flax, torch = _layouts(w)["flax"], _layouts(w)["torch"]
+    mf = views.choose_view(flax).to_matrix(flax)
+    mt = views.choose_view(torch).to_matrix(torch)
+    np.testing.assert_array_equal(mf, mt)
+    assert mf.shape == (96, 3 * 3 * 64)   # rows: the output channels
+
+
+@pytest.mark.parametrize("ratio", [None, 8])
+def test_layouts_give_sizes_and_errors_within_a_few_percent(tmp_path, ratio):
+    w = _trained_like_conv(np.random.default_rng(1))
+    results = {}
+    for name, x in _layouts(w).items():
+        path = tmp_path / f"{name}.jjpg"
+        kw = {} if ratio is None else {"target_ratio": ratio}
+        report = jaxjpeg.save(path, {"w": x}, **kw)
+        results[name] = (report.file_bytes, _rel(jaxjpeg.restore(path)["w"], x))
+    sizes = [s for s, _ in results.values()]
+    errors = [e for _, e in results.values()]
+    assert max(sizes) / min(sizes) < 1.03, results
+    assert max(errors) / min(errors) < 1.03, results
+
+
+def test_view_round_trips_in_numpy_and_jax():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    view = views.MatrixView((2, 0, 3, 1), 2)
+    m = view.to_matrix(x)
+    assert m.shape == (4 * 2, 5 * 3)
+    np.testing.assert_array_equal(view.from_matrix(m, x.shape), x)
+    np.testing.assert_array_equal(np.asarray(view.from_matrix(jnp.asarray(m), x.shape)), x)
+    assert views.MatrixView.from_record(view.record(), 4) == view
+    for bad in ({"perm": [0, 1, 2, 2], "split": 1}, {"perm": [0, 1, 2, 3], "split": 5},
+                {"perm": [0, 1, 2], "split": 1}, [0, 1], {"perm": [0, 1, 2, "3"], "split": 1}):
+        with pytest.raises(ValueError):
+            views.MatrixView.from_record(bad, 4)
+
+
+def test_pytorch_pointwise_and_depthwise_kernels_never_grow(tmp_path):
+    """PyTorch (O, I, 1, 1) and (C, 1, 3, 3) kernels once became one-weight rows
+    with a scale and offset each: the file grew past float32."""
+    rng = np.random.default_rng(2)
+    tree = {"pointwise": (0.05 * rng.standard_normal((256, 192, 1, 1))).astype(np.float32),
+            "depthwise": (0.1 * rng.standard_normal((512, 1, 3, 3))).astype(np.float32),
+            "last_axis_3": (0.1 * rng.standard_normal((64, 32, 3))).astype(np.float32)}
+    for kw in ({}, {"target_ratio": 8}):
+        report = jaxjpeg.save(tmp_path / "t.jjpg", tree, **kw)
+        for leaf in report.leaves:
+            assert leaf.kind == "jpeg" and leaf.stored_bytes < leaf.raw_bytes / 4, (kw, leaf)
+
+
+def test_no_leaf_is_stored_larger_than_raw(tmp_path):
+    rng = np.random.default_rng(3)
+    tree = {"noise_tiny": rng.standard_normal((16, 16)).astype(np.float16),
+            "one_row": rng.standard_normal((1, 40)).astype(np.float32),
+            "thin": rng.standard_normal((9, 3)).astype(np.float32),
+            "big": rng.standard_normal((128, 128)).astype(np.float32)}
+    policy = jaxjpeg.Policy(min_size=1, min_ndim=1)
+    for kw in ({}, {"quality": 100}, {"error_bound": 1e-4}, {"target_ratio": 1.5}):
+        report = jaxjpeg.save(tmp_path / "t.jjpg", tree, policy=policy, **kw)
+        for leaf in report.leaves:
+            assert leaf.stored_bytes <= leaf.raw_bytes, (kw, leaf)
+
+
+# ---------------------------------------------------------------- column scales
+
+def _oracle(enc: codec.EncodedTensor) -> np.ndarray:
+    """libjpeg-turbo's samples (Pillow) through the stored maps, in numpy float32."""
+    rows, cols = enc.matrix_shape
+    out = np.empty((rows, cols), np.float32)
+    for tile in enc.tiles:
+        samples = np.asarray(Image.open(io.BytesIO(tile.data)), np.float32)
+        r, c = slice(tile.row0, tile.row0 + tile.height), slice(tile.col0, tile.col0 + tile.width)
+        out[r, c] = samples * enc.row_scale[r, None] + enc.row_offset[r, None]
+    if enc.col_scale is not None:
+        out *= enc.col_scale[None, :]
+    return out
+
+
+def _col_scaled(seed=4):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((72, 200)) * np.exp(rng.standard_normal(200))).astype(np.float32)
+    enc = codec.encode_tensor(x, bits=8, step=6, col_weight=np.exp(-2 * rng.standard_normal(200)),
+                              tile_shape=(64, 96))
+    assert enc.col_scale is not None and len(np.unique(enc.col_scale)) > 50
+    return x, enc
+
+
+def test_column_scales_decode_like_libjpeg_times_the_maps():
+    _, enc = _col_scaled()
+    expected = _oracle(enc)
+    np.testing.assert_array_equal(codec.decode_tensor(enc), expected)
+    plan = codec.build_plan([enc], [np.float32])
+    out = np.empty(enc.matrix_shape, np.float32)
+    _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
+                                    plan.row_scale, plan.row_offset, [out], [0],
+                                    col_scale=plan.col_scale)
+    np.testing.assert_array_equal(out, expected)
+    _, (jitted,) = jaxjpeg.ops.decode_plan(plan)
+    np.testing.assert_array_equal(np.asarray(jitted), expected)
+
+
+def test_column_scales_follow_the_weights():
+    """Columns with 100x the importance get a 10x finer step."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    weight = np.where(np.arange(256) < 128, 100.0, 1.0)
+    enc = codec.encode_tensor(x, bits=12, step=64, col_weight=weight)
+    err = (codec.decode_tensor(enc) - x) ** 2
+    ratio = math.sqrt(err[:, 128:].mean() / err[:, :128].mean())
+    assert 7 < ratio < 13, ratio
+
+
+def test_calibration_importance_broadcasts_in_the_leafs_own_layout(tmp_path):
+    """A per-output-channel importance, shaped (O, 1, 1, 1) for a PyTorch kernel,
+    makes the important channels' errors smaller."""
+    rng = np.random.default_rng(6)
+    w = (0.05 * rng.standard_normal((64, 32, 3, 3))).astype(np.float32)
+    important = np.zeros((64, 1, 1, 1))
+    important[:8] = 1.0
+    sens = {"w": important + 1e-3}
+    path = tmp_path / "s.jjpg"
+    jaxjpeg.save(path, {"w": w}, target_ratio=8, sensitivity=sens)
+    got = np.asarray(jaxjpeg.restore(path)["w"])
+    err = ((got - w) ** 2).reshape(64, -1).mean(axis=1)
+    assert err[:8].mean() * 20 < err[8:].mean()
+    with pytest.raises(ValueError, match="broadcast"):
+        jaxjpeg.save(path, {"w": w}, target_ratio=8, sensitivity={"w": np.ones((5, 1))})
+
+
+# ---------------------------------------------------------------- side list
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_causal_mask_restores_finite_and_exact(tmp_path, dtype):
+    mask = np.triu(np.full((128, 128), ml_dtypes.finfo(dtype).min, dtype), 1)
+    assert np.all(np.isfinite(mask.astype(np.float32)))
+    path = tmp_path / "mask.jjpg"
+    jaxjpeg.save(path, {"mask": mask})
+    got = np.asarray(jaxjpeg.restore(path)["mask"])
+    assert np.all(np.isfinite(got.astype(np.float32)))
+    np.testing.assert_array_equal(got, mask)
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float16, 65504.0), (np.float32, 2e38),
+                                       (np.float32, -3.3e38)])
+def test_extreme_values_restore_finite_within_error(tmp_path, dtype, big):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((96, 96)).astype(np.float32)
+    x[rng.integers(0, 96, 30), rng.integers(0, 96, 30)] = big
+    x = x.astype(dtype)
+    path = tmp_path / "x.jjpg"
+    jaxjpeg.save(path, {"x": x})
+    got = np.asarray(jaxjpeg.restore(path)["x"])
+    assert np.all(np.isfinite(got))
+    extreme = x.astype(np.float64) == np.float64(x.flat[np.argmax(np.abs(x.astype(np.float64)))])
+    np.testing.assert_array_equal(got[extreme], x[extreme])
+    rest = ~(np.abs(x.astype(np.float64)) > 1e3)
+    assert _rel(got[rest], x[rest]) < 0.12
+
+
+def test_nan_positions_are_kept_and_the_rest_is_coded(tmp_path):
+    rng = np.random.default_rng(8)
+    x = (0.05 * rng.standard_normal((256, 256))).astype(np.float32)
+    x[3, 7] = np.nan
+    x[200, 1] = np.inf
+    path = tmp_path / "nan.jjpg"
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        report = jaxjpeg.save(path, {"x": x})
+    (leaf,) = report.leaves
+    assert leaf.kind == "jpeg" and report.ratio_vs_float32 > 6, report.summary()
+    assert "kept exactly" in leaf.note
+    got = np.asarray(jaxjpeg.restore(path)["x"])
+    assert np.isnan(got[3, 7]) and got[200, 1] == np.inf
+    finite = np.isfinite(x)
+    assert np.all(np.isfinite(got[finite])) and _rel(got[finite], x[finite]) < 0.12
+
+
+def test_far_outliers_go_to_the_side_list_and_make_the_file_smaller():
+    """LLM-style outlier weights: keeping them aside beats stretching the range."""
+    rng = np.random.default_rng(9)
+    x = (0.02 * rng.standard_normal((512, 512))).astype(np.float32)
+    spots = rng.choice(x.size, 64, replace=False)
+    x.reshape(-1)[spots] = 40.0 * np.sign(rng.standard_normal(64))
+    with_list = rate.prepare_leaf(x)
+    assert with_list.outliers is not None and with_list.outliers.count >= 64
+    without = codec.prepare(x, view=with_list.view)
+    a, b = rate.encode_for_error(with_list, 0.05), rate.encode_for_error(without, 0.05)
+    assert a.nbytes < 0.8 * b.nbytes, (a.nbytes, b.nbytes)
+    got = codec.decode_tensor(a)
+    np.testing.assert_array_equal(got.reshape(-1)[spots], x.reshape(-1)[spots])
+
+
+def test_compressed_leaves_decode_in_jit_with_views_and_side_lists(tmp_path):
+    rng = np.random.default_rng(10)
+    tree = {"conv": _layouts(_trained_like_conv(rng))["torch"],
+            "mask": np.triu(np.full((64, 64), -1e38, np.float32), 1) + np.float32(0.5)}
+    path = tmp_path / "c.jjpg"
+    jaxjpeg.save(path, tree)
+    want = jaxjpeg.restore(path)
+    compressed = jaxjpeg.load(path)
+    got = jax.jit(jaxjpeg.decode)(compressed)
+    for name in tree:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+    np.testing.assert_array_equal(np.asarray(got["mask"]), tree["mask"])
+
+
+# ---------------------------------------------------------------- rate targets
+
+def test_bits_per_weight_and_ratio_are_against_float32(tmp_path):
+    rng = np.random.default_rng(11)
+    tree = {"a": (0.05 * rng.standard_normal((256, 512))).astype(ml_dtypes.bfloat16),
+            "b": (0.05 * rng.standard_normal((128, 384))).astype(np.float32)}
+    r8 = jaxjpeg.save(tmp_path / "r.jjpg", tree, target_ratio=8)
+    assert abs(r8.ratio_vs_float32 / 8 - 1) < 0.02, r8.summary()
+    assert abs(r8.bits_per_weight / 4 - 1) < 0.02
+    b3 = jaxjpeg.save(tmp_path / "b.jjpg", tree, bits_per_weight=3)
+    assert abs(b3.bits_per_weight / 3 - 1) < 0.02, b3.summary()
+    assert "bits/weight" in b3.summary() and "vs float32" in b3.summary()
+    with Checkpoint(tmp_path / "b.jjpg") as c:
+        assert c.reader.metadata["rate"] == {"bits_per_weight": 3.0}
+    with pytest.raises(ValueError, match="at most one rate control"):
+        jaxjpeg.save(tmp_path / "x.jjpg", tree, target_ratio=8, bits_per_weight=4)
+
+
+def test_uncoded_float32_leaves_become_float16_only_under_byte_targets(tmp_path):
+    rng = np.random.default_rng(12)
+    tree = {"kernel": (0.05 * rng.standard_normal((256, 256))).astype(np.float32),
+            "scale": (1 + 0.1 * rng.standard_normal(256)).astype(np.float32),
+            "tiny_var": np.full(64, 1e-9, np.float32)}   # below float16's precision
+    default = jaxjpeg.save(tmp_path / "d.jjpg", tree)
+    assert {l.path: l.stored_bytes for l in default.leaves}["scale"] == 1024
+    target = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=8)
+    stored = {l.path: l for l in target.leaves}
+    assert stored["scale"].stored_bytes == 512 and "float16" in stored["scale"].note
+    assert stored["tiny_var"].stored_bytes == 256
+    got = jaxjpeg.restore(tmp_path / "t.jjpg")
+    assert got["scale"].dtype == jnp.float32
+    assert _rel(got["scale"], tree["scale"]) < 2 ** -10
+    np.testing.assert_array_equal(np.asarray(got["tiny_var"]), tree["tiny_var"])
+
+
+# ---------------------------------------------------------------- format versions
+
+def test_version_1_files_still_restore(tmp_path):
+    """A file as version 1 wrote it (framework views, no view/column/side-list
+    records) restores exactly as before."""
+    rng = np.random.default_rng(13)
+    tree = {"w": (0.05 * rng.standard_normal((96, 64))).astype(np.float32),
+            "b": rng.standard_normal(64).astype(np.float32)}
+    v2 = tmp_path / "v2.jjpg"
+    jaxjpeg.save(v2, tree, view="framework")
+    v1 = tmp_path / "v1.jjpg"
+    reader = fmt.ContainerReader(str(v2))
+    meta = json.loads(json.dumps(reader.metadata))
+    meta["version"] = 1
+    meta.pop("rate")
+    for leaf in meta["leaves"]:
+        leaf.pop("view", None)
+    with fmt.ContainerWriter(str(v1)) as writer:
+        for name in reader.blob_names:
+            writer.add_blob(name, np.frombuffer(bytes(reader.read_blob(name)), np.uint8))
+        writer.set_metadata(meta)
+    reader.close()
+    a, b = jaxjpeg.restore(v2), jaxjpeg.restore(v1)
+    for name in tree:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
+
+
+def test_unknown_versions_are_refused_clearly(tmp_path):
+    path = tmp_path / "v.jjpg"
+    jaxjpeg.save(path, {"b": np.ones(3, np.float32)})
+    reader = fmt.ContainerReader(str(path))
+    meta = dict(reader.metadata, version=3)
+    out = tmp_path / "v3.jjpg"
+    with fmt.ContainerWriter(str(out)) as writer:
+        for name in reader.blob_names:
+            writer.add_blob(name, np.frombuffer(bytes(reader.read_blob(name)), np.uint8))
+        writer.set_metadata(meta)
+    reader.close()
+    with pytest.raises(fmt.FormatError, match="version 3 is not supported"):
+        jaxjpeg.restore(out)
