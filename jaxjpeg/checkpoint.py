@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxjpeg import codec, format as fmt
+from jaxjpeg import codec, format as fmt, layout
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
@@ -115,15 +115,27 @@ def _to_numpy(leaf) -> np.ndarray:
     return np.asarray(leaf)
 
 
-def _check_unique_paths(entries) -> None:
-    """Leaves are found by their slash-joined paths ({"a/b": x} and
-    {"a": {"b": y}} would collide) and restored into nested containers, so no
-    path may repeat or be a prefix of another."""
-    names = [path_string(records) for records, _ in entries]
-    prefixes = {"/".join(n.split("/")[:k]) for n in names for k in range(1, n.count("/") + 1)}
-    clashes = sorted({n for n in names if names.count(n) > 1} | (prefixes & set(names)))
-    if clashes:
-        raise ValueError(f"leaf paths collide once joined with '/': {clashes[:3]}")
+def _check_paths(entries) -> None:
+    """Refuses paths a reader would refuse: too deep or long, or breaking the
+    uniqueness rule of :func:`jaxjpeg.layout.path_clash` (linear time)."""
+    for records, _ in entries:
+        problem = layout.path_size_problem(records)
+        if problem:
+            raise ValueError(f"leaf path {path_string(records)[:200]!r} is {problem}")
+    clash = layout.path_clash(records for records, _ in entries)
+    if clash is not None:
+        raise ValueError(f"leaf path {clash[:200]!r} collides with another once joined "
+                         "with '/' (paths must not repeat or nest inside each other)")
+
+
+def _leaves(tree) -> list:
+    try:
+        return leaves_with_paths(tree)
+    except (RecursionError, SystemError) as e:  # jax's flatten hits the recursion limit
+        if isinstance(e, SystemError) and not isinstance(e.__cause__, RecursionError):
+            raise
+        raise ValueError(f"tree is nested too deeply to save (leaf paths may have at most "
+                         f"{layout.MAX_PATH_DEPTH} keys)") from None
 
 
 def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
@@ -145,14 +157,14 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
     tiles, starts = [], []
     stored = 0
     for k, tile in enumerate(enc.tiles):
-        writer.add_blob(f"leaf{index}/tile{k}.jpg", tile.data)
+        writer.add_blob(layout.tile_blob(index, k), tile.data)
         tiles.append([tile.row0, tile.col0, tile.height, tile.width, tile.num_intervals])
         starts.append(tile.interval_starts.astype(np.uint32))
         stored += len(tile.data)
     index_blob = np.concatenate(starts)
     affine = enc.affine()
-    writer.add_blob(f"leaf{index}/intervals", index_blob)
-    writer.add_blob(f"leaf{index}/affine", affine)
+    writer.add_blob(layout.intervals_blob(index), index_blob)
+    writer.add_blob(layout.affine_blob(index), affine)
     stored += index_blob.nbytes + affine.nbytes
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
               "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name}
@@ -198,9 +210,7 @@ def _container_overhead(entries, coded, restart_interval, tile_shape) -> int:
         tiles = codec.tile_grid(*codec.matrix_shape(array.shape), tile_shape)
         overhead += _BLOB_OVERHEAD * (len(tiles) + 2)
         for _, _, h, w in tiles:
-            blocks = -(-h // 8) * -(-w // 8)
-            intervals = -(-blocks // restart_interval) if restart_interval else 1
-            overhead += 4 * (intervals + 1)
+            overhead += 4 * (layout.intervals_per_tile(h, w, restart_interval) + 1)
     return overhead
 
 
@@ -258,10 +268,10 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     crash mid-save leaves any previous checkpoint there intact.
     """
     policy = policy or Policy()
-    entries = [(records, _to_numpy(leaf)) for records, leaf in leaves_with_paths(tree)]
+    entries = [(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
     for records, array in entries:
         _check_storable(path_string(records), array)
-    _check_unique_paths(entries)
+    _check_paths(entries)
     rates_given = [v is not None for v in (relative_step, step, quality, qtable, error_bound,
                                            target_ratio, target_bytes, encoder)]
     if sum(rates_given) > 1:
@@ -293,7 +303,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
                 if _is_coded(policy, name, array):
                     extra, stored = _write_jpeg_leaf(writer, index, encode(name, array))
                 else:
-                    writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(array))
+                    writer.add_blob(layout.raw_blob(index), np.ascontiguousarray(array))
                     extra, stored = {"kind": "raw"}, array.nbytes
                 record.update(extra)
                 records_out.append(record)

@@ -13,7 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import codec, format as fmt
+from jaxjpeg import codec, format as fmt, layout
 from jaxjpeg.treepaths import path_string
 
 CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
@@ -52,16 +52,15 @@ _PATH_KINDS = {"key": (int, str, bool), "attr": (str,), "index": (int,), "flat":
 
 
 def _check_path_records(index: int, records) -> None:
-    """Paths are lists of [kind, key] pairs as key_record writes them."""
+    """Paths are lists of [kind, key] pairs as key_record writes them, within
+    the writer's depth and length caps."""
     if not isinstance(records, list) or not all(
             isinstance(r, list) and len(r) == 2 and r[0] in _PATH_KINDS
             and type(r[1]) in _PATH_KINDS[r[0]] for r in records):
         raise fmt.FormatError(f"leaf {index}: malformed path {records!r:.200}")
-
-
-def _intervals_per_tile(height: int, width: int, restart_interval: int) -> int:
-    blocks = -(-height // 8) * -(-width // 8)
-    return -(-blocks // restart_interval) if restart_interval else 1
+    problem = layout.path_size_problem(records)
+    if problem:
+        raise fmt.FormatError(f"leaf {index}: path is {problem}")
 
 
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
@@ -106,10 +105,10 @@ def _check_tiles_cover(leaf: SavedLeaf) -> None:
             raise fmt.FormatError(f"{leaf.path}: tile outside the tensor")
         # The decoder decodes only the intervals the index lists: fewer than the
         # tile has would leave part of the output unwritten (uninitialized memory).
-        if intervals != _intervals_per_tile(height, width, leaf.restart_interval):
+        needed = layout.intervals_per_tile(height, width, leaf.restart_interval)
+        if intervals != needed:
             raise fmt.FormatError(f"{leaf.path}: tile at ({row0}, {col0}) records {intervals} "
-                                  f"restart intervals, its size needs "
-                                  f"{_intervals_per_tile(height, width, leaf.restart_interval)}")
+                                  f"restart intervals, its size needs {needed}")
         area += height * width
     if area != rows * cols or not _tiles_disjoint(leaf.tiles):
         # Equal area alone is not enough: overlapping tiles leave a gap elsewhere,
@@ -171,16 +170,14 @@ class Checkpoint:
         path repeats or is a prefix of another (restore without target nests them)."""
         names = set(self.reader.blob_names)
         for leaf in self.leaves:
-            needed = ([f"leaf{leaf.index}/raw"] if leaf.kind == "raw" else
-                      [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
-                      + [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))])
-            missing = [n for n in needed if n not in names]
+            missing = [n for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles))
+                       if n not in names]
             if missing:
                 raise fmt.FormatError(f"{self.path}: {leaf.path}: missing blob {missing[0]!r}")
-        full = [tuple(map(tuple, leaf.records)) for leaf in self.leaves]
-        prefixes = {p[:n] for p in full for n in range(len(p))}
-        if len(set(full)) != len(full) or prefixes & set(full):
-            raise fmt.FormatError(f"{self.path}: leaf paths repeat or nest inside each other")
+        clash = layout.path_clash(leaf.records for leaf in self.leaves)
+        if clash is not None:
+            raise fmt.FormatError(f"{self.path}: leaf path {clash[:200]!r} repeats or nests "
+                                  "inside another")
 
     def close(self):
         self.reader.close()
@@ -192,7 +189,7 @@ class Checkpoint:
         self.close()
 
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
-        data = self.reader.read_blob(f"leaf{leaf.index}/raw", verify=self.verify)
+        data = self.reader.read_blob(layout.raw_blob(leaf.index), verify=self.verify)
         expected = math.prod(leaf.shape) * leaf.dtype.itemsize
         if len(data) != expected:
             raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "
@@ -201,7 +198,7 @@ class Checkpoint:
 
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
         rows = codec.matrix_shape(leaf.shape)[0]
-        data = self.reader.read_blob(f"leaf{leaf.index}/affine", verify=self.verify)
+        data = self.reader.read_blob(layout.affine_blob(leaf.index), verify=self.verify)
         if len(data) != 2 * rows * leaf.affine_dtype.itemsize:
             raise fmt.FormatError(f"{self.path}: {leaf.path} affine map has the wrong size")
         affine = np.frombuffer(data, leaf.affine_dtype).reshape(2, rows).astype(np.float32)
@@ -209,23 +206,23 @@ class Checkpoint:
 
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:
         """Per tile: interval starts (relative to the tile, n + 1 values)."""
-        data = self.reader.read_blob(f"leaf{leaf.index}/intervals", verify=self.verify)
+        data = self.reader.read_blob(layout.intervals_blob(leaf.index), verify=self.verify)
         starts = np.frombuffer(data, np.uint32).astype(np.int64)
         counts = [t[4] + 1 for t in leaf.tiles]
         if any(c < 2 for c in counts) or sum(counts) != len(starts):
             raise fmt.FormatError(f"{self.path}: {leaf.path} interval index has the wrong size")
         pieces = np.split(starts, np.cumsum(counts)[:-1])
         for k, piece in enumerate(pieces):
-            size = self.reader.blob_info(f"leaf{leaf.index}/tile{k}.jpg").length
+            size = self.tile_size(leaf, k)
             if np.any(np.diff(piece) < 0) or piece[0] < 0 or piece[-1] > size:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} tile {k} index out of range")
         return pieces
 
     def tile_size(self, leaf: SavedLeaf, k: int) -> int:
-        return self.reader.blob_info(f"leaf{leaf.index}/tile{k}.jpg").length
+        return self.reader.blob_info(layout.tile_blob(leaf.index, k)).length
 
     def tile_filler(self, leaf: SavedLeaf, k: int):
-        name = f"leaf{leaf.index}/tile{k}.jpg"
+        name = layout.tile_blob(leaf.index, k)
 
         def fill(view):
             self.reader.read_blob(name, verify=self.verify, out=view)
