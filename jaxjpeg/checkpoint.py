@@ -48,6 +48,12 @@ class Policy:
     lossless: tuple[str, ...] = ()
     compress: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        # A lone string is one pattern (iterating it would give one pattern
+        # per character, and "*" matches everything).
+        for name in ("lossless", "compress"):
+            object.__setattr__(self, name, patterns(getattr(self, name), f"Policy.{name}"))
+
     def should_compress(self, path: str, leaf: np.ndarray) -> bool:
         if str(leaf.dtype) not in JPEG_DTYPES or leaf.size == 0:
             return False
@@ -57,6 +63,16 @@ class Policy:
             return True
         return leaf.ndim >= self.min_ndim and leaf.size >= self.min_size
 
+
+
+def patterns(value, what: str) -> tuple[str, ...]:
+    """Glob patterns given as one string or a sequence of strings."""
+    if isinstance(value, str):
+        return (value,)
+    value = tuple(value)
+    if not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{what} must be a glob pattern or a sequence of them, got {value!r:.200}")
+    return value
 
 
 # ---------------------------------------------------------------- save
@@ -112,7 +128,10 @@ def _to_numpy(leaf) -> np.ndarray:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         raise ValueError("saving arrays not fully addressable from this process is not supported; "
                          "gather them first (jax.experimental.multihost_utils)")
-    return np.asarray(leaf)
+    array = np.asarray(leaf)
+    if not array.dtype.isnative:  # big-endian input: stored (and restored) in native order
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
 
 
 def _check_paths(entries) -> None:
@@ -150,7 +169,7 @@ def _check_storable(name: str, array: np.ndarray) -> None:
         parse_dtype(str(array.dtype))
     except fmt.FormatError:
         raise TypeError(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold numeric, "
-                        "bool and bfloat16 arrays only") from None
+                        "bool, bfloat16 and float8 arrays only") from None
 
 
 def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict, int]:

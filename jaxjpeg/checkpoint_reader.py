@@ -36,15 +36,23 @@ class SavedLeaf:
     affine_dtype: np.dtype = np.dtype(np.float32)
 
 
+# Dtypes numpy spells only through ml_dtypes; stored as raw leaves (bfloat16 may be coded).
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
 def parse_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        return np.dtype(ml_dtypes.bfloat16)
+    """A leaf's dtype from its recorded name: numeric, bool or an ml_dtypes
+    float, in native byte order (the writer stores every leaf native)."""
+    if name in _ML_DTYPES:
+        return np.dtype(getattr(ml_dtypes, name))
     try:
         dtype = np.dtype(name)
     except TypeError:
         raise fmt.FormatError(f"unknown dtype {name!r}") from None
     if dtype.kind not in "biufc":
         raise fmt.FormatError(f"unsupported dtype {name!r}")
+    if not dtype.isnative:
+        raise fmt.FormatError(f"dtype {name!r} is not in native byte order")
     return dtype
 
 

@@ -9,9 +9,11 @@ import functools
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxjpeg import codec, ops
+from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import key_record, nest, path_string
 
@@ -27,14 +29,26 @@ class RestoreStats:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Request:
+class LeafRequest:
+    """One saved leaf to restore or load: in which dtype, where."""
+
     leaf: SavedLeaf
     dtype: np.dtype
     sharding: Any = None  # a multi-device jax.sharding.Sharding, or None
     device: Any = None    # the one device of an unsharded leaf (None: the default)
 
 
-def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], Any]:
+def restored_dtype(saved: np.dtype, override=None, wanted=None) -> np.dtype:
+    """The dtype a leaf comes back in: the target's (``wanted``) or the saved
+    one, changed to ``override`` (``dtype=`` of restore and load) only when
+    floating: a step counter or a mask keeps its integer or bool dtype."""
+    base = np.dtype(saved if wanted is None else wanted)
+    if override is not None and jnp.issubdtype(base, jnp.floating):
+        return np.dtype(override)
+    return base
+
+
+def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:
     by_path = {leaf.path: leaf for leaf in ckpt.leaves}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     requests = []
@@ -46,7 +60,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
         shape = tuple(getattr(want, "shape", saved.shape))
         if shape != saved.shape:
             raise ValueError(f"{name}: target shape {shape} != saved shape {saved.shape}")
-        want_dtype = np.dtype(dtype or getattr(want, "dtype", saved.dtype))
+        want_dtype = restored_dtype(saved.dtype, dtype, getattr(want, "dtype", None))
         sharding = getattr(want, "sharding", None)
         device = None
         # One device of this process: decoded with the other unsharded leaves.
@@ -55,7 +69,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
         if (sharding is not None and len(sharding.device_set) == 1
                 and next(iter(sharding.device_set)).process_index == jax.process_index()):
             (device,), sharding = tuple(sharding.device_set), None
-        requests.append(_Request(saved, want_dtype, sharding, device))
+        requests.append(LeafRequest(saved, want_dtype, sharding, device))
     return requests, treedef
 
 
@@ -228,7 +242,7 @@ def _unsharded_groups(requests, default_device) -> dict:
     return groups
 
 
-def _place_raw(array: np.ndarray, request: _Request, device):
+def place_raw(array: np.ndarray, request: LeafRequest, device):
     array = array.astype(request.dtype, copy=False)
     if request.sharding is not None:
         # Not jax.device_put(array, sharding): with a sharding spanning several
@@ -242,6 +256,18 @@ def _place_raw(array: np.ndarray, request: _Request, device):
     return jax.device_put(array, request.device or device)
 
 
+def select_leaves(ckpt: Checkpoint, paths) -> list[SavedLeaf]:
+    """The leaves matching any of the glob ``paths`` (None: all); every
+    pattern must match at least one leaf (a typo is an error, not ``{}``)."""
+    if paths is None:
+        return list(ckpt.leaves)
+    globs = patterns(paths, "paths")
+    unmatched = [p for p in globs if not any(fnmatch.fnmatchcase(l.path, p) for l in ckpt.leaves)]
+    if unmatched:
+        raise KeyError(f"{ckpt.path}: no leaf matches {unmatched[0]!r}")
+    return [leaf for leaf in ckpt.leaves if any(fnmatch.fnmatchcase(leaf.path, p) for p in globs)]
+
+
 def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None,
             device=None, verify: bool = True, stats: RestoreStats | None = None):
     """Restores a checkpoint as a pytree of arrays decoded on the device.
@@ -251,8 +277,12 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     takes; it may cover a subset of the saved leaves (partial restore).
     Without a target, the saved structure comes back as nested dicts/lists;
     ``paths`` (glob patterns over slash-separated leaf paths) then selects a
-    subset. ``dtype`` overrides every leaf's dtype.
+    subset (each pattern must match a leaf; give ``target`` or ``paths``, not
+    both). ``dtype`` changes the dtype of every floating-point leaf; integer
+    and bool leaves keep theirs.
     """
+    if target is not None and paths is not None:
+        raise ValueError("give target or paths, not both: a target already names the leaves")
     # This process's first device: jax.devices()[0] belongs to process 0 under
     # jax.distributed, and other processes cannot place data on it.
     device = device or jax.local_devices()[0]
@@ -260,9 +290,8 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)
         else:
-            chosen = [leaf for leaf in ckpt.leaves
-                      if paths is None or any(fnmatch.fnmatchcase(leaf.path, p) for p in paths)]
-            requests = [_Request(leaf, np.dtype(dtype or leaf.dtype), None) for leaf in chosen]
+            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype))
+                        for leaf in select_leaves(ckpt, paths)]
             treedef = None
         values: list = [None] * len(requests)
         for target_device, group in _unsharded_groups(requests, device).items():
@@ -273,7 +302,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             if r.leaf.kind == "jpeg" and r.sharding is not None:
                 values[i] = _restore_sharded(ckpt, r, stats)
             elif r.leaf.kind == "raw":
-                values[i] = _place_raw(ckpt.read_raw(r.leaf), r, device)
+                values[i] = place_raw(ckpt.read_raw(r.leaf), r, device)
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])

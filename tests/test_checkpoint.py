@@ -164,11 +164,8 @@ def test_linen_restore_with_abstract_target_and_outputs_close(tmp_path, cnn_para
     assert rel_rms(got, want) < GAUSSIAN_REL_RMS_BOUND
 
 
-def test_restore_onto_concrete_target_keeps_its_device(tmp_path, mlp_params):
-    path = tmp_path / "mlp.jjpg"
-    jaxjpeg.save(path, mlp_params)
-    restored = jaxjpeg.restore(path, target=mlp_params)
-    assert_on_device(restored, next(iter(flat(mlp_params).values())).devices().pop())
+# A concrete target on a non-default device: tests/scripts/sharded_restore.py
+# (concrete_target_keeps_its_device), where there are several devices.
 
 
 # ---------------------------------------------------------------- nnx
@@ -342,7 +339,15 @@ def test_partial_restore_by_paths(tmp_path, cnn_params):
     assert_on_device(restored)
     for name, y in flat(restored).items():
         np.testing.assert_array_equal(np.asarray(y), np.asarray(full[name]))
-    assert jaxjpeg.restore(path, paths=["nothing/*"]) == {}
+    # A pattern matching nothing is an error (it used to give {} without a word).
+    with pytest.raises(KeyError, match="no leaf matches 'nothing/\\*'"):
+        jaxjpeg.restore(path, paths=["params/Conv_0/kernel", "nothing/*"])
+    # One string is one pattern, not one pattern per character.
+    assert list(flat(jaxjpeg.restore(path, paths="params/Dense_0/bias"))) == [
+        "params/Dense_0/bias"]
+    # paths and target together: the paths used to be ignored without a word.
+    with pytest.raises(ValueError, match="not both"):
+        jaxjpeg.restore(path, target=cnn_params, paths=["params/Conv_0/*"])
 
 
 def test_target_errors(tmp_path, cnn_params):
@@ -499,3 +504,62 @@ def test_load_accepts_targets_of_any_float_or_int_dtype(tmp_path):
     decoded = jax.jit(jaxjpeg.decode)(compressed)["w"]
     restored = jaxjpeg.restore(tmp_path / "t.jjpg")["w"]
     np.testing.assert_array_equal(np.asarray(decoded), np.asarray(restored).astype(decoded.dtype))
+
+
+# ---------------------------------------------------------------- issue 9 defects
+
+
+def test_big_endian_arrays_save_and_restore(tmp_path):
+    """Defect 4: '>f4' / '>i4' leaves saved, then failed to restore
+    (TypeError: Dtype >f4 is not a valid JAX array type)."""
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(128, 96)).astype(">f4")
+    n = np.arange(7, dtype=">i4")
+    path = tmp_path / "be.jjpg"
+    jaxjpeg.save(path, {"w": w, "n": n, "h": w[:4, :4].astype(">f2")})
+    assert leaf_kinds(path) == {"w": "jpeg", "n": "raw", "h": "raw"}
+    restored = jaxjpeg.restore(path)
+    assert restored["n"].dtype == np.int32 and restored["w"].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(restored["n"]), np.arange(7))
+    np.testing.assert_array_equal(np.asarray(restored["h"]), w[:4, :4].astype(np.float16))
+    assert rel_rms(restored["w"], w.astype(np.float32)) < GAUSSIAN_REL_RMS_BOUND
+    with ckr.Checkpoint(path) as c:  # recorded by name, native order
+        assert {l.path: l.dtype.str for l in c.leaves} == {"h": "<f2", "n": "<i4", "w": "<f4"}
+
+
+@pytest.mark.parametrize("how", ["restore", "load", "target"])
+def test_dtype_override_casts_floating_leaves_only(tmp_path, how):
+    """Defect 5: restore(dtype=bfloat16) cast a step counter 12345 to 12352
+    (and bools to bfloat16); integer and bool leaves now keep their dtype."""
+    tree = {"step": np.int32(12345), "mask": np.array([True, False, True]),
+            "count": np.arange(3, dtype=np.uint8), "bias": np.float32([1.5, 2.25]),
+            "w": np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32)}
+    path = tmp_path / "mixed.jjpg"
+    jaxjpeg.save(path, tree)
+    if how == "restore":
+        got = jaxjpeg.restore(path, dtype=jnp.bfloat16)
+    elif how == "load":
+        got = jaxjpeg.decode(jaxjpeg.load(path, dtype=jnp.bfloat16))
+    else:
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+        got = jaxjpeg.restore(path, target=target, dtype=jnp.bfloat16)
+    assert int(got["step"]) == 12345 and got["step"].dtype == np.int32
+    assert got["mask"].dtype == np.bool_ and got["count"].dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(got["mask"]), tree["mask"])
+    assert got["bias"].dtype == jnp.bfloat16 and got["w"].dtype == jnp.bfloat16
+
+
+def test_policy_patterns_given_as_one_string(tmp_path):
+    """Defect 6: Policy(lossless="params/*") was iterated per character, and
+    the pattern "*" made every leaf lossless."""
+    rng = np.random.default_rng(5)
+    tree = {"params": {"w": rng.normal(size=(128, 64)).astype(np.float32)},
+            "other": {"w": rng.normal(size=(128, 64)).astype(np.float32)},
+            "tiny": rng.normal(size=(16,)).astype(np.float32)}
+    path = tmp_path / "p.jjpg"
+    policy = ck.Policy(lossless="params/*", compress="tiny")
+    assert policy.lossless == ("params/*",) and policy.compress == ("tiny",)
+    jaxjpeg.save(path, tree, policy=policy)
+    assert leaf_kinds(path) == {"params/w": "raw", "other/w": "jpeg", "tiny": "jpeg"}
+    with pytest.raises(TypeError, match="glob pattern"):
+        ck.Policy(lossless=["a/*", 3])
