@@ -47,8 +47,8 @@ except ImportError:  # pragma: no cover - optional competitor
 
 CONFIGS = {
     "q50": dict(quality=50), "q75": dict(quality=75), "q90": dict(quality=90),
-    "q95": dict(quality=95), "step2": dict(step=2), "step4": dict(step=4), "step8": dict(step=8),
-    "q90/12bit": dict(quality=90, bits=12), "step16/12bit": dict(step=16, bits=12),
+    "q95": dict(quality=95), "step2": dict(quant_step=2), "step4": dict(quant_step=4), "step8": dict(quant_step=8),
+    "q90/12bit": dict(quality=90, bits=12), "step16/12bit": dict(quant_step=16, bits=12),
 }
 DEFAULT_CONFIGS = "q50,q75,q90,q95,step2,step4,step8,q90/12bit"
 

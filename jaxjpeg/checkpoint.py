@@ -252,7 +252,7 @@ def _target_encoder(entries, policy, ratio, nbytes, sensitivity, bits, coding):
     return lambda name, array: allocation.encodings[name]
 
 
-def save(path, tree, *, relative_step: float | None = None, step: float | None = None,
+def save(path, tree, *, relative_step: float | None = None, quant_step: float | None = None,
          quality: int | None = None,
          qtable: Sequence[int] | None = None, error_bound: float | None = None,
          target_ratio: float | None = None, target_bytes: int | None = None,
@@ -268,7 +268,8 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     * ``relative_step`` (the default, ``DEFAULT_RELATIVE_STEP``): uniform
       quantization of every DCT coefficient with a step of this fraction of
       the tensor's RMS (8 or 12-bit samples chosen per tensor);
-    * ``step``: a flat quantization table, in sample units of ``bits``;
+    * ``quant_step``: a flat quantization table, in sample units of ``bits``
+      (named so that it is never mistaken for a training step);
     * ``quality``: the standard JPEG table scaled to 1..100; ``qtable``: any
       64-entry table;
     * ``error_bound``: each leaf's relative RMS error at most this (the
@@ -279,7 +280,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control.
 
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
-    ``step``/``quality``/``qtable`` and chosen per tensor by the other rate
+    ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
     (:func:`jaxjpeg.mapping.row_affine`).
 
@@ -291,7 +292,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     for records, array in entries:
         _check_storable(path_string(records), array)
     _check_paths(entries)
-    rates_given = [v is not None for v in (relative_step, step, quality, qtable, error_bound,
+    rates_given = [v is not None for v in (relative_step, quant_step, quality, qtable, error_bound,
                                            target_ratio, target_bytes, encoder)]
     if sum(rates_given) > 1:
         raise ValueError("give at most one rate control")
@@ -301,7 +302,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     coding = dict(restart_interval=restart_interval, tile_shape=tile_shape, clip=clip)
 
     def table_encoder(_, array):
-        return codec.encode_tensor(array, bits=bits or 8, step=step, quality=quality,
+        return codec.encode_tensor(array, bits=bits or 8, quant_step=quant_step, quality=quality,
                                    qtable=qtable, **coding)
 
     encode = encoder or table_encoder

@@ -1,6 +1,6 @@
 """The ``jaxjpeg`` command: compress, inspect, verify and extract checkpoints.
 
-    jaxjpeg compress SRC DST [--step S | --quality Q] [--bits 8|12]
+    jaxjpeg compress SRC DST [--quant-step S | --quality Q] [--bits 8|12]
     jaxjpeg inspect CKPT [--source SRC]
     jaxjpeg verify CKPT
     jaxjpeg extract CKPT OUTDIR [--leaf PATTERN]
@@ -298,8 +298,8 @@ def cmd_compress(args) -> int:
     tree = _as_arrays(tree)
     policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
     rate = {}
-    if args.step is not None:
-        rate["step"] = args.step
+    if args.quant_step is not None:
+        rate["quant_step"] = args.quant_step
     elif args.quality is not None:
         rate["quality"] = args.quality
     try:
@@ -569,7 +569,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--step", type=float, help="flat quantization step (default: jaxjpeg's)")
+    rate.add_argument("--quant-step", type=float,
+                      help="flat quantization step in sample units (default: jaxjpeg's rate)")
     rate.add_argument("--quality", type=int, help="JPEG quality 1..100 (standard table)")
     p.add_argument("--bits", type=int, choices=(8, 12), default=8, help="sample precision")
     p.add_argument("--min-size", type=int, default=4096,

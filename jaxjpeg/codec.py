@@ -93,19 +93,20 @@ class EncodedTensor:
         return 8 * self.nbytes / max(1, math.prod(self.shape))
 
 
-def quant_table(*, bits: int, quality: int | None = None, step: float | None = None,
+def quant_table(*, bits: int, quality: int | None = None, quant_step: float | None = None,
                 qtable: Sequence[int] | None = None) -> np.ndarray:
     """The 64-entry table (natural order) for exactly one of the three controls."""
-    given = [v is not None for v in (quality, step, qtable)]
+    given = [v is not None for v in (quality, quant_step, qtable)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of quality, step or qtable")
+        raise ValueError("give exactly one of quality, quant_step or qtable")
     limit = 255 if bits == 8 else 65535
     if quality is not None:
         return _native.quality_table(int(quality), bits)
-    if step is not None:
-        if not 1 <= round(step) <= limit:
-            raise ValueError(f"step must be in 1..{limit} for {bits}-bit samples, got {step}")
-        return np.full(64, round(step), np.uint16)
+    if quant_step is not None:
+        if not 1 <= round(quant_step) <= limit:
+            raise ValueError(f"quant_step must be in 1..{limit} for {bits}-bit samples, "
+                             f"got {quant_step}")
+        return np.full(64, round(quant_step), np.uint16)
     table = np.asarray(qtable)
     if table.shape != (64,) or table.min() < 1 or table.max() > limit:
         raise ValueError(f"qtable must have 64 entries in 1..{limit}")
@@ -119,7 +120,8 @@ def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int]) -> list[tuple[i
             for r in range(0, rows, th) for c in range(0, cols, tw)]
 
 
-def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
+def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
+                  quant_step: float | None = None,
                   qtable: Sequence[int] | None = None, clip: str = "common",
                   row_weight: np.ndarray | None = None,
                   restart_interval: int = DEFAULT_RESTART_INTERVAL,
@@ -127,7 +129,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
                   threads: int | None = None) -> EncodedTensor:
     """Encodes a float tensor as JPEG tiles.
 
-    Exactly one of ``quality`` (the standard table scaled, 1..100), ``step``
+    Exactly one of ``quality`` (the standard table scaled, 1..100), ``quant_step``
     (a flat table: uniform quantization of every DCT coefficient) or
     ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
     per-row sample range and ``row_weight`` per-row importances (see
@@ -142,7 +144,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
         raise TypeError(f"encode_tensor codes floating-point tensors, got {arr.dtype}")
     if arr.size == 0:
         raise ValueError("cannot JPEG-code an empty tensor")
-    table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
+    table = quant_table(bits=bits, quality=quality, quant_step=quant_step, qtable=qtable)
     rows, cols = matrix_shape(arr.shape)
     view = arr.reshape(rows, cols).astype(np.float32)
     if not np.all(np.isfinite(view)):

@@ -71,7 +71,7 @@ def step_for(x, q: float, bits: int | None = None, row_weight=None) -> tuple[int
 def encode_with_step(x, bits: int, delta: int, row_weight=None, *, clip: str = "common",
                      **options) -> codec.EncodedTensor:
     """Codes ``x`` at integer step ``delta`` (sample units), by default with ``clip="common"``."""
-    return codec.encode_tensor(x, bits=bits, step=delta, clip=clip, row_weight=row_weight,
+    return codec.encode_tensor(x, bits=bits, quant_step=delta, clip=clip, row_weight=row_weight,
                                **options)
 
 

@@ -436,7 +436,7 @@ def test_default_rate_is_about_8x_on_gaussian_weights(tmp_path):
 
 def test_rate_controls_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="at most one rate control"):
-        jaxjpeg.save(tmp_path / "x.jjpg", _mixed_tree(), step=4, target_ratio=8)
+        jaxjpeg.save(tmp_path / "x.jjpg", _mixed_tree(), quant_step=4, target_ratio=8)
 
 
 @pytest.mark.parametrize("leaf", ["a string", np.array([object()]), np.array(["x", "y"])])
@@ -480,7 +480,7 @@ def test_target_ratio_stores_non_finite_leaves_losslessly(tmp_path):
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["mask"]), mask)
 
 
-@pytest.mark.parametrize("rate", [{}, {"relative_step": 0.1}, {"error_bound": 0.01}, {"step": 64}])
+@pytest.mark.parametrize("rate", [{}, {"relative_step": 0.1}, {"error_bound": 0.01}, {"quant_step": 64}])
 def test_bits_are_honoured_by_every_rate_control(tmp_path, rate):
     tree = {"w": np.random.default_rng(1).standard_normal((128, 128)).astype(np.float32)}
     jaxjpeg.save(tmp_path / "b.jjpg", tree, bits=12, **rate)
@@ -563,3 +563,17 @@ def test_policy_patterns_given_as_one_string(tmp_path):
     assert leaf_kinds(path) == {"params/w": "raw", "other/w": "jpeg", "tiny": "jpeg"}
     with pytest.raises(TypeError, match="glob pattern"):
         ck.Policy(lossless=["a/*", 3])
+
+
+def test_the_quantization_step_is_not_called_step(tmp_path):
+    """Defect 7: Orbax users write step= for the training step; save(p, tree,
+    step=100) coded at a quantization step of 100 (169x, relative error 0.99)
+    without a word. The rate argument is quant_step; step= is a TypeError."""
+    tree = {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)}
+    with pytest.raises(TypeError, match="step"):
+        jaxjpeg.save(tmp_path / "s.jjpg", tree, step=100)
+    assert not (tmp_path / "s.jjpg").exists()
+    with pytest.raises(TypeError):
+        jaxjpeg.encode_tensor(tree["w"], step=4)
+    jaxjpeg.save(tmp_path / "q.jjpg", tree, quant_step=4, bits=12)
+    assert rel_rms(jaxjpeg.restore(tmp_path / "q.jjpg")["w"], tree["w"]) < 0.02

@@ -69,7 +69,7 @@ def run(capsys, *argv):
 @pytest.mark.parametrize("kind", ["msgpack", "safetensors", "orbax"])
 def test_compress_each_format_then_restore(sources, tmp_path, capsys, kind):
     dst = tmp_path / "out.jjpg"
-    code, out, err = run(capsys, "compress", sources[kind], dst, "--step", "4")
+    code, out, err = run(capsys, "compress", sources[kind], dst, "--quant-step", "4")
     assert code == 0, err
     assert re.search(r"ratio\s+\d+\.\d+x", out) and "compressed" in out
     restored = _flat(jaxjpeg.restore(dst))
@@ -100,7 +100,7 @@ def test_compress_12_bit_is_more_accurate(sources, tmp_path, capsys):
     for bits, step in (("8", "4"), ("12", "16")):
         dst = tmp_path / f"b{bits}.jjpg"
         assert run(capsys, "compress", sources["msgpack"], dst, "--bits", bits,
-                   "--step", step)[0] == 0
+                   "--quant-step", step)[0] == 0
         code, out, _ = run(capsys, "inspect", dst, "--source", sources["msgpack"])
         assert code == 0
         line = next(l for l in out.splitlines() if l.startswith("params/Dense_0/kernel"))
@@ -111,7 +111,7 @@ def test_compress_12_bit_is_more_accurate(sources, tmp_path, capsys):
 
 def test_inspect_table_and_source_errors(sources, tmp_path, capsys):
     dst = tmp_path / "i.jjpg"
-    report = jaxjpeg.save(dst, sources["params"], step=4)
+    report = jaxjpeg.save(dst, sources["params"], quant_step=4)
     code, out, err = run(capsys, "inspect", dst, "--source", sources["orbax"])
     assert code == 0, err
     lines = out.splitlines()
@@ -133,7 +133,7 @@ def test_inspect_table_and_source_errors(sources, tmp_path, capsys):
 
 def test_verify_intact_checksum_damage_and_bad_jpeg(sources, tmp_path, capsys):
     good = tmp_path / "good.jjpg"
-    jaxjpeg.save(good, sources["params"], step=4)
+    jaxjpeg.save(good, sources["params"], quant_step=4)
     code, out, _ = run(capsys, "verify", good)
     assert code == 0 and "OK" in out
 
@@ -162,7 +162,7 @@ def test_verify_intact_checksum_damage_and_bad_jpeg(sources, tmp_path, capsys):
 
 def test_extract_tiles_open_in_pillow(sources, tmp_path, capsys):
     ckpt = tmp_path / "e.jjpg"
-    jaxjpeg.save(ckpt, sources["params"], step=4, tile_shape=(128, 256))
+    jaxjpeg.save(ckpt, sources["params"], quant_step=4, tile_shape=(128, 256))
     outdir = tmp_path / "tiles"
     code, out, err = run(capsys, "extract", ckpt, outdir)
     assert code == 0, err
@@ -184,7 +184,7 @@ def test_extract_tiles_open_in_pillow(sources, tmp_path, capsys):
 
 def test_errors_are_one_line_exit_2(sources, tmp_path, capsys):
     good = tmp_path / "g.jjpg"
-    jaxjpeg.save(good, sources["params"], step=4)
+    jaxjpeg.save(good, sources["params"], quant_step=4)
     truncated = tmp_path / "t.jjpg"
     truncated.write_bytes(good.read_bytes()[:5000])
     junk = tmp_path / "junk.bin"
@@ -213,7 +213,10 @@ def test_errors_are_one_line_exit_2(sources, tmp_path, capsys):
         assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1, (argv, err)
         assert "Traceback" not in err
     assert not (tmp_path / "o.jjpg").exists()
-    assert run(capsys, "compress", "a", "b", "--step", "3", "--quality", "3")[0] == 2  # usage
+    assert run(capsys, "compress", "a", "b", "--quant-step", "3", "--quality", "3")[0] == 2  # usage
+    # Defect 7: the quantization step is --quant-step; --step is no longer an option.
+    code, _, err = run(capsys, "compress", sources["msgpack"], tmp_path / "s.jjpg", "--step", "4")
+    assert code == 2 and "--step" in err and not (tmp_path / "s.jjpg").exists()
     assert run(capsys, "frobnicate")[0] == 2
 
 

@@ -23,7 +23,7 @@ def test_matrix_shape_rule():
 @pytest.mark.parametrize("shape", [(1,), (7, 9), (3, 3, 8, 16), (17, 1031), (65, 4096), (2, 3, 4, 5, 6)])
 def test_round_trip_error_is_bounded(shape):
     x = _gauss(shape)
-    enc = jaxjpeg.encode_tensor(x, step=2, bits=12)
+    enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
     y = jaxjpeg.decode_tensor(enc)
     assert y.shape == x.shape and y.dtype == np.float32
     assert np.linalg.norm(y - x) <= 0.01 * np.linalg.norm(x)
@@ -31,7 +31,7 @@ def test_round_trip_error_is_bounded(shape):
 
 def test_arrays_beyond_jpeg_limit_are_split_into_tiles():
     x = _gauss((2, 70_000))
-    enc = jaxjpeg.encode_tensor(x, step=4, tile_shape=(65535, 65535))
+    enc = jaxjpeg.encode_tensor(x, quant_step=4, tile_shape=(65535, 65535))
     assert len(enc.tiles) == 2
     assert max(t.width for t in enc.tiles) <= 65535
     y = jaxjpeg.decode_tensor(enc)
@@ -39,7 +39,7 @@ def test_arrays_beyond_jpeg_limit_are_split_into_tiles():
 
 
 def test_every_tile_is_a_standard_jpeg_that_pillow_decodes_to_our_samples():
-    enc = jaxjpeg.encode_tensor(_gauss((100, 300)), step=3, tile_shape=(64, 128))
+    enc = jaxjpeg.encode_tensor(_gauss((100, 300)), quant_step=3, tile_shape=(64, 128))
     for tile in enc.tiles:
         ours = _native.decode_samples(tile.data)
         theirs = np.asarray(Image.open(io.BytesIO(tile.data)))
@@ -48,7 +48,7 @@ def test_every_tile_is_a_standard_jpeg_that_pillow_decodes_to_our_samples():
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 def test_output_dtypes_round_the_float32_result(dtype):
-    enc = jaxjpeg.encode_tensor(_gauss((40, 50)), step=3)
+    enc = jaxjpeg.encode_tensor(_gauss((40, 50)), quant_step=3)
     f32 = jaxjpeg.decode_tensor(enc)
     out = jaxjpeg.decode_tensor(enc, dtype)
     assert out.dtype == np.dtype(dtype)
@@ -58,7 +58,7 @@ def test_output_dtypes_round_the_float32_result(dtype):
 def test_bfloat16_and_float16_inputs_are_first_class():
     for dtype in (ml_dtypes.bfloat16, np.float16):
         x = _gauss((64, 64)).astype(dtype)
-        enc = jaxjpeg.encode_tensor(x, step=2, bits=12)
+        enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
         assert enc.dtype == np.dtype(dtype).name
         y = jaxjpeg.decode_tensor(enc, dtype)
         err = np.linalg.norm(y.astype(np.float32) - x.astype(np.float32))
@@ -69,12 +69,12 @@ def test_non_negative_tensors_decode_non_negative():
     """Optimizer second moments must never come back negative."""
     x = np.abs(_gauss((64, 256))) ** 2
     x[:, :5] = 0.0
-    enc = jaxjpeg.encode_tensor(x, step=16)
+    enc = jaxjpeg.encode_tensor(x, quant_step=16)
     assert jaxjpeg.decode_tensor(enc).min() >= 0.0
 
 
 def test_decode_uses_all_restart_intervals_and_matches_single_thread():
-    enc = jaxjpeg.encode_tensor(_gauss((256, 512)), step=4, restart_interval=3)
+    enc = jaxjpeg.encode_tensor(_gauss((256, 512)), quant_step=4, restart_interval=3)
     assert sum(t.num_intervals for t in enc.tiles) > 100
     np.testing.assert_array_equal(jaxjpeg.decode_tensor(enc, threads=1),
                                   jaxjpeg.decode_tensor(enc, threads=0))
@@ -83,26 +83,26 @@ def test_decode_uses_all_restart_intervals_and_matches_single_thread():
 def test_rate_controls_are_exclusive_and_validated():
     x = _gauss((16, 16))
     with pytest.raises(ValueError, match="exactly one"):
-        jaxjpeg.encode_tensor(x, step=2, quality=50)
+        jaxjpeg.encode_tensor(x, quant_step=2, quality=50)
     with pytest.raises(ValueError, match="step"):
-        jaxjpeg.encode_tensor(x, step=300)
+        jaxjpeg.encode_tensor(x, quant_step=300)
     with pytest.raises(ValueError, match="bits"):
-        jaxjpeg.encode_tensor(x, step=2, bits=10)
+        jaxjpeg.encode_tensor(x, quant_step=2, bits=10)
     with pytest.raises(TypeError):
-        jaxjpeg.encode_tensor(np.arange(64).reshape(8, 8), step=2)
+        jaxjpeg.encode_tensor(np.arange(64).reshape(8, 8), quant_step=2)
     with pytest.raises(ValueError, match="NaN"):
-        jaxjpeg.encode_tensor(np.full((8, 8), np.nan, np.float32), step=2)
+        jaxjpeg.encode_tensor(np.full((8, 8), np.nan, np.float32), quant_step=2)
 
 
 def test_flat_table_error_shrinks_with_step():
     x = _gauss((128, 128))
-    errors = [np.linalg.norm(jaxjpeg.decode_tensor(jaxjpeg.encode_tensor(x, step=s)) - x)
+    errors = [np.linalg.norm(jaxjpeg.decode_tensor(jaxjpeg.encode_tensor(x, quant_step=s)) - x)
               for s in (16, 8, 4, 2)]
     assert errors == sorted(errors, reverse=True)
 
 
 def test_plan_refuses_a_tile_whose_header_disagrees_with_its_record():
-    enc = jaxjpeg.encode_tensor(_gauss((16, 32)), step=4)
+    enc = jaxjpeg.encode_tensor(_gauss((16, 32)), quant_step=4)
     tile = enc.tiles[0]
     builder = codec.PlanBuilder()
     out = builder.add_output((16, 64), np.float32, np.ones(16), np.zeros(16))

@@ -49,7 +49,7 @@ def mixed():
     encs = []
     for k, shape in enumerate(shapes):
         bits = 12 if k % 3 == 2 else 8
-        encs.append(jaxjpeg.encode_tensor(_tensor(rng, shape), bits=bits, step=2 + k,
+        encs.append(jaxjpeg.encode_tensor(_tensor(rng, shape), bits=bits, quant_step=2 + k,
                                           restart_interval=k % 4, tile_shape=(40, 512)))
     return encs
 
@@ -79,7 +79,7 @@ def test_kernel_harness_matches_core(mixed):
 def test_one_call_decodes_over_100_tensors():
     rng = np.random.default_rng(1)
     tensors = [_tensor(rng, (int(rng.integers(1, 40)), int(rng.integers(1, 90)))) for _ in range(120)]
-    encs = [jaxjpeg.encode_tensor(t, step=3) for t in tensors]
+    encs = [jaxjpeg.encode_tensor(t, quant_step=3) for t in tensors]
     dtypes = [DTYPES[k % 3] for k in range(len(encs))]
     plan = codec.build_plan(encs, dtypes)
     expected = codec.run_plan(plan)
@@ -92,7 +92,7 @@ def test_one_call_decodes_over_100_tensors():
 
 def test_vmap_over_payloads_of_equal_structure():
     rng = np.random.default_rng(2)
-    encs = [jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), step=4, restart_interval=2) for _ in range(3)]
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), quant_step=4, restart_interval=2) for _ in range(3)]
     plans = [codec.build_plan([e], [np.float32]) for e in encs]
     operands = _operands_padded_alike(plans)
     stacked = [np.stack(column) for column in zip(*operands)]
@@ -105,7 +105,7 @@ def test_vmap_over_payloads_of_equal_structure():
 
 def test_repeated_calls_reuse_the_compiled_program():
     rng = np.random.default_rng(3)
-    encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), step=4) for _ in range(2)]
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), quant_step=4) for _ in range(2)]
     plans = [codec.build_plan([e], [np.float32]) for e in encs]
     operands = _operands_padded_alike(plans)  # one operand shape: one program
     decode = jax.jit(lambda *a: ops.decode_plan(plans[0], a)[1][0])
@@ -124,7 +124,7 @@ def test_repeated_calls_reuse_the_compiled_program():
 
 def test_corrupt_payload_raises_clear_error():
     rng = np.random.default_rng(4)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), step=2)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), quant_step=2)
     plan = codec.build_plan([enc], [np.float32])
     operands = list(ops.plan_operands(plan))
     payload = operands[0].copy()
@@ -137,7 +137,7 @@ def test_corrupt_payload_raises_clear_error():
 
 def test_hostile_plan_is_refused_not_written():
     rng = np.random.default_rng(5)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (16, 16)), step=2)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (16, 16)), quant_step=2)
     plan = codec.build_plan([enc], [np.float32])
     operands = list(ops.plan_operands(plan))
     tiles = plan.tiles.copy()
@@ -149,7 +149,7 @@ def test_hostile_plan_is_refused_not_written():
 
 def test_grad_is_a_clear_error():
     rng = np.random.default_rng(6)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (8, 8)), step=2)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (8, 8)), quant_step=2)
     plan = codec.build_plan([enc], [np.float32])
     operands = ops.plan_operands(plan)
 
@@ -180,7 +180,7 @@ def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
     """Inside jit on a GPU nothing raises: the failing interval's weights must
     be NaN (and only its weights), while the status word names it."""
     rng = np.random.default_rng(7)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), step=4, restart_interval=8)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), quant_step=4, restart_interval=8)
     plan = codec.build_plan([enc], [dtype])
     payload = plan.payload.copy()
     start = int(plan.interval_starts[3])

@@ -34,7 +34,7 @@ def test_manager_steps_max_to_keep_and_latest(tmp_path):
     with ocp.CheckpointManager(tmp_path / "ckpts", options=options) as mngr:
         for step in range(4):
             mngr.save(step, args=ocp.args.Composite(
-                params=JaxjpegSave(_params(step), step=4.0),
+                params=JaxjpegSave(_params(step), quant_step=4.0),
                 extra=ocp.args.JsonSave({"step": step})))
         mngr.wait_until_finished()
         assert mngr.all_steps() == [2, 3] and mngr.latest_step() == 3
@@ -95,7 +95,7 @@ def test_async_save_snapshots_before_returning(tmp_path):
 def test_plain_checkpointer_sync_and_async(tmp_path):
     params = _params(2)
     with ocp.Checkpointer(JaxjpegCheckpointHandler()) as ckptr:
-        ckptr.save(tmp_path / "sync", args=JaxjpegSave(params, step=2.0))
+        ckptr.save(tmp_path / "sync", args=JaxjpegSave(params, quant_step=2.0))
         got = ckptr.restore(tmp_path / "sync", args=JaxjpegRestore())
     with ocp.AsyncCheckpointer(JaxjpegCheckpointHandler()) as ckptr:
         ckptr.save(tmp_path / "async",
@@ -112,3 +112,11 @@ def test_import_jaxjpeg_does_not_import_orbax():
     code = ("import sys, jaxjpeg, jaxjpeg.cli; "
             "assert not any(m == 'orbax' or m.startswith('orbax.') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_jaxjpeg_save_has_no_step_argument():
+    """Defect 7: JaxjpegSave(params, step=100) coded at quantization step 100
+    (relative error 0.99); the rate argument is quant_step."""
+    with pytest.raises(TypeError):
+        JaxjpegSave(_params(0), step=100)
+    assert JaxjpegSave(_params(0), quant_step=4.0).quant_step == 4.0

@@ -21,7 +21,7 @@ def _encodings(count, seed=0):
     for k in range(count):
         shape = (int(rng.integers(1, 300)), int(rng.integers(1, 700)))
         x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 4 == 3 else 8, step=2 + k % 9,
+        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 4 == 3 else 8, quant_step=2 + k % 9,
                                           restart_interval=k % 5, tile_shape=(128, 256)))
     return encs
 
