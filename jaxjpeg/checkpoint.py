@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import sys
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from jaxjpeg import codec, format as fmt, layout
+from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
@@ -101,27 +101,6 @@ class SaveReport:
     @property
     def ratio(self) -> float:
         return self.raw_bytes / max(1, self.file_bytes)
-
-
-def _progress(total: int, desc: str, enabled: bool | None):
-    """A tqdm bar on interactive terminals of process 0, else a no-op."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and jax.process_index() == 0
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        enabled = False
-    if not enabled:
-        return _NoProgress()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
-
-
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
 
 
 def _to_numpy(leaf) -> np.ndarray:
@@ -313,7 +292,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     if target_ratio is not None or target_bytes is not None:
         encode = _target_encoder(entries, policy, target_ratio, target_bytes, sensitivity,
                                  bits, coding)
-    bar = _progress(sum(a.nbytes for _, a in entries), "jaxjpeg save", progress)
+    bar = progress_bar(total=sum(a.nbytes for _, a in entries), desc="jaxjpeg save", unit="B",
+                       enabled=progress)
     records_out, reports = [], []
     try:
         with fmt.ContainerWriter(os.fspath(path)) as writer:

@@ -13,7 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import codec, format as fmt, layout
+from jaxjpeg import _native, codec, format as fmt, layout
 from jaxjpeg.treepaths import path_string
 
 CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
@@ -229,10 +229,23 @@ class Checkpoint:
     def tile_size(self, leaf: SavedLeaf, k: int) -> int:
         return self.reader.blob_info(layout.tile_blob(leaf.index, k)).length
 
-    def tile_filler(self, leaf: SavedLeaf, k: int):
+    def tile_filler(self, leaf: SavedLeaf, k: int, interval_starts=None):
+        """A ``fill(view)`` that reads tile ``k`` into ``view``; given the tile's
+        interval index (:meth:`read_interval_index`), it also checks that every
+        recorded start lands exactly where the tile's own restart markers put
+        it (an index shifted by a few bytes decodes to other weights silently)."""
         name = layout.tile_blob(leaf.index, k)
 
         def fill(view):
             self.reader.read_blob(name, verify=self.verify, out=view)
+            if interval_starts is not None:
+                self.check_interval_index(leaf, k, view, interval_starts)
         return fill
 
+    def check_interval_index(self, leaf: SavedLeaf, k: int, data, interval_starts) -> None:
+        """Raises FormatError unless ``interval_starts`` (tile ``k``'s index) is
+        where the tile's restart markers are; a tile that does not parse
+        raises JpegError."""
+        if not _native.check_interval_starts(data, interval_starts):
+            raise fmt.FormatError(f"{self.path}: {leaf.path} tile {k}: the interval index does "
+                                  "not match the tile's restart markers")

@@ -109,7 +109,7 @@ def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
         size = ckpt.tile_size(leaf, k)
         builder.add_tile(out, (r0 - origin[0], c0 - origin[1], h, w), bits=leaf.bits,
                          restart_interval=leaf.restart_interval, interval_starts=index[k],
-                         size=size, fill=ckpt.tile_filler(leaf, k))
+                         size=size, fill=ckpt.tile_filler(leaf, k, index[k]))
         payload += size
     return payload
 
@@ -129,24 +129,7 @@ def _run_plan_on(plan: codec.DecodePlan, device, final_shapes) -> list[jax.Array
     operands = jax.device_put(ops.plan_operands(plan), device)
     decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                               tuple(final_shapes))
-    status, outputs = _call_decoder(decode, operands)
-    ops.check_status(status)
-    return outputs
-
-
-def _call_decoder(decode, operands):
-    """Runs a jitted decode; a corrupt stream is a JpegError however it surfaces.
-
-    The CPU FFI handler reports a failed interval as an XLA error (DATA_LOSS),
-    which jax raises as ValueError/JaxRuntimeError rather than through the status
-    word that ops.check_status reads.
-    """
-    try:
-        return decode(*operands)
-    except (RuntimeError, ValueError) as e:
-        if "jaxjpeg decode failed" in str(e):
-            raise codec.JpegError(str(e).split("jaxjpeg ", 1)[1]) from None
-        raise
+    return ops.run_checked(decode, operands)
 
 
 def _restore_unsharded(ckpt, requests, device, stats) -> list:
@@ -193,9 +176,7 @@ def _restore_sharded(ckpt, request, stats) -> jax.Array:
                tuple(_slice_triple(sl, d) for sl, d in zip(nd_index, leaf.shape)), (tr0, tc0))
         decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                                 cut, np.dtype(request.dtype))
-        status, shard = _call_decoder(decode, jax.device_put(ops.plan_operands(plan), device))
-        ops.check_status(status)
-        shards.append(shard)
+        shards.append(ops.run_checked(decode, jax.device_put(ops.plan_operands(plan), device)))
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 
 

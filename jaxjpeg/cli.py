@@ -10,9 +10,11 @@ SRC is an Orbax checkpoint directory (a ``StandardCheckpointer`` /
 ``CheckpointManager`` root, whose latest step is taken), a Flax msgpack file
 (``flax.serialization.to_bytes``) or a ``.safetensors`` file.
 
-Exit status: 0 on success; 1 when ``verify`` finds damage; 2 for usage
-errors and for inputs that cannot be read (missing, not a checkpoint,
-corrupt), reported as one line on stderr without a traceback.
+Exit status: 0 on success; 1 when ``verify`` finds damage (any checksum,
+record or tile that would not restore, a truncated file included); 2 for
+usage errors and for inputs that cannot be read (missing; for the other
+commands also not a checkpoint or corrupt), reported as one line on stderr
+without a traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from jaxjpeg.progress import progress
+
 __all__ = ["main", "load_source"]
 
 PROG = "jaxjpeg"
@@ -42,51 +46,12 @@ class CliError(Exception):
 
 
 def _use_cpu() -> None:
-    """The CLI decodes on the host: keep jax off accelerators unless the user chose.
-
-    Only possible before jax's backends start (they start lazily, on first use)."""
-    if os.environ.get("JAX_PLATFORMS"):
-        return
-    try:
+    """The CLI decodes on the host: keep jax off accelerators unless the user
+    chose (JAX_PLATFORMS). main() calls this before anything starts a jax
+    backend; once one has started the setting no longer matters."""
+    if not os.environ.get("JAX_PLATFORMS"):
         import jax
-        from jax._src import xla_bridge
-        if not xla_bridge.backends_are_initialized():
-            jax.config.update("jax_platforms", "cpu")
-    except Exception:  # private API moved: decode wherever jax runs by default
-        pass
-
-
-def _bar(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
-    """A tqdm progress bar on interactive terminals; the plain iterable otherwise."""
-    enabled = sys.stderr.isatty()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return _NoBar(iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False,
-                unit_scale=unit == "B")
-
-
-class _NoBar:
-    def __init__(self, iterable=None):
-        self._iterable = iterable
-
-    def __iter__(self):
-        return iter(self._iterable)
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
+        jax.config.update("jax_platforms", "cpu")
 
 
 def _size(n: float) -> str:
@@ -402,7 +367,7 @@ def _source_errors(args, ckpt) -> list[str]:
             batch, batch_bytes = [], 0
     if batch:
         batches.append(batch)
-    bar = _bar(total=sum(len(b) for b in batches), desc="decode", unit="leaf")
+    bar = progress(total=sum(len(b) for b in batches), desc="decode", unit="leaf")
     try:
         for batch in batches:
             patterns = [_glob_escape(ckpt.leaves[i].path) for i in batch]
@@ -437,31 +402,41 @@ def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
 
 
 def cmd_verify(args) -> int:
-    from jaxjpeg import _native, checkpoint_reader, format as fmt
+    """Exit 0 only if every checksum matches and every leaf decodes: the same
+    checks restore makes (container, metadata, interval index against the
+    tiles' markers, affine and raw sizes), and every JPEG tile decoded."""
+    from jaxjpeg import checkpoint_reader, format as fmt
     _require(args.ckpt, kind="file")
     bad: list[str] = []
-    with fmt.ContainerReader(args.ckpt) as reader:
-        names = reader.blob_names
-        checks = _bar(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
-        damaged = {name for name, ok in checks if not ok}
-        bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
-        try:
-            ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
-        except fmt.FormatError as e:
-            bad.append(f"metadata: {_first_line(e)}")
-            ckpt = None
-        tiles = 0
-        if ckpt is not None:
-            with ckpt:
-                for leaf in ckpt.leaves:
-                    bad += _verify_leaf(ckpt, leaf, damaged, _native)
-                    tiles += len(leaf.tiles)
+    names: tuple = ()
+    tiles = 0
+    try:
+        reader = fmt.ContainerReader(args.ckpt)
+    except fmt.FormatError as e:  # truncated, not a container: damage, not a usage error
+        bad.append(f"container: {_first_line(e)}")
+        reader = None
+    if reader is not None:
+        with reader:
+            names = reader.blob_names
+            checks = progress(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
+            damaged = {name for name, ok in checks if not ok}
+            bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
+            try:
+                ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
+            except fmt.FormatError as e:
+                bad.append(f"metadata: {_first_line(e)}")
+                ckpt = None
+            if ckpt is not None:
+                with ckpt:
+                    for leaf in progress(ckpt.leaves, desc="decode", unit="leaf"):
+                        bad += _verify_leaf(ckpt, leaf, damaged)
+                        tiles += len(leaf.tiles)
     if bad:
         print(f"{args.ckpt}: {len(bad)} problem(s)")
         for line in bad:
             print(f"  BAD {line}")
         return 1
-    print(f"{args.ckpt}: OK ({len(names)} blobs checksummed, {tiles} JPEG tiles parsed)")
+    print(f"{args.ckpt}: OK ({len(names)} blobs checksummed, {tiles} JPEG tiles decoded)")
     return 0
 
 
@@ -477,44 +452,24 @@ def _verify_blobs(reader) -> Iterable[tuple[str, bool]]:
         yield name, crc == info.crc32c
 
 
-def _verify_leaf(ckpt, leaf, damaged: set[str], native) -> list[str]:
-    """Missing blobs, and JPEG tiles that do not parse or disagree with their record."""
-    prefix = f"leaf{leaf.index}/"
-    if leaf.kind == "raw":
-        names = [prefix + "raw"]
-    else:
-        names = [f"{prefix}tile{k}.jpg" for k in range(len(leaf.tiles))]
-        names += [prefix + "intervals", prefix + "affine"]
-    problems = []
-    for name in names:
-        try:
-            ckpt.reader.blob_info(name)
-        except KeyError:
-            problems.append(f"{name}: missing ({leaf.path})")
-    if problems or leaf.kind == "raw":
-        return problems
-    for k, (_, _, height, width, intervals) in enumerate(leaf.tiles):
-        name = f"{prefix}tile{k}.jpg"
-        if name in damaged:
-            continue
-        try:
-            info = native.inspect(ckpt.reader.read_blob(name, verify=False))
-        except native.JpegError as e:
-            problems.append(f"{name}: JPEG does not parse ({_first_line(e)}) ({leaf.path})")
-            continue
-        want = {"height": height, "width": width, "bits": leaf.bits, "num_intervals": intervals,
-                "restart_interval": leaf.restart_interval}
-        diff = [f"{k}={info[k]} (expected {v})" for k, v in want.items() if info[k] != v]
-        if diff:
-            problems.append(f"{name}: JPEG disagrees with its record: {', '.join(diff)} "
-                            f"({leaf.path})")
-    if not damaged.intersection(names):
-        try:
-            ckpt.read_interval_index(leaf)
-            ckpt.read_affine(leaf)
-        except Exception as e:  # FormatError from the validators
-            problems.append(f"{prefix}*: {_first_line(e)}")
-    return problems
+def _verify_leaf(ckpt, leaf, damaged: set[str]) -> list[str]:
+    """Reads a leaf as restore does and decodes every tile on the host; blobs
+    already reported damaged are not read again. Memory: one leaf."""
+    from jaxjpeg import codec, layout
+    from jaxjpeg.checkpoint_restore import add_whole_leaf
+    from jaxjpeg.format import FormatError
+    if damaged.intersection(layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles))):
+        return []
+    try:
+        if leaf.kind == "raw":
+            ckpt.read_raw(leaf)
+        else:
+            builder = codec.PlanBuilder()
+            add_whole_leaf(builder, ckpt, leaf, np.float32)
+            codec.run_plan(builder.finish())
+    except (FormatError, codec.JpegError) as e:
+        return [f"{leaf.path}: {_first_line(e)}"]
+    return []
 
 
 # ---------------------------------------------------------------- extract
@@ -536,7 +491,7 @@ def cmd_extract(args) -> int:
         used: set[str] = set()
         written = 0
         total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
-        bar = _bar(total=total, desc="extract", unit="B")
+        bar = progress(total=total, desc="extract", unit="B")
         try:
             for leaf in leaves:
                 base = _safe_name(leaf.path)

@@ -154,9 +154,9 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
 
     def encode_one(cell):
         r, c, h, w = cell
-        data = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
-                              restart_interval=restart_interval)
-        starts = _native.inspect(data)["interval_starts"]
+        # The encoder records where each interval starts as it writes them.
+        data, starts = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
+                                      restart_interval=restart_interval, with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
     cells = tile_grid(rows, cols, tile_shape)

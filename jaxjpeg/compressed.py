@@ -42,12 +42,15 @@ class CompressedArray:
         return math.prod(self.shape)
 
     def decode(self) -> jax.Array:
-        """The decoded tensor. Traceable: use it inside jit. On the CPU a corrupt
-        payload raises; on the GPU the status word is not checked here (the
+        """The decoded tensor. Traceable: use it inside jit. Called eagerly, a
+        corrupt payload raises JpegError on every platform; inside jit the CPU
+        handler raises, while on the GPU the status word is not checked (the
         bytes were checksummed when loaded). Dtypes the decoder does not write
         (float64, integers) decode to float32 and are cast, as restore does."""
-        _, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
-                               output_dtypes=(codec.written_dtype(self.dtype),))
+        status, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
+                                    output_dtypes=(codec.written_dtype(self.dtype),))
+        if not isinstance(status, jax.core.Tracer):
+            ops.check_status(status)
         return out.reshape(self.shape).astype(self.dtype)
 
     def tree_flatten(self):

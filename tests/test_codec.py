@@ -111,3 +111,22 @@ def test_plan_refuses_a_tile_whose_header_disagrees_with_its_record():
                      fill=lambda view: view.__setitem__(slice(None), np.frombuffer(tile.data, np.uint8)))
     with pytest.raises(jaxjpeg.JpegError, match="tile header says 32x16"):
         builder.finish()
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize("restart_interval", [0, 1, 3, 8])
+def test_encoder_records_interval_starts_as_it_writes(bits, restart_interval):
+    """Issue 9, defect 13: encode_tensor re-scanned every tile it had just
+    written to find its restart offsets; the encoder now records them, and
+    they are exactly what a scan of the stream finds."""
+    samples = np.random.default_rng(restart_interval).uniform(
+        0, (1 << bits) - 1, (37, 83)).astype(np.float32)
+    data, starts = _native.encode(samples, np.full(64, 3, np.uint16), bits=bits,
+                                  restart_interval=restart_interval, with_intervals=True)
+    np.testing.assert_array_equal(starts, _native.inspect(data)["interval_starts"])
+    assert _native.check_interval_starts(data, starts)
+    enc = jaxjpeg.encode_tensor(_gauss((100, 300)), quant_step=3, tile_shape=(64, 128),
+                                bits=bits, restart_interval=restart_interval)
+    for tile in enc.tiles:
+        np.testing.assert_array_equal(tile.interval_starts,
+                                      _native.inspect(tile.data)["interval_starts"])
