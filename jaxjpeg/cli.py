@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
+import hashlib
 import math
 import os
 import re
-import struct
 import sys
 from typing import Any, Iterable
 
 import numpy as np
 
 from jaxjpeg.progress import progress
+from jaxjpeg.sources import SourceError, load_source
 
 __all__ = ["main", "load_source"]
 
@@ -81,166 +81,6 @@ def _flatten(tree) -> list[tuple[str, Any]]:
     return [(path_string(records), leaf) for records, leaf in leaves_with_paths(tree)]
 
 
-# ---------------------------------------------------------------- sources
-
-
-def load_source(path: str):
-    """Loads a checkpoint in another format as a pytree of numpy arrays.
-
-    Orbax directories, Flax msgpack files and safetensors files are told apart
-    by their layout and first bytes, not by their names alone.
-    """
-    _require(path)
-    if os.path.isdir(path):
-        return _load_orbax(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if _looks_like_safetensors(path, head):
-        return _load_safetensors(path)
-    if head.startswith(b"\x89JAXJPG\n"):
-        raise CliError(f"{path}: is already a jaxjpeg checkpoint")
-    return _load_msgpack(path)
-
-
-def _looks_like_safetensors(path: str, head: bytes) -> bool:
-    if path.endswith(".safetensors"):
-        return True
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= 100 * 2**20 and head[8:9] == b"{"
-
-
-def _load_safetensors(path: str) -> dict:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError:
-        return _read_safetensors(path)
-    try:
-        return dict(load_file(path))
-    except Exception:
-        # Older safetensors releases lack BF16/F8 in numpy: read the (simple) format directly,
-        # which also gives a clean message when the file is not safetensors at all.
-        return _read_safetensors(path)
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "C64": "complex64",
-}
-
-
-def _read_safetensors(path: str) -> dict:
-    """A plain reader of the safetensors layout: u64 header size, JSON header, data."""
-    import ml_dtypes
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CliError(f"{path}: not a safetensors file (truncated)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 2**20):
-            raise CliError(f"{path}: not a safetensors file (bad header size)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise CliError(f"{path}: not a safetensors file (header is not JSON)") from None
-        base = 8 + n
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dname = _SAFETENSORS_DTYPES[info["dtype"]]
-                dtype = np.dtype(getattr(ml_dtypes, dname, None) or dname)
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(v) for v in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CliError(f"{path}: tensor {name!r} has a bad or unsupported "
-                               f"header entry") from None
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not 0 <= begin <= end <= size - base or end - begin != nbytes:
-                raise CliError(f"{path}: tensor {name!r} lies outside the file")
-            f.seek(base + begin)
-            out[name] = np.frombuffer(f.read(end - begin), dtype).reshape(shape)
-    return out
-
-
-def _load_msgpack(path: str):
-    try:
-        from flax import serialization
-    except ImportError:
-        raise CliError("reading Flax msgpack files needs flax (pip install flax)") from None
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        tree = serialization.msgpack_restore(data)
-    except Exception as e:  # msgpack raises its own exception types on garbage
-        raise CliError(f"{path}: not a Flax msgpack, safetensors or jaxjpeg file, nor an "
-                       f"Orbax directory ({type(e).__name__})") from None
-    if not isinstance(tree, (dict, list)):
-        raise CliError(f"{path}: msgpack holds a {type(tree).__name__}, not a pytree of arrays")
-    return tree
-
-
-def _is_orbax_item(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "_METADATA"))
-
-
-def _orbax_items(path: str) -> dict[str, str]:
-    """Item name -> directory for an Orbax item, step directory or manager root."""
-    if _is_orbax_item(path):
-        return {"": path}
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    items = {d: os.path.join(path, d) for d in subdirs if _is_orbax_item(os.path.join(path, d))}
-    if items:
-        return items
-    steps = [d for d in subdirs if d.isdigit()]
-    if steps:  # a CheckpointManager root: its latest step
-        latest = os.path.join(path, max(steps, key=int))
-        items = _orbax_items(latest)
-        if items:
-            return items
-    raise CliError(f"{path}: not an Orbax checkpoint directory (no _METADATA found in it, "
-                   f"its items or its steps)")
-
-
-def _load_orbax(path: str):
-    items = _orbax_items(path)
-    try:
-        import absl.logging
-        absl.logging.set_verbosity(absl.logging.ERROR)
-    except ImportError:
-        pass
-    try:
-        import jax
-        import orbax.checkpoint as ocp
-    except ImportError:
-        raise CliError("reading Orbax checkpoints needs orbax-checkpoint") from None
-    trees = {}
-    for name, directory in items.items():
-        try:
-            from etils import epath
-            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
-            tree = getattr(metadata, "tree", metadata)
-            restore_args = jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            with ocp.PyTreeCheckpointer() as ckptr:
-                trees[name] = ckptr.restore(os.path.abspath(directory),
-                                            args=ocp.args.PyTreeRestore(restore_args=restore_args))
-        except CliError:
-            raise
-        except Exception as e:
-            raise CliError(f"{directory}: cannot restore the Orbax checkpoint "
-                           f"({type(e).__name__}: {_first_line(e)})") from None
-    if len(trees) == 1 and next(iter(trees)) in ("", "default"):  # one (implicit) item
-        return next(iter(trees.values()))
-    return trees
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else ""
@@ -257,10 +97,9 @@ def cmd_compress(args) -> int:
         raise CliError(f"{args.dst}: exists (use --force to replace it)")
     if os.path.isdir(args.dst):
         raise CliError(f"{args.dst}: is a directory")
-    tree = load_source(args.src)
+    tree = load_source(args.src)  # numpy leaves, checked
     if not _flatten(tree):
         raise CliError(f"{args.src}: holds no arrays")
-    tree = _as_arrays(tree)
     policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
     rate = {}
     if args.quant_step is not None:
@@ -269,9 +108,7 @@ def cmd_compress(args) -> int:
         rate["quality"] = args.quality
     try:
         report = jaxjpeg.save(args.dst, tree, bits=args.bits, policy=policy, **rate)
-    except ValueError as e:
-        if isinstance(e, jaxjpeg.FormatError):
-            raise
+    except (ValueError, TypeError) as e:  # leaves or options save refuses
         raise CliError(_first_line(e)) from None
     coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
     coded_raw = sum(leaf.raw_bytes for leaf in coded)
@@ -286,31 +123,19 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _as_arrays(tree):
-    """Leaves as numpy arrays (python scalars become 0-d arrays)."""
-    import jax
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 # ---------------------------------------------------------------- inspect
 
 
 def cmd_inspect(args) -> int:
+    from jaxjpeg import layout
     with _open_checkpoint(args.ckpt, verify=False) as ckpt:
         rows = []
         for leaf in ckpt.leaves:
             raw = math.prod(leaf.shape) * leaf.dtype.itemsize
-            if leaf.kind == "jpeg":
-                names = [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))]
-                names += [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
-                kind = f"jpeg{leaf.bits}"
-            else:
-                names = [f"leaf{leaf.index}/raw"]
-                kind = "raw"
-            try:
-                stored = sum(ckpt.reader.blob_info(n).length for n in names)
-            except KeyError as e:
-                raise CliError(f"{args.ckpt}: blob {e.args[0]} is missing (file damaged)") from None
+            kind = f"jpeg{leaf.bits}" if leaf.kind == "jpeg" else "raw"
+            # Checkpoint() has refused files missing any of these blobs.
+            stored = sum(ckpt.reader.blob_info(n).length
+                         for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles)))
             rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", str(leaf.dtype),
                          kind, raw, stored])
         errors = _source_errors(args, ckpt) if args.source else None
@@ -475,12 +300,39 @@ def _verify_leaf(ckpt, leaf, damaged: set[str]) -> list[str]:
 # ---------------------------------------------------------------- extract
 
 
+_MAX_BASE = 160  # + ".tile<k>.jpg" stays far inside the usual 255-byte file name limit
+
+
 def _safe_name(path: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.replace("/", "."))
-    return name.strip(".") or "leaf"
+    """A file-name stem for a leaf path: [A-Za-z0-9._-] only, at most
+    _MAX_BASE characters (a long path keeps its start and a hash of the whole)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.replace("/", ".")).strip(".") or "leaf"
+    if len(name) > _MAX_BASE:
+        digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        name = f"{name[:_MAX_BASE - 17]}-{digest}"
+    return name
+
+
+def _tile_files(leaves) -> dict[tuple[int, int], str]:
+    """(leaf index, tile) -> a file name, distinct from every other even on a
+    case-insensitive file system (paths that sanitize alike get .leaf<i>)."""
+    names: dict[tuple[int, int], str] = {}
+    used: set[str] = set()
+    for leaf in leaves:
+        base = _safe_name(leaf.path)
+        candidates = [base] + [f"{base}.leaf{leaf.index}" + ("" if n == 0 else f".{n}")
+                               for n in range(len(used) + 1)]
+        for candidate in candidates:
+            files = [f"{candidate}.tile{k}.jpg" for k in range(len(leaf.tiles))]
+            if not any(f.lower() in used for f in files):
+                break
+        used.update(f.lower() for f in files)
+        names.update({(leaf.index, k): f for k, f in enumerate(files)})
+    return names
 
 
 def cmd_extract(args) -> int:
+    from jaxjpeg import layout
     with _open_checkpoint(args.ckpt) as ckpt:
         leaves = [leaf for leaf in ckpt.leaves if leaf.kind == "jpeg"
                   and (args.leaf is None or fnmatch.fnmatchcase(leaf.path, args.leaf))]
@@ -488,26 +340,19 @@ def cmd_extract(args) -> int:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")
         os.makedirs(args.outdir, exist_ok=True)
-        used: set[str] = set()
-        written = 0
+        files = _tile_files(leaves)
         total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
         bar = progress(total=total, desc="extract", unit="B")
         try:
             for leaf in leaves:
-                base = _safe_name(leaf.path)
-                if base in used:  # two paths that sanitize alike
-                    base = f"{base}.leaf{leaf.index}"
-                used.add(base)
                 for k in range(len(leaf.tiles)):
-                    data = ckpt.reader.read_blob(f"leaf{leaf.index}/tile{k}.jpg", verify=True)
-                    out = os.path.join(args.outdir, f"{base}.tile{k}.jpg")
-                    with open(out, "wb") as f:
+                    data = ckpt.reader.read_blob(layout.tile_blob(leaf.index, k), verify=True)
+                    with open(os.path.join(args.outdir, files[leaf.index, k]), "wb") as f:
                         f.write(data)
-                    written += 1
                     bar.update(len(data))
         finally:
             bar.close()
-    print(f"wrote {written} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
+    print(f"wrote {len(files)} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
     return 0
 
 
@@ -527,7 +372,8 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--quant-step", type=float,
                       help="flat quantization step in sample units (default: jaxjpeg's rate)")
     rate.add_argument("--quality", type=int, help="JPEG quality 1..100 (standard table)")
-    p.add_argument("--bits", type=int, choices=(8, 12), default=8, help="sample precision")
+    p.add_argument("--bits", type=int, choices=(8, 12), default=None,
+                   help="sample precision (default: chosen per tensor, as jaxjpeg.save does)")
     p.add_argument("--min-size", type=int, default=4096,
                    help="leaves with fewer elements stay lossless (default 4096)")
     p.add_argument("--lossless", action="append", metavar="GLOB",
@@ -563,8 +409,8 @@ def main(argv=None) -> int:
     from jaxjpeg import FormatError, JpegError
     try:
         return args.func(args)
-    except CliError as e:
-        message = str(e)
+    except (CliError, SourceError) as e:
+        message = _first_line(e)
     except (FormatError, JpegError) as e:
         message = _first_line(e)
     except OSError as e:
