@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxjpeg._native import crc32c as _native_crc32c  # xla_ops/crc32c.h
+
 __all__ = [
     "ALIGNMENT",
     "FORMAT_VERSION",
@@ -35,6 +37,12 @@ MAGIC = b"\x89JAXJPG\n"
 FORMAT_VERSION = 1
 ALIGNMENT = 64
 DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
+# Parsing JSON builds a Python object per value (a dict of "{}" costs ~30x its
+# two bytes). Headers may hold at most this many containers and separators
+# ("{", "[", ","; counted before parsing, strings included, so an over-count)
+# or one per 16 bytes of the file, whichever is more: parsing then takes at
+# most ~0.5 GB, or ~4x the file's size for very large files.
+MIN_HEADER_TOKENS = 2**23
 
 # magic, version, flags, header_offset, header_length, header_crc32c, reserved; then preamble_crc32c.
 _PREAMBLE_BODY = struct.Struct("<8sIIQQI24s")
@@ -60,76 +68,9 @@ class BlobInfo(NamedTuple):
 
 # ----------------------------------------------------------------------------- checksums
 
-_POLYNOMIAL = 0x82F63B78
-
-
-def _make_crc_table() -> np.ndarray:
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(_POLYNOMIAL), table >> 1)
-    return table.astype(np.uint32)
-
-
-_CRC_TABLE = _make_crc_table()
-_BASIS = np.uint32(1) << np.arange(32, dtype=np.uint32)
-
-
-def _raw_update(states: np.ndarray, lanes: np.ndarray) -> np.ndarray:
-    """Advances one inverted CRC state per row of `lanes` (uint8, shape (rows, n))."""
-    for column in np.ascontiguousarray(lanes.T):
-        states = _CRC_TABLE[(states ^ column) & 0xFF] ^ (states >> 8)
-    return states
-
-
-def _apply(operator: np.ndarray, states: np.ndarray) -> np.ndarray:
-    """Applies a GF(2)-linear map, given as the images of the 32 basis bits, to each state."""
-    bits = ((states[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool)
-    return np.bitwise_xor.reduce(np.where(bits, operator, np.uint32(0)), axis=1)
-
-
-def _zeros_operator(n: int) -> np.ndarray:
-    """The linear map that advances a CRC state over n zero bytes (square-and-multiply)."""
-    result, step = _BASIS, _raw_update(_BASIS, np.zeros((32, 1), np.uint8))
-    while n:
-        if n & 1:
-            result = _apply(step, result)
-        step = _apply(step, step)
-        n >>= 1
-    return result
-
-
-def _crc32c_numpy(data, crc: int = 0) -> int:
-    """Slow fallback until jaxjpeg._native is built: numpy over parallel lanes, joined by
-    the CRC's linearity (crc(A+B) = zeros_op(len B)(crc A) ^ crc B)."""
-    buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
-    state = np.array([crc ^ 0xFFFFFFFF], np.uint32)
-    for start in range(0, len(buf), _IO_CHUNK):
-        chunk = buf[start : start + _IO_CHUNK]
-        lane_count = 1 << max(0, min(12, (len(chunk) // 256).bit_length() - 1))
-        lane_length = len(chunk) // lane_count
-        body = chunk[: lane_count * lane_length].reshape(lane_count, lane_length)
-        states = np.zeros(lane_count, np.uint32)
-        states[0] = state[0]
-        states = _raw_update(states, body)
-        operator = _zeros_operator(lane_length)
-        while len(states) > 1:
-            states = _apply(operator, states[0::2]) ^ states[1::2]
-            operator = _apply(operator, operator)
-        state = _raw_update(states, chunk[lane_count * lane_length :][None, :])
-    return int(state[0]) ^ 0xFFFFFFFF
-
-
-try:
-    from jaxjpeg._native import crc32c as _native_crc32c
-except ImportError:
-    _native_crc32c = None
-
-
 def crc32c(data, crc: int = 0) -> int:
     """CRC-32C of a bytes-like object, continuing from `crc`."""
-    if _native_crc32c is not None:
-        return _native_crc32c(data, crc)
-    return _crc32c_numpy(data, crc)
+    return _native_crc32c(data, crc)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -393,6 +334,11 @@ class ContainerReader:
         raw = self._pread(offset, length)
         if verify and crc32c(raw) != expected_crc:
             raise self._error("header checksum mismatch (file damaged)")
+        tokens = sum(raw.obj.count(c) for c in (b"{", b"[", b","))
+        limit = max(MIN_HEADER_TOKENS, self.file_size // 16)
+        if tokens > limit:
+            raise self._error(f"header holds {tokens} JSON values, more than the {limit} a "
+                              "file of this size may (refused before parsing)")
         try:
             header = json.loads(
                 str(raw, "utf-8"),
