@@ -202,7 +202,12 @@ class Checkpoint:
         if len(data) != expected:
             raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "
                                   f"expected {expected}")
-        return np.frombuffer(data, leaf.dtype).reshape(leaf.shape)
+        array = np.frombuffer(data, leaf.dtype).reshape(leaf.shape)
+        if leaf.dtype == np.bool_ and np.any(np.frombuffer(data, np.uint8) > 1):
+            # numpy would hold the byte as is: True-ish values unequal to True
+            raise fmt.FormatError(f"{self.path}: {leaf.path} is bool but holds bytes other "
+                                  "than 0 and 1")
+        return array
 
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
         rows = codec.matrix_shape(leaf.shape)[0]

@@ -11,11 +11,15 @@ size, offset and checksum is checked before it is used.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import operator
 import os
+import re
 import secrets
 import struct
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -111,12 +115,52 @@ def _as_byte_view(data) -> memoryview:
     return memoryview(data.reshape(-1).view(np.uint8))
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _open_directory(directory: str) -> int | None:
+    """A descriptor to fsync the directory with, or None where the directory
+    cannot be opened for reading (write and search permission are enough to
+    save into it; the rename is then not forced to disk)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return os.open(directory, os.O_RDONLY)
+    except PermissionError:
+        return None
+
+
+_TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{16}")
+_TEMP_STEM_BYTES = 200      # + ".tmp-" + 16 hex digits stays within NAME_MAX (255)
+_STALE_AFTER_S = 10.0       # younger temp files are left alone (their writer may not hold its lock yet)
+
+
+def _temp_stem(path: str) -> str:
+    """The destination's file name, cut to _TEMP_STEM_BYTES of UTF-8."""
+    name = os.path.basename(path).encode("utf-8", "surrogateescape")[:_TEMP_STEM_BYTES]
+    return name.decode("utf-8", "ignore")
+
+
+def _remove_stale_temp_files(directory: str, stem: str) -> None:
+    """Deletes temp files of this destination whose writer died (SIGKILL, power
+    loss): a live writer holds an exclusive lock on its temp file, a dead one
+    holds nothing. Best effort: any error leaves a file alone."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not (entry.name.startswith(stem) and _TEMP_SUFFIX.fullmatch(entry.name, len(stem))):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < _STALE_AFTER_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+        except OSError:  # locked by a live writer, or gone already
+            pass
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -132,6 +176,8 @@ class ContainerWriter:
 
     def __init__(self, path, metadata: dict | None = None):
         self.path = os.fspath(path)
+        # Through a symlink, the file it points to is replaced and the link stays.
+        self._target = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
         self._metadata: dict = {}
         self._blobs: dict[str, BlobInfo] = {}
         self._position = PREAMBLE_SIZE
@@ -146,12 +192,37 @@ class ContainerWriter:
             raise
 
     def _create_temp_file(self) -> tuple[str, int]:
+        directory = os.path.dirname(os.path.abspath(self._target))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
+                                    "not exist", self.path)
+        stem = _temp_stem(self._target)
+        _remove_stale_temp_files(directory, stem)
         while True:
-            temp_path = f"{self.path}.tmp-{secrets.token_hex(8)}"
+            temp_path = os.path.join(directory, f"{stem}.tmp-{secrets.token_hex(8)}")
             try:  # O_EXCL: never clobber; mode 0o666 lets the umask decide, like open()
-                return temp_path, os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
                 continue
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} "
+                                        "does not exist", self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive" for stale cleanup
+                self._keep_mode(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp_path)
+                raise
+            return temp_path, fd
+
+    def _keep_mode(self, fd: int) -> None:
+        """A replaced file keeps its permission bits (a 0600 file stays 0600)."""
+        try:
+            mode = os.stat(self._target).st_mode
+        except FileNotFoundError:
+            return
+        os.fchmod(fd, mode & 0o7777)
 
     def set_metadata(self, metadata: dict) -> None:
         """Sets the user metadata (any JSON-able dict); it is copied now, written at close."""
@@ -212,9 +283,16 @@ class ContainerWriter:
         self._file.write(_pack_preamble(header_offset, len(header), crc32c(header)))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._temp_path, self.path)
-        _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        # Opened before the rename: nothing may fail once the file is in place.
+        dir_fd = _open_directory(os.path.dirname(os.path.abspath(self._target)))
+        try:
+            os.replace(self._temp_path, self._target)
+            self._file.close()  # releases the lock only now: never unlocked before in place
+            if dir_fd is not None:
+                os.fsync(dir_fd)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
 
     def abort(self) -> None:
         """Discards everything written; the file at `path` is left as it was."""

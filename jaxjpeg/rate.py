@@ -113,7 +113,8 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
     8-bit needs steps under 8 (rounding-dominated) or cannot meet the bound;
     the smaller coding wins. Bounds too tight for one shared scale (12-bit
     rounding of a tensor with far outliers) fall back to per-row ranges
-    (``clip="minmax"``). Raises ValueError if no step meets the bound.
+    (``clip="minmax"``, at ``bits`` when given). Raises ValueError if no step
+    meets the bound.
     """
     if not rel_rms > 0:
         raise ValueError(f"rel_rms must be positive, got {rel_rms}")
@@ -128,8 +129,9 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
             found.append(best)
             if b == 8 and best[0] >= MIN_STEP_8BIT:
                 break
-    if not found:
-        best = _largest_step_within(x, 12, budget, rel_rms * rms, None, dict(options, clip="minmax"))
+    if not found:  # per-row ranges, at the bits asked for (12 when free to choose)
+        best = _largest_step_within(x, 12 if bits is None else bits, budget, rel_rms * rms, None,
+                                    dict(options, clip="minmax"))
         if best is not None:
             return best[1]
     if not found:

@@ -466,6 +466,12 @@ def test_failed_blob_write_abandons_the_save(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- issue 9
 
 
+def build(path, blobs: dict):
+    with ContainerWriter(path) as w:
+        for name, data in blobs.items():
+            w.add_blob(name, data)
+
+
 def _header_file(path, header: bytes):
     """A container whose header is these bytes, checksums valid."""
     path.write_bytes(fmt._pack_preamble(64, len(header), fmt.crc32c(header)) + header)
@@ -495,3 +501,102 @@ def test_header_token_limit_leaves_real_headers_alone(tmp_path):
         w.set_metadata(meta)
     with ContainerReader(tmp_path / "ok") as r:
         assert len(r.metadata["x"]) == 200000
+
+
+def test_save_through_a_symlink_replaces_the_file_not_the_link(tmp_path):
+    """Defect 12: saving through a symlink replaced the link with a file."""
+    real = tmp_path / "real" / "c"
+    real.parent.mkdir()
+    build(real, {"a": b"old"})
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    build(link, {"a": b"new"})
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    with ContainerReader(real) as r:
+        assert bytes(r.read_blob("a")) == b"new"
+    assert sorted(os.listdir(real.parent)) == ["c"] and sorted(os.listdir(tmp_path)) == [
+        "link", "real"]
+
+
+def test_resave_keeps_the_file_mode(tmp_path):
+    """Defect 12: re-saving a 0600 file left it 0644."""
+    path = tmp_path / "c"
+    build(path, {"a": b"1"})
+    os.chmod(path, 0o600)
+    build(path, {"a": b"2"})
+    assert (path.stat().st_mode & 0o777) == 0o600
+    os.chmod(path, 0o640)
+    build(path, {"a": b"3"})
+    assert (path.stat().st_mode & 0o777) == 0o640
+
+
+def test_long_basenames_save(tmp_path):
+    """Defect 12: a 250-character name failed: the '.tmp-<hex>' suffix made the
+    temporary file's name longer than the file system allows."""
+    path = tmp_path / ("n" * 250)
+    build(path, {"a": b"1"})
+    with ContainerReader(path) as r:
+        assert bytes(r.read_blob("a")) == b"1"
+    assert os.listdir(tmp_path) == ["n" * 250]
+
+
+def test_missing_directory_error_names_the_users_path(tmp_path):
+    """Defect 12: the error named the temporary file, not the path given."""
+    path = tmp_path / "no" / "such" / "c"
+    with pytest.raises(FileNotFoundError) as info:
+        ContainerWriter(path)
+    assert info.value.filename == str(path) and "tmp-" not in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+def test_save_into_a_directory_without_read_permission(tmp_path):
+    """Defect 12: in a write-and-search-only directory the file was replaced
+    and then save raised from the directory fsync. Root ignores permissions,
+    so as root the child runs without the capabilities that bypass them."""
+    import shutil
+    directory = tmp_path / "noread"
+    directory.mkdir()
+    os.chmod(directory, 0o333)  # write + search, no read
+    script = ("import sys; from jaxjpeg.format import ContainerWriter, ContainerReader\n"
+              "p = sys.argv[1] + '/c'\n"
+              "for v in (b'1', b'2'):\n"
+              "    with ContainerWriter(p) as w: w.add_blob('a', v)\n"
+              "print(bytes(ContainerReader(p).read_blob('a')).decode())\n")
+    argv = [sys.executable, "-c", script, str(directory)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop CAP_DAC_OVERRIDE")
+        caps = "-dac_override,-dac_read_search"
+        argv = [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *argv]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip() == "2"
+    finally:
+        os.chmod(directory, 0o700)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    """Defect 12: a SIGKILLed save left '<name>.tmp-*' behind forever. The next
+    save removes temp files no live writer holds (a live writer holds a lock
+    on its own; young files are left alone)."""
+    import fcntl
+    path = tmp_path / "c"
+    stale = tmp_path / "c.tmp-0123456789abcdef"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / "c.tmp-fedcba9876543210"
+    live.write_bytes(b"being written")
+    young = tmp_path / "c.tmp-00000000000000aa"
+    young.write_bytes(b"just created")
+    other = tmp_path / "d.tmp-0123456789abcdef"
+    other.write_bytes(b"another file's")
+    for p in (stale, live, other):
+        os.utime(p, (1, 1))
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        build(path, {"a": b"1"})
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted(["c", live.name, young.name, other.name])
