@@ -28,7 +28,6 @@ from jaxjpeg.treepaths import leaves_with_paths, path_string
 # fraction of each tensor's RMS: ~8% relative RMS error and ~4 bits/weight
 # (8x against float32) on Gaussian weights, whatever the tensor's tails.
 DEFAULT_RELATIVE_STEP = 0.28
-DEFAULT_TILE_SHAPE = (512, 512)   # small enough that 8-way row or column shards read no extra tiles
 
 # ---------------------------------------------------------------- policy
 
@@ -237,7 +236,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          target_ratio: float | None = None, target_bytes: int | None = None,
          sensitivity: dict | None = None, bits: int | None = None, clip: str = "common",
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
-         tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE, policy: Policy | None = None,
+         tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
          progress: bool | None = None) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.

@@ -26,7 +26,9 @@ from jaxjpeg import _native, mapping
 JpegError = _native.JpegError
 
 DEFAULT_RESTART_INTERVAL = 8       # blocks per interval: ~1% marker overhead, many parallel units
-DEFAULT_TILE_SHAPE = (512, 4096)   # rows, cols of one tile
+# Rows, cols of one tile, for encode_tensor and save alike: small enough that
+# 8-way row or column shards of a checkpoint read no extra tiles.
+DEFAULT_TILE_SHAPE = (512, 512)
 MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
 
 OUTPUT_TYPES = {

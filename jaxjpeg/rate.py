@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from jaxjpeg import codec, mapping
+from jaxjpeg.treepaths import key_record, path_string
 
 STEP_LIMIT = {8: 255, 12: 65535}
 MIN_STEP_8BIT = 8          # below this 8-bit rounding noise exceeds 1/64 of the coding noise
@@ -372,16 +373,9 @@ def _refine(tensors, ladders, choice, encodings, sse, steps, target, tolerance, 
 # ----------------------------------------------------------------------------
 
 def leaf_name(path) -> str:
-    """'/'-joined key names of a pytree path (as flax.traverse_util.flatten_dict(sep='/'))."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    """A jax key path as the checkpoint names leaves (slash-joined, as
+    ``paths=`` patterns, targets and ``sensitivity`` keys match them)."""
+    return path_string([key_record(k) for k in path])
 
 
 def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,

@@ -197,3 +197,16 @@ def test_encode_for_error_keeps_the_bits_asked_for_on_its_fallback():
     assert rate.relative_error(x, enc) <= 0.01
     free = rate.encode_for_error(x, 0.01)  # free to choose: the smaller coding, within the bound
     assert rate.relative_error(x, free) <= 0.01
+
+
+def test_leaf_name_is_the_checkpoint_path():
+    """One naming of leaves: sensitivity keys are the paths save records."""
+    import collections
+    import jax
+    from jaxjpeg.treepaths import leaves_with_paths, path_string
+    Pair = collections.namedtuple("Pair", "left right")
+    tree = {"a": [np.zeros(2), {"b": np.zeros(3)}], "c": Pair(np.zeros(1), (np.ones(1),))}
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = [rate.leaf_name(p) for p in paths]
+    assert names == [path_string(r) for r, _ in leaves_with_paths(tree)]
+    assert names == ["a/0", "a/1/b", "c/left", "c/right/0"]
