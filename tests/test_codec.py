@@ -26,7 +26,7 @@ def test_round_trip_error_is_bounded(shape):
     enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
     y = jaxjpeg.decode_tensor(enc)
     assert y.shape == x.shape and y.dtype == np.float32
-    assert np.linalg.norm(y - x) <= 0.01 * np.linalg.norm(x)
+    assert np.linalg.norm(y - x) <= 0.003 * np.linalg.norm(x)  # measured <= 0.0015
 
 
 def test_arrays_beyond_jpeg_limit_are_split_into_tiles():
@@ -62,7 +62,7 @@ def test_bfloat16_and_float16_inputs_are_first_class():
         assert enc.dtype == np.dtype(dtype).name
         y = jaxjpeg.decode_tensor(enc, dtype)
         err = np.linalg.norm(y.astype(np.float32) - x.astype(np.float32))
-        assert err <= 0.02 * np.linalg.norm(x.astype(np.float32))
+        assert err <= 0.003 * np.linalg.norm(x.astype(np.float32))  # measured 0.0011-0.0012
 
 
 def test_non_negative_tensors_decode_non_negative():
@@ -130,3 +130,69 @@ def test_encoder_records_interval_starts_as_it_writes(bits, restart_interval):
     for tile in enc.tiles:
         np.testing.assert_array_equal(tile.interval_starts,
                                       _native.inspect(tile.data)["interval_starts"])
+
+
+def test_tiny_weights_decode_to_float16_as_numpy_rounds_them():
+    """Subnormal float16 outputs (below 6.1e-5) round to nearest even, as
+    numpy's float32 -> float16 does, checked against the independent oracle."""
+    from oracle import expected_tensor
+    x = _gauss((48, 80)) * 2e-6
+    enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
+    want = expected_tensor(enc, np.float16)
+    assert np.count_nonzero(np.abs(want) < 6.1e-5) > 1000
+    got = jaxjpeg.decode_tensor(enc, np.float16)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(got, jaxjpeg.decode_tensor(enc).astype(np.float16))
+
+
+def test_restart_markers_must_count_up():
+    """RST markers out of order (the second and third swapped, or every one
+    RST0) are refused by the interval index, so no decode can run them."""
+    data = _native.encode(np.full((8, 64), 100.0, np.float32) + np.arange(64, dtype=np.float32),
+                          np.full(64, 2, np.uint16), restart_interval=1)
+    starts = _native.inspect(data)["interval_starts"]
+    swapped = bytearray(data)
+    a, b = int(starts[1]) - 1, int(starts[2]) - 1  # the RSTn code bytes
+    swapped[a], swapped[b] = swapped[b], swapped[a]
+    all_rst0 = bytearray(data)
+    for s in starts[1:-1]:
+        all_rst0[int(s) - 1] = 0xD0
+    for bad in (bytes(swapped), bytes(all_rst0)):
+        with pytest.raises(jaxjpeg.JpegError, match="restart"):
+            _native.inspect(bad)
+        with pytest.raises(jaxjpeg.JpegError):
+            _native.decode_samples(bad)
+        assert not _native.check_interval_starts(bad, starts)
+
+
+def _rdo_pair(bits, step, seed=0):
+    m = (1 << bits) - 1
+    s = np.clip(np.random.default_rng(seed).normal(size=(512, 512)) * m / 10 + m / 2, 0, m)
+    s = s.astype(np.float32)
+    table = np.full(64, step, np.uint16)
+    with_rdo = _native.encode(s, table, bits=bits, restart_interval=8)
+    plain = _native.encode(s, table, bits=bits, restart_interval=8, rdo=False)
+
+    def sse(d):
+        return float(np.sum((_native.decode_samples(d).astype(np.float64) - s) ** 2))
+    return sse(with_rdo), sse(plain), 8 * len(with_rdo), 8 * len(plain)
+
+
+@pytest.mark.parametrize("bits,step", [(8, 4), (8, 8), (12, 16)])
+def test_rdo_trades_error_for_bits_at_its_lambda(bits, step):
+    """RDO lowers a value when the error added, in step^2, is below lambda
+    (0.12) times the bits saved; the decisions' errors then spread over
+    [0, lambda) per bit, so the measured slope, added error / bits saved, is
+    about lambda / 2 (0.055-0.059 measured at these settings)."""
+    sse_rdo, sse_plain, bits_rdo, bits_plain = _rdo_pair(bits, step)
+    assert sse_rdo > sse_plain and bits_rdo < bits_plain
+    slope = (sse_rdo - sse_plain) / step ** 2 / (bits_plain - bits_rdo)
+    assert 0.045 < slope < 0.075, slope
+
+
+def test_rdo_gain_at_four_bits_per_weight():
+    """At 8-bit step 8 (about 3.9 bits/sample on this Gaussian): RDO saves
+    1.2% of the bytes for 3.3% more squared error (measured)."""
+    sse_rdo, sse_plain, bits_rdo, bits_plain = _rdo_pair(8, 8)
+    assert 0.984 < bits_rdo / bits_plain < 0.992
+    assert 1.022 < sse_rdo / sse_plain < 1.045

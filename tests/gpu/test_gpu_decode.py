@@ -1,6 +1,6 @@
-"""GPU decode checks, collected only on machines with a CUDA device
-(tests/conftest.py ignores this folder elsewhere): the CUDA handler must
-produce the same bits as the CPU handler from the same bytes."""
+"""GPU decode checks, skipped (with the reason shown) on machines without a
+CUDA device (tests/conftest.py): the CUDA handler must produce the same bits
+as the CPU handler from the same bytes."""
 
 import jax
 import ml_dtypes
