@@ -159,6 +159,8 @@ def main():
                 f"{v[c]:>18.1f}" if c in v else f"{'-':>18}" for c in cols_order)
             print(line + ratio_f + ratio_u)
         one, many = r["res"]["1 thread"], r["res"]["all cores"]
+        print(f"{'':<13}jaxjpeg f32 plan, all {cores} cores / 1 thread: "
+              f"{many['jaxjpeg f32 plan'] / one['jaxjpeg f32 plan']:.2f}x")
         if "turbo imagecodecs" in one:
             gil_speedups.append(many["turbo imagecodecs"] / one["turbo imagecodecs"])
     print("\nbits/w: compressed bits per weight (tiles + per-row affine); nrmse: RMS error / std(w)")

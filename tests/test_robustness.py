@@ -462,8 +462,16 @@ def starts_edit(index, value):
     return edit
 
 
+def one_interval_more(plan):
+    """The index lists one interval more than the tile has (an empty one at the
+    end): it would decode nothing and leave no trace."""
+    starts = plan["interval_starts"]
+    plan["interval_starts"] = np.concatenate([starts, starts[-1:]])
+
+
 BIG = np.iinfo(np.int64).max
 HOSTILE_PLANS = {
+    "one_interval_more_than_the_tile_has": one_interval_more,
     "start_past_payload": starts_edit(-1, 10 ** 9),
     "start_negative": starts_edit(0, -1),
     "start_after_end": starts_edit(1, 0),

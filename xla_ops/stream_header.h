@@ -41,7 +41,8 @@ Status IndexRestartIntervals(const uint8_t* data, int64_t size, const StreamInfo
 // Checks a recorded index (`count` offsets, as IndexRestartIntervals writes
 // them) against the stream without scanning its entropy-coded data: starts[0]
 // is where the scan begins, every later start follows RSTn with n = (i - 1)
-// mod 8, starts increase, and the last is the EOI marker. A tile whose
+// mod 8, no marker overlaps an earlier interval, and the last is the EOI
+// marker. A tile whose
 // markers are where its index says decodes as the file was written; an index
 // shifted by a few bytes (decoding to other weights) fails. O(intervals).
 Status CheckRestartIndex(const uint8_t* data, int64_t size, const StreamInfo& info,
