@@ -195,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~20 MB of parameters")
     parser.add_argument("--repeats", type=int, default=5, help="timed restores (best of N)")
-    parser.add_argument("--step", type=float, default=None,
+    parser.add_argument("--quant-step", type=float, default=None,
                         help="jaxjpeg flat quantization step in sample units (default: the "
                              "save default, a step relative to each tensor's RMS)")
     parser.add_argument("--bits", type=int, default=8, choices=(8, 12))
@@ -233,7 +233,7 @@ def main() -> None:
     ob_path = os.path.join(root, "orbax_params")
     try:
         t0 = time.perf_counter()
-        rate = {"step": args.step} if args.step is not None else {}
+        rate = {"quant_step": args.quant_step} if args.quant_step is not None else {}
         jaxjpeg.save(jj_path, params, bits=args.bits, **rate)
         jj_save = time.perf_counter() - t0
         if os.path.exists(ob_path):
@@ -261,7 +261,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     jj, ob = results["jaxjpeg"], results["orbax"]
-    setting = (f"step={args.step}, bits={args.bits}" if args.step is not None else
+    setting = (f"quant_step={args.quant_step}, bits={args.bits}" if args.quant_step is not None else
                f"relative_step={jaxjpeg.checkpoint.DEFAULT_RELATIVE_STEP} (default)")
     print(f"jaxjpeg: {setting}, "
           f"overall relative RMS error {rel_rms:.3e}; save {jj_save:.2f} s "

@@ -47,8 +47,8 @@ except ImportError:  # pragma: no cover - optional competitor
 
 CONFIGS = {
     "q50": dict(quality=50), "q75": dict(quality=75), "q90": dict(quality=90),
-    "q95": dict(quality=95), "step2": dict(step=2), "step4": dict(step=4), "step8": dict(step=8),
-    "q90/12bit": dict(quality=90, bits=12), "step16/12bit": dict(step=16, bits=12),
+    "q95": dict(quality=95), "step2": dict(quant_step=2), "step4": dict(quant_step=4), "step8": dict(quant_step=8),
+    "q90/12bit": dict(quality=90, bits=12), "step16/12bit": dict(quant_step=16, bits=12),
 }
 DEFAULT_CONFIGS = "q50,q75,q90,q95,step2,step4,step8,q90/12bit"
 
@@ -159,6 +159,8 @@ def main():
                 f"{v[c]:>18.1f}" if c in v else f"{'-':>18}" for c in cols_order)
             print(line + ratio_f + ratio_u)
         one, many = r["res"]["1 thread"], r["res"]["all cores"]
+        print(f"{'':<13}jaxjpeg f32 plan, all {cores} cores / 1 thread: "
+              f"{many['jaxjpeg f32 plan'] / one['jaxjpeg f32 plan']:.2f}x")
         if "turbo imagecodecs" in one:
             gil_speedups.append(many["turbo imagecodecs"] / one["turbo imagecodecs"])
     print("\nbits/w: compressed bits per weight (tiles + per-row affine); nrmse: RMS error / std(w)")

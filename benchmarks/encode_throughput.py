@@ -6,7 +6,9 @@ One Gaussian float32 matrix (64 MB by default) per configuration, coded on one t
   mapping (``jaxjpeg.mapping.row_affine``, including the MSE clip search), tiling, the native
   encoder (forward DCT, quantization, optimized Huffman tables, restart markers) and indexing;
 * ``jaxjpeg mapping`` -- ``mapping.row_affine`` alone, with ``encode_tensor``'s default clip;
-* ``jaxjpeg native`` -- ``jaxjpeg._native.encode`` per tile on the already-mapped float samples;
+* ``jaxjpeg native`` -- ``jaxjpeg._native.encode`` per tile on the already-mapped float samples
+  (rate-distortion optimized rounding, as encode_tensor always codes);
+* ``native no RDO`` -- the same with plain rounding (``rdo=False``);
 * ``turbo Pillow``   -- libjpeg-turbo via Pillow on the same samples rounded to uint8, same
   quantization table, same restart interval, optimized Huffman tables (as jaxjpeg);
 * ``turbo imagecodecs`` -- ``imagecodecs.jpeg8_encode`` (standard tables at the quality, default
@@ -42,8 +44,8 @@ except ImportError:  # pragma: no cover
     Image = None
 
 CONFIGS = {"q50": dict(quality=50), "q75": dict(quality=75), "q90": dict(quality=90),
-           "q95": dict(quality=95), "step2": dict(step=2), "step4": dict(step=4),
-           "step8": dict(step=8), "q90/12bit": dict(quality=90, bits=12)}
+           "q95": dict(quality=95), "step2": dict(quant_step=2), "step4": dict(quant_step=4),
+           "step8": dict(quant_step=8), "q90/12bit": dict(quality=90, bits=12)}
 DEFAULT_CONFIGS = "q50,q90,q95,step2,step8,q90/12bit"
 
 
@@ -74,8 +76,8 @@ def main():
     print(f"encode throughput on ONE core, best of {repeats}: {rows}x{cols} float32 Gaussian "
           f"({n * 4 / 2**20:.0f} MB); tiles {tile_shape[0]}x{tile_shape[1]}, restart interval "
           f"{rst} blocks; mapping clip={clip!r}")
-    cols_order = ["jaxjpeg full", "jaxjpeg mapping", "jaxjpeg native", "turbo Pillow",
-                  "turbo imagecodecs"]
+    cols_order = ["jaxjpeg full", "jaxjpeg mapping", "jaxjpeg native", "native no RDO",
+                  "turbo Pillow", "turbo imagecodecs"]
     head = f"{'config':<12}{'bits/w':>7}  " + "".join(f"{c:>19}" for c in cols_order) + \
         f"{'native/turbo':>14}"
     print(head + "\n" + " " * 21 + "".join(f"{'MB/s (Msmp/s)':>19}" for _ in cols_order))
@@ -101,6 +103,9 @@ def main():
         r["jaxjpeg native"] = best_of(
             lambda: [_native.encode(v, table, bits=bits, restart_interval=rst) for v in views],
             repeats)
+        r["native no RDO"] = best_of(
+            lambda: [_native.encode(v, table, bits=bits, restart_interval=rst, rdo=False)
+                     for v in views], repeats)
         if bits == 8:
             u8 = [np.clip(np.rint(v), 0, 255).astype(np.uint8) for v in views]
             if Image is not None:

@@ -46,10 +46,10 @@ def main():
     print(f"device: {device.device_kind}; output {x.nbytes / 2**20:.0f} MiB float32 per decode")
     print(f"device copy (read + write): {out_gb / copy_s:8.1f} GB/s of output")
     print(f"{'rate':>14} {'bits/w':>7} {'intervals':>9} {'decode GB/s':>12} {'vs copy':>8}")
-    configs = [("step 2", {"step": 2}), ("step 4", {"step": 4}), ("step 8", {"step": 8}),
-               ("step 16", {"step": 16}), ("quality 90", {"quality": 90})]
+    configs = [("step 2", {"quant_step": 2}), ("step 4", {"quant_step": 4}), ("step 8", {"quant_step": 8}),
+               ("step 16", {"quant_step": 16}), ("quality 90", {"quality": 90})]
     # Parallelism is one thread per restart interval: sweep the interval length.
-    configs += [(f"step 4 ri {ri}", {"step": 4, "restart_interval": ri}) for ri in (2, 4, 16, 32)]
+    configs += [(f"step 4 ri {ri}", {"quant_step": 4, "restart_interval": ri}) for ri in (2, 4, 16, 32)]
     for label, kwargs in configs:
         enc = jaxjpeg.encode_tensor(x, **kwargs)
         plan = codec.build_plan([enc], [np.float32])

@@ -29,7 +29,7 @@ def main():
     print(f"{rows}x4096 float32 output ({x.nbytes / 2**20:.0f} MiB), best of {repeats}")
     print(f"{'step':>5} {'bits/w':>7} {'core Msamp/s':>13} {'lowering Msamp/s':>17} {'ratio':>6}")
     for step in (2, 4, 8, 16):
-        enc = jaxjpeg.encode_tensor(x, step=step)
+        enc = jaxjpeg.encode_tensor(x, quant_step=step)
         plan = codec.build_plan([enc], [np.float32])
         operands = jax.device_put(ops.plan_operands(plan))
         decode = ops.plan_decoder(plan.output_shapes, ("float32",), plan.output_shapes)

@@ -85,7 +85,7 @@ def synthetic(quick: bool):
                              jpeg_bpw=jpeg_bits, ecsq=ecsq_rate(x, sse / x.size)))
         for bits, steps in ((8, (1, 2, 4, 8, 16, 32)), (12, (16, 32, 64, 128, 256, 512))):
             for step in steps:
-                enc = codec.encode_tensor(x, bits=bits, step=step, clip="mse")
+                enc = codec.encode_tensor(x, bits=bits, quant_step=step, clip="mse")
                 rows.append(dict(method=f"jaxjpeg per-row mse {bits}-bit", setting=f"step {step}",
                                  bpw=enc.bits_per_weight,
                                  rel=math.sqrt(rate.squared_error(x, enc)) / norm))

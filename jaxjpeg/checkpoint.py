@@ -14,13 +14,13 @@ import fnmatch
 import math
 import os
 import warnings
-import sys
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxjpeg import codec, format as fmt, views
+from jaxjpeg import codec, format as fmt, layout, views
+from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
@@ -30,7 +30,6 @@ from jaxjpeg.treepaths import leaves_with_paths, path_string
 # fraction of each tensor's RMS: ~8% relative RMS error and ~4 bits/weight
 # (8x against float32) on Gaussian weights, whatever the tensor's tails.
 DEFAULT_RELATIVE_STEP = 0.28
-DEFAULT_TILE_SHAPE = (512, 512)   # small enough that 8-way row or column shards read no extra tiles
 
 # ---------------------------------------------------------------- policy
 
@@ -50,6 +49,12 @@ class Policy:
     lossless: tuple[str, ...] = ()
     compress: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        # A lone string is one pattern (iterating it would give one pattern
+        # per character, and "*" matches everything).
+        for name in ("lossless", "compress"):
+            object.__setattr__(self, name, patterns(getattr(self, name), f"Policy.{name}"))
+
     def should_compress(self, path: str, leaf: np.ndarray) -> bool:
         if str(leaf.dtype) not in JPEG_DTYPES or leaf.size == 0:
             return False
@@ -59,6 +64,16 @@ class Policy:
             return True
         return leaf.ndim >= self.min_ndim and leaf.size >= self.min_size
 
+
+
+def patterns(value, what: str) -> tuple[str, ...]:
+    """Glob patterns given as one string or a sequence of strings."""
+    if isinstance(value, str):
+        return (value,)
+    value = tuple(value)
+    if not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{what} must be a glob pattern or a sequence of them, got {value!r:.200}")
+    return value
 
 
 # ---------------------------------------------------------------- save
@@ -116,43 +131,37 @@ class SaveReport:
                 f"{self.ratio_vs_float32:.2f}x vs float32, {self.ratio:.2f}x vs stored dtypes")
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    """A tqdm bar on interactive terminals of process 0, else a no-op."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and jax.process_index() == 0
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        enabled = False
-    if not enabled:
-        return _NoProgress()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
-
-
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _to_numpy(leaf) -> np.ndarray:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         raise ValueError("saving arrays not fully addressable from this process is not supported; "
                          "gather them first (jax.experimental.multihost_utils)")
-    return np.asarray(leaf)
+    array = np.asarray(leaf)
+    if not array.dtype.isnative:  # big-endian input: stored (and restored) in native order
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
 
 
-def _check_unique_paths(entries) -> None:
-    """Leaves are found by their slash-joined paths ({"a/b": x} and
-    {"a": {"b": y}} would collide) and restored into nested containers, so no
-    path may repeat or be a prefix of another."""
-    names = [path_string(records) for records, _ in entries]
-    prefixes = {"/".join(n.split("/")[:k]) for n in names for k in range(1, n.count("/") + 1)}
-    clashes = sorted({n for n in names if names.count(n) > 1} | (prefixes & set(names)))
-    if clashes:
-        raise ValueError(f"leaf paths collide once joined with '/': {clashes[:3]}")
+def _check_paths(entries) -> None:
+    """Refuses paths a reader would refuse: too deep or long, or breaking the
+    uniqueness rule of :func:`jaxjpeg.layout.path_clash` (linear time)."""
+    for records, _ in entries:
+        problem = layout.path_size_problem(records)
+        if problem:
+            raise ValueError(f"leaf path {path_string(records)[:200]!r} is {problem}")
+    clash = layout.path_clash(records for records, _ in entries)
+    if clash is not None:
+        raise ValueError(f"leaf path {clash[:200]!r} collides with another once joined "
+                         "with '/' (paths must not repeat or nest inside each other)")
+
+
+def _leaves(tree) -> list:
+    try:
+        return leaves_with_paths(tree)
+    except (RecursionError, SystemError) as e:  # jax's flatten hits the recursion limit
+        if isinstance(e, SystemError) and not isinstance(e.__cause__, RecursionError):
+            raise
+        raise ValueError(f"tree is nested too deeply to save (leaf paths may have at most "
+                         f"{layout.MAX_PATH_DEPTH} keys)") from None
 
 
 LEAF_SIZE_POWER = 0.3
@@ -175,33 +184,33 @@ def _check_storable(name: str, array: np.ndarray) -> None:
         parse_dtype(str(array.dtype))
     except fmt.FormatError:
         raise TypeError(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold numeric, "
-                        "bool and bfloat16 arrays only") from None
+                        "bool, bfloat16 and float8 arrays only") from None
 
 
 def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict, int]:
     tiles, starts = [], []
     stored = 0
     for k, tile in enumerate(enc.tiles):
-        writer.add_blob(f"leaf{index}/tile{k}.jpg", tile.data)
+        writer.add_blob(layout.tile_blob(index, k), tile.data)
         tiles.append([tile.row0, tile.col0, tile.height, tile.width, tile.num_intervals])
         starts.append(tile.interval_starts.astype(np.uint32))
         stored += len(tile.data)
     index_blob = np.concatenate(starts)
     affine = enc.affine()
-    writer.add_blob(f"leaf{index}/intervals", index_blob)
-    writer.add_blob(f"leaf{index}/affine", affine)
+    writer.add_blob(layout.intervals_blob(index), index_blob)
+    writer.add_blob(layout.affine_blob(index), affine)
     stored += index_blob.nbytes + affine.nbytes
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
               "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name,
               "view": enc.view.record()}
     if enc.col_scale is not None:
         col_scale = codec._half_if_exact(enc.col_scale)
-        writer.add_blob(f"leaf{index}/col_scale", col_scale)
+        writer.add_blob(layout.col_scale_blob(index), col_scale)
         record["col_scale"] = col_scale.dtype.name
         stored += col_scale.nbytes
     if enc.outliers is not None and enc.outliers.count:
         data = enc.outliers.to_bytes(enc.size)
-        writer.add_blob(f"leaf{index}/outliers", data)
+        writer.add_blob(layout.outliers_blob(index), data)
         record["outliers"] = enc.outliers.count
         stored += len(data)
     return record, stored
@@ -294,9 +303,7 @@ def _coded_overhead(matrix_shape, restart_interval, tile_shape) -> int:
     tiles = codec.tile_grid(*matrix_shape, tile_shape)
     overhead = _BLOB_OVERHEAD * (len(tiles) + 4)
     for _, _, h, w in tiles:
-        blocks = -(-h // 8) * -(-w // 8)
-        intervals = -(-blocks // restart_interval) if restart_interval else 1
-        overhead += 4 * (intervals + 1)
+        overhead += 4 * (layout.intervals_per_tile(h, w, restart_interval) + 1)
     return overhead
 
 
@@ -344,7 +351,7 @@ def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | 
     return None if target_bytes is None else int(target_bytes)
 
 
-def save(path, tree, *, relative_step: float | None = None, step: float | None = None,
+def save(path, tree, *, relative_step: float | None = None, quant_step: float | None = None,
          quality: int | None = None,
          qtable: Sequence[int] | None = None, error_bound: float | None = None,
          target_ratio: float | None = None, target_bytes: int | None = None,
@@ -352,7 +359,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
          sensitivity: dict | None = None, bits: int | None = None, clip: str = "common",
          view: str = "auto",
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
-         tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE, policy: Policy | None = None,
+         tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
          progress: bool | None = None) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
@@ -362,7 +369,8 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     * ``relative_step`` (the default, ``DEFAULT_RELATIVE_STEP``): uniform
       quantization of every DCT coefficient with a step of this fraction of
       the tensor's RMS (8 or 12-bit samples chosen per tensor);
-    * ``step``: a flat quantization table, in sample units of ``bits``;
+    * ``quant_step``: a flat quantization table, in sample units of ``bits``
+      (named so that it is never mistaken for a training step);
     * ``quality``: the standard JPEG table scaled to 1..100; ``qtable``: any
       64-entry table;
     * ``error_bound``: each leaf's relative RMS error at most this (the
@@ -387,7 +395,7 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     leaf raw when coding would not make it smaller.
 
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
-    ``step``/``quality``/``qtable`` and chosen per tensor by the other rate
+    ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
     (:func:`jaxjpeg.mapping.row_affine`).
 
@@ -395,13 +403,13 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     crash mid-save leaves any previous checkpoint there intact.
     """
     policy = policy or Policy()
-    entries = [(records, _to_numpy(leaf)) for records, leaf in leaves_with_paths(tree)]
+    entries = [(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
     for records, array in entries:
         _check_storable(path_string(records), array)
-    _check_unique_paths(entries)
-    rates = dict(relative_step=relative_step, step=step, quality=quality, qtable=qtable,
-                 error_bound=error_bound, target_ratio=target_ratio, target_bytes=target_bytes,
-                 bits_per_weight=bits_per_weight, encoder=encoder)
+    _check_paths(entries)
+    rates = dict(relative_step=relative_step, quant_step=quant_step, quality=quality,
+                 qtable=qtable, error_bound=error_bound, target_ratio=target_ratio,
+                 target_bytes=target_bytes, bits_per_weight=bits_per_weight, encoder=encoder)
     given = {k: v for k, v in rates.items() if v is not None}
     if len(given) > 1:
         raise ValueError(f"give at most one rate control, got {sorted(given)}")
@@ -413,8 +421,9 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
                                               tile_shape=tile_shape, clip=clip))
 
     def table_encoder(name, array):
-        return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8, step=step,
-                                   quality=quality, qtable=qtable, **leaf_coder.coding)
+        return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,
+                                   quant_step=quant_step, quality=quality, qtable=qtable,
+                                   **leaf_coder.coding)
 
     encode = encoder or table_encoder
     if relative_step is not None:
@@ -425,7 +434,8 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
     lossy_rate = target is not None
     if target is not None:
         encode = _target_encoder(entries, policy, target, bits, leaf_coder)
-    bar = _progress(sum(a.nbytes for _, a in entries), "jaxjpeg save", progress)
+    bar = progress_bar(total=sum(a.nbytes for _, a in entries), desc="jaxjpeg save", unit="B",
+                       enabled=progress)
     records_out, reports = [], []
     try:
         with fmt.ContainerWriter(os.fspath(path)) as writer:
@@ -441,11 +451,11 @@ def save(path, tree, *, relative_step: float | None = None, step: float | None =
                 if enc is not None and enc.nbytes < array.nbytes:
                     extra, stored = _write_jpeg_leaf(writer, index, enc)
                 elif half is not None:
-                    writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(half))
+                    writer.add_blob(layout.raw_blob(index), np.ascontiguousarray(half))
                     extra, stored = {"kind": "raw", "stored": "float16"}, half.nbytes
                     note = "stored as float16"
                 else:
-                    writer.add_blob(f"leaf{index}/raw", np.ascontiguousarray(array))
+                    writer.add_blob(layout.raw_blob(index), np.ascontiguousarray(array))
                     extra, stored = {"kind": "raw"}, array.nbytes
                     if enc is not None:
                         note = "stored raw: coding would not make it smaller"

@@ -13,7 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import codec, format as fmt
+from jaxjpeg import _native, codec, format as fmt, layout
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -48,15 +48,23 @@ class SavedLeaf:
         return (self.view or MatrixView.default(len(self.shape))).matrix_shape(self.shape)
 
 
+# Dtypes numpy spells only through ml_dtypes; stored as raw leaves (bfloat16 may be coded).
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
 def parse_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        return np.dtype(ml_dtypes.bfloat16)
+    """A leaf's dtype from its recorded name: numeric, bool or an ml_dtypes
+    float, in native byte order (the writer stores every leaf native)."""
+    if name in _ML_DTYPES:
+        return np.dtype(getattr(ml_dtypes, name))
     try:
         dtype = np.dtype(name)
     except TypeError:
         raise fmt.FormatError(f"unknown dtype {name!r}") from None
     if dtype.kind not in "biufc":
         raise fmt.FormatError(f"unsupported dtype {name!r}")
+    if not dtype.isnative:
+        raise fmt.FormatError(f"dtype {name!r} is not in native byte order")
     return dtype
 
 
@@ -64,16 +72,15 @@ _PATH_KINDS = {"key": (int, str, bool), "attr": (str,), "index": (int,), "flat":
 
 
 def _check_path_records(index: int, records) -> None:
-    """Paths are lists of [kind, key] pairs as key_record writes them."""
+    """Paths are lists of [kind, key] pairs as key_record writes them, within
+    the writer's depth and length caps."""
     if not isinstance(records, list) or not all(
             isinstance(r, list) and len(r) == 2 and r[0] in _PATH_KINDS
             and type(r[1]) in _PATH_KINDS[r[0]] for r in records):
         raise fmt.FormatError(f"leaf {index}: malformed path {records!r:.200}")
-
-
-def _intervals_per_tile(height: int, width: int, restart_interval: int) -> int:
-    blocks = -(-height // 8) * -(-width // 8)
-    return -(-blocks // restart_interval) if restart_interval else 1
+    problem = layout.path_size_problem(records)
+    if problem:
+        raise fmt.FormatError(f"leaf {index}: path is {problem}")
 
 
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
@@ -132,10 +139,10 @@ def _check_tiles_cover(leaf: SavedLeaf) -> None:
             raise fmt.FormatError(f"{leaf.path}: tile outside the tensor")
         # The decoder decodes only the intervals the index lists: fewer than the
         # tile has would leave part of the output unwritten (uninitialized memory).
-        if intervals != _intervals_per_tile(height, width, leaf.restart_interval):
+        needed = layout.intervals_per_tile(height, width, leaf.restart_interval)
+        if intervals != needed:
             raise fmt.FormatError(f"{leaf.path}: tile at ({row0}, {col0}) records {intervals} "
-                                  f"restart intervals, its size needs "
-                                  f"{_intervals_per_tile(height, width, leaf.restart_interval)}")
+                                  f"restart intervals, its size needs {needed}")
         area += height * width
     if area != rows * cols or not _tiles_disjoint(leaf.tiles):
         # Equal area alone is not enough: overlapping tiles leave a gap elsewhere,
@@ -198,18 +205,16 @@ class Checkpoint:
         path repeats or is a prefix of another (restore without target nests them)."""
         names = set(self.reader.blob_names)
         for leaf in self.leaves:
-            needed = ([f"leaf{leaf.index}/raw"] if leaf.kind == "raw" else
-                      [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
-                      + [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))]
-                      + ([f"leaf{leaf.index}/col_scale"] if leaf.col_scale_dtype else [])
-                      + ([f"leaf{leaf.index}/outliers"] if leaf.outliers else []))
-            missing = [n for n in needed if n not in names]
+            missing = [n for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+                                                    col_scale=leaf.col_scale_dtype is not None,
+                                                    outliers=leaf.outliers > 0)
+                       if n not in names]
             if missing:
                 raise fmt.FormatError(f"{self.path}: {leaf.path}: missing blob {missing[0]!r}")
-        full = [tuple(map(tuple, leaf.records)) for leaf in self.leaves]
-        prefixes = {p[:n] for p in full for n in range(len(p))}
-        if len(set(full)) != len(full) or prefixes & set(full):
-            raise fmt.FormatError(f"{self.path}: leaf paths repeat or nest inside each other")
+        clash = layout.path_clash(leaf.records for leaf in self.leaves)
+        if clash is not None:
+            raise fmt.FormatError(f"{self.path}: leaf path {clash[:200]!r} repeats or nests "
+                                  "inside another")
 
     def close(self):
         self.reader.close()
@@ -221,12 +226,16 @@ class Checkpoint:
         self.close()
 
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
-        data = self.reader.read_blob(f"leaf{leaf.index}/raw", verify=self.verify)
+        data = self.reader.read_blob(layout.raw_blob(leaf.index), verify=self.verify)
         stored = leaf.stored_dtype or leaf.dtype
         expected = math.prod(leaf.shape) * stored.itemsize
         if len(data) != expected:
             raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "
                                   f"expected {expected}")
+        if leaf.dtype == np.bool_ and np.any(np.frombuffer(data, np.uint8) > 1):
+            # numpy would hold the byte as is: True-ish values unequal to True
+            raise fmt.FormatError(f"{self.path}: {leaf.path} is bool but holds bytes other "
+                                  "than 0 and 1")
         return np.frombuffer(data, stored).reshape(leaf.shape).astype(leaf.dtype, copy=False)
 
     def read_col_scale(self, leaf: SavedLeaf) -> np.ndarray | None:
@@ -234,7 +243,7 @@ class Checkpoint:
         if leaf.col_scale_dtype is None:
             return None
         cols = leaf.matrix_shape[1]
-        data = self.reader.read_blob(f"leaf{leaf.index}/col_scale", verify=self.verify)
+        data = self.reader.read_blob(layout.col_scale_blob(leaf.index), verify=self.verify)
         if len(data) != cols * leaf.col_scale_dtype.itemsize:
             raise fmt.FormatError(f"{self.path}: {leaf.path} column scales have the wrong size")
         return np.frombuffer(data, leaf.col_scale_dtype).astype(np.float32)
@@ -243,7 +252,7 @@ class Checkpoint:
         """The values the leaf keeps exactly, or None."""
         if not leaf.outliers:
             return None
-        data = self.reader.read_blob(f"leaf{leaf.index}/outliers", verify=self.verify)
+        data = self.reader.read_blob(layout.outliers_blob(leaf.index), verify=self.verify)
         try:
             return Outliers.from_bytes(data, leaf.outliers, math.prod(leaf.shape), leaf.dtype)
         except ValueError as e:
@@ -251,7 +260,7 @@ class Checkpoint:
 
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
         rows = leaf.matrix_shape[0]
-        data = self.reader.read_blob(f"leaf{leaf.index}/affine", verify=self.verify)
+        data = self.reader.read_blob(layout.affine_blob(leaf.index), verify=self.verify)
         # [2, rows], or [2, 1]: one map shared by every row (version 2).
         stored = len(data) // (2 * leaf.affine_dtype.itemsize)
         if len(data) % (2 * leaf.affine_dtype.itemsize) or stored not in (rows, 1):
@@ -262,25 +271,38 @@ class Checkpoint:
 
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:
         """Per tile: interval starts (relative to the tile, n + 1 values)."""
-        data = self.reader.read_blob(f"leaf{leaf.index}/intervals", verify=self.verify)
+        data = self.reader.read_blob(layout.intervals_blob(leaf.index), verify=self.verify)
         starts = np.frombuffer(data, np.uint32).astype(np.int64)
         counts = [t[4] + 1 for t in leaf.tiles]
         if any(c < 2 for c in counts) or sum(counts) != len(starts):
             raise fmt.FormatError(f"{self.path}: {leaf.path} interval index has the wrong size")
         pieces = np.split(starts, np.cumsum(counts)[:-1])
         for k, piece in enumerate(pieces):
-            size = self.reader.blob_info(f"leaf{leaf.index}/tile{k}.jpg").length
+            size = self.tile_size(leaf, k)
             if np.any(np.diff(piece) < 0) or piece[0] < 0 or piece[-1] > size:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} tile {k} index out of range")
         return pieces
 
     def tile_size(self, leaf: SavedLeaf, k: int) -> int:
-        return self.reader.blob_info(f"leaf{leaf.index}/tile{k}.jpg").length
+        return self.reader.blob_info(layout.tile_blob(leaf.index, k)).length
 
-    def tile_filler(self, leaf: SavedLeaf, k: int):
-        name = f"leaf{leaf.index}/tile{k}.jpg"
+    def tile_filler(self, leaf: SavedLeaf, k: int, interval_starts=None):
+        """A ``fill(view)`` that reads tile ``k`` into ``view``; given the tile's
+        interval index (:meth:`read_interval_index`), it also checks that every
+        recorded start lands exactly where the tile's own restart markers put
+        it (an index shifted by a few bytes decodes to other weights silently)."""
+        name = layout.tile_blob(leaf.index, k)
 
         def fill(view):
             self.reader.read_blob(name, verify=self.verify, out=view)
+            if interval_starts is not None:
+                self.check_interval_index(leaf, k, view, interval_starts)
         return fill
 
+    def check_interval_index(self, leaf: SavedLeaf, k: int, data, interval_starts) -> None:
+        """Raises FormatError unless ``interval_starts`` (tile ``k``'s index) is
+        where the tile's restart markers are; a tile that does not parse
+        raises JpegError."""
+        if not _native.check_interval_starts(data, interval_starts):
+            raise fmt.FormatError(f"{self.path}: {leaf.path} tile {k}: the interval index does "
+                                  "not match the tile's restart markers")

@@ -10,9 +10,11 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxjpeg import codec, ops
+from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import key_record, nest, path_string
 from jaxjpeg.views import MatrixView
@@ -29,14 +31,26 @@ class RestoreStats:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Request:
+class LeafRequest:
+    """One saved leaf to restore or load: in which dtype, where."""
+
     leaf: SavedLeaf
     dtype: np.dtype
     sharding: Any = None  # a multi-device jax.sharding.Sharding, or None
     device: Any = None    # the one device of an unsharded leaf (None: the default)
 
 
-def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], Any]:
+def restored_dtype(saved: np.dtype, override=None, wanted=None) -> np.dtype:
+    """The dtype a leaf comes back in: the target's (``wanted``) or the saved
+    one, changed to ``override`` (``dtype=`` of restore and load) only when
+    floating: a step counter or a mask keeps its integer or bool dtype."""
+    base = np.dtype(saved if wanted is None else wanted)
+    if override is not None and jnp.issubdtype(base, jnp.floating):
+        return np.dtype(override)
+    return base
+
+
+def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:
     by_path = {leaf.path: leaf for leaf in ckpt.leaves}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     requests = []
@@ -48,7 +62,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
         shape = tuple(getattr(want, "shape", saved.shape))
         if shape != saved.shape:
             raise ValueError(f"{name}: target shape {shape} != saved shape {saved.shape}")
-        want_dtype = np.dtype(dtype or getattr(want, "dtype", saved.dtype))
+        want_dtype = restored_dtype(saved.dtype, dtype, getattr(want, "dtype", None))
         sharding = getattr(want, "sharding", None)
         device = None
         # One device of this process: decoded with the other unsharded leaves.
@@ -57,7 +71,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[_Request], An
         if (sharding is not None and len(sharding.device_set) == 1
                 and next(iter(sharding.device_set)).process_index == jax.process_index()):
             (device,), sharding = tuple(sharding.device_set), None
-        requests.append(_Request(saved, want_dtype, sharding, device))
+        requests.append(LeafRequest(saved, want_dtype, sharding, device))
     return requests, treedef
 
 
@@ -121,7 +135,7 @@ def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
         size = ckpt.tile_size(leaf, k)
         builder.add_tile(out, (r0 - origin[0], c0 - origin[1], h, w), bits=leaf.bits,
                          restart_interval=leaf.restart_interval, interval_starts=maps.index[k],
-                         size=size, fill=ckpt.tile_filler(leaf, k))
+                         size=size, fill=ckpt.tile_filler(leaf, k, maps.index[k]))
         payload += size
     return payload
 
@@ -174,19 +188,6 @@ def _leaves_decoder(output_shapes, output_dtypes, finishes):
     return jax.jit(run)
 
 
-def _call_decoder(decode, operands):
-    """Runs a jitted decode; a corrupt stream is a JpegError however it surfaces.
-
-    The CPU FFI handler reports a failed interval as an XLA error (DATA_LOSS),
-    which jax raises as ValueError/JaxRuntimeError rather than through the status
-    word that ops.check_status reads.
-    """
-    try:
-        return decode(*operands)
-    except (RuntimeError, ValueError) as e:
-        if "jaxjpeg decode failed" in str(e):
-            raise codec.JpegError(str(e).split("jaxjpeg ", 1)[1]) from None
-        raise
 
 
 def _restore_unsharded(ckpt, requests, device, stats) -> list:
@@ -203,10 +204,7 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
         stats.add(device, payload)
     decode = _leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                              _finishes(requests))
-    status, outputs = _call_decoder(decode, jax.device_put((ops.plan_operands(plan), kept),
-                                                           device))
-    ops.check_status(status)
-    return outputs
+    return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), kept), device))
 
 
 def _restore_sharded(ckpt, request, stats) -> jax.Array:
@@ -242,10 +240,8 @@ def _restore_sharded(ckpt, request, stats) -> jax.Array:
                leaf.view.perm, leaf.view.split, shard_kept is not None)
         decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                                 cut, np.dtype(request.dtype))
-        status, shard = _call_decoder(decode, jax.device_put((ops.plan_operands(plan),
-                                                              shard_kept), device))
-        ops.check_status(status)
-        shards.append(shard)
+        shards.append(ops.run_checked(decode, jax.device_put((ops.plan_operands(plan),
+                                                              shard_kept), device)))
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 
 
@@ -310,7 +306,7 @@ def _unsharded_groups(requests, default_device) -> dict:
     return groups
 
 
-def _place_raw(array: np.ndarray, request: _Request, device):
+def place_raw(array: np.ndarray, request: LeafRequest, device):
     array = array.astype(request.dtype, copy=False)
     if request.sharding is not None:
         # Not jax.device_put(array, sharding): with a sharding spanning several
@@ -324,6 +320,18 @@ def _place_raw(array: np.ndarray, request: _Request, device):
     return jax.device_put(array, request.device or device)
 
 
+def select_leaves(ckpt: Checkpoint, paths) -> list[SavedLeaf]:
+    """The leaves matching any of the glob ``paths`` (None: all); every
+    pattern must match at least one leaf (a typo is an error, not ``{}``)."""
+    if paths is None:
+        return list(ckpt.leaves)
+    globs = patterns(paths, "paths")
+    unmatched = [p for p in globs if not any(fnmatch.fnmatchcase(l.path, p) for l in ckpt.leaves)]
+    if unmatched:
+        raise KeyError(f"{ckpt.path}: no leaf matches {unmatched[0]!r}")
+    return [leaf for leaf in ckpt.leaves if any(fnmatch.fnmatchcase(leaf.path, p) for p in globs)]
+
+
 def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None,
             device=None, verify: bool = True, stats: RestoreStats | None = None):
     """Restores a checkpoint as a pytree of arrays decoded on the device.
@@ -333,8 +341,12 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     takes; it may cover a subset of the saved leaves (partial restore).
     Without a target, the saved structure comes back as nested dicts/lists;
     ``paths`` (glob patterns over slash-separated leaf paths) then selects a
-    subset. ``dtype`` overrides every leaf's dtype.
+    subset (each pattern must match a leaf; give ``target`` or ``paths``, not
+    both). ``dtype`` changes the dtype of every floating-point leaf; integer
+    and bool leaves keep theirs.
     """
+    if target is not None and paths is not None:
+        raise ValueError("give target or paths, not both: a target already names the leaves")
     # This process's first device: jax.devices()[0] belongs to process 0 under
     # jax.distributed, and other processes cannot place data on it.
     device = device or jax.local_devices()[0]
@@ -342,9 +354,8 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)
         else:
-            chosen = [leaf for leaf in ckpt.leaves
-                      if paths is None or any(fnmatch.fnmatchcase(leaf.path, p) for p in paths)]
-            requests = [_Request(leaf, np.dtype(dtype or leaf.dtype), None) for leaf in chosen]
+            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype))
+                        for leaf in select_leaves(ckpt, paths)]
             treedef = None
         values: list = [None] * len(requests)
         for target_device, group in _unsharded_groups(requests, device).items():
@@ -355,7 +366,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             if r.leaf.kind == "jpeg" and r.sharding is not None:
                 values[i] = _restore_sharded(ckpt, r, stats)
             elif r.leaf.kind == "raw":
-                values[i] = _place_raw(ckpt.read_raw(r.leaf), r, device)
+                values[i] = place_raw(ckpt.read_raw(r.leaf), r, device)
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])

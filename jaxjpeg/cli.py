@@ -1,6 +1,6 @@
 """The ``jaxjpeg`` command: compress, inspect, verify and extract checkpoints.
 
-    jaxjpeg compress SRC DST [--step S | --quality Q] [--bits 8|12]
+    jaxjpeg compress SRC DST [--quant-step S | --quality Q] [--bits 8|12]
     jaxjpeg inspect CKPT [--source SRC]
     jaxjpeg verify CKPT
     jaxjpeg extract CKPT OUTDIR [--leaf PATTERN]
@@ -10,24 +10,28 @@ SRC is an Orbax checkpoint directory (a ``StandardCheckpointer`` /
 ``CheckpointManager`` root, whose latest step is taken), a Flax msgpack file
 (``flax.serialization.to_bytes``) or a ``.safetensors`` file.
 
-Exit status: 0 on success; 1 when ``verify`` finds damage; 2 for usage
-errors and for inputs that cannot be read (missing, not a checkpoint,
-corrupt), reported as one line on stderr without a traceback.
+Exit status: 0 on success; 1 when ``verify`` finds damage (any checksum,
+record or tile that would not restore, a truncated file included); 2 for
+usage errors and for inputs that cannot be read (missing; for the other
+commands also not a checkpoint or corrupt), reported as one line on stderr
+without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
+import hashlib
 import math
 import os
 import re
-import struct
 import sys
 from typing import Any, Iterable
 
 import numpy as np
+
+from jaxjpeg.progress import progress
+from jaxjpeg.sources import SourceError, load_source
 
 __all__ = ["main", "load_source"]
 
@@ -42,51 +46,12 @@ class CliError(Exception):
 
 
 def _use_cpu() -> None:
-    """The CLI decodes on the host: keep jax off accelerators unless the user chose.
-
-    Only possible before jax's backends start (they start lazily, on first use)."""
-    if os.environ.get("JAX_PLATFORMS"):
-        return
-    try:
+    """The CLI decodes on the host: keep jax off accelerators unless the user
+    chose (JAX_PLATFORMS). main() calls this before anything starts a jax
+    backend; once one has started the setting no longer matters."""
+    if not os.environ.get("JAX_PLATFORMS"):
         import jax
-        from jax._src import xla_bridge
-        if not xla_bridge.backends_are_initialized():
-            jax.config.update("jax_platforms", "cpu")
-    except Exception:  # private API moved: decode wherever jax runs by default
-        pass
-
-
-def _bar(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
-    """A tqdm progress bar on interactive terminals; the plain iterable otherwise."""
-    enabled = sys.stderr.isatty()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return _NoBar(iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False,
-                unit_scale=unit == "B")
-
-
-class _NoBar:
-    def __init__(self, iterable=None):
-        self._iterable = iterable
-
-    def __iter__(self):
-        return iter(self._iterable)
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
+        jax.config.update("jax_platforms", "cpu")
 
 
 def _size(n: float) -> str:
@@ -116,166 +81,6 @@ def _flatten(tree) -> list[tuple[str, Any]]:
     return [(path_string(records), leaf) for records, leaf in leaves_with_paths(tree)]
 
 
-# ---------------------------------------------------------------- sources
-
-
-def load_source(path: str):
-    """Loads a checkpoint in another format as a pytree of numpy arrays.
-
-    Orbax directories, Flax msgpack files and safetensors files are told apart
-    by their layout and first bytes, not by their names alone.
-    """
-    _require(path)
-    if os.path.isdir(path):
-        return _load_orbax(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if _looks_like_safetensors(path, head):
-        return _load_safetensors(path)
-    if head.startswith(b"\x89JAXJPG\n"):
-        raise CliError(f"{path}: is already a jaxjpeg checkpoint")
-    return _load_msgpack(path)
-
-
-def _looks_like_safetensors(path: str, head: bytes) -> bool:
-    if path.endswith(".safetensors"):
-        return True
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= 100 * 2**20 and head[8:9] == b"{"
-
-
-def _load_safetensors(path: str) -> dict:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError:
-        return _read_safetensors(path)
-    try:
-        return dict(load_file(path))
-    except Exception:
-        # Older safetensors releases lack BF16/F8 in numpy: read the (simple) format directly,
-        # which also gives a clean message when the file is not safetensors at all.
-        return _read_safetensors(path)
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "C64": "complex64",
-}
-
-
-def _read_safetensors(path: str) -> dict:
-    """A plain reader of the safetensors layout: u64 header size, JSON header, data."""
-    import ml_dtypes
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CliError(f"{path}: not a safetensors file (truncated)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 2**20):
-            raise CliError(f"{path}: not a safetensors file (bad header size)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise CliError(f"{path}: not a safetensors file (header is not JSON)") from None
-        base = 8 + n
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dname = _SAFETENSORS_DTYPES[info["dtype"]]
-                dtype = np.dtype(getattr(ml_dtypes, dname, None) or dname)
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(v) for v in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CliError(f"{path}: tensor {name!r} has a bad or unsupported "
-                               f"header entry") from None
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not 0 <= begin <= end <= size - base or end - begin != nbytes:
-                raise CliError(f"{path}: tensor {name!r} lies outside the file")
-            f.seek(base + begin)
-            out[name] = np.frombuffer(f.read(end - begin), dtype).reshape(shape)
-    return out
-
-
-def _load_msgpack(path: str):
-    try:
-        from flax import serialization
-    except ImportError:
-        raise CliError("reading Flax msgpack files needs flax (pip install flax)") from None
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        tree = serialization.msgpack_restore(data)
-    except Exception as e:  # msgpack raises its own exception types on garbage
-        raise CliError(f"{path}: not a Flax msgpack, safetensors or jaxjpeg file, nor an "
-                       f"Orbax directory ({type(e).__name__})") from None
-    if not isinstance(tree, (dict, list)):
-        raise CliError(f"{path}: msgpack holds a {type(tree).__name__}, not a pytree of arrays")
-    return tree
-
-
-def _is_orbax_item(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "_METADATA"))
-
-
-def _orbax_items(path: str) -> dict[str, str]:
-    """Item name -> directory for an Orbax item, step directory or manager root."""
-    if _is_orbax_item(path):
-        return {"": path}
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    items = {d: os.path.join(path, d) for d in subdirs if _is_orbax_item(os.path.join(path, d))}
-    if items:
-        return items
-    steps = [d for d in subdirs if d.isdigit()]
-    if steps:  # a CheckpointManager root: its latest step
-        latest = os.path.join(path, max(steps, key=int))
-        items = _orbax_items(latest)
-        if items:
-            return items
-    raise CliError(f"{path}: not an Orbax checkpoint directory (no _METADATA found in it, "
-                   f"its items or its steps)")
-
-
-def _load_orbax(path: str):
-    items = _orbax_items(path)
-    try:
-        import absl.logging
-        absl.logging.set_verbosity(absl.logging.ERROR)
-    except ImportError:
-        pass
-    try:
-        import jax
-        import orbax.checkpoint as ocp
-    except ImportError:
-        raise CliError("reading Orbax checkpoints needs orbax-checkpoint") from None
-    trees = {}
-    for name, directory in items.items():
-        try:
-            from etils import epath
-            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
-            tree = getattr(metadata, "tree", metadata)
-            restore_args = jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            with ocp.PyTreeCheckpointer() as ckptr:
-                trees[name] = ckptr.restore(os.path.abspath(directory),
-                                            args=ocp.args.PyTreeRestore(restore_args=restore_args))
-        except CliError:
-            raise
-        except Exception as e:
-            raise CliError(f"{directory}: cannot restore the Orbax checkpoint "
-                           f"({type(e).__name__}: {_first_line(e)})") from None
-    if len(trees) == 1 and next(iter(trees)) in ("", "default"):  # one (implicit) item
-        return next(iter(trees.values()))
-    return trees
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else ""
@@ -292,21 +97,18 @@ def cmd_compress(args) -> int:
         raise CliError(f"{args.dst}: exists (use --force to replace it)")
     if os.path.isdir(args.dst):
         raise CliError(f"{args.dst}: is a directory")
-    tree = load_source(args.src)
+    tree = load_source(args.src)  # numpy leaves, checked
     if not _flatten(tree):
         raise CliError(f"{args.src}: holds no arrays")
-    tree = _as_arrays(tree)
     policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
     rate = {}
-    if args.step is not None:
-        rate["step"] = args.step
+    if args.quant_step is not None:
+        rate["quant_step"] = args.quant_step
     elif args.quality is not None:
         rate["quality"] = args.quality
     try:
         report = jaxjpeg.save(args.dst, tree, bits=args.bits, policy=policy, **rate)
-    except ValueError as e:
-        if isinstance(e, jaxjpeg.FormatError):
-            raise
+    except (ValueError, TypeError) as e:  # leaves or options save refuses
         raise CliError(_first_line(e)) from None
     coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
     coded_raw = sum(leaf.raw_bytes for leaf in coded)
@@ -321,31 +123,19 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _as_arrays(tree):
-    """Leaves as numpy arrays (python scalars become 0-d arrays)."""
-    import jax
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 # ---------------------------------------------------------------- inspect
 
 
 def cmd_inspect(args) -> int:
+    from jaxjpeg import layout
     with _open_checkpoint(args.ckpt, verify=False) as ckpt:
         rows = []
         for leaf in ckpt.leaves:
             raw = math.prod(leaf.shape) * leaf.dtype.itemsize
-            if leaf.kind == "jpeg":
-                names = [f"leaf{leaf.index}/tile{k}.jpg" for k in range(len(leaf.tiles))]
-                names += [f"leaf{leaf.index}/intervals", f"leaf{leaf.index}/affine"]
-                kind = f"jpeg{leaf.bits}"
-            else:
-                names = [f"leaf{leaf.index}/raw"]
-                kind = "raw"
-            try:
-                stored = sum(ckpt.reader.blob_info(n).length for n in names)
-            except KeyError as e:
-                raise CliError(f"{args.ckpt}: blob {e.args[0]} is missing (file damaged)") from None
+            kind = f"jpeg{leaf.bits}" if leaf.kind == "jpeg" else "raw"
+            # Checkpoint() has refused files missing any of these blobs.
+            stored = sum(ckpt.reader.blob_info(n).length
+                         for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles)))
             rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", str(leaf.dtype),
                          kind, raw, stored])
         errors = _source_errors(args, ckpt) if args.source else None
@@ -402,7 +192,7 @@ def _source_errors(args, ckpt) -> list[str]:
             batch, batch_bytes = [], 0
     if batch:
         batches.append(batch)
-    bar = _bar(total=sum(len(b) for b in batches), desc="decode", unit="leaf")
+    bar = progress(total=sum(len(b) for b in batches), desc="decode", unit="leaf")
     try:
         for batch in batches:
             patterns = [_glob_escape(ckpt.leaves[i].path) for i in batch]
@@ -437,31 +227,41 @@ def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
 
 
 def cmd_verify(args) -> int:
-    from jaxjpeg import _native, checkpoint_reader, format as fmt
+    """Exit 0 only if every checksum matches and every leaf decodes: the same
+    checks restore makes (container, metadata, interval index against the
+    tiles' markers, affine and raw sizes), and every JPEG tile decoded."""
+    from jaxjpeg import checkpoint_reader, format as fmt
     _require(args.ckpt, kind="file")
     bad: list[str] = []
-    with fmt.ContainerReader(args.ckpt) as reader:
-        names = reader.blob_names
-        checks = _bar(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
-        damaged = {name for name, ok in checks if not ok}
-        bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
-        try:
-            ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
-        except fmt.FormatError as e:
-            bad.append(f"metadata: {_first_line(e)}")
-            ckpt = None
-        tiles = 0
-        if ckpt is not None:
-            with ckpt:
-                for leaf in ckpt.leaves:
-                    bad += _verify_leaf(ckpt, leaf, damaged, _native)
-                    tiles += len(leaf.tiles)
+    names: tuple = ()
+    tiles = 0
+    try:
+        reader = fmt.ContainerReader(args.ckpt)
+    except fmt.FormatError as e:  # truncated, not a container: damage, not a usage error
+        bad.append(f"container: {_first_line(e)}")
+        reader = None
+    if reader is not None:
+        with reader:
+            names = reader.blob_names
+            checks = progress(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
+            damaged = {name for name, ok in checks if not ok}
+            bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
+            try:
+                ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
+            except fmt.FormatError as e:
+                bad.append(f"metadata: {_first_line(e)}")
+                ckpt = None
+            if ckpt is not None:
+                with ckpt:
+                    for leaf in progress(ckpt.leaves, desc="decode", unit="leaf"):
+                        bad += _verify_leaf(ckpt, leaf, damaged)
+                        tiles += len(leaf.tiles)
     if bad:
         print(f"{args.ckpt}: {len(bad)} problem(s)")
         for line in bad:
             print(f"  BAD {line}")
         return 1
-    print(f"{args.ckpt}: OK ({len(names)} blobs checksummed, {tiles} JPEG tiles parsed)")
+    print(f"{args.ckpt}: OK ({len(names)} blobs checksummed, {tiles} JPEG tiles decoded)")
     return 0
 
 
@@ -477,55 +277,62 @@ def _verify_blobs(reader) -> Iterable[tuple[str, bool]]:
         yield name, crc == info.crc32c
 
 
-def _verify_leaf(ckpt, leaf, damaged: set[str], native) -> list[str]:
-    """Missing blobs, and JPEG tiles that do not parse or disagree with their record."""
-    prefix = f"leaf{leaf.index}/"
-    if leaf.kind == "raw":
-        names = [prefix + "raw"]
-    else:
-        names = [f"{prefix}tile{k}.jpg" for k in range(len(leaf.tiles))]
-        names += [prefix + "intervals", prefix + "affine"]
-    problems = []
-    for name in names:
-        try:
-            ckpt.reader.blob_info(name)
-        except KeyError:
-            problems.append(f"{name}: missing ({leaf.path})")
-    if problems or leaf.kind == "raw":
-        return problems
-    for k, (_, _, height, width, intervals) in enumerate(leaf.tiles):
-        name = f"{prefix}tile{k}.jpg"
-        if name in damaged:
-            continue
-        try:
-            info = native.inspect(ckpt.reader.read_blob(name, verify=False))
-        except native.JpegError as e:
-            problems.append(f"{name}: JPEG does not parse ({_first_line(e)}) ({leaf.path})")
-            continue
-        want = {"height": height, "width": width, "bits": leaf.bits, "num_intervals": intervals,
-                "restart_interval": leaf.restart_interval}
-        diff = [f"{k}={info[k]} (expected {v})" for k, v in want.items() if info[k] != v]
-        if diff:
-            problems.append(f"{name}: JPEG disagrees with its record: {', '.join(diff)} "
-                            f"({leaf.path})")
-    if not damaged.intersection(names):
-        try:
-            ckpt.read_interval_index(leaf)
-            ckpt.read_affine(leaf)
-        except Exception as e:  # FormatError from the validators
-            problems.append(f"{prefix}*: {_first_line(e)}")
-    return problems
+def _verify_leaf(ckpt, leaf, damaged: set[str]) -> list[str]:
+    """Reads a leaf as restore does and decodes every tile on the host; blobs
+    already reported damaged are not read again. Memory: one leaf."""
+    from jaxjpeg import codec, layout
+    from jaxjpeg.checkpoint_restore import add_whole_leaf
+    from jaxjpeg.format import FormatError
+    if damaged.intersection(layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles))):
+        return []
+    try:
+        if leaf.kind == "raw":
+            ckpt.read_raw(leaf)
+        else:
+            builder = codec.PlanBuilder()
+            add_whole_leaf(builder, ckpt, leaf, np.float32)
+            codec.run_plan(builder.finish())
+    except (FormatError, codec.JpegError) as e:
+        return [f"{leaf.path}: {_first_line(e)}"]
+    return []
 
 
 # ---------------------------------------------------------------- extract
 
 
+_MAX_BASE = 160  # + ".tile<k>.jpg" stays far inside the usual 255-byte file name limit
+
+
 def _safe_name(path: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.replace("/", "."))
-    return name.strip(".") or "leaf"
+    """A file-name stem for a leaf path: [A-Za-z0-9._-] only, at most
+    _MAX_BASE characters (a long path keeps its start and a hash of the whole)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.replace("/", ".")).strip(".") or "leaf"
+    if len(name) > _MAX_BASE:
+        digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        name = f"{name[:_MAX_BASE - 17]}-{digest}"
+    return name
+
+
+def _tile_files(leaves) -> dict[tuple[int, int], str]:
+    """(leaf index, tile) -> a file name, distinct from every other even on a
+    case-insensitive file system (paths that sanitize alike get .leaf<i>)."""
+    names: dict[tuple[int, int], str] = {}
+    used: set[str] = set()
+    for leaf in leaves:
+        base = _safe_name(leaf.path)
+        candidates = [base] + [f"{base}.leaf{leaf.index}" + ("" if n == 0 else f".{n}")
+                               for n in range(len(used) + 1)]
+        for candidate in candidates:
+            files = [f"{candidate}.tile{k}.jpg" for k in range(len(leaf.tiles))]
+            if not any(f.lower() in used for f in files):
+                break
+        used.update(f.lower() for f in files)
+        names.update({(leaf.index, k): f for k, f in enumerate(files)})
+    return names
 
 
 def cmd_extract(args) -> int:
+    from jaxjpeg import layout
     with _open_checkpoint(args.ckpt) as ckpt:
         leaves = [leaf for leaf in ckpt.leaves if leaf.kind == "jpeg"
                   and (args.leaf is None or fnmatch.fnmatchcase(leaf.path, args.leaf))]
@@ -533,26 +340,19 @@ def cmd_extract(args) -> int:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")
         os.makedirs(args.outdir, exist_ok=True)
-        used: set[str] = set()
-        written = 0
+        files = _tile_files(leaves)
         total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
-        bar = _bar(total=total, desc="extract", unit="B")
+        bar = progress(total=total, desc="extract", unit="B")
         try:
             for leaf in leaves:
-                base = _safe_name(leaf.path)
-                if base in used:  # two paths that sanitize alike
-                    base = f"{base}.leaf{leaf.index}"
-                used.add(base)
                 for k in range(len(leaf.tiles)):
-                    data = ckpt.reader.read_blob(f"leaf{leaf.index}/tile{k}.jpg", verify=True)
-                    out = os.path.join(args.outdir, f"{base}.tile{k}.jpg")
-                    with open(out, "wb") as f:
+                    data = ckpt.reader.read_blob(layout.tile_blob(leaf.index, k), verify=True)
+                    with open(os.path.join(args.outdir, files[leaf.index, k]), "wb") as f:
                         f.write(data)
-                    written += 1
                     bar.update(len(data))
         finally:
             bar.close()
-    print(f"wrote {written} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
+    print(f"wrote {len(files)} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
     return 0
 
 
@@ -569,9 +369,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--step", type=float, help="flat quantization step (default: jaxjpeg's)")
+    rate.add_argument("--quant-step", type=float,
+                      help="flat quantization step in sample units (default: jaxjpeg's rate)")
     rate.add_argument("--quality", type=int, help="JPEG quality 1..100 (standard table)")
-    p.add_argument("--bits", type=int, choices=(8, 12), default=8, help="sample precision")
+    p.add_argument("--bits", type=int, choices=(8, 12), default=None,
+                   help="sample precision (default: chosen per tensor, as jaxjpeg.save does)")
     p.add_argument("--min-size", type=int, default=4096,
                    help="leaves with fewer elements stay lossless (default 4096)")
     p.add_argument("--lossless", action="append", metavar="GLOB",
@@ -607,8 +409,8 @@ def main(argv=None) -> int:
     from jaxjpeg import FormatError, JpegError
     try:
         return args.func(args)
-    except CliError as e:
-        message = str(e)
+    except (CliError, SourceError) as e:
+        message = _first_line(e)
     except (FormatError, JpegError) as e:
         message = _first_line(e)
     except OSError as e:

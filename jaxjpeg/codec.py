@@ -30,7 +30,9 @@ JpegError = _native.JpegError
 
 SHARED_MAP_COLS = 64               # views narrower than this share one row map
 DEFAULT_RESTART_INTERVAL = 8       # blocks per interval: ~1% marker overhead, many parallel units
-DEFAULT_TILE_SHAPE = (512, 4096)   # rows, cols of one tile
+# Rows, cols of one tile, for encode_tensor and save alike: small enough that
+# 8-way row or column shards of a checkpoint read no extra tiles.
+DEFAULT_TILE_SHAPE = (512, 512)
 MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
 
 OUTPUT_TYPES = {
@@ -118,19 +120,20 @@ def _half_if_exact(values) -> np.ndarray:
     return half if np.array_equal(half.astype(np.float32), values) else values
 
 
-def quant_table(*, bits: int, quality: int | None = None, step: float | None = None,
+def quant_table(*, bits: int, quality: int | None = None, quant_step: float | None = None,
                 qtable: Sequence[int] | None = None) -> np.ndarray:
     """The 64-entry table (natural order) for exactly one of the three controls."""
-    given = [v is not None for v in (quality, step, qtable)]
+    given = [v is not None for v in (quality, quant_step, qtable)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of quality, step or qtable")
+        raise ValueError("give exactly one of quality, quant_step or qtable")
     limit = 255 if bits == 8 else 65535
     if quality is not None:
         return _native.quality_table(int(quality), bits)
-    if step is not None:
-        if not 1 <= round(step) <= limit:
-            raise ValueError(f"step must be in 1..{limit} for {bits}-bit samples, got {step}")
-        return np.full(64, round(step), np.uint16)
+    if quant_step is not None:
+        if not 1 <= round(quant_step) <= limit:
+            raise ValueError(f"quant_step must be in 1..{limit} for {bits}-bit samples, "
+                             f"got {quant_step}")
+        return np.full(64, round(quant_step), np.uint16)
     table = np.asarray(qtable)
     if table.shape != (64,) or table.min() < 1 or table.max() > limit:
         raise ValueError(f"qtable must have 64 entries in 1..{limit}")
@@ -215,8 +218,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
                     arr, shared)
 
 
-def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float | None = None,
-                  qtable: Sequence[int] | None = None, clip: str = "common",
+def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
+                  quant_step: float | None = None, qtable: Sequence[int] | None = None, clip: str = "common",
                   row_weight: np.ndarray | None = None, col_weight: np.ndarray | None = None,
                   view: MatrixView | None = None, outliers: Outliers | None = None,
                   restart_interval: int = DEFAULT_RESTART_INTERVAL,
@@ -224,7 +227,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
                   threads: int | None = None) -> EncodedTensor:
     """Encodes a float tensor (or a :class:`Prepared` one) as JPEG tiles.
 
-    Exactly one of ``quality`` (the standard table scaled, 1..100), ``step``
+    Exactly one of ``quality`` (the standard table scaled, 1..100), ``quant_step``
     (a flat table: uniform quantization of every DCT coefficient) or
     ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
     per-row sample range and ``row_weight`` per-row importances (see
@@ -240,7 +243,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
     else:
         p = prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                     outliers=outliers)
-    table = quant_table(bits=bits, quality=quality, step=step, qtable=qtable)
+    table = quant_table(bits=bits, quality=quality, quant_step=quant_step, qtable=qtable)
     samples, scale, offset = mapping.row_affine(
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
         scale=p.common_scale(bits) if clip == "common" else None,
@@ -248,9 +251,9 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None, step: float |
 
     def encode_one(cell):
         r, c, h, w = cell
-        data = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
-                              restart_interval=restart_interval)
-        starts = _native.inspect(data)["interval_starts"]
+        # The encoder records where each interval starts as it writes them.
+        data, starts = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
+                                      restart_interval=restart_interval, with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
     cells = tile_grid(*samples.shape, tile_shape)

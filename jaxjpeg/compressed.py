@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
-from jaxjpeg.checkpoint_restore import add_whole_leaf, finish_leaf, kept_values, target_requests
+from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, finish_leaf, kept_values,
+                                        place_raw, restored_dtype, target_requests)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
@@ -47,12 +48,15 @@ class CompressedArray:
         return math.prod(self.shape)
 
     def decode(self) -> jax.Array:
-        """The decoded tensor. Traceable: use it inside jit. On the CPU a corrupt
-        payload raises; on the GPU the status word is not checked here (the
+        """The decoded tensor. Traceable: use it inside jit. Called eagerly, a
+        corrupt payload raises JpegError on every platform; inside jit the CPU
+        handler raises, while on the GPU the status word is not checked (the
         bytes were checksummed when loaded). Dtypes the decoder does not write
         (float64, integers) decode to float32 and are cast, as restore does."""
-        _, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
-                               output_dtypes=(codec.written_dtype(self.dtype),))
+        status, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
+                                    output_dtypes=(codec.written_dtype(self.dtype),))
+        if not isinstance(status, jax.core.Tracer):
+            ops.check_status(status)
         return finish_leaf(out, self.shape, self.view, self.kept).astype(self.dtype)
 
     def tree_flatten(self):
@@ -88,25 +92,33 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     ``target`` (optional) gives the pytree structure (and per-leaf dtypes) to
     return, e.g. an optimizer state from ``jax.eval_shape(opt.init, params)``;
     it may name a subset of the saved leaves. Without it the saved structure
-    comes back as nested dicts/lists.
+    comes back as nested dicts/lists. ``dtype`` changes floating leaves only.
+
+    Placement: a target leaf on one device is loaded there; lossless leaves
+    honour any target sharding. A JPEG-coded leaf stays one compressed value
+    on one device, so a target sharding it over several devices is refused
+    (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
     """
     device = device or jax.local_devices()[0]  # jax.devices()[0] may be another process's
     with Checkpoint(os.fspath(path), verify=verify) as ckpt:
         if target is None:
-            chosen = [(leaf, np.dtype(dtype or leaf.dtype)) for leaf in ckpt.leaves]
+            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype)) for leaf in ckpt.leaves]
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
-            chosen = [(r.leaf, r.dtype) for r in requests]
-        values = [_load_leaf(ckpt, leaf, want, device) for leaf, want in chosen]
+        values = [_load_leaf(ckpt, r, device) for r in requests]
     if target is None:
-        return nest([(leaf.records, v) for (leaf, _), v in zip(chosen, values)])
+        return nest([(r.leaf.records, v) for r, v in zip(requests, values)])
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _load_leaf(ckpt, leaf, dtype, device):
-    if leaf.kind == "jpeg":
-        return _compressed_leaf(ckpt, leaf, dtype, device)
-    return jax.device_put(ckpt.read_raw(leaf).astype(dtype, copy=False), device)
+def _load_leaf(ckpt, request, device):
+    if request.leaf.kind == "raw":
+        return place_raw(ckpt.read_raw(request.leaf), request, device)
+    if request.sharding is not None:
+        raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed on one "
+                         f"device, but the target shards it over {len(request.sharding.device_set)}"
+                         " devices; use jaxjpeg.restore for sharded leaves")
+    return _compressed_leaf(ckpt, request.leaf, request.dtype, request.device or device)
 
 
 def _is_compressed(x) -> bool:

@@ -11,14 +11,20 @@ size, offset and checksum is checked before it is used.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import operator
 import os
+import re
 import secrets
 import struct
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from jaxjpeg._native import crc32c as _native_crc32c  # xla_ops/crc32c.h
 
 __all__ = [
     "ALIGNMENT",
@@ -35,6 +41,12 @@ MAGIC = b"\x89JAXJPG\n"
 FORMAT_VERSION = 1
 ALIGNMENT = 64
 DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
+# Parsing JSON builds a Python object per value (a dict of "{}" costs ~30x its
+# two bytes). Headers may hold at most this many containers and separators
+# ("{", "[", ","; counted before parsing, strings included, so an over-count)
+# or one per 16 bytes of the file, whichever is more: parsing then takes at
+# most ~0.5 GB, or ~4x the file's size for very large files.
+MIN_HEADER_TOKENS = 2**23
 
 # magic, version, flags, header_offset, header_length, header_crc32c, reserved; then preamble_crc32c.
 _PREAMBLE_BODY = struct.Struct("<8sIIQQI24s")
@@ -60,76 +72,9 @@ class BlobInfo(NamedTuple):
 
 # ----------------------------------------------------------------------------- checksums
 
-_POLYNOMIAL = 0x82F63B78
-
-
-def _make_crc_table() -> np.ndarray:
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(_POLYNOMIAL), table >> 1)
-    return table.astype(np.uint32)
-
-
-_CRC_TABLE = _make_crc_table()
-_BASIS = np.uint32(1) << np.arange(32, dtype=np.uint32)
-
-
-def _raw_update(states: np.ndarray, lanes: np.ndarray) -> np.ndarray:
-    """Advances one inverted CRC state per row of `lanes` (uint8, shape (rows, n))."""
-    for column in np.ascontiguousarray(lanes.T):
-        states = _CRC_TABLE[(states ^ column) & 0xFF] ^ (states >> 8)
-    return states
-
-
-def _apply(operator: np.ndarray, states: np.ndarray) -> np.ndarray:
-    """Applies a GF(2)-linear map, given as the images of the 32 basis bits, to each state."""
-    bits = ((states[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool)
-    return np.bitwise_xor.reduce(np.where(bits, operator, np.uint32(0)), axis=1)
-
-
-def _zeros_operator(n: int) -> np.ndarray:
-    """The linear map that advances a CRC state over n zero bytes (square-and-multiply)."""
-    result, step = _BASIS, _raw_update(_BASIS, np.zeros((32, 1), np.uint8))
-    while n:
-        if n & 1:
-            result = _apply(step, result)
-        step = _apply(step, step)
-        n >>= 1
-    return result
-
-
-def _crc32c_numpy(data, crc: int = 0) -> int:
-    """Slow fallback until jaxjpeg._native is built: numpy over parallel lanes, joined by
-    the CRC's linearity (crc(A+B) = zeros_op(len B)(crc A) ^ crc B)."""
-    buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
-    state = np.array([crc ^ 0xFFFFFFFF], np.uint32)
-    for start in range(0, len(buf), _IO_CHUNK):
-        chunk = buf[start : start + _IO_CHUNK]
-        lane_count = 1 << max(0, min(12, (len(chunk) // 256).bit_length() - 1))
-        lane_length = len(chunk) // lane_count
-        body = chunk[: lane_count * lane_length].reshape(lane_count, lane_length)
-        states = np.zeros(lane_count, np.uint32)
-        states[0] = state[0]
-        states = _raw_update(states, body)
-        operator = _zeros_operator(lane_length)
-        while len(states) > 1:
-            states = _apply(operator, states[0::2]) ^ states[1::2]
-            operator = _apply(operator, operator)
-        state = _raw_update(states, chunk[lane_count * lane_length :][None, :])
-    return int(state[0]) ^ 0xFFFFFFFF
-
-
-try:
-    from jaxjpeg._native import crc32c as _native_crc32c
-except ImportError:
-    _native_crc32c = None
-
-
 def crc32c(data, crc: int = 0) -> int:
     """CRC-32C of a bytes-like object, continuing from `crc`."""
-    if _native_crc32c is not None:
-        return _native_crc32c(data, crc)
-    return _crc32c_numpy(data, crc)
+    return _native_crc32c(data, crc)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -170,12 +115,52 @@ def _as_byte_view(data) -> memoryview:
     return memoryview(data.reshape(-1).view(np.uint8))
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _open_directory(directory: str) -> int | None:
+    """A descriptor to fsync the directory with, or None where the directory
+    cannot be opened for reading (write and search permission are enough to
+    save into it; the rename is then not forced to disk)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return os.open(directory, os.O_RDONLY)
+    except PermissionError:
+        return None
+
+
+_TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{16}")
+_TEMP_STEM_BYTES = 200      # + ".tmp-" + 16 hex digits stays within NAME_MAX (255)
+_STALE_AFTER_S = 10.0       # younger temp files are left alone (their writer may not hold its lock yet)
+
+
+def _temp_stem(path: str) -> str:
+    """The destination's file name, cut to _TEMP_STEM_BYTES of UTF-8."""
+    name = os.path.basename(path).encode("utf-8", "surrogateescape")[:_TEMP_STEM_BYTES]
+    return name.decode("utf-8", "ignore")
+
+
+def _remove_stale_temp_files(directory: str, stem: str) -> None:
+    """Deletes temp files of this destination whose writer died (SIGKILL, power
+    loss): a live writer holds an exclusive lock on its temp file, a dead one
+    holds nothing. Best effort: any error leaves a file alone."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not (entry.name.startswith(stem) and _TEMP_SUFFIX.fullmatch(entry.name, len(stem))):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < _STALE_AFTER_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+        except OSError:  # locked by a live writer, or gone already
+            pass
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -191,6 +176,8 @@ class ContainerWriter:
 
     def __init__(self, path, metadata: dict | None = None):
         self.path = os.fspath(path)
+        # Through a symlink, the file it points to is replaced and the link stays.
+        self._target = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
         self._metadata: dict = {}
         self._blobs: dict[str, BlobInfo] = {}
         self._position = PREAMBLE_SIZE
@@ -205,12 +192,37 @@ class ContainerWriter:
             raise
 
     def _create_temp_file(self) -> tuple[str, int]:
+        directory = os.path.dirname(os.path.abspath(self._target))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
+                                    "not exist", self.path)
+        stem = _temp_stem(self._target)
+        _remove_stale_temp_files(directory, stem)
         while True:
-            temp_path = f"{self.path}.tmp-{secrets.token_hex(8)}"
+            temp_path = os.path.join(directory, f"{stem}.tmp-{secrets.token_hex(8)}")
             try:  # O_EXCL: never clobber; mode 0o666 lets the umask decide, like open()
-                return temp_path, os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
                 continue
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} "
+                                        "does not exist", self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive" for stale cleanup
+                self._keep_mode(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp_path)
+                raise
+            return temp_path, fd
+
+    def _keep_mode(self, fd: int) -> None:
+        """A replaced file keeps its permission bits (a 0600 file stays 0600)."""
+        try:
+            mode = os.stat(self._target).st_mode
+        except FileNotFoundError:
+            return
+        os.fchmod(fd, mode & 0o7777)
 
     def set_metadata(self, metadata: dict) -> None:
         """Sets the user metadata (any JSON-able dict); it is copied now, written at close."""
@@ -271,9 +283,16 @@ class ContainerWriter:
         self._file.write(_pack_preamble(header_offset, len(header), crc32c(header)))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._temp_path, self.path)
-        _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        # Opened before the rename: nothing may fail once the file is in place.
+        dir_fd = _open_directory(os.path.dirname(os.path.abspath(self._target)))
+        try:
+            os.replace(self._temp_path, self._target)
+            self._file.close()  # releases the lock only now: never unlocked before in place
+            if dir_fd is not None:
+                os.fsync(dir_fd)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
 
     def abort(self) -> None:
         """Discards everything written; the file at `path` is left as it was."""
@@ -393,6 +412,11 @@ class ContainerReader:
         raw = self._pread(offset, length)
         if verify and crc32c(raw) != expected_crc:
             raise self._error("header checksum mismatch (file damaged)")
+        tokens = sum(raw.obj.count(c) for c in (b"{", b"[", b","))
+        limit = max(MIN_HEADER_TOKENS, self.file_size // 16)
+        if tokens > limit:
+            raise self._error(f"header holds {tokens} JSON values, more than the {limit} a "
+                              "file of this size may (refused before parsing)")
         try:
             header = json.loads(
                 str(raw, "utf-8"),

@@ -8,6 +8,7 @@ the output shapes and dtypes, which are what a compiled program must know.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -46,8 +47,11 @@ def _compiled_impl(output_shapes, output_dtypes):
 
 
 def _impl(*operands, output_shapes, output_dtypes):
-    """Eager calls run the same compiled custom call as jit does."""
-    return _compiled_impl(output_shapes, output_dtypes)(*operands)
+    """Eager calls run the same compiled custom call as jit does; a corrupt
+    stream is a JpegError here (waited for, so asynchronous dispatch cannot
+    let it surface later as another error type)."""
+    with jpeg_errors():
+        return jax.block_until_ready(_compiled_impl(output_shapes, output_dtypes)(*operands))
 
 
 def _batch(args, dims, *, output_shapes, output_dtypes):
@@ -96,12 +100,40 @@ def decode_plan(plan: codec.DecodePlan, operands=None):
     return decode(*operands, output_shapes=plan.output_shapes, output_dtypes=plan.output_dtypes)
 
 
+# The one reading of a decode's status: the status word (GPU, and every
+# platform inside jit) and the CPU handler's error, which carries the same
+# text (_native.plan_failure, shared with the FFI handlers).
+_FAILURE_TEXT = _native.plan_failure(_native.pack_plan_status(0, 1)).split(" 0:")[0]
+
+
 def check_status(status) -> None:
-    """Raises JpegError if a decode reported a corrupt interval."""
+    """Raises JpegError if a decode reported a corrupt interval (waits for it)."""
     value = int(np.asarray(status)[0])
     if value != _native.PLAN_OK:
-        raise codec.JpegError(f"decode failed in restart interval {value >> 4}: "
-                              f"{_native.status_message(value & 15)}")
+        raise codec.JpegError(_native.plan_failure(value))
+
+
+@contextlib.contextmanager
+def jpeg_errors():
+    """Inside: a decode failure, however jax raises it, becomes a JpegError."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, codec.JpegError) or _FAILURE_TEXT not in str(e):
+            raise
+        text = str(e)
+        raise codec.JpegError(text[text.index(_FAILURE_TEXT):].splitlines()[0]) from None
+
+
+def run_checked(decode, operands):
+    """Runs a jitted ``decode`` returning ``(status, outputs)``; returns the
+    outputs once the status says every interval decoded, else raises
+    JpegError. The status is read inside the error conversion, so a failure
+    that asynchronous dispatch reports late is a JpegError too."""
+    with jpeg_errors():
+        status, outputs = decode(*operands)
+        check_status(status)
+    return outputs
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ Use it like any Orbax item, e.g. inside a ``CheckpointManager``::
     from jaxjpeg.orbax import JaxjpegSave, JaxjpegRestore
 
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=3))
-    mngr.save(step, args=ocp.args.Composite(params=JaxjpegSave(params, step=4.0),
+    mngr.save(step, args=ocp.args.Composite(params=JaxjpegSave(params, quant_step=4.0),
                                             opt_state=ocp.args.StandardSave(opt_state)))
     mngr.wait_until_finished()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
@@ -84,7 +84,7 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
 
     def _write(self, directory, tree, args: "JaxjpegSave") -> None:
         kwargs = dict(args.save_kwargs or {})
-        for name in ("step", "quality", "bits", "policy"):
+        for name in ("quant_step", "quality", "bits", "policy"):
             if getattr(args, name) is not None:
                 kwargs[name] = getattr(args, name)
         kwargs["progress"] = False
@@ -142,7 +142,8 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
 class JaxjpegSave(ocp.args.CheckpointArgs):
     """Save args: the pytree and the rate controls of :func:`jaxjpeg.save`.
 
-    Give at most one rate control: ``step`` (flat quantization step),
+    Give at most one rate control: ``quant_step`` (flat quantization step;
+    not the training step, which Orbax's ``CheckpointManager.save`` takes),
     ``quality`` (standard table), or another of :func:`jaxjpeg.save`'s
     (``qtable``, ``error_bound``, ``target_ratio``, ...) through
     ``save_kwargs``, which is passed to it as is; none means jaxjpeg's
@@ -151,7 +152,7 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
     """
 
     item: Any
-    step: Optional[float] = None
+    quant_step: Optional[float] = None
     quality: Optional[int] = None
     bits: Optional[int] = None
     policy: Optional[_ckpt.Policy] = None

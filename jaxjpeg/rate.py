@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from jaxjpeg import codec, mapping, views
+from jaxjpeg.treepaths import key_record, path_string
 
 STEP_LIMIT = {8: 255, 12: 65535}
 MIN_STEP_8BIT = 8          # below this 8-bit rounding noise exceeds 1/64 of the coding noise
@@ -182,7 +183,7 @@ def step_for(x, q: float, bits: int | None = None, row_weight=None) -> tuple[int
 def encode_with_step(x, bits: int, delta: int, row_weight=None, *, clip: str = "common",
                      **options) -> codec.EncodedTensor:
     """Codes ``x`` at integer step ``delta`` (sample units), by default with ``clip="common"``."""
-    return codec.encode_tensor(_as_prepared(x, row_weight), bits=bits, step=delta, clip=clip,
+    return codec.encode_tensor(_as_prepared(x, row_weight), bits=bits, quant_step=delta, clip=clip,
                                **options)
 
 
@@ -414,7 +415,7 @@ def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options
     scale = p.common_scale(bits)[probe.rows]
     sub = codec.Prepared((probe.matrix.shape), p.dtype, views.MatrixView.default(2),
                          probe.matrix, None, None, None, probe.matrix, {bits: scale})
-    enc = codec.encode_tensor(sub, bits=bits, step=delta, clip="common",
+    enc = codec.encode_tensor(sub, bits=bits, quant_step=delta, clip="common",
                               **{k: v for k, v in options.items() if k != "clip"})
     decoded = codec.decode_tensor(enc)
     diff = (decoded.astype(np.float64) - probe.matrix) * probe.col_scale
@@ -587,16 +588,9 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
 # ----------------------------------------------------------------------------
 
 def leaf_name(path) -> str:
-    """'/'-joined key names of a pytree path (as flax.traverse_util.flatten_dict(sep='/'))."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    """A jax key path as the checkpoint names leaves (slash-joined, as
+    ``paths=`` patterns, targets and ``sensitivity`` keys match them)."""
+    return path_string([key_record(k) for k in path])
 
 
 def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,

@@ -100,12 +100,19 @@ def test_naive_jpeg_error_decreases_with_quality():
 
 
 def test_naive_jpeg_bits_count_file_bytes_and_range():
+    """Checked without recomputing naive_jpeg: values lie on the 256-level grid
+    of the tensor's own min..max, bits are whole bytes plus the 64 bits of min
+    and max, and two copies side by side (one image, its rows twice as long)
+    cost more than one copy and less than two files' worth."""
     w = weights((64, 64))
-    _, bits = bl.naive_jpeg(w, 75)
-    m = bl.as_matrix(w)
-    step = (m.max() - m.min()) / 255
-    samples = np.clip(np.rint((m - m.min()) / step), 0, 255).astype(np.uint8)
-    assert bits == 8 * len(bl.jpeg_encode(samples, 75)) + 64
+    w_hat, bits = bl.naive_jpeg(w, 75)
+    low, high = np.float32(w.min()), np.float32(w.max())
+    levels = (w_hat.astype(np.float64) - low) / ((float(high) - float(low)) / 255)
+    np.testing.assert_allclose(levels, np.rint(levels), atol=1e-3)
+    assert levels.min() > -1e-3 and levels.max() < 255 + 1e-3
+    assert (bits - 64) % 8 == 0 and bits > 64
+    _, bits_two = bl.naive_jpeg(np.concatenate([w, w], axis=1), 75)
+    assert bits - 64 < bits_two - 64 < 2 * (bits - 64)  # one header, not two
 
 
 def test_naive_jpeg_stays_within_range_and_streams_are_jpeg():

@@ -23,15 +23,15 @@ def test_matrix_shape_rule():
 @pytest.mark.parametrize("shape", [(1,), (7, 9), (3, 3, 8, 16), (17, 1031), (65, 4096), (2, 3, 4, 5, 6)])
 def test_round_trip_error_is_bounded(shape):
     x = _gauss(shape)
-    enc = jaxjpeg.encode_tensor(x, step=2, bits=12)
+    enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
     y = jaxjpeg.decode_tensor(enc)
     assert y.shape == x.shape and y.dtype == np.float32
-    assert np.linalg.norm(y - x) <= 0.01 * np.linalg.norm(x)
+    assert np.linalg.norm(y - x) <= 0.003 * np.linalg.norm(x)  # measured <= 0.0015
 
 
 def test_arrays_beyond_jpeg_limit_are_split_into_tiles():
     x = _gauss((2, 70_000))
-    enc = jaxjpeg.encode_tensor(x, step=4, tile_shape=(65535, 65535))
+    enc = jaxjpeg.encode_tensor(x, quant_step=4, tile_shape=(65535, 65535))
     assert len(enc.tiles) == 2
     assert max(t.width for t in enc.tiles) <= 65535
     y = jaxjpeg.decode_tensor(enc)
@@ -39,7 +39,7 @@ def test_arrays_beyond_jpeg_limit_are_split_into_tiles():
 
 
 def test_every_tile_is_a_standard_jpeg_that_pillow_decodes_to_our_samples():
-    enc = jaxjpeg.encode_tensor(_gauss((100, 300)), step=3, tile_shape=(64, 128))
+    enc = jaxjpeg.encode_tensor(_gauss((100, 300)), quant_step=3, tile_shape=(64, 128))
     for tile in enc.tiles:
         ours = _native.decode_samples(tile.data)
         theirs = np.asarray(Image.open(io.BytesIO(tile.data)))
@@ -48,7 +48,7 @@ def test_every_tile_is_a_standard_jpeg_that_pillow_decodes_to_our_samples():
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 def test_output_dtypes_round_the_float32_result(dtype):
-    enc = jaxjpeg.encode_tensor(_gauss((40, 50)), step=3)
+    enc = jaxjpeg.encode_tensor(_gauss((40, 50)), quant_step=3)
     f32 = jaxjpeg.decode_tensor(enc)
     out = jaxjpeg.decode_tensor(enc, dtype)
     assert out.dtype == np.dtype(dtype)
@@ -58,23 +58,23 @@ def test_output_dtypes_round_the_float32_result(dtype):
 def test_bfloat16_and_float16_inputs_are_first_class():
     for dtype in (ml_dtypes.bfloat16, np.float16):
         x = _gauss((64, 64)).astype(dtype)
-        enc = jaxjpeg.encode_tensor(x, step=2, bits=12)
+        enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
         assert enc.dtype == np.dtype(dtype).name
         y = jaxjpeg.decode_tensor(enc, dtype)
         err = np.linalg.norm(y.astype(np.float32) - x.astype(np.float32))
-        assert err <= 0.02 * np.linalg.norm(x.astype(np.float32))
+        assert err <= 0.003 * np.linalg.norm(x.astype(np.float32))  # measured 0.0011-0.0012
 
 
 def test_non_negative_tensors_decode_non_negative():
     """Optimizer second moments must never come back negative."""
     x = np.abs(_gauss((64, 256))) ** 2
     x[:, :5] = 0.0
-    enc = jaxjpeg.encode_tensor(x, step=16)
+    enc = jaxjpeg.encode_tensor(x, quant_step=16)
     assert jaxjpeg.decode_tensor(enc).min() >= 0.0
 
 
 def test_decode_uses_all_restart_intervals_and_matches_single_thread():
-    enc = jaxjpeg.encode_tensor(_gauss((256, 512)), step=4, restart_interval=3)
+    enc = jaxjpeg.encode_tensor(_gauss((256, 512)), quant_step=4, restart_interval=3)
     assert sum(t.num_intervals for t in enc.tiles) > 100
     np.testing.assert_array_equal(jaxjpeg.decode_tensor(enc, threads=1),
                                   jaxjpeg.decode_tensor(enc, threads=0))
@@ -83,26 +83,26 @@ def test_decode_uses_all_restart_intervals_and_matches_single_thread():
 def test_rate_controls_are_exclusive_and_validated():
     x = _gauss((16, 16))
     with pytest.raises(ValueError, match="exactly one"):
-        jaxjpeg.encode_tensor(x, step=2, quality=50)
+        jaxjpeg.encode_tensor(x, quant_step=2, quality=50)
     with pytest.raises(ValueError, match="step"):
-        jaxjpeg.encode_tensor(x, step=300)
+        jaxjpeg.encode_tensor(x, quant_step=300)
     with pytest.raises(ValueError, match="bits"):
-        jaxjpeg.encode_tensor(x, step=2, bits=10)
+        jaxjpeg.encode_tensor(x, quant_step=2, bits=10)
     with pytest.raises(TypeError):
-        jaxjpeg.encode_tensor(np.arange(64).reshape(8, 8), step=2)
+        jaxjpeg.encode_tensor(np.arange(64).reshape(8, 8), quant_step=2)
     with pytest.raises(ValueError, match="NaN"):
-        jaxjpeg.encode_tensor(np.full((8, 8), np.nan, np.float32), step=2)
+        jaxjpeg.encode_tensor(np.full((8, 8), np.nan, np.float32), quant_step=2)
 
 
 def test_flat_table_error_shrinks_with_step():
     x = _gauss((128, 128))
-    errors = [np.linalg.norm(jaxjpeg.decode_tensor(jaxjpeg.encode_tensor(x, step=s)) - x)
+    errors = [np.linalg.norm(jaxjpeg.decode_tensor(jaxjpeg.encode_tensor(x, quant_step=s)) - x)
               for s in (16, 8, 4, 2)]
     assert errors == sorted(errors, reverse=True)
 
 
 def test_plan_refuses_a_tile_whose_header_disagrees_with_its_record():
-    enc = jaxjpeg.encode_tensor(_gauss((16, 32)), step=4)
+    enc = jaxjpeg.encode_tensor(_gauss((16, 32)), quant_step=4)
     tile = enc.tiles[0]
     builder = codec.PlanBuilder()
     out = builder.add_output((16, 64), np.float32, np.ones(16), np.zeros(16))
@@ -111,3 +111,88 @@ def test_plan_refuses_a_tile_whose_header_disagrees_with_its_record():
                      fill=lambda view: view.__setitem__(slice(None), np.frombuffer(tile.data, np.uint8)))
     with pytest.raises(jaxjpeg.JpegError, match="tile header says 32x16"):
         builder.finish()
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize("restart_interval", [0, 1, 3, 8])
+def test_encoder_records_interval_starts_as_it_writes(bits, restart_interval):
+    """Issue 9, defect 13: encode_tensor re-scanned every tile it had just
+    written to find its restart offsets; the encoder now records them, and
+    they are exactly what a scan of the stream finds."""
+    samples = np.random.default_rng(restart_interval).uniform(
+        0, (1 << bits) - 1, (37, 83)).astype(np.float32)
+    data, starts = _native.encode(samples, np.full(64, 3, np.uint16), bits=bits,
+                                  restart_interval=restart_interval, with_intervals=True)
+    np.testing.assert_array_equal(starts, _native.inspect(data)["interval_starts"])
+    assert _native.check_interval_starts(data, starts)
+    enc = jaxjpeg.encode_tensor(_gauss((100, 300)), quant_step=3, tile_shape=(64, 128),
+                                bits=bits, restart_interval=restart_interval)
+    for tile in enc.tiles:
+        np.testing.assert_array_equal(tile.interval_starts,
+                                      _native.inspect(tile.data)["interval_starts"])
+
+
+def test_tiny_weights_decode_to_float16_as_numpy_rounds_them():
+    """Subnormal float16 outputs (below 6.1e-5) round to nearest even, as
+    numpy's float32 -> float16 does, checked against the independent oracle."""
+    from oracle import expected_tensor
+    x = _gauss((48, 80)) * 2e-6
+    enc = jaxjpeg.encode_tensor(x, quant_step=2, bits=12)
+    want = expected_tensor(enc, np.float16)
+    assert np.count_nonzero(np.abs(want) < 6.1e-5) > 1000
+    got = jaxjpeg.decode_tensor(enc, np.float16)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(got, jaxjpeg.decode_tensor(enc).astype(np.float16))
+
+
+def test_restart_markers_must_count_up():
+    """RST markers out of order (the second and third swapped, or every one
+    RST0) are refused by the interval index, so no decode can run them."""
+    data = _native.encode(np.full((8, 64), 100.0, np.float32) + np.arange(64, dtype=np.float32),
+                          np.full(64, 2, np.uint16), restart_interval=1)
+    starts = _native.inspect(data)["interval_starts"]
+    swapped = bytearray(data)
+    a, b = int(starts[1]) - 1, int(starts[2]) - 1  # the RSTn code bytes
+    swapped[a], swapped[b] = swapped[b], swapped[a]
+    all_rst0 = bytearray(data)
+    for s in starts[1:-1]:
+        all_rst0[int(s) - 1] = 0xD0
+    for bad in (bytes(swapped), bytes(all_rst0)):
+        with pytest.raises(jaxjpeg.JpegError, match="restart"):
+            _native.inspect(bad)
+        with pytest.raises(jaxjpeg.JpegError):
+            _native.decode_samples(bad)
+        assert not _native.check_interval_starts(bad, starts)
+
+
+def _rdo_pair(bits, step, seed=0):
+    m = (1 << bits) - 1
+    s = np.clip(np.random.default_rng(seed).normal(size=(512, 512)) * m / 10 + m / 2, 0, m)
+    s = s.astype(np.float32)
+    table = np.full(64, step, np.uint16)
+    with_rdo = _native.encode(s, table, bits=bits, restart_interval=8)
+    plain = _native.encode(s, table, bits=bits, restart_interval=8, rdo=False)
+
+    def sse(d):
+        return float(np.sum((_native.decode_samples(d).astype(np.float64) - s) ** 2))
+    return sse(with_rdo), sse(plain), 8 * len(with_rdo), 8 * len(plain)
+
+
+@pytest.mark.parametrize("bits,step", [(8, 4), (8, 8), (12, 16)])
+def test_rdo_trades_error_for_bits_at_its_lambda(bits, step):
+    """RDO lowers a value when the error added, in step^2, is below lambda
+    (0.12) times the bits saved; the decisions' errors then spread over
+    [0, lambda) per bit, so the measured slope, added error / bits saved, is
+    about lambda / 2 (0.055-0.059 measured at these settings)."""
+    sse_rdo, sse_plain, bits_rdo, bits_plain = _rdo_pair(bits, step)
+    assert sse_rdo > sse_plain and bits_rdo < bits_plain
+    slope = (sse_rdo - sse_plain) / step ** 2 / (bits_plain - bits_rdo)
+    assert 0.045 < slope < 0.075, slope
+
+
+def test_rdo_gain_at_four_bits_per_weight():
+    """At 8-bit step 8 (about 3.9 bits/sample on this Gaussian): RDO saves
+    1.2% of the bytes for 3.3% more squared error (measured)."""
+    sse_rdo, sse_plain, bits_rdo, bits_plain = _rdo_pair(8, 8)
+    assert 0.984 < bits_rdo / bits_plain < 0.992
+    assert 1.022 < sse_rdo / sse_plain < 1.045

@@ -49,7 +49,7 @@ def mixed():
     encs = []
     for k, shape in enumerate(shapes):
         bits = 12 if k % 3 == 2 else 8
-        encs.append(jaxjpeg.encode_tensor(_tensor(rng, shape), bits=bits, step=2 + k,
+        encs.append(jaxjpeg.encode_tensor(_tensor(rng, shape), bits=bits, quant_step=2 + k,
                                           restart_interval=k % 4, tile_shape=(40, 512)))
     return encs
 
@@ -79,7 +79,7 @@ def test_kernel_harness_matches_core(mixed):
 def test_one_call_decodes_over_100_tensors():
     rng = np.random.default_rng(1)
     tensors = [_tensor(rng, (int(rng.integers(1, 40)), int(rng.integers(1, 90)))) for _ in range(120)]
-    encs = [jaxjpeg.encode_tensor(t, step=3) for t in tensors]
+    encs = [jaxjpeg.encode_tensor(t, quant_step=3) for t in tensors]
     dtypes = [DTYPES[k % 3] for k in range(len(encs))]
     plan = codec.build_plan(encs, dtypes)
     expected = codec.run_plan(plan)
@@ -92,7 +92,7 @@ def test_one_call_decodes_over_100_tensors():
 
 def test_vmap_over_payloads_of_equal_structure():
     rng = np.random.default_rng(2)
-    encs = [jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), step=4, restart_interval=2) for _ in range(3)]
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), quant_step=4, restart_interval=2) for _ in range(3)]
     plans = [codec.build_plan([e], [np.float32]) for e in encs]
     operands = _operands_padded_alike(plans)
     stacked = [np.stack(column) for column in zip(*operands)]
@@ -105,7 +105,7 @@ def test_vmap_over_payloads_of_equal_structure():
 
 def test_repeated_calls_reuse_the_compiled_program():
     rng = np.random.default_rng(3)
-    encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), step=4) for _ in range(2)]
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), quant_step=4) for _ in range(2)]
     plans = [codec.build_plan([e], [np.float32]) for e in encs]
     operands = _operands_padded_alike(plans)  # one operand shape: one program
     decode = jax.jit(lambda *a: ops.decode_plan(plans[0], a)[1][0])
@@ -124,7 +124,7 @@ def test_repeated_calls_reuse_the_compiled_program():
 
 def test_corrupt_payload_raises_clear_error():
     rng = np.random.default_rng(4)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), step=2)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), quant_step=2)
     plan = codec.build_plan([enc], [np.float32])
     operands = list(ops.plan_operands(plan))
     payload = operands[0].copy()
@@ -137,7 +137,7 @@ def test_corrupt_payload_raises_clear_error():
 
 def test_hostile_plan_is_refused_not_written():
     rng = np.random.default_rng(5)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (16, 16)), step=2)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (16, 16)), quant_step=2)
     plan = codec.build_plan([enc], [np.float32])
     operands = list(ops.plan_operands(plan))
     tiles = plan.tiles.copy()
@@ -149,7 +149,7 @@ def test_hostile_plan_is_refused_not_written():
 
 def test_grad_is_a_clear_error():
     rng = np.random.default_rng(6)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (8, 8)), step=2)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (8, 8)), quant_step=2)
     plan = codec.build_plan([enc], [np.float32])
     operands = ops.plan_operands(plan)
 
@@ -161,18 +161,23 @@ def test_grad_is_a_clear_error():
         jax.grad(loss)(jnp.asarray(operands[4]))
 
 
-def test_cuda_module_built_where_required():
-    """CI sets JAXJPEG_REQUIRE_CUDA_BUILD where nvcc exists: a CUDA build break
-    must fail there, while elsewhere the CUDA module is optional."""
+def test_cuda_module_built_where_nvcc_exists():
+    """Wherever nvcc is on PATH (or CI sets JAXJPEG_REQUIRE_CUDA_BUILD) the CUDA
+    module must have been built: a CUDA build break fails here. Without nvcc
+    the module must be absent (nothing could have built it), and the "cuda"
+    lowering is then not registered."""
     import os
+    import shutil
 
     from jaxjpeg import lowering
-    if os.environ.get("JAXJPEG_REQUIRE_CUDA_BUILD"):
-        assert lowering.cuda_available()
+    if shutil.which("nvcc") or os.environ.get("JAXJPEG_REQUIRE_CUDA_BUILD"):
+        assert lowering.cuda_available(), "nvcc exists but jaxjpeg._native_cuda was not built"
         from jaxjpeg import _native_cuda
         assert "jaxjpeg_decode" in _native_cuda.ffi_targets()
     else:
-        assert isinstance(lowering.cuda_available(), bool)
+        assert not lowering.cuda_available()
+        with pytest.raises(ImportError):
+            __import__("jaxjpeg._native_cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -180,7 +185,7 @@ def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
     """Inside jit on a GPU nothing raises: the failing interval's weights must
     be NaN (and only its weights), while the status word names it."""
     rng = np.random.default_rng(7)
-    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), step=4, restart_interval=8)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (64, 256)), quant_step=4, restart_interval=8)
     plan = codec.build_plan([enc], [dtype])
     payload = plan.payload.copy()
     start = int(plan.interval_starts[3])
@@ -194,3 +199,56 @@ def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
     nan = np.isnan(out.astype(np.float32))
     assert nan.sum() == 8 * 64  # interval 3: blocks 24..31 of a 32-block-wide tile row
     assert nan[:8, 3 * 64:4 * 64].all()
+
+
+# ---------------------------------------------------------------- independent oracle
+# The tests above compare the custom call with run_plan, the same C++ core:
+# a bug in that core (the IDCT, the affine output stage) sits on both sides.
+# These compare it with libjpeg-turbo's samples times scale plus offset.
+
+from oracle import expected_tensor  # noqa: E402
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_custom_call_matches_an_independent_oracle(bits, dtype):
+    rng = np.random.default_rng(11 + bits)
+    x = _tensor(rng, (70, 300)) + np.linspace(-0.3, 0.4, 70, dtype=np.float32)[:, None]
+    enc = jaxjpeg.encode_tensor(x, bits=bits, quant_step=3, tile_shape=(40, 128),
+                                restart_interval=3)
+    plan = codec.build_plan([enc], [dtype])
+    (out,) = _decode_checked(plan)
+    np.testing.assert_array_equal(_bits(out), _bits(expected_tensor(enc, dtype).reshape(70, 300)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_custom_call_rounds_tiny_weights_like_numpy(dtype):
+    """Weights far below float16's smallest normal (6.1e-5): subnormal outputs
+    must round as numpy rounds float32 to float16 (round to nearest even)."""
+    rng = np.random.default_rng(5)
+    x = _tensor(rng, (64, 96), scale=3e-6)
+    enc = jaxjpeg.encode_tensor(x, bits=12, quant_step=2)
+    expected = expected_tensor(enc, dtype)
+    assert np.count_nonzero(np.abs(expected.astype(np.float32)) < 6.1e-5) > 1000
+    (out,) = _decode_checked(codec.build_plan([enc], [dtype]))
+    np.testing.assert_array_equal(_bits(out), _bits(expected))
+
+
+def test_plan_listing_more_intervals_than_a_tile_has_is_refused():
+    """An interval index with one interval more than the last tile holds: the
+    extra interval would decode nothing and leave no trace. Refused by the
+    custom call, run_plan and the CUDA kernel body alike."""
+    rng = np.random.default_rng(8)
+    enc = jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), quant_step=2, restart_interval=4)
+    plan = codec.build_plan([enc], [np.float32])
+    starts = np.concatenate([plan.interval_starts, plan.interval_starts[-1:]])
+    operands = list(ops.plan_operands(plan))
+    operands[1] = starts.view(np.int32)
+    extra = len(starts) - 2
+    with pytest.raises(jaxjpeg.JpegError, match=f"restart interval {extra}:"):
+        ops.run_checked(jax.jit(lambda *a: ops.decode_plan(plan, a)), operands)
+    out = np.zeros(plan.output_shapes[0], np.float32)
+    for run in (_native.run_plan, _native.run_plan_kernel_harness):
+        with pytest.raises(jaxjpeg.JpegError, match=f"restart interval {extra}:"):
+            run(plan.payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
+                [out], [0])

@@ -181,3 +181,32 @@ def test_mse_clip_matches_exhaustive():
     ratios = np.array(mapping.CLIP_CANDIDATES)[pick]
     np.testing.assert_allclose(got_lo, center - ratios * (center - lo))
     np.testing.assert_allclose(got_hi, center + ratios * (hi - center))
+
+
+def test_encode_for_error_keeps_the_bits_asked_for_on_its_fallback():
+    """Issue 9, defect 13: with bits=8, a bound one shared scale cannot meet
+    (rows of very different spread and offset) fell back to per-row ranges
+    at 12 bits; the fallback now keeps the bits given."""
+    rng = np.random.default_rng(1)
+    rows, cols = int(rng.integers(8, 64)), 64
+    x = rng.normal(size=(rows, cols)) * np.exp(rng.uniform(-6, 6, size=(rows, 1)))
+    x += rng.normal(size=(rows, 1)) * np.exp(rng.uniform(-3, 8))
+    x = x.astype(np.float32)
+    enc = rate.encode_for_error(x, 0.01, bits=8)
+    assert enc.bits == 8 and all(t.bits == 8 for t in enc.tiles)
+    assert rate.relative_error(x, enc) <= 0.01
+    free = rate.encode_for_error(x, 0.01)  # free to choose: the smaller coding, within the bound
+    assert rate.relative_error(x, free) <= 0.01
+
+
+def test_leaf_name_is_the_checkpoint_path():
+    """One naming of leaves: sensitivity keys are the paths save records."""
+    import collections
+    import jax
+    from jaxjpeg.treepaths import leaves_with_paths, path_string
+    Pair = collections.namedtuple("Pair", "left right")
+    tree = {"a": [np.zeros(2), {"b": np.zeros(3)}], "c": Pair(np.zeros(1), (np.ones(1),))}
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = [rate.leaf_name(p) for p in paths]
+    assert names == [path_string(r) for r, _ in leaves_with_paths(tree)]
+    assert names == ["a/0", "a/1/b", "c/left", "c/right/0"]

@@ -29,6 +29,8 @@ CHECKS = [
     "raw_leaf_sharded",
     "whole_tree_mixed_targets",
     "different_device_count_than_saved",
+    "concrete_target_keeps_its_device",
+    "load_honours_target_placement",
 ]
 
 

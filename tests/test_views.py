@@ -121,7 +121,7 @@ def _oracle(enc: codec.EncodedTensor) -> np.ndarray:
 def _col_scaled(seed=4):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((72, 200)) * np.exp(rng.standard_normal(200))).astype(np.float32)
-    enc = codec.encode_tensor(x, bits=8, step=6, col_weight=np.exp(-2 * rng.standard_normal(200)),
+    enc = codec.encode_tensor(x, bits=8, quant_step=6, col_weight=np.exp(-2 * rng.standard_normal(200)),
                               tile_shape=(64, 96))
     assert enc.col_scale is not None and len(np.unique(enc.col_scale)) > 50
     return x, enc
@@ -146,7 +146,7 @@ def test_column_scales_follow_the_weights():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((64, 256)).astype(np.float32)
     weight = np.where(np.arange(256) < 128, 100.0, 1.0)
-    enc = codec.encode_tensor(x, bits=12, step=64, col_weight=weight)
+    enc = codec.encode_tensor(x, bits=12, quant_step=64, col_weight=weight)
     err = (codec.decode_tensor(enc) - x) ** 2
     ratio = math.sqrt(err[:, 128:].mean() / err[:, :128].mean())
     assert 7 < ratio < 13, ratio

@@ -14,6 +14,7 @@
 #include "crc32c.h"
 #include "decode_kernel.h"
 #include "encoder.h"
+#include "ffi_decode.h"
 #include "ffi_cpu.h"
 #include "parallel_for.h"
 #include "quant_tables.h"
@@ -108,6 +109,17 @@ py::tuple TileHeader(const py::buffer& data) {
   return py::make_tuple(tables, info.width, info.height, info.bits, info.restart_interval);
 }
 
+bool CheckIntervalStarts(const py::buffer& data,
+                         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& starts) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* bytes = static_cast<const uint8_t*>(b.ptr);
+  const int64_t size = b.size * b.itemsize;
+  if (starts.ndim() != 1) throw py::value_error("starts must be 1-D");
+  StreamInfo info;
+  Check(ParseStreamHeader(bytes, size, &info), "JPEG header");
+  return CheckRestartIndex(bytes, size, info, starts.data(), starts.size()) == Status::kOk;
+}
+
 template <int kBits>
 Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* out,
                          int threads) {
@@ -119,11 +131,7 @@ Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* o
     const int64_t n = std::min(per, p.info.NumBlocks() - first);
     const Status s = DecodeInterval<kBits>(data + p.starts[i], data + p.starts[i + 1],
                                            p.info.tables, p.info.Grid(), first, n, sink);
-    if (s != Status::kOk) {
-      int32_t seen = first_error.load(), packed = PackPlanStatus(i, s);
-      while (packed < seen && !first_error.compare_exchange_weak(seen, packed)) {
-      }
-    }
+    if (s != Status::kOk) RecordFirstError(first_error, PackPlanStatus(i, s));
   });
   const int32_t e = first_error.load();
   return e == kPlanOk ? Status::kOk : static_cast<Status>(e & 15);
@@ -223,11 +231,9 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
   return h;
 }
 
+// The failure text is PlanFailure's, the one the FFI handlers report.
 void RaiseOnFailure(int32_t status) {
-  if (status != kPlanOk) {
-    throw JpegError("decode failed in restart interval " + std::to_string(status >> 4) + ": " +
-                    StatusMessage(static_cast<Status>(status & 15)));
-  }
+  if (status != kPlanOk) throw JpegError(PlanFailure(status));
 }
 
 // Executes a decode plan into preallocated numpy outputs (see decode_plan.h).
@@ -279,9 +285,9 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
   RaiseOnFailure(status);
 }
 
-py::bytes Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
-                 const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
-                 int bits, int restart_interval, bool optimize) {
+py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
+                  const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals) {
   if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
   if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
   EncodeOptions options;
@@ -289,16 +295,23 @@ py::bytes Encode(const py::array_t<float, py::array::c_style | py::array::forcec
   std::memcpy(options.qtable, qtable.data(), sizeof(options.qtable));
   options.restart_interval = restart_interval;
   options.optimize_huffman = optimize;
+  options.rdo = rdo;
   const py::ssize_t h = samples.shape(0), w = samples.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
   std::vector<uint8_t> out;
+  std::vector<int64_t> starts;
   Status s;
   {
     py::gil_scoped_release release;
-    s = EncodeGrayscale(samples.data(), static_cast<int>(w), static_cast<int>(h), w, options, &out);
+    s = EncodeGrayscale(samples.data(), static_cast<int>(w), static_cast<int>(h), w, options, &out,
+                        &starts);
   }
   Check(s, "encode");
-  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+  py::bytes data(reinterpret_cast<const char*>(out.data()), out.size());
+  if (!with_intervals) return std::move(data);
+  py::array_t<int64_t> offsets(static_cast<py::ssize_t>(starts.size()));
+  std::memcpy(offsets.mutable_data(), starts.data(), starts.size() * sizeof(int64_t));
+  return py::make_tuple(data, offsets);
 }
 
 py::array_t<uint16_t> QualityTable(int quality, int bits) {
@@ -331,6 +344,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("tile_header", &TileHeader, py::arg("data"),
         "(decoder tables as the plan's table bytes, width, height, bits, restart interval) "
         "of a JPEG file's header.");
+  m.def("check_interval_starts", &CheckIntervalStarts, py::arg("data"), py::arg("starts"),
+        "Whether a recorded interval index (starts + EOI offset) sits on the tile's own "
+        "restart markers (header parsed, entropy-coded data not scanned).");
   m.def("decode_samples", &DecodeSamples, py::arg("data"), py::arg("threads") = 0,
         "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
@@ -343,8 +359,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("col_scale") = py::none(),
         "Run the CUDA kernel body over every (block, thread) on the host (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
-        py::arg("restart_interval") = 0, py::arg("optimize") = true,
-        "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file.");
+        py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
+        py::arg("with_intervals") = false,
+        "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file; with_intervals: "
+        "(bytes, interval start offsets + the EOI offset, as inspect finds them).");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
@@ -354,5 +372,9 @@ PYBIND11_MODULE(_native, m) {
     return targets;
   }, "XLA FFI handler capsules for the CPU platform.");
   m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);
-  m.def("status_message", [](int code) { return std::string(StatusMessage(static_cast<Status>(code))); });
+  m.def("plan_failure", &PlanFailure, py::arg("status"),
+        "The text of a failed decode's packed status word, as the FFI handlers report it.");
+  m.def("pack_plan_status", [](int64_t interval, int code) {
+    return PackPlanStatus(interval, static_cast<Status>(code));
+  }, py::arg("interval"), py::arg("code"), "The packed status word of a failed interval.");
 }

@@ -9,15 +9,21 @@
 
 namespace jaxjpeg {
 
+// Keeps the smallest packed status (the first failing interval) seen by any
+// thread: the one first-error rule of every host loop (the CUDA kernel does
+// the same with atomicMin).
+inline void RecordFirstError(std::atomic<int32_t>& first_error, int32_t status) {
+  int32_t seen = first_error.load();
+  while (status < seen && !first_error.compare_exchange_weak(seen, status)) {
+  }
+}
+
 // Returns kPlanOk, or the packed status of the first failing interval.
 inline int32_t RunDecodePlanOnHost(const DecodePlan& plan, int threads) {
   if (plan.num_intervals > kMaxPlanIntervals) return PackPlanStatus(0, Status::kBadArgument);
   std::atomic<int32_t> first_error{kPlanOk};
   ParallelFor(plan.num_intervals, threads, [&](int64_t i) {
-    const int32_t status = DecodePlanInterval(plan, i);
-    int32_t seen = first_error.load();
-    while (status < seen && !first_error.compare_exchange_weak(seen, status)) {
-    }
+    RecordFirstError(first_error, DecodePlanInterval(plan, i));
   });
   return first_error.load();
 }

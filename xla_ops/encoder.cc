@@ -303,17 +303,20 @@ void RdoQuantizeBlock(const float scaled[64], int16_t zigzag[64], const uint8_t 
   }
 }
 
-// Pass 2: the entropy-coded segment, with RSTn markers between intervals.
+// Pass 2: the entropy-coded segment, with RSTn markers between intervals;
+// the offset where each interval's data starts is appended to `starts`.
 void WriteEntropyCodedData(const int16_t* zigzag, int64_t block_count, int restart_interval,
-                           WriterSink* sink) {
+                           WriterSink* sink, std::vector<int64_t>* starts) {
   BitWriter& writer = *sink->writer;
   int previous_dc = 0;
   int marker_index = 0;
+  starts->push_back(static_cast<int64_t>(writer.Position()));
   for (int64_t index = 0; index < block_count; ++index) {
     if (index > 0 && StartsInterval(index, restart_interval)) {
       writer.FlushWithPadding();
       writer.PutMarker(static_cast<uint8_t>(marker::kRST0 + marker_index));
       marker_index = (marker_index + 1) & 7;
+      starts->push_back(static_cast<int64_t>(writer.Position()));
     }
     if (StartsInterval(index, restart_interval)) previous_dc = 0;
     writer.Reserve(kMaxCodedBlockBytes);
@@ -399,7 +402,8 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 // ---------------------------------------------------------------------------
 
 void Encode(const float* samples, int width, int height, std::ptrdiff_t stride,
-            const EncodeOptions& options, std::vector<uint8_t>* out) {
+            const EncodeOptions& options, std::vector<uint8_t>* out,
+            std::vector<int64_t>* starts) {
   const BlockGrid grid = MakeBlockGrid(width, height);
   // Not value-initialized: pass 1 writes every element.
   std::unique_ptr<int16_t[]> zigzag(new int16_t[grid.count * 64]);
@@ -447,22 +451,29 @@ void Encode(const float* samples, int width, int height, std::ptrdiff_t stride,
 
   BitWriter writer(out);
   WriterSink sink{&writer, BuildCodeTable(dc_spec), BuildCodeTable(ac_spec)};
-  WriteEntropyCodedData(zigzag.get(), grid.count, options.restart_interval, &sink);
+  WriteEntropyCodedData(zigzag.get(), grid.count, options.restart_interval, &sink, starts);
+  starts->push_back(static_cast<int64_t>(out->size()));  // the EOI marker
   PutMarker(out, marker::kEOI);
 }
 
 }  // namespace
 
 Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,
-                       const EncodeOptions& options, std::vector<uint8_t>* out) {
+                       const EncodeOptions& options, std::vector<uint8_t>* out,
+                       std::vector<int64_t>* interval_starts) {
   const Status status = ValidateArguments(samples, width, height, stride, options, out);
   if (status != Status::kOk) return status;
   const size_t original_size = out->size();
+  std::vector<int64_t> starts;
   try {
-    Encode(samples, width, height, stride, options, out);
+    Encode(samples, width, height, stride, options, out, &starts);
   } catch (const std::exception&) {  // std::bad_alloc, std::length_error
     out->resize(original_size);
     return Status::kBadArgument;
+  }
+  if (interval_starts != nullptr) {
+    for (int64_t& s : starts) s -= static_cast<int64_t>(original_size);  // relative to the file
+    interval_starts->swap(starts);
   }
   return Status::kOk;
 }

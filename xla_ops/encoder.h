@@ -44,8 +44,12 @@ struct EncodeOptions {
 // Errors: kBadSize (dimensions), kBadArgument (null pointers, stride, bits,
 // restart interval, out of memory), kBadQuantTable (a step out of range),
 // kUnsupported (standard Huffman tables with 12-bit samples).
+// interval_starts (optional): replaced by the offset in *out of each restart
+// interval's entropy-coded data, then of the EOI marker (intervals + 1
+// values), recorded while writing: what a decoder's scan for markers finds.
 Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,
-                       const EncodeOptions& options, std::vector<uint8_t>* out);
+                       const EncodeOptions& options, std::vector<uint8_t>* out,
+                       std::vector<int64_t>* interval_starts = nullptr);
 
 }  // namespace jaxjpeg
 

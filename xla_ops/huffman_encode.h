@@ -90,6 +90,9 @@ class BitWriter {
   // Trims the vector to what was written.
   void Finish() { out_->resize(size_); }
 
+  // Bytes written so far (the offset of the next byte in the vector).
+  size_t Position() const { return size_; }
+
  private:
   void EmitByte(uint8_t byte) {
     uint8_t* dst = out_->data() + size_;

@@ -197,4 +197,23 @@ Status IndexRestartIntervals(const uint8_t* data, int64_t size, const StreamInfo
   return Status::kTruncated;
 }
 
+Status CheckRestartIndex(const uint8_t* data, int64_t size, const StreamInfo& info,
+                         const int64_t* starts, int64_t count) {
+  const int64_t intervals = info.NumIntervals();
+  if (count != intervals + 1 || starts[0] != info.scan_begin) return Status::kBadArgument;
+  for (int64_t i = 1; i <= intervals; ++i) {
+    const int64_t s = starts[i];
+    if (s < starts[i - 1]) return Status::kBadArgument;  // also keeps s - 2 from overflowing
+    const bool last = i == intervals;
+    // RSTn (2 bytes) precede their interval; EOI sits at the end offset. An
+    // interval may be empty (the decoder refuses it), never overlap a marker.
+    const int64_t at = last ? s : s - 2;
+    if (at < starts[i - 1] || at > size - 2) return Status::kBadArgument;
+    const uint8_t expected =
+        last ? marker::kEOI : static_cast<uint8_t>(marker::kRST0 + ((i - 1) & 7));
+    if (data[at] != 0xFF || data[at + 1] != expected) return Status::kBadArgument;
+  }
+  return Status::kOk;
+}
+
 }  // namespace jaxjpeg

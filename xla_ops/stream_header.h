@@ -38,6 +38,16 @@ Status ParseStreamHeader(const uint8_t* data, int64_t size, StreamInfo* info);
 Status IndexRestartIntervals(const uint8_t* data, int64_t size, const StreamInfo& info,
                              int64_t* starts);
 
+// Checks a recorded index (`count` offsets, as IndexRestartIntervals writes
+// them) against the stream without scanning its entropy-coded data: starts[0]
+// is where the scan begins, every later start follows RSTn with n = (i - 1)
+// mod 8, no marker overlaps an earlier interval, and the last is the EOI
+// marker. A tile whose
+// markers are where its index says decodes as the file was written; an index
+// shifted by a few bytes (decoding to other weights) fails. O(intervals).
+Status CheckRestartIndex(const uint8_t* data, int64_t size, const StreamInfo& info,
+                         const int64_t* starts, int64_t count);
+
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_STREAM_HEADER_H_

@@ -11,6 +11,7 @@
 // The input is copied into an exactly-sized heap buffer (libFuzzer already does
 // this) so AddressSanitizer flags any read past its end.
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -86,6 +87,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (jaxjpeg::IndexRestartIntervals(data, static_cast<int64_t>(size), info, starts.data()) !=
       jaxjpeg::Status::kOk) {
     return 0;
+  }
+  // The check restore makes of a recorded index (CheckRestartIndex) accepts
+  // the index the scan found, and refuses it shifted by one byte.
+  const int64_t count = info.NumIntervals() + 1;
+  if (jaxjpeg::CheckRestartIndex(data, static_cast<int64_t>(size), info, starts.data(), count) !=
+      jaxjpeg::Status::kOk) {
+    std::abort();
+  }
+  std::vector<int64_t> shifted(starts);
+  shifted[count - 1] += 1;
+  if (jaxjpeg::CheckRestartIndex(data, static_cast<int64_t>(size), info, shifted.data(), count) ==
+      jaxjpeg::Status::kOk) {
+    std::abort();
   }
   std::vector<uint16_t> out(static_cast<size_t>(samples));
   if (info.bits == 12) {

@@ -1,6 +1,6 @@
-"""GPU decode checks, collected only on machines with a CUDA device
-(tests/conftest.py ignores this folder elsewhere): the CUDA handler must
-produce the same bits as the CPU handler from the same bytes."""
+"""GPU decode checks, skipped (with the reason shown) on machines without a
+CUDA device (tests/conftest.py): the CUDA handler must produce the same bits
+as the CPU handler from the same bytes."""
 
 import jax
 import ml_dtypes
@@ -21,7 +21,7 @@ def _encodings(count, seed=0):
     for k in range(count):
         shape = (int(rng.integers(1, 300)), int(rng.integers(1, 700)))
         x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 4 == 3 else 8, step=2 + k % 9,
+        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 4 == 3 else 8, quant_step=2 + k % 9,
                                           restart_interval=k % 5, tile_shape=(128, 256)))
     return encs
 

@@ -250,6 +250,42 @@ def different_device_count_than_saved():
     assert one.devices() == {jax.devices()[3]}
 
 
+@check
+def concrete_target_keeps_its_device():
+    """A concrete target array on a device other than the default one: the
+    restored leaf lands on that device (on one device this says nothing)."""
+    target = {"grid": jax.device_put(np.zeros((1024, 2048), np.float32), jax.devices()[6]),
+              "bias": jax.device_put(np.zeros(1024, np.float32), jax.devices()[2])}
+    restored = jaxjpeg.restore(PATH, target=target)
+    assert restored["grid"].devices() == {jax.devices()[6]}
+    assert restored["bias"].devices() == {jax.devices()[2]}
+    np.testing.assert_array_equal(np.asarray(restored["grid"]), REFERENCE["grid"])
+
+
+@check
+def load_honours_target_placement():
+    """load(target=...) used to put everything on the default device whatever
+    the target said; now one-device targets are honoured, lossless leaves take
+    any sharding, and a JPEG leaf sharded over devices is refused clearly."""
+    sharded = NamedSharding(mesh((8,), ("x",)), P("x"))
+    target = {"grid": jax.ShapeDtypeStruct((1024, 2048), np.float32,
+                                           sharding=SingleDeviceSharding(jax.devices()[4])),
+              "bias": jax.ShapeDtypeStruct((1024,), np.float32, sharding=sharded)}
+    loaded = jaxjpeg.load(PATH, target=target)
+    assert {o.devices().pop() for o in loaded["grid"].operands} == {jax.devices()[4]}
+    assert loaded["bias"].sharding.is_equivalent_to(sharded, 1)
+    np.testing.assert_array_equal(np.asarray(loaded["bias"]), TREE["bias"])
+    decoded = jaxjpeg.decode(loaded)["grid"]
+    np.testing.assert_array_equal(np.asarray(decoded), REFERENCE["grid"])
+    try:
+        jaxjpeg.load(PATH, target={"rows": jax.ShapeDtypeStruct((4096, 1024), np.float32,
+                                                                 sharding=sharded)})
+    except ValueError as e:
+        assert "use jaxjpeg.restore" in str(e), e
+    else:
+        raise AssertionError("a sharded JPEG target was silently loaded onto one device")
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:

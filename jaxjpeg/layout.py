@@ -1,0 +1,123 @@
+"""The checkpoint layer's layout, in one place: blob names, restart intervals
+per tile, and the rule that makes leaf paths unique.
+
+Writer (:mod:`jaxjpeg.checkpoint`), reader (:mod:`jaxjpeg.checkpoint_reader`)
+and the command line all name blobs and count intervals through this module,
+and the writer and the reader apply the same path rule (docs/format.md).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from jaxjpeg.treepaths import path_string
+
+# Longest leaf path accepted, in keys and in characters of its slash-joined
+# form. Real models stay far below (tens of keys, a few hundred characters);
+# the caps keep every path operation cheap and recursion-free (nest()).
+MAX_PATH_DEPTH = 256
+MAX_PATH_CHARS = 4096
+
+
+# ---------------------------------------------------------------- blob names
+
+
+def raw_blob(index: int) -> str:
+    """A lossless leaf's C-order bytes."""
+    return f"leaf{index}/raw"
+
+
+def tile_blob(index: int, k: int) -> str:
+    """Tile ``k`` of a JPEG-coded leaf: a complete JPEG file."""
+    return f"leaf{index}/tile{k}.jpg"
+
+
+def intervals_blob(index: int) -> str:
+    """A JPEG-coded leaf's restart-interval index (uint32, ``intervals + 1`` per tile)."""
+    return f"leaf{index}/intervals"
+
+
+def affine_blob(index: int) -> str:
+    """A JPEG-coded leaf's per-row scale and offset (``[2, rows]``, or ``[2, 1]``
+    when every row shares one map)."""
+    return f"leaf{index}/affine"
+
+
+def col_scale_blob(index: int) -> str:
+    """A JPEG-coded leaf's per-column scales (``[cols]``), when it has them."""
+    return f"leaf{index}/col_scale"
+
+
+def outliers_blob(index: int) -> str:
+    """A JPEG-coded leaf's side list: positions, then the values kept exactly."""
+    return f"leaf{index}/outliers"
+
+
+def leaf_blobs(index: int, kind: str, num_tiles: int = 0, *, col_scale: bool = False,
+               outliers: bool = False) -> list[str]:
+    """Every blob a leaf owns, tiles first."""
+    if kind == "raw":
+        return [raw_blob(index)]
+    return ([tile_blob(index, k) for k in range(num_tiles)]
+            + [intervals_blob(index), affine_blob(index)]
+            + ([col_scale_blob(index)] if col_scale else [])
+            + ([outliers_blob(index)] if outliers else []))
+
+
+def intervals_per_tile(height: int, width: int, restart_interval: int) -> int:
+    """Restart intervals of a ``height x width`` tile (0: one interval per tile)."""
+    blocks = -(-height // 8) * -(-width // 8)
+    return -(-blocks // restart_interval) if restart_interval else 1
+
+
+# ---------------------------------------------------------------- leaf paths
+
+
+def path_size_problem(records: Sequence[Sequence]) -> str | None:
+    """Why a path is too deep or too long to store, or None."""
+    if len(records) > MAX_PATH_DEPTH:
+        return f"{len(records)} keys deep (at most {MAX_PATH_DEPTH})"
+    length = sum(len(str(value)) + 1 for _, value in records)
+    if length > MAX_PATH_CHARS + 1:
+        return f"{length - 1} characters long (at most {MAX_PATH_CHARS})"
+    return None
+
+
+class _Node:
+    __slots__ = ("children", "kind", "leaf")
+
+    def __init__(self):
+        self.children: dict[str, _Node] = {}
+        self.kind = None   # the record kind of the keys ending here (None: a part of a key)
+        self.leaf = False
+
+
+def path_clash(paths: Iterable[Sequence[Sequence]]) -> str | None:
+    """The first leaf path breaking the uniqueness rule, or None.
+
+    Leaves are found by their slash-joined paths (targets and ``paths=``
+    patterns match those) and come back nested (restore without target), so:
+    no joined path repeats or continues another past a ``/``
+    (``{"a/b": x}`` and ``{"a": {"b": y}}`` collide), the empty path stands
+    alone, and keys spelled alike under one parent are of one kind
+    (``["key", 0]`` and ``["index", 0]`` would nest into one slot).
+
+    Linear in the total length of the paths: one walk of a trie whose edges
+    are the ``/``-separated parts.
+    """
+    root = _Node()
+    for records in paths:
+        node = root
+        for kind, key in records:
+            parts = str(key).split("/")
+            for i, part in enumerate(parts):
+                if node.leaf:
+                    return path_string(records)
+                node = node.children.setdefault(part, _Node())
+            if node.kind is not None and node.kind != kind:
+                return path_string(records)
+            node.kind = kind
+        if node.leaf or node.children:
+            return path_string(records)
+        node.leaf = True
+    return None
