@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it",
              enabled: bool | None = None):
@@ -13,6 +15,11 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it",
     except ImportError:  # tqdm is optional
         return _Silent(iterable)
     if enabled is None:
+        # The terminal first: jax.process_index() starts jax's backends, which
+        # under jax.distributed waits for every process (a save in process 0
+        # while the others wait for its file would never return).
+        if not sys.stderr.isatty():
+            return _Silent(iterable)
         import jax
         disable = None if jax.process_index() == 0 else True
     else:
