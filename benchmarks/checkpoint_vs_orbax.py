@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--quant-step", type=float, default=None,
                         help="jaxjpeg flat quantization step in sample units (default: the "
                              "save default, a step relative to each tensor's RMS)")
-    parser.add_argument("--bits", type=int, default=8, choices=(8, 12))
+    parser.add_argument("--bits", type=int, default=None, choices=(8, 12),
+                        help="sample precision (default: chosen per tensor, as save does)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--child", choices=("jaxjpeg", "orbax"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it",
              enabled: bool | None = None):
@@ -13,10 +15,9 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it",
     except ImportError:  # tqdm is optional
         return _Silent(iterable)
     if enabled is None:
-        import sys
-        # Off a terminal there is no bar, and jax is not asked for the
-        # process index: under jax.distributed that would start the backend,
-        # which waits for every process (a save by process 0 alone would hang).
+        # The terminal first: jax.process_index() starts jax's backends, which
+        # under jax.distributed waits for every process (a save in process 0
+        # while the others wait for its file would never return).
         if not sys.stderr.isatty():
             return _Silent(iterable)
         import jax
