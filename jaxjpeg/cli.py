@@ -1,6 +1,7 @@
 """The ``jaxjpeg`` command: compress, inspect, verify and extract checkpoints.
 
-    jaxjpeg compress SRC DST [--quant-step S | --quality Q] [--bits 8|12]
+    jaxjpeg compress SRC DST [--quant-step S | --quality Q | --target-ratio R |
+                             --bits-per-weight B | --error-bound E] [--bits 8|12]
     jaxjpeg inspect CKPT [--source SRC]
     jaxjpeg verify CKPT
     jaxjpeg extract CKPT OUTDIR [--leaf PATTERN]
@@ -89,6 +90,9 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- compress
 
 
+RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "error_bound")
+
+
 def cmd_compress(args) -> int:
     import jaxjpeg
     from jaxjpeg import checkpoint
@@ -101,11 +105,8 @@ def cmd_compress(args) -> int:
     if not _flatten(tree):
         raise CliError(f"{args.src}: holds no arrays")
     policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
-    rate = {}
-    if args.quant_step is not None:
-        rate["quant_step"] = args.quant_step
-    elif args.quality is not None:
-        rate["quality"] = args.quality
+    rate = {name: getattr(args, name) for name in RATE_OPTIONS
+            if getattr(args, name) is not None}
     try:
         report = jaxjpeg.save(args.dst, tree, bits=args.bits, policy=policy, **rate)
     except (ValueError, TypeError) as e:  # leaves or options save refuses
@@ -118,8 +119,9 @@ def cmd_compress(args) -> int:
           f"{len(report.leaves) - len(coded)} lossless)")
     print(f"  raw         {_size(report.raw_bytes)} ({report.raw_bytes} bytes)")
     print(f"  compressed  {_size(report.file_bytes)} ({report.file_bytes} bytes)")
-    print(f"  ratio       {report.ratio:.2f}x overall, "
-          f"{coded_raw / max(1, coded_stored):.2f}x on JPEG-coded leaves")
+    print(f"  ratio       {report.ratio_vs_float32:.2f}x vs float32, {report.ratio:.2f}x vs "
+          f"the stored dtypes, {coded_raw / max(1, coded_stored):.2f}x on JPEG-coded leaves")
+    print(f"  bits/weight {report.bits_per_weight:.3f} (all-in)")
     return 0
 
 
@@ -134,26 +136,49 @@ def cmd_inspect(args) -> int:
             raw = math.prod(leaf.shape) * leaf.dtype.itemsize
             kind = f"jpeg{leaf.bits}" if leaf.kind == "jpeg" else "raw"
             # Checkpoint() has refused files missing any of these blobs.
+            if leaf.stored_dtype is not None:
+                kind = f"raw-{leaf.stored_dtype.name}"
             stored = sum(ckpt.reader.blob_info(n).length
-                         for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles)))
+                         for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+                                                    col_scale=leaf.col_scale_dtype is not None,
+                                                    outliers=leaf.outliers > 0))
             rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", str(leaf.dtype),
-                         kind, raw, stored])
+                         kind, _view_text(leaf), raw, stored, math.prod(leaf.shape)])
         errors = _source_errors(args, ckpt) if args.source else None
         file_bytes = ckpt.reader.file_size
-    header = ["path", "shape", "dtype", "kind", "raw", "stored", "ratio"]
+        rate = ckpt.reader.metadata.get("rate")
+    header = ["path", "shape", "dtype", "kind", "view", "raw", "stored", "bits/w", "ratio"]
     table = []
-    for i, (path, shape, dtype, kind, raw, stored) in enumerate(rows):
-        line = [path, shape, dtype, kind, str(raw), str(stored), f"{raw / max(1, stored):.2f}"]
+    for i, (path, shape, dtype, kind, view, raw, stored, size) in enumerate(rows):
+        line = [path, shape, dtype, kind, view, str(raw), str(stored),
+                f"{8 * stored / max(1, size):.3f}", f"{raw / max(1, stored):.2f}"]
         if errors is not None:
             line.append(errors[i])
         table.append(line)
     if errors is not None:
         header.append("rel_rms")
-    _print_table(header, table, right={4, 5, 6, 7})
-    total_raw = sum(r[4] for r in rows)
-    print(f"{len(rows)} leaves, {_size(total_raw)} raw, {_size(file_bytes)} file, "
-          f"ratio {total_raw / max(1, file_bytes):.2f}x")
+    _print_table(header, table, right={5, 6, 7, 8, 9})
+    total_raw = sum(r[5] for r in rows)
+    weights = sum(r[7] for r in rows)
+    print(f"{len(rows)} leaves, {_size(total_raw)} raw, {_size(file_bytes)} file: "
+          f"{8 * file_bytes / max(1, weights):.3f} bits/weight, "
+          f"{4 * weights / max(1, file_bytes):.2f}x vs float32, "
+          f"{total_raw / max(1, file_bytes):.2f}x vs the stored dtypes")
+    if isinstance(rate, dict):
+        print("rate: " + ", ".join(f"{k}={v}" for k, v in rate.items()))
     return 0
+
+
+def _view_text(leaf) -> str:
+    """The leaf's coding view: row axes|column axes, then what rides along
+    (+cols: column scales, +N kept: values in the side list)."""
+    if leaf.kind != "jpeg":
+        return "-"
+    rows = ",".join(map(str, leaf.view.row_axes())) or "-"
+    cols = ",".join(map(str, leaf.view.col_axes())) or "-"
+    extra = ("+cols" if leaf.col_scale_dtype is not None else "") + (
+        f"+{leaf.outliers}kept" if leaf.outliers else "")
+    return f"{rows}|{cols}{extra}"
 
 
 def _print_table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
@@ -372,6 +397,12 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--quant-step", type=float,
                       help="flat quantization step in sample units (default: jaxjpeg's rate)")
     rate.add_argument("--quality", type=int, help="JPEG quality 1..100 (standard table)")
+    rate.add_argument("--target-ratio", type=float,
+                      help="file size as a ratio against float32 (e.g. 8)")
+    rate.add_argument("--bits-per-weight", type=float,
+                      help="file size in bits per weight, all-in (e.g. 4)")
+    rate.add_argument("--error-bound", type=float,
+                      help="each leaf's relative RMS error at most this (e.g. 0.05)")
     p.add_argument("--bits", type=int, choices=(8, 12), default=None,
                    help="sample precision (default: chosen per tensor, as jaxjpeg.save does)")
     p.add_argument("--min-size", type=int, default=4096,

@@ -71,7 +71,8 @@ def test_compress_each_format_then_restore(sources, tmp_path, capsys, kind):
     dst = tmp_path / "out.jjpg"
     code, out, err = run(capsys, "compress", sources[kind], dst, "--quant-step", "4")
     assert code == 0, err
-    assert re.search(r"ratio\s+\d+\.\d+x", out) and "compressed" in out
+    assert re.search(r"ratio\s+\d+\.\d+x vs float32", out) and "compressed" in out
+    assert re.search(r"bits/weight \d+\.\d+ \(all-in\)", out)
     restored = _flat(jaxjpeg.restore(dst))
     expected = _flat(sources["params"])
     if kind == "safetensors":  # flat keys, dotted as the file has them
@@ -115,18 +116,22 @@ def test_inspect_table_and_source_errors(sources, tmp_path, capsys):
     code, out, err = run(capsys, "inspect", dst, "--source", sources["orbax"])
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["path", "shape", "dtype", "kind", "raw", "stored", "ratio",
-                                "rel_rms"]
-    rows = {l.split()[0]: l.split() for l in lines[1:-1]}
+    assert lines[0].split() == ["path", "shape", "dtype", "kind", "view", "raw", "stored",
+                                "bits/w", "ratio", "rel_rms"]
+    assert lines[-1] == "rate: quant_step=4.0"
+    rows = {l.split()[0]: l.split() for l in lines[1:-2]}
     assert set(rows) == {leaf.path for leaf in report.leaves}
     for leaf in report.leaves:
-        path, shape, dtype, kind, raw, stored, ratio, rel = rows[leaf.path]
+        path, shape, dtype, kind, view, raw, stored, bits, ratio, rel = rows[leaf.path]
         assert shape == "x".join(map(str, leaf.shape)) and dtype == leaf.dtype
         assert kind.startswith(leaf.kind) and int(raw) == leaf.raw_bytes
         assert int(stored) == leaf.stored_bytes
+        assert float(bits) == pytest.approx(leaf.bits_per_weight, abs=1e-3)
         assert rel == "0" if leaf.kind == "raw" else 0 < float(rel) < 0.1
+        assert (view == "-") == (leaf.kind == "raw")
     assert rows["params/Dense_0/kernel"][3] == "jpeg8" and rows["params/Dense_0/bias"][3] == "raw"
-    assert f"{report.ratio:.2f}x" in lines[-1]
+    assert f"{report.ratio:.2f}x vs the stored dtypes" in lines[-2]
+    assert f"{report.bits_per_weight:.3f} bits/weight" in lines[-2]
     code, out, _ = run(capsys, "inspect", dst)  # without a source: no error column
     assert code == 0 and "rel_rms" not in out
 
@@ -378,3 +383,18 @@ def test_extract_never_overwrites_and_shortens_long_names(tmp_path, capsys):
     assert max(len(f) for f in files) < 200
     contents = {(tmp_path / "t" / f).read_bytes() for f in files}
     assert len(contents) == 5
+
+
+@pytest.mark.parametrize("option,value", [("--target-ratio", "8"), ("--bits-per-weight", "4"),
+                                          ("--error-bound", "0.05")])
+def test_compress_with_rate_targets(sources, tmp_path, capsys, option, value):
+    dst = tmp_path / "t.jjpg"
+    code, out, err = run(capsys, "compress", sources["msgpack"], dst, option, value)
+    assert code == 0, err
+    code, out, err = run(capsys, "inspect", dst)
+    assert code == 0, err
+    key = option[2:].replace("-", "_")
+    assert out.splitlines()[-1] == f"rate: {key}={float(value)}"
+    if option == "--target-ratio":
+        ratio = float(re.search(r"(\d+\.\d+)x vs float32", out).group(1))
+        assert abs(ratio / 8 - 1) < 0.05, out
