@@ -43,8 +43,8 @@ from jaxjpeg.treepaths import key_record, path_string
 STEP_LIMIT = {8: 255, 12: 65535}
 MIN_STEP_8BIT = 8          # below this 8-bit rounding noise exceeds 1/64 of the coding noise
 ROW_POWER = 0.0          # data-free row importance ∝ row RMS^(-2 * ROW_POWER)
-LADDER = np.arange(-8, 25) / 2   # probe steps q = rms * 2^-k
-PROBE_ELEMENTS = 1 << 17   # weights coded per probe of a large tensor
+LADDER = np.arange(-4.0, 13.0)   # probe steps q = rms * 2^-k (interpolated between)
+PROBE_ELEMENTS = 1 << 15   # weights coded per probe of a large tensor
 MIN_PROBE_WIDTH = 32       # narrowest probe patch (8 rows each)
 COLUMN_SCALE_BITS = 16     # stored cost of one column scale (float16)
 

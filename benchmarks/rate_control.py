@@ -1,0 +1,122 @@
+"""Rate control cost: byte targets and error bounds against a default save.
+
+    python benchmarks/rate_control.py              # ~256 MB float32 transformer-like tree
+    python benchmarks/rate_control.py --mb 1024    # the 1 GB tree of issue 8
+    python benchmarks/rate_control.py --quick      # ~32 MB
+
+Each mode saves the same tree in a fresh child process and reports:
+
+- wall time of ``jaxjpeg.save`` and its ratio to the default save's (target:
+  at most 2x for ``target_ratio`` / ``bits_per_weight`` / ``error_bound``);
+- peak RSS growth during the save (ru_maxrss after minus RSS before; the tree
+  itself is built before) and its excess over the default save's, in units of
+  the largest leaf (target: at most one leaf more);
+- the achieved ratio against float32 / bits per weight and the miss against
+  the target (target: within 2%).
+
+The tree: ``--layers`` transformer blocks of width ``d`` (attention q/k/v/o
+``d x d``, MLP ``d x 4d`` and ``4d x d``, two norm scales), an embedding
+``(8d, d)``, with per-output-channel scale spread and a few outlier columns,
+so views, the side list and the allocation all have work to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+MODES = {
+    "default": {},
+    "target_ratio=8": {"target_ratio": 8},
+    "bits_per_weight=3": {"bits_per_weight": 3},
+    "error_bound=0.08": {"error_bound": 0.08},
+}
+
+
+def make_tree(mb: float, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    d = 512
+    per_layer = 12 * d * d * 4
+    layers = max(1, int(mb * 2**20 // per_layer))
+    tree = {"embed": (0.02 * rng.standard_normal((8 * d, d))).astype(np.float32)}
+    for i in range(layers):
+        layer = {}
+        for name, shape in (("q", (d, d)), ("k", (d, d)), ("v", (d, d)), ("o", (d, d)),
+                            ("up", (d, 4 * d)), ("down", (4 * d, d))):
+            w = rng.standard_normal(shape) * np.exp(0.5 * rng.standard_normal(shape[-1]))
+            w[:, rng.choice(shape[-1], 2, replace=False)] *= 20   # outlier features
+            layer[name] = (w / np.sqrt(shape[0])).astype(np.float32)
+        layer["norm1"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        layer["norm2"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        tree[f"layer{i}"] = layer
+    return tree
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(mode: str, mb: float, path: str) -> None:
+    import jaxjpeg
+
+    tree = make_tree(mb)
+    leaves = [v for layer in tree.values() for v in (layer.values() if isinstance(layer, dict)
+                                                      else [layer])]
+    before = _rss_bytes()
+    start = time.perf_counter()
+    report = jaxjpeg.save(path, tree, **MODES[mode])
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak_growth": max(0, peak - before),
+                      "largest_leaf": max(v.nbytes for v in leaves),
+                      "tree_bytes": sum(v.nbytes for v in leaves),
+                      "ratio": report.ratio_vs_float32, "bits": report.bits_per_weight}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=256)
+    parser.add_argument("--quick", action="store_true", help="a ~32 MB tree")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "MB", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], float(args.child[1]), args.child[2])
+        return
+    mb = 32 if args.quick else args.mb
+    print(f"tree: ~{mb:.0f} MB float32; {os.cpu_count()} CPUs; each mode in a fresh process")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(mb),
+                                  os.path.join(tmp, "c.jjpg")], capture_output=True, text=True,
+                                 check=True)
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results["default"]
+    leaf = base["largest_leaf"]
+    print(f"tree {base['tree_bytes'] / 2**20:.1f} MiB, largest leaf {leaf / 2**20:.1f} MiB")
+    print(f"{'mode':<20}{'time s':>8}{'x default':>11}{'peak MiB':>10}{'excess/leaf':>13}"
+          f"{'ratio':>8}{'bits/w':>8}{'miss':>8}")
+    for mode, r in results.items():
+        excess = (r["peak_growth"] - base["peak_growth"]) / leaf
+        target = MODES[mode]
+        miss = ""
+        if "target_ratio" in target:
+            miss = f"{r['ratio'] / target['target_ratio'] - 1:+.1%}"
+        elif "bits_per_weight" in target:
+            miss = f"{r['bits'] / target['bits_per_weight'] - 1:+.1%}"
+        print(f"{mode:<20}{r['seconds']:>8.2f}{r['seconds'] / base['seconds']:>11.2f}"
+              f"{r['peak_growth'] / 2**20:>10.1f}{excess:>13.2f}{r['ratio']:>8.2f}"
+              f"{r['bits']:>8.3f}{miss:>8}")
+
+
+if __name__ == "__main__":
+    main()

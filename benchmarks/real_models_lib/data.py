@@ -1,0 +1,170 @@
+"""Deterministic inputs: photo crops from scikit-learn's sample images, rendered text.
+
+Photo crops: square boxes of china.jpg and flower.jpg (both 427 x 640) at several
+scales and positions, some mirrored, drawn from fixed seeds; the evaluation and
+calibration sets come from different seeds and share no box (checked). Each box is
+resized to the model's resolution (bicubic) and normalised with the ImageNet
+mean and standard deviation, NCHW float32.
+
+Text: fixed strings rendered in black on white with Pillow's default font
+(FreeType, scalable) as recognizer lines (height 48, the recognizer's input
+height) and as detector pages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# Crop side as a fraction of the image's short side (427 px).
+CROP_SCALES = (1.0, 0.85, 0.7, 0.55, 0.45, 0.35, 0.28)
+EVAL_SEED, CALIB_SEED = 20240, 77
+
+
+def sample_images() -> list:
+    """scikit-learn's bundled china.jpg and flower.jpg as PIL RGB images, in that order."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    data = load_sample_images()
+    order = sorted(range(len(data.filenames)), key=lambda i: data.filenames[i])
+    return [Image.fromarray(data.images[i]).convert("RGB") for i in order]
+
+
+def crop_boxes(count: int, seed: int, sizes: list[tuple[int, int]]) -> list[tuple]:
+    """``count`` distinct boxes (image index, x0, y0, side, mirrored), alternating images."""
+    rng = np.random.default_rng(seed)
+    boxes, seen = [], set()
+    while len(boxes) < count:
+        image = len(boxes) % len(sizes)
+        width, height = sizes[image]
+        side = int(round(CROP_SCALES[rng.integers(len(CROP_SCALES))] * min(width, height)))
+        x0 = int(rng.integers(0, width - side + 1))
+        y0 = int(rng.integers(0, height - side + 1))
+        box = (image, x0, y0, side, bool(rng.integers(2)))
+        if box not in seen:
+            seen.add(box)
+            boxes.append(box)
+    return boxes
+
+
+def photo_crops(resolution: int, n_eval: int, n_calib: int):
+    """(eval batch, calibration batch), each (N, 3, resolution, resolution) float32."""
+    from PIL import Image
+
+    images = sample_images()
+    sizes = [im.size for im in images]
+    eval_boxes = crop_boxes(n_eval, EVAL_SEED, sizes)
+    calib_boxes = crop_boxes(n_calib, CALIB_SEED, sizes)
+    shared = set(eval_boxes) & set(calib_boxes)
+    if shared:
+        raise AssertionError(f"calibration crops overlap the evaluation crops: {shared}")
+
+    def render(boxes):
+        out = np.empty((len(boxes), 3, resolution, resolution), np.float32)
+        for k, (image, x0, y0, side, mirrored) in enumerate(boxes):
+            crop = images[image].resize((resolution, resolution), Image.BICUBIC,
+                                        box=(x0, y0, x0 + side, y0 + side))
+            if mirrored:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            x = np.asarray(crop, np.float32) / 255.0
+            out[k] = ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        return out
+
+    return render(eval_boxes), render(calib_boxes)
+
+
+# ----------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------
+
+TEXT_LINES = [
+    "Invoice 2024-0315",
+    "Total due: $1,284.50",
+    "The quick brown fox jumps",
+    "over the lazy dog.",
+    "Order #A7731 shipped",
+    "Call +1 (415) 555-0199",
+    "Room 204, Building C",
+    "Expires 09/27",
+    "Weight: 12.5 kg",
+    "Meeting at 10:30 AM",
+    "Batch size 128, lr 3e-4",
+    "JPEG coded checkpoints",
+    "Sample text for OCR",
+    "Paris, France 75008",
+    "Temperature 21.7 C",
+    "Version 3.14.159",
+    "Hello World",
+    "Station 42 Platform 9",
+    "Please keep this receipt",
+    "Serial: XK-5521-QZ",
+    "Monday, 3 March",
+    "Chapter 7: Results",
+    "Price per unit 0.99",
+    "Thank you for visiting",
+]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def text_line_image(text: str, size: int = 32, pad: int = 10) -> np.ndarray:
+    """``text`` in black on white, height 48 after the recognizer's resize, HxWx3 uint8."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text)
+    width, height = right - left + 2 * pad, bottom - top + 2 * pad
+    image = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(image).text((pad - left, pad - top), text, fill="black", font=font)
+    return np.asarray(image)
+
+
+def rec_batch(texts: list[str], height: int = 48) -> np.ndarray:
+    """Rendered lines as the recognizer's input: resized to ``height`` keeping the aspect
+    ratio, scaled to [-1, 1], zero-padded on the right to the widest line (N, 3, 48, W)."""
+    from PIL import Image
+
+    images = [text_line_image(t) for t in texts]
+    widths = [int(math.ceil(height * im.shape[1] / im.shape[0])) for im in images]
+    width = max(max(widths), 320)
+    batch = np.zeros((len(images), 3, height, width), np.float32)
+    for k, (im, w) in enumerate(zip(images, widths)):
+        resized = np.asarray(Image.fromarray(im).resize((w, height), Image.BILINEAR), np.float32)
+        batch[k, :, :, :w] = (resized[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return batch
+
+
+def det_pages(count: int, shape: tuple[int, int] = (512, 640)) -> np.ndarray:
+    """``count`` pages of text lines at several sizes and tints, as the detector's input
+    (N, 3, H, W) scaled to [-1, 1] (H and W multiples of 32)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(5)
+    pages = np.empty((count, 3, *shape), np.float32)
+    for p in range(count):
+        page = Image.new("RGB", (shape[1], shape[0]), tuple(int(v) for v in rng.integers(225, 256, 3)))
+        draw = ImageDraw.Draw(page)
+        y = 16
+        while True:
+            size = int(rng.integers(16, 44))
+            font = _font(size)
+            text = TEXT_LINES[int(rng.integers(len(TEXT_LINES)))]
+            left, top, right, bottom = font.getbbox(text)
+            if y + bottom - top + 8 > shape[0]:
+                break
+            x = int(rng.integers(8, max(9, shape[1] - (right - left) - 8)))
+            ink = tuple(int(v) for v in rng.integers(0, 80, 3))
+            draw.text((x - left, y - top), text, fill=ink, font=font)
+            y += bottom - top + int(rng.integers(10, 40))
+        x = np.asarray(page, np.float32)[:, :, ::-1] / 255.0
+        pages[p] = ((x - 0.5) / 0.5).transpose(2, 0, 1)
+    return pages

@@ -1,0 +1,174 @@
+"""PP-OCR recognizer and detector as shipped in the ``rapidocr`` wheel (ONNX files under
+``rapidocr/models/``; the newest PP-OCR version found there is used, ``small`` preferred).
+
+The compressed tree is every floating-point initializer of the ONNX graph, by name
+(int64 shape constants stay as they are). Each initializer's *kind* comes from the node
+that consumes it (Conv weight (O, I/g, kh, kw), ConvTranspose weight (I, O/g, kh, kw),
+MatMul right operand (I, O), Gemm B, BatchNormalization, ...), which defines the Flax view.
+Restored weights are written back into the graph and run with ONNX Runtime.
+
+* Recognizer: rendered text lines (``data.TEXT_LINES``), greedy CTC decoding with the
+  character list stored in the model's metadata; exact-match rate and character accuracy
+  (1 - edit distance / length) against the float32 model's text and the ground truth, and
+  the mean KL divergence of the per-time-step distributions.
+* Detector: rendered pages; IoU of the text masks (probability > 0.3, the default
+  threshold of rapidocr) against float32, pixel agreement and mean |p - p_fp32|.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from . import common, data
+
+PACKAGES = ["onnx", "onnxruntime", "rapidocr", "PIL"]
+THRESHOLD = 0.3
+
+
+def model_file(task: str) -> tuple[Path, str]:
+    """(path, note) of the newest PP-OCR ``task`` ("rec" or "det") model rapidocr ships."""
+    import rapidocr
+
+    folder = Path(rapidocr.__file__).resolve().parent / "models"
+    found = []
+    for path in folder.glob(f"*{task}*.onnx"):
+        m = re.search(r"PP-?OCRv(\d+)", path.name, re.I)
+        version = int(m.group(1)) if m else 0
+        found.append((version, "small" in path.name, path))
+    if not found:
+        raise FileNotFoundError(f"no PP-OCR {task} model under {folder}")
+    version, _, path = max(found)
+    note = "" if version >= 6 else f"PP-OCRv6 absent: using PP-OCRv{version} ({path.name})"
+    return path, note
+
+
+def initializer_kinds(graph) -> dict:
+    """Initializer name -> kind, from the first node that consumes it."""
+    attrs = lambda node: {a.name: a for a in node.attribute}  # noqa: E731
+    kinds = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in kinds or not name:
+                continue
+            op, a = node.op_type, attrs(node)
+            if op == "Conv" and slot == 1:
+                group = a["group"].i if "group" in a else 1
+                kinds[name] = "dwconv" if group > 1 else "conv"
+            elif op == "ConvTranspose" and slot == 1:
+                kinds[name] = "convT"
+            elif op == "Gemm" and slot == 1:
+                kinds[name] = "linear" if ("transB" in a and a["transB"].i) else "matmul"
+            elif op == "MatMul" and slot == 1:
+                kinds[name] = "matmul"
+            elif op in ("Conv", "ConvTranspose", "Gemm") and slot == 2:
+                kinds[name] = "bias"
+            elif op == "BatchNormalization" and slot >= 1:
+                kinds[name] = "bn"
+            else:
+                kinds[name] = op.lower()
+    return kinds
+
+
+class OcrCase:
+    def __init__(self, task: str, *, quick: bool = False, log=print):
+        import onnx
+        from onnx import numpy_helper
+
+        self.task, self.family, self.log = task, task, log
+        self.name = f"ocr_{task}"
+        self.path, self.note = model_file(task)
+        self.proto = onnx.load(str(self.path))
+        self.native, self.dtypes = {}, {}
+        for init in self.proto.graph.initializer:
+            array = numpy_helper.to_array(init)
+            if np.issubdtype(array.dtype, np.floating):
+                self.native[init.name] = array.astype(np.float32)
+                self.dtypes[init.name] = array.dtype
+        self.kinds = {k: v for k, v in initializer_kinds(self.proto.graph).items()
+                      if k in self.native}
+        self.kinds.update({k: "other" for k in self.native if k not in self.kinds})
+        if task == "rec":
+            meta = {p.key: p.value for p in self.proto.metadata_props}
+            self.characters = ["<blank>"] + meta["character"].splitlines() + [" "]
+            self.texts = data.TEXT_LINES[:8] if quick else list(data.TEXT_LINES)
+            self.inputs = data.rec_batch(self.texts)
+        else:
+            self.inputs = data.det_pages(1 if quick else 2)
+        self._ref_text = None
+
+    def layout_label(self, layout: str) -> str:
+        return "onnx" if layout == "torch" else layout
+
+    def describe(self) -> str:
+        n = sum(v.size for v in self.native.values())
+        what = (f"{len(self.texts)} rendered lines, input {tuple(self.inputs.shape)}"
+                if self.task == "rec" else f"{len(self.inputs)} rendered pages "
+                f"{self.inputs.shape[2]}x{self.inputs.shape[3]}")
+        return (f"{self.path.name}: {n / 1e6:.2f} M float weights in {len(self.native)} "
+                f"initializers, {what}" + (f" [{self.note}]" if self.note else ""))
+
+    def run(self, weights: dict) -> np.ndarray:
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        for init in self.proto.graph.initializer:
+            if init.name in weights:
+                array = np.asarray(weights[init.name]).astype(self.dtypes[init.name])
+                init.CopyFrom(numpy_helper.from_array(array, init.name))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, os.cpu_count() or 1)
+        options.log_severity_level = 3
+        session = ort.InferenceSession(self.proto.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return session.run(None, {name: self.inputs})[0]
+
+    def reference(self) -> np.ndarray:
+        """Float32 outputs (computed each run: a few seconds, and the recognizer's
+        distributions are large)."""
+        ref = self.run(self.native)
+        if self.task == "rec":
+            self._ref_text = self.decode(ref)
+        return ref
+
+    def sensitivity(self):
+        return None
+
+    # ------------------------------------------------------------------ metrics
+
+    def decode(self, probs: np.ndarray) -> list[str]:
+        """Greedy CTC: best class per step, repeats merged, blanks (class 0) dropped."""
+        texts = []
+        for best in probs.argmax(axis=2):
+            keep = np.ones(len(best), bool)
+            keep[1:] = best[1:] != best[:-1]
+            keep &= best != 0
+            texts.append("".join(self.characters[i] for i in best[keep]))
+        return texts
+
+    def metrics(self, ref: np.ndarray, out: np.ndarray) -> dict:
+        if self.task == "rec":
+            texts = self.decode(out)
+            ref_text = self._ref_text if self._ref_text is not None else self.decode(ref)
+            exact_f32, char_f32 = common.text_metrics(ref_text, texts)
+            exact_gt, char_gt = common.text_metrics(self.texts, texts)
+            kl = []
+            for p, q in zip(ref, out):  # (T, C) per line, keeps float64 temporaries small
+                p = np.clip(p.astype(np.float64), 1e-30, None)
+                q = np.clip(q.astype(np.float64), 1e-30, None)
+                p /= p.sum(1, keepdims=True)
+                q /= q.sum(1, keepdims=True)
+                kl.append(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+            return dict(exact_f32=exact_f32, char_f32=char_f32, exact_gt=exact_gt,
+                        char_gt=char_gt, kl=float(np.mean(kl)),
+                        texts=texts if exact_gt < 1 else None)
+        mask_ref, mask = ref > THRESHOLD, out > THRESHOLD
+        union = np.logical_or(mask_ref, mask).sum()
+        iou = float(np.logical_and(mask_ref, mask).sum() / union) if union else 1.0
+        return dict(iou=iou, agree=float(np.mean(mask_ref == mask)),
+                    mean_abs=float(np.mean(np.abs(out.astype(np.float64) - ref))),
+                    text_fraction=float(mask.mean()))
