@@ -376,25 +376,31 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
         seen.add((b, delta))
         nbytes, sse = _probe_cost(p, probe, b, delta, options)
         points.append((b, delta, delta * base_scale(p, b), nbytes, sse))
-    b, delta, q, nbytes, sse = _densify(points)
+    b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
     return Curve(b, delta, q, nbytes / probe.fraction + p.side_bytes(), sse / probe.fraction)
 
 
+LAST_TENSOR_RETRIES = 2
 DENSE_SPACING = 2.0 ** (1 / 32)   # finest step ratio between interpolated candidates
 
 
-def _densify(points):
-    """Adds candidates between measured steps of the same depth, bytes and
-    error interpolated linearly in log step (both are smooth there), so a
-    budget is met closely even by one tensor. Sorted coarse to fine."""
+def _densify(points, base: dict):
+    """Adds candidates between measured steps, bytes and error interpolated
+    linearly in log step (both are smooth there), so a budget is met closely
+    even by one tensor. Between an 8-bit and a 12-bit step the candidates are
+    12-bit (the two code alike at equal step). Sorted coarse to fine."""
     out = []
-    for (b0, d0, q0, n0, e0), (b1, d1, q1, n1, e1) in zip(points, points[1:] + [None] * 0):
+    for (b0, d0, q0, n0, e0), (b1, d1, q1, n1, e1) in zip(points, points[1:]):
         out.append((b0, d0, q0, n0, e0))
-        if b0 != b1 or d0 - d1 < 2 or min(n0, n1, e0, e1) <= 0:
+        if min(n0, n1, e0, e1) <= 0:
             continue
-        for d in _between(d1, d0):
-            t = math.log(d0 / d) / math.log(d0 / d1)
-            out.append((b0, d, q0 * d / d0, math.exp((1 - t) * math.log(n0) + t * math.log(n1)),
+        top = int(q0 / base[b1])   # the coarse end in the finer point's units
+        for d in _between(d1, top):
+            q = d * base[b1]
+            if not q1 < q < q0:
+                continue
+            t = math.log(q0 / q) / math.log(q0 / q1)
+            out.append((b1, d, q, math.exp((1 - t) * math.log(n0) + t * math.log(n1)),
                         math.exp((1 - t) * math.log(e0) + t * math.log(e1))))
     out.append(points[-1])
     return (np.array(v) for v in zip(*out))
@@ -407,7 +413,8 @@ def _between(lo: int, hi: int) -> list[int]:
         d = min(d - 1, int(d / DENSE_SPACING))
         if d <= lo:
             return out
-        out.append(d)
+        if d <= STEP_LIMIT[12]:
+            out.append(d)
 
 
 def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options):
@@ -539,6 +546,18 @@ class BudgetAllocator:
         c = self.curves[name]
         k = self._choose(name)
         enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
+        for _ in range(LAST_TENSOR_RETRIES if self.pending == {name} else 0):
+            # Nothing left to absorb a miss: correct this tensor's own curve
+            # by what its coding measured, and code it once more if that moves it.
+            left = self.budget - self.spent
+            if abs(enc.nbytes - left) <= 0.01 * self.budget:
+                break
+            c.nbytes = c.nbytes * (enc.nbytes / c.nbytes[k]) / self._correction()
+            k_new = self._choose(name)
+            if k_new == k:
+                break
+            k = k_new
+            enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
         self.pending.discard(name)
         self.spent += enc.nbytes
         self.predicted_spent += float(c.nbytes[k])
