@@ -613,22 +613,30 @@ def leaf_name(path) -> str:
 
 
 def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
-                               per_row: bool = False) -> dict:
+                               per_row: bool = False, per_element: bool = False) -> dict:
     """Mean squared gradient of ``loss_fn(params, batch)`` per leaf, over ``batches``.
 
-    Returns ``{leaf name: float}`` (names as :func:`leaf_name`), or with
-    ``per_row=True`` ``{leaf name: float64 [rows]}``, the mean over each row of
-    the leaf's 2-D coding view (usable as ``row_weights``). The squared
-    gradient approximates the diagonal Fisher information, so
-    ``sensitivity * squared error`` estimates the loss increase.
+    Returns ``{leaf name: float}`` (names as :func:`leaf_name`), usable as
+    ``jaxjpeg.save(..., sensitivity=)``; with ``per_element=True`` ``{leaf
+    name: float64 array of the leaf's shape}``, which save also takes (the
+    coder reduces it to per-row and per-column steps of the view it chooses);
+    with ``per_row=True`` ``{leaf name: float64 [rows]}``, the mean over each
+    row of the framework-order view (``row_weights`` of
+    :func:`allocate_to_target`). The squared gradient approximates the
+    diagonal Fisher information, so ``sensitivity * squared error`` estimates
+    the loss increase.
     """
     import jax
     import jax.numpy as jnp
 
+    if per_row and per_element:
+        raise ValueError("give per_row or per_element, not both")
     grad_fn = jax.jit(jax.grad(loss_fn))
 
     def reduce(g):
         g2 = jnp.square(g.astype(jnp.float32))
+        if per_element:
+            return g2
         if per_row:
             rows, cols = codec.matrix_shape(g.shape)
             return jnp.mean(g2.reshape(rows, cols), axis=1)
@@ -646,5 +654,5 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
     out = {}
     for path, value in flat:
         value = np.asarray(value, np.float64) / count
-        out[leaf_name(path)] = value if per_row else float(value)
+        out[leaf_name(path)] = value if (per_row or per_element) else float(value)
     return out

@@ -142,6 +142,17 @@ def test_sensitivity_from_gradients():
     assert sens["w"] == pytest.approx((1 + 4 + 9 + 16 + 9 + 4 + 1 + 0) / 8)
     rows = rate.sensitivity_from_gradients(loss, params, batches, per_row=True)
     np.testing.assert_allclose(rows["w"], [5.0, 4.0, 5.0, 8.0])
+    elements = rate.sensitivity_from_gradients(loss, params, batches, per_element=True)
+    assert elements["w"].shape == (4, 3)
+    np.testing.assert_allclose(elements["w"][:, 0], [5.0, 4.0, 5.0, 8.0])
+    np.testing.assert_allclose(elements["b/v"], [4.0, 4.0, 4.0])
+    # save takes them as they are, in the leaves' own layout
+    import jaxjpeg, tempfile, os
+    with tempfile.TemporaryDirectory() as tmp:
+        big = {"w": np.asarray(jax.random.normal(jax.random.PRNGKey(0), (256, 384)))}
+        sens = {"w": np.broadcast_to(elements["w"][:1, :1], (256, 384)) + np.arange(384) / 384}
+        report = jaxjpeg.save(os.path.join(tmp, "s.jjpg"), big, target_ratio=8, sensitivity=sens)
+        assert abs(report.ratio_vs_float32 / 8 - 1) < 0.05
 
 
 @pytest.mark.parametrize("clip", mapping.CLIP_MODES)
