@@ -133,8 +133,12 @@ JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t
   Refill(r);
   const int category = DecodeSymbol(r, t.dc);
   if (category < 0) return Status::kBadHuffmanCode;
-  dc += TakeMagnitude(r, category);
-  const int32_t dc16 = static_cast<int16_t>(dc);  // libjpeg keeps coefficients as 16-bit
+  // Only the low 16 bits matter (libjpeg keeps coefficients as 16-bit), so
+  // the predictor wraps in 16 bits: a hostile stream of many large DC
+  // differences cannot overflow a signed int (undefined behaviour on the GPU).
+  dc = static_cast<int16_t>(static_cast<uint16_t>(
+      static_cast<uint32_t>(dc) + static_cast<uint32_t>(TakeMagnitude(r, category))));
+  const int32_t dc16 = dc;
   coef[0] = kDequantize ? Coef(dc16) * t.quant[0] : Coef(dc16);
   int k = 1;
   // Two entries per refill: a refill leaves >= 56 bits, and two fast-table
