@@ -361,7 +361,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
          tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
-         progress: bool | None = None) -> SaveReport:
+         progress: bool | None = None, metadata: dict | None = None) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
     The rate is set by one of:
@@ -399,9 +399,15 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     controls. ``clip`` selects the weight-to-sample mapping
     (:func:`jaxjpeg.mapping.row_affine`).
 
+    ``metadata``: a dict of your own (str keys; str, int, float, bool, None,
+    lists and dicts as values; at most 1 MiB of JSON) stored in the header
+    and returned by ``jaxjpeg.open(path).metadata``; checked before anything
+    is coded (TypeError or ValueError).
+
     The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
     """
+    user_metadata = layout.checked_user_metadata(metadata)
     policy = policy or Policy()
     entries = [(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
     for records, array in entries:
@@ -465,7 +471,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
                                           array.nbytes, stored, note))
                 bar.update(array.nbytes)
             writer.set_metadata({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                 "rate": _rate_record(given), "leaves": records_out})
+                                 "rate": _rate_record(given), "leaves": records_out,
+                                 **({layout.USER_METADATA_KEY: user_metadata}
+                                    if metadata is not None else {})})
     finally:
         bar.close()
     return SaveReport(os.fspath(path), reports, os.path.getsize(path))

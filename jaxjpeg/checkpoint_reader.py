@@ -196,6 +196,9 @@ class Checkpoint:
                 if leaf.kind == "jpeg":
                     _check_tiles_cover(leaf)
             self._check_blobs_and_paths()
+            self.user_metadata = meta.get(layout.USER_METADATA_KEY, {})
+            if not isinstance(self.user_metadata, dict):
+                raise fmt.FormatError(f"{self.path}: user metadata must be a JSON object")
         except BaseException:
             self.reader.close()
             raise

@@ -76,17 +76,17 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
 
 
 def _shard_boxes(leaf: SavedLeaf, sharding) -> dict:
-    """device -> (row range, col range) of the leaf's 2-D view its shard lies in,
-    and the shard's (start, stop, step) per axis."""
-    shape, view = leaf.shape, leaf.view
-    boxes = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        ranges = tuple(_slice_triple(sl, dim) for sl, dim in zip(index, shape))
-        rows = _view_positions(ranges, shape, view.row_axes())
-        cols = _view_positions(ranges, shape, view.col_axes())
-        boxes[device] = ((int(rows.min()), int(rows.max()) + 1),
-                         (int(cols.min()), int(cols.max()) + 1), ranges)
-    return boxes
+    """device -> the shard's (start, stop, step) per axis."""
+    return {device: tuple(_slice_triple(sl, dim) for sl, dim in zip(index, leaf.shape))
+            for device, index in sharding.addressable_devices_indices_map(leaf.shape).items()}
+
+
+def view_box(leaf: SavedLeaf, ranges) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(row range, col range) of the leaf's 2-D view that the region ``ranges``
+    ((start, stop, step) per axis, steps positive, none empty) lies in."""
+    rows = _view_positions(ranges, leaf.shape, leaf.view.row_axes())
+    cols = _view_positions(ranges, leaf.shape, leaf.view.col_axes())
+    return (int(rows.min()), int(rows.max()) + 1), (int(cols.min()), int(cols.max()) + 1)
 
 
 def _slice_triple(sl, dim: int) -> tuple[int, int, int]:
@@ -117,7 +117,7 @@ class _LeafMaps:
     index: list
 
 
-def _read_maps(ckpt: Checkpoint, leaf: SavedLeaf) -> _LeafMaps:
+def read_maps(ckpt: Checkpoint, leaf: SavedLeaf) -> _LeafMaps:
     scale, offset = ckpt.read_affine(leaf)
     return _LeafMaps(scale, offset, ckpt.read_col_scale(leaf), ckpt.read_interval_index(leaf))
 
@@ -145,7 +145,7 @@ def add_whole_leaf(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
     """All of a leaf's tiles as one output of the plan (its 2-D view), decoded
     to ``codec.written_dtype(dtype)``; returns the payload bytes added."""
     return add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0),
-                          leaf.matrix_shape, codec.written_dtype(dtype), _read_maps(ckpt, leaf))
+                          leaf.matrix_shape, codec.written_dtype(dtype), read_maps(ckpt, leaf))
 
 
 def finish_leaf(matrix, shape, view: MatrixView, kept=None):
@@ -217,32 +217,41 @@ def _restore_sharded(ckpt, request, stats) -> jax.Array:
     if not boxes:
         return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
                                                         dtype=np.dtype(request.dtype))
-    maps = _read_maps(ckpt, leaf)
+    maps = read_maps(ckpt, leaf)
     kept = kept_values(ckpt, leaf)
-    shards = []
-    for device, ((r0, r1), (c0, c1), ranges) in boxes.items():
-        tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
-        tr0 = min(leaf.tiles[k][0] for k in tile_ids)
-        tc0 = min(leaf.tiles[k][1] for k in tile_ids)
-        tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
-        tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
-        builder = codec.PlanBuilder()
-        payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
-                                 (tr1 - tr0, tc1 - tc0), codec.written_dtype(request.dtype), maps)
-        if stats is not None:
-            stats.add(device, payload)
-        plan = builder.finish()
-        # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
-        # indexing compiled several small programs per device and leaf, which was
-        # most of a sharded restore's time.)
-        shard_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
-        cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), ranges, (tr0, tc0),
-               leaf.view.perm, leaf.view.split, shard_kept is not None)
-        decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                                cut, np.dtype(request.dtype))
-        shards.append(ops.run_checked(decode, jax.device_put((ops.plan_operands(plan),
-                                                              shard_kept), device)))
+    shards = [decode_region(ckpt, leaf, ranges, request.dtype, device, maps, kept, stats)
+              for device, ranges in boxes.items()]
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+
+
+def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
+                  kept, stats: RestoreStats | None = None) -> jax.Array:
+    """The region ``ranges`` ((start, stop, step) per axis, steps positive,
+    none empty) of a JPEG leaf, decoded on ``device`` from only the tiles its
+    2-D box overlaps; ``maps`` from :func:`read_maps`, ``kept`` from
+    :func:`kept_values` (the leaf's whole side list, or None)."""
+    (r0, r1), (c0, c1) = view_box(leaf, ranges)
+    tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
+    tr0 = min(leaf.tiles[k][0] for k in tile_ids)
+    tc0 = min(leaf.tiles[k][1] for k in tile_ids)
+    tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
+    tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
+    builder = codec.PlanBuilder()
+    payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
+                             (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps)
+    if stats is not None:
+        stats.add(device, payload)
+    plan = builder.finish()
+    # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
+    # indexing compiled several small programs per device and leaf, which was
+    # most of a sharded restore's time.)
+    region_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
+    cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
+           leaf.view.perm, leaf.view.split, region_kept is not None)
+    decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                            cut, np.dtype(dtype))
+    return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), region_kept),
+                                                  device))
 
 
 def _kept_in_shard(kept, shape, ranges):

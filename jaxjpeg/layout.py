@@ -1,5 +1,5 @@
 """The checkpoint layer's layout, in one place: blob names, restart intervals
-per tile, and the rule that makes leaf paths unique.
+per tile, the rule that makes leaf paths unique, and what user metadata may hold.
 
 Writer (:mod:`jaxjpeg.checkpoint`), reader (:mod:`jaxjpeg.checkpoint_reader`)
 and the command line all name blobs and count intervals through this module,
@@ -8,6 +8,8 @@ and the writer and the reader apply the same path rule (docs/format.md).
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Iterable, Sequence
 
 from jaxjpeg.treepaths import path_string
@@ -121,3 +123,57 @@ def path_clash(paths: Iterable[Sequence[Sequence]]) -> str | None:
             return path_string(records)
         node.leaf = True
     return None
+
+
+# ---------------------------------------------------------------- user metadata
+
+# The checkpoint metadata key holding what save(..., metadata=) stored.
+USER_METADATA_KEY = "user"
+# Caps on user metadata: it lives in the header, which every open reads and
+# parses whole, so it stays small (safetensors' __metadata__ is a few kB).
+MAX_USER_METADATA_BYTES = 1 << 20   # of canonical JSON
+MAX_USER_METADATA_DEPTH = 32        # nested lists and dicts
+
+
+def checked_user_metadata(metadata) -> dict:
+    """``metadata`` (a dict with str keys and JSON values, or None) as stored:
+    a JSON round trip of it (tuples become lists). TypeError for a value JSON
+    cannot hold as is, ValueError for non-finite floats, too deep nesting or
+    more than MAX_USER_METADATA_BYTES."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    _check_json_value(metadata, "metadata", 0)
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+    size = len(text.encode("utf-8"))
+    if size > MAX_USER_METADATA_BYTES:
+        raise ValueError(f"metadata takes {size} bytes of JSON, more than the "
+                         f"{MAX_USER_METADATA_BYTES} allowed (it is read whole on every open; "
+                         "store large data as a leaf)")
+    return json.loads(text)
+
+
+def _check_json_value(value, where: str, depth: int) -> None:
+    if depth > MAX_USER_METADATA_DEPTH:
+        raise ValueError(f"{where}: nested more than {MAX_USER_METADATA_DEPTH} levels deep")
+    if value is None or type(value) in (bool, int, str):
+        return
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {value} is not finite (JSON holds finite numbers only)")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"{where}: key {key!r:.80} is a {type(key).__name__}; "
+                                "metadata keys must be str")
+            _check_json_value(item, f"{where}[{key!r:.80}]", depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json_value(item, f"{where}[{i}]", depth + 1)
+        return
+    raise TypeError(f"{where}: a {type(value).__name__} is not JSON (use str, int, float, bool, "
+                    "None, lists and dicts; e.g. .item() or .tolist() for numpy values)")

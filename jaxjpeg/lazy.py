@@ -1,0 +1,267 @@
+"""A lazy reader: one leaf, or one slice of a leaf, at a time.
+
+    with jaxjpeg.open("model.jjpg") as f:
+        f.keys()                          # leaf paths, in the saved order
+        f.metadata                        # what save(..., metadata=) stored ({} if nothing)
+        f.info("params/Dense_0/kernel")   # shape, dtype, coding, stored bytes, bits/weight
+        w = f.get("params/Dense_0/kernel", dtype=jnp.bfloat16)
+        rows = f.get_slice("params/embed")[1000:2000]
+
+Opening reads the header only. :meth:`LazyReader.get` reads that leaf's own
+blobs and nothing else; :meth:`LazyReader.get_slice` reads the leaf's small
+maps (affine rows, column scales, interval index, side list) and only the
+tiles the slice's box in the leaf's 2-D view overlaps. Decoding runs on the
+device through the same plan and custom call as :func:`jaxjpeg.restore`, so a
+leaf read here is bit for bit the leaf restore returns. A raw leaf's blob is
+read whole (its checksum covers all of it) and sliced on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import jax
+import numpy as np
+
+from jaxjpeg import checkpoint_restore as cr, layout
+from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """What the file says about one leaf (nothing is decoded to learn it)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    kind: str                  # "jpeg" or "raw"
+    stored_bytes: int          # bytes of all the leaf's blobs
+    bits_per_weight: float     # stored_bytes * 8 / elements (0.0 for an empty leaf)
+    sample_bits: int = 0       # jpeg: 8 or 12
+    restart_interval: int = 0  # jpeg: blocks per restart interval (0: one per tile)
+    view: tuple[tuple[int, ...], int] | None = None  # jpeg: (axis permutation, row axes)
+    tiles: int = 0             # jpeg: number of tiles
+    kept: int = 0              # jpeg: values kept exactly in the side list
+    stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
+
+    @property
+    def nbytes(self) -> int:
+        """The leaf's size decoded, in its own dtype."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+# Named like safetensors' safe_open's role; shadows the builtin only in this module.
+def open(path, *, verify: bool = True) -> "LazyReader":  # noqa: A001
+    """Opens a checkpoint for reading leaf by leaf; use it as a context manager.
+
+    The header is read and validated now (as :func:`jaxjpeg.restore` does);
+    leaves are read when asked for. ``verify=False`` skips the checksums of
+    the blobs read.
+    """
+    return LazyReader(path, verify=verify)
+
+
+class LazyReader:
+    """An open checkpoint read leaf by leaf (see :func:`open`)."""
+
+    def __init__(self, path, *, verify: bool = True):
+        self._ckpt = Checkpoint(path, verify=verify)
+        self.path = self._ckpt.path
+        self._by_name = {leaf.path: leaf for leaf in self._ckpt.leaves}
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+    def __enter__(self) -> "LazyReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ what is in it
+
+    @property
+    def metadata(self) -> dict:
+        """The user metadata ``save(..., metadata=)`` stored; {} if none."""
+        return self._ckpt.user_metadata
+
+    def keys(self) -> list[str]:
+        """The leaf paths (``params/Dense_0/kernel``), in the saved order."""
+        return list(self._by_name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._by_name
+
+    def __iter__(self):
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def _leaf(self, name: str) -> SavedLeaf:
+        try:
+            return self._by_name[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"{self.path}: no leaf {name!r} (keys() lists the "
+                           f"{len(self._by_name)} leaves)") from None
+
+    def info(self, name: str) -> LeafInfo:
+        """Shape, dtype, coding and stored size of leaf ``name`` (KeyError if absent)."""
+        leaf = self._leaf(name)
+        blobs = layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+                                  col_scale=leaf.col_scale_dtype is not None,
+                                  outliers=leaf.outliers > 0)
+        stored = sum(self._ckpt.reader.blob_info(b).length for b in blobs)
+        size = math.prod(leaf.shape)
+        common = dict(name=leaf.path, shape=leaf.shape, dtype=leaf.dtype, kind=leaf.kind,
+                      stored_bytes=stored, bits_per_weight=stored * 8 / size if size else 0.0)
+        if leaf.kind == "raw":
+            return LeafInfo(**common, stored_dtype=leaf.stored_dtype)
+        return LeafInfo(**common, sample_bits=leaf.bits, restart_interval=leaf.restart_interval,
+                        view=(leaf.view.perm, leaf.view.split), tiles=len(leaf.tiles),
+                        kept=leaf.outliers)
+
+    # ------------------------------------------------------------ reading
+
+    def get(self, name: str, dtype=None, device=None, *,
+            stats: cr.RestoreStats | None = None) -> jax.Array:
+        """Leaf ``name`` decoded on ``device`` (a device or a sharding; default:
+        this process's first device), from only its own blobs.
+
+        ``dtype`` changes a floating-point leaf's dtype, as in restore; integer
+        and bool leaves keep theirs. ``stats`` counts the compressed bytes
+        handed to each device.
+        """
+        leaf = self._leaf(name)
+        request = self._request(leaf, dtype, device)
+        default = request.device or jax.local_devices()[0]
+        if leaf.kind == "raw":
+            return cr.place_raw(self._ckpt.read_raw(leaf), request, default)
+        if request.sharding is not None:
+            return cr._restore_sharded(self._ckpt, request, stats)
+        return cr._restore_unsharded(self._ckpt, [request], default, stats)[0]
+
+    def get_slice(self, name: str, index=None, *, dtype=None, device=None,
+                  stats: cr.RestoreStats | None = None):
+        """A :class:`LeafSlice` of leaf ``name`` to index (``f.get_slice(name)[2:5, :, 7]``),
+        or, given ``index``, that sub-tensor now.
+
+        Indices are ints and slices per axis (any step, ``...`` allowed); an
+        int drops its axis, as in numpy. A JPEG leaf decodes only the tiles
+        the slice touches; anything else is an IndexError.
+        """
+        piece = LeafSlice(self, self._leaf(name), dtype, device, stats)
+        return piece if index is None else piece[index]
+
+    def _request(self, leaf: SavedLeaf, dtype, device) -> cr.LeafRequest:
+        want = cr.restored_dtype(leaf.dtype, dtype)
+        if isinstance(device, jax.sharding.Sharding):
+            devices = device.device_set
+            if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
+                return cr.LeafRequest(leaf, want, device=next(iter(devices)))
+            return cr.LeafRequest(leaf, want, sharding=device)
+        return cr.LeafRequest(leaf, want, device=device)
+
+    def _read_region(self, leaf: SavedLeaf, index, dtype, device, stats) -> jax.Array:
+        ranges, flips, drops = _normalize_index(index, leaf.shape)
+        request = self._request(leaf, dtype, device)
+        if request.sharding is not None:
+            raise ValueError("get_slice takes one device, not a sharding")
+        device = request.device or jax.local_devices()[0]
+        if leaf.kind == "raw":
+            region = self._ckpt.read_raw(leaf)[tuple(slice(*r) for r in ranges)]
+            out = jax.device_put(region.astype(request.dtype, copy=False), device)
+        elif any(len(range(*r)) == 0 for r in ranges):
+            # Nothing to decode, so nothing is read.
+            out = jax.device_put(np.zeros([len(range(*r)) for r in ranges], request.dtype),
+                                 device)
+        else:
+            ckpt = self._ckpt
+            out = cr.decode_region(ckpt, leaf, ranges, request.dtype, device,
+                                   cr.read_maps(ckpt, leaf), cr.kept_values(ckpt, leaf), stats)
+        if flips:
+            out = out[tuple(slice(None, None, -1) if a in flips else slice(None)
+                            for a in range(out.ndim))]
+        if drops:
+            out = out.reshape([n for a, n in enumerate(out.shape) if a not in drops])
+        return out
+
+
+class LeafSlice:
+    """One leaf of a :class:`LazyReader`, read when indexed (``piece[0:16, 3]``)."""
+
+    def __init__(self, reader: LazyReader, leaf: SavedLeaf, dtype, device, stats):
+        self._reader, self._leaf = reader, leaf
+        self._dtype, self._device, self._stats = dtype, device, stats
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._leaf.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return cr.restored_dtype(self._leaf.dtype, self._dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._leaf.shape)
+
+    def __len__(self) -> int:
+        if not self._leaf.shape:
+            raise TypeError("len() of a 0-d leaf")
+        return self._leaf.shape[0]
+
+    def __getitem__(self, index) -> jax.Array:
+        return self._reader._read_region(self._leaf, index, self._dtype, self._device,
+                                         self._stats)
+
+
+def _normalize_index(index, shape) -> tuple[tuple, set, set]:
+    """``index`` (ints, slices, one ``...``) over ``shape`` as (start, stop, step)
+    per axis with positive steps, the axes to reverse after reading, and the
+    axes an int index drops. IndexError for anything else."""
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(item is Ellipsis for item in items) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    at = next((k for k, item in enumerate(items) if item is Ellipsis), None)
+    if at is not None:
+        fill = len(shape) - (len(items) - 1)
+        items = items[:at] + (slice(None),) * max(fill, 0) + items[at + 1:]
+    if len(items) > len(shape):
+        raise IndexError(f"too many indices: {len(items)} for a {len(shape)}-d leaf")
+    items = items + (slice(None),) * (len(shape) - len(items))
+    ranges, flips, drops = [], set(), set()
+    for axis, (item, dim) in enumerate(zip(items, shape)):
+        if isinstance(item, slice):
+            try:
+                start, stop, step = item.indices(dim)
+            except (TypeError, ValueError) as e:
+                raise IndexError(f"axis {axis}: bad slice {item!r} ({e})") from None
+            positions = range(start, stop, step)
+            if step < 0 and len(positions):
+                flips.add(axis)
+                positions = positions[::-1]
+            if not len(positions):
+                ranges.append((0, 0, 1))
+            else:
+                ranges.append((positions[0], positions[-1] + 1, abs(step)))
+            continue
+        if isinstance(item, (bool, np.bool_)) or item is None:
+            raise IndexError(f"axis {axis}: index {item!r} is not an int or a slice "
+                             "(no masks or new axes)")
+        try:
+            position = operator.index(item)
+        except TypeError:
+            raise IndexError(f"axis {axis}: index {item!r:.80} is not an int or a slice "
+                             "(no arrays or lists)") from None
+        if not -dim <= position < dim:
+            raise IndexError(f"index {position} is out of bounds for axis {axis} with size {dim}")
+        position %= dim
+        ranges.append((position, position + 1, 1))
+        drops.add(axis)
+    return tuple(ranges), flips, drops
+
+
+__all__ = ["LazyReader", "LeafInfo", "LeafSlice", "open"]
