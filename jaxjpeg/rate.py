@@ -377,10 +377,10 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
         nbytes, sse = _probe_cost(p, probe, b, delta, options)
         points.append((b, delta, delta * base_scale(p, b), nbytes, sse))
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
-    return Curve(b, delta, q, nbytes / probe.fraction + p.side_bytes(), sse / probe.fraction)
+    return Curve(b, delta, q, nbytes + p.side_bytes(), sse / probe.fraction)
 
 
-LAST_TENSOR_RETRIES = 2
+LAST_TENSOR_RETRIES = 5
 DENSE_SPACING = 2.0 ** (1 / 32)   # finest step ratio between interpolated candidates
 
 
@@ -426,7 +426,21 @@ def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options
                               **{k: v for k, v in options.items() if k != "clip"})
     decoded = codec.decode_tensor(enc)
     diff = (decoded.astype(np.float64) - probe.matrix) * probe.col_scale
-    return sum(len(t.data) for t in enc.tiles), float(np.sum(diff * diff))
+    return _scaled_tile_bytes(p, enc, probe.fraction, options), float(np.sum(diff * diff))
+
+
+def _scaled_tile_bytes(p: codec.Prepared, probe_enc: codec.EncodedTensor, fraction: float,
+                       options) -> float:
+    """The tensor's tile bytes predicted from its probe's: entropy-coded data
+    scales with the weights, headers (tables, markers) with the tile count."""
+    header = entropy = 0
+    for tile in probe_enc.tiles:
+        coded = int(tile.interval_starts[-1] - tile.interval_starts[0])
+        entropy += coded
+        header += len(tile.data) - coded
+    tiles = len(codec.tile_grid(*p.matrix.shape,
+                                options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)))
+    return entropy / fraction + tiles * header / len(probe_enc.tiles)
 
 
 # ----------------------------------------------------------------------------
@@ -539,6 +553,38 @@ class BudgetAllocator:
             best = int(np.argmax(np.where(ok, gain, -np.inf)))
             choice[best] += 1
 
+    def _settle_last(self, p, c: Curve, k: int, enc):
+        """The last tensor has nothing after it to absorb a miss: bisect its
+        candidates with real codings (at most LAST_TENSOR_RETRIES) for the
+        largest that fits what is left."""
+        left = self.budget - self.spent
+        fits, over = (k, enc), None
+        if enc.nbytes > left:
+            fits, over = None, (k, enc)
+        lo = k if fits else 0
+        hi = k if over else len(c.nbytes)
+        for _ in range(LAST_TENSOR_RETRIES):
+            if fits and left - fits[1].nbytes <= 0.005 * self.budget:
+                break
+            if hi - lo <= 1:
+                break
+            mid = self._guess_between(c, lo, hi, fits, over, left)
+            trial = encode_with_step(p, int(c.bits[mid]), int(c.delta[mid]), **self.options)
+            if trial.nbytes <= left:
+                fits, lo = (mid, trial), mid
+            else:
+                over, hi = (mid, trial), mid
+        return fits if fits is not None else over
+
+    @staticmethod
+    def _guess_between(c: Curve, lo: int, hi: int, fits, over, left) -> int:
+        """A candidate strictly between lo and hi: where the curve, rescaled by
+        the nearest real coding, predicts ``left`` bytes (else the middle)."""
+        k, enc = fits or over
+        scaled = c.nbytes * (enc.nbytes / c.nbytes[k])
+        guess = int(np.searchsorted(scaled, left)) - 1
+        return guess if lo < guess < hi else (lo + hi) // 2
+
     def encode(self, name: str, p: codec.Prepared) -> codec.EncodedTensor:
         """Codes tensor ``name`` (prepared as when the curves were measured)."""
         if name not in self.pending:
@@ -546,18 +592,8 @@ class BudgetAllocator:
         c = self.curves[name]
         k = self._choose(name)
         enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
-        for _ in range(LAST_TENSOR_RETRIES if self.pending == {name} else 0):
-            # Nothing left to absorb a miss: correct this tensor's own curve
-            # by what its coding measured, and code it once more if that moves it.
-            left = self.budget - self.spent
-            if abs(enc.nbytes - left) <= 0.01 * self.budget:
-                break
-            c.nbytes = c.nbytes * (enc.nbytes / c.nbytes[k]) / self._correction()
-            k_new = self._choose(name)
-            if k_new == k:
-                break
-            k = k_new
-            enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
+        if self.pending == {name}:
+            k, enc = self._settle_last(p, c, k, enc)
         self.pending.discard(name)
         self.spent += enc.nbytes
         self.predicted_spent += float(c.nbytes[k])
