@@ -128,7 +128,7 @@ def _separable_weights(view: views.MatrixView, shape, importance):
     return u, (v if gain > COLUMN_SCALE_BITS * cols else None)
 
 
-IMPORTANCE_DAMPING = 0.1    # added to importances, times their mean: estimates are noisy
+IMPORTANCE_DAMPING = 1.0    # added to importances, times their mean: estimates are noisy
 
 
 def _damped(weights: np.ndarray) -> np.ndarray | None:
