@@ -164,7 +164,9 @@ def test_calibration_importance_broadcasts_in_the_leafs_own_layout(tmp_path):
     jaxjpeg.save(path, {"w": w}, target_ratio=8, sensitivity=sens)
     got = np.asarray(jaxjpeg.restore(path)["w"])
     err = ((got - w) ** 2).reshape(64, -1).mean(axis=1)
-    assert err[:8].mean() * 20 < err[8:].mean()
+    # importances are damped by their mean (rate.IMPORTANCE_DAMPING): 1.13 vs
+    # 0.13 here, so the squared error differs about 9x
+    assert err[:8].mean() * 5 < err[8:].mean()
     with pytest.raises(ValueError, match="broadcast"):
         jaxjpeg.save(path, {"w": w}, target_ratio=8, sensitivity={"w": np.ones((5, 1))})
 
