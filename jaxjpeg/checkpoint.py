@@ -235,15 +235,26 @@ class _LeafCoder:
         self.sensitivity = sensitivity
         self.view = view
         self.coding = coding
+        self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
     def prepare(self, name, array) -> codec.Prepared:
+        """The leaf ready to code. A leaf prepared before (byte targets prepare
+        each twice: for its curve, then to code it) reuses the choices of its
+        view, side list and steps instead of analysing it again."""
         from jaxjpeg import rate
 
+        if name in self._choices:
+            return codec.prepare(array, **self._choices.pop(name))
         _, importance = _leaf_importance(self.sensitivity, name)
         try:
             return rate.prepare_leaf(array, importance, self.view)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+
+    def remember(self, name, p: codec.Prepared) -> None:
+        """Keeps ``p``'s choices for the next prepare of ``name``."""
+        self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
+                                   col_scale=p.col_scale)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs. Given: the
@@ -325,6 +336,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     curves, sens = {}, {}
     for name, array in coded.items():
         p = leaf_coder.prepare(name, array)
+        leaf_coder.remember(name, p)
         curves[name] = rate.rd_curve(p, bits, **leaf_coder.coding)
         sens[name] = leaf_coder.leaf_sensitivity(name, p)
         overhead += _coded_overhead(p.matrix.shape, leaf_coder.coding["restart_interval"],

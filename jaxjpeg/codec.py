@@ -186,10 +186,12 @@ class Prepared:
 
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
-            outliers: Outliers | None = None) -> Prepared:
+            outliers: Outliers | None = None, col_scale: np.ndarray | None = None) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
-    ``col_weight`` (per-column importance of the view) becomes column scales
+    ``col_scale`` gives column scales directly (another Prepared's, to redo
+    its preparation without its analysis); ``col_weight`` (per-column
+    importance of the view) becomes column scales
     ``∝ col_weight^-½`` (geometric mean 1): column ``c``'s quantization step is
     then that much finer or coarser. ``outliers`` are kept exactly; without
     them every value must be finite.
@@ -208,9 +210,9 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
         outliers = None
     if not np.all(np.isfinite(matrix)):
         raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
-    col_scale = None
-    if col_weight is not None:
+    if col_weight is not None:   # else col_scale as given (a Prepared's, reused)
         col_scale = mapping.column_scales(col_weight, matrix.shape[1])
+    if col_scale is not None:
         matrix /= col_scale
     shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,

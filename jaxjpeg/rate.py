@@ -267,13 +267,17 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
     else:  # per-row ranges: a typical row's scale
         m = p.matrix
         base = float(np.median(m.max(axis=1) - m.min(axis=1))) / mapping.sample_max(bits) or 1.0
-    cache = {}
+    cache = {}      # delta -> within the budget
+    kept = {}       # the coding of the largest delta within it, alone (memory)
 
     def trial(delta):
         if delta not in cache:
             enc = encode_with_step(p, bits, delta, **options)
-            cache[delta] = (squared_error(p, enc) <= budget, enc)
-        return cache[delta][0]
+            cache[delta] = squared_error(p, enc) <= budget
+            if cache[delta] and delta > max(kept, default=0):
+                kept.clear()
+                kept[delta] = enc
+        return cache[delta]
 
     # Uniform quantization: squared error ≈ n q² / 12; start there, then bracket.
     target_rms = math.sqrt(budget / max(1, p.size))
@@ -288,7 +292,7 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
                 bad = nxt
                 break
         if bad is None:
-            return good, cache[good][1]
+            return good, kept[good]
     else:
         good, bad = None, guess
         while bad > 1:
@@ -305,7 +309,7 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
             good = mid
         else:
             bad = mid
-    return good, cache[good][1]
+    return good, kept[good]
 
 
 # ----------------------------------------------------------------------------

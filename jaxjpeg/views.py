@@ -169,16 +169,22 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     ~6 bytes a side-list entry takes, and stretch the sample range)."""
     x = np.asarray(x)
     flat = x.reshape(-1)
-    wide = flat.astype(np.float64)
-    must = ~np.isfinite(wide) | (np.abs(wide) > extreme_limit(x.dtype))
-    m = view.to_matrix(np.where(must, np.nan, wide).reshape(x.shape))
-    ok = ~np.isnan(m)
-    count = np.maximum(ok.sum(axis=1), 1)
-    filled = np.where(ok, m, 0.0)
-    mean = filled.sum(axis=1) / count
-    dev = np.where(ok, m - mean[:, None], 0.0)
-    rms = np.sqrt((dev * dev).sum(axis=1) / count)
-    far = ok & (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
+    # float32 throughout (every value kept here is within float32's range):
+    # a float64 copy of a large leaf would cost twice its size again.
+    must = ~(np.abs(flat.astype(np.float32)) <= np.float32(extreme_limit(x.dtype)))
+    m = view.to_matrix(flat.astype(np.float32).reshape(x.shape))
+    if must.any():
+        ok = ~view.to_matrix(must.reshape(x.shape))
+        m = np.where(ok, m, np.float32(0))
+        count = np.maximum(ok.sum(axis=1), 1)
+    else:
+        ok, count = None, m.shape[1]
+    mean = (m.sum(axis=1, dtype=np.float64) / count).astype(np.float32)
+    dev = m - mean[:, None]
+    if ok is not None:
+        dev = np.where(ok, dev, np.float32(0))
+    rms = np.sqrt(np.einsum("ij,ij->i", dev, dev, dtype=np.float64) / count).astype(np.float32)
+    far = (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
     far_flat = _flat_positions(far, view, x.shape)
     if far_flat.size > MAX_OUTLIER_FRACTION * flat.size:
         far_flat = np.zeros(0, np.int64)
