@@ -204,7 +204,7 @@ def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict
               "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name,
               "view": enc.view.record()}
     if enc.col_scale is not None:
-        col_scale = codec._half_if_exact(enc.col_scale)
+        col_scale = enc.stored_col_scale()
         writer.add_blob(layout.col_scale_blob(index), col_scale)
         record["col_scale"] = col_scale.dtype.name
         stored += col_scale.nbytes
@@ -257,9 +257,11 @@ class _LeafCoder:
                                    col_scale=p.col_scale)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
-        """How much one unit of squared error in this leaf costs. Given: the
-        user's factor, or the importance's mean over where the error lands.
-        Data-free: 1 / ||leaf||², every leaf's relative error counting alike."""
+        """How much one unit of squared error in this leaf costs: the user's
+        factor, or the mean of the user's importance array. Data-free:
+        size^LEAF_SIZE_POWER / ||coded values||², the leaf's relative error
+        weighted by its size^LEAF_SIZE_POWER (0.3 measured best of
+        -0.6..1 on EfficientNet-lite1 at 8x)."""
         factor, importance = _leaf_importance(self.sensitivity, name)
         if factor is not None:
             return factor

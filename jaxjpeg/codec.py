@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxjpeg import _native, mapping
-from jaxjpeg.views import MatrixView, Outliers
+from jaxjpeg.views import MatrixView, Outliers, fill_outliers
 
 JpegError = _native.JpegError
 
@@ -97,7 +97,7 @@ class EncodedTensor:
     def nbytes(self) -> int:
         """Compressed size: tile bytes, maps and side list as stored."""
         return (sum(len(t.data) for t in self.tiles) + self.affine().nbytes
-                + (0 if self.col_scale is None else self.col_scale.size * 2)
+                + (0 if self.col_scale is None else self.stored_col_scale().nbytes)
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
     def affine(self) -> np.ndarray:
@@ -108,6 +108,10 @@ class EncodedTensor:
         if np.all(affine == affine[:, :1]):
             affine = np.ascontiguousarray(affine[:, :1])
         return _half_if_exact(affine)
+
+    def stored_col_scale(self) -> np.ndarray | None:
+        """The column scales as stored: float16 when exact, else float32."""
+        return None if self.col_scale is None else _half_if_exact(self.col_scale)
 
     @property
     def bits_per_weight(self) -> float:
@@ -180,9 +184,9 @@ class Prepared:
         return (4 * (1 if self.shared_map else rows) + (0 if self.col_scale is None else 2 * cols)
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
-    def weight_domain(self, matrix: np.ndarray, cols=slice(None)) -> np.ndarray:
+    def weight_domain(self, matrix: np.ndarray) -> np.ndarray:
         """Values of the (column-normalised) view back in weight units."""
-        return matrix if self.col_scale is None else matrix * self.col_scale[cols]
+        return matrix if self.col_scale is None else matrix * self.col_scale
 
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
@@ -204,7 +208,6 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     view = view or MatrixView.default(arr.ndim)
     matrix = np.array(view.to_matrix(arr), np.float32)
     if outliers is not None and outliers.count:
-        from jaxjpeg.views import fill_outliers
         matrix = fill_outliers(matrix, outliers, view, arr.shape)
     else:
         outliers = None

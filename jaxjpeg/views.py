@@ -56,10 +56,6 @@ class MatrixView:
     def record(self) -> dict:
         return {"perm": list(self.perm), "split": self.split}
 
-    @property
-    def is_default(self) -> bool:
-        return self == MatrixView.default(len(self.perm))
-
     def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         rows = math.prod(shape[a] for a in self.perm[:self.split])
         cols = math.prod(shape[a] for a in self.perm[self.split:])
@@ -126,7 +122,9 @@ class Outliers:
     def count(self) -> int:
         return int(self.index.size)
 
-    def index_dtype(self, size: int) -> np.dtype:
+    @staticmethod
+    def index_dtype(size: int) -> np.dtype:
+        """How positions in a tensor of ``size`` elements are stored."""
         return np.dtype(np.uint32) if size <= 2**32 else np.dtype(np.uint64)
 
     def nbytes(self, size: int) -> int:
@@ -140,7 +138,7 @@ class Outliers:
     def from_bytes(cls, data: bytes, count: int, size: int, dtype: np.dtype) -> "Outliers":
         """Parses a side list; ValueError if it does not hold ``count`` sorted,
         distinct, in-range positions and their values."""
-        index_dtype = np.dtype(np.uint32) if size <= 2**32 else np.dtype(np.uint64)
+        index_dtype = cls.index_dtype(size)
         split = count * index_dtype.itemsize
         if len(data) != split + count * dtype.itemsize:
             raise ValueError(f"outlier list holds {len(data)} bytes, expected "
