@@ -11,11 +11,12 @@ from jaxjpeg.checkpoint_restore import RestoreStats, restore
 from jaxjpeg.compressed import CompressedArray, decode, load
 from jaxjpeg.codec import (EncodedTensor, JpegError, Tile, decode_tensor, decode_tensors,
                            encode_tensor)
+from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.format import FormatError
 from jaxjpeg.lazy import LazyReader, LeafInfo, open
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedArray", "decode", "load", "EncodedTensor", "FormatError", "JpegError", "LazyReader", "LeafInfo", "Policy", "RestoreStats", "SaveReport",
+__all__ = ["CompressedArray", "decode", "load", "EncodedTensor", "FormatError", "InputCovariance", "JpegError", "LazyReader", "LeafInfo", "Policy", "RestoreStats", "SaveReport",
            "Tile", "decode_tensor", "decode_tensors", "encode_tensor", "open", "restore", "save",
            "__version__"]

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxjpeg import codec, format as fmt, layout, views
+from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype)
@@ -231,10 +232,11 @@ class _LeafCoder:
     """Prepares leaves the same way for every rate control (view, side list,
     row and column steps), so curves measured once match the final coding."""
 
-    def __init__(self, sensitivity, view, coding):
+    def __init__(self, sensitivity, view, coding, input_covariance=None):
         self.sensitivity = sensitivity
         self.view = view
         self.coding = coding
+        self.input_covariance = input_covariance or {}
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
     def prepare(self, name, array) -> codec.Prepared:
@@ -247,14 +249,15 @@ class _LeafCoder:
             return codec.prepare(array, **self._choices.pop(name))
         _, importance = _leaf_importance(self.sensitivity, name)
         try:
-            return rate.prepare_leaf(array, importance, self.view)
+            return rate.prepare_leaf(array, importance, self.view,
+                                     self.input_covariance.get(name))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
-                                   col_scale=p.col_scale)
+                                   col_scale=p.col_scale, feedback=p.feedback)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's
@@ -375,7 +378,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
          tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
-         progress: bool | None = None, metadata: dict | None = None) -> SaveReport:
+         progress: bool | None = None, metadata: dict | None = None,
+         input_covariance: dict | None = None) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
     The rate is set by one of:
@@ -408,6 +412,12 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     NaN, infinite and extreme values exactly in a side list, and stores a
     leaf raw when coding would not make it smaller.
 
+    ``input_covariance`` (leaf path -> :class:`jaxjpeg.feedback.InputCovariance`,
+    the second moment of the layer's inputs over calibration data) makes
+    those leaves' coding error feedback (GPTQ-style): the error lands where
+    the layer's inputs cancel it, so the layer's outputs, not its weights,
+    stay close. Not with ``error_bound``, which bounds the weights' error.
+
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
@@ -437,8 +447,10 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
         relative_step = DEFAULT_RELATIVE_STEP
         given = {"relative_step": relative_step}
 
+    _check_covariances(input_covariance, entries, error_bound)
     leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
-                                              tile_shape=tile_shape, clip=clip))
+                                              tile_shape=tile_shape, clip=clip),
+                            input_covariance)
 
     def table_encoder(name, array):
         return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,
@@ -491,6 +503,27 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     finally:
         bar.close()
     return SaveReport(os.fspath(path), reports, os.path.getsize(path))
+
+
+def _check_covariances(covariances, entries, error_bound) -> None:
+    """Refuses what would otherwise be silently ignored: unknown leaves, wrong
+    types, shapes that do not fit, and error bounds (on weights) with them."""
+    if not covariances:
+        return
+    if error_bound is not None:
+        raise ValueError("input_covariance trades weight error for output error; "
+                         "it cannot be combined with error_bound")
+    shapes = {path_string(records): array.shape for records, array in entries}
+    for name, cov in covariances.items():
+        if name not in shapes:
+            raise ValueError(f"input_covariance names {name!r}, which is not a leaf of the tree")
+        if not isinstance(cov, InputCovariance):
+            raise TypeError(f"input_covariance[{name!r}] must be a jaxjpeg.feedback."
+                            f"InputCovariance, got {type(cov).__name__}")
+        try:
+            cov.check(shapes[name])
+        except ValueError as e:
+            raise ValueError(f"input_covariance[{name!r}]: {e}") from None
 
 
 HALF_MAX_ERROR = 2.0 ** -10   # relative RMS error allowed for float16 storage

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxjpeg import _native, mapping
+from jaxjpeg.feedback import Feedback, shape_errors
 from jaxjpeg.views import MatrixView, Outliers, fill_outliers
 
 JpegError = _native.JpegError
@@ -166,6 +167,7 @@ class Prepared:
     original: np.ndarray             # the tensor itself (not a copy)
     shared_map: bool = False         # one row map for all rows (see mapping.row_affine)
     scales: dict = dataclasses.field(default_factory=dict, compare=False)  # bits -> row scales
+    feedback: Feedback | None = None  # shape the error against the layer's inputs
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
@@ -190,7 +192,8 @@ class Prepared:
 
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
-            outliers: Outliers | None = None, col_scale: np.ndarray | None = None) -> Prepared:
+            outliers: Outliers | None = None, col_scale: np.ndarray | None = None,
+            feedback: Feedback | None = None) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
     ``col_scale`` gives column scales directly (another Prepared's, to redo
@@ -198,7 +201,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     importance of the view) becomes column scales
     ``∝ col_weight^-½`` (geometric mean 1): column ``c``'s quantization step is
     then that much finer or coarser. ``outliers`` are kept exactly; without
-    them every value must be finite.
+    them every value must be finite. ``feedback`` (see :mod:`jaxjpeg.feedback`)
+    shapes the quantization error against the layer's inputs.
     """
     arr = np.asarray(x)
     if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
@@ -220,7 +224,7 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
-                    arr, shared)
+                    arr, shared, feedback=feedback)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
@@ -253,6 +257,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
         scale=p.common_scale(bits) if clip == "common" else None,
         shared=p.shared_map and clip == "common")
+    if p.feedback is not None:
+        samples = shape_errors(samples, table, bits, p.feedback, scale, p.col_scale)
 
     def encode_one(cell):
         r, c, h, w = cell

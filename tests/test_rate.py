@@ -221,3 +221,21 @@ def test_leaf_name_is_the_checkpoint_path():
     names = [rate.leaf_name(p) for p in paths]
     assert names == [path_string(r) for r, _ in leaves_with_paths(tree)]
     assert names == ["a/0", "a/1/b", "c/left", "c/right/0"]
+
+
+@pytest.mark.parametrize("row_weighted", [False, True])
+def test_probe_predicts_the_whole_tensors_error(row_weighted):
+    """The probe codes its rows with the tensor's own row scales: a probe that
+    misses the widest rows must not predict a finer step than the tensor
+    gets (it computed its own, narrower scale), and per-row steps from
+    importances must show in the prediction."""
+    rng = np.random.default_rng(11)
+    m = rng.standard_normal((4096, 256)).astype(np.float32)
+    m[5] *= 40.0                                   # one wide row sets the common scale
+    row_weight = rng.uniform(0.1, 10.0, 4096) if row_weighted else None
+    p = codec.prepare(m, row_weight=row_weight)
+    curve = rate.rd_curve(p, 12)
+    for i in (len(curve.delta) // 3, len(curve.delta) // 2):
+        enc = rate.encode_with_step(p, 12, int(curve.delta[i]))
+        sse = float(np.sum((codec.decode_tensor(enc).astype(np.float64) - m) ** 2))
+        assert curve.sse[i] == pytest.approx(sse, rel=0.15), (i, curve.delta[i])

@@ -1,0 +1,161 @@
+"""Error feedback against calibration inputs (jaxjpeg.feedback): the
+covariance follows the leaf's axes into any view, the layer's output error
+drops at equal bytes, tiles stay standard JPEG, and misuse is refused."""
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import codec, feedback, rate
+from jaxjpeg.views import MatrixView
+
+from oracle import expected_weights
+
+
+def _inputs(rng, n, samples=4096):
+    """Correlated, non-negative inputs (as after a ReLU): a few strong directions."""
+    mix = rng.standard_normal((n, n)) * (0.7 ** np.arange(n))[:, None]
+    return np.maximum(rng.standard_normal((samples, n)) @ mix, 0) + 0.05 * rng.random((samples, n))
+
+
+def _layer(seed=0, out=96, n=160):
+    rng = np.random.default_rng(seed)
+    w = rng.laplace(size=(out, n)).astype(np.float32) * 0.05
+    x = _inputs(rng, n)
+    return w, x, x.T @ x / len(x)
+
+
+def _output_error(w, restored, h) -> float:
+    e = (np.asarray(restored, np.float64) - w).reshape(w.shape[0], -1)
+    w2 = w.reshape(w.shape[0], -1).astype(np.float64)
+    return float(np.trace(e @ h @ e.T) / np.trace(w2 @ h @ w2.T))
+
+
+def test_feedback_lowers_output_error_at_equal_bytes():
+    w, _, h = _layer()
+    plain = rate.prepare_leaf(w)
+    shaped = rate.prepare_leaf(w, input_covariance=feedback.InputCovariance(h, (1,)))
+    step = 0.3 * rate.tensor_rms(plain)
+    a = rate.encode_at_step(plain, step, bits=12)
+    b = rate.encode_at_step(shaped, step, bits=12)
+    assert abs(b.nbytes / a.nbytes - 1) < 0.05
+    err_plain = _output_error(w, codec.decode_tensor(a), h)
+    err_shaped = _output_error(w, codec.decode_tensor(b), h)
+    assert err_shaped < err_plain / 2, (err_plain, err_shaped)
+    # The weights themselves move further: that is the trade.
+    assert np.linalg.norm(codec.decode_tensor(b) - w) > np.linalg.norm(codec.decode_tensor(a) - w)
+
+
+def test_feedback_tiles_are_standard_jpeg():
+    w, _, h = _layer(seed=1, out=40, n=72)
+    p = rate.prepare_leaf(w, input_covariance=feedback.InputCovariance(h, (1,)))
+    for bits in (8, 12):
+        enc = rate.encode_at_step(p, 0.2 * rate.tensor_rms(p), bits=bits)
+        assert enc.col_scale is None
+        tiles = [(t.data, t.row0, t.col0) for t in enc.tiles]
+        np.testing.assert_array_equal(
+            enc.view.to_matrix(codec.decode_tensor(enc)),
+            expected_weights(tiles, enc.matrix_shape, enc.row_scale, enc.row_offset))
+
+
+def _conv_case(seed=2, o=24, i=16, k=3):
+    """A PyTorch conv weight (O, I, k, k) and covariances of its patches
+    flattened as unfold does, (I, k, k)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((o, i, k, k)).astype(np.float32)
+    x = _inputs(rng, i * k * k, samples=2000)
+    return w, x, x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_covariance_follows_the_axes_into_the_view(layout):
+    w, x, h = _conv_case()
+    o, i, k, _ = w.shape
+    if layout == "torch":
+        leaf, axes = w, (1, 2, 3)
+        patches = x
+    else:   # Flax (kh, kw, I, O), patches flattened (kh, kw, I)
+        leaf, axes = w.transpose(2, 3, 1, 0), (0, 1, 2)
+        patches = x.reshape(-1, i, k, k).transpose(0, 2, 3, 1).reshape(len(x), -1)
+        h = patches.T @ patches / len(patches)
+    cov = feedback.InputCovariance(h, axes)
+    rng = np.random.default_rng(3)
+    error = rng.standard_normal(leaf.shape)
+    # The output error of `error` computed in the leaf's own layout ...
+    flat = np.moveaxis(error, axes, range(len(axes))).reshape(patches.shape[1], -1)
+    direct = np.sum((patches @ flat) ** 2) / len(patches)
+    for view in (MatrixView((0, 1, 2, 3), 1), MatrixView((3, 0, 1, 2), 1),
+                 MatrixView((1, 0, 2, 3), 1), MatrixView((2, 0, 1, 3), 2)):
+        chosen = feedback.view_for(cov, leaf.shape, view)
+        fb = feedback.for_view(cov, leaf.shape, chosen)
+        m = chosen.to_matrix(error)
+        m = m.T if fb.along_rows else m
+        through_view = np.einsum("ri,ij,rj->", m, fb.matrix, m)
+        assert through_view == pytest.approx(direct, rel=1e-9), (view, chosen)
+
+
+def test_view_is_kept_when_the_inputs_are_its_rows_or_columns():
+    shape = (80, 480, 1, 1)   # a PyTorch 1x1 conv: inputs on axis 1
+    cov = feedback.InputCovariance(np.eye(480), (1, 2, 3))
+    rows_are_inputs = MatrixView((1, 0, 2, 3), 1)
+    assert feedback.view_for(cov, shape, rows_are_inputs) == rows_are_inputs
+    assert feedback.for_view(cov, shape, rows_are_inputs).along_rows
+    mixed = MatrixView((1, 2, 0, 3), 2)   # inputs on rows, kh on rows too: size 1
+    assert feedback.view_for(cov, shape, mixed) == mixed
+
+
+@pytest.mark.parametrize("matrix, axes, message", [
+    (np.eye(5), (1,), r"need \(4, 4\)"),
+    (np.full((4, 4), np.nan), (1,), "NaN"),
+    (-np.eye(4), (1,), "negative diagonal"),
+    (np.eye(4), (2,), "not distinct axes"),
+    (np.eye(4), (1, 1), "not distinct axes"),
+    (np.eye(12), (0, 1), "no output axis"),
+])
+def test_bad_covariances_are_refused(matrix, axes, message):
+    with pytest.raises(ValueError, match=message):
+        feedback.InputCovariance(matrix, axes).check((3, 4))
+
+
+def _tree():
+    w, _, h = _layer(seed=5)
+    rng = np.random.default_rng(6)
+    return {"dense": {"kernel": w.T.copy()},                    # Flax (I, O)
+            "other": rng.standard_normal((64, 64)).astype(np.float32)}, h
+
+
+def test_save_with_covariances_restores_closer_outputs(tmp_path):
+    tree, h = _tree()
+    cov = {"dense/kernel": jaxjpeg.InputCovariance(h, (0,))}
+    plain = jaxjpeg.save(tmp_path / "plain.jjpg", tree, target_ratio=8)
+    shaped = jaxjpeg.save(tmp_path / "shaped.jjpg", tree, target_ratio=8, input_covariance=cov)
+    assert abs(shaped.file_bytes / plain.file_bytes - 1) < 0.03
+    w = tree["dense"]["kernel"].T
+    errors = [_output_error(w, np.asarray(jaxjpeg.restore(tmp_path / f)["dense"]["kernel"]).T, h)
+              for f in ("plain.jjpg", "shaped.jjpg")]
+    assert errors[1] < errors[0] / 1.5, errors
+
+
+def test_feedback_leaves_use_12_bit_samples(tmp_path):
+    tree, h = _tree()
+    jaxjpeg.save(tmp_path / "a.jjpg", tree, relative_step=0.3,
+                 input_covariance={"dense/kernel": jaxjpeg.InputCovariance(h, (0,))})
+    with jaxjpeg.open(tmp_path / "a.jjpg") as f:
+        assert f.info("dense/kernel").sample_bits == 12
+
+
+@pytest.mark.parametrize("covariances, kwargs, error, message", [
+    ({"nope/kernel": "H"}, {}, ValueError, "not a leaf"),
+    ({"dense/kernel": np.eye(160)}, {}, TypeError, "InputCovariance"),
+    ({"dense/kernel": ("H", (0,))}, {}, TypeError, "InputCovariance"),
+    ({"dense/kernel": feedback.InputCovariance(np.eye(96), (0,))}, {}, ValueError,
+     r"dense/kernel.*need \(160, 160\)"),
+    ({"dense/kernel": feedback.InputCovariance(np.eye(160), (0,))}, {"error_bound": 0.1},
+     ValueError, "error_bound"),
+])
+def test_misused_covariances_are_refused_before_writing(tmp_path, covariances, kwargs, error,
+                                                         message):
+    tree, _ = _tree()
+    with pytest.raises(error, match=message):
+        jaxjpeg.save(tmp_path / "x.jjpg", tree, input_covariance=covariances, **kwargs)
+    assert not (tmp_path / "x.jjpg").exists()
