@@ -27,7 +27,8 @@ Methods (``--methods``, comma-separated; ``all`` by default): float32, int8, int
 int4-g128, naive-jpeg-q75 (``baselines``), jaxjpeg-default, jaxjpeg (target_ratio for
 each of ``--ratios``), jaxjpeg-match (target_bytes = each baseline's size), jaxjpeg-sens
 (target_ratio from ``--sens-ratios`` with per-element diagonal-Fisher sensitivity arrays),
-jaxjpeg-sens-leaf (the same with one mean per leaf). See real_models_lib/methods.py.
+jaxjpeg-sens-leaf (the same with one mean per leaf), jaxjpeg-fb (error feedback against the
+calibration crops' layer inputs), jaxjpeg-sens-fb (both). See real_models_lib/methods.py.
 
 Ratios are all-in: float32 bytes of the tree / checkpoint file bytes (jaxjpeg) or / the
 baseline's bits_used / 8. Float32 reference logits and calibration gradients are cached
@@ -184,11 +185,16 @@ def run_model(name: str, args, table: Table, workdir: Path):
     sens = None
     if case.family == "cls" and any(m.startswith("jaxjpeg-sens") for m in methods):
         sens = case.sensitivity()
+    covs = None
+    if case.family == "cls" and any(m.endswith("-fb") for m in methods):
+        covs = case.input_covariances()
     base_metrics: dict = {}
     raw_bytes = 4 * sum(v.size for v in case.native.values())
     for layout in args.layouts:
         too_small = None  # (target bytes, error) of a save refused as below the smallest size
         sens_layout = common.to_layout(sens, case.kinds, layout) if sens is not None else None
+        covs_layout = (M.layout_covariances(covs, case.kinds, layout) if covs is not None
+                       else None)
         for method in methods:
             if method == "float32":
                 continue
@@ -196,13 +202,14 @@ def run_model(name: str, args, table: Table, workdir: Path):
                 table.emit(evaluate(case, ref, base[method], layout, base_metrics))
                 continue
             tasks = M.jaxjpeg_tasks(method, args.ratios, args.sens_ratios,
-                                    {b: r.bits for b, r in base.items()}, sens_layout)
+                                    {b: r.bits for b, r in base.items()}, sens_layout,
+                                    covs_layout)
             for setting, kwargs in tasks:
                 target = kwargs and (kwargs.get("target_bytes")
                                      or (raw_bytes / kwargs["target_ratio"]
                                          if kwargs.get("target_ratio") else None))
                 if kwargs is None:
-                    res = M.Result(method, setting, error="n/a: no calibration gradients for "
+                    res = M.Result(method, setting, error="n/a: no calibration data for "
                                                           "this model")
                 elif target and too_small and target <= too_small[0]:
                     # Smaller targets than one already refused as too small fail alike.

@@ -6,6 +6,7 @@
         kernel = f.get("params/Dense_0/kernel")
 """
 
+from jaxjpeg import calibration, feedback  # noqa: F401  (jaxjpeg.calibration.input_covariances)
 from jaxjpeg.checkpoint import Policy, SaveReport, save
 from jaxjpeg.checkpoint_restore import RestoreStats, restore
 from jaxjpeg.compressed import CompressedArray, decode, load

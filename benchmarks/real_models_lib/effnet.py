@@ -204,6 +204,21 @@ class EffNetCase:
 
     # ------------------------------------------------------------------ calibration
 
+    def input_covariances(self) -> dict:
+        """Second moments of the calibration crops' inputs to each ungrouped conv and
+        linear layer, as the torch weight contracts them: {name: (n, n) array}, cached."""
+        path = common.cache_path(f"{self.name}-inputs-{self._key('fisher')}.npz")
+        if path.exists():
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        t = time.perf_counter()
+        self.model.load_state_dict(self._state_dict(self.native), strict=True)
+        covs = patch_covariances(self.model, self.calib)
+        np.savez(path, **covs)
+        self.log(f"  calibration input covariances ({len(covs)} layers, {len(self.calib)} "
+                 f"crops) computed in {time.perf_counter() - t:.1f} s, cached at {path}")
+        return covs
+
     def sensitivity(self) -> dict:
         """Diagonal Fisher: per-element mean over the calibration crops of the squared
         gradient of cross-entropy against the float32 model's own top-1 label.
@@ -220,6 +235,42 @@ class EffNetCase:
         self.log(f"  calibration sensitivity (diagonal Fisher over {len(self.calib)} crops) "
                  f"computed in {time.perf_counter() - t:.1f} s, cached at {path}")
         return fisher
+
+
+def patch_covariances(model, inputs: np.ndarray) -> dict:
+    """Sum over ``inputs`` of x xᵀ for the inputs x of every ungrouped Conv2d (its
+    ``unfold`` patches, features (I, kh, kw)) and Linear: {weight name: float64 (n, n)}."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    names = {mod: name for name, mod in model.named_modules()}
+    sums, hooks = {}, []
+
+    def record(mod, args, _out):
+        x = args[0].detach()
+        if isinstance(mod, nn.Conv2d):
+            if hasattr(mod, "static_padding"):   # "same"-padding convs pad in forward()
+                x = mod.static_padding(x)
+            cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                            stride=mod.stride)
+            x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        x = x.reshape(-1, x.shape[-1]).double()
+        key = f"{names[mod]}.weight"
+        sums[key] = sums.get(key, 0) + (x.T @ x).numpy()
+
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                          and isinstance(mod.padding, tuple)):
+            hooks.append(mod.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(inputs), BATCH):
+                model(torch.from_numpy(inputs[i:i + BATCH]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
 
 
 def diagonal_fisher(model, state: dict, inputs: np.ndarray) -> dict:

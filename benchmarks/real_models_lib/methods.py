@@ -12,6 +12,10 @@
 * ``jaxjpeg-sens``: ``target_ratio=r`` (``--sens-ratios``) with ``sensitivity=`` the
   per-element diagonal Fisher (arrays with the leaves' shapes, in the saved layout).
 * ``jaxjpeg-sens-leaf``: the same with one number per leaf (the Fisher's mean).
+* ``jaxjpeg-fb``: ``target_ratio=r`` (``--sens-ratios``) with ``input_covariance=`` the
+  calibration crops' input second moments of every ungrouped conv and linear layer
+  (error feedback, :mod:`jaxjpeg.feedback`); ``jaxjpeg-sens-fb``: that plus the
+  per-leaf Fisher means of ``jaxjpeg-sens-leaf``.
 
 jaxjpeg sizes are the checkpoint file's bytes; every jaxjpeg result is restored with
 ``jaxjpeg.restore`` (the decoder the user gets), not decoded in Python.
@@ -30,7 +34,8 @@ import numpy as np
 from . import common
 
 BASELINES = ("int8", "int4-g32", "int4-g128", "naive-jpeg-q75")
-JAXJPEG = ("jaxjpeg-default", "jaxjpeg", "jaxjpeg-match", "jaxjpeg-sens", "jaxjpeg-sens-leaf")
+JAXJPEG = ("jaxjpeg-default", "jaxjpeg", "jaxjpeg-match", "jaxjpeg-sens", "jaxjpeg-sens-leaf",
+           "jaxjpeg-fb", "jaxjpeg-sens-fb")
 ALL_METHODS = ("float32",) + BASELINES + JAXJPEG
 ALIASES = {"all": ALL_METHODS, "baselines": BASELINES, "jaxjpeg-all": JAXJPEG,
            "jaxjpeg-ratio": ("jaxjpeg",)}
@@ -137,7 +142,8 @@ def leaf_detail(report, tree: dict, restored: dict, kinds: dict) -> list[dict]:
     return out
 
 
-def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensitivity):
+def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensitivity,
+                  covariances=None):
     """(setting label, save kwargs) pairs of one jaxjpeg method; kwargs None = skip with note."""
     if method == "jaxjpeg-default":
         return [("default", {})]
@@ -146,15 +152,34 @@ def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensiti
     if method == "jaxjpeg-match":
         return [(f"={b} size", dict(target_bytes=int(bits // 8)))
                 for b, bits in baseline_bits.items()]
-    if method in ("jaxjpeg-sens", "jaxjpeg-sens-leaf"):
+    extra, label = {}, ""
+    if method in ("jaxjpeg-fb", "jaxjpeg-sens-fb"):
+        if covariances is None:
+            return [(f"r{r:g}+fb", None) for r in sens_ratios]
+        extra, label = dict(input_covariance=covariances), "+fb"
+        if method == "jaxjpeg-fb":
+            return [(f"r{r:g}{label}", dict(target_ratio=r, **extra)) for r in sens_ratios]
+    if method in ("jaxjpeg-sens", "jaxjpeg-sens-leaf", "jaxjpeg-sens-fb"):
         if sensitivity is None:
-            return [(f"r{r:g}+sens", None) for r in sens_ratios]
-        if method == "jaxjpeg-sens-leaf":
-            sens = {k: float(np.mean(v)) for k, v in sensitivity.items()}
-        else:
+            return [(f"r{r:g}+sens{label}", None) for r in sens_ratios]
+        if method == "jaxjpeg-sens":
             sens = sensitivity
-        return [(f"r{r:g}+sens", dict(target_ratio=r, sensitivity=sens)) for r in sens_ratios]
+        else:
+            sens = {k: float(np.mean(v)) for k, v in sensitivity.items()}
+        return [(f"r{r:g}+sens{label}", dict(target_ratio=r, sensitivity=sens, **extra))
+                for r in sens_ratios]
     raise ValueError(method)
+
+
+def layout_covariances(covariances: dict, kinds: dict, layout: str) -> dict:
+    """{name: jaxjpeg.InputCovariance} of torch-layout patch covariances (features
+    (I, kh, kw) of conv (O, I, kh, kw), I of linear (O, I)) for ``layout``."""
+    import jaxjpeg
+
+    axes = {"torch": {"conv": (1, 2, 3), "linear": (1,)},
+            "flax": {"conv": (2, 0, 1), "linear": (0,)}}[layout]   # (kh, kw, I, O), (I, O)
+    return {name: jaxjpeg.InputCovariance(h, axes[kinds[name]]) for name, h in covariances.items()
+            if kinds.get(name) in axes}
 
 
 def bits_per_weight(case, bits: int) -> float:
