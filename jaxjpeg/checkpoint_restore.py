@@ -1,12 +1,23 @@
-"""Restoring checkpoints onto devices: one decode call per device, sharded
-leaves decoded by each device from only the tiles its shard overlaps."""
+"""Restoring checkpoints onto devices: unsharded leaves in windows of bounded
+size, read in parallel while the previous windows decode; sharded leaves
+decoded by each device from only the tiles its shard overlaps.
+
+The pipeline (``_restore_windows``): one thread reads window i + 1 (its blobs
+as a few large ranged reads in flight at once, see ContainerReader.prefetch)
+and builds its decode plan, while the caller's thread hands window i to the
+device and dispatches its decode (asynchronous); at most ``_IN_FLIGHT``
+decodes are unchecked at a time. Time-to-params thus tends to max(read,
+decode) rather than their sum, and host memory holds a few windows, not the file.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -190,21 +201,127 @@ def _leaves_decoder(output_shapes, output_dtypes, finishes):
 
 
 
-def _restore_unsharded(ckpt, requests, device, stats) -> list:
-    """All unsharded JPEG leaves in one decode call on one device."""
-    builder = codec.PlanBuilder()
-    payload = 0
-    kept = []
-    for r in requests:
-        payload += add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
-        if r.leaf.outliers:
-            kept.append(kept_values(ckpt, r.leaf))
-    plan = builder.finish()
+# Compressed bytes per window of the restore pipeline; memory holds about
+# (2 + _IN_FLIGHT) windows (one read ahead, one being placed, the decodes in
+# flight) however large the file. Large enough that a window's decode fills
+# a GPU; a leaf larger than a window is a window of its own.
+WINDOW_BYTES = 32 * 2**20
+_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A window read and ready for the device."""
+
+    indices: list             # request indices, in order
+    device: Any               # None: raw leaves (placed as each request says)
+    plan: codec.DecodePlan | None = None
+    kept: list | None = None
+    payload: int = 0
+    arrays: list | None = None  # raw leaves' host arrays
+
+
+def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
+    """Reads a window of unsharded JPEG leaves and builds their one decode plan."""
+    leaves = [requests[i].leaf for i in indices]
+    with ckpt.prefetch(leaves):
+        builder = codec.PlanBuilder()
+        payload = sum(add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
+                      for r in (requests[i] for i in indices))
+        kept = [kept_values(ckpt, leaf) for leaf in leaves if leaf.outliers]
+        plan = builder.finish()
+    return _Prepared(indices, device, plan, kept, payload)
+
+
+def _prepare_raw(ckpt, requests, indices) -> _Prepared:
+    leaves = [requests[i].leaf for i in indices]
+    with ckpt.prefetch(leaves):
+        return _Prepared(indices, None, arrays=[ckpt.read_raw(leaf) for leaf in leaves])
+
+
+def _dispatch(prepared: _Prepared, requests, stats):
+    """Hands a prepared JPEG window to its device and starts its decode;
+    returns (status, outputs) without waiting for them."""
+    plan = prepared.plan
     if stats is not None:
-        stats.add(device, payload)
+        stats.add(prepared.device, prepared.payload)
     decode = _leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                             _finishes(requests))
-    return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), kept), device))
+                             _finishes([requests[i] for i in prepared.indices]))
+    with ops.jpeg_errors():
+        return decode(*jax.device_put((ops.plan_operands(plan), prepared.kept), prepared.device))
+
+
+def _check(status) -> None:
+    with ops.jpeg_errors():
+        ops.check_status(status)
+
+
+def _restore_unsharded(ckpt, requests, device, stats) -> list:
+    """Unsharded JPEG leaves in one decode call on one device."""
+    prepared = _prepare_jpeg(ckpt, requests, list(range(len(requests))), device)
+    status, outputs = _dispatch(prepared, requests, stats)
+    _check(status)
+    return outputs
+
+
+def _windows(ckpt, requests, indices, window_bytes) -> list[list[int]]:
+    """``indices`` cut, in order, into runs of about ``window_bytes`` stored bytes."""
+    windows: list[list[int]] = []
+    size = 0
+    for i in indices:
+        leaf_bytes = ckpt.stored_bytes(requests[i].leaf)
+        if not windows or size + leaf_bytes > window_bytes:
+            windows.append([])
+            size = 0
+        windows[-1].append(i)
+        size += leaf_bytes
+    return windows
+
+
+def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
+    """Unsharded JPEG leaves and raw leaves, window by window: reading the
+    next window overlaps placing and decoding this one (module docstring)."""
+    jobs = [(device, window)
+            for device, group in _unsharded_groups(requests, default_device).items()
+            for window in _windows(ckpt, requests, group, WINDOW_BYTES)]
+    raw = [i for i, r in enumerate(requests) if r.leaf.kind == "raw"]
+    jobs += [(None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
+
+    def prepare(job):
+        device, indices = job
+        if device is None:
+            return _prepare_raw(ckpt, requests, indices)
+        return _prepare_jpeg(ckpt, requests, indices, device)
+
+    if not jobs:
+        return
+    pending = iter(jobs)
+    in_flight: collections.deque = collections.deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxjpeg-prepare") as reader:
+        ahead = collections.deque([reader.submit(prepare, next(pending))])
+        try:
+            while ahead:
+                prepared = ahead.popleft().result()
+                job = next(pending, None)
+                if job is not None:  # read the next window while this one decodes
+                    ahead.append(reader.submit(prepare, job))
+                if prepared.device is None:
+                    for i, array in zip(prepared.indices, prepared.arrays):
+                        values[i] = place_raw(array, requests[i], default_device)
+                    continue
+                status, outputs = _dispatch(prepared, requests, stats)
+                for i, array in zip(prepared.indices, outputs):
+                    values[i] = array
+                in_flight.append(status)
+                del prepared  # its host plan is the device's now
+                while len(in_flight) > _IN_FLIGHT:
+                    _check(in_flight.popleft())
+            while in_flight:
+                _check(in_flight.popleft())
+        except BaseException:
+            for future in ahead:
+                future.cancel()
+            raise
 
 
 def _restore_sharded(ckpt, request, stats) -> jax.Array:
@@ -217,10 +334,12 @@ def _restore_sharded(ckpt, request, stats) -> jax.Array:
     if not boxes:
         return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
                                                         dtype=np.dtype(request.dtype))
-    maps = read_maps(ckpt, leaf)
-    kept = kept_values(ckpt, leaf)
-    shards = [decode_region(ckpt, leaf, ranges, request.dtype, device, maps, kept, stats)
-              for device, ranges in boxes.items()]
+    tiles = sorted({k for ranges in boxes.values() for k in region_tiles(leaf, ranges)})
+    with ckpt.prefetch([leaf], tiles):  # each tile read once, however many devices use it
+        maps = read_maps(ckpt, leaf)
+        kept = kept_values(ckpt, leaf)
+        shards = [decode_region(ckpt, leaf, ranges, request.dtype, device, maps, kept, stats)
+                  for device, ranges in boxes.items()]
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 
 
@@ -230,8 +349,7 @@ def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps
     none empty) of a JPEG leaf, decoded on ``device`` from only the tiles its
     2-D box overlaps; ``maps`` from :func:`read_maps`, ``kept`` from
     :func:`kept_values` (the leaf's whole side list, or None)."""
-    (r0, r1), (c0, c1) = view_box(leaf, ranges)
-    tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
+    tile_ids = region_tiles(leaf, ranges)
     tr0 = min(leaf.tiles[k][0] for k in tile_ids)
     tc0 = min(leaf.tiles[k][1] for k in tile_ids)
     tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
@@ -252,6 +370,12 @@ def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps
                             cut, np.dtype(dtype))
     return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), region_kept),
                                                   device))
+
+
+def region_tiles(leaf: SavedLeaf, ranges) -> list[int]:
+    """Ids of the tiles the region ``ranges`` (as for decode_region) overlaps."""
+    rows, cols = view_box(leaf, ranges)
+    return _tiles_in_box(leaf, rows, cols)
 
 
 def _kept_in_shard(kept, shape, ranges):
@@ -367,15 +491,10 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
                         for leaf in select_leaves(ckpt, paths)]
             treedef = None
         values: list = [None] * len(requests)
-        for target_device, group in _unsharded_groups(requests, device).items():
-            decoded = _restore_unsharded(ckpt, [requests[i] for i in group], target_device, stats)
-            for i, array in zip(group, decoded):
-                values[i] = array
+        _restore_windows(ckpt, requests, values, device, stats)
         for i, r in enumerate(requests):
             if r.leaf.kind == "jpeg" and r.sharding is not None:
                 values[i] = _restore_sharded(ckpt, r, stats)
-            elif r.leaf.kind == "raw":
-                values[i] = place_raw(ckpt.read_raw(r.leaf), r, device)
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])
