@@ -608,6 +608,12 @@ class ContainerReader:
         if self._file.closed:
             raise ValueError(f"container reader for {self.path} is closed")
 
+    def __enter__(self) -> "ContainerReader":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
 
 def _copy_into(out, data: memoryview) -> memoryview:
     view = memoryview(out).cast("B")
@@ -628,9 +634,3 @@ def _io_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="jaxjpeg-read")
         return _pool
-
-    def __enter__(self) -> "ContainerReader":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
