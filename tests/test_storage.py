@@ -170,3 +170,28 @@ def test_storage_locations():
     assert storage.to_absolute("s3://b/x") == "s3://b/x"
     with pytest.raises(TypeError):
         storage.as_location(3)
+
+
+def test_orbax_handler_with_a_url_directory(local_file, memory_fs):
+    from jaxjpeg.orbax import JaxjpegCheckpointHandler, JaxjpegRestore, JaxjpegSave
+    _, expected = local_file
+    fs, root = memory_fs
+    handler = JaxjpegCheckpointHandler()
+    directory = f"memory://{root}/step_1/params"
+    handler.save(directory, JaxjpegSave(TREE))
+    assert fs.exists(f"{root}/step_1/params/checkpoint.jjpg")
+    assert_same(leaves(handler.restore(directory, JaxjpegRestore())), expected)
+    assert handler.metadata(directory)["emb"].shape == (1024, 256)
+    assert handler.metadata(f"memory://{root}/nothing") is None
+
+
+def test_cli_reads_urls(local_file, capsys):
+    from jaxjpeg.cli import main
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        assert main(["verify", url]) == 0
+        assert main(["inspect", url]) == 0
+        assert "emb" in capsys.readouterr().out
+        assert main(["inspect", server.url("missing.jjpg")]) == 3
+        assert "missing.jjpg" in capsys.readouterr().err
