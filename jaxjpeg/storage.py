@@ -128,7 +128,7 @@ class RangeSource:
             self._fs, self._inner = filesystem(location)
             self._file = None
             self._closed = False
-            info = self._fs.info(self._inner)
+            info = self._remote_call("reading its size", self._fs.info, self._inner)
             if info.get("type") == "directory":
                 raise IsADirectoryError(f"{location}: is a directory")
             if info.get("size") is None:
@@ -151,10 +151,22 @@ class RangeSource:
             return done
         if not len(view):
             return 0
-        data = self._fs.cat_file(self._inner, start=offset, end=offset + len(view))
+        data = self._remote_call(f"reading bytes [{offset}, {offset + len(view)})",
+                                 self._fs.cat_file, self._inner, start=offset,
+                                 end=offset + len(view))
         n = min(len(data), len(view))
         view[:n] = data[:n]
         return n
+
+    def _remote_call(self, what: str, fn, *args, **kwargs):
+        """fn(...), with any failure of the store (HTTP status, connection,
+        backend errors of every kind) as an OSError naming the file."""
+        try:
+            return fn(*args, **kwargs)
+        except OSError:
+            raise
+        except Exception as e:
+            raise OSError(f"{self.name}: {what}: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         if self._fs is None:

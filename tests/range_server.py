@@ -24,6 +24,7 @@ class RangeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.ranges: list[tuple[int, int]] = []
+        self.fail_ranged_reads = False  # answer ranged GETs with 500
         self._lock = threading.Lock()
         server = self
 
@@ -54,6 +55,9 @@ class RangeServer:
                 size = os.path.getsize(path)
                 start, end = 0, size
                 match = _RANGE.match(self.headers.get("Range", ""))
+                if match and server.fail_ranged_reads:
+                    self.send_error(500)
+                    return
                 if match:
                     start = int(match.group(1))
                     end = min(size, int(match.group(2)) + 1 if match.group(2) else size)

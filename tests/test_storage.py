@@ -195,3 +195,15 @@ def test_cli_reads_urls(local_file, capsys):
         assert "emb" in capsys.readouterr().out
         assert main(["inspect", server.url("missing.jjpg")]) == 3
         assert "missing.jjpg" in capsys.readouterr().err
+
+
+def test_a_failing_server_is_an_oserror(local_file, tmp_path):
+    """A server error mid-read (HTTP 500 on ranged reads) is an OSError naming
+    the file, which the CLI reports as an I/O error (exit 3)."""
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        with jaxjpeg.open(url) as f:
+            server.fail_ranged_reads = True
+            with pytest.raises(OSError, match="model.jjpg"):
+                f.get("emb")
