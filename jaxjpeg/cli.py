@@ -414,6 +414,15 @@ def _path(text: str) -> str:
     return storage.to_absolute(text)
 
 
+def _local_dir(text: str) -> str:
+    """A directory argument the command writes files into: local only."""
+    from jaxjpeg import storage
+    path = _path(text)
+    if storage.local_path(path) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a local directory, not a URL")
+    return storage.local_path(path)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -482,7 +491,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="write each JPEG tile as a standalone .jpg")
     p.add_argument("ckpt", metavar="CKPT", type=_path)
-    p.add_argument("outdir", metavar="OUTDIR", type=_path)
+    p.add_argument("outdir", metavar="OUTDIR", type=_local_dir)
     p.add_argument("--leaf", metavar="PATTERN", help="only leaves whose path matches this glob")
     p.set_defaults(func=cmd_extract)
     return parser

@@ -105,7 +105,7 @@ def size(path) -> int:
 def join(directory, name: str) -> str:
     """``directory/name`` for local paths and URLs alike."""
     location = as_location(directory)
-    if local_path(location) is None or location != local_path(location):
+    if _SCHEME.match(location):  # URLs, file:// included, join with "/"
         return location.rstrip("/") + "/" + name
     return os.path.join(location, name)
 

@@ -113,3 +113,8 @@ def test_relative_paths_everywhere(tmp_path, capsys, monkeypatch):
     assert "dense/kernel" in out
     assert run(capsys, "extract", "out.jjpg", "tiles")[0] == 0
     assert os.listdir(tmp_path / "tiles")
+
+
+def test_extract_refuses_a_url_outdir_before_reading(tmp_path, capsys):
+    code, _, err = run(capsys, "extract", tmp_path / "missing.jjpg", "gs://bucket/tiles")
+    assert code == EXIT_USAGE and "local directory" in err
