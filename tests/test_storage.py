@@ -131,6 +131,12 @@ def test_open_get_over_http_reads_about_one_leaf(local_file):
             np.testing.assert_array_equal(np.asarray(f.get("b/kernel")), expected["b/kernel"])
             # The leaf's blobs, plus at most the alignment padding between them.
             assert leaf_bytes <= server.bytes_served <= leaf_bytes + 64 * 8
+            # A slice in one of emb's two row tiles: its maps and that tile only.
+            emb_bytes = f.info("emb").stored_bytes
+            server.reset()
+            np.testing.assert_array_equal(np.asarray(f.get_slice("emb")[0:8]),
+                                          expected["emb"][0:8])
+            assert 0 < server.bytes_served < 0.6 * emb_bytes
         size = path.stat().st_size
         assert header < 0.05 * size and leaf_bytes < 0.4 * size
 
