@@ -154,9 +154,11 @@ class RangeSource:
         data = self._remote_call(f"reading bytes [{offset}, {offset + len(view)})",
                                  self._fs.cat_file, self._inner, start=offset,
                                  end=offset + len(view))
-        n = min(len(data), len(view))
-        view[:n] = data[:n]
-        return n
+        if len(data) > len(view):  # e.g. an HTTP server answering 200 with the whole file
+            raise OSError(f"{self.name}: the store answered a request for {len(view)} bytes "
+                          f"with {len(data)} (it ignores ranged reads, which jaxjpeg needs)")
+        view[:len(data)] = data
+        return len(data)
 
     def _remote_call(self, what: str, fn, *args, **kwargs):
         """fn(...), with any failure of the store (HTTP status, connection,

@@ -25,6 +25,7 @@ class RangeServer:
         self.max_in_flight = 0
         self.ranges: list[tuple[int, int]] = []
         self.fail_ranged_reads = False  # answer ranged GETs with 500
+        self.ignore_ranges = False      # answer every GET with the whole file (200)
         self._lock = threading.Lock()
         server = self
 
@@ -58,7 +59,7 @@ class RangeServer:
                 if match and server.fail_ranged_reads:
                     self.send_error(500)
                     return
-                if match:
+                if match and not server.ignore_ranges:
                     start = int(match.group(1))
                     end = min(size, int(match.group(2)) + 1 if match.group(2) else size)
                     self.send_response(206)

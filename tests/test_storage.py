@@ -213,3 +213,13 @@ def test_a_failing_server_is_an_oserror(local_file, tmp_path):
             server.fail_ranged_reads = True
             with pytest.raises(OSError, match="model.jjpg"):
                 f.get("emb")
+
+
+def test_a_server_ignoring_ranges_is_refused_clearly(local_file):
+    """fsspec hands back whatever body the server sends: a server that ignores
+    Range (200, the whole file) must not be read as the bytes asked for."""
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        server.ignore_ranges = True
+        with pytest.raises(OSError, match="ignores ranged reads"):
+            jaxjpeg.restore(server.url(path.name))
