@@ -469,6 +469,10 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             device=None, verify: bool = True, stats: RestoreStats | None = None):
     """Restores a checkpoint as a pytree of arrays decoded on the device.
 
+    ``path`` is a local path, ``os.PathLike`` or URL (``https://``, ``gs://``,
+    ``memory://`` ...; :mod:`jaxjpeg.storage`); only the byte ranges of the
+    leaves restored are read, in windows pipelined with the decode.
+
     ``target`` (optional) is a pytree of arrays or ``jax.ShapeDtypeStruct``
     (possibly with shardings) whose structure, dtypes and placement the result
     takes; it may cover a subset of the saved leaves (partial restore).

@@ -87,6 +87,7 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
 def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     """The checkpoint as a pytree whose JPEG-coded leaves stay compressed on
     ``device`` (:class:`CompressedArray`); lossless leaves are plain arrays.
+    ``path``: a local path, ``os.PathLike`` or URL, as for :func:`jaxjpeg.restore`.
 
     ``target`` (optional) gives the pytree structure (and per-leaf dtypes) to
     return, e.g. an optimizer state from ``jax.eval_shape(opt.init, params)``;
