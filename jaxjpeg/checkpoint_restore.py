@@ -1,6 +1,6 @@
 """Restoring checkpoints onto devices: unsharded leaves in windows of bounded
-size, read in parallel while the previous windows decode; sharded leaves
-decoded by each device from only the tiles its shard overlaps.
+size, one decode call per window and device; sharded leaves decoded by each
+device from only the tiles its shard overlaps (a window per leaf).
 
 The pipeline (``_restore_windows``): one thread reads window i + 1 (its blobs
 as a few large ranged reads in flight at once, see ContainerReader.prefetch)
@@ -214,11 +214,12 @@ class _Prepared:
     """A window read and ready for the device."""
 
     indices: list             # request indices, in order
-    device: Any               # None: raw leaves (placed as each request says)
+    device: Any               # None: raw leaves or one sharded leaf (placed as requested)
     plan: codec.DecodePlan | None = None
     kept: list | None = None
     payload: int = 0
-    arrays: list | None = None  # raw leaves' host arrays
+    arrays: list | None = None    # raw leaves' host arrays
+    regions: list | None = None   # a sharded leaf's planned shards
 
 
 def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
@@ -256,6 +257,11 @@ def _check(status) -> None:
         ops.check_status(status)
 
 
+def _check_all(statuses) -> None:
+    for status in statuses:
+        _check(status)
+
+
 def _restore_unsharded(ckpt, requests, device, stats) -> list:
     """Unsharded JPEG leaves in one decode call on one device."""
     prepared = _prepare_jpeg(ckpt, requests, list(range(len(requests))), device)
@@ -279,18 +285,24 @@ def _windows(ckpt, requests, indices, window_bytes) -> list[list[int]]:
 
 
 def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
-    """Unsharded JPEG leaves and raw leaves, window by window: reading the
-    next window overlaps placing and decoding this one (module docstring)."""
-    jobs = [(device, window)
+    """Every requested leaf, window by window: reading the next window
+    overlaps placing and decoding this one (module docstring). Windows:
+    unsharded JPEG leaves per device, raw leaves, one sharded leaf each."""
+    jobs = [("jpeg", device, window)
             for device, group in _unsharded_groups(requests, default_device).items()
             for window in _windows(ckpt, requests, group, WINDOW_BYTES)]
     raw = [i for i, r in enumerate(requests) if r.leaf.kind == "raw"]
-    jobs += [(None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
+    jobs += [("raw", None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
+    jobs += [("sharded", None, [i]) for i, r in enumerate(requests)
+             if r.leaf.kind == "jpeg" and r.sharding is not None]
 
     def prepare(job):
-        device, indices = job
-        if device is None:
+        kind, device, indices = job
+        if kind == "raw":
             return _prepare_raw(ckpt, requests, indices)
+        if kind == "sharded":
+            return _Prepared(indices, None,
+                             regions=_prepare_sharded(ckpt, requests[indices[0]]))
         return _prepare_jpeg(ckpt, requests, indices, device)
 
     if not jobs:
@@ -305,50 +317,82 @@ def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
                 job = next(pending, None)
                 if job is not None:  # read the next window while this one decodes
                     ahead.append(reader.submit(prepare, job))
-                if prepared.device is None:
+                if prepared.arrays is not None:
                     for i, array in zip(prepared.indices, prepared.arrays):
                         values[i] = place_raw(array, requests[i], default_device)
                     continue
-                status, outputs = _dispatch(prepared, requests, stats)
-                for i, array in zip(prepared.indices, outputs):
-                    values[i] = array
-                in_flight.append(status)
+                if prepared.regions is not None:
+                    (i,) = prepared.indices
+                    statuses, values[i] = _dispatch_sharded(requests[i], prepared.regions,
+                                                            stats)
+                else:
+                    status, outputs = _dispatch(prepared, requests, stats)
+                    for i, array in zip(prepared.indices, outputs):
+                        values[i] = array
+                    statuses = [status]
+                in_flight.append(statuses)
                 del prepared  # its host plan is the device's now
                 while len(in_flight) > _IN_FLIGHT:
-                    _check(in_flight.popleft())
+                    _check_all(in_flight.popleft())
             while in_flight:
-                _check(in_flight.popleft())
+                _check_all(in_flight.popleft())
         except BaseException:
             for future in ahead:
                 future.cancel()
             raise
 
 
-def _restore_sharded(ckpt, request, stats) -> jax.Array:
-    """Each device decodes only the tiles its shard overlaps, from only their bytes."""
-    leaf, sharding = request.leaf, request.sharding
-    boxes = _shard_boxes(leaf, sharding)  # this process's devices only
-    # Under jax.distributed a sharding may hold nothing here (all its devices are
-    # other processes'): read nothing, and give the dtype, which jax cannot
-    # take from an empty list of shards.
+def _prepare_sharded(ckpt, request) -> list["_Region"]:
+    """The decodes of this process's shards of a sharded leaf, planned on the
+    host: each device decodes only the tiles its shard overlaps."""
+    leaf = request.leaf
+    boxes = _shard_boxes(leaf, request.sharding)  # this process's devices only
     if not boxes:
-        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
-                                                        dtype=np.dtype(request.dtype))
+        return []
     tiles = sorted({k for ranges in boxes.values() for k in region_tiles(leaf, ranges)})
     with ckpt.prefetch([leaf], tiles):  # each tile read once, however many devices use it
         maps = read_maps(ckpt, leaf)
         kept = kept_values(ckpt, leaf)
-        shards = [decode_region(ckpt, leaf, ranges, request.dtype, device, maps, kept, stats)
-                  for device, ranges in boxes.items()]
-    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+        return [plan_region(ckpt, leaf, ranges, request.dtype, device, maps, kept)
+                for device, ranges in boxes.items()]
 
 
-def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
-                  kept, stats: RestoreStats | None = None) -> jax.Array:
-    """The region ``ranges`` ((start, stop, step) per axis, steps positive,
-    none empty) of a JPEG leaf, decoded on ``device`` from only the tiles its
-    2-D box overlaps; ``maps`` from :func:`read_maps`, ``kept`` from
-    :func:`kept_values` (the leaf's whole side list, or None)."""
+def _dispatch_sharded(request, regions, stats) -> tuple[list, jax.Array]:
+    """(statuses to check, the global array) of a leaf's planned shards."""
+    leaf = request.leaf
+    # Under jax.distributed a sharding may hold nothing here (all its devices are
+    # other processes'): read nothing, and give the dtype, which jax cannot
+    # take from an empty list of shards.
+    if not regions:
+        return [], jax.make_array_from_single_device_arrays(
+            leaf.shape, request.sharding, [], dtype=np.dtype(request.dtype))
+    started = [_dispatch_region(region, stats) for region in regions]
+    return [status for status, _ in started], jax.make_array_from_single_device_arrays(
+        leaf.shape, request.sharding, [shard for _, shard in started])
+
+
+def _restore_sharded(ckpt, request, stats) -> jax.Array:
+    statuses, array = _dispatch_sharded(request, _prepare_sharded(ckpt, request), stats)
+    for status in statuses:
+        _check(status)
+    return array
+
+
+@dataclasses.dataclass
+class _Region:
+    """One region's decode, planned on the host (see plan_region)."""
+
+    device: Any
+    plan: codec.DecodePlan
+    cut: tuple
+    dtype: np.dtype
+    kept: Any
+    payload: int
+
+
+def plan_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
+                kept) -> _Region:
+    """The host half of decode_region: the region's tiles read into a plan."""
     tile_ids = region_tiles(leaf, ranges)
     tr0 = min(leaf.tiles[k][0] for k in tile_ids)
     tc0 = min(leaf.tiles[k][1] for k in tile_ids)
@@ -357,19 +401,36 @@ def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps
     builder = codec.PlanBuilder()
     payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
                              (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps)
-    if stats is not None:
-        stats.add(device, payload)
-    plan = builder.finish()
-    # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
-    # indexing compiled several small programs per device and leaf, which was
-    # most of a sharded restore's time.)
     region_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
     cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
            leaf.view.perm, leaf.view.split, region_kept is not None)
+    return _Region(device, builder.finish(), cut, np.dtype(dtype), region_kept, payload)
+
+
+def _dispatch_region(region: _Region, stats):
+    """Starts a planned region's decode on its device: (status, shard), not waited for."""
+    if stats is not None:
+        stats.add(region.device, region.payload)
+    plan = region.plan
+    # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
+    # indexing compiled several small programs per device and leaf, which was
+    # most of a sharded restore's time.)
     decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                            cut, np.dtype(dtype))
-    return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), region_kept),
-                                                  device))
+                            region.cut, region.dtype)
+    with ops.jpeg_errors():
+        return decode(*jax.device_put((ops.plan_operands(plan), region.kept), region.device))
+
+
+def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
+                  kept, stats: RestoreStats | None = None) -> jax.Array:
+    """The region ``ranges`` ((start, stop, step) per axis, steps positive,
+    none empty) of a JPEG leaf, decoded on ``device`` from only the tiles its
+    2-D box overlaps; ``maps`` from :func:`read_maps`, ``kept`` from
+    :func:`kept_values` (the leaf's whole side list, or None)."""
+    status, shard = _dispatch_region(plan_region(ckpt, leaf, ranges, dtype, device, maps, kept),
+                                     stats)
+    _check(status)
+    return shard
 
 
 def region_tiles(leaf: SavedLeaf, ranges) -> list[int]:
@@ -496,9 +557,6 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             treedef = None
         values: list = [None] * len(requests)
         _restore_windows(ckpt, requests, values, device, stats)
-        for i, r in enumerate(requests):
-            if r.leaf.kind == "jpeg" and r.sharding is not None:
-                values[i] = _restore_sharded(ckpt, r, stats)
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])
