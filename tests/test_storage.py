@@ -176,6 +176,16 @@ def test_storage_locations():
     assert storage.to_absolute("s3://b/x") == "s3://b/x"
     with pytest.raises(TypeError):
         storage.as_location(3)
+    from etils import epath
+    assert storage.as_location(epath.Path("gs://bucket/d/x.jjpg")) == "gs://bucket/d/x.jjpg"
+
+
+def test_a_missing_backend_names_what_to_install():
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(ImportError, match="gcsfs"):
+        jaxjpeg.restore("gs://no-such-bucket/x.jjpg")
 
 
 def test_orbax_handler_with_a_url_directory(local_file, memory_fs):
