@@ -536,7 +536,7 @@ class ContainerReader:
     def _read_many(self, infos: list[BlobInfo]) -> list[memoryview]:
         """The bytes of every blob in `infos`, read concurrently (see prefetch)."""
         order = sorted(range(len(infos)), key=lambda i: infos[i].offset)
-        spans: list[list[int]] = []  # [start, end, first index in order]
+        spans: list[list[int]] = []  # [start, end) of each merged range
         for i in order:
             start, end = infos[i].offset, infos[i].offset + infos[i].length
             if spans and start - spans[-1][1] <= _MERGE_GAP:
