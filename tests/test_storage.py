@@ -111,6 +111,23 @@ def test_restore_over_http_reads_every_byte_once_in_parallel(local_file):
         assert all(end - start <= fmt._READ_PIECE for start, end in server.ranges)
 
 
+def test_partial_restore_over_http_reads_only_those_leaves(local_file):
+    path, expected = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        with jaxjpeg.open(url) as f:
+            wanted = f.info("a/kernel").stored_bytes + f.info("emb").stored_bytes
+        server.reset()
+        restored = leaves(jaxjpeg.restore(url, paths=["a/kernel", "emb"]))
+        header = server.ranges[0][1] - server.ranges[0][0] + server.ranges[1][1] - server.ranges[1][0]
+        assert wanted <= server.bytes_served - header <= wanted + _MERGE_SLACK
+    assert restored.keys() == {"a/kernel", "emb"}
+    np.testing.assert_array_equal(restored["emb"], expected["emb"])
+
+
+_MERGE_SLACK = 2 * fmt._MERGE_GAP  # gaps under 4 KiB between wanted blobs are read too
+
+
 def test_http_reads_are_concurrent(tmp_path):
     big = {f"w{i}": rng.standard_normal((1024, 1024)).astype(np.float32) for i in range(3)}
     path = tmp_path / "big.jjpg"
