@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import os
 import warnings
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxjpeg import codec, format as fmt, layout, views
+from jaxjpeg import codec, format as fmt, layout, storage, views
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
@@ -470,7 +469,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
                        enabled=progress)
     records_out, reports = [], []
     try:
-        with fmt.ContainerWriter(os.fspath(path)) as writer:
+        with fmt.ContainerWriter(storage.as_location(path)) as writer:
             for index, (records, array) in enumerate(entries):
                 name = path_string(records)
                 record = {"path": records, "shape": list(array.shape), "dtype": str(array.dtype)}
@@ -502,7 +501,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
                                     if metadata is not None else {})})
     finally:
         bar.close()
-    return SaveReport(os.fspath(path), reports, os.path.getsize(path))
+    return SaveReport(storage.as_location(path), reports, storage.size(path))
 
 
 def _check_covariances(covariances, entries, error_bound) -> None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, codec, format as fmt, layout
+from jaxjpeg import _native, codec, format as fmt, layout, storage
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -175,7 +174,7 @@ class Checkpoint:
     """An open checkpoint file: metadata validated, blobs read on demand."""
 
     def __init__(self, path, *, verify: bool = True):
-        self.path = os.fspath(path)
+        self.path = storage.as_location(path)
         self.verify = verify
         self.reader = fmt.ContainerReader(self.path)
         meta = self.reader.metadata
@@ -221,6 +220,28 @@ class Checkpoint:
 
     def close(self):
         self.reader.close()
+
+    def blob_names(self, leaf: SavedLeaf, tiles=None) -> list[str]:
+        """The names of a leaf's blobs: all, or its maps and only the tiles ``tiles``."""
+        names = layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+                                  col_scale=leaf.col_scale_dtype is not None,
+                                  outliers=leaf.outliers > 0)
+        if tiles is None:
+            return list(names)
+        keep = {layout.tile_blob(leaf.index, k) for k in tiles}
+        every_tile = {layout.tile_blob(leaf.index, k) for k in range(len(leaf.tiles))}
+        return [n for n in names if n not in every_tile or n in keep]
+
+    def stored_bytes(self, leaf: SavedLeaf) -> int:
+        return sum(self.reader.blob_info(n).length for n in self.blob_names(leaf))
+
+    def prefetch(self, leaves, tiles=None):
+        """Reads the blobs of ``leaves`` (for one leaf, optionally only the tile
+        ids ``tiles``) at once, in parallel; see ContainerReader.prefetch."""
+        if tiles is not None:
+            (leaf,) = leaves
+            return self.reader.prefetch(self.blob_names(leaf, tiles))
+        return self.reader.prefetch([n for leaf in leaves for n in self.blob_names(leaf)])
 
     def __enter__(self):
         return self

@@ -1,12 +1,23 @@
-"""Restoring checkpoints onto devices: one decode call per device, sharded
-leaves decoded by each device from only the tiles its shard overlaps."""
+"""Restoring checkpoints onto devices: unsharded leaves in windows of bounded
+size, one decode call per window and device; sharded leaves decoded by each
+device from only the tiles its shard overlaps (a window per leaf).
+
+The pipeline (``_restore_windows``): one thread reads window i + 1 (its blobs
+as a few large ranged reads in flight at once, see ContainerReader.prefetch)
+and builds its decode plan, while the caller's thread hands window i to the
+device and dispatches its decode (asynchronous); at most ``_IN_FLIGHT``
+decodes are unchecked at a time. Time-to-params thus tends to max(read,
+decode) rather than their sum, and host memory holds a few windows, not the file.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -190,38 +201,224 @@ def _leaves_decoder(output_shapes, output_dtypes, finishes):
 
 
 
-def _restore_unsharded(ckpt, requests, device, stats) -> list:
-    """All unsharded JPEG leaves in one decode call on one device."""
-    builder = codec.PlanBuilder()
-    payload = 0
-    kept = []
-    for r in requests:
-        payload += add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
-        if r.leaf.outliers:
-            kept.append(kept_values(ckpt, r.leaf))
-    plan = builder.finish()
+# Compressed bytes per window of the restore pipeline; memory holds about
+# (2 + _IN_FLIGHT) windows (one read ahead, one being placed, the decodes in
+# flight) however large the file. Large enough that a window's decode fills
+# a GPU; a leaf larger than a window is a window of its own.
+WINDOW_BYTES = 32 * 2**20
+_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A window read and ready for the device."""
+
+    indices: list             # request indices, in order
+    device: Any               # None: raw leaves or one sharded leaf (placed as requested)
+    plan: codec.DecodePlan | None = None
+    kept: list | None = None
+    payload: int = 0
+    arrays: list | None = None    # raw leaves' host arrays
+    regions: list | None = None   # a sharded leaf's planned shards
+
+
+def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
+    """Reads a window of unsharded JPEG leaves and builds their one decode plan."""
+    leaves = [requests[i].leaf for i in indices]
+    with ckpt.prefetch(leaves):
+        builder = codec.PlanBuilder()
+        payload = sum(add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
+                      for r in (requests[i] for i in indices))
+        kept = [kept_values(ckpt, leaf) for leaf in leaves if leaf.outliers]
+        plan = builder.finish()
+    return _Prepared(indices, device, plan, kept, payload)
+
+
+def _prepare_raw(ckpt, requests, indices) -> _Prepared:
+    leaves = [requests[i].leaf for i in indices]
+    with ckpt.prefetch(leaves):
+        return _Prepared(indices, None, arrays=[ckpt.read_raw(leaf) for leaf in leaves])
+
+
+def _dispatch(prepared: _Prepared, requests, stats):
+    """Hands a prepared JPEG window to its device and starts its decode;
+    returns (status, outputs) without waiting for them."""
+    plan = prepared.plan
     if stats is not None:
-        stats.add(device, payload)
+        stats.add(prepared.device, prepared.payload)
     decode = _leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                             _finishes(requests))
-    return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), kept), device))
+                             _finishes([requests[i] for i in prepared.indices]))
+    with ops.jpeg_errors():
+        return decode(*jax.device_put((ops.plan_operands(plan), prepared.kept), prepared.device))
 
 
-def _restore_sharded(ckpt, request, stats) -> jax.Array:
-    """Each device decodes only the tiles its shard overlaps, from only their bytes."""
-    leaf, sharding = request.leaf, request.sharding
-    boxes = _shard_boxes(leaf, sharding)  # this process's devices only
+def _check(status) -> None:
+    with ops.jpeg_errors():
+        ops.check_status(status)
+
+
+def _check_all(statuses) -> None:
+    for status in statuses:
+        _check(status)
+
+
+def _restore_unsharded(ckpt, requests, device, stats) -> list:
+    """Unsharded JPEG leaves in one decode call on one device."""
+    prepared = _prepare_jpeg(ckpt, requests, list(range(len(requests))), device)
+    status, outputs = _dispatch(prepared, requests, stats)
+    _check(status)
+    return outputs
+
+
+def _windows(ckpt, requests, indices, window_bytes) -> list[list[int]]:
+    """``indices`` cut, in order, into runs of about ``window_bytes`` stored bytes."""
+    windows: list[list[int]] = []
+    size = 0
+    for i in indices:
+        leaf_bytes = ckpt.stored_bytes(requests[i].leaf)
+        if not windows or size + leaf_bytes > window_bytes:
+            windows.append([])
+            size = 0
+        windows[-1].append(i)
+        size += leaf_bytes
+    return windows
+
+
+def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
+    """Every requested leaf, window by window: reading the next window
+    overlaps placing and decoding this one (module docstring). Windows:
+    unsharded JPEG leaves per device, raw leaves, one sharded leaf each."""
+    jobs = [("jpeg", device, window)
+            for device, group in _unsharded_groups(requests, default_device).items()
+            for window in _windows(ckpt, requests, group, WINDOW_BYTES)]
+    raw = [i for i, r in enumerate(requests) if r.leaf.kind == "raw"]
+    jobs += [("raw", None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
+    jobs += [("sharded", None, [i]) for i, r in enumerate(requests)
+             if r.leaf.kind == "jpeg" and r.sharding is not None]
+
+    def prepare(job):
+        kind, device, indices = job
+        if kind == "raw":
+            return _prepare_raw(ckpt, requests, indices)
+        if kind == "sharded":
+            return _Prepared(indices, None,
+                             regions=_prepare_sharded(ckpt, requests[indices[0]]))
+        return _prepare_jpeg(ckpt, requests, indices, device)
+
+    if not jobs:
+        return
+    pending = iter(jobs)
+    in_flight: collections.deque = collections.deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxjpeg-prepare") as reader:
+        ahead = collections.deque([reader.submit(prepare, next(pending))])
+        try:
+            while ahead:
+                prepared = ahead.popleft().result()
+                job = next(pending, None)
+                if job is not None:  # read the next window while this one decodes
+                    ahead.append(reader.submit(prepare, job))
+                if prepared.arrays is not None:
+                    for i, array in zip(prepared.indices, prepared.arrays):
+                        values[i] = place_raw(array, requests[i], default_device)
+                    continue
+                if prepared.regions is not None:
+                    (i,) = prepared.indices
+                    statuses, values[i] = _dispatch_sharded(requests[i], prepared.regions,
+                                                            stats)
+                else:
+                    status, outputs = _dispatch(prepared, requests, stats)
+                    for i, array in zip(prepared.indices, outputs):
+                        values[i] = array
+                    statuses = [status]
+                in_flight.append(statuses)
+                del prepared  # its host plan is the device's now
+                while len(in_flight) > _IN_FLIGHT:
+                    _check_all(in_flight.popleft())
+            while in_flight:
+                _check_all(in_flight.popleft())
+        except BaseException:
+            for future in ahead:
+                future.cancel()
+            raise
+
+
+def _prepare_sharded(ckpt, request) -> list["_Region"]:
+    """The decodes of this process's shards of a sharded leaf, planned on the
+    host: each device decodes only the tiles its shard overlaps."""
+    leaf = request.leaf
+    boxes = _shard_boxes(leaf, request.sharding)  # this process's devices only
+    if not boxes:
+        return []
+    tiles = sorted({k for ranges in boxes.values() for k in region_tiles(leaf, ranges)})
+    with ckpt.prefetch([leaf], tiles):  # each tile read once, however many devices use it
+        maps = read_maps(ckpt, leaf)
+        kept = kept_values(ckpt, leaf)
+        return [plan_region(ckpt, leaf, ranges, request.dtype, device, maps, kept)
+                for device, ranges in boxes.items()]
+
+
+def _dispatch_sharded(request, regions, stats) -> tuple[list, jax.Array]:
+    """(statuses to check, the global array) of a leaf's planned shards."""
+    leaf = request.leaf
     # Under jax.distributed a sharding may hold nothing here (all its devices are
     # other processes'): read nothing, and give the dtype, which jax cannot
     # take from an empty list of shards.
-    if not boxes:
-        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [],
-                                                        dtype=np.dtype(request.dtype))
-    maps = read_maps(ckpt, leaf)
-    kept = kept_values(ckpt, leaf)
-    shards = [decode_region(ckpt, leaf, ranges, request.dtype, device, maps, kept, stats)
-              for device, ranges in boxes.items()]
-    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+    if not regions:
+        return [], jax.make_array_from_single_device_arrays(
+            leaf.shape, request.sharding, [], dtype=np.dtype(request.dtype))
+    started = [_dispatch_region(region, stats) for region in regions]
+    return [status for status, _ in started], jax.make_array_from_single_device_arrays(
+        leaf.shape, request.sharding, [shard for _, shard in started])
+
+
+def _restore_sharded(ckpt, request, stats) -> jax.Array:
+    statuses, array = _dispatch_sharded(request, _prepare_sharded(ckpt, request), stats)
+    for status in statuses:
+        _check(status)
+    return array
+
+
+@dataclasses.dataclass
+class _Region:
+    """One region's decode, planned on the host (see plan_region)."""
+
+    device: Any
+    plan: codec.DecodePlan
+    cut: tuple
+    dtype: np.dtype
+    kept: Any
+    payload: int
+
+
+def plan_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
+                kept) -> _Region:
+    """The host half of decode_region: the region's tiles read into a plan."""
+    tile_ids = region_tiles(leaf, ranges)
+    tr0 = min(leaf.tiles[k][0] for k in tile_ids)
+    tc0 = min(leaf.tiles[k][1] for k in tile_ids)
+    tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
+    tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
+    builder = codec.PlanBuilder()
+    payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
+                             (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps)
+    region_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
+    cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
+           leaf.view.perm, leaf.view.split, region_kept is not None)
+    return _Region(device, builder.finish(), cut, np.dtype(dtype), region_kept, payload)
+
+
+def _dispatch_region(region: _Region, stats):
+    """Starts a planned region's decode on its device: (status, shard), not waited for."""
+    if stats is not None:
+        stats.add(region.device, region.payload)
+    plan = region.plan
+    # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
+    # indexing compiled several small programs per device and leaf, which was
+    # most of a sharded restore's time.)
+    decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                            region.cut, region.dtype)
+    with ops.jpeg_errors():
+        return decode(*jax.device_put((ops.plan_operands(plan), region.kept), region.device))
 
 
 def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
@@ -230,28 +427,16 @@ def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps
     none empty) of a JPEG leaf, decoded on ``device`` from only the tiles its
     2-D box overlaps; ``maps`` from :func:`read_maps`, ``kept`` from
     :func:`kept_values` (the leaf's whole side list, or None)."""
-    (r0, r1), (c0, c1) = view_box(leaf, ranges)
-    tile_ids = _tiles_in_box(leaf, (r0, r1), (c0, c1))
-    tr0 = min(leaf.tiles[k][0] for k in tile_ids)
-    tc0 = min(leaf.tiles[k][1] for k in tile_ids)
-    tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
-    tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
-    builder = codec.PlanBuilder()
-    payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
-                             (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps)
-    if stats is not None:
-        stats.add(device, payload)
-    plan = builder.finish()
-    # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
-    # indexing compiled several small programs per device and leaf, which was
-    # most of a sharded restore's time.)
-    region_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
-    cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
-           leaf.view.perm, leaf.view.split, region_kept is not None)
-    decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                            cut, np.dtype(dtype))
-    return ops.run_checked(decode, jax.device_put((ops.plan_operands(plan), region_kept),
-                                                  device))
+    status, shard = _dispatch_region(plan_region(ckpt, leaf, ranges, dtype, device, maps, kept),
+                                     stats)
+    _check(status)
+    return shard
+
+
+def region_tiles(leaf: SavedLeaf, ranges) -> list[int]:
+    """Ids of the tiles the region ``ranges`` (as for decode_region) overlaps."""
+    rows, cols = view_box(leaf, ranges)
+    return _tiles_in_box(leaf, rows, cols)
 
 
 def _kept_in_shard(kept, shape, ranges):
@@ -345,6 +530,10 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             device=None, verify: bool = True, stats: RestoreStats | None = None):
     """Restores a checkpoint as a pytree of arrays decoded on the device.
 
+    ``path`` is a local path, ``os.PathLike`` or URL (``https://``, ``gs://``,
+    ``memory://`` ...; :mod:`jaxjpeg.storage`); only the byte ranges of the
+    leaves restored are read, in windows pipelined with the decode.
+
     ``target`` (optional) is a pytree of arrays or ``jax.ShapeDtypeStruct``
     (possibly with shardings) whose structure, dtypes and placement the result
     takes; it may cover a subset of the saved leaves (partial restore).
@@ -367,15 +556,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
                         for leaf in select_leaves(ckpt, paths)]
             treedef = None
         values: list = [None] * len(requests)
-        for target_device, group in _unsharded_groups(requests, device).items():
-            decoded = _restore_unsharded(ckpt, [requests[i] for i in group], target_device, stats)
-            for i, array in zip(group, decoded):
-                values[i] = array
-        for i, r in enumerate(requests):
-            if r.leaf.kind == "jpeg" and r.sharding is not None:
-                values[i] = _restore_sharded(ckpt, r, stats)
-            elif r.leaf.kind == "raw":
-                values[i] = place_raw(ckpt.read_raw(r.leaf), r, device)
+        _restore_windows(ckpt, requests, values, device, stats)
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])

@@ -9,18 +9,26 @@
 SRC is an Orbax checkpoint directory (a ``StandardCheckpointer`` /
 ``PyTreeCheckpointer`` item, a ``CheckpointManager`` step directory, or a
 ``CheckpointManager`` root, whose latest step is taken), a Flax msgpack file
-(``flax.serialization.to_bytes``) or a ``.safetensors`` file.
+(``flax.serialization.to_bytes``) or a ``.safetensors`` file. Paths may be
+relative; CKPT may also be a URL (``https://``, ``gs://`` ..., with fsspec).
 
-Exit status: 0 on success; 1 when ``verify`` finds damage (any checksum,
-record or tile that would not restore, a truncated file included); 2 for
-usage errors and for inputs that cannot be read (missing; for the other
-commands also not a checkpoint or corrupt), reported as one line on stderr
-without a traceback.
+Exit status (errors are one line on stderr, without a traceback):
+  0  success
+  1  damaged input: ``verify`` found damage, or a checkpoint or source is
+     truncated, corrupt or not what the command expects
+  2  usage error: bad arguments or option values (checked before any input
+     is read), DST exists without --force, nothing to do
+  3  I/O error: an input is missing or unreadable, an output cannot be
+     written, a remote store cannot be reached
+  130 interrupted (Ctrl-C)
+
+``jaxjpeg --help`` and ``jaxjpeg --version`` answer without importing jax.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import fnmatch
 import hashlib
 import math
@@ -32,15 +40,26 @@ from typing import Any, Iterable
 import numpy as np
 
 from jaxjpeg.progress import progress
-from jaxjpeg.sources import SourceError, load_source
 
-__all__ = ["main", "load_source"]
+__all__ = ["EXIT_DAMAGED", "EXIT_IO", "EXIT_OK", "EXIT_USAGE", "main", "load_source"]
 
 PROG = "jaxjpeg"
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+EXIT_IO = 3
+EXIT_INTERRUPTED = 130
+
+
+def load_source(path: str):
+    """jaxjpeg.sources.load_source, imported when a command needs it (it
+    imports ml_dtypes, over a second on a slow machine: not for --help)."""
+    from jaxjpeg.sources import load_source as load
+    return load(path)
 
 
 class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+    """A user-facing error: printed as one line, exit status 2 (usage)."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -64,9 +83,11 @@ def _size(n: float) -> str:
 
 
 def _require(path: str, *, kind: str = "path") -> None:
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file or directory")
-    if kind == "file" and os.path.isdir(path):
+    """A missing input is an I/O error (exit 3); a directory given for a file, usage (2)."""
+    from jaxjpeg import storage
+    if not storage.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file or directory", path)
+    if kind == "file" and storage.is_dir(path):
         raise CliError(f"{path}: is a directory, expected a jaxjpeg checkpoint file")
 
 
@@ -384,28 +405,74 @@ def cmd_extract(args) -> int:
 # ---------------------------------------------------------------- main
 
 
+def _path(text: str) -> str:
+    """A path argument: local paths made absolute (Orbax refuses relative
+    ones), URLs as given."""
+    from jaxjpeg import storage
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return storage.to_absolute(text)
+
+
+def _local_dir(text: str) -> str:
+    """A directory argument the command writes files into: local only."""
+    from jaxjpeg import storage
+    path = _path(text)
+    if storage.local_path(path) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a local directory, not a URL")
+    return storage.local_path(path)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
+    return value
+
+
+def _int_in(low: int, high: float):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            bound = f"{low}..{high}" if math.isfinite(high) else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not in {bound}")
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
+    from jaxjpeg import __version__
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Compress, inspect, verify and extract jaxjpeg checkpoints.")
+        prog=PROG, description="Compress, inspect, verify and extract jaxjpeg checkpoints.",
+        epilog="exit status: 0 success, 1 damaged input, 2 usage error, 3 I/O error "
+               "(missing or unreadable input, unwritable output), 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compress", help="convert an Orbax / Flax msgpack / safetensors "
                                         "checkpoint to jaxjpeg")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+    p.add_argument("src", metavar="SRC", type=_path)
+    p.add_argument("dst", metavar="DST", type=_path)
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--quant-step", type=float,
+    rate.add_argument("--quant-step", type=_positive,
                       help="flat quantization step in sample units (default: jaxjpeg's rate)")
-    rate.add_argument("--quality", type=int, help="JPEG quality 1..100 (standard table)")
-    rate.add_argument("--target-ratio", type=float,
+    rate.add_argument("--quality", type=_int_in(1, 100),
+                      help="JPEG quality 1..100 (standard table)")
+    rate.add_argument("--target-ratio", type=_positive,
                       help="file size as a ratio against float32 (e.g. 8)")
-    rate.add_argument("--bits-per-weight", type=float,
+    rate.add_argument("--bits-per-weight", type=_positive,
                       help="file size in bits per weight, all-in (e.g. 4)")
-    rate.add_argument("--error-bound", type=float,
+    rate.add_argument("--error-bound", type=_positive,
                       help="each leaf's relative RMS error at most this (e.g. 0.05)")
     p.add_argument("--bits", type=int, choices=(8, 12), default=None,
                    help="sample precision (default: chosen per tensor, as jaxjpeg.save does)")
-    p.add_argument("--min-size", type=int, default=4096,
+    p.add_argument("--min-size", type=_int_in(0, math.inf), default=4096,
                    help="leaves with fewer elements stay lossless (default 4096)")
     p.add_argument("--lossless", action="append", metavar="GLOB",
                    help="keep leaves whose path matches GLOB lossless (repeatable)")
@@ -413,18 +480,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("inspect", help="per-leaf table of a jaxjpeg checkpoint")
-    p.add_argument("ckpt", metavar="CKPT")
-    p.add_argument("--source", metavar="SRC",
+    p.add_argument("ckpt", metavar="CKPT", type=_path)
+    p.add_argument("--source", metavar="SRC", type=_path,
                    help="original checkpoint: add each leaf's relative RMS error")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check every checksum and that every JPEG tile parses")
-    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("ckpt", metavar="CKPT", type=_path)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("extract", help="write each JPEG tile as a standalone .jpg")
-    p.add_argument("ckpt", metavar="CKPT")
-    p.add_argument("outdir", metavar="OUTDIR")
+    p.add_argument("ckpt", metavar="CKPT", type=_path)
+    p.add_argument("outdir", metavar="OUTDIR", type=_local_dir)
     p.add_argument("--leaf", metavar="PATTERN", help="only leaves whose path matches this glob")
     p.set_defaults(func=cmd_extract)
     return parser
@@ -433,24 +500,38 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, usage errors (argparse exits 2)
-        return e.code if isinstance(e.code, int) else 2
+        args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    except SystemExit as e:  # --help, --version (0); usage errors (argparse exits 2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     _use_cpu()
-    from jaxjpeg import FormatError, JpegError
     try:
         return args.func(args)
-    except (CliError, SourceError) as e:
-        message = _first_line(e)
-    except (FormatError, JpegError) as e:
-        message = _first_line(e)
-    except OSError as e:
-        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _first_line(e)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        code, message = _classify(e)
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    return code
+
+
+def _classify(e: Exception) -> tuple[int, str]:
+    """(exit status, one-line message) of an error a command raised; anything
+    not recognised is re-raised (a bug shows its traceback)."""
+    from jaxjpeg.codec import JpegError
+    from jaxjpeg.format import FormatError
+    from jaxjpeg.sources import SourceError
+    if isinstance(e, CliError):
+        return EXIT_USAGE, _first_line(e)
+    if isinstance(e, ImportError):  # an optional dependency a URL or source needs
+        return EXIT_USAGE, _first_line(e)
+    if isinstance(e, (FormatError, JpegError, SourceError)):
+        return EXIT_DAMAGED, _first_line(e)
+    if isinstance(e, OSError):
+        if e.filename and e.strerror:
+            return EXIT_IO, f"{e.filename}: {e.strerror}"
+        return EXIT_IO, _first_line(e) or type(e).__name__
+    raise e
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the compressed size and expand them in its own step function.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import numpy as np
@@ -88,6 +87,7 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
 def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     """The checkpoint as a pytree whose JPEG-coded leaves stay compressed on
     ``device`` (:class:`CompressedArray`); lossless leaves are plain arrays.
+    ``path``: a local path, ``os.PathLike`` or URL, as for :func:`jaxjpeg.restore`.
 
     ``target`` (optional) gives the pytree structure (and per-leaf dtypes) to
     return, e.g. an optimizer state from ``jax.eval_shape(opt.init, params)``;
@@ -100,15 +100,20 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
     """
     device = device or jax.local_devices()[0]  # jax.devices()[0] may be another process's
-    with Checkpoint(os.fspath(path), verify=verify) as ckpt:
+    with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
             requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype)) for leaf in ckpt.leaves]
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
-        values = [_load_leaf(ckpt, r, device) for r in requests]
+        values = [_prefetched_leaf(ckpt, r, device) for r in requests]
     if target is None:
         return nest([(r.leaf.records, v) for r, v in zip(requests, values)])
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _prefetched_leaf(ckpt, request, device):
+    with ckpt.prefetch([request.leaf]):  # its blobs in a few parallel ranged reads
+        return _load_leaf(ckpt, request, device)
 
 
 def _load_leaf(ckpt, request, device):

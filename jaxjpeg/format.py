@@ -11,6 +11,7 @@ size, offset and checksum is checked before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -19,11 +20,15 @@ import os
 import re
 import secrets
 import struct
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxjpeg import storage
 from jaxjpeg._native import crc32c as _native_crc32c  # xla_ops/crc32c.h
 
 __all__ = [
@@ -56,6 +61,13 @@ assert PREAMBLE_SIZE == ALIGNMENT
 _RESERVED = bytes(24)
 
 _IO_CHUNK = 16 * 2**20  # bounds the memory verify() and writes use per step
+# Prefetching: blobs closer than _MERGE_GAP are read as one range (fewer
+# requests to a remote store, little waste), and ranges are cut into pieces of
+# at most _READ_PIECE so many requests are in flight at once, up to
+# READ_CONCURRENCY (a remote store's throughput grows with requests in flight).
+_MERGE_GAP = 4096
+_READ_PIECE = 4 * 2**20
+READ_CONCURRENCY = 16
 _BLOB_KEYS = frozenset({"offset", "length", "crc32c"})
 _HEADER_KEYS = frozenset({"blobs", "metadata"})
 
@@ -169,21 +181,39 @@ def _remove_stale_temp_files(directory: str, stem: str) -> None:
 class ContainerWriter:
     """Writes a container atomically: the file at `path` is replaced only on a clean close.
 
-    Blobs stream to "<path>.tmp-<random>" in the same directory; close() writes the header,
-    fills in the preamble, fsyncs file and directory and renames over `path`. Leaving the
-    `with` block by an exception (or calling abort()) removes the temporary file.
+    `path` is a local path, os.PathLike or a URL (see jaxjpeg.storage).
+
+    Local files: blobs stream to "<path>.tmp-<random>" in the same directory; close() writes
+    the header, fills in the preamble, fsyncs file and directory and renames over `path`.
+
+    URLs (object stores, fsspec): the preamble is rewritten last, which object stores cannot
+    do in place, so blobs stream to a local temporary file (in the system temp directory; it
+    needs the file's size in free space). close() uploads it as "<path>.tmp-<random>" and then
+    moves that object to `path` (on GCS and S3 a server-side copy and a delete). Guaranteed:
+    `path` is never a partial file: it is the old object until the copy completes, then the
+    whole new one (object writes are atomic on these stores). Not guaranteed: a process killed
+    between upload and move leaves the temporary object behind (nothing cleans it up), and
+    durability is the store's own.
+
+    Leaving the `with` block by an exception (or calling abort()) removes the temporary file.
     """
 
     def __init__(self, path, metadata: dict | None = None):
-        self.path = os.fspath(path)
+        self.path = storage.as_location(path)
+        local = storage.local_path(self.path)
+        self._remote = None if local is not None else self.path
         # Through a symlink, the file it points to is replaced and the link stays.
-        self._target = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
+        self._target = (None if local is None
+                        else os.path.realpath(local) if os.path.islink(local) else local)
         self._metadata: dict = {}
         self._blobs: dict[str, BlobInfo] = {}
         self._position = PREAMBLE_SIZE
         if metadata is not None:
             self.set_metadata(metadata)
-        self._temp_path, fd = self._create_temp_file()
+        if self._remote is not None:
+            fd, self._temp_path = tempfile.mkstemp(prefix="jaxjpeg-", suffix=".part")
+        else:
+            self._temp_path, fd = self._create_temp_file()
         self._file = os.fdopen(fd, "wb")
         try:
             self._file.write(bytes(PREAMBLE_SIZE))  # placeholder until close()
@@ -282,6 +312,9 @@ class ContainerWriter:
         self._file.seek(0)
         self._file.write(_pack_preamble(header_offset, len(header), crc32c(header)))
         self._file.flush()
+        if self._remote is not None:
+            self._upload()
+            return
         os.fsync(self._file.fileno())
         # Opened before the rename: nothing may fail once the file is in place.
         dir_fd = _open_directory(os.path.dirname(os.path.abspath(self._target)))
@@ -293,6 +326,21 @@ class ContainerWriter:
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
+
+    def _upload(self) -> None:
+        """Remote targets: the finished local file becomes a temporary object,
+        then is moved over `path` (see the class docstring)."""
+        fs, inner = storage.filesystem(self._remote)
+        temp = f"{inner}.tmp-{secrets.token_hex(8)}"
+        try:
+            fs.put_file(self._temp_path, temp)
+            fs.mv(temp, inner)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.rm(temp)
+            raise
+        self._file.close()
+        os.unlink(self._temp_path)
 
     def abort(self) -> None:
         """Discards everything written; the file at `path` is left as it was."""
@@ -346,17 +394,20 @@ def _is_uint(value: Any, bits: int = 64) -> bool:
 class ContainerReader:
     """Opens a container and validates its preamble, header and blob table.
 
-    Every problem with the file raises FormatError; problems reaching it (missing file,
-    permissions) raise OSError. Blob bytes are read, and checked, only when asked for.
+    `path` is a local path, os.PathLike or a URL (see jaxjpeg.storage); only byte ranges
+    are read (the preamble, the header, then the blobs asked for). Every problem with the
+    file raises FormatError; problems reaching it (missing file, permissions, network)
+    raise OSError. Blob bytes are read, and checked, only when asked for;
+    :meth:`prefetch` reads many at once.
     """
 
     def __init__(self, path, *, verify_header: bool = True,
                  max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
-        self.path = os.fspath(path)
-        self._file = open(self.path, "rb", buffering=0)
+        self.path = storage.as_location(path)
+        self._file = storage.open_source(self.path)
+        self._prefetched: dict[str, memoryview] = {}
         try:
-            self._fd = self._file.fileno()
-            self.file_size = os.fstat(self._fd).st_size
+            self.file_size = self._file.size
             header_offset, header_length, header_crc = self._read_preamble()
             self._check_header_bounds(header_offset, header_length, max_header_bytes)
             header = self._load_header(header_offset, header_length, header_crc, verify_header)
@@ -462,13 +513,49 @@ class ContainerReader:
         view = memoryview(bytearray(length) if out is None else out).cast("B")
         if len(view) != length:
             raise ValueError(f"out has {len(view)} bytes, expected {length}")
-        done = 0
-        while done < length:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise self._error(f"file shrank while reading bytes [{offset}, {offset + length})")
-            done += n
+        if self._file.readinto(offset, view) != length:
+            raise self._error(f"file shrank while reading bytes [{offset}, {offset + length})")
         return view
+
+    @contextlib.contextmanager
+    def prefetch(self, names):
+        """Inside the block, the blobs `names` are in memory: read at once, as
+        few ranges (neighbours merged) cut in pieces read in parallel, so a
+        remote store has many requests in flight. read_blob serves them from
+        memory (still checking checksums); memory: the blobs' bytes, freed on exit."""
+        self._check_open()
+        names = [n for n in dict.fromkeys(names) if n not in self._prefetched]
+        views = self._read_many([self._blobs[n] for n in names])
+        self._prefetched.update(zip(names, views))
+        try:
+            yield
+        finally:
+            for name in names:
+                self._prefetched.pop(name, None)
+
+    def _read_many(self, infos: list[BlobInfo]) -> list[memoryview]:
+        """The bytes of every blob in `infos`, read concurrently (see prefetch)."""
+        order = sorted(range(len(infos)), key=lambda i: infos[i].offset)
+        spans: list[list[int]] = []  # [start, end) of each merged range
+        for i in order:
+            start, end = infos[i].offset, infos[i].offset + infos[i].length
+            if spans and start - spans[-1][1] <= _MERGE_GAP:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        buffers = [np.empty(end - start, np.uint8) for start, end in spans]
+        pieces = [(start + at, buffer[at:at + _READ_PIECE])
+                  for (start, _), buffer in zip(spans, buffers)
+                  for at in range(0, len(buffer), _READ_PIECE)]
+        list(_io_pool().map(lambda piece: self._pread(piece[0], len(piece[1]), piece[1]),
+                            pieces))
+        starts = [start for start, _ in spans]
+        views = []
+        for info in infos:
+            k = int(np.searchsorted(starts, info.offset, side="right")) - 1
+            at = info.offset - starts[k]
+            views.append(memoryview(buffers[k][at:at + info.length]).toreadonly())
+        return views
 
     @property
     def blob_names(self) -> tuple[str, ...]:
@@ -483,7 +570,11 @@ class ContainerReader:
         exactly the blob's length to read into (e.g. an aligned or pinned array)."""
         self._check_open()
         info = self._blobs[name]
-        view = self._pread(info.offset, info.length, out)
+        view = self._prefetched.get(name)
+        if view is None:
+            view = self._pread(info.offset, info.length, out)
+        elif out is not None:
+            view = _copy_into(out, view)
         if verify and crc32c(view) != info.crc32c:
             raise self._error(f"blob {name!r} checksum mismatch (bytes [{info.offset}, "
                               f"{info.offset + info.length}) damaged)")
@@ -522,3 +613,24 @@ class ContainerReader:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+
+
+def _copy_into(out, data: memoryview) -> memoryview:
+    view = memoryview(out).cast("B")
+    if len(view) != len(data):
+        raise ValueError(f"out has {len(view)} bytes, expected {len(data)}")
+    view[:] = data
+    return view
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """The threads every reader shares for concurrent reads (made on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="jaxjpeg-read")
+        return _pool

@@ -7,6 +7,8 @@
         w = f.get("params/Dense_0/kernel", dtype=jnp.bfloat16)
         rows = f.get_slice("params/embed")[1000:2000]
 
+``path`` is a local path or a URL (``https://``, ``gs://``, ``s3://``,
+``memory://`` ...; see :mod:`jaxjpeg.storage`): only byte ranges are read.
 Opening reads the header only. :meth:`LazyReader.get` reads that leaf's own
 blobs and nothing else; :meth:`LazyReader.get_slice` reads the leaf's small
 maps (affine rows, column scales, interval index, side list) and only the
@@ -25,7 +27,7 @@ import operator
 import jax
 import numpy as np
 
-from jaxjpeg import checkpoint_restore as cr, layout
+from jaxjpeg import checkpoint_restore as cr
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 
 
@@ -110,10 +112,7 @@ class LazyReader:
     def info(self, name: str) -> LeafInfo:
         """Shape, dtype, coding and stored size of leaf ``name`` (KeyError if absent)."""
         leaf = self._leaf(name)
-        blobs = layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
-                                  col_scale=leaf.col_scale_dtype is not None,
-                                  outliers=leaf.outliers > 0)
-        stored = sum(self._ckpt.reader.blob_info(b).length for b in blobs)
+        stored = self._ckpt.stored_bytes(leaf)
         size = math.prod(leaf.shape)
         common = dict(name=leaf.path, shape=leaf.shape, dtype=leaf.dtype, kind=leaf.kind,
                       stored_bytes=stored, bits_per_weight=stored * 8 / size if size else 0.0)
@@ -138,7 +137,7 @@ class LazyReader:
         request = self._request(leaf, dtype, device)
         default = request.device or jax.local_devices()[0]
         if leaf.kind == "raw":
-            return cr.place_raw(self._ckpt.read_raw(leaf), request, default)
+            return cr.place_raw(self._read_raw(leaf), request, default)
         if request.sharding is not None:
             return cr._restore_sharded(self._ckpt, request, stats)
         return cr._restore_unsharded(self._ckpt, [request], default, stats)[0]
@@ -164,6 +163,10 @@ class LazyReader:
             return cr.LeafRequest(leaf, want, sharding=device)
         return cr.LeafRequest(leaf, want, device=device)
 
+    def _read_raw(self, leaf: SavedLeaf) -> np.ndarray:
+        with self._ckpt.prefetch([leaf]):  # a large blob: read as pieces in parallel
+            return self._ckpt.read_raw(leaf)
+
     def _read_region(self, leaf: SavedLeaf, index, dtype, device, stats) -> jax.Array:
         ranges, flips, drops = _normalize_index(index, leaf.shape)
         request = self._request(leaf, dtype, device)
@@ -171,7 +174,7 @@ class LazyReader:
             raise ValueError("get_slice takes one device, not a sharding")
         device = request.device or jax.local_devices()[0]
         if leaf.kind == "raw":
-            region = self._ckpt.read_raw(leaf)[tuple(slice(*r) for r in ranges)]
+            region = self._read_raw(leaf)[tuple(slice(*r) for r in ranges)]
             out = jax.device_put(region.astype(request.dtype, copy=False), device)
         elif any(len(range(*r)) == 0 for r in ranges):
             # Nothing to decode, so nothing is read.
@@ -179,8 +182,10 @@ class LazyReader:
                                  device)
         else:
             ckpt = self._ckpt
-            out = cr.decode_region(ckpt, leaf, ranges, request.dtype, device,
-                                   cr.read_maps(ckpt, leaf), cr.kept_values(ckpt, leaf), stats)
+            with ckpt.prefetch([leaf], cr.region_tiles(leaf, ranges)):
+                out = cr.decode_region(ckpt, leaf, ranges, request.dtype, device,
+                                       cr.read_maps(ckpt, leaf), cr.kept_values(ckpt, leaf),
+                                       stats)
         if flips:
             out = out[tuple(slice(None, None, -1) if a in flips else slice(None)
                             for a in range(out.ndim))]

@@ -26,9 +26,9 @@ returns), then encodes and writes in Orbax's background commit thread, after
 Orbax has created the item directory. Orbax renames the step directory only
 when the commit has finished; jaxjpeg's own writer is atomic too.
 
-Limits: the file is written through the local file system (``os`` calls),
-so the directory must be a local or mounted path, not ``gs://``. Only the
-primary host writes; every leaf must be fully addressable from it (gather
+The item directory may be local or remote (``gs://``, ``s3://`` ...: the
+file is read and written through :mod:`jaxjpeg.storage`, with fsspec and the
+store's backend installed). Limits: only the primary host writes; every leaf must be fully addressable from it (gather
 multi-host sharded arrays first). Restoring honours target shardings.
 """
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from typing import Any, List, Optional, Sequence
 
 import jax
@@ -46,6 +45,7 @@ import orbax.checkpoint as ocp
 from jaxjpeg import checkpoint as _ckpt
 from jaxjpeg import checkpoint_reader as _reader
 from jaxjpeg import checkpoint_restore as _restore
+from jaxjpeg import storage as _storage
 from jaxjpeg.treepaths import nest as _nest
 
 __all__ = ["FILENAME", "JaxjpegCheckpointHandler", "JaxjpegRestore", "JaxjpegSave"]
@@ -77,7 +77,7 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         self._primary_host = primary_host
 
     def _path(self, directory) -> str:
-        return os.path.join(os.fspath(directory), self._filename)
+        return _storage.join(directory, self._filename)
 
     def _is_writer(self) -> bool:
         return self._primary_host is None or jax.process_index() == self._primary_host
@@ -115,7 +115,7 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         """Restores the pytree, decoded on the device (see :func:`jaxjpeg.restore`)."""
         args = args or JaxjpegRestore()
         path = self._path(directory)
-        if not os.path.exists(path):
+        if not _storage.exists(path):
             raise FileNotFoundError(f"no jaxjpeg checkpoint at {path}")
         return _restore.restore(path, target=args.target, paths=args.paths, dtype=args.dtype,
                              verify=args.verify)
@@ -123,7 +123,7 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
     def metadata(self, directory):
         """The saved tree as nested dicts/lists of ``jax.ShapeDtypeStruct``; cheap (header only)."""
         path = self._path(directory)
-        if not os.path.exists(path):
+        if not _storage.exists(path):
             return None
         with _reader.Checkpoint(path, verify=False) as ckpt:
             entries = [(leaf.records, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))

@@ -481,7 +481,7 @@ def test_verify_of_a_truncated_file_reports_damage(tiled, tmp_path, capsys):
     short.write_bytes(tiled.read_bytes()[:-10])
     assert cli.main(["verify", str(short)]) == 1
     assert "BAD container: " in capsys.readouterr().out
-    assert cli.main(["verify", str(tmp_path / "missing.jjpg")]) == 2
+    assert cli.main(["verify", str(tmp_path / "missing.jjpg")]) == cli.EXIT_IO  # issue 10
 
 
 @pytest.mark.parametrize("byte", [2, 255])

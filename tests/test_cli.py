@@ -1,6 +1,7 @@
 """The `jaxjpeg` command line: real conversions from Orbax, Flax msgpack and safetensors
 files, inspection against the source, verification of intact and damaged files, tile
-extraction (opened with Pillow), and clean one-line errors (exit 2, no traceback)."""
+extraction (opened with Pillow), and clean one-line errors (no traceback; exit 1 for
+damaged input, 2 for usage errors, 3 for I/O errors: issue 10)."""
 
 import os
 import re
@@ -197,25 +198,26 @@ def test_errors_are_one_line_exit_2(sources, tmp_path, capsys):
     junk.write_bytes(b"this is not a checkpoint at all\n" * 10)
     empty_dir = tmp_path / "emptydir"
     empty_dir.mkdir()
+    io, damaged, usage = cli.EXIT_IO, cli.EXIT_DAMAGED, cli.EXIT_USAGE
     cases = [
-        ("verify", tmp_path / "missing.jjpg"),
-        ("inspect", tmp_path / "missing.jjpg"),
-        ("inspect", sources["msgpack"]),            # not a jaxjpeg file
-        ("inspect", truncated),
+        (io, "verify", tmp_path / "missing.jjpg"),
+        (io, "inspect", tmp_path / "missing.jjpg"),
+        (damaged, "inspect", sources["msgpack"]),            # not a jaxjpeg file
+        (damaged, "inspect", truncated),
         # ("verify", truncated) exits 1: damage (test_checkpoint_corruption)
-        ("extract", truncated, tmp_path / "x"),
-        ("inspect", empty_dir),
-        ("compress", tmp_path / "missing", tmp_path / "o.jjpg"),
-        ("compress", junk, tmp_path / "o.jjpg"),
-        ("compress", empty_dir, tmp_path / "o.jjpg"),
-        ("compress", good, tmp_path / "o.jjpg"),     # already jaxjpeg
-        ("compress", sources["msgpack"], good),      # exists, no --force
-        ("extract", good, tmp_path / "x", "--leaf", "no/such/*"),
-        ("inspect", good, "--source", junk),
+        (damaged, "extract", truncated, tmp_path / "x"),
+        (usage, "inspect", empty_dir),
+        (io, "compress", tmp_path / "missing", tmp_path / "o.jjpg"),
+        (damaged, "compress", junk, tmp_path / "o.jjpg"),
+        (damaged, "compress", empty_dir, tmp_path / "o.jjpg"),
+        (damaged, "compress", good, tmp_path / "o.jjpg"),     # already jaxjpeg
+        (usage, "compress", sources["msgpack"], good),      # exists, no --force
+        (usage, "extract", good, tmp_path / "x", "--leaf", "no/such/*"),
+        (damaged, "inspect", good, "--source", junk),
     ]
-    for argv in cases:
+    for expected, *argv in cases:
         code, out, err = run(capsys, *argv)
-        assert code == 2, (argv, out, err)
+        assert code == expected, (argv, out, err)
         assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1, (argv, err)
         assert "Traceback" not in err
     assert not (tmp_path / "o.jjpg").exists()
@@ -237,7 +239,7 @@ def test_console_entry_point_subprocess(sources, tmp_path):
     assert "it/s" not in proc.stderr and "%|" not in proc.stderr  # no bar when not a tty
     proc = subprocess.run([sys.executable, "-m", "jaxjpeg.cli", "verify", str(tmp_path / "no")],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == cli.EXIT_IO and "Traceback" not in proc.stderr
     assert proc.stderr.strip().endswith("no such file or directory")
 
 
@@ -271,7 +273,7 @@ def test_hostile_safetensors_are_one_line_errors(tmp_path, capsys, case):
     """Defect 10: these ended in tracebacks (exit 1)."""
     src = _safetensors_file(tmp_path / "h.safetensors", HOSTILE_SAFETENSORS[case])
     code, out, err = run(capsys, "compress", src, tmp_path / "o.jjpg")
-    assert code == 2, (out, err)
+    assert code == cli.EXIT_DAMAGED, (out, err)
     assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert str(src) in err
     assert not (tmp_path / "o.jjpg").exists()
@@ -315,7 +317,7 @@ def test_hostile_msgpack_are_one_line_errors(tmp_path, capsys, case):
     src.write_bytes(HOSTILE_MSGPACK[case]())
     for argv in (("compress", src, tmp_path / "o.jjpg"),):
         code, out, err = run(capsys, *argv)
-        assert code == 2, (out, err)
+        assert code == cli.EXIT_DAMAGED, (out, err)
         assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "o.jjpg").exists()
 
@@ -327,7 +329,7 @@ def test_inspect_against_a_hostile_source_is_one_line(sources, tmp_path, capsys)
     src = tmp_path / "h.msgpack"
     src.write_bytes(HOSTILE_MSGPACK["string leaf"]())
     code, _, err = run(capsys, "inspect", ckpt, "--source", src)
-    assert code == 2 and err.count("\n") == 1 and "not an array" in err
+    assert code == cli.EXIT_DAMAGED and err.count("\n") == 1 and "not an array" in err
 
 
 def test_orbax_shape_out_of_proportion_is_refused_before_reading(tmp_path, capsys):
@@ -346,7 +348,7 @@ def test_orbax_shape_out_of_proportion_is_refused_before_reading(tmp_path, capsy
     proc = subprocess.run([sys.executable, "-m", "jaxjpeg.cli", "compress", str(src),
                            str(tmp_path / "o.jjpg")], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == cli.EXIT_DAMAGED, proc.stderr[-3000:]
     assert "refused before reading" in proc.stderr and "Traceback" not in proc.stderr
 
 

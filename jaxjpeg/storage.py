@@ -1,0 +1,181 @@
+"""Where checkpoint files live: local paths, and fsspec URLs for everything else.
+
+A *location* is what every entry point accepts: a ``str`` or ``bytes`` path,
+an ``os.PathLike`` (``pathlib.Path``, a local ``etils.epath.Path``), or a URL
+(``memory://``, ``gs://``, ``s3://``, ``https://`` ..., or an ``epath.Path``
+naming one). Local paths (and ``file://`` URLs) go through ``os`` calls, as
+they always did; URLs go through fsspec, an optional dependency (``pip install
+jaxjpeg[remote]``, plus the store's backend such as gcsfs or s3fs). Nothing
+here imports fsspec until a URL is used, so the core works without it.
+
+Reads are ranged: :class:`RangeSource` reads byte ranges of a file, local
+(``os.preadv``) or remote (one ranged request per read), and is safe to use
+from several threads at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+__all__ = ["RangeSource", "as_location", "exists", "filesystem", "is_dir", "join",
+           "local_path", "open_source", "size", "to_absolute"]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def as_location(path) -> str:
+    """``path`` as a string: a local path (``os.fspath``) or a URL.
+
+    ``etils.epath.Path`` objects naming ``gs://`` and the like are accepted
+    through ``str()``, which gives their URL.
+    """
+    if isinstance(path, str):
+        return path
+    if isinstance(path, bytes):
+        return os.fsdecode(path)
+    text = str(path)
+    if _SCHEME.match(text):  # epath.Path("gs://b/x"): its str() is the URL
+        return text
+    try:
+        location = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"expected a path or URL, got {type(path).__name__}") from None
+    return location if isinstance(location, str) else os.fsdecode(location)
+
+
+def local_path(location: str) -> str | None:
+    """The local file-system path of a location, or None for a remote URL."""
+    match = _SCHEME.match(location)
+    if match is None:
+        return location
+    if match.group(1).lower() == "file":
+        return location[len("file://"):]
+    return None
+
+
+def to_absolute(path) -> str:
+    """A local path made absolute (what Orbax insists on); URLs as they are."""
+    location = as_location(path)
+    local = local_path(location)
+    return location if local is None else os.path.abspath(local)
+
+
+def filesystem(location: str):
+    """(fsspec file system, path inside it) for a URL; a clear ImportError
+    naming the extra to install when fsspec (or the store's backend) is missing."""
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(f"{location}: reading or writing URLs needs fsspec "
+                          "(pip install 'jaxjpeg[remote]')") from None
+    try:
+        return fsspec.core.url_to_fs(location)
+    except ImportError as e:  # e.g. gcsfs, s3fs, aiohttp not installed
+        raise ImportError(f"{location}: {e}") from None
+
+
+def exists(path) -> bool:
+    location = as_location(path)
+    local = local_path(location)
+    if local is not None:
+        return os.path.exists(local)
+    fs, inner = filesystem(location)
+    return fs.exists(inner)
+
+
+def is_dir(path) -> bool:
+    location = as_location(path)
+    local = local_path(location)
+    if local is not None:
+        return os.path.isdir(local)
+    fs, inner = filesystem(location)
+    return fs.isdir(inner)
+
+
+def size(path) -> int:
+    location = as_location(path)
+    local = local_path(location)
+    if local is not None:
+        return os.path.getsize(local)
+    fs, inner = filesystem(location)
+    return int(fs.size(inner))
+
+
+def join(directory, name: str) -> str:
+    """``directory/name`` for local paths and URLs alike."""
+    location = as_location(directory)
+    if _SCHEME.match(location):  # URLs, file:// included, join with "/"
+        return location.rstrip("/") + "/" + name
+    return os.path.join(location, name)
+
+
+class RangeSource:
+    """A file read by byte ranges: ``size``, ``readinto(offset, view)``, ``close()``.
+
+    ``readinto`` returns the number of bytes read, fewer than asked only at
+    the end of the file. Several threads may read at once.
+    """
+
+    def __init__(self, location: str):
+        self.name = location
+        local = local_path(location)
+        if local is not None:
+            self._file = open(local, "rb", buffering=0)
+            self._fs = None
+            self.size = os.fstat(self._file.fileno()).st_size
+        else:
+            self._fs, self._inner = filesystem(location)
+            self._file = None
+            self._closed = False
+            info = self._remote_call("reading its size", self._fs.info, self._inner)
+            if info.get("type") == "directory":
+                raise IsADirectoryError(f"{location}: is a directory")
+            if info.get("size") is None:
+                raise OSError(f"{location}: the server does not report the file's size "
+                              "(ranged reads need it)")
+            self.size = int(info["size"])
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed if self._fs is None else self._closed
+
+    def readinto(self, offset: int, view: memoryview) -> int:
+        if self._fs is None:
+            done = 0
+            while done < len(view):
+                n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        if not len(view):
+            return 0
+        data = self._remote_call(f"reading bytes [{offset}, {offset + len(view)})",
+                                 self._fs.cat_file, self._inner, start=offset,
+                                 end=offset + len(view))
+        if len(data) > len(view):  # e.g. an HTTP server answering 200 with the whole file
+            raise OSError(f"{self.name}: the store answered a request for {len(view)} bytes "
+                          f"with {len(data)} (it ignores ranged reads, which jaxjpeg needs)")
+        view[:len(data)] = data
+        return len(data)
+
+    def _remote_call(self, what: str, fn, *args, **kwargs):
+        """fn(...), with any failure of the store (HTTP status, connection,
+        backend errors of every kind) as an OSError naming the file."""
+        try:
+            return fn(*args, **kwargs)
+        except OSError:
+            raise
+        except Exception as e:
+            raise OSError(f"{self.name}: {what}: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        if self._fs is None:
+            self._file.close()
+        else:
+            self._closed = True
+
+
+def open_source(path) -> RangeSource:
+    return RangeSource(as_location(path))

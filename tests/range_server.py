@@ -1,0 +1,102 @@
+"""A local HTTP server for tests: serves a directory with Range requests
+(what fsspec's HTTP file system sends) and counts what it served."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import threading
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+class RangeServer:
+    """``with RangeServer(directory) as server: server.url("x.jjpg")``.
+
+    ``bytes_served`` counts body bytes sent; ``max_in_flight`` is the most GET
+    requests being answered at once; ``ranges`` lists (start, end) per GET.
+    """
+
+    def __init__(self, directory):
+        self.directory = os.fspath(directory)
+        self.bytes_served = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.ranges: list[tuple[int, int]] = []
+        self.fail_ranged_reads = False  # answer ranged GETs with 500
+        self.ignore_ranges = False      # answer every GET with the whole file (200)
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(body=True)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: bool):
+                path = os.path.join(server.directory, self.path.lstrip("/").split("?")[0])
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                size = os.path.getsize(path)
+                start, end = 0, size
+                match = _RANGE.match(self.headers.get("Range", ""))
+                if match and server.fail_ranged_reads:
+                    self.send_error(500)
+                    return
+                if match and not server.ignore_ranges:
+                    start = int(match.group(1))
+                    end = min(size, int(match.group(2)) + 1 if match.group(2) else size)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                else:
+                    self.send_response(200)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(max(0, end - start)))
+                self.end_headers()
+                if not body:
+                    return
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(max(0, end - start))
+                self.wfile.write(data)
+                with server._lock:
+                    server.bytes_served += len(data)
+                    server.ranges.append((start, end))
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def url(self, name: str) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/{name}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes_served = 0
+            self.max_in_flight = 0
+            self.ranges = []
+
+    def __enter__(self) -> "RangeServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

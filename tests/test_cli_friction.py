@@ -1,0 +1,120 @@
+"""CLI friction (issue 10, item 8): relative paths, distinct exit codes,
+--version, --help without jax, option values checked before any input is read."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg.cli import EXIT_DAMAGED, EXIT_IO, EXIT_USAGE, main
+
+rng = np.random.default_rng(3)
+PARAMS = {"dense": {"kernel": rng.standard_normal((256, 512)).astype(np.float32),
+                    "bias": np.zeros(512, np.float32)}}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err):
+    return err.startswith("jaxjpeg: error: ") and err.count("\n") == 1
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"jaxjpeg {jaxjpeg.__version__}"
+
+
+def test_help_does_not_import_jax():
+    code = ("import sys\n"
+            "from jaxjpeg.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'ml_dtypes'))\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: jaxjpeg" in proc.stdout and "exit status" in proc.stdout
+    assert "HEAVY []" in proc.stdout
+
+
+def test_import_jaxjpeg_is_lazy_but_complete():
+    code = ("import sys, jaxjpeg\n"
+            "assert 'jax' not in sys.modules\n"
+            "assert callable(jaxjpeg.save) and callable(jaxjpeg.open)\n"
+            "assert 'jax' in sys.modules\n"
+            "from jaxjpeg import FormatError, restore, __version__\n"
+            "assert jaxjpeg.checkpoint.save is jaxjpeg.save\n"
+            "assert set(jaxjpeg.__all__) <= set(dir(jaxjpeg))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("option", [
+    ("--quality", "0"), ("--quality", "101"), ("--quality", "x"),
+    ("--quant-step", "0"), ("--quant-step", "-1"), ("--quant-step", "nan"),
+    ("--target-ratio", "inf"), ("--bits-per-weight", "-2"), ("--error-bound", "0"),
+    ("--min-size", "-1"), ("--bits", "10"),
+])
+def test_option_values_are_checked_before_the_source_is_read(tmp_path, capsys, option):
+    # The source does not exist: a usage error (2), not an I/O error (3),
+    # shows the option was refused before anything was read.
+    code, _, err = run(capsys, "compress", tmp_path / "missing", tmp_path / "o.jjpg", *option)
+    assert code == EXIT_USAGE, err
+    assert option[0] in err and "Traceback" not in err
+    assert not (tmp_path / "o.jjpg").exists()
+
+
+def test_exit_codes_usage_damaged_io(tmp_path, capsys):
+    good = tmp_path / "g.jjpg"
+    jaxjpeg.save(good, PARAMS)
+    truncated = tmp_path / "t.jjpg"
+    truncated.write_bytes(good.read_bytes()[:3000])
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cases = {
+        EXIT_USAGE: [("inspect", tmp_path),                      # a directory, not a file
+                     ("compress", good, good),                    # DST exists, no --force
+                     ("frobnicate",)],
+        EXIT_DAMAGED: [("inspect", truncated), ("extract", truncated, tmp_path / "x"),
+                       ("verify", truncated), ("compress", truncated, tmp_path / "o.jjpg")],
+        EXIT_IO: [("inspect", tmp_path / "missing.jjpg"), ("verify", tmp_path / "missing"),
+                  ("compress", tmp_path / "missing", tmp_path / "o.jjpg"),
+                  ("extract", good, not_a_dir / "sub")],          # cannot write there
+    }
+    for expected, argvs in cases.items():
+        for argv in argvs:
+            code, out, err = run(capsys, *argv)
+            assert code == expected, (argv, code, out, err)
+            assert "Traceback" not in err
+            if argv != ("frobnicate",) and argv[0] != "verify":
+                assert one_line_error(err), (argv, err)
+
+
+def test_relative_paths_everywhere(tmp_path, capsys, monkeypatch):
+    """A relative Orbax path failed with "Checkpoint path should be absolute"."""
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "orbax_ckpt", PARAMS)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "compress", "orbax_ckpt", "out.jjpg", "--quant-step", "2")
+    assert code == 0, err
+    assert (tmp_path / "out.jjpg").exists()
+    assert run(capsys, "verify", "out.jjpg")[0] == 0
+    code, out, err = run(capsys, "inspect", "out.jjpg", "--source", "orbax_ckpt")
+    assert code == 0, err
+    assert "dense/kernel" in out
+    assert run(capsys, "extract", "out.jjpg", "tiles")[0] == 0
+    assert os.listdir(tmp_path / "tiles")
+
+
+def test_extract_refuses_a_url_outdir_before_reading(tmp_path, capsys):
+    code, _, err = run(capsys, "extract", tmp_path / "missing.jjpg", "gs://bucket/tiles")
+    assert code == EXIT_USAGE and "local directory" in err

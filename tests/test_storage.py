@@ -1,0 +1,252 @@
+"""Paths and remote stores (issue 10, items 1-3): every entry point takes local
+paths, PathLike, epath and fsspec URLs; reads are ranged, merged, parallel and
+pipelined in bounded windows."""
+
+import os
+import pathlib
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import checkpoint_restore, format as fmt, storage
+from range_server import RangeServer
+
+fsspec = pytest.importorskip("fsspec")
+
+rng = np.random.default_rng(7)
+TREE = {
+    "a": {"kernel": rng.standard_normal((512, 1024)).astype(np.float32),
+          "bias": rng.standard_normal(1024).astype(np.float32)},
+    "b": {"kernel": rng.standard_normal((768, 512)).astype(np.float32)},
+    "emb": rng.standard_normal((1024, 256)).astype(np.float32),
+    "step": np.array(7, np.int32),
+}
+
+
+def leaves(tree):
+    return {k: np.asarray(v) for k, v in _flat(tree)}
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}/")
+        else:
+            yield prefix + key, value
+
+
+@pytest.fixture(scope="module")
+def local_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("storage") / "model.jjpg"
+    jaxjpeg.save(path, TREE)
+    return path, leaves(jaxjpeg.restore(path))
+
+
+@pytest.fixture
+def memory_fs():
+    fs = fsspec.filesystem("memory")
+    root = f"/jj-{os.getpid()}-{rng.integers(1 << 30)}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_memory_url_save_restore_load_open(local_file, memory_fs):
+    _, expected = local_file
+    fs, root = memory_fs
+    url = f"memory://{root}/model.jjpg"
+    report = jaxjpeg.save(url, TREE)
+    assert report.path == url and report.file_bytes == fs.size(f"{root}/model.jjpg")
+    assert fs.ls(root, detail=False) == [f"{root}/model.jjpg"]  # no temporary object left
+    assert_same(leaves(jaxjpeg.restore(url)), expected)   # the same bits as from a local file
+    with jaxjpeg.open(url) as f:
+        assert f.keys() == list(expected)
+        np.testing.assert_array_equal(np.asarray(f.get("b/kernel")), expected["b/kernel"])
+        np.testing.assert_array_equal(np.asarray(f.get_slice("emb")[3:9, 5]),
+                                      expected["emb"][3:9, 5])
+    loaded = jaxjpeg.decode(jaxjpeg.load(url))
+    np.testing.assert_array_equal(np.asarray(loaded["a"]["kernel"]), expected["a/kernel"])
+
+
+def test_failed_save_to_a_url_keeps_the_old_object(memory_fs):
+    fs, root = memory_fs
+    url = f"memory://{root}/model.jjpg"
+    jaxjpeg.save(url, {"w": np.ones(8, np.float32)})
+    before = fs.cat_file(f"{root}/model.jjpg")
+    with pytest.raises(RuntimeError, match="boom"):
+        with fmt.ContainerWriter(url) as writer:
+            writer.add_blob("x", b"123")
+            raise RuntimeError("boom")
+    assert fs.cat_file(f"{root}/model.jjpg") == before
+    assert fs.ls(root, detail=False) == [f"{root}/model.jjpg"]
+
+
+def test_pathlike_epath_and_file_url(local_file, tmp_path):
+    from etils import epath
+    path, expected = local_file
+    for location in (pathlib.Path(path), epath.Path(path), str(path), os.fsencode(path),
+                     f"file://{path}"):
+        assert_same(leaves(jaxjpeg.restore(location)), expected)
+    out = epath.Path(tmp_path) / "e.jjpg"
+    jaxjpeg.save(out, TREE)
+    assert_same(leaves(jaxjpeg.restore(out)), expected)
+
+
+def test_restore_over_http_reads_every_byte_once_in_parallel(local_file):
+    path, expected = local_file
+    with RangeServer(path.parent) as server:
+        restored = leaves(jaxjpeg.restore(server.url(path.name)))
+        size = path.stat().st_size
+        assert_same(restored, expected)
+        # Ranged reads of the blobs, merged: no byte of the payload twice.
+        assert server.bytes_served <= size + 64
+        assert all(end - start <= fmt._READ_PIECE for start, end in server.ranges)
+
+
+def test_partial_restore_over_http_reads_only_those_leaves(local_file):
+    path, expected = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        with jaxjpeg.open(url) as f:
+            wanted = f.info("a/kernel").stored_bytes + f.info("emb").stored_bytes
+        server.reset()
+        restored = leaves(jaxjpeg.restore(url, paths=["a/kernel", "emb"]))
+        header = server.ranges[0][1] - server.ranges[0][0] + server.ranges[1][1] - server.ranges[1][0]
+        assert wanted <= server.bytes_served - header <= wanted + _MERGE_SLACK
+    assert restored.keys() == {"a/kernel", "emb"}
+    np.testing.assert_array_equal(restored["emb"], expected["emb"])
+
+
+_MERGE_SLACK = 2 * fmt._MERGE_GAP  # gaps under 4 KiB between wanted blobs are read too
+
+
+def test_http_reads_are_concurrent(tmp_path):
+    big = {f"w{i}": rng.standard_normal((1024, 1024)).astype(np.float32) for i in range(3)}
+    path = tmp_path / "big.jjpg"
+    jaxjpeg.save(path, big, policy=jaxjpeg.Policy(lossless=("*",)))  # 12 MiB of raw leaves
+    with RangeServer(tmp_path) as server:
+        restored = leaves(jaxjpeg.restore(server.url("big.jjpg")))
+        assert server.max_in_flight > 1, server.ranges
+    assert_same(restored, big)
+
+
+def test_open_get_over_http_reads_about_one_leaf(local_file):
+    path, expected = local_file
+    with RangeServer(path.parent) as server:
+        with jaxjpeg.open(server.url(path.name)) as f:
+            header = server.bytes_served   # preamble and header
+            leaf_bytes = f.info("b/kernel").stored_bytes
+            server.reset()
+            np.testing.assert_array_equal(np.asarray(f.get("b/kernel")), expected["b/kernel"])
+            # The leaf's blobs, plus at most the alignment padding between them.
+            assert leaf_bytes <= server.bytes_served <= leaf_bytes + 64 * 8
+            # A slice in one of emb's two row tiles: its maps and that tile only.
+            emb_bytes = f.info("emb").stored_bytes
+            server.reset()
+            np.testing.assert_array_equal(np.asarray(f.get_slice("emb")[0:8]),
+                                          expected["emb"][0:8])
+            assert 0 < server.bytes_served < 0.6 * emb_bytes
+        size = path.stat().st_size
+        assert header < 0.05 * size and leaf_bytes < 0.4 * size
+
+
+def test_missing_url_is_an_oserror(memory_fs):
+    fs, root = memory_fs
+    with pytest.raises(FileNotFoundError):
+        jaxjpeg.restore(f"memory://{root}/nothing.jjpg")
+
+
+def test_windows_bound_host_memory_and_give_the_same_bits(local_file, tmp_path, monkeypatch):
+    """With small windows restore holds a few windows of compressed bytes on
+    the host, not the file (tracemalloc sees numpy's buffers)."""
+    many = {f"w{i}": rng.standard_normal((256, 512)).astype(np.float32) for i in range(24)}
+    path = tmp_path / "many.jjpg"
+    jaxjpeg.save(path, many)
+    whole = leaves(jaxjpeg.restore(path))
+    monkeypatch.setattr(checkpoint_restore, "WINDOW_BYTES", 64 * 1024)
+    jaxjpeg.restore(path)  # compile the windows' programs outside the measurement
+    tracemalloc.start()
+    try:
+        windowed = leaves(jaxjpeg.restore(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_same(windowed, whole)
+    size = path.stat().st_size
+    assert peak < 0.5 * size, (peak, size)
+
+
+def test_storage_locations():
+    assert storage.local_path("gs://b/x") is None
+    assert storage.local_path("file:///tmp/x") == "/tmp/x"
+    assert storage.join("gs://b/dir/", "f") == "gs://b/dir/f"
+    assert storage.join("/tmp/d", "f") == "/tmp/d/f"
+    assert storage.to_absolute("rel/x") == os.path.abspath("rel/x")
+    assert storage.to_absolute("s3://b/x") == "s3://b/x"
+    with pytest.raises(TypeError):
+        storage.as_location(3)
+    from etils import epath
+    assert storage.as_location(epath.Path("gs://bucket/d/x.jjpg")) == "gs://bucket/d/x.jjpg"
+
+
+def test_a_missing_backend_names_what_to_install():
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(ImportError, match="gcsfs"):
+        jaxjpeg.restore("gs://no-such-bucket/x.jjpg")
+
+
+def test_orbax_handler_with_a_url_directory(local_file, memory_fs):
+    from jaxjpeg.orbax import JaxjpegCheckpointHandler, JaxjpegRestore, JaxjpegSave
+    _, expected = local_file
+    fs, root = memory_fs
+    handler = JaxjpegCheckpointHandler()
+    directory = f"memory://{root}/step_1/params"
+    handler.save(directory, JaxjpegSave(TREE))
+    assert fs.exists(f"{root}/step_1/params/checkpoint.jjpg")
+    assert_same(leaves(handler.restore(directory, JaxjpegRestore())), expected)
+    assert handler.metadata(directory)["emb"].shape == (1024, 256)
+    assert handler.metadata(f"memory://{root}/nothing") is None
+
+
+def test_cli_reads_urls(local_file, capsys):
+    from jaxjpeg.cli import main
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        assert main(["verify", url]) == 0
+        assert main(["inspect", url]) == 0
+        assert "emb" in capsys.readouterr().out
+        assert main(["inspect", server.url("missing.jjpg")]) == 3
+        assert "missing.jjpg" in capsys.readouterr().err
+
+
+def test_a_failing_server_is_an_oserror(local_file, tmp_path):
+    """A server error mid-read (HTTP 500 on ranged reads) is an OSError naming
+    the file, which the CLI reports as an I/O error (exit 3)."""
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        with jaxjpeg.open(url) as f:
+            server.fail_ranged_reads = True
+            with pytest.raises(OSError, match="model.jjpg"):
+                f.get("emb")
+
+
+def test_a_server_ignoring_ranges_is_refused_clearly(local_file):
+    """fsspec hands back whatever body the server sends: a server that ignores
+    Range (200, the whole file) must not be read as the bytes asked for."""
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        server.ignore_ranges = True
+        with pytest.raises(OSError, match="ignores ranged reads"):
+            jaxjpeg.restore(server.url(path.name))
