@@ -70,8 +70,11 @@ def prepare_leaf(x, importance=None, view: str = "auto") -> codec.Prepared:
     only when their bytes pay for themselves.
     """
     x = np.asarray(x)
-    finite = np.isfinite(x) & (np.abs(x.astype(np.float64)) <= views.extreme_limit(x.dtype))
-    probe = np.where(finite, x, 0).astype(np.float32)
+    # float32 (every coded dtype fits it; NaN compares False); a float32 leaf
+    # with nothing to keep aside is used as it is, without a copy.
+    x32 = x.astype(np.float32, copy=False)
+    finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
+    probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     view = views.choose_view(probe) if view == "auto" else views.MatrixView.default(x.ndim)
