@@ -135,8 +135,8 @@ class SaveReport:
 
 def _to_numpy(leaf) -> np.ndarray:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        raise ValueError("saving arrays not fully addressable from this process is not supported; "
-                         "gather them first (jax.experimental.multihost_utils)")
+        raise ValueError("an array not fully addressable from this process: call save in every "
+                         "process with distributed=True (or gather it first)")
     array = np.asarray(leaf)
     if not array.dtype.isnative:  # big-endian input: stored (and restored) in native order
         array = array.astype(array.dtype.newbyteorder("="))
@@ -376,7 +376,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          restart_interval: int = codec.DEFAULT_RESTART_INTERVAL,
          tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
-         progress: bool | None = None, metadata: dict | None = None) -> SaveReport:
+         progress: bool | None = None, metadata: dict | None = None,
+         distributed: bool = False) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
     The rate is set by one of:
@@ -421,7 +422,15 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
 
     The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
+
+    ``distributed=True``: every process of ``jax.distributed`` calls save
+    with the same tree (global arrays, sharded any way); each codes and
+    writes its share of the leaves in parallel and process 0 commits the one
+    file (:mod:`jaxjpeg.distributed_save`), which any topology restores.
     """
+    if distributed:
+        from jaxjpeg.distributed_save import save_distributed
+        return save_distributed(path, tree, _options(locals()))
     entries = [SourceLeaf.of(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
     return save_leaves(path, entries, **_options(locals()))
 
