@@ -10,6 +10,11 @@ the best of those runs:
 - MB/s: bytes of the tree's arrays / wall time of the save (jaxjpeg: the
   default rate; Orbax: until ``wait_until_finished`` returns, so both
   include writing every byte; jaxjpeg also fsyncs its file);
+- CPU seconds: the process's user + system time during the save (every
+  thread, Orbax's TensorStore threads included): on a machine shared with
+  other work, MB per CPU-second is the steadier figure, and wall time on an
+  idle machine with C cores is about CPU seconds / C for a save that keeps
+  all cores busy;
 - peak memory: RSS sampled every 0.5 ms during the save, minus the RSS just
   before it (the tree itself is already resident and not counted).
 
@@ -30,14 +35,14 @@ import time
 from checkpoint_vs_orbax import _PeakRss, _leaves, _rss_bytes, transformer_params
 
 
-def _timed(save) -> tuple[float, int]:
-    """(seconds, peak RSS above the start) of one save."""
+def _timed(save) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS above the start) of one save."""
     gc.collect()
     before = _rss_bytes()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _PeakRss() as sampler:
         save()
-    return time.perf_counter() - t0, sampler.peak - before
+    return time.perf_counter() - t0, time.process_time() - c0, sampler.peak - before
 
 
 def main() -> None:
@@ -80,22 +85,26 @@ def main() -> None:
     try:
         for i in range(args.repeats):
             for name, save in (("jaxjpeg", save_jaxjpeg), ("orbax", save_orbax)):
-                seconds, peak = _timed(save)
-                runs[name].append((seconds, peak))
+                seconds, cpu, peak = _timed(save)
+                runs[name].append((seconds, cpu, peak))
                 print(f"  run {i + 1} {name:8s} {seconds:6.2f} s  {raw / 1e6 / seconds:7.1f} MB/s"
-                      f"  peak +{peak / 2**20:7.1f} MiB")
+                      f"  CPU {cpu:6.2f} s  peak +{peak / 2**20:7.1f} MiB  "
+                      f"(load {os.getloadavg()[0]:.1f})")
         size = os.path.getsize(jj_path)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    best = {name: min(s for s, _ in r) for name, r in runs.items()}
-    peak = {name: max(p for _, p in r) for name, r in runs.items()}
+    best = {name: min(s for s, _, _ in r) for name, r in runs.items()}
+    cpu = {name: min(c for _, c, _ in r) for name, r in runs.items()}
+    peak = {name: max(p for _, _, p in r) for name, r in runs.items()}
     for name in runs:
         print(f"{name:8s} best {raw / 1e6 / best[name]:7.1f} MB/s ({best[name]:.2f} s), "
+              f"{raw / 1e6 / cpu[name]:7.1f} MB per CPU-second, "
               f"peak memory +{peak[name] / 2**20:.1f} MiB")
     print(f"jaxjpeg file {size / 1e6:.1f} MB ({raw / size:.2f}x smaller than the tree)")
     print(f"save speed ratio jaxjpeg / orbax: {best['orbax'] / best['jaxjpeg']:.2f} "
-          f"(>= 1: jaxjpeg at least as fast)")
+          f"(>= 1: jaxjpeg at least as fast); per CPU-second: "
+          f"{cpu['orbax'] / cpu['jaxjpeg']:.2f}")
 
 
 if __name__ == "__main__":

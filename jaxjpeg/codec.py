@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -262,10 +264,36 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
     cells = tile_grid(*samples.shape, tile_shape)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        tiles = tuple(pool.map(encode_one, cells))
+    if threads is None:   # the shared pool: no threads started per tensor
+        tiles = tuple(_tile_pool().map(encode_one, cells))
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            tiles = tuple(pool.map(encode_one, cells))
     return EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
                          p.outliers)
+
+
+_TILE_POOL: list = []
+_TILE_POOL_LOCK = threading.Lock()
+
+
+def _tile_pool() -> ThreadPoolExecutor:
+    """One process-wide pool encoding tiles (the native encoder releases the
+    GIL), started once: starting threads per tensor cost a save of many
+    leaves more than a tenth of its time on a busy machine."""
+    with _TILE_POOL_LOCK:
+        if not _TILE_POOL:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:
+                cores = os.cpu_count() or 1
+            _TILE_POOL.append(ThreadPoolExecutor(max_workers=max(1, cores),
+                                                 thread_name_prefix="jaxjpeg-encode"))
+        return _TILE_POOL[0]
+
+
+if hasattr(os, "register_at_fork"):   # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=_TILE_POOL.clear)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,8 +150,9 @@ def _as_prepared(x, row_weight=None) -> codec.Prepared:
 
 def tensor_rms(p: codec.Prepared) -> float:
     """RMS of the coded values in weight units (the side list excluded)."""
-    w = p.weight_domain(p.matrix)
-    rms = math.sqrt(float(np.mean(np.square(w, dtype=np.float64))))
+    w = p.weight_domain(p.matrix).reshape(-1)
+    # float64 accumulation without a float64 copy of the leaf
+    rms = math.sqrt(float(np.einsum("i,i->", w, w, dtype=np.float64)) / max(1, w.size))
     return rms if rms > 0 else 1.0
 
 
