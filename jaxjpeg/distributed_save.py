@@ -176,12 +176,28 @@ def save_distributed(path, tree, saver_options: dict):
     _saves_started += 1
     exchange = _Exchange(client, f"{_KEY}/{_saves_started}")
     path = os.fspath(path)
-    flat = ck._leaves(tree)
-    owners, gather = plan_owners([leaf for _, leaf in flat], processes)
-    leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None)
-              for records, leaf in flat]
-    saver = ck._Save(path, leaves, **saver_options)
-    temp = _create_temp(path, exchange) if me == 0 else None
+    # Everything a process may refuse on its own (its tree, the destination)
+    # is checked and agreed on before the first collective: a process that
+    # raised alone would leave the others waiting in a gather.
+    temp = None
+    try:
+        flat = ck._leaves(tree)
+        owners, gather = plan_owners([leaf for _, leaf in flat], processes)
+        leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None)
+                  for records, leaf in flat]
+        saver = ck._Save(path, leaves, **saver_options)
+        temp = _create_temp(path, exchange) if me == 0 else None
+        ready, error = "ok", None
+    except Exception as e:
+        ready, error = f"{type(e).__name__}: {e}", e
+    exchange.put(f"ready/{me}", ready)
+    states = [exchange.get(f"ready/{i}") for i in range(processes)]
+    failed = [f"process {i}: {state}" for i, state in enumerate(states) if state != "ok"]
+    if failed:
+        _abandon(temp, exchange, me, failed[0])
+        if error is not None:
+            raise error
+        raise ValueError(f"distributed save of {path} refused in {failed[0]}")
     try:
         own = []
         for i, (records, leaf) in enumerate(flat):
@@ -270,10 +286,13 @@ def _write_region(temp_path: str, base: int, placed: list) -> None:
 
 
 def _abandon(temp, exchange: _Exchange, me: int, why: str) -> None:
-    """Process 0 removes the temporary file (waiting for the others' writes
-    would hang on a failed process: nothing is renamed, so their bytes go
-    nowhere) and tells the others."""
-    if me == 0 and temp is not None:
+    """Process 0 removes the temporary file (nothing is renamed, so the
+    others' bytes go nowhere) and tells the others; they wait for that, so
+    that every process raises only once nothing of the save is left."""
+    if me != 0:
+        exchange.get("commit")
+        return
+    if temp is not None:
         temp_path, fd = temp
         try:
             os.close(fd)
@@ -283,7 +302,7 @@ def _abandon(temp, exchange: _Exchange, me: int, why: str) -> None:
             os.unlink(temp_path)
         except FileNotFoundError:
             pass
-        exchange.put("commit", why)
+    exchange.put("commit", why)
 
 
 def _commit(temp, path: str, parts: list, bases: list, saver, exchange: _Exchange,

@@ -31,6 +31,7 @@ CHECKS = [
     "sharded_restore_over_the_global_mesh",
     "report_and_metadata",
     "byte_targets_are_refused_in_every_process",
+    "one_process_refusing_fails_every_process_quickly",
     "a_second_save_replaces_the_first",
 ]
 

@@ -20,6 +20,7 @@ failure's traceback}, "owners": [owner of each leaf], "gathered": [...]}.
 import json
 import os
 import sys
+import time
 import traceback
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -127,6 +128,24 @@ def byte_targets_are_refused_in_every_process():
         assert "byte targets" in str(e)
     else:
         raise AssertionError("target_ratio was accepted")
+
+
+@check
+def one_process_refusing_fails_every_process_quickly():
+    """Process 1 alone passes a leaf no checkpoint holds: every process raises
+    (no one waits for it), no file and no temporary file are left."""
+    tree = dict(TREE, names=np.array(["a", "b"]) if PROCESS == 1 else np.zeros(2))
+    path = os.path.join(WORK, "refused.jjpg")
+    start = time.monotonic()
+    try:
+        jaxjpeg.save(path, tree, distributed=True)
+    except (TypeError, ValueError) as e:
+        assert ("process 1" in str(e)) if PROCESS != 1 else ("dtype <U1" in str(e)), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(path)
+    assert not [f for f in os.listdir(WORK) if f.startswith("refused.jjpg.tmp-")]
 
 
 @check
