@@ -251,19 +251,23 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         p = prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                     outliers=outliers)
     table = quant_table(bits=bits, quality=quality, quant_step=quant_step, qtable=qtable)
-    samples, scale, offset = mapping.row_affine(
+    _, scale, offset = mapping.row_affine(
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
         scale=p.common_scale(bits) if clip == "common" else None,
-        shared=p.shared_map and clip == "common")
+        shared=p.shared_map and clip == "common", with_samples=False)
 
     def encode_one(cell):
         r, c, h, w = cell
+        # Each tile's samples from its own rows and columns: no leaf-sized
+        # copy, and the tile stays in cache from mapping to coding.
+        samples = mapping.to_samples(p.matrix[r:r + h, c:c + w], scale[r:r + h],
+                                     offset[r:r + h], bits)
         # The encoder records where each interval starts as it writes them.
-        data, starts = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
+        data, starts = _native.encode(samples, table, bits=bits,
                                       restart_interval=restart_interval, with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
-    cells = tile_grid(*samples.shape, tile_shape)
+    cells = tile_grid(*p.matrix.shape, tile_shape)
     if threads is None:   # the shared pool: no threads started per tensor
         tiles = tuple(_tile_pool().map(encode_one, cells))
     else:

@@ -53,7 +53,7 @@ def sample_max(bits: int) -> int:
 
 def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 1.0,
                row_weight: np.ndarray | None = None, scale: np.ndarray | None = None,
-               shared: bool = False):
+               shared: bool = False, with_samples: bool = True):
     """Maps a float32 [rows, cols] view to samples.
 
     Returns ``(samples, scale, offset)``: continuous float32 samples clipped to
@@ -67,6 +67,8 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
     the whole view's mean; with equal row scales the map is then two numbers
     in all (rows of a few columns would otherwise pay more for their maps
     than for their weights).
+    ``with_samples=False``: the maps only (samples None), for a coder that
+    computes each tile's samples when it codes it (:func:`to_samples`).
     """
     view = np.asarray(view, np.float32)
     top = sample_max(bits)
@@ -94,10 +96,20 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
         offset = lo
     offset = _f16_offset(view, scale, offset, top, clip_ok=clip == "mse")
     scale = scale.astype(np.float32)
+    if not with_samples:
+        return None, scale, offset
+    return to_samples(view, scale, offset, bits), scale, offset
+
+
+def to_samples(view: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
+    """float32 samples of the rows of ``view`` under their maps (``scale``,
+    ``offset``: those rows' entries of :func:`row_affine`'s), clipped to
+    ``[0, 2^bits - 1]``; elementwise, so a tile's samples may be computed
+    from the tile alone."""
     divisor = np.where(scale > 0, scale, np.float32(1))
-    samples = (view - offset[:, None]) / divisor[:, None]
-    np.clip(samples, 0, top, out=samples)
-    return samples.astype(np.float32, copy=False), scale, offset
+    samples = (np.asarray(view, np.float32) - offset[:, None]) / divisor[:, None]
+    np.clip(samples, 0, sample_max(bits), out=samples)
+    return samples.astype(np.float32, copy=False)
 
 
 def _centers(view: np.ndarray, shared: bool) -> np.ndarray:

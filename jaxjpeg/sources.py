@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -78,7 +79,7 @@ def open_source(path: str, items=None) -> Source:
     if items is not None and not os.path.isdir(path):
         raise SourceError(f"{path}: items can be chosen in Orbax directories only")
     if os.path.isdir(path):
-        return Source.of_tree(path, _load_orbax(path, items))
+        return _orbax_source(path, items)
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(_JAXJPEG_MAGIC):
@@ -368,46 +369,99 @@ def _declared_bytes(tree) -> int:
     return total
 
 
-def _load_orbax(path: str, items=None):
-    """The chosen items' trees: one item's tree as is (an unnamed or "default"
-    item, or one chosen by name), several as {item: tree}."""
-    chosen = items
-    items = _chosen_items(path, items)
+def _orbax_source(path: str, items=None) -> Source:
+    """The chosen items' leaves, each read alone when the save reaches it
+    (an Orbax restore with every other leaf a placeholder): one item's leaves
+    under their own paths (an unnamed or "default" item, or one chosen by
+    name), several items' under the item names."""
+    chosen = _chosen_items(path, items)
     try:
         import absl.logging
         absl.logging.set_verbosity(absl.logging.ERROR)
     except ImportError:
         pass
     try:
-        import jax
-        import orbax.checkpoint as ocp
-        from etils import epath
+        import orbax.checkpoint  # noqa: F401
     except ImportError:
         raise SourceError("reading Orbax checkpoints needs orbax-checkpoint") from None
-    trees = {}
-    for name, directory in items.items():
+    prefixed = not (len(chosen) == 1 and (items is not None or next(iter(chosen)) in ("", "default")))
+    leaves = []
+    for name, directory in chosen.items():
+        prefix = [["key", name]] if prefixed else []
+        leaves += [dataclasses.replace(leaf, records=prefix + leaf.records)
+                   for leaf in _orbax_item_leaves(directory)]
+    return Source(path, leaves)
+
+
+def _orbax_metadata(directory: str):
+    import orbax.checkpoint as ocp
+    from etils import epath
+    try:
+        metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
+        tree = getattr(metadata, "tree", metadata)
+        declared, on_disk = _declared_bytes(tree), _bytes_on_disk(directory)
+    except Exception as e:  # orbax raises many types on a damaged directory
+        raise SourceError(f"{directory}: cannot read the Orbax checkpoint's metadata "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+    if declared > MAX_EXPANSION * on_disk + EXPANSION_FLOOR:
+        raise SourceError(f"{directory}: declares {declared} bytes of arrays over "
+                          f"{on_disk} bytes on disk (refused before reading)")
+    return tree
+
+
+_ORBAX_LOCK = threading.Lock()   # Orbax restores run one at a time (asyncio loops inside)
+
+
+def _orbax_item_leaves(directory: str) -> list:
+    """SourceLeaf of every array the item's metadata describes."""
+    import jax
+    from jaxjpeg.checkpoint import SourceLeaf
+    from jaxjpeg.treepaths import key_record, path_string
+
+    tree = _orbax_metadata(directory)
+    described = jax.tree_util.tree_leaves_with_path(tree)
+    leaves = []
+    for keys, meta in described:
+        records = [key_record(k) for k in keys]
+        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
         try:
-            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
-            tree = getattr(metadata, "tree", metadata)
-            declared, on_disk = _declared_bytes(tree), _bytes_on_disk(directory)
-        except Exception as e:  # orbax raises many types on a damaged directory
-            raise SourceError(f"{directory}: cannot read the Orbax checkpoint's metadata "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
-        if declared > MAX_EXPANSION * on_disk + EXPANSION_FLOOR:
-            raise SourceError(f"{directory}: declares {declared} bytes of arrays over "
-                              f"{on_disk} bytes on disk (refused before reading)")
+            dtype = np.dtype(dtype)
+        except TypeError:
+            dtype = None
+        if shape is None or dtype is None or (dtype.kind not in "biufc"
+                                              and dtype.name not in _ML_DTYPE_NAMES):
+            raise SourceError(f"{directory}: leaf {path_string(records)[:200]!r} is not a "
+                              "numeric array")
+        leaves.append(SourceLeaf(records, tuple(shape), dtype,
+                                 _orbax_loader(directory, tree, path_string(records))))
+    return leaves
+
+
+def _orbax_loader(directory: str, tree, name: str):
+    def load():
+        import jax
+        import orbax.checkpoint as ocp
+        from jaxjpeg.treepaths import key_record, path_string
+
+        def named(keys):
+            return path_string([key_record(k) for k in keys]) == name
+
+        restore_args = jax.tree_util.tree_map_with_path(
+            lambda k, _: ocp.RestoreArgs(restore_type=np.ndarray) if named(k)
+            else ocp.PLACEHOLDER, tree)
+        item = jax.tree_util.tree_map_with_path(
+            lambda k, m: m if named(k) else ocp.PLACEHOLDER, tree)
         try:
-            restore_args = jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            with ocp.PyTreeCheckpointer() as ckptr:
-                trees[name] = ckptr.restore(os.path.abspath(directory),
-                                            args=ocp.args.PyTreeRestore(restore_args=restore_args))
+            with _ORBAX_LOCK, ocp.PyTreeCheckpointer() as ckptr:
+                restored = ckptr.restore(os.path.abspath(directory),
+                                         args=ocp.args.PyTreeRestore(item=item,
+                                                                     restore_args=restore_args))
         except Exception as e:
-            raise SourceError(f"{directory}: cannot restore the Orbax checkpoint "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
-    if len(trees) == 1 and (chosen is not None or next(iter(trees)) in ("", "default")):
-        return next(iter(trees.values()))
-    return trees
+            raise SourceError(f"{directory}: cannot restore {name[:200]!r} from the Orbax "
+                              f"checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        (value,) = [v for k, v in jax.tree_util.tree_leaves_with_path(restored) if named(k)]
+        return np.asarray(value)
+    return load
 
 
 def _first_line(e: BaseException) -> str:
