@@ -74,10 +74,10 @@ def open_source(path: str, items=None) -> Source:
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file or directory")
     shards = _safetensors_shards(path)
+    if items is not None and (shards is not None or not os.path.isdir(path)):
+        raise SourceError(f"{path}: items can be chosen in Orbax directories only")
     if shards is not None:
         return _safetensors_source(path, shards)
-    if items is not None and not os.path.isdir(path):
-        raise SourceError(f"{path}: items can be chosen in Orbax directories only")
     if os.path.isdir(path):
         return _orbax_source(path, items)
     with open(path, "rb") as f:

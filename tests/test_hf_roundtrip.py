@@ -131,6 +131,9 @@ def test_export_to_one_file_and_refusals(tmp_path, capsys):
     assert code == 2 and "not a size" in err
     code, _, err = run(capsys, "export", tmp_path / "missing.jjpg", out)
     assert code == 2 and "no such file" in err
+    code, _, err = run(capsys, "compress", tmp_path / "one.safetensors", tmp_path / "i.jjpg",
+                       "--item", "params")
+    assert code == 2 and "Orbax directories only" in err
 
 
 def test_user_metadata_that_is_not_text_exports_as_json(tmp_path, capsys):
