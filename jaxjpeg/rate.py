@@ -206,16 +206,30 @@ def encode_at_step(x, q: float, *, bits: int | None = None, row_weight=None,
 
 
 def squared_error(x, enc: codec.EncodedTensor) -> float:
-    """Sum of squared errors of ``enc`` decoded against ``x`` (float64)."""
+    """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
+    values its side list keeps exactly (NaN and infinities included) count 0."""
     original = x.original if isinstance(x, codec.Prepared) else x
-    diff = np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64)
+    diff = (np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64))
+    diff = diff.reshape(-1)
+    if enc.outliers is not None and enc.outliers.count:
+        diff[enc.outliers.index] = 0.0
     return float(np.sum(diff * diff))
 
 
+def coded_norm2(x, outliers: views.Outliers | None) -> float:
+    """Squared norm of the values of ``x`` that are coded (the side list's
+    left out: NaN, infinities and extreme values would make any error
+    relative to them meaningless)."""
+    values = np.asarray(x, np.float64).reshape(-1)
+    if outliers is not None and outliers.count:
+        values = np.delete(values, outliers.index)
+    return float(np.sum(values * values))
+
+
 def relative_error(x, enc: codec.EncodedTensor) -> float:
-    """``||x - decode(enc)|| / ||x||`` (0 when both are zero)."""
+    """``||x - decode(enc)|| / ||x||`` over the coded values (0 when both are zero)."""
     original = x.original if isinstance(x, codec.Prepared) else x
-    norm = float(np.linalg.norm(np.asarray(original, np.float64)))
+    norm = math.sqrt(coded_norm2(original, enc.outliers))
     err = math.sqrt(squared_error(x, enc))
     return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
 
@@ -245,8 +259,7 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
         raise ValueError(f"rel_rms must be positive, got {rel_rms}")
     p = _as_prepared(x, row_weight)
     original = np.asarray(p.original)
-    norm2 = float(np.sum(np.square(original, dtype=np.float64)))
-    budget = rel_rms * rel_rms * norm2
+    budget = rel_rms * rel_rms * coded_norm2(original, p.outliers)
     found = []
     for b in ((8, 12) if bits is None else (bits,)):
         best = _largest_step_within(p, b, budget, options)
