@@ -175,10 +175,7 @@ def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
     extreme (those are kept exactly in the leaf's side list)."""
     if not policy.should_compress(name, array):
         return False
-    # float32 (every coded dtype fits it): a float64 copy would double a leaf's memory
-    wide = np.abs(array.astype(np.float32, copy=False))
-    special = np.count_nonzero(~(wide <= np.float32(views.extreme_limit(array.dtype))))
-    return special <= MAX_KEPT_FRACTION * array.size
+    return views.count_special(array) <= MAX_KEPT_FRACTION * array.size
 
 
 def _check_storable(name: str, array: np.ndarray) -> None:

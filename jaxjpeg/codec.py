@@ -167,14 +167,23 @@ class Prepared:
     outliers: Outliers | None
     original: np.ndarray             # the tensor itself (not a copy)
     shared_map: bool = False         # one row map for all rows (see mapping.row_affine)
-    scales: dict = dataclasses.field(default_factory=dict, compare=False)  # bits -> row scales
+    # bits -> row scales, "stats" -> row statistics (caches)
+    scales: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
         if bits not in self.scales:
             self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight,
-                                                     shared=self.shared_map)
+                                                     shared=self.shared_map,
+                                                     stats=self.row_stats())
         return self.scales[bits]
+
+    def row_stats(self):
+        """:func:`jaxjpeg.mapping.row_stats` of the matrix (cached: every
+        sample depth and the coding itself use them)."""
+        if "stats" not in self.scales:
+            self.scales["stats"] = mapping.row_stats(self.matrix, self.shared_map)
+        return self.scales["stats"]
 
     @property
     def size(self) -> int:
@@ -254,7 +263,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     _, scale, offset = mapping.row_affine(
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
         scale=p.common_scale(bits) if clip == "common" else None,
-        shared=p.shared_map and clip == "common", with_samples=False)
+        shared=p.shared_map and clip == "common", with_samples=False,
+        stats=p.row_stats() if clip == "common" else None)
 
     def encode_one(cell):
         r, c, h, w = cell

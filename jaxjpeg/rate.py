@@ -78,7 +78,7 @@ def prepare_leaf(x, importance=None, view: str = "auto") -> codec.Prepared:
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     view = views.choose_view(probe) if view == "auto" else views.MatrixView.default(x.ndim)
-    outliers = views.find_outliers(x, view)
+    outliers = views.find_outliers(x, view, finite=finite)
     if outliers.count:
         coded = np.ones(x.size, bool)
         coded[outliers.index] = False
@@ -216,20 +216,17 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     return float(np.sum(diff * diff))
 
 
-def coded_norm2(x, outliers: views.Outliers | None) -> float:
-    """Squared norm of the values of ``x`` that are coded (the side list's
-    left out: NaN, infinities and extreme values would make any error
-    relative to them meaningless)."""
+def finite_norm2(x) -> float:
+    """Squared norm of the finite values of ``x`` (NaN and infinities, kept
+    exactly in the side list, would make any relative error meaningless)."""
     values = np.asarray(x, np.float64).reshape(-1)
-    if outliers is not None and outliers.count:
-        values = np.delete(values, outliers.index)
-    return float(np.sum(values * values))
+    return float(np.sum(np.square(values, where=np.isfinite(values), out=np.zeros_like(values))))
 
 
 def relative_error(x, enc: codec.EncodedTensor) -> float:
-    """``||x - decode(enc)|| / ||x||`` over the coded values (0 when both are zero)."""
+    """``||x - decode(enc)|| / ||x||`` over the finite values (0 when both are zero)."""
     original = x.original if isinstance(x, codec.Prepared) else x
-    norm = math.sqrt(coded_norm2(original, enc.outliers))
+    norm = math.sqrt(finite_norm2(original))
     err = math.sqrt(squared_error(x, enc))
     return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
 
@@ -259,7 +256,7 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
         raise ValueError(f"rel_rms must be positive, got {rel_rms}")
     p = _as_prepared(x, row_weight)
     original = np.asarray(p.original)
-    budget = rel_rms * rel_rms * coded_norm2(original, p.outliers)
+    budget = rel_rms * rel_rms * finite_norm2(original)
     found = []
     for b in ((8, 12) if bits is None else (bits,)):
         best = _largest_step_within(p, b, budget, options)

@@ -171,17 +171,35 @@ def extreme_limit(dtype) -> float:
     return float(np.finfo(np.float16).max) / 4 if np.dtype(dtype) == np.float16 else 1e30
 
 
-def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS) -> Outliers:
+def count_special(x: np.ndarray) -> int:
+    """How many values of ``x`` are non-finite or extreme (beyond
+    :func:`extreme_limit`), counted a block at a time in float32 (no
+    leaf-sized temporaries)."""
+    x = np.asarray(x)
+    flat = x.reshape(-1)
+    limit = np.float32(extreme_limit(x.dtype))
+    count = 0
+    for start in range(0, flat.size, 4 * ROW_BLOCK_ELEMENTS):
+        block = flat[start:start + 4 * ROW_BLOCK_ELEMENTS].astype(np.float32, copy=False)
+        count += block.size - int(np.count_nonzero(np.abs(block) <= limit))
+    return count
+
+
+def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS, *,
+                  finite: np.ndarray | None = None) -> Outliers:
     """The side list of ``x``: every non-finite or extreme value, and values more
     than ``sigmas`` row RMS (about the row mean, in ``view``) from the mean, as
     long as those are few (far outliers cost more bits in a DCT block than the
-    ~6 bytes a side-list entry takes, and stretch the sample range)."""
+    ~6 bytes a side-list entry takes, and stretch the sample range).
+    ``finite`` (optional): ``|x| <= extreme_limit`` already computed."""
     x = np.asarray(x)
     flat = x.reshape(-1)
     # float32 throughout (every value kept here is within float32's range):
     # a float64 copy of a large leaf would cost twice its size again.
     x32 = flat.astype(np.float32, copy=False)   # a float32 leaf is not copied
-    must = ~(np.abs(x32) <= np.float32(extreme_limit(x.dtype)))
+    # `finite`: the caller's mask of values within the limit, if it has one
+    must = ~(np.abs(x32) <= np.float32(extreme_limit(x.dtype)) if finite is None
+             else finite.reshape(-1))
     m = view.to_matrix(x32.reshape(x.shape))
     ok = ~view.to_matrix(must.reshape(x.shape)) if must.any() else None
     far = np.empty(m.shape, bool)
