@@ -209,7 +209,8 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
     values its side list keeps exactly (NaN and infinities included) count 0."""
     original = x.original if isinstance(x, codec.Prepared) else x
-    diff = (np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64))
+    with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
+        diff = (np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64))
     diff = diff.reshape(-1)
     if enc.outliers is not None and enc.outliers.count:
         diff[enc.outliers.index] = 0.0
