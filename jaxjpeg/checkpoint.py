@@ -9,10 +9,13 @@ bytes to the device and decodes them there with the custom call.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import jax
@@ -133,8 +136,8 @@ class SaveReport:
 
 def _to_numpy(leaf) -> np.ndarray:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        raise ValueError("saving arrays not fully addressable from this process is not supported; "
-                         "gather them first (jax.experimental.multihost_utils)")
+        raise ValueError("an array not fully addressable from this process: call save in every "
+                         "process with distributed=True (or gather it first)")
     array = np.asarray(leaf)
     if not array.dtype.isnative:  # big-endian input: stored (and restored) in native order
         array = array.astype(array.dtype.newbyteorder("="))
@@ -173,9 +176,7 @@ def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
     extreme (those are kept exactly in the leaf's side list)."""
     if not policy.should_compress(name, array):
         return False
-    wide = np.abs(array.astype(np.float64, copy=False))
-    special = np.count_nonzero(~(wide <= views.extreme_limit(array.dtype)))
-    return special <= MAX_KEPT_FRACTION * array.size
+    return views.count_special(array) <= MAX_KEPT_FRACTION * array.size
 
 
 def _check_storable(name: str, array: np.ndarray) -> None:
@@ -187,33 +188,27 @@ def _check_storable(name: str, array: np.ndarray) -> None:
                         "bool, bfloat16 and float8 arrays only") from None
 
 
-def _write_jpeg_leaf(writer, index: int, enc: codec.EncodedTensor) -> tuple[dict, int]:
-    tiles, starts = [], []
-    stored = 0
+def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:
+    """(blobs as (name, data), record fields, stored bytes) of a coded leaf."""
+    blobs, tiles, starts = [], [], []
     for k, tile in enumerate(enc.tiles):
-        writer.add_blob(layout.tile_blob(index, k), tile.data)
+        blobs.append((layout.tile_blob(index, k), tile.data))
         tiles.append([tile.row0, tile.col0, tile.height, tile.width, tile.num_intervals])
         starts.append(tile.interval_starts.astype(np.uint32))
-        stored += len(tile.data)
-    index_blob = np.concatenate(starts)
+    blobs.append((layout.intervals_blob(index), np.concatenate(starts)))
     affine = enc.affine()
-    writer.add_blob(layout.intervals_blob(index), index_blob)
-    writer.add_blob(layout.affine_blob(index), affine)
-    stored += index_blob.nbytes + affine.nbytes
+    blobs.append((layout.affine_blob(index), affine))
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
               "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name,
               "view": enc.view.record()}
     if enc.col_scale is not None:
         col_scale = enc.stored_col_scale()
-        writer.add_blob(layout.col_scale_blob(index), col_scale)
+        blobs.append((layout.col_scale_blob(index), col_scale))
         record["col_scale"] = col_scale.dtype.name
-        stored += col_scale.nbytes
     if enc.outliers is not None and enc.outliers.count:
-        data = enc.outliers.to_bytes(enc.size)
-        writer.add_blob(layout.outliers_blob(index), data)
+        blobs.append((layout.outliers_blob(index), enc.outliers.to_bytes(enc.size)))
         record["outliers"] = enc.outliers.count
-        stored += len(data)
-    return record, stored
+    return blobs, record, sum(memoryview(data).nbytes for _, data in blobs)
 
 
 def _leaf_importance(sensitivity, name):
@@ -331,20 +326,24 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     """
     from jaxjpeg import rate
 
-    coded = {path_string(r): a for r, a in entries if _is_coded(policy, path_string(r), a)}
-    if not coded:
-        return lambda name, array: None
-    kept = sum(_stored_raw_bytes(a) for r, a in entries if path_string(r) not in coded)
-    overhead = (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
-                + _BLOB_OVERHEAD * (len(entries) - len(coded)))
-    curves, sens = {}, {}
-    for name, array in coded.items():
+    coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
+    for leaf in entries:   # loaded once here (a lazy source: one at a time), once to code
+        array = leaf.array()
+        if not _is_coded(policy, leaf.name, array):
+            kept += _stored_raw_bytes(array)
+            continue
+        name = leaf.name
+        coded.add(name)
         p = leaf_coder.prepare(name, array)
         leaf_coder.remember(name, p)
         curves[name] = rate.rd_curve(p, bits, **leaf_coder.coding)
         sens[name] = leaf_coder.leaf_sensitivity(name, p)
         overhead += _coded_overhead(p.matrix.shape, leaf_coder.coding["restart_interval"],
                                     leaf_coder.coding["tile_shape"])
+    if not coded:
+        return lambda name, array: None
+    overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
+                 + _BLOB_OVERHEAD * (len(entries) - len(coded)))
     budget = target_bytes - kept - overhead
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
@@ -355,7 +354,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
 
 def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | None:
     """The file size asked for, in bytes: ratios are against float32."""
-    elements = sum(a.size for _, a in entries)
+    elements = sum(leaf.size for leaf in entries)
     if target_ratio is not None:
         if not target_ratio > 0:
             raise ValueError(f"target_ratio must be positive, got {target_ratio}")
@@ -378,7 +377,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
          progress: bool | None = None, metadata: dict | None = None,
-         input_covariance: dict | None = None) -> SaveReport:
+         input_covariance: dict | None = None, distributed: bool = False) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
     The rate is set by one of:
@@ -429,82 +428,236 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
 
     The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
+
+    ``distributed=True``: every process of ``jax.distributed`` calls save
+    with the same tree (global arrays, sharded any way); each codes and
+    writes its share of the leaves in parallel and process 0 commits the one
+    file (:mod:`jaxjpeg.distributed_save`), which any topology restores.
     """
-    user_metadata = layout.checked_user_metadata(metadata)
-    policy = policy or Policy()
-    entries = [(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
-    for records, array in entries:
-        _check_storable(path_string(records), array)
-    _check_paths(entries)
-    rates = dict(relative_step=relative_step, quant_step=quant_step, quality=quality,
-                 qtable=qtable, error_bound=error_bound, target_ratio=target_ratio,
-                 target_bytes=target_bytes, bits_per_weight=bits_per_weight, encoder=encoder)
-    given = {k: v for k, v in rates.items() if v is not None}
-    if len(given) > 1:
-        raise ValueError(f"give at most one rate control, got {sorted(given)}")
-    if not given:
-        relative_step = DEFAULT_RELATIVE_STEP
-        given = {"relative_step": relative_step}
+    if distributed:
+        from jaxjpeg.distributed_save import save_distributed
+        return save_distributed(path, tree, _options(locals()))
+    entries = [SourceLeaf.of(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
+    return save_leaves(path, entries, **_options(locals()))
 
-    _check_covariances(input_covariance, entries, error_bound)
-    leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
-                                              tile_shape=tile_shape, clip=clip),
-                            input_covariance)
 
-    def table_encoder(name, array):
-        return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,
-                                   quant_step=quant_step, quality=quality, qtable=qtable,
-                                   **leaf_coder.coding)
+def _options(values: dict) -> dict:
+    """save()'s keyword options from its locals (passed on unchanged)."""
+    return {k: values[k] for k in _SAVE_OPTIONS}
 
-    encode = encoder or table_encoder
-    if relative_step is not None:
-        encode = _relative_step_encoder(relative_step, bits, leaf_coder)
-    if error_bound is not None:
-        encode = _error_bound_encoder(error_bound, bits, leaf_coder)
-    target = _target_size(entries, target_ratio, target_bytes, bits_per_weight)
-    lossy_rate = target is not None
-    if target is not None:
-        encode = _target_encoder(entries, policy, target, bits, leaf_coder)
-    bar = progress_bar(total=sum(a.nbytes for _, a in entries), desc="jaxjpeg save", unit="B",
-                       enabled=progress)
-    records_out, reports = [], []
+
+_SAVE_OPTIONS = ("relative_step", "quant_step", "quality", "qtable", "error_bound",
+                 "target_ratio", "target_bytes", "bits_per_weight", "sensitivity", "bits",
+                 "clip", "view", "restart_interval", "tile_shape", "policy", "encoder",
+                 "progress", "metadata", "input_covariance")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLeaf:
+    """A leaf to save, described up front and loaded only when the save
+    reaches it (:func:`save_leaves`): a converter reading a file tensor by
+    tensor then holds about one tensor at a time, not the whole tree."""
+
+    records: list                       # key path, as jaxjpeg.treepaths records it
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]      # the array (any byte order), called once
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", np.dtype(self.dtype).newbyteorder("="))
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @classmethod
+    def of(cls, records, array: np.ndarray) -> "SourceLeaf":
+        return cls(records, tuple(array.shape), array.dtype, lambda: array)
+
+    @property
+    def name(self) -> str:
+        return path_string(self.records)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def array(self) -> np.ndarray:
+        array = np.asarray(self.load())
+        if array.shape != self.shape or array.dtype.newbyteorder("=") != self.dtype:
+            raise ValueError(f"leaf {self.name!r}: loaded {array.dtype}{list(array.shape)}, "
+                             f"described as {self.dtype}{list(self.shape)}")
+        if not array.dtype.isnative:  # big-endian input: stored (and restored) in native order
+            array = array.astype(array.dtype.newbyteorder("="))
+        return array
+
+
+# Leaves coded at once (each on its own thread; the native encoder releases
+# the GIL) and source bytes loaded ahead of the writer at most: the window
+# bounds memory to about this much beyond the largest leaf.
+SAVE_WINDOW_BYTES = 128 * 2**20
+
+
+def save_workers() -> int:
+    """Threads coding leaves: the cores this process may run on."""
     try:
-        with fmt.ContainerWriter(storage.as_location(path)) as writer:
-            for index, (records, array) in enumerate(entries):
-                name = path_string(records)
-                record = {"path": records, "shape": list(array.shape), "dtype": str(array.dtype)}
-                coded = _is_coded(policy, name, array)
-                enc = encode(name, array) if coded else None
-                note = _coding_note(name, array, enc)
-                if coded and enc is None:
-                    note = "stored raw: no coding meets the error bound"
-                half = _half_copy(array) if lossy_rate and not coded else None
-                if enc is not None and enc.nbytes < array.nbytes:
-                    extra, stored = _write_jpeg_leaf(writer, index, enc)
-                elif half is not None:
-                    writer.add_blob(layout.raw_blob(index), np.ascontiguousarray(half))
-                    extra, stored = {"kind": "raw", "stored": "float16"}, half.nbytes
-                    note = "stored as float16"
-                else:
-                    writer.add_blob(layout.raw_blob(index), np.ascontiguousarray(array))
-                    extra, stored = {"kind": "raw"}, array.nbytes
-                    if enc is not None:
-                        note = "stored raw: coding would not make it smaller"
-                record.update(extra)
-                records_out.append(record)
-                reports.append(LeafReport(name, array.shape, str(array.dtype), record["kind"],
-                                          array.nbytes, stored, note))
-                bar.update(array.nbytes)
-            writer.set_metadata({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                 "rate": _rate_record(given), "leaves": records_out,
-                                 **({layout.USER_METADATA_KEY: user_metadata}
-                                    if metadata is not None else {})})
-    finally:
-        bar.close()
-    return SaveReport(storage.as_location(path), reports, storage.size(path))
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
-def _check_covariances(covariances, entries, error_bound) -> None:
+def save_leaves(path, leaves: Sequence[SourceLeaf], **options) -> SaveReport:
+    """:func:`save` of leaves given as :class:`SourceLeaf` (same options).
+
+    Leaves are loaded, coded and written in a pipeline: up to
+    :func:`save_workers` leaves are coded at once (about
+    ``SAVE_WINDOW_BYTES`` of them at most), and each is written, in order,
+    as soon as it and the ones before it are done.
+    """
+    return _Save(path, list(leaves), **options).run()
+
+
+class _Save:
+    """One save: the options checked, the encoder chosen, then the pipeline."""
+
+    def __init__(self, path, leaves, *, relative_step=None, quant_step=None, quality=None,
+                 qtable=None, error_bound=None, target_ratio=None, target_bytes=None,
+                 bits_per_weight=None, sensitivity=None, bits=None, clip="common",
+                 view="auto", restart_interval=codec.DEFAULT_RESTART_INTERVAL,
+                 tile_shape=codec.DEFAULT_TILE_SHAPE, policy=None, encoder=None,
+                 progress=None, metadata=None, input_covariance=None):
+        self.path = path
+        self.user_metadata = layout.checked_user_metadata(metadata)
+        self.has_metadata = metadata is not None
+        self.policy = policy or Policy()
+        self.leaves = leaves
+        for leaf in leaves:
+            _check_storable(leaf.name, leaf)
+        _check_paths([(leaf.records, leaf) for leaf in leaves])
+        rates = dict(relative_step=relative_step, quant_step=quant_step, quality=quality,
+                     qtable=qtable, error_bound=error_bound, target_ratio=target_ratio,
+                     target_bytes=target_bytes, bits_per_weight=bits_per_weight,
+                     encoder=encoder)
+        given = {k: v for k, v in rates.items() if v is not None}
+        if len(given) > 1:
+            raise ValueError(f"give at most one rate control, got {sorted(given)}")
+        if not given:
+            relative_step = DEFAULT_RELATIVE_STEP
+            given = {"relative_step": relative_step}
+        self.rate = _rate_record(given)
+        _check_covariances(input_covariance, leaves, error_bound)
+        leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
+                                                        tile_shape=tile_shape, clip=clip),
+                                input_covariance)
+
+        def table_encoder(name, array):
+            return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,
+                                       quant_step=quant_step, quality=quality, qtable=qtable,
+                                       **leaf_coder.coding)
+
+        self.encode = encoder or table_encoder
+        # A user's encoder and the byte budget (each leaf's share depends on
+        # the ones coded before it) code one leaf at a time, in order.
+        self.workers = 1 if encoder is not None else save_workers()
+        if relative_step is not None:
+            self.encode = _relative_step_encoder(relative_step, bits, leaf_coder)
+        if error_bound is not None:
+            self.encode = _error_bound_encoder(error_bound, bits, leaf_coder)
+        target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
+        self.lossy_rate = target is not None
+        if target is not None:
+            self.encode = _target_encoder(leaves, self.policy, target, bits, leaf_coder)
+            self.workers = 1
+        self.progress = progress
+
+    def run(self) -> SaveReport:
+        bar = progress_bar(total=sum(leaf.nbytes for leaf in self.leaves), desc="jaxjpeg save",
+                           unit="B", enabled=self.progress)
+        records, reports = [], []
+        try:
+            with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
+                stored = in_order(self.store, list(enumerate(self.leaves)), self.workers,
+                                  SAVE_WINDOW_BYTES, lambda item: item[1].nbytes)
+                for blobs, record, report, warning in stored:
+                    if warning:   # run <- save_leaves <- save <- the caller
+                        warnings.warn(warning, stacklevel=4)
+                    for name, data in blobs:
+                        writer.add_blob(name, data)
+                    records.append(record)
+                    reports.append(report)
+                    bar.update(report.raw_bytes)
+                writer.set_metadata(self.metadata(records))
+        finally:
+            bar.close()
+        return SaveReport(storage.as_location(self.path), reports, storage.size(self.path))
+
+    def metadata(self, records: list) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,
+                "leaves": records,
+                **({layout.USER_METADATA_KEY: self.user_metadata} if self.has_metadata else {})}
+
+    def store(self, item) -> tuple[list, dict, LeafReport, str | None]:
+        """Leaf ``index`` as (blobs, record, report, warning or None): loaded and
+        coded (or kept raw)."""
+        index, leaf = item
+        array = leaf.array()
+        name = leaf.name
+        record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
+        coded = _is_coded(self.policy, name, array)
+        enc = self.encode(name, array) if coded else None
+        note, warning = _coding_note(name, array, enc)
+        if coded and enc is None:
+            note = "stored raw: no coding meets the error bound"
+        half = _half_copy(array) if self.lossy_rate and not coded else None
+        if enc is not None and enc.nbytes < array.nbytes:
+            blobs, extra, stored = _jpeg_blobs(index, enc)
+        elif half is not None:
+            blobs = [(layout.raw_blob(index), np.ascontiguousarray(half))]
+            extra, stored = {"kind": "raw", "stored": "float16"}, half.nbytes
+            note = "stored as float16"
+        else:
+            blobs = [(layout.raw_blob(index), np.ascontiguousarray(array))]
+            extra, stored = {"kind": "raw"}, array.nbytes
+            if enc is not None:
+                note = "stored raw: coding would not make it smaller"
+        record.update(extra)
+        return blobs, record, LeafReport(name, array.shape, str(array.dtype), record["kind"],
+                                         array.nbytes, stored, note), warning
+
+
+def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of):
+    """Yields ``fn(item)`` for every item, in order, computing up to
+    ``workers`` at once and starting an item only while the items started and
+    not yet yielded hold at most ``window_bytes`` (always at least one)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pending: collections.deque = collections.deque()
+    in_flight = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for item in items:
+                size = size_of(item)
+                while pending and (len(pending) >= 2 * workers
+                                   or in_flight + size > window_bytes):
+                    future, done_size = pending.popleft()
+                    in_flight -= done_size
+                    yield future.result()
+                pending.append((pool.submit(fn, item), size))
+                in_flight += size
+            while pending:
+                yield pending.popleft()[0].result()
+        finally:  # an error (or the consumer stopping): start nothing more
+            for future, _ in pending:
+                future.cancel()
+
+
+def _check_covariances(covariances, leaves, error_bound) -> None:
     """Refuses what would otherwise be silently ignored: unknown leaves, wrong
     types, shapes that do not fit, and error bounds (on weights) with them."""
     if not covariances:
@@ -512,7 +665,7 @@ def _check_covariances(covariances, entries, error_bound) -> None:
     if error_bound is not None:
         raise ValueError("input_covariance trades weight error for output error; "
                          "it cannot be combined with error_bound")
-    shapes = {path_string(records): array.shape for records, array in entries}
+    shapes = {leaf.name: leaf.shape for leaf in leaves}
     for name, cov in covariances.items():
         if name not in shapes:
             raise ValueError(f"input_covariance names {name!r}, which is not a leaf of the tree")
@@ -551,18 +704,19 @@ def _stored_raw_bytes(array: np.ndarray) -> int:
     return array.nbytes if half is None else half.nbytes
 
 
-def _coding_note(name, array, enc) -> str:
-    """What a user should know about how a leaf was stored (warned once)."""
+def _coding_note(name, array, enc) -> tuple[str, str | None]:
+    """(what a user should know about how a leaf was stored, a warning to give
+    or None); the save warns from its own thread, where the caller's frame is."""
     if enc is None or enc.outliers is None:
-        return ""
+        return "", None
     values = np.asarray(enc.outliers.values, np.float64)
     special = int(np.count_nonzero(~np.isfinite(values)))
     note = f"{enc.outliers.count} values kept exactly"
-    if special:
-        note += f" ({special} NaN or infinite)"
-        warnings.warn(f"jaxjpeg: {name} holds {special} NaN or infinite values; they are kept "
-                      "exactly and the rest of the leaf is coded", stacklevel=3)
-    return note
+    if not special:
+        return note, None
+    return (note + f" ({special} NaN or infinite)",
+            f"jaxjpeg: {name} holds {special} NaN or infinite values; they are kept "
+            "exactly and the rest of the leaf is coded")
 
 
 def _rate_record(given: dict) -> dict:

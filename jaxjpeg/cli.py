@@ -1,16 +1,22 @@
-"""The ``jaxjpeg`` command: compress, inspect, verify and extract checkpoints.
+"""The ``jaxjpeg`` command: compress, export, inspect, verify and extract checkpoints.
 
     jaxjpeg compress SRC DST [--quant-step S | --quality Q | --target-ratio R |
                              --bits-per-weight B | --error-bound E] [--bits 8|12]
+                             [--item NAME]
+    jaxjpeg export CKPT OUT [--max-shard-size 5GB]
     jaxjpeg inspect CKPT [--source SRC]
     jaxjpeg verify CKPT
     jaxjpeg extract CKPT OUTDIR [--leaf PATTERN]
 
 SRC is an Orbax checkpoint directory (a ``StandardCheckpointer`` /
 ``PyTreeCheckpointer`` item, a ``CheckpointManager`` step directory, or a
-``CheckpointManager`` root, whose latest step is taken), a Flax msgpack file
-(``flax.serialization.to_bytes``) or a ``.safetensors`` file. Paths may be
-relative; CKPT may also be a URL (``https://``, ``gs://`` ..., with fsspec).
+``CheckpointManager`` root, whose latest step is taken; ``--item`` chooses
+items), a Flax msgpack file (``flax.serialization.to_bytes``), a
+``.safetensors`` file, or a sharded safetensors checkpoint (its
+``*.safetensors.index.json``, or a folder of ``*.safetensors`` shards, with
+or without the index); safetensors ``__metadata__`` becomes the checkpoint's
+user metadata, and ``export`` writes it back. Paths may be relative; CKPT
+may also be a URL (``https://``, ``gs://`` ..., with fsspec).
 
 Exit status (errors are one line on stderr, without a traceback):
   0  success
@@ -115,21 +121,25 @@ RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "err
 
 
 def cmd_compress(args) -> int:
-    import jaxjpeg
     from jaxjpeg import checkpoint
     _require(args.src)
     if os.path.exists(args.dst) and not args.force:
         raise CliError(f"{args.dst}: exists (use --force to replace it)")
     if os.path.isdir(args.dst):
         raise CliError(f"{args.dst}: is a directory")
-    tree = load_source(args.src)  # numpy leaves, checked
-    if not _flatten(tree):
+    # Tensors are described now and read one at a time as the save codes them.
+    from jaxjpeg.sources import SourceError, open_source
+    source = open_source(args.src, args.item)
+    if not source.leaves:
         raise CliError(f"{args.src}: holds no arrays")
     policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
     rate = {name: getattr(args, name) for name in RATE_OPTIONS
             if getattr(args, name) is not None}
     try:
-        report = jaxjpeg.save(args.dst, tree, bits=args.bits, policy=policy, **rate)
+        report = checkpoint.save_leaves(args.dst, source.leaves, bits=args.bits, policy=policy,
+                                        metadata=source.metadata, **rate)
+    except SourceError:   # a tensor read as the save reached it: damaged, not usage
+        raise
     except (ValueError, TypeError) as e:  # leaves or options save refuses
         raise CliError(_first_line(e)) from None
     coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
@@ -143,6 +153,31 @@ def cmd_compress(args) -> int:
     print(f"  ratio       {report.ratio_vs_float32:.2f}x vs float32, {report.ratio:.2f}x vs "
           f"the stored dtypes, {coded_raw / max(1, coded_stored):.2f}x on JPEG-coded leaves")
     print(f"  bits/weight {report.bits_per_weight:.3f} (all-in)")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+
+def cmd_export(args) -> int:
+    from jaxjpeg.export import export_safetensors, parse_size
+    try:
+        max_shard_size = parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    _require(args.ckpt, kind="file")
+    if os.path.isdir(args.out) and args.out.endswith(".safetensors"):
+        raise CliError(f"{args.out}: is a directory")
+    try:
+        files = export_safetensors(args.ckpt, args.out, max_shard_size=max_shard_size,
+                                   force=args.force)
+    except FileExistsError as e:
+        raise CliError(str(e)) from None
+    except ValueError as e:  # FormatError included: a damaged checkpoint
+        raise CliError(_first_line(e)) from None
+    total = sum(os.path.getsize(f) for f in files)
+    print(f"{args.ckpt} -> {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")
+    print(f"  wrote {len(files)} file(s), {_size(total)} ({total} bytes)")
     return 0
 
 
@@ -449,7 +484,8 @@ def _int_in(low: int, high: float):
 def _parser() -> argparse.ArgumentParser:
     from jaxjpeg import __version__
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Compress, inspect, verify and extract jaxjpeg checkpoints.",
+        prog=PROG, description="Compress, export, inspect, verify and extract jaxjpeg "
+                               "checkpoints.",
         epilog="exit status: 0 success, 1 damaged input, 2 usage error, 3 I/O error "
                "(missing or unreadable input, unwritable output), 130 interrupted")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -476,8 +512,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="leaves with fewer elements stay lossless (default 4096)")
     p.add_argument("--lossless", action="append", metavar="GLOB",
                    help="keep leaves whose path matches GLOB lossless (repeatable)")
+    p.add_argument("--item", action="append", metavar="NAME",
+                   help="Orbax item of the step to compress (repeatable; default: every "
+                        "item), e.g. params without opt_state")
     p.add_argument("-f", "--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="write decoded weights as safetensors (sharded with an "
+                                      "index json when large)")
+    p.add_argument("ckpt", metavar="CKPT", type=_path)
+    p.add_argument("out", metavar="OUT",
+                   help="a .safetensors file name, or a directory (gets model.safetensors)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("-f", "--force", action="store_true", help="replace files that exist")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="per-leaf table of a jaxjpeg checkpoint")
     p.add_argument("ckpt", metavar="CKPT", type=_path)
@@ -520,8 +569,8 @@ def _classify(e: Exception) -> tuple[int, str]:
     not recognised is re-raised (a bug shows its traceback)."""
     from jaxjpeg.codec import JpegError
     from jaxjpeg.format import FormatError
-    from jaxjpeg.sources import SourceError
-    if isinstance(e, CliError):
+    from jaxjpeg.sources import SourceChoiceError, SourceError
+    if isinstance(e, (CliError, SourceChoiceError)):
         return EXIT_USAGE, _first_line(e)
     if isinstance(e, ImportError):  # an optional dependency a URL or source needs
         return EXIT_USAGE, _first_line(e)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -166,15 +168,24 @@ class Prepared:
     outliers: Outliers | None
     original: np.ndarray             # the tensor itself (not a copy)
     shared_map: bool = False         # one row map for all rows (see mapping.row_affine)
-    scales: dict = dataclasses.field(default_factory=dict, compare=False)  # bits -> row scales
+    # bits -> row scales, "stats" -> row statistics (caches)
+    scales: dict = dataclasses.field(default_factory=dict, compare=False)
     feedback: Feedback | None = None  # shape the error against the layer's inputs
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
         if bits not in self.scales:
             self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight,
-                                                     shared=self.shared_map)
+                                                     shared=self.shared_map,
+                                                     stats=self.row_stats())
         return self.scales[bits]
+
+    def row_stats(self):
+        """:func:`jaxjpeg.mapping.row_stats` of the matrix (cached: every
+        sample depth and the coding itself use them)."""
+        if "stats" not in self.scales:
+            self.scales["stats"] = mapping.row_stats(self.matrix, self.shared_map)
+        return self.scales["stats"]
 
     @property
     def size(self) -> int:
@@ -253,25 +264,59 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         p = prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                     outliers=outliers)
     table = quant_table(bits=bits, quality=quality, quant_step=quant_step, qtable=qtable)
-    samples, scale, offset = mapping.row_affine(
+    _, scale, offset = mapping.row_affine(
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
         scale=p.common_scale(bits) if clip == "common" else None,
-        shared=p.shared_map and clip == "common")
-    if p.feedback is not None:
-        samples = shape_errors(samples, table, bits, p.feedback, scale, p.col_scale)
+        shared=p.shared_map and clip == "common", with_samples=False,
+        stats=p.row_stats() if clip == "common" else None)
+    # Error feedback runs across the whole leaf, so it needs all its samples.
+    shaped = None if p.feedback is None else shape_errors(
+        mapping.to_samples(p.matrix, scale, offset, bits), table, bits, p.feedback, scale,
+        p.col_scale)
 
     def encode_one(cell):
         r, c, h, w = cell
+        # Each tile's samples from its own rows and columns: no leaf-sized
+        # copy, and the tile stays in cache from mapping to coding.
+        samples = (mapping.to_samples(p.matrix[r:r + h, c:c + w], scale[r:r + h],
+                                      offset[r:r + h], bits) if shaped is None
+                   else np.ascontiguousarray(shaped[r:r + h, c:c + w]))
         # The encoder records where each interval starts as it writes them.
-        data, starts = _native.encode(samples[r:r + h, c:c + w], table, bits=bits,
+        data, starts = _native.encode(samples, table, bits=bits,
                                       restart_interval=restart_interval, with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
-    cells = tile_grid(*samples.shape, tile_shape)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        tiles = tuple(pool.map(encode_one, cells))
+    cells = tile_grid(*p.matrix.shape, tile_shape)
+    if threads is None:   # the shared pool: no threads started per tensor
+        tiles = tuple(_tile_pool().map(encode_one, cells))
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            tiles = tuple(pool.map(encode_one, cells))
     return EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
                          p.outliers)
+
+
+_TILE_POOL: list = []
+_TILE_POOL_LOCK = threading.Lock()
+
+
+def _tile_pool() -> ThreadPoolExecutor:
+    """One process-wide pool encoding tiles (the native encoder releases the
+    GIL), started once: starting threads per tensor cost a save of many
+    leaves more than a tenth of its time on a busy machine."""
+    with _TILE_POOL_LOCK:
+        if not _TILE_POOL:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:
+                cores = os.cpu_count() or 1
+            _TILE_POOL.append(ThreadPoolExecutor(max_workers=max(1, cores),
+                                                 thread_name_prefix="jaxjpeg-encode"))
+        return _TILE_POOL[0]
+
+
+if hasattr(os, "register_at_fork"):   # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=_TILE_POOL.clear)
 
 
 @dataclasses.dataclass(frozen=True)

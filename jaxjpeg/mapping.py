@@ -53,7 +53,7 @@ def sample_max(bits: int) -> int:
 
 def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 1.0,
                row_weight: np.ndarray | None = None, scale: np.ndarray | None = None,
-               shared: bool = False):
+               shared: bool = False, with_samples: bool = True, stats=None):
     """Maps a float32 [rows, cols] view to samples.
 
     Returns ``(samples, scale, offset)``: continuous float32 samples clipped to
@@ -67,19 +67,24 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
     the whole view's mean; with equal row scales the map is then two numbers
     in all (rows of a few columns would otherwise pay more for their maps
     than for their weights).
+    ``stats`` (``clip="common"`` only): :func:`row_stats` of ``view``, given
+    instead of computed. ``with_samples=False``: the maps only (samples None), for a coder that
+    computes each tile's samples when it codes it (:func:`to_samples`).
     """
     view = np.asarray(view, np.float32)
     top = sample_max(bits)
     if clip == "common":
+        if stats is None:
+            stats = row_stats(view, shared)
         if scale is None:
-            scale = common_scale(view, bits, row_weight, shared=shared)
-        center = _centers(view, shared)
+            scale = common_scale(view, bits, row_weight, shared=shared, stats=stats)
+        center, row_low, _ = stats
         offset = center - 0.5 * (top + 1) * scale.astype(np.float64)
         # Non-negative rows (second moments, variances) must stay non-negative:
         # sample 0 then decodes to exactly 0. Raising a negative offset to 0
         # keeps the row's max within range: max - 0 <= (max - center) +
         # (center - offset) <= top * scale.
-        low = np.full(view.shape[0], view.min()) if shared else view.min(axis=1)
+        low = np.full(view.shape[0], row_low.min()) if shared else row_low
         offset = np.where((low >= 0) & (offset < 0), 0.0, offset)
     else:
         if row_weight is not None:
@@ -94,10 +99,28 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
         offset = lo
     offset = _f16_offset(view, scale, offset, top, clip_ok=clip == "mse")
     scale = scale.astype(np.float32)
+    if not with_samples:
+        return None, scale, offset
+    return to_samples(view, scale, offset, bits), scale, offset
+
+
+def to_samples(view: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
+    """float32 samples of the rows of ``view`` under their maps (``scale``,
+    ``offset``: those rows' entries of :func:`row_affine`'s), clipped to
+    ``[0, 2^bits - 1]``; elementwise, so a tile's samples may be computed
+    from the tile alone."""
     divisor = np.where(scale > 0, scale, np.float32(1))
-    samples = (view - offset[:, None]) / divisor[:, None]
-    np.clip(samples, 0, top, out=samples)
-    return samples.astype(np.float32, copy=False), scale, offset
+    samples = (np.asarray(view, np.float32) - offset[:, None]) / divisor[:, None]
+    np.clip(samples, 0, sample_max(bits), out=samples)
+    return samples.astype(np.float32, copy=False)
+
+
+def row_stats(view: np.ndarray, shared: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centers as :func:`_centers`, row minima, row maxima) of a float32 view:
+    what :func:`common_scale` and :func:`row_affine` need from the data,
+    whatever the sample depth (a caller may compute them once for both)."""
+    view = np.asarray(view, np.float32)
+    return _centers(view, shared), view.min(axis=1), view.max(axis=1)
 
 
 def _centers(view: np.ndarray, shared: bool) -> np.ndarray:
@@ -108,7 +131,7 @@ def _centers(view: np.ndarray, shared: bool) -> np.ndarray:
 
 
 def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = None, *,
-                 shared: bool = False) -> np.ndarray:
+                 shared: bool = False, stats=None) -> np.ndarray:
     """Per-row scales of ``clip="common"``: equal (or ∝ row_weight^-½), every row fitting.
 
     Row ``r`` fits when its values lie within ``(2^bits)/2 - 1`` samples of its
@@ -118,8 +141,8 @@ def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = No
     """
     view = np.asarray(view, np.float32)
     rows = view.shape[0]
-    center = _centers(view, shared)
-    half = np.maximum(view.max(axis=1) - center, center - view.min(axis=1))
+    center, low, high = stats if stats is not None else row_stats(view, shared)
+    half = np.maximum(high - center, center - low)
     room = 0.5 * (sample_max(bits) + 1) - 1.0
     if row_weight is None:
         rel = np.ones(rows)

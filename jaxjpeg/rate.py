@@ -75,8 +75,11 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     the view then keeps the input axes together on rows or columns.
     """
     x = np.asarray(x)
-    finite = np.isfinite(x) & (np.abs(x.astype(np.float64)) <= views.extreme_limit(x.dtype))
-    probe = np.where(finite, x, 0).astype(np.float32)
+    # float32 (every coded dtype fits it; NaN compares False); a float32 leaf
+    # with nothing to keep aside is used as it is, without a copy.
+    x32 = x.astype(np.float32, copy=False)
+    finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
+    probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     view = views.choose_view(probe) if view == "auto" else views.MatrixView.default(x.ndim)
@@ -84,7 +87,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     if input_covariance is not None:
         view = feedback.view_for(input_covariance, x.shape, view)
         fb = feedback.for_view(input_covariance, x.shape, view)
-    outliers = views.find_outliers(x, view)
+    outliers = views.find_outliers(x, view, finite=finite)
     if outliers.count:
         coded = np.ones(x.size, bool)
         coded[outliers.index] = False
@@ -156,8 +159,9 @@ def _as_prepared(x, row_weight=None) -> codec.Prepared:
 
 def tensor_rms(p: codec.Prepared) -> float:
     """RMS of the coded values in weight units (the side list excluded)."""
-    w = p.weight_domain(p.matrix)
-    rms = math.sqrt(float(np.mean(np.square(w, dtype=np.float64))))
+    w = p.weight_domain(p.matrix).reshape(-1)
+    # float64 accumulation without a float64 copy of the leaf
+    rms = math.sqrt(float(np.einsum("i,i->", w, w, dtype=np.float64)) / max(1, w.size))
     return rms if rms > 0 else 1.0
 
 
@@ -216,16 +220,28 @@ def encode_at_step(x, q: float, *, bits: int | None = None, row_weight=None,
 
 
 def squared_error(x, enc: codec.EncodedTensor) -> float:
-    """Sum of squared errors of ``enc`` decoded against ``x`` (float64)."""
+    """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
+    values its side list keeps exactly (NaN and infinities included) count 0."""
     original = x.original if isinstance(x, codec.Prepared) else x
-    diff = np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64)
+    with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
+        diff = (np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64))
+    diff = diff.reshape(-1)
+    if enc.outliers is not None and enc.outliers.count:
+        diff[enc.outliers.index] = 0.0
     return float(np.sum(diff * diff))
 
 
+def finite_norm2(x) -> float:
+    """Squared norm of the finite values of ``x`` (NaN and infinities, kept
+    exactly in the side list, would make any relative error meaningless)."""
+    values = np.asarray(x, np.float64).reshape(-1)
+    return float(np.sum(np.square(values, where=np.isfinite(values), out=np.zeros_like(values))))
+
+
 def relative_error(x, enc: codec.EncodedTensor) -> float:
-    """``||x - decode(enc)|| / ||x||`` (0 when both are zero)."""
+    """``||x - decode(enc)|| / ||x||`` over the finite values (0 when both are zero)."""
     original = x.original if isinstance(x, codec.Prepared) else x
-    norm = float(np.linalg.norm(np.asarray(original, np.float64)))
+    norm = math.sqrt(finite_norm2(original))
     err = math.sqrt(squared_error(x, enc))
     return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
 
@@ -255,8 +271,7 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
         raise ValueError(f"rel_rms must be positive, got {rel_rms}")
     p = _as_prepared(x, row_weight)
     original = np.asarray(p.original)
-    norm2 = float(np.sum(np.square(original, dtype=np.float64)))
-    budget = rel_rms * rel_rms * norm2
+    budget = rel_rms * rel_rms * finite_norm2(original)
     found = []
     for b in ((8, 12) if bits is None else (bits,)):
         best = _largest_step_within(p, b, budget, options)

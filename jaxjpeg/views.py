@@ -83,10 +83,21 @@ class MatrixView:
 
 
 def axis_rms(x: np.ndarray) -> list[np.ndarray]:
-    """Per axis, the RMS of each slice along it (float64)."""
-    sq = np.square(np.asarray(x, np.float64))
-    return [np.sqrt(sq.mean(axis=tuple(b for b in range(sq.ndim) if b != a)))
-            for a in range(sq.ndim)]
+    """Per axis, the RMS of each slice along it (float64), squares summed a
+    block of the first axis at a time (no float64 copy of the whole tensor)."""
+    x = np.asarray(x)
+    sums = [np.zeros(n) for n in x.shape]
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(x.shape[1:])))
+    for i in range(0, x.shape[0], step):
+        sq = np.square(x[i:i + step], dtype=np.float64)
+        for a in range(x.ndim):
+            part = sq.sum(axis=tuple(b for b in range(x.ndim) if b != a))
+            if a == 0:
+                sums[0][i:i + step] = part
+            else:
+                sums[a] += part
+    size = max(1, x.size)
+    return [np.sqrt(s / (size // max(1, n))) if n else s for s, n in zip(sums, x.shape)]
 
 
 def scale_spread(rms: np.ndarray) -> float:
@@ -160,34 +171,68 @@ def extreme_limit(dtype) -> float:
     return float(np.finfo(np.float16).max) / 4 if np.dtype(dtype) == np.float16 else 1e30
 
 
-def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS) -> Outliers:
+def count_special(x: np.ndarray) -> int:
+    """How many values of ``x`` are non-finite or extreme (beyond
+    :func:`extreme_limit`), counted a block at a time in float32 (no
+    leaf-sized temporaries)."""
+    x = np.asarray(x)
+    flat = x.reshape(-1)
+    limit = np.float32(extreme_limit(x.dtype))
+    count = 0
+    for start in range(0, flat.size, 4 * ROW_BLOCK_ELEMENTS):
+        block = flat[start:start + 4 * ROW_BLOCK_ELEMENTS].astype(np.float32, copy=False)
+        count += block.size - int(np.count_nonzero(np.abs(block) <= limit))
+    return count
+
+
+def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS, *,
+                  finite: np.ndarray | None = None) -> Outliers:
     """The side list of ``x``: every non-finite or extreme value, and values more
     than ``sigmas`` row RMS (about the row mean, in ``view``) from the mean, as
     long as those are few (far outliers cost more bits in a DCT block than the
-    ~6 bytes a side-list entry takes, and stretch the sample range)."""
+    ~6 bytes a side-list entry takes, and stretch the sample range).
+    ``finite`` (optional): ``|x| <= extreme_limit`` already computed."""
     x = np.asarray(x)
     flat = x.reshape(-1)
     # float32 throughout (every value kept here is within float32's range):
     # a float64 copy of a large leaf would cost twice its size again.
-    must = ~(np.abs(flat.astype(np.float32)) <= np.float32(extreme_limit(x.dtype)))
-    m = view.to_matrix(flat.astype(np.float32).reshape(x.shape))
-    if must.any():
-        ok = ~view.to_matrix(must.reshape(x.shape))
-        m = np.where(ok, m, np.float32(0))
-        count = np.maximum(ok.sum(axis=1), 1)
-    else:
-        ok, count = None, m.shape[1]
-    mean = (m.sum(axis=1, dtype=np.float64) / count).astype(np.float32)
-    dev = m - mean[:, None]
-    if ok is not None:
-        dev = np.where(ok, dev, np.float32(0))
-    rms = np.sqrt(np.einsum("ij,ij->i", dev, dev, dtype=np.float64) / count).astype(np.float32)
-    far = (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
+    x32 = flat.astype(np.float32, copy=False)   # a float32 leaf is not copied
+    # `finite`: the caller's mask of values within the limit, if it has one
+    must = ~(np.abs(x32) <= np.float32(extreme_limit(x.dtype)) if finite is None
+             else finite.reshape(-1))
+    m = view.to_matrix(x32.reshape(x.shape))
+    ok = ~view.to_matrix(must.reshape(x.shape)) if must.any() else None
+    far = np.empty(m.shape, bool)
+    # Row statistics block by block: the temporaries stay in cache (a whole
+    # leaf's deviations would be another leaf-sized pass through memory).
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, m.shape[1]))
+    for r in range(0, m.shape[0], step):
+        rows = slice(r, r + step)
+        far[rows] = _far_from_row_mean(m[rows], None if ok is None else ok[rows], sigmas)
     far_flat = _flat_positions(far, view, x.shape)
     if far_flat.size > MAX_OUTLIER_FRACTION * flat.size:
         far_flat = np.zeros(0, np.int64)
     index = np.union1d(np.flatnonzero(must), far_flat).astype(np.int64)
     return Outliers(index, flat[index].copy())
+
+
+ROW_BLOCK_ELEMENTS = 1 << 16   # elements per block of rows in find_outliers
+
+
+def _far_from_row_mean(m: np.ndarray, ok: np.ndarray | None, sigmas: float) -> np.ndarray:
+    """Where ``m``'s values lie more than ``sigmas`` row RMS from their row's
+    mean; ``ok`` (optional) marks the values the statistics count."""
+    if ok is not None:
+        m = np.where(ok, m, np.float32(0))
+        count = np.maximum(ok.sum(axis=1), 1)
+    else:
+        count = m.shape[1]
+    mean = (m.sum(axis=1, dtype=np.float64) / count).astype(np.float32)
+    dev = m - mean[:, None]
+    if ok is not None:
+        dev = np.where(ok, dev, np.float32(0))
+    rms = np.sqrt(np.einsum("ij,ij->i", dev, dev, dtype=np.float64) / count).astype(np.float32)
+    return (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
 
 
 def _flat_positions(mask_matrix: np.ndarray, view: MatrixView, shape) -> np.ndarray:

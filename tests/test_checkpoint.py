@@ -620,3 +620,22 @@ def test_restore_matches_an_independent_oracle(tmp_path, dtype):
         want = expected_weights(tiles, leaf.shape, scale, offset, dtype)
         got = np.asarray(jaxjpeg.restore(file, dtype=dtype)[name])
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_error_bound_with_nan_and_extreme_values(tmp_path):
+    """Before: a NaN in a leaf made the bound's budget NaN and save raised
+    "cannot convert float NaN to integer". Kept values count no error,
+    non-finite ones leave the norm; the rest meets the bound."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 500)).astype(np.float32)
+    x[3, 4], x[7, 7], x[9, 9] = np.nan, np.inf, 30.0
+    path = tmp_path / "nan.jjpg"
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        report = jaxjpeg.save(path, {"w": x}, error_bound=0.02)
+    assert report.leaves[0].kind == "jpeg"
+    got = np.asarray(jaxjpeg.restore(path)["w"])
+    assert np.isnan(got[3, 4]) and got[7, 7] == np.inf and got[9, 9] == np.float32(30.0)
+    ok = np.isfinite(x)
+    err = (np.linalg.norm(got[ok].astype(np.float64) - x[ok].astype(np.float64))
+           / np.linalg.norm(x[ok].astype(np.float64)))
+    assert err <= 0.02

@@ -1,0 +1,111 @@
+"""Save throughput and peak memory: jaxjpeg.save vs Orbax's StandardCheckpointer.
+
+    python benchmarks/save_speed.py            # ~211 MB float32 transformer-like tree
+    python benchmarks/save_speed.py --quick    # ~20 MB
+
+Both save the same tree of jax arrays (on the default device, CPU here) into
+the same directory, alternately, ``--repeats`` times each; the figures are
+the best of those runs:
+
+- MB/s: bytes of the tree's arrays / wall time of the save (jaxjpeg: the
+  default rate; Orbax: until ``wait_until_finished`` returns, so both
+  include writing every byte; jaxjpeg also fsyncs its file);
+- CPU seconds: the process's user + system time during the save (every
+  thread, Orbax's TensorStore threads included): on a machine shared with
+  other work, MB per CPU-second is the steadier figure, and wall time on an
+  idle machine with C cores is about CPU seconds / C for a save that keeps
+  all cores busy;
+- peak memory: RSS sampled every 0.5 ms during the save, minus the RSS just
+  before it (the tree itself is already resident and not counted).
+
+The ratio jaxjpeg / Orbax > 1 means jaxjpeg saved faster. On a machine
+shared with other work the figures move from run to run: the script prints
+every run, and the CPU count it saw. Tests never depend on these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import tempfile
+import time
+
+from checkpoint_vs_orbax import _PeakRss, _leaves, _rss_bytes, transformer_params
+
+
+def _timed(save) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS above the start) of one save."""
+    gc.collect()
+    before = _rss_bytes()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with _PeakRss() as sampler:
+        save()
+    return time.perf_counter() - t0, time.process_time() - c0, sampler.peak - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~20 MB of parameters")
+    parser.add_argument("--repeats", type=int, default=3, help="saves of each (best of N)")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+
+    import absl.logging
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    import jax
+    import orbax.checkpoint as ocp
+    import jaxjpeg
+    from jaxjpeg.checkpoint import save_workers
+
+    shape = (dict(d_model=384, layers=2, vocab=4096) if args.quick
+             else dict(d_model=768, layers=4, vocab=32000))
+    params = jax.tree.map(jax.numpy.asarray, transformer_params(**shape))
+    jax.block_until_ready(params)
+    raw = sum(x.nbytes for x in _leaves(params))
+    print(f"tree: {len(_leaves(params))} leaves, {raw / 1e6:.1f} MB float32 {shape}")
+    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, jaxjpeg coding threads "
+          f"{save_workers()}, load average {os.getloadavg()[0]:.2f} at start")
+
+    root = args.dir or tempfile.mkdtemp(prefix="jj_save_")
+    jj_path, ob_path = os.path.join(root, "params.jjpg"), os.path.join(root, "orbax")
+
+    def save_jaxjpeg():
+        jaxjpeg.save(jj_path, params)
+
+    def save_orbax():
+        if os.path.exists(ob_path):
+            shutil.rmtree(ob_path)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(ob_path, params)
+            ckptr.wait_until_finished()
+
+    runs = {"jaxjpeg": [], "orbax": []}
+    try:
+        for i in range(args.repeats):
+            for name, save in (("jaxjpeg", save_jaxjpeg), ("orbax", save_orbax)):
+                seconds, cpu, peak = _timed(save)
+                runs[name].append((seconds, cpu, peak))
+                print(f"  run {i + 1} {name:8s} {seconds:6.2f} s  {raw / 1e6 / seconds:7.1f} MB/s"
+                      f"  CPU {cpu:6.2f} s  peak +{peak / 2**20:7.1f} MiB  "
+                      f"(load {os.getloadavg()[0]:.1f})")
+        size = os.path.getsize(jj_path)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    best = {name: min(s for s, _, _ in r) for name, r in runs.items()}
+    cpu = {name: min(c for _, c, _ in r) for name, r in runs.items()}
+    peak = {name: max(p for _, _, p in r) for name, r in runs.items()}
+    for name in runs:
+        print(f"{name:8s} best {raw / 1e6 / best[name]:7.1f} MB/s ({best[name]:.2f} s), "
+              f"{raw / 1e6 / cpu[name]:7.1f} MB per CPU-second, "
+              f"peak memory +{peak[name] / 2**20:.1f} MiB")
+    print(f"jaxjpeg file {size / 1e6:.1f} MB ({raw / size:.2f}x smaller than the tree)")
+    print(f"save speed ratio jaxjpeg / orbax: {best['orbax'] / best['jaxjpeg']:.2f} "
+          f"(>= 1: jaxjpeg at least as fast); per CPU-second: "
+          f"{cpu['orbax'] / cpu['jaxjpeg']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

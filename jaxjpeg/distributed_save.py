@@ -1,0 +1,346 @@
+"""Saving one checkpoint from every process of ``jax.distributed`` at once.
+
+``jaxjpeg.save(path, tree, distributed=True)``, called by every process with
+the same tree (global ``jax.Array`` leaves, or numpy leaves every process
+holds alike), writes the same single file a one-process save writes, so any
+topology restores it (another device count, one process). The work is split:
+
+1. Every leaf gets one *owner*, a process holding all of it in its own
+   devices' shards (a replicated leaf: any process; numpy leaves: any),
+   chosen to balance the bytes each process codes (largest leaves first, to
+   the least loaded candidate; every process computes the same plan). A leaf
+   no process holds whole (split across processes) is gathered first
+   (``multihost_utils.process_allgather``, a collective every process joins,
+   in leaf order) and coded by the least loaded process.
+2. Each process codes its leaves (on all its cores, as a one-process save
+   does) into a *region*: its blobs laid out back to back, 64-byte aligned.
+3. Through the coordination service's key-value store each process publishes
+   its region's size, blob table and leaf records; process 0 publishes the
+   temporary file it created. Region ``i`` starts where region ``i - 1``
+   ends (aligned), after the 64-byte preamble: every process then knows its
+   offsets and writes its blobs there with ``pwrite``, in parallel, and
+   fsyncs.
+4. When every process has reported its write, process 0 writes the header
+   (all blob tables and leaf records, in leaf order) and the preamble,
+   fsyncs, renames the file into place and fsyncs the directory: the commit.
+   Every process returns only after the commit, or raises if any process
+   failed (process 0 then removes the temporary file; ``path`` keeps any
+   previous checkpoint).
+
+The destination must be a file system every process sees (one machine, or a
+shared mount). Byte targets (``target_ratio``...) need every leaf's curve in
+one place and are refused; so is a custom ``encoder`` (it may not be safe to
+run in every process). Coded regions are held in memory until the offsets
+are agreed: about each process's share of the compressed file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+import numpy as np
+
+from jaxjpeg import format as fmt
+
+__all__ = ["plan_owners", "save_distributed", "TIMEOUT_S"]
+
+TIMEOUT_S = 600.0        # waiting for another process's part, writes or commit
+_KEY = "jaxjpeg_save"
+_saves_started = 0       # every process saves in the same order: the nth save's keys
+
+
+def _client():
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:
+        raise ValueError("distributed=True needs jax.distributed.initialize() first")
+    return client
+
+
+def _boxes(leaf, shape) -> dict[int, set]:
+    """process -> the distinct index boxes its devices hold of ``leaf``."""
+    boxes: dict[int, set] = {}
+    for device, index in leaf.sharding.devices_indices_map(tuple(shape)).items():
+        box = tuple((s.start or 0, shape[d] if s.stop is None else s.stop)
+                    for d, s in enumerate(index))
+        boxes.setdefault(device.process_index, set()).add(box)
+    return boxes
+
+
+def _holders(leaf, processes: int) -> list[int]:
+    """Processes holding every element of ``leaf`` in their own shards."""
+    import jax
+    if not isinstance(leaf, jax.Array):
+        return list(range(processes))
+    shape = leaf.shape
+    size = int(np.prod(shape, dtype=np.int64))
+    out = []
+    for process, boxes in sorted(_boxes(leaf, shape).items()):
+        # A sharding's boxes tile the array (replicas repeat a box): distinct
+        # boxes covering `size` elements cover all of it.
+        if sum(int(np.prod([b - a for a, b in box], dtype=np.int64)) for box in boxes) >= size:
+            out.append(process)
+    return out
+
+
+def plan_owners(leaves: list, processes: int) -> tuple[list[int], list[bool]]:
+    """(owner process of each leaf, whether it must be gathered first): the
+    bytes each process codes balanced, largest leaves first."""
+    load = [0] * processes
+    owners = [0] * len(leaves)
+    gather = [False] * len(leaves)
+    order = sorted(range(len(leaves)), key=lambda i: (-_nbytes(leaves[i]), i))
+    for i in order:
+        candidates = _holders(leaves[i], processes)
+        if not candidates:
+            candidates, gather[i] = list(range(processes)), True
+        owners[i] = min(candidates, key=lambda p: (load[p], p))
+        load[owners[i]] += _nbytes(leaves[i])
+    return owners, gather
+
+
+def _dtype(leaf) -> np.dtype:
+    """A leaf's dtype without reading it (a global array may not be readable here)."""
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
+def _nbytes(leaf) -> int:
+    return int(np.prod(np.shape(leaf), dtype=np.int64)) * _dtype(leaf).itemsize
+
+
+def _local_copy(leaf) -> np.ndarray:
+    """A leaf this process holds whole, as numpy, from its own shards."""
+    import jax
+    if not isinstance(leaf, jax.Array):
+        return np.asarray(leaf)
+    if leaf.is_fully_addressable:
+        return np.asarray(leaf)
+    out = np.empty(leaf.shape, leaf.dtype)
+    for shard in leaf.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+    return out
+
+
+def _region(stored: list) -> tuple[list, dict, int]:
+    """(blobs with their offsets in the region, blob table, region size) of
+    the coded leaves: blobs back to back, each at a multiple of 64."""
+    placed, table, position = [], {}, 0
+    for blobs, _, _, _ in stored:
+        for name, data in blobs:
+            view = fmt._as_byte_view(data)
+            offset = fmt._align_up(position)
+            placed.append((offset, view))
+            table[name] = [offset, len(view), fmt.crc32c(view)]
+            position = offset + len(view)
+    return placed, table, position
+
+
+class _Exchange:
+    """This save's keys in the coordination service's key-value store."""
+
+    def __init__(self, client, prefix: str):
+        self.client, self.prefix = client, prefix
+
+    def put(self, key: str, value: Any) -> None:
+        self.client.key_value_set(f"{self.prefix}/{key}", json.dumps(value))
+
+    def get(self, key: str) -> Any:
+        text = self.client.blocking_key_value_get(f"{self.prefix}/{key}",
+                                                  int(TIMEOUT_S * 1000))
+        return json.loads(text)
+
+
+def _failed(parts: list) -> str | None:
+    for i, part in enumerate(parts):
+        if "error" in part:
+            return f"process {i}: {part['error']}"
+    return None
+
+
+def save_distributed(path, tree, saver_options: dict):
+    """See the module doc; ``saver_options`` are :func:`jaxjpeg.save`'s."""
+    import jax
+    from jaxjpeg import checkpoint as ck
+
+    global _saves_started
+    if any(saver_options.get(k) is not None for k in
+           ("target_ratio", "target_bytes", "bits_per_weight", "encoder")):
+        raise ValueError("distributed=True codes each leaf in one process: byte targets and "
+                         "custom encoders are not supported (use relative_step, error_bound, "
+                         "quant_step, quality or qtable)")
+    client = _client()
+    me, processes = jax.process_index(), jax.process_count()
+    _saves_started += 1
+    exchange = _Exchange(client, f"{_KEY}/{_saves_started}")
+    path = os.fspath(path)
+    # Everything a process may refuse on its own (its tree, the destination)
+    # is checked and agreed on before the first collective: a process that
+    # raised alone would leave the others waiting in a gather.
+    temp = None
+    try:
+        flat = ck._leaves(tree)
+        owners, gather = plan_owners([leaf for _, leaf in flat], processes)
+        leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None)
+                  for records, leaf in flat]
+        saver = ck._Save(path, leaves, **saver_options)
+        temp = _create_temp(path, exchange) if me == 0 else None
+        ready, error = "ok", None
+    except Exception as e:
+        ready, error = f"{type(e).__name__}: {e}", e
+    exchange.put(f"ready/{me}", ready)
+    states = [exchange.get(f"ready/{i}") for i in range(processes)]
+    failed = [f"process {i}: {state}" for i, state in enumerate(states) if state != "ok"]
+    if failed:
+        _abandon(temp, exchange, me, failed[0])
+        if error is not None:
+            raise error
+        raise ValueError(f"distributed save of {path} refused in {failed[0]}")
+    try:
+        own = []
+        for i, (records, leaf) in enumerate(flat):
+            array = None
+            if gather[i]:   # every process joins, in leaf order
+                from jax.experimental import multihost_utils
+                array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+            if owners[i] == me:
+                data = array if array is not None else _local_copy(leaf)
+                own.append((i, ck.SourceLeaf.of(records, data)))
+        part = _code(saver, own)
+    except Exception as e:
+        exchange.put(f"part/{me}", {"error": f"{type(e).__name__}: {e}"})
+        _abandon(temp, exchange, me, f"process {me} failed")
+        raise
+    exchange.put(f"part/{me}", part["public"])
+    parts = [exchange.get(f"part/{i}") for i in range(processes)]
+    problem = _failed(parts)
+    if problem:
+        _abandon(temp, exchange, me, problem)
+        raise ValueError(f"distributed save of {path} failed in {problem}")
+    bases = [fmt.PREAMBLE_SIZE]
+    for p in parts[:-1]:
+        bases.append(fmt._align_up(bases[-1] + p["size"]))
+    temp_path = exchange.get("temp")
+    try:
+        _write_region(temp_path, bases[me], part["placed"])
+        exchange.put(f"done/{me}", "ok")
+    except Exception as e:
+        why = f"process {me}: {type(e).__name__}: {e}"
+        exchange.put(f"done/{me}", why)
+        _abandon(temp, exchange, me, why)   # process 0 tells the others at once
+        raise
+    if me == 0:
+        file_bytes = _commit(temp, path, parts, bases, saver, exchange, processes)
+    else:
+        outcome = exchange.get("commit")
+        if not isinstance(outcome, int):
+            raise ValueError(f"distributed save of {path} failed: {outcome}")
+        file_bytes = outcome
+    reports = [None] * len(flat)
+    for p in parts:
+        for index, report in p["reports"].items():
+            reports[int(index)] = ck.LeafReport(report[0], tuple(report[1]), *report[2:])
+    return ck.SaveReport(path, reports, file_bytes)
+
+
+def _code(saver, own: list) -> dict:
+    """This process's leaves coded: its region and what it publishes."""
+    from jaxjpeg import checkpoint as ck
+    stored = list(ck.in_order(saver.store, own, saver.workers, ck.SAVE_WINDOW_BYTES,
+                              lambda item: item[1].nbytes))
+    placed, table, size = _region(stored)
+    records = {str(i): record for (i, _), (_, record, _, _) in zip(own, stored)}
+    reports = {str(i): [r.path, list(r.shape), r.dtype, r.kind, r.raw_bytes, r.stored_bytes,
+                        r.note]
+               for (i, _), (_, _, r, _) in zip(own, stored)}
+    return {"placed": placed,
+            "public": {"size": size, "blobs": table, "records": records, "reports": reports}}
+
+
+def _create_temp(path: str, exchange: _Exchange):
+    """Process 0: the temporary file in the destination's directory (named and
+    locked as ContainerWriter's, so a stale one is cleaned up the same way)."""
+    import fcntl
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save: directory {directory!r} does not exist")
+    temp_path = os.path.join(directory, f"{fmt._temp_stem(path)}.tmp-{secrets.token_hex(8)}")
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    exchange.put("temp", temp_path)
+    return temp_path, fd
+
+
+def _write_region(temp_path: str, base: int, placed: list) -> None:
+    fd = os.open(temp_path, os.O_WRONLY)
+    try:
+        for offset, view in placed:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], base + offset + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _abandon(temp, exchange: _Exchange, me: int, why: str) -> None:
+    """Process 0 removes the temporary file (nothing is renamed, so the
+    others' bytes go nowhere) and tells the others; they wait for that, so
+    that every process raises only once nothing of the save is left."""
+    if me != 0:
+        exchange.get("commit")
+        return
+    if temp is not None:
+        temp_path, fd = temp
+        try:
+            os.close(fd)
+        except OSError:   # closed already
+            pass
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+    exchange.put("commit", why)
+
+
+def _commit(temp, path: str, parts: list, bases: list, saver, exchange: _Exchange,
+            processes: int) -> int:
+    """Process 0, once every region is written: header, preamble, rename."""
+    temp_path, fd = temp
+    try:
+        done = [exchange.get(f"done/{i}") for i in range(processes)]
+        bad = [f"process {i}: {d}" for i, d in enumerate(done) if d != "ok"]
+        if bad:
+            raise ValueError(f"distributed save of {path} failed in {bad[0]}")
+        blobs, records = {}, {}
+        for base, part in zip(bases, parts):
+            for name, (offset, length, crc) in part["blobs"].items():
+                blobs[name] = {"offset": base + offset, "length": length, "crc32c": crc}
+            records.update({int(i): r for i, r in part["records"].items()})
+        metadata = saver.metadata([records[i] for i in range(len(records))])
+        header = fmt._canonical_json({"blobs": blobs, "metadata": metadata})
+        if len(header) > fmt.DEFAULT_MAX_HEADER_BYTES:
+            raise ValueError(f"header of {len(header)} bytes exceeds the "
+                             f"{fmt.DEFAULT_MAX_HEADER_BYTES} readers accept")
+        header_offset = fmt._align_up(bases[-1] + parts[-1]["size"])
+        os.pwrite(fd, header, header_offset)
+        os.pwrite(fd, fmt._pack_preamble(header_offset, len(header), fmt.crc32c(header)), 0)
+        os.fsync(fd)
+        dir_fd = fmt._open_directory(os.path.dirname(os.path.abspath(path)))
+        try:
+            target = os.path.realpath(path) if os.path.islink(path) else path
+            os.replace(temp_path, target)
+            if dir_fd is not None:
+                os.fsync(dir_fd)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        os.close(fd)
+    except BaseException as e:
+        _abandon(temp, exchange, 0, f"{type(e).__name__}: {e}")
+        raise
+    file_bytes = header_offset + len(header)
+    exchange.put("commit", file_bytes)
+    return file_bytes

@@ -1,0 +1,206 @@
+"""Writing a checkpoint's decoded weights back as safetensors (``jaxjpeg export``).
+
+The safetensors layout is small and fixed: an 8-byte little-endian header
+length, a JSON header (``{name: {"dtype", "shape", "data_offsets"}, ...,
+"__metadata__": {str: str}}``, padded with spaces to a multiple of 8 bytes),
+then the tensors' bytes back to back. Every shape and dtype is known from the
+checkpoint's header before anything is decoded, so the header is written
+first and each leaf is decoded and written in turn: memory stays at about one
+decoded leaf, whatever the model's size.
+
+Larger than ``max_shard_size``, the weights go to shards named as Hugging
+Face names them (``model-00001-of-00003.safetensors``) next to an index
+(``model.safetensors.index.json``: ``{"metadata": {"total_size": N},
+"weight_map": {name: shard}}``), which ``transformers`` and
+``safetensors`` users read as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import secrets
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["export_safetensors", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9   # bytes; transformers' default shard size
+
+# numpy dtype name -> safetensors dtype (and back, in sources).
+SAFETENSORS_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
+    "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16",
+    "bfloat16": "BF16", "float32": "F32", "float64": "F64", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000``
+    (KB, MB, GB, TB: powers of 1000, as transformers counts; KiB...: of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    size = int(number * scale)
+    if size < 1:
+        raise ValueError(f"size must be at least 1 byte, got {text!r}")
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def safetensors_metadata(user: dict) -> dict[str, str]:
+    """A checkpoint's user metadata as safetensors' ``__metadata__`` (str to str):
+    string values as they are, others as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+            for k, v in user.items()}
+
+
+def decode_on_host(ckpt, leaf) -> np.ndarray:
+    """One leaf as numpy, in its dtype: a raw leaf as stored, a coded one
+    decoded by the native decoder on the host's cores (the same bits as
+    restore gives on any device)."""
+    from jaxjpeg import codec
+    from jaxjpeg.checkpoint_restore import add_whole_leaf
+
+    if leaf.kind == "raw":
+        return ckpt.read_raw(leaf)
+    builder = codec.PlanBuilder()
+    add_whole_leaf(builder, ckpt, leaf, leaf.dtype)
+    (matrix,) = codec.run_plan(builder.finish())
+    return codec.restore_view(matrix, leaf.shape, leaf.view, ckpt.read_outliers(leaf))
+
+
+def _shards(tensors: list[_Tensor], max_shard_size: int) -> list[list[_Tensor]]:
+    """Tensors in order, cut into shards of at most ``max_shard_size`` bytes (a
+    larger tensor gets a shard of its own)."""
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header(tensors: list[_Tensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype.name], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def _write_shard(path: str, tensors: list[_Tensor], metadata: dict[str, str],
+                 decode: Callable[[str], np.ndarray], progress) -> None:
+    header = _header(tensors, metadata)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for t in tensors:
+            array = np.ascontiguousarray(decode(t.name))
+            if array.shape != t.shape or array.dtype != t.dtype:
+                raise ValueError(f"{t.name}: decoded {array.dtype}{list(array.shape)}, "
+                                 f"expected {t.dtype}{list(t.shape)}")
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            progress.update(t.nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _outputs(out: str, count: int) -> tuple[list[str], str | None]:
+    """(shard paths, index path or None) for ``out``: a ``.safetensors`` file
+    name, or a directory receiving ``model.safetensors``."""
+    if out.endswith(".safetensors"):
+        directory, stem = os.path.dirname(out) or ".", os.path.basename(out)[:-len(".safetensors")]
+    else:
+        directory, stem = out, "model"
+    if count == 1:
+        return [os.path.join(directory, f"{stem}.safetensors")], None
+    names = [f"{stem}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+    return ([os.path.join(directory, n) for n in names],
+            os.path.join(directory, f"{stem}.safetensors.index.json"))
+
+
+def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                       force: bool = False, progress=None) -> list[str]:
+    """Writes the decoded leaves of ``checkpoint_path`` as safetensors; returns
+    the files written (shards first, then the index, if any).
+
+    ``out`` is a ``.safetensors`` file name or a directory (created; it gets
+    ``model.safetensors``). Tensors are named by their leaf paths
+    (``params/Dense_0/kernel``; a safetensors file compressed by ``jaxjpeg
+    compress`` keeps its own names) and keep their dtypes; the checkpoint's
+    user metadata becomes ``__metadata__``. Each file is written under a
+    temporary name and renamed when complete, the index last: a reader sees
+    the index only once every shard it names is in place.
+    """
+    from jaxjpeg.checkpoint_reader import Checkpoint
+    from jaxjpeg.progress import progress as progress_bar
+
+    with Checkpoint(os.fspath(checkpoint_path)) as ckpt:
+        leaves = {leaf.path: leaf for leaf in ckpt.leaves}
+        tensors = [_Tensor(leaf.path, leaf.shape, leaf.dtype) for leaf in ckpt.leaves]
+        unsupported = [t for t in tensors if t.dtype.name not in SAFETENSORS_DTYPES]
+        if unsupported:
+            raise ValueError(f"{unsupported[0].name}: safetensors has no dtype "
+                             f"{unsupported[0].dtype}")
+        metadata = safetensors_metadata(ckpt.user_metadata)
+        shards = _shards(tensors, max_shard_size)
+        paths, index_path = _outputs(out, len(shards))
+        if not out.endswith(".safetensors"):
+            os.makedirs(out, exist_ok=True)
+        existing = [p for p in paths + [index_path] if p and os.path.exists(p)]
+        if existing and not force:
+            raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
+
+        def decode(name):
+            return decode_on_host(ckpt, leaves[name])
+
+        bar = progress_bar(total=sum(t.nbytes for t in tensors), desc="export", unit="B",
+                           enabled=progress)
+        temps = []
+        try:
+            for path, shard in zip(paths, shards):
+                temps.append(f"{path}.tmp-{secrets.token_hex(8)}")
+                _write_shard(temps[-1], shard, metadata, decode, bar)
+            if index_path is not None:
+                temps.append(f"{index_path}.tmp-{secrets.token_hex(8)}")
+                index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                         "weight_map": {t.name: os.path.basename(p)
+                                        for p, shard in zip(paths, shards) for t in shard}}
+                with open(temps[-1], "w", encoding="utf-8") as f:
+                    json.dump(index, f, indent=2, ensure_ascii=False)
+            for temp, final in zip(temps, paths + ([index_path] if index_path else [])):
+                os.replace(temp, final)
+        except BaseException:
+            for temp in temps:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            raise
+        finally:
+            bar.close()
+    return paths + ([index_path] if index_path else [])

@@ -1,0 +1,170 @@
+"""Distributed save (run by tests/test_multiprocess_save.py).
+
+One of NUM_PROCESSES processes joined by ``jax.distributed`` over loopback,
+each with 4 host CPU devices, so the global mesh has 4 * NUM_PROCESSES
+devices. Usage:
+
+    python tests/scripts/multiprocess_save.py WORKDIR PROCESS_ID NUM_PROCESSES PORT
+
+Every process calls ``jaxjpeg.save(..., distributed=True)`` with the same
+tree of global arrays: one leaf split across processes (gathered, then
+coded by one process), one every process holds whole but spread over its
+own devices, one replicated everywhere, and numpy leaves. Then each process
+restores the file (on one local device, and sharded over the global mesh)
+and compares it with a one-process save of the same values.
+
+Prints one JSON line last: {"process", "checks": {name: "ok" or the
+failure's traceback}, "owners": [owner of each leaf], "gathered": [...]}.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+WORK, PROCESS, NUM_PROCESSES, PORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+LOCAL_DEVICES = 4
+
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
+                           coordinator_bind_address=f"127.0.0.1:{PORT}",
+                           num_processes=NUM_PROCESSES, process_id=PROCESS,
+                           initialization_timeout=60, shutdown_timeout_seconds=60)
+
+import jaxjpeg  # noqa: E402
+from jaxjpeg import distributed_save, treepaths  # noqa: E402
+
+rng = np.random.default_rng(0)   # same seed everywhere: every process knows VALUES
+VALUES = {
+    "split": rng.normal(size=(2048, 1024)).astype(np.float32),       # rows across processes
+    "local": rng.normal(size=(1024, 2048)).astype(np.float32),       # whole in each process
+    "replicated": rng.normal(size=(512, 1024)).astype(jax.numpy.bfloat16),
+    "conv": (0.1 * rng.normal(size=(3, 3, 64, 128))).astype(np.float32),   # numpy
+    "bias": rng.normal(size=(1024,)).astype(np.float32),             # numpy, raw
+    "count": np.array(7, np.int32),
+}
+GLOBAL = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+GRID = jax.sharding.Mesh(np.array(jax.devices()).reshape(NUM_PROCESSES, LOCAL_DEVICES),
+                         ("proc", "dev"))
+
+
+def global_array(value, sharding):
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+TREE = {
+    "split": global_array(VALUES["split"], NamedSharding(GLOBAL, P("x"))),
+    "local": global_array(VALUES["local"], NamedSharding(GRID, P(None, "dev"))),
+    "replicated": global_array(VALUES["replicated"], NamedSharding(GLOBAL, P())),
+    "conv": VALUES["conv"], "bias": VALUES["bias"], "count": VALUES["count"],
+}
+PATH = os.path.join(WORK, "distributed.jjpg")
+REFERENCE_PATH = os.path.join(WORK, f"one_process_{PROCESS}.jjpg")
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+REPORT = jaxjpeg.save(PATH, TREE, distributed=True, metadata={"run": "multiprocess"})
+jaxjpeg.save(REFERENCE_PATH, VALUES)   # the same values, one process, no jax.Arrays
+REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(REFERENCE_PATH).items()}
+OWNERS, GATHERED = distributed_save.plan_owners(
+    [leaf for _, leaf in treepaths.leaves_with_paths(TREE)], NUM_PROCESSES)
+
+
+@check
+def every_process_codes_some_leaves():
+    assert sorted(set(OWNERS)) == list(range(NUM_PROCESSES)), OWNERS
+    names = [treepaths.path_string(r) for r, _ in treepaths.leaves_with_paths(TREE)]
+    assert [names[i] for i, g in enumerate(GATHERED) if g] == ["split"], GATHERED
+
+
+@check
+def same_file_content_as_one_process_save():
+    """Each leaf coded as a one-process save codes it: the same decoded bits."""
+    restored = jaxjpeg.restore(PATH, device=jax.local_devices()[0])
+    assert set(restored) == set(REFERENCE)
+    for name, want in REFERENCE.items():
+        got = np.asarray(restored[name])
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@check
+def sharded_restore_over_the_global_mesh():
+    sharding = NamedSharding(GLOBAL, P("x"))
+    target = {"split": jax.ShapeDtypeStruct((2048, 1024), np.float32, sharding=sharding)}
+    restored = jaxjpeg.restore(PATH, target)["split"]
+    for shard in restored.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), REFERENCE["split"][shard.index])
+
+
+@check
+def report_and_metadata():
+    assert [leaf.path for leaf in REPORT.leaves] == sorted(VALUES)
+    assert REPORT.file_bytes == os.path.getsize(PATH)
+    kinds = {leaf.path: leaf.kind for leaf in REPORT.leaves}
+    assert kinds["split"] == kinds["local"] == kinds["conv"] == "jpeg"
+    assert kinds["bias"] == kinds["count"] == "raw"
+    with jaxjpeg.open(PATH) as f:
+        assert f.metadata == {"run": "multiprocess"}
+
+
+@check
+def byte_targets_are_refused_in_every_process():
+    try:
+        jaxjpeg.save(os.path.join(WORK, "target.jjpg"), TREE, distributed=True,
+                     target_ratio=8)
+    except ValueError as e:
+        assert "byte targets" in str(e)
+    else:
+        raise AssertionError("target_ratio was accepted")
+
+
+@check
+def one_process_refusing_fails_every_process_quickly():
+    """Process 1 alone passes a leaf no checkpoint holds: every process raises
+    (no one waits for it), no file and no temporary file are left."""
+    tree = dict(TREE, names=np.array(["a", "b"]) if PROCESS == 1 else np.zeros(2))
+    path = os.path.join(WORK, "refused.jjpg")
+    start = time.monotonic()
+    try:
+        jaxjpeg.save(path, tree, distributed=True)
+    except (TypeError, ValueError) as e:
+        assert ("process 1" in str(e)) if PROCESS != 1 else ("dtype <U1" in str(e)), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(path)
+    assert not [f for f in os.listdir(WORK) if f.startswith("refused.jjpg.tmp-")]
+
+
+@check
+def a_second_save_replaces_the_first():
+    halved = {k: v for k, v in TREE.items() if k != "split"}
+    jaxjpeg.save(PATH + ".2", halved, distributed=True)
+    jaxjpeg.save(PATH + ".2", TREE, distributed=True)
+    with jaxjpeg.open(PATH + ".2") as f:
+        assert sorted(f.keys()) == sorted(VALUES)
+
+
+results = {}
+for name, fn in CHECKS.items():
+    try:
+        fn()
+        results[name] = "ok"
+    except Exception:
+        results[name] = traceback.format_exc()
+print(json.dumps({"process": PROCESS, "checks": results, "owners": OWNERS,
+                  "gathered": GATHERED}))
+sys.stdout.flush()
+jax.distributed.shutdown()
