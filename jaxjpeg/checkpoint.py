@@ -320,26 +320,36 @@ def _coded_overhead(matrix_shape, restart_interval, tile_shape) -> int:
 def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     """Allocates the file's byte budget over the leaves that will be coded.
 
-    Curves are measured on each leaf's probe first and the prepared copies
-    dropped; each leaf is then prepared again and coded once, as save reaches
-    it, so memory stays at about one leaf beyond a default save.
+    Curves are measured on each leaf's probe first (leaves analysed in
+    parallel, within save's window) and the prepared copies dropped; each
+    leaf is then prepared again and coded once, as save reaches it, so memory
+    stays at about one window beyond a default save.
     """
     from jaxjpeg import rate
 
-    coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-    for leaf in entries:   # loaded once here (a lazy source: one at a time), once to code
+    coding = leaf_coder.coding
+
+    def analyse(leaf):
+        """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
         if not _is_coded(policy, leaf.name, array):
-            kept += _stored_raw_bytes(array)
-            continue
-        name = leaf.name
-        coded.add(name)
-        p = leaf_coder.prepare(name, array)
-        leaf_coder.remember(name, p)
-        curves[name] = rate.rd_curve(p, bits, **leaf_coder.coding)
-        sens[name] = leaf_coder.leaf_sensitivity(name, p)
-        overhead += _coded_overhead(p.matrix.shape, leaf_coder.coding["restart_interval"],
-                                    leaf_coder.coding["tile_shape"])
+            return leaf.name, None, _stored_raw_bytes(array)
+        p = leaf_coder.prepare(leaf.name, array)
+        leaf_coder.remember(leaf.name, p)
+        return leaf.name, (rate.rd_curve(p, bits, **coding), leaf_coder.leaf_sensitivity(
+            leaf.name, p), _coded_overhead(p.matrix.shape, coding["restart_interval"],
+                                           coding["tile_shape"])), 0
+
+    coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
+    # Leaves are analysed on all cores (probes are coded natively, without
+    # the GIL), a window of them at a time.
+    for name, analysis, raw in in_order(analyse, entries, save_workers(), SAVE_WINDOW_BYTES,
+                                        lambda leaf: leaf.nbytes):
+        kept += raw
+        if analysis is not None:
+            coded.add(name)
+            curves[name], sens[name], tiles = analysis
+            overhead += tiles
     if not coded:
         return lambda name, array: None
     overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)

@@ -77,6 +77,16 @@ class Feedback:
 
     matrix: np.ndarray    # float64 (n, n)
     along_rows: bool      # the inputs are the view's rows (else its columns)
+    # Inverse Cholesky factors by input units: a rate search codes a leaf
+    # several times with the same units, and the factor is most of the cost.
+    factors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def upper(self, unit: np.ndarray) -> np.ndarray:
+        key = unit.tobytes()
+        if key not in self.factors:
+            self.factors.clear()   # one entry: a leaf's units rarely change
+            self.factors[key] = _inverse_cholesky(self.matrix * np.outer(unit, unit))
+        return self.factors[key]
 
 
 def view_for(cov: InputCovariance, shape, view: MatrixView) -> MatrixView:
@@ -129,8 +139,7 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
         q = q.T
     else:
         unit = np.ones(samples.shape[1]) if col_scale is None else np.asarray(col_scale, np.float64)
-    h = fb.matrix * np.outer(unit, unit)
-    upper = _inverse_cholesky(h)
+    upper = fb.upper(np.ascontiguousarray(unit, np.float64))
     top = float((1 << bits) - 1)
     n = s.shape[1]
     for b0 in range(0, n, BATCH):
