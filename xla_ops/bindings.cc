@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -251,21 +252,53 @@ void RunPlan(const py::buffer& payload, const py::array& interval_starts, const 
   RaiseOnFailure(status);
 }
 
-// Runs the CUDA kernel's body over every (block, thread) index on the host,
-// staging tables per block as the kernel does with shared memory.
-int32_t RunKernelHarness(const DecodePlan& plan) {
-  int32_t status = kPlanOk;
-  DecoderTables staged;
-  for (int64_t block = 0; block < KernelBlockCount(plan.num_intervals); ++block) {
-    const int64_t staged_index = StagedTablesIndex(plan, block);
-    for (int t = 0; t < kDecodeThreadsPerBlock && staged_index >= 0; ++t) {
-      StageTablesPart(plan, staged_index, t, &staged);
-    }
-    for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-      DecodeKernelThread(plan, block, t, staged_index >= 0 ? &staged : nullptr, staged_index,
-                         &status);
+// Runs one decode kernel's phases over every (block, thread) on the host, in
+// the kernel's order: claim, stage the zig-zag table, then rounds of (offer
+// tables, stage them, decode those threads). A loop over threads stands for
+// the threads between two barriers.
+struct HarnessKernel {
+  const DecodePlan& plan;
+  KernelShared& shared;
+  int32_t* status;
+
+  template <int kBits, OutputType kType>
+  void operator()() const {
+    std::vector<IntervalWork> work(kDecodeThreadsPerBlock);
+    std::vector<char> pending(kDecodeThreadsPerBlock);
+    for (int64_t block = 0; block < KernelBlockCount(plan.num_intervals); ++block) {
+      bool any = false;
+      for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+        pending[t] = ClaimInterval<kBits, kType>(plan, block, t, &work[t], status);
+        any = any || pending[t];
+      }
+      if (!any) continue;
+      for (int t = 0; t < kDecodeThreadsPerBlock; ++t) StageZigzagPart(t, &shared);
+      for (;;) {
+        shared.next_table = kNoTable;
+        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+          if (pending[t]) RecordFirstError(&shared.next_table, TableOf(work[t]));
+        }
+        const int32_t table = shared.next_table;
+        if (table == kNoTable) break;
+        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+          StageTablesPart(plan, table, t, &shared.tables);
+        }
+        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+          if (pending[t] && TableOf(work[t]) == table) {
+            DecodeClaimed<kBits, kType>(plan, work[t], shared, block, t, status);
+            pending[t] = false;
+          }
+        }
+      }
     }
   }
+};
+
+// Runs every decode kernel, as the CUDA handler launches them.
+int32_t RunKernelHarness(const DecodePlan& plan) {
+  int32_t status = kPlanOk;
+  auto shared = std::make_unique<KernelShared>();
+  ForEachDecodeKernel(HarnessKernel{plan, *shared, &status});
   return status;
 }
 
