@@ -14,6 +14,7 @@
 #include "cpu_executor.h"
 #include "crc32c.h"
 #include "decode_kernel.h"
+#include "destuff.h"
 #include "encoder.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
@@ -318,6 +319,42 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
   RaiseOnFailure(status);
 }
 
+// The destuff pass's CPU harness over one interval's bytes: (the destuffed
+// bytes, zero-filled to the pass's capacity; their count).
+py::tuple Destuff(const py::buffer& data) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* begin = static_cast<const uint8_t*>(b.ptr);
+  const int64_t size = b.size * b.itemsize;
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(DestuffCapacity(size)));
+  const int64_t n = DestuffOnHost(begin, begin + size, out.mutable_data());
+  return py::make_tuple(out, n);
+}
+
+// What BitReader shows over one interval's bytes while bits are consumed
+// `skips[j]` (1..16) at a time: before each skip, after a Refill, the next
+// 16 bits, ReadPastEnd and HasUnusedBytes ([len(skips) + 1, 3] int64).
+py::array_t<int64_t> BitReaderTrace(
+    const py::buffer& data,
+    const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& skips) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* begin = static_cast<const uint8_t*>(b.ptr);
+  const int64_t n = skips.size();
+  py::array_t<int64_t> trace({static_cast<py::ssize_t>(n + 1), py::ssize_t(3)});
+  int64_t* row = trace.mutable_data();
+  BitReader r = MakeBitReader(begin, begin + b.size * b.itemsize);
+  for (int64_t j = 0; j <= n; ++j, row += 3) {
+    Refill(r);
+    row[0] = PeekBits(r, 16);
+    row[1] = ReadPastEnd(r);
+    row[2] = HasUnusedBytes(r);
+    if (j == n) break;
+    const int skip = skips.data()[j];
+    if (skip < 1 || skip > 16) throw py::value_error("skips must be 1..16");
+    SkipBits(r, skip);
+  }
+  return trace;
+}
+
 py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
                   const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
                   int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals) {
@@ -391,6 +428,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
         py::arg("col_scale") = py::none(),
         "Run the CUDA kernel body over every (block, thread) on the host (tests).");
+  m.def("destuff", &Destuff, py::arg("data"),
+        "The destuff pass's CPU harness on one interval: (bytes, count) (tests).");
+  m.def("bit_reader_trace", &BitReaderTrace, py::arg("data"), py::arg("skips"),
+        "BitReader's next 16 bits, ReadPastEnd, HasUnusedBytes before each skip (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
         py::arg("with_intervals") = false,

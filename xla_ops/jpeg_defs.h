@@ -108,7 +108,16 @@ JJ_HD JJ_INLINE int ZigzagToNatural(int k) {
 #endif
 }
 
-// The whole table (80 entries): the host's copy on the host.
+// Set bits of a 32-bit word.
+JJ_HD JJ_INLINE int PopCount(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
+}
+
+// The whole zig-zag table (80 entries), in constant memory on the device.
 JJ_HD JJ_INLINE const uint8_t* ZigzagTable() {
 #if defined(__CUDA_ARCH__)
   return kZigzagDevice;
