@@ -27,8 +27,9 @@ __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk c
 }
 
 // See decode_kernel.h for the phases; the barriers between them are here.
+// Two blocks per SM: at most 128 registers per thread (see decode_kernel.h).
 template <int kBits, OutputType kType>
-__global__ void __launch_bounds__(kDecodeThreadsPerBlock)
+__global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
     DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
   extern __shared__ uint4 shared_words[];
   KernelShared& s = *reinterpret_cast<KernelShared*>(shared_words);
