@@ -119,7 +119,9 @@ JJ_HD JJ_INLINE int32_t DescaleToSample(Acc x, int shift) {
 // decoder does on the store (32-bit product, wrapping: the same bits). The
 // pass may run in place (ws == in): each column is read whole before it is
 // written. Without data-dependent branches, so the host compiler turns it
-// into SIMD code (all 8 columns at once).
+// into SIMD code (all 8 columns at once). libjpeg's zero-column and zero-row
+// shortcuts are not needed: they give the same results as the full
+// computation.
 template <int kBits, int kStride, bool kDequantize>
 JJ_HD JJ_INLINE void IdctColumns(const int32_t* in, const int32_t* quant, int32_t* ws) {
   using Acc = typename IdctTraits<kBits>::Acc;
@@ -182,20 +184,8 @@ JJ_HD JJ_INLINE void IdctRows(const int32_t* ws, int32_t* samples) {
   }
 }
 
-// Inverse DCT of one block of dequantized coefficients (natural order, each
-// coefficient times its quantization step, as libjpeg computes it in its
-// accumulator type) into samples 0..2^bits-1, row-major. The zero-column /
-// zero-row shortcuts of libjpeg are not needed: they give the same results
-// as the full computation.
-template <int kBits>
-JJ_HD JJ_INLINE void InverseDctDequantized(const int32_t dq[64], int32_t samples[64]) {
-  int32_t ws[64];
-  IdctColumns<kBits, 1, false>(dq, nullptr, ws);
-  IdctRows<kBits, 1>(ws, samples);
-}
-
 // The sample every position of a block with only a DC coefficient gets
-// (`dc` dequantized): what InverseDctDequantized computes for such a block.
+// (`dc` dequantized): what IdctColumns and IdctRows compute for such a block.
 template <int kBits>
 JJ_HD JJ_INLINE int32_t DcOnlySample(int64_t dc) {
   using Acc = typename IdctTraits<kBits>::Acc;
