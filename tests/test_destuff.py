@@ -3,7 +3,10 @@ against the bit reader (xla_ops/bit_reader.h): on random, stuffing-heavy and
 mutated real intervals, after every consumed bit count c, the bit reader's next
 16 bits must be the destuffed bytes' bits at c (zeros past them: phantom bits),
 its ReadPastEnd must be c > 8n and its HasUnusedBytes 8n - c >= 8, where n is
-the destuffed byte count (truncation and trailing data are decided alike)."""
+the destuffed byte count (truncation and trailing data are decided alike).
+The reader of destuffed data (DestuffedBitReader: one 8-byte load per
+refill) must show exactly the same trace, and whole tiles decoded through the
+pass and that reader must give the same samples or the same error."""
 
 import numpy as np
 import pytest
@@ -36,6 +39,8 @@ def _check(data, rng):
     got = _native.bit_reader_trace(data, skips)
     want = _expected_trace(destuffed, n, skips)
     assert np.array_equal(got, want), (data.tobytes().hex(), int(n))
+    from_destuffed = _native.bit_reader_trace(data, skips, destuffed=True)
+    assert np.array_equal(from_destuffed, got), (data.tobytes().hex(), int(n))
 
 
 def _random_stream(rng):
@@ -102,3 +107,47 @@ def test_destuff_matches_bit_reader(kind, real_intervals):
                     else:
                         del data[at:]
         _check(data, rng)
+
+
+def _decode_both_ways(data):
+    results = []
+    for destuffed in (False, True):
+        try:
+            results.append(("ok", _native.decode_samples(data, threads=1, destuffed=destuffed)))
+        except _native.JpegError as e:
+            results.append(("error", str(e)))
+    return results
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_tiles_decode_alike_through_the_destuff_pass(bits):
+    """Whole tiles, intact and damaged (bytes changed, markers and stuffing
+    inserted, cut short): the same samples, or the same first failure."""
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal((64, 200)) * 0.05).astype(np.float32)
+    tiles = [t.data for step, ri in [(1, 1), (3, 0), (6, 2)]
+             for t in jaxjpeg.encode_tensor(x, bits=bits, quant_step=step,
+                                           restart_interval=ri).tiles]
+    failures = 0
+    for k in range(300):
+        data = bytearray(tiles[k % len(tiles)])
+        scan = data.find(b"\xff\xda") + 20  # damage the entropy-coded data, not the header
+        if k >= len(tiles):
+            at = int(rng.integers(scan, len(data)))
+            op = k % 4
+            if op == 0:
+                data[at] = int(rng.integers(0, 256))
+            elif op == 1:
+                data[at:at] = b"\xff\x00"
+            elif op == 2:
+                data[at:at] = bytes([0xFF, 0xD0 + int(rng.integers(0, 8))])
+            else:
+                del data[at:-2]
+        (kind_a, a), (kind_b, b) = _decode_both_ways(np.frombuffer(bytes(data), np.uint8))
+        assert kind_a == kind_b, (k, a if kind_a == "error" else b)
+        if kind_a == "ok":
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b
+            failures += a.startswith("JPEG data")  # not refused by the header or scan index
+    assert failures > 50  # the damage reached the decoder

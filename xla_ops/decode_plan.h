@@ -155,8 +155,8 @@ JJ_HD inline Status DecodeIntervalWith(const DecodePlan& p, const IntervalWork& 
   const AffineSink<kType> sink = TileSink<kType>(p, w.tile);
   const BlockGrid grid = TileGrid(w.tile);
   const Status status =
-      detail::DecodeIntervalBody<kBits>(p.payload + w.begin, p.payload + w.end, tables, grid,
-                                        w.first_block, w.num_blocks, sink, scratch);
+      detail::DecodeIntervalBody<kBits>(MakeBitReader(p.payload + w.begin, p.payload + w.end),
+                                        tables, grid, w.first_block, w.num_blocks, sink, scratch);
   if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
   return status;
 }

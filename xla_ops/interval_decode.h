@@ -113,8 +113,8 @@ JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const
 
 // Decodes the next AC entry: the fast table's, or one code the slow way.
 // Returns 0 to go on, 1 at the end of the block, or an error status.
-template <bool kDequantize, bool kPairsCommon, typename Scratch>
-JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, const Scratch& coef, int& k) {
+template <bool kDequantize, bool kPairsCommon, typename Reader, typename Scratch>
+JJ_HD JJ_INLINE int DecodeAc(Reader& r, const DecoderTables& t, const Scratch& coef, int& k) {
   const uint32_t index = PeekBits(r, kFastAcBits);
   const FastAcEntry& e = t.fast_ac.entry[index];
   if (e.consumed != 0) {
@@ -146,8 +146,8 @@ JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, const Scratch
 // streams; 12-bit products fit too: |quantized| <= 2^15, steps <= 65535).
 // `dc` carries the DC predictor; `last` receives the zig-zag index of the
 // last coefficient written (0: only the DC).
-template <bool kDequantize, bool kPairsCommon = true, typename Scratch>
-JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t& dc,
+template <bool kDequantize, bool kPairsCommon = true, typename Reader, typename Scratch>
+JJ_HD JJ_INLINE Status DecodeBlock(Reader& r, const DecoderTables& t, int32_t& dc,
                                    const Scratch& coef, int& last) {
   Refill(r);
   const int category = DecodeSymbol(r, t.dc);
@@ -213,14 +213,14 @@ JJ_HD JJ_INLINE void PutBlock(const Sink& sink, const Scratch& s, bool dc_only,
   }
 }
 
-template <int kBits, typename Scratch, typename Sink>
-JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* end,
-                                          const DecoderTables& t, const BlockGrid& grid,
+// Decodes an interval's blocks from the reader `r` (a BitReader over its
+// raw bytes, or a DestuffedBitReader over its destuffed bytes).
+template <int kBits, typename Reader, typename Scratch, typename Sink>
+JJ_HD JJ_INLINE Status DecodeIntervalBody(Reader r, const DecoderTables& t, const BlockGrid& grid,
                                           int64_t first_block, int64_t num_blocks,
                                           const Sink& sink, const Scratch& s) {
   constexpr int kStride = Scratch::kElementStride;
   constexpr bool kDequantizeOnStore = Scratch::kDequantizes;
-  BitReader r = MakeBitReader(begin, end);
   int32_t dc = 0;
   const int32_t zero = OpaqueZero<int32_t>();
   JJ_UNROLL
@@ -264,14 +264,13 @@ JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* e
 }
 
 // The host's scratch: three arrays on the stack.
-template <int kBits, typename Sink>
-JJ_HD JJ_INLINE Status DecodeIntervalOnStack(const uint8_t* begin, const uint8_t* end,
-                                             const DecoderTables& t, const BlockGrid& grid,
-                                             int64_t first_block, int64_t num_blocks,
-                                             const Sink& sink) {
+template <int kBits, typename Reader, typename Sink>
+JJ_HD JJ_INLINE Status DecodeIntervalOnStack(Reader r, const DecoderTables& t,
+                                             const BlockGrid& grid, int64_t first_block,
+                                             int64_t num_blocks, const Sink& sink) {
   int32_t coef[64], ws[64], samples[64];
   const BlockScratch<1, true> s{coef, ws, samples, ZigzagTable()};
-  return DecodeIntervalBody<kBits>(begin, end, t, grid, first_block, num_blocks, sink, s);
+  return DecodeIntervalBody<kBits>(r, t, grid, first_block, num_blocks, sink, s);
 }
 
 // Host builds for x86-64 also compile the decoder for AVX2 and pick it at run
@@ -288,7 +287,8 @@ template <int kBits, typename Sink>
 __attribute__((target("avx2,bmi2"), noinline)) Status DecodeIntervalAvx2(
     const uint8_t* begin, const uint8_t* end, const DecoderTables& t, const BlockGrid& grid,
     int64_t first_block, int64_t num_blocks, const Sink& sink) {
-  return DecodeIntervalOnStack<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
+  return DecodeIntervalOnStack<kBits>(MakeBitReader(begin, end), t, grid, first_block,
+                                     num_blocks, sink);
 }
 
 inline bool HostHasAvx2() {
@@ -311,7 +311,17 @@ JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const Deco
     return detail::DecodeIntervalAvx2<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
   }
 #endif
-  return detail::DecodeIntervalOnStack<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
+  return detail::DecodeIntervalOnStack<kBits>(MakeBitReader(begin, end), t, grid, first_block,
+                                              num_blocks, sink);
+}
+
+// The same from an interval's destuffed bytes (see destuff.h), on the host.
+template <int kBits, typename Sink>
+Status DecodeDestuffedInterval(const uint8_t* data, int64_t n, const DecoderTables& t,
+                               const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
+                               const Sink& sink) {
+  return detail::DecodeIntervalOnStack<kBits>(MakeDestuffedBitReader(data, n), t, grid,
+                                              first_block, num_blocks, sink);
 }
 
 }  // namespace jaxjpeg
