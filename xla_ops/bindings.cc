@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "cpu_executor.h"
 #include "crc32c.h"
 #include "decode_kernel.h"
+#include "destuff.h"
 #include "encoder.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
@@ -122,15 +124,24 @@ bool CheckIntervalStarts(const py::buffer& data,
 
 template <int kBits>
 Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* out,
-                         int threads) {
+                         int threads, bool destuffed) {
   const SampleSink sink{out, p.info.width};
   const int64_t per = p.info.restart_interval ? p.info.restart_interval : p.info.NumBlocks();
   std::atomic<int32_t> first_error{kPlanOk};
   ParallelFor(p.info.NumIntervals(), threads, [&](int64_t i) {
     const int64_t first = i * per;
     const int64_t n = std::min(per, p.info.NumBlocks() - first);
-    const Status s = DecodeInterval<kBits>(data + p.starts[i], data + p.starts[i + 1],
-                                           p.info.tables, p.info.Grid(), first, n, sink);
+    const uint8_t* begin = data + p.starts[i];
+    const uint8_t* end = data + p.starts[i + 1];
+    Status s;
+    if (destuffed) {  // the destuff pass, then its reader (tests)
+      std::vector<uint8_t> bytes(DestuffCapacity(end - begin));
+      const int64_t length = DestuffOnHost(begin, end, bytes.data());
+      s = DecodeDestuffedInterval<kBits>(bytes.data(), length, p.info.tables, p.info.Grid(), first,
+                                         n, sink);
+    } else {
+      s = DecodeInterval<kBits>(begin, end, p.info.tables, p.info.Grid(), first, n, sink);
+    }
     if (s != Status::kOk) RecordFirstError(first_error, PackPlanStatus(i, s));
   });
   const int32_t e = first_error.load();
@@ -138,7 +149,7 @@ Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* o
 }
 
 // Decoded samples as libjpeg returns them: uint8 for 8-bit, uint16 for 12-bit.
-py::array DecodeSamples(const py::buffer& data, int threads) {
+py::array DecodeSamples(const py::buffer& data, int threads, bool destuffed) {
   const py::buffer_info b = ContiguousBytes(data);
   const auto* bytes = static_cast<const uint8_t*>(b.ptr);
   const int64_t size = b.size * b.itemsize;
@@ -149,8 +160,8 @@ py::array DecodeSamples(const py::buffer& data, int threads) {
     py::gil_scoped_release release;
     p = Parse(bytes, size);
     samples.resize(static_cast<size_t>(p.info.width) * p.info.height);
-    s = p.info.bits == 12 ? DecodeSamplesImpl<12>(bytes, p, samples.data(), threads)
-                          : DecodeSamplesImpl<8>(bytes, p, samples.data(), threads);
+    s = p.info.bits == 12 ? DecodeSamplesImpl<12>(bytes, p, samples.data(), threads, destuffed)
+                          : DecodeSamplesImpl<8>(bytes, p, samples.data(), threads, destuffed);
   }
   Check(s, "JPEG data");
   if (p.info.bits == 12) {
@@ -251,21 +262,53 @@ void RunPlan(const py::buffer& payload, const py::array& interval_starts, const 
   RaiseOnFailure(status);
 }
 
-// Runs the CUDA kernel's body over every (block, thread) index on the host,
-// staging tables per block as the kernel does with shared memory.
-int32_t RunKernelHarness(const DecodePlan& plan) {
-  int32_t status = kPlanOk;
-  DecoderTables staged;
-  for (int64_t block = 0; block < KernelBlockCount(plan.num_intervals); ++block) {
-    const int64_t staged_index = StagedTablesIndex(plan, block);
-    for (int t = 0; t < kDecodeThreadsPerBlock && staged_index >= 0; ++t) {
-      StageTablesPart(plan, staged_index, t, &staged);
-    }
-    for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-      DecodeKernelThread(plan, block, t, staged_index >= 0 ? &staged : nullptr, staged_index,
-                         &status);
+// Runs one decode kernel's phases over every (block, thread) on the host, in
+// the kernel's order: claim, stage the zig-zag table, then rounds of (offer
+// tables, stage them, decode those threads). A loop over threads stands for
+// the threads between two barriers.
+struct HarnessKernel {
+  const DecodePlan& plan;
+  KernelShared& shared;
+  int32_t* status;
+
+  template <int kBits, OutputType kType>
+  void operator()() const {
+    std::vector<IntervalWork> work(kDecodeThreadsPerBlock);
+    std::vector<char> pending(kDecodeThreadsPerBlock);
+    for (int64_t block = 0; block < KernelBlockCount(plan.num_intervals); ++block) {
+      bool any = false;
+      for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+        pending[t] = ClaimInterval<kBits, kType>(plan, block, t, &work[t], status);
+        any = any || pending[t];
+      }
+      if (!any) continue;
+      for (int t = 0; t < kDecodeThreadsPerBlock; ++t) StageZigzagPart(t, &shared);
+      for (;;) {
+        shared.next_table = kNoTable;
+        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+          if (pending[t]) RecordFirstError(&shared.next_table, TableOf(work[t]));
+        }
+        const int32_t table = shared.next_table;
+        if (table == kNoTable) break;
+        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+          StageTablesPart(plan, table, t, &shared.tables);
+        }
+        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
+          if (pending[t] && TableOf(work[t]) == table) {
+            DecodeClaimed<kBits, kType>(plan, work[t], shared, block, t, status);
+            pending[t] = false;
+          }
+        }
+      }
     }
   }
+};
+
+// Runs every decode kernel, as the CUDA handler launches them.
+int32_t RunKernelHarness(const DecodePlan& plan) {
+  int32_t status = kPlanOk;
+  auto shared = std::make_unique<KernelShared>();
+  ForEachDecodeKernel(HarnessKernel{plan, *shared, &status});
   return status;
 }
 
@@ -283,6 +326,56 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
     status = RunKernelHarness(h.plan);
   }
   RaiseOnFailure(status);
+}
+
+// The destuff pass's CPU harness over one interval's bytes: (the destuffed
+// bytes, zero-filled to the pass's capacity; their count).
+py::tuple Destuff(const py::buffer& data) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* begin = static_cast<const uint8_t*>(b.ptr);
+  const int64_t size = b.size * b.itemsize;
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(DestuffCapacity(size)));
+  const int64_t n = DestuffOnHost(begin, begin + size, out.mutable_data());
+  return py::make_tuple(out, n);
+}
+
+// What a bit reader shows over one interval's bytes while bits are consumed
+// `skips[j]` (1..16) at a time: before each skip, after a Refill, the next
+// 16 bits, ReadPastEnd and HasUnusedBytes ([len(skips) + 1, 3] int64).
+template <typename Reader>
+void TraceReader(Reader r, const int32_t* skips, int64_t n, int64_t* row) {
+  for (int64_t j = 0; j <= n; ++j, row += 3) {
+    Refill(r);
+    row[0] = PeekBits(r, 16);
+    row[1] = ReadPastEnd(r);
+    row[2] = HasUnusedBytes(r);
+    if (j < n) SkipBits(r, skips[j]);
+  }
+}
+
+// The trace of BitReader over the raw bytes, or with `destuffed` of
+// DestuffedBitReader over the destuff pass's output.
+py::array_t<int64_t> BitReaderTrace(
+    const py::buffer& data,
+    const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& skips,
+    bool destuffed) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const auto* begin = static_cast<const uint8_t*>(b.ptr);
+  const int64_t size = b.size * b.itemsize;
+  const int64_t n = skips.size();
+  for (int64_t j = 0; j < n; ++j) {
+    if (skips.data()[j] < 1 || skips.data()[j] > 16) throw py::value_error("skips must be 1..16");
+  }
+  py::array_t<int64_t> trace({static_cast<py::ssize_t>(n + 1), py::ssize_t(3)});
+  if (destuffed) {
+    std::vector<uint8_t> bytes(DestuffCapacity(size));
+    const int64_t length = DestuffOnHost(begin, begin + size, bytes.data());
+    TraceReader(MakeDestuffedBitReader(bytes.data(), length), skips.data(), n,
+                trace.mutable_data());
+  } else {
+    TraceReader(MakeBitReader(begin, begin + size), skips.data(), n, trace.mutable_data());
+  }
+  return trace;
 }
 
 py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
@@ -348,7 +441,9 @@ PYBIND11_MODULE(_native, m) {
         "Whether a recorded interval index (starts + EOI offset) sits on the tile's own "
         "restart markers (header parsed, entropy-coded data not scanned).");
   m.def("decode_samples", &DecodeSamples, py::arg("data"), py::arg("threads") = 0,
-        "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg.");
+        py::arg("destuffed") = false,
+        "Decode to samples (uint8 for 8-bit, uint16 for 12-bit), like libjpeg; destuffed: "
+        "through the destuff pass and its reader (tests).");
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
         py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
         py::arg("output_types"), py::arg("threads") = 0, py::arg("col_scale") = py::none(),
@@ -358,6 +453,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
         py::arg("col_scale") = py::none(),
         "Run the CUDA kernel body over every (block, thread) on the host (tests).");
+  m.def("destuff", &Destuff, py::arg("data"),
+        "The destuff pass's CPU harness on one interval: (bytes, count) (tests).");
+  m.def("bit_reader_trace", &BitReaderTrace, py::arg("data"), py::arg("skips"),
+        py::arg("destuffed") = false,
+        "A bit reader's next 16 bits, ReadPastEnd, HasUnusedBytes before each skip (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
         py::arg("with_intervals") = false,

@@ -5,6 +5,8 @@
 #ifndef JAXJPEG_BIT_READER_H_
 #define JAXJPEG_BIT_READER_H_
 
+#include <cstring>
+
 #include "jpeg_defs.h"
 
 namespace jaxjpeg {
@@ -94,6 +96,66 @@ JJ_HD JJ_INLINE bool ReadPastEnd(const BitReader& r) { return r.count < r.phanto
 JJ_HD inline bool HasUnusedBytes(BitReader r) {
   if (r.count - r.phantom >= 8) return true;
   return NextDataByte(r) >= 0;
+}
+
+// A bit reader over destuffed data (destuff.h): [pos, end) are data bytes,
+// with no stuffing and no marker, and zero bytes follow them up to 16 bytes
+// past end at least, from a 16-byte aligned start. Every refill is one
+// 8-byte load, with no byte loop and no 0xFF test; zero bytes taken past the
+// data count as phantom bits, as BitReader counts them, so ReadPastEnd and
+// the bits read are the same (tests/test_destuff.py). The decoder picks the
+// refill by overload: DecodeBlock and DecodeAc are templates on the reader.
+struct DestuffedBitReader : BitReader {};
+
+JJ_HD JJ_INLINE DestuffedBitReader MakeDestuffedBitReader(const uint8_t* data, int64_t n) {
+  DestuffedBitReader r;
+  r.pos = data;
+  r.end = data + n;
+  r.buffer = 0;
+  r.count = 0;
+  r.phantom = 0;
+  return r;
+}
+
+// The 8 bytes at p as a big-endian word. On the device as two aligned 8-byte
+// loads (p's word and the next) and a funnel shift.
+JJ_HD JJ_INLINE uint64_t LoadBigEndian64(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  const auto* words = reinterpret_cast<const uint64_t*>(address & ~uintptr_t(7));
+  const int shift = static_cast<int>(address & 7) * 8;
+  const uint64_t lo = words[0], hi = words[1];
+  const uint64_t v = shift == 0 ? lo : (lo >> shift) | (hi << (64 - shift));
+  return (uint64_t(__byte_perm(static_cast<uint32_t>(v), 0, 0x0123)) << 32) |
+         __byte_perm(static_cast<uint32_t>(v >> 32), 0, 0x0123);
+#else
+  uint64_t v;
+  memcpy(&v, p, sizeof v);
+  return __builtin_bswap64(v);
+#endif
+}
+
+// Takes as many whole bytes as fit (at least 56 valid bits after it), the
+// data's or, past them, the zeros that follow (loaded from `end`: the bytes
+// there are zeros whatever pos is). Needs count <= 63. Always succeeds.
+JJ_HD JJ_INLINE bool RefillFast(DestuffedBitReader& r) {
+  const uint8_t* from = r.pos < r.end ? r.pos : r.end;
+  r.buffer |= LoadBigEndian64(from) >> r.count;
+  const int bytes = (63 - r.count) >> 3;
+  const int64_t left = r.end - r.pos;
+  const int data = left <= 0 ? 0 : (left < bytes ? static_cast<int>(left) : bytes);
+  r.phantom += 8 * (bytes - data);
+  r.pos += bytes;
+  r.count += bytes << 3;
+  return true;
+}
+
+JJ_HD JJ_INLINE void Refill(DestuffedBitReader& r) {
+  if (r.count < 56) RefillFast(r);
+}
+
+JJ_HD JJ_INLINE bool HasUnusedBytes(const DestuffedBitReader& r) {
+  return r.count - r.phantom >= 8 || r.pos < r.end;
 }
 
 }  // namespace jaxjpeg

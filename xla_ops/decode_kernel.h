@@ -1,8 +1,16 @@
-// The CUDA decode kernel's body, written as functions of (block, thread)
-// indices so the CPU harness in the tests runs exactly the GPU indexing and
-// staging logic on machines without a GPU. One thread decodes one restart
-// interval; a block of threads shares one staged copy of the tables of its
-// first interval's tile (consecutive intervals almost always share a tile).
+// The CUDA decode kernels' bodies, written as functions of (block, thread)
+// and phase so the CPU harness in the tests runs exactly the GPU indexing
+// and staging logic on machines without a GPU.
+//
+// One thread decodes one restart interval. There is one kernel per (sample
+// bits, output type): each is specialised and small, and a thread whose
+// interval is of another kind leaves at once. A block of threads works in
+// rounds: the lowest table index any of its pending threads needs is staged
+// into shared memory, the threads that need it decode, and so on
+// (consecutive intervals almost always share a tile, so one round is the
+// rule). Tables are therefore always read from shared memory. Each thread's
+// block of coefficients, IDCT workspace and samples is one column of a
+// shared array (see BlockScratch): no per-thread arrays in local memory.
 #ifndef JAXJPEG_DECODE_KERNEL_H_
 #define JAXJPEG_DECODE_KERNEL_H_
 
@@ -10,29 +18,30 @@
 
 namespace jaxjpeg {
 
-constexpr int kDecodeThreadsPerBlock = 128;
+// 256 threads: 2 blocks of 92 KiB shared memory and 128 registers per thread
+// fill an H200 SM's 16 warps (128 threads would stop at 12: 3 blocks of 60 KiB).
+constexpr int kDecodeThreadsPerBlock = 256;
+constexpr int32_t kNoTable = 0x7FFFFFFF;
+
+// A block's shared memory (dynamic: more than the 48 KiB of static shared
+// memory a kernel may declare).
+struct KernelShared {
+  DecoderTables tables;
+  // Thread t's block: element i at blocks[i * kDecodeThreadsPerBlock + t].
+  int32_t blocks[64 * kDecodeThreadsPerBlock];
+  uint8_t zigzag[80];
+  int32_t next_table;  // the table index of the current round
+};
+
+using LaneScratch = BlockScratch<kDecodeThreadsPerBlock, false>;
+
+JJ_HD JJ_INLINE LaneScratch ThreadScratch(KernelShared& s, int thread) {
+  int32_t* column = s.blocks + thread;
+  return LaneScratch{column, column, column, s.zigzag};
+}
 
 JJ_HD inline int64_t KernelBlockCount(int64_t num_intervals) {
   return (num_intervals + kDecodeThreadsPerBlock - 1) / kDecodeThreadsPerBlock;
-}
-
-// Which DecoderTables block `block` stages: those of its first interval's
-// tile, or -1 if that index is unusable (the interval then fails on its own).
-JJ_HD inline int64_t StagedTablesIndex(const DecodePlan& p, int64_t block) {
-  const int64_t first = block * kDecodeThreadsPerBlock;
-  if (first >= p.num_intervals || p.num_tiles < 1) return -1;
-  const int64_t index = p.tiles[FindTile(p, first) * kTileColumns + kTileTables];
-  return (index >= 0 && index < p.num_tables) ? index : -1;
-}
-
-// Copies tables[index] word by word, each thread a strided share.
-JJ_HD inline void StageTablesPart(const DecodePlan& p, int64_t index, int thread,
-                                  DecoderTables* staged) {
-  constexpr int kWords = sizeof(DecoderTables) / sizeof(uint32_t);
-  static_assert(sizeof(DecoderTables) % sizeof(uint32_t) == 0, "tables are whole words");
-  const auto* src = reinterpret_cast<const uint32_t*>(p.tables + index);
-  auto* dst = reinterpret_cast<uint32_t*>(staged);
-  for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
 }
 
 JJ_HD JJ_INLINE void RecordFirstError(int32_t* status, int32_t value) {
@@ -43,14 +52,60 @@ JJ_HD JJ_INLINE void RecordFirstError(int32_t* status, int32_t value) {
 #endif
 }
 
-// Decodes the interval of (block, thread), recording failures in *status.
-JJ_HD inline void DecodeKernelThread(const DecodePlan& p, int64_t block, int thread,
-                                     const DecoderTables* staged, int64_t staged_index,
-                                     int32_t* status) {
+// Phase "claim": resolves the interval of (block, thread); returns whether
+// the (kBits, kType) kernel decodes it. An unusable interval is reported by
+// every kernel that meets it: the same packed word, so the minimum is one.
+template <int kBits, OutputType kType>
+JJ_HD inline bool ClaimInterval(const DecodePlan& p, int64_t block, int thread, IntervalWork* w,
+                                int32_t* status) {
   const int64_t i = block * kDecodeThreadsPerBlock + thread;
-  if (i >= p.num_intervals) return;
-  const int32_t result = DecodePlanInterval(p, i, staged, staged_index);
-  if (result != kPlanOk) RecordFirstError(status, result);
+  if (i >= p.num_intervals) return false;
+  if (!ResolveInterval(p, i, w)) {
+    RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
+    return false;
+  }
+  return w->tile[kTileBits] == kBits && p.outputs[w->tile[kTileOutput]].type == kType;
+}
+
+JJ_HD JJ_INLINE int32_t TableOf(const IntervalWork& w) {
+  return static_cast<int32_t>(w.tile[kTileTables]);  // < num_tables: checked by ResolveInterval
+}
+
+// Phase "stage", once per block: the zig-zag table, each thread a share.
+JJ_HD inline void StageZigzagPart(int thread, KernelShared* s) {
+  for (int k = thread; k < 80; k += kDecodeThreadsPerBlock) s->zigzag[k] = ZigzagTable()[k];
+}
+
+// Phase "stage", each round: copies tables[index] word by word, each thread
+// a strided share.
+JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread,
+                                  DecoderTables* staged) {
+  constexpr int kWords = sizeof(DecoderTables) / sizeof(uint32_t);
+  static_assert(sizeof(DecoderTables) % sizeof(uint32_t) == 0, "tables are whole words");
+  const auto* __restrict__ src = reinterpret_cast<const uint32_t*>(p.tables + index);
+  auto* __restrict__ dst = reinterpret_cast<uint32_t*>(staged);
+  for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
+}
+
+// Phase "decode": a claimed interval whose tables are staged.
+template <int kBits, OutputType kType>
+JJ_HD inline void DecodeClaimed(const DecodePlan& p, const IntervalWork& w, KernelShared& s,
+                                int64_t block, int thread, int32_t* status) {
+  const Status result = DecodeIntervalWith<kBits, kType>(p, w, s.tables, ThreadScratch(s, thread));
+  if (result != Status::kOk) {
+    RecordFirstError(status, PackPlanStatus(block * kDecodeThreadsPerBlock + thread, result));
+  }
+}
+
+// Calls visit.template operator()<kBits, kType>() for every decode kernel.
+template <typename Visit>
+inline void ForEachDecodeKernel(Visit&& visit) {
+  visit.template operator()<8, OutputType::kFloat32>();
+  visit.template operator()<12, OutputType::kFloat32>();
+  visit.template operator()<8, OutputType::kBFloat16>();
+  visit.template operator()<12, OutputType::kBFloat16>();
+  visit.template operator()<8, OutputType::kFloat16>();
+  visit.template operator()<12, OutputType::kFloat16>();
 }
 
 }  // namespace jaxjpeg

@@ -130,23 +130,47 @@ JJ_HD inline void FillIntervalWithNaN(const Sink& sink, const BlockGrid& grid,
   }
 }
 
+// The sink and block grid of a resolved interval's tile.
 template <OutputType kType>
-JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
-                                     const DecoderTables& tables) {
+JJ_HD JJ_INLINE AffineSink<kType> TileSink(const DecodePlan& p, const int64_t* tile) {
   using Element = typename OutputElement<kType>::Type;
-  const int64_t* tile = w.tile;
   const PlanOutput& out = p.outputs[tile[kTileOutput]];
-  const AffineSink<kType> sink{
+  return AffineSink<kType>{
       static_cast<Element*>(out.data) + tile[kTileRow0] * tile[kTileRowStride] + tile[kTileCol0],
       tile[kTileRowStride], p.row_scale + tile[kTileAffineRow0],
       p.row_offset + tile[kTileAffineRow0],
       tile[kTileColScale0] >= 0 ? p.col_scale + tile[kTileColScale0] : nullptr};
+}
+
+JJ_HD JJ_INLINE BlockGrid TileGrid(const int64_t* tile) {
   const int32_t width = static_cast<int32_t>(tile[kTileWidth]);
-  const BlockGrid grid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
+  return BlockGrid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
+}
+
+// Decodes a resolved interval of kBits samples into an output of kType, in
+// the given block scratch (see BlockScratch); a failed interval becomes NaN.
+template <int kBits, OutputType kType, typename Scratch>
+JJ_HD inline Status DecodeIntervalWith(const DecodePlan& p, const IntervalWork& w,
+                                       const DecoderTables& tables, const Scratch& scratch) {
+  const AffineSink<kType> sink = TileSink<kType>(p, w.tile);
+  const BlockGrid grid = TileGrid(w.tile);
+  const Status status =
+      detail::DecodeIntervalBody<kBits>(MakeBitReader(p.payload + w.begin, p.payload + w.end),
+                                        tables, grid, w.first_block, w.num_blocks, sink, scratch);
+  if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
+  return status;
+}
+
+// The same on the host's stack scratch (and its AVX2 build, see DecodeInterval).
+template <OutputType kType>
+JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
+                                     const DecoderTables& tables) {
+  const AffineSink<kType> sink = TileSink<kType>(p, w.tile);
+  const BlockGrid grid = TileGrid(w.tile);
   const uint8_t* begin = p.payload + w.begin;
   const uint8_t* end = p.payload + w.end;
   const Status status =
-      tile[kTileBits] == 12
+      w.tile[kTileBits] == 12
           ? DecodeInterval<12>(begin, end, tables, grid, w.first_block, w.num_blocks, sink)
           : DecodeInterval<8>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
   if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
@@ -154,16 +178,10 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
 }
 
 // Decodes interval i of the plan; returns kPlanOk or the packed status.
-// `staged` optionally points at a copy of tables[staged_index] in faster
-// memory (CUDA shared memory); it is used when the interval's tile needs it.
-JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i,
-                                        const DecoderTables* staged = nullptr,
-                                        int64_t staged_index = -1) {
+JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i) {
   IntervalWork w;
   if (!ResolveInterval(p, i, &w)) return PackPlanStatus(i, Status::kBadArgument);
-  const int64_t table_index = w.tile[kTileTables];
-  const DecoderTables& tables =
-      (staged != nullptr && table_index == staged_index) ? *staged : p.tables[table_index];
+  const DecoderTables& tables = p.tables[w.tile[kTileTables]];
   Status s = Status::kBadArgument;
   switch (p.outputs[w.tile[kTileOutput]].type) {
     case OutputType::kFloat32: s = DecodeIntervalAs<OutputType::kFloat32>(p, w, tables); break;

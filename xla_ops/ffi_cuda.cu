@@ -26,15 +26,50 @@ __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk c
   if (threadIdx.x < chunk.count) workspace[chunk.first + threadIdx.x] = chunk.items[threadIdx.x];
 }
 
-__global__ void __launch_bounds__(kDecodeThreadsPerBlock)
-    DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* status) {
-  __shared__ DecoderTables staged;
-  const int64_t staged_index = StagedTablesIndex(plan, blockIdx.x);
-  if (staged_index >= 0) StageTablesPart(plan, staged_index, threadIdx.x, &staged);
-  __syncthreads();
-  DecodeKernelThread(plan, blockIdx.x, threadIdx.x, staged_index >= 0 ? &staged : nullptr,
-                     staged_index, status);
+// See decode_kernel.h for the phases; the barriers between them are here.
+// Two blocks per SM: at most 128 registers per thread (see decode_kernel.h).
+template <int kBits, OutputType kType>
+__global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
+    DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
+  extern __shared__ uint4 shared_words[];
+  KernelShared& s = *reinterpret_cast<KernelShared*>(shared_words);
+  IntervalWork w;
+  bool pending = ClaimInterval<kBits, kType>(plan, blockIdx.x, threadIdx.x, &w, status);
+  if (!__syncthreads_or(pending)) return;
+  StageZigzagPart(threadIdx.x, &s);
+  for (;;) {
+    if (threadIdx.x == 0) s.next_table = kNoTable;
+    __syncthreads();
+    if (pending) RecordFirstError(&s.next_table, TableOf(w));
+    __syncthreads();
+    const int32_t table = s.next_table;
+    if (table == kNoTable) return;
+    StageTablesPart(plan, table, threadIdx.x, &s.tables);
+    __syncthreads();
+    if (pending && TableOf(w) == table) {
+      DecodeClaimed<kBits, kType>(plan, w, s, blockIdx.x, threadIdx.x, status);
+      pending = false;
+    }
+  }
 }
+
+// Launches the (kBits, kType) kernel over every interval.
+struct LaunchDecodeKernel {
+  cudaStream_t stream;
+  const DecodePlan& plan;
+  int32_t* status;
+  const bool* wanted_types;  // by OutputType
+
+  template <int kBits, OutputType kType>
+  void operator()() const {
+    if (!wanted_types[static_cast<int>(kType)]) return;
+    const auto kernel = DecodeKernel<kBits, kType>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         sizeof(KernelShared));
+    kernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, sizeof(KernelShared),
+             stream>>>(plan, status);
+  }
+};
 
 ffi::Error LaunchError(const char* what) {
   const cudaError_t e = cudaGetLastError();
@@ -44,7 +79,9 @@ ffi::Error LaunchError(const char* what) {
 
 // Writes the output descriptors into the workspace, a chunk per launch, from
 // kernel parameters (no host buffer has to outlive the call).
-ffi::Error WriteDescriptors(cudaStream_t stream, ffi::RemainingRets& rets, PlanOutput* workspace) {
+// Also notes which output types occur (the kernels worth launching).
+ffi::Error WriteDescriptors(cudaStream_t stream, ffi::RemainingRets& rets, PlanOutput* workspace,
+                            bool wanted_types[3]) {
   DescriptorChunk chunk;
   for (size_t first = 0; first < rets.size(); first += kDescriptorsPerLaunch) {
     chunk.first = static_cast<int64_t>(first);
@@ -52,6 +89,7 @@ ffi::Error WriteDescriptors(cudaStream_t stream, ffi::RemainingRets& rets, PlanO
     for (int k = 0; k < chunk.count; ++k) {
       ffi::Error err = DescribeOutput(rets, first + k, &chunk.items[k]);
       if (err.failure()) return err;
+      wanted_types[static_cast<int>(chunk.items[k].type)] = true;
     }
     WriteDescriptorsKernel<<<1, kDescriptorsPerLaunch, 0, stream>>>(chunk, workspace);
   }
@@ -72,13 +110,14 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
   if (err.failure()) return err;
   auto* descriptors = reinterpret_cast<PlanOutput*>(workspace->typed_data());
   InitStatusKernel<<<1, 1, 0, stream>>>(status->typed_data());
-  err = WriteDescriptors(stream, outputs, descriptors);
+  // Without outputs one kernel still runs: it reports the unusable intervals.
+  bool wanted_types[3] = {outputs.size() == 0, false, false};
+  err = WriteDescriptors(stream, outputs, descriptors, wanted_types);
   if (err.failure()) return err;
   plan.outputs = descriptors;
   plan.num_outputs = static_cast<int64_t>(outputs.size());
   if (plan.num_intervals > 0) {
-    DecodeKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0, stream>>>(
-        plan, status->typed_data());
+    ForEachDecodeKernel(LaunchDecodeKernel{stream, plan, status->typed_data(), wanted_types});
   }
   return LaunchError("launching the decode kernel");
 }

@@ -112,32 +112,52 @@ JJ_HD JJ_INLINE int32_t DescaleToSample(Acc x, int shift) {
 
 }  // namespace idct
 
-// Inverse DCT of one block of dequantized coefficients (natural order, each
-// coefficient times its quantization step, as libjpeg computes it in its
-// accumulator type) into samples 0..2^bits-1, row-major. Both passes are
-// plain loops without data-dependent branches, so the compiler turns them
-// into SIMD code (the column pass works on all 8 columns at once). The
-// zero-column / zero-row shortcuts of libjpeg are not needed: they give the
-// same results as the full computation.
-template <int kBits, typename Coef>
-JJ_HD JJ_INLINE void InverseDctDequantized(const Coef dq[64], int32_t samples[64]) {
+// The IDCT's column pass (pass 1) over a block in natural order, element i
+// at in[i * kStride]: the host keeps a block in a plain array (stride 1), the
+// GPU in a column of a shared array, one column per thread. kDequantize:
+// `in` holds quantized values, multiplied by `quant` here as the host's
+// decoder does on the store (32-bit product, wrapping: the same bits). The
+// pass may run in place (ws == in): each column is read whole before it is
+// written. Without data-dependent branches, so the host compiler turns it
+// into SIMD code (all 8 columns at once). libjpeg's zero-column and zero-row
+// shortcuts are not needed: they give the same results as the full
+// computation.
+template <int kBits, int kStride, bool kDequantize>
+JJ_HD JJ_INLINE void IdctColumns(const int32_t* in, const int32_t* quant, int32_t* ws) {
   using Acc = typename IdctTraits<kBits>::Acc;
   constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
-  constexpr int kShift2 = idct::kConstBits + kPass1 + 3;
-  int32_t ws[64];
+  JJ_UNROLL
   for (int c = 0; c < 8; ++c) {
+    Acc x[8];
+    JJ_UNROLL
+    for (int r = 0; r < 8; ++r) {
+      const int n = 8 * r + c;
+      x[r] = kDequantize ? Acc(static_cast<int32_t>(static_cast<uint32_t>(in[n * kStride]) *
+                                                    static_cast<uint32_t>(quant[n])))
+                         : Acc(in[n * kStride]);
+    }
     Acc out[8];
-    idct::Idct1D<Acc>(Acc(dq[c]), Acc(dq[8 + c]), Acc(dq[16 + c]), Acc(dq[24 + c]),
-                      Acc(dq[32 + c]), Acc(dq[40 + c]), Acc(dq[48 + c]), Acc(dq[56 + c]),
+    idct::Idct1D<Acc>(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
                       idct::kConstBits - kPass1, out);
-    for (int r = 0; r < 8; ++r) ws[r * 8 + c] = static_cast<int32_t>(out[r]);
+    JJ_UNROLL
+    for (int r = 0; r < 8; ++r) ws[(r * 8 + c) * kStride] = static_cast<int32_t>(out[r]);
   }
+}
+
+// The row pass (pass 2): workspace rows to samples 0..2^bits-1, row-major,
+// same layout as IdctColumns; may run in place (samples == ws).
+template <int kBits, int kStride>
+JJ_HD JJ_INLINE void IdctRows(const int32_t* ws, int32_t* samples) {
+  using Acc = typename IdctTraits<kBits>::Acc;
+  constexpr int kShift2 = idct::kConstBits + IdctTraits<kBits>::kPass1Bits + 3;
+  JJ_UNROLL
   for (int r = 0; r < 8; ++r) {
-    const int32_t* w = ws + r * 8;
+    const int32_t* w = ws + r * 8 * kStride;
     // Pass 2 without descaling (shift 0 is not allowed by Descale): compute
     // the raw sums, then descale and range-limit each.
-    const Acc x0 = w[0], x1 = w[1], x2 = w[2], x3 = w[3], x4 = w[4], x5 = w[5], x6 = w[6],
-              x7 = w[7];
+    const Acc x0 = w[0], x1 = w[kStride], x2 = w[2 * kStride], x3 = w[3 * kStride],
+              x4 = w[4 * kStride], x5 = w[5 * kStride], x6 = w[6 * kStride],
+              x7 = w[7 * kStride];
     const Acc z1 = (x2 + x6) * idct::k0_541196100;
     const Acc t2 = z1 - x6 * idct::k1_847759065;
     const Acc t3 = z1 + x2 * idct::k0_765366865;
@@ -152,38 +172,26 @@ JJ_HD JJ_INLINE void InverseDctDequantized(const Coef dq[64], int32_t samples[64
     const Acc o1 = x5 * idct::k2_053119869 + m2 + m4;
     const Acc o2 = x3 * idct::k3_072711026 + m2 + m3;
     const Acc o3 = x1 * idct::k1_501321110 + m1 + m4;
-    int32_t* row = samples + r * 8;
+    int32_t* row = samples + r * 8 * kStride;
     row[0] = idct::DescaleToSample<kBits>(e10 + o3, kShift2);
-    row[7] = idct::DescaleToSample<kBits>(e10 - o3, kShift2);
-    row[1] = idct::DescaleToSample<kBits>(e11 + o2, kShift2);
-    row[6] = idct::DescaleToSample<kBits>(e11 - o2, kShift2);
-    row[2] = idct::DescaleToSample<kBits>(e12 + o1, kShift2);
-    row[5] = idct::DescaleToSample<kBits>(e12 - o1, kShift2);
-    row[3] = idct::DescaleToSample<kBits>(e13 + o0, kShift2);
-    row[4] = idct::DescaleToSample<kBits>(e13 - o0, kShift2);
+    row[7 * kStride] = idct::DescaleToSample<kBits>(e10 - o3, kShift2);
+    row[1 * kStride] = idct::DescaleToSample<kBits>(e11 + o2, kShift2);
+    row[6 * kStride] = idct::DescaleToSample<kBits>(e11 - o2, kShift2);
+    row[2 * kStride] = idct::DescaleToSample<kBits>(e12 + o1, kShift2);
+    row[5 * kStride] = idct::DescaleToSample<kBits>(e12 - o1, kShift2);
+    row[3 * kStride] = idct::DescaleToSample<kBits>(e13 + o0, kShift2);
+    row[4 * kStride] = idct::DescaleToSample<kBits>(e13 - o0, kShift2);
   }
 }
 
 // The sample every position of a block with only a DC coefficient gets
-// (`dc` dequantized): what InverseDctDequantized computes for such a block.
+// (`dc` dequantized): what IdctColumns and IdctRows compute for such a block.
 template <int kBits>
 JJ_HD JJ_INLINE int32_t DcOnlySample(int64_t dc) {
   using Acc = typename IdctTraits<kBits>::Acc;
   constexpr int kPass1 = IdctTraits<kBits>::kPass1Bits;
   const int32_t w0 = static_cast<int32_t>(Acc(dc) * (Acc(1) << kPass1));
   return idct::DescaleToSample<kBits>(Acc(w0), kPass1 + 3);
-}
-
-// Inverse DCT of one block of quantized coefficients (natural order) and
-// its quantization table (dequantized here, as libjpeg does) into
-// samples 0..2^bits-1, row-major.
-template <int kBits>
-JJ_HD inline void InverseDctIslow(const int32_t coef[64], const int32_t quant[64],
-                                  int32_t samples[64]) {
-  using Acc = typename IdctTraits<kBits>::Acc;
-  Acc dq[64];
-  for (int i = 0; i < 64; ++i) dq[i] = Acc(coef[i]) * quant[i];
-  InverseDctDequantized<kBits>(dq, samples);
 }
 
 }  // namespace jaxjpeg

@@ -31,25 +31,43 @@ struct BlockGrid {
   int32_t blocks_wide;
 };
 
+// Where one block lives while it is decoded: its coefficients (natural
+// order), the IDCT's workspace and its samples, each element i at
+// [i * kStride]. The host keeps three plain arrays (stride 1) and multiplies
+// each coefficient by its step as it is stored. The GPU keeps all three in
+// one column of a shared array, one column per thread of a block (a warp's
+// lanes then hit 32 different banks whatever index each one stores), stores
+// quantized values and multiplies inside the IDCT, where every lane reads
+// the same step. Both give the same 32-bit products.
+template <int kStride, bool kDequantizeOnStore>
+struct BlockScratch {
+  static constexpr int kElementStride = kStride;
+  static constexpr bool kDequantizes = kDequantizeOnStore;
+  int32_t* coef;
+  int32_t* ws;       // may be coef: the IDCT runs in place
+  int32_t* samples;  // may be coef
+  const uint8_t* zigzag;  // zig-zag index 0..79 -> natural slot (see jpeg_defs.h)
+};
+
 namespace detail {
 
 // Stores `value` as the coefficient at zig-zag index k (dequantized or not).
 // k <= 78: past 63 the value lands in slot 0 and DecodeBlock reports the
 // overshoot.
-template <bool kDequantize, typename Coef>
-JJ_HD JJ_INLINE void StoreCoefficient(const DecoderTables& t, Coef coef[64], int k,
+template <bool kDequantize, typename Scratch>
+JJ_HD JJ_INLINE void StoreCoefficient(const DecoderTables& t, const Scratch& s, int k,
                                       int32_t value) {
-  const int n = ZigzagToNatural(k);
-  coef[n] = kDequantize ? Coef(value) * t.quant[n] : Coef(value);
+  const int n = s.zigzag[k];
+  s.coef[n * Scratch::kElementStride] = kDequantize ? value * t.quant[n] : value;
 }
 
 // Decodes the AC codes of one fast-table entry (one or two coefficients, zero
 // runs or an EOB; see FastAcEntry) and stores them, without a branch on the
 // kind of entry. Returns 0 to go on, 1 at the end of the block. Needs at
 // most kFastAcBits - 1 + 15 buffered bits.
-template <bool kDequantize, typename Coef>
+template <bool kDequantize, typename Scratch>
 JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
-                                 int32_t bias, Coef coef[64], int& k) {
+                                 int32_t bias, const Scratch& coef, int& k) {
   const uint64_t before = r.buffer;
   r.buffer <<= e.consumed;  // the only step on the chain from entry to entry
   r.count -= e.consumed;
@@ -80,9 +98,9 @@ JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const Fas
 // The same for a kOneCode entry: less work, for streams where those are the
 // rule (long codes and values, e.g. 12-bit) and a branch on the kind is
 // predictable.
-template <bool kDequantize, typename Coef>
+template <bool kDequantize, typename Scratch>
 JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
-                                     int32_t bias, Coef coef[64], int& k) {
+                                     int32_t bias, const Scratch& coef, int& k) {
   const uint64_t before = r.buffer;
   r.buffer <<= e.consumed;
   r.count -= e.consumed;
@@ -95,8 +113,8 @@ JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const
 
 // Decodes the next AC entry: the fast table's, or one code the slow way.
 // Returns 0 to go on, 1 at the end of the block, or an error status.
-template <bool kDequantize, bool kPairsCommon, typename Coef>
-JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64], int& k) {
+template <bool kDequantize, bool kPairsCommon, typename Reader, typename Scratch>
+JJ_HD JJ_INLINE int DecodeAc(Reader& r, const DecoderTables& t, const Scratch& coef, int& k) {
   const uint32_t index = PeekBits(r, kFastAcBits);
   const FastAcEntry& e = t.fast_ac.entry[index];
   if (e.consumed != 0) {
@@ -122,14 +140,15 @@ JJ_HD JJ_INLINE int DecodeAc(BitReader& r, const DecoderTables& t, Coef coef[64]
 
 }  // namespace detail
 
-// Decodes one block's coefficients into `coef` (natural order), which must be
-// zero on entry: the quantized values, or with kDequantize each times its
-// quantization step (in the IDCT's accumulator type, as libjpeg multiplies).
+// Decodes one block's coefficients into `coef.coef` (natural order), which
+// must be zero on entry: the quantized values, or with kDequantize each times
+// its quantization step (in 32 bits, as libjpeg multiplies for 8-bit
+// streams; 12-bit products fit too: |quantized| <= 2^15, steps <= 65535).
 // `dc` carries the DC predictor; `last` receives the zig-zag index of the
 // last coefficient written (0: only the DC).
-template <bool kDequantize, bool kPairsCommon = true, typename Coef>
-JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t& dc,
-                                   Coef coef[64], int& last) {
+template <bool kDequantize, bool kPairsCommon = true, typename Reader, typename Scratch>
+JJ_HD JJ_INLINE Status DecodeBlock(Reader& r, const DecoderTables& t, int32_t& dc,
+                                   const Scratch& coef, int& last) {
   Refill(r);
   const int category = DecodeSymbol(r, t.dc);
   if (category < 0) return Status::kBadHuffmanCode;
@@ -139,7 +158,7 @@ JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t
   dc = static_cast<int16_t>(static_cast<uint16_t>(
       static_cast<uint32_t>(dc) + static_cast<uint32_t>(TakeMagnitude(r, category))));
   const int32_t dc16 = dc;
-  coef[0] = kDequantize ? Coef(dc16) * t.quant[0] : Coef(dc16);
+  coef.coef[0] = kDequantize ? dc16 * t.quant[0] : dc16;
   int k = 1;
   // Two entries per refill: a refill leaves >= 56 bits, and two fast-table
   // entries take at most 2 * (kFastAcBits - 1 + 15) = 50 (a slow code
@@ -158,14 +177,6 @@ JJ_HD JJ_INLINE Status DecodeBlock(BitReader& r, const DecoderTables& t, int32_t
   }
 }
 
-// Decodes one block's coefficients (quantized, natural order) into `coef`,
-// which must be zero on entry. `dc` carries the DC predictor.
-JJ_HD JJ_INLINE Status DecodeBlockCoefficients(BitReader& r, const DecoderTables& t,
-                                               int32_t& dc, int32_t coef[64]) {
-  int last;
-  return DecodeBlock<false>(r, t, dc, coef, last);
-}
-
 namespace detail {
 
 // Zero, hidden from the host compiler's optimizer so that clearing a block's
@@ -180,49 +191,86 @@ JJ_HD JJ_INLINE T OpaqueZero() {
   return zero;
 }
 
-template <int kBits, typename Sink>
-JJ_HD JJ_INLINE Status DecodeIntervalBody(const uint8_t* begin, const uint8_t* end,
-                                          const DecoderTables& t, const BlockGrid& grid,
+// One decoded block to the sink, row by row: `samples` (IDCT output, see
+// BlockScratch), or `dc_sample` everywhere for a block with only a DC.
+// Each row passes as 8 values in registers (a row of a shared column is not
+// contiguous); whole blocks take fixed-size rows the compiler unrolls.
+template <typename Scratch, typename Sink>
+JJ_HD JJ_INLINE void PutBlock(const Sink& sink, const Scratch& s, bool dc_only,
+                              int32_t dc_sample, int y0, int x0, int rows, int cols) {
+  constexpr int kStride = Scratch::kElementStride;
+  JJ_UNROLL
+  for (int y = 0; y < 8; ++y) {
+    if (y >= rows) break;
+    int32_t row[8];
+    JJ_UNROLL
+    for (int x = 0; x < 8; ++x) row[x] = dc_only ? dc_sample : s.samples[(8 * y + x) * kStride];
+    if (cols == 8) {
+      sink.PutRow(y0 + y, x0, row, 8);
+    } else {
+      sink.PutRow(y0 + y, x0, row, cols);
+    }
+  }
+}
+
+// Decodes an interval's blocks from the reader `r` (a BitReader over its
+// raw bytes, or a DestuffedBitReader over its destuffed bytes).
+template <int kBits, typename Reader, typename Scratch, typename Sink>
+JJ_HD JJ_INLINE Status DecodeIntervalBody(Reader r, const DecoderTables& t, const BlockGrid& grid,
                                           int64_t first_block, int64_t num_blocks,
-                                          const Sink& sink) {
-  BitReader r = MakeBitReader(begin, end);
+                                          const Sink& sink, const Scratch& s) {
+  constexpr int kStride = Scratch::kElementStride;
+  constexpr bool kDequantizeOnStore = Scratch::kDequantizes;
   int32_t dc = 0;
-  // Dequantized coefficients fit 32 bits for 12-bit streams too: |quantized|
-  // <= 2^15 and steps <= 65535 (DQT entries are 16-bit).
-  int32_t coef[64];
-  int32_t samples[64];
   const int32_t zero = OpaqueZero<int32_t>();
-  for (int i = 0; i < 64; ++i) coef[i] = zero;
-  const int64_t stop = first_block + num_blocks;
-  int64_t by = first_block / grid.blocks_wide, bx = first_block % grid.blocks_wide;
-  for (int64_t b = first_block; b < stop; ++b) {
+  JJ_UNROLL
+  for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
+  const int32_t blocks = static_cast<int32_t>(num_blocks);
+  int32_t by = static_cast<int32_t>(first_block / grid.blocks_wide);
+  int32_t bx = static_cast<int32_t>(first_block % grid.blocks_wide);
+  for (int32_t b = 0; b < blocks; ++b) {
     int last;
-    const Status status = t.fast_ac_pairs_common ? DecodeBlock<true, true>(r, t, dc, coef, last)
-                                                 : DecodeBlock<true, false>(r, t, dc, coef, last);
+    const Status status =
+        t.fast_ac_pairs_common ? DecodeBlock<kDequantizeOnStore, true>(r, t, dc, s, last)
+                               : DecodeBlock<kDequantizeOnStore, false>(r, t, dc, s, last);
     if (status != Status::kOk) return status;
     if (ReadPastEnd(r)) return Status::kTruncated;
-    if (last == 0) {  // DC only: a constant block
-      const int32_t v = DcOnlySample<kBits>(coef[0]);
-      coef[0] = zero;
-      for (int i = 0; i < 64; ++i) samples[i] = v;
+    const bool dc_only = last == 0;
+    int32_t dc_sample = 0;
+    if (dc_only) {  // a constant block
+      dc_sample = DcOnlySample<kBits>(kDequantizeOnStore ? s.coef[0] : s.coef[0] * t.quant[0]);
     } else {
-      InverseDctDequantized<kBits>(coef, samples);
-      for (int i = 0; i < 64; ++i) coef[i] = zero;
+      IdctColumns<kBits, kStride, !kDequantizeOnStore>(s.coef, t.quant, s.ws);
+      IdctRows<kBits, kStride>(s.ws, s.samples);
     }
-    const int y0 = static_cast<int>(by) * 8, x0 = static_cast<int>(bx) * 8;
+    const int y0 = by * 8, x0 = bx * 8;
     if (++bx == grid.blocks_wide) {
       bx = 0;
       ++by;
     }
     const int rows = grid.height - y0 < 8 ? grid.height - y0 : 8;
     const int cols = grid.width - x0 < 8 ? grid.width - x0 : 8;
-    if (rows == 8 && cols == 8) {  // whole block: fixed-size rows the compiler unrolls
-      for (int y = 0; y < 8; ++y) sink.PutRow(y0 + y, x0, samples + 8 * y, 8);
+    PutBlock(sink, s, dc_only, dc_sample, y0, x0, rows, cols);
+    // Clear for the next block. In place, the samples overwrote the
+    // coefficients; otherwise the column pass left them as they were.
+    if (dc_only) {
+      s.coef[0] = zero;
     } else {
-      for (int y = 0; y < rows; ++y) sink.PutRow(y0 + y, x0, samples + 8 * y, cols);
+      JJ_UNROLL
+      for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
     }
   }
   return HasUnusedBytes(r) ? Status::kTrailingData : Status::kOk;
+}
+
+// The host's scratch: three arrays on the stack.
+template <int kBits, typename Reader, typename Sink>
+JJ_HD JJ_INLINE Status DecodeIntervalOnStack(Reader r, const DecoderTables& t,
+                                             const BlockGrid& grid, int64_t first_block,
+                                             int64_t num_blocks, const Sink& sink) {
+  int32_t coef[64], ws[64], samples[64];
+  const BlockScratch<1, true> s{coef, ws, samples, ZigzagTable()};
+  return DecodeIntervalBody<kBits>(r, t, grid, first_block, num_blocks, sink, s);
 }
 
 // Host builds for x86-64 also compile the decoder for AVX2 and pick it at run
@@ -239,7 +287,8 @@ template <int kBits, typename Sink>
 __attribute__((target("avx2,bmi2"), noinline)) Status DecodeIntervalAvx2(
     const uint8_t* begin, const uint8_t* end, const DecoderTables& t, const BlockGrid& grid,
     int64_t first_block, int64_t num_blocks, const Sink& sink) {
-  return DecodeIntervalBody<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
+  return DecodeIntervalOnStack<kBits>(MakeBitReader(begin, end), t, grid, first_block,
+                                     num_blocks, sink);
 }
 
 inline bool HostHasAvx2() {
@@ -262,7 +311,17 @@ JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const Deco
     return detail::DecodeIntervalAvx2<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
   }
 #endif
-  return detail::DecodeIntervalBody<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
+  return detail::DecodeIntervalOnStack<kBits>(MakeBitReader(begin, end), t, grid, first_block,
+                                              num_blocks, sink);
+}
+
+// The same from an interval's destuffed bytes (see destuff.h), on the host.
+template <int kBits, typename Sink>
+Status DecodeDestuffedInterval(const uint8_t* data, int64_t n, const DecoderTables& t,
+                               const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
+                               const Sink& sink) {
+  return detail::DecodeIntervalOnStack<kBits>(MakeDestuffedBitReader(data, n), t, grid,
+                                              first_block, num_blocks, sink);
 }
 
 }  // namespace jaxjpeg

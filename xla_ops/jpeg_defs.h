@@ -15,6 +15,14 @@
 #define JJ_INLINE inline __attribute__((always_inline))
 #endif
 
+// Fully unrolls the loop that follows in device code (constant indices into
+// shared rows become immediate offsets); the host compiler decides itself.
+#if defined(__CUDA_ARCH__)
+#define JJ_UNROLL _Pragma("unroll")
+#else
+#define JJ_UNROLL
+#endif
+
 namespace jaxjpeg {
 
 // Every failure the codec can report. Values are stable: they cross the FFI
@@ -97,6 +105,24 @@ JJ_HD JJ_INLINE int ZigzagToNatural(int k) {
   return kZigzagDevice[k];
 #else
   return kZigzagHost[k];
+#endif
+}
+
+// Set bits of a 32-bit word.
+JJ_HD JJ_INLINE int PopCount(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
+}
+
+// The whole zig-zag table (80 entries), in constant memory on the device.
+JJ_HD JJ_INLINE const uint8_t* ZigzagTable() {
+#if defined(__CUDA_ARCH__)
+  return kZigzagDevice;
+#else
+  return kZigzagHost;
 #endif
 }
 

@@ -90,3 +90,90 @@ def test_decode_inside_jit_on_gpu(tmp_path):
     out = jax.jit(lambda t, x: x @ jaxjpeg.decode(t)["w"])(compressed, np.ones((4, 512), np.float32))
     reference = np.ones((4, 512), np.float32) @ np.asarray(jaxjpeg.restore(path, device=jax.devices("cpu")[0])["w"])
     np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5)
+
+
+def _plan_outputs(plan):
+    return [np.zeros(s, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
+
+
+def _many_kinds(seed=21):
+    """Small tiles (a 128-interval block spans many tiles and tables: several
+    staging rounds), 8- and 12-bit, every output type."""
+    rng = np.random.default_rng(seed)
+    encs, dtypes = [], []
+    for k in range(30):
+        shape = (int(rng.integers(5, 90)), int(rng.integers(9, 200)))
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 3 == 1 else 8, quant_step=2 + k % 5,
+                                          restart_interval=k % 5, tile_shape=(24, 64)))
+        dtypes.append([np.float32, ml_dtypes.bfloat16, np.float16][k % 3])
+    return codec.build_plan(encs, dtypes)
+
+
+def test_gpu_kernels_per_kind_equal_cpu_and_harness():
+    plan = _many_kinds()
+    cpu_status, cpu = _decode_on(jax.devices("cpu")[0], plan)
+    gpu_status, gpu = _decode_on(_gpu(), plan)
+    ops.check_status(cpu_status)
+    ops.check_status(gpu_status)
+    harness = _plan_outputs(plan)
+    from jaxjpeg import _native
+    _native.run_plan_kernel_harness(
+        plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+        plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in harness],
+        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale)
+    for a, b, c in zip(cpu, gpu, harness):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+        np.testing.assert_array_equal(b.view(np.uint8), c.view(np.uint8))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_corrupt_payload_same_status_and_nan_as_cpu(seed):
+    """Random byte damage: the GPU's status word names the failure the host
+    decoder raises, and the outputs (NaN where intervals failed) are the same bits."""
+    from jaxjpeg import _native
+    plan = _many_kinds(seed)
+    rng = np.random.default_rng(seed)
+    payload = plan.payload.copy()
+    where = rng.integers(0, payload.size, 16)
+    payload[where] = rng.integers(0, 256, 16).astype(np.uint8)
+    host = _plan_outputs(plan)
+    with pytest.raises(jaxjpeg.JpegError) as raised:
+        _native.run_plan(payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+                         plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in host],
+                         [codec.output_type(d) for d in plan.output_dtypes], threads=1,
+                         col_scale=plan.col_scale)
+    operands = list(ops.plan_operands(plan))
+    operands[0] = payload
+    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                              plan.output_shapes)
+    status, gpu = decode(*jax.device_put(tuple(operands), _gpu()))
+    assert _native.plan_failure(int(np.asarray(status).reshape(-1)[0])) == str(raised.value)
+    for a, b in zip(host, gpu):
+        np.testing.assert_array_equal(a.view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def test_gpu_decode_under_cuda_graphs(tmp_path):
+    """The handler is marked command-buffer compatible: with XLA capturing
+    custom calls into CUDA graphs, the bits must not change."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "graph.py"
+    script.write_text(
+        "import jax, numpy as np, jaxjpeg\n"
+        "from jaxjpeg import codec, ops\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = (rng.standard_normal((300, 700)) * 0.05).astype(np.float32)\n"
+        "plan = codec.build_plan([jaxjpeg.encode_tensor(x, quant_step=3)], [np.float32])\n"
+        "decode = ops.plan_decoder(plan.output_shapes, ('float32',), plan.output_shapes)\n"
+        "ops_gpu = jax.device_put(ops.plan_operands(plan), jax.devices('gpu')[0])\n"
+        "outs = [np.asarray(decode(*ops_gpu)[1][0]) for _ in range(3)]\n"
+        "ref = codec.run_plan(plan)[0]\n"
+        "assert all(np.array_equal(o.view(np.uint8), ref.view(np.uint8)) for o in outs)\n"
+        "print('graph ok')\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
+               "--xla_gpu_graph_min_graph_size=1")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "graph ok" in run.stdout, run.stderr[-3000:]
