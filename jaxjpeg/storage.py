@@ -75,31 +75,25 @@ def filesystem(location: str):
         raise ImportError(f"{location}: {e}") from None
 
 
-def exists(path) -> bool:
+def _ask(path, on_local, on_store):
+    """``on_local(local path)`` for a local path, else ``on_store(fs, path in fs)``."""
     location = as_location(path)
     local = local_path(location)
     if local is not None:
-        return os.path.exists(local)
-    fs, inner = filesystem(location)
-    return fs.exists(inner)
+        return on_local(local)
+    return on_store(*filesystem(location))
+
+
+def exists(path) -> bool:
+    return _ask(path, os.path.exists, lambda fs, inner: fs.exists(inner))
 
 
 def is_dir(path) -> bool:
-    location = as_location(path)
-    local = local_path(location)
-    if local is not None:
-        return os.path.isdir(local)
-    fs, inner = filesystem(location)
-    return fs.isdir(inner)
+    return _ask(path, os.path.isdir, lambda fs, inner: fs.isdir(inner))
 
 
 def size(path) -> int:
-    location = as_location(path)
-    local = local_path(location)
-    if local is not None:
-        return os.path.getsize(local)
-    fs, inner = filesystem(location)
-    return int(fs.size(inner))
+    return _ask(path, os.path.getsize, lambda fs, inner: int(fs.size(inner)))
 
 
 def join(directory, name: str) -> str:

@@ -8,15 +8,11 @@ and the tile bytes it read; each reports its checks as one JSON line. Each
 test below asserts one check in every process, or compares the processes.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from multiprocess_launch import run_reports
 
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_restore.py"
 NUM_PROCESSES = 2
@@ -39,62 +35,9 @@ CHECKS = [
 ]
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(workdir: Path, port: int) -> list[tuple[int, str, str]]:
-    """Runs the processes to the end; [(returncode, stdout, stderr)] by process.
-    A process that fails takes the others down at once (they would only wait
-    for it); past TIMEOUT_S all are killed."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    logs, procs = [], []
-    try:
-        for i in range(NUM_PROCESSES):
-            out = open(workdir / f"stdout{i}", "w+")
-            err = open(workdir / f"stderr{i}", "w+")
-            logs.append((out, err))
-            procs.append(subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(workdir), str(i), str(NUM_PROCESSES),
-                 str(port)], env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    results = []
-    for p, (out, err) in zip(procs, logs):
-        out.seek(0)
-        err.seek(0)
-        results.append((p.returncode, out.read(), err.read()))
-        out.close()
-        err.close()
-    return results
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    for attempt in range(3):
-        workdir = tmp_path_factory.mktemp("multiprocess")
-        runs = _launch(workdir, _free_loopback_port())
-        # another program took the port between choosing and binding it: again
-        if "Failed to start RPC server" not in runs[0][2]:
-            break
-    for i, (code, _, err) in enumerate(runs):
-        assert code == 0, f"process {i} exited with {code}:\n{err[-5000:]}"
-    out = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in runs]
-    assert [r["process"] for r in out] == list(range(NUM_PROCESSES))
-    for r in out:
-        assert sorted(r["checks"]) == sorted(CHECKS), "script and test disagree on the checks"
-    return out
+    return run_reports(tmp_path_factory, SCRIPT, NUM_PROCESSES, TIMEOUT_S, CHECKS)[1]
 
 
 @pytest.mark.parametrize("name", CHECKS)

@@ -8,11 +8,6 @@ over the global mesh. Here, in this one-process pytest run (a different
 topology: one process, its own devices), the file is restored again.
 """
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +15,7 @@ import pytest
 
 import jaxjpeg
 import jaxjpeg.cli
+from multiprocess_launch import run_reports
 
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_save.py"
 NUM_PROCESSES = 2
@@ -36,52 +32,9 @@ CHECKS = [
 ]
 
 
-def _launch(workdir: Path, port: int) -> list[tuple[int, str, str]]:
-    """Runs the processes; a failing one takes the others down at once."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    procs, logs = [], []
-    try:
-        for i in range(NUM_PROCESSES):
-            logs.append((open(workdir / f"stdout{i}", "w+"), open(workdir / f"stderr{i}", "w+")))
-            procs.append(subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(workdir), str(i), str(NUM_PROCESSES),
-                 str(port)], env=env, stdout=logs[-1][0], stderr=logs[-1][1],
-                stdin=subprocess.DEVNULL))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    out = []
-    for p, (stdout, stderr) in zip(procs, logs):
-        stdout.seek(0)
-        stderr.seek(0)
-        out.append((p.returncode, stdout.read(), stderr.read()))
-        stdout.close()
-        stderr.close()
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from test_multiprocess_restore import _free_loopback_port
-    for _ in range(3):
-        workdir = tmp_path_factory.mktemp("multiprocess_save")
-        runs = _launch(workdir, _free_loopback_port())
-        if "Failed to start RPC server" not in runs[0][2]:
-            break
-    for i, (code, _, err) in enumerate(runs):
-        assert code == 0, f"process {i} exited with {code}:\n{err[-5000:]}"
-    reports = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in runs]
-    for r in reports:
-        assert sorted(r["checks"]) == sorted(CHECKS), "script and test disagree on the checks"
-    return workdir, reports
+    return run_reports(tmp_path_factory, SCRIPT, NUM_PROCESSES, TIMEOUT_S, CHECKS)
 
 
 @pytest.mark.parametrize("name", CHECKS)
