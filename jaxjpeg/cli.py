@@ -37,6 +37,7 @@ import argparse
 import errno
 import fnmatch
 import hashlib
+import json
 import math
 import os
 import re
@@ -203,6 +204,7 @@ def cmd_inspect(args) -> int:
         errors = _source_errors(args, ckpt) if args.source else None
         file_bytes = ckpt.reader.file_size
         rate = ckpt.reader.metadata.get("rate")
+        user = ckpt.user_metadata
     header = ["path", "shape", "dtype", "kind", "view", "raw", "stored", "bits/w", "ratio"]
     table = []
     for i, (path, shape, dtype, kind, view, raw, stored, size) in enumerate(rows):
@@ -222,7 +224,16 @@ def cmd_inspect(args) -> int:
           f"{total_raw / max(1, file_bytes):.2f}x vs the stored dtypes")
     if isinstance(rate, dict):
         print("rate: " + ", ".join(f"{k}={v}" for k, v in rate.items()))
+    if user:
+        print("metadata: " + _clipped(json.dumps(user, sort_keys=True), INSPECT_METADATA_CHARS))
     return 0
+
+
+INSPECT_METADATA_CHARS = 2000   # user metadata may hold up to 1 MiB: inspect shows its start
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _view_text(leaf) -> str:

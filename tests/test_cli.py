@@ -3,6 +3,7 @@ files, inspection against the source, verification of intact and damaged files, 
 extraction (opened with Pillow), and clean one-line errors (no traceback; exit 1 for
 damaged input, 2 for usage errors, 3 for I/O errors: issue 10)."""
 
+import json
 import os
 import re
 import subprocess
@@ -400,3 +401,17 @@ def test_compress_with_rate_targets(sources, tmp_path, capsys, option, value):
     if option == "--target-ratio":
         ratio = float(re.search(r"(\d+\.\d+)x vs float32", out).group(1))
         assert abs(ratio / 8 - 1) < 0.05, out
+
+
+def test_inspect_shows_user_metadata(sources, tmp_path, capsys):
+    dst = tmp_path / "m.jjpg"
+    jaxjpeg.save(dst, sources["params"], metadata={"step": 1000, "note": "x" * 5000})
+    code, out, err = run(capsys, "inspect", dst)
+    assert code == 0, err
+    line = out.splitlines()[-1]
+    assert line.startswith('metadata: {"note": "xxx') and '"step": 1000' not in line
+    assert line.endswith(f"... ({len(json.dumps({'note': 'x' * 5000, 'step': 1000}))} characters)")
+    jaxjpeg.save(dst, sources["params"], metadata={"step": 7})
+    assert run(capsys, "inspect", dst)[1].splitlines()[-1] == 'metadata: {"step": 7}'
+    jaxjpeg.save(dst, sources["params"])
+    assert "metadata:" not in run(capsys, "inspect", dst)[1]
