@@ -320,10 +320,9 @@ def _coded_overhead(matrix_shape, restart_interval, tile_shape) -> int:
 def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     """Allocates the file's byte budget over the leaves that will be coded.
 
-    Curves are measured on each leaf's probe first (leaves analysed in
-    parallel, within save's window) and the prepared copies dropped; each
-    leaf is then prepared again and coded once, as save reaches it, so memory
-    stays at about one window beyond a default save.
+    Curves are measured on each leaf's probe first and the prepared copies
+    dropped; each leaf is then prepared again and coded once, as save
+    reaches it, so memory stays at about one leaf beyond a default save.
     """
     from jaxjpeg import rate
 
@@ -341,10 +340,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
                                            coding["tile_shape"])), 0
 
     coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-    # Leaves are analysed on all cores (probes are coded natively, without
-    # the GIL), a window of them at a time.
-    for name, analysis, raw in in_order(analyse, entries, save_workers(), SAVE_WINDOW_BYTES,
-                                        lambda leaf: leaf.nbytes):
+    # One leaf at a time (its prepared copies are what a byte target holds
+    # beyond a default save); rd_curve codes its probe steps on all cores.
+    for name, analysis, raw in map(analyse, entries):
         kept += raw
         if analysis is not None:
             coded.add(name)

@@ -287,8 +287,10 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
     cells = tile_grid(*p.matrix.shape, tile_shape)
-    if threads is None:   # the shared pool: no threads started per tensor
-        tiles = tuple(_tile_pool().map(encode_one, cells))
+    if len(cells) == 1 or threads == 1:   # in this thread (it may be a pool's)
+        tiles = tuple(map(encode_one, cells))
+    elif threads is None:   # the shared pool: no threads started per tensor
+        tiles = tuple(tile_pool().map(encode_one, cells))
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             tiles = tuple(pool.map(encode_one, cells))
@@ -300,7 +302,7 @@ _TILE_POOL: list = []
 _TILE_POOL_LOCK = threading.Lock()
 
 
-def _tile_pool() -> ThreadPoolExecutor:
+def tile_pool() -> ThreadPoolExecutor:
     """One process-wide pool encoding tiles (the native encoder releases the
     GIL), started once: starting threads per tensor cost a save of many
     leaves more than a tenth of its time on a busy machine."""

@@ -401,14 +401,16 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     """
     probe = _probe(p, np.random.default_rng(seed))
     rms = tensor_rms(p)
-    seen, points = set(), []
-    for k in LADDER:
-        b, delta = step_for(p, rms * 2.0 ** -k, bits)
-        if (b, delta) in seen:
-            continue
-        seen.add((b, delta))
-        nbytes, sse = _probe_cost(p, probe, b, delta, options)
-        points.append((b, delta, delta * base_scale(p, b), nbytes, sse))
+    steps = list(dict.fromkeys(step_for(p, rms * 2.0 ** -k, bits) for k in LADDER))
+    for b in {b for b, _ in steps}:   # cached before the steps run in parallel
+        p.common_scale(b)
+        base_scale(p, b)
+    # Each step codes the probe on its own core (the encoder releases the GIL);
+    # probes are small, so this costs no memory a leaf-level pipeline would.
+    costs = codec.tile_pool().map(
+        lambda step: _probe_cost(p, probe, *step, dict(options, threads=1)), steps)
+    points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
+              for (b, delta), (nbytes, sse) in zip(steps, costs)]
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
     return Curve(b, delta, q, nbytes + p.side_bytes(), sse / probe.fraction)
 
