@@ -32,6 +32,7 @@ Sizes are ``EncodedTensor.nbytes``: JPEG bytes plus maps and side list.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Callable, Iterable, Mapping
 
@@ -219,23 +220,41 @@ def encode_at_step(x, q: float, *, bits: int | None = None, row_weight=None,
     return encode_with_step(p, b, delta, **options)
 
 
+ERROR_CHUNK = 1 << 20   # elements per float64 block of the error sums (8 MiB)
+
+
 def squared_error(x, enc: codec.EncodedTensor) -> float:
     """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
-    values its side list keeps exactly (NaN and infinities included) count 0."""
-    original = x.original if isinstance(x, codec.Prepared) else x
-    with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
-        diff = (np.asarray(original, np.float64) - codec.decode_tensor(enc).astype(np.float64))
-    diff = diff.reshape(-1)
+    values its side list keeps exactly (NaN and infinities included) count 0.
+    Summed in blocks: a leaf-sized float64 copy would cost more memory than
+    the coding itself."""
+    original = np.asarray(x.original if isinstance(x, codec.Prepared) else x).reshape(-1)
+    decoded = codec.decode_tensor(enc).reshape(-1)
+    kept = None
     if enc.outliers is not None and enc.outliers.count:
-        diff[enc.outliers.index] = 0.0
-    return float(np.sum(diff * diff))
+        kept = np.zeros(original.size, bool)
+        kept[enc.outliers.index] = True
+    total = 0.0
+    for start in range(0, original.size, ERROR_CHUNK):
+        block = slice(start, start + ERROR_CHUNK)
+        with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
+            diff = original[block].astype(np.float64) - decoded[block].astype(np.float64)
+        if kept is not None:
+            diff[kept[block]] = 0.0
+        total += float(np.dot(diff, diff))
+    return total
 
 
 def finite_norm2(x) -> float:
     """Squared norm of the finite values of ``x`` (NaN and infinities, kept
     exactly in the side list, would make any relative error meaningless)."""
-    values = np.asarray(x, np.float64).reshape(-1)
-    return float(np.sum(np.square(values, where=np.isfinite(values), out=np.zeros_like(values))))
+    values = np.asarray(x).reshape(-1)
+    total = 0.0
+    for start in range(0, values.size, ERROR_CHUNK):
+        block = values[start:start + ERROR_CHUNK].astype(np.float64)
+        block[~np.isfinite(block)] = 0.0
+        total += float(np.dot(block, block))
+    return total
 
 
 def relative_error(x, enc: codec.EncodedTensor) -> float:
@@ -296,49 +315,43 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
     else:  # per-row ranges: a typical row's scale
         m = p.matrix
         base = float(np.median(m.max(axis=1) - m.min(axis=1))) / mapping.sample_max(bits) or 1.0
-    cache = {}      # delta -> within the budget
-    kept = {}       # the coding of the largest delta within it, alone (memory)
+    kept = {}       # the coding of the largest delta within the budget, alone (memory)
 
-    def trial(delta):
-        if delta not in cache:
-            enc = encode_with_step(p, bits, delta, **options)
-            cache[delta] = squared_error(p, enc) <= budget
-            if cache[delta] and delta > max(kept, default=0):
-                kept.clear()
-                kept[delta] = enc
-        return cache[delta]
+    def error_at(delta) -> float:
+        enc = encode_with_step(p, bits, delta, **options)
+        error = squared_error(p, enc)
+        if error <= budget and delta > max(kept, default=0):
+            kept.clear()
+            kept[delta] = enc
+        return error
 
-    # Uniform quantization: squared error ≈ n q² / 12; start there, then bracket.
+    # Uniform quantization: squared error ≈ n q² / 12; start there. Then each
+    # measured error predicts the step that meets the budget (error ∝ Δ² near
+    # it): two or three codings instead of a bracket-and-bisect's five to
+    # eight. Steps stay inside (largest good, smallest bad), so it ends; past
+    # SECANT_TRIALS it bisects, in case the error is far from ∝ Δ².
     target_rms = math.sqrt(budget / max(1, p.size))
-    guess = int(min(limit, max(1, math.floor(target_rms * math.sqrt(12) / base))))
-    if trial(guess):
-        good, bad = guess, None
-        while good < limit:
-            nxt = min(limit, max(good + 1, round(good * 1.25)))
-            if trial(nxt):
-                good = nxt
-            else:
-                bad = nxt
-                break
-        if bad is None:
-            return good, kept[good]
-    else:
-        good, bad = None, guess
-        while bad > 1:
-            nxt = max(1, min(bad - 1, round(bad / 1.25)))
-            if trial(nxt):
-                good = nxt
-                break
-            bad = nxt
-        if good is None:
-            return None
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if trial(mid):
-            good = mid
+    delta = int(min(limit, max(1, math.floor(target_rms * math.sqrt(12) / base))))
+    good, bad = 0, limit + 1
+    for trial in itertools.count():
+        error = error_at(delta)
+        if error <= budget:
+            good = delta
         else:
-            bad = mid
-    return good, kept[good]
+            bad = delta
+        if bad - good <= 1:
+            break
+        if trial < SECANT_TRIALS:
+            predicted = delta * math.sqrt(budget / error) if error > 0 else math.inf
+            delta = int(max(good + 1, math.floor(min(predicted, bad - 1))))
+            if delta == good:   # predicted at the largest good: try the next one up
+                delta = good + 1
+        else:
+            delta = (good + bad) // 2
+    return (good, kept[good]) if good else None
+
+
+SECANT_TRIALS = 4
 
 
 # ----------------------------------------------------------------------------
