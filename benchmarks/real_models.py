@@ -186,7 +186,7 @@ def run_model(name: str, args, table: Table, workdir: Path):
     if case.family == "cls" and any(m.startswith("jaxjpeg-sens") for m in methods):
         sens = case.sensitivity()
     covs = None
-    if case.family == "cls" and any(m.endswith("-fb") for m in methods):
+    if any(m.endswith("-fb") for m in methods):
         covs = case.input_covariances()
     base_metrics: dict = {}
     raw_bytes = 4 * sum(v.size for v in case.native.values())

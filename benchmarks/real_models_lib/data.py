@@ -143,12 +143,19 @@ def rec_batch(texts: list[str], height: int = 48) -> np.ndarray:
     return batch
 
 
-def det_pages(count: int, shape: tuple[int, int] = (512, 640)) -> np.ndarray:
+def calibration_lines() -> list[str]:
+    """Text lines for calibration statistics, none of them an evaluation line: each
+    evaluation line's words in reverse order."""
+    return [" ".join(reversed(t.split())) + " ." for t in TEXT_LINES]
+
+
+def det_pages(count: int, shape: tuple[int, int] = (512, 640), seed: int = 5) -> np.ndarray:
     """``count`` pages of text lines at several sizes and tints, as the detector's input
-    (N, 3, H, W) scaled to [-1, 1] (H and W multiples of 32)."""
+    (N, 3, H, W) scaled to [-1, 1] (H and W multiples of 32); calibration pages use
+    another ``seed``."""
     from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     pages = np.empty((count, 3, *shape), np.float32)
     for p in range(count):
         page = Image.new("RGB", (shape[1], shape[0]), tuple(int(v) for v in rng.integers(225, 256, 3)))

@@ -172,12 +172,13 @@ def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensiti
 
 
 def layout_covariances(covariances: dict, kinds: dict, layout: str) -> dict:
-    """{name: jaxjpeg.InputCovariance} of torch-layout patch covariances (features
-    (I, kh, kw) of conv (O, I, kh, kw), I of linear (O, I)) for ``layout``."""
+    """{name: jaxjpeg.InputCovariance} of native-layout input covariances (features
+    (I, kh, kw) of conv (O, I, kh, kw), I of linear (O, I) and of matmul (I, O)) for
+    ``layout`` (flax: conv (kh, kw, I, O), linear (I, O), matmul as it is)."""
     import jaxjpeg
 
-    axes = {"torch": {"conv": (1, 2, 3), "linear": (1,)},
-            "flax": {"conv": (2, 0, 1), "linear": (0,)}}[layout]   # (kh, kw, I, O), (I, O)
+    axes = {"torch": {"conv": (1, 2, 3), "linear": (1,), "matmul": (0,)},
+            "flax": {"conv": (2, 0, 1), "linear": (0,), "matmul": (0,)}}[layout]
     return {name: jaxjpeg.InputCovariance(h, axes[kinds[name]]) for name, h in covariances.items()
             if kinds.get(name) in axes}
 

@@ -138,6 +138,15 @@ class OcrCase:
     def sensitivity(self):
         return None
 
+    def input_covariances(self) -> dict:
+        """Second moments of each ungrouped Conv's patches (features (I, kh, kw)) and
+        each MatMul/Gemm's input rows over calibration inputs that are not the evaluation
+        ones (other lines: data.calibration_lines; other pages: another seed):
+        {initializer name: (n, n)}."""
+        calib = (data.rec_batch(data.calibration_lines()) if self.task == "rec"
+                 else data.det_pages(2, seed=11))
+        return onnx_input_covariances(self.proto, self.native, calib)
+
     # ------------------------------------------------------------------ metrics
 
     def decode(self, probs: np.ndarray) -> list[str]:
@@ -172,3 +181,59 @@ class OcrCase:
         return dict(iou=iou, agree=float(np.mean(mask_ref == mask)),
                     mean_abs=float(np.mean(np.abs(out.astype(np.float64) - ref))),
                     text_fraction=float(mask.mean()))
+
+
+def onnx_input_covariances(proto, weights: dict, inputs: np.ndarray) -> dict:
+    """Runs ``proto`` on ``inputs`` with the data inputs of its ungrouped Conv and its
+    MatMul/Gemm nodes (whose weight is an initializer) as extra outputs, and sums x xᵀ
+    of what each weight multiplies."""
+    import onnx
+    import onnxruntime as ort
+
+    consumers = {}
+    for node in proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        if node.op_type == "Conv" and attrs.get("group", 1) == 1 and \
+                attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
+            consumers[node.input[1]] = (node.input[0], attrs)
+        elif node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transA", 0)):
+            consumers[node.input[1]] = (node.input[0], None)
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    known = {o.name for o in model.graph.output}
+    for data_name in {d for d, _ in consumers.values()} - known:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(data_name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    sums = {}
+    for i in range(len(inputs)):
+        outs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: inputs[i:i + 1]})))
+        for weight, (data_name, attrs) in consumers.items():
+            x = outs[data_name].astype(np.float64)
+            if attrs is not None:
+                x = _patches(x, weights[weight].shape[2:], attrs)
+            x = x.reshape(-1, x.shape[-1])
+            sums[weight] = sums.get(weight, 0) + x.T @ x
+    return sums
+
+
+def _patches(x: np.ndarray, kernel, attrs) -> np.ndarray:
+    """Conv input (N, C, H, W) -> patches (N, H', W', C * kh * kw), features (C, kh, kw)."""
+    kh, kw = kernel
+    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    sh, sw = attrs.get("strides", [1, 1])
+    dh, dw = attrs.get("dilations", [1, 1])
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, c, h, w = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, oh, ow, c, kh, kw), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            cols[..., i, j] = window.transpose(0, 2, 3, 1)
+    return cols.reshape(n, oh, ow, c * kh * kw)
