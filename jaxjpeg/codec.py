@@ -147,11 +147,26 @@ def quant_table(*, bits: int, quality: int | None = None, quant_step: float | No
     return table.astype(np.uint16)
 
 
-def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """(row0, col0, height, width) of every tile, row-major."""
+def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int], row_cuts: Sequence[int] = (),
+              col_cuts: Sequence[int] = ()) -> list[tuple[int, int, int, int]]:
+    """(row0, col0, height, width) of every tile, row-major.
+
+    Tiles are ``tile_shape`` (rounded down to multiples of 8) from each side's
+    start, except that every position in ``row_cuts`` / ``col_cuts`` is a tile
+    edge too (e.g. shard boundaries, see MatrixView.shard_cuts): the cut
+    pieces are tiled from their own starts, so tiles only get smaller where a
+    cut falls inside one. Without cuts: the uniform grid.
+    """
     th, tw = (min(MAX_TILE_SIDE, max(8, s // 8 * 8)) for s in tile_shape)
-    return [(r, c, min(th, rows - r), min(tw, cols - c))
-            for r in range(0, rows, th) for c in range(0, cols, tw)]
+    return [(r, c, h, w) for r, h in _side_tiles(rows, th, row_cuts)
+            for c, w in _side_tiles(cols, tw, col_cuts)]
+
+
+def _side_tiles(length: int, side: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, size) of the tiles along one side of ``length``."""
+    edges = sorted({0, length, *(int(c) for c in cuts if 0 < c < length)})
+    return [(start, min(side, stop - start))
+            for begin, stop in zip(edges, edges[1:]) for start in range(begin, stop, side)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +186,20 @@ class Prepared:
     # bits -> row scales, "stats" -> row statistics (caches)
     scales: dict = dataclasses.field(default_factory=dict, compare=False)
     feedback: Feedback | None = None  # shape the error against the layer's inputs
+    # (row cuts, col cuts) of the view that must be tile edges (see tile_grid):
+    # the shard boundaries of the array saved, so each shard reads its own tiles.
+    tile_cuts: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+
+    def tiles(self, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        """The tiles this tensor is coded in (:func:`tile_grid`)."""
+        return tile_grid(*self.matrix.shape, tile_shape, *self.tile_cuts)
+
+    def with_shards(self, regions) -> "Prepared":
+        """This tensor with tile edges at the boundaries of ``regions`` (the
+        shards of the array saved, (start, stop, step) per axis), or as it is."""
+        if not regions:
+            return self
+        return dataclasses.replace(self, tile_cuts=self.view.shard_cuts(self.shape, regions))
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
@@ -286,7 +315,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                                       restart_interval=restart_interval, with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
-    cells = tile_grid(*p.matrix.shape, tile_shape)
+    cells = p.tiles(tile_shape)
     if threads is None:   # the shared pool: no threads started per tensor
         tiles = tuple(_tile_pool().map(encode_one, cells))
     else:

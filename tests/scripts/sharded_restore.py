@@ -286,6 +286,102 @@ def load_honours_target_placement():
         raise AssertionError("a sharded JPEG target was silently loaded onto one device")
 
 
+def saved_sharded(name, shape, sharding, **options):
+    """(path, array, per-device tile bytes of a restore with ``sharding``, the
+    leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
+    placed with ``sharding``; the restored shards are checked against an
+    unsharded restore of the same file."""
+    x = rng.normal(size=shape).astype(np.float32)
+    path = os.path.join(WORK, f"{name}.jjpg")
+    jaxjpeg.save(path, {"w": jax.device_put(x, sharding)}, **options)
+    whole = np.asarray(jaxjpeg.restore(path)["w"])
+    stats = jaxjpeg.RestoreStats()
+    target = {"w": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}
+    value = jaxjpeg.restore(path, target=target, stats=stats)["w"]
+    assert value.sharding.is_equivalent_to(sharding, len(shape)), value.sharding
+    for shard in value.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index],
+                                      err_msg=f"{name} shard on {shard.device}")
+    with ckr.Checkpoint(path) as c:
+        (leaf,) = c.leaves
+        total = sum(c.tile_size(leaf, k) for k in range(len(leaf.tiles)))
+        tiles = leaf.tiles
+    return path, x, stats.payload_bytes_per_device, total, tiles
+
+
+def reads_own_share(per_device, total, ways):
+    """Every device read about 1/ways of the tile bytes, each tile once overall."""
+    assert len(per_device) == ways, per_device
+    assert sum(per_device.values()) == total, (per_device, total)
+    for device, n in per_device.items():
+        assert n < 1.25 * total / ways, (device, n, total, ways)
+
+
+@check
+def saved_sharded_last_axis_4_ways_reads_a_quarter():
+    """The issue's case: a (4, 1024, 512) leaf saved from an array sharded 4
+    ways on its last axis (tiles 512 wide would give every device every
+    tile), with the coder's view and with the framework's."""
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    for view in ("auto", "framework"):
+        _, _, per_device, total, _ = saved_sharded(f"last4_{view}", (4, 1024, 512), sharding,
+                                                   view=view)
+        reads_own_share(per_device, total, 4)
+
+
+@check
+def saved_sharded_first_axis_reads_its_share():
+    """8 ways over 1024 rows (tiles of 512 rows would be read by 4 devices
+    each); and 4 ways over the first axis of a (4, 1024, 512) leaf, which the
+    coder's view would otherwise put last among the columns (strided)."""
+    sharding = NamedSharding(mesh((8,), ("x",)), P("x"))
+    _, _, per_device, total, _ = saved_sharded("first8", (1024, 768), sharding, view="framework")
+    reads_own_share(per_device, total, 8)
+    sharding = NamedSharding(mesh((4,), ("x",)), P("x"))
+    path, _, per_device, total, _ = saved_sharded("first4", (4, 1024, 512), sharding)
+    reads_own_share(per_device, total, 4)
+    with ckr.Checkpoint(path) as c:   # the sharded axis leads the columns
+        assert c.leaves[0].view.perm[1] == 0, c.leaves[0].view
+
+
+@check
+def saved_on_2x4_mesh_reads_an_eighth():
+    sharding = NamedSharding(mesh((2, 4), ("a", "b")), P("a", "b"))
+    _, _, per_device, total, tiles = saved_sharded("mesh2x4", (768, 1536), sharding,
+                                                   view="framework")
+    reads_own_share(per_device, total, 8)
+    # tiles stay as large as the shards allow: one 384x384 tile per shard
+    assert sorted({(h, w) for _, _, h, w, _ in tiles}) == [(384, 384)], tiles
+
+
+@check
+def saved_sharded_restores_on_other_shardings():
+    """Tiles cut for one sharding still restore exactly on another."""
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    path, x, _, _, _ = saved_sharded("other", (4, 1024, 512), sharding)
+    whole = np.asarray(jaxjpeg.restore(path)["w"])
+    assert np.sqrt(np.mean((whole - x) ** 2)) < 0.1
+    for other in (NamedSharding(mesh((8,), ("x",)), P(None, "x")),
+                  NamedSharding(mesh((2, 4), ("a", "b")), P("a", None, "b"))):
+        target = {"w": jax.ShapeDtypeStruct(x.shape, np.float32, sharding=other)}
+        np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(path, target=target)["w"]),
+                                      whole)
+
+
+@check
+def numpy_and_replicated_leaves_keep_the_uniform_grid():
+    from jaxjpeg import codec
+    x = rng.normal(size=(4, 1024, 512)).astype(np.float32)
+    for name, leaf in (("numpy", x),
+                       ("replicated", jax.device_put(x, NamedSharding(mesh((8,), ("x",)), P())))):
+        path = os.path.join(WORK, f"{name}.jjpg")
+        jaxjpeg.save(path, {"w": leaf}, view="framework")
+        with ckr.Checkpoint(path) as c:
+            (saved,) = c.leaves
+        assert [t[:4] for t in saved.tiles] == codec.tile_grid(4096, 512,
+                                                               codec.DEFAULT_TILE_SHAPE)
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
