@@ -257,13 +257,15 @@ class _LeafCoder:
 
         shards = self.shards.get(name)
         if name in self._choices:
-            return codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
-        _, importance = _leaf_importance(self.sensitivity, name)
-        try:
-            return rate.prepare_leaf(array, importance, self.view,
-                                     self.input_covariance.get(name), shards)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
+        else:
+            _, importance = _leaf_importance(self.sensitivity, name)
+            try:
+                p = rate.prepare_leaf(array, importance, self.view,
+                                      self.input_covariance.get(name), shards)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""

@@ -37,6 +37,13 @@ DEFAULT_RESTART_INTERVAL = 8       # blocks per interval: ~1% marker overhead, m
 # 8-way row or column shards of a checkpoint read no extra tiles.
 DEFAULT_TILE_SHAPE = (512, 512)
 MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
+# Prepared.with_even_splits: a tile costs about TILE_COST_BYTES beyond its
+# coded data (JPEG header and tables, container record, padding and index:
+# 280-450 measured), and a leaf codes to about SPLIT_ESTIMATE_BITS per weight at
+# the default rate; extra tiles may cost SPLIT_COST_FRACTION of that.
+TILE_COST_BYTES = 450
+SPLIT_ESTIMATE_BITS = 4
+SPLIT_COST_FRACTION = 0.01
 
 OUTPUT_TYPES = {
     np.dtype(np.float32): 0,
@@ -193,6 +200,27 @@ class Prepared:
     def tiles(self, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         """The tiles this tensor is coded in (:func:`tile_grid`)."""
         return tile_grid(*self.matrix.shape, tile_shape, *self.tile_cuts)
+
+    def with_even_splits(self, tile_shape: tuple[int, int]) -> "Prepared":
+        """For a leaf saved without a sharding: tile edges at the 8-, 4- or
+        2-way even splits of its largest axis (where that axis leads a side
+        of the view), the most ways whose extra tiles cost at most about
+        SPLIT_COST_FRACTION of the leaf's coded size (data-free estimate).
+        Tensor-parallel layouts shard the largest axis of MLP and fused
+        attention kernels; measured cost: docs/format.md."""
+        axis = int(np.argmax(self.shape)) if self.shape else 0
+        uniform = len(self.tiles(tile_shape))
+        allowed = SPLIT_COST_FRACTION * self.size * SPLIT_ESTIMATE_BITS / 8 / TILE_COST_BYTES
+        for ways in (8, 4, 2):
+            if not self.shape or self.shape[axis] % (8 * ways):
+                continue
+            step = self.shape[axis] // ways
+            regions = [tuple((i * step, (i + 1) * step, 1) if a == axis else (0, n, 1)
+                             for a, n in enumerate(self.shape)) for i in range(ways)]
+            split = self.with_shards(regions)
+            if len(split.tiles(tile_shape)) - uniform <= allowed:
+                return split
+        return self
 
     def with_shards(self, regions) -> "Prepared":
         """This tensor with tile edges at the boundaries of ``regions`` (the

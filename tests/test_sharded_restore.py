@@ -35,7 +35,7 @@ CHECKS = [
     "saved_sharded_first_axis_reads_its_share",
     "saved_on_2x4_mesh_reads_an_eighth",
     "saved_sharded_restores_on_other_shardings",
-    "numpy_and_replicated_leaves_keep_the_uniform_grid",
+    "numpy_and_replicated_leaves_split_their_largest_axis_evenly",
 ]
 
 

@@ -394,3 +394,27 @@ def test_tile_grid_puts_edges_at_the_cuts_and_keeps_the_default_size_elsewhere()
     # cuts on the default grid add nothing
     assert codec.tile_grid(2048, 1024, (512, 512), (1024,), (512,)) == codec.tile_grid(
         2048, 1024, (512, 512))
+
+
+def test_numpy_leaves_split_their_largest_axis_as_far_as_it_is_cheap():
+    def cuts(shape):
+        x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+        p = codec.prepare(x)                           # the framework's view
+        return p.with_even_splits(codec.DEFAULT_TILE_SHAPE).tile_cuts
+    assert cuts((1024, 3072)) == ((), tuple(range(384, 3072, 384)))       # 8 ways
+    assert cuts((768, 768)) == ((192, 384, 576), ())   # 8 ways would add 12 tiles: 4
+    assert cuts((1000, 600)) == ((), ())               # no even split in multiples of 8
+    assert cuts((4, 1024, 512)) == ((), ())            # the largest axis is strided
+    p = codec.prepare(np.zeros((4096, 1024), np.float32))
+    split = p.with_even_splits(codec.DEFAULT_TILE_SHAPE)
+    assert split.tiles(codec.DEFAULT_TILE_SHAPE) == p.tiles(codec.DEFAULT_TILE_SHAPE)
+
+
+def test_sharded_and_numpy_leaves_save_and_restore_alike(tmp_path):
+    """The cut tiles decode to what the uniform grid's do, within the rate's error."""
+    x = np.random.default_rng(6).normal(size=(768, 3072)).astype(np.float32)
+    path = tmp_path / "a.jjpg"
+    jaxjpeg.save(path, {"w": x})
+    with Checkpoint(path) as c:
+        assert len(c.leaves[0].tiles) == 16
+    assert _rel(jaxjpeg.restore(path)["w"], x) < 0.1

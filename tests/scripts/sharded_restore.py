@@ -123,8 +123,10 @@ def cols_sharded_8_ways_read_only_their_tiles():
 @check
 def mesh_2x4_both_dims_read_only_their_tile():
     aligned("grid", P("a", "b"), (2, 4), ("a", "b"))
-    with ckr.Checkpoint(PATH) as c:  # one tile per device
-        assert len([l for l in c.leaves if l.path == "grid"][0].tiles) == 8
+    with ckr.Checkpoint(PATH) as c:  # two tiles per device: numpy leaves' tiles
+        # also end at the 8-way splits of their largest axis (256 columns here)
+        tiles = [l for l in c.leaves if l.path == "grid"][0].tiles
+        assert sorted({(h, w) for _, _, h, w, _ in tiles}) == [(512, 256)], tiles
 
 
 @check
@@ -369,17 +371,34 @@ def saved_sharded_restores_on_other_shardings():
 
 
 @check
-def numpy_and_replicated_leaves_keep_the_uniform_grid():
+def numpy_and_replicated_leaves_split_their_largest_axis_evenly():
+    """No sharding known: tile edges at the 8-way splits of the largest axis
+    when that axis leads a side of the view (and the extra tiles cost little);
+    else the uniform grid."""
     from jaxjpeg import codec
-    x = rng.normal(size=(4, 1024, 512)).astype(np.float32)
-    for name, leaf in (("numpy", x),
-                       ("replicated", jax.device_put(x, NamedSharding(mesh((8,), ("x",)), P())))):
+    x = rng.normal(size=(1024, 3072)).astype(np.float32)
+    replicated = NamedSharding(mesh((8,), ("x",)), P())
+    for name, leaf in (("numpy", x), ("replicated", jax.device_put(x, replicated))):
         path = os.path.join(WORK, f"{name}.jjpg")
         jaxjpeg.save(path, {"w": leaf}, view="framework")
         with ckr.Checkpoint(path) as c:
             (saved,) = c.leaves
-        assert [t[:4] for t in saved.tiles] == codec.tile_grid(4096, 512,
-                                                               codec.DEFAULT_TILE_SHAPE)
+        assert [t[:4] for t in saved.tiles] == codec.tile_grid(
+            1024, 3072, codec.DEFAULT_TILE_SHAPE, (), range(384, 3072, 384)), saved.tiles
+        sharding = NamedSharding(mesh((8,), ("x",)), P(None, "x"))
+        stats = jaxjpeg.RestoreStats()
+        jaxjpeg.restore(path, target={"w": jax.ShapeDtypeStruct(x.shape, np.float32,
+                                                                 sharding=sharding)}, stats=stats)
+        with ckr.Checkpoint(path) as c:
+            total = sum(c.tile_size(saved, k) for k in range(len(saved.tiles)))
+        reads_own_share(stats.payload_bytes_per_device, total, 8)
+    # the largest axis inside a side (strided shards): the uniform grid
+    path = os.path.join(WORK, "inner.jjpg")
+    jaxjpeg.save(path, {"w": rng.normal(size=(4, 1024, 512)).astype(np.float32)},
+                 view="framework")
+    with ckr.Checkpoint(path) as c:
+        (saved,) = c.leaves
+    assert [t[:4] for t in saved.tiles] == codec.tile_grid(4096, 512, codec.DEFAULT_TILE_SHAPE)
 
 
 results = {}
