@@ -492,8 +492,8 @@ class SourceLeaf:
     shape: tuple[int, ...]
     dtype: np.dtype
     load: Callable[[], np.ndarray]      # the array (any byte order), called once
-    # The array's shards as (start, stop, step) per axis (shard_regions), or
-    # None: a coded leaf's tiles then have edges at their boundaries.
+    # The array's shards as (start, stop, step) per axis (shard_regions): a
+    # coded leaf's tiles get edges at their boundaries. None: no sharding known.
     shards: tuple | None = None
 
     def __post_init__(self):

@@ -42,6 +42,8 @@ MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
 # 280-450 measured), and a leaf codes to about SPLIT_ESTIMATE_BITS per weight at
 # the default rate; extra tiles may cost SPLIT_COST_FRACTION of that.
 TILE_COST_BYTES = 450
+# Shards cut tiles no narrower than this (a 512 x 32 tile's header: ~5% of it).
+MIN_CUT_PIECE = 32
 SPLIT_ESTIMATE_BITS = 4
 SPLIT_COST_FRACTION = 0.01
 
@@ -224,10 +226,15 @@ class Prepared:
 
     def with_shards(self, regions) -> "Prepared":
         """This tensor with tile edges at the boundaries of ``regions`` (the
-        shards of the array saved, (start, stop, step) per axis), or as it is."""
+        shards of the array saved, (start, stop, step) per axis), or as it is.
+        A side whose pieces would be narrower than MIN_CUT_PIECE keeps the
+        uniform grid: such slivers' headers would cost more than 5% of them."""
         if not regions:
             return self
-        return dataclasses.replace(self, tile_cuts=self.view.shard_cuts(self.shape, regions))
+        cuts = self.view.shard_cuts(self.shape, regions)
+        cuts = tuple(side if np.diff([0, *side, length]).min() >= MIN_CUT_PIECE else ()
+                     for side, length in zip(cuts, self.matrix.shape))
+        return dataclasses.replace(self, tile_cuts=cuts)
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""

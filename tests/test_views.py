@@ -396,6 +396,14 @@ def test_tile_grid_puts_edges_at_the_cuts_and_keeps_the_default_size_elsewhere()
         2048, 1024, (512, 512))
 
 
+def test_shards_never_cut_tiles_into_slivers():
+    p = codec.prepare(np.zeros((4096, 256), np.float32))
+    assert p.with_shards(_split((4096, 256), 1, 8)).tile_cuts == ((), tuple(range(32, 256, 32)))
+    assert p.with_shards(_split((4096, 256), 1, 16)).tile_cuts == ((), ())
+    assert p.with_shards(_split((4096, 256), 0, 16)).tile_cuts == (tuple(range(256, 4096, 256)),
+                                                                   ())
+
+
 def test_numpy_leaves_split_their_largest_axis_as_far_as_it_is_cheap():
     def cuts(shape):
         x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
