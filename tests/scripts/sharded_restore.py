@@ -371,6 +371,29 @@ def saved_sharded_restores_on_other_shardings():
 
 
 @check
+def orbax_handler_cuts_tiles_along_shards():
+    """The Orbax handler (training loops' save) copies leaves to host and keeps
+    their shards: the issue's case reads a quarter per device from its file."""
+    import orbax.checkpoint as ocp
+    from jaxjpeg.orbax import FILENAME, JaxjpegCheckpointHandler, JaxjpegSave
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    x = rng.normal(size=(4, 1024, 512)).astype(np.float32)
+    directory = os.path.join(WORK, "orbax_item")
+    with ocp.AsyncCheckpointer(JaxjpegCheckpointHandler()) as ckptr:
+        ckptr.save(directory, args=JaxjpegSave({"w": jax.device_put(x, sharding)},
+                                               save_kwargs={"view": "framework"}))
+        ckptr.wait_until_finished()
+    path = os.path.join(directory, FILENAME)
+    stats = jaxjpeg.RestoreStats()
+    jaxjpeg.restore(path, target={"w": jax.ShapeDtypeStruct(x.shape, np.float32,
+                                                             sharding=sharding)}, stats=stats)
+    with ckr.Checkpoint(path) as c:
+        (leaf,) = c.leaves
+        total = sum(c.tile_size(leaf, k) for k in range(len(leaf.tiles)))
+    reads_own_share(stats.payload_bytes_per_device, total, 4)
+
+
+@check
 def numpy_and_replicated_leaves_split_their_largest_axis_evenly():
     """No sharding known: tile edges at the 8-way splits of the largest axis
     when that axis leads a side of the view (and the extra tiles cost little);
