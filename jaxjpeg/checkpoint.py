@@ -144,6 +144,20 @@ def _to_numpy(leaf) -> np.ndarray:
     return array
 
 
+def shard_regions(leaf) -> tuple | None:
+    """The distinct shards of a ``jax.Array`` split over devices, as
+    (start, stop, step) per axis; None for anything else (numpy leaves, one
+    device, replicated). Saving cuts tiles along them, so restoring with the
+    same sharding reads each device's own tiles only."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(leaf, jax.Array) or sharding is None or len(sharding.device_set) < 2:
+        return None
+    shape = tuple(leaf.shape)
+    regions = {tuple(sl.indices(dim) for sl, dim in zip(index, shape))
+               for index in sharding.devices_indices_map(shape).values()}
+    return tuple(sorted(regions)) if len(regions) > 1 else None
+
+
 def _check_paths(entries) -> None:
     """Refuses paths a reader would refuse: too deep or long, or breaking the
     uniqueness rule of :func:`jaxjpeg.layout.path_clash` (linear time)."""
@@ -226,27 +240,32 @@ class _LeafCoder:
     """Prepares leaves the same way for every rate control (view, side list,
     row and column steps), so curves measured once match the final coding."""
 
-    def __init__(self, sensitivity, view, coding, input_covariance=None):
+    def __init__(self, sensitivity, view, coding, input_covariance=None, shards=None):
         self.sensitivity = sensitivity
         self.view = view
         self.coding = coding
         self.input_covariance = input_covariance or {}
+        self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
     def prepare(self, name, array) -> codec.Prepared:
-        """The leaf ready to code. A leaf prepared before (byte targets prepare
-        each twice: for its curve, then to code it) reuses the choices of its
-        view, side list and steps instead of analysing it again."""
+        """The leaf ready to code, its tiles cut along its shards' boundaries.
+        A leaf prepared before (byte targets prepare each twice: for its
+        curve, then to code it) reuses the choices of its view, side list and
+        steps instead of analysing it again."""
         from jaxjpeg import rate
 
+        shards = self.shards.get(name)
         if name in self._choices:
-            return codec.prepare(array, **self._choices.pop(name))
-        _, importance = _leaf_importance(self.sensitivity, name)
-        try:
-            return rate.prepare_leaf(array, importance, self.view,
-                                     self.input_covariance.get(name))
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
+        else:
+            _, importance = _leaf_importance(self.sensitivity, name)
+            try:
+                p = rate.prepare_leaf(array, importance, self.view,
+                                      self.input_covariance.get(name), shards)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""
@@ -307,10 +326,10 @@ _BLOB_OVERHEAD = 32 + 80
 _LEAF_OVERHEAD = 200
 
 
-def _coded_overhead(matrix_shape, restart_interval, tile_shape) -> int:
+def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape) -> int:
     """Container bytes of a coded leaf that do not depend on its step: blob
     padding and records, and the restart-interval index of every tile."""
-    tiles = codec.tile_grid(*matrix_shape, tile_shape)
+    tiles = p.tiles(tile_shape)
     overhead = _BLOB_OVERHEAD * (len(tiles) + 4)
     for _, _, h, w in tiles:
         overhead += 4 * (layout.intervals_per_tile(h, w, restart_interval) + 1)
@@ -336,7 +355,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
         return leaf.name, (rate.rd_curve(p, bits, **coding), leaf_coder.leaf_sensitivity(
-            leaf.name, p), _coded_overhead(p.matrix.shape, coding["restart_interval"],
+            leaf.name, p), _coded_overhead(p, coding["restart_interval"],
                                            coding["tile_shape"])), 0
 
     coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
@@ -445,7 +464,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     if distributed:
         from jaxjpeg.distributed_save import save_distributed
         return save_distributed(path, tree, _options(locals()))
-    entries = [SourceLeaf.of(records, _to_numpy(leaf)) for records, leaf in _leaves(tree)]
+    entries = [SourceLeaf.of(records, _to_numpy(leaf), shard_regions(leaf))
+               for records, leaf in _leaves(tree)]
     return save_leaves(path, entries, **_options(locals()))
 
 
@@ -470,14 +490,17 @@ class SourceLeaf:
     shape: tuple[int, ...]
     dtype: np.dtype
     load: Callable[[], np.ndarray]      # the array (any byte order), called once
+    # The array's shards as (start, stop, step) per axis (shard_regions): a
+    # coded leaf's tiles get edges at their boundaries. None: no sharding known.
+    shards: tuple | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", np.dtype(self.dtype).newbyteorder("="))
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
     @classmethod
-    def of(cls, records, array: np.ndarray) -> "SourceLeaf":
-        return cls(records, tuple(array.shape), array.dtype, lambda: array)
+    def of(cls, records, array: np.ndarray, shards: tuple | None = None) -> "SourceLeaf":
+        return cls(records, tuple(array.shape), array.dtype, lambda: array, shards)
 
     @property
     def name(self) -> str:
@@ -561,7 +584,8 @@ class _Save:
         _check_covariances(input_covariance, leaves, error_bound)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
-                                input_covariance)
+                                input_covariance,
+                                {leaf.name: leaf.shards for leaf in leaves if leaf.shards})
 
         def table_encoder(name, array):
             return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,

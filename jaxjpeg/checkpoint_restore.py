@@ -95,9 +95,7 @@ def _shard_boxes(leaf: SavedLeaf, sharding) -> dict:
 def view_box(leaf: SavedLeaf, ranges) -> tuple[tuple[int, int], tuple[int, int]]:
     """(row range, col range) of the leaf's 2-D view that the region ``ranges``
     ((start, stop, step) per axis, steps positive, none empty) lies in."""
-    rows = _view_positions(ranges, leaf.shape, leaf.view.row_axes())
-    cols = _view_positions(ranges, leaf.shape, leaf.view.col_axes())
-    return (int(rows.min()), int(rows.max()) + 1), (int(cols.min()), int(cols.max()) + 1)
+    return (leaf.view or MatrixView.default(len(leaf.shape))).box(leaf.shape, ranges)
 
 
 def _slice_triple(sl, dim: int) -> tuple[int, int, int]:

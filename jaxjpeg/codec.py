@@ -37,6 +37,15 @@ DEFAULT_RESTART_INTERVAL = 8       # blocks per interval: ~1% marker overhead, m
 # 8-way row or column shards of a checkpoint read no extra tiles.
 DEFAULT_TILE_SHAPE = (512, 512)
 MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
+# Prepared.with_even_splits: a tile costs about TILE_COST_BYTES beyond its
+# coded data (JPEG header and tables, container record, padding and index:
+# 280-450 measured), and a leaf codes to about SPLIT_ESTIMATE_BITS per weight at
+# the default rate; extra tiles may cost SPLIT_COST_FRACTION of that.
+TILE_COST_BYTES = 450
+# Shards cut tiles no narrower than this (a 512 x 32 tile's header: ~5% of it).
+MIN_CUT_PIECE = 32
+SPLIT_ESTIMATE_BITS = 4
+SPLIT_COST_FRACTION = 0.01
 
 OUTPUT_TYPES = {
     np.dtype(np.float32): 0,
@@ -147,11 +156,26 @@ def quant_table(*, bits: int, quality: int | None = None, quant_step: float | No
     return table.astype(np.uint16)
 
 
-def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """(row0, col0, height, width) of every tile, row-major."""
+def tile_grid(rows: int, cols: int, tile_shape: tuple[int, int], row_cuts: Sequence[int] = (),
+              col_cuts: Sequence[int] = ()) -> list[tuple[int, int, int, int]]:
+    """(row0, col0, height, width) of every tile, row-major.
+
+    Tiles are ``tile_shape`` (rounded down to multiples of 8) from each side's
+    start, except that every position in ``row_cuts`` / ``col_cuts`` is a tile
+    edge too (e.g. shard boundaries, see MatrixView.shard_cuts): the cut
+    pieces are tiled from their own starts, so tiles only get smaller where a
+    cut falls inside one. Without cuts: the uniform grid.
+    """
     th, tw = (min(MAX_TILE_SIDE, max(8, s // 8 * 8)) for s in tile_shape)
-    return [(r, c, min(th, rows - r), min(tw, cols - c))
-            for r in range(0, rows, th) for c in range(0, cols, tw)]
+    return [(r, c, h, w) for r, h in _side_tiles(rows, th, row_cuts)
+            for c, w in _side_tiles(cols, tw, col_cuts)]
+
+
+def _side_tiles(length: int, side: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, size) of the tiles along one side of ``length``."""
+    edges = sorted({0, length, *(int(c) for c in cuts if 0 < c < length)})
+    return [(start, min(side, stop - start))
+            for begin, stop in zip(edges, edges[1:]) for start in range(begin, stop, side)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +195,46 @@ class Prepared:
     # bits -> row scales, "stats" -> row statistics (caches)
     scales: dict = dataclasses.field(default_factory=dict, compare=False)
     feedback: Feedback | None = None  # shape the error against the layer's inputs
+    # (row cuts, col cuts) of the view that must be tile edges (see tile_grid):
+    # the shard boundaries of the array saved, so each shard reads its own tiles.
+    tile_cuts: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+
+    def tiles(self, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        """The tiles this tensor is coded in (:func:`tile_grid`)."""
+        return tile_grid(*self.matrix.shape, tile_shape, *self.tile_cuts)
+
+    def with_even_splits(self, tile_shape: tuple[int, int]) -> "Prepared":
+        """For a leaf saved without a sharding: tile edges at the 8-, 4- or
+        2-way even splits of its largest axis (where that axis leads a side
+        of the view), the most ways whose extra tiles cost at most about
+        SPLIT_COST_FRACTION of the leaf's coded size (data-free estimate).
+        Tensor-parallel layouts shard the largest axis of MLP and fused
+        attention kernels; measured cost: docs/format.md."""
+        axis = int(np.argmax(self.shape)) if self.shape else 0
+        uniform = len(self.tiles(tile_shape))
+        allowed = SPLIT_COST_FRACTION * self.size * SPLIT_ESTIMATE_BITS / 8 / TILE_COST_BYTES
+        for ways in (8, 4, 2):
+            if not self.shape or self.shape[axis] % (8 * ways):
+                continue
+            step = self.shape[axis] // ways
+            regions = [tuple((i * step, (i + 1) * step, 1) if a == axis else (0, n, 1)
+                             for a, n in enumerate(self.shape)) for i in range(ways)]
+            split = self.with_shards(regions)
+            if len(split.tiles(tile_shape)) - uniform <= allowed:
+                return split
+        return self
+
+    def with_shards(self, regions) -> "Prepared":
+        """This tensor with tile edges at the boundaries of ``regions`` (the
+        shards of the array saved, (start, stop, step) per axis), or as it is.
+        A side whose pieces would be narrower than MIN_CUT_PIECE keeps the
+        uniform grid: such slivers' headers would cost more than 5% of them."""
+        if not regions:
+            return self
+        cuts = self.view.shard_cuts(self.shape, regions)
+        cuts = tuple(side if np.diff([0, *side, length]).min() >= MIN_CUT_PIECE else ()
+                     for side, length in zip(cuts, self.matrix.shape))
+        return dataclasses.replace(self, tile_cuts=cuts)
 
     def common_scale(self, bits: int) -> np.ndarray:
         """Row scales of clip="common" at ``bits`` (cached: a rate search asks often)."""
@@ -286,7 +350,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                                       restart_interval=restart_interval, with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
-    cells = tile_grid(*p.matrix.shape, tile_shape)
+    cells = p.tiles(tile_shape)
     if len(cells) == 1 or threads == 1:   # in this thread (it may be a pool's)
         tiles = tuple(map(encode_one, cells))
     elif threads is None:   # the shared pool: no threads started per tensor

@@ -183,7 +183,8 @@ def save_distributed(path, tree, saver_options: dict):
     try:
         flat = ck._leaves(tree)
         owners, gather = plan_owners([leaf for _, leaf in flat], processes)
-        leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None)
+        leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None,
+                                ck.shard_regions(leaf))
                   for records, leaf in flat]
         saver = ck._Save(path, leaves, **saver_options)
         temp = _create_temp(path, exchange) if me == 0 else None

@@ -53,14 +53,18 @@ __all__ = ["FILENAME", "JaxjpegCheckpointHandler", "JaxjpegRestore", "JaxjpegSav
 FILENAME = "checkpoint.jjpg"
 
 
-def _host_copy(tree):
-    """Copies every leaf to host memory (a real copy, not a view of a device buffer)."""
+def _host_copy(tree) -> list:
+    """Every leaf copied to host memory (a real copy, not a view of a device
+    buffer), as the leaves :func:`jaxjpeg.checkpoint.save_leaves` takes, with
+    the shards of an array split over devices (its tiles end at their edges,
+    as :func:`jaxjpeg.save` cuts them)."""
     def copy(leaf):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             raise ValueError("JaxjpegCheckpointHandler saves only fully addressable arrays; "
                              "gather multi-host sharded arrays first")
         return np.array(leaf, copy=True)
-    return jax.tree_util.tree_map(copy, tree)
+    return [_ckpt.SourceLeaf.of(records, copy(leaf), _ckpt.shard_regions(leaf))
+            for records, leaf in _ckpt._leaves(tree)]
 
 
 class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
@@ -82,13 +86,13 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
     def _is_writer(self) -> bool:
         return self._primary_host is None or jax.process_index() == self._primary_host
 
-    def _write(self, directory, tree, args: "JaxjpegSave") -> None:
+    def _write(self, directory, leaves: list, args: "JaxjpegSave") -> None:
         kwargs = dict(args.save_kwargs or {})
         for name in ("quant_step", "quality", "bits", "policy"):
             if getattr(args, name) is not None:
                 kwargs[name] = getattr(args, name)
         kwargs["progress"] = False
-        _ckpt.save(self._path(directory), tree, **kwargs)
+        _ckpt.save_leaves(self._path(directory), leaves, **kwargs)
 
     async def async_save(self, directory, args: "JaxjpegSave") -> Optional[List[Any]]:
         """Snapshots the leaves to host now; encodes and writes in the commit thread."""
@@ -96,10 +100,10 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
             raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
         if not self._is_writer():
             return []
-        tree = _host_copy(args.item)
+        leaves = _host_copy(args.item)
 
         async def commit():
-            await asyncio.to_thread(self._write, directory, tree, args)
+            await asyncio.to_thread(self._write, directory, leaves, args)
 
         return [ocp.future.CommitFutureAwaitingContractedSignals(commit(),
                                                                  name="jaxjpeg_save")]

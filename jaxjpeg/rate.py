@@ -59,7 +59,8 @@ VIEWS = ("auto", "framework")
 
 
 def prepare_leaf(x, importance=None, view: str = "auto",
-                 input_covariance: feedback.InputCovariance | None = None) -> codec.Prepared:
+                 input_covariance: feedback.InputCovariance | None = None,
+                 shards=None) -> codec.Prepared:
     """Chooses ``x``'s view, side list and per-row / per-column steps.
 
     ``view``: "auto" lets :func:`jaxjpeg.views.choose_view` pick the axes;
@@ -74,6 +75,11 @@ def prepare_leaf(x, importance=None, view: str = "auto",
 
     ``input_covariance``: the layer's inputs (see :mod:`jaxjpeg.feedback`);
     the view then keeps the input axes together on rows or columns.
+
+    ``shards`` (optional): the regions of the array's shards ((start, stop,
+    step) per axis, see ``jaxjpeg.checkpoint.shard_regions``); the sharded
+    axes then lead the columns of an "auto" view and tiles are cut along the
+    shards' boundaries (:meth:`jaxjpeg.codec.Prepared.with_shards`).
     """
     x = np.asarray(x)
     # float32 (every coded dtype fits it; NaN compares False); a float32 leaf
@@ -83,7 +89,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    view = views.choose_view(probe) if view == "auto" else views.MatrixView.default(x.ndim)
+    view = (views.choose_view(probe, views.sharded_axes(shards)) if view == "auto"
+            else views.MatrixView.default(x.ndim))
     fb = None
     if input_covariance is not None:
         view = feedback.view_for(input_covariance, x.shape, view)
@@ -99,7 +106,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     else:
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
-                         outliers=outliers, feedback=fb)
+                         outliers=outliers, feedback=fb).with_shards(shards)
 
 
 def _data_free_weights(m: np.ndarray):
@@ -299,7 +306,8 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
             if b == 8 and best[0] >= MIN_STEP_8BIT:
                 break
     if not found:
-        fallback = codec.prepare(original, view=p.view, outliers=p.outliers)
+        fallback = dataclasses.replace(codec.prepare(original, view=p.view, outliers=p.outliers),
+                                       tile_cuts=p.tile_cuts)
         best = _largest_step_within(fallback, bits or 12, budget, dict(options, clip="minmax"))
         if best is not None:
             return best[1]
@@ -489,8 +497,7 @@ def _scaled_tile_bytes(p: codec.Prepared, probe_enc: codec.EncodedTensor, fracti
         coded = int(tile.interval_starts[-1] - tile.interval_starts[0])
         entropy += coded
         header += len(tile.data) - coded
-    tiles = len(codec.tile_grid(*p.matrix.shape,
-                                options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)))
+    tiles = len(p.tiles(options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)))
     return entropy / fraction + tiles * header / len(probe_enc.tiles)
 
 

@@ -81,6 +81,50 @@ class MatrixView:
     def col_axes(self) -> tuple[int, ...]:
         return self.perm[self.split:]
 
+    def box(self, shape: Sequence[int], ranges) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(row range, col range) of the view that the region ``ranges``
+        ((start, stop, step) per axis, steps positive, none empty) lies in."""
+        return (_side_range(shape, ranges, self.row_axes()),
+                _side_range(shape, ranges, self.col_axes()))
+
+    def shard_cuts(self, shape: Sequence[int], regions) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(row cuts, col cuts): where tile edges must fall so that each of
+        ``regions`` (shards, as for :meth:`box`) reads only tiles of its own.
+
+        On each side, a region whose positions form one contiguous range
+        (e.g. a shard of the side's leading axis, or of a side that is one
+        axis) gives that range's ends; a region strided along a side (a shard
+        of an inner axis) gives nothing there: no tile edges keep its reads
+        to its own elements, and cutting for it would only add tiles."""
+        cuts: tuple[set, set] = (set(), set())
+        for ranges in regions:
+            for side, axes in enumerate((self.row_axes(), self.col_axes())):
+                start, stop = _side_range(shape, ranges, axes)
+                if stop - start == math.prod(len(range(*ranges[a])) for a in axes):
+                    cuts[side].update((start, stop))
+        rows, cols = self.matrix_shape(shape)
+        return (tuple(sorted(c for c in cuts[0] if 0 < c < rows)),
+                tuple(sorted(c for c in cuts[1] if 0 < c < cols)))
+
+
+def sharded_axes(regions) -> tuple[int, ...]:
+    """The axes along which ``regions`` (shards, (start, stop, step) per axis) differ."""
+    if not regions:
+        return ()
+    return tuple(a for a in range(len(regions[0])) if len({r[a] for r in regions}) > 1)
+
+
+def _side_range(shape, ranges, axes) -> tuple[int, int]:
+    """[first, last + 1) of a region's positions along one side of a view
+    (C order over ``axes``): the positions grow with every index, so the
+    first is at the region's starts and the last at its last indices."""
+    first = last = 0
+    for a in axes:
+        start, stop, step = ranges[a]
+        first = first * shape[a] + start
+        last = last * shape[a] + start + (len(range(start, stop, step)) - 1) * step
+    return first, last + 1
+
 
 def axis_rms(x: np.ndarray) -> list[np.ndarray]:
     """Per axis, the RMS of each slice along it (float64), squares summed a
@@ -106,9 +150,13 @@ def scale_spread(rms: np.ndarray) -> float:
     return float(np.std(np.log2(positive))) if positive.size > 1 else 0.0
 
 
-def choose_view(x: np.ndarray) -> MatrixView:
+def choose_view(x: np.ndarray, lead: Sequence[int] = ()) -> MatrixView:
     """The view of ``x``: the channel axis with the widest scale spread to rows,
-    the other axes to columns, larger axes first (ties: original order)."""
+    the other axes to columns, larger axes first (ties: original order).
+
+    ``lead``: axes the array is sharded along; they go first among the
+    columns, so that their shards are contiguous ranges of columns (tiles
+    can then be cut along them, see :meth:`MatrixView.shard_cuts`)."""
     x = np.asarray(x)
     if x.ndim < 2:
         return MatrixView.default(x.ndim)
@@ -118,7 +166,8 @@ def choose_view(x: np.ndarray) -> MatrixView:
     rms = axis_rms(x)
     # Ties (e.g. constant tensors) go to the larger axis, then the earlier one.
     row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), x.shape[a], -a))
-    cols = sorted((a for a in range(x.ndim) if a != row), key=lambda a: (-x.shape[a], a))
+    cols = sorted((a for a in range(x.ndim) if a != row),
+                  key=lambda a: (a not in lead, -x.shape[a], a))
     return MatrixView((row, *cols), 1)
 
 

@@ -13,7 +13,8 @@ from jaxjpeg import format as fmt, layout
 
 rng = np.random.default_rng(10)
 TREE = {
-    # Rows differ in scale: the coder keeps the framework's view, 2 x 3 tiles of 512.
+    # Rows differ in scale: the coder keeps the framework's view, 2 x 8 tiles of
+    # 512 x 192 (a numpy leaf's tiles end at the 8-way splits of its largest axis).
     "dense": (rng.standard_normal((1024, 1536)) * np.exp(rng.standard_normal((1024, 1))))
     .astype(np.float32),
     # A Flax conv whose output channels differ widely in scale: the coder views it
@@ -160,7 +161,7 @@ def test_keys_and_info(saved):
             assert info.tiles == 0 and info.view is None
         dense, conv, mask = f.info("dense"), f.info("conv"), f.info("mask")
     assert dense.kind == conv.kind == mask.kind == "jpeg"
-    assert dense.view == ((0, 1), 1) and dense.tiles == 6
+    assert dense.view == ((0, 1), 1) and dense.tiles == 16
     assert conv.view[0][0] == 3 and conv.view[1] == 1 and conv.tiles == 2  # (96, 576)
     assert mask.kept >= 64 * 63 // 2 and dense.kept == 0
     for info in (dense, conv, mask):
@@ -228,7 +229,7 @@ SLICES = [
     ("dense", np.s_[-5]),
     ("dense", np.s_[3, 1000:1100]),
     ("dense", np.s_[::-3, 5:9]),
-    ("dense", np.s_[500:530, 510:515]),        # across 4 tiles
+    ("dense", np.s_[500:530, 380:390]),        # across 4 tiles
     ("dense", np.s_[..., 1535]),
     ("dense", np.s_[5:5]),                     # empty
     ("conv", np.s_[1, :, 10:20, 5:50:3]),
@@ -265,18 +266,18 @@ def test_get_slice_reads_only_the_tiles_it_touches(saved, blobs_read):
     with jaxjpeg.open(path) as f:
         info = f.info("dense")
         blobs_read.clear()
-        f.get_slice("dense")[10:20, 100:200]   # inside tile (0, 0)
+        f.get_slice("dense")[10:20, 100:190]   # inside tile (0, 0)
         assert tiles(blobs_read) == {layout.tile_blob(i, 0)}
         assert all(n.startswith(f"leaf{i}/") for n in blobs_read)
         blobs_read.clear()
-        f.get_slice("dense")[100:110, :]       # one tile row: 3 of the 6 tiles
-        assert len(tiles(blobs_read)) == 3 < info.tiles
+        f.get_slice("dense")[100:110, :]       # one tile row: 8 of the 16 tiles
+        assert len(tiles(blobs_read)) == 8 < info.tiles
         blobs_read.clear()
         stats = jaxjpeg.RestoreStats()
-        f.get_slice("dense", np.s_[700:702, 1100], stats=stats)  # tile (1, 2)
-        assert tiles(blobs_read) == {layout.tile_blob(i, 5)}
+        f.get_slice("dense", np.s_[700:702, 1100], stats=stats)  # tile (1, 5)
+        assert tiles(blobs_read) == {layout.tile_blob(i, 13)}
         assert sum(stats.payload_bytes_per_device.values()) == blob_sizes(path)[
-            layout.tile_blob(i, 5)]
+            layout.tile_blob(i, 13)]
         blobs_read.clear()
         f.get_slice("dense")[7:7, 3]           # empty: nothing read
         assert blobs_read == []

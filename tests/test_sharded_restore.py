@@ -31,6 +31,12 @@ CHECKS = [
     "different_device_count_than_saved",
     "concrete_target_keeps_its_device",
     "load_honours_target_placement",
+    "saved_sharded_last_axis_4_ways_reads_a_quarter",
+    "saved_sharded_first_axis_reads_its_share",
+    "saved_on_2x4_mesh_reads_an_eighth",
+    "saved_sharded_restores_on_other_shardings",
+    "orbax_handler_cuts_tiles_along_shards",
+    "numpy_and_replicated_leaves_split_their_largest_axis_evenly",
 ]
 
 

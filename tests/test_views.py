@@ -322,3 +322,107 @@ def test_unknown_versions_are_refused_clearly(tmp_path):
     reader.close()
     with pytest.raises(fmt.FormatError, match="version 3 is not supported"):
         jaxjpeg.restore(out)
+
+
+# ---------------------------------------------------------------- tiles along shards
+
+
+def _split(shape, axis, ways):
+    """The regions of ``ways`` equal shards of ``axis``, (start, stop, step) per axis."""
+    step = shape[axis] // ways
+    return [tuple((i * step, (i + 1) * step, 1) if a == axis else (0, n, 1)
+                  for a, n in enumerate(shape)) for i in range(ways)]
+
+
+def test_view_box_is_the_span_of_the_regions_positions():
+    rng = np.random.default_rng(3)
+    shape = (5, 6, 7, 4)
+    for _ in range(200):
+        view = views.MatrixView(tuple(rng.permutation(4)), int(rng.integers(0, 5)))
+        ranges = []
+        for n in shape:
+            start = int(rng.integers(0, n))
+            ranges.append((start, int(rng.integers(start + 1, n + 1)), int(rng.integers(1, 3))))
+        mask = np.zeros(shape, bool)
+        mask[tuple(slice(*r) for r in ranges)] = True
+        rows, cols = np.nonzero(view.to_matrix(mask))
+        assert view.box(shape, ranges) == ((rows.min(), rows.max() + 1),
+                                           (cols.min(), cols.max() + 1))
+
+
+def test_shard_cuts_are_the_boundaries_of_contiguous_shards():
+    shape = (4, 1024, 512)
+    framework = views.MatrixView.default(3)            # rows (4, 1024), cols 512
+    assert framework.shard_cuts(shape, _split(shape, 2, 4)) == ((), (128, 256, 384))
+    assert framework.shard_cuts(shape, _split(shape, 0, 4)) == ((1024, 2048, 3072), ())
+    # an inner row axis: each shard's rows are strided, no tile edges help it
+    assert framework.shard_cuts(shape, _split(shape, 1, 4)) == ((), ())
+    coder = views.MatrixView((1, 2, 0), 1)             # rows 1024, cols (512, 4)
+    assert coder.shard_cuts(shape, _split(shape, 2, 4)) == ((), (512, 1024, 1536))
+    assert coder.shard_cuts(shape, _split(shape, 1, 8)) == (tuple(range(128, 1024, 128)), ())
+    assert coder.shard_cuts(shape, _split(shape, 0, 4)) == ((), ())
+    # an axis of size 1 ahead of the sharded one keeps its shards contiguous
+    assert views.MatrixView.default(3).shard_cuts((1, 64, 96), _split((1, 64, 96), 1, 2)) \
+        == ((32,), ())
+
+
+def test_sharded_axes_lead_the_columns_of_the_coders_view():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 1024, 512)).astype(np.float32) * np.exp(rng.normal(size=512))
+    assert views.choose_view(x) == views.MatrixView((2, 1, 0), 1)
+    assert views.choose_view(x, lead=(0,)) == views.MatrixView((2, 0, 1), 1)
+    regions = _split(x.shape, 0, 4)
+    assert views.sharded_axes(regions) == (0,)
+    p = rate.prepare_leaf(x, shards=regions)
+    assert p.view == views.MatrixView((2, 0, 1), 1)
+    assert p.tile_cuts == ((), (1024, 2048, 3072))
+    assert rate.prepare_leaf(x).tile_cuts == ((), ())
+
+
+def test_tile_grid_puts_edges_at_the_cuts_and_keeps_the_default_size_elsewhere():
+    assert codec.tile_grid(1000, 1300, (512, 512), (), ()) == codec.tile_grid(1000, 1300,
+                                                                               (512, 512))
+    tiles = codec.tile_grid(1000, 1300, (512, 512), (384,), (100, 700))
+    heights = sorted({(r, h) for r, _, h, _ in tiles})
+    widths = sorted({(c, w) for _, c, _, w in tiles})
+    assert heights == [(0, 384), (384, 512), (896, 104)]
+    assert widths == [(0, 100), (100, 512), (612, 88), (700, 512), (1212, 88)]
+    covered = np.zeros((1000, 1300), int)
+    for r, c, h, w in tiles:
+        covered[r:r + h, c:c + w] += 1
+    assert np.all(covered == 1)
+    # cuts on the default grid add nothing
+    assert codec.tile_grid(2048, 1024, (512, 512), (1024,), (512,)) == codec.tile_grid(
+        2048, 1024, (512, 512))
+
+
+def test_shards_never_cut_tiles_into_slivers():
+    p = codec.prepare(np.zeros((4096, 256), np.float32))
+    assert p.with_shards(_split((4096, 256), 1, 8)).tile_cuts == ((), tuple(range(32, 256, 32)))
+    assert p.with_shards(_split((4096, 256), 1, 16)).tile_cuts == ((), ())
+    assert p.with_shards(_split((4096, 256), 0, 16)).tile_cuts == (tuple(range(256, 4096, 256)),
+                                                                   ())
+
+
+def test_numpy_leaves_split_their_largest_axis_as_far_as_it_is_cheap():
+    def cuts(shape):
+        x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+        p = codec.prepare(x)                           # the framework's view
+        return p.with_even_splits(codec.DEFAULT_TILE_SHAPE).tile_cuts
+    assert cuts((1024, 3072)) == ((), tuple(range(384, 3072, 384)))       # 8 ways
+    assert cuts((768, 768)) == ((192, 384, 576), ())   # 8 ways would add 12 tiles: 4
+    assert cuts((1000, 600)) == ((), ())               # no even split in multiples of 8
+    assert cuts((4, 1024, 512)) == ((), ())            # the largest axis is strided
+    p = codec.prepare(np.zeros((4096, 1024), np.float32))
+    split = p.with_even_splits(codec.DEFAULT_TILE_SHAPE)
+    assert split.tiles(codec.DEFAULT_TILE_SHAPE) == p.tiles(codec.DEFAULT_TILE_SHAPE)
+
+
+def test_sharded_and_numpy_leaves_save_and_restore_alike(tmp_path):
+    """The cut tiles decode to what the uniform grid's do, within the rate's error."""
+    x = np.random.default_rng(6).normal(size=(768, 3072)).astype(np.float32)
+    path = tmp_path / "a.jjpg"
+    jaxjpeg.save(path, {"w": x})
+    with Checkpoint(path) as c:
+        assert len(c.leaves[0].tiles) == 16
+    assert _rel(jaxjpeg.restore(path)["w"], x) < 0.1

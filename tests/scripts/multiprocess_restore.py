@@ -81,8 +81,9 @@ def mesh(shape, names):
 N = NUM_PROCESSES * LOCAL_DEVICES   # devices in the global mesh
 rng = np.random.default_rng(0)   # same seed everywhere: every process knows TREE
 TREE = {
-    "rows": rng.normal(size=(2048, 1024)).astype(np.float32),        # 4 x 2 tiles
-    "cols": rng.normal(size=(1024, 2048)).astype(np.float32),        # 2 x 4 tiles
+    # tiles of 512 cut at the 8-way splits of the largest axis (numpy leaves)
+    "rows": rng.normal(size=(2048, 1024)).astype(np.float32),        # 8 x 2 tiles
+    "cols": rng.normal(size=(1024, 2048)).astype(np.float32),        # 2 x 8 tiles
     "conv": rng.normal(size=(16, 2, 64, 512)).astype(np.float32),    # 2-D view (2048, 512)
     "half": rng.normal(size=(1024, 1024)).astype(jax.numpy.bfloat16),
     "bias": rng.normal(size=(1024,)).astype(np.float32),             # raw
@@ -194,7 +195,7 @@ def cols_sharded_across_processes():
 
 @check
 def mesh_2d_one_tile_per_device():
-    # "cols" is 2 x 4 tiles of 512: on a (2, 4) mesh each device gets one tile.
+    # "cols" is 2 x 8 tiles of 512 x 256: on a (2, 4) mesh each device gets two.
     assert NUM_PROCESSES == 2
     _, read = restore_checked("cols", NamedSharding(mesh((2, 4), ("a", "b")), P("a", "b")),
                               "mesh_2d_one_tile_per_device")

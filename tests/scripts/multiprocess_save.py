@@ -38,7 +38,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
                            initialization_timeout=60, shutdown_timeout_seconds=60)
 
 import jaxjpeg  # noqa: E402
-from jaxjpeg import distributed_save, treepaths  # noqa: E402
+from jaxjpeg import checkpoint, distributed_save, treepaths  # noqa: E402
 
 rng = np.random.default_rng(0)   # same seed everywhere: every process knows VALUES
 VALUES = {
@@ -75,7 +75,12 @@ def check(fn):
 
 
 REPORT = jaxjpeg.save(PATH, TREE, distributed=True, metadata={"run": "multiprocess"})
-jaxjpeg.save(REFERENCE_PATH, VALUES)   # the same values, one process, no jax.Arrays
+# The same values in one process, no jax.Arrays, with the same shards (which
+# set where a leaf's tiles end)
+checkpoint.save_leaves(REFERENCE_PATH, [
+    checkpoint.SourceLeaf.of(records, VALUES[records[0][1]],
+                             checkpoint.shard_regions(leaf))
+    for records, leaf in treepaths.leaves_with_paths(TREE)])
 REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(REFERENCE_PATH).items()}
 OWNERS, GATHERED = distributed_save.plan_owners(
     [leaf for _, leaf in treepaths.leaves_with_paths(TREE)], NUM_PROCESSES)

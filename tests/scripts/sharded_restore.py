@@ -123,8 +123,10 @@ def cols_sharded_8_ways_read_only_their_tiles():
 @check
 def mesh_2x4_both_dims_read_only_their_tile():
     aligned("grid", P("a", "b"), (2, 4), ("a", "b"))
-    with ckr.Checkpoint(PATH) as c:  # one tile per device
-        assert len([l for l in c.leaves if l.path == "grid"][0].tiles) == 8
+    with ckr.Checkpoint(PATH) as c:  # two tiles per device: numpy leaves' tiles
+        # also end at the 8-way splits of their largest axis (256 columns here)
+        tiles = [l for l in c.leaves if l.path == "grid"][0].tiles
+        assert sorted({(h, w) for _, _, h, w, _ in tiles}) == [(512, 256)], tiles
 
 
 @check
@@ -284,6 +286,142 @@ def load_honours_target_placement():
         assert "use jaxjpeg.restore" in str(e), e
     else:
         raise AssertionError("a sharded JPEG target was silently loaded onto one device")
+
+
+def saved_sharded(name, shape, sharding, **options):
+    """(path, array, per-device tile bytes of a restore with ``sharding``, the
+    leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
+    placed with ``sharding``; the restored shards are checked against an
+    unsharded restore of the same file."""
+    x = rng.normal(size=shape).astype(np.float32)
+    path = os.path.join(WORK, f"{name}.jjpg")
+    jaxjpeg.save(path, {"w": jax.device_put(x, sharding)}, **options)
+    whole = np.asarray(jaxjpeg.restore(path)["w"])
+    stats = jaxjpeg.RestoreStats()
+    target = {"w": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}
+    value = jaxjpeg.restore(path, target=target, stats=stats)["w"]
+    assert value.sharding.is_equivalent_to(sharding, len(shape)), value.sharding
+    for shard in value.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index],
+                                      err_msg=f"{name} shard on {shard.device}")
+    with ckr.Checkpoint(path) as c:
+        (leaf,) = c.leaves
+        total = sum(c.tile_size(leaf, k) for k in range(len(leaf.tiles)))
+        tiles = leaf.tiles
+    return path, x, stats.payload_bytes_per_device, total, tiles
+
+
+def reads_own_share(per_device, total, ways):
+    """Every device read about 1/ways of the tile bytes, each tile once overall."""
+    assert len(per_device) == ways, per_device
+    assert sum(per_device.values()) == total, (per_device, total)
+    for device, n in per_device.items():
+        assert n < 1.25 * total / ways, (device, n, total, ways)
+
+
+@check
+def saved_sharded_last_axis_4_ways_reads_a_quarter():
+    """The issue's case: a (4, 1024, 512) leaf saved from an array sharded 4
+    ways on its last axis (tiles 512 wide would give every device every
+    tile), with the coder's view and with the framework's."""
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    for view in ("auto", "framework"):
+        _, _, per_device, total, _ = saved_sharded(f"last4_{view}", (4, 1024, 512), sharding,
+                                                   view=view)
+        reads_own_share(per_device, total, 4)
+
+
+@check
+def saved_sharded_first_axis_reads_its_share():
+    """8 ways over 1024 rows (tiles of 512 rows would be read by 4 devices
+    each); and 4 ways over the first axis of a (4, 1024, 512) leaf, which the
+    coder's view would otherwise put last among the columns (strided)."""
+    sharding = NamedSharding(mesh((8,), ("x",)), P("x"))
+    _, _, per_device, total, _ = saved_sharded("first8", (1024, 768), sharding, view="framework")
+    reads_own_share(per_device, total, 8)
+    sharding = NamedSharding(mesh((4,), ("x",)), P("x"))
+    path, _, per_device, total, _ = saved_sharded("first4", (4, 1024, 512), sharding)
+    reads_own_share(per_device, total, 4)
+    with ckr.Checkpoint(path) as c:   # the sharded axis leads the columns
+        assert c.leaves[0].view.perm[1] == 0, c.leaves[0].view
+
+
+@check
+def saved_on_2x4_mesh_reads_an_eighth():
+    sharding = NamedSharding(mesh((2, 4), ("a", "b")), P("a", "b"))
+    _, _, per_device, total, tiles = saved_sharded("mesh2x4", (768, 1536), sharding,
+                                                   view="framework")
+    reads_own_share(per_device, total, 8)
+    # tiles stay as large as the shards allow: one 384x384 tile per shard
+    assert sorted({(h, w) for _, _, h, w, _ in tiles}) == [(384, 384)], tiles
+
+
+@check
+def saved_sharded_restores_on_other_shardings():
+    """Tiles cut for one sharding still restore exactly on another."""
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    path, x, _, _, _ = saved_sharded("other", (4, 1024, 512), sharding)
+    whole = np.asarray(jaxjpeg.restore(path)["w"])
+    assert np.sqrt(np.mean((whole - x) ** 2)) < 0.1
+    for other in (NamedSharding(mesh((8,), ("x",)), P(None, "x")),
+                  NamedSharding(mesh((2, 4), ("a", "b")), P("a", None, "b"))):
+        target = {"w": jax.ShapeDtypeStruct(x.shape, np.float32, sharding=other)}
+        np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(path, target=target)["w"]),
+                                      whole)
+
+
+@check
+def orbax_handler_cuts_tiles_along_shards():
+    """The Orbax handler (training loops' save) copies leaves to host and keeps
+    their shards: the issue's case reads a quarter per device from its file."""
+    import orbax.checkpoint as ocp
+    from jaxjpeg.orbax import FILENAME, JaxjpegCheckpointHandler, JaxjpegSave
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    x = rng.normal(size=(4, 1024, 512)).astype(np.float32)
+    directory = os.path.join(WORK, "orbax_item")
+    with ocp.AsyncCheckpointer(JaxjpegCheckpointHandler()) as ckptr:
+        ckptr.save(directory, args=JaxjpegSave({"w": jax.device_put(x, sharding)},
+                                               save_kwargs={"view": "framework"}))
+        ckptr.wait_until_finished()
+    path = os.path.join(directory, FILENAME)
+    stats = jaxjpeg.RestoreStats()
+    jaxjpeg.restore(path, target={"w": jax.ShapeDtypeStruct(x.shape, np.float32,
+                                                             sharding=sharding)}, stats=stats)
+    with ckr.Checkpoint(path) as c:
+        (leaf,) = c.leaves
+        total = sum(c.tile_size(leaf, k) for k in range(len(leaf.tiles)))
+    reads_own_share(stats.payload_bytes_per_device, total, 4)
+
+
+@check
+def numpy_and_replicated_leaves_split_their_largest_axis_evenly():
+    """No sharding known: tile edges at the 8-way splits of the largest axis
+    when that axis leads a side of the view (and the extra tiles cost little);
+    else the uniform grid."""
+    from jaxjpeg import codec
+    x = rng.normal(size=(1024, 3072)).astype(np.float32)
+    replicated = NamedSharding(mesh((8,), ("x",)), P())
+    for name, leaf in (("numpy", x), ("replicated", jax.device_put(x, replicated))):
+        path = os.path.join(WORK, f"{name}.jjpg")
+        jaxjpeg.save(path, {"w": leaf}, view="framework")
+        with ckr.Checkpoint(path) as c:
+            (saved,) = c.leaves
+        assert [t[:4] for t in saved.tiles] == codec.tile_grid(
+            1024, 3072, codec.DEFAULT_TILE_SHAPE, (), range(384, 3072, 384)), saved.tiles
+        sharding = NamedSharding(mesh((8,), ("x",)), P(None, "x"))
+        stats = jaxjpeg.RestoreStats()
+        jaxjpeg.restore(path, target={"w": jax.ShapeDtypeStruct(x.shape, np.float32,
+                                                                 sharding=sharding)}, stats=stats)
+        with ckr.Checkpoint(path) as c:
+            total = sum(c.tile_size(saved, k) for k in range(len(saved.tiles)))
+        reads_own_share(stats.payload_bytes_per_device, total, 8)
+    # the largest axis inside a side (strided shards): the uniform grid
+    path = os.path.join(WORK, "inner.jjpg")
+    jaxjpeg.save(path, {"w": rng.normal(size=(4, 1024, 512)).astype(np.float32)},
+                 view="framework")
+    with ckr.Checkpoint(path) as c:
+        (saved,) = c.leaves
+    assert [t[:4] for t in saved.tiles] == codec.tile_grid(4096, 512, codec.DEFAULT_TILE_SHAPE)
 
 
 results = {}
