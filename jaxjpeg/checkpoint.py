@@ -596,10 +596,14 @@ class _Save:
         # A user's encoder and the byte budget (each leaf's share depends on
         # the ones coded before it) code one leaf at a time, in order.
         self.workers = 1 if encoder is not None else save_workers()
+        self.window = SAVE_WINDOW_BYTES
         if relative_step is not None:
             self.encode = _relative_step_encoder(relative_step, bits, leaf_coder)
         if error_bound is not None:
             self.encode = _error_bound_encoder(error_bound, bits, leaf_coder)
+            # A step search holds several codings of its leaf: one leaf per
+            # worker in flight, not a window of them.
+            self.window = self.workers * max((leaf.nbytes for leaf in leaves), default=0)
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
         self.lossy_rate = target is not None
         if target is not None:
@@ -614,7 +618,7 @@ class _Save:
         try:
             with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
                 stored = in_order(self.store, list(enumerate(self.leaves)), self.workers,
-                                  SAVE_WINDOW_BYTES, lambda item: item[1].nbytes)
+                                  self.window, lambda item: item[1].nbytes)
                 for blobs, record, report, warning in stored:
                     if warning:   # run <- save_leaves <- save <- the caller
                         warnings.warn(warning, stacklevel=4)
