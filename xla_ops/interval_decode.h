@@ -226,8 +226,9 @@ JJ_HD JJ_INLINE Status DecodeIntervalBody(Reader r, const DecoderTables& t, cons
   JJ_UNROLL
   for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
   const int32_t blocks = static_cast<int32_t>(num_blocks);
-  int32_t by = static_cast<int32_t>(first_block / grid.blocks_wide);
-  int32_t bx = static_cast<int32_t>(first_block % grid.blocks_wide);
+  // A tile has fewer than 2^31 blocks: a 32-bit division (see ResolveInterval).
+  int32_t by = static_cast<int32_t>(first_block) / grid.blocks_wide;
+  int32_t bx = static_cast<int32_t>(first_block) % grid.blocks_wide;
   for (int32_t b = 0; b < blocks; ++b) {
     int last;
     const Status status =
