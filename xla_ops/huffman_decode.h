@@ -111,33 +111,43 @@ constexpr int kFastAcBits = 11;
 // and all its value bits lie in the index too, so its value is a constant.
 // Every entry stores twice, so that the decoder does not branch on the kind:
 // without a second part, the second store puts a 0 where the first store
-// then puts the first value. One byte per field: on the host reading one is
-// a load, not shifts and masks.
+// then puts the first value. Byte fields: on the host reading one is a load,
+// not shifts and masks; the kind shares a byte with the first part's shift,
+// which x86 shifts mask to 6 bits anyway.
 struct alignas(8) FastAcEntry {
   uint8_t consumed;      // bits of both parts; 0 = decode the slow way
-  uint8_t kind;          // kOneCode, kTwoCodes, kEobFirst or kValueThenEob
-  uint8_t first_shift;   // 64 - the first part's bits (code and value bits)
+  uint8_t shift_kind;    // 64 - the first part's bits | kind << 6 (see below)
   uint8_t run;           // zero run before the first value (15 for a ZRL's 0)
   uint8_t second_at;     // zig-zag position of the second store, from k
+  uint8_t advance;       // k after the entry, from k
   int8_t second_value;   // 0 for an EOB or no second part
   uint16_t bias;         // added to the first part's bits, modulo 2^16
 };
 static_assert(sizeof(FastAcEntry) == 8, "one 64-bit load per entry");
 
-// FastAcEntry::kind: one value or ZRL; a second part after the first (a
-// value, or an EOB that ends the block); or an EOB first (the other fields
-// unused). Bit 1 is set for the kinds that end the block.
+// The kind of an entry (the top two bits of shift_kind): one value or ZRL;
+// a second value after the first; a value then an EOB that ends the block
+// (k stays one past the first value); or an EOB first (the other fields
+// unused). Ordered so that each test the decoder makes is one comparison.
 constexpr uint8_t kOneCode = 0;
 constexpr uint8_t kTwoCodes = 1;
-constexpr uint8_t kEobFirst = 2;
-constexpr uint8_t kValueThenEob = 3;
+constexpr uint8_t kValueThenEob = 2;
+constexpr uint8_t kEobFirst = 3;
+constexpr int kKindShift = 6;
 
-JJ_HD JJ_INLINE int EndsBlock(const FastAcEntry& e) { return e.kind >> 1; }
+JJ_HD JJ_INLINE int FirstShift(const FastAcEntry& e) { return e.shift_kind & 63; }
+JJ_HD JJ_INLINE bool IsEobFirst(const FastAcEntry& e) {
+  return e.shift_kind >= (kEobFirst << kKindShift);
+}
+JJ_HD JJ_INLINE bool IsOneCode(const FastAcEntry& e) {
+  return e.shift_kind < (kTwoCodes << kKindShift);
+}
+// 1 for kValueThenEob; also for kEobFirst, which the decoder handles first.
+JJ_HD JJ_INLINE int EndsBlock(const FastAcEntry& e) { return e.shift_kind >> 7; }
 
-// k after the entry, from k: one past the second value, or one past the
-// first when there is no second value (none, or an EOB, whose second store
-// puts a 0 right after the first value).
-JJ_HD JJ_INLINE int Advance(const FastAcEntry& e) { return e.second_at + 1 - EndsBlock(e); }
+JJ_HD JJ_INLINE uint8_t PackShiftKind(int first_shift, uint8_t kind) {
+  return static_cast<uint8_t>(first_shift | (kind << kKindShift));
+}
 
 struct FastAcTable {
   FastAcEntry entry[1 << kFastAcBits];
@@ -222,8 +232,10 @@ inline void AddFastAcSecondPart(const SecondPart& part, int n, FastAcEntry* e) {
   const int second_at = e->run + 1 + part.run;  // after an EOB: a 0 after the first
   e->consumed = static_cast<uint8_t>(e->consumed + (fits ? part.bits : 0));
   e->second_at = static_cast<uint8_t>(fits ? second_at : e->second_at);
+  e->advance = static_cast<uint8_t>(value ? second_at + 1 : e->advance);
   e->second_value = static_cast<int8_t>(value ? part.value : 0);
-  e->kind = fits ? (part.is_eob ? kValueThenEob : kTwoCodes) : kOneCode;
+  e->shift_kind = PackShiftKind(FirstShift(*e), fits ? (part.is_eob ? kValueThenEob : kTwoCodes)
+                                                     : kOneCode);
 }
 
 // Fills the fast entries whose index starts with `code` (`len` bits) for
@@ -235,7 +247,7 @@ inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t cod
   const uint32_t begin = static_cast<uint32_t>(code) << shift, end = begin + (1u << shift);
   if (symbol == 0x00) {  // EOB
     for (uint32_t i = begin; i < end; ++i) fast->entry[i].consumed = static_cast<uint8_t>(len);
-    for (uint32_t i = begin; i < end; ++i) fast->entry[i].kind = kEobFirst;
+    for (uint32_t i = begin; i < end; ++i) fast->entry[i].shift_kind = PackShiftKind(0, kEobFirst);
     return;
   }
   if (category == 0 && run != 15) return;  // EOBn
@@ -245,9 +257,10 @@ inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t cod
   for (uint32_t i = begin; i < end; ++i) {
     FastAcEntry e = {};
     e.consumed = static_cast<uint8_t>(first);
-    e.first_shift = static_cast<uint8_t>(64 - first);
+    e.shift_kind = PackShiftKind(64 - first, kOneCode);
     e.run = static_cast<uint8_t>(run);
     e.second_at = static_cast<uint8_t>(run);
+    e.advance = static_cast<uint8_t>(run + 1);
     const bool negative = category != 0 && ((i >> (shift - 1)) & 1) == 0;
     e.bias = static_cast<uint16_t>(-(code << category) - (negative ? (1 << category) - 1 : 0));
     if (rest > 0) AddFastAcSecondPart(parts[(i << first) & ((1u << kFastAcBits) - 1)], rest, &e);
@@ -267,7 +280,10 @@ inline bool BuildFastAcTable(const HuffmanDecodeTable& t, FastAcTable* fast) {
     FillFastAcCode(parts, code, len, symbol, fast);
   });
   int pairs = 0;
-  for (int i = 0; i < (1 << kFastAcBits); ++i) pairs += fast->entry[i].kind & 1;  // kTwoCodes, kValueThenEob
+  for (int i = 0; i < (1 << kFastAcBits); ++i) {
+    const int kind = fast->entry[i].shift_kind >> kKindShift;
+    pairs += kind == kTwoCodes || kind == kValueThenEob;
+  }
   return pairs * 4 >= (1 << kFastAcBits);
 }
 

@@ -61,11 +61,12 @@ JJ_HD JJ_INLINE void StoreCoefficient(const DecoderTables& t, const Scratch& s, 
   s.coef[n * Scratch::kElementStride] = kDequantize ? value * t.quant[n] : value;
 }
 
-// The first part's value of entry `e` (see FastAcEntry), from the buffer as
-// it was before the entry's bits were taken.
-JJ_HD JJ_INLINE int32_t FirstValue(const FastAcEntry& e, uint64_t before) {
+// The first part's value of an entry (see FastAcEntry) whose first part is
+// `shift` bits short of 64, from the buffer as it was before the entry's
+// bits were taken.
+JJ_HD JJ_INLINE int32_t FirstValue(const FastAcEntry& e, int shift, uint64_t before) {
   return static_cast<int16_t>(
-      static_cast<uint16_t>(static_cast<uint32_t>(before >> e.first_shift) + e.bias));
+      static_cast<uint16_t>(static_cast<uint32_t>(before >> shift) + e.bias));
 }
 
 // Decodes the AC codes of one fast-table entry (one or two coefficients, zero
@@ -78,8 +79,8 @@ JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const Fas
   const uint64_t before = r.buffer;
   r.buffer <<= e.consumed;  // the only step on the chain from entry to entry
   r.count -= e.consumed;
-  if (e.kind == kEobFirst) return 1;
-  const int32_t value = FirstValue(e, before);
+  if (IsEobFirst(e)) return 1;
+  const int32_t value = FirstValue(e, FirstShift(e), before);
   const int k1 = k + e.run, k2 = k + e.second_at;
   if (k2 > 63) {
     // The second part would land past the block: the block is full after
@@ -87,8 +88,8 @@ JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const Fas
     // overruns (decoded again on its own, it is reported then). Its bits go
     // back into the buffer. Without a second part, only an overrun of the
     // first comes here.
-    r.buffer = before << (64 - e.first_shift);
-    r.count += e.consumed - (64 - e.first_shift);
+    r.buffer = before << (64 - FirstShift(e));
+    r.count += e.consumed - (64 - FirstShift(e));
     StoreCoefficient<kDequantize>(t, coef, k1, value);
     k = k1 + 1;
     return 0;
@@ -97,13 +98,13 @@ JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const Fas
   // the first value replaces it.
   StoreCoefficient<kDequantize>(t, coef, k2, e.second_value);
   StoreCoefficient<kDequantize>(t, coef, k1, value);
-  k += Advance(e);
+  k += e.advance;
   return EndsBlock(e);
 }
 
-// The same for a kOneCode entry: less work, for streams where those are the
-// rule (long codes and values, e.g. 12-bit) and a branch on the kind is
-// predictable.
+// The same for a one-code entry (IsOneCode): less work, for streams where
+// those are the rule (long codes and values, e.g. 12-bit) and a branch on
+// the kind is predictable.
 template <bool kDequantize, typename Scratch>
 JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
                                      const Scratch& coef, int& k) {
@@ -111,7 +112,8 @@ JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const
   r.buffer <<= e.consumed;
   r.count -= e.consumed;
   k += e.run;
-  StoreCoefficient<kDequantize>(t, coef, k, FirstValue(e, before));
+  // A one-code entry's kind bits are 0: shift_kind is the shift, unmasked.
+  StoreCoefficient<kDequantize>(t, coef, k, FirstValue(e, e.shift_kind, before));
   ++k;
 }
 
@@ -121,7 +123,7 @@ template <bool kDequantize, bool kPairsCommon, typename Reader, typename Scratch
 JJ_HD JJ_INLINE int DecodeAc(Reader& r, const DecoderTables& t, const Scratch& coef, int& k) {
   FastAcEntryRead e = LoadFastAcEntry(t.fast_ac, PeekBits(r, kFastAcBits));
   if (e.consumed != 0) {
-    if (kPairsCommon || e.kind != kOneCode) return DecodeFastAc<kDequantize>(r, t, e, coef, k);
+    if (kPairsCommon || !IsOneCode(e)) return DecodeFastAc<kDequantize>(r, t, e, coef, k);
     DecodeFastAcOne<kDequantize>(r, t, e, coef, k);
     return 0;
   }
