@@ -135,3 +135,13 @@ def test_decode_kernels_have_no_local_loads_or_stores():
         assert len(lines) > 100, f"kernel {kind}: no SASS listed"
         local = [line.strip() for line in lines if re.search(r"\b(LDL|STL)\b", line)]
         assert not local, f"kernel {kind} touches local memory: {local[:5]}"
+
+
+def test_decode_kernels_call_no_subroutines():
+    """No CALL: a 64-bit integer division compiles to a subroutine call, and
+    the values live across it were what spilled first when the registers
+    were capped below 128 (ResolveInterval divides in 32 bits instead)."""
+    kernels = _decode_kernels(parse_sass_functions(_run_cuobjdump("-sass")))
+    for kind, lines in sorted(kernels.items()):
+        calls = [line.strip() for line in lines if re.search(r"\bCALL\b", line)]
+        assert not calls, f"kernel {kind} calls subroutines: {calls[:5]}"

@@ -79,8 +79,17 @@ JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
 struct IntervalWork {
   const int64_t* tile;
   int64_t begin, end;
-  int64_t first_block, num_blocks;
+  int32_t first_block, num_blocks;  // a tile has fewer than 2^31 blocks
 };
+
+// a * b <= limit, exactly, for any 64-bit a and b.
+JJ_HD JJ_INLINE bool ProductAtMost(uint64_t a, uint64_t b, uint64_t limit) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b) == 0 && a * b <= limit;
+#else
+  return static_cast<unsigned __int128>(a) * b <= limit;
+#endif
+}
 
 // Resolves interval i and checks that it reads only inside the payload and
 // writes only inside its output and affine rows: the plan is untrusted input.
@@ -96,11 +105,16 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return false;
   if (tile[kTileTables] < 0 || tile[kTileTables] >= p.num_tables) return false;
   if (tile[kTileOutput] < 0 || tile[kTileOutput] >= p.num_outputs) return false;
-  const int64_t blocks = ((width + 7) / 8) * ((height + 7) / 8);
-  const int64_t per = tile[kTileRestartInterval] > 0 ? tile[kTileRestartInterval] : blocks;
+  // Block counts fit 32 bits (at most 8,192 x 8,192 blocks), and divisions
+  // are 32-bit: a 64-bit one is a subroutine call on the GPU, and values
+  // live across such calls cost registers (spills below ~100 per thread). A
+  // restart interval longer than the tile means one interval, as `blocks`.
+  const int32_t blocks = static_cast<int32_t>(((width + 7) / 8) * ((height + 7) / 8));
+  const int64_t restart = tile[kTileRestartInterval];
+  const int32_t per = restart > 0 && restart < blocks ? static_cast<int32_t>(restart) : blocks;
   const int64_t k = i - tile[kTileFirstInterval];
   if (k < 0 || k >= (blocks + per - 1) / per) return false;
-  w->first_block = k * per;
+  w->first_block = static_cast<int32_t>(k) * per;
   w->num_blocks = blocks - w->first_block < per ? blocks - w->first_block : per;
   // Comparisons by subtraction: the operands are hostile and a sum could
   // overflow; width and height are already known to be small.
@@ -112,7 +126,12 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
   const int64_t elements = p.outputs[tile[kTileOutput]].elements;
   if (stride < 1 || row0 < 0 || col0 < 0 || col0 > stride - width) return false;
-  return row0 <= elements / stride - height;
+  // (row0 + height) * stride <= elements, without a division: elements is
+  // trusted (an output's size), so past the first test the sum cannot
+  // overflow, and the product is taken in 128 bits.
+  if (row0 > elements) return false;
+  return ProductAtMost(static_cast<uint64_t>(row0 + height), static_cast<uint64_t>(stride),
+                       static_cast<uint64_t>(elements));
 }
 
 // A corrupt interval's blocks become NaN, never half-decoded values: inside a
@@ -121,9 +140,10 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
 template <typename Sink>
 JJ_HD inline void FillIntervalWithNaN(const Sink& sink, const BlockGrid& grid,
                                       int64_t first_block, int64_t num_blocks) {
-  for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
-    const int y0 = static_cast<int>(b / grid.blocks_wide) * 8;
-    const int x0 = static_cast<int>(b % grid.blocks_wide) * 8;
+  const int32_t first = static_cast<int32_t>(first_block);  // see ResolveInterval
+  for (int32_t b = first; b < first + static_cast<int32_t>(num_blocks); ++b) {
+    const int y0 = b / grid.blocks_wide * 8;
+    const int x0 = b % grid.blocks_wide * 8;
     const int rows = grid.height - y0 < 8 ? grid.height - y0 : 8;
     const int cols = grid.width - x0 < 8 ? grid.width - x0 : 8;
     for (int y = 0; y < rows; ++y) sink.PutNaNRow(y0 + y, x0, cols);

@@ -99,41 +99,81 @@ JJ_HD JJ_INLINE int DecodeSymbol(BitReader& r, const HuffmanDecodeTable& t) {
 // entry off that chain.
 constexpr int kFastAcBits = 11;
 
-// One entry, for the codes at the start of its index. The first part is one
+// One entry, for the codes at the start of its index: 8 bytes, read with one
+// 64-bit load (one shared load per entry on the GPU). The first part is one
 // AC code with its value bits (a coefficient, a ZRL or an EOB); its code and
 // its value's sign bit lie in the index, its other value bits may not. Its
 // value is those bits, code then value bits read as one unsigned number,
 // plus its bias: minus the code's part, and for a leading 0 value bit
-// (negative, T.81 F.2.2.1 EXTEND) minus 2^category - 1. The second part, if
-// any, is the next code when it and all its value bits lie in the index too,
-// so its value is a constant. Every entry stores twice, so that the decoder
-// does not branch on the kind: without a second part, the second store puts
-// a 0 where the first store then puts the first value. One byte per field:
-// reading one is a load, not shifts and masks.
-struct FastAcEntry {
+// (negative, T.81 F.2.2.1 EXTEND) minus 2^category - 1. Values have at most
+// 15 bits and a sign, so the sum is taken modulo 2^16 and read as int16: a
+// 16-bit bias is enough. The second part, if any, is the next code when it
+// and all its value bits lie in the index too, so its value is a constant.
+// Every entry stores twice, so that the decoder does not branch on the kind:
+// without a second part, the second store puts a 0 where the first store
+// then puts the first value. Byte fields: on the host reading one is a load,
+// not shifts and masks; the kind shares a byte with the first part's shift,
+// which x86 shifts mask to 6 bits anyway.
+struct alignas(8) FastAcEntry {
   uint8_t consumed;      // bits of both parts; 0 = decode the slow way
-  uint8_t kind;          // kOneCode, kEobFirst or kTwoCodes
-  uint8_t ends_block;    // 1: the second part is an EOB
-  uint8_t first_shift;   // 64 - the first part's bits (code and value bits)
+  uint8_t shift_kind;    // 64 - the first part's bits | kind << 6 (see below)
   uint8_t run;           // zero run before the first value (15 for a ZRL's 0)
   uint8_t second_at;     // zig-zag position of the second store, from k
   uint8_t advance;       // k after the entry, from k
   int8_t second_value;   // 0 for an EOB or no second part
+  uint16_t bias;         // added to the first part's bits, modulo 2^16
 };
+static_assert(sizeof(FastAcEntry) == 8, "one 64-bit load per entry");
 
-// FastAcEntry::kind: one value or ZRL; an EOB first (the other fields
-// unused); or a second part after the first.
+// The kind of an entry (the top two bits of shift_kind): one value or ZRL;
+// a second value after the first; a value then an EOB that ends the block
+// (k stays one past the first value); or an EOB first (the other fields
+// unused). Ordered so that each test the decoder makes is one comparison.
 constexpr uint8_t kOneCode = 0;
-constexpr uint8_t kEobFirst = 1;
-constexpr uint8_t kTwoCodes = 2;
+constexpr uint8_t kTwoCodes = 1;
+constexpr uint8_t kValueThenEob = 2;
+constexpr uint8_t kEobFirst = 3;
+constexpr int kKindShift = 6;
 
-// The table: entries and biases apart, so that an index scales by 8 and 4
-// within the load instructions (x86 addressing scales up to 8).
+JJ_HD JJ_INLINE int FirstShift(const FastAcEntry& e) { return e.shift_kind & 63; }
+JJ_HD JJ_INLINE bool IsEobFirst(const FastAcEntry& e) {
+  return e.shift_kind >= (kEobFirst << kKindShift);
+}
+JJ_HD JJ_INLINE bool IsOneCode(const FastAcEntry& e) {
+  return e.shift_kind < (kTwoCodes << kKindShift);
+}
+// 1 for kValueThenEob; also for kEobFirst, which the decoder handles first.
+JJ_HD JJ_INLINE int EndsBlock(const FastAcEntry& e) { return e.shift_kind >> 7; }
+
+JJ_HD JJ_INLINE uint8_t PackShiftKind(int first_shift, uint8_t kind) {
+  return static_cast<uint8_t>(first_shift | (kind << kKindShift));
+}
+
 struct FastAcTable {
   FastAcEntry entry[1 << kFastAcBits];
-  int32_t bias[1 << kFastAcBits];
 };
-static_assert(sizeof(FastAcEntry) == 8, "an entry index scales by 8");
+
+// The entry at `index`. On the device a copy, made by one 64-bit load whose
+// fields are then taken from the register pair (a plain struct copy compiles
+// to a 32-bit and two 16-bit shared loads). On the host a reference: the
+// compiler loads the fields it uses straight from the table (a copy cost
+// 1-2% more instructions).
+#if defined(__CUDA_ARCH__)
+using FastAcEntryRead = FastAcEntry;
+#else
+using FastAcEntryRead = const FastAcEntry&;
+#endif
+
+JJ_HD JJ_INLINE FastAcEntryRead LoadFastAcEntry(const FastAcTable& table, uint32_t index) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t word = reinterpret_cast<const uint64_t*>(table.entry)[index];
+  FastAcEntry e;
+  memcpy(&e, &word, sizeof e);
+  return e;
+#else
+  return table.entry[index];
+#endif
+}
 
 // What a kFastAcBits-bit string starts with, when that could be the second
 // part of an entry: a complete coefficient or ZRL whose value fits int8, or
@@ -192,10 +232,10 @@ inline void AddFastAcSecondPart(const SecondPart& part, int n, FastAcEntry* e) {
   const int second_at = e->run + 1 + part.run;  // after an EOB: a 0 after the first
   e->consumed = static_cast<uint8_t>(e->consumed + (fits ? part.bits : 0));
   e->second_at = static_cast<uint8_t>(fits ? second_at : e->second_at);
-  e->ends_block = fits && part.is_eob;  // k then stays one past the first value
   e->advance = static_cast<uint8_t>(value ? second_at + 1 : e->advance);
   e->second_value = static_cast<int8_t>(value ? part.value : 0);
-  e->kind = fits ? kTwoCodes : kOneCode;
+  e->shift_kind = PackShiftKind(FirstShift(*e), fits ? (part.is_eob ? kValueThenEob : kTwoCodes)
+                                                     : kOneCode);
 }
 
 // Fills the fast entries whose index starts with `code` (`len` bits) for
@@ -207,7 +247,7 @@ inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t cod
   const uint32_t begin = static_cast<uint32_t>(code) << shift, end = begin + (1u << shift);
   if (symbol == 0x00) {  // EOB
     for (uint32_t i = begin; i < end; ++i) fast->entry[i].consumed = static_cast<uint8_t>(len);
-    for (uint32_t i = begin; i < end; ++i) fast->entry[i].kind = kEobFirst;
+    for (uint32_t i = begin; i < end; ++i) fast->entry[i].shift_kind = PackShiftKind(0, kEobFirst);
     return;
   }
   if (category == 0 && run != 15) return;  // EOBn
@@ -217,14 +257,14 @@ inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t cod
   for (uint32_t i = begin; i < end; ++i) {
     FastAcEntry e = {};
     e.consumed = static_cast<uint8_t>(first);
-    e.first_shift = static_cast<uint8_t>(64 - first);
+    e.shift_kind = PackShiftKind(64 - first, kOneCode);
     e.run = static_cast<uint8_t>(run);
     e.second_at = static_cast<uint8_t>(run);
     e.advance = static_cast<uint8_t>(run + 1);
+    const bool negative = category != 0 && ((i >> (shift - 1)) & 1) == 0;
+    e.bias = static_cast<uint16_t>(-(code << category) - (negative ? (1 << category) - 1 : 0));
     if (rest > 0) AddFastAcSecondPart(parts[(i << first) & ((1u << kFastAcBits) - 1)], rest, &e);
     fast->entry[i] = e;
-    const bool negative = category != 0 && ((i >> (shift - 1)) & 1) == 0;
-    fast->bias[i] = -(code << category) - (negative ? (1 << category) - 1 : 0);
   }
 }
 
@@ -235,15 +275,15 @@ inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t cod
 inline bool BuildFastAcTable(const HuffmanDecodeTable& t, FastAcTable* fast) {
   SecondPart parts[1 << kFastAcBits];
   FillSecondParts(t, parts);
-  for (int i = 0; i < (1 << kFastAcBits); ++i) {
-    fast->entry[i] = FastAcEntry{};
-    fast->bias[i] = 0;
-  }
+  for (int i = 0; i < (1 << kFastAcBits); ++i) fast->entry[i] = FastAcEntry{};
   ForEachShortCode(t, [&](int32_t code, int len, int symbol) {
     FillFastAcCode(parts, code, len, symbol, fast);
   });
   int pairs = 0;
-  for (int i = 0; i < (1 << kFastAcBits); ++i) pairs += fast->entry[i].kind == kTwoCodes;
+  for (int i = 0; i < (1 << kFastAcBits); ++i) {
+    const int kind = fast->entry[i].shift_kind >> kKindShift;
+    pairs += kind == kTwoCodes || kind == kValueThenEob;
+  }
   return pairs * 4 >= (1 << kFastAcBits);
 }
 

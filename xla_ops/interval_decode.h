@@ -61,19 +61,26 @@ JJ_HD JJ_INLINE void StoreCoefficient(const DecoderTables& t, const Scratch& s, 
   s.coef[n * Scratch::kElementStride] = kDequantize ? value * t.quant[n] : value;
 }
 
+// The first part's value of an entry (see FastAcEntry) whose first part is
+// `shift` bits short of 64, from the buffer as it was before the entry's
+// bits were taken.
+JJ_HD JJ_INLINE int32_t FirstValue(const FastAcEntry& e, int shift, uint64_t before) {
+  return static_cast<int16_t>(
+      static_cast<uint16_t>(static_cast<uint32_t>(before >> shift) + e.bias));
+}
+
 // Decodes the AC codes of one fast-table entry (one or two coefficients, zero
 // runs or an EOB; see FastAcEntry) and stores them, without a branch on the
 // kind of entry. Returns 0 to go on, 1 at the end of the block. Needs at
 // most kFastAcBits - 1 + 15 buffered bits.
 template <bool kDequantize, typename Scratch>
 JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
-                                 int32_t bias, const Scratch& coef, int& k) {
+                                 const Scratch& coef, int& k) {
   const uint64_t before = r.buffer;
   r.buffer <<= e.consumed;  // the only step on the chain from entry to entry
   r.count -= e.consumed;
-  if (e.kind == kEobFirst) return 1;
-  const int32_t value = static_cast<int32_t>(static_cast<uint32_t>(before >> e.first_shift) +
-                                             static_cast<uint32_t>(bias));
+  if (IsEobFirst(e)) return 1;
+  const int32_t value = FirstValue(e, FirstShift(e), before);
   const int k1 = k + e.run, k2 = k + e.second_at;
   if (k2 > 63) {
     // The second part would land past the block: the block is full after
@@ -81,8 +88,8 @@ JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const Fas
     // overruns (decoded again on its own, it is reported then). Its bits go
     // back into the buffer. Without a second part, only an overrun of the
     // first comes here.
-    r.buffer = before << (64 - e.first_shift);
-    r.count += e.consumed - (64 - e.first_shift);
+    r.buffer = before << (64 - FirstShift(e));
+    r.count += e.consumed - (64 - FirstShift(e));
     StoreCoefficient<kDequantize>(t, coef, k1, value);
     k = k1 + 1;
     return 0;
@@ -92,22 +99,21 @@ JJ_HD JJ_INLINE int DecodeFastAc(BitReader& r, const DecoderTables& t, const Fas
   StoreCoefficient<kDequantize>(t, coef, k2, e.second_value);
   StoreCoefficient<kDequantize>(t, coef, k1, value);
   k += e.advance;
-  return e.ends_block;
+  return EndsBlock(e);
 }
 
-// The same for a kOneCode entry: less work, for streams where those are the
-// rule (long codes and values, e.g. 12-bit) and a branch on the kind is
-// predictable.
+// The same for a one-code entry (IsOneCode): less work, for streams where
+// those are the rule (long codes and values, e.g. 12-bit) and a branch on
+// the kind is predictable.
 template <bool kDequantize, typename Scratch>
 JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const FastAcEntry& e,
-                                     int32_t bias, const Scratch& coef, int& k) {
+                                     const Scratch& coef, int& k) {
   const uint64_t before = r.buffer;
   r.buffer <<= e.consumed;
   r.count -= e.consumed;
-  const int32_t value = static_cast<int32_t>(static_cast<uint32_t>(before >> e.first_shift) +
-                                             static_cast<uint32_t>(bias));
   k += e.run;
-  StoreCoefficient<kDequantize>(t, coef, k, value);
+  // A one-code entry's kind bits are 0: shift_kind is the shift, unmasked.
+  StoreCoefficient<kDequantize>(t, coef, k, FirstValue(e, e.shift_kind, before));
   ++k;
 }
 
@@ -115,14 +121,10 @@ JJ_HD JJ_INLINE void DecodeFastAcOne(BitReader& r, const DecoderTables& t, const
 // Returns 0 to go on, 1 at the end of the block, or an error status.
 template <bool kDequantize, bool kPairsCommon, typename Reader, typename Scratch>
 JJ_HD JJ_INLINE int DecodeAc(Reader& r, const DecoderTables& t, const Scratch& coef, int& k) {
-  const uint32_t index = PeekBits(r, kFastAcBits);
-  const FastAcEntry& e = t.fast_ac.entry[index];
+  FastAcEntryRead e = LoadFastAcEntry(t.fast_ac, PeekBits(r, kFastAcBits));
   if (e.consumed != 0) {
-    const int32_t bias = t.fast_ac.bias[index];
-    if (kPairsCommon || e.kind != kOneCode) {
-      return DecodeFastAc<kDequantize>(r, t, e, bias, coef, k);
-    }
-    DecodeFastAcOne<kDequantize>(r, t, e, bias, coef, k);
+    if (kPairsCommon || !IsOneCode(e)) return DecodeFastAc<kDequantize>(r, t, e, coef, k);
+    DecodeFastAcOne<kDequantize>(r, t, e, coef, k);
     return 0;
   }
   if (r.count < 32) Refill(r);  // a code (<= 16 bits) and its value bits (<= 15)
@@ -226,8 +228,9 @@ JJ_HD JJ_INLINE Status DecodeIntervalBody(Reader r, const DecoderTables& t, cons
   JJ_UNROLL
   for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
   const int32_t blocks = static_cast<int32_t>(num_blocks);
-  int32_t by = static_cast<int32_t>(first_block / grid.blocks_wide);
-  int32_t bx = static_cast<int32_t>(first_block % grid.blocks_wide);
+  // A tile has fewer than 2^31 blocks: a 32-bit division (see ResolveInterval).
+  int32_t by = static_cast<int32_t>(first_block) / grid.blocks_wide;
+  int32_t bx = static_cast<int32_t>(first_block) % grid.blocks_wide;
   for (int32_t b = 0; b < blocks; ++b) {
     int last;
     const Status status =
