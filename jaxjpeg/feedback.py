@@ -50,10 +50,14 @@ class InputCovariance:
     def __post_init__(self):
         object.__setattr__(self, "axes", tuple(int(a) for a in np.atleast_1d(self.axes)))
 
+    def axes_of(self, shape) -> tuple[int, ...]:
+        """``axes`` with negative ones counted from the end of ``shape``."""
+        return tuple(a + len(shape) if a < 0 else a for a in self.axes)
+
     def check(self, shape: tuple[int, ...]) -> np.ndarray:
         """The matrix as symmetric float64, or ValueError naming what is wrong."""
         ndim = len(shape)
-        axes = [a + ndim if a < 0 else a for a in self.axes]
+        axes = self.axes_of(shape)
         if not axes or len(set(axes)) != len(axes) or not all(0 <= a < ndim for a in axes):
             raise ValueError(f"input axes {self.axes} are not distinct axes of a "
                              f"{ndim}-d leaf")
@@ -93,11 +97,10 @@ def view_for(cov: InputCovariance, shape, view: MatrixView) -> MatrixView:
     """``view`` when the input axes are exactly its row or column axes (axes
     of size 1 aside); else the view with every other axis on rows and the
     inputs on columns."""
-    inputs = _sized(_axes(cov, shape), shape)
+    given = cov.axes_of(shape)
     rows, cols = view.perm[:view.split], view.perm[view.split:]
-    if inputs in (_sized(rows, shape), _sized(cols, shape)):
+    if _sized(given, shape) in (_sized(rows, shape), _sized(cols, shape)):
         return view
-    given = _axes(cov, shape)
     others = tuple(a for a in range(len(shape)) if a not in given)
     return MatrixView(others + given, len(others))
 
@@ -105,7 +108,7 @@ def view_for(cov: InputCovariance, shape, view: MatrixView) -> MatrixView:
 def for_view(cov: InputCovariance, shape, view: MatrixView) -> Feedback:
     """``cov`` reordered to ``view``, which :func:`view_for` returned."""
     h = cov.check(tuple(shape))
-    inputs = _axes(cov, shape)
+    inputs = cov.axes_of(shape)
     rows = view.perm[:view.split]
     along_rows = _sized(inputs, shape) == _sized(rows, shape)
     side = rows if along_rows else view.perm[view.split:]
@@ -114,10 +117,6 @@ def for_view(cov: InputCovariance, shape, view: MatrixView) -> Feedback:
     index = np.arange(h.shape[0]).reshape([shape[a] for a in inputs])
     index = index.transpose([inputs.index(a) for a in order]).ravel()
     return Feedback(h[np.ix_(index, index)], along_rows)
-
-
-def _axes(cov: InputCovariance, shape) -> tuple[int, ...]:
-    return tuple(a + len(shape) if a < 0 else a for a in cov.axes)
 
 
 def _sized(axes, shape) -> set:
