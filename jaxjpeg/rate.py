@@ -450,7 +450,8 @@ def _densify(points, base: dict):
         out.append((b0, d0, q0, n0, e0))
         if min(n0, n1, e0, e1) <= 0:
             continue
-        top = int(q0 / base[b1])   # the coarse end in the finer point's units
+        # the coarse end in the finer point's units, within what they can code
+        top = min(int(q0 / base[b1]), STEP_LIMIT[int(b1)] + 1)
         for d in _between(d1, top):
             q = d * base[b1]
             if not q1 < q < q0:
@@ -469,8 +470,7 @@ def _between(lo: int, hi: int) -> list[int]:
         d = min(d - 1, int(d / DENSE_SPACING))
         if d <= lo:
             return out
-        if d <= STEP_LIMIT[12]:
-            out.append(d)
+        out.append(d)
 
 
 def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+import jaxjpeg
 from jaxjpeg import codec, mapping, rate
 
 
@@ -239,3 +240,20 @@ def test_probe_predicts_the_whole_tensors_error(row_weighted):
         enc = rate.encode_with_step(p, 12, int(curve.delta[i]))
         sse = float(np.sum((codec.decode_tensor(enc).astype(np.float64) - m) ** 2))
         assert curve.sse[i] == pytest.approx(sse, rel=0.15), (i, curve.delta[i])
+
+
+def test_every_curve_candidate_is_a_valid_step():
+    # Interpolated candidates between a coarse 12-bit point and a finer 8-bit
+    # one used to take 8-bit steps past 255, which the encoder refuses.
+    c = rate.rd_curve(rate.prepare_leaf(_tensor("gauss", (256, 512), 0)))
+    for bits, delta in zip(c.bits, c.delta):
+        assert 1 <= delta <= rate.STEP_LIMIT[int(bits)], (bits, delta)
+
+
+def test_a_leaf_that_barely_matters_gets_its_coarsest_coding(tmp_path):
+    tree = {"a": _tensor("gauss", (256, 512), 1), "b": _tensor("gauss", (256, 512), 2)}
+    report = jaxjpeg.save(tmp_path / "x.jjpg", tree, target_ratio=8, progress=False,
+                          sensitivity={"a": 1e-9, "b": 1.0})
+    assert report.file_bytes == pytest.approx(tree["a"].nbytes * 2 / 8, rel=0.02)
+    sizes = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
+    assert sizes["a"] < sizes["b"] / 4
