@@ -240,8 +240,12 @@ class _LeafCoder:
     """Prepares leaves the same way for every rate control (view, side list,
     row and column steps), so curves measured once match the final coding."""
 
-    def __init__(self, sensitivity, view, coding, input_covariance=None, shards=None):
+    def __init__(self, sensitivity, view, coding, input_covariance=None, shards=None,
+                 input_power=None):
         self.sensitivity = sensitivity
+        # name -> (input axis, E[x²] per input channel): data-free importances
+        # (jaxjpeg.priors) for leaves with no sensitivity or covariance given.
+        self.input_power = input_power or {}
         self.view = view
         self.coding = coding
         self.input_covariance = input_covariance or {}
@@ -259,13 +263,23 @@ class _LeafCoder:
         if name in self._choices:
             p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
         else:
-            _, importance = _leaf_importance(self.sensitivity, name)
+            factor, importance = _leaf_importance(self.sensitivity, name)
+            if importance is None and name not in self.input_covariance:
+                importance = self._prior_importance(name, array.shape)
             try:
                 p = rate.prepare_leaf(array, importance, self.view,
                                       self.input_covariance.get(name), shards)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
+
+    def _prior_importance(self, name, shape):
+        if name not in self.input_power:
+            return None
+        axis, power = self.input_power[name]
+        if not 0 <= axis < len(shape) or shape[axis] != len(power):
+            return None
+        return power.reshape([len(power) if a == axis else 1 for a in range(len(shape))])
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""
@@ -404,7 +418,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          tile_shape: tuple[int, int] = codec.DEFAULT_TILE_SHAPE, policy: Policy | None = None,
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
          progress: bool | None = None, metadata: dict | None = None,
-         input_covariance: dict | None = None, distributed: bool = False) -> SaveReport:
+         input_covariance: dict | None = None, batchnorm_prior: bool = True,
+         distributed: bool = False) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
     The rate is set by one of:
@@ -443,6 +458,13 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     the layer's inputs cancel it, so the layer's outputs, not its weights,
     stay close. Not with ``error_bound``, which bounds the weights' error.
 
+    ``batchnorm_prior`` (byte targets only): a weight fed by a BatchNorm
+    layer (found in the tree's insertion order, e.g. a PyTorch state dict or
+    Flax variables with their batch_stats) weighs each input channel by the
+    power the BatchNorm and a ReLU-family activation give it
+    (:mod:`jaxjpeg.priors`); an importance array in ``sensitivity`` or an
+    ``input_covariance`` for the leaf takes its place.
+
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
@@ -466,7 +488,12 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
         return save_distributed(path, tree, _options(locals()))
     entries = [SourceLeaf.of(records, _to_numpy(leaf), shard_regions(leaf))
                for records, leaf in _leaves(tree)]
-    return save_leaves(path, entries, **_options(locals()))
+    options = _options(locals())
+    if batchnorm_prior and _target_size(entries, target_ratio, target_bytes,
+                                        bits_per_weight) is not None:
+        from jaxjpeg import priors
+        options["input_power"] = priors.input_power(tree)
+    return save_leaves(path, entries, **options)
 
 
 def _options(values: dict) -> dict:
@@ -561,7 +588,7 @@ class _Save:
                  bits_per_weight=None, sensitivity=None, bits=None, clip="common",
                  view="auto", restart_interval=codec.DEFAULT_RESTART_INTERVAL,
                  tile_shape=codec.DEFAULT_TILE_SHAPE, policy=None, encoder=None,
-                 progress=None, metadata=None, input_covariance=None):
+                 progress=None, metadata=None, input_covariance=None, input_power=None):
         self.path = path
         self.user_metadata = layout.checked_user_metadata(metadata)
         self.has_metadata = metadata is not None
@@ -581,11 +608,14 @@ class _Save:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
         self.rate = _rate_record(given)
+        if input_power:
+            self.rate["batchnorm_prior"] = len(input_power)   # leaves it weighted
         _check_covariances(input_covariance, leaves, error_bound)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
-                                {leaf.name: leaf.shards for leaf in leaves if leaf.shards})
+                                {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
+                                input_power)
 
         def table_encoder(name, array):
             return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,

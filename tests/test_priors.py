@@ -1,0 +1,102 @@
+"""Data-free importances from BatchNorm statistics (jaxjpeg.priors)."""
+
+import collections
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import priors
+from jaxjpeg.checkpoint_reader import Checkpoint
+
+
+def test_relu_power_matches_sampling():
+    rng = np.random.default_rng(0)
+    shift = np.array([-3.0, -0.5, 0.0, 0.7, 2.0, 1.0])
+    scale = np.array([1.0, 2.0, 0.5, -1.5, 0.3, 0.0])   # the sign of γ does not matter
+    z = rng.standard_normal((400_000, 1))
+    sampled = np.mean(np.square(np.maximum(shift + scale * z, 0)), axis=0)
+    np.testing.assert_allclose(priors.relu_power(shift, scale), sampled, rtol=0.02, atol=1e-4)
+
+
+def _bn(n, rng, prefix):
+    return {f"{prefix}.weight": rng.uniform(0.5, 2, n).astype(np.float32),
+            f"{prefix}.bias": rng.normal(0, 1, n).astype(np.float32),
+            f"{prefix}.running_mean": np.zeros(n, np.float32),
+            f"{prefix}.running_var": np.ones(n, np.float32)}
+
+
+def test_state_dict_order_pairs_each_weight_with_the_batchnorm_before_it():
+    rng = np.random.default_rng(1)
+    # Names chosen so that sorted order ("b" before "c") is not the network's.
+    sd = collections.OrderedDict()
+    sd["layer.c_conv.weight"] = rng.normal(size=(32, 3, 3, 3)).astype(np.float32)
+    sd.update(_bn(32, rng, "layer.c_bn"))
+    sd["layer.b_conv.weight"] = rng.normal(size=(16, 32, 1, 1)).astype(np.float32)
+    sd.update(_bn(16, rng, "layer.b_bn"))
+    sd["layer.a_fc.weight"] = rng.normal(size=(10, 16)).astype(np.float32)
+    sd["layer.a_fc.bias"] = np.zeros(10, np.float32)
+    found = priors.input_power(dict(sd))
+    assert set(found) == {"layer.b_conv.weight", "layer.a_fc.weight"}
+    axis, power = found["layer.b_conv.weight"]
+    assert axis == 1
+    np.testing.assert_allclose(power, priors.relu_power(sd["layer.c_bn.bias"],
+                                                        sd["layer.c_bn.weight"]))
+    assert found["layer.a_fc.weight"][0] == 1
+
+
+def test_flax_variables_use_batch_stats_and_the_kernels_input_axis():
+    rng = np.random.default_rng(2)
+    variables = {
+        "params": {"Conv_0": {"kernel": rng.normal(size=(3, 3, 3, 24)).astype(np.float32)},
+                   "BatchNorm_0": {"scale": np.ones(24, np.float32),
+                                   "bias": rng.normal(size=24).astype(np.float32)},
+                   "Conv_1": {"kernel": rng.normal(size=(1, 1, 24, 24)).astype(np.float32)},
+                   "LayerNorm_0": {"scale": np.ones(24, np.float32),
+                                   "bias": np.zeros(24, np.float32)},
+                   "Dense_0": {"kernel": rng.normal(size=(24, 10)).astype(np.float32)}},
+        "batch_stats": {"BatchNorm_0": {"mean": np.zeros(24, np.float32),
+                                        "var": np.ones(24, np.float32)}}}
+    found = priors.input_power(variables)
+    # Conv_1 follows the BatchNorm; Dense_0 follows a LayerNorm (no running
+    # statistics), and the BatchNorm is within reach but Conv_1 is nearer.
+    assert found["params/Conv_1/kernel"][0] == 2
+    assert "params/Conv_0/kernel" not in found
+
+
+def _dead_channel_layer(rng, hidden=256, out=256):
+    """A layer fed by BatchNorm + ReLU where half the channels are almost
+    always zero; its weights are as large on dead inputs as on live ones."""
+    gamma = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    beta = np.where(np.arange(hidden) % 2 == 0, -4.0 * gamma, rng.normal(0, 0.5, hidden))
+    tree = collections.OrderedDict()
+    tree["bn.weight"], tree["bn.bias"] = gamma, beta.astype(np.float32)
+    tree["bn.running_mean"] = np.zeros(hidden, np.float32)
+    tree["bn.running_var"] = np.ones(hidden, np.float32)
+    tree["proj.weight"] = rng.normal(0, 0.05, (out, hidden)).astype(np.float32)
+    inputs = np.maximum(gamma * rng.standard_normal((4096, hidden)) + beta, 0)
+    return dict(tree), inputs
+
+
+def test_the_prior_lowers_output_error_at_equal_size(tmp_path):
+    tree, x = _dead_channel_layer(np.random.default_rng(3))
+    w = tree["proj.weight"]
+    errors, sizes = {}, {}
+    for prior in (False, True):
+        path = tmp_path / f"{prior}.jjpg"
+        report = jaxjpeg.save(path, tree, target_ratio=8, batchnorm_prior=prior, progress=False)
+        got = np.asarray(jaxjpeg.restore(path)["proj.weight"])
+        errors[prior] = np.mean(np.square(x @ (got - w).T)) / np.mean(np.square(x @ w.T))
+        sizes[prior] = report.file_bytes
+    assert sizes[True] <= 1.01 * sizes[False]
+    assert errors[True] < 0.8 * errors[False], errors
+
+
+def test_the_prior_is_recorded_and_optional(tmp_path):
+    tree, _ = _dead_channel_layer(np.random.default_rng(4))
+    jaxjpeg.save(tmp_path / "a.jjpg", tree, target_ratio=8, progress=False)
+    jaxjpeg.save(tmp_path / "b.jjpg", tree, target_ratio=8, batchnorm_prior=False, progress=False)
+    with Checkpoint(tmp_path / "a.jjpg") as ckpt:
+        assert ckpt.reader.metadata["rate"] == {"target_ratio": 8.0, "batchnorm_prior": 1}
+    with Checkpoint(tmp_path / "b.jjpg") as ckpt:
+        assert ckpt.reader.metadata["rate"] == {"target_ratio": 8.0}
