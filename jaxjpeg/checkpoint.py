@@ -243,8 +243,11 @@ class _LeafCoder:
     def __init__(self, sensitivity, view, coding, input_covariance=None, shards=None,
                  input_power=None):
         self.sensitivity = sensitivity
-        # name -> (input axis, E[x²] per input channel): data-free importances
-        # (jaxjpeg.priors) for leaves with no sensitivity or covariance given.
+        # Byte targets weigh input channels by their power (input_power: name
+        # -> (input axis, E[x²] per channel), jaxjpeg.priors) unless the user
+        # gave an importance array or an input covariance. The covariance's
+        # diagonal as importance measured better on EfficientNet-lite1 (KL
+        # 0.161 -> 0.147) but worse on a small CNN (output error +39%).
         self.input_power = input_power or {}
         self.view = view
         self.coding = coding
@@ -263,9 +266,9 @@ class _LeafCoder:
         if name in self._choices:
             p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
         else:
-            factor, importance = _leaf_importance(self.sensitivity, name)
-            if importance is None and name not in self.input_covariance:
-                importance = self._prior_importance(name, array.shape)
+            _, importance = _leaf_importance(self.sensitivity, name)
+            if importance is None:
+                importance = self._channel_importance(name, array.shape)
             try:
                 p = rate.prepare_leaf(array, importance, self.view,
                                       self.input_covariance.get(name), shards)
@@ -273,8 +276,9 @@ class _LeafCoder:
                 raise ValueError(f"{name}: {e}") from None
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
-    def _prior_importance(self, name, shape):
-        if name not in self.input_power:
+    def _channel_importance(self, name, shape):
+        """The BatchNorm prior's per-input-channel importance, or None."""
+        if name in self.input_covariance or name not in self.input_power:
             return None
         axis, power = self.input_power[name]
         if not 0 <= axis < len(shape) or shape[axis] != len(power):
