@@ -257,3 +257,20 @@ def test_a_leaf_that_barely_matters_gets_its_coarsest_coding(tmp_path):
     assert report.file_bytes == pytest.approx(tree["a"].nbytes * 2 / 8, rel=0.02)
     sizes = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
     assert sizes["a"] < sizes["b"] / 4
+
+
+@pytest.mark.parametrize("bound", [0.02, 0.05, 0.1])
+def test_error_bound_search_codes_each_leaf_about_twice(monkeypatch, bound):
+    # Rows of different scales: 8-bit steps would be rounding-dominated, so
+    # the search goes straight to 12 bits; it stops once a step lands within
+    # BOUND_SLACK under the budget instead of closing the bracket.
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, 1024)) * rng.uniform(0.01, 1, (512, 1))).astype(np.float32)
+    codings = []
+    real = rate.encode_with_step
+    monkeypatch.setattr(rate, "encode_with_step", lambda *a, **k: codings.append(a[1:3])
+                        or real(*a, **k))
+    enc = rate.encode_for_error(rate.prepare_leaf(x), bound)
+    err = rate.relative_error(x, enc)
+    assert math.sqrt(1 - rate.BOUND_SLACK) * bound * 0.99 <= err <= bound
+    assert len(codings) <= 2, codings
