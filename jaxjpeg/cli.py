@@ -20,7 +20,9 @@ writes it back. Paths may be relative; SRC, DST and CKPT may also be URLs
 (``https://``, ``gs://``, ``memory://`` ..., with fsspec): safetensors and
 npz sources are read one tensor at a time with ranged reads (over HTTP give
 the index json's URL: web servers list no folders); Orbax sources from
-local paths, ``gs://`` or ``s3://`` (what Orbax reads).
+local paths, ``gs://`` or ``s3://`` (what Orbax reads) or web servers (an
+item's URL, or a step's with ``--item``; tensorstore's HTTP store), not
+from other fsspec stores such as ``memory://``.
 
 Exit status (errors are one line on stderr, without a traceback):
   0  success
@@ -127,7 +129,8 @@ RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "err
 
 def cmd_compress(args) -> int:
     from jaxjpeg import checkpoint, storage
-    _require(args.src)
+    if storage.scheme(args.src) not in ("http", "https"):  # a web server has no folders:
+        _require(args.src)   # open_source looks for an Orbax item's _METADATA under it
     dst = storage.kind(args.dst)
     if dst == "directory":
         raise CliError(f"{args.dst}: is a directory")

@@ -9,7 +9,10 @@ every tensor up front from the files' headers and reads each when asked:
 safetensors and npz with one ranged read of exactly its bytes, so a converter
 holds about one tensor at a time and never downloads the whole source.
 Orbax checkpoints are read by Orbax itself (local, ``gs://``, ``s3://``: the
-stores it reads); a Flax msgpack file has no index and is read whole.
+stores it reads) or, on a web server, with tensorstore's HTTP store (an
+item's arrays named by its ``_METADATA``); other fsspec stores cannot hold
+a source Orbax or tensorstore reads. A Flax msgpack file has no index and is
+read whole.
 :func:`load_source` reads everything as a pytree.
 
 Sources are not trusted either: every problem is a :class:`SourceError` (one
@@ -145,6 +148,10 @@ def open_source(path, items=None) -> Source:
     local = storage.local_path(path)
     if local is not None and storage.scheme(path) == "file":
         path = local
+    if _is_web(path):   # a web server lists no folders: Orbax items are asked for by name
+        chosen = _web_orbax_items(path, items)
+        if chosen is not None:
+            return _web_orbax_source(path, chosen, items)
     kind = storage.kind(path)
     if kind is None:
         raise FileNotFoundError(2, "no such file or directory", path)
@@ -634,10 +641,16 @@ def _orbax_source(path: str, items=None) -> Source:
     under their own paths (an unnamed or "default" item, or one chosen by
     name), several items' under the item names."""
     if storage.local_path(path) is None and storage.scheme(path) not in _ORBAX_SCHEMES:
-        raise SourceChoiceError(f"{path}: Orbax reads checkpoints from local paths, gs:// "
-                                f"and s3:// only, not {storage.scheme(path)}://; copy the "
-                                "checkpoint to one of those, or export it as safetensors")
+        raise SourceChoiceError(f"{path}: Orbax checkpoints are read from local paths, "
+                                f"gs://, s3:// and web servers only, not "
+                                f"{storage.scheme(path)}://; copy the checkpoint to one of "
+                                "those, or export it as safetensors")
     chosen = _chosen_items(path, items)
+    return _item_sources(path, chosen, items, _orbax_item_leaves)
+
+
+def _item_sources(path: str, chosen: dict, items, item_leaves) -> Source:
+    """The leaves of the ``chosen`` items (name -> directory) as one source."""
     try:
         import absl.logging
         absl.logging.set_verbosity(absl.logging.ERROR)
@@ -652,8 +665,115 @@ def _orbax_source(path: str, items=None) -> Source:
     for name, directory in chosen.items():
         prefix = [["key", name]] if prefixed else []
         leaves += [dataclasses.replace(leaf, records=prefix + leaf.records)
-                   for leaf in _orbax_item_leaves(directory)]
+                   for leaf in item_leaves(directory)]
     return Source(path, leaves)
+
+
+# ---------------------------------------------------------------- Orbax on a web server
+
+
+_WEB_ORBAX_CACHE_BYTES = 8 * 2**20
+
+
+def _is_web(path: str) -> bool:
+    return storage.scheme(path) in ("http", "https")
+
+
+def _web_orbax_items(path: str, items) -> dict[str, str] | None:
+    """Item name -> URL of the Orbax items at a web URL (which lists no
+    folders: the URL of an item, or of a step with ``items`` named), or None
+    when ``path`` holds no Orbax item."""
+    if items is None:
+        return {"": path} if _is_orbax_item(path) else None
+    chosen = {name: storage.join(path, name) for name in items}
+    for name, url in chosen.items():
+        if not _is_orbax_item(url):
+            raise SourceChoiceError(f"{path}: no Orbax item {name!r} (no {url}/_METADATA)")
+    return chosen
+
+
+def _web_orbax_source(path: str, chosen: dict, items) -> Source:
+    """Orbax items on a web server, read with tensorstore's own HTTP store
+    (Orbax opens only local paths and object stores): the item's _METADATA
+    names the arrays, each opened (its zarr metadata read) now and read, by
+    ranges of its chunks, when the save reaches it."""
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        raise SourceError("reading Orbax checkpoints needs tensorstore "
+                          "(pip install orbax-checkpoint)") from None
+    return _item_sources(path, chosen, items, _web_orbax_leaves)
+
+
+def _web_orbax_leaves(directory: str) -> list:
+    from jaxjpeg.checkpoint import SourceLeaf
+
+    files = _Files()
+    try:
+        metadata = json.loads(_read_whole(storage.join(directory, "_METADATA"),
+                                          MAX_INDEX_BYTES, files))
+    except (ValueError, RecursionError) as e:
+        raise SourceError(f"{directory}: unreadable Orbax _METADATA ({_first_line(e)})") from None
+    finally:
+        files.close()
+    entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
+    if not isinstance(entries, dict):
+        raise SourceError(f"{directory}: Orbax _METADATA has no tree_metadata")
+    import tensorstore as ts
+    # One context for the item's arrays: the database's manifest and index
+    # nodes are fetched once, not once per array (a small cache: no chunks kept).
+    context = ts.Context({"cache_pool": {"total_bytes_limit": _WEB_ORBAX_CACHE_BYTES}})
+    leaves = []
+    for entry in entries.values():
+        records = _web_orbax_records(directory, entry)
+        store = _web_orbax_array(directory, metadata, records, context)
+        dtype = np.dtype(store.dtype.numpy_dtype)
+        leaves.append(SourceLeaf(records, tuple(store.shape), dtype,
+                                 _web_orbax_loader(directory, store, records)))
+    return sorted(leaves, key=lambda leaf: [(0, v) if k == "index" else (1, str(v))
+                                            for k, v in leaf.records])
+
+
+def _web_orbax_records(directory: str, entry) -> list:
+    """A leaf's key path from its _METADATA entry (Orbax's key types: 1, a
+    sequence index; 2, a dict key)."""
+    keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+    value = entry.get("value_metadata") if isinstance(entry, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) and "key" in k for k in keys):
+        raise SourceError(f"{directory}: Orbax _METADATA entry without key_metadata")
+    records = [["index", int(k["key"])] if k.get("key_type") == 1 else ["key", str(k["key"])]
+               for k in keys]
+    if not isinstance(value, dict) or value.get("value_type") not in (
+            "np.ndarray", "jax.Array", "scalar"):
+        raise SourceError(f"{directory}: leaf {'/'.join(str(r[1]) for r in records)[:200]!r} "
+                          "is not a numeric array")
+    return records
+
+
+def _web_orbax_array(directory: str, metadata: dict, records: list, context):
+    """The tensorstore of one array (Orbax names it by its keys joined with '.')."""
+    import tensorstore as ts
+
+    name = ".".join(str(value) for _, value in records)
+    base = directory.rstrip("/") + "/"
+    driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
+    kvstore = ({"driver": "ocdbt", "base": base, "path": name} if metadata.get("use_ocdbt")
+               else base + name)
+    try:
+        return ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True,
+                       context=context).result()
+    except Exception as e:  # tensorstore raises ValueError & co. with its status text
+        raise OSError(f"{directory}: cannot open {name[:200]!r} ({_first_line(e)[:300]})") from None
+
+
+def _web_orbax_loader(directory: str, store, records: list):
+    def load():
+        try:
+            return np.asarray(store.read().result())
+        except Exception as e:
+            raise OSError(f"{directory}: cannot read {records[-1][1]!r:.200} "
+                          f"({_first_line(e)[:300]})") from None
+    return load
 
 
 def _orbax_metadata(directory: str):

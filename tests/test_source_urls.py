@@ -206,6 +206,52 @@ def test_orbax_source_from_file_url(tmp_path, capsys):
     assert np.asarray(jaxjpeg.restore(tmp_path / "o.jjpg")["w"]).shape == (128, 128)
 
 
+@pytest.fixture(scope="module")
+def orbax_dirs(tmp_path_factory):
+    """An Orbax StandardCheckpointer item (nested dicts, a list, a scalar) and
+    a CheckpointManager step with two items; each compressed locally."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    root = tmp_path_factory.mktemp("orbax")
+    tree = {"dense": {"kernel": (0.05 * rng.standard_normal((256, 128))).astype(np.float32),
+                      "bias": np.zeros(128, np.float32)},
+            "blocks": [(0.05 * rng.standard_normal((128, 128))).astype(np.float32),
+                       np.ones((64,), np.float16)],
+            "step": np.int32(3)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(root / "item", tree)
+    with ocp.CheckpointManager(root / "manager") as manager:
+        manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(tree["dense"]),
+                                                extra=ocp.args.StandardSave(tree["blocks"])))
+        manager.wait_until_finished()
+    expected = {}
+    for name, argv in (("item", [root / "item"]),
+                       ("params", [root / "manager" / "5", "--item", "params"])):
+        out = root / f"{name}.jjpg"
+        assert cli.main(["compress", *map(str, argv), str(out)]) == 0
+        expected[name] = out.read_bytes()
+    return root, expected
+
+
+def test_orbax_over_http_equals_local(orbax_dirs, tmp_path, capsys):
+    """Orbax opens no web URLs: tensorstore's HTTP store reads the arrays,
+    by ranges of their chunks; the file is the one a local source gives."""
+    root, expected = orbax_dirs
+    with RangeServer(root) as server:
+        out = tmp_path / "i.jjpg"
+        code, _, err = run(capsys, "compress", server.url("item"), out)
+        assert code == 0, err
+        assert out.read_bytes() == expected["item"]
+        on_disk = sum(f.stat().st_size for f in (root / "item").rglob("*") if f.is_file())
+        assert server.bytes_served <= on_disk, (server.bytes_served, on_disk)
+        code, _, err = run(capsys, "compress", server.url("manager/5"), out, "--item",
+                           "params", "--force")
+        assert code == 0, err
+        assert out.read_bytes() == expected["params"]
+        code, _, err = run(capsys, "compress", server.url("manager/5"), out, "--item",
+                           "nope", "--force")
+        assert code == cli.EXIT_USAGE and "no Orbax item 'nope'" in err
+
+
 def test_url_errors_have_their_exit_codes(local, memory_root, tmp_path, capsys):
     root, _ = local
     fs, mem = memory_root
@@ -217,7 +263,7 @@ def test_url_errors_have_their_exit_codes(local, memory_root, tmp_path, capsys):
     assert code == cli.EXIT_DAMAGED and "not a valid safetensors file" in err
     fs.pipe(f"{mem}/orbax/_METADATA", b"{}")
     code, _, err = run(capsys, "compress", f"memory://{mem}/orbax", out)
-    assert code == cli.EXIT_USAGE and "Orbax reads checkpoints from local paths" in err
+    assert code == cli.EXIT_USAGE and "Orbax checkpoints are read from local paths" in err
     with RangeServer(root) as server:
         code, _, err = run(capsys, "compress", server.url("nope.safetensors"), out)
         assert code == cli.EXIT_IO and "nope.safetensors" in err
