@@ -122,11 +122,13 @@ class _Files:
         length = max(0, min(length, source.size - offset))
         data = bytearray(length)
         view = memoryview(data)
-        piece = length if storage.local_path(location) is not None else _READ_PIECE
-        starts = range(0, length, max(1, piece))
-        done = list(_io_pool().map(
-            lambda at: source.readinto(offset + at, view[at:at + piece]), starts))
-        if sum(done) != length:
+        if storage.local_path(location) is not None or length <= _READ_PIECE:
+            done = source.readinto(offset, view)
+        else:
+            done = sum(_io_pool().map(
+                lambda at: source.readinto(offset + at, view[at:at + _READ_PIECE]),
+                range(0, length, _READ_PIECE)))
+        if done != length:
             raise OSError(f"{location}: the file shrank while reading it")
         return data
 

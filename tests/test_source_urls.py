@@ -188,6 +188,19 @@ def test_one_tensor_over_http_reads_about_its_bytes(local):
             assert server.bytes_served == NPZ_TENSORS["embed/weight"].nbytes
 
 
+def test_a_large_tensor_over_http_is_read_in_parallel_pieces(tmp_path):
+    from jaxjpeg.format import _READ_PIECE
+    big = rng.standard_normal((1536, 1024)).astype(np.float32)   # 6 MiB
+    safetensors_numpy.save_file({"big": big}, str(tmp_path / "big.safetensors"))
+    with RangeServer(tmp_path) as server:
+        with sources.open_source(server.url("big.safetensors")) as source:
+            server.reset()
+            np.testing.assert_array_equal(source.leaves[0].array(), big)
+        assert server.bytes_served == big.nbytes
+        assert len(server.ranges) == -(-big.nbytes // _READ_PIECE) >= 2
+        assert max(end - start for start, end in server.ranges) <= _READ_PIECE
+
+
 def test_file_url_sources(local, tmp_path, capsys):
     root, expected = local
     out = tmp_path / "f.jjpg"
