@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import fnmatch
+import inspect
 import math
 import os
 import warnings
