@@ -24,7 +24,8 @@ ocp = pytest.importorskip("orbax.checkpoint")
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_orbax.py"
 NUM_PROCESSES = 2
 TIMEOUT_S = 240
-CHECKS = ["manager_async_save_is_distributed", "checkpointer_sync_save_is_distributed"]
+CHECKS = ["manager_async_save_is_distributed", "checkpointer_sync_save_is_distributed",
+          "one_process_refusing_fails_every_process"]
 
 
 @pytest.fixture(scope="module")

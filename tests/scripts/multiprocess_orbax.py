@@ -17,6 +17,7 @@ Prints one JSON line last: {"process", "checks": {name: "ok" or the traceback}}.
 import json
 import os
 import sys
+import time
 import traceback
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -124,6 +125,25 @@ def checkpointer_sync_save_is_distributed():
     assert set(restored) == set(VALUES)
     with jaxjpeg.open(os.path.join(WORK, "sync", "checkpoint.jjpg")) as f:
         assert f.info("split").kind == "jpeg"
+
+
+@check
+def one_process_refusing_fails_every_process():
+    """Process 1 alone saves a leaf no checkpoint holds: Orbax's save raises in
+    every process, at once (no process waits for the others), and no
+    checkpoint appears."""
+    tree = dict(make_tree(), names=np.array(["a", "b"]) if PROCESS == 1 else np.zeros(2))
+    directory = os.path.join(WORK, "refused")
+    start = time.monotonic()
+    try:
+        with ocp.Checkpointer(JaxjpegCheckpointHandler()) as ckptr:
+            ckptr.save(directory, args=JaxjpegSave(tree))
+    except (TypeError, ValueError) as e:
+        assert ("process 1" in str(e)) if PROCESS != 1 else ("dtype <U1" in str(e)), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(os.path.join(directory, "checkpoint.jjpg"))
 
 
 results = {}
