@@ -6,7 +6,9 @@
 The same transformer-like tree is written as one safetensors file, as
 sharded safetensors (an index and 50 MB shards) and as an Orbax
 ``StandardCheckpointer`` directory; each is compressed by the command line
-in a fresh child process, whose /proc status is read every 20 ms until it
+from its local path, then from its URL on a local HTTP server with Range
+support (tests/range_server.py, which counts the bytes it serves), in a
+fresh child process, whose /proc status is read every 20 ms until it
 exits. Printed, above a child that only imports what the conversion imports
 and starts the CPU backend: the peak resident set (VmHWM; it counts the
 source's pages that safetensors maps and reads, which the kernel may drop at
@@ -30,8 +32,11 @@ import time
 
 from checkpoint_vs_orbax import _leaves, transformer_params
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from range_server import RangeServer  # noqa: E402
+
 # What a conversion imports and starts before it reads anything (Orbax only for
-# Orbax sources).
+# Orbax sources, fsspec's HTTP client and tensorstore for URLs).
 BASELINE = ("import jax, jaxjpeg, jaxjpeg.cli, jaxjpeg.checkpoint, safetensors{}; "
             "jax.numpy.zeros(1).block_until_ready()")
 
@@ -92,6 +97,20 @@ def _write_sources(params: dict, root: str) -> dict[str, str]:
     return {"safetensors": one, "sharded safetensors": sharded, "orbax": orbax_dir}
 
 
+def _measure(kind: str, src: str, root: str, raw: int) -> None:
+    base, base_anon = _peak_rss([sys.executable, "-c", BASELINE.format(
+        (", orbax.checkpoint" if kind.startswith("orbax") else "")
+        + (", fsspec, aiohttp, tensorstore" if kind.endswith("HTTP") else ""))])
+    dst = os.path.join(root, f"{kind.replace(' ', '_')}.jjpg")
+    t0 = time.perf_counter()
+    peak, anon = _peak_rss([sys.executable, "-m", "jaxjpeg.cli", "compress", src, dst])
+    seconds = time.perf_counter() - t0
+    print(f"  {kind:30s} peak +{(peak - base) / 2**20:6.1f} MiB "
+          f"({(peak - base) / raw:.2f}x the source), anonymous "
+          f"+{(anon - base_anon) / 2**20:6.1f} MiB ({(anon - base_anon) / raw:.2f}x), "
+          f"{seconds:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~20 MB of parameters")
@@ -111,17 +130,16 @@ def main() -> None:
         del params
         print(f"source {raw / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, coding window "
               f"{checkpoint.SAVE_WINDOW_BYTES / 2**20:.0f} MiB")
-        for kind, src in sources.items():
-            base, base_anon = _peak_rss([sys.executable, "-c", BASELINE.format(
-                ", orbax.checkpoint" if kind == "orbax" else "")])
-            dst = os.path.join(root, f"{kind.replace(' ', '_')}.jjpg")
-            t0 = time.perf_counter()
-            peak, anon = _peak_rss([sys.executable, "-m", "jaxjpeg.cli", "compress", src, dst])
-            seconds = time.perf_counter() - t0
-            print(f"  {kind:20s} peak +{(peak - base) / 2**20:6.1f} MiB "
-                  f"({(peak - base) / raw:.2f}x the source), anonymous "
-                  f"+{(anon - base_anon) / 2**20:6.1f} MiB ({(anon - base_anon) / raw:.2f}x), "
-                  f"{seconds:.1f} s")
+        with RangeServer(root) as server:
+            for kind, src in sources.items():
+                url = server.url(os.path.relpath(src, root) + (
+                    "/model.safetensors.index.json" if kind == "sharded safetensors" else ""))
+                for where, location in (("", src), (" over HTTP", url)):
+                    server.reset()
+                    _measure(kind + where, location, root, raw)
+                    if where:
+                        print(f"  {'':20s} served {server.bytes_served / 1e6:.1f} MB in "
+                              f"{len(server.ranges)} ranged reads")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import inspect
 import math
 import os
 import warnings
@@ -324,6 +325,18 @@ def _coded_mask(p: codec.Prepared) -> np.ndarray:
     return mask.reshape(p.shape)
 
 
+def _custom_encoder(encoder, shards: dict):
+    """A user's ``encoder``, given ``shards=`` (the leaf's shard regions, or
+    None) when its signature takes that keyword."""
+    try:
+        params = inspect.signature(encoder).parameters.values()
+    except (TypeError, ValueError):   # builtins without a signature: as given
+        return encoder
+    if not any(p.name == "shards" or p.kind == p.VAR_KEYWORD for p in params):
+        return encoder
+    return lambda name, array: encoder(name, array, shards=shards.get(name))
+
+
 def _relative_step_encoder(relative_step, bits, leaf_coder):
     from jaxjpeg import rate
 
@@ -452,7 +465,11 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
       ``bits_per_weight`` (all-in: file bytes * 8 / weights) or
       ``target_bytes``: the whole file's size, shared across leaves by
       marginal rate-distortion;
-    * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control.
+    * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control;
+      an encoder that takes a ``shards`` keyword gets the leaf's shards
+      ((start, stop, step) per axis of each; None when none are known) to
+      cut its tiles along, as the built-in coding does:
+      ``encode_tensor(codec.prepare(array).with_shards(shards), ...)``.
 
     ``sensitivity`` (leaf path -> importance) steers where the error goes: a
     number weighs the whole leaf's squared error (e.g. mean squared gradients
@@ -637,7 +654,7 @@ class _Save:
                                        quant_step=quant_step, quality=quality, qtable=qtable,
                                        **leaf_coder.coding)
 
-        self.encode = encoder or table_encoder
+        self.encode = _custom_encoder(encoder, leaf_coder.shards) if encoder else table_encoder
         # A user's encoder and the byte budget (each leaf's share depends on
         # the ones coded before it) code one leaf at a time, in order.
         self.workers = 1 if encoder is not None else save_workers()

@@ -11,12 +11,18 @@
 SRC is an Orbax checkpoint directory (a ``StandardCheckpointer`` /
 ``PyTreeCheckpointer`` item, a ``CheckpointManager`` step directory, or a
 ``CheckpointManager`` root, whose latest step is taken; ``--item`` chooses
-items), a Flax msgpack file (``flax.serialization.to_bytes``), a
-``.safetensors`` file, or a sharded safetensors checkpoint (its
-``*.safetensors.index.json``, or a folder of ``*.safetensors`` shards, with
-or without the index); safetensors ``__metadata__`` becomes the checkpoint's
-user metadata, and ``export`` writes it back. Paths may be relative; CKPT
-may also be a URL (``https://``, ``gs://`` ..., with fsspec).
+items), a Flax msgpack file (``flax.serialization.to_bytes``), a ``.npz``
+file (``numpy.savez``), a ``.safetensors`` file, or a sharded safetensors
+checkpoint (its ``*.safetensors.index.json``, or a folder of
+``*.safetensors`` shards, with or without the index); safetensors
+``__metadata__`` becomes the checkpoint's user metadata, and ``export``
+writes it back. Paths may be relative; SRC, DST and CKPT may also be URLs
+(``https://``, ``gs://``, ``memory://`` ..., with fsspec): safetensors and
+npz sources are read one tensor at a time with ranged reads (over HTTP give
+the index json's URL: web servers list no folders); Orbax sources from
+local paths, ``gs://`` or ``s3://`` (what Orbax reads) or web servers (an
+item's URL, or a step's with ``--item``; tensorstore's HTTP store), not
+from other fsspec stores such as ``memory://``.
 
 Exit status (errors are one line on stderr, without a traceback):
   0  success
@@ -122,27 +128,29 @@ RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "err
 
 
 def cmd_compress(args) -> int:
-    from jaxjpeg import checkpoint
-    _require(args.src)
-    if os.path.exists(args.dst) and not args.force:
-        raise CliError(f"{args.dst}: exists (use --force to replace it)")
-    if os.path.isdir(args.dst):
+    from jaxjpeg import checkpoint, storage
+    if storage.scheme(args.src) not in ("http", "https"):  # a web server has no folders:
+        _require(args.src)   # open_source looks for an Orbax item's _METADATA under it
+    dst = storage.kind(args.dst)
+    if dst == "directory":
         raise CliError(f"{args.dst}: is a directory")
+    if dst is not None and not args.force:
+        raise CliError(f"{args.dst}: exists (use --force to replace it)")
     # Tensors are described now and read one at a time as the save codes them.
     from jaxjpeg.sources import SourceError, open_source
-    source = open_source(args.src, args.item)
-    if not source.leaves:
-        raise CliError(f"{args.src}: holds no arrays")
-    policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
-    rate = {name: getattr(args, name) for name in RATE_OPTIONS
-            if getattr(args, name) is not None}
-    try:
-        report = checkpoint.save_leaves(args.dst, source.leaves, bits=args.bits, policy=policy,
-                                        metadata=source.metadata, **rate)
-    except SourceError:   # a tensor read as the save reached it: damaged, not usage
-        raise
-    except (ValueError, TypeError) as e:  # leaves or options save refuses
-        raise CliError(_first_line(e)) from None
+    with open_source(args.src, args.item) as source:
+        if not source.leaves:
+            raise CliError(f"{args.src}: holds no arrays")
+        policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
+        rate = {name: getattr(args, name) for name in RATE_OPTIONS
+                if getattr(args, name) is not None}
+        try:
+            report = checkpoint.save_leaves(args.dst, source.leaves, bits=args.bits,
+                                            policy=policy, metadata=source.metadata, **rate)
+        except SourceError:   # a tensor read as the save reached it: damaged, not usage
+            raise
+        except (ValueError, TypeError) as e:  # leaves or options save refuses
+            raise CliError(_first_line(e)) from None
     coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
     coded_raw = sum(leaf.raw_bytes for leaf in coded)
     coded_stored = sum(leaf.stored_bytes for leaf in coded)
@@ -502,8 +510,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compress", help="convert an Orbax / Flax msgpack / safetensors "
-                                        "checkpoint to jaxjpeg")
+    p = sub.add_parser("compress", help="convert an Orbax / Flax msgpack / npz / safetensors "
+                                        "checkpoint (path or URL) to jaxjpeg")
     p.add_argument("src", metavar="SRC", type=_path)
     p.add_argument("dst", metavar="DST", type=_path)
     rate = p.add_mutually_exclusive_group()

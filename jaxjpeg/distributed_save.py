@@ -27,6 +27,11 @@ topology restores it (another device count, one process). The work is split:
    failed (process 0 then removes the temporary file; ``path`` keeps any
    previous checkpoint).
 
+The save runs in two halves: :func:`prepare` (checks agreed on, gathers,
+this process's leaves copied to the host; on the caller's thread, since
+collectives must run in the same order everywhere) and :func:`finish` (the
+rest, from any thread: the Orbax handler runs it in Orbax's commit thread).
+
 The destination must be a file system every process sees (one machine, or a
 shared mount). Byte targets (``target_ratio``...) need every leaf's curve in
 one place and are refused; so is a custom ``encoder`` (it may not be safe to
@@ -36,6 +41,7 @@ are agreed: about each process's share of the compressed file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -45,7 +51,7 @@ import numpy as np
 
 from jaxjpeg import format as fmt
 
-__all__ = ["plan_owners", "save_distributed", "TIMEOUT_S"]
+__all__ = ["Prepared", "finish", "plan_owners", "prepare", "save_distributed", "TIMEOUT_S"]
 
 TIMEOUT_S = 600.0        # waiting for another process's part, writes or commit
 _KEY = "jaxjpeg_save"
@@ -111,13 +117,12 @@ def _nbytes(leaf) -> int:
     return int(np.prod(np.shape(leaf), dtype=np.int64)) * _dtype(leaf).itemsize
 
 
-def _local_copy(leaf) -> np.ndarray:
-    """A leaf this process holds whole, as numpy, from its own shards."""
+def _local_copy(leaf, copy: bool = False) -> np.ndarray:
+    """A leaf this process holds whole, as numpy, from its own shards
+    (``copy``: never a view of the caller's array or a device buffer)."""
     import jax
-    if not isinstance(leaf, jax.Array):
-        return np.asarray(leaf)
-    if leaf.is_fully_addressable:
-        return np.asarray(leaf)
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return np.array(leaf, copy=True) if copy else np.asarray(leaf)
     out = np.empty(leaf.shape, leaf.dtype)
     for shard in leaf.addressable_shards:
         out[shard.index] = np.asarray(shard.data)
@@ -162,6 +167,31 @@ def _failed(parts: list) -> str | None:
 
 def save_distributed(path, tree, saver_options: dict):
     """See the module doc; ``saver_options`` are :func:`jaxjpeg.save`'s."""
+    return finish(prepare(path, tree, saver_options))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A distributed save between its two halves: what :func:`prepare` took
+    from the tree (this process's leaves, on the host) and agreed on."""
+
+    path: str
+    saver: Any                # jaxjpeg.checkpoint._Save: the checked options
+    exchange: _Exchange
+    me: int
+    processes: int
+    own: list                 # (leaf index, SourceLeaf) this process codes
+    count: int                # leaves in the tree
+
+
+def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
+    """The first half, in every process at once, on the caller's thread: the
+    options and the tree checked (and agreed on: any process refusing makes
+    every process raise), leaves split across processes gathered (a
+    collective, in leaf order), and this process's leaves read to the host
+    (``copy``: always copied, never a view of a device buffer, so that the
+    caller may reuse its arrays at once, as an asynchronous save needs).
+    Nothing is written yet."""
     import jax
     from jaxjpeg import checkpoint as ck
 
@@ -176,10 +206,9 @@ def save_distributed(path, tree, saver_options: dict):
     _saves_started += 1
     exchange = _Exchange(client, f"{_KEY}/{_saves_started}")
     path = os.fspath(path)
-    # Everything a process may refuse on its own (its tree, the destination)
-    # is checked and agreed on before the first collective: a process that
+    # Everything a process may refuse on its own (its tree, the options) is
+    # checked and agreed on before the first collective: a process that
     # raised alone would leave the others waiting in a gather.
-    temp = None
     try:
         flat = ck._leaves(tree)
         owners, gather = plan_owners([leaf for _, leaf in flat], processes)
@@ -187,7 +216,6 @@ def save_distributed(path, tree, saver_options: dict):
                                 ck.shard_regions(leaf))
                   for records, leaf in flat]
         saver = ck._Save(path, leaves, **saver_options)
-        temp = _create_temp(path, exchange) if me == 0 else None
         ready, error = "ok", None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
@@ -195,21 +223,34 @@ def save_distributed(path, tree, saver_options: dict):
     states = [exchange.get(f"ready/{i}") for i in range(processes)]
     failed = [f"process {i}: {state}" for i, state in enumerate(states) if state != "ok"]
     if failed:
-        _abandon(temp, exchange, me, failed[0])
         if error is not None:
             raise error
         raise ValueError(f"distributed save of {path} refused in {failed[0]}")
+    own = []
+    for i, (records, leaf) in enumerate(flat):
+        array = None
+        if gather[i]:   # every process joins, in leaf order
+            from jax.experimental import multihost_utils
+            array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        if owners[i] == me:
+            data = array if array is not None else _local_copy(leaf, copy)
+            own.append((i, ck.SourceLeaf.of(records, data)))
+    return Prepared(path, saver, exchange, me, processes, own, len(flat))
+
+
+def finish(prepared: Prepared):
+    """The second half, in every process (it may run on any thread: no
+    collectives, only the coordination service's key-value store): process
+    0 creates the temporary file, each process codes its leaves and writes
+    its region, process 0 commits. Returns the SaveReport."""
+    from jaxjpeg import checkpoint as ck
+
+    path, saver, exchange, me = prepared.path, prepared.saver, prepared.exchange, prepared.me
+    processes = prepared.processes
+    temp = None
     try:
-        own = []
-        for i, (records, leaf) in enumerate(flat):
-            array = None
-            if gather[i]:   # every process joins, in leaf order
-                from jax.experimental import multihost_utils
-                array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-            if owners[i] == me:
-                data = array if array is not None else _local_copy(leaf)
-                own.append((i, ck.SourceLeaf.of(records, data)))
-        part = _code(saver, own)
+        temp = _create_temp(path, exchange) if me == 0 else None
+        part = _code(saver, prepared.own)
     except Exception as e:
         exchange.put(f"part/{me}", {"error": f"{type(e).__name__}: {e}"})
         _abandon(temp, exchange, me, f"process {me} failed")
@@ -239,7 +280,7 @@ def save_distributed(path, tree, saver_options: dict):
         if not isinstance(outcome, int):
             raise ValueError(f"distributed save of {path} failed: {outcome}")
         file_bytes = outcome
-    reports = [None] * len(flat)
+    reports = [None] * prepared.count
     for p in parts:
         for index, report in p["reports"].items():
             reports[int(index)] = ck.LeafReport(report[0], tuple(report[1]), *report[2:])

@@ -28,8 +28,21 @@ when the commit has finished; jaxjpeg's own writer is atomic too.
 
 The item directory may be local or remote (``gs://``, ``s3://`` ...: the
 file is read and written through :mod:`jaxjpeg.storage`, with fsspec and the
-store's backend installed). Limits: only the primary host writes; every leaf must be fully addressable from it (gather
-multi-host sharded arrays first). Restoring honours target shardings.
+store's backend installed). Restoring honours target shardings, on any
+topology.
+
+Several processes (``jax.distributed``): on a file system every process
+sees (one machine, or a shared mount), the save is distributed
+(:mod:`jaxjpeg.distributed_save`): each process codes and writes the leaves
+it holds (a leaf split across processes is gathered first), and process 0
+commits the one file once every process has written its part; only then
+does each process's commit future finish, so Orbax's barrier and its
+rename of the step directory come after the file is complete. With
+``async_save`` the gathers and host copies happen while the caller waits
+(collectives must run in the same order everywhere), the coding and
+writing in Orbax's commit thread. To a remote store only the primary host
+writes, and every leaf must be fully addressable from it (gather
+multi-host sharded arrays first).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import orbax.checkpoint as ocp
 from jaxjpeg import checkpoint as _ckpt
 from jaxjpeg import checkpoint_reader as _reader
 from jaxjpeg import checkpoint_restore as _restore
+from jaxjpeg import distributed_save as _distributed
 from jaxjpeg import storage as _storage
 from jaxjpeg.treepaths import nest as _nest
 
@@ -60,8 +74,9 @@ def _host_copy(tree) -> list:
     as :func:`jaxjpeg.save` cuts them)."""
     def copy(leaf):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            raise ValueError("JaxjpegCheckpointHandler saves only fully addressable arrays; "
-                             "gather multi-host sharded arrays first")
+            raise ValueError("JaxjpegCheckpointHandler saves arrays split across processes "
+                             "only to a file system every process writes (a local path or a "
+                             "shared mount); for a remote store gather them first")
         return np.array(leaf, copy=True)
     return [_ckpt.SourceLeaf.of(records, copy(leaf), _ckpt.shard_regions(leaf))
             for records, leaf in _ckpt._leaves(tree)]
@@ -72,8 +87,11 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
 
     Args:
       filename: the file's name inside the item directory.
-      primary_host: the process that writes (``None``: every process writes,
-        which is right only on a single host). Defaults to process 0.
+      primary_host: the process that writes to a remote store (``None``:
+        every process writes, which is right only on a single host).
+        Defaults to process 0. A distributed save (several processes, a
+        file system they share) is written by every process and committed
+        by process 0.
     """
 
     def __init__(self, filename: str = FILENAME, *, primary_host: Optional[int] = 0):
@@ -86,34 +104,44 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
     def _is_writer(self) -> bool:
         return self._primary_host is None or jax.process_index() == self._primary_host
 
-    def _write(self, directory, leaves: list, args: "JaxjpegSave") -> None:
-        kwargs = dict(args.save_kwargs or {})
-        for name in ("quant_step", "quality", "bits", "policy"):
-            if getattr(args, name) is not None:
-                kwargs[name] = getattr(args, name)
-        kwargs["progress"] = False
-        _ckpt.save_leaves(self._path(directory), leaves, **kwargs)
+    def _is_distributed(self, directory) -> bool:
+        """Several processes, and a directory they all write with ranged
+        writes (a local path: one machine or a shared mount)."""
+        return (jax.process_count() > 1
+                and _storage.local_path(_storage.as_location(directory)) is not None)
+
+    def _snapshot(self, directory, args: "JaxjpegSave", *, copy: bool):
+        """What the save writes, taken from the caller's arrays now: this
+        process's part of a distributed save, or every leaf on the host
+        (None where this process writes nothing)."""
+        if not isinstance(args, JaxjpegSave):
+            raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
+        if self._is_distributed(directory):
+            return _distributed.prepare(self._path(directory), args.item, _options(args),
+                                        copy=copy)
+        return _host_copy(args.item) if self._is_writer() else None
+
+    def _write(self, directory, snapshot, args: "JaxjpegSave") -> None:
+        if isinstance(snapshot, _distributed.Prepared):
+            _distributed.finish(snapshot)
+        elif snapshot is not None:
+            _ckpt.save_leaves(self._path(directory), snapshot, **_options(args))
 
     async def async_save(self, directory, args: "JaxjpegSave") -> Optional[List[Any]]:
         """Snapshots the leaves to host now; encodes and writes in the commit thread."""
-        if not isinstance(args, JaxjpegSave):
-            raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
-        if not self._is_writer():
+        snapshot = self._snapshot(directory, args, copy=True)
+        if snapshot is None:
             return []
-        leaves = _host_copy(args.item)
 
         async def commit():
-            await asyncio.to_thread(self._write, directory, leaves, args)
+            await asyncio.to_thread(self._write, directory, snapshot, args)
 
         return [ocp.future.CommitFutureAwaitingContractedSignals(commit(),
                                                                  name="jaxjpeg_save")]
 
     def save(self, directory, args: "JaxjpegSave") -> None:
         """Saves synchronously."""
-        if not isinstance(args, JaxjpegSave):
-            raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
-        if self._is_writer():
-            self._write(directory, _host_copy(args.item), args)
+        self._write(directory, self._snapshot(directory, args, copy=False), args)
 
     def restore(self, directory, args: Optional["JaxjpegRestore"] = None):
         """Restores the pytree, decoded on the device (see :func:`jaxjpeg.restore`)."""
@@ -139,6 +167,16 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
 
     def close(self) -> None:
         pass
+
+
+def _options(args: "JaxjpegSave") -> dict:
+    """jaxjpeg.save's keyword options from the save args."""
+    kwargs = dict(args.save_kwargs or {})
+    for name in ("quant_step", "quality", "bits", "policy"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    kwargs["progress"] = False
+    return kwargs
 
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_save=True)

@@ -1,29 +1,43 @@
 """Reading checkpoints in other formats (for ``jaxjpeg compress`` and
 ``jaxjpeg inspect --source``): Orbax directories, Flax msgpack files,
-safetensors files and sharded safetensors checkpoints (an index json, or a
-folder of shards).
+``.npz`` files, safetensors files and sharded safetensors checkpoints (an
+index json, or a folder of shards).
 
-:func:`open_source` describes every tensor up front and reads each when
-asked (safetensors: straight from its file, so a converter holds about one
-tensor at a time); :func:`load_source` reads everything as a pytree.
+Sources may be local paths or URLs (:mod:`jaxjpeg.storage`: ``file://``,
+``memory://``, ``https://``, ``gs://``...). :func:`open_source` describes
+every tensor up front from the files' headers and reads each when asked:
+safetensors and npz with one ranged read of exactly its bytes, so a converter
+holds about one tensor at a time and never downloads the whole source.
+Orbax checkpoints are read by Orbax itself (local, ``gs://``, ``s3://``: the
+stores it reads) or, on a web server, with tensorstore's HTTP store (an
+item's arrays named by its ``_METADATA``); other fsspec stores cannot hold
+a source Orbax or tensorstore reads. A Flax msgpack file has no index and is
+read whole.
+:func:`load_source` reads everything as a pytree.
 
 Sources are not trusted either: every problem is a :class:`SourceError` (one
 line, naming the file), every leaf must be a numeric array, and shapes out of
 proportion to the bytes on disk are refused before anything is allocated.
+Problems reaching a file (missing, a web server refusing ranges) are
+``OSError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import glob
+import io
 import json
 import math
 import os
 import struct
 import threading
+import zlib
 
 import ml_dtypes
 import numpy as np
+
+from jaxjpeg import storage
 
 __all__ = ["Source", "SourceError", "load_source", "open_source"]
 
@@ -32,8 +46,11 @@ __all__ = ["Source", "SourceError", "load_source", "open_source"]
 # declaring terabytes over a few hundred bytes is refused before allocation.
 MAX_EXPANSION = 1024
 EXPANSION_FLOOR = 64 * 2**20
+MAX_MSGPACK_BYTES = 64 * 2**30
 _JAXJPEG_MAGIC = b"\x89JAXJPG\n"
 _ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+# The stores Orbax (tensorstore) reads checkpoints from, besides local paths.
+_ORBAX_SCHEMES = ("gs", "s3")
 
 
 class SourceError(ValueError):
@@ -41,23 +58,36 @@ class SourceError(ValueError):
 
 
 class SourceChoiceError(SourceError):
-    """An ``--item`` choice that does not fit the source: the user's choice to
-    change (a usage error, not damage)."""
+    """A choice of the user's that does not fit the source (an ``--item``, a
+    store the format cannot be read from): theirs to change, a usage error,
+    not damage."""
 
 
 @dataclasses.dataclass
 class Source:
     """A checkpoint in another format: its tensors described (shape, dtype,
     path) and read on demand, and its metadata (safetensors ``__metadata__``,
-    merged over shards; None for formats without)."""
+    merged over shards; None for formats without). ``close()`` (or ``with``)
+    closes the files its leaves read from."""
 
     path: str
     leaves: list            # jaxjpeg.checkpoint.SourceLeaf, in save order
     metadata: dict | None = None
+    files: "_Files | None" = None
 
     @property
     def nbytes(self) -> int:
         return sum(leaf.nbytes for leaf in self.leaves)
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def of_tree(cls, path: str, tree) -> "Source":
@@ -69,38 +99,99 @@ class Source:
                           for records, leaf in leaves_with_paths(tree)])
 
 
-def open_source(path: str, items=None) -> Source:
+class _Files:
+    """The files a source reads, each opened once (a web server is asked for
+    its size once) and shared by every leaf's reads, from any thread."""
+
+    def __init__(self):
+        self._open: dict[str, storage.RangeSource] = {}
+        self._lock = threading.Lock()
+
+    def get(self, location: str) -> storage.RangeSource:
+        with self._lock:
+            if location not in self._open:
+                self._open[location] = storage.open_source(location)
+            return self._open[location]
+
+    def read(self, location: str, offset: int, length: int) -> bytearray:
+        """Bytes [offset, offset + length) (fewer only past the end); a large
+        remote range in pieces read in parallel, as restore reads blobs."""
+        from jaxjpeg.format import _READ_PIECE, _io_pool
+
+        source = self.get(location)
+        length = max(0, min(length, source.size - offset))
+        data = bytearray(length)
+        view = memoryview(data)
+        if storage.local_path(location) is not None or length <= _READ_PIECE:
+            done = source.readinto(offset, view)
+        else:
+            done = sum(_io_pool().map(
+                lambda at: source.readinto(offset + at, view[at:at + _READ_PIECE]),
+                range(0, length, _READ_PIECE)))
+        if done != length:
+            raise OSError(f"{location}: the file shrank while reading it")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for source in self._open.values():
+                source.close()
+            self._open.clear()
+
+
+def open_source(path, items=None) -> Source:
     """A checkpoint in another format, told apart by its layout and first
-    bytes, not by its names alone.
+    bytes, not by its names alone. ``path``: a local path or URL.
 
     ``items``: names of the Orbax items to take (a step of a
     ``CheckpointManager`` may hold several); None takes every Orbax item.
     """
-    if not os.path.exists(path):
-        raise SourceError(f"{path}: no such file or directory")
-    shards = _safetensors_shards(path)
-    if items is not None and (shards is not None or not os.path.isdir(path)):
+    path = storage.as_location(path)
+    local = storage.local_path(path)
+    if local is not None and storage.scheme(path) == "file":
+        path = local
+    if _is_web(path):   # a web server lists no folders: Orbax items are asked for by name
+        chosen = _web_orbax_items(path, items)
+        if chosen is not None:
+            return _web_orbax_source(path, chosen, items)
+    kind = storage.kind(path)
+    if kind is None:
+        raise FileNotFoundError(2, "no such file or directory", path)
+    files = _Files()
+    try:
+        source = _open_kind(path, kind, items, files)
+    except BaseException:
+        files.close()
+        raise
+    source.files = files
+    return source
+
+
+def _open_kind(path: str, kind: str, items, files: _Files) -> Source:
+    shards = _safetensors_shards(path, kind, files)
+    if items is not None and (shards is not None or kind != "directory"):
         raise SourceChoiceError(f"{path}: items can be chosen in Orbax directories only")
     if shards is not None:
-        return _safetensors_source(path, shards)
-    if os.path.isdir(path):
+        return _safetensors_source(path, shards, files)
+    if kind == "directory":
         return _orbax_source(path, items)
-    with open(path, "rb") as f:
-        head = f.read(16)
+    head = files.read(path, 0, 16)
     if head.startswith(_JAXJPEG_MAGIC):
         raise SourceError(f"{path}: is already a jaxjpeg checkpoint")
     if _looks_like_safetensors(path, head):
-        return _safetensors_source(path, {path: None})
-    return Source.of_tree(path, _load_msgpack(path))
+        return _safetensors_source(path, {path: None}, files)
+    if head.startswith(_ZIP_MAGIC) or path.endswith(".npz"):
+        return _npz_source(path, files)
+    return Source.of_tree(path, _load_msgpack(path, files))
 
 
-def load_source(path: str, items=None):
+def load_source(path, items=None):
     """A checkpoint in another format as a pytree of numpy arrays (safetensors:
     a flat dict by tensor name)."""
     from jaxjpeg.treepaths import nest
 
-    source = open_source(path, items)
-    return nest([(leaf.records, leaf.array()) for leaf in source.leaves])
+    with open_source(path, items) as source:
+        return nest([(leaf.records, leaf.array()) for leaf in source.leaves])
 
 
 def _check_leaves(path: str, tree):
@@ -133,7 +224,7 @@ def _looks_like_safetensors(path: str, head: bytes) -> bool:
     if len(head) < 9:
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= 100 * 2**20 and head[8:9] == b"{"
+    return 2 <= n <= MAX_HEADER_BYTES and head[8:9] == b"{"
 
 
 # safetensors dtype -> numpy dtype name (jaxjpeg.export writes the reverse).
@@ -143,40 +234,50 @@ SAFETENSORS_DTYPES = {
     "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
 }
-# Dtypes safetensors' numpy reader cannot build (numpy has no name for them).
-_ML_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 INDEX_SUFFIX = ".safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own cap on its JSON header
+MAX_INDEX_BYTES = 64 * 2**20
+MAX_DIMS = 64
 
 
 def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(getattr(ml_dtypes, name) if name in _ML_DTYPE_NAMES else name)
 
 
-def _safetensors_shards(path: str) -> dict[str, set | None] | None:
+def _safetensors_shards(path: str, kind: str, files: _Files) -> dict[str, set | None] | None:
     """The safetensors files of a sharded checkpoint ``path`` (an index json,
     or a folder), each with the tensor names its index puts there (None: no
     index), or None when ``path`` is none. A folder with an index takes the
     shards it names; without, every ``*.safetensors`` file in it."""
-    if os.path.isfile(path):
-        return _index_shards(path) if path.endswith(".index.json") else None
-    indexes = sorted(glob.glob(os.path.join(glob.escape(path), "*" + INDEX_SUFFIX)))
+    if kind == "file":
+        return _index_shards(path, files) if path.endswith(".index.json") else None
+    names = storage.listdir(path)
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1:
         raise SourceError(f"{path}: holds {len(indexes)} safetensors indexes "
-                          f"({', '.join(os.path.basename(i) for i in indexes[:3])}); "
-                          "give the one to read")
+                          f"({', '.join(indexes[:3])}); give the one to read")
     if indexes:
-        return _index_shards(indexes[0])
-    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+        return _index_shards(storage.join(path, indexes[0]), files)
+    files = [storage.join(path, n) for n in names if n.endswith(".safetensors")]
     return {file: None for file in files} or None
 
 
-def _index_shards(index_path: str) -> dict[str, set]:
+def _read_whole(path: str, limit: int, files: _Files) -> bytearray:
+    """A whole file without an index (an index json, a msgpack), refused past
+    ``limit`` bytes."""
+    size = files.get(path).size
+    if size > limit:
+        raise SourceError(f"{path}: {size} bytes, more than the {limit} this kind of "
+                          "file may have")
+    return files.read(path, 0, size)
+
+
+def _index_shards(index_path: str, files: _Files) -> dict[str, set]:
     """The shard files an index json names (checked: plain file names inside
     the index's folder, every one present), with the tensors each must hold."""
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
+        index = json.loads(_read_whole(index_path, MAX_INDEX_BYTES, files))
+    except (ValueError, RecursionError) as e:
         raise SourceError(f"{index_path}: not a readable safetensors index "
                           f"({_first_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -184,36 +285,37 @@ def _index_shards(index_path: str) -> dict[str, set]:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise SourceError(f"{index_path}: a safetensors index needs a 'weight_map' of "
                           "tensor names to shard file names")
-    folder = os.path.dirname(index_path)
+    folder = index_path[:max(index_path.rfind("/"), index_path.rfind(os.sep)) + 1]
     shards = {}
     for name, shard in weight_map.items():
-        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+        if "/" in shard or os.sep in shard or shard in ("", ".", ".."):
             raise SourceError(f"{index_path}: shard {shard!r:.200} of {name!r:.200} is not a "
                               "file name in the index's folder")
-        shards.setdefault(os.path.join(folder, shard), set()).add(name)
+        shards.setdefault(folder + shard, set()).add(name)
     for shard in shards:
-        if not os.path.isfile(shard):
-            raise SourceError(f"{index_path}: shard {os.path.basename(shard)!r} is missing")
+        if storage.kind(shard) != "file":
+            raise SourceError(f"{index_path}: shard {shard.rsplit('/', 1)[-1]!r} is missing")
     return dict(sorted(shards.items()))
 
 
-def _safetensors_source(path: str, shards: dict[str, set | None]) -> Source:
-    """Every tensor of the ``shards`` (described from their headers, read one
-    at a time when the save reaches it), named as the files name them, sorted."""
-    from jaxjpeg.checkpoint import SourceLeaf
-
+def _safetensors_source(path: str, shards: dict[str, set | None], files: _Files) -> Source:
+    """Every tensor of the ``shards`` (described from their headers, each read
+    with one ranged read when the save reaches it), named as the files name
+    them, sorted."""
     leaves, metadata, owner = {}, {}, {}
     for file, expected in shards.items():
-        handle, names, shard_meta = _open_safetensors(file)
+        tensors, shard_meta = _safetensors_header(file, files)
+        names = {leaf.records[0][1] for leaf in tensors}
         if expected is not None and names != expected:
             odd = sorted(names ^ expected)[0]
             where = "missing from the shard" if odd in expected else "not in the index"
             raise SourceError(f"{file}: tensor {odd!r:.200} is {where}")
-        for name in names:
+        for leaf in tensors:
+            name = leaf.records[0][1]
             if name in owner:
                 raise SourceError(f"{file}: tensor {name!r:.200} is in {owner[name]} too")
-            owner[name] = os.path.basename(file)
-            leaves[name] = _safetensors_leaf(SourceLeaf, file, handle, name)
+            owner[name] = file.rsplit("/", 1)[-1]
+            leaves[name] = leaf
         for key, value in (shard_meta or {}).items():
             metadata.setdefault(key, value)   # shards disagreeing: the first one's
     if not leaves:
@@ -221,66 +323,224 @@ def _safetensors_source(path: str, shards: dict[str, set | None]) -> Source:
     return Source(path, [leaves[name] for name in sorted(leaves)], metadata or None)
 
 
-def _open_safetensors(file: str):
-    """(open safe_open handle, tensor names, __metadata__) of one file."""
+def _safetensors_header(file: str, files: _Files) -> tuple[list, dict | None]:
+    """(SourceLeaf per tensor, ``__metadata__``) of one safetensors file, from
+    its header alone (two ranged reads), every entry checked against the
+    file's size as the format requires."""
+    size = files.get(file).size
+    head = files.read(file, 0, 8)
+    (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+    if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+        raise SourceError(f"{file}: not a valid safetensors file (header length {n} "
+                          f"for {size} bytes)")
+    text = files.read(file, 8, n)
+    data_start, data_size = 8 + n, size - 8 - n
     try:
-        from safetensors import SafetensorError, safe_open
-    except ImportError:
-        raise SourceError("reading safetensors files needs safetensors "
-                          "(pip install safetensors)") from None
-    try:
-        handle = safe_open(file, framework="numpy")
-        return handle, set(handle.keys()), handle.metadata()
-    except SafetensorError as e:
-        raise SourceError(f"{file}: not a valid safetensors file ({_first_line(e)})") from None
-    except (ValueError, TypeError, AttributeError) as e:
-        raise SourceError(f"{file}: unsupported safetensors content ({_first_line(e)})") from None
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise SourceError(f"{file}: not a valid safetensors file (header: "
+                          f"{type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{file}: not a valid safetensors file (its header is a "
+                          f"{type(header).__name__}, not an object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise SourceError(f"{file}: __metadata__ must map names to strings")
+    leaves, spans = [], []
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _safetensors_entry(file, name, entry, data_size)
+        spans.append((begin, end, name))
+        leaves.append(_ranged_leaf(files, file, [["key", name]], shape, dtype,
+                                   data_start + begin))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise SourceError(f"{file}: tensors {first!r:.100} and {second!r:.100} overlap")
+    return leaves, metadata
 
 
-def _safetensors_leaf(SourceLeaf, file: str, handle, name: str):
-    """One tensor of an open file, described now, read by ``load()``."""
-    try:
-        info = handle.get_slice(name)
-        kind, shape = info.get_dtype(), tuple(info.get_shape())
-    except Exception as e:  # the binding raises its own types
-        raise SourceError(f"{file}: tensor {name!r:.200}: {_first_line(e)}") from None
+def _safetensors_entry(file: str, name: str, entry, data_size: int):
+    """(numpy dtype, shape, (begin, end)) of one header entry, checked."""
+    def bad(what: str):
+        return SourceError(f"{file}: tensor {name!r:.200}: {what}")
+    if not isinstance(entry, dict):
+        raise bad("its header entry is not an object")
+    kind, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if kind not in SAFETENSORS_DTYPES:
-        raise SourceError(f"{file}: tensor {name!r:.200} has dtype {kind}, which jaxjpeg "
-                          "does not store")
+        raise bad(f"has dtype {str(kind)[:20]}, which jaxjpeg does not store")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(
+            type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"shape must be at most {MAX_DIMS} non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise bad(f"data_offsets must be [begin, end] inside the {data_size} data bytes")
+    dtype = _numpy_dtype(SAFETENSORS_DTYPES[kind])
+    if dtype.kind in "biufc":
+        dtype = dtype.newbyteorder("<")   # the format is little-endian
+    if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
+        raise bad(f"shape {shape} of {kind} needs {math.prod(shape) * dtype.itemsize} bytes, "
+                  f"its offsets span {offsets[1] - offsets[0]}")
+    return dtype, tuple(shape), tuple(offsets)
+
+
+def _ranged_leaf(files: _Files, file: str, records: list, shape: tuple, dtype: np.dtype,
+                 offset: int, fortran: bool = False):
+    """A SourceLeaf whose bytes (``dtype``, in its byte order) lie at
+    ``offset`` in ``file``: ``load()`` is one ranged read of exactly them."""
+    from jaxjpeg.checkpoint import SourceLeaf
 
     def load():
-        try:
-            if kind in _ML_DTYPES:
-                return _read_ml_dtype(file, name, _ML_DTYPES[kind])
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise SourceError(f"{file}: tensor {name!r:.200}: {_first_line(e)}") from None
-
-    return SourceLeaf([["key", name]], shape, _numpy_dtype(SAFETENSORS_DTYPES[kind]), load)
+        nbytes = math.prod(shape) * dtype.itemsize
+        data = files.read(file, offset, nbytes)
+        if len(data) != nbytes:
+            raise SourceError(f"{file}: {records[-1][1]!r:.200} is cut short")
+        return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    return SourceLeaf(records, shape, dtype, load)
 
 
-def _read_ml_dtype(path: str, name: str, dtype) -> np.ndarray:
-    """One float8 tensor's bytes, at the offsets safe_open has already
-    validated (in range, size = shape x dtype)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(n))[name]
-        begin, end = info["data_offsets"]
-        f.seek(8 + n + begin)
-        data = f.read(end - begin)
-    return np.frombuffer(data, dtype).reshape(info["shape"])
+# ---------------------------------------------------------------- npz
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")   # zipfile's own layout of it
+_NPY_HEADER_READ = 512      # a .npy header (magic, length, dict) fits in this, mostly
+_ZIP_EXTRA_GUESS = 64       # a member's local extra field (zip64 sizes), mostly
+_STORED, _DEFLATED = 0, 8   # the zip methods numpy's savez and savez_compressed use
+
+
+def _npz_source(path: str, files: _Files) -> Source:
+    """Every array of a ``.npz`` file (``np.savez`` / ``savez_compressed``),
+    named by its member name (``.npy`` dropped; ``/`` nests), described from
+    the zip's directory and each member's .npy header, and read with one
+    ranged read of that member when the save reaches it."""
+    import zipfile
+
+    try:
+        # Small buffered reads: the zip's end record, then its directory in one read.
+        directory = io.BufferedReader(_RangeFile(files.get(path)), buffer_size=1024)
+        with zipfile.ZipFile(directory) as archive:
+            members = [info for info in archive.infolist() if not info.is_dir()]
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise SourceError(f"{path}: not a valid npz file ({_first_line(e)})") from None
+    leaves = [_npz_leaf(path, info, files) for info in members]
+    if not leaves:
+        raise SourceError(f"{path}: holds no arrays")
+    return Source(path, sorted(leaves, key=lambda leaf: leaf.records))
+
+
+def _npz_leaf(path: str, info, files: _Files):
+    from jaxjpeg.checkpoint import SourceLeaf
+
+    name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+    records = [["key", part] for part in name.split("/")]
+    if info.compress_type not in (_STORED, _DEFLATED) or info.flag_bits & 1:
+        raise SourceError(f"{path}: member {info.filename!r:.200} is encrypted or compressed "
+                          "with a method other than deflate")
+    start, head = _member_head(path, info, files, _NPY_HEADER_READ)
+    try:
+        shape, fortran, dtype, header_bytes = _npy_header(path, info.filename, head)
+    except SourceError:   # perhaps a header longer than the first read: once more, whole
+        start, head = _member_head(path, info, files, 2**16 + 16)
+        shape, fortran, dtype, header_bytes = _npy_header(path, info.filename, head)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if info.compress_type == _STORED:
+        if header_bytes + nbytes != info.compress_size:
+            raise SourceError(f"{path}: member {info.filename!r:.200} holds "
+                              f"{info.compress_size} bytes, its header declares "
+                              f"{header_bytes + nbytes}")
+        return _ranged_leaf(files, path, records, shape, dtype, start + header_bytes, fortran)
+    if nbytes > MAX_EXPANSION * info.compress_size + EXPANSION_FLOOR:
+        raise SourceError(f"{path}: member {info.filename!r:.200} declares {nbytes} bytes "
+                          f"over {info.compress_size} compressed (refused before reading)")
+
+    def load():
+        packed = files.read(path, start, info.compress_size)
+        data = bytearray(zlib.decompressobj(-15).decompress(packed, header_bytes + nbytes))
+        if len(data) != header_bytes + nbytes or zlib.crc32(data) != info.CRC:
+            raise SourceError(f"{path}: member {info.filename!r:.200} is damaged "
+                              "(size or CRC does not match)")
+        array = np.frombuffer(data, dtype, offset=header_bytes)
+        return array.reshape(shape, order="F" if fortran else "C")
+    return SourceLeaf(records, shape, dtype, load)
+
+
+def _member_head(path: str, info, files: _Files, length: int) -> tuple[int, bytes]:
+    """(where the member's data starts, its first ``length`` bytes, inflated
+    if deflated), from one ranged read of its local header and data start."""
+    name = len(info.filename.encode("utf-8"))   # the local name's length, mostly
+    guess = _ZIP_LOCAL_HEADER.size + name + _ZIP_EXTRA_GUESS
+    local = files.read(path, info.header_offset, guess + length)
+    if len(local) < _ZIP_LOCAL_HEADER.size or local[:4] != _ZIP_MAGIC:
+        raise SourceError(f"{path}: member {info.filename!r:.200} has no local header")
+    fields = _ZIP_LOCAL_HEADER.unpack(local[:_ZIP_LOCAL_HEADER.size])
+    skip = _ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
+    start = info.header_offset + skip
+    if start + info.compress_size > files.get(path).size:
+        raise SourceError(f"{path}: member {info.filename!r:.200} runs past the end")
+    head = bytes(local[skip:skip + min(length, info.compress_size)])
+    if len(head) < min(length, info.compress_size):   # a longer extra field than guessed
+        head = bytes(files.read(path, start, min(length, info.compress_size)))
+    if info.compress_type == _DEFLATED:
+        head = zlib.decompressobj(-15).decompress(head, length)
+    return start, head
+
+
+def _npy_header(path: str, member: str, head: bytes):
+    """(shape, fortran order, dtype, header length) of a .npy file's start."""
+    from numpy.lib import format as npy
+
+    stream = io.BytesIO(head)
+    try:
+        version = npy.read_magic(stream)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise SourceError(f"{path}: member {member!r:.200} is not a .npy array "
+                          f"({_first_line(e)})") from None
+    if dtype.hasobject or (dtype.kind not in "biufc" and dtype.name not in _ML_DTYPE_NAMES):
+        raise SourceError(f"{path}: member {member!r:.200} has dtype {dtype}, not a numeric one")
+    if len(shape) > MAX_DIMS:
+        raise SourceError(f"{path}: member {member!r:.200} has more than {MAX_DIMS} axes")
+    return tuple(shape), fortran, dtype, stream.tell()
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only file object over ranged reads (what zipfile needs to read
+    a zip's directory; it reads a few small pieces near the end)."""
+
+    def __init__(self, source):
+        self._source, self._position = source, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._position, self._source.size)[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        n = self._source.readinto(self._position, memoryview(buffer).cast("B"))
+        self._position += n
+        return n
 
 
 # ---------------------------------------------------------------- msgpack
 
 
-def _load_msgpack(path: str):
+def _load_msgpack(path: str, files: _Files):
     try:
         from flax import serialization
     except ImportError:
         raise SourceError("reading Flax msgpack files needs flax (pip install flax)") from None
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _read_whole(path, MAX_MSGPACK_BYTES, files)
     try:
         tree = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises its own types on garbage, RecursionError on depth
@@ -296,7 +556,7 @@ def _load_msgpack(path: str):
 
 
 def _is_orbax_item(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "_METADATA"))
+    return storage.kind(storage.join(path, "_METADATA")) == "file"
 
 
 # What jaxjpeg's Orbax handler (jaxjpeg.orbax.FILENAME) writes in its item directory.
@@ -304,7 +564,7 @@ _JAXJPEG_ITEM_FILE = "checkpoint.jjpg"
 
 
 def _is_jaxjpeg_item(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, _JAXJPEG_ITEM_FILE))
+    return storage.kind(storage.join(path, _JAXJPEG_ITEM_FILE)) == "file"
 
 
 def _orbax_items(path: str) -> dict[str, str]:
@@ -313,14 +573,14 @@ def _orbax_items(path: str) -> dict[str, str]:
     handler) included."""
     if _is_orbax_item(path):
         return {"": path}
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    items = {d: os.path.join(path, d) for d in subdirs
-             if _is_orbax_item(os.path.join(path, d)) or _is_jaxjpeg_item(os.path.join(path, d))}
+    subdirs = [d for d in storage.listdir(path) if storage.is_dir(storage.join(path, d))]
+    items = {d: storage.join(path, d) for d in subdirs
+             if _is_orbax_item(storage.join(path, d)) or _is_jaxjpeg_item(storage.join(path, d))}
     if items:
         return items
     steps = [d for d in subdirs if d.isdigit()]
     if steps:  # a CheckpointManager root: its latest step
-        latest = os.path.join(path, max(steps, key=int))
+        latest = storage.join(path, max(steps, key=int))
         items = _orbax_items(latest)
         if items:
             return items
@@ -343,13 +603,16 @@ def _chosen_items(path: str, items) -> dict[str, str]:
     jaxjpeg_items = [n for n, d in found.items() if _is_jaxjpeg_item(d)]
     if jaxjpeg_items:
         what = (f"item {jaxjpeg_items[0]!r} is already a jaxjpeg checkpoint "
-                f"({os.path.join(found[jaxjpeg_items[0]], _JAXJPEG_ITEM_FILE)})")
+                f"({storage.join(found[jaxjpeg_items[0]], _JAXJPEG_ITEM_FILE)})")
         hint = "choose the others" if items is not None else "choose items"
         raise SourceChoiceError(f"{path}: {what}; {hint} with --item (items: {names})")
     return found
 
 
 def _bytes_on_disk(directory: str) -> int:
+    if storage.local_path(directory) is None:
+        fs, inner = storage.filesystem(directory)
+        return int(fs.du(inner, total=True))
     total = 0
     for root, _, files in os.walk(directory):
         for name in files:
@@ -379,7 +642,17 @@ def _orbax_source(path: str, items=None) -> Source:
     (an Orbax restore with every other leaf a placeholder): one item's leaves
     under their own paths (an unnamed or "default" item, or one chosen by
     name), several items' under the item names."""
+    if storage.local_path(path) is None and storage.scheme(path) not in _ORBAX_SCHEMES:
+        raise SourceChoiceError(f"{path}: Orbax checkpoints are read from local paths, "
+                                f"gs://, s3:// and web servers only, not "
+                                f"{storage.scheme(path)}://; copy the checkpoint to one of "
+                                "those, or export it as safetensors")
     chosen = _chosen_items(path, items)
+    return _item_sources(path, chosen, items, _orbax_item_leaves)
+
+
+def _item_sources(path: str, chosen: dict, items, item_leaves) -> Source:
+    """The leaves of the ``chosen`` items (name -> directory) as one source."""
     try:
         import absl.logging
         absl.logging.set_verbosity(absl.logging.ERROR)
@@ -394,8 +667,115 @@ def _orbax_source(path: str, items=None) -> Source:
     for name, directory in chosen.items():
         prefix = [["key", name]] if prefixed else []
         leaves += [dataclasses.replace(leaf, records=prefix + leaf.records)
-                   for leaf in _orbax_item_leaves(directory)]
+                   for leaf in item_leaves(directory)]
     return Source(path, leaves)
+
+
+# ---------------------------------------------------------------- Orbax on a web server
+
+
+_WEB_ORBAX_CACHE_BYTES = 8 * 2**20
+
+
+def _is_web(path: str) -> bool:
+    return storage.scheme(path) in ("http", "https")
+
+
+def _web_orbax_items(path: str, items) -> dict[str, str] | None:
+    """Item name -> URL of the Orbax items at a web URL (which lists no
+    folders: the URL of an item, or of a step with ``items`` named), or None
+    when ``path`` holds no Orbax item."""
+    if items is None:
+        return {"": path} if _is_orbax_item(path) else None
+    chosen = {name: storage.join(path, name) for name in items}
+    for name, url in chosen.items():
+        if not _is_orbax_item(url):
+            raise SourceChoiceError(f"{path}: no Orbax item {name!r} (no {url}/_METADATA)")
+    return chosen
+
+
+def _web_orbax_source(path: str, chosen: dict, items) -> Source:
+    """Orbax items on a web server, read with tensorstore's own HTTP store
+    (Orbax opens only local paths and object stores): the item's _METADATA
+    names the arrays, each opened (its zarr metadata read) now and read, by
+    ranges of its chunks, when the save reaches it."""
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        raise SourceError("reading Orbax checkpoints needs tensorstore "
+                          "(pip install orbax-checkpoint)") from None
+    return _item_sources(path, chosen, items, _web_orbax_leaves)
+
+
+def _web_orbax_leaves(directory: str) -> list:
+    from jaxjpeg.checkpoint import SourceLeaf
+
+    files = _Files()
+    try:
+        metadata = json.loads(_read_whole(storage.join(directory, "_METADATA"),
+                                          MAX_INDEX_BYTES, files))
+    except (ValueError, RecursionError) as e:
+        raise SourceError(f"{directory}: unreadable Orbax _METADATA ({_first_line(e)})") from None
+    finally:
+        files.close()
+    entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
+    if not isinstance(entries, dict):
+        raise SourceError(f"{directory}: Orbax _METADATA has no tree_metadata")
+    import tensorstore as ts
+    # One context for the item's arrays: the database's manifest and index
+    # nodes are fetched once, not once per array (a small cache: no chunks kept).
+    context = ts.Context({"cache_pool": {"total_bytes_limit": _WEB_ORBAX_CACHE_BYTES}})
+    leaves = []
+    for entry in entries.values():
+        records = _web_orbax_records(directory, entry)
+        store = _web_orbax_array(directory, metadata, records, context)
+        dtype = np.dtype(store.dtype.numpy_dtype)
+        leaves.append(SourceLeaf(records, tuple(store.shape), dtype,
+                                 _web_orbax_loader(directory, store, records)))
+    return sorted(leaves, key=lambda leaf: [(0, v) if k == "index" else (1, str(v))
+                                            for k, v in leaf.records])
+
+
+def _web_orbax_records(directory: str, entry) -> list:
+    """A leaf's key path from its _METADATA entry (Orbax's key types: 1, a
+    sequence index; 2, a dict key)."""
+    keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+    value = entry.get("value_metadata") if isinstance(entry, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) and "key" in k for k in keys):
+        raise SourceError(f"{directory}: Orbax _METADATA entry without key_metadata")
+    records = [["index", int(k["key"])] if k.get("key_type") == 1 else ["key", str(k["key"])]
+               for k in keys]
+    if not isinstance(value, dict) or value.get("value_type") not in (
+            "np.ndarray", "jax.Array", "scalar"):
+        raise SourceError(f"{directory}: leaf {'/'.join(str(r[1]) for r in records)[:200]!r} "
+                          "is not a numeric array")
+    return records
+
+
+def _web_orbax_array(directory: str, metadata: dict, records: list, context):
+    """The tensorstore of one array (Orbax names it by its keys joined with '.')."""
+    import tensorstore as ts
+
+    name = ".".join(str(value) for _, value in records)
+    base = directory.rstrip("/") + "/"
+    driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
+    kvstore = ({"driver": "ocdbt", "base": base, "path": name} if metadata.get("use_ocdbt")
+               else base + name)
+    try:
+        return ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True,
+                       context=context).result()
+    except Exception as e:  # tensorstore raises ValueError & co. with its status text
+        raise OSError(f"{directory}: cannot open {name[:200]!r} ({_first_line(e)[:300]})") from None
+
+
+def _web_orbax_loader(directory: str, store, records: list):
+    def load():
+        try:
+            return np.asarray(store.read().result())
+        except Exception as e:
+            raise OSError(f"{directory}: cannot read {records[-1][1]!r:.200} "
+                          f"({_first_line(e)[:300]})") from None
+    return load
 
 
 def _orbax_metadata(directory: str):
@@ -458,7 +838,7 @@ def _orbax_loader(directory: str, tree, name: str):
             lambda k, m: m if named(k) else ocp.PLACEHOLDER, tree)
         try:
             with _ORBAX_LOCK, ocp.PyTreeCheckpointer() as ckptr:
-                restored = ckptr.restore(os.path.abspath(directory),
+                restored = ckptr.restore(storage.to_absolute(directory),
                                          args=ocp.args.PyTreeRestore(item=item,
                                                                      restore_args=restore_args))
         except Exception as e:

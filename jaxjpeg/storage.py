@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["RangeSource", "as_location", "exists", "filesystem", "is_dir", "join",
-           "local_path", "open_source", "size", "to_absolute"]
+__all__ = ["RangeSource", "as_location", "exists", "filesystem", "is_dir", "join", "kind",
+           "listdir", "local_path", "open_source", "scheme", "size", "to_absolute"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -42,6 +42,12 @@ def as_location(path) -> str:
     except TypeError:
         raise TypeError(f"expected a path or URL, got {type(path).__name__}") from None
     return location if isinstance(location, str) else os.fsdecode(location)
+
+
+def scheme(location: str) -> str | None:
+    """A URL's scheme in lower case (``"gs"``, ``"https"``...), None for a plain path."""
+    match = _SCHEME.match(location)
+    return None if match is None else match.group(1).lower()
 
 
 def local_path(location: str) -> str | None:
@@ -84,12 +90,38 @@ def _ask(path, on_local, on_store):
     return on_store(*filesystem(location))
 
 
+def kind(path) -> str | None:
+    """``"file"``, ``"directory"`` or None (nothing there). Remote stores are
+    asked for the entry's info (an HTTP HEAD): never a listing or a GET,
+    which on a web server would download the file."""
+    def local(p):
+        return "directory" if os.path.isdir(p) else "file" if os.path.exists(p) else None
+
+    def remote(fs, inner):
+        try:
+            info = fs.info(inner)
+        except FileNotFoundError:
+            return None
+        return "directory" if info.get("type") == "directory" else "file"
+    return _ask(path, local, remote)
+
+
 def exists(path) -> bool:
-    return _ask(path, os.path.exists, lambda fs, inner: fs.exists(inner))
+    return kind(path) is not None
 
 
 def is_dir(path) -> bool:
-    return _ask(path, os.path.isdir, lambda fs, inner: fs.isdir(inner))
+    return kind(path) == "directory"
+
+
+def listdir(path) -> list[str]:
+    """The names in a directory (sorted); web servers have no listing to give."""
+    def remote(fs, inner):
+        if scheme(as_location(path)) in ("http", "https"):
+            raise OSError(f"{as_location(path)}: a web server has no directory listing; "
+                          "give a file's URL")
+        return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(inner, detail=False)]
+    return sorted(_ask(path, os.listdir, remote))
 
 
 def size(path) -> int:
@@ -129,6 +161,7 @@ class RangeSource:
                 raise OSError(f"{location}: the server does not report the file's size "
                               "(ranged reads need it)")
             self.size = int(info["size"])
+            self._fetch = self._range_fetcher()
 
     @property
     def closed(self) -> bool:
@@ -146,13 +179,30 @@ class RangeSource:
         if not len(view):
             return 0
         data = self._remote_call(f"reading bytes [{offset}, {offset + len(view)})",
-                                 self._fs.cat_file, self._inner, start=offset,
-                                 end=offset + len(view))
+                                 self._fetch, offset, offset + len(view))
         if len(data) > len(view):  # e.g. an HTTP server answering 200 with the whole file
             raise OSError(f"{self.name}: the store answered a request for {len(view)} bytes "
                           f"with {len(data)} (it ignores ranged reads, which jaxjpeg needs)")
         view[:len(data)] = data
         return len(data)
+
+    def _range_fetcher(self):
+        """fetch(start, end) -> bytes, safe from several threads. On a web
+        server, fsspec's file object fetches a range and refuses an answer
+        that is not one without reading it (its file system's ``cat_file``
+        would read a whole file a server sends instead of the range)."""
+        if "http" not in self._fs.protocol:
+            return lambda start, end: self._fs.cat_file(self._inner, start=start, end=end)
+        file = self._remote_call("opening it", self._fs.open, self._inner, "rb",
+                                 cache_type="none", size=self.size)
+
+        def fetch(start: int, end: int) -> bytes:
+            try:   # _fetch_range is stateless: no seek position shared between threads
+                return file._fetch_range(start, end)
+            except ValueError as e:   # a whole-file answer to a ranged request, unread
+                raise OSError(f"{self.name}: the server ignores ranged reads, which jaxjpeg "
+                              f"needs ({e})") from None
+        return fetch
 
     def _remote_call(self, what: str, fn, *args, **kwargs):
         """fn(...), with any failure of the store (HTTP status, connection,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import sys
 import threading
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
@@ -79,7 +80,14 @@ class RangeServer:
                     server.bytes_served += len(data)
                     server.ranges.append((start, end))
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                # A client closing early (e.g. fsspec reading only the start of
+                # a whole-file answer) is not a server error worth a traceback.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 

@@ -36,6 +36,7 @@ CHECKS = [
     "saved_on_2x4_mesh_reads_an_eighth",
     "saved_sharded_restores_on_other_shardings",
     "orbax_handler_cuts_tiles_along_shards",
+    "custom_encoder_gets_the_shards",
     "numpy_and_replicated_leaves_split_their_largest_axis_evenly",
 ]
 

@@ -394,6 +394,30 @@ def orbax_handler_cuts_tiles_along_shards():
 
 
 @check
+def custom_encoder_gets_the_shards():
+    """An encoder taking ``shards=`` gets the leaf's shard regions and cuts
+    its tiles along them as the built-in coding does (a quarter per device);
+    one without the keyword is called as before, on the uniform grid."""
+    from jaxjpeg import codec
+    sharding = NamedSharding(mesh((4,), ("x",)), P(None, None, "x"))
+    seen = []
+
+    def with_shards(name, array, shards=None):
+        seen.append(shards)
+        return codec.encode_tensor(codec.prepare(array).with_shards(shards), quality=90)
+
+    _, _, per_device, total, _ = saved_sharded("custom4", (4, 1024, 512), sharding,
+                                               encoder=with_shards)
+    reads_own_share(per_device, total, 4)
+    assert seen == [tuple(((0, 4, 1), (0, 1024, 1), (k * 128, (k + 1) * 128, 1))
+                          for k in range(4))], seen
+    _, _, per_device, total, _ = saved_sharded(
+        "custom_plain", (4, 1024, 512), sharding,
+        encoder=lambda name, array: codec.encode_tensor(array, quality=90))
+    assert max(per_device.values()) == total   # 512-wide tiles: every device reads all
+
+
+@check
 def numpy_and_replicated_leaves_split_their_largest_axis_evenly():
     """No sharding known: tile edges at the 8-way splits of the largest axis
     when that axis leads a side of the view (and the extra tiles cost little);

@@ -1,0 +1,292 @@
+"""`jaxjpeg compress` and jaxjpeg.sources from URLs (issue 10): safetensors
+(one file, or sharded with an index json), npz and Orbax sources read from
+``memory://``, ``https://`` (a local server with Range support, which counts
+what it serves) and ``file://``, one tensor at a time with ranged reads; the
+result is the file a local source gives. Missing files, 404s and servers
+ignoring ranges are clear errors with the documented exit codes."""
+
+import io
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import cli, sources
+from range_server import RangeServer
+
+fsspec = pytest.importorskip("fsspec")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+rng = np.random.default_rng(11)
+TENSORS = {
+    "embed.weight": (0.02 * rng.standard_normal((512, 256))).astype(np.float32),
+    "layers.0.mlp.weight": (0.05 * rng.standard_normal((256, 384))).astype(ml_dtypes.bfloat16),
+    "layers.0.norm.weight": np.ones(256, np.float16),
+    "layers.1.attn.weight": (0.05 * rng.standard_normal((256, 256))).astype(np.float32),
+    "steps": np.arange(9, dtype=np.int64),
+}
+NPZ_TENSORS = {k.replace(".", "/"): v for k, v in TENSORS.items()
+               if v.dtype != ml_dtypes.bfloat16}   # npz names nest with "/"
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _sharded(folder, shards=2):
+    """TENSORS over ``shards`` files plus model.safetensors.index.json."""
+    os.makedirs(folder, exist_ok=True)
+    names = sorted(TENSORS)
+    weight_map = {}
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: TENSORS[n] for n in names[k::shards]}
+        safetensors_numpy.save_file(part, os.path.join(folder, file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return folder
+
+
+def _npz_bytes(compressed: bool) -> bytes:
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **NPZ_TENSORS)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """Local sources and what compressing each gives (the reference bytes)."""
+    root = tmp_path_factory.mktemp("sources")
+    safetensors_numpy.save_file(TENSORS, str(root / "one.safetensors"))
+    _sharded(root / "hf")
+    for compressed in (False, True):
+        (root / f"t{int(compressed)}.npz").write_bytes(_npz_bytes(compressed))
+    expected = {}
+    for name in ("one.safetensors", "hf/model.safetensors.index.json", "t0.npz", "t1.npz"):
+        out = root / (name.replace("/", "_") + ".jjpg")
+        assert cli.main(["compress", str(root / name), str(out)]) == 0
+        expected[name] = out.read_bytes()
+    return root, expected
+
+
+@pytest.fixture
+def memory_root():
+    fs = fsspec.filesystem("memory")
+    root = f"/src-{os.getpid()}-{rng.integers(1 << 30)}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def _upload(fs, root, local_root, names):
+    for name in names:
+        fs.pipe(f"{root}/{name}", (local_root / name).read_bytes())
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = np.asarray(value)
+    return out
+
+
+def test_npz_sources_code_as_save_codes_their_arrays(local, tmp_path):
+    """An npz (stored or deflated) compresses to what jaxjpeg.save gives for
+    the same arrays, nested by the members' "/"."""
+    root, _ = local
+    nested = {}
+    for key, value in NPZ_TENSORS.items():
+        *parents, last = key.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    jaxjpeg.save(tmp_path / "ref.jjpg", nested)
+    want = _flat(jaxjpeg.restore(tmp_path / "ref.jjpg"))
+    assert set(want) == set(NPZ_TENSORS)
+    for name in ("t0.npz", "t1.npz"):
+        got = _flat(jaxjpeg.restore(root / (name + ".jjpg")))
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["one.safetensors", "hf/model.safetensors.index.json",
+                                  "t0.npz", "t1.npz"])
+def test_compress_from_memory_url_equals_local(local, memory_root, tmp_path, capsys, name):
+    root, expected = local
+    fs, mem = memory_root
+    files = ([f"hf/{n}" for n in os.listdir(root / "hf")] if name.startswith("hf/") else [name])
+    _upload(fs, mem, root, files)
+    out = tmp_path / "m.jjpg"
+    code, _, err = run(capsys, "compress", f"memory://{mem}/{name}", out)
+    assert code == 0, err
+    assert out.read_bytes() == expected[name]
+    if name.startswith("hf/"):   # a folder of shards, listed by the store
+        code, _, err = run(capsys, "compress", f"memory://{mem}/hf", tmp_path / "f.jjpg")
+        assert code == 0, err
+        assert (tmp_path / "f.jjpg").read_bytes() == expected[name]
+
+
+def test_compress_writes_to_a_url(local, memory_root, capsys):
+    root, expected = local
+    fs, mem = memory_root
+    code, _, err = run(capsys, "compress", root / "one.safetensors", f"memory://{mem}/o.jjpg")
+    assert code == 0, err
+    assert fs.cat_file(f"{mem}/o.jjpg") == expected["one.safetensors"]
+    code, _, err = run(capsys, "compress", root / "one.safetensors", f"memory://{mem}/o.jjpg")
+    assert code == 2 and "exists" in err
+
+
+@pytest.mark.parametrize("name", ["hf/model.safetensors.index.json", "t0.npz", "t1.npz"])
+def test_compress_over_http_reads_each_byte_once(local, tmp_path, capsys, name):
+    """Every tensor is needed, so about every byte of the source is read, and
+    none twice: no whole-file GET, no range read again."""
+    root, expected = local
+    path = root / name
+    source_bytes = (sum(f.stat().st_size for f in path.parent.iterdir())
+                    if name.startswith("hf/") else path.stat().st_size)
+    with RangeServer(path.parent) as server:
+        out = tmp_path / "h.jjpg"
+        code, _, err = run(capsys, "compress", server.url(path.name), out)
+        assert code == 0, err
+        assert out.read_bytes() == expected[name]
+        # headers and the zip directory read apart: a few hundred bytes each
+        assert server.bytes_served <= source_bytes + 8192, (server.bytes_served, source_bytes)
+        assert server.bytes_served >= source_bytes * 0.9
+
+
+def test_one_tensor_over_http_reads_about_its_bytes(local):
+    """open_source reads headers only; one leaf's array() reads that tensor's
+    bytes and nothing else."""
+    root, _ = local
+    with RangeServer(root) as server:
+        with sources.open_source(server.url("one.safetensors")) as source:
+            header = server.bytes_served
+            assert header < 2048, header
+            leaf = next(leaf for leaf in source.leaves if leaf.records == [["key", "embed.weight"]])
+            server.reset()
+            np.testing.assert_array_equal(leaf.array(), TENSORS["embed.weight"])
+            assert server.bytes_served == TENSORS["embed.weight"].nbytes
+        server.reset()
+        with sources.open_source(server.url("t0.npz")) as source:
+            assert server.bytes_served < 8192
+            leaf = next(leaf for leaf in source.leaves
+                        if leaf.records == [["key", "embed"], ["key", "weight"]])
+            server.reset()
+            np.testing.assert_array_equal(leaf.array(), NPZ_TENSORS["embed/weight"])
+            assert server.bytes_served == NPZ_TENSORS["embed/weight"].nbytes
+
+
+def test_a_large_tensor_over_http_is_read_in_parallel_pieces(tmp_path):
+    from jaxjpeg.format import _READ_PIECE
+    big = rng.standard_normal((1536, 1024)).astype(np.float32)   # 6 MiB
+    safetensors_numpy.save_file({"big": big}, str(tmp_path / "big.safetensors"))
+    with RangeServer(tmp_path) as server:
+        with sources.open_source(server.url("big.safetensors")) as source:
+            server.reset()
+            np.testing.assert_array_equal(source.leaves[0].array(), big)
+        assert server.bytes_served == big.nbytes
+        assert len(server.ranges) == -(-big.nbytes // _READ_PIECE) >= 2
+        assert max(end - start for start, end in server.ranges) <= _READ_PIECE
+
+
+def test_file_url_sources(local, tmp_path, capsys):
+    root, expected = local
+    out = tmp_path / "f.jjpg"
+    code, _, err = run(capsys, "compress", f"file://{root}/t1.npz", out)
+    assert code == 0, err
+    assert out.read_bytes() == expected["t1.npz"]
+
+
+def test_orbax_source_from_file_url(tmp_path, capsys):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tree = {"w": (0.05 * rng.standard_normal((128, 128))).astype(np.float32)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "std", tree)
+    code, _, err = run(capsys, "compress", f"file://{tmp_path}/std", tmp_path / "o.jjpg")
+    assert code == 0, err
+    assert np.asarray(jaxjpeg.restore(tmp_path / "o.jjpg")["w"]).shape == (128, 128)
+
+
+@pytest.fixture(scope="module")
+def orbax_dirs(tmp_path_factory):
+    """An Orbax StandardCheckpointer item (nested dicts, a list, a scalar) and
+    a CheckpointManager step with two items; each compressed locally."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    root = tmp_path_factory.mktemp("orbax")
+    tree = {"dense": {"kernel": (0.05 * rng.standard_normal((256, 128))).astype(np.float32),
+                      "bias": np.zeros(128, np.float32)},
+            "blocks": [(0.05 * rng.standard_normal((128, 128))).astype(np.float32),
+                       np.ones((64,), np.float16)],
+            "step": np.int32(3)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(root / "item", tree)
+    with ocp.CheckpointManager(root / "manager") as manager:
+        manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(tree["dense"]),
+                                                extra=ocp.args.StandardSave(tree["blocks"])))
+        manager.wait_until_finished()
+    expected = {}
+    for name, argv in (("item", [root / "item"]),
+                       ("params", [root / "manager" / "5", "--item", "params"])):
+        out = root / f"{name}.jjpg"
+        assert cli.main(["compress", *map(str, argv), str(out)]) == 0
+        expected[name] = out.read_bytes()
+    return root, expected
+
+
+def test_orbax_over_http_equals_local(orbax_dirs, tmp_path, capsys):
+    """Orbax opens no web URLs: tensorstore's HTTP store reads the arrays,
+    by ranges of their chunks; the file is the one a local source gives."""
+    root, expected = orbax_dirs
+    with RangeServer(root) as server:
+        out = tmp_path / "i.jjpg"
+        code, _, err = run(capsys, "compress", server.url("item"), out)
+        assert code == 0, err
+        assert out.read_bytes() == expected["item"]
+        on_disk = sum(f.stat().st_size for f in (root / "item").rglob("*") if f.is_file())
+        assert server.bytes_served <= on_disk, (server.bytes_served, on_disk)
+        code, _, err = run(capsys, "compress", server.url("manager/5"), out, "--item",
+                           "params", "--force")
+        assert code == 0, err
+        assert out.read_bytes() == expected["params"]
+        code, _, err = run(capsys, "compress", server.url("manager/5"), out, "--item",
+                           "nope", "--force")
+        assert code == cli.EXIT_USAGE and "no Orbax item 'nope'" in err
+
+
+def test_url_errors_have_their_exit_codes(local, memory_root, tmp_path, capsys):
+    root, _ = local
+    fs, mem = memory_root
+    out = tmp_path / "o.jjpg"
+    code, _, err = run(capsys, "compress", f"memory://{mem}/missing.safetensors", out)
+    assert code == cli.EXIT_IO and "missing.safetensors" in err
+    fs.pipe(f"{mem}/bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = run(capsys, "compress", f"memory://{mem}/bad.safetensors", out)
+    assert code == cli.EXIT_DAMAGED and "not a valid safetensors file" in err
+    fs.pipe(f"{mem}/orbax/_METADATA", b"{}")
+    code, _, err = run(capsys, "compress", f"memory://{mem}/orbax", out)
+    assert code == cli.EXIT_USAGE and "Orbax checkpoints are read from local paths" in err
+    with RangeServer(root) as server:
+        code, _, err = run(capsys, "compress", server.url("nope.safetensors"), out)
+        assert code == cli.EXIT_IO and "nope.safetensors" in err
+        code, _, err = run(capsys, "compress", server.url("hf"), out)   # no listing over HTTP
+        assert code == cli.EXIT_IO
+        server.fail_ranged_reads = True
+        code, _, err = run(capsys, "compress", server.url("one.safetensors"), out)
+        assert code == cli.EXIT_IO and "one.safetensors" in err
+        server.fail_ranged_reads, server.ignore_ranges = False, True
+        code, _, err = run(capsys, "compress", server.url("one.safetensors"), out)
+        assert code == cli.EXIT_IO and "ignores ranged reads" in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
