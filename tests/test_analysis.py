@@ -160,3 +160,15 @@ def test_constant_leaves_take_the_one_pass_path():
     p = analysis.prepare_plain(np.full((32, 16), 0.5, np.float32), "auto")
     assert p is not None and p.outliers is None
     assert np.all(p.common_scale(8) == 0)
+
+
+def test_native_kernels_take_float32_of_any_dtype_object_and_refuse_big_endian():
+    x = _laplace((16, 24)).astype(">f4")
+    native = x.astype(x.dtype.newbyteorder("="))   # equal to float32, not numpy's own object
+    special, rows, _ = _native.matrix_stats(native, 1e30)
+    np.testing.assert_array_equal(rows[3], native.max(axis=1))
+    ones, table = np.ones(16, np.float32), np.full(64, 4, np.uint16)
+    assert _native.encode_mapped(native, ones, 0 * ones, table) == \
+        _native.encode_mapped(native.astype(np.float32), ones, 0 * ones, table)
+    with pytest.raises(ValueError, match="float32"):
+        _native.matrix_stats(x, 1e30)

@@ -423,7 +423,7 @@ py::object Encode(const py::array_t<float, py::array::c_style | py::array::force
 // The row stride (in elements) of a 2-D float32 array whose rows are
 // contiguous (a slice of a larger C-order matrix qualifies).
 py::ssize_t RowStride(const py::array& a, const char* what) {
-  if (a.ndim() != 2 || !a.dtype().is(py::dtype::of<float>())) {
+  if (a.ndim() != 2 || !a.dtype().equal(py::dtype::of<float>())) {
     throw py::value_error(std::string(what) + " must be a 2-D float32 array");
   }
   const py::ssize_t h = a.shape(0), w = a.shape(1);

@@ -154,6 +154,12 @@ inline int MagnitudeCategory(int value) {
   return magnitude == 0 ? 0 : 32 - __builtin_clz(static_cast<unsigned>(magnitude));
 }
 
+// MagnitudeCategory of a value known to be nonzero (no branch on zero).
+inline int NonzeroCategory(int value) {
+  const unsigned magnitude = static_cast<unsigned>(value < 0 ? -value : value);
+  return 32 - __builtin_clz(magnitude);
+}
+
 // The `category` low bits that follow a symbol: the value itself when
 // positive, value - 1 (two's complement, truncated) when negative.
 inline uint32_t ExtraBits(int value, int category) {
@@ -195,8 +201,9 @@ inline void CodeBlock(const int16_t zigzag[64], uint64_t nonzero, int dc_differe
     nonzero &= nonzero - 1;
     int run = k - last - 1;
     for (; run >= 16; run -= 16) sink.Ac(kZeroRun16, 0, 0);
-    const int category = MagnitudeCategory(zigzag[k]);
-    sink.Ac(static_cast<uint8_t>((run << 4) | category), ExtraBits(zigzag[k], category), category);
+    const int value = zigzag[k];
+    const int category = NonzeroCategory(value);
+    sink.Ac(static_cast<uint8_t>((run << 4) | category), ExtraBits(value, category), category);
     last = k;
   }
   if (last != 63) sink.Ac(kEndOfBlock, 0, 0);
@@ -310,15 +317,16 @@ void RdoQuantizeBlock(const float scaled[64], int16_t zigzag[64], uint64_t* nonz
     const float a = scaled[k] < 0 ? -scaled[k] : scaled[k];
     const uint64_t below = nonzero & ((uint64_t{1} << k) - 1);
     const int run = k - (63 - __builtin_clzll(below)) - 1;
-    const int category = MagnitudeCategory(hi);
-    const uint64_t above = k == 63 ? 0 : nonzero >> (k + 1);
-    const int next = above != 0 ? k + 1 + __builtin_ctzll(above) : 0;
-    const int next_category = above != 0 ? MagnitudeCategory(zigzag[next]) : 0;
-    const int r2 = next - k - 1;
+    const int category = NonzeroCategory(hi);
+    uint64_t above = 0;
+    int r2 = 0, next_category = 0;
     int delta;
     if (hi > 1) {
       delta = CostOf(cost, run, category) - CostOf(cost, run, category - 1) + 1;
-    } else if (above != 0) {
+    } else if (k < 63 && (above = nonzero >> (k + 1)) != 0) {
+      const int next = k + 1 + __builtin_ctzll(above);
+      next_category = NonzeroCategory(zigzag[next]);
+      r2 = next - k - 1;
       delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
               CostOf(cost, run + 1 + r2, next_category);
     } else {
