@@ -47,7 +47,7 @@ void AddRow(const float* row, int64_t cols, float limit, MatrixStats* s, int64_t
     high = Max(high, x);
     const Float4 magnitude = reinterpret_cast<Float4>(reinterpret_cast<Int4>(x) &
                                                       ~reinterpret_cast<Int4>(sign));
-    special -= !(magnitude <= bound);  // true lanes are -1
+    special += (magnitude <= bound) + 1;  // a comparison gives -1 (true) or 0
     Store(s->col_sum + c, Load<Double2>(s->col_sum + c) + wide_low);
     Store(s->col_sum + c + 2, Load<Double2>(s->col_sum + c + 2) + wide_high);
     Store(s->col_sum_squares + c, Load<Double2>(s->col_sum_squares + c) + wide_low * wide_low);
