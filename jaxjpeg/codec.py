@@ -192,7 +192,8 @@ class Prepared:
     outliers: Outliers | None
     original: np.ndarray             # the tensor itself (not a copy)
     shared_map: bool = False         # one row map for all rows (see mapping.row_affine)
-    # bits -> row scales, "stats" -> row statistics (caches)
+    # bits -> row scales, "stats" -> row statistics, "squares" -> the sum of
+    # the squared coded values in weight units (caches)
     scales: dict = dataclasses.field(default_factory=dict, compare=False)
     feedback: Feedback | None = None  # shape the error against the layer's inputs
     # (row cuts, col cuts) of the view that must be tile edges (see tile_grid):
@@ -340,14 +341,17 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
 
     def encode_one(cell):
         r, c, h, w = cell
-        # Each tile's samples from its own rows and columns: no leaf-sized
-        # copy, and the tile stays in cache from mapping to coding.
-        samples = (mapping.to_samples(p.matrix[r:r + h, c:c + w], scale[r:r + h],
-                                      offset[r:r + h], bits) if shaped is None
-                   else np.ascontiguousarray(shaped[r:r + h, c:c + w]))
         # The encoder records where each interval starts as it writes them.
-        data, starts = _native.encode(samples, table, bits=bits,
-                                      restart_interval=restart_interval, with_intervals=True)
+        if shaped is None:
+            # It maps each block's weights to samples as it codes them
+            # (mapping.to_samples): no copy of the tile.
+            data, starts = _native.encode_mapped(
+                _rows_contiguous(p.matrix[r:r + h, c:c + w]), scale[r:r + h], offset[r:r + h],
+                table, bits=bits, restart_interval=restart_interval, with_intervals=True)
+        else:
+            data, starts = _native.encode(np.ascontiguousarray(shaped[r:r + h, c:c + w]), table,
+                                          bits=bits, restart_interval=restart_interval,
+                                          with_intervals=True)
         return Tile(data, r, c, h, w, bits, restart_interval, starts)
 
     cells = p.tiles(tile_shape)
@@ -360,6 +364,15 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
             tiles = tuple(pool.map(encode_one, cells))
     return EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
                          p.outliers)
+
+
+def _rows_contiguous(tile: np.ndarray) -> np.ndarray:
+    """A float32 tile whose rows are contiguous (what the encoder reads), as
+    it is when it already is (a slice of a C-order matrix)."""
+    if tile.dtype == np.float32 and (tile.shape[1] <= 1 or tile.strides[1] == 4) \
+            and (tile.shape[0] <= 1 or tile.strides[0] >= 4 * tile.shape[1]):
+        return tile
+    return np.ascontiguousarray(tile, np.float32)
 
 
 _TILE_POOL: list = []

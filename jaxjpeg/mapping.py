@@ -97,7 +97,8 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
             raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
         scale = _f16_up((hi - lo) / top)
         offset = lo
-    offset = _f16_offset(view, scale, offset, top, clip_ok=clip == "mse")
+    offset = _f16_offset(view, scale, offset, top, clip_ok=clip == "mse",
+                         low_high=stats[1:] if clip == "common" else None)
     scale = scale.astype(np.float32)
     if not with_samples:
         return None, scale, offset
@@ -194,11 +195,12 @@ def _f16_up(x) -> np.ndarray:
     return np.where(ok, h, x)
 
 
-def _f16_offset(view, scale, offset, top, clip_ok) -> np.ndarray:
+def _f16_offset(view, scale, offset, top, clip_ok, low_high=None) -> np.ndarray:
     """float32 offsets, float16-rounded for each row where every sample stays in range.
 
     Rows of clip="mse" may have been clipped on purpose: for them a rounding
-    may move the window by at most half a sample.
+    may move the window by at most half a sample. ``low_high``: the rows'
+    minima and maxima, when known (else read from ``view``).
     """
     offset = np.asarray(offset, np.float64)
     scale = np.asarray(scale, np.float64)
@@ -208,8 +210,9 @@ def _f16_offset(view, scale, offset, top, clip_ok) -> np.ndarray:
     if clip_ok:
         ok = np.abs(o16 - offset) <= 0.5 * safe_scale
     else:
-        lo = (view.min(axis=1) - o16) / safe_scale
-        hi = (view.max(axis=1) - o16) / safe_scale
+        low, high = low_high if low_high is not None else (view.min(axis=1), view.max(axis=1))
+        lo = (low - o16) / safe_scale
+        hi = (high - o16) / safe_scale
         ok = (lo >= 0) & (hi <= top)
     # A constant row (scale 0) is its offset alone: round it only if exact.
     ok = np.where(scale > 0, ok, o16 == offset)

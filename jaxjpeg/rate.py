@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import codec, feedback, mapping, views
+from jaxjpeg import analysis, codec, feedback, mapping, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.treepaths import key_record, path_string
 
@@ -81,14 +81,18 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     axes then lead the columns of an "auto" view and tiles are cut along the
     shards' boundaries (:meth:`jaxjpeg.codec.Prepared.with_shards`).
     """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    if importance is None and input_covariance is None and ROW_POWER == 0:
+        p = analysis.prepare_plain(x, view, shards)   # one native pass, when it can decide
+        if p is not None:
+            return p
     x = np.asarray(x)
     # float32 (every coded dtype fits it; NaN compares False); a float32 leaf
     # with nothing to keep aside is used as it is, without a copy.
     x32 = x.astype(np.float32, copy=False)
     finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     view = (views.choose_view(probe, views.sharded_axes(shards)) if view == "auto"
             else views.MatrixView.default(x.ndim))
     fb = None
@@ -167,9 +171,12 @@ def _as_prepared(x, row_weight=None) -> codec.Prepared:
 
 def tensor_rms(p: codec.Prepared) -> float:
     """RMS of the coded values in weight units (the side list excluded)."""
-    w = p.weight_domain(p.matrix).reshape(-1)
-    # float64 accumulation without a float64 copy of the leaf
-    rms = math.sqrt(float(np.einsum("i,i->", w, w, dtype=np.float64)) / max(1, w.size))
+    squares = p.scales.get("squares")   # analysis.prepare_plain counted them
+    if squares is None:
+        w = p.weight_domain(p.matrix).reshape(-1)
+        # float64 accumulation without a float64 copy of the leaf
+        squares = float(np.einsum("i,i->", w, w, dtype=np.float64))
+    rms = math.sqrt(squares / max(1, p.size))
     return rms if rms > 0 else 1.0
 
 

@@ -160,14 +160,22 @@ def choose_view(x: np.ndarray, lead: Sequence[int] = ()) -> MatrixView:
     x = np.asarray(x)
     if x.ndim < 2:
         return MatrixView.default(x.ndim)
-    channels = [a for a in range(x.ndim) if x.shape[a] >= MIN_CHANNEL]
+    return view_from_rms(x.shape, axis_rms(x), lead)
+
+
+def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
+                  lead: Sequence[int] = ()) -> MatrixView:
+    """:func:`choose_view`'s rule from each axis's slice RMS (:func:`axis_rms`)."""
+    ndim = len(shape)
+    if ndim < 2:
+        return MatrixView.default(ndim)
+    channels = [a for a in range(ndim) if shape[a] >= MIN_CHANNEL]
     if not channels:
-        channels = [int(np.argmax(x.shape))]
-    rms = axis_rms(x)
+        channels = [int(np.argmax(shape))]
     # Ties (e.g. constant tensors) go to the larger axis, then the earlier one.
-    row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), x.shape[a], -a))
-    cols = sorted((a for a in range(x.ndim) if a != row),
-                  key=lambda a: (a not in lead, -x.shape[a], a))
+    row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), shape[a], -a))
+    cols = sorted((a for a in range(ndim) if a != row),
+                  key=lambda a: (a not in lead, -shape[a], a))
     return MatrixView((row, *cols), 1)
 
 

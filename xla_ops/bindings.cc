@@ -18,6 +18,7 @@
 #include "encoder.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
+#include "matrix_stats.h"
 #include "parallel_for.h"
 #include "quant_tables.h"
 #include "stream_header.h"
@@ -378,10 +379,8 @@ py::array_t<int64_t> BitReaderTrace(
   return trace;
 }
 
-py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
-                  const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
-                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals) {
-  if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
+EncodeOptions MakeEncodeOptions(const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                                int bits, int restart_interval, bool optimize, bool rdo) {
   if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
   EncodeOptions options;
   options.bits = bits;
@@ -389,6 +388,24 @@ py::object Encode(const py::array_t<float, py::array::c_style | py::array::force
   options.restart_interval = restart_interval;
   options.optimize_huffman = optimize;
   options.rdo = rdo;
+  return options;
+}
+
+// The encoder's output as Python values: bytes, or (bytes, interval starts).
+py::object EncodedResult(const std::vector<uint8_t>& out, const std::vector<int64_t>& starts,
+                         bool with_intervals) {
+  py::bytes data(reinterpret_cast<const char*>(out.data()), out.size());
+  if (!with_intervals) return std::move(data);
+  py::array_t<int64_t> offsets(static_cast<py::ssize_t>(starts.size()));
+  std::memcpy(offsets.mutable_data(), starts.data(), starts.size() * sizeof(int64_t));
+  return py::make_tuple(data, offsets);
+}
+
+py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
+                  const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals) {
+  if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
   const py::ssize_t h = samples.shape(0), w = samples.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
   std::vector<uint8_t> out;
@@ -400,11 +417,73 @@ py::object Encode(const py::array_t<float, py::array::c_style | py::array::force
                         &starts);
   }
   Check(s, "encode");
-  py::bytes data(reinterpret_cast<const char*>(out.data()), out.size());
-  if (!with_intervals) return std::move(data);
-  py::array_t<int64_t> offsets(static_cast<py::ssize_t>(starts.size()));
-  std::memcpy(offsets.mutable_data(), starts.data(), starts.size() * sizeof(int64_t));
-  return py::make_tuple(data, offsets);
+  return EncodedResult(out, starts, with_intervals);
+}
+
+// The row stride (in elements) of a 2-D float32 array whose rows are
+// contiguous (a slice of a larger C-order matrix qualifies).
+py::ssize_t RowStride(const py::array& a, const char* what) {
+  if (a.ndim() != 2 || !a.dtype().equal(py::dtype::of<float>())) {
+    throw py::value_error(std::string(what) + " must be a 2-D float32 array");
+  }
+  const py::ssize_t h = a.shape(0), w = a.shape(1);
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(float));
+  if (w > 1 && a.strides(1) != item) {
+    throw py::value_error(std::string(what) + " rows must be contiguous");
+  }
+  if (h <= 1) return w;
+  if (a.strides(0) % item != 0 || a.strides(0) / item < w) {
+    throw py::value_error(std::string(what) + " rows must not overlap or run backwards");
+  }
+  return a.strides(0) / item;
+}
+
+py::object EncodeMapped(const py::array& weights,
+                        const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
+                        const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
+                        const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                        int bits, int restart_interval, bool optimize, bool rdo,
+                        bool with_intervals) {
+  const py::ssize_t stride = RowStride(weights, "weights");
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
+  const py::ssize_t h = weights.shape(0), w = weights.shape(1);
+  if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
+    Fail(Status::kBadSize, "encode_mapped");
+  }
+  if (row_scale.ndim() != 1 || row_offset.ndim() != 1 || row_scale.shape(0) != h ||
+      row_offset.shape(0) != h) {
+    throw py::value_error("row_scale and row_offset must hold one value per row");
+  }
+  std::vector<uint8_t> out;
+  std::vector<int64_t> starts;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = EncodeMappedGrayscale(static_cast<const float*>(weights.data()), static_cast<int>(w),
+                              static_cast<int>(h), stride, row_scale.data(), row_offset.data(),
+                              options, &out, &starts);
+  }
+  Check(s, "encode_mapped");
+  return EncodedResult(out, starts, with_intervals);
+}
+
+py::tuple MatrixStatsOf(const py::array& matrix, float limit) {
+  const py::ssize_t stride = RowStride(matrix, "matrix");
+  const py::ssize_t rows = matrix.shape(0), cols = matrix.shape(1);
+  py::array_t<double> row_sum(rows), row_squares(rows), col_sum(cols), col_squares(cols);
+  py::array_t<float> row_min(rows), row_max(rows), col_min(cols), col_max(cols);
+  MatrixStats stats{row_sum.mutable_data(), row_squares.mutable_data(), row_min.mutable_data(),
+                    row_max.mutable_data(),  col_sum.mutable_data(),     col_squares.mutable_data(),
+                    col_min.mutable_data(),  col_max.mutable_data(),     0};
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = ComputeMatrixStats(static_cast<const float*>(matrix.data()), rows, cols, stride, limit,
+                           &stats);
+  }
+  Check(s, "matrix_stats");
+  return py::make_tuple(stats.special, py::make_tuple(row_sum, row_squares, row_min, row_max),
+                        py::make_tuple(col_sum, col_squares, col_min, col_max));
 }
 
 py::array_t<uint16_t> QualityTable(int quality, int bits) {
@@ -463,6 +542,17 @@ PYBIND11_MODULE(_native, m) {
         py::arg("with_intervals") = false,
         "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file; with_intervals: "
         "(bytes, interval start offsets + the EOI offset, as inspect finds them).");
+  m.def("encode_mapped", &EncodeMapped, py::arg("weights"), py::arg("row_scale"),
+        py::arg("row_offset"), py::arg("qtable"), py::arg("bits") = 8,
+        py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
+        py::arg("with_intervals") = false,
+        "encode() of the samples of float32 weights (rows contiguous, e.g. a slice of a "
+        "matrix) under per-row maps: clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
+        "row_scale <= 0 taken as 1 (mapping.to_samples), computed as the blocks are coded.");
+  m.def("matrix_stats", &MatrixStatsOf, py::arg("matrix"), py::arg("limit"),
+        "One pass over a 2-D float32 matrix (rows contiguous): (count of values with "
+        "!(|x| <= limit), (row sum, row sum of squares, row min, row max), (the same per "
+        "column)); sums in float64.");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");

@@ -30,7 +30,8 @@ struct EncodeOptions {
   // one when the bits saved outweigh the added squared error (encoder.cc).
   // false: every coefficient is round-half-away-from-zero(coefficient/step).
   // Same decoders either way; about 0.03 bit/weight less at equal error near
-  // 4 bits/weight on Gaussian weights, for about half the encoder speed.
+  // 4 bits/weight on Gaussian weights, for about a quarter of the encoder's
+  // time (candidates are marked in pass 1, the histogram follows each change).
   bool rdo = true;
 };
 
@@ -50,6 +51,16 @@ struct EncodeOptions {
 Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,
                        const EncodeOptions& options, std::vector<uint8_t>* out,
                        std::vector<int64_t>* interval_starts = nullptr);
+
+// EncodeGrayscale of the samples of a tile of weights under per-row maps:
+// sample(y, x) = (weights[y * stride + x] - row_offset[y]) / row_scale[y] in
+// float32 (a row_scale <= 0, a constant row, divides by 1), clamped as
+// above: what jaxjpeg.mapping.to_samples computes, without its copy.
+// row_scale and row_offset hold `height` values (null: kBadArgument).
+Status EncodeMappedGrayscale(const float* weights, int width, int height, std::ptrdiff_t stride,
+                             const float* row_scale, const float* row_offset,
+                             const EncodeOptions& options, std::vector<uint8_t>* out,
+                             std::vector<int64_t>* interval_starts = nullptr);
 
 }  // namespace jaxjpeg
 

@@ -1,0 +1,146 @@
+"""A leaf's analysis from one native pass over it.
+
+:func:`jaxjpeg.rate.prepare_leaf` chooses a leaf's view, looks for values to
+keep exactly and computes each row's mean, minimum and maximum for its
+sample map: in numpy that reads the leaf about ten times. In the common case
+(every value finite and within range, no value far from its row's mean, no
+importance or input covariance) all of it follows from per-axis sums, sums of
+squares, minima and maxima, which ``_native.matrix_stats`` computes in one
+pass (GIL released, so leaves are analysed on all cores). :func:`prepare_plain`
+makes the same choices from them, and returns None -- the caller then runs
+the full analysis -- whenever a leaf falls outside that case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jaxjpeg import _native, codec, views
+
+# A row whose sum of squares loses more than this fraction of its variance to
+# cancellation (|mean| >> spread) is analysed by the full path instead.
+MIN_VARIANCE_FRACTION = 1e-8
+# The outlier test here is float64 and the full path's float32: a row within
+# this relative margin of its threshold goes to the full path.
+OUTLIER_MARGIN = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceStats:
+    """Statistics of the slices of a tensor along one axis (sums in float64)."""
+
+    sum: np.ndarray
+    squares: np.ndarray
+    min: np.ndarray       # float32
+    max: np.ndarray       # float32
+    count: int            # elements per slice
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(1, self.count)
+
+    @property
+    def rms(self) -> np.ndarray:
+        """Root mean square of each slice (as :func:`jaxjpeg.views.axis_rms`)."""
+        return np.sqrt(self.squares / max(1, self.count))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafStats:
+    """One pass over a float32 tensor: per-axis slice statistics, the flat
+    rows (every axis but the last) and how many values are special."""
+
+    shape: tuple[int, ...]
+    axes: tuple[SliceStats, ...]
+    rows: SliceStats          # the (prod(shape[:-1]), shape[-1]) matrix's rows
+    special: int              # values with !(|x| <= limit)
+
+    @property
+    def total_squares(self) -> float:
+        return float(self.rows.squares.sum())
+
+
+def leaf_stats(x32: np.ndarray, limit: float) -> LeafStats | None:
+    """:class:`LeafStats` of a C-contiguous float32 array of at least one
+    axis and one element; None for anything else."""
+    if (x32.dtype != np.float32 or x32.ndim == 0 or x32.size == 0
+            or not x32.flags.c_contiguous):
+        return None
+    shape = tuple(x32.shape)
+    cols = shape[-1]
+    special, rows, columns = _native.matrix_stats(x32.reshape(-1, cols), limit)
+    row_stats = SliceStats(*rows, count=cols)
+    axes = [_reduced(rows, shape[:-1], a, x32.size) for a in range(len(shape) - 1)]
+    axes.append(SliceStats(*columns, count=x32.size // cols))
+    return LeafStats(shape, tuple(axes), row_stats, int(special))
+
+
+def _reduced(rows, lead_shape, axis: int, size: int) -> SliceStats:
+    """Slice statistics along ``axis`` of the leading axes from the flat rows'."""
+    others = tuple(a for a in range(len(lead_shape)) if a != axis)
+    total, squares, low, high = (np.asarray(v).reshape(lead_shape) for v in rows)
+    return SliceStats(total.sum(axis=others), squares.sum(axis=others), low.min(axis=others),
+                      high.max(axis=others), count=size // lead_shape[axis])
+
+
+def view_rows(stats: LeafStats, view: views.MatrixView) -> SliceStats | None:
+    """Statistics of the rows of ``view`` (None for a view whose rows mix axes
+    in another way than the leaf's flat rows)."""
+    ndim = len(stats.shape)
+    if view.split == 1:
+        return stats.axes[view.perm[0]]
+    if view.split == ndim - 1 and view.perm == tuple(range(ndim)):
+        return stats.rows
+    if view.split == 0:   # one row: the whole tensor
+        last = stats.axes[-1]
+        return SliceStats(np.array([last.sum.sum()]), np.array([last.squares.sum()]),
+                          np.array([last.min.min()], np.float32),
+                          np.array([last.max.max()], np.float32),
+                          count=math.prod(stats.shape))
+    return None
+
+
+def may_have_far_values(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) -> bool:
+    """Whether some row might hold a value that :func:`jaxjpeg.views.find_outliers`
+    keeps (more than ``sigmas`` row RMS from the row mean), or the statistics
+    cannot tell (cancellation)."""
+    mean = rows.mean
+    variance = rows.squares / max(1, rows.count) - mean * mean
+    varies = rows.max > rows.min   # a constant row has no far values (its RMS is 0)
+    if np.any(varies & (variance < MIN_VARIANCE_FRACTION * mean * mean)):
+        return True
+    rms = np.sqrt(np.maximum(variance, 0.0))
+    reach = np.maximum(rows.max - mean, mean - rows.min)
+    return bool(np.any(varies & (reach > (1 - OUTLIER_MARGIN) * sigmas * rms)))
+
+
+def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
+    """:func:`jaxjpeg.rate.prepare_leaf` of a leaf without importance or input
+    covariance, from :func:`leaf_stats`; None when the leaf needs the full
+    analysis (special or far values, or a layout the native pass does not read).
+    """
+    x = np.asarray(x)
+    x32 = x.astype(np.float32, copy=False)
+    stats = leaf_stats(x32, views.extreme_limit(x.dtype))
+    if stats is None or stats.special:
+        return None
+    if view == "auto":
+        chosen = views.view_from_rms(stats.shape, [a.rms for a in stats.axes],
+                                     views.sharded_axes(shards))
+    else:
+        chosen = views.MatrixView.default(x.ndim)
+    rows = view_rows(stats, chosen)
+    if rows is None or may_have_far_values(rows):
+        return None
+    # The identity view of a C-contiguous leaf is a reshape: no copy.
+    matrix = np.ascontiguousarray(chosen.to_matrix(x32))
+    shared = matrix.shape[1] < codec.SHARED_MAP_COLS
+    centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared
+               else rows.mean)
+    caches = {"stats": (centers, rows.min, rows.max), "squares": stats.total_squares}
+    p = codec.Prepared(tuple(x.shape), str(x.dtype), chosen, matrix, None, None, None, x,
+                       shared, scales=caches)
+    return p.with_shards(shards)

@@ -1,0 +1,174 @@
+"""The save path's native kernels against numpy references: one-pass leaf
+statistics (_native.matrix_stats, jaxjpeg.analysis) and the encoder that maps
+weights to samples itself (_native.encode_mapped)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxjpeg import _native, analysis, codec, mapping, rate, views
+
+
+def _laplace(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.laplace(size=shape).astype(np.float32)
+    if len(shape) >= 2:   # slices of different scales, as trained kernels have
+        x *= np.exp(rng.normal(0, 0.7, shape[-1])).astype(np.float32)
+    return x
+
+
+def _check_stats(stats, x, axis):
+    total, squares, low, high = stats
+    np.testing.assert_allclose(total, x.sum(axis=axis, dtype=np.float64), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(squares, np.square(x, dtype=np.float64).sum(axis=axis),
+                               rtol=1e-12)
+    np.testing.assert_array_equal(low, x.min(axis=axis))
+    np.testing.assert_array_equal(high, x.max(axis=axis))
+    assert low.dtype == high.dtype == np.float32 and total.dtype == np.float64
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 4), (9, 1031), (256, 3)])
+def test_matrix_stats_match_numpy(shape):
+    x = _laplace(shape, seed=shape[1])
+    special, rows, cols = _native.matrix_stats(x, 1e30)
+    assert special == 0
+    _check_stats(rows, x, 1)
+    _check_stats(cols, x, 0)
+
+
+def test_matrix_stats_read_rows_of_a_larger_matrix_and_count_special_values():
+    big = _laplace((40, 50))
+    big[3, 7], big[5, 2], big[9, 30], big[12, 12] = np.nan, np.inf, -3e4, 2e4
+    big[30, 5] = np.nan   # outside the tile
+    tile = big[2:20, 1:45]   # rows contiguous, a stride of 50
+    special, rows, cols = _native.matrix_stats(tile, 1e4)
+    assert special == 4
+    clean = [r for r in range(tile.shape[0]) if np.all(np.abs(tile[r]) <= 1e4)]
+    _check_stats([a[clean] for a in rows], tile[clean], 1)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(5, np.float32), np.zeros((4, 4)),
+                                 np.zeros((4, 8), np.float32)[:, ::2],
+                                 np.zeros((4, 8), np.float32)[::-1]])
+def test_matrix_stats_refuse_what_they_cannot_read(bad):
+    with pytest.raises(ValueError):
+        _native.matrix_stats(bad, 1e30)
+
+
+@pytest.mark.parametrize("bits,step", [(8, 8), (8, 30), (12, 119), (12, 3)])
+@pytest.mark.parametrize("shape", [(64, 64), (37, 83), (1, 5), (512, 40)])
+def test_encode_mapped_writes_the_bytes_of_encode_of_to_samples(bits, step, shape):
+    matrix = _laplace((shape[0] + 3, shape[1] + 5), seed=bits + step)
+    tile = matrix[2:2 + shape[0], 4:4 + shape[1]]   # a strided slice, as save passes it
+    p = codec.prepare(np.ascontiguousarray(tile))
+    _, scale, offset = mapping.row_affine(p.matrix, bits, clip="common",
+                                          scale=p.common_scale(bits), stats=p.row_stats(),
+                                          with_samples=False)
+    scale[0] = 0.0   # a constant row's map divides by 1
+    table = np.full(64, step, np.uint16)
+    expected = _native.encode(mapping.to_samples(tile, scale, offset, bits), table, bits=bits,
+                              restart_interval=8, with_intervals=True)
+    got = _native.encode_mapped(tile, scale, offset, table, bits=bits, restart_interval=8,
+                                with_intervals=True)
+    assert got[0] == expected[0]
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_encode_mapped_refuses_bad_arguments():
+    w = np.zeros((16, 16), np.float32)
+    ones, table = np.ones(16, np.float32), np.full(64, 4, np.uint16)
+    with pytest.raises(ValueError, match="one value per row"):
+        _native.encode_mapped(w, ones[:5], ones, table)
+    with pytest.raises(ValueError, match="float32"):
+        _native.encode_mapped(w.astype(np.float64), ones, ones, table)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native.encode_mapped(np.zeros((16, 32), np.float32)[:, ::2], ones, ones, table)
+    with pytest.raises(_native.JpegError):
+        _native.encode_mapped(w, ones, ones, table, bits=10)
+    with pytest.raises(_native.JpegError):
+        _native.encode_mapped(np.zeros((16, 0), np.float32), ones, ones, table)
+
+
+def _full_analysis(x, view="auto"):
+    """rate.prepare_leaf's numpy path (the one-pass path declining)."""
+    plain = analysis.prepare_plain
+    analysis.prepare_plain = lambda *args: None
+    try:
+        return rate.prepare_leaf(x, view=view)
+    finally:
+        analysis.prepare_plain = plain
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (3, 3, 16, 32), (32, 16, 3, 3),
+                                   (5, 7, 9), (300,), (2, 3)])
+@pytest.mark.parametrize("view", ["auto", "framework"])
+def test_one_pass_analysis_chooses_what_the_full_one_does(shape, view):
+    x = _laplace(shape, seed=len(shape))
+    fast = analysis.prepare_plain(x, view)
+    full = _full_analysis(x, view)
+    assert fast is not None
+    assert fast.view == full.view and fast.shared_map == full.shared_map
+    assert fast.outliers is None and full.outliers is None
+    np.testing.assert_array_equal(fast.matrix, full.matrix)
+    for got, want in zip(fast.row_stats(), full.row_stats()):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    for bits in (8, 12):
+        np.testing.assert_array_equal(fast.common_scale(bits), full.common_scale(bits))
+    assert rate.tensor_rms(fast) == pytest.approx(rate.tensor_rms(full), rel=1e-12)
+
+
+def test_one_pass_analysis_is_what_a_default_save_uses():
+    x = _laplace((64, 48))
+    p = rate.prepare_leaf(x)
+    assert "squares" in p.scales   # from analysis.prepare_plain
+    assert np.shares_memory(p.matrix, x) or p.view != views.MatrixView.default(2)
+
+
+def test_one_pass_analysis_leaves_special_and_far_values_to_the_full_one():
+    x = _laplace((400, 48))   # rows of 400 (a value can lie 12 RMS out only in rows of > 145)
+    nan = x.copy()
+    nan[3, 4] = np.nan
+    assert analysis.prepare_plain(nan, "auto") is None
+    huge = x.copy()
+    huge[3, 4] = 1e31
+    assert analysis.prepare_plain(huge, "auto") is None
+    far = x.copy()
+    far[3, 4] = 100 * np.abs(x).max()
+    assert analysis.prepare_plain(far, "auto") is None
+    p = rate.prepare_leaf(far)   # the full path keeps it in the side list
+    assert p.outliers is not None and p.outliers.count == 1
+    # a row of large mean and tiny spread: the sums cannot tell, the full path decides
+    offset = x.copy()
+    offset[:, 5] = 1000 + 1e-3 * x[:, 5]
+    assert analysis.prepare_plain(offset, "auto") is None
+
+
+def test_one_pass_analysis_of_bfloat16_and_non_contiguous_leaves():
+    x = _laplace((64, 48))
+    half = x.astype(ml_dtypes.bfloat16)
+    fast = analysis.prepare_plain(half, "auto")
+    assert fast is not None and fast.dtype == "bfloat16" and fast.original is half
+    np.testing.assert_array_equal(fast.matrix, _full_analysis(half).matrix)
+    strided = np.zeros((64, 96), np.float32)[:, ::2]
+    strided[:] = x
+    fast = analysis.prepare_plain(strided, "auto")   # astype leaves it strided: full path
+    assert fast is None
+    assert rate.prepare_leaf(strided).view == _full_analysis(strided).view
+
+
+def test_constant_leaves_take_the_one_pass_path():
+    p = analysis.prepare_plain(np.full((32, 16), 0.5, np.float32), "auto")
+    assert p is not None and p.outliers is None
+    assert np.all(p.common_scale(8) == 0)
+
+
+def test_native_kernels_take_float32_of_any_dtype_object_and_refuse_big_endian():
+    x = _laplace((16, 24)).astype(">f4")
+    native = x.astype(x.dtype.newbyteorder("="))   # equal to float32, not numpy's own object
+    special, rows, _ = _native.matrix_stats(native, 1e30)
+    np.testing.assert_array_equal(rows[3], native.max(axis=1))
+    ones, table = np.ones(16, np.float32), np.full(64, 4, np.uint16)
+    assert _native.encode_mapped(native, ones, 0 * ones, table) == \
+        _native.encode_mapped(native.astype(np.float32), ones, 0 * ones, table)
+    with pytest.raises(ValueError, match="float32"):
+        _native.matrix_stats(x, 1e30)
