@@ -296,25 +296,14 @@ class _LeafCoder:
         factor, or the mean of the user's importance array. Data-free:
         size^LEAF_SIZE_POWER / ||coded values||², the leaf's relative error
         weighted by its size^LEAF_SIZE_POWER (0.3 measured best of
-        -0.6..1 on EfficientNet-lite1 at 8x). With the BatchNorm prior the
-        norm weighs each input channel by its estimated power (as the steps
-        do), so the leaf's relative *output* error is what counts (r8 KL
-        0.241 -> 0.197 on EfficientNet-lite1, 0.296 -> 0.279 on -lite2)."""
-        from jaxjpeg import rate
-
+        -0.6..1 on EfficientNet-lite1 at 8x)."""
         factor, importance = _leaf_importance(self.sensitivity, name)
         if factor is not None:
             return factor
         if importance is not None:
             return float(np.mean(np.broadcast_to(importance, p.shape)))
-        coded = np.where(_coded_mask(p), np.asarray(p.original, np.float64), 0.0)
-        power = self._channel_importance(name, p.shape)
-        if power is None or not np.mean(power) > 0:
-            weight = 1.0
-        else:   # damped as the steps' importances are (rate._damped), mean 1
-            weight = ((power / np.mean(power) + rate.IMPORTANCE_DAMPING)
-                      / (1 + rate.IMPORTANCE_DAMPING))
-        norm2 = float(np.sum(np.square(coded) * weight))
+        coded = np.asarray(p.original, np.float64)[_coded_mask(p)]
+        norm2 = float(np.sum(np.square(coded)))
         return p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
 
 
