@@ -88,3 +88,86 @@ def test_harness_and_host_agree_on_corrupt_payloads(many_kinds, seed):
     assert host_error is not None and harness_error == host_error
     for want, got in zip(host, harness):
         np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def _interval_markers(payload, starts):
+    """Positions of the RST markers that end intervals (the last interval of a
+    tile ends at EOI and the next header instead)."""
+    ends = starts[1:] - 2
+    ok = (payload[ends] == 0xFF) & (payload[ends + 1] >= 0xD0) & (payload[ends + 1] <= 0xD7)
+    return ends[ok & (ends - starts[:-1] >= 8)]
+
+
+def _damage(kind, payload, marker):
+    """One edit of an interval's stream, at its RST marker ``marker``."""
+    if kind == "marker_becomes_data":  # two whole bytes after the blocks: trailing data
+        payload[marker:marker + 2] = [0x12, 0x34]
+    elif kind == "range_ends_in_lone_ff":  # a lone 0xFF at the range end ends the data
+        payload[marker:marker + 2] = [0x00, 0xFF]
+    elif kind == "early_marker":  # the data stop 4 bytes early: phantom bits, truncation
+        payload[marker - 4:marker - 2] = [0xFF, 0xD5]
+    elif kind == "fill_byte":  # 0xFF 0xFF: the first is where the data end
+        payload[marker - 1] = 0xFF
+    elif kind == "stuffing_inserted":  # an extra stuffed 0xFF inside the data
+        payload[marker - 6:marker - 4] = [0xFF, 0x00]
+
+
+STREAM_DAMAGE = ["marker_becomes_data", "range_ends_in_lone_ff", "early_marker", "fill_byte",
+                 "stuffing_inserted"]
+
+
+def _run_both(plan, payload, starts=None):
+    """(error, outputs) of the host decoder and of the kernel harness, both
+    into outputs prefilled with a sentinel."""
+    types = [codec.output_type(d) for d in plan.output_dtypes]
+    starts = plan.interval_starts if starts is None else starts
+    results = []
+    for fn, kw in ((_native.run_plan, dict(threads=1)), (_native.run_plan_kernel_harness, {})):
+        outs = [np.full(s, 7, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
+        try:
+            fn(payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
+               [o.view(np.uint16) if o.itemsize == 2 else o for o in outs], types,
+               col_scale=plan.col_scale, **kw)
+            error = None
+        except jaxjpeg.JpegError as e:
+            error = str(e)
+        results.append((error, outs))
+    return results
+
+
+@pytest.mark.parametrize("kind", STREAM_DAMAGE)
+def test_destuffed_kernels_and_host_agree_on_stream_damage(many_kinds, kind):
+    """The kernels read each interval through the destuff pass; every third
+    interval damaged at its end (trailing bytes, a lone 0xFF, an early marker
+    and so phantom bits, a fill byte, extra stuffing) must give the host
+    decoder's status and bits, NaN included."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    payload = plan.payload.copy()
+    markers = _interval_markers(payload, plan.interval_starts)[::3]
+    assert len(markers) > 10
+    for marker in markers:
+        _damage(kind, payload, marker)
+    (host_error, host), (harness_error, harness) = _run_both(plan, payload)
+    assert harness_error == host_error
+    nan_blocks = 0
+    for want, got in zip(host, harness):
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+        nan_blocks += int(np.isnan(np.asarray(want, np.float32)).sum())
+    if kind != "stuffing_inserted":  # may still decode: the extra byte is just data
+        assert host_error is not None and nan_blocks > 0
+
+
+def test_unusable_starts_decode_nothing_on_host_and_harness(many_kinds):
+    """Starts out of order would let destuffed intervals overlap, so a plan
+    with any unusable start is refused as a whole: both executors name the
+    first such interval (not an earlier corrupt one) and write nothing."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    payload = plan.payload.copy()
+    starts = plan.interval_starts.copy()
+    payload[starts[1]:starts[2] - 2] = 0xFF  # interval 1 is corrupt
+    starts[7] = starts[8] + 1  # interval 7 starts after its end
+    for error, outs in _run_both(plan, payload, starts):
+        assert error == _native.plan_failure(_native.pack_plan_status(7, 11)), error
+        assert all(np.all(np.asarray(o, np.float32) == 7) for o in outs)

@@ -304,9 +304,20 @@ struct HarnessKernel {
   }
 };
 
-// Runs every decode kernel, as the CUDA handler launches them.
-int32_t RunKernelHarness(const DecodePlan& plan) {
+// Runs the destuff kernel (a call per interval stands for its warp) and
+// every decode kernel, as the CUDA handler launches them, with the same
+// workspace layout.
+int32_t RunKernelHarness(const DecodePlan& host_plan) {
+  DecodePlan plan = host_plan;
+  std::vector<uint8_t> workspace(
+      DecodeWorkspaceBytes(plan.num_outputs, plan.payload_size, plan.num_intervals));
+  plan.destuffed =
+      LayOutDecodeWorkspace(workspace.data(), plan.num_outputs, plan.num_intervals).destuffed;
   int32_t status = kPlanOk;
+  *plan.destuffed.starts_status = kPlanOk;
+  for (int64_t i = 0; i < plan.num_intervals; ++i) {
+    DestuffPlanInterval(plan, i, true, &status, DestuffOnHost);
+  }
   auto shared = std::make_unique<KernelShared>();
   ForEachDecodeKernel(HarnessKernel{plan, *shared, &status});
   return status;
@@ -472,6 +483,10 @@ PYBIND11_MODULE(_native, m) {
     return targets;
   }, "XLA FFI handler capsules for the CPU platform.");
   m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);
+  m.def("decode_workspace_bytes", &DecodeWorkspaceBytes, py::arg("num_outputs"),
+        py::arg("payload_size"), py::arg("num_intervals"),
+        "Bytes of the CUDA decode's workspace result: output descriptors and destuffed "
+        "intervals.");
   m.def("plan_failure", &PlanFailure, py::arg("status"),
         "The text of a failed decode's packed status word, as the FFI handlers report it.");
   m.def("pack_plan_status", [](int64_t interval, int code) {

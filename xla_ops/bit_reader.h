@@ -118,13 +118,16 @@ JJ_HD JJ_INLINE DestuffedBitReader MakeDestuffedBitReader(const uint8_t* data, i
 }
 
 // The 8 bytes at p as a big-endian word. On the device as two aligned 8-byte
-// loads (p's word and the next) and a funnel shift.
+// loads (p's word and the next) and a funnel shift, through the read-only
+// data cache: destuffed bytes are written by an earlier kernel and only read
+// while decoding.
 JJ_HD JJ_INLINE uint64_t LoadBigEndian64(const uint8_t* p) {
 #if defined(__CUDA_ARCH__)
   const uintptr_t address = reinterpret_cast<uintptr_t>(p);
   const auto* words = reinterpret_cast<const uint64_t*>(address & ~uintptr_t(7));
   const int shift = static_cast<int>(address & 7) * 8;
-  const uint64_t lo = words[0], hi = words[1];
+  const uint64_t lo = __ldg(reinterpret_cast<const unsigned long long*>(words));
+  const uint64_t hi = __ldg(reinterpret_cast<const unsigned long long*>(words) + 1);
   const uint64_t v = shift == 0 ? lo : (lo >> shift) | (hi << (64 - shift));
   return (uint64_t(__byte_perm(static_cast<uint32_t>(v), 0, 0x0123)) << 32) |
          __byte_perm(static_cast<uint32_t>(v >> 32), 0, 0x0123);

@@ -2,7 +2,9 @@
 // and phase so the CPU harness in the tests runs exactly the GPU indexing
 // and staging logic on machines without a GPU.
 //
-// One thread decodes one restart interval. There is one kernel per (sample
+// A first kernel destuffs every interval (a warp per interval, see
+// destuff.h) into the call's workspace; then one thread decodes one restart
+// interval from its destuffed bytes. There is one kernel per (sample
 // bits, output type): each is specialised and small, and a thread whose
 // interval is of another kind leaves at once. A block of threads works in
 // rounds: the lowest table index any of its pending threads needs is staged
@@ -52,14 +54,36 @@ JJ_HD JJ_INLINE void RecordFirstError(int32_t* status, int32_t value) {
 #endif
 }
 
+// Phase "destuff" of interval i, before any decoding (a warp on the device,
+// one call on the host): `pass(begin, end, out)` destuffs [begin, end) into
+// out and returns the count; the `leader` writes the results. Unusable
+// starts are reported, and then no interval is decoded (PlanStartsStatus).
+template <typename Pass>
+JJ_HD JJ_INLINE void DestuffPlanInterval(const DecodePlan& p, int64_t i, bool leader,
+                                         int32_t* status, const Pass& pass) {
+  if (!IntervalStartsValid(p, i)) {
+    if (leader) {
+      const int32_t bad = PackPlanStatus(i, Status::kBadArgument);
+      RecordFirstError(status, bad);
+      RecordFirstError(p.destuffed.starts_status, bad);
+    }
+    return;
+  }
+  const int64_t begin = p.interval_starts[i];
+  const int64_t n = pass(p.payload + begin, p.payload + p.interval_starts[i + 1],
+                         p.destuffed.area + DestuffedOffset(begin, i));
+  if (leader) p.destuffed.lengths[i] = n;
+}
+
 // Phase "claim": resolves the interval of (block, thread); returns whether
 // the (kBits, kType) kernel decodes it. An unusable interval is reported by
 // every kernel that meets it: the same packed word, so the minimum is one.
+// Nothing is claimed when the destuff phase found unusable starts.
 template <int kBits, OutputType kType>
 JJ_HD inline bool ClaimInterval(const DecodePlan& p, int64_t block, int thread, IntervalWork* w,
                                 int32_t* status) {
   const int64_t i = block * kDecodeThreadsPerBlock + thread;
-  if (i >= p.num_intervals) return false;
+  if (i >= p.num_intervals || *p.destuffed.starts_status != kPlanOk) return false;
   if (!ResolveInterval(p, i, w)) {
     RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
     return false;
@@ -87,14 +111,15 @@ JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread
   for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
 }
 
-// Phase "decode": a claimed interval whose tables are staged.
+// Phase "decode": a claimed interval whose tables are staged, from its
+// destuffed bytes.
 template <int kBits, OutputType kType>
 JJ_HD inline void DecodeClaimed(const DecodePlan& p, const IntervalWork& w, KernelShared& s,
                                 int64_t block, int thread, int32_t* status) {
-  const Status result = DecodeIntervalWith<kBits, kType>(p, w, s.tables, ThreadScratch(s, thread));
-  if (result != Status::kOk) {
-    RecordFirstError(status, PackPlanStatus(block * kDecodeThreadsPerBlock + thread, result));
-  }
+  const int64_t i = block * kDecodeThreadsPerBlock + thread;
+  const Status result = DecodeIntervalWith<kBits, kType>(p, w, DestuffedReaderOf(p, i), s.tables,
+                                                         ThreadScratch(s, thread));
+  if (result != Status::kOk) RecordFirstError(status, PackPlanStatus(i, result));
 }
 
 // Calls visit.template operator()<kBits, kType>() for every decode kernel.

@@ -6,6 +6,7 @@
 #ifndef JAXJPEG_DECODE_PLAN_H_
 #define JAXJPEG_DECODE_PLAN_H_
 
+#include "destuff.h"
 #include "interval_decode.h"
 #include "jpeg_defs.h"
 #include "output_stage.h"
@@ -36,6 +37,17 @@ struct PlanOutput {
   OutputType type;
 };
 
+// The destuff pass's results (destuff.h), for executors that run it before
+// decoding (the CUDA handler and its CPU harness): interval i's data are
+// lengths[i] bytes at area + DestuffedOffset(interval_starts[i], i).
+// starts_status is kPlanOk while every interval's starts are usable (see
+// PlanStartsStatus).
+struct DestuffedIntervals {
+  int32_t* starts_status;
+  int64_t* lengths;
+  uint8_t* area;
+};
+
 struct DecodePlan {
   const uint8_t* payload;
   int64_t payload_size;
@@ -54,6 +66,7 @@ struct DecodePlan {
   int64_t num_col_scales;
   const PlanOutput* outputs;
   int64_t num_outputs;
+  DestuffedIntervals destuffed;  // unused by the host decoder
 };
 
 // Status packed as (interval << 4) | code so that an atomic min over all
@@ -63,6 +76,54 @@ constexpr int64_t kMaxPlanIntervals = int64_t(1) << 27;
 
 JJ_HD inline int32_t PackPlanStatus(int64_t interval, Status s) {
   return static_cast<int32_t>((interval << 4) | static_cast<int32_t>(s));
+}
+
+// Interval i's bytes lie inside the payload, its start before its end.
+JJ_HD JJ_INLINE bool IntervalStartsValid(const DecodePlan& p, int64_t i) {
+  const int64_t begin = p.interval_starts[i], end = p.interval_starts[i + 1];
+  return 0 <= begin && begin <= end && end <= p.payload_size;
+}
+
+// kPlanOk when every interval's starts are usable, else the packed status of
+// the first that is not. A plan that fails this decodes nothing, on every
+// executor: the destuff pass lays intervals out from their starts, which is
+// sound only when all of them are in order (destuff.h).
+inline int32_t PlanStartsStatus(const DecodePlan& p) {
+  for (int64_t i = 0; i < p.num_intervals; ++i) {
+    if (!IntervalStartsValid(p, i)) return PackPlanStatus(i, Status::kBadArgument);
+  }
+  return kPlanOk;
+}
+
+// The device workspace of a decode call: the output descriptors, then the
+// destuff pass's starts status, lengths and area (DestuffedIntervals), each
+// part 16-byte aligned. 15 bytes of slack align the parts whatever the
+// workspace's own alignment.
+JJ_HD JJ_INLINE int64_t AlignUp16(int64_t n) { return (n + 15) / 16 * 16; }
+
+inline int64_t DecodeWorkspaceBytes(int64_t num_outputs, int64_t payload_size,
+                                    int64_t num_intervals) {
+  return 15 + AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput))) + 16 +
+         AlignUp16(8 * num_intervals) + DestuffAreaSize(payload_size, num_intervals);
+}
+
+struct DecodeWorkspace {
+  PlanOutput* outputs;
+  DestuffedIntervals destuffed;
+};
+
+inline DecodeWorkspace LayOutDecodeWorkspace(void* base, int64_t num_outputs,
+                                             int64_t num_intervals) {
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 15) & ~uintptr_t(15);
+  auto* bytes = reinterpret_cast<uint8_t*>(aligned);
+  DecodeWorkspace w;
+  w.outputs = reinterpret_cast<PlanOutput*>(bytes);
+  bytes += AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput)));
+  w.destuffed.starts_status = reinterpret_cast<int32_t*>(bytes);
+  bytes += 16;
+  w.destuffed.lengths = reinterpret_cast<int64_t*>(bytes);
+  w.destuffed.area = bytes + AlignUp16(8 * num_intervals);
+  return w;
 }
 
 // The tile holding interval i: the last tile whose first interval is <= i.
@@ -99,7 +160,7 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   w->tile = tile;
   w->begin = p.interval_starts[i];
   w->end = p.interval_starts[i + 1];
-  if (w->begin < 0 || w->begin > w->end || w->end > p.payload_size) return false;
+  if (!IntervalStartsValid(p, i)) return false;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];
   if (width < 1 || height < 1 || width > kMaxDimension || height > kMaxDimension) return false;
   if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return false;
@@ -167,16 +228,23 @@ JJ_HD JJ_INLINE BlockGrid TileGrid(const int64_t* tile) {
   return BlockGrid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
 }
 
-// Decodes a resolved interval of kBits samples into an output of kType, in
-// the given block scratch (see BlockScratch); a failed interval becomes NaN.
-template <int kBits, OutputType kType, typename Scratch>
+// A reader over interval i's destuffed bytes (see DestuffedIntervals).
+JJ_HD JJ_INLINE DestuffedBitReader DestuffedReaderOf(const DecodePlan& p, int64_t i) {
+  return MakeDestuffedBitReader(p.destuffed.area + DestuffedOffset(p.interval_starts[i], i),
+                                p.destuffed.lengths[i]);
+}
+
+// Decodes a resolved interval of kBits samples from `reader` into an output
+// of kType, in the given block scratch (see BlockScratch); a failed interval
+// becomes NaN.
+template <int kBits, OutputType kType, typename Reader, typename Scratch>
 JJ_HD inline Status DecodeIntervalWith(const DecodePlan& p, const IntervalWork& w,
-                                       const DecoderTables& tables, const Scratch& scratch) {
+                                       const Reader& reader, const DecoderTables& tables,
+                                       const Scratch& scratch) {
   const AffineSink<kType> sink = TileSink<kType>(p, w.tile);
   const BlockGrid grid = TileGrid(w.tile);
-  const Status status =
-      detail::DecodeIntervalBody<kBits>(MakeBitReader(p.payload + w.begin, p.payload + w.end),
-                                        tables, grid, w.first_block, w.num_blocks, sink, scratch);
+  const Status status = detail::DecodeIntervalBody<kBits>(reader, tables, grid, w.first_block,
+                                                          w.num_blocks, sink, scratch);
   if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
   return status;
 }

@@ -71,6 +71,23 @@ JJ_HD JJ_INLINE int64_t DestuffCapacity(int64_t raw) {
   return (raw + 2 * kDestuffAlign - 1) / kDestuffAlign * kDestuffAlign;
 }
 
+// Where interval i's destuffed bytes go in a decode call's destuffed area:
+// laid out from its payload offset, with no prefix sum over the intervals.
+// For non-decreasing starts the regions are disjoint: interval i's ends at
+// most 16 + (raw + 31) - 1 bytes past align16(start), below where interval
+// i + 1's begins (its start is start + raw, plus kDestuffSlack).
+constexpr int64_t kDestuffSlack = 48;
+
+JJ_HD JJ_INLINE int64_t DestuffedOffset(int64_t start, int64_t i) {
+  return (start + kDestuffAlign - 1) / kDestuffAlign * kDestuffAlign + kDestuffSlack * i;
+}
+
+// Bytes of the destuffed area of a call over a payload of `payload_size`
+// bytes and `num_intervals` intervals (starts in [0, payload_size]).
+JJ_HD JJ_INLINE int64_t DestuffAreaSize(int64_t payload_size, int64_t num_intervals) {
+  return DestuffedOffset(payload_size, num_intervals);
+}
+
 // The warp's pass over one interval, on the host: each chunk's lanes
 // classify (a loop stands for the lanes), the ballots are formed, every lane
 // stores its byte, and the output is zero-filled to its capacity. Returns

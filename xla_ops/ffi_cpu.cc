@@ -66,6 +66,8 @@ void AdviseHugePages(const PlanOutput* outputs, int64_t count) {
 }
 
 int32_t RunOnPool(const DecodePlan& plan, ffi::ThreadPool& pool) {
+  const int32_t starts = PlanStartsStatus(plan);
+  if (starts != kPlanOk) return starts;
   auto loop = std::make_shared<PoolLoop>();
   loop->plan = &plan;
   loop->num_intervals = plan.num_intervals;
