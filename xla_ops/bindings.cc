@@ -135,7 +135,8 @@ Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* o
     const uint8_t* end = data + p.starts[i + 1];
     Status s;
     if (destuffed) {  // the destuff pass, then its reader (tests)
-      std::vector<uint8_t> bytes(DestuffCapacity(end - begin));
+      thread_local std::vector<uint8_t> bytes;
+      bytes.resize(std::max<size_t>(bytes.size(), DestuffCapacity(end - begin)));
       const int64_t length = DestuffOnHost(begin, end, bytes.data());
       s = DecodeDestuffedInterval<kBits>(bytes.data(), length, p.info.tables, p.info.Grid(), first,
                                          n, sink);
