@@ -4,6 +4,8 @@ decode into a thread's column of the shared block array) run on the CPU by
 independent oracle) and against the host decoder, on plans whose 128-interval
 blocks mix tiles, tables, bit depths and output types."""
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ def _harness(plan, payload=None):
         plan.payload if payload is None else payload, plan.interval_starts, plan.tiles,
         plan.tables, plan.row_scale, plan.row_offset,
         [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale)
+        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+        block_map=plan.block_map)
     return outputs
 
 
@@ -84,7 +87,7 @@ def test_harness_and_host_agree_on_corrupt_payloads(many_kinds, seed):
         return error, outs
 
     host_error, host = run(_native.run_plan, threads=1)
-    harness_error, harness = run(_native.run_plan_kernel_harness)
+    harness_error, harness = run(_native.run_plan_kernel_harness, block_map=plan.block_map)
     assert host_error is not None and harness_error == host_error
     for want, got in zip(host, harness):
         np.testing.assert_array_equal(_bits(got), _bits(want))
@@ -122,7 +125,8 @@ def _run_both(plan, payload, starts=None):
     types = [codec.output_type(d) for d in plan.output_dtypes]
     starts = plan.interval_starts if starts is None else starts
     results = []
-    for fn, kw in ((_native.run_plan, dict(threads=1)), (_native.run_plan_kernel_harness, {})):
+    for fn, kw in ((_native.run_plan, dict(threads=1)),
+                   (_native.run_plan_kernel_harness, dict(block_map=plan.block_map))):
         outs = [np.full(s, 7, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
         try:
             fn(payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
@@ -171,3 +175,41 @@ def test_unusable_starts_decode_nothing_on_host_and_harness(many_kinds):
     for error, outs in _run_both(plan, payload, starts):
         assert error == _native.plan_failure(_native.pack_plan_status(7, 11)), error
         assert all(np.all(np.asarray(o, np.float32) == 7) for o in outs)
+
+
+def test_block_map_is_a_hint_for_the_tile_search(many_kinds):
+    """Any tile hints (wrong, negative, past the tiles) give the same bits:
+    a thread checks the tile it finds from its block's hint and falls back to
+    the full search, so only the work changes."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    assert plan.block_map.shape[0] >= 3  # several CUDA blocks
+    want = _harness(plan)
+    rng = np.random.default_rng(3)
+    for hints in (np.full(plan.block_map.shape[0], -1),
+                  rng.integers(0, len(plan.tiles), plan.block_map.shape[0]),
+                  np.full(plan.block_map.shape[0], 2 ** 31 - 1)):
+        block_map = plan.block_map.copy()
+        block_map[:, 0] = hints
+        got = _harness(dataclasses.replace(plan, block_map=block_map))
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(_bits(b), _bits(a))
+
+
+def test_intervals_a_block_map_leaves_out_are_reported(many_kinds):
+    """A map whose kinds skip a block's intervals (only a hand-made one can)
+    must not leave them silently undecoded: the check phase reports the first."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    block_map = plan.block_map.copy()
+    block_map[1, 1] = 0  # block 1 (intervals 256..511): no kernel's kind
+    with pytest.raises(jaxjpeg.JpegError, match="restart interval 256:"):
+        _harness(dataclasses.replace(plan, block_map=block_map))
+
+
+def test_harness_without_a_block_map_decodes_alike(many_kinds):
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    empty = dataclasses.replace(plan, block_map=np.zeros((0, 2), np.int32))
+    for a, b in zip(_harness(plan), _harness(empty)):
+        np.testing.assert_array_equal(_bits(b), _bits(a))

@@ -71,7 +71,8 @@ def test_kernel_harness_matches_core(mixed):
     expected = codec.run_plan(plan)
     outputs = [np.full(s, np.nan, np.float32) for s in plan.output_shapes]
     _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
-                                    plan.row_scale, plan.row_offset, outputs, [0] * len(outputs))
+                                    plan.row_scale, plan.row_offset, outputs, [0] * len(outputs),
+                                    block_map=plan.block_map)
     for want, got in zip(expected, outputs):
         np.testing.assert_array_equal(_bits(want), _bits(got))
 
@@ -195,7 +196,7 @@ def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
         _native.run_plan_kernel_harness(payload, plan.interval_starts, plan.tiles, plan.tables,
                                         plan.row_scale, plan.row_offset,
                                         [out.view(np.uint16) if out.itemsize == 2 else out],
-                                        [codec.output_type(dtype)])
+                                        [codec.output_type(dtype)], block_map=plan.block_map)
     nan = np.isnan(out.astype(np.float32))
     assert nan.sum() == 8 * 64  # interval 3: blocks 24..31 of a 32-block-wide tile row
     assert nan[:8, 3 * 64:4 * 64].all()

@@ -20,6 +20,7 @@
 
 namespace jaxjpeg {
 
+static_assert(kMapBlockIntervals == 256, "a block map row per CUDA block");
 // 256 threads: 2 blocks of 92 KiB shared memory and 128 registers per thread
 // fill an H200 SM's 16 warps (128 threads would stop at 12: 3 blocks of 60 KiB).
 constexpr int kDecodeThreadsPerBlock = 256;
@@ -40,6 +41,14 @@ using LaneScratch = BlockScratch<kDecodeThreadsPerBlock, false>;
 JJ_HD JJ_INLINE LaneScratch ThreadScratch(KernelShared& s, int thread) {
   int32_t* column = s.blocks + thread;
   return LaneScratch{column, column, column, s.zigzag};
+}
+
+// Whether the (kBits, kType) kernel has work in `block`: the block map's
+// kinds, or every kernel where the plan has no map row.
+template <int kBits, OutputType kType>
+JJ_HD JJ_INLINE bool BlockHasKind(const DecodePlan& p, int64_t block) {
+  const int32_t* row = BlockMapRow(p, block);
+  return row == nullptr || (row[kMapKinds] & KindBit(kBits, kType)) != 0;
 }
 
 JJ_HD inline int64_t KernelBlockCount(int64_t num_intervals) {
@@ -84,7 +93,8 @@ JJ_HD inline bool ClaimInterval(const DecodePlan& p, int64_t block, int thread, 
                                 int32_t* status) {
   const int64_t i = block * kDecodeThreadsPerBlock + thread;
   if (i >= p.num_intervals || *p.destuffed.starts_status != kPlanOk) return false;
-  if (!ResolveInterval(p, i, w)) {
+  const int32_t* row = BlockMapRow(p, block);
+  if (!ResolveInterval(p, i, w, row == nullptr ? -1 : row[kMapTile])) {
     RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
     return false;
   }
@@ -120,6 +130,17 @@ JJ_HD inline void DecodeClaimed(const DecodePlan& p, const IntervalWork& w, Kern
   const Status result = DecodeIntervalWith<kBits, kType>(p, w, DestuffedReaderOf(p, i), s.tables,
                                                          ThreadScratch(s, thread));
   if (result != Status::kOk) RecordFirstError(status, PackPlanStatus(i, result));
+  p.destuffed.lengths[i] = -1;  // decoded (see CheckIntervalDecoded)
+}
+
+// Phase "check", after every decode kernel: an interval with usable starts
+// that no kernel decoded (a block map that left it out) is reported, never
+// left as whatever the output held. Those no kernel could resolve were
+// reported already, with the same word.
+JJ_HD JJ_INLINE void CheckIntervalDecoded(const DecodePlan& p, int64_t i, int32_t* status) {
+  if (*p.destuffed.starts_status == kPlanOk && p.destuffed.lengths[i] >= 0) {
+    RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
+  }
 }
 
 // Calls visit.template operator()<kBits, kType>() for every decode kernel.

@@ -6,6 +6,9 @@
 #ifndef JAXJPEG_DECODE_PLAN_H_
 #define JAXJPEG_DECODE_PLAN_H_
 
+#include <string>
+#include <vector>
+
 #include "destuff.h"
 #include "interval_decode.h"
 #include "jpeg_defs.h"
@@ -66,6 +69,10 @@ struct DecodePlan {
   int64_t num_col_scales;
   const PlanOutput* outputs;
   int64_t num_outputs;
+  // The host's map of the CUDA kernels' blocks (see BuildBlockMap); a hint
+  // only: an executor decodes the same without it. Unused by the host decoder.
+  const int32_t* block_map;  // [num_map_blocks, kBlockMapColumns]
+  int64_t num_map_blocks;
   DestuffedIntervals destuffed;  // unused by the host decoder
 };
 
@@ -126,14 +133,100 @@ inline DecodeWorkspace LayOutDecodeWorkspace(void* base, int64_t num_outputs,
   return w;
 }
 
-// The tile holding interval i: the last tile whose first interval is <= i.
-JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
-  int64_t lo = 0, hi = p.num_tiles - 1;
+JJ_HD JJ_INLINE int64_t TileFirstInterval(const DecodePlan& p, int64_t tile) {
+  return p.tiles[tile * kTileColumns + kTileFirstInterval];
+}
+
+// The last tile of [lo, hi] whose first interval is <= i (lo if none).
+JJ_HD inline int64_t LastTileStartingBy(const DecodePlan& p, int64_t i, int64_t lo, int64_t hi) {
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (p.tiles[mid * kTileColumns + kTileFirstInterval] <= i) lo = mid; else hi = mid - 1;
+    if (TileFirstInterval(p, mid) <= i) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// The tile holding interval i: the last tile whose first interval is <= i.
+JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
+  return LastTileStartingBy(p, i, 0, p.num_tiles - 1);
+}
+
+// The block map (BuildBlockMap): a CUDA decode block covers kMapBlockIntervals
+// consecutive intervals; its row holds the tile of its first interval and a
+// bit (KindBit) for each decode kernel kind among its intervals, so a thread
+// searches for its tile from there and a kernel skips blocks without its kind.
+constexpr int kMapBlockIntervals = 256;
+enum BlockMapColumn : int { kMapTile = 0, kMapKinds, kBlockMapColumns };
+constexpr int32_t kAllKinds = 0x3F;
+
+JJ_HD JJ_INLINE int32_t KindBit(int64_t bits, OutputType type) {
+  return int32_t(1) << ((bits == 12 ? 3 : 0) + static_cast<int>(type));
+}
+
+// The map's row of block b, or null where the plan has none.
+JJ_HD JJ_INLINE const int32_t* BlockMapRow(const DecodePlan& p, int64_t block) {
+  return block < p.num_map_blocks ? p.block_map + block * kBlockMapColumns : nullptr;
+}
+
+// FindTile's answer, searched from `hint`: a window of kMapBlockIntervals
+// tiles (a tile has at least one interval), its first tile tried first. The
+// answer is checked (i lies between its first interval and the next tile's),
+// so where tiles are in order any hint gives FindTile's tile; an unusable
+// hint falls back to FindTile.
+JJ_HD inline int64_t FindTileFrom(const DecodePlan& p, int64_t i, int64_t hint) {
+  if (hint >= 0 && hint < p.num_tiles && TileFirstInterval(p, hint) <= i) {
+    const bool last = hint + 1 == p.num_tiles;
+    if (last || TileFirstInterval(p, hint + 1) > i) return hint;
+    const int64_t hi = p.num_tiles - 1 - hint < kMapBlockIntervals ? p.num_tiles - 1
+                                                                  : hint + kMapBlockIntervals;
+    const int64_t t = LastTileStartingBy(p, i, hint + 1, hi);
+    if (TileFirstInterval(p, t) <= i && (t + 1 == p.num_tiles || TileFirstInterval(p, t + 1) > i)) {
+      return t;
+    }
+  }
+  return FindTile(p, i);
+}
+
+// Builds a plan's block map (see kMapBlockIntervals) from its interval
+// count, tiles and output types, checking what the map relies on: tiles
+// in order of their first intervals, each with at least one interval, the
+// first at interval 0, the last ending at the plan's end, and each of a
+// known kind. Returns "" or why the plan is refused.
+inline std::string BuildBlockMap(int64_t num_intervals, const int64_t* tiles, int64_t num_tiles,
+                                 const int32_t* output_types, int64_t num_outputs,
+                                 std::vector<int32_t>* map) {
+  const int64_t blocks = (num_intervals + kMapBlockIntervals - 1) / kMapBlockIntervals;
+  map->assign(static_cast<size_t>(blocks * kBlockMapColumns), 0);
+  if (num_intervals > kMaxPlanIntervals) return "too many restart intervals in one plan";
+  if (num_intervals > 0 && (num_tiles < 1 || tiles[kTileFirstInterval] != 0)) {
+    return "the first tile must start at interval 0";
+  }
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int64_t* tile = tiles + t * kTileColumns;
+    const std::string name = "tile " + std::to_string(t);
+    const int64_t first = tile[kTileFirstInterval];
+    const int64_t next =
+        t + 1 < num_tiles ? tiles[(t + 1) * kTileColumns + kTileFirstInterval] : num_intervals;
+    if (first < 0 || next <= first || next > num_intervals) {
+      return name + ": its intervals [" + std::to_string(first) + ", " + std::to_string(next) +
+             ") are empty, out of order or past the plan's " + std::to_string(num_intervals);
+    }
+    if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return name + ": bits must be 8 or 12";
+    if (tile[kTileOutput] < 0 || tile[kTileOutput] >= num_outputs) {
+      return name + ": output index out of range";
+    }
+    const int32_t type = output_types[tile[kTileOutput]];
+    if (type < 0 || type > 2) return name + ": unknown output type";
+    const int32_t kind = KindBit(tile[kTileBits], static_cast<OutputType>(type));
+    for (int64_t b = first / kMapBlockIntervals; b <= (next - 1) / kMapBlockIntervals; ++b) {
+      int32_t* row = map->data() + b * kBlockMapColumns;
+      // Tiles are contiguous from interval 0: the first to reach block b
+      // holds its first interval.
+      if (row[kMapKinds] == 0) row[kMapTile] = static_cast<int32_t>(t);
+      row[kMapKinds] |= kind;
+    }
+  }
+  return "";
 }
 
 // What one interval decodes, resolved from the plan and checked against it.
@@ -152,11 +245,13 @@ JJ_HD JJ_INLINE bool ProductAtMost(uint64_t a, uint64_t b, uint64_t limit) {
 #endif
 }
 
-// Resolves interval i and checks that it reads only inside the payload and
-// writes only inside its output and affine rows: the plan is untrusted input.
-JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w) {
+// Resolves interval i (its tile searched from `tile_hint`, see FindTileFrom)
+// and checks that it reads only inside the payload and writes only inside
+// its output and affine rows: the plan is untrusted input.
+JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w,
+                                  int64_t tile_hint = -1) {
   if (p.num_tiles < 1) return false;
-  const int64_t* tile = p.tiles + FindTile(p, i) * kTileColumns;
+  const int64_t* tile = p.tiles + FindTileFrom(p, i, tile_hint) * kTileColumns;
   w->tile = tile;
   w->begin = p.interval_starts[i];
   w->end = p.interval_starts[i + 1];

@@ -53,6 +53,7 @@ __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk c
 template <int kBits, OutputType kType>
 __global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
     DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
+  if (!BlockHasKind<kBits, kType>(plan, blockIdx.x)) return;
   extern __shared__ uint4 shared_words[];
   KernelShared& s = *reinterpret_cast<KernelShared*>(shared_words);
   IntervalWork w;
@@ -73,6 +74,12 @@ __global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
       pending = false;
     }
   }
+}
+
+__global__ void __launch_bounds__(kDecodeThreadsPerBlock)
+    CheckDecodedKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
+  const int64_t i = int64_t(blockIdx.x) * kDecodeThreadsPerBlock + threadIdx.x;
+  if (i < plan.num_intervals) CheckIntervalDecoded(plan, i, status);
 }
 
 // Launches the (kBits, kType) kernel over every interval.
@@ -122,11 +129,12 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
                           ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
                           ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
                           ffi::Buffer<ffi::F32> row_offset, ffi::Buffer<ffi::F32> col_scale,
+                          ffi::Buffer<ffi::S32> block_map,
                          ffi::ResultBuffer<ffi::S32> status,
                           ffi::ResultBuffer<ffi::U8> workspace, ffi::RemainingRets outputs) {
   DecodePlan plan{};
   ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset,
-                                    col_scale, &plan);
+                                    col_scale, block_map, &plan);
   if (err.failure()) return err;
   err = CheckResults(status, workspace, outputs.size());
   if (err.failure()) return err;
@@ -153,6 +161,8 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
     DestuffKernel<<<(plan.num_intervals + warps_per_block - 1) / warps_per_block,
                     kDestuffThreadsPerBlock, 0, stream>>>(plan, status->typed_data());
     ForEachDecodeKernel(LaunchDecodeKernel{stream, plan, status->typed_data(), wanted_types});
+    CheckDecodedKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0,
+                         stream>>>(plan, status->typed_data());
   }
   return LaunchError("launching the decode kernel");
 }

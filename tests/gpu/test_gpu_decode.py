@@ -121,7 +121,8 @@ def test_gpu_kernels_per_kind_equal_cpu_and_harness():
     _native.run_plan_kernel_harness(
         plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
         plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in harness],
-        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale)
+        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+        block_map=plan.block_map)
     for a, b, c in zip(cpu, gpu, harness):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
         np.testing.assert_array_equal(b.view(np.uint8), c.view(np.uint8))
