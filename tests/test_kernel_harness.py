@@ -13,6 +13,7 @@ import pytest
 import jaxjpeg
 from jaxjpeg import _native, codec
 from oracle import expected_tensor
+from stream_damage import STREAM_DAMAGE, damage_interval_end, interval_markers
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 
@@ -93,32 +94,6 @@ def test_harness_and_host_agree_on_corrupt_payloads(many_kinds, seed):
         np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
-def _interval_markers(payload, starts):
-    """Positions of the RST markers that end intervals (the last interval of a
-    tile ends at EOI and the next header instead)."""
-    ends = starts[1:] - 2
-    ok = (payload[ends] == 0xFF) & (payload[ends + 1] >= 0xD0) & (payload[ends + 1] <= 0xD7)
-    return ends[ok & (ends - starts[:-1] >= 8)]
-
-
-def _damage(kind, payload, marker):
-    """One edit of an interval's stream, at its RST marker ``marker``."""
-    if kind == "marker_becomes_data":  # two whole bytes after the blocks: trailing data
-        payload[marker:marker + 2] = [0x12, 0x34]
-    elif kind == "range_ends_in_lone_ff":  # a lone 0xFF at the range end ends the data
-        payload[marker:marker + 2] = [0x00, 0xFF]
-    elif kind == "early_marker":  # the data stop 4 bytes early: phantom bits, truncation
-        payload[marker - 4:marker - 2] = [0xFF, 0xD5]
-    elif kind == "fill_byte":  # 0xFF 0xFF: the first is where the data end
-        payload[marker - 1] = 0xFF
-    elif kind == "stuffing_inserted":  # an extra stuffed 0xFF inside the data
-        payload[marker - 6:marker - 4] = [0xFF, 0x00]
-
-
-STREAM_DAMAGE = ["marker_becomes_data", "range_ends_in_lone_ff", "early_marker", "fill_byte",
-                 "stuffing_inserted"]
-
-
 def _run_both(plan, payload, starts=None):
     """(error, outputs) of the host decoder and of the kernel harness, both
     into outputs prefilled with a sentinel."""
@@ -148,10 +123,10 @@ def test_destuffed_kernels_and_host_agree_on_stream_damage(many_kinds, kind):
     encs, dtypes = many_kinds
     plan = codec.build_plan(encs, dtypes)
     payload = plan.payload.copy()
-    markers = _interval_markers(payload, plan.interval_starts)[::3]
+    markers = interval_markers(payload, plan.interval_starts)[::3]
     assert len(markers) > 10
     for marker in markers:
-        _damage(kind, payload, marker)
+        damage_interval_end(kind, payload, marker)
     (host_error, host), (harness_error, harness) = _run_both(plan, payload)
     assert harness_error == host_error
     nan_blocks = 0
