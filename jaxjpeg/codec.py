@@ -411,6 +411,7 @@ class DecodePlan:
     col_scale: np.ndarray        # float32
     output_shapes: tuple[tuple[int, int], ...]
     output_dtypes: tuple[np.dtype, ...]
+    block_map: np.ndarray        # int32 [CUDA decode blocks, 2]: a hint (see decode_plan.h)
 
 
 class PlanBuilder:
@@ -489,17 +490,19 @@ class PlanBuilder:
             _check_tile_geometry(row, geometry)
             row[0] = tables.setdefault(tile_tables.tobytes(), len(tables))
             position += size
-        starts = self._starts + [np.array([self._payload_size], np.int64)]
+        starts = np.concatenate(self._starts + [np.array([self._payload_size], np.int64)])
+        tiles = np.array(self._tiles, np.int64).reshape(-1, _native.TILE_COLUMNS)
         return DecodePlan(
             payload=payload,
-            interval_starts=np.concatenate(starts),
-            tiles=np.array(self._tiles, np.int64).reshape(-1, _native.TILE_COLUMNS),
+            interval_starts=starts,
+            tiles=tiles,
             tables=np.frombuffer(b"".join(tables), np.uint8),
             row_scale=np.concatenate(self._scales or [np.zeros(0, np.float32)]),
             row_offset=np.concatenate(self._offsets or [np.zeros(0, np.float32)]),
             col_scale=np.concatenate(self._col_scales or [np.zeros(0, np.float32)]),
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
+            block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
         )
 
 

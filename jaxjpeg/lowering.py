@@ -8,6 +8,7 @@ missing CUDA module only means no "cuda" lowering is registered.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.interpreters import mlir
 
 from jaxjpeg import _native
@@ -38,6 +39,32 @@ def _rule_without_params(rule):
     return lower
 
 
+def cuda_workspace_bytes(avals_in, num_outputs: int) -> int:
+    """Bytes of the CUDA handler's workspace: the output descriptors and the
+    destuffed intervals (xla_ops/decode_plan.h, DecodeWorkspaceBytes)."""
+    payload, starts = avals_in[0], avals_in[1]
+    return _native.decode_workspace_bytes(num_outputs, payload.shape[0],
+                                          max(0, starts.shape[0] // 2 - 1))
+
+
+def _cuda_rule(ctx, *operands, **params):
+    """The CUDA handler destuffs every interval into its workspace before
+    decoding, so that result is larger there than the primitive's (whose
+    first bytes it returns). A result buffer, not scratch memory the handler
+    allocates: XLA owns it, so a captured CUDA graph keeps a valid address."""
+    del params
+    status, workspace, *outputs = ctx.avals_out
+    size = cuda_workspace_bytes(ctx.avals_in, len(outputs))
+    results = [jax.ShapeDtypeStruct(a.shape, a.dtype)
+               for a in (status, jax.core.ShapedArray((size,), np.uint8), *outputs)]
+
+    def run(*args):
+        got_status, got_workspace, *got = jax.ffi.ffi_call(TARGET_NAME, results)(*args)
+        return [got_status, got_workspace[:workspace.shape[0]], *got]
+
+    return mlir.lower_fun(run, multiple_results=True)(ctx, *operands)
+
+
 def register(primitive) -> None:
     """Registers FFI targets and lowerings for ``primitive`` (idempotent)."""
     global _registered
@@ -50,7 +77,5 @@ def register(primitive) -> None:
     if _native_cuda is not None:
         for name, capsule in _native_cuda.ffi_targets().items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
-        mlir.register_lowering(primitive,
-                               _rule_without_params(jax.ffi.ffi_lowering(TARGET_NAME)),
-                               platform="cuda")
+        mlir.register_lowering(primitive, _cuda_rule, platform="cuda")
     _registered = True

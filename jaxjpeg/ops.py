@@ -22,9 +22,10 @@ from jaxjpeg import _native, codec, lowering
 decode_p = Primitive("jaxjpeg_decode")
 decode_p.multiple_results = True
 
-_OPERAND_DTYPES = (np.uint8, np.int32, np.int32, np.uint8, np.float32, np.float32, np.float32)
+_OPERAND_DTYPES = (np.uint8, np.int32, np.int32, np.uint8, np.float32, np.float32, np.float32,
+                   np.int32)
 _OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "row_offset",
-                  "col_scale")
+                  "col_scale", "block_map")
 
 
 def _abstract_eval(*operands, output_shapes, output_dtypes):
@@ -83,7 +84,8 @@ lowering.register(decode_p)
 def plan_operands(plan: codec.DecodePlan) -> tuple[np.ndarray, ...]:
     """A host plan as the primitive's operands (int64 tables as int32 pairs)."""
     return (plan.payload, plan.interval_starts.view(np.int32), plan.tiles.reshape(-1).view(np.int32),
-            plan.tables, plan.row_scale, plan.row_offset, plan.col_scale)
+            plan.tables, plan.row_scale, plan.row_offset, plan.col_scale,
+            plan.block_map.reshape(-1))
 
 
 def decode(*operands, output_shapes, output_dtypes):

@@ -4,6 +4,8 @@ decode into a thread's column of the shared block array) run on the CPU by
 independent oracle) and against the host decoder, on plans whose 128-interval
 blocks mix tiles, tables, bit depths and output types."""
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 import jaxjpeg
 from jaxjpeg import _native, codec
 from oracle import expected_tensor
+from stream_damage import STREAM_DAMAGE, damage_interval_end, interval_markers
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 
@@ -21,7 +24,8 @@ def _harness(plan, payload=None):
         plan.payload if payload is None else payload, plan.interval_starts, plan.tiles,
         plan.tables, plan.row_scale, plan.row_offset,
         [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale)
+        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+        block_map=plan.block_map)
     return outputs
 
 
@@ -84,7 +88,103 @@ def test_harness_and_host_agree_on_corrupt_payloads(many_kinds, seed):
         return error, outs
 
     host_error, host = run(_native.run_plan, threads=1)
-    harness_error, harness = run(_native.run_plan_kernel_harness)
+    harness_error, harness = run(_native.run_plan_kernel_harness, block_map=plan.block_map)
     assert host_error is not None and harness_error == host_error
     for want, got in zip(host, harness):
         np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def _run_both(plan, payload, starts=None):
+    """(error, outputs) of the host decoder and of the kernel harness, both
+    into outputs prefilled with a sentinel."""
+    types = [codec.output_type(d) for d in plan.output_dtypes]
+    starts = plan.interval_starts if starts is None else starts
+    results = []
+    for fn, kw in ((_native.run_plan, dict(threads=1)),
+                   (_native.run_plan_kernel_harness, dict(block_map=plan.block_map))):
+        outs = [np.full(s, 7, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
+        try:
+            fn(payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
+               [o.view(np.uint16) if o.itemsize == 2 else o for o in outs], types,
+               col_scale=plan.col_scale, **kw)
+            error = None
+        except jaxjpeg.JpegError as e:
+            error = str(e)
+        results.append((error, outs))
+    return results
+
+
+@pytest.mark.parametrize("kind", STREAM_DAMAGE)
+def test_destuffed_kernels_and_host_agree_on_stream_damage(many_kinds, kind):
+    """The kernels read each interval through the destuff pass; every third
+    interval damaged at its end (trailing bytes, a lone 0xFF, an early marker
+    and so phantom bits, a fill byte, extra stuffing) must give the host
+    decoder's status and bits, NaN included."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    payload = plan.payload.copy()
+    markers = interval_markers(payload, plan.interval_starts)[::3]
+    assert len(markers) > 10
+    for marker in markers:
+        damage_interval_end(kind, payload, marker)
+    (host_error, host), (harness_error, harness) = _run_both(plan, payload)
+    assert harness_error == host_error
+    nan_blocks = 0
+    for want, got in zip(host, harness):
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+        nan_blocks += int(np.isnan(np.asarray(want, np.float32)).sum())
+    if kind != "stuffing_inserted":  # may still decode: the extra byte is just data
+        assert host_error is not None and nan_blocks > 0
+
+
+def test_unusable_starts_decode_nothing_on_host_and_harness(many_kinds):
+    """Starts out of order would let destuffed intervals overlap, so a plan
+    with any unusable start is refused as a whole: both executors name the
+    first such interval (not an earlier corrupt one) and write nothing."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    payload = plan.payload.copy()
+    starts = plan.interval_starts.copy()
+    payload[starts[1]:starts[2] - 2] = 0xFF  # interval 1 is corrupt
+    starts[7] = starts[8] + 1  # interval 7 starts after its end
+    for error, outs in _run_both(plan, payload, starts):
+        assert error == _native.plan_failure(_native.pack_plan_status(7, 11)), error
+        assert all(np.all(np.asarray(o, np.float32) == 7) for o in outs)
+
+
+def test_block_map_is_a_hint_for_the_tile_search(many_kinds):
+    """Any tile hints (wrong, negative, past the tiles) give the same bits:
+    a thread checks the tile it finds from its block's hint and falls back to
+    the full search, so only the work changes."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    assert plan.block_map.shape[0] >= 3  # several CUDA blocks
+    want = _harness(plan)
+    rng = np.random.default_rng(3)
+    for hints in (np.full(plan.block_map.shape[0], -1),
+                  rng.integers(0, len(plan.tiles), plan.block_map.shape[0]),
+                  np.full(plan.block_map.shape[0], 2 ** 31 - 1)):
+        block_map = plan.block_map.copy()
+        block_map[:, 0] = hints
+        got = _harness(dataclasses.replace(plan, block_map=block_map))
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(_bits(b), _bits(a))
+
+
+def test_intervals_a_block_map_leaves_out_are_reported(many_kinds):
+    """A map whose kinds skip a block's intervals (only a hand-made one can)
+    must not leave them silently undecoded: the check phase reports the first."""
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    block_map = plan.block_map.copy()
+    block_map[1, 1] = 0  # block 1 (intervals 256..511): no kernel's kind
+    with pytest.raises(jaxjpeg.JpegError, match="restart interval 256:"):
+        _harness(dataclasses.replace(plan, block_map=block_map))
+
+
+def test_harness_without_a_block_map_decodes_alike(many_kinds):
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    empty = dataclasses.replace(plan, block_map=np.zeros((0, 2), np.int32))
+    for a, b in zip(_harness(plan), _harness(empty)):
+        np.testing.assert_array_equal(_bits(b), _bits(a))

@@ -71,7 +71,8 @@ def test_kernel_harness_matches_core(mixed):
     expected = codec.run_plan(plan)
     outputs = [np.full(s, np.nan, np.float32) for s in plan.output_shapes]
     _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
-                                    plan.row_scale, plan.row_offset, outputs, [0] * len(outputs))
+                                    plan.row_scale, plan.row_offset, outputs, [0] * len(outputs),
+                                    block_map=plan.block_map)
     for want, got in zip(expected, outputs):
         np.testing.assert_array_equal(_bits(want), _bits(got))
 
@@ -195,7 +196,7 @@ def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
         _native.run_plan_kernel_harness(payload, plan.interval_starts, plan.tiles, plan.tables,
                                         plan.row_scale, plan.row_offset,
                                         [out.view(np.uint16) if out.itemsize == 2 else out],
-                                        [codec.output_type(dtype)])
+                                        [codec.output_type(dtype)], block_map=plan.block_map)
     nan = np.isnan(out.astype(np.float32))
     assert nan.sum() == 8 * 64  # interval 3: blocks 24..31 of a 32-block-wide tile row
     assert nan[:8, 3 * 64:4 * 64].all()
@@ -252,3 +253,34 @@ def test_plan_listing_more_intervals_than_a_tile_has_is_refused():
         with pytest.raises(jaxjpeg.JpegError, match=f"restart interval {extra}:"):
             run(plan.payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
                 [out], [0])
+
+
+def _custom_call_types(hlo_text):
+    """(operand types, result types) of the decode custom call in StableHLO text."""
+    line = next(l for l in hlo_text.splitlines() if "custom_call @jaxjpeg_decode" in l)
+    operands, results = line.rsplit(" : ", 1)[1].split(" -> ")
+    return operands, results
+
+
+def test_cuda_lowering_sizes_the_workspace_for_the_destuff_pass(mixed):
+    """The CUDA handler destuffs every interval into its workspace result, so
+    the "cuda" lowering asks XLA for DecodeWorkspaceBytes there (an XLA
+    buffer: fixed under CUDA graphs), the CPU lowering only for the output
+    descriptors; the primitive's own results are the same on both."""
+    from jaxjpeg import lowering
+    if not lowering.cuda_available():
+        pytest.skip("no CUDA module built")
+    plan = codec.build_plan(mixed, [np.float32, ml_dtypes.bfloat16] * 3)
+    operands = ops.plan_operands(plan)
+    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                              plan.output_shapes)
+    traced = decode.trace(*operands)
+    n = len(plan.output_shapes)
+    want = _native.decode_workspace_bytes(n, plan.payload.size, plan.interval_starts.size - 1)
+    assert want >= n * _native.PLAN_OUTPUT_SIZE + plan.payload.size + 48 * (plan.interval_starts.size - 1)
+    _, cuda_results = _custom_call_types(traced.lower(lowering_platforms=("cuda",)).as_text())
+    _, cpu_results = _custom_call_types(traced.lower(lowering_platforms=("cpu",)).as_text())
+    assert f"tensor<{want}xui8>" in cuda_results
+    assert f"tensor<{n * _native.PLAN_OUTPUT_SIZE}xui8>" in cpu_results
+    assert cuda_results.replace(str(want), "W") == cpu_results.replace(
+        str(n * _native.PLAN_OUTPUT_SIZE), "W")

@@ -5,9 +5,15 @@ the tile. Hostile values that a 64-bit product or sum would wrap must still
 be refused, by the host executor and by the CPU harness of the CUDA kernel
 (both run the same ResolveInterval), without writing outside the output."""
 
+import re
+
+import numpy as np
 import pytest
 
-from test_robustness import BIG, T_RESTART, T_STRIDE, run_guarded, tile_edit, valid_plan
+from jaxjpeg import _native
+
+from test_robustness import (BIG, T_BITS, T_FIRST, T_OUT, T_RESTART, T_STRIDE, run_guarded,
+                             tile_edit, valid_plan)
 
 HOSTILE = {
     # The valid plan's tile sits at row 3 with 13 rows: (3 + 13) * 2^60 = 2^64,
@@ -27,3 +33,62 @@ def test_hostile_plan_is_refused(native_worker, name):
     assert error[0] in ("JpegError", "ValueError"), error
     assert intact, "run_plan wrote outside its output"
 
+
+
+# ---------------------------------------------------------------------------
+# The block map of the CUDA decode blocks (decode_plan.h, BuildBlockMap) is
+# built on the host from the plan; plans it cannot map are refused there.
+
+def _tiles_plan(firsts, intervals, bits=8):
+    """Tiles of one 8-bit float32 output starting at intervals ``firsts``."""
+    tiles = np.zeros((len(firsts), 12), np.int64)
+    tiles[:, T_BITS] = bits
+    tiles[:, T_FIRST] = firsts
+    return np.zeros(intervals + 1, np.int64), tiles
+
+
+def _edited(firsts, intervals, column=None, value=None):
+    starts, tiles = _tiles_plan(firsts, intervals)
+    if column is not None:
+        tiles[-1, column] = value
+    return starts, tiles
+
+
+HOSTILE_MAPS = {
+    "first_tile_not_at_interval_0": (_edited([1, 5], 10), "first tile must start at interval 0"),
+    "tiles_out_of_order": (_edited([0, 7, 5], 10), "tile 1: its intervals [7, 5)"),
+    "tile_without_intervals": (_edited([0, 4, 4], 10), "tile 1: its intervals [4, 4)"),
+    "tile_past_the_plan": (_edited([0, 11], 10), "tile 0: its intervals [0, 11)"),
+    "no_tiles": ((np.zeros(4, np.int64), np.zeros((0, 12), np.int64)),
+                 "first tile must start at interval 0"),
+    "bits_10": (_edited([0, 3], 10, T_BITS, 10), "tile 1: bits must be 8 or 12"),
+    "output_past_end": (_edited([0, 3], 10, T_OUT, 1), "tile 1: output index out of range"),
+    "output_negative": (_edited([0, 3], 10, T_OUT, -1), "tile 1: output index out of range"),
+    "first_int64_max": (_edited([0, 2 ** 63 - 1], 10), "tile 0: its intervals [0, 922"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_MAPS))
+def test_block_map_refuses_plans_it_cannot_map(name):
+    (starts, tiles), message = HOSTILE_MAPS[name]
+    with pytest.raises(ValueError, match="^decode plan refused: .*" + re.escape(message)):
+        _native.block_map(starts, tiles, [0])
+
+
+def test_block_map_refuses_unknown_output_types():
+    starts, tiles = _tiles_plan([0, 3], 10)
+    with pytest.raises(ValueError, match="unknown output type"):
+        _native.block_map(starts, tiles, [3])
+
+
+def test_block_map_rows():
+    """Row b: the tile of interval 256 b and the kinds among its 256 intervals
+    (bit 3 * (bits == 12) + output type)."""
+    firsts = [0, 100, 300, 301, 700]
+    starts, tiles = _tiles_plan(firsts, 900)
+    tiles[2, T_BITS] = 12
+    tiles[3, T_OUT] = 1
+    got = _native.block_map(starts, tiles, [0, 2])
+    want_tiles = [0, 1, 3, 4]                  # intervals 0, 256, 512, 768
+    want_kinds = [1, 1 | 8 | 4, 4 | 1, 1]      # 8-bit f32, 12-bit f32, 8-bit f16
+    np.testing.assert_array_equal(got, np.array([want_tiles, want_kinds]).T)

@@ -135,7 +135,7 @@ def test_column_scales_decode_like_libjpeg_times_the_maps():
     out = np.empty(enc.matrix_shape, np.float32)
     _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
                                     plan.row_scale, plan.row_offset, [out], [0],
-                                    col_scale=plan.col_scale)
+                                    col_scale=plan.col_scale, block_map=plan.block_map)
     np.testing.assert_array_equal(out, expected)
     _, (jitted,) = jaxjpeg.ops.decode_plan(plan)
     np.testing.assert_array_equal(np.asarray(jitted), expected)

@@ -18,6 +18,7 @@
 #include "encoder.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
+#include "kernel_harness.h"
 #include "matrix_stats.h"
 #include "parallel_for.h"
 #include "quant_tables.h"
@@ -136,7 +137,8 @@ Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* o
     const uint8_t* end = data + p.starts[i + 1];
     Status s;
     if (destuffed) {  // the destuff pass, then its reader (tests)
-      std::vector<uint8_t> bytes(DestuffCapacity(end - begin));
+      thread_local std::vector<uint8_t> bytes;
+      bytes.resize(std::max<size_t>(bytes.size(), DestuffCapacity(end - begin)));
       const int64_t length = DestuffOnHost(begin, end, bytes.data());
       s = DecodeDestuffedInterval<kBits>(bytes.data(), length, p.info.tables, p.info.Grid(), first,
                                          n, sink);
@@ -263,70 +265,49 @@ void RunPlan(const py::buffer& payload, const py::array& interval_starts, const 
   RaiseOnFailure(status);
 }
 
-// Runs one decode kernel's phases over every (block, thread) on the host, in
-// the kernel's order: claim, stage the zig-zag table, then rounds of (offer
-// tables, stage them, decode those threads). A loop over threads stands for
-// the threads between two barriers.
-struct HarnessKernel {
-  const DecodePlan& plan;
-  KernelShared& shared;
-  int32_t* status;
-
-  template <int kBits, OutputType kType>
-  void operator()() const {
-    std::vector<IntervalWork> work(kDecodeThreadsPerBlock);
-    std::vector<char> pending(kDecodeThreadsPerBlock);
-    for (int64_t block = 0; block < KernelBlockCount(plan.num_intervals); ++block) {
-      bool any = false;
-      for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-        pending[t] = ClaimInterval<kBits, kType>(plan, block, t, &work[t], status);
-        any = any || pending[t];
-      }
-      if (!any) continue;
-      for (int t = 0; t < kDecodeThreadsPerBlock; ++t) StageZigzagPart(t, &shared);
-      for (;;) {
-        shared.next_table = kNoTable;
-        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-          if (pending[t]) RecordFirstError(&shared.next_table, TableOf(work[t]));
-        }
-        const int32_t table = shared.next_table;
-        if (table == kNoTable) break;
-        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-          StageTablesPart(plan, table, t, &shared.tables);
-        }
-        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-          if (pending[t] && TableOf(work[t]) == table) {
-            DecodeClaimed<kBits, kType>(plan, work[t], shared, block, t, status);
-            pending[t] = false;
-          }
-        }
-      }
-    }
-  }
-};
-
-// Runs every decode kernel, as the CUDA handler launches them.
-int32_t RunKernelHarness(const DecodePlan& plan) {
-  int32_t status = kPlanOk;
-  auto shared = std::make_unique<KernelShared>();
-  ForEachDecodeKernel(HarnessKernel{plan, *shared, &status});
-  return status;
-}
-
 void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_starts,
                           const py::array& tiles, const py::buffer& tables,
                           const py::array& row_scale, const py::array& row_offset,
                           const std::vector<py::array>& outputs,
                           const std::vector<int>& output_types,
-                          const std::optional<py::array>& col_scale) {
-  const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
-                                    row_offset, outputs, output_types, col_scale);
+                          const std::optional<py::array>& col_scale,
+                          const std::optional<py::array>& block_map) {
+  HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale, row_offset,
+                              outputs, output_types, col_scale);
+  if (block_map) {
+    h.plan.block_map = ArrayData<int32_t>(*block_map, -1, "block_map");
+    h.plan.num_map_blocks = block_map->size() / kBlockMapColumns;
+  }
   int32_t status;
   {
     py::gil_scoped_release release;
     status = RunKernelHarness(h.plan);
   }
   RaiseOnFailure(status);
+}
+
+// The block map of a plan's CUDA decode blocks (decode_plan.h,
+// BuildBlockMap): int32 [blocks, kBlockMapColumns]; ValueError for a plan
+// it cannot map.
+py::array_t<int32_t> BlockMap(const py::array& interval_starts, const py::array& tiles,
+                              const std::vector<int32_t>& output_types) {
+  if (interval_starts.ndim() != 1 || interval_starts.size() < 1) {
+    throw py::value_error("interval_starts must be a 1-D int64 array of n + 1 offsets");
+  }
+  if (tiles.ndim() != 2 || tiles.shape(1) != kTileColumns) {
+    throw py::value_error("tiles must be [n, " + std::to_string(kTileColumns) + "] int64");
+  }
+  ArrayData<int64_t>(interval_starts, -1, "interval_starts");
+  std::vector<int32_t> map;
+  const std::string error =
+      BuildBlockMap(interval_starts.size() - 1, ArrayData<int64_t>(tiles, -1, "tiles"),
+                    tiles.shape(0), output_types.data(),
+                    static_cast<int64_t>(output_types.size()), &map);
+  if (!error.empty()) throw py::value_error("decode plan refused: " + error);
+  py::array_t<int32_t> out({static_cast<py::ssize_t>(map.size() / kBlockMapColumns),
+                            static_cast<py::ssize_t>(kBlockMapColumns)});
+  std::memcpy(out.mutable_data(), map.data(), map.size() * sizeof(int32_t));
+  return out;
 }
 
 // The destuff pass's CPU harness over one interval's bytes: (the destuffed
@@ -530,8 +511,12 @@ PYBIND11_MODULE(_native, m) {
   m.def("run_plan_kernel_harness", &RunPlanKernelHarness, py::arg("payload"),
         py::arg("interval_starts"), py::arg("tiles"), py::arg("tables"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
-        py::arg("col_scale") = py::none(),
+        py::arg("col_scale") = py::none(), py::arg("block_map") = py::none(),
         "Run the CUDA kernel body over every (block, thread) on the host (tests).");
+  m.def("block_map", &BlockMap, py::arg("interval_starts"), py::arg("tiles"),
+        py::arg("output_types"),
+        "The CUDA decode blocks' map (tile of the first interval, kinds present), "
+        "int32 [blocks, 2]; ValueError for a plan out of order.");
   m.def("destuff", &Destuff, py::arg("data"),
         "The destuff pass's CPU harness on one interval: (bytes, count) (tests).");
   m.def("bit_reader_trace", &BitReaderTrace, py::arg("data"), py::arg("skips"),
@@ -562,6 +547,10 @@ PYBIND11_MODULE(_native, m) {
     return targets;
   }, "XLA FFI handler capsules for the CPU platform.");
   m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);
+  m.def("decode_workspace_bytes", &DecodeWorkspaceBytes, py::arg("num_outputs"),
+        py::arg("payload_size"), py::arg("num_intervals"),
+        "Bytes of the CUDA decode's workspace result: output descriptors and destuffed "
+        "intervals.");
   m.def("plan_failure", &PlanFailure, py::arg("status"),
         "The text of a failed decode's packed status word, as the FFI handlers report it.");
   m.def("pack_plan_status", [](int64_t interval, int code) {

@@ -101,9 +101,11 @@ JJ_HD inline bool HasUnusedBytes(BitReader r) {
 // A bit reader over destuffed data (destuff.h): [pos, end) are data bytes,
 // with no stuffing and no marker, and zero bytes follow them up to 16 bytes
 // past end at least, from a 16-byte aligned start. Every refill is one
-// 8-byte load, with no byte loop and no 0xFF test; zero bytes taken past the
-// data count as phantom bits, as BitReader counts them, so ReadPastEnd and
-// the bits read are the same (tests/test_destuff.py). The decoder picks the
+// 8-byte load, with no byte loop and no 0xFF test. The zero bytes taken past
+// the data are BitReader's phantom bits; they need no counting here: the
+// data bits not consumed yet are count + 8 * (end - pos), so ReadPastEnd,
+// HasUnusedBytes and the bits read are BitReader's (tests/test_destuff.py).
+// `phantom` stays 0. The decoder picks the
 // refill by overload: DecodeBlock and DecodeAc are templates on the reader.
 struct DestuffedBitReader : BitReader {};
 
@@ -118,13 +120,16 @@ JJ_HD JJ_INLINE DestuffedBitReader MakeDestuffedBitReader(const uint8_t* data, i
 }
 
 // The 8 bytes at p as a big-endian word. On the device as two aligned 8-byte
-// loads (p's word and the next) and a funnel shift.
+// loads (p's word and the next) and a funnel shift, through the read-only
+// data cache: destuffed bytes are written by an earlier kernel and only read
+// while decoding.
 JJ_HD JJ_INLINE uint64_t LoadBigEndian64(const uint8_t* p) {
 #if defined(__CUDA_ARCH__)
   const uintptr_t address = reinterpret_cast<uintptr_t>(p);
   const auto* words = reinterpret_cast<const uint64_t*>(address & ~uintptr_t(7));
   const int shift = static_cast<int>(address & 7) * 8;
-  const uint64_t lo = words[0], hi = words[1];
+  const uint64_t lo = __ldg(reinterpret_cast<const unsigned long long*>(words));
+  const uint64_t hi = __ldg(reinterpret_cast<const unsigned long long*>(words) + 1);
   const uint64_t v = shift == 0 ? lo : (lo >> shift) | (hi << (64 - shift));
   return (uint64_t(__byte_perm(static_cast<uint32_t>(v), 0, 0x0123)) << 32) |
          __byte_perm(static_cast<uint32_t>(v >> 32), 0, 0x0123);
@@ -142,21 +147,23 @@ JJ_HD JJ_INLINE bool RefillFast(DestuffedBitReader& r) {
   const uint8_t* from = r.pos < r.end ? r.pos : r.end;
   r.buffer |= LoadBigEndian64(from) >> r.count;
   const int bytes = (63 - r.count) >> 3;
-  const int64_t left = r.end - r.pos;
-  const int data = left <= 0 ? 0 : (left < bytes ? static_cast<int>(left) : bytes);
-  r.phantom += 8 * (bytes - data);
   r.pos += bytes;
   r.count += bytes << 3;
   return true;
+}
+
+// Data bits not consumed yet; negative once bits past the data were read.
+JJ_HD JJ_INLINE int64_t UnreadDataBits(const DestuffedBitReader& r) {
+  return r.count + 8 * (r.end - r.pos);
 }
 
 JJ_HD JJ_INLINE void Refill(DestuffedBitReader& r) {
   if (r.count < 56) RefillFast(r);
 }
 
-JJ_HD JJ_INLINE bool HasUnusedBytes(const DestuffedBitReader& r) {
-  return r.count - r.phantom >= 8 || r.pos < r.end;
-}
+JJ_HD JJ_INLINE bool ReadPastEnd(const DestuffedBitReader& r) { return UnreadDataBits(r) < 0; }
+
+JJ_HD JJ_INLINE bool HasUnusedBytes(const DestuffedBitReader& r) { return UnreadDataBits(r) >= 8; }
 
 }  // namespace jaxjpeg
 

@@ -2,7 +2,9 @@
 // and phase so the CPU harness in the tests runs exactly the GPU indexing
 // and staging logic on machines without a GPU.
 //
-// One thread decodes one restart interval. There is one kernel per (sample
+// A first kernel destuffs every interval (a warp per interval, see
+// destuff.h) into the call's workspace; then one thread decodes one restart
+// interval from its destuffed bytes. There is one kernel per (sample
 // bits, output type): each is specialised and small, and a thread whose
 // interval is of another kind leaves at once. A block of threads works in
 // rounds: the lowest table index any of its pending threads needs is staged
@@ -18,6 +20,7 @@
 
 namespace jaxjpeg {
 
+static_assert(kMapBlockIntervals == 256, "a block map row per CUDA block");
 // 256 threads: 2 blocks of 92 KiB shared memory and 128 registers per thread
 // fill an H200 SM's 16 warps (128 threads would stop at 12: 3 blocks of 60 KiB).
 constexpr int kDecodeThreadsPerBlock = 256;
@@ -40,6 +43,14 @@ JJ_HD JJ_INLINE LaneScratch ThreadScratch(KernelShared& s, int thread) {
   return LaneScratch{column, column, column, s.zigzag};
 }
 
+// Whether the (kBits, kType) kernel has work in `block`: the block map's
+// kinds, or every kernel where the plan has no map row.
+template <int kBits, OutputType kType>
+JJ_HD JJ_INLINE bool BlockHasKind(const DecodePlan& p, int64_t block) {
+  const int32_t* row = BlockMapRow(p, block);
+  return row == nullptr || (row[kMapKinds] & KindBit(kBits, kType)) != 0;
+}
+
 JJ_HD inline int64_t KernelBlockCount(int64_t num_intervals) {
   return (num_intervals + kDecodeThreadsPerBlock - 1) / kDecodeThreadsPerBlock;
 }
@@ -52,15 +63,38 @@ JJ_HD JJ_INLINE void RecordFirstError(int32_t* status, int32_t value) {
 #endif
 }
 
+// Phase "destuff" of interval i, before any decoding (a warp on the device,
+// one call on the host): `pass(begin, end, out)` destuffs [begin, end) into
+// out and returns the count; the `leader` writes the results. Unusable
+// starts are reported, and then no interval is decoded (PlanStartsStatus).
+template <typename Pass>
+JJ_HD JJ_INLINE void DestuffPlanInterval(const DecodePlan& p, int64_t i, bool leader,
+                                         int32_t* status, const Pass& pass) {
+  if (!IntervalStartsValid(p, i)) {
+    if (leader) {
+      const int32_t bad = PackPlanStatus(i, Status::kBadArgument);
+      RecordFirstError(status, bad);
+      RecordFirstError(p.destuffed.starts_status, bad);
+    }
+    return;
+  }
+  const int64_t begin = p.interval_starts[i];
+  const int64_t n = pass(p.payload + begin, p.payload + p.interval_starts[i + 1],
+                         p.destuffed.area + DestuffedOffset(begin, i));
+  if (leader) p.destuffed.lengths[i] = n;
+}
+
 // Phase "claim": resolves the interval of (block, thread); returns whether
 // the (kBits, kType) kernel decodes it. An unusable interval is reported by
 // every kernel that meets it: the same packed word, so the minimum is one.
+// Nothing is claimed when the destuff phase found unusable starts.
 template <int kBits, OutputType kType>
 JJ_HD inline bool ClaimInterval(const DecodePlan& p, int64_t block, int thread, IntervalWork* w,
                                 int32_t* status) {
   const int64_t i = block * kDecodeThreadsPerBlock + thread;
-  if (i >= p.num_intervals) return false;
-  if (!ResolveInterval(p, i, w)) {
+  if (i >= p.num_intervals || *p.destuffed.starts_status != kPlanOk) return false;
+  const int32_t* row = BlockMapRow(p, block);
+  if (!ResolveInterval(p, i, w, row == nullptr ? -1 : row[kMapTile])) {
     RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
     return false;
   }
@@ -87,13 +121,25 @@ JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread
   for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
 }
 
-// Phase "decode": a claimed interval whose tables are staged.
+// Phase "decode": a claimed interval whose tables are staged, from its
+// destuffed bytes.
 template <int kBits, OutputType kType>
 JJ_HD inline void DecodeClaimed(const DecodePlan& p, const IntervalWork& w, KernelShared& s,
                                 int64_t block, int thread, int32_t* status) {
-  const Status result = DecodeIntervalWith<kBits, kType>(p, w, s.tables, ThreadScratch(s, thread));
-  if (result != Status::kOk) {
-    RecordFirstError(status, PackPlanStatus(block * kDecodeThreadsPerBlock + thread, result));
+  const int64_t i = block * kDecodeThreadsPerBlock + thread;
+  const Status result = DecodeIntervalWith<kBits, kType>(p, w, DestuffedReaderOf(p, i), s.tables,
+                                                         ThreadScratch(s, thread));
+  if (result != Status::kOk) RecordFirstError(status, PackPlanStatus(i, result));
+  p.destuffed.lengths[i] = -1;  // decoded (see CheckIntervalDecoded)
+}
+
+// Phase "check", after every decode kernel: an interval with usable starts
+// that no kernel decoded (a block map that left it out) is reported, never
+// left as whatever the output held. Those no kernel could resolve were
+// reported already, with the same word.
+JJ_HD JJ_INLINE void CheckIntervalDecoded(const DecodePlan& p, int64_t i, int32_t* status) {
+  if (*p.destuffed.starts_status == kPlanOk && p.destuffed.lengths[i] >= 0) {
+    RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
   }
 }
 

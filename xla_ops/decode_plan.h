@@ -6,6 +6,10 @@
 #ifndef JAXJPEG_DECODE_PLAN_H_
 #define JAXJPEG_DECODE_PLAN_H_
 
+#include <string>
+#include <vector>
+
+#include "destuff.h"
 #include "interval_decode.h"
 #include "jpeg_defs.h"
 #include "output_stage.h"
@@ -36,6 +40,17 @@ struct PlanOutput {
   OutputType type;
 };
 
+// The destuff pass's results (destuff.h), for executors that run it before
+// decoding (the CUDA handler and its CPU harness): interval i's data are
+// lengths[i] bytes at area + DestuffedOffset(interval_starts[i], i).
+// starts_status is kPlanOk while every interval's starts are usable (see
+// PlanStartsStatus).
+struct DestuffedIntervals {
+  int32_t* starts_status;
+  int64_t* lengths;
+  uint8_t* area;
+};
+
 struct DecodePlan {
   const uint8_t* payload;
   int64_t payload_size;
@@ -54,6 +69,11 @@ struct DecodePlan {
   int64_t num_col_scales;
   const PlanOutput* outputs;
   int64_t num_outputs;
+  // The host's map of the CUDA kernels' blocks (see BuildBlockMap); a hint
+  // only: an executor decodes the same without it. Unused by the host decoder.
+  const int32_t* block_map;  // [num_map_blocks, kBlockMapColumns]
+  int64_t num_map_blocks;
+  DestuffedIntervals destuffed;  // unused by the host decoder
 };
 
 // Status packed as (interval << 4) | code so that an atomic min over all
@@ -65,14 +85,148 @@ JJ_HD inline int32_t PackPlanStatus(int64_t interval, Status s) {
   return static_cast<int32_t>((interval << 4) | static_cast<int32_t>(s));
 }
 
-// The tile holding interval i: the last tile whose first interval is <= i.
-JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
-  int64_t lo = 0, hi = p.num_tiles - 1;
+// Interval i's bytes lie inside the payload, its start before its end.
+JJ_HD JJ_INLINE bool IntervalStartsValid(const DecodePlan& p, int64_t i) {
+  const int64_t begin = p.interval_starts[i], end = p.interval_starts[i + 1];
+  return 0 <= begin && begin <= end && end <= p.payload_size;
+}
+
+// kPlanOk when every interval's starts are usable, else the packed status of
+// the first that is not. A plan that fails this decodes nothing, on every
+// executor: the destuff pass lays intervals out from their starts, which is
+// sound only when all of them are in order (destuff.h).
+inline int32_t PlanStartsStatus(const DecodePlan& p) {
+  for (int64_t i = 0; i < p.num_intervals; ++i) {
+    if (!IntervalStartsValid(p, i)) return PackPlanStatus(i, Status::kBadArgument);
+  }
+  return kPlanOk;
+}
+
+// The device workspace of a decode call: the output descriptors, then the
+// destuff pass's starts status, lengths and area (DestuffedIntervals), each
+// part 16-byte aligned. 15 bytes of slack align the parts whatever the
+// workspace's own alignment.
+JJ_HD JJ_INLINE int64_t AlignUp16(int64_t n) { return (n + 15) / 16 * 16; }
+
+inline int64_t DecodeWorkspaceBytes(int64_t num_outputs, int64_t payload_size,
+                                    int64_t num_intervals) {
+  return 15 + AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput))) + 16 +
+         AlignUp16(8 * num_intervals) + DestuffAreaSize(payload_size, num_intervals);
+}
+
+struct DecodeWorkspace {
+  PlanOutput* outputs;
+  DestuffedIntervals destuffed;
+};
+
+inline DecodeWorkspace LayOutDecodeWorkspace(void* base, int64_t num_outputs,
+                                             int64_t num_intervals) {
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 15) & ~uintptr_t(15);
+  auto* bytes = reinterpret_cast<uint8_t*>(aligned);
+  DecodeWorkspace w;
+  w.outputs = reinterpret_cast<PlanOutput*>(bytes);
+  bytes += AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput)));
+  w.destuffed.starts_status = reinterpret_cast<int32_t*>(bytes);
+  bytes += 16;
+  w.destuffed.lengths = reinterpret_cast<int64_t*>(bytes);
+  w.destuffed.area = bytes + AlignUp16(8 * num_intervals);
+  return w;
+}
+
+JJ_HD JJ_INLINE int64_t TileFirstInterval(const DecodePlan& p, int64_t tile) {
+  return p.tiles[tile * kTileColumns + kTileFirstInterval];
+}
+
+// The last tile of [lo, hi] whose first interval is <= i (lo if none).
+JJ_HD inline int64_t LastTileStartingBy(const DecodePlan& p, int64_t i, int64_t lo, int64_t hi) {
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (p.tiles[mid * kTileColumns + kTileFirstInterval] <= i) lo = mid; else hi = mid - 1;
+    if (TileFirstInterval(p, mid) <= i) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// The tile holding interval i: the last tile whose first interval is <= i.
+JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
+  return LastTileStartingBy(p, i, 0, p.num_tiles - 1);
+}
+
+// The block map (BuildBlockMap): a CUDA decode block covers kMapBlockIntervals
+// consecutive intervals; its row holds the tile of its first interval and a
+// bit (KindBit) for each decode kernel kind among its intervals, so a thread
+// searches for its tile from there and a kernel skips blocks without its kind.
+constexpr int kMapBlockIntervals = 256;
+enum BlockMapColumn : int { kMapTile = 0, kMapKinds, kBlockMapColumns };
+constexpr int32_t kAllKinds = 0x3F;
+
+JJ_HD JJ_INLINE int32_t KindBit(int64_t bits, OutputType type) {
+  return int32_t(1) << ((bits == 12 ? 3 : 0) + static_cast<int>(type));
+}
+
+// The map's row of block b, or null where the plan has none.
+JJ_HD JJ_INLINE const int32_t* BlockMapRow(const DecodePlan& p, int64_t block) {
+  return block < p.num_map_blocks ? p.block_map + block * kBlockMapColumns : nullptr;
+}
+
+// FindTile's answer, searched from `hint`: a window of kMapBlockIntervals
+// tiles (a tile has at least one interval), its first tile tried first. The
+// answer is checked (i lies between its first interval and the next tile's),
+// so where tiles are in order any hint gives FindTile's tile; an unusable
+// hint falls back to FindTile.
+JJ_HD inline int64_t FindTileFrom(const DecodePlan& p, int64_t i, int64_t hint) {
+  if (hint >= 0 && hint < p.num_tiles && TileFirstInterval(p, hint) <= i) {
+    const bool last = hint + 1 == p.num_tiles;
+    if (last || TileFirstInterval(p, hint + 1) > i) return hint;
+    const int64_t hi = p.num_tiles - 1 - hint < kMapBlockIntervals ? p.num_tiles - 1
+                                                                  : hint + kMapBlockIntervals;
+    const int64_t t = LastTileStartingBy(p, i, hint + 1, hi);
+    if (TileFirstInterval(p, t) <= i && (t + 1 == p.num_tiles || TileFirstInterval(p, t + 1) > i)) {
+      return t;
+    }
+  }
+  return FindTile(p, i);
+}
+
+// Builds a plan's block map (see kMapBlockIntervals) from its interval
+// count, tiles and output types, checking what the map relies on: tiles
+// in order of their first intervals, each with at least one interval, the
+// first at interval 0, the last ending at the plan's end, and each of a
+// known kind. Returns "" or why the plan is refused.
+inline std::string BuildBlockMap(int64_t num_intervals, const int64_t* tiles, int64_t num_tiles,
+                                 const int32_t* output_types, int64_t num_outputs,
+                                 std::vector<int32_t>* map) {
+  const int64_t blocks = (num_intervals + kMapBlockIntervals - 1) / kMapBlockIntervals;
+  map->assign(static_cast<size_t>(blocks * kBlockMapColumns), 0);
+  if (num_intervals > kMaxPlanIntervals) return "too many restart intervals in one plan";
+  if (num_intervals > 0 && (num_tiles < 1 || tiles[kTileFirstInterval] != 0)) {
+    return "the first tile must start at interval 0";
+  }
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int64_t* tile = tiles + t * kTileColumns;
+    const std::string name = "tile " + std::to_string(t);
+    const int64_t first = tile[kTileFirstInterval];
+    const int64_t next =
+        t + 1 < num_tiles ? tiles[(t + 1) * kTileColumns + kTileFirstInterval] : num_intervals;
+    if (first < 0 || next <= first || next > num_intervals) {
+      return name + ": its intervals [" + std::to_string(first) + ", " + std::to_string(next) +
+             ") are empty, out of order or past the plan's " + std::to_string(num_intervals);
+    }
+    if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return name + ": bits must be 8 or 12";
+    if (tile[kTileOutput] < 0 || tile[kTileOutput] >= num_outputs) {
+      return name + ": output index out of range";
+    }
+    const int32_t type = output_types[tile[kTileOutput]];
+    if (type < 0 || type > 2) return name + ": unknown output type";
+    const int32_t kind = KindBit(tile[kTileBits], static_cast<OutputType>(type));
+    for (int64_t b = first / kMapBlockIntervals; b <= (next - 1) / kMapBlockIntervals; ++b) {
+      int32_t* row = map->data() + b * kBlockMapColumns;
+      // Tiles are contiguous from interval 0: the first to reach block b
+      // holds its first interval.
+      if (row[kMapKinds] == 0) row[kMapTile] = static_cast<int32_t>(t);
+      row[kMapKinds] |= kind;
+    }
+  }
+  return "";
 }
 
 // What one interval decodes, resolved from the plan and checked against it.
@@ -91,15 +245,17 @@ JJ_HD JJ_INLINE bool ProductAtMost(uint64_t a, uint64_t b, uint64_t limit) {
 #endif
 }
 
-// Resolves interval i and checks that it reads only inside the payload and
-// writes only inside its output and affine rows: the plan is untrusted input.
-JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w) {
+// Resolves interval i (its tile searched from `tile_hint`, see FindTileFrom)
+// and checks that it reads only inside the payload and writes only inside
+// its output and affine rows: the plan is untrusted input.
+JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w,
+                                  int64_t tile_hint = -1) {
   if (p.num_tiles < 1) return false;
-  const int64_t* tile = p.tiles + FindTile(p, i) * kTileColumns;
+  const int64_t* tile = p.tiles + FindTileFrom(p, i, tile_hint) * kTileColumns;
   w->tile = tile;
   w->begin = p.interval_starts[i];
   w->end = p.interval_starts[i + 1];
-  if (w->begin < 0 || w->begin > w->end || w->end > p.payload_size) return false;
+  if (!IntervalStartsValid(p, i)) return false;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];
   if (width < 1 || height < 1 || width > kMaxDimension || height > kMaxDimension) return false;
   if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return false;
@@ -167,16 +323,23 @@ JJ_HD JJ_INLINE BlockGrid TileGrid(const int64_t* tile) {
   return BlockGrid{width, static_cast<int32_t>(tile[kTileHeight]), (width + 7) / 8};
 }
 
-// Decodes a resolved interval of kBits samples into an output of kType, in
-// the given block scratch (see BlockScratch); a failed interval becomes NaN.
-template <int kBits, OutputType kType, typename Scratch>
+// A reader over interval i's destuffed bytes (see DestuffedIntervals).
+JJ_HD JJ_INLINE DestuffedBitReader DestuffedReaderOf(const DecodePlan& p, int64_t i) {
+  return MakeDestuffedBitReader(p.destuffed.area + DestuffedOffset(p.interval_starts[i], i),
+                                p.destuffed.lengths[i]);
+}
+
+// Decodes a resolved interval of kBits samples from `reader` into an output
+// of kType, in the given block scratch (see BlockScratch); a failed interval
+// becomes NaN.
+template <int kBits, OutputType kType, typename Reader, typename Scratch>
 JJ_HD inline Status DecodeIntervalWith(const DecodePlan& p, const IntervalWork& w,
-                                       const DecoderTables& tables, const Scratch& scratch) {
+                                       const Reader& reader, const DecoderTables& tables,
+                                       const Scratch& scratch) {
   const AffineSink<kType> sink = TileSink<kType>(p, w.tile);
   const BlockGrid grid = TileGrid(w.tile);
-  const Status status =
-      detail::DecodeIntervalBody<kBits>(MakeBitReader(p.payload + w.begin, p.payload + w.end),
-                                        tables, grid, w.first_block, w.num_blocks, sink, scratch);
+  const Status status = detail::DecodeIntervalBody<kBits>(reader, tables, grid, w.first_block,
+                                                          w.num_blocks, sink, scratch);
   if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
   return status;
 }

@@ -16,6 +16,8 @@
 #ifndef JAXJPEG_DESTUFF_H_
 #define JAXJPEG_DESTUFF_H_
 
+#include <cstring>
+
 #include "jpeg_defs.h"
 
 namespace jaxjpeg {
@@ -71,13 +73,51 @@ JJ_HD JJ_INLINE int64_t DestuffCapacity(int64_t raw) {
   return (raw + 2 * kDestuffAlign - 1) / kDestuffAlign * kDestuffAlign;
 }
 
+// Where interval i's destuffed bytes go in a decode call's destuffed area:
+// laid out from its payload offset, with no prefix sum over the intervals.
+// For non-decreasing starts the regions are disjoint: interval i's ends at
+// most 16 + (raw + 31) - 1 bytes past align16(start), below where interval
+// i + 1's begins (its start is start + raw, plus kDestuffSlack).
+constexpr int64_t kDestuffSlack = 48;
+
+JJ_HD JJ_INLINE int64_t DestuffedOffset(int64_t start, int64_t i) {
+  return (start + kDestuffAlign - 1) / kDestuffAlign * kDestuffAlign + kDestuffSlack * i;
+}
+
+// Bytes of the destuffed area of a call over a payload of `payload_size`
+// bytes and `num_intervals` intervals (starts in [0, payload_size]).
+JJ_HD JJ_INLINE int64_t DestuffAreaSize(int64_t payload_size, int64_t num_intervals) {
+  return DestuffedOffset(payload_size, num_intervals);
+}
+
+// Whether the host may take a whole chunk as it is: all 32 bytes inside the
+// range, none of them 0xFF and the byte before it not 0xFF, so every lane
+// would keep its byte and none would stop (what the ballots would say).
+inline bool ChunkIsPlainData(const uint8_t* begin, const uint8_t* end, const uint8_t* chunk) {
+  if (end - chunk < kDestuffLanes || (chunk > begin && chunk[-1] == 0xFF)) return false;
+  uint64_t any_ff = 0;
+  for (int k = 0; k < kDestuffLanes; k += 8) {
+    uint64_t v;
+    memcpy(&v, chunk + k, sizeof v);
+    const uint64_t inverted = ~v;  // a 0xFF byte becomes a zero byte
+    any_ff |= (inverted - 0x0101010101010101ull) & ~inverted & 0x8080808080808080ull;
+  }
+  return any_ff == 0;
+}
+
 // The warp's pass over one interval, on the host: each chunk's lanes
 // classify (a loop stands for the lanes), the ballots are formed, every lane
-// stores its byte, and the output is zero-filled to its capacity. Returns
-// the number of destuffed bytes (the interval's data are 8 * that bits).
+// stores its byte, and the output is zero-filled to its capacity; a chunk of
+// plain data is copied whole, as the lanes would store it. Returns the
+// number of destuffed bytes (the interval's data are 8 * that bits).
 inline int64_t DestuffOnHost(const uint8_t* begin, const uint8_t* end, uint8_t* out) {
   int64_t written = 0;
   for (const uint8_t* chunk = begin;; chunk += kDestuffLanes) {
+    if (ChunkIsPlainData(begin, end, chunk)) {
+      memcpy(out + written, chunk, kDestuffLanes);
+      written += kDestuffLanes;
+      continue;
+    }
     DestuffByte bytes[kDestuffLanes];
     uint32_t keep = 0, stop = 0;
     for (int lane = 0; lane < kDestuffLanes; ++lane) {

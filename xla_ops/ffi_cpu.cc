@@ -66,6 +66,8 @@ void AdviseHugePages(const PlanOutput* outputs, int64_t count) {
 }
 
 int32_t RunOnPool(const DecodePlan& plan, ffi::ThreadPool& pool) {
+  const int32_t starts = PlanStartsStatus(plan);
+  if (starts != kPlanOk) return starts;
   auto loop = std::make_shared<PoolLoop>();
   loop->plan = &plan;
   loop->num_intervals = plan.num_intervals;
@@ -82,11 +84,12 @@ ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
                          ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
                          ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
                          ffi::Buffer<ffi::F32> row_offset, ffi::Buffer<ffi::F32> col_scale,
+                          ffi::Buffer<ffi::S32> block_map,
                          ffi::ResultBuffer<ffi::S32> status,
                          ffi::ResultBuffer<ffi::U8> workspace, ffi::RemainingRets outputs) {
   DecodePlan plan{};
   ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset,
-                                    col_scale, &plan);
+                                    col_scale, block_map, &plan);
   if (err.failure()) return err;
   err = CheckResults(status, workspace, outputs.size());
   if (err.failure()) return err;

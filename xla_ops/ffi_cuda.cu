@@ -1,6 +1,9 @@
 // CUDA handler of the decode custom call. Everything runs on the stream XLA
 // passes; nothing is allocated and nothing waits for the device, so the
-// handler is safe to capture in a command buffer (CUDA graph).
+// handler is safe to capture in a command buffer (CUDA graph). The destuffed
+// intervals live in the workspace result, which the CUDA lowering sizes
+// (DecodeWorkspaceBytes): an XLA buffer, so its address is fixed for as long
+// as a captured graph that uses it.
 #include <cuda_runtime.h>
 
 #include <pybind11/pybind11.h>
@@ -19,7 +22,26 @@ struct DescriptorChunk {
   int count;
 };
 
-__global__ void InitStatusKernel(int32_t* status) { *status = kPlanOk; }
+__global__ void InitStatusKernel(int32_t* status, int32_t* starts_status) {
+  *status = kPlanOk;
+  *starts_status = kPlanOk;
+}
+
+// A warp per interval: reads its bytes 32 at a time, coalesced, and writes
+// them destuffed into the workspace (see destuff.h, DestuffPlanInterval).
+constexpr int kDestuffThreadsPerBlock = 256;
+
+__global__ void __launch_bounds__(kDestuffThreadsPerBlock)
+    DestuffKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
+  const int64_t i =
+      (int64_t(blockIdx.x) * kDestuffThreadsPerBlock + threadIdx.x) / kDestuffLanes;
+  if (i >= plan.num_intervals) return;  // the whole warp alike
+  const int lane = static_cast<int>(threadIdx.x % kDestuffLanes);
+  DestuffPlanInterval(plan, i, lane == 0, status,
+                      [lane](const uint8_t* begin, const uint8_t* end, uint8_t* out) {
+                        return DestuffWarp(begin, end, out, lane);
+                      });
+}
 
 __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk chunk,
                                        PlanOutput* workspace) {
@@ -31,6 +53,7 @@ __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk c
 template <int kBits, OutputType kType>
 __global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
     DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
+  if (!BlockHasKind<kBits, kType>(plan, blockIdx.x)) return;
   extern __shared__ uint4 shared_words[];
   KernelShared& s = *reinterpret_cast<KernelShared*>(shared_words);
   IntervalWork w;
@@ -51,6 +74,12 @@ __global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
       pending = false;
     }
   }
+}
+
+__global__ void __launch_bounds__(kDecodeThreadsPerBlock)
+    CheckDecodedKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
+  const int64_t i = int64_t(blockIdx.x) * kDecodeThreadsPerBlock + threadIdx.x;
+  if (i < plan.num_intervals) CheckIntervalDecoded(plan, i, status);
 }
 
 // Launches the (kBits, kType) kernel over every interval.
@@ -100,16 +129,27 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
                           ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
                           ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
                           ffi::Buffer<ffi::F32> row_offset, ffi::Buffer<ffi::F32> col_scale,
+                          ffi::Buffer<ffi::S32> block_map,
                          ffi::ResultBuffer<ffi::S32> status,
                           ffi::ResultBuffer<ffi::U8> workspace, ffi::RemainingRets outputs) {
   DecodePlan plan{};
   ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset,
-                                    col_scale, &plan);
+                                    col_scale, block_map, &plan);
   if (err.failure()) return err;
   err = CheckResults(status, workspace, outputs.size());
   if (err.failure()) return err;
-  auto* descriptors = reinterpret_cast<PlanOutput*>(workspace->typed_data());
-  InitStatusKernel<<<1, 1, 0, stream>>>(status->typed_data());
+  const int64_t needed =
+      DecodeWorkspaceBytes(outputs.size(), plan.payload_size, plan.num_intervals);
+  if (static_cast<int64_t>(workspace->element_count()) < needed) {
+    return ffi::Error::InvalidArgument("the CUDA decode's workspace must hold " +
+                                       std::to_string(needed) +
+                                       " bytes (see DecodeWorkspaceBytes)");
+  }
+  const DecodeWorkspace parts =
+      LayOutDecodeWorkspace(workspace->typed_data(), outputs.size(), plan.num_intervals);
+  PlanOutput* descriptors = parts.outputs;
+  plan.destuffed = parts.destuffed;
+  InitStatusKernel<<<1, 1, 0, stream>>>(status->typed_data(), plan.destuffed.starts_status);
   // Without outputs one kernel still runs: it reports the unusable intervals.
   bool wanted_types[3] = {outputs.size() == 0, false, false};
   err = WriteDescriptors(stream, outputs, descriptors, wanted_types);
@@ -117,7 +157,12 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
   plan.outputs = descriptors;
   plan.num_outputs = static_cast<int64_t>(outputs.size());
   if (plan.num_intervals > 0) {
+    const int64_t warps_per_block = kDestuffThreadsPerBlock / kDestuffLanes;
+    DestuffKernel<<<(plan.num_intervals + warps_per_block - 1) / warps_per_block,
+                    kDestuffThreadsPerBlock, 0, stream>>>(plan, status->typed_data());
     ForEachDecodeKernel(LaunchDecodeKernel{stream, plan, status->typed_data(), wanted_types});
+    CheckDecodedKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0,
+                         stream>>>(plan, status->typed_data());
   }
   return LaunchError("launching the decode kernel");
 }

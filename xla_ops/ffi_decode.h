@@ -25,6 +25,7 @@ auto BindDecodeOperands(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-row scale of the affine output map
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-row offset of the affine output map
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-column scales, applied after the row map
+      .template Arg<ffi::Buffer<ffi::S32>>()  // block map: [blocks, kBlockMapColumns] (CUDA hint)
       .template Ret<ffi::Buffer<ffi::S32>>()  // status: kPlanOk or packed (interval, code)
       .template Ret<ffi::Buffer<ffi::U8>>()   // workspace: one PlanOutput per decoded tensor
       .RemainingRets();                       // the decoded tensors (f32 / bf16 / f16)
@@ -52,7 +53,8 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
                                    const ffi::Buffer<ffi::U8>& tables,
                                    const ffi::Buffer<ffi::F32>& row_scale,
                                    const ffi::Buffer<ffi::F32>& row_offset,
-                                   const ffi::Buffer<ffi::F32>& col_scale, DecodePlan* plan) {
+                                   const ffi::Buffer<ffi::F32>& col_scale,
+                                   const ffi::Buffer<ffi::S32>& block_map, DecodePlan* plan) {
   if (starts.element_count() < 2 || starts.element_count() % 2 != 0) {
     return ffi::Error::InvalidArgument("interval starts must hold n + 1 int64 values, n >= 0");
   }
@@ -79,6 +81,8 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
   plan->num_affine_rows = static_cast<int64_t>(row_scale.element_count());
   plan->col_scale = col_scale.typed_data();
   plan->num_col_scales = static_cast<int64_t>(col_scale.element_count());
+  plan->block_map = block_map.typed_data();
+  plan->num_map_blocks = static_cast<int64_t>(block_map.element_count() / kBlockMapColumns);
   if (plan->num_intervals > kMaxPlanIntervals) {
     return ffi::Error::InvalidArgument("too many restart intervals in one call");
   }

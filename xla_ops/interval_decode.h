@@ -286,12 +286,11 @@ JJ_HD JJ_INLINE Status DecodeIntervalOnStack(Reader r, const DecoderTables& t,
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__) && \
     !defined(JAXJPEG_NO_RUNTIME_DISPATCH)
 #define JAXJPEG_AVX2_DISPATCH 1
-template <int kBits, typename Sink>
+template <int kBits, typename Reader, typename Sink>
 __attribute__((target("avx2,bmi2"), noinline)) Status DecodeIntervalAvx2(
-    const uint8_t* begin, const uint8_t* end, const DecoderTables& t, const BlockGrid& grid,
-    int64_t first_block, int64_t num_blocks, const Sink& sink) {
-  return DecodeIntervalOnStack<kBits>(MakeBitReader(begin, end), t, grid, first_block,
-                                     num_blocks, sink);
+    Reader r, const DecoderTables& t, const BlockGrid& grid, int64_t first_block,
+    int64_t num_blocks, const Sink& sink) {
+  return DecodeIntervalOnStack<kBits>(r, t, grid, first_block, num_blocks, sink);
 }
 
 inline bool HostHasAvx2() {
@@ -302,6 +301,21 @@ inline bool HostHasAvx2() {
 
 }  // namespace detail
 
+namespace detail {
+
+// The host's decode from a reader: the AVX2 build where the CPU has it.
+template <int kBits, typename Reader, typename Sink>
+JJ_HD JJ_INLINE Status DecodeIntervalFrom(Reader r, const DecoderTables& t, const BlockGrid& grid,
+                                          int64_t first_block, int64_t num_blocks,
+                                          const Sink& sink) {
+#if defined(JAXJPEG_AVX2_DISPATCH)
+  if (HostHasAvx2()) return DecodeIntervalAvx2<kBits>(r, t, grid, first_block, num_blocks, sink);
+#endif
+  return DecodeIntervalOnStack<kBits>(r, t, grid, first_block, num_blocks, sink);
+}
+
+}  // namespace detail
+
 // Decodes `num_blocks` blocks starting at block `first_block` from the
 // entropy-coded bytes [begin, end) of one restart interval (the range may end
 // at, or include, the marker that follows the interval).
@@ -309,13 +323,8 @@ template <int kBits, typename Sink>
 JJ_HD Status DecodeInterval(const uint8_t* begin, const uint8_t* end, const DecoderTables& t,
                             const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
                             const Sink& sink) {
-#if defined(JAXJPEG_AVX2_DISPATCH)
-  if (detail::HostHasAvx2()) {
-    return detail::DecodeIntervalAvx2<kBits>(begin, end, t, grid, first_block, num_blocks, sink);
-  }
-#endif
-  return detail::DecodeIntervalOnStack<kBits>(MakeBitReader(begin, end), t, grid, first_block,
-                                              num_blocks, sink);
+  return detail::DecodeIntervalFrom<kBits>(MakeBitReader(begin, end), t, grid, first_block,
+                                           num_blocks, sink);
 }
 
 // The same from an interval's destuffed bytes (see destuff.h), on the host.
@@ -323,8 +332,8 @@ template <int kBits, typename Sink>
 Status DecodeDestuffedInterval(const uint8_t* data, int64_t n, const DecoderTables& t,
                                const BlockGrid& grid, int64_t first_block, int64_t num_blocks,
                                const Sink& sink) {
-  return detail::DecodeIntervalOnStack<kBits>(MakeDestuffedBitReader(data, n), t, grid,
-                                              first_block, num_blocks, sink);
+  return detail::DecodeIntervalFrom<kBits>(MakeDestuffedBitReader(data, n), t, grid,
+                                           first_block, num_blocks, sink);
 }
 
 }  // namespace jaxjpeg

@@ -17,6 +17,7 @@
 
 #include "decode_plan.h"
 #include "interval_decode.h"
+#include "kernel_harness.h"
 #include "output_stage.h"
 #include "stream_header.h"
 
@@ -41,7 +42,9 @@ void DecodeAll(const uint8_t* data, const jaxjpeg::StreamInfo& info, const int64
 }
 
 // The same interval again through the decode-plan executor body with a
-// float32 affine output, as run_plan and the custom call do.
+// float32 affine output, as run_plan and the custom call do; then through
+// the CUDA decode's CPU harness (destuff pass, destuffed reader, block map),
+// which must give the same first error and the same bits.
 void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& info,
                   const int64_t* starts, std::vector<float>& out) {
   std::vector<float> scale(info.height, 1.0f), offset(info.height, 0.0f), cols(info.width, 1.0f);
@@ -71,7 +74,25 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
   plan.num_col_scales = info.width;
   plan.outputs = &output;
   plan.num_outputs = 1;
-  for (int64_t i = 0; i < plan.num_intervals; ++i) jaxjpeg::DecodePlanInterval(plan, i);
+  int32_t host = jaxjpeg::kPlanOk;
+  for (int64_t i = 0; i < plan.num_intervals; ++i) {
+    const int32_t s = jaxjpeg::DecodePlanInterval(plan, i);
+    if (s < host) host = s;
+  }
+  std::vector<int32_t> map;
+  const int32_t types[1] = {0};
+  if (!jaxjpeg::BuildBlockMap(plan.num_intervals, tile, 1, types, 1, &map).empty()) std::abort();
+  std::vector<float> kernel_out(out.size());
+  jaxjpeg::PlanOutput kernel_output{kernel_out.data(), static_cast<int64_t>(kernel_out.size()),
+                                    jaxjpeg::OutputType::kFloat32};
+  jaxjpeg::DecodePlan kernels = plan;
+  kernels.outputs = &kernel_output;
+  kernels.block_map = map.data();
+  kernels.num_map_blocks = static_cast<int64_t>(map.size()) / jaxjpeg::kBlockMapColumns;
+  if (jaxjpeg::RunKernelHarness(kernels) != host ||
+      std::memcmp(out.data(), kernel_out.data(), out.size() * sizeof(float)) != 0) {
+    std::abort();
+  }
 }
 
 }  // namespace

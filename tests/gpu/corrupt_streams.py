@@ -41,6 +41,14 @@ def main(cases=24):
             payload[at:at + 64] = 0xFF
         operands = list(ops.plan_operands(plan))
         operands[0] = payload
+        if case % 6 == 5:  # hostile block map hints: a tile search from anywhere
+            hints = plan.block_map.copy()
+            hints[:, 0] = rng.integers(-(2 ** 31), 2 ** 31 - 1, len(hints))
+            operands[7] = hints.reshape(-1)
+        if case % 8 == 7:  # starts out of order: the destuff kernel refuses the plan
+            starts = plan.interval_starts.copy()
+            starts[int(rng.integers(1, len(starts) - 1))] = int(rng.integers(0, payload.size))
+            operands[1] = starts.view(np.int32)
         status, outputs = decode(*jax.device_put(tuple(operands), gpu))
         jax.block_until_ready(outputs)
         silent += int(np.asarray(status).reshape(-1)[0]) == int(jaxjpeg._native.PLAN_OK)

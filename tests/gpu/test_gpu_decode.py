@@ -9,6 +9,7 @@ import pytest
 
 import jaxjpeg
 from jaxjpeg import codec, ops
+from stream_damage import STREAM_DAMAGE, damage_interval_end, interval_markers
 
 
 def _gpu():
@@ -121,7 +122,8 @@ def test_gpu_kernels_per_kind_equal_cpu_and_harness():
     _native.run_plan_kernel_harness(
         plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
         plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in harness],
-        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale)
+        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+        block_map=plan.block_map)
     for a, b, c in zip(cpu, gpu, harness):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
         np.testing.assert_array_equal(b.view(np.uint8), c.view(np.uint8))
@@ -177,3 +179,78 @@ def test_gpu_decode_under_cuda_graphs(tmp_path):
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and "graph ok" in run.stdout, run.stderr[-3000:]
+
+
+def _gpu_decode_operands(plan, operands):
+    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                              plan.output_shapes)
+    status, outputs = decode(*jax.device_put(tuple(operands), _gpu()))
+    return int(np.asarray(status).reshape(-1)[0]), [np.asarray(o) for o in outputs]
+
+
+def _harness_run(plan, payload, starts, block_map):
+    """(packed status or PLAN_OK, outputs) of the kernels' CPU harness."""
+    from jaxjpeg import _native
+    outs = _plan_outputs(plan)
+    try:
+        _native.run_plan_kernel_harness(
+            payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
+            [o.view(np.uint16) if o.itemsize == 2 else o for o in outs],
+            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+            block_map=block_map)
+        error = None
+    except jaxjpeg.JpegError as e:
+        error = str(e)
+    return error, outs
+
+
+def _gpu_equals_harness(plan, payload=None, starts=None, block_map=None):
+    """The destuff kernel, the decode kernels and the check kernel on the GPU
+    give the harness's status and bits (NaN included); returns the error."""
+    from jaxjpeg import _native
+    payload = plan.payload if payload is None else payload
+    starts = plan.interval_starts if starts is None else starts
+    block_map = plan.block_map if block_map is None else block_map
+    operands = list(ops.plan_operands(plan))
+    operands[0], operands[1], operands[7] = payload, starts.view(np.int32), block_map.reshape(-1)
+    status, gpu = _gpu_decode_operands(plan, operands)
+    error, harness = _harness_run(plan, payload, starts, block_map)
+    assert (None if status == _native.PLAN_OK else _native.plan_failure(status)) == error
+    for a, b in zip(harness, gpu):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    return error
+
+
+@pytest.mark.parametrize("kind", STREAM_DAMAGE)
+def test_gpu_destuffed_intervals_follow_the_host_on_stream_damage(kind):
+    """Trailing bytes, a lone 0xFF, early markers (phantom bits), fill bytes
+    and extra stuffing at interval ends: the destuff kernel and the
+    destuffed reader give the host's status and bits."""
+    plan = _many_kinds(5)
+    payload = plan.payload.copy()
+    for marker in interval_markers(payload, plan.interval_starts)[::3]:
+        damage_interval_end(kind, payload, marker)
+    error = _gpu_equals_harness(plan, payload=payload)
+    assert error == _harness_run(plan, payload, plan.interval_starts, None)[0]
+
+
+def test_gpu_unusable_starts_decode_nothing():
+    from jaxjpeg import _native
+    plan = _many_kinds(6)
+    starts = plan.interval_starts.copy()
+    starts[7] = starts[8] + 1
+    error = _gpu_equals_harness(plan, starts=starts)
+    assert error == _native.plan_failure(_native.pack_plan_status(7, 11))
+
+
+def test_gpu_block_map_hints_and_skipped_kinds():
+    """Tile hints of any value change nothing; a map that skips a block's
+    kinds is reported by the check kernel (interval 256)."""
+    plan = _many_kinds(7)
+    rng = np.random.default_rng(7)
+    hinted = plan.block_map.copy()
+    hinted[:, 0] = rng.integers(-5, len(plan.tiles) + 5, len(hinted))
+    assert _gpu_equals_harness(plan, block_map=hinted) is None
+    skipped = plan.block_map.copy()
+    skipped[1, 1] = 0
+    assert "restart interval 256:" in _gpu_equals_harness(plan, block_map=skipped)
