@@ -25,24 +25,17 @@ traceback}, "tile_bytes_read": {name: bytes}, "leaf_tile_bytes": {leaf: bytes},
 import hashlib
 import json
 import os
-import sys
 import time
 import traceback
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from process_group import LOCAL_DEVICES, join  # sets XLA_FLAGS before jax loads
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
 
-WORK, PROCESS, NUM_PROCESSES, PORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-LOCAL_DEVICES = 4
-
 jax.config.update("jax_cpu_collectives_implementation", None)
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
-                           coordinator_bind_address=f"127.0.0.1:{PORT}",
-                           num_processes=NUM_PROCESSES, process_id=PROCESS,
-                           initialization_timeout=60, shutdown_timeout_seconds=60)
+WORK, PROCESS, NUM_PROCESSES = join()
 
 import jaxjpeg  # noqa: E402
 from jaxjpeg import checkpoint_reader as ckr, format as fmt  # noqa: E402

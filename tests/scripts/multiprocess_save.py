@@ -23,19 +23,13 @@ import sys
 import time
 import traceback
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from process_group import LOCAL_DEVICES, join  # sets XLA_FLAGS before jax loads
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-WORK, PROCESS, NUM_PROCESSES, PORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-LOCAL_DEVICES = 4
-
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
-                           coordinator_bind_address=f"127.0.0.1:{PORT}",
-                           num_processes=NUM_PROCESSES, process_id=PROCESS,
-                           initialization_timeout=60, shutdown_timeout_seconds=60)
+WORK, PROCESS, NUM_PROCESSES = join()
 
 import jaxjpeg  # noqa: E402
 from jaxjpeg import checkpoint, distributed_save, treepaths  # noqa: E402
