@@ -246,9 +246,11 @@ class _LeafCoder:
         self.sensitivity = sensitivity
         # Byte targets weigh input channels by their power (input_power: name
         # -> (input axis, E[x²] per channel), jaxjpeg.priors) unless the user
-        # gave an importance array or an input covariance. The covariance's
-        # diagonal as importance measured better on EfficientNet-lite1 (KL
-        # 0.161 -> 0.147) but worse on a small CNN (output error +39%).
+        # gave a sensitivity or an input covariance for the leaf: with one
+        # Fisher mean per leaf the prior made lite1 / lite2 worse (r8 KL
+        # 0.155 -> 0.250, 0.232 -> 0.264, 4 probe seeds); the covariance's
+        # diagonal as importance measured better on lite1 (KL 0.161 -> 0.147)
+        # but worse on a small CNN (output error +39%).
         self.input_power = input_power or {}
         self.view = view
         self.coding = coding
@@ -267,8 +269,8 @@ class _LeafCoder:
         if name in self._choices:
             p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
         else:
-            _, importance = _leaf_importance(self.sensitivity, name)
-            if importance is None:
+            factor, importance = _leaf_importance(self.sensitivity, name)
+            if factor is None and importance is None:
                 importance = self._channel_importance(name, array.shape)
             try:
                 p = rate.prepare_leaf(array, importance, self.view,
@@ -483,8 +485,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     layer (found in the tree's insertion order, e.g. a PyTorch state dict or
     Flax variables with their batch_stats) weighs each input channel by the
     power the BatchNorm and a ReLU-family activation give it
-    (:mod:`jaxjpeg.priors`); an importance array in ``sensitivity`` or an
-    ``input_covariance`` for the leaf takes its place.
+    (:mod:`jaxjpeg.priors`); a ``sensitivity`` or an ``input_covariance``
+    for the leaf takes its place.
 
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
@@ -629,8 +631,9 @@ class _Save:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
         self.rate = _rate_record(given)
-        if input_power:
-            self.rate["batchnorm_prior"] = len(input_power)   # leaves it weighted
+        weighted = set(input_power or ()) - set(sensitivity or ()) - set(input_covariance or ())
+        if weighted:
+            self.rate["batchnorm_prior"] = len(weighted)   # leaves the prior weighs
         _check_covariances(input_covariance, leaves, error_bound)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),

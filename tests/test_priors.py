@@ -100,3 +100,15 @@ def test_the_prior_is_recorded_and_optional(tmp_path):
         assert ckpt.reader.metadata["rate"] == {"target_ratio": 8.0, "batchnorm_prior": 1}
     with Checkpoint(tmp_path / "b.jjpg") as ckpt:
         assert ckpt.reader.metadata["rate"] == {"target_ratio": 8.0}
+
+
+def test_a_users_sensitivity_replaces_the_prior(tmp_path):
+    tree, _ = _dead_channel_layer(np.random.default_rng(6))
+    files = {}
+    for name, kwargs in (("user", dict(sensitivity={"proj.weight": 1.0})),
+                         ("none", dict(batchnorm_prior=False))):
+        jaxjpeg.save(tmp_path / f"{name}.jjpg", tree, target_ratio=8, progress=False, **kwargs)
+        files[name] = np.asarray(jaxjpeg.restore(tmp_path / f"{name}.jjpg")["proj.weight"])
+    np.testing.assert_array_equal(files["user"], files["none"])
+    with Checkpoint(tmp_path / "user.jjpg") as ckpt:
+        assert "batchnorm_prior" not in ckpt.reader.metadata["rate"]
