@@ -634,3 +634,14 @@ def _io_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="jaxjpeg-read")
         return _pool
+
+
+def read_in_pieces(read_into, offset: int, buffer) -> int:
+    """Fills ``buffer`` from ``offset`` through ``read_into(offset, view) ->
+    bytes read``, in pieces of at most _READ_PIECE read concurrently on the
+    shared I/O threads (one call when it fits in one piece); the bytes read."""
+    view = memoryview(buffer)
+    if len(view) <= _READ_PIECE:
+        return read_into(offset, view)
+    return sum(_io_pool().map(lambda at: read_into(offset + at, view[at:at + _READ_PIECE]),
+                              range(0, len(view), _READ_PIECE)))

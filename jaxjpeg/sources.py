@@ -116,18 +116,15 @@ class _Files:
     def read(self, location: str, offset: int, length: int) -> bytearray:
         """Bytes [offset, offset + length) (fewer only past the end); a large
         remote range in pieces read in parallel, as restore reads blobs."""
-        from jaxjpeg.format import _READ_PIECE, _io_pool
+        from jaxjpeg.format import read_in_pieces
 
         source = self.get(location)
         length = max(0, min(length, source.size - offset))
         data = bytearray(length)
-        view = memoryview(data)
-        if storage.local_path(location) is not None or length <= _READ_PIECE:
-            done = source.readinto(offset, view)
+        if storage.local_path(location) is not None:
+            done = source.readinto(offset, memoryview(data))
         else:
-            done = sum(_io_pool().map(
-                lambda at: source.readinto(offset + at, view[at:at + _READ_PIECE]),
-                range(0, length, _READ_PIECE)))
+            done = read_in_pieces(source.readinto, offset, data)
         if done != length:
             raise OSError(f"{location}: the file shrank while reading it")
         return data
