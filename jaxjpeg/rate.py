@@ -235,7 +235,7 @@ def encode_at_step(x, q: float, *, bits: int | None = None, row_weight=None,
     return encode_with_step(p, b, delta, **options)
 
 
-ERROR_CHUNK = 1 << 20   # elements per float64 block of the error sums (8 MiB)
+ERROR_CHUNK = 1 << 18   # elements per float64 block of the error sums (2 MiB)
 
 
 def squared_error(x, enc: codec.EncodedTensor) -> float:
