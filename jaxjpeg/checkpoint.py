@@ -647,7 +647,8 @@ class _Save:
                                        **leaf_coder.coding)
 
         self.encode = _custom_encoder(encoder, leaf_coder.shards) if encoder else table_encoder
-        # A user's encoder codes one leaf at a time, in order.
+        # A user's encoder and the byte budget (each leaf's share depends on
+        # the ones coded before it) code one leaf at a time, in order.
         self.workers = 1 if encoder is not None else save_workers()
         self.window = SAVE_WINDOW_BYTES
         if relative_step is not None:
@@ -661,9 +662,8 @@ class _Save:
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
         self.lossy_rate = target is not None
         if target is not None:
-            # Leaves code in parallel: the allocator reserves each one's
-            # predicted bytes until its real size is known.
             self.encode = _target_encoder(leaves, self.policy, target, bits, leaf_coder)
+            self.workers = 1
         self.progress = progress
 
     def run(self) -> SaveReport:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import threading
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -544,18 +543,15 @@ class Allocation:
 
 
 class BudgetAllocator:
-    """Codes tensors so that their total meets a byte budget.
+    """Codes tensors one at a time so that their total meets a byte budget.
 
     Each tensor's rate–distortion curve (:func:`rd_curve`) is measured up front; the
     budget goes where ``sensitivity * SSE`` drops most per byte (one Lagrange
-    multiplier). Tensors are then coded in any order, each once: before each,
-    the multiplier is solved again over the tensors still to come with the
-    bytes still left, their predictions corrected by how far the actual sizes
-    so far missed theirs. Several threads may code at once: a tensor being
-    coded holds its predicted bytes until its real size is known, and the
-    last one waits for the others so that it is settled against the exact
-    remainder. Memory: the prepared tensors being coded and the curves, never
-    all encodings.
+    multiplier). Tensors are then coded one by one, in any order, each once:
+    before each, the multiplier is solved again over the tensors still to
+    come with the bytes still left, their predictions corrected by how far
+    the actual sizes so far missed theirs. Memory: the prepared tensor being
+    coded and the curves, never all encodings.
     """
 
     def __init__(self, curves: Mapping[str, Curve], budget: int, *,
@@ -576,8 +572,6 @@ class BudgetAllocator:
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
-        self.reserved: dict = {}              # name -> predicted bytes, while being coded
-        self._lock = threading.Condition()
         self.steps: dict = {}
         self.squared_errors: dict = {}
         self.slope = 0.0
@@ -596,7 +590,7 @@ class BudgetAllocator:
             c = self.curves[n]
             nbytes[i, :len(c.nbytes)] = c.nbytes * self._correction()
             dist[i, :len(c.sse)] = self.sens[n] * c.sse
-        left = self.budget - self.spent - sum(self.reserved.values())
+        left = self.budget - self.spent
         rows = np.arange(len(names))
 
         def pick(lam):
@@ -641,7 +635,7 @@ class BudgetAllocator:
     def _settle_last(self, p, c: Curve, k: int, enc):
         """The last tensor has nothing after it to absorb a miss: bisect its
         candidates with real codings (at most LAST_TENSOR_RETRIES) for the
-        largest that fits what is left (every other tensor is coded by now)."""
+        largest that fits what is left."""
         left = self.budget - self.spent
         fits, over = (k, enc), None
         if enc.nbytes > left:
@@ -671,32 +665,19 @@ class BudgetAllocator:
         return guess if lo < guess < hi else (lo + hi) // 2
 
     def encode(self, name: str, p: codec.Prepared) -> codec.EncodedTensor:
-        """Codes tensor ``name`` (prepared as when the curves were measured);
-        safe to call from several threads at once."""
-        c = self.curves.get(name)
-        with self._lock:
-            if name not in self.pending:
-                raise KeyError(f"{name!r} is not waiting to be coded")
-            last = len(self.pending) == 1
-            if last:   # settled against the exact remainder: the others first
-                self._lock.wait_for(lambda: not self.reserved)
-            k = self._choose(name)
-            self.pending.discard(name)
-            self.reserved[name] = float(c.nbytes[k]) * self._correction()
-        enc = None
-        try:
-            enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
-            if last:
-                k, enc = self._settle_last(p, c, k, enc)
-        finally:
-            with self._lock:
-                del self.reserved[name]
-                if enc is not None:
-                    self.spent += enc.nbytes
-                    self.predicted_spent += float(c.nbytes[k])
-                    self.steps[name] = float(c.q[k])
-                    self.squared_errors[name] = float(c.sse[k])
-                self._lock.notify_all()
+        """Codes tensor ``name`` (prepared as when the curves were measured)."""
+        if name not in self.pending:
+            raise KeyError(f"{name!r} is not waiting to be coded")
+        c = self.curves[name]
+        k = self._choose(name)
+        enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
+        if self.pending == {name}:
+            k, enc = self._settle_last(p, c, k, enc)
+        self.pending.discard(name)
+        self.spent += enc.nbytes
+        self.predicted_spent += float(c.nbytes[k])
+        self.steps[name] = float(c.q[k])
+        self.squared_errors[name] = float(c.sse[k])
         return enc
 
 

@@ -274,36 +274,3 @@ def test_error_bound_search_codes_each_leaf_about_twice(monkeypatch, bound):
     err = rate.relative_error(x, enc)
     assert math.sqrt(1 - rate.BOUND_SLACK) * bound * 0.99 <= err <= bound
     assert len(codings) <= 2, codings
-
-
-def _allocator(ratio=8.0):
-    tensors = _model_like()
-    prepared = {n: rate.prepare_leaf(x) for n, x in tensors.items()}
-    target = int(sum(t.nbytes for t in tensors.values()) / ratio)
-    curves = {n: rate.rd_curve(p) for n, p in prepared.items()}
-    return rate.BudgetAllocator(curves, target), prepared, target
-
-
-def test_allocator_codes_from_several_threads_within_the_budget():
-    from concurrent.futures import ThreadPoolExecutor
-
-    allocator, prepared, target = _allocator()
-    with ThreadPoolExecutor(4) as pool:
-        futures = {n: pool.submit(allocator.encode, n, p) for n, p in prepared.items()}
-        sizes = {n: f.result(timeout=120).nbytes for n, f in futures.items()}
-    assert 0.98 * target <= sum(sizes.values()) <= target
-    assert not allocator.pending and not allocator.reserved
-
-
-def test_a_failing_tensor_does_not_stall_the_others():
-    from concurrent.futures import ThreadPoolExecutor
-
-    allocator, prepared, _ = _allocator()
-    names = list(prepared)
-    with ThreadPoolExecutor(4) as pool:
-        bad = pool.submit(allocator.encode, names[0], None)   # not a tensor: fails
-        rest = [pool.submit(allocator.encode, n, prepared[n]) for n in names[1:]]
-        with pytest.raises(Exception):
-            bad.result(timeout=120)
-        assert all(f.result(timeout=120).nbytes > 0 for f in rest)
-    assert not allocator.reserved
