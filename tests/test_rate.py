@@ -274,3 +274,11 @@ def test_error_bound_search_codes_each_leaf_about_twice(monkeypatch, bound):
     err = rate.relative_error(x, enc)
     assert math.sqrt(1 - rate.BOUND_SLACK) * bound * 0.99 <= err <= bound
     assert len(codings) <= 2, codings
+
+
+def test_a_byte_target_save_is_reproducible(tmp_path):
+    tree = {f"w{i}": _tensor(kind, (256, 384), i)
+            for i, kind in enumerate(("gauss", "laplace", "row-scaled", "outliers") * 2)}
+    for name in ("a", "b"):
+        jaxjpeg.save(tmp_path / f"{name}.jjpg", tree, target_ratio=8, progress=False)
+    assert (tmp_path / "a.jjpg").read_bytes() == (tmp_path / "b.jjpg").read_bytes()
