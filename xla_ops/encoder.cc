@@ -101,7 +101,7 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
 
 // Per-coefficient reciprocal step and the clamp that keeps magnitude
 // categories within T.81's limits (F.1.2.1, F.1.2.2): DC differences need at
-// most 11 bits (15 for 12-bit), AC values at most 10 (14).
+// most 11 bits (15 for 12-bit), AC values at most 10 (14). Zig-zag order.
 struct Quantizer {
   float inverse_step[64];
   float lower[64];
@@ -112,25 +112,26 @@ Quantizer MakeQuantizer(const EncodeOptions& options) {
   const int dc_category = options.bits == 12 ? 15 : 11;
   const int ac_category = options.bits == 12 ? 14 : 10;
   Quantizer q;
-  for (int i = 0; i < 64; ++i) {
-    q.inverse_step[i] = static_cast<float>(1.0 / options.qtable[i]);
-    q.upper[i] = static_cast<float>(i == 0 ? (1 << (dc_category - 1)) - 1 : (1 << ac_category) - 1);
-    q.lower[i] = i == 0 ? static_cast<float>(-(1 << (dc_category - 1))) : -q.upper[i];
+  for (int k = 0; k < 64; ++k) {
+    q.inverse_step[k] = static_cast<float>(1.0 / options.qtable[ZigzagToNatural(k)]);
+    q.upper[k] = static_cast<float>(k == 0 ? (1 << (dc_category - 1)) - 1 : (1 << ac_category) - 1);
+    q.lower[k] = k == 0 ? static_cast<float>(-(1 << (dc_category - 1))) : -q.upper[k];
   }
   return q;
 }
 
 // Rounds half away from zero; written with truncation so it vectorizes
 // without SSE4.1 rounding instructions and stays exact (x - trunc(x) is exact).
-// Four values at a time in natural order; the results are then placed in
-// zig-zag order.
+// The coefficients are put in zig-zag order first (one permutation), then
+// quantized four at a time. scaled: coefficient / step, clamped.
 void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t zigzag[64],
-                      float* scaled_zigzag) {
+                      float scaled[64]) {
   typedef int32_t Int4 __attribute__((vector_size(16)));
-  alignas(16) int32_t natural[64];
-  alignas(16) float scaled[64];
+  alignas(16) float ordered[64];
+  for (int k = 0; k < 64; ++k) ordered[k] = coefficients[ZigzagToNatural(k)];
+  alignas(16) int32_t rounded[64];
   for (int i = 0; i < 64; i += 4) {
-    Float4 x = LoadFloat4(coefficients + i) * LoadFloat4(q.inverse_step + i);
+    Float4 x = LoadFloat4(ordered + i) * LoadFloat4(q.inverse_step + i);
     const Float4 lower = LoadFloat4(q.lower + i), upper = LoadFloat4(q.upper + i);
     x = x > lower ? x : lower;
     x = x < upper ? x : upper;
@@ -138,13 +139,18 @@ void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t 
     const Int4 truncated = __builtin_convertvector(x, Int4);
     const Float4 fraction = x - __builtin_convertvector(truncated, Float4);
     // Comparisons give -1 (true) or 0 per lane.
-    const Int4 rounded = truncated - (fraction >= 0.5f) + (fraction <= -0.5f);
-    std::memcpy(natural + i, &rounded, sizeof(rounded));
+    const Int4 value = truncated - (fraction >= 0.5f) + (fraction <= -0.5f);
+    std::memcpy(rounded + i, &value, sizeof(value));
   }
-  for (int k = 0; k < 64; ++k) zigzag[k] = static_cast<int16_t>(natural[ZigzagToNatural(k)]);
-  if (scaled_zigzag != nullptr) {
-    for (int k = 0; k < 64; ++k) scaled_zigzag[k] = scaled[ZigzagToNatural(k)];
+#if defined(__SSE2__)
+  for (int i = 0; i < 64; i += 8) {  // |values| < 2^15: packing saturates nothing
+    const __m128i low = _mm_load_si128(reinterpret_cast<const __m128i*>(rounded + i));
+    const __m128i high = _mm_load_si128(reinterpret_cast<const __m128i*>(rounded + i + 4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(zigzag + i), _mm_packs_epi32(low, high));
   }
+#else
+  for (int k = 0; k < 64; ++k) zigzag[k] = static_cast<int16_t>(rounded[k]);
+#endif
 }
 
 // ---------------------------------------------------------------------------
