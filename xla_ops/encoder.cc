@@ -361,8 +361,9 @@ struct HistogramSink {
   void Ac(int symbol, uint32_t, int) { ++ac.count[symbol]; }
 };
 
-// One coded symbol: (table index << 16) | its extra bits, the table index
-// being the AC symbol (0..255) or 256 + the DC symbol.
+// One coded symbol: (table index << 16) | its extra bits (AC: before
+// truncation to the symbol's category; the writer masks them), the table
+// index being the AC symbol (0..255) or 256 + the DC symbol.
 constexpr int kDcIndex = 256;
 constexpr int kMaxSymbolsPerBlock = 68;  // DC, 63 AC values, 3 ZRLs, EOB
 
