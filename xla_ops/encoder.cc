@@ -438,16 +438,24 @@ class BlockQuantizer {
 };
 
 // The code length of each AC symbol (unused ones: 16) under the optimal
-// table of plainly rounded values in every 8th block row (RDO's prices): a
-// sample keeps this pass an eighth of the work, and lengths move little
-// between samples.
-constexpr int kCostSampleRowStep = 8;
+// table of plainly rounded values in a sample of block rows (RDO's prices):
+// every 8th row of a large tile keeps this pass an eighth of the work, while
+// a small tile's sample keeps at least kMinCostSampleBlocks blocks (all rows
+// of a tile with fewer): a few blocks leave common symbols unseen, priced at
+// 16 bits, and RDO then lowers far too many values.
+constexpr int64_t kMaxCostSampleRowStep = 8;
+constexpr int64_t kMinCostSampleBlocks = 256;
+
+int CostSampleRowStep(const BlockGrid& grid) {
+  const int64_t step = grid.count / kMinCostSampleBlocks;
+  return static_cast<int>(step < 1 ? 1 : step > kMaxCostSampleRowStep ? kMaxCostSampleRowStep : step);
+}
 
 void SampleSymbolCosts(const BlockQuantizer& quantizer, const BlockGrid& grid,
                        int restart_interval, uint8_t cost[256]) {
   HistogramSink histogram;
   QuantizedBlock block;
-  for (int by = 0; by < grid.blocks_y; by += kCostSampleRowStep) {
+  for (int by = 0; by < grid.blocks_y; by += CostSampleRowStep(grid)) {
     int previous_dc = 0;
     for (int bx = 0; bx < grid.blocks_x; ++bx) {
       const int64_t index = static_cast<int64_t>(by) * grid.blocks_x + bx;
