@@ -1,5 +1,6 @@
 #include "encoder.h"
 
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -100,7 +101,7 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
 
 // Per-coefficient reciprocal step and the clamp that keeps magnitude
 // categories within T.81's limits (F.1.2.1, F.1.2.2): DC differences need at
-// most 11 bits (15 for 12-bit), AC values at most 10 (14).
+// most 11 bits (15 for 12-bit), AC values at most 10 (14). Zig-zag order.
 struct Quantizer {
   float inverse_step[64];
   float lower[64];
@@ -111,25 +112,26 @@ Quantizer MakeQuantizer(const EncodeOptions& options) {
   const int dc_category = options.bits == 12 ? 15 : 11;
   const int ac_category = options.bits == 12 ? 14 : 10;
   Quantizer q;
-  for (int i = 0; i < 64; ++i) {
-    q.inverse_step[i] = static_cast<float>(1.0 / options.qtable[i]);
-    q.upper[i] = static_cast<float>(i == 0 ? (1 << (dc_category - 1)) - 1 : (1 << ac_category) - 1);
-    q.lower[i] = i == 0 ? static_cast<float>(-(1 << (dc_category - 1))) : -q.upper[i];
+  for (int k = 0; k < 64; ++k) {
+    q.inverse_step[k] = static_cast<float>(1.0 / options.qtable[ZigzagToNatural(k)]);
+    q.upper[k] = static_cast<float>(k == 0 ? (1 << (dc_category - 1)) - 1 : (1 << ac_category) - 1);
+    q.lower[k] = k == 0 ? static_cast<float>(-(1 << (dc_category - 1))) : -q.upper[k];
   }
   return q;
 }
 
 // Rounds half away from zero; written with truncation so it vectorizes
 // without SSE4.1 rounding instructions and stays exact (x - trunc(x) is exact).
-// Four values at a time in natural order; the results are then placed in
-// zig-zag order.
+// The coefficients are put in zig-zag order first (one permutation), then
+// quantized four at a time. scaled: coefficient / step, clamped.
 void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t zigzag[64],
-                      float* scaled_zigzag) {
+                      float scaled[64]) {
   typedef int32_t Int4 __attribute__((vector_size(16)));
-  alignas(16) int32_t natural[64];
-  alignas(16) float scaled[64];
+  alignas(16) float ordered[64];
+  for (int k = 0; k < 64; ++k) ordered[k] = coefficients[ZigzagToNatural(k)];
+  alignas(16) int32_t rounded[64];
   for (int i = 0; i < 64; i += 4) {
-    Float4 x = LoadFloat4(coefficients + i) * LoadFloat4(q.inverse_step + i);
+    Float4 x = LoadFloat4(ordered + i) * LoadFloat4(q.inverse_step + i);
     const Float4 lower = LoadFloat4(q.lower + i), upper = LoadFloat4(q.upper + i);
     x = x > lower ? x : lower;
     x = x < upper ? x : upper;
@@ -137,13 +139,18 @@ void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t 
     const Int4 truncated = __builtin_convertvector(x, Int4);
     const Float4 fraction = x - __builtin_convertvector(truncated, Float4);
     // Comparisons give -1 (true) or 0 per lane.
-    const Int4 rounded = truncated - (fraction >= 0.5f) + (fraction <= -0.5f);
-    std::memcpy(natural + i, &rounded, sizeof(rounded));
+    const Int4 value = truncated - (fraction >= 0.5f) + (fraction <= -0.5f);
+    std::memcpy(rounded + i, &value, sizeof(value));
   }
-  for (int k = 0; k < 64; ++k) zigzag[k] = static_cast<int16_t>(natural[ZigzagToNatural(k)]);
-  if (scaled_zigzag != nullptr) {
-    for (int k = 0; k < 64; ++k) scaled_zigzag[k] = scaled[ZigzagToNatural(k)];
+#if defined(__SSE2__)
+  for (int i = 0; i < 64; i += 8) {  // |values| < 2^15: packing saturates nothing
+    const __m128i low = _mm_load_si128(reinterpret_cast<const __m128i*>(rounded + i));
+    const __m128i high = _mm_load_si128(reinterpret_cast<const __m128i*>(rounded + i + 4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(zigzag + i), _mm_packs_epi32(low, high));
   }
+#else
+  for (int k = 0; k < 64; ++k) zigzag[k] = static_cast<int16_t>(rounded[k]);
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -185,53 +192,45 @@ inline uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
 #endif
 }
 
+// Each AC value's magnitude category and its extra bits before truncation
+// to that category (value + (value >> 15): the value itself when positive,
+// value - 1 when negative; the writer keeps the low `category` bits), for
+// all 64 values at once instead of one symbol at a time.
+struct CoefficientCodes {
+  alignas(16) uint16_t extra[64];
+  alignas(16) uint8_t category[64];
+};
+
+inline void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
+#if defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  for (int i = 0; i < 64; i += 16) {
+    __m128i categories[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + i + 8 * half));
+      const __m128i sign = _mm_srai_epi16(v, 15);
+      _mm_store_si128(reinterpret_cast<__m128i*>(out->extra + i + 8 * half), _mm_add_epi16(v, sign));
+      const __m128i magnitude = _mm_sub_epi16(_mm_xor_si128(v, sign), sign);
+      // A magnitude m >= 1 is exact in float32 with exponent field
+      // 126 + category; m = 0 gives a negative number, clamped to 0.
+      const __m128i low = _mm_castps_si128(_mm_cvtepi32_ps(_mm_unpacklo_epi16(magnitude, zero)));
+      const __m128i high = _mm_castps_si128(_mm_cvtepi32_ps(_mm_unpackhi_epi16(magnitude, zero)));
+      const __m128i exponents = _mm_packs_epi32(_mm_srli_epi32(low, 23), _mm_srli_epi32(high, 23));
+      categories[half] = _mm_max_epi16(_mm_sub_epi16(exponents, _mm_set1_epi16(126)), zero);
+    }
+    _mm_store_si128(reinterpret_cast<__m128i*>(out->category + i),
+                    _mm_packus_epi16(categories[0], categories[1]));
+  }
+#else
+  for (int k = 0; k < 64; ++k) {
+    out->extra[k] = static_cast<uint16_t>(zigzag[k] + (zigzag[k] < 0 ? -1 : 0));
+    out->category[k] = static_cast<uint8_t>(MagnitudeCategory(zigzag[k]));
+  }
+#endif
+}
+
 constexpr uint8_t kEndOfBlock = 0x00;
 constexpr uint8_t kZeroRun16 = 0xF0;
-
-// Emits the symbols of one block to `sink` (a histogram or a bit writer), so
-// counting and writing share one definition of the symbol stream. nonzero:
-// NonzeroAcMask(zigzag).
-template <class Sink>
-inline void CodeBlock(const int16_t zigzag[64], uint64_t nonzero, int dc_difference, Sink& sink) {
-  const int dc_category = MagnitudeCategory(dc_difference);
-  sink.Dc(dc_category, ExtraBits(dc_difference, dc_category), dc_category);
-  int last = 0;
-  while (nonzero != 0) {
-    const int k = __builtin_ctzll(nonzero);
-    nonzero &= nonzero - 1;
-    int run = k - last - 1;
-    for (; run >= 16; run -= 16) sink.Ac(kZeroRun16, 0, 0);
-    const int value = zigzag[k];
-    const int category = NonzeroCategory(value);
-    sink.Ac(static_cast<uint8_t>((run << 4) | category), ExtraBits(value, category), category);
-    last = k;
-  }
-  if (last != 63) sink.Ac(kEndOfBlock, 0, 0);
-}
-
-struct HistogramSink {
-  SymbolHistogram dc;
-  SymbolHistogram ac;
-  void Dc(int symbol, uint32_t, int) { ++dc.count[symbol]; }
-  void Ac(int symbol, uint32_t, int) { ++ac.count[symbol]; }
-};
-
-struct WriterSink {
-  BitWriter* writer;
-  HuffmanCodeTable dc;
-  HuffmanCodeTable ac;
-  void Dc(int symbol, uint32_t bits, int count) { Put(dc, symbol, bits, count); }
-  void Ac(int symbol, uint32_t bits, int count) { Put(ac, symbol, bits, count); }
-  void Put(const HuffmanCodeTable& table, int symbol, uint32_t bits, int count) {
-    writer->Put((static_cast<uint32_t>(table.code[symbol]) << count) | bits,
-                table.length[symbol] + count);
-  }
-};
-
-// DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
-inline bool StartsInterval(int64_t block, int restart_interval) {
-  return restart_interval > 0 && block % restart_interval == 0;
-}
 
 // ---------------------------------------------------------------------------
 // Rate-distortion optimized quantization (EncodeOptions::rdo)
@@ -245,7 +244,9 @@ inline bool StartsInterval(int64_t block, int restart_interval) {
 // rounding distance, is below lambda step^2 times the bits saved. Going from
 // 1 to 0 also lengthens the next nonzero value's run, which is counted (the
 // block's later values are taken as plain rounding left them). DC is left
-// alone (coded differentially, 1/64 of the values).
+// alone (coded differentially, 1/64 of the values). Symbols are priced with
+// the optimal code lengths of plainly rounded values in a sample of the
+// tile's block rows (SampleSymbolCosts).
 //
 // lambda = ln 2 / 6 ~ 0.1155 is the slope -dD/dR of uniform quantization at
 // high rate (D = step^2 / 12, dD/dR = -2 ln 2 D), in step^2 per bit; 0.10 to
@@ -293,125 +294,255 @@ inline int CostOf(const uint8_t cost[256], int run, int category) {
   return (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category];
 }
 
-// Adds (sign 1) or removes (sign ~0: minus one, modulo 2^64) the AC symbols
-// of `run` zeros then a value of `category` in a histogram.
-inline void CountRun(uint64_t count[256], int run, int category, uint64_t sign) {
-  count[kZeroRun16] += sign * static_cast<uint64_t>(run >> 4);
-  count[((run & 15) << 4) | category] += sign;
-}
-
-// Requantizes the AC values of one block in place. scaled: coefficient/step
-// (clamped, zig-zag), zigzag: its plain rounding on entry; nonzero: its
-// NonzeroAcMask, kept up to date; candidates: RdoCandidates; cost: code
-// length of each AC symbol (unused symbols: 16). ac_count (optional): the
-// AC histogram the block was counted in, updated for every value changed.
+// Requantizes the AC values of one block in place, candidates in zig-zag
+// order (each sees the runs that earlier decisions left). scaled:
+// coefficient/step (clamped, zig-zag), zigzag: its plain rounding on entry;
+// nonzero: its NonzeroAcMask, kept up to date; candidates: RdoCandidates;
+// cost: code length of each AC symbol (unused symbols: 16).
 void RdoQuantizeBlock(const float scaled[64], int16_t zigzag[64], uint64_t* nonzero_mask,
-                      uint64_t candidates, const uint8_t cost[256], float lambda,
-                      uint64_t* ac_count) {
-  constexpr uint64_t kAdd = 1, kRemove = ~uint64_t{0};
+                      uint64_t candidates, const uint8_t cost[256]) {
   uint64_t nonzero = *nonzero_mask | 1;  // bit 0: runs start after DC
   while (candidates != 0) {
     const int k = __builtin_ctzll(candidates);
     candidates &= candidates - 1;
-    const int hi = zigzag[k] < 0 ? -zigzag[k] : zigzag[k];
-    const float a = scaled[k] < 0 ? -scaled[k] : scaled[k];
+    const int value = zigzag[k];
+    const int hi = value < 0 ? -value : value;
     const uint64_t below = nonzero & ((uint64_t{1} << k) - 1);
     const int run = k - (63 - __builtin_clzll(below)) - 1;
-    const int category = NonzeroCategory(hi);
-    uint64_t above = 0;
-    int r2 = 0, next_category = 0;
+    const uint64_t later = k < 63 ? nonzero >> (k + 1) : 0;
     int delta;
     if (hi > 1) {
+      const int category = NonzeroCategory(hi);
       delta = CostOf(cost, run, category) - CostOf(cost, run, category - 1) + 1;
-    } else if (k < 63 && (above = nonzero >> (k + 1)) != 0) {
-      const int next = k + 1 + __builtin_ctzll(above);
-      next_category = NonzeroCategory(zigzag[next]);
-      r2 = next - k - 1;
+    } else if (later != 0) {  // the next value's run absorbs this one's
+      const int r2 = __builtin_ctzll(later);
+      const int next_category = NonzeroCategory(zigzag[k + 1 + r2]);
       delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
               CostOf(cost, run + 1 + r2, next_category);
-    } else {
+    } else {                  // the block then ends earlier (EOB saved at k == 63)
       delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
     }
-    const float d = hi - a;  // rounding distance, in (0, 0.5]
-    if (!((1.0f - d) * (1.0f - d) - d * d < lambda * delta)) continue;
-    const int lo = hi - 1;
-    zigzag[k] = static_cast<int16_t>(scaled[k] < 0 ? -lo : lo);
-    if (lo == 0) nonzero &= ~(uint64_t{1} << k);
-    if (ac_count == nullptr) continue;
-    CountRun(ac_count, run, category, kRemove);
-    if (lo > 0) {
-      CountRun(ac_count, run, category - 1, kAdd);
-    } else if (above != 0) {  // the next value's run absorbs this one's
-      CountRun(ac_count, r2, next_category, kRemove);
-      CountRun(ac_count, run + 1 + r2, next_category, kAdd);
-    } else if (k == 63) {     // the block now ends before coefficient 63
-      ++ac_count[kEndOfBlock];
-    }
+    const float d = hi - std::fabs(scaled[k]);  // rounding distance, in (0, 0.5]
+    const bool lower = (1.0f - d) * (1.0f - d) - d * d < kRdoLambda * delta;
+    // value - sign(value) where lowered, unchanged elsewhere, without branches.
+    const int step = static_cast<int>(lower) * ((value > 0) - (value < 0));
+    zigzag[k] = static_cast<int16_t>(value - step);
+    nonzero &= ~(static_cast<uint64_t>(lower && hi == 1) << k);
   }
   *nonzero_mask = nonzero & ~uint64_t{1};
 }
 
-// Pass 1 of the encoder: every block's quantized values (zig-zag order) and
-// its masks, and the symbol statistics of plain rounding.
-struct QuantizedBlocks {
-  std::unique_ptr<int16_t[]> zigzag;    // 64 per block
-  std::unique_ptr<float[]> scaled;      // 64 per block (RDO only): coefficient / step
-  std::unique_ptr<uint64_t[]> nonzero;  // NonzeroAcMask of each block
-  std::unique_ptr<uint64_t[]> candidates;  // RdoCandidates of each block (RDO only)
+// Emits the symbols of one block to `sink` (a histogram or a symbol
+// recorder), so every pass shares one definition of the symbol stream.
+// nonzero: NonzeroAcMask(zigzag).
+template <class Sink>
+inline void CodeBlock(const int16_t zigzag[64], uint64_t nonzero, int dc_difference, Sink& sink) {
+  const int dc_category = MagnitudeCategory(dc_difference);
+  sink.Dc(dc_category, ExtraBits(dc_difference, dc_category), dc_category);
+  CoefficientCodes codes;
+  ComputeCoefficientCodes(zigzag, &codes);
+  int last = 0;
+  while (nonzero != 0) {
+    const int k = __builtin_ctzll(nonzero);
+    nonzero &= nonzero - 1;
+    int run = k - last - 1;
+    for (; run >= 16; run -= 16) sink.Ac(kZeroRun16, 0, 0);
+    // The sink keeps the low `category` bits of codes.extra[k].
+    sink.Ac(static_cast<uint8_t>((run << 4) | codes.category[k]), codes.extra[k], codes.category[k]);
+    last = k;
+  }
+  if (last != 63) sink.Ac(kEndOfBlock, 0, 0);
+}
+
+struct HistogramSink {
+  SymbolHistogram dc;
+  SymbolHistogram ac;
+  void Dc(int symbol, uint32_t, int) { ++dc.count[symbol]; }
+  void Ac(int symbol, uint32_t, int) { ++ac.count[symbol]; }
 };
 
-void ComputeCoefficients(const SampleSource& source, const EncodeOptions& options,
-                         const BlockGrid& grid, QuantizedBlocks* blocks,
-                         HistogramSink* histogram) {
-  const DctBasis& basis = ForwardDctBasis();
-  const Quantizer quantizer = MakeQuantizer(options);
-  const float max_sample = static_cast<float>((1 << options.bits) - 1);
-  const float center = static_cast<float>(1 << (options.bits - 1));
-  alignas(32) float block[64];
-  alignas(32) float coefficients[64];
+// One coded symbol: (table index << 16) | its extra bits (AC: before
+// truncation to the symbol's category; the writer masks them), the table
+// index being the AC symbol (0..255) or 256 + the DC symbol.
+constexpr int kDcIndex = 256;
+constexpr int kMaxSymbolsPerBlock = 68;  // DC, 63 AC values, 3 ZRLs, EOB
+
+// The symbols of every block in coding order, counted as they are recorded:
+// the tables are optimal for exactly what is written.
+class SymbolRecorder {
+ public:
+  // Room for the most symbols `blocks` blocks can have (may throw
+  // std::bad_alloc); pages never written are never touched.
+  explicit SymbolRecorder(int64_t blocks)
+      : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]) {}
+
+  void Dc(int symbol, uint32_t bits, int) { Record(kDcIndex + symbol, bits); }
+  void Ac(int symbol, uint32_t bits, int) { Record(symbol, bits); }
+
+  size_t size() const { return size_; }
+  const uint32_t* entries() const { return entries_.get(); }
+  SymbolHistogram Histogram(int first) const {
+    SymbolHistogram h;
+    std::memcpy(h.count, count_ + first, sizeof(h.count));
+    return h;
+  }
+
+ private:
+  void Record(int index, uint32_t bits) {
+    entries_[size_++] = (static_cast<uint32_t>(index) << 16) | bits;
+    ++count_[index];
+  }
+  size_t size_ = 0;
+  std::unique_ptr<uint32_t[]> entries_;
+  uint64_t count_[512] = {};
+};
+
+// DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
+inline bool StartsInterval(int64_t block, int restart_interval) {
+  return restart_interval > 0 && block % restart_interval == 0;
+}
+
+// One block's quantized values (zig-zag order), coefficient / step (RDO) and
+// masks.
+struct QuantizedBlock {
+  alignas(16) int16_t zigzag[64];
+  alignas(16) float scaled[64];
+  uint64_t nonzero;
+  uint64_t candidates;
+};
+
+class BlockQuantizer {
+ public:
+  BlockQuantizer(const SampleSource& source, const EncodeOptions& options)
+      : source_(source), basis_(ForwardDctBasis()), quantizer_(MakeQuantizer(options)),
+        max_sample_(static_cast<float>((1 << options.bits) - 1)),
+        center_(static_cast<float>(1 << (options.bits - 1))), rdo_(options.rdo) {}
+
+  void Quantize(int bx, int by, QuantizedBlock* out) const {
+    alignas(32) float block[64];
+    alignas(32) float coefficients[64];
+    GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
+    ForwardDct8x8(basis_, block, coefficients);
+    QuantizeToZigzag(coefficients, quantizer_, out->zigzag, out->scaled);
+    out->nonzero = NonzeroAcMask(out->zigzag);
+    out->candidates = rdo_ ? RdoCandidates(out->zigzag, out->scaled) : 0;
+  }
+
+ private:
+  const SampleSource& source_;
+  const DctBasis& basis_;
+  const Quantizer quantizer_;
+  const float max_sample_;
+  const float center_;
+  const bool rdo_;
+};
+
+// The code length of each AC symbol (unused ones: 16) under the optimal
+// table of plainly rounded values in a sample of block rows (RDO's prices):
+// every 8th row of a large tile keeps this pass an eighth of the work, while
+// a small tile's sample keeps at least kMinCostSampleBlocks blocks (all rows
+// of a tile with fewer): a few blocks leave common symbols unseen, priced at
+// 16 bits, and RDO then lowers far too many values.
+constexpr int64_t kMaxCostSampleRowStep = 8;
+constexpr int64_t kMinCostSampleBlocks = 256;
+
+int CostSampleRowStep(const BlockGrid& grid) {
+  const int64_t step = grid.count / kMinCostSampleBlocks;
+  return static_cast<int>(step < 1 ? 1 : step > kMaxCostSampleRowStep ? kMaxCostSampleRowStep : step);
+}
+
+void SampleSymbolCosts(const BlockQuantizer& quantizer, const BlockGrid& grid,
+                       int restart_interval, uint8_t cost[256]) {
+  HistogramSink histogram;
+  QuantizedBlock block;
+  for (int by = 0; by < grid.blocks_y; by += CostSampleRowStep(grid)) {
+    int previous_dc = 0;
+    for (int bx = 0; bx < grid.blocks_x; ++bx) {
+      const int64_t index = static_cast<int64_t>(by) * grid.blocks_x + bx;
+      if (StartsInterval(index, restart_interval)) previous_dc = 0;
+      quantizer.Quantize(bx, by, &block);
+      CodeBlock(block.zigzag, block.nonzero, block.zigzag[0] - previous_dc, histogram);
+      previous_dc = block.zigzag[0];
+    }
+  }
+  const HuffmanCodeTable table = BuildCodeTable(BuildOptimalSpec(histogram.ac));
+  for (int i = 0; i < 256; ++i) cost[i] = table.length[i] ? table.length[i] : 16;
+}
+
+// Quantizes every block (RDO included) and records its symbols; the index of
+// the first symbol of each restart interval is appended to interval_symbols.
+void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
+                   const uint8_t* cost, SymbolRecorder* recorder,
+                   std::vector<size_t>* interval_symbols) {
+  QuantizedBlock block;
   int previous_dc = 0;
   int64_t index = 0;
   for (int by = 0; by < grid.blocks_y; ++by) {
     for (int bx = 0; bx < grid.blocks_x; ++bx, ++index) {
-      int16_t* out = blocks->zigzag.get() + index * 64;
-      float* scaled = blocks->scaled ? blocks->scaled.get() + index * 64 : nullptr;
-      GatherCenteredBlock(source, bx * 8, by * 8, max_sample, center, block);
-      ForwardDct8x8(basis, block, coefficients);
-      QuantizeToZigzag(coefficients, quantizer, out, scaled);
-      const uint64_t nonzero = NonzeroAcMask(out);
-      blocks->nonzero[index] = nonzero;
-      if (scaled != nullptr) blocks->candidates[index] = RdoCandidates(out, scaled);
-      if (histogram == nullptr) continue;
-      if (StartsInterval(index, options.restart_interval)) previous_dc = 0;
-      CodeBlock(out, nonzero, out[0] - previous_dc, *histogram);
-      previous_dc = out[0];
+      if (index == 0 || StartsInterval(index, restart_interval)) {
+        previous_dc = 0;
+        interval_symbols->push_back(recorder->size());
+      }
+      quantizer.Quantize(bx, by, &block);
+      if (block.candidates != 0) {
+        RdoQuantizeBlock(block.scaled, block.zigzag, &block.nonzero, block.candidates, cost);
+      }
+      CodeBlock(block.zigzag, block.nonzero, block.zigzag[0] - previous_dc, *recorder);
+      previous_dc = block.zigzag[0];
     }
   }
 }
 
-// Pass 2: the entropy-coded segment, with RSTn markers between intervals;
-// the offset where each interval's data starts is appended to `starts`.
-void WriteEntropyCodedData(const QuantizedBlocks& blocks, int64_t block_count,
-                           int restart_interval, WriterSink* sink, std::vector<int64_t>* starts) {
-  BitWriter& writer = *sink->writer;
-  int previous_dc = 0;
-  int marker_index = 0;
-  starts->push_back(static_cast<int64_t>(writer.Position()));
-  for (int64_t index = 0; index < block_count; ++index) {
-    if (index > 0 && StartsInterval(index, restart_interval)) {
-      writer.FlushWithPadding();
-      writer.PutMarker(static_cast<uint8_t>(marker::kRST0 + marker_index));
-      marker_index = (marker_index + 1) & 7;
-      starts->push_back(static_cast<int64_t>(writer.Position()));
-    }
-    if (StartsInterval(index, restart_interval)) previous_dc = 0;
-    writer.Reserve(kMaxCodedBlockBytes);
-    const int16_t* block = blocks.zigzag.get() + index * 64;
-    CodeBlock(block, blocks.nonzero[index], block[0] - previous_dc, *sink);
-    previous_dc = block[0];
+// Each table index's code followed by room for its extra bits, and the total
+// length: a recorded symbol is written with one lookup.
+struct SymbolCodes {
+  uint32_t prefix[512];
+  uint16_t extra_mask[512];  // the extra bits a symbol carries
+  uint8_t length[512];
+};
+
+SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& ac) {
+  SymbolCodes codes;
+  for (int i = 0; i < 512; ++i) {
+    const bool is_dc = i >= kDcIndex;
+    const int symbol = is_dc ? i - kDcIndex : i;
+    const int extra = is_dc ? symbol : symbol & 15;
+    const HuffmanCodeTable& table = is_dc ? dc : ac;
+    codes.prefix[i] = static_cast<uint32_t>(table.code[symbol]) << extra;
+    codes.extra_mask[i] = static_cast<uint16_t>((1u << extra) - 1);
+    codes.length[i] = static_cast<uint8_t>(table.length[symbol] + extra);
   }
-  writer.FlushWithPadding();
-  writer.Finish();
+  return codes;
+}
+
+// The entropy-coded segment, with RSTn markers between intervals; the offset
+// where each interval's data starts is appended to `starts`.
+void WriteEntropyCodedData(const SymbolRecorder& recorder,
+                           const std::vector<size_t>& interval_symbols, const SymbolCodes& codes,
+                           BitWriter* writer, std::vector<int64_t>* starts) {
+  // A chunk of this many symbols (31 bits at most each) fits the reserve.
+  constexpr size_t kChunk = 64;
+  static_assert(kChunk * 31 / 8 * 2 + 16 <= kMaxCodedBlockBytes, "reserve too small");
+  const uint32_t* entries = recorder.entries();
+  for (size_t interval = 0; interval < interval_symbols.size(); ++interval) {
+    if (interval > 0) {
+      writer->FlushWithPadding();
+      writer->PutMarker(static_cast<uint8_t>(marker::kRST0 + ((interval - 1) & 7)));
+    }
+    starts->push_back(static_cast<int64_t>(writer->Position()));
+    const size_t end = interval + 1 < interval_symbols.size() ? interval_symbols[interval + 1]
+                                                               : recorder.size();
+    for (size_t i = interval_symbols[interval]; i < end;) {
+      writer->Reserve(kMaxCodedBlockBytes);
+      const size_t chunk_end = end - i > kChunk ? i + kChunk : end;
+      for (; i < chunk_end; ++i) {
+        const uint32_t index = entries[i] >> 16;
+        writer->Put(codes.prefix[index] | (entries[i] & codes.extra_mask[index]), codes.length[index]);
+      }
+    }
+  }
+  writer->FlushWithPadding();
+  writer->Finish();
 }
 
 // ---------------------------------------------------------------------------
@@ -490,41 +621,21 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
             std::vector<int64_t>* starts) {
   const BlockGrid grid = MakeBlockGrid(source.width, source.height);
-  // Not value-initialized: pass 1 writes every element.
-  QuantizedBlocks blocks;
-  blocks.zigzag.reset(new int16_t[grid.count * 64]);
-  blocks.nonzero.reset(new uint64_t[grid.count]);
-  if (options.rdo) {
-    blocks.scaled.reset(new float[grid.count * 64]);
-    blocks.candidates.reset(new uint64_t[grid.count]);
-  }
-  // Pass 1 statistics: for the optimized tables, and for RDO quantization,
-  // which always prices symbols with the optimal code lengths of plainly
-  // rounded values, so the values coded do not depend on optimize_huffman.
-  std::unique_ptr<HistogramSink> histogram;
-  if (options.optimize_huffman || options.rdo) histogram.reset(new HistogramSink());
-  ComputeCoefficients(source, options, grid, &blocks, histogram.get());
-  if (options.rdo) {
-    const HuffmanCodeTable ac_table = BuildCodeTable(BuildOptimalSpec(histogram->ac));
-    uint8_t cost[256];
-    for (int i = 0; i < 256; ++i) cost[i] = ac_table.length[i] ? ac_table.length[i] : 16;
-    // RDO changes AC values only: the histogram follows each change (the DC
-    // statistics stay as counted).
-    uint64_t* ac_count = options.optimize_huffman ? histogram->ac.count : nullptr;
-    for (int64_t index = 0; index < grid.count; ++index) {
-      if (blocks.candidates[index] == 0) continue;
-      RdoQuantizeBlock(blocks.scaled.get() + index * 64, blocks.zigzag.get() + index * 64,
-                       &blocks.nonzero[index], blocks.candidates[index], cost, kRdoLambda,
-                       ac_count);
-    }
-    blocks.scaled.reset();
-    if (!options.optimize_huffman) histogram.reset();
-  }
+  const BlockQuantizer quantizer(source, options);
+  // RDO prices symbols with optimal code lengths whatever optimize_huffman
+  // says, so the values coded do not depend on it.
+  uint8_t cost[256];
+  if (options.rdo) SampleSymbolCosts(quantizer, grid, options.restart_interval, cost);
+  SymbolRecorder recorder(grid.count);
+  std::vector<size_t> interval_symbols;
+  RecordSymbols(quantizer, grid, options.restart_interval, options.rdo ? cost : nullptr,
+                &recorder, &interval_symbols);
 
-  const HuffmanSpec dc_spec =
-      histogram ? BuildOptimalSpec(histogram->dc) : StandardLuminanceDcSpec();
-  const HuffmanSpec ac_spec =
-      histogram ? BuildOptimalSpec(histogram->ac) : StandardLuminanceAcSpec();
+  const HuffmanSpec dc_spec = options.optimize_huffman
+                                  ? BuildOptimalSpec(recorder.Histogram(kDcIndex))
+                                  : StandardLuminanceDcSpec();
+  const HuffmanSpec ac_spec = options.optimize_huffman ? BuildOptimalSpec(recorder.Histogram(0))
+                                                       : StandardLuminanceAcSpec();
 
   PutMarker(out, marker::kSOI);
   PutQuantTable(out, options.qtable);
@@ -534,8 +645,9 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   PutScanHeader(out);
 
   BitWriter writer(out);
-  WriterSink sink{&writer, BuildCodeTable(dc_spec), BuildCodeTable(ac_spec)};
-  WriteEntropyCodedData(blocks, grid.count, options.restart_interval, &sink, starts);
+  WriteEntropyCodedData(recorder, interval_symbols,
+                        MakeSymbolCodes(BuildCodeTable(dc_spec), BuildCodeTable(ac_spec)), &writer,
+                        starts);
   starts->push_back(static_cast<int64_t>(out->size()));  // the EOI marker
   PutMarker(out, marker::kEOI);
 }

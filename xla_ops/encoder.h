@@ -30,8 +30,9 @@ struct EncodeOptions {
   // one when the bits saved outweigh the added squared error (encoder.cc).
   // false: every coefficient is round-half-away-from-zero(coefficient/step).
   // Same decoders either way; about 0.03 bit/weight less at equal error near
-  // 4 bits/weight on Gaussian weights, for about a quarter of the encoder's
-  // time (candidates are marked in pass 1, the histogram follows each change).
+  // 4 bits/weight on Gaussian weights. Symbols are priced from the plainly
+  // rounded values of every 8th block row; each block is decided just
+  // before its symbols are recorded.
   bool rdo = true;
 };
 

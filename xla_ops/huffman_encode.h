@@ -58,24 +58,34 @@ class BitWriter {
   }
 
   // Appends the low `count` bits of `bits` (count <= 31, higher bits zero).
+  // Bits gather in a 64-bit accumulator emitted 8 bytes at a time.
   void Put(uint32_t bits, int count) {
-    pending_ = (pending_ << count) | bits;
-    pending_count_ += count;
-    if (pending_count_ >= 32) {
-      pending_count_ -= 32;
-      EmitWord(static_cast<uint32_t>(pending_ >> pending_count_));
+    if (count < free_bits_) {
+      free_bits_ -= count;
+      pending_ = (pending_ << count) | bits;
+      return;
     }
+    // The accumulator fills up: its free bits take the high part of `bits`
+    // (free_bits_ >= 1, so no shift reaches 64) and the rest starts the next
+    // word (the bits above them shift out before they are emitted).
+    const int rest = count - free_bits_;
+    EmitWord((pending_ << free_bits_) | (static_cast<uint64_t>(bits) >> rest));
+    pending_ = bits;
+    free_bits_ = 64 - rest;
   }
 
   // Completes the last byte with 1 bits (T.81 F.1.2.3) and emits it.
   void FlushWithPadding() {
     Reserve(16);
-    const int padding = (8 - pending_count_ % 8) % 8;
-    Put((1u << padding) - 1, padding);
-    while (pending_count_ >= 8) {
-      pending_count_ -= 8;
-      EmitByte(static_cast<uint8_t>(pending_ >> pending_count_));
+    int count = 64 - free_bits_;
+    const int padding = (8 - count % 8) % 8;
+    const uint64_t bits = (pending_ << padding) | ((1u << padding) - 1);
+    for (count += padding; count >= 8;) {
+      count -= 8;
+      EmitByte(static_cast<uint8_t>(bits >> count));
     }
+    pending_ = 0;
+    free_bits_ = 64;
   }
 
   // A marker is only valid on a byte boundary: call after FlushWithPadding.
@@ -101,25 +111,25 @@ class BitWriter {
     size_ += byte == 0xFF ? 2 : 1;
   }
 
-  void EmitWord(uint32_t word) {
-    const uint32_t inverted = ~word;  // a 0xFF byte becomes a zero byte
-    const bool has_ff = ((inverted - 0x01010101u) & ~inverted & 0x80808080u) != 0;
+  // Eight bytes, most significant first; a word without a 0xFF byte (the
+  // usual case, found with one SWAR test) is stored whole.
+  void EmitWord(uint64_t word) {
+    const uint64_t inverted = ~word;  // a 0xFF byte becomes a zero byte
+    const bool has_ff =
+        ((inverted - 0x0101010101010101ull) & ~inverted & 0x8080808080808080ull) != 0;
     if (!has_ff) {
       uint8_t* dst = out_->data() + size_;
-      dst[0] = static_cast<uint8_t>(word >> 24);
-      dst[1] = static_cast<uint8_t>(word >> 16);
-      dst[2] = static_cast<uint8_t>(word >> 8);
-      dst[3] = static_cast<uint8_t>(word);
-      size_ += 4;
+      for (int i = 0; i < 8; ++i) dst[i] = static_cast<uint8_t>(word >> (56 - 8 * i));
+      size_ += 8;
       return;
     }
-    for (int shift = 24; shift >= 0; shift -= 8) EmitByte(static_cast<uint8_t>(word >> shift));
+    for (int shift = 56; shift >= 0; shift -= 8) EmitByte(static_cast<uint8_t>(word >> shift));
   }
 
   std::vector<uint8_t>* out_;
   size_t size_;               // bytes written; out_->size() is the capacity
-  uint64_t pending_ = 0;      // bits not yet emitted are the low pending_count_
-  int pending_count_ = 0;     // < 32 between calls
+  uint64_t pending_ = 0;      // bits not yet emitted are the low 64 - free_bits_
+  int free_bits_ = 64;        // 1..64 between calls
 };
 
 }  // namespace jaxjpeg
