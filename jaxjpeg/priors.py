@@ -136,7 +136,9 @@ def _in_insertion_order(tree) -> list[tuple[str, Any]]:
         node, out = tree, []
         for kind, key in records:
             if isinstance(node, Mapping):
-                where = positions.setdefault(id(node), {k: i for i, k in enumerate(node)})
+                if id(node) not in positions:   # once per container, not per leaf under it
+                    positions[id(node)] = {k: i for i, k in enumerate(node)}
+                where = positions[id(node)]
                 out.append(where.get(key, len(where)))
                 node = node.get(key) if key in node else None
             elif kind == "index" and isinstance(node, (list, tuple)):
