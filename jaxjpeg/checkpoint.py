@@ -251,10 +251,12 @@ class _LeafCoder:
         # 0.155 -> 0.250, 0.232 -> 0.264, 4 probe seeds); the covariance's
         # diagonal as importance measured better on lite1 (KL 0.161 -> 0.147)
         # but worse on a small CNN (output error +39%).
-        self.input_power = input_power or {}
         self.view = view
         self.coding = coding
         self.input_covariance = input_covariance or {}
+        self.input_power = {name: power for name, power in (input_power or {}).items()
+                            if (sensitivity or {}).get(name) is None
+                            and name not in self.input_covariance}
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
@@ -269,8 +271,8 @@ class _LeafCoder:
         if name in self._choices:
             p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
         else:
-            factor, importance = _leaf_importance(self.sensitivity, name)
-            if factor is None and importance is None:
+            _, importance = _leaf_importance(self.sensitivity, name)
+            if name in self.input_power:
                 importance = self._channel_importance(name, array.shape)
             try:
                 p = rate.prepare_leaf(array, importance, self.view,
@@ -281,8 +283,6 @@ class _LeafCoder:
 
     def _channel_importance(self, name, shape):
         """The BatchNorm prior's per-input-channel importance, or None."""
-        if name in self.input_covariance or name not in self.input_power:
-            return None
         axis, power = self.input_power[name]
         if not 0 <= axis < len(shape) or shape[axis] != len(power):
             return None
@@ -631,15 +631,14 @@ class _Save:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
         self.rate = _rate_record(given)
-        weighted = set(input_power or ()) - set(sensitivity or ()) - set(input_covariance or ())
-        if weighted:
-            self.rate["batchnorm_prior"] = len(weighted)   # leaves the prior weighs
         _check_covariances(input_covariance, leaves, error_bound)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
                                 input_power)
+        if leaf_coder.input_power:   # the leaves the prior weighs
+            self.rate["batchnorm_prior"] = len(leaf_coder.input_power)
 
         def table_encoder(name, array):
             return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,
