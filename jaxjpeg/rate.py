@@ -307,7 +307,7 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
     budget = rel_rms * rel_rms * finite_norm2(original)
     found = []
     for b in ((8, 12) if bits is None else (bits,)):
-        if bits is None and b == 8 and _first_step(p, 8, budget) < MIN_STEP_8BIT:
+        if bits is None and b == 8 and _first_step(p, 8, budget, options) < MIN_STEP_8BIT:
             continue   # rounding-dominated at 8 bits: 12-bit samples code it (step_for)
         best = _largest_step_within(p, b, budget, options)
         if best is not None:
@@ -327,11 +327,6 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
 def _largest_step_within(p: codec.Prepared, bits, budget, options):
     """(Δ, encoding) with the largest Δ whose squared error <= budget, or None."""
     limit = STEP_LIMIT[bits]
-    if options.get("clip", "common") == "common":
-        base = base_scale(p, bits)
-    else:  # per-row ranges: a typical row's scale
-        m = p.matrix
-        base = float(np.median(m.max(axis=1) - m.min(axis=1))) / mapping.sample_max(bits) or 1.0
     kept = {}       # the coding of the largest delta within the budget, alone (memory)
 
     def error_at(delta) -> float:
@@ -347,7 +342,7 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
     # it): two or three codings instead of a bracket-and-bisect's five to
     # eight. Steps stay inside (largest good, smallest bad), so it ends; past
     # SECANT_TRIALS it bisects, in case the error is far from ∝ Δ².
-    delta = _first_step(p, bits, budget, base)
+    delta = _first_step(p, bits, budget, options)
     good, bad = 0, limit + 1
     for trial in itertools.count():
         error = error_at(delta)
@@ -368,10 +363,14 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
     return (good, kept[good]) if good else None
 
 
-def _first_step(p: codec.Prepared, bits, budget, base=None) -> int:
+def _first_step(p: codec.Prepared, bits, budget, options) -> int:
     """The step uniform quantization predicts for the budget (squared error ≈
     n q² / 12), aimed inside BOUND_SLACK."""
-    base = base_scale(p, bits) if base is None else base
+    if options.get("clip", "common") == "common":
+        base = base_scale(p, bits)
+    else:  # per-row ranges: a typical row's scale
+        m = p.matrix
+        base = float(np.median(m.max(axis=1) - m.min(axis=1))) / mapping.sample_max(bits) or 1.0
     target_rms = math.sqrt((1 - BOUND_SLACK / 2) * budget / max(1, p.size))
     return int(min(STEP_LIMIT[bits], max(1, math.floor(target_rms * math.sqrt(12) / base))))
 
