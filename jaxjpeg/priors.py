@@ -43,7 +43,9 @@ from jaxjpeg.treepaths import leaves_with_paths, path_string
 _SCALE = ("weight", "gamma", "scale")
 _SHIFT = ("bias", "beta")
 _VARIANCE = ("running_var", "moving_variance", "var")
-_FLAX_STATS = ("batch_stats", "params")   # the collection holding a module's statistics, its params
+# Flax keeps a module's parameters and its running statistics in two
+# collections with the same module paths below them.
+_FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
 SEARCH_BACK = 16   # leaves looked back from a weight for its BatchNorm
 
 
@@ -108,9 +110,9 @@ def _has_variance(arrays: dict, parent: str) -> bool:
     LayerNorm."""
     candidates = [parent]
     parts = parent.split("/")
-    if _FLAX_STATS[1] in parts:
-        i = parts.index(_FLAX_STATS[1])
-        candidates.append("/".join(parts[:i] + [_FLAX_STATS[0]] + parts[i + 1:]))
+    if _FLAX_PARAMS in parts:
+        i = parts.index(_FLAX_PARAMS)
+        candidates.append("/".join(parts[:i] + [_FLAX_STATS] + parts[i + 1:]))
     return any(_join(p, v) in arrays for p in candidates for v in _VARIANCE)
 
 
