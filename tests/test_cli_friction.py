@@ -31,14 +31,19 @@ def test_version(capsys):
     assert code == 0 and out.strip() == f"jaxjpeg {jaxjpeg.__version__}"
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a new interpreter (nothing imported yet)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_help_does_not_import_jax():
     code = ("import sys\n"
             "from jaxjpeg.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'ml_dtypes'))\n"
             "print('HEAVY', heavy)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = fresh_python(code)
     assert proc.returncode == 0, proc.stderr
     assert "usage: jaxjpeg" in proc.stdout and "exit status" in proc.stdout
     assert "HEAVY []" in proc.stdout
@@ -52,8 +57,7 @@ def test_import_jaxjpeg_is_lazy_but_complete():
             "from jaxjpeg import FormatError, restore, __version__\n"
             "assert jaxjpeg.checkpoint.save is jaxjpeg.save\n"
             "assert set(jaxjpeg.__all__) <= set(dir(jaxjpeg))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = fresh_python(code)
     assert proc.returncode == 0, proc.stderr
 
 
