@@ -154,3 +154,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.path.parts[-2:-1]:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def memory_fs():
+    """(fsspec's in-memory filesystem, a fresh root on it), removed afterwards."""
+    import uuid
+
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    root = f"/jj-{os.getpid()}-{uuid.uuid4().hex}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

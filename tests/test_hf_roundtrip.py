@@ -13,6 +13,7 @@ import pytest
 
 import jaxjpeg
 from jaxjpeg import checkpoint, cli
+from hf_files import write_sharded
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from safetensors import safe_open  # noqa: E402
@@ -32,22 +33,6 @@ def _tensors():
         "model.rotary.inv_freq_steps": np.arange(7, dtype=np.int64),
         "lm_head.weight": (0.02 * rng.standard_normal((1000, 128))).astype(np.float16),
     }
-
-
-def _write_sharded(folder, tensors, shards=3, index=True, metadata=METADATA):
-    """Tensors spread over ``shards`` files named as transformers names them."""
-    os.makedirs(folder, exist_ok=True)
-    names = sorted(tensors)
-    weight_map = {}
-    for k in range(shards):
-        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[k::shards]}
-        safetensors_numpy.save_file(part, os.path.join(folder, file), metadata=metadata)
-        weight_map.update({n: file for n in part})
-    if index:
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
-    return folder
 
 
 def run(capsys, *argv):
@@ -77,7 +62,8 @@ def _relative_rms(got, want):
 @pytest.mark.parametrize("src_kind", ["index", "folder", "folder_without_index"])
 def test_sharded_safetensors_round_trip(tmp_path, capsys, src_kind):
     tensors = _tensors()
-    folder = _write_sharded(tmp_path / "hf", tensors, index=src_kind != "folder_without_index")
+    folder = write_sharded(tmp_path / "hf", tensors, index=src_kind != "folder_without_index",
+                           metadata=METADATA)
     src = folder / "model.safetensors.index.json" if src_kind == "index" else folder
     ckpt = tmp_path / "model.jjpg"
     code, out, err = run(capsys, "compress", src, ckpt)
@@ -154,7 +140,8 @@ def test_user_metadata_that_is_not_text_exports_as_json(tmp_path, capsys):
 ])
 def test_damaged_sharded_sources_are_refused(tmp_path, capsys, problem, words):
     tensors = _tensors()
-    folder = _write_sharded(tmp_path / "hf", tensors, index=problem != "duplicate_without_index")
+    folder = write_sharded(tmp_path / "hf", tensors, index=problem != "duplicate_without_index",
+                           metadata=METADATA)
     index_path = folder / "model.safetensors.index.json"
     if problem == "duplicate_without_index":
         safetensors_numpy.save_file({"lm_head.weight": tensors["lm_head.weight"]},

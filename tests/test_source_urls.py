@@ -6,7 +6,6 @@ result is the file a local source gives. Missing files, 404s and servers
 ignoring ranges are clear errors with the documented exit codes."""
 
 import io
-import json
 import os
 
 import ml_dtypes
@@ -15,6 +14,7 @@ import pytest
 
 import jaxjpeg
 from jaxjpeg import cli, sources
+from hf_files import write_sharded
 from range_server import RangeServer
 
 fsspec = pytest.importorskip("fsspec")
@@ -38,21 +38,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def _sharded(folder, shards=2):
-    """TENSORS over ``shards`` files plus model.safetensors.index.json."""
-    os.makedirs(folder, exist_ok=True)
-    names = sorted(TENSORS)
-    weight_map = {}
-    for k in range(shards):
-        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: TENSORS[n] for n in names[k::shards]}
-        safetensors_numpy.save_file(part, os.path.join(folder, file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in part})
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return folder
-
-
 def _npz_bytes(compressed: bool) -> bytes:
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, **NPZ_TENSORS)
@@ -64,7 +49,7 @@ def local(tmp_path_factory):
     """Local sources and what compressing each gives (the reference bytes)."""
     root = tmp_path_factory.mktemp("sources")
     safetensors_numpy.save_file(TENSORS, str(root / "one.safetensors"))
-    _sharded(root / "hf")
+    write_sharded(root / "hf", TENSORS, 2, metadata={"format": "pt"})
     for compressed in (False, True):
         (root / f"t{int(compressed)}.npz").write_bytes(_npz_bytes(compressed))
     expected = {}
@@ -73,15 +58,6 @@ def local(tmp_path_factory):
         assert cli.main(["compress", str(root / name), str(out)]) == 0
         expected[name] = out.read_bytes()
     return root, expected
-
-
-@pytest.fixture
-def memory_root():
-    fs = fsspec.filesystem("memory")
-    root = f"/src-{os.getpid()}-{rng.integers(1 << 30)}"
-    yield fs, root
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def _upload(fs, root, local_root, names):
@@ -123,9 +99,9 @@ def test_npz_sources_code_as_save_codes_their_arrays(local, tmp_path):
 
 @pytest.mark.parametrize("name", ["one.safetensors", "hf/model.safetensors.index.json",
                                   "t0.npz", "t1.npz"])
-def test_compress_from_memory_url_equals_local(local, memory_root, tmp_path, capsys, name):
+def test_compress_from_memory_url_equals_local(local, memory_fs, tmp_path, capsys, name):
     root, expected = local
-    fs, mem = memory_root
+    fs, mem = memory_fs
     files = ([f"hf/{n}" for n in os.listdir(root / "hf")] if name.startswith("hf/") else [name])
     _upload(fs, mem, root, files)
     out = tmp_path / "m.jjpg"
@@ -138,9 +114,9 @@ def test_compress_from_memory_url_equals_local(local, memory_root, tmp_path, cap
         assert (tmp_path / "f.jjpg").read_bytes() == expected[name]
 
 
-def test_compress_writes_to_a_url(local, memory_root, capsys):
+def test_compress_writes_to_a_url(local, memory_fs, capsys):
     root, expected = local
-    fs, mem = memory_root
+    fs, mem = memory_fs
     code, _, err = run(capsys, "compress", root / "one.safetensors", f"memory://{mem}/o.jjpg")
     assert code == 0, err
     assert fs.cat_file(f"{mem}/o.jjpg") == expected["one.safetensors"]
@@ -265,9 +241,9 @@ def test_orbax_over_http_equals_local(orbax_dirs, tmp_path, capsys):
         assert code == cli.EXIT_USAGE and "no Orbax item 'nope'" in err
 
 
-def test_url_errors_have_their_exit_codes(local, memory_root, tmp_path, capsys):
+def test_url_errors_have_their_exit_codes(local, memory_fs, tmp_path, capsys):
     root, _ = local
-    fs, mem = memory_root
+    fs, mem = memory_fs
     out = tmp_path / "o.jjpg"
     code, _, err = run(capsys, "compress", f"memory://{mem}/missing.safetensors", out)
     assert code == cli.EXIT_IO and "missing.safetensors" in err

@@ -44,15 +44,6 @@ def local_file(tmp_path_factory):
     return path, leaves(jaxjpeg.restore(path))
 
 
-@pytest.fixture
-def memory_fs():
-    fs = fsspec.filesystem("memory")
-    root = f"/jj-{os.getpid()}-{rng.integers(1 << 30)}"
-    yield fs, root
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
