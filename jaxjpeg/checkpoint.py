@@ -242,21 +242,19 @@ class _LeafCoder:
     row and column steps), so curves measured once match the final coding."""
 
     def __init__(self, sensitivity, view, coding, input_covariance=None, shards=None,
-                 input_power=None):
+                 prior=None):
         self.sensitivity = sensitivity
-        # Byte targets weigh input channels by their power (input_power: name
-        # -> (input axis, E[x²] per channel), jaxjpeg.priors) unless the user
-        # gave a sensitivity or an input covariance for the leaf: with one
-        # Fisher mean per leaf the prior made lite1 / lite2 worse (r8 KL
-        # 0.155 -> 0.250, 0.232 -> 0.264, 4 probe seeds); the covariance's
-        # diagonal as importance measured better on lite1 (KL 0.161 -> 0.147)
-        # but worse on a small CNN (output error +39%).
         self.view = view
         self.coding = coding
         self.input_covariance = input_covariance or {}
-        self.input_power = {name: power for name, power in (input_power or {}).items()
-                            if (sensitivity or {}).get(name) is None
-                            and name not in self.input_covariance}
+        # Byte targets take the BatchNorm prior (jaxjpeg.priors) for the
+        # leaves a user does not steer with a sensitivity or an input
+        # covariance: with one Fisher mean per leaf the prior made lite1 /
+        # lite2 worse (r8 KL 0.155 -> 0.250, 0.232 -> 0.264, 4 probe seeds);
+        # the covariance's diagonal as importance measured better on lite1
+        # (KL 0.161 -> 0.147) but worse on a small CNN (output error +39%).
+        steered = [name for name, s in (sensitivity or {}).items() if s is not None]
+        self.prior = prior.without([*steered, *self.input_covariance]) if prior else None
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
@@ -272,21 +270,15 @@ class _LeafCoder:
             p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
         else:
             _, importance = _leaf_importance(self.sensitivity, name)
-            if name in self.input_power:
-                importance = self._channel_importance(name, array.shape)
+            covariance = self.input_covariance.get(name)
+            if self.prior is not None and name in self.prior.moments:
+                covariance = self.prior.covariance(name, array.shape)
+                importance = self.prior.importance(name, array.shape)
             try:
-                p = rate.prepare_leaf(array, importance, self.view,
-                                      self.input_covariance.get(name), shards)
+                p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
-
-    def _channel_importance(self, name, shape):
-        """The BatchNorm prior's per-input-channel importance, or None."""
-        axis, power = self.input_power[name]
-        if not 0 <= axis < len(shape) or shape[axis] != len(power):
-            return None
-        return power.reshape([len(power) if a == axis else 1 for a in range(len(shape))])
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""
@@ -483,10 +475,11 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
 
     ``batchnorm_prior`` (byte targets only): a weight fed by a BatchNorm
     layer (found in the tree's insertion order, e.g. a PyTorch state dict or
-    Flax variables with their batch_stats) weighs each input channel by the
-    power the BatchNorm and a ReLU-family activation give it
-    (:mod:`jaxjpeg.priors`); a ``sensitivity`` or an ``input_covariance``
-    for the leaf takes its place.
+    Flax variables with their batch_stats) is coded for the inputs the
+    BatchNorm and a ReLU-family activation give it (:mod:`jaxjpeg.priors`):
+    a convolution with error feedback against their modelled covariance, a
+    matrix weighing each input channel by its power; a ``sensitivity`` or an
+    ``input_covariance`` for the leaf takes its place.
 
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
@@ -515,7 +508,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     if batchnorm_prior and _target_size(entries, target_ratio, target_bytes,
                                         bits_per_weight) is not None:
         from jaxjpeg import priors
-        options["input_power"] = priors.input_power(tree)
+        options["prior"] = priors.batchnorm_prior(tree)
     return save_leaves(path, entries, **options)
 
 
@@ -611,7 +604,7 @@ class _Save:
                  bits_per_weight=None, sensitivity=None, bits=None, clip="common",
                  view="auto", restart_interval=codec.DEFAULT_RESTART_INTERVAL,
                  tile_shape=codec.DEFAULT_TILE_SHAPE, policy=None, encoder=None,
-                 progress=None, metadata=None, input_covariance=None, input_power=None):
+                 progress=None, metadata=None, input_covariance=None, prior=None):
         self.path = path
         self.user_metadata = layout.checked_user_metadata(metadata)
         self.has_metadata = metadata is not None
@@ -636,9 +629,9 @@ class _Save:
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
-                                input_power)
-        if leaf_coder.input_power:   # the leaves the prior weighs
-            self.rate["batchnorm_prior"] = len(leaf_coder.input_power)
+                                prior)
+        if leaf_coder.prior:   # the leaves the prior weighs
+            self.rate["batchnorm_prior"] = len(leaf_coder.prior)
 
         def table_encoder(name, array):
             return codec.encode_tensor(leaf_coder.prepare(name, array), bits=bits or 8,

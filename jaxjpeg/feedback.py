@@ -19,6 +19,7 @@ import dataclasses
 import math
 
 import numpy as np
+import scipy.linalg
 
 from jaxjpeg.views import MatrixView
 
@@ -165,8 +166,14 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     mean = float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
     h = h + DAMPING * mean * np.eye(n)
     h[np.diag_indices(n)] = np.where(diag > 0, np.diag(h), mean)   # dead inputs
-    inverse = np.linalg.inv(h)
-    return np.linalg.cholesky((inverse + inverse.T) / 2).T
+    # With J the order reversal and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J),
+    # and J L⁻¹ J is upper. One Cholesky and one triangular inverse: a third
+    # of the work of inverting H and factoring the inverse.
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"input covariance factor is singular (LAPACK info {info})")
+    return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
 _N = np.arange(8)

@@ -1,25 +1,38 @@
-"""Data-free importances: what a network's BatchNorm layers say about its inputs.
+"""Data-free priors: what a network's BatchNorm layers say about its inputs.
 
 A weight's error costs ``ΔW[:, i]² · E[x_i²]``: it matters in proportion to
 the power of the input channel it multiplies. Without calibration data that
 power is unknown, but a layer fed by a BatchNorm (then, as in most CNNs, a
 ReLU-family activation) receives ``x_i = act(γ_i z + β_i)`` with ``z`` about
-standard normal, so ``E[x_i²] ≈ E[relu(N(β_i, γ_i²))²]``: channels the
-activation almost always zeroes (the "dead" ones, common after ReLU6) barely
-matter, and the step of those inputs' weights can grow.
+standard normal, so ``E[x_i] ≈ E[relu(N(β_i, γ_i²))]`` and ``E[x_i²] ≈
+E[relu(N(β_i, γ_i²))²]``: channels the activation almost always zeroes (the
+"dead" ones, common after ReLU6) barely matter, and the others share a
+positive mean, through which every weight's error shifts the output alike.
 
-Measured on EfficientNet-lite1 / -lite2 at 8x (``benchmarks/real_models.py``,
-96 crops, mean of 4 probe seeds): KL to float32 0.366 → 0.205 and 0.408 →
-0.269 with these per-input-channel importances at equal size; the diagonal
-of the real input covariance does no better (0.183 on lite1, one seed).
+A convolution is coded with error feedback (:mod:`jaxjpeg.feedback`)
+against the covariance these moments model, ``diag(Var x) + E[x] E[x]ᵀ``;
+a matrix weight (Dense, Linear) weighs its input channels by their power.
+Measured on EfficientNet-lite1 / -lite2 at 8x (``benchmarks/probe_seeds.py``,
+96 crops, mean of 4 probe seeds), KL to float32 at equal size:
+
+=========================================  ==========  ==========
+prior                                       lite1       lite2
+=========================================  ==========  ==========
+none                                        0.378       0.407
+power per input channel, every weight       0.214       0.243
+covariance feedback for convolutions        0.203       0.187
+=========================================  ==========  ==========
+
+Tried and dropped: feedback for the Dense classifier too (0.220 / 0.205,
+2 seeds), weighing each output channel by the gain ``γ² / var`` of the
+BatchNorm after the weight (0.221 / 0.232; its square root or clipped
+range, 0.223-0.228 / 0.232-0.238), the power on depthwise kernels (0.639 /
+0.513: the BatchNorm after them divides each channel by its own spread,
+which input power does not see), so depthwise kernels are left alone.
 Layers whose inputs are normalised but not activated (a residual stream)
 get the same estimate, which is wrong for them: we cannot tell from the
-weights. Leaving them out (by name) would give 0.173 / 0.261 (one seed);
-over all layers the prior still helps, and on a Flax ResNet too
-(``benchmarks/batchnorm_prior.py``). Depthwise kernels are left alone:
-weighting their channels the same way made lite1 / lite2 much worse (KL
-0.205 → 0.639, 0.269 → 0.513): the BatchNorm after them divides each
-channel by its own spread, which input power does not see.
+weights. On a Flax ResNet (``benchmarks/batchnorm_prior.py``) the prior
+lowers the KL at 8x / 10x / 12x too.
 
 Pairing follows the tree's insertion order (a PyTorch ``state_dict``, Flax
 variables as built): each weight takes the nearest BatchNorm before it whose
@@ -30,12 +43,14 @@ directly, where this estimate has not been measured.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.treepaths import leaves_with_paths, path_string
 
 # Leaf names of a BatchNorm's affine parameters and of its running variance:
@@ -47,47 +62,165 @@ _VARIANCE = ("running_var", "moving_variance", "var")
 # collections with the same module paths below them.
 _FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
 SEARCH_BACK = 16   # leaves looked back from a weight for its BatchNorm
+# Larger convolutions keep the diagonal prior: feedback inverts an n x n
+# covariance (n³ work, several n x n float64 copies). At 2304 inputs (a 3x3
+# conv on 256 channels) it added 0.2 s and 300 MB of peak memory to a save.
+MAX_FEEDBACK_FEATURES = 2304
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMoments:
+    """What a BatchNorm plus a ReLU-family activation feed a weight, per
+    input channel: ``mean`` E[x], ``power`` E[x²], on the weight's input
+    ``axis``; ``out_axis`` is its output axis."""
+
+    axis: int
+    out_axis: int
+    mean: np.ndarray
+    power: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+    """The prior for one tree: ``moments`` of every weight fed by a
+    BatchNorm; those in ``feedback`` (convolution kernels) are coded with
+    error feedback against :meth:`covariance`, the others weigh their input
+    channels by :meth:`importance`."""
+
+    moments: dict
+    feedback: frozenset
+
+    def without(self, names) -> "Prior":
+        """The prior less the leaves in ``names`` (those a user steers)."""
+        names = set(names)
+        return Prior({k: v for k, v in self.moments.items() if k not in names},
+                     self.feedback - names)
+
+    def covariance(self, name: str, shape: tuple) -> InputCovariance | None:
+        """``diag(Var x) + E[x] E[x]ᵀ`` over a feedback leaf's input features
+        (every axis but the output one, in order), each tap of a channel
+        alike; built when the leaf is coded (it is n² floats)."""
+        if name not in self.feedback:
+            return None
+        m = self.moments[name]
+        axes = tuple(a for a in range(len(shape)) if a != m.out_axis)
+        placed = [len(m.mean) if a == m.axis else 1 for a in axes]
+        taps = [shape[a] for a in axes]
+        mean = np.broadcast_to(m.mean.reshape(placed), taps).ravel()
+        power = np.broadcast_to(m.power.reshape(placed), taps).ravel()
+        h = np.outer(mean, mean)
+        h[np.diag_indices_from(h)] = np.maximum(power, mean * mean)
+        return InputCovariance(h, axes)
+
+    def importance(self, name: str, shape: tuple) -> np.ndarray | None:
+        """The input channels' power, broadcastable to ``shape``, for a leaf
+        not coded with feedback (which uses the power itself); else None."""
+        m = self.moments.get(name)
+        if m is None or name in self.feedback:
+            return None
+        return _along(m.power, m.axis, shape)
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+
+def _along(values: np.ndarray, axis: int, shape: tuple) -> np.ndarray:
+    """``values`` on ``axis`` of an array broadcastable to ``shape``."""
+    if shape[axis] != len(values):
+        raise ValueError(f"{len(values)} channel values for axis {axis} of shape {shape}")
+    return values.reshape([len(values) if a == axis else 1 for a in range(len(shape))])
+
+
+def batchnorm_prior(tree) -> Prior:
+    """The data-free prior of every weight fed by a BatchNorm in ``tree``.
+
+    A convolution's input is the activation itself, so its covariance is
+    modelled (channels independent, every kernel tap alike) as
+    ``diag(Var x) + E[x] E[x]ᵀ``: the mean term lets error feedback cancel the
+    output shift a kernel's error adds through the activations' common
+    positive mean (see the module's measurements). A matrix (Dense, Linear)
+    weight keeps the diagonal: after BatchNorm it usually sees pooled or
+    flattened features, and feedback there measured worse. So do
+    convolutions with more than ``MAX_FEEDBACK_FEATURES`` inputs, whose
+    covariance would cost more to invert than the rest of the save.
+    """
+    paired = _paired(tree)
+    feedback = set()
+    for name, (array, m) in paired.items():
+        shape = np.shape(array)
+        if len(shape) > 2 and math.prod(shape) // max(shape[m.out_axis], 1) <= MAX_FEEDBACK_FEATURES:
+            feedback.add(name)
+    return Prior({name: m for name, (_, m) in paired.items()}, frozenset(feedback))
+
+
+def input_moments(tree) -> dict[str, ChannelMoments]:
+    """{weight leaf path: its inputs' moments} for every weight fed by a
+    BatchNorm in ``tree``."""
+    return {name: moments for name, (_, moments) in _paired(tree).items()}
+
+
+def _paired(tree) -> dict[str, tuple[Any, ChannelMoments]]:
+    """{weight path: (weight, moments)}: each weight takes the nearest
+    BatchNorm before it whose size matches its input axis."""
+    ordered = _in_insertion_order(tree)
+    norms = _batchnorms(dict(ordered))
+    out = {}
+    for k, (name, array) in enumerate(ordered):
+        if np.ndim(array) < 2 or _leaf(name) not in ("weight", "kernel"):
+            continue
+        shape = np.shape(array)
+        for before, _ in reversed(ordered[max(0, k - SEARCH_BACK):k]):
+            norm = norms.get(before)
+            axes = norm and _channel_axes(name, shape, len(norm.mean))
+            if axes:
+                out[name] = (array, ChannelMoments(*axes, norm.mean, norm.power))
+                break
+    return out
 
 
 def input_power(tree) -> dict[str, tuple[int, np.ndarray]]:
     """{weight leaf path: (its input-channel axis, estimated E[x²] per input
     channel)} for every weight fed by a BatchNorm in ``tree``."""
-    ordered = _in_insertion_order(tree)
-    arrays = dict(ordered)
-    norms = _batchnorms(arrays)
-    out = {}
-    for k, (name, array) in enumerate(ordered):
-        if np.ndim(array) < 2 or _leaf(name) not in ("weight", "kernel"):
-            continue
-        for before, _ in reversed(ordered[max(0, k - SEARCH_BACK):k]):
-            norm = norms.get(before)
-            if norm is None:
-                continue
-            axis = _input_axis(name, np.shape(array), len(norm))
-            if axis is not None:
-                out[name] = (axis, norm)
-                break
-    return out
+    return {name: (m.axis, m.power) for name, m in input_moments(tree).items()}
+
+
+def relu_mean(shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """E[relu(y)] for y ~ N(shift, scale²), elementwise (closed form)."""
+    mu, sigma, cdf, pdf = _standardised(shift, scale)
+    return np.where(sigma > 0, np.maximum(mu * cdf + sigma * pdf, 0.0), np.maximum(mu, 0.0))
 
 
 def relu_power(shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """E[relu(y)²] for y ~ N(shift, scale²), elementwise (closed form)."""
-    mu = np.asarray(shift, np.float64)
-    sigma = np.abs(np.asarray(scale, np.float64))
-    safe = np.where(sigma > 0, sigma, 1.0)
-    t = mu / safe
-    cdf = 0.5 * (1.0 + _erf(t / math.sqrt(2.0)))
-    pdf = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+    mu, sigma, cdf, pdf = _standardised(shift, scale)
     power = (mu * mu + sigma * sigma) * cdf + mu * sigma * pdf
     return np.where(sigma > 0, np.maximum(power, 0.0), np.square(np.maximum(mu, 0.0)))
+
+
+def _standardised(shift, scale):
+    """(μ, σ, Φ(μ/σ), φ(μ/σ)) of N(shift, scale²) as float64 arrays."""
+    mu = np.asarray(shift, np.float64)
+    sigma = np.abs(np.asarray(scale, np.float64))
+    t = mu / np.where(sigma > 0, sigma, 1.0)
+    cdf = 0.5 * (1.0 + _erf(t / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+    return mu, sigma, cdf, pdf
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
     return np.vectorize(math.erf, otypes=[np.float64])(x)
 
 
-def _batchnorms(arrays: dict) -> dict[str, np.ndarray]:
-    """{path of a BatchNorm's shift leaf: its output power estimate}."""
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    """One BatchNorm: its activated output's mean and power estimates."""
+
+    mean: np.ndarray
+    power: np.ndarray
+
+
+def _batchnorms(arrays: dict) -> dict[str, _Norm]:
+    """{path of a BatchNorm's shift leaf: what it says}."""
     out = {}
     for name, array in arrays.items():
         parent, leaf = _split(name)
@@ -95,37 +228,39 @@ def _batchnorms(arrays: dict) -> dict[str, np.ndarray]:
             continue
         scale = next((arrays[_join(parent, s)] for s in _SCALE if _join(parent, s) in arrays),
                      None)
-        if scale is None or np.shape(scale) != np.shape(array) or not _has_variance(arrays, parent):
+        if scale is None or np.shape(scale) != np.shape(array) or _variance(arrays, parent) is None:
             continue
-        shift = np.asarray(array, np.float64)
-        gamma = np.asarray(scale, np.float64)
+        shift, gamma = np.asarray(array, np.float64), np.asarray(scale, np.float64)
         if np.all(np.isfinite(shift)) and np.all(np.isfinite(gamma)):
-            out[name] = relu_power(shift, gamma)
+            out[name] = _Norm(relu_mean(shift, gamma), relu_power(shift, gamma))
     return out
 
 
-def _has_variance(arrays: dict, parent: str) -> bool:
-    """Running statistics beside the affine parameters (or, in Flax, in the
-    batch_stats collection's mirror of the module): a BatchNorm, not a
-    LayerNorm."""
+def _variance(arrays: dict, parent: str) -> np.ndarray | None:
+    """The running variance beside the affine parameters (or, in Flax, in
+    the batch_stats collection's mirror of the module): a BatchNorm, not a
+    LayerNorm; None when there is none."""
     candidates = [parent]
     parts = parent.split("/")
     if _FLAX_PARAMS in parts:
         i = parts.index(_FLAX_PARAMS)
         candidates.append("/".join(parts[:i] + [_FLAX_STATS] + parts[i + 1:]))
-    return any(_join(p, v) in arrays for p in candidates for v in _VARIANCE)
+    return next((arrays[_join(p, v)] for p in candidates for v in _VARIANCE
+                 if _join(p, v) in arrays), None)
 
 
-def _input_axis(name: str, shape: tuple, channels: int) -> int | None:
-    """The axis of a weight's inputs: 1 in PyTorch's (O, I, ...) layouts, -2
-    in Flax's (..., I, O); by size, the leaf's name deciding a tie."""
-    torch_axis, flax_axis = 1, len(shape) - 2
-    fits = [a for a in (torch_axis, flax_axis) if shape[a] == channels]
+def _channel_axes(name: str, shape: tuple, channels: int) -> tuple[int, int] | None:
+    """(input axis, output axis) of a weight: (1, 0) in PyTorch's (O, I, ...)
+    layouts, (-2, -1) counted from the end in Flax's (..., I, O); by the
+    input size, the leaf's name deciding a tie."""
+    ndim = len(shape)
+    torch_axes, flax_axes = (1, 0), (ndim - 2, ndim - 1)
+    fits = [axes for axes in (torch_axes, flax_axes) if shape[axes[0]] == channels]
     if not fits:
         return None
-    if len(set(fits)) == 1:
+    if len(fits) == 1:
         return fits[0]
-    return flax_axis if _leaf(name) == "kernel" else torch_axis
+    return flax_axes if _leaf(name) == "kernel" else torch_axes
 
 
 def _in_insertion_order(tree) -> list[tuple[str, Any]]:

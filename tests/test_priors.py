@@ -112,3 +112,89 @@ def test_a_users_sensitivity_replaces_the_prior(tmp_path):
     np.testing.assert_array_equal(files["user"], files["none"])
     with Checkpoint(tmp_path / "user.jjpg") as ckpt:
         assert "batchnorm_prior" not in ckpt.reader.metadata["rate"]
+
+
+def test_relu_mean_matches_sampling():
+    rng = np.random.default_rng(7)
+    shift = np.array([-3.0, -0.5, 0.0, 0.7, 2.0, 1.0])
+    scale = np.array([1.0, 2.0, 0.5, -1.5, 0.3, 0.0])
+    z = rng.standard_normal((400_000, 1))
+    sampled = np.mean(np.maximum(shift + scale * z, 0), axis=0)
+    np.testing.assert_allclose(priors.relu_mean(shift, scale), sampled, rtol=0.02, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_a_convolutions_prior_covariance_is_its_sampled_input_moments(layout):
+    """diag(Var x) + E[x] E[x]ᵀ over the kernel's input features, in the
+    order the layout contracts them: what sampling the activations gives
+    when channels are independent and taps alike."""
+    rng = np.random.default_rng(8)
+    i, o, k = 5, 4, 3
+    gamma, beta = rng.uniform(0.5, 1.5, i), rng.normal(0.5, 1.0, i)
+    tree = collections.OrderedDict()
+    tree["bn.weight"], tree["bn.bias"] = gamma, beta
+    tree["bn.running_mean"], tree["bn.running_var"] = np.zeros(i), np.ones(i)
+    if layout == "torch":
+        tree["conv.weight"] = np.zeros((o, i, k, k), np.float32)
+    else:
+        tree["conv.kernel"] = np.zeros((k, k, i, o), np.float32)
+    name, shape = list(tree.items())[-1][0], list(tree.values())[-1].shape
+    prior = priors.batchnorm_prior(dict(tree))
+    cov = prior.covariance(name, shape)
+    assert prior.feedback == {name} and prior.importance(name, shape) is None
+    # One sample of every tap: independent draws per (channel, tap).
+    x = np.maximum(gamma[:, None, None] * rng.standard_normal((200_000, i, k, k))
+                   + beta[:, None, None], 0)
+    if layout == "flax":
+        x = x.transpose(0, 2, 3, 1)
+        assert cov.axes == (0, 1, 2)
+    else:
+        assert cov.axes == (1, 2, 3)
+    x = x.reshape(len(x), -1)
+    np.testing.assert_allclose(cov.matrix, x.T @ x / len(x), rtol=0.03, atol=0.01)
+
+
+def test_a_dense_weight_keeps_the_diagonal_prior():
+    tree, _ = _dead_channel_layer(np.random.default_rng(9))
+    prior = priors.batchnorm_prior(tree)
+    assert not prior.feedback
+    importance = prior.importance("proj.weight", tree["proj.weight"].shape)
+    assert importance.shape == (1, len(tree["bn.bias"]))
+    np.testing.assert_allclose(importance[0], priors.relu_power(tree["bn.bias"], tree["bn.weight"]))
+
+
+def test_large_convolutions_keep_the_diagonal_prior():
+    rng = np.random.default_rng(10)
+    i = priors.MAX_FEEDBACK_FEATURES // 9 + 1     # 3x3 taps: just over the limit
+    tree = _bn(i, rng, "bn")
+    tree["conv.weight"] = np.zeros((2, i, 3, 3), np.float32)
+    prior = priors.batchnorm_prior(tree)
+    assert not prior.feedback
+    assert prior.importance("conv.weight", (2, i, 3, 3)).shape == (1, i, 1, 1)
+
+
+def _positive_mean_conv(rng, hidden=96, out=64, taps=3):
+    """A conv fed by BatchNorm + ReLU whose channels are mostly on: a large
+    common mean, which a kernel's error turns into an output shift."""
+    gamma = rng.uniform(0.3, 1.0, hidden).astype(np.float32)
+    beta = rng.uniform(0.5, 2.0, hidden).astype(np.float32)
+    tree = collections.OrderedDict(_bn(hidden, rng, "bn"))
+    tree["bn.weight"], tree["bn.bias"] = gamma, beta
+    tree["conv.weight"] = rng.normal(0, 0.05, (out, hidden, taps, taps)).astype(np.float32)
+    x = np.maximum(gamma[:, None, None] * rng.standard_normal((4096, hidden, taps, taps))
+                   + beta[:, None, None], 0).reshape(4096, -1)
+    return dict(tree), x
+
+
+def test_the_conv_prior_cancels_the_output_shift_at_equal_size(tmp_path):
+    tree, x = _positive_mean_conv(np.random.default_rng(11))
+    w = tree["conv.weight"].reshape(len(tree["conv.weight"]), -1)
+    errors, sizes = {}, {}
+    for prior in (False, True):
+        path = tmp_path / f"{prior}.jjpg"
+        report = jaxjpeg.save(path, tree, target_ratio=8, batchnorm_prior=prior, progress=False)
+        got = np.asarray(jaxjpeg.restore(path)["conv.weight"]).reshape(w.shape)
+        errors[prior] = np.mean(np.square(x @ (got - w).T)) / np.mean(np.square(x @ w.T))
+        sizes[prior] = report.file_bytes
+    assert sizes[True] <= 1.01 * sizes[False]
+    assert errors[True] < 0.5 * errors[False], errors
