@@ -236,3 +236,19 @@ def test_flax_covariances_feed_save(tmp_path):
         out = np.asarray(net.apply(jaxjpeg.restore(tmp_path / f"{name}.jjpg"), images))
         errors.append(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert errors[1] < 0.8 * errors[0], errors
+
+
+@pytest.mark.parametrize("dead", [0, 3])
+def test_inverse_cholesky_factors_the_damped_inverse(dead):
+    """Upper U with UᵀU = (H + damping)⁻¹, dead inputs (zero diagonal) given
+    the mean power, as GPTQ's updates need."""
+    rng = np.random.default_rng(12)
+    a = rng.normal(size=(40, 200))
+    h = a @ a.T / 200
+    h[:dead, :] = 0
+    h[:, :dead] = 0
+    upper = feedback._inverse_cholesky(h)
+    assert np.allclose(upper, np.triu(upper))
+    damped = h + feedback.DAMPING * np.mean(np.diag(h)) * np.eye(len(h))
+    damped[np.arange(dead), np.arange(dead)] = np.mean(np.diag(h))
+    np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(len(h)), atol=1e-8)
