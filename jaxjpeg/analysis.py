@@ -135,8 +135,10 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     rows = view_rows(stats, chosen)
     if rows is None or may_have_far_values(rows):
         return None
-    # The identity view of a C-contiguous leaf is a reshape: no copy.
-    matrix = np.ascontiguousarray(chosen.to_matrix(x32))
+    # The identity view of a C-contiguous leaf is a reshape, and a view whose
+    # rows are the leaf's last axis is its transpose: the encoder reads both
+    # without a copy (codec.encodable).
+    matrix = codec.encodable(chosen.to_matrix(x32))
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared
                else rows.mean)

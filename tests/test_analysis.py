@@ -74,6 +74,27 @@ def test_encode_mapped_writes_the_bytes_of_encode_of_to_samples(bits, step, shap
     np.testing.assert_array_equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (37, 83), (1, 5), (5, 1), (512, 40)])
+def test_encode_mapped_reads_a_transposed_tile_as_its_copy(shape):
+    """A slice of a C-order matrix's transpose (columns contiguous: a leaf
+    whose view puts its last axis on rows) codes to its copy's bytes."""
+    source = _laplace((shape[1] + 5, shape[0] + 3), seed=shape[0])
+    tile = source.T[2:2 + shape[0], 4:4 + shape[1]]
+    assert min(shape) == 1 or not tile.flags.c_contiguous
+    copy = np.ascontiguousarray(tile)
+    p = codec.prepare(copy)
+    _, scale, offset = mapping.row_affine(p.matrix, 12, clip="common", scale=p.common_scale(12),
+                                          stats=p.row_stats(), with_samples=False)
+    table = np.full(64, 100, np.uint16)
+    expected = _native.encode_mapped(copy, scale, offset, table, bits=12, restart_interval=8,
+                                     with_intervals=True)
+    assert codec.encodable(tile) is tile   # no copy on the way
+    got = _native.encode_mapped(tile, scale, offset, table, bits=12, restart_interval=8,
+                                with_intervals=True)
+    assert got[0] == expected[0]
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
 def test_encode_mapped_refuses_bad_arguments():
     w = np.zeros((16, 16), np.float32)
     ones, table = np.ones(16, np.float32), np.full(64, 4, np.uint16)
@@ -118,10 +139,13 @@ def test_one_pass_analysis_chooses_what_the_full_one_does(shape, view):
 
 
 def test_one_pass_analysis_is_what_a_default_save_uses():
-    x = _laplace((64, 48))
-    p = rate.prepare_leaf(x)
-    assert "squares" in p.scales   # from analysis.prepare_plain
-    assert np.shares_memory(p.matrix, x) or p.view != views.MatrixView.default(2)
+    x = _laplace((64, 48))   # its columns differ in scale: they become the view's rows
+    flipped = np.ascontiguousarray(x.T)   # the same weights, the identity view
+    for leaf, perm in ((x, (1, 0)), (flipped, (0, 1))):
+        p = rate.prepare_leaf(leaf)
+        assert "squares" in p.scales   # from analysis.prepare_plain
+        assert p.view.perm == perm
+        assert np.shares_memory(p.matrix, leaf)   # the view itself, not a copy
 
 
 def test_one_pass_analysis_leaves_special_and_far_values_to_the_full_one():

@@ -23,7 +23,9 @@ constexpr size_t kMaxCodedBlockBytes = 512;
 // Arguments
 
 // Where the encoder reads its samples: a tile of samples, or a tile of
-// weights with each row's map to samples (EncodeMappedGrayscale).
+// weights with each row's map to samples (EncodeMappedGrayscale), stored
+// row by row (value (y, x) at data[y * stride + x]) or, transposed, column by
+// column (at data[x * stride + y]: a transposed view of a C-order matrix).
 struct SampleSource {
   const float* data;
   std::ptrdiff_t stride;
@@ -31,6 +33,7 @@ struct SampleSource {
   int height;
   const float* row_scale;   // null: data holds samples
   const float* row_offset;
+  bool transposed = false;
 };
 
 Status ValidateArguments(const SampleSource& source, const EncodeOptions& options,
@@ -43,7 +46,9 @@ Status ValidateArguments(const SampleSource& source, const EncodeOptions& option
       source.height > kMaxDimension) {
     return Status::kBadSize;
   }
-  if (source.stride < source.width) return Status::kBadArgument;
+  if (source.stride < (source.transposed ? source.height : source.width)) {
+    return Status::kBadArgument;
+  }
   if (options.bits != 8 && options.bits != 12) return Status::kBadArgument;
   if (options.restart_interval < 0 || options.restart_interval > 65535) return Status::kBadArgument;
   const int max_step = options.bits == 8 ? 255 : 65535;
@@ -69,35 +74,80 @@ BlockGrid MakeBlockGrid(int width, int height) {
   return {bx, by, static_cast<int64_t>(bx) * by};
 }
 
-// The 8x8 block with top-left sample (x0, y0), clamped to [0, max_sample]
-// (NaN compares false and becomes 0) and level-shifted by `center`; outside
-// the image the last column/row is repeated. Weights are mapped to samples
-// first, as mapping.to_samples does: (w - offset) / scale in float32, a
-// scale <= 0 (a constant row) taken as 1.
+// Four weights mapped to samples as mapping.to_samples does, (w - offset) /
+// divisor in float32 (one lane at a time would round the same), clamped to
+// [0, top] (NaN compares false and becomes 0), then level-shifted by middle.
+inline Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 top,
+                              Float4 middle, bool mapped) {
+  const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (mapped) v = (v - offset) / divisor;
+  v = v > zero ? v : zero;
+  v = v < top ? v : top;
+  return v - middle;
+}
+
+// A row's map: its offset and divisor (a scale <= 0, a constant row, taken
+// as 1).
+inline void RowMap(const SampleSource& source, int y, float* offset, float* divisor) {
+  *offset = source.row_offset[y];
+  *divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
+}
+
+// The 8x8 block with top-left sample (x0, y0), centered samples (as
+// CenteredSamples) in row-major order; outside the image the last column/row
+// is repeated.
 void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_sample,
                          float center, float block[64]) {
-  const bool full_width = x0 + 8 <= source.width;
   const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
   const Float4 top = zero + max_sample, middle = zero + center;
-  for (int r = 0; r < 8; ++r) {
-    const int y = y0 + r < source.height ? y0 + r : source.height - 1;
-    const float* row = source.data + y * source.stride;
-    alignas(16) float values[8];
-    if (full_width) {
-      std::memcpy(values, row + x0, sizeof(values));
-    } else {
-      for (int c = 0; c < 8; ++c) values[c] = row[x0 + c < source.width ? x0 + c : source.width - 1];
-    }
-    for (int half = 0; half < 8; half += 4) {  // four lanes at a time, each as in scalar code
-      Float4 v = LoadFloat4(values + half);
-      if (source.row_scale != nullptr) {
-        const float divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
-        v = (v - source.row_offset[y]) / (zero + divisor);
+  const bool mapped = source.row_scale != nullptr;
+  if (!source.transposed) {
+    const bool full_width = x0 + 8 <= source.width;
+    for (int r = 0; r < 8; ++r) {
+      const int y = y0 + r < source.height ? y0 + r : source.height - 1;
+      const float* row = source.data + y * source.stride;
+      alignas(16) float values[8];
+      if (full_width) {
+        std::memcpy(values, row + x0, sizeof(values));
+      } else {
+        for (int c = 0; c < 8; ++c) values[c] = row[x0 + c < source.width ? x0 + c : source.width - 1];
       }
-      v = v > zero ? v : zero;  // NaN compares false: 0
-      v = v < top ? v : top;
-      StoreFloat4(block + r * 8 + half, v - middle);
+      float offset = 0.0f, divisor = 1.0f;
+      if (mapped) RowMap(source, y, &offset, &divisor);
+      for (int half = 0; half < 8; half += 4) {
+        StoreFloat4(block + r * 8 + half, CenteredSamples(LoadFloat4(values + half), zero + offset,
+                                                          zero + divisor, top, middle, mapped));
+      }
     }
+    return;
+  }
+  // Transposed: each of the block's columns is 8 contiguous values, mapped
+  // lane by lane with its rows' maps, then the block is transposed.
+  const bool full_height = y0 + 8 <= source.height;
+  alignas(16) float offsets[8] = {}, divisors[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  if (mapped) {
+    for (int r = 0; r < 8; ++r) {
+      RowMap(source, y0 + r < source.height ? y0 + r : source.height - 1, offsets + r, divisors + r);
+    }
+  }
+  Float4 half[2][8];  // half[h][c]: rows 4h..4h+3 of column c
+  for (int c = 0; c < 8; ++c) {
+    const int x = x0 + c < source.width ? x0 + c : source.width - 1;
+    const float* column = source.data + x * source.stride;
+    alignas(16) float values[8];
+    if (full_height) {
+      std::memcpy(values, column + y0, sizeof(values));
+    } else {
+      for (int r = 0; r < 8; ++r) values[r] = column[y0 + r < source.height ? y0 + r : source.height - 1];
+    }
+    for (int h = 0; h < 2; ++h) {
+      half[h][c] = CenteredSamples(LoadFloat4(values + 4 * h), LoadFloat4(offsets + 4 * h),
+                                   LoadFloat4(divisors + 4 * h), top, middle, mapped);
+    }
+  }
+  Transpose8x8(half);  // half[h][r]: columns 4h..4h+3 of row r
+  for (int h = 0; h < 2; ++h) {
+    for (int r = 0; r < 8; ++r) StoreFloat4(block + r * 8 + 4 * h, half[h][r]);
   }
 }
 
@@ -743,10 +793,10 @@ Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff
 Status EncodeMappedGrayscale(const float* weights, int width, int height, std::ptrdiff_t stride,
                              const float* row_scale, const float* row_offset,
                              const EncodeOptions& options, std::vector<uint8_t>* out,
-                             std::vector<int64_t>* interval_starts) {
+                             std::vector<int64_t>* interval_starts, bool transposed) {
   if (row_scale == nullptr || row_offset == nullptr) return Status::kBadArgument;
-  return EncodeSource({weights, stride, width, height, row_scale, row_offset}, options, out,
-                      interval_starts);
+  return EncodeSource({weights, stride, width, height, row_scale, row_offset, transposed},
+                      options, out, interval_starts);
 }
 
 }  // namespace jaxjpeg
