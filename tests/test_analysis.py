@@ -180,6 +180,31 @@ def test_one_pass_analysis_of_bfloat16_and_non_contiguous_leaves():
     assert rate.prepare_leaf(strided).view == _full_analysis(strided).view
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_count_special_counts_what_views_counts(dtype):
+    x = _laplace((40, 24)).astype(dtype)
+    x[1, 2], x[3, 4], x[5, 6] = np.nan, np.inf, -np.inf
+    x[7, 8] = 3e4 if dtype == np.float16 else 1e31 if dtype == np.float32 else 3e38
+    for leaf in (x, x[:, ::2], x[0, 0], x.reshape(-1)):   # strided and 0-d: numpy path
+        assert analysis.count_special(leaf) == views.count_special(leaf)
+
+
+def test_preparing_a_leaf_just_counted_takes_the_counts_pass(monkeypatch):
+    x = _laplace((64, 48))
+    passes = []
+    real = _native.matrix_stats
+    monkeypatch.setattr(_native, "matrix_stats", lambda *a: passes.append(1) or real(*a))
+    assert analysis.count_special(x) == 0
+    p = analysis.prepare_plain(x, "auto")
+    assert len(passes) == 1   # one pass over the leaf for both
+    q = analysis.prepare_plain(x, "auto")   # taken once: a later call reads the leaf again
+    assert len(passes) == 2
+    assert p.view == q.view and p.scales["squares"] == q.scales["squares"]
+    analysis.count_special(x)
+    analysis.prepare_plain(x.copy(), "auto")   # another array: its own pass
+    assert len(passes) == 4
+
+
 def test_constant_leaves_take_the_one_pass_path():
     p = analysis.prepare_plain(np.full((32, 16), 0.5, np.float32), "auto")
     assert p is not None and p.outliers is None
