@@ -561,30 +561,59 @@ int CostSampleRowStep(const BlockGrid& grid) {
   return static_cast<int>(step < 1 ? 1 : step > kMaxCostSampleRowStep ? kMaxCostSampleRowStep : step);
 }
 
+// The blocks of the sampled rows, with their RDO candidates, kept for
+// RecordSymbols (they are quantized once), up to kMaxKeptSampleBlocks
+// (~3.4 MB): a larger tile's are quantized again.
+constexpr size_t kMaxKeptSampleBlocks = 8192;
+
+class SampledBlocks {
+ public:
+  SampledBlocks(const BlockGrid& grid, int row_step)
+      : row_step_(row_step), blocks_x_(grid.blocks_x) {
+    const int64_t rows = (grid.blocks_y + row_step - 1) / row_step;
+    if (static_cast<uint64_t>(rows * grid.blocks_x) <= kMaxKeptSampleBlocks) {
+      blocks_.resize(static_cast<size_t>(rows * grid.blocks_x));
+    }
+  }
+  // Where block (bx, by) of a sampled row is kept; null where it is not.
+  QuantizedBlock* Find(int bx, int by) {
+    if (blocks_.empty() || by % row_step_ != 0) return nullptr;
+    return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_ + bx];
+  }
+
+ private:
+  int row_step_;
+  int blocks_x_;
+  std::vector<QuantizedBlock> blocks_;
+};
+
 RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
-                          int restart_interval) {
+                          int restart_interval, SampledBlocks* kept) {
   HistogramSink histogram;
-  QuantizedBlock block;
+  QuantizedBlock scratch;
   for (int by = 0; by < grid.blocks_y; by += CostSampleRowStep(grid)) {
     int previous_dc = 0;
     for (int bx = 0; bx < grid.blocks_x; ++bx) {
       const int64_t index = static_cast<int64_t>(by) * grid.blocks_x + bx;
       if (StartsInterval(index, restart_interval)) previous_dc = 0;
-      quantizer.Quantize(bx, by, false, &block);
-      previous_dc = CodeBlock<false>(block, previous_dc, nullptr, histogram);
+      QuantizedBlock* block = kept->Find(bx, by);
+      if (block == nullptr) block = &scratch;
+      quantizer.Quantize(bx, by, block != &scratch, block);
+      previous_dc = CodeBlock<false>(*block, previous_dc, nullptr, histogram);
     }
   }
   return RdoPrices(BuildCodeTable(BuildOptimalSpec(histogram.ac)));
 }
 
-// Quantizes every block (RDO included) and records its symbols; the index of
-// the first symbol of each restart interval is appended to interval_symbols.
-// prices: RDO's (null: no RDO).
+// Quantizes every block (RDO included; with it, blocks kept by
+// SampleRdoPrices are taken as they are) and records its symbols; the index
+// of the first symbol of each restart interval is appended to
+// interval_symbols. prices: RDO's (null: no RDO).
 template <bool kRdo>
 void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
-                   const RdoPrices* prices, SymbolRecorder* recorder,
+                   const RdoPrices* prices, SampledBlocks* kept, SymbolRecorder* recorder,
                    std::vector<size_t>* interval_symbols) {
-  QuantizedBlock block;
+  QuantizedBlock scratch;
   int previous_dc = 0;
   int64_t index = 0;
   for (int by = 0; by < grid.blocks_y; ++by) {
@@ -593,8 +622,12 @@ void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int r
         previous_dc = 0;
         interval_symbols->push_back(recorder->size());
       }
-      quantizer.Quantize(bx, by, kRdo, &block);
-      previous_dc = CodeBlock<kRdo>(block, previous_dc, prices, *recorder);
+      const QuantizedBlock* block = kRdo ? kept->Find(bx, by) : nullptr;
+      if (block == nullptr) {
+        quantizer.Quantize(bx, by, kRdo, &scratch);
+        block = &scratch;
+      }
+      previous_dc = CodeBlock<kRdo>(*block, previous_dc, prices, *recorder);
     }
   }
 }
@@ -733,11 +766,12 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   SymbolRecorder recorder(grid.count);
   std::vector<size_t> interval_symbols;
   if (options.rdo) {
-    const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval);
-    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &recorder,
+    SampledBlocks kept(grid, CostSampleRowStep(grid));
+    const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval, &kept);
+    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &kept, &recorder,
                         &interval_symbols);
   } else {
-    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, &recorder,
+    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, nullptr, &recorder,
                          &interval_symbols);
   }
 
