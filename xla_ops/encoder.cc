@@ -389,31 +389,49 @@ struct RdoPrices {
   }
 };
 
+// Whether RDO lowers the unit candidate at k to zero, `run` zeros after the
+// previous nonzero value; `later`: the nonzero values after k (as plain
+// rounding left them: decided after this one). Lowering a 1 to 0 saves its
+// symbol and extra bit but lengthens the next value's run, or at the end of
+// the block costs the EOB it had no need of at k == 63.
+inline bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
+                       const uint8_t category[64], const uint8_t cost[256]) {
+  int delta;
+  if (later != 0) {  // the next value's run absorbs this one's
+    const int r2 = __builtin_ctzll(later);
+    const int next_category = category[k + 1 + r2];
+    delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
+            CostOf(cost, run + 1 + r2, next_category);
+  } else {
+    delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
+  }
+  return rdo.penalty[k] < kRdoLambda * delta;
+}
+
+// Run of zeros before k in `nonzero` (bit 0 set: runs start after DC).
+inline int RunBefore(uint64_t nonzero, int k) {
+  return k - (63 - __builtin_clzll(nonzero & ((uint64_t{1} << k) - 1))) - 1;
+}
+
 // The nonzero AC values left once RDO has decided the unit candidates, in
-// zig-zag order (each sees the runs that earlier decisions left). Lowering a
-// 1 to 0 saves its symbol and extra bit but lengthens the next value's run
-// (taken as plain rounding left it: decided after this one), or at the end
-// of the block costs the EOB it had no need of at k == 63.
+// zig-zag order: each sees the runs that earlier decisions left. A decision
+// is first taken with the run plain rounding left, so decisions do not wait
+// on each other, and taken again in the rare case that the value before it
+// was lowered to zero (about 8% of unit candidates are).
 inline uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
                           const uint8_t category[64], const uint8_t cost[256]) {
-  nonzero |= 1;  // runs start after DC
+  const uint64_t plain = nonzero | 1;
+  nonzero = plain;
   uint64_t units = rdo.units;
   while (units != 0) {
     const int k = __builtin_ctzll(units);
     units &= units - 1;
-    const uint64_t below = nonzero & ((uint64_t{1} << k) - 1);
-    const int run = k - (63 - __builtin_clzll(below)) - 1;
-    const uint64_t later = k < 63 ? nonzero >> (k + 1) : 0;
-    int delta;
-    if (later != 0) {  // the next value's run absorbs this one's
-      const int r2 = __builtin_ctzll(later);
-      const int next_category = category[k + 1 + r2];
-      delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
-              CostOf(cost, run + 1 + r2, next_category);
-    } else {
-      delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
+    const uint64_t later = k < 63 ? plain >> (k + 1) : 0;
+    const int run = RunBefore(plain, k);
+    bool lower = UnitLowers(rdo, k, run, later, category, cost);
+    if (!((nonzero >> (k - run - 1)) & 1)) {  // the value before was lowered to zero
+      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, cost);
     }
-    const bool lower = rdo.penalty[k] < kRdoLambda * delta;
     nonzero &= ~(static_cast<uint64_t>(lower) << k);
   }
   return nonzero & ~uint64_t{1};
@@ -492,12 +510,13 @@ class SymbolRecorder {
   // Room for the most symbols `blocks` blocks can have (may throw
   // std::bad_alloc); pages never written are never touched.
   explicit SymbolRecorder(int64_t blocks)
-      : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]) {}
+      : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]),
+        end_(entries_.get()) {}
 
   void Dc(int symbol, uint32_t bits, int) { Record(kDcIndex + symbol, bits); }
   void Ac(int symbol, uint32_t bits, int) { Record(symbol, bits); }
 
-  size_t size() const { return size_; }
+  size_t size() const { return static_cast<size_t>(end_ - entries_.get()); }
   const uint32_t* entries() const { return entries_.get(); }
   SymbolHistogram Histogram(int first) const {
     SymbolHistogram h;
@@ -507,11 +526,14 @@ class SymbolRecorder {
 
  private:
   void Record(int index, uint32_t bits) {
-    entries_[size_++] = (static_cast<uint32_t>(index) << 16) | bits;
+    *end_++ = (static_cast<uint32_t>(index) << 16) | bits;
     ++count_[index];
   }
-  size_t size_ = 0;
   std::unique_ptr<uint32_t[]> entries_;
+  // Where the next symbol goes: a pointer, not a size_t count, so the
+  // compiler may keep it in a register (a uint64_t count_ store could alias
+  // a size_t, which would be reloaded after each one).
+  uint32_t* end_;
   uint64_t count_[512] = {};
 };
 
