@@ -241,7 +241,7 @@ def test_each_dct_basis_image_codes_to_its_one_coefficient(bits):
             assert err.max() < 1.0, (u, v, err.max())
 
 
-@pytest.mark.parametrize("values", [[4.6e-5, 1e-9, 0.0], [4.6e-5, 0.3, 7e4, 1.0], [0.3, 2.5]])
+@pytest.mark.parametrize("values", [[4.6e-5, 1e-9, 0.0], [4.6e-5, 0.3, 4e4, 1.0], [0.3, 2.5]])
 def test_float16_rounding_up_of_scales_keeps_what_float16_cannot_hold(values):
     x = np.array(values)
     with np.errstate(all="ignore"):
