@@ -36,6 +36,17 @@ def test_matrix_stats_match_numpy(shape):
     _check_stats(cols, x, 0)
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (2, 4), (7, 9), (64, 768), (33, 1030)])
+def test_matrix_stats_give_the_same_bits_with_and_without_avx2(shape):
+    x = _laplace(shape, seed=shape[0])
+    x.reshape(-1)[::97] = np.nan
+    x.reshape(-1)[5::89] = 3e30
+    wide, portable = _native.matrix_stats(x, 1e30), _native.matrix_stats(x, 1e30, avx2=False)
+    assert wide[0] == portable[0] > 0
+    for got, want in zip(wide[1] + wide[2], portable[1] + portable[2]):
+        assert got.tobytes() == want.tobytes()
+
+
 def test_matrix_stats_read_rows_of_a_larger_matrix_and_count_special_values():
     big = _laplace((40, 50))
     big[3, 7], big[5, 2], big[9, 30], big[12, 12] = np.nan, np.inf, -3e4, 2e4

@@ -462,7 +462,7 @@ py::object EncodeMapped(const py::array& weights,
   return EncodedResult(out, starts, with_intervals);
 }
 
-py::tuple MatrixStatsOf(const py::array& matrix, float limit) {
+py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
   const py::ssize_t stride = RowStride(matrix, "matrix");
   const py::ssize_t rows = matrix.shape(0), cols = matrix.shape(1);
   py::array_t<double> row_sum(rows), row_squares(rows), col_sum(cols), col_squares(cols);
@@ -474,7 +474,7 @@ py::tuple MatrixStatsOf(const py::array& matrix, float limit) {
   {
     py::gil_scoped_release release;
     s = ComputeMatrixStats(static_cast<const float*>(matrix.data()), rows, cols, stride, limit,
-                           &stats);
+                           &stats, avx2);
   }
   Check(s, "matrix_stats");
   return py::make_tuple(stats.special, py::make_tuple(row_sum, row_squares, row_min, row_max),
@@ -550,9 +550,11 @@ PYBIND11_MODULE(_native, m) {
         "clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
         "row_scale <= 0 taken as 1 (mapping.to_samples), computed as the blocks are coded.");
   m.def("matrix_stats", &MatrixStatsOf, py::arg("matrix"), py::arg("limit"),
+        py::arg("avx2") = true,
         "One pass over a 2-D float32 matrix (rows contiguous): (count of values with "
         "!(|x| <= limit), (row sum, row sum of squares, row min, row max), (the same per "
-        "column)); sums in float64.");
+        "column)); sums in float64. avx2=False: the portable code even where the CPU has "
+        "AVX2 (the same bits; for tests).");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");

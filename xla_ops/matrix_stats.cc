@@ -31,29 +31,67 @@ inline void Store(T* p, V v) {
 inline Float4 Min(Float4 a, Float4 b) { return b < a ? b : a; }
 inline Float4 Max(Float4 a, Float4 b) { return b > a ? b : a; }
 
-// The four lanes of x in double: lanes 0, 1 and lanes 2, 3.
-inline void Widen(Float4 x, Double2* low, Double2* high) {
+#define JAXJPEG_INLINE inline __attribute__((always_inline))
+
+// Four doubles, one per lane of a Float4: two SSE registers (Double2 pairs,
+// lanes 0, 1 and 2, 3), or one AVX register (Double4, where the CPU has
+// AVX2). Each lane's arithmetic is the same either way, so both give the
+// same bits.
+struct DoublePair {
+  Double2 low, high;
+};
+JAXJPEG_INLINE DoublePair operator+(DoublePair a, DoublePair b) { return {a.low + b.low, a.high + b.high}; }
+JAXJPEG_INLINE DoublePair operator*(DoublePair a, DoublePair b) { return {a.low * b.low, a.high * b.high}; }
+
+JAXJPEG_INLINE void Widen(Float4 x, DoublePair* out) {
 #if defined(__SSE2__)
   const __m128 v = reinterpret_cast<__m128>(x);
-  *low = reinterpret_cast<Double2>(_mm_cvtps_pd(v));
-  *high = reinterpret_cast<Double2>(_mm_cvtps_pd(_mm_movehl_ps(v, v)));
+  out->low = reinterpret_cast<Double2>(_mm_cvtps_pd(v));
+  out->high = reinterpret_cast<Double2>(_mm_cvtps_pd(_mm_movehl_ps(v, v)));
 #else
-  *low = Double2{x[0], x[1]};
-  *high = Double2{x[2], x[3]};
+  out->low = Double2{x[0], x[1]};
+  out->high = Double2{x[2], x[3]};
 #endif
 }
+JAXJPEG_INLINE DoublePair LoadWide(const double* p, DoublePair*) {
+  return {Load<Double2>(p), Load<Double2>(p + 2)};
+}
+JAXJPEG_INLINE void StoreWide(double* p, DoublePair v) {
+  Store(p, v.low);
+  Store(p + 2, v.high);
+}
+JAXJPEG_INLINE double Lane(DoublePair v, int i) { return i < 2 ? v.low[i] : v.high[i - 2]; }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define JAXJPEG_AVX2_STATS 1
+// The Double4 code is always inlined, in the end into AddAllRowsAvx2
+// (compiled for AVX2): GCC's warnings that passing a Double4 by value would
+// change the ABI without AVX do not apply (up to the pop below).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef double Double4 __attribute__((vector_size(32)));
+JAXJPEG_INLINE void Widen(Float4 x, Double4* out) { *out = __builtin_convertvector(x, Double4); }
+JAXJPEG_INLINE Double4 LoadWide(const double* p, Double4*) {
+  Double4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+JAXJPEG_INLINE void StoreWide(double* p, Double4 v) { std::memcpy(p, &v, sizeof(v)); }
+JAXJPEG_INLINE double Lane(Double4 v, int i) { return v[i]; }
+#endif
 
 // One row's running statistics: column c goes to lane c % 4 of each
 // accumulator, four columns at a time, then the columns left one by one.
+template <class Wide>
 class RowStats {
  public:
   // bound: the limit in every lane.
-  void Add4(Float4 x, Double2 wide_low, Double2 wide_high, Float4 bound) {
+  JAXJPEG_INLINE void Add4(Float4 x, Wide wide, Float4 bound) {
     const Float4 sign = {-0.0f, -0.0f, -0.0f, -0.0f};
-    sum_low_ += wide_low;
-    sum_high_ += wide_high;
-    squares_low_ += wide_low * wide_low;
-    squares_high_ += wide_high * wide_high;
+    sum_ = sum_ + wide;
+    squares_ = squares_ + wide * wide;
     low_ = Min(low_, x);
     high_ = Max(high_, x);
     const Float4 magnitude = reinterpret_cast<Float4>(reinterpret_cast<Int4>(x) &
@@ -61,13 +99,14 @@ class RowStats {
     special_ += (magnitude <= bound) + 1;  // a comparison gives -1 (true) or 0
   }
 
-  // The lanes combined, then the columns from c on one at a time (each also
-  // added to the column statistics); the row's statistics stored at y.
-  void Finish(const float* row, int64_t c, int64_t cols, float limit, MatrixStats* s,
-              int64_t y) const {
-    const Double2 sum = sum_low_ + sum_high_, squares = squares_low_ + squares_high_;
-    double row_sum = sum[0] + sum[1];
-    double row_squares = squares[0] + squares[1];
+  // The lanes combined ((0 + 2) + (1 + 3)), then the columns from c on one
+  // at a time (each also added to the column statistics); the row's
+  // statistics stored at y.
+  JAXJPEG_INLINE void Finish(const float* row, int64_t c, int64_t cols, float limit,
+                             MatrixStats* s, int64_t y) const {
+    double row_sum = (Lane(sum_, 0) + Lane(sum_, 2)) + (Lane(sum_, 1) + Lane(sum_, 3));
+    double row_squares =
+        (Lane(squares_, 0) + Lane(squares_, 2)) + (Lane(squares_, 1) + Lane(squares_, 3));
     float row_low = low_[0], row_high = high_[0];
     for (int i = 1; i < 4; ++i) row_high = high_[i] > row_high ? high_[i] : row_high;
     for (int i = 1; i < 4; ++i) row_low = low_[i] < row_low ? low_[i] : row_low;
@@ -94,7 +133,7 @@ class RowStats {
 
  private:
   static constexpr float kInf = std::numeric_limits<float>::infinity();
-  Double2 sum_low_ = {0, 0}, sum_high_ = {0, 0}, squares_low_ = {0, 0}, squares_high_ = {0, 0};
+  Wide sum_ = {}, squares_ = {};
   Float4 low_ = {kInf, kInf, kInf, kInf}, high_ = -low_;
   Int4 special_ = {0, 0, 0, 0};
 };
@@ -103,12 +142,12 @@ class RowStats {
 // columns' accumulated row after row (the order a row at a time gives).
 // Two rows at once keep twice as many independent sums in flight and load
 // and store the columns' once for both.
-template <int kRows>
-void AddRows(const float* data, int64_t stride, int64_t cols, float limit, MatrixStats* s,
-             int64_t y) {
+template <int kRows, class Wide>
+JAXJPEG_INLINE void AddRows(const float* data, int64_t stride, int64_t cols, float limit,
+                            MatrixStats* s, int64_t y) {
   const float* rows[kRows];
   for (int r = 0; r < kRows; ++r) rows[r] = data + (y + r) * stride;
-  RowStats stats[kRows];
+  RowStats<Wide> stats[kRows];
   const Float4 bound = {limit, limit, limit, limit};
   double* const col_sum = s->col_sum;
   double* const col_squares = s->col_sum_squares;
@@ -116,36 +155,63 @@ void AddRows(const float* data, int64_t stride, int64_t cols, float limit, Matri
   float* const col_max = s->col_max;
   int64_t c = 0;
   for (; c + 4 <= cols; c += 4) {
-    Double2 sum_low = Load<Double2>(col_sum + c), sum_high = Load<Double2>(col_sum + c + 2);
-    Double2 squares_low = Load<Double2>(col_squares + c);
-    Double2 squares_high = Load<Double2>(col_squares + c + 2);
+    Wide sum = LoadWide(col_sum + c, &sum), squares = LoadWide(col_squares + c, &squares);
     Float4 low = Load<Float4>(col_min + c), high = Load<Float4>(col_max + c);
     for (int r = 0; r < kRows; ++r) {
       const Float4 x = Load<Float4>(rows[r] + c);
-      Double2 wide_low, wide_high;
-      Widen(x, &wide_low, &wide_high);
-      stats[r].Add4(x, wide_low, wide_high, bound);
-      sum_low += wide_low;
-      sum_high += wide_high;
-      squares_low += wide_low * wide_low;
-      squares_high += wide_high * wide_high;
+      Wide wide;
+      Widen(x, &wide);
+      stats[r].Add4(x, wide, bound);
+      sum = sum + wide;
+      squares = squares + wide * wide;
       low = Min(low, x);
       high = Max(high, x);
     }
-    Store(col_sum + c, sum_low);
-    Store(col_sum + c + 2, sum_high);
-    Store(col_squares + c, squares_low);
-    Store(col_squares + c + 2, squares_high);
+    StoreWide(col_sum + c, sum);
+    StoreWide(col_squares + c, squares);
     Store(col_min + c, low);
     Store(col_max + c, high);
   }
   for (int r = 0; r < kRows; ++r) stats[r].Finish(rows[r], c, cols, limit, s, y + r);
 }
 
+template <class Wide>
+JAXJPEG_INLINE void AddAllRows(const float* data, int64_t rows, int64_t cols, int64_t stride,
+                               float limit, MatrixStats* s) {
+  int64_t y = 0;
+  for (; y + 2 <= rows; y += 2) AddRows<2, Wide>(data, stride, cols, limit, s, y);
+  if (y < rows) AddRows<1, Wide>(data, stride, cols, limit, s, y);
+}
+
+void AddAllRowsPortable(const float* data, int64_t rows, int64_t cols, int64_t stride,
+                        float limit, MatrixStats* s) {
+  AddAllRows<DoublePair>(data, rows, cols, stride, limit, s);
+}
+
+#if defined(JAXJPEG_AVX2_STATS)
+__attribute__((target("avx2"))) void AddAllRowsAvx2(const float* data, int64_t rows,
+                                                    int64_t cols, int64_t stride, float limit,
+                                                    MatrixStats* s) {
+  AddAllRows<Double4>(data, rows, cols, stride, limit, s);
+}
+#endif
+#if defined(JAXJPEG_AVX2_STATS) && defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+bool CpuHasAvx2() {
+#if defined(JAXJPEG_AVX2_STATS)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 Status ComputeMatrixStats(const float* data, int64_t rows, int64_t cols, int64_t stride,
-                          float limit, MatrixStats* stats) {
+                          float limit, MatrixStats* stats, bool allow_avx2) {
   if (stats == nullptr || rows < 0 || cols < 0 || stride < cols) return Status::kBadArgument;
   if (rows > 0 && cols > 0 && data == nullptr) return Status::kBadArgument;
   MatrixStats& s = *stats;
@@ -160,9 +226,14 @@ Status ComputeMatrixStats(const float* data, int64_t rows, int64_t cols, int64_t
     s.col_max[c] = -inf;
   }
   s.special = 0;
-  int64_t y = 0;
-  for (; y + 2 <= rows; y += 2) AddRows<2>(data, stride, cols, limit, &s, y);
-  if (y < rows) AddRows<1>(data, stride, cols, limit, &s, y);
+#if defined(JAXJPEG_AVX2_STATS)
+  if (allow_avx2 && CpuHasAvx2()) {
+    AddAllRowsAvx2(data, rows, cols, stride, limit, &s);
+    return Status::kOk;
+  }
+#endif
+  (void)allow_avx2;
+  AddAllRowsPortable(data, rows, cols, stride, limit, &s);
   return Status::kOk;
 }
 
