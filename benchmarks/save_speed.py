@@ -15,8 +15,11 @@ the best of those runs:
   other work, MB per CPU-second is the steadier figure, and wall time on an
   idle machine with C cores is about CPU seconds / C for a save that keeps
   all cores busy;
-- peak memory: RSS sampled every 0.5 ms during the save, minus the RSS just
-  before it (the tree itself is already resident and not counted).
+- peak memory: RSS sampled every 0.5 ms during one more save of each, minus
+  the RSS just before it (the tree itself is already resident and not
+  counted). The sampling thread (a /proc read every 0.5 ms, holding the GIL
+  each time) runs only then: in the timed saves it took CPU time of its own
+  and slowed the savers' Python threads.
 
 The ratio jaxjpeg / Orbax > 1 means jaxjpeg saved faster. On a machine
 shared with other work the figures move from run to run: the script prints
@@ -35,14 +38,21 @@ import time
 from checkpoint_vs_orbax import _PeakRss, _leaves, _rss_bytes, transformer_params
 
 
-def _timed(save) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, peak RSS above the start) of one save."""
+def _timed(save) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one save."""
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
+    save()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _peak_memory(save) -> int:
+    """Peak RSS above the start during one save."""
     gc.collect()
     before = _rss_bytes()
-    t0, c0 = time.perf_counter(), time.process_time()
     with _PeakRss() as sampler:
         save()
-    return time.perf_counter() - t0, time.process_time() - c0, sampler.peak - before
+    return sampler.peak - before
 
 
 def main() -> None:
@@ -81,22 +91,22 @@ def main() -> None:
             ckptr.save(ob_path, params)
             ckptr.wait_until_finished()
 
+    savers = (("jaxjpeg", save_jaxjpeg), ("orbax", save_orbax))
     runs = {"jaxjpeg": [], "orbax": []}
     try:
         for i in range(args.repeats):
-            for name, save in (("jaxjpeg", save_jaxjpeg), ("orbax", save_orbax)):
-                seconds, cpu, peak = _timed(save)
-                runs[name].append((seconds, cpu, peak))
+            for name, save in savers:
+                seconds, cpu = _timed(save)
+                runs[name].append((seconds, cpu))
                 print(f"  run {i + 1} {name:8s} {seconds:6.2f} s  {raw / 1e6 / seconds:7.1f} MB/s"
-                      f"  CPU {cpu:6.2f} s  peak +{peak / 2**20:7.1f} MiB  "
-                      f"(load {os.getloadavg()[0]:.1f})")
+                      f"  CPU {cpu:6.2f} s  (load {os.getloadavg()[0]:.1f})")
+        peak = {name: _peak_memory(save) for name, save in savers}
         size = os.path.getsize(jj_path)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    best = {name: min(s for s, _, _ in r) for name, r in runs.items()}
-    cpu = {name: min(c for _, c, _ in r) for name, r in runs.items()}
-    peak = {name: max(p for _, _, p in r) for name, r in runs.items()}
+    best = {name: min(s for s, _ in r) for name, r in runs.items()}
+    cpu = {name: min(c for _, c in r) for name, r in runs.items()}
     for name in runs:
         print(f"{name:8s} best {raw / 1e6 / best[name]:7.1f} MB/s ({best[name]:.2f} s), "
               f"{raw / 1e6 / cpu[name]:7.1f} MB per CPU-second, "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
 
 import numpy as np
 
@@ -78,6 +80,38 @@ def leaf_stats(x32: np.ndarray, limit: float) -> LeafStats | None:
     return LeafStats(shape, tuple(axes), row_stats, int(special))
 
 
+# The statistics count_special computed last in this thread, for the
+# prepare_plain of the same array that follows it in a save.
+_last = threading.local()
+
+
+def count_special(x) -> int:
+    """:func:`jaxjpeg.views.count_special` of ``x``, from the native pass when
+    it can read ``x``: a save counts a leaf's special values before coding it,
+    and :func:`prepare_plain` of the same array object then takes that pass's
+    statistics instead of reading the leaf again."""
+    x = np.asarray(x)
+    stats = _native_stats(x)
+    if stats is None:
+        return views.count_special(x)
+    _last.entry = (weakref.ref(x), stats)
+    return stats.special
+
+
+def _native_stats(x: np.ndarray) -> LeafStats | None:
+    return leaf_stats(x.astype(np.float32, copy=False), views.extreme_limit(x.dtype))
+
+
+def _stats_for_prepare(x: np.ndarray) -> LeafStats | None:
+    """count_special's statistics of ``x`` if it has just counted ``x`` in this
+    thread (taken once: a caller may change the array afterwards), else a new pass."""
+    entry = getattr(_last, "entry", None)
+    _last.entry = None
+    if entry is not None and entry[0]() is x:
+        return entry[1]
+    return _native_stats(x)
+
+
 def _reduced(rows, lead_shape, axis: int, size: int) -> SliceStats:
     """Slice statistics along ``axis`` of the leading axes from the flat rows'."""
     others = tuple(a for a in range(len(lead_shape)) if a != axis)
@@ -123,10 +157,10 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     analysis (special or far values, or a layout the native pass does not read).
     """
     x = np.asarray(x)
-    x32 = x.astype(np.float32, copy=False)
-    stats = leaf_stats(x32, views.extreme_limit(x.dtype))
+    stats = _stats_for_prepare(x)
     if stats is None or stats.special:
         return None
+    x32 = x.astype(np.float32, copy=False)
     if view == "auto":
         chosen = views.view_from_rms(stats.shape, [a.rms for a in stats.axes],
                                      views.sharded_axes(shards))
@@ -135,8 +169,10 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     rows = view_rows(stats, chosen)
     if rows is None or may_have_far_values(rows):
         return None
-    # The identity view of a C-contiguous leaf is a reshape: no copy.
-    matrix = np.ascontiguousarray(chosen.to_matrix(x32))
+    # The identity view of a C-contiguous leaf is a reshape, and a view whose
+    # rows are the leaf's last axis is its transpose: the encoder reads both
+    # without a copy (codec.encodable).
+    matrix = codec.encodable(chosen.to_matrix(x32))
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared
                else rows.mean)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxjpeg import codec, format as fmt, layout, storage, views
+from jaxjpeg import analysis, codec, format as fmt, layout, storage
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
@@ -191,7 +191,7 @@ def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
     extreme (those are kept exactly in the leaf's side list)."""
     if not policy.should_compress(name, array):
         return False
-    return views.count_special(array) <= MAX_KEPT_FRACTION * array.size
+    return analysis.count_special(array) <= MAX_KEPT_FRACTION * array.size
 
 
 def _check_storable(name: str, array: np.ndarray) -> None:

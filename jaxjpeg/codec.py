@@ -346,7 +346,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
             # It maps each block's weights to samples as it codes them
             # (mapping.to_samples): no copy of the tile.
             data, starts = _native.encode_mapped(
-                _rows_contiguous(p.matrix[r:r + h, c:c + w]), scale[r:r + h], offset[r:r + h],
+                encodable(p.matrix[r:r + h, c:c + w]), scale[r:r + h], offset[r:r + h],
                 table, bits=bits, restart_interval=restart_interval, with_intervals=True)
         else:
             data, starts = _native.encode(np.ascontiguousarray(shaped[r:r + h, c:c + w]), table,
@@ -366,13 +366,19 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                          p.outliers)
 
 
-def _rows_contiguous(tile: np.ndarray) -> np.ndarray:
-    """A float32 tile whose rows are contiguous (what the encoder reads), as
-    it is when it already is (a slice of a C-order matrix)."""
-    if tile.dtype == np.float32 and (tile.shape[1] <= 1 or tile.strides[1] == 4) \
-            and (tile.shape[0] <= 1 or tile.strides[0] >= 4 * tile.shape[1]):
+def encodable(tile: np.ndarray) -> np.ndarray:
+    """A float32 tile whose rows or columns are contiguous (what the encoder
+    reads), as it is when it already is (a slice of a C-order matrix or of
+    its transpose)."""
+    if tile.dtype == np.float32 and (_contiguous_lines(tile.shape, tile.strides)
+                                     or _contiguous_lines(tile.shape[::-1], tile.strides[::-1])):
         return tile
     return np.ascontiguousarray(tile, np.float32)
+
+
+def _contiguous_lines(shape, strides) -> bool:
+    """Whether a 2-D float32 layout has contiguous, non-overlapping rows."""
+    return (shape[1] <= 1 or strides[1] == 4) and (shape[0] <= 1 or strides[0] >= 4 * shape[1])
 
 
 _TILE_POOL: list = []

@@ -189,9 +189,11 @@ def column_scales(col_weight, cols: int, max_ratio: float = 16.0) -> np.ndarray:
 def _f16_up(x) -> np.ndarray:
     """float64 values rounded up to float16-representable ones where float16 holds them."""
     x = np.asarray(x, np.float64)
+    ok = (x >= _F16_MIN_NORMAL) & (x <= _F16_MAX / 2)
+    if not ok.any():   # e.g. the tiny scales of small weights: numpy would signal
+        return x       # underflow for every one it converts, only to keep x
     h = x.astype(np.float16).astype(np.float64)
     h = np.where(h < x, np.nextafter(h.astype(np.float16), np.float16(np.inf)).astype(np.float64), h)
-    ok = (x >= _F16_MIN_NORMAL) & (x <= _F16_MAX / 2)
     return np.where(ok, h, x)
 
 

@@ -36,6 +36,17 @@ def test_matrix_stats_match_numpy(shape):
     _check_stats(cols, x, 0)
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (2, 4), (7, 9), (64, 768), (33, 1030)])
+def test_matrix_stats_give_the_same_bits_with_and_without_avx2(shape):
+    x = _laplace(shape, seed=shape[0])
+    x.reshape(-1)[::97] = np.nan
+    x.reshape(-1)[5::89] = 3e30
+    wide, portable = _native.matrix_stats(x, 1e30), _native.matrix_stats(x, 1e30, avx2=False)
+    assert wide[0] == portable[0] > 0
+    for got, want in zip(wide[1] + wide[2], portable[1] + portable[2]):
+        assert got.tobytes() == want.tobytes()
+
+
 def test_matrix_stats_read_rows_of_a_larger_matrix_and_count_special_values():
     big = _laplace((40, 50))
     big[3, 7], big[5, 2], big[9, 30], big[12, 12] = np.nan, np.inf, -3e4, 2e4
@@ -69,6 +80,27 @@ def test_encode_mapped_writes_the_bytes_of_encode_of_to_samples(bits, step, shap
     expected = _native.encode(mapping.to_samples(tile, scale, offset, bits), table, bits=bits,
                               restart_interval=8, with_intervals=True)
     got = _native.encode_mapped(tile, scale, offset, table, bits=bits, restart_interval=8,
+                                with_intervals=True)
+    assert got[0] == expected[0]
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 83), (1, 5), (5, 1), (512, 40)])
+def test_encode_mapped_reads_a_transposed_tile_as_its_copy(shape):
+    """A slice of a C-order matrix's transpose (columns contiguous: a leaf
+    whose view puts its last axis on rows) codes to its copy's bytes."""
+    source = _laplace((shape[1] + 5, shape[0] + 3), seed=shape[0])
+    tile = source.T[2:2 + shape[0], 4:4 + shape[1]]
+    assert min(shape) == 1 or not tile.flags.c_contiguous
+    copy = np.ascontiguousarray(tile)
+    p = codec.prepare(copy)
+    _, scale, offset = mapping.row_affine(p.matrix, 12, clip="common", scale=p.common_scale(12),
+                                          stats=p.row_stats(), with_samples=False)
+    table = np.full(64, 100, np.uint16)
+    expected = _native.encode_mapped(copy, scale, offset, table, bits=12, restart_interval=8,
+                                     with_intervals=True)
+    assert codec.encodable(tile) is tile   # no copy on the way
+    got = _native.encode_mapped(tile, scale, offset, table, bits=12, restart_interval=8,
                                 with_intervals=True)
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
@@ -118,10 +150,13 @@ def test_one_pass_analysis_chooses_what_the_full_one_does(shape, view):
 
 
 def test_one_pass_analysis_is_what_a_default_save_uses():
-    x = _laplace((64, 48))
-    p = rate.prepare_leaf(x)
-    assert "squares" in p.scales   # from analysis.prepare_plain
-    assert np.shares_memory(p.matrix, x) or p.view != views.MatrixView.default(2)
+    x = _laplace((64, 48))   # its columns differ in scale: they become the view's rows
+    flipped = np.ascontiguousarray(x.T)   # the same weights, the identity view
+    for leaf, perm in ((x, (1, 0)), (flipped, (0, 1))):
+        p = rate.prepare_leaf(leaf)
+        assert "squares" in p.scales   # from analysis.prepare_plain
+        assert p.view.perm == perm
+        assert np.shares_memory(p.matrix, leaf)   # the view itself, not a copy
 
 
 def test_one_pass_analysis_leaves_special_and_far_values_to_the_full_one():
@@ -154,6 +189,31 @@ def test_one_pass_analysis_of_bfloat16_and_non_contiguous_leaves():
     fast = analysis.prepare_plain(strided, "auto")   # astype leaves it strided: full path
     assert fast is None
     assert rate.prepare_leaf(strided).view == _full_analysis(strided).view
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_count_special_counts_what_views_counts(dtype):
+    x = _laplace((40, 24)).astype(dtype)
+    x[1, 2], x[3, 4], x[5, 6] = np.nan, np.inf, -np.inf
+    x[7, 8] = 3e4 if dtype == np.float16 else 1e31 if dtype == np.float32 else 3e38
+    for leaf in (x, x[:, ::2], x[0, 0], x.reshape(-1)):   # strided and 0-d: numpy path
+        assert analysis.count_special(leaf) == views.count_special(leaf)
+
+
+def test_preparing_a_leaf_just_counted_takes_the_counts_pass(monkeypatch):
+    x = _laplace((64, 48))
+    passes = []
+    real = _native.matrix_stats
+    monkeypatch.setattr(_native, "matrix_stats", lambda *a: passes.append(1) or real(*a))
+    assert analysis.count_special(x) == 0
+    p = analysis.prepare_plain(x, "auto")
+    assert len(passes) == 1   # one pass over the leaf for both
+    q = analysis.prepare_plain(x, "auto")   # taken once: a later call reads the leaf again
+    assert len(passes) == 2
+    assert p.view == q.view and p.scales["squares"] == q.scales["squares"]
+    analysis.count_special(x)
+    analysis.prepare_plain(x.copy(), "auto")   # another array: its own pass
+    assert len(passes) == 4
 
 
 def test_constant_leaves_take_the_one_pass_path():

@@ -7,7 +7,7 @@ from PIL import Image
 import io
 
 import jaxjpeg
-from jaxjpeg import _native, codec
+from jaxjpeg import _native, codec, mapping
 
 
 def _gauss(shape, seed=0, scale=0.05):
@@ -239,3 +239,13 @@ def test_each_dct_basis_image_codes_to_its_one_coefficient(bits):
             decoded = _native.decode_samples(_native.encode(samples, table, bits=bits, rdo=False))
             err = np.abs(decoded.astype(np.float64) - samples)
             assert err.max() < 1.0, (u, v, err.max())
+
+
+@pytest.mark.parametrize("values", [[4.6e-5, 1e-9, 0.0], [4.6e-5, 0.3, 4e4, 1.0], [0.3, 2.5]])
+def test_float16_rounding_up_of_scales_keeps_what_float16_cannot_hold(values):
+    x = np.array(values)
+    with np.errstate(all="ignore"):
+        h = x.astype(np.float16)
+        up = np.where(h.astype(np.float64) < x, np.nextafter(h, np.float16(np.inf)), h)
+    in_range = (x >= np.finfo(np.float16).tiny) & (x <= np.finfo(np.float16).max / 2)
+    np.testing.assert_array_equal(mapping._f16_up(x), np.where(in_range, up, x))

@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_executor.h"
@@ -419,13 +420,26 @@ py::ssize_t RowStride(const py::array& a, const char* what) {
   return a.strides(0) / item;
 }
 
+// The layout of a 2-D float32 tile the encoder reads: (stride, transposed).
+// Rows contiguous (RowStride), or else columns contiguous, value (y, x) at
+// x * stride + y: a transposed view of a C-order matrix, coded without a copy.
+std::pair<py::ssize_t, bool> TileLayout(const py::array& a, const char* what) {
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(float));
+  if (a.ndim() == 2 && a.dtype().equal(py::dtype::of<float>()) && a.shape(1) > 1 &&
+      a.strides(1) != item && (a.shape(0) <= 1 || a.strides(0) == item) &&
+      a.strides(1) % item == 0 && a.strides(1) / item >= a.shape(0)) {
+    return {a.strides(1) / item, true};
+  }
+  return {RowStride(a, what), false};
+}
+
 py::object EncodeMapped(const py::array& weights,
                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
                         const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
                         int bits, int restart_interval, bool optimize, bool rdo,
                         bool with_intervals) {
-  const py::ssize_t stride = RowStride(weights, "weights");
+  const auto [stride, transposed] = TileLayout(weights, "weights");
   const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
@@ -442,13 +456,13 @@ py::object EncodeMapped(const py::array& weights,
     py::gil_scoped_release release;
     s = EncodeMappedGrayscale(static_cast<const float*>(weights.data()), static_cast<int>(w),
                               static_cast<int>(h), stride, row_scale.data(), row_offset.data(),
-                              options, &out, &starts);
+                              options, &out, &starts, transposed);
   }
   Check(s, "encode_mapped");
   return EncodedResult(out, starts, with_intervals);
 }
 
-py::tuple MatrixStatsOf(const py::array& matrix, float limit) {
+py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
   const py::ssize_t stride = RowStride(matrix, "matrix");
   const py::ssize_t rows = matrix.shape(0), cols = matrix.shape(1);
   py::array_t<double> row_sum(rows), row_squares(rows), col_sum(cols), col_squares(cols);
@@ -460,7 +474,7 @@ py::tuple MatrixStatsOf(const py::array& matrix, float limit) {
   {
     py::gil_scoped_release release;
     s = ComputeMatrixStats(static_cast<const float*>(matrix.data()), rows, cols, stride, limit,
-                           &stats);
+                           &stats, avx2);
   }
   Check(s, "matrix_stats");
   return py::make_tuple(stats.special, py::make_tuple(row_sum, row_squares, row_min, row_max),
@@ -532,12 +546,15 @@ PYBIND11_MODULE(_native, m) {
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
         py::arg("with_intervals") = false,
         "encode() of the samples of float32 weights (rows contiguous, e.g. a slice of a "
-        "matrix) under per-row maps: clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
+        "matrix, or columns contiguous, e.g. a slice of its transpose) under per-row maps: "
+        "clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
         "row_scale <= 0 taken as 1 (mapping.to_samples), computed as the blocks are coded.");
   m.def("matrix_stats", &MatrixStatsOf, py::arg("matrix"), py::arg("limit"),
+        py::arg("avx2") = true,
         "One pass over a 2-D float32 matrix (rows contiguous): (count of values with "
         "!(|x| <= limit), (row sum, row sum of squares, row min, row max), (the same per "
-        "column)); sums in float64.");
+        "column)); sums in float64. avx2=False: the portable code even where the CPU has "
+        "AVX2 (the same bits; for tests).");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");

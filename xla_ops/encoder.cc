@@ -23,7 +23,9 @@ constexpr size_t kMaxCodedBlockBytes = 512;
 // Arguments
 
 // Where the encoder reads its samples: a tile of samples, or a tile of
-// weights with each row's map to samples (EncodeMappedGrayscale).
+// weights with each row's map to samples (EncodeMappedGrayscale), stored
+// row by row (value (y, x) at data[y * stride + x]) or, transposed, column by
+// column (at data[x * stride + y]: a transposed view of a C-order matrix).
 struct SampleSource {
   const float* data;
   std::ptrdiff_t stride;
@@ -31,6 +33,7 @@ struct SampleSource {
   int height;
   const float* row_scale;   // null: data holds samples
   const float* row_offset;
+  bool transposed = false;
 };
 
 Status ValidateArguments(const SampleSource& source, const EncodeOptions& options,
@@ -43,7 +46,9 @@ Status ValidateArguments(const SampleSource& source, const EncodeOptions& option
       source.height > kMaxDimension) {
     return Status::kBadSize;
   }
-  if (source.stride < source.width) return Status::kBadArgument;
+  if (source.stride < (source.transposed ? source.height : source.width)) {
+    return Status::kBadArgument;
+  }
   if (options.bits != 8 && options.bits != 12) return Status::kBadArgument;
   if (options.restart_interval < 0 || options.restart_interval > 65535) return Status::kBadArgument;
   const int max_step = options.bits == 8 ? 255 : 65535;
@@ -69,33 +74,80 @@ BlockGrid MakeBlockGrid(int width, int height) {
   return {bx, by, static_cast<int64_t>(bx) * by};
 }
 
-// The 8x8 block with top-left sample (x0, y0), clamped to [0, max_sample]
-// (NaN compares false and becomes 0) and level-shifted by `center`; outside
-// the image the last column/row is repeated. Weights are mapped to samples
-// first, as mapping.to_samples does: (w - offset) / scale in float32, a
-// scale <= 0 (a constant row) taken as 1.
+// Four weights mapped to samples as mapping.to_samples does, (w - offset) /
+// divisor in float32 (one lane at a time would round the same), clamped to
+// [0, top] (NaN compares false and becomes 0), then level-shifted by middle.
+inline Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 top,
+                              Float4 middle, bool mapped) {
+  const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (mapped) v = (v - offset) / divisor;
+  v = v > zero ? v : zero;
+  v = v < top ? v : top;
+  return v - middle;
+}
+
+// A row's map: its offset and divisor (a scale <= 0, a constant row, taken
+// as 1).
+inline void RowMap(const SampleSource& source, int y, float* offset, float* divisor) {
+  *offset = source.row_offset[y];
+  *divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
+}
+
+// The 8x8 block with top-left sample (x0, y0), centered samples (as
+// CenteredSamples) in row-major order; outside the image the last column/row
+// is repeated.
 void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_sample,
                          float center, float block[64]) {
-  const bool full_width = x0 + 8 <= source.width;
-  for (int r = 0; r < 8; ++r) {
-    const int y = y0 + r < source.height ? y0 + r : source.height - 1;
-    const float* row = source.data + y * source.stride;
-    float values[8];
-    if (full_width) {
-      std::memcpy(values, row + x0, sizeof(values));
+  const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+  const Float4 top = zero + max_sample, middle = zero + center;
+  const bool mapped = source.row_scale != nullptr;
+  if (!source.transposed) {
+    const bool full_width = x0 + 8 <= source.width;
+    for (int r = 0; r < 8; ++r) {
+      const int y = y0 + r < source.height ? y0 + r : source.height - 1;
+      const float* row = source.data + y * source.stride;
+      alignas(16) float values[8];
+      if (full_width) {
+        std::memcpy(values, row + x0, sizeof(values));
+      } else {
+        for (int c = 0; c < 8; ++c) values[c] = row[x0 + c < source.width ? x0 + c : source.width - 1];
+      }
+      float offset = 0.0f, divisor = 1.0f;
+      if (mapped) RowMap(source, y, &offset, &divisor);
+      for (int half = 0; half < 8; half += 4) {
+        StoreFloat4(block + r * 8 + half, CenteredSamples(LoadFloat4(values + half), zero + offset,
+                                                          zero + divisor, top, middle, mapped));
+      }
+    }
+    return;
+  }
+  // Transposed: each of the block's columns is 8 contiguous values, mapped
+  // lane by lane with its rows' maps, then the block is transposed.
+  const bool full_height = y0 + 8 <= source.height;
+  alignas(16) float offsets[8] = {}, divisors[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  if (mapped) {
+    for (int r = 0; r < 8; ++r) {
+      RowMap(source, y0 + r < source.height ? y0 + r : source.height - 1, offsets + r, divisors + r);
+    }
+  }
+  Float4 half[2][8];  // half[h][c]: rows 4h..4h+3 of column c
+  for (int c = 0; c < 8; ++c) {
+    const int x = x0 + c < source.width ? x0 + c : source.width - 1;
+    const float* column = source.data + x * source.stride;
+    alignas(16) float values[8];
+    if (full_height) {
+      std::memcpy(values, column + y0, sizeof(values));
     } else {
-      for (int c = 0; c < 8; ++c) values[c] = row[x0 + c < source.width ? x0 + c : source.width - 1];
+      for (int r = 0; r < 8; ++r) values[r] = column[y0 + r < source.height ? y0 + r : source.height - 1];
     }
-    if (source.row_scale != nullptr) {
-      const float offset = source.row_offset[y];
-      const float divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
-      for (int c = 0; c < 8; ++c) values[c] = (values[c] - offset) / divisor;
+    for (int h = 0; h < 2; ++h) {
+      half[h][c] = CenteredSamples(LoadFloat4(values + 4 * h), LoadFloat4(offsets + 4 * h),
+                                   LoadFloat4(divisors + 4 * h), top, middle, mapped);
     }
-    for (int c = 0; c < 8; ++c) {
-      float v = values[c] > 0.0f ? values[c] : 0.0f;
-      v = v < max_sample ? v : max_sample;
-      block[r * 8 + c] = v - center;
-    }
+  }
+  Transpose8x8(half);  // half[h][r]: columns 4h..4h+3 of row r
+  for (int h = 0; h < 2; ++h) {
+    for (int r = 0; r < 8; ++r) StoreFloat4(block + r * 8 + 4 * h, half[h][r]);
   }
 }
 
@@ -246,21 +298,32 @@ constexpr uint8_t kZeroRun16 = 0xF0;
 // block's later values are taken as plain rounding left them). DC is left
 // alone (coded differentially, 1/64 of the values). Symbols are priced with
 // the optimal code lengths of plainly rounded values in a sample of the
-// tile's block rows (SampleSymbolCosts).
+// tile's block rows (SampleRdoPrices).
 //
 // lambda = ln 2 / 6 ~ 0.1155 is the slope -dD/dR of uniform quantization at
 // high rate (D = step^2 / 12, dD/dR = -2 ln 2 D), in step^2 per bit; 0.10 to
 // 0.14 measured alike on Gaussian and Laplacian weights.
 constexpr float kRdoLambda = 0.12f;
 
-// Bit k set when AC value k (zig-zag) is an RDO candidate: plain rounding
-// moved it up (away from zero) to a nonzero power of two.
-inline uint64_t RdoCandidates(const int16_t zigzag[64], const float scaled[64]) {
+// What RDO needs of one block's plain rounding: the candidates (bit k: AC
+// value k, zig-zag, that rounding moved up, away from zero, to a nonzero
+// power of two), those of them of magnitude 1 (lowering one to zero changes
+// the runs every later value sees), and the squared error, in step^2, that
+// lowering each value would add: (1 - d)^2 - d^2 with d its rounding distance.
+struct RdoCandidates {
+  uint64_t all;
+  uint64_t units;
+  alignas(16) float penalty[64];
+};
+
+inline void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
+                              RdoCandidates* out) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   const __m128i one = _mm_set1_epi16(1);
   const __m128 sign = _mm_set1_ps(-0.0f);
-  uint64_t mask = 0;
+  const __m128 unit = _mm_set1_ps(1.0f);
+  uint64_t all = 0, units = 0;
   for (int i = 0; i < 8; ++i) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + 8 * i));
     const __m128i magnitude = _mm_max_epi16(v, _mm_sub_epi16(zero, v));
@@ -273,19 +336,33 @@ inline uint64_t RdoCandidates(const int16_t zigzag[64], const float scaled[64]) 
     const __m128i rounded_up = _mm_packs_epi32(_mm_castps_si128(_mm_cmpgt_ps(low, a_low)),
                                                _mm_castps_si128(_mm_cmpgt_ps(high, a_high)));
     const __m128i candidate = _mm_and_si128(power_of_two, rounded_up);
-    const int bits = _mm_movemask_epi8(_mm_packs_epi16(candidate, zero)) & 0xFF;
-    mask |= static_cast<uint64_t>(bits) << (8 * i);
+    const __m128i unit_candidate = _mm_and_si128(candidate, _mm_cmpeq_epi16(magnitude, one));
+    all |= static_cast<uint64_t>(_mm_movemask_epi8(_mm_packs_epi16(candidate, zero)) & 0xFF)
+           << (8 * i);
+    units |= static_cast<uint64_t>(_mm_movemask_epi8(_mm_packs_epi16(unit_candidate, zero)) &
+                                   0xFF)
+             << (8 * i);
+    const __m128 d_low = _mm_sub_ps(low, a_low), d_high = _mm_sub_ps(high, a_high);
+    const __m128 e_low = _mm_sub_ps(unit, d_low), e_high = _mm_sub_ps(unit, d_high);
+    _mm_store_ps(out->penalty + 8 * i,
+                 _mm_sub_ps(_mm_mul_ps(e_low, e_low), _mm_mul_ps(d_low, d_low)));
+    _mm_store_ps(out->penalty + 8 * i + 4,
+                 _mm_sub_ps(_mm_mul_ps(e_high, e_high), _mm_mul_ps(d_high, d_high)));
   }
-  return mask & ~uint64_t{1};
+  out->all = all & ~uint64_t{1};
+  out->units = units & ~uint64_t{1};
 #else
-  uint64_t mask = 0;
+  out->all = out->units = 0;
   for (int k = 1; k < 64; ++k) {
     const int v = zigzag[k] < 0 ? -zigzag[k] : zigzag[k];
     const float a = scaled[k] < 0 ? -scaled[k] : scaled[k];
     const bool power_of_two = (v & (v - 1)) == 0;  // v == 0 excluded below: a >= 0
-    mask |= static_cast<uint64_t>(power_of_two && static_cast<float>(v) > a) << k;
+    const bool candidate = power_of_two && static_cast<float>(v) > a;
+    out->all |= static_cast<uint64_t>(candidate) << k;
+    out->units |= static_cast<uint64_t>(candidate && v == 1) << k;
+    const float d = static_cast<float>(v) - a;
+    out->penalty[k] = (1.0f - d) * (1.0f - d) - d * d;
   }
-  return mask;
 #endif
 }
 
@@ -294,64 +371,123 @@ inline int CostOf(const uint8_t cost[256], int run, int category) {
   return (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category];
 }
 
-// Requantizes the AC values of one block in place, candidates in zig-zag
-// order (each sees the runs that earlier decisions left). scaled:
-// coefficient/step (clamped, zig-zag), zigzag: its plain rounding on entry;
-// nonzero: its NonzeroAcMask, kept up to date; candidates: RdoCandidates;
-// cost: code length of each AC symbol (unused symbols: 16).
-void RdoQuantizeBlock(const float scaled[64], int16_t zigzag[64], uint64_t* nonzero_mask,
-                      uint64_t candidates, const uint8_t cost[256]) {
-  uint64_t nonzero = *nonzero_mask | 1;  // bit 0: runs start after DC
-  while (candidates != 0) {
-    const int k = __builtin_ctzll(candidates);
-    candidates &= candidates - 1;
-    const int value = zigzag[k];
-    const int hi = value < 0 ? -value : value;
-    const uint64_t below = nonzero & ((uint64_t{1} << k) - 1);
-    const int run = k - (63 - __builtin_clzll(below)) - 1;
-    const uint64_t later = k < 63 ? nonzero >> (k + 1) : 0;
-    int delta;
-    if (hi > 1) {
-      const int category = NonzeroCategory(hi);
-      delta = CostOf(cost, run, category) - CostOf(cost, run, category - 1) + 1;
-    } else if (later != 0) {  // the next value's run absorbs this one's
-      const int r2 = __builtin_ctzll(later);
-      const int next_category = NonzeroCategory(zigzag[k + 1 + r2]);
-      delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
-              CostOf(cost, run + 1 + r2, next_category);
-    } else {                  // the block then ends earlier (EOB saved at k == 63)
-      delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
+// RDO's prices in one tile: the code length of each AC symbol (unused ones:
+// 16), and for a value of category c >= 2 after r zeros (the symbol
+// (r & 15) << 4 | c), lambda times the bits that lowering it one category
+// saves: the most squared error that lowering may add (the ZRLs of a long
+// run cost the same either way).
+struct RdoPrices {
+  uint8_t cost[256];
+  float lowering_gain[256];
+
+  explicit RdoPrices(const HuffmanCodeTable& table) {
+    for (int i = 0; i < 256; ++i) cost[i] = table.length[i] ? table.length[i] : 16;
+    for (int i = 0; i < 256; ++i) {
+      const int delta = (i & 15) >= 2 ? cost[i] - cost[i - 1] + 1 : 0;
+      lowering_gain[i] = kRdoLambda * delta;
     }
-    const float d = hi - std::fabs(scaled[k]);  // rounding distance, in (0, 0.5]
-    const bool lower = (1.0f - d) * (1.0f - d) - d * d < kRdoLambda * delta;
-    // value - sign(value) where lowered, unchanged elsewhere, without branches.
-    const int step = static_cast<int>(lower) * ((value > 0) - (value < 0));
-    zigzag[k] = static_cast<int16_t>(value - step);
-    nonzero &= ~(static_cast<uint64_t>(lower && hi == 1) << k);
   }
-  *nonzero_mask = nonzero & ~uint64_t{1};
+};
+
+// Whether RDO lowers the unit candidate at k to zero, `run` zeros after the
+// previous nonzero value; `later`: the nonzero values after k (as plain
+// rounding left them: decided after this one). Lowering a 1 to 0 saves its
+// symbol and extra bit but lengthens the next value's run, or at the end of
+// the block costs the EOB it had no need of at k == 63.
+inline bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
+                       const uint8_t category[64], const uint8_t cost[256]) {
+  int delta;
+  if (later != 0) {  // the next value's run absorbs this one's
+    const int r2 = __builtin_ctzll(later);
+    const int next_category = category[k + 1 + r2];
+    delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
+            CostOf(cost, run + 1 + r2, next_category);
+  } else {
+    delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
+  }
+  return rdo.penalty[k] < kRdoLambda * delta;
 }
+
+// Run of zeros before k in `nonzero` (bit 0 set: runs start after DC).
+inline int RunBefore(uint64_t nonzero, int k) {
+  return k - (63 - __builtin_clzll(nonzero & ((uint64_t{1} << k) - 1))) - 1;
+}
+
+// The nonzero AC values left once RDO has decided the unit candidates, in
+// zig-zag order: each sees the runs that earlier decisions left. A decision
+// is first taken with the run plain rounding left, so decisions do not wait
+// on each other, and taken again in the rare case that the value before it
+// was lowered to zero (about 8% of unit candidates are).
+inline uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
+                          const uint8_t category[64], const uint8_t cost[256]) {
+  const uint64_t plain = nonzero | 1;
+  nonzero = plain;
+  uint64_t units = rdo.units;
+  while (units != 0) {
+    const int k = __builtin_ctzll(units);
+    units &= units - 1;
+    const uint64_t later = k < 63 ? plain >> (k + 1) : 0;
+    const int run = RunBefore(plain, k);
+    bool lower = UnitLowers(rdo, k, run, later, category, cost);
+    if (!((nonzero >> (k - run - 1)) & 1)) {  // the value before was lowered to zero
+      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, cost);
+    }
+    nonzero &= ~(static_cast<uint64_t>(lower) << k);
+  }
+  return nonzero & ~uint64_t{1};
+}
+
+// One block's quantized values (zig-zag order), their NonzeroAcMask and, with
+// RDO, its candidates.
+struct QuantizedBlock {
+  alignas(16) int16_t zigzag[64];
+  uint64_t nonzero;
+  RdoCandidates rdo;
+};
 
 // Emits the symbols of one block to `sink` (a histogram or a symbol
 // recorder), so every pass shares one definition of the symbol stream.
-// nonzero: NonzeroAcMask(zigzag).
-template <class Sink>
-inline void CodeBlock(const int16_t zigzag[64], uint64_t nonzero, int dc_difference, Sink& sink) {
+// kRdo: RDO decides the block's candidates first, those of magnitude 1
+// (DropUnits), then each larger one as its symbol is emitted: lowering it
+// changes no run, so the run it sees is final. Returns the block's DC value.
+template <bool kRdo, class Sink>
+inline int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
+                     Sink& sink) {
+  const int dc = block.zigzag[0];
+  const int dc_difference = dc - previous_dc;
   const int dc_category = MagnitudeCategory(dc_difference);
   sink.Dc(dc_category, ExtraBits(dc_difference, dc_category), dc_category);
   CoefficientCodes codes;
-  ComputeCoefficientCodes(zigzag, &codes);
+  ComputeCoefficientCodes(block.zigzag, &codes);
+  uint64_t nonzero = block.nonzero;
+  uint64_t lowerable = 0;
+  if (kRdo) {
+    if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, prices->cost);
+    lowerable = block.rdo.all & ~block.rdo.units;
+  }
   int last = 0;
   while (nonzero != 0) {
     const int k = __builtin_ctzll(nonzero);
     nonzero &= nonzero - 1;
     int run = k - last - 1;
+    uint32_t category = codes.category[k];
+    uint32_t extra = codes.extra[k];
+    if (kRdo) {  // without branches: candidates are frequent and unpredictable
+      const uint32_t lower = static_cast<uint32_t>((lowerable >> k) & 1) &
+                             (block.rdo.penalty[k] < prices->lowering_gain[((run & 15) << 4) | category]);
+      // value - sign(value): one category down, and its extra bits (the
+      // value when positive, value - 1 when negative) move by the same one.
+      const uint32_t sign = block.zigzag[k] > 0 ? 1u : ~0u;
+      category -= lower;
+      extra = (extra - (sign & (0u - lower))) & 0xFFFF;
+    }
     for (; run >= 16; run -= 16) sink.Ac(kZeroRun16, 0, 0);
-    // The sink keeps the low `category` bits of codes.extra[k].
-    sink.Ac(static_cast<uint8_t>((run << 4) | codes.category[k]), codes.extra[k], codes.category[k]);
+    // The sink keeps the low `category` bits of extra.
+    sink.Ac(static_cast<uint8_t>((run << 4) | category), extra, static_cast<int>(category));
     last = k;
   }
   if (last != 63) sink.Ac(kEndOfBlock, 0, 0);
+  return dc;
 }
 
 struct HistogramSink {
@@ -374,12 +510,13 @@ class SymbolRecorder {
   // Room for the most symbols `blocks` blocks can have (may throw
   // std::bad_alloc); pages never written are never touched.
   explicit SymbolRecorder(int64_t blocks)
-      : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]) {}
+      : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]),
+        end_(entries_.get()) {}
 
   void Dc(int symbol, uint32_t bits, int) { Record(kDcIndex + symbol, bits); }
   void Ac(int symbol, uint32_t bits, int) { Record(symbol, bits); }
 
-  size_t size() const { return size_; }
+  size_t size() const { return static_cast<size_t>(end_ - entries_.get()); }
   const uint32_t* entries() const { return entries_.get(); }
   SymbolHistogram Histogram(int first) const {
     SymbolHistogram h;
@@ -389,11 +526,14 @@ class SymbolRecorder {
 
  private:
   void Record(int index, uint32_t bits) {
-    entries_[size_++] = (static_cast<uint32_t>(index) << 16) | bits;
+    *end_++ = (static_cast<uint32_t>(index) << 16) | bits;
     ++count_[index];
   }
-  size_t size_ = 0;
   std::unique_ptr<uint32_t[]> entries_;
+  // Where the next symbol goes: a pointer, not a size_t count, so the
+  // compiler may keep it in a register (a uint64_t count_ store could alias
+  // a size_t, which would be reloaded after each one).
+  uint32_t* end_;
   uint64_t count_[512] = {};
 };
 
@@ -402,30 +542,23 @@ inline bool StartsInterval(int64_t block, int restart_interval) {
   return restart_interval > 0 && block % restart_interval == 0;
 }
 
-// One block's quantized values (zig-zag order), coefficient / step (RDO) and
-// masks.
-struct QuantizedBlock {
-  alignas(16) int16_t zigzag[64];
-  alignas(16) float scaled[64];
-  uint64_t nonzero;
-  uint64_t candidates;
-};
-
 class BlockQuantizer {
  public:
   BlockQuantizer(const SampleSource& source, const EncodeOptions& options)
       : source_(source), basis_(ForwardDctBasis()), quantizer_(MakeQuantizer(options)),
         max_sample_(static_cast<float>((1 << options.bits) - 1)),
-        center_(static_cast<float>(1 << (options.bits - 1))), rdo_(options.rdo) {}
+        center_(static_cast<float>(1 << (options.bits - 1))) {}
 
-  void Quantize(int bx, int by, QuantizedBlock* out) const {
+  // with_rdo: out->rdo filled in too.
+  void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
     alignas(32) float block[64];
     alignas(32) float coefficients[64];
+    alignas(16) float scaled[64];
     GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
     ForwardDct8x8(basis_, block, coefficients);
-    QuantizeToZigzag(coefficients, quantizer_, out->zigzag, out->scaled);
+    QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
     out->nonzero = NonzeroAcMask(out->zigzag);
-    out->candidates = rdo_ ? RdoCandidates(out->zigzag, out->scaled) : 0;
+    if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
   }
 
  private:
@@ -434,7 +567,6 @@ class BlockQuantizer {
   const Quantizer quantizer_;
   const float max_sample_;
   const float center_;
-  const bool rdo_;
 };
 
 // The code length of each AC symbol (unused ones: 16) under the optimal
@@ -451,30 +583,59 @@ int CostSampleRowStep(const BlockGrid& grid) {
   return static_cast<int>(step < 1 ? 1 : step > kMaxCostSampleRowStep ? kMaxCostSampleRowStep : step);
 }
 
-void SampleSymbolCosts(const BlockQuantizer& quantizer, const BlockGrid& grid,
-                       int restart_interval, uint8_t cost[256]) {
+// The blocks of the sampled rows, with their RDO candidates, kept for
+// RecordSymbols (they are quantized once), up to kMaxKeptSampleBlocks
+// (~3.4 MB): a larger tile's are quantized again.
+constexpr size_t kMaxKeptSampleBlocks = 8192;
+
+class SampledBlocks {
+ public:
+  SampledBlocks(const BlockGrid& grid, int row_step)
+      : row_step_(row_step), blocks_x_(grid.blocks_x) {
+    const int64_t rows = (grid.blocks_y + row_step - 1) / row_step;
+    if (static_cast<uint64_t>(rows * grid.blocks_x) <= kMaxKeptSampleBlocks) {
+      blocks_.resize(static_cast<size_t>(rows * grid.blocks_x));
+    }
+  }
+  // Where block (bx, by) of a sampled row is kept; null where it is not.
+  QuantizedBlock* Find(int bx, int by) {
+    if (blocks_.empty() || by % row_step_ != 0) return nullptr;
+    return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_ + bx];
+  }
+
+ private:
+  int row_step_;
+  int blocks_x_;
+  std::vector<QuantizedBlock> blocks_;
+};
+
+RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
+                          int restart_interval, SampledBlocks* kept) {
   HistogramSink histogram;
-  QuantizedBlock block;
+  QuantizedBlock scratch;
   for (int by = 0; by < grid.blocks_y; by += CostSampleRowStep(grid)) {
     int previous_dc = 0;
     for (int bx = 0; bx < grid.blocks_x; ++bx) {
       const int64_t index = static_cast<int64_t>(by) * grid.blocks_x + bx;
       if (StartsInterval(index, restart_interval)) previous_dc = 0;
-      quantizer.Quantize(bx, by, &block);
-      CodeBlock(block.zigzag, block.nonzero, block.zigzag[0] - previous_dc, histogram);
-      previous_dc = block.zigzag[0];
+      QuantizedBlock* block = kept->Find(bx, by);
+      if (block == nullptr) block = &scratch;
+      quantizer.Quantize(bx, by, block != &scratch, block);
+      previous_dc = CodeBlock<false>(*block, previous_dc, nullptr, histogram);
     }
   }
-  const HuffmanCodeTable table = BuildCodeTable(BuildOptimalSpec(histogram.ac));
-  for (int i = 0; i < 256; ++i) cost[i] = table.length[i] ? table.length[i] : 16;
+  return RdoPrices(BuildCodeTable(BuildOptimalSpec(histogram.ac)));
 }
 
-// Quantizes every block (RDO included) and records its symbols; the index of
-// the first symbol of each restart interval is appended to interval_symbols.
+// Quantizes every block (RDO included; with it, blocks kept by
+// SampleRdoPrices are taken as they are) and records its symbols; the index
+// of the first symbol of each restart interval is appended to
+// interval_symbols. prices: RDO's (null: no RDO).
+template <bool kRdo>
 void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
-                   const uint8_t* cost, SymbolRecorder* recorder,
+                   const RdoPrices* prices, SampledBlocks* kept, SymbolRecorder* recorder,
                    std::vector<size_t>* interval_symbols) {
-  QuantizedBlock block;
+  QuantizedBlock scratch;
   int previous_dc = 0;
   int64_t index = 0;
   for (int by = 0; by < grid.blocks_y; ++by) {
@@ -483,12 +644,12 @@ void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int r
         previous_dc = 0;
         interval_symbols->push_back(recorder->size());
       }
-      quantizer.Quantize(bx, by, &block);
-      if (block.candidates != 0) {
-        RdoQuantizeBlock(block.scaled, block.zigzag, &block.nonzero, block.candidates, cost);
+      const QuantizedBlock* block = kRdo ? kept->Find(bx, by) : nullptr;
+      if (block == nullptr) {
+        quantizer.Quantize(bx, by, kRdo, &scratch);
+        block = &scratch;
       }
-      CodeBlock(block.zigzag, block.nonzero, block.zigzag[0] - previous_dc, *recorder);
-      previous_dc = block.zigzag[0];
+      previous_dc = CodeBlock<kRdo>(*block, previous_dc, prices, *recorder);
     }
   }
 }
@@ -624,12 +785,17 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   const BlockQuantizer quantizer(source, options);
   // RDO prices symbols with optimal code lengths whatever optimize_huffman
   // says, so the values coded do not depend on it.
-  uint8_t cost[256];
-  if (options.rdo) SampleSymbolCosts(quantizer, grid, options.restart_interval, cost);
   SymbolRecorder recorder(grid.count);
   std::vector<size_t> interval_symbols;
-  RecordSymbols(quantizer, grid, options.restart_interval, options.rdo ? cost : nullptr,
-                &recorder, &interval_symbols);
+  if (options.rdo) {
+    SampledBlocks kept(grid, CostSampleRowStep(grid));
+    const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval, &kept);
+    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &kept, &recorder,
+                        &interval_symbols);
+  } else {
+    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, nullptr, &recorder,
+                         &interval_symbols);
+  }
 
   const HuffmanSpec dc_spec = options.optimize_huffman
                                   ? BuildOptimalSpec(recorder.Histogram(kDcIndex))
@@ -683,10 +849,10 @@ Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff
 Status EncodeMappedGrayscale(const float* weights, int width, int height, std::ptrdiff_t stride,
                              const float* row_scale, const float* row_offset,
                              const EncodeOptions& options, std::vector<uint8_t>* out,
-                             std::vector<int64_t>* interval_starts) {
+                             std::vector<int64_t>* interval_starts, bool transposed) {
   if (row_scale == nullptr || row_offset == nullptr) return Status::kBadArgument;
-  return EncodeSource({weights, stride, width, height, row_scale, row_offset}, options, out,
-                      interval_starts);
+  return EncodeSource({weights, stride, width, height, row_scale, row_offset, transposed},
+                      options, out, interval_starts);
 }
 
 }  // namespace jaxjpeg

@@ -54,14 +54,18 @@ Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff
                        std::vector<int64_t>* interval_starts = nullptr);
 
 // EncodeGrayscale of the samples of a tile of weights under per-row maps:
-// sample(y, x) = (weights[y * stride + x] - row_offset[y]) / row_scale[y] in
-// float32 (a row_scale <= 0, a constant row, divides by 1), clamped as
-// above: what jaxjpeg.mapping.to_samples computes, without its copy.
+// sample(y, x) = (w(y, x) - row_offset[y]) / row_scale[y] in float32 (a
+// row_scale <= 0, a constant row, divides by 1), clamped as above: what
+// jaxjpeg.mapping.to_samples computes, without its copy. w(y, x) is
+// weights[y * stride + x] (stride >= width), or with `transposed`
+// weights[x * stride + y] (stride >= height): a transposed view of a C-order
+// matrix is coded as its copy would be, without the copy.
 // row_scale and row_offset hold `height` values (null: kBadArgument).
 Status EncodeMappedGrayscale(const float* weights, int width, int height, std::ptrdiff_t stride,
                              const float* row_scale, const float* row_offset,
                              const EncodeOptions& options, std::vector<uint8_t>* out,
-                             std::vector<int64_t>* interval_starts = nullptr);
+                             std::vector<int64_t>* interval_starts = nullptr,
+                             bool transposed = false);
 
 }  // namespace jaxjpeg
 

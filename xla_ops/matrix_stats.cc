@@ -3,6 +3,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace jaxjpeg {
 namespace {
 
@@ -27,66 +31,187 @@ inline void Store(T* p, V v) {
 inline Float4 Min(Float4 a, Float4 b) { return b < a ? b : a; }
 inline Float4 Max(Float4 a, Float4 b) { return b > a ? b : a; }
 
-// One row: its statistics returned, the columns' accumulated.
-void AddRow(const float* row, int64_t cols, float limit, MatrixStats* s, int64_t y) {
-  const float inf = std::numeric_limits<float>::infinity();
-  Double2 sum_low = {0, 0}, sum_high = sum_low, squares_low = sum_low, squares_high = sum_low;
-  Float4 low = {inf, inf, inf, inf}, high = -low;
-  Int4 special = {0, 0, 0, 0};
-  const Float4 bound = {limit, limit, limit, limit};
-  const Float4 sign = {-0.0f, -0.0f, -0.0f, -0.0f};
-  int64_t c = 0;
-  for (; c + 4 <= cols; c += 4) {
-    const Float4 x = Load<Float4>(row + c);
-    const Double2 wide_low = {x[0], x[1]}, wide_high = {x[2], x[3]};
-    sum_low += wide_low;
-    sum_high += wide_high;
-    squares_low += wide_low * wide_low;
-    squares_high += wide_high * wide_high;
-    low = Min(low, x);
-    high = Max(high, x);
+#define JAXJPEG_INLINE inline __attribute__((always_inline))
+
+// Four doubles, one per lane of a Float4: two SSE registers (Double2 pairs,
+// lanes 0, 1 and 2, 3), or one AVX register (Double4, where the CPU has
+// AVX2). Each lane's arithmetic is the same either way, so both give the
+// same bits.
+struct DoublePair {
+  Double2 low, high;
+};
+JAXJPEG_INLINE DoublePair operator+(DoublePair a, DoublePair b) { return {a.low + b.low, a.high + b.high}; }
+JAXJPEG_INLINE DoublePair operator*(DoublePair a, DoublePair b) { return {a.low * b.low, a.high * b.high}; }
+
+JAXJPEG_INLINE void Widen(Float4 x, DoublePair* out) {
+#if defined(__SSE2__)
+  const __m128 v = reinterpret_cast<__m128>(x);
+  out->low = reinterpret_cast<Double2>(_mm_cvtps_pd(v));
+  out->high = reinterpret_cast<Double2>(_mm_cvtps_pd(_mm_movehl_ps(v, v)));
+#else
+  out->low = Double2{x[0], x[1]};
+  out->high = Double2{x[2], x[3]};
+#endif
+}
+JAXJPEG_INLINE DoublePair LoadWide(const double* p, DoublePair*) {
+  return {Load<Double2>(p), Load<Double2>(p + 2)};
+}
+JAXJPEG_INLINE void StoreWide(double* p, DoublePair v) {
+  Store(p, v.low);
+  Store(p + 2, v.high);
+}
+JAXJPEG_INLINE double Lane(DoublePair v, int i) { return i < 2 ? v.low[i] : v.high[i - 2]; }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define JAXJPEG_AVX2_STATS 1
+// The Double4 code is always inlined, in the end into AddAllRowsAvx2
+// (compiled for AVX2): GCC's warnings that passing a Double4 by value would
+// change the ABI without AVX do not apply (up to the pop below).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef double Double4 __attribute__((vector_size(32)));
+JAXJPEG_INLINE void Widen(Float4 x, Double4* out) { *out = __builtin_convertvector(x, Double4); }
+JAXJPEG_INLINE Double4 LoadWide(const double* p, Double4*) {
+  Double4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+JAXJPEG_INLINE void StoreWide(double* p, Double4 v) { std::memcpy(p, &v, sizeof(v)); }
+JAXJPEG_INLINE double Lane(Double4 v, int i) { return v[i]; }
+#endif
+
+// One row's running statistics: column c goes to lane c % 4 of each
+// accumulator, four columns at a time, then the columns left one by one.
+template <class Wide>
+class RowStats {
+ public:
+  // bound: the limit in every lane.
+  JAXJPEG_INLINE void Add4(Float4 x, Wide wide, Float4 bound) {
+    const Float4 sign = {-0.0f, -0.0f, -0.0f, -0.0f};
+    sum_ = sum_ + wide;
+    squares_ = squares_ + wide * wide;
+    low_ = Min(low_, x);
+    high_ = Max(high_, x);
     const Float4 magnitude = reinterpret_cast<Float4>(reinterpret_cast<Int4>(x) &
                                                       ~reinterpret_cast<Int4>(sign));
-    special += (magnitude <= bound) + 1;  // a comparison gives -1 (true) or 0
-    Store(s->col_sum + c, Load<Double2>(s->col_sum + c) + wide_low);
-    Store(s->col_sum + c + 2, Load<Double2>(s->col_sum + c + 2) + wide_high);
-    Store(s->col_sum_squares + c, Load<Double2>(s->col_sum_squares + c) + wide_low * wide_low);
-    Store(s->col_sum_squares + c + 2,
-          Load<Double2>(s->col_sum_squares + c + 2) + wide_high * wide_high);
-    Store(s->col_min + c, Min(Load<Float4>(s->col_min + c), x));
-    Store(s->col_max + c, Max(Load<Float4>(s->col_max + c), x));
+    special_ += (magnitude <= bound) + 1;  // a comparison gives -1 (true) or 0
   }
-  const Double2 sum = sum_low + sum_high, squares = squares_low + squares_high;
-  double row_sum = sum[0] + sum[1];
-  double row_squares = squares[0] + squares[1];
-  float row_low = low[0], row_high = high[0];
-  for (int i = 1; i < 4; ++i) row_high = high[i] > row_high ? high[i] : row_high;
-  for (int i = 1; i < 4; ++i) row_low = low[i] < row_low ? low[i] : row_low;
-  int64_t row_special = static_cast<int64_t>(special[0]) + special[1] + special[2] + special[3];
-  for (; c < cols; ++c) {
-    const float x = row[c];
-    const double wide = x;
-    row_sum += wide;
-    row_squares += wide * wide;
-    row_low = x < row_low ? x : row_low;
-    row_high = x > row_high ? x : row_high;
-    row_special += !((x < 0 ? -x : x) <= limit);
-    s->col_sum[c] += wide;
-    s->col_sum_squares[c] += wide * wide;
-    s->col_min[c] = x < s->col_min[c] ? x : s->col_min[c];
-    s->col_max[c] = x > s->col_max[c] ? x : s->col_max[c];
+
+  // The lanes combined ((0 + 2) + (1 + 3)), then the columns from c on one
+  // at a time (each also added to the column statistics); the row's
+  // statistics stored at y.
+  JAXJPEG_INLINE void Finish(const float* row, int64_t c, int64_t cols, float limit,
+                             MatrixStats* s, int64_t y) const {
+    double row_sum = (Lane(sum_, 0) + Lane(sum_, 2)) + (Lane(sum_, 1) + Lane(sum_, 3));
+    double row_squares =
+        (Lane(squares_, 0) + Lane(squares_, 2)) + (Lane(squares_, 1) + Lane(squares_, 3));
+    float row_low = low_[0], row_high = high_[0];
+    for (int i = 1; i < 4; ++i) row_high = high_[i] > row_high ? high_[i] : row_high;
+    for (int i = 1; i < 4; ++i) row_low = low_[i] < row_low ? low_[i] : row_low;
+    int64_t row_special = static_cast<int64_t>(special_[0]) + special_[1] + special_[2] + special_[3];
+    for (; c < cols; ++c) {
+      const float x = row[c];
+      const double wide = x;
+      row_sum += wide;
+      row_squares += wide * wide;
+      row_low = x < row_low ? x : row_low;
+      row_high = x > row_high ? x : row_high;
+      row_special += !((x < 0 ? -x : x) <= limit);
+      s->col_sum[c] += wide;
+      s->col_sum_squares[c] += wide * wide;
+      s->col_min[c] = x < s->col_min[c] ? x : s->col_min[c];
+      s->col_max[c] = x > s->col_max[c] ? x : s->col_max[c];
+    }
+    s->row_sum[y] = row_sum;
+    s->row_sum_squares[y] = row_squares;
+    s->row_min[y] = row_low;
+    s->row_max[y] = row_high;
+    s->special += row_special;
   }
-  s->row_sum[y] = row_sum;
-  s->row_sum_squares[y] = row_squares;
-  s->row_min[y] = row_low;
-  s->row_max[y] = row_high;
-  s->special += row_special;
+
+ private:
+  static constexpr float kInf = std::numeric_limits<float>::infinity();
+  Wide sum_ = {}, squares_ = {};
+  Float4 low_ = {kInf, kInf, kInf, kInf}, high_ = -low_;
+  Int4 special_ = {0, 0, 0, 0};
+};
+
+// kRows consecutive rows (1 or 2) from row y: their statistics, and the
+// columns' accumulated row after row (the order a row at a time gives).
+// Two rows at once keep twice as many independent sums in flight and load
+// and store the columns' once for both.
+template <int kRows, class Wide>
+JAXJPEG_INLINE void AddRows(const float* data, int64_t stride, int64_t cols, float limit,
+                            MatrixStats* s, int64_t y) {
+  const float* rows[kRows];
+  for (int r = 0; r < kRows; ++r) rows[r] = data + (y + r) * stride;
+  RowStats<Wide> stats[kRows];
+  const Float4 bound = {limit, limit, limit, limit};
+  double* const col_sum = s->col_sum;
+  double* const col_squares = s->col_sum_squares;
+  float* const col_min = s->col_min;
+  float* const col_max = s->col_max;
+  int64_t c = 0;
+  for (; c + 4 <= cols; c += 4) {
+    Wide sum = LoadWide(col_sum + c, &sum), squares = LoadWide(col_squares + c, &squares);
+    Float4 low = Load<Float4>(col_min + c), high = Load<Float4>(col_max + c);
+    for (int r = 0; r < kRows; ++r) {
+      const Float4 x = Load<Float4>(rows[r] + c);
+      Wide wide;
+      Widen(x, &wide);
+      stats[r].Add4(x, wide, bound);
+      sum = sum + wide;
+      squares = squares + wide * wide;
+      low = Min(low, x);
+      high = Max(high, x);
+    }
+    StoreWide(col_sum + c, sum);
+    StoreWide(col_squares + c, squares);
+    Store(col_min + c, low);
+    Store(col_max + c, high);
+  }
+  for (int r = 0; r < kRows; ++r) stats[r].Finish(rows[r], c, cols, limit, s, y + r);
+}
+
+template <class Wide>
+JAXJPEG_INLINE void AddAllRows(const float* data, int64_t rows, int64_t cols, int64_t stride,
+                               float limit, MatrixStats* s) {
+  int64_t y = 0;
+  for (; y + 2 <= rows; y += 2) AddRows<2, Wide>(data, stride, cols, limit, s, y);
+  if (y < rows) AddRows<1, Wide>(data, stride, cols, limit, s, y);
+}
+
+void AddAllRowsPortable(const float* data, int64_t rows, int64_t cols, int64_t stride,
+                        float limit, MatrixStats* s) {
+  AddAllRows<DoublePair>(data, rows, cols, stride, limit, s);
+}
+
+#if defined(JAXJPEG_AVX2_STATS)
+__attribute__((target("avx2"))) void AddAllRowsAvx2(const float* data, int64_t rows,
+                                                    int64_t cols, int64_t stride, float limit,
+                                                    MatrixStats* s) {
+  AddAllRows<Double4>(data, rows, cols, stride, limit, s);
+}
+#endif
+#if defined(JAXJPEG_AVX2_STATS) && defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+bool CpuHasAvx2() {
+#if defined(JAXJPEG_AVX2_STATS)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
 
 Status ComputeMatrixStats(const float* data, int64_t rows, int64_t cols, int64_t stride,
-                          float limit, MatrixStats* stats) {
+                          float limit, MatrixStats* stats, bool allow_avx2) {
   if (stats == nullptr || rows < 0 || cols < 0 || stride < cols) return Status::kBadArgument;
   if (rows > 0 && cols > 0 && data == nullptr) return Status::kBadArgument;
   MatrixStats& s = *stats;
@@ -101,7 +226,14 @@ Status ComputeMatrixStats(const float* data, int64_t rows, int64_t cols, int64_t
     s.col_max[c] = -inf;
   }
   s.special = 0;
-  for (int64_t y = 0; y < rows; ++y) AddRow(data + y * stride, cols, limit, &s, y);
+#if defined(JAXJPEG_AVX2_STATS)
+  if (allow_avx2 && CpuHasAvx2()) {
+    AddAllRowsAvx2(data, rows, cols, stride, limit, &s);
+    return Status::kOk;
+  }
+#endif
+  (void)allow_avx2;
+  AddAllRowsPortable(data, rows, cols, stride, limit, &s);
   return Status::kOk;
 }
 

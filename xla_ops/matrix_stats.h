@@ -28,9 +28,11 @@ struct MatrixStats {
 // Every value enters every statistic (NaN makes sums NaN and is skipped by
 // min and max); a caller that needs finite statistics checks `special`.
 // Errors: kBadArgument (null pointers, negative sizes, stride < cols). Never
-// throws.
+// throws. allow_avx2: on x86-64 CPUs with AVX2, four lanes of double sums
+// per instruction instead of two (the same bits; false: the portable code,
+// for tests).
 Status ComputeMatrixStats(const float* data, int64_t rows, int64_t cols, int64_t stride,
-                          float limit, MatrixStats* stats);
+                          float limit, MatrixStats* stats, bool allow_avx2 = true);
 
 }  // namespace jaxjpeg
 
