@@ -121,16 +121,154 @@ JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread
   for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
 }
 
-// Phase "decode": a claimed interval whose tables are staged, from its
-// destuffed bytes.
+// The decode of a warp's claimed intervals runs in lock step, a block per
+// step, so that a warp whose 32 blocks of a step are regular writes them
+// together ("staged"): consecutive intervals of one tile, of equal length
+// R, put the step's blocks in one block row, R blocks apart (adjacent for
+// R = 1), and each block's samples are already in shared memory (its
+// thread's column), which serves as the staging buffer. The warp then
+// writes the 256 block rows (32 blocks x 8 rows) as 16-byte chunks, the
+// lanes of each vector store covering whole 32-byte sectors (for float32
+// two lanes fill one block row's sector; for 16-bit types the lanes of one
+// store cover a row of adjacent blocks for R = 1, a half sector each
+// otherwise), the affine map applied on the way out. Any other step (a
+// lane without a block, failed or done, a partial block at a tile edge, a
+// block row that wraps, mixed tiles or lengths, rows not 16-byte aligned, a
+// warp not all decoding) takes the simple path: each lane writes its own
+// block (PutBlock). Failed intervals become NaN after the last step, by
+// their own lane, as on the host. Lanes that are done or failed still take
+// part in the steps (the votes need every member).
+constexpr int kWarpLanes = 32;
+constexpr uint32_t kFullWarp = 0xFFFFFFFFu;
+static_assert(kDecodeThreadsPerBlock % kWarpLanes == 0, "whole warps");
+
+// One lane's interval during the lock-step decode: registers on the device,
+// an array element in the harness.
+template <OutputType kType>
+struct LaneDecode {
+  AffineSink<kType> sink;
+  BlockGrid grid;
+  detail::IntervalCursor<DestuffedBitReader> cursor;
+  int32_t blocks_left;
+  Status status;
+  bool has_block;  // whether this step decoded a block, described by `block`
+  detail::DecodedBlock block;
+};
+
+// Phase "start" of claimed interval i.
+template <OutputType kType>
+JJ_HD JJ_INLINE LaneDecode<kType> StartLane(const DecodePlan& p, const IntervalWork& w, int64_t i,
+                                            const LaneScratch& s) {
+  const BlockGrid grid = TileGrid(w.tile);
+  return LaneDecode<kType>{TileSink<kType>(p, w.tile), grid,
+                           detail::StartInterval(DestuffedReaderOf(p, i), grid, w.first_block, s),
+                           w.num_blocks, Status::kOk, false, detail::DecodedBlock{}};
+}
+
+// The lane's part of "the warp may stage": its tile's rows are 16-byte
+// aligned (so is every chunk then: block columns are multiples of 8
+// elements, 16 bytes or more). The other conditions are that every lane
+// gives the same StageKey values.
+template <OutputType kType>
+JJ_HD JJ_INLINE bool LaneRowsAligned(const LaneDecode<kType>& d) {
+  using Element = typename OutputElement<kType>::Type;
+  return (reinterpret_cast<uintptr_t>(d.sink.base) & 15) == 0 &&
+         (d.sink.row_stride * static_cast<int64_t>(sizeof(Element))) % 16 == 0;
+}
+
+// What every lane of a warp that may stage agrees on: its tile, its
+// interval's length, and its first block less lane x length (its intervals
+// are consecutive ones of the tile).
+JJ_HD JJ_INLINE int32_t StageKeyFirst(const IntervalWork& w, int lane) {
+  return w.first_block - lane * w.num_blocks;
+}
+
+// Phase "block": the lane's next block into its column, where it has one
+// left and nothing failed.
 template <int kBits, OutputType kType>
-JJ_HD inline void DecodeClaimed(const DecodePlan& p, const IntervalWork& w, KernelShared& s,
-                                int64_t block, int thread, int32_t* status) {
-  const int64_t i = block * kDecodeThreadsPerBlock + thread;
-  const Status result = DecodeIntervalWith<kBits, kType>(p, w, DestuffedReaderOf(p, i), s.tables,
-                                                         ThreadScratch(s, thread));
-  if (result != Status::kOk) RecordFirstError(status, PackPlanStatus(i, result));
-  p.destuffed.lengths[i] = -1;  // decoded (see CheckIntervalDecoded)
+JJ_HD JJ_INLINE void DecodeLaneBlock(LaneDecode<kType>& d, const DecoderTables& t,
+                                     const LaneScratch& s) {
+  d.has_block = false;
+  if (d.status != Status::kOk || d.blocks_left == 0) return;
+  --d.blocks_left;
+  d.status = detail::DecodeNextBlock<kBits>(d.cursor, t, d.grid, s, &d.block);
+  d.has_block = d.status == Status::kOk;
+}
+
+// What the lanes of a warp that may stage vote on each step: its block's
+// row where it decoded a whole block, else a value no other lane gives. All
+// equal: the step is regular.
+template <OutputType kType>
+JJ_HD JJ_INLINE int32_t StepRowKey(const LaneDecode<kType>& d, int lane) {
+  const bool whole = d.has_block && d.block.rows == 8 && d.block.cols == 8;
+  return whole ? d.block.y0 : -1 - lane;
+}
+
+// Phase "fill", regular steps only: a constant block's samples into its
+// column (the simple path keeps the one value in a register).
+JJ_HD JJ_INLINE void FillConstantColumn(const LaneScratch& s, const detail::DecodedBlock& b) {
+  if (!b.dc_only) return;
+  JJ_UNROLL
+  for (int i = 0; i < 64; ++i) s.samples[i * LaneScratch::kElementStride] = b.dc_sample;
+}
+
+// Vector stores per lane of a regular step: 32 blocks of 64 elements in
+// 16-byte chunks.
+template <OutputType kType>
+JJ_HD constexpr int StagedChunksPerLane() {
+  return 64 * static_cast<int>(sizeof(typename OutputElement<kType>::Type)) * kWarpLanes / 16 /
+         kWarpLanes;
+}
+
+// Phase "staged write", store k (< StagedChunksPerLane) of `lane`, after
+// the warp's columns are filled: chunk q = 32 k + lane, in the order block
+// row y, block j of the warp, part of the row. `warp_columns` is lane 0's
+// column; `d` is the writing lane's own interval (the tile is the warp's),
+// `blocks` the length of every lane's interval (the blocks between lanes).
+template <OutputType kType>
+JJ_HD JJ_INLINE void WriteStagedChunk(const LaneDecode<kType>& d, int32_t blocks,
+                                      const int32_t* warp_columns, int lane, int k) {
+  constexpr int kPerChunk = AffineSink<kType>::kChunkElements;
+  constexpr int kChunksPerRow = 8 / kPerChunk;
+  constexpr int kStride = LaneScratch::kElementStride;
+  const int32_t lane_cols = 8 * blocks;
+  const int q = k * kWarpLanes + lane;
+  const int part = q % kChunksPerRow, row_block = q / kChunksPerRow;
+  const int y = row_block / kWarpLanes, j = row_block % kWarpLanes;
+  const int32_t x = d.block.x0 + (j - lane) * lane_cols + part * kPerChunk;
+  d.sink.template PutChunk<kStride>(d.block.y0 + y, x,
+                                    warp_columns + (8 * y + part * kPerChunk) * kStride + j);
+}
+
+// Phase "simple write": the lane's own block, when the step is not regular.
+template <OutputType kType>
+JJ_HD JJ_INLINE void PutLaneBlock(const LaneDecode<kType>& d, const LaneScratch& s) {
+  if (!d.has_block) return;
+  const detail::DecodedBlock& b = d.block;
+  detail::PutBlock(d.sink, s, b.dc_only, b.dc_sample, b.y0, b.x0, b.rows, b.cols);
+}
+
+// Phase "clear", after either write: the column ready for the next block
+// (a constant block's column was filled when its step was staged).
+template <OutputType kType>
+JJ_HD JJ_INLINE void ClearLaneColumn(const LaneDecode<kType>& d, const LaneScratch& s,
+                                     bool staged) {
+  if (d.has_block) detail::ClearCoefficients(s, d.block.dc_only && !staged);
+}
+
+// Phase "finish", after the warp's last step: the trailing-data check, a
+// failed interval to NaN, its status recorded, the interval marked decoded
+// (see CheckIntervalDecoded).
+template <OutputType kType>
+JJ_HD JJ_INLINE void FinishLane(const DecodePlan& p, const LaneDecode<kType>& d,
+                                const IntervalWork& w, int64_t i, int32_t* status) {
+  Status result = d.status;
+  if (result == Status::kOk && HasUnusedBytes(d.cursor.r)) result = Status::kTrailingData;
+  if (result != Status::kOk) {
+    FillIntervalWithNaN(d.sink, d.grid, w.first_block, w.num_blocks);
+    RecordFirstError(status, PackPlanStatus(i, result));
+  }
+  p.destuffed.lengths[i] = -1;
 }
 
 // Phase "check", after every decode kernel: an interval with usable starts

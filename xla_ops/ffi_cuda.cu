@@ -48,6 +48,50 @@ __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk c
   if (threadIdx.x < chunk.count) workspace[chunk.first + threadIdx.x] = chunk.items[threadIdx.x];
 }
 
+// The lock-step decode of this warp's intervals claimed in this round
+// (`members`: the lanes that decode now): the phases of decode_kernel.h,
+// with the warp's votes and barriers between them.
+template <int kBits, OutputType kType>
+__device__ __forceinline__ void DecodeWarpInLockStep(const DecodePlan& plan, const IntervalWork& w,
+                                                     KernelShared& s, uint32_t members,
+                                                     int32_t* status) {
+  const int thread = static_cast<int>(threadIdx.x), lane = thread % kWarpLanes;
+  const int64_t i = int64_t(blockIdx.x) * kDecodeThreadsPerBlock + thread;
+  const LaneScratch scratch = ThreadScratch(s, thread);
+  LaneDecode<kType> d = StartLane<kType>(plan, w, i, scratch);
+  const int32_t steps = __reduce_max_sync(members, w.num_blocks);
+  bool may_stage = false;
+  if (members == kFullWarp) {
+    int same_tile, same_first, same_blocks;
+    __match_all_sync(kFullWarp, reinterpret_cast<uintptr_t>(w.tile), &same_tile);
+    __match_all_sync(kFullWarp, StageKeyFirst(w, lane), &same_first);
+    __match_all_sync(kFullWarp, w.num_blocks, &same_blocks);
+    may_stage = __all_sync(kFullWarp, same_tile && same_first && same_blocks && LaneRowsAligned(d));
+  }
+  const int32_t* warp_columns = s.blocks + (thread - lane);
+  for (int32_t step = 0; step < steps; ++step) {
+    DecodeLaneBlock<kBits>(d, s.tables, scratch);
+    bool staged = false;
+    if (may_stage) {
+      int same_row;
+      __match_all_sync(kFullWarp, StepRowKey(d, lane), &same_row);
+      staged = same_row != 0;
+    }
+    if (staged) {
+      FillConstantColumn(scratch, d.block);
+      __syncwarp();  // every column written
+      for (int k = 0; k < StagedChunksPerLane<kType>(); ++k) {
+        WriteStagedChunk(d, w.num_blocks, warp_columns, lane, k);
+      }
+      __syncwarp();  // every column read
+    } else {
+      PutLaneBlock(d, scratch);
+    }
+    ClearLaneColumn(d, scratch, staged);
+  }
+  FinishLane(plan, d, w, i, status);
+}
+
 // See decode_kernel.h for the phases; the barriers between them are here.
 // Two blocks per SM: at most 128 registers per thread (see decode_kernel.h).
 template <int kBits, OutputType kType>
@@ -69,8 +113,10 @@ __global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
     if (table == kNoTable) return;
     StageTablesPart(plan, table, threadIdx.x, &s.tables);
     __syncthreads();
-    if (pending && TableOf(w) == table) {
-      DecodeClaimed<kBits, kType>(plan, w, s, blockIdx.x, threadIdx.x, status);
+    const bool decode_now = pending && TableOf(w) == table;
+    const uint32_t members = __ballot_sync(kFullWarp, decode_now);
+    if (decode_now) {
+      DecodeWarpInLockStep<kBits, kType>(plan, w, s, members, status);
       pending = false;
     }
   }
