@@ -27,7 +27,7 @@ __global__ void InitStatusKernel(int32_t* status, int32_t* starts_status) {
   *starts_status = kPlanOk;
 }
 
-// A warp per interval: reads its bytes 32 at a time, coalesced, and writes
+// A warp per interval: reads its bytes 128 at a time as aligned words, coalesced, and writes
 // them destuffed into the workspace (see destuff.h, DestuffPlanInterval).
 constexpr int kDestuffThreadsPerBlock = 256;
 
