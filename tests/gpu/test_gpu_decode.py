@@ -150,24 +150,28 @@ def test_gpu_staged_warps_equal_cpu_and_harness(bits):
         payload = plan.payload.copy()
         for i in (40, 700):
             payload[plan.interval_starts[i] + 1:plan.interval_starts[i] + 3] = [0xFF, 0xD3]
-        operands = list(ops.plan_operands(plan))
-        operands[0] = payload
-        decode = ops.plan_decoder(plan.output_shapes, (np.dtype(dtype).name,) * len(encs),
-                                  plan.output_shapes)
-        cpu_status, cpu = decode(*jax.device_put(tuple(operands), jax.devices("cpu")[0]))
-        gpu_status, gpu = decode(*jax.device_put(tuple(operands), _gpu()))
-        assert int(np.asarray(gpu_status).reshape(-1)[0]) == int(np.asarray(cpu_status).reshape(-1)[0])
-        harness, counts = _plan_outputs(plan), np.zeros(2, np.int64)
+        types = [codec.output_type(d) for d in plan.output_dtypes]
+        host, harness, counts = _plan_outputs(plan), _plan_outputs(plan), np.zeros(2, np.int64)
+        with pytest.raises(jaxjpeg.JpegError, match="restart interval 40:") as raised:
+            _native.run_plan(payload, plan.interval_starts, plan.tiles, plan.tables,
+                             plan.row_scale, plan.row_offset,
+                             [o.view(np.uint16) if o.itemsize == 2 else o for o in host], types,
+                             threads=1, col_scale=plan.col_scale)
         with pytest.raises(jaxjpeg.JpegError, match="restart interval 40:"):
             _native.run_plan_kernel_harness(
                 payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
                 plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in harness],
-                [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
-                block_map=plan.block_map, step_counts=counts)
+                types, col_scale=plan.col_scale, block_map=plan.block_map, step_counts=counts)
         assert counts[0] > 0 and counts[1] > 0, counts
-        for a, b, c in zip(cpu, gpu, harness):
-            np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-            np.testing.assert_array_equal(np.asarray(b).view(np.uint8), c.view(np.uint8))
+        operands = list(ops.plan_operands(plan))
+        operands[0] = payload
+        decode = ops.plan_decoder(plan.output_shapes, (np.dtype(dtype).name,) * len(encs),
+                                  plan.output_shapes)
+        status, gpu = decode(*jax.device_put(tuple(operands), _gpu()))
+        assert _native.plan_failure(int(np.asarray(status).reshape(-1)[0])) == str(raised.value)
+        for a, b, c in zip(host, gpu, harness):
+            np.testing.assert_array_equal(a.view(np.uint8), np.asarray(b).view(np.uint8))
+            np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
 
 
 @pytest.mark.parametrize("seed", range(3))
