@@ -191,10 +191,9 @@ def test_harness_without_a_block_map_decodes_alike(many_kinds):
 
 
 # The lock-step decode and its staged output (decode_kernel.h): a warp whose
-# 32 blocks of a step are consecutive intervals' blocks in one block row of a
-# tile, all whole and decoded, writes them together as 16-byte chunks from
-# the shared columns; every other step writes block by block. Both must give
-# the host decoder's bits.
+# 32 blocks of a step are whole blocks of one tile, all decoded, writes them
+# together as 16-byte chunks from the shared columns; every other step
+# writes block by block. Both must give the host decoder's bits.
 
 def _harness_counted(plan, payload=None):
     """(error or None, outputs, [staged steps, simple steps])."""
@@ -246,10 +245,10 @@ def _assert_harness_is_host(plan, payload=None):
 @pytest.mark.parametrize("bits", [8, 12])
 @pytest.mark.parametrize("restart", [1, 2, 8])
 def test_staged_output_matches_host_for_every_type(bits, restart):
-    """Tiles 2048 wide: whole warps of consecutive intervals in one block row
-    (R = 1 adjacent blocks, R = 2 and 8 spaced), every output type, the
-    column scale on one tensor; the rows' edge and the tiles' ends make some
-    steps irregular."""
+    """Tiles 2048 wide (R = 1: a warp's blocks adjacent in a row; R = 2 and
+    8: spaced), every output type, the column scale on one tensor, constant
+    blocks; partial blocks at the bottom and right edges and the tiles'
+    ends make some steps irregular."""
     encs = [_wide((64, 2048), bits, restart, seed=restart + bits),
             _wide((32, 2048), bits, restart, seed=7,
                   col_weight=np.exp(np.random.default_rng(1).standard_normal(2048))),
@@ -264,9 +263,10 @@ def test_staged_output_matches_host_for_every_type(bits, restart):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_irregular_warps_take_the_simple_path(dtype):
-    """Rows of 40 blocks (a warp of R = 1 wraps every other time), partial
-    blocks at the right and bottom edges, a tile narrower than a warp's
-    blocks, and 12-bit: the same bits as the host, through both paths."""
+    """Rows of 40 blocks (a warp of R = 1 wraps to the next row every
+    other time: staged all the same), partial blocks at the right and
+    bottom edges, a tile smaller than a warp's blocks, and 12-bit: the same
+    bits as the host, through both paths."""
     rng = np.random.default_rng(5)
     encs = [jaxjpeg.encode_tensor((rng.standard_normal(shape) * 0.05).astype(np.float32),
                                   bits=bits, quant_step=step, restart_interval=1,
@@ -274,7 +274,20 @@ def test_irregular_warps_take_the_simple_path(dtype):
             for shape, bits, step in (((37, 320), 8, 3), ((20, 2043), 12, 40), ((9, 100), 8, 2))]
     plan = codec.build_plan(encs, [dtype] * 3)
     error, (staged, simple) = _assert_harness_is_host(plan)
-    assert error is None and staged > 0 and simple > staged
+    assert error is None and staged > 0 and simple > 0
+
+
+def test_default_tiles_and_restart_interval_stage_their_warps():
+    """Default tiles (512 x 512: 64 blocks a row) at the default restart
+    interval (8 blocks): a warp's 32 blocks of a step lie in 4 block rows, 8
+    blocks apart, and are staged."""
+    rng = np.random.default_rng(9)
+    enc = jaxjpeg.encode_tensor((rng.standard_normal((512, 1024)) * 0.05).astype(np.float32),
+                                quant_step=3)
+    assert enc.tiles[0].restart_interval == codec.DEFAULT_RESTART_INTERVAL == 8
+    for dtype in DTYPES:
+        error, (staged, simple) = _assert_harness_is_host(codec.build_plan([enc], [dtype]))
+        assert error is None and staged > 0 and simple == 0, (staged, simple)
 
 
 def test_rows_not_16_byte_aligned_are_never_staged():

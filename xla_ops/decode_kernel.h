@@ -122,22 +122,24 @@ JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread
 }
 
 // The decode of a warp's claimed intervals runs in lock step, a block per
-// step, so that a warp whose 32 blocks of a step are regular writes them
-// together ("staged"): consecutive intervals of one tile, of equal length
-// R, put the step's blocks in one block row, R blocks apart (adjacent for
-// R = 1), and each block's samples are already in shared memory (its
-// thread's column), which serves as the staging buffer. The warp then
-// writes the 256 block rows (32 blocks x 8 rows) as 16-byte chunks, the
-// lanes of each vector store covering whole 32-byte sectors (for float32
-// two lanes fill one block row's sector; for 16-bit types the lanes of one
-// store cover a row of adjacent blocks for R = 1, a half sector each
-// otherwise), the affine map applied on the way out. Any other step (a
-// lane without a block, failed or done, a partial block at a tile edge, a
-// block row that wraps, mixed tiles or lengths, rows not 16-byte aligned, a
-// warp not all decoding) takes the simple path: each lane writes its own
-// block (PutBlock). Failed intervals become NaN after the last step, by
-// their own lane, as on the host. Lanes that are done or failed still take
-// part in the steps (the votes need every member).
+// step, so that a warp whose 32 blocks of a step are all whole blocks of
+// one tile writes them together ("staged"): each block's samples are
+// already in shared memory (its thread's column), which serves as the
+// staging buffer, and the warp writes the 256 block rows (32 blocks x 8
+// rows) as 16-byte chunks in the order (row, block, part of the row), each
+// lane learning a block's place from its lane (a shuffle), the affine map
+// applied on the way out. So for float32 the two lanes of a pair fill one
+// 32-byte sector of a block row and every vector store writes 16 whole
+// sectors (a lane alone writes its row as two half-sector stores), and
+// blocks adjacent in a row (restart interval 1) leave as 512 contiguous
+// bytes per store; for 16-bit types a block row is 16 bytes, so a store
+// covers half sectors unless the blocks are adjacent. Any other step (a
+// lane without a block, failed or done, a partial block at a tile edge,
+// mixed tiles, rows not 16-byte aligned, a warp not all decoding) takes the
+// simple path: each lane writes its own block (PutBlock). Failed intervals
+// become NaN after the last step, by their own lane, as on the host. Lanes
+// that are done or failed still take part in the steps (the votes need
+// every member).
 constexpr int kWarpLanes = 32;
 constexpr uint32_t kFullWarp = 0xFFFFFFFFu;
 static_assert(kDecodeThreadsPerBlock % kWarpLanes == 0, "whole warps");
@@ -165,22 +167,15 @@ JJ_HD JJ_INLINE LaneDecode<kType> StartLane(const DecodePlan& p, const IntervalW
                            w.num_blocks, Status::kOk, false, detail::DecodedBlock{}};
 }
 
-// The lane's part of "the warp may stage": its tile's rows are 16-byte
-// aligned (so is every chunk then: block columns are multiples of 8
-// elements, 16 bytes or more). The other conditions are that every lane
-// gives the same StageKey values.
+// The lane's part of "the warp may stage", voted once per interval: its
+// tile's rows are 16-byte aligned (so is every chunk then: block columns
+// are multiples of 8 elements, 16 bytes or more). The other condition is
+// that every lane has the same tile.
 template <OutputType kType>
 JJ_HD JJ_INLINE bool LaneRowsAligned(const LaneDecode<kType>& d) {
   using Element = typename OutputElement<kType>::Type;
   return (reinterpret_cast<uintptr_t>(d.sink.base) & 15) == 0 &&
          (d.sink.row_stride * static_cast<int64_t>(sizeof(Element))) % 16 == 0;
-}
-
-// What every lane of a warp that may stage agrees on: its tile, its
-// interval's length, and its first block less lane x length (its intervals
-// are consecutive ones of the tile).
-JJ_HD JJ_INLINE int32_t StageKeyFirst(const IntervalWork& w, int lane) {
-  return w.first_block - lane * w.num_blocks;
 }
 
 // Phase "block": the lane's next block into its column, where it has one
@@ -195,13 +190,18 @@ JJ_HD JJ_INLINE void DecodeLaneBlock(LaneDecode<kType>& d, const DecoderTables& 
   d.has_block = d.status == Status::kOk;
 }
 
-// What the lanes of a warp that may stage vote on each step: its block's
-// row where it decoded a whole block, else a value no other lane gives. All
-// equal: the step is regular.
+// What the lanes of a warp that may stage vote on each step: all have a
+// whole block (the step is regular).
 template <OutputType kType>
-JJ_HD JJ_INLINE int32_t StepRowKey(const LaneDecode<kType>& d, int lane) {
-  const bool whole = d.has_block && d.block.rows == 8 && d.block.cols == 8;
-  return whole ? d.block.y0 : -1 - lane;
+JJ_HD JJ_INLINE bool LaneHasWholeBlock(const LaneDecode<kType>& d) {
+  return d.has_block && d.block.rows == 8 && d.block.cols == 8;
+}
+
+// A block's place as one word for a shuffle: top-left row and column
+// (< 2^16: a tile is at most 65,535 wide and high).
+template <OutputType kType>
+JJ_HD JJ_INLINE uint32_t PackedBlockPlace(const LaneDecode<kType>& d) {
+  return (static_cast<uint32_t>(d.block.y0) << 16) | static_cast<uint32_t>(d.block.x0);
 }
 
 // Phase "fill", regular steps only: a constant block's samples into its
@@ -220,24 +220,36 @@ JJ_HD constexpr int StagedChunksPerLane() {
          kWarpLanes;
 }
 
-// Phase "staged write", store k (< StagedChunksPerLane) of `lane`, after
-// the warp's columns are filled: chunk q = 32 k + lane, in the order block
-// row y, block j of the warp, part of the row. `warp_columns` is lane 0's
-// column; `d` is the writing lane's own interval (the tile is the warp's),
-// `blocks` the length of every lane's interval (the blocks between lanes).
+// Chunk q = 32 k + lane of a regular step, in the order (block row y, block
+// j of the warp, part of the row).
 template <OutputType kType>
-JJ_HD JJ_INLINE void WriteStagedChunk(const LaneDecode<kType>& d, int32_t blocks,
-                                      const int32_t* warp_columns, int lane, int k) {
-  constexpr int kPerChunk = AffineSink<kType>::kChunkElements;
-  constexpr int kChunksPerRow = 8 / kPerChunk;
+struct StagedChunk {
+  static constexpr int kPerChunk = AffineSink<kType>::kChunkElements;
+  static constexpr int kChunksPerRow = 8 / kPerChunk;
+  int y, j, part;
+
+  JJ_HD JJ_INLINE StagedChunk(int lane, int k) {
+    const int q = k * kWarpLanes + lane;
+    const int row_block = q / kChunksPerRow;
+    part = q % kChunksPerRow;
+    y = row_block / kWarpLanes;
+    j = row_block % kWarpLanes;
+  }
+};
+
+// Phase "staged write", store k (< StagedChunksPerLane) of `lane`, after
+// the warp's columns are filled: chunk c's block j has its samples in
+// column j of the warp (`warp_columns` is lane 0's) and lies at `place`
+// (PackedBlockPlace of lane j); `d` is the writing lane's own interval,
+// whose tile is the warp's.
+template <OutputType kType>
+JJ_HD JJ_INLINE void WriteStagedChunk(const LaneDecode<kType>& d, const StagedChunk<kType>& c,
+                                      uint32_t place, const int32_t* warp_columns) {
+  constexpr int kPerChunk = StagedChunk<kType>::kPerChunk;
   constexpr int kStride = LaneScratch::kElementStride;
-  const int32_t lane_cols = 8 * blocks;
-  const int q = k * kWarpLanes + lane;
-  const int part = q % kChunksPerRow, row_block = q / kChunksPerRow;
-  const int y = row_block / kWarpLanes, j = row_block % kWarpLanes;
-  const int32_t x = d.block.x0 + (j - lane) * lane_cols + part * kPerChunk;
-  d.sink.template PutChunk<kStride>(d.block.y0 + y, x,
-                                    warp_columns + (8 * y + part * kPerChunk) * kStride + j);
+  const int y0 = static_cast<int>(place >> 16), x0 = static_cast<int>(place & 0xFFFF);
+  d.sink.template PutChunk<kStride>(y0 + c.y, x0 + c.part * kPerChunk,
+                                    warp_columns + (8 * c.y + c.part * kPerChunk) * kStride + c.j);
 }
 
 // Phase "simple write": the lane's own block, when the step is not regular.

@@ -62,26 +62,21 @@ __device__ __forceinline__ void DecodeWarpInLockStep(const DecodePlan& plan, con
   const int32_t steps = __reduce_max_sync(members, w.num_blocks);
   bool may_stage = false;
   if (members == kFullWarp) {
-    int same_tile, same_first, same_blocks;
+    int same_tile;
     __match_all_sync(kFullWarp, reinterpret_cast<uintptr_t>(w.tile), &same_tile);
-    __match_all_sync(kFullWarp, StageKeyFirst(w, lane), &same_first);
-    __match_all_sync(kFullWarp, w.num_blocks, &same_blocks);
-    may_stage = __all_sync(kFullWarp, same_tile && same_first && same_blocks && LaneRowsAligned(d));
+    may_stage = __all_sync(kFullWarp, same_tile && LaneRowsAligned(d));
   }
   const int32_t* warp_columns = s.blocks + (thread - lane);
   for (int32_t step = 0; step < steps; ++step) {
     DecodeLaneBlock<kBits>(d, s.tables, scratch);
-    bool staged = false;
-    if (may_stage) {
-      int same_row;
-      __match_all_sync(kFullWarp, StepRowKey(d, lane), &same_row);
-      staged = same_row != 0;
-    }
+    const bool staged = may_stage && __all_sync(kFullWarp, LaneHasWholeBlock(d));
     if (staged) {
       FillConstantColumn(scratch, d.block);
       __syncwarp();  // every column written
+      const uint32_t place = PackedBlockPlace(d);
       for (int k = 0; k < StagedChunksPerLane<kType>(); ++k) {
-        WriteStagedChunk(d, w.num_blocks, warp_columns, lane, k);
+        const StagedChunk<kType> c(lane, k);
+        WriteStagedChunk(d, c, __shfl_sync(kFullWarp, place, c.j), warp_columns);
       }
       __syncwarp();  // every column read
     } else {

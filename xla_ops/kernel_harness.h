@@ -38,9 +38,7 @@ void RunWarpInLockStep(const DecodePlan& plan, KernelShared& shared, int64_t blo
     const int64_t i = block * kDecodeThreadsPerBlock + first_thread + l;
     lanes[l] = StartLane<kType>(plan, w, i, ThreadScratch(shared, first_thread + l));
     steps = w.num_blocks > steps ? w.num_blocks : steps;
-    may_stage = may_stage && w.tile == work[0].tile &&
-                StageKeyFirst(w, l) == StageKeyFirst(work[0], 0) &&
-                w.num_blocks == work[0].num_blocks && LaneRowsAligned(lanes[l]);
+    may_stage = may_stage && w.tile == work[0].tile && LaneRowsAligned(lanes[l]);
   }
   const int32_t* warp_columns = shared.blocks + first_thread;
   for (int32_t step = 0; step < steps; ++step) {
@@ -48,7 +46,7 @@ void RunWarpInLockStep(const DecodePlan& plan, KernelShared& shared, int64_t blo
     for (int l = 0; l < kWarpLanes; ++l) {
       if (!member(l)) continue;
       DecodeLaneBlock<kBits>(lanes[l], shared.tables, ThreadScratch(shared, first_thread + l));
-      staged = staged && StepRowKey(lanes[l], l) == StepRowKey(lanes[0], 0);
+      staged = staged && LaneHasWholeBlock(lanes[l]);
     }
     if (staged) {
       for (int l = 0; l < kWarpLanes; ++l) {
@@ -56,7 +54,8 @@ void RunWarpInLockStep(const DecodePlan& plan, KernelShared& shared, int64_t blo
       }
       for (int k = 0; k < StagedChunksPerLane<kType>(); ++k) {
         for (int l = 0; l < kWarpLanes; ++l) {
-          WriteStagedChunk(lanes[l], work[l].num_blocks, warp_columns, l, k);
+          const StagedChunk<kType> c(l, k);
+          WriteStagedChunk(lanes[l], c, PackedBlockPlace(lanes[c.j]), warp_columns);
         }
       }
     } else {
