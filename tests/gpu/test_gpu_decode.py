@@ -132,8 +132,8 @@ def test_gpu_kernels_per_kind_equal_cpu_and_harness():
 @pytest.mark.parametrize("bits", [8, 12])
 def test_gpu_staged_warps_equal_cpu_and_harness(bits):
     """Tiles 2,048 wide at restart intervals 1, 2 and 8 (warps whose 32 blocks
-    of a step lie in one block row: the staged output of decode_kernel.h),
-    beside rows that wrap and partial edge blocks, a column scale, damaged
+    of a step are whole blocks of one tile: the staged output of
+    decode_kernel.h), beside partial edge blocks, a column scale, damaged
     intervals inside staged warps, every output type: GPU, host decoder and
     the kernels' CPU harness give the same bits and status, and the harness
     counts staged steps."""
