@@ -9,9 +9,14 @@ several rates and restart intervals, beside, in the same run,
   float32 weights (lossless), when importable.
 
     python benchmarks/gpu_decode.py [--quick] [--platform gpu|cpu] [--gb 1,4]
+        [--repeats N] [--sweep-rows R] [--single]
 
 Big outputs are made by repeating one encoded 256 MB matrix in one plan (each
-copy is its own output tensor), so encoding stays cheap. Target on an H200:
+copy is its own output tensor), so encoding stays cheap; the sweep over
+restart intervals and rates repeats a smaller matrix (--sweep-rows rows of
+4096, 64 MB by default) to the first size, so that each configuration costs
+one small encode. --single decodes the default rate once, nothing else (for
+a profiler: benchmarks/gpu_check.sh runs Nsight Compute on it). Target on an H200:
 >= 400 GB/s of float32 output at the default rate. Timings are best of N,
 blocked on the result; the competitors are synchronised with
 cudaDeviceSynchronize.
@@ -132,12 +137,21 @@ def main():
     parser.add_argument("--quick", action="store_true", help="64 MB base, 1 copy, few repeats")
     parser.add_argument("--platform", default="gpu")
     parser.add_argument("--gb", default="1,4", help="output sizes of the default-rate sweep")
+    parser.add_argument("--repeats", type=int, default=None, help="best of N (10; --quick: 3)")
+    parser.add_argument("--sweep-rows", type=int, default=BASE_ROWS // 4,
+                        help="rows of the matrix of the restart-interval and rate sweep")
+    parser.add_argument("--single", action="store_true",
+                        help="one decode of the default rate on the base matrix, for a profiler")
     args = parser.parse_args()
     device = jax.devices(args.platform)[0]
     rows = BASE_ROWS // 4 if args.quick else BASE_ROWS
-    repeats = 3 if args.quick else 10
+    repeats = args.repeats or (3 if args.quick else 10)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((rows, BASE_COLS)) * 0.02).astype(np.float32)
+    if args.single:
+        _decoder(_plan_of(default_rate(x), 1), device)  # decodes once and checks the status
+        print(f"decoded {x.nbytes / 1e6:.0f} MB of float32 once on {device.device_kind}")
+        return
     sizes = [1] if args.quick else [max(1, round(float(g) * 1e9 / x.nbytes)) for g in args.gb.split(",")]
     sync = _cudart().cudaDeviceSynchronize if args.platform == "gpu" else (lambda: None)
     print(f"device: {device.device_kind}; base matrix {x.nbytes / 1e6:.0f} MB float32")
@@ -148,7 +162,7 @@ def main():
 
     def row(label, enc, copies):
         plan = _plan_of(enc, copies)
-        out_bytes = x.nbytes * copies
+        out_bytes = 4 * int(np.prod(enc.shape)) * copies
         seconds = best_of(_decoder(plan, device), repeats)
         copy = _copy_gbps(out_bytes, device, repeats)
         gbps = out_bytes / 1e9 / seconds
@@ -158,11 +172,13 @@ def main():
         return gbps
 
     ours_gbps = [row("default rate", default, copies) for copies in sizes][0]
+    small = x[:min(args.sweep_rows, rows)]
+    small_copies = max(1, round(sizes[0] * x.nbytes / small.nbytes))
     for ri in (1, 2, 4, 8, 16):
-        row(f"default, restart {ri}", default_rate(x, restart_interval=ri), sizes[0])
+        row(f"default, restart {ri}", default_rate(small, restart_interval=ri), small_copies)
     for step in (2, 8):
-        row(f"quant step {step}", jaxjpeg.encode_tensor(x, quant_step=step), sizes[0])
-    row("12-bit, step 4", jaxjpeg.encode_tensor(x, bits=12, quant_step=4), sizes[0])
+        row(f"quant step {step}", jaxjpeg.encode_tensor(small, quant_step=step), small_copies)
+    row("12-bit, step 4", jaxjpeg.encode_tensor(small, bits=12, quant_step=4), small_copies)
 
     if args.platform == "gpu":
         print(nvjpeg_line(default, x.size, ours_gbps / 4, repeats, sync))

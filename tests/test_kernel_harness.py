@@ -188,3 +188,143 @@ def test_harness_without_a_block_map_decodes_alike(many_kinds):
     empty = dataclasses.replace(plan, block_map=np.zeros((0, 2), np.int32))
     for a, b in zip(_harness(plan), _harness(empty)):
         np.testing.assert_array_equal(_bits(b), _bits(a))
+
+
+# The lock-step decode and its staged output (decode_kernel.h): a warp whose
+# 32 blocks of a step are whole blocks of one tile, all decoded, writes them
+# together as 16-byte chunks from the shared columns; every other step
+# writes block by block. Both must give the host decoder's bits.
+
+def _harness_counted(plan, payload=None):
+    """(error or None, outputs, [staged steps, simple steps])."""
+    outputs = [np.full(s, 7, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
+    counts = np.zeros(2, np.int64)
+    try:
+        _native.run_plan_kernel_harness(
+            plan.payload if payload is None else payload, plan.interval_starts, plan.tiles,
+            plan.tables, plan.row_scale, plan.row_offset,
+            [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
+            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+            block_map=plan.block_map, step_counts=counts)
+        error = None
+    except jaxjpeg.JpegError as e:
+        error = str(e)
+    return error, outputs, counts
+
+
+def _host(plan, payload):
+    outs = [np.full(s, 7, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
+    try:
+        _native.run_plan(payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+                         plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outs],
+                         [codec.output_type(d) for d in plan.output_dtypes], threads=1,
+                         col_scale=plan.col_scale)
+        return None, outs
+    except jaxjpeg.JpegError as e:
+        return str(e), outs
+
+
+def _wide(shape, bits, restart, seed, **kw):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    x[:, 24:40] = 0.01  # constant blocks (DC only) among the staged ones
+    return jaxjpeg.encode_tensor(x, bits=bits, quant_step=3 if bits == 8 else 40,
+                                 restart_interval=restart, tile_shape=(32, 2048), **kw)
+
+
+def _assert_harness_is_host(plan, payload=None):
+    payload = plan.payload if payload is None else payload
+    error, got, counts = _harness_counted(plan, payload)
+    host_error, want = _host(plan, payload)
+    assert error == host_error
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(_bits(b), _bits(a))
+    return error, counts
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize("restart", [1, 2, 8])
+def test_staged_output_matches_host_for_every_type(bits, restart):
+    """Tiles 2048 wide (R = 1: a warp's blocks adjacent in a row; R = 2 and
+    8: spaced), every output type, the column scale on one tensor, constant
+    blocks; partial blocks at the bottom and right edges and the tiles'
+    ends make some steps irregular."""
+    encs = [_wide((64, 2048), bits, restart, seed=restart + bits),
+            _wide((32, 2048), bits, restart, seed=7,
+                  col_weight=np.exp(np.random.default_rng(1).standard_normal(2048))),
+            _wide((36, 2000), bits, restart, seed=8)]
+    assert encs[1].col_scale is not None
+    for dtype in DTYPES:
+        plan = codec.build_plan(encs, [dtype] * len(encs))
+        error, (staged, simple) = _assert_harness_is_host(plan)
+        assert error is None
+        assert staged > 0 and simple > 0, (staged, simple)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_irregular_warps_take_the_simple_path(dtype):
+    """Rows of 40 blocks (a warp of R = 1 wraps to the next row every
+    other time: staged all the same), partial blocks at the right and
+    bottom edges, a tile smaller than a warp's blocks, and 12-bit: the same
+    bits as the host, through both paths."""
+    rng = np.random.default_rng(5)
+    encs = [jaxjpeg.encode_tensor((rng.standard_normal(shape) * 0.05).astype(np.float32),
+                                  bits=bits, quant_step=step, restart_interval=1,
+                                  tile_shape=(24, 2048))
+            for shape, bits, step in (((37, 320), 8, 3), ((20, 2043), 12, 40), ((9, 100), 8, 2))]
+    plan = codec.build_plan(encs, [dtype] * 3)
+    error, (staged, simple) = _assert_harness_is_host(plan)
+    assert error is None and staged > 0 and simple > 0
+
+
+def test_default_tiles_and_restart_interval_stage_their_warps():
+    """Default tiles (512 x 512: 64 blocks a row) at the default restart
+    interval (8 blocks): a warp's 32 blocks of a step lie in 4 block rows, 8
+    blocks apart, and are staged."""
+    rng = np.random.default_rng(9)
+    enc = jaxjpeg.encode_tensor((rng.standard_normal((512, 1024)) * 0.05).astype(np.float32),
+                                quant_step=3)
+    assert enc.tiles[0].restart_interval == codec.DEFAULT_RESTART_INTERVAL == 8
+    for dtype in DTYPES:
+        error, (staged, simple) = _assert_harness_is_host(codec.build_plan([enc], [dtype]))
+        assert error is None and staged > 0 and simple == 0, (staged, simple)
+
+
+def test_rows_not_16_byte_aligned_are_never_staged():
+    """A 16-bit output 2,052 wide: rows 4,104 bytes apart, so no warp stages;
+    the float32 output of the same tiles does."""
+    enc = _wide((32, 2052), 8, 1, seed=3)
+    for dtype, stages in ((np.float16, False), (np.float32, True)):
+        error, (staged, simple) = _assert_harness_is_host(codec.build_plan([enc], [dtype]))
+        assert error is None and (staged > 0) == stages and simple > 0
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_failed_lanes_write_nan_beside_staged_warps(bits):
+    """Damaged intervals inside otherwise regular warps: their warps' later
+    steps go the simple path, the damaged intervals become NaN and the first
+    failure is reported, as on the host."""
+    enc = _wide((64, 2048), bits, 2, seed=11)
+    for dtype in DTYPES:
+        plan = codec.build_plan([enc], [dtype])
+        payload = plan.payload.copy()
+        starts = plan.interval_starts
+        for i in (40, 41, 300, 517):  # the middle of intervals in several warps
+            payload[(starts[i] + starts[i + 1]) // 2] ^= 0x5A
+        for i in (100, 390):  # data cut after a byte: the first block fails
+            payload[starts[i] + 1:starts[i] + 3] = [0xFF, 0xD3]
+        error, (staged, simple) = _assert_harness_is_host(plan, payload)
+        assert error is not None and staged > 0 and simple > 0
+        got = _harness_counted(plan, payload)[1][0]
+        assert np.isnan(np.asarray(got, np.float32)).any()
+
+
+def test_step_counts_must_be_written_in_place(many_kinds):
+    encs, dtypes = many_kinds
+    plan = codec.build_plan(encs, dtypes)
+    outputs = [np.zeros(s, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
+    with pytest.raises(ValueError, match="step_counts"):
+        _native.run_plan_kernel_harness(
+            plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+            plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
+            [codec.output_type(d) for d in dtypes], step_counts=np.zeros(2, np.int32))

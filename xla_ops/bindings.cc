@@ -272,17 +272,33 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
                           const std::vector<py::array>& outputs,
                           const std::vector<int>& output_types,
                           const std::optional<py::array>& col_scale,
-                          const std::optional<py::array>& block_map) {
+                          const std::optional<py::array>& block_map,
+                          std::optional<py::array> step_counts) {
   HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale, row_offset,
                               outputs, output_types, col_scale);
   if (block_map) {
     h.plan.block_map = ArrayData<int32_t>(*block_map, -1, "block_map");
     h.plan.num_map_blocks = block_map->size() / kBlockMapColumns;
   }
+  int64_t* counts_out = nullptr;
+  if (step_counts) {
+    // Written in place: no conversion, which would write into a copy.
+    if (!step_counts->dtype().is(py::dtype::of<int64_t>()) || step_counts->ndim() != 1 ||
+        step_counts->size() != 2 || !step_counts->writeable() ||
+        step_counts->strides(0) != sizeof(int64_t)) {
+      throw py::value_error("step_counts must be a writeable contiguous int64 array of 2");
+    }
+    counts_out = static_cast<int64_t*>(step_counts->mutable_data());
+  }
   int32_t status;
+  HarnessCounts counts;
   {
     py::gil_scoped_release release;
-    status = RunKernelHarness(h.plan);
+    status = RunKernelHarness(h.plan, &counts);
+  }
+  if (counts_out != nullptr) {
+    counts_out[0] = counts.staged_steps;
+    counts_out[1] = counts.simple_steps;
   }
   RaiseOnFailure(status);
 }
@@ -526,7 +542,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("interval_starts"), py::arg("tiles"), py::arg("tables"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
         py::arg("col_scale") = py::none(), py::arg("block_map") = py::none(),
-        "Run the CUDA kernel body over every (block, thread) on the host (tests).");
+        py::arg("step_counts") = py::none(),
+        "Run the CUDA kernel body over every (block, thread) on the host (tests); "
+        "step_counts (int64 [2], written even when decoding fails): the warps' "
+        "lock-step decode steps written staged and written lane by lane.");
   m.def("block_map", &BlockMap, py::arg("interval_starts"), py::arg("tiles"),
         py::arg("output_types"),
         "The CUDA decode blocks' map (tile of the first interval, kinds present), "

@@ -121,16 +121,166 @@ JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread
   for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
 }
 
-// Phase "decode": a claimed interval whose tables are staged, from its
-// destuffed bytes.
+// The decode of a warp's claimed intervals runs in lock step, a block per
+// step, so that a warp whose 32 blocks of a step are all whole blocks of
+// one tile writes them together ("staged"): each block's samples are
+// already in shared memory (its thread's column), which serves as the
+// staging buffer, and the warp writes the 256 block rows (32 blocks x 8
+// rows) as 16-byte chunks in the order (row, block, part of the row), each
+// lane learning a block's place from its lane (a shuffle), the affine map
+// applied on the way out. So for float32 the two lanes of a pair fill one
+// 32-byte sector of a block row and every vector store writes 16 whole
+// sectors (a lane alone writes its row as two half-sector stores), and
+// blocks adjacent in a row (restart interval 1) leave as 512 contiguous
+// bytes per store; for 16-bit types a block row is 16 bytes, so a store
+// covers half sectors unless the blocks are adjacent. Any other step (a
+// lane without a block, failed or done, a partial block at a tile edge,
+// mixed tiles, rows not 16-byte aligned, a warp not all decoding) takes the
+// simple path: each lane writes its own block (PutBlock). Failed intervals
+// become NaN after the last step, by their own lane, as on the host. Lanes
+// that are done or failed still take part in the steps (the votes need
+// every member).
+constexpr int kWarpLanes = 32;
+constexpr uint32_t kFullWarp = 0xFFFFFFFFu;
+static_assert(kDecodeThreadsPerBlock % kWarpLanes == 0, "whole warps");
+
+// One lane's interval during the lock-step decode: registers on the device,
+// an array element in the harness.
+template <OutputType kType>
+struct LaneDecode {
+  AffineSink<kType> sink;
+  BlockGrid grid;
+  detail::IntervalCursor<DestuffedBitReader> cursor;
+  int32_t blocks_left;
+  Status status;
+  bool has_block;  // whether this step decoded a block, described by `block`
+  detail::DecodedBlock block;
+};
+
+// Phase "start" of claimed interval i.
+template <OutputType kType>
+JJ_HD JJ_INLINE LaneDecode<kType> StartLane(const DecodePlan& p, const IntervalWork& w, int64_t i,
+                                            const LaneScratch& s) {
+  const BlockGrid grid = TileGrid(w.tile);
+  return LaneDecode<kType>{TileSink<kType>(p, w.tile), grid,
+                           detail::StartInterval(DestuffedReaderOf(p, i), grid, w.first_block, s),
+                           w.num_blocks, Status::kOk, false, detail::DecodedBlock{}};
+}
+
+// The lane's part of "the warp may stage", voted once per interval: its
+// tile's rows are 16-byte aligned (so is every chunk then: block columns
+// are multiples of 8 elements, 16 bytes or more). The other condition is
+// that every lane has the same tile.
+template <OutputType kType>
+JJ_HD JJ_INLINE bool LaneRowsAligned(const LaneDecode<kType>& d) {
+  using Element = typename OutputElement<kType>::Type;
+  return (reinterpret_cast<uintptr_t>(d.sink.base) & 15) == 0 &&
+         (d.sink.row_stride * static_cast<int64_t>(sizeof(Element))) % 16 == 0;
+}
+
+// Phase "block": the lane's next block into its column, where it has one
+// left and nothing failed.
 template <int kBits, OutputType kType>
-JJ_HD inline void DecodeClaimed(const DecodePlan& p, const IntervalWork& w, KernelShared& s,
-                                int64_t block, int thread, int32_t* status) {
-  const int64_t i = block * kDecodeThreadsPerBlock + thread;
-  const Status result = DecodeIntervalWith<kBits, kType>(p, w, DestuffedReaderOf(p, i), s.tables,
-                                                         ThreadScratch(s, thread));
-  if (result != Status::kOk) RecordFirstError(status, PackPlanStatus(i, result));
-  p.destuffed.lengths[i] = -1;  // decoded (see CheckIntervalDecoded)
+JJ_HD JJ_INLINE void DecodeLaneBlock(LaneDecode<kType>& d, const DecoderTables& t,
+                                     const LaneScratch& s) {
+  d.has_block = false;
+  if (d.status != Status::kOk || d.blocks_left == 0) return;
+  --d.blocks_left;
+  d.status = detail::DecodeNextBlock<kBits>(d.cursor, t, d.grid, s, &d.block);
+  d.has_block = d.status == Status::kOk;
+}
+
+// What the lanes of a warp that may stage vote on each step: all have a
+// whole block (the step is regular).
+template <OutputType kType>
+JJ_HD JJ_INLINE bool LaneHasWholeBlock(const LaneDecode<kType>& d) {
+  return d.has_block && d.block.rows == 8 && d.block.cols == 8;
+}
+
+// A block's place as one word for a shuffle: top-left row and column
+// (< 2^16: a tile is at most 65,535 wide and high).
+template <OutputType kType>
+JJ_HD JJ_INLINE uint32_t PackedBlockPlace(const LaneDecode<kType>& d) {
+  return (static_cast<uint32_t>(d.block.y0) << 16) | static_cast<uint32_t>(d.block.x0);
+}
+
+// Phase "fill", regular steps only: a constant block's samples into its
+// column (the simple path keeps the one value in a register).
+JJ_HD JJ_INLINE void FillConstantColumn(const LaneScratch& s, const detail::DecodedBlock& b) {
+  if (!b.dc_only) return;
+  JJ_UNROLL
+  for (int i = 0; i < 64; ++i) s.samples[i * LaneScratch::kElementStride] = b.dc_sample;
+}
+
+// Vector stores per lane of a regular step: 32 blocks of 64 elements in
+// 16-byte chunks.
+template <OutputType kType>
+JJ_HD constexpr int StagedChunksPerLane() {
+  return 64 * static_cast<int>(sizeof(typename OutputElement<kType>::Type)) * kWarpLanes / 16 /
+         kWarpLanes;
+}
+
+// Chunk q = 32 k + lane of a regular step, in the order (block row y, block
+// j of the warp, part of the row).
+template <OutputType kType>
+struct StagedChunk {
+  static constexpr int kPerChunk = AffineSink<kType>::kChunkElements;
+  static constexpr int kChunksPerRow = 8 / kPerChunk;
+  int y, j, part;
+
+  JJ_HD JJ_INLINE StagedChunk(int lane, int k) {
+    const int q = k * kWarpLanes + lane;
+    const int row_block = q / kChunksPerRow;
+    part = q % kChunksPerRow;
+    y = row_block / kWarpLanes;
+    j = row_block % kWarpLanes;
+  }
+};
+
+// Phase "staged write", store k (< StagedChunksPerLane) of `lane`, after
+// the warp's columns are filled: chunk c's block j has its samples in
+// column j of the warp (`warp_columns` is lane 0's) and lies at `place`
+// (PackedBlockPlace of lane j); `d` is the writing lane's own interval,
+// whose tile is the warp's.
+template <OutputType kType>
+JJ_HD JJ_INLINE void WriteStagedChunk(const LaneDecode<kType>& d, const StagedChunk<kType>& c,
+                                      uint32_t place, const int32_t* warp_columns) {
+  constexpr int kPerChunk = StagedChunk<kType>::kPerChunk;
+  constexpr int kStride = LaneScratch::kElementStride;
+  const int y0 = static_cast<int>(place >> 16), x0 = static_cast<int>(place & 0xFFFF);
+  d.sink.template PutChunk<kStride>(y0 + c.y, x0 + c.part * kPerChunk,
+                                    warp_columns + (8 * c.y + c.part * kPerChunk) * kStride + c.j);
+}
+
+// Phase "simple write": the lane's own block, when the step is not regular.
+template <OutputType kType>
+JJ_HD JJ_INLINE void PutLaneBlock(const LaneDecode<kType>& d, const LaneScratch& s) {
+  if (!d.has_block) return;
+  const detail::DecodedBlock& b = d.block;
+  detail::PutBlock(d.sink, s, b.dc_only, b.dc_sample, b.y0, b.x0, b.rows, b.cols);
+}
+
+// Phase "clear", after either write: the column ready for the next block
+// (a constant block's column was filled when its step was staged).
+template <OutputType kType>
+JJ_HD JJ_INLINE void ClearLaneColumn(const LaneDecode<kType>& d, const LaneScratch& s,
+                                     bool staged) {
+  if (d.has_block) detail::ClearCoefficients(s, d.block.dc_only && !staged);
+}
+
+// Phase "finish", after the warp's last step: the trailing-data check, a
+// failed interval to NaN, its status recorded, the interval marked decoded
+// (see CheckIntervalDecoded).
+template <OutputType kType>
+JJ_HD JJ_INLINE void FinishLane(const DecodePlan& p, const LaneDecode<kType>& d,
+                                const IntervalWork& w, int64_t i, int32_t* status) {
+  Status result = d.status;
+  if (result == Status::kOk && HasUnusedBytes(d.cursor.r)) result = Status::kTrailingData;
+  if (result != Status::kOk) {
+    FillIntervalWithNaN(d.sink, d.grid, w.first_block, w.num_blocks);
+    RecordFirstError(status, PackPlanStatus(i, result));
+  }
+  p.destuffed.lengths[i] = -1;
 }
 
 // Phase "check", after every decode kernel: an interval with usable starts

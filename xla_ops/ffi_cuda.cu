@@ -27,7 +27,7 @@ __global__ void InitStatusKernel(int32_t* status, int32_t* starts_status) {
   *starts_status = kPlanOk;
 }
 
-// A warp per interval: reads its bytes 32 at a time, coalesced, and writes
+// A warp per interval: reads its bytes 128 at a time as aligned words, coalesced, and writes
 // them destuffed into the workspace (see destuff.h, DestuffPlanInterval).
 constexpr int kDestuffThreadsPerBlock = 256;
 
@@ -46,6 +46,45 @@ __global__ void __launch_bounds__(kDestuffThreadsPerBlock)
 __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk chunk,
                                        PlanOutput* workspace) {
   if (threadIdx.x < chunk.count) workspace[chunk.first + threadIdx.x] = chunk.items[threadIdx.x];
+}
+
+// The lock-step decode of this warp's intervals claimed in this round
+// (`members`: the lanes that decode now): the phases of decode_kernel.h,
+// with the warp's votes and barriers between them.
+template <int kBits, OutputType kType>
+__device__ __forceinline__ void DecodeWarpInLockStep(const DecodePlan& plan, const IntervalWork& w,
+                                                     KernelShared& s, uint32_t members,
+                                                     int32_t* status) {
+  const int thread = static_cast<int>(threadIdx.x), lane = thread % kWarpLanes;
+  const int64_t i = int64_t(blockIdx.x) * kDecodeThreadsPerBlock + thread;
+  const LaneScratch scratch = ThreadScratch(s, thread);
+  LaneDecode<kType> d = StartLane<kType>(plan, w, i, scratch);
+  const int32_t steps = __reduce_max_sync(members, w.num_blocks);
+  bool may_stage = false;
+  if (members == kFullWarp) {
+    int same_tile;
+    __match_all_sync(kFullWarp, reinterpret_cast<uintptr_t>(w.tile), &same_tile);
+    may_stage = __all_sync(kFullWarp, same_tile && LaneRowsAligned(d));
+  }
+  const int32_t* warp_columns = s.blocks + (thread - lane);
+  for (int32_t step = 0; step < steps; ++step) {
+    DecodeLaneBlock<kBits>(d, s.tables, scratch);
+    const bool staged = may_stage && __all_sync(kFullWarp, LaneHasWholeBlock(d));
+    if (staged) {
+      FillConstantColumn(scratch, d.block);
+      __syncwarp();  // every column written
+      const uint32_t place = PackedBlockPlace(d);
+      for (int k = 0; k < StagedChunksPerLane<kType>(); ++k) {
+        const StagedChunk<kType> c(lane, k);
+        WriteStagedChunk(d, c, __shfl_sync(kFullWarp, place, c.j), warp_columns);
+      }
+      __syncwarp();  // every column read
+    } else {
+      PutLaneBlock(d, scratch);
+    }
+    ClearLaneColumn(d, scratch, staged);
+  }
+  FinishLane(plan, d, w, i, status);
 }
 
 // See decode_kernel.h for the phases; the barriers between them are here.
@@ -69,8 +108,10 @@ __global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
     if (table == kNoTable) return;
     StageTablesPart(plan, table, threadIdx.x, &s.tables);
     __syncthreads();
-    if (pending && TableOf(w) == table) {
-      DecodeClaimed<kBits, kType>(plan, w, s, blockIdx.x, threadIdx.x, status);
+    const bool decode_now = pending && TableOf(w) == table;
+    const uint32_t members = __ballot_sync(kFullWarp, decode_now);
+    if (decode_now) {
+      DecodeWarpInLockStep<kBits, kType>(plan, w, s, members, status);
       pending = false;
     }
   }

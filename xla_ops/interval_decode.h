@@ -215,55 +215,101 @@ JJ_HD JJ_INLINE void PutBlock(const Sink& sink, const Scratch& s, bool dc_only,
   }
 }
 
+// Where a decoded block lands: its top-left sample (y0, x0) and the rows and
+// columns of it inside the image; its samples are in the scratch, or
+// `dc_sample` everywhere for a constant block (`dc_only`).
+struct DecodedBlock {
+  int32_t y0, x0, rows, cols;
+  bool dc_only;
+  int32_t dc_sample;
+};
+
+// An interval's decode between two blocks: the reader, the DC predictor and
+// the next block's place in the grid (block row, block column).
+template <typename Reader>
+struct IntervalCursor {
+  Reader r;
+  int32_t dc;
+  int32_t by, bx;
+};
+
+// Zeroes the scratch's coefficients: all of them, or only the DC where a
+// constant block left the others untouched (the IDCT, in place, overwrote
+// them otherwise; without it the column pass leaves them as they were).
+template <typename Scratch>
+JJ_HD JJ_INLINE void ClearCoefficients(const Scratch& s, bool only_dc) {
+  constexpr int kStride = Scratch::kElementStride;
+  const int32_t zero = OpaqueZero<int32_t>();
+  if (only_dc) {
+    s.coef[0] = zero;
+    return;
+  }
+  JJ_UNROLL
+  for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
+}
+
+// Starts an interval at `first_block` of the grid; the scratch's
+// coefficients become zero.
+template <typename Reader, typename Scratch>
+JJ_HD JJ_INLINE IntervalCursor<Reader> StartInterval(const Reader& r, const BlockGrid& grid,
+                                                     int64_t first_block, const Scratch& s) {
+  ClearCoefficients(s, false);
+  // A tile has fewer than 2^31 blocks: a 32-bit division (see ResolveInterval).
+  const int32_t first = static_cast<int32_t>(first_block);
+  return IntervalCursor<Reader>{r, 0, first / grid.blocks_wide, first % grid.blocks_wide};
+}
+
+// Decodes the cursor's next block into the scratch (IDCT included) and says
+// where it lands; the coefficients must be zero on entry (ClearCoefficients
+// after the block is written out).
+template <int kBits, typename Reader, typename Scratch>
+JJ_HD JJ_INLINE Status DecodeNextBlock(IntervalCursor<Reader>& c, const DecoderTables& t,
+                                       const BlockGrid& grid, const Scratch& s,
+                                       DecodedBlock* out) {
+  constexpr int kStride = Scratch::kElementStride;
+  constexpr bool kDequantizeOnStore = Scratch::kDequantizes;
+  int last;
+  const Status status =
+      t.fast_ac_pairs_common ? DecodeBlock<kDequantizeOnStore, true>(c.r, t, c.dc, s, last)
+                             : DecodeBlock<kDequantizeOnStore, false>(c.r, t, c.dc, s, last);
+  if (status != Status::kOk) return status;
+  if (ReadPastEnd(c.r)) return Status::kTruncated;
+  out->dc_only = last == 0;
+  out->dc_sample = 0;
+  if (out->dc_only) {  // a constant block
+    out->dc_sample =
+        DcOnlySample<kBits>(kDequantizeOnStore ? s.coef[0] : s.coef[0] * t.quant[0]);
+  } else {
+    IdctColumns<kBits, kStride, !kDequantizeOnStore>(s.coef, t.quant, s.ws);
+    IdctRows<kBits, kStride>(s.ws, s.samples);
+  }
+  out->y0 = c.by * 8;
+  out->x0 = c.bx * 8;
+  if (++c.bx == grid.blocks_wide) {
+    c.bx = 0;
+    ++c.by;
+  }
+  out->rows = grid.height - out->y0 < 8 ? grid.height - out->y0 : 8;
+  out->cols = grid.width - out->x0 < 8 ? grid.width - out->x0 : 8;
+  return Status::kOk;
+}
+
 // Decodes an interval's blocks from the reader `r` (a BitReader over its
 // raw bytes, or a DestuffedBitReader over its destuffed bytes).
 template <int kBits, typename Reader, typename Scratch, typename Sink>
 JJ_HD JJ_INLINE Status DecodeIntervalBody(Reader r, const DecoderTables& t, const BlockGrid& grid,
                                           int64_t first_block, int64_t num_blocks,
                                           const Sink& sink, const Scratch& s) {
-  constexpr int kStride = Scratch::kElementStride;
-  constexpr bool kDequantizeOnStore = Scratch::kDequantizes;
-  int32_t dc = 0;
-  const int32_t zero = OpaqueZero<int32_t>();
-  JJ_UNROLL
-  for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
+  IntervalCursor<Reader> c = StartInterval(r, grid, first_block, s);
   const int32_t blocks = static_cast<int32_t>(num_blocks);
-  // A tile has fewer than 2^31 blocks: a 32-bit division (see ResolveInterval).
-  int32_t by = static_cast<int32_t>(first_block) / grid.blocks_wide;
-  int32_t bx = static_cast<int32_t>(first_block) % grid.blocks_wide;
   for (int32_t b = 0; b < blocks; ++b) {
-    int last;
-    const Status status =
-        t.fast_ac_pairs_common ? DecodeBlock<kDequantizeOnStore, true>(r, t, dc, s, last)
-                               : DecodeBlock<kDequantizeOnStore, false>(r, t, dc, s, last);
+    DecodedBlock d;
+    const Status status = DecodeNextBlock<kBits>(c, t, grid, s, &d);
     if (status != Status::kOk) return status;
-    if (ReadPastEnd(r)) return Status::kTruncated;
-    const bool dc_only = last == 0;
-    int32_t dc_sample = 0;
-    if (dc_only) {  // a constant block
-      dc_sample = DcOnlySample<kBits>(kDequantizeOnStore ? s.coef[0] : s.coef[0] * t.quant[0]);
-    } else {
-      IdctColumns<kBits, kStride, !kDequantizeOnStore>(s.coef, t.quant, s.ws);
-      IdctRows<kBits, kStride>(s.ws, s.samples);
-    }
-    const int y0 = by * 8, x0 = bx * 8;
-    if (++bx == grid.blocks_wide) {
-      bx = 0;
-      ++by;
-    }
-    const int rows = grid.height - y0 < 8 ? grid.height - y0 : 8;
-    const int cols = grid.width - x0 < 8 ? grid.width - x0 : 8;
-    PutBlock(sink, s, dc_only, dc_sample, y0, x0, rows, cols);
-    // Clear for the next block. In place, the samples overwrote the
-    // coefficients; otherwise the column pass left them as they were.
-    if (dc_only) {
-      s.coef[0] = zero;
-    } else {
-      JJ_UNROLL
-      for (int i = 0; i < 64; ++i) s.coef[i * kStride] = zero;
-    }
+    PutBlock(sink, s, d.dc_only, d.dc_sample, d.y0, d.x0, d.rows, d.cols);
+    ClearCoefficients(s, d.dc_only);
   }
-  return HasUnusedBytes(r) ? Status::kTrailingData : Status::kOk;
+  return HasUnusedBytes(c.r) ? Status::kTrailingData : Status::kOk;
 }
 
 // The host's scratch: three arrays on the stack.

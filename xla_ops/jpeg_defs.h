@@ -117,6 +117,15 @@ JJ_HD JJ_INLINE int PopCount(uint32_t x) {
 #endif
 }
 
+// Zero bits below the lowest set bit of a nonzero 32-bit word.
+JJ_HD JJ_INLINE int CountTrailingZeros(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffs(static_cast<int>(x)) - 1;
+#else
+  return __builtin_ctz(x);
+#endif
+}
+
 // The whole zig-zag table (80 entries), in constant memory on the device.
 JJ_HD JJ_INLINE const uint8_t* ZigzagTable() {
 #if defined(__CUDA_ARCH__)

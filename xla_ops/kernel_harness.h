@@ -13,14 +13,77 @@
 
 namespace jaxjpeg {
 
+// How many lock-step decode steps of warps wrote their blocks staged and how
+// many each lane alone (see decode_kernel.h): tests check that both paths ran.
+struct HarnessCounts {
+  int64_t staged_steps = 0;
+  int64_t simple_steps = 0;
+};
+
+// The lock-step decode of one warp's intervals of a round
+// (DecodeWarpInLockStep in ffi_cuda.cu): `members` bit l set where lane l,
+// thread first_thread + l, decodes now. Each loop over lanes stands for the
+// lanes between two of the kernel's votes or barriers; a vote is a loop too.
+template <int kBits, OutputType kType>
+void RunWarpInLockStep(const DecodePlan& plan, KernelShared& shared, int64_t block,
+                       int first_thread, uint32_t members, const IntervalWork* work,
+                       int32_t* status, HarnessCounts* counts) {
+  auto member = [members](int lane) { return ((members >> lane) & 1u) != 0; };
+  LaneDecode<kType> lanes[kWarpLanes];
+  int32_t steps = 0;
+  bool may_stage = members == kFullWarp;
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (!member(l)) continue;
+    const IntervalWork& w = work[l];
+    const int64_t i = block * kDecodeThreadsPerBlock + first_thread + l;
+    lanes[l] = StartLane<kType>(plan, w, i, ThreadScratch(shared, first_thread + l));
+    steps = w.num_blocks > steps ? w.num_blocks : steps;
+    may_stage = may_stage && w.tile == work[0].tile && LaneRowsAligned(lanes[l]);
+  }
+  const int32_t* warp_columns = shared.blocks + first_thread;
+  for (int32_t step = 0; step < steps; ++step) {
+    bool staged = may_stage;
+    for (int l = 0; l < kWarpLanes; ++l) {
+      if (!member(l)) continue;
+      DecodeLaneBlock<kBits>(lanes[l], shared.tables, ThreadScratch(shared, first_thread + l));
+      staged = staged && LaneHasWholeBlock(lanes[l]);
+    }
+    if (staged) {
+      for (int l = 0; l < kWarpLanes; ++l) {
+        FillConstantColumn(ThreadScratch(shared, first_thread + l), lanes[l].block);
+      }
+      for (int k = 0; k < StagedChunksPerLane<kType>(); ++k) {
+        for (int l = 0; l < kWarpLanes; ++l) {
+          const StagedChunk<kType> c(l, k);
+          WriteStagedChunk(lanes[l], c, PackedBlockPlace(lanes[c.j]), warp_columns);
+        }
+      }
+    } else {
+      for (int l = 0; l < kWarpLanes; ++l) {
+        if (member(l)) PutLaneBlock(lanes[l], ThreadScratch(shared, first_thread + l));
+      }
+    }
+    ++(staged ? counts->staged_steps : counts->simple_steps);
+    for (int l = 0; l < kWarpLanes; ++l) {
+      if (member(l)) ClearLaneColumn(lanes[l], ThreadScratch(shared, first_thread + l), staged);
+    }
+  }
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (!member(l)) continue;
+    const int64_t i = block * kDecodeThreadsPerBlock + first_thread + l;
+    FinishLane(plan, lanes[l], work[l], i, status);
+  }
+}
+
 // Runs one decode kernel's phases over every (block, thread) on the host, in
 // the kernel's order: claim, stage the zig-zag table, then rounds of (offer
-// tables, stage them, decode those threads). A loop over threads stands for
-// the threads between two barriers.
+// tables, stage them, decode those threads, a warp at a time in lock step).
+// A loop over threads stands for the threads between two barriers.
 struct HarnessKernel {
   const DecodePlan& plan;
   KernelShared& shared;
   int32_t* status;
+  HarnessCounts* counts;
 
   template <int kBits, OutputType kType>
   void operator()() const {
@@ -45,10 +108,17 @@ struct HarnessKernel {
         for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
           StageTablesPart(plan, table, t, &shared.tables);
         }
-        for (int t = 0; t < kDecodeThreadsPerBlock; ++t) {
-          if (pending[t] && TableOf(work[t]) == table) {
-            DecodeClaimed<kBits, kType>(plan, work[t], shared, block, t, status);
-            pending[t] = false;
+        for (int first = 0; first < kDecodeThreadsPerBlock; first += kWarpLanes) {
+          uint32_t members = 0;
+          for (int l = 0; l < kWarpLanes; ++l) {
+            if (pending[first + l] && TableOf(work[first + l]) == table) {
+              members |= 1u << l;
+              pending[first + l] = false;
+            }
+          }
+          if (members != 0) {
+            RunWarpInLockStep<kBits, kType>(plan, shared, block, first, members,
+                                            work.data() + first, status, counts);
           }
         }
       }
@@ -59,7 +129,8 @@ struct HarnessKernel {
 // Runs the destuff kernel (a call per interval stands for its warp) and
 // every decode kernel, as the CUDA handler launches them, with the same
 // workspace layout.
-inline int32_t RunKernelHarness(const DecodePlan& host_plan) {
+inline int32_t RunKernelHarness(const DecodePlan& host_plan, HarnessCounts* counts = nullptr) {
+  HarnessCounts ignored;
   DecodePlan plan = host_plan;
   std::vector<uint8_t> workspace(
       DecodeWorkspaceBytes(plan.num_outputs, plan.payload_size, plan.num_intervals));
@@ -71,7 +142,7 @@ inline int32_t RunKernelHarness(const DecodePlan& host_plan) {
     DestuffPlanInterval(plan, i, true, &status, DestuffOnHost);
   }
   auto shared = std::make_unique<KernelShared>();
-  ForEachDecodeKernel(HarnessKernel{plan, *shared, &status});
+  ForEachDecodeKernel(HarnessKernel{plan, *shared, &status, counts ? counts : &ignored});
   for (int64_t i = 0; i < plan.num_intervals; ++i) CheckIntervalDecoded(plan, i, &status);
   return status;
 }

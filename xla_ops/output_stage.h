@@ -89,6 +89,17 @@ struct OutputElement<OutputType::kFloat16> {
   JJ_HD static JJ_INLINE uint16_t From(float v) { return FloatToHalf(v); }
 };
 
+// Stores 16 bytes at a 16-byte aligned address: one vector store on the device.
+JJ_HD JJ_INLINE void Store16Aligned(void* out, const void* bytes) {
+#if defined(__CUDA_ARCH__)
+  uint4 word;
+  memcpy(&word, bytes, sizeof word);
+  *reinterpret_cast<uint4*>(out) = word;
+#else
+  memcpy(out, bytes, 16);
+#endif
+}
+
 // Stores one whole block row of 8 elements. On the device, when the address
 // allows, as 16-byte vector stores (two for float32, one for 16-bit types)
 // instead of 8 scalar ones: each lane of a warp fills its 32-byte sector in
@@ -136,7 +147,10 @@ struct AffineSink {
       StoreRow8(out, v);
       return;
     }
-    for (int i = 0; i < count; ++i) {
+    // Unrolled with constant indices: `samples` may be a register array.
+    JJ_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      if (i >= count) break;
       out[i] = Weight<kScaleColumns>(samples[i], scale, offset, cols, i);
     }
   }
@@ -149,6 +163,30 @@ struct AffineSink {
     } else {
       PutRowScaled<true>(out, samples, count, scale, offset, col_scale + x0);
     }
+  }
+
+  // Elements per 16-byte chunk (see PutChunk).
+  static constexpr int kChunkElements = 16 / static_cast<int>(sizeof(Element));
+
+  // Writes the kChunkElements weights of row y from column x on, whose
+  // samples are samples[i * kStride]; the address must be 16-byte aligned
+  // (one vector store on the device).
+  template <int kStride>
+  JJ_HD JJ_INLINE void PutChunk(int y, int x, const int32_t* samples) const {
+    const float scale = row_scale[y], offset = row_offset[y];
+    Element v[kChunkElements];
+    if (col_scale == nullptr) {
+      JJ_UNROLL
+      for (int i = 0; i < kChunkElements; ++i) {
+        v[i] = Weight<false>(samples[i * kStride], scale, offset, nullptr, i);
+      }
+    } else {
+      JJ_UNROLL
+      for (int i = 0; i < kChunkElements; ++i) {
+        v[i] = Weight<true>(samples[i * kStride], scale, offset, col_scale + x, i);
+      }
+    }
+    Store16Aligned(base + y * row_stride + x, v);
   }
 
   // Marks a row segment as not decoded (quiet NaN in the output type).

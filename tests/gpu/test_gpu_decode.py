@@ -129,6 +129,51 @@ def test_gpu_kernels_per_kind_equal_cpu_and_harness():
         np.testing.assert_array_equal(b.view(np.uint8), c.view(np.uint8))
 
 
+@pytest.mark.parametrize("bits", [8, 12])
+def test_gpu_staged_warps_equal_cpu_and_harness(bits):
+    """Tiles 2,048 wide at restart intervals 1, 2 and 8 (warps whose 32 blocks
+    of a step are whole blocks of one tile: the staged output of
+    decode_kernel.h), beside partial edge blocks, a column scale, damaged
+    intervals inside staged warps, every output type: GPU, host decoder and
+    the kernels' CPU harness give the same bits and status, and the harness
+    counts staged steps."""
+    from jaxjpeg import _native
+    rng = np.random.default_rng(bits)
+    encs = [jaxjpeg.encode_tensor((rng.standard_normal(shape) * 0.05).astype(np.float32),
+                                  bits=bits, quant_step=3 if bits == 8 else 40,
+                                  restart_interval=restart, tile_shape=(32, 2048), col_weight=cw)
+            for shape, restart, cw in (((64, 2048), 1, None), ((48, 2048), 2, None),
+                                       ((32, 2048), 8, np.exp(rng.standard_normal(2048))),
+                                       ((36, 2000), 1, None))]
+    for dtype in (np.float32, ml_dtypes.bfloat16, np.float16):
+        plan = codec.build_plan(encs, [dtype] * len(encs))
+        payload = plan.payload.copy()
+        for i in (40, 700):
+            payload[plan.interval_starts[i] + 1:plan.interval_starts[i] + 3] = [0xFF, 0xD3]
+        types = [codec.output_type(d) for d in plan.output_dtypes]
+        host, harness, counts = _plan_outputs(plan), _plan_outputs(plan), np.zeros(2, np.int64)
+        with pytest.raises(jaxjpeg.JpegError, match="restart interval 40:") as raised:
+            _native.run_plan(payload, plan.interval_starts, plan.tiles, plan.tables,
+                             plan.row_scale, plan.row_offset,
+                             [o.view(np.uint16) if o.itemsize == 2 else o for o in host], types,
+                             threads=1, col_scale=plan.col_scale)
+        with pytest.raises(jaxjpeg.JpegError, match="restart interval 40:"):
+            _native.run_plan_kernel_harness(
+                payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+                plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in harness],
+                types, col_scale=plan.col_scale, block_map=plan.block_map, step_counts=counts)
+        assert counts[0] > 0 and counts[1] > 0, counts
+        operands = list(ops.plan_operands(plan))
+        operands[0] = payload
+        decode = ops.plan_decoder(plan.output_shapes, (np.dtype(dtype).name,) * len(encs),
+                                  plan.output_shapes)
+        status, gpu = decode(*jax.device_put(tuple(operands), _gpu()))
+        assert _native.plan_failure(int(np.asarray(status).reshape(-1)[0])) == str(raised.value)
+        for a, b, c in zip(host, gpu, harness):
+            np.testing.assert_array_equal(a.view(np.uint8), np.asarray(b).view(np.uint8))
+            np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_gpu_corrupt_payload_same_status_and_nan_as_cpu(seed):
     """Random byte damage: the GPU's status word names the failure the host
