@@ -93,6 +93,16 @@ inline void RowMap(const SampleSource& source, int y, float* offset, float* divi
   *divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
 }
 
+// Eight values of a line from ``start``; from ``limit`` on, the last one
+// repeats (a block past the image edge).
+inline void LoadEdgeClamped(const float* line, int start, int limit, float values[8]) {
+  if (start + 8 <= limit) {
+    std::memcpy(values, line + start, 8 * sizeof(float));
+    return;
+  }
+  for (int i = 0; i < 8; ++i) values[i] = line[start + i < limit ? start + i : limit - 1];
+}
+
 // The 8x8 block with top-left sample (x0, y0), centered samples (as
 // CenteredSamples) in row-major order; outside the image the last column/row
 // is repeated.
@@ -102,16 +112,10 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
   const Float4 top = zero + max_sample, middle = zero + center;
   const bool mapped = source.row_scale != nullptr;
   if (!source.transposed) {
-    const bool full_width = x0 + 8 <= source.width;
     for (int r = 0; r < 8; ++r) {
       const int y = y0 + r < source.height ? y0 + r : source.height - 1;
-      const float* row = source.data + y * source.stride;
       alignas(16) float values[8];
-      if (full_width) {
-        std::memcpy(values, row + x0, sizeof(values));
-      } else {
-        for (int c = 0; c < 8; ++c) values[c] = row[x0 + c < source.width ? x0 + c : source.width - 1];
-      }
+      LoadEdgeClamped(source.data + y * source.stride, x0, source.width, values);
       float offset = 0.0f, divisor = 1.0f;
       if (mapped) RowMap(source, y, &offset, &divisor);
       for (int half = 0; half < 8; half += 4) {
@@ -123,7 +127,6 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
   }
   // Transposed: each of the block's columns is 8 contiguous values, mapped
   // lane by lane with its rows' maps, then the block is transposed.
-  const bool full_height = y0 + 8 <= source.height;
   alignas(16) float offsets[8] = {}, divisors[8] = {1, 1, 1, 1, 1, 1, 1, 1};
   if (mapped) {
     for (int r = 0; r < 8; ++r) {
@@ -133,13 +136,8 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
   Float4 half[2][8];  // half[h][c]: rows 4h..4h+3 of column c
   for (int c = 0; c < 8; ++c) {
     const int x = x0 + c < source.width ? x0 + c : source.width - 1;
-    const float* column = source.data + x * source.stride;
     alignas(16) float values[8];
-    if (full_height) {
-      std::memcpy(values, column + y0, sizeof(values));
-    } else {
-      for (int r = 0; r < 8; ++r) values[r] = column[y0 + r < source.height ? y0 + r : source.height - 1];
-    }
+    LoadEdgeClamped(source.data + x * source.stride, y0, source.height, values);
     for (int h = 0; h < 2; ++h) {
       half[h][c] = CenteredSamples(LoadFloat4(values + 4 * h), LoadFloat4(offsets + 4 * h),
                                    LoadFloat4(divisors + 4 * h), top, middle, mapped);
