@@ -240,34 +240,72 @@ ERROR_CHUNK = 1 << 18   # elements per float64 block of the error sums (2 MiB)
 def squared_error(x, enc: codec.EncodedTensor) -> float:
     """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
     values its side list keeps exactly (NaN and infinities included) count 0.
-    Summed in blocks: a leaf-sized float64 copy would cost more memory than
-    the coding itself."""
-    original = np.asarray(x.original if isinstance(x, codec.Prepared) else x).reshape(-1)
-    decoded = codec.decode_tensor(enc).reshape(-1)
-    kept = None
-    if enc.outliers is not None and enc.outliers.count:
-        kept = np.zeros(original.size, bool)
-        kept[enc.outliers.index] = True
+
+    Compares the decoded 2-D view, seen in the tensor's shape without a copy,
+    block by block: a restored copy of the leaf, or a float64 one, would cost
+    more memory than the coding itself."""
+    original = np.asarray(x.original if isinstance(x, codec.Prepared) else x)
+    matrix = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
+    decoded = enc.view.from_matrix(matrix, enc.shape)
+    if decoded.shape != original.shape:
+        raise ValueError(f"encoding of shape {tuple(enc.shape)} compared with an array of "
+                         f"shape {original.shape}")
+    kept = _kept_mask(enc.outliers, original.shape)
     total = 0.0
-    for start in range(0, original.size, ERROR_CHUNK):
-        block = slice(start, start + ERROR_CHUNK)
+    for block in _blocks(original.shape, ERROR_CHUNK):
+        diff = original[block].astype(np.float64).reshape(-1)
         with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
-            diff = original[block].astype(np.float64) - decoded[block].astype(np.float64)
+            np.subtract(diff, decoded[block].astype(np.float64).reshape(-1), out=diff)
         if kept is not None:
-            diff[kept[block]] = 0.0
+            diff[kept[block].reshape(-1)] = 0.0
         total += float(np.dot(diff, diff))
     return total
 
 
-def finite_norm2(x) -> float:
+def _kept_mask(outliers, shape) -> np.ndarray | None:
+    """Where the side list keeps values exactly (bool, ``shape``), or None."""
+    if outliers is None or not outliers.count:
+        return None
+    kept = np.zeros(math.prod(shape), bool)
+    kept[outliers.index] = True
+    return kept.reshape(shape)
+
+
+def _blocks(shape, size: int):
+    """Indices cutting an array of ``shape`` into C-order blocks of at most
+    ``size`` elements (whole trailing axes where they fit)."""
+    inner, axis = 1, len(shape)
+    while axis > 0 and inner * shape[axis - 1] <= size:
+        axis -= 1
+        inner *= shape[axis]
+    if axis == 0:
+        yield ...
+        return
+    step = max(1, size // inner)
+    for lead in np.ndindex(*shape[:axis - 1]):
+        for start in range(0, shape[axis - 1], step):
+            yield (*lead, slice(start, start + step))
+
+
+def finite_norm2(x, excluded=None) -> float:
     """Squared norm of the finite values of ``x`` (NaN and infinities, kept
-    exactly in the side list, would make any relative error meaningless)."""
+    exactly in the side list, would make any relative error meaningless),
+    without the flat positions ``excluded`` (optional) either."""
     values = np.asarray(x).reshape(-1)
+    skip = None
+    if excluded is not None and len(excluded):
+        skip = np.zeros(values.size, bool)
+        skip[excluded] = True
     total = 0.0
     for start in range(0, values.size, ERROR_CHUNK):
         block = values[start:start + ERROR_CHUNK].astype(np.float64)
-        block[~np.isfinite(block)] = 0.0
-        total += float(np.dot(block, block))
+        if skip is not None:
+            block[skip[start:start + ERROR_CHUNK]] = 0.0
+        square = float(np.dot(block, block))
+        if not math.isfinite(square):   # rare: mask only the blocks that need it
+            block[~np.isfinite(block)] = 0.0
+            square = float(np.dot(block, block))
+        total += square
     return total
 
 
