@@ -448,8 +448,9 @@ class _Probe:
 
     matrix: np.ndarray       # float32 [8 * patches, width]
     rows: np.ndarray         # the view row of each probe row
-    col_scale: np.ndarray    # float32, probe-shaped (1 where no column scales)
+    col_scale: np.ndarray | None   # float32, probe-shaped (None: no column scales)
     fraction: float          # probe elements / tensor elements
+    stats: tuple             # mapping.row_stats of the matrix, once for every step
 
 
 def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
@@ -458,8 +459,8 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
     scale are represented; patch width fills about PROBE_ELEMENTS."""
     rows, cols = p.matrix.shape
     if p.size <= 2 * PROBE_ELEMENTS:
-        col = np.ones((1, cols), np.float32) if p.col_scale is None else p.col_scale[None, :]
-        return _Probe(p.matrix, np.arange(rows), np.broadcast_to(col, p.matrix.shape), 1.0)
+        col = None if p.col_scale is None else np.broadcast_to(p.col_scale, p.matrix.shape)
+        return _Probe(p.matrix, np.arange(rows), col, 1.0, p.row_stats())
     bands = -(-rows // 8)
     width = int(min(cols, max(MIN_PROBE_WIDTH, PROBE_ELEMENTS // (8 * bands) // 8 * 8)))
     count = min(bands, max(1, PROBE_ELEMENTS // (8 * width)))
@@ -470,12 +471,12 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
         c0 = 8 * int(rng.integers(0, (cols - width) // 8 + 1))
         patches.append(p.matrix[r, c0:c0 + width])
         row_ids.append(r)
-        scale = (np.ones(width, np.float32) if p.col_scale is None
-                 else p.col_scale[c0:c0 + width])
-        col_scales.append(np.broadcast_to(scale, (len(r), width)))
+        if p.col_scale is not None:
+            col_scales.append(np.broadcast_to(p.col_scale[c0:c0 + width], (len(r), width)))
     matrix = np.concatenate(patches)
-    return _Probe(matrix, np.concatenate(row_ids), np.concatenate(col_scales),
-                  matrix.size / p.size)
+    return _Probe(matrix, np.concatenate(row_ids),
+                  np.concatenate(col_scales) if col_scales else None, matrix.size / p.size,
+                  mapping.row_stats(matrix, p.shared_map))
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
@@ -545,11 +546,13 @@ def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options
     # range the probe alone would have.
     sub = codec.Prepared(probe.matrix.shape, p.dtype, views.MatrixView.default(2),
                          probe.matrix, None, None, None, probe.matrix,
-                         shared_map=p.shared_map, scales={bits: scale})
+                         shared_map=p.shared_map, scales={bits: scale, "stats": probe.stats})
     enc = codec.encode_tensor(sub, bits=bits, quant_step=delta, clip="common",
                               **{k: v for k, v in options.items() if k != "clip"})
     decoded = codec.decode_tensor(enc)
-    diff = (decoded.astype(np.float64) - probe.matrix) * probe.col_scale
+    diff = decoded.astype(np.float64) - probe.matrix
+    if probe.col_scale is not None:
+        diff *= probe.col_scale
     return _scaled_tile_bytes(p, enc, probe.fraction, options), float(np.sum(diff * diff))
 
 
