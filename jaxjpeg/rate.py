@@ -616,6 +616,16 @@ class BudgetAllocator:
         if coarsest > budget:
             raise ValueError(f"target {budget} bytes is below the smallest coding "
                              f"({int(coarsest)} bytes)")
+        # Every curve in one padded table, built once: each choice takes the
+        # pending rows (rebuilding it per tensor grew as tensors²).
+        self._rows = {n: i for i, n in enumerate(sorted(self.names))}
+        width = max(len(c.nbytes) for c in self.curves.values())
+        self._nbytes = np.full((len(self.names), width), np.inf)
+        self._dist = np.full((len(self.names), width), np.inf)
+        for n, i in self._rows.items():
+            c = self.curves[n]
+            self._nbytes[i, :len(c.nbytes)] = c.nbytes
+            self._dist[i, :len(c.sse)] = self.sens[n] * c.sse
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
@@ -630,18 +640,16 @@ class BudgetAllocator:
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
         names = sorted(self.pending)
-        width = max(len(self.curves[n].nbytes) for n in names)
-        nbytes = np.full((len(names), width), np.inf)
-        dist = np.full((len(names), width), np.inf)
-        for i, n in enumerate(names):
-            c = self.curves[n]
-            nbytes[i, :len(c.nbytes)] = c.nbytes * self._correction()
-            dist[i, :len(c.sse)] = self.sens[n] * c.sse
+        table = [self._rows[n] for n in names]
+        nbytes = self._nbytes[table]
+        finite = np.isfinite(nbytes)
+        nbytes[finite] *= self._correction()
+        dist = self._dist[table]
         left = self.budget - self.spent
         rows = np.arange(len(names))
 
         def pick(lam):
-            return np.argmin(np.where(np.isfinite(nbytes), dist + lam * nbytes, np.inf), axis=1)
+            return np.argmin(np.where(finite, dist + lam * nbytes, np.inf), axis=1)
 
         def total(choice):
             return float(nbytes[rows, choice].sum())
