@@ -241,16 +241,31 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
     values its side list keeps exactly (NaN and infinities included) count 0.
 
-    Compares the decoded 2-D view, seen in the tensor's shape without a copy,
-    block by block: a restored copy of the leaf, or a float64 one, would cost
-    more memory than the coding itself."""
+    Summed in float64 blocks, tile by tile where the tensor is its view
+    without a copy, else against the decoded view seen in the tensor's
+    shape: a restored copy of the leaf, or a float64 one, would cost more
+    memory than the coding itself."""
     original = np.asarray(x.original if isinstance(x, codec.Prepared) else x)
-    matrix = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
-    decoded = enc.view.from_matrix(matrix, enc.shape)
-    if decoded.shape != original.shape:
+    if tuple(enc.shape) != original.shape:
         raise ValueError(f"encoding of shape {tuple(enc.shape)} compared with an array of "
                          f"shape {original.shape}")
     kept = _kept_mask(enc.outliers, original.shape)
+    matrix = enc.view.to_matrix(original)
+    if np.shares_memory(matrix, original):
+        kept = None if kept is None else enc.view.to_matrix(kept)
+        total = 0.0
+        for tile in enc.tiles:
+            box = (slice(tile.row0, tile.row0 + tile.height),
+                   slice(tile.col0, tile.col0 + tile.width))
+            total += _block_error(matrix[box], codec.decode_tile(enc, tile),
+                                  None if kept is None else kept[box])
+        return total
+    decoded = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
+    return _block_error(original, enc.view.from_matrix(decoded, enc.shape), kept)
+
+
+def _block_error(original: np.ndarray, decoded: np.ndarray, kept) -> float:
+    """Σ (original - decoded)² in float64 blocks of ERROR_CHUNK, ``kept`` positions excluded."""
     total = 0.0
     for block in _blocks(original.shape, ERROR_CHUNK):
         diff = original[block].astype(np.float64).reshape(-1)
