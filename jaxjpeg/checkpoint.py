@@ -642,9 +642,10 @@ class _Save:
             self.encode = _relative_step_encoder(relative_step, bits, leaf_coder)
         if error_bound is not None:
             self.encode = _error_bound_encoder(error_bound, bits, leaf_coder)
-            # A step search holds a trial coding and a decoded copy of its
-            # leaf: the largest leaf's bytes in flight, not a window (a large
-            # leaf then codes alone, its tiles on every core).
+            # A step search holds trial codings (and a decoded copy of a leaf
+            # whose view permutes its axes; others are checked tile by tile):
+            # the largest leaf's bytes in flight, not a window (a large leaf
+            # then codes alone, its tiles on every core).
             self.window = max((leaf.nbytes for leaf in leaves), default=0)
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
         self.lossy_rate = target is not None
