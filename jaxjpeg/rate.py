@@ -564,7 +564,9 @@ def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options
                          shared_map=p.shared_map, scales={bits: scale, "stats": probe.stats})
     enc = codec.encode_tensor(sub, bits=bits, quant_step=delta, clip="common",
                               **{k: v for k, v in options.items() if k != "clip"})
-    decoded = codec.decode_tensor(enc)
+    # in this thread, as it was coded: starting decoder threads for a probe
+    # cost more than decoding it
+    decoded = codec.decode_tensor(enc, threads=options.get("threads", 0))
     diff = decoded.astype(np.float64) - probe.matrix
     if probe.col_scale is not None:
         diff *= probe.col_scale
