@@ -291,21 +291,16 @@ class _LeafCoder:
         size^LEAF_SIZE_POWER / ||coded values||², the leaf's relative error
         weighted by its size^LEAF_SIZE_POWER (0.3 measured best of
         -0.6..1 on EfficientNet-lite1 at 8x)."""
+        from jaxjpeg import rate
+
         factor, importance = _leaf_importance(self.sensitivity, name)
         if factor is not None:
             return factor
         if importance is not None:
             return float(np.mean(np.broadcast_to(importance, p.shape)))
-        coded = np.asarray(p.original, np.float64)[_coded_mask(p)]
-        norm2 = float(np.sum(np.square(coded)))
+        # in float64 blocks: a float64 copy of the leaf would be two leaves
+        norm2 = rate.finite_norm2(p.original, None if p.outliers is None else p.outliers.index)
         return p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
-
-
-def _coded_mask(p: codec.Prepared) -> np.ndarray:
-    mask = np.ones(math.prod(p.shape), bool)
-    if p.outliers is not None:
-        mask[p.outliers.index] = False
-    return mask.reshape(p.shape)
 
 
 def _custom_encoder(encoder, shards: dict):
@@ -647,9 +642,10 @@ class _Save:
             self.encode = _relative_step_encoder(relative_step, bits, leaf_coder)
         if error_bound is not None:
             self.encode = _error_bound_encoder(error_bound, bits, leaf_coder)
-            # A step search holds a trial coding and a decoded copy of its
-            # leaf: the largest leaf's bytes in flight, not a window (a large
-            # leaf then codes alone, its tiles on every core).
+            # A step search holds trial codings (and a decoded copy of a leaf
+            # whose view permutes its axes; others are checked tile by tile):
+            # the largest leaf's bytes in flight, not a window (a large leaf
+            # then codes alone, its tiles on every core).
             self.window = max((leaf.nbytes for leaf in leaves), default=0)
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
         self.lossy_rate = target is not None

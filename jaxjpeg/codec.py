@@ -543,6 +543,21 @@ def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence) -> DecodePlan
     return builder.finish()
 
 
+def decode_tile(enc: EncodedTensor, tile: Tile, threads: int = 0) -> np.ndarray:
+    """One tile of ``enc`` decoded alone, float32 [height, width] of its 2-D
+    view (what a whole decode writes there): comparing a coding with its
+    tensor tile by tile needs no decoded copy of the whole tensor."""
+    builder = PlanBuilder()
+    rows = slice(tile.row0, tile.row0 + tile.height)
+    out = builder.add_output((tile.height, tile.width), np.float32, enc.row_scale[rows],
+                             enc.row_offset[rows], None if enc.col_scale is None
+                             else enc.col_scale[tile.col0:tile.col0 + tile.width])
+    builder.add_tile(out, (0, 0, tile.height, tile.width), bits=tile.bits,
+                     restart_interval=tile.restart_interval, interval_starts=tile.interval_starts,
+                     size=len(tile.data), fill=_copy_into(tile.data))
+    return run_plan(builder.finish(), threads)[0]
+
+
 def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:
     """Executes a plan on the host; returns the 2-D outputs."""
     outputs = [np.empty(shape, dtype) for shape, dtype in zip(plan.output_shapes, plan.output_dtypes)]

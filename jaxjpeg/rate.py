@@ -240,34 +240,94 @@ ERROR_CHUNK = 1 << 18   # elements per float64 block of the error sums (2 MiB)
 def squared_error(x, enc: codec.EncodedTensor) -> float:
     """Sum of squared errors of ``enc`` decoded against ``x`` (float64); the
     values its side list keeps exactly (NaN and infinities included) count 0.
-    Summed in blocks: a leaf-sized float64 copy would cost more memory than
-    the coding itself."""
-    original = np.asarray(x.original if isinstance(x, codec.Prepared) else x).reshape(-1)
-    decoded = codec.decode_tensor(enc).reshape(-1)
-    kept = None
-    if enc.outliers is not None and enc.outliers.count:
-        kept = np.zeros(original.size, bool)
-        kept[enc.outliers.index] = True
+
+    Summed in float64 blocks, tile by tile where the tensor is its view
+    without a copy, else against the decoded view seen in the tensor's
+    shape: a restored copy of the leaf, or a float64 one, would cost more
+    memory than the coding itself."""
+    original = np.asarray(x.original if isinstance(x, codec.Prepared) else x)
+    if tuple(enc.shape) != original.shape:
+        raise ValueError(f"encoding of shape {tuple(enc.shape)} compared with an array of "
+                         f"shape {original.shape}")
+    kept = _kept_mask(enc.outliers, original.shape)
+    matrix = enc.view.to_matrix(original)
+    if np.shares_memory(matrix, original):
+        kept = None if kept is None else enc.view.to_matrix(kept)
+        total = 0.0
+        for tile in enc.tiles:
+            box = (slice(tile.row0, tile.row0 + tile.height),
+                   slice(tile.col0, tile.col0 + tile.width))
+            total += _block_error(matrix[box], codec.decode_tile(enc, tile),
+                                  None if kept is None else kept[box])
+        return total
+    decoded = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
+    return _block_error(original, enc.view.from_matrix(decoded, enc.shape), kept)
+
+
+def _block_error(original: np.ndarray, decoded: np.ndarray, kept) -> float:
+    """Σ (original - decoded)² in float64 blocks of ERROR_CHUNK, ``kept`` positions excluded."""
     total = 0.0
-    for start in range(0, original.size, ERROR_CHUNK):
-        block = slice(start, start + ERROR_CHUNK)
+    for block in _blocks(original.shape, ERROR_CHUNK):
+        diff = original[block].astype(np.float64).reshape(-1)
         with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
-            diff = original[block].astype(np.float64) - decoded[block].astype(np.float64)
+            np.subtract(diff, decoded[block].astype(np.float64).reshape(-1), out=diff)
         if kept is not None:
-            diff[kept[block]] = 0.0
-        total += float(np.dot(diff, diff))
+            diff[kept[block].reshape(-1)] = 0.0
+        total += _sum_of_squares(diff)
     return total
 
 
-def finite_norm2(x) -> float:
+def _sum_of_squares(v: np.ndarray) -> float:
+    """Σ v² of a 1-D float64 block by numpy's own loop, not BLAS's dot: with
+    BLAS threads on a busy machine the dot was 20x slower (0.12 s against
+    6 ms for 16 MiB on 2 shared cores) and its sum depended on the thread count."""
+    return float(np.einsum("i,i->", v, v))
+
+
+def _kept_mask(outliers, shape) -> np.ndarray | None:
+    """Where the side list keeps values exactly (bool, ``shape``), or None."""
+    if outliers is None or not outliers.count:
+        return None
+    kept = np.zeros(math.prod(shape), bool)
+    kept[outliers.index] = True
+    return kept.reshape(shape)
+
+
+def _blocks(shape, size: int):
+    """Indices cutting an array of ``shape`` into C-order blocks of at most
+    ``size`` elements (whole trailing axes where they fit)."""
+    inner, axis = 1, len(shape)
+    while axis > 0 and inner * shape[axis - 1] <= size:
+        axis -= 1
+        inner *= shape[axis]
+    if axis == 0:
+        yield ...
+        return
+    step = max(1, size // inner)
+    for lead in np.ndindex(*shape[:axis - 1]):
+        for start in range(0, shape[axis - 1], step):
+            yield (*lead, slice(start, start + step))
+
+
+def finite_norm2(x, excluded=None) -> float:
     """Squared norm of the finite values of ``x`` (NaN and infinities, kept
-    exactly in the side list, would make any relative error meaningless)."""
+    exactly in the side list, would make any relative error meaningless),
+    without the flat positions ``excluded`` (optional) either."""
     values = np.asarray(x).reshape(-1)
+    skip = None
+    if excluded is not None and len(excluded):
+        skip = np.zeros(values.size, bool)
+        skip[excluded] = True
     total = 0.0
     for start in range(0, values.size, ERROR_CHUNK):
         block = values[start:start + ERROR_CHUNK].astype(np.float64)
-        block[~np.isfinite(block)] = 0.0
-        total += float(np.dot(block, block))
+        if skip is not None:
+            block[skip[start:start + ERROR_CHUNK]] = 0.0
+        square = _sum_of_squares(block)
+        if not math.isfinite(square):   # rare: mask only the blocks that need it
+            block[~np.isfinite(block)] = 0.0
+            square = _sum_of_squares(block)
+        total += square
     return total
 
 
@@ -403,8 +463,9 @@ class _Probe:
 
     matrix: np.ndarray       # float32 [8 * patches, width]
     rows: np.ndarray         # the view row of each probe row
-    col_scale: np.ndarray    # float32, probe-shaped (1 where no column scales)
+    col_scale: np.ndarray | None   # float32, probe-shaped (None: no column scales)
     fraction: float          # probe elements / tensor elements
+    stats: tuple             # mapping.row_stats of the matrix, once for every step
 
 
 def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
@@ -413,8 +474,8 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
     scale are represented; patch width fills about PROBE_ELEMENTS."""
     rows, cols = p.matrix.shape
     if p.size <= 2 * PROBE_ELEMENTS:
-        col = np.ones((1, cols), np.float32) if p.col_scale is None else p.col_scale[None, :]
-        return _Probe(p.matrix, np.arange(rows), np.broadcast_to(col, p.matrix.shape), 1.0)
+        col = None if p.col_scale is None else np.broadcast_to(p.col_scale, p.matrix.shape)
+        return _Probe(p.matrix, np.arange(rows), col, 1.0, p.row_stats())
     bands = -(-rows // 8)
     width = int(min(cols, max(MIN_PROBE_WIDTH, PROBE_ELEMENTS // (8 * bands) // 8 * 8)))
     count = min(bands, max(1, PROBE_ELEMENTS // (8 * width)))
@@ -425,12 +486,12 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
         c0 = 8 * int(rng.integers(0, (cols - width) // 8 + 1))
         patches.append(p.matrix[r, c0:c0 + width])
         row_ids.append(r)
-        scale = (np.ones(width, np.float32) if p.col_scale is None
-                 else p.col_scale[c0:c0 + width])
-        col_scales.append(np.broadcast_to(scale, (len(r), width)))
+        if p.col_scale is not None:
+            col_scales.append(np.broadcast_to(p.col_scale[c0:c0 + width], (len(r), width)))
     matrix = np.concatenate(patches)
-    return _Probe(matrix, np.concatenate(row_ids), np.concatenate(col_scales),
-                  matrix.size / p.size)
+    return _Probe(matrix, np.concatenate(row_ids),
+                  np.concatenate(col_scales) if col_scales else None, matrix.size / p.size,
+                  mapping.row_stats(matrix, p.shared_map))
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
@@ -500,11 +561,15 @@ def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options
     # range the probe alone would have.
     sub = codec.Prepared(probe.matrix.shape, p.dtype, views.MatrixView.default(2),
                          probe.matrix, None, None, None, probe.matrix,
-                         shared_map=p.shared_map, scales={bits: scale})
+                         shared_map=p.shared_map, scales={bits: scale, "stats": probe.stats})
     enc = codec.encode_tensor(sub, bits=bits, quant_step=delta, clip="common",
                               **{k: v for k, v in options.items() if k != "clip"})
-    decoded = codec.decode_tensor(enc)
-    diff = (decoded.astype(np.float64) - probe.matrix) * probe.col_scale
+    # in this thread, as it was coded: starting decoder threads for a probe
+    # cost more than decoding it
+    decoded = codec.decode_tensor(enc, threads=options.get("threads", 0))
+    diff = decoded.astype(np.float64) - probe.matrix
+    if probe.col_scale is not None:
+        diff *= probe.col_scale
     return _scaled_tile_bytes(p, enc, probe.fraction, options), float(np.sum(diff * diff))
 
 
@@ -568,6 +633,16 @@ class BudgetAllocator:
         if coarsest > budget:
             raise ValueError(f"target {budget} bytes is below the smallest coding "
                              f"({int(coarsest)} bytes)")
+        # Every curve in one padded table, built once: each choice takes the
+        # pending rows (rebuilding it per tensor grew as tensors²).
+        self._rows = {n: i for i, n in enumerate(sorted(self.names))}
+        width = max(len(c.nbytes) for c in self.curves.values())
+        self._nbytes = np.full((len(self.names), width), np.inf)
+        self._dist = np.full((len(self.names), width), np.inf)
+        for n, i in self._rows.items():
+            c = self.curves[n]
+            self._nbytes[i, :len(c.nbytes)] = c.nbytes
+            self._dist[i, :len(c.sse)] = self.sens[n] * c.sse
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
@@ -582,18 +657,16 @@ class BudgetAllocator:
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
         names = sorted(self.pending)
-        width = max(len(self.curves[n].nbytes) for n in names)
-        nbytes = np.full((len(names), width), np.inf)
-        dist = np.full((len(names), width), np.inf)
-        for i, n in enumerate(names):
-            c = self.curves[n]
-            nbytes[i, :len(c.nbytes)] = c.nbytes * self._correction()
-            dist[i, :len(c.sse)] = self.sens[n] * c.sse
+        table = [self._rows[n] for n in names]
+        nbytes = self._nbytes[table]
+        finite = np.isfinite(nbytes)
+        nbytes[finite] *= self._correction()
+        dist = self._dist[table]
         left = self.budget - self.spent
         rows = np.arange(len(names))
 
         def pick(lam):
-            return np.argmin(np.where(np.isfinite(nbytes), dist + lam * nbytes, np.inf), axis=1)
+            return np.argmin(np.where(finite, dist + lam * nbytes, np.inf), axis=1)
 
         def total(choice):
             return float(nbytes[rows, choice].sum())
