@@ -75,12 +75,48 @@ class InputCovariance:
             raise ValueError("input covariance has negative diagonal entries")
         return (h + h.T) / 2
 
+    def ordered(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
+        """The checked matrix with its features in the order ``index``."""
+        return self.check(shape)[np.ix_(index, index)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalPlusRankOne:
+    """``diag(diagonal) + vector vectorᵀ`` as an :class:`InputCovariance`
+    (same ``axes``), kept as its two vectors: inputs independent but for a
+    common mean (the BatchNorm prior's model). Its feedback factor takes
+    O(n²) work instead of a dense inverse's O(n³)."""
+
+    diagonal: np.ndarray
+    vector: np.ndarray
+    axes: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes", tuple(int(a) for a in np.atleast_1d(self.axes)))
+
+    axes_of = InputCovariance.axes_of
+
+    def check(self, shape: tuple[int, ...]) -> np.ndarray:
+        self._check_size(shape)
+        return np.diag(self.diagonal) + np.outer(self.vector, self.vector)
+
+    def ordered(self, shape: tuple[int, ...], index: np.ndarray) -> "DiagonalPlusRankOne":
+        self._check_size(shape)
+        return DiagonalPlusRankOne(axes=self.axes, diagonal=self.diagonal[index],
+                                   vector=self.vector[index])
+
+    def _check_size(self, shape) -> None:
+        n = math.prod(shape[a] for a in self.axes_of(shape))
+        if self.diagonal.shape != (n,) or self.vector.shape != (n,):
+            raise ValueError(f"covariance vectors of {self.diagonal.shape} and "
+                             f"{self.vector.shape}; the input axes need ({n},)")
+
 
 @dataclasses.dataclass(frozen=True)
 class Feedback:
     """``H`` in the order of the matrix view's rows or columns."""
 
-    matrix: np.ndarray    # float64 (n, n)
+    matrix: np.ndarray | DiagonalPlusRankOne    # float64 (n, n), or its two vectors
     along_rows: bool      # the inputs are the view's rows (else its columns)
     # Inverse Cholesky factors by input units: a rate search codes a leaf
     # several times with the same units, and the factor is most of the cost.
@@ -90,7 +126,11 @@ class Feedback:
         key = unit.tobytes()
         if key not in self.factors:
             self.factors.clear()   # one entry: a leaf's units rarely change
-            self.factors[key] = _inverse_cholesky(self.matrix * np.outer(unit, unit))
+            if isinstance(self.matrix, DiagonalPlusRankOne):
+                self.factors[key] = _rank_one_inverse_cholesky(
+                    self.matrix.diagonal * unit * unit, self.matrix.vector * unit)
+            else:
+                self.factors[key] = _inverse_cholesky(self.matrix * np.outer(unit, unit))
         return self.factors[key]
 
 
@@ -108,16 +148,15 @@ def view_for(cov: InputCovariance, shape, view: MatrixView) -> MatrixView:
 
 def for_view(cov: InputCovariance, shape, view: MatrixView) -> Feedback:
     """``cov`` reordered to ``view``, which :func:`view_for` returned."""
-    h = cov.check(tuple(shape))
     inputs = cov.axes_of(shape)
     rows = view.perm[:view.split]
     along_rows = _sized(inputs, shape) == _sized(rows, shape)
     side = rows if along_rows else view.perm[view.split:]
     # The view's order of the input axes (axes of size 1 may sit anywhere).
     order = [a for a in side if a in inputs] + [a for a in inputs if a not in side]
-    index = np.arange(h.shape[0]).reshape([shape[a] for a in inputs])
+    index = np.arange(math.prod(shape[a] for a in inputs)).reshape([shape[a] for a in inputs])
     index = index.transpose([inputs.index(a) for a in order]).ravel()
-    return Feedback(h[np.ix_(index, index)], along_rows)
+    return Feedback(cov.ordered(tuple(shape), index), along_rows)
 
 
 def _sized(axes, shape) -> set:
@@ -174,6 +213,31 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     if info != 0:
         raise np.linalg.LinAlgError(f"input covariance factor is singular (LAPACK info {info})")
     return np.ascontiguousarray(inverse[::-1, ::-1])
+
+
+def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """:func:`_inverse_cholesky` of ``diag(diagonal) + vector vectorᵀ`` in
+    O(n²): damped as there, ``H = diag(e) + v vᵀ`` has the inverse
+    ``diag(1/e) - s w wᵀ`` (``w = v / e``, Sherman-Morrison), whose Cholesky
+    factor is a diagonal plus ``c_j w_i`` above it: eliminating input j
+    leaves ``diag + a_j w wᵀ`` on the rest, with ``a_j`` by recurrence."""
+    power = diagonal + vector * vector
+    mean = float(power.mean()) if power.size and power.mean() > 0 else 1.0
+    e = np.where(power > 0, diagonal + DAMPING * mean, mean)   # dead inputs, as there
+    w = vector / e
+    a = -1.0 / (1.0 + float(np.dot(vector, w)))
+    pivot, coef = np.empty(len(e)), np.empty(len(e))
+    for j, (inv_e, wj) in enumerate(zip((1.0 / e).tolist(), w.tolist())):
+        d = inv_e + a * wj * wj
+        pivot[j] = math.sqrt(d)
+        coef[j] = a * wj / pivot[j]
+        a *= inv_e / d
+    upper = np.empty((len(e), len(e)))
+    for r0 in range(0, len(e), BATCH):   # by row blocks: no second n x n temporary
+        r1 = min(len(e), r0 + BATCH)
+        upper[r0:r1] = np.triu(np.outer(coef[r0:r1], w), r0 + 1)
+    upper[np.diag_indices_from(upper)] = pivot
+    return upper
 
 
 _N = np.arange(8)

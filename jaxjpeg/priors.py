@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxjpeg.feedback import InputCovariance
+from jaxjpeg.feedback import DiagonalPlusRankOne
 from jaxjpeg.treepaths import leaves_with_paths, path_string
 
 # Leaf names of a BatchNorm's affine parameters and of its running variance:
@@ -69,10 +69,10 @@ _VARIANCE = ("running_var", "moving_variance", "var")
 # collections with the same module paths below them.
 _FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
 SEARCH_BACK = 16   # leaves looked back from a weight for its BatchNorm
-# Larger convolutions keep the diagonal prior: feedback inverts an n x n
-# covariance (n³ work, several n x n float64 copies). At 2304 inputs (a 3x3
-# conv on 256 channels) it added 0.2 s and 300 MB of peak memory to a save.
-MAX_FEEDBACK_FEATURES = 2304
+# Larger convolutions keep the diagonal prior: feedback updates an n x n
+# factor (rows x n² work, 8n² bytes). At 4608 inputs (a 3x3 conv on 512
+# channels, 512 outputs) it added 1.3 s and 230 MB of peak memory to a save.
+MAX_FEEDBACK_FEATURES = 4608
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +103,10 @@ class Prior:
         return Prior({k: v for k, v in self.moments.items() if k not in names},
                      self.feedback - names)
 
-    def covariance(self, name: str, shape: tuple) -> InputCovariance | None:
+    def covariance(self, name: str, shape: tuple) -> DiagonalPlusRankOne | None:
         """``diag(Var x) + E[x] E[x]ᵀ`` over a feedback leaf's input features
         (every axis but the output one, in order), each tap of a channel
-        alike; built when the leaf is coded (it is n² floats)."""
+        alike."""
         if name not in self.feedback:
             return None
         m = self.moments[name]
@@ -115,9 +115,7 @@ class Prior:
         taps = [shape[a] for a in axes]
         mean = np.broadcast_to(m.mean.reshape(placed), taps).ravel()
         power = np.broadcast_to(m.power.reshape(placed), taps).ravel()
-        h = np.outer(mean, mean)
-        h[np.diag_indices_from(h)] = np.maximum(power, mean * mean)
-        return InputCovariance(h, axes)
+        return DiagonalPlusRankOne(np.maximum(power - mean * mean, 0.0), mean, axes)
 
     def importance(self, name: str, shape: tuple) -> np.ndarray | None:
         """The input channels' power, broadcastable to ``shape``, for a leaf
@@ -149,7 +147,7 @@ def batchnorm_prior(tree) -> Prior:
     weight keeps the diagonal: after BatchNorm it usually sees pooled or
     flattened features, and feedback there measured worse. So do
     convolutions with more than ``MAX_FEEDBACK_FEATURES`` inputs, whose
-    covariance would cost more to invert than the rest of the save.
+    n x n feedback factor would cost more than the rest of the save.
     """
     paired = _paired(tree)
     feedback = set()

@@ -252,3 +252,29 @@ def test_inverse_cholesky_factors_the_damped_inverse(dead):
     damped = h + feedback.DAMPING * np.mean(np.diag(h)) * np.eye(len(h))
     damped[np.arange(dead), np.arange(dead)] = np.mean(np.diag(h))
     np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(len(h)), atol=1e-8)
+
+
+@pytest.mark.parametrize("dead", [0, 4])
+def test_a_diagonal_plus_rank_one_covariance_factors_like_its_matrix(dead):
+    """The structured factor (O(n²)) equals the dense one of the same matrix,
+    dead inputs included, and reorders into views like the matrix does."""
+    rng = np.random.default_rng(13)
+    n = 3 * 4 * 5
+    diagonal, vector = rng.uniform(0.1, 2, n), rng.uniform(0, 1.5, n)
+    diagonal[:dead] = 0
+    vector[:dead] = 0
+    cov = feedback.DiagonalPlusRankOne(diagonal, vector, (1, 2, 3))
+    dense = feedback.InputCovariance(cov.check((6, 3, 4, 5)), (1, 2, 3))
+    np.testing.assert_allclose(feedback._rank_one_inverse_cholesky(diagonal, vector),
+                               feedback._inverse_cholesky(dense.matrix), rtol=1e-9, atol=1e-12)
+    view = MatrixView((2, 0, 3, 1), 2)
+    fast, slow = (feedback.for_view(c, (6, 3, 4, 5), view) for c in (cov, dense))
+    unit = rng.uniform(0.5, 2, n)
+    np.testing.assert_allclose(fast.upper(unit), slow.upper(unit), rtol=1e-9, atol=1e-12)
+    assert fast.along_rows == slow.along_rows
+
+
+def test_a_diagonal_plus_rank_one_covariance_of_the_wrong_size_is_refused():
+    cov = feedback.DiagonalPlusRankOne(np.ones(5), np.ones(5), (1,))
+    with pytest.raises(ValueError, match="need"):
+        feedback.for_view(cov, (4, 6), MatrixView((0, 1), 1))

@@ -151,7 +151,7 @@ def test_a_convolutions_prior_covariance_is_its_sampled_input_moments(layout):
     else:
         assert cov.axes == (1, 2, 3)
     x = x.reshape(len(x), -1)
-    np.testing.assert_allclose(cov.matrix, x.T @ x / len(x), rtol=0.03, atol=0.01)
+    np.testing.assert_allclose(cov.check(shape), x.T @ x / len(x), rtol=0.03, atol=0.01)
 
 
 def test_a_dense_weight_keeps_the_diagonal_prior():
