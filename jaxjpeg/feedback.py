@@ -91,9 +91,7 @@ class DiagonalPlusRankOne:
     vector: np.ndarray
     axes: tuple[int, ...]
 
-    def __post_init__(self):
-        object.__setattr__(self, "axes", tuple(int(a) for a in np.atleast_1d(self.axes)))
-
+    __post_init__ = InputCovariance.__post_init__
     axes_of = InputCovariance.axes_of
 
     def check(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -200,11 +198,8 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """Upper ``U`` with ``(H + damping)⁻¹ = Uᵀ U``."""
-    n = h.shape[0]
-    diag = np.diag(h)
-    mean = float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
-    h = h + DAMPING * mean * np.eye(n)
-    h[np.diag_indices(n)] = np.where(diag > 0, np.diag(h), mean)   # dead inputs
+    h = h.copy()
+    h[np.diag_indices_from(h)] = _damped(np.diag(h), np.diag(h))
     # With J the order reversal and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J),
     # and J L⁻¹ J is upper. One Cholesky and one triangular inverse: a third
     # of the work of inverting H and factoring the inverse.
@@ -215,15 +210,20 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
+def _damped(power: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """The diagonal ``base`` of H plus DAMPING * mean(diag H) (``power``: diag
+    H); a dead input (zero power) gets the mean alone."""
+    mean = float(power.mean()) if power.size and power.mean() > 0 else 1.0
+    return np.where(power > 0, base + DAMPING * mean, mean)
+
+
 def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """:func:`_inverse_cholesky` of ``diag(diagonal) + vector vectorᵀ`` in
-    O(n²): damped as there, ``H = diag(e) + v vᵀ`` has the inverse
+    O(n²): damped alike (:func:`_damped`), ``H = diag(e) + v vᵀ`` has the inverse
     ``diag(1/e) - s w wᵀ`` (``w = v / e``, Sherman-Morrison), whose Cholesky
     factor is a diagonal plus ``c_j w_i`` above it: eliminating input j
     leaves ``diag + a_j w wᵀ`` on the rest, with ``a_j`` by recurrence."""
-    power = diagonal + vector * vector
-    mean = float(power.mean()) if power.size and power.mean() > 0 else 1.0
-    e = np.where(power > 0, diagonal + DAMPING * mean, mean)   # dead inputs, as there
+    e = _damped(diagonal + vector * vector, diagonal)
     w = vector / e
     a = -1.0 / (1.0 + float(np.dot(vector, w)))
     pivot, coef = np.empty(len(e)), np.empty(len(e))

@@ -158,12 +158,6 @@ def batchnorm_prior(tree) -> Prior:
     return Prior({name: m for name, (_, m) in paired.items()}, frozenset(feedback))
 
 
-def input_moments(tree) -> dict[str, ChannelMoments]:
-    """{weight leaf path: its inputs' moments} for every weight fed by a
-    BatchNorm in ``tree``."""
-    return {name: moments for name, (_, moments) in _paired(tree).items()}
-
-
 def _paired(tree) -> dict[str, tuple[Any, ChannelMoments]]:
     """{weight path: (weight, moments)}: each weight takes the nearest
     BatchNorm before it whose size matches its input axis."""
@@ -186,7 +180,7 @@ def _paired(tree) -> dict[str, tuple[Any, ChannelMoments]]:
 def input_power(tree) -> dict[str, tuple[int, np.ndarray]]:
     """{weight leaf path: (its input-channel axis, estimated E[x²] per input
     channel)} for every weight fed by a BatchNorm in ``tree``."""
-    return {name: (m.axis, m.power) for name, m in input_moments(tree).items()}
+    return {name: (m.axis, m.power) for name, (_, m) in _paired(tree).items()}
 
 
 def relu_mean(shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -233,7 +227,7 @@ def _batchnorms(arrays: dict) -> dict[str, _Norm]:
             continue
         scale = next((arrays[_join(parent, s)] for s in _SCALE if _join(parent, s) in arrays),
                      None)
-        if scale is None or np.shape(scale) != np.shape(array) or _variance(arrays, parent) is None:
+        if scale is None or np.shape(scale) != np.shape(array) or not _has_variance(arrays, parent):
             continue
         shift, gamma = np.asarray(array, np.float64), np.asarray(scale, np.float64)
         if np.all(np.isfinite(shift)) and np.all(np.isfinite(gamma)):
@@ -241,17 +235,16 @@ def _batchnorms(arrays: dict) -> dict[str, _Norm]:
     return out
 
 
-def _variance(arrays: dict, parent: str) -> np.ndarray | None:
-    """The running variance beside the affine parameters (or, in Flax, in
-    the batch_stats collection's mirror of the module): a BatchNorm, not a
-    LayerNorm; None when there is none."""
+def _has_variance(arrays: dict, parent: str) -> bool:
+    """Running statistics beside the affine parameters (or, in Flax, in the
+    batch_stats collection's mirror of the module): a BatchNorm, not a
+    LayerNorm."""
     candidates = [parent]
     parts = parent.split("/")
     if _FLAX_PARAMS in parts:
         i = parts.index(_FLAX_PARAMS)
         candidates.append("/".join(parts[:i] + [_FLAX_STATS] + parts[i + 1:]))
-    return next((arrays[_join(p, v)] for p in candidates for v in _VARIANCE
-                 if _join(p, v) in arrays), None)
+    return any(_join(p, v) in arrays for p in candidates for v in _VARIANCE)
 
 
 def _channel_axes(name: str, shape: tuple, channels: int) -> tuple[int, int] | None:

@@ -249,7 +249,7 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     if tuple(enc.shape) != original.shape:
         raise ValueError(f"encoding of shape {tuple(enc.shape)} compared with an array of "
                          f"shape {original.shape}")
-    kept = _kept_mask(enc.outliers, original.shape)
+    kept = _index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
     matrix = enc.view.to_matrix(original)
     if np.shares_memory(matrix, original):
         kept = None if kept is None else enc.view.to_matrix(kept)
@@ -284,13 +284,14 @@ def _sum_of_squares(v: np.ndarray) -> float:
     return float(np.einsum("i,i->", v, v))
 
 
-def _kept_mask(outliers, shape) -> np.ndarray | None:
-    """Where the side list keeps values exactly (bool, ``shape``), or None."""
-    if outliers is None or not outliers.count:
+def _index_mask(index, shape) -> np.ndarray | None:
+    """Bool ``shape``, True at the flat positions ``index`` (e.g. those the
+    side list keeps exactly); None when there are none."""
+    if index is None or not len(index):
         return None
-    kept = np.zeros(math.prod(shape), bool)
-    kept[outliers.index] = True
-    return kept.reshape(shape)
+    mask = np.zeros(math.prod(shape), bool)
+    mask[index] = True
+    return mask.reshape(shape)
 
 
 def _blocks(shape, size: int):
@@ -314,10 +315,7 @@ def finite_norm2(x, excluded=None) -> float:
     exactly in the side list, would make any relative error meaningless),
     without the flat positions ``excluded`` (optional) either."""
     values = np.asarray(x).reshape(-1)
-    skip = None
-    if excluded is not None and len(excluded):
-        skip = np.zeros(values.size, bool)
-        skip[excluded] = True
+    skip = _index_mask(excluded, values.shape)
     total = 0.0
     for start in range(0, values.size, ERROR_CHUNK):
         block = values[start:start + ERROR_CHUNK].astype(np.float64)
