@@ -37,6 +37,7 @@ class SavedLeaf:
     restart_interval: int = 0
     tiles: tuple[tuple[int, int, int, int, int], ...] = ()
     affine_dtype: np.dtype = np.dtype(np.float32)
+    interval_encoding: str | None = None     # None: uint32 offsets
     view: MatrixView | None = None
     col_scale_dtype: np.dtype | None = None  # None: no column scales
     outliers: int = 0                         # values kept exactly
@@ -117,9 +118,13 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         outliers = record.get("outliers", 0)
         if type(outliers) is not int or not 0 <= outliers <= math.prod(shape):
             raise fmt.FormatError(f"leaf {index}: bad outlier count {outliers!r:.40}")
+        intervals = record.get("intervals")
+        if intervals not in (None, layout.DELTA_INDEX):
+            raise fmt.FormatError(f"leaf {index}: bad interval index encoding {intervals!r:.40}")
         return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
                                    restart_interval=restart_interval,
-                                   affine_dtype=np.dtype(affine), view=view,
+                                   affine_dtype=np.dtype(affine), interval_encoding=intervals,
+                                   view=view,
                                    col_scale_dtype=None if col_scale is None else np.dtype(col_scale),
                                    outliers=outliers)
     # OverflowError: a JSON number like 1e400 parses as inf, and int(inf) overflows.
@@ -296,11 +301,13 @@ class Checkpoint:
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:
         """Per tile: interval starts (relative to the tile, n + 1 values)."""
         data = self.reader.read_blob(layout.intervals_blob(leaf.index), verify=self.verify)
-        starts = np.frombuffer(data, np.uint32).astype(np.int64)
         counts = [t[4] + 1 for t in leaf.tiles]
-        if any(c < 2 for c in counts) or sum(counts) != len(starts):
-            raise fmt.FormatError(f"{self.path}: {leaf.path} interval index has the wrong size")
-        pieces = np.split(starts, np.cumsum(counts)[:-1])
+        try:
+            if any(c < 2 for c in counts):
+                raise ValueError("interval index has the wrong size")
+            pieces = layout.unpack_interval_index(data, leaf.interval_encoding, counts)
+        except ValueError as e:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
         for k, piece in enumerate(pieces):
             size = self.tile_size(leaf, k)
             if np.any(np.diff(piece) < 0) or piece[0] < 0 or piece[-1] > size:

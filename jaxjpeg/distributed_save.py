@@ -362,13 +362,10 @@ def _commit(temp, path: str, parts: list, bases: list, saver, exchange: _Exchang
                 blobs[name] = {"offset": base + offset, "length": length, "crc32c": crc}
             records.update({int(i): r for i, r in part["records"].items()})
         metadata = saver.metadata([records[i] for i in range(len(records))])
-        header = fmt._canonical_json({"blobs": blobs, "metadata": metadata})
-        if len(header) > fmt.DEFAULT_MAX_HEADER_BYTES:
-            raise ValueError(f"header of {len(header)} bytes exceeds the "
-                             f"{fmt.DEFAULT_MAX_HEADER_BYTES} readers accept")
+        header, flags = fmt._encode_header(blobs, metadata)
         header_offset = fmt._align_up(bases[-1] + parts[-1]["size"])
         os.pwrite(fd, header, header_offset)
-        os.pwrite(fd, fmt._pack_preamble(header_offset, len(header), fmt.crc32c(header)), 0)
+        os.pwrite(fd, fmt._pack_preamble(header_offset, len(header), fmt.crc32c(header), flags), 0)
         os.fsync(fd)
         dir_fd = fmt._open_directory(os.path.dirname(os.path.abspath(path)))
         try:
