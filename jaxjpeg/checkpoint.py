@@ -212,13 +212,15 @@ def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:
     index_dtype, interval_index = layout.pack_interval_index(
         [tile.interval_starts for tile in enc.tiles])
     blobs.append((layout.intervals_blob(index), interval_index))
-    affine = enc.affine()
+    affine_layout, affine = enc.stored_affine()
     blobs.append((layout.affine_blob(index), affine))
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
-              "restart_interval": enc.tiles[0].restart_interval, "affine": affine.dtype.name,
-              "view": enc.view.record()}
+              "restart_interval": enc.tiles[0].restart_interval,
+              "affine": enc.affine().dtype.name, "view": enc.view.record()}
     if index_dtype is not None:
         record["intervals"] = index_dtype
+    if affine_layout is not None:
+        record["affine_layout"] = affine_layout
     if enc.col_scale is not None:
         col_scale = enc.stored_col_scale()
         blobs.append((layout.col_scale_blob(index), col_scale))
@@ -358,7 +360,7 @@ def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape) -> int:
     side_blobs = 2 + (p.col_scale is not None) + (p.outliers is not None)  # + intervals, affine
     overhead = _BLOB_OVERHEAD * (len(tiles) + side_blobs)
     for _, _, h, w in tiles:
-        overhead += 2 * (layout.intervals_per_tile(h, w, restart_interval) + 1)
+        overhead += layout.intervals_per_tile(h, w, restart_interval) + 1  # ~1 byte deflated
     return overhead
 
 

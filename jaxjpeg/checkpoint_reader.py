@@ -38,6 +38,7 @@ class SavedLeaf:
     tiles: tuple[tuple[int, int, int, int, int], ...] = ()
     affine_dtype: np.dtype = np.dtype(np.float32)
     interval_encoding: str | None = None     # None: uint32 offsets
+    affine_layout: str | None = None         # None: [2, rows] or [2, 1]
     view: MatrixView | None = None
     col_scale_dtype: np.dtype | None = None  # None: no column scales
     outliers: int = 0                         # values kept exactly
@@ -121,9 +122,13 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         intervals = record.get("intervals")
         if intervals not in (None, layout.DELTA_INDEX):
             raise fmt.FormatError(f"leaf {index}: bad interval index encoding {intervals!r:.40}")
+        affine_layout = record.get("affine_layout")
+        if affine_layout not in (None, layout.SHARED_SCALE):
+            raise fmt.FormatError(f"leaf {index}: bad affine layout {affine_layout!r:.40}")
         return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
                                    restart_interval=restart_interval,
                                    affine_dtype=np.dtype(affine), interval_encoding=intervals,
+                                   affine_layout=affine_layout,
                                    view=view,
                                    col_scale_dtype=None if col_scale is None else np.dtype(col_scale),
                                    outliers=outliers)
@@ -288,14 +293,12 @@ class Checkpoint:
             raise fmt.FormatError(f"{self.path}: {leaf.path}: {e}") from None
 
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
-        rows = leaf.matrix_shape[0]
         data = self.reader.read_blob(layout.affine_blob(leaf.index), verify=self.verify)
-        # [2, rows], or [2, 1]: one map shared by every row (version 2).
-        stored = len(data) // (2 * leaf.affine_dtype.itemsize)
-        if len(data) % (2 * leaf.affine_dtype.itemsize) or stored not in (rows, 1):
-            raise fmt.FormatError(f"{self.path}: {leaf.path} affine map has the wrong size")
-        affine = np.frombuffer(data, leaf.affine_dtype).reshape(2, stored).astype(np.float32)
-        affine = np.ascontiguousarray(np.broadcast_to(affine, (2, rows)))
+        try:
+            affine = layout.unpack_affine(data, leaf.affine_layout, leaf.affine_dtype,
+                                          leaf.matrix_shape[0])
+        except ValueError as e:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
         return affine[0], affine[1]
 
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:

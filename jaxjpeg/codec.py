@@ -25,7 +25,7 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, mapping
+from jaxjpeg import _native, layout, mapping
 from jaxjpeg.feedback import Feedback, shape_errors
 from jaxjpeg.views import MatrixView, Outliers, fill_outliers
 
@@ -108,7 +108,7 @@ class EncodedTensor:
     @property
     def nbytes(self) -> int:
         """Compressed size: tile bytes, maps and side list as stored."""
-        return (sum(len(t.data) for t in self.tiles) + self.affine().nbytes
+        return (sum(len(t.data) for t in self.tiles) + memoryview(self.stored_affine()[1]).nbytes
                 + (0 if self.col_scale is None else self.stored_col_scale().nbytes)
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
@@ -120,6 +120,11 @@ class EncodedTensor:
         if np.all(affine == affine[:, :1]):
             affine = np.ascontiguousarray(affine[:, :1])
         return _half_if_exact(affine)
+
+    def stored_affine(self) -> tuple[str | None, bytes | np.ndarray]:
+        """(layout name for the record, blob) of the maps as a checkpoint
+        stores them (:func:`jaxjpeg.layout.pack_affine`)."""
+        return layout.pack_affine(self.affine())
 
     def stored_col_scale(self) -> np.ndarray | None:
         """The column scales as stored: float16 when exact, else float32."""
@@ -259,7 +264,9 @@ class Prepared:
     def side_bytes(self) -> int:
         """Bytes stored besides the tiles whatever the step: maps and side list."""
         rows, cols = self.matrix.shape
-        return (4 * (1 if self.shared_map else rows) + (0 if self.col_scale is None else 2 * cols)
+        # Maps: one float16 scale and offset when shared, else about one
+        # byte a row (offsets deflated: layout.pack_affine).
+        return ((4 if self.shared_map else 4 + rows) + (0 if self.col_scale is None else 2 * cols)
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
     def weight_domain(self, matrix: np.ndarray) -> np.ndarray:
