@@ -43,6 +43,7 @@ class SavedLeaf:
     col_scale_dtype: np.dtype | None = None  # None: no column scales
     outliers: int = 0                         # values kept exactly
     stored_dtype: np.dtype | None = None      # raw leaves: the blob's dtype (None: the leaf's)
+    deflated: bool = False                    # raw float16 leaves: as deflated byte planes
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -101,7 +102,10 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "
                                       f"{stored!r:.40}")
-            return dataclasses.replace(leaf, stored_dtype=np.dtype(np.float16))
+            deflated = record.get("deflated", False)
+            if type(deflated) is not bool:
+                raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
+            return dataclasses.replace(leaf, stored_dtype=np.dtype(np.float16), deflated=deflated)
         if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
             raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
         tiles = tuple(tuple(int(v) for v in t) for t in record["tiles"])
@@ -262,6 +266,12 @@ class Checkpoint:
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
         data = self.reader.read_blob(layout.raw_blob(leaf.index), verify=self.verify)
         stored = leaf.stored_dtype or leaf.dtype
+        if leaf.deflated:
+            try:
+                values = layout.inflate_planes(data, stored.newbyteorder("<"), math.prod(leaf.shape))
+            except ValueError as e:
+                raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
+            return values.reshape(leaf.shape).astype(leaf.dtype)
         expected = math.prod(leaf.shape) * stored.itemsize
         if len(data) != expected:
             raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "

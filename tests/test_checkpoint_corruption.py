@@ -614,3 +614,41 @@ def test_maps_of_older_files_still_restore(tiled, tmp_path):
 def test_an_unknown_affine_layout_is_refused(tiled, tmp_path):
     edit = set_in(jpeg_leaf, "affine_layout", "zstd-shared-scale")
     assert_clear_error(rewrite(tiled, tmp_path / "bad.jjpg", edit_meta=edit), "affine layout")
+
+
+def test_significands_round_to_nearest_and_never_to_infinity():
+    from jaxjpeg.checkpoint import _round_significand
+
+    rng = np.random.default_rng(6)
+    words = np.concatenate([rng.integers(0, 2**32, 200000, dtype=np.uint64),
+                            [0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0x7FC00000, 0, 1, 0x3F800000]])
+    values = words.astype(np.uint32).view(np.float32)
+    rounded = _round_significand(values, 8)
+    finite = np.isfinite(values)
+    assert np.array_equal(np.isfinite(rounded), finite)
+    assert np.array_equal(np.isnan(rounded), np.isnan(values))
+    assert np.all(rounded.view(np.uint32)[finite] & (2**15 - 1) == 0)   # 15 low bits dropped
+    # within half a unit of the 8th significand bit, and no sign flips
+    exact, got = values[finite].astype(np.float64), rounded[finite].astype(np.float64)
+    normal = np.abs(exact) >= 2.0 ** -126
+    unit = 2.0 ** (np.floor(np.log2(np.abs(exact[normal]))) - 8)   # of 8 stored bits
+    largest = np.abs(exact[normal]) >= 2.0 ** 127 * (2 - 2.0 ** -9)  # round down instead
+    assert np.all(np.abs(got[normal] - exact[normal]) <= np.where(largest, 1, 0.5) * unit)
+    assert np.all(got * exact >= 0)
+
+
+def test_deflated_float16_leaves_refuse_a_short_stream(tmp_path):
+    tree = {"k": np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32),
+            "b": np.linspace(0.5, 1.5, 200).astype(np.float32)}
+    path = tmp_path / "h.jjpg"
+    jaxjpeg.save(path, tree, target_ratio=6, progress=False)
+    with ckr.Checkpoint(path) as c:
+        leaf = next(l for l in c.leaves if l.path == "b")
+        assert leaf.deflated
+    index = leaf.index
+    short = rewrite(path, tmp_path / "short.jjpg", edit_blobs=lambda b: b.update({
+        f"leaf{index}/raw": layout.deflate_planes(np.ones(199, "<f2"))}))
+    assert_clear_error(short, "inflates to the wrong size")
+    bad = rewrite(path, tmp_path / "bad.jjpg",
+                  edit_meta=set_in(lambda m: m["leaves"][index], "deflated", "yes"))
+    assert_clear_error(bad, "bad 'deflated'")

@@ -274,11 +274,13 @@ def test_uncoded_float32_leaves_become_float16_only_under_byte_targets(tmp_path)
     assert {l.path: l.stored_bytes for l in default.leaves}["scale"] == 1024
     target = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=8)
     stored = {l.path: l for l in target.leaves}
-    assert stored["scale"].stored_bytes == 512 and "float16" in stored["scale"].note
+    # float16 rounded to 8 significand bits, as deflated byte planes
+    assert stored["scale"].stored_bytes < 512 and "float16" in stored["scale"].note
     assert stored["tiny_var"].stored_bytes == 256
     got = jaxjpeg.restore(tmp_path / "t.jjpg")
     assert got["scale"].dtype == jnp.float32
-    assert _rel(got["scale"], tree["scale"]) < 2 ** -10
+    assert _rel(got["scale"], tree["scale"]) < 2 ** -9
+    assert np.all(np.abs(np.asarray(got["scale"]) / tree["scale"] - 1) <= 2 ** -9)
     np.testing.assert_array_equal(np.asarray(got["tiny_var"]), tree["tiny_var"])
 
 
