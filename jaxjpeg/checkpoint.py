@@ -395,14 +395,16 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
             coded.add(name)
             curves[name], sens[name], tiles = analysis
             overhead += tiles
-    if not coded:
-        return lambda name, array: None
     overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
                  + _BLOB_OVERHEAD * (len(entries) - len(coded)))
     budget = target_bytes - kept - overhead
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
-                         "leaves stored losslessly and container overhead")
+                         "leaves stored without JPEG and container overhead"
+                         + ("" if coded else " (the policy codes none of the leaves: see "
+                            "jaxjpeg.Policy)"))
+    if not coded:
+        return lambda name, array: None
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
     return lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))
 

@@ -447,6 +447,19 @@ def test_target_ratio_is_met_on_a_tree_of_many_small_leaves(tmp_path):
     assert abs(report.file_bytes * 8 / raw - 1) <= 0.02, report.file_bytes * 8 / raw
 
 
+def test_a_target_no_coding_can_meet_is_refused_when_no_leaf_is_coded(tmp_path):
+    """Defect: with every leaf below the policy's size to code, target_ratio=8
+    gave a 2.3x file without a word."""
+    rng = np.random.default_rng(0)
+    tree = {f"m{i}/p": (rng.standard_normal((40, 40)) * 0.05).astype(np.float32)
+            for i in range(50)}
+    with pytest.raises(ValueError, match="codes none of the leaves"):
+        jaxjpeg.save(tmp_path / "small.jjpg", tree, target_ratio=8, progress=False)
+    assert not (tmp_path / "small.jjpg").exists()
+    report = jaxjpeg.save(tmp_path / "small.jjpg", tree, target_ratio=2, progress=False)
+    assert report.ratio_vs_float32 >= 2
+
+
 def test_error_bound_holds_for_every_coded_leaf(tmp_path):
     tree = _mixed_tree(1)
     jaxjpeg.save(tmp_path / "e.jjpg", tree, error_bound=0.03)
