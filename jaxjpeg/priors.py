@@ -65,6 +65,7 @@ from jaxjpeg.treepaths import leaves_with_paths, path_string
 _SCALE = ("weight", "gamma", "scale")
 _SHIFT = ("bias", "beta")
 _VARIANCE = ("running_var", "moving_variance", "var")
+_MEAN = ("running_mean", "moving_mean", "mean")
 # Flax keeps a module's parameters and its running statistics in two
 # collections with the same module paths below them.
 _FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
@@ -96,12 +97,22 @@ class Prior:
 
     moments: dict
     feedback: frozenset
+    # {feedback leaf: running-mean leaf of the BatchNorm its output feeds}
+    output_means: dict = dataclasses.field(default_factory=dict)
 
     def without(self, names) -> "Prior":
         """The prior less the leaves in ``names`` (those a user steers)."""
         names = set(names)
         return Prior({k: v for k, v in self.moments.items() if k not in names},
-                     self.feedback - names)
+                     self.feedback - names,
+                     {k: v for k, v in self.output_means.items() if k not in names})
+
+    def output_shift(self, name: str, error: np.ndarray) -> np.ndarray:
+        """The mean shift a kernel error ``error`` adds to each output channel
+        of leaf ``name``: Σ error·E[x] over its inputs and taps."""
+        m = self.moments[name]
+        error = np.moveaxis(np.asarray(error, np.float64), (m.out_axis, m.axis), (0, 1))
+        return error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2) @ m.mean
 
     def covariance(self, name: str, shape: tuple) -> DiagonalPlusRankOne | None:
         """``diag(Var x) + E[x] E[x]ᵀ`` over a feedback leaf's input features
@@ -155,7 +166,47 @@ def batchnorm_prior(tree) -> Prior:
         shape = np.shape(array)
         if len(shape) > 2 and math.prod(shape) // max(shape[m.out_axis], 1) <= MAX_FEEDBACK_FEATURES:
             feedback.add(name)
-    return Prior({name: m for name, (_, m) in paired.items()}, frozenset(feedback))
+    moments = {name: m for name, (_, m) in paired.items()}
+    return Prior(moments, frozenset(feedback), _output_means(tree, feedback, moments))
+
+
+def _output_means(tree, names, moments) -> dict[str, str]:
+    """{weight: running-mean leaf of the BatchNorm that normalises its output}
+    for the weights in ``names``: the first BatchNorm after the weight, before
+    any other weight, whose size matches its output axis."""
+    ordered = _in_insertion_order(tree)
+    arrays = dict(ordered)
+    norms = _batchnorms(arrays)
+    out = {}
+    for k, (name, array) in enumerate(ordered):
+        if name not in names:
+            continue
+        channels = np.shape(array)[moments[name].out_axis]
+        for after, value in ordered[k + 1:k + 1 + SEARCH_BACK]:
+            if np.ndim(value) >= 2 and _leaf(after) in ("weight", "kernel"):
+                break
+            if after in norms and len(norms[after].mean) == channels:
+                mean = _running_mean(arrays, _split(after)[0], channels)
+                if mean is not None:
+                    out[name] = mean
+                break
+    return out
+
+
+def _running_mean(arrays: dict, parent: str, channels: int) -> str | None:
+    """The running-mean leaf of the BatchNorm at ``parent`` (beside it, or in
+    Flax's batch_stats mirror of the module)."""
+    candidates = [parent]
+    parts = parent.split("/")
+    if _FLAX_PARAMS in parts:
+        i = parts.index(_FLAX_PARAMS)
+        candidates.append("/".join(parts[:i] + [_FLAX_STATS] + parts[i + 1:]))
+    for p in candidates:
+        for leaf in _MEAN:
+            name = _join(p, leaf)
+            if name in arrays and np.shape(arrays[name]) == (channels,):
+                return name
+    return None
 
 
 def _paired(tree) -> dict[str, tuple[Any, ChannelMoments]]:

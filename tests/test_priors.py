@@ -199,3 +199,71 @@ def test_the_conv_prior_cancels_the_output_shift_at_equal_size(tmp_path):
         sizes[prior] = report.file_bytes
     assert sizes[True] <= 1.01 * sizes[False]
     assert errors[True] < 0.6 * errors[False], errors
+
+
+# ----------------------------------------------------------------------------- bias correction
+
+def test_the_batchnorm_after_a_kernel_is_found_in_both_orders():
+    rng = np.random.default_rng(3)
+    torch_tree = collections.OrderedDict(_bn(6, rng, "bn0"))
+    torch_tree["conv.weight"] = np.zeros((8, 6, 3, 3), np.float32)
+    torch_tree.update(_bn(8, rng, "bn1"))
+    torch_tree["conv2.weight"] = np.zeros((8, 8, 3, 3), np.float32)   # no BatchNorm after it
+    torch_tree["head.weight"] = np.zeros((4, 8, 1, 1), np.float32)
+    torch_tree.update(_bn(4, rng, "bn2"))
+    prior = priors.batchnorm_prior(dict(torch_tree))
+    # conv2 is followed by another kernel, not by a BatchNorm: none for it
+    assert prior.output_means == {"conv.weight": "bn1.running_mean",
+                                  "head.weight": "bn2.running_mean"}
+    assert "conv2.weight" in prior.feedback
+
+    def norm(n):
+        return {"scale": rng.uniform(0.5, 2, n).astype(np.float32),
+                "bias": rng.normal(0, 1, n).astype(np.float32)}
+    flax_tree = {"params": {"BatchNorm_0": norm(6),
+                            "Conv_0": {"kernel": np.zeros((3, 3, 6, 8), np.float32)},
+                            "BatchNorm_1": norm(8)},
+                 "batch_stats": {f"BatchNorm_{i}": {"mean": np.zeros(n, np.float32),
+                                                    "var": np.ones(n, np.float32)}
+                                 for i, n in ((0, 6), (1, 8))}}
+    prior = priors.batchnorm_prior(flax_tree)
+    assert prior.output_means == {"params/Conv_0/kernel": "batch_stats/BatchNorm_1/mean"}
+
+
+def _conv_then_batchnorm(rng):
+    tree, x = _positive_mean_conv(rng)
+    tree = collections.OrderedDict(tree)
+    out = tree["conv.weight"].shape[0]
+    tree.update(_bn(out, rng, "bn_out"))
+    tree["bn_out.running_mean"] = rng.normal(0, 0.5, out).astype(np.float32)
+    return dict(tree), x
+
+
+def test_bias_correction_moves_the_next_running_mean_by_the_output_shift(tmp_path):
+    """Under a byte target the BatchNorm after a modelled kernel takes the
+    kernel's output shift error·E[x] into its running mean: the normalised
+    output's mean is then as before (the shift, sampled, drops >= 3x)."""
+    tree, x = _conv_then_batchnorm(np.random.default_rng(12))
+    w = tree["conv.weight"]
+    jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=8, progress=False)
+    got = jaxjpeg.restore(tmp_path / "c.jjpg")
+    error = np.asarray(got["conv.weight"], np.float64) - w
+    shift = priors.batchnorm_prior(tree).output_shift("conv.weight", error)
+    moved = np.asarray(got["bn_out.running_mean"], np.float64) - tree["bn_out.running_mean"]
+    scale = np.abs(tree["bn_out.running_mean"]) + np.abs(shift)
+    assert np.all(np.abs(moved - shift) <= 2 ** -8 * scale)
+    sampled = x @ error.reshape(len(w), -1).T          # what the kernel's error adds
+    assert np.abs((sampled.mean(0) - moved)).mean() < np.abs(sampled.mean(0)).mean() / 3
+
+
+def test_running_means_are_kept_without_a_byte_target_or_prior(tmp_path):
+    tree, _ = _conv_then_batchnorm(np.random.default_rng(13))
+    for name, options in (("default", {}), ("no-prior", dict(target_ratio=8,
+                                                              batchnorm_prior=False))):
+        jaxjpeg.save(tmp_path / f"{name}.jjpg", tree, progress=False, **options)
+        got = np.asarray(jaxjpeg.restore(tmp_path / f"{name}.jjpg")["bn_out.running_mean"])
+        exact = tree["bn_out.running_mean"]
+        if name == "default":
+            np.testing.assert_array_equal(got, exact)
+        else:   # float16 with 8 significand bits, not moved
+            assert np.all(np.abs(got - exact) <= 2 ** -9 * np.abs(exact) + 1e-12)
