@@ -194,14 +194,8 @@ def _output_means(tree, names, moments) -> dict[str, str]:
 
 
 def _running_mean(arrays: dict, parent: str, channels: int) -> str | None:
-    """The running-mean leaf of the BatchNorm at ``parent`` (beside it, or in
-    Flax's batch_stats mirror of the module)."""
-    candidates = [parent]
-    parts = parent.split("/")
-    if _FLAX_PARAMS in parts:
-        i = parts.index(_FLAX_PARAMS)
-        candidates.append("/".join(parts[:i] + [_FLAX_STATS] + parts[i + 1:]))
-    for p in candidates:
+    """The running-mean leaf of the BatchNorm at ``parent``."""
+    for p in _statistics_parents(parent):
         for leaf in _MEAN:
             name = _join(p, leaf)
             if name in arrays and np.shape(arrays[name]) == (channels,):
@@ -290,12 +284,18 @@ def _has_variance(arrays: dict, parent: str) -> bool:
     """Running statistics beside the affine parameters (or, in Flax, in the
     batch_stats collection's mirror of the module): a BatchNorm, not a
     LayerNorm."""
+    return any(_join(p, v) in arrays for p in _statistics_parents(parent) for v in _VARIANCE)
+
+
+def _statistics_parents(parent: str) -> list[str]:
+    """Where a BatchNorm at ``parent`` keeps its running statistics: beside
+    its affine parameters, or in Flax's batch_stats mirror of the module."""
     candidates = [parent]
     parts = parent.split("/")
     if _FLAX_PARAMS in parts:
         i = parts.index(_FLAX_PARAMS)
         candidates.append("/".join(parts[:i] + [_FLAX_STATS] + parts[i + 1:]))
-    return any(_join(p, v) in arrays for p in candidates for v in _VARIANCE)
+    return candidates
 
 
 def _channel_axes(name: str, shape: tuple, channels: int) -> tuple[int, int] | None:
