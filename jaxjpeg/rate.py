@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import analysis, codec, feedback, mapping, views
+from jaxjpeg import _native, analysis, codec, feedback, mapping, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.treepaths import key_record, path_string
 
@@ -502,13 +502,7 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     probe = _probe(p, np.random.default_rng(seed))
     rms = tensor_rms(p)
     steps = list(dict.fromkeys(step_for(p, rms * 2.0 ** -k, bits) for k in LADDER))
-    for b in {b for b, _ in steps}:   # cached before the steps run in parallel
-        p.common_scale(b)
-        base_scale(p, b)
-    # Each step codes the probe on its own core (the encoder releases the GIL);
-    # probes are small, so this costs no memory a leaf-level pipeline would.
-    costs = codec.tile_pool().map(
-        lambda step: _probe_cost(p, probe, *step, dict(options, threads=1)), steps)
+    costs = _probe_costs(p, probe, steps, options)
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
               for (b, delta), (nbytes, sse) in zip(steps, costs)]
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
@@ -552,36 +546,55 @@ def _between(lo: int, hi: int) -> list[int]:
         out.append(d)
 
 
-def _probe_cost(p: codec.Prepared, probe: _Probe, bits: int, delta: int, options):
-    """(tile bytes, squared error in weight units) of the probe at (bits, Δ)."""
-    scale = p.common_scale(bits)[probe.rows]
-    # The probe's rows keep the tensor's own scales (its steps), whatever
-    # range the probe alone would have.
-    sub = codec.Prepared(probe.matrix.shape, p.dtype, views.MatrixView.default(2),
-                         probe.matrix, None, None, None, probe.matrix,
-                         shared_map=p.shared_map, scales={bits: scale, "stats": probe.stats})
-    enc = codec.encode_tensor(sub, bits=bits, quant_step=delta, clip="common",
-                              **{k: v for k, v in options.items() if k != "clip"})
-    # in this thread, as it was coded: starting decoder threads for a probe
-    # cost more than decoding it
-    decoded = codec.decode_tensor(enc, threads=options.get("threads", 0))
-    diff = decoded.astype(np.float64) - probe.matrix
-    if probe.col_scale is not None:
-        diff *= probe.col_scale
-    return _scaled_tile_bytes(p, enc, probe.fraction, options), float(np.sum(diff * diff))
+def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options) -> list:
+    """(tile bytes, squared error in weight units) of the probe at each
+    ``(bits, Δ)`` of ``steps``: coded as :func:`encode_with_step` codes it and
+    decoded as the decoder does, by the native encoder in one call per tile
+    and group of steps of equal depth (the samples do not depend on Δ). The
+    groups run on the tile pool's cores; each is coded in one thread."""
+    restart = options.get("restart_interval", codec.DEFAULT_RESTART_INTERVAL)
+    tile_shape = options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)
+    matrix = np.ascontiguousarray(probe.matrix, np.float32)
+    weight = None if probe.col_scale is None else np.ascontiguousarray(probe.col_scale, np.float32)
+    cells = codec.tile_grid(*matrix.shape, tile_shape)
+    jobs = []
+    for b in sorted({b for b, _ in steps}):
+        scale, offset = _probe_map(p, probe, b)
+        deltas = [d for bb, d in steps if bb == b]
+        for chunk in _chunks(deltas, codec.tile_pool()._max_workers):
+            for r, c, h, w in cells:
+                box = (slice(r, r + h), slice(c, c + w))
+                jobs.append(((b, chunk), (matrix[box], scale[r:r + h], offset[r:r + h],
+                                          np.array(chunk, np.uint16), b, restart,
+                                          None if weight is None else weight[box])))
+    results = codec.tile_pool().map(lambda job: _native.measure_steps(*job[1]), jobs)
+    entropy, header, error = {}, {}, {}
+    for ((b, chunk), _), (e, h, sse) in zip(jobs, results):
+        for i, d in enumerate(chunk):
+            entropy[b, d] = entropy.get((b, d), 0) + int(e[i])
+            header[b, d] = header.get((b, d), 0) + int(h[i])
+            error[b, d] = error.get((b, d), 0.0) + float(sse[i])
+    # Entropy-coded data scales with the weights, headers (tables, markers)
+    # with the tile count.
+    tiles = len(p.tiles(tile_shape))
+    return [(entropy[s] / probe.fraction + tiles * header[s] / len(cells), error[s])
+            for s in steps]
 
 
-def _scaled_tile_bytes(p: codec.Prepared, probe_enc: codec.EncodedTensor, fraction: float,
-                       options) -> float:
-    """The tensor's tile bytes predicted from its probe's: entropy-coded data
-    scales with the weights, headers (tables, markers) with the tile count."""
-    header = entropy = 0
-    for tile in probe_enc.tiles:
-        coded = int(tile.interval_starts[-1] - tile.interval_starts[0])
-        entropy += coded
-        header += len(tile.data) - coded
-    tiles = len(p.tiles(options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)))
-    return entropy / fraction + tiles * header / len(probe_enc.tiles)
+def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
+    """The probe rows' maps to ``bits``-bit samples: the tensor's own row
+    scales (its steps), whatever range the probe alone would have."""
+    _, scale, offset = mapping.row_affine(
+        probe.matrix, bits, clip="common", scale=p.common_scale(bits)[probe.rows],
+        shared=p.shared_map, with_samples=False, stats=probe.stats)
+    return scale, offset
+
+
+def _chunks(items: list, count: int) -> list:
+    """``items`` dealt into at most ``count`` groups of near-equal length
+    (every count-th item: coarse and fine steps, cheap and costly, mixed)."""
+    count = max(1, min(count, len(items)))
+    return [items[i::count] for i in range(count)]
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+// Rate-distortion measurements for rate control (jaxjpeg.rate.rd_curve): a
+// tile of weights coded at several flat quantization steps and decoded
+// again, in one native call instead of one encode and one decode from
+// Python per step.
+#ifndef JAXJPEG_RATE_PROBE_H_
+#define JAXJPEG_RATE_PROBE_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+
+// What one step's coding of a tile costs: the bytes of its entropy-coded
+// data (restart markers included: from the first interval's start to the
+// EOI marker), the bytes around them (markers, tables, headers) and the
+// squared error of the decoded weights, in double.
+struct StepCost {
+  int64_t entropy_bytes;
+  int64_t header_bytes;
+  double squared_error;
+};
+
+// The tile of weights w(y, x) = weights[y * stride + x] (width, height,
+// stride and the per-row maps as EncodeMappedGrayscale takes them) coded by
+// EncodeMappedGrayscale at each flat step steps[i] (every table entry
+// steps[i]; `bits`, `restart_interval`, optimized Huffman tables and RDO as
+// jaxjpeg.codec.encode_tensor codes), then decoded as the decoder's float32
+// output stage writes it (AffineSample, no column scales): costs[i] gets
+// the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
+// col_weight[y * stride + x] (null: 1). The samples' DCT does not depend on
+// the step and is computed once for all of them.
+// Errors as EncodeMappedGrayscale, and the decoder's (never expected).
+Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
+                    const float* row_scale, const float* row_offset, const float* col_weight,
+                    int bits, int restart_interval, const uint16_t* steps, int num_steps,
+                    StepCost* costs);
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_RATE_PROBE_H_
