@@ -408,7 +408,8 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
             good = delta
         else:
             bad = delta
-        if bad - good <= 1 or (good == delta and error >= (1 - BOUND_SLACK) * budget):
+        if bad - good <= 1 or (good == delta and (error >= (1 - BOUND_SLACK) * budget
+                                                  or _next_step_misses(delta, error, budget))):
             break
         if trial < SECANT_TRIALS:
             aim = (1 - BOUND_SLACK / 2) * budget   # inside the slack: usually the last trial
@@ -419,6 +420,19 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
         else:
             delta = (good + bad) // 2
     return (good, kept[good]) if good else None
+
+
+def _next_step_misses(delta: int, error: float, budget: float) -> bool:
+    """Whether step ``delta + 1`` surely exceeds the budget that ``delta``
+    (squared error ``error``) meets, so it need not be coded. The error per
+    sample is about (Δ² + 1) / 12 in sample units (coding noise plus the
+    decoder's rounding): from Δ to Δ + 1 this predicted the measured error
+    within 3.5% on the benchmark tree's and EfficientNet-lite1's leaves
+    (12-bit Δ 3..40, 8-bit Δ 8..20), except 8-bit codings of leaves whose
+    range outlier columns set (up to 19% too high: a step coded finer than
+    it might be, never a bound missed)."""
+    predicted = error * ((delta + 1) ** 2 + 1) / (delta * delta + 1)
+    return predicted > (1 + NEXT_STEP_MARGIN) * budget
 
 
 def _first_step(p: codec.Prepared, bits, budget, options) -> int:
@@ -438,6 +452,7 @@ SECANT_TRIALS = 4
 # the bracket: the largest step within it is at most ~2.5% larger (error ∝
 # Δ²), about 1% of the bytes, and the search saves one or two codings.
 BOUND_SLACK = 0.05
+NEXT_STEP_MARGIN = 0.06
 
 
 # ----------------------------------------------------------------------------
