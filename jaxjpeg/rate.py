@@ -253,15 +253,28 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     matrix = enc.view.to_matrix(original)
     if np.shares_memory(matrix, original):
         kept = None if kept is None else enc.view.to_matrix(kept)
-        total = 0.0
-        for tile in enc.tiles:
+
+        def tile_error(tile):
             box = (slice(tile.row0, tile.row0 + tile.height),
                    slice(tile.col0, tile.col0 + tile.width))
-            total += _block_error(matrix[box], codec.decode_tile(enc, tile),
-                                  None if kept is None else kept[box])
-        return total
+            return _tile_error(enc, tile, matrix[box], None if kept is None else kept[box])
+        if matrix.dtype == np.float32 and len(enc.tiles) > 1:   # decoded natively, one tile a core
+            return sum(codec.tile_pool().map(tile_error, enc.tiles))
+        return sum(map(tile_error, enc.tiles))
     decoded = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
     return _block_error(original, enc.view.from_matrix(decoded, enc.shape), kept)
+
+
+def _tile_error(enc: codec.EncodedTensor, tile: codec.Tile, original: np.ndarray, kept) -> float:
+    """Σ (original - decoded)² over one tile, ``kept`` positions excluded:
+    float32 weights are decoded and summed natively, read in place (no
+    decoded copy, no float64 blocks); other dtypes through decode_tile."""
+    if original.dtype != np.float32:
+        return _block_error(original, codec.decode_tile(enc, tile), kept)
+    rows = slice(tile.row0, tile.row0 + tile.height)
+    cols = None if enc.col_scale is None else enc.col_scale[tile.col0:tile.col0 + tile.width]
+    return _native.tile_squared_error(tile.data, original, enc.row_scale[rows],
+                                      enc.row_offset[rows], cols, kept)
 
 
 def _block_error(original: np.ndarray, decoded: np.ndarray, kept) -> float:
@@ -691,8 +704,9 @@ class BudgetAllocator:
         left = self.budget - self.spent
         rows = np.arange(len(names))
 
-        def pick(lam):
-            return np.argmin(np.where(finite, dist + lam * nbytes, np.inf), axis=1)
+        def pick(lam, some=slice(None)):
+            return np.argmin(np.where(finite[some], dist[some] + lam * nbytes[some], np.inf),
+                             axis=1)
 
         def total(choice):
             return float(nbytes[rows, choice].sum())
@@ -701,16 +715,23 @@ class BudgetAllocator:
         if total(finest) <= left:
             choice, self.slope = finest, 0.0
         else:
-            lo, hi = -60.0, 60.0   # log λ
+            # Bisection on log λ. A tensor's choice only moves to fewer bytes
+            # as λ grows, so one that both ends choose alike chooses so in
+            # between: each round re-chooses only the tensors that differ
+            # (soon one or two), not every pending one (tensors² work per save).
+            lo, hi = -60.0, 60.0
+            at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
             for _ in range(80):
+                moving = np.flatnonzero(at_lo != at_hi)
                 mid = 0.5 * (lo + hi)
-                if total(pick(math.exp(mid))) > left:
-                    lo = mid
+                at_mid = at_hi.copy()
+                at_mid[moving] = pick(math.exp(mid), moving)
+                if total(at_mid) > left:
+                    lo, at_lo = mid, at_mid
                 else:
-                    hi = mid
+                    hi, at_hi = mid, at_mid
             self.slope = math.exp(hi)
-            choice = pick(self.slope)
-            choice = self._fill(nbytes, dist, choice, left)
+            choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
 
     @staticmethod

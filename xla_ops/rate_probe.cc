@@ -33,6 +33,46 @@ struct SquaredErrorSink {
   }
 };
 
+// Receives decoded rows and sums (w - decoded)² against a strided tile,
+// decoded values as the float32 output stage writes them (column scales
+// included), kept positions skipped.
+struct TileErrorSink {
+  StridedTile<float> weights;
+  const StridedTile<uint8_t>* kept;  // null: none
+  const float* row_scale;
+  const float* row_offset;
+  const float* col_scale;  // null: none
+  double* total;
+
+  void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    double sum = 0.0;
+    for (int i = 0; i < count; ++i) {
+      const int x = x0 + i;
+      if (kept != nullptr && kept->at(y, x) != 0) continue;
+      float v = AffineSample(samples[i], row_scale[y], row_offset[y]);
+      if (col_scale != nullptr) v = ScaleColumn(v, col_scale[x]);
+      const double d = static_cast<double>(weights.at(y, x)) - static_cast<double>(v);
+      sum += d * d;
+    }
+    *total += sum;
+  }
+};
+
+// Decodes every restart interval of a coded tile into `sink`.
+template <int kBits, typename Sink>
+Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const int64_t* starts,
+                      const Sink& sink) {
+  const int64_t per = info.restart_interval ? info.restart_interval : info.NumBlocks();
+  for (int64_t i = 0; i < info.NumIntervals(); ++i) {
+    const int64_t first = i * per;
+    const int64_t n = per < info.NumBlocks() - first ? per : info.NumBlocks() - first;
+    const Status s = DecodeInterval<kBits>(data + starts[i], data + starts[i + 1], info.tables,
+                                           info.Grid(), first, n, sink);
+    if (s != Status::kOk) return s;
+  }
+  return Status::kOk;
+}
+
 template <int kBits>
 Status DecodeError(const std::vector<uint8_t>& data, const std::vector<int64_t>& starts,
                    const SquaredErrorSink& sink) {
@@ -40,15 +80,7 @@ Status DecodeError(const std::vector<uint8_t>& data, const std::vector<int64_t>&
   Status s = ParseStreamHeader(data.data(), static_cast<int64_t>(data.size()), &info);
   if (s != Status::kOk) return s;
   if (static_cast<int64_t>(starts.size()) != info.NumIntervals() + 1) return Status::kBadArgument;
-  const int64_t per = info.restart_interval ? info.restart_interval : info.NumBlocks();
-  for (int64_t i = 0; i < info.NumIntervals(); ++i) {
-    const int64_t first = i * per;
-    const int64_t n = per < info.NumBlocks() - first ? per : info.NumBlocks() - first;
-    s = DecodeInterval<kBits>(data.data() + starts[i], data.data() + starts[i + 1], info.tables,
-                              info.Grid(), first, n, sink);
-    if (s != Status::kOk) return s;
-  }
-  return Status::kOk;
+  return DecodeIntoSink<kBits>(data.data(), info, starts.data(), sink);
 }
 
 }  // namespace
@@ -57,7 +89,9 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
                     const float* row_scale, const float* row_offset, const float* col_weight,
                     int bits, int restart_interval, const uint16_t* steps, int num_steps,
                     StepCost* costs) {
-  if (steps == nullptr || costs == nullptr || num_steps < 0) return Status::kBadArgument;
+  if (num_steps < 0 || (num_steps > 0 && (steps == nullptr || costs == nullptr))) {
+    return Status::kBadArgument;
+  }
   std::vector<uint8_t> data;
   std::vector<int64_t> starts;
   for (int i = 0; i < num_steps; ++i) {
@@ -76,6 +110,30 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
     const int64_t entropy = starts.back() - starts.front();
     costs[i] = {entropy, static_cast<int64_t>(data.size()) - entropy, error};
   }
+  return Status::kOk;
+}
+
+Status TileSquaredError(const uint8_t* data, int64_t size, StridedTile<float> weights,
+                        const StridedTile<uint8_t>* kept, int width, int height,
+                        const float* row_scale, const float* row_offset, const float* col_scale,
+                        double* squared_error) {
+  if (data == nullptr || weights.data == nullptr || row_scale == nullptr ||
+      row_offset == nullptr || squared_error == nullptr) {
+    return Status::kBadArgument;
+  }
+  StreamInfo info;
+  Status s = ParseStreamHeader(data, size, &info);
+  if (s != Status::kOk) return s;
+  if (info.width != width || info.height != height) return Status::kBadSize;
+  std::vector<int64_t> starts(static_cast<size_t>(info.NumIntervals() + 1));
+  s = IndexRestartIntervals(data, size, info, starts.data());
+  if (s != Status::kOk) return s;
+  double total = 0.0;
+  const TileErrorSink sink{weights, kept, row_scale, row_offset, col_scale, &total};
+  s = info.bits == 12 ? DecodeIntoSink<12>(data, info, starts.data(), sink)
+                      : DecodeIntoSink<8>(data, info, starts.data(), sink);
+  if (s != Status::kOk) return s;
+  *squared_error = total;
   return Status::kOk;
 }
 

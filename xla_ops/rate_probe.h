@@ -37,6 +37,27 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
                     int bits, int restart_interval, const uint16_t* steps, int num_steps,
                     StepCost* costs);
 
+// A tile's values, value (y, x) at data[y * row_step + x * col_step] (steps
+// in elements: a row-major tile, its transpose or any strided view).
+template <typename T>
+struct StridedTile {
+  const T* data;
+  std::ptrdiff_t row_step;
+  std::ptrdiff_t col_step;
+  const T& at(int y, int x) const { return data[y * row_step + x * col_step]; }
+};
+
+// Σ (w - decoded)² in double over a coded tile (a complete JPEG file of
+// `size` bytes) against the float32 weights it codes, the decoded value being
+// what the decoder's float32 output stage writes: AffineSample with the
+// row's scale and offset, then times col_scale[x] (null: no column scales).
+// Positions where kept (optional, nonzero) is set count 0 (the side list
+// holds them exactly). The file's size must match width x height.
+Status TileSquaredError(const uint8_t* data, int64_t size, StridedTile<float> weights,
+                        const StridedTile<uint8_t>* kept, int width, int height,
+                        const float* row_scale, const float* row_offset, const float* col_scale,
+                        double* squared_error);
+
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_RATE_PROBE_H_
