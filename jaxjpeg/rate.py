@@ -722,8 +722,10 @@ class BudgetAllocator:
             lo, hi = -60.0, 60.0
             at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
             for _ in range(80):
-                moving = np.flatnonzero(at_lo != at_hi)
                 mid = 0.5 * (lo + hi)
+                if mid in (lo, hi):   # no float between: further rounds change nothing
+                    break
+                moving = np.flatnonzero(at_lo != at_hi)
                 at_mid = at_hi.copy()
                 at_mid[moving] = pick(math.exp(mid), moving)
                 if total(at_mid) > left:
