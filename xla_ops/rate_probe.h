@@ -1,7 +1,8 @@
-// Rate-distortion measurements for rate control (jaxjpeg.rate.rd_curve): a
-// tile of weights coded at several flat quantization steps and decoded
-// again, in one native call instead of one encode and one decode from
-// Python per step.
+// Rate-distortion measurements for rate control (jaxjpeg.rate): a tile of
+// weights coded at several flat quantization steps and decoded again, in
+// one native call instead of one encode and one decode from Python per step
+// (rd_curve's probe ladder); a coded tile's squared error against its
+// weights, decoded in place without a decoded copy (squared_error).
 #ifndef JAXJPEG_RATE_PROBE_H_
 #define JAXJPEG_RATE_PROBE_H_
 
@@ -29,8 +30,10 @@ struct StepCost {
 // jaxjpeg.codec.encode_tensor codes), then decoded as the decoder's float32
 // output stage writes it (AffineSample, no column scales): costs[i] gets
 // the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
-// col_weight[y * stride + x] (null: 1). The samples' DCT does not depend on
-// the step and is computed once for all of them.
+// col_weight[y * stride + x] (null: 1). Each step is a full encode and a
+// full decode, so sizes and errors are those of the real files (sharing the
+// step-independent DCT between steps was left out: by its operation count a
+// small part of the encoder's time, not measured).
 // Errors as EncodeMappedGrayscale, and the decoder's (never expected).
 Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
                     const float* row_scale, const float* row_offset, const float* col_weight,
