@@ -538,6 +538,7 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
 
 
 LAST_TENSOR_RETRIES = 5
+LOG_SLOPE_LIMIT = 60.0   # the allocator's multiplier λ lies in exp(±60)
 DENSE_SPACING = 2.0 ** (1 / 32)   # finest step ratio between interpolated candidates
 
 
@@ -688,6 +689,7 @@ class BudgetAllocator:
         self.steps: dict = {}
         self.squared_errors: dict = {}
         self.slope = 0.0
+        self._log_slope = None   # log λ of the last choice (where the next bisection starts)
 
     def _correction(self) -> float:
         """Actual / predicted bytes of the tensors coded so far."""
@@ -719,8 +721,20 @@ class BudgetAllocator:
             # as λ grows, so one that both ends choose alike chooses so in
             # between: each round re-chooses only the tensors that differ
             # (soon one or two), not every pending one (tensors² work per save).
-            lo, hi = -60.0, 60.0
+            # The bracket starts around the previous tensor's λ (the next
+            # one's is close) and widens until it holds the crossing; run to
+            # where no float lies between its ends, bisection finds the same
+            # crossing from any bracket.
+            lo, hi = self._bracket()
             at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
+            while total(at_lo) <= left and lo > -LOG_SLOPE_LIMIT:
+                hi, at_hi = lo, at_lo
+                lo = max(-LOG_SLOPE_LIMIT, lo - 4 * (hi - lo) - 1)
+                at_lo = pick(math.exp(lo))
+            while total(at_hi) > left and hi < LOG_SLOPE_LIMIT:
+                lo, at_lo = hi, at_hi
+                hi = min(LOG_SLOPE_LIMIT, hi + 4 * (hi - lo) + 1)
+                at_hi = pick(math.exp(hi))
             for _ in range(80):
                 mid = 0.5 * (lo + hi)
                 if mid in (lo, hi):   # no float between: further rounds change nothing
@@ -733,8 +747,17 @@ class BudgetAllocator:
                 else:
                     hi, at_hi = mid, at_mid
             self.slope = math.exp(hi)
+            self._log_slope = hi
             choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
+
+    def _bracket(self) -> tuple[float, float]:
+        """(low, high) log λ to start the bisection from: around the last
+        tensor's multiplier, else the whole range."""
+        last = self._log_slope
+        if last is None:
+            return -LOG_SLOPE_LIMIT, LOG_SLOPE_LIMIT
+        return max(-LOG_SLOPE_LIMIT, last - 0.25), min(LOG_SLOPE_LIMIT, last + 0.25)
 
     @staticmethod
     def _fill(nbytes, dist, choice, left):

@@ -480,17 +480,24 @@ def _choice_by_full_bisection(allocator, name):
 
 
 @pytest.mark.parametrize("ratio", [3, 6, 12, 30])
-def test_allocation_stops_bisecting_where_no_choice_can_change(ratio):
-    """The multiplier's bisection stops once both ends choose alike; every
-    tensor's choice must be the one the full 80 rounds give."""
+def test_allocation_bisects_to_the_same_choices_from_its_shortcuts(ratio):
+    """The multiplier's bisection re-chooses only the tensors whose choice
+    differs between its ends and starts around the last tensor's multiplier;
+    every tensor's choice, as tensors are coded one by one and their sizes
+    miss the predictions, must be the one 80 full rounds from exp(±60) give."""
     tensors = {f"t{i}": _tensor(kind, (256, 192), seed=i)
-               for i, kind in enumerate(["gauss", "laplace", "outliers", "row-scaled"] * 2)}
+               for i, kind in enumerate(["gauss", "laplace", "outliers", "row-scaled"] * 3)}
     curves = {n: rate.rd_curve(rate.prepare_leaf(x)) for n, x in tensors.items()}
     budget = sum(x.nbytes for x in tensors.values()) // ratio
     sens = {n: 10.0 ** (i % 3 - 1) for i, n in enumerate(tensors)}
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens)
-    for name in tensors:
-        assert allocator._choose(name) == _choice_by_full_bisection(allocator, name), name
+    misses = np.random.default_rng(0).uniform(0.9, 1.1, len(tensors))
+    for name, miss in zip(tensors, misses):
+        k = allocator._choose(name)
+        assert k == _choice_by_full_bisection(allocator, name), name
+        allocator.pending.discard(name)   # coded: as encode() books it, the size missed
+        allocator.spent += int(curves[name].nbytes[k] * miss)
+        allocator.predicted_spent += float(curves[name].nbytes[k])
 
 
 @pytest.mark.parametrize("seed", range(4))

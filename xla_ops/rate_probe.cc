@@ -10,51 +10,56 @@ namespace jaxjpeg {
 namespace {
 
 // Receives decoded rows and sums their squared error against the weights,
-// each value mapped as the decoder's float32 output stage maps it.
+// each value mapped as the decoder's float32 output stage maps it; kWeighted:
+// each difference times col_weight(y, x). Two partial sums per row: one
+// running sum would make every row a chain of dependent additions.
+template <bool kWeighted>
 struct SquaredErrorSink {
   const float* weights;
   std::ptrdiff_t stride;
   const float* row_scale;
   const float* row_offset;
-  const float* col_weight;  // null: 1
+  const float* col_weight;  // kWeighted only
   double* total;
 
   void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    const float scale = row_scale[y], offset = row_offset[y];
     const float* w = weights + y * stride + x0;
-    const float* c = col_weight == nullptr ? nullptr : col_weight + y * stride + x0;
-    double sum = 0.0;
+    double sum[2] = {0.0, 0.0};
     for (int i = 0; i < count; ++i) {
-      double d = static_cast<double>(AffineSample(samples[i], row_scale[y], row_offset[y])) -
+      double d = static_cast<double>(AffineSample(samples[i], scale, offset)) -
                  static_cast<double>(w[i]);
-      if (c != nullptr) d *= static_cast<double>(c[i]);
-      sum += d * d;
+      if (kWeighted) d *= static_cast<double>(col_weight[y * stride + x0 + i]);
+      sum[i & 1] += d * d;
     }
-    *total += sum;
+    *total += sum[0] + sum[1];
   }
 };
 
 // Receives decoded rows and sums (w - decoded)² against a strided tile,
-// decoded values as the float32 output stage writes them (column scales
-// included), kept positions skipped.
+// decoded values as the float32 output stage writes them (kColumns: times
+// the column scales), kKept: positions kept in the side list skipped.
+template <bool kKept, bool kColumns>
 struct TileErrorSink {
   StridedTile<float> weights;
-  const StridedTile<uint8_t>* kept;  // null: none
+  const StridedTile<uint8_t>* kept;  // kKept only
   const float* row_scale;
   const float* row_offset;
-  const float* col_scale;  // null: none
+  const float* col_scale;  // kColumns only
   double* total;
 
   void PutRow(int y, int x0, const int32_t* samples, int count) const {
-    double sum = 0.0;
+    const float scale = row_scale[y], offset = row_offset[y];
+    const float* w = &weights.at(y, x0);
+    double sum[2] = {0.0, 0.0};
     for (int i = 0; i < count; ++i) {
-      const int x = x0 + i;
-      if (kept != nullptr && kept->at(y, x) != 0) continue;
-      float v = AffineSample(samples[i], row_scale[y], row_offset[y]);
-      if (col_scale != nullptr) v = ScaleColumn(v, col_scale[x]);
-      const double d = static_cast<double>(weights.at(y, x)) - static_cast<double>(v);
-      sum += d * d;
+      if (kKept && kept->at(y, x0 + i) != 0) continue;
+      float v = AffineSample(samples[i], scale, offset);
+      if (kColumns) v = ScaleColumn(v, col_scale[x0 + i]);
+      const double d = static_cast<double>(w[i * weights.col_step]) - static_cast<double>(v);
+      sum[i & 1] += d * d;
     }
-    *total += sum;
+    *total += sum[0] + sum[1];
   }
 };
 
@@ -73,9 +78,9 @@ Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const int64_t
   return Status::kOk;
 }
 
-template <int kBits>
+template <int kBits, typename Sink>
 Status DecodeError(const std::vector<uint8_t>& data, const std::vector<int64_t>& starts,
-                   const SquaredErrorSink& sink) {
+                   const Sink& sink) {
   StreamInfo info;
   Status s = ParseStreamHeader(data.data(), static_cast<int64_t>(data.size()), &info);
   if (s != Status::kOk) return s;
@@ -104,8 +109,13 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
                                      options, &data, &starts);
     if (s != Status::kOk) return s;
     double error = 0.0;
-    const SquaredErrorSink sink{weights, stride, row_scale, row_offset, col_weight, &error};
-    s = bits == 12 ? DecodeError<12>(data, starts, sink) : DecodeError<8>(data, starts, sink);
+    if (col_weight != nullptr) {
+      const SquaredErrorSink<true> sink{weights, stride, row_scale, row_offset, col_weight, &error};
+      s = bits == 12 ? DecodeError<12>(data, starts, sink) : DecodeError<8>(data, starts, sink);
+    } else {
+      const SquaredErrorSink<false> sink{weights, stride, row_scale, row_offset, nullptr, &error};
+      s = bits == 12 ? DecodeError<12>(data, starts, sink) : DecodeError<8>(data, starts, sink);
+    }
     if (s != Status::kOk) return s;
     const int64_t entropy = starts.back() - starts.front();
     costs[i] = {entropy, static_cast<int64_t>(data.size()) - entropy, error};
@@ -129,9 +139,19 @@ Status TileSquaredError(const uint8_t* data, int64_t size, StridedTile<float> we
   s = IndexRestartIntervals(data, size, info, starts.data());
   if (s != Status::kOk) return s;
   double total = 0.0;
-  const TileErrorSink sink{weights, kept, row_scale, row_offset, col_scale, &total};
-  s = info.bits == 12 ? DecodeIntoSink<12>(data, info, starts.data(), sink)
-                      : DecodeIntoSink<8>(data, info, starts.data(), sink);
+  const auto decode = [&](const auto& sink) {
+    return info.bits == 12 ? DecodeIntoSink<12>(data, info, starts.data(), sink)
+                           : DecodeIntoSink<8>(data, info, starts.data(), sink);
+  };
+  if (kept != nullptr && col_scale != nullptr) {
+    s = decode(TileErrorSink<true, true>{weights, kept, row_scale, row_offset, col_scale, &total});
+  } else if (kept != nullptr) {
+    s = decode(TileErrorSink<true, false>{weights, kept, row_scale, row_offset, nullptr, &total});
+  } else if (col_scale != nullptr) {
+    s = decode(TileErrorSink<false, true>{weights, nullptr, row_scale, row_offset, col_scale, &total});
+  } else {
+    s = decode(TileErrorSink<false, false>{weights, nullptr, row_scale, row_offset, nullptr, &total});
+  }
   if (s != Status::kOk) return s;
   *squared_error = total;
   return Status::kOk;
