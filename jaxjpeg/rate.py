@@ -590,7 +590,7 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options) -> list:
     for b in sorted({b for b, _ in steps}):
         scale, offset = _probe_map(p, probe, b)
         deltas = [d for bb, d in steps if bb == b]
-        for chunk in _chunks(deltas, codec.tile_pool()._max_workers):
+        for chunk in _chunks(deltas, codec.tile_pool()._max_workers):   # a group per core
             for r, c, h, w in cells:
                 box = (slice(r, r + h), slice(c, c + w))
                 jobs.append(((b, chunk), (matrix[box], scale[r:r + h], offset[r:r + h],
@@ -717,39 +717,44 @@ class BudgetAllocator:
         if total(finest) <= left:
             choice, self.slope = finest, 0.0
         else:
-            # Bisection on log λ. A tensor's choice only moves to fewer bytes
-            # as λ grows, so one that both ends choose alike chooses so in
-            # between: each round re-chooses only the tensors that differ
-            # (soon one or two), not every pending one (tensors² work per save).
-            # The bracket starts around the previous tensor's λ (the next
-            # one's is close) and widens until it holds the crossing; run to
-            # where no float lies between its ends, bisection finds the same
-            # crossing from any bracket.
-            lo, hi = self._bracket()
-            at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
-            while total(at_lo) <= left and lo > -LOG_SLOPE_LIMIT:
-                hi, at_hi = lo, at_lo
-                lo = max(-LOG_SLOPE_LIMIT, lo - 4 * (hi - lo) - 1)
-                at_lo = pick(math.exp(lo))
-            while total(at_hi) > left and hi < LOG_SLOPE_LIMIT:
-                lo, at_lo = hi, at_hi
-                hi = min(LOG_SLOPE_LIMIT, hi + 4 * (hi - lo) + 1)
-                at_hi = pick(math.exp(hi))
-            for _ in range(80):
-                mid = 0.5 * (lo + hi)
-                if mid in (lo, hi):   # no float between: further rounds change nothing
-                    break
-                moving = np.flatnonzero(at_lo != at_hi)
-                at_mid = at_hi.copy()
-                at_mid[moving] = pick(math.exp(mid), moving)
-                if total(at_mid) > left:
-                    lo, at_lo = mid, at_mid
-                else:
-                    hi, at_hi = mid, at_mid
+            hi, at_hi = self._crossing(pick, total, left)
             self.slope = math.exp(hi)
             self._log_slope = hi
             choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
+
+    def _crossing(self, pick, total, left):
+        """(log λ, choices) where the choices' total bytes ``total(pick(λ))``
+        first fit ``left``, by bisection on log λ to where no float lies
+        between its ends. A tensor's choice only moves to fewer bytes as λ
+        grows, so one that both ends choose alike chooses so in between:
+        each round re-chooses only the tensors that differ (soon one or two),
+        not every pending one (tensors² work per save). The bracket starts
+        around the last tensor's λ (the next one's is close) and widens until
+        it holds the crossing; bisection finds the same crossing from any
+        bracket."""
+        lo, hi = self._bracket()
+        at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
+        while total(at_lo) <= left and lo > -LOG_SLOPE_LIMIT:
+            hi, at_hi = lo, at_lo
+            lo = max(-LOG_SLOPE_LIMIT, lo - 4 * (hi - lo) - 1)
+            at_lo = pick(math.exp(lo))
+        while total(at_hi) > left and hi < LOG_SLOPE_LIMIT:
+            lo, at_lo = hi, at_hi
+            hi = min(LOG_SLOPE_LIMIT, hi + 4 * (hi - lo) + 1)
+            at_hi = pick(math.exp(hi))
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):   # no float between: further rounds change nothing
+                break
+            moving = np.flatnonzero(at_lo != at_hi)
+            at_mid = at_hi.copy()
+            at_mid[moving] = pick(math.exp(mid), moving)
+            if total(at_mid) > left:
+                lo, at_lo = mid, at_mid
+            else:
+                hi, at_hi = mid, at_mid
+        return hi, at_hi
 
     def _bracket(self) -> tuple[float, float]:
         """(low, high) log λ to start the bisection from: around the last
