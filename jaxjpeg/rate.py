@@ -185,11 +185,15 @@ def tensor_rms(p: codec.Prepared) -> float:
 # ----------------------------------------------------------------------------
 
 def base_scale(x, bits: int, row_weight=None) -> float:
-    """The weight-domain step of ``Δ = 1`` at ``bits`` (geometric mean over rows)."""
-    scale = _as_prepared(x, row_weight).common_scale(bits).astype(np.float64)
-    if not np.all(scale > 0):  # constant rows: any step codes them exactly
-        return 1.0
-    return float(np.exp(np.mean(np.log(scale))))
+    """The weight-domain step of ``Δ = 1`` at ``bits`` (geometric mean over
+    rows; cached with the row scales: a probe ladder asks dozens of times)."""
+    p = _as_prepared(x, row_weight)
+    key = ("base", bits)
+    if key not in p.scales:
+        scale = p.common_scale(bits).astype(np.float64)
+        # constant rows: any step codes them exactly
+        p.scales[key] = float(np.exp(np.mean(np.log(scale)))) if np.all(scale > 0) else 1.0
+    return p.scales[key]
 
 
 def step_for(x, q: float, bits: int | None = None, row_weight=None) -> tuple[int, int]:
