@@ -3,7 +3,7 @@
     python benchmarks/rate_control.py              # ~256 MB float32 transformer-like tree
     python benchmarks/rate_control.py --mb 1024    # the 1 GB tree of issue 8
     python benchmarks/rate_control.py --quick      # ~32 MB
-    python benchmarks/rate_control.py --rounds 3   # every mode 3 times, interleaved; the least time of each
+    python benchmarks/rate_control.py --rounds 3   # 3 interleaved runs, least time each
 
 Each mode saves the same tree in a fresh child process and reports:
 
