@@ -23,6 +23,7 @@
 #include "matrix_stats.h"
 #include "parallel_for.h"
 #include "quant_tables.h"
+#include "rate_probe.h"
 #include "stream_header.h"
 
 namespace py = pybind11;
@@ -478,6 +479,102 @@ py::object EncodeMapped(const py::array& weights,
   return EncodedResult(out, starts, with_intervals);
 }
 
+// MeasureSteps over numpy arrays: (entropy bytes, header bytes, squared
+// error) per step, three arrays.
+py::tuple MeasureStepsOf(const py::array& weights,
+                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
+                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
+                         const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& steps,
+                         int bits, int restart_interval, const std::optional<py::array>& col_weight) {
+  const py::ssize_t stride = RowStride(weights, "weights");
+  const py::ssize_t h = weights.shape(0), w = weights.shape(1);
+  if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
+    Fail(Status::kBadSize, "measure_steps");
+  }
+  if (row_scale.ndim() != 1 || row_offset.ndim() != 1 || row_scale.shape(0) != h ||
+      row_offset.shape(0) != h) {
+    throw py::value_error("row_scale and row_offset must hold one value per row");
+  }
+  if (steps.ndim() != 1) throw py::value_error("steps must be 1-D");
+  const float* col = nullptr;
+  if (col_weight.has_value()) {
+    if (RowStride(*col_weight, "col_weight") != stride || col_weight->shape(0) != h ||
+        col_weight->shape(1) != w) {
+      throw py::value_error("col_weight must have the weights' shape and row stride");
+    }
+    col = static_cast<const float*>(col_weight->data());
+  }
+  const py::ssize_t n = steps.shape(0);
+  std::vector<StepCost> costs(static_cast<size_t>(n));
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = MeasureSteps(static_cast<const float*>(weights.data()), static_cast<int>(w),
+                     static_cast<int>(h), stride, row_scale.data(), row_offset.data(), col, bits,
+                     restart_interval, steps.data(), static_cast<int>(n), costs.data());
+  }
+  Check(s, "measure_steps");
+  py::array_t<int64_t> entropy(n), header(n);
+  py::array_t<double> error(n);
+  for (py::ssize_t i = 0; i < n; ++i) {
+    entropy.mutable_data()[i] = costs[i].entropy_bytes;
+    header.mutable_data()[i] = costs[i].header_bytes;
+    error.mutable_data()[i] = costs[i].squared_error;
+  }
+  return py::make_tuple(entropy, header, error);
+}
+
+// A 2-D array's element steps (strides in elements), for reading it in place.
+template <typename T>
+StridedTile<T> StridedOf(const py::array& a, const char* what) {
+  if (a.ndim() != 2 || !a.dtype().equal(py::dtype::of<T>())) {
+    throw py::value_error(std::string(what) + " must be a 2-D " +
+                          std::string(py::str(py::dtype::of<T>())) + " array");
+  }
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if (a.strides(0) % item != 0 || a.strides(1) % item != 0) {
+    throw py::value_error(std::string(what) + " strides must be whole elements");
+  }
+  return {static_cast<const T*>(a.data()), a.strides(0) / item, a.strides(1) / item};
+}
+
+// TileSquaredError over numpy arrays (weights and kept read in place).
+double TileSquaredErrorOf(const py::buffer& data, const py::array& weights,
+                          const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
+                          const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
+                          const std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>>& col_scale,
+                          const std::optional<py::array>& kept) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const StridedTile<float> w = StridedOf<float>(weights, "weights");
+  const int height = static_cast<int>(weights.shape(0)), width = static_cast<int>(weights.shape(1));
+  if (row_scale.ndim() != 1 || row_offset.ndim() != 1 || row_scale.shape(0) != height ||
+      row_offset.shape(0) != height) {
+    throw py::value_error("row_scale and row_offset must hold one value per row");
+  }
+  if (col_scale.has_value() && (col_scale->ndim() != 1 || col_scale->shape(0) != width)) {
+    throw py::value_error("col_scale must hold one value per column");
+  }
+  std::optional<StridedTile<uint8_t>> k;
+  if (kept.has_value()) {
+    if (kept->ndim() != 2 || kept->shape(0) != height || kept->shape(1) != width ||
+        kept->itemsize() != 1 || kept->dtype().kind() != 'b') {
+      throw py::value_error("kept must be a bool array of the weights' shape");
+    }
+    k = StridedTile<uint8_t>{static_cast<const uint8_t*>(kept->data()),
+                             kept->strides(0), kept->strides(1)};
+  }
+  double error = 0.0;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = TileSquaredError(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, w,
+                         k ? &*k : nullptr, width, height, row_scale.data(), row_offset.data(),
+                         col_scale ? col_scale->data() : nullptr, &error);
+  }
+  Check(s, "tile_squared_error");
+  return error;
+}
+
 py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
   const py::ssize_t stride = RowStride(matrix, "matrix");
   const py::ssize_t rows = matrix.shape(0), cols = matrix.shape(1);
@@ -568,6 +665,18 @@ PYBIND11_MODULE(_native, m) {
         "matrix, or columns contiguous, e.g. a slice of its transpose) under per-row maps: "
         "clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
         "row_scale <= 0 taken as 1 (mapping.to_samples), computed as the blocks are coded.");
+  m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
+        py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
+        py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(),
+        "encode_mapped() of a tile at each flat step (uint16), decoded again: (entropy-coded "
+        "bytes, the other bytes, float64 squared error of the float32 decode against the "
+        "weights, times col_weight (same shape and row stride) if given), one entry per step.");
+  m.def("tile_squared_error", &TileSquaredErrorOf, py::arg("data"), py::arg("weights"),
+        py::arg("row_scale"), py::arg("row_offset"), py::arg("col_scale") = py::none(),
+        py::arg("kept") = py::none(),
+        "Sum of (weights - decoded)^2 in float64 over one coded tile, decoded as the float32 "
+        "output stage writes it (row maps, then col_scale); weights: 2-D float32 of the "
+        "tile's shape, any strides; kept (optional bool, same shape): positions counted 0.");
   m.def("matrix_stats", &MatrixStatsOf, py::arg("matrix"), py::arg("limit"),
         py::arg("avx2") = true,
         "One pass over a 2-D float32 matrix (rows contiguous): (count of values with "

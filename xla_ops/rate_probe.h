@@ -1,0 +1,66 @@
+// Rate-distortion measurements for rate control (jaxjpeg.rate): a tile of
+// weights coded at several flat quantization steps and decoded again, in
+// one native call instead of one encode and one decode from Python per step
+// (rd_curve's probe ladder); a coded tile's squared error against its
+// weights, decoded in place without a decoded copy (squared_error).
+#ifndef JAXJPEG_RATE_PROBE_H_
+#define JAXJPEG_RATE_PROBE_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "jpeg_defs.h"
+
+namespace jaxjpeg {
+
+// What one step's coding of a tile costs: the bytes of its entropy-coded
+// data (restart markers included: from the first interval's start to the
+// EOI marker), the bytes around them (markers, tables, headers) and the
+// squared error of the decoded weights, in double.
+struct StepCost {
+  int64_t entropy_bytes;
+  int64_t header_bytes;
+  double squared_error;
+};
+
+// The tile of weights w(y, x) = weights[y * stride + x] (width, height,
+// stride and the per-row maps as EncodeMappedGrayscale takes them) coded by
+// EncodeMappedGrayscale at each flat step steps[i] (every table entry
+// steps[i]; `bits`, `restart_interval`, optimized Huffman tables and RDO as
+// jaxjpeg.codec.encode_tensor codes), then decoded as the decoder's float32
+// output stage writes it (AffineSample, no column scales): costs[i] gets
+// the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
+// col_weight[y * stride + x] (null: 1). Each step is a full encode and a
+// full decode, so sizes and errors are those of the real files (sharing the
+// step-independent DCT between steps was left out: by its operation count a
+// small part of the encoder's time, not measured).
+// Errors as EncodeMappedGrayscale, and the decoder's (never expected).
+Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
+                    const float* row_scale, const float* row_offset, const float* col_weight,
+                    int bits, int restart_interval, const uint16_t* steps, int num_steps,
+                    StepCost* costs);
+
+// A tile's values, value (y, x) at data[y * row_step + x * col_step] (steps
+// in elements: a row-major tile, its transpose or any strided view).
+template <typename T>
+struct StridedTile {
+  const T* data;
+  std::ptrdiff_t row_step;
+  std::ptrdiff_t col_step;
+  const T& at(int y, int x) const { return data[y * row_step + x * col_step]; }
+};
+
+// Σ (w - decoded)² in double over a coded tile (a complete JPEG file of
+// `size` bytes) against the float32 weights it codes, the decoded value being
+// what the decoder's float32 output stage writes: AffineSample with the
+// row's scale and offset, then times col_scale[x] (null: no column scales).
+// Positions where kept (optional, nonzero) is set count 0 (the side list
+// holds them exactly). The file's size must match width x height.
+Status TileSquaredError(const uint8_t* data, int64_t size, StridedTile<float> weights,
+                        const StridedTile<uint8_t>* kept, int width, int height,
+                        const float* row_scale, const float* row_offset, const float* col_scale,
+                        double* squared_error);
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_RATE_PROBE_H_
