@@ -249,7 +249,33 @@ inline uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
 struct CoefficientCodes {
   alignas(16) uint16_t extra[64];
   alignas(16) uint8_t category[64];
+  alignas(16) uint32_t packed[64];  // (category << 16) | extra, by PackCodes
 };
+
+// Each value's category and extra bits in one word, as a symbol recorder
+// stores them (the run goes in above the category): called once RDO has
+// adjusted them.
+inline void PackCodes(CoefficientCodes* codes) {
+#if defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  for (int i = 0; i < 64; i += 16) {
+    const __m128i categories = _mm_load_si128(reinterpret_cast<const __m128i*>(codes->category + i));
+    for (int half = 0; half < 2; ++half) {
+      const __m128i category = half == 0 ? _mm_unpacklo_epi8(categories, zero)
+                                         : _mm_unpackhi_epi8(categories, zero);
+      const __m128i extra =
+          _mm_load_si128(reinterpret_cast<const __m128i*>(codes->extra + i + 8 * half));
+      __m128i* out = reinterpret_cast<__m128i*>(codes->packed + i + 8 * half);
+      _mm_store_si128(out, _mm_unpacklo_epi16(extra, category));
+      _mm_store_si128(out + 1, _mm_unpackhi_epi16(extra, category));
+    }
+  }
+#else
+  for (int k = 0; k < 64; ++k) {
+    codes->packed[k] = (static_cast<uint32_t>(codes->category[k]) << 16) | codes->extra[k];
+  }
+#endif
+}
 
 inline void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
 #if defined(__SSE2__)
@@ -443,56 +469,70 @@ struct QuantizedBlock {
   RdoCandidates rdo;
 };
 
+// RDO's decisions on the candidates larger than 1 (lowering one changes no
+// run, so the runs left by DropUnits are final): each one lowered moves down
+// one category in `codes`, its extra bits (the value when positive, value - 1
+// when negative) down by the same one. Decided candidate by candidate
+// (about one nonzero value in six) rather than in the symbol loop.
+inline void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
+                            const float lowering_gain[256], CoefficientCodes* codes) {
+  const uint64_t runs_end = nonzero | 1;  // DC ends the run before the first AC value
+  uint64_t candidates = block.rdo.all & ~block.rdo.units;
+  while (candidates != 0) {
+    const int k = __builtin_ctzll(candidates);
+    candidates &= candidates - 1;
+    const int run = RunBefore(runs_end, k);
+    const uint32_t category = codes->category[k];
+    // Without branches: the decisions are unpredictable.
+    const uint32_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | category];
+    const uint32_t sign = block.zigzag[k] > 0 ? 1u : ~0u;
+    codes->category[k] = static_cast<uint8_t>(category - lower);
+    codes->extra[k] = static_cast<uint16_t>(codes->extra[k] - (sign & (0u - lower)));
+  }
+}
+
 // Emits the symbols of one block to `sink` (a histogram or a symbol
 // recorder), so every pass shares one definition of the symbol stream.
 // kRdo: RDO decides the block's candidates first, those of magnitude 1
-// (DropUnits), then each larger one as its symbol is emitted: lowering it
-// changes no run, so the run it sees is final. Returns the block's DC value.
+// (DropUnits), then the larger ones (LowerCandidates). Returns the block's
+// DC value.
 template <bool kRdo, class Sink>
 inline int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
                      Sink& sink) {
   const int dc = block.zigzag[0];
   const int dc_difference = dc - previous_dc;
   const int dc_category = MagnitudeCategory(dc_difference);
-  sink.Dc(dc_category, ExtraBits(dc_difference, dc_category), dc_category);
+  sink.Dc(dc_category, ExtraBits(dc_difference, dc_category));
   CoefficientCodes codes;
   ComputeCoefficientCodes(block.zigzag, &codes);
   uint64_t nonzero = block.nonzero;
-  uint64_t lowerable = 0;
   if (kRdo) {
     if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, prices->cost);
-    lowerable = block.rdo.all & ~block.rdo.units;
+    LowerCandidates(block, nonzero, prices->lowering_gain, &codes);
   }
+  PackCodes(&codes);
   int last = 0;
   while (nonzero != 0) {
     const int k = __builtin_ctzll(nonzero);
     nonzero &= nonzero - 1;
-    int run = k - last - 1;
-    uint32_t category = codes.category[k];
-    uint32_t extra = codes.extra[k];
-    if (kRdo) {  // without branches: candidates are frequent and unpredictable
-      const uint32_t lower = static_cast<uint32_t>((lowerable >> k) & 1) &
-                             (block.rdo.penalty[k] < prices->lowering_gain[((run & 15) << 4) | category]);
-      // value - sign(value): one category down, and its extra bits (the
-      // value when positive, value - 1 when negative) move by the same one.
-      const uint32_t sign = block.zigzag[k] > 0 ? 1u : ~0u;
-      category -= lower;
-      extra = (extra - (sign & (0u - lower))) & 0xFFFF;
-    }
-    for (; run >= 16; run -= 16) sink.Ac(kZeroRun16, 0, 0);
-    // The sink keeps the low `category` bits of extra.
-    sink.Ac(static_cast<uint8_t>((run << 4) | category), extra, static_cast<int>(category));
+    uint32_t run = static_cast<uint32_t>(k - last - 1);
     last = k;
+    if (__builtin_expect(run >= 16, 0)) {
+      for (; run >= 16; run -= 16) sink.Ac(uint32_t{kZeroRun16} << 16);
+    }
+    // The symbol (run << 4 | category) above the extra bits; the sink keeps
+    // the low `category` bits of those.
+    sink.Ac(codes.packed[k] + (run << 20));
   }
-  if (last != 63) sink.Ac(kEndOfBlock, 0, 0);
+  if (last != 63) sink.Ac(uint32_t{kEndOfBlock} << 16);
   return dc;
 }
 
 struct HistogramSink {
   SymbolHistogram dc;
   SymbolHistogram ac;
-  void Dc(int symbol, uint32_t, int) { ++dc.count[symbol]; }
-  void Ac(int symbol, uint32_t, int) { ++ac.count[symbol]; }
+  void Dc(int symbol, uint32_t) { ++dc.count[symbol]; }
+  void Ac(uint32_t entry) { ++ac.count[entry >> 16]; }
 };
 
 // One coded symbol: (table index << 16) | its extra bits (AC: before
@@ -511,8 +551,9 @@ class SymbolRecorder {
       : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]),
         end_(entries_.get()) {}
 
-  void Dc(int symbol, uint32_t bits, int) { Record(kDcIndex + symbol, bits); }
-  void Ac(int symbol, uint32_t bits, int) { Record(symbol, bits); }
+  void Dc(int symbol, uint32_t bits) { Record((static_cast<uint32_t>(kDcIndex + symbol) << 16) | bits); }
+  // entry: (AC symbol << 16) | extra bits.
+  void Ac(uint32_t entry) { Record(entry); }
 
   size_t size() const { return static_cast<size_t>(end_ - entries_.get()); }
   const uint32_t* entries() const { return entries_.get(); }
@@ -523,9 +564,9 @@ class SymbolRecorder {
   }
 
  private:
-  void Record(int index, uint32_t bits) {
-    *end_++ = (static_cast<uint32_t>(index) << 16) | bits;
-    ++count_[index];
+  void Record(uint32_t entry) {
+    *end_++ = entry;
+    ++count_[entry >> 16];
   }
   std::unique_ptr<uint32_t[]> entries_;
   // Where the next symbol goes: a pointer, not a size_t count, so the
