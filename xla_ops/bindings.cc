@@ -378,7 +378,8 @@ py::array_t<int64_t> BitReaderTrace(
 }
 
 EncodeOptions MakeEncodeOptions(const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
-                                int bits, int restart_interval, bool optimize, bool rdo) {
+                                int bits, int restart_interval, bool optimize, bool rdo,
+                                bool avx2) {
   if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
   EncodeOptions options;
   options.bits = bits;
@@ -386,6 +387,7 @@ EncodeOptions MakeEncodeOptions(const py::array_t<uint16_t, py::array::c_style |
   options.restart_interval = restart_interval;
   options.optimize_huffman = optimize;
   options.rdo = rdo;
+  options.allow_avx2 = avx2;
   return options;
 }
 
@@ -401,9 +403,10 @@ py::object EncodedResult(const std::vector<uint8_t>& out, const std::vector<int6
 
 py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
                   const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
-                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals) {
+                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals,
+                  bool avx2) {
   if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
-  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo, avx2);
   const py::ssize_t h = samples.shape(0), w = samples.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
   std::vector<uint8_t> out;
@@ -454,9 +457,9 @@ py::object EncodeMapped(const py::array& weights,
                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
                         const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
                         int bits, int restart_interval, bool optimize, bool rdo,
-                        bool with_intervals) {
+                        bool with_intervals, bool avx2) {
   const auto [stride, transposed] = TileLayout(weights, "weights");
-  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo, avx2);
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
     Fail(Status::kBadSize, "encode_mapped");
@@ -557,13 +560,14 @@ PYBIND11_MODULE(_native, m) {
         "A bit reader's next 16 bits, ReadPastEnd, HasUnusedBytes before each skip (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
-        py::arg("with_intervals") = false,
+        py::arg("with_intervals") = false, py::arg("avx2") = true,
         "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file; with_intervals: "
-        "(bytes, interval start offsets + the EOI offset, as inspect finds them).");
+        "(bytes, interval start offsets + the EOI offset, as inspect finds them). avx2=False: "
+        "the portable code even where the CPU has AVX2 (same bytes; for tests).");
   m.def("encode_mapped", &EncodeMapped, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
-        py::arg("with_intervals") = false,
+        py::arg("with_intervals") = false, py::arg("avx2") = true,
         "encode() of the samples of float32 weights (rows contiguous, e.g. a slice of a "
         "matrix, or columns contiguous, e.g. a slice of its transpose) under per-row maps: "
         "clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "

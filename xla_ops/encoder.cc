@@ -9,6 +9,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "cpu_features.h"
 #include "forward_dct.h"
 #include "huffman_encode.h"
 
@@ -77,7 +78,7 @@ BlockGrid MakeBlockGrid(int width, int height) {
 // Four weights mapped to samples as mapping.to_samples does, (w - offset) /
 // divisor in float32 (one lane at a time would round the same), clamped to
 // [0, top] (NaN compares false and becomes 0), then level-shifted by middle.
-inline Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 top,
+JJ_INLINE Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 top,
                               Float4 middle, bool mapped) {
   const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
   if (mapped) v = (v - offset) / divisor;
@@ -88,14 +89,14 @@ inline Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 to
 
 // A row's map: its offset and divisor (a scale <= 0, a constant row, taken
 // as 1).
-inline void RowMap(const SampleSource& source, int y, float* offset, float* divisor) {
+JJ_INLINE void RowMap(const SampleSource& source, int y, float* offset, float* divisor) {
   *offset = source.row_offset[y];
   *divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
 }
 
 // Eight values of a line from ``start``; from ``limit`` on, the last one
 // repeats (a block past the image edge).
-inline void LoadEdgeClamped(const float* line, int start, int limit, float values[8]) {
+JJ_INLINE void LoadEdgeClamped(const float* line, int start, int limit, float values[8]) {
   if (start + 8 <= limit) {
     std::memcpy(values, line + start, 8 * sizeof(float));
     return;
@@ -106,7 +107,7 @@ inline void LoadEdgeClamped(const float* line, int start, int limit, float value
 // The 8x8 block with top-left sample (x0, y0), centered samples (as
 // CenteredSamples) in row-major order; outside the image the last column/row
 // is repeated.
-void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_sample,
+JJ_INLINE void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_sample,
                          float center, float block[64]) {
   const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
   const Float4 top = zero + max_sample, middle = zero + center;
@@ -174,7 +175,7 @@ Quantizer MakeQuantizer(const EncodeOptions& options) {
 // without SSE4.1 rounding instructions and stays exact (x - trunc(x) is exact).
 // The coefficients are put in zig-zag order first (one permutation), then
 // quantized four at a time. scaled: coefficient / step, clamped.
-void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t zigzag[64],
+JJ_INLINE void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t zigzag[64],
                       float scaled[64]) {
   typedef int32_t Int4 __attribute__((vector_size(16)));
   alignas(16) float ordered[64];
@@ -224,7 +225,7 @@ inline uint32_t ExtraBits(int value, int category) {
 }
 
 // Bit k set when AC coefficient k (zig-zag index, 1..63) is nonzero.
-inline uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
+JJ_INLINE uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   uint64_t zero_mask = 0;
@@ -255,7 +256,7 @@ struct CoefficientCodes {
 // Each value's category and extra bits in one word, as a symbol recorder
 // stores them (the run goes in above the category): called once RDO has
 // adjusted them.
-inline void PackCodes(CoefficientCodes* codes) {
+JJ_INLINE void PackCodes(CoefficientCodes* codes) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   for (int i = 0; i < 64; i += 16) {
@@ -277,7 +278,7 @@ inline void PackCodes(CoefficientCodes* codes) {
 #endif
 }
 
-inline void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
+JJ_INLINE void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   for (int i = 0; i < 64; i += 16) {
@@ -340,7 +341,7 @@ struct RdoCandidates {
   alignas(16) float penalty[64];
 };
 
-inline void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
+JJ_INLINE void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
                               RdoCandidates* out) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
@@ -391,7 +392,7 @@ inline void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
 }
 
 // Bits of the AC symbol(s) for `run` zeros then a value of `category`.
-inline int CostOf(const uint8_t cost[256], int run, int category) {
+JJ_INLINE int CostOf(const uint8_t cost[256], int run, int category) {
   return (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category];
 }
 
@@ -418,7 +419,7 @@ struct RdoPrices {
 // rounding left them: decided after this one). Lowering a 1 to 0 saves its
 // symbol and extra bit but lengthens the next value's run, or at the end of
 // the block costs the EOB it had no need of at k == 63.
-inline bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
+JJ_INLINE bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
                        const uint8_t category[64], const uint8_t cost[256]) {
   int delta;
   if (later != 0) {  // the next value's run absorbs this one's
@@ -433,7 +434,7 @@ inline bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
 }
 
 // Run of zeros before k in `nonzero` (bit 0 set: runs start after DC).
-inline int RunBefore(uint64_t nonzero, int k) {
+JJ_INLINE int RunBefore(uint64_t nonzero, int k) {
   return k - (63 - __builtin_clzll(nonzero & ((uint64_t{1} << k) - 1))) - 1;
 }
 
@@ -442,7 +443,7 @@ inline int RunBefore(uint64_t nonzero, int k) {
 // is first taken with the run plain rounding left, so decisions do not wait
 // on each other, and taken again in the rare case that the value before it
 // was lowered to zero (about 8% of unit candidates are).
-inline uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
+JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
                           const uint8_t category[64], const uint8_t cost[256]) {
   const uint64_t plain = nonzero | 1;
   nonzero = plain;
@@ -474,7 +475,7 @@ struct QuantizedBlock {
 // one category in `codes`, its extra bits (the value when positive, value - 1
 // when negative) down by the same one. Decided candidate by candidate
 // (about one nonzero value in six) rather than in the symbol loop.
-inline void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
+JJ_INLINE void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
                             const float lowering_gain[256], CoefficientCodes* codes) {
   const uint64_t runs_end = nonzero | 1;  // DC ends the run before the first AC value
   uint64_t candidates = block.rdo.all & ~block.rdo.units;
@@ -497,7 +498,7 @@ inline void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
 // (DropUnits), then the larger ones (LowerCandidates). Returns the block's
 // DC value.
 template <bool kRdo, class Sink>
-inline int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
+JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
                      Sink& sink) {
   const int dc = block.zigzag[0];
   const int dc_difference = dc - previous_dc;
@@ -577,7 +578,7 @@ class SymbolRecorder {
 };
 
 // DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
-inline bool StartsInterval(int64_t block, int restart_interval) {
+JJ_INLINE bool StartsInterval(int64_t block, int restart_interval) {
   return restart_interval > 0 && block % restart_interval == 0;
 }
 
@@ -589,7 +590,7 @@ class BlockQuantizer {
         center_(static_cast<float>(1 << (options.bits - 1))) {}
 
   // with_rdo: out->rdo filled in too.
-  void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
+  JJ_INLINE void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
     alignas(32) float block[64];
     alignas(32) float coefficients[64];
     alignas(16) float scaled[64];
@@ -637,7 +638,7 @@ class SampledBlocks {
     }
   }
   // Where block (bx, by) of a sampled row is kept; null where it is not.
-  QuantizedBlock* Find(int bx, int by) {
+  JJ_INLINE QuantizedBlock* Find(int bx, int by) {
     if (blocks_.empty() || by % row_step_ != 0) return nullptr;
     return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_ + bx];
   }
@@ -648,7 +649,7 @@ class SampledBlocks {
   std::vector<QuantizedBlock> blocks_;
 };
 
-RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
+JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
                           int restart_interval, SampledBlocks* kept) {
   HistogramSink histogram;
   QuantizedBlock scratch;
@@ -671,7 +672,7 @@ RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid
 // of the first symbol of each restart interval is appended to
 // interval_symbols. prices: RDO's (null: no RDO).
 template <bool kRdo>
-void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
+JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
                    const RdoPrices* prices, SampledBlocks* kept, SymbolRecorder* recorder,
                    std::vector<size_t>* interval_symbols) {
   QuantizedBlock scratch;
@@ -717,7 +718,7 @@ SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& 
 
 // The entropy-coded segment, with RSTn markers between intervals; the offset
 // where each interval's data starts is appended to `starts`.
-void WriteEntropyCodedData(const SymbolRecorder& recorder,
+JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
                            const std::vector<size_t>& interval_symbols, const SymbolCodes& codes,
                            BitWriter* writer, std::vector<int64_t>* starts) {
   // A chunk of this many symbols (31 bits at most each) fits the reserve.
@@ -818,23 +819,71 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 
 // ---------------------------------------------------------------------------
 
-void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
-            std::vector<int64_t>* starts) {
-  const BlockGrid grid = MakeBlockGrid(source.width, source.height);
+// The hot passes: every block quantized and its symbols recorded (RDO
+// included), then the entropy-coded data written. Everything they call is
+// inlined into them, so each entry point below is compiled whole for its
+// target; the CPU picks one at run time.
+JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& options,
+                          const BlockGrid& grid, SymbolRecorder* recorder,
+                          std::vector<size_t>* interval_symbols) {
   const BlockQuantizer quantizer(source, options);
   // RDO prices symbols with optimal code lengths whatever optimize_huffman
   // says, so the values coded do not depend on it.
-  SymbolRecorder recorder(grid.count);
-  std::vector<size_t> interval_symbols;
   if (options.rdo) {
     SampledBlocks kept(grid, CostSampleRowStep(grid));
     const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval, &kept);
-    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &kept, &recorder,
-                        &interval_symbols);
+    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &kept, recorder,
+                        interval_symbols);
   } else {
-    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, nullptr, &recorder,
-                         &interval_symbols);
+    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, nullptr, recorder,
+                         interval_symbols);
   }
+}
+
+void RecordTilePortable(const SampleSource& source, const EncodeOptions& options,
+                        const BlockGrid& grid, SymbolRecorder* recorder,
+                        std::vector<size_t>* interval_symbols) {
+  RecordTile(source, options, grid, recorder, interval_symbols);
+}
+
+void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
+                                   const std::vector<size_t>& interval_symbols,
+                                   const SymbolCodes& codes, BitWriter* writer,
+                                   std::vector<int64_t>* starts) {
+  WriteEntropyCodedData(recorder, interval_symbols, codes, writer, starts);
+}
+
+#if defined(JAXJPEG_X86_DISPATCH)
+// The same code with 256-bit vectors, three-operand (VEX) encodings and
+// BMI2's shifts: the same operations in the same order, so the same bytes.
+__attribute__((target("avx2,bmi,bmi2"))) void RecordTileAvx2(
+    const SampleSource& source, const EncodeOptions& options, const BlockGrid& grid,
+    SymbolRecorder* recorder, std::vector<size_t>* interval_symbols) {
+  RecordTile(source, options, grid, recorder, interval_symbols);
+}
+
+__attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
+    const SymbolRecorder& recorder, const std::vector<size_t>& interval_symbols,
+    const SymbolCodes& codes, BitWriter* writer, std::vector<int64_t>* starts) {
+  WriteEntropyCodedData(recorder, interval_symbols, codes, writer, starts);
+}
+#endif
+
+void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
+            std::vector<int64_t>* starts) {
+  const BlockGrid grid = MakeBlockGrid(source.width, source.height);
+  const bool avx2 = options.allow_avx2 && CpuHasAvx2Bmi2();
+  SymbolRecorder recorder(grid.count);
+  std::vector<size_t> interval_symbols;
+#if defined(JAXJPEG_X86_DISPATCH)
+  if (avx2) {
+    RecordTileAvx2(source, options, grid, &recorder, &interval_symbols);
+  } else {
+    RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
+  }
+#else
+  RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
+#endif
 
   const HuffmanSpec dc_spec = options.optimize_huffman
                                   ? BuildOptimalSpec(recorder.Histogram(kDcIndex))
@@ -850,9 +899,17 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   PutScanHeader(out);
 
   BitWriter writer(out);
-  WriteEntropyCodedData(recorder, interval_symbols,
-                        MakeSymbolCodes(BuildCodeTable(dc_spec), BuildCodeTable(ac_spec)), &writer,
-                        starts);
+  const SymbolCodes codes = MakeSymbolCodes(BuildCodeTable(dc_spec), BuildCodeTable(ac_spec));
+#if defined(JAXJPEG_X86_DISPATCH)
+  if (avx2) {
+    WriteEntropyCodedDataAvx2(recorder, interval_symbols, codes, &writer, starts);
+  } else {
+    WriteEntropyCodedDataPortable(recorder, interval_symbols, codes, &writer, starts);
+  }
+#else
+  (void)avx2;
+  WriteEntropyCodedDataPortable(recorder, interval_symbols, codes, &writer, starts);
+#endif
   starts->push_back(static_cast<int64_t>(out->size()));  // the EOI marker
   PutMarker(out, marker::kEOI);
 }

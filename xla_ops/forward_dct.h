@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "jpeg_defs.h"
+
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -46,19 +48,19 @@ inline const DctBasis& ForwardDctBasis() {
 // vector extension: SSE on x86-64, NEON on ARM, scalar code elsewhere).
 typedef float Float4 __attribute__((vector_size(16)));
 
-inline Float4 LoadFloat4(const float* p) {
+JJ_INLINE Float4 LoadFloat4(const float* p) {
   Float4 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void StoreFloat4(float* p, Float4 v) { std::memcpy(p, &v, sizeof(v)); }
+JJ_INLINE void StoreFloat4(float* p, Float4 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // The 8-point DCT of x[0..7] (four independent lanes), in place:
 // x[u] <- sum_i basis[u][i] x[i]. Even frequencies are symmetric in i and
 // odd ones antisymmetric, so the sums and differences of mirrored inputs
 // halve the products (32 instead of 64), with the same basis values.
-inline void Dct8(const DctBasis& dct, Float4 x[8]) {
+JJ_INLINE void Dct8(const DctBasis& dct, Float4 x[8]) {
   Float4 sum[4], difference[4];
   for (int i = 0; i < 4; ++i) {
     sum[i] = x[i] + x[7 - i];
@@ -74,7 +76,7 @@ inline void Dct8(const DctBasis& dct, Float4 x[8]) {
 }
 
 // Transposes the 4x4 block held in rows[0..3] (row r holds lanes 0..3).
-inline void Transpose4(Float4 rows[4]) {
+JJ_INLINE void Transpose4(Float4 rows[4]) {
 #if defined(__SSE__)
   __m128 r0 = rows[0], r1 = rows[1], r2 = rows[2], r3 = rows[3];
   _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
@@ -93,7 +95,7 @@ inline void Transpose4(Float4 rows[4]) {
 
 // An 8x8 block as two halves of four columns each: half[h][y] holds
 // columns 4h..4h+3 of row y. Transposed in place by 4x4 quarters.
-inline void Transpose8x8(Float4 half[2][8]) {
+JJ_INLINE void Transpose8x8(Float4 half[2][8]) {
   for (int h = 0; h < 2; ++h) {
     Transpose4(half[h]);
     Transpose4(half[h] + 4);
@@ -109,7 +111,7 @@ inline void Transpose8x8(Float4 half[2][8]) {
 // coefficients: F(v,u) at v*8+u (natural order), scaled as in T.81.
 // Columns first (four at a time, as Float4 lanes), then rows after a
 // transpose, then back to row-major order.
-inline void ForwardDct8x8(const DctBasis& dct, const float block[64], float coefficients[64]) {
+JJ_INLINE void ForwardDct8x8(const DctBasis& dct, const float block[64], float coefficients[64]) {
   Float4 half[2][8];
   for (int h = 0; h < 2; ++h) {
     for (int y = 0; y < 8; ++y) half[h][y] = LoadFloat4(block + y * 8 + 4 * h);
