@@ -486,7 +486,8 @@ JJ_INLINE void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
     const uint32_t category = codes->category[k];
     // Without branches: the decisions are unpredictable.
     const uint32_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | category];
-    const uint32_t sign = block.zigzag[k] > 0 ? 1u : ~0u;
+    // +1 or -1 (the value is nonzero), without a branch.
+    const uint32_t sign = static_cast<uint32_t>((block.zigzag[k] >> 15) | 1);
     codes->category[k] = static_cast<uint8_t>(category - lower);
     codes->extra[k] = static_cast<uint16_t>(codes->extra[k] - (sign & (0u - lower)));
   }
