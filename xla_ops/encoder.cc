@@ -8,6 +8,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // AVX2 code, compiled with target attributes
+#endif
 
 #include "cpu_features.h"
 #include "forward_dct.h"
@@ -498,9 +501,35 @@ JJ_INLINE void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
 // kRdo: RDO decides the block's candidates first, those of magnitude 1
 // (DropUnits), then the larger ones (LowerCandidates). Returns the block's
 // DC value.
-template <bool kRdo, class Sink>
+// Calls emit(entry) for each AC symbol of a block, in order: ZRLs, each
+// nonzero value's (run << 4 | category) << 16 | its extra bits (the
+// receiver keeps the low `category` bits), then EOB unless the last value is
+// nonzero. packed: PackCodes'; nonzero: the AC values coded (bit k: zig-zag k).
+template <class Emit>
+JJ_INLINE void ForEachAcSymbol(const uint32_t packed[64], uint64_t nonzero, Emit&& emit) {
+  int last = 0;
+  while (nonzero != 0) {
+    const int k = __builtin_ctzll(nonzero);
+    nonzero &= nonzero - 1;
+    uint32_t run = static_cast<uint32_t>(k - last - 1);
+    last = k;
+    if (__builtin_expect(run >= 16, 0)) {
+      for (; run >= 16; run -= 16) emit(uint32_t{kZeroRun16} << 16);
+    }
+    emit(packed[k] + (run << 20));
+  }
+  if (last != 63) emit(uint32_t{kEndOfBlock} << 16);
+}
+
+// Emits the symbols of one block to `sink` (a histogram or a symbol
+// recorder), so every pass shares one definition of the symbol stream.
+// kRdo: RDO decides the block's candidates first, those of magnitude 1
+// (DropUnits), then the larger ones (LowerCandidates). kAvx2: the sink may
+// use code compiled for AVX2 (only from RecordTileAvx2). Returns the block's
+// DC value.
+template <bool kRdo, bool kAvx2, class Sink>
 JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
-                     Sink& sink) {
+                        Sink& sink) {
   const int dc = block.zigzag[0];
   const int dc_difference = dc - previous_dc;
   const int dc_category = MagnitudeCategory(dc_difference);
@@ -513,20 +542,7 @@ JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoP
     LowerCandidates(block, nonzero, prices->lowering_gain, &codes);
   }
   PackCodes(&codes);
-  int last = 0;
-  while (nonzero != 0) {
-    const int k = __builtin_ctzll(nonzero);
-    nonzero &= nonzero - 1;
-    uint32_t run = static_cast<uint32_t>(k - last - 1);
-    last = k;
-    if (__builtin_expect(run >= 16, 0)) {
-      for (; run >= 16; run -= 16) sink.Ac(uint32_t{kZeroRun16} << 16);
-    }
-    // The symbol (run << 4 | category) above the extra bits; the sink keeps
-    // the low `category` bits of those.
-    sink.Ac(codes.packed[k] + (run << 20));
-  }
-  if (last != 63) sink.Ac(uint32_t{kEndOfBlock} << 16);
+  sink.template AcSymbols<kAvx2>(codes.packed, nonzero);
   return dc;
 }
 
@@ -534,8 +550,80 @@ struct HistogramSink {
   SymbolHistogram dc;
   SymbolHistogram ac;
   void Dc(int symbol, uint32_t) { ++dc.count[symbol]; }
-  void Ac(uint32_t entry) { ++ac.count[entry >> 16]; }
+  template <bool kAvx2>
+  JJ_INLINE void AcSymbols(const uint32_t packed[64], uint64_t nonzero) {
+    ForEachAcSymbol(packed, nonzero, [this](uint32_t entry) { ++ac.count[entry >> 16]; });
+  }
 };
+
+// Whether coding `nonzero` takes a ZRL: a run of 16 or more zeros before a
+// nonzero AC value (runs after the last one end in EOB).
+JJ_INLINE bool HasLongRun(uint64_t nonzero) {
+  const uint64_t coded = nonzero | 1;  // runs start after DC
+  const int last = 63 - __builtin_clzll(coded);
+  if (last < 16) return false;
+  uint64_t zeros = ~coded;  // bit i: i..i+15 all zero, after the shifts
+  zeros &= zeros >> 1;
+  zeros &= zeros >> 2;
+  zeros &= zeros >> 4;
+  zeros &= zeros >> 8;
+  return (zeros & ((uint64_t{1} << (last - 15)) - 1)) != 0;
+}
+
+#if defined(JAXJPEG_X86_DISPATCH)
+// For each 8-bit mask, the indices of its set bits in increasing order, one
+// per byte (the rest 0): the lanes a compress by that mask keeps.
+struct CompressIndices {
+  uint64_t lanes[256];
+  CompressIndices() {
+    for (int mask = 0; mask < 256; ++mask) {
+      uint64_t packed = 0;
+      for (int bit = 0, n = 0; bit < 8; ++bit) {
+        if (mask & (1 << bit)) packed |= static_cast<uint64_t>(bit) << (8 * n++);
+      }
+      lanes[mask] = packed;
+    }
+  }
+};
+
+const CompressIndices& CompressTable() {
+  static const CompressIndices table;
+  return table;
+}
+
+// ForEachAcSymbol's entries for a block without ZRLs (!HasLongRun), eight
+// positions at a time: the nonzero values' packed codes and positions are
+// compressed into the first lanes, each run is the distance to the lane
+// before (lane 0: to the last position of the groups before) minus one. All
+// eight lanes are stored and `out` advances past the valid ones: the stores
+// reach at most 64 entries past `out` (8 groups of up to 8), within a
+// block's kMaxSymbolsPerBlock. Returns the new end.
+__attribute__((target("avx2,bmi,bmi2"))) uint32_t* ShortRunSymbolsAvx2(
+    const uint32_t packed[64], uint64_t nonzero, uint32_t* out) {
+  const CompressIndices& table = CompressTable();
+  const __m256i rotate = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i previous = _mm256_setzero_si256();  // lane 0: the last position so far (DC: 0)
+  for (int group = 0; group < 8; ++group) {
+    const unsigned mask = static_cast<unsigned>(nonzero >> (8 * group)) & 0xFF;
+    if (mask == 0) continue;
+    const __m256i lanes =
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(table.lanes[mask])));
+    const __m256i codes = _mm256_permutevar8x32_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 8 * group)), lanes);
+    const __m256i positions = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * group));
+    const __m256i before =
+        _mm256_blend_epi32(_mm256_permutevar8x32_epi32(positions, rotate), previous, 1);
+    const __m256i runs = _mm256_sub_epi32(_mm256_sub_epi32(positions, before), one);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_add_epi32(codes, _mm256_slli_epi32(runs, 20)));
+    const int count = __builtin_popcount(mask);
+    out += count;
+    previous = _mm256_permutevar8x32_epi32(positions, _mm256_set1_epi32(count - 1));
+  }
+  return out;
+}
+#endif
 
 // One coded symbol: (table index << 16) | its extra bits (AC: before
 // truncation to the symbol's category; the writer masks them), the table
@@ -554,8 +642,24 @@ class SymbolRecorder {
         end_(entries_.get()) {}
 
   void Dc(int symbol, uint32_t bits) { Record((static_cast<uint32_t>(kDcIndex + symbol) << 16) | bits); }
-  // entry: (AC symbol << 16) | extra bits.
-  void Ac(uint32_t entry) { Record(entry); }
+
+  // A block's AC symbols (ForEachAcSymbol's entries); kAvx2: without ZRLs,
+  // eight positions at a time, counted afterwards.
+  template <bool kAvx2>
+  JJ_INLINE void AcSymbols(const uint32_t packed[64], uint64_t nonzero) {
+#if defined(JAXJPEG_X86_DISPATCH)
+    if constexpr (kAvx2) {
+      if (!HasLongRun(nonzero)) {
+        uint32_t* const begin = end_;
+        end_ = ShortRunSymbolsAvx2(packed, nonzero, end_);
+        if ((nonzero >> 63) == 0) *end_++ = uint32_t{kEndOfBlock} << 16;
+        for (const uint32_t* p = begin; p < end_; ++p) ++count_[*p >> 16];
+        return;
+      }
+    }
+#endif
+    ForEachAcSymbol(packed, nonzero, [this](uint32_t entry) { Record(entry); });
+  }
 
   size_t size() const { return static_cast<size_t>(end_ - entries_.get()); }
   const uint32_t* entries() const { return entries_.get(); }
@@ -662,7 +766,7 @@ JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const Block
       QuantizedBlock* block = kept->Find(bx, by);
       if (block == nullptr) block = &scratch;
       quantizer.Quantize(bx, by, block != &scratch, block);
-      previous_dc = CodeBlock<false>(*block, previous_dc, nullptr, histogram);
+      previous_dc = CodeBlock<false, false>(*block, previous_dc, nullptr, histogram);
     }
   }
   return RdoPrices(BuildCodeTable(BuildOptimalSpec(histogram.ac)));
@@ -672,7 +776,7 @@ JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const Block
 // SampleRdoPrices are taken as they are) and records its symbols; the index
 // of the first symbol of each restart interval is appended to
 // interval_symbols. prices: RDO's (null: no RDO).
-template <bool kRdo>
+template <bool kRdo, bool kAvx2>
 JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
                    const RdoPrices* prices, SampledBlocks* kept, SymbolRecorder* recorder,
                    std::vector<size_t>* interval_symbols) {
@@ -690,7 +794,7 @@ JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& g
         quantizer.Quantize(bx, by, kRdo, &scratch);
         block = &scratch;
       }
-      previous_dc = CodeBlock<kRdo>(*block, previous_dc, prices, *recorder);
+      previous_dc = CodeBlock<kRdo, kAvx2>(*block, previous_dc, prices, *recorder);
     }
   }
 }
@@ -824,6 +928,7 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 // included), then the entropy-coded data written. Everything they call is
 // inlined into them, so each entry point below is compiled whole for its
 // target; the CPU picks one at run time.
+template <bool kAvx2>
 JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& options,
                           const BlockGrid& grid, SymbolRecorder* recorder,
                           std::vector<size_t>* interval_symbols) {
@@ -833,10 +938,10 @@ JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& optio
   if (options.rdo) {
     SampledBlocks kept(grid, CostSampleRowStep(grid));
     const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval, &kept);
-    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &kept, recorder,
+    RecordSymbols<true, kAvx2>(quantizer, grid, options.restart_interval, &prices, &kept, recorder,
                         interval_symbols);
   } else {
-    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, nullptr, recorder,
+    RecordSymbols<false, kAvx2>(quantizer, grid, options.restart_interval, nullptr, nullptr, recorder,
                          interval_symbols);
   }
 }
@@ -844,7 +949,7 @@ JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& optio
 void RecordTilePortable(const SampleSource& source, const EncodeOptions& options,
                         const BlockGrid& grid, SymbolRecorder* recorder,
                         std::vector<size_t>* interval_symbols) {
-  RecordTile(source, options, grid, recorder, interval_symbols);
+  RecordTile<false>(source, options, grid, recorder, interval_symbols);
 }
 
 void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
@@ -860,7 +965,7 @@ void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
 __attribute__((target("avx2,bmi,bmi2"))) void RecordTileAvx2(
     const SampleSource& source, const EncodeOptions& options, const BlockGrid& grid,
     SymbolRecorder* recorder, std::vector<size_t>* interval_symbols) {
-  RecordTile(source, options, grid, recorder, interval_symbols);
+  RecordTile<true>(source, options, grid, recorder, interval_symbols);
 }
 
 __attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
