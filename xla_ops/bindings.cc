@@ -19,6 +19,7 @@
 #include "encoder.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
+#include "forward_dct.h"
 #include "kernel_harness.h"
 #include "matrix_stats.h"
 #include "parallel_for.h"
@@ -500,6 +501,20 @@ py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
                         py::make_tuple(col_sum, col_squares, col_min, col_max));
 }
 
+py::array_t<float> ForwardDctOf(
+    const py::array_t<float, py::array::c_style | py::array::forcecast>& blocks, bool avx2) {
+  if (blocks.ndim() != 2 || blocks.shape(1) != 64) {
+    throw py::value_error("blocks must have shape (n, 64)");
+  }
+  py::array_t<float> out({blocks.shape(0), py::ssize_t{64}});
+  const float* in = blocks.data();
+  float* coefficients = out.mutable_data();
+  for (py::ssize_t i = 0; i < blocks.shape(0); ++i) {
+    ForwardDct8x8(in + 64 * i, coefficients + 64 * i, avx2);
+  }
+  return out;
+}
+
 py::array_t<uint16_t> QualityTable(int quality, int bits) {
   if (quality < 1 || quality > 100) throw py::value_error("quality must be in 1..100");
   if (bits != 8 && bits != 12) throw py::value_error("bits must be 8 or 12");
@@ -578,6 +593,9 @@ PYBIND11_MODULE(_native, m) {
         "!(|x| <= limit), (row sum, row sum of squares, row min, row max), (the same per "
         "column)); sums in float64. avx2=False: the portable code even where the CPU has "
         "AVX2 (the same bits; for tests).");
+  m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
+        "The encoder's forward DCT of (n, 64) row-major float32 blocks, coefficients in "
+        "natural order; avx2=False: the portable code even where the CPU has AVX2 (tests).");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");

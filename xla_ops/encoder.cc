@@ -174,15 +174,29 @@ Quantizer MakeQuantizer(const EncodeOptions& options) {
   return q;
 }
 
+// Zig-zag index -> index in the transposed coefficients of
+// ForwardDct8x8Transposed (natural v*8+u -> u*8+v).
+struct ZigzagTransposedTable {
+  uint8_t index[64];
+  constexpr ZigzagTransposedTable() : index() {
+    for (int k = 0; k < 64; ++k) {
+      const int natural = kZigzagHost[k];
+      index[k] = static_cast<uint8_t>((natural % 8) * 8 + natural / 8);
+    }
+  }
+};
+constexpr ZigzagTransposedTable kZigzagToTransposed;
+
 // Rounds half away from zero; written with truncation so it vectorizes
 // without SSE4.1 rounding instructions and stays exact (x - trunc(x) is exact).
 // The coefficients are put in zig-zag order first (one permutation), then
-// quantized four at a time. scaled: coefficient / step, clamped.
-JJ_INLINE void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t zigzag[64],
-                      float scaled[64]) {
+// quantized four at a time. transposed: ForwardDct8x8Transposed's
+// coefficients. scaled: coefficient / step, clamped.
+JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, int16_t zigzag[64],
+                                float scaled[64]) {
   typedef int32_t Int4 __attribute__((vector_size(16)));
   alignas(16) float ordered[64];
-  for (int k = 0; k < 64; ++k) ordered[k] = coefficients[ZigzagToNatural(k)];
+  for (int k = 0; k < 64; ++k) ordered[k] = transposed[kZigzagToTransposed.index[k]];
   alignas(16) int32_t rounded[64];
   for (int i = 0; i < 64; i += 4) {
     Float4 x = LoadFloat4(ordered + i) * LoadFloat4(q.inverse_step + i);
@@ -694,13 +708,23 @@ class BlockQuantizer {
         max_sample_(static_cast<float>((1 << options.bits) - 1)),
         center_(static_cast<float>(1 << (options.bits - 1))) {}
 
-  // with_rdo: out->rdo filled in too.
+  // with_rdo: out->rdo filled in too. kAvx2: the transform compiled for
+  // AVX2 (only from RecordTileAvx2).
+  template <bool kAvx2>
   JJ_INLINE void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
     alignas(32) float block[64];
-    alignas(32) float coefficients[64];
+    alignas(32) float coefficients[64];  // transposed
     alignas(16) float scaled[64];
     GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
-    ForwardDct8x8(basis_, block, coefficients);
+#if defined(JAXJPEG_X86_DISPATCH)
+    if constexpr (kAvx2) {
+      ForwardDct8x8TransposedAvx2(basis_, block, coefficients);
+    } else {
+      ForwardDct8x8Transposed(basis_, block, coefficients);
+    }
+#else
+    ForwardDct8x8Transposed(basis_, block, coefficients);
+#endif
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
     out->nonzero = NonzeroAcMask(out->zigzag);
     if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
@@ -754,6 +778,7 @@ class SampledBlocks {
   std::vector<QuantizedBlock> blocks_;
 };
 
+template <bool kAvx2>
 JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
                           int restart_interval, SampledBlocks* kept) {
   HistogramSink histogram;
@@ -765,7 +790,7 @@ JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const Block
       if (StartsInterval(index, restart_interval)) previous_dc = 0;
       QuantizedBlock* block = kept->Find(bx, by);
       if (block == nullptr) block = &scratch;
-      quantizer.Quantize(bx, by, block != &scratch, block);
+      quantizer.template Quantize<kAvx2>(bx, by, block != &scratch, block);
       previous_dc = CodeBlock<false, false>(*block, previous_dc, nullptr, histogram);
     }
   }
@@ -791,7 +816,7 @@ JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& g
       }
       const QuantizedBlock* block = kRdo ? kept->Find(bx, by) : nullptr;
       if (block == nullptr) {
-        quantizer.Quantize(bx, by, kRdo, &scratch);
+        quantizer.template Quantize<kAvx2>(bx, by, kRdo, &scratch);
         block = &scratch;
       }
       previous_dc = CodeBlock<kRdo, kAvx2>(*block, previous_dc, prices, *recorder);
@@ -937,7 +962,7 @@ JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& optio
   // says, so the values coded do not depend on it.
   if (options.rdo) {
     SampledBlocks kept(grid, CostSampleRowStep(grid));
-    const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval, &kept);
+    const RdoPrices prices = SampleRdoPrices<kAvx2>(quantizer, grid, options.restart_interval, &kept);
     RecordSymbols<true, kAvx2>(quantizer, grid, options.restart_interval, &prices, &kept, recorder,
                         interval_symbols);
   } else {
