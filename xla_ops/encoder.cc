@@ -667,7 +667,7 @@ class SymbolRecorder {
         uint32_t* const begin = end_;
         end_ = ShortRunSymbolsAvx2(packed, nonzero, end_);
         if ((nonzero >> 63) == 0) *end_++ = uint32_t{kEndOfBlock} << 16;
-        for (const uint32_t* p = begin; p < end_; ++p) ++count_[*p >> 16];
+        CountEntries(begin, end_);
         return;
       }
     }
@@ -679,21 +679,33 @@ class SymbolRecorder {
   const uint32_t* entries() const { return entries_.get(); }
   SymbolHistogram Histogram(int first) const {
     SymbolHistogram h;
-    std::memcpy(h.count, count_ + first, sizeof(h.count));
+    for (int i = 0; i < 256; ++i) {
+      h.count[i] = count_[0][first + i] + count_[1][first + i] + count_[2][first + i] +
+                   count_[3][first + i];
+    }
     return h;
   }
 
  private:
   void Record(uint32_t entry) {
     *end_++ = entry;
-    ++count_[entry >> 16];
+    ++count_[0][entry >> 16];
+  }
+
+  // Counts recorded entries four at a time, each into its own table: the
+  // same symbol in a row (frequent) then increments different counters.
+  JJ_INLINE void CountEntries(const uint32_t* begin, const uint32_t* end) {
+    for (; end - begin >= 4; begin += 4) {
+      for (int lane = 0; lane < 4; ++lane) ++count_[lane][begin[lane] >> 16];
+    }
+    for (; begin < end; ++begin) ++count_[0][*begin >> 16];
   }
   std::unique_ptr<uint32_t[]> entries_;
   // Where the next symbol goes: a pointer, not a size_t count, so the
   // compiler may keep it in a register (a uint64_t count_ store could alias
   // a size_t, which would be reloaded after each one).
   uint32_t* end_;
-  uint64_t count_[512] = {};
+  uint64_t count_[4][512] = {};  // summed by Histogram
 };
 
 // DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
