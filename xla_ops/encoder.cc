@@ -227,6 +227,40 @@ JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, 
 #endif
 }
 
+#if defined(JAXJPEG_X86_DISPATCH)
+// QuantizeToZigzag eight lanes at a time: the same operations per lane
+// (x > lower ? x : lower is max_ps(x, lower), NaN included; min_ps alike).
+__attribute__((target("avx2"))) inline void QuantizeToZigzagAvx2(const float transposed[64],
+                                                                 const Quantizer& q,
+                                                                 int16_t zigzag[64],
+                                                                 float scaled[64]) {
+  alignas(32) float ordered[64];
+  for (int k = 0; k < 64; ++k) ordered[k] = transposed[kZigzagToTransposed.index[k]];
+  const __m256 half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
+  for (int i = 0; i < 64; i += 16) {
+    __m256i rounded[2];
+    for (int j = 0; j < 2; ++j) {
+      const int at = i + 8 * j;
+      __m256 x = _mm256_mul_ps(_mm256_load_ps(ordered + at), _mm256_loadu_ps(q.inverse_step + at));
+      x = _mm256_max_ps(x, _mm256_loadu_ps(q.lower + at));
+      x = _mm256_min_ps(x, _mm256_loadu_ps(q.upper + at));
+      _mm256_storeu_ps(scaled + at, x);
+      const __m256i truncated = _mm256_cvttps_epi32(x);
+      const __m256 fraction = _mm256_sub_ps(x, _mm256_cvtepi32_ps(truncated));
+      // Comparisons give -1 (true) or 0 per lane.
+      const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ));
+      const __m256i down = _mm256_castps_si256(_mm256_cmp_ps(fraction, minus_half, _CMP_LE_OQ));
+      rounded[j] = _mm256_add_epi32(_mm256_sub_epi32(truncated, up), down);
+    }
+    // |values| < 2^15: packing saturates nothing; packs works within 128-bit
+    // halves, so the 64-bit quarters are put back in order.
+    const __m256i packed = _mm256_packs_epi32(rounded[0], rounded[1]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(zigzag + i),
+                        _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------
 // Coefficients -> symbols (T.81 F.1.2)
 
@@ -737,13 +771,15 @@ class BlockQuantizer {
 #if defined(JAXJPEG_X86_DISPATCH)
     if constexpr (kAvx2) {
       ForwardDct8x8TransposedAvx2(basis_, block, coefficients);
+      QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag, scaled);
     } else {
       ForwardDct8x8Transposed(basis_, block, coefficients);
+      QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
     }
 #else
     ForwardDct8x8Transposed(basis_, block, coefficients);
-#endif
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
+#endif
     out->nonzero = NonzeroAcMask(out->zigzag);
     if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
   }
