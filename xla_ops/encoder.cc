@@ -159,6 +159,57 @@ JJ_INLINE void GatherCenteredBlock(const SampleSource& source, int x0, int y0, f
   }
 }
 
+#if defined(JAXJPEG_X86_DISPATCH)
+// GatherCenteredBlock eight lanes at a time, the rows left in registers for
+// the transform: the same operations per lane (v > 0 ? v : 0 is
+// max_ps(v, 0), NaN included; min_ps alike).
+__attribute__((target("avx2"))) inline __m256 CenteredSamplesAvx2(__m256 v, __m256 offset,
+                                                                  __m256 divisor, __m256 top,
+                                                                  __m256 middle, bool mapped) {
+  if (mapped) v = _mm256_div_ps(_mm256_sub_ps(v, offset), divisor);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), top);
+  return _mm256_sub_ps(v, middle);
+}
+
+__attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleSource& source,
+                                                                   int x0, int y0,
+                                                                   float max_sample, float center,
+                                                                   __m256 rows[8]) {
+  const __m256 top = _mm256_set1_ps(max_sample), middle = _mm256_set1_ps(center);
+  const bool mapped = source.row_scale != nullptr;
+  if (!source.transposed) {
+    for (int r = 0; r < 8; ++r) {
+      const int y = y0 + r < source.height ? y0 + r : source.height - 1;
+      alignas(32) float values[8];
+      LoadEdgeClamped(source.data + y * source.stride, x0, source.width, values);
+      float offset = 0.0f, divisor = 1.0f;
+      if (mapped) RowMap(source, y, &offset, &divisor);
+      rows[r] = CenteredSamplesAvx2(_mm256_load_ps(values), _mm256_set1_ps(offset),
+                                    _mm256_set1_ps(divisor), top, middle, mapped);
+    }
+    return;
+  }
+  // Transposed: as GatherCenteredBlock, columns first, then a transpose.
+  alignas(32) float offsets[8] = {}, divisors[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  if (mapped) {
+    for (int r = 0; r < 8; ++r) {
+      RowMap(source, y0 + r < source.height ? y0 + r : source.height - 1, offsets + r, divisors + r);
+    }
+  }
+  for (int x = x0 + 16; x < x0 + 24 && x < source.width; ++x) {  // see GatherCenteredBlock
+    __builtin_prefetch(source.data + x * source.stride + y0);
+  }
+  const __m256 offset = _mm256_load_ps(offsets), divisor = _mm256_load_ps(divisors);
+  for (int c = 0; c < 8; ++c) {
+    const int x = x0 + c < source.width ? x0 + c : source.width - 1;
+    alignas(32) float values[8];
+    LoadEdgeClamped(source.data + x * source.stride, y0, source.height, values);
+    rows[c] = CenteredSamplesAvx2(_mm256_load_ps(values), offset, divisor, top, middle, mapped);
+  }
+  Transpose8x8Avx2(rows);
+}
+#endif
+
 // Per-coefficient reciprocal step and the clamp that keeps magnitude
 // categories within T.81's limits (F.1.2.1, F.1.2.2): DC differences need at
 // most 11 bits (15 for 12-bit), AC values at most 10 (14). Zig-zag order.
@@ -767,16 +818,19 @@ class BlockQuantizer {
     alignas(32) float block[64];
     alignas(32) float coefficients[64];  // transposed
     alignas(16) float scaled[64];
-    GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
 #if defined(JAXJPEG_X86_DISPATCH)
     if constexpr (kAvx2) {
-      ForwardDct8x8TransposedAvx2(basis_, block, coefficients);
+      __m256 rows[8];
+      GatherCenteredRowsAvx2(source_, bx * 8, by * 8, max_sample_, center_, rows);
+      ForwardDct8x8TransposedAvx2(basis_, rows, coefficients);
       QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag, scaled);
     } else {
+      GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
       ForwardDct8x8Transposed(basis_, block, coefficients);
       QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
     }
 #else
+    GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
     ForwardDct8x8Transposed(basis_, block, coefficients);
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
 #endif

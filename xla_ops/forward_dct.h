@@ -171,14 +171,20 @@ __attribute__((target("avx2"))) inline void Transpose8x8Avx2(__m256 r[8]) {
   }
 }
 
+// rows[y]: row y of the block (overwritten).
 __attribute__((target("avx2"))) inline void ForwardDct8x8TransposedAvx2(
-    const DctBasis& dct, const float block[64], float transposed[64]) {
-  __m256 rows[8];
-  for (int y = 0; y < 8; ++y) rows[y] = _mm256_loadu_ps(block + y * 8);
+    const DctBasis& dct, __m256 rows[8], float transposed[64]) {
   Dct8Avx2(dct, rows);        // rows[v]: F over y, all columns
   Transpose8x8Avx2(rows);     // rows[x]: column x
   Dct8Avx2(dct, rows);        // rows[u]: F(v,u), v = 0..7
   for (int u = 0; u < 8; ++u) _mm256_storeu_ps(transposed + u * 8, rows[u]);
+}
+
+__attribute__((target("avx2"))) inline void ForwardDct8x8TransposedAvx2(
+    const DctBasis& dct, const float block[64], float transposed[64]) {
+  __m256 rows[8];
+  for (int y = 0; y < 8; ++y) rows[y] = _mm256_loadu_ps(block + y * 8);
+  ForwardDct8x8TransposedAvx2(dct, rows, transposed);
 }
 #endif
 
