@@ -499,11 +499,6 @@ JJ_INLINE void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64
 #endif
 }
 
-// Bits of the AC symbol(s) for `run` zeros then a value of `category`.
-JJ_INLINE int CostOf(const uint8_t cost[256], int run, int category) {
-  return (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category];
-}
-
 // RDO's prices in one tile: the code length of each AC symbol (unused ones:
 // 16), and for a value of category c >= 2 after r zeros (the symbol
 // (r & 15) << 4 | c), lambda times the bits that lowering it one category
@@ -512,6 +507,10 @@ JJ_INLINE int CostOf(const uint8_t cost[256], int run, int category) {
 struct RdoPrices {
   uint8_t cost[256];
   float lowering_gain[256];
+  // The bits of the AC symbol(s) for `run` zeros (0..63) then a value of
+  // `category` (0..15), at (run << 4) | category: the ZRLs of a run of 16 or
+  // more, then its symbol (at most 3 * 16 + 16 bits).
+  uint8_t run_cost[64 * 16];
 
   explicit RdoPrices(const HuffmanCodeTable& table) {
     for (int i = 0; i < 256; ++i) cost[i] = table.length[i] ? table.length[i] : 16;
@@ -519,7 +518,15 @@ struct RdoPrices {
       const int delta = (i & 15) >= 2 ? cost[i] - cost[i - 1] + 1 : 0;
       lowering_gain[i] = kRdoLambda * delta;
     }
+    for (int run = 0; run < 64; ++run) {
+      for (int category = 0; category < 16; ++category) {
+        run_cost[(run << 4) | category] = static_cast<uint8_t>(
+            (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category]);
+      }
+    }
   }
+
+  int CostOf(int run, int category) const { return run_cost[(run << 4) | category]; }
 };
 
 // Whether RDO lowers the unit candidate at k to zero, `run` zeros after the
@@ -528,15 +535,15 @@ struct RdoPrices {
 // symbol and extra bit but lengthens the next value's run, or at the end of
 // the block costs the EOB it had no need of at k == 63.
 JJ_INLINE bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
-                       const uint8_t category[64], const uint8_t cost[256]) {
+                       const uint8_t category[64], const RdoPrices& prices) {
   int delta;
   if (later != 0) {  // the next value's run absorbs this one's
     const int r2 = __builtin_ctzll(later);
     const int next_category = category[k + 1 + r2];
-    delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
-            CostOf(cost, run + 1 + r2, next_category);
+    delta = prices.CostOf(run, 1) + 1 + prices.CostOf(r2, next_category) -
+            prices.CostOf(run + 1 + r2, next_category);
   } else {
-    delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
+    delta = prices.CostOf(run, 1) + 1 - (k == 63 ? prices.cost[kEndOfBlock] : 0);
   }
   return rdo.penalty[k] < kRdoLambda * delta;
 }
@@ -552,7 +559,7 @@ JJ_INLINE int RunBefore(uint64_t nonzero, int k) {
 // on each other, and taken again in the rare case that the value before it
 // was lowered to zero (about 8% of unit candidates are).
 JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
-                          const uint8_t category[64], const uint8_t cost[256]) {
+                          const uint8_t category[64], const RdoPrices& prices) {
   const uint64_t plain = nonzero | 1;
   nonzero = plain;
   uint64_t units = rdo.units;
@@ -561,9 +568,9 @@ JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
     units &= units - 1;
     const uint64_t later = k < 63 ? plain >> (k + 1) : 0;
     const int run = RunBefore(plain, k);
-    bool lower = UnitLowers(rdo, k, run, later, category, cost);
+    bool lower = UnitLowers(rdo, k, run, later, category, prices);
     if (!((nonzero >> (k - run - 1)) & 1)) {  // the value before was lowered to zero
-      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, cost);
+      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, prices);
     }
     nonzero &= ~(static_cast<uint64_t>(lower) << k);
   }
@@ -643,7 +650,7 @@ JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoP
   ComputeCoefficientCodes(block.zigzag, &codes);
   uint64_t nonzero = block.nonzero;
   if (kRdo) {
-    if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, prices->cost);
+    if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, *prices);
     LowerCandidates(block, nonzero, prices->lowering_gain, &codes);
   }
   PackCodes(&codes);
