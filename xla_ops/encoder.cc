@@ -945,6 +945,12 @@ struct SymbolCodes {
   uint32_t prefix[512];
   uint16_t extra_mask[512];  // the extra bits a symbol carries
   uint8_t length[512];
+
+  // A recorded symbol's code and extra bits (length[entry >> 16] of them).
+  uint32_t Bits(uint32_t entry) const {
+    const uint32_t index = entry >> 16;
+    return prefix[index] | (entry & extra_mask[index]);
+  }
 };
 
 SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& ac) {
@@ -981,9 +987,16 @@ JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
     for (size_t i = interval_symbols[interval]; i < end;) {
       writer->Reserve(kMaxCodedBlockBytes);
       const size_t chunk_end = end - i > kChunk ? i + kChunk : end;
-      for (; i < chunk_end; ++i) {
-        const uint32_t index = entries[i] >> 16;
-        writer->Put(codes.prefix[index] | (entries[i] & codes.extra_mask[index]), codes.length[index]);
+      // Two symbols (31 bits at most each) per Put: half the accumulator
+      // checks.
+      for (; chunk_end - i >= 2; i += 2) {
+        const uint32_t second_length = codes.length[entries[i + 1] >> 16];
+        writer->Put((uint64_t{codes.Bits(entries[i])} << second_length) | codes.Bits(entries[i + 1]),
+                    codes.length[entries[i] >> 16] + second_length);
+      }
+      if (i < chunk_end) {
+        writer->Put(codes.Bits(entries[i]), codes.length[entries[i] >> 16]);
+        ++i;
       }
     }
   }
