@@ -171,6 +171,18 @@ __attribute__((target("avx2"))) inline __m256 CenteredSamplesAvx2(__m256 v, __m2
   return _mm256_sub_ps(v, middle);
 }
 
+// LoadEdgeClamped into a register: straight from the line when the eight
+// values are inside it (an 8-float copy through the stack would be two
+// 16-byte stores read back as one 32-byte load, which store forwarding cannot
+// serve).
+__attribute__((target("avx2"))) inline __m256 LoadEdgeClampedAvx2(const float* line, int start,
+                                                                  int limit) {
+  if (start + 8 <= limit) return _mm256_loadu_ps(line + start);
+  alignas(32) float values[8];
+  for (int i = 0; i < 8; ++i) values[i] = line[start + i < limit ? start + i : limit - 1];
+  return _mm256_load_ps(values);
+}
+
 __attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleSource& source,
                                                                    int x0, int y0,
                                                                    float max_sample, float center,
@@ -180,12 +192,11 @@ __attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleS
   if (!source.transposed) {
     for (int r = 0; r < 8; ++r) {
       const int y = y0 + r < source.height ? y0 + r : source.height - 1;
-      alignas(32) float values[8];
-      LoadEdgeClamped(source.data + y * source.stride, x0, source.width, values);
+      const __m256 values = LoadEdgeClampedAvx2(source.data + y * source.stride, x0, source.width);
       float offset = 0.0f, divisor = 1.0f;
       if (mapped) RowMap(source, y, &offset, &divisor);
-      rows[r] = CenteredSamplesAvx2(_mm256_load_ps(values), _mm256_set1_ps(offset),
-                                    _mm256_set1_ps(divisor), top, middle, mapped);
+      rows[r] = CenteredSamplesAvx2(values, _mm256_set1_ps(offset), _mm256_set1_ps(divisor), top,
+                                    middle, mapped);
     }
     return;
   }
@@ -202,9 +213,8 @@ __attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleS
   const __m256 offset = _mm256_load_ps(offsets), divisor = _mm256_load_ps(divisors);
   for (int c = 0; c < 8; ++c) {
     const int x = x0 + c < source.width ? x0 + c : source.width - 1;
-    alignas(32) float values[8];
-    LoadEdgeClamped(source.data + x * source.stride, y0, source.height, values);
-    rows[c] = CenteredSamplesAvx2(_mm256_load_ps(values), offset, divisor, top, middle, mapped);
+    const __m256 values = LoadEdgeClampedAvx2(source.data + x * source.stride, y0, source.height);
+    rows[c] = CenteredSamplesAvx2(values, offset, divisor, top, middle, mapped);
   }
   Transpose8x8Avx2(rows);
 }
