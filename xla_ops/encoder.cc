@@ -262,11 +262,14 @@ constexpr ZigzagTransposedTable kZigzagToTransposed;
 JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, int16_t zigzag[64],
                                 float scaled[64]) {
   typedef int32_t Int4 __attribute__((vector_size(16)));
-  alignas(16) float ordered[64];
-  for (int k = 0; k < 64; ++k) ordered[k] = transposed[kZigzagToTransposed.index[k]];
   alignas(16) int32_t rounded[64];
   for (int i = 0; i < 64; i += 4) {
-    Float4 x = LoadFloat4(ordered + i) * LoadFloat4(q.inverse_step + i);
+    // Four coefficients in zig-zag order straight into a register (copied one
+    // by one to memory, a 16-byte load of them would defeat store forwarding).
+    const uint8_t* index = kZigzagToTransposed.index + i;
+    const Float4 ordered = {transposed[index[0]], transposed[index[1]], transposed[index[2]],
+                            transposed[index[3]]};
+    Float4 x = ordered * LoadFloat4(q.inverse_step + i);
     const Float4 lower = LoadFloat4(q.lower + i), upper = LoadFloat4(q.upper + i);
     x = x > lower ? x : lower;
     x = x < upper ? x : upper;
@@ -295,14 +298,20 @@ __attribute__((target("avx2"))) inline void QuantizeToZigzagAvx2(const float tra
                                                                  const Quantizer& q,
                                                                  int16_t zigzag[64],
                                                                  float scaled[64]) {
-  alignas(32) float ordered[64];
-  for (int k = 0; k < 64; ++k) ordered[k] = transposed[kZigzagToTransposed.index[k]];
   const __m256 half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
   for (int i = 0; i < 64; i += 16) {
     __m256i rounded[2];
     for (int j = 0; j < 2; ++j) {
       const int at = i + 8 * j;
-      __m256 x = _mm256_mul_ps(_mm256_load_ps(ordered + at), _mm256_loadu_ps(q.inverse_step + at));
+      // Eight coefficients in zig-zag order straight into a register (copied
+      // one by one to memory, a 32-byte load of them would defeat store
+      // forwarding; a gather instruction is slow on CPUs with the GDS
+      // microcode mitigation).
+      const uint8_t* index = kZigzagToTransposed.index + at;
+      const __m256 ordered = _mm256_setr_ps(
+          transposed[index[0]], transposed[index[1]], transposed[index[2]], transposed[index[3]],
+          transposed[index[4]], transposed[index[5]], transposed[index[6]], transposed[index[7]]);
+      __m256 x = _mm256_mul_ps(ordered, _mm256_loadu_ps(q.inverse_step + at));
       x = _mm256_max_ps(x, _mm256_loadu_ps(q.lower + at));
       x = _mm256_min_ps(x, _mm256_loadu_ps(q.upper + at));
       _mm256_storeu_ps(scaled + at, x);
@@ -731,8 +740,11 @@ __attribute__((target("avx2,bmi,bmi2"))) uint32_t* ShortRunSymbolsAvx2(
     if (mask == 0) continue;
     const __m256i lanes =
         _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(table.lanes[mask])));
-    const __m256i codes = _mm256_permutevar8x32_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 8 * group)), lanes);
+    // Two 16-byte loads, as PackCodes stored them (store forwarding).
+    const __m128i* halves = reinterpret_cast<const __m128i*>(packed + 8 * group);
+    const __m256i group_codes = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(halves)), _mm_loadu_si128(halves + 1), 1);
+    const __m256i codes = _mm256_permutevar8x32_epi32(group_codes, lanes);
     const __m256i positions = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * group));
     const __m256i before =
         _mm256_blend_epi32(_mm256_permutevar8x32_epi32(positions, rotate), previous, 1);
