@@ -381,26 +381,44 @@ struct CoefficientCodes {
 };
 
 // Each value's category and extra bits in one word, as a symbol recorder
-// stores them (the run goes in above the category): called once RDO has
-// adjusted them.
-JJ_INLINE void PackCodes(CoefficientCodes* codes) {
+// stores them (the run goes in above the category), with RDO's lowering
+// applied: each value in `lowered` (bit k: zig-zag k) moves down one
+// category, its extra bits (the value when positive, value - 1 when
+// negative) down by the same one. Applied here, lanes at once, rather than
+// value by value in memory (small stores read back by 16-byte loads would
+// defeat store forwarding).
+JJ_INLINE void PackCodes(const int16_t zigzag[64], uint64_t lowered, CoefficientCodes* codes) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
+  const __m128i one = _mm_set1_epi16(1);
+  const __m128i lane_bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
   for (int i = 0; i < 64; i += 16) {
     const __m128i categories = _mm_load_si128(reinterpret_cast<const __m128i*>(codes->category + i));
     for (int half = 0; half < 2; ++half) {
-      const __m128i category = half == 0 ? _mm_unpacklo_epi8(categories, zero)
-                                         : _mm_unpackhi_epi8(categories, zero);
-      const __m128i extra =
-          _mm_load_si128(reinterpret_cast<const __m128i*>(codes->extra + i + 8 * half));
-      __m128i* out = reinterpret_cast<__m128i*>(codes->packed + i + 8 * half);
+      const int at = i + 8 * half;
+      // -1 in the lanes lowered, 0 elsewhere.
+      const __m128i lower = _mm_cmpeq_epi16(
+          _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>((lowered >> at) & 0xFF)), lane_bits),
+          lane_bits);
+      const __m128i value = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + at));
+      const __m128i sign = _mm_or_si128(_mm_srai_epi16(value, 15), one);  // +1 or -1
+      const __m128i category = _mm_add_epi16(
+          half == 0 ? _mm_unpacklo_epi8(categories, zero) : _mm_unpackhi_epi8(categories, zero),
+          lower);
+      const __m128i extra = _mm_sub_epi16(
+          _mm_load_si128(reinterpret_cast<const __m128i*>(codes->extra + at)),
+          _mm_and_si128(sign, lower));
+      __m128i* out = reinterpret_cast<__m128i*>(codes->packed + at);
       _mm_store_si128(out, _mm_unpacklo_epi16(extra, category));
       _mm_store_si128(out + 1, _mm_unpackhi_epi16(extra, category));
     }
   }
 #else
   for (int k = 0; k < 64; ++k) {
-    codes->packed[k] = (static_cast<uint32_t>(codes->category[k]) << 16) | codes->extra[k];
+    const uint32_t lower = static_cast<uint32_t>(lowered >> k) & 1;
+    const uint32_t sign = zigzag[k] < 0 ? ~0u : 1u;
+    const uint32_t extra = static_cast<uint16_t>(codes->extra[k] - (sign & (0u - lower)));
+    codes->packed[k] = ((codes->category[k] - lower) << 16) | extra;
   }
 #endif
 }
@@ -605,33 +623,25 @@ struct QuantizedBlock {
 };
 
 // RDO's decisions on the candidates larger than 1 (lowering one changes no
-// run, so the runs left by DropUnits are final): each one lowered moves down
-// one category in `codes`, its extra bits (the value when positive, value - 1
-// when negative) down by the same one. Decided candidate by candidate
-// (about one nonzero value in six) rather than in the symbol loop.
-JJ_INLINE void LowerCandidates(const QuantizedBlock& block, uint64_t nonzero,
-                            const float lowering_gain[256], CoefficientCodes* codes) {
+// run, so the runs left by DropUnits are final): bit k set when the value at
+// k moves down one category (PackCodes applies them). Decided candidate by
+// candidate (about one nonzero value in six) rather than in the symbol loop.
+JJ_INLINE uint64_t LoweredCandidates(const QuantizedBlock& block, uint64_t nonzero,
+                                     const float lowering_gain[256], const uint8_t category[64]) {
   const uint64_t runs_end = nonzero | 1;  // DC ends the run before the first AC value
   uint64_t candidates = block.rdo.all & ~block.rdo.units;
+  uint64_t lowered = 0;
   while (candidates != 0) {
     const int k = __builtin_ctzll(candidates);
     candidates &= candidates - 1;
     const int run = RunBefore(runs_end, k);
-    const uint32_t category = codes->category[k];
     // Without branches: the decisions are unpredictable.
-    const uint32_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | category];
-    // +1 or -1 (the value is nonzero), without a branch.
-    const uint32_t sign = static_cast<uint32_t>((block.zigzag[k] >> 15) | 1);
-    codes->category[k] = static_cast<uint8_t>(category - lower);
-    codes->extra[k] = static_cast<uint16_t>(codes->extra[k] - (sign & (0u - lower)));
+    const uint64_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | category[k]];
+    lowered |= lower << k;
   }
+  return lowered;
 }
 
-// Emits the symbols of one block to `sink` (a histogram or a symbol
-// recorder), so every pass shares one definition of the symbol stream.
-// kRdo: RDO decides the block's candidates first, those of magnitude 1
-// (DropUnits), then the larger ones (LowerCandidates). Returns the block's
-// DC value.
 // Calls emit(entry) for each AC symbol of a block, in order: ZRLs, each
 // nonzero value's (run << 4 | category) << 16 | its extra bits (the
 // receiver keeps the low `category` bits), then EOB unless the last value is
@@ -655,7 +665,8 @@ JJ_INLINE void ForEachAcSymbol(const uint32_t packed[64], uint64_t nonzero, Emit
 // Emits the symbols of one block to `sink` (a histogram or a symbol
 // recorder), so every pass shares one definition of the symbol stream.
 // kRdo: RDO decides the block's candidates first, those of magnitude 1
-// (DropUnits), then the larger ones (LowerCandidates). kAvx2: the sink may
+// (DropUnits), then the larger ones (LoweredCandidates, applied by
+// PackCodes). kAvx2: the sink may
 // use code compiled for AVX2 (only from RecordTileAvx2). Returns the block's
 // DC value.
 template <bool kRdo, bool kAvx2, class Sink>
@@ -668,11 +679,12 @@ JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoP
   CoefficientCodes codes;
   ComputeCoefficientCodes(block.zigzag, &codes);
   uint64_t nonzero = block.nonzero;
+  uint64_t lowered = 0;
   if (kRdo) {
     if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, *prices);
-    LowerCandidates(block, nonzero, prices->lowering_gain, &codes);
+    lowered = LoweredCandidates(block, nonzero, prices->lowering_gain, codes.category);
   }
-  PackCodes(&codes);
+  PackCodes(block.zigzag, lowered, &codes);
   sink.template AcSymbols<kAvx2>(codes.packed, nonzero);
   return dc;
 }
