@@ -1,6 +1,7 @@
 #include "encoder.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -915,10 +916,11 @@ class SampledBlocks {
       blocks_.resize(static_cast<size_t>(rows * grid.blocks_x));
     }
   }
-  // Where block (bx, by) of a sampled row is kept; null where it is not.
-  JJ_INLINE QuantizedBlock* Find(int bx, int by) {
+  // Where the blocks of row `by` are kept (block bx at [bx]); null where
+  // they are not.
+  JJ_INLINE QuantizedBlock* Row(int by) {
     if (blocks_.empty() || by % row_step_ != 0) return nullptr;
-    return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_ + bx];
+    return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_];
   }
 
  private:
@@ -934,11 +936,11 @@ JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const Block
   QuantizedBlock scratch;
   for (int by = 0; by < grid.blocks_y; by += CostSampleRowStep(grid)) {
     int previous_dc = 0;
+    QuantizedBlock* const kept_row = kept->Row(by);
     for (int bx = 0; bx < grid.blocks_x; ++bx) {
       const int64_t index = static_cast<int64_t>(by) * grid.blocks_x + bx;
       if (StartsInterval(index, restart_interval)) previous_dc = 0;
-      QuantizedBlock* block = kept->Find(bx, by);
-      if (block == nullptr) block = &scratch;
+      QuantizedBlock* const block = kept_row != nullptr ? kept_row + bx : &scratch;
       quantizer.template Quantize<kAvx2>(bx, by, block != &scratch, block);
       previous_dc = CodeBlock<false, false>(*block, previous_dc, nullptr, histogram);
     }
@@ -956,14 +958,19 @@ JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& g
                    std::vector<size_t>* interval_symbols) {
   QuantizedBlock scratch;
   int previous_dc = 0;
-  int64_t index = 0;
+  // Blocks left before the next restart interval (the first one starts at
+  // block 0): a countdown, not a division per block.
+  int64_t interval_left = 0;
   for (int by = 0; by < grid.blocks_y; ++by) {
-    for (int bx = 0; bx < grid.blocks_x; ++bx, ++index) {
-      if (index == 0 || StartsInterval(index, restart_interval)) {
+    const QuantizedBlock* const kept_row = kRdo ? kept->Row(by) : nullptr;
+    for (int bx = 0; bx < grid.blocks_x; ++bx) {
+      if (interval_left == 0) {
         previous_dc = 0;
         interval_symbols->push_back(recorder->size());
+        interval_left = restart_interval > 0 ? restart_interval : INT64_MAX;
       }
-      const QuantizedBlock* block = kRdo ? kept->Find(bx, by) : nullptr;
+      --interval_left;
+      const QuantizedBlock* block = kept_row != nullptr ? kept_row + bx : nullptr;
       if (block == nullptr) {
         quantizer.template Quantize<kAvx2>(bx, by, kRdo, &scratch);
         block = &scratch;
