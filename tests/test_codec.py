@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 import io
+import warnings
 
 import jaxjpeg
 from jaxjpeg import _native, codec, mapping
@@ -249,3 +250,16 @@ def test_float16_rounding_up_of_scales_keeps_what_float16_cannot_hold(values):
         up = np.where(h.astype(np.float64) < x, np.nextafter(h, np.float16(np.inf)), h)
     in_range = (x >= np.finfo(np.float16).tiny) & (x <= np.finfo(np.float16).max / 2)
     np.testing.assert_array_equal(mapping._f16_up(x), np.where(in_range, up, x))
+
+
+def test_maps_are_stored_as_float16_exactly_when_every_value_round_trips():
+    from jaxjpeg.codec import _half_if_exact
+    halves = np.float16([0.0, -0.0, 2**-24, 3 * 2**-24, 1.5, -65504, np.inf]).astype(np.float32)
+    assert _half_if_exact(halves).dtype == np.float16
+    assert _half_if_exact(halves).astype(np.float32).tobytes() == halves.tobytes()
+    for value in (2**-25, 1e-30, 65520.0, 1.0 + 2**-11, np.nan):
+        kept = np.append(halves, np.float32(value))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # nothing converted that float16 cannot hold
+            out = _half_if_exact(kept)
+        assert out.dtype == np.float32 and out.tobytes() == kept.tobytes()
