@@ -1185,11 +1185,12 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
 #endif
 
-  const HuffmanSpec dc_spec = options.optimize_huffman
-                                  ? BuildOptimalSpec(recorder.Histogram(kDcIndex))
-                                  : StandardLuminanceDcSpec();
-  const HuffmanSpec ac_spec = options.optimize_huffman ? BuildOptimalSpec(recorder.Histogram(0))
-                                                       : StandardLuminanceAcSpec();
+  const SymbolHistogram dc_counts = recorder.Histogram(kDcIndex);
+  const SymbolHistogram ac_counts = recorder.Histogram(0);
+  const HuffmanSpec dc_spec =
+      options.optimize_huffman ? BuildOptimalSpec(dc_counts) : StandardLuminanceDcSpec();
+  const HuffmanSpec ac_spec =
+      options.optimize_huffman ? BuildOptimalSpec(ac_counts) : StandardLuminanceAcSpec();
 
   PutMarker(out, marker::kSOI);
   PutQuantTable(out, options.qtable);
@@ -1200,6 +1201,15 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
 
   BitWriter writer(out);
   const SymbolCodes codes = MakeSymbolCodes(BuildCodeTable(dc_spec), BuildCodeTable(ac_spec));
+  // The output grows once, to about its final size: the coded bits are known
+  // from the counts (stuffed bytes, RST markers and padding take a little more).
+  uint64_t coded_bits = 0;
+  for (int i = 0; i < 256; ++i) {
+    coded_bits += ac_counts.count[i] * codes.length[i] + dc_counts.count[i] * codes.length[kDcIndex + i];
+  }
+  const uint64_t coded_bytes = coded_bits / 8;
+  writer.Reserve(static_cast<size_t>(coded_bytes + coded_bytes / 128 + 3 * interval_symbols.size() +
+                                     2 * kMaxCodedBlockBytes));
 #if defined(JAXJPEG_X86_DISPATCH)
   if (avx2) {
     WriteEntropyCodedDataAvx2(recorder, interval_symbols, codes, &writer, starts);
