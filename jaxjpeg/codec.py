@@ -137,6 +137,11 @@ class EncodedTensor:
 
 def _half_if_exact(values) -> np.ndarray:
     values = np.asarray(values, np.float32)
+    # A float16 value has at most 10 mantissa bits: as float32 its low 13
+    # bits are zero. Checked first, so maps that float16 cannot hold are not
+    # converted (numpy signals underflow for each tiny value, slowly).
+    if np.any(values.view(np.uint32) & 0x1FFF):
+        return values
     half = values.astype(np.float16)
     return half if np.array_equal(half.astype(np.float32), values) else values
 

@@ -192,8 +192,11 @@ def _f16_up(x) -> np.ndarray:
     ok = (x >= _F16_MIN_NORMAL) & (x <= _F16_MAX / 2)
     if not ok.any():   # e.g. the tiny scales of small weights: numpy would signal
         return x       # underflow for every one it converts, only to keep x
-    h = x.astype(np.float16).astype(np.float64)
-    h = np.where(h < x, np.nextafter(h.astype(np.float16), np.float16(np.inf)).astype(np.float64), h)
+    # Only the values kept are converted (1.0 stands in for the others):
+    # numpy signals underflow or overflow for each of those, slowly.
+    fits = np.where(ok, x, 1.0)
+    h = fits.astype(np.float16).astype(np.float64)
+    h = np.where(h < fits, np.nextafter(h.astype(np.float16), np.float16(np.inf)).astype(np.float64), h)
     return np.where(ok, h, x)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 import io
+import warnings
 
 import jaxjpeg
 from jaxjpeg import _native, codec, mapping
@@ -241,11 +242,28 @@ def test_each_dct_basis_image_codes_to_its_one_coefficient(bits):
             assert err.max() < 1.0, (u, v, err.max())
 
 
-@pytest.mark.parametrize("values", [[4.6e-5, 1e-9, 0.0], [4.6e-5, 0.3, 4e4, 1.0], [0.3, 2.5]])
+@pytest.mark.parametrize("values", [[4.6e-5, 1e-9, 0.0], [4.6e-5, 0.3, 4e4, 1.0], [0.3, 2.5],
+                                    [1e6, 0.5, 1e-30]])
 def test_float16_rounding_up_of_scales_keeps_what_float16_cannot_hold(values):
     x = np.array(values)
     with np.errstate(all="ignore"):
         h = x.astype(np.float16)
         up = np.where(h.astype(np.float64) < x, np.nextafter(h, np.float16(np.inf)), h)
     in_range = (x >= np.finfo(np.float16).tiny) & (x <= np.finfo(np.float16).max / 2)
-    np.testing.assert_array_equal(mapping._f16_up(x), np.where(in_range, up, x))
+    # Values kept as they are are not converted (numpy's signal for each is slow).
+    with np.errstate(under="raise", over="raise"):
+        got = mapping._f16_up(x)
+    np.testing.assert_array_equal(got, np.where(in_range, up, x))
+
+
+def test_maps_are_stored_as_float16_exactly_when_every_value_round_trips():
+    from jaxjpeg.codec import _half_if_exact
+    halves = np.float16([0.0, -0.0, 2**-24, 3 * 2**-24, 1.5, -65504, np.inf]).astype(np.float32)
+    assert _half_if_exact(halves).dtype == np.float16
+    assert _half_if_exact(halves).astype(np.float32).tobytes() == halves.tobytes()
+    for value in (2**-25, 1e-30, 65520.0, 1.0 + 2**-11, np.nan):
+        kept = np.append(halves, np.float32(value))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # nothing converted that float16 cannot hold
+            out = _half_if_exact(kept)
+        assert out.dtype == np.float32 and out.tobytes() == kept.tobytes()

@@ -19,6 +19,7 @@
 #include "encoder.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
+#include "forward_dct.h"
 #include "kernel_harness.h"
 #include "matrix_stats.h"
 #include "parallel_for.h"
@@ -379,7 +380,8 @@ py::array_t<int64_t> BitReaderTrace(
 }
 
 EncodeOptions MakeEncodeOptions(const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
-                                int bits, int restart_interval, bool optimize, bool rdo) {
+                                int bits, int restart_interval, bool optimize, bool rdo,
+                                bool avx2) {
   if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
   EncodeOptions options;
   options.bits = bits;
@@ -387,6 +389,7 @@ EncodeOptions MakeEncodeOptions(const py::array_t<uint16_t, py::array::c_style |
   options.restart_interval = restart_interval;
   options.optimize_huffman = optimize;
   options.rdo = rdo;
+  options.allow_avx2 = avx2;
   return options;
 }
 
@@ -402,9 +405,10 @@ py::object EncodedResult(const std::vector<uint8_t>& out, const std::vector<int6
 
 py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
                   const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
-                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals) {
+                  int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals,
+                  bool avx2) {
   if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
-  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo, avx2);
   const py::ssize_t h = samples.shape(0), w = samples.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
   std::vector<uint8_t> out;
@@ -455,9 +459,9 @@ py::object EncodeMapped(const py::array& weights,
                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
                         const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
                         int bits, int restart_interval, bool optimize, bool rdo,
-                        bool with_intervals) {
+                        bool with_intervals, bool avx2) {
   const auto [stride, transposed] = TileLayout(weights, "weights");
-  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo);
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo, avx2);
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
     Fail(Status::kBadSize, "encode_mapped");
@@ -594,6 +598,20 @@ py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
                         py::make_tuple(col_sum, col_squares, col_min, col_max));
 }
 
+py::array_t<float> ForwardDctOf(
+    const py::array_t<float, py::array::c_style | py::array::forcecast>& blocks, bool avx2) {
+  if (blocks.ndim() != 2 || blocks.shape(1) != 64) {
+    throw py::value_error("blocks must have shape (n, 64)");
+  }
+  py::array_t<float> out({blocks.shape(0), py::ssize_t{64}});
+  const float* in = blocks.data();
+  float* coefficients = out.mutable_data();
+  for (py::ssize_t i = 0; i < blocks.shape(0); ++i) {
+    ForwardDct8x8(in + 64 * i, coefficients + 64 * i, avx2);
+  }
+  return out;
+}
+
 py::array_t<uint16_t> QualityTable(int quality, int bits) {
   if (quality < 1 || quality > 100) throw py::value_error("quality must be in 1..100");
   if (bits != 8 && bits != 12) throw py::value_error("bits must be 8 or 12");
@@ -654,13 +672,14 @@ PYBIND11_MODULE(_native, m) {
         "A bit reader's next 16 bits, ReadPastEnd, HasUnusedBytes before each skip (tests).");
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
-        py::arg("with_intervals") = false,
+        py::arg("with_intervals") = false, py::arg("avx2") = true,
         "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file; with_intervals: "
-        "(bytes, interval start offsets + the EOI offset, as inspect finds them).");
+        "(bytes, interval start offsets + the EOI offset, as inspect finds them). avx2=False: "
+        "the portable code even where the CPU has AVX2 (same bytes; for tests).");
   m.def("encode_mapped", &EncodeMapped, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
-        py::arg("with_intervals") = false,
+        py::arg("with_intervals") = false, py::arg("avx2") = true,
         "encode() of the samples of float32 weights (rows contiguous, e.g. a slice of a "
         "matrix, or columns contiguous, e.g. a slice of its transpose) under per-row maps: "
         "clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
@@ -683,6 +702,9 @@ PYBIND11_MODULE(_native, m) {
         "!(|x| <= limit), (row sum, row sum of squares, row min, row max), (the same per "
         "column)); sums in float64. avx2=False: the portable code even where the CPU has "
         "AVX2 (the same bits; for tests).");
+  m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
+        "The encoder's forward DCT of (n, 64) row-major float32 blocks, coefficients in "
+        "natural order; avx2=False: the portable code even where the CPU has AVX2 (tests).");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");

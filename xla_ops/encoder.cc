@@ -1,6 +1,7 @@
 #include "encoder.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -8,7 +9,11 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // AVX2 code, compiled with target attributes
+#endif
 
+#include "cpu_features.h"
 #include "forward_dct.h"
 #include "huffman_encode.h"
 
@@ -77,7 +82,7 @@ BlockGrid MakeBlockGrid(int width, int height) {
 // Four weights mapped to samples as mapping.to_samples does, (w - offset) /
 // divisor in float32 (one lane at a time would round the same), clamped to
 // [0, top] (NaN compares false and becomes 0), then level-shifted by middle.
-inline Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 top,
+JJ_INLINE Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 top,
                               Float4 middle, bool mapped) {
   const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
   if (mapped) v = (v - offset) / divisor;
@@ -88,14 +93,14 @@ inline Float4 CenteredSamples(Float4 v, Float4 offset, Float4 divisor, Float4 to
 
 // A row's map: its offset and divisor (a scale <= 0, a constant row, taken
 // as 1).
-inline void RowMap(const SampleSource& source, int y, float* offset, float* divisor) {
+JJ_INLINE void RowMap(const SampleSource& source, int y, float* offset, float* divisor) {
   *offset = source.row_offset[y];
   *divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
 }
 
 // Eight values of a line from ``start``; from ``limit`` on, the last one
 // repeats (a block past the image edge).
-inline void LoadEdgeClamped(const float* line, int start, int limit, float values[8]) {
+JJ_INLINE void LoadEdgeClamped(const float* line, int start, int limit, float values[8]) {
   if (start + 8 <= limit) {
     std::memcpy(values, line + start, 8 * sizeof(float));
     return;
@@ -106,7 +111,7 @@ inline void LoadEdgeClamped(const float* line, int start, int limit, float value
 // The 8x8 block with top-left sample (x0, y0), centered samples (as
 // CenteredSamples) in row-major order; outside the image the last column/row
 // is repeated.
-void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_sample,
+JJ_INLINE void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_sample,
                          float center, float block[64]) {
   const Float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
   const Float4 top = zero + max_sample, middle = zero + center;
@@ -133,6 +138,12 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
       RowMap(source, y0 + r < source.height ? y0 + r : source.height - 1, offsets + r, divisors + r);
     }
   }
+  // The columns of the block two to the right: each is a line of its own in
+  // memory (a stride apart: out of reach of the hardware's prefetchers), so
+  // they are fetched ahead, while this block is coded.
+  for (int x = x0 + 16; x < x0 + 24 && x < source.width; ++x) {
+    __builtin_prefetch(source.data + x * source.stride + y0);
+  }
   Float4 half[2][8];  // half[h][c]: rows 4h..4h+3 of column c
   for (int c = 0; c < 8; ++c) {
     const int x = x0 + c < source.width ? x0 + c : source.width - 1;
@@ -148,6 +159,67 @@ void GatherCenteredBlock(const SampleSource& source, int x0, int y0, float max_s
     for (int r = 0; r < 8; ++r) StoreFloat4(block + r * 8 + 4 * h, half[h][r]);
   }
 }
+
+#if defined(JAXJPEG_X86_DISPATCH)
+// GatherCenteredBlock eight lanes at a time, the rows left in registers for
+// the transform: the same operations per lane (v > 0 ? v : 0 is
+// max_ps(v, 0), NaN included; min_ps alike).
+__attribute__((target("avx2"))) inline __m256 CenteredSamplesAvx2(__m256 v, __m256 offset,
+                                                                  __m256 divisor, __m256 top,
+                                                                  __m256 middle, bool mapped) {
+  if (mapped) v = _mm256_div_ps(_mm256_sub_ps(v, offset), divisor);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), top);
+  return _mm256_sub_ps(v, middle);
+}
+
+// LoadEdgeClamped into a register: straight from the line when the eight
+// values are inside it (an 8-float copy through the stack would be two
+// 16-byte stores read back as one 32-byte load, which store forwarding cannot
+// serve).
+__attribute__((target("avx2"))) inline __m256 LoadEdgeClampedAvx2(const float* line, int start,
+                                                                  int limit) {
+  if (start + 8 <= limit) return _mm256_loadu_ps(line + start);
+  alignas(32) float values[8];
+  for (int i = 0; i < 8; ++i) values[i] = line[start + i < limit ? start + i : limit - 1];
+  return _mm256_load_ps(values);
+}
+
+__attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleSource& source,
+                                                                   int x0, int y0,
+                                                                   float max_sample, float center,
+                                                                   __m256 rows[8]) {
+  const __m256 top = _mm256_set1_ps(max_sample), middle = _mm256_set1_ps(center);
+  const bool mapped = source.row_scale != nullptr;
+  if (!source.transposed) {
+    for (int r = 0; r < 8; ++r) {
+      const int y = y0 + r < source.height ? y0 + r : source.height - 1;
+      const __m256 values = LoadEdgeClampedAvx2(source.data + y * source.stride, x0, source.width);
+      float offset = 0.0f, divisor = 1.0f;
+      if (mapped) RowMap(source, y, &offset, &divisor);
+      rows[r] = CenteredSamplesAvx2(values, _mm256_set1_ps(offset), _mm256_set1_ps(divisor), top,
+                                    middle, mapped);
+    }
+    return;
+  }
+  // Transposed: as GatherCenteredBlock, columns first, then a transpose.
+  alignas(32) float offsets[8] = {}, divisors[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  if (mapped) {
+    for (int r = 0; r < 8; ++r) {
+      RowMap(source, y0 + r < source.height ? y0 + r : source.height - 1, offsets + r, divisors + r);
+    }
+  }
+  for (int x = x0 + 16; x < x0 + 24 && x < source.width; ++x) {  // see GatherCenteredBlock
+    __builtin_prefetch(source.data + x * source.stride + y0);
+  }
+  const __m256 offset = _mm256_load_ps(offsets), divisor = _mm256_load_ps(divisors);
+  for (int c = 0; c < 8; ++c) {
+    const int x = x0 + c < source.width ? x0 + c : source.width - 1;
+    const __m256 values = LoadEdgeClampedAvx2(source.data + x * source.stride, y0, source.height);
+    rows[c] = CenteredSamplesAvx2(values, offset, divisor, top, middle, mapped);
+  }
+  Transpose8x8Avx2(rows);
+}
+#endif
 
 // Per-coefficient reciprocal step and the clamp that keeps magnitude
 // categories within T.81's limits (F.1.2.1, F.1.2.2): DC differences need at
@@ -170,18 +242,35 @@ Quantizer MakeQuantizer(const EncodeOptions& options) {
   return q;
 }
 
+// Zig-zag index -> index in the transposed coefficients of
+// ForwardDct8x8Transposed (natural v*8+u -> u*8+v).
+struct ZigzagTransposedTable {
+  uint8_t index[64];
+  constexpr ZigzagTransposedTable() : index() {
+    for (int k = 0; k < 64; ++k) {
+      const int natural = kZigzagHost[k];
+      index[k] = static_cast<uint8_t>((natural % 8) * 8 + natural / 8);
+    }
+  }
+};
+constexpr ZigzagTransposedTable kZigzagToTransposed;
+
 // Rounds half away from zero; written with truncation so it vectorizes
 // without SSE4.1 rounding instructions and stays exact (x - trunc(x) is exact).
 // The coefficients are put in zig-zag order first (one permutation), then
-// quantized four at a time. scaled: coefficient / step, clamped.
-void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t zigzag[64],
-                      float scaled[64]) {
+// quantized four at a time. transposed: ForwardDct8x8Transposed's
+// coefficients. scaled: coefficient / step, clamped.
+JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, int16_t zigzag[64],
+                                float scaled[64]) {
   typedef int32_t Int4 __attribute__((vector_size(16)));
-  alignas(16) float ordered[64];
-  for (int k = 0; k < 64; ++k) ordered[k] = coefficients[ZigzagToNatural(k)];
   alignas(16) int32_t rounded[64];
   for (int i = 0; i < 64; i += 4) {
-    Float4 x = LoadFloat4(ordered + i) * LoadFloat4(q.inverse_step + i);
+    // Four coefficients in zig-zag order straight into a register (copied one
+    // by one to memory, a 16-byte load of them would defeat store forwarding).
+    const uint8_t* index = kZigzagToTransposed.index + i;
+    const Float4 ordered = {transposed[index[0]], transposed[index[1]], transposed[index[2]],
+                            transposed[index[3]]};
+    Float4 x = ordered * LoadFloat4(q.inverse_step + i);
     const Float4 lower = LoadFloat4(q.lower + i), upper = LoadFloat4(q.upper + i);
     x = x > lower ? x : lower;
     x = x < upper ? x : upper;
@@ -202,6 +291,46 @@ void QuantizeToZigzag(const float coefficients[64], const Quantizer& q, int16_t 
   for (int k = 0; k < 64; ++k) zigzag[k] = static_cast<int16_t>(rounded[k]);
 #endif
 }
+
+#if defined(JAXJPEG_X86_DISPATCH)
+// QuantizeToZigzag eight lanes at a time: the same operations per lane
+// (x > lower ? x : lower is max_ps(x, lower), NaN included; min_ps alike).
+__attribute__((target("avx2"))) inline void QuantizeToZigzagAvx2(const float transposed[64],
+                                                                 const Quantizer& q,
+                                                                 int16_t zigzag[64],
+                                                                 float scaled[64]) {
+  const __m256 half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
+  for (int i = 0; i < 64; i += 16) {
+    __m256i rounded[2];
+    for (int j = 0; j < 2; ++j) {
+      const int at = i + 8 * j;
+      // Eight coefficients in zig-zag order straight into a register (copied
+      // one by one to memory, a 32-byte load of them would defeat store
+      // forwarding; a gather instruction is slow on CPUs with the GDS
+      // microcode mitigation).
+      const uint8_t* index = kZigzagToTransposed.index + at;
+      const __m256 ordered = _mm256_setr_ps(
+          transposed[index[0]], transposed[index[1]], transposed[index[2]], transposed[index[3]],
+          transposed[index[4]], transposed[index[5]], transposed[index[6]], transposed[index[7]]);
+      __m256 x = _mm256_mul_ps(ordered, _mm256_loadu_ps(q.inverse_step + at));
+      x = _mm256_max_ps(x, _mm256_loadu_ps(q.lower + at));
+      x = _mm256_min_ps(x, _mm256_loadu_ps(q.upper + at));
+      _mm256_storeu_ps(scaled + at, x);
+      const __m256i truncated = _mm256_cvttps_epi32(x);
+      const __m256 fraction = _mm256_sub_ps(x, _mm256_cvtepi32_ps(truncated));
+      // Comparisons give -1 (true) or 0 per lane.
+      const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ));
+      const __m256i down = _mm256_castps_si256(_mm256_cmp_ps(fraction, minus_half, _CMP_LE_OQ));
+      rounded[j] = _mm256_add_epi32(_mm256_sub_epi32(truncated, up), down);
+    }
+    // |values| < 2^15: packing saturates nothing; packs works within 128-bit
+    // halves, so the 64-bit quarters are put back in order.
+    const __m256i packed = _mm256_packs_epi32(rounded[0], rounded[1]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(zigzag + i),
+                        _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Coefficients -> symbols (T.81 F.1.2)
@@ -224,7 +353,7 @@ inline uint32_t ExtraBits(int value, int category) {
 }
 
 // Bit k set when AC coefficient k (zig-zag index, 1..63) is nonzero.
-inline uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
+JJ_INLINE uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   uint64_t zero_mask = 0;
@@ -249,9 +378,53 @@ inline uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
 struct CoefficientCodes {
   alignas(16) uint16_t extra[64];
   alignas(16) uint8_t category[64];
+  alignas(16) uint32_t packed[64];  // (category << 16) | extra, by PackCodes
 };
 
-inline void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
+// Each value's category and extra bits in one word, as a symbol recorder
+// stores them (the run goes in above the category), with RDO's lowering
+// applied: each value in `lowered` (bit k: zig-zag k) moves down one
+// category, its extra bits (the value when positive, value - 1 when
+// negative) down by the same one. Applied here, lanes at once, rather than
+// value by value in memory (small stores read back by 16-byte loads would
+// defeat store forwarding).
+JJ_INLINE void PackCodes(const int16_t zigzag[64], uint64_t lowered, CoefficientCodes* codes) {
+#if defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i one = _mm_set1_epi16(1);
+  const __m128i lane_bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int i = 0; i < 64; i += 16) {
+    const __m128i categories = _mm_load_si128(reinterpret_cast<const __m128i*>(codes->category + i));
+    for (int half = 0; half < 2; ++half) {
+      const int at = i + 8 * half;
+      // -1 in the lanes lowered, 0 elsewhere.
+      const __m128i lower = _mm_cmpeq_epi16(
+          _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>((lowered >> at) & 0xFF)), lane_bits),
+          lane_bits);
+      const __m128i value = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + at));
+      const __m128i sign = _mm_or_si128(_mm_srai_epi16(value, 15), one);  // +1 or -1
+      const __m128i category = _mm_add_epi16(
+          half == 0 ? _mm_unpacklo_epi8(categories, zero) : _mm_unpackhi_epi8(categories, zero),
+          lower);
+      const __m128i extra = _mm_sub_epi16(
+          _mm_load_si128(reinterpret_cast<const __m128i*>(codes->extra + at)),
+          _mm_and_si128(sign, lower));
+      __m128i* out = reinterpret_cast<__m128i*>(codes->packed + at);
+      _mm_store_si128(out, _mm_unpacklo_epi16(extra, category));
+      _mm_store_si128(out + 1, _mm_unpackhi_epi16(extra, category));
+    }
+  }
+#else
+  for (int k = 0; k < 64; ++k) {
+    const uint32_t lower = static_cast<uint32_t>(lowered >> k) & 1;
+    const uint32_t sign = zigzag[k] < 0 ? ~0u : 1u;
+    const uint32_t extra = static_cast<uint16_t>(codes->extra[k] - (sign & (0u - lower)));
+    codes->packed[k] = ((codes->category[k] - lower) << 16) | extra;
+  }
+#endif
+}
+
+JJ_INLINE void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   for (int i = 0; i < 64; i += 16) {
@@ -314,7 +487,7 @@ struct RdoCandidates {
   alignas(16) float penalty[64];
 };
 
-inline void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
+JJ_INLINE void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
                               RdoCandidates* out) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
@@ -364,11 +537,6 @@ inline void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
 #endif
 }
 
-// Bits of the AC symbol(s) for `run` zeros then a value of `category`.
-inline int CostOf(const uint8_t cost[256], int run, int category) {
-  return (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category];
-}
-
 // RDO's prices in one tile: the code length of each AC symbol (unused ones:
 // 16), and for a value of category c >= 2 after r zeros (the symbol
 // (r & 15) << 4 | c), lambda times the bits that lowering it one category
@@ -377,6 +545,10 @@ inline int CostOf(const uint8_t cost[256], int run, int category) {
 struct RdoPrices {
   uint8_t cost[256];
   float lowering_gain[256];
+  // The bits of the AC symbol(s) for `run` zeros (0..63) then a value of
+  // `category` (0..15), at (run << 4) | category: the ZRLs of a run of 16 or
+  // more, then its symbol (at most 3 * 16 + 16 bits).
+  uint8_t run_cost[64 * 16];
 
   explicit RdoPrices(const HuffmanCodeTable& table) {
     for (int i = 0; i < 256; ++i) cost[i] = table.length[i] ? table.length[i] : 16;
@@ -384,7 +556,15 @@ struct RdoPrices {
       const int delta = (i & 15) >= 2 ? cost[i] - cost[i - 1] + 1 : 0;
       lowering_gain[i] = kRdoLambda * delta;
     }
+    for (int run = 0; run < 64; ++run) {
+      for (int category = 0; category < 16; ++category) {
+        run_cost[(run << 4) | category] = static_cast<uint8_t>(
+            (run >> 4) * cost[kZeroRun16] + cost[((run & 15) << 4) | category]);
+      }
+    }
   }
+
+  int CostOf(int run, int category) const { return run_cost[(run << 4) | category]; }
 };
 
 // Whether RDO lowers the unit candidate at k to zero, `run` zeros after the
@@ -392,22 +572,22 @@ struct RdoPrices {
 // rounding left them: decided after this one). Lowering a 1 to 0 saves its
 // symbol and extra bit but lengthens the next value's run, or at the end of
 // the block costs the EOB it had no need of at k == 63.
-inline bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
-                       const uint8_t category[64], const uint8_t cost[256]) {
+JJ_INLINE bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
+                       const uint8_t category[64], const RdoPrices& prices) {
   int delta;
   if (later != 0) {  // the next value's run absorbs this one's
     const int r2 = __builtin_ctzll(later);
     const int next_category = category[k + 1 + r2];
-    delta = CostOf(cost, run, 1) + 1 + CostOf(cost, r2, next_category) -
-            CostOf(cost, run + 1 + r2, next_category);
+    delta = prices.CostOf(run, 1) + 1 + prices.CostOf(r2, next_category) -
+            prices.CostOf(run + 1 + r2, next_category);
   } else {
-    delta = CostOf(cost, run, 1) + 1 - (k == 63 ? cost[kEndOfBlock] : 0);
+    delta = prices.CostOf(run, 1) + 1 - (k == 63 ? prices.cost[kEndOfBlock] : 0);
   }
   return rdo.penalty[k] < kRdoLambda * delta;
 }
 
 // Run of zeros before k in `nonzero` (bit 0 set: runs start after DC).
-inline int RunBefore(uint64_t nonzero, int k) {
+JJ_INLINE int RunBefore(uint64_t nonzero, int k) {
   return k - (63 - __builtin_clzll(nonzero & ((uint64_t{1} << k) - 1))) - 1;
 }
 
@@ -416,8 +596,8 @@ inline int RunBefore(uint64_t nonzero, int k) {
 // is first taken with the run plain rounding left, so decisions do not wait
 // on each other, and taken again in the rare case that the value before it
 // was lowered to zero (about 8% of unit candidates are).
-inline uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
-                          const uint8_t category[64], const uint8_t cost[256]) {
+JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
+                          const uint8_t category[64], const RdoPrices& prices) {
   const uint64_t plain = nonzero | 1;
   nonzero = plain;
   uint64_t units = rdo.units;
@@ -426,9 +606,9 @@ inline uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
     units &= units - 1;
     const uint64_t later = k < 63 ? plain >> (k + 1) : 0;
     const int run = RunBefore(plain, k);
-    bool lower = UnitLowers(rdo, k, run, later, category, cost);
+    bool lower = UnitLowers(rdo, k, run, later, category, prices);
     if (!((nonzero >> (k - run - 1)) & 1)) {  // the value before was lowered to zero
-      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, cost);
+      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, prices);
     }
     nonzero &= ~(static_cast<uint64_t>(lower) << k);
   }
@@ -443,57 +623,154 @@ struct QuantizedBlock {
   RdoCandidates rdo;
 };
 
-// Emits the symbols of one block to `sink` (a histogram or a symbol
-// recorder), so every pass shares one definition of the symbol stream.
-// kRdo: RDO decides the block's candidates first, those of magnitude 1
-// (DropUnits), then each larger one as its symbol is emitted: lowering it
-// changes no run, so the run it sees is final. Returns the block's DC value.
-template <bool kRdo, class Sink>
-inline int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
-                     Sink& sink) {
-  const int dc = block.zigzag[0];
-  const int dc_difference = dc - previous_dc;
-  const int dc_category = MagnitudeCategory(dc_difference);
-  sink.Dc(dc_category, ExtraBits(dc_difference, dc_category), dc_category);
-  CoefficientCodes codes;
-  ComputeCoefficientCodes(block.zigzag, &codes);
-  uint64_t nonzero = block.nonzero;
-  uint64_t lowerable = 0;
-  if (kRdo) {
-    if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, prices->cost);
-    lowerable = block.rdo.all & ~block.rdo.units;
+// RDO's decisions on the candidates larger than 1 (lowering one changes no
+// run, so the runs left by DropUnits are final): bit k set when the value at
+// k moves down one category (PackCodes applies them). Decided candidate by
+// candidate (about one nonzero value in six) rather than in the symbol loop.
+JJ_INLINE uint64_t LoweredCandidates(const QuantizedBlock& block, uint64_t nonzero,
+                                     const float lowering_gain[256], const uint8_t category[64]) {
+  const uint64_t runs_end = nonzero | 1;  // DC ends the run before the first AC value
+  uint64_t candidates = block.rdo.all & ~block.rdo.units;
+  uint64_t lowered = 0;
+  while (candidates != 0) {
+    const int k = __builtin_ctzll(candidates);
+    candidates &= candidates - 1;
+    const int run = RunBefore(runs_end, k);
+    // Without branches: the decisions are unpredictable.
+    const uint64_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | category[k]];
+    lowered |= lower << k;
   }
+  return lowered;
+}
+
+// Calls emit(entry) for each AC symbol of a block, in order: ZRLs, each
+// nonzero value's (run << 4 | category) << 16 | its extra bits (the
+// receiver keeps the low `category` bits), then EOB unless the last value is
+// nonzero. packed: PackCodes'; nonzero: the AC values coded (bit k: zig-zag k).
+template <class Emit>
+JJ_INLINE void ForEachAcSymbol(const uint32_t packed[64], uint64_t nonzero, Emit&& emit) {
   int last = 0;
   while (nonzero != 0) {
     const int k = __builtin_ctzll(nonzero);
     nonzero &= nonzero - 1;
-    int run = k - last - 1;
-    uint32_t category = codes.category[k];
-    uint32_t extra = codes.extra[k];
-    if (kRdo) {  // without branches: candidates are frequent and unpredictable
-      const uint32_t lower = static_cast<uint32_t>((lowerable >> k) & 1) &
-                             (block.rdo.penalty[k] < prices->lowering_gain[((run & 15) << 4) | category]);
-      // value - sign(value): one category down, and its extra bits (the
-      // value when positive, value - 1 when negative) move by the same one.
-      const uint32_t sign = block.zigzag[k] > 0 ? 1u : ~0u;
-      category -= lower;
-      extra = (extra - (sign & (0u - lower))) & 0xFFFF;
-    }
-    for (; run >= 16; run -= 16) sink.Ac(kZeroRun16, 0, 0);
-    // The sink keeps the low `category` bits of extra.
-    sink.Ac(static_cast<uint8_t>((run << 4) | category), extra, static_cast<int>(category));
+    uint32_t run = static_cast<uint32_t>(k - last - 1);
     last = k;
+    if (__builtin_expect(run >= 16, 0)) {
+      for (; run >= 16; run -= 16) emit(uint32_t{kZeroRun16} << 16);
+    }
+    emit(packed[k] + (run << 20));
   }
-  if (last != 63) sink.Ac(kEndOfBlock, 0, 0);
+  if (last != 63) emit(uint32_t{kEndOfBlock} << 16);
+}
+
+// Emits the symbols of one block to `sink` (a histogram or a symbol
+// recorder), so every pass shares one definition of the symbol stream.
+// kRdo: RDO decides the block's candidates first, those of magnitude 1
+// (DropUnits), then the larger ones (LoweredCandidates, applied by
+// PackCodes). kAvx2: the sink may
+// use code compiled for AVX2 (only from RecordTileAvx2). Returns the block's
+// DC value.
+template <bool kRdo, bool kAvx2, class Sink>
+JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
+                        Sink& sink) {
+  const int dc = block.zigzag[0];
+  const int dc_difference = dc - previous_dc;
+  const int dc_category = MagnitudeCategory(dc_difference);
+  sink.Dc(dc_category, ExtraBits(dc_difference, dc_category));
+  CoefficientCodes codes;
+  ComputeCoefficientCodes(block.zigzag, &codes);
+  uint64_t nonzero = block.nonzero;
+  uint64_t lowered = 0;
+  if (kRdo) {
+    if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, *prices);
+    lowered = LoweredCandidates(block, nonzero, prices->lowering_gain, codes.category);
+  }
+  PackCodes(block.zigzag, lowered, &codes);
+  sink.template AcSymbols<kAvx2>(codes.packed, nonzero);
   return dc;
 }
 
 struct HistogramSink {
   SymbolHistogram dc;
   SymbolHistogram ac;
-  void Dc(int symbol, uint32_t, int) { ++dc.count[symbol]; }
-  void Ac(int symbol, uint32_t, int) { ++ac.count[symbol]; }
+  void Dc(int symbol, uint32_t) { ++dc.count[symbol]; }
+  template <bool kAvx2>
+  JJ_INLINE void AcSymbols(const uint32_t packed[64], uint64_t nonzero) {
+    ForEachAcSymbol(packed, nonzero, [this](uint32_t entry) { ++ac.count[entry >> 16]; });
+  }
 };
+
+// Whether coding `nonzero` takes a ZRL: a run of 16 or more zeros before a
+// nonzero AC value (runs after the last one end in EOB).
+JJ_INLINE bool HasLongRun(uint64_t nonzero) {
+  const uint64_t coded = nonzero | 1;  // runs start after DC
+  const int last = 63 - __builtin_clzll(coded);
+  if (last < 16) return false;
+  uint64_t zeros = ~coded;  // bit i: i..i+15 all zero, after the shifts
+  zeros &= zeros >> 1;
+  zeros &= zeros >> 2;
+  zeros &= zeros >> 4;
+  zeros &= zeros >> 8;
+  return (zeros & ((uint64_t{1} << (last - 15)) - 1)) != 0;
+}
+
+#if defined(JAXJPEG_X86_DISPATCH)
+// For each 8-bit mask, the indices of its set bits in increasing order, one
+// per byte (the rest 0): the lanes a compress by that mask keeps.
+struct CompressIndices {
+  uint64_t lanes[256];
+  CompressIndices() {
+    for (int mask = 0; mask < 256; ++mask) {
+      uint64_t packed = 0;
+      for (int bit = 0, n = 0; bit < 8; ++bit) {
+        if (mask & (1 << bit)) packed |= static_cast<uint64_t>(bit) << (8 * n++);
+      }
+      lanes[mask] = packed;
+    }
+  }
+};
+
+const CompressIndices& CompressTable() {
+  static const CompressIndices table;
+  return table;
+}
+
+// ForEachAcSymbol's entries for a block without ZRLs (!HasLongRun), eight
+// positions at a time: the nonzero values' packed codes and positions are
+// compressed into the first lanes, each run is the distance to the lane
+// before (lane 0: to the last position of the groups before) minus one. All
+// eight lanes are stored and `out` advances past the valid ones: the stores
+// reach at most 64 entries past `out` (8 groups of up to 8), within a
+// block's kMaxSymbolsPerBlock. Returns the new end.
+__attribute__((target("avx2,bmi,bmi2"))) uint32_t* ShortRunSymbolsAvx2(
+    const uint32_t packed[64], uint64_t nonzero, uint32_t* out) {
+  const CompressIndices& table = CompressTable();
+  const __m256i rotate = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i previous = _mm256_setzero_si256();  // lane 0: the last position so far (DC: 0)
+  for (int group = 0; group < 8; ++group) {
+    const unsigned mask = static_cast<unsigned>(nonzero >> (8 * group)) & 0xFF;
+    if (mask == 0) continue;
+    const __m256i lanes =
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(table.lanes[mask])));
+    // Two 16-byte loads, as PackCodes stored them (store forwarding).
+    const __m128i* halves = reinterpret_cast<const __m128i*>(packed + 8 * group);
+    const __m256i group_codes = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(halves)), _mm_loadu_si128(halves + 1), 1);
+    const __m256i codes = _mm256_permutevar8x32_epi32(group_codes, lanes);
+    const __m256i positions = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * group));
+    const __m256i before =
+        _mm256_blend_epi32(_mm256_permutevar8x32_epi32(positions, rotate), previous, 1);
+    const __m256i runs = _mm256_sub_epi32(_mm256_sub_epi32(positions, before), one);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_add_epi32(codes, _mm256_slli_epi32(runs, 20)));
+    const int count = __builtin_popcount(mask);
+    out += count;
+    previous = _mm256_permutevar8x32_epi32(positions, _mm256_set1_epi32(count - 1));
+  }
+  return out;
+}
+#endif
 
 // One coded symbol: (table index << 16) | its extra bits (AC: before
 // truncation to the symbol's category; the writer masks them), the table
@@ -511,32 +788,61 @@ class SymbolRecorder {
       : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]),
         end_(entries_.get()) {}
 
-  void Dc(int symbol, uint32_t bits, int) { Record(kDcIndex + symbol, bits); }
-  void Ac(int symbol, uint32_t bits, int) { Record(symbol, bits); }
+  void Dc(int symbol, uint32_t bits) { Record((static_cast<uint32_t>(kDcIndex + symbol) << 16) | bits); }
+
+  // A block's AC symbols (ForEachAcSymbol's entries); kAvx2: without ZRLs,
+  // eight positions at a time, counted afterwards.
+  template <bool kAvx2>
+  JJ_INLINE void AcSymbols(const uint32_t packed[64], uint64_t nonzero) {
+#if defined(JAXJPEG_X86_DISPATCH)
+    if constexpr (kAvx2) {
+      if (!HasLongRun(nonzero)) {
+        uint32_t* const begin = end_;
+        end_ = ShortRunSymbolsAvx2(packed, nonzero, end_);
+        if ((nonzero >> 63) == 0) *end_++ = uint32_t{kEndOfBlock} << 16;
+        CountEntries(begin, end_);
+        return;
+      }
+    }
+#endif
+    ForEachAcSymbol(packed, nonzero, [this](uint32_t entry) { Record(entry); });
+  }
 
   size_t size() const { return static_cast<size_t>(end_ - entries_.get()); }
   const uint32_t* entries() const { return entries_.get(); }
   SymbolHistogram Histogram(int first) const {
     SymbolHistogram h;
-    std::memcpy(h.count, count_ + first, sizeof(h.count));
+    for (int i = 0; i < 256; ++i) {
+      h.count[i] = count_[0][first + i] + count_[1][first + i] + count_[2][first + i] +
+                   count_[3][first + i];
+    }
     return h;
   }
 
  private:
-  void Record(int index, uint32_t bits) {
-    *end_++ = (static_cast<uint32_t>(index) << 16) | bits;
-    ++count_[index];
+  void Record(uint32_t entry) {
+    *end_++ = entry;
+    ++count_[0][entry >> 16];
+  }
+
+  // Counts recorded entries four at a time, each into its own table: the
+  // same symbol in a row (frequent) then increments different counters.
+  JJ_INLINE void CountEntries(const uint32_t* begin, const uint32_t* end) {
+    for (; end - begin >= 4; begin += 4) {
+      for (int lane = 0; lane < 4; ++lane) ++count_[lane][begin[lane] >> 16];
+    }
+    for (; begin < end; ++begin) ++count_[0][*begin >> 16];
   }
   std::unique_ptr<uint32_t[]> entries_;
   // Where the next symbol goes: a pointer, not a size_t count, so the
   // compiler may keep it in a register (a uint64_t count_ store could alias
   // a size_t, which would be reloaded after each one).
   uint32_t* end_;
-  uint64_t count_[512] = {};
+  uint64_t count_[4][512] = {};  // summed by Histogram
 };
 
 // DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
-inline bool StartsInterval(int64_t block, int restart_interval) {
+JJ_INLINE bool StartsInterval(int64_t block, int restart_interval) {
   return restart_interval > 0 && block % restart_interval == 0;
 }
 
@@ -547,14 +853,29 @@ class BlockQuantizer {
         max_sample_(static_cast<float>((1 << options.bits) - 1)),
         center_(static_cast<float>(1 << (options.bits - 1))) {}
 
-  // with_rdo: out->rdo filled in too.
-  void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
+  // with_rdo: out->rdo filled in too. kAvx2: the transform compiled for
+  // AVX2 (only from RecordTileAvx2).
+  template <bool kAvx2>
+  JJ_INLINE void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
     alignas(32) float block[64];
-    alignas(32) float coefficients[64];
+    alignas(32) float coefficients[64];  // transposed
     alignas(16) float scaled[64];
+#if defined(JAXJPEG_X86_DISPATCH)
+    if constexpr (kAvx2) {
+      __m256 rows[8];
+      GatherCenteredRowsAvx2(source_, bx * 8, by * 8, max_sample_, center_, rows);
+      ForwardDct8x8TransposedAvx2(basis_, rows, coefficients);
+      QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag, scaled);
+    } else {
+      GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
+      ForwardDct8x8Transposed(basis_, block, coefficients);
+      QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
+    }
+#else
     GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
-    ForwardDct8x8(basis_, block, coefficients);
+    ForwardDct8x8Transposed(basis_, block, coefficients);
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
+#endif
     out->nonzero = NonzeroAcMask(out->zigzag);
     if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
   }
@@ -595,10 +916,11 @@ class SampledBlocks {
       blocks_.resize(static_cast<size_t>(rows * grid.blocks_x));
     }
   }
-  // Where block (bx, by) of a sampled row is kept; null where it is not.
-  QuantizedBlock* Find(int bx, int by) {
+  // Where the blocks of row `by` are kept (block bx at [bx]); null where
+  // they are not.
+  JJ_INLINE QuantizedBlock* Row(int by) {
     if (blocks_.empty() || by % row_step_ != 0) return nullptr;
-    return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_ + bx];
+    return &blocks_[static_cast<size_t>(by / row_step_) * blocks_x_];
   }
 
  private:
@@ -607,19 +929,20 @@ class SampledBlocks {
   std::vector<QuantizedBlock> blocks_;
 };
 
-RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
+template <bool kAvx2>
+JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid,
                           int restart_interval, SampledBlocks* kept) {
   HistogramSink histogram;
   QuantizedBlock scratch;
   for (int by = 0; by < grid.blocks_y; by += CostSampleRowStep(grid)) {
     int previous_dc = 0;
+    QuantizedBlock* const kept_row = kept->Row(by);
     for (int bx = 0; bx < grid.blocks_x; ++bx) {
       const int64_t index = static_cast<int64_t>(by) * grid.blocks_x + bx;
       if (StartsInterval(index, restart_interval)) previous_dc = 0;
-      QuantizedBlock* block = kept->Find(bx, by);
-      if (block == nullptr) block = &scratch;
-      quantizer.Quantize(bx, by, block != &scratch, block);
-      previous_dc = CodeBlock<false>(*block, previous_dc, nullptr, histogram);
+      QuantizedBlock* const block = kept_row != nullptr ? kept_row + bx : &scratch;
+      quantizer.template Quantize<kAvx2>(bx, by, block != &scratch, block);
+      previous_dc = CodeBlock<false, false>(*block, previous_dc, nullptr, histogram);
     }
   }
   return RdoPrices(BuildCodeTable(BuildOptimalSpec(histogram.ac)));
@@ -629,25 +952,30 @@ RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const BlockGrid& grid
 // SampleRdoPrices are taken as they are) and records its symbols; the index
 // of the first symbol of each restart interval is appended to
 // interval_symbols. prices: RDO's (null: no RDO).
-template <bool kRdo>
-void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
+template <bool kRdo, bool kAvx2>
+JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
                    const RdoPrices* prices, SampledBlocks* kept, SymbolRecorder* recorder,
                    std::vector<size_t>* interval_symbols) {
   QuantizedBlock scratch;
   int previous_dc = 0;
-  int64_t index = 0;
+  // Blocks left before the next restart interval (the first one starts at
+  // block 0): a countdown, not a division per block.
+  int64_t interval_left = 0;
   for (int by = 0; by < grid.blocks_y; ++by) {
-    for (int bx = 0; bx < grid.blocks_x; ++bx, ++index) {
-      if (index == 0 || StartsInterval(index, restart_interval)) {
+    const QuantizedBlock* const kept_row = kRdo ? kept->Row(by) : nullptr;
+    for (int bx = 0; bx < grid.blocks_x; ++bx) {
+      if (interval_left == 0) {
         previous_dc = 0;
         interval_symbols->push_back(recorder->size());
+        interval_left = restart_interval > 0 ? restart_interval : INT64_MAX;
       }
-      const QuantizedBlock* block = kRdo ? kept->Find(bx, by) : nullptr;
+      --interval_left;
+      const QuantizedBlock* block = kept_row != nullptr ? kept_row + bx : nullptr;
       if (block == nullptr) {
-        quantizer.Quantize(bx, by, kRdo, &scratch);
+        quantizer.template Quantize<kAvx2>(bx, by, kRdo, &scratch);
         block = &scratch;
       }
-      previous_dc = CodeBlock<kRdo>(*block, previous_dc, prices, *recorder);
+      previous_dc = CodeBlock<kRdo, kAvx2>(*block, previous_dc, prices, *recorder);
     }
   }
 }
@@ -658,6 +986,12 @@ struct SymbolCodes {
   uint32_t prefix[512];
   uint16_t extra_mask[512];  // the extra bits a symbol carries
   uint8_t length[512];
+
+  // A recorded symbol's code and extra bits (length[entry >> 16] of them).
+  uint32_t Bits(uint32_t entry) const {
+    const uint32_t index = entry >> 16;
+    return prefix[index] | (entry & extra_mask[index]);
+  }
 };
 
 SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& ac) {
@@ -676,7 +1010,7 @@ SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& 
 
 // The entropy-coded segment, with RSTn markers between intervals; the offset
 // where each interval's data starts is appended to `starts`.
-void WriteEntropyCodedData(const SymbolRecorder& recorder,
+JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
                            const std::vector<size_t>& interval_symbols, const SymbolCodes& codes,
                            BitWriter* writer, std::vector<int64_t>* starts) {
   // A chunk of this many symbols (31 bits at most each) fits the reserve.
@@ -694,9 +1028,16 @@ void WriteEntropyCodedData(const SymbolRecorder& recorder,
     for (size_t i = interval_symbols[interval]; i < end;) {
       writer->Reserve(kMaxCodedBlockBytes);
       const size_t chunk_end = end - i > kChunk ? i + kChunk : end;
-      for (; i < chunk_end; ++i) {
-        const uint32_t index = entries[i] >> 16;
-        writer->Put(codes.prefix[index] | (entries[i] & codes.extra_mask[index]), codes.length[index]);
+      // Two symbols (31 bits at most each) per Put: half the accumulator
+      // checks.
+      for (; chunk_end - i >= 2; i += 2) {
+        const uint32_t second_length = codes.length[entries[i + 1] >> 16];
+        writer->Put((uint64_t{codes.Bits(entries[i])} << second_length) | codes.Bits(entries[i + 1]),
+                    codes.length[entries[i] >> 16] + second_length);
+      }
+      if (i < chunk_end) {
+        writer->Put(codes.Bits(entries[i]), codes.length[entries[i] >> 16]);
+        ++i;
       }
     }
   }
@@ -777,29 +1118,79 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 
 // ---------------------------------------------------------------------------
 
-void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
-            std::vector<int64_t>* starts) {
-  const BlockGrid grid = MakeBlockGrid(source.width, source.height);
+// The hot passes: every block quantized and its symbols recorded (RDO
+// included), then the entropy-coded data written. Everything they call is
+// inlined into them, so each entry point below is compiled whole for its
+// target; the CPU picks one at run time.
+template <bool kAvx2>
+JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& options,
+                          const BlockGrid& grid, SymbolRecorder* recorder,
+                          std::vector<size_t>* interval_symbols) {
   const BlockQuantizer quantizer(source, options);
   // RDO prices symbols with optimal code lengths whatever optimize_huffman
   // says, so the values coded do not depend on it.
-  SymbolRecorder recorder(grid.count);
-  std::vector<size_t> interval_symbols;
   if (options.rdo) {
     SampledBlocks kept(grid, CostSampleRowStep(grid));
-    const RdoPrices prices = SampleRdoPrices(quantizer, grid, options.restart_interval, &kept);
-    RecordSymbols<true>(quantizer, grid, options.restart_interval, &prices, &kept, &recorder,
-                        &interval_symbols);
+    const RdoPrices prices = SampleRdoPrices<kAvx2>(quantizer, grid, options.restart_interval, &kept);
+    RecordSymbols<true, kAvx2>(quantizer, grid, options.restart_interval, &prices, &kept, recorder,
+                        interval_symbols);
   } else {
-    RecordSymbols<false>(quantizer, grid, options.restart_interval, nullptr, nullptr, &recorder,
-                         &interval_symbols);
+    RecordSymbols<false, kAvx2>(quantizer, grid, options.restart_interval, nullptr, nullptr, recorder,
+                         interval_symbols);
   }
+}
 
-  const HuffmanSpec dc_spec = options.optimize_huffman
-                                  ? BuildOptimalSpec(recorder.Histogram(kDcIndex))
-                                  : StandardLuminanceDcSpec();
-  const HuffmanSpec ac_spec = options.optimize_huffman ? BuildOptimalSpec(recorder.Histogram(0))
-                                                       : StandardLuminanceAcSpec();
+void RecordTilePortable(const SampleSource& source, const EncodeOptions& options,
+                        const BlockGrid& grid, SymbolRecorder* recorder,
+                        std::vector<size_t>* interval_symbols) {
+  RecordTile<false>(source, options, grid, recorder, interval_symbols);
+}
+
+void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
+                                   const std::vector<size_t>& interval_symbols,
+                                   const SymbolCodes& codes, BitWriter* writer,
+                                   std::vector<int64_t>* starts) {
+  WriteEntropyCodedData(recorder, interval_symbols, codes, writer, starts);
+}
+
+#if defined(JAXJPEG_X86_DISPATCH)
+// The same code with 256-bit vectors, three-operand (VEX) encodings and
+// BMI2's shifts: the same operations in the same order, so the same bytes.
+__attribute__((target("avx2,bmi,bmi2"))) void RecordTileAvx2(
+    const SampleSource& source, const EncodeOptions& options, const BlockGrid& grid,
+    SymbolRecorder* recorder, std::vector<size_t>* interval_symbols) {
+  RecordTile<true>(source, options, grid, recorder, interval_symbols);
+}
+
+__attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
+    const SymbolRecorder& recorder, const std::vector<size_t>& interval_symbols,
+    const SymbolCodes& codes, BitWriter* writer, std::vector<int64_t>* starts) {
+  WriteEntropyCodedData(recorder, interval_symbols, codes, writer, starts);
+}
+#endif
+
+void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
+            std::vector<int64_t>* starts) {
+  const BlockGrid grid = MakeBlockGrid(source.width, source.height);
+  const bool avx2 = options.allow_avx2 && CpuHasAvx2Bmi2();
+  SymbolRecorder recorder(grid.count);
+  std::vector<size_t> interval_symbols;
+#if defined(JAXJPEG_X86_DISPATCH)
+  if (avx2) {
+    RecordTileAvx2(source, options, grid, &recorder, &interval_symbols);
+  } else {
+    RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
+  }
+#else
+  RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
+#endif
+
+  const SymbolHistogram dc_counts = recorder.Histogram(kDcIndex);
+  const SymbolHistogram ac_counts = recorder.Histogram(0);
+  const HuffmanSpec dc_spec =
+      options.optimize_huffman ? BuildOptimalSpec(dc_counts) : StandardLuminanceDcSpec();
+  const HuffmanSpec ac_spec =
+      options.optimize_huffman ? BuildOptimalSpec(ac_counts) : StandardLuminanceAcSpec();
 
   PutMarker(out, marker::kSOI);
   PutQuantTable(out, options.qtable);
@@ -809,9 +1200,26 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   PutScanHeader(out);
 
   BitWriter writer(out);
-  WriteEntropyCodedData(recorder, interval_symbols,
-                        MakeSymbolCodes(BuildCodeTable(dc_spec), BuildCodeTable(ac_spec)), &writer,
-                        starts);
+  const SymbolCodes codes = MakeSymbolCodes(BuildCodeTable(dc_spec), BuildCodeTable(ac_spec));
+  // The output grows once, to about its final size: the coded bits are known
+  // from the counts (stuffed bytes, RST markers and padding take a little more).
+  uint64_t coded_bits = 0;
+  for (int i = 0; i < 256; ++i) {
+    coded_bits += ac_counts.count[i] * codes.length[i] + dc_counts.count[i] * codes.length[kDcIndex + i];
+  }
+  const uint64_t coded_bytes = coded_bits / 8;
+  writer.Reserve(static_cast<size_t>(coded_bytes + coded_bytes / 128 + 3 * interval_symbols.size() +
+                                     2 * kMaxCodedBlockBytes));
+#if defined(JAXJPEG_X86_DISPATCH)
+  if (avx2) {
+    WriteEntropyCodedDataAvx2(recorder, interval_symbols, codes, &writer, starts);
+  } else {
+    WriteEntropyCodedDataPortable(recorder, interval_symbols, codes, &writer, starts);
+  }
+#else
+  (void)avx2;
+  WriteEntropyCodedDataPortable(recorder, interval_symbols, codes, &writer, starts);
+#endif
   starts->push_back(static_cast<int64_t>(out->size()));  // the EOI marker
   PutMarker(out, marker::kEOI);
 }

@@ -34,6 +34,10 @@ struct EncodeOptions {
   // rounded values of every 8th block row; each block is decided just
   // before its symbols are recorded.
   bool rdo = true;
+  // true: on x86-64 CPUs with AVX2 and BMI2, the hot passes run as code
+  // compiled for them (run-time dispatch); the output is the same either way
+  // (false: the portable code, which tests compare with).
+  bool allow_avx2 = true;
 };
 
 // samples: row-major float32 in [0, 2^bits - 1], continuous (not rounded:

@@ -57,9 +57,10 @@ class BitWriter {
     out_->resize(grown > size_ + bytes ? grown : size_ + bytes);
   }
 
-  // Appends the low `count` bits of `bits` (count <= 31, higher bits zero).
-  // Bits gather in a 64-bit accumulator emitted 8 bytes at a time.
-  void Put(uint32_t bits, int count) {
+  // Appends the low `count` bits of `bits` (count <= 63, higher bits zero:
+  // up to two codes with their extra bits). Bits gather in a 64-bit
+  // accumulator emitted 8 bytes at a time.
+  void Put(uint64_t bits, int count) {
     if (count < free_bits_) {
       free_bits_ -= count;
       pending_ = (pending_ << count) | bits;
@@ -69,7 +70,7 @@ class BitWriter {
     // (free_bits_ >= 1, so no shift reaches 64) and the rest starts the next
     // word (the bits above them shift out before they are emitted).
     const int rest = count - free_bits_;
-    EmitWord((pending_ << free_bits_) | (static_cast<uint64_t>(bits) >> rest));
+    EmitWord((pending_ << free_bits_) | (bits >> rest));
     pending_ = bits;
     free_bits_ = 64 - rest;
   }

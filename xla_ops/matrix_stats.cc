@@ -3,6 +3,8 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_features.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -62,7 +64,7 @@ JAXJPEG_INLINE void StoreWide(double* p, DoublePair v) {
 }
 JAXJPEG_INLINE double Lane(DoublePair v, int i) { return i < 2 ? v.low[i] : v.high[i - 2]; }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(JAXJPEG_X86_DISPATCH)
 #define JAXJPEG_AVX2_STATS 1
 // The Double4 code is always inlined, in the end into AddAllRowsAvx2
 // (compiled for AVX2): GCC's warnings that passing a Double4 by value would
@@ -198,15 +200,6 @@ __attribute__((target("avx2"))) void AddAllRowsAvx2(const float* data, int64_t r
 #if defined(JAXJPEG_AVX2_STATS) && defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
-
-bool CpuHasAvx2() {
-#if defined(JAXJPEG_AVX2_STATS)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  return avx2;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
