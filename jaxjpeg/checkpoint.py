@@ -666,7 +666,9 @@ class _Save:
         if target is not None:
             self.encode = _target_encoder(leaves, self.policy, target, bits, leaf_coder)
             self.workers = 1
-        self.bias_correction = _BiasCorrection(leaf_coder.prior if target is not None else None)
+        # Every kernel the prior models, also one a user's sensitivity or
+        # covariance steers: the shift its coding leaves is the same kind.
+        self.bias_correction = _BiasCorrection(prior if target is not None else None)
         self.progress = progress
 
     def run(self) -> SaveReport:

@@ -267,3 +267,18 @@ def test_running_means_are_kept_without_a_byte_target_or_prior(tmp_path):
             np.testing.assert_array_equal(got, exact)
         else:   # float16 with 8 significand bits, not moved
             assert np.all(np.abs(got - exact) <= 2 ** -9 * np.abs(exact) + 1e-12)
+
+
+def test_bias_correction_also_follows_a_kernel_a_user_covariance_steers(tmp_path):
+    tree, x = _conv_then_batchnorm(np.random.default_rng(14))
+    w = tree["conv.weight"]
+    covariance = jaxjpeg.InputCovariance(x.T.astype(np.float64) @ x / len(x), (1, 2, 3))
+    jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=8, progress=False,
+                 input_covariance={"conv.weight": covariance})
+    got = jaxjpeg.restore(tmp_path / "c.jjpg")
+    error = np.asarray(got["conv.weight"], np.float64) - w
+    shift = priors.batchnorm_prior(tree).output_shift("conv.weight", error)
+    moved = np.asarray(got["bn_out.running_mean"], np.float64) - tree["bn_out.running_mean"]
+    assert np.abs(shift).max() > 0
+    assert np.all(np.abs(moved - shift) <= 2 ** -8 * (np.abs(tree["bn_out.running_mean"])
+                                                      + np.abs(shift)))
