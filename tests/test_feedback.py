@@ -272,9 +272,11 @@ def test_inverse_cholesky_factors_the_damped_inverse(dead):
 
 
 @pytest.mark.parametrize("dead", [0, 4])
-def test_a_diagonal_plus_rank_one_covariance_factors_like_its_matrix(dead):
+def test_a_diagonal_plus_rank_one_covariance_factors_like_its_matrix(dead, monkeypatch):
     """The structured factor (O(n²)) equals the dense one of the same matrix,
-    dead inputs included, and reorders into views like the matrix does."""
+    dead inputs included, and reorders into views like the matrix does (a
+    dense covariance, a user's estimate, is otherwise damped more)."""
+    monkeypatch.setattr(feedback, "CALIBRATION_DAMPING", feedback.DAMPING)
     rng = np.random.default_rng(13)
     n = 3 * 4 * 5
     diagonal, vector = rng.uniform(0.1, 2, n), rng.uniform(0, 1.5, n)
@@ -295,3 +297,19 @@ def test_a_diagonal_plus_rank_one_covariance_of_the_wrong_size_is_refused():
     cov = feedback.DiagonalPlusRankOne(np.ones(5), np.ones(5), (1,))
     with pytest.raises(ValueError, match="need"):
         feedback.for_view(cov, (4, 6), MatrixView((0, 1), 1))
+
+
+def test_a_measured_covariance_is_damped_more_than_a_modelled_one():
+    """Calibration covariances are estimates from few samples: their factor
+    takes CALIBRATION_DAMPING (EfficientNet-lite1 at 8x: KL 0.088 -> 0.066
+    against 0.01), the prior's exact model GPTQ's DAMPING."""
+    rng = np.random.default_rng(14)
+    a = rng.normal(size=(24, 8))
+    h = a @ a.T / 8                       # rank 8 of 24: an undersampled estimate
+    cov = feedback.InputCovariance(h, (1,))
+    fb = feedback.for_view(cov, (5, 24), MatrixView((0, 1), 1))
+    unit = np.ones(24)
+    upper = fb.upper(unit)
+    assert feedback.CALIBRATION_DAMPING > feedback.DAMPING
+    damped = h + feedback.CALIBRATION_DAMPING * np.mean(np.diag(h)) * np.eye(24)
+    np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(24), atol=1e-8)
