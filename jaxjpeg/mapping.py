@@ -209,7 +209,8 @@ def _f16_offset(view, scale, offset, top, clip_ok, low_high=None) -> np.ndarray:
     """
     offset = np.asarray(offset, np.float64)
     scale = np.asarray(scale, np.float64)
-    o16 = offset.astype(np.float16).astype(np.float64)
+    with np.errstate(over="ignore"):   # offsets past float16's range: kept float32 below
+        o16 = offset.astype(np.float16).astype(np.float64)
     finite = np.isfinite(o16)
     safe_scale = np.where(scale > 0, scale, 1.0)
     if clip_ok:

@@ -267,3 +267,20 @@ def test_maps_are_stored_as_float16_exactly_when_every_value_round_trips():
             warnings.simplefilter("error")   # nothing converted that float16 cannot hold
             out = _half_if_exact(kept)
         assert out.dtype == np.float32 and out.tobytes() == kept.tobytes()
+
+
+def test_weights_past_float16s_range_save_without_numpy_warnings(tmp_path):
+    """Defect: maps of weights around 1e6 printed numpy's 'overflow
+    encountered in cast' while deciding float16 offsets (they stay float32)."""
+    import warnings
+
+    import jaxjpeg
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((300, 200)) * 1e6).astype(np.float32)
+    w[:, 0] += 5e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxjpeg.save(tmp_path / "big.jjpg", {"w": w}, progress=False)
+    restored = np.asarray(jaxjpeg.restore(tmp_path / "big.jjpg")["w"])
+    assert np.sqrt(np.mean((restored - w) ** 2)) < 0.2e6
