@@ -213,7 +213,7 @@ def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:
     index_dtype, interval_index = layout.pack_interval_index(
         [tile.interval_starts for tile in enc.tiles])
     blobs.append((layout.intervals_blob(index), interval_index))
-    affine_layout, affine = enc.stored_affine()
+    affine_layout, affine = enc.stored_affine
     blobs.append((layout.affine_blob(index), affine))
     record = {"kind": "jpeg", "bits": enc.bits, "tiles": tiles,
               "restart_interval": enc.tiles[0].restart_interval,
@@ -712,10 +712,9 @@ class _Save:
         note, warning = _coding_note(name, array, enc)
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
-        if enc is not None and enc.nbytes < array.nbytes:
-            self.bias_correction.add(name, array, enc)
         half = _half_copy(array) if self.lossy_rate and not coded else None
         if enc is not None and enc.nbytes < array.nbytes:
+            self.bias_correction.add(name, array, enc)
             blobs, extra, stored = _jpeg_blobs(index, enc)
         elif half is not None:
             blob, extra = _half_blob(half)

@@ -316,8 +316,6 @@ class Checkpoint:
         data = self.reader.read_blob(layout.intervals_blob(leaf.index), verify=self.verify)
         counts = [t[4] + 1 for t in leaf.tiles]
         try:
-            if any(c < 2 for c in counts):
-                raise ValueError("interval index has the wrong size")
             pieces = layout.unpack_interval_index(data, leaf.interval_encoding, counts)
         except ValueError as e:
             raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None

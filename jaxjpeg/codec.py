@@ -16,6 +16,7 @@ decode independently on all cores (or GPU threads).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -108,7 +109,7 @@ class EncodedTensor:
     @property
     def nbytes(self) -> int:
         """Compressed size: tile bytes, maps and side list as stored."""
-        return (sum(len(t.data) for t in self.tiles) + memoryview(self.stored_affine()[1]).nbytes
+        return (sum(len(t.data) for t in self.tiles) + memoryview(self.stored_affine[1]).nbytes
                 + (0 if self.col_scale is None else self.stored_col_scale().nbytes)
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
@@ -121,9 +122,11 @@ class EncodedTensor:
             affine = np.ascontiguousarray(affine[:, :1])
         return _half_if_exact(affine)
 
+    @functools.cached_property
     def stored_affine(self) -> tuple[str | None, bytes | np.ndarray]:
         """(layout name for the record, blob) of the maps as a checkpoint
-        stores them (:func:`jaxjpeg.layout.pack_affine`)."""
+        stores them (:func:`jaxjpeg.layout.pack_affine`); deflated once, for
+        ``nbytes`` (asked several times per coding) and the writer alike."""
         return layout.pack_affine(self.affine())
 
     def stored_col_scale(self) -> np.ndarray | None:

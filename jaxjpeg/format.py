@@ -41,6 +41,7 @@ __all__ = [
     "ContainerWriter",
     "FormatError",
     "crc32c",
+    "inflate_at_most",
 ]
 
 MAGIC = b"\x89JAXJPG\n"
@@ -126,6 +127,19 @@ def _encode_header(blobs: dict, metadata: dict) -> tuple[bytes, int]:
             f"header of {len(header)} bytes exceeds the {DEFAULT_MAX_HEADER_BYTES} readers accept"
         )
     return zlib.compress(header, 6), FLAG_DEFLATED_HEADER
+
+
+def inflate_at_most(data, limit: int) -> tuple[bytes, bool]:
+    """(at most ``limit + 1`` bytes of the zlib stream ``data`` inflated,
+    whether the stream ended there with nothing after it): a small stream
+    can inflate to gigabytes, so no more is ever produced. ValueError when
+    ``data`` is not a zlib stream."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, min(limit, 2**62) + 1)   # zlib takes a C size
+    except zlib.error as e:
+        raise ValueError(f"does not inflate ({e})") from None
+    return text, inflater.eof and not inflater.unused_data
 
 
 def _as_byte_view(data) -> memoryview:
@@ -479,15 +493,13 @@ class ContainerReader:
     def _inflate_header(self, raw: memoryview, max_header_bytes: int) -> memoryview:
         """The JSON of a deflated header, never more than ``max_header_bytes``
         of it (a small stream can inflate to gigabytes)."""
-        inflater = zlib.decompressobj()
-        max_header_bytes = min(max_header_bytes, 2**62)   # zlib takes a C size
         try:
-            text = inflater.decompress(raw, max_header_bytes + 1)
-        except zlib.error as e:
-            raise self._error(f"deflated header does not inflate: {e}") from None
+            text, complete = inflate_at_most(raw, max_header_bytes)
+        except ValueError as e:
+            raise self._error(f"deflated header {e}") from None
         if len(text) > max_header_bytes:
             raise self._error(f"header inflates past the limit of {max_header_bytes} bytes")
-        if not inflater.eof or inflater.unused_data:
+        if not complete:
             raise self._error("deflated header is truncated or has bytes after its end")
         return memoryview(text)
 

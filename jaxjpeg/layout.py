@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxjpeg.format import inflate_at_most
 from jaxjpeg.treepaths import path_string
 
 # Longest leaf path accepted, in keys and in characters of its slash-joined
@@ -66,12 +67,8 @@ def inflate_planes(data, dtype, count: int) -> np.ndarray:
     is inflated)."""
     dtype = np.dtype(dtype)
     size = count * dtype.itemsize
-    inflater = zlib.decompressobj()
-    try:
-        raw = inflater.decompress(data, size + 1)
-    except zlib.error as e:
-        raise ValueError(f"does not inflate ({e})") from None
-    if len(raw) != size or not inflater.eof or inflater.unused_data:
+    raw, complete = inflate_at_most(data, size)
+    if len(raw) != size or not complete:
         raise ValueError("inflates to the wrong size")
     planes = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, count)
     return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
@@ -91,8 +88,11 @@ def pack_interval_index(starts: Sequence[np.ndarray]) -> tuple[str | None, bytes
 
 
 def unpack_interval_index(data, encoding: str | None, counts: Sequence[int]) -> list[np.ndarray]:
-    """Every tile's interval starts (int64, ``counts[k]`` values for tile k)
-    from an index blob; ValueError when it does not hold that many."""
+    """Every tile's interval starts (int64, ``counts[k]`` values for tile k,
+    at least 2: its intervals' starts and its end) from an index blob;
+    ValueError when it does not hold that many."""
+    if any(c < 2 for c in counts):
+        raise ValueError("interval index has the wrong size")
     if encoding == DELTA_INDEX:
         try:
             values = inflate_planes(data, "<u2", sum(counts)).astype(np.int64)

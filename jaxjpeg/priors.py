@@ -160,30 +160,30 @@ def batchnorm_prior(tree) -> Prior:
     convolutions with more than ``MAX_FEEDBACK_FEATURES`` inputs, whose
     n x n feedback factor would cost more than the rest of the save.
     """
-    paired = _paired(tree)
+    ordered = _in_insertion_order(tree)
+    norms = _batchnorms(dict(ordered))
+    paired = _paired(ordered, norms)
     feedback = set()
     for name, (array, m) in paired.items():
         shape = np.shape(array)
         if len(shape) > 2 and math.prod(shape) // max(shape[m.out_axis], 1) <= MAX_FEEDBACK_FEATURES:
             feedback.add(name)
     moments = {name: m for name, (_, m) in paired.items()}
-    return Prior(moments, frozenset(feedback), _output_means(tree, feedback, moments))
+    return Prior(moments, frozenset(feedback), _output_means(ordered, norms, feedback, moments))
 
 
-def _output_means(tree, names, moments) -> dict[str, str]:
+def _output_means(ordered, norms, names, moments) -> dict[str, str]:
     """{weight: running-mean leaf of the BatchNorm that normalises its output}
     for the weights in ``names``: the first BatchNorm after the weight, before
     any other weight, whose size matches its output axis."""
-    ordered = _in_insertion_order(tree)
     arrays = dict(ordered)
-    norms = _batchnorms(arrays)
     out = {}
     for k, (name, array) in enumerate(ordered):
         if name not in names:
             continue
         channels = np.shape(array)[moments[name].out_axis]
         for after, value in ordered[k + 1:k + 1 + SEARCH_BACK]:
-            if np.ndim(value) >= 2 and _leaf(after) in ("weight", "kernel"):
+            if _is_weight(after, value):
                 break
             if after in norms and len(norms[after].mean) == channels:
                 mean = _running_mean(arrays, _split(after)[0], channels)
@@ -203,14 +203,18 @@ def _running_mean(arrays: dict, parent: str, channels: int) -> str | None:
     return None
 
 
-def _paired(tree) -> dict[str, tuple[Any, ChannelMoments]]:
-    """{weight path: (weight, moments)}: each weight takes the nearest
-    BatchNorm before it whose size matches its input axis."""
-    ordered = _in_insertion_order(tree)
-    norms = _batchnorms(dict(ordered))
+def _is_weight(name: str, array) -> bool:
+    """A layer's weight matrix or kernel (what the prior models)."""
+    return np.ndim(array) >= 2 and _leaf(name) in ("weight", "kernel")
+
+
+def _paired(ordered, norms) -> dict[str, tuple[Any, ChannelMoments]]:
+    """{weight path: (weight, moments)}: each weight of the (path, leaf)
+    list ``ordered`` takes the nearest BatchNorm of ``norms`` before it whose
+    size matches its input axis."""
     out = {}
     for k, (name, array) in enumerate(ordered):
-        if np.ndim(array) < 2 or _leaf(name) not in ("weight", "kernel"):
+        if not _is_weight(name, array):
             continue
         shape = np.shape(array)
         for before, _ in reversed(ordered[max(0, k - SEARCH_BACK):k]):
@@ -225,7 +229,9 @@ def _paired(tree) -> dict[str, tuple[Any, ChannelMoments]]:
 def input_power(tree) -> dict[str, tuple[int, np.ndarray]]:
     """{weight leaf path: (its input-channel axis, estimated E[x²] per input
     channel)} for every weight fed by a BatchNorm in ``tree``."""
-    return {name: (m.axis, m.power) for name, (_, m) in _paired(tree).items()}
+    ordered = _in_insertion_order(tree)
+    paired = _paired(ordered, _batchnorms(dict(ordered)))
+    return {name: (m.axis, m.power) for name, (_, m) in paired.items()}
 
 
 def relu_mean(shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
