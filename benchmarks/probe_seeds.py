@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default="prior,no-prior")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--ratio", type=float, default=8.0)
+    p.add_argument("--calib", type=int, default=32, help="calibration crops (feedback, fisher-leaf)")
     args = p.parse_args(argv)
     missing = common.missing_modules(["numpy", "jax"] + effnet.required_modules("lite1"))
     if missing:
@@ -78,11 +79,12 @@ def main(argv=None) -> int:
     for s in settings:
         if s not in SETTINGS:
             p.error(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
-    print(f"target_ratio={args.ratio:g}, {args.seeds} probe seeds, PyTorch layout")
+    print(f"target_ratio={args.ratio:g}, {args.seeds} probe seeds, {args.calib} calibration crops, "
+          "PyTorch layout")
     print(f"{'model':6s} {'setting':12s} {'KL mean':>8s} {'sd':>7s} {'top-1':>6s}  KL per seed")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            case = effnet.EffNetCase(name, n_eval=96, n_calib=32, engine="ort",
+            case = effnet.EffNetCase(name, n_eval=96, n_calib=args.calib, engine="ort",
                                      log=lambda *a: None)
             ref = case.reference()
             for setting in settings:

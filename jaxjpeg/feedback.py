@@ -203,8 +203,9 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
     return np.ascontiguousarray(s.T if fb.along_rows else s)
 
 
-def _inverse_cholesky(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
-    """Upper ``U`` with ``(H + damping)⁻¹ = Uᵀ U``."""
+def _inverse_cholesky(h: np.ndarray, damping: float | None = None) -> np.ndarray:
+    """Upper ``U`` with ``(H + damping)⁻¹ = Uᵀ U`` (``damping``: DAMPING
+    unless given)."""
     h = h.copy()
     h[np.diag_indices_from(h)] = _damped(np.diag(h), np.diag(h), damping)
     # With J the order reversal and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J),
@@ -217,9 +218,11 @@ def _inverse_cholesky(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
-def _damped(power: np.ndarray, base: np.ndarray, damping: float = DAMPING) -> np.ndarray:
+def _damped(power: np.ndarray, base: np.ndarray, damping: float | None = None) -> np.ndarray:
     """The diagonal ``base`` of H plus damping * mean(diag H) (``power``: diag
-    H); a dead input (zero power) gets the mean alone."""
+    H; ``damping``: DAMPING unless given, read when called); a dead input
+    (zero power) gets the mean alone."""
+    damping = DAMPING if damping is None else damping
     mean = float(power.mean()) if power.size and power.mean() > 0 else 1.0
     return np.where(power > 0, base + damping * mean, mean)
 

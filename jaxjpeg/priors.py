@@ -97,15 +97,18 @@ class Prior:
 
     moments: dict
     feedback: frozenset
-    # {feedback leaf: running-mean leaf of the BatchNorm its output feeds}
+    # {modelled weight: running-mean leaf of the BatchNorm its output feeds}
     output_means: dict = dataclasses.field(default_factory=dict)
+    # {modelled weight with no BatchNorm after it: its own bias leaf}
+    output_biases: dict = dataclasses.field(default_factory=dict)
 
     def without(self, names) -> "Prior":
         """The prior less the leaves in ``names`` (those a user steers)."""
         names = set(names)
         return Prior({k: v for k, v in self.moments.items() if k not in names},
                      self.feedback - names,
-                     {k: v for k, v in self.output_means.items() if k not in names})
+                     {k: v for k, v in self.output_means.items() if k not in names},
+                     {k: v for k, v in self.output_biases.items() if k not in names})
 
     def output_shift(self, name: str, error: np.ndarray) -> np.ndarray:
         """The mean shift a kernel error ``error`` adds to each output channel
@@ -169,17 +172,19 @@ def batchnorm_prior(tree) -> Prior:
         if len(shape) > 2 and math.prod(shape) // max(shape[m.out_axis], 1) <= MAX_FEEDBACK_FEATURES:
             feedback.add(name)
     moments = {name: m for name, (_, m) in paired.items()}
-    return Prior(moments, frozenset(feedback), _output_means(ordered, norms, feedback, moments))
+    means = _output_means(ordered, norms, moments)
+    return Prior(moments, frozenset(feedback), means,
+                 _output_biases(dict(ordered), set(moments) - set(means), moments))
 
 
-def _output_means(ordered, norms, names, moments) -> dict[str, str]:
+def _output_means(ordered, norms, moments) -> dict[str, str]:
     """{weight: running-mean leaf of the BatchNorm that normalises its output}
-    for the weights in ``names``: the first BatchNorm after the weight, before
-    any other weight, whose size matches its output axis."""
+    for the weights in ``moments``: the first BatchNorm after the weight,
+    before any other weight, whose size matches its output axis."""
     arrays = dict(ordered)
     out = {}
     for k, (name, array) in enumerate(ordered):
-        if name not in names:
+        if name not in moments:
             continue
         channels = np.shape(array)[moments[name].out_axis]
         for after, value in ordered[k + 1:k + 1 + SEARCH_BACK]:
@@ -190,6 +195,19 @@ def _output_means(ordered, norms, names, moments) -> dict[str, str]:
                 if mean is not None:
                     out[name] = mean
                 break
+    return out
+
+
+def _output_biases(arrays: dict, names, moments) -> dict[str, str]:
+    """{weight: its own bias leaf} for the weights in ``names`` that have one
+    of their output size (a classifier's Dense or Linear layer): with no
+    BatchNorm after them, the bias takes the output shift."""
+    out = {}
+    for name in names:
+        parent, channels = _split(name)[0], np.shape(arrays[name])[moments[name].out_axis]
+        bias = next((_join(parent, b) for b in _SHIFT if _join(parent, b) in arrays), None)
+        if bias is not None and np.shape(arrays[bias]) == (channels,):
+            out[name] = bias
     return out
 
 

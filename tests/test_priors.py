@@ -282,3 +282,48 @@ def test_bias_correction_also_follows_a_kernel_a_user_covariance_steers(tmp_path
     assert np.abs(shift).max() > 0
     assert np.all(np.abs(moved - shift) <= 2 ** -8 * (np.abs(tree["bn_out.running_mean"])
                                                       + np.abs(shift)))
+
+
+def test_a_classifier_with_no_batchnorm_after_it_takes_its_own_bias():
+    rng = np.random.default_rng(4)
+    torch_tree = collections.OrderedDict(_bn(16, rng, "head_bn"))
+    torch_tree["fc.weight"] = np.zeros((10, 16), np.float32)
+    torch_tree["fc.bias"] = np.zeros(10, np.float32)
+    torch_tree["odd.weight"] = np.zeros((16, 16), np.float32)
+    torch_tree["odd.bias"] = np.zeros(3, np.float32)          # not its output size
+    prior = priors.batchnorm_prior(dict(torch_tree))
+    assert prior.output_biases == {"fc.weight": "fc.bias"}
+    assert prior.output_means == {}
+
+    flax_tree = {"params": {"BatchNorm_0": {"scale": np.ones(16, np.float32),
+                                            "bias": np.zeros(16, np.float32)},
+                            "Dense_0": {"kernel": np.zeros((16, 10), np.float32),
+                                        "bias": np.zeros(10, np.float32)}},
+                 "batch_stats": {"BatchNorm_0": {"mean": np.zeros(16, np.float32),
+                                                 "var": np.ones(16, np.float32)}}}
+    prior = priors.batchnorm_prior(flax_tree)
+    assert prior.output_biases == {"params/Dense_0/kernel": "params/Dense_0/bias"}
+
+
+def test_bias_correction_takes_a_classifiers_output_shift_out_of_its_bias(tmp_path):
+    """A Linear layer after BatchNorm + ReLU with no BatchNorm after it: under
+    a byte target its bias loses the output shift error·E[x], so the mean of
+    the sampled output error drops >= 3x."""
+    rng = np.random.default_rng(15)
+    n_in, n_out = 256, 512
+    tree = collections.OrderedDict(_bn(n_in, rng, "bn"))
+    tree["bn.bias"] = rng.normal(1.0, 0.3, n_in).astype(np.float32)   # mostly active
+    tree["fc.weight"] = rng.laplace(0, 0.05, (n_out, n_in)).astype(np.float32)
+    tree["fc.bias"] = rng.normal(0, 0.1, n_out).astype(np.float32)
+    tree = dict(tree)
+    z = rng.standard_normal((4096, n_in))
+    x = np.maximum(tree["bn.weight"] * z + tree["bn.bias"], 0.0)
+    jaxjpeg.save(tmp_path / "fc.jjpg", tree, target_ratio=10, progress=False)
+    got = jaxjpeg.restore(tmp_path / "fc.jjpg")
+    error = np.asarray(got["fc.weight"], np.float64) - tree["fc.weight"]
+    shift = priors.batchnorm_prior(tree).output_shift("fc.weight", error)
+    moved = np.asarray(got["fc.bias"], np.float64) - tree["fc.bias"]
+    assert np.abs(shift).max() > 0
+    assert np.all(np.abs(moved + shift) <= 2 ** -8 * (np.abs(tree["fc.bias"]) + np.abs(shift)))
+    sampled = (x @ error.T).mean(0) + moved           # the restored layer's mean output error
+    assert np.abs(sampled).mean() < np.abs((x @ error.T).mean(0)).mean() / 3
