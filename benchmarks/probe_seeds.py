@@ -12,7 +12,8 @@ the coder is judged here by its mean over seeds, not by one run of
 
 Settings (all ``target_ratio`` = ``--ratio``, PyTorch layout):
 ``prior`` (the default save), ``no-prior`` (``batchnorm_prior=False``),
-``feedback`` (``input_covariance`` from the 32 calibration crops),
+``feedback`` (``input_covariance`` and ``input_mean`` from the 32 calibration crops),
+``means`` (the default save plus ``input_mean`` alone),
 ``fisher-leaf`` (one diagonal-Fisher mean per leaf as ``sensitivity``).
 Needs the packages of ``benchmarks/real_models.py``.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_models_lib import common, effnet, methods as M  # noqa: E402
 
-SETTINGS = ("prior", "no-prior", "feedback", "fisher-leaf")
+SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf")
 
 
 def save_kwargs(case, setting: str, ratio: float) -> dict:
@@ -42,6 +43,9 @@ def save_kwargs(case, setting: str, ratio: float) -> dict:
     elif setting == "feedback":
         kwargs["input_covariance"] = M.layout_covariances(case.input_covariances(), case.kinds,
                                                           "torch")
+        kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
+    elif setting == "means":
+        kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
     elif setting == "fisher-leaf":
         kwargs["sensitivity"] = {k: float(np.mean(v)) for k, v in case.sensitivity().items()}
     return kwargs

@@ -185,9 +185,10 @@ def run_model(name: str, args, table: Table, workdir: Path):
     sens = None
     if case.family == "cls" and any(m.startswith("jaxjpeg-sens") for m in methods):
         sens = case.sensitivity()
-    covs = None
+    covs = means = None
     if any(m.endswith("-fb") for m in methods):
         covs = case.input_covariances()
+        means = case.input_means() if hasattr(case, "input_means") else None
     base_metrics: dict = {}
     raw_bytes = 4 * sum(v.size for v in case.native.values())
     for layout in args.layouts:
@@ -195,6 +196,7 @@ def run_model(name: str, args, table: Table, workdir: Path):
         sens_layout = common.to_layout(sens, case.kinds, layout) if sens is not None else None
         covs_layout = (M.layout_covariances(covs, case.kinds, layout) if covs is not None
                        else None)
+        means_layout = M.layout_means(means, case.kinds, layout) if means else None
         for method in methods:
             if method == "float32":
                 continue
@@ -203,7 +205,7 @@ def run_model(name: str, args, table: Table, workdir: Path):
                 continue
             tasks = M.jaxjpeg_tasks(method, args.ratios, args.sens_ratios,
                                     {b: r.bits for b, r in base.items()}, sens_layout,
-                                    covs_layout)
+                                    covs_layout, means_layout)
             for setting, kwargs in tasks:
                 target = kwargs and (kwargs.get("target_bytes")
                                      or (raw_bytes / kwargs["target_ratio"]

@@ -22,7 +22,7 @@ _EXPORTS = {
     "CompressedArray": "compressed", "decode": "compressed", "load": "compressed",
     "EncodedTensor": "codec", "JpegError": "codec", "Tile": "codec",
     "decode_tensor": "codec", "decode_tensors": "codec", "encode_tensor": "codec",
-    "FormatError": "format", "InputCovariance": "feedback",
+    "FormatError": "format", "InputCovariance": "feedback", "InputMean": "bias_correction",
     "LazyReader": "lazy", "LeafInfo": "lazy", "open": "lazy",
 }
 

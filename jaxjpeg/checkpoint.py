@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxjpeg import analysis, codec, format as fmt, layout, storage
+from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
@@ -436,7 +437,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
          encoder: Callable[[str, np.ndarray], codec.EncodedTensor] | None = None,
          progress: bool | None = None, metadata: dict | None = None,
          input_covariance: dict | None = None, batchnorm_prior: bool = True,
-         distributed: bool = False) -> SaveReport:
+         input_mean: dict | None = None, distributed: bool = False) -> SaveReport:
     """Saves a pytree of arrays to ``path`` atomically.
 
     The rate is set by one of:
@@ -491,6 +492,14 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     is (data-free bias correction): restored, it differs from the saved one
     by that shift.
 
+    ``input_mean`` (leaf path -> :class:`jaxjpeg.InputMean`, under any lossy
+    coding): the mean of a layer's inputs measured on calibration data. The
+    mean shift the coded weight adds, ``ΔW·E[x]`` per output channel, goes
+    into the running mean of the BatchNorm after it or, with none, out of
+    the weight's own bias (:mod:`jaxjpeg.bias_correction`); it replaces the
+    prior's modelled mean. A mean with no such leaf to take it is reported
+    by a warning.
+
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
@@ -510,6 +519,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     file (:mod:`jaxjpeg.distributed_save`), which any topology restores.
     """
     if distributed:
+        if input_mean:
+            raise ValueError("input_mean is not supported with distributed=True")
         from jaxjpeg.distributed_save import save_distributed
         return save_distributed(path, tree, _options(locals()))
     entries = [SourceLeaf.of(records, _to_numpy(leaf), shard_regions(leaf))
@@ -519,7 +530,38 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
                                         bits_per_weight) is not None:
         from jaxjpeg import priors
         options["prior"] = priors.batchnorm_prior(tree)
+    if input_mean:
+        options["input_means"] = _input_mean_takers(input_mean, entries, tree)
     return save_leaves(path, entries, **options)
+
+
+def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
+    """{weight: (InputMean, taker leaf, sign)} of a user's ``input_mean``,
+    checked (unknown leaves, wrong types, shapes that do not fit: errors);
+    a mean with no BatchNorm or bias after its weight to take the shift is
+    reported by a warning."""
+    from jaxjpeg import priors
+
+    shapes = {leaf.name: leaf.shape for leaf in leaves}
+    for name, mean in input_mean.items():
+        if name not in shapes:
+            raise ValueError(f"input_mean names {name!r}, which is not a leaf of the tree")
+        if not isinstance(mean, InputMean):
+            raise TypeError(f"input_mean[{name!r}] must be a jaxjpeg.InputMean, "
+                            f"got {type(mean).__name__}")
+        try:
+            mean.check(shapes[name])
+        except ValueError as e:
+            raise ValueError(f"input_mean[{name!r}]: {e}") from None
+    takers = priors.shift_targets(tree, {name: mean.out_axis % len(shapes[name])
+                                         for name, mean in input_mean.items()})
+    unused = sorted(set(input_mean) - set(takers))
+    if unused:
+        warnings.warn(f"input_mean of {len(unused)} leaves unused: no BatchNorm after the "
+                      f"layer and no bias of its output size to take its shift "
+                      f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
+                      stacklevel=3)
+    return {name: (input_mean[name], taker, sign) for name, (taker, sign) in takers.items()}
 
 
 def _options(values: dict) -> dict:
@@ -614,7 +656,8 @@ class _Save:
                  bits_per_weight=None, sensitivity=None, bits=None, clip="common",
                  view="auto", restart_interval=codec.DEFAULT_RESTART_INTERVAL,
                  tile_shape=codec.DEFAULT_TILE_SHAPE, policy=None, encoder=None,
-                 progress=None, metadata=None, input_covariance=None, prior=None):
+                 progress=None, metadata=None, input_covariance=None, prior=None,
+                 input_means=None):
         self.path = path
         self.user_metadata = layout.checked_user_metadata(metadata)
         self.has_metadata = metadata is not None
@@ -669,22 +712,28 @@ class _Save:
             self.workers = 1
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
-        self.bias_correction = _BiasCorrection(prior if target is not None else None)
+        # A user's input means correct their weights under any lossy coding.
+        self.bias_correction = BiasCorrection.of(prior if target is not None else None,
+                                                 input_means)
         self.progress = progress
 
     def run(self) -> SaveReport:
         bar = progress_bar(total=sum(leaf.nbytes for leaf in self.leaves), desc="jaxjpeg save",
                            unit="B", enabled=self.progress)
         records, reports = [None] * len(self.leaves), [None] * len(self.leaves)
-        # Running means a bias correction moves are stored after every leaf
-        # (the kernels whose shifts they take may come later in the tree).
-        items = sorted(enumerate(self.leaves), key=lambda item: self.bias_correction.waits(
-            item[1].name))
+        # Leaves a bias correction moves are coded after every other leaf
+        # has been (the weights whose shifts they take may come later in the
+        # tree, and leaves code in parallel).
+        items = list(enumerate(self.leaves))
+        phases = [[item for item in items if self.bias_correction.waits(item[1].name) == late]
+                  for late in (False, True)]
         try:
             with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
-                stored = in_order(self.store, items, self.workers, self.window,
-                                  lambda item: item[1].nbytes)
-                for (index, _), (blobs, record, report, warning) in zip(items, stored):
+                stored = (result for phase in phases
+                          for result in in_order(self.store, phase, self.workers, self.window,
+                                                 lambda item: item[1].nbytes))
+                for (index, _), (blobs, record, report, warning) in zip(
+                        phases[0] + phases[1], stored):
                     if warning:   # run <- save_leaves <- save <- the caller
                         warnings.warn(warning, stacklevel=4)
                     for name, data in blobs:
@@ -715,7 +764,8 @@ class _Save:
             note = "stored raw: no coding meets the error bound"
         half = _half_copy(array) if self.lossy_rate and not coded else None
         if enc is not None and enc.nbytes < array.nbytes:
-            self.bias_correction.add(name, array, enc)
+            self.bias_correction.add(
+                name, lambda: codec.decode_tensor(enc).astype(np.float64) - array)
             blobs, extra, stored = _jpeg_blobs(index, enc)
         elif half is not None:
             blob, extra = _half_blob(half)
@@ -730,47 +780,6 @@ class _Save:
         record.update(extra)
         return blobs, record, LeafReport(name, array.shape, str(array.dtype), record["kind"],
                                          array.nbytes, stored, note), warning
-
-
-class _BiasCorrection:
-    """Data-free bias correction (as in Nagel et al. 2019, DFQ): a kernel the
-    BatchNorm prior models adds ``error·E[x]`` to each output channel's mean;
-    the BatchNorm after it takes that shift into its running mean, so the
-    normalised output is centred as before, and a layer with no BatchNorm
-    after it (a classifier) takes it out of its own bias. On
-    EfficientNet-lite at 8x (3 probe seeds) the running means lowered the KL
-    0.096 -> 0.066 (lite1), 0.107 -> 0.090 (lite2). The restored running
-    means and biases differ from the saved ones by it."""
-
-    def __init__(self, prior):
-        self.prior = prior
-        # {weight: (leaf taking its shift, sign)}: a running mean is
-        # subtracted from the output, a bias added to it
-        self.targets = {**{w: (m, 1.0) for w, m in prior.output_means.items()},
-                        **{w: (b, -1.0) for w, b in prior.output_biases.items()}} if prior else {}
-        self.takers = {leaf for leaf, _ in self.targets.values()}
-        self.shifts: dict[str, np.ndarray] = {}
-        self.lock = threading.Lock()
-
-    def waits(self, name: str) -> bool:
-        """Whether leaf ``name`` takes shifts (and is stored after the others)."""
-        return name in self.takers
-
-    def add(self, name: str, array: np.ndarray, enc: codec.EncodedTensor) -> None:
-        if name not in self.targets:
-            return
-        leaf, sign = self.targets[name]
-        error = codec.decode_tensor(enc).astype(np.float64) - array
-        shift = sign * self.prior.output_shift(name, error)
-        with self.lock:
-            self.shifts[leaf] = self.shifts.get(leaf, 0.0) + shift
-
-    def apply(self, name: str, array: np.ndarray) -> np.ndarray:
-        with self.lock:
-            shift = self.shifts.get(name)
-        if shift is None or array.dtype.kind != "f":
-            return array
-        return (array.astype(np.float64) + shift).astype(array.dtype)
 
 
 def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of):

@@ -172,41 +172,62 @@ def batchnorm_prior(tree) -> Prior:
         if len(shape) > 2 and math.prod(shape) // max(shape[m.out_axis], 1) <= MAX_FEEDBACK_FEATURES:
             feedback.add(name)
     moments = {name: m for name, (_, m) in paired.items()}
-    means = _output_means(ordered, norms, moments)
-    return Prior(moments, frozenset(feedback), means,
-                 _output_biases(dict(ordered), set(moments) - set(means), moments))
+    channels = {name: np.shape(array)[m.out_axis] for name, (array, m) in paired.items()}
+    means, biases = _shift_takers(ordered, norms, channels)
+    return Prior(moments, frozenset(feedback), means, biases)
 
 
-def _output_means(ordered, norms, moments) -> dict[str, str]:
+def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, tuple[str, float]]:
+    """{weight: (leaf taking its output mean shift, sign)} for the weights
+    ``out_axes`` names (path -> output axis): the running mean of the
+    BatchNorm after the weight (+1: it is subtracted from the output), else
+    the weight's own bias of its output size (-1). Weights with neither are
+    left out."""
+    ordered = _in_insertion_order(tree)
+    arrays = dict(ordered)
+    channels = {name: np.shape(arrays[name])[axis] for name, axis in out_axes.items()
+                if name in arrays}
+    means, biases = _shift_takers(ordered, _batchnorms(arrays), channels)
+    return {**{w: (m, 1.0) for w, m in means.items()}, **{w: (b, -1.0) for w, b in biases.items()}}
+
+
+def _shift_takers(ordered, norms, channels) -> tuple[dict[str, str], dict[str, str]]:
+    """({weight: running mean after it}, {weight: its own bias}) for the
+    weights in ``channels`` (name -> output channels); a weight with a
+    BatchNorm after it is only in the first."""
+    means = _output_means(ordered, norms, channels)
+    return means, _output_biases(dict(ordered), set(channels) - set(means), channels)
+
+
+def _output_means(ordered, norms, channels) -> dict[str, str]:
     """{weight: running-mean leaf of the BatchNorm that normalises its output}
-    for the weights in ``moments``: the first BatchNorm after the weight,
-    before any other weight, whose size matches its output axis."""
+    for the weights in ``channels``: the first BatchNorm after the weight,
+    before any other weight, whose size matches its output channels."""
     arrays = dict(ordered)
     out = {}
     for k, (name, array) in enumerate(ordered):
-        if name not in moments:
+        if name not in channels:
             continue
-        channels = np.shape(array)[moments[name].out_axis]
         for after, value in ordered[k + 1:k + 1 + SEARCH_BACK]:
             if _is_weight(after, value):
                 break
-            if after in norms and len(norms[after].mean) == channels:
-                mean = _running_mean(arrays, _split(after)[0], channels)
+            if after in norms and len(norms[after].mean) == channels[name]:
+                mean = _running_mean(arrays, _split(after)[0], channels[name])
                 if mean is not None:
                     out[name] = mean
                 break
     return out
 
 
-def _output_biases(arrays: dict, names, moments) -> dict[str, str]:
+def _output_biases(arrays: dict, names, channels) -> dict[str, str]:
     """{weight: its own bias leaf} for the weights in ``names`` that have one
     of their output size (a classifier's Dense or Linear layer): with no
     BatchNorm after them, the bias takes the output shift."""
     out = {}
     for name in names:
-        parent, channels = _split(name)[0], np.shape(arrays[name])[moments[name].out_axis]
+        parent = _split(name)[0]
         bias = next((_join(parent, b) for b in _SHIFT if _join(parent, b) in arrays), None)
-        if bias is not None and np.shape(arrays[bias]) == (channels,):
+        if bias is not None and np.shape(arrays[bias]) == (channels[name],):
             out[name] = bias
     return out
 

@@ -219,6 +219,19 @@ class EffNetCase:
                  f"crops) computed in {time.perf_counter() - t:.1f} s, cached at {path}")
         return covs
 
+    def input_means(self) -> dict:
+        """Mean over the calibration crops of each conv's (depthwise too) and linear
+        layer's input per input channel, broadcastable to the torch weight: conv
+        ``(1, I, 1, 1)``, depthwise ``(C, 1, 1, 1)``, linear ``(1, I)``; cached."""
+        path = common.cache_path(f"{self.name}-means-{self._key('fisher')}.npz")
+        if path.exists():
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        self.model.load_state_dict(self._state_dict(self.native), strict=True)
+        means = layer_input_means(self.model, self.calib)
+        np.savez(path, **means)
+        return means
+
     def sensitivity(self) -> dict:
         """Diagonal Fisher: per-element mean over the calibration crops of the squared
         gradient of cross-entropy against the float32 model's own top-1 label.
@@ -271,6 +284,48 @@ def patch_covariances(model, inputs: np.ndarray) -> dict:
         for h in hooks:
             h.remove()
     return sums
+
+
+def layer_input_means(model, inputs: np.ndarray) -> dict:
+    """{weight name: E[x] per input channel over ``inputs``} of every Conv2d (padding
+    included, as the kernel sees it) and Linear, shaped to broadcast to the weight."""
+    import torch
+    import torch.nn as nn
+
+    names = {mod: name for name, mod in model.named_modules()}
+    sums, hooks = {}, []
+
+    def record(mod, args, _out):
+        x = args[0].detach().double()
+        if isinstance(mod, nn.Conv2d) and hasattr(mod, "static_padding"):
+            x = mod.static_padding(x)
+        channels = x.sum(dim=(0, 2, 3)) / (x.shape[0] * x.shape[2] * x.shape[3]) \
+            if x.ndim == 4 else x.reshape(-1, x.shape[-1]).mean(0)
+        key = f"{names[mod]}.weight"
+        sums[key] = sums.get(key, 0) + channels.numpy() * x.shape[0]
+
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            hooks.append(mod.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(inputs), BATCH):
+                model(torch.from_numpy(inputs[i:i + BATCH]))
+    finally:
+        for h in hooks:
+            h.remove()
+    shapes = {f"{names[m]}.weight": m.weight.shape for m in model.modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d))}
+    out = {}
+    for key, total in sums.items():
+        mean, shape = total / len(inputs), shapes[key]
+        if len(shape) == 2:
+            out[key] = mean.reshape(1, -1)
+        elif shape[1] == 1 and len(mean) == shape[0]:   # depthwise: its own channel
+            out[key] = mean.reshape(-1, 1, 1, 1)
+        else:
+            out[key] = mean.reshape(1, -1, 1, 1)
+    return out
 
 
 def diagonal_fisher(model, state: dict, inputs: np.ndarray) -> dict:

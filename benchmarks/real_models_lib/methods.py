@@ -14,8 +14,9 @@
 * ``jaxjpeg-sens-leaf``: the same with one number per leaf (the Fisher's mean).
 * ``jaxjpeg-fb``: ``target_ratio=r`` (``--sens-ratios``) with ``input_covariance=`` the
   calibration crops' input second moments of every ungrouped conv and linear layer
-  (error feedback, :mod:`jaxjpeg.feedback`); ``jaxjpeg-sens-fb``: that plus the
-  per-leaf Fisher means of ``jaxjpeg-sens-leaf``.
+  (error feedback, :mod:`jaxjpeg.feedback`) and, where the model gives them,
+  ``input_mean=`` their input means (bias correction, :mod:`jaxjpeg.bias_correction`);
+  ``jaxjpeg-sens-fb``: that plus the per-leaf Fisher means of ``jaxjpeg-sens-leaf``.
 
 jaxjpeg sizes are the checkpoint file's bytes; every jaxjpeg result is restored with
 ``jaxjpeg.restore`` (the decoder the user gets), not decoded in Python.
@@ -143,7 +144,7 @@ def leaf_detail(report, tree: dict, restored: dict, kinds: dict) -> list[dict]:
 
 
 def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensitivity,
-                  covariances=None):
+                  covariances=None, means=None):
     """(setting label, save kwargs) pairs of one jaxjpeg method; kwargs None = skip with note."""
     if method == "jaxjpeg-default":
         return [("default", {})]
@@ -157,6 +158,8 @@ def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensiti
         if covariances is None:
             return [(f"r{r:g}+fb", None) for r in sens_ratios]
         extra, label = dict(input_covariance=covariances), "+fb"
+        if means:
+            extra["input_mean"] = means
         if method == "jaxjpeg-fb":
             return [(f"r{r:g}{label}", dict(target_ratio=r, **extra)) for r in sens_ratios]
     if method in ("jaxjpeg-sens", "jaxjpeg-sens-leaf", "jaxjpeg-sens-fb"):
@@ -181,6 +184,18 @@ def layout_covariances(covariances: dict, kinds: dict, layout: str) -> dict:
             "flax": {"conv": (2, 0, 1), "linear": (0,), "matmul": (0,)}}[layout]
     return {name: jaxjpeg.InputCovariance(h, axes[kinds[name]]) for name, h in covariances.items()
             if kinds.get(name) in axes}
+
+
+def layout_means(means: dict, kinds: dict, layout: str) -> dict:
+    """{name: jaxjpeg.InputMean} of native-layout input means (broadcastable to the
+    native weight, output axis 0) for ``layout``."""
+    import jaxjpeg
+
+    out = {}
+    for name, values in common.to_layout(means, kinds, layout).items():
+        perm = common.FLAX_PERMUTATION.get(kinds.get(name)) if layout == "flax" else None
+        out[name] = jaxjpeg.InputMean(values, perm.index(0) if perm else 0)
+    return out
 
 
 def bits_per_weight(case, bits: int) -> float:

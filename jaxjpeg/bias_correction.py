@@ -1,0 +1,118 @@
+"""Bias correction: the mean shift a coded weight adds to its layer's output,
+taken back out by the leaf after it (as in Nagel et al. 2019, DFQ).
+
+A layer computes ``y = W x``; coded, ``W`` gains an error ``ΔW`` and every
+output channel's mean moves by ``ΔW·E[x]``. The running mean of the
+BatchNorm after the layer takes that shift (the normalised output is then
+centred as before), or, with no BatchNorm after it (a classifier), the
+layer's own bias gives it back. ``E[x]`` comes from the BatchNorm prior
+(:mod:`jaxjpeg.priors`, data-free) or, measured on calibration inputs, from
+the user (:class:`InputMean`), which replaces the prior's for its leaf.
+
+Measured on EfficientNet-lite at 8x (``benchmarks/probe_seeds.py``, KL to
+float32, mean of probe seeds): the prior's means lowered the KL 0.096 ->
+0.066 (lite1) and 0.107 -> 0.090 (lite2); with error feedback against
+calibration covariances, means measured on the same 32 crops instead of the
+prior's took lite1 0.064 -> 0.035 and lite2 0.064 -> 0.046 (2 seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class InputMean:
+    """The mean of a layer's inputs, as the leaf multiplies them.
+
+    ``values``: ``E[x]`` broadcastable to the leaf's shape, so that output
+    channel ``o`` shifts by ``Σ error[..o..] * values`` over every other
+    axis; ``out_axis``: the leaf's output axis. E.g. per input channel of a
+    PyTorch ``Conv2d`` weight ``(O, I, kh, kw)``: ``values`` of shape
+    ``(1, I, 1, 1)``, ``out_axis=0``; of a depthwise one ``(C, 1, kh, kw)``:
+    ``(C, 1, 1, 1)`` (each output channel sees its own input channel); a
+    PyTorch ``Linear`` ``(O, I)``: ``(1, I)``; a Flax ``Conv`` kernel ``(kh,
+    kw, I, O)``: ``(1, 1, I, 1)``, ``out_axis=-1``; a Flax ``Dense`` kernel
+    ``(I, O)``: ``(I, 1)``, ``out_axis=-1``.
+    """
+
+    values: np.ndarray
+    out_axis: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "values", np.asarray(self.values, np.float64))
+        object.__setattr__(self, "out_axis", int(self.out_axis))
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """ValueError naming what does not fit a leaf of ``shape``."""
+        if len(shape) < 2:
+            raise ValueError(f"a {len(shape)}-d leaf has no input axis to take a mean over")
+        if not -len(shape) <= self.out_axis < len(shape):
+            raise ValueError(f"out_axis {self.out_axis} is not an axis of a {len(shape)}-d leaf")
+        if not np.all(np.isfinite(self.values)):
+            raise ValueError("input mean has NaN or infinite values")
+        try:
+            fits = np.broadcast_shapes(self.values.shape, tuple(shape)) == tuple(shape)
+        except ValueError:
+            fits = False
+        if not fits or self.values.ndim > len(shape):
+            raise ValueError(f"input mean of shape {self.values.shape} does not broadcast to "
+                             f"the leaf's shape {tuple(shape)}")
+
+    def output_shift(self, error: np.ndarray) -> np.ndarray:
+        """The shift ``error`` adds to each output channel's mean."""
+        others = tuple(a for a in range(error.ndim) if a != self.out_axis % error.ndim)
+        return np.sum(np.asarray(error, np.float64) * self.values, axis=others)
+
+
+class BiasCorrection:
+    """The shifts of one save: each coded weight with a taker adds its shift
+    (:meth:`add`); each taker, stored after every weight, takes them
+    (:meth:`apply`). ``targets``: {weight: (taker leaf, sign, shift of an
+    error)}."""
+
+    def __init__(self, targets: dict):
+        self.targets = targets
+        self.takers = {leaf for leaf, _, _ in targets.values()}
+        self.shifts: dict[str, np.ndarray] = {}
+        self.lock = threading.Lock()
+
+    @classmethod
+    def of(cls, prior=None, input_means: dict | None = None) -> "BiasCorrection":
+        """The prior's weights (data-free means) and the user's
+        ``{weight: (InputMean, taker, sign)}``, which replace them."""
+        targets = {}
+        if prior is not None:
+            for sign, takers in ((1.0, prior.output_means), (-1.0, prior.output_biases)):
+                for weight, taker in takers.items():
+                    targets[weight] = (taker, sign, _prior_shift(prior, weight))
+        for weight, (mean, taker, sign) in (input_means or {}).items():
+            targets[weight] = (taker, sign, mean.output_shift)
+        return cls(targets)
+
+    def waits(self, name: str) -> bool:
+        """Whether leaf ``name`` takes shifts (and is stored after the others)."""
+        return name in self.takers
+
+    def add(self, name: str, error) -> None:
+        """Weight ``name`` was coded; ``error()`` gives its coding error."""
+        if name not in self.targets:
+            return
+        taker, sign, shift_of = self.targets[name]
+        shift = sign * shift_of(error())
+        with self.lock:
+            self.shifts[taker] = self.shifts.get(taker, 0.0) + shift
+
+    def apply(self, name: str, array: np.ndarray) -> np.ndarray:
+        with self.lock:
+            shift = self.shifts.get(name)
+        if shift is None or array.dtype.kind != "f":
+            return array
+        return (array.astype(np.float64) + shift).astype(array.dtype)
+
+
+def _prior_shift(prior, weight: str):
+    return lambda error: prior.output_shift(weight, error)

@@ -1,0 +1,143 @@
+"""Bias correction with measured input means (jaxjpeg.InputMean)."""
+
+import collections
+import warnings
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import priors
+
+
+def _bn(n, rng, prefix):
+    return {f"{prefix}.weight": rng.uniform(0.5, 2, n).astype(np.float32),
+            f"{prefix}.bias": rng.normal(0, 1, n).astype(np.float32),
+            f"{prefix}.running_mean": rng.normal(0, 0.5, n).astype(np.float32),
+            f"{prefix}.running_var": np.ones(n, np.float32)}
+
+
+C = 256
+
+
+def _net(rng):
+    """conv -> BatchNorm, depthwise -> BatchNorm, then a classifier; inputs
+    with a large positive mean that no BatchNorm before them describes."""
+    tree = collections.OrderedDict()
+    tree["conv.weight"] = rng.laplace(0, 0.05, (C, 16, 3, 3)).astype(np.float32)
+    tree.update(_bn(C, rng, "bn1"))
+    tree["dw.weight"] = rng.laplace(0, 0.2, (C, 1, 5, 5)).astype(np.float32)
+    tree.update(_bn(C, rng, "bn2"))
+    tree["fc.weight"] = rng.laplace(0, 0.05, (300, C)).astype(np.float32)
+    tree["fc.bias"] = rng.normal(0, 0.1, 300).astype(np.float32)
+    means = {"conv.weight": rng.uniform(0.5, 2.0, (1, 16, 1, 1)),
+             "dw.weight": rng.uniform(0.5, 2.0, (C, 1, 1, 1)),
+             "fc.weight": rng.uniform(0.5, 2.0, (1, C))}
+    return dict(tree), {k: jaxjpeg.InputMean(v, 0) for k, v in means.items()}
+
+
+def _shift(mean, error):
+    return mean.output_shift(np.asarray(error, np.float64))
+
+
+@pytest.mark.parametrize("options", [dict(quality=60), dict(target_ratio=10),
+                                     dict(target_ratio=10, batchnorm_prior=False)])
+def test_measured_means_move_the_takers_by_each_weights_output_shift(tmp_path, options):
+    tree, means = _net(np.random.default_rng(0))
+    jaxjpeg.save(tmp_path / "m.jjpg", tree, input_mean=means, progress=False, **options)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    takers = {"conv.weight": ("bn1.running_mean", 1), "dw.weight": ("bn2.running_mean", 1),
+              "fc.weight": ("fc.bias", -1)}
+    for weight, (taker, sign) in takers.items():
+        error = np.asarray(got[weight], np.float64) - tree[weight]
+        shift = sign * _shift(means[weight], error)
+        moved = np.asarray(got[taker], np.float64) - tree[taker]
+        assert np.abs(shift).max() > 0, weight
+        scale = np.abs(tree[taker]) + np.abs(shift)
+        assert np.all(np.abs(moved - shift) <= 2 ** -8 * scale + 1e-7), weight
+
+
+def test_a_measured_mean_cancels_the_sampled_output_shift(tmp_path):
+    rng = np.random.default_rng(1)
+    tree, _ = _net(rng)
+    x = rng.gamma(4.0, 0.25, (2048, C))                # positive inputs of the classifier
+    means = {"fc.weight": jaxjpeg.InputMean(x.mean(0)[None, :], 0)}
+    jaxjpeg.save(tmp_path / "m.jjpg", tree, input_mean=means, quality=40, progress=False)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    error = np.asarray(got["fc.weight"], np.float64) - tree["fc.weight"]
+    before = (x @ error.T).mean(0)
+    after = before + (np.asarray(got["fc.bias"], np.float64) - tree["fc.bias"])
+    assert np.abs(after).mean() < np.abs(before).mean() / 10
+
+
+def test_a_measured_mean_replaces_the_priors(tmp_path):
+    rng = np.random.default_rng(2)
+    tree = collections.OrderedDict(_bn(16, rng, "bn0"))
+    tree["conv.weight"] = rng.laplace(0, 0.05, (32, 16, 3, 3)).astype(np.float32)
+    tree.update(_bn(32, rng, "bn1"))
+    tree = dict(tree)
+    assert priors.batchnorm_prior(tree).output_means == {"conv.weight": "bn1.running_mean"}
+    mean = jaxjpeg.InputMean(np.full((1, 16, 1, 1), 3.0), 0)
+    jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=8, input_mean={"conv.weight": mean},
+                 progress=False)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    shift = _shift(mean, np.asarray(got["conv.weight"], np.float64) - tree["conv.weight"])
+    moved = np.asarray(got["bn1.running_mean"], np.float64) - tree["bn1.running_mean"]
+    assert np.all(np.abs(moved - shift) <= 2 ** -8 * (np.abs(tree["bn1.running_mean"])
+                                                      + np.abs(shift)))
+
+
+def test_flax_layout_means_take_the_last_axis_as_output(tmp_path):
+    rng = np.random.default_rng(3)
+    tree = {"params": {"Dense_0": {"kernel": rng.laplace(0, 0.05, (64, 256)).astype(np.float32),
+                                   "bias": np.zeros(256, np.float32)}}}
+    mean = jaxjpeg.InputMean(rng.uniform(0.5, 2, (64, 1)), -1)
+    jaxjpeg.save(tmp_path / "f.jjpg", tree, quality=50, progress=False,
+                 input_mean={"params/Dense_0/kernel": mean})
+    got = jaxjpeg.restore(tmp_path / "f.jjpg")["params"]["Dense_0"]
+    error = np.asarray(got["kernel"], np.float64) - tree["params"]["Dense_0"]["kernel"]
+    np.testing.assert_allclose(np.asarray(got["bias"], np.float64), -_shift(mean, error),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_a_mean_with_nothing_to_take_it_is_reported(tmp_path):
+    rng = np.random.default_rng(4)
+    tree = {"a.weight": rng.normal(size=(32, 32)).astype(np.float32),
+            "b.weight": rng.normal(size=(32, 32)).astype(np.float32)}
+    with pytest.warns(UserWarning, match="input_mean of 1 leaves unused.*a.weight"):
+        jaxjpeg.save(tmp_path / "w.jjpg", tree, quality=50, progress=False,
+                     input_mean={"a.weight": jaxjpeg.InputMean(np.ones((1, 32)), 0)})
+    got = jaxjpeg.restore(tmp_path / "w.jjpg")
+    assert set(got) == {"a.weight", "b.weight"}
+
+
+@pytest.mark.parametrize("mean, error", [
+    ({"nope.weight": jaxjpeg.InputMean(np.ones((1, C)), 0)}, "not a leaf of the tree"),
+    ({"fc.weight": np.ones((1, C))}, "must be a jaxjpeg.InputMean"),
+    ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C - 1)), 0)}, "does not broadcast"),
+    ({"fc.weight": jaxjpeg.InputMean(np.ones((1, 1, C)), 0)}, "does not broadcast"),
+    ({"fc.weight": jaxjpeg.InputMean(np.full((1, C), np.nan), 0)}, "NaN or infinite"),
+    ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 2)}, "out_axis 2"),
+    ({"fc.bias": jaxjpeg.InputMean(np.ones(300), 0)}, "no input axis"),
+])
+def test_bad_input_means_are_refused_before_anything_is_written(tmp_path, mean, error):
+    tree, _ = _net(np.random.default_rng(5))
+    with pytest.raises((ValueError, TypeError), match=error):
+        jaxjpeg.save(tmp_path / "bad.jjpg", tree, quality=50, progress=False, input_mean=mean)
+    assert not (tmp_path / "bad.jjpg").exists()
+
+
+def test_input_means_are_refused_with_a_distributed_save(tmp_path):
+    tree, means = _net(np.random.default_rng(6))
+    with pytest.raises(ValueError, match="distributed"):
+        jaxjpeg.save(tmp_path / "d.jjpg", tree, input_mean=means, distributed=True)
+
+
+def test_without_input_means_a_default_save_keeps_every_leaf_exactly(tmp_path):
+    tree, _ = _net(np.random.default_rng(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxjpeg.save(tmp_path / "p.jjpg", tree, quality=50, progress=False)
+    got = jaxjpeg.restore(tmp_path / "p.jjpg")
+    for leaf in ("bn1.running_mean", "bn2.running_mean", "fc.bias"):
+        np.testing.assert_array_equal(np.asarray(got[leaf]), tree[leaf])
