@@ -37,14 +37,30 @@ class InputMean:
     PyTorch ``Linear`` ``(O, I)``: ``(1, I)``; a Flax ``Conv`` kernel ``(kh,
     kw, I, O)``: ``(1, 1, I, 1)``, ``out_axis=-1``; a Flax ``Dense`` kernel
     ``(I, O)``: ``(I, 1)``, ``out_axis=-1``.
+
+    ``taker``: the leaf path that takes the shift, the running mean of the
+    BatchNorm after the layer (the shift is added to it) or the layer's own
+    bias (subtracted from it); None: found in the tree's order (the first
+    BatchNorm after the weight before any other weight, else a sibling bias),
+    which needs the tree in the network's order (a PyTorch state dict; jax
+    sorts dict keys, so Flax trees are not: give ``taker``, as
+    :func:`jaxjpeg.calibration.input_means` does).
     """
 
     values: np.ndarray
     out_axis: int = 0
+    taker: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "values", np.asarray(self.values, np.float64))
         object.__setattr__(self, "out_axis", int(self.out_axis))
+
+    @property
+    def sign(self) -> float:
+        """+1 when ``taker`` is a running mean, -1 when it is a bias."""
+        from jaxjpeg.priors import is_running_mean
+
+        return 1.0 if is_running_mean(self.taker) else -1.0
 
     def check(self, shape: tuple[int, ...]) -> None:
         """ValueError naming what does not fit a leaf of ``shape``."""

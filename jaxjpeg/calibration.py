@@ -1,7 +1,9 @@
-"""Calibration statistics of Flax models for error feedback.
+"""Calibration statistics of Flax models for error feedback and bias correction.
 
     covs = jaxjpeg.calibration.input_covariances(model, variables, batches)
-    jaxjpeg.save(path, variables, target_ratio=8, input_covariance=covs)
+    means = jaxjpeg.calibration.input_means(model, variables, batches)
+    jaxjpeg.save(path, variables, target_ratio=8, input_covariance=covs,
+                 input_mean=means)
 
 Runs the model on calibration batches and records, for every ``nn.Dense``
 and ungrouped ``nn.Conv``, the second moment of the inputs its kernel
@@ -18,6 +20,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from jaxjpeg.bias_correction import InputMean
 from jaxjpeg.feedback import InputCovariance
 
 
@@ -53,6 +56,76 @@ def input_covariances(module, variables, batches: Iterable, *, prefix: str = "pa
             args = batch if isinstance(batch, tuple) else (batch,)
             module.apply(variables, *args, method=method, **apply_kwargs)
     return {name: InputCovariance(h, axes[name]) for name, h in sums.items()}
+
+
+def input_means(module, variables, batches: Iterable, *, prefix: str = "params/",
+                method=None, **apply_kwargs) -> dict[str, InputMean]:
+    """``{leaf path: InputMean}`` of ``module``'s Dense and Conv kernels
+    (grouped and depthwise ones too): each input channel's mean over the
+    calibration ``batches`` (as :func:`input_covariances` takes them; a
+    convolution's padding is not counted), for bias correction. Each takes
+    the BatchNorm called right after its layer (its running mean in
+    ``batch_stats``, when ``prefix`` ends in ``params/``), else its own bias:
+    found from the calls, so sorted trees (what jax returns) work."""
+    import flax.linen as nn
+
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    modules: dict = {}
+    calls: list = []
+
+    def record(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__":
+            calls.append(mod)
+        if context.method_name == "__call__" and args and isinstance(mod, (nn.Dense, nn.Conv)):
+            x = np.asarray(args[0], np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            name = prefix + "/".join((*mod.path, "kernel"))
+            sums[name] = sums.get(name, 0) + x.sum(axis=0)
+            counts[name] = counts.get(name, 0) + len(x)
+            modules[name] = mod
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        for batch in batches:
+            args = batch if isinstance(batch, tuple) else (batch,)
+            module.apply(variables, *args, method=method, **apply_kwargs)
+    takers = _takers(calls, prefix, nn)
+    return {name: InputMean(_kernel_mean(modules[name], total / counts[name], nn), -1,
+                            takers.get(name))
+            for name, total in sums.items()}
+
+
+def _takers(calls: list, prefix: str, nn) -> dict[str, str]:
+    """{kernel path: leaf taking its layer's shift}: the running mean of a
+    BatchNorm called right after the layer, else the layer's bias."""
+    stats = prefix[:-len("params/")] + "batch_stats/" if prefix.endswith("params/") else None
+    out = {}
+    for k, mod in enumerate(calls):
+        if not isinstance(mod, (nn.Dense, nn.Conv)):
+            continue
+        name = prefix + "/".join((*mod.path, "kernel"))
+        after = calls[k + 1] if k + 1 < len(calls) else None
+        if stats and isinstance(after, nn.BatchNorm):
+            out[name] = stats + "/".join((*after.path, "mean"))
+        elif mod.use_bias:
+            out[name] = prefix + "/".join((*mod.path, "bias"))
+    return out
+
+
+def _kernel_mean(mod, mean: np.ndarray, nn) -> np.ndarray:
+    """Per-channel input means shaped to broadcast to the kernel: Dense
+    ``(I, 1)``; Conv ``(1, ..., I, 1)``, grouped ``(1, ..., I / groups, O)``
+    (each output channel takes the channels of its group)."""
+    if isinstance(mod, nn.Dense):
+        return mean[:, None]
+    groups, outputs = mod.feature_group_count, mod.features
+    if groups == 1:
+        return mean.reshape((1,) * len(mod.kernel_size) + (len(mean), 1))
+    per_group = mean.reshape(groups, -1)                        # (G, I / G)
+    by_output = per_group[np.arange(outputs) // (outputs // groups)].T   # (I / G, O)
+    return by_output.reshape((1,) * len(mod.kernel_size) + by_output.shape)
 
 
 def _features(mod, x, nn):

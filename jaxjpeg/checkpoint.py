@@ -538,8 +538,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
 def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
     """{weight: (InputMean, taker leaf, sign)} of a user's ``input_mean``,
     checked (unknown leaves, wrong types, shapes that do not fit: errors);
-    a mean with no BatchNorm or bias after its weight to take the shift is
-    reported by a warning."""
+    takers not given are found in the tree's order, and a mean with none
+    to take its shift is reported by a warning."""
     from jaxjpeg import priors
 
     shapes = {leaf.name: leaf.shape for leaf in leaves}
@@ -551,10 +551,14 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
                             f"got {type(mean).__name__}")
         try:
             mean.check(shapes[name])
+            _check_taker(mean, shapes[name], shapes)
         except ValueError as e:
             raise ValueError(f"input_mean[{name!r}]: {e}") from None
-    takers = priors.shift_targets(tree, {name: mean.out_axis % len(shapes[name])
-                                         for name, mean in input_mean.items()})
+    given = {name: (mean.taker, mean.sign) for name, mean in input_mean.items() if mean.taker}
+    found = priors.shift_targets(tree, {name: mean.out_axis % len(shapes[name])
+                                        for name, mean in input_mean.items()
+                                        if not mean.taker})
+    takers = {**found, **given}
     unused = sorted(set(input_mean) - set(takers))
     if unused:
         warnings.warn(f"input_mean of {len(unused)} leaves unused: no BatchNorm after the "
@@ -562,6 +566,17 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
                       f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
                       stacklevel=3)
     return {name: (input_mean[name], taker, sign) for name, (taker, sign) in takers.items()}
+
+
+def _check_taker(mean: InputMean, shape: tuple, shapes: dict) -> None:
+    if mean.taker is None:
+        return
+    channels = shape[mean.out_axis]
+    if mean.taker not in shapes:
+        raise ValueError(f"taker {mean.taker!r} is not a leaf of the tree")
+    if shapes[mean.taker] != (channels,):
+        raise ValueError(f"taker {mean.taker!r} has shape {shapes[mean.taker]}; the layer's "
+                         f"{channels} output channels need ({channels},)")
 
 
 def _options(values: dict) -> dict:

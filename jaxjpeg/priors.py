@@ -232,6 +232,11 @@ def _output_biases(arrays: dict, names, channels) -> dict[str, str]:
     return out
 
 
+def is_running_mean(name: str) -> bool:
+    """Whether leaf ``name`` is a BatchNorm's running mean (by its last key)."""
+    return _leaf(name) in _MEAN
+
+
 def _running_mean(arrays: dict, parent: str, channels: int) -> str | None:
     """The running-mean leaf of the BatchNorm at ``parent``."""
     for p in _statistics_parents(parent):

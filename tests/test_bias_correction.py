@@ -87,6 +87,21 @@ def test_a_measured_mean_replaces_the_priors(tmp_path):
                                                       + np.abs(shift)))
 
 
+def test_a_given_taker_works_where_the_trees_order_does_not_tell(tmp_path):
+    tree, means = _net(np.random.default_rng(9))
+    tree = dict(sorted(tree.items()))           # bn1, bn2 before the weights: no order
+    with pytest.warns(UserWarning, match="input_mean of 2 leaves unused"):
+        jaxjpeg.save(tmp_path / "s.jjpg", tree, quality=50, input_mean=means, progress=False)
+    given = {"conv.weight": jaxjpeg.InputMean(means["conv.weight"].values, 0, "bn1.running_mean")}
+    jaxjpeg.save(tmp_path / "t.jjpg", tree, quality=50, input_mean=given, progress=False)
+    got = jaxjpeg.restore(tmp_path / "t.jjpg")
+    shift = _shift(given["conv.weight"],
+                   np.asarray(got["conv.weight"], np.float64) - tree["conv.weight"])
+    moved = np.asarray(got["bn1.running_mean"], np.float64) - tree["bn1.running_mean"]
+    assert np.abs(shift).max() > 0
+    np.testing.assert_allclose(moved, shift, rtol=1e-5, atol=1e-6)
+
+
 def test_flax_layout_means_take_the_last_axis_as_output(tmp_path):
     rng = np.random.default_rng(3)
     tree = {"params": {"Dense_0": {"kernel": rng.laplace(0, 0.05, (64, 256)).astype(np.float32),
@@ -119,6 +134,9 @@ def test_a_mean_with_nothing_to_take_it_is_reported(tmp_path):
     ({"fc.weight": jaxjpeg.InputMean(np.full((1, C), np.nan), 0)}, "NaN or infinite"),
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 2)}, "out_axis 2"),
     ({"fc.bias": jaxjpeg.InputMean(np.ones(300), 0)}, "no input axis"),
+    ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 0, "nope")}, "taker 'nope' is not a leaf"),
+    ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 0, "bn1.running_mean")},
+     r"has shape \(256,\); the layer's 300 output channels"),
 ])
 def test_bad_input_means_are_refused_before_anything_is_written(tmp_path, mean, error):
     tree, _ = _net(np.random.default_rng(5))
@@ -141,3 +159,43 @@ def test_without_input_means_a_default_save_keeps_every_leaf_exactly(tmp_path):
     got = jaxjpeg.restore(tmp_path / "p.jjpg")
     for leaf in ("bn1.running_mean", "bn2.running_mean", "fc.bias"):
         np.testing.assert_array_equal(np.asarray(got[leaf]), tree[leaf])
+
+
+def test_flax_calibration_means_correct_the_batchnorm_after_each_conv(tmp_path):
+    import flax.linen as nn
+    import jax
+
+    from jaxjpeg import calibration
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(64, (3, 3), use_bias=False)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+            x = nn.Conv(256, (5, 5), feature_group_count=64, use_bias=False)(x)   # x4 per group
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+            return nn.Dense(100)(x.mean((1, 2)))   # sorted after the convs: taker by call
+
+    rng = np.random.default_rng(8)
+    batches = [rng.gamma(2.0, 0.5, (4, 12, 12, 8)).astype(np.float32) for _ in range(3)]
+    variables = jax.tree.map(np.asarray, Net().init(jax.random.PRNGKey(0), batches[0]))
+    means = calibration.input_means(Net(), variables, batches)
+    assert set(means) == {"params/Conv_0/kernel", "params/Conv_1/kernel", "params/Dense_0/kernel"}
+    first = means["params/Conv_0/kernel"]
+    np.testing.assert_allclose(first.values.reshape(-1),
+                               np.concatenate(batches).reshape(-1, 8).astype(np.float64).mean(0), rtol=1e-9)
+    assert first.values.shape == (1, 1, 8, 1) and first.out_axis == -1
+    assert means["params/Conv_1/kernel"].values.shape == (1, 1, 1, 256)
+    assert means["params/Dense_0/kernel"].values.shape == (256, 1)
+    assert [m.taker for m in means.values()] == [
+        "batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_1/mean", "params/Dense_0/bias"]
+
+    jaxjpeg.save(tmp_path / "n.jjpg", variables, quality=30, input_mean=means, progress=False)
+    got = jaxjpeg.restore(tmp_path / "n.jjpg")
+    kernel = variables["params"]["Conv_1"]["kernel"]
+    error = np.asarray(got["params"]["Conv_1"]["kernel"], np.float64) - kernel
+    shift = means["params/Conv_1/kernel"].output_shift(error)
+    before = variables["batch_stats"]["BatchNorm_1"]["mean"]
+    moved = np.asarray(got["batch_stats"]["BatchNorm_1"]["mean"], np.float64) - before
+    assert np.abs(shift).max() > 0
+    np.testing.assert_allclose(moved, shift, rtol=1e-5, atol=1e-6)
