@@ -13,7 +13,17 @@ Measured on EfficientNet-lite at 8x (``benchmarks/probe_seeds.py``, KL to
 float32, mean of probe seeds): the prior's means lowered the KL 0.096 ->
 0.066 (lite1) and 0.107 -> 0.090 (lite2); with error feedback against
 calibration covariances, means measured on the same 32 crops instead of the
-prior's took lite1 0.064 -> 0.035 and lite2 0.064 -> 0.046 (2 seeds).
+prior's took lite1 0.064 -> 0.035 and lite2 0.064 -> 0.046 (2 seeds); over 4
+seeds, with feedback, 0.070 -> 0.038 and 0.068 -> 0.047, and measured means
+alone on the data-free coding 0.0635 -> 0.049 and 0.092 -> 0.061.
+
+Not a sure gain: on the small Flax ResNet of ``benchmarks/batchnorm_prior.py``
+(digits, 4x4 to 16x16 maps) measured means made the KL worse (3 seeds, prior
+/ prior + means: 8x 0.0037 / 0.0097, 10x 0.015 / 0.064), and so did shifts
+measured exactly on the calibration inputs: correcting its first three
+blocks helped (10x, one seed: 0.034 -> 0.024), its last three undid that.
+Correcting a layer's weight-error shift ignores how the noise of the layers
+before it moves the means (through each ReLU); check on held-out data.
 """
 
 from __future__ import annotations
