@@ -532,7 +532,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
         options["prior"] = priors.batchnorm_prior(tree)
     if input_mean:
         options["input_means"] = _input_mean_takers(input_mean, entries, tree)
-    return save_leaves(path, entries, **options)
+    return save_leaves(path, entries, batchnorm_prior=batchnorm_prior, **options)
 
 
 def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
@@ -599,7 +599,7 @@ class SourceLeaf:
     records: list                       # key path, as jaxjpeg.treepaths records it
     shape: tuple[int, ...]
     dtype: np.dtype
-    load: Callable[[], np.ndarray]      # the array (any byte order), called once
+    load: Callable[[], np.ndarray]      # the array (any byte order), read when called
     # The array's shards as (start, stop, step) per axis (shard_regions): a
     # coded leaf's tiles get edges at their boundaries. None: no sharding known.
     shards: tuple | None = None
@@ -652,15 +652,33 @@ def save_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def save_leaves(path, leaves: Sequence[SourceLeaf], **options) -> SaveReport:
+def save_leaves(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = True,
+                **options) -> SaveReport:
     """:func:`save` of leaves given as :class:`SourceLeaf` (same options).
 
     Leaves are loaded, coded and written in a pipeline: up to
     :func:`save_workers` leaves are coded at once (about
     ``SAVE_WINDOW_BYTES`` of them at most), and each is written, in order,
-    as soon as it and the ones before it are done.
+    as soon as it and the ones before it are done. Under a byte target the
+    BatchNorm prior pairs the leaves in the order given (see :func:`save`).
     """
-    return _Save(path, list(leaves), **options).run()
+    leaves = list(leaves)
+    if (batchnorm_prior and options.get("prior") is None
+            and _target_size(leaves, options.get("target_ratio"), options.get("target_bytes"),
+                             options.get("bits_per_weight")) is not None):
+        options["prior"] = _prior_of_leaves(leaves)
+    return _Save(path, leaves, **options).run()
+
+
+def _prior_of_leaves(leaves: Sequence[SourceLeaf]):
+    """The BatchNorm prior of leaves not loaded yet: the vectors a BatchNorm
+    may hold (small) are loaded, every other leaf stands in as a zero-stride
+    array of its shape (the prior reads only their shapes)."""
+    from jaxjpeg import priors
+
+    stand_ins = {leaf.name: leaf.array() if priors.may_be_batchnorm_vector(leaf.name, leaf.shape)
+                 else np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape) for leaf in leaves}
+    return priors.batchnorm_prior(stand_ins)
 
 
 class _Save:

@@ -232,6 +232,12 @@ def _output_biases(arrays: dict, names, channels) -> dict[str, str]:
     return out
 
 
+def may_be_batchnorm_vector(name: str, shape) -> bool:
+    """Whether leaf ``name`` of ``shape`` may be a BatchNorm's parameter or
+    statistic (what :func:`batchnorm_prior` reads the values of)."""
+    return len(shape) == 1 and _leaf(name) in (*_SCALE, *_SHIFT, *_VARIANCE, *_MEAN)
+
+
 def is_running_mean(name: str) -> bool:
     """Whether leaf ``name`` is a BatchNorm's running mean (by its last key)."""
     return _leaf(name) in _MEAN

@@ -408,7 +408,8 @@ _STORED, _DEFLATED = 0, 8   # the zip methods numpy's savez and savez_compressed
 
 def _npz_source(path: str, files: _Files) -> Source:
     """Every array of a ``.npz`` file (``np.savez`` / ``savez_compressed``),
-    named by its member name (``.npy`` dropped; ``/`` nests), described from
+    in the file's order, named by its member name (``.npy`` dropped; ``/``
+    nests), described from
     the zip's directory and each member's .npy header, and read with one
     ranged read of that member when the save reaches it."""
     import zipfile
@@ -420,10 +421,12 @@ def _npz_source(path: str, files: _Files) -> Source:
             members = [info for info in archive.infolist() if not info.is_dir()]
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
         raise SourceError(f"{path}: not a valid npz file ({_first_line(e)})") from None
+    # In the zip's order: np.savez writes a dict's arrays in its order, a
+    # PyTorch state dict's being the network's (the BatchNorm prior pairs by it).
     leaves = [_npz_leaf(path, info, files) for info in members]
     if not leaves:
         raise SourceError(f"{path}: holds no arrays")
-    return Source(path, sorted(leaves, key=lambda leaf: leaf.records))
+    return Source(path, leaves)
 
 
 def _npz_leaf(path: str, info, files: _Files):

@@ -327,3 +327,47 @@ def test_bias_correction_takes_a_classifiers_output_shift_out_of_its_bias(tmp_pa
     assert np.all(np.abs(moved + shift) <= 2 ** -8 * (np.abs(tree["fc.bias"]) + np.abs(shift)))
     sampled = (x @ error.T).mean(0) + moved           # the restored layer's mean output error
     assert np.abs(sampled).mean() < np.abs((x @ error.T).mean(0)).mean() / 3
+
+
+def test_leaves_saved_from_a_source_get_the_prior_as_the_tree_does(tmp_path):
+    """save_leaves (the CLI, the Orbax handler) pairs the leaves in the order
+    given, as save does for the same tree: the same file; without the prior,
+    another one."""
+    from jaxjpeg.checkpoint import SourceLeaf, save_leaves
+
+    rng = np.random.default_rng(21)
+    tree = collections.OrderedDict(_bn(32, rng, "bn0"))
+    tree["conv.weight"] = rng.laplace(0, 0.05, (64, 32, 3, 3)).astype(np.float32)
+    tree.update(_bn(64, rng, "bn1"))
+    tree["fc.weight"] = rng.laplace(0, 0.05, (100, 64)).astype(np.float32)
+    tree["fc.bias"] = rng.normal(0, 0.1, 100).astype(np.float32)
+    tree = dict(tree)
+    leaves = [SourceLeaf.of([["key", k]], v) for k, v in tree.items()]
+    jaxjpeg.save(tmp_path / "tree.jjpg", tree, target_ratio=8, progress=False)
+    save_leaves(tmp_path / "leaves.jjpg", leaves, target_ratio=8, progress=False)
+    save_leaves(tmp_path / "off.jjpg", leaves, target_ratio=8, progress=False,
+                batchnorm_prior=False)
+    got = {name: jaxjpeg.restore(tmp_path / f"{name}.jjpg") for name in ("tree", "leaves", "off")}
+    for leaf in tree:   # the tree's file holds jax's (sorted) order, the leaves' theirs
+        np.testing.assert_array_equal(np.asarray(got["leaves"][leaf]),
+                                      np.asarray(got["tree"][leaf]))
+    assert not np.array_equal(np.asarray(got["off"]["conv.weight"]),
+                              np.asarray(got["tree"]["conv.weight"]))
+
+
+def test_the_cli_keeps_an_npz_files_order_and_codes_with_the_prior(tmp_path):
+    """Sorted, the BatchNorm would come before the conv it follows."""
+    from jaxjpeg import cli
+
+    rng = np.random.default_rng(22)
+    tree = collections.OrderedDict()
+    tree["z_conv.weight"] = rng.laplace(0, 0.05, (64, 32, 3, 3)).astype(np.float32)
+    tree.update(_bn(64, rng, "a_bn"))              # after its conv, sorted before it
+    tree["b_fc.weight"] = rng.laplace(0, 0.05, (100, 64)).astype(np.float32)
+    tree["b_fc.bias"] = rng.normal(0, 0.1, 100).astype(np.float32)
+    np.savez(tmp_path / "model.npz", **tree)
+    assert cli.main(["compress", str(tmp_path / "model.npz"), str(tmp_path / "cli.jjpg"),
+                     "--target-ratio", "8"]) == 0
+    assert list(jaxjpeg.restore(tmp_path / "cli.jjpg")) == list(tree)
+    with Checkpoint(tmp_path / "cli.jjpg") as ckpt:   # the classifier the BatchNorm feeds
+        assert ckpt.reader.metadata["rate"] == {"target_ratio": 8.0, "batchnorm_prior": 1}
