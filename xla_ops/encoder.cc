@@ -1062,7 +1062,9 @@ SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& 
 // where each interval's data starts is appended to `starts`.
 JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
                            const std::vector<size_t>& interval_symbols, const SymbolCodes& codes,
-                           BitWriter* writer, std::vector<int64_t>* starts) {
+                           BitWriter* out, std::vector<int64_t>* starts) {
+  BitWriter local = *out;  // in registers (see BitWriter)
+  BitWriter* const writer = &local;
   // A chunk of this many symbols (31 bits at most each) fits the reserve.
   constexpr size_t kChunk = 64;
   static_assert(kChunk * 31 / 8 * 2 + 16 <= kMaxCodedBlockBytes, "reserve too small");
@@ -1093,6 +1095,7 @@ JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
   }
   writer->FlushWithPadding();
   writer->Finish();
+  *out = local;
 }
 
 // ---------------------------------------------------------------------------
