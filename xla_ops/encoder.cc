@@ -305,16 +305,16 @@ JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, 
 
 #if defined(JAXJPEG_X86_DISPATCH)
 // FindRdoCandidates of the eight lanes from zig-zag index `at`, from what
-// QuantizeToZigzagAvx2 holds in registers: the rounded values' magnitudes
-// (int32, and as float) and the scaled values. The same operations per lane
-// (magnitudes below 2^15 are the same in 32-bit lanes as in 16-bit ones;
-// x > a is false for NaN either way).
-__attribute__((target("avx2"))) inline void RdoLanesAvx2(__m256i magnitude, __m256 m,
-                                                         __m256 scaled, int at,
+// QuantizeToZigzagAvx2 holds in registers: the rounded values (int32) and the
+// scaled ones. The same operations per lane (magnitudes below 2^15 are the
+// same in 32-bit lanes as in 16-bit ones; x > a is false for NaN either way).
+__attribute__((target("avx2"))) inline void RdoLanesAvx2(__m256i rounded, __m256 scaled, int at,
                                                          RdoCandidates* out) {
   const __m256i one = _mm256_set1_epi32(1);
+  const __m256i magnitude = _mm256_abs_epi32(rounded);
   const __m256i power_of_two = _mm256_cmpeq_epi32(
       _mm256_and_si256(magnitude, _mm256_sub_epi32(magnitude, one)), _mm256_setzero_si256());
+  const __m256 m = _mm256_cvtepi32_ps(magnitude);
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
   const __m256 candidate =
       _mm256_and_ps(_mm256_castsi256_ps(power_of_two), _mm256_cmp_ps(m, a, _CMP_GT_OQ));
@@ -327,16 +327,13 @@ __attribute__((target("avx2"))) inline void RdoLanesAvx2(__m256i magnitude, __m2
   _mm256_storeu_ps(out->penalty + at, _mm256_sub_ps(_mm256_mul_ps(e, e), _mm256_mul_ps(d, d)));
 }
 
-// QuantizeToZigzag, NonzeroAcMask, the packed codes (ComputeCoefficientCodes
-// then PackCodes) and (rdo not null) FindRdoCandidates in one pass, eight
-// lanes at a time: the same operations per lane (x > lower ? x : lower is
-// max_ps(x, lower), NaN included; min_ps alike; 32-bit lanes keep the low 16
-// bits of the 16-bit lanes' extra bits), on values still in registers.
-// Returns the NonzeroAcMask.
+// QuantizeToZigzag, NonzeroAcMask and (rdo not null) FindRdoCandidates in one
+// pass, eight lanes at a time: the same operations per lane (x > lower ? x :
+// lower is max_ps(x, lower), NaN included; min_ps alike), on values still in
+// registers. Returns the NonzeroAcMask.
 __attribute__((target("avx2"))) inline uint64_t QuantizeToZigzagAvx2(const float transposed[64],
                                                                      const Quantizer& q,
                                                                      int16_t zigzag[64],
-                                                                     uint32_t packed[64],
                                                                      RdoCandidates* rdo) {
   const __m256 half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
   uint64_t zero = 0;
@@ -364,18 +361,7 @@ __attribute__((target("avx2"))) inline uint64_t QuantizeToZigzagAvx2(const float
       rounded[j] = _mm256_add_epi32(_mm256_sub_epi32(truncated, up), down);
       const __m256i is_zero = _mm256_cmpeq_epi32(rounded[j], _mm256_setzero_si256());
       zero |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(is_zero))) << at;
-      const __m256i magnitude = _mm256_abs_epi32(rounded[j]);
-      const __m256 m = _mm256_cvtepi32_ps(magnitude);
-      // ComputeCoefficientCodes' category (from the float's exponent) and
-      // extra bits, packed as PackCodes packs them.
-      const __m256i category = _mm256_max_epi32(
-          _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(m), 23), _mm256_set1_epi32(126)),
-          _mm256_setzero_si256());
-      const __m256i extra = _mm256_and_si256(
-          _mm256_add_epi32(rounded[j], _mm256_srai_epi32(rounded[j], 31)), _mm256_set1_epi32(0xFFFF));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + at),
-                          _mm256_or_si256(_mm256_slli_epi32(category, 16), extra));
-      if (rdo != nullptr) RdoLanesAvx2(magnitude, m, x, at, rdo);
+      if (rdo != nullptr) RdoLanesAvx2(rounded[j], x, at, rdo);
     }
     // |values| < 2^15: packing saturates nothing; packs works within 128-bit
     // halves, so the 64-bit quarters are put back in order.
@@ -437,46 +423,51 @@ JJ_INLINE uint64_t NonzeroAcMask(const int16_t zigzag[64]) {
 struct CoefficientCodes {
   alignas(16) uint16_t extra[64];
   alignas(16) uint8_t category[64];
+  alignas(16) uint32_t packed[64];  // (category << 16) | extra, by PackCodes
 };
 
-// Each value's category and extra bits in one word, (category << 16) |
-// extra, as a symbol recorder stores them (the run goes in above the
-// category).
-JJ_INLINE void PackCodes(const CoefficientCodes& codes, uint32_t packed[64]) {
+// Each value's category and extra bits in one word, as a symbol recorder
+// stores them (the run goes in above the category), with RDO's lowering
+// applied: each value in `lowered` (bit k: zig-zag k) moves down one
+// category, its extra bits (the value when positive, value - 1 when
+// negative) down by the same one. Applied here, lanes at once, rather than
+// value by value in memory (small stores read back by 16-byte loads would
+// defeat store forwarding).
+JJ_INLINE void PackCodes(const int16_t zigzag[64], uint64_t lowered, CoefficientCodes* codes) {
 #if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
+  const __m128i one = _mm_set1_epi16(1);
+  const __m128i lane_bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
   for (int i = 0; i < 64; i += 16) {
-    const __m128i categories = _mm_load_si128(reinterpret_cast<const __m128i*>(codes.category + i));
+    const __m128i categories = _mm_load_si128(reinterpret_cast<const __m128i*>(codes->category + i));
     for (int half = 0; half < 2; ++half) {
       const int at = i + 8 * half;
-      const __m128i category =
-          half == 0 ? _mm_unpacklo_epi8(categories, zero) : _mm_unpackhi_epi8(categories, zero);
-      const __m128i extra = _mm_load_si128(reinterpret_cast<const __m128i*>(codes.extra + at));
-      __m128i* out = reinterpret_cast<__m128i*>(packed + at);
-      _mm_storeu_si128(out, _mm_unpacklo_epi16(extra, category));
-      _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(extra, category));
+      // -1 in the lanes lowered, 0 elsewhere.
+      const __m128i lower = _mm_cmpeq_epi16(
+          _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>((lowered >> at) & 0xFF)), lane_bits),
+          lane_bits);
+      const __m128i value = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + at));
+      const __m128i sign = _mm_or_si128(_mm_srai_epi16(value, 15), one);  // +1 or -1
+      const __m128i category = _mm_add_epi16(
+          half == 0 ? _mm_unpacklo_epi8(categories, zero) : _mm_unpackhi_epi8(categories, zero),
+          lower);
+      const __m128i extra = _mm_sub_epi16(
+          _mm_load_si128(reinterpret_cast<const __m128i*>(codes->extra + at)),
+          _mm_and_si128(sign, lower));
+      __m128i* out = reinterpret_cast<__m128i*>(codes->packed + at);
+      _mm_store_si128(out, _mm_unpacklo_epi16(extra, category));
+      _mm_store_si128(out + 1, _mm_unpackhi_epi16(extra, category));
     }
   }
 #else
-  for (int k = 0; k < 64; ++k) packed[k] = (uint32_t{codes.category[k]} << 16) | codes.extra[k];
+  for (int k = 0; k < 64; ++k) {
+    const uint32_t lower = static_cast<uint32_t>(lowered >> k) & 1;
+    const uint32_t sign = zigzag[k] < 0 ? ~0u : 1u;
+    const uint32_t extra = static_cast<uint16_t>(codes->extra[k] - (sign & (0u - lower)));
+    codes->packed[k] = ((codes->category[k] - lower) << 16) | extra;
+  }
 #endif
 }
-
-// RDO's lowering of packed codes: each value in `lowered` (bit k: zig-zag k)
-// moves down one category, its extra bits (the value when positive, value - 1
-// when negative) down by the same one, in 16 bits.
-JJ_INLINE void LowerCodes(const int16_t zigzag[64], uint64_t lowered, uint32_t packed[64]) {
-  while (lowered != 0) {
-    const int k = __builtin_ctzll(lowered);
-    lowered &= lowered - 1;
-    const uint32_t sign = zigzag[k] < 0 ? 0xFFFFu : 1u;  // -1 or +1 in 16 bits
-    const uint32_t word = packed[k];
-    packed[k] = (((word >> 16) - 1) << 16) | ((word - sign) & 0xFFFFu);
-  }
-}
-
-// The magnitude category of AC value k in packed codes.
-JJ_INLINE int CategoryOf(const uint32_t packed[64], int k) { return static_cast<int>(packed[k] >> 16); }
 
 JJ_INLINE void ComputeCoefficientCodes(const int16_t zigzag[64], CoefficientCodes* out) {
 #if defined(__SSE2__)
@@ -616,11 +607,11 @@ struct RdoPrices {
 // symbol and extra bit but lengthens the next value's run, or at the end of
 // the block costs the EOB it had no need of at k == 63.
 JJ_INLINE bool UnitLowers(const RdoCandidates& rdo, int k, int run, uint64_t later,
-                       const uint32_t packed[64], const RdoPrices& prices) {
+                       const uint8_t category[64], const RdoPrices& prices) {
   int delta;
   if (later != 0) {  // the next value's run absorbs this one's
     const int r2 = __builtin_ctzll(later);
-    const int next_category = CategoryOf(packed, k + 1 + r2);
+    const int next_category = category[k + 1 + r2];
     delta = prices.CostOf(run, 1) + 1 + prices.CostOf(r2, next_category) -
             prices.CostOf(run + 1 + r2, next_category);
   } else {
@@ -640,7 +631,7 @@ JJ_INLINE int RunBefore(uint64_t nonzero, int k) {
 // on each other, and taken again in the rare case that the value before it
 // was lowered to zero (about 8% of unit candidates are).
 JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
-                          const uint32_t packed[64], const RdoPrices& prices) {
+                          const uint8_t category[64], const RdoPrices& prices) {
   const uint64_t plain = nonzero | 1;
   nonzero = plain;
   uint64_t units = rdo.units;
@@ -649,9 +640,9 @@ JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
     units &= units - 1;
     const uint64_t later = k < 63 ? plain >> (k + 1) : 0;
     const int run = RunBefore(plain, k);
-    bool lower = UnitLowers(rdo, k, run, later, packed, prices);
+    bool lower = UnitLowers(rdo, k, run, later, category, prices);
     if (!((nonzero >> (k - run - 1)) & 1)) {  // the value before was lowered to zero
-      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, packed, prices);
+      lower = UnitLowers(rdo, k, RunBefore(nonzero, k), later, category, prices);
     }
     nonzero &= ~(static_cast<uint64_t>(lower) << k);
   }
@@ -661,9 +652,7 @@ JJ_INLINE uint64_t DropUnits(uint64_t nonzero, const RdoCandidates& rdo,
 // One block's quantized values (zig-zag order), their NonzeroAcMask and, with
 // RDO, its candidates.
 struct QuantizedBlock {
-  alignas(32) int16_t zigzag[64];
-  // Each value's (category << 16) | extra bits, before RDO (PackCodes).
-  alignas(32) uint32_t packed[64];
+  alignas(16) int16_t zigzag[64];
   uint64_t nonzero;
   RdoCandidates rdo;
 };
@@ -673,7 +662,7 @@ struct QuantizedBlock {
 // k moves down one category (PackCodes applies them). Decided candidate by
 // candidate (about one nonzero value in six) rather than in the symbol loop.
 JJ_INLINE uint64_t LoweredCandidates(const QuantizedBlock& block, uint64_t nonzero,
-                                     const float lowering_gain[256], const uint32_t packed[64]) {
+                                     const float lowering_gain[256], const uint8_t category[64]) {
   const uint64_t runs_end = nonzero | 1;  // DC ends the run before the first AC value
   uint64_t candidates = block.rdo.all & ~block.rdo.units;
   uint64_t lowered = 0;
@@ -682,7 +671,7 @@ JJ_INLINE uint64_t LoweredCandidates(const QuantizedBlock& block, uint64_t nonze
     candidates &= candidates - 1;
     const int run = RunBefore(runs_end, k);
     // Without branches: the decisions are unpredictable.
-    const uint64_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | CategoryOf(packed, k)];
+    const uint64_t lower = block.rdo.penalty[k] < lowering_gain[((run & 15) << 4) | category[k]];
     lowered |= lower << k;
   }
   return lowered;
@@ -722,23 +711,16 @@ JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoP
   const int dc_difference = dc - previous_dc;
   const int dc_category = MagnitudeCategory(dc_difference);
   sink.Dc(dc_category, ExtraBits(dc_difference, dc_category));
+  CoefficientCodes codes;
+  ComputeCoefficientCodes(block.zigzag, &codes);
   uint64_t nonzero = block.nonzero;
-  if (!kRdo) {
-    sink.template AcSymbols<kAvx2>(block.packed, nonzero);
-    return dc;
+  uint64_t lowered = 0;
+  if (kRdo) {
+    if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, codes.category, *prices);
+    lowered = LoweredCandidates(block, nonzero, prices->lowering_gain, codes.category);
   }
-  if (block.rdo.units != 0) nonzero = DropUnits(nonzero, block.rdo, block.packed, *prices);
-  const uint64_t lowered = LoweredCandidates(block, nonzero, prices->lowering_gain, block.packed);
-  if (lowered == 0) {
-    sink.template AcSymbols<kAvx2>(block.packed, nonzero);
-    return dc;
-  }
-  // A kept block is coded twice (SampleRdoPrices, then with RDO): lowered
-  // on a copy.
-  alignas(32) uint32_t packed[64];
-  std::memcpy(packed, block.packed, sizeof(packed));
-  LowerCodes(block.zigzag, lowered, packed);
-  sink.template AcSymbols<kAvx2>(packed, nonzero);
+  PackCodes(block.zigzag, lowered, &codes);
+  sink.template AcSymbols<kAvx2>(codes.packed, nonzero);
   return dc;
 }
 
@@ -805,8 +787,10 @@ __attribute__((target("avx2,bmi,bmi2"))) uint32_t* ShortRunSymbolsAvx2(
     if (mask == 0) continue;
     const __m256i lanes =
         _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(table.lanes[mask])));
-    const __m256i group_codes =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 8 * group));
+    // Two 16-byte loads, as PackCodes stored them (store forwarding).
+    const __m128i* halves = reinterpret_cast<const __m128i*>(packed + 8 * group);
+    const __m256i group_codes = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(halves)), _mm_loadu_si128(halves + 1), 1);
     const __m256i codes = _mm256_permutevar8x32_epi32(group_codes, lanes);
     const __m256i positions = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * group));
     const __m256i before =
@@ -913,7 +897,7 @@ class BlockQuantizer {
       __m256 rows[8];
       GatherCenteredRowsAvx2(source_, bx * 8, by * 8, max_sample_, center_, rows);
       ForwardDct8x8TransposedAvx2(basis_, rows, coefficients);
-      out->nonzero = QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag, out->packed,
+      out->nonzero = QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag,
                                           with_rdo ? &out->rdo : nullptr);
       return;
     }
@@ -924,9 +908,6 @@ class BlockQuantizer {
     ForwardDct8x8Transposed(basis_, block, coefficients);
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
     out->nonzero = NonzeroAcMask(out->zigzag);
-    CoefficientCodes codes;
-    ComputeCoefficientCodes(out->zigzag, &codes);
-    PackCodes(codes, out->packed);
     if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
   }
 
@@ -954,7 +935,7 @@ int CostSampleRowStep(const BlockGrid& grid) {
 
 // The blocks of the sampled rows, with their RDO candidates, kept for
 // RecordSymbols (they are quantized once), up to kMaxKeptSampleBlocks
-// (~5.5 MB): a larger tile's are quantized again.
+// (~3.4 MB): a larger tile's are quantized again.
 constexpr size_t kMaxKeptSampleBlocks = 8192;
 
 class SampledBlocks {
