@@ -843,13 +843,13 @@ class SymbolRecorder {
     ForEachAcSymbol(packed, nonzero, [this](uint32_t entry) { Record(entry); });
   }
 
-  // Counts the entries recorded since the last call, four at a time, each
-  // into its own table: the same symbol in a row (frequent) then increments
-  // different counters.
+  // Counts the entries recorded since the last call, kLanes at a time, each
+  // into its own table: the same symbol again soon (frequent) then
+  // increments another counter, not the one still being updated.
   JJ_INLINE void CountNew() {
     const uint32_t* begin = counted_;
-    for (; end_ - begin >= 4; begin += 4) {
-      for (int lane = 0; lane < 4; ++lane) ++count_[lane][begin[lane] >> 16];
+    for (; end_ - begin >= kLanes; begin += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) ++count_[lane][begin[lane] >> 16];
     }
     for (; begin < end_; ++begin) ++count_[0][*begin >> 16];
     counted_ = end_;
@@ -861,8 +861,8 @@ class SymbolRecorder {
   SymbolHistogram Histogram(int first) const {
     SymbolHistogram h;
     for (int i = 0; i < 256; ++i) {
-      h.count[i] = count_[0][first + i] + count_[1][first + i] + count_[2][first + i] +
-                   count_[3][first + i];
+      h.count[i] = 0;
+      for (int lane = 0; lane < kLanes; ++lane) h.count[i] += count_[lane][first + i];
     }
     return h;
   }
@@ -876,7 +876,10 @@ class SymbolRecorder {
   // a size_t, which would be reloaded after each one).
   uint32_t* end_;
   const uint32_t* counted_;  // entries before it are counted
-  uint64_t count_[4][512] = {};  // summed by Histogram
+  // Summed by Histogram. A lane counts at most one in kLanes of a tile's
+  // entries, (65535 / 8)^2 * 68 / 8 < 2^30 at most: 32 bits suffice.
+  static constexpr int kLanes = 8;
+  uint32_t count_[kLanes][512] = {};
 };
 
 // DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
