@@ -309,7 +309,8 @@ JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, 
 // scaled ones. The same operations per lane (magnitudes below 2^15 are the
 // same in 32-bit lanes as in 16-bit ones; x > a is false for NaN either way).
 __attribute__((target("avx2"))) inline void RdoLanesAvx2(__m256i rounded, __m256 scaled, int at,
-                                                         RdoCandidates* out) {
+                                                         RdoCandidates* out, uint64_t* all,
+                                                         uint64_t* units) {
   const __m256i one = _mm256_set1_epi32(1);
   const __m256i magnitude = _mm256_abs_epi32(rounded);
   const __m256i power_of_two = _mm256_cmpeq_epi32(
@@ -320,8 +321,8 @@ __attribute__((target("avx2"))) inline void RdoLanesAvx2(__m256i rounded, __m256
       _mm256_and_ps(_mm256_castsi256_ps(power_of_two), _mm256_cmp_ps(m, a, _CMP_GT_OQ));
   const __m256 unit =
       _mm256_and_ps(candidate, _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, one)));
-  out->all |= static_cast<uint64_t>(_mm256_movemask_ps(candidate)) << at;
-  out->units |= static_cast<uint64_t>(_mm256_movemask_ps(unit)) << at;
+  *all |= static_cast<uint64_t>(_mm256_movemask_ps(candidate)) << at;
+  *units |= static_cast<uint64_t>(_mm256_movemask_ps(unit)) << at;
   const __m256 d = _mm256_sub_ps(m, a);
   const __m256 e = _mm256_sub_ps(_mm256_set1_ps(1.0f), d);
   _mm256_storeu_ps(out->penalty + at, _mm256_sub_ps(_mm256_mul_ps(e, e), _mm256_mul_ps(d, d)));
@@ -337,7 +338,9 @@ __attribute__((target("avx2"))) inline uint64_t QuantizeToZigzagAvx2(const float
                                                                      RdoCandidates* rdo) {
   const __m256 half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
   uint64_t zero = 0;
-  if (rdo != nullptr) rdo->all = rdo->units = 0;
+  // The masks gather in locals, stored once: ORed into *rdo, each would
+  // wait on the store before it (the penalties stored there may alias them).
+  uint64_t all = 0, units = 0;
   for (int i = 0; i < 64; i += 16) {
     __m256i rounded[2];
     for (int j = 0; j < 2; ++j) {
@@ -361,7 +364,7 @@ __attribute__((target("avx2"))) inline uint64_t QuantizeToZigzagAvx2(const float
       rounded[j] = _mm256_add_epi32(_mm256_sub_epi32(truncated, up), down);
       const __m256i is_zero = _mm256_cmpeq_epi32(rounded[j], _mm256_setzero_si256());
       zero |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(is_zero))) << at;
-      if (rdo != nullptr) RdoLanesAvx2(rounded[j], x, at, rdo);
+      if (rdo != nullptr) RdoLanesAvx2(rounded[j], x, at, rdo, &all, &units);
     }
     // |values| < 2^15: packing saturates nothing; packs works within 128-bit
     // halves, so the 64-bit quarters are put back in order.
@@ -370,8 +373,8 @@ __attribute__((target("avx2"))) inline uint64_t QuantizeToZigzagAvx2(const float
                         _mm256_permute4x64_epi64(packed, 0xD8));
   }
   if (rdo != nullptr) {  // DC is never a candidate
-    rdo->all &= ~uint64_t{1};
-    rdo->units &= ~uint64_t{1};
+    rdo->all = all & ~uint64_t{1};
+    rdo->units = units & ~uint64_t{1};
   }
   return ~zero & ~uint64_t{1};
 }
