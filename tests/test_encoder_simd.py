@@ -118,9 +118,9 @@ def _pseudo_gaussian(shape, seed: int) -> np.ndarray:
 
 
 # SHA-256 of every encoding below, recorded before the encoder's speed work
-# (fused AVX2 quantizer, packed codes kept per block, RDO lowering on a copy,
-# BitWriter in registers): any change to the bytes the encoder writes, on
-# either path, shows here.
+# of issue 10 item 7, third session (fused AVX2 quantizer, BitWriter in
+# registers, deferred symbol counts): any change to the bytes the encoder
+# writes, on either path, shows here.
 _PINNED_ENCODINGS = {
     8: "dec2042a65bfc80d73d9dba95ddd89924e3a74fdb591ca9b2cc90b902e3ee5cd",
     12: "9af7f56840c469c2470caff93947aa50ec4bfee48966373fc15d3c5b31363b94",
