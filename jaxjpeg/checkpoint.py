@@ -599,8 +599,9 @@ def save_leaves(path, leaves: Sequence[SourceLeaf], **options) -> SaveReport:
 
     Leaves are loaded, coded and written in a pipeline: up to
     :func:`save_workers` leaves are coded at once (about
-    ``SAVE_WINDOW_BYTES`` of them at most), and each is written, in order,
-    as soon as it and the ones before it are done.
+    ``SAVE_WINDOW_BYTES`` of them at most, the largest leaf started first),
+    and each is written, in order, as soon as it and the ones before it are
+    done.
     """
     return _Save(path, list(leaves), **options).run()
 
