@@ -658,9 +658,10 @@ def save_leaves(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = T
 
     Leaves are loaded, coded and written in a pipeline: up to
     :func:`save_workers` leaves are coded at once (about
-    ``SAVE_WINDOW_BYTES`` of them at most), and each is written, in order,
-    as soon as it and the ones before it are done. Under a byte target the
-    BatchNorm prior pairs the leaves in the order given (see :func:`save`).
+    ``SAVE_WINDOW_BYTES`` of them at most, the largest leaf started first),
+    and each is written, in order, as soon as it and the ones before it are
+    done. Under a byte target the BatchNorm prior pairs the leaves in the
+    order given (see :func:`save`).
     """
     leaves = list(leaves)
     if (batchnorm_prior and options.get("prior") is None
@@ -815,30 +816,47 @@ class _Save:
                                          array.nbytes, stored, note), warning
 
 
-def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of):
+def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of,
+             largest_first: bool = True):
     """Yields ``fn(item)`` for every item, in order, computing up to
     ``workers`` at once and starting an item only while the items started and
-    not yet yielded hold at most ``window_bytes`` (always at least one)."""
+    not yet yielded hold at most ``window_bytes`` (the next item to yield
+    always starts).
+
+    ``largest_first``: the largest item starts before the others (then the
+    rest in order). A leaf's serial parts (its statistics pass, deflating its
+    side data) then overlap the other leaves' coding; started in tree order,
+    a large last leaf (an embedding) ended the save on one core. Only the
+    order of the work changes, not what each item gives."""
+    items = list(items)
     if workers <= 1:
         yield from map(fn, items)
         return
-    pending: collections.deque = collections.deque()
-    in_flight = 0
+    sizes = [size_of(item) for item in items]
+    order = list(range(len(items)))
+    if largest_first and items:
+        largest = max(order, key=sizes.__getitem__)
+        order = [largest] + [i for i in order if i != largest]
+    futures: dict = {}
+    in_flight = started = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
-            for item in items:
-                size = size_of(item)
-                while pending and (len(pending) >= 2 * workers
-                                   or in_flight + size > window_bytes):
-                    future, done_size = pending.popleft()
-                    in_flight -= done_size
-                    yield future.result()
-                pending.append((pool.submit(fn, item), size))
-                in_flight += size
-            while pending:
-                yield pending.popleft()[0].result()
+            for index in range(len(items)):
+                # Items before `index` in `order` have all started, so it is
+                # the next to start if it has not: the loop always starts it.
+                while started < len(order):
+                    nxt = order[started]
+                    full = len(futures) >= 2 * workers or in_flight + sizes[nxt] > window_bytes
+                    if full and futures and nxt != index:
+                        break
+                    futures[nxt] = pool.submit(fn, items[nxt])
+                    in_flight += sizes[nxt]
+                    started += 1
+                result = futures.pop(index).result()
+                in_flight -= sizes[index]
+                yield result
         finally:  # an error (or the consumer stopping): start nothing more
-            for future, _ in pending:
+            for future in futures.values():
                 future.cancel()
 
 

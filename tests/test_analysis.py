@@ -47,6 +47,23 @@ def test_matrix_stats_give_the_same_bits_with_and_without_avx2(shape):
         assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13])
+@pytest.mark.parametrize("avx2", [True, False])
+def test_matrix_stats_sum_columns_row_after_row(rows, avx2):
+    """Column sums (and sums of squares) in float64, bit for bit those of
+    adding the rows one after another, however many rows the kernel takes at
+    once: maps computed from them, and so the file's bytes, must not depend
+    on it."""
+    x = _laplace((rows, 37), seed=rows)
+    _, _, (total, squares, _, _) = _native.matrix_stats(x, 1e30, avx2=avx2)
+    want_total, want_squares = np.zeros(37), np.zeros(37)
+    for row in x.astype(np.float64):
+        want_total += row
+        want_squares += row * row
+    assert total.tobytes() == want_total.tobytes()
+    assert squares.tobytes() == want_squares.tobytes()
+
+
 def test_matrix_stats_read_rows_of_a_larger_matrix_and_count_special_values():
     big = _laplace((40, 50))
     big[3, 7], big[5, 2], big[9, 30], big[12, 12] = np.nan, np.inf, -3e4, 2e4

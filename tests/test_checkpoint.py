@@ -668,3 +668,56 @@ def test_error_bound_with_nan_and_extreme_values(tmp_path):
     err = (np.linalg.norm(got[ok].astype(np.float64) - x[ok].astype(np.float64))
            / np.linalg.norm(x[ok].astype(np.float64)))
     assert err <= 0.02
+
+
+def _started_order(sizes, largest_first, workers=2, window=10**9):
+    """(values in_order yields, the items in the order fn started them)."""
+    import threading
+    started, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    out = list(ck.in_order(fn, list(range(len(sizes))), workers, window, sizes.__getitem__,
+                           largest_first=largest_first))
+    return out, started
+
+
+def test_the_pipeline_starts_the_largest_leaf_first_and_yields_in_order():
+    """The largest item (here the last, as an embedding after the blocks in a
+    tree's key order) starts first, so its serial parts overlap the others'
+    work; results still come in order. A pool's queue is FIFO: two items
+    started together may enter fn in either order, no more."""
+    sizes = [2, 3, 2, 4, 3, 2, 90]
+    out, started = _started_order(sizes, largest_first=True)
+    assert out == [i * i for i in range(len(sizes))]
+    assert started.index(6) <= 1, started
+    out, started = _started_order(sizes, largest_first=False)
+    assert out == [i * i for i in range(len(sizes))]
+    assert started.index(6) >= 3, started   # at most 2 * workers pending before it
+
+
+def test_the_pipeline_starts_the_next_item_even_past_the_window():
+    """A largest item beyond the window, started first, must not stop the
+    items before it from starting (they are yielded first): no deadlock."""
+    sizes = [1, 1, 100, 1]
+    for largest_first in (True, False):
+        out, started = _started_order(sizes, largest_first, window=10)
+        assert out == [0, 1, 4, 9] and sorted(started) == [0, 1, 2, 3]
+
+
+def test_starting_the_largest_leaf_first_changes_no_byte(tmp_path, monkeypatch):
+    """The same tree saved with the largest leaf started first and in tree
+    order: byte-identical files."""
+    rng = np.random.default_rng(4)
+    tree = {"a": rng.normal(size=(64, 96)).astype(np.float32),
+            "b": rng.normal(size=(3, 3, 16, 32)).astype(np.float32),
+            "z_embed": rng.normal(size=(1000, 128)).astype(np.float32),
+            "bias": rng.normal(size=(32,)).astype(np.float32)}
+    jaxjpeg.save(tmp_path / "first.jjpg", tree, progress=False)
+    plain = ck.in_order
+    monkeypatch.setattr(ck, "in_order", lambda *a, **k: plain(*a, **{**k, "largest_first": False}))
+    jaxjpeg.save(tmp_path / "in_order.jjpg", tree, progress=False)
+    assert (tmp_path / "first.jjpg").read_bytes() == (tmp_path / "in_order.jjpg").read_bytes()

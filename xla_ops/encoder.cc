@@ -255,6 +255,17 @@ struct ZigzagTransposedTable {
 };
 constexpr ZigzagTransposedTable kZigzagToTransposed;
 
+// What RDO needs of one block's plain rounding: the candidates (bit k: AC
+// value k, zig-zag, that rounding moved up, away from zero, to a nonzero
+// power of two), those of them of magnitude 1 (lowering one to zero changes
+// the runs every later value sees), and the squared error, in step^2, that
+// lowering each value would add: (1 - d)^2 - d^2 with d its rounding distance.
+struct RdoCandidates {
+  uint64_t all;
+  uint64_t units;
+  alignas(16) float penalty[64];
+};
+
 // Rounds half away from zero; written with truncation so it vectorizes
 // without SSE4.1 rounding instructions and stays exact (x - trunc(x) is exact).
 // The coefficients are put in zig-zag order first (one permutation), then
@@ -293,13 +304,43 @@ JJ_INLINE void QuantizeToZigzag(const float transposed[64], const Quantizer& q, 
 }
 
 #if defined(JAXJPEG_X86_DISPATCH)
-// QuantizeToZigzag eight lanes at a time: the same operations per lane
-// (x > lower ? x : lower is max_ps(x, lower), NaN included; min_ps alike).
-__attribute__((target("avx2"))) inline void QuantizeToZigzagAvx2(const float transposed[64],
-                                                                 const Quantizer& q,
-                                                                 int16_t zigzag[64],
-                                                                 float scaled[64]) {
+// FindRdoCandidates of the eight lanes from zig-zag index `at`, from what
+// QuantizeToZigzagAvx2 holds in registers: the rounded values (int32) and the
+// scaled ones. The same operations per lane (magnitudes below 2^15 are the
+// same in 32-bit lanes as in 16-bit ones; x > a is false for NaN either way).
+__attribute__((target("avx2"))) inline void RdoLanesAvx2(__m256i rounded, __m256 scaled, int at,
+                                                         RdoCandidates* out, uint64_t* all,
+                                                         uint64_t* units) {
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i magnitude = _mm256_abs_epi32(rounded);
+  const __m256i power_of_two = _mm256_cmpeq_epi32(
+      _mm256_and_si256(magnitude, _mm256_sub_epi32(magnitude, one)), _mm256_setzero_si256());
+  const __m256 m = _mm256_cvtepi32_ps(magnitude);
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
+  const __m256 candidate =
+      _mm256_and_ps(_mm256_castsi256_ps(power_of_two), _mm256_cmp_ps(m, a, _CMP_GT_OQ));
+  const __m256 unit =
+      _mm256_and_ps(candidate, _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, one)));
+  *all |= static_cast<uint64_t>(_mm256_movemask_ps(candidate)) << at;
+  *units |= static_cast<uint64_t>(_mm256_movemask_ps(unit)) << at;
+  const __m256 d = _mm256_sub_ps(m, a);
+  const __m256 e = _mm256_sub_ps(_mm256_set1_ps(1.0f), d);
+  _mm256_storeu_ps(out->penalty + at, _mm256_sub_ps(_mm256_mul_ps(e, e), _mm256_mul_ps(d, d)));
+}
+
+// QuantizeToZigzag, NonzeroAcMask and (rdo not null) FindRdoCandidates in one
+// pass, eight lanes at a time: the same operations per lane (x > lower ? x :
+// lower is max_ps(x, lower), NaN included; min_ps alike), on values still in
+// registers. Returns the NonzeroAcMask.
+__attribute__((target("avx2"))) inline uint64_t QuantizeToZigzagAvx2(const float transposed[64],
+                                                                     const Quantizer& q,
+                                                                     int16_t zigzag[64],
+                                                                     RdoCandidates* rdo) {
   const __m256 half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
+  uint64_t zero = 0;
+  // The masks gather in locals, stored once: ORed into *rdo, each would
+  // wait on the store before it (the penalties stored there may alias them).
+  uint64_t all = 0, units = 0;
   for (int i = 0; i < 64; i += 16) {
     __m256i rounded[2];
     for (int j = 0; j < 2; ++j) {
@@ -315,13 +356,15 @@ __attribute__((target("avx2"))) inline void QuantizeToZigzagAvx2(const float tra
       __m256 x = _mm256_mul_ps(ordered, _mm256_loadu_ps(q.inverse_step + at));
       x = _mm256_max_ps(x, _mm256_loadu_ps(q.lower + at));
       x = _mm256_min_ps(x, _mm256_loadu_ps(q.upper + at));
-      _mm256_storeu_ps(scaled + at, x);
       const __m256i truncated = _mm256_cvttps_epi32(x);
       const __m256 fraction = _mm256_sub_ps(x, _mm256_cvtepi32_ps(truncated));
       // Comparisons give -1 (true) or 0 per lane.
       const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ));
       const __m256i down = _mm256_castps_si256(_mm256_cmp_ps(fraction, minus_half, _CMP_LE_OQ));
       rounded[j] = _mm256_add_epi32(_mm256_sub_epi32(truncated, up), down);
+      const __m256i is_zero = _mm256_cmpeq_epi32(rounded[j], _mm256_setzero_si256());
+      zero |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(is_zero))) << at;
+      if (rdo != nullptr) RdoLanesAvx2(rounded[j], x, at, rdo, &all, &units);
     }
     // |values| < 2^15: packing saturates nothing; packs works within 128-bit
     // halves, so the 64-bit quarters are put back in order.
@@ -329,6 +372,11 @@ __attribute__((target("avx2"))) inline void QuantizeToZigzagAvx2(const float tra
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(zigzag + i),
                         _mm256_permute4x64_epi64(packed, 0xD8));
   }
+  if (rdo != nullptr) {  // DC is never a candidate
+    rdo->all = all & ~uint64_t{1};
+    rdo->units = units & ~uint64_t{1};
+  }
+  return ~zero & ~uint64_t{1};
 }
 #endif
 
@@ -475,17 +523,6 @@ constexpr uint8_t kZeroRun16 = 0xF0;
 // high rate (D = step^2 / 12, dD/dR = -2 ln 2 D), in step^2 per bit; 0.10 to
 // 0.14 measured alike on Gaussian and Laplacian weights.
 constexpr float kRdoLambda = 0.12f;
-
-// What RDO needs of one block's plain rounding: the candidates (bit k: AC
-// value k, zig-zag, that rounding moved up, away from zero, to a nonzero
-// power of two), those of them of magnitude 1 (lowering one to zero changes
-// the runs every later value sees), and the squared error, in step^2, that
-// lowering each value would add: (1 - d)^2 - d^2 with d its rounding distance.
-struct RdoCandidates {
-  uint64_t all;
-  uint64_t units;
-  alignas(16) float penalty[64];
-};
 
 JJ_INLINE void FindRdoCandidates(const int16_t zigzag[64], const float scaled[64],
                               RdoCandidates* out) {
@@ -778,29 +815,30 @@ __attribute__((target("avx2,bmi,bmi2"))) uint32_t* ShortRunSymbolsAvx2(
 constexpr int kDcIndex = 256;
 constexpr int kMaxSymbolsPerBlock = 68;  // DC, 63 AC values, 3 ZRLs, EOB
 
-// The symbols of every block in coding order, counted as they are recorded:
-// the tables are optimal for exactly what is written.
+// The symbols of every block in coding order, counted (CountNew) a block row
+// at a time: the tables are optimal for exactly what is written. Counted
+// right after they were stored, each entry's count waited on its store (the
+// loads, of stores just made by vector code, were a twelfth of the coding
+// time); a row later they are plain L1 hits.
 class SymbolRecorder {
  public:
   // Room for the most symbols `blocks` blocks can have (may throw
   // std::bad_alloc); pages never written are never touched.
   explicit SymbolRecorder(int64_t blocks)
       : entries_(new uint32_t[static_cast<size_t>(blocks) * kMaxSymbolsPerBlock]),
-        end_(entries_.get()) {}
+        end_(entries_.get()), counted_(entries_.get()) {}
 
   void Dc(int symbol, uint32_t bits) { Record((static_cast<uint32_t>(kDcIndex + symbol) << 16) | bits); }
 
   // A block's AC symbols (ForEachAcSymbol's entries); kAvx2: without ZRLs,
-  // eight positions at a time, counted afterwards.
+  // eight positions at a time.
   template <bool kAvx2>
   JJ_INLINE void AcSymbols(const uint32_t packed[64], uint64_t nonzero) {
 #if defined(JAXJPEG_X86_DISPATCH)
     if constexpr (kAvx2) {
       if (!HasLongRun(nonzero)) {
-        uint32_t* const begin = end_;
         end_ = ShortRunSymbolsAvx2(packed, nonzero, end_);
         if ((nonzero >> 63) == 0) *end_++ = uint32_t{kEndOfBlock} << 16;
-        CountEntries(begin, end_);
         return;
       }
     }
@@ -808,37 +846,43 @@ class SymbolRecorder {
     ForEachAcSymbol(packed, nonzero, [this](uint32_t entry) { Record(entry); });
   }
 
+  // Counts the entries recorded since the last call, kLanes at a time, each
+  // into its own table: the same symbol again soon (frequent) then
+  // increments another counter, not the one still being updated.
+  JJ_INLINE void CountNew() {
+    const uint32_t* begin = counted_;
+    for (; end_ - begin >= kLanes; begin += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) ++count_[lane][begin[lane] >> 16];
+    }
+    for (; begin < end_; ++begin) ++count_[0][*begin >> 16];
+    counted_ = end_;
+  }
+
   size_t size() const { return static_cast<size_t>(end_ - entries_.get()); }
   const uint32_t* entries() const { return entries_.get(); }
+  // After CountNew of every entry.
   SymbolHistogram Histogram(int first) const {
     SymbolHistogram h;
     for (int i = 0; i < 256; ++i) {
-      h.count[i] = count_[0][first + i] + count_[1][first + i] + count_[2][first + i] +
-                   count_[3][first + i];
+      h.count[i] = 0;
+      for (int lane = 0; lane < kLanes; ++lane) h.count[i] += count_[lane][first + i];
     }
     return h;
   }
 
  private:
-  void Record(uint32_t entry) {
-    *end_++ = entry;
-    ++count_[0][entry >> 16];
-  }
+  void Record(uint32_t entry) { *end_++ = entry; }
 
-  // Counts recorded entries four at a time, each into its own table: the
-  // same symbol in a row (frequent) then increments different counters.
-  JJ_INLINE void CountEntries(const uint32_t* begin, const uint32_t* end) {
-    for (; end - begin >= 4; begin += 4) {
-      for (int lane = 0; lane < 4; ++lane) ++count_[lane][begin[lane] >> 16];
-    }
-    for (; begin < end; ++begin) ++count_[0][*begin >> 16];
-  }
   std::unique_ptr<uint32_t[]> entries_;
   // Where the next symbol goes: a pointer, not a size_t count, so the
   // compiler may keep it in a register (a uint64_t count_ store could alias
   // a size_t, which would be reloaded after each one).
   uint32_t* end_;
-  uint64_t count_[4][512] = {};  // summed by Histogram
+  const uint32_t* counted_;  // entries before it are counted
+  // Summed by Histogram. A lane counts at most one in kLanes of a tile's
+  // entries, (65535 / 8)^2 * 68 / 8 < 2^30 at most: 32 bits suffice.
+  static constexpr int kLanes = 8;
+  uint32_t count_[kLanes][512] = {};
 };
 
 // DC prediction restarts at zero with every restart interval (T.81 F.1.1.5.1).
@@ -857,25 +901,22 @@ class BlockQuantizer {
   // AVX2 (only from RecordTileAvx2).
   template <bool kAvx2>
   JJ_INLINE void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
-    alignas(32) float block[64];
     alignas(32) float coefficients[64];  // transposed
-    alignas(16) float scaled[64];
 #if defined(JAXJPEG_X86_DISPATCH)
     if constexpr (kAvx2) {
       __m256 rows[8];
       GatherCenteredRowsAvx2(source_, bx * 8, by * 8, max_sample_, center_, rows);
       ForwardDct8x8TransposedAvx2(basis_, rows, coefficients);
-      QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag, scaled);
-    } else {
-      GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
-      ForwardDct8x8Transposed(basis_, block, coefficients);
-      QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
+      out->nonzero = QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag,
+                                          with_rdo ? &out->rdo : nullptr);
+      return;
     }
-#else
+#endif
+    alignas(32) float block[64];
+    alignas(16) float scaled[64];
     GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
     ForwardDct8x8Transposed(basis_, block, coefficients);
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
-#endif
     out->nonzero = NonzeroAcMask(out->zigzag);
     if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
   }
@@ -977,6 +1018,7 @@ JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& g
       }
       previous_dc = CodeBlock<kRdo, kAvx2>(*block, previous_dc, prices, *recorder);
     }
+    recorder->CountNew();
   }
 }
 
@@ -1012,7 +1054,9 @@ SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& 
 // where each interval's data starts is appended to `starts`.
 JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
                            const std::vector<size_t>& interval_symbols, const SymbolCodes& codes,
-                           BitWriter* writer, std::vector<int64_t>* starts) {
+                           BitWriter* out, std::vector<int64_t>* starts) {
+  BitWriter local = *out;  // in registers (see BitWriter)
+  BitWriter* const writer = &local;
   // A chunk of this many symbols (31 bits at most each) fits the reserve.
   constexpr size_t kChunk = 64;
   static_assert(kChunk * 31 / 8 * 2 + 16 <= kMaxCodedBlockBytes, "reserve too small");
@@ -1043,6 +1087,7 @@ JJ_INLINE void WriteEntropyCodedData(const SymbolRecorder& recorder,
   }
   writer->FlushWithPadding();
   writer->Finish();
+  *out = local;
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace jaxjpeg {
@@ -46,15 +47,22 @@ HuffmanCodeTable BuildCodeTable(const HuffmanSpec& spec);
 // Writes an entropy-coded segment: packs codes MSB first, stuffs a zero byte
 // after every 0xFF, pads with 1 bits before markers. Appends to a vector it
 // grows ahead of time (Reserve) so the hot path is free of capacity checks.
+// It keeps the vector's data pointer and size itself: a hot loop working on a
+// local copy (copied back when done) then keeps its whole state in registers
+// (a byte stored through a vector's data may alias the vector, so its fields
+// would be read again after every store).
 class BitWriter {
  public:
-  explicit BitWriter(std::vector<uint8_t>* out) : out_(out), size_(out->size()) {}
+  explicit BitWriter(std::vector<uint8_t>* out)
+      : out_(out), data_(out->data()), size_(out->size()), capacity_(out->size()) {}
 
   // Makes room for `bytes` more output bytes (may throw std::bad_alloc).
   void Reserve(size_t bytes) {
-    if (size_ + bytes <= out_->size()) return;
-    size_t grown = out_->size() * 2;
+    if (size_ + bytes <= capacity_) return;
+    const size_t grown = capacity_ * 2;
     out_->resize(grown > size_ + bytes ? grown : size_ + bytes);
+    data_ = out_->data();
+    capacity_ = out_->size();
   }
 
   // Appends the low `count` bits of `bits` (count <= 63, higher bits zero:
@@ -92,7 +100,7 @@ class BitWriter {
   // A marker is only valid on a byte boundary: call after FlushWithPadding.
   void PutMarker(uint8_t code) {
     Reserve(2);
-    uint8_t* dst = out_->data() + size_;
+    uint8_t* dst = data_ + size_;
     dst[0] = 0xFF;
     dst[1] = code;
     size_ += 2;
@@ -106,7 +114,7 @@ class BitWriter {
 
  private:
   void EmitByte(uint8_t byte) {
-    uint8_t* dst = out_->data() + size_;
+    uint8_t* dst = data_ + size_;
     dst[0] = byte;
     dst[1] = 0;  // stuffed byte, kept only after 0xFF
     size_ += byte == 0xFF ? 2 : 1;
@@ -119,16 +127,26 @@ class BitWriter {
     const bool has_ff =
         ((inverted - 0x0101010101010101ull) & ~inverted & 0x8080808080808080ull) != 0;
     if (!has_ff) {
-      uint8_t* dst = out_->data() + size_;
-      for (int i = 0; i < 8; ++i) dst[i] = static_cast<uint8_t>(word >> (56 - 8 * i));
+      const uint64_t big_endian = ToBigEndian(word);
+      std::memcpy(data_ + size_, &big_endian, 8);
       size_ += 8;
       return;
     }
     for (int shift = 56; shift >= 0; shift -= 8) EmitByte(static_cast<uint8_t>(word >> shift));
   }
 
+  static uint64_t ToBigEndian(uint64_t word) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return __builtin_bswap64(word);
+#else
+    return word;
+#endif
+  }
+
   std::vector<uint8_t>* out_;
-  size_t size_;               // bytes written; out_->size() is the capacity
+  uint8_t* data_;             // out_->data()
+  size_t size_;               // bytes written
+  size_t capacity_;           // out_->size()
   uint64_t pending_ = 0;      // bits not yet emitted are the low 64 - free_bits_
   int free_bits_ = 64;        // 1..64 between calls
 };

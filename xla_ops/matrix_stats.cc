@@ -140,10 +140,12 @@ class RowStats {
   Int4 special_ = {0, 0, 0, 0};
 };
 
-// kRows consecutive rows (1 or 2) from row y: their statistics, and the
+// kRows consecutive rows (1, 2 or 4) from row y: their statistics, and the
 // columns' accumulated row after row (the order a row at a time gives).
-// Two rows at once keep twice as many independent sums in flight and load
-// and store the columns' once for both.
+// Several rows at once keep more independent sums in flight and load and
+// store the columns' once for all of them (four: 5-9% faster than two on
+// 768- and 3072-wide matrices, whose column sums live in L2; eight: no
+// faster).
 template <int kRows, class Wide>
 JAXJPEG_INLINE void AddRows(const float* data, int64_t stride, int64_t cols, float limit,
                             MatrixStats* s, int64_t y) {
@@ -181,6 +183,7 @@ template <class Wide>
 JAXJPEG_INLINE void AddAllRows(const float* data, int64_t rows, int64_t cols, int64_t stride,
                                float limit, MatrixStats* s) {
   int64_t y = 0;
+  for (; y + 4 <= rows; y += 4) AddRows<4, Wide>(data, stride, cols, limit, s, y);
   for (; y + 2 <= rows; y += 2) AddRows<2, Wide>(data, stride, cols, limit, s, y);
   if (y < rows) AddRows<1, Wide>(data, stride, cols, limit, s, y);
 }
