@@ -371,6 +371,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     Curves are measured on each leaf's probe first and the prepared copies
     dropped; each leaf is then prepared again and coded once, as save
     reaches it, so memory stays at about one leaf beyond a default save.
+    Returns (the encoder, the names of the leaves it codes): the save stores
+    the others raw without counting their special values again.
     """
     from jaxjpeg import rate
 
@@ -405,9 +407,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
                          + ("" if coded else " (the policy codes none of the leaves: see "
                             "jaxjpeg.Policy)"))
     if not coded:
-        return lambda name, array: None
+        return (lambda name, array: None), coded
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
-    return lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))
+    return (lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))), coded
 
 
 def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | None:
@@ -663,8 +665,10 @@ class _Save:
             self.window = max((leaf.nbytes for leaf in leaves), default=0)
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
         self.lossy_rate = target is not None
+        self.coded = None   # the names of the leaves to code, when the analysis knows them
         if target is not None:
-            self.encode = _target_encoder(leaves, self.policy, target, bits, leaf_coder)
+            self.encode, self.coded = _target_encoder(leaves, self.policy, target, bits,
+                                                      leaf_coder)
             self.workers = 1
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
@@ -707,7 +711,8 @@ class _Save:
         name = leaf.name
         array = self.bias_correction.apply(name, leaf.array())
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
-        coded = _is_coded(self.policy, name, array)
+        coded = (name in self.coded if self.coded is not None
+                 else _is_coded(self.policy, name, array))
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
         if coded and enc is None:

@@ -510,18 +510,17 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
     width = int(min(cols, max(MIN_PROBE_WIDTH, PROBE_ELEMENTS // (8 * bands) // 8 * 8)))
     count = min(bands, max(1, PROBE_ELEMENTS // (8 * width)))
     chosen = np.sort(rng.choice(bands, size=count, replace=False))
-    patches, row_ids, col_scales = [], [], []
-    for band in chosen:
-        r = np.arange(8 * band, min(rows, 8 * band + 8))
-        c0 = 8 * int(rng.integers(0, (cols - width) // 8 + 1))
-        patches.append(p.matrix[r, c0:c0 + width])
-        row_ids.append(r)
-        if p.col_scale is not None:
-            col_scales.append(np.broadcast_to(p.col_scale[c0:c0 + width], (len(r), width)))
-    matrix = np.concatenate(patches)
-    return _Probe(matrix, np.concatenate(row_ids),
-                  np.concatenate(col_scales) if col_scales else None, matrix.size / p.size,
-                  mapping.row_stats(matrix, p.shared_map))
+    # One column offset drawn per band, in band order; the patches are then
+    # gathered at once (a slice and a copy per band cost more than coding them).
+    offsets = [8 * int(rng.integers(0, (cols - width) // 8 + 1)) for _ in chosen]
+    row_ids = (8 * chosen[:, None] + np.arange(8)).reshape(-1)
+    starts = np.repeat(offsets, 8)
+    inside = row_ids < rows   # the last band may have fewer than 8 rows
+    row_ids, starts = row_ids[inside], starts[inside]
+    col_ids = starts[:, None] + np.arange(width)
+    matrix = p.matrix[row_ids[:, None], col_ids]
+    return _Probe(matrix, row_ids, None if p.col_scale is None else p.col_scale[col_ids],
+                  matrix.size / p.size, mapping.row_stats(matrix, p.shared_map))
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
@@ -650,6 +649,26 @@ class Allocation:
         return self.nbytes / self.target_bytes - 1.0
 
 
+class _Picker:
+    """Each tensor's candidate at a multiplier λ: the least ``dist + λ * nbytes``
+    over its finite candidates (rows of the allocator's tables)."""
+
+    def __init__(self, nbytes, dist, finite):
+        self.nbytes, self.dist, self.finite = nbytes, dist, finite
+
+    def pick(self, lam) -> np.ndarray:
+        return np.argmin(np.where(self.finite, self.dist + lam * self.nbytes, np.inf), axis=1)
+
+    def sizes(self, choice) -> np.ndarray:
+        """The bytes of each row's ``choice``."""
+        return self.nbytes[np.arange(len(choice)), choice]
+
+    def rows(self, index) -> "_Picker":
+        return _Picker(self.nbytes[index], self.dist[index], self.finite[index])
+
+    subset = rows
+
+
 class BudgetAllocator:
     """Codes tensors one at a time so that their total meets a byte budget.
 
@@ -687,6 +706,11 @@ class BudgetAllocator:
             c = self.curves[n]
             self._nbytes[i, :len(c.nbytes)] = c.nbytes
             self._dist[i, :len(c.sse)] = self.sens[n] * c.sse
+        self._finite = np.isfinite(self._nbytes)
+        self._finest = np.array([len(self.curves[n].nbytes) - 1 for n in sorted(self.names)])
+        self._pending_names: list = []   # the rows of _pending (see _pending_tables)
+        self._pending_rows = np.zeros(0, np.intp)
+        self._pending = None
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
@@ -701,42 +725,55 @@ class BudgetAllocator:
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
-        names = sorted(self.pending)
-        table = [self._rows[n] for n in names]
-        nbytes = self._nbytes[table]
-        finite = np.isfinite(nbytes)
-        nbytes[finite] *= self._correction()
-        dist = self._dist[table]
+        names, nbytes, dist, finite = self._pending_tables()
+        correction = self._correction()
+        if 0 < correction < math.inf:   # inf * correction stays inf: no mask needed
+            nbytes = nbytes * correction
+        else:
+            nbytes = nbytes.copy()
+            nbytes[finite] *= correction
         left = self.budget - self.spent
         rows = np.arange(len(names))
-
-        def pick(lam, some=slice(None)):
-            return np.argmin(np.where(finite[some], dist[some] + lam * nbytes[some], np.inf),
-                             axis=1)
+        picker = _Picker(nbytes, dist, finite)
 
         def total(choice):
             return float(nbytes[rows, choice].sum())
 
-        finest = np.array([len(self.curves[n].nbytes) - 1 for n in names])
+        finest = self._finest[self._pending_rows]
         if total(finest) <= left:
             choice, self.slope = finest, 0.0
         else:
-            hi, at_hi = self._crossing(pick, total, left)
+            hi, at_hi = self._crossing(picker, total, left)
             self.slope = math.exp(hi)
             self._log_slope = hi
             choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
 
-    def _crossing(self, pick, total, left):
+    def _pending_tables(self):
+        """(names sorted, bytes, distortions, finite) of the pending tensors'
+        rows; kept between choices and narrowed as tensors are coded (taking
+        every pending row of the full tables anew each time cost O(tensors)
+        copies of the table per save)."""
+        names = sorted(self.pending)
+        if names != self._pending_names:
+            keep = np.array([self._rows[n] for n in names], np.intp)
+            self._pending_names, self._pending_rows = names, keep
+            self._pending = (self._nbytes[keep], self._dist[keep], self._finite[keep])
+        return (names, *self._pending)
+
+    def _crossing(self, picker: "_Picker", total, left):
         """(log λ, choices) where the choices' total bytes ``total(pick(λ))``
         first fit ``left``, by bisection on log λ to where no float lies
         between its ends. A tensor's choice only moves to fewer bytes as λ
         grows, so one that both ends choose alike chooses so in between:
         each round re-chooses only the tensors that differ (soon one or two),
-        not every pending one (tensors² work per save). The bracket starts
+        not every pending one (tensors² work per save); their rows are taken
+        out once and narrowed as the bracket closes, and each round's total
+        sums the chosen sizes with only those rows changed. The bracket starts
         around the last tensor's λ (the next one's is close) and widens until
         it holds the crossing; bisection finds the same crossing from any
         bracket."""
+        pick = picker.pick
         lo, hi = self._bracket()
         at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
         while total(at_lo) <= left and lo > -LOG_SLOPE_LIMIT:
@@ -747,17 +784,24 @@ class BudgetAllocator:
             lo, at_lo = hi, at_hi
             hi = min(LOG_SLOPE_LIMIT, hi + 4 * (hi - lo) + 1)
             at_hi = pick(math.exp(hi))
+        moving = np.flatnonzero(at_lo != at_hi)
+        some = picker.rows(moving)
+        sizes_hi = picker.sizes(at_hi)
         for _ in range(80):
             mid = 0.5 * (lo + hi)
             if mid in (lo, hi):   # no float between: further rounds change nothing
                 break
-            moving = np.flatnonzero(at_lo != at_hi)
-            at_mid = at_hi.copy()
-            at_mid[moving] = pick(math.exp(mid), moving)
-            if total(at_mid) > left:
+            at_mid, sizes_mid = at_hi.copy(), sizes_hi.copy()
+            at_mid[moving] = some.pick(math.exp(mid))
+            sizes_mid[moving] = some.sizes(at_mid[moving])
+            # the same sum as total(at_mid): the same values in the same order
+            if float(sizes_mid.sum()) > left:
                 lo, at_lo = mid, at_mid
             else:
-                hi, at_hi = mid, at_mid
+                hi, at_hi, sizes_hi = mid, at_mid, sizes_mid
+            still = at_lo[moving] != at_hi[moving]
+            if not still.all():   # choices that now agree at both ends stay put
+                moving, some = moving[still], some.subset(still)
         return hi, at_hi
 
     def _bracket(self) -> tuple[float, float]:
