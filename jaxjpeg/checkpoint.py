@@ -272,24 +272,26 @@ class _LeafCoder:
         from jaxjpeg import rate
 
         shards = self.shards.get(name)
-        if name in self._choices:
-            p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
-        else:
-            _, importance = _leaf_importance(self.sensitivity, name)
-            covariance = self.input_covariance.get(name)
-            if self.prior is not None and name in self.prior.moments:
-                covariance = self.prior.covariance(name, array.shape)
-                importance = self.prior.importance(name, array.shape)
-            try:
-                p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+        if name in self._choices:   # its tile edges as well (the same shape, view and shards)
+            choices = self._choices.pop(name)
+            cuts = choices.pop("tile_cuts")
+            return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
+        _, importance = _leaf_importance(self.sensitivity, name)
+        covariance = self.input_covariance.get(name)
+        if self.prior is not None and name in self.prior.moments:
+            covariance = self.prior.covariance(name, array.shape)
+            importance = self.prior.importance(name, array.shape)
+        try:
+            p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
-                                   col_scale=p.col_scale, feedback=p.feedback)
+                                   col_scale=p.col_scale, feedback=p.feedback,
+                                   tile_cuts=p.tile_cuts)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's
@@ -390,9 +392,14 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
                                            coding["tile_shape"])), 0
 
     coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-    # One leaf at a time (its prepared copies are what a byte target holds
-    # beyond a default save); rd_curve codes its probe steps on all cores.
-    for name, analysis, raw in map(analyse, entries):
+    # Leaves analysed on the save's threads, so one leaf's Python work
+    # overlaps another's probe coding (rd_curve codes its probe steps on all
+    # cores), with at most the largest leaf's bytes in flight: their prepared
+    # copies are what a byte target holds beyond a default save.
+    analysed = in_order(analyse, entries, save_workers(),
+                        max((leaf.nbytes for leaf in entries), default=0),
+                        lambda leaf: leaf.nbytes)
+    for name, analysis, raw in analysed:
         kept += raw
         if analysis is not None:
             coded.add(name)
@@ -675,14 +682,18 @@ class _Save:
         self.bias_correction = _BiasCorrection(prior if target is not None else None)
         self.progress = progress
 
+    def items(self) -> list:
+        """(index, leaf) in the order the leaves are stored: running means a
+        bias correction moves after every other leaf (the kernels whose
+        shifts they take may come later in the tree)."""
+        return sorted(enumerate(self.leaves),
+                      key=lambda item: self.bias_correction.waits(item[1].name))
+
     def run(self) -> SaveReport:
         bar = progress_bar(total=sum(leaf.nbytes for leaf in self.leaves), desc="jaxjpeg save",
                            unit="B", enabled=self.progress)
         records, reports = [None] * len(self.leaves), [None] * len(self.leaves)
-        # Running means a bias correction moves are stored after every leaf
-        # (the kernels whose shifts they take may come later in the tree).
-        items = sorted(enumerate(self.leaves), key=lambda item: self.bias_correction.waits(
-            item[1].name))
+        items = self.items()
         try:
             with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
                 stored = in_order(self.store, items, self.workers, self.window,

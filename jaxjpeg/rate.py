@@ -557,13 +557,15 @@ def _densify(points, base: dict):
             continue
         # the coarse end in the finer point's units, within what they can code
         top = min(int(q0 / base[b1]), STEP_LIMIT[int(b1)] + 1)
+        span, log_n0, log_n1 = math.log(q0 / q1), math.log(n0), math.log(n1)
+        log_e0, log_e1 = math.log(e0), math.log(e1)
         for d in _between(d1, top):
             q = d * base[b1]
             if not q1 < q < q0:
                 continue
-            t = math.log(q0 / q) / math.log(q0 / q1)
-            out.append((b1, d, q, math.exp((1 - t) * math.log(n0) + t * math.log(n1)),
-                        math.exp((1 - t) * math.log(e0) + t * math.log(e1))))
+            t = math.log(q0 / q) / span
+            out.append((b1, d, q, math.exp((1 - t) * log_n0 + t * log_n1),
+                        math.exp((1 - t) * log_e0 + t * log_e1)))
     out.append(points[-1])
     return (np.array(v) for v in zip(*out))
 
@@ -651,12 +653,16 @@ class Allocation:
 
 class _Picker:
     """Each tensor's candidate at a multiplier λ: the least ``dist + λ * nbytes``
-    over its finite candidates (rows of the allocator's tables)."""
+    over its finite candidates (rows of the allocator's tables). ``dist`` is
+    inf wherever ``nbytes`` is not finite; when ``nbytes`` holds no NaN or
+    -inf, the sum is then inf exactly there (λ > 0), without a mask."""
 
-    def __init__(self, nbytes, dist, finite):
-        self.nbytes, self.dist, self.finite = nbytes, dist, finite
+    def __init__(self, nbytes, dist, finite, plain: bool):
+        self.nbytes, self.dist, self.finite, self.plain = nbytes, dist, finite, plain
 
     def pick(self, lam) -> np.ndarray:
+        if self.plain:
+            return np.argmin(self.dist + lam * self.nbytes, axis=1)
         return np.argmin(np.where(self.finite, self.dist + lam * self.nbytes, np.inf), axis=1)
 
     def sizes(self, choice) -> np.ndarray:
@@ -664,7 +670,7 @@ class _Picker:
         return self.nbytes[np.arange(len(choice)), choice]
 
     def rows(self, index) -> "_Picker":
-        return _Picker(self.nbytes[index], self.dist[index], self.finite[index])
+        return _Picker(self.nbytes[index], self.dist[index], self.finite[index], self.plain)
 
     subset = rows
 
@@ -707,6 +713,8 @@ class BudgetAllocator:
             self._nbytes[i, :len(c.nbytes)] = c.nbytes
             self._dist[i, :len(c.sse)] = self.sens[n] * c.sse
         self._finite = np.isfinite(self._nbytes)
+        self._pick_dist = np.where(self._finite, self._dist, np.inf)   # see _Picker
+        self._plain = not np.any(np.isnan(self._nbytes) | (self._nbytes == -np.inf))
         self._finest = np.array([len(self.curves[n].nbytes) - 1 for n in sorted(self.names)])
         self._pending_names: list = []   # the rows of _pending (see _pending_tables)
         self._pending_rows = np.zeros(0, np.intp)
@@ -725,7 +733,7 @@ class BudgetAllocator:
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
-        names, nbytes, dist, finite = self._pending_tables()
+        names, nbytes, dist, finite, pick_dist = self._pending_tables()
         correction = self._correction()
         if 0 < correction < math.inf:   # inf * correction stays inf: no mask needed
             nbytes = nbytes * correction
@@ -734,7 +742,7 @@ class BudgetAllocator:
             nbytes[finite] *= correction
         left = self.budget - self.spent
         rows = np.arange(len(names))
-        picker = _Picker(nbytes, dist, finite)
+        picker = _Picker(nbytes, pick_dist, finite, self._plain)
 
         def total(choice):
             return float(nbytes[rows, choice].sum())
@@ -758,7 +766,8 @@ class BudgetAllocator:
         if names != self._pending_names:
             keep = np.array([self._rows[n] for n in names], np.intp)
             self._pending_names, self._pending_rows = names, keep
-            self._pending = (self._nbytes[keep], self._dist[keep], self._finite[keep])
+            self._pending = (self._nbytes[keep], self._dist[keep], self._finite[keep],
+                             self._pick_dist[keep])
         return (names, *self._pending)
 
     def _crossing(self, picker: "_Picker", total, left):
@@ -817,17 +826,25 @@ class BudgetAllocator:
         """Spends what the multiplier's choice leaves on the steepest refinements."""
         choice = choice.copy()
         rows = np.arange(len(choice))
+        # Each step refines one tensor: only its row of these changes.
+        sizes = nbytes[rows, choice]
+        nxt = np.minimum(choice + 1, nbytes.shape[1] - 1)
+        cost = nbytes[rows, nxt] - sizes
+        drop = dist[rows, choice] - dist[rows, nxt]
         while True:
-            spare = left - float(nbytes[rows, choice].sum())
-            nxt = np.minimum(choice + 1, nbytes.shape[1] - 1)
-            cost = nbytes[rows, nxt] - nbytes[rows, choice]
+            spare = left - float(sizes.sum())
             ok = (nxt > choice) & np.isfinite(cost) & (cost <= spare)
-            gain = np.where(ok, dist[rows, choice] - dist[rows, nxt], 0) / np.maximum(cost, 1)
+            gain = np.where(ok, drop, 0) / np.maximum(cost, 1)
             ok &= gain > 0
             if not ok.any():
                 return choice
             best = int(np.argmax(np.where(ok, gain, -np.inf)))
             choice[best] += 1
+            k = choice[best]
+            sizes[best] = nbytes[best, k]
+            nxt[best] = min(k + 1, nbytes.shape[1] - 1)
+            cost[best] = nbytes[best, nxt[best]] - sizes[best]
+            drop[best] = dist[best, k] - dist[best, nxt[best]]
 
     def _settle_last(self, p, c: Curve, k: int, enc):
         """The last tensor has nothing after it to absorb a miss: bisect its
