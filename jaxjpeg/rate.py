@@ -796,10 +796,13 @@ class BudgetAllocator:
         moving = np.flatnonzero(at_lo != at_hi)
         some = picker.rows(moving)
         sizes_hi = picker.sizes(at_hi)
-        for _ in range(80):
+        for done in range(80):
             mid = 0.5 * (lo + hi)
             if mid in (lo, hi):   # no float between: further rounds change nothing
                 break
+            if len(moving) == 1:   # soon the rule: one tensor's choice decides the rest
+                return self._bisect_one(lo, hi, at_lo, at_hi, sizes_hi, int(moving[0]), some,
+                                        left, 80 - done)
             at_mid, sizes_mid = at_hi.copy(), sizes_hi.copy()
             at_mid[moving] = some.pick(math.exp(mid))
             sizes_mid[moving] = some.sizes(at_mid[moving])
@@ -811,6 +814,34 @@ class BudgetAllocator:
             still = at_lo[moving] != at_hi[moving]
             if not still.all():   # choices that now agree at both ends stay put
                 moving, some = moving[still], some.subset(still)
+        return hi, at_hi
+
+    @staticmethod
+    def _bisect_one(lo, hi, at_lo, at_hi, sizes_hi, row, some: "_Picker", left, rounds):
+        """_crossing's last ``rounds`` rounds once only ``row`` differs between
+        the ends: each round is its choice at the middle multiplier and the
+        total that choice makes (the same sum, taken once per choice)."""
+        totals: dict[int, float] = {}
+
+        def total(k) -> float:
+            if k not in totals:
+                sizes = sizes_hi.copy()
+                sizes[row] = some.nbytes[0, k]
+                totals[k] = float(sizes.sum())
+            return totals[k]
+
+        k_lo, k_hi = int(at_lo[row]), int(at_hi[row])
+        for _ in range(rounds):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            k = int(some.pick(math.exp(mid))[0]) if k_lo != k_hi else k_hi
+            if total(k) > left:
+                lo, k_lo = mid, k
+            else:
+                hi, k_hi = mid, k
+        at_hi = at_hi.copy()
+        at_hi[row] = k_hi
         return hi, at_hi
 
     def _bracket(self) -> tuple[float, float]:
