@@ -668,13 +668,31 @@ JJ_INLINE void ForEachAcSymbol(const uint32_t packed[64], uint64_t nonzero, Emit
 // closer to zero (as PackCodes codes it), the others 0.
 JJ_INLINE void StoreCodedValues(const int16_t zigzag[64], uint64_t nonzero, uint64_t lowered,
                                 int16_t coded[64]) {
-  coded[0] = zigzag[0];
+#if defined(__SSE2__)
+  // Eight lanes at a time, as PackCodes: -1 in the lanes whose bit is set.
+  const __m128i one = _mm_set1_epi16(1);
+  const __m128i lane_bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+  const auto lanes = [&](uint64_t bits, int at) {
+    return _mm_cmpeq_epi16(
+        _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>((bits >> at) & 0xFF)), lane_bits),
+        lane_bits);
+  };
+  for (int at = 0; at < 64; at += 8) {
+    const __m128i value = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + at));
+    const __m128i sign = _mm_or_si128(_mm_srai_epi16(value, 15), one);  // +1 or -1
+    const __m128i moved = _mm_sub_epi16(value, _mm_and_si128(sign, lanes(lowered, at)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(coded + at),
+                     _mm_and_si128(moved, lanes(nonzero, at)));
+  }
+#else
   for (int k = 1; k < 64; ++k) {
     const int value = zigzag[k];
     const int keep = static_cast<int>((nonzero >> k) & 1);
     const int lower = static_cast<int>((lowered >> k) & 1);
     coded[k] = static_cast<int16_t>(keep * (value - lower * (value < 0 ? -1 : 1)));
   }
+#endif
+  coded[0] = zigzag[0];  // bit 0 of the masks is never set: DC is not an AC value
 }
 
 // Emits the symbols of one block to `sink` (a histogram or a symbol

@@ -94,11 +94,12 @@ JJ_INLINE void PutCodedBlocks(const int16_t* coefficients, int width, int height
   for (int by = 0; by < blocks_high; ++by) {
     for (int bx = 0; bx < blocks_wide; ++bx) {
       const int16_t* block = coefficients + 64 * (static_cast<int64_t>(by) * blocks_wide + bx);
-      bool dc_only = true;
+      int ac = 0;  // nonzero when any AC value is (a loop the compiler vectorizes)
+      for (int k = 1; k < 64; ++k) ac |= block[k];
+      const bool dc_only = ac == 0;
       for (int k = 0; k < 64; ++k) {
-        const int n = scratch.zigzag[k];
-        coef[n] = static_cast<int32_t>(static_cast<uint32_t>(block[k]) * static_cast<uint32_t>(step));
-        if (k > 0 && block[k] != 0) dc_only = false;
+        coef[scratch.zigzag[k]] =
+            static_cast<int32_t>(static_cast<uint32_t>(block[k]) * static_cast<uint32_t>(step));
       }
       int32_t dc_sample = 0;
       if (dc_only) {
