@@ -253,10 +253,9 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     if tuple(enc.shape) != original.shape:
         raise ValueError(f"encoding of shape {tuple(enc.shape)} compared with an array of "
                          f"shape {original.shape}")
-    kept = _index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
-    matrix = enc.view.to_matrix(original)
-    if np.shares_memory(matrix, original):
-        kept = None if kept is None else enc.view.to_matrix(kept)
+    in_place = _in_place_operands(original, enc.view, enc.outliers)
+    if in_place is not None:
+        matrix, kept = in_place
 
         def tile_error(tile):
             box = (slice(tile.row0, tile.row0 + tile.height),
@@ -265,8 +264,34 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
         if matrix.dtype == np.float32 and len(enc.tiles) > 1:   # decoded natively, one tile a core
             return sum(codec.tile_pool().map(tile_error, enc.tiles))
         return sum(map(tile_error, enc.tiles))
+    kept = _index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
     decoded = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
     return _block_error(original, enc.view.from_matrix(decoded, enc.shape), kept)
+
+
+def _in_place_operands(original: np.ndarray, view: views.MatrixView, outliers):
+    """(``original`` in ``view``, the side list's positions in it or None),
+    both read in place, when the view is one without a copy; else None."""
+    matrix = view.to_matrix(original)
+    if not np.shares_memory(matrix, original):
+        return None
+    kept = _index_mask(None if outliers is None else outliers.index, original.shape)
+    return matrix, None if kept is None else view.to_matrix(kept)
+
+
+def encode_measured(p: codec.Prepared, bits: int, delta: int, **options):
+    """(:func:`encode_with_step`, :func:`squared_error` of it): where that
+    error is summed natively tile by tile, it is summed as each tile is
+    coded, from the values coded (the same sum, to the last bit), instead of
+    decoding the tiles again."""
+    original = np.asarray(p.original)
+    in_place = None
+    if original.dtype == np.float32 and p.feedback is None:
+        in_place = _in_place_operands(original, p.view, p.outliers)
+    if in_place is None:
+        enc = encode_with_step(p, bits, delta, **options)
+        return enc, squared_error(p, enc)
+    return encode_with_step(p, bits, delta, squared_error_of=in_place, **options)
 
 
 def _tile_error(enc: codec.EncodedTensor, tile: codec.Tile, original: np.ndarray, kept) -> float:
@@ -405,8 +430,7 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
     kept = {}       # the coding of the largest delta within the budget, alone (memory)
 
     def error_at(delta) -> float:
-        enc = encode_with_step(p, bits, delta, **options)
-        error = squared_error(p, enc)
+        enc, error = encode_measured(p, bits, delta, **options)
         if error <= budget and delta > max(kept, default=0):
             kept.clear()
             kept[delta] = enc

@@ -1296,12 +1296,13 @@ Status EncodeMappedGrayscaleWithCoefficients(const float* weights, int width, in
                                              const EncodeOptions& options,
                                              std::vector<uint8_t>* out,
                                              std::vector<int64_t>* interval_starts,
-                                             std::vector<int16_t>* coefficients) {
+                                             std::vector<int16_t>* coefficients,
+                                             bool transposed) {
   if (row_scale == nullptr || row_offset == nullptr || coefficients == nullptr) {
     return Status::kBadArgument;
   }
-  return EncodeSource({weights, stride, width, height, row_scale, row_offset, false}, options,
-                      out, interval_starts, coefficients);
+  return EncodeSource({weights, stride, width, height, row_scale, row_offset, transposed},
+                      options, out, interval_starts, coefficients);
 }
 
 Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,

@@ -71,7 +71,7 @@ Status EncodeMappedGrayscale(const float* weights, int width, int height, std::p
                              std::vector<int64_t>* interval_starts = nullptr,
                              bool transposed = false);
 
-// EncodeMappedGrayscale (not transposed) that also gives what a decoder of
+// EncodeMappedGrayscale that also gives what a decoder of
 // the file reads back before its IDCT: every block's quantized coefficients
 // as coded (RDO's choices included), 64 per block in zig-zag order, blocks in
 // raster order; `coefficients` is replaced. Kept as each block is coded, so
@@ -84,7 +84,8 @@ Status EncodeMappedGrayscaleWithCoefficients(const float* weights, int width, in
                                              const EncodeOptions& options,
                                              std::vector<uint8_t>* out,
                                              std::vector<int64_t>* interval_starts,
-                                             std::vector<int16_t>* coefficients);
+                                             std::vector<int16_t>* coefficients,
+                                             bool transposed = false);
 
 }  // namespace jaxjpeg
 

@@ -9,6 +9,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <vector>
+
+#include "encoder.h"
 #include "jpeg_defs.h"
 
 namespace jaxjpeg {
@@ -49,6 +52,20 @@ struct StridedTile {
   std::ptrdiff_t col_step;
   const T& at(int y, int x) const { return data[y * row_step + x * col_step]; }
 };
+
+// EncodeMappedGrayscale (its arguments; transposed as there) that also sets
+// *squared_error to what TileSquaredError gives for the file it appends to
+// *out, against `original`, `kept` and `col_scale` as TileSquaredError takes
+// them: the same sum to the last bit, from the values the encoder coded
+// instead of Huffman-decoding the file (an error-bound search measures each
+// coding it tries). Errors as EncodeMappedGrayscale (original or
+// squared_error null: kBadArgument).
+Status EncodeTileWithError(const float* weights, int width, int height, std::ptrdiff_t stride,
+                           bool transposed, const float* row_scale, const float* row_offset,
+                           const EncodeOptions& options, StridedTile<float> original,
+                           const StridedTile<uint8_t>* kept, const float* col_scale,
+                           std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
+                           double* squared_error);
 
 // Σ (w - decoded)² in double over a coded tile (a complete JPEG file of
 // `size` bytes) against the float32 weights it codes, the decoded value being
