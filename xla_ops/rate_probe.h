@@ -1,8 +1,10 @@
 // Rate-distortion measurements for rate control (jaxjpeg.rate): a tile of
-// weights coded at several flat quantization steps and decoded again, in
-// one native call instead of one encode and one decode from Python per step
-// (rd_curve's probe ladder); a coded tile's squared error against its
-// weights, decoded in place without a decoded copy (squared_error).
+// weights coded at several flat quantization steps, each step's error summed
+// over what a decoder would read back, in one native call instead of one
+// encode and one decode from Python per step (rd_curve's probe ladder); a
+// tile coded with its squared error (an error bound's step search); a coded
+// tile's squared error against its weights, decoded in place without a
+// decoded copy (squared_error).
 #ifndef JAXJPEG_RATE_PROBE_H_
 #define JAXJPEG_RATE_PROBE_H_
 
@@ -33,10 +35,11 @@ struct StepCost {
 // jaxjpeg.codec.encode_tensor codes), then decoded as the decoder's float32
 // output stage writes it (AffineSample, no column scales): costs[i] gets
 // the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
-// col_weight[y * stride + x] (null: 1). Each step is a full encode and a
-// full decode, so sizes and errors are those of the real files (sharing the
-// step-independent DCT between steps was left out: by its operation count a
-// small part of the encoder's time, not measured).
+// col_weight[y * stride + x] (null: 1). Each step is a full encode, and its
+// error is summed from the values it coded through the decoder's IDCT and
+// output stage (no Huffman decode), so sizes and errors are those of the
+// real files, to the last bit (sharing the step-independent forward DCT
+// between steps was left out: by the profile about a tenth of the encode).
 // Errors as EncodeMappedGrayscale, and the decoder's (never expected).
 Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
                     const float* row_scale, const float* row_offset, const float* col_weight,
