@@ -273,24 +273,26 @@ class _LeafCoder:
         from jaxjpeg import rate
 
         shards = self.shards.get(name)
-        if name in self._choices:
-            p = codec.prepare(array, **self._choices.pop(name)).with_shards(shards)
-        else:
-            _, importance = _leaf_importance(self.sensitivity, name)
-            covariance = self.input_covariance.get(name)
-            if self.prior is not None and name in self.prior.moments:
-                covariance = self.prior.covariance(name, array.shape)
-                importance = self.prior.importance(name, array.shape)
-            try:
-                p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+        if name in self._choices:   # its tile edges as well (the same shape, view and shards)
+            choices = self._choices.pop(name)
+            cuts = choices.pop("tile_cuts")
+            return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
+        _, importance = _leaf_importance(self.sensitivity, name)
+        covariance = self.input_covariance.get(name)
+        if self.prior is not None and name in self.prior.moments:
+            covariance = self.prior.covariance(name, array.shape)
+            importance = self.prior.importance(name, array.shape)
+        try:
+            p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``."""
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
-                                   col_scale=p.col_scale, feedback=p.feedback)
+                                   col_scale=p.col_scale, feedback=p.feedback,
+                                   tile_cuts=p.tile_cuts)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's
@@ -372,6 +374,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     Curves are measured on each leaf's probe first and the prepared copies
     dropped; each leaf is then prepared again and coded once, as save
     reaches it, so memory stays at about one leaf beyond a default save.
+    Returns (the encoder, the names of the leaves it codes): the save stores
+    the others raw without counting their special values again.
     """
     from jaxjpeg import rate
 
@@ -389,9 +393,14 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
                                            coding["tile_shape"])), 0
 
     coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-    # One leaf at a time (its prepared copies are what a byte target holds
-    # beyond a default save); rd_curve codes its probe steps on all cores.
-    for name, analysis, raw in map(analyse, entries):
+    # Leaves analysed on the save's threads, so one leaf's Python work
+    # overlaps another's probe coding (rd_curve codes its probe steps on all
+    # cores), with at most the largest leaf's bytes in flight: their prepared
+    # copies are what a byte target holds beyond a default save.
+    analysed = in_order(analyse, entries, save_workers(),
+                        max((leaf.nbytes for leaf in entries), default=0),
+                        lambda leaf: leaf.nbytes)
+    for name, analysis, raw in analysed:
         kept += raw
         if analysis is not None:
             coded.add(name)
@@ -406,9 +415,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
                          + ("" if coded else " (the policy codes none of the leaves: see "
                             "jaxjpeg.Policy)"))
     if not coded:
-        return lambda name, array: None
+        return (lambda name, array: None), coded
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
-    return lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))
+    return (lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))), coded
 
 
 def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | None:
@@ -741,8 +750,10 @@ class _Save:
             self.window = max((leaf.nbytes for leaf in leaves), default=0)
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
         self.lossy_rate = target is not None
+        self.coded = None   # the names of the leaves to code, when the analysis knows them
         if target is not None:
-            self.encode = _target_encoder(leaves, self.policy, target, bits, leaf_coder)
+            self.encode, self.coded = _target_encoder(leaves, self.policy, target, bits,
+                                                      leaf_coder)
             self.workers = 1
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
@@ -791,7 +802,8 @@ class _Save:
         name = leaf.name
         array = self.bias_correction.apply(name, leaf.array())
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
-        coded = _is_coded(self.policy, name, array)
+        coded = (name in self.coded if self.coded is not None
+                 else _is_coded(self.policy, name, array))
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
         if coded and enc is None:

@@ -324,7 +324,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                   view: MatrixView | None = None, outliers: Outliers | None = None,
                   restart_interval: int = DEFAULT_RESTART_INTERVAL,
                   tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE,
-                  threads: int | None = None) -> EncodedTensor:
+                  threads: int | None = None, squared_error_of=None):
     """Encodes a float tensor (or a :class:`Prepared` one) as JPEG tiles.
 
     Exactly one of ``quality`` (the standard table scaled, 1..100), ``quant_step``
@@ -333,6 +333,12 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     per-row sample range and ``row_weight`` per-row importances (see
     :func:`jaxjpeg.mapping.row_affine`); ``view``, ``col_weight`` and
     ``outliers`` as in :func:`prepare`.
+
+    ``squared_error_of`` (optional): (the tensor's float32 view, read in
+    place; the bool mask of its side list's positions in that view, or None).
+    Each tile's squared error against it is then summed as the tile is coded
+    (``_native.encode_mapped_with_error``: what decoding the tile would give,
+    to the last bit) and ``(EncodedTensor, error)`` is returned.
     """
     if bits not in (8, 12):
         raise ValueError(f"bits must be 8 or 12, got {bits}")
@@ -350,14 +356,27 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         shared=p.shared_map and clip == "common", with_samples=False,
         stats=p.row_stats() if clip == "common" else None)
     # Error feedback runs across the whole leaf, so it needs all its samples.
+    if squared_error_of is not None and p.feedback is not None:
+        raise ValueError("squared_error_of measures codings of the weights' own samples, "
+                         "not error feedback's")
     shaped = None if p.feedback is None else shape_errors(
         mapping.to_samples(p.matrix, scale, offset, bits), table, bits, p.feedback, scale,
         p.col_scale)
 
+    errors = []
+
     def encode_one(cell):
         r, c, h, w = cell
         # The encoder records where each interval starts as it writes them.
-        if shaped is None:
+        if shaped is None and squared_error_of is not None:
+            original, kept = squared_error_of
+            data, starts, error = _native.encode_mapped_with_error(
+                encodable(p.matrix[r:r + h, c:c + w]), scale[r:r + h], offset[r:r + h], table,
+                bits, restart_interval, original[r:r + h, c:c + w],
+                None if p.col_scale is None else p.col_scale[c:c + w],
+                None if kept is None else kept[r:r + h, c:c + w])
+            errors.append((r, c, error))
+        elif shaped is None:
             # It maps each block's weights to samples as it codes them
             # (mapping.to_samples): no copy of the tile.
             data, starts = _native.encode_mapped(
@@ -377,8 +396,12 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             tiles = tuple(pool.map(encode_one, cells))
-    return EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
-                         p.outliers)
+    enc = EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
+                        p.outliers)
+    if squared_error_of is None:
+        return enc
+    by_tile = dict(((r, c), e) for r, c, e in errors)
+    return enc, sum(by_tile[t.row0, t.col0] for t in tiles)   # in tile order, as decoded
 
 
 def encodable(tile: np.ndarray) -> np.ndarray:

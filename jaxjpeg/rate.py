@@ -253,10 +253,9 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
     if tuple(enc.shape) != original.shape:
         raise ValueError(f"encoding of shape {tuple(enc.shape)} compared with an array of "
                          f"shape {original.shape}")
-    kept = _index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
-    matrix = enc.view.to_matrix(original)
-    if np.shares_memory(matrix, original):
-        kept = None if kept is None else enc.view.to_matrix(kept)
+    in_place = _in_place_operands(original, enc.view, enc.outliers)
+    if in_place is not None:
+        matrix, kept = in_place
 
         def tile_error(tile):
             box = (slice(tile.row0, tile.row0 + tile.height),
@@ -265,8 +264,34 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
         if matrix.dtype == np.float32 and len(enc.tiles) > 1:   # decoded natively, one tile a core
             return sum(codec.tile_pool().map(tile_error, enc.tiles))
         return sum(map(tile_error, enc.tiles))
+    kept = _index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
     decoded = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
     return _block_error(original, enc.view.from_matrix(decoded, enc.shape), kept)
+
+
+def _in_place_operands(original: np.ndarray, view: views.MatrixView, outliers):
+    """(``original`` in ``view``, the side list's positions in it or None),
+    both read in place, when the view is one without a copy; else None."""
+    matrix = view.to_matrix(original)
+    if not np.shares_memory(matrix, original):
+        return None
+    kept = _index_mask(None if outliers is None else outliers.index, original.shape)
+    return matrix, None if kept is None else view.to_matrix(kept)
+
+
+def encode_measured(p: codec.Prepared, bits: int, delta: int, **options):
+    """(:func:`encode_with_step`, :func:`squared_error` of it): where that
+    error is summed natively tile by tile, it is summed as each tile is
+    coded, from the values coded (the same sum, to the last bit), instead of
+    decoding the tiles again."""
+    original = np.asarray(p.original)
+    in_place = None
+    if original.dtype == np.float32 and p.feedback is None:
+        in_place = _in_place_operands(original, p.view, p.outliers)
+    if in_place is None:
+        enc = encode_with_step(p, bits, delta, **options)
+        return enc, squared_error(p, enc)
+    return encode_with_step(p, bits, delta, squared_error_of=in_place, **options)
 
 
 def _tile_error(enc: codec.EncodedTensor, tile: codec.Tile, original: np.ndarray, kept) -> float:
@@ -405,8 +430,7 @@ def _largest_step_within(p: codec.Prepared, bits, budget, options):
     kept = {}       # the coding of the largest delta within the budget, alone (memory)
 
     def error_at(delta) -> float:
-        enc = encode_with_step(p, bits, delta, **options)
-        error = squared_error(p, enc)
+        enc, error = encode_measured(p, bits, delta, **options)
         if error <= budget and delta > max(kept, default=0):
             kept.clear()
             kept[delta] = enc
@@ -510,18 +534,17 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
     width = int(min(cols, max(MIN_PROBE_WIDTH, PROBE_ELEMENTS // (8 * bands) // 8 * 8)))
     count = min(bands, max(1, PROBE_ELEMENTS // (8 * width)))
     chosen = np.sort(rng.choice(bands, size=count, replace=False))
-    patches, row_ids, col_scales = [], [], []
-    for band in chosen:
-        r = np.arange(8 * band, min(rows, 8 * band + 8))
-        c0 = 8 * int(rng.integers(0, (cols - width) // 8 + 1))
-        patches.append(p.matrix[r, c0:c0 + width])
-        row_ids.append(r)
-        if p.col_scale is not None:
-            col_scales.append(np.broadcast_to(p.col_scale[c0:c0 + width], (len(r), width)))
-    matrix = np.concatenate(patches)
-    return _Probe(matrix, np.concatenate(row_ids),
-                  np.concatenate(col_scales) if col_scales else None, matrix.size / p.size,
-                  mapping.row_stats(matrix, p.shared_map))
+    # One column offset drawn per band, in band order; the patches are then
+    # gathered at once (a slice and a copy per band cost more than coding them).
+    offsets = [8 * int(rng.integers(0, (cols - width) // 8 + 1)) for _ in chosen]
+    row_ids = (8 * chosen[:, None] + np.arange(8)).reshape(-1)
+    starts = np.repeat(offsets, 8)
+    inside = row_ids < rows   # the last band may have fewer than 8 rows
+    row_ids, starts = row_ids[inside], starts[inside]
+    col_ids = starts[:, None] + np.arange(width)
+    matrix = p.matrix[row_ids[:, None], col_ids]
+    return _Probe(matrix, row_ids, None if p.col_scale is None else p.col_scale[col_ids],
+                  matrix.size / p.size, mapping.row_stats(matrix, p.shared_map))
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
@@ -558,13 +581,15 @@ def _densify(points, base: dict):
             continue
         # the coarse end in the finer point's units, within what they can code
         top = min(int(q0 / base[b1]), STEP_LIMIT[int(b1)] + 1)
+        span, log_n0, log_n1 = math.log(q0 / q1), math.log(n0), math.log(n1)
+        log_e0, log_e1 = math.log(e0), math.log(e1)
         for d in _between(d1, top):
             q = d * base[b1]
             if not q1 < q < q0:
                 continue
-            t = math.log(q0 / q) / math.log(q0 / q1)
-            out.append((b1, d, q, math.exp((1 - t) * math.log(n0) + t * math.log(n1)),
-                        math.exp((1 - t) * math.log(e0) + t * math.log(e1))))
+            t = math.log(q0 / q) / span
+            out.append((b1, d, q, math.exp((1 - t) * log_n0 + t * log_n1),
+                        math.exp((1 - t) * log_e0 + t * log_e1)))
     out.append(points[-1])
     return (np.array(v) for v in zip(*out))
 
@@ -650,6 +675,30 @@ class Allocation:
         return self.nbytes / self.target_bytes - 1.0
 
 
+class _Picker:
+    """Each tensor's candidate at a multiplier λ: the least ``dist + λ * nbytes``
+    over its finite candidates (rows of the allocator's tables). ``dist`` is
+    inf wherever ``nbytes`` is not finite; when ``nbytes`` holds no NaN or
+    -inf, the sum is then inf exactly there (λ > 0), without a mask."""
+
+    def __init__(self, nbytes, dist, finite, plain: bool):
+        self.nbytes, self.dist, self.finite, self.plain = nbytes, dist, finite, plain
+
+    def pick(self, lam) -> np.ndarray:
+        if self.plain:
+            return np.argmin(self.dist + lam * self.nbytes, axis=1)
+        return np.argmin(np.where(self.finite, self.dist + lam * self.nbytes, np.inf), axis=1)
+
+    def sizes(self, choice) -> np.ndarray:
+        """The bytes of each row's ``choice``."""
+        return self.nbytes[np.arange(len(choice)), choice]
+
+    def rows(self, index) -> "_Picker":
+        return _Picker(self.nbytes[index], self.dist[index], self.finite[index], self.plain)
+
+    subset = rows
+
+
 class BudgetAllocator:
     """Codes tensors one at a time so that their total meets a byte budget.
 
@@ -687,6 +736,13 @@ class BudgetAllocator:
             c = self.curves[n]
             self._nbytes[i, :len(c.nbytes)] = c.nbytes
             self._dist[i, :len(c.sse)] = self.sens[n] * c.sse
+        self._finite = np.isfinite(self._nbytes)
+        self._pick_dist = np.where(self._finite, self._dist, np.inf)   # see _Picker
+        self._plain = not np.any(np.isnan(self._nbytes) | (self._nbytes == -np.inf))
+        self._finest = np.array([len(self.curves[n].nbytes) - 1 for n in sorted(self.names)])
+        self._pending_names: list = []   # the rows of _pending (see _pending_tables)
+        self._pending_rows = np.zeros(0, np.intp)
+        self._pending = None
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
@@ -701,42 +757,56 @@ class BudgetAllocator:
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
-        names = sorted(self.pending)
-        table = [self._rows[n] for n in names]
-        nbytes = self._nbytes[table]
-        finite = np.isfinite(nbytes)
-        nbytes[finite] *= self._correction()
-        dist = self._dist[table]
+        names, nbytes, dist, finite, pick_dist = self._pending_tables()
+        correction = self._correction()
+        if 0 < correction < math.inf:   # inf * correction stays inf: no mask needed
+            nbytes = nbytes * correction
+        else:
+            nbytes = nbytes.copy()
+            nbytes[finite] *= correction
         left = self.budget - self.spent
         rows = np.arange(len(names))
-
-        def pick(lam, some=slice(None)):
-            return np.argmin(np.where(finite[some], dist[some] + lam * nbytes[some], np.inf),
-                             axis=1)
+        picker = _Picker(nbytes, pick_dist, finite, self._plain)
 
         def total(choice):
             return float(nbytes[rows, choice].sum())
 
-        finest = np.array([len(self.curves[n].nbytes) - 1 for n in names])
+        finest = self._finest[self._pending_rows]
         if total(finest) <= left:
             choice, self.slope = finest, 0.0
         else:
-            hi, at_hi = self._crossing(pick, total, left)
+            hi, at_hi = self._crossing(picker, total, left)
             self.slope = math.exp(hi)
             self._log_slope = hi
             choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
 
-    def _crossing(self, pick, total, left):
+    def _pending_tables(self):
+        """(names sorted, bytes, distortions, finite) of the pending tensors'
+        rows; kept between choices and narrowed as tensors are coded (taking
+        every pending row of the full tables anew each time cost O(tensors)
+        copies of the table per save)."""
+        names = sorted(self.pending)
+        if names != self._pending_names:
+            keep = np.array([self._rows[n] for n in names], np.intp)
+            self._pending_names, self._pending_rows = names, keep
+            self._pending = (self._nbytes[keep], self._dist[keep], self._finite[keep],
+                             self._pick_dist[keep])
+        return (names, *self._pending)
+
+    def _crossing(self, picker: "_Picker", total, left):
         """(log λ, choices) where the choices' total bytes ``total(pick(λ))``
         first fit ``left``, by bisection on log λ to where no float lies
         between its ends. A tensor's choice only moves to fewer bytes as λ
         grows, so one that both ends choose alike chooses so in between:
         each round re-chooses only the tensors that differ (soon one or two),
-        not every pending one (tensors² work per save). The bracket starts
+        not every pending one (tensors² work per save); their rows are taken
+        out once and narrowed as the bracket closes, and each round's total
+        sums the chosen sizes with only those rows changed. The bracket starts
         around the last tensor's λ (the next one's is close) and widens until
         it holds the crossing; bisection finds the same crossing from any
         bracket."""
+        pick = picker.pick
         lo, hi = self._bracket()
         at_lo, at_hi = pick(math.exp(lo)), pick(math.exp(hi))
         while total(at_lo) <= left and lo > -LOG_SLOPE_LIMIT:
@@ -747,17 +817,55 @@ class BudgetAllocator:
             lo, at_lo = hi, at_hi
             hi = min(LOG_SLOPE_LIMIT, hi + 4 * (hi - lo) + 1)
             at_hi = pick(math.exp(hi))
-        for _ in range(80):
+        moving = np.flatnonzero(at_lo != at_hi)
+        some = picker.rows(moving)
+        sizes_hi = picker.sizes(at_hi)
+        for done in range(80):
             mid = 0.5 * (lo + hi)
             if mid in (lo, hi):   # no float between: further rounds change nothing
                 break
-            moving = np.flatnonzero(at_lo != at_hi)
-            at_mid = at_hi.copy()
-            at_mid[moving] = pick(math.exp(mid), moving)
-            if total(at_mid) > left:
+            if len(moving) == 1:   # soon the rule: one tensor's choice decides the rest
+                return self._bisect_one(lo, hi, at_lo, at_hi, sizes_hi, int(moving[0]), some,
+                                        left, 80 - done)
+            at_mid, sizes_mid = at_hi.copy(), sizes_hi.copy()
+            at_mid[moving] = some.pick(math.exp(mid))
+            sizes_mid[moving] = some.sizes(at_mid[moving])
+            # the same sum as total(at_mid): the same values in the same order
+            if float(sizes_mid.sum()) > left:
                 lo, at_lo = mid, at_mid
             else:
-                hi, at_hi = mid, at_mid
+                hi, at_hi, sizes_hi = mid, at_mid, sizes_mid
+            still = at_lo[moving] != at_hi[moving]
+            if not still.all():   # choices that now agree at both ends stay put
+                moving, some = moving[still], some.subset(still)
+        return hi, at_hi
+
+    @staticmethod
+    def _bisect_one(lo, hi, at_lo, at_hi, sizes_hi, row, some: "_Picker", left, rounds):
+        """_crossing's last ``rounds`` rounds once only ``row`` differs between
+        the ends: each round is its choice at the middle multiplier and the
+        total that choice makes (the same sum, taken once per choice)."""
+        totals: dict[int, float] = {}
+
+        def total(k) -> float:
+            if k not in totals:
+                sizes = sizes_hi.copy()
+                sizes[row] = some.nbytes[0, k]
+                totals[k] = float(sizes.sum())
+            return totals[k]
+
+        k_lo, k_hi = int(at_lo[row]), int(at_hi[row])
+        for _ in range(rounds):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            k = int(some.pick(math.exp(mid))[0]) if k_lo != k_hi else k_hi
+            if total(k) > left:
+                lo, k_lo = mid, k
+            else:
+                hi, k_hi = mid, k
+        at_hi = at_hi.copy()
+        at_hi[row] = k_hi
         return hi, at_hi
 
     def _bracket(self) -> tuple[float, float]:
@@ -773,17 +881,25 @@ class BudgetAllocator:
         """Spends what the multiplier's choice leaves on the steepest refinements."""
         choice = choice.copy()
         rows = np.arange(len(choice))
+        # Each step refines one tensor: only its row of these changes.
+        sizes = nbytes[rows, choice]
+        nxt = np.minimum(choice + 1, nbytes.shape[1] - 1)
+        cost = nbytes[rows, nxt] - sizes
+        drop = dist[rows, choice] - dist[rows, nxt]
         while True:
-            spare = left - float(nbytes[rows, choice].sum())
-            nxt = np.minimum(choice + 1, nbytes.shape[1] - 1)
-            cost = nbytes[rows, nxt] - nbytes[rows, choice]
+            spare = left - float(sizes.sum())
             ok = (nxt > choice) & np.isfinite(cost) & (cost <= spare)
-            gain = np.where(ok, dist[rows, choice] - dist[rows, nxt], 0) / np.maximum(cost, 1)
+            gain = np.where(ok, drop, 0) / np.maximum(cost, 1)
             ok &= gain > 0
             if not ok.any():
                 return choice
             best = int(np.argmax(np.where(ok, gain, -np.inf)))
             choice[best] += 1
+            k = choice[best]
+            sizes[best] = nbytes[best, k]
+            nxt[best] = min(k + 1, nbytes.shape[1] - 1)
+            cost[best] = nbytes[best, nxt[best]] - sizes[best]
+            drop[best] = dist[best, k] - dist[best, nxt[best]]
 
     def _settle_last(self, p, c: Curve, k: int, enc):
         """The last tensor has nothing after it to absorb a miss: bisect its

@@ -440,6 +440,74 @@ def test_probe_ladder_costs_equal_coding_and_decoding_each_step(shape, column_sc
         assert sse == pytest.approx(want_sse, rel=1e-12), step
 
 
+@pytest.mark.parametrize("shape", [(64, 96), (37, 53), (8, 8), (200, 24)])
+@pytest.mark.parametrize("bits,steps", [(8, [255, 40, 9, 8]), (12, [4000, 300, 37, 4, 1])])
+def test_measure_steps_error_is_the_decoders_to_the_last_bit(shape, bits, steps):
+    """measure_steps takes each block's values as the encoder coded them (RDO's
+    drops and lowerings included) instead of Huffman-decoding the file: its
+    bytes must be the file's and its error exactly the decoder's (the real
+    decoder's sum over the same file, tile_squared_error), edge blocks, DC-only
+    blocks and both sample depths included."""
+    rng = np.random.default_rng(sum(shape) + bits)
+    m = (rng.standard_normal(shape) * np.exp(rng.standard_normal((shape[0], 1)))).astype(np.float32)
+    m[: shape[0] // 4] = 0.25   # constant rows: blocks with only a DC
+    sub = codec.prepare(m)
+    scale = sub.common_scale(bits)
+    _, scale, offset = mapping.row_affine(m, bits, clip="common", scale=scale, with_samples=False)
+    scale, offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+    entropy, header, sse = jaxjpeg._native.measure_steps(m, scale, offset,
+                                                         np.array(steps, np.uint16), bits, 8)
+    for i, step in enumerate(steps):
+        data, starts = jaxjpeg._native.encode_mapped(
+            m, scale, offset, codec.quant_table(bits=bits, quant_step=step), bits=bits,
+            restart_interval=8, with_intervals=True)
+        assert entropy[i] == starts[-1] - starts[0] and header[i] == len(data) - entropy[i]
+        assert sse[i] == jaxjpeg._native.tile_squared_error(data, m, scale, offset), step
+
+
+@pytest.mark.parametrize("case", ["plain", "transposed", "outliers", "columns", "tiles"])
+@pytest.mark.parametrize("bits,delta", [(8, 12), (12, 5)])
+def test_error_measured_while_coding_is_the_decoders_to_the_last_bit(case, bits, delta):
+    """An error-bound search measures each coding as its tiles are coded
+    (encode_mapped_with_error) instead of decoding them: the bytes must be
+    encode_with_step's and the error exactly squared_error's (the decoder's),
+    through transposed views, side lists, column scales and many tiles."""
+    rng = np.random.default_rng(7)
+    x = (0.05 * rng.standard_normal((96, 136))).astype(np.float32)
+    col_weight = None
+    if case == "transposed":   # rows of the view are the leaf's last axis
+        x *= np.exp(2 * rng.standard_normal(136)).astype(np.float32)
+    elif case == "outliers":
+        x[rng.integers(0, 96, 6), rng.integers(0, 136, 6)] = 9.0
+        x[3, 4] = np.inf
+    elif case == "columns":
+        col_weight = np.exp(2 * rng.standard_normal(136))
+    elif case == "tiles":
+        x = (0.05 * rng.standard_normal((600, 560))).astype(np.float32)
+    p = (codec.prepare(x, col_weight=col_weight) if case == "columns" else rate.prepare_leaf(x))
+    if case == "transposed":
+        assert p.view.perm != tuple(range(x.ndim))
+    if case == "outliers":
+        assert p.outliers is not None and p.outliers.count
+    if case == "tiles":
+        assert len(p.tiles(codec.DEFAULT_TILE_SHAPE)) > 1
+    enc, error = rate.encode_measured(p, bits, delta)
+    plain = rate.encode_with_step(p, bits, delta)
+    assert [t.data for t in enc.tiles] == [t.data for t in plain.tiles]
+    assert error == rate.squared_error(p, plain)
+
+
+def test_squared_error_of_refuses_error_feedback():
+    x = _tensor("gauss", (64, 96))
+    cov = rate.InputCovariance(np.eye(96) + 0.5, (1,))
+    p = rate.prepare_leaf(x, input_covariance=cov)
+    with pytest.raises(ValueError, match="error feedback"):
+        codec.encode_tensor(p, bits=12, quant_step=4,
+                            squared_error_of=(x, None))
+    enc, error = rate.encode_measured(p, 12, 4)   # measured by decoding instead
+    assert error == rate.squared_error(p, enc)
+
+
 def test_measure_steps_refuses_mismatched_arguments():
     m = np.zeros((16, 16), np.float32)
     ones, zeros = np.ones(16, np.float32), np.zeros(16, np.float32)

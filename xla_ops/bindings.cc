@@ -542,6 +542,64 @@ StridedTile<T> StridedOf(const py::array& a, const char* what) {
   return {static_cast<const T*>(a.data()), a.strides(0) / item, a.strides(1) / item};
 }
 
+// The positions a side list keeps (a bool array of the tile's shape, read in
+// place), as the error sums take them; none when not given.
+std::optional<StridedTile<uint8_t>> KeptOf(const std::optional<py::array>& kept, py::ssize_t height,
+                                           py::ssize_t width) {
+  if (!kept.has_value()) return std::nullopt;
+  if (kept->ndim() != 2 || kept->shape(0) != height || kept->shape(1) != width ||
+      kept->itemsize() != 1 || kept->dtype().kind() != 'b') {
+    throw py::value_error("kept must be a bool array of the weights' shape");
+  }
+  return StridedTile<uint8_t>{static_cast<const uint8_t*>(kept->data()), kept->strides(0),
+                              kept->strides(1)};
+}
+
+// EncodeTileWithError over numpy arrays: (bytes, interval starts, squared
+// error); weights as encode_mapped takes them, original, col_scale and kept
+// as tile_squared_error does.
+py::tuple EncodeMappedWithErrorOf(
+    const py::array& weights,
+    const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
+    const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
+    const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable, int bits,
+    int restart_interval, const py::array& original,
+    const std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>>& col_scale,
+    const std::optional<py::array>& kept) {
+  const auto [stride, transposed] = TileLayout(weights, "weights");
+  const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, true, true, true);
+  const py::ssize_t h = weights.shape(0), w = weights.shape(1);
+  if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
+    Fail(Status::kBadSize, "encode_mapped_with_error");
+  }
+  if (row_scale.ndim() != 1 || row_offset.ndim() != 1 || row_scale.shape(0) != h ||
+      row_offset.shape(0) != h) {
+    throw py::value_error("row_scale and row_offset must hold one value per row");
+  }
+  const StridedTile<float> o = StridedOf<float>(original, "original");
+  if (original.shape(0) != h || original.shape(1) != w) {
+    throw py::value_error("original must have the weights' shape");
+  }
+  if (col_scale.has_value() && (col_scale->ndim() != 1 || col_scale->shape(0) != w)) {
+    throw py::value_error("col_scale must hold one value per column");
+  }
+  const std::optional<StridedTile<uint8_t>> k = KeptOf(kept, h, w);
+  std::vector<uint8_t> out;
+  std::vector<int64_t> starts;
+  double error = 0.0;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = EncodeTileWithError(static_cast<const float*>(weights.data()), static_cast<int>(w),
+                            static_cast<int>(h), stride, transposed, row_scale.data(),
+                            row_offset.data(), options, o, k ? &*k : nullptr,
+                            col_scale ? col_scale->data() : nullptr, &out, &starts, &error);
+  }
+  Check(s, "encode_mapped_with_error");
+  py::object coded = EncodedResult(out, starts, true);
+  return py::make_tuple(coded[py::int_(0)], coded[py::int_(1)], error);
+}
+
 // TileSquaredError over numpy arrays (weights and kept read in place).
 double TileSquaredErrorOf(const py::buffer& data, const py::array& weights,
                           const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
@@ -558,15 +616,7 @@ double TileSquaredErrorOf(const py::buffer& data, const py::array& weights,
   if (col_scale.has_value() && (col_scale->ndim() != 1 || col_scale->shape(0) != width)) {
     throw py::value_error("col_scale must hold one value per column");
   }
-  std::optional<StridedTile<uint8_t>> k;
-  if (kept.has_value()) {
-    if (kept->ndim() != 2 || kept->shape(0) != height || kept->shape(1) != width ||
-        kept->itemsize() != 1 || kept->dtype().kind() != 'b') {
-      throw py::value_error("kept must be a bool array of the weights' shape");
-    }
-    k = StridedTile<uint8_t>{static_cast<const uint8_t*>(kept->data()),
-                             kept->strides(0), kept->strides(1)};
-  }
+  const std::optional<StridedTile<uint8_t>> k = KeptOf(kept, height, width);
   double error = 0.0;
   Status s;
   {
@@ -684,6 +734,14 @@ PYBIND11_MODULE(_native, m) {
         "matrix, or columns contiguous, e.g. a slice of its transpose) under per-row maps: "
         "clip((w - row_offset) / row_scale, 0, 2^bits - 1), a "
         "row_scale <= 0 taken as 1 (mapping.to_samples), computed as the blocks are coded.");
+  m.def("encode_mapped_with_error", &EncodeMappedWithErrorOf, py::arg("weights"),
+        py::arg("row_scale"), py::arg("row_offset"), py::arg("qtable"), py::arg("bits"),
+        py::arg("restart_interval"), py::arg("original"), py::arg("col_scale") = py::none(),
+        py::arg("kept") = py::none(),
+        "encode_mapped(..., with_intervals=True) that also returns the tile's squared error "
+        "as tile_squared_error(data, original, row_scale, row_offset, col_scale, kept) gives "
+        "it, to the last bit, from the values coded instead of decoding the file: "
+        "(bytes, interval starts, error).");
   m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(),

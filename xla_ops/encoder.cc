@@ -700,16 +700,48 @@ JJ_INLINE void ForEachAcSymbol(const uint32_t packed[64], uint64_t nonzero, Emit
   if (last != 63) emit(uint32_t{kEndOfBlock} << 16);
 }
 
+// The values a decoder reads back for a block (zig-zag order): its DC, the
+// AC values in `nonzero` (what RDO's drops left), each in `lowered` one
+// closer to zero (as PackCodes codes it), the others 0.
+JJ_INLINE void StoreCodedValues(const int16_t zigzag[64], uint64_t nonzero, uint64_t lowered,
+                                int16_t coded[64]) {
+#if defined(__SSE2__)
+  // Eight lanes at a time, as PackCodes: -1 in the lanes whose bit is set.
+  const __m128i one = _mm_set1_epi16(1);
+  const __m128i lane_bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+  const auto lanes = [&](uint64_t bits, int at) {
+    return _mm_cmpeq_epi16(
+        _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>((bits >> at) & 0xFF)), lane_bits),
+        lane_bits);
+  };
+  for (int at = 0; at < 64; at += 8) {
+    const __m128i value = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zigzag + at));
+    const __m128i sign = _mm_or_si128(_mm_srai_epi16(value, 15), one);  // +1 or -1
+    const __m128i moved = _mm_sub_epi16(value, _mm_and_si128(sign, lanes(lowered, at)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(coded + at),
+                     _mm_and_si128(moved, lanes(nonzero, at)));
+  }
+#else
+  for (int k = 1; k < 64; ++k) {
+    const int value = zigzag[k];
+    const int keep = static_cast<int>((nonzero >> k) & 1);
+    const int lower = static_cast<int>((lowered >> k) & 1);
+    coded[k] = static_cast<int16_t>(keep * (value - lower * (value < 0 ? -1 : 1)));
+  }
+#endif
+  coded[0] = zigzag[0];  // bit 0 of the masks is never set: DC is not an AC value
+}
+
 // Emits the symbols of one block to `sink` (a histogram or a symbol
 // recorder), so every pass shares one definition of the symbol stream.
 // kRdo: RDO decides the block's candidates first, those of magnitude 1
 // (DropUnits), then the larger ones (LoweredCandidates, applied by
 // PackCodes). kAvx2: the sink may
 // use code compiled for AVX2 (only from RecordTileAvx2). Returns the block's
-// DC value.
+// DC value. `coded` (optional): receives the values as coded (StoreCodedValues).
 template <bool kRdo, bool kAvx2, class Sink>
 JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoPrices* prices,
-                        Sink& sink) {
+                        Sink& sink, int16_t* coded = nullptr) {
   const int dc = block.zigzag[0];
   const int dc_difference = dc - previous_dc;
   const int dc_category = MagnitudeCategory(dc_difference);
@@ -724,6 +756,7 @@ JJ_INLINE int CodeBlock(const QuantizedBlock& block, int previous_dc, const RdoP
   }
   PackCodes(block.zigzag, lowered, &codes);
   sink.template AcSymbols<kAvx2>(codes.packed, nonzero);
+  if (coded != nullptr) StoreCodedValues(block.zigzag, nonzero, lowered, coded);
   return dc;
 }
 
@@ -996,7 +1029,7 @@ JJ_INLINE RdoPrices SampleRdoPrices(const BlockQuantizer& quantizer, const Block
 template <bool kRdo, bool kAvx2>
 JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& grid, int restart_interval,
                    const RdoPrices* prices, SampledBlocks* kept, SymbolRecorder* recorder,
-                   std::vector<size_t>* interval_symbols) {
+                   std::vector<size_t>* interval_symbols, int16_t* coefficients) {
   QuantizedBlock scratch;
   int previous_dc = 0;
   // Blocks left before the next restart interval (the first one starts at
@@ -1016,7 +1049,11 @@ JJ_INLINE void RecordSymbols(const BlockQuantizer& quantizer, const BlockGrid& g
         quantizer.template Quantize<kAvx2>(bx, by, kRdo, &scratch);
         block = &scratch;
       }
-      previous_dc = CodeBlock<kRdo, kAvx2>(*block, previous_dc, prices, *recorder);
+      int16_t* const coded =
+          coefficients == nullptr
+              ? nullptr
+              : coefficients + 64 * (static_cast<int64_t>(by) * grid.blocks_x + bx);
+      previous_dc = CodeBlock<kRdo, kAvx2>(*block, previous_dc, prices, *recorder, coded);
     }
     recorder->CountNew();
   }
@@ -1170,7 +1207,7 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 template <bool kAvx2>
 JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& options,
                           const BlockGrid& grid, SymbolRecorder* recorder,
-                          std::vector<size_t>* interval_symbols) {
+                          std::vector<size_t>* interval_symbols, int16_t* coefficients) {
   const BlockQuantizer quantizer(source, options);
   // RDO prices symbols with optimal code lengths whatever optimize_huffman
   // says, so the values coded do not depend on it.
@@ -1178,17 +1215,17 @@ JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& optio
     SampledBlocks kept(grid, CostSampleRowStep(grid));
     const RdoPrices prices = SampleRdoPrices<kAvx2>(quantizer, grid, options.restart_interval, &kept);
     RecordSymbols<true, kAvx2>(quantizer, grid, options.restart_interval, &prices, &kept, recorder,
-                        interval_symbols);
+                        interval_symbols, coefficients);
   } else {
     RecordSymbols<false, kAvx2>(quantizer, grid, options.restart_interval, nullptr, nullptr, recorder,
-                         interval_symbols);
+                         interval_symbols, coefficients);
   }
 }
 
 void RecordTilePortable(const SampleSource& source, const EncodeOptions& options,
                         const BlockGrid& grid, SymbolRecorder* recorder,
-                        std::vector<size_t>* interval_symbols) {
-  RecordTile<false>(source, options, grid, recorder, interval_symbols);
+                        std::vector<size_t>* interval_symbols, int16_t* coefficients) {
+  RecordTile<false>(source, options, grid, recorder, interval_symbols, coefficients);
 }
 
 void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
@@ -1203,8 +1240,8 @@ void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
 // BMI2's shifts: the same operations in the same order, so the same bytes.
 __attribute__((target("avx2,bmi,bmi2"))) void RecordTileAvx2(
     const SampleSource& source, const EncodeOptions& options, const BlockGrid& grid,
-    SymbolRecorder* recorder, std::vector<size_t>* interval_symbols) {
-  RecordTile<true>(source, options, grid, recorder, interval_symbols);
+    SymbolRecorder* recorder, std::vector<size_t>* interval_symbols, int16_t* coefficients) {
+  RecordTile<true>(source, options, grid, recorder, interval_symbols, coefficients);
 }
 
 __attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
@@ -1214,20 +1251,27 @@ __attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
 }
 #endif
 
+// Encodes into *out (interval starts into *starts); with `coefficients`, also
+// every block's values as coded (StoreCodedValues), 64 a block in raster order.
 void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
-            std::vector<int64_t>* starts) {
+            std::vector<int64_t>* starts, std::vector<int16_t>* coefficients) {
   const BlockGrid grid = MakeBlockGrid(source.width, source.height);
   const bool avx2 = options.allow_avx2 && CpuHasAvx2Bmi2();
   SymbolRecorder recorder(grid.count);
   std::vector<size_t> interval_symbols;
+  int16_t* coded = nullptr;
+  if (coefficients != nullptr) {
+    coefficients->resize(static_cast<size_t>(grid.count) * 64);
+    coded = coefficients->data();
+  }
 #if defined(JAXJPEG_X86_DISPATCH)
   if (avx2) {
-    RecordTileAvx2(source, options, grid, &recorder, &interval_symbols);
+    RecordTileAvx2(source, options, grid, &recorder, &interval_symbols, coded);
   } else {
-    RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
+    RecordTilePortable(source, options, grid, &recorder, &interval_symbols, coded);
   }
 #else
-  RecordTilePortable(source, options, grid, &recorder, &interval_symbols);
+  RecordTilePortable(source, options, grid, &recorder, &interval_symbols, coded);
 #endif
 
   const SymbolHistogram dc_counts = recorder.Histogram(kDcIndex);
@@ -1270,13 +1314,14 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
 }
 
 Status EncodeSource(const SampleSource& source, const EncodeOptions& options,
-                    std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts) {
+                    std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
+                    std::vector<int16_t>* coefficients = nullptr) {
   const Status status = ValidateArguments(source, options, out);
   if (status != Status::kOk) return status;
   const size_t original_size = out->size();
   std::vector<int64_t> starts;
   try {
-    Encode(source, options, out, &starts);
+    Encode(source, options, out, &starts, coefficients);
   } catch (const std::exception&) {  // std::bad_alloc, std::length_error
     out->resize(original_size);
     return Status::kBadArgument;
@@ -1289,6 +1334,21 @@ Status EncodeSource(const SampleSource& source, const EncodeOptions& options,
 }
 
 }  // namespace
+
+Status EncodeMappedGrayscaleWithCoefficients(const float* weights, int width, int height,
+                                             std::ptrdiff_t stride, const float* row_scale,
+                                             const float* row_offset,
+                                             const EncodeOptions& options,
+                                             std::vector<uint8_t>* out,
+                                             std::vector<int64_t>* interval_starts,
+                                             std::vector<int16_t>* coefficients,
+                                             bool transposed) {
+  if (row_scale == nullptr || row_offset == nullptr || coefficients == nullptr) {
+    return Status::kBadArgument;
+  }
+  return EncodeSource({weights, stride, width, height, row_scale, row_offset, transposed},
+                      options, out, interval_starts, coefficients);
+}
 
 Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,
                        const EncodeOptions& options, std::vector<uint8_t>* out,

@@ -71,6 +71,22 @@ Status EncodeMappedGrayscale(const float* weights, int width, int height, std::p
                              std::vector<int64_t>* interval_starts = nullptr,
                              bool transposed = false);
 
+// EncodeMappedGrayscale that also gives what a decoder of
+// the file reads back before its IDCT: every block's quantized coefficients
+// as coded (RDO's choices included), 64 per block in zig-zag order, blocks in
+// raster order; `coefficients` is replaced. Kept as each block is coded, so
+// rate control measures a coding's error without Huffman-decoding the file
+// it just wrote (rate_probe.cc). Errors as EncodeMappedGrayscale
+// (`coefficients` null: kBadArgument).
+Status EncodeMappedGrayscaleWithCoefficients(const float* weights, int width, int height,
+                                             std::ptrdiff_t stride, const float* row_scale,
+                                             const float* row_offset,
+                                             const EncodeOptions& options,
+                                             std::vector<uint8_t>* out,
+                                             std::vector<int64_t>* interval_starts,
+                                             std::vector<int16_t>* coefficients,
+                                             bool transposed = false);
+
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_ENCODER_H_

@@ -78,14 +78,68 @@ Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const int64_t
   return Status::kOk;
 }
 
+// What decoding a tile whose blocks hold `coefficients` (quantized, zig-zag
+// order, 64 a block in raster order: EncodeMappedGrayscaleWithCoefficients)
+// under the table `quant` (natural order) gives `sink`: each block dequantized as the
+// decoder stores it, its islow IDCT (a constant block: its one sample), then
+// its rows: the same values and the same calls, in the same order, as
+// DecodeInterval over the file, without reading its Huffman codes back.
 template <int kBits, typename Sink>
-Status DecodeError(const std::vector<uint8_t>& data, const std::vector<int64_t>& starts,
+JJ_INLINE void PutCodedBlocks(const int16_t* coefficients, int width, int height,
+                              const int32_t* quant, const Sink& sink) {
+  int32_t coef[64], ws[64], samples[64];
+  const BlockScratch<1, true> scratch{coef, ws, samples, ZigzagTable()};
+  const int blocks_wide = (width + 7) / 8, blocks_high = (height + 7) / 8;
+  for (int by = 0; by < blocks_high; ++by) {
+    for (int bx = 0; bx < blocks_wide; ++bx) {
+      const int16_t* block = coefficients + 64 * (static_cast<int64_t>(by) * blocks_wide + bx);
+      int ac = 0;  // nonzero when any AC value is (a loop the compiler vectorizes)
+      for (int k = 1; k < 64; ++k) ac |= block[k];
+      const bool dc_only = ac == 0;
+      for (int k = 0; k < 64; ++k) {
+        const int n = scratch.zigzag[k];
+        coef[n] = static_cast<int32_t>(static_cast<uint32_t>(block[k]) *
+                                       static_cast<uint32_t>(quant[n]));
+      }
+      int32_t dc_sample = 0;
+      if (dc_only) {
+        dc_sample = DcOnlySample<kBits>(coef[0]);
+      } else {
+        IdctColumns<kBits, 1, false>(coef, quant, ws);
+        IdctRows<kBits, 1>(ws, samples);
+      }
+      const int y0 = 8 * by, x0 = 8 * bx;
+      detail::PutBlock(sink, scratch, dc_only, dc_sample, y0, x0, height - y0 < 8 ? height - y0 : 8,
+                       width - x0 < 8 ? width - x0 : 8);
+    }
+  }
+}
+
+#if defined(JAXJPEG_AVX2_DISPATCH)
+template <int kBits, typename Sink>
+__attribute__((target("avx2,bmi2"), noinline)) void PutCodedBlocksAvx2(
+    const int16_t* coefficients, int width, int height, const int32_t* quant, const Sink& sink) {
+  PutCodedBlocks<kBits>(coefficients, width, height, quant, sink);
+}
+#endif
+
+// PutCodedBlocks with the IDCT's 32-bit multiplies as AVX2 instructions
+// where the CPU has them (as the decoder dispatches: the same bits).
+template <int kBits, typename Sink>
+void SumCodedError(const int16_t* coefficients, int width, int height, const int32_t* quant,
                    const Sink& sink) {
-  StreamInfo info;
-  Status s = ParseStreamHeader(data.data(), static_cast<int64_t>(data.size()), &info);
-  if (s != Status::kOk) return s;
-  if (static_cast<int64_t>(starts.size()) != info.NumIntervals() + 1) return Status::kBadArgument;
-  return DecodeIntoSink<kBits>(data.data(), info, starts.data(), sink);
+#if defined(JAXJPEG_AVX2_DISPATCH)
+  if (detail::HostHasAvx2()) {
+    PutCodedBlocksAvx2<kBits>(coefficients, width, height, quant, sink);
+    return;
+  }
+#endif
+  PutCodedBlocks<kBits>(coefficients, width, height, quant, sink);
+}
+
+// A coding's table as the decoder holds it: 32-bit steps, natural order.
+void DecoderQuant(const EncodeOptions& options, int32_t quant[64]) {
+  for (int n = 0; n < 64; ++n) quant[n] = options.qtable[n];
 }
 
 }  // namespace
@@ -99,27 +153,79 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
   }
   std::vector<uint8_t> data;
   std::vector<int64_t> starts;
+  std::vector<int16_t> coefficients;
   for (int i = 0; i < num_steps; ++i) {
     EncodeOptions options;
     options.bits = bits;
     options.restart_interval = restart_interval;
     for (uint16_t& q : options.qtable) q = steps[i];
     data.clear();
-    Status s = EncodeMappedGrayscale(weights, width, height, stride, row_scale, row_offset,
-                                     options, &data, &starts);
+    const Status s = EncodeMappedGrayscaleWithCoefficients(
+        weights, width, height, stride, row_scale, row_offset, options, &data, &starts,
+        &coefficients);
     if (s != Status::kOk) return s;
-    double error = 0.0;
-    if (col_weight != nullptr) {
-      const SquaredErrorSink<true> sink{weights, stride, row_scale, row_offset, col_weight, &error};
-      s = bits == 12 ? DecodeError<12>(data, starts, sink) : DecodeError<8>(data, starts, sink);
-    } else {
-      const SquaredErrorSink<false> sink{weights, stride, row_scale, row_offset, nullptr, &error};
-      s = bits == 12 ? DecodeError<12>(data, starts, sink) : DecodeError<8>(data, starts, sink);
+    if (coefficients.size() != 64 * static_cast<size_t>((width + 7) / 8) * ((height + 7) / 8)) {
+      return Status::kBadArgument;  // never expected: one block of values per block
     }
-    if (s != Status::kOk) return s;
+    double error = 0.0;
+    int32_t quant[64];
+    DecoderQuant(options, quant);
+    const auto sum = [&](const auto& sink) {
+      if (bits == 12) {
+        SumCodedError<12>(coefficients.data(), width, height, quant, sink);
+      } else {
+        SumCodedError<8>(coefficients.data(), width, height, quant, sink);
+      }
+    };
+    if (col_weight != nullptr) {
+      sum(SquaredErrorSink<true>{weights, stride, row_scale, row_offset, col_weight, &error});
+    } else {
+      sum(SquaredErrorSink<false>{weights, stride, row_scale, row_offset, nullptr, &error});
+    }
     const int64_t entropy = starts.back() - starts.front();
     costs[i] = {entropy, static_cast<int64_t>(data.size()) - entropy, error};
   }
+  return Status::kOk;
+}
+
+Status EncodeTileWithError(const float* weights, int width, int height, std::ptrdiff_t stride,
+                           bool transposed, const float* row_scale, const float* row_offset,
+                           const EncodeOptions& options, StridedTile<float> original,
+                           const StridedTile<uint8_t>* kept, const float* col_scale,
+                           std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
+                           double* squared_error) {
+  if (original.data == nullptr || squared_error == nullptr) return Status::kBadArgument;
+  std::vector<int16_t> coefficients;
+  const size_t size = out->size();
+  Status s = EncodeMappedGrayscaleWithCoefficients(weights, width, height, stride, row_scale,
+                                                   row_offset, options, out, interval_starts,
+                                                   &coefficients, transposed);
+  if (s != Status::kOk) return s;
+  if (coefficients.size() != 64 * static_cast<size_t>((width + 7) / 8) * ((height + 7) / 8)) {
+    out->resize(size);
+    return Status::kBadArgument;  // never expected: one block of values per block
+  }
+  int32_t quant[64];
+  DecoderQuant(options, quant);
+  double total = 0.0;
+  const auto sum = [&](const auto& sink) {
+    if (options.bits == 12) {
+      SumCodedError<12>(coefficients.data(), width, height, quant, sink);
+    } else {
+      SumCodedError<8>(coefficients.data(), width, height, quant, sink);
+    }
+  };
+  // The sinks TileSquaredError decodes the file into: the same sums.
+  if (kept != nullptr && col_scale != nullptr) {
+    sum(TileErrorSink<true, true>{original, kept, row_scale, row_offset, col_scale, &total});
+  } else if (kept != nullptr) {
+    sum(TileErrorSink<true, false>{original, kept, row_scale, row_offset, nullptr, &total});
+  } else if (col_scale != nullptr) {
+    sum(TileErrorSink<false, true>{original, nullptr, row_scale, row_offset, col_scale, &total});
+  } else {
+    sum(TileErrorSink<false, false>{original, nullptr, row_scale, row_offset, nullptr, &total});
+  }
+  *squared_error = total;
   return Status::kOk;
 }
 

@@ -1,14 +1,19 @@
 // Rate-distortion measurements for rate control (jaxjpeg.rate): a tile of
-// weights coded at several flat quantization steps and decoded again, in
-// one native call instead of one encode and one decode from Python per step
-// (rd_curve's probe ladder); a coded tile's squared error against its
-// weights, decoded in place without a decoded copy (squared_error).
+// weights coded at several flat quantization steps, each step's error summed
+// over what a decoder would read back, in one native call instead of one
+// encode and one decode from Python per step (rd_curve's probe ladder); a
+// tile coded with its squared error (an error bound's step search); a coded
+// tile's squared error against its weights, decoded in place without a
+// decoded copy (squared_error).
 #ifndef JAXJPEG_RATE_PROBE_H_
 #define JAXJPEG_RATE_PROBE_H_
 
 #include <cstddef>
 #include <cstdint>
 
+#include <vector>
+
+#include "encoder.h"
 #include "jpeg_defs.h"
 
 namespace jaxjpeg {
@@ -30,10 +35,11 @@ struct StepCost {
 // jaxjpeg.codec.encode_tensor codes), then decoded as the decoder's float32
 // output stage writes it (AffineSample, no column scales): costs[i] gets
 // the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
-// col_weight[y * stride + x] (null: 1). Each step is a full encode and a
-// full decode, so sizes and errors are those of the real files (sharing the
-// step-independent DCT between steps was left out: by its operation count a
-// small part of the encoder's time, not measured).
+// col_weight[y * stride + x] (null: 1). Each step is a full encode, and its
+// error is summed from the values it coded through the decoder's IDCT and
+// output stage (no Huffman decode), so sizes and errors are those of the
+// real files, to the last bit (sharing the step-independent forward DCT
+// between steps was left out: by the profile about a tenth of the encode).
 // Errors as EncodeMappedGrayscale, and the decoder's (never expected).
 Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
                     const float* row_scale, const float* row_offset, const float* col_weight,
@@ -49,6 +55,20 @@ struct StridedTile {
   std::ptrdiff_t col_step;
   const T& at(int y, int x) const { return data[y * row_step + x * col_step]; }
 };
+
+// EncodeMappedGrayscale (its arguments; transposed as there) that also sets
+// *squared_error to what TileSquaredError gives for the file it appends to
+// *out, against `original`, `kept` and `col_scale` as TileSquaredError takes
+// them: the same sum to the last bit, from the values the encoder coded
+// instead of Huffman-decoding the file (an error-bound search measures each
+// coding it tries). Errors as EncodeMappedGrayscale (original or
+// squared_error null: kBadArgument).
+Status EncodeTileWithError(const float* weights, int width, int height, std::ptrdiff_t stride,
+                           bool transposed, const float* row_scale, const float* row_offset,
+                           const EncodeOptions& options, StridedTile<float> original,
+                           const StridedTile<uint8_t>* kept, const float* col_scale,
+                           std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
+                           double* squared_error);
 
 // Σ (w - decoded)² in double over a coded tile (a complete JPEG file of
 // `size` bytes) against the float32 weights it codes, the decoded value being
