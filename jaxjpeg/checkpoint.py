@@ -552,17 +552,11 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
     from jaxjpeg import priors
 
     shapes = {leaf.name: leaf.shape for leaf in leaves}
-    for name, mean in input_mean.items():
-        if name not in shapes:
-            raise ValueError(f"input_mean names {name!r}, which is not a leaf of the tree")
-        if not isinstance(mean, InputMean):
-            raise TypeError(f"input_mean[{name!r}] must be a jaxjpeg.InputMean, "
-                            f"got {type(mean).__name__}")
-        try:
-            mean.check(shapes[name])
-            _check_taker(mean, shapes[name], shapes)
-        except ValueError as e:
-            raise ValueError(f"input_mean[{name!r}]: {e}") from None
+
+    def check(mean, shape):
+        mean.check(shape)
+        _check_taker(mean, shape, shapes)
+    _check_per_leaf("input_mean", input_mean, InputMean, shapes, check)
     given = {name: (mean.taker, mean.sign) for name, mean in input_mean.items() if mean.taker}
     found = priors.shift_targets(tree, {name: mean.out_axis % len(shapes[name])
                                         for name, mean in input_mean.items()
@@ -880,17 +874,24 @@ def _check_covariances(covariances, leaves, error_bound) -> None:
     if error_bound is not None:
         raise ValueError("input_covariance trades weight error for output error; "
                          "it cannot be combined with error_bound")
-    shapes = {leaf.name: leaf.shape for leaf in leaves}
-    for name, cov in covariances.items():
+    _check_per_leaf("input_covariance", covariances, InputCovariance,
+                    {leaf.name: leaf.shape for leaf in leaves},
+                    lambda cov, shape: cov.check(shape))
+
+
+def _check_per_leaf(option: str, given: dict, kind: type, shapes: dict, check) -> None:
+    """Refuses a per-leaf option's unknown leaves, values not of ``kind``, and
+    values ``check(value, shape)`` finds do not fit (ValueError)."""
+    for name, value in given.items():
         if name not in shapes:
-            raise ValueError(f"input_covariance names {name!r}, which is not a leaf of the tree")
-        if not isinstance(cov, InputCovariance):
-            raise TypeError(f"input_covariance[{name!r}] must be a jaxjpeg.feedback."
-                            f"InputCovariance, got {type(cov).__name__}")
+            raise ValueError(f"{option} names {name!r}, which is not a leaf of the tree")
+        if not isinstance(value, kind):
+            raise TypeError(f"{option}[{name!r}] must be a jaxjpeg.{kind.__name__}, "
+                            f"got {type(value).__name__}")
         try:
-            cov.check(shapes[name])
+            check(value, shapes[name])
         except ValueError as e:
-            raise ValueError(f"input_covariance[{name!r}]: {e}") from None
+            raise ValueError(f"{option}[{name!r}]: {e}") from None
 
 
 HALF_MAX_ERROR = 2.0 ** -9   # relative RMS error allowed for float16 storage

@@ -253,12 +253,11 @@ class EffNetCase:
 def patch_covariances(model, inputs: np.ndarray) -> dict:
     """Sum over ``inputs`` of x xᵀ for the inputs x of every ungrouped Conv2d (its
     ``unfold`` patches, features (I, kh, kw)) and Linear: {weight name: float64 (n, n)}."""
-    import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
     names = {mod: name for name, mod in model.named_modules()}
-    sums, hooks = {}, []
+    sums = {}
 
     def record(mod, args, _out):
         x = args[0].detach()
@@ -272,10 +271,19 @@ def patch_covariances(model, inputs: np.ndarray) -> dict:
         key = f"{names[mod]}.weight"
         sums[key] = sums.get(key, 0) + (x.T @ x).numpy()
 
-    for mod in model.modules():
+    _run_hooked(model, inputs, record, [
+        mod for mod in model.modules()
         if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
-                                          and isinstance(mod.padding, tuple)):
-            hooks.append(mod.register_forward_hook(record))
+                                          and isinstance(mod.padding, tuple))])
+    return sums
+
+
+def _run_hooked(model, inputs: np.ndarray, record, modules) -> None:
+    """Runs ``model`` on ``inputs`` in batches with ``record`` as the forward
+    hook of ``modules``."""
+    import torch
+
+    hooks = [mod.register_forward_hook(record) for mod in modules]
     try:
         with torch.no_grad():
             for i in range(0, len(inputs), BATCH):
@@ -283,17 +291,15 @@ def patch_covariances(model, inputs: np.ndarray) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return sums
 
 
 def layer_input_means(model, inputs: np.ndarray) -> dict:
     """{weight name: E[x] per input channel over ``inputs``} of every Conv2d (padding
     included, as the kernel sees it) and Linear, shaped to broadcast to the weight."""
-    import torch
     import torch.nn as nn
 
     names = {mod: name for name, mod in model.named_modules()}
-    sums, hooks = {}, []
+    sums = {}
 
     def record(mod, args, _out):
         x = args[0].detach().double()
@@ -304,16 +310,8 @@ def layer_input_means(model, inputs: np.ndarray) -> dict:
         key = f"{names[mod]}.weight"
         sums[key] = sums.get(key, 0) + channels.numpy() * x.shape[0]
 
-    for mod in model.modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            hooks.append(mod.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(inputs), BATCH):
-                model(torch.from_numpy(inputs[i:i + BATCH]))
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, inputs, record,
+                [mod for mod in model.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))])
     shapes = {f"{names[m]}.weight": m.weight.shape for m in model.modules()
               if isinstance(m, (nn.Linear, nn.Conv2d))}
     out = {}
