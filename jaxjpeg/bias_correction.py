@@ -29,9 +29,12 @@ before it moves the means (through each ReLU); check on held-out data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 
 import numpy as np
+
+from jaxjpeg.priors import is_running_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +68,6 @@ class InputMean:
         object.__setattr__(self, "values", np.asarray(self.values, np.float64))
         object.__setattr__(self, "out_axis", int(self.out_axis))
 
-    @property
-    def sign(self) -> float:
-        """+1 when ``taker`` is a running mean, -1 when it is a bias."""
-        from jaxjpeg.priors import is_running_mean
-
-        return 1.0 if is_running_mean(self.taker) else -1.0
-
     def check(self, shape: tuple[int, ...]) -> None:
         """ValueError naming what does not fit a leaf of ``shape``."""
         if len(shape) < 2:
@@ -97,26 +93,26 @@ class InputMean:
 class BiasCorrection:
     """The shifts of one save: each coded weight with a taker adds its shift
     (:meth:`add`); each taker, stored after every weight, takes them
-    (:meth:`apply`). ``targets``: {weight: (taker leaf, sign, shift of an
+    (:meth:`apply`): a running mean as it is (it is subtracted from the
+    output), a bias negated. ``targets``: {weight: (taker leaf, shift of an
     error)}."""
 
     def __init__(self, targets: dict):
         self.targets = targets
-        self.takers = {leaf for leaf, _, _ in targets.values()}
+        self.takers = {leaf for leaf, _ in targets.values()}
         self.shifts: dict[str, np.ndarray] = {}
         self.lock = threading.Lock()
 
     @classmethod
     def of(cls, prior=None, input_means: dict | None = None) -> "BiasCorrection":
         """The prior's weights (data-free means) and the user's
-        ``{weight: (InputMean, taker, sign)}``, which replace them."""
+        ``{weight: (InputMean, taker)}``, which replace them."""
         targets = {}
         if prior is not None:
-            for sign, takers in ((1.0, prior.output_means), (-1.0, prior.output_biases)):
-                for weight, taker in takers.items():
-                    targets[weight] = (taker, sign, _prior_shift(prior, weight))
-        for weight, (mean, taker, sign) in (input_means or {}).items():
-            targets[weight] = (taker, sign, mean.output_shift)
+            for weight, taker in {**prior.output_means, **prior.output_biases}.items():
+                targets[weight] = (taker, functools.partial(prior.output_shift, weight))
+        for weight, (mean, taker) in (input_means or {}).items():
+            targets[weight] = (taker, mean.output_shift)
         return cls(targets)
 
     def waits(self, name: str) -> bool:
@@ -127,8 +123,10 @@ class BiasCorrection:
         """Weight ``name`` was coded; ``error()`` gives its coding error."""
         if name not in self.targets:
             return
-        taker, sign, shift_of = self.targets[name]
-        shift = sign * shift_of(error())
+        taker, shift_of = self.targets[name]
+        shift = shift_of(error())
+        if not is_running_mean(taker):   # a bias gives the shift back
+            shift = -shift
         with self.lock:
             self.shifts[taker] = self.shifts.get(taker, 0.0) + shift
 
@@ -139,6 +137,3 @@ class BiasCorrection:
             return array
         return (array.astype(np.float64) + shift).astype(array.dtype)
 
-
-def _prior_shift(prior, weight: str):
-    return lambda error: prior.output_shift(weight, error)

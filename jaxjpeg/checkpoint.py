@@ -545,7 +545,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
 
 
 def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
-    """{weight: (InputMean, taker leaf, sign)} of a user's ``input_mean``,
+    """{weight: (InputMean, taker leaf)} of a user's ``input_mean``,
     checked (unknown leaves, wrong types, shapes that do not fit: errors);
     takers not given are found in the tree's order, and a mean with none
     to take its shift is reported by a warning."""
@@ -557,7 +557,7 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
         mean.check(shape)
         _check_taker(mean, shape, shapes)
     _check_per_leaf("input_mean", input_mean, InputMean, shapes, check)
-    given = {name: (mean.taker, mean.sign) for name, mean in input_mean.items() if mean.taker}
+    given = {name: mean.taker for name, mean in input_mean.items() if mean.taker}
     found = priors.shift_targets(tree, {name: mean.out_axis % len(shapes[name])
                                         for name, mean in input_mean.items()
                                         if not mean.taker})
@@ -568,7 +568,7 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
                       f"layer and no bias of its output size to take its shift "
                       f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
                       stacklevel=3)
-    return {name: (input_mean[name], taker, sign) for name, (taker, sign) in takers.items()}
+    return {name: (input_mean[name], taker) for name, taker in takers.items()}
 
 
 def _check_taker(mean: InputMean, shape: tuple, shapes: dict) -> None:

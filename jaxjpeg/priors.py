@@ -177,18 +177,18 @@ def batchnorm_prior(tree) -> Prior:
     return Prior(moments, frozenset(feedback), means, biases)
 
 
-def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, tuple[str, float]]:
-    """{weight: (leaf taking its output mean shift, sign)} for the weights
+def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, str]:
+    """{weight: leaf taking its output mean shift} for the weights
     ``out_axes`` names (path -> output axis): the running mean of the
-    BatchNorm after the weight (+1: it is subtracted from the output), else
-    the weight's own bias of its output size (-1). Weights with neither are
-    left out."""
+    BatchNorm after the weight, else the weight's own bias of its output
+    size (:func:`is_running_mean` tells the two apart). Weights with neither
+    are left out."""
     ordered = _in_insertion_order(tree)
     arrays = dict(ordered)
     channels = {name: np.shape(arrays[name])[axis] for name, axis in out_axes.items()
                 if name in arrays}
     means, biases = _shift_takers(ordered, _batchnorms(arrays), channels)
-    return {**{w: (m, 1.0) for w, m in means.items()}, **{w: (b, -1.0) for w, b in biases.items()}}
+    return {**means, **biases}
 
 
 def _shift_takers(ordered, norms, channels) -> tuple[dict[str, str], dict[str, str]]:

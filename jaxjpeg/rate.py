@@ -696,8 +696,6 @@ class _Picker:
     def rows(self, index) -> "_Picker":
         return _Picker(self.nbytes[index], self.dist[index], self.finite[index], self.plain)
 
-    subset = rows
-
 
 class BudgetAllocator:
     """Codes tensors one at a time so that their total meets a byte budget.
@@ -837,7 +835,7 @@ class BudgetAllocator:
                 hi, at_hi, sizes_hi = mid, at_mid, sizes_mid
             still = at_lo[moving] != at_hi[moving]
             if not still.all():   # choices that now agree at both ends stay put
-                moving, some = moving[still], some.subset(still)
+                moving, some = moving[still], some.rows(still)
         return hi, at_hi
 
     @staticmethod
