@@ -420,6 +420,21 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     return (lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))), coded
 
 
+TARGET_TOLERANCE = 0.02   # byte targets promise the file's size within 2%
+
+
+def _target_miss(target: int | None, file_bytes: int, rate: dict) -> str | None:
+    """A warning when the file's size missed a byte target by more than
+    TARGET_TOLERANCE (every leaf at its finest coding, or no coding between
+    two candidates lies closer), else None."""
+    if target is None or abs(file_bytes - target) <= TARGET_TOLERANCE * target:
+        return None
+    asked = ", ".join(f"{k}={v:g}" for k, v in rate.items()
+                      if k in ("target_ratio", "target_bytes", "bits_per_weight"))
+    return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
+            f"({file_bytes / target - 1:+.1%}): no coding of its leaves lies closer")
+
+
 def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | None:
     """The file size asked for, in bytes: ratios are against float32."""
     elements = sum(leaf.size for leaf in entries)
@@ -743,6 +758,7 @@ class _Save:
             # then codes alone, its tiles on every core).
             self.window = max((leaf.nbytes for leaf in leaves), default=0)
         target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
+        self.target = target
         self.lossy_rate = target is not None
         self.coded = None   # the names of the leaves to code, when the analysis knows them
         if target is not None:
@@ -782,7 +798,11 @@ class _Save:
                 writer.set_metadata(self.metadata(records))
         finally:
             bar.close()
-        return SaveReport(storage.as_location(self.path), reports, storage.size(self.path))
+        report = SaveReport(storage.as_location(self.path), reports, storage.size(self.path))
+        miss = _target_miss(self.target, report.file_bytes, self.rate)
+        if miss:
+            warnings.warn(miss, stacklevel=4)
+        return report
 
     def metadata(self, records: list) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,

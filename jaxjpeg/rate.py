@@ -49,6 +49,13 @@ LADDER = np.arange(-4.0, 13.0)   # probe steps q = rms * 2^-k (interpolated betw
 PROBE_ELEMENTS = 1 << 15   # weights coded per probe of a large tensor
 MIN_PROBE_WIDTH = 32       # narrowest probe patch (8 rows each)
 COLUMN_SCALE_BITS = 16     # stored cost of one column scale (float16)
+# A shared scale steps no finer than 1/4095 of the widest row's range at 12
+# bits. Where one row's (or column's) range is this many times the median
+# one's (folded BatchNorms: silero-vad's convolutions spread up to 290x),
+# byte targets also try per-row ranges (clip="minmax") below that step.
+ROW_RANGE_SPREAD = 8.0
+ROW_RANGE_DELTAS = (256, 128, 64, 32, 16, 8, 4, 2, 1)   # 12-bit steps tried there
+SPREAD_SAMPLE_ROWS = 256   # rows whose column ranges stand for the columns'
 
 
 # ----------------------------------------------------------------------------
@@ -509,6 +516,8 @@ class Curve:
     q: np.ndarray       # float [k], weight-domain step
     nbytes: np.ndarray  # float [k], whole tensor, side bytes included
     sse: np.ndarray     # float [k], whole tensor
+    # bool [k]: coded with per-row ranges (:func:`row_range_fallback`); None: none is
+    row_ranges: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -561,7 +570,69 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
               for (b, delta), (nbytes, sse) in zip(steps, costs)]
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
-    return Curve(b, delta, q, nbytes + p.side_bytes(), sse / probe.fraction)
+    curve = Curve(b, delta, q, nbytes + p.side_bytes(), sse / probe.fraction)
+    fallback = row_range_fallback(p) if bits in (None, 12) else None
+    return curve if fallback is None else _with_row_ranges(curve, fallback, seed, options)
+
+
+def row_range_fallback(p: codec.Prepared) -> codec.Prepared | None:
+    """``p`` prepared again for per-row ranges (``clip="minmax"``: its side
+    list, without row weights or column scales) when the ranges of its rows,
+    or of its columns, spread more than ROW_RANGE_SPREAD; else None. Columns
+    that spread become the rows (the view transposed). Error feedback and
+    row weights keep their shared scale."""
+    if p.feedback is not None or p.row_weight is not None or p.shared_map:
+        return None
+    _, low, high = p.row_stats()
+    rows = _spread(np.asarray(high, np.float64) - low)
+    sample = p.matrix[::max(1, p.matrix.shape[0] // SPREAD_SAMPLE_ROWS)]   # columns' ranges
+    cols = _spread(np.ptp(p.weight_domain(sample), axis=0))
+    if max(rows, cols) < ROW_RANGE_SPREAD:
+        return None
+    view, cuts = p.view, p.tile_cuts
+    if cols > rows:   # the transposed matrix: rows and cuts swap places
+        k = p.view.split
+        view = views.MatrixView(p.view.perm[k:] + p.view.perm[:k], len(p.view.perm) - k)
+        cuts = None if cuts is None else (cuts[1], cuts[0])
+    return dataclasses.replace(codec.prepare(p.original, view=view, outliers=p.outliers),
+                               tile_cuts=cuts)
+
+
+def _spread(spans: np.ndarray) -> float:
+    """Widest over median of the positive ``spans`` (0 with fewer than two)."""
+    spans = np.asarray(spans, np.float64)
+    spans = spans[spans > 0]
+    return float(spans.max() / np.median(spans)) if spans.size >= 2 else 0.0
+
+
+def _with_row_ranges(curve: Curve, fallback: codec.Prepared, seed: int, options) -> Curve:
+    """``curve`` followed by the per-row-range codings that err less than its
+    finest candidate (the shared scale's finest step)."""
+    probe = _probe(fallback, np.random.default_rng(seed))
+    _, scale, offset = mapping.row_affine(fallback.matrix, 12, clip="minmax", with_samples=False)
+    maps = {12: (scale[probe.rows], offset[probe.rows])}
+    steps = [(12, d) for d in ROW_RANGE_DELTAS]
+    costs = _probe_costs(fallback, probe, steps, options, maps=maps)
+    base = float(np.exp(np.mean(np.log(np.where(scale > 0, scale, 1.0)))))
+    points = [(12, d, d * base, nbytes, sse / probe.fraction) for d, (nbytes, sse)
+              in zip(ROW_RANGE_DELTAS, costs) if sse / probe.fraction < curve.sse[-1]]
+    if not points:
+        return curve
+    b, delta, q, nbytes, sse = _densify(points, {12: base})
+    finer = np.ones(len(b), bool)
+    return Curve(np.concatenate([curve.bits, b]), np.concatenate([curve.delta, delta]),
+                 np.concatenate([curve.q, q]),
+                 np.concatenate([curve.nbytes, nbytes + fallback.side_bytes()]),
+                 np.concatenate([curve.sse, sse]),
+                 np.concatenate([np.zeros(len(curve.bits), bool), finer]))
+
+
+def encode_candidate(p: codec.Prepared, c: Curve, k: int, options) -> codec.EncodedTensor:
+    """Codes ``p`` as candidate ``k`` of its curve ``c``."""
+    if c.row_ranges is not None and c.row_ranges[k]:
+        return encode_with_step(row_range_fallback(p), int(c.bits[k]), int(c.delta[k]),
+                                **dict(options, clip="minmax"))
+    return encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **options)
 
 
 LAST_TENSOR_RETRIES = 5
@@ -604,12 +675,14 @@ def _between(lo: int, hi: int) -> list[int]:
         out.append(d)
 
 
-def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options) -> list:
+def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) -> list:
     """(tile bytes, squared error in weight units) of the probe at each
     ``(bits, Δ)`` of ``steps``: coded as :func:`encode_with_step` codes it and
     decoded as the decoder does, by the native encoder in one call per tile
     and group of steps of equal depth (the samples do not depend on Δ). The
-    groups run on the tile pool's cores; each is coded in one thread."""
+    groups run on the tile pool's cores; each is coded in one thread.
+    ``maps`` ({bits: (scale, offset)} of the probe rows): maps other than the
+    tensor's shared-scale ones."""
     restart = options.get("restart_interval", codec.DEFAULT_RESTART_INTERVAL)
     tile_shape = options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)
     matrix = np.ascontiguousarray(probe.matrix, np.float32)
@@ -617,7 +690,7 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options) -> list:
     cells = codec.tile_grid(*matrix.shape, tile_shape)
     jobs = []
     for b in sorted({b for b, _ in steps}):
-        scale, offset = _probe_map(p, probe, b)
+        scale, offset = maps[b] if maps else _probe_map(p, probe, b)
         deltas = [d for bb, d in steps if bb == b]
         for chunk in _chunks(deltas, codec.tile_pool()._max_workers):   # a group per core
             for r, c, h, w in cells:
@@ -915,7 +988,7 @@ class BudgetAllocator:
             if hi - lo <= 1:
                 break
             mid = self._guess_between(c, lo, hi, fits, over, left)
-            trial = encode_with_step(p, int(c.bits[mid]), int(c.delta[mid]), **self.options)
+            trial = encode_candidate(p, c, mid, self.options)
             if trial.nbytes <= left:
                 fits, lo = (mid, trial), mid
             else:
@@ -937,7 +1010,7 @@ class BudgetAllocator:
             raise KeyError(f"{name!r} is not waiting to be coded")
         c = self.curves[name]
         k = self._choose(name)
-        enc = encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **self.options)
+        enc = encode_candidate(p, c, k, self.options)
         if self.pending == {name}:
             k, enc = self._settle_last(p, c, k, enc)
         self.pending.discard(name)
