@@ -371,3 +371,51 @@ def test_the_cli_keeps_an_npz_files_order_and_codes_with_the_prior(tmp_path):
     assert list(jaxjpeg.restore(tmp_path / "cli.jjpg")) == list(tree)
     with Checkpoint(tmp_path / "cli.jjpg") as ckpt:   # the classifier the BatchNorm feeds
         assert ckpt.reader.metadata["rate"] == {"target_ratio": 8.0, "batchnorm_prior": 1}
+
+
+def _residual_stage(rng, width=16, expanded=64, blocks=3, stats_fit=True):
+    """An EfficientNet-like stage as a state dict: a stage-start projection,
+    then blocks whose expansion reads the residual stream (the sum of every
+    projection BatchNorm's output so far: no activation between). The
+    running mean after each expansion is what its input's mean makes it,
+    unless ``stats_fit`` is False."""
+    sd = collections.OrderedDict()
+    sd["stem.weight"] = rng.normal(size=(32, 3, 3, 3)).astype(np.float32)
+    sd.update(_bn(32, rng, "stem_bn"))
+    sd["b0.project.weight"] = rng.normal(size=(width, 32, 1, 1)).astype(np.float32)
+    sd.update(_bn(width, rng, "b0.bn2"))
+    stream = sd["b0.bn2.bias"].astype(np.float64)
+    for b in range(1, blocks):
+        w = rng.normal(size=(expanded, width, 1, 1)).astype(np.float32)
+        sd[f"b{b}.expand.weight"] = w
+        sd.update(_bn(expanded, rng, f"b{b}.bn0"))
+        sd[f"b{b}.bn0.running_mean"] = ((w[:, :, 0, 0] @ stream) if stats_fit
+                                        else rng.normal(size=expanded)).astype(np.float32)
+        sd[f"b{b}.project.weight"] = rng.normal(size=(width, expanded, 1, 1)).astype(np.float32)
+        sd.update(_bn(width, rng, f"b{b}.bn2"))
+        stream = stream + sd[f"b{b}.bn2.bias"]
+    return sd
+
+
+def test_a_residual_streams_mean_is_the_sum_of_its_batchnorms_shifts():
+    """The expansions read the stream, not an activation: their input mean is
+    the shifts of the projections' BatchNorms summed (the running mean after
+    them says so), and its variance their γ² summed."""
+    sd = _residual_stage(np.random.default_rng(20))
+    prior = priors.batchnorm_prior(dict(sd))
+    shifts = [sd[f"b{b}.bn2.bias"].astype(np.float64) for b in range(3)]
+    gains = [sd[f"b{b}.bn2.weight"].astype(np.float64) ** 2 for b in range(3)]
+    for b in (1, 2):
+        m = prior.moments[f"b{b}.expand.weight"]
+        np.testing.assert_allclose(m.mean, sum(shifts[:b]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.power, sum(shifts[:b]) ** 2 + sum(gains[:b]), rtol=1e-5)
+    # A projection reads the expansion's activation: the modelled mean stays.
+    m = prior.moments["b1.project.weight"]
+    np.testing.assert_allclose(m.mean, priors.relu_mean(sd["b1.bn0.bias"], sd["b1.bn0.weight"]))
+
+
+def test_a_stream_that_does_not_explain_the_running_mean_is_not_used():
+    sd = _residual_stage(np.random.default_rng(21), stats_fit=False)
+    prior = priors.batchnorm_prior(dict(sd))
+    m = prior.moments["b2.expand.weight"]
+    np.testing.assert_allclose(m.mean, priors.relu_mean(sd["b1.bn2.bias"], sd["b1.bn2.weight"]))
