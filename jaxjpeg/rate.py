@@ -51,7 +51,7 @@ MIN_PROBE_WIDTH = 32       # narrowest probe patch (8 rows each)
 COLUMN_SCALE_BITS = 16     # stored cost of one column scale (float16)
 # A shared scale steps no finer than 1/4095 of the widest row's range at 12
 # bits. Where one row's (or column's) range is this many times the median
-# one's (folded BatchNorms: silero-vad's convolutions spread up to 290x),
+# one's (folded BatchNorms: silero-vad's kernels spread up to 80x in RMS),
 # byte targets also try per-row ranges (clip="minmax") below that step.
 ROW_RANGE_SPREAD = 8.0
 ROW_RANGE_DELTAS = (256, 128, 64, 32, 16, 8, 4, 2, 1)   # 12-bit steps tried there
