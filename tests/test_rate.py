@@ -638,3 +638,24 @@ def test_a_met_byte_target_says_nothing(tmp_path, recwarn):
 
     jaxjpeg.save(tmp_path / "m.jjpg", _model_like(), target_ratio=8, progress=False)
     assert not [w for w in recwarn if "asks for" in str(w.message)]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_row_ranges_keep_the_shards_tile_edges(axis):
+    """The fallback's view may be the transpose of the leaf's; its tile cuts
+    are then the same shard boundaries, rows and columns swapped."""
+    from jaxjpeg import codec
+
+    x = np.repeat(_one_loud_channel(), 2, axis=1)          # (128, 384)
+    half = x.shape[axis] // 2
+    regions = [tuple((i * half, (i + 1) * half, 1) if a == axis else (0, n, 1)
+                     for a, n in enumerate(x.shape)) for i in range(2)]
+    p = rate.prepare_leaf(x, shards=regions)
+    fallback = rate.row_range_fallback(p)
+    assert fallback is not None
+    transposed = fallback.view != p.view
+    assert fallback.tile_cuts == (p.tile_cuts[::-1] if transposed else p.tile_cuts)
+    assert any(fallback.tile_cuts)
+    enc = rate.encode_with_step(fallback, 12, 1, clip="minmax")
+    decoded = codec.decode_tensor(enc)
+    assert np.linalg.norm(decoded - x) / np.linalg.norm(x) < 1e-3
