@@ -692,12 +692,14 @@ def save_leaves(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = T
 def _prior_of_leaves(leaves: Sequence[SourceLeaf]):
     """The BatchNorm prior of leaves not loaded yet: the vectors a BatchNorm
     may hold (small) are loaded, every other leaf stands in as a zero-stride
-    array of its shape (the prior reads only their shapes)."""
+    array of its shape; the prior loads the weights whose input it tests
+    against the running mean after them, one at a time."""
     from jaxjpeg import priors
 
     stand_ins = {leaf.name: leaf.array() if priors.may_be_batchnorm_vector(leaf.name, leaf.shape)
                  else np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape) for leaf in leaves}
-    return priors.batchnorm_prior(stand_ins)
+    by_name = {leaf.name: leaf for leaf in leaves}
+    return priors.batchnorm_prior(stand_ins, load=lambda name: by_name[name].array())
 
 
 class _Save:

@@ -157,7 +157,7 @@ def _along(values: np.ndarray, axis: int, shape: tuple) -> np.ndarray:
     return values.reshape([len(values) if a == axis else 1 for a in range(len(shape))])
 
 
-def batchnorm_prior(tree) -> Prior:
+def batchnorm_prior(tree, load=None) -> Prior:
     """The data-free prior of every weight fed by a BatchNorm in ``tree``.
 
     A convolution's input is the activation itself, so its covariance is
@@ -169,6 +169,10 @@ def batchnorm_prior(tree) -> Prior:
     flattened features, and feedback there measured worse. So do
     convolutions with more than ``MAX_FEEDBACK_FEATURES`` inputs, whose
     n x n feedback factor would cost more than the rest of the save.
+
+    ``load`` (optional): ``name -> array`` for weights the tree holds as
+    zero-stride stand-ins (shapes only, see ``checkpoint.save_leaves``),
+    called for those whose values the residual stream's test needs.
     """
     ordered = _in_insertion_order(tree)
     norms = _batchnorms(dict(ordered))
@@ -181,11 +185,11 @@ def batchnorm_prior(tree) -> Prior:
     moments = {name: m for name, (_, m) in paired.items()}
     channels = {name: np.shape(array)[m.out_axis] for name, (array, m) in paired.items()}
     means, biases = _shift_takers(ordered, norms, channels)
-    moments = _fitted_to_running_means(ordered, norms, moments, means)
+    moments = _fitted_to_running_means(ordered, norms, moments, means, load)
     return Prior(moments, frozenset(feedback), means, biases)
 
 
-def _fitted_to_running_means(ordered, norms, moments: dict, takers: dict) -> dict:
+def _fitted_to_running_means(ordered, norms, moments: dict, takers: dict, load=None) -> dict:
     """``moments`` with a weight's input mean replaced by a residual stream's
     where that predicts the running mean of the BatchNorm after the weight
     (``Σ W E[x]`` over taps should equal it) far better.
@@ -205,7 +209,12 @@ def _fitted_to_running_means(ordered, norms, moments: dict, takers: dict) -> dic
     for name, m in moments.items():
         if name not in takers:
             continue
-        taps = np.moveaxis(np.asarray(arrays[name], np.float64), (m.out_axis, m.axis), (0, 1))
+        array = arrays[name]
+        if _is_stand_in(array):
+            if load is None:
+                continue
+            array = load(name)
+        taps = np.moveaxis(np.asarray(array, np.float64), (m.out_axis, m.axis), (0, 1))
         weight = taps.reshape(taps.shape[0], taps.shape[1], -1).sum(axis=2)
         target = np.asarray(arrays[takers[name]], np.float64)
         scale = np.linalg.norm(target)
@@ -391,6 +400,11 @@ def _batchnorms(arrays: dict) -> dict[str, _Norm]:
             out[name] = _Norm(relu_mean(shift, gamma), relu_power(shift, gamma), shift,
                               gamma * gamma)
     return out
+
+
+def _is_stand_in(array) -> bool:
+    """A zero-stride array standing in for a leaf not loaded (its shape only)."""
+    return isinstance(array, np.ndarray) and array.size > 1 and 0 in array.strides
 
 
 def _has_variance(arrays: dict, parent: str) -> bool:

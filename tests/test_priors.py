@@ -419,3 +419,22 @@ def test_a_stream_that_does_not_explain_the_running_mean_is_not_used():
     prior = priors.batchnorm_prior(dict(sd))
     m = prior.moments["b2.expand.weight"]
     np.testing.assert_allclose(m.mean, priors.relu_mean(sd["b1.bn2.bias"], sd["b1.bn2.weight"]))
+
+
+def test_leaves_saved_from_a_source_find_the_residual_stream_as_the_tree_does(tmp_path):
+    """save_leaves holds weights as shape-only stand-ins; the stream's test
+    loads them, so the CLI's file is the tree's."""
+    from jaxjpeg.checkpoint import SourceLeaf, _prior_of_leaves, save_leaves
+
+    tree = dict(_residual_stage(np.random.default_rng(22), width=32, expanded=128, blocks=4))
+    leaves = [SourceLeaf.of([["key", k]], v) for k, v in tree.items()]
+    from_leaves = _prior_of_leaves(leaves)
+    from_tree = priors.batchnorm_prior(tree)
+    for name in ("b2.expand.weight", "b3.expand.weight"):
+        np.testing.assert_array_equal(from_leaves.moments[name].mean,
+                                      from_tree.moments[name].mean)
+    jaxjpeg.save(tmp_path / "tree.jjpg", tree, target_ratio=8, progress=False)
+    save_leaves(tmp_path / "leaves.jjpg", leaves, target_ratio=8, progress=False)
+    a, b = jaxjpeg.restore(tmp_path / "tree.jjpg"), jaxjpeg.restore(tmp_path / "leaves.jjpg")
+    for name in tree:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
