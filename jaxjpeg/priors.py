@@ -214,8 +214,9 @@ def _fitted_to_running_means(ordered, norms, moments: dict, takers: dict, load=N
             if load is None:
                 continue
             array = load(name)
-        taps = np.moveaxis(np.asarray(array, np.float64), (m.out_axis, m.axis), (0, 1))
-        weight = taps.reshape(taps.shape[0], taps.shape[1], -1).sum(axis=2)
+        taps = np.moveaxis(np.asarray(array), (m.out_axis, m.axis), (0, 1))
+        # summed in float64 blocks, not through a float64 copy of the kernel
+        weight = taps.sum(axis=tuple(range(2, taps.ndim)), dtype=np.float64)
         target = np.asarray(arrays[takers[name]], np.float64)
         scale = np.linalg.norm(target)
         if not scale > 0 or not np.all(np.isfinite(weight)):
