@@ -307,8 +307,7 @@ class _LeafCoder:
             return factor
         if importance is not None:
             return float(np.mean(np.broadcast_to(importance, p.shape)))
-        # in float64 blocks: a float64 copy of the leaf would be two leaves
-        norm2 = rate.finite_norm2(p.original, None if p.outliers is None else p.outliers.index)
+        norm2 = rate.prepared_norm2(p)
         return p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
 
 

@@ -371,6 +371,17 @@ def finite_norm2(x, excluded=None) -> float:
     return total
 
 
+def prepared_norm2(p: codec.Prepared) -> float:
+    """:func:`finite_norm2` of ``p.original`` without its side list's
+    positions: the squares the native statistics pass counted when it
+    prepared ``p`` (a leaf without special values or a side list), else a
+    float64 pass over the leaf."""
+    squares = p.scales.get("squares")
+    if squares is not None and p.outliers is None:
+        return float(squares)
+    return finite_norm2(p.original, None if p.outliers is None else p.outliers.index)
+
+
 def relative_error(x, enc: codec.EncodedTensor) -> float:
     """``||x - decode(enc)|| / ||x||`` over the finite values (0 when both are zero)."""
     original = x.original if isinstance(x, codec.Prepared) else x
@@ -404,7 +415,10 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
         raise ValueError(f"rel_rms must be positive, got {rel_rms}")
     p = _as_prepared(x, row_weight)
     original = np.asarray(p.original)
-    budget = rel_rms * rel_rms * finite_norm2(original)
+    if p.outliers is None:   # the whole leaf's finite values: the prepared squares
+        budget = rel_rms * rel_rms * prepared_norm2(p)
+    else:
+        budget = rel_rms * rel_rms * finite_norm2(original)
     found = []
     for b in ((8, 12) if bits is None else (bits,)):
         if bits is None and b == 8 and _first_step(p, 8, budget, options) < MIN_STEP_8BIT:
@@ -697,6 +711,128 @@ class _Picker:
         return _Picker(self.nbytes[index], self.dist[index], self.finite[index], self.plain)
 
 
+class _RowsOf:
+    """Rows ``rows`` of a table, times ``scale``, indexed as the table taken
+    at those rows and scaled would be (the same values), without the copy."""
+
+    def __init__(self, table: np.ndarray, rows: np.ndarray, scale: float = 1.0):
+        self.table, self.rows, self.scale = table, rows, scale
+        self.shape = (len(rows), table.shape[1])
+
+    def __getitem__(self, index):
+        row, col = index
+        return self.table[self.rows[row], col] * self.scale
+
+
+@dataclasses.dataclass
+class _Breakpoints:
+    """Where each tensor's choice moves as the multiplier grows: the lower
+    convex hull of its candidates' (bytes, distortion), whose vertices are the
+    only candidates ``argmin(dist + λ * nbytes)`` picks (λ > 0), and the
+    multipliers between them, all tensors' sorted together."""
+
+    vertices: np.ndarray   # int [rows, most vertices]: candidates, coarsest first
+    counts: np.ndarray     # int [rows]: vertices of each row
+    mu: np.ndarray         # float [breaks]: multipliers where a row moves one vertex coarser
+    row: np.ndarray        # int [breaks]: whose
+    drop: np.ndarray       # float [breaks]: the bytes that move saves
+
+    @classmethod
+    def of(cls, nbytes: np.ndarray, dist: np.ndarray) -> "_Breakpoints | None":
+        """From the allocator's tables (``dist`` inf where ``nbytes`` is not
+        finite); None where a finite candidate's distortion is not finite or
+        a tensor has no finite candidate (the bisection handles those)."""
+        finite = np.isfinite(nbytes)
+        if not np.all(np.isfinite(dist[finite])):
+            return None
+        hulls = [_lower_hull(nb[ok], d[ok], np.flatnonzero(ok))
+                 for nb, d, ok in zip(nbytes, dist, finite)]
+        counts = np.array([len(h) for h in hulls], np.intp)
+        if not np.all(counts):   # a tensor without a finite candidate
+            return None
+        vertices = np.zeros((len(hulls), max(1, counts.max(initial=1))), np.intp)
+        mu, row, drop = [], [], []
+        for r, hull in enumerate(hulls):
+            vertices[r, :len(hull)] = hull
+            nb, d = nbytes[r, hull], dist[r, hull]
+            mu.append((d[:-1] - d[1:]) / (nb[1:] - nb[:-1]))
+            drop.append(nb[1:] - nb[:-1])
+            row.append(np.full(len(hull) - 1, r, np.intp))
+        mu, row, drop = (np.concatenate(v) if v else np.zeros(0) for v in (mu, row, drop))
+        order = np.argsort(mu, kind="stable")
+        return cls(vertices, counts, mu[order], row[order].astype(np.intp), drop[order])
+
+    def picks(self, rows: np.ndarray, mine: np.ndarray, end: int) -> np.ndarray:
+        """Each of ``rows``' candidate once the first ``end`` breakpoints have
+        been passed (``mine``: the breakpoints of ``rows``)."""
+        passed = self.row[:end][mine[:end]]
+        moved = np.bincount(passed, minlength=len(self.counts))[rows]
+        return self.vertices[rows, self.counts[rows] - 1 - moved]
+
+    def crossing(self, rows, correction: float, left: float, total):
+        """(μ = λ * correction, choices of ``rows``) at the least multiplier λ
+        in exp(±LOG_SLOPE_LIMIT) whose choices' ``total`` fits ``left`` (or
+        the largest, when none does). Bytes are ``nbytes * correction``, so
+        a choice at λ is the uncorrected one at μ. Found from the summed
+        drops, then checked with ``total`` itself (the allocator's sums: a
+        float's rounding cannot move the crossing)."""
+        pending = np.zeros(len(self.counts), bool)
+        pending[rows] = True
+        mine = pending[self.row]
+        low = correction * math.exp(-LOG_SLOPE_LIMIT)
+        high = correction * math.exp(LOG_SLOPE_LIMIT)
+        first = int(np.searchsorted(self.mu, low, "right"))   # passed at the start
+        last = int(np.searchsorted(self.mu, high, "right"))   # never passed
+        start = total(self.picks(rows, mine, first))
+        end = first
+        if start > left:   # the first breakpoint whose drops bring the total within left
+            saved = np.cumsum(self.drop[first:last] * mine[first:last]) * correction
+            end = first + min(int(np.searchsorted(saved, start - left, "left")) + 1,
+                              last - first)
+        end = self._group_end(end, first)
+        choice = self.picks(rows, mine, end)
+        moved = False
+        while total(choice) > left:   # rounding: one more
+            if end >= last:           # nothing fits: the largest multiplier's choices
+                return high, choice
+            end, moved = self._group_end(end + 1, first), True
+            choice = self.picks(rows, mine, end)
+        while end > first and not moved:              # rounding: one fewer
+            back = max(first, int(np.searchsorted(self.mu, self.mu[end - 1], "left")))
+            earlier = self.picks(rows, mine, back)
+            if total(earlier) > left:
+                break
+            end, choice = back, earlier
+        return (low if end == first else float(self.mu[end - 1])), choice
+
+    def _group_end(self, end: int, first: int) -> int:
+        """``end`` moved past every breakpoint at the same multiplier as the
+        last one passed (they pass at once)."""
+        if end <= first:
+            return first
+        return int(np.searchsorted(self.mu, self.mu[end - 1], "right"))
+
+
+def _lower_hull(nbytes: np.ndarray, dist: np.ndarray, index: np.ndarray) -> list:
+    """The candidates (``index``) that ``argmin(dist + λ * nbytes)`` picks for
+    some λ > 0, fewest bytes first: the lower convex hull from the fewest
+    bytes to the least distortion (ties: the first candidate, as argmin)."""
+    order = np.lexsort((index, dist, nbytes))
+    nb, d, idx = nbytes[order].tolist(), dist[order].tolist(), index[order].tolist()
+    hull: list = []   # positions in the sorted lists
+    for i in range(len(nb)):
+        if hull and nb[i] == nb[hull[-1]]:
+            continue   # as many bytes and no less distortion: never picked first
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            if (nb[a] - nb[o]) * (d[i] - d[o]) - (d[a] - d[o]) * (nb[i] - nb[o]) > 0:
+                break
+            hull.pop()
+        hull.append(i)
+    best = min(range(len(hull)), key=lambda j: (d[hull[j]], j)) if hull else -1
+    return [idx[j] for j in hull[:best + 1]]
+
+
 class BudgetAllocator:
     """Codes tensors one at a time so that their total meets a byte budget.
 
@@ -738,6 +874,7 @@ class BudgetAllocator:
         self._pick_dist = np.where(self._finite, self._dist, np.inf)   # see _Picker
         self._plain = not np.any(np.isnan(self._nbytes) | (self._nbytes == -np.inf))
         self._finest = np.array([len(self.curves[n].nbytes) - 1 for n in sorted(self.names)])
+        self._breaks = _Breakpoints.of(self._nbytes, self._pick_dist) if self._plain else None
         self._pending_names: list = []   # the rows of _pending (see _pending_tables)
         self._pending_rows = np.zeros(0, np.intp)
         self._pending = None
@@ -755,8 +892,10 @@ class BudgetAllocator:
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
-        names, nbytes, dist, finite, pick_dist = self._pending_tables()
         correction = self._correction()
+        if self._breaks is not None and 0 < correction < math.inf:
+            return self._choose_by_breakpoints(name, correction)
+        names, nbytes, dist, finite, pick_dist = self._pending_tables()
         if 0 < correction < math.inf:   # inf * correction stays inf: no mask needed
             nbytes = nbytes * correction
         else:
@@ -778,6 +917,30 @@ class BudgetAllocator:
             self._log_slope = hi
             choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
+
+    def _choose_by_breakpoints(self, name: str, correction: float) -> int:
+        """_choose from the tensors' convex hulls: the multiplier's crossing
+        is where the pending tensors' hull breakpoints, taken in order, drop
+        the total to what is left (one pass over them, not a bisection of
+        argmins over every pending tensor's candidates: tensors² work per
+        save). The totals compared are summed as _choose sums them, so the
+        choices are the ones its bisection finds."""
+        rows = np.sort(np.fromiter((self._rows[n] for n in self.pending), np.intp,
+                                   len(self.pending)))
+        left = self.budget - self.spent
+
+        def total(choice) -> float:
+            return float((self._nbytes[rows, choice] * correction).sum())
+
+        finest = self._finest[rows]
+        if total(finest) <= left:
+            choice, self.slope = finest, 0.0
+        else:
+            mu, at_hi = self._breaks.crossing(rows, correction, left, total)
+            self.slope = mu / correction
+            choice = self._fill(_RowsOf(self._nbytes, rows, correction),
+                                _RowsOf(self._dist, rows), at_hi, left)
+        return int(choice[int(np.searchsorted(rows, self._rows[name]))])
 
     def _pending_tables(self):
         """(names sorted, bytes, distortions, finite) of the pending tensors'

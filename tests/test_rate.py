@@ -568,6 +568,46 @@ def test_allocation_bisects_to_the_same_choices_from_its_shortcuts(ratio):
         allocator.predicted_spent += float(curves[name].nbytes[k])
 
 
+def _odd_curve(rng, length):
+    """A curve with what measured ones rarely have: bumps (not convex),
+    repeated candidates, equal sizes, flat distortion."""
+    nbytes = np.sort(rng.uniform(1e3, 1e5, length))
+    sse = np.sort(rng.uniform(0.1, 10.0, length))[::-1] * rng.uniform(0.7, 1.3, length)
+    if length > 3:
+        nbytes[2] = nbytes[1]                     # equal sizes
+        nbytes[-1], sse[-1] = nbytes[-2], sse[-2]  # a repeated candidate
+        sse[:2] = sse[0]                           # flat start
+    steps = np.arange(length, 0, -1)
+    return rate.Curve(np.full(length, 12), steps, steps * 1.0, nbytes, sse)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_breakpoints_choose_as_the_bisection_on_odd_curves(seed):
+    """_choose takes the crossing from each tensor's convex hull; on curves
+    that are not convex, repeat candidates, share sizes, differ in length
+    and in sensitivity by decades (one is zero), every choice and multiplier
+    must be the bisection's (the allocator without breakpoints, checked
+    against 80 full rounds above), as tensors are coded and miss."""
+    rng = np.random.default_rng(seed)
+    curves = {f"t{i}": _odd_curve(rng, int(rng.integers(1, 40))) for i in range(30)}
+    sens = {n: 10.0 ** rng.uniform(-3, 3) for n in curves}
+    sens["t0"] = 0.0
+    budget = int(sum(np.median(c.nbytes) for c in curves.values()))
+    fast = rate.BudgetAllocator(curves, budget, sensitivity=sens)
+    bisecting = rate.BudgetAllocator(curves, budget, sensitivity=sens)
+    assert fast._breaks is not None
+    bisecting._breaks = None
+    for name in rng.permutation(list(curves)):
+        k = fast._choose(name)
+        assert k == bisecting._choose(name), name
+        assert fast.slope == pytest.approx(bisecting.slope, rel=1e-9)
+        miss = rng.uniform(0.8, 1.2)
+        for allocator in (fast, bisecting):
+            allocator.pending.discard(name)
+            allocator.spent += int(curves[name].nbytes[k] * miss)
+            allocator.predicted_spent += float(curves[name].nbytes[k])
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("bound", [0.015, 0.03, 0.06, 0.12])
 def test_error_bound_skips_only_steps_that_miss(seed, bound):
