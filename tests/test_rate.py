@@ -623,3 +623,29 @@ def test_error_bound_skips_only_steps_that_miss(seed, bound):
     if err < math.sqrt(1 - rate.BOUND_SLACK) * bound:
         delta = int(jaxjpeg._native.inspect(enc.tiles[0].data)["quant_table"][0])
         assert rate.relative_error(x, rate.encode_with_step(p, enc.bits, delta + 1)) > bound
+
+
+def test_turns_let_names_through_in_order_and_past_skipped_ones():
+    """A byte target's leaves code in their storing order: a name waits for
+    every name before it to be done (coded, or released after an error)."""
+    import threading
+
+    from jaxjpeg.checkpoint import _Turns
+
+    turns = _Turns(["a", "b", "c", "d"])
+    passed = []
+
+    def go(name):
+        turns.wait(name)
+        passed.append(name)
+        turns.done(name)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in ("d", "b")]
+    for t in threads:
+        t.start()
+    turns.done("c")           # released before its turn: b and d still wait for a
+    assert passed == []
+    go("a")
+    for t in threads:
+        t.join(timeout=10)
+    assert passed == ["a", "b", "d"]
