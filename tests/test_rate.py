@@ -649,3 +649,16 @@ def test_turns_let_names_through_in_order_and_past_skipped_ones():
     for t in threads:
         t.join(timeout=10)
     assert passed == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize("bits", [None, 8, 12])
+@pytest.mark.parametrize("kind", ["gauss", "outliers", "row-scaled", "tiny"])
+def test_ladder_steps_are_step_for_over_the_ladder(kind, bits):
+    """rd_curve's steps, computed at once, must be step_for's, one by one."""
+    x = _tensor(kind if kind != "tiny" else "gauss", (64, 96) if kind != "tiny" else (3, 5))
+    if kind == "tiny":
+        x = x * 1e-30
+    p = rate.prepare_leaf(x)
+    rms = rate.tensor_rms(p)
+    expected = list(dict.fromkeys(rate.step_for(p, rms * 2.0 ** -k, bits) for k in rate.LADDER))
+    assert rate._ladder_steps(p, rms, bits) == expected
