@@ -289,7 +289,12 @@ class _LeafCoder:
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
-        """Keeps ``p``'s choices for the next prepare of ``name``."""
+        """Keeps ``p``'s choices for the next prepare of ``name``; none for a
+        leaf the native statistics pass prepared alone (it prepares it again
+        as fast as a default save, without the copy and the numpy statistics
+        passes that redoing its choices took)."""
+        if "squares" in p.scales:   # analysis.prepare_plain's: nothing analysed beyond it
+            return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
                                    col_scale=p.col_scale, feedback=p.feedback,
                                    tile_cuts=p.tile_cuts)
