@@ -796,48 +796,85 @@ class _Breakpoints:
         order = np.argsort(mu, kind="stable")
         return cls(vertices, counts, mu[order], row[order].astype(np.intp), drop[order])
 
-    def picks(self, rows: np.ndarray, mine: np.ndarray, end: int) -> np.ndarray:
+    def __post_init__(self):
+        # Breakpoints passed so far, and how many of them each row's: choices
+        # move little from one tensor to the next, so each crossing moves
+        # from the last one through the breakpoints between them.
+        self.at = 0
+        self.passed = np.zeros(len(self.counts), np.intp)
+
+    def picks(self, rows: np.ndarray, end: int) -> np.ndarray:
         """Each of ``rows``' candidate once the first ``end`` breakpoints have
-        been passed (``mine``: the breakpoints of ``rows``)."""
-        passed = self.row[:end][mine[:end]]
-        moved = np.bincount(passed, minlength=len(self.counts))[rows]
-        return self.vertices[rows, self.counts[rows] - 1 - moved]
+        been passed."""
+        if end > self.at:
+            self.passed += np.bincount(self.row[self.at:end], minlength=len(self.counts))
+        elif end < self.at:
+            self.passed -= np.bincount(self.row[end:self.at], minlength=len(self.counts))
+        self.at = end
+        return self.vertices[rows, self.counts[rows] - 1 - self.passed[rows]]
 
     def crossing(self, rows, correction: float, left: float, total):
         """(μ = λ * correction, choices of ``rows``) at the least multiplier λ
         in exp(±LOG_SLOPE_LIMIT) whose choices' ``total`` fits ``left`` (or
         the largest, when none does). Bytes are ``nbytes * correction``, so
-        a choice at λ is the uncorrected one at μ. Found from the summed
-        drops, then checked with ``total`` itself (the allocator's sums: a
-        float's rounding cannot move the crossing)."""
+        a choice at λ is the uncorrected one at μ. Found from the drops
+        summed from the last crossing, then checked with ``total`` itself
+        (the allocator's sums: a float's rounding cannot move the crossing)."""
         pending = np.zeros(len(self.counts), bool)
         pending[rows] = True
-        mine = pending[self.row]
         low = correction * math.exp(-LOG_SLOPE_LIMIT)
         high = correction * math.exp(LOG_SLOPE_LIMIT)
         first = int(np.searchsorted(self.mu, low, "right"))   # passed at the start
         last = int(np.searchsorted(self.mu, high, "right"))   # never passed
-        start = total(self.picks(rows, mine, first))
-        end = first
-        if start > left:   # the first breakpoint whose drops bring the total within left
-            saved = np.cumsum(self.drop[first:last] * mine[first:last]) * correction
-            end = first + min(int(np.searchsorted(saved, start - left, "left")) + 1,
-                              last - first)
-        end = self._group_end(end, first)
-        choice = self.picks(rows, mine, end)
+        end = self._group_end(min(max(self.at, first), last), first)
+        now = total(self.picks(rows, end))
+        end = self._group_end(self._estimate(end, now - left, first, last, pending, correction),
+                              first)
+        choice = self.picks(rows, end)
         moved = False
         while total(choice) > left:   # rounding: one more
             if end >= last:           # nothing fits: the largest multiplier's choices
                 return high, choice
             end, moved = self._group_end(end + 1, first), True
-            choice = self.picks(rows, mine, end)
+            choice = self.picks(rows, end)
         while end > first and not moved:              # rounding: one fewer
             back = max(first, int(np.searchsorted(self.mu, self.mu[end - 1], "left")))
-            earlier = self.picks(rows, mine, back)
+            earlier = self.picks(rows, back)
             if total(earlier) > left:
                 break
             end, choice = back, earlier
         return (low if end == first else float(self.mu[end - 1])), choice
+
+    WINDOW = 4096   # breakpoints summed at a time from the last crossing
+
+    def _estimate(self, end, excess, first, last, pending, correction) -> int:
+        """The breakpoints to pass for the total to drop ``excess`` bytes
+        (to rise ``-excess`` when negative: passing fewer) from ``end``,
+        by the drops of the pending rows' breakpoints summed window by
+        window from there (an estimate: floats round)."""
+        def drops(lo, hi):
+            return self.drop[lo:hi] * pending[self.row[lo:hi]] * correction
+
+        if excess > 0:   # pass more
+            while end < last:
+                hi = min(last, end + self.WINDOW)
+                saved = np.cumsum(drops(end, hi))
+                i = int(np.searchsorted(saved, excess, "left"))
+                if i < len(saved):
+                    return end + i + 1
+                excess -= saved[-1]
+                end = hi
+            return last
+        slack = -excess   # pass fewer while the total stays within the slack
+        while end > first:
+            lo = max(first, end - self.WINDOW)
+            regained = np.cumsum(drops(lo, end)[::-1])
+            j = int(np.searchsorted(regained, slack, "right"))
+            if j < len(regained):   # un-passing breakpoint end - 1 - j overshoots
+                return end - j
+            slack -= regained[-1]
+            end = lo
+        return first
 
     def _group_end(self, end: int, first: int) -> int:
         """``end`` moved past every breakpoint at the same multiplier as the

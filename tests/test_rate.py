@@ -581,13 +581,16 @@ def _odd_curve(rng, length):
     return rate.Curve(np.full(length, 12), steps, steps * 1.0, nbytes, sse)
 
 
+@pytest.mark.parametrize("window", [3, 4096])
 @pytest.mark.parametrize("seed", range(8))
-def test_allocation_breakpoints_choose_as_the_bisection_on_odd_curves(seed):
+def test_allocation_breakpoints_choose_as_the_bisection_on_odd_curves(seed, window, monkeypatch):
     """_choose takes the crossing from each tensor's convex hull; on curves
     that are not convex, repeat candidates, share sizes, differ in length
     and in sensitivity by decades (one is zero), every choice and multiplier
     must be the bisection's (the allocator without breakpoints, checked
-    against 80 full rounds above), as tensors are coded and miss."""
+    against 80 full rounds above), as tensors are coded and miss, whether the
+    drops from the last crossing are summed in one window or many."""
+    monkeypatch.setattr(rate._Breakpoints, "WINDOW", window)
     rng = np.random.default_rng(seed)
     curves = {f"t{i}": _odd_curve(rng, int(rng.integers(1, 40))) for i in range(30)}
     sens = {n: 10.0 ** rng.uniform(-3, 3) for n in curves}
