@@ -721,3 +721,42 @@ def test_starting_the_largest_leaf_first_changes_no_byte(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "in_order", lambda *a, **k: plain(*a, **{**k, "largest_first": False}))
     jaxjpeg.save(tmp_path / "in_order.jjpg", tree, progress=False)
     assert (tmp_path / "first.jjpg").read_bytes() == (tmp_path / "in_order.jjpg").read_bytes()
+
+
+def test_a_byte_target_whose_leaf_fails_to_load_raises_without_waiting_forever(tmp_path):
+    """Byte targets code leaves in turns on the save's threads: a leaf whose
+    second read (to code it, after the analysis) fails must end the save
+    with its error, not leave the leaves after it waiting for its turn."""
+    import threading
+
+    from jaxjpeg.checkpoint import SourceLeaf, save_leaves
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((64, 256 + 32 * i)).astype(np.float32) for i in range(8)]
+    reads = {}
+
+    def loader(i):
+        def load():
+            reads[i] = reads.get(i, 0) + 1
+            if i == 3 and reads[i] > 1:
+                raise OSError("source went away")
+            return arrays[i]
+        return load
+
+    leaves = [SourceLeaf([["key", f"w{i}"]], a.shape, a.dtype, loader(i))
+              for i, a in enumerate(arrays)]
+    path = tmp_path / "t.jjpg"
+    outcome = []
+
+    def run():
+        try:
+            save_leaves(path, leaves, target_ratio=8)
+        except OSError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the save waits forever"
+    assert outcome and "source went away" in str(outcome[0])
+    assert not path.exists()
