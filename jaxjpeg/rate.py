@@ -887,26 +887,21 @@ class _Breakpoints:
 def _lower_hull(nbytes: np.ndarray, dist: np.ndarray, index: np.ndarray) -> list:
     """The candidates (``index``) that ``argmin(dist + λ * nbytes)`` picks for
     some λ > 0, fewest bytes first: the lower convex hull from the fewest
-    bytes to the least distortion (ties: the first candidate, as argmin).
-    Points on or above the chord between their neighbours are never
-    vertices; they are dropped all at once, round after round, until none is
-    (a measured curve is nearly convex already: a few rounds)."""
+    bytes to the least distortion (ties: the first candidate, as argmin)."""
     order = np.lexsort((index, dist, nbytes))
-    nb, d, idx = nbytes[order], dist[order], index[order]
-    first = np.ones(len(nb), bool)   # the first of equal sizes: least distortion, first index
-    first[1:] = nb[1:] != nb[:-1]
-    nb, d, idx = nb[first], d[first], idx[first]
-    while len(nb) > 2:
-        # the same products as a monotone chain's turn test, for every middle point
-        cross = ((nb[1:-1] - nb[:-2]) * (d[2:] - d[:-2])
-                 - (d[1:-1] - d[:-2]) * (nb[2:] - nb[:-2]))
-        keep = np.ones(len(nb), bool)
-        keep[1:-1] = cross > 0
-        if keep.all():
-            break
-        nb, d, idx = nb[keep], d[keep], idx[keep]
-    best = int(np.argmin(d)) if len(d) else -1   # the first of the least distortion
-    return idx[:best + 1].tolist()
+    nb, d, idx = nbytes[order].tolist(), dist[order].tolist(), index[order].tolist()
+    hull: list = []   # positions in the sorted lists
+    for i in range(len(nb)):
+        if hull and nb[i] == nb[hull[-1]]:
+            continue   # as many bytes and no less distortion: never picked first
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            if (nb[a] - nb[o]) * (d[i] - d[o]) - (d[a] - d[o]) * (nb[i] - nb[o]) > 0:
+                break
+            hull.pop()
+        hull.append(i)
+    best = min(range(len(hull)), key=lambda j: (d[hull[j]], j)) if hull else -1
+    return [idx[j] for j in hull[:best + 1]]
 
 
 class BudgetAllocator:

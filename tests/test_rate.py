@@ -665,34 +665,3 @@ def test_ladder_steps_are_step_for_over_the_ladder(kind, bits):
     rms = rate.tensor_rms(p)
     expected = list(dict.fromkeys(rate.step_for(p, rms * 2.0 ** -k, bits) for k in rate.LADDER))
     assert rate._ladder_steps(p, rms, bits) == expected
-
-
-def _monotone_chain(nbytes, dist, index):
-    """The lower hull by a monotone chain (the reference of _lower_hull)."""
-    order = np.lexsort((index, dist, nbytes))
-    nb, d, idx = nbytes[order].tolist(), dist[order].tolist(), index[order].tolist()
-    hull = []
-    for i in range(len(nb)):
-        if hull and nb[i] == nb[hull[-1]]:
-            continue
-        while len(hull) >= 2:
-            o, a = hull[-2], hull[-1]
-            if (nb[a] - nb[o]) * (d[i] - d[o]) - (d[a] - d[o]) * (nb[i] - nb[o]) > 0:
-                break
-            hull.pop()
-        hull.append(i)
-    best = min(range(len(hull)), key=lambda j: (d[hull[j]], j)) if hull else -1
-    return [idx[j] for j in hull[:best + 1]]
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_lower_hull_is_the_monotone_chains(seed):
-    """The allocator's hulls, dropped round by round, must be a monotone
-    chain's, on measured curves and on odd ones (bumps, equal sizes, repeats)."""
-    rng = np.random.default_rng(seed)
-    kind = ["gauss", "laplace", "outliers", "row-scaled"][seed % 4]
-    measured = rate.rd_curve(rate.prepare_leaf(_tensor(kind, (256, 320), seed=seed)))
-    for c in (measured, _odd_curve(rng, 40), _odd_curve(rng, 3), _odd_curve(rng, 1)):
-        index = np.arange(len(c.nbytes))
-        assert (rate._lower_hull(c.nbytes, c.sse, index)
-                == _monotone_chain(c.nbytes, c.sse, index))
