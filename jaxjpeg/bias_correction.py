@@ -100,7 +100,8 @@ class BiasCorrection:
     def __init__(self, targets: dict):
         self.targets = targets
         self.takers = {leaf for leaf, _ in targets.values()}
-        self.shifts: dict[str, np.ndarray] = {}
+        self.shifts: dict[str, dict[str, np.ndarray]] = {}   # taker -> {weight: shift}
+        self.positions: dict[str, int] = {}
         self.lock = threading.Lock()
 
     @classmethod
@@ -115,6 +116,12 @@ class BiasCorrection:
             targets[weight] = (taker, mean.output_shift)
         return cls(targets)
 
+    def order(self, names) -> None:
+        """The order weights are stored in: a taker sums its shifts in it,
+        whichever thread coded them first (the same sum as a save coding one
+        leaf at a time)."""
+        self.positions = {name: i for i, name in enumerate(names)}
+
     def waits(self, name: str) -> bool:
         """Whether leaf ``name`` takes shifts (and is stored after the others)."""
         return name in self.takers
@@ -128,12 +135,15 @@ class BiasCorrection:
         if not is_running_mean(taker):   # a bias gives the shift back
             shift = -shift
         with self.lock:
-            self.shifts[taker] = self.shifts.get(taker, 0.0) + shift
+            self.shifts.setdefault(taker, {})[name] = shift
 
     def apply(self, name: str, array: np.ndarray) -> np.ndarray:
         with self.lock:
-            shift = self.shifts.get(name)
-        if shift is None or array.dtype.kind != "f":
+            given = dict(self.shifts.get(name, {}))
+        if not given or array.dtype.kind != "f":
             return array
+        shift = 0.0
+        for weight in sorted(given, key=lambda w: self.positions.get(w, -1)):
+            shift = shift + given[weight]
         return (array.astype(np.float64) + shift).astype(array.dtype)
 

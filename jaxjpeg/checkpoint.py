@@ -289,7 +289,12 @@ class _LeafCoder:
         return p if shards else p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
-        """Keeps ``p``'s choices for the next prepare of ``name``."""
+        """Keeps ``p``'s choices for the next prepare of ``name``; none for a
+        leaf the native statistics pass prepared alone (it prepares it again
+        as fast as a default save, without the copy and the numpy statistics
+        passes that redoing its choices took)."""
+        if "squares" in p.scales:   # analysis.prepare_plain's: nothing analysed beyond it
+            return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
                                    col_scale=p.col_scale, feedback=p.feedback,
                                    tile_cuts=p.tile_cuts)
@@ -307,8 +312,7 @@ class _LeafCoder:
             return factor
         if importance is not None:
             return float(np.mean(np.broadcast_to(importance, p.shape)))
-        # in float64 blocks: a float64 copy of the leaf would be two leaves
-        norm2 = rate.finite_norm2(p.original, None if p.outliers is None else p.outliers.index)
+        norm2 = rate.prepared_norm2(p)
         return p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
 
 
@@ -417,7 +421,61 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     if not coded:
         return (lambda name, array: None), coded
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
-    return (lambda name, array: allocator.encode(name, leaf_coder.prepare(name, array))), coded
+    return _BudgetEncoder(allocator, leaf_coder), coded
+
+
+class _Turns:
+    """Lets threads through a section one at a time, in a fixed order of
+    names; a name marked done (its section run, or skipped after an error)
+    lets the next one through."""
+
+    def __init__(self, names: Sequence[str]):
+        self.position = {name: i for i, name in enumerate(names)}
+        self.finished: set = set()
+        self.next = 0
+        self.changed = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        position = self.position[name]
+        with self.changed:
+            self.changed.wait_for(lambda: self.next >= position)
+
+    def done(self, name: str) -> None:
+        with self.changed:
+            self.finished.add(self.position.get(name))
+            while self.next in self.finished:
+                self.next += 1
+            self.changed.notify_all()
+
+
+class _BudgetEncoder:
+    """Codes leaves under a byte budget: each leaf is prepared on the save's
+    threads, then coded in its turn (the allocator's choice for a leaf
+    depends on the bytes the leaves before it took), so the files are those
+    of a save coding one leaf at a time while the loading, preparing and
+    packing of other leaves overlap the coding."""
+
+    def __init__(self, allocator, leaf_coder: "_LeafCoder"):
+        self.allocator = allocator
+        self.leaf_coder = leaf_coder
+        self.turns = _Turns([])
+
+    def order(self, names: Sequence[str]) -> None:
+        """The order leaves are coded in (the save's storing order)."""
+        self.turns = _Turns(names)
+
+    def __call__(self, name, array):
+        p = self.leaf_coder.prepare(name, array)
+        self.turns.wait(name)
+        try:
+            return self.allocator.encode(name, p)
+        finally:
+            self.turns.done(name)
+
+    def release(self, name) -> None:
+        """Leaf ``name`` will not be coded (stored raw, or its save failed)."""
+        if name in self.turns.position:
+            self.turns.done(name)
 
 
 TARGET_TOLERANCE = 0.02   # byte targets promise the file's size within 2%
@@ -766,7 +824,6 @@ class _Save:
         if target is not None:
             self.encode, self.coded = _target_encoder(leaves, self.policy, target, bits,
                                                       leaf_coder)
-            self.workers = 1
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
         # A user's input means correct their weights under any lossy coding.
@@ -784,11 +841,17 @@ class _Save:
         items = list(enumerate(self.leaves))
         phases = [[item for item in items if self.bias_correction.waits(item[1].name) == late]
                   for late in (False, True)]
+        ordered = [leaf.name for _, leaf in phases[0] + phases[1]]
+        self.bias_correction.order(ordered)
+        budgeted = isinstance(self.encode, _BudgetEncoder)
+        if budgeted:   # coded in storing order (the largest leaf not first)
+            self.encode.order([name for name in ordered if name in self.coded])
         try:
             with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
                 stored = (result for phase in phases
                           for result in in_order(self.store, phase, self.workers, self.window,
-                                                 lambda item: item[1].nbytes))
+                                                 lambda item: item[1].nbytes,
+                                                 largest_first=not budgeted))
                 for (index, _), (blobs, record, report, warning) in zip(
                         phases[0] + phases[1], stored):
                     if warning:   # run <- save_leaves <- save <- the caller
@@ -814,7 +877,13 @@ class _Save:
     def store(self, item) -> tuple[list, dict, LeafReport, str | None]:
         """Leaf ``index`` as (blobs, record, report, warning or None): loaded and
         coded (or kept raw)."""
-        index, leaf = item
+        try:
+            return self._store(*item)
+        finally:   # a budget's later leaves wait for this one's turn to pass
+            if isinstance(self.encode, _BudgetEncoder):
+                self.encode.release(item[1].name)
+
+    def _store(self, index, leaf) -> tuple[list, dict, LeafReport, str | None]:
         name = leaf.name
         array = self.bias_correction.apply(name, leaf.array())
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}

@@ -378,6 +378,17 @@ def finite_norm2(x, excluded=None) -> float:
     return total
 
 
+def prepared_norm2(p: codec.Prepared) -> float:
+    """:func:`finite_norm2` of ``p.original`` without its side list's
+    positions: the squares the native statistics pass counted when it
+    prepared ``p`` (a leaf without special values or a side list), else a
+    float64 pass over the leaf."""
+    squares = p.scales.get("squares")
+    if squares is not None and p.outliers is None:
+        return float(squares)
+    return finite_norm2(p.original, None if p.outliers is None else p.outliers.index)
+
+
 def relative_error(x, enc: codec.EncodedTensor) -> float:
     """``||x - decode(enc)|| / ||x||`` over the finite values (0 when both are zero)."""
     original = x.original if isinstance(x, codec.Prepared) else x
@@ -411,7 +422,10 @@ def encode_for_error(x, rel_rms: float, *, bits: int | None = None, row_weight=N
         raise ValueError(f"rel_rms must be positive, got {rel_rms}")
     p = _as_prepared(x, row_weight)
     original = np.asarray(p.original)
-    budget = rel_rms * rel_rms * finite_norm2(original)
+    if p.outliers is None:   # the whole leaf's finite values: the prepared squares
+        budget = rel_rms * rel_rms * prepared_norm2(p)
+    else:
+        budget = rel_rms * rel_rms * finite_norm2(original)
     found = []
     for b in ((8, 12) if bits is None else (bits,)):
         if bits is None and b == 8 and _first_step(p, 8, budget, options) < MIN_STEP_8BIT:
@@ -545,15 +559,29 @@ def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
     chosen = np.sort(rng.choice(bands, size=count, replace=False))
     # One column offset drawn per band, in band order; the patches are then
     # gathered at once (a slice and a copy per band cost more than coding them).
-    offsets = [8 * int(rng.integers(0, (cols - width) // 8 + 1)) for _ in chosen]
+    offsets = 8 * rng.integers(0, (cols - width) // 8 + 1, size=len(chosen))   # as drawn one by one
     row_ids = (8 * chosen[:, None] + np.arange(8)).reshape(-1)
     starts = np.repeat(offsets, 8)
     inside = row_ids < rows   # the last band may have fewer than 8 rows
     row_ids, starts = row_ids[inside], starts[inside]
     col_ids = starts[:, None] + np.arange(width)
-    matrix = p.matrix[row_ids[:, None], col_ids]
+    matrix = _patches(p.matrix, chosen, offsets, row_ids, starts, width)
     return _Probe(matrix, row_ids, None if p.col_scale is None else p.col_scale[col_ids],
                   matrix.size / p.size, mapping.row_stats(matrix, p.shared_map))
+
+
+def _patches(m: np.ndarray, bands, offsets, row_ids, starts, width: int) -> np.ndarray:
+    """``m[row_ids[i], starts[i]:starts[i] + width]`` stacked (8-row band
+    ``bands[j]`` from column ``offsets[j]``), read through windows of ``m``
+    (4-7x faster than an index per element): row windows of a row-major
+    view; (width x 8) blocks of a transposed one's rows, 8 values apart."""
+    windows = np.lib.stride_tricks.sliding_window_view
+    if m.flags.c_contiguous:
+        return windows(m, width, axis=1)[row_ids, starts]
+    if m.T.flags.c_contiguous and 8 * len(bands) == len(row_ids):   # every band whole
+        blocks = windows(m.T, (width, 8))[offsets, 8 * bands]   # [band, column, row]
+        return np.ascontiguousarray(blocks.transpose(0, 2, 1)).reshape(-1, width)
+    return m[row_ids[:, None], starts[:, None] + np.arange(width)]
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
@@ -564,8 +592,7 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     weights), coded with the whole tensor's row scales; small ones whole.
     """
     probe = _probe(p, np.random.default_rng(seed))
-    rms = tensor_rms(p)
-    steps = list(dict.fromkeys(step_for(p, rms * 2.0 ** -k, bits) for k in LADDER))
+    steps = _ladder_steps(p, tensor_rms(p), bits)
     costs = _probe_costs(p, probe, steps, options)
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
               for (b, delta), (nbytes, sse) in zip(steps, costs)]
@@ -633,6 +660,27 @@ def encode_candidate(p: codec.Prepared, c: Curve, k: int, options) -> codec.Enco
         return encode_with_step(row_range_fallback(p), int(c.bits[k]), int(c.delta[k]),
                                 **dict(options, clip="minmax"))
     return encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **options)
+
+
+def _ladder_steps(p: codec.Prepared, rms: float, bits: int | None) -> list:
+    """The distinct ``step_for(p, rms * 2^-k, bits)`` over the LADDER, in its
+    order (the same steps, computed at once)."""
+    q = rms * 2.0 ** -LADDER
+    if not np.all((q > 0) & np.isfinite(q)) or bits not in (None, *STEP_LIMIT):
+        return list(dict.fromkeys(step_for(p, v, bits) for v in q))   # its errors
+    if bits is None and p.feedback is not None:
+        bits = 12   # as step_for
+    depth = np.full(len(q), 12 if bits is None else bits)
+    delta = np.zeros(len(q))
+    if bits is None:
+        delta8 = q / base_scale(p, 8)
+        eight = (MIN_STEP_8BIT <= delta8) & (delta8 <= STEP_LIMIT[8])
+        depth[eight], delta[eight] = 8, np.round(delta8[eight])
+    for b in (8, 12):
+        at = (depth == b) & (delta == 0)
+        if at.any():
+            delta[at] = np.clip(np.round(q[at] / base_scale(p, b)), 1, STEP_LIMIT[b])
+    return list(dict.fromkeys(zip(depth.tolist(), delta.astype(np.int64).tolist())))
 
 
 LAST_TENSOR_RETRIES = 5
@@ -770,6 +818,165 @@ class _Picker:
         return _Picker(self.nbytes[index], self.dist[index], self.finite[index], self.plain)
 
 
+class _RowsOf:
+    """Rows ``rows`` of a table, times ``scale``, indexed as the table taken
+    at those rows and scaled would be (the same values), without the copy."""
+
+    def __init__(self, table: np.ndarray, rows: np.ndarray, scale: float = 1.0):
+        self.table, self.rows, self.scale = table, rows, scale
+        self.shape = (len(rows), table.shape[1])
+
+    def __getitem__(self, index):
+        row, col = index
+        return self.table[self.rows[row], col] * self.scale
+
+
+@dataclasses.dataclass
+class _Breakpoints:
+    """Where each tensor's choice moves as the multiplier grows: the lower
+    convex hull of its candidates' (bytes, distortion), whose vertices are the
+    only candidates ``argmin(dist + λ * nbytes)`` picks (λ > 0), and the
+    multipliers between them, all tensors' sorted together."""
+
+    vertices: np.ndarray   # int [rows, most vertices]: candidates, coarsest first
+    counts: np.ndarray     # int [rows]: vertices of each row
+    mu: np.ndarray         # float [breaks]: multipliers where a row moves one vertex coarser
+    row: np.ndarray        # int [breaks]: whose
+    drop: np.ndarray       # float [breaks]: the bytes that move saves
+
+    @classmethod
+    def of(cls, nbytes: np.ndarray, dist: np.ndarray) -> "_Breakpoints | None":
+        """From the allocator's tables (``dist`` inf where ``nbytes`` is not
+        finite); None where a finite candidate's distortion is not finite or
+        a tensor has no finite candidate (the bisection handles those)."""
+        finite = np.isfinite(nbytes)
+        if not np.all(np.isfinite(dist[finite])):
+            return None
+        hulls = [_lower_hull(nb[ok], d[ok], np.flatnonzero(ok))
+                 for nb, d, ok in zip(nbytes, dist, finite)]
+        counts = np.array([len(h) for h in hulls], np.intp)
+        if not np.all(counts):   # a tensor without a finite candidate
+            return None
+        vertices = np.zeros((len(hulls), max(1, counts.max(initial=1))), np.intp)
+        mu, row, drop = [], [], []
+        for r, hull in enumerate(hulls):
+            vertices[r, :len(hull)] = hull
+            nb, d = nbytes[r, hull], dist[r, hull]
+            mu.append((d[:-1] - d[1:]) / (nb[1:] - nb[:-1]))
+            drop.append(nb[1:] - nb[:-1])
+            row.append(np.full(len(hull) - 1, r, np.intp))
+        mu, row, drop = (np.concatenate(v) if v else np.zeros(0) for v in (mu, row, drop))
+        order = np.argsort(mu, kind="stable")
+        return cls(vertices, counts, mu[order], row[order].astype(np.intp), drop[order])
+
+    def __post_init__(self):
+        # Breakpoints passed so far, and how many of them each row's: choices
+        # move little from one tensor to the next, so each crossing moves
+        # from the last one through the breakpoints between them.
+        self.at = 0
+        self.passed = np.zeros(len(self.counts), np.intp)
+
+    def picks(self, rows: np.ndarray, end: int) -> np.ndarray:
+        """Each of ``rows``' candidate once the first ``end`` breakpoints have
+        been passed."""
+        if end > self.at:
+            self.passed += np.bincount(self.row[self.at:end], minlength=len(self.counts))
+        elif end < self.at:
+            self.passed -= np.bincount(self.row[end:self.at], minlength=len(self.counts))
+        self.at = end
+        return self.vertices[rows, self.counts[rows] - 1 - self.passed[rows]]
+
+    def crossing(self, rows, correction: float, left: float, total):
+        """(μ = λ * correction, choices of ``rows``) at the least multiplier λ
+        in exp(±LOG_SLOPE_LIMIT) whose choices' ``total`` fits ``left`` (or
+        the largest, when none does). Bytes are ``nbytes * correction``, so
+        a choice at λ is the uncorrected one at μ. Found from the drops
+        summed from the last crossing, then checked with ``total`` itself
+        (the allocator's sums: a float's rounding cannot move the crossing)."""
+        pending = np.zeros(len(self.counts), bool)
+        pending[rows] = True
+        low = correction * math.exp(-LOG_SLOPE_LIMIT)
+        high = correction * math.exp(LOG_SLOPE_LIMIT)
+        first = int(np.searchsorted(self.mu, low, "right"))   # passed at the start
+        last = int(np.searchsorted(self.mu, high, "right"))   # never passed
+        end = self._group_end(min(max(self.at, first), last), first)
+        now = total(self.picks(rows, end))
+        end = self._group_end(self._estimate(end, now - left, first, last, pending, correction),
+                              first)
+        choice = self.picks(rows, end)
+        moved = False
+        while total(choice) > left:   # rounding: one more
+            if end >= last:           # nothing fits: the largest multiplier's choices
+                return high, choice
+            end, moved = self._group_end(end + 1, first), True
+            choice = self.picks(rows, end)
+        while end > first and not moved:              # rounding: one fewer
+            back = max(first, int(np.searchsorted(self.mu, self.mu[end - 1], "left")))
+            earlier = self.picks(rows, back)
+            if total(earlier) > left:
+                break
+            end, choice = back, earlier
+        return (low if end == first else float(self.mu[end - 1])), choice
+
+    WINDOW = 4096   # breakpoints summed at a time from the last crossing
+
+    def _estimate(self, end, excess, first, last, pending, correction) -> int:
+        """The breakpoints to pass for the total to drop ``excess`` bytes
+        (to rise ``-excess`` when negative: passing fewer) from ``end``,
+        by the drops of the pending rows' breakpoints summed window by
+        window from there (an estimate: floats round)."""
+        def drops(lo, hi):
+            return self.drop[lo:hi] * pending[self.row[lo:hi]] * correction
+
+        if excess > 0:   # pass more
+            while end < last:
+                hi = min(last, end + self.WINDOW)
+                saved = np.cumsum(drops(end, hi))
+                i = int(np.searchsorted(saved, excess, "left"))
+                if i < len(saved):
+                    return end + i + 1
+                excess -= saved[-1]
+                end = hi
+            return last
+        slack = -excess   # pass fewer while the total stays within the slack
+        while end > first:
+            lo = max(first, end - self.WINDOW)
+            regained = np.cumsum(drops(lo, end)[::-1])
+            j = int(np.searchsorted(regained, slack, "right"))
+            if j < len(regained):   # un-passing breakpoint end - 1 - j overshoots
+                return end - j
+            slack -= regained[-1]
+            end = lo
+        return first
+
+    def _group_end(self, end: int, first: int) -> int:
+        """``end`` moved past every breakpoint at the same multiplier as the
+        last one passed (they pass at once)."""
+        if end <= first:
+            return first
+        return int(np.searchsorted(self.mu, self.mu[end - 1], "right"))
+
+
+def _lower_hull(nbytes: np.ndarray, dist: np.ndarray, index: np.ndarray) -> list:
+    """The candidates (``index``) that ``argmin(dist + λ * nbytes)`` picks for
+    some λ > 0, fewest bytes first: the lower convex hull from the fewest
+    bytes to the least distortion (ties: the first candidate, as argmin)."""
+    order = np.lexsort((index, dist, nbytes))
+    nb, d, idx = nbytes[order].tolist(), dist[order].tolist(), index[order].tolist()
+    hull: list = []   # positions in the sorted lists
+    for i in range(len(nb)):
+        if hull and nb[i] == nb[hull[-1]]:
+            continue   # as many bytes and no less distortion: never picked first
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            if (nb[a] - nb[o]) * (d[i] - d[o]) - (d[a] - d[o]) * (nb[i] - nb[o]) > 0:
+                break
+            hull.pop()
+        hull.append(i)
+    best = min(range(len(hull)), key=lambda j: (d[hull[j]], j)) if hull else -1
+    return [idx[j] for j in hull[:best + 1]]
+
+
 class BudgetAllocator:
     """Codes tensors one at a time so that their total meets a byte budget.
 
@@ -811,6 +1018,7 @@ class BudgetAllocator:
         self._pick_dist = np.where(self._finite, self._dist, np.inf)   # see _Picker
         self._plain = not np.any(np.isnan(self._nbytes) | (self._nbytes == -np.inf))
         self._finest = np.array([len(self.curves[n].nbytes) - 1 for n in sorted(self.names)])
+        self._breaks = _Breakpoints.of(self._nbytes, self._pick_dist) if self._plain else None
         self._pending_names: list = []   # the rows of _pending (see _pending_tables)
         self._pending_rows = np.zeros(0, np.intp)
         self._pending = None
@@ -828,8 +1036,10 @@ class BudgetAllocator:
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
-        names, nbytes, dist, finite, pick_dist = self._pending_tables()
         correction = self._correction()
+        if self._breaks is not None and 0 < correction < math.inf:
+            return self._choose_by_breakpoints(name, correction)
+        names, nbytes, dist, finite, pick_dist = self._pending_tables()
         if 0 < correction < math.inf:   # inf * correction stays inf: no mask needed
             nbytes = nbytes * correction
         else:
@@ -851,6 +1061,30 @@ class BudgetAllocator:
             self._log_slope = hi
             choice = self._fill(nbytes, dist, at_hi, left)
         return int(choice[names.index(name)])
+
+    def _choose_by_breakpoints(self, name: str, correction: float) -> int:
+        """_choose from the tensors' convex hulls: the multiplier's crossing
+        is where the pending tensors' hull breakpoints, taken in order, drop
+        the total to what is left (one pass over them, not a bisection of
+        argmins over every pending tensor's candidates: tensors² work per
+        save). The totals compared are summed as _choose sums them, so the
+        choices are the ones its bisection finds."""
+        rows = np.sort(np.fromiter((self._rows[n] for n in self.pending), np.intp,
+                                   len(self.pending)))
+        left = self.budget - self.spent
+
+        def total(choice) -> float:
+            return float((self._nbytes[rows, choice] * correction).sum())
+
+        finest = self._finest[rows]
+        if total(finest) <= left:
+            choice, self.slope = finest, 0.0
+        else:
+            mu, at_hi = self._breaks.crossing(rows, correction, left, total)
+            self.slope = mu / correction
+            choice = self._fill(_RowsOf(self._nbytes, rows, correction),
+                                _RowsOf(self._dist, rows), at_hi, left)
+        return int(choice[int(np.searchsorted(rows, self._rows[name]))])
 
     def _pending_tables(self):
         """(names sorted, bytes, distortions, finite) of the pending tensors'

@@ -199,3 +199,27 @@ def test_flax_calibration_means_correct_the_batchnorm_after_each_conv(tmp_path):
     moved = np.asarray(got["batch_stats"]["BatchNorm_1"]["mean"], np.float64) - before
     assert np.abs(shift).max() > 0
     np.testing.assert_allclose(moved, shift, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(target_ratio=8), dict(quality=60)])
+def test_a_taker_sums_its_shifts_in_storing_order_whatever_the_threads(tmp_path, monkeypatch,
+                                                                        options):
+    """Byte targets code leaves on the save's threads (each in its turn) and
+    three weights shift one taker: the file must be the one a save on one
+    thread writes (float sums of three shifts depend on their order)."""
+    from jaxjpeg import checkpoint
+
+    rng = np.random.default_rng(4)
+    tree = {f"w{i}.weight": rng.laplace(0, 0.05, (64, 256 + 64 * i)).astype(np.float32)
+            for i in range(3)}
+    tree.update(_bn(64, rng, "bn"))
+    means = {name: jaxjpeg.InputMean(rng.uniform(0.5, 2, (1, w.shape[1])), 0,
+                                     "bn.running_mean") for name, w in tree.items()
+             if name.startswith("w")}
+    files = []
+    for workers in (1, 3):
+        monkeypatch.setattr(checkpoint, "save_workers", lambda: workers)
+        path = tmp_path / f"{workers}.jjpg"
+        jaxjpeg.save(path, tree, input_mean=means, progress=False, **options)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]

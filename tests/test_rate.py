@@ -568,6 +568,49 @@ def test_allocation_bisects_to_the_same_choices_from_its_shortcuts(ratio):
         allocator.predicted_spent += float(curves[name].nbytes[k])
 
 
+def _odd_curve(rng, length):
+    """A curve with what measured ones rarely have: bumps (not convex),
+    repeated candidates, equal sizes, flat distortion."""
+    nbytes = np.sort(rng.uniform(1e3, 1e5, length))
+    sse = np.sort(rng.uniform(0.1, 10.0, length))[::-1] * rng.uniform(0.7, 1.3, length)
+    if length > 3:
+        nbytes[2] = nbytes[1]                     # equal sizes
+        nbytes[-1], sse[-1] = nbytes[-2], sse[-2]  # a repeated candidate
+        sse[:2] = sse[0]                           # flat start
+    steps = np.arange(length, 0, -1)
+    return rate.Curve(np.full(length, 12), steps, steps * 1.0, nbytes, sse)
+
+
+@pytest.mark.parametrize("window", [3, 4096])
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_breakpoints_choose_as_the_bisection_on_odd_curves(seed, window, monkeypatch):
+    """_choose takes the crossing from each tensor's convex hull; on curves
+    that are not convex, repeat candidates, share sizes, differ in length
+    and in sensitivity by decades (one is zero), every choice and multiplier
+    must be the bisection's (the allocator without breakpoints, checked
+    against 80 full rounds above), as tensors are coded and miss, whether the
+    drops from the last crossing are summed in one window or many."""
+    monkeypatch.setattr(rate._Breakpoints, "WINDOW", window)
+    rng = np.random.default_rng(seed)
+    curves = {f"t{i}": _odd_curve(rng, int(rng.integers(1, 40))) for i in range(30)}
+    sens = {n: 10.0 ** rng.uniform(-3, 3) for n in curves}
+    sens["t0"] = 0.0
+    budget = int(sum(np.median(c.nbytes) for c in curves.values()))
+    fast = rate.BudgetAllocator(curves, budget, sensitivity=sens)
+    bisecting = rate.BudgetAllocator(curves, budget, sensitivity=sens)
+    assert fast._breaks is not None
+    bisecting._breaks = None
+    for name in rng.permutation(list(curves)):
+        k = fast._choose(name)
+        assert k == bisecting._choose(name), name
+        assert fast.slope == pytest.approx(bisecting.slope, rel=1e-9)
+        miss = rng.uniform(0.8, 1.2)
+        for allocator in (fast, bisecting):
+            allocator.pending.discard(name)
+            allocator.spent += int(curves[name].nbytes[k] * miss)
+            allocator.predicted_spent += float(curves[name].nbytes[k])
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("bound", [0.015, 0.03, 0.06, 0.12])
 def test_error_bound_skips_only_steps_that_miss(seed, bound):
@@ -659,3 +702,42 @@ def test_per_row_ranges_keep_the_shards_tile_edges(axis):
     enc = rate.encode_with_step(fallback, 12, 1, clip="minmax")
     decoded = codec.decode_tensor(enc)
     assert np.linalg.norm(decoded - x) / np.linalg.norm(x) < 1e-3
+
+
+def test_turns_let_names_through_in_order_and_past_skipped_ones():
+    """A byte target's leaves code in their storing order: a name waits for
+    every name before it to be done (coded, or released after an error)."""
+    import threading
+
+    from jaxjpeg.checkpoint import _Turns
+
+    turns = _Turns(["a", "b", "c", "d"])
+    passed = []
+
+    def go(name):
+        turns.wait(name)
+        passed.append(name)
+        turns.done(name)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in ("d", "b")]
+    for t in threads:
+        t.start()
+    turns.done("c")           # released before its turn: b and d still wait for a
+    assert passed == []
+    go("a")
+    for t in threads:
+        t.join(timeout=10)
+    assert passed == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize("bits", [None, 8, 12])
+@pytest.mark.parametrize("kind", ["gauss", "outliers", "row-scaled", "tiny"])
+def test_ladder_steps_are_step_for_over_the_ladder(kind, bits):
+    """rd_curve's steps, computed at once, must be step_for's, one by one."""
+    x = _tensor(kind if kind != "tiny" else "gauss", (64, 96) if kind != "tiny" else (3, 5))
+    if kind == "tiny":
+        x = x * 1e-30
+    p = rate.prepare_leaf(x)
+    rms = rate.tensor_rms(p)
+    expected = list(dict.fromkeys(rate.step_for(p, rms * 2.0 ** -k, bits) for k in rate.LADDER))
+    assert rate._ladder_steps(p, rms, bits) == expected
