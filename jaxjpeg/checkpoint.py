@@ -384,6 +384,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     from jaxjpeg import rate
 
     coding = leaf_coder.coding
+    reach = rate.REACH * 8 * target_bytes / max(1, sum(leaf.size for leaf in entries))
 
     def analyse(leaf):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
@@ -392,9 +393,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
             return leaf.name, None, _stored_raw_bytes(array)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
-        return leaf.name, (rate.rd_curve(p, bits, **coding), leaf_coder.leaf_sensitivity(
-            leaf.name, p), _coded_overhead(p, coding["restart_interval"],
-                                           coding["tile_shape"])), 0
+        curve = rate.rd_curve(p, bits, reach=reach, **coding)
+        return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
+            p, coding["restart_interval"], coding["tile_shape"])), 0
 
     coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
     # Leaves analysed on the save's threads, so one leaf's Python work

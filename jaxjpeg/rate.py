@@ -56,6 +56,20 @@ COLUMN_SCALE_BITS = 16     # stored cost of one column scale (float16)
 ROW_RANGE_SPREAD = 8.0
 ROW_RANGE_DELTAS = (256, 128, 64, 32, 16, 8, 4, 2, 1)   # 12-bit steps tried there
 SPREAD_SAMPLE_ROWS = 256   # rows whose column ranges stand for the columns'
+# Per-row ranges cost a copy of the leaf and nine more probe codings, so a
+# curve measures them only when its shared scale's finest coding is under
+# this many times the file's average bits/weight: a target that near a
+# leaf's floor (Silero VAD at 4x and 6x; at 8x its floors are 1.5x the
+# average) and not a transformer-like tree whose outlier columns put floors
+# at 1.6-2x (benchmarks/rate_control.py; EfficientNet-lite's leaves get
+# 0.65-1.75x the average at 8x, none of them spread).
+REACH = 1.5
+# Under a byte target the ladder is coded coarse to fine, LADDER_FIRST steps
+# then LADDER_BATCH at a time, until a step's probe costs LADDER_HEADROOM
+# times the reach (bits/weight): finer steps are the dearest to code.
+LADDER_FIRST = 8
+LADDER_BATCH = 2
+LADDER_HEADROOM = 1.5
 
 
 # ----------------------------------------------------------------------------
@@ -585,21 +599,45 @@ def _patches(m: np.ndarray, bands, offsets, row_ids, starts, width: int) -> np.n
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
-             **options) -> Curve:
+             reach: float | None = None, **options) -> Curve:
     """Measures bytes and squared error of ``p`` on a probe at each ladder step.
 
     Large tensors are probed on random 8-row patches (about PROBE_ELEMENTS
     weights), coded with the whole tensor's row scales; small ones whole.
+
+    ``reach`` (bits/weight, optional): the most a byte target may give the
+    tensor; per-row ranges (see :func:`row_range_fallback`) are measured
+    only when the shared scale's finest coding is below it.
     """
     probe = _probe(p, np.random.default_rng(seed))
     steps = _ladder_steps(p, tensor_rms(p), bits)
-    costs = _probe_costs(p, probe, steps, options)
+    costs = _ladder_costs(p, probe, steps, reach, options)
+    steps = steps[:len(costs)]
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
               for (b, delta), (nbytes, sse) in zip(steps, costs)]
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
     curve = Curve(b, delta, q, nbytes + p.side_bytes(), sse / probe.fraction)
-    fallback = row_range_fallback(p) if bits in (None, 12) else None
+    finest = 8 * float(curve.nbytes[-1]) / max(1, p.size)   # bits/weight
+    at_floor = steps[-1] == (12, 1)   # the shared scale's finest step was reached
+    fallback = (row_range_fallback(p) if at_floor and (reach is None or finest < reach)
+                else None)
     return curve if fallback is None else _with_row_ranges(curve, fallback, seed, options)
+
+
+def _ladder_costs(p: codec.Prepared, probe: _Probe, steps: list, reach: float | None,
+                  options) -> list:
+    """:func:`_probe_costs` of the ladder's steps, coarse to fine; with a
+    ``reach``, the steps finer than the first whose probe costs more than
+    LADDER_HEADROOM times it are left out (the finest steps cost the most to
+    code, and no allocation within the reach picks them)."""
+    if reach is None or len(steps) <= LADDER_FIRST:
+        return _probe_costs(p, probe, steps, options)
+    costs = _probe_costs(p, probe, steps[:LADDER_FIRST], options)
+    for k in range(LADDER_FIRST, len(steps), LADDER_BATCH):
+        if 8 * costs[-1][0] / max(1, p.size) > LADDER_HEADROOM * reach:   # whole-tensor bytes
+            break
+        costs += _probe_costs(p, probe, steps[k:k + LADDER_BATCH], options)
+    return costs
 
 
 def row_range_fallback(p: codec.Prepared) -> codec.Prepared | None:
@@ -1279,7 +1317,8 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     prepared = {n: _as_prepared(tensors[n], (row_weights or {}).get(n)) for n in names}
     if target_bytes is None:
         target_bytes = int(sum(np.asarray(p.original).nbytes for p in prepared.values()) / ratio)
-    curves = {n: rd_curve(p, bits, **options) for n, p in prepared.items()}
+    reach = REACH * 8 * target_bytes / max(1, sum(p.size for p in prepared.values()))
+    curves = {n: rd_curve(p, bits, reach=reach, **options) for n, p in prepared.items()}
     allocator = BudgetAllocator(curves, target_bytes, sensitivity=sensitivity, **options)
     # Largest first: the small tensors coded last absorb what the large ones missed.
     order = sorted(names, key=lambda n: -prepared[n].size)

@@ -741,3 +741,16 @@ def test_ladder_steps_are_step_for_over_the_ladder(kind, bits):
     rms = rate.tensor_rms(p)
     expected = list(dict.fromkeys(rate.step_for(p, rms * 2.0 ** -k, bits) for k in rate.LADDER))
     assert rate._ladder_steps(p, rms, bits) == expected
+
+
+def test_a_reach_leaves_out_only_the_finest_ladder_steps():
+    """Under a byte target the ladder stops once a step costs LADDER_HEADROOM
+    times the reach: the curve is the full one's coarse end, cut short."""
+    p = rate.prepare_leaf(_tensor("laplace", (256, 512), 7))
+    full = rate.rd_curve(p)
+    cut = rate.rd_curve(p, reach=3.0)
+    k = len(cut.nbytes)
+    assert k < len(full.nbytes)
+    assert 8 * cut.nbytes[-1] / p.size > rate.LADDER_HEADROOM * 3.0
+    for field in ("bits", "delta", "q", "nbytes", "sse"):
+        np.testing.assert_array_equal(getattr(cut, field)[:k - 1], getattr(full, field)[:k - 1])
