@@ -225,19 +225,26 @@ def _fitted_to_running_means(ordered, norms, moments: dict, takers: dict, load=N
         def misfit(mean):
             return float(np.linalg.norm(weight @ mean - target) / scale)
 
-        best, fit = None, misfit(m.mean)
-        mean, variance = np.zeros(len(m.mean)), np.zeros(len(m.mean))
-        k = position[name]
-        for before, _ in reversed(ordered[max(0, k - STREAM_LOOK_BACK):k]):
-            norm = norms.get(before)
-            if norm is None or len(norm.shift) != len(mean):
-                continue
-            mean, variance = mean + norm.shift, variance + norm.variance
-            if misfit(mean) < fit:
-                best, fit = (mean, variance), misfit(mean)
-        if best is not None and fit < STREAM_FIT * misfit(m.mean) and fit < STREAM_MAX_MISFIT:
-            out[name] = dataclasses.replace(m, mean=best[0], power=best[0] ** 2 + best[1])
+        modelled = misfit(m.mean)
+        window = ordered[max(0, position[name] - STREAM_LOOK_BACK):position[name]]
+        fits = [(misfit(mean), mean, variance)
+                for mean, variance in _streams(window, norms, len(m.mean))]
+        fit, mean, variance = min(fits, key=lambda f: f[0], default=(modelled, None, None))
+        if fit < STREAM_FIT * modelled and fit < STREAM_MAX_MISFIT:
+            out[name] = dataclasses.replace(m, mean=mean, power=mean ** 2 + variance)
     return out
+
+
+def _streams(before, norms, channels: int):
+    """(mean, variance) of the residual streams that may feed a weight: the
+    outputs of the last 1, 2, ... BatchNorms of ``channels`` in ``before``
+    (the leaves ahead of it, nearest last) summed."""
+    mean, variance = np.zeros(channels), np.zeros(channels)
+    for name, _ in reversed(before):
+        norm = norms.get(name)
+        if norm is not None and len(norm.shift) == channels:
+            mean, variance = mean + norm.shift, variance + norm.variance
+            yield mean, variance
 
 
 def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, str]:
