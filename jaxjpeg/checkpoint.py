@@ -384,7 +384,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     from jaxjpeg import rate
 
     coding = leaf_coder.coding
-    reach = rate.REACH * 8 * target_bytes / max(1, sum(leaf.size for leaf in entries))
+    reach = rate.reach_of(target_bytes, sum(leaf.size for leaf in entries))
 
     def analyse(leaf):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""

@@ -598,6 +598,12 @@ def _patches(m: np.ndarray, bands, offsets, row_ids, starts, width: int) -> np.n
     return m[row_ids[:, None], starts[:, None] + np.arange(width)]
 
 
+def reach_of(target_bytes: int, weights: int) -> float:
+    """The ``reach`` of :func:`rd_curve` under a byte target: REACH times the
+    file's average bits/weight."""
+    return REACH * 8 * target_bytes / max(1, weights)
+
+
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
              reach: float | None = None, **options) -> Curve:
     """Measures bytes and squared error of ``p`` on a probe at each ladder step.
@@ -1317,7 +1323,7 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     prepared = {n: _as_prepared(tensors[n], (row_weights or {}).get(n)) for n in names}
     if target_bytes is None:
         target_bytes = int(sum(np.asarray(p.original).nbytes for p in prepared.values()) / ratio)
-    reach = REACH * 8 * target_bytes / max(1, sum(p.size for p in prepared.values()))
+    reach = reach_of(target_bytes, sum(p.size for p in prepared.values()))
     curves = {n: rd_curve(p, bits, reach=reach, **options) for n, p in prepared.items()}
     allocator = BudgetAllocator(curves, target_bytes, sensitivity=sensitivity, **options)
     # Largest first: the small tensors coded last absorb what the large ones missed.
