@@ -32,6 +32,7 @@ Sizes are ``EncodedTensor.nbytes``: JPEG bytes plus maps and side list.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Callable, Iterable, Mapping
@@ -698,10 +699,13 @@ def _with_row_ranges(curve: Curve, fallback: codec.Prepared, seed: int, options)
                  np.concatenate([np.zeros(len(curve.bits), bool), finer]))
 
 
-def encode_candidate(p: codec.Prepared, c: Curve, k: int, options) -> codec.EncodedTensor:
-    """Codes ``p`` as candidate ``k`` of its curve ``c``."""
+def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
+                     fallback=None) -> codec.EncodedTensor:
+    """Codes ``p`` as candidate ``k`` of its curve ``c``; ``fallback`` (a
+    function, e.g. cached) gives ``row_range_fallback(p)`` to retries."""
     if c.row_ranges is not None and c.row_ranges[k]:
-        return encode_with_step(row_range_fallback(p), int(c.bits[k]), int(c.delta[k]),
+        prepared = fallback() if fallback is not None else row_range_fallback(p)
+        return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),
                                 **dict(options, clip="minmax"))
     return encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **options)
 
@@ -1250,7 +1254,7 @@ class BudgetAllocator:
             cost[best] = nbytes[best, nxt[best]] - sizes[best]
             drop[best] = dist[best, k] - dist[best, nxt[best]]
 
-    def _settle_last(self, p, c: Curve, k: int, enc):
+    def _settle_last(self, p, c: Curve, k: int, enc, fallback):
         """The last tensor has nothing after it to absorb a miss: bisect its
         candidates with real codings (at most LAST_TENSOR_RETRIES) for the
         largest that fits what is left."""
@@ -1266,7 +1270,7 @@ class BudgetAllocator:
             if hi - lo <= 1:
                 break
             mid = self._guess_between(c, lo, hi, fits, over, left)
-            trial = encode_candidate(p, c, mid, self.options)
+            trial = encode_candidate(p, c, mid, self.options, fallback)
             if trial.nbytes <= left:
                 fits, lo = (mid, trial), mid
             else:
@@ -1288,9 +1292,10 @@ class BudgetAllocator:
             raise KeyError(f"{name!r} is not waiting to be coded")
         c = self.curves[name]
         k = self._choose(name)
-        enc = encode_candidate(p, c, k, self.options)
+        fallback = functools.cache(lambda: row_range_fallback(p))   # prepared once, if at all
+        enc = encode_candidate(p, c, k, self.options, fallback)
         if self.pending == {name}:
-            k, enc = self._settle_last(p, c, k, enc)
+            k, enc = self._settle_last(p, c, k, enc, fallback)
         self.pending.discard(name)
         self.spent += enc.nbytes
         self.predicted_spent += float(c.nbytes[k])
