@@ -782,6 +782,7 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) ->
     restart = options.get("restart_interval", codec.DEFAULT_RESTART_INTERVAL)
     tile_shape = options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)
     matrix = np.ascontiguousarray(probe.matrix, np.float32)
+    rdo = p.feedback is None   # as encode_tensor codes the tensor
     weight = None if probe.col_scale is None else np.ascontiguousarray(probe.col_scale, np.float32)
     cells = codec.tile_grid(*matrix.shape, tile_shape)
     jobs = []
@@ -793,7 +794,7 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) ->
                 box = (slice(r, r + h), slice(c, c + w))
                 jobs.append(((b, chunk), (matrix[box], scale[r:r + h], offset[r:r + h],
                                           np.array(chunk, np.uint16), b, restart,
-                                          None if weight is None else weight[box])))
+                                          None if weight is None else weight[box], rdo)))
     results = codec.tile_pool().map(lambda job: _native.measure_steps(*job[1]), jobs)
     entropy, header, error = {}, {}, {}
     for ((b, chunk), _), (e, h, sse) in zip(jobs, results):

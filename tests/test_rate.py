@@ -442,12 +442,14 @@ def test_probe_ladder_costs_equal_coding_and_decoding_each_step(shape, column_sc
 
 @pytest.mark.parametrize("shape", [(64, 96), (37, 53), (8, 8), (200, 24)])
 @pytest.mark.parametrize("bits,steps", [(8, [255, 40, 9, 8]), (12, [4000, 300, 37, 4, 1])])
-def test_measure_steps_error_is_the_decoders_to_the_last_bit(shape, bits, steps):
+@pytest.mark.parametrize("rdo", [True, False])
+def test_measure_steps_error_is_the_decoders_to_the_last_bit(shape, bits, steps, rdo):
     """measure_steps takes each block's values as the encoder coded them (RDO's
-    drops and lowerings included) instead of Huffman-decoding the file: its
-    bytes must be the file's and its error exactly the decoder's (the real
-    decoder's sum over the same file, tile_squared_error), edge blocks, DC-only
-    blocks and both sample depths included."""
+    drops and lowerings included, or plain rounding as error feedback's tiles
+    are coded) instead of Huffman-decoding the file: its bytes must be the
+    file's and its error exactly the decoder's (the real decoder's sum over the
+    same file, tile_squared_error), edge blocks, DC-only blocks and both sample
+    depths included."""
     rng = np.random.default_rng(sum(shape) + bits)
     m = (rng.standard_normal(shape) * np.exp(rng.standard_normal((shape[0], 1)))).astype(np.float32)
     m[: shape[0] // 4] = 0.25   # constant rows: blocks with only a DC
@@ -456,11 +458,12 @@ def test_measure_steps_error_is_the_decoders_to_the_last_bit(shape, bits, steps)
     _, scale, offset = mapping.row_affine(m, bits, clip="common", scale=scale, with_samples=False)
     scale, offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
     entropy, header, sse = jaxjpeg._native.measure_steps(m, scale, offset,
-                                                         np.array(steps, np.uint16), bits, 8)
+                                                         np.array(steps, np.uint16), bits, 8,
+                                                         rdo=rdo)
     for i, step in enumerate(steps):
         data, starts = jaxjpeg._native.encode_mapped(
             m, scale, offset, codec.quant_table(bits=bits, quant_step=step), bits=bits,
-            restart_interval=8, with_intervals=True)
+            restart_interval=8, rdo=rdo, with_intervals=True)
         assert entropy[i] == starts[-1] - starts[0] and header[i] == len(data) - entropy[i]
         assert sse[i] == jaxjpeg._native.tile_squared_error(data, m, scale, offset), step
 

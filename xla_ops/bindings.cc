@@ -489,7 +489,8 @@ py::tuple MeasureStepsOf(const py::array& weights,
                          const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
                          const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
                          const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& steps,
-                         int bits, int restart_interval, const std::optional<py::array>& col_weight) {
+                         int bits, int restart_interval, const std::optional<py::array>& col_weight,
+                         bool rdo) {
   const py::ssize_t stride = RowStride(weights, "weights");
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
@@ -515,7 +516,7 @@ py::tuple MeasureStepsOf(const py::array& weights,
     py::gil_scoped_release release;
     s = MeasureSteps(static_cast<const float*>(weights.data()), static_cast<int>(w),
                      static_cast<int>(h), stride, row_scale.data(), row_offset.data(), col, bits,
-                     restart_interval, steps.data(), static_cast<int>(n), costs.data());
+                     restart_interval, rdo, steps.data(), static_cast<int>(n), costs.data());
   }
   Check(s, "measure_steps");
   py::array_t<int64_t> entropy(n), header(n);
@@ -744,10 +745,11 @@ PYBIND11_MODULE(_native, m) {
         "(bytes, interval starts, error).");
   m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
-        py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(),
+        py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(), py::arg("rdo") = true,
         "encode_mapped() of a tile at each flat step (uint16), decoded again: (entropy-coded "
         "bytes, the other bytes, float64 squared error of the float32 decode against the "
-        "weights, times col_weight (same shape and row stride) if given), one entry per step.");
+        "weights, times col_weight (same shape and row stride) if given), one entry per step; "
+        "rdo=False: plain rounding, as error feedback's tiles are coded.");
   m.def("tile_squared_error", &TileSquaredErrorOf, py::arg("data"), py::arg("weights"),
         py::arg("row_scale"), py::arg("row_offset"), py::arg("col_scale") = py::none(),
         py::arg("kept") = py::none(),

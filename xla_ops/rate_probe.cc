@@ -146,8 +146,8 @@ void DecoderQuant(const EncodeOptions& options, int32_t quant[64]) {
 
 Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
                     const float* row_scale, const float* row_offset, const float* col_weight,
-                    int bits, int restart_interval, const uint16_t* steps, int num_steps,
-                    StepCost* costs) {
+                    int bits, int restart_interval, bool rdo, const uint16_t* steps,
+                    int num_steps, StepCost* costs) {
   if (num_steps < 0 || (num_steps > 0 && (steps == nullptr || costs == nullptr))) {
     return Status::kBadArgument;
   }
@@ -158,6 +158,7 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
     EncodeOptions options;
     options.bits = bits;
     options.restart_interval = restart_interval;
+    options.rdo = rdo;
     for (uint16_t& q : options.qtable) q = steps[i];
     data.clear();
     const Status s = EncodeMappedGrayscaleWithCoefficients(

@@ -31,8 +31,9 @@ struct StepCost {
 // The tile of weights w(y, x) = weights[y * stride + x] (width, height,
 // stride and the per-row maps as EncodeMappedGrayscale takes them) coded by
 // EncodeMappedGrayscale at each flat step steps[i] (every table entry
-// steps[i]; `bits`, `restart_interval`, optimized Huffman tables and RDO as
-// jaxjpeg.codec.encode_tensor codes), then decoded as the decoder's float32
+// steps[i]; `bits`, `restart_interval`, optimized Huffman tables and, with
+// `rdo`, rate-distortion optimized quantization, as jaxjpeg.codec.encode_tensor
+// codes: it leaves RDO out of error feedback's tiles), then decoded as the decoder's float32
 // output stage writes it (AffineSample, no column scales): costs[i] gets
 // the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
 // col_weight[y * stride + x] (null: 1). Each step is a full encode, and its
@@ -43,8 +44,8 @@ struct StepCost {
 // Errors as EncodeMappedGrayscale, and the decoder's (never expected).
 Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
                     const float* row_scale, const float* row_offset, const float* col_weight,
-                    int bits, int restart_interval, const uint16_t* steps, int num_steps,
-                    StepCost* costs);
+                    int bits, int restart_interval, bool rdo, const uint16_t* steps,
+                    int num_steps, StepCost* costs);
 
 // A tile's values, value (y, x) at data[y * row_step + x * col_step] (steps
 // in elements: a row-major tile, its transpose or any strided view).
