@@ -249,11 +249,12 @@ class _LeafCoder:
     row and column steps), so curves measured once match the final coding."""
 
     def __init__(self, sensitivity, view, coding, input_covariance=None, shards=None,
-                 prior=None):
+                 prior=None, input_means=None):
         self.sensitivity = sensitivity
         self.view = view
         self.coding = coding
         self.input_covariance = input_covariance or {}
+        self.input_means = input_means or {}   # {weight: (InputMean, taker)}
         # Byte targets take the BatchNorm prior (jaxjpeg.priors) for the
         # leaves a user does not steer with a sensitivity or an input
         # covariance: with one Fisher mean per leaf the prior made lite1 /
@@ -304,7 +305,8 @@ class _LeafCoder:
         factor, or the mean of the user's importance array. Data-free:
         size^LEAF_SIZE_POWER / ||coded values||², the leaf's relative error
         weighted by its size^LEAF_SIZE_POWER (0.3 measured best of
-        -0.6..1 on EfficientNet-lite1 at 8x)."""
+        -0.6..1 on EfficientNet-lite1 at 8x), times error feedback's gain
+        where a user's input covariance steers the leaf."""
         from jaxjpeg import rate
 
         factor, importance = _leaf_importance(self.sensitivity, name)
@@ -313,7 +315,18 @@ class _LeafCoder:
         if importance is not None:
             return float(np.mean(np.broadcast_to(importance, p.shape)))
         norm2 = rate.prepared_norm2(p)
-        return p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+        relative = p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+        return relative * self.feedback_gain(name, p)
+
+    def feedback_gain(self, name, p: codec.Prepared) -> float:
+        """Feedback's gain on a leaf a user's input covariance steers (its
+        error costs that much less), else 1."""
+        from jaxjpeg import feedback
+
+        if name not in self.input_covariance or p.feedback is None:
+            return 1.0
+        mean = self.input_means.get(name)
+        return feedback.gain(p, None if mean is None else mean[0].values)
 
 
 def _custom_encoder(encoder, shards: dict):
@@ -795,7 +808,7 @@ class _Save:
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
-                                prior)
+                                prior, input_means)
         if leaf_coder.prior:   # the leaves the prior weighs
             self.rate["batchnorm_prior"] = len(leaf_coder.prior)
 

@@ -331,3 +331,39 @@ def test_a_measured_covariance_is_damped_more_than_a_modelled_one():
     assert feedback.CALIBRATION_DAMPING > feedback.DAMPING
     damped = h + feedback.CALIBRATION_DAMPING * np.mean(np.diag(h)) * np.eye(24)
     np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(24), atol=1e-8)
+
+
+def test_gain_is_what_feedback_leaves_of_a_plain_codings_output_error():
+    w, _, h = _layer()
+    p = rate.prepare_leaf(w, input_covariance=feedback.InputCovariance(h, (1,)))
+    correlated = feedback.gain(p)
+    white = feedback.gain(rate.prepare_leaf(
+        w, input_covariance=feedback.InputCovariance(np.eye(w.shape[1]), (1,))))
+    assert correlated < 0.3, correlated   # correlated inputs cancel most of it
+    assert 0.85 < white < 1.15, white     # independent ones cancel nothing
+
+
+def test_gain_leaves_out_what_bias_correction_removes():
+    """Inputs that are mostly a common mean: feedback cancels the shift
+    through it, which bias correction removes anyway when a mean is given."""
+    rng = np.random.default_rng(3)
+    w = (0.05 * rng.standard_normal((64, 96))).astype(np.float32)
+    x = 3.0 + rng.standard_normal((4096, 96))
+    h = x.T @ x / len(x)
+    p = rate.prepare_leaf(w, input_covariance=feedback.InputCovariance(h, (1,)))
+    assert feedback.gain(p) < 0.3
+    assert feedback.gain(p, mean=np.full((1, 96), 3.0)) > 0.8
+
+
+def test_byte_targets_weigh_calibrated_leaves_by_feedback_gain(tmp_path):
+    """Two copies of a layer: one whose inputs feedback can cancel much of its
+    error through, one with independent inputs. The first's error costs less,
+    so the allocation gives it fewer bytes (without the gain they got the same)."""
+    w, _, h = _layer()
+    tree = {"shaped": w, "white": w.copy()}
+    cov = {"shaped": jaxjpeg.InputCovariance(h, (1,)),
+           "white": jaxjpeg.InputCovariance(np.eye(w.shape[1]), (1,))}
+    report = jaxjpeg.save(tmp_path / "g.jjpg", tree, target_ratio=8, input_covariance=cov,
+                          progress=False)
+    stored = {r.path: r.stored_bytes for r in report.leaves}
+    assert stored["shaped"] < 0.85 * stored["white"], stored
