@@ -122,11 +122,33 @@ class Feedback:
 
     matrix: np.ndarray | DiagonalPlusRankOne    # float64 (n, n), or its two vectors
     along_rows: bool      # the inputs are the view's rows (else its columns)
+    # GPTQ's "act order": groups of eight inputs coded loudest first, so the
+    # errors of the inputs that matter most move onto quieter ones (measured
+    # covariances; EfficientNet-lite at 8x with calibration, 4 probe seeds:
+    # KL 0.0222 -> 0.0211, 0.0213 -> 0.0202). The prior's modelled one keeps
+    # the inputs' order (lite1 worse, lite2 better: 0.0605 -> 0.071, 0.0695
+    # -> 0.064, 2 seeds).
+    by_power: bool = False
     # Inverse Cholesky factors by input units: a rate search codes a leaf
     # several times with the same units, and the factor is most of the cost.
     factors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    def order(self, unit: np.ndarray) -> np.ndarray:
+        """The order inputs are coded in: groups of eight (the columns of a
+        block, kept together) by falling power ``H_ii unit_i²`` when
+        ``by_power``, a last, narrower group last; else their own order."""
+        n = len(unit)
+        if not self.by_power:
+            return np.arange(n)
+        full = n // 8
+        power = np.diag(self.matrix)[:8 * full] * unit[:8 * full] ** 2
+        groups = np.argsort(-power.reshape(full, 8).sum(axis=1), kind="stable")
+        return np.concatenate([(8 * groups[:, None] + np.arange(8)).ravel(),
+                               np.arange(8 * full, n)])
+
     def upper(self, unit: np.ndarray) -> np.ndarray:
+        """The factor of ``H`` (times ``unit`` on both sides) with the inputs
+        in :meth:`order`."""
         key = unit.tobytes()
         if key not in self.factors:
             self.factors.clear()   # one entry: a leaf's units rarely change
@@ -134,8 +156,11 @@ class Feedback:
                 self.factors[key] = _rank_one_inverse_cholesky(
                     self.matrix.diagonal * unit * unit, self.matrix.vector * unit)
             else:
-                self.factors[key] = _inverse_cholesky(self.matrix * np.outer(unit, unit),
-                                                      CALIBRATION_DAMPING)
+                order = self.order(unit)
+                scaled = unit[order]
+                self.factors[key] = _inverse_cholesky(
+                    self.matrix[np.ix_(order, order)] * np.outer(scaled, scaled),
+                    CALIBRATION_DAMPING)
         return self.factors[key]
 
 
@@ -161,7 +186,8 @@ def for_view(cov: InputCovariance, shape, view: MatrixView) -> Feedback:
     order = [a for a in side if a in inputs] + [a for a in inputs if a not in side]
     index = np.arange(math.prod(shape[a] for a in inputs)).reshape([shape[a] for a in inputs])
     index = index.transpose([inputs.index(a) for a in order]).ravel()
-    return Feedback(cov.ordered(tuple(shape), index), along_rows)
+    return Feedback(cov.ordered(tuple(shape), index), along_rows,
+                    by_power=not isinstance(cov, DiagonalPlusRankOne))
 
 
 def _sized(axes, shape) -> set:
@@ -183,7 +209,10 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
         q = q.T
     else:
         unit = np.ones(samples.shape[1]) if col_scale is None else np.asarray(col_scale, np.float64)
-    upper = fb.upper(np.ascontiguousarray(unit, np.float64))
+    unit = np.ascontiguousarray(unit, np.float64)
+    order = fb.order(unit)
+    upper = fb.upper(unit)
+    s = s[:, order]
     top = float((1 << bits) - 1)
     n = s.shape[1]
     for b0 in range(0, n, BATCH):
@@ -199,7 +228,7 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
             moved[:, g0 - b0:g0 - b0 + scaled.shape[1]] = scaled
             s[:, within] -= scaled @ upper[g, within]
         s[:, b1:] -= moved @ upper[b0:b1, b1:]
-    s = np.clip(s, 0.0, top).astype(np.float32)
+    s = np.clip(s[:, np.argsort(order)], 0.0, top).astype(np.float32)
     return np.ascontiguousarray(s.T if fb.along_rows else s)
 
 
@@ -325,5 +354,5 @@ def gain(p, mean: np.ndarray | None = None, seed: int = 0) -> float:
     if not base > 0:
         return 1.0
     shaped = codec.prepare(sub, col_scale=col_scale,
-                           feedback=Feedback(h, False, factors=factors))
+                           feedback=Feedback(h, False, fb.by_power, factors=factors))
     return output_error(shaped) / base

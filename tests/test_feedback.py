@@ -2,6 +2,8 @@
 covariance follows the leaf's axes into any view, the layer's output error
 drops at equal bytes, tiles stay standard JPEG, and misuse is refused."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -306,6 +308,8 @@ def test_a_diagonal_plus_rank_one_covariance_factors_like_its_matrix(dead, monke
                                feedback._inverse_cholesky(dense.matrix), rtol=1e-9, atol=1e-12)
     view = MatrixView((2, 0, 3, 1), 2)
     fast, slow = (feedback.for_view(c, (6, 3, 4, 5), view) for c in (cov, dense))
+    assert slow.by_power and not fast.by_power   # a measured one is coded loudest first
+    slow = dataclasses.replace(slow, by_power=False)
     unit = rng.uniform(0.5, 2, n)
     np.testing.assert_allclose(fast.upper(unit), slow.upper(unit), rtol=1e-9, atol=1e-12)
     assert fast.along_rows == slow.along_rows
@@ -330,7 +334,32 @@ def test_a_measured_covariance_is_damped_more_than_a_modelled_one():
     upper = fb.upper(unit)
     assert feedback.CALIBRATION_DAMPING > feedback.DAMPING
     damped = h + feedback.CALIBRATION_DAMPING * np.mean(np.diag(h)) * np.eye(24)
-    np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(24), atol=1e-8)
+    order = fb.order(unit)   # the factor's inputs are in coding order
+    np.testing.assert_allclose(upper.T @ upper @ damped[np.ix_(order, order)], np.eye(24),
+                               atol=1e-8)
+
+
+def test_measured_inputs_are_coded_loudest_first():
+    """GPTQ's act order: feedback codes groups of eight inputs by falling
+    power, wherever they sit in the leaf. The same layer with its groups of
+    inputs reversed restores the same outputs (before, its error depended
+    on which inputs came first)."""
+    w, _, h = _layer(out=48, n=80)
+    power = np.linspace(0.2, 5.0, 80)            # the loudest inputs last
+    h = h * np.sqrt(np.outer(power, power))
+    groups = np.arange(80).reshape(10, 8)[::-1].ravel()   # the loudest first
+    errors = []
+    for order in (np.arange(80), groups):
+        cov = feedback.InputCovariance(h[np.ix_(order, order)], (1,))
+        p = rate.prepare_leaf(w[:, order], input_covariance=cov)
+        enc = rate.encode_at_step(p, 0.6 * rate.tensor_rms(p), bits=12)
+        errors.append(_output_error(w[:, order], codec.decode_tensor(enc), cov.matrix))
+    assert errors[0] == pytest.approx(errors[1], rel=0.02), errors
+    fb = feedback.for_view(feedback.InputCovariance(h, (1,)), w.shape, MatrixView((0, 1), 1))
+    coded = fb.order(np.ones(80)).reshape(10, 8)
+    assert np.all(coded == coded[:, :1] + np.arange(8))   # groups kept whole
+    loudness = np.diag(h)[coded].sum(axis=1)
+    assert np.all(np.diff(loudness) <= 0) and loudness[0] > 2 * loudness[-1]
 
 
 def test_gain_is_what_feedback_leaves_of_a_plain_codings_output_error():
