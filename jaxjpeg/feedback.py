@@ -335,21 +335,26 @@ def gain(p, mean: np.ndarray | None = None, seed: int = 0) -> float:
     if len(rows) > GAIN_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), GAIN_ROWS, replace=False))
     sub = np.ascontiguousarray(weights[rows], np.float32)
-    seen = h
+    # H seen: P H P + damping * I (P = I - u uᵀ, u the mean's unit vector),
+    # applied to the errors without forming another n x n matrix.
+    u, diagonal = None, np.diag(h)
     if mean is not None:
         u = p.view.to_matrix(np.broadcast_to(np.asarray(mean, np.float64), p.shape))
         u = np.array(u[:, 0] if fb.along_rows else u[0], np.float64)
-        if np.linalg.norm(u) > 0:   # P H P, P = I - u uᵀ (u a unit vector)
+        if np.linalg.norm(u) > 0:
             u /= np.linalg.norm(u)
             hu = h @ u
-            seen = h - np.outer(hu, u) - np.outer(u, hu) + float(u @ hu) * np.outer(u, u)
-    seen = seen + CALIBRATION_DAMPING * max(float(np.mean(np.diag(seen))), 0.0) * np.eye(len(h))
+            diagonal = diagonal - 2 * hu * u + float(u @ hu) * u * u
+        else:
+            u = None
+    damping = CALIBRATION_DAMPING * max(float(np.mean(diagonal)), 0.0)
     plain = codec.prepare(sub, col_scale=col_scale)
     step = GAIN_STEP * rate.tensor_rms(plain)
 
     def output_error(q) -> float:
         e = codec.decode_tensor(rate.encode_at_step(q, step, bits=12)).astype(np.float64) - sub
-        return float(np.sum((e @ seen) * e))
+        projected = e if u is None else e - np.outer(e @ u, u)
+        return float(np.sum((projected @ h) * projected) + damping * np.sum(e * e))
     base = output_error(plain)
     if not base > 0:
         return 1.0
