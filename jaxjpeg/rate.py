@@ -784,17 +784,20 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) ->
     matrix = np.ascontiguousarray(probe.matrix, np.float32)
     weight = None if probe.col_scale is None else np.ascontiguousarray(probe.col_scale, np.float32)
     cells = codec.tile_grid(*matrix.shape, tile_shape)
-    jobs = []
+    cores = codec.tile_pool()._max_workers
+    jobs, tasks = [], [[] for _ in range(cores)]
     for b in sorted({b for b, _ in steps}):
         scale, offset = maps[b] if maps else _probe_map(p, probe, b)
         deltas = [d for bb, d in steps if bb == b]
-        for chunk in _chunks(deltas, codec.tile_pool()._max_workers):   # a group per core
+        for chunk in _chunks(deltas, cores):   # a group per core
+            task = min(tasks, key=lambda t: sum(len(jobs[j][0][1]) for j in t))   # least loaded
             for r, c, h, w in cells:
                 box = (slice(r, r + h), slice(c, c + w))
+                task.append(len(jobs))
                 jobs.append(((b, chunk), (matrix[box], scale[r:r + h], offset[r:r + h],
                                           np.array(chunk, np.uint16), b, restart,
                                           None if weight is None else weight[box])))
-    results = codec.tile_pool().map(lambda job: _native.measure_steps(*job[1]), jobs)
+    results = _run_tasks([t for t in tasks if t], jobs)
     entropy, header, error = {}, {}, {}
     for ((b, chunk), _), (e, h, sse) in zip(jobs, results):
         for i, d in enumerate(chunk):
@@ -806,6 +809,24 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) ->
     tiles = len(p.tiles(tile_shape))
     return [(entropy[s] / probe.fraction + tiles * header[s] / len(cells), error[s])
             for s in steps]
+
+
+def _run_tasks(tasks: list, jobs: list) -> list:
+    """``_native.measure_steps`` of every job, each task's jobs (indices)
+    run in turn: the first task in this thread, the others on the tile pool
+    (one task per core: a pool hand-off per job cost more CPU than coding a
+    coarse step). Results in job order, whichever thread ran them."""
+    def run(task):
+        return [_native.measure_steps(*jobs[j][1]) for j in task]
+
+    later = [codec.tile_pool().submit(run, task) for task in tasks[1:]]
+    results = [None] * len(jobs)
+    done = [run(tasks[0])] if tasks else []
+    done += [f.result() for f in later]
+    for task, out in zip(tasks, done):
+        for j, r in zip(task, out):
+            results[j] = r
+    return results
 
 
 def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
