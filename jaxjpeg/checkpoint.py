@@ -385,6 +385,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
 
     coding = leaf_coder.coding
     reach = rate.reach_of(target_bytes, sum(leaf.size for leaf in entries))
+    floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
 
     def analyse(leaf):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
@@ -393,7 +394,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
             return leaf.name, None, _stored_raw_bytes(array)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
-        curve = rate.rd_curve(p, bits, reach=reach, **coding)
+        curve = rate.rd_curve(p, bits, reach=reach, floor=floor, **coding)
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
             p, coding["restart_interval"], coding["tile_shape"])), 0
 

@@ -71,6 +71,20 @@ REACH = 1.5
 LADDER_FIRST = 8
 LADDER_BATCH = 2
 LADDER_HEADROOM = 1.5
+# The coarse end is left out too: the steps whose probe costs under
+# LADDER_FLOOR times the reach, all but the finest of them (still a
+# candidate under the floor). On the benchmark tree and EfficientNet-lite
+# those are the ladder's 2-3 coarsest steps (0.07-0.3 bits/weight, mostly
+# tile headers), which no allocation within the reach picked (the same
+# files). Where they end is predicted from each step's q (a Gaussian's bits
+# at high rate, log2(rms / q) + GAUSSIAN_BITS, fewer than that at low rates
+# on every leaf measured) and checked: a step predicted under the floor that
+# costs more than it extends the ladder coarser, LADDER_BATCH steps at a time.
+# Not under a user's sensitivities: they spread leaves' shares widely (a
+# leaf its user calls insensitive may want next to nothing), and a floor
+# there moved bytes between leaves on small test trees.
+LADDER_FLOOR = 0.25
+GAUSSIAN_BITS = 0.5 * math.log2(2 * math.pi * math.e)   # 2.05: bits/weight at q = rms
 
 
 # ----------------------------------------------------------------------------
@@ -606,20 +620,22 @@ def reach_of(target_bytes: int, weights: int) -> float:
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
-             reach: float | None = None, **options) -> Curve:
+             reach: float | None = None, floor: bool = True, **options) -> Curve:
     """Measures bytes and squared error of ``p`` on a probe at each ladder step.
 
     Large tensors are probed on random 8-row patches (about PROBE_ELEMENTS
     weights), coded with the whole tensor's row scales; small ones whole.
 
     ``reach`` (bits/weight, optional): the most a byte target may give the
-    tensor; per-row ranges (see :func:`row_range_fallback`) are measured
-    only when the shared scale's finest coding is below it.
+    tensor; the ladder's finest steps beyond it are left out (see
+    LADDER_HEADROOM), and with ``floor`` its coarsest ones under a fraction
+    of it (see LADDER_FLOOR); per-row ranges (see :func:`row_range_fallback`)
+    are measured only when the shared scale's finest coding is below it.
     """
     probe = _probe(p, np.random.default_rng(seed))
     steps = _ladder_steps(p, tensor_rms(p), bits)
-    costs = _ladder_costs(p, probe, steps, reach, options)
-    steps = steps[:len(costs)]
+    first, costs = _ladder_costs(p, probe, steps, reach, floor, options)
+    steps = steps[first:first + len(costs)]
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
               for (b, delta), (nbytes, sse) in zip(steps, costs)]
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
@@ -632,19 +648,44 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
 
 
 def _ladder_costs(p: codec.Prepared, probe: _Probe, steps: list, reach: float | None,
-                  options) -> list:
-    """:func:`_probe_costs` of the ladder's steps, coarse to fine; with a
-    ``reach``, the steps finer than the first whose probe costs more than
-    LADDER_HEADROOM times it are left out (the finest steps cost the most to
-    code, and no allocation within the reach picks them)."""
+                  floor: bool, options) -> tuple[int, list]:
+    """(first, :func:`_probe_costs` of ``steps[first:first + len(costs)]``):
+    the ladder's steps, coarse to fine; with a ``reach``, the steps finer
+    than the first whose probe costs more than LADDER_HEADROOM times it are
+    left out (the finest steps cost the most to code, and no allocation
+    within the reach picks them), and those coarser than the finest one
+    under LADDER_FLOOR times it (with ``floor``, see LADDER_FLOOR)."""
     if reach is None or len(steps) <= LADDER_FIRST:
-        return _probe_costs(p, probe, steps, options)
-    costs = _probe_costs(p, probe, steps[:LADDER_FIRST], options)
+        return 0, _probe_costs(p, probe, steps, options)
+
+    def bits(cost) -> float:   # whole-tensor bytes -> bits/weight
+        return 8 * cost[0] / max(1, p.size)
+
+    least = LADDER_FLOOR * reach if floor else 0.0
+    first = _predicted_floor(p, steps, least) if floor else 0
+    costs = _probe_costs(p, probe, steps[first:LADDER_FIRST], options)
+    while first > 0 and bits(costs[0]) >= least:   # predicted too fine: extend
+        start = max(0, first - LADDER_BATCH)
+        costs = _probe_costs(p, probe, steps[start:first], options) + costs
+        first = start
     for k in range(LADDER_FIRST, len(steps), LADDER_BATCH):
-        if 8 * costs[-1][0] / max(1, p.size) > LADDER_HEADROOM * reach:   # whole-tensor bytes
+        if bits(costs[-1]) > LADDER_HEADROOM * reach:
             break
         costs += _probe_costs(p, probe, steps[k:k + LADDER_BATCH], options)
-    return costs
+    return first, costs
+
+
+def _predicted_floor(p: codec.Prepared, steps: list, floor: float) -> int:
+    """The finest of the ladder's first LADDER_FIRST - LADDER_BATCH + 1 steps
+    whose bits/weight log2(rms / q) + GAUSSIAN_BITS is under ``floor`` (0
+    when none is): where the ladder's coding starts."""
+    rms = tensor_rms(p)
+    first = 0
+    for i, (b, delta) in enumerate(steps[:LADDER_FIRST - LADDER_BATCH + 1]):
+        q = delta * base_scale(p, b)
+        if q > 0 and math.log2(rms / q) + GAUSSIAN_BITS < floor:
+            first = i
+    return first
 
 
 def row_range_fallback(p: codec.Prepared) -> codec.Prepared | None:
@@ -1350,7 +1391,8 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     if target_bytes is None:
         target_bytes = int(sum(np.asarray(p.original).nbytes for p in prepared.values()) / ratio)
     reach = reach_of(target_bytes, sum(p.size for p in prepared.values()))
-    curves = {n: rd_curve(p, bits, reach=reach, **options) for n, p in prepared.items()}
+    curves = {n: rd_curve(p, bits, reach=reach, floor=sensitivity is None, **options)
+              for n, p in prepared.items()}
     allocator = BudgetAllocator(curves, target_bytes, sensitivity=sensitivity, **options)
     # Largest first: the small tensors coded last absorb what the large ones missed.
     order = sorted(names, key=lambda n: -prepared[n].size)
