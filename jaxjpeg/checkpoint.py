@@ -273,10 +273,13 @@ class _LeafCoder:
         from jaxjpeg import rate
 
         shards = self.shards.get(name)
+        plain = None
         if name in self._choices:   # its tile edges as well (the same shape, view and shards)
             choices = self._choices.pop(name)
-            cuts = choices.pop("tile_cuts")
-            return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
+            plain = choices.pop("plain", None)
+            if plain is None:
+                cuts = choices.pop("tile_cuts")
+                return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
         _, importance = _leaf_importance(self.sensitivity, name)
         covariance = self.input_covariance.get(name)
         if self.prior is not None and name in self.prior.moments:
@@ -286,14 +289,22 @@ class _LeafCoder:
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        return p if shards else p.with_even_splits(self.coding["tile_shape"])
+        if shards:
+            return p
+        if plain is not None and plain[:2] == (p.view, p.matrix.shape):
+            # with_even_splits of the same shape, view and tile shape, as before
+            return dataclasses.replace(p, tile_cuts=plain[2])
+        return p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
-        """Keeps ``p``'s choices for the next prepare of ``name``; none for a
-        leaf the native statistics pass prepared alone (it prepares it again
-        as fast as a default save, without the copy and the numpy statistics
-        passes that redoing its choices took)."""
-        if "squares" in p.scales:   # analysis.prepare_plain's: nothing analysed beyond it
+        """Keeps ``p``'s choices for the next prepare of ``name``; for a leaf
+        the native statistics pass prepared alone only its tile edges (it is
+        prepared again as fast as a default save, without the copy and the
+        numpy statistics passes that redoing its choices took; its statistics
+        kept for every leaf would cost most of a leaf's memory at 1 GiB)."""
+        if "squares" in p.scales:   # analysis.prepare_plain's: nothing analysed beyond it,
+            if not self.shards.get(name):   # but its even splits' tile edges (Python work)
+                self._choices[name] = {"plain": (p.view, p.matrix.shape, p.tile_cuts)}
             return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
                                    col_scale=p.col_scale, feedback=p.feedback,
