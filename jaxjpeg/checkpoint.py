@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import math
 import os
@@ -398,7 +399,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     reach = rate.reach_of(target_bytes, sum(leaf.size for leaf in entries))
     floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
 
-    def analyse(leaf):
+    def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
         if not _is_coded(policy, leaf.name, array):
@@ -409,23 +410,32 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
             p, coding["restart_interval"], coding["tile_shape"])), 0
 
-    coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-    # Leaves analysed on the save's threads, so one leaf's Python work
-    # overlaps another's probe coding (rd_curve codes its probe steps on all
-    # cores), with at most the largest leaf's bytes in flight: their prepared
-    # copies are what a byte target holds beyond a default save.
-    analysed = in_order(analyse, entries, save_workers(),
-                        max((leaf.nbytes for leaf in entries), default=0),
-                        lambda leaf: leaf.nbytes)
-    for name, analysis, raw in analysed:
-        kept += raw
-        if analysis is not None:
-            coded.add(name)
-            curves[name], sens[name], tiles = analysis
-            overhead += tiles
-    overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
-                 + _BLOB_OVERHEAD * (len(entries) - len(coded)))
+    def measure(floor):
+        coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
+        # Leaves analysed on the save's threads, so one leaf's Python work
+        # overlaps another's probe coding (rd_curve codes its probe steps on
+        # all cores), with at most the largest leaf's bytes in flight: their
+        # prepared copies are what a byte target holds beyond a default save.
+        analysed = in_order(functools.partial(analyse, floor=floor), entries, save_workers(),
+                            max((leaf.nbytes for leaf in entries), default=0),
+                            lambda leaf: leaf.nbytes)
+        for name, analysis, raw in analysed:
+            kept += raw
+            if analysis is not None:
+                coded.add(name)
+                curves[name], sens[name], tiles = analysis
+                overhead += tiles
+        overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
+                     + _BLOB_OVERHEAD * (len(entries) - len(coded)))
+        return coded, kept, overhead, curves, sens
+
+    coded, kept, overhead, curves, sens = measure(floor)
     budget = target_bytes - kept - overhead
+    if floor and 0 < budget < sum(float(c.nbytes.min()) for c in curves.values()):
+        # A budget so tight (small leaves: their headers and maps) that the
+        # curves' coarsest candidates under the floor do not fit: measured
+        # again down to the ladder's coarsest steps (the same budget).
+        coded, kept, overhead, curves, sens = measure(False)
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"

@@ -1391,8 +1391,13 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     if target_bytes is None:
         target_bytes = int(sum(np.asarray(p.original).nbytes for p in prepared.values()) / ratio)
     reach = reach_of(target_bytes, sum(p.size for p in prepared.values()))
-    curves = {n: rd_curve(p, bits, reach=reach, floor=sensitivity is None, **options)
-              for n, p in prepared.items()}
+    def measure(floor):
+        return {n: rd_curve(p, bits, reach=reach, floor=floor, **options)
+                for n, p in prepared.items()}
+
+    curves = measure(sensitivity is None)
+    if sensitivity is None and sum(float(c.nbytes.min()) for c in curves.values()) > target_bytes:
+        curves = measure(False)   # as save: a budget under the floors' coarsest candidates
     allocator = BudgetAllocator(curves, target_bytes, sensitivity=sensitivity, **options)
     # Largest first: the small tensors coded last absorb what the large ones missed.
     order = sorted(names, key=lambda n: -prepared[n].size)
