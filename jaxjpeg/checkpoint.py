@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import math
 import os
@@ -274,10 +275,13 @@ class _LeafCoder:
         from jaxjpeg import rate
 
         shards = self.shards.get(name)
+        plain = None
         if name in self._choices:   # its tile edges as well (the same shape, view and shards)
             choices = self._choices.pop(name)
-            cuts = choices.pop("tile_cuts")
-            return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
+            plain = choices.pop("plain", None)
+            if plain is None:
+                cuts = choices.pop("tile_cuts")
+                return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
         _, importance = _leaf_importance(self.sensitivity, name)
         covariance = self.input_covariance.get(name)
         if self.prior is not None and name in self.prior.moments:
@@ -287,14 +291,22 @@ class _LeafCoder:
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        return p if shards else p.with_even_splits(self.coding["tile_shape"])
+        if shards:
+            return p
+        if plain is not None and plain[:2] == (p.view, p.matrix.shape):
+            # with_even_splits of the same shape, view and tile shape, as before
+            return dataclasses.replace(p, tile_cuts=plain[2])
+        return p.with_even_splits(self.coding["tile_shape"])
 
     def remember(self, name, p: codec.Prepared) -> None:
-        """Keeps ``p``'s choices for the next prepare of ``name``; none for a
-        leaf the native statistics pass prepared alone (it prepares it again
-        as fast as a default save, without the copy and the numpy statistics
-        passes that redoing its choices took)."""
-        if "squares" in p.scales:   # analysis.prepare_plain's: nothing analysed beyond it
+        """Keeps ``p``'s choices for the next prepare of ``name``; for a leaf
+        the native statistics pass prepared alone only its tile edges (it is
+        prepared again as fast as a default save, without the copy and the
+        numpy statistics passes that redoing its choices took; its statistics
+        kept for every leaf would cost most of a leaf's memory at 1 GiB)."""
+        if "squares" in p.scales:   # analysis.prepare_plain's: nothing analysed beyond it,
+            if not self.shards.get(name):   # but its even splits' tile edges (Python work)
+                self._choices[name] = {"plain": (p.view, p.matrix.shape, p.tile_cuts)}
             return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
                                    col_scale=p.col_scale, feedback=p.feedback,
@@ -398,35 +410,45 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
 
     coding = leaf_coder.coding
     reach = rate.reach_of(target_bytes, sum(leaf.size for leaf in entries))
+    floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
 
-    def analyse(leaf):
+    def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
         if not _is_coded(policy, leaf.name, array):
             return leaf.name, None, _stored_raw_bytes(array)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
-        curve = rate.rd_curve(p, bits, reach=reach, **coding)
+        curve = rate.rd_curve(p, bits, reach=reach, floor=floor, **coding)
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
             p, coding["restart_interval"], coding["tile_shape"])), 0
 
-    coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-    # Leaves analysed on the save's threads, so one leaf's Python work
-    # overlaps another's probe coding (rd_curve codes its probe steps on all
-    # cores), with at most the largest leaf's bytes in flight: their prepared
-    # copies are what a byte target holds beyond a default save.
-    analysed = in_order(analyse, entries, save_workers(),
-                        max((leaf.nbytes for leaf in entries), default=0),
-                        lambda leaf: leaf.nbytes)
-    for name, analysis, raw in analysed:
-        kept += raw
-        if analysis is not None:
-            coded.add(name)
-            curves[name], sens[name], tiles = analysis
-            overhead += tiles
-    overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
-                 + _BLOB_OVERHEAD * (len(entries) - len(coded)))
+    def measure(floor):
+        coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
+        # Leaves analysed on the save's threads, so one leaf's Python work
+        # overlaps another's probe coding (rd_curve codes its probe steps on
+        # all cores), with at most the largest leaf's bytes in flight: their
+        # prepared copies are what a byte target holds beyond a default save.
+        analysed = in_order(functools.partial(analyse, floor=floor), entries, save_workers(),
+                            max((leaf.nbytes for leaf in entries), default=0),
+                            lambda leaf: leaf.nbytes)
+        for name, analysis, raw in analysed:
+            kept += raw
+            if analysis is not None:
+                coded.add(name)
+                curves[name], sens[name], tiles = analysis
+                overhead += tiles
+        overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
+                     + _BLOB_OVERHEAD * (len(entries) - len(coded)))
+        return coded, kept, overhead, curves, sens
+
+    coded, kept, overhead, curves, sens = measure(floor)
     budget = target_bytes - kept - overhead
+    if floor and 0 < budget < sum(float(c.nbytes.min()) for c in curves.values()):
+        # A budget so tight (small leaves: their headers and maps) that the
+        # curves' coarsest candidates under the floor do not fit: measured
+        # again down to the ladder's coarsest steps (the same budget).
+        coded, kept, overhead, curves, sens = measure(False)
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"

@@ -71,6 +71,20 @@ REACH = 1.5
 LADDER_FIRST = 8
 LADDER_BATCH = 2
 LADDER_HEADROOM = 1.5
+# The coarse end is left out too: the steps whose probe costs under
+# LADDER_FLOOR times the reach, all but the finest of them (still a
+# candidate under the floor). On the benchmark tree and EfficientNet-lite
+# those are the ladder's 2-3 coarsest steps (0.07-0.3 bits/weight, mostly
+# tile headers), which no allocation within the reach picked (the same
+# files). Where they end is predicted from each step's q (a Gaussian's bits
+# at high rate, log2(rms / q) + GAUSSIAN_BITS, fewer than that at low rates
+# on every leaf measured) and checked: a step predicted under the floor that
+# costs more than it extends the ladder coarser, LADDER_BATCH steps at a time.
+# Not under a user's sensitivities: they spread leaves' shares widely (a
+# leaf its user calls insensitive may want next to nothing), and a floor
+# there moved bytes between leaves on small test trees.
+LADDER_FLOOR = 0.25
+GAUSSIAN_BITS = 0.5 * math.log2(2 * math.pi * math.e)   # 2.05: bits/weight at q = rms
 
 
 # ----------------------------------------------------------------------------
@@ -606,20 +620,22 @@ def reach_of(target_bytes: int, weights: int) -> float:
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
-             reach: float | None = None, **options) -> Curve:
+             reach: float | None = None, floor: bool = True, **options) -> Curve:
     """Measures bytes and squared error of ``p`` on a probe at each ladder step.
 
     Large tensors are probed on random 8-row patches (about PROBE_ELEMENTS
     weights), coded with the whole tensor's row scales; small ones whole.
 
     ``reach`` (bits/weight, optional): the most a byte target may give the
-    tensor; per-row ranges (see :func:`row_range_fallback`) are measured
-    only when the shared scale's finest coding is below it.
+    tensor; the ladder's finest steps beyond it are left out (see
+    LADDER_HEADROOM), and with ``floor`` its coarsest ones under a fraction
+    of it (see LADDER_FLOOR); per-row ranges (see :func:`row_range_fallback`)
+    are measured only when the shared scale's finest coding is below it.
     """
     probe = _probe(p, np.random.default_rng(seed))
     steps = _ladder_steps(p, tensor_rms(p), bits)
-    costs = _ladder_costs(p, probe, steps, reach, options)
-    steps = steps[:len(costs)]
+    first, costs = _ladder_costs(p, probe, steps, reach, floor, options)
+    steps = steps[first:first + len(costs)]
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
               for (b, delta), (nbytes, sse) in zip(steps, costs)]
     b, delta, q, nbytes, sse = _densify(points, {8: base_scale(p, 8), 12: base_scale(p, 12)})
@@ -632,19 +648,44 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
 
 
 def _ladder_costs(p: codec.Prepared, probe: _Probe, steps: list, reach: float | None,
-                  options) -> list:
-    """:func:`_probe_costs` of the ladder's steps, coarse to fine; with a
-    ``reach``, the steps finer than the first whose probe costs more than
-    LADDER_HEADROOM times it are left out (the finest steps cost the most to
-    code, and no allocation within the reach picks them)."""
+                  floor: bool, options) -> tuple[int, list]:
+    """(first, :func:`_probe_costs` of ``steps[first:first + len(costs)]``):
+    the ladder's steps, coarse to fine; with a ``reach``, the steps finer
+    than the first whose probe costs more than LADDER_HEADROOM times it are
+    left out (the finest steps cost the most to code, and no allocation
+    within the reach picks them), and those coarser than the finest one
+    under LADDER_FLOOR times it (with ``floor``, see LADDER_FLOOR)."""
     if reach is None or len(steps) <= LADDER_FIRST:
-        return _probe_costs(p, probe, steps, options)
-    costs = _probe_costs(p, probe, steps[:LADDER_FIRST], options)
+        return 0, _probe_costs(p, probe, steps, options)
+
+    def bits(cost) -> float:   # whole-tensor bytes -> bits/weight
+        return 8 * cost[0] / max(1, p.size)
+
+    least = LADDER_FLOOR * reach if floor else 0.0
+    first = _predicted_floor(p, steps, least) if floor else 0
+    costs = _probe_costs(p, probe, steps[first:LADDER_FIRST], options)
+    while first > 0 and bits(costs[0]) >= least:   # predicted too fine: extend
+        start = max(0, first - LADDER_BATCH)
+        costs = _probe_costs(p, probe, steps[start:first], options) + costs
+        first = start
     for k in range(LADDER_FIRST, len(steps), LADDER_BATCH):
-        if 8 * costs[-1][0] / max(1, p.size) > LADDER_HEADROOM * reach:   # whole-tensor bytes
+        if bits(costs[-1]) > LADDER_HEADROOM * reach:
             break
         costs += _probe_costs(p, probe, steps[k:k + LADDER_BATCH], options)
-    return costs
+    return first, costs
+
+
+def _predicted_floor(p: codec.Prepared, steps: list, floor: float) -> int:
+    """The finest of the ladder's first LADDER_FIRST - LADDER_BATCH + 1 steps
+    whose bits/weight log2(rms / q) + GAUSSIAN_BITS is under ``floor`` (0
+    when none is): where the ladder's coding starts."""
+    rms = tensor_rms(p)
+    first = 0
+    for i, (b, delta) in enumerate(steps[:LADDER_FIRST - LADDER_BATCH + 1]):
+        q = delta * base_scale(p, b)
+        if q > 0 and math.log2(rms / q) + GAUSSIAN_BITS < floor:
+            first = i
+    return first
 
 
 def row_range_fallback(p: codec.Prepared) -> codec.Prepared | None:
@@ -785,17 +826,20 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) ->
     rdo = p.feedback is None   # as encode_tensor codes the tensor
     weight = None if probe.col_scale is None else np.ascontiguousarray(probe.col_scale, np.float32)
     cells = codec.tile_grid(*matrix.shape, tile_shape)
-    jobs = []
+    cores = codec.tile_pool()._max_workers
+    jobs, tasks = [], [[] for _ in range(cores)]
     for b in sorted({b for b, _ in steps}):
         scale, offset = maps[b] if maps else _probe_map(p, probe, b)
         deltas = [d for bb, d in steps if bb == b]
-        for chunk in _chunks(deltas, codec.tile_pool()._max_workers):   # a group per core
+        for chunk in _chunks(deltas, cores):   # a group per core
+            task = min(tasks, key=lambda t: sum(len(jobs[j][0][1]) for j in t))   # least loaded
             for r, c, h, w in cells:
                 box = (slice(r, r + h), slice(c, c + w))
+                task.append(len(jobs))
                 jobs.append(((b, chunk), (matrix[box], scale[r:r + h], offset[r:r + h],
                                           np.array(chunk, np.uint16), b, restart,
                                           None if weight is None else weight[box], rdo)))
-    results = codec.tile_pool().map(lambda job: _native.measure_steps(*job[1]), jobs)
+    results = _run_tasks([t for t in tasks if t], jobs)
     entropy, header, error = {}, {}, {}
     for ((b, chunk), _), (e, h, sse) in zip(jobs, results):
         for i, d in enumerate(chunk):
@@ -807,6 +851,24 @@ def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) ->
     tiles = len(p.tiles(tile_shape))
     return [(entropy[s] / probe.fraction + tiles * header[s] / len(cells), error[s])
             for s in steps]
+
+
+def _run_tasks(tasks: list, jobs: list) -> list:
+    """``_native.measure_steps`` of every job, each task's jobs (indices)
+    run in turn: the first task in this thread, the others on the tile pool
+    (one task per core: a pool hand-off per job cost more CPU than coding a
+    coarse step). Results in job order, whichever thread ran them."""
+    def run(task):
+        return [_native.measure_steps(*jobs[j][1]) for j in task]
+
+    later = [codec.tile_pool().submit(run, task) for task in tasks[1:]]
+    results = [None] * len(jobs)
+    done = [run(tasks[0])] if tasks else []
+    done += [f.result() for f in later]
+    for task, out in zip(tasks, done):
+        for j, r in zip(task, out):
+            results[j] = r
+    return results
 
 
 def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
@@ -1330,7 +1392,13 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     if target_bytes is None:
         target_bytes = int(sum(np.asarray(p.original).nbytes for p in prepared.values()) / ratio)
     reach = reach_of(target_bytes, sum(p.size for p in prepared.values()))
-    curves = {n: rd_curve(p, bits, reach=reach, **options) for n, p in prepared.items()}
+    def measure(floor):
+        return {n: rd_curve(p, bits, reach=reach, floor=floor, **options)
+                for n, p in prepared.items()}
+
+    curves = measure(sensitivity is None)
+    if sensitivity is None and sum(float(c.nbytes.min()) for c in curves.values()) > target_bytes:
+        curves = measure(False)   # as save: a budget under the floors' coarsest candidates
     allocator = BudgetAllocator(curves, target_bytes, sensitivity=sensitivity, **options)
     # Largest first: the small tensors coded last absorb what the large ones missed.
     order = sorted(names, key=lambda n: -prepared[n].size)

@@ -746,14 +746,55 @@ def test_ladder_steps_are_step_for_over_the_ladder(kind, bits):
     assert rate._ladder_steps(p, rms, bits) == expected
 
 
-def test_a_reach_leaves_out_only_the_finest_ladder_steps():
+def _segment_of(full, cut) -> int:
+    """Where ``cut``'s candidates start in ``full``'s, checking that all but
+    its finest (interpolated towards a step ``full`` may not end on) match."""
+    start = int(np.flatnonzero((full.bits == cut.bits[0]) & (full.delta == cut.delta[0]))[0])
+    k = len(cut.nbytes)
+    for field in ("bits", "delta", "q", "nbytes", "sse"):
+        np.testing.assert_array_equal(getattr(cut, field)[:k - 1],
+                                      getattr(full, field)[start:start + k - 1])
+    return start
+
+
+@pytest.mark.parametrize("floor", [False, True])
+def test_a_reach_leaves_out_only_the_ends_of_the_ladder(floor):
     """Under a byte target the ladder stops once a step costs LADDER_HEADROOM
-    times the reach: the curve is the full one's coarse end, cut short."""
+    times the reach, and (with floor) starts at the finest step costing under
+    LADDER_FLOOR times it: the curve is a run of the full one's candidates."""
     p = rate.prepare_leaf(_tensor("laplace", (256, 512), 7))
     full = rate.rd_curve(p)
-    cut = rate.rd_curve(p, reach=3.0)
-    k = len(cut.nbytes)
-    assert k < len(full.nbytes)
+    cut = rate.rd_curve(p, reach=3.0, floor=floor)
+    assert len(cut.nbytes) < len(full.nbytes)
     assert 8 * cut.nbytes[-1] / p.size > rate.LADDER_HEADROOM * 3.0
-    for field in ("bits", "delta", "q", "nbytes", "sse"):
-        np.testing.assert_array_equal(getattr(cut, field)[:k - 1], getattr(full, field)[:k - 1])
+    start = _segment_of(full, cut)
+    if not floor:
+        assert start == 0
+        return
+    assert start > 0   # the coarsest steps (tile headers, near 0 bits) left out
+    assert 8 * cut.nbytes[0] / p.size < rate.LADDER_FLOOR * 3.0
+    # the next measured step of the full ladder is at or over the floor: no
+    # more than the one step under it is kept
+    measured = [i for i in range(start + 1, len(full.nbytes))
+                if (full.bits[i], full.delta[i]) in set(rate._ladder_steps(
+                    p, rate.tensor_rms(p), None))]
+    assert 8 * full.nbytes[measured[0]] / p.size >= rate.LADDER_FLOOR * 3.0 or start == 0
+
+
+@pytest.mark.parametrize("shift", [-20.0, 20.0])
+def test_a_wrong_floor_prediction_only_codes_more_steps(monkeypatch, shift):
+    """A prediction of too many bits starts the ladder at its start; one of
+    too few is extended coarser until a step costs under the floor: either
+    way the curve is a run of the full one's, reaching under the floor."""
+    p = rate.prepare_leaf(_tensor("row-scaled", (256, 512), 3))
+    full = rate.rd_curve(p)
+    monkeypatch.setattr(rate, "GAUSSIAN_BITS", rate.GAUSSIAN_BITS + shift)
+    cut = rate.rd_curve(p, reach=4.0)
+    start = _segment_of(full, cut)
+    if shift > 0:   # no step predicted under the floor: the whole coarse end
+        assert start == 0
+    else:           # every first step predicted under it: extended from the sixth
+        steps = rate._ladder_steps(p, rate.tensor_rms(p), None)
+        assert steps.index((int(cut.bits[0]), int(cut.delta[0]))) < (rate.LADDER_FIRST
+                                                                     - rate.LADDER_BATCH)
+        assert 8 * cut.nbytes[0] / p.size < rate.LADDER_FLOOR * 4.0 or start == 0

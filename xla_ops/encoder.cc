@@ -925,30 +925,45 @@ JJ_INLINE bool StartsInterval(int64_t block, int restart_interval) {
 
 class BlockQuantizer {
  public:
-  BlockQuantizer(const SampleSource& source, const EncodeOptions& options)
+  BlockQuantizer(const SampleSource& source, const EncodeOptions& options,
+                 const TransformCache* cache = nullptr, int blocks_x = 0)
       : source_(source), basis_(ForwardDctBasis()), quantizer_(MakeQuantizer(options)),
         max_sample_(static_cast<float>((1 << options.bits) - 1)),
-        center_(static_cast<float>(1 << (options.bits - 1))) {}
+        center_(static_cast<float>(1 << (options.bits - 1))), cache_(cache),
+        blocks_x_(blocks_x) {}
 
   // with_rdo: out->rdo filled in too. kAvx2: the transform compiled for
-  // AVX2 (only from RecordTileAvx2).
+  // AVX2 (only from RecordTileAvx2). With a cache, the block's transform is
+  // stored there (cache_->fill) or read from it instead of computed: the
+  // same floats either way, so the same quantized values.
   template <bool kAvx2>
   JJ_INLINE void Quantize(int bx, int by, bool with_rdo, QuantizedBlock* out) const {
     alignas(32) float coefficients[64];  // transposed
+    float* const cached =
+        cache_ == nullptr ? nullptr
+                          : cache_->data + 64 * (static_cast<int64_t>(by) * blocks_x_ + bx);
+    const bool read = cached != nullptr && !cache_->fill;
+    if (read) std::memcpy(coefficients, cached, sizeof(coefficients));
 #if defined(JAXJPEG_X86_DISPATCH)
     if constexpr (kAvx2) {
-      __m256 rows[8];
-      GatherCenteredRowsAvx2(source_, bx * 8, by * 8, max_sample_, center_, rows);
-      ForwardDct8x8TransposedAvx2(basis_, rows, coefficients);
+      if (!read) {
+        __m256 rows[8];
+        GatherCenteredRowsAvx2(source_, bx * 8, by * 8, max_sample_, center_, rows);
+        ForwardDct8x8TransposedAvx2(basis_, rows, coefficients);
+        if (cached != nullptr) std::memcpy(cached, coefficients, sizeof(coefficients));
+      }
       out->nonzero = QuantizeToZigzagAvx2(coefficients, quantizer_, out->zigzag,
                                           with_rdo ? &out->rdo : nullptr);
       return;
     }
 #endif
-    alignas(32) float block[64];
     alignas(16) float scaled[64];
-    GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
-    ForwardDct8x8Transposed(basis_, block, coefficients);
+    if (!read) {
+      alignas(32) float block[64];
+      GatherCenteredBlock(source_, bx * 8, by * 8, max_sample_, center_, block);
+      ForwardDct8x8Transposed(basis_, block, coefficients);
+      if (cached != nullptr) std::memcpy(cached, coefficients, sizeof(coefficients));
+    }
     QuantizeToZigzag(coefficients, quantizer_, out->zigzag, scaled);
     out->nonzero = NonzeroAcMask(out->zigzag);
     if (with_rdo) FindRdoCandidates(out->zigzag, scaled, &out->rdo);
@@ -960,6 +975,8 @@ class BlockQuantizer {
   const Quantizer quantizer_;
   const float max_sample_;
   const float center_;
+  const TransformCache* cache_;
+  const int blocks_x_;
 };
 
 // The code length of each AC symbol (unused ones: 16) under the optimal
@@ -1207,8 +1224,9 @@ void PutScanHeader(std::vector<uint8_t>* out) {
 template <bool kAvx2>
 JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& options,
                           const BlockGrid& grid, SymbolRecorder* recorder,
-                          std::vector<size_t>* interval_symbols, int16_t* coefficients) {
-  const BlockQuantizer quantizer(source, options);
+                          std::vector<size_t>* interval_symbols, int16_t* coefficients,
+                          const TransformCache* cache) {
+  const BlockQuantizer quantizer(source, options, cache, grid.blocks_x);
   // RDO prices symbols with optimal code lengths whatever optimize_huffman
   // says, so the values coded do not depend on it.
   if (options.rdo) {
@@ -1224,8 +1242,9 @@ JJ_INLINE void RecordTile(const SampleSource& source, const EncodeOptions& optio
 
 void RecordTilePortable(const SampleSource& source, const EncodeOptions& options,
                         const BlockGrid& grid, SymbolRecorder* recorder,
-                        std::vector<size_t>* interval_symbols, int16_t* coefficients) {
-  RecordTile<false>(source, options, grid, recorder, interval_symbols, coefficients);
+                        std::vector<size_t>* interval_symbols, int16_t* coefficients,
+                        const TransformCache* cache) {
+  RecordTile<false>(source, options, grid, recorder, interval_symbols, coefficients, cache);
 }
 
 void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
@@ -1240,8 +1259,9 @@ void WriteEntropyCodedDataPortable(const SymbolRecorder& recorder,
 // BMI2's shifts: the same operations in the same order, so the same bytes.
 __attribute__((target("avx2,bmi,bmi2"))) void RecordTileAvx2(
     const SampleSource& source, const EncodeOptions& options, const BlockGrid& grid,
-    SymbolRecorder* recorder, std::vector<size_t>* interval_symbols, int16_t* coefficients) {
-  RecordTile<true>(source, options, grid, recorder, interval_symbols, coefficients);
+    SymbolRecorder* recorder, std::vector<size_t>* interval_symbols, int16_t* coefficients,
+    const TransformCache* cache) {
+  RecordTile<true>(source, options, grid, recorder, interval_symbols, coefficients, cache);
 }
 
 __attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
@@ -1254,7 +1274,8 @@ __attribute__((target("avx2,bmi,bmi2"))) void WriteEntropyCodedDataAvx2(
 // Encodes into *out (interval starts into *starts); with `coefficients`, also
 // every block's values as coded (StoreCodedValues), 64 a block in raster order.
 void Encode(const SampleSource& source, const EncodeOptions& options, std::vector<uint8_t>* out,
-            std::vector<int64_t>* starts, std::vector<int16_t>* coefficients) {
+            std::vector<int64_t>* starts, std::vector<int16_t>* coefficients,
+            const TransformCache* cache) {
   const BlockGrid grid = MakeBlockGrid(source.width, source.height);
   const bool avx2 = options.allow_avx2 && CpuHasAvx2Bmi2();
   SymbolRecorder recorder(grid.count);
@@ -1266,12 +1287,12 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
   }
 #if defined(JAXJPEG_X86_DISPATCH)
   if (avx2) {
-    RecordTileAvx2(source, options, grid, &recorder, &interval_symbols, coded);
+    RecordTileAvx2(source, options, grid, &recorder, &interval_symbols, coded, cache);
   } else {
-    RecordTilePortable(source, options, grid, &recorder, &interval_symbols, coded);
+    RecordTilePortable(source, options, grid, &recorder, &interval_symbols, coded, cache);
   }
 #else
-  RecordTilePortable(source, options, grid, &recorder, &interval_symbols, coded);
+  RecordTilePortable(source, options, grid, &recorder, &interval_symbols, coded, cache);
 #endif
 
   const SymbolHistogram dc_counts = recorder.Histogram(kDcIndex);
@@ -1315,13 +1336,14 @@ void Encode(const SampleSource& source, const EncodeOptions& options, std::vecto
 
 Status EncodeSource(const SampleSource& source, const EncodeOptions& options,
                     std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
-                    std::vector<int16_t>* coefficients = nullptr) {
+                    std::vector<int16_t>* coefficients = nullptr,
+                    const TransformCache* cache = nullptr) {
   const Status status = ValidateArguments(source, options, out);
   if (status != Status::kOk) return status;
   const size_t original_size = out->size();
   std::vector<int64_t> starts;
   try {
-    Encode(source, options, out, &starts, coefficients);
+    Encode(source, options, out, &starts, coefficients, cache);
   } catch (const std::exception&) {  // std::bad_alloc, std::length_error
     out->resize(original_size);
     return Status::kBadArgument;
@@ -1342,12 +1364,13 @@ Status EncodeMappedGrayscaleWithCoefficients(const float* weights, int width, in
                                              std::vector<uint8_t>* out,
                                              std::vector<int64_t>* interval_starts,
                                              std::vector<int16_t>* coefficients,
-                                             bool transposed) {
-  if (row_scale == nullptr || row_offset == nullptr || coefficients == nullptr) {
+                                             bool transposed, const TransformCache* cache) {
+  if (row_scale == nullptr || row_offset == nullptr || coefficients == nullptr ||
+      (cache != nullptr && cache->data == nullptr)) {
     return Status::kBadArgument;
   }
   return EncodeSource({weights, stride, width, height, row_scale, row_offset, transposed},
-                      options, out, interval_starts, coefficients);
+                      options, out, interval_starts, coefficients, cache);
 }
 
 Status EncodeGrayscale(const float* samples, int width, int height, std::ptrdiff_t stride,

@@ -71,6 +71,17 @@ Status EncodeMappedGrayscale(const float* weights, int width, int height, std::p
                              std::vector<int64_t>* interval_starts = nullptr,
                              bool transposed = false);
 
+// The forward transforms of a tile's blocks (64 floats a block, blocks in
+// raster order): they depend on the weights, the row maps and the sample
+// depth, not on the quantization table, so codings of one tile at several
+// steps (rate_probe.cc's MeasureSteps) compute them once. fill: the coding
+// computes each block's transform and stores it in `data`; else it reads
+// it from there (filled by a coding of the same weights, maps and depth).
+struct TransformCache {
+  float* data = nullptr;  // 64 * blocks floats
+  bool fill = true;
+};
+
 // EncodeMappedGrayscale that also gives what a decoder of
 // the file reads back before its IDCT: every block's quantized coefficients
 // as coded (RDO's choices included), 64 per block in zig-zag order, blocks in
@@ -85,7 +96,8 @@ Status EncodeMappedGrayscaleWithCoefficients(const float* weights, int width, in
                                              std::vector<uint8_t>* out,
                                              std::vector<int64_t>* interval_starts,
                                              std::vector<int16_t>* coefficients,
-                                             bool transposed = false);
+                                             bool transposed = false,
+                                             const TransformCache* cache = nullptr);
 
 }  // namespace jaxjpeg
 

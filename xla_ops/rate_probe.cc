@@ -1,5 +1,6 @@
 #include "rate_probe.h"
 
+#include <exception>
 #include <vector>
 
 #include "encoder.h"
@@ -154,7 +155,20 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
   std::vector<uint8_t> data;
   std::vector<int64_t> starts;
   std::vector<int16_t> coefficients;
+  // The blocks' transforms do not depend on the step: the first coding
+  // computes and keeps them, the others quantize them as they are.
+  std::vector<float> transforms;
+  TransformCache cache;
+  if (num_steps > 1) {
+    try {
+      transforms.resize(64 * static_cast<size_t>((width + 7) / 8) * ((height + 7) / 8));
+    } catch (const std::exception&) {
+      return Status::kBadArgument;
+    }
+    cache.data = transforms.data();
+  }
   for (int i = 0; i < num_steps; ++i) {
+    cache.fill = i == 0;
     EncodeOptions options;
     options.bits = bits;
     options.restart_interval = restart_interval;
@@ -163,7 +177,7 @@ Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t 
     data.clear();
     const Status s = EncodeMappedGrayscaleWithCoefficients(
         weights, width, height, stride, row_scale, row_offset, options, &data, &starts,
-        &coefficients);
+        &coefficients, /*transposed=*/false, cache.data != nullptr ? &cache : nullptr);
     if (s != Status::kOk) return s;
     if (coefficients.size() != 64 * static_cast<size_t>((width + 7) / 8) * ((height + 7) / 8)) {
       return Status::kBadArgument;  // never expected: one block of values per block
