@@ -444,11 +444,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
 
     coded, kept, overhead, curves, sens = measure(floor)
     budget = target_bytes - kept - overhead
-    if floor and 0 < budget < sum(float(c.nbytes.min()) for c in curves.values()):
-        # A budget so tight (small leaves: their headers and maps) that the
-        # curves' coarsest candidates under the floor do not fit: measured
-        # again down to the ladder's coarsest steps (the same budget).
-        coded, kept, overhead, curves, sens = measure(False)
+    if floor and budget > 0 and rate.floors_exceed(curves, budget):
+        coded, kept, overhead, curves, sens = measure(False)   # the same budget
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"

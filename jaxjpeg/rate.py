@@ -675,6 +675,13 @@ def _ladder_costs(p: codec.Prepared, probe: _Probe, steps: list, reach: float | 
     return first, costs
 
 
+def floors_exceed(curves: Mapping[str, Curve], budget: float) -> bool:
+    """Whether curves measured with LADDER_FLOOR cannot meet ``budget`` bytes
+    even at their coarsest candidates (small leaves: their headers and maps):
+    they are then measured again down to the ladder's coarsest steps."""
+    return sum(float(c.nbytes.min()) for c in curves.values()) > budget
+
+
 def _predicted_floor(p: codec.Prepared, steps: list, floor: float) -> int:
     """The finest of the ladder's first LADDER_FIRST - LADDER_BATCH + 1 steps
     whose bits/weight log2(rms / q) + GAUSSIAN_BITS is under ``floor`` (0
@@ -1397,8 +1404,8 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
                 for n, p in prepared.items()}
 
     curves = measure(sensitivity is None)
-    if sensitivity is None and sum(float(c.nbytes.min()) for c in curves.values()) > target_bytes:
-        curves = measure(False)   # as save: a budget under the floors' coarsest candidates
+    if sensitivity is None and floors_exceed(curves, target_bytes):
+        curves = measure(False)
     allocator = BudgetAllocator(curves, target_bytes, sensitivity=sensitivity, **options)
     # Largest first: the small tensors coded last absorb what the large ones missed.
     order = sorted(names, key=lambda n: -prepared[n].size)
