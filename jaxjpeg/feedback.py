@@ -213,6 +213,17 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
     order = fb.order(unit)
     upper = fb.upper(unit)
     s = s[:, order]
+    if isinstance(upper, RankOneFactor):
+        _shape_rank_one(s, q, bits, upper)
+    else:
+        _shape_dense(s, q, bits, upper)
+    top = float((1 << bits) - 1)
+    s = np.clip(s[:, np.argsort(order)], 0.0, top).astype(np.float32)
+    return np.ascontiguousarray(s.T if fb.along_rows else s)
+
+
+def _shape_dense(s: np.ndarray, q: np.ndarray, bits: int, upper: np.ndarray) -> None:
+    """Feedback on samples ``s`` [rows, inputs] (in place) with a dense factor."""
     top = float((1 << bits) - 1)
     n = s.shape[1]
     for b0 in range(0, n, BATCH):
@@ -228,8 +239,21 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
             moved[:, g0 - b0:g0 - b0 + scaled.shape[1]] = scaled
             s[:, within] -= scaled @ upper[g, within]
         s[:, b1:] -= moved @ upper[b0:b1, b1:]
-    s = np.clip(s[:, np.argsort(order)], 0.0, top).astype(np.float32)
-    return np.ascontiguousarray(s.T if fb.along_rows else s)
+
+
+def _shape_rank_one(s: np.ndarray, q: np.ndarray, bits: int, f: RankOneFactor) -> None:
+    """:func:`_shape_dense` for a :class:`RankOneFactor`, in O(rows x inputs):
+    the update ``scaled @ upper[g, j]`` of every later input j is
+    ``(scaled @ coef[g]) * w[j]``, so one number per row carries it."""
+    top = float((1 << bits) - 1)
+    carried = np.zeros(s.shape[0])
+    for g0 in range(0, s.shape[1], 8):
+        g = slice(g0, min(s.shape[1], g0 + 8))
+        s[:, g] -= np.outer(carried, f.w[g])
+        error = s[:, g] - _quantized(np.clip(s[:, g], 0.0, top), q, bits)
+        s[:, g] = np.clip(s[:, g], 0.0, top)
+        scaled = scipy.linalg.solve_triangular(f.block(g), error.T, trans="T").T
+        carried += scaled @ f.coef[g]
 
 
 def _inverse_cholesky(h: np.ndarray, damping: float | None = None) -> np.ndarray:
@@ -256,9 +280,29 @@ def _damped(power: np.ndarray, base: np.ndarray, damping: float | None = None) -
     return np.where(power > 0, base + damping * mean, mean)
 
 
-def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class RankOneFactor:
+    """The inverse Cholesky factor of ``diag + v vᵀ`` in O(n) numbers:
+    ``pivot`` on the diagonal and ``coef[i] * w[j]`` above it (j > i). Every
+    update feedback makes is then rank one: the errors of the inputs coded so
+    far reach input j only through one number per row times ``w[j]``."""
+
+    pivot: np.ndarray
+    coef: np.ndarray
+    w: np.ndarray
+
+    def block(self, g: slice) -> np.ndarray:
+        """The factor's diagonal block over the inputs ``g``."""
+        return (np.diag(self.pivot[g])
+                + np.triu(np.outer(self.coef[g], self.w[g]), 1))
+
+    def dense(self) -> np.ndarray:
+        return self.block(slice(0, len(self.pivot)))
+
+
+def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> RankOneFactor:
     """:func:`_inverse_cholesky` of ``diag(diagonal) + vector vectorᵀ`` in
-    O(n²): damped alike (:func:`_damped`), ``H = diag(e) + v vᵀ`` has the inverse
+    O(n): damped alike (:func:`_damped`), ``H = diag(e) + v vᵀ`` has the inverse
     ``diag(1/e) - s w wᵀ`` (``w = v / e``, Sherman-Morrison), whose Cholesky
     factor is a diagonal plus ``c_j w_i`` above it: eliminating input j
     leaves ``diag + a_j w wᵀ`` on the rest, with ``a_j`` by recurrence."""
@@ -271,12 +315,7 @@ def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> np.n
         pivot[j] = math.sqrt(d)
         coef[j] = a * wj / pivot[j]
         a *= inv_e / d
-    upper = np.empty((len(e), len(e)))
-    for r0 in range(0, len(e), BATCH):   # by row blocks: no second n x n temporary
-        r1 = min(len(e), r0 + BATCH)
-        upper[r0:r1] = np.triu(np.outer(coef[r0:r1], w), r0 + 1)
-    upper[np.diag_indices_from(upper)] = pivot
-    return upper
+    return RankOneFactor(pivot, coef, w)
 
 
 _N = np.arange(8)
@@ -290,7 +329,8 @@ def _quantized(strip: np.ndarray, q: np.ndarray, bits: int) -> np.ndarray:
     repeating the last row/column, as it does), the decoder's rounding and
     clamping to integer samples."""
     rows, width = strip.shape
-    padded = np.pad(strip, ((0, -rows % 8), (0, 8 - width)), mode="edge")
+    padded = (strip if rows % 8 == 0 and width == 8
+              else np.pad(strip, ((0, -rows % 8), (0, 8 - width)), mode="edge"))
     blocks = padded.reshape(-1, 8, 8) - (1 << (bits - 1))
     coef = _DCT @ blocks @ _DCT.T / q
     coef = np.trunc(coef + np.copysign(0.5, coef))

@@ -304,15 +304,38 @@ def test_a_diagonal_plus_rank_one_covariance_factors_like_its_matrix(dead, monke
     vector[:dead] = 0
     cov = feedback.DiagonalPlusRankOne(diagonal, vector, (1, 2, 3))
     dense = feedback.InputCovariance(cov.check((6, 3, 4, 5)), (1, 2, 3))
-    np.testing.assert_allclose(feedback._rank_one_inverse_cholesky(diagonal, vector),
+    np.testing.assert_allclose(feedback._rank_one_inverse_cholesky(diagonal, vector).dense(),
                                feedback._inverse_cholesky(dense.matrix), rtol=1e-9, atol=1e-12)
     view = MatrixView((2, 0, 3, 1), 2)
     fast, slow = (feedback.for_view(c, (6, 3, 4, 5), view) for c in (cov, dense))
     assert slow.by_power and not fast.by_power   # a measured one is coded loudest first
     slow = dataclasses.replace(slow, by_power=False)
     unit = rng.uniform(0.5, 2, n)
-    np.testing.assert_allclose(fast.upper(unit), slow.upper(unit), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fast.upper(unit).dense(), slow.upper(unit), rtol=1e-9, atol=1e-12)
     assert fast.along_rows == slow.along_rows
+
+
+@pytest.mark.parametrize("along_rows", [False, True])
+def test_a_rank_one_factor_shapes_samples_as_its_dense_matrix_does(along_rows, monkeypatch):
+    """The prior's feedback carries one number per row instead of updating
+    every later input through an n x n factor (O(rows x n) instead of
+    O(rows x n²) work, no n x n array): the same samples."""
+    monkeypatch.setattr(feedback, "CALIBRATION_DAMPING", feedback.DAMPING)
+    rng = np.random.default_rng(15)
+    rows, n = 40, 300   # several batches of 128 inputs and a narrower last group
+    diagonal, vector = rng.uniform(0.1, 2, n), rng.uniform(0, 1.5, n)
+    cov = feedback.DiagonalPlusRankOne(diagonal, vector, (1,))
+    dense = feedback.InputCovariance(cov.check((rows, n)), (1,))
+    view = MatrixView((1, 0), 1) if along_rows else MatrixView((0, 1), 1)
+    fast, slow = (feedback.for_view(c, (rows, n), view) for c in (cov, dense))
+    slow = dataclasses.replace(slow, by_power=False)
+    samples = rng.uniform(20, 235, (n, rows) if along_rows else (rows, n)).astype(np.float32)
+    table = np.full(64, 24.0)
+    scale = rng.uniform(0.5, 2, n) if along_rows else 1.0
+    col = None if along_rows else rng.uniform(0.5, 2, n)
+    got, want = (feedback.shape_errors(samples, table, 8, fb, scale, col) for fb in (fast, slow))
+    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - samples).max() > 1.0   # errors were moved
 
 
 def test_a_diagonal_plus_rank_one_covariance_of_the_wrong_size_is_refused():
