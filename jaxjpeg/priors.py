@@ -70,9 +70,11 @@ _MEAN = ("running_mean", "moving_mean", "mean")
 # collections with the same module paths below them.
 _FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
 SEARCH_BACK = 16   # leaves looked back from a weight for its BatchNorm
-# Larger convolutions keep the diagonal prior: feedback updates an n x n
-# factor (rows x n² work, 8n² bytes). At 4608 inputs (a 3x3 conv on 512
-# channels, 512 outputs) it added 1.3 s and 230 MB of peak memory to a save.
+# Larger convolutions keep the diagonal prior. The cap was set when
+# feedback updated an n x n factor (at 4608 inputs, a 3x3 conv on 512
+# channels, +1.3 s and 230 MB of peak memory per save); the prior's factor
+# is now rank one (O(rows x n), feedback.RankOneFactor), but feedback on
+# wider convolutions has not been measured on a network.
 MAX_FEEDBACK_FEATURES = 4608
 # A residual stream's mean (see _fitted_to_running_means) replaces the
 # modelled one when it predicts the BatchNorm after the weight STREAM_FIT
@@ -167,8 +169,8 @@ def batchnorm_prior(tree, load=None) -> Prior:
     positive mean (see the module's measurements). A matrix (Dense, Linear)
     weight keeps the diagonal: after BatchNorm it usually sees pooled or
     flattened features, and feedback there measured worse. So do
-    convolutions with more than ``MAX_FEEDBACK_FEATURES`` inputs, whose
-    n x n feedback factor would cost more than the rest of the save.
+    convolutions with more than ``MAX_FEEDBACK_FEATURES`` inputs (not
+    measured).
 
     ``load`` (optional): ``name -> array`` for weights the tree holds as
     zero-stride stand-ins (shapes only, see ``checkpoint.save_leaves``),

@@ -791,3 +791,41 @@ def test_byte_targets_on_odd_leaves_meet_the_target_and_code_alike_on_any_thread
         assert abs(os.path.getsize(path) * ratio / raw - 1) <= 0.02
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+def _relative_error(got, want):
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_the_default_step_is_balanced_by_leaf_size(tmp_path):
+    """A byte target's data-free allocation, in closed form: a leaf 64x
+    larger than another is coded 64^0.35 (4.3x) coarser, the
+    tree's typical (size-weighted) leaf at relative_step times its RMS."""
+    rng = np.random.default_rng(0)
+    tree = {"big": rng.standard_normal((512, 512)).astype(np.float32),
+            "small": rng.standard_normal((64, 64)).astype(np.float32)}
+    jaxjpeg.save(tmp_path / "t.jjpg", tree, progress=False)
+    got = jaxjpeg.restore(tmp_path / "t.jjpg")
+    errors = {k: _relative_error(np.asarray(got[k]), tree[k]) for k in tree}
+    power = (1 - ck.LEAF_SIZE_POWER) / 2   # the byte target's equal slope at high rate
+    expected = (tree["big"].size / tree["small"].size) ** power
+    assert 0.8 * expected < errors["big"] / errors["small"] < 1.25 * expected, errors
+    reference = math.exp((tree["big"].size * math.log(tree["big"].size)
+                          + tree["small"].size * math.log(tree["small"].size))
+                         / (tree["big"].size + tree["small"].size))
+    with ckr.Checkpoint(tmp_path / "t.jjpg") as ckpt:
+        assert ckpt.reader.metadata["rate"] == {"relative_step": ck.DEFAULT_RELATIVE_STEP,
+                                                "reference_size": round(reference)}
+    # uniform quantization at step 0.28 RMS: relative error 0.28 / sqrt(12)
+    typical = (tree["big"].size / reference) ** power
+    assert errors["big"] == pytest.approx(typical * ck.DEFAULT_RELATIVE_STEP / math.sqrt(12),
+                                          rel=0.1)
+
+
+def test_a_leaf_alone_keeps_relative_step_times_its_rms(tmp_path):
+    rng = np.random.default_rng(1)
+    tree = {"w": rng.standard_normal((256, 256)).astype(np.float32),
+            "bias": rng.standard_normal(256).astype(np.float32)}   # not coded: not counted
+    jaxjpeg.save(tmp_path / "t.jjpg", tree, relative_step=0.2, progress=False)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["w"])
+    assert _relative_error(got, tree["w"]) == pytest.approx(0.2 / math.sqrt(12), rel=0.1)
