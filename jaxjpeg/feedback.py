@@ -62,7 +62,9 @@ class InputCovariance:
         return tuple(a + len(shape) if a < 0 else a for a in self.axes)
 
     def check(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The matrix as symmetric float64, or ValueError naming what is wrong."""
+        """The matrix (as given, not copied), or ValueError naming what is
+        wrong. Checked by row blocks: a layer of n inputs has an n x n
+        matrix, GBs for an LLM's widest, and a save holds few copies."""
         ndim = len(shape)
         axes = self.axes_of(shape)
         if not axes or len(set(axes)) != len(axes) or not all(0 <= a < ndim for a in axes):
@@ -71,19 +73,33 @@ class InputCovariance:
         if len(axes) == ndim:
             raise ValueError("input axes cover every axis of the leaf: no output axis is left")
         n = math.prod(shape[a] for a in axes)
-        h = np.asarray(self.matrix, np.float64)
+        h = np.asarray(self.matrix)
         if h.shape != (n, n):
             raise ValueError(f"input covariance has shape {h.shape}; the input axes {self.axes} "
                              f"of shape {tuple(shape)} need ({n}, {n})")
-        if not np.all(np.isfinite(h)):
+        if h.dtype.kind not in "fiu":
+            raise ValueError(f"input covariance has dtype {h.dtype}; it must be real")
+        if not all(np.isfinite(h[r:r + BATCH]).all() for r in range(0, n, BATCH)):
             raise ValueError("input covariance has NaN or infinite entries")
-        if np.any(np.diag(h) < 0):
+        if np.any(np.diagonal(h) < 0):
             raise ValueError("input covariance has negative diagonal entries")
-        return (h + h.T) / 2
+        return h
 
     def ordered(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-        """The checked matrix with its features in the order ``index``."""
-        return self.check(shape)[np.ix_(index, index)]
+        """The checked matrix, symmetrized, as float64 with its features in
+        the order ``index`` (one n x n copy)."""
+        h = self.check(shape)[np.ix_(index, index)].astype(np.float64, copy=False)
+        _symmetrize(h)
+        return h
+
+
+def _symmetrize(h: np.ndarray) -> None:
+    """``h`` <- (h + hᵀ) / 2 in place, by row blocks (no n x n temporary)."""
+    for r0 in range(0, len(h), BATCH):
+        r1 = min(len(h), r0 + BATCH)
+        mean = (h[r0:r1, r0:] + h[r0:, r0:r1].T) / 2
+        h[r0:r1, r0:] = mean
+        h[r0:, r0:r1] = mean.T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +172,8 @@ class Feedback:
                 self.factors[key] = _rank_one_inverse_cholesky(
                     self.matrix.diagonal * unit * unit, self.matrix.vector * unit)
             else:
-                order = self.order(unit)
-                scaled = unit[order]
-                self.factors[key] = _inverse_cholesky(
-                    self.matrix[np.ix_(order, order)] * np.outer(scaled, scaled),
-                    CALIBRATION_DAMPING)
+                self.factors[key] = _ordered_inverse_cholesky(
+                    self.matrix, self.order(unit), unit, CALIBRATION_DAMPING)
         return self.factors[key]
 
 
@@ -259,16 +272,39 @@ def _shape_rank_one(s: np.ndarray, q: np.ndarray, bits: int, f: RankOneFactor) -
 def _inverse_cholesky(h: np.ndarray, damping: float | None = None) -> np.ndarray:
     """Upper ``U`` with ``(H + damping)⁻¹ = Uᵀ U`` (``damping``: DAMPING
     unless given)."""
-    h = h.copy()
-    h[np.diag_indices_from(h)] = _damped(np.diag(h), np.diag(h), damping)
-    # With J the order reversal and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J),
-    # and J L⁻¹ J is upper. One Cholesky and one triangular inverse: a third
-    # of the work of inverting H and factoring the inverse.
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    return _ordered_inverse_cholesky(h, np.arange(len(h)), np.ones(len(h)), damping)
+
+
+def _ordered_inverse_cholesky(h: np.ndarray, order: np.ndarray, unit: np.ndarray,
+                              damping: float | None = None) -> np.ndarray:
+    """:func:`_inverse_cholesky` of ``h`` (symmetric) with its inputs in
+    ``order``, scaled by ``unit`` on both sides, in one n x n array (returned as a
+    reversed view of it).
+
+    With J the order reversal and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J),
+    and J L⁻¹ J is upper. One Cholesky and one triangular inverse (a third
+    of the work of inverting H and factoring the inverse), both in place on
+    the reversed copy of H that the reordering makes anyway.
+    """
+    reverse = order[::-1]
+    # J H J; H is symmetric, so the C-ordered copy's transpose is it in
+    # Fortran order (np.array(..., order="F") would copy it once more).
+    a = np.asfortranarray(h[np.ix_(reverse, reverse)].astype(np.float64, copy=False).T)
+    scale = unit[reverse]
+    a *= scale[:, None]
+    a *= scale[None, :]
+    diagonal = np.diagonal(a).copy()
+    np.fill_diagonal(a, _damped(diagonal, diagonal, damping))
+    # LAPACK on the Fortran-ordered array works in place: no other n x n copy
+    # (clean: the Cholesky zeroes the upper triangle, which dtrtri keeps).
+    lower, info = scipy.linalg.lapack.dpotrf(a, lower=1, overwrite_a=1, clean=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"input covariance is not positive definite "
+                                    f"(LAPACK info {info})")
+    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"input covariance factor is singular (LAPACK info {info})")
-    return np.ascontiguousarray(inverse[::-1, ::-1])
+    return inverse[::-1, ::-1]
 
 
 def _damped(power: np.ndarray, base: np.ndarray, damping: float | None = None) -> np.ndarray:
