@@ -257,16 +257,20 @@ def _shape_dense(s: np.ndarray, q: np.ndarray, bits: int, upper: np.ndarray) -> 
 def _shape_rank_one(s: np.ndarray, q: np.ndarray, bits: int, f: RankOneFactor) -> None:
     """:func:`_shape_dense` for a :class:`RankOneFactor`, in O(rows x inputs):
     the update ``scaled @ upper[g, j]`` of every later input j is
-    ``(scaled @ coef[g]) * w[j]``, so one number per row carries it."""
+    ``(scaled @ coef[g]) * w[j]``, so one number per row carries it, and
+    ``scaled @ coef[g]`` is ``error @ (inv(upper[g, g]) @ coef[g])``."""
     top = float((1 << bits) - 1)
     carried = np.zeros(s.shape[0])
-    for g0 in range(0, s.shape[1], 8):
-        g = slice(g0, min(s.shape[1], g0 + 8))
+    for g, through in zip(_groups(s.shape[1]), f.carriers()):
         s[:, g] -= np.outer(carried, f.w[g])
-        error = s[:, g] - _quantized(np.clip(s[:, g], 0.0, top), q, bits)
-        s[:, g] = np.clip(s[:, g], 0.0, top)
-        scaled = scipy.linalg.solve_triangular(f.block(g), error.T, trans="T").T
-        carried += scaled @ f.coef[g]
+        clipped = np.clip(s[:, g], 0.0, top)
+        carried += (s[:, g] - _quantized(clipped, q, bits)) @ through
+        s[:, g] = clipped
+
+
+def _groups(n: int) -> list[slice]:
+    """The groups of eight inputs feedback codes together (a last, narrower one)."""
+    return [slice(g0, min(n, g0 + 8)) for g0 in range(0, n, 8)]
 
 
 def _inverse_cholesky(h: np.ndarray, damping: float | None = None) -> np.ndarray:
@@ -334,6 +338,21 @@ class RankOneFactor:
 
     def dense(self) -> np.ndarray:
         return self.block(slice(0, len(self.pivot)))
+
+    def carriers(self) -> list[np.ndarray]:
+        """Per group of :func:`_groups`: ``inv(block(g)) @ coef[g]``, what a
+        group's errors add to the number carried (all groups at once)."""
+        n = len(self.pivot)
+        full = n // 8 * 8
+        blocks = np.zeros((full // 8, 8, 8))
+        blocks[:, np.arange(8), np.arange(8)] = self.pivot[:full].reshape(-1, 8)
+        upper = np.triu(np.ones((8, 8), bool), 1)
+        blocks += (self.coef[:full].reshape(-1, 8, 1) * self.w[:full].reshape(-1, 1, 8)) * upper
+        out = list(np.linalg.solve(blocks, self.coef[:full].reshape(-1, 8, 1))[..., 0])
+        if full < n:
+            last = slice(full, n)
+            out.append(np.linalg.solve(self.block(last), self.coef[last]))
+        return out
 
 
 def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> RankOneFactor:
