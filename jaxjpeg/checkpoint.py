@@ -633,11 +633,11 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     (:mod:`jaxjpeg.priors`): a convolution with error feedback against their
     modelled covariance, a matrix weighing each input channel by its power;
     a ``sensitivity`` or an ``input_covariance`` for the leaf takes its
-    place. Under a byte target the running mean of the BatchNorm after such
-    a weight is moved by the mean shift the coded weight adds, or, with no
-    BatchNorm after it (a classifier), its own bias is (data-free bias
-    correction): restored, it differs from the saved one by that shift. A
-    ``distributed=True`` save has no prior.
+    place. The running mean of the BatchNorm after such a weight is moved by
+    the mean shift the coded weight adds, or, with no BatchNorm after it (a
+    classifier), its own bias is (data-free bias correction): restored, it
+    differs from the saved one by that shift. A ``distributed=True`` save
+    has no prior.
 
     ``input_mean`` (leaf path -> :class:`jaxjpeg.InputMean`, under any lossy
     coding): the mean of a layer's inputs measured on calibration data. The
@@ -902,8 +902,7 @@ class _Save:
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
         # A user's input means correct their weights under any lossy coding.
-        self.bias_correction = BiasCorrection.of(prior if target is not None else None,
-                                                 input_means)
+        self.bias_correction = BiasCorrection.of(prior, input_means)
         self.progress = progress
 
     def run(self) -> SaveReport:
