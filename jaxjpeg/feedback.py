@@ -21,6 +21,7 @@ import math
 import numpy as np
 import scipy.linalg
 
+from jaxjpeg import _native
 from jaxjpeg.views import MatrixView
 
 # GPTQ's damping: H + DAMPING * mean(diag H) * I keeps the inverse stable
@@ -215,7 +216,7 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
     ``row_scale`` (per row, or one for all) and ``col_scale`` map sample units
     to weights, so ``H`` is taken in sample units.
     """
-    s = np.array(samples.T if fb.along_rows else samples, np.float64)
+    s = np.array(samples.T if fb.along_rows else samples, np.float64, order="C")
     q = np.asarray(table, np.float64).reshape(8, 8)
     if fb.along_rows:   # the inputs' weight units: per-row scales
         unit = np.broadcast_to(np.asarray(row_scale, np.float64).ravel(), (samples.shape[0],))
@@ -225,13 +226,15 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
     unit = np.ascontiguousarray(unit, np.float64)
     order = fb.order(unit)
     upper = fb.upper(unit)
-    s = s[:, order]
+    if fb.by_power:   # else the inputs keep their order: no copies
+        s = np.ascontiguousarray(s[:, order])
     if isinstance(upper, RankOneFactor):
         _shape_rank_one(s, q, bits, upper)
     else:
         _shape_dense(s, q, bits, upper)
-    top = float((1 << bits) - 1)
-    s = np.clip(s[:, np.argsort(order)], 0.0, top).astype(np.float32)
+    if fb.by_power:
+        s = s[:, np.argsort(order)]
+    s = np.clip(s, 0.0, float((1 << bits) - 1)).astype(np.float32)
     return np.ascontiguousarray(s.T if fb.along_rows else s)
 
 
@@ -258,19 +261,10 @@ def _shape_rank_one(s: np.ndarray, q: np.ndarray, bits: int, f: RankOneFactor) -
     """:func:`_shape_dense` for a :class:`RankOneFactor`, in O(rows x inputs):
     the update ``scaled @ upper[g, j]`` of every later input j is
     ``(scaled @ coef[g]) * w[j]``, so one number per row carries it, and
-    ``scaled @ coef[g]`` is ``error @ (inv(upper[g, g]) @ coef[g])``."""
-    top = float((1 << bits) - 1)
-    carried = np.zeros(s.shape[0])
-    for g, through in zip(_groups(s.shape[1]), f.carriers()):
-        s[:, g] -= np.outer(carried, f.w[g])
-        clipped = np.clip(s[:, g], 0.0, top)
-        carried += (s[:, g] - _quantized(clipped, q, bits)) @ through
-        s[:, g] = clipped
-
-
-def _groups(n: int) -> list[slice]:
-    """The groups of eight inputs feedback codes together (a last, narrower one)."""
-    return [slice(g0, min(n, g0 + 8)) for g0 in range(0, n, 8)]
+    ``scaled @ coef[g]`` is ``error @ (inv(upper[g, g]) @ coef[g])``
+    (native: ``_native.shape_rank_one``)."""
+    _native.shape_rank_one(s, np.ascontiguousarray(q, np.float64), bits, f.w,
+                           np.concatenate(f.carriers()))
 
 
 def _inverse_cholesky(h: np.ndarray, damping: float | None = None) -> np.ndarray:
@@ -340,8 +334,9 @@ class RankOneFactor:
         return self.block(slice(0, len(self.pivot)))
 
     def carriers(self) -> list[np.ndarray]:
-        """Per group of :func:`_groups`: ``inv(block(g)) @ coef[g]``, what a
-        group's errors add to the number carried (all groups at once)."""
+        """Per group of eight inputs (a last, narrower one):
+        ``inv(block(g)) @ coef[g]``, what the group's errors add to the
+        number carried (all groups at once)."""
         n = len(self.pivot)
         full = n // 8 * 8
         blocks = np.zeros((full // 8, 8, 8))
@@ -373,25 +368,12 @@ def _rank_one_inverse_cholesky(diagonal: np.ndarray, vector: np.ndarray) -> Rank
     return RankOneFactor(pivot, coef, w)
 
 
-_N = np.arange(8)
-_DCT = np.sqrt(2 / 8) * np.cos(np.pi * (2 * _N[None, :] + 1) * _N[:, None] / 16)
-_DCT[0] /= np.sqrt(2)
-
-
 def _quantized(strip: np.ndarray, q: np.ndarray, bits: int) -> np.ndarray:
     """What the codec restores of a [rows, <= 8] strip of samples: the encoder's
     orthonormal DCT and round-half-away quantization (edge blocks padded by
     repeating the last row/column, as it does), the decoder's rounding and
-    clamping to integer samples."""
-    rows, width = strip.shape
-    padded = (strip if rows % 8 == 0 and width == 8
-              else np.pad(strip, ((0, -rows % 8), (0, 8 - width)), mode="edge"))
-    blocks = padded.reshape(-1, 8, 8) - (1 << (bits - 1))
-    coef = _DCT @ blocks @ _DCT.T / q
-    coef = np.trunc(coef + np.copysign(0.5, coef))
-    restored = _DCT.T @ (coef * q) @ _DCT + (1 << (bits - 1))
-    restored = np.clip(np.round(restored), 0, (1 << bits) - 1)
-    return restored.reshape(-1, 8)[:rows, :width]
+    clamping to integer samples (``_native.restore_strip``)."""
+    return _native.restore_strip(strip, np.ascontiguousarray(q, np.float64), bits)
 
 
 # The allocation weighs a calibrated leaf's error by feedback's gain on it,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxjpeg
-from jaxjpeg import codec, feedback, rate
+from jaxjpeg import _native, codec, feedback, rate
 from jaxjpeg.views import MatrixView
 
 from oracle import expected_weights
@@ -442,3 +442,51 @@ def test_a_measured_covariance_is_held_in_few_copies(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 3.3 * h.nbytes, peak / h.nbytes
+
+
+def _restored_strip_model(strip, q, bits):
+    """The codec's restoration of a strip, in numpy (the oracle of the
+    native model): orthonormal DCT, round half away, inverse DCT, round
+    half to even, clamp; edge blocks padded by repetition."""
+    n = np.arange(8)
+    dct = np.sqrt(2 / 8) * np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 16)
+    dct[0] /= np.sqrt(2)
+    rows, width = strip.shape
+    padded = np.pad(strip, ((0, -rows % 8), (0, 8 - width)), mode="edge")
+    blocks = padded.reshape(-1, 8, 8) - (1 << (bits - 1))
+    coef = dct @ blocks @ dct.T / q
+    coef = np.trunc(coef + np.copysign(0.5, coef))
+    restored = dct.T @ (coef * q) @ dct + (1 << (bits - 1))
+    return np.clip(np.round(restored), 0, (1 << bits) - 1).reshape(-1, 8)[:rows, :width]
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize("rows,width", [(16, 8), (13, 8), (24, 3), (5, 1)])
+def test_the_native_strip_model_restores_as_the_numpy_model(bits, rows, width):
+    rng = np.random.default_rng(rows * width + bits)
+    top = (1 << bits) - 1
+    strip = rng.uniform(-0.1 * top, 1.1 * top, (rows, width))
+    q = rng.uniform(1, 40, (8, 8)) * (16 if bits == 12 else 1)
+    got = _native.restore_strip(strip, q, bits)
+    want = _restored_strip_model(strip, q, bits)
+    # sums in another order: a value at a rounding tie may go the other way
+    assert np.mean(got != want) < 1e-2 and np.abs(got - want).max() <= 1
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(table=np.zeros(64)), "positive"), (dict(table=np.ones(63)), "64"),
+    (dict(bits=10), "bits"), (dict(w=np.ones(7)), "one entry per input")])
+def test_the_native_rank_one_feedback_refuses_bad_arguments(args, match):
+    call = dict(samples=np.zeros((4, 8)), table=np.ones(64), bits=8, w=np.ones(8),
+                carriers=np.ones(8))
+    call.update(args)
+    with pytest.raises(ValueError, match=match):
+        _native.shape_rank_one(**call)
+    frozen = np.zeros((4, 8))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        _native.shape_rank_one(frozen, np.ones(64), 8, np.ones(8), np.ones(8))
+    # a copy would take the feedback and be lost: not C-contiguous float64 is refused
+    for samples in (np.zeros((8, 4)).T, np.zeros((4, 8), np.float32)):
+        with pytest.raises(TypeError):
+            _native.shape_rank_one(samples, np.ones(64), 8, np.ones(8), np.ones(8))

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -17,6 +18,7 @@
 #include "decode_kernel.h"
 #include "destuff.h"
 #include "encoder.h"
+#include "error_feedback.h"
 #include "ffi_decode.h"
 #include "ffi_cpu.h"
 #include "forward_dct.h"
@@ -663,6 +665,50 @@ py::array_t<float> ForwardDctOf(
   return out;
 }
 
+// The 64 steps of a feedback table, checked (positive and finite).
+const double* FeedbackTable(const py::array_t<double, py::array::c_style | py::array::forcecast>& t) {
+  if (t.size() != 64) throw py::value_error("table must have 64 entries");
+  const double* q = t.data();
+  for (int i = 0; i < 64; ++i) {
+    if (!(q[i] > 0) || !std::isfinite(q[i])) throw py::value_error("table steps must be positive");
+  }
+  return q;
+}
+
+void CheckFeedbackBits(int bits) {
+  if (bits != 8 && bits != 12) throw py::value_error("bits must be 8 or 12");
+}
+
+py::array_t<double> RestoreStripOf(
+    const py::array_t<double, py::array::c_style | py::array::forcecast>& strip,
+    const py::array_t<double, py::array::c_style | py::array::forcecast>& table, int bits) {
+  if (strip.ndim() != 2 || strip.shape(1) < 1 || strip.shape(1) > 8) {
+    throw py::value_error("strip must have shape (rows, 1..8)");
+  }
+  CheckFeedbackBits(bits);
+  const double* q = FeedbackTable(table);
+  const size_t rows = strip.shape(0), width = strip.shape(1);
+  py::array_t<double> out({strip.shape(0), strip.shape(1)});
+  RestoreStrip(strip.data(), rows, width, width, q, bits, out.mutable_data());
+  return out;
+}
+
+void ShapeRankOneOf(py::array_t<double, py::array::c_style> samples,
+                    const py::array_t<double, py::array::c_style | py::array::forcecast>& table,
+                    int bits, const py::array_t<double, py::array::c_style | py::array::forcecast>& w,
+                    const py::array_t<double, py::array::c_style | py::array::forcecast>& carriers) {
+  if (samples.ndim() != 2) throw py::value_error("samples must be 2-D (rows, inputs)");
+  CheckFeedbackBits(bits);
+  const double* q = FeedbackTable(table);
+  const size_t rows = samples.shape(0), inputs = samples.shape(1);
+  if (static_cast<size_t>(w.size()) != inputs || static_cast<size_t>(carriers.size()) != inputs) {
+    throw py::value_error("w and carriers need one entry per input (samples.shape[1])");
+  }
+  double* data = samples.mutable_data();   // raises if the array is read-only
+  py::gil_scoped_release release;
+  ShapeRankOne(data, rows, inputs, q, bits, w.data(), carriers.data());
+}
+
 py::array_t<uint16_t> QualityTable(int quality, int bits) {
   if (quality < 1 || quality > 100) throw py::value_error("quality must be in 1..100");
   if (bits != 8 && bits != 12) throw py::value_error("bits must be 8 or 12");
@@ -765,6 +811,15 @@ PYBIND11_MODULE(_native, m) {
   m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
         "The encoder's forward DCT of (n, 64) row-major float32 blocks, coefficients in "
         "natural order; avx2=False: the portable code even where the CPU has AVX2 (tests).");
+  m.def("restore_strip", &RestoreStripOf, py::arg("strip"), py::arg("table"), py::arg("bits"),
+        "What the codec restores of a float64 strip of samples (rows, <= 8 columns): error "
+        "feedback's model of the encoder and decoder (table: 64 steps).");
+  // noconvert: a converted copy of the samples would take the feedback and be
+  // thrown away; anything but a writable C-contiguous float64 array is refused.
+  m.def("shape_rank_one", &ShapeRankOneOf, py::arg("samples").noconvert(), py::arg("table"),
+        py::arg("bits"), py::arg("w"), py::arg("carriers"),
+        "Error feedback against a diagonal-plus-rank-one covariance, in place on C-contiguous "
+        "float64 samples (rows, inputs); see jaxjpeg.feedback.RankOneFactor.");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
