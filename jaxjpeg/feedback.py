@@ -16,6 +16,7 @@ output error fell 2.9x and the logits' KL 8x (1.1 -> 0.13).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -263,8 +264,7 @@ def _shape_rank_one(s: np.ndarray, q: np.ndarray, bits: int, f: RankOneFactor) -
     ``(scaled @ coef[g]) * w[j]``, so one number per row carries it, and
     ``scaled @ coef[g]`` is ``error @ (inv(upper[g, g]) @ coef[g])``
     (native: ``_native.shape_rank_one``)."""
-    _native.shape_rank_one(s, np.ascontiguousarray(q, np.float64), bits, f.w,
-                           np.concatenate(f.carriers()))
+    _native.shape_rank_one(s, np.ascontiguousarray(q, np.float64), bits, f.w, f.carriers)
 
 
 def _inverse_cholesky(h: np.ndarray, damping: float | None = None) -> np.ndarray:
@@ -333,20 +333,23 @@ class RankOneFactor:
     def dense(self) -> np.ndarray:
         return self.block(slice(0, len(self.pivot)))
 
-    def carriers(self) -> list[np.ndarray]:
-        """Per group of eight inputs (a last, narrower one):
-        ``inv(block(g)) @ coef[g]``, what the group's errors add to the
-        number carried (all groups at once)."""
+    @functools.cached_property
+    def carriers(self) -> np.ndarray:
+        """``inv(block(g)) @ coef[g]`` for each group g of eight inputs (a
+        last, narrower one), end to end: what the group's errors add to the
+        number carried. Solved for all groups at once, once per factor (a
+        leaf's codings at several steps share it)."""
         n = len(self.pivot)
         full = n // 8 * 8
         blocks = np.zeros((full // 8, 8, 8))
         blocks[:, np.arange(8), np.arange(8)] = self.pivot[:full].reshape(-1, 8)
         upper = np.triu(np.ones((8, 8), bool), 1)
         blocks += (self.coef[:full].reshape(-1, 8, 1) * self.w[:full].reshape(-1, 1, 8)) * upper
-        out = list(np.linalg.solve(blocks, self.coef[:full].reshape(-1, 8, 1))[..., 0])
+        out = np.empty(n)
+        out[:full] = np.linalg.solve(blocks, self.coef[:full].reshape(-1, 8, 1)).ravel()
         if full < n:
             last = slice(full, n)
-            out.append(np.linalg.solve(self.block(last), self.coef[last]))
+            out[last] = np.linalg.solve(self.block(last), self.coef[last])
         return out
 
 
