@@ -387,8 +387,9 @@ def _step_reference_size(leaves, policy: "Policy") -> float:
     log-sizes' mean weighted by size: the step each leaf's values get
     averages (in log) to relative_step times RMS, so the default's rate
     stays about 4 bits/weight on Gaussian weights, as with one step per RMS."""
-    sizes = np.array([leaf.size for leaf in leaves if leaf.size > 0 and policy.should_compress(
-        leaf.name, np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape))], np.float64)
+    sizes = np.array([leaf.size for leaf in leaves
+                      if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())],
+                     np.float64)
     if sizes.size == 0:
         return 0.0
     return float(np.exp(np.sum(sizes * np.log(sizes)) / sizes.sum()))
@@ -760,6 +761,11 @@ class SourceLeaf:
     def size(self) -> int:
         return math.prod(self.shape)
 
+    def stand_in(self) -> np.ndarray:
+        """A zero-stride array of the leaf's shape and dtype, not loaded (what
+        a policy or the BatchNorm prior may look at before the save)."""
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape)
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -828,7 +834,7 @@ def _prior_of_leaves(leaves: Sequence[SourceLeaf]):
     from jaxjpeg import priors
 
     stand_ins = {leaf.name: leaf.array() if priors.may_be_batchnorm_vector(leaf.name, leaf.shape)
-                 else np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape) for leaf in leaves}
+                 else leaf.stand_in() for leaf in leaves}
     by_name = {leaf.name: leaf for leaf in leaves}
     return priors.batchnorm_prior(stand_ins, load=lambda name: by_name[name].array())
 
