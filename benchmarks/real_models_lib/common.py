@@ -22,6 +22,7 @@ PIP_NAMES = {
     "onnx": "onnx",
     "rapidocr": "rapidocr",
     "sklearn": "scikit-learn",
+    "skimage": "scikit-image",
     "matplotlib": "matplotlib",
     "PIL": "pillow",
 }

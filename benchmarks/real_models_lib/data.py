@@ -1,7 +1,9 @@
 """Deterministic inputs: photo crops from scikit-learn's sample images, rendered text.
 
-Photo crops: square boxes of china.jpg and flower.jpg (both 427 x 640) at several
-scales and positions, some mirrored, drawn from fixed seeds; the evaluation and
+Photo crops: square boxes of seven photos at several scales and positions:
+scikit-learn's china.jpg and flower.jpg and scikit-image's astronaut, cat
+(chelsea), coffee, motorcycle and rocket (the two scikit-learn images alone
+until session 11: 19 distinct float32 top-1 classes over 96 crops), some mirrored, drawn from fixed seeds; the evaluation and
 calibration sets come from different seeds and share no box (checked). Each box is
 resized to the model's resolution (bicubic) and normalised as the model was
 trained: EfficientNet-lite, a TensorFlow edge model, with the inception-style
@@ -33,20 +35,34 @@ CROP_SCALES = (1.0, 0.85, 0.7, 0.55, 0.45, 0.35, 0.28)
 EVAL_SEED, CALIB_SEED = 20240, 77
 
 
+# scikit-image's bundled colour photos of things ImageNet has classes for.
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
+
+
 def sample_images() -> list:
-    """scikit-learn's bundled china.jpg and flower.jpg as PIL RGB images, in that order."""
+    """scikit-learn's bundled china.jpg and flower.jpg, then SKIMAGE_PHOTOS, as
+    PIL RGB images, in that order."""
+    import importlib.resources
+
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     data = load_sample_images()
     order = sorted(range(len(data.filenames)), key=lambda i: data.filenames[i])
-    return [Image.fromarray(data.images[i]).convert("RGB") for i in order]
+    images = [Image.fromarray(data.images[i]) for i in order]
+    bundled = importlib.resources.files("skimage") / "data"
+    for name in SKIMAGE_PHOTOS:
+        with (bundled / name).open("rb") as f:
+            images.append(Image.open(f).convert("RGB"))
+    return [image.convert("RGB") for image in images]
 
 
-def crop_boxes(count: int, seed: int, sizes: list[tuple[int, int]]) -> list[tuple]:
-    """``count`` distinct boxes (image index, x0, y0, side, mirrored), alternating images."""
+def crop_boxes(count: int, seed: int, sizes: list[tuple[int, int]],
+               exclude=frozenset()) -> list[tuple]:
+    """``count`` distinct boxes (image index, x0, y0, side, mirrored), alternating
+    images, none of them in ``exclude``."""
     rng = np.random.default_rng(seed)
-    boxes, seen = [], set()
+    boxes, seen = [], set(exclude)
     while len(boxes) < count:
         image = len(boxes) % len(sizes)
         width, height = sizes[image]
@@ -67,7 +83,7 @@ def photo_crops(resolution: int, n_eval: int, n_calib: int):
     images = sample_images()
     sizes = [im.size for im in images]
     eval_boxes = crop_boxes(n_eval, EVAL_SEED, sizes)
-    calib_boxes = crop_boxes(n_calib, CALIB_SEED, sizes)
+    calib_boxes = crop_boxes(n_calib, CALIB_SEED, sizes, exclude=frozenset(eval_boxes))
     shared = set(eval_boxes) & set(calib_boxes)
     if shared:
         raise AssertionError(f"calibration crops overlap the evaluation crops: {shared}")

