@@ -391,7 +391,7 @@ def test_gain_is_what_feedback_leaves_of_a_plain_codings_output_error():
     correlated = feedback.gain(p)
     white = feedback.gain(rate.prepare_leaf(
         w, input_covariance=feedback.InputCovariance(np.eye(w.shape[1]), (1,))))
-    assert correlated < 0.3, correlated   # correlated inputs cancel most of it
+    assert correlated < 0.5, correlated   # correlated inputs cancel most of it (damped: 0.34)
     assert 0.85 < white < 1.15, white     # independent ones cancel nothing
 
 
@@ -403,14 +403,15 @@ def test_gain_leaves_out_what_bias_correction_removes():
     x = 3.0 + rng.standard_normal((4096, 96))
     h = x.T @ x / len(x)
     p = rate.prepare_leaf(w, input_covariance=feedback.InputCovariance(h, (1,)))
-    assert feedback.gain(p) < 0.3
+    assert feedback.gain(p) < 0.4   # 0.30 at CALIBRATION_DAMPING 0.3
     assert feedback.gain(p, mean=np.full((1, 96), 3.0)) > 0.8
 
 
 def test_byte_targets_weigh_calibrated_leaves_by_feedback_gain(tmp_path):
     """Two copies of a layer: one whose inputs feedback can cancel much of its
     error through, one with independent inputs. The first's error costs less,
-    so the allocation gives it fewer bytes (without the gain they got the same)."""
+    so the allocation gives it fewer bytes (without the gain they got the same;
+    with it 0.87x at CALIBRATION_DAMPING 0.3, 0.72x at 0.1)."""
     w, _, h = _layer()
     tree = {"shaped": w, "white": w.copy()}
     cov = {"shaped": jaxjpeg.InputCovariance(h, (1,)),
@@ -418,7 +419,7 @@ def test_byte_targets_weigh_calibrated_leaves_by_feedback_gain(tmp_path):
     report = jaxjpeg.save(tmp_path / "g.jjpg", tree, target_ratio=8, input_covariance=cov,
                           progress=False)
     stored = {r.path: r.stored_bytes for r in report.leaves}
-    assert stored["shaped"] < 0.85 * stored["white"], stored
+    assert stored["shaped"] < 0.9 * stored["white"], stored
 
 
 def test_a_measured_covariance_is_held_in_few_copies(tmp_path, monkeypatch):
