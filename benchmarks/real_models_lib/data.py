@@ -1,10 +1,12 @@
-"""Deterministic inputs: photo crops from scikit-learn's sample images, rendered text.
+"""Deterministic inputs: photo crops from scikit-learn's and scikit-image's sample
+photos, rendered text.
 
-Photo crops: square boxes of seven photos at several scales and positions:
-scikit-learn's china.jpg and flower.jpg and scikit-image's astronaut, cat
-(chelsea), coffee, motorcycle and rocket (the two scikit-learn images alone
-until session 11: 19 distinct float32 top-1 classes over 96 crops), some mirrored, drawn from fixed seeds; the evaluation and
-calibration sets come from different seeds and share no box (checked). Each box is
+Photo crops: square boxes of seven photos at several scales and positions, some
+mirrored, drawn from fixed seeds: scikit-learn's china.jpg and flower.jpg and
+scikit-image's astronaut, cat (chelsea), coffee, motorcycle and rocket (the two
+scikit-learn photos alone until session 11: 19 distinct float32 top-1 classes over
+96 crops, now 27-33). The evaluation and calibration sets come from different
+seeds and share no box (checked). Each box is
 resized to the model's resolution (bicubic) and normalised as the model was
 trained: EfficientNet-lite, a TensorFlow edge model, with the inception-style
 ``(x - 127) / 128`` of 8-bit pixels (``EDGE_MEAN`` / ``EDGE_STD``), NCHW float32.
@@ -30,7 +32,7 @@ import numpy as np
 EDGE_MEAN = np.full(3, 127.0 / 255.0, np.float32)
 EDGE_STD = np.full(3, 128.0 / 255.0, np.float32)
 
-# Crop side as a fraction of the image's short side (427 px).
+# Crop side as a fraction of the image's short side.
 CROP_SCALES = (1.0, 0.85, 0.7, 0.55, 0.45, 0.35, 0.28)
 EVAL_SEED, CALIB_SEED = 20240, 77
 
@@ -49,12 +51,12 @@ def sample_images() -> list:
 
     data = load_sample_images()
     order = sorted(range(len(data.filenames)), key=lambda i: data.filenames[i])
-    images = [Image.fromarray(data.images[i]) for i in order]
+    images = [Image.fromarray(data.images[i]).convert("RGB") for i in order]
     bundled = importlib.resources.files("skimage") / "data"
     for name in SKIMAGE_PHOTOS:
         with (bundled / name).open("rb") as f:
-            images.append(Image.open(f).convert("RGB"))
-    return [image.convert("RGB") for image in images]
+            images.append(Image.open(f).convert("RGB"))   # read before the file closes
+    return images
 
 
 def crop_boxes(count: int, seed: int, sizes: list[tuple[int, int]],
