@@ -75,10 +75,12 @@ class RangeServer:
                 with open(path, "rb") as f:
                     f.seek(start)
                     data = f.read(max(0, end - start))
-                self.wfile.write(data)
+                # Counted before the write: a client that has its bytes may
+                # read the count before this thread runs on after the write.
                 with server._lock:
                     server.bytes_served += len(data)
                     server.ranges.append((start, end))
+                self.wfile.write(data)
 
         class Server(http.server.ThreadingHTTPServer):
             def handle_error(self, request, client_address):
