@@ -273,12 +273,13 @@ def kernel_axes(name: str, shape: tuple) -> tuple[int, int] | None:
     """(input axis, output axis) of a convolution kernel from its shape:
     PyTorch's (O, I, *window) or Flax's (*window, I, O), a window at most
     MAX_WINDOW per axis; the leaf's name decides a shape both fit
-    ("kernel": Flax, "weight": PyTorch), else None."""
+    ("kernel": Flax, "weight": PyTorch), else None. None too for a single
+    output channel: ONNX exports keep biases as (1, C, 1, 1)."""
     ndim = len(shape)
     if ndim < 3:
         return None
-    torch_fits = all(d <= MAX_WINDOW for d in shape[2:])
-    flax_fits = all(d <= MAX_WINDOW for d in shape[:-2])
+    torch_fits = all(d <= MAX_WINDOW for d in shape[2:]) and shape[0] > 1
+    flax_fits = all(d <= MAX_WINDOW for d in shape[:-2]) and shape[-1] > 1
     if torch_fits and flax_fits:
         torch_fits, flax_fits = _leaf(name) == "weight", _leaf(name) == "kernel"
     if torch_fits == flax_fits:

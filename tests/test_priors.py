@@ -212,6 +212,7 @@ def test_the_conv_prior_cancels_the_output_shift_at_equal_size(tmp_path):
     ("a/kernel", (3, 3, 3, 3), (2, 3)),
     ("a.w_0", (3, 3, 3, 3), None),
     ("pos_embedding", (1, 14, 14, 768), None),    # no window at either end
+    ("p2o.reshape.3.0", (1, 96, 1, 1), None),     # an ONNX export's bias
     ("fc.weight", (10, 64), None),
 ])
 def test_kernel_axes_come_from_the_shape(name, shape, axes):
