@@ -637,8 +637,10 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     place. The running mean of the BatchNorm after such a weight is moved by
     the mean shift the coded weight adds, or, with no BatchNorm after it (a
     classifier), its own bias is (data-free bias correction): restored, it
-    differs from the saved one by that shift. A ``distributed=True`` save
-    has no prior.
+    differs from the saved one by that shift. A convolution kernel no
+    BatchNorm feeds (BatchNorm folded into it, a depthwise kernel) is coded
+    with error feedback against a mean common to its input channels and
+    taps. A ``distributed=True`` save has no prior.
 
     ``input_mean`` (leaf path -> :class:`jaxjpeg.InputMean`, under any lossy
     coding): the mean of a layer's inputs measured on calibration data. The
@@ -676,7 +678,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     options = _options(locals())
     if batchnorm_prior and _prior_applies(entries, options):
         from jaxjpeg import priors
-        options["prior"] = _for_rate(priors.batchnorm_prior(tree), entries, options)
+        options["prior"] = priors.batchnorm_prior(tree)
     if input_mean:
         options["input_means"] = _input_mean_takers(input_mean, entries, tree)
     return save_leaves(path, entries, batchnorm_prior=batchnorm_prior, **options)
@@ -811,7 +813,7 @@ def save_leaves(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = T
     """
     leaves = list(leaves)
     if batchnorm_prior and options.get("prior") is None and _prior_applies(leaves, options):
-        options["prior"] = _for_rate(_prior_of_leaves(leaves), leaves, options)
+        options["prior"] = _prior_of_leaves(leaves)
     return _Save(path, leaves, **options).run()
 
 
@@ -824,17 +826,6 @@ def _prior_applies(leaves, options: dict) -> bool:
         return True
     return all(options.get(k) is None
                for k in ("quant_step", "quality", "qtable", "error_bound", "encoder"))
-
-
-def _for_rate(prior, leaves, options: dict):
-    """``prior`` as the rate control uses it: the common-mean part only under
-    a byte target, where the allocation pays for feedback's bytes (coded
-    without RDO); at the default step it made a conv kernel's file 5% larger
-    than the same weights as a matrix's (tests/test_views.py)."""
-    if _target_size(leaves, options.get("target_ratio"), options.get("target_bytes"),
-                    options.get("bits_per_weight")) is not None:
-        return prior
-    return prior.without(prior.common_means)
 
 
 def _prior_of_leaves(leaves: Sequence[SourceLeaf]):

@@ -42,8 +42,8 @@ weights. On a Flax ResNet (``benchmarks/batchnorm_prior.py``) the prior
 lowers the KL at 8x / 10x / 12x too.
 
 Kernels no BatchNorm feeds -- a network exported with BatchNorm folded
-into its convolutions (ONNX), depthwise kernels, a stem -- are coded under
-byte targets with feedback against ``diag(1) + w 1 1ᵀ``: inputs of unknown
+into its convolutions (ONNX), depthwise kernels, a stem -- are coded (byte
+targets and the default save) with feedback against ``diag(1) + w 1 1ᵀ``: inputs of unknown
 power per channel, but a mean common to every channel and tap (activations
 of the ReLU / GELU family are positive on average; neighbouring pixels of a
 feature map are alike), ``w = COMMON_MEAN_WEIGHT`` for full convolutions
@@ -63,10 +63,14 @@ PP-OCRv6's detector mask IoU, 6x 0.978 -> 0.969 (4 seeds), 8x 0.965 ->
 0.963 (3 seeds): the constraint itself, spread over its full convolutions
 (a network whose inputs have no common mean pays that). A transposed
 convolution's PyTorch kernel (I, O, kh, kw) reads as (O, I, kh, kw): the
-shape cannot tell them apart. Feedback codes without RDO, which a byte
-target's allocation pays for; at the default step it made files larger
-(5% on a random conv kernel), so the default save leaves these kernels as
-they were. 1-D convolutions (3-d kernels) are not modelled: not measured.
+shape cannot tell them apart. Feedback codes without RDO: at the default
+step files grow, a random conv kernel's by 5%, the real networks' by 0.4%
+(recognizer), 1.2% (detector), 1.4% (NudeNet), 0.04% (EfficientNet-lite),
+while the recognizer's characters go 0.960 -> 0.994, the detector's IoU
+0.975 -> 0.982, NudeNet's output error 0.0318 -> 0.0292 and lite0 / lite1 /
+lite2's KL 0.036 / 0.033 / 0.029 -> 0.033 / 0.031 / 0.026. 1-D convolutions
+(3-d kernels) are not modelled: not measured. A distributed save has no
+prior, this part included.
 
 Pairing follows the tree's insertion order (a PyTorch ``state_dict``, Flax
 variables as built): each weight takes the nearest BatchNorm before it whose

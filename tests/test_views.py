@@ -48,14 +48,22 @@ def test_view_is_the_same_matrix_whatever_the_layout():
     assert mf.shape == (96, 3 * 3 * 64)   # rows: the output channels
 
 
+@pytest.mark.parametrize("prior", [False, True], ids=["views", "prior"])
 @pytest.mark.parametrize("ratio", [None, 8])
-def test_layouts_give_sizes_and_errors_within_a_few_percent(tmp_path, ratio):
+def test_layouts_give_sizes_and_errors_within_a_few_percent(tmp_path, ratio, prior):
+    """The views alone (no prior) make the three layouts alike. The prior
+    codes a 4-d kernel as a convolution, against a common input mean with
+    feedback (no RDO), and a matrix as a matrix: at the default step the
+    kernel's file is 5% larger than the matrix's, so there only the two
+    kernel layouts are compared."""
     w = _trained_like_conv(np.random.default_rng(1))
     results = {}
     for name, x in _layouts(w).items():
+        if prior and ratio is None and name == "dense_t":
+            continue
         path = tmp_path / f"{name}.jjpg"
         kw = {} if ratio is None else {"target_ratio": ratio}
-        report = jaxjpeg.save(path, {"w": x}, **kw)
+        report = jaxjpeg.save(path, {"w": x}, batchnorm_prior=prior, **kw)
         results[name] = (report.file_bytes, _rel(jaxjpeg.restore(path)["w"], x))
     sizes = [s for s, _ in results.values()]
     errors = [e for _, e in results.values()]

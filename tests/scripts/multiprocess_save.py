@@ -70,11 +70,11 @@ def check(fn):
 
 REPORT = jaxjpeg.save(PATH, TREE, distributed=True, metadata={"run": "multiprocess"})
 # The same values in one process, no jax.Arrays, with the same shards (which
-# set where a leaf's tiles end)
+# set where a leaf's tiles end), and no prior, as a distributed save has none
 checkpoint.save_leaves(REFERENCE_PATH, [
     checkpoint.SourceLeaf.of(records, VALUES[records[0][1]],
                              checkpoint.shard_regions(leaf))
-    for records, leaf in treepaths.leaves_with_paths(TREE)])
+    for records, leaf in treepaths.leaves_with_paths(TREE)], batchnorm_prior=False)
 REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(REFERENCE_PATH).items()}
 OWNERS, GATHERED = distributed_save.plan_owners(
     [leaf for _, leaf in treepaths.leaves_with_paths(TREE)], NUM_PROCESSES)
