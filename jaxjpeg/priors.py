@@ -43,8 +43,9 @@ lowers the KL at 8x / 10x / 12x too.
 
 Kernels no BatchNorm feeds -- a network exported with BatchNorm folded
 into its convolutions (ONNX), depthwise kernels, a stem -- are coded (byte
-targets and the default save) with feedback against ``diag(1) + w 1 1ᵀ``: inputs of unknown
-power per channel, but a mean common to every channel and tap (activations
+targets and the default save) with feedback against ``diag(1) + w 1 1ᵀ``:
+inputs of unknown power per channel, but a mean common to every channel and
+tap (activations
 of the ReLU / GELU family are positive on average; neighbouring pixels of a
 feature map are alike), ``w = COMMON_MEAN_WEIGHT`` for full convolutions
 and ``DEPTHWISE_MEAN_WEIGHT`` for depthwise ones. PP-OCRv6's recognizer
@@ -251,7 +252,7 @@ def batchnorm_prior(tree, load=None) -> Prior:
     feedback = set()
     for name, (array, m) in paired.items():
         shape = np.shape(array)
-        if len(shape) > 2 and math.prod(shape) // max(shape[m.out_axis], 1) <= MAX_FEEDBACK_FEATURES:
+        if len(shape) > 2 and _feedback_fits(shape, m.out_axis):
             feedback.add(name)
     moments = {name: m for name, (_, m) in paired.items()}
     channels = {name: np.shape(array)[m.out_axis] for name, (array, m) in paired.items()}
@@ -271,11 +272,17 @@ def _common_means(ordered, exclude) -> dict[str, CommonMean]:
         if axes is None:
             continue
         in_axis, out_axis = axes
-        if math.prod(shape) // max(shape[out_axis], 1) > MAX_FEEDBACK_FEATURES:
+        if not _feedback_fits(shape, out_axis):
             continue
         depthwise = shape[in_axis] == 1
         out[name] = CommonMean(out_axis, DEPTHWISE_MEAN_WEIGHT if depthwise else COMMON_MEAN_WEIGHT)
     return out
+
+
+def _feedback_fits(shape: tuple, out_axis: int) -> bool:
+    """Whether a kernel has at most MAX_FEEDBACK_FEATURES inputs (every
+    axis but the output one)."""
+    return math.prod(shape) // max(shape[out_axis], 1) <= MAX_FEEDBACK_FEATURES
 
 
 def kernel_axes(name: str, shape: tuple) -> tuple[int, int] | None:
