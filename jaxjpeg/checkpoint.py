@@ -271,7 +271,8 @@ class _LeafCoder:
         # the covariance's diagonal as importance measured better on lite1
         # (KL 0.161 -> 0.147) but worse on a small CNN (output error +39%).
         steered = [name for name, s in (sensitivity or {}).items() if s is not None]
-        self.prior = prior.without([*steered, *self.input_covariance]) if prior else None
+        self.prior = (prior.without([*steered, *self.input_covariance])
+                      if prior is not None else None)
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
@@ -445,7 +446,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
         if not _is_coded(policy, leaf.name, array):
-            return leaf.name, None, _stored_raw_bytes(array)
+            how = leaf_coder.prior.vectors.get(leaf.name) if leaf_coder.prior else None
+            return leaf.name, None, _stored_raw_bytes(array, how)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
         curve = rate.rd_curve(p, bits, reach=reach, floor=floor, **coding)
@@ -911,6 +913,7 @@ class _Save:
         # covariance steers: the shift its coding leaves is the same kind.
         # A user's input means correct their weights under any lossy coding.
         self.bias_correction = BiasCorrection.of(prior, input_means)
+        self.vector_steps = prior.vectors if prior is not None else {}
         self.progress = progress
 
     def run(self) -> SaveReport:
@@ -975,16 +978,16 @@ class _Save:
         note, warning = _coding_note(name, array, enc)
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
-        half = _half_copy(array) if self.lossy_rate and not coded else None
+        lossy = (_lossy_raw(array, self.vector_steps.get(name))
+                 if self.lossy_rate and not coded else None)
         if enc is not None and enc.nbytes < array.nbytes:
             self.bias_correction.add(
                 name, lambda: codec.decode_tensor(enc).astype(np.float64) - array)
             blobs, extra, stored = _jpeg_blobs(index, enc)
-        elif half is not None:
-            blob, extra = _half_blob(half)
+        elif lossy is not None:
+            blob, extra, note = lossy
             blobs = [(layout.raw_blob(index), blob)]
             stored = memoryview(blob).nbytes
-            note = "stored as float16"
         else:
             blobs = [(layout.raw_blob(index), np.ascontiguousarray(array))]
             extra, stored = {"kind": "raw"}, array.nbytes
@@ -1124,9 +1127,29 @@ def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     return np.ascontiguousarray(half), record
 
 
-def _stored_raw_bytes(array: np.ndarray) -> int:
+def _lossy_raw(array: np.ndarray, how=None) -> tuple | None:
+    """(blob, record fields, note) of a leaf kept out of JPEG under a byte
+    target: quantized on the step ``how`` gives (a BatchNorm vector, see
+    jaxjpeg.priors.batchnorm_vector_steps) or as float16, whichever is
+    smaller; None when neither applies."""
+    from jaxjpeg import quantized_vectors
+
     half = _half_copy(array)
-    return array.nbytes if half is None else memoryview(_half_blob(half)[0]).nbytes
+    options = []
+    if half is not None:
+        blob, extra = _half_blob(half)
+        options.append((blob, extra, "stored as float16"))
+    if how is not None and array.dtype == np.float32 and array.ndim == 1:
+        coded = quantized_vectors.encode(array, how)
+        if coded is not None:
+            options.append((coded[0], {"kind": "raw", **coded[1]},
+                            f"quantized ({coded[1]['domain']} step {how.step:.3g})"))
+    return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
+
+
+def _stored_raw_bytes(array: np.ndarray, how=None) -> int:
+    lossy = _lossy_raw(array, how)
+    return array.nbytes if lossy is None else memoryview(lossy[0]).nbytes
 
 
 def _coding_note(name, array, enc) -> tuple[str, str | None]:

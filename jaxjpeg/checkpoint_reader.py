@@ -12,7 +12,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, codec, format as fmt, layout, storage
+from jaxjpeg import _native, codec, format as fmt, layout, quantized_vectors, storage
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -44,6 +44,7 @@ class SavedLeaf:
     outliers: int = 0                         # values kept exactly
     stored_dtype: np.dtype | None = None      # raw leaves: the blob's dtype (None: the leaf's)
     deflated: bool = False                    # raw float16 leaves: as deflated byte planes
+    quantized: dict | None = None             # raw leaves on a step: quantized_vectors' fields
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -99,6 +100,12 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             stored = record.get("stored")
             if stored is None:
                 return leaf
+            if stored == "quantized" and leaf.dtype == np.float32 and len(shape) == 1:
+                try:
+                    fields = quantized_vectors.check_record(record, f"leaf {index}")
+                except ValueError as e:
+                    raise fmt.FormatError(str(e)) from None
+                return dataclasses.replace(leaf, quantized=fields)
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "
                                       f"{stored!r:.40}")
@@ -265,6 +272,13 @@ class Checkpoint:
 
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
         data = self.reader.read_blob(layout.raw_blob(leaf.index), verify=self.verify)
+        if leaf.quantized is not None:
+            try:
+                values = quantized_vectors.decoded_values(data, math.prod(leaf.shape),
+                                                          leaf.quantized)
+            except ValueError as e:
+                raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
+            return values.reshape(leaf.shape)
         stored = leaf.stored_dtype or leaf.dtype
         if leaf.deflated:
             try:

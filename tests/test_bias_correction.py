@@ -8,6 +8,7 @@ import pytest
 
 import jaxjpeg
 from jaxjpeg import priors
+from stored_leaves import rounding_bound
 
 
 def _bn(n, rng, prefix):
@@ -53,8 +54,8 @@ def test_measured_means_move_the_takers_by_each_weights_output_shift(tmp_path, o
         shift = sign * _shift(means[weight], error)
         moved = np.asarray(got[taker], np.float64) - tree[taker]
         assert np.abs(shift).max() > 0, weight
-        scale = np.abs(tree[taker]) + np.abs(shift)
-        assert np.all(np.abs(moved - shift) <= 2 ** -8 * scale + 1e-7), weight
+        bound = rounding_bound(tmp_path / "m.jjpg", taker, np.asarray(tree[taker]) + shift)
+        assert np.all(np.abs(moved - shift) <= bound), weight
 
 
 def test_a_measured_mean_cancels_the_sampled_output_shift(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import jaxjpeg
 from jaxjpeg import priors
 from jaxjpeg.checkpoint_reader import Checkpoint
+from stored_leaves import rounding_bound
 
 
 def test_relu_power_matches_sampling():
@@ -202,11 +203,14 @@ def _without_and_with_prior(tmp_path, tree, name, x, **options):
 
 
 def test_the_conv_prior_cancels_the_output_shift_at_equal_size(tmp_path):
-    """Output error 0.0091 -> 0.0048 at 8x (1.3x-4x lower from 5x to 12x)."""
+    """Output error 0.0081 -> 0.0018 at 8x (1.3x-4x lower from 5x to 12x
+    before the BatchNorm's vectors were quantized, which gives the kernel
+    the 160 bytes they free)."""
     tree, x = _positive_mean_conv(np.random.default_rng(11))
     (e0, size0, _), (e1, size1, _) = _without_and_with_prior(
         tmp_path, tree, "conv.weight", x, target_ratio=8).values()
-    assert size1 <= 1.01 * size0
+    target = sum(v.nbytes for v in tree.values()) / 8
+    assert abs(size0 - target) <= 0.02 * target and abs(size1 - target) <= 0.02 * target
     assert e1 < 0.6 * e0, (e0, e1)
 
 
@@ -332,8 +336,9 @@ def test_bias_correction_moves_the_next_running_mean_by_the_output_shift(tmp_pat
     error = np.asarray(got["conv.weight"], np.float64) - w
     shift = priors.batchnorm_prior(tree).output_shift("conv.weight", error)
     moved = np.asarray(got["bn_out.running_mean"], np.float64) - tree["bn_out.running_mean"]
-    scale = np.abs(tree["bn_out.running_mean"]) + np.abs(shift)
-    assert np.all(np.abs(moved - shift) <= 2 ** -8 * scale)
+    bound = rounding_bound(tmp_path / "c.jjpg", "bn_out.running_mean",
+                           tree["bn_out.running_mean"] + shift)
+    assert np.all(np.abs(moved - shift) <= bound)
     sampled = x @ error.reshape(len(w), -1).T          # what the kernel's error adds
     assert np.abs((sampled.mean(0) - moved)).mean() < np.abs(sampled.mean(0)).mean() / 3
 
@@ -363,8 +368,9 @@ def test_bias_correction_also_follows_a_kernel_a_user_covariance_steers(tmp_path
     shift = priors.batchnorm_prior(tree).output_shift("conv.weight", error)
     moved = np.asarray(got["bn_out.running_mean"], np.float64) - tree["bn_out.running_mean"]
     assert np.abs(shift).max() > 0
-    assert np.all(np.abs(moved - shift) <= 2 ** -8 * (np.abs(tree["bn_out.running_mean"])
-                                                      + np.abs(shift)))
+    bound = rounding_bound(tmp_path / "c.jjpg", "bn_out.running_mean",
+                           tree["bn_out.running_mean"] + shift)
+    assert np.all(np.abs(moved - shift) <= bound)
 
 
 def test_a_classifier_with_no_batchnorm_after_it_takes_its_own_bias():
