@@ -1,0 +1,132 @@
+"""BatchNorm vectors under byte targets: quantized on steps sized by what
+they do to the BatchNorm's output (jaxjpeg.quantized_vectors), refused
+clearly when the file is damaged."""
+
+import collections
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import priors, quantized_vectors as qv
+from jaxjpeg.checkpoint import _half_blob, _half_copy
+from jaxjpeg.checkpoint_reader import Checkpoint
+from test_checkpoint_corruption import assert_clear_error, rewrite, set_in
+
+
+@pytest.mark.parametrize("how,values", [
+    (qv.VectorStep(0.01), np.random.default_rng(0).normal(1, 0.3, 500)),
+    (qv.VectorStep(0.02), np.zeros(7)),
+    (qv.VectorStep(0.003, qv.LOG2, 1e-5), np.exp(np.random.default_rng(1).normal(0, 3, 300))),
+    (qv.VectorStep(0.003, qv.LOG2, 1e-5), np.array([0.0, 2.5, 0.0, 1e-9, 7.0])),
+])
+def test_vectors_restore_within_half_a_step(how, values):
+    values = values.astype(np.float32)
+    blob, record = qv.encode(values, how)
+    got = qv.decoded_values(blob, values.size, qv.check_record(record, "t"))
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    if how.domain == qv.LINEAR:
+        assert np.all(np.abs(got - values) <= how.step / 2 + 1e-6 * np.abs(values))
+    else:   # relative to value + offset; zeros exactly
+        x = values.astype(np.float64) + how.offset
+        assert np.all(np.abs(np.log2(got + how.offset) - np.log2(x)) <= how.step / 2 + 1e-6)
+        assert np.all(got[values == 0] == 0)
+
+
+def test_vectors_that_cannot_be_quantized_are_refused():
+    assert qv.encode(np.array([1.0, np.nan], np.float32), qv.VectorStep(0.1)) is None
+    assert qv.encode(np.array([1.0, -1.0], np.float32), qv.VectorStep(0.1, qv.LOG2)) is None
+    # more than float16's 16 bits a value
+    assert qv.encode(np.array([0, 1e6], np.float32), qv.VectorStep(1e-3)) is None
+    with pytest.raises(ValueError, match="step"):
+        qv.VectorStep(0.0)
+
+
+def _batchnorm_net(rng, hidden=256, out=128, dead=9):
+    """conv -> BatchNorm (``dead`` channels with zero variance) -> conv."""
+    tree = collections.OrderedDict()
+    tree["conv1.weight"] = rng.normal(0, 0.05, (hidden, 64, 3, 3)).astype(np.float32)
+    var = rng.uniform(0.01, 4, hidden)
+    var[:dead] = 0.0
+    tree["bn.weight"] = rng.uniform(0.2, 1.5, hidden).astype(np.float32)
+    tree["bn.bias"] = rng.normal(0, 0.5, hidden).astype(np.float32)
+    tree["bn.running_mean"] = rng.normal(0, 1, hidden).astype(np.float32)
+    tree["bn.running_var"] = var.astype(np.float32)
+    tree["conv2.weight"] = rng.normal(0, 0.05, (out, hidden, 3, 3)).astype(np.float32)
+    return dict(tree)
+
+
+def _batchnorm_output(tree, x, eps=1e-5):
+    return (tree["bn.weight"] * (x - tree["bn.running_mean"])
+            / np.sqrt(tree["bn.running_var"] + eps) + tree["bn.bias"])
+
+
+@pytest.mark.parametrize("dead", [0, 9])
+def test_a_byte_target_stores_batchnorm_vectors_by_their_output_error(tmp_path, dead):
+    """Each vector moves the BatchNorm's output by at most VECTOR_STEP
+    rms(γ) / 2 on inputs within a standard deviation of the running mean,
+    in fewer bytes than float16 (EfficientNet-lite1: 7.8-10 bits a value
+    against 12.5). A running
+    mean whose step a dead channel (zero variance) makes too fine for that
+    stays float16; zero variances restore exactly."""
+    rng = np.random.default_rng(3)
+    tree = _batchnorm_net(rng, dead=dead)
+    report = jaxjpeg.save(tmp_path / "q.jjpg", tree, target_ratio=8, progress=False)
+    stored = {leaf.path: leaf for leaf in report.leaves}
+    names = ["bn.weight", "bn.bias", "bn.running_var"] + ["bn.running_mean"] * (not dead)
+    for name in names:
+        assert "quantized" in stored[name].note, (name, stored[name].note)
+        half = memoryview(_half_blob(_half_copy(tree[name]))[0]).nbytes
+        assert stored[name].stored_bytes < half, name
+    if dead:
+        assert "float16" in stored["bn.running_mean"].note
+    got = {k: np.asarray(v, np.float64) for k, v in jaxjpeg.restore(tmp_path / "q.jjpg").items()}
+    exact = {k: v.astype(np.float64) for k, v in tree.items()}
+    np.testing.assert_array_equal(got["bn.running_var"][:dead], 0.0)
+    unit = np.sqrt(np.mean(exact["bn.weight"] ** 2))
+    sigma = np.sqrt(exact["bn.running_var"] + 1e-5)
+    for name in names:   # one vector restored at a time
+        x = exact["bn.running_mean"] + sigma * rng.choice([-1.0, 1.0], (64, sigma.size))
+        moved = _batchnorm_output({**exact, name: got[name]}, x) - _batchnorm_output(exact, x)
+        assert np.abs(moved).max() <= priors.VECTOR_STEP * unit / 2 * 1.01, name
+
+
+def test_vectors_without_a_batchnorm_stay_float16(tmp_path):
+    tree = _batchnorm_net(np.random.default_rng(4))
+    tree["fc.bias"] = np.linspace(-1, 1, 100).astype(np.float32)
+    report = jaxjpeg.save(tmp_path / "q.jjpg", tree, target_ratio=8, progress=False)
+    assert "float16" in {leaf.path: leaf.note for leaf in report.leaves}["fc.bias"]
+    off = jaxjpeg.save(tmp_path / "off.jjpg", tree, target_ratio=8, batchnorm_prior=False,
+                       progress=False)
+    assert all("quantized" not in leaf.note for leaf in off.leaves)
+
+
+def _damaged(tmp_path, edit_meta=None, edit_blobs=None):
+    path = tmp_path / "q.jjpg"
+    jaxjpeg.save(path, _batchnorm_net(np.random.default_rng(5)), target_ratio=8, progress=False)
+    with Checkpoint(path) as ckpt:
+        index = next(leaf.index for leaf in ckpt.leaves if leaf.path == "bn.weight")
+    return rewrite(path, tmp_path / "bad.jjpg",
+                   edit_meta=edit_meta and edit_meta(index),
+                   edit_blobs=edit_blobs and edit_blobs(index)), index
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("step", -1.0, "bad quantization step"), ("step", "0.1", "bad quantization step"),
+    ("domain", "cubic", "bad quantization domain"), ("center", 0.5, "bad quantization center"),
+    ("rice", 99, "bad Rice parameter"), ("unary_bytes", -3, "bad unary size"),
+    ("offset", -1.0, "bad quantization offset"), ("step", 1e300, "beyond float32"),
+])
+def test_damaged_quantization_records_are_refused(tmp_path, key, value, match):
+    bad, _ = _damaged(tmp_path, edit_meta=lambda i: set_in(lambda m: m["leaves"][i], key, value))
+    assert_clear_error(bad, match)
+
+
+@pytest.mark.parametrize("blob,match", [
+    (lambda b: b[:-1], "holds"), (lambda b: b + b"\0", "holds"),
+    (lambda b: b"\0" + b[1:], "unary codes"),
+])
+def test_damaged_quantized_blobs_are_refused(tmp_path, blob, match):
+    bad, _ = _damaged(tmp_path, edit_blobs=lambda i: lambda blobs: blobs.update(
+        {f"leaf{i}/raw": blob(bytes(blobs[f"leaf{i}/raw"]))}))
+    assert_clear_error(bad, match)
