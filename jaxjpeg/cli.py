@@ -203,6 +203,8 @@ def cmd_inspect(args) -> int:
             # Checkpoint() has refused files missing any of these blobs.
             if leaf.stored_dtype is not None:
                 kind = f"raw-{leaf.stored_dtype.name}"
+            if leaf.quantized is not None:
+                kind = f"raw-{leaf.quantized['domain']}-step"
             stored = sum(ckpt.reader.blob_info(n).length
                          for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
                                                     col_scale=leaf.col_scale_dtype is not None,

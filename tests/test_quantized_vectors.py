@@ -130,3 +130,15 @@ def test_damaged_quantized_blobs_are_refused(tmp_path, blob, match):
     bad, _ = _damaged(tmp_path, edit_blobs=lambda i: lambda blobs: blobs.update(
         {f"leaf{i}/raw": blob(bytes(blobs[f"leaf{i}/raw"]))}))
     assert_clear_error(bad, match)
+
+
+def test_inspect_names_the_quantized_vectors(tmp_path, capsys):
+    from jaxjpeg import cli
+
+    jaxjpeg.save(tmp_path / "q.jjpg", _batchnorm_net(np.random.default_rng(6), dead=0),
+                 target_ratio=8, progress=False)
+    assert cli.main(["inspect", str(tmp_path / "q.jjpg")]) == 0
+    kinds = {line.split()[0]: line.split()[3] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("bn.")}
+    assert kinds == {"bn.weight": "raw-linear-step", "bn.bias": "raw-linear-step",
+                     "bn.running_mean": "raw-linear-step", "bn.running_var": "raw-log2-step"}
