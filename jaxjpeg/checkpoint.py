@@ -1127,10 +1127,10 @@ def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     return np.ascontiguousarray(half), record
 
 
-def _lossy_raw(array: np.ndarray, how=None) -> tuple | None:
+def _lossy_raw(array: np.ndarray, limits=None) -> tuple | None:
     """(blob, record fields, note) of a leaf kept out of JPEG under a byte
-    target: quantized on the step ``how`` gives (a BatchNorm vector, see
-    jaxjpeg.priors.batchnorm_vector_steps) or as float16, whichever is
+    target: quantized within the step ``limits`` allow (a BatchNorm vector,
+    see jaxjpeg.priors.batchnorm_vector_steps) or as float16, whichever is
     smaller; None when neither applies."""
     from jaxjpeg import quantized_vectors
 
@@ -1139,7 +1139,10 @@ def _lossy_raw(array: np.ndarray, how=None) -> tuple | None:
     if half is not None:
         blob, extra = _half_blob(half)
         options.append((blob, extra, "stored as float16"))
-    if how is not None and array.dtype == np.float32 and array.ndim == 1:
+    how = None
+    if limits is not None and array.dtype == np.float32 and array.ndim == 1:
+        how = limits.step_for(array)
+    if how is not None:
         coded = quantized_vectors.encode(array, how)
         if coded is not None:
             options.append((coded[0], {"kind": "raw", **coded[1]},
@@ -1147,8 +1150,8 @@ def _lossy_raw(array: np.ndarray, how=None) -> tuple | None:
     return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
 
 
-def _stored_raw_bytes(array: np.ndarray, how=None) -> int:
-    lossy = _lossy_raw(array, how)
+def _stored_raw_bytes(array: np.ndarray, limits=None) -> int:
+    lossy = _lossy_raw(array, limits)
     return array.nbytes if lossy is None else memoryview(lossy[0]).nbytes
 
 

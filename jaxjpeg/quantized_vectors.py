@@ -48,6 +48,30 @@ class VectorStep:
             raise ValueError(f"offset must be finite and not negative, not {self.offset!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLimits:
+    """The coarsest step each value of a vector may be quantized on
+    (``limits``, broadcastable to it), and the domain."""
+
+    limits: np.ndarray
+    domain: str = LINEAR
+    offset: float = 0.0
+
+    def step_for(self, values: np.ndarray) -> VectorStep | None:
+        """The coarsest uniform step within every value's limit, or None.
+        In the linear domain a value within half its limit of zero meets it
+        on any step (it rounds to zero, or within half a finer step), so it
+        does not bind."""
+        limits = np.broadcast_to(np.asarray(self.limits, np.float64), np.shape(values))
+        binding = limits
+        if self.domain == LINEAR:
+            binding = limits[np.abs(np.asarray(values, np.float64)) > limits / 2]
+        step = float(np.min(binding)) if binding.size else float(np.max(limits, initial=0.0))
+        if not (math.isfinite(step) and step > 0):
+            return None
+        return VectorStep(step, self.domain, self.offset)
+
+
 def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     """(blob, record fields) of a float32 vector quantized as ``how`` says,
     or None when it cannot be (a non-finite value, a value not positive in

@@ -33,6 +33,19 @@ def test_vectors_restore_within_half_a_step(how, values):
         assert np.all(got[values == 0] == 0)
 
 
+def test_values_near_zero_do_not_bind_a_linear_step():
+    """A value within half its limit of zero meets the limit on any step;
+    the others bind (in the log2 domain every value does)."""
+    values = np.array([0.001, 5.0, -3.0, 0.0])
+    limits = np.array([0.01, 0.5, 0.2, 1e-9])
+    assert qv.StepLimits(limits).step_for(values).step == 0.2
+    assert qv.StepLimits(limits, qv.LOG2).step_for(values + 1).step == 1e-9
+    assert qv.StepLimits(limits).step_for(np.zeros(4)).step == 0.5
+    for step in (0.2, 0.05, 0.0123):   # every value within half its own limit
+        got = qv.restore(np.round(values / step).astype(np.int64), 0, step, qv.LINEAR)
+        assert np.all(np.abs(got - values) <= limits / 2 + 1e-7)
+
+
 def test_vectors_that_cannot_be_quantized_are_refused():
     assert qv.encode(np.array([1.0, np.nan], np.float32), qv.VectorStep(0.1)) is None
     assert qv.encode(np.array([1.0, -1.0], np.float32), qv.VectorStep(0.1, qv.LOG2)) is None
