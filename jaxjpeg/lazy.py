@@ -47,6 +47,8 @@ class LeafInfo:
     tiles: int = 0             # jpeg: number of tiles
     kept: int = 0              # jpeg: values kept exactly in the side list
     stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
+    # raw, quantized (a BatchNorm vector under a byte target): (domain, step)
+    quantized: tuple[str, float] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -117,7 +119,9 @@ class LazyReader:
         common = dict(name=leaf.path, shape=leaf.shape, dtype=leaf.dtype, kind=leaf.kind,
                       stored_bytes=stored, bits_per_weight=stored * 8 / size if size else 0.0)
         if leaf.kind == "raw":
-            return LeafInfo(**common, stored_dtype=leaf.stored_dtype)
+            q = leaf.quantized
+            return LeafInfo(**common, stored_dtype=leaf.stored_dtype,
+                            quantized=None if q is None else (q["domain"], q["step"]))
         return LeafInfo(**common, sample_bits=leaf.bits, restart_interval=leaf.restart_interval,
                         view=(leaf.view.perm, leaf.view.split), tiles=len(leaf.tiles),
                         kept=leaf.outliers)

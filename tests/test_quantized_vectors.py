@@ -155,3 +155,17 @@ def test_inspect_names_the_quantized_vectors(tmp_path, capsys):
              if line.startswith("bn.")}
     assert kinds == {"bn.weight": "raw-linear-step", "bn.bias": "raw-linear-step",
                      "bn.running_mean": "raw-linear-step", "bn.running_var": "raw-log2-step"}
+
+
+def test_open_tells_a_quantized_vector_and_reads_it(tmp_path):
+    tree = _batchnorm_net(np.random.default_rng(7), dead=0)
+    jaxjpeg.save(tmp_path / "q.jjpg", tree, target_ratio=8, progress=False)
+    restored = jaxjpeg.restore(tmp_path / "q.jjpg")
+    with jaxjpeg.open(tmp_path / "q.jjpg") as f:
+        info = f.info("bn.running_var")
+        assert info.kind == "raw" and info.stored_dtype is None
+        assert info.quantized[0] == "log2" and info.quantized[1] > 0
+        assert f.info("conv1.weight").quantized is None
+        np.testing.assert_array_equal(np.asarray(f.get("bn.weight")), restored["bn.weight"])
+        np.testing.assert_array_equal(np.asarray(f.get_slice("bn.bias")[10:20]),
+                                      np.asarray(restored["bn.bias"])[10:20])
