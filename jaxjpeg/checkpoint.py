@@ -446,8 +446,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
         if not _is_coded(policy, leaf.name, array):
-            how = leaf_coder.prior.vectors.get(leaf.name) if leaf_coder.prior else None
-            return leaf.name, None, _stored_raw_bytes(array, how)
+            limits = leaf_coder.prior.vectors.get(leaf.name) if leaf_coder.prior else None
+            return leaf.name, None, _stored_raw_bytes(array, limits)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
         curve = rate.rd_curve(p, bits, reach=reach, floor=floor, **coding)
@@ -913,7 +913,7 @@ class _Save:
         # covariance steers: the shift its coding leaves is the same kind.
         # A user's input means correct their weights under any lossy coding.
         self.bias_correction = BiasCorrection.of(prior, input_means)
-        self.vector_steps = prior.vectors if prior is not None else {}
+        self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
 
     def run(self) -> SaveReport:
@@ -978,7 +978,7 @@ class _Save:
         note, warning = _coding_note(name, array, enc)
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
-        lossy = (_lossy_raw(array, self.vector_steps.get(name))
+        lossy = (_lossy_raw(array, self.vector_limits.get(name))
                  if self.lossy_rate and not coded else None)
         if enc is not None and enc.nbytes < array.nbytes:
             self.bias_correction.add(

@@ -283,12 +283,14 @@ def batchnorm_vector_steps(arrays: dict, norms) -> dict[str, StepLimits]:
     rms(γ) σ / |γ|`` (``σ² = var + VARIANCE_FLOOR``), ``σ²`` in the log2
     domain on ``2 VECTOR_STEP rms(γ) / (|γ| ln 2)`` (dead channels' zero
     variances restore exactly); a vector takes the finest its values need
-    (:meth:`StepLimits.step_for`). On EfficientNet-lite1 with exact kernels
-    (KL to float32 on 96 crops): 107,328 values in 7.8 bits each against
-    12.5 as float16, KL 0.00017 against 0.0002; at 8x the 58 KiB freed go to
-    the kernels, as ``target_ratio=7.82`` with float16 vectors measures (4
-    probe seeds, lite0 / lite1 / lite2: KL 0.068 / 0.061 / 0.048 -> 0.053 /
-    0.053 / 0.047)."""
+    (:meth:`StepLimits.step_for`). EfficientNet-lite0 / -lite1 / -lite2's
+    BatchNorm values (84 K / 107 K / 116 K) take 9.5 / 9.7 / 9.8 bits each
+    against 12.5 as float16 (32 / 37 / 39 KB less; a running mean whose dead
+    channels need a fine step stays float16); with exact kernels their KL to
+    float32 on 96 crops is 0.00027 / 0.00016 / 0.00037 (float16: 0.00028 /
+    0.00021 / 0.00018). At 8x the bytes freed go to the kernels: data-free
+    KL 0.068 / 0.061 / 0.048 -> 0.058 / 0.054 / 0.046, calibrated 0.026 /
+    0.028 / 0.024 -> 0.021 / 0.024 / 0.021 (4 probe seeds)."""
     out = {}
     for shift in norms:
         parent, _ = _split(shift)

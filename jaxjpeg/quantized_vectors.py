@@ -97,7 +97,8 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     quotients = folded >> k
     # Never more than float16's 16 bits a value, nor a unary part the
     # decoder would refuse.
-    if quotients.max() >= MAX_QUOTIENT or int(quotients.sum()) + folded.size * (k + 1) > 16 * folded.size:
+    bits = int(quotients.sum()) + folded.size * (k + 1)
+    if quotients.max() >= MAX_QUOTIENT or bits > 16 * folded.size:
         return None
     record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
               "center": center, "rice": k, **({"offset": how.offset} if how.domain == LOG2 else {})}
