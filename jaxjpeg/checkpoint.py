@@ -446,7 +446,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
         if not _is_coded(policy, leaf.name, array):
-            limits = leaf_coder.prior.vectors.get(leaf.name) if leaf_coder.prior else None
+            prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
+            limits = prior.vectors.get(leaf.name) if prior is not None else None
             return leaf.name, None, _stored_raw_bytes(array, limits)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)

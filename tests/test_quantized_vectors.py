@@ -104,6 +104,26 @@ def test_a_byte_target_stores_batchnorm_vectors_by_their_output_error(tmp_path, 
         assert np.abs(moved).max() <= priors.VECTOR_STEP * unit / 2 * 1.01, name
 
 
+@pytest.mark.parametrize("steered", [False, True])
+def test_the_budget_counts_vectors_as_they_are_stored(tmp_path, steered):
+    """A byte target reserves the bytes the vectors take as stored, also
+    when a user's sensitivities steer every weight (the prior then models
+    none): the file meets the target instead of leaving their savings
+    unspent."""
+    rng = np.random.default_rng(8)
+    tree = collections.OrderedDict()
+    tree["conv1.weight"] = rng.normal(0, 0.05, (1024, 48, 1, 1)).astype(np.float32)
+    tree.update({f"bn.{k}": v for k, v in _batchnorm_net(rng, hidden=1024, dead=0).items()
+                 if k.startswith("bn.")})
+    tree["conv2.weight"] = rng.normal(0, 0.05, (48, 1024, 1, 1)).astype(np.float32)
+    sensitivity = {"conv1.weight": 1.0, "conv2.weight": 1.0} if steered else None
+    report = jaxjpeg.save(tmp_path / "q.jjpg", dict(tree), target_ratio=8, progress=False,
+                          sensitivity=sensitivity)
+    target = sum(v.nbytes for v in tree.values()) / 8
+    assert any("quantized" in leaf.note for leaf in report.leaves)
+    assert 0.99 * target <= report.file_bytes <= 1.02 * target, (report.file_bytes, target)
+
+
 def test_vectors_without_a_batchnorm_stay_float16(tmp_path):
     tree = _batchnorm_net(np.random.default_rng(4))
     tree["fc.bias"] = np.linspace(-1, 1, 100).astype(np.float32)
