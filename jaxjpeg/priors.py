@@ -290,7 +290,7 @@ def batchnorm_vector_steps(arrays: dict, norms) -> dict[str, StepLimits]:
     float32 on 96 crops is 0.00027 / 0.00016 / 0.00037 (float16: 0.00028 /
     0.00021 / 0.00018). At 8x the bytes freed go to the kernels: data-free
     KL 0.068 / 0.061 / 0.048 -> 0.058 / 0.054 / 0.046, calibrated 0.026 /
-    0.028 / 0.024 -> 0.021 / 0.024 / 0.021 (4 probe seeds)."""
+    0.028 / 0.024 -> 0.021 / 0.025 / 0.020 (4 probe seeds)."""
     out = {}
     for shift in norms:
         parent, _ = _split(shift)
