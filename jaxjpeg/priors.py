@@ -73,6 +73,10 @@ lite2's KL 0.036 / 0.033 / 0.029 -> 0.033 / 0.031 / 0.026. 1-D convolutions
 (3-d kernels) are not modelled: not measured. A distributed save has no
 prior, this part included.
 
+Under a byte target the BatchNorms' own vectors are stored on steps sized
+by what their errors do to the BatchNorm's output
+(:func:`batchnorm_vector_steps`, :mod:`jaxjpeg.quantized_vectors`).
+
 Pairing follows the tree's insertion order (a PyTorch ``state_dict``, Flax
 variables as built): each weight takes the nearest BatchNorm before it whose
 size is its input-channel count. Norm layers without running statistics
