@@ -276,7 +276,7 @@ def batchnorm_prior(tree, load=None) -> Prior:
     return Prior(moments, frozenset(feedback | set(common)), means, biases, common, vectors)
 
 
-def batchnorm_vector_steps(arrays: dict, norms) -> dict[str, StepLimits]:
+def batchnorm_vector_steps(arrays: dict, norms: dict) -> dict[str, StepLimits]:
     """{vector: the steps its values may be stored on under a byte target}
     of the four vectors of each BatchNorm in ``norms`` (its shift leaves).
 
@@ -296,20 +296,20 @@ def batchnorm_vector_steps(arrays: dict, norms) -> dict[str, StepLimits]:
     KL 0.068 / 0.061 / 0.048 -> 0.058 / 0.054 / 0.046, calibrated 0.026 /
     0.028 / 0.024 -> 0.021 / 0.025 / 0.020 (4 probe seeds)."""
     out = {}
-    for shift in norms:
+    for shift, norm in norms.items():
         parent, _ = _split(shift)
-        channels = len(arrays[shift])
-        scale = next(_join(parent, s) for s in _SCALE if _join(parent, s) in arrays)
+        channels = len(norm.shift)
         mean, variance = (_statistic(arrays, parent, names, channels)
                           for names in (_MEAN, _VARIANCE))
         if mean is None or variance is None:
             continue
-        gamma, var = (np.asarray(arrays[n], np.float64) for n in (scale, variance))
-        unit = math.sqrt(float(np.mean(gamma * gamma)))
+        var = np.asarray(arrays[variance], np.float64)
+        unit = math.sqrt(float(np.mean(norm.variance)))   # rms(γ): norm.variance is γ²
         if not (np.all(np.isfinite(var)) and np.all(var >= 0) and math.isfinite(unit) and unit > 0):
             continue
         step = VECTOR_STEP * unit
-        gain = np.maximum(np.abs(gamma), GAIN_FLOOR * unit)
+        gain = np.maximum(np.sqrt(norm.variance), GAIN_FLOOR * unit)
+        scale = _scale_leaf(arrays, parent)
         out[scale] = out[shift] = StepLimits(np.float64(step))
         out[mean] = StepLimits(step * np.sqrt(var + VARIANCE_FLOOR) / gain)
         out[variance] = StepLimits(2 * step / (gain * math.log(2)), LOG2, VARIANCE_FLOOR)
@@ -573,15 +573,20 @@ def _batchnorms(arrays: dict) -> dict[str, _Norm]:
         parent, leaf = _split(name)
         if leaf not in _SHIFT or np.ndim(array) != 1:
             continue
-        scale = next((arrays[_join(parent, s)] for s in _SCALE if _join(parent, s) in arrays),
-                     None)
-        if scale is None or np.shape(scale) != np.shape(array) or not _has_variance(arrays, parent):
+        scale = _scale_leaf(arrays, parent)
+        if (scale is None or np.shape(arrays[scale]) != np.shape(array)
+                or not _has_variance(arrays, parent)):
             continue
-        shift, gamma = np.asarray(array, np.float64), np.asarray(scale, np.float64)
+        shift, gamma = np.asarray(array, np.float64), np.asarray(arrays[scale], np.float64)
         if np.all(np.isfinite(shift)) and np.all(np.isfinite(gamma)):
             out[name] = _Norm(relu_mean(shift, gamma), relu_power(shift, gamma), shift,
                               gamma * gamma)
     return out
+
+
+def _scale_leaf(arrays: dict, parent: str) -> str | None:
+    """The scale (γ) leaf of the norm layer at ``parent``, or None."""
+    return next((_join(parent, s) for s in _SCALE if _join(parent, s) in arrays), None)
 
 
 def _is_stand_in(array) -> bool:

@@ -101,12 +101,12 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     bits = int(quotients.sum()) + folded.size * (k + 1)
     if quotients.max() >= MAX_QUOTIENT or bits > 16 * folded.size:
         return None
-    record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
-              "center": center, "rice": k, **({"offset": how.offset} if how.domain == LOG2 else {})}
-    unary, remainders = _rice_streams(folded, k)
-    record["unary_bytes"] = len(unary)
     if not np.all(np.isfinite(restore(codes, 0, how.step, how.domain, how.offset))):
         return None
+    unary, remainders = _rice_streams(folded, k)
+    record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
+              "center": center, "rice": k, "unary_bytes": len(unary),
+              **({"offset": how.offset} if how.domain == LOG2 else {})}
     return unary + remainders, record
 
 
