@@ -84,8 +84,8 @@ def pack_interval_index(starts: Sequence[np.ndarray]) -> tuple[str | None, bytes
     """(record value, blob) of every tile's interval starts, in tile order.
 
     Each tile's first start, then the differences of consecutive starts, as
-    uint16 when all of them fit (an interval at the default 8 blocks is a few
-    hundred bytes), deflated: 1/5 of uint32 offsets, which were 1.6% of a
+    uint16 when all of them fit (an interval at the default 32 blocks is about a
+    kilobyte), deflated: 1/5 of uint32 offsets, which were 1.6% of a
     CNN's file at 8x. Else the offsets themselves as uint32 (record value None)."""
     deltas = np.concatenate([np.diff(s, prepend=0) for s in starts])
     if deltas.size and deltas.max() <= np.iinfo(np.uint16).max and deltas.min() >= 0:

@@ -169,7 +169,8 @@ def tiled(tmp_path_factory):
     rng = np.random.default_rng(2)
     path = tmp_path_factory.mktemp("tiled") / "tiled.jjpg"
     jaxjpeg.save(path, {"w": rng.normal(size=(96, 80)).astype(np.float32),
-                        "b": rng.normal(size=(80,)).astype(np.float32)}, tile_shape=(48, 40))
+                        "b": rng.normal(size=(80,)).astype(np.float32)}, tile_shape=(48, 40),
+                 restart_interval=8)   # several intervals a tile (30 blocks)
     with ckr.Checkpoint(path) as c:
         assert [l.kind for l in c.leaves] == ["raw", "jpeg"]
         assert len(c.leaves[1].tiles) == 4

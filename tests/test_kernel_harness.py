@@ -279,12 +279,12 @@ def test_irregular_warps_take_the_simple_path(dtype):
 
 def test_default_tiles_and_restart_interval_stage_their_warps():
     """Default tiles (512 x 512: 64 blocks a row) at the default restart
-    interval (8 blocks): a warp's 32 blocks of a step lie in 4 block rows, 8
-    blocks apart, and are staged."""
+    interval (32 blocks): a warp's 32 blocks of a step lie in 16 block rows,
+    two to a row 32 blocks apart, and are staged."""
     rng = np.random.default_rng(9)
     enc = jaxjpeg.encode_tensor((rng.standard_normal((512, 1024)) * 0.05).astype(np.float32),
                                 quant_step=3)
-    assert enc.tiles[0].restart_interval == codec.DEFAULT_RESTART_INTERVAL == 8
+    assert enc.tiles[0].restart_interval == codec.DEFAULT_RESTART_INTERVAL == 32
     for dtype in DTYPES:
         error, (staged, simple) = _assert_harness_is_host(codec.build_plan([enc], [dtype]))
         assert error is None and staged > 0 and simple == 0, (staged, simple)
