@@ -409,10 +409,12 @@ def _error_bound_encoder(bound, bits, leaf_coder):
 
 
 # Bytes the container adds per blob and per leaf beyond the coded data:
-# alignment padding (32 on average) and their records in the deflated header
-# (measured on EfficientNet-lite1: 16 per blob, 7 per leaf; leaves' records
-# are as repetitive as their names, so 24 leaves room for less regular ones).
-_BLOB_OVERHEAD = 32 + 16
+# alignment padding (on average 32 before a tile, 4 before a small blob:
+# fmt.blob_offset) and their records in the deflated header (measured on
+# EfficientNet-lite1: 16 per blob, 7 per leaf; leaves' records are as
+# repetitive as their names, so 24 leaves room for less regular ones).
+_TILE_BLOB_OVERHEAD = 32 + 16
+_SMALL_BLOB_OVERHEAD = 4 + 16
 _LEAF_OVERHEAD = 24
 
 
@@ -421,7 +423,7 @@ def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape) -> int:
     padding and records, and the restart-interval index of every tile."""
     tiles = p.tiles(tile_shape)
     side_blobs = 2 + (p.col_scale is not None) + (p.outliers is not None)  # + intervals, affine
-    overhead = _BLOB_OVERHEAD * (len(tiles) + side_blobs)
+    overhead = _TILE_BLOB_OVERHEAD * len(tiles) + _SMALL_BLOB_OVERHEAD * side_blobs
     for _, _, h, w in tiles:
         overhead += layout.intervals_per_tile(h, w, restart_interval) + 1  # ~1 byte deflated
     return overhead
@@ -471,7 +473,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
                 curves[name], sens[name], tiles = analysis
                 overhead += tiles
         overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
-                     + _BLOB_OVERHEAD * (len(entries) - len(coded)))
+                     + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens
 
     coded, kept, overhead, curves, sens = measure(floor)

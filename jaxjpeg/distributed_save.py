@@ -13,7 +13,8 @@ topology restores it (another device count, one process). The work is split:
    (``multihost_utils.process_allgather``, a collective every process joins,
    in leaf order) and coded by the least loaded process.
 2. Each process codes its leaves (on all its cores, as a one-process save
-   does) into a *region*: its blobs laid out back to back, 64-byte aligned.
+   does) into a *region*: its blobs laid out back to back, aligned as
+   ContainerWriter aligns them (64 bytes for large blobs, 8 for small ones).
 3. Through the coordination service's key-value store each process publishes
    its region's size, blob table and leaf records; process 0 publishes the
    temporary file it created. Region ``i`` starts where region ``i - 1``
@@ -131,12 +132,13 @@ def _local_copy(leaf, copy: bool = False) -> np.ndarray:
 
 def _region(stored: list) -> tuple[list, dict, int]:
     """(blobs with their offsets in the region, blob table, region size) of
-    the coded leaves: blobs back to back, each at a multiple of 64."""
+    the coded leaves: blobs back to back, each where ContainerWriter puts it
+    (fmt.blob_offset)."""
     placed, table, position = [], {}, 0
     for blobs, _, _, _ in stored:
         for name, data in blobs:
             view = fmt._as_byte_view(data)
-            offset = fmt._align_up(position)
+            offset = fmt.blob_offset(position, len(view))
             placed.append((offset, view))
             table[name] = [offset, len(view), fmt.crc32c(view)]
             position = offset + len(view)
