@@ -100,7 +100,7 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             stored = record.get("stored")
             if stored is None:
                 return leaf
-            if stored == "quantized" and leaf.dtype == np.float32 and len(shape) == 1:
+            if stored == "quantized" and leaf.dtype == np.float32 and len(shape) >= 1:
                 try:
                     fields = quantized_vectors.check_record(record, f"leaf {index}")
                 except ValueError as e:

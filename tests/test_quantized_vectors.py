@@ -134,6 +134,29 @@ def test_vectors_without_a_batchnorm_stay_float16(tmp_path):
     assert all("quantized" not in leaf.note for leaf in off.leaves)
 
 
+def test_small_kernels_take_a_step_under_byte_targets(tmp_path):
+    """A kernel too small for JPEG was stored as float16 with 8 significand
+    bits under a byte target (13.3 bits a value on EfficientNet-lite1's
+    stem and first blocks); a step of 2^-8 of its RMS takes 10 and errs
+    less there (KL 0.0016 -> 0.00028). The default save keeps it exact."""
+    rng = np.random.default_rng(7)
+    small = rng.laplace(0, 0.2, (16, 3, 3, 3)).astype(np.float32)
+    tree = {"stem.weight": small,
+            "conv.weight": rng.normal(0, 0.05, (128, 16, 3, 3)).astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=8, progress=False)
+    leaf = {leaf.path: leaf for leaf in report.leaves}["stem.weight"]
+    assert "quantized (linear step" in leaf.note
+    assert leaf.stored_bytes < len(_half_blob(_half_copy(small))[0]) * 0.85
+    step = 2.0 ** -8 * np.sqrt(np.mean(small.astype(np.float64) ** 2))
+    got = np.asarray(jaxjpeg.restore(tmp_path / "s.jjpg")["stem.weight"])
+    assert got.shape == small.shape
+    assert np.all(np.abs(got - small) <= step / 2 * (1 + 1e-6) + 1e-7)
+    exact = jaxjpeg.save(tmp_path / "d.jjpg", tree, progress=False)
+    assert "quantized" not in {leaf.path: leaf.note for leaf in exact.leaves}["stem.weight"]
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "d.jjpg")["stem.weight"]),
+                                  small)
+
+
 def _damaged(tmp_path, edit_meta=None, edit_blobs=None):
     path = tmp_path / "q.jjpg"
     jaxjpeg.save(path, _batchnorm_net(np.random.default_rng(5)), target_ratio=8, progress=False)
