@@ -10,7 +10,9 @@ the steps). Here a vector is coded on the step it is given, ``linear``
 offset``, values >= 0: a relative error of ``value + offset``), its codes
 less their median, zigzagged and Rice coded. Rice codes need no table,
 which a vector of 32 values cannot afford: EfficientNet-lite's BatchNorm
-values take 9.5-9.8 bits each (float16: 12.5).
+values take 9.5-9.8 bits each (float16: 12.5). Kernels too small for JPEG
+are coded the same way, flattened in C order, on 2^-8 of their RMS
+(``jaxjpeg.checkpoint.SMALL_KERNEL_STEP``).
 
 The blob is the codes' unary parts (``q`` ones then a zero each, padded
 with ones to a byte), then their ``k``-bit remainders (most significant
