@@ -1142,16 +1142,17 @@ SMALL_KERNEL_STEP = 2.0 ** -8
 
 
 def _small_kernel_limits(array: np.ndarray):
-    """The step limits of a raw float32 kernel (see SMALL_KERNEL_STEP), or None."""
+    """The step limits of a raw kernel (see SMALL_KERNEL_STEP), or None (a
+    vector, an empty or constant-zero kernel, or one with non-finite values,
+    whose RMS is not finite)."""
     from jaxjpeg import quantized_vectors
 
-    if array.dtype != np.float32 or array.ndim < 2 or array.size == 0:
+    if array.ndim < 2 or array.size == 0:
         return None
-    x = np.asarray(array, np.float64)
-    if not np.all(np.isfinite(x)):
+    rms = math.sqrt(float(np.mean(np.square(array, dtype=np.float64))))
+    if not (math.isfinite(rms) and rms > 0):
         return None
-    rms = float(np.sqrt(np.mean(x * x)))
-    return quantized_vectors.StepLimits(np.float64(SMALL_KERNEL_STEP * rms)) if rms > 0 else None
+    return quantized_vectors.StepLimits(np.float64(SMALL_KERNEL_STEP * rms))
 
 
 def _lossy_raw(array: np.ndarray, limits=None) -> tuple | None:
@@ -1167,11 +1168,10 @@ def _lossy_raw(array: np.ndarray, limits=None) -> tuple | None:
     if half is not None:
         blob, extra = _half_blob(half)
         options.append((blob, extra, "stored as float16"))
-    if limits is None:
-        limits = _small_kernel_limits(array)
     how = None
-    if limits is not None and array.dtype == np.float32:
-        how = limits.step_for(array)
+    if array.dtype == np.float32:
+        limits = limits if limits is not None else _small_kernel_limits(array)
+        how = limits.step_for(array) if limits is not None else None
     if how is not None:
         coded = quantized_vectors.encode(array, how)
         if coded is not None:

@@ -47,7 +47,7 @@ class LeafInfo:
     tiles: int = 0             # jpeg: number of tiles
     kept: int = 0              # jpeg: values kept exactly in the side list
     stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
-    # raw, quantized (a BatchNorm vector under a byte target): (domain, step)
+    # raw, quantized under a byte target (a BatchNorm vector, a small kernel): (domain, step)
     quantized: tuple[str, float] | None = None
 
     @property

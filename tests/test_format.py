@@ -349,10 +349,6 @@ def as_version(path, version):
                   flags=fmt.FLAG_DEFLATED_HEADER)
 
 
-def as_version_1(path):
-    as_version(path, 1)
-
-
 def test_version_2_files_still_read(tmp_path):
     path = tmp_path / "c"
     blobs = write_small(path, {"name": "v2"})
@@ -412,7 +408,7 @@ def test_blob_alignment_follows_the_files_version(tmp_path, version, offset, ok)
 def test_version_1_files_still_read(tmp_path):
     path = tmp_path / "c"
     blobs = write_small(path, {"name": "old"})
-    as_version_1(path)
+    as_version(path, 1)
     with ContainerReader(path) as reader:
         assert reader.metadata == {"name": "old"}
         assert {n: bytes(reader.read_blob(n)) for n in reader.blob_names} == blobs
