@@ -557,6 +557,7 @@ class ContainerReader:
 
     def _validate_blob_table(self, table: dict, payload_end: int) -> dict[str, BlobInfo]:
         blobs = {}
+        alignment = blob_alignment(self.version)
         for name, entry in table.items():
             if not isinstance(entry, dict) or entry.keys() != _BLOB_KEYS:
                 raise self._error(f"blob {name!r}: entry must be an object with keys "
@@ -565,7 +566,6 @@ class ContainerReader:
             if not (_is_uint(info.offset) and _is_uint(info.length) and _is_uint(info.crc32c, 32)):
                 raise self._error(f"blob {name!r}: offset, length and crc32c must be unsigned "
                                   f"integers, got {tuple(info)!r}")
-            alignment = blob_alignment(self.version)
             if info.offset % alignment or info.offset < PREAMBLE_SIZE:
                 raise self._error(f"blob {name!r}: offset {info.offset} is not a multiple of "
                                   f"{alignment} >= {PREAMBLE_SIZE} (version {self.version})")
