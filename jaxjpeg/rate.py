@@ -48,6 +48,15 @@ MIN_STEP_8BIT = 8          # below this 8-bit rounding noise exceeds 1/64 of the
 ROW_POWER = 0.0          # data-free row importance ∝ row RMS^(-2 * ROW_POWER)
 LADDER = np.arange(-4.0, 13.0)   # probe steps q = rms * 2^-k (interpolated between)
 PROBE_ELEMENTS = 1 << 15   # weights coded per probe of a large tensor
+# A curve measured on n weights errs by about 1/√n, and what that costs the
+# allocation grows with the leaf's share of the weights allocated: a leaf
+# holding less than PROBE_FULL_SHARE of them gets a probe ∝ √share (the
+# sizes that minimise Σ share / n at a given total), at least
+# MIN_PROBE_ELEMENTS. A 1 GiB tree of 0.25M-weight leaves is analysed in
+# 0.45x the codings; EfficientNet-lite's leaves (4.7-6.1M weights) keep
+# their probes (every leaf it would shrink is small enough to probe whole).
+PROBE_FULL_SHARE = 0.005
+MIN_PROBE_ELEMENTS = 1 << 13
 MIN_PROBE_WIDTH = 32       # narrowest probe patch (8 rows each)
 COLUMN_SCALE_BITS = 16     # stored cost of one column scale (float16)
 # A shared scale steps no finer than 1/4095 of the widest row's range at 12
@@ -574,17 +583,26 @@ class _Probe:
     stats: tuple             # mapping.row_stats of the matrix, once for every step
 
 
-def _probe(p: codec.Prepared, rng: np.random.Generator) -> _Probe:
+def probe_elements(size: int, total: int) -> int:
+    """Weights in the probe of a leaf of ``size`` among ``total`` allocated
+    (see PROBE_FULL_SHARE)."""
+    share = size / max(1, total)
+    if share >= PROBE_FULL_SHARE:
+        return PROBE_ELEMENTS
+    return max(MIN_PROBE_ELEMENTS, int(PROBE_ELEMENTS * math.sqrt(share / PROBE_FULL_SHARE)))
+
+
+def _probe(p: codec.Prepared, rng: np.random.Generator, elements: int = PROBE_ELEMENTS) -> _Probe:
     """Stratified over rows: one patch of 8 rows at a random column offset per
     8-row band (bands sampled when there are too many), so rows of every
-    scale are represented; patch width fills about PROBE_ELEMENTS."""
+    scale are represented; patch width fills about ``elements``."""
     rows, cols = p.matrix.shape
-    if p.size <= 2 * PROBE_ELEMENTS:
+    if p.size <= 2 * elements:
         col = None if p.col_scale is None else np.broadcast_to(p.col_scale, p.matrix.shape)
         return _Probe(p.matrix, np.arange(rows), col, 1.0, p.row_stats())
     bands = -(-rows // 8)
-    width = int(min(cols, max(MIN_PROBE_WIDTH, PROBE_ELEMENTS // (8 * bands) // 8 * 8)))
-    count = min(bands, max(1, PROBE_ELEMENTS // (8 * width)))
+    width = int(min(cols, max(MIN_PROBE_WIDTH, elements // (8 * bands) // 8 * 8)))
+    count = min(bands, max(1, elements // (8 * width)))
     chosen = np.sort(rng.choice(bands, size=count, replace=False))
     # One column offset drawn per band, in band order; the patches are then
     # gathered at once (a slice and a copy per band cost more than coding them).
@@ -620,11 +638,13 @@ def reach_of(target_bytes: int, weights: int) -> float:
 
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
-             reach: float | None = None, floor: bool = True, **options) -> Curve:
+             reach: float | None = None, floor: bool = True,
+             probe: int = PROBE_ELEMENTS, **options) -> Curve:
     """Measures bytes and squared error of ``p`` on a probe at each ladder step.
 
-    Large tensors are probed on random 8-row patches (about PROBE_ELEMENTS
-    weights), coded with the whole tensor's row scales; small ones whole.
+    Large tensors are probed on random 8-row patches (about ``probe``
+    weights, see :func:`probe_elements`), coded with the whole tensor's row
+    scales; small ones whole.
 
     ``reach`` (bits/weight, optional): the most a byte target may give the
     tensor; the ladder's finest steps beyond it are left out (see
@@ -632,7 +652,8 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     of it (see LADDER_FLOOR); per-row ranges (see :func:`row_range_fallback`)
     are measured only when the shared scale's finest coding is below it.
     """
-    probe = _probe(p, np.random.default_rng(seed))
+    elements = probe
+    probe = _probe(p, np.random.default_rng(seed), elements)
     steps = _ladder_steps(p, tensor_rms(p), bits)
     first, costs = _ladder_costs(p, probe, steps, reach, floor, options)
     steps = steps[first:first + len(costs)]
@@ -644,7 +665,8 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     at_floor = steps[-1] == (12, 1)   # the shared scale's finest step was reached
     fallback = (row_range_fallback(p) if at_floor and (reach is None or finest < reach)
                 else None)
-    return curve if fallback is None else _with_row_ranges(curve, fallback, seed, options)
+    return (curve if fallback is None
+            else _with_row_ranges(curve, fallback, seed, elements, options))
 
 
 def _ladder_costs(p: codec.Prepared, probe: _Probe, steps: list, reach: float | None,
@@ -725,10 +747,11 @@ def _spread(spans: np.ndarray) -> float:
     return float(spans.max() / np.median(spans)) if spans.size >= 2 else 0.0
 
 
-def _with_row_ranges(curve: Curve, fallback: codec.Prepared, seed: int, options) -> Curve:
+def _with_row_ranges(curve: Curve, fallback: codec.Prepared, seed: int, elements: int,
+                     options) -> Curve:
     """``curve`` followed by the per-row-range codings that err less than its
     finest candidate (the shared scale's finest step)."""
-    probe = _probe(fallback, np.random.default_rng(seed))
+    probe = _probe(fallback, np.random.default_rng(seed), elements)
     _, scale, offset = mapping.row_affine(fallback.matrix, 12, clip="minmax", with_samples=False)
     maps = {12: (scale[probe.rows], offset[probe.rows])}
     steps = [(12, d) for d in ROW_RANGE_DELTAS]
@@ -821,61 +844,36 @@ def _between(lo: int, hi: int) -> list[int]:
 
 def _probe_costs(p: codec.Prepared, probe: _Probe, steps, options, maps=None) -> list:
     """(tile bytes, squared error in weight units) of the probe at each
-    ``(bits, Δ)`` of ``steps``: coded as :func:`encode_with_step` codes it and
-    decoded as the decoder does, by the native encoder in one call per tile
-    and group of steps of equal depth (the samples do not depend on Δ). The
-    groups run on the tile pool's cores; each is coded in one thread.
-    ``maps`` ({bits: (scale, offset)} of the probe rows): maps other than the
-    tensor's shared-scale ones."""
+    ``(bits, Δ)`` of ``steps``: coded as :func:`encode_with_step` codes it,
+    by the native encoder in one call per tile and sample depth (the
+    samples do not depend on Δ), in this thread: a save analyses leaves on
+    all cores, and handing a probe's steps to other threads cost more CPU
+    than it saved. ``maps`` ({bits: (scale, offset)} of the probe rows): maps
+    other than the tensor's shared-scale ones."""
     restart = options.get("restart_interval", codec.DEFAULT_RESTART_INTERVAL)
     tile_shape = options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)
     matrix = np.ascontiguousarray(probe.matrix, np.float32)
     rdo = p.feedback is None   # as encode_tensor codes the tensor
     weight = None if probe.col_scale is None else np.ascontiguousarray(probe.col_scale, np.float32)
     cells = codec.tile_grid(*matrix.shape, tile_shape)
-    cores = codec.tile_pool()._max_workers
-    jobs, tasks = [], [[] for _ in range(cores)]
+    entropy, header, error = {}, {}, {}
     for b in sorted({b for b, _ in steps}):
         scale, offset = maps[b] if maps else _probe_map(p, probe, b)
         deltas = [d for bb, d in steps if bb == b]
-        for chunk in _chunks(deltas, cores):   # a group per core
-            task = min(tasks, key=lambda t: sum(len(jobs[j][0][1]) for j in t))   # least loaded
-            for r, c, h, w in cells:
-                box = (slice(r, r + h), slice(c, c + w))
-                task.append(len(jobs))
-                jobs.append(((b, chunk), (matrix[box], scale[r:r + h], offset[r:r + h],
-                                          np.array(chunk, np.uint16), b, restart,
-                                          None if weight is None else weight[box], rdo)))
-    results = _run_tasks([t for t in tasks if t], jobs)
-    entropy, header, error = {}, {}, {}
-    for ((b, chunk), _), (e, h, sse) in zip(jobs, results):
-        for i, d in enumerate(chunk):
-            entropy[b, d] = entropy.get((b, d), 0) + int(e[i])
-            header[b, d] = header.get((b, d), 0) + int(h[i])
-            error[b, d] = error.get((b, d), 0.0) + float(sse[i])
+        for r, c, h, w in cells:
+            box = (slice(r, r + h), slice(c, c + w))
+            e, hd, sse = _native.measure_steps(
+                matrix[box], scale[r:r + h], offset[r:r + h], np.array(deltas, np.uint16), b,
+                restart, None if weight is None else weight[box], rdo)
+            for i, d in enumerate(deltas):
+                entropy[b, d] = entropy.get((b, d), 0) + int(e[i])
+                header[b, d] = header.get((b, d), 0) + int(hd[i])
+                error[b, d] = error.get((b, d), 0.0) + float(sse[i])
     # Entropy-coded data scales with the weights, headers (tables, markers)
     # with the tile count.
     tiles = len(p.tiles(tile_shape))
     return [(entropy[s] / probe.fraction + tiles * header[s] / len(cells), error[s])
             for s in steps]
-
-
-def _run_tasks(tasks: list, jobs: list) -> list:
-    """``_native.measure_steps`` of every job, each task's jobs (indices)
-    run in turn: the first task in this thread, the others on the tile pool
-    (one task per core: a pool hand-off per job cost more CPU than coding a
-    coarse step). Results in job order, whichever thread ran them."""
-    def run(task):
-        return [_native.measure_steps(*jobs[j][1]) for j in task]
-
-    later = [codec.tile_pool().submit(run, task) for task in tasks[1:]]
-    results = [None] * len(jobs)
-    done = [run(tasks[0])] if tasks else []
-    done += [f.result() for f in later]
-    for task, out in zip(tasks, done):
-        for j, r in zip(task, out):
-            results[j] = r
-    return results
 
 
 def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
@@ -885,13 +883,6 @@ def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
         probe.matrix, bits, clip="common", scale=p.common_scale(bits)[probe.rows],
         shared=p.shared_map, with_samples=False, stats=probe.stats)
     return scale, offset
-
-
-def _chunks(items: list, count: int) -> list:
-    """``items`` dealt into at most ``count`` groups of near-equal length
-    (every count-th item: coarse and fine steps, cheap and costly, mixed)."""
-    count = max(1, min(count, len(items)))
-    return [items[i::count] for i in range(count)]
 
 
 # ----------------------------------------------------------------------------
@@ -1143,14 +1134,21 @@ class BudgetAllocator:
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
+        self.chosen: dict = {}   # name -> candidate: chosen, bytes not yet settled
+        self.in_flight = 0.0     # their predicted bytes
         self.steps: dict = {}
         self.squared_errors: dict = {}
         self.slope = 0.0
         self._log_slope = None   # log λ of the last choice (where the next bisection starts)
 
     def _correction(self) -> float:
-        """Actual / predicted bytes of the tensors coded so far."""
+        """Actual / predicted bytes of the tensors settled so far."""
         return self.spent / self.predicted_spent if self.predicted_spent > 0 else 1.0
+
+    def _left(self, correction: float) -> float:
+        """Bytes left for the pending tensors: the budget less the settled
+        tensors' bytes and the chosen ones' predictions, corrected."""
+        return self.budget - self.spent - correction * self.in_flight
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
@@ -1163,7 +1161,7 @@ class BudgetAllocator:
         else:
             nbytes = nbytes.copy()
             nbytes[finite] *= correction
-        left = self.budget - self.spent
+        left = self._left(correction if 0 < correction < math.inf else 1.0)
         rows = np.arange(len(names))
         picker = _Picker(nbytes, pick_dist, finite, self._plain)
 
@@ -1189,7 +1187,7 @@ class BudgetAllocator:
         choices are the ones its bisection finds."""
         rows = np.sort(np.fromiter((self._rows[n] for n in self.pending), np.intp,
                                    len(self.pending)))
-        left = self.budget - self.spent
+        left = self._left(correction)
 
         def total(choice) -> float:
             return float((self._nbytes[rows, choice] * correction).sum())
@@ -1357,21 +1355,43 @@ class BudgetAllocator:
         return guess if lo < guess < hi else (lo + hi) // 2
 
     def encode(self, name: str, p: codec.Prepared) -> codec.EncodedTensor:
-        """Codes tensor ``name`` (prepared as when the curves were measured)."""
+        """Codes tensor ``name`` (prepared as when the curves were measured),
+        its bytes counted before the next tensor's choice."""
+        k, enc = self.encode_chosen(name, p, self.choose(name))
+        self.settle(name, k, enc.nbytes)
+        return enc
+
+    def choose(self, name: str) -> int:
+        """``name``'s candidate at the multiplier that spends what is left
+        (see _left); the tensor then waits, predicted, to be settled."""
         if name not in self.pending:
             raise KeyError(f"{name!r} is not waiting to be coded")
-        c = self.curves[name]
         k = self._choose(name)
+        self.pending.discard(name)
+        self.chosen[name] = k
+        self.in_flight += float(self.curves[name].nbytes[k])
+        return k
+
+    def encode_chosen(self, name: str, p: codec.Prepared, k: int):
+        """(candidate, coding) of ``name`` at its chosen candidate ``k``; the
+        last tensor (nothing pending, nothing else unsettled) settles what is
+        left with real codings (see _settle_last). Safe to call for several
+        tensors at once."""
+        c = self.curves[name]
         fallback = functools.cache(lambda: row_range_fallback(p))   # prepared once, if at all
         enc = encode_candidate(p, c, k, self.options, fallback)
-        if self.pending == {name}:
+        if not self.pending and self.chosen.keys() == {name}:
             k, enc = self._settle_last(p, c, k, enc, fallback)
-        self.pending.discard(name)
-        self.spent += enc.nbytes
+        return k, enc
+
+    def settle(self, name: str, k: int, nbytes: int) -> None:
+        """Counts ``name``'s coding (candidate ``k``, ``nbytes``) as spent."""
+        c = self.curves[name]
+        self.in_flight = max(0.0, self.in_flight - float(c.nbytes[self.chosen.pop(name)]))
+        self.spent += nbytes
         self.predicted_spent += float(c.nbytes[k])
         self.steps[name] = float(c.q[k])
         self.squared_errors[name] = float(c.sse[k])
-        return enc
 
 
 def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | None = None, *,
@@ -1398,10 +1418,14 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     prepared = {n: _as_prepared(tensors[n], (row_weights or {}).get(n)) for n in names}
     if target_bytes is None:
         target_bytes = int(sum(np.asarray(p.original).nbytes for p in prepared.values()) / ratio)
-    reach = reach_of(target_bytes, sum(p.size for p in prepared.values()))
-    def measure(floor):
-        return {n: rd_curve(p, bits, reach=reach, floor=floor, **options)
-                for n, p in prepared.items()}
+    total = sum(p.size for p in prepared.values())
+    reach = reach_of(target_bytes, total)
+
+    def measure(floor):   # a tensor's curve in one thread, tensors on the tile pool's
+        def curve(n):
+            return rd_curve(prepared[n], bits, reach=reach, floor=floor,
+                            probe=probe_elements(prepared[n].size, total), **options)
+        return dict(zip(names, codec.tile_pool().map(curve, names)))
 
     curves = measure(sensitivity is None)
     if sensitivity is None and floors_exceed(curves, target_bytes):

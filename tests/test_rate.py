@@ -422,10 +422,12 @@ def _probe_cost_by_coding(p, probe, bits, delta):
 
 @pytest.mark.parametrize("shape,column_scales", [((4096, 256), False), ((4096, 256), True),
                                                   ((40, 24), False), ((300, 700), True)])
-def test_probe_ladder_costs_equal_coding_and_decoding_each_step(shape, column_scales):
+def test_probe_ladder_costs_match_coding_and_decoding_each_step(shape, column_scales):
     """rd_curve measures every step of a probe in one native call per tile
-    (the samples' map does not depend on the step); its bytes must be those
-    of the tiles encode_tensor writes, its error that of decoding them."""
+    (the samples' map does not depend on the step): its bytes must be those
+    of the tiles encode_tensor writes, its error within 3% of decoding them
+    (8% at the finest 12-bit step, where the decoder's fixed-point IDCT,
+    which the measure leaves out, adds most), through column scales."""
     rng = np.random.default_rng(5)
     m = (rng.standard_normal(shape) * np.exp(rng.standard_normal((shape[0], 1)))).astype(np.float32)
     col_weight = np.exp(2 * rng.standard_normal(shape[1])) if column_scales else None
@@ -437,35 +439,105 @@ def test_probe_ladder_costs_equal_coding_and_decoding_each_step(shape, column_sc
     for step, (nbytes, sse) in zip(steps, got):
         want_bytes, want_sse = _probe_cost_by_coding(p, probe, *step)
         assert nbytes == want_bytes, step
-        assert sse == pytest.approx(want_sse, rel=1e-12), step
+        assert sse == pytest.approx(want_sse, rel=0.08 if step == (12, 1) else 0.03), step
+
+
+def _mapped(m, bits):
+    """``m``'s common-scale maps to ``bits``-bit samples, as float32 arrays."""
+    p = codec.prepare(m)
+    _, scale, offset = mapping.row_affine(m, bits, clip="common", scale=p.common_scale(bits),
+                                          shared=p.shared_map, with_samples=False)
+    return np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+
+
+def _decoded_costs(m, scale, offset, bits, steps, rdo):
+    """(entropy bytes, header bytes, squared error) of each step's file, the
+    error summed by the real decoder (tile_squared_error)."""
+    out = []
+    for step in steps:
+        data, starts = jaxjpeg._native.encode_mapped(
+            m, scale, offset, codec.quant_table(bits=bits, quant_step=step), bits=bits,
+            restart_interval=8, rdo=rdo, with_intervals=True)
+        entropy = starts[-1] - starts[0]
+        out.append((entropy, len(data) - entropy,
+                    jaxjpeg._native.tile_squared_error(data, m, scale, offset)))
+    return out
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (37, 53), (8, 8), (200, 24)])
 @pytest.mark.parametrize("bits,steps", [(8, [255, 40, 9, 8]), (12, [4000, 300, 37, 4, 1])])
 @pytest.mark.parametrize("rdo", [True, False])
-def test_measure_steps_error_is_the_decoders_to_the_last_bit(shape, bits, steps, rdo):
+def test_measure_steps_bytes_are_the_files(shape, bits, steps, rdo):
     """measure_steps takes each block's values as the encoder coded them (RDO's
     drops and lowerings included, or plain rounding as error feedback's tiles
-    are coded) instead of Huffman-decoding the file: its bytes must be the
-    file's and its error exactly the decoder's (the real decoder's sum over the
-    same file, tile_squared_error), edge blocks, DC-only blocks and both sample
-    depths included."""
+    are coded): its bytes must be the file's, edge blocks, blocks with only a
+    DC and both sample depths included."""
     rng = np.random.default_rng(sum(shape) + bits)
     m = (rng.standard_normal(shape) * np.exp(rng.standard_normal((shape[0], 1)))).astype(np.float32)
     m[: shape[0] // 4] = 0.25   # constant rows: blocks with only a DC
-    sub = codec.prepare(m)
-    scale = sub.common_scale(bits)
-    _, scale, offset = mapping.row_affine(m, bits, clip="common", scale=scale, with_samples=False)
-    scale, offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
-    entropy, header, sse = jaxjpeg._native.measure_steps(m, scale, offset,
-                                                         np.array(steps, np.uint16), bits, 8,
-                                                         rdo=rdo)
-    for i, step in enumerate(steps):
-        data, starts = jaxjpeg._native.encode_mapped(
-            m, scale, offset, codec.quant_table(bits=bits, quant_step=step), bits=bits,
-            restart_interval=8, rdo=rdo, with_intervals=True)
-        assert entropy[i] == starts[-1] - starts[0] and header[i] == len(data) - entropy[i]
-        assert sse[i] == jaxjpeg._native.tile_squared_error(data, m, scale, offset), step
+    scale, offset = _mapped(m, bits)
+    entropy, header, _ = jaxjpeg._native.measure_steps(m, scale, offset,
+                                                       np.array(steps, np.uint16), bits, 8, rdo=rdo)
+    want = _decoded_costs(m, scale, offset, bits, steps, rdo)
+    assert list(entropy) == [e for e, _, _ in want]
+    assert list(header) == [h for _, h, _ in want]
+
+
+@pytest.mark.parametrize("shape", [(256, 96), (37, 53), (120, 40)])
+@pytest.mark.parametrize("bits,steps", [(8, [40, 9, 8]), (12, [300, 37, 4])])
+@pytest.mark.parametrize("rdo", [True, False])
+@pytest.mark.parametrize("kind", ["gauss", "laplace", "row-scaled"])
+def test_measure_steps_error_is_within_2_percent_of_the_decoders(shape, bits, steps, rdo, kind):
+    """measure_steps sums each coding's error from its transform-domain
+    error (rate_probe.cc's CodedErrorModel) instead of decoding it: within 2%
+    of the real decoder's sum over the same file at the steps rate control
+    picks (1.5 to 8 bits/weight here), edge blocks (cut by the tile's edge)
+    and 8-row tiles of a wide spread of row scales included."""
+    m = _tensor(kind, shape, seed=sum(shape) + bits)
+    scale, offset = _mapped(m, bits)
+    _, _, sse = jaxjpeg._native.measure_steps(m, scale, offset, np.array(steps, np.uint16), bits,
+                                              8, rdo=rdo)
+    want = _decoded_costs(m, scale, offset, bits, steps, rdo)
+    for step, got, (_, _, error) in zip(steps, sse, want):
+        assert got == pytest.approx(error, rel=0.02), step
+
+
+def test_measure_steps_error_of_weighted_pixels():
+    """Row scales and column weights that vary inside a block (importances,
+    BatchNorm priors) weigh each pixel's error: the measure carries such
+    blocks' errors to their pixels (a float inverse DCT), within 2% of the
+    decoder's sum; spreading a block's error evenly over its pixels erred
+    2x on tiles like these."""
+    rng = np.random.default_rng(3)
+    scale = (0.01 * np.exp(rng.uniform(-3, 0, 128))).astype(np.float32)
+    offset = (-2048 * scale).astype(np.float32)
+    m = (400 * scale[:, None] * rng.standard_normal((128, 256))).astype(np.float32)
+    col = np.exp(rng.standard_normal(256)).astype(np.float32)
+    steps = [40, 9]
+    for columns in (False, True):
+        weight = np.ascontiguousarray(np.broadcast_to(col, m.shape)) if columns else None
+        _, _, sse = jaxjpeg._native.measure_steps(m, scale, offset, np.array(steps, np.uint16),
+                                                  12, 8, weight, True)
+        for step, got in zip(steps, sse):
+            data = jaxjpeg._native.encode_mapped(
+                m, scale, offset, codec.quant_table(bits=12, quant_step=step), bits=12,
+                restart_interval=8, rdo=True)
+            # Σ ((decoded - m) * col)²: the decoder's output times col against m * col
+            want = (jaxjpeg._native.tile_squared_error(data, m * col, scale, offset, col) if columns
+                    else jaxjpeg._native.tile_squared_error(data, m, scale, offset))
+            assert got == pytest.approx(want, rel=0.02), (step, columns)
+
+
+def test_measure_steps_dead_rows_cost_no_error():
+    """Rows coded as all zeros (a constant row at the middle sample: dead
+    channels) decode exactly: the measure adds no rounding noise for them."""
+    m = np.zeros((64, 64), np.float32)
+    scale, offset = np.full(64, 0.01, np.float32), np.full(64, -2048 * 0.01, np.float32)
+    _, _, sse = jaxjpeg._native.measure_steps(m, scale, offset, np.array([1, 9], np.uint16), 12, 8)
+    assert list(sse) == [0.0, 0.0]
+    assert jaxjpeg._native.tile_squared_error(
+        jaxjpeg._native.encode_mapped(m, scale, offset, codec.quant_table(bits=12, quant_step=9),
+                                      bits=12, restart_interval=8), m, scale, offset) == 0.0
 
 
 @pytest.mark.parametrize("case", ["plain", "transposed", "outliers", "columns", "tiles"])
@@ -707,30 +779,55 @@ def test_per_row_ranges_keep_the_shards_tile_edges(axis):
     assert np.linalg.norm(decoded - x) / np.linalg.norm(x) < 1e-3
 
 
-def test_turns_let_names_through_in_order_and_past_skipped_ones():
-    """A byte target's leaves code in their storing order: a name waits for
-    every name before it to be done (coded, or released after an error)."""
+def _budget_encoder(leaves: dict, ratio: float = 8.0):
+    """A _BudgetEncoder over ``leaves`` (name -> array, coded in that order)
+    at ``ratio``, with the curves and leaf coder a save would use."""
+    from jaxjpeg.checkpoint import _BudgetEncoder, _LeafCoder
+
+    coding = {"restart_interval": codec.DEFAULT_RESTART_INTERVAL,
+              "tile_shape": codec.DEFAULT_TILE_SHAPE}
+    coder = _LeafCoder(None, "auto", coding)
+    curves = {n: rate.rd_curve(coder.prepare(n, x), **coding) for n, x in leaves.items()}
+    budget = int(sum(x.nbytes for x in leaves.values()) / ratio)
+    encoder = _BudgetEncoder(rate.BudgetAllocator(curves, budget, **coding), coder)
+    encoder.order(list(leaves))
+    return encoder
+
+
+def test_budget_leaves_choose_in_storing_order():
+    """Under a byte target a leaf chooses its coding only once every leaf
+    before it has chosen (or was released, e.g. stored raw): a leaf called
+    early waits, and goes on once the one before it has."""
     import threading
 
-    from jaxjpeg.checkpoint import _Turns
+    leaves = {f"w{i}": _tensor("gauss", (64, 64), seed=i) for i in range(4)}
+    encoder = _budget_encoder(leaves)
+    done = []
+    late = threading.Thread(target=lambda: done.append(encoder("w2", leaves["w2"])))
+    late.start()
+    late.join(timeout=0.5)
+    assert late.is_alive() and not done        # w0 and w1 have not chosen
+    encoder("w0", leaves["w0"])
+    encoder.release("w1")                      # w1 stored raw: w2 may go on
+    late.join(timeout=30)
+    assert not late.is_alive() and len(done) == 1
+    assert encoder("w3", leaves["w3"]).nbytes > 0   # the last leaf, after every other
 
-    turns = _Turns(["a", "b", "c", "d"])
-    passed = []
 
-    def go(name):
-        turns.wait(name)
-        passed.append(name)
-        turns.done(name)
+def test_budget_files_do_not_depend_on_the_cores(monkeypatch, tmp_path):
+    """Leaves code in parallel under a byte target, each choice counting the
+    bytes of the leaves BUDGET_LAG places before it: the same file on one
+    core as on several, whichever leaf finishes first."""
+    from jaxjpeg import checkpoint
 
-    threads = [threading.Thread(target=go, args=(n,)) for n in ("d", "b")]
-    for t in threads:
-        t.start()
-    turns.done("c")           # released before its turn: b and d still wait for a
-    assert passed == []
-    go("a")
-    for t in threads:
-        t.join(timeout=10)
-    assert passed == ["a", "b", "d"]
+    tree = {f"w{i}": _tensor("row-scaled", (96, 64 + 8 * (i % 5)), seed=i) for i in range(30)}
+    files = []
+    for workers in (1, 3):
+        monkeypatch.setattr(checkpoint, "save_workers", lambda workers=workers: workers)
+        path = tmp_path / f"w{workers}.jjpg"
+        jaxjpeg.save(path, tree, target_ratio=8, progress=False)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
 
 
 @pytest.mark.parametrize("bits", [None, 8, 12])
@@ -798,3 +895,20 @@ def test_a_wrong_floor_prediction_only_codes_more_steps(monkeypatch, shift):
         assert steps.index((int(cut.bits[0]), int(cut.delta[0]))) < (rate.LADDER_FIRST
                                                                      - rate.LADDER_BATCH)
         assert 8 * cut.nbytes[0] / p.size < rate.LADDER_FLOOR * 4.0 or start == 0
+
+
+def test_probe_size_follows_the_leafs_share():
+    """Leaves with at least PROBE_FULL_SHARE of the weights get the full
+    probe; smaller shares a probe ∝ √share, never under MIN_PROBE_ELEMENTS,
+    and rd_curve codes that many weights of a large leaf."""
+    total = 10**9
+    full = int(rate.PROBE_FULL_SHARE * total)
+    assert rate.probe_elements(full, total) == rate.PROBE_ELEMENTS
+    assert rate.probe_elements(full // 4, total) == rate.PROBE_ELEMENTS // 2
+    assert rate.probe_elements(full // 10**6, total) == rate.MIN_PROBE_ELEMENTS
+    assert rate.probe_elements(10**6, 10**6) == rate.PROBE_ELEMENTS
+    p = codec.prepare(_tensor("gauss", (1024, 512)))
+    for elements in (rate.PROBE_ELEMENTS, rate.MIN_PROBE_ELEMENTS):
+        probe = rate._probe(p, np.random.default_rng(0), elements)
+        assert probe.matrix.size == pytest.approx(elements, rel=0.1)
+        assert probe.fraction == probe.matrix.size / p.size

@@ -792,10 +792,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(), py::arg("rdo") = true,
-        "encode_mapped() of a tile at each flat step (uint16), decoded again: (entropy-coded "
-        "bytes, the other bytes, float64 squared error of the float32 decode against the "
-        "weights, times col_weight (same shape and row stride) if given), one entry per step; "
-        "rdo=False: plain rounding, as error feedback's tiles are coded.");
+        "encode_mapped() of a tile at each flat step (uint16): (entropy-coded bytes, the "
+        "other bytes, float64 squared error of the float32 decode against the weights, "
+        "times col_weight (same shape and row stride) if given, summed from the coding's "
+        "transform-domain error: within 1% of decoding at 1-9 bits/weight), one entry per "
+        "step; rdo=False: plain rounding, as error feedback's tiles are coded.");
   m.def("tile_squared_error", &TileSquaredErrorOf, py::arg("data"), py::arg("weights"),
         py::arg("row_scale"), py::arg("row_offset"), py::arg("col_scale") = py::none(),
         py::arg("kept") = py::none(),

@@ -242,19 +242,6 @@ Quantizer MakeQuantizer(const EncodeOptions& options) {
   return q;
 }
 
-// Zig-zag index -> index in the transposed coefficients of
-// ForwardDct8x8Transposed (natural v*8+u -> u*8+v).
-struct ZigzagTransposedTable {
-  uint8_t index[64];
-  constexpr ZigzagTransposedTable() : index() {
-    for (int k = 0; k < 64; ++k) {
-      const int natural = kZigzagHost[k];
-      index[k] = static_cast<uint8_t>((natural % 8) * 8 + natural / 8);
-    }
-  }
-};
-constexpr ZigzagTransposedTable kZigzagToTransposed;
-
 // What RDO needs of one block's plain rounding: the candidates (bit k: AC
 // value k, zig-zag, that rounding moved up, away from zero, to a nonzero
 // power of two), those of them of magnitude 1 (lowering one to zero changes

@@ -24,6 +24,19 @@
 
 namespace jaxjpeg {
 
+// Zig-zag index -> index in the transposed coefficients of
+// ForwardDct8x8Transposed (natural v*8+u -> u*8+v).
+struct ZigzagTransposedTable {
+  uint8_t index[64];
+  constexpr ZigzagTransposedTable() : index() {
+    for (int k = 0; k < 64; ++k) {
+      const int natural = kZigzagHost[k];
+      index[k] = static_cast<uint8_t>((natural % 8) * 8 + natural / 8);
+    }
+  }
+};
+inline constexpr ZigzagTransposedTable kZigzagToTransposed;
+
 // Orthonormal 8-point DCT-II basis, basis[u][x] = C(u)/2 cos((2x+1)u pi/16)
 // with C(0) = 1/sqrt(2), C(u) = 1 otherwise. With it the 2-D DCT of T.81
 // A.3.3, F(v,u) = 1/4 C(u)C(v) sum_y sum_x f(y,x) cos(..u..) cos(..v..), is the

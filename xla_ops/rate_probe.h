@@ -1,7 +1,7 @@
 // Rate-distortion measurements for rate control (jaxjpeg.rate): a tile of
-// weights coded at several flat quantization steps, each step's error summed
-// over what a decoder would read back, in one native call instead of one
-// encode and one decode from Python per step (rd_curve's probe ladder); a
+// weights coded at several flat quantization steps, each step's bytes and
+// squared error, in one native call instead of one encode and one decode
+// from Python per step (rd_curve's probe ladder); a
 // tile coded with its squared error (an error bound's step search); a coded
 // tile's squared error against its weights, decoded in place without a
 // decoded copy (squared_error).
@@ -33,15 +33,14 @@ struct StepCost {
 // EncodeMappedGrayscale at each flat step steps[i] (every table entry
 // steps[i]; `bits`, `restart_interval`, optimized Huffman tables and, with
 // `rdo`, rate-distortion optimized quantization, as jaxjpeg.codec.encode_tensor
-// codes: it leaves RDO out of error feedback's tiles), then decoded as the decoder's float32
-// output stage writes it (AffineSample, no column scales): costs[i] gets
-// the sizes and Σ ((decoded - w) * col_weight)², col_weight(y, x) =
-// col_weight[y * stride + x] (null: 1). Each step is a full encode, and its
-// error is summed from the values it coded through the decoder's IDCT and
-// output stage (no Huffman decode), so sizes and errors are those of the
-// real files, to the last bit (sharing the step-independent forward DCT
-// between steps was left out: by the profile about a tenth of the encode).
-// Errors as EncodeMappedGrayscale, and the decoder's (never expected).
+// codes: it leaves RDO out of error feedback's tiles): costs[i] gets the
+// file's sizes, to the byte, and Σ ((decoded - w) * col_weight)²,
+// col_weight(y, x) = col_weight[y * stride + x] (null: 1), the decoded
+// value being what the decoder's float32 output stage writes (AffineSample,
+// no column scales). The error is summed from each block's transform-domain
+// error (rate_probe.cc's CodedErrorModel: within 1% of decoding the file at
+// the rates rate control picks) and the step-independent forward DCT is
+// computed once for all steps. Errors as EncodeMappedGrayscale.
 Status MeasureSteps(const float* weights, int width, int height, std::ptrdiff_t stride,
                     const float* row_scale, const float* row_offset, const float* col_weight,
                     int bits, int restart_interval, bool rdo, const uint16_t* steps,
