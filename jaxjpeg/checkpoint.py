@@ -493,74 +493,58 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     return _BudgetEncoder(allocator, leaf_coder), coded
 
 
-# Under a byte target, each leaf's choice counts the bytes of the leaves
-# BUDGET_LAG or more places before it as coded and the others' as
-# predicted, so that many leaves code at once, and the files depend neither
-# on the machine's cores nor on which leaf finished first.
-BUDGET_LAG = 8
+class _Turns:
+    """Lets threads through a section one at a time, in a fixed order of
+    names; a name marked done (its section run, or skipped after an error)
+    lets the next one through."""
+
+    def __init__(self, names: Sequence[str]):
+        self.position = {name: i for i, name in enumerate(names)}
+        self.finished: set = set()
+        self.next = 0
+        self.changed = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        position = self.position[name]
+        with self.changed:
+            self.changed.wait_for(lambda: self.next >= position)
+
+    def done(self, name: str) -> None:
+        with self.changed:
+            self.finished.add(self.position.get(name))
+            while self.next in self.finished:
+                self.next += 1
+            self.changed.notify_all()
 
 
 class _BudgetEncoder:
-    """Codes leaves under a byte budget. Leaves are prepared on the save's
-    threads and choose their candidates one at a time, in storing order
-    (the allocator's choice depends on the bytes the leaves before took):
-    leaf i once leaf i - 1 has chosen and the leaves up to i - BUDGET_LAG are
-    coded (their bytes settled, in order, before the choice); the last leaf
-    once every other is (it settles what is left). Codings run in parallel."""
+    """Codes leaves under a byte budget: each leaf is prepared on the save's
+    threads, then coded in its turn (the allocator's choice for a leaf
+    depends on the bytes the leaves before it took), so the files are those
+    of a save coding one leaf at a time while the loading, preparing and
+    packing of other leaves overlap the coding."""
 
     def __init__(self, allocator, leaf_coder: "_LeafCoder"):
         self.allocator = allocator
         self.leaf_coder = leaf_coder
-        self.changed = threading.Condition()
-        self.order([])
+        self.turns = _Turns([])
 
     def order(self, names: Sequence[str]) -> None:
         """The order leaves are coded in (the save's storing order)."""
-        self.names = list(names)
-        self.position = {name: i for i, name in enumerate(self.names)}
-        self.passed: set = set()   # positions that chose (or will not)
-        self.next_choice = 0       # every position before it passed
-        self.coded: dict = {}      # position -> (candidate, bytes), None: not coded
-        self.settled = 0           # every position before it settled
+        self.turns = _Turns(names)
 
     def __call__(self, name, array):
         p = self.leaf_coder.prepare(name, array)
-        i = self.position[name]
-        through = i - 1 if i == len(self.names) - 1 else i - BUDGET_LAG
-        with self.changed:
-            self.changed.wait_for(lambda: self.next_choice >= i and all(
-                j in self.coded for j in range(self.settled, through + 1)))
-            for j in range(self.settled, through + 1):
-                if self.coded[j] is not None:
-                    self.allocator.settle(self.names[j], *self.coded[j])
-            self.settled = max(self.settled, through + 1)
-            k = self.allocator.choose(name)
-            self._pass(i)
-        result = None
+        self.turns.wait(name)
         try:
-            k, enc = self.allocator.encode_chosen(name, p, k)
-            result = (k, enc.nbytes)
-            return enc
+            return self.allocator.encode(name, p)
         finally:
-            with self.changed:
-                self.coded[i] = result
-                self.changed.notify_all()
+            self.turns.done(name)
 
     def release(self, name) -> None:
-        """Leaf ``name`` is done: coded, stored raw, or its save failed."""
-        i = self.position.get(name)
-        if i is None:
-            return
-        with self.changed:
-            self.coded.setdefault(i, None)
-            self._pass(i)
-            self.changed.notify_all()
-
-    def _pass(self, i: int) -> None:
-        self.passed.add(i)
-        while self.next_choice in self.passed:
-            self.next_choice += 1
-        self.changed.notify_all()
+        """Leaf ``name`` will not be coded (stored raw, or its save failed)."""
+        if name in self.turns.position:
+            self.turns.done(name)
 
 
 TARGET_TOLERANCE = 0.02   # byte targets promise the file's size within 2%

@@ -52,9 +52,10 @@ PROBE_ELEMENTS = 1 << 15   # weights coded per probe of a large tensor
 # allocation grows with the leaf's share of the weights allocated: a leaf
 # holding less than PROBE_FULL_SHARE of them gets a probe ∝ √share (the
 # sizes that minimise Σ share / n at a given total), at least
-# MIN_PROBE_ELEMENTS. A 1 GiB tree of 0.25M-weight leaves is analysed in
-# 0.45x the codings; EfficientNet-lite's leaves (4.7-6.1M weights) keep
-# their probes (every leaf it would shrink is small enough to probe whole).
+# MIN_PROBE_ELEMENTS. In benchmarks/rate_control.py's 1 GiB tree the
+# 0.26M-weight leaves get 0.44x the probe (the whole tree 0.6x the probe
+# codings); EfficientNet-lite's and PP-OCRv6's leaves keep theirs (every
+# leaf it would shrink there is small enough to probe whole).
 PROBE_FULL_SHARE = 0.005
 MIN_PROBE_ELEMENTS = 1 << 13
 MIN_PROBE_WIDTH = 32       # narrowest probe patch (8 rows each)
@@ -1134,21 +1135,14 @@ class BudgetAllocator:
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
-        self.chosen: dict = {}   # name -> candidate: chosen, bytes not yet settled
-        self.in_flight = 0.0     # their predicted bytes
         self.steps: dict = {}
         self.squared_errors: dict = {}
         self.slope = 0.0
         self._log_slope = None   # log λ of the last choice (where the next bisection starts)
 
     def _correction(self) -> float:
-        """Actual / predicted bytes of the tensors settled so far."""
+        """Actual / predicted bytes of the tensors coded so far."""
         return self.spent / self.predicted_spent if self.predicted_spent > 0 else 1.0
-
-    def _left(self, correction: float) -> float:
-        """Bytes left for the pending tensors: the budget less the settled
-        tensors' bytes and the chosen ones' predictions, corrected."""
-        return self.budget - self.spent - correction * self.in_flight
 
     def _choose(self, name: str) -> int:
         """The candidate of ``name`` at the multiplier that spends what is left."""
@@ -1161,7 +1155,7 @@ class BudgetAllocator:
         else:
             nbytes = nbytes.copy()
             nbytes[finite] *= correction
-        left = self._left(correction if 0 < correction < math.inf else 1.0)
+        left = self.budget - self.spent
         rows = np.arange(len(names))
         picker = _Picker(nbytes, pick_dist, finite, self._plain)
 
@@ -1187,7 +1181,7 @@ class BudgetAllocator:
         choices are the ones its bisection finds."""
         rows = np.sort(np.fromiter((self._rows[n] for n in self.pending), np.intp,
                                    len(self.pending)))
-        left = self._left(correction)
+        left = self.budget - self.spent
 
         def total(choice) -> float:
             return float((self._nbytes[rows, choice] * correction).sum())
@@ -1355,43 +1349,21 @@ class BudgetAllocator:
         return guess if lo < guess < hi else (lo + hi) // 2
 
     def encode(self, name: str, p: codec.Prepared) -> codec.EncodedTensor:
-        """Codes tensor ``name`` (prepared as when the curves were measured),
-        its bytes counted before the next tensor's choice."""
-        k, enc = self.encode_chosen(name, p, self.choose(name))
-        self.settle(name, k, enc.nbytes)
-        return enc
-
-    def choose(self, name: str) -> int:
-        """``name``'s candidate at the multiplier that spends what is left
-        (see _left); the tensor then waits, predicted, to be settled."""
+        """Codes tensor ``name`` (prepared as when the curves were measured)."""
         if name not in self.pending:
             raise KeyError(f"{name!r} is not waiting to be coded")
-        k = self._choose(name)
-        self.pending.discard(name)
-        self.chosen[name] = k
-        self.in_flight += float(self.curves[name].nbytes[k])
-        return k
-
-    def encode_chosen(self, name: str, p: codec.Prepared, k: int):
-        """(candidate, coding) of ``name`` at its chosen candidate ``k``; the
-        last tensor (nothing pending, nothing else unsettled) settles what is
-        left with real codings (see _settle_last). Safe to call for several
-        tensors at once."""
         c = self.curves[name]
+        k = self._choose(name)
         fallback = functools.cache(lambda: row_range_fallback(p))   # prepared once, if at all
         enc = encode_candidate(p, c, k, self.options, fallback)
-        if not self.pending and self.chosen.keys() == {name}:
+        if self.pending == {name}:
             k, enc = self._settle_last(p, c, k, enc, fallback)
-        return k, enc
-
-    def settle(self, name: str, k: int, nbytes: int) -> None:
-        """Counts ``name``'s coding (candidate ``k``, ``nbytes``) as spent."""
-        c = self.curves[name]
-        self.in_flight = max(0.0, self.in_flight - float(c.nbytes[self.chosen.pop(name)]))
-        self.spent += nbytes
+        self.pending.discard(name)
+        self.spent += enc.nbytes
         self.predicted_spent += float(c.nbytes[k])
         self.steps[name] = float(c.q[k])
         self.squared_errors[name] = float(c.sse[k])
+        return enc
 
 
 def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | None = None, *,

@@ -779,55 +779,30 @@ def test_per_row_ranges_keep_the_shards_tile_edges(axis):
     assert np.linalg.norm(decoded - x) / np.linalg.norm(x) < 1e-3
 
 
-def _budget_encoder(leaves: dict, ratio: float = 8.0):
-    """A _BudgetEncoder over ``leaves`` (name -> array, coded in that order)
-    at ``ratio``, with the curves and leaf coder a save would use."""
-    from jaxjpeg.checkpoint import _BudgetEncoder, _LeafCoder
-
-    coding = {"restart_interval": codec.DEFAULT_RESTART_INTERVAL,
-              "tile_shape": codec.DEFAULT_TILE_SHAPE}
-    coder = _LeafCoder(None, "auto", coding)
-    curves = {n: rate.rd_curve(coder.prepare(n, x), **coding) for n, x in leaves.items()}
-    budget = int(sum(x.nbytes for x in leaves.values()) / ratio)
-    encoder = _BudgetEncoder(rate.BudgetAllocator(curves, budget, **coding), coder)
-    encoder.order(list(leaves))
-    return encoder
-
-
-def test_budget_leaves_choose_in_storing_order():
-    """Under a byte target a leaf chooses its coding only once every leaf
-    before it has chosen (or was released, e.g. stored raw): a leaf called
-    early waits, and goes on once the one before it has."""
+def test_turns_let_names_through_in_order_and_past_skipped_ones():
+    """A byte target's leaves code in their storing order: a name waits for
+    every name before it to be done (coded, or released after an error)."""
     import threading
 
-    leaves = {f"w{i}": _tensor("gauss", (64, 64), seed=i) for i in range(4)}
-    encoder = _budget_encoder(leaves)
-    done = []
-    late = threading.Thread(target=lambda: done.append(encoder("w2", leaves["w2"])))
-    late.start()
-    late.join(timeout=0.5)
-    assert late.is_alive() and not done        # w0 and w1 have not chosen
-    encoder("w0", leaves["w0"])
-    encoder.release("w1")                      # w1 stored raw: w2 may go on
-    late.join(timeout=30)
-    assert not late.is_alive() and len(done) == 1
-    assert encoder("w3", leaves["w3"]).nbytes > 0   # the last leaf, after every other
+    from jaxjpeg.checkpoint import _Turns
 
+    turns = _Turns(["a", "b", "c", "d"])
+    passed = []
 
-def test_budget_files_do_not_depend_on_the_cores(monkeypatch, tmp_path):
-    """Leaves code in parallel under a byte target, each choice counting the
-    bytes of the leaves BUDGET_LAG places before it: the same file on one
-    core as on several, whichever leaf finishes first."""
-    from jaxjpeg import checkpoint
+    def go(name):
+        turns.wait(name)
+        passed.append(name)
+        turns.done(name)
 
-    tree = {f"w{i}": _tensor("row-scaled", (96, 64 + 8 * (i % 5)), seed=i) for i in range(30)}
-    files = []
-    for workers in (1, 3):
-        monkeypatch.setattr(checkpoint, "save_workers", lambda workers=workers: workers)
-        path = tmp_path / f"w{workers}.jjpg"
-        jaxjpeg.save(path, tree, target_ratio=8, progress=False)
-        files.append(path.read_bytes())
-    assert files[0] == files[1]
+    threads = [threading.Thread(target=go, args=(n,)) for n in ("d", "b")]
+    for t in threads:
+        t.start()
+    turns.done("c")           # released before its turn: b and d still wait for a
+    assert passed == []
+    go("a")
+    for t in threads:
+        t.join(timeout=10)
+    assert passed == ["a", "b", "d"]
 
 
 @pytest.mark.parametrize("bits", [None, 8, 12])
@@ -912,3 +887,19 @@ def test_probe_size_follows_the_leafs_share():
         probe = rate._probe(p, np.random.default_rng(0), elements)
         assert probe.matrix.size == pytest.approx(elements, rel=0.1)
         assert probe.fraction == probe.matrix.size / p.size
+
+
+def test_budget_files_do_not_depend_on_the_cores(monkeypatch, tmp_path):
+    """Leaves are analysed and prepared on the save's threads under a byte
+    target: the same file on one core as on several, whichever leaf
+    finishes first."""
+    from jaxjpeg import checkpoint
+
+    tree = {f"w{i}": _tensor("row-scaled", (96, 64 + 8 * (i % 5)), seed=i) for i in range(30)}
+    files = []
+    for workers in (1, 3):
+        monkeypatch.setattr(checkpoint, "save_workers", lambda workers=workers: workers)
+        path = tmp_path / f"w{workers}.jjpg"
+        jaxjpeg.save(path, tree, target_ratio=8, progress=False)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
