@@ -506,8 +506,9 @@ def test_measure_steps_error_of_weighted_pixels():
     """Row scales and column weights that vary inside a block (importances,
     BatchNorm priors) weigh each pixel's error: the measure carries such
     blocks' errors to their pixels (a float inverse DCT), within 2% of the
-    decoder's sum; spreading a block's error evenly over its pixels erred
-    2x on tiles like these."""
+    decoder's sum (spreading a block's error evenly over its pixels summed
+    2.1x the decoder's on test_probe_predicts_the_whole_tensors_error's
+    row-weighted tensor)."""
     rng = np.random.default_rng(3)
     scale = (0.01 * np.exp(rng.uniform(-3, 0, 128))).astype(np.float32)
     offset = (-2048 * scale).astype(np.float32)
@@ -903,3 +904,19 @@ def test_budget_files_do_not_depend_on_the_cores(monkeypatch, tmp_path):
         jaxjpeg.save(path, tree, target_ratio=8, progress=False)
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+@pytest.mark.parametrize("bits,steps", [(8, [20, 9]), (12, [300, 70, 9])])
+def test_measure_steps_error_of_samples_at_the_range_ends(bits, steps):
+    """Non-negative rows map their zeros to sample 0, and the decoder clamps
+    what the coding pushes below it: the measure clamps such blocks' pixels
+    as the decoder does (summing their transform-domain error instead
+    overstated a PP-OCRv6 detector leaf's error by 14%), within 2%."""
+    rng = np.random.default_rng(9)
+    m = np.maximum(rng.standard_normal((128, 192)), 0).astype(np.float32) * np.float32(0.02)
+    scale, offset = _mapped(m, bits)
+    assert np.all(offset == 0)   # zeros at sample 0
+    _, _, sse = jaxjpeg._native.measure_steps(m, scale, offset, np.array(steps, np.uint16), bits, 8)
+    want = _decoded_costs(m, scale, offset, bits, steps, True)
+    for step, got, (_, _, error) in zip(steps, sse, want):
+        assert got == pytest.approx(error, rel=0.02), step
