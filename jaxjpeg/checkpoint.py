@@ -455,7 +455,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
         curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
-                              probe=rate.probe_elements(p.size, total), **coding)
+                              probe_size=rate.probe_elements(p.size, total), **coding)
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
             p, coding["restart_interval"], coding["tile_shape"])), 0
 

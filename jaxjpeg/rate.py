@@ -640,10 +640,10 @@ def reach_of(target_bytes: int, weights: int) -> float:
 
 def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
              reach: float | None = None, floor: bool = True,
-             probe: int = PROBE_ELEMENTS, **options) -> Curve:
+             probe_size: int = PROBE_ELEMENTS, **options) -> Curve:
     """Measures bytes and squared error of ``p`` on a probe at each ladder step.
 
-    Large tensors are probed on random 8-row patches (about ``probe``
+    Large tensors are probed on random 8-row patches (about ``probe_size``
     weights, see :func:`probe_elements`), coded with the whole tensor's row
     scales; small ones whole.
 
@@ -653,8 +653,7 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     of it (see LADDER_FLOOR); per-row ranges (see :func:`row_range_fallback`)
     are measured only when the shared scale's finest coding is below it.
     """
-    elements = probe
-    probe = _probe(p, np.random.default_rng(seed), elements)
+    probe = _probe(p, np.random.default_rng(seed), probe_size)
     steps = _ladder_steps(p, tensor_rms(p), bits)
     first, costs = _ladder_costs(p, probe, steps, reach, floor, options)
     steps = steps[first:first + len(costs)]
@@ -667,7 +666,7 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     fallback = (row_range_fallback(p) if at_floor and (reach is None or finest < reach)
                 else None)
     return (curve if fallback is None
-            else _with_row_ranges(curve, fallback, seed, elements, options))
+            else _with_row_ranges(curve, fallback, seed, probe_size, options))
 
 
 def _ladder_costs(p: codec.Prepared, probe: _Probe, steps: list, reach: float | None,
@@ -1396,7 +1395,7 @@ def allocate_to_target(tensors: Mapping[str, np.ndarray], target_bytes: int | No
     def measure(floor):   # a tensor's curve in one thread, tensors on the tile pool's
         def curve(n):
             return rd_curve(prepared[n], bits, reach=reach, floor=floor,
-                            probe=probe_elements(prepared[n].size, total), **options)
+                            probe_size=probe_elements(prepared[n].size, total), **options)
         return dict(zip(names, codec.tile_pool().map(curve, names)))
 
     curves = measure(sensitivity is None)
