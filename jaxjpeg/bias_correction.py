@@ -137,6 +137,21 @@ class BiasCorrection:
         with self.lock:
             self.shifts.setdefault(taker, {})[name] = shift
 
+    def export(self) -> dict:
+        """The shifts added so far, as JSON values: {taker: {weight: [floats]}}
+        (a distributed save hands them to the takers' owners; floats print
+        exactly)."""
+        with self.lock:
+            return {taker: {w: np.asarray(s, np.float64).tolist() for w, s in given.items()}
+                    for taker, given in self.shifts.items()}
+
+    def merge(self, exported: dict) -> None:
+        """Adds another process's :meth:`export`."""
+        with self.lock:
+            for taker, given in exported.items():
+                for weight, shift in given.items():
+                    self.shifts.setdefault(taker, {})[weight] = np.asarray(shift, np.float64)
+
     def apply(self, name: str, array: np.ndarray) -> np.ndarray:
         with self.lock:
             given = dict(self.shifts.get(name, {}))

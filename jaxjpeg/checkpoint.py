@@ -647,7 +647,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     differs from the saved one by that shift. A convolution kernel no
     BatchNorm feeds (BatchNorm folded into it, a depthwise kernel) is coded
     with error feedback against a mean common to its input channels and
-    taps. A ``distributed=True`` save has no prior.
+    taps. A ``distributed=True`` save codes with the same prior (its shifts
+    pass between the processes).
 
     ``input_mean`` (leaf path -> :class:`jaxjpeg.InputMean`, under any lossy
     coding): the mean of a layer's inputs measured on calibration data. The
@@ -679,7 +680,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
         if input_mean:
             raise ValueError("input_mean is not supported with distributed=True")
         from jaxjpeg.distributed_save import save_distributed
-        return save_distributed(path, tree, _options(locals()))
+        return save_distributed(path, tree,
+                                dict(_options(locals()), batchnorm_prior=batchnorm_prior))
     entries = [SourceLeaf.of(records, _to_numpy(leaf), shard_regions(leaf))
                for records, leaf in _leaves(tree)]
     options = _options(locals())

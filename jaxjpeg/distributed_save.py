@@ -28,6 +28,12 @@ topology restores it (another device count, one process). The work is split:
    failed (process 0 then removes the temporary file; ``path`` keeps any
    previous checkpoint).
 
+Under the BatchNorm prior (the default rate, :mod:`jaxjpeg.priors`) every
+process computes the prior from the whole tree, and the leaves a bias
+correction moves (running means, biases) are coded after the processes have
+exchanged the shifts their weights add, so the file is still a one-process
+save's.
+
 The save runs in two halves: :func:`prepare` (checks agreed on, gathers,
 this process's leaves copied to the host; on the caller's thread, since
 collectives must run in the same order everywhere) and :func:`finish` (the
@@ -150,9 +156,16 @@ class _Exchange:
 
     def __init__(self, client, prefix: str):
         self.client, self.prefix = client, prefix
+        self.written: set[str] = set()
 
     def put(self, key: str, value: Any) -> None:
         self.client.key_value_set(f"{self.prefix}/{key}", json.dumps(value))
+        self.written.add(key)
+
+    def put_once(self, key: str, value: Any) -> None:
+        """:meth:`put` unless this process has put ``key`` already."""
+        if key not in self.written:
+            self.put(key, value)
 
     def get(self, key: str) -> Any:
         text = self.client.blocking_key_value_get(f"{self.prefix}/{key}",
@@ -198,6 +211,8 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     from jaxjpeg import checkpoint as ck
 
     global _saves_started
+    saver_options = dict(saver_options)
+    batchnorm_prior = saver_options.pop("batchnorm_prior", True)
     if any(saver_options.get(k) is not None for k in
            ("target_ratio", "target_bytes", "bits_per_weight", "encoder")):
         raise ValueError("distributed=True codes each leaf in one process: byte targets and "
@@ -217,6 +232,7 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
         leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None,
                                 ck.shard_regions(leaf))
                   for records, leaf in flat]
+        with_prior = batchnorm_prior and ck._prior_applies(leaves, saver_options)
         saver = ck._Save(path, leaves, **saver_options)
         ready, error = "ok", None
     except Exception as e:
@@ -228,6 +244,9 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
         if error is not None:
             raise error
         raise ValueError(f"distributed save of {path} refused in {failed[0]}")
+    if with_prior:   # every process computes the same prior (its gathers are collectives)
+        saver = ck._Save(path, leaves, prior=_batchnorm_prior(tree, processes),
+                         **saver_options)
     own = []
     for i, (records, leaf) in enumerate(flat):
         array = None
@@ -238,6 +257,29 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
             data = array if array is not None else _local_copy(leaf, copy)
             own.append((i, ck.SourceLeaf.of(records, data)))
     return Prepared(path, saver, exchange, me, processes, own, len(flat))
+
+
+def _batchnorm_prior(tree, processes: int):
+    """The prior a one-process save of ``tree`` codes with
+    (:func:`jaxjpeg.priors.batchnorm_prior`), from the tree in its own order:
+    the vectors a BatchNorm may hold, and the weights its residual-stream
+    test loads, read as every process reads them (a leaf not every process
+    holds whole is gathered, a collective every process joins: the prior
+    reads the same leaves in the same order everywhere)."""
+    from jaxjpeg import priors
+
+    def read(leaf) -> np.ndarray:
+        if len(_holders(leaf, processes)) == processes:
+            return _local_copy(leaf)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    ordered = priors._in_insertion_order(tree)
+    by_name = dict(ordered)
+    stand_ins = {name: read(leaf) if priors.may_be_batchnorm_vector(name, np.shape(leaf))
+                 else np.broadcast_to(np.zeros((), _dtype(leaf)), np.shape(leaf))
+                 for name, leaf in ordered}
+    return priors.batchnorm_prior(stand_ins, load=lambda name: read(by_name[name]))
 
 
 def finish(prepared: Prepared):
@@ -252,9 +294,11 @@ def finish(prepared: Prepared):
     temp = None
     try:
         temp = _create_temp(path, exchange) if me == 0 else None
-        part = _code(saver, prepared.own)
+        part = _code(saver, prepared.own, exchange, me, processes)
     except Exception as e:
-        exchange.put(f"part/{me}", {"error": f"{type(e).__name__}: {e}"})
+        why = f"{type(e).__name__}: {e}"
+        exchange.put_once(f"shifts/{me}", {"error": why})   # others may wait for them
+        exchange.put(f"part/{me}", {"error": why})
         _abandon(temp, exchange, me, f"process {me} failed")
         raise
     exchange.put(f"part/{me}", part["public"])
@@ -289,11 +333,27 @@ def finish(prepared: Prepared):
     return ck.SaveReport(path, reports, file_bytes)
 
 
-def _code(saver, own: list) -> dict:
-    """This process's leaves coded: its region and what it publishes."""
+def _code(saver, own: list, exchange: _Exchange, me: int, processes: int) -> dict:
+    """This process's leaves coded: its region and what it publishes. As in
+    a one-process save, the leaves a bias correction moves are coded last,
+    once every process has published the shifts its weights add to them."""
     from jaxjpeg import checkpoint as ck
-    stored = list(ck.in_order(saver.store, own, saver.workers, ck.SAVE_WINDOW_BYTES,
-                              lambda item: item[1].nbytes))
+    correction = saver.bias_correction
+    names = [leaf.name for leaf in saver.leaves]
+    correction.order([n for n in names if not correction.waits(n)]
+                     + [n for n in names if correction.waits(n)])
+    phases = [[item for item in own if correction.waits(item[1].name) == late]
+              for late in (False, True)]
+    stored = []
+    for late, phase in enumerate(phases):
+        if late and correction.takers:
+            exchange.put_once(f"shifts/{me}", {"shifts": correction.export()})
+            for i in range(processes):
+                if i != me:
+                    correction.merge(_shifts_of(exchange, i))
+        stored += ck.in_order(saver.store, phase, saver.workers, ck.SAVE_WINDOW_BYTES,
+                              lambda item: item[1].nbytes)
+    own = phases[0] + phases[1]
     placed, table, size = _region(stored)
     records = {str(i): record for (i, _), (_, record, _, _) in zip(own, stored)}
     reports = {str(i): [r.path, list(r.shape), r.dtype, r.kind, r.raw_bytes, r.stored_bytes,
@@ -301,6 +361,14 @@ def _code(saver, own: list) -> dict:
                for (i, _), (_, _, r, _) in zip(own, stored)}
     return {"placed": placed,
             "public": {"size": size, "blobs": table, "records": records, "reports": reports}}
+
+
+def _shifts_of(exchange: _Exchange, process: int) -> dict:
+    """The bias-correction shifts ``process`` published (ValueError if it failed first)."""
+    got = exchange.get(f"shifts/{process}")
+    if "error" in got:
+        raise ValueError(f"process {process} failed: {got['error']}")
+    return got["shifts"]
 
 
 def _create_temp(path: str, exchange: _Exchange):

@@ -23,11 +23,13 @@ TIMEOUT_S = 180
 
 CHECKS = [
     "every_process_codes_some_leaves",
+    "bias_correction_crosses_processes",
     "same_file_content_as_one_process_save",
     "sharded_restore_over_the_global_mesh",
     "report_and_metadata",
     "byte_targets_are_refused_in_every_process",
     "one_process_refusing_fails_every_process_quickly",
+    "a_process_failing_while_coding_fails_every_process_quickly",
     "a_second_save_replaces_the_first",
 ]
 

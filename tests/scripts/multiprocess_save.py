@@ -33,16 +33,36 @@ WORK, PROCESS, NUM_PROCESSES = join()
 
 import jaxjpeg  # noqa: E402
 from jaxjpeg import checkpoint, distributed_save, treepaths  # noqa: E402
+from jaxjpeg.checkpoint_reader import Checkpoint  # noqa: E402
 
 rng = np.random.default_rng(0)   # same seed everywhere: every process knows VALUES
 VALUES = {
     "split": rng.normal(size=(2048, 1024)).astype(np.float32),       # rows across processes
     "local": rng.normal(size=(1024, 2048)).astype(np.float32),       # whole in each process
-    "replicated": rng.normal(size=(512, 1024)).astype(jax.numpy.bfloat16),
+    "replicated": rng.normal(size=(256, 1024)).astype(jax.numpy.bfloat16),
     "conv": (0.1 * rng.normal(size=(3, 3, 64, 128))).astype(np.float32),   # numpy
     "bias": rng.normal(size=(1024,)).astype(np.float32),             # numpy, raw
     "count": np.array(7, np.int32),
 }
+
+
+def batchnorm(prefix, n):
+    VALUES[f"{prefix}.weight"] = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    VALUES[f"{prefix}.bias"] = rng.normal(0, 0.3, n).astype(np.float32)
+    VALUES[f"{prefix}.running_mean"] = rng.normal(0, 0.2, n).astype(np.float32)
+    VALUES[f"{prefix}.running_var"] = rng.uniform(0.5, 2.0, n).astype(np.float32)
+
+
+# A BatchNorm network in a state dict's order, for the prior: net.2 and fc
+# are fed by BatchNorms; the mean shifts their codings add go into net.3's
+# running mean and fc.bias (bias correction), wherever those are coded.
+VALUES["net.0.weight"] = rng.laplace(0, 0.05, (64, 32, 3, 3)).astype(np.float32)
+batchnorm("net.1", 64)
+VALUES["net.2.weight"] = rng.laplace(0, 0.05, (128, 64, 3, 3)).astype(np.float32)
+batchnorm("net.3", 128)
+VALUES["fc.weight"] = rng.laplace(0, 0.05, (100, 128)).astype(np.float32)
+VALUES["fc.bias"] = rng.normal(0, 0.1, 100).astype(np.float32)
+TAKERS = {"net.2.weight": "net.3.running_mean", "fc.weight": "fc.bias"}
 GLOBAL = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
 GRID = jax.sharding.Mesh(np.array(jax.devices()).reshape(NUM_PROCESSES, LOCAL_DEVICES),
                          ("proc", "dev"))
@@ -58,6 +78,10 @@ TREE = {
     "replicated": global_array(VALUES["replicated"], NamedSharding(GLOBAL, P())),
     "conv": VALUES["conv"], "bias": VALUES["bias"], "count": VALUES["count"],
 }
+for name in list(VALUES)[len(TREE):]:   # the network: numpy, a BatchNorm vector split
+    split = name == "net.1.running_var"   # (the prior gathers it)
+    TREE[name] = (global_array(VALUES[name], NamedSharding(GLOBAL, P("x"))) if split
+                  else VALUES[name])
 PATH = os.path.join(WORK, "distributed.jjpg")
 REFERENCE_PATH = os.path.join(WORK, f"one_process_{PROCESS}.jjpg")
 CHECKS = {}
@@ -70,21 +94,34 @@ def check(fn):
 
 REPORT = jaxjpeg.save(PATH, TREE, distributed=True, metadata={"run": "multiprocess"})
 # The same values in one process, no jax.Arrays, with the same shards (which
-# set where a leaf's tiles end), and no prior, as a distributed save has none
-checkpoint.save_leaves(REFERENCE_PATH, [
+# set where a leaf's tiles end), in the tree's own order (the prior's)
+checkpoint.save_leaves(REFERENCE_PATH, sorted([
     checkpoint.SourceLeaf.of(records, VALUES[records[0][1]],
                              checkpoint.shard_regions(leaf))
-    for records, leaf in treepaths.leaves_with_paths(TREE)], batchnorm_prior=False)
+    for records, leaf in treepaths.leaves_with_paths(TREE)],
+    key=lambda leaf: list(VALUES).index(leaf.name)))
 REFERENCE = {k: np.asarray(v) for k, v in jaxjpeg.restore(REFERENCE_PATH).items()}
 OWNERS, GATHERED = distributed_save.plan_owners(
     [leaf for _, leaf in treepaths.leaves_with_paths(TREE)], NUM_PROCESSES)
+NAMES = [treepaths.path_string(r) for r, _ in treepaths.leaves_with_paths(TREE)]
 
 
 @check
 def every_process_codes_some_leaves():
     assert sorted(set(OWNERS)) == list(range(NUM_PROCESSES)), OWNERS
-    names = [treepaths.path_string(r) for r, _ in treepaths.leaves_with_paths(TREE)]
-    assert [names[i] for i, g in enumerate(GATHERED) if g] == ["split"], GATHERED
+    assert [NAMES[i] for i, g in enumerate(GATHERED) if g] == ["net.1.running_var", "split"]
+
+
+@check
+def bias_correction_crosses_processes():
+    """A weight's shift reaches a taker another process codes: the prior's
+    bias correction as a one-process save applies it."""
+    owner = dict(zip(NAMES, OWNERS))
+    assert any(owner[w] != owner[t] for w, t in TAKERS.items()), owner
+    restored = jaxjpeg.restore(PATH)
+    for weight, taker in TAKERS.items():
+        assert not np.array_equal(np.asarray(restored[taker]), VALUES[taker]), taker
+        np.testing.assert_array_equal(np.asarray(restored[taker]), REFERENCE[taker])
 
 
 @check
@@ -116,6 +153,9 @@ def report_and_metadata():
     assert kinds["bias"] == kinds["count"] == "raw"
     with jaxjpeg.open(PATH) as f:
         assert f.metadata == {"run": "multiprocess"}
+    with Checkpoint(PATH) as got, Checkpoint(REFERENCE_PATH) as want:
+        assert got.reader.metadata["rate"] == want.reader.metadata["rate"]
+        assert got.reader.metadata["rate"].get("batchnorm_prior", 0) > 0   # leaves it weighs
 
 
 @check
@@ -145,6 +185,33 @@ def one_process_refusing_fails_every_process_quickly():
     assert time.monotonic() - start < 60
     assert not os.path.exists(path)
     assert not [f for f in os.listdir(WORK) if f.startswith("refused.jjpg.tmp-")]
+
+
+@check
+def a_process_failing_while_coding_fails_every_process_quickly():
+    """Process 1 fails coding a weight (a disk error, say) while the others
+    wait for its bias-correction shifts: every process raises at once."""
+    path = os.path.join(WORK, "failed.jjpg")
+    real = checkpoint._Save._store
+
+    def failing(self, index, leaf):
+        if PROCESS == 1 and not self.bias_correction.waits(leaf.name):
+            raise OSError("injected read error")
+        return real(self, index, leaf)
+
+    checkpoint._Save._store = failing
+    start = time.monotonic()
+    try:
+        jaxjpeg.save(path, TREE, distributed=True)
+    except (OSError, ValueError) as e:
+        assert "injected read error" in str(e), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    finally:
+        checkpoint._Save._store = real
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(path)
+    assert not [f for f in os.listdir(WORK) if f.startswith("failed.jjpg.tmp-")]
 
 
 @check
