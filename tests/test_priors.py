@@ -567,3 +567,77 @@ def test_rate_controls_that_set_the_weights_error_code_without_the_prior(tmp_pat
     jaxjpeg.save(tmp_path / "a.jjpg", tree, progress=False, **options)
     with Checkpoint(tmp_path / "a.jjpg") as ckpt:
         assert "batchnorm_prior" not in ckpt.reader.metadata["rate"]
+
+
+def _nnx_cnn_state(seed: int):
+    """A Flax NNX CNN's state (conv, BatchNorm, conv, BatchNorm, linear):
+    paths such as ``bn1/mean/value``, trained-looking BatchNorm statistics."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(3, 64, (3, 3), rngs=rngs)
+            self.bn1 = nnx.BatchNorm(64, rngs=rngs)
+            self.conv2 = nnx.Conv(64, 128, (3, 3), rngs=rngs)
+            self.bn2 = nnx.BatchNorm(128, rngs=rngs)
+            self.fc = nnx.Linear(128, 100, rngs=rngs)
+
+    net = Net(nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    for bn in (net.bn1, net.bn2):
+        n = bn.scale[...].shape[0]
+        bn.scale[...] = rng.uniform(0.5, 2, n).astype(np.float32)
+        bn.bias[...] = rng.normal(0, 1, n).astype(np.float32)
+        bn.mean[...] = rng.normal(0, 0.5, n).astype(np.float32)
+        bn.var[...] = rng.uniform(0.5, 2, n).astype(np.float32)
+    return nnx.state(net)
+
+
+def test_a_flax_nnx_state_gets_the_prior_its_variables_names_give():
+    """NNX keeps each array in its variable's ``value``: the paths end in
+    ``value``, and the prior reads the key before it (EfficientNet-lite1 as
+    an NNX state at 8x, 2 probe seeds: KL 0.136 without the prior, 0.054
+    with it; 0.0475 in the state dict's order). NNX sorts a module's
+    attributes, so no BatchNorm comes after the kernel it normalises here:
+    conv2's own bias takes its shift."""
+    state = _nnx_cnn_state(0)
+    prior = priors.batchnorm_prior(state)
+    assert set(prior.moments) == {"conv2/kernel/value", "fc/kernel/value"}
+    assert prior.feedback == {"conv1/kernel/value", "conv2/kernel/value"}   # conv1: common mean
+    np.testing.assert_allclose(prior.moments["fc/kernel/value"].mean,
+                               priors.relu_mean(state["bn2"]["bias"][...],
+                                                state["bn2"]["scale"][...]))
+    assert prior.output_biases == {"conv2/kernel/value": "conv2/bias/value",
+                                   "fc/kernel/value": "fc/bias/value"}
+    assert {"bn1/mean/value", "bn1/var/value", "bn2/scale/value"} <= set(prior.vectors)
+    assert priors.is_running_mean("bn2/mean/value")
+    assert priors.may_be_batchnorm_vector("bn2/var/value", (128,))
+
+
+def test_a_flax_nnx_state_saves_as_its_arrays_named_without_value(tmp_path):
+    """The tree, its leaves given one by one (the CLI's and the Orbax
+    handler's route) and the same arrays under the variables' own names
+    make the same file content."""
+    from jaxjpeg.checkpoint import SourceLeaf, save_leaves
+
+    state = _nnx_cnn_state(1)
+    ordered = priors._in_insertion_order(state)
+    plain = {name[:-len("/value")]: np.asarray(v) for name, v in ordered}
+    jaxjpeg.save(tmp_path / "nnx.jjpg", state, target_ratio=8, progress=False)
+    jaxjpeg.save(tmp_path / "plain.jjpg", plain, target_ratio=8, progress=False)
+    save_leaves(tmp_path / "leaves.jjpg", [SourceLeaf.of([["key", n]], np.asarray(v))
+                                           for n, v in ordered], target_ratio=8, progress=False)
+    got = {k: _by_path(jaxjpeg.restore(tmp_path / f"{k}.jjpg")) for k in ("nnx", "plain", "leaves")}
+    with Checkpoint(tmp_path / "nnx.jjpg") as ckpt:
+        assert ckpt.reader.metadata["rate"]["batchnorm_prior"] == 2
+    for name, _ in ordered:
+        want = got["plain"][name[:-len("/value")]]
+        np.testing.assert_array_equal(got["nnx"][name], want)
+        np.testing.assert_array_equal(got["leaves"][name], want)
+    # bias correction moved the classifier's bias, as in the plain tree
+    assert not np.array_equal(got["nnx"]["fc/bias/value"], plain["fc/bias"])
+
+
+def _by_path(tree) -> dict:
+    from jaxjpeg.treepaths import leaves_with_paths, path_string
+    return {path_string(r): np.asarray(v) for r, v in leaves_with_paths(tree)}
