@@ -14,7 +14,9 @@ Settings (all ``target_ratio`` = ``--ratio``, PyTorch layout):
 ``prior`` (the default save), ``no-prior`` (``batchnorm_prior=False``),
 ``feedback`` (``input_covariance`` and ``input_mean`` from the 32 calibration crops),
 ``means`` (the default save plus ``input_mean`` alone),
-``fisher-leaf`` (one diagonal-Fisher mean per leaf as ``sensitivity``).
+``fisher-leaf`` (one diagonal-Fisher mean per leaf as ``sensitivity``),
+``nnx`` (the default save of the weights as a Flax NNX state holds them:
+Flax layout, paths ending in ``value``, sorted; see ``common.to_nnx_state``).
 Needs the packages of ``benchmarks/real_models.py``.
 """
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_models_lib import common, effnet, methods as M  # noqa: E402
 
-SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf")
+SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf", "nnx")
 
 
 def save_kwargs(case, setting: str, ratio: float) -> dict:
@@ -46,6 +48,8 @@ def save_kwargs(case, setting: str, ratio: float) -> dict:
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
     elif setting == "means":
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
+    elif setting == "nnx":
+        kwargs["nnx"] = True
     elif setting == "fisher-leaf":
         kwargs["sensitivity"] = {k: float(np.mean(v)) for k, v in case.sensitivity().items()}
     return kwargs
@@ -53,17 +57,23 @@ def save_kwargs(case, setting: str, ratio: float) -> dict:
 
 def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
     import jaxjpeg
-    from jaxjpeg import rate
+    from jaxjpeg import rate, treepaths
 
     real = rate.rd_curve
     rate.rd_curve = functools.partial(real, seed=seed)
+    nnx = kwargs.pop("nnx", False)
+    tree, names = (common.to_nnx_state(case.native, case.kinds) if nnx
+                   else (case.native, {k: k for k in case.native}))
     try:
         path = workdir / "x.jjpg"
-        jaxjpeg.save(path, case.native, progress=False, **kwargs)
-        restored = jaxjpeg.restore(path)
+        jaxjpeg.save(path, tree, progress=False, **kwargs)
+        restored = {treepaths.path_string(r): np.asarray(v, np.float32)
+                    for r, v in treepaths.leaves_with_paths(jaxjpeg.restore(path))}
     finally:
         rate.rd_curve = real
-    weights = {k: np.asarray(restored[k], np.float32) for k in case.native}
+    weights = {names[k]: v for k, v in restored.items()}
+    if nnx:
+        weights = dict(case.native, **common.from_layout(weights, case.kinds, "flax"))
     return case.metrics(ref, case.run(weights))
 
 

@@ -119,6 +119,33 @@ def from_layout(tree: dict, kinds: dict, layout: str) -> dict:
     return out
 
 
+_NNX_BATCHNORM = {"weight": "scale", "bias": "bias", "running_mean": "mean",
+                  "running_var": "var"}
+
+
+def to_nnx_state(tree: dict, kinds: dict) -> tuple[dict, dict]:
+    """(``tree`` in Flax layout named and ordered as ``nnx.state(model)``
+    would hold it, {NNX path: native name}): every path ends in its
+    variable's ``value`` (``_blocks/0/_bn1/mean/value``), BatchNorm vectors
+    are ``scale`` / ``bias`` / ``mean`` / ``var``, kernels ``kernel``, and
+    paths are sorted level by level (NNX sorts a module's attributes)."""
+    def nnx_path(name: str) -> str:
+        *parents, last = name.split(".")
+        if kinds.get(name) == "bn":
+            last = _NNX_BATCHNORM.get(last, last)
+        elif last == "weight":
+            last = "kernel"
+        return "/".join(parents + [last, "value"])
+
+    def sort_key(path: str):
+        return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("/"))
+
+    flax = to_layout(tree, kinds, "flax")
+    paths = {nnx_path(n): n for n in flax if not n.endswith("num_batches_tracked")}
+    ordered = sorted(paths, key=sort_key)
+    return {p: flax[paths[p]] for p in ordered}, {p: paths[p] for p in ordered}
+
+
 # ----------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------
