@@ -290,7 +290,7 @@ class Prepared:
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
             outliers: Outliers | None = None, col_scale: np.ndarray | None = None,
-            feedback: Feedback | None = None) -> Prepared:
+            feedback: Feedback | None = None, copy: bool = True) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
     ``col_scale`` gives column scales directly (another Prepared's, to redo
@@ -299,7 +299,10 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     ``∝ col_weight^-½`` (geometric mean 1): column ``c``'s quantization step is
     then that much finer or coarser. ``outliers`` are kept exactly; without
     them every value must be finite. ``feedback`` (see :mod:`jaxjpeg.feedback`)
-    shapes the quantization error against the layer's inputs.
+    shapes the quantization error against the layer's inputs. ``copy=False``:
+    the matrix is a view of ``x`` where nothing needs changing (float32, no
+    side list or column scales; the caller keeps ``x`` unchanged while it
+    codes).
     """
     arr = np.asarray(x)
     if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
@@ -307,7 +310,9 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     if arr.size == 0:
         raise ValueError("cannot JPEG-code an empty tensor")
     view = view or MatrixView.default(arr.ndim)
-    matrix = np.array(view.to_matrix(arr), np.float32)
+    in_place = (not copy and arr.dtype == np.float32 and col_weight is None
+                and col_scale is None and not (outliers is not None and outliers.count))
+    matrix = view.to_matrix(arr) if in_place else np.array(view.to_matrix(arr), np.float32)
     if outliers is not None and outliers.count:
         matrix = fill_outliers(matrix, outliers, view, arr.shape)
     else:

@@ -736,8 +736,10 @@ def row_range_fallback(p: codec.Prepared) -> codec.Prepared | None:
         k = p.view.split
         view = views.MatrixView(p.view.perm[k:] + p.view.perm[:k], len(p.view.perm) - k)
         cuts = None if cuts is None else (cuts[1], cuts[0])
-    return dataclasses.replace(codec.prepare(p.original, view=view, outliers=p.outliers),
-                               tile_cuts=cuts)
+    # A view of the weights, not a copy: the tensor's own prepared copy is
+    # held meanwhile, and a second one is what made a byte target's peak.
+    return dataclasses.replace(codec.prepare(p.original, view=view, outliers=p.outliers,
+                                             copy=False), tile_cuts=cuts)
 
 
 def _spread(spans: np.ndarray) -> float:
@@ -1366,6 +1368,10 @@ class BudgetAllocator:
         self.predicted_spent += float(c.nbytes[k])
         self.steps[name] = float(c.q[k])
         self.squared_errors[name] = float(c.sse[k])
+        del self.curves[name]   # the tables hold what later choices need
+        if not self.pending:    # a save holds the allocator until its header is written
+            self._nbytes = self._dist = self._pick_dist = self._finite = None
+            self._breaks = self._pending = None
         return enc
 
 
