@@ -61,6 +61,7 @@ def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
 
     real = rate.rd_curve
     rate.rd_curve = functools.partial(real, seed=seed)
+    kwargs = dict(kwargs)   # the same settings serve every seed
     nnx = kwargs.pop("nnx", False)
     tree, names = (common.to_nnx_state(case.native, case.kinds) if nnx
                    else (case.native, {k: k for k in case.native}))
