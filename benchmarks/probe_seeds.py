@@ -16,7 +16,8 @@ Settings (all ``target_ratio`` = ``--ratio``, PyTorch layout):
 ``means`` (the default save plus ``input_mean`` alone),
 ``fisher-leaf`` (one diagonal-Fisher mean per leaf as ``sensitivity``),
 ``nnx`` (the default save of the weights as a Flax NNX state holds them:
-Flax layout, paths ending in ``value``, sorted; see ``common.to_nnx_state``).
+Flax layout, paths ending in ``value``, sorted; see ``common.to_nnx_state``),
+``sorted`` (the state dict sorted by name, as a safetensors file lists it).
 Needs the packages of ``benchmarks/real_models.py``.
 """
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_models_lib import common, effnet, methods as M  # noqa: E402
 
-SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf", "nnx")
+SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf", "nnx", "sorted")
 
 
 def save_kwargs(case, setting: str, ratio: float) -> dict:
@@ -48,8 +49,8 @@ def save_kwargs(case, setting: str, ratio: float) -> dict:
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
     elif setting == "means":
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
-    elif setting == "nnx":
-        kwargs["nnx"] = True
+    elif setting in ("nnx", "sorted"):
+        kwargs["listing"] = setting
     elif setting == "fisher-leaf":
         kwargs["sensitivity"] = {k: float(np.mean(v)) for k, v in case.sensitivity().items()}
     return kwargs
@@ -62,9 +63,13 @@ def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
     real = rate.rd_curve
     rate.rd_curve = functools.partial(real, seed=seed)
     kwargs = dict(kwargs)   # the same settings serve every seed
-    nnx = kwargs.pop("nnx", False)
-    tree, names = (common.to_nnx_state(case.native, case.kinds) if nnx
-                   else (case.native, {k: k for k in case.native}))
+    listing = kwargs.pop("listing", None)
+    nnx = listing == "nnx"
+    if nnx:
+        tree, names = common.to_nnx_state(case.native, case.kinds)
+    else:
+        tree = dict(sorted(case.native.items())) if listing == "sorted" else case.native
+        names = {k: k for k in case.native}
     try:
         path = workdir / "x.jjpg"
         jaxjpeg.save(path, tree, progress=False, **kwargs)
