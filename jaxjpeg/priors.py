@@ -491,7 +491,8 @@ def _best_fit(name, array, arrays, norms, natural, load):
     parent = _module_parent(name)
     beside = [b for b in natural if _module_parent(b) == parent]
     ndim = len(shape)
-    fits = []   # (misfit, which input, moments, taker)
+    before = [b for b in natural if _natural_key(b) < _natural_key(name) and b not in beside]
+    candidates = []   # (axes, takers beside it, input models)
     for axes in dict.fromkeys([(1, 0), (ndim - 2, ndim - 1)]):
         inputs, outputs = shape[axes[0]], shape[axes[1]]
         takers = [(b, _running_mean(arrays, _split(b)[0], outputs)) for b in beside
@@ -499,11 +500,19 @@ def _best_fit(name, array, arrays, norms, natural, load):
         takers = [(b, t) for b, t in takers if t is not None]
         models = [(b, norms[b].mean, norms[b].power) for b in natural
                   if len(norms[b].shift) == inputs]
-        before = [b for b in natural if _natural_key(b) < _natural_key(name) and b not in beside]
         models += [("stream", mean, mean * mean + variance)
                    for mean, variance in _streams([(b, None) for b in before], norms, inputs)]
-        weight = _tap_sums(array, name, axes, load) if takers and models else None
-        if weight is None or not np.all(np.isfinite(weight)):
+        if takers and models:
+            candidates.append((axes, takers, models))
+    values = array
+    if candidates and _is_stand_in(array):   # loaded once, whatever the axes
+        if load is None:
+            return None
+        values = load(name)
+    fits = []   # (misfit, which input, moments, taker)
+    for axes, takers, models in candidates:
+        weight = _tap_sums(values, name, axes, None)
+        if not np.all(np.isfinite(weight)):
             continue
         for b, taker in takers:
             target = np.asarray(arrays[taker], np.float64)
