@@ -8,7 +8,9 @@
 Runs the model on calibration batches and records, for every ``nn.Dense``
 and ungrouped ``nn.Conv``, the second moment of the inputs its kernel
 multiplies (for convolutions: of the patches it sees), keyed by the kernel's
-leaf path. For PyTorch or ONNX weights, build
+leaf path. A Flax NNX model (saved as ``nnx.state(model)``) takes
+:func:`nnx_input_covariances` and :func:`nnx_input_means`. For PyTorch or
+ONNX weights, build
 :class:`jaxjpeg.feedback.InputCovariance` from the same statistics yourself
 (e.g. forward hooks and ``torch.nn.functional.unfold``).
 """
@@ -97,6 +99,112 @@ def input_means(module, variables, batches: Iterable, *, prefix: str = "params/"
             for name, total in sums.items()}
 
 
+def nnx_input_covariances(model, batches: Iterable, *, prefix: str = "",
+                          **call_kwargs) -> dict[str, InputCovariance]:
+    """:func:`input_covariances` of a Flax NNX ``model`` (its ``nnx.Linear``
+    and ungrouped ``nnx.Conv`` layers), keyed by the kernels' paths in
+    ``nnx.state(model)`` (``conv1/kernel/value``); ``prefix`` goes before
+    them when the state is saved inside a larger tree. Each batch is
+    ``model(batch, **call_kwargs)`` (a tuple: positional arguments), run
+    eagerly, the layers' calls recorded by patching their classes' calls
+    meanwhile (so not from several threads at once)."""
+    sums: dict[str, np.ndarray] = {}
+    axes: dict[str, tuple[int, ...]] = {}
+    kinds = _NnxKinds()
+
+    def record(mod, path, x):
+        features = _features(mod, x, kinds)
+        if features is not None:
+            name = _nnx_leaf(prefix, path, "kernel")
+            f = np.asarray(features, np.float64)
+            sums[name] = sums.get(name, 0) + f.T @ f
+            axes[name] = _kernel_input_axes(mod, kinds)
+
+    _run_nnx(model, batches, record, call_kwargs)
+    return {name: InputCovariance(h, axes[name]) for name, h in sums.items()}
+
+
+def nnx_input_means(model, batches: Iterable, *, prefix: str = "",
+                    **call_kwargs) -> dict[str, InputMean]:
+    """:func:`input_means` of a Flax NNX ``model``: each Linear and Conv
+    kernel's input means, taken by the running mean of the ``nnx.BatchNorm``
+    called right after its layer, else by its own bias (paths as in
+    :func:`nnx_input_covariances`)."""
+    kinds = _NnxKinds()
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    modules: dict = {}
+    calls: list = []
+
+    def record(mod, path, x):
+        calls.append((mod, path))
+        if isinstance(mod, (kinds.Dense, kinds.Conv)):
+            x = np.asarray(x, np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            name = _nnx_leaf(prefix, path, "kernel")
+            sums[name] = sums.get(name, 0) + x.sum(axis=0)
+            counts[name] = counts.get(name, 0) + len(x)
+            modules[name] = mod
+
+    _run_nnx(model, batches, record, call_kwargs)
+    takers = {}
+    for k, (mod, path) in enumerate(calls):
+        if not isinstance(mod, (kinds.Dense, kinds.Conv)):
+            continue
+        after = calls[k + 1] if k + 1 < len(calls) else None
+        if after is not None and isinstance(after[0], kinds.BatchNorm):
+            takers[_nnx_leaf(prefix, path, "kernel")] = _nnx_leaf(prefix, after[1], "mean")
+        elif mod.use_bias:
+            takers[_nnx_leaf(prefix, path, "kernel")] = _nnx_leaf(prefix, path, "bias")
+    return {name: InputMean(_kernel_mean(modules[name], total / counts[name], kinds), -1,
+                            takers.get(name))
+            for name, total in sums.items()}
+
+
+class _NnxKinds:
+    """flax.nnx's layers under the names the helpers below test for."""
+
+    def __init__(self):
+        from flax import nnx
+        self.Dense, self.Conv, self.BatchNorm = nnx.Linear, nnx.Conv, nnx.BatchNorm
+
+
+def _nnx_leaf(prefix: str, path: tuple, leaf: str) -> str:
+    return prefix + "/".join((*map(str, path), leaf, "value"))
+
+
+def _run_nnx(model, batches, record, call_kwargs) -> None:
+    """Runs ``model`` on each batch with ``record(layer, its path, input)``
+    before every Linear, Conv and BatchNorm call."""
+    from flax import nnx
+    paths = {id(m): path for path, m in nnx.iter_modules(model)}
+    kinds = _NnxKinds()
+    classes = (kinds.Dense, kinds.Conv, kinds.BatchNorm)
+    originals = {cls: cls.__dict__["__call__"] for cls in classes}
+
+    def recording(call):
+        def wrapped(self, x, *args, **kwargs):
+            if id(self) in paths:
+                record(self, paths[id(self)], x)
+            return call(self, x, *args, **kwargs)
+        return wrapped
+
+    try:
+        for cls, call in originals.items():
+            cls.__call__ = recording(call)
+        for batch in batches:
+            args = batch if isinstance(batch, tuple) else (batch,)
+            model(*args, **call_kwargs)
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
+
+
+def _outputs(mod) -> int:
+    """A layer's output channels (linen ``features``, NNX ``out_features``)."""
+    return mod.features if hasattr(mod, "features") else mod.out_features
+
+
 def _takers(calls: list, prefix: str, nn) -> dict[str, str]:
     """{kernel path: leaf taking its layer's shift}: the running mean of a
     BatchNorm called right after the layer, else the layer's bias."""
@@ -120,7 +228,7 @@ def _kernel_mean(mod, mean: np.ndarray, nn) -> np.ndarray:
     (each output channel takes the channels of its group)."""
     if isinstance(mod, nn.Dense):
         return mean[:, None]
-    groups, outputs = mod.feature_group_count, mod.features
+    groups, outputs = mod.feature_group_count, _outputs(mod)
     if groups == 1:
         return mean.reshape((1,) * len(mod.kernel_size) + (len(mean), 1))
     per_group = mean.reshape(groups, -1)                        # (G, I / G)

@@ -228,3 +228,69 @@ def test_a_taker_sums_its_shifts_in_storing_order_whatever_the_threads(tmp_path,
         jaxjpeg.save(path, tree, input_mean=means, progress=False, **options)
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+def test_flax_nnx_calibration_is_the_linen_one_of_the_same_weights(tmp_path):
+    """The same network in Flax NNX and linen, the same weights: the same
+    covariances and means, keyed by nnx.state's paths, and a save of the
+    NNX state takes them (feedback and bias correction)."""
+    import flax.linen as nn
+    import jax
+    from flax import nnx
+
+    from jaxjpeg import calibration
+
+    class Linen(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(32, (3, 3))(x)))
+            x = nn.Conv(32, (3, 3), strides=2, use_bias=False)(x)
+            return nn.Dense(10)(nn.relu(x).mean((1, 2)))
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(16, 32, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(32, use_running_average=True, rngs=rngs)
+            self.strided = nnx.Conv(32, 32, (3, 3), strides=2, use_bias=False, rngs=rngs)
+            self.head = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.strided(nnx.relu(self.bn(self.conv(x))))
+            return self.head(nnx.relu(x).mean((1, 2)))
+
+    rng = np.random.default_rng(9)
+    batches = [rng.gamma(2.0, 0.5, (3, 10, 10, 16)).astype(np.float32) for _ in range(2)]
+    variables = jax.tree.map(np.asarray, Linen().init(jax.random.PRNGKey(0), batches[0]))
+    params, stats = variables["params"], variables["batch_stats"]
+    stats["BatchNorm_0"]["mean"] = rng.normal(0, 0.3, 32).astype(np.float32)
+    model = Nnx(nnx.Rngs(0))
+    for layer, src in ((model.conv, params["Conv_0"]), (model.strided, params["Conv_1"]),
+                       (model.head, params["Dense_0"])):
+        for key, value in src.items():
+            getattr(layer, key)[...] = value
+    model.bn.scale[...], model.bn.bias[...] = params["BatchNorm_0"]["scale"], params["BatchNorm_0"]["bias"]
+    model.bn.mean[...], model.bn.var[...] = stats["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["var"]
+
+    names = {"params/Conv_0/kernel": "conv/kernel/value",
+             "params/Conv_1/kernel": "strided/kernel/value",
+             "params/Dense_0/kernel": "head/kernel/value"}
+    linen_covs = calibration.input_covariances(Linen(), variables, batches)
+    covs = calibration.nnx_input_covariances(model, batches)
+    assert set(covs) == set(names.values())
+    for linen_name, name in names.items():
+        np.testing.assert_allclose(covs[name].matrix, linen_covs[linen_name].matrix, rtol=1e-6)
+        assert covs[name].axes == linen_covs[linen_name].axes
+    linen_means = calibration.input_means(Linen(), variables, batches)
+    means = calibration.nnx_input_means(model, batches)
+    for linen_name, name in names.items():
+        np.testing.assert_allclose(means[name].values, linen_means[linen_name].values, rtol=1e-9)
+    assert {n: m.taker for n, m in means.items()} == {
+        "conv/kernel/value": "bn/mean/value", "strided/kernel/value": None,
+        "head/kernel/value": "head/bias/value"}
+
+    state = nnx.state(model)
+    taken = {n: m for n, m in means.items() if m.taker is not None}
+    jaxjpeg.save(tmp_path / "c.jjpg", state, input_covariance=covs, input_mean=taken,
+                 progress=False)
+    got = jaxjpeg.restore(tmp_path / "c.jjpg", target=state)
+    assert not np.array_equal(np.asarray(got["bn"]["mean"][...]), np.asarray(model.bn.mean[...]))
