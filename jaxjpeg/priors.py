@@ -96,6 +96,7 @@ directly, where this estimate has not been measured.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -137,6 +138,7 @@ STREAM_LOOK_BACK = 256
 # better than any other input.
 FIT_MAX_MISFIT = 0.35
 FIT_MARGIN = 0.5
+FIT_STREAMS = 16   # streams of the last 1..FIT_STREAMS BatchNorms of a size are tried
 # Kernels no BatchNorm feeds (exports that fold BatchNorm into the
 # convolutions, depthwise kernels) are coded against diag(1) + w 1 1ᵀ: their
 # inputs' mean, common to the channels and taps, weighs w against each
@@ -476,22 +478,26 @@ def _paired_by_fit(ordered, norms, load=None) -> dict[str, tuple]:
     FIT_MARGIN). On EfficientNet-lite1 the true input misses by 0.03-0.29
     (a stream by under 0.001), any other by 0.5 or more."""
     arrays = dict(ordered)
-    natural = sorted(norms, key=_natural_key)
+    keys = {b: _natural_key(b) for b in norms}
+    natural = sorted(norms, key=keys.__getitem__)
+    parents = {b: _module_parent(b) for b in norms}
     out = {}
     for name, array in ordered:
         if _is_weight(name, array) and np.ndim(array) >= 2:
-            fit = _best_fit(name, array, arrays, norms, natural, load)
+            parent, key = _module_parent(name), _natural_key(name)
+            beside = [b for b in natural if parents[b] == parent]
+            before = [b for b in natural if keys[b] < key and parents[b] != parent]
+            fit = _best_fit(name, array, arrays, norms, natural, beside, before, load)
             if fit is not None:
                 out[name] = fit
     return out
 
 
-def _best_fit(name, array, arrays, norms, natural, load):
+def _best_fit(name, array, arrays, norms, natural, beside, before, load):
+    """:func:`_paired_by_fit`'s pairing of one weight (``beside``: the
+    BatchNorms in its module; ``before``: those of earlier modules)."""
     shape = np.shape(array)
-    parent = _module_parent(name)
-    beside = [b for b in natural if _module_parent(b) == parent]
     ndim = len(shape)
-    before = [b for b in natural if _natural_key(b) < _natural_key(name) and b not in beside]
     candidates = []   # (axes, takers beside it, input models)
     for axes in dict.fromkeys([(1, 0), (ndim - 2, ndim - 1)]):
         inputs, outputs = shape[axes[0]], shape[axes[1]]
@@ -500,8 +506,9 @@ def _best_fit(name, array, arrays, norms, natural, load):
         takers = [(b, t) for b, t in takers if t is not None]
         models = [(b, norms[b].mean, norms[b].power) for b in natural
                   if len(norms[b].shift) == inputs]
+        streams = _streams([(b, None) for b in before], norms, inputs)
         models += [("stream", mean, mean * mean + variance)
-                   for mean, variance in _streams([(b, None) for b in before], norms, inputs)]
+                   for mean, variance in itertools.islice(streams, FIT_STREAMS)]
         if takers and models:
             candidates.append((axes, takers, models))
     values = array
@@ -517,7 +524,7 @@ def _best_fit(name, array, arrays, norms, natural, load):
         for b, taker in takers:
             target = np.asarray(arrays[taker], np.float64)
             scale = np.linalg.norm(target)
-            if not scale > 0:
+            if not (0 < scale < math.inf):
                 continue
             for source, mean, power in models:
                 if source != b:

@@ -705,3 +705,14 @@ def test_a_sorted_source_file_codes_as_the_networks_order_does(tmp_path):
         np.testing.assert_array_equal(np.asarray(b[name]), np.asarray(a[name]), err_msg=name)
     assert not np.array_equal(np.asarray(a["layer.1.bn1.running_mean"]),
                               sd["layer.1.bn1.running_mean"])   # bias correction ran
+
+
+def test_a_sorted_listing_with_a_non_finite_running_mean_pairs_the_rest():
+    sd = _resnet_like(np.random.default_rng(32))
+    want = priors.batchnorm_prior(dict(sd))
+    sd["layer.1.bn1.running_mean"][3] = np.inf
+    got = priors.batchnorm_prior(dict(sorted(sd.items())))
+    assert "layer.1.conv1.weight" not in got.output_means   # no fit against an infinity
+    for name in ("layer.0.conv1.weight", "layer.2.conv2.weight"):
+        np.testing.assert_array_equal(got.moments[name].mean, want.moments[name].mean)
+        assert got.output_means[name] == want.output_means[name]
