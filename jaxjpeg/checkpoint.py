@@ -429,7 +429,17 @@ def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape) -> int:
     return overhead
 
 
-def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
+def analyse_here(analyse, entries, floor: bool) -> list:
+    """Every leaf's analysis (see :func:`_target_encoder`), in this process:
+    on the save's threads, one leaf's Python work overlapping another's
+    probe coding, with at most the largest leaf's bytes in flight (their
+    prepared copies are what a byte target holds beyond a default save)."""
+    return list(in_order(functools.partial(analyse, floor=floor), entries, save_workers(),
+                         max((leaf.nbytes for leaf in entries), default=0),
+                         lambda leaf: leaf.nbytes))
+
+
+def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by=analyse_here):
     """Allocates the file's byte budget over the leaves that will be coded.
 
     Curves are measured on each leaf's probe first and the prepared copies
@@ -437,6 +447,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
     reaches it, so memory stays at about one leaf beyond a default save.
     Returns (the encoder, the names of the leaves it codes): the save stores
     the others raw without counting their special values again.
+    ``analysed_by(analyse, entries, floor)``: every entry's ``analyse(leaf,
+    floor)``, in order (a distributed save gathers them from its processes).
     """
     from jaxjpeg import rate
 
@@ -461,14 +473,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder):
 
     def measure(floor):
         coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-        # Leaves analysed on the save's threads, so one leaf's Python work
-        # overlaps another's probe coding (rd_curve codes its probe steps on
-        # all cores), with at most the largest leaf's bytes in flight: their
-        # prepared copies are what a byte target holds beyond a default save.
-        analysed = in_order(functools.partial(analyse, floor=floor), entries, save_workers(),
-                            max((leaf.nbytes for leaf in entries), default=0),
-                            lambda leaf: leaf.nbytes)
-        for name, analysis, raw in analysed:
+        for name, analysis, raw in analysed_by(analyse, entries, floor):
             kept += raw
             if analysis is not None:
                 coded.add(name)
@@ -675,6 +680,7 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     with the same tree (global arrays, sharded any way); each codes and
     writes its share of the leaves in parallel and process 0 commits the one
     file (:mod:`jaxjpeg.distributed_save`), which any topology restores.
+    Byte targets allocate one budget over every process's leaves.
     """
     if distributed:
         if input_mean:
@@ -859,7 +865,7 @@ class _Save:
                  view="auto", restart_interval=codec.DEFAULT_RESTART_INTERVAL,
                  tile_shape=codec.DEFAULT_TILE_SHAPE, policy=None, encoder=None,
                  progress=None, metadata=None, input_covariance=None, prior=None,
-                 input_means=None):
+                 input_means=None, defer_budget=False):
         self.path = path
         self.user_metadata = layout.checked_user_metadata(metadata)
         self.has_metadata = metadata is not None
@@ -913,15 +919,24 @@ class _Save:
         self.target = target
         self.lossy_rate = target is not None
         self.coded = None   # the names of the leaves to code, when the analysis knows them
+        self._budget = None
         if target is not None:
-            self.encode, self.coded = _target_encoder(leaves, self.policy, target, bits,
-                                                      leaf_coder)
+            self._budget = functools.partial(_target_encoder, leaves, self.policy, target, bits,
+                                             leaf_coder)
+            if not defer_budget:
+                self.allocate()
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
         # A user's input means correct their weights under any lossy coding.
         self.bias_correction = BiasCorrection.of(prior, input_means)
         self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
+
+    def allocate(self, analysed_by=analyse_here) -> None:
+        """A byte target's analysis and allocation (``defer_budget``: left
+        until now; ``analysed_by`` as :func:`_target_encoder` takes it)."""
+        self.encode, self.coded = self._budget(analysed_by=analysed_by)
+        self._budget = None
 
     def run(self) -> SaveReport:
         bar = progress_bar(total=sum(leaf.nbytes for leaf in self.leaves), desc="jaxjpeg save",

@@ -40,18 +40,26 @@ collectives must run in the same order everywhere) and :func:`finish` (the
 rest, from any thread: the Orbax handler runs it in Orbax's commit thread).
 
 The destination must be a file system every process sees (one machine, or a
-shared mount). Byte targets (``target_ratio``...) need every leaf's curve in
-one place and are refused; so is a custom ``encoder`` (it may not be safe to
-run in every process). Coded regions are held in memory until the offsets
+shared mount). A custom ``encoder`` is refused (it may not be safe to run in
+every process). Under a byte target (``target_ratio``...) each process
+measures the rate-distortion curves of its own leaves and publishes them
+(:func:`_analysed_everywhere`); every process then allocates the same
+budget, and codes its leaves correcting its choices by its own leaves'
+misses only, so the file is not a one-process save's and its size misses
+the target by the other processes' prediction errors (a warning past 2%). Coded regions are held in memory until the offsets
 are agreed: about each process's share of the compressed file.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import itertools
 import json
 import os
 import secrets
+import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -61,6 +69,7 @@ from jaxjpeg import format as fmt
 __all__ = ["Prepared", "finish", "plan_owners", "prepare", "save_distributed", "TIMEOUT_S"]
 
 TIMEOUT_S = 600.0        # waiting for another process's part, writes or commit
+PIECE_CHARS = 1 << 20    # characters per key-value entry of a large value
 _KEY = "jaxjpeg_save"
 _saves_started = 0       # every process saves in the same order: the nth save's keys
 
@@ -172,6 +181,25 @@ class _Exchange:
                                                   int(TIMEOUT_S * 1000))
         return json.loads(text)
 
+    def put_large(self, key: str, value: Any) -> None:
+        """:meth:`put` of a value of any size, in pieces of at most
+        PIECE_CHARS characters (one entry of the store stays small)."""
+        text = json.dumps(value)
+        pieces = [text[i:i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS)]
+        for j, piece in enumerate(pieces):
+            self.client.key_value_set(f"{self.prefix}/{key}/{j}", piece)
+        self.put(key, {"pieces": len(pieces)})
+
+    def get_large(self, key: str) -> Any:
+        """What :meth:`put_large` put (ValueError with its error when the
+        process put one instead)."""
+        head = self.get(key)
+        if "error" in head:
+            raise ValueError(head["error"])
+        return json.loads("".join(
+            self.client.blocking_key_value_get(f"{self.prefix}/{key}/{j}", int(TIMEOUT_S * 1000))
+            for j in range(head["pieces"])))
+
 
 def _failed(parts: list) -> str | None:
     for i, part in enumerate(parts):
@@ -213,11 +241,10 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     global _saves_started
     saver_options = dict(saver_options)
     batchnorm_prior = saver_options.pop("batchnorm_prior", True)
-    if any(saver_options.get(k) is not None for k in
-           ("target_ratio", "target_bytes", "bits_per_weight", "encoder")):
-        raise ValueError("distributed=True codes each leaf in one process: byte targets and "
-                         "custom encoders are not supported (use relative_step, error_bound, "
-                         "quant_step, quality or qtable)")
+    if saver_options.get("encoder") is not None:
+        raise ValueError("distributed=True codes each leaf in one process: a custom encoder "
+                         "is not supported (it may not be safe to run in every process)")
+    saver_options["defer_budget"] = True   # a byte target's analysis needs the leaves: finish
     client = _client()
     me, processes = jax.process_index(), jax.process_count()
     _saves_started += 1
@@ -294,6 +321,8 @@ def finish(prepared: Prepared):
     temp = None
     try:
         temp = _create_temp(path, exchange) if me == 0 else None
+        if saver.target is not None:
+            saver.allocate(_analysed_everywhere(prepared))
         part = _code(saver, prepared.own, exchange, me, processes)
     except Exception as e:
         why = f"{type(e).__name__}: {e}"
@@ -326,6 +355,9 @@ def finish(prepared: Prepared):
         if not isinstance(outcome, int):
             raise ValueError(f"distributed save of {path} failed: {outcome}")
         file_bytes = outcome
+    miss = ck._target_miss(saver.target, file_bytes, saver.rate)
+    if miss:   # finish <- save_distributed <- save <- the caller
+        warnings.warn(miss, stacklevel=4)
     reports = [None] * prepared.count
     for p in parts:
         for index, report in p["reports"].items():
@@ -344,6 +376,10 @@ def _code(saver, own: list, exchange: _Exchange, me: int, processes: int) -> dic
                      + [n for n in names if correction.waits(n)])
     phases = [[item for item in own if correction.waits(item[1].name) == late]
               for late in (False, True)]
+    budgeted = isinstance(saver.encode, ck._BudgetEncoder)
+    if budgeted:   # this process's coded leaves take turns, in storing order
+        saver.encode.order([leaf.name for _, leaf in phases[0] + phases[1]
+                            if leaf.name in saver.coded])
     stored = []
     for late, phase in enumerate(phases):
         if late and correction.takers:
@@ -352,7 +388,7 @@ def _code(saver, own: list, exchange: _Exchange, me: int, processes: int) -> dic
                 if i != me:
                     correction.merge(_shifts_of(exchange, i))
         stored += ck.in_order(saver.store, phase, saver.workers, ck.SAVE_WINDOW_BYTES,
-                              lambda item: item[1].nbytes)
+                              lambda item: item[1].nbytes, largest_first=not budgeted)
     own = phases[0] + phases[1]
     placed, table, size = _region(stored)
     records = {str(i): record for (i, _), (_, record, _, _) in zip(own, stored)}
@@ -361,6 +397,67 @@ def _code(saver, own: list, exchange: _Exchange, me: int, processes: int) -> dic
                for (i, _), (_, _, r, _) in zip(own, stored)}
     return {"placed": placed,
             "public": {"size": size, "blobs": table, "records": records, "reports": reports}}
+
+
+def _analysed_everywhere(prepared: Prepared):
+    """A byte target's ``analysed_by`` (see ``checkpoint._target_encoder``):
+    each process analyses the leaves it codes and publishes the results;
+    every process then holds all of them, in leaf order, and allocates the
+    same budget. Each round of analysis (the allocation may ask for a
+    second) has its own keys."""
+    from jaxjpeg import checkpoint as ck
+    exchange, me = prepared.exchange, prepared.me
+    own = {leaf.name: leaf for _, leaf in prepared.own}
+    rounds = itertools.count()
+
+    def analysed_by(analyse, entries, floor):
+        key = f"analysis/{next(rounds)}"
+        try:
+            mine = ck.analyse_here(analyse, [own[e.name] for e in entries if e.name in own],
+                                   floor)
+        except Exception as e:
+            exchange.put(f"{key}/{me}", {"error": f"process {me}: {type(e).__name__}: {e}"})
+            raise
+        exchange.put_large(f"{key}/{me}", [_packed(result) for result in mine])
+        results = {result[0]: result for result in mine}
+        for i in range(prepared.processes):
+            if i != me:
+                results.update((r[0], r) for r in map(_unpacked, exchange.get_large(f"{key}/{i}")))
+        return [results[e.name] for e in entries]
+    return analysed_by
+
+
+def _packed(result) -> list:
+    """A leaf's analysis (name, (Curve, sensitivity, overhead) or None, raw
+    bytes) as JSON values: the curve's arrays as base64 of their deflated
+    bytes (exact)."""
+    name, analysis, raw = result
+    if analysis is None:
+        return [name, None, int(raw)]
+    curve, sensitivity, overhead = analysis
+    arrays = {f.name: _array_text(getattr(curve, f.name)) for f in dataclasses.fields(curve)
+              if getattr(curve, f.name) is not None}
+    return [name, [arrays, float(sensitivity), int(overhead)], int(raw)]
+
+
+def _unpacked(packed: list):
+    from jaxjpeg import rate
+    name, analysis, raw = packed
+    if analysis is None:
+        return name, None, raw
+    arrays, sensitivity, overhead = analysis
+    curve = rate.Curve(**{k: _text_array(v) for k, v in arrays.items()})
+    return name, (curve, sensitivity, overhead), raw
+
+
+def _array_text(a: np.ndarray) -> list:
+    a = np.ascontiguousarray(a)
+    return [a.dtype.str, list(a.shape), base64.b64encode(zlib.compress(a.tobytes())).decode()]
+
+
+def _text_array(text: list) -> np.ndarray:
+    dtype, shape, data = text
+    return np.frombuffer(zlib.decompress(base64.b64decode(data)), np.dtype(dtype)).reshape(shape)
 
 
 def _shifts_of(exchange: _Exchange, process: int) -> dict:

@@ -27,7 +27,7 @@ CHECKS = [
     "same_file_content_as_one_process_save",
     "sharded_restore_over_the_global_mesh",
     "report_and_metadata",
-    "byte_targets_are_refused_in_every_process",
+    "byte_targets_allocate_one_budget_over_every_process",
     "one_process_refusing_fails_every_process_quickly",
     "a_process_failing_while_coding_fails_every_process_quickly",
     "a_second_save_replaces_the_first",

@@ -159,14 +159,24 @@ def report_and_metadata():
 
 
 @check
-def byte_targets_are_refused_in_every_process():
-    try:
-        jaxjpeg.save(os.path.join(WORK, "target.jjpg"), TREE, distributed=True,
-                     target_ratio=8)
-    except ValueError as e:
-        assert "byte targets" in str(e)
-    else:
-        raise AssertionError("target_ratio was accepted")
+def byte_targets_allocate_one_budget_over_every_process():
+    """Each process measures its own leaves' curves; all allocate the same
+    budget (one file, the prior's pairs across processes included), within
+    2% of the target."""
+    path = os.path.join(WORK, "target.jjpg")
+    report = jaxjpeg.save(path, TREE, distributed=True, target_ratio=6)
+    floats = sum(int(np.prod(np.shape(v))) for v in VALUES.values())
+    target = 4 * floats / 6
+    assert abs(report.file_bytes / target - 1) <= 0.02, (report.file_bytes, target)
+    assert report.file_bytes == os.path.getsize(path)
+    restored = jaxjpeg.restore(path, device=jax.local_devices()[0])
+    for name in ("split", "local", "net.2.weight", "fc.weight"):
+        want = VALUES[name].astype(np.float64)
+        error = np.asarray(restored[name], np.float64) - want
+        assert 0 < np.sqrt(np.mean(error ** 2)) < 0.2 * np.sqrt(np.mean(want ** 2)), name
+    with Checkpoint(path) as ckpt:
+        rate = ckpt.reader.metadata["rate"]
+    assert rate["target_ratio"] == 6 and rate.get("batchnorm_prior", 0) > 0, rate
 
 
 @check
