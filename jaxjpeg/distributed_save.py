@@ -166,6 +166,7 @@ class _Exchange:
     def __init__(self, client, prefix: str):
         self.client, self.prefix = client, prefix
         self.written: set[str] = set()
+        self.large: dict[str, int] = {}   # key -> pieces, of put_large
 
     def put(self, key: str, value: Any) -> None:
         self.client.key_value_set(f"{self.prefix}/{key}", json.dumps(value))
@@ -189,6 +190,16 @@ class _Exchange:
         for j, piece in enumerate(pieces):
             self.client.key_value_set(f"{self.prefix}/{key}/{j}", piece)
         self.put(key, {"pieces": len(pieces)})
+        self.large[key] = len(pieces)
+
+    def delete_large(self) -> None:
+        """Deletes the pieces of what this process put with :meth:`put_large`
+        (the coordination service keeps every key until the job ends; a
+        training job saves often). Only once every process has read them."""
+        for key, pieces in self.large.items():
+            for j in range(pieces):
+                self.client.key_value_delete(f"{self.prefix}/{key}/{j}")
+        self.large.clear()
 
     def get_large(self, key: str) -> Any:
         """What :meth:`put_large` put (ValueError with its error when the
@@ -332,6 +343,7 @@ def finish(prepared: Prepared):
         raise
     exchange.put(f"part/{me}", part["public"])
     parts = [exchange.get(f"part/{i}") for i in range(processes)]
+    exchange.delete_large()   # every process is past its analysis
     problem = _failed(parts)
     if problem:
         _abandon(temp, exchange, me, problem)

@@ -177,6 +177,16 @@ def byte_targets_allocate_one_budget_over_every_process():
     with Checkpoint(path) as ckpt:
         rate = ckpt.reader.metadata["rate"]
     assert rate["target_ratio"] == 6 and rate.get("batchnorm_prior", 0) > 0, rate
+    # the curves' pieces are deleted from the coordination service (its head stays)
+    client = distributed_save._client()
+    prefix = f"{distributed_save._KEY}/{distributed_save._saves_started}/analysis/0/{PROCESS}"
+    assert json.loads(client.key_value_try_get(prefix))["pieces"] >= 1
+    try:
+        client.key_value_try_get(f"{prefix}/0")
+    except Exception:   # not found
+        pass
+    else:
+        raise AssertionError("the analysis pieces were left in the key-value store")
 
 
 @check
