@@ -562,7 +562,13 @@ def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, str]:
     arrays = dict(ordered)
     channels = {short.get(name, name): np.shape(arrays[short.get(name, name)])[axis]
                 for name, axis in out_axes.items() if short.get(name, name) in arrays}
-    means, biases = _shift_takers(ordered, _batchnorms(arrays), channels)
+    norms = _batchnorms(arrays)
+    if norms and _order_lost(ordered):   # "after" in a sorted listing: the fits' takers only
+        means = {name: taker for name, (array, m, taker) in _paired_by_fit(ordered, norms).items()
+                 if channels.get(name) == np.shape(array)[m.out_axis]}
+        biases = _output_biases(arrays, set(channels) - set(means), channels)
+    else:
+        means, biases = _shift_takers(ordered, norms, channels)
     return {paths.get(k, k): paths.get(v, v) for k, v in {**means, **biases}.items()}
 
 

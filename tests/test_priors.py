@@ -716,3 +716,15 @@ def test_a_sorted_listing_with_a_non_finite_running_mean_pairs_the_rest():
     for name in ("layer.0.conv1.weight", "layer.2.conv2.weight"):
         np.testing.assert_array_equal(got.moments[name].mean, want.moments[name].mean)
         assert got.output_means[name] == want.output_means[name]
+
+
+def test_measured_means_find_their_takers_in_a_sorted_listing():
+    """A user's input means without takers: in a sorted listing the
+    BatchNorm after each layer is the fitted one, as the network's order
+    finds it, not the next BatchNorm by name."""
+    sd = _resnet_like(np.random.default_rng(33))
+    out_axes = {name: 0 for name in sd if name.startswith("layer.") and name.endswith("weight")
+                and np.ndim(sd[name]) == 4}
+    want = priors.shift_targets(dict(sd), out_axes)
+    assert len(want) == 6
+    assert priors.shift_targets(dict(sorted(sd.items())), out_axes) == want
