@@ -46,8 +46,9 @@ measures the rate-distortion curves of its own leaves and publishes them
 (:func:`_analysed_everywhere`); every process then allocates the same
 budget, and codes its leaves correcting its choices by its own leaves'
 misses only, so the file is not a one-process save's and its size misses
-the target by the other processes' prediction errors (a warning past 2%). Coded regions are held in memory until the offsets
-are agreed: about each process's share of the compressed file.
+the target by the other processes' prediction errors (a warning past 2%).
+Coded regions are held in memory until the offsets are agreed: about each
+process's share of the compressed file.
 """
 
 from __future__ import annotations
