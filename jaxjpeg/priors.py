@@ -303,10 +303,7 @@ def batchnorm_prior(tree, load=None) -> Prior:
             feedback.add(name)
     moments = {name: m for name, (_, m) in paired.items()}
     channels = {name: np.shape(array)[m.out_axis] for name, (array, m) in paired.items()}
-    means, biases = _shift_takers(ordered, norms, channels)
-    if lost:   # "after" in a sorted listing is no layer's output: the fits' takers only
-        means = {name: taker for name, (_, _, taker) in fitted.items()}
-        biases = _output_biases(dict(ordered), set(channels) - set(means), channels)
+    means, biases = _shift_takers(ordered, norms, channels, fitted if lost else None)
     moments = {**_fitted_to_running_means(ordered, norms, moments, means, load, skip=fitted),
                **{name: m for name, (_, m, _) in fitted.items()}}
     common = _common_means(ordered, exclude=moments)
@@ -563,20 +560,22 @@ def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, str]:
     channels = {short.get(name, name): np.shape(arrays[short.get(name, name)])[axis]
                 for name, axis in out_axes.items() if short.get(name, name) in arrays}
     norms = _batchnorms(arrays)
-    if norms and _order_lost(ordered):   # "after" in a sorted listing: the fits' takers only
-        means = {name: taker for name, (array, m, taker) in _paired_by_fit(ordered, norms).items()
-                 if channels.get(name) == np.shape(array)[m.out_axis]}
-        biases = _output_biases(arrays, set(channels) - set(means), channels)
-    else:
-        means, biases = _shift_takers(ordered, norms, channels)
+    fitted = _paired_by_fit(ordered, norms) if norms and _order_lost(ordered) else None
+    means, biases = _shift_takers(ordered, norms, channels, fitted)
     return {paths.get(k, k): paths.get(v, v) for k, v in {**means, **biases}.items()}
 
 
-def _shift_takers(ordered, norms, channels) -> tuple[dict[str, str], dict[str, str]]:
+def _shift_takers(ordered, norms, channels, fitted=None) -> tuple[dict[str, str], dict[str, str]]:
     """({weight: running mean after it}, {weight: its own bias}) for the
     weights in ``channels`` (name -> output channels); a weight with a
-    BatchNorm after it is only in the first."""
-    means = _output_means(ordered, norms, channels)
+    BatchNorm after it is only in the first. ``fitted`` (a sorted listing's
+    :func:`_paired_by_fit`, where "after" is no layer's output): the running
+    means its fits found, the only ones taken."""
+    if fitted is None:
+        means = _output_means(ordered, norms, channels)
+    else:
+        means = {name: taker for name, (array, m, taker) in fitted.items()
+                 if channels.get(name) == np.shape(array)[m.out_axis]}
     return means, _output_biases(dict(ordered), set(channels) - set(means), channels)
 
 
