@@ -848,12 +848,20 @@ def _prior_of_leaves(leaves: Sequence[SourceLeaf]):
     may hold (small) are loaded, every other leaf stands in as a zero-stride
     array of its shape; the prior loads the weights whose input it tests
     against the running mean after them, one at a time."""
+    return prior_of_unloaded([(leaf.name, leaf.shape, leaf.dtype, leaf.array)
+                              for leaf in leaves])
+
+
+def prior_of_unloaded(described: Sequence[tuple]):
+    """:func:`_prior_of_leaves` of leaves described as ``(name, shape,
+    dtype, read)`` in the tree's order, ``read()`` giving the array."""
     from jaxjpeg import priors
 
-    stand_ins = {leaf.name: leaf.array() if priors.may_be_batchnorm_vector(leaf.name, leaf.shape)
-                 else leaf.stand_in() for leaf in leaves}
-    by_name = {leaf.name: leaf for leaf in leaves}
-    return priors.batchnorm_prior(stand_ins, load=lambda name: by_name[name].array())
+    stand_ins = {name: read() if priors.may_be_batchnorm_vector(name, shape)
+                 else np.broadcast_to(np.zeros((), dtype), shape)
+                 for name, shape, dtype, read in described}
+    reads = {name: read for name, _, _, read in described}
+    return priors.batchnorm_prior(stand_ins, load=lambda name: reads[name]())
 
 
 class _Save:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -305,7 +306,7 @@ def _batchnorm_prior(tree, processes: int):
     test loads, read as every process reads them (a leaf not every process
     holds whole is gathered, a collective every process joins: the prior
     reads the same leaves in the same order everywhere)."""
-    from jaxjpeg import priors
+    from jaxjpeg import checkpoint as ck, priors
 
     def read(leaf) -> np.ndarray:
         if len(_holders(leaf, processes)) == processes:
@@ -313,12 +314,8 @@ def _batchnorm_prior(tree, processes: int):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
-    ordered = priors._in_insertion_order(tree)
-    by_name = dict(ordered)
-    stand_ins = {name: read(leaf) if priors.may_be_batchnorm_vector(name, np.shape(leaf))
-                 else np.broadcast_to(np.zeros((), _dtype(leaf)), np.shape(leaf))
-                 for name, leaf in ordered}
-    return priors.batchnorm_prior(stand_ins, load=lambda name: read(by_name[name]))
+    return ck.prior_of_unloaded([(name, np.shape(leaf), _dtype(leaf), functools.partial(read, leaf))
+                                 for name, leaf in priors._in_insertion_order(tree)])
 
 
 def finish(prepared: Prepared):
