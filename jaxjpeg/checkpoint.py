@@ -950,17 +950,8 @@ class _Save:
         bar = progress_bar(total=sum(leaf.nbytes for leaf in self.leaves), desc="jaxjpeg save",
                            unit="B", enabled=self.progress)
         records, reports = [None] * len(self.leaves), [None] * len(self.leaves)
-        # Leaves a bias correction moves are coded after every other leaf
-        # has been (the weights whose shifts they take may come later in the
-        # tree, and leaves code in parallel).
-        items = list(enumerate(self.leaves))
-        phases = [[item for item in items if self.bias_correction.waits(item[1].name) == late]
-                  for late in (False, True)]
-        ordered = [leaf.name for _, leaf in phases[0] + phases[1]]
-        self.bias_correction.order(ordered)
+        phases = self.storing_phases(list(enumerate(self.leaves)))
         budgeted = isinstance(self.encode, _BudgetEncoder)
-        if budgeted:   # coded in storing order (the largest leaf not first)
-            self.encode.order([name for name in ordered if name in self.coded])
         try:
             with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
                 stored = (result for phase in phases
@@ -983,6 +974,24 @@ class _Save:
         if miss:
             warnings.warn(miss, stacklevel=4)
         return report
+
+    def storing_phases(self, items: list) -> list:
+        """``items`` ((index, leaf) this process stores) in two phases: the
+        leaves a bias correction moves after every other leaf (the weights
+        whose shifts they take may come later in the tree, and leaves code
+        in parallel). Every taker sums its shifts in that order of the whole
+        tree's leaves, and a byte target's leaves are coded in it (the
+        largest not first)."""
+        waits = self.bias_correction.waits
+        names = [leaf.name for leaf in self.leaves]
+        self.bias_correction.order([n for n in names if not waits(n)]
+                                   + [n for n in names if waits(n)])
+        phases = [[item for item in items if waits(item[1].name) == late]
+                  for late in (False, True)]
+        if isinstance(self.encode, _BudgetEncoder):
+            self.encode.order([leaf.name for _, leaf in phases[0] + phases[1]
+                               if leaf.name in self.coded])
+        return phases
 
     def metadata(self, records: list) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,

@@ -381,15 +381,8 @@ def _code(saver, own: list, exchange: _Exchange, me: int, processes: int) -> dic
     once every process has published the shifts its weights add to them."""
     from jaxjpeg import checkpoint as ck
     correction = saver.bias_correction
-    names = [leaf.name for leaf in saver.leaves]
-    correction.order([n for n in names if not correction.waits(n)]
-                     + [n for n in names if correction.waits(n)])
-    phases = [[item for item in own if correction.waits(item[1].name) == late]
-              for late in (False, True)]
+    phases = saver.storing_phases(own)
     budgeted = isinstance(saver.encode, ck._BudgetEncoder)
-    if budgeted:   # this process's coded leaves take turns, in storing order
-        saver.encode.order([leaf.name for _, leaf in phases[0] + phases[1]
-                            if leaf.name in saver.coded])
     stored = []
     for late, phase in enumerate(phases):
         if late and correction.takers:
