@@ -38,26 +38,8 @@ def input_covariances(module, variables, batches: Iterable, *, prefix: str = "pa
     skipped (their leaves are coded without feedback).
     """
     import flax.linen as nn
-
-    sums: dict[str, np.ndarray] = {}
-    axes: dict[str, tuple[int, ...]] = {}
-
-    def record(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name == "__call__" and args:
-            features = _features(mod, args[0], nn)
-            if features is not None:
-                name = prefix + "/".join((*mod.path, "kernel"))
-                f = np.asarray(features, np.float64)
-                sums[name] = sums.get(name, 0) + f.T @ f
-                axes[name] = _kernel_input_axes(mod, nn)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        for batch in batches:
-            args = batch if isinstance(batch, tuple) else (batch,)
-            module.apply(variables, *args, method=method, **apply_kwargs)
-    return {name: InputCovariance(h, axes[name]) for name, h in sums.items()}
+    return _covariances(_linen_run(module, variables, batches, method, apply_kwargs), nn,
+                        _linen_leaf(prefix))
 
 
 def input_means(module, variables, batches: Iterable, *, prefix: str = "params/",
@@ -70,33 +52,9 @@ def input_means(module, variables, batches: Iterable, *, prefix: str = "params/"
     ``batch_stats``, when ``prefix`` ends in ``params/``), else its own bias:
     found from the calls, so sorted trees (what jax returns) work."""
     import flax.linen as nn
-
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    modules: dict = {}
-    calls: list = []
-
-    def record(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name == "__call__":
-            calls.append(mod)
-        if context.method_name == "__call__" and args and isinstance(mod, (nn.Dense, nn.Conv)):
-            x = np.asarray(args[0], np.float64)
-            x = x.reshape(-1, x.shape[-1])
-            name = prefix + "/".join((*mod.path, "kernel"))
-            sums[name] = sums.get(name, 0) + x.sum(axis=0)
-            counts[name] = counts.get(name, 0) + len(x)
-            modules[name] = mod
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        for batch in batches:
-            args = batch if isinstance(batch, tuple) else (batch,)
-            module.apply(variables, *args, method=method, **apply_kwargs)
-    takers = _takers(calls, prefix, nn)
-    return {name: InputMean(_kernel_mean(modules[name], total / counts[name], nn), -1,
-                            takers.get(name))
-            for name, total in sums.items()}
+    stats = prefix[:-len("params/")] + "batch_stats/" if prefix.endswith("params/") else None
+    return _means(_linen_run(module, variables, batches, method, apply_kwargs), nn,
+                  _linen_leaf(prefix), None if stats is None else _linen_leaf(stats))
 
 
 def nnx_input_covariances(model, batches: Iterable, *, prefix: str = "",
@@ -108,20 +66,7 @@ def nnx_input_covariances(model, batches: Iterable, *, prefix: str = "",
     ``model(batch, **call_kwargs)`` (a tuple: positional arguments), run
     eagerly, the layers' calls recorded by patching their classes' calls
     meanwhile (so not from several threads at once)."""
-    sums: dict[str, np.ndarray] = {}
-    axes: dict[str, tuple[int, ...]] = {}
-    kinds = _NnxKinds()
-
-    def record(mod, path, x):
-        features = _features(mod, x, kinds)
-        if features is not None:
-            name = _nnx_leaf(prefix, path, "kernel")
-            f = np.asarray(features, np.float64)
-            sums[name] = sums.get(name, 0) + f.T @ f
-            axes[name] = _kernel_input_axes(mod, kinds)
-
-    _run_nnx(model, batches, record, call_kwargs)
-    return {name: InputCovariance(h, axes[name]) for name, h in sums.items()}
+    return _covariances(_nnx_run(model, batches, call_kwargs), _NnxKinds(), _nnx_leaf(prefix))
 
 
 def nnx_input_means(model, batches: Iterable, *, prefix: str = "",
@@ -130,7 +75,33 @@ def nnx_input_means(model, batches: Iterable, *, prefix: str = "",
     kernel's input means, taken by the running mean of the ``nnx.BatchNorm``
     called right after its layer, else by its own bias (paths as in
     :func:`nnx_input_covariances`)."""
-    kinds = _NnxKinds()
+    leaf = _nnx_leaf(prefix)
+    return _means(_nnx_run(model, batches, call_kwargs), _NnxKinds(), leaf, leaf)
+
+
+def _covariances(run, nn, leaf) -> dict[str, InputCovariance]:
+    """The second moments of what each kernel multiplies, over the calls
+    ``run(record)`` reports (``nn``: the layer classes; ``leaf(path, key)``:
+    a leaf's name)."""
+    sums: dict[str, np.ndarray] = {}
+    axes: dict[str, tuple[int, ...]] = {}
+
+    def record(mod, path, x):
+        features = None if x is None else _features(mod, x, nn)
+        if features is not None:
+            name = leaf(path, "kernel")
+            f = np.asarray(features, np.float64)
+            sums[name] = sums.get(name, 0) + f.T @ f
+            axes[name] = _kernel_input_axes(mod, nn)
+
+    run(record)
+    return {name: InputCovariance(h, axes[name]) for name, h in sums.items()}
+
+
+def _means(run, nn, leaf, stats_leaf) -> dict[str, InputMean]:
+    """Each kernel's input means over the calls ``run(record)`` reports,
+    taken by the running mean (``stats_leaf(path, "mean")``; None: there is
+    none) of a BatchNorm called right after its layer, else by its bias."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     modules: dict = {}
@@ -138,27 +109,49 @@ def nnx_input_means(model, batches: Iterable, *, prefix: str = "",
 
     def record(mod, path, x):
         calls.append((mod, path))
-        if isinstance(mod, (kinds.Dense, kinds.Conv)):
+        if x is not None and isinstance(mod, (nn.Dense, nn.Conv)):
             x = np.asarray(x, np.float64)
             x = x.reshape(-1, x.shape[-1])
-            name = _nnx_leaf(prefix, path, "kernel")
+            name = leaf(path, "kernel")
             sums[name] = sums.get(name, 0) + x.sum(axis=0)
             counts[name] = counts.get(name, 0) + len(x)
             modules[name] = mod
 
-    _run_nnx(model, batches, record, call_kwargs)
+    run(record)
     takers = {}
     for k, (mod, path) in enumerate(calls):
-        if not isinstance(mod, (kinds.Dense, kinds.Conv)):
+        if not isinstance(mod, (nn.Dense, nn.Conv)):
             continue
         after = calls[k + 1] if k + 1 < len(calls) else None
-        if after is not None and isinstance(after[0], kinds.BatchNorm):
-            takers[_nnx_leaf(prefix, path, "kernel")] = _nnx_leaf(prefix, after[1], "mean")
+        if stats_leaf and after is not None and isinstance(after[0], nn.BatchNorm):
+            takers[leaf(path, "kernel")] = stats_leaf(after[1], "mean")
         elif mod.use_bias:
-            takers[_nnx_leaf(prefix, path, "kernel")] = _nnx_leaf(prefix, path, "bias")
-    return {name: InputMean(_kernel_mean(modules[name], total / counts[name], kinds), -1,
+            takers[leaf(path, "kernel")] = leaf(path, "bias")
+    return {name: InputMean(_kernel_mean(modules[name], total / counts[name], nn), -1,
                             takers.get(name))
             for name, total in sums.items()}
+
+
+def _linen_leaf(prefix: str):
+    return lambda path, key: prefix + "/".join((*path, key))
+
+
+def _linen_run(module, variables, batches, method, apply_kwargs):
+    """``run(record)`` of a linen module: ``record(module, its path, first
+    argument or None)`` at every module's ``__call__``."""
+    import flax.linen as nn
+
+    def run(record):
+        def intercept(next_fun, args, kwargs, context):
+            if context.method_name == "__call__":
+                record(context.module, context.module.path, args[0] if args else None)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(intercept):
+            for batch in batches:
+                args = batch if isinstance(batch, tuple) else (batch,)
+                module.apply(variables, *args, method=method, **apply_kwargs)
+    return run
 
 
 class _NnxKinds:
@@ -169,57 +162,42 @@ class _NnxKinds:
         self.Dense, self.Conv, self.BatchNorm = nnx.Linear, nnx.Conv, nnx.BatchNorm
 
 
-def _nnx_leaf(prefix: str, path: tuple, leaf: str) -> str:
-    return prefix + "/".join((*map(str, path), leaf, "value"))
+def _nnx_leaf(prefix: str):
+    return lambda path, key: prefix + "/".join((*map(str, path), key, "value"))
 
 
-def _run_nnx(model, batches, record, call_kwargs) -> None:
-    """Runs ``model`` on each batch with ``record(layer, its path, input)``
+def _nnx_run(model, batches, call_kwargs):
+    """``run(record)`` of an NNX model: ``record(layer, its path, input)``
     before every Linear, Conv and BatchNorm call."""
-    from flax import nnx
-    paths = {id(m): path for path, m in nnx.iter_modules(model)}
-    kinds = _NnxKinds()
-    classes = (kinds.Dense, kinds.Conv, kinds.BatchNorm)
-    originals = {cls: cls.__dict__["__call__"] for cls in classes}
+    def run(record):
+        from flax import nnx
+        paths = {id(m): path for path, m in nnx.iter_modules(model)}
+        kinds = _NnxKinds()
+        originals = {cls: cls.__dict__["__call__"]
+                     for cls in (kinds.Dense, kinds.Conv, kinds.BatchNorm)}
 
-    def recording(call):
-        def wrapped(self, x, *args, **kwargs):
-            if id(self) in paths:
-                record(self, paths[id(self)], x)
-            return call(self, x, *args, **kwargs)
-        return wrapped
+        def recording(call):
+            def wrapped(self, x, *args, **kwargs):
+                if id(self) in paths:
+                    record(self, paths[id(self)], x)
+                return call(self, x, *args, **kwargs)
+            return wrapped
 
-    try:
-        for cls, call in originals.items():
-            cls.__call__ = recording(call)
-        for batch in batches:
-            args = batch if isinstance(batch, tuple) else (batch,)
-            model(*args, **call_kwargs)
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
+        try:
+            for cls, call in originals.items():
+                cls.__call__ = recording(call)
+            for batch in batches:
+                args = batch if isinstance(batch, tuple) else (batch,)
+                model(*args, **call_kwargs)
+        finally:
+            for cls, call in originals.items():
+                cls.__call__ = call
+    return run
 
 
 def _outputs(mod) -> int:
     """A layer's output channels (linen ``features``, NNX ``out_features``)."""
     return mod.features if hasattr(mod, "features") else mod.out_features
-
-
-def _takers(calls: list, prefix: str, nn) -> dict[str, str]:
-    """{kernel path: leaf taking its layer's shift}: the running mean of a
-    BatchNorm called right after the layer, else the layer's bias."""
-    stats = prefix[:-len("params/")] + "batch_stats/" if prefix.endswith("params/") else None
-    out = {}
-    for k, mod in enumerate(calls):
-        if not isinstance(mod, (nn.Dense, nn.Conv)):
-            continue
-        name = prefix + "/".join((*mod.path, "kernel"))
-        after = calls[k + 1] if k + 1 < len(calls) else None
-        if stats and isinstance(after, nn.BatchNorm):
-            out[name] = stats + "/".join((*after.path, "mean"))
-        elif mod.use_bias:
-            out[name] = prefix + "/".join((*mod.path, "bias"))
-    return out
 
 
 def _kernel_mean(mod, mean: np.ndarray, nn) -> np.ndarray:
