@@ -14,6 +14,8 @@ Settings (all ``target_ratio`` = ``--ratio``, PyTorch layout):
 ``prior`` (the default save), ``no-prior`` (``batchnorm_prior=False``),
 ``feedback`` (``input_covariance`` and ``input_mean`` from the 32 calibration crops),
 ``means`` (the default save plus ``input_mean`` alone),
+``synthetic`` (``feedback`` on inputs synthesized from the BatchNorm statistics:
+``EffNetCase.synthetic_inputs``, damped by ``feedback.SYNTHETIC_DAMPING``),
 ``fisher-leaf`` (one diagonal-Fisher mean per leaf as ``sensitivity``),
 ``nnx`` (the default save of the weights as a Flax NNX state holds them:
 Flax layout, paths ending in ``value``, sorted; see ``common.to_nnx_state``),
@@ -36,7 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_models_lib import common, effnet, methods as M  # noqa: E402
 
-SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf", "nnx", "sorted")
+SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf", "nnx", "sorted",
+            "synthetic")
 
 
 def save_kwargs(case, setting: str, ratio: float) -> dict:
@@ -47,6 +50,13 @@ def save_kwargs(case, setting: str, ratio: float) -> dict:
         kwargs["input_covariance"] = M.layout_covariances(case.input_covariances(), case.kinds,
                                                           "torch")
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
+    elif setting == "synthetic":
+        from jaxjpeg.feedback import SYNTHETIC_DAMPING
+
+        images = case.synthetic_inputs()
+        kwargs["input_covariance"] = M.layout_covariances(case.input_covariances(images),
+                                                          case.kinds, "torch", SYNTHETIC_DAMPING)
+        kwargs["input_mean"] = M.layout_means(case.input_means(images), case.kinds, "torch")
     elif setting == "means":
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
     elif setting in ("nnx", "sorted"):

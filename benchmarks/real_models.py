@@ -31,7 +31,8 @@ int4-g128, naive-jpeg-q75 (``baselines``), jaxjpeg-default, jaxjpeg (target_rati
 each of ``--ratios``), jaxjpeg-match (target_bytes = each baseline's size), jaxjpeg-sens
 (target_ratio from ``--sens-ratios`` with per-element diagonal-Fisher sensitivity arrays),
 jaxjpeg-sens-leaf (the same with one mean per leaf), jaxjpeg-fb (error feedback against the
-calibration crops' layer inputs), jaxjpeg-sens-fb (both). See real_models_lib/methods.py.
+calibration crops' layer inputs), jaxjpeg-sens-fb (both), jaxjpeg-synth (feedback without
+data: inputs synthesized from the BatchNorm statistics). See real_models_lib/methods.py.
 
 Ratios are all-in: float32 bytes of the tree / checkpoint file bytes (jaxjpeg) or / the
 baseline's bits_used / 8. Float32 reference logits and calibration gradients are cached
@@ -192,6 +193,11 @@ def run_model(name: str, args, table: Table, workdir: Path):
     if any(m.endswith("-fb") for m in methods):
         covs = case.input_covariances()
         means = case.input_means() if hasattr(case, "input_means") else None
+    synth = None
+    if "jaxjpeg-synth" in methods and hasattr(case, "synthetic_inputs"):
+        from jaxjpeg.feedback import SYNTHETIC_DAMPING
+        images = case.synthetic_inputs()
+        synth = case.input_covariances(images), case.input_means(images)
     base_metrics: dict = {}
     raw_bytes = 4 * sum(v.size for v in case.native.values())
     for layout in args.layouts:
@@ -200,6 +206,9 @@ def run_model(name: str, args, table: Table, workdir: Path):
         covs_layout = (M.layout_covariances(covs, case.kinds, layout) if covs is not None
                        else None)
         means_layout = M.layout_means(means, case.kinds, layout) if means else None
+        synth_layout = synth and (
+            M.layout_covariances(synth[0], case.kinds, layout, SYNTHETIC_DAMPING),
+            M.layout_means(synth[1], case.kinds, layout))
         for method in methods:
             if method == "float32":
                 continue
@@ -208,14 +217,14 @@ def run_model(name: str, args, table: Table, workdir: Path):
                 continue
             tasks = M.jaxjpeg_tasks(method, args.ratios, args.sens_ratios,
                                     {b: r.bits for b, r in base.items()}, sens_layout,
-                                    covs_layout, means_layout)
+                                    covs_layout, means_layout, synth_layout)
             for setting, kwargs in tasks:
                 target = kwargs and (kwargs.get("target_bytes")
                                      or (raw_bytes / kwargs["target_ratio"]
                                          if kwargs.get("target_ratio") else None))
                 if kwargs is None:
-                    res = M.Result(method, setting, error="n/a: no calibration data for "
-                                                          "this model")
+                    res = M.Result(method, setting, error="n/a: no calibration statistics "
+                                                          "for this model")
                 elif target and too_small and target <= too_small[0]:
                     # Smaller targets than one already refused as too small fail alike.
                     res = M.Result(method, setting, error=f"skipped, smaller than a refused "

@@ -40,9 +40,21 @@ DAMPING = 0.01
 # KL 0.050 / 0.049 -> 0.013 / 0.038 at 0.3, detector IoU 0.996 / 0.987 ->
 # 0.993 / 0.989.
 CALIBRATION_DAMPING = 0.3
+# A covariance measured on inputs synthesized from the network's own
+# BatchNorm statistics (calibration.synthetic_inputs) carries the real
+# inputs' correlations only in part: trusted less. EfficientNet-lite at 8x,
+# 32 synthetic inputs of 128 x 128: one set for lite1, 2 probe seeds,
+# damping 0.3 / 1.0 / 3.0: KL 0.0552 / 0.0391 / 0.0375; the library's sets,
+# 4 seeds, 0.6 / 1.0 / 2.0: lite1 0.0462 / 0.0432 / 0.0425, lite2 0.0441 /
+# 0.0464 / 0.0465 (the data-free prior alone: 0.0470, 0.0467).
+SYNTHETIC_DAMPING = 1.0
 # Columns updated together (GPTQ's lazy batches): the same result with far
 # less memory traffic than updating every remaining column after each group.
 BATCH = 128
+
+
+def _axes_as_tuple(cov) -> None:
+    object.__setattr__(cov, "axes", tuple(int(a) for a in np.atleast_1d(cov.axes)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +73,16 @@ class InputCovariance:
 
     matrix: np.ndarray
     axes: tuple[int, ...]
+    # How little feedback trusts ``matrix``: it adds ``damping`` times the
+    # mean of its diagonal to the diagonal before inverting (None:
+    # CALIBRATION_DAMPING, for measured statistics).
+    damping: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "axes", tuple(int(a) for a in np.atleast_1d(self.axes)))
+        _axes_as_tuple(self)
+        if self.damping is not None and not (math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"input covariance damping {self.damping!r} is not a finite "
+                             "number >= 0")
 
     def axes_of(self, shape) -> tuple[int, ...]:
         """``axes`` with negative ones counted from the end of ``shape``."""
@@ -121,7 +140,7 @@ class DiagonalPlusRankOne:
     vector: np.ndarray
     axes: tuple[int, ...]
 
-    __post_init__ = InputCovariance.__post_init__
+    __post_init__ = _axes_as_tuple
     axes_of = InputCovariance.axes_of
 
     def check(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -153,6 +172,7 @@ class Feedback:
     # the inputs' order (lite1 worse, lite2 better: 0.0605 -> 0.071, 0.0695
     # -> 0.064, 2 seeds).
     by_power: bool = False
+    damping: float | None = None   # InputCovariance.damping (None: CALIBRATION_DAMPING)
     # Inverse Cholesky factors by input units: a rate search codes a leaf
     # several times with the same units, and the factor is most of the cost.
     factors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -181,8 +201,13 @@ class Feedback:
                     self.matrix.diagonal * unit * unit, self.matrix.vector * unit)
             else:
                 self.factors[key] = _ordered_inverse_cholesky(
-                    self.matrix, self.order(unit), unit, CALIBRATION_DAMPING)
+                    self.matrix, self.order(unit), unit, self.damping_fraction())
         return self.factors[key]
+
+    def damping_fraction(self) -> float:
+        """What feedback adds to a measured ``H``'s diagonal, as a fraction
+        of its mean."""
+        return CALIBRATION_DAMPING if self.damping is None else self.damping
 
 
 def view_for(cov: InputCovariance, shape, view: MatrixView) -> MatrixView:
@@ -208,7 +233,8 @@ def for_view(cov: InputCovariance, shape, view: MatrixView) -> Feedback:
     index = np.arange(math.prod(shape[a] for a in inputs)).reshape([shape[a] for a in inputs])
     index = index.transpose([inputs.index(a) for a in order]).ravel()
     return Feedback(cov.ordered(tuple(shape), index), along_rows,
-                    by_power=not isinstance(cov, DiagonalPlusRankOne))
+                    by_power=not isinstance(cov, DiagonalPlusRankOne),
+                    damping=getattr(cov, "damping", None))
 
 
 def _sized(axes, shape) -> set:
@@ -398,8 +424,8 @@ def gain(p, mean: np.ndarray | None = None, seed: int = 0) -> float:
     ``tr(E H Eᵀ)`` of its rows coded with feedback over that of the same rows
     coded plainly, at the same step.
 
-    ``H`` is the covariance as feedback sees it (damped with
-    CALIBRATION_DAMPING: what it cannot know is not counted as cancelled).
+    ``H`` is the covariance as feedback sees it (damped as feedback damps
+    it: what it cannot know is not counted as cancelled).
     ``mean`` (the inputs' mean, broadcastable to the leaf): its direction is
     left out of ``H``, as bias correction removes the shift the error adds
     through it. Measured on up to GAIN_ROWS random outputs (feedback codes
@@ -433,7 +459,7 @@ def gain(p, mean: np.ndarray | None = None, seed: int = 0) -> float:
             diagonal = diagonal - 2 * hu * u + float(u @ hu) * u * u
         else:
             u = None
-    damping = CALIBRATION_DAMPING * max(float(np.mean(diagonal)), 0.0)
+    damping = fb.damping_fraction() * max(float(np.mean(diagonal)), 0.0)
     plain = codec.prepare(sub, col_scale=col_scale)
     step = GAIN_STEP * rate.tensor_rms(plain)
 
@@ -445,5 +471,6 @@ def gain(p, mean: np.ndarray | None = None, seed: int = 0) -> float:
     if not base > 0:
         return 1.0
     shaped = codec.prepare(sub, col_scale=col_scale,
-                           feedback=Feedback(h, False, fb.by_power, factors=factors))
+                           feedback=Feedback(h, False, fb.by_power, fb.damping,
+                                             factors=factors))
     return output_error(shaped) / base

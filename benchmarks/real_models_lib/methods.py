@@ -17,6 +17,9 @@
   (error feedback, :mod:`jaxjpeg.feedback`) and, where the model gives them,
   ``input_mean=`` their input means (bias correction, :mod:`jaxjpeg.bias_correction`);
   ``jaxjpeg-sens-fb``: that plus the per-leaf Fisher means of ``jaxjpeg-sens-leaf``.
+* ``jaxjpeg-synth``: ``jaxjpeg-fb`` without data: the statistics of inputs synthesized
+  from the network's BatchNorm running statistics (``jaxjpeg.calibration.synthetic_inputs``
+  on a Flax port of the network), covariances damped by ``feedback.SYNTHETIC_DAMPING``.
 
 jaxjpeg sizes are the checkpoint file's bytes; every jaxjpeg result is restored with
 ``jaxjpeg.restore`` (the decoder the user gets), not decoded in Python.
@@ -36,7 +39,7 @@ from . import common
 
 BASELINES = ("int8", "int4-g32", "int4-g128", "naive-jpeg-q75")
 JAXJPEG = ("jaxjpeg-default", "jaxjpeg", "jaxjpeg-match", "jaxjpeg-sens", "jaxjpeg-sens-leaf",
-           "jaxjpeg-fb", "jaxjpeg-sens-fb")
+           "jaxjpeg-fb", "jaxjpeg-sens-fb", "jaxjpeg-synth")
 ALL_METHODS = ("float32",) + BASELINES + JAXJPEG
 ALIASES = {"all": ALL_METHODS, "baselines": BASELINES, "jaxjpeg-all": JAXJPEG,
            "jaxjpeg-ratio": ("jaxjpeg",)}
@@ -144,7 +147,7 @@ def leaf_detail(report, tree: dict, restored: dict, kinds: dict) -> list[dict]:
 
 
 def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensitivity,
-                  covariances=None, means=None):
+                  covariances=None, means=None, synthetic=None):
     """(setting label, save kwargs) pairs of one jaxjpeg method; kwargs None = skip with note."""
     if method == "jaxjpeg-default":
         return [("default", {})]
@@ -153,6 +156,11 @@ def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensiti
     if method == "jaxjpeg-match":
         return [(f"={b} size", dict(target_bytes=int(bits // 8)))
                 for b, bits in baseline_bits.items()]
+    if method == "jaxjpeg-synth":
+        if synthetic is None:
+            return [(f"r{r:g}+synth", None) for r in sens_ratios]
+        return [(f"r{r:g}+synth", dict(target_ratio=r, input_covariance=synthetic[0],
+                                       input_mean=synthetic[1])) for r in sens_ratios]
     extra, label = {}, ""
     if method in ("jaxjpeg-fb", "jaxjpeg-sens-fb"):
         if covariances is None:
@@ -174,16 +182,17 @@ def jaxjpeg_tasks(method: str, ratios, sens_ratios, baseline_bits: dict, sensiti
     raise ValueError(method)
 
 
-def layout_covariances(covariances: dict, kinds: dict, layout: str) -> dict:
+def layout_covariances(covariances: dict, kinds: dict, layout: str, damping=None) -> dict:
     """{name: jaxjpeg.InputCovariance} of native-layout input covariances (features
     (I, kh, kw) of conv (O, I, kh, kw), I of linear (O, I) and of matmul (I, O)) for
-    ``layout`` (flax: conv (kh, kw, I, O), linear (I, O), matmul as it is)."""
+    ``layout`` (flax: conv (kh, kw, I, O), linear (I, O), matmul as it is), each with
+    ``damping`` (InputCovariance.damping)."""
     import jaxjpeg
 
     axes = {"torch": {"conv": (1, 2, 3), "linear": (1,), "matmul": (0,)},
             "flax": {"conv": (2, 0, 1), "linear": (0,), "matmul": (0,)}}[layout]
-    return {name: jaxjpeg.InputCovariance(h, axes[kinds[name]]) for name, h in covariances.items()
-            if kinds.get(name) in axes}
+    return {name: jaxjpeg.InputCovariance(h, axes[kinds[name]], damping)
+            for name, h in covariances.items() if kinds.get(name) in axes}
 
 
 def layout_means(means: dict, kinds: dict, layout: str) -> dict:

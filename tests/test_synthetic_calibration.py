@@ -1,0 +1,183 @@
+"""Calibration without data: inputs synthesized from a network's BatchNorm
+running statistics (calibration.synthetic_inputs), and the damping their
+covariances carry into error feedback."""
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import calibration, feedback
+from jaxjpeg.views import MatrixView
+
+jax = pytest.importorskip("jax")
+nn = pytest.importorskip("flax.linen")
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: nn.BatchNorm(not train, momentum=0.0, name=name)
+        x = nn.relu(bn("bn1")(nn.Conv(16, (3, 3), use_bias=False, name="conv1")(x)))
+        x = nn.relu(bn("bn2")(nn.Conv(32, (3, 3), strides=2, use_bias=False, name="conv2")(x)))
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def _smooth_images(rng, n, size=16):
+    """Images with spatial and colour correlation, offset from zero."""
+    noise = rng.standard_normal((n, size + 4, size + 4, 3))
+    kernel = np.ones(5) / 5
+    for axis in (1, 2):
+        noise = np.apply_along_axis(np.convolve, axis, noise, kernel, "valid")
+    return (0.4 + noise @ np.array([[1, 0.6, 0.3], [0.6, 1, 0.6], [0.3, 0.6, 1]])).astype(
+        np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Net with running statistics of the smooth images (momentum 0: the
+    statistics of the one batch it saw)."""
+    rng = np.random.default_rng(3)
+    images = _smooth_images(rng, 64)
+    net = Net()
+    variables = net.init(jax.random.PRNGKey(1), images[:1])
+    _, updated = net.apply(variables, images, train=True, mutable=["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": updated["batch_stats"]}
+    return net, jax.tree.map(np.asarray, variables), images
+
+
+def _gaps(net, variables, x):
+    """Per BatchNorm: mean |batch mean - running mean| and |log(batch sd / running sd)|."""
+    seen = {}
+
+    def grab(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm):
+            seen[context.module.name] = np.asarray(args[0]).reshape(-1, args[0].shape[-1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(grab):
+        net.apply(variables, x)
+    out = {}
+    for name, h in seen.items():
+        stats = variables["batch_stats"][name]
+        sd = np.sqrt(stats["var"] + 1e-5)
+        out[name] = (np.mean(np.abs(h.mean(0) - stats["mean"]) / sd),
+                     np.mean(np.abs(np.log(np.sqrt(h.var(0) + 1e-5) / sd))))
+    return out
+
+
+def test_synthetic_inputs_match_the_running_statistics(trained):
+    """Noise misses each BatchNorm's running moments by a lot; the synthetic
+    batch meets them about as closely as the data they came from would."""
+    net, variables, _ = trained
+    shape = (16, 16, 16, 3)
+    x = calibration.synthetic_inputs(net, variables, shape, steps=120)
+    assert x.shape == shape and x.dtype == np.float32 and np.isfinite(x).all()
+    noise = _gaps(net, variables, np.random.default_rng(0).standard_normal(shape))
+    got = _gaps(net, variables, x)
+    for name in ("bn1", "bn2"):
+        assert got[name][0] < 0.1 and got[name][1] < 0.1, (name, got, noise)
+        assert sum(noise[name]) > 5 * sum(got[name]), (name, got, noise)
+
+
+def test_synthetic_inputs_are_deterministic_per_seed(trained):
+    net, variables, _ = trained
+    a = calibration.synthetic_inputs(net, variables, (4, 8, 8, 3), steps=5, seed=2)
+    b = calibration.synthetic_inputs(net, variables, (4, 8, 8, 3), steps=5, seed=2)
+    c = calibration.synthetic_inputs(net, variables, (4, 8, 8, 3), steps=5, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_a_network_without_batchnorm_is_refused():
+    dense = nn.Dense(4)
+    variables = dense.init(jax.random.PRNGKey(0), np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        calibration.synthetic_inputs(dense, variables, (8, 3), steps=2)
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps=0), dict(learning_rate=0.0),
+                                    dict(scale=-1.0), dict(learning_rate=float("nan"))])
+def test_bad_synthesis_settings_are_refused(trained, kwargs):
+    net, variables, _ = trained
+    with pytest.raises(ValueError, match="synthesis needs"):
+        calibration.synthetic_inputs(net, variables, (2, 8, 8, 3), **kwargs)
+
+
+def test_nnx_synthetic_inputs_match_the_running_statistics(trained):
+    """The same network as an NNX model, its weights copied: the synthetic
+    batch meets the linen network's running moments."""
+    from flax import nnx
+
+    net, variables, _ = trained
+
+    class NnxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(3, 16, (3, 3), use_bias=False, rngs=rngs)
+            self.bn1 = nnx.BatchNorm(16, use_running_average=True, rngs=rngs)
+            self.conv2 = nnx.Conv(16, 32, (3, 3), strides=2, use_bias=False, rngs=rngs)
+            self.bn2 = nnx.BatchNorm(32, use_running_average=True, rngs=rngs)
+            self.head = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x))))))
+            return self.head(x.mean((1, 2)))
+
+    model = NnxNet(nnx.Rngs(0))
+    params, stats = variables["params"], variables["batch_stats"]
+    for name in ("conv1", "conv2", "head"):
+        for key, value in params[name].items():
+            getattr(model, name).__getattribute__(key)[...] = value
+    for name in ("bn1", "bn2"):
+        bn = getattr(model, name)
+        bn.scale[...], bn.bias[...] = params[name]["scale"], params[name]["bias"]
+        bn.mean[...], bn.var[...] = stats[name]["mean"], stats[name]["var"]
+    x = calibration.nnx_synthetic_inputs(model, (16, 16, 16, 3), steps=120)
+    got = _gaps(net, variables, x)
+    for name in ("bn1", "bn2"):
+        assert got[name][0] < 0.1 and got[name][1] < 0.1, (name, got)
+
+
+def test_synthetic_covariances_carry_their_damping_into_feedback(trained):
+    """input_covariances(damping=) marks each covariance; feedback's factor
+    inverts H plus that fraction of its mean diagonal, not the measured
+    data's CALIBRATION_DAMPING."""
+    net, variables, _ = trained
+    x = calibration.synthetic_inputs(net, variables, (8, 16, 16, 3), steps=20)
+    covs = calibration.input_covariances(net, variables, [x], damping=feedback.SYNTHETIC_DAMPING)
+    assert {c.damping for c in covs.values()} == {feedback.SYNTHETIC_DAMPING}
+    measured = calibration.input_covariances(net, variables, [x])
+    assert {c.damping for c in measured.values()} == {None}
+    cov = covs["params/conv2/kernel"]
+    kernel = variables["params"]["conv2"]["kernel"]
+    fb = feedback.for_view(cov, kernel.shape, MatrixView((3, 0, 1, 2), 1))
+    h = fb.matrix   # in the view's order of the inputs
+    unit = np.ones(len(h))
+    upper, order = fb.upper(unit), fb.order(unit)
+    for damping, expect_identity in ((feedback.SYNTHETIC_DAMPING, True),
+                                     (feedback.CALIBRATION_DAMPING, False)):
+        damped = (h + damping * np.mean(np.diag(h)) * np.eye(len(h)))[np.ix_(order, order)]
+        product = upper.T @ upper @ damped
+        assert np.allclose(product, np.eye(len(h)), atol=1e-8) == expect_identity
+
+
+@pytest.mark.parametrize("damping", [-0.5, float("inf"), float("nan")])
+def test_a_bad_damping_is_refused(damping):
+    with pytest.raises(ValueError, match="damping"):
+        feedback.InputCovariance(np.eye(3), (1,), damping)
+
+
+def test_a_synthetically_calibrated_save_restores(trained, tmp_path):
+    """Synthetic covariances and means go through a byte-targeted save."""
+    net, variables, _ = trained
+    x = calibration.synthetic_inputs(net, variables, (16, 16, 16, 3), steps=60)
+    covs = calibration.input_covariances(net, variables, [x], damping=feedback.SYNTHETIC_DAMPING)
+    means = calibration.input_means(net, variables, [x])
+    report = jaxjpeg.save(tmp_path / "s.jjpg", variables, target_ratio=6, progress=False,
+                          policy=jaxjpeg.Policy(min_size=256), input_covariance=covs,
+                          input_mean=means)
+    assert 5 < report.ratio_vs_float32 < 6.5   # a 23 KB tree: headers weigh
+    restored = jaxjpeg.restore(tmp_path / "s.jjpg")
+    kernel = variables["params"]["conv2"]["kernel"]
+    got = np.asarray(restored["params"]["conv2"]["kernel"])
+    assert got.shape == kernel.shape
+    assert 0 < np.sqrt(np.mean((got - kernel) ** 2) / np.mean(kernel ** 2)) < 0.5
