@@ -95,6 +95,14 @@ def test_a_network_without_batchnorm_is_refused():
         calibration.synthetic_inputs(dense, variables, (8, 3), steps=2)
 
 
+def test_non_finite_running_statistics_are_an_error_not_nan_inputs(trained):
+    net, variables, _ = trained
+    broken = jax.tree.map(np.array, variables)
+    broken["batch_stats"]["bn2"]["var"][3] = np.nan
+    with pytest.raises(ValueError, match="diverged"):
+        calibration.synthetic_inputs(net, broken, (2, 8, 8, 3), steps=3)
+
+
 @pytest.mark.parametrize("kwargs", [dict(steps=0), dict(learning_rate=0.0),
                                     dict(scale=-1.0), dict(learning_rate=float("nan"))])
 def test_bad_synthesis_settings_are_refused(trained, kwargs):
