@@ -51,12 +51,7 @@ def save_kwargs(case, setting: str, ratio: float) -> dict:
                                                           "torch")
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
     elif setting == "synthetic":
-        from jaxjpeg.feedback import SYNTHETIC_DAMPING
-
-        images = case.synthetic_inputs()
-        kwargs["input_covariance"] = M.layout_covariances(case.input_covariances(images),
-                                                          case.kinds, "torch", SYNTHETIC_DAMPING)
-        kwargs["input_mean"] = M.layout_means(case.input_means(images), case.kinds, "torch")
+        kwargs["input_covariance"], kwargs["input_mean"] = M.synthetic_statistics(case, "torch")
     elif setting == "means":
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
     elif setting in ("nnx", "sorted"):

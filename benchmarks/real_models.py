@@ -193,11 +193,7 @@ def run_model(name: str, args, table: Table, workdir: Path):
     if any(m.endswith("-fb") for m in methods):
         covs = case.input_covariances()
         means = case.input_means() if hasattr(case, "input_means") else None
-    synth = None
-    if "jaxjpeg-synth" in methods and hasattr(case, "synthetic_inputs"):
-        from jaxjpeg.feedback import SYNTHETIC_DAMPING
-        images = case.synthetic_inputs()
-        synth = case.input_covariances(images), case.input_means(images)
+    synthesizes = "jaxjpeg-synth" in methods and hasattr(case, "synthetic_inputs")
     base_metrics: dict = {}
     raw_bytes = 4 * sum(v.size for v in case.native.values())
     for layout in args.layouts:
@@ -206,9 +202,7 @@ def run_model(name: str, args, table: Table, workdir: Path):
         covs_layout = (M.layout_covariances(covs, case.kinds, layout) if covs is not None
                        else None)
         means_layout = M.layout_means(means, case.kinds, layout) if means else None
-        synth_layout = synth and (
-            M.layout_covariances(synth[0], case.kinds, layout, SYNTHETIC_DAMPING),
-            M.layout_means(synth[1], case.kinds, layout))
+        synth_layout = M.synthetic_statistics(case, layout) if synthesizes else None
         for method in methods:
             if method == "float32":
                 continue

@@ -195,6 +195,18 @@ def layout_covariances(covariances: dict, kinds: dict, layout: str, damping=None
             for name, h in covariances.items() if kinds.get(name) in axes}
 
 
+def synthetic_statistics(case, layout: str):
+    """(covariances, means) for ``layout`` of the case's synthetic inputs
+    (``case.synthetic_inputs()``), the covariances damped by
+    ``feedback.SYNTHETIC_DAMPING``."""
+    from jaxjpeg.feedback import SYNTHETIC_DAMPING
+
+    images = case.synthetic_inputs()
+    return (layout_covariances(case.input_covariances(images), case.kinds, layout,
+                               SYNTHETIC_DAMPING),
+            layout_means(case.input_means(images), case.kinds, layout))
+
+
 def layout_means(means: dict, kinds: dict, layout: str) -> dict:
     """{name: jaxjpeg.InputMean} of native-layout input means (broadcastable to the
     native weight, output axis 0) for ``layout``."""
