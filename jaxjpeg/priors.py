@@ -307,7 +307,10 @@ def batchnorm_prior(tree, load=None) -> Prior:
         if len(shape) > 2 and _feedback_fits(shape, m.out_axis):
             feedback.add(name)
     moments = {name: m for name, (_, m) in paired.items()}
-    channels = {name: np.shape(array)[m.out_axis] for name, (array, m) in paired.items()}
+    # A transposed convolution's output pixel sees a stride-dependent share
+    # of the taps, which the tree does not record: its shift is not corrected.
+    channels = {name: np.shape(array)[m.out_axis] for name, (array, m) in paired.items()
+                if name not in transposed}
     means, biases = _shift_takers(ordered, norms, channels, fitted if lost else None)
     moments = {**_fitted_to_running_means(ordered, norms, moments, means, load, skip=fitted),
                **{name: m for name, (_, m, _) in fitted.items()}}
