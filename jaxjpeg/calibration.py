@@ -111,9 +111,9 @@ def synthetic_inputs(module, variables, shape, *, steps: int = SYNTHESIS_STEPS,
 
     Raises ValueError when no BatchNorm is called: nothing to match.
     EfficientNet-lite0 / -lite1 / -lite2 at 8x (32 inputs of 128 px,
-    ``scale`` 0.5, 4 probe seeds): KL 0.047-0.050 / 0.043-0.049 /
-    0.046-0.052 over 2-4 batches against the data-free prior's 0.054 /
-    0.047 / 0.047, top-1 unchanged; 32 real crops give about 0.02
+    ``scale`` 0.5, 4 probe seeds): KL 0.042-0.050 / 0.043-0.049 /
+    0.046-0.052 over 4-6 batches (means -16% / -4% / +4%) against the
+    data-free prior's 0.054 / 0.047 / 0.047; 32 real crops give about 0.02
     (``docs/real_models.md``, sessions 18 and 19). The batch is a chaotic
     function of its start: the same seed can give another batch on another
     build of the program around it. Minutes on a CPU: 150 forward and

@@ -47,7 +47,7 @@ CALIBRATION_DAMPING = 0.3
 # damping 0.3 / 1.0 / 3.0: KL 0.0552 / 0.0391 / 0.0375; the library's sets,
 # 4 seeds, 0.6 / 1.0 / 2.0: lite1 0.0462 / 0.0432 / 0.0425, lite2 0.0441 /
 # 0.0464 / 0.0465 (the data-free prior alone: 0.0470, 0.0467). Other
-# batches at 1.0 (session 19): lite1 0.0448-0.0491, lite2 0.0491-0.0520.
+# batches at 1.0 (session 19): lite1 0.0425-0.0491, lite2 0.0468-0.0520.
 SYNTHETIC_DAMPING = 1.0
 # Columns updated together (GPTQ's lazy batches): the same result with far
 # less memory traffic than updating every remaining column after each group.

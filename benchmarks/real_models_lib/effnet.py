@@ -264,12 +264,14 @@ class EffNetCase:
         return common.digest("stats", self.name, self.file_digest, common.digest(images),
                              torch.__version__)
 
-    def synthetic_inputs(self) -> np.ndarray:
-        """``jaxjpeg.calibration.synthetic_inputs`` of the network (its Flax port):
-        SYNTHETIC_INPUTS x 3 x SYNTHETIC_SIZE^2, NCHW like the crops; cached."""
+    def synthetic_inputs(self, draw: int = 0) -> np.ndarray:
+        """``jaxjpeg.calibration.synthetic_inputs`` of the network (its Flax port)
+        from noise seed ``draw``: SYNTHETIC_INPUTS x 3 x SYNTHETIC_SIZE^2, NCHW like
+        the crops; cached."""
         import jax
 
-        path = common.cache_path(f"{self.name}-synthetic-{self._key('synthetic')}.npy")
+        suffix = f"-draw{draw}" if draw else ""   # draw 0 keeps the cache name it had
+        path = common.cache_path(f"{self.name}-synthetic-{self._key('synthetic')}{suffix}.npy")
         if path.exists():
             return np.load(path)
         from jaxjpeg import calibration
@@ -279,7 +281,7 @@ class EffNetCase:
         module, variables = flax_effnet.from_torch(self.model)
         x = calibration.synthetic_inputs(
             module, variables, (SYNTHETIC_INPUTS, SYNTHETIC_SIZE, SYNTHETIC_SIZE, 3),
-            scale=SYNTHETIC_SCALE)
+            scale=SYNTHETIC_SCALE, seed=draw)
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         np.save(path, x)
         self.log(f"  {len(x)} synthetic inputs computed in {time.perf_counter() - t:.0f} s "

@@ -195,13 +195,13 @@ def layout_covariances(covariances: dict, kinds: dict, layout: str, damping=None
             for name, h in covariances.items() if kinds.get(name) in axes}
 
 
-def synthetic_statistics(case, layout: str):
+def synthetic_statistics(case, layout: str, draw: int = 0):
     """(covariances, means) for ``layout`` of the case's synthetic inputs
-    (``case.synthetic_inputs()``), the covariances damped by
+    (``case.synthetic_inputs(draw)``), the covariances damped by
     ``feedback.SYNTHETIC_DAMPING``."""
     from jaxjpeg.feedback import SYNTHETIC_DAMPING
 
-    images = case.synthetic_inputs()
+    images = case.synthetic_inputs(draw)
     return (layout_covariances(case.input_covariances(images), case.kinds, layout,
                                SYNTHETIC_DAMPING),
             layout_means(case.input_means(images), case.kinds, layout))
