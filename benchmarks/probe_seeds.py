@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=8.0)
     p.add_argument("--calib", type=int, default=32, help="calibration crops (feedback, fisher-leaf)")
     p.add_argument("--draws", type=int, default=1,
-                   help="synthetic batches (noise seeds) for the synthetic setting; batches differ in KL by up to 17%%, "
-                        "so judge it over several")
+                   help="synthetic batches (noise seeds) for the synthetic setting; batches "
+                        "differ in KL by up to 17%%, so judge it over several")
     args = p.parse_args(argv)
     missing = common.missing_modules(["numpy", "jax"] + effnet.required_modules("lite1"))
     if missing:
