@@ -71,8 +71,9 @@ errors independent, at 8x: 0.84 without the prior, 1.10 when axis 0 was
 read as the output, 0.10 on axis 1 (a random 64 x 32 x 4 x 4 kernel). Its
 mean shift is not corrected: an output pixel sees a stride-dependent share
 of the taps. Feedback codes without RDO: at the default step files grow,
-a random conv kernel's by 5%, the real networks' by 0.4% (recognizer), 1.2% (detector), 1.4% (NudeNet), 0.04% (EfficientNet-lite),
-while the recognizer's characters go 0.960 -> 0.994, the detector's IoU
+a random conv kernel's by 5%, the real networks' by 0.4% (recognizer),
+1.2% (detector), 1.4% (NudeNet), 0.04% (EfficientNet-lite), while the
+recognizer's characters go 0.960 -> 0.994, the detector's IoU
 0.975 -> 0.982, NudeNet's output error 0.0318 -> 0.0292 and lite0 / lite1 /
 lite2's KL 0.036 / 0.033 / 0.029 -> 0.033 / 0.031 / 0.026. 1-D convolutions
 (3-d kernels) are not modelled: not measured.
