@@ -298,9 +298,10 @@ def batchnorm_prior(tree, load=None) -> Prior:
     if load is not None:
         load = (lambda read: lambda name: read(paths.get(name, name)))(load)
     norms = _batchnorms(dict(ordered))
-    transposed = _transposed_kernels(ordered)
+    order_lost = _order_lost(ordered)
+    transposed = _transposed_kernels(ordered, in_order=not order_lost)
     paired = _paired(ordered, norms, transposed)
-    lost = bool(norms) and _order_lost(ordered)
+    lost = bool(norms) and order_lost
     fitted = _paired_by_fit(ordered, norms, load) if lost else {}
     paired.update({name: (array, m) for name, (array, m, _) in fitted.items()})
     feedback = set()
@@ -386,7 +387,7 @@ def _feedback_fits(shape: tuple, out_axis: int) -> bool:
     return math.prod(shape) // max(shape[out_axis], 1) <= MAX_FEEDBACK_FEATURES
 
 
-def _transposed_kernels(ordered) -> frozenset:
+def _transposed_kernels(ordered, in_order: bool) -> frozenset:
     """PyTorch-layout kernels of ``ordered`` that are transposed
     convolutions', ``(I, O, *window)``: the vector that counts a kernel's
     outputs (its bias, by name; else, in a tree listed in build order, the
@@ -394,15 +395,14 @@ def _transposed_kernels(ordered) -> frozenset:
     counts ``shape[1]`` channels, not ``shape[0]``. A square kernel (I = O)
     cannot tell, and reads as a convolution's."""
     arrays = dict(ordered)
-    in_order = not _order_lost(ordered)
     out = set()
     for k, (name, array) in enumerate(ordered):
         shape = np.shape(array)
         if len(shape) < 3 or shape[0] == shape[1] or kernel_axes(name, shape) != (1, 0):
             continue
         bias = arrays.get(_join(_split(name)[0], "bias"))
-        if bias is None and in_order:
-            bias = next((a for _, a in ordered[k + 1:k + 2] if _vector_width(a)), None)
+        if bias is None and in_order and k + 1 < len(ordered):
+            bias = ordered[k + 1][1]
         if bias is not None and _vector_width(bias) == shape[1]:
             out.add(name)
     return frozenset(out)
@@ -710,7 +710,8 @@ def input_power(tree) -> dict[str, tuple[int, np.ndarray]]:
     """{weight leaf path: (its input-channel axis, estimated E[x²] per input
     channel)} for every weight fed by a BatchNorm in ``tree``."""
     ordered, paths = _variable_names(_in_insertion_order(tree))
-    paired = _paired(ordered, _batchnorms(dict(ordered)), _transposed_kernels(ordered))
+    transposed = _transposed_kernels(ordered, in_order=not _order_lost(ordered))
+    paired = _paired(ordered, _batchnorms(dict(ordered)), transposed)
     return {paths.get(name, name): (m.axis, m.power) for name, (_, m) in paired.items()}
 
 
