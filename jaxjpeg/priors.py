@@ -86,7 +86,7 @@ neither the activated model nor a common positive mean describes, so that
 kernel is coded without a prior; and the kernel before it shifts the
 activation's input, not its own, so the running mean takes no shift (the
 kernel's own bias, before the activation, does). CREPE at 8x
-(``benchmarks/crepe_pitch.py``, mean |Δp| over 360 pitch bins, 3 probe
+(``benchmarks/audio_models.py``, mean |Δp| over 360 pitch bins, 3 probe
 seeds): 5.5e-5 -> 3.8e-5 (int8 per channel: 3.5e-5), 6x 3.7e-5 -> 1.8e-5;
 its 0.49 M-weight "tiny" variant 3.2e-4 -> 2.5e-4 (4 seeds).
 
