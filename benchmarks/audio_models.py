@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     names = args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
-        ap.error(f"unknown models {unknown}; choose from {MODELS}")
+        ap.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     needed = {"torch", "jax"} | {MODELS[n] for n in names}
     missing = sorted(m for m in needed if importlib.util.find_spec(m) is None)
     if missing:
