@@ -42,7 +42,6 @@ Exit status 2 when a package is missing (the pip command is printed).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import sys
 import tempfile
@@ -55,6 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
+from real_models_lib import common  # noqa: E402
 
 SAMPLE_RATE = 16000
 FRAME = 1024
@@ -288,17 +288,13 @@ def jaxjpeg_row(case, workdir: Path, seed: int, **options) -> tuple[dict, int, f
     """(restored weights, file bytes, save seconds) of one save; ``seed``
     picks the rate probes' sample (as ``benchmarks/probe_seeds.py``)."""
     import jaxjpeg
-    from jaxjpeg import rate, treepaths
+    from jaxjpeg import treepaths
 
-    real = rate.rd_curve
-    rate.rd_curve = functools.partial(real, seed=seed)
     path = workdir / "model.jjpg"
-    try:
+    with common.probe_seed(seed):
         start = time.perf_counter()
         jaxjpeg.save(path, case.native, progress=False, **options)
         seconds = time.perf_counter() - start
-    finally:
-        rate.rd_curve = real
     restored = {treepaths.path_string(k): np.asarray(v, np.float32)
                 for k, v in treepaths.leaves_with_paths(jaxjpeg.restore(path))}
     return restored, path.stat().st_size, seconds

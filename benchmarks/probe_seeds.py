@@ -27,7 +27,6 @@ Needs the packages of ``benchmarks/real_models.py``.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -65,10 +64,8 @@ def save_kwargs(case, setting: str, ratio: float, draw: int = 0) -> dict:
 
 def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
     import jaxjpeg
-    from jaxjpeg import rate, treepaths
+    from jaxjpeg import treepaths
 
-    real = rate.rd_curve
-    rate.rd_curve = functools.partial(real, seed=seed)
     kwargs = dict(kwargs)   # the same settings serve every seed
     listing = kwargs.pop("listing", None)
     nnx = listing == "nnx"
@@ -77,13 +74,11 @@ def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
     else:
         tree = dict(sorted(case.native.items())) if listing == "sorted" else case.native
         names = {k: k for k in case.native}
-    try:
-        path = workdir / "x.jjpg"
+    path = workdir / "x.jjpg"
+    with common.probe_seed(seed):
         jaxjpeg.save(path, tree, progress=False, **kwargs)
-        restored = {treepaths.path_string(r): np.asarray(v, np.float32)
-                    for r, v in treepaths.leaves_with_paths(jaxjpeg.restore(path))}
-    finally:
-        rate.rd_curve = real
+    restored = {treepaths.path_string(r): np.asarray(v, np.float32)
+                for r, v in treepaths.leaves_with_paths(jaxjpeg.restore(path))}
     weights = {names[k]: v for k, v in restored.items()}
     if nnx:
         weights = dict(case.native, **common.from_layout(weights, case.kinds, "flax"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib
 import os
@@ -196,3 +198,18 @@ def text_metrics(reference: list[str], texts: list[str]) -> tuple[float, float]:
     exact = float(np.mean([r == t for r, t in zip(reference, texts)]))
     chars = float(np.mean([char_accuracy(r, t) for r, t in zip(reference, texts)]))
     return exact, chars
+
+
+@contextlib.contextmanager
+def probe_seed(seed: int):
+    """Byte targets inside draw their rate probes with ``seed`` (the
+    ``seed`` of ``jaxjpeg.rate.rd_curve``): the same save with another
+    probe shows how much of a result is the allocation's luck."""
+    from jaxjpeg import rate
+
+    real = rate.rd_curve
+    rate.rd_curve = functools.partial(real, seed=seed)
+    try:
+        yield
+    finally:
+        rate.rd_curve = real
