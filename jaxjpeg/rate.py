@@ -787,7 +787,7 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor,
                     for a, b in zip(fits.tiles, over.tiles))
             and np.array_equal(fits.row_scale, over.row_scale)
             and np.array_equal(fits.row_offset, over.row_offset)
-            and _same_side(fits.col_scale, over.col_scale)
+            and np.array_equal(fits.col_scale, over.col_scale)   # both None too
             and (fits.outliers is None) == (over.outliers is None)
             and (fits.outliers is None or fits.outliers.count == over.outliers.count)):
         return fits
@@ -799,11 +799,6 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor,
         if 0 < gain <= room:
             tiles[i], room = over.tiles[i], room - gain
     return dataclasses.replace(fits, tiles=tuple(tiles))
-
-
-def _same_side(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None
-                                         and np.array_equal(a, b))
 
 
 def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
