@@ -362,7 +362,8 @@ def _custom_encoder(encoder, shards: dict):
     return lambda name, array: encoder(name, array, shards=shards.get(name))
 
 
-def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: float):
+def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: float,
+                           steering: "_StepSteering | None" = None):
     from jaxjpeg import rate
 
     if not 0 < relative_step < 16:
@@ -372,8 +373,72 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
         p = leaf_coder.prepare(name, array)
         step = relative_step * rate.tensor_rms(p) * balanced_step_factor(array.size,
                                                                          reference_size)
+        if steering is not None:
+            step *= steering.factor(name)
         return rate.encode_at_step(p, step, bits=bits, **leaf_coder.coding)
     return encode
+
+
+# A leaf whose sensitivity is 0 is coded on a step this many times the
+# tree's others (every coefficient rounds to 0), as a byte target codes it.
+MAX_STEERED_STEP = 2.0 ** 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepSteering:
+    """How ``sensitivity`` moves the default's steps: each steered leaf's
+    step by ``(data-free sensitivity / its sensitivity)^½`` -- the
+    proportions a byte target's equal-slope allocation gives the leaves
+    (:meth:`_LeafCoder.leaf_sensitivity`) -- and every leaf's by ``common``,
+    which keeps the size-weighted mean log step, and with it about the
+    file's size, the default's."""
+
+    steered: dict   # leaf name -> step multiplier before ``common``
+    common: float
+
+    def factor(self, name: str) -> float:
+        return min(self.steered.get(name, 1.0) * self.common, MAX_STEERED_STEP)
+
+    @classmethod
+    def of(cls, leaves, sensitivity, policy: "Policy") -> "_StepSteering | None":
+        """The steering of the coded ``leaves`` that ``sensitivity`` names
+        (loading those), or None when it names none."""
+        coded = [leaf for leaf in leaves
+                 if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())]
+        steered = {}
+        for leaf in coded:
+            factor, importance = _leaf_importance(sensitivity, leaf.name)
+            if factor is None and importance is None:
+                continue
+            array = leaf.array()
+            if factor is None:
+                factor = float(np.mean(np.broadcast_to(importance, array.shape)))
+            if not (math.isfinite(factor) and factor >= 0):
+                raise ValueError(f"sensitivity of {leaf.name!r} must be finite and "
+                                 f"non-negative, got {factor}")
+            norm2 = _finite_norm2(array)
+            data_free = leaf.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+            steered[leaf.name] = math.sqrt(data_free / factor) if factor > 0 else math.inf
+        if not steered:
+            return None
+        weighed = [(leaf.size, steered.get(leaf.name, 1.0)) for leaf in coded]
+        weighed = [(size, m) for size, m in weighed if math.isfinite(m)]
+        total = sum(size for size, _ in weighed)
+        log_mean = sum(size * math.log(m) for size, m in weighed) / total if total else 0.0
+        return cls(steered, math.exp(-log_mean))
+
+
+def _finite_norm2(array: np.ndarray) -> float:
+    """Sum of squares of ``array``'s finite values, accumulated in float64."""
+    values = np.asarray(array).reshape(-1)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    total = 0.0
+    for start in range(0, values.size, 1 << 20):   # float64 blocks, not a float64 copy
+        block = values[start:start + (1 << 20)].astype(np.float64)
+        block = block[np.isfinite(block)]
+        total += float(np.dot(block, block))
+    return total
 
 
 def balanced_step_factor(size: int, reference_size: float) -> float:
@@ -627,6 +692,18 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     or e.g. ``(O, 1, 1, 1)`` per output channel of a PyTorch conv), also sets
     how the step varies inside the leaf. Without it every leaf's relative
     error counts alike and every channel keeps the same relative error.
+    Under a byte target it weighs the allocation; under ``relative_step``
+    (the default) it shares the default's bytes the same way: each steered
+    leaf's step scales as ``(data-free weight / sensitivity)^½``, and every
+    leaf's by one factor that keeps the size-weighted mean log step, so the
+    file stays about the default's size (a sensitivity of 0 drops the leaf
+    to zeros). A leaf without one keeps its data-free weight (its relative
+    error times size^``LEAF_SIZE_POWER``), against which a partial mapping's
+    numbers count, as under a byte target; when every coded leaf has one,
+    only their ratios matter. ``quant_step``,
+    ``quality``, ``qtable`` and ``error_bound`` fix each leaf's step or error
+    themselves: there an array only shapes the steps inside the leaf. A
+    path that is not a leaf of the tree is refused (ValueError).
 
     Every rate control lets the coder choose each leaf's matrix view
     (``view="framework"`` keeps the arrays' own axis order instead), keeps
@@ -894,6 +971,7 @@ class _Save:
             given = {"relative_step": relative_step}
         self.rate = _rate_record(given)
         _check_covariances(input_covariance, leaves, error_bound)
+        _check_sensitivity_names(sensitivity, leaves)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
@@ -915,7 +993,11 @@ class _Save:
         if relative_step is not None:
             reference = _step_reference_size(leaves, self.policy)
             self.rate["reference_size"] = round(reference)
-            self.encode = _relative_step_encoder(relative_step, bits, leaf_coder, reference)
+            steering = _StepSteering.of(leaves, sensitivity, self.policy) if sensitivity else None
+            if steering is not None:
+                self.rate["steered_leaves"] = len(steering.steered)
+            self.encode = _relative_step_encoder(relative_step, bits, leaf_coder, reference,
+                                                 steering)
         if error_bound is not None:
             self.encode = _error_bound_encoder(error_bound, bits, leaf_coder)
             # A step search holds trial codings (and a decoded copy of a leaf
@@ -1092,6 +1174,15 @@ def _check_covariances(covariances, leaves, error_bound) -> None:
     _check_per_leaf("input_covariance", covariances, InputCovariance,
                     {leaf.name: leaf.shape for leaf in leaves},
                     lambda cov, shape: cov.check(shape))
+
+
+def _check_sensitivity_names(sensitivity, leaves) -> None:
+    """Refuses a ``sensitivity`` naming a leaf the tree does not have (a
+    misspelt path would otherwise steer nothing, silently)."""
+    names = {leaf.name for leaf in leaves}
+    for name in sensitivity or {}:
+        if name not in names:
+            raise ValueError(f"sensitivity names {name!r}, which is not a leaf of the tree")
 
 
 def _check_per_leaf(option: str, given: dict, kind: type, shapes: dict, check) -> None:

@@ -156,6 +156,13 @@ def test_input_means_are_refused_with_a_distributed_save(tmp_path):
         jaxjpeg.save(tmp_path / "d.jjpg", tree, input_mean=means, distributed=True)
 
 
+def test_a_default_rate_sensitivity_is_refused_with_a_distributed_save(tmp_path):
+    # The default's steps would need every steered leaf's values in one process.
+    tree, _ = _net(np.random.default_rng(6))
+    with pytest.raises(ValueError, match="distributed=True: sensitivity"):
+        jaxjpeg.save(tmp_path / "d.jjpg", tree, sensitivity={"fc.weight": 2.0}, distributed=True)
+
+
 def test_without_input_means_a_default_save_keeps_every_leaf_exactly(tmp_path):
     tree, _ = _net(np.random.default_rng(7))
     with warnings.catch_warnings():

@@ -260,6 +260,68 @@ def test_a_leaf_that_barely_matters_gets_its_coarsest_coding(tmp_path):
     assert sizes["a"] < sizes["b"] / 4
 
 
+@pytest.mark.parametrize("options", [{}, {"target_ratio": 8}])
+def test_a_sensitivity_naming_no_leaf_is_refused(tmp_path, options):
+    # A misspelt path steered nothing, silently.
+    tree = {"a": _tensor("gauss", (64, 64), 1)}
+    with pytest.raises(ValueError, match="'b', which is not a leaf"):
+        jaxjpeg.save(tmp_path / "x.jjpg", tree, progress=False, sensitivity={"b": 1.0},
+                     **options)
+    assert not (tmp_path / "x.jjpg").exists()
+
+
+def _rms_errors(path, tree) -> dict:
+    got = jaxjpeg.restore(path)
+    return {k: float(np.sqrt(np.mean((np.asarray(got[k], np.float64) - v) ** 2)))
+            for k, v in tree.items()}
+
+
+def test_the_default_save_follows_sensitivity(tmp_path):
+    """The default rate ignored a leaf's sensitivity: it now shares the
+    default's bytes as a byte target shares its budget (step ∝ s^-½)."""
+    tree = {"a": _tensor("gauss", (256, 512), 1), "b": _tensor("gauss", (256, 512), 2)}
+    plain = jaxjpeg.save(tmp_path / "plain.jjpg", tree, progress=False)
+    steered = jaxjpeg.save(tmp_path / "steered.jjpg", tree, progress=False,
+                           sensitivity={"a": 16.0, "b": 1.0})
+    before, after = (_rms_errors(tmp_path / f, tree) for f in ("plain.jjpg", "steered.jjpg"))
+    assert before["a"] == pytest.approx(before["b"], rel=0.05)
+    # 16x the cost of error: a step 4x finer than b's (about 2x finer and 2x
+    # coarser than the default's), the file about the default's size.
+    assert after["b"] / after["a"] == pytest.approx(4.0, rel=0.2)
+    assert after["a"] < 0.6 * before["a"] and after["b"] > 1.6 * before["b"]
+    assert steered.file_bytes == pytest.approx(plain.file_bytes, rel=0.05)
+
+
+def test_a_common_sensitivity_equalises_the_default_saves_errors(tmp_path):
+    # The default weighs each leaf's relative error; one sensitivity for every
+    # leaf says their errors cost alike in weight units. Only ratios between
+    # leaves steer: any common value (in any units, as from gradients) codes
+    # the same file.
+    tree = {"a": _tensor("gauss", (256, 512), 3), "b": 3 * _tensor("gauss", (256, 512), 4)}
+    jaxjpeg.save(tmp_path / "plain.jjpg", tree, progress=False)
+    plain = _rms_errors(tmp_path / "plain.jjpg", tree)
+    assert plain["b"] / plain["a"] == pytest.approx(3.0, rel=0.1)
+    restored = []
+    for value in (1e-7, 5.0):
+        jaxjpeg.save(tmp_path / "same.jjpg", tree, progress=False,
+                     sensitivity={"a": value, "b": value})
+        errors = _rms_errors(tmp_path / "same.jjpg", tree)
+        assert errors["b"] / errors["a"] == pytest.approx(1.0, rel=0.1)
+        restored.append(jaxjpeg.restore(tmp_path / "same.jjpg"))
+    for k in tree:
+        np.testing.assert_array_equal(np.asarray(restored[0][k]), np.asarray(restored[1][k]))
+
+
+def test_a_zero_sensitivity_leaf_is_dropped_by_the_default_save(tmp_path):
+    tree = {"a": _tensor("gauss", (256, 512), 5), "b": _tensor("gauss", (256, 512), 6)}
+    jaxjpeg.save(tmp_path / "plain.jjpg", tree, progress=False)
+    jaxjpeg.save(tmp_path / "zero.jjpg", tree, progress=False, sensitivity={"a": 0.0, "b": 1.0})
+    plain, zero = _rms_errors(tmp_path / "plain.jjpg", tree), _rms_errors(tmp_path / "zero.jjpg", tree)
+    assert zero["a"] == pytest.approx(float(np.sqrt(np.mean(tree["a"].astype(np.float64) ** 2))),
+                                      rel=0.01)
+    assert zero["b"] == pytest.approx(plain["b"], rel=1e-6)
+
+
 @pytest.mark.parametrize("bound", [0.02, 0.05, 0.1])
 def test_error_bound_search_codes_each_leaf_about_twice(monkeypatch, bound):
     # Rows of different scales: 8-bit steps would be rounding-dominated, so
