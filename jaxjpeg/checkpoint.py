@@ -264,15 +264,17 @@ class _LeafCoder:
         self.coding = coding
         self.input_covariance = input_covariance or {}
         self.input_means = input_means or {}   # {weight: (InputMean, taker)}
-        # Byte targets take the BatchNorm prior (jaxjpeg.priors) for the
-        # leaves a user does not steer with a sensitivity or an input
-        # covariance: with one Fisher mean per leaf the prior made lite1 /
-        # lite2 worse (r8 KL 0.155 -> 0.250, 0.232 -> 0.264, 4 probe seeds);
-        # the covariance's diagonal as importance measured better on lite1
-        # (KL 0.161 -> 0.147) but worse on a small CNN (output error +39%).
-        steered = [name for name, s in (sensitivity or {}).items() if s is not None]
-        self.prior = (prior.without([*steered, *self.input_covariance])
-                      if prior is not None else None)
+        # The BatchNorm prior (jaxjpeg.priors) codes every leaf but those a
+        # user's input covariance steers: a sensitivity only weighs the leaf
+        # (a number) or sets its steps (an array, in place of the prior's
+        # input powers), and the prior keeps its feedback and bias correction.
+        # EfficientNet-lite0 / -lite1 / -lite2 at 8x, KL: one Fisher mean per
+        # leaf 0.077 / 0.080 / 0.140 (4 probe seeds) without the prior on the
+        # steered leaves, 0.058 / 0.063 / 0.082 with it; per-element Fisher
+        # arrays 0.104 / 0.101 / 0.126 -> 0.078 / 0.072 / 0.079 (2 seeds).
+        # (Session 3, before bias correction, had measured the prior worse
+        # with Fisher means.)
+        self.prior = prior.without(self.input_covariance) if prior is not None else None
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
@@ -295,7 +297,8 @@ class _LeafCoder:
         covariance = self.input_covariance.get(name)
         if self.prior is not None and self.prior.models(name):
             covariance = self.prior.covariance(name, array.shape)
-            importance = self.prior.importance(name, array.shape)
+            if importance is None:   # a user's array takes the place of the input powers
+                importance = self.prior.importance(name, array.shape)
         try:
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
         except ValueError as e:
@@ -722,8 +725,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     coded for the inputs the BatchNorm and a ReLU-family activation give it
     (:mod:`jaxjpeg.priors`): a convolution with error feedback against their
     modelled covariance, a matrix weighing each input channel by its power;
-    a ``sensitivity`` or an ``input_covariance`` for the leaf takes its
-    place. The running mean of the BatchNorm after such a weight is moved by
+    an ``input_covariance`` for the leaf takes its place; a ``sensitivity``
+    does not (a number weighs the leaf, an array replaces only a matrix's
+    input powers: feedback and bias correction stay). The running mean of the BatchNorm after such a weight is moved by
     the mean shift the coded weight adds, or, with no BatchNorm after it (a
     classifier), its own bias is (data-free bias correction): restored, it
     differs from the saved one by that shift. A convolution kernel no

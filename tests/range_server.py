@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -27,6 +28,7 @@ class RangeServer:
         self.ranges: list[tuple[int, int]] = []
         self.fail_ranged_reads = False  # answer ranged GETs with 500
         self.ignore_ranges = False      # answer every GET with the whole file (200)
+        self.delay_s = 0.0              # each GET held this long while counted in flight
         self._lock = threading.Lock()
         server = self
 
@@ -44,6 +46,10 @@ class RangeServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
+                    if server.delay_s:
+                        # a slow server: requests a client sends at once overlap
+                        # whatever the scheduler does (a loaded CI machine)
+                        time.sleep(server.delay_s)
                     self._answer(body=True)
                 finally:
                     with server._lock:

@@ -124,6 +124,7 @@ def test_http_reads_are_concurrent(tmp_path):
     path = tmp_path / "big.jjpg"
     jaxjpeg.save(path, big, policy=jaxjpeg.Policy(lossless=("*",)))  # 12 MiB of raw leaves
     with RangeServer(tmp_path) as server:
+        server.delay_s = 0.2   # one request at a time then takes over 0.2 s a leaf
         restored = leaves(jaxjpeg.restore(server.url("big.jjpg")))
         assert server.max_in_flight > 1, server.ranges
     assert_same(restored, big)
