@@ -9,7 +9,6 @@ bytes to the device and decodes them there with the custom call.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import fnmatch
 import functools
@@ -382,8 +381,9 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
     return encode
 
 
-# A leaf whose sensitivity is 0 is coded on a step this many times the
-# tree's others (every coefficient rounds to 0), as a byte target codes it.
+# The most a sensitivity coarsens a leaf's step under relative_step: a leaf
+# whose sensitivity is 0 takes it (every coefficient rounds to 0, as a byte
+# target codes such a leaf).
 MAX_STEERED_STEP = 2.0 ** 16
 
 
@@ -434,8 +434,6 @@ class _StepSteering:
 def _finite_norm2(array: np.ndarray) -> float:
     """Sum of squares of ``array``'s finite values, accumulated in float64."""
     values = np.asarray(array).reshape(-1)
-    if not np.issubdtype(values.dtype, np.floating):
-        values = values.astype(np.float64)
     total = 0.0
     for start in range(0, values.size, 1 << 20):   # float64 blocks, not a float64 copy
         block = values[start:start + (1 << 20)].astype(np.float64)
@@ -541,11 +539,11 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
 
     def measure(floor):
         coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
-        for name, analysis, raw in analysed_by(analyse, entries, floor):
+        for name, measured, raw in analysed_by(analyse, entries, floor):
             kept += raw
-            if analysis is not None:
+            if measured is not None:
                 coded.add(name)
-                curves[name], sens[name], tiles = analysis
+                curves[name], sens[name], tiles = measured
                 overhead += tiles
         overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
                      + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
@@ -727,9 +725,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     modelled covariance, a matrix weighing each input channel by its power;
     an ``input_covariance`` for the leaf takes its place; a ``sensitivity``
     does not (a number weighs the leaf, an array replaces only a matrix's
-    input powers: feedback and bias correction stay). The running mean of the BatchNorm after such a weight is moved by
-    the mean shift the coded weight adds, or, with no BatchNorm after it (a
-    classifier), its own bias is (data-free bias correction): restored, it
+    input powers: feedback and bias correction stay). The running mean of
+    the BatchNorm after such a weight is moved by the mean shift the coded
+    weight adds, or, with no BatchNorm after it (a classifier), its own bias is (data-free bias correction): restored, it
     differs from the saved one by that shift. A convolution kernel no
     BatchNorm feeds (BatchNorm folded into it, a depthwise kernel) is coded
     with error feedback against a mean common to its input channels and
