@@ -12,7 +12,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, codec, format as fmt, layout, quantized_vectors, storage
+from jaxjpeg import _native, format as fmt, layout, quantized_vectors, storage
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 

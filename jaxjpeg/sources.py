@@ -24,7 +24,6 @@ Problems reaching a file (missing, a web server refusing ranges) are
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
