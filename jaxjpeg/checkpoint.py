@@ -241,6 +241,23 @@ def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:
     return blobs, record, sum(memoryview(data).nbytes for _, data in blobs)
 
 
+def _user_weight(sensitivity, name, shape) -> float | None:
+    """What one unit of squared error in leaf ``name`` costs by the user's
+    ``sensitivity``: the factor, or the mean of the importance array; None
+    when it does not name the leaf."""
+    factor, importance = _leaf_importance(sensitivity, name)
+    if factor is None and importance is not None:
+        factor = float(np.mean(np.broadcast_to(importance, shape)))
+    return factor
+
+
+def _data_free_weight(size: int, norm2: float) -> float:
+    """The data-free cost of squared error in a leaf of ``size`` values
+    whose coded values' squared norm is ``norm2``: its relative error
+    weighted by size^LEAF_SIZE_POWER."""
+    return size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+
+
 def _leaf_importance(sensitivity, name):
     """(leaf-level factor or None, per-element importance array or None) of ``name``."""
     value = (sensitivity or {}).get(name)
@@ -332,14 +349,10 @@ class _LeafCoder:
         where a user's input covariance steers the leaf."""
         from jaxjpeg import rate
 
-        factor, importance = _leaf_importance(self.sensitivity, name)
-        if factor is not None:
-            return factor
-        if importance is not None:
-            return float(np.mean(np.broadcast_to(importance, p.shape)))
-        norm2 = rate.prepared_norm2(p)
-        relative = p.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
-        return relative * self.feedback_gain(name, p)
+        user = _user_weight(self.sensitivity, name, p.shape)
+        if user is not None:
+            return user
+        return _data_free_weight(p.size, rate.prepared_norm2(p)) * self.feedback_gain(name, p)
 
     def feedback_gain(self, name, p: codec.Prepared) -> float:
         """Feedback's gain on a leaf a user's input covariance steers (its
@@ -408,19 +421,17 @@ class _StepSteering:
         (loading those), or None when it names none."""
         coded = [leaf for leaf in leaves
                  if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())]
+        from jaxjpeg import rate
+
         steered = {}
         for leaf in coded:
-            factor, importance = _leaf_importance(sensitivity, leaf.name)
-            if factor is None and importance is None:
-                continue
-            array = leaf.array()
+            factor = _user_weight(sensitivity, leaf.name, leaf.shape)
             if factor is None:
-                factor = float(np.mean(np.broadcast_to(importance, array.shape)))
+                continue
             if not (math.isfinite(factor) and factor >= 0):
                 raise ValueError(f"sensitivity of {leaf.name!r} must be finite and "
                                  f"non-negative, got {factor}")
-            norm2 = _finite_norm2(array)
-            data_free = leaf.size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+            data_free = _data_free_weight(leaf.size, rate.finite_norm2(leaf.array()))
             steered[leaf.name] = math.sqrt(data_free / factor) if factor > 0 else math.inf
         if not steered:
             return None
@@ -429,17 +440,6 @@ class _StepSteering:
         total = sum(size for size, _ in weighed)
         log_mean = sum(size * math.log(m) for size, m in weighed) / total if total else 0.0
         return cls(steered, math.exp(-log_mean))
-
-
-def _finite_norm2(array: np.ndarray) -> float:
-    """Sum of squares of ``array``'s finite values, accumulated in float64."""
-    values = np.asarray(array).reshape(-1)
-    total = 0.0
-    for start in range(0, values.size, 1 << 20):   # float64 blocks, not a float64 copy
-        block = values[start:start + (1 << 20)].astype(np.float64)
-        block = block[np.isfinite(block)]
-        total += float(np.dot(block, block))
-    return total
 
 
 def balanced_step_factor(size: int, reference_size: float) -> float:
@@ -701,10 +701,10 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     to zeros). A leaf without one keeps its data-free weight (its relative
     error times size^``LEAF_SIZE_POWER``), against which a partial mapping's
     numbers count, as under a byte target; when every coded leaf has one,
-    only their ratios matter. ``quant_step``,
-    ``quality``, ``qtable`` and ``error_bound`` fix each leaf's step or error
-    themselves: there an array only shapes the steps inside the leaf. A
-    path that is not a leaf of the tree is refused (ValueError).
+    only their ratios matter. ``quant_step``, ``quality``, ``qtable`` and
+    ``error_bound`` fix each leaf's step or error themselves: there an array
+    only shapes the steps inside the leaf. A path that is not a leaf of the
+    tree is refused (ValueError).
 
     Every rate control lets the coder choose each leaf's matrix view
     (``view="framework"`` keeps the arrays' own axis order instead), keeps
@@ -727,8 +727,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     does not (a number weighs the leaf, an array replaces only a matrix's
     input powers: feedback and bias correction stay). The running mean of
     the BatchNorm after such a weight is moved by the mean shift the coded
-    weight adds, or, with no BatchNorm after it (a classifier), its own bias is (data-free bias correction): restored, it
-    differs from the saved one by that shift. A convolution kernel no
+    weight adds, or, with no BatchNorm after it (a classifier), its own bias
+    is (data-free bias correction): restored, it differs from the saved one
+    by that shift. A convolution kernel no
     BatchNorm feeds (BatchNorm folded into it, a depthwise kernel) is coded
     with error feedback against a mean common to its input channels and
     taps. A ``distributed=True`` save codes with the same prior (its shifts
@@ -911,6 +912,16 @@ def save_leaves(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = T
     return _Save(path, leaves, **options).run()
 
 
+# The save options that choose a rate control other than relative_step.
+_OTHER_RATE_CONTROLS = ("quant_step", "quality", "qtable", "error_bound", "encoder",
+                        "target_ratio", "target_bytes", "bits_per_weight")
+
+
+def _uses_relative_step(options: dict) -> bool:
+    """Whether save ``options`` code at relative_step (given or the default)."""
+    return all(options.get(k) is None for k in _OTHER_RATE_CONTROLS)
+
+
 def _prior_applies(leaves, options: dict) -> bool:
     """Whether the rate control codes with the BatchNorm prior: byte targets
     and relative_step (the default). The tables and ``error_bound`` set each
@@ -918,8 +929,7 @@ def _prior_applies(leaves, options: dict) -> bool:
     if _target_size(leaves, options.get("target_ratio"), options.get("target_bytes"),
                     options.get("bits_per_weight")) is not None:
         return True
-    return all(options.get(k) is None
-               for k in ("quant_step", "quality", "qtable", "error_bound", "encoder"))
+    return _uses_relative_step(options)
 
 
 def _prior_of_leaves(leaves: Sequence[SourceLeaf]):

@@ -73,10 +73,6 @@ __all__ = ["Prepared", "finish", "plan_owners", "prepare", "save_distributed", "
 TIMEOUT_S = 600.0        # waiting for another process's part, writes or commit
 PIECE_CHARS = 1 << 20    # characters per key-value entry of a large value
 _KEY = "jaxjpeg_save"
-# Rate controls other than relative_step (the default), under which a
-# sensitivity needs no leaf's values before the coding (see prepare).
-_OTHER_RATES = ("quant_step", "quality", "qtable", "error_bound", "target_ratio",
-                "target_bytes", "bits_per_weight", "encoder")
 _saves_started = 0       # every process saves in the same order: the nth save's keys
 
 
@@ -261,8 +257,7 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     if saver_options.get("encoder") is not None:
         raise ValueError("distributed=True codes each leaf in one process: a custom encoder "
                          "is not supported (it may not be safe to run in every process)")
-    if saver_options.get("sensitivity") and not any(
-            saver_options.get(k) is not None for k in _OTHER_RATES):
+    if saver_options.get("sensitivity") and ck._uses_relative_step(saver_options):
         raise ValueError("distributed=True: sensitivity steers a byte target's allocation here "
                          "(target_ratio, target_bytes or bits_per_weight); with the default "
                          "relative_step its steps would need every steered leaf's values in "
