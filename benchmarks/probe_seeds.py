@@ -63,6 +63,12 @@ def save_kwargs(case, setting: str, ratio: float, draw: int = 0) -> dict:
 
 
 def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
+    return case.metrics(ref, case.run(restored_weights(case, kwargs, seed, workdir)))
+
+
+def restored_weights(case, kwargs: dict, seed: int, workdir: Path) -> dict:
+    """The case's native weights saved with ``kwargs`` (probe seed ``seed``)
+    and restored."""
     import jaxjpeg
     from jaxjpeg import treepaths
 
@@ -82,7 +88,7 @@ def run(case, ref, kwargs: dict, seed: int, workdir: Path) -> dict:
     weights = {names[k]: v for k, v in restored.items()}
     if nnx:
         weights = dict(case.native, **common.from_layout(weights, case.kinds, "flax"))
-    return case.metrics(ref, case.run(weights))
+    return weights
 
 
 def main(argv=None) -> int:

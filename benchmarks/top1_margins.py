@@ -32,18 +32,6 @@ BANDS = (0.0, 0.02, 0.05, 0.1, 0.2, 1.01)   # float32's p1 - p2
 CONFIDENT = 0.05
 
 
-def jaxjpeg_logits(case, kwargs: dict, seed: int, workdir: Path) -> np.ndarray:
-    import jaxjpeg
-    from jaxjpeg import treepaths
-
-    path = workdir / "x.jjpg"
-    with common.probe_seed(seed):
-        jaxjpeg.save(path, case.native, progress=False, **kwargs)
-    restored = {treepaths.path_string(r): np.asarray(v, np.float32)
-                for r, v in treepaths.leaves_with_paths(jaxjpeg.restore(path))}
-    return case.run(restored)
-
-
 def report(name: str, ref: np.ndarray, runs: dict) -> None:
     p = np.exp(common.log_softmax(ref))
     top2 = np.sort(p, axis=1)[:, -2:]
@@ -85,7 +73,8 @@ def main(argv=None) -> int:
             runs = {b: [case.run(M.run_baseline(case, b).weights)] for b in ("int8", "int4-g128")}
             for setting in ("prior", "feedback"):
                 kwargs = probe_seeds.save_kwargs(case, setting, args.ratio)
-                runs[setting] = [jaxjpeg_logits(case, kwargs, seed, Path(tmp))
+                runs[setting] = [case.run(probe_seeds.restored_weights(case, kwargs, seed,
+                                                                       Path(tmp)))
                                  for seed in range(args.seeds)]
             report(name, ref, runs)
     return 0
