@@ -140,7 +140,8 @@ def test_destuffed_kernels_and_host_agree_on_stream_damage(many_kinds, kind):
 def test_unusable_starts_decode_nothing_on_host_and_harness(many_kinds):
     """Starts out of order would let destuffed intervals overlap, so a plan
     with any unusable start is refused as a whole: both executors name the
-    first such interval (not an earlier corrupt one) and write nothing."""
+    first such interval (not an earlier corrupt one) and decode nothing; every
+    output becomes NaN, never what it held (inside jit nothing raises)."""
     encs, dtypes = many_kinds
     plan = codec.build_plan(encs, dtypes)
     payload = plan.payload.copy()
@@ -149,7 +150,7 @@ def test_unusable_starts_decode_nothing_on_host_and_harness(many_kinds):
     starts[7] = starts[8] + 1  # interval 7 starts after its end
     for error, outs in _run_both(plan, payload, starts):
         assert error == _native.plan_failure(_native.pack_plan_status(7, 11)), error
-        assert all(np.all(np.asarray(o, np.float32) == 7) for o in outs)
+        assert all(np.all(np.isnan(np.asarray(o, np.float32))) for o in outs)
 
 
 def test_block_map_is_a_hint_for_the_tile_search(many_kinds):
@@ -173,13 +174,26 @@ def test_block_map_is_a_hint_for_the_tile_search(many_kinds):
 
 def test_intervals_a_block_map_leaves_out_are_reported(many_kinds):
     """A map whose kinds skip a block's intervals (only a hand-made one can)
-    must not leave them silently undecoded: the check phase reports the first."""
+    must not leave them silently undecoded: the check phase reports the first
+    and makes them NaN, never what the output held; the rest decode."""
     encs, dtypes = many_kinds
     plan = codec.build_plan(encs, dtypes)
+    want = _harness(plan)
     block_map = plan.block_map.copy()
     block_map[1, 1] = 0  # block 1 (intervals 256..511): no kernel's kind
+    outs = [np.full(s, 7, d) for s, d in zip(plan.output_shapes, plan.output_dtypes)]
     with pytest.raises(jaxjpeg.JpegError, match="restart interval 256:"):
-        _harness(dataclasses.replace(plan, block_map=block_map))
+        _native.run_plan_kernel_harness(
+            plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+            plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outs],
+            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+            block_map=block_map)
+    left_out = 0
+    for w, o in zip(want, outs):
+        nan = np.isnan(np.asarray(o, np.float32))
+        left_out += int(nan.sum())
+        np.testing.assert_array_equal(_bits(o[~nan]), _bits(w[~nan]))
+    assert left_out >= 256  # each of the 256 intervals has at least one element
 
 
 def test_harness_without_a_block_map_decodes_alike(many_kinds):

@@ -22,7 +22,11 @@ inline void RecordFirstError(std::atomic<int32_t>& first_error, int32_t status) 
 inline int32_t RunDecodePlanOnHost(const DecodePlan& plan, int threads) {
   if (plan.num_intervals > kMaxPlanIntervals) return PackPlanStatus(0, Status::kBadArgument);
   const int32_t starts = PlanStartsStatus(plan);
-  if (starts != kPlanOk) return starts;
+  if (starts != kPlanOk) {
+    ParallelFor(plan.num_intervals, threads,
+                [&](int64_t i) { FillUndecodedIntervalWithNaN(plan, i); });
+    return starts;
+  }
   std::atomic<int32_t> first_error{kPlanOk};
   ParallelFor(plan.num_intervals, threads, [&](int64_t i) {
     RecordFirstError(first_error, DecodePlanInterval(plan, i));

@@ -283,14 +283,15 @@ JJ_HD JJ_INLINE void FinishLane(const DecodePlan& p, const LaneDecode<kType>& d,
   p.destuffed.lengths[i] = -1;
 }
 
-// Phase "check", after every decode kernel: an interval with usable starts
-// that no kernel decoded (a block map that left it out) is reported, never
-// left as whatever the output held. Those no kernel could resolve were
-// reported already, with the same word.
+// Phase "check", after every decode kernel: an interval no kernel decoded
+// becomes NaN (FillUndecodedIntervalWithNaN). With usable starts that is one
+// a block map left out, reported here; those no kernel could resolve were
+// reported already, with the same word. Unusable starts decode nothing.
 JJ_HD JJ_INLINE void CheckIntervalDecoded(const DecodePlan& p, int64_t i, int32_t* status) {
-  if (*p.destuffed.starts_status == kPlanOk && p.destuffed.lengths[i] >= 0) {
-    RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
-  }
+  const bool starts_usable = *p.destuffed.starts_status == kPlanOk;
+  if (starts_usable && p.destuffed.lengths[i] < 0) return;
+  if (starts_usable) RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
+  FillUndecodedIntervalWithNaN(p, i);
 }
 
 // Calls visit.template operator()<kBits, kType>() for every decode kernel.

@@ -245,17 +245,15 @@ JJ_HD JJ_INLINE bool ProductAtMost(uint64_t a, uint64_t b, uint64_t limit) {
 #endif
 }
 
-// Resolves interval i (its tile searched from `tile_hint`, see FindTileFrom)
-// and checks that it reads only inside the payload and writes only inside
-// its output and affine rows: the plan is untrusted input.
-JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w,
-                                  int64_t tile_hint = -1) {
+// Resolves where interval i writes (its tile searched from `tile_hint`, see
+// FindTileFrom) and checks that it writes only inside its output and affine
+// rows: the plan is untrusted input. Its bytes are not looked at (see
+// ResolveInterval).
+JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, IntervalWork* w,
+                                        int64_t tile_hint = -1) {
   if (p.num_tiles < 1) return false;
   const int64_t* tile = p.tiles + FindTileFrom(p, i, tile_hint) * kTileColumns;
   w->tile = tile;
-  w->begin = p.interval_starts[i];
-  w->end = p.interval_starts[i + 1];
-  if (!IntervalStartsValid(p, i)) return false;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];
   if (width < 1 || height < 1 || width > kMaxDimension || height > kMaxDimension) return false;
   if (tile[kTileBits] != 8 && tile[kTileBits] != 12) return false;
@@ -288,6 +286,15 @@ JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* 
   if (row0 > elements) return false;
   return ProductAtMost(static_cast<uint64_t>(row0 + height), static_cast<uint64_t>(stride),
                        static_cast<uint64_t>(elements));
+}
+
+// ResolveIntervalBlocks, and the interval reads only inside the payload.
+JJ_HD inline bool ResolveInterval(const DecodePlan& p, int64_t i, IntervalWork* w,
+                                  int64_t tile_hint = -1) {
+  if (!ResolveIntervalBlocks(p, i, w, tile_hint) || !IntervalStartsValid(p, i)) return false;
+  w->begin = p.interval_starts[i];
+  w->end = p.interval_starts[i + 1];
+  return true;
 }
 
 // A corrupt interval's blocks become NaN, never half-decoded values: inside a
@@ -358,6 +365,30 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
           : DecodeInterval<8>(begin, end, tables, grid, w.first_block, w.num_blocks, sink);
   if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
   return status;
+}
+
+// An interval no decoder wrote (the plan's starts were unusable, or a block
+// map left it out) becomes NaN as a corrupt one does, never whatever its
+// output held: inside a jitted program nothing raises. An interval whose
+// tile does not resolve has no place of its own to fill.
+JJ_HD inline void FillUndecodedIntervalWithNaN(const DecodePlan& p, int64_t i) {
+  IntervalWork w;
+  if (!ResolveIntervalBlocks(p, i, &w)) return;
+  const BlockGrid grid = TileGrid(w.tile);
+  switch (p.outputs[w.tile[kTileOutput]].type) {
+    case OutputType::kFloat32:
+      FillIntervalWithNaN(TileSink<OutputType::kFloat32>(p, w.tile), grid, w.first_block,
+                          w.num_blocks);
+      break;
+    case OutputType::kBFloat16:
+      FillIntervalWithNaN(TileSink<OutputType::kBFloat16>(p, w.tile), grid, w.first_block,
+                          w.num_blocks);
+      break;
+    case OutputType::kFloat16:
+      FillIntervalWithNaN(TileSink<OutputType::kFloat16>(p, w.tile), grid, w.first_block,
+                          w.num_blocks);
+      break;
+  }
 }
 
 // Decodes interval i of the plan; returns kPlanOk or the packed status.
