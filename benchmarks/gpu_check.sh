@@ -63,9 +63,11 @@ else
   summary+=("memcheck: compute-sanitizer not on PATH, skipped")
 fi
 if have ncu; then
-  # The destuff kernel and the first decode kernel of one call.
-  step "nsight compute" 40 ncu --clock-control none --kernel-name regex:"DestuffKernel|DecodeKernel" --launch-count 2 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats \
+  # The destuff kernel and the decode kernels of one call (the default rate's
+  # tiles are 12-bit: the 8-bit kernel's blocks return at once).
+  step "nsight compute" 40 ncu --clock-control none --kernel-name regex:"DestuffKernel|DecodeKernel" --launch-count 3 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     python benchmarks/gpu_decode.py --quick --single
 else
   summary+=("nsight compute: ncu not on PATH, skipped")
