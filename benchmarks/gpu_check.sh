@@ -68,7 +68,7 @@ if have ncu; then
   step "nsight compute" 40 ncu --clock-control none --kernel-name regex:"DestuffKernel|DecodeKernel" --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-    python benchmarks/gpu_decode.py --quick --single
+    python benchmarks/gpu_decode.py --single --gb 1
 else
   summary+=("nsight compute: ncu not on PATH, skipped")
 fi

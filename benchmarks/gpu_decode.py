@@ -154,18 +154,18 @@ def main():
     parser.add_argument("--sweep-rows", type=int, default=BASE_ROWS // 4,
                         help="rows of the matrix of the restart-interval and rate sweep")
     parser.add_argument("--single", action="store_true",
-                        help="one decode of the default rate on the base matrix, for a profiler")
+                        help="one decode of the default rate at the first size, for a profiler")
     args = parser.parse_args()
     device = jax.devices(args.platform)[0]
     rows = BASE_ROWS // 4 if args.quick else BASE_ROWS
     repeats = args.repeats or (3 if args.quick else 10)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((rows, BASE_COLS)) * 0.02).astype(np.float32)
-    if args.single:
-        _decoder(_plan_of(default_rate(x), 1), device)  # decodes once and checks the status
-        print(f"decoded {x.nbytes / 1e6:.0f} MB of float32 once on {device.device_kind}")
-        return
     sizes = [1] if args.quick else [max(1, round(float(g) * 1e9 / x.nbytes)) for g in args.gb.split(",")]
+    if args.single:  # the first size, decoded once, the status checked
+        _decoder(_plan_of(default_rate(x), sizes[0]), device)
+        print(f"decoded {sizes[0] * x.nbytes / 1e6:.0f} MB of float32 once on {device.device_kind}")
+        return
     sync = _cudart().cudaDeviceSynchronize if args.platform == "gpu" else (lambda: None)
     print(f"device: {device.device_kind}; base matrix {x.nbytes / 1e6:.0f} MB float32")
 
