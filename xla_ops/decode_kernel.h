@@ -20,10 +20,17 @@
 
 namespace jaxjpeg {
 
-static_assert(kMapBlockIntervals == 256, "a block map row per CUDA block");
-// 256 threads: 2 blocks of 92 KiB shared memory and 128 registers per thread
-// fill an H200 SM's 16 warps (128 threads would stop at 12: 3 blocks of 60 KiB).
-constexpr int kDecodeThreadsPerBlock = 256;
+// 256 threads: 2 blocks of 85 KiB shared memory and 128 registers per thread
+// fill an H200 SM's 16 warps. Another size can be built for measuring
+// (JAXJPEG_DECODE_THREADS): 128 fits 4 blocks of 53 KiB.
+#ifndef JAXJPEG_DECODE_THREADS
+#define JAXJPEG_DECODE_THREADS 256
+#endif
+constexpr int kDecodeThreadsPerBlock = JAXJPEG_DECODE_THREADS;
+// Blocks per SM the register limit is set for (__launch_bounds__).
+constexpr int kDecodeBlocksPerSM = 512 / kDecodeThreadsPerBlock;
+static_assert(kMapBlockIntervals % kDecodeThreadsPerBlock == 0,
+              "a CUDA block's intervals lie in one block map row");
 constexpr int32_t kNoTable = 0x7FFFFFFF;
 
 // A block's shared memory (dynamic: more than the 48 KiB of static shared
@@ -45,9 +52,14 @@ JJ_HD JJ_INLINE LaneScratch ThreadScratch(KernelShared& s, int thread) {
 
 // Whether the (kBits, kType) kernel has work in `block`: the block map's
 // kinds, or every kernel where the plan has no map row.
+// The block map row of CUDA block `block`.
+JJ_HD JJ_INLINE const int32_t* KernelBlockMapRow(const DecodePlan& p, int64_t block) {
+  return BlockMapRow(p, block / (kMapBlockIntervals / kDecodeThreadsPerBlock));
+}
+
 template <int kBits, OutputType kType>
 JJ_HD JJ_INLINE bool BlockHasKind(const DecodePlan& p, int64_t block) {
-  const int32_t* row = BlockMapRow(p, block);
+  const int32_t* row = KernelBlockMapRow(p, block);
   return row == nullptr || (row[kMapKinds] & KindBit(kBits, kType)) != 0;
 }
 
@@ -93,7 +105,7 @@ JJ_HD inline bool ClaimInterval(const DecodePlan& p, int64_t block, int thread, 
                                 int32_t* status) {
   const int64_t i = block * kDecodeThreadsPerBlock + thread;
   if (i >= p.num_intervals || *p.destuffed.starts_status != kPlanOk) return false;
-  const int32_t* row = BlockMapRow(p, block);
+  const int32_t* row = KernelBlockMapRow(p, block);
   if (!ResolveInterval(p, i, w, row == nullptr ? -1 : row[kMapTile])) {
     RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
     return false;

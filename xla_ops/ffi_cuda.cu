@@ -88,9 +88,9 @@ __device__ __forceinline__ void DecodeWarpInLockStep(const DecodePlan& plan, con
 }
 
 // See decode_kernel.h for the phases; the barriers between them are here.
-// Two blocks per SM: at most 128 registers per thread (see decode_kernel.h).
+// 16 warps per SM: at most 128 registers per thread (see decode_kernel.h).
 template <int kBits, OutputType kType>
-__global__ void __launch_bounds__(kDecodeThreadsPerBlock, 2)
+__global__ void __launch_bounds__(kDecodeThreadsPerBlock, kDecodeBlocksPerSM)
     DecodeKernel(const __grid_constant__ DecodePlan plan, int32_t* __restrict__ status) {
   if (!BlockHasKind<kBits, kType>(plan, blockIdx.x)) return;
   extern __shared__ uint4 shared_words[];
