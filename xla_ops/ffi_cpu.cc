@@ -67,10 +67,7 @@ void AdviseHugePages(const PlanOutput* outputs, int64_t count) {
 
 int32_t RunOnPool(const DecodePlan& plan, ffi::ThreadPool& pool) {
   const int32_t starts = PlanStartsStatus(plan);
-  if (starts != kPlanOk) {  // a failure path: one thread will do
-    for (int64_t i = 0; i < plan.num_intervals; ++i) FillUndecodedIntervalWithNaN(plan, i);
-    return starts;
-  }
+  if (starts != kPlanOk) return starts;  // the call fails: XLA drops the outputs
   auto loop = std::make_shared<PoolLoop>();
   loop->plan = &plan;
   loop->num_intervals = plan.num_intervals;
