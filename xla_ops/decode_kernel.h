@@ -54,13 +54,13 @@ JJ_HD JJ_INLINE LaneScratch ThreadScratch(KernelShared& s, int thread) {
   return LaneScratch{column, column, column, s.zigzag};
 }
 
-// Whether the (kBits, kType) kernel has work in `block`: the block map's
-// kinds, or every kernel where the plan has no map row.
 // The block map row of CUDA block `block`.
 JJ_HD JJ_INLINE const int32_t* KernelBlockMapRow(const DecodePlan& p, int64_t block) {
   return BlockMapRow(p, block / (kMapBlockIntervals / kDecodeThreadsPerBlock));
 }
 
+// Whether the (kBits, kType) kernel has work in `block`: the block map's
+// kinds, or every kernel where the plan has no map row.
 template <int kBits, OutputType kType>
 JJ_HD JJ_INLINE bool BlockHasKind(const DecodePlan& p, int64_t block) {
   const int32_t* row = KernelBlockMapRow(p, block);
