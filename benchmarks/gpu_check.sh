@@ -15,6 +15,10 @@ cd "$(dirname "$0")/.."
 # Each step is its own process and a killed one may linger: none takes 75%
 # of the GPU's memory up front (a second JAX process then fails to start).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# The interpreter that has JAX with CUDA: `python`, else `python3` (the H200
+# machine had only python3); pip through it, so both are the same install.
+py=$(command -v python || command -v python3)
+export JJ_PY=$py
 limits_only=0
 [[ "${1:-}" == "--limits" ]] && limits_only=1
 start=$SECONDS
@@ -39,26 +43,26 @@ step() {  # step NAME SECONDS COMMAND...
 have() { ((limits_only)) || command -v "$1" >/dev/null; }
 
 if ((limits_only)) || compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
-  step "offline wheels" 13 pip install -q --no-index --no-deps benchmarks/wheels/*.whl
+  step "offline wheels" 13 "$py" -m pip install -q --no-index --no-deps benchmarks/wheels/*.whl
 fi
 # Only the H200's architecture (sm_90, the one the register gate reads): a
 # third of the default three-architecture build.
-step build 60 pip install -q --no-build-isolation --no-deps -e . \
+step build 60 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90-real
 # The CUDA module loads and sees the GPU; then GPU bits == CPU bits == the
 # kernels' CPU harness (mixed kinds, staged and simple warps, corrupt status
 # and NaN, destuff on damaged interval ends, out-of-order starts, hostile
 # block-map hints, restore, jit, CUDA graphs) and the register/stack gate.
 # The CPU-only tests of the harness and the destuff pass run in CI.
-step "gpu tests" 45 bash -c 'python -c "import jax, jaxjpeg.lowering as l; print(jax.devices()); assert l.cuda_available()" &&
-  JAXJPEG_REQUIRE_CUDA_BUILD=1 python -m pytest -q -rfE --tb=short tests/gpu tests/test_cuda_resources.py'
+step "gpu tests" 45 bash -c '"$JJ_PY" -c "import jax, jaxjpeg.lowering as l; print(jax.devices()); assert l.cuda_available()" &&
+  JAXJPEG_REQUIRE_CUDA_BUILD=1 "$JJ_PY" -m pytest -q -rfE --tb=short tests/gpu tests/test_cuda_resources.py'
 # float32 output of 1, 2 and 4 GB at the default rate, restart intervals
 # 1-16 and other rates (1 GB each), a device-to-device copy of each size
 # beside it, nvJPEG and nvCOMP on the same data when importable.
-step throughput 50 python benchmarks/gpu_decode.py --gb 1,2,4 --repeats 5
+step throughput 50 "$py" benchmarks/gpu_decode.py --gb 1,2,4 --repeats 5
 if have compute-sanitizer; then
   step memcheck 23 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    python tests/gpu/corrupt_streams.py 4
+    "$py" tests/gpu/corrupt_streams.py 4
 else
   summary+=("memcheck: compute-sanitizer not on PATH, skipped")
 fi
@@ -68,12 +72,12 @@ if have ncu; then
   step "nsight compute" 40 ncu --clock-control none --kernel-name regex:"DestuffKernel|DecodeKernel" --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-    python benchmarks/gpu_decode.py --single --gb 1
+    "$py" benchmarks/gpu_decode.py --single --gb 1
 else
   summary+=("nsight compute: ncu not on PATH, skipped")
 fi
 # Time to params on the GPU: jaxjpeg restore vs Orbax on the same tree.
-step "vs orbax" 50 python benchmarks/checkpoint_vs_orbax.py --repeats 2
+step "vs orbax" 50 "$py" benchmarks/checkpoint_vs_orbax.py --repeats 2
 if ((limits_only)); then
   echo "total: ${total_limit}s"
   exit 0
