@@ -538,7 +538,7 @@ class PlanBuilder:
         self._intervals += len(interval_starts) - 1
 
     def finish(self) -> DecodePlan:
-        payload = np.empty(self._payload_size, np.uint8)
+        payload = _aligned_empty(self._payload_size)
         tables: dict[bytes, int] = {}
         position = 0
         for row, fill, size in zip(self._tiles, self._fills, self._sizes):
@@ -562,6 +562,18 @@ class PlanBuilder:
             output_dtypes=tuple(self._dtypes),
             block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
         )
+
+
+# XLA's CPU client places a host array without copying it only when it is
+# 64-byte aligned, and numpy aligns to 16: the payload, a plan's largest
+# operand, is allocated aligned so restoring on a CPU does not copy it again.
+PAYLOAD_ALIGNMENT = 64
+
+
+def _aligned_empty(size: int) -> np.ndarray:
+    raw = np.empty(size + PAYLOAD_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % PAYLOAD_ALIGNMENT
+    return raw[start:start + size]
 
 
 def _check_tile_geometry(row: list[int], header: list[int]) -> None:

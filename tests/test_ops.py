@@ -202,6 +202,18 @@ def test_a_corrupt_interval_decodes_to_nan_not_to_garbage(dtype):
     assert nan[:8, 3 * 64:4 * 64].all()
 
 
+def test_a_plans_payload_is_placed_on_the_cpu_without_a_copy():
+    """XLA's CPU client aliases a host array only when it is 64-byte aligned
+    (numpy aligns to 16): the payload, a plan's largest operand, is allocated
+    so, or every restore on a CPU would hold the compressed bytes once more."""
+    rng = np.random.default_rng(12)
+    plans = [codec.build_plan([jaxjpeg.encode_tensor(_tensor(rng, (96, 200 + k)), quant_step=3)],
+                              [np.float32]) for k in range(4)]
+    assert all(p.payload.ctypes.data % codec.PAYLOAD_ALIGNMENT == 0 for p in plans)
+    placed = jax.device_put(plans[0].payload, jax.devices("cpu")[0])
+    assert placed.unsafe_buffer_pointer() == plans[0].payload.ctypes.data
+
+
 # ---------------------------------------------------------------- independent oracle
 # The tests above compare the custom call with run_plan, the same C++ core:
 # a bug in that core (the IDCT, the affine output stage) sits on both sides.
