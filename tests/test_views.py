@@ -439,3 +439,26 @@ def test_sharded_and_numpy_leaves_save_and_restore_alike(tmp_path):
     with Checkpoint(path) as c:
         assert len(c.leaves[0].tiles) == 16
     assert _rel(jaxjpeg.restore(path)["w"], x) < 0.1
+
+
+def test_structureless_matrices_keep_their_own_layout():
+    """Gaussian (O, I) matrices have no channel scales, but the RMS of
+    shorter slices scatters more: the axis of shorter slices looked wider and
+    the matrix was coded transposed (15 of a 25-matrix synthetic
+    transformer's), which restoring then undoes with an XLA transpose. Past
+    sampling noise no axis spreads, so the view keeps the axes in order."""
+    rng = np.random.default_rng(30)
+    for shape in [(768, 768), (768, 3072), (3072, 768), (256, 64, 3, 3)]:
+        for _ in range(3):
+            x = rng.standard_normal(shape).astype(np.float32)
+            assert views.choose_view(x).perm == tuple(range(len(shape))), shape
+
+
+def test_channel_scales_still_choose_the_rows():
+    """A real spread of column scales (here 0.35 in log2) makes the columns
+    the rows, however the slices' lengths compare."""
+    rng = np.random.default_rng(31)
+    cols = np.exp2(0.35 * rng.standard_normal(3072)).astype(np.float32)
+    x = rng.standard_normal((768, 3072)).astype(np.float32) * cols
+    assert views.choose_view(x) == views.MatrixView((1, 0), 1)
+    assert views.choose_view(np.ascontiguousarray(x.T)) == views.MatrixView((0, 1), 1)
