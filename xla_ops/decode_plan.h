@@ -7,6 +7,7 @@
 #define JAXJPEG_DECODE_PLAN_H_
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "destuff.h"
@@ -367,6 +368,17 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
   return status;
 }
 
+// Calls f(std::integral_constant<OutputType, type>{}): code typed by its
+// output (a sink) is written once for the three types.
+template <typename F>
+JJ_HD JJ_INLINE void WithOutputType(OutputType type, const F& f) {
+  switch (type) {
+    case OutputType::kFloat32: f(std::integral_constant<OutputType, OutputType::kFloat32>{}); break;
+    case OutputType::kBFloat16: f(std::integral_constant<OutputType, OutputType::kBFloat16>{}); break;
+    case OutputType::kFloat16: f(std::integral_constant<OutputType, OutputType::kFloat16>{}); break;
+  }
+}
+
 // An interval no decoder wrote (the plan's starts were unusable, or a block
 // map left it out) becomes NaN as a corrupt one does, never whatever its
 // output held: inside a jitted program nothing raises. An interval whose
@@ -374,21 +386,10 @@ JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
 JJ_HD inline void FillUndecodedIntervalWithNaN(const DecodePlan& p, int64_t i) {
   IntervalWork w;
   if (!ResolveIntervalBlocks(p, i, &w)) return;
-  const BlockGrid grid = TileGrid(w.tile);
-  switch (p.outputs[w.tile[kTileOutput]].type) {
-    case OutputType::kFloat32:
-      FillIntervalWithNaN(TileSink<OutputType::kFloat32>(p, w.tile), grid, w.first_block,
-                          w.num_blocks);
-      break;
-    case OutputType::kBFloat16:
-      FillIntervalWithNaN(TileSink<OutputType::kBFloat16>(p, w.tile), grid, w.first_block,
-                          w.num_blocks);
-      break;
-    case OutputType::kFloat16:
-      FillIntervalWithNaN(TileSink<OutputType::kFloat16>(p, w.tile), grid, w.first_block,
-                          w.num_blocks);
-      break;
-  }
+  WithOutputType(p.outputs[w.tile[kTileOutput]].type, [&](auto type) {
+    FillIntervalWithNaN(TileSink<decltype(type)::value>(p, w.tile), TileGrid(w.tile),
+                        w.first_block, w.num_blocks);
+  });
 }
 
 // Decodes interval i of the plan; returns kPlanOk or the packed status.
@@ -397,11 +398,9 @@ JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i) {
   if (!ResolveInterval(p, i, &w)) return PackPlanStatus(i, Status::kBadArgument);
   const DecoderTables& tables = p.tables[w.tile[kTileTables]];
   Status s = Status::kBadArgument;
-  switch (p.outputs[w.tile[kTileOutput]].type) {
-    case OutputType::kFloat32: s = DecodeIntervalAs<OutputType::kFloat32>(p, w, tables); break;
-    case OutputType::kBFloat16: s = DecodeIntervalAs<OutputType::kBFloat16>(p, w, tables); break;
-    case OutputType::kFloat16: s = DecodeIntervalAs<OutputType::kFloat16>(p, w, tables); break;
-  }
+  WithOutputType(p.outputs[w.tile[kTileOutput]].type, [&](auto type) {
+    s = DecodeIntervalAs<decltype(type)::value>(p, w, tables);
+  });
   return s == Status::kOk ? kPlanOk : PackPlanStatus(i, s);
 }
 
