@@ -17,8 +17,7 @@ cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # The interpreter that has JAX with CUDA: `python`, else `python3` (the H200
 # machine had only python3); pip through it, so both are the same install.
-py=$(command -v python || command -v python3)
-export JJ_PY=$py
+export py=$(command -v python || command -v python3)  # read by the bash -c step too
 limits_only=0
 [[ "${1:-}" == "--limits" ]] && limits_only=1
 start=$SECONDS
@@ -54,8 +53,8 @@ step build 60 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
 # and NaN, destuff on damaged interval ends, out-of-order starts, hostile
 # block-map hints, restore, jit, CUDA graphs) and the register/stack gate.
 # The CPU-only tests of the harness and the destuff pass run in CI.
-step "gpu tests" 45 bash -c '"$JJ_PY" -c "import jax, jaxjpeg.lowering as l; print(jax.devices()); assert l.cuda_available()" &&
-  JAXJPEG_REQUIRE_CUDA_BUILD=1 "$JJ_PY" -m pytest -q -rfE --tb=short tests/gpu tests/test_cuda_resources.py'
+step "gpu tests" 45 bash -c '"$py" -c "import jax, jaxjpeg.lowering as l; print(jax.devices()); assert l.cuda_available()" &&
+  JAXJPEG_REQUIRE_CUDA_BUILD=1 "$py" -m pytest -q -rfE --tb=short tests/gpu tests/test_cuda_resources.py'
 # float32 output of 1, 2 and 4 GB at the default rate, restart intervals
 # 1-16 and other rates (1 GB each), a device-to-device copy of each size
 # beside it, nvJPEG and nvCOMP on the same data when importable.
