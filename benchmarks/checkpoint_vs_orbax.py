@@ -2,6 +2,8 @@
 
     python benchmarks/checkpoint_vs_orbax.py            # ~165 MB float32 transformer-like tree
     python benchmarks/checkpoint_vs_orbax.py --quick    # ~20 MB
+    python benchmarks/checkpoint_vs_orbax.py --model cnn [--quick]   # ResNet-50 / -26 shaped
+    python benchmarks/checkpoint_vs_orbax.py --model cnn --xla-transposes   # A/B, see below
 
 For each format, one run reports:
 
@@ -20,6 +22,13 @@ For each format, one run reports:
   bytes read / bandwidth + the page-cached restore time measured above (the
   two are added, not overlapped: a conservative model, no storage throttling
   is done).
+
+``--model cnn`` is a Flax ResNet-50 (``--quick``: a ResNet-26) whose conv and
+Dense kernels carry trained networks' per-output-channel scales, so the coder
+views them with the output channels as rows (a transpose of the Flax layout).
+The decoder writes such leaves in their own layout; ``--xla-transposes``
+restores the same file the way it was done before (the 2-D views decoded,
+then transposed by XLA inside the restore program), for comparison.
 
 Tests never depend on these numbers; the script only prints them.
 """
@@ -76,6 +85,39 @@ def transformer_params(d_model: int, layers: int, vocab: int, seed: int = 0) -> 
     return params
 
 
+def resnet_params(stages=(3, 4, 6, 3), classes: int = 1000, seed: int = 0) -> dict:
+    """A float32 Flax ResNet (bottleneck blocks) whose kernels' output
+    channels differ in scale as BatchNorm-trained networks' do."""
+    rng = np.random.default_rng(seed)
+
+    def conv(k, n_in, n_out):
+        scale = np.sqrt(2 / (k * k * n_in)) * np.exp(0.7 * rng.standard_normal(n_out))
+        return {"kernel": (rng.standard_normal((k, k, n_in, n_out)) * scale).astype(np.float32)}
+
+    def norm(n):
+        return {"scale": (1 + 0.2 * rng.standard_normal(n)).astype(np.float32),
+                "bias": (0.1 * rng.standard_normal(n)).astype(np.float32),
+                "mean": (0.1 * rng.standard_normal(n)).astype(np.float32),
+                "var": np.exp(0.5 * rng.standard_normal(n)).astype(np.float32)}
+
+    params = {"conv_init": conv(7, 3, 64), "bn_init": norm(64)}
+    n_in = 64
+    for s, blocks in enumerate(stages):
+        width = 64 * 2 ** s
+        for b in range(blocks):
+            block = {"Conv_0": conv(1, n_in, width), "BatchNorm_0": norm(width),
+                     "Conv_1": conv(3, width, width), "BatchNorm_1": norm(width),
+                     "Conv_2": conv(1, width, 4 * width), "BatchNorm_2": norm(4 * width)}
+            if b == 0:
+                block["conv_proj"] = conv(1, n_in, 4 * width)
+                block["norm_proj"] = norm(4 * width)
+            params[f"stage{s}_block{b}"] = block
+            n_in = 4 * width
+    head = conv(1, n_in, classes)["kernel"][0, 0]
+    params["Dense_0"] = {"kernel": head, "bias": np.zeros(classes, np.float32)}
+    return params
+
+
 def _leaves(tree) -> list[np.ndarray]:
     out = []
     for v in tree.values():
@@ -121,11 +163,22 @@ class _PeakRss:
         self.peak = max(self.peak, _rss_bytes())
 
 
+def _undo_views_in_xla() -> None:
+    """Restores as before the decoder placed transposed views: every leaf
+    decoded as its 2-D view and transposed by XLA."""
+    from jaxjpeg import checkpoint_restore
+    checkpoint_restore.views = type("StridedViews", (), {
+        "placement": staticmethod(lambda view, shape: None),
+        "written_view": staticmethod(lambda view, shape: view)})
+
+
 def child(kind: str, path: str, repeats: int) -> dict:
     import jax
 
-    if kind == "jaxjpeg":
+    if kind in ("jaxjpeg", "jaxjpeg-xla-transposes"):
         import jaxjpeg
+        if kind == "jaxjpeg-xla-transposes":
+            _undo_views_in_xla()
 
         def restore():
             return jaxjpeg.restore(path)
@@ -194,6 +247,9 @@ def _mb(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~20 MB of parameters")
+    parser.add_argument("--model", choices=("transformer", "cnn"), default="transformer")
+    parser.add_argument("--xla-transposes", action="store_true",
+                        help="also restore with transposed views undone by XLA (as before)")
     parser.add_argument("--repeats", type=int, default=5, help="timed restores (best of N)")
     parser.add_argument("--quant-step", type=float, default=None,
                         help="jaxjpeg flat quantization step in sample units (default: the "
@@ -201,7 +257,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=None, choices=(8, 12),
                         help="sample precision (default: chosen per tensor, as save does)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
-    parser.add_argument("--child", choices=("jaxjpeg", "orbax"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("jaxjpeg", "jaxjpeg-xla-transposes", "orbax"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -215,16 +272,19 @@ def main() -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
     import jaxjpeg
 
-    if args.quick:
-        shape = dict(d_model=384, layers=2, vocab=4096)
+    if args.model == "cnn":
+        shape = dict(stages=(2, 2, 2, 2) if args.quick else (3, 4, 6, 3))
+        params = resnet_params(**shape)
     else:
-        shape = dict(d_model=768, layers=4, vocab=16384)
-    params = transformer_params(**shape)
+        shape = (dict(d_model=384, layers=2, vocab=4096) if args.quick
+                 else dict(d_model=768, layers=4, vocab=16384))
+        params = transformer_params(**shape)
     leaves = _leaves(params)
     raw = sum(x.nbytes for x in leaves)
     largest = max(x.nbytes for x in leaves)
-    print(f"parameters: {len(leaves)} leaves, {_mb(raw)} float32 (d_model={shape['d_model']}, "
-          f"layers={shape['layers']}, vocab={shape['vocab']}); largest leaf {_mb(largest)}")
+    described = ", ".join(f"{k}={v}" for k, v in shape.items())
+    print(f"parameters: {args.model}, {len(leaves)} leaves, {_mb(raw)} float32 ({described}); "
+          f"largest leaf {_mb(largest)}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
           f"orbax-checkpoint {ocp.__version__ if hasattr(ocp, '__version__') else '?'}")
 
@@ -256,6 +316,8 @@ def main() -> None:
 
         results = {"jaxjpeg": _run_child("jaxjpeg", jj_path, args.repeats),
                    "orbax": _run_child("orbax", ob_path, args.repeats)}
+        if args.xla_transposes:
+            results["xla"] = _run_child("jaxjpeg-xla-transposes", jj_path, args.repeats)
         sizes = {"jaxjpeg": _dir_bytes(jj_path), "orbax": _dir_bytes(ob_path)}
     finally:
         if args.dir is None:
@@ -293,6 +355,11 @@ def main() -> None:
     print(f"{'':{widths[0]}}  {'jaxjpeg':>{widths[1]}}  {'orbax':>{widths[2]}}  jaxjpeg/orbax")
     for name, a, b, ratio in rows:
         print(f"{name:{widths[0]}}  {a:>{widths[1]}}  {b:>{widths[2]}}  {ratio:13.3f}")
+    if "xla" in results:
+        xla = results["xla"]
+        print(f"the same file with transposed views undone by XLA (as before): restore "
+              f"{xla['best_s']:.3f} s, first restore {xla['first_s']:.3f} s, overhead "
+              f"{_mb(xla['peak_delta'] - xla['output_bytes'])}")
     print()
     print(f"jaxjpeg restore overhead target (compressed size + largest leaf): "
           f"{_mb(sizes['jaxjpeg'] + largest)}; measured {_mb(jj_over)} -> "

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxjpeg import codec, ops
+from jaxjpeg import codec, ops, views
 from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import key_record, nest, path_string
@@ -133,11 +133,11 @@ def read_maps(ckpt: Checkpoint, leaf: SavedLeaf) -> _LeafMaps:
 
 def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,
                    tile_ids: list[int], origin: tuple[int, int], out_shape, dtype,
-                   maps: _LeafMaps) -> int:
+                   maps: _LeafMaps, placement=None) -> int:
     rows = slice(origin[0], origin[0] + out_shape[0])
     cols = slice(origin[1], origin[1] + out_shape[1])
     out = builder.add_output(out_shape, dtype, maps.scale[rows], maps.offset[rows],
-                             None if maps.col_scale is None else maps.col_scale[cols])
+                             None if maps.col_scale is None else maps.col_scale[cols], placement)
     payload = 0
     for k in tile_ids:
         r0, c0, h, w, _ = leaf.tiles[k]
@@ -151,10 +151,13 @@ def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
 
 def add_whole_leaf(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,
                    dtype) -> int:
-    """All of a leaf's tiles as one output of the plan (its 2-D view), decoded
-    to ``codec.written_dtype(dtype)``; returns the payload bytes added."""
+    """All of a leaf's tiles as one output of the plan, decoded to
+    ``codec.written_dtype(dtype)`` in the layout ``views.written_view`` names
+    (a view that moves data is placed by the decoder, not transposed after);
+    returns the payload bytes added."""
     return add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0),
-                          leaf.matrix_shape, codec.written_dtype(dtype), read_maps(ckpt, leaf))
+                          leaf.matrix_shape, codec.written_dtype(dtype), read_maps(ckpt, leaf),
+                          views.placement(leaf.view, leaf.shape))
 
 
 def finish_leaf(matrix, shape, view: MatrixView, kept=None):
@@ -177,8 +180,9 @@ def kept_values(ckpt: Checkpoint, leaf: SavedLeaf):
 
 
 def _finishes(requests) -> tuple:
-    return tuple((r.leaf.shape, r.leaf.view.perm, r.leaf.view.split, r.leaf.outliers > 0,
-                  np.dtype(r.dtype).name) for r in requests)
+    written = [views.written_view(r.leaf.view, r.leaf.shape) for r in requests]
+    return tuple((r.leaf.shape, view.perm, view.split, r.leaf.outliers > 0,
+                  np.dtype(r.dtype).name) for r, view in zip(requests, written))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -26,7 +26,7 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, layout, mapping
+from jaxjpeg import _native, layout, mapping, views
 from jaxjpeg.feedback import Feedback, shape_errors
 from jaxjpeg.views import MatrixView, Outliers, fill_outliers
 
@@ -467,6 +467,7 @@ class DecodePlan:
     row_scale: np.ndarray        # float32
     row_offset: np.ndarray       # float32
     col_scale: np.ndarray        # float32
+    positions: np.ndarray        # int64: placed tiles' element offsets (MatrixView.positions)
     output_shapes: tuple[tuple[int, int], ...]
     output_dtypes: tuple[np.dtype, ...]
     block_map: np.ndarray        # int32 [CUDA decode blocks, 2]: a hint (see decode_plan.h)
@@ -490,6 +491,9 @@ class PlanBuilder:
         self._offsets: list[np.ndarray] = []
         self._col_scales: list[np.ndarray] = []
         self._col_bases: list[int] = []      # each output's first column scale, or -1
+        self._placements: list = []          # each output's (row_at, col_at), or None
+        self._positions: list[np.ndarray] = []
+        self._position_count = 0
         self._shapes: list[tuple[int, int]] = []
         self._dtypes: list[np.dtype] = []
         self._payload_size = 0
@@ -498,9 +502,16 @@ class PlanBuilder:
         self._col_scale_count = 0
 
     def add_output(self, shape: tuple[int, int], dtype, row_scale, row_offset,
-                   col_scale=None) -> int:
-        """A 2-D output with its affine rows (and column scales); returns its index."""
+                   col_scale=None, placement=None) -> int:
+        """A 2-D output with its affine rows (and column scales); returns its index.
+
+        ``placement = (row_at, col_at)`` (:meth:`MatrixView.positions`) writes
+        element (r, c) of the 2-D view at flat offset ``row_at[r] + col_at[c]``
+        of the output instead: the output then holds the tensor in its own
+        layout, and only a reshape remains."""
         output_type(dtype)
+        self._placements.append(None if placement is None else
+                                tuple(np.asarray(a, np.int64) for a in placement))
         if col_scale is None:
             self._col_bases.append(-1)
         else:
@@ -530,12 +541,24 @@ class PlanBuilder:
                             affine_base + (row0 if affine_row0 is None else affine_row0),
                             self._intervals, restart_interval,
                             -1 if col_base < 0 else
-                            col_base + (col0 if col_scale0 is None else col_scale0)])
+                            col_base + (col0 if col_scale0 is None else col_scale0),
+                            self._place_tile(output, tile_box)])
         self._starts.append(np.asarray(interval_starts[:-1], np.int64) + self._payload_size)
         self._fills.append(fill)
         self._sizes.append(size)
         self._payload_size += size
         self._intervals += len(interval_starts) - 1
+
+    def _place_tile(self, output: int, tile_box) -> int:
+        """The tile's first entry in the plan's positions, or -1 (strided)."""
+        if self._placements[output] is None:
+            return -1
+        row0, col0, height, width = tile_box
+        row_at, col_at = self._placements[output]
+        self._positions += [row_at[row0:row0 + height], col_at[col0:col0 + width]]
+        first = self._position_count
+        self._position_count += height + width
+        return first
 
     def finish(self) -> DecodePlan:
         payload = _aligned_empty(self._payload_size)
@@ -558,6 +581,7 @@ class PlanBuilder:
             row_scale=np.concatenate(self._scales or [np.zeros(0, np.float32)]),
             row_offset=np.concatenate(self._offsets or [np.zeros(0, np.float32)]),
             col_scale=np.concatenate(self._col_scales or [np.zeros(0, np.float32)]),
+            positions=np.concatenate(self._positions or [np.zeros(0, np.int64)]),
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
             block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
@@ -593,12 +617,16 @@ def _copy_into(data: bytes):
     return fill
 
 
-def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence) -> DecodePlan:
-    """One plan decoding every tile of every tensor into outputs of ``dtypes``."""
+def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence,
+               placed: bool = False) -> DecodePlan:
+    """One plan decoding every tile of every tensor into outputs of ``dtypes``:
+    their 2-D views, or with ``placed`` each tensor in its own layout
+    (:func:`views.placement`; :func:`views.written_view` says which)."""
     builder = PlanBuilder()
     for enc, dtype in zip(tensors, dtypes):
         out = builder.add_output(enc.matrix_shape, dtype, enc.row_scale, enc.row_offset,
-                                 enc.col_scale)
+                                 enc.col_scale,
+                                 views.placement(enc.view, enc.shape) if placed else None)
         for tile in enc.tiles:
             builder.add_tile(out, (tile.row0, tile.col0, tile.height, tile.width), bits=tile.bits,
                              restart_interval=tile.restart_interval,
@@ -628,7 +656,7 @@ def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:
     types = [output_type(d) for d in plan.output_dtypes]
     _native.run_plan(plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
                      plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-                     types, threads, plan.col_scale)
+                     types, threads, plan.col_scale, plan.positions)
     return outputs
 
 
@@ -650,8 +678,9 @@ def decode_tensors(tensors: Sequence[EncodedTensor], dtypes=None, threads: int =
     """Decodes tensors in one parallel pass (all restart intervals on all cores)."""
     if dtypes is None:
         dtypes = [np.float32] * len(tensors)
-    outputs = run_plan(build_plan(tensors, dtypes), threads)
-    return [restore_view(o, t.shape, t.view, t.outliers) for o, t in zip(outputs, tensors)]
+    outputs = run_plan(build_plan(tensors, dtypes, placed=True), threads)
+    return [restore_view(o, t.shape, views.written_view(t.view, t.shape), t.outliers)
+            for o, t in zip(outputs, tensors)]
 
 
 def restore_view(matrix: np.ndarray, shape, view: MatrixView, outliers: Outliers | None):

@@ -23,12 +23,15 @@ decode_p = Primitive("jaxjpeg_decode")
 decode_p.multiple_results = True
 
 _OPERAND_DTYPES = (np.uint8, np.int32, np.int32, np.uint8, np.float32, np.float32, np.float32,
-                   np.int32)
+                   np.int32, np.int32)
 _OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "row_offset",
-                  "col_scale", "block_map")
+                  "col_scale", "positions", "block_map")
 
 
 def _abstract_eval(*operands, output_shapes, output_dtypes):
+    if len(operands) != len(_OPERAND_NAMES):
+        raise TypeError(f"jaxjpeg decode takes {len(_OPERAND_NAMES)} operands "
+                        f"({', '.join(_OPERAND_NAMES)}), got {len(operands)}")
     for operand, dtype, name in zip(operands, _OPERAND_DTYPES, _OPERAND_NAMES):
         if operand.ndim != 1 or operand.dtype != dtype:
             raise TypeError(f"jaxjpeg decode: {name} must be a 1-D {np.dtype(dtype).name} array, "
@@ -85,7 +88,7 @@ def plan_operands(plan: codec.DecodePlan) -> tuple[np.ndarray, ...]:
     """A host plan as the primitive's operands (int64 tables as int32 pairs)."""
     return (plan.payload, plan.interval_starts.view(np.int32), plan.tiles.reshape(-1).view(np.int32),
             plan.tables, plan.row_scale, plan.row_offset, plan.col_scale,
-            plan.block_map.reshape(-1))
+            plan.positions.view(np.int32), plan.block_map.reshape(-1))
 
 
 def decode(*operands, output_shapes, output_dtypes):

@@ -79,6 +79,20 @@ class MatrixView:
         """The tensor of ``shape`` whose view is ``m`` (numpy or jax)."""
         return m.reshape(self.permuted_shape(shape)).transpose(self.inverse())
 
+    def moves_data(self, shape: Sequence[int]) -> bool:
+        """Whether the view reorders the tensor's elements (a transpose, not
+        a reshape): axes of length 1 may move freely."""
+        kept = [a for a in self.perm if shape[a] != 1]
+        return kept != sorted(kept)
+
+    def positions(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(row_at, col_at), int64: element (r, c) of the view is element
+        ``row_at[r] + col_at[c]`` of the C-ordered tensor of ``shape`` (the
+        decoder's placement by table, xla_ops/output_stage.h)."""
+        strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
+        return tuple(_offsets([int(shape[a]) for a in axes], [int(strides[a]) for a in axes])
+                     for axes in (self.row_axes(), self.col_axes()))
+
     def row_axes(self) -> tuple[int, ...]:
         return self.perm[:self.split]
 
@@ -109,6 +123,26 @@ class MatrixView:
         rows, cols = self.matrix_shape(shape)
         return (tuple(sorted(c for c in cuts[0] if 0 < c < rows)),
                 tuple(sorted(c for c in cuts[1] if 0 < c < cols)))
+
+
+def placement(view: MatrixView, shape: Sequence[int]):
+    """The decoder's placement by table for a whole tensor whose view moves
+    its data (``(row_at, col_at)``), or None: written as the view, strided."""
+    return view.positions(shape) if view.moves_data(shape) else None
+
+
+def written_view(view: MatrixView, shape: Sequence[int]) -> MatrixView:
+    """The view a whole-tensor decode leaves its output in: the tensor's own
+    order (a reshape) where :func:`placement` placed it, else ``view``."""
+    return MatrixView(tuple(range(len(shape))), view.split) if view.moves_data(shape) else view
+
+
+def _offsets(sizes, strides) -> np.ndarray:
+    """Element offsets of the C-ordered positions over axes of ``sizes``."""
+    out = np.zeros(1, np.int64)
+    for size, stride in zip(sizes, strides):
+        out = (out[:, None] + np.arange(size, dtype=np.int64) * stride).reshape(-1)
+    return out
 
 
 def sharded_axes(regions) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import pytest
 
 import jaxjpeg
 from jaxjpeg import _native, codec
+from jaxjpeg.views import MatrixView
 from oracle import expected_tensor
 from stream_damage import STREAM_DAMAGE, damage_interval_end, interval_markers
 
@@ -24,7 +25,7 @@ def _harness(plan, payload=None):
         plan.payload if payload is None else payload, plan.interval_starts, plan.tiles,
         plan.tables, plan.row_scale, plan.row_offset,
         [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+        [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale, positions=plan.positions,
         block_map=plan.block_map)
     return outputs
 
@@ -81,7 +82,7 @@ def test_harness_and_host_agree_on_corrupt_payloads(many_kinds, seed):
         try:
             fn(payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
                plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outs],
-               types, col_scale=plan.col_scale, **kw)
+               types, col_scale=plan.col_scale, positions=plan.positions, **kw)
             error = None
         except jaxjpeg.JpegError as e:
             error = str(e)
@@ -106,7 +107,7 @@ def _run_both(plan, payload, starts=None):
         try:
             fn(payload, starts, plan.tiles, plan.tables, plan.row_scale, plan.row_offset,
                [o.view(np.uint16) if o.itemsize == 2 else o for o in outs], types,
-               col_scale=plan.col_scale, **kw)
+               col_scale=plan.col_scale, positions=plan.positions, **kw)
             error = None
         except jaxjpeg.JpegError as e:
             error = str(e)
@@ -186,7 +187,7 @@ def test_intervals_a_block_map_leaves_out_are_reported(many_kinds):
         _native.run_plan_kernel_harness(
             plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
             plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outs],
-            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale, positions=plan.positions,
             block_map=block_map)
     left_out = 0
     for w, o in zip(want, outs):
@@ -218,7 +219,7 @@ def _harness_counted(plan, payload=None):
             plan.payload if payload is None else payload, plan.interval_starts, plan.tiles,
             plan.tables, plan.row_scale, plan.row_offset,
             [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale,
+            [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale, positions=plan.positions,
             block_map=plan.block_map, step_counts=counts)
         error = None
     except jaxjpeg.JpegError as e:
@@ -232,7 +233,7 @@ def _host(plan, payload):
         _native.run_plan(payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
                          plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outs],
                          [codec.output_type(d) for d in plan.output_dtypes], threads=1,
-                         col_scale=plan.col_scale)
+                         col_scale=plan.col_scale, positions=plan.positions)
         return None, outs
     except jaxjpeg.JpegError as e:
         return str(e), outs
@@ -342,3 +343,53 @@ def test_step_counts_must_be_written_in_place(many_kinds):
             plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
             plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
             [codec.output_type(d) for d in dtypes], step_counts=np.zeros(2, np.int32))
+
+
+# Tensors whose views move data, decoded in their own layout (placement by
+# table, xla_ops/output_stage.h): (shape, view perm, split).
+PLACED_VIEWS = [((3, 3, 16, 40), (3, 2, 0, 1), 1),   # Flax conv, rows = output channels
+                ((24, 56), (1, 0), 1),                # Dense kernel, transposed
+                ((5, 12, 20), (2, 0, 1), 2),          # rows over two axes
+                ((7, 1, 30), (2, 1, 0), 1)]           # a length-1 axis among them
+
+
+@pytest.fixture(scope="module")
+def placed_kinds():
+    """PLACED_VIEWS in every output type and both bit depths, with tiles and
+    restart intervals small enough that intervals wrap block rows."""
+    rng = np.random.default_rng(8)
+    encs, dtypes = [], []
+    for k, (shape, perm, split) in enumerate(PLACED_VIEWS * 3):
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 2 else 8, quant_step=2 + k % 4,
+                                          view=MatrixView(perm, split), restart_interval=k % 4,
+                                          tile_shape=(16, 24)))
+        dtypes.append(DTYPES[k % 3])
+    return encs, dtypes
+
+
+def test_placed_tensors_decode_as_their_views_transposed(placed_kinds):
+    """Host decoder and kernel harness write each tensor in its own layout,
+    bit for bit what the 2-D view's decode gives once transposed."""
+    encs, dtypes = placed_kinds
+    views = codec.run_plan(codec.build_plan(encs, dtypes))
+    plan = codec.build_plan(encs, dtypes, placed=True)
+    assert (plan.tiles[:, -1] >= 0).all() and plan.positions.size
+    for got in (codec.run_plan(plan), _harness(plan)):
+        for enc, view, out in zip(encs, views, got):
+            want = np.ascontiguousarray(enc.view.from_matrix(view, enc.shape))
+            np.testing.assert_array_equal(_bits(out.reshape(enc.shape)), _bits(want))
+
+
+def test_placed_tensors_agree_on_corrupt_payloads(placed_kinds):
+    """A damaged interval's NaN lands on the same elements on both executors."""
+    encs, dtypes = placed_kinds
+    plan = codec.build_plan(encs, dtypes, placed=True)
+    payload = plan.payload.copy()
+    rng = np.random.default_rng(3)
+    payload[rng.integers(0, payload.size, 10)] = 0xFF
+    (host_error, host), (harness_error, harness) = _run_both(plan, payload)
+    assert host_error is not None and harness_error == host_error
+    assert any(np.isnan(o.astype(np.float32)).any() for o in host)
+    for want, got in zip(host, harness):
+        np.testing.assert_array_equal(_bits(got), _bits(want))

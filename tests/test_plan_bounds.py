@@ -41,7 +41,7 @@ def test_hostile_plan_is_refused(native_worker, name):
 
 def _tiles_plan(firsts, intervals, bits=8):
     """Tiles of one 8-bit float32 output starting at intervals ``firsts``."""
-    tiles = np.zeros((len(firsts), 12), np.int64)
+    tiles = np.zeros((len(firsts), _native.TILE_COLUMNS), np.int64)
     tiles[:, T_BITS] = bits
     tiles[:, T_FIRST] = firsts
     return np.zeros(intervals + 1, np.int64), tiles
@@ -59,7 +59,7 @@ HOSTILE_MAPS = {
     "tiles_out_of_order": (_edited([0, 7, 5], 10), "tile 1: its intervals [7, 5)"),
     "tile_without_intervals": (_edited([0, 4, 4], 10), "tile 1: its intervals [4, 4)"),
     "tile_past_the_plan": (_edited([0, 11], 10), "tile 0: its intervals [0, 11)"),
-    "no_tiles": ((np.zeros(4, np.int64), np.zeros((0, 12), np.int64)),
+    "no_tiles": ((np.zeros(4, np.int64), np.zeros((0, _native.TILE_COLUMNS), np.int64)),
                  "first tile must start at interval 0"),
     "bits_10": (_edited([0, 3], 10, T_BITS, 10), "tile 1: bits must be 8 or 12"),
     "output_past_end": (_edited([0, 3], 10, T_OUT, 1), "tile 1: output index out of range"),

@@ -410,8 +410,8 @@ def test_sos_with_spectral_selection_is_unsupported(native_worker):
 # run_plan with hostile plans
 
 (T_TABLES, T_BITS, T_W, T_H, T_OUT, T_ROW0, T_COL0, T_STRIDE, T_AFF0, T_FIRST, T_RESTART,
- T_COLSCALE0) = range(12)
-assert _native.TILE_COLUMNS == 12
+ T_COLSCALE0, T_POSITIONS0) = range(13)
+assert _native.TILE_COLUMNS == 13
 COL_SCALE = np.array([0.25, 1.0, 2.0, 3.0] * 5 + [0.5], np.float32)  # 21 columns
 
 
@@ -420,7 +420,7 @@ def valid_plan():
     (a 20 x 32 float32 array) at row 3, column 5, with a per-column scale."""
     data = stream(8, (13, 21), restart=2, quality=90, seed=5)
     info = _native.inspect(data)
-    tiles = np.array([[0, 8, 21, 13, 0, 3, 5, 32, 0, 0, 2, 0]], np.int64)
+    tiles = np.array([[0, 8, 21, 13, 0, 3, 5, 32, 0, 0, 2, 0, -1]], np.int64)
     return dict(payload=np.frombuffer(data, np.uint8),
                 interval_starts=np.asarray(info["interval_starts"], np.int64),
                 tiles=tiles, tables=np.asarray(info["tables"]),
@@ -444,6 +444,28 @@ def test_valid_plan_writes_exactly_its_tile(native_worker):
     assert np.array_equal(view[3:16, 5:26], expected)
     view[3:16, 5:26] = -7.25e30
     assert np.all(view == np.float32(-7.25e30))  # nothing else in the output written
+
+
+def placed_plan():
+    """valid_plan's tile placed by table, transposed: element (y, x) lands at
+    (5 + x, 3 + y) of the output read as a 32 x 20 array."""
+    plan, samples = valid_plan()
+    plan["tiles"] = plan["tiles"].copy()
+    plan["tiles"][0, T_POSITIONS0] = 0
+    rows, cols = 3 + np.arange(13), (5 + np.arange(21)) * 20
+    plan["positions"] = np.concatenate([rows, cols]).astype(np.int64)
+    return plan, samples
+
+
+def test_placed_plan_writes_exactly_its_tile_transposed(native_worker):
+    plan, samples = placed_plan()
+    error, (out,), intact = run_guarded(native_worker, plan)
+    assert error is None and intact
+    view = out.reshape(32, 20)
+    expected = (samples.astype(np.float32) * 0.5 - 1.0) * COL_SCALE
+    assert np.array_equal(view[5:26, 3:16], expected.T)
+    view[5:26, 3:16] = -7.25e30
+    assert np.all(view == np.float32(-7.25e30))
 
 
 def tile_edit(column, value):
@@ -511,9 +533,11 @@ HOSTILE_PLANS = {
     "restart_interval_wrong": tile_edit(T_RESTART, 1),
     "tables_size_not_multiple": field("tables", np.zeros(_native.DECODER_TABLES_SIZE - 1, np.uint8)),
     "tables_empty": field("tables", np.zeros(0, np.uint8)),
-    "tiles_wrong_columns": field("tiles", np.zeros((1, 11), np.int64)),
-    "tiles_wrong_dtype": field("tiles", np.zeros((1, 12), np.int32)),
-    "tiles_empty": field("tiles", np.zeros((0, 12), np.int64)),
+    "tiles_wrong_columns": field("tiles", np.zeros((1, 12), np.int64)),
+    "tiles_wrong_dtype": field("tiles", np.zeros((1, 13), np.int32)),
+    "tiles_empty": field("tiles", np.zeros((0, 13), np.int64)),
+    "positions0_below_minus_one": tile_edit(T_POSITIONS0, -2),
+    "positions0_without_positions": tile_edit(T_POSITIONS0, 0),
     "starts_empty": field("interval_starts", np.zeros(0, np.int64)),
     "starts_wrong_dtype": field("interval_starts", np.zeros(5, np.int32)),
     "row_offset_shorter": field("row_offset", np.zeros(12, np.float32)),
@@ -522,6 +546,38 @@ HOSTILE_PLANS = {
     "output_type_negative": field("output_types", [-1]),
     "output_smaller_than_tile": field("output_sizes", [32 * 15]),
 }
+
+
+def positions_edit(index, value):
+    def edit(plan):
+        plan["positions"] = plan["positions"].copy()
+        plan["positions"][index] = value
+    return edit
+
+
+HOSTILE_PLACEMENTS = {
+    "positions0_past_table": tile_edit(T_POSITIONS0, 1),
+    "positions0_huge": tile_edit(T_POSITIONS0, BIG - 4),
+    "positions_shorter": field("positions", np.zeros(33, np.int64)),
+    "positions_wrong_dtype": field("positions", np.zeros(34, np.int32)),
+    "row_offset_negative": positions_edit(4, -1),
+    "row_offset_past_output": positions_edit(12, 640),
+    "col_offset_negative": positions_edit(13, -20),
+    "col_offset_past_output": positions_edit(33, 640),
+    "col_offset_huge": positions_edit(20, BIG),
+    "row_and_col_offsets_sum_past_output": positions_edit(0, 639),  # 639 + 100 >= 640
+    "last_row_plus_col_is_the_output_size": positions_edit(33, 640 - 15),  # row 15
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_PLACEMENTS))
+def test_hostile_placement_is_refused_without_writing_outside_outputs(native_worker, name):
+    plan, _ = placed_plan()
+    HOSTILE_PLACEMENTS[name](plan)
+    error, _, intact = run_guarded(native_worker, plan)
+    assert error is not None, "hostile placement accepted"
+    assert error[0] in ("JpegError", "ValueError"), error
+    assert intact, "run_plan wrote outside its output"
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_PLANS))

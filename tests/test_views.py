@@ -462,3 +462,50 @@ def test_channel_scales_still_choose_the_rows():
     x = rng.standard_normal((768, 3072)).astype(np.float32) * cols
     assert views.choose_view(x) == views.MatrixView((1, 0), 1)
     assert views.choose_view(np.ascontiguousarray(x.T)) == views.MatrixView((0, 1), 1)
+
+
+def _window_program_text(path) -> str:
+    """The HLO of the decode program restoring every coded leaf of ``path``."""
+    from jaxjpeg import checkpoint_restore as cr, ops
+    with Checkpoint(path) as ckpt:
+        requests = [cr.LeafRequest(leaf, cr.restored_dtype(leaf.dtype))
+                    for leaf in ckpt.leaves if leaf.kind == "jpeg"]
+        prepared = cr._prepare_jpeg(ckpt, requests, list(range(len(requests))), None)
+    plan = prepared.plan
+    decoder = cr._leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                                 cr._finishes(requests))
+    return decoder.lower(ops.plan_operands(plan), prepared.kept).as_text()
+
+
+def test_transposed_views_restore_in_place_without_xla_transposes(tmp_path):
+    """A Flax conv (rows: its output channels) and a Dense kernel coded
+    transposed are written by the decoder in their own layout: the restore
+    program holds no transpose (XLA compiled one per distinct shape, ~40 ms
+    each on a CPU, and held a window's transposed copies at once), and the
+    values are the 2-D views' decode transposed."""
+    rng = np.random.default_rng(12)
+    tree = {"conv": _trained_like_conv(rng),
+            "dense": _trained_like_conv(rng, out=64, inp=128, k=1)[0, 0],
+            "plain": rng.standard_normal((64, 96)).astype(np.float32)}
+    path = tmp_path / "t.jjpg"
+    jaxjpeg.save(path, tree)
+    from jaxjpeg import checkpoint_restore as cr, export
+    with Checkpoint(path) as ckpt:
+        assert all(leaf.kind == "jpeg" for leaf in ckpt.leaves)
+        moved = {leaf.path for leaf in ckpt.leaves if leaf.view.moves_data(leaf.shape)}
+        want, on_host = {}, {}
+        for leaf in ckpt.leaves:
+            builder = codec.PlanBuilder()   # the 2-D view, strided
+            cr.add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0),
+                              leaf.matrix_shape, np.float32, cr.read_maps(ckpt, leaf))
+            (view,) = codec.run_plan(builder.finish())
+            want[leaf.path] = leaf.view.from_matrix(view, leaf.shape)
+            on_host[leaf.path] = export.decode_on_host(ckpt, leaf)
+    assert moved == {"conv", "dense"}
+    assert "transpose" not in _window_program_text(path)
+    restored, loaded = jaxjpeg.restore(path), jaxjpeg.load(path)
+    for name in tree:
+        np.testing.assert_array_equal(np.asarray(restored[name]), want[name])
+        np.testing.assert_array_equal(on_host[name], want[name])
+        np.testing.assert_array_equal(np.asarray(jax.jit(jaxjpeg.decode)(loaded[name])),
+                                      want[name])

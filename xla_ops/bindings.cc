@@ -205,7 +205,8 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
                         const py::array& tiles, const py::buffer& tables,
                         const py::array& row_scale, const py::array& row_offset,
                         const std::vector<py::array>& outputs, const std::vector<int>& output_types,
-                        const std::optional<py::array>& col_scale) {
+                        const std::optional<py::array>& col_scale,
+                        const std::optional<py::array>& positions) {
   if (outputs.size() != output_types.size()) throw py::value_error("one type per output");
   const py::buffer_info pay = ContiguousBytes(payload);
   const py::buffer_info tab = ContiguousBytes(tables);
@@ -245,6 +246,10 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
     plan.col_scale = ArrayData<float>(*col_scale, -1, "col_scale");
     plan.num_col_scales = col_scale->size();
   }
+  if (positions) {
+    plan.positions = ArrayData<int64_t>(*positions, -1, "positions");
+    plan.num_positions = positions->size();
+  }
   plan.outputs = h.outputs.data();
   plan.num_outputs = static_cast<int64_t>(h.outputs.size());
   return h;
@@ -259,9 +264,10 @@ void RaiseOnFailure(int32_t status) {
 void RunPlan(const py::buffer& payload, const py::array& interval_starts, const py::array& tiles,
              const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
              const std::vector<py::array>& outputs, const std::vector<int>& output_types,
-             int threads, const std::optional<py::array>& col_scale) {
+             int threads, const std::optional<py::array>& col_scale,
+             const std::optional<py::array>& positions) {
   const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
-                                    row_offset, outputs, output_types, col_scale);
+                                    row_offset, outputs, output_types, col_scale, positions);
   int32_t status;
   {
     py::gil_scoped_release release;
@@ -277,9 +283,10 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
                           const std::vector<int>& output_types,
                           const std::optional<py::array>& col_scale,
                           const std::optional<py::array>& block_map,
-                          std::optional<py::array> step_counts) {
+                          std::optional<py::array> step_counts,
+                          const std::optional<py::array>& positions) {
   HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale, row_offset,
-                              outputs, output_types, col_scale);
+                              outputs, output_types, col_scale, positions);
   if (block_map) {
     h.plan.block_map = ArrayData<int32_t>(*block_map, -1, "block_map");
     h.plan.num_map_blocks = block_map->size() / kBlockMapColumns;
@@ -749,12 +756,13 @@ PYBIND11_MODULE(_native, m) {
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
         py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
         py::arg("output_types"), py::arg("threads") = 0, py::arg("col_scale") = py::none(),
+        py::arg("positions") = py::none(),
         "Decode many restart intervals of many tiles into preallocated outputs.");
   m.def("run_plan_kernel_harness", &RunPlanKernelHarness, py::arg("payload"),
         py::arg("interval_starts"), py::arg("tiles"), py::arg("tables"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
         py::arg("col_scale") = py::none(), py::arg("block_map") = py::none(),
-        py::arg("step_counts") = py::none(),
+        py::arg("step_counts") = py::none(), py::arg("positions") = py::none(),
         "Run the CUDA kernel body over every (block, thread) on the host (tests); "
         "step_counts (int64 [2], written even when decoding fails): the warps' "
         "lock-step decode steps written staged and written lane by lane.");

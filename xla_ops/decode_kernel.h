@@ -184,13 +184,13 @@ JJ_HD JJ_INLINE LaneDecode<kType> StartLane(const DecodePlan& p, const IntervalW
 }
 
 // The lane's part of "the warp may stage", voted once per interval: its
-// tile's rows are 16-byte aligned (so is every chunk then: block columns
-// are multiples of 8 elements, 16 bytes or more). The other condition is
-// that every lane has the same tile.
+// tile is strided (not placed by table) and its rows 16-byte aligned (so is
+// every chunk then: block columns are multiples of 8 elements, 16 bytes or
+// more). The other condition is that every lane has the same tile.
 template <OutputType kType>
 JJ_HD JJ_INLINE bool LaneRowsAligned(const LaneDecode<kType>& d) {
   using Element = typename OutputElement<kType>::Type;
-  return (reinterpret_cast<uintptr_t>(d.sink.base) & 15) == 0 &&
+  return d.sink.row_at == nullptr && (reinterpret_cast<uintptr_t>(d.sink.base) & 15) == 0 &&
          (d.sink.row_stride * static_cast<int64_t>(sizeof(Element))) % 16 == 0;
 }
 

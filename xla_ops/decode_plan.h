@@ -31,6 +31,9 @@ enum TileColumn : int {
   kTileFirstInterval,      // the tile's first interval; tiles are sorted by it
   kTileRestartInterval,    // blocks per interval (0: the whole tile is one)
   kTileColScale0,          // first of the tile's columns in col_scale, or -1: no column scale
+  kTilePositions0,         // -1: rows kTileRowStride apart from (kTileRow0, kTileCol0); else
+                           // the tile's height row offsets, then width column offsets, in
+                           // `positions` (AffineSink's placement by table)
   kTileColumns
 };
 
@@ -68,6 +71,8 @@ struct DecodePlan {
   int64_t num_affine_rows;
   const float* col_scale;    // [num_col_scales]
   int64_t num_col_scales;
+  const int64_t* positions;  // [num_positions]: element offsets (kTilePositions0)
+  int64_t num_positions;
   const PlanOutput* outputs;
   int64_t num_outputs;
   // The host's map of the CUDA kernels' blocks (see BuildBlockMap); a hint
@@ -246,6 +251,48 @@ JJ_HD JJ_INLINE bool ProductAtMost(uint64_t a, uint64_t b, uint64_t limit) {
 #endif
 }
 
+// Whether every element (y, x) of rows [y0, y1) and columns [x0, x1) of a
+// tile placed by table lands inside an output of `elements`: each offset in
+// [0, elements), and the largest row's plus the largest column's below it.
+JJ_HD inline bool PlacedSpanFits(const int64_t* row_at, int32_t y0, int32_t y1,
+                                 const int64_t* col_at, int32_t x0, int32_t x1, int64_t elements) {
+  int64_t last_row = 0, last_col = 0;
+  for (int32_t y = y0; y < y1; ++y) {
+    if (row_at[y] < 0 || row_at[y] >= elements) return false;
+    last_row = row_at[y] > last_row ? row_at[y] : last_row;
+  }
+  for (int32_t x = x0; x < x1; ++x) {
+    if (col_at[x] < 0 || col_at[x] >= elements) return false;
+    last_col = col_at[x] > last_col ? col_at[x] : last_col;
+  }
+  return last_row < elements - last_col;
+}
+
+// The placement check of an interval of a tile placed by table: its tables lie
+// inside `positions`, and every element it writes inside its output. The
+// tables are untrusted, so the offsets the interval uses are read: block row
+// by block row, the rows and columns of its blocks there (about one entry
+// per 8 elements decoded).
+JJ_HD inline bool PlacedIntervalFits(const DecodePlan& p, const IntervalWork& w,
+                                     int64_t positions0, int32_t width, int32_t height,
+                                     int64_t elements) {
+  if (positions0 > p.num_positions - (width + height)) return false;
+  const int64_t* row_at = p.positions + positions0;
+  const int64_t* col_at = row_at + height;
+  const int32_t blocks_wide = (width + 7) / 8;
+  const int32_t first_row = w.first_block / blocks_wide;
+  const int32_t last = w.first_block + w.num_blocks - 1;
+  const int32_t last_row = last / blocks_wide;
+  for (int32_t by = first_row; by <= last_row; ++by) {
+    const int32_t bx0 = by == first_row ? w.first_block % blocks_wide : 0;
+    const int32_t bx1 = by == last_row ? last % blocks_wide : blocks_wide - 1;
+    const int32_t y1 = by * 8 + 8 < height ? by * 8 + 8 : height;
+    const int32_t x1 = bx1 * 8 + 8 < width ? bx1 * 8 + 8 : width;
+    if (!PlacedSpanFits(row_at, by * 8, y1, col_at, bx0 * 8, x1, elements)) return false;
+  }
+  return true;
+}
+
 // Resolves where interval i writes (its tile searched from `tile_hint`, see
 // FindTileFrom) and checks that it writes only inside its output and affine
 // rows: the plan is untrusted input. Its bytes are not looked at (see
@@ -278,8 +325,14 @@ JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, Interval
   }
   const int64_t col_scale0 = tile[kTileColScale0];
   if (col_scale0 < -1 || (col_scale0 >= 0 && col_scale0 > p.num_col_scales - width)) return false;
-  const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
   const int64_t elements = p.outputs[tile[kTileOutput]].elements;
+  const int64_t positions0 = tile[kTilePositions0];
+  if (positions0 >= 0) {
+    return PlacedIntervalFits(p, *w, positions0, static_cast<int32_t>(width),
+                              static_cast<int32_t>(height), elements);
+  }
+  if (positions0 != -1) return false;
+  const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
   if (stride < 1 || row0 < 0 || col0 < 0 || col0 > stride - width) return false;
   // (row0 + height) * stride <= elements, without a division: elements is
   // trusted (an output's size), so past the first test the sum cannot
@@ -319,11 +372,18 @@ template <OutputType kType>
 JJ_HD JJ_INLINE AffineSink<kType> TileSink(const DecodePlan& p, const int64_t* tile) {
   using Element = typename OutputElement<kType>::Type;
   const PlanOutput& out = p.outputs[tile[kTileOutput]];
+  const float* col_scale = tile[kTileColScale0] >= 0 ? p.col_scale + tile[kTileColScale0] : nullptr;
+  const int64_t positions0 = tile[kTilePositions0];
+  if (positions0 >= 0) {
+    return AffineSink<kType>{static_cast<Element*>(out.data), tile[kTileHeight],
+                             p.row_scale + tile[kTileAffineRow0],
+                             p.row_offset + tile[kTileAffineRow0], col_scale,
+                             p.positions + positions0};
+  }
   return AffineSink<kType>{
       static_cast<Element*>(out.data) + tile[kTileRow0] * tile[kTileRowStride] + tile[kTileCol0],
       tile[kTileRowStride], p.row_scale + tile[kTileAffineRow0],
-      p.row_offset + tile[kTileAffineRow0],
-      tile[kTileColScale0] >= 0 ? p.col_scale + tile[kTileColScale0] : nullptr};
+      p.row_offset + tile[kTileAffineRow0], col_scale, nullptr};
 }
 
 JJ_HD JJ_INLINE BlockGrid TileGrid(const int64_t* tile) {

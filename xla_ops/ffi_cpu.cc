@@ -84,12 +84,12 @@ ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
                          ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
                          ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
                          ffi::Buffer<ffi::F32> row_offset, ffi::Buffer<ffi::F32> col_scale,
-                          ffi::Buffer<ffi::S32> block_map,
+                          ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> block_map,
                          ffi::ResultBuffer<ffi::S32> status,
                          ffi::ResultBuffer<ffi::U8> workspace, ffi::RemainingRets outputs) {
   DecodePlan plan{};
   ffi::Error err = PlanFromOperands(payload, starts, tiles, tables, row_scale, row_offset,
-                                    col_scale, block_map, &plan);
+                                    col_scale, positions, block_map, &plan);
   if (err.failure()) return err;
   err = CheckResults(status, workspace, outputs.size());
   if (err.failure()) return err;

@@ -25,6 +25,7 @@ auto BindDecodeOperands(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-row scale of the affine output map
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-row offset of the affine output map
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-column scales, applied after the row map
+      .template Arg<ffi::Buffer<ffi::S32>>()  // placement offsets: int64 as int32 pairs (kTilePositions0)
       .template Arg<ffi::Buffer<ffi::S32>>()  // block map: [blocks, kBlockMapColumns] (CUDA hint)
       .template Ret<ffi::Buffer<ffi::S32>>()  // status: kPlanOk or packed (interval, code)
       .template Ret<ffi::Buffer<ffi::U8>>()   // workspace: one PlanOutput per decoded tensor
@@ -54,6 +55,7 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
                                    const ffi::Buffer<ffi::F32>& row_scale,
                                    const ffi::Buffer<ffi::F32>& row_offset,
                                    const ffi::Buffer<ffi::F32>& col_scale,
+                                   const ffi::Buffer<ffi::S32>& positions,
                                    const ffi::Buffer<ffi::S32>& block_map, DecodePlan* plan) {
   if (starts.element_count() < 2 || starts.element_count() % 2 != 0) {
     return ffi::Error::InvalidArgument("interval starts must hold n + 1 int64 values, n >= 0");
@@ -64,6 +66,9 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
   }
   if (tables.element_count() % sizeof(DecoderTables) != 0) {
     return ffi::Error::InvalidArgument("table blob is not a whole number of DecoderTables");
+  }
+  if (positions.element_count() % 2 != 0) {
+    return ffi::Error::InvalidArgument("placement offsets must be int64 (int32 pairs)");
   }
   if (row_scale.element_count() != row_offset.element_count()) {
     return ffi::Error::InvalidArgument("row scale and offset differ in length");
@@ -81,6 +86,8 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
   plan->num_affine_rows = static_cast<int64_t>(row_scale.element_count());
   plan->col_scale = col_scale.typed_data();
   plan->num_col_scales = static_cast<int64_t>(col_scale.element_count());
+  plan->positions = AsInt64(positions);
+  plan->num_positions = static_cast<int64_t>(positions.element_count() / 2);
   plan->block_map = block_map.typed_data();
   plan->num_map_blocks = static_cast<int64_t>(block_map.element_count() / kBlockMapColumns);
   if (plan->num_intervals > kMaxPlanIntervals) {

@@ -122,14 +122,22 @@ JJ_HD JJ_INLINE void StoreRow8(Element* out, const Element v[8]) {
 // (sample * row_scale[y] + row_offset[y]) * col_scale[x]. Trained networks
 // carry scale both per input and per output channel; the column factor lets
 // the coder normalise the axis the rows do not cover.
+//
+// A tensor whose matrix view permutes its axes is written in its own layout
+// instead (no transpose pass afterwards): element (y, x) lands at
+// base + row_at[y] + row_at[row_stride + x], offsets the plan's tables give
+// (checked against the output by ResolveIntervalBlocks). The column offsets
+// follow the tile's row offsets, row_stride (the tile's height) after them:
+// one pointer fewer to carry through the GPU decode loop.
 template <OutputType kType>
 struct AffineSink {
   using Element = typename OutputElement<kType>::Type;
   Element* base;
-  int64_t row_stride;       // in elements
+  int64_t row_stride;       // in elements; placed by table: where column offsets start
   const float* row_scale;   // one per tile row
   const float* row_offset;  // one per tile row
   const float* col_scale;   // one per tile column, or nullptr: all 1
+  const int64_t* row_at;    // row then column offsets, or nullptr: rows row_stride apart
 
   template <bool kScaleColumns>
   JJ_HD static JJ_INLINE Element Weight(int32_t sample, float scale, float offset,
@@ -155,7 +163,25 @@ struct AffineSink {
     }
   }
 
+  // A row segment placed by the tables: one store per element.
+  JJ_HD JJ_INLINE void PutPlacedRow(int y, int x0, const int32_t* samples, int count) const {
+    const float scale = row_scale[y], offset = row_offset[y];
+    Element* out = base + row_at[y];
+    const int64_t* at = row_at + row_stride + x0;
+    JJ_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      if (i >= count) break;
+      const float v = AffineSample(samples[i], scale, offset);
+      out[at[i]] = OutputElement<kType>::From(col_scale == nullptr ? v
+                                                                   : ScaleColumn(v, col_scale[x0 + i]));
+    }
+  }
+
   JJ_HD JJ_INLINE void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    if (row_at != nullptr) {
+      PutPlacedRow(y, x0, samples, count);
+      return;
+    }
     const float scale = row_scale[y], offset = row_offset[y];
     Element* out = base + y * row_stride + x0;
     if (col_scale == nullptr) {
@@ -170,7 +196,7 @@ struct AffineSink {
 
   // Writes the kChunkElements weights of row y from column x on, whose
   // samples are samples[i * kStride]; the address must be 16-byte aligned
-  // (one vector store on the device).
+  // (one vector store on the device) and the sink strided.
   template <int kStride>
   JJ_HD JJ_INLINE void PutChunk(int y, int x, const int32_t* samples) const {
     const float scale = row_scale[y], offset = row_offset[y];
@@ -191,8 +217,12 @@ struct AffineSink {
 
   // Marks a row segment as not decoded (quiet NaN in the output type).
   JJ_HD JJ_INLINE void PutNaNRow(int y, int x0, int count) const {
-    Element* out = base + y * row_stride + x0;
     const Element nan = OutputElement<kType>::From(__builtin_nanf(""));
+    if (row_at != nullptr) {
+      for (int i = 0; i < count; ++i) base[row_at[y] + row_at[row_stride + x0 + i]] = nan;
+      return;
+    }
+    Element* out = base + y * row_stride + x0;
     for (int i = 0; i < count; ++i) out[i] = nan;
   }
 };
