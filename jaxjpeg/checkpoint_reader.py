@@ -256,9 +256,12 @@ class Checkpoint:
     def stored_bytes(self, leaf: SavedLeaf) -> int:
         return sum(self.reader.blob_info(n).length for n in self.blob_names(leaf))
 
-    def prefetch(self, leaves, tiles=None):
+    def prefetch(self, leaves, tiles=None, *, with_tiles: bool = True):
         """Reads the blobs of ``leaves`` (for one leaf, optionally only the tile
-        ids ``tiles``) at once, in parallel; see ContainerReader.prefetch."""
+        ids ``tiles``; without ``with_tiles``, no tile) at once, in parallel;
+        see ContainerReader.prefetch."""
+        if not with_tiles:
+            return self.reader.prefetch([n for leaf in leaves for n in self.blob_names(leaf, ())])
         if tiles is not None:
             (leaf,) = leaves
             return self.reader.prefetch(self.blob_names(leaf, tiles))

@@ -227,12 +227,15 @@ class _Prepared:
 def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
     """Reads a window of unsharded JPEG leaves and builds their one decode plan."""
     leaves = [requests[i].leaf for i in indices]
-    with ckpt.prefetch(leaves):
+    # Maps and indexes prefetched; tiles read straight into the plan's payload
+    # (in parallel), not into a buffer first and copied: one copy of the
+    # window's compressed bytes in memory, not two.
+    with ckpt.prefetch(leaves, with_tiles=False):
         builder = codec.PlanBuilder()
         payload = sum(add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
                       for r in (requests[i] for i in indices))
         kept = [kept_values(ckpt, leaf) for leaf in leaves if leaf.outliers]
-        plan = builder.finish()
+    plan = builder.finish(parallel_fills=True)
     return _Prepared(indices, device, plan, kept, payload)
 
 

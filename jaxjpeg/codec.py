@@ -491,7 +491,7 @@ class PlanBuilder:
         self._offsets: list[np.ndarray] = []
         self._col_scales: list[np.ndarray] = []
         self._col_bases: list[int] = []      # each output's first column scale, or -1
-        self._placements: list = []          # each output's (row_at, col_at), or None
+        self._placements: list = []          # each output's first row offset, or -1
         self._positions: list[np.ndarray] = []
         self._position_count = 0
         self._shapes: list[tuple[int, int]] = []
@@ -510,8 +510,14 @@ class PlanBuilder:
         of the output instead: the output then holds the tensor in its own
         layout, and only a reshape remains."""
         output_type(dtype)
-        self._placements.append(None if placement is None else
-                                tuple(np.asarray(a, np.int64) for a in placement))
+        self._placements.append(-1 if placement is None else self._position_count)
+        if placement is not None:   # row offsets, then column offsets
+            row_at, col_at = (np.asarray(a, np.int64) for a in placement)
+            if (len(row_at), len(col_at)) != tuple(shape):
+                raise ValueError(f"placement tables of {len(row_at)} x {len(col_at)} for a "
+                                 f"{shape[0]} x {shape[1]} output")
+            self._positions += [row_at, col_at]
+            self._position_count += row_at.size + col_at.size
         if col_scale is None:
             self._col_bases.append(-1)
         else:
@@ -537,40 +543,39 @@ class PlanBuilder:
         """
         row0, col0, height, width = tile_box
         affine_base, col_base = self._affine_bases[output], self._col_bases[output]
-        self._tiles.append([-1, bits, width, height, output, row0, col0, self._shapes[output][1],
+        rows, cols = self._shapes[output]
+        placed = self._placements[output]
+        # Placed by table: the row stride column holds the distance from the
+        # tile's row offsets to its column offsets (decode_plan.h).
+        self._tiles.append([-1, bits, width, height, output, row0, col0,
+                            cols if placed < 0 else rows - row0 + col0,
                             affine_base + (row0 if affine_row0 is None else affine_row0),
                             self._intervals, restart_interval,
                             -1 if col_base < 0 else
                             col_base + (col0 if col_scale0 is None else col_scale0),
-                            self._place_tile(output, tile_box)])
+                            -1 if placed < 0 else placed + row0])
         self._starts.append(np.asarray(interval_starts[:-1], np.int64) + self._payload_size)
         self._fills.append(fill)
         self._sizes.append(size)
         self._payload_size += size
         self._intervals += len(interval_starts) - 1
 
-    def _place_tile(self, output: int, tile_box) -> int:
-        """The tile's first entry in the plan's positions, or -1 (strided)."""
-        if self._placements[output] is None:
-            return -1
-        row0, col0, height, width = tile_box
-        row_at, col_at = self._placements[output]
-        self._positions += [row_at[row0:row0 + height], col_at[col0:col0 + width]]
-        first = self._position_count
-        self._position_count += height + width
-        return first
-
-    def finish(self) -> DecodePlan:
+    def finish(self, *, parallel_fills: bool = False) -> DecodePlan:
+        """The plan; ``parallel_fills`` runs the tiles' fills concurrently
+        (reads straight into the payload, e.g. from a remote store)."""
         payload = _aligned_empty(self._payload_size)
+        bounds = np.cumsum([0] + self._sizes)
+        views = [payload[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        if parallel_fills and len(views) > 1:
+            list(_fill_pool().map(lambda fill, view: fill(view), self._fills, views))
+        else:
+            for fill, view in zip(self._fills, views):
+                fill(view)
         tables: dict[bytes, int] = {}
-        position = 0
-        for row, fill, size in zip(self._tiles, self._fills, self._sizes):
-            view = payload[position:position + size]
-            fill(view)
+        for row, view in zip(self._tiles, views):
             tile_tables, *geometry = _native.tile_header(view)
             _check_tile_geometry(row, geometry)
             row[0] = tables.setdefault(tile_tables.tobytes(), len(tables))
-            position += size
         starts = np.concatenate(self._starts + [np.array([self._payload_size], np.int64)])
         tiles = np.array(self._tiles, np.int64).reshape(-1, _native.TILE_COLUMNS)
         return DecodePlan(
@@ -586,6 +591,25 @@ class PlanBuilder:
             output_dtypes=tuple(self._dtypes),
             block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
         )
+
+
+_FILL_POOL: list = []
+_FILL_POOL_LOCK = threading.Lock()
+FILL_CONCURRENCY = 16
+
+
+def _fill_pool() -> ThreadPoolExecutor:
+    """Threads for PlanBuilder's parallel fills: its own, because a fill may
+    read a large blob in pieces on the readers' shared threads."""
+    with _FILL_POOL_LOCK:
+        if not _FILL_POOL:
+            _FILL_POOL.append(ThreadPoolExecutor(FILL_CONCURRENCY,
+                                                 thread_name_prefix="jaxjpeg-fill"))
+        return _FILL_POOL[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_FILL_POOL.clear)
 
 
 # XLA's CPU client places a host array without copying it only when it is

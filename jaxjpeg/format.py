@@ -642,7 +642,14 @@ class ContainerReader:
         self._check_open()
         info = self._blobs[name]
         view = self._prefetched.get(name)
-        if view is None:
+        if view is None and out is not None and info.length > _READ_PIECE:
+            # straight into `out`, a large blob in pieces read in parallel
+            view = memoryview(out).cast("B")
+            if len(view) != info.length:
+                raise ValueError(f"out has {len(view)} bytes, expected {info.length}")
+            if read_in_pieces(self._file.readinto, info.offset, view) != info.length:
+                raise self._error(f"file shrank while reading blob {name!r}")
+        elif view is None:
             view = self._pread(info.offset, info.length, out)
         elif out is not None:
             view = _copy_into(out, view)

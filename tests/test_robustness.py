@@ -452,6 +452,7 @@ def placed_plan():
     plan, samples = valid_plan()
     plan["tiles"] = plan["tiles"].copy()
     plan["tiles"][0, T_POSITIONS0] = 0
+    plan["tiles"][0, T_STRIDE] = 13   # column offsets after the 13 row offsets
     rows, cols = 3 + np.arange(13), (5 + np.arange(21)) * 20
     plan["positions"] = np.concatenate([rows, cols]).astype(np.int64)
     return plan, samples
@@ -558,6 +559,10 @@ def positions_edit(index, value):
 HOSTILE_PLACEMENTS = {
     "positions0_past_table": tile_edit(T_POSITIONS0, 1),
     "positions0_huge": tile_edit(T_POSITIONS0, BIG - 4),
+    "col_offsets_past_table": tile_edit(T_STRIDE, 14),
+    "col_offsets_before_table": tile_edit(T_STRIDE, -1),
+    "col_distance_huge": tile_edit(T_STRIDE, BIG),
+    "col_distance_most_negative": tile_edit(T_STRIDE, -BIG - 1),
     "positions_shorter": field("positions", np.zeros(33, np.int64)),
     "positions_wrong_dtype": field("positions", np.zeros(34, np.int32)),
     "row_offset_negative": positions_edit(4, -1),

@@ -102,6 +102,28 @@ def test_restore_over_http_reads_every_byte_once_in_parallel(local_file):
         assert all(end - start <= fmt._READ_PIECE for start, end in server.ranges)
 
 
+def test_restore_reads_tiles_straight_into_the_plan_in_parallel_pieces(local_file, monkeypatch):
+    """Tiles are not prefetched into a buffer and copied (two copies of a
+    window's compressed bytes): each is read into the plan's payload, a large
+    one in pieces (here every tile, with 8 KB pieces) read in parallel."""
+    path, expected = local_file
+    prefetched = []
+    real_prefetch = fmt.ContainerReader.prefetch
+
+    def spy(self, names):
+        prefetched.extend(names)
+        return real_prefetch(self, names)
+
+    monkeypatch.setattr(fmt.ContainerReader, "prefetch", spy)
+    monkeypatch.setattr(fmt, "_READ_PIECE", 8192)
+    with RangeServer(path.parent) as server:
+        restored = leaves(jaxjpeg.restore(server.url(path.name)))
+        assert_same(restored, expected)
+        assert server.bytes_served <= path.stat().st_size + 64
+        assert max(end - start for start, end in server.ranges) <= 8192
+    assert prefetched and not [n for n in prefetched if "/tile" in n]
+
+
 def test_partial_restore_over_http_reads_only_those_leaves(local_file):
     path, expected = local_file
     with RangeServer(path.parent) as server:

@@ -26,14 +26,15 @@ enum TileColumn : int {
   kTileOutput,             // which output tensor the tile lands in
   kTileRow0,               // top-left of the tile in the output's 2-D view
   kTileCol0,
-  kTileRowStride,          // elements per row of the output's 2-D view
+  kTileRowStride,          // elements per row of the output's 2-D view; placed by table:
+                           // where the tile's column offsets start, from its row offsets
   kTileAffineRow0,         // first of the tile's rows in the affine arrays
   kTileFirstInterval,      // the tile's first interval; tiles are sorted by it
   kTileRestartInterval,    // blocks per interval (0: the whole tile is one)
   kTileColScale0,          // first of the tile's columns in col_scale, or -1: no column scale
   kTilePositions0,         // -1: rows kTileRowStride apart from (kTileRow0, kTileCol0); else
-                           // the tile's height row offsets, then width column offsets, in
-                           // `positions` (AffineSink's placement by table)
+                           // the first of the tile's row offsets in `positions`
+                           // (AffineSink's placement by table)
   kTileColumns
 };
 
@@ -268,17 +269,23 @@ JJ_HD inline bool PlacedSpanFits(const int64_t* row_at, int32_t y0, int32_t y1,
   return last_row < elements - last_col;
 }
 
-// The placement check of an interval of a tile placed by table: its tables lie
-// inside `positions`, and every element it writes inside its output. The
+// The placement check of an interval of a tile placed by table: its row and
+// column offsets (`height` from positions0, `width` from positions0 +
+// col_distance) lie inside `positions`, and every element it writes inside
+// its output. The
 // tables are untrusted, so the offsets the interval uses are read: block row
 // by block row, the rows and columns of its blocks there (about one entry
 // per 8 elements decoded).
 JJ_HD inline bool PlacedIntervalFits(const DecodePlan& p, const IntervalWork& w,
-                                     int64_t positions0, int32_t width, int32_t height,
-                                     int64_t elements) {
-  if (positions0 > p.num_positions - (width + height)) return false;
+                                     int64_t positions0, int64_t col_distance, int32_t width,
+                                     int32_t height, int64_t elements) {
+  // By subtraction: the operands are hostile; positions0 >= 0 here.
+  if (positions0 > p.num_positions - height || col_distance < -positions0 ||
+      col_distance > p.num_positions - width - positions0) {
+    return false;
+  }
   const int64_t* row_at = p.positions + positions0;
-  const int64_t* col_at = row_at + height;
+  const int64_t* col_at = row_at + col_distance;
   const int32_t blocks_wide = (width + 7) / 8;
   const int32_t first_row = w.first_block / blocks_wide;
   const int32_t last = w.first_block + w.num_blocks - 1;
@@ -328,8 +335,9 @@ JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, Interval
   const int64_t elements = p.outputs[tile[kTileOutput]].elements;
   const int64_t positions0 = tile[kTilePositions0];
   if (positions0 >= 0) {
-    return PlacedIntervalFits(p, *w, positions0, static_cast<int32_t>(width),
-                              static_cast<int32_t>(height), elements);
+    return PlacedIntervalFits(p, *w, positions0, tile[kTileRowStride],
+                              static_cast<int32_t>(width), static_cast<int32_t>(height),
+                              elements);
   }
   if (positions0 != -1) return false;
   const int64_t stride = tile[kTileRowStride], row0 = tile[kTileRow0], col0 = tile[kTileCol0];
@@ -375,7 +383,7 @@ JJ_HD JJ_INLINE AffineSink<kType> TileSink(const DecodePlan& p, const int64_t* t
   const float* col_scale = tile[kTileColScale0] >= 0 ? p.col_scale + tile[kTileColScale0] : nullptr;
   const int64_t positions0 = tile[kTilePositions0];
   if (positions0 >= 0) {
-    return AffineSink<kType>{static_cast<Element*>(out.data), tile[kTileHeight],
+    return AffineSink<kType>{static_cast<Element*>(out.data), tile[kTileRowStride],
                              p.row_scale + tile[kTileAffineRow0],
                              p.row_offset + tile[kTileAffineRow0], col_scale,
                              p.positions + positions0};

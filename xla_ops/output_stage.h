@@ -127,8 +127,8 @@ JJ_HD JJ_INLINE void StoreRow8(Element* out, const Element v[8]) {
 // instead (no transpose pass afterwards): element (y, x) lands at
 // base + row_at[y] + row_at[row_stride + x], offsets the plan's tables give
 // (checked against the output by ResolveIntervalBlocks). The column offsets
-// follow the tile's row offsets, row_stride (the tile's height) after them:
-// one pointer fewer to carry through the GPU decode loop.
+// lie row_stride entries after the row offsets: one pointer fewer to carry
+// through the GPU decode loop.
 template <OutputType kType>
 struct AffineSink {
   using Element = typename OutputElement<kType>::Type;
