@@ -5,6 +5,8 @@
 #ifndef JAXJPEG_INTERVAL_DECODE_H_
 #define JAXJPEG_INTERVAL_DECODE_H_
 
+#include <type_traits>
+
 #include "bit_reader.h"
 #include "huffman_decode.h"
 #include "idct_islow.h"
@@ -197,10 +199,26 @@ JJ_HD JJ_INLINE T OpaqueZero() {
 // BlockScratch), or `dc_sample` everywhere for a block with only a DC.
 // Each row passes as 8 values in registers (a row of a shared column is not
 // contiguous); whole blocks take fixed-size rows the compiler unrolls.
+template <typename Sink, typename = void>
+struct WritesColumns : std::false_type {};
+template <typename Sink>
+struct WritesColumns<Sink, decltype(void(&Sink::PutColumn))> : std::true_type {};
+
 template <typename Scratch, typename Sink>
 JJ_HD JJ_INLINE void PutBlock(const Sink& sink, const Scratch& s, bool dc_only,
                               int32_t dc_sample, int y0, int x0, int rows, int cols) {
   constexpr int kStride = Scratch::kElementStride;
+  if constexpr (WritesColumns<Sink>::value) {  // a placed block, column by column
+    if (rows == 8 && sink.RowsContiguous(y0)) {
+      for (int x = 0; x < cols; ++x) {
+        int32_t column[8];
+        JJ_UNROLL
+        for (int y = 0; y < 8; ++y) column[y] = dc_only ? dc_sample : s.samples[(8 * y + x) * kStride];
+        sink.PutColumn(y0, x0 + x, column);
+      }
+      return;
+    }
+  }
   JJ_UNROLL
   for (int y = 0; y < 8; ++y) {
     if (y >= rows) break;

@@ -177,6 +177,30 @@ struct AffineSink {
     }
   }
 
+  // Whether rows [y0, y0 + 8) of a placed tile are 8 consecutive elements
+  // (output channels as the rows of a Flax kernel): then a whole block is
+  // written column by column (PutColumn), 8 contiguous values at a time,
+  // instead of one scattered store per element.
+  JJ_HD JJ_INLINE bool RowsContiguous(int y0) const {
+    if (row_at == nullptr) return false;
+    JJ_UNROLL
+    for (int k = 1; k < 8; ++k) {
+      if (row_at[y0 + k] != row_at[y0] + k) return false;
+    }
+    return true;
+  }
+
+  // Column x of rows [y0, y0 + 8) (RowsContiguous), samples[k] of row y0 + k.
+  JJ_HD JJ_INLINE void PutColumn(int y0, int x, const int32_t* samples) const {
+    Element v[8];
+    JJ_UNROLL
+    for (int k = 0; k < 8; ++k) {
+      const float w = AffineSample(samples[k], row_scale[y0 + k], row_offset[y0 + k]);
+      v[k] = OutputElement<kType>::From(col_scale == nullptr ? w : ScaleColumn(w, col_scale[x]));
+    }
+    StoreRow8(base + row_at[y0] + row_at[row_stride + x], v);
+  }
+
   JJ_HD JJ_INLINE void PutRow(int y, int x0, const int32_t* samples, int count) const {
     if (row_at != nullptr) {
       PutPlacedRow(y, x0, samples, count);
