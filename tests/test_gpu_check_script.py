@@ -22,9 +22,21 @@ def test_gpu_check_fits_five_minutes_with_every_step():
                          text=True, timeout=30).stdout
     steps = dict(re.findall(r"^(.+): (\d+)s \+ \d+s$", out, re.M))
     assert set(steps) == {"offline wheels", "build", "gpu tests", "throughput", "memcheck",
-                          "nsight compute", "vs orbax"}, out
+                          "nsight compute", "vs orbax", "vs orbax, flax cnn"}, out
     total = int(re.search(r"^total: (\d+)s$", out, re.M).group(1))
     assert total <= 300, out
+
+
+def test_orbax_comparison_takes_the_check_arguments():
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    used = re.findall(r"checkpoint_vs_orbax\.py([^\n]*)", text)
+    assert len(used) == 2
+    help_text = subprocess.run([sys.executable, str(BENCHMARKS / "checkpoint_vs_orbax.py"),
+                                "--help"], check=True, capture_output=True, text=True,
+                               timeout=120).stdout
+    for args in used:
+        for option in re.findall(r"--[\w-]+", args):
+            assert option in help_text, option
 
 
 def test_throughput_script_takes_the_check_arguments():
