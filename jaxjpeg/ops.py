@@ -24,15 +24,16 @@ decode_p.multiple_results = True
 
 _OPERAND_DTYPES = (np.uint8, np.int32, np.int32, np.uint8, np.float32, np.float32, np.float32,
                    np.int32, np.int32)
-_OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "row_offset",
+# The operands in order (xla_ops/ffi_decode.h); tests index them by name.
+OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "row_offset",
                   "col_scale", "positions", "block_map")
 
 
 def _abstract_eval(*operands, output_shapes, output_dtypes):
-    if len(operands) != len(_OPERAND_NAMES):
-        raise TypeError(f"jaxjpeg decode takes {len(_OPERAND_NAMES)} operands "
-                        f"({', '.join(_OPERAND_NAMES)}), got {len(operands)}")
-    for operand, dtype, name in zip(operands, _OPERAND_DTYPES, _OPERAND_NAMES):
+    if len(operands) != len(OPERAND_NAMES):
+        raise TypeError(f"jaxjpeg decode takes {len(OPERAND_NAMES)} operands "
+                        f"({', '.join(OPERAND_NAMES)}), got {len(operands)}")
+    for operand, dtype, name in zip(operands, _OPERAND_DTYPES, OPERAND_NAMES):
         if operand.ndim != 1 or operand.dtype != dtype:
             raise TypeError(f"jaxjpeg decode: {name} must be a 1-D {np.dtype(dtype).name} array, "
                             f"got {operand.dtype.name}{list(operand.shape)}")

@@ -44,7 +44,7 @@ def main(cases=24):
         if case % 6 == 5:  # hostile block map hints: a tile search from anywhere
             hints = plan.block_map.copy()
             hints[:, 0] = rng.integers(-(2 ** 31), 2 ** 31 - 1, len(hints))
-            operands[7] = hints.reshape(-1)
+            operands[ops.OPERAND_NAMES.index("block_map")] = hints.reshape(-1)
         if case % 8 == 7:  # starts out of order: the destuff kernel refuses the plan
             starts = plan.interval_starts.copy()
             starts[int(rng.integers(1, len(starts) - 1))] = int(rng.integers(0, payload.size))
