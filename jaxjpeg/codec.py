@@ -582,11 +582,11 @@ class PlanBuilder:
             payload=payload,
             interval_starts=starts,
             tiles=tiles,
-            tables=np.frombuffer(b"".join(tables), np.uint8),
+            tables=_aligned_concatenation(list(tables)),
             row_scale=np.concatenate(self._scales or [np.zeros(0, np.float32)]),
             row_offset=np.concatenate(self._offsets or [np.zeros(0, np.float32)]),
             col_scale=np.concatenate(self._col_scales or [np.zeros(0, np.float32)]),
-            positions=np.concatenate(self._positions or [np.zeros(0, np.int64)]),
+            positions=_aligned_concatenation(self._positions, np.int64),
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
             block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
@@ -616,6 +616,21 @@ if hasattr(os, "register_at_fork"):
 # 64-byte aligned, and numpy aligns to 16: the payload, a plan's largest
 # operand, is allocated aligned so restoring on a CPU does not copy it again.
 PAYLOAD_ALIGNMENT = 64
+
+
+def _aligned_concatenation(parts, dtype=np.uint8) -> np.ndarray:
+    """``parts`` (arrays or bytes) back to back in an aligned array: the
+    operands after the payload (tables, ~19 KB of expanded Huffman tables a
+    tile; placement offsets) are placed without a copy too."""
+    parts = [np.frombuffer(p, dtype) if isinstance(p, bytes) else np.asarray(p, dtype)
+             for p in parts]
+    itemsize = np.dtype(dtype).itemsize
+    out = _aligned_empty(itemsize * sum(p.size for p in parts)).view(dtype)
+    at = 0
+    for part in parts:
+        out[at:at + part.size] = part
+        at += part.size
+    return out
 
 
 def _aligned_empty(size: int) -> np.ndarray:
