@@ -272,10 +272,9 @@ JJ_HD inline bool PlacedSpanFits(const int64_t* row_at, int32_t y0, int32_t y1,
 // The placement check of an interval of a tile placed by table: its row and
 // column offsets (`height` from positions0, `width` from positions0 +
 // col_distance) lie inside `positions`, and every element it writes inside
-// its output. The
-// tables are untrusted, so the offsets the interval uses are read: block row
-// by block row, the rows and columns of its blocks there (about one entry
-// per 8 elements decoded).
+// its output. The tables are untrusted, so the offsets the interval uses are
+// read: block row by block row, the rows and columns of its blocks there
+// (about one entry per 8 elements decoded).
 JJ_HD inline bool PlacedIntervalFits(const DecodePlan& p, const IntervalWork& w,
                                      int64_t positions0, int64_t col_distance, int32_t width,
                                      int32_t height, int64_t elements) {
