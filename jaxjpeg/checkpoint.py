@@ -27,6 +27,7 @@ from jaxjpeg import analysis, codec, format as fmt, layout, storage
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
+from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
@@ -378,7 +379,10 @@ def _custom_encoder(encoder, shards: dict):
 
 
 def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: float,
-                           steering: "_StepSteering | None" = None):
+                           steering: "_StepSteering | None" = None,
+                           recurrent: frozenset = frozenset()):
+    """Each leaf at ``relative_step`` times its RMS, balanced by size, moved
+    by ``steering``; the ``recurrent`` cells' weights finer (jaxjpeg.recurrent)."""
     from jaxjpeg import rate
 
     if not 0 < relative_step < 16:
@@ -390,6 +394,8 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
                                                                          reference_size)
         if steering is not None:
             step *= steering.factor(name)
+        if name in recurrent:
+            step *= RECURRENT_STEP_FACTOR
         return rate.encode_at_step(p, step, bits=bits, **leaf_coder.coding)
     return encode
 
@@ -1008,8 +1014,13 @@ class _Save:
             steering = _StepSteering.of(leaves, sensitivity, self.policy) if sensitivity else None
             if steering is not None:
                 self.rate["steered_leaves"] = len(steering.steered)
+            # A sensitivity a user gives a recurrent leaf replaces the rule.
+            recurrent = frozenset(recurrent_leaves(leaf.name for leaf in leaves)
+                                  - set(sensitivity or ()))
+            if recurrent:
+                self.rate["recurrent_leaves"] = len(recurrent)
             self.encode = _relative_step_encoder(relative_step, bits, leaf_coder, reference,
-                                                 steering)
+                                                 steering, recurrent)
         if error_bound is not None:
             self.encode = _error_bound_encoder(error_bound, bits, leaf_coder)
             # A step search holds trial codings (and a decoded copy of a leaf
