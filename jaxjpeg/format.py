@@ -714,6 +714,18 @@ def _io_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_io_pool() -> None:
+    """In a forked child: the parent's pool counts threads the child does not
+    have, and once it had READ_CONCURRENCY of them it never starts another,
+    so the child's first parallel read waited forever."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_io_pool)
+
+
 def read_in_pieces(read_into, offset: int, buffer) -> int:
     """Fills ``buffer`` from ``offset`` through ``read_into(offset, view) ->
     bytes read``, in pieces of at most _READ_PIECE read concurrently on the

@@ -782,3 +782,41 @@ def test_read_blob_into_a_buffer_checks_the_checksum(tmp_path):
         assert out[17] == 17 ^ 1
         good = np.zeros(100, np.uint8)
         assert bytes(r.read_blob("b", out=good)) == b"x" * 100
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_in_parallel_after_the_parent_did(tmp_path):
+    """The shared read threads, once READ_CONCURRENCY of them existed in the
+    parent, were counted in a forked child that has none: its first parallel
+    read (a prefetch, a large blob in pieces) waited forever."""
+    import threading
+    import time
+
+    path = tmp_path / "c.bin"
+    rng = np.random.default_rng(0)
+    blobs = {f"b{i}": rng.integers(0, 256, 50_000, dtype=np.uint8).tobytes() for i in range(8)}
+    with fmt.ContainerWriter(path, {"format": "test"}) as w:
+        for name, data in blobs.items():
+            w.add_blob(name, data)
+    barrier = threading.Barrier(fmt.READ_CONCURRENCY + 1)
+    started = [fmt._io_pool().submit(barrier.wait) for _ in range(fmt.READ_CONCURRENCY)]
+    barrier.wait()
+    [f.result() for f in started]   # the pool has all its threads
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with fmt.ContainerReader(path) as r, r.prefetch(list(blobs)):
+                ok = all(bytes(r.read_blob(n)) == d for n, d in blobs.items())
+            os._exit(0 if ok else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's parallel read hung")
