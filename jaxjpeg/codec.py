@@ -565,14 +565,14 @@ class PlanBuilder:
         (reads straight into the payload, e.g. from a remote store)."""
         payload = _aligned_empty(self._payload_size)
         bounds = np.cumsum([0] + self._sizes)
-        views = [payload[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        if parallel_fills and len(views) > 1:
-            list(_fill_pool().map(lambda fill, view: fill(view), self._fills, views))
+        tile_bytes = [payload[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        if parallel_fills and len(tile_bytes) > 1:
+            list(_fill_pool().map(lambda fill, view: fill(view), self._fills, tile_bytes))
         else:
-            for fill, view in zip(self._fills, views):
+            for fill, view in zip(self._fills, tile_bytes):
                 fill(view)
         tables: dict[bytes, int] = {}
-        for row, view in zip(self._tiles, views):
+        for row, view in zip(self._tiles, tile_bytes):
             tile_tables, *geometry = _native.tile_header(view)
             _check_tile_geometry(row, geometry)
             row[0] = tables.setdefault(tile_tables.tobytes(), len(tables))

@@ -26,7 +26,7 @@ _OPERAND_DTYPES = (np.uint8, np.int32, np.int32, np.uint8, np.float32, np.float3
                    np.int32, np.int32)
 # The operands in order (xla_ops/ffi_decode.h); tests index them by name.
 OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "row_offset",
-                  "col_scale", "positions", "block_map")
+                 "col_scale", "positions", "block_map")
 
 
 def _abstract_eval(*operands, output_shapes, output_dtypes):
