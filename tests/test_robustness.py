@@ -687,8 +687,10 @@ REPO_ROOT = FUZZ_DIR.parents[1]
 
 def test_fuzz_regressions_under_sanitizers(tmp_path):
     """Every input in tests/fuzz/regressions/ runs through the fuzz harness
-    (parse, index, decode, decode-plan) built with ASan + UBSan: a memory error
-    in the core fails here deterministically, whatever the heap layout."""
+    (parse, index, decode, decode-plan strided and placed by table, the
+    kernels' harness) built with ASan + UBSan: a memory error in the core
+    fails here deterministically, whatever the heap layout. Valid streams go
+    with them, so the plan paths decode (and must agree) on real data too."""
     import shutil
     import subprocess
 
@@ -697,6 +699,11 @@ def test_fuzz_regressions_under_sanitizers(tmp_path):
         pytest.skip("no C++ compiler")
     inputs = sorted(str(p) for p in (FUZZ_DIR / "regressions").iterdir())
     assert inputs
+    for k, data in enumerate([SMALL_8BIT, SMALL_12BIT, stream(8, (40, 67), restart=3, seed=2),
+                              stream(12, (33, 20), restart=0, seed=3)]):
+        valid = tmp_path / f"valid{k}.jpg"
+        valid.write_bytes(data)
+        inputs.append(str(valid))
     binary = tmp_path / "replay"
     build = subprocess.run(
         [compiler, "-std=c++17", "-g", "-O1", "-fwrapv", "-ffp-contract=off",

@@ -41,6 +41,48 @@ void DecodeAll(const uint8_t* data, const jaxjpeg::StreamInfo& info, const int64
   }
 }
 
+// The plan's tile placed by table, transposed (element (y, x) at
+// x * height + y): the host body and the kernels' harness give the strided
+// decode's status and its bits transposed, NaN included.
+void DecodePlacedTransposed(const jaxjpeg::DecodePlan& strided, const int64_t* tile, int32_t host,
+                            const std::vector<float>& out) {
+  const int64_t height = tile[jaxjpeg::kTileHeight], width = tile[jaxjpeg::kTileWidth];
+  std::vector<int64_t> positions(static_cast<size_t>(height + width));
+  for (int64_t y = 0; y < height; ++y) positions[y] = y;
+  for (int64_t x = 0; x < width; ++x) positions[height + x] = x * height;
+  int64_t placed_tile[jaxjpeg::kTileColumns];
+  std::memcpy(placed_tile, tile, sizeof placed_tile);
+  placed_tile[jaxjpeg::kTilePositions0] = 0;
+  placed_tile[jaxjpeg::kTileRowStride] = height;  // column offsets after the row offsets
+  for (int executor = 0; executor < 2; ++executor) {
+    std::vector<float> placed_out(out.size());
+    jaxjpeg::PlanOutput output{placed_out.data(), static_cast<int64_t>(placed_out.size()),
+                               jaxjpeg::OutputType::kFloat32};
+    jaxjpeg::DecodePlan placed = strided;
+    placed.tiles = placed_tile;
+    placed.positions = positions.data();
+    placed.num_positions = static_cast<int64_t>(positions.size());
+    placed.outputs = &output;
+    int32_t status = jaxjpeg::kPlanOk;
+    if (executor == 0) {
+      for (int64_t i = 0; i < placed.num_intervals; ++i) {
+        const int32_t s = jaxjpeg::DecodePlanInterval(placed, i);
+        if (s < status) status = s;
+      }
+    } else {
+      status = jaxjpeg::RunKernelHarness(placed);
+    }
+    if (status != host) std::abort();
+    for (int64_t y = 0; y < height; ++y) {
+      for (int64_t x = 0; x < width; ++x) {
+        if (std::memcmp(&placed_out[x * height + y], &out[y * width + x], sizeof(float)) != 0) {
+          std::abort();
+        }
+      }
+    }
+  }
+}
+
 // The same interval again through the decode-plan executor body with a
 // float32 affine output, as run_plan and the custom call do; then through
 // the CUDA decode's CPU harness (destuff pass, destuffed reader, block map),
@@ -56,6 +98,7 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
   tile[jaxjpeg::kTileRowStride] = info.width;
   tile[jaxjpeg::kTileRestartInterval] = info.restart_interval;
   tile[jaxjpeg::kTileColScale0] = 0;
+  tile[jaxjpeg::kTilePositions0] = -1;  // strided
   jaxjpeg::PlanOutput output{out.data(), static_cast<int64_t>(out.size()),
                              jaxjpeg::OutputType::kFloat32};
   jaxjpeg::DecodePlan plan{};
@@ -93,6 +136,7 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
       std::memcmp(out.data(), kernel_out.data(), out.size() * sizeof(float)) != 0) {
     std::abort();
   }
+  DecodePlacedTransposed(plan, tile, host, out);
 }
 
 }  // namespace
