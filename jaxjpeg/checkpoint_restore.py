@@ -221,7 +221,7 @@ class _Prepared:
     kept: list | None = None
     payload: int = 0
     arrays: list | None = None    # raw leaves' host arrays
-    regions: list | None = None   # a sharded leaf's planned shards
+    regions: list | None = None   # sharded leaves' shards: one _DevicePlan per device
 
 
 def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
@@ -292,22 +292,22 @@ def _windows(ckpt, requests, indices, window_bytes) -> list[list[int]]:
 def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
     """Every requested leaf, window by window: reading the next window
     overlaps placing and decoding this one (module docstring). Windows:
-    unsharded JPEG leaves per device, raw leaves, one sharded leaf each."""
+    unsharded JPEG leaves per device, raw leaves, sharded leaves (one decode
+    call per device for all of a window's shards)."""
     jobs = [("jpeg", device, window)
             for device, group in _unsharded_groups(requests, default_device).items()
             for window in _windows(ckpt, requests, group, WINDOW_BYTES)]
     raw = [i for i, r in enumerate(requests) if r.leaf.kind == "raw"]
     jobs += [("raw", None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
-    jobs += [("sharded", None, [i]) for i, r in enumerate(requests)
-             if r.leaf.kind == "jpeg" and r.sharding is not None]
+    sharded = [i for i, r in enumerate(requests) if r.leaf.kind == "jpeg" and r.sharding is not None]
+    jobs += [("sharded", None, window) for window in _windows(ckpt, requests, sharded, WINDOW_BYTES)]
 
     def prepare(job):
         kind, device, indices = job
         if kind == "raw":
             return _prepare_raw(ckpt, requests, indices)
         if kind == "sharded":
-            return _Prepared(indices, None,
-                             regions=_prepare_sharded(ckpt, requests[indices[0]]))
+            return _Prepared(indices, None, regions=_prepare_sharded(ckpt, requests, indices))
         return _prepare_jpeg(ckpt, requests, indices, device)
 
     if not jobs:
@@ -327,9 +327,10 @@ def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
                         values[i] = place_raw(array, requests[i], default_device)
                     continue
                 if prepared.regions is not None:
-                    (i,) = prepared.indices
-                    statuses, values[i] = _dispatch_sharded(requests[i], prepared.regions,
-                                                            stats)
+                    statuses, arrays = _dispatch_sharded(requests, prepared.indices,
+                                                         prepared.regions, stats)
+                    for i, array in zip(prepared.indices, arrays):
+                        values[i] = array
                 else:
                     status, outputs = _dispatch(prepared, requests, stats)
                     for i, array in zip(prepared.indices, outputs):
@@ -347,37 +348,77 @@ def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
             raise
 
 
-def _prepare_sharded(ckpt, request) -> list["_Region"]:
-    """The decodes of this process's shards of a sharded leaf, planned on the
-    host: each device decodes only the tiles its shard overlaps."""
-    leaf = request.leaf
-    boxes = _shard_boxes(leaf, request.sharding)  # this process's devices only
-    if not boxes:
-        return []
-    tiles = sorted({k for ranges in boxes.values() for k in region_tiles(leaf, ranges)})
-    with ckpt.prefetch([leaf], tiles):  # each tile read once, however many devices use it
-        maps = read_maps(ckpt, leaf)
-        kept = kept_values(ckpt, leaf)
-        return [plan_region(ckpt, leaf, ranges, request.dtype, device, maps, kept)
-                for device, ranges in boxes.items()]
+def _prepare_sharded(ckpt, requests, indices) -> list["_DevicePlan"]:
+    """The shards this process's devices hold of the sharded leaves
+    ``indices``, planned on the host: each device decodes only the tiles its
+    shards overlap, all of the window's in one call (one program to compile
+    per device and window, not per leaf and device)."""
+    boxes = {i: _shard_boxes(requests[i].leaf, requests[i].sharding) for i in indices}
+    needed = {i: sorted({k for ranges in b.values() for k in region_tiles(requests[i].leaf, ranges)})
+              for i, b in boxes.items()}
+    names = [n for i in indices for n in ckpt.blob_names(requests[i].leaf, needed[i])]
+    plans: dict = {}
+    # each tile read once, however many devices use it
+    with ckpt.reader.prefetch(names):
+        for i in indices:
+            if not boxes[i]:   # all of the sharding's devices are other processes'
+                continue
+            leaf = requests[i].leaf
+            maps, kept = read_maps(ckpt, leaf), kept_values(ckpt, leaf)
+            for device, ranges in boxes[i].items():
+                plan = plans.setdefault(device, _DevicePlan(device))
+                cut, region_kept, payload = add_region(plan.builder, ckpt, leaf, ranges,
+                                                       requests[i].dtype, maps, kept)
+                plan.shards.append((i, cut, np.dtype(requests[i].dtype).name))
+                plan.kept.append(region_kept)
+                plan.payload += payload
+        for plan in plans.values():
+            plan.plan = plan.builder.finish()
+            plan.builder = None
+    return list(plans.values())
 
 
-def _dispatch_sharded(request, regions, stats) -> tuple[list, jax.Array]:
-    """(statuses to check, the global array) of a leaf's planned shards."""
-    leaf = request.leaf
-    # Under jax.distributed a sharding may hold nothing here (all its devices are
-    # other processes'): read nothing, and give the dtype, which jax cannot
-    # take from an empty list of shards.
-    if not regions:
-        return [], jax.make_array_from_single_device_arrays(
-            leaf.shape, request.sharding, [], dtype=np.dtype(request.dtype))
-    started = [_dispatch_region(region, stats) for region in regions]
-    return [status for status, _ in started], jax.make_array_from_single_device_arrays(
-        leaf.shape, request.sharding, [shard for _, shard in started])
+@dataclasses.dataclass
+class _DevicePlan:
+    """One device's decode of its shards of a window's sharded leaves."""
+
+    device: Any
+    builder: codec.PlanBuilder | None = dataclasses.field(default_factory=codec.PlanBuilder)
+    plan: codec.DecodePlan | None = None
+    shards: list = dataclasses.field(default_factory=list)   # (request index, cut, dtype) per output
+    kept: list = dataclasses.field(default_factory=list)     # per output: side list entries or None
+    payload: int = 0
+
+
+def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tuple[list, list]:
+    """(statuses to check, the global arrays of ``indices``) of planned shards."""
+    shards: dict = {i: [] for i in indices}
+    statuses = []
+    for device_plan in plans:
+        if stats is not None:
+            stats.add(device_plan.device, device_plan.payload)
+        plan = device_plan.plan
+        decode = _shards_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                                 tuple(cut for _, cut, _ in device_plan.shards),
+                                 tuple(dtype for _, _, dtype in device_plan.shards))
+        with ops.jpeg_errors():
+            status, outputs = decode(*jax.device_put((ops.plan_operands(plan), device_plan.kept),
+                                                     device_plan.device))
+        statuses.append(status)
+        for (i, _, _), shard in zip(device_plan.shards, outputs):
+            shards[i].append(shard)
+    # Under jax.distributed a sharding may hold nothing here (all its devices
+    # are other processes'): no shards, and the dtype given, which jax cannot
+    # take from an empty list.
+    arrays = [jax.make_array_from_single_device_arrays(
+        requests[i].leaf.shape, requests[i].sharding, shards[i], dtype=np.dtype(requests[i].dtype))
+        for i in indices]
+    return statuses, arrays
 
 
 def _restore_sharded(ckpt, request, stats) -> jax.Array:
-    statuses, array = _dispatch_sharded(request, _prepare_sharded(ckpt, request), stats)
+    statuses, (array,) = _dispatch_sharded([request], [0], _prepare_sharded(ckpt, [request], [0]),
+                                           stats)
     for status in statuses:
         _check(status)
     return array
@@ -395,21 +436,52 @@ class _Region:
     payload: int
 
 
-def plan_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
-                kept) -> _Region:
-    """The host half of decode_region: the region's tiles read into a plan."""
+def add_region(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype,
+               maps: _LeafMaps, kept) -> tuple[tuple, Any, int]:
+    """The tiles of the region ``ranges`` as one output of ``builder``:
+    (its cut, see _finish_shard; its side-list entries or None; payload bytes)."""
     tile_ids = region_tiles(leaf, ranges)
     tr0 = min(leaf.tiles[k][0] for k in tile_ids)
     tc0 = min(leaf.tiles[k][1] for k in tile_ids)
     tr1 = max(leaf.tiles[k][0] + leaf.tiles[k][2] for k in tile_ids)
     tc1 = max(leaf.tiles[k][1] + leaf.tiles[k][3] for k in tile_ids)
-    builder = codec.PlanBuilder()
+    placement = _region_placement(leaf, ranges, (tr0, tr1), (tc0, tc1))
     payload = add_leaf_tiles(builder, ckpt, leaf, tile_ids, (tr0, tc0),
-                             (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps)
+                             (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps,
+                             placement)
     region_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
-    cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
-           leaf.view.perm, leaf.view.split, region_kept is not None)
+    if placement is None:
+        cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
+               leaf.view.perm, leaf.view.split, region_kept is not None, False)
+    else:  # one program for every shard of this shape, wherever it lies
+        shard_shape = tuple(len(range(*r)) for r in ranges)
+        cut = ((tr1 - tr0, tc1 - tc0), shard_shape, tuple((0, n, 1) for n in shard_shape),
+               (0, 0), leaf.view.perm, leaf.view.split, region_kept is not None, True)
+    return cut, region_kept, payload
+
+
+def plan_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
+                kept) -> _Region:
+    """The host half of decode_region: the region's tiles read into a plan."""
+    builder = codec.PlanBuilder()
+    cut, region_kept, payload = add_region(builder, ckpt, leaf, ranges, dtype, maps, kept)
     return _Region(device, builder.finish(), cut, np.dtype(dtype), region_kept, payload)
+
+
+def _region_placement(leaf: SavedLeaf, ranges, rows: tuple[int, int], cols: tuple[int, int]):
+    """The decoder's placement of a region whose view moves data, when its
+    tiles cover exactly the region (tile edges on its bounds, as a save from
+    an array with the same sharding cuts them; its positions contiguous on
+    both sides): the tiles then decode straight into the shard's own layout,
+    with no cut or transpose after. Else None."""
+    view = leaf.view
+    if view is None or not view.moves_data(leaf.shape):
+        return None
+    for side, (start, stop) in zip((view.row_axes(), view.col_axes()), (rows, cols)):
+        positions = _view_positions(ranges, leaf.shape, side)
+        if len(positions) != stop - start or positions[0] != start or not _contiguous(positions):
+            return None
+    return view.positions([len(range(*r)) for r in ranges])
 
 
 def _dispatch_region(region: _Region, stats):
@@ -420,10 +492,12 @@ def _dispatch_region(region: _Region, stats):
     # Decode, cut and cast in one compiled program. (Cutting eagerly with jnp
     # indexing compiled several small programs per device and leaf, which was
     # most of a sharded restore's time.)
-    decode = _shard_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
-                            region.cut, region.dtype)
+    decode = _shards_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                             (region.cut,), (region.dtype.name,))
     with ops.jpeg_errors():
-        return decode(*jax.device_put((ops.plan_operands(plan), region.kept), region.device))
+        status, (shard,) = decode(*jax.device_put((ops.plan_operands(plan), [region.kept]),
+                                                  region.device))
+    return status, shard
 
 
 def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: _LeafMaps,
@@ -462,21 +536,30 @@ def _kept_in_shard(kept, shape, ranges):
 
 
 @functools.lru_cache(maxsize=1024)
-def _shard_decoder(output_shapes, output_dtypes, cut, dtype):
-    """A jitted decode of one 2-D box, the cut of the shard from it and its
-    side-list entries written back."""
-    box_shape, shape, ranges, origin, perm, split, has_kept = cut
-    view = MatrixView(perm, split)
-    decode = ops.plan_decoder(output_shapes, output_dtypes, (box_shape,))
+def _shards_decoder(output_shapes, output_dtypes, cuts, dtypes):
+    """A jitted decode of regions' boxes (one output each), every shard
+    finished from its box (_finish_shard) and cast, in one program."""
+    decode = ops.plan_decoder(output_shapes, output_dtypes, output_shapes)
 
     def run(operands, kept):
-        status, (box,) = decode(*operands)
-        shard = _cut_shard(box, shape, ranges, origin, view)
-        if has_kept:
-            index, values = kept
-            shard = shard.reshape(-1).at[index].set(values.astype(shard.dtype)).reshape(shard.shape)
-        return status, shard.astype(dtype)
+        status, boxes = decode(*operands)
+        return status, [_finish_shard(box, cut, k).astype(dtype)
+                        for box, cut, k, dtype in zip(boxes, cuts, kept, dtypes)]
     return jax.jit(run)
+
+
+def _finish_shard(box, cut, kept):
+    """A region's shard from its decoded box: the box itself where the tiles
+    were placed in the shard's layout (_region_placement), else cut from the
+    2-D box; the side-list entries ``kept`` written back."""
+    box_shape, shape, ranges, origin, perm, split, has_kept, placed = cut
+    shard_shape = tuple(len(range(*r)) for r in ranges)
+    shard = (box.reshape(shard_shape) if placed
+             else _cut_shard(box, shape, ranges, origin, MatrixView(perm, split)))
+    if has_kept:
+        index, values = kept
+        shard = shard.reshape(-1).at[index].set(values.astype(shard.dtype)).reshape(shard.shape)
+    return shard
 
 
 def _cut_shard(box, shape, ranges, origin, view: MatrixView):

@@ -38,6 +38,8 @@ CHECKS = [
     "orbax_handler_cuts_tiles_along_shards",
     "custom_encoder_gets_the_shards",
     "numpy_and_replicated_leaves_split_their_largest_axis_evenly",
+    "saved_sharded_flax_conv_decodes_into_its_shards",
+    "sharded_leaves_decode_in_one_call_per_device",
 ]
 
 
