@@ -275,12 +275,13 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
     return outputs
 
 
-def _windows(ckpt, requests, indices, window_bytes) -> list[list[int]]:
-    """``indices`` cut, in order, into runs of about ``window_bytes`` stored bytes."""
+def _windows(ckpt, requests, indices, window_bytes, size_of=None) -> list[list[int]]:
+    """``indices`` cut, in order, into runs of about ``window_bytes`` stored
+    bytes (or of ``size_of(request)``)."""
     windows: list[list[int]] = []
     size = 0
     for i in indices:
-        leaf_bytes = ckpt.stored_bytes(requests[i].leaf)
+        leaf_bytes = (size_of or (lambda r: ckpt.stored_bytes(r.leaf)))(requests[i])
         if not windows or size + leaf_bytes > window_bytes:
             windows.append([])
             size = 0
@@ -300,7 +301,11 @@ def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
     raw = [i for i, r in enumerate(requests) if r.leaf.kind == "raw"]
     jobs += [("raw", None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
     sharded = [i for i, r in enumerate(requests) if r.leaf.kind == "jpeg" and r.sharding is not None]
-    jobs += [("sharded", None, window) for window in _windows(ckpt, requests, sharded, WINDOW_BYTES)]
+    # A tile goes to every device whose shard overlaps it: a window of sharded
+    # leaves counts the bytes of all this process's devices' plans.
+    jobs += [("sharded", None, window)
+             for window in _windows(ckpt, requests, sharded, WINDOW_BYTES,
+                                    lambda r: _shards_bytes(ckpt, r))]
 
     def prepare(job):
         kind, device, indices = job
@@ -376,6 +381,14 @@ def _prepare_sharded(ckpt, requests, indices) -> list["_DevicePlan"]:
             plan.plan = plan.builder.finish()
             plan.builder = None
     return list(plans.values())
+
+
+def _shards_bytes(ckpt, request) -> int:
+    """The tile bytes the decode plans of this process's shards of a sharded
+    leaf hold together (a replicated leaf's, once per device)."""
+    leaf = request.leaf
+    return sum(ckpt.tile_size(leaf, k) for ranges in _shard_boxes(leaf, request.sharding).values()
+               for k in region_tiles(leaf, ranges))
 
 
 @dataclasses.dataclass
