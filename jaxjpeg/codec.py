@@ -18,15 +18,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, layout, mapping, views
+from jaxjpeg import _native, layout, mapping, threads, views
 from jaxjpeg.feedback import Feedback, shape_errors
 from jaxjpeg.views import MatrixView, Outliers, fill_outliers
 
@@ -433,27 +431,14 @@ def _contiguous_lines(shape, strides) -> bool:
     return (shape[1] <= 1 or strides[1] == 4) and (shape[0] <= 1 or strides[0] >= 4 * shape[1])
 
 
-_TILE_POOL: list = []
-_TILE_POOL_LOCK = threading.Lock()
+_TILE_POOL = threads.SharedPool(threads.cores, "jaxjpeg-encode")
 
 
 def tile_pool() -> ThreadPoolExecutor:
     """One process-wide pool encoding tiles (the native encoder releases the
     GIL), started once: starting threads per tensor cost a save of many
     leaves more than a tenth of its time on a busy machine."""
-    with _TILE_POOL_LOCK:
-        if not _TILE_POOL:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:
-                cores = os.cpu_count() or 1
-            _TILE_POOL.append(ThreadPoolExecutor(max_workers=max(1, cores),
-                                                 thread_name_prefix="jaxjpeg-encode"))
-        return _TILE_POOL[0]
-
-
-if hasattr(os, "register_at_fork"):   # a forked child has none of the parent's threads
-    os.register_at_fork(after_in_child=_TILE_POOL.clear)
+    return _TILE_POOL.get()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,7 +552,7 @@ class PlanBuilder:
         bounds = np.cumsum([0] + self._sizes)
         tile_bytes = [payload[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         if parallel_fills and len(tile_bytes) > 1:
-            list(_fill_pool().map(lambda fill, view: fill(view), self._fills, tile_bytes))
+            list(_FILL_POOL.get().map(lambda fill, view: fill(view), self._fills, tile_bytes))
         else:
             for fill, view in zip(self._fills, tile_bytes):
                 fill(view)
@@ -593,23 +578,10 @@ class PlanBuilder:
         )
 
 
-_FILL_POOL: list = []
-_FILL_POOL_LOCK = threading.Lock()
 FILL_CONCURRENCY = 16
-
-
-def _fill_pool() -> ThreadPoolExecutor:
-    """Threads for PlanBuilder's parallel fills: its own, because a fill may
-    read a large blob in pieces on the readers' shared threads."""
-    with _FILL_POOL_LOCK:
-        if not _FILL_POOL:
-            _FILL_POOL.append(ThreadPoolExecutor(FILL_CONCURRENCY,
-                                                 thread_name_prefix="jaxjpeg-fill"))
-        return _FILL_POOL[0]
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_FILL_POOL.clear)
+# PlanBuilder's parallel fills have threads of their own: a fill may read a
+# large blob in pieces on the readers' shared threads.
+_FILL_POOL = threads.SharedPool(lambda: FILL_CONCURRENCY, "jaxjpeg-fill")
 
 
 # XLA's CPU client places a host array without copying it only when it is

@@ -21,7 +21,6 @@ import re
 import secrets
 import struct
 import tempfile
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxjpeg import storage
+from jaxjpeg.threads import SharedPool
 from jaxjpeg._native import crc32c as _native_crc32c  # xla_ops/crc32c.h
 
 __all__ = [
@@ -701,29 +701,12 @@ def _copy_into(out, data: memoryview) -> memoryview:
     return view
 
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_IO_POOL = SharedPool(lambda: READ_CONCURRENCY, "jaxjpeg-read")
 
 
 def _io_pool() -> ThreadPoolExecutor:
     """The threads every reader shares for concurrent reads (made on first use)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="jaxjpeg-read")
-        return _pool
-
-
-def _forget_io_pool() -> None:
-    """In a forked child: the parent's pool counts threads the child does not
-    have, and once it had READ_CONCURRENCY of them it never starts another,
-    so the child's first parallel read waited forever."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_io_pool)
+    return _IO_POOL.get()
 
 
 def read_in_pieces(read_into, offset: int, buffer) -> int:
