@@ -300,7 +300,8 @@ def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
             for window in _windows(ckpt, requests, group, WINDOW_BYTES)]
     raw = [i for i, r in enumerate(requests) if r.leaf.kind == "raw"]
     jobs += [("raw", None, window) for window in _windows(ckpt, requests, raw, WINDOW_BYTES)]
-    sharded = [i for i, r in enumerate(requests) if r.leaf.kind == "jpeg" and r.sharding is not None]
+    sharded = [i for i, r in enumerate(requests)
+               if r.leaf.kind == "jpeg" and r.sharding is not None]
     # A tile goes to every device whose shard overlaps it: a window of sharded
     # leaves counts the bytes of all this process's devices' plans.
     jobs += [("sharded", None, window)
@@ -359,7 +360,8 @@ def _prepare_sharded(ckpt, requests, indices) -> list["_DevicePlan"]:
     shards overlap, all of the window's in one call (one program to compile
     per device and window, not per leaf and device)."""
     boxes = {i: _shard_boxes(requests[i].leaf, requests[i].sharding) for i in indices}
-    needed = {i: sorted({k for ranges in b.values() for k in region_tiles(requests[i].leaf, ranges)})
+    needed = {i: sorted({k for ranges in b.values()
+                         for k in region_tiles(requests[i].leaf, ranges)})
               for i, b in boxes.items()}
     names = [n for i in indices for n in ckpt.blob_names(requests[i].leaf, needed[i])]
     plans: dict = {}
@@ -398,8 +400,10 @@ class _DevicePlan:
     device: Any
     builder: codec.PlanBuilder | None = dataclasses.field(default_factory=codec.PlanBuilder)
     plan: codec.DecodePlan | None = None
-    shards: list = dataclasses.field(default_factory=list)   # (request index, cut, dtype) per output
-    kept: list = dataclasses.field(default_factory=list)     # per output: side list entries or None
+    # Per output of the plan: (request index, cut, dtype name), and the
+    # region's side-list entries or None.
+    shards: list = dataclasses.field(default_factory=list)
+    kept: list = dataclasses.field(default_factory=list)
     payload: int = 0
 
 
@@ -423,9 +427,10 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
     # Under jax.distributed a sharding may hold nothing here (all its devices
     # are other processes'): no shards, and the dtype given, which jax cannot
     # take from an empty list.
-    arrays = [jax.make_array_from_single_device_arrays(
-        requests[i].leaf.shape, requests[i].sharding, shards[i], dtype=np.dtype(requests[i].dtype))
-        for i in indices]
+    arrays = [jax.make_array_from_single_device_arrays(requests[i].leaf.shape,
+                                                       requests[i].sharding, shards[i],
+                                                       dtype=np.dtype(requests[i].dtype))
+              for i in indices]
     return statuses, arrays
 
 
