@@ -161,9 +161,10 @@ def add_whole_leaf(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
 
 
 def finish_leaf(matrix, shape, view: MatrixView, kept=None):
-    """A decoded 2-D view (numpy or jax) as the tensor of ``shape``, with the
-    side list ``kept = (flat positions, values)`` written back."""
-    out = view.from_matrix(matrix, shape)
+    """A whole-leaf decode's output (numpy or jax; add_whole_leaf) as the
+    tensor of ``shape`` whose coded view is ``view``, with the side list
+    ``kept = (flat positions, values)`` written back."""
+    out = views.written_view(view, shape).from_matrix(matrix, shape)
     if kept is not None:
         index, values = kept
         out = out.reshape(-1).at[index].set(values.astype(out.dtype)).reshape(shape)
@@ -180,9 +181,8 @@ def kept_values(ckpt: Checkpoint, leaf: SavedLeaf):
 
 
 def _finishes(requests) -> tuple:
-    written = [views.written_view(r.leaf.view, r.leaf.shape) for r in requests]
-    return tuple((r.leaf.shape, view.perm, view.split, r.leaf.outliers > 0,
-                  np.dtype(r.dtype).name) for r, view in zip(requests, written))
+    return tuple((r.leaf.shape, r.leaf.view.perm, r.leaf.view.split, r.leaf.outliers > 0,
+                  np.dtype(r.dtype).name) for r in requests)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -690,13 +690,13 @@ def decode_tensors(tensors: Sequence[EncodedTensor], dtypes=None, threads: int =
     if dtypes is None:
         dtypes = [np.float32] * len(tensors)
     outputs = run_plan(build_plan(tensors, dtypes, placed=True), threads)
-    return [restore_view(o, t.shape, views.written_view(t.view, t.shape), t.outliers)
-            for o, t in zip(outputs, tensors)]
+    return [restore_view(o, t.shape, t.view, t.outliers) for o, t in zip(outputs, tensors)]
 
 
 def restore_view(matrix: np.ndarray, shape, view: MatrixView, outliers: Outliers | None):
-    """A decoded 2-D view back in the tensor's shape, kept values written back."""
-    out = np.ascontiguousarray(view.from_matrix(matrix, shape))
+    """A whole-tensor decode's output (placed where ``view`` moves data, see
+    build_plan) back in the tensor's shape, kept values written back."""
+    out = np.ascontiguousarray(views.written_view(view, shape).from_matrix(matrix, shape))
     if outliers is not None and outliers.count:
         outliers.apply(out.reshape(-1))
     return out

@@ -18,7 +18,7 @@ from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
 from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, finish_leaf, kept_values,
                                         place_raw, restored_dtype, target_requests)
 from jaxjpeg.treepaths import nest
-from jaxjpeg.views import MatrixView, written_view
+from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
 
 
@@ -81,8 +81,7 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     add_whole_leaf(builder, ckpt, leaf, dtype)
     plan = builder.finish()
     operands, kept = jax.device_put((ops.plan_operands(plan), kept_values(ckpt, leaf)), device)
-    return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype,
-                           written_view(leaf.view, leaf.shape), kept)
+    return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype, leaf.view, kept)
 
 
 def load(path, target=None, *, dtype=None, device=None, verify: bool = True):

@@ -80,15 +80,13 @@ def decode_on_host(ckpt, leaf) -> np.ndarray:
     restore gives on any device)."""
     from jaxjpeg import codec
     from jaxjpeg.checkpoint_restore import add_whole_leaf
-    from jaxjpeg.views import written_view
 
     if leaf.kind == "raw":
         return ckpt.read_raw(leaf)
     builder = codec.PlanBuilder()
     add_whole_leaf(builder, ckpt, leaf, leaf.dtype)
     (matrix,) = codec.run_plan(builder.finish())
-    return codec.restore_view(matrix, leaf.shape, written_view(leaf.view, leaf.shape),
-                              ckpt.read_outliers(leaf))
+    return codec.restore_view(matrix, leaf.shape, leaf.view, ckpt.read_outliers(leaf))
 
 
 def _shards(tensors: list[_Tensor], max_shard_size: int) -> list[list[_Tensor]]:
