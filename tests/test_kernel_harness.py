@@ -6,17 +6,15 @@ blocks mix tiles, tables, bit depths and output types."""
 
 import dataclasses
 
-import ml_dtypes
 import numpy as np
 import pytest
 
 import jaxjpeg
 from jaxjpeg import _native, codec
-from jaxjpeg.views import MatrixView
+from placed_views import DTYPES, placed_encodings
 from oracle import expected_tensor
 from stream_damage import STREAM_DAMAGE, damage_interval_end, interval_markers
 
-DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 
 
 def _harness(plan, payload=None):
@@ -355,17 +353,8 @@ PLACED_VIEWS = [((3, 3, 16, 40), (3, 2, 0, 1), 1),   # Flax conv, rows = output 
 
 @pytest.fixture(scope="module")
 def placed_kinds():
-    """PLACED_VIEWS in every output type and both bit depths, with tiles and
-    restart intervals small enough that intervals wrap block rows."""
-    rng = np.random.default_rng(8)
-    encs, dtypes = [], []
-    for k, (shape, perm, split) in enumerate(PLACED_VIEWS * 3):
-        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 2 else 8, quant_step=2 + k % 4,
-                                          view=MatrixView(perm, split), restart_interval=k % 4,
-                                          tile_shape=(16, 24)))
-        dtypes.append(DTYPES[k % 3])
-    return encs, dtypes
+    """PLACED_VIEWS with tiles small enough that intervals wrap block rows."""
+    return placed_encodings(PLACED_VIEWS, seed=8, tile_shape=(16, 24), steps=4)
 
 
 def test_placed_tensors_decode_as_their_views_transposed(placed_kinds):

@@ -435,6 +435,14 @@ def run_guarded(worker, plan):
     return value  # (error, outputs, guards intact)
 
 
+def assert_refused_inside_outputs(worker, plan):
+    """run_plan refuses ``plan`` with a clear error, writing nothing outside its outputs."""
+    error, _, intact = run_guarded(worker, plan)
+    assert error is not None, "hostile plan accepted"
+    assert error[0] in ("JpegError", "ValueError"), error
+    assert intact, "run_plan wrote outside its output"
+
+
 def test_valid_plan_writes_exactly_its_tile(native_worker):
     plan, samples = valid_plan()
     error, (out,), intact = run_guarded(native_worker, plan)
@@ -579,20 +587,14 @@ HOSTILE_PLACEMENTS = {
 def test_hostile_placement_is_refused_without_writing_outside_outputs(native_worker, name):
     plan, _ = placed_plan()
     HOSTILE_PLACEMENTS[name](plan)
-    error, _, intact = run_guarded(native_worker, plan)
-    assert error is not None, "hostile placement accepted"
-    assert error[0] in ("JpegError", "ValueError"), error
-    assert intact, "run_plan wrote outside its output"
+    assert_refused_inside_outputs(native_worker, plan)
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_PLANS))
 def test_hostile_plan_is_refused_without_writing_outside_outputs(native_worker, name):
     plan, _ = valid_plan()
     HOSTILE_PLANS[name](plan)
-    error, _, intact = run_guarded(native_worker, plan)
-    assert error is not None, "hostile plan accepted"
-    assert error[0] in ("JpegError", "ValueError"), error
-    assert intact, "run_plan wrote outside its output"
+    assert_refused_inside_outputs(native_worker, plan)
 
 
 def test_plan_output_type_must_match_array(native_worker):

@@ -9,6 +9,7 @@ import pytest
 
 import jaxjpeg
 from jaxjpeg import codec, ops
+from placed_views import placed_encodings
 from stream_damage import STREAM_DAMAGE, damage_interval_end, interval_markers
 
 
@@ -35,40 +36,31 @@ def _decode_on(device, plan):
     return np.asarray(status), [np.asarray(o) for o in outputs]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
-def test_gpu_equals_cpu_bit_for_bit(dtype):
-    plan = codec.build_plan(_encodings(40), [dtype] * 40)
+def _assert_gpu_equals_cpu(plan):
+    """The CUDA handler's status and bits are the CPU handler's."""
     cpu_status, cpu = _decode_on(jax.devices("cpu")[0], plan)
     gpu_status, gpu = _decode_on(_gpu(), plan)
     ops.check_status(cpu_status)
     ops.check_status(gpu_status)
     for a, b in zip(cpu, gpu):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_gpu_equals_cpu_bit_for_bit(dtype):
+    _assert_gpu_equals_cpu(codec.build_plan(_encodings(40), [dtype] * 40))
 
 
 def test_gpu_writes_placed_views_like_the_cpu_and_the_harness():
     """Tensors whose views move data, written in their own layout by the
     kernels (one store per element, or a column of 8 where rows are
     consecutive): the CPU handler's and the harness's bits."""
-    from jaxjpeg.views import MatrixView
-    rng = np.random.default_rng(4)
     specs = [((3, 3, 64, 96), (3, 2, 0, 1), 1), ((256, 384), (1, 0), 1),
              ((5, 12, 20), (2, 0, 1), 2)]
-    encs, dtypes = [], []
-    for k, (shape, perm, split) in enumerate(specs * 3):
-        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        encs.append(jaxjpeg.encode_tensor(x, bits=12 if k % 2 else 8, quant_step=2 + k % 5,
-                                          view=MatrixView(perm, split), restart_interval=k % 4,
-                                          tile_shape=(64, 96)))
-        dtypes.append([np.float32, ml_dtypes.bfloat16, np.float16][k % 3])
-    plan = codec.build_plan(encs, dtypes, placed=True)
+    plan = codec.build_plan(*placed_encodings(specs, seed=4, tile_shape=(64, 96), steps=5),
+                            placed=True)
     assert (plan.tiles[:, -1] >= 0).all()
-    cpu_status, cpu = _decode_on(jax.devices("cpu")[0], plan)
-    gpu_status, gpu = _decode_on(_gpu(), plan)
-    ops.check_status(cpu_status)
-    ops.check_status(gpu_status)
-    for a, b in zip(cpu, gpu):
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    _assert_gpu_equals_cpu(plan)
     assert _gpu_equals_harness(plan) is None
 
 
