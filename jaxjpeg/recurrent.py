@@ -31,13 +31,13 @@ RECURRENT_STEP_FACTOR = 1 / 8
 
 _TORCH_WEIGHT = re.compile(r"(^|[./])weight_(ih|hh)(_l\d+)?(_reverse)?$")
 # A module is a cell when its children with a kernel include all of one
-# signature's hidden-to-hidden gates; then every gate child of it is coded
-# as a recurrent weight.
+# signature's hidden-to-hidden gates and all of one's input gates; then every
+# gate child of it is coded as a recurrent weight.
 _CELL_SIGNATURES = ({"hi", "hf", "hg", "ho"}, {"hr", "hz", "hn"}, {"hf", "hn"}, {"h"},
                     {"dense_h"})
-_INPUT_GATES = {"ii", "if", "if_", "ig", "io", "ir", "iz", "in", "i", "dense_i"}
 _CELL_INPUTS = ({"ii", "if", "ig", "io"}, {"ii", "if_", "ig", "io"}, {"ir", "iz", "in"},
                 {"if", "in"}, {"i"}, {"dense_i"})
+_GATES = set().union(*_CELL_SIGNATURES, *_CELL_INPUTS)
 
 
 def recurrent_leaves(names: Iterable[str]) -> set[str]:
@@ -60,8 +60,7 @@ def recurrent_leaves(names: Iterable[str]) -> set[str]:
     for module, children in gates.items():
         if _is_cell(children):
             prefix = f"{module}/" if module else ""
-            found.update(f"{prefix}{child}/kernel" for child in children
-                         if child in _INPUT_GATES or any(child in s for s in _CELL_SIGNATURES))
+            found.update(f"{prefix}{child}/kernel" for child in children if child in _GATES)
     return found
 
 
