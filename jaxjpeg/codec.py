@@ -448,7 +448,7 @@ class DecodePlan:
     payload: np.ndarray          # uint8
     interval_starts: np.ndarray  # int64 [intervals + 1]
     tiles: np.ndarray            # int64 [tiles, TILE_COLUMNS]
-    tables: np.ndarray           # uint8 [tables * DECODER_TABLES_SIZE]
+    tables: np.ndarray           # uint8 [tables * PACKED_TABLES_SIZE]: DHT and DQT contents
     row_scale: np.ndarray        # float32
     row_offset: np.ndarray       # float32
     col_scale: np.ndarray        # float32
@@ -592,8 +592,8 @@ PAYLOAD_ALIGNMENT = 64
 
 def _aligned_concatenation(parts, dtype=np.uint8) -> np.ndarray:
     """``parts`` (arrays or bytes) back to back in an aligned array: the
-    operands after the payload (tables, ~19 KB of expanded Huffman tables a
-    tile; placement offsets) are placed without a copy too."""
+    operands after the payload (tables, placement offsets) are placed
+    without a copy too."""
     parts = [np.frombuffer(p, dtype) if isinstance(p, bytes) else np.asarray(p, dtype)
              for p in parts]
     itemsize = np.dtype(dtype).itemsize

@@ -40,11 +40,14 @@ def _rule_without_params(rule):
 
 
 def cuda_workspace_bytes(avals_in, num_outputs: int) -> int:
-    """Bytes of the CUDA handler's workspace: the output descriptors and the
-    destuffed intervals (xla_ops/decode_plan.h, DecodeWorkspaceBytes)."""
-    payload, starts = avals_in[0], avals_in[1]
+    """Bytes of the CUDA handler's workspace: the output descriptors, the
+    tables it builds from the packed ones and the destuffed intervals
+    (xla_ops/decode_plan.h, DecodeWorkspaceBytes). Operands in the order of
+    ops.OPERAND_NAMES: payload, interval starts, tiles, tables, ..."""
+    payload, starts, tables = avals_in[0], avals_in[1], avals_in[3]
     return _native.decode_workspace_bytes(num_outputs, payload.shape[0],
-                                          max(0, starts.shape[0] // 2 - 1))
+                                          max(0, starts.shape[0] // 2 - 1),
+                                          tables.shape[0] // _native.PACKED_TABLES_SIZE)
 
 
 def _cuda_rule(ctx, *operands, **params):

@@ -50,7 +50,7 @@ def many_kinds():
 def test_harness_matches_libjpeg_turbo(many_kinds):
     encs, dtypes = many_kinds
     plan = codec.build_plan(encs, dtypes)
-    assert plan.tables.size // _native.DECODER_TABLES_SIZE > 12  # several rounds per block
+    assert plan.tables.size // _native.PACKED_TABLES_SIZE > 12  # several rounds per block
     for enc, dtype, got in zip(encs, dtypes, _harness(plan)):
         want = expected_tensor(enc, dtype).reshape(got.shape)
         np.testing.assert_array_equal(_bits(got), _bits(want))

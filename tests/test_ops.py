@@ -68,7 +68,7 @@ def test_jit_matches_core_bit_for_bit(mixed, dtype):
 def test_kernel_harness_matches_core(mixed):
     """The CUDA kernel's (block, thread) body and table staging, run on the CPU."""
     plan = codec.build_plan(mixed, [np.float32] * len(mixed))
-    assert plan.tables.size // _native.DECODER_TABLES_SIZE > 1  # staging hits and misses
+    assert plan.tables.size // _native.PACKED_TABLES_SIZE > 1  # staging hits and misses
     expected = codec.run_plan(plan)
     outputs = [np.full(s, np.nan, np.float32) for s in plan.output_shapes]
     _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
@@ -216,9 +216,10 @@ def test_a_plans_payload_is_placed_on_the_cpu_without_a_copy():
 
 
 def test_a_plans_tables_and_placement_offsets_are_placed_without_a_copy():
-    """The next largest operands: a tile's expanded Huffman tables are ~19 KB
-    (5 MB for a ResNet-50's 262 tiles, copied once more on every restore
-    while they were 16-byte aligned), and a placed tensor's offsets."""
+    """The next largest operands: a tile's packed tables (672 bytes; until
+    they were packed, 19.5 KB of lookup tables a tile, 5 MB for a
+    ResNet-50's 262 tiles, copied once more on every restore while 16-byte
+    aligned), and a placed tensor's offsets."""
     rng = np.random.default_rng(13)
     encs = [jaxjpeg.encode_tensor(_tensor(rng, (64, 96 + 8 * k)), quant_step=3,
                                   view=MatrixView((1, 0), 1)) for k in range(5)]
@@ -305,8 +306,12 @@ def test_cuda_lowering_sizes_the_workspace_for_the_destuff_pass(mixed):
                               plan.output_shapes)
     traced = decode.trace(*operands)
     n = len(plan.output_shapes)
-    want = _native.decode_workspace_bytes(n, plan.payload.size, plan.interval_starts.size - 1)
-    assert want >= n * _native.PLAN_OUTPUT_SIZE + plan.payload.size + 48 * (plan.interval_starts.size - 1)
+    tables = plan.tables.size // _native.PACKED_TABLES_SIZE
+    want = _native.decode_workspace_bytes(n, plan.payload.size, plan.interval_starts.size - 1,
+                                          tables)
+    assert want >= (n * _native.PLAN_OUTPUT_SIZE + plan.payload.size
+                    + 48 * (plan.interval_starts.size - 1)
+                    + tables * _native.DECODER_TABLES_SIZE)
     _, cuda_results = _custom_call_types(traced.lower(lowering_platforms=("cuda",)).as_text())
     _, cpu_results = _custom_call_types(traced.lower(lowering_platforms=("cpu",)).as_text())
     assert f"tensor<{want}xui8>" in cuda_results

@@ -540,7 +540,7 @@ HOSTILE_PLANS = {
     "col_scale_wrong_dtype": field("col_scale", np.ones(21, np.float64)),
     "restart_interval_larger_than_tile": tile_edit(T_RESTART, 10 ** 6),
     "restart_interval_wrong": tile_edit(T_RESTART, 1),
-    "tables_size_not_multiple": field("tables", np.zeros(_native.DECODER_TABLES_SIZE - 1, np.uint8)),
+    "tables_size_not_multiple": field("tables", np.zeros(_native.PACKED_TABLES_SIZE - 1, np.uint8)),
     "tables_empty": field("tables", np.zeros(0, np.uint8)),
     "tiles_wrong_columns": field("tiles", np.zeros((1, 12), np.int64)),
     "tiles_wrong_dtype": field("tiles", np.zeros((1, 13), np.int32)),

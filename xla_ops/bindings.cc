@@ -80,6 +80,38 @@ py::dict StreamInfoDict(const StreamInfo& info) {
   return d;
 }
 
+py::array_t<uint8_t> PackedTablesArray(const PackedTables& packed) {
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(sizeof(PackedTables)));
+  std::memcpy(out.mutable_data(), &packed, sizeof(PackedTables));
+  return out;
+}
+
+// The DecoderTables the executors build from one PackedTables: on one
+// thread (the host's workers) or through the table kernel's phases (its CPU
+// harness); (bytes, status code of the build). Tests compare the two.
+py::tuple BuildTables(const py::buffer& packed, bool kernel_phases) {
+  const py::buffer_info b = ContiguousBytes(packed);
+  if (b.size * b.itemsize != static_cast<py::ssize_t>(sizeof(PackedTables))) {
+    throw py::value_error("packed tables must be " + std::to_string(sizeof(PackedTables)) +
+                          " bytes");
+  }
+  PackedTables p;
+  std::memcpy(&p, b.ptr, sizeof p);
+  auto built = std::make_unique<DecoderTables>();
+  std::memset(built.get(), 0xA5, sizeof(DecoderTables));  // both ways from the same bytes
+  Status s;
+  if (kernel_phases) {
+    DecodePlan plan{};
+    plan.tables = &p;
+    plan.num_tables = 1;
+    s = RunBuildTablesBlock(plan, 0, built.get());
+  } else {
+    s = BuildDecoderTables(p, built.get());
+  }
+  py::bytes out(reinterpret_cast<const char*>(built.get()), sizeof(DecoderTables));
+  return py::make_tuple(out, static_cast<int>(s));
+}
+
 py::dict Inspect(const py::buffer& data) {
   const py::buffer_info b = ContiguousBytes(data);
   const auto* bytes = static_cast<const uint8_t*>(b.ptr);
@@ -93,16 +125,14 @@ py::dict Inspect(const py::buffer& data) {
   py::array_t<int64_t> starts(static_cast<py::ssize_t>(p.starts.size()));
   std::memcpy(starts.mutable_data(), p.starts.data(), p.starts.size() * sizeof(int64_t));
   d["interval_starts"] = starts;
-  py::array_t<uint8_t> tables(static_cast<py::ssize_t>(sizeof(DecoderTables)));
-  std::memcpy(tables.mutable_data(), &p.info.tables, sizeof(DecoderTables));
-  d["tables"] = tables;
+  d["tables"] = PackedTablesArray(p.info.packed);
   py::array_t<int32_t> quant(64);
   std::memcpy(quant.mutable_data(), p.info.tables.quant, sizeof(p.info.tables.quant));
   d["quant_table"] = quant;
   return d;
 }
 
-// The DecoderTables a tile's header defines, and the header's geometry
+// The PackedTables a tile's header defines, and the header's geometry
 // (width, height, bits, restart interval) for checking against what the
 // caller believes about the tile. Only the header is parsed.
 py::tuple TileHeader(const py::buffer& data) {
@@ -113,9 +143,8 @@ py::tuple TileHeader(const py::buffer& data) {
     Check(ParseStreamHeader(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, &info),
           "JPEG header");
   }
-  py::array_t<uint8_t> tables(static_cast<py::ssize_t>(sizeof(DecoderTables)));
-  std::memcpy(tables.mutable_data(), &info.tables, sizeof(DecoderTables));
-  return py::make_tuple(tables, info.width, info.height, info.bits, info.restart_interval);
+  return py::make_tuple(PackedTablesArray(info.packed), info.width, info.height, info.bits,
+                        info.restart_interval);
 }
 
 bool CheckIntervalStarts(const py::buffer& data,
@@ -211,7 +240,7 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
   const py::buffer_info pay = ContiguousBytes(payload);
   const py::buffer_info tab = ContiguousBytes(tables);
   const int64_t table_bytes = tab.size * tab.itemsize;
-  if (table_bytes % sizeof(DecoderTables) != 0) throw py::value_error("tables size mismatch");
+  if (table_bytes % sizeof(PackedTables) != 0) throw py::value_error("tables size mismatch");
   if (interval_starts.ndim() != 1 || interval_starts.size() < 1) {
     throw py::value_error("interval_starts must be a 1-D int64 array of n + 1 offsets");
   }
@@ -237,8 +266,8 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
   plan.num_intervals = interval_starts.size() - 1;
   plan.tiles = ArrayData<int64_t>(tiles, -1, "tiles");
   plan.num_tiles = tiles.shape(0);
-  plan.tables = static_cast<const DecoderTables*>(tab.ptr);
-  plan.num_tables = table_bytes / static_cast<int64_t>(sizeof(DecoderTables));
+  plan.tables = static_cast<const PackedTables*>(tab.ptr);
+  plan.num_tables = table_bytes / static_cast<int64_t>(sizeof(PackedTables));
   plan.row_scale = ArrayData<float>(row_scale, -1, "row_scale");
   plan.row_offset = ArrayData<float>(row_offset, row_scale.size(), "row_offset");
   plan.num_affine_rows = row_scale.size();
@@ -737,6 +766,7 @@ PYBIND11_MODULE(_native, m) {
   using namespace jaxjpeg;
   m.doc() = "jaxjpeg codec core: JPEG encode/decode of weight tiles";
   py::register_exception<JpegError>(m, "JpegError", PyExc_ValueError);
+  m.attr("PACKED_TABLES_SIZE") = sizeof(PackedTables);
   m.attr("DECODER_TABLES_SIZE") = sizeof(DecoderTables);
   m.attr("TILE_COLUMNS") = static_cast<int>(kTileColumns);
   m.attr("PLAN_OK") = kPlanOk;
@@ -744,7 +774,7 @@ PYBIND11_MODULE(_native, m) {
         "Parse a JPEG: dimensions, precision, restart interval, interval start offsets, "
         "decoder tables.");
   m.def("tile_header", &TileHeader, py::arg("data"),
-        "(decoder tables as the plan's table bytes, width, height, bits, restart interval) "
+        "(packed tables as the plan's table bytes, width, height, bits, restart interval) "
         "of a JPEG file's header.");
   m.def("check_interval_starts", &CheckIntervalStarts, py::arg("data"), py::arg("starts"),
         "Whether a recorded interval index (starts + EOI offset) sits on the tile's own "
@@ -839,9 +869,12 @@ PYBIND11_MODULE(_native, m) {
   }, "XLA FFI handler capsules for the CPU platform.");
   m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);
   m.def("decode_workspace_bytes", &DecodeWorkspaceBytes, py::arg("num_outputs"),
-        py::arg("payload_size"), py::arg("num_intervals"),
-        "Bytes of the CUDA decode's workspace result: output descriptors and destuffed "
-        "intervals.");
+        py::arg("payload_size"), py::arg("num_intervals"), py::arg("num_tables"),
+        "Bytes of the CUDA decode's workspace result: output descriptors, built tables and "
+        "destuffed intervals.");
+  m.def("build_tables", &BuildTables, py::arg("packed"), py::arg("kernel_phases") = false,
+        "The DecoderTables built from one PackedTables, on one thread or through the table "
+        "kernel's phases (tests): (bytes, status code).");
   m.def("plan_failure", &PlanFailure, py::arg("status"),
         "The text of a failed decode's packed status word, as the FFI handlers report it.");
   m.def("pack_plan_status", [](int64_t interval, int code) {

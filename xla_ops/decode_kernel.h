@@ -3,7 +3,9 @@
 // and staging logic on machines without a GPU.
 //
 // A first kernel destuffs every interval (a warp per interval, see
-// destuff.h) into the call's workspace; then one thread decodes one restart
+// destuff.h) into the call's workspace, a second builds each tile's
+// DecoderTables there from the plan's PackedTables (a block per table, the
+// phases of table_build.h); then one thread decodes one restart
 // interval from its destuffed bytes. There is one kernel per (sample
 // bits, output type): each is specialised and small, and a thread whose
 // interval is of another kind leaves at once. A block of threads works in
@@ -36,6 +38,8 @@ constexpr int kDecodeBlocksPerSM = 512 / kDecodeThreadsPerBlock;
 static_assert(kMapBlockIntervals % kDecodeThreadsPerBlock == 0,
               "a CUDA block's intervals lie in one block map row");
 constexpr int32_t kNoTable = 0x7FFFFFFF;
+// Threads of a table-building block: 2,048 fast AC entries, 16 each.
+constexpr int kBuildTablesThreads = 128;
 
 // A block's shared memory (dynamic: more than the 48 KiB of static shared
 // memory a kernel may declare).
@@ -126,13 +130,13 @@ JJ_HD inline void StageZigzagPart(int thread, KernelShared* s) {
   for (int k = thread; k < 80; k += kDecodeThreadsPerBlock) s->zigzag[k] = ZigzagTable()[k];
 }
 
-// Phase "stage", each round: copies tables[index] word by word, each thread
-// a strided share.
+// Phase "stage", each round: copies built table `index` (see
+// BuildTablesPart) word by word, each thread a strided share.
 JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread,
                                   DecoderTables* staged) {
   constexpr int kWords = sizeof(DecoderTables) / sizeof(uint32_t);
   static_assert(sizeof(DecoderTables) % sizeof(uint32_t) == 0, "tables are whole words");
-  const auto* __restrict__ src = reinterpret_cast<const uint32_t*>(p.tables + index);
+  const auto* __restrict__ src = reinterpret_cast<const uint32_t*>(p.built_tables + index);
   auto* __restrict__ dst = reinterpret_cast<uint32_t*>(staged);
   for (int w = thread; w < kWords; w += kDecodeThreadsPerBlock) dst[w] = src[w];
 }

@@ -1,8 +1,8 @@
 // A decode plan: many restart intervals of many tiles of many tensors, decoded
 // by one call. The plan is plain arrays (the custom call's operands), and
-// DecodePlanInterval is the body every executor runs for interval i: the CPU
-// thread pool, the CUDA kernel (one thread per interval) and the CPU harness
-// that runs the CUDA indexing logic in tests.
+// the functions here are what every executor runs for an interval: the CPU
+// thread pool (DecodePlanInterval, cpu_executor.h), the CUDA kernels and the
+// CPU harness that runs the kernels' logic in tests.
 #ifndef JAXJPEG_DECODE_PLAN_H_
 #define JAXJPEG_DECODE_PLAN_H_
 
@@ -14,12 +14,13 @@
 #include "interval_decode.h"
 #include "jpeg_defs.h"
 #include "output_stage.h"
+#include "table_build.h"
 
 namespace jaxjpeg {
 
 // Columns of the int64 tile table, one row per tile (one JPEG image).
 enum TileColumn : int {
-  kTileTables = 0,         // index into the DecoderTables array
+  kTileTables = 0,         // index into the PackedTables array
   kTileBits,               // 8 or 12
   kTileWidth,
   kTileHeight,
@@ -65,8 +66,12 @@ struct DecodePlan {
   int64_t num_intervals;
   const int64_t* tiles;      // [num_tiles, kTileColumns]
   int64_t num_tiles;
-  const DecoderTables* tables;
+  const PackedTables* tables;
   int64_t num_tables;
+  // The DecoderTables built from `tables`, one each, where an executor
+  // builds them all before decoding (the CUDA handler, in its workspace;
+  // its CPU harness). Host workers build theirs as they go (WorkerTables).
+  const DecoderTables* built_tables;
   const float* row_scale;    // [num_affine_rows]
   const float* row_offset;   // [num_affine_rows]
   int64_t num_affine_rows;
@@ -109,30 +114,34 @@ inline int32_t PlanStartsStatus(const DecodePlan& p) {
   return kPlanOk;
 }
 
-// The device workspace of a decode call: the output descriptors, then the
-// destuff pass's starts status, lengths and area (DestuffedIntervals), each
-// part 16-byte aligned. 15 bytes of slack align the parts whatever the
-// workspace's own alignment.
+// The device workspace of a decode call: the output descriptors, the built
+// tables, then the destuff pass's starts status, lengths and area
+// (DestuffedIntervals), each part 16-byte aligned. 15 bytes of slack align
+// the parts whatever the workspace's own alignment.
 JJ_HD JJ_INLINE int64_t AlignUp16(int64_t n) { return (n + 15) / 16 * 16; }
 
 inline int64_t DecodeWorkspaceBytes(int64_t num_outputs, int64_t payload_size,
-                                    int64_t num_intervals) {
-  return 15 + AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput))) + 16 +
+                                    int64_t num_intervals, int64_t num_tables) {
+  return 15 + AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput))) +
+         AlignUp16(num_tables * static_cast<int64_t>(sizeof(DecoderTables))) + 16 +
          AlignUp16(8 * num_intervals) + DestuffAreaSize(payload_size, num_intervals);
 }
 
 struct DecodeWorkspace {
   PlanOutput* outputs;
+  DecoderTables* built_tables;
   DestuffedIntervals destuffed;
 };
 
 inline DecodeWorkspace LayOutDecodeWorkspace(void* base, int64_t num_outputs,
-                                             int64_t num_intervals) {
+                                             int64_t num_intervals, int64_t num_tables) {
   const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 15) & ~uintptr_t(15);
   auto* bytes = reinterpret_cast<uint8_t*>(aligned);
   DecodeWorkspace w;
   w.outputs = reinterpret_cast<PlanOutput*>(bytes);
   bytes += AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput)));
+  w.built_tables = reinterpret_cast<DecoderTables*>(bytes);
+  bytes += AlignUp16(num_tables * static_cast<int64_t>(sizeof(DecoderTables)));
   w.destuffed.starts_status = reinterpret_cast<int32_t*>(bytes);
   bytes += 16;
   w.destuffed.lengths = reinterpret_cast<int64_t*>(bytes);
@@ -404,22 +413,8 @@ JJ_HD JJ_INLINE DestuffedBitReader DestuffedReaderOf(const DecodePlan& p, int64_
                                 p.destuffed.lengths[i]);
 }
 
-// Decodes a resolved interval of kBits samples from `reader` into an output
-// of kType, in the given block scratch (see BlockScratch); a failed interval
-// becomes NaN.
-template <int kBits, OutputType kType, typename Reader, typename Scratch>
-JJ_HD inline Status DecodeIntervalWith(const DecodePlan& p, const IntervalWork& w,
-                                       const Reader& reader, const DecoderTables& tables,
-                                       const Scratch& scratch) {
-  const AffineSink<kType> sink = TileSink<kType>(p, w.tile);
-  const BlockGrid grid = TileGrid(w.tile);
-  const Status status = detail::DecodeIntervalBody<kBits>(reader, tables, grid, w.first_block,
-                                                          w.num_blocks, sink, scratch);
-  if (status != Status::kOk) FillIntervalWithNaN(sink, grid, w.first_block, w.num_blocks);
-  return status;
-}
-
-// The same on the host's stack scratch (and its AVX2 build, see DecodeInterval).
+// Decodes a resolved interval on the host's stack scratch (and its AVX2
+// build, see DecodeInterval); a failed interval becomes NaN.
 template <OutputType kType>
 JJ_HD inline Status DecodeIntervalAs(const DecodePlan& p, const IntervalWork& w,
                                      const DecoderTables& tables) {
@@ -457,18 +452,6 @@ JJ_HD inline void FillUndecodedIntervalWithNaN(const DecodePlan& p, int64_t i) {
     FillIntervalWithNaN(TileSink<decltype(type)::value>(p, w.tile), TileGrid(w.tile),
                         w.first_block, w.num_blocks);
   });
-}
-
-// Decodes interval i of the plan; returns kPlanOk or the packed status.
-JJ_HD inline int32_t DecodePlanInterval(const DecodePlan& p, int64_t i) {
-  IntervalWork w;
-  if (!ResolveInterval(p, i, &w)) return PackPlanStatus(i, Status::kBadArgument);
-  const DecoderTables& tables = p.tables[w.tile[kTileTables]];
-  Status s = Status::kBadArgument;
-  WithOutputType(p.outputs[w.tile[kTileOutput]].type, [&](auto type) {
-    s = DecodeIntervalAs<decltype(type)::value>(p, w, tables);
-  });
-  return s == Status::kOk ? kPlanOk : PackPlanStatus(i, s);
 }
 
 }  // namespace jaxjpeg

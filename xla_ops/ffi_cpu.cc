@@ -9,6 +9,7 @@
 
 #include <sys/mman.h>
 
+#include "cpu_executor.h"
 #include "ffi_decode.h"
 
 namespace jaxjpeg {
@@ -29,9 +30,10 @@ struct PoolLoop {
 
   void Work() {
     active.fetch_add(1);
+    WorkerTables tables;
     for (int64_t start; (start = next.fetch_add(chunk)) < num_intervals;) {
       const int64_t stop = std::min(num_intervals, start + chunk);
-      for (int64_t i = start; i < stop; ++i) Record(DecodePlanInterval(*plan, i));
+      for (int64_t i = start; i < stop; ++i) Record(DecodePlanInterval(*plan, i, tables));
     }
     if (active.fetch_sub(1) == 1) {
       std::lock_guard<std::mutex> lock(mu);

@@ -43,6 +43,24 @@ __global__ void __launch_bounds__(kDestuffThreadsPerBlock)
                       });
 }
 
+// A block per table: its DecoderTables built into the workspace from the
+// plan's PackedTables (table_build.h's phases).
+__global__ void __launch_bounds__(kBuildTablesThreads)
+    BuildTablesKernel(const PackedTables* __restrict__ packed, DecoderTables* __restrict__ built) {
+  DecoderTables* t = built + blockIdx.x;
+  __shared__ int pairs;
+  if (threadIdx.x == 0) {
+    BuildTableCodes(packed[blockIdx.x], t);
+    pairs = 0;
+  }
+  __syncthreads();
+  BuildLookaheadPart(t, threadIdx.x, kBuildTablesThreads);
+  __syncthreads();
+  atomicAdd(&pairs, BuildFastAcPart(t, threadIdx.x, kBuildTablesThreads));
+  __syncthreads();
+  if (threadIdx.x == 0) t->fast_ac_pairs_common = PairsAreCommon(pairs);
+}
+
 __global__ void WriteDescriptorsKernel(const __grid_constant__ DescriptorChunk chunk,
                                        PlanOutput* workspace) {
   if (threadIdx.x < chunk.count) workspace[chunk.first + threadIdx.x] = chunk.items[threadIdx.x];
@@ -179,17 +197,19 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
   if (err.failure()) return err;
   err = CheckResults(status, workspace, outputs.size());
   if (err.failure()) return err;
-  const int64_t needed =
-      DecodeWorkspaceBytes(outputs.size(), plan.payload_size, plan.num_intervals);
+  if (plan.num_tables > INT32_MAX) return ffi::Error::InvalidArgument("too many tables");
+  const int64_t needed = DecodeWorkspaceBytes(outputs.size(), plan.payload_size,
+                                              plan.num_intervals, plan.num_tables);
   if (static_cast<int64_t>(workspace->element_count()) < needed) {
     return ffi::Error::InvalidArgument("the CUDA decode's workspace must hold " +
                                        std::to_string(needed) +
                                        " bytes (see DecodeWorkspaceBytes)");
   }
-  const DecodeWorkspace parts =
-      LayOutDecodeWorkspace(workspace->typed_data(), outputs.size(), plan.num_intervals);
+  const DecodeWorkspace parts = LayOutDecodeWorkspace(workspace->typed_data(), outputs.size(),
+                                                      plan.num_intervals, plan.num_tables);
   PlanOutput* descriptors = parts.outputs;
   plan.destuffed = parts.destuffed;
+  plan.built_tables = parts.built_tables;
   InitStatusKernel<<<1, 1, 0, stream>>>(status->typed_data(), plan.destuffed.starts_status);
   // Without outputs one kernel still runs: it reports the unusable intervals.
   bool wanted_types[3] = {outputs.size() == 0, false, false};
@@ -201,6 +221,10 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
     const int64_t warps_per_block = kDestuffThreadsPerBlock / kDestuffLanes;
     DestuffKernel<<<(plan.num_intervals + warps_per_block - 1) / warps_per_block,
                     kDestuffThreadsPerBlock, 0, stream>>>(plan, status->typed_data());
+    if (plan.num_tables > 0) {
+      BuildTablesKernel<<<static_cast<unsigned>(plan.num_tables), kBuildTablesThreads, 0,
+                          stream>>>(plan.tables, parts.built_tables);
+    }
     ForEachDecodeKernel(LaunchDecodeKernel{stream, plan, status->typed_data(), wanted_types});
     CheckDecodedKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0,
                          stream>>>(plan, status->typed_data());

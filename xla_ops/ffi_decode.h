@@ -21,7 +21,7 @@ auto BindDecodeOperands(Binding binding) {
       .template Arg<ffi::Buffer<ffi::U8>>()   // payload: concatenated tile JPEG files
       .template Arg<ffi::Buffer<ffi::S32>>()  // interval starts: int64 [n + 1] as int32 pairs
       .template Arg<ffi::Buffer<ffi::S32>>()  // tile table: int64 [tiles, kTileColumns] as int32 pairs
-      .template Arg<ffi::Buffer<ffi::U8>>()   // DecoderTables structs, back to back
+      .template Arg<ffi::Buffer<ffi::U8>>()   // PackedTables structs, back to back
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-row scale of the affine output map
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-row offset of the affine output map
       .template Arg<ffi::Buffer<ffi::F32>>()  // per-column scales, applied after the row map
@@ -64,8 +64,8 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
     return ffi::Error::InvalidArgument("tile table must be [tiles, " +
                                        std::to_string(kTileColumns) + "] int64");
   }
-  if (tables.element_count() % sizeof(DecoderTables) != 0) {
-    return ffi::Error::InvalidArgument("table blob is not a whole number of DecoderTables");
+  if (tables.element_count() % sizeof(PackedTables) != 0) {
+    return ffi::Error::InvalidArgument("table blob is not a whole number of PackedTables");
   }
   if (positions.element_count() % 2 != 0) {
     return ffi::Error::InvalidArgument("placement offsets must be int64 (int32 pairs)");
@@ -79,8 +79,8 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
   plan->num_intervals = static_cast<int64_t>(starts.element_count() / 2) - 1;
   plan->tiles = AsInt64(tiles);
   plan->num_tiles = static_cast<int64_t>(tiles.element_count() / (2 * kTileColumns));
-  plan->tables = reinterpret_cast<const DecoderTables*>(tables.typed_data());
-  plan->num_tables = static_cast<int64_t>(tables.element_count() / sizeof(DecoderTables));
+  plan->tables = reinterpret_cast<const PackedTables*>(tables.typed_data());
+  plan->num_tables = static_cast<int64_t>(tables.element_count() / sizeof(PackedTables));
   plan->row_scale = row_scale.typed_data();
   plan->row_offset = row_offset.typed_data();
   plan->num_affine_rows = static_cast<int64_t>(row_scale.element_count());

@@ -1,6 +1,9 @@
-// Canonical Huffman decoding tables (T.81 C.2, F.2.2.3) with a lookahead table.
-// Building runs on the host; the table is plain data so it can be copied to
-// device memory (or staged in shared memory) and decoded from there.
+// Canonical Huffman decoding tables (T.81 C.2, F.2.2.3) with a lookahead table
+// and the AC fast table. Every entry of the lookup tables is a function of
+// its index (LookaheadEntryAt, FastAcEntryAt), so the host builds them in a
+// loop and a GPU block builds them with a thread per share of the entries
+// (table_build.h); the tables are plain data, decoded from shared memory on
+// the GPU.
 #ifndef JAXJPEG_HUFFMAN_DECODE_H_
 #define JAXJPEG_HUFFMAN_DECODE_H_
 
@@ -21,41 +24,63 @@ struct HuffmanDecodeTable {
   uint8_t symbols[256];
 };
 
-// Builds a decoding table from DHT counts (codes of length 1..16) and symbols.
-// Rejects over-subscribed code spaces the way libjpeg does (the all-ones code
-// of any length is reserved), and DC symbols above 15.
-inline Status BuildHuffmanDecodeTable(const uint8_t counts[16], const uint8_t* symbols,
-                                      int num_symbols, bool is_dc, HuffmanDecodeTable* t) {
+// Builds the canonical code of a DHT table (T.81 C.2) from its counts (codes
+// of length 1..16) and symbols: the largest code of each length and where
+// each length's symbols start; the lookahead table is LookaheadEntryAt's.
+// Rejects over-subscribed code spaces the way libjpeg does (the all-ones
+// code of any length is reserved), empty tables and DC symbols above 15. A
+// rejected table is left decoding nothing (every max_code -1), so an
+// executor that builds tables from untrusted operands fails the intervals
+// that use it (kBadHuffmanCode) instead of reading a half-built table.
+JJ_HD inline Status BuildCanonicalCode(const uint8_t counts[16], const uint8_t symbols[256],
+                                       bool is_dc, HuffmanDecodeTable* t) {
+  for (int len = 0; len <= 16; ++len) t->max_code[len] = -1;
+  for (int len = 0; len <= 16; ++len) t->value_offset[len] = 0;
   int total = 0;
   for (int i = 0; i < 16; ++i) total += counts[i];
-  if (total != num_symbols || total > 256 || total == 0) return Status::kBadHuffmanTable;
+  if (total > 256 || total == 0) return Status::kBadHuffmanTable;
+  for (int i = 0; i < 256; ++i) t->symbols[i] = i < total ? symbols[i] : 0;
   for (int i = 0; i < total; ++i) {
     if (is_dc && symbols[i] > 15) return Status::kBadHuffmanTable;
-    t->symbols[i] = symbols[i];
   }
-  for (int i = 0; i < (1 << kLookaheadBits); ++i) t->lookahead[i] = 0;
+  int32_t max_code[17];
   int32_t code = 0;
   int index = 0;
   for (int len = 1; len <= 16; ++len) {
     const int n = counts[len - 1];
-    // Checked before the lookahead fill below writes anything: an
-    // over-subscribed length would index past the table.
     if (code + n >= (1 << len)) return Status::kBadHuffmanTable;
     t->value_offset[len] = index - code;
-    for (int i = 0; i < n; ++i, ++code, ++index) {
-      if (len > kLookaheadBits) continue;
-      const int shift = kLookaheadBits - len;
-      for (int fill = 0; fill < (1 << shift); ++fill) {
-        t->lookahead[(code << shift) | fill] =
-            static_cast<uint16_t>((len << 8) | t->symbols[index]);
-      }
-    }
-    t->max_code[len] = n ? code - 1 : -1;
+    code += n;
+    index += n;
+    max_code[len] = n ? code - 1 : -1;
     code <<= 1;
   }
-  t->max_code[0] = -1;
-  t->value_offset[0] = 0;
+  // Published only once the whole code is known to be sound.
+  for (int len = 1; len <= 16; ++len) t->max_code[len] = max_code[len];
   return Status::kOk;
+}
+
+// The symbol of the code of `len` bits whose value is `code`, if the table
+// has one: codes are searched from the shortest, so where no shorter code
+// is a prefix, the canonical code of this length covers exactly the values
+// up to max_code[len].
+JJ_HD JJ_INLINE int SymbolOfCode(const HuffmanDecodeTable& t, int len, int32_t code) {
+  if (code > t.max_code[len]) return -1;
+  const int32_t index = code + t.value_offset[len];
+  return (index >= 0 && index < 256) ? t.symbols[index] : -1;
+}
+
+// Lookahead entry `index` (kLookaheadBits bits): (code length << 8) | symbol
+// of the code those bits start with, 0 if it is longer or undefined.
+JJ_HD inline uint16_t LookaheadEntryAt(const HuffmanDecodeTable& t, uint32_t index) {
+  for (int len = 1; len <= kLookaheadBits; ++len) {
+    const int32_t code = static_cast<int32_t>(index >> (kLookaheadBits - len));
+    if (code <= t.max_code[len]) {
+      const int symbol = SymbolOfCode(t, len, code);
+      return symbol < 0 ? 0 : static_cast<uint16_t>((len << 8) | symbol);
+    }
+  }
+  return 0;
 }
 
 // Takes the next `category` (0..15) bits as a sign-extended magnitude value
@@ -175,6 +200,29 @@ JJ_HD JJ_INLINE FastAcEntryRead LoadFastAcEntry(const FastAcTable& table, uint32
 #endif
 }
 
+// The code of at most kFastAcBits bits that the kFastAcBits-bit string
+// `bits` starts with, if any: false for a longer or undefined code.
+JJ_HD inline bool ShortCodeAt(const HuffmanDecodeTable& t, uint32_t bits, int* len, int* symbol,
+                              int32_t* code) {
+  const uint16_t entry = t.lookahead[bits >> (kFastAcBits - kLookaheadBits)];
+  if (entry != 0) {
+    *len = entry >> 8;
+    *symbol = entry & 0xFF;
+    *code = static_cast<int32_t>(bits >> (kFastAcBits - *len));
+    return true;
+  }
+  for (int n = kLookaheadBits + 1; n <= kFastAcBits; ++n) {
+    const int32_t c = static_cast<int32_t>(bits >> (kFastAcBits - n));
+    if (c <= t.max_code[n]) {
+      *len = n;
+      *symbol = SymbolOfCode(t, n, c);
+      *code = c;
+      return *symbol >= 0;
+    }
+  }
+  return false;
+}
+
 // What a kFastAcBits-bit string starts with, when that could be the second
 // part of an entry: a complete coefficient or ZRL whose value fits int8, or
 // an EOB.
@@ -185,48 +233,32 @@ struct SecondPart {
   int8_t value;
 };
 
-// Calls visit(code, len, symbol) for every code of up to kFastAcBits bits,
-// in order. These are the codes DecodeSymbol finds: in a table that
-// BuildHuffmanDecodeTable accepted, its length-by-length search ends exactly
-// at the code that is a prefix.
-template <typename Visit>
-inline void ForEachShortCode(const HuffmanDecodeTable& t, Visit visit) {
-  int32_t code = 0;
-  for (int len = 1; len <= kFastAcBits; ++len) {
-    for (; code <= t.max_code[len]; ++code) visit(code, len, t.symbols[code + t.value_offset[len]]);
-    code <<= 1;
-  }
-}
-
 // The coefficient a value of `category` bits `raw` stands for (T.81 F.2.2.1
 // EXTEND): a leading 0 bit means a negative value.
-inline int32_t Extend(int32_t raw, int category) {
+JJ_HD JJ_INLINE int32_t Extend(int32_t raw, int category) {
   return (category != 0 && raw < (1 << (category - 1))) ? raw - (1 << category) + 1 : raw;
 }
 
-// SecondPart for every kFastAcBits-bit string.
-inline void FillSecondParts(const HuffmanDecodeTable& t, SecondPart parts[1 << kFastAcBits]) {
-  for (int i = 0; i < (1 << kFastAcBits); ++i) parts[i] = SecondPart{0xFF, 0, 0, 0};
-  ForEachShortCode(t, [&](int32_t code, int len, int symbol) {
-    const int run = symbol >> 4, category = symbol & 15;
-    if (category == 0 && run != 15 && symbol != 0x00) return;  // EOBn: the slow path's
-    if (len + category > kFastAcBits) return;
-    const int shift = kFastAcBits - len;
-    for (int fill = 0; fill < (1 << shift); ++fill) {
-      const int32_t value = Extend((fill >> (shift - category)) & ((1 << category) - 1), category);
-      if (value < -128 || value > 127) continue;
-      parts[(code << shift) | fill] =
-          SecondPart{static_cast<uint8_t>(len + category), static_cast<uint8_t>(run),
-                     static_cast<uint8_t>(symbol == 0x00 ? 1 : 0), static_cast<int8_t>(value)};
-    }
-  });
+// The SecondPart that the kFastAcBits-bit string `bits` starts with.
+JJ_HD inline SecondPart SecondPartAt(const HuffmanDecodeTable& t, uint32_t bits) {
+  const SecondPart none = {0xFF, 0, 0, 0};
+  int len, symbol;
+  int32_t code;
+  if (!ShortCodeAt(t, bits, &len, &symbol, &code)) return none;
+  const int run = symbol >> 4, category = symbol & 15;
+  if (category == 0 && run != 15 && symbol != 0x00) return none;  // EOBn: the slow path's
+  if (len + category > kFastAcBits) return none;
+  const int rest = kFastAcBits - len - category;
+  const int32_t value = Extend(static_cast<int32_t>(bits >> rest) & ((1 << category) - 1), category);
+  if (value < -128 || value > 127) return none;
+  return SecondPart{static_cast<uint8_t>(len + category), static_cast<uint8_t>(run),
+                    static_cast<uint8_t>(symbol == 0x00 ? 1 : 0), static_cast<int8_t>(value)};
 }
 
 // Adds to `e` the second part that starts the n bits left in its index (the
 // part was looked up with zeros after them), if it fits them. Without
-// branches: whether it fits changes from one index to the next, and
-// mispredictions made building tables slow.
-inline void AddFastAcSecondPart(const SecondPart& part, int n, FastAcEntry* e) {
+// branches: whether it fits changes from one index to the next.
+JJ_HD inline void AddFastAcSecondPart(const SecondPart& part, int n, FastAcEntry* e) {
   const bool fits = part.bits <= n;
   const bool value = fits && !part.is_eob;
   const int second_at = e->run + 1 + part.run;  // after an EOB: a 0 after the first
@@ -238,53 +270,47 @@ inline void AddFastAcSecondPart(const SecondPart& part, int n, FastAcEntry* e) {
                                                      : kOneCode);
 }
 
-// Fills the fast entries whose index starts with `code` (`len` bits) for
-// `symbol`. Leaves the others (longer codes or values, EOBn) 0.
-inline void FillFastAcCode(const SecondPart parts[1 << kFastAcBits], int32_t code, int len,
-                           int symbol, FastAcTable* fast) {
+// Fast AC entry `index`, from a table whose lookahead is built: the code
+// its bits start with and, where it fits, the next one (see FastAcEntry).
+// 0 (decode the slow way) for longer codes or values, EOBn and undefined
+// codes.
+JJ_HD inline FastAcEntry FastAcEntryAt(const HuffmanDecodeTable& t, uint32_t index) {
+  FastAcEntry e = {};
+  int len, symbol;
+  int32_t code;
+  if (!ShortCodeAt(t, index, &len, &symbol, &code)) return e;
   const int run = symbol >> 4, category = symbol & 15;
   const int shift = kFastAcBits - len;
-  const uint32_t begin = static_cast<uint32_t>(code) << shift, end = begin + (1u << shift);
   if (symbol == 0x00) {  // EOB
-    for (uint32_t i = begin; i < end; ++i) fast->entry[i].consumed = static_cast<uint8_t>(len);
-    for (uint32_t i = begin; i < end; ++i) fast->entry[i].shift_kind = PackShiftKind(0, kEobFirst);
-    return;
+    e.consumed = static_cast<uint8_t>(len);
+    e.shift_kind = PackShiftKind(0, kEobFirst);
+    return e;
   }
-  if (category == 0 && run != 15) return;  // EOBn
-  if (category != 0 && shift == 0) return;  // the value's sign bit is not in the index
+  if (category == 0 && run != 15) return e;  // EOBn
+  if (category != 0 && shift == 0) return e;  // the value's sign bit is not in the index
   const int first = len + category;
   const int rest = kFastAcBits - first;  // may be negative: value bits beyond the index
-  for (uint32_t i = begin; i < end; ++i) {
-    FastAcEntry e = {};
-    e.consumed = static_cast<uint8_t>(first);
-    e.shift_kind = PackShiftKind(64 - first, kOneCode);
-    e.run = static_cast<uint8_t>(run);
-    e.second_at = static_cast<uint8_t>(run);
-    e.advance = static_cast<uint8_t>(run + 1);
-    const bool negative = category != 0 && ((i >> (shift - 1)) & 1) == 0;
-    e.bias = static_cast<uint16_t>(-(code << category) - (negative ? (1 << category) - 1 : 0));
-    if (rest > 0) AddFastAcSecondPart(parts[(i << first) & ((1u << kFastAcBits) - 1)], rest, &e);
-    fast->entry[i] = e;
+  e.consumed = static_cast<uint8_t>(first);
+  e.shift_kind = PackShiftKind(64 - first, kOneCode);
+  e.run = static_cast<uint8_t>(run);
+  e.second_at = static_cast<uint8_t>(run);
+  e.advance = static_cast<uint8_t>(run + 1);
+  const bool negative = category != 0 && ((index >> (shift - 1)) & 1) == 0;
+  e.bias = static_cast<uint16_t>(-(code << category) - (negative ? (1 << category) - 1 : 0));
+  if (rest > 0) {
+    AddFastAcSecondPart(SecondPartAt(t, (index << first) & ((1u << kFastAcBits) - 1)), rest, &e);
   }
+  return e;
 }
 
-// Fills the AC fast table from a built AC decoding table. Returns whether
-// entries with a second part are common: entropy-coded bits are close to
-// random, so the share of indices that hold one estimates how often the
-// decoder meets one.
-inline bool BuildFastAcTable(const HuffmanDecodeTable& t, FastAcTable* fast) {
-  SecondPart parts[1 << kFastAcBits];
-  FillSecondParts(t, parts);
-  for (int i = 0; i < (1 << kFastAcBits); ++i) fast->entry[i] = FastAcEntry{};
-  ForEachShortCode(t, [&](int32_t code, int len, int symbol) {
-    FillFastAcCode(parts, code, len, symbol, fast);
-  });
-  int pairs = 0;
-  for (int i = 0; i < (1 << kFastAcBits); ++i) {
-    const int kind = fast->entry[i].shift_kind >> kKindShift;
-    pairs += kind == kTwoCodes || kind == kValueThenEob;
-  }
-  return pairs * 4 >= (1 << kFastAcBits);
+// Whether entries with a second part are common (`pairs` of the table's
+// entries): entropy-coded bits are close to random, so the share of indices
+// that hold one estimates how often the decoder meets one.
+JJ_HD JJ_INLINE int32_t PairsAreCommon(int pairs) { return pairs * 4 >= (1 << kFastAcBits) ? 1 : 0; }
+
+JJ_HD JJ_INLINE bool HoldsPair(const FastAcEntry& e) {
+  const int kind = e.shift_kind >> kKindShift;
+  return kind == kTwoCodes || kind == kValueThenEob;
 }
 
 }  // namespace jaxjpeg

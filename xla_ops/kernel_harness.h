@@ -126,21 +126,42 @@ struct HarnessKernel {
   }
 };
 
-// Runs the destuff kernel (a call per interval stands for its warp) and
-// every decode kernel, as the CUDA handler launches them, with the same
-// workspace layout.
+// The table kernel's block for table `index` (BuildTablesKernel in
+// ffi_cuda.cu): a loop over threads for each phase. Returns the build's
+// status (the kernel has no use for it: a bad table decodes nothing).
+inline Status RunBuildTablesBlock(const DecodePlan& plan, int64_t index, DecoderTables* built) {
+  DecoderTables* t = built + index;
+  const Status s = BuildTableCodes(plan.tables[index], t);
+  for (int thread = 0; thread < kBuildTablesThreads; ++thread) {
+    BuildLookaheadPart(t, thread, kBuildTablesThreads);
+  }
+  int pairs = 0;
+  for (int thread = 0; thread < kBuildTablesThreads; ++thread) {
+    pairs += BuildFastAcPart(t, thread, kBuildTablesThreads);
+  }
+  t->fast_ac_pairs_common = PairsAreCommon(pairs);
+  return s;
+}
+
+// Runs the destuff kernel (a call per interval stands for its warp), the
+// table kernel and every decode kernel, as the CUDA handler launches them,
+// with the same workspace layout.
 inline int32_t RunKernelHarness(const DecodePlan& host_plan, HarnessCounts* counts = nullptr) {
   HarnessCounts ignored;
   DecodePlan plan = host_plan;
-  std::vector<uint8_t> workspace(
-      DecodeWorkspaceBytes(plan.num_outputs, plan.payload_size, plan.num_intervals));
-  plan.destuffed =
-      LayOutDecodeWorkspace(workspace.data(), plan.num_outputs, plan.num_intervals).destuffed;
+  std::vector<uint8_t> workspace(DecodeWorkspaceBytes(plan.num_outputs, plan.payload_size,
+                                                      plan.num_intervals, plan.num_tables));
+  const DecodeWorkspace parts =
+      LayOutDecodeWorkspace(workspace.data(), plan.num_outputs, plan.num_intervals,
+                            plan.num_tables);
+  plan.destuffed = parts.destuffed;
+  plan.built_tables = parts.built_tables;
   int32_t status = kPlanOk;
   *plan.destuffed.starts_status = kPlanOk;
   for (int64_t i = 0; i < plan.num_intervals; ++i) {
     DestuffPlanInterval(plan, i, true, &status, DestuffOnHost);
   }
+  for (int64_t t = 0; t < plan.num_tables; ++t) RunBuildTablesBlock(plan, t, parts.built_tables);
   auto shared = std::make_unique<KernelShared>();
   ForEachDecodeKernel(HarnessKernel{plan, *shared, &status, counts ? counts : &ignored});
   for (int64_t i = 0; i < plan.num_intervals; ++i) CheckIntervalDecoded(plan, i, &status);

@@ -1,5 +1,7 @@
 #include "stream_header.h"
 
+#include <cstring>
+
 namespace jaxjpeg {
 namespace {
 
@@ -80,7 +82,9 @@ Status ParseHuffmanTables(const uint8_t* seg, int len, HeaderState& st) {
     int total = 0;
     for (int i = 0; i < 16; ++i) total += t.counts[i] = seg[pos + 1 + i];
     if (total > 256 || pos + 17 + total > len) return Status::kBadHuffmanTable;
-    for (int i = 0; i < total; ++i) t.symbols[i] = seg[pos + 17 + i];
+    // A redefined slot keeps no symbols of the old table: PackedTables
+    // are compared whole when a plan shares them between tiles.
+    for (int i = 0; i < 256; ++i) t.symbols[i] = i < total ? seg[pos + 17 + i] : 0;
     t.num_symbols = total;
     t.defined = true;
     pos += 17 + total;
@@ -106,14 +110,15 @@ Status ParseScan(const uint8_t* seg, int len, HeaderState& st, StreamInfo* info)
   if (!dc.defined || !ac.defined || !st.quant_defined[st.quant_selector]) {
     return Status::kMissingTable;
   }
-  DecoderTables& t = info->tables;
-  Status s = BuildHuffmanDecodeTable(dc.counts, dc.symbols, dc.num_symbols, true, &t.dc);
-  if (s != Status::kOk) return s;
-  s = BuildHuffmanDecodeTable(ac.counts, ac.symbols, ac.num_symbols, false, &t.ac);
-  if (s != Status::kOk) return s;
-  t.fast_ac_pairs_common = BuildFastAcTable(t.ac, &t.fast_ac) ? 1 : 0;
-  for (int i = 0; i < 64; ++i) t.quant[i] = st.quant[st.quant_selector][i];
-  return Status::kOk;
+  PackedTables& packed = info->packed;
+  std::memcpy(packed.dc.counts, dc.counts, sizeof dc.counts);
+  std::memcpy(packed.dc.symbols, dc.symbols, sizeof dc.symbols);
+  std::memcpy(packed.ac.counts, ac.counts, sizeof ac.counts);
+  std::memcpy(packed.ac.symbols, ac.symbols, sizeof ac.symbols);
+  for (int i = 0; i < 64; ++i) {
+    packed.quant[i] = static_cast<uint16_t>(st.quant[st.quant_selector][i]);  // 1..65535
+  }
+  return BuildDecoderTables(packed, &info->tables);
 }
 
 // Refuses dimensions the remaining bytes cannot hold, before anyone sizes

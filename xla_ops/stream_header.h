@@ -3,7 +3,7 @@
 #ifndef JAXJPEG_STREAM_HEADER_H_
 #define JAXJPEG_STREAM_HEADER_H_
 
-#include "interval_decode.h"
+#include "table_build.h"
 #include "jpeg_defs.h"
 
 namespace jaxjpeg {
@@ -16,7 +16,8 @@ struct StreamInfo {
   int64_t blocks_wide = 0;
   int64_t blocks_high = 0;
   int64_t scan_begin = 0;         // first byte of entropy-coded data
-  DecoderTables tables;           // the tables the scan uses
+  PackedTables packed;            // the tables the scan uses, as the decode call carries them
+  DecoderTables tables;           // and built
 
   int64_t NumBlocks() const { return blocks_wide * blocks_high; }
   int64_t NumIntervals() const {

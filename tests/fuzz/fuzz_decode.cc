@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_executor.h"
 #include "decode_plan.h"
 #include "interval_decode.h"
 #include "kernel_harness.h"
@@ -65,8 +66,9 @@ void DecodePlacedTransposed(const jaxjpeg::DecodePlan& strided, const int64_t* t
     placed.outputs = &output;
     int32_t status = jaxjpeg::kPlanOk;
     if (executor == 0) {
+      jaxjpeg::WorkerTables tables;
       for (int64_t i = 0; i < placed.num_intervals; ++i) {
-        const int32_t s = jaxjpeg::DecodePlanInterval(placed, i);
+        const int32_t s = jaxjpeg::DecodePlanInterval(placed, i, tables);
         if (s < status) status = s;
       }
     } else {
@@ -108,7 +110,7 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
   plan.num_intervals = info.NumIntervals();
   plan.tiles = tile;
   plan.num_tiles = 1;
-  plan.tables = &info.tables;
+  plan.tables = &info.packed;
   plan.num_tables = 1;
   plan.row_scale = scale.data();
   plan.row_offset = offset.data();
@@ -118,8 +120,9 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
   plan.outputs = &output;
   plan.num_outputs = 1;
   int32_t host = jaxjpeg::kPlanOk;
+  jaxjpeg::WorkerTables tables;
   for (int64_t i = 0; i < plan.num_intervals; ++i) {
-    const int32_t s = jaxjpeg::DecodePlanInterval(plan, i);
+    const int32_t s = jaxjpeg::DecodePlanInterval(plan, i, tables);
     if (s < host) host = s;
   }
   std::vector<int32_t> map;
