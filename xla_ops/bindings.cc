@@ -57,6 +57,7 @@ py::buffer_info ContiguousBytes(const py::buffer& data) {
 struct ParsedStream {
   StreamInfo info;
   std::vector<int64_t> starts;
+  std::unique_ptr<DecoderTables> tables;
 };
 
 ParsedStream Parse(const uint8_t* data, int64_t size) {
@@ -64,6 +65,8 @@ ParsedStream Parse(const uint8_t* data, int64_t size) {
   Check(ParseStreamHeader(data, size, &p.info), "JPEG header");
   p.starts.resize(p.info.NumIntervals() + 1);
   Check(IndexRestartIntervals(data, size, p.info, p.starts.data()), "JPEG scan");
+  p.tables = std::make_unique<DecoderTables>();
+  Check(BuildDecoderTables(p.info.packed, p.tables.get()), "JPEG tables");
   return p;
 }
 
@@ -127,7 +130,7 @@ py::dict Inspect(const py::buffer& data) {
   d["interval_starts"] = starts;
   d["tables"] = PackedTablesArray(p.info.packed);
   py::array_t<int32_t> quant(64);
-  std::memcpy(quant.mutable_data(), p.info.tables.quant, sizeof(p.info.tables.quant));
+  std::copy(p.info.packed.quant, p.info.packed.quant + 64, quant.mutable_data());
   d["quant_table"] = quant;
   return d;
 }
@@ -174,10 +177,10 @@ Status DecodeSamplesImpl(const uint8_t* data, const ParsedStream& p, uint16_t* o
       thread_local std::vector<uint8_t> bytes;
       bytes.resize(std::max<size_t>(bytes.size(), DestuffCapacity(end - begin)));
       const int64_t length = DestuffOnHost(begin, end, bytes.data());
-      s = DecodeDestuffedInterval<kBits>(bytes.data(), length, p.info.tables, p.info.Grid(), first,
+      s = DecodeDestuffedInterval<kBits>(bytes.data(), length, *p.tables, p.info.Grid(), first,
                                          n, sink);
     } else {
-      s = DecodeInterval<kBits>(begin, end, p.info.tables, p.info.Grid(), first, n, sink);
+      s = DecodeInterval<kBits>(begin, end, *p.tables, p.info.Grid(), first, n, sink);
     }
     if (s != Status::kOk) RecordFirstError(first_error, PackPlanStatus(i, s));
   });

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -42,13 +43,13 @@ struct TileErrorSink {
 
 // Decodes every restart interval of a coded tile into `sink`.
 template <int kBits, typename Sink>
-Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const int64_t* starts,
-                      const Sink& sink) {
+Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const DecoderTables& tables,
+                      const int64_t* starts, const Sink& sink) {
   const int64_t per = info.restart_interval ? info.restart_interval : info.NumBlocks();
   for (int64_t i = 0; i < info.NumIntervals(); ++i) {
     const int64_t first = i * per;
     const int64_t n = per < info.NumBlocks() - first ? per : info.NumBlocks() - first;
-    const Status s = DecodeInterval<kBits>(data + starts[i], data + starts[i + 1], info.tables,
+    const Status s = DecodeInterval<kBits>(data + starts[i], data + starts[i + 1], tables,
                                            info.Grid(), first, n, sink);
     if (s != Status::kOk) return s;
   }
@@ -415,10 +416,13 @@ Status TileSquaredError(const uint8_t* data, int64_t size, StridedTile<float> we
   std::vector<int64_t> starts(static_cast<size_t>(info.NumIntervals() + 1));
   s = IndexRestartIntervals(data, size, info, starts.data());
   if (s != Status::kOk) return s;
+  auto tables = std::make_unique<DecoderTables>();
+  s = BuildDecoderTables(info.packed, tables.get());
+  if (s != Status::kOk) return s;
   double total = 0.0;
   const auto decode = [&](const auto& sink) {
-    return info.bits == 12 ? DecodeIntoSink<12>(data, info, starts.data(), sink)
-                           : DecodeIntoSink<8>(data, info, starts.data(), sink);
+    return info.bits == 12 ? DecodeIntoSink<12>(data, info, *tables, starts.data(), sink)
+                           : DecodeIntoSink<8>(data, info, *tables, starts.data(), sink);
   };
   if (kept != nullptr && col_scale != nullptr) {
     s = decode(TileErrorSink<true, true>{weights, kept, row_scale, row_offset, col_scale, &total});

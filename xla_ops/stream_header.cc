@@ -118,7 +118,7 @@ Status ParseScan(const uint8_t* seg, int len, HeaderState& st, StreamInfo* info)
   for (int i = 0; i < 64; ++i) {
     packed.quant[i] = static_cast<uint16_t>(st.quant[st.quant_selector][i]);  // 1..65535
   }
-  return BuildDecoderTables(packed, &info->tables);
+  return CheckPackedTables(packed);
 }
 
 // Refuses dimensions the remaining bytes cannot hold, before anyone sizes

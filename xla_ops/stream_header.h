@@ -16,8 +16,7 @@ struct StreamInfo {
   int64_t blocks_wide = 0;
   int64_t blocks_high = 0;
   int64_t scan_begin = 0;         // first byte of entropy-coded data
-  PackedTables packed;            // the tables the scan uses, as the decode call carries them
-  DecoderTables tables;           // and built
+  PackedTables packed;            // the tables the scan uses (checked; BuildDecoderTables)
 
   int64_t NumBlocks() const { return blocks_wide * blocks_high; }
   int64_t NumIntervals() const {
@@ -29,7 +28,8 @@ struct StreamInfo {
 };
 
 // Reads markers from SOI to the SOS header; fills `info` including the tables
-// the scan selects. Only what jaxjpeg decodes is accepted: one component,
+// the scan selects, checked as BuildDecoderTables would (a decoder builds
+// them: only the header is looked at here). Only what jaxjpeg decodes is accepted: one component,
 // SOF0 or SOF1, Huffman coding, 8 or 12 bits; everything else is refused.
 Status ParseStreamHeader(const uint8_t* data, int64_t size, StreamInfo* info);
 

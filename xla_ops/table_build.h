@@ -67,6 +67,20 @@ JJ_HD inline int BuildFastAcPart(DecoderTables* t, int thread, int threads) {
   return pairs;
 }
 
+// The status BuildTableCodes would end with, without building anything but
+// a scratch code: how a header's tables are checked (ParseStreamHeader).
+inline Status CheckPackedTables(const PackedTables& packed) {
+  HuffmanDecodeTable scratch;
+  Status s = BuildCanonicalCode(packed.dc.counts, packed.dc.symbols, true, &scratch);
+  if (s != Status::kOk) return s;
+  s = BuildCanonicalCode(packed.ac.counts, packed.ac.symbols, false, &scratch);
+  if (s != Status::kOk) return s;
+  for (int i = 0; i < 64; ++i) {
+    if (packed.quant[i] == 0) return Status::kBadQuantTable;
+  }
+  return Status::kOk;
+}
+
 // Every phase on one thread (the host).
 inline Status BuildDecoderTables(const PackedTables& packed, DecoderTables* t) {
   const Status s = BuildTableCodes(packed, t);
