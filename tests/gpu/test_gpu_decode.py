@@ -220,6 +220,39 @@ def test_gpu_corrupt_payload_same_status_and_nan_as_cpu(seed):
         np.testing.assert_array_equal(a.view(np.uint8), np.asarray(b).view(np.uint8))
 
 
+@pytest.mark.parametrize("poisoned", [None, 3])
+def test_gpu_table_kernel_builds_the_hosts_tables(poisoned):
+    """The table kernel builds each tile's lookup tables from the plan's
+    packed ones: with every table sound the GPU's bits are the host's; with
+    one over-subscribed (two 1-bit DC codes), its intervals fail with the
+    host's status and NaN, the others decode alike."""
+    from jaxjpeg import _native
+    plan = _many_kinds(5)
+    tables = plan.tables.reshape(-1, _native.PACKED_TABLES_SIZE).copy()
+    if poisoned is not None:
+        tables[poisoned, :16] = [2] + [0] * 15
+    host = _plan_outputs(plan)
+    raised = None
+    try:
+        _native.run_plan(plan.payload, plan.interval_starts, plan.tiles, tables.reshape(-1),
+                         plan.row_scale, plan.row_offset,
+                         [o.view(np.uint16) if o.itemsize == 2 else o for o in host],
+                         [codec.output_type(d) for d in plan.output_dtypes], threads=1,
+                         col_scale=plan.col_scale)
+    except jaxjpeg.JpegError as e:
+        raised = str(e)
+    assert (raised is None) == (poisoned is None)
+    operands = list(ops.plan_operands(plan))
+    operands[ops.OPERAND_NAMES.index("tables")] = tables.reshape(-1)
+    decode = ops.plan_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
+                              plan.output_shapes)
+    status, gpu = decode(*jax.device_put(tuple(operands), _gpu()))
+    code = int(np.asarray(status).reshape(-1)[0])
+    assert (code == _native.PLAN_OK) if raised is None else _native.plan_failure(code) == raised
+    for a, b in zip(host, gpu):
+        np.testing.assert_array_equal(a.view(np.uint8), np.asarray(b).view(np.uint8))
+
+
 def test_gpu_decode_under_cuda_graphs(tmp_path):
     """The handler is marked command-buffer compatible: with XLA capturing
     custom calls into CUDA graphs, the bits must not change."""
