@@ -145,3 +145,13 @@ def test_decode_kernels_call_no_subroutines():
     for kind, lines in sorted(kernels.items()):
         calls = [line.strip() for line in lines if re.search(r"\bCALL\b", line)]
         assert not calls, f"kernel {kind} calls subroutines: {calls[:5]}"
+
+
+def test_table_kernel_runs_without_stack():
+    """The kernel that builds each call's lookup tables from the packed ones
+    (xla_ops/table_build.h): no stack or local memory, registers to spare."""
+    usage = parse_resource_usage(_run_cuobjdump("-res-usage"))
+    found = [fields for name, fields in usage.items() if "BuildTablesKernel" in name]
+    assert len(found) == 1, f"table kernels found: {len(found)}"
+    fields = found[0]
+    assert fields["STACK"] == 0 and fields["LOCAL"] == 0 and fields["REG"] <= 64, fields
