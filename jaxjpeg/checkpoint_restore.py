@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import fnmatch
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ import numpy as np
 from jaxjpeg import codec, ops, views
 from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
-from jaxjpeg.treepaths import key_record, nest, path_string
+from jaxjpeg.treepaths import key_record, matching, nest, path_string
 from jaxjpeg.views import MatrixView
 
 @dataclasses.dataclass
@@ -621,15 +620,19 @@ def place_raw(array: np.ndarray, request: LeafRequest, device):
 
 
 def select_leaves(ckpt: Checkpoint, paths) -> list[SavedLeaf]:
-    """The leaves matching any of the glob ``paths`` (None: all); every
-    pattern must match at least one leaf (a typo is an error, not ``{}``)."""
+    """The leaves any of ``paths`` selects (None: all): a leaf's exact name,
+    or a glob (:func:`treepaths.matching`); every pattern must select at
+    least one leaf (a typo is an error, not ``{}``)."""
     if paths is None:
         return list(ckpt.leaves)
-    globs = patterns(paths, "paths")
-    unmatched = [p for p in globs if not any(fnmatch.fnmatchcase(l.path, p) for l in ckpt.leaves)]
-    if unmatched:
-        raise KeyError(f"{ckpt.path}: no leaf matches {unmatched[0]!r}")
-    return [leaf for leaf in ckpt.leaves if any(fnmatch.fnmatchcase(leaf.path, p) for p in globs)]
+    names = [leaf.path for leaf in ckpt.leaves]
+    chosen = set()
+    for pattern in patterns(paths, "paths"):
+        selected = matching(pattern, names)
+        if not selected:
+            raise KeyError(f"{ckpt.path}: no leaf matches {pattern!r}")
+        chosen.update(selected)
+    return [leaf for leaf in ckpt.leaves if leaf.path in chosen]
 
 
 def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fnmatch
 import hashlib
 import json
 import math
@@ -435,9 +434,12 @@ def _tile_files(leaves) -> dict[tuple[int, int], str]:
 
 def cmd_extract(args) -> int:
     from jaxjpeg import layout
+    from jaxjpeg.treepaths import matching
     with _open_checkpoint(args.ckpt) as ckpt:
+        chosen = (None if args.leaf is None
+                  else set(matching(args.leaf, (leaf.path for leaf in ckpt.leaves))))
         leaves = [leaf for leaf in ckpt.leaves if leaf.kind == "jpeg"
-                  and (args.leaf is None or fnmatch.fnmatchcase(leaf.path, args.leaf))]
+                  and (chosen is None or leaf.path in chosen)]
         if not leaves:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Sequence
 
 import jax
@@ -52,3 +53,13 @@ def _materialize(node):
         return {k[1]: _materialize(node[k]) for k in keys}
     return {key: _materialize(value) for (_, key), value in node.items()}
 
+
+def matching(pattern: str, names) -> list[str]:
+    """The names ``pattern`` selects: the one it spells exactly if there is
+    one (tree keys may hold glob characters: ``layers[0]/w`` is a leaf's
+    name, and as a glob would select ``layers0/w`` instead), else those it
+    matches as a glob."""
+    names = list(names)
+    if pattern in names:
+        return [pattern]
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]

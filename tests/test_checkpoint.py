@@ -364,6 +364,19 @@ def test_partial_restore_by_paths(tmp_path, cnn_params):
         jaxjpeg.restore(path, target=cnn_params, paths=["params/Conv_0/*"])
 
 
+def test_a_leafs_exact_name_selects_it_even_with_glob_characters(tmp_path):
+    """Keys may hold glob characters: ``layers[0]/w``, as ``keys()`` lists
+    it, restored ``layers0/w`` (``[0]`` read as a character class)."""
+    path = tmp_path / "g.jjpg"
+    jaxjpeg.save(path, {"layers[0]": {"w": np.ones((2, 2), np.float32)},
+                        "layers0": {"w": np.zeros((2, 2), np.float32)},
+                        "a*b": np.full(3, 2.0, np.float32), "axb": np.zeros(3, np.float32)})
+    assert list(flat(jaxjpeg.restore(path, paths=["layers[0]/w"]))) == ["layers[0]/w"]
+    assert np.all(np.asarray(flat(jaxjpeg.restore(path, paths="layers[0]/w"))["layers[0]/w"]) == 1)
+    assert list(flat(jaxjpeg.restore(path, paths="a*b"))) == ["a*b"]
+    assert sorted(flat(jaxjpeg.restore(path, paths="a?b"))) == ["a*b", "axb"]  # still a glob
+
+
 def test_target_errors(tmp_path, cnn_params):
     path = tmp_path / "cnn.jjpg"
     jaxjpeg.save(path, cnn_params)

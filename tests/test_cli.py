@@ -388,6 +388,21 @@ def test_extract_never_overwrites_and_shortens_long_names(tmp_path, capsys):
     assert len(contents) == 5
 
 
+def test_extract_leaf_by_its_exact_name_with_glob_characters(tmp_path, capsys):
+    """``--leaf 'q*'`` names the leaf ``q*`` (as ``info`` lists it), not
+    every leaf starting with q; a pattern matching no name is still a glob."""
+    rng = np.random.default_rng(1)
+    tree = {name: rng.normal(size=(64, 64)).astype(np.float32) for name in ("q*", "qa", "qb")}
+    ckpt = tmp_path / "e.jjpg"
+    jaxjpeg.save(ckpt, tree)
+    code, out, err = run(capsys, "extract", ckpt, tmp_path / "t", "--leaf", "q*")
+    assert code == 0, err
+    assert "wrote 1 JPEG file(s)" in out
+    code, out, err = run(capsys, "extract", ckpt, tmp_path / "u", "--leaf", "q?")
+    assert code == 0, err
+    assert "wrote 3 JPEG file(s)" in out
+
+
 @pytest.mark.parametrize("option,value", [("--target-ratio", "8"), ("--bits-per-weight", "4"),
                                           ("--error-bound", "0.05")])
 def test_compress_with_rate_targets(sources, tmp_path, capsys, option, value):
