@@ -605,7 +605,26 @@ def _unsharded_groups(requests, default_device) -> dict:
     return groups
 
 
+def check_integers_fit(array: np.ndarray, dtype, name: str) -> None:
+    """An integer leaf restores exactly or not at all: values outside the
+    integer dtype it becomes (a narrower one asked for, or the 32-bit one
+    jax gives 64-bit arrays while jax_enable_x64 is off) would wrap without
+    a word, a step counter of 2**40 coming back 0."""
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    if array.dtype.kind not in "iu" or dtype.kind not in "iu" or array.size == 0:
+        return
+    lo, hi, limits = array.min(), array.max(), np.iinfo(dtype)
+    if lo >= limits.min and hi <= limits.max:
+        return
+    x64 = "" if jax.config.jax_enable_x64 else (
+        "; jax makes 64-bit integers 32-bit while jax_enable_x64 is off: "
+        "jax.config.update('jax_enable_x64', True) keeps them")
+    raise ValueError(f"leaf {name!r}: its {array.dtype} values span [{lo}, {hi}], beyond "
+                     f"{dtype.name} [{limits.min}, {limits.max}]{x64}")
+
+
 def place_raw(array: np.ndarray, request: LeafRequest, device):
+    check_integers_fit(array, request.dtype, request.leaf.path)
     array = array.astype(request.dtype, copy=False)
     if request.sharding is not None:
         # Not jax.device_put(array, sharding): with a sharding spanning several

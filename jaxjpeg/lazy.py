@@ -178,8 +178,8 @@ class LazyReader:
             raise ValueError("get_slice takes one device, not a sharding")
         device = request.device or jax.local_devices()[0]
         if leaf.kind == "raw":
-            region = self._read_raw(leaf)[tuple(slice(*r) for r in ranges)]
-            out = jax.device_put(region.astype(request.dtype, copy=False), device)
+            out = cr.place_raw(self._read_raw(leaf)[tuple(slice(*r) for r in ranges)], request,
+                               device)
         elif any(len(range(*r)) == 0 for r in ranges):
             # Nothing to decode, so nothing is read.
             out = jax.device_put(np.zeros([len(range(*r)) for r in ranges], request.dtype),

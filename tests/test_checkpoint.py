@@ -842,3 +842,27 @@ def test_a_leaf_alone_keeps_relative_step_times_its_rms(tmp_path):
     jaxjpeg.save(tmp_path / "t.jjpg", tree, relative_step=0.2, progress=False)
     got = np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["w"])
     assert _relative_error(got, tree["w"]) == pytest.approx(0.2 / math.sqrt(12), rel=0.1)
+
+
+def test_64_bit_integers_restore_exactly_or_not_at_all(tmp_path):
+    """With jax_enable_x64 off jax makes 64-bit arrays 32-bit: a step counter
+    of 2**40 came back 0 and uint64's largest value 2**32 - 1, without a word,
+    from restore, open().get / get_slice and load alike."""
+    path = tmp_path / "i64.jjpg"
+    jaxjpeg.save(path, {"step": np.array(2**40, np.int64),
+                        "u": np.array([7, 2**64 - 1], np.uint64),
+                        "small": np.arange(-3, 5, dtype=np.int64)})
+    reads = {"restore": lambda: jaxjpeg.restore(path, paths=["step", "u"]),
+             "get": lambda: jaxjpeg.open(path).get("step"),
+             "get_slice": lambda: jaxjpeg.open(path).get_slice("u")[1:],
+             "load": lambda: jaxjpeg.load(path)}
+    for name, read in reads.items():
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            read()
+    small = jaxjpeg.restore(path, paths="small")["small"]   # in range: exact, as int32
+    assert small.dtype == np.int32 and np.array_equal(np.asarray(small), np.arange(-3, 5))
+    with jax.enable_x64(True):
+        tree = jaxjpeg.restore(path)
+        assert int(tree["step"]) == 2**40 and tree["step"].dtype == np.int64
+        assert int(tree["u"][1]) == 2**64 - 1
+        assert int(jaxjpeg.open(path).get_slice("u")[1]) == 2**64 - 1
