@@ -210,8 +210,9 @@ def _check_storable(name: str, array: np.ndarray) -> None:
     try:
         parse_dtype(str(array.dtype))
     except fmt.FormatError:
-        raise TypeError(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold numeric, "
-                        "bool, bfloat16 and float8 arrays only") from None
+        raise TypeError(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold numeric "
+                        "(up to float64 and complex128), bool, bfloat16 and float8 arrays "
+                        "only") from None
 
 
 def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:

@@ -605,26 +605,37 @@ def _unsharded_groups(requests, default_device) -> dict:
     return groups
 
 
-def check_integers_fit(array: np.ndarray, dtype, name: str) -> None:
-    """An integer leaf restores exactly or not at all: values outside the
-    integer dtype it becomes (a narrower one asked for, or the 32-bit one
+_X64_HINT = ("; jax makes 64-bit arrays 32-bit while jax_enable_x64 is off: "
+             "jax.config.update('jax_enable_x64', True) keeps them")
+
+
+def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
+    """A raw leaf restores its values or raises: integers outside the
+    integer dtype they become (a narrower one asked for, or the 32-bit one
     jax gives 64-bit arrays while jax_enable_x64 is off) would wrap without
-    a word, a step counter of 2**40 coming back 0."""
-    dtype = jax.dtypes.canonicalize_dtype(dtype)
-    if array.dtype.kind not in "iu" or dtype.kind not in "iu" or array.size == 0:
+    a word (a step counter of 2**40 came back 0), and finite floats beyond
+    float32 would become inf where jax narrows float64 or complex128."""
+    wanted = np.dtype(dtype)
+    placed = jax.dtypes.canonicalize_dtype(wanted)
+    hint = "" if placed == wanted else _X64_HINT
+    if array.size == 0:
         return
-    lo, hi, limits = array.min(), array.max(), np.iinfo(dtype)
-    if lo >= limits.min and hi <= limits.max:
-        return
-    x64 = "" if jax.config.jax_enable_x64 else (
-        "; jax makes 64-bit integers 32-bit while jax_enable_x64 is off: "
-        "jax.config.update('jax_enable_x64', True) keeps them")
-    raise ValueError(f"leaf {name!r}: its {array.dtype} values span [{lo}, {hi}], beyond "
-                     f"{dtype.name} [{limits.min}, {limits.max}]{x64}")
+    if array.dtype.kind in "iu" and placed.kind in "iu":
+        lo, hi, limits = array.min(), array.max(), np.iinfo(placed)
+        if lo < limits.min or hi > limits.max:
+            raise ValueError(f"leaf {name!r}: its {array.dtype} values span [{lo}, {hi}], beyond "
+                             f"{placed.name} [{limits.min}, {limits.max}]{hint}")
+    elif array.dtype.kind in "fc" and placed != wanted:
+        with np.errstate(over="ignore"):
+            lost = np.isfinite(array) & ~np.isfinite(array.astype(placed))
+        if lost.any():
+            raise ValueError(f"leaf {name!r}: {int(lost.sum())} finite {array.dtype} value(s), "
+                             f"largest magnitude {np.abs(array[lost]).max():.3g}, would become "
+                             f"inf as {placed.name}{hint}")
 
 
 def place_raw(array: np.ndarray, request: LeafRequest, device):
-    check_integers_fit(array, request.dtype, request.leaf.path)
+    check_values_fit(array, request.dtype, request.leaf.path)
     array = array.astype(request.dtype, copy=False)
     if request.sharding is not None:
         # Not jax.device_put(array, sharding): with a sharding spanning several

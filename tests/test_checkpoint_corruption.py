@@ -267,6 +267,8 @@ HOSTILE_META = {
     "shape not a list": (set_in(jpeg_leaf, "shape", "96x80"), "malformed"),
     "bad dtype": (set_in(jpeg_leaf, "dtype", "no-such-type"), "unknown dtype"),
     "object dtype": (set_in(lambda m: m["leaves"][0], "dtype", "object"), "unsupported dtype"),
+    "long double dtype": (set_in(lambda m: m["leaves"][0], "dtype", "float128"),
+                          "unsupported dtype"),
     "int dtype jpeg": (set_in(jpeg_leaf, "dtype", "int32"), "bad kind"),
     "unknown kind": (set_in(jpeg_leaf, "kind", "zip"), "bad kind"),
     "bits 16": (set_in(jpeg_leaf, "bits", 16), "bad tile records"),
