@@ -98,6 +98,18 @@ def count_special(x) -> int:
     return stats.special
 
 
+def last_rms(x) -> float | None:
+    """RMS of ``x`` from the statistics :func:`count_special` has just
+    computed for it in this thread, without taking them from the prepare
+    that follows; None where it has not, or where ``x`` holds non-finite
+    values."""
+    entry = getattr(_last, "entry", None)
+    if entry is None or entry[0]() is not x:
+        return None
+    squares = entry[1].total_squares
+    return math.sqrt(squares / x.size) if math.isfinite(squares) else None
+
+
 def _native_stats(x: np.ndarray) -> LeafStats | None:
     return leaf_stats(x.astype(np.float32, copy=False), views.extreme_limit(x.dtype))
 

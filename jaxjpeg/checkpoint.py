@@ -195,14 +195,23 @@ LEAF_SIZE_POWER = 0.3
 # 0.040 / 0.042 so balanced, at the same size (6.56x).
 STEP_SIZE_POWER = (1 - LEAF_SIZE_POWER) / 2
 MAX_KEPT_FRACTION = 1 / 16  # leaves with more non-finite or extreme values are stored raw
+# Leaves of a smaller RMS are stored raw: their float32 maps would be
+# subnormal, which XLA's CPU code flushes to zero (a leaf of RMS 1e-37
+# restored as its offsets, 4x its own norm off). 2**-90 leaves 2**36 of room.
+MIN_CODED_RMS = 2.0 ** -90
 
 
 def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
-    """JPEG-coded: the policy says so and few enough values are non-finite or
-    extreme (those are kept exactly in the leaf's side list)."""
+    """JPEG-coded: the policy says so, few enough values are non-finite or
+    extreme (those are kept exactly in the leaf's side list) and the values
+    are not vanishingly small."""
     if not policy.should_compress(name, array):
         return False
-    return analysis.count_special(array) <= MAX_KEPT_FRACTION * array.size
+    array = np.asarray(array)
+    if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:
+        return False
+    rms = analysis.last_rms(array)
+    return rms is None or not 0 < rms < MIN_CODED_RMS
 
 
 def _check_storable(name: str, array: np.ndarray) -> None:

@@ -891,3 +891,16 @@ def test_long_double_leaves_are_refused_before_writing(tmp_path, dtype):
     with pytest.raises(TypeError, match="up to float64"):
         jaxjpeg.save(path, {"x": np.ones(3, dtype), "y": np.ones(3, np.float32)})
     assert not path.exists()
+
+
+@pytest.mark.parametrize("rate", [{}, {"error_bound": 0.01}])
+def test_vanishingly_small_leaves_are_stored_raw(tmp_path, rate):
+    """Normal float32 values of RMS 1e-37 were coded with subnormal maps,
+    which XLA's CPU code flushes to zero: the leaf came back as its offsets,
+    4x its own norm off."""
+    x = (np.random.default_rng(0).standard_normal((128, 128)) * 1e-37).astype(np.float32)
+    assert np.mean(np.abs(x) >= np.finfo(np.float32).tiny) > 0.9   # normal numbers, mostly
+    path = tmp_path / "tiny.jjpg"
+    report = jaxjpeg.save(path, {"w": x}, **rate)
+    assert report.leaves[0].kind == "raw"
+    assert np.array_equal(np.asarray(jaxjpeg.restore(path)["w"]), x)
