@@ -352,10 +352,12 @@ def test_a_byte_target_save_is_reproducible(tmp_path):
 # ----------------------------------------------------------------------------
 
 def _naive_squared_error(x, enc):
-    """Decode the whole leaf, compare in float64, drop the side list's positions."""
+    """Decode the whole leaf as restore does (half-precision leaves in their
+    own dtype), compare in float64, drop the side list's positions."""
+    dtype = x.dtype if x.dtype.itemsize < 4 else np.float32
     original = np.asarray(x, np.float64).reshape(-1)
     with np.errstate(invalid="ignore"):   # inf - inf at kept positions, zeroed below
-        diff = original - codec.decode_tensor(enc).astype(np.float64).reshape(-1)
+        diff = original - codec.decode_tensor(enc, dtype).astype(np.float64).reshape(-1)
     if enc.outliers is not None and enc.outliers.count:
         diff[enc.outliers.index] = 0.0
     return float(np.sum(diff * diff))
