@@ -168,7 +168,9 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from jaxjpeg.codec import JpegError
     from jaxjpeg.export import export_safetensors, parse_size
+    from jaxjpeg.format import FormatError
     try:
         max_shard_size = parse_size(args.max_shard_size)
     except ValueError as e:
@@ -181,7 +183,9 @@ def cmd_export(args) -> int:
                                    force=args.force)
     except FileExistsError as e:
         raise CliError(str(e)) from None
-    except ValueError as e:  # FormatError included: a damaged checkpoint
+    except (FormatError, JpegError):
+        raise   # a damaged checkpoint: exit 1 (_classify), as verify and inspect say
+    except ValueError as e:
         raise CliError(_first_line(e)) from None
     total = sum(os.path.getsize(f) for f in files)
     print(f"{args.ckpt} -> {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")

@@ -121,7 +121,7 @@ def _write_shard(path: str, tensors: list[_Tensor], metadata: dict[str, str],
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
         for t in tensors:
-            array = np.ascontiguousarray(decode(t.name))
+            array = np.asarray(decode(t.name), order="C")  # 0-d stays 0-d (ascontiguousarray: 1-d)
             if array.shape != t.shape or array.dtype != t.dtype:
                 raise ValueError(f"{t.name}: decoded {array.dtype}{list(array.shape)}, "
                                  f"expected {t.dtype}{list(t.shape)}")

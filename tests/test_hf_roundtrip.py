@@ -122,6 +122,24 @@ def test_export_to_one_file_and_refusals(tmp_path, capsys):
     assert code == 2 and "Orbax directories only" in err
 
 
+def test_export_keeps_scalars_and_calls_a_damaged_checkpoint_damaged(tmp_path, capsys):
+    """A 0-d leaf (a step counter) was refused ("decoded int32[1], expected
+    int32[]"), and a truncated checkpoint exited 2 (usage) where verify and
+    inspect exit 1 (damaged)."""
+    path = tmp_path / "s.jjpg"
+    jaxjpeg.save(path, {"step": np.int32(3), "lr": np.float32(0.5),
+                        "w": np.ones((256, 256), np.float32)})
+    code, _, err = run(capsys, "export", path, tmp_path / "s.safetensors")
+    assert code == 0, err
+    exported, _ = _read_exported([tmp_path / "s.safetensors"])
+    assert exported["step"].shape == () and int(exported["step"]) == 3
+    assert exported["lr"].shape == () and float(exported["lr"]) == 0.5
+    truncated = tmp_path / "t.jjpg"
+    truncated.write_bytes(path.read_bytes()[:300])
+    code, _, err = run(capsys, "export", truncated, tmp_path / "t.safetensors")
+    assert code == cli.EXIT_DAMAGED and "Traceback" not in err, err
+
+
 def test_user_metadata_that_is_not_text_exports_as_json(tmp_path, capsys):
     path = tmp_path / "m.jjpg"
     jaxjpeg.save(path, {"w": np.ones((4, 4), np.float32)},
