@@ -660,6 +660,8 @@ def _target_size(entries, target_ratio, target_bytes, bits_per_weight) -> int | 
         if not bits_per_weight > 0:
             raise ValueError(f"bits_per_weight must be positive, got {bits_per_weight}")
         return int(bits_per_weight * elements / 8)
+    if target_bytes is not None and not 0 < target_bytes < math.inf:
+        raise ValueError(f"target_bytes must be a positive finite number, got {target_bytes!r}")
     return None if target_bytes is None else int(target_bytes)
 
 
@@ -982,6 +984,9 @@ class _Save:
         self.path = path
         self.user_metadata = layout.checked_user_metadata(metadata)
         self.has_metadata = metadata is not None
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a jaxjpeg.Policy, got {type(policy).__name__}")
+        _check_tile_shape(tile_shape)
         self.policy = policy or Policy()
         self.leaves = leaves
         for leaf in leaves:
@@ -994,6 +999,12 @@ class _Save:
         given = {k: v for k, v in rates.items() if v is not None}
         if len(given) > 1:
             raise ValueError(f"give at most one rate control, got {sorted(given)}")
+        for name in ("error_bound", "quant_step", "target_ratio", "target_bytes",
+                     "bits_per_weight"):
+            value = given.get(name)
+            if value is not None and not (isinstance(value, (int, float, np.number))
+                                          and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not given:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
@@ -1211,11 +1222,28 @@ def _check_covariances(covariances, leaves, error_bound) -> None:
 
 def _check_sensitivity_names(sensitivity, leaves) -> None:
     """Refuses a ``sensitivity`` naming a leaf the tree does not have (a
-    misspelt path would otherwise steer nothing, silently)."""
+    misspelt path would otherwise steer nothing, silently), and a factor that
+    is negative or not finite, under every rate control (arrays are checked
+    where they are used)."""
     names = {leaf.name for leaf in leaves}
     for name in sensitivity or {}:
         if name not in names:
             raise ValueError(f"sensitivity names {name!r}, which is not a leaf of the tree")
+        factor, _ = _leaf_importance(sensitivity, name)
+        if factor is not None and not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"sensitivity of {name!r} must be finite and non-negative, "
+                             f"got {factor}")
+
+
+def _check_tile_shape(tile_shape) -> None:
+    """Two whole numbers of rows and columns a JPEG image can have, at least
+    a block (smaller or non-positive shapes had coded 8x8 tiles, 6x larger)."""
+    try:
+        rows, cols = tile_shape
+    except (TypeError, ValueError):
+        raise TypeError(f"tile_shape must be (rows, cols), got {tile_shape!r}") from None
+    if not all(isinstance(n, (int, np.integer)) and 8 <= n <= 65535 for n in (rows, cols)):
+        raise ValueError(f"tile_shape must be two integers in 8..65535, got {tile_shape!r}")
 
 
 def _check_per_leaf(option: str, given: dict, kind: type, shapes: dict, check) -> None:

@@ -918,3 +918,29 @@ def test_error_bound_holds_for_half_precision_leaves(tmp_path, dtype):
         x64 = x.astype(np.float64)
         worst = max(worst, np.linalg.norm(y - x64) / np.linalg.norm(x64))
     assert 0.004 < worst <= 0.005
+
+
+@pytest.mark.parametrize("options, error, words", [
+    (dict(tile_shape=(0, 0)), ValueError, "8..65535"),
+    (dict(tile_shape=(7, 7)), ValueError, "8..65535"),
+    (dict(tile_shape=(-5, -5)), ValueError, "8..65535"),
+    (dict(tile_shape=(70000, 8)), ValueError, "8..65535"),
+    (dict(tile_shape=8), TypeError, "rows, cols"),
+    (dict(policy="lossless"), TypeError, "jaxjpeg.Policy"),
+    (dict(error_bound=0), ValueError, "error_bound must be a positive finite"),
+    (dict(error_bound=float("nan")), ValueError, "error_bound must be a positive finite"),
+    (dict(quant_step=float("nan")), ValueError, "quant_step must be a positive finite"),
+    (dict(target_bytes=float("nan")), ValueError, "target_bytes must be a positive finite"),
+    (dict(target_ratio=float("inf")), ValueError, "target_ratio must be a positive finite"),
+    (dict(error_bound=0.01, sensitivity={"w": -1.0}), ValueError, "finite and non-negative"),
+    (dict(quant_step=4, sensitivity={"w": float("nan")}), ValueError, "finite and non-negative"),
+])
+def test_save_options_are_checked_before_anything_is_written(tmp_path, options, error, words):
+    """A tile shape below a block (or not positive) coded 8x8 tiles, 6x the
+    bytes, without a word; other bad values raised messages naming internals
+    (rel_rms, "cannot convert float NaN to integer", an AttributeError) or
+    were ignored (a sensitivity of -1 under error_bound)."""
+    path = tmp_path / "o.jjpg"
+    with pytest.raises(error, match=words):
+        jaxjpeg.save(path, {"w": np.ones((64, 64), np.float32)}, **options)
+    assert not path.exists()
