@@ -59,7 +59,6 @@ import functools
 import itertools
 import json
 import os
-import secrets
 import warnings
 import zlib
 from typing import Any
@@ -292,16 +291,33 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     if with_prior:   # every process computes the same prior (its gathers are collectives)
         saver = ck._Save(path, leaves, prior=_batchnorm_prior(tree, processes),
                          **saver_options)
-    own = []
-    for i, (records, leaf) in enumerate(flat):
-        array = None
+    gathered = {}
+    for i, (_, leaf) in enumerate(flat):
         if gather[i]:   # every process joins, in leaf order
             from jax.experimental import multihost_utils
             array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        if owners[i] == me:
-            data = array if array is not None else _local_copy(leaf, copy)
-            own.append((i, ck.SourceLeaf.of(records, data)))
+            if owners[i] == me:
+                gathered[i] = array
+    # Past the last collective, a process failing alone (reading its leaves
+    # to the host) tells the others, who would wait for its part until
+    # TIMEOUT_S otherwise.
+    try:
+        own = [(i, ck.SourceLeaf.of(records, gathered[i] if gather[i]
+                                    else _local_copy(leaf, copy)))
+               for i, (records, leaf) in enumerate(flat) if owners[i] == me]
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+        _publish_failure(exchange, me, why)
+        _abandon(None, exchange, me, f"process {me} failed: {why}")   # no temporary file yet
+        raise
     return Prepared(path, saver, exchange, me, processes, own, len(flat))
+
+
+def _publish_failure(exchange: "_Exchange", me: int, why: str) -> None:
+    """What this process failing tells the others, who may wait for its
+    bias-correction shifts or its part."""
+    exchange.put_once(f"shifts/{me}", {"error": why})
+    exchange.put(f"part/{me}", {"error": why})
 
 
 def _batchnorm_prior(tree, processes: int):
@@ -339,13 +355,16 @@ def finish(prepared: Prepared):
             saver.allocate(_analysed_everywhere(prepared))
         part = _code(saver, prepared.own, exchange, me, processes)
     except Exception as e:
-        why = f"{type(e).__name__}: {e}"
-        exchange.put_once(f"shifts/{me}", {"error": why})   # others may wait for them
-        exchange.put(f"part/{me}", {"error": why})
+        _publish_failure(exchange, me, f"{type(e).__name__}: {e}")
         _abandon(temp, exchange, me, f"process {me} failed")
         raise
     exchange.put(f"part/{me}", part["public"])
-    parts = [exchange.get(f"part/{i}") for i in range(processes)]
+    try:
+        parts = [exchange.get(f"part/{i}") for i in range(processes)]
+    except Exception:   # a process that never answered (TIMEOUT_S): no temporary file left
+        if me == 0:
+            _abandon(temp, exchange, me, "a process did not publish its part")
+        raise
     exchange.delete_large()   # every process is past its analysis
     problem = _failed(parts)
     if problem:
@@ -477,15 +496,10 @@ def _shifts_of(exchange: _Exchange, process: int) -> dict:
 
 
 def _create_temp(path: str, exchange: _Exchange):
-    """Process 0: the temporary file in the destination's directory (named and
-    locked as ContainerWriter's, so a stale one is cleaned up the same way)."""
-    import fcntl
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot save: directory {directory!r} does not exist")
-    temp_path = os.path.join(directory, f"{fmt._temp_stem(path)}.tmp-{secrets.token_hex(8)}")
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    """Process 0: the temporary file in the destination's directory, made as
+    ContainerWriter makes its own (fmt.create_temp_file: a stale one is
+    cleaned up the same way, a replaced file's permissions kept)."""
+    temp_path, fd = fmt.create_temp_file(path)
     exchange.put("temp", temp_path)
     return temp_path, fd
 

@@ -203,6 +203,46 @@ def _temp_stem(path: str) -> str:
     return name.decode("utf-8", "ignore")
 
 
+def create_temp_file(target: str, shown=None) -> tuple[str, int]:
+    """(path, fd) of a new temporary file beside ``target``, to be renamed
+    over it: named so that a dead writer's is found (stale ones removed
+    first), locked while its writer lives, with the permission bits of the
+    file it replaces (a 0600 file stays 0600). ``shown``: the path errors name."""
+    shown = target if shown is None else shown
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
+                                "not exist", shown)
+    stem = _temp_stem(target)
+    _remove_stale_temp_files(directory, stem)
+    while True:
+        temp_path = os.path.join(directory, f"{stem}.tmp-{secrets.token_hex(8)}")
+        try:  # O_EXCL: never clobber; mode 0o666 lets the umask decide, like open()
+            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} "
+                                    "does not exist", shown) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive" for stale cleanup
+            _keep_mode(target, fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp_path)
+            raise
+        return temp_path, fd
+
+
+def _keep_mode(target: str, fd: int) -> None:
+    """A replaced file keeps its permission bits (a 0600 file stays 0600)."""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return
+    os.fchmod(fd, mode & 0o7777)
+
+
 def _remove_stale_temp_files(directory: str, stem: str) -> None:
     """Deletes temp files of this destination whose writer died (SIGKILL, power
     loss): a live writer holds an exclusive lock on its temp file, a dead one
@@ -277,37 +317,7 @@ class ContainerWriter:
             raise
 
     def _create_temp_file(self) -> tuple[str, int]:
-        directory = os.path.dirname(os.path.abspath(self._target))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
-                                    "not exist", self.path)
-        stem = _temp_stem(self._target)
-        _remove_stale_temp_files(directory, stem)
-        while True:
-            temp_path = os.path.join(directory, f"{stem}.tmp-{secrets.token_hex(8)}")
-            try:  # O_EXCL: never clobber; mode 0o666 lets the umask decide, like open()
-                fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            except FileNotFoundError:
-                raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} "
-                                        "does not exist", self.path) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive" for stale cleanup
-                self._keep_mode(fd)
-            except BaseException:
-                os.close(fd)
-                os.unlink(temp_path)
-                raise
-            return temp_path, fd
-
-    def _keep_mode(self, fd: int) -> None:
-        """A replaced file keeps its permission bits (a 0600 file stays 0600)."""
-        try:
-            mode = os.stat(self._target).st_mode
-        except FileNotFoundError:
-            return
-        os.fchmod(fd, mode & 0o7777)
+        return create_temp_file(self._target, self.path)
 
     def set_metadata(self, metadata: dict) -> None:
         """Sets the user metadata (any JSON-able dict); it is copied now, written at close."""

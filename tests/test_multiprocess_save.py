@@ -30,6 +30,8 @@ CHECKS = [
     "byte_targets_allocate_one_budget_over_every_process",
     "one_process_refusing_fails_every_process_quickly",
     "a_process_failing_while_coding_fails_every_process_quickly",
+    "a_process_failing_to_read_its_leaves_fails_every_process_quickly",
+    "process_0_failing_to_read_its_leaves_fails_every_process_quickly",
     "a_second_save_replaces_the_first",
 ]
 

@@ -234,13 +234,54 @@ def a_process_failing_while_coding_fails_every_process_quickly():
     assert not [f for f in os.listdir(WORK) if f.startswith("failed.jjpg.tmp-")]
 
 
+def _failing_to_read_leaves(failing: int, name: str) -> None:
+    """Process ``failing`` cannot read its leaves to the host (out of memory,
+    say), after every process agreed on the save: every process raises
+    promptly (the others waited TIMEOUT_S), and no temporary file is left."""
+    path = os.path.join(WORK, name)
+    real = checkpoint.SourceLeaf.of   # made of each leaf read (only there in this save)
+
+    def failing_copy(records, array, shards=None):
+        if PROCESS == failing:
+            raise MemoryError("injected host copy failure")
+        return real(records, array, shards)
+
+    checkpoint.SourceLeaf.of = failing_copy
+    start = time.monotonic()
+    try:
+        jaxjpeg.save(path, TREE, distributed=True)
+    except (MemoryError, ValueError) as e:
+        assert "injected host copy failure" in str(e), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    finally:
+        checkpoint.SourceLeaf.of = real
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(path)
+    assert not [f for f in os.listdir(WORK) if f.startswith(name + ".tmp-")]
+
+
+@check
+def a_process_failing_to_read_its_leaves_fails_every_process_quickly():
+    _failing_to_read_leaves(1, "unread1.jjpg")
+
+
+@check
+def process_0_failing_to_read_its_leaves_fails_every_process_quickly():
+    _failing_to_read_leaves(0, "unread0.jjpg")
+
+
 @check
 def a_second_save_replaces_the_first():
     halved = {k: v for k, v in TREE.items() if k != "split"}
     jaxjpeg.save(PATH + ".2", halved, distributed=True)
+    if PROCESS == 0:   # its temp file is made after this, in the next save
+        os.chmod(PATH + ".2", 0o600)
     jaxjpeg.save(PATH + ".2", TREE, distributed=True)
     with jaxjpeg.open(PATH + ".2") as f:
         assert sorted(f.keys()) == sorted(VALUES)
+    # The replaced file's permissions are kept (they became 0644).
+    assert os.stat(PATH + ".2").st_mode & 0o777 == 0o600, oct(os.stat(PATH + ".2").st_mode)
 
 
 results = {}
