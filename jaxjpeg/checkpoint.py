@@ -924,10 +924,18 @@ def save_leaves(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = T
     done. Under a byte target the BatchNorm prior pairs the leaves in the
     order given (see :func:`save`).
     """
+    return prepared_save(path, leaves, batchnorm_prior=batchnorm_prior, **options).run()
+
+
+def prepared_save(path, leaves: Sequence[SourceLeaf], *, batchnorm_prior: bool = True,
+                  **options) -> "_Save":
+    """:func:`save_leaves` up to writing: the options checked and the prior
+    made; ``run()`` codes and writes (an asynchronous save raises what it
+    refuses before it returns, and writes later)."""
     leaves = list(leaves)
     if batchnorm_prior and options.get("prior") is None and _prior_applies(leaves, options):
         options["prior"] = _prior_of_leaves(leaves)
-    return _Save(path, leaves, **options).run()
+    return _Save(path, leaves, **options)
 
 
 # The save options that choose a rate control other than relative_step.
@@ -1008,6 +1016,11 @@ class _Save:
         if not given:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
+        if quality is not None or quant_step is not None or qtable is not None:
+            # a bad table refused now, not by the first leaf's coding (which an
+            # asynchronous save, Orbax's, runs after save() has returned)
+            codec.quant_table(bits=bits or 8, quality=quality, quant_step=quant_step,
+                              qtable=qtable)
         self.rate = _rate_record(given)
         _check_covariances(input_covariance, leaves, error_bound)
         _check_sensitivity_names(sensitivity, leaves)

@@ -117,15 +117,26 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         if not isinstance(args, JaxjpegSave):
             raise TypeError(f"expected JaxjpegSave args, got {type(args).__name__}")
         if self._is_distributed(directory):
-            return _distributed.prepare(self._path(directory), args.item, _options(args),
-                                        copy=copy)
-        return _host_copy(args.item) if self._is_writer() else None
+            options = _options(args)
+            if "input_mean" in options:
+                raise ValueError("input_mean is not supported by a distributed save")
+            return _distributed.prepare(self._path(directory), args.item, options, copy=copy)
+        if not self._is_writer():
+            return None
+        leaves = _host_copy(args.item)
+        options = _options(args)
+        if options.get("input_mean"):
+            options["input_means"] = _ckpt._input_mean_takers(options["input_mean"], leaves,
+                                                              args.item)
+        options.pop("input_mean", None)
+        # Checked now (in async_save, before it returns), written in the commit thread.
+        return _ckpt.prepared_save(self._path(directory), leaves, **options)
 
-    def _write(self, directory, snapshot, args: "JaxjpegSave") -> None:
+    def _write(self, directory, snapshot) -> None:
         if isinstance(snapshot, _distributed.Prepared):
             _distributed.finish(snapshot)
         elif snapshot is not None:
-            _ckpt.save_leaves(self._path(directory), snapshot, **_options(args))
+            snapshot.run()
 
     async def async_save(self, directory, args: "JaxjpegSave") -> Optional[List[Any]]:
         """Snapshots the leaves to host now; encodes and writes in the commit thread."""
@@ -134,14 +145,14 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
             return []
 
         async def commit():
-            await asyncio.to_thread(self._write, directory, snapshot, args)
+            await asyncio.to_thread(self._write, directory, snapshot)
 
         return [ocp.future.CommitFutureAwaitingContractedSignals(commit(),
                                                                  name="jaxjpeg_save")]
 
     def save(self, directory, args: "JaxjpegSave") -> None:
         """Saves synchronously."""
-        self._write(directory, self._snapshot(directory, args, copy=False), args)
+        self._write(directory, self._snapshot(directory, args, copy=False))
 
     def restore(self, directory, args: Optional["JaxjpegRestore"] = None):
         """Restores the pytree, decoded on the device (see :func:`jaxjpeg.restore`)."""
@@ -169,9 +180,18 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         pass
 
 
+# jaxjpeg.save's options a handler passes on; it chooses distribution itself.
+_PASSED_OPTIONS = frozenset(_ckpt._SAVE_OPTIONS) | {"batchnorm_prior", "input_mean"}
+
+
 def _options(args: "JaxjpegSave") -> dict:
     """jaxjpeg.save's keyword options from the save args."""
     kwargs = dict(args.save_kwargs or {})
+    unknown = sorted(set(kwargs) - _PASSED_OPTIONS)
+    if unknown:
+        why = ("the handler distributes a save itself (several processes, a shared file "
+               "system)" if unknown == ["distributed"] else "not an option of jaxjpeg.save")
+        raise TypeError(f"JaxjpegSave.save_kwargs: {', '.join(map(repr, unknown))}: {why}")
     for name in ("quant_step", "quality", "bits", "policy"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

@@ -111,6 +111,44 @@ def test_plain_checkpointer_sync_and_async(tmp_path):
         JaxjpegCheckpointHandler().restore(tmp_path)
 
 
+@pytest.mark.parametrize("bad, error, words", [
+    (dict(quality=0), ValueError, "quality must be in 1..100"),
+    (dict(save_kwargs={"target_ratio": 8, "quant_step": 3}), ValueError, "at most one rate"),
+    (dict(save_kwargs={"tile_shape": (4, 4)}), ValueError, "tile_shape"),
+    (dict(save_kwargs={"distributed": True}), TypeError, "distributes a save itself"),
+    (dict(save_kwargs={"quant_stpe": 3}), TypeError, "not an option of jaxjpeg.save"),
+])
+def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, words):
+    """They were checked in the commit thread: save(0) returned True, the
+    next save raised step 0's error (and step 1 was lost)."""
+    params = {"w": jnp.ones((256, 256))}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(error, match=words):
+            mngr.save(0, args=ocp.args.Composite(params=JaxjpegSave(params, **bad)))
+        assert mngr.save(1, args=ocp.args.Composite(params=JaxjpegSave(params)))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [1]
+
+
+def test_save_kwargs_take_input_mean(tmp_path):
+    """save_kwargs are jaxjpeg.save's: input_mean (refused before, an
+    unexpected keyword of the internal saver) corrects the layer's bias."""
+    from jaxjpeg import InputMean
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": (0.05 * rng.standard_normal((256, 64))).astype(np.float32),
+                        "bias": np.zeros(64, np.float32)}}
+    mean = InputMean(np.full((256, 1), 2.0, np.float32), out_axis=-1, taker="dense/bias")
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(params=JaxjpegSave(
+            params, save_kwargs={"input_mean": {"dense/kernel": mean}})))
+        mngr.wait_until_finished()
+        got = mngr.restore(0, args=ocp.args.Composite(params=JaxjpegRestore()))["params"]
+    x = np.full(256, 2.0)
+    shift = x @ (np.asarray(got["dense"]["kernel"], np.float64) - params["dense"]["kernel"])
+    corrected = shift + np.asarray(got["dense"]["bias"], np.float64)
+    assert np.abs(corrected).max() < 0.2 * np.abs(shift).max()
+
+
 def test_import_jaxjpeg_does_not_import_orbax():
     code = ("import sys, jaxjpeg, jaxjpeg.cli; "
             "assert not any(m == 'orbax' or m.startswith('orbax.') for m in sys.modules)")
