@@ -649,6 +649,26 @@ def place_raw(array: np.ndarray, request: LeafRequest, device):
     return jax.device_put(array, request.device or device)
 
 
+def one_device(device) -> jax.Device:
+    """The one device a restore places leaves on: ``device`` (a jax.Device, or
+    a sharding of one device), or this process's first (jax.devices()[0]
+    belongs to process 0 under jax.distributed, and other processes cannot
+    place data on it). A sharding over several devices is refused: it was
+    taken for a device, and ignored or failed on an internal buffer."""
+    if device is None:
+        return jax.local_devices()[0]
+    if isinstance(device, jax.sharding.Sharding):
+        if len(device.device_set) == 1:
+            return next(iter(device.device_set))
+        raise ValueError(f"device must be one device, got a sharding over "
+                         f"{len(device.device_set)}; to restore sharded arrays give a target "
+                         "whose leaves carry shardings (jax.ShapeDtypeStruct(shape, dtype, "
+                         "sharding=...))")
+    if not isinstance(device, jax.Device):
+        raise TypeError(f"device must be a jax.Device, got {type(device).__name__}")
+    return device
+
+
 def select_leaves(ckpt: Checkpoint, paths) -> list[SavedLeaf]:
     """The leaves any of ``paths`` selects (None: all): a leaf's exact name,
     or a glob (:func:`treepaths.matching`); every pattern must select at
@@ -684,9 +704,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     """
     if target is not None and paths is not None:
         raise ValueError("give target or paths, not both: a target already names the leaves")
-    # This process's first device: jax.devices()[0] belongs to process 0 under
-    # jax.distributed, and other processes cannot place data on it.
-    device = device or jax.local_devices()[0]
+    device = one_device(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)

@@ -16,7 +16,8 @@ import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
 from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, finish_leaf, kept_values,
-                                        place_raw, restored_dtype, target_requests)
+                                        one_device, place_raw, restored_dtype,
+                                        target_requests)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
@@ -99,7 +100,7 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     on one device, so a target sharding it over several devices is refused
     (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
     """
-    device = device or jax.local_devices()[0]  # jax.devices()[0] may be another process's
+    device = one_device(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
             requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype)) for leaf in ckpt.leaves]

@@ -40,6 +40,7 @@ CHECKS = [
     "numpy_and_replicated_leaves_split_their_largest_axis_evenly",
     "saved_sharded_flax_conv_decodes_into_its_shards",
     "sharded_leaves_decode_in_one_call_per_device",
+    "a_device_argument_is_one_device",
 ]
 
 

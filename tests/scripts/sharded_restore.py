@@ -505,6 +505,24 @@ def sharded_leaves_decode_in_one_call_per_device():
     assert all(sorted(i for i, _, _ in p.shards) == [0, 1, 2] for p in plans)
 
 
+@check
+def a_device_argument_is_one_device():
+    """restore(device=<sharding over 8 devices>) ignored the sharding (every
+    leaf replicated) or failed on an internal buffer; load alike."""
+    sharding = NamedSharding(mesh((8,), ("x",)), P("x"))
+    for read in (jaxjpeg.restore, jaxjpeg.load):
+        try:
+            read(PATH, device=sharding)
+        except ValueError as e:
+            assert "one device" in str(e) and "target" in str(e), str(e)
+        else:
+            raise AssertionError(f"{read.__name__} took a sharding over 8 devices")
+    one = SingleDeviceSharding(jax.devices()[3])
+    value = jaxjpeg.restore(PATH, paths="bias", device=one)["bias"]
+    assert value.devices() == {jax.devices()[3]}
+    np.testing.assert_array_equal(np.asarray(value), REFERENCE["bias"])
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
