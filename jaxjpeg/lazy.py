@@ -254,8 +254,9 @@ def _normalize_index(index, shape) -> tuple[tuple, set, set]:
                 positions = positions[::-1]
             if not len(positions):
                 ranges.append((0, 0, 1))
-            else:
-                ranges.append((positions[0], positions[-1] + 1, abs(step)))
+            else:   # one position: step 1 (a step of 2**63 overflowed in the decode)
+                ranges.append((positions[0], positions[-1] + 1,
+                               abs(step) if len(positions) > 1 else 1))
             continue
         if isinstance(item, (bool, np.bool_)) or item is None:
             raise IndexError(f"axis {axis}: index {item!r} is not an int or a slice "

@@ -244,6 +244,11 @@ SLICES = [
     ("bias", np.s_[10:20]),
     ("bias", np.s_[::-2]),
     ("step", np.s_[...]),
+    # One position by a step past int64 (an OverflowError with the side list,
+    # a TypeError in a moving view's placement):
+    ("mask", np.s_[::2**63, 3]),
+    ("dense", np.s_[5:9:2**70]),
+    ("conv", np.s_[::2**64]),
 ]
 
 
