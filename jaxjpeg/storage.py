@@ -15,6 +15,7 @@ from several threads at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -209,10 +210,27 @@ class RangeSource:
         backend errors of every kind) as an OSError naming the file."""
         try:
             return fn(*args, **kwargs)
+        except FileNotFoundError as e:
+            raise self._not_found_for_its_cause(e, what) from e
         except OSError:
             raise
         except Exception as e:
             raise OSError(f"{self.name}: {what}: {type(e).__name__}: {e}") from e
+
+    def _not_found_for_its_cause(self, e: FileNotFoundError, what: str) -> OSError:
+        """fsspec's HTTP store reports every failure to find a file's size as
+        FileNotFoundError(url): a 403 and a server that is down read as "no
+        such file". The cause it chains says which."""
+        cause = e.__cause__ or e.__context__
+        if cause is None or isinstance(cause, FileNotFoundError):
+            return e
+        detail = f"{what}: {type(cause).__name__}: {cause}"
+        status = getattr(cause, "status", None)
+        if status == 404:
+            return FileNotFoundError(errno.ENOENT, detail, self.name)
+        if status in (401, 403):
+            return PermissionError(errno.EACCES, detail, self.name)
+        return OSError(errno.EIO, detail, self.name)
 
     def close(self) -> None:
         if self._fs is None:

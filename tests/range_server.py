@@ -29,6 +29,7 @@ class RangeServer:
         self.fail_ranged_reads = False  # answer ranged GETs with 500
         self.ignore_ranges = False      # answer every GET with the whole file (200)
         self.delay_s = 0.0              # each GET held this long while counted in flight
+        self.status = None              # answer every request with this HTTP error
         self._lock = threading.Lock()
         server = self
 
@@ -56,6 +57,9 @@ class RangeServer:
                         server.in_flight -= 1
 
             def _answer(self, body: bool):
+                if server.status is not None:
+                    self.send_error(server.status)
+                    return
                 path = os.path.join(server.directory, self.path.lstrip("/").split("?")[0])
                 if not os.path.isfile(path):
                     self.send_error(404)

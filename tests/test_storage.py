@@ -256,6 +256,25 @@ def test_a_failing_server_is_an_oserror(local_file, tmp_path):
                 f.get("emb")
 
 
+def test_http_failures_say_what_failed(local_file):
+    """fsspec reports every failure to read a file's size over HTTP as
+    FileNotFoundError(url): a 403, and a server that is down, read as a
+    missing file, with nothing but the URL."""
+    path, _ = local_file
+    with RangeServer(path.parent) as server:
+        url = server.url(path.name)
+        server.status = 403
+        with pytest.raises(PermissionError, match="403") as denied:
+            jaxjpeg.open(url)
+        assert denied.value.filename == url
+        server.status = None
+        with pytest.raises(FileNotFoundError, match="404"):
+            jaxjpeg.open(server.url("missing.jjpg"))
+    with pytest.raises(OSError, match="[Cc]onnect") as down:   # nothing listens there now
+        jaxjpeg.open(url)
+    assert not isinstance(down.value, FileNotFoundError)
+
+
 def test_a_server_ignoring_ranges_is_refused_clearly(local_file):
     """fsspec hands back whatever body the server sends: a server that ignores
     Range (200, the whole file) must not be read as the bytes asked for."""
