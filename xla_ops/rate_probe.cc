@@ -1,5 +1,6 @@
 #include "rate_probe.h"
 
+#include <algorithm>
 #include <cmath>
 #include <exception>
 #include <memory>
@@ -154,8 +155,21 @@ class CodedErrorModel {
         uniform_(blocks_, 0) {
     const int blocks_wide = (width + 7) / 8;
     const float top = static_cast<float>((1 << bits) - 1);
+    // The scales enter as scale * 2^shift_, and the sums leave times
+    // 2^-2shift_ (ErrorOf): powers of two change no bit of the sums where
+    // nothing underflows, and keep them where the squared scales of a leaf
+    // of tiny values would (RMS 1e-20: steps ~1e-22, squares ~1e-44 in
+    // float: a byte target then spent its bytes elsewhere).
+    float largest = 0.0f;
+    for (int y = 0; y < height; ++y) largest = std::max(largest, std::fabs(row_scale[y]));
+    if (largest > 0.0f && std::isfinite(largest)) {
+      int exponent;
+      std::frexp(largest, &exponent);
+      shift_ = -exponent;
+    }
     for (int y = 0; y < height; ++y) {
-      const float row = row_scale[y] * row_scale[y];
+      const float scaled = std::ldexp(row_scale[y], shift_);
+      const float row = scaled * scaled;
       const float divisor = row_scale[y] > 0.0f ? row_scale[y] : 1.0f;  // as the encoder maps
       for (int x = 0; x < width; ++x) {
         float w = row;
@@ -204,6 +218,12 @@ class CodedErrorModel {
   // The weighted squared error of a coding at flat step `step`, `coded`
   // holding its values (zig-zag, 64 a block).
   double Error(const int16_t* coded, float step) const {
+    return std::ldexp(ScaledError(coded, step), -2 * shift_);
+  }
+
+ private:
+  // Error's sum with the scales times 2^shift_.
+  double ScaledError(const int16_t* coded, float step) const {
     double total = clamped_;
     for (size_t b = 0; b < blocks_; ++b) {
       const float* t = transforms_.data() + 64 * b;
@@ -238,7 +258,6 @@ class CodedErrorModel {
     return total;
   }
 
- private:
   // Row-major pixels of the inverse DCT of zig-zag transform values
   // (pixels = Bᵀ E B, B the orthonormal basis).
   static void InverseDct(const float zigzag[64], float pixels[64]) {
@@ -295,6 +314,7 @@ class CodedErrorModel {
   }
 
   size_t blocks_;
+  int shift_ = 0;           // the scales' power-of-two factor (see the constructor)
   float lowest_, highest_;  // the sample range, centered as the transforms are
   std::vector<float> pixel_weights_;  // 64 a block, row-major within the block
   std::vector<double> rounding_;      // the decoder's rounding noise in each block
