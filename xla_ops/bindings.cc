@@ -775,7 +775,7 @@ PYBIND11_MODULE(_native, m) {
   m.attr("PLAN_OK") = kPlanOk;
   m.def("inspect", &Inspect, py::arg("data"),
         "Parse a JPEG: dimensions, precision, restart interval, interval start offsets, "
-        "decoder tables.");
+        "packed tables (the plan's table bytes), quantization table.");
   m.def("tile_header", &TileHeader, py::arg("data"),
         "(packed tables as the plan's table bytes, width, height, bits, restart interval) "
         "of a JPEG file's header.");

@@ -130,8 +130,8 @@ JJ_HD inline void StageZigzagPart(int thread, KernelShared* s) {
   for (int k = thread; k < 80; k += kDecodeThreadsPerBlock) s->zigzag[k] = ZigzagTable()[k];
 }
 
-// Phase "stage", each round: copies built table `index` (see
-// BuildTablesPart) word by word, each thread a strided share.
+// Phase "stage", each round: copies built table `index` (the table
+// kernel's, in the workspace) word by word, each thread a strided share.
 JJ_HD inline void StageTablesPart(const DecodePlan& p, int32_t index, int thread,
                                   DecoderTables* staged) {
   constexpr int kWords = sizeof(DecoderTables) / sizeof(uint32_t);
