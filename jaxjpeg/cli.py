@@ -447,21 +447,42 @@ def cmd_extract(args) -> int:
         if not leaves:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")
+        created = not os.path.isdir(args.outdir)
         os.makedirs(args.outdir, exist_ok=True)
         files = _tile_files(leaves)
         total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
         bar = progress(total=total, desc="extract", unit="B")
+        written = []
         try:
             for leaf in leaves:
                 for k in range(len(leaf.tiles)):
                     data = ckpt.reader.read_blob(layout.tile_blob(leaf.index, k), verify=True)
-                    with open(os.path.join(args.outdir, files[leaf.index, k]), "wb") as f:
+                    written.append(os.path.join(args.outdir, files[leaf.index, k]))
+                    with open(written[-1], "wb") as f:
                         f.write(data)
                     bar.update(len(data))
+        except BaseException:   # a damaged tile (or ^C): no half of an extraction left
+            _remove_quietly(written, args.outdir if created else None)
+            raise
         finally:
             bar.close()
     print(f"wrote {len(files)} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
     return 0
+
+
+def _remove_quietly(files, directory=None) -> None:
+    """Removes ``files`` and then ``directory`` (if given and empty), ignoring
+    what is already gone."""
+    for path in files:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    if directory is not None:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------- main

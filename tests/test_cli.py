@@ -388,6 +388,30 @@ def test_extract_never_overwrites_and_shortens_long_names(tmp_path, capsys):
     assert len(contents) == 5
 
 
+def test_extract_of_a_damaged_tile_leaves_nothing(tmp_path, capsys):
+    """A tile failing its checksum after others were written left those
+    files and the directory behind (exit 1 all the same)."""
+    rng = np.random.default_rng(2)
+    ckpt = tmp_path / "d.jjpg"
+    jaxjpeg.save(ckpt, {f"w{k}": rng.normal(size=(64, 64)).astype(np.float32) for k in range(4)})
+    with jaxjpeg.checkpoint_reader.Checkpoint(ckpt) as c:
+        last = max((b for n, b in c.reader._blobs.items() if n.endswith("tile0.jpg")),
+                   key=lambda b: b.offset)   # the last tile written
+        offset = last.offset + last.length // 2
+    data = bytearray(ckpt.read_bytes())
+    data[offset] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    out = tmp_path / "tiles"
+    code, _, err = run(capsys, "extract", ckpt, out)
+    assert code == 1 and "Traceback" not in err, err
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("kept")
+    code, _, _ = run(capsys, "extract", ckpt, existing)
+    assert code == 1 and os.listdir(existing) == ["mine.txt"]
+
+
 def test_extract_leaf_by_its_exact_name_with_glob_characters(tmp_path, capsys):
     """``--leaf 'q*'`` names the leaf ``q*`` (as ``info`` lists it), not
     every leaf starting with q; a pattern matching no name is still a glob."""
