@@ -443,15 +443,21 @@ def assert_refused_inside_outputs(worker, plan):
     assert intact, "run_plan wrote outside its output"
 
 
+def assert_writes_exactly(worker, plan, shape, box, expected):
+    """run_plan writes ``expected`` at ``box`` of its one output read as
+    ``shape``, and nothing else of it."""
+    error, (out,), intact = run_guarded(worker, plan)
+    assert error is None and intact
+    view = out.reshape(shape)
+    assert np.array_equal(view[box], expected)
+    view[box] = -7.25e30
+    assert np.all(view == np.float32(-7.25e30))  # nothing else in the output written
+
+
 def test_valid_plan_writes_exactly_its_tile(native_worker):
     plan, samples = valid_plan()
-    error, (out,), intact = run_guarded(native_worker, plan)
-    assert error is None and intact
-    view = out.reshape(20, 32)
     expected = (samples.astype(np.float32) * 0.5 - 1.0) * COL_SCALE
-    assert np.array_equal(view[3:16, 5:26], expected)
-    view[3:16, 5:26] = -7.25e30
-    assert np.all(view == np.float32(-7.25e30))  # nothing else in the output written
+    assert_writes_exactly(native_worker, plan, (20, 32), np.s_[3:16, 5:26], expected)
 
 
 def placed_plan():
@@ -468,13 +474,8 @@ def placed_plan():
 
 def test_placed_plan_writes_exactly_its_tile_transposed(native_worker):
     plan, samples = placed_plan()
-    error, (out,), intact = run_guarded(native_worker, plan)
-    assert error is None and intact
-    view = out.reshape(32, 20)
     expected = (samples.astype(np.float32) * 0.5 - 1.0) * COL_SCALE
-    assert np.array_equal(view[5:26, 3:16], expected.T)
-    view[5:26, 3:16] = -7.25e30
-    assert np.all(view == np.float32(-7.25e30))
+    assert_writes_exactly(native_worker, plan, (32, 20), np.s_[5:26, 3:16], expected.T)
 
 
 def tile_edit(column, value):

@@ -207,58 +207,58 @@ def one_process_refusing_fails_every_process_quickly():
     assert not [f for f in os.listdir(WORK) if f.startswith("refused.jjpg.tmp-")]
 
 
+def _injected_failure_fails_every_process(name, owner, attribute, failing, errors, words):
+    """A distributed save with ``owner.attribute`` replaced by
+    ``failing(real)``, which raises in some process: every process raises
+    one of ``errors`` naming ``words`` within a minute (not TIMEOUT_S), and
+    neither the file nor a temporary file is left."""
+    path = os.path.join(WORK, name)
+    stored = vars(owner)[attribute]   # as defined (a classmethod stays one)
+    setattr(owner, attribute, failing(getattr(owner, attribute)))
+    start = time.monotonic()
+    try:
+        jaxjpeg.save(path, TREE, distributed=True)
+    except errors as e:
+        assert words in str(e), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    finally:
+        setattr(owner, attribute, stored)
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(path)
+    assert not [f for f in os.listdir(WORK) if f.startswith(name + ".tmp-")]
+
+
 @check
 def a_process_failing_while_coding_fails_every_process_quickly():
     """Process 1 fails coding a weight (a disk error, say) while the others
     wait for its bias-correction shifts: every process raises at once."""
-    path = os.path.join(WORK, "failed.jjpg")
-    real = checkpoint._Save._store
+    def failing(real):
+        def store(self, index, leaf):
+            if PROCESS == 1 and not self.bias_correction.waits(leaf.name):
+                raise OSError("injected read error")
+            return real(self, index, leaf)
+        return store
 
-    def failing(self, index, leaf):
-        if PROCESS == 1 and not self.bias_correction.waits(leaf.name):
-            raise OSError("injected read error")
-        return real(self, index, leaf)
-
-    checkpoint._Save._store = failing
-    start = time.monotonic()
-    try:
-        jaxjpeg.save(path, TREE, distributed=True)
-    except (OSError, ValueError) as e:
-        assert "injected read error" in str(e), str(e)
-    else:
-        raise AssertionError("the save did not fail")
-    finally:
-        checkpoint._Save._store = real
-    assert time.monotonic() - start < 60
-    assert not os.path.exists(path)
-    assert not [f for f in os.listdir(WORK) if f.startswith("failed.jjpg.tmp-")]
+    _injected_failure_fails_every_process("failed.jjpg", checkpoint._Save, "_store", failing,
+                                          (OSError, ValueError), "injected read error")
 
 
 def _failing_to_read_leaves(failing: int, name: str) -> None:
     """Process ``failing`` cannot read its leaves to the host (out of memory,
     say), after every process agreed on the save: every process raises
-    promptly (the others waited TIMEOUT_S), and no temporary file is left."""
-    path = os.path.join(WORK, name)
-    real = checkpoint.SourceLeaf.of   # made of each leaf read (only there in this save)
+    promptly (the others waited TIMEOUT_S), and no temporary file is left.
+    SourceLeaf.of is made of each leaf read (only there in this save)."""
+    def failing_copy(real):
+        def of(records, array, shards=None):
+            if PROCESS == failing:
+                raise MemoryError("injected host copy failure")
+            return real(records, array, shards)
+        return of
 
-    def failing_copy(records, array, shards=None):
-        if PROCESS == failing:
-            raise MemoryError("injected host copy failure")
-        return real(records, array, shards)
-
-    checkpoint.SourceLeaf.of = failing_copy
-    start = time.monotonic()
-    try:
-        jaxjpeg.save(path, TREE, distributed=True)
-    except (MemoryError, ValueError) as e:
-        assert "injected host copy failure" in str(e), str(e)
-    else:
-        raise AssertionError("the save did not fail")
-    finally:
-        checkpoint.SourceLeaf.of = real
-    assert time.monotonic() - start < 60
-    assert not os.path.exists(path)
-    assert not [f for f in os.listdir(WORK) if f.startswith(name + ".tmp-")]
+    _injected_failure_fails_every_process(name, checkpoint.SourceLeaf, "of", failing_copy,
+                                          (MemoryError, ValueError),
+                                          "injected host copy failure")
 
 
 @check
