@@ -46,29 +46,29 @@ if ((limits_only)) || compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
 fi
 # Only the H200's architecture (sm_90, the one the register gate reads): a
 # third of the default three-architecture build.
-step build 60 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
+step build 90 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90-real
 # The CUDA module loads and sees the GPU; then GPU bits == CPU bits == the
 # kernels' CPU harness (mixed kinds, staged and simple warps, corrupt status
 # and NaN, destuff on damaged interval ends, out-of-order starts, hostile
 # block-map hints, restore, jit, CUDA graphs) and the register/stack gate.
 # The CPU-only tests of the harness and the destuff pass run in CI.
-step "gpu tests" 45 bash -c '"$py" -c "import jax, jaxjpeg.lowering as l; print(jax.devices()); assert l.cuda_available()" &&
+step "gpu tests" 40 bash -c '"$py" -c "import jax, jaxjpeg.lowering as l; print(jax.devices()); assert l.cuda_available()" &&
   JAXJPEG_REQUIRE_CUDA_BUILD=1 "$py" -m pytest -q -rfE --tb=short tests/gpu tests/test_cuda_resources.py'
 # float32 output of 1, 2 and 4 GB at the default rate, restart intervals
 # 1-16 and other rates (1 GB each), a device-to-device copy of each size
 # beside it, nvJPEG and nvCOMP on the same data when importable.
-step throughput 50 "$py" benchmarks/gpu_decode.py --gb 1,2,4 --repeats 5
+step throughput 40 "$py" benchmarks/gpu_decode.py --gb 1,2,4 --repeats 5
 if have compute-sanitizer; then
-  step memcheck 23 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  step memcheck 18 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$py" tests/gpu/corrupt_streams.py 4
 else
   summary+=("memcheck: compute-sanitizer not on PATH, skipped")
 fi
 if have ncu; then
-  # The destuff kernel and the decode kernels of one call (the default rate's
+  # The destuff, table and decode kernels of one call (the default rate's
   # tiles are 12-bit: the 8-bit kernel's blocks return at once).
-  step "nsight compute" 40 ncu --clock-control none --kernel-name regex:"DestuffKernel|DecodeKernel" --launch-count 3 \
+  step "nsight compute" 35 ncu --clock-control none --kernel-name regex:"DestuffKernel|BuildTablesKernel|DecodeKernel" --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     "$py" benchmarks/gpu_decode.py --single --gb 1
@@ -78,8 +78,8 @@ fi
 # Time to params on the GPU: jaxjpeg restore vs Orbax on the same tree (7 s
 # on the H200), then a Flax ResNet-50, whose conv kernels the decoder writes
 # in their own layout, against the same file restored with XLA transposes.
-step "vs orbax" 25 "$py" benchmarks/checkpoint_vs_orbax.py --repeats 2
-step "vs orbax, flax cnn" 23 "$py" benchmarks/checkpoint_vs_orbax.py --repeats 2 --model cnn \
+step "vs orbax" 22 "$py" benchmarks/checkpoint_vs_orbax.py --repeats 2
+step "vs orbax, flax cnn" 22 "$py" benchmarks/checkpoint_vs_orbax.py --repeats 2 --model cnn \
   --xla-transposes
 if ((limits_only)); then
   echo "total: ${total_limit}s"

@@ -100,14 +100,49 @@ JJ_HD inline bool HasUnusedBytes(BitReader r) {
 
 // A bit reader over destuffed data (destuff.h): [pos, end) are data bytes,
 // with no stuffing and no marker, and zero bytes follow them up to 16 bytes
-// past end at least, from a 16-byte aligned start. Every refill is one
-// 8-byte load, with no byte loop and no 0xFF test. The zero bytes taken past
-// the data are BitReader's phantom bits; they need no counting here: the
-// data bits not consumed yet are count + 8 * (end - pos), so ReadPastEnd,
-// HasUnusedBytes and the bits read are BitReader's (tests/test_destuff.py).
-// `phantom` stays 0. The decoder picks the
-// refill by overload: DecodeBlock and DecodeAc are templates on the reader.
-struct DestuffedBitReader : BitReader {};
+// past end at least. The 16 bytes around pos stay in registers (`lo`, `hi`:
+// the words at next_word - 16 and next_word - 8, as loaded): a refill
+// shifts them into the buffer with no memory access, and the load of the
+// following word is issued when pos enters `hi`, about 8 bytes (a dozen
+// coefficients) before it is needed, so its latency hides behind decoding.
+// Words at or past end + 16 are not loaded (they are zeros). The zero bytes
+// taken past the data are BitReader's phantom bits; they need no counting
+// here: the data bits not consumed yet are count + 8 * (end - pos), so
+// ReadPastEnd, HasUnusedBytes and the bits read are BitReader's
+// (tests/test_destuff.py). `phantom` stays 0. The decoder picks the refill
+// by overload: DecodeBlock and DecodeAc are templates on the reader.
+struct DestuffedBitReader : BitReader {
+  const uint8_t* next_word;  // the next 8 bytes to load (8-byte aligned on the device)
+  uint64_t lo, hi;           // bytes [next_word - 16, next_word), little-endian
+};
+
+// The 8 bytes at p (8-byte aligned on the device) as loaded, byte k at bits
+// 8k, or zeros for a word that starts at or past `zeros_from`. On the device
+// through the read-only data cache: destuffed bytes are written by an earlier
+// kernel and only read while decoding.
+JJ_HD JJ_INLINE uint64_t LoadDestuffedWord(const uint8_t* p, const uint8_t* zeros_from) {
+  if (p >= zeros_from) return 0;
+#if defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const unsigned long long*>(p));
+#else
+  uint64_t v;
+  memcpy(&v, p, sizeof v);
+  return v;  // little-endian hosts: byte k at bits 8k, as on the device
+#endif
+}
+
+JJ_HD JJ_INLINE uint64_t ByteSwap64(uint64_t v) {
+#if defined(__CUDA_ARCH__)
+  return (uint64_t(__byte_perm(static_cast<uint32_t>(v), 0, 0x0123)) << 32) |
+         __byte_perm(static_cast<uint32_t>(v >> 32), 0, 0x0123);
+#else
+  return __builtin_bswap64(v);
+#endif
+}
+
+// The first word a reader over data ending at `end` leaves as zeros: the
+// bytes from end + 16 on may belong to another interval.
+JJ_HD JJ_INLINE const uint8_t* ZerosFrom(const uint8_t* end) { return end + 16 - 7; }
 
 JJ_HD JJ_INLINE DestuffedBitReader MakeDestuffedBitReader(const uint8_t* data, int64_t n) {
   DestuffedBitReader r;
@@ -116,38 +151,26 @@ JJ_HD JJ_INLINE DestuffedBitReader MakeDestuffedBitReader(const uint8_t* data, i
   r.buffer = 0;
   r.count = 0;
   r.phantom = 0;
+  r.lo = LoadDestuffedWord(data, ZerosFrom(r.end));
+  r.hi = LoadDestuffedWord(data + 8, ZerosFrom(r.end));
+  r.next_word = data + 16;
   return r;
 }
 
-// The 8 bytes at p as a big-endian word. On the device as two aligned 8-byte
-// loads (p's word and the next) and a funnel shift, through the read-only
-// data cache: destuffed bytes are written by an earlier kernel and only read
-// while decoding.
-JJ_HD JJ_INLINE uint64_t LoadBigEndian64(const uint8_t* p) {
-#if defined(__CUDA_ARCH__)
-  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
-  const auto* words = reinterpret_cast<const uint64_t*>(address & ~uintptr_t(7));
-  const int shift = static_cast<int>(address & 7) * 8;
-  const uint64_t lo = __ldg(reinterpret_cast<const unsigned long long*>(words));
-  const uint64_t hi = __ldg(reinterpret_cast<const unsigned long long*>(words) + 1);
-  const uint64_t v = shift == 0 ? lo : (lo >> shift) | (hi << (64 - shift));
-  return (uint64_t(__byte_perm(static_cast<uint32_t>(v), 0, 0x0123)) << 32) |
-         __byte_perm(static_cast<uint32_t>(v >> 32), 0, 0x0123);
-#else
-  uint64_t v;
-  memcpy(&v, p, sizeof v);
-  return __builtin_bswap64(v);
-#endif
-}
-
 // Takes as many whole bytes as fit (at least 56 valid bits after it), the
-// data's or, past them, the zeros that follow (loaded from `end`: the bytes
-// there are zeros whatever pos is). Needs count <= 63. Always succeeds.
+// data's or, past them, the zeros that follow, from the registers. Needs
+// count <= 63. Always succeeds.
 JJ_HD JJ_INLINE bool RefillFast(DestuffedBitReader& r) {
-  const uint8_t* from = r.pos < r.end ? r.pos : r.end;
-  r.buffer |= LoadBigEndian64(from) >> r.count;
+  const int shift = static_cast<int>(r.pos - (r.next_word - 16)) * 8;  // 0..56
+  const uint64_t bytes_at_pos = (r.lo >> shift) | ((r.hi << 1) << (63 - shift));
+  r.buffer |= ByteSwap64(bytes_at_pos) >> r.count;
   const int bytes = (63 - r.count) >> 3;
   r.pos += bytes;
+  if (r.pos >= r.next_word - 8) {  // at most 7 bytes a refill: one word at most
+    r.lo = r.hi;
+    r.hi = LoadDestuffedWord(r.next_word, ZerosFrom(r.end));
+    r.next_word += 8;
+  }
   r.count += bytes << 3;
   return true;
 }
