@@ -4,8 +4,8 @@ mutated real intervals, after every consumed bit count c, the bit reader's next
 16 bits must be the destuffed bytes' bits at c (zeros past them: phantom bits),
 its ReadPastEnd must be c > 8n and its HasUnusedBytes 8n - c >= 8, where n is
 the destuffed byte count (truncation and trailing data are decided alike).
-The reader of destuffed data (DestuffedBitReader: one 8-byte load per
-refill) must show exactly the same trace, and whole tiles decoded through the
+The reader of destuffed data (DestuffedBitReader: refills from 16 bytes
+held in registers, one 8-byte load per 8 bytes) must show exactly the same trace, and whole tiles decoded through the
 pass and that reader must give the same samples or the same error."""
 
 import numpy as np

@@ -86,30 +86,43 @@ struct DestuffLaneBits {
   uint32_t stop;
 };
 
+// 0x80 in each byte of x that is zero, 0 in the others (exact: no borrow
+// crosses bytes).
+JJ_HD JJ_INLINE uint32_t ZeroBytes(uint32_t x) {
+  const uint32_t low7 = 0x7F7F7F7Fu;
+  return ~(((x & low7) + low7) | x | low7);
+}
+
+// Bits 7, 15, 23, 31 of a ZeroBytes-style mask as bits 0..3 (byte k to bit
+// k; the multiplier's partial products never meet).
+JJ_HD JJ_INLINE uint32_t ByteFlags(uint32_t high_bits) {
+  return (((high_bits >> 7) * 0x01020408u) >> 24) & 0xFu;
+}
+
+// Bits k of 0..3 at or past `n` (clamped to 0..4).
+JJ_HD JJ_INLINE uint32_t FlagsFrom(int64_t n) {
+  const int from = n < 0 ? 0 : (n > 4 ? 4 : static_cast<int>(n));
+  return 0xFu & ~((1u << from) - 1u);
+}
+
+// All four bytes at once, as bit masks: the bytes outside [begin, end) are
+// zeros as loaded (never 0xFF), so only the last data byte's neighbour
+// needs the range (a 0xFF there ends the data whatever follows it).
 JJ_HD JJ_INLINE DestuffLaneBits ClassifyWord(const uint8_t* begin, const uint8_t* end,
                                              const uint8_t* q, uint32_t word, uint32_t prev,
                                              uint32_t next) {
-  // Bytes q - 1 .. q + 4 in one value: byte j + 1 of it is q + j.
-  const uint64_t around = uint64_t(prev & 0xFF) | (uint64_t(word) << 8) |
-                          (uint64_t(next & 0xFF) << 40);
-  DestuffLaneBits bits{0, 0};
-  JJ_UNROLL
-  for (int k = 0; k < kDestuffWordBytes; ++k) {
-    const uint8_t* p = q + k;
-    if (p < begin) continue;
-    if (p >= end) {
-      bits.stop |= 1u << k;
-      continue;
-    }
-    const uint32_t b = static_cast<uint32_t>(around >> (8 * (k + 1))) & 0xFF;
-    const uint32_t after = static_cast<uint32_t>(around >> (8 * (k + 2))) & 0xFF;
-    const uint32_t before = static_cast<uint32_t>(around >> (8 * k)) & 0xFF;
-    const bool marker = b == 0xFF && (p + 1 >= end || after != 0x00);
-    const bool stuffing = b == 0x00 && p > begin && before == 0xFF;
-    bits.keep |= uint32_t(!marker && !stuffing) << k;
-    bits.stop |= uint32_t(marker) << k;
-  }
-  return bits;
+  const uint32_t before = (word << 8) | (prev & 0xFF);  // byte k: the byte before q + k
+  const uint32_t after = (word >> 8) | (next << 24);    // byte k: the byte after q + k
+  const uint32_t is_ff = ByteFlags(ZeroBytes(~word));
+  const uint32_t is_zero = ByteFlags(ZeroBytes(word));
+  const uint32_t ff_before = ByteFlags(ZeroBytes(~before));
+  const uint32_t zero_after = ByteFlags(ZeroBytes(after));
+  const uint32_t past_end = FlagsFrom(end - q);
+  const uint32_t last_or_past = FlagsFrom(end - q - 1);
+  const uint32_t in_range = FlagsFrom(begin - q) & ~past_end;
+  const uint32_t marker = is_ff & (last_or_past | ~zero_after) & in_range;
+  const uint32_t stuffing = is_zero & ff_before & in_range;
+  return DestuffLaneBits{in_range & ~marker & ~stuffing, marker | past_end};
 }
 
 // The lane's bits of a window once the data end is known: `stop_lanes`
