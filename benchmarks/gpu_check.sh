@@ -45,9 +45,10 @@ if ((limits_only)) || compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
   step "offline wheels" 13 "$py" -m pip install -q --no-index --no-deps benchmarks/wheels/*.whl
 fi
 # Only the H200's architecture (sm_90, the one the register gate reads): a
-# third of the default three-architecture build.
+# third of the default three-architecture build; with line information for
+# Nsight Compute's source counters (the machine code is the same).
 step build 90 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
-  -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90-real
+  -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90-real -Ccmake.define.CMAKE_CUDA_FLAGS=-lineinfo
 # The CUDA module loads and sees the GPU; then GPU bits == CPU bits == the
 # kernels' CPU harness (mixed kinds, staged and simple warps, corrupt status
 # and NaN, destuff on damaged interval ends, out-of-order starts, hostile
@@ -70,7 +71,7 @@ if have ncu; then
   # tiles are 12-bit: the 8-bit kernel's blocks return at once).
   step "nsight compute" 35 ncu --clock-control none --kernel-name regex:"DestuffKernel|BuildTablesKernel|DecodeKernel" --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SourceCounters \
     "$py" benchmarks/gpu_decode.py --single --gb 1
 else
   summary+=("nsight compute: ncu not on PATH, skipped")
