@@ -134,15 +134,50 @@ def _write_shard(path: str, tensors: list[_Tensor], metadata: dict[str, str],
 def _outputs(out: str, count: int) -> tuple[list[str], str | None]:
     """(shard paths, index path or None) for ``out``: a ``.safetensors`` file
     name, or a directory receiving ``model.safetensors``."""
-    if out.endswith(".safetensors"):
-        directory, stem = os.path.dirname(out) or ".", os.path.basename(out)[:-len(".safetensors")]
-    else:
-        directory, stem = out, "model"
+    directory, stem = _directory_and_stem(out)
     if count == 1:
         return [os.path.join(directory, f"{stem}.safetensors")], None
     names = [f"{stem}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
     return ([os.path.join(directory, n) for n in names],
             os.path.join(directory, f"{stem}.safetensors.index.json"))
+
+
+def _directory_and_stem(out: str) -> tuple[str, str]:
+    if out.endswith(".safetensors"):
+        return os.path.dirname(out) or ".", os.path.basename(out)[:-len(".safetensors")]
+    return out, "model"
+
+
+def _earlier_export(out: str) -> list[str]:
+    """The files of an export to ``out`` already there, with any number of
+    shards: ``STEM.safetensors``, its index and ``STEM-NNNNN-of-NNNNN``
+    shards. A new export replaces all of them: an index left behind would
+    name shards of the old weights."""
+    directory, stem = _directory_and_stem(out)
+    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names
+                  if n in (f"{stem}.safetensors", f"{stem}.safetensors.index.json")
+                  or shard.fullmatch(n))
+
+
+def _put_in_place(temps: list[str], finals: list[str], stale: list[str]) -> None:
+    """Renames each temp to its final name, the index (last of ``finals``)
+    last, and removes the earlier export's other files: its entry points (an
+    index, or a single file, which readers take before an index) before the
+    new files appear, its shards after."""
+    shards = [p for p in stale if not p.endswith(".index.json")
+              and re.search(r"-\d{5}-of-\d{5}\.safetensors$", p)]
+    for path in stale:
+        if path not in shards:
+            os.unlink(path)
+    for temp, final in zip(temps, finals):
+        os.replace(temp, final)
+    for path in shards:
+        os.unlink(path)
 
 
 def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
@@ -156,7 +191,8 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
     compress`` keeps its own names) and keep their dtypes; the checkpoint's
     user metadata becomes ``__metadata__``. Each file is written under a
     temporary name and renamed when complete, the index last: a reader sees
-    the index only once every shard it names is in place.
+    the index only once every shard it names is in place. With ``force``,
+    an earlier export there (any number of shards) is replaced whole.
     """
     from jaxjpeg.checkpoint_reader import Checkpoint
     from jaxjpeg.progress import progress as progress_bar
@@ -173,9 +209,10 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         paths, index_path = _outputs(out, len(shards))
         if not out.endswith(".safetensors"):
             os.makedirs(out, exist_ok=True)
-        existing = [p for p in paths + [index_path] if p and os.path.exists(p)]
+        existing = _earlier_export(out)
         if existing and not force:
             raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
+        finals = paths + ([index_path] if index_path else [])
 
         def decode(name):
             return decode_on_host(ckpt, leaves[name])
@@ -194,8 +231,7 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
                                         for p, shard in zip(paths, shards) for t in shard}}
                 with open(temps[-1], "w", encoding="utf-8") as f:
                     json.dump(index, f, indent=2, ensure_ascii=False)
-            for temp, final in zip(temps, paths + ([index_path] if index_path else [])):
-                os.replace(temp, final)
+            _put_in_place(temps, finals, [p for p in existing if p not in finals])
         except BaseException:
             for temp in temps:
                 if os.path.exists(temp):

@@ -122,6 +122,47 @@ def test_export_to_one_file_and_refusals(tmp_path, capsys):
     assert code == 2 and "Orbax directories only" in err
 
 
+def _export_family(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model"))
+
+
+def test_export_over_an_export_of_another_shape_leaves_none_of_it(tmp_path, capsys):
+    """A directory holding an earlier export with another number of shards:
+    refused without --force (its index would still name the old shards: a
+    reader of the index got the old weights); replaced whole with it, the old
+    index and shards removed."""
+    tensors = _tensors()
+    safetensors_numpy.save_file(tensors, str(tmp_path / "one.safetensors"))
+    ckpt = tmp_path / "one.jjpg"
+    assert run(capsys, "compress", tmp_path / "one.safetensors", ckpt)[0] == 0
+    out = tmp_path / "exported"
+    assert run(capsys, "export", ckpt, out, "--max-shard-size", "300KB")[0] == 0
+    sharded = _export_family(out)
+    assert len(sharded) > 3 and "model.safetensors.index.json" in sharded
+
+    code, _, err = run(capsys, "export", ckpt, out)                 # one file, no --force
+    assert code == 2 and "exists" in err
+    assert _export_family(out) == sharded
+
+    assert run(capsys, "export", ckpt, out, "--force")[0] == 0      # one file over shards
+    assert _export_family(out) == ["model.safetensors"]
+    exported, _ = _read_exported([out / "model.safetensors"])
+    assert set(exported) == set(tensors)
+
+    assert run(capsys, "export", ckpt, out, "--force", "--max-shard-size", "300KB")[0] == 0
+    assert _export_family(out) == sharded                           # shards over one file
+    code, _, err = run(capsys, "export", ckpt, out, "--force", "--max-shard-size", "800KB")
+    assert code == 0, err                                           # fewer shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert _export_family(out) == sorted(set(index["weight_map"].values())
+                                         | {"model.safetensors.index.json"})
+    assert len(_export_family(out)) < len(sharded)
+    (out / "other.safetensors").write_bytes(b"not ours")           # another stem: kept
+    assert run(capsys, "export", ckpt, out, "--force")[0] == 0
+    assert (out / "other.safetensors").read_bytes() == b"not ours"
+    assert not list(out.glob("*.tmp-*"))
+
+
 def test_export_keeps_scalars_and_calls_a_damaged_checkpoint_damaged(tmp_path, capsys):
     """A 0-d leaf (a step counter) was refused ("decoded int32[1], expected
     int32[]"), and a truncated checkpoint exited 2 (usage) where verify and
