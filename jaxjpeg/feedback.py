@@ -267,7 +267,7 @@ def shape_errors(samples: np.ndarray, table: np.ndarray, bits: int, fb: Feedback
         _shape_dense(s, q, bits, upper)
     if fb.by_power:
         s = s[:, np.argsort(order)]
-    s = np.clip(s, 0.0, float((1 << bits) - 1)).astype(np.float32)
+    s = s.astype(np.float32)   # both feedback loops leave every sample clamped
     return np.ascontiguousarray(s.T if fb.along_rows else s)
 
 

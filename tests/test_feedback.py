@@ -491,3 +491,17 @@ def test_the_native_rank_one_feedback_refuses_bad_arguments(args, match):
     for samples in (np.zeros((8, 4)).T, np.zeros((4, 8), np.float32)):
         with pytest.raises(TypeError):
             _native.shape_rank_one(samples, np.ones(64), 8, np.ones(8), np.ones(8))
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_the_native_rank_one_feedback_gives_the_same_bits_with_and_without_avx2(bits):
+    rng = np.random.default_rng(bits)
+    top = (1 << bits) - 1
+    samples = rng.uniform(-0.05 * top, 1.05 * top, (37, 61))
+    q = rng.uniform(1, 40, 64) * (16 if bits == 12 else 1)
+    w, carriers = rng.standard_normal(61) * 0.1, rng.standard_normal(61) * 0.1
+    fast, portable = samples.copy(), samples.copy()
+    _native.shape_rank_one(fast, q, bits, w, carriers)
+    _native.shape_rank_one(portable, q, bits, w, carriers, avx2=False)
+    assert not np.array_equal(fast, samples)
+    np.testing.assert_array_equal(fast, portable)

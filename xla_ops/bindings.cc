@@ -735,7 +735,8 @@ py::array_t<double> RestoreStripOf(
 void ShapeRankOneOf(py::array_t<double, py::array::c_style> samples,
                     const py::array_t<double, py::array::c_style | py::array::forcecast>& table,
                     int bits, const py::array_t<double, py::array::c_style | py::array::forcecast>& w,
-                    const py::array_t<double, py::array::c_style | py::array::forcecast>& carriers) {
+                    const py::array_t<double, py::array::c_style | py::array::forcecast>& carriers,
+                    bool avx2) {
   if (samples.ndim() != 2) throw py::value_error("samples must be 2-D (rows, inputs)");
   CheckFeedbackBits(bits);
   const double* q = FeedbackTable(table);
@@ -745,7 +746,7 @@ void ShapeRankOneOf(py::array_t<double, py::array::c_style> samples,
   }
   double* data = samples.mutable_data();   // raises if the array is read-only
   py::gil_scoped_release release;
-  ShapeRankOne(data, rows, inputs, q, bits, w.data(), carriers.data());
+  ShapeRankOne(data, rows, inputs, q, bits, w.data(), carriers.data(), avx2);
 }
 
 py::array_t<uint16_t> QualityTable(int quality, int bits) {
@@ -859,9 +860,10 @@ PYBIND11_MODULE(_native, m) {
   // noconvert: a converted copy of the samples would take the feedback and be
   // thrown away; anything but a writable C-contiguous float64 array is refused.
   m.def("shape_rank_one", &ShapeRankOneOf, py::arg("samples").noconvert(), py::arg("table"),
-        py::arg("bits"), py::arg("w"), py::arg("carriers"),
+        py::arg("bits"), py::arg("w"), py::arg("carriers"), py::arg("avx2") = true,
         "Error feedback against a diagonal-plus-rank-one covariance, in place on C-contiguous "
-        "float64 samples (rows, inputs); see jaxjpeg.feedback.RankOneFactor.");
+        "float64 samples (rows, inputs); see jaxjpeg.feedback.RankOneFactor. avx2=False: the "
+        "portable code even where the CPU has AVX2 (the same bits; for tests).");
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");

@@ -28,8 +28,10 @@ void RestoreStrip(const double* strip, size_t rows, size_t width, size_t stride,
 // it, carried[r] += sum_j (sample - restored) * carriers[j]; the samples are
 // left clamped to [0, 2^bits - 1] (the encoder quantizes them). `w` and
 // `carriers` have `inputs` entries (jaxjpeg.feedback.RankOneFactor).
+// avx2=false: the portable build even where the CPU has AVX2 (the same bits;
+// for tests).
 void ShapeRankOne(double* samples, size_t rows, size_t inputs, const double* table, int bits,
-                  const double* w, const double* carriers);
+                  const double* w, const double* carriers, bool avx2 = true);
 
 }  // namespace jaxjpeg
 
