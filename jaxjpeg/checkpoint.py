@@ -710,7 +710,10 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     broadcastable to the leaf's shape, in the leaf's own layout (per element,
     or e.g. ``(O, 1, 1, 1)`` per output channel of a PyTorch conv), also sets
     how the step varies inside the leaf. Without it every leaf's relative
-    error counts alike and every channel keeps the same relative error.
+    error counts alike and, inside a leaf, every value's error alike: one
+    step for the whole leaf, so a channel whose weights are far smaller than
+    the others' gets a larger relative error and may come back constant; an
+    importance array per channel keeps such channels.
     Under a byte target it weighs the allocation; under ``relative_step``
     (the default) it shares the default's bytes the same way: each steered
     leaf's step scales as ``(data-free weight / sensitivity)^½``, and every
@@ -1158,10 +1161,13 @@ class _Save:
             note = "stored raw: no coding meets the error bound"
         lossy = (_lossy_raw(array, self.vector_limits.get(name))
                  if self.lossy_rate and not coded else None)
-        if enc is not None and enc.nbytes < array.nbytes:
+        # Every blob counts, the interval index too: a coding within a few
+        # bytes of the raw size was stored larger than raw, and lossy.
+        jpeg = _jpeg_blobs(index, enc) if enc is not None else None
+        if jpeg is not None and jpeg[2] < array.nbytes:
             self.bias_correction.add(
                 name, lambda: codec.decode_tensor(enc).astype(np.float64) - array)
-            blobs, extra, stored = _jpeg_blobs(index, enc)
+            blobs, extra, stored = jpeg
         elif lossy is not None:
             blob, extra, note = lossy
             blobs = [(layout.raw_blob(index), blob)]
@@ -1235,17 +1241,28 @@ def _check_covariances(covariances, leaves, error_bound) -> None:
 
 def _check_sensitivity_names(sensitivity, leaves) -> None:
     """Refuses a ``sensitivity`` naming a leaf the tree does not have (a
-    misspelt path would otherwise steer nothing, silently), and a factor that
-    is negative or not finite, under every rate control (arrays are checked
-    where they are used)."""
-    names = {leaf.name for leaf in leaves}
+    misspelt path would otherwise steer nothing, silently), a factor that
+    is negative or not finite, and an importance array that does not
+    broadcast to its leaf, under every rate control (before anything is
+    coded)."""
+    shapes = {leaf.name: leaf.shape for leaf in leaves}
     for name in sensitivity or {}:
-        if name not in names:
+        if name not in shapes:
             raise ValueError(f"sensitivity names {name!r}, which is not a leaf of the tree")
-        factor, _ = _leaf_importance(sensitivity, name)
+        factor, importance = _leaf_importance(sensitivity, name)
         if factor is not None and not (math.isfinite(factor) and factor >= 0):
             raise ValueError(f"sensitivity of {name!r} must be finite and non-negative, "
                              f"got {factor}")
+        if importance is not None and not _broadcasts_to(importance.shape, shapes[name]):
+            raise ValueError(f"{name}: importance of shape {importance.shape} does not "
+                             f"broadcast to the leaf's shape {shapes[name]}")
+
+
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
 
 
 def _check_tile_shape(tile_shape) -> None:

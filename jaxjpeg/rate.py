@@ -12,10 +12,11 @@ is the one knob; the sample depth follows from it: 8-bit samples while
 
 * :func:`prepare_leaf` decides how a tensor is coded whatever its rate: its
   view (:func:`jaxjpeg.views.choose_view`), the values kept exactly, and how
-  the step varies over rows and columns (data-free: each row -- the channel
-  axis -- gets a step proportional to its RMS, so every channel keeps the
-  same relative error, as per-channel quantizers do; with calibration
-  importances, the step follows ``importance^-½``).
+  the step varies over rows and columns (data-free: one step for all rows,
+  ``ROW_POWER = 0``, the least squared error for the leaf's size, so a
+  channel of small weights has a larger relative error than the others;
+  with calibration importances, the step follows ``importance^-½``, and
+  column scales are kept where their bytes pay for themselves).
 * :func:`encode_at_step` codes a tensor at a weight-domain step ``q``.
 * :func:`encode_for_error` finds the smallest coding whose decoded relative
   RMS error is within a bound (measured by decoding, not predicted).

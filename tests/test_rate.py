@@ -270,6 +270,20 @@ def test_a_sensitivity_naming_no_leaf_is_refused(tmp_path, options):
     assert not (tmp_path / "x.jjpg").exists()
 
 
+@pytest.mark.parametrize("options", [{}, {"target_ratio": 8}, {"quant_step": 4}])
+def test_an_importance_array_of_the_wrong_shape_is_refused_naming_the_leaf(tmp_path, options):
+    # Found by review: under the default save numpy's broadcasting error came
+    # out, naming neither the leaf nor its shape.
+    tree = {"dense": {"kernel": _tensor("gauss", (256, 128), 1)}}
+    with pytest.raises(ValueError, match=r"dense/kernel: importance of shape \(256,\) does not "
+                                         r"broadcast to the leaf's shape \(256, 128\)"):
+        jaxjpeg.save(tmp_path / "x.jjpg", tree, progress=False,
+                     sensitivity={"dense/kernel": np.ones(256)}, **options)
+    assert not (tmp_path / "x.jjpg").exists()
+    jaxjpeg.save(tmp_path / "x.jjpg", tree, progress=False,   # (256, 1) broadcasts
+                 sensitivity={"dense/kernel": np.ones((256, 1))}, **options)
+
+
 def _rms_errors(path, tree) -> dict:
     got = jaxjpeg.restore(path)
     return {k: float(np.sqrt(np.mean((np.asarray(got[k], np.float64) - v) ** 2)))

@@ -114,6 +114,24 @@ def test_no_leaf_is_stored_larger_than_raw(tmp_path):
             assert leaf.stored_bytes <= leaf.raw_bytes, (kw, leaf)
 
 
+@pytest.mark.parametrize("dtype,shape,seed,options", [
+    ("float32", (8, 8), 0, dict(relative_step=1e-6)),
+    ("bfloat16", (16, 16), 27, dict(quant_step=2, bits=12))])
+def test_a_coding_is_not_kept_when_its_interval_index_makes_it_larger_than_raw(
+        tmp_path, dtype, shape, seed, options):
+    """Found by review: the raw-or-coded choice left out the interval index
+    blob, so codings a few bytes short of the raw size were stored larger
+    than raw, and lossy."""
+    x = np.random.default_rng(seed).standard_normal(shape).astype(ml_dtypes.bfloat16
+                                                                   if dtype == "bfloat16" else dtype)
+    report = jaxjpeg.save(tmp_path / "t.jjpg", {"x": x}, policy=jaxjpeg.Policy(compress=("*",)),
+                          **options)
+    leaf = report.leaves[0]
+    assert leaf.stored_bytes <= leaf.raw_bytes, leaf
+    if leaf.kind == "raw":
+        np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["x"]), x)
+
+
 # ---------------------------------------------------------------- column scales
 
 def _oracle(enc: codec.EncodedTensor) -> np.ndarray:
