@@ -554,30 +554,65 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             p, coding["restart_interval"], coding["tile_shape"])), 0
 
     def measure(floor):
-        coded, kept, overhead, curves, sens = set(), 0, 0, {}, {}
+        coded, kept, overhead, curves, sens, tiles = set(), 0, 0, {}, {}, {}
         for name, measured, raw in analysed_by(analyse, entries, floor):
             kept += raw
             if measured is not None:
                 coded.add(name)
-                curves[name], sens[name], tiles = measured
-                overhead += tiles
+                curves[name], sens[name], tiles[name] = measured
+                overhead += tiles[name]
         overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
                      + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
-        return coded, kept, overhead, curves, sens
+        return coded, kept, overhead, curves, sens, tiles
 
-    coded, kept, overhead, curves, sens = measure(floor)
+    coded, kept, overhead, curves, sens, tiles = measure(floor)
     budget = target_bytes - kept - overhead
     if floor and budget > 0 and rate.floors_exceed(curves, budget):
-        coded, kept, overhead, curves, sens = measure(False)   # the same budget
+        coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"
                          + ("" if coded else " (the policy codes none of the leaves: see "
                             "jaxjpeg.Policy)"))
+    raw_bytes = {leaf.name: leaf.nbytes for leaf in entries}
+    exact = _exact_instead(curves, sens, tiles, raw_bytes, budget)
+    for name in exact:
+        coded.discard(name)
+        kept += raw_bytes[name]
+        budget -= raw_bytes[name] + _SMALL_BLOB_OVERHEAD - tiles[name]
+        del curves[name], sens[name]
     if not coded:
-        return (lambda name, array: None), coded
+        return (lambda name, array: None), coded, exact
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
-    return _BudgetEncoder(allocator, leaf_coder), coded
+    return _BudgetEncoder(allocator, leaf_coder), coded, exact
+
+
+def _exact_instead(curves: dict, sens: dict, tiles: dict, raw_bytes: dict, budget: float) -> set:
+    """The coded leaves a byte target stores exactly (raw) instead, when even
+    every leaf's finest coding leaves bytes of ``budget`` unused (a target
+    under about 3x): the leaves whose weighted squared error is most, as far
+    as their extra bytes fit (a knapsack: the better of filling by error per
+    extra byte and by error). Found by review: such targets gave the finest
+    codings' file, far under the target, and no leaf exact."""
+    room = budget - sum(float(c.nbytes[-1]) for c in curves.values())
+    candidates = []   # (weighted squared error removed, extra bytes, name)
+    for name, c in curves.items():
+        extra = raw_bytes[name] + _SMALL_BLOB_OVERHEAD - float(c.nbytes[-1]) - tiles[name]
+        removed = sens[name] * float(c.sse[-1])
+        if removed > 0 and extra <= room:
+            candidates.append((removed, max(extra, 1.0), name))
+
+    def fill(order):
+        left, chosen = room, []
+        for removed, extra, name in order:
+            if extra <= left:
+                chosen.append((removed, name))
+                left -= extra
+        return sum(r for r, _ in chosen), {name for _, name in chosen}
+
+    by_density = sorted(candidates, key=lambda c: (c[0] / c[1], c[2]), reverse=True)
+    by_error = sorted(candidates, key=lambda c: (c[0], c[2]), reverse=True)
+    return max(fill(by_density), fill(by_error), key=lambda f: f[0])[1]
 
 
 class _Turns:
@@ -697,7 +732,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     * ``target_ratio`` (against float32, whatever the leaves' dtypes),
       ``bits_per_weight`` (all-in: file bytes * 8 / weights) or
       ``target_bytes``: the whole file's size, shared across leaves by
-      marginal rate-distortion;
+      marginal rate-distortion (a size beyond every leaf's finest coding,
+      about 3x, stores the leaves whose error weighs most raw, exactly, as
+      far as the bytes allow);
     * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control;
       an encoder that takes a ``shards`` keyword gets the leaf's shards
       ((start, stop, step) per axis of each; None when none are known) to
@@ -1069,6 +1106,7 @@ class _Save:
         self.target = target
         self.lossy_rate = target is not None
         self.coded = None   # the names of the leaves to code, when the analysis knows them
+        self.exact = frozenset()   # leaves a byte target stores raw though the policy codes them
         self._budget = None
         if target is not None:
             self._budget = functools.partial(_target_encoder, leaves, self.policy, target, bits,
@@ -1085,7 +1123,7 @@ class _Save:
     def allocate(self, analysed_by=analyse_here) -> None:
         """A byte target's analysis and allocation (``defer_budget``: left
         until now; ``analysed_by`` as :func:`_target_encoder` takes it)."""
-        self.encode, self.coded = self._budget(analysed_by=analysed_by)
+        self.encode, self.coded, self.exact = self._budget(analysed_by=analysed_by)
         self._budget = None
 
     def run(self) -> SaveReport:
@@ -1160,7 +1198,7 @@ class _Save:
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
         lossy = (_lossy_raw(array, self.vector_limits.get(name))
-                 if self.lossy_rate and not coded else None)
+                 if self.lossy_rate and not coded and name not in self.exact else None)
         # Every blob counts, the interval index too: a coding within a few
         # bytes of the raw size was stored larger than raw, and lossy.
         jpeg = _jpeg_blobs(index, enc) if enc is not None else None

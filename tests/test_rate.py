@@ -811,6 +811,25 @@ def test_generous_target_is_spent_beyond_the_shared_scales_finest_step(ratio, tr
     assert np.linalg.norm(quiet) / np.linalg.norm(reference) < 0.01
 
 
+def test_a_target_beyond_every_finest_coding_stores_leaves_exactly(tmp_path):
+    """Found by review: targets under about 3x gave every leaf its finest
+    coding (about 11 bits/weight) and a file far under the target; leaves are
+    now stored raw, exactly, where the bytes allow."""
+    import jaxjpeg
+
+    tree = {"a": _tensor("gauss", (256, 256), 1), "b": _tensor("gauss", (256, 256), 2)}
+    finest = jaxjpeg.save(tmp_path / "f.jjpg", tree, target_ratio=2.9, progress=False)
+    assert all(leaf.kind == "jpeg" for leaf in finest.leaves)
+    report = jaxjpeg.save(tmp_path / "x.jjpg", tree, target_ratio=1.3, progress=False)
+    target = 2 * tree["a"].nbytes / 1.3
+    assert finest.file_bytes < report.file_bytes <= target
+    kinds = sorted(leaf.kind for leaf in report.leaves)
+    assert kinds == ["jpeg", "raw"], kinds
+    restored = jaxjpeg.restore(tmp_path / "x.jjpg")
+    exact = [k for k in tree if np.array_equal(np.asarray(restored[k]), tree[k])]
+    assert len(exact) == 1
+
+
 def test_per_row_ranges_only_where_ranges_spread():
     """Curves of tensors whose channels are alike are measured as before."""
     assert rate.row_range_fallback(rate.prepare_leaf(_tensor("gauss", (256, 256), 0))) is None
