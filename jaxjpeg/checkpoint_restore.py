@@ -69,11 +69,11 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         if name not in by_path:
             raise KeyError(f"{ckpt.path}: no leaf {name!r} in the checkpoint")
         saved = by_path[name]
-        shape = tuple(getattr(want, "shape", saved.shape))
-        if shape != saved.shape:
-            raise ValueError(f"{name}: target shape {shape} != saved shape {saved.shape}")
-        want_dtype = restored_dtype(saved.dtype, dtype, getattr(want, "dtype", None))
-        sharding = getattr(want, "sharding", None)
+        want = _target_leaf(name, want, saved)
+        if want.shape != saved.shape:
+            raise ValueError(f"{name}: target shape {want.shape} != saved shape {saved.shape}")
+        want_dtype = restored_dtype(saved.dtype, dtype, want.dtype)
+        sharding = want.sharding
         device = None
         # One device of this process: decoded with the other unsharded leaves.
         # (One device of another process stays a sharding: this process holds
@@ -83,6 +83,30 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
             (device,), sharding = tuple(sharding.device_set), None
         requests.append(LeafRequest(saved, want_dtype, sharding, device))
     return requests, treedef
+
+
+@dataclasses.dataclass(frozen=True)
+class _Want:
+    """What a target leaf asks for (dtype, sharding: None for the saved ones)."""
+    shape: tuple
+    dtype: Any
+    sharding: Any
+
+
+def _target_leaf(name: str, want, saved: SavedLeaf) -> _Want:
+    """A target leaf as (shape, dtype or None, sharding or None): an array or
+    ShapeDtypeStruct gives its own; a Sharding places the saved leaf; a
+    Python or numpy number stands for the saved leaf (a step counter in a
+    train state). Anything else is refused: it used to restore the saved
+    leaf on the default device, silently."""
+    if isinstance(want, jax.sharding.Sharding):
+        return _Want(tuple(saved.shape), None, want)
+    if hasattr(want, "shape") and hasattr(want, "dtype"):
+        return _Want(tuple(want.shape), want.dtype, getattr(want, "sharding", None))
+    if isinstance(want, (bool, int, float, complex, np.generic)):
+        return _Want(tuple(saved.shape), None, None)
+    raise TypeError(f"{name}: a target leaf must be an array, a jax.ShapeDtypeStruct or a "
+                    f"jax.sharding.Sharding, got {type(want).__name__}")
 
 
 def _shard_boxes(leaf: SavedLeaf, sharding) -> dict:
@@ -695,7 +719,8 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
 
     ``target`` (optional) is a pytree of arrays or ``jax.ShapeDtypeStruct``
     (possibly with shardings) whose structure, dtypes and placement the result
-    takes; it may cover a subset of the saved leaves (partial restore).
+    takes, or of ``jax.sharding.Sharding`` (each leaf placed so, in its saved
+    dtype); it may cover a subset of the saved leaves (partial restore).
     Without a target, the saved structure comes back as nested dicts/lists;
     ``paths`` (glob patterns over slash-separated leaf paths) then selects a
     subset (each pattern must match a leaf; give ``target`` or ``paths``, not

@@ -41,6 +41,7 @@ CHECKS = [
     "saved_sharded_flax_conv_decodes_into_its_shards",
     "sharded_leaves_decode_in_one_call_per_device",
     "a_device_argument_is_one_device",
+    "sharding_target_leaves_place_their_leaves",
 ]
 
 

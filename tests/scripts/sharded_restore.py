@@ -523,6 +523,25 @@ def a_device_argument_is_one_device():
     np.testing.assert_array_equal(np.asarray(value), REFERENCE["bias"])
 
 
+@check
+def sharding_target_leaves_place_their_leaves():
+    """Found by review: a target tree of shardings (jax.tree.map(lambda x:
+    x.sharding, params)) restored every leaf unsharded on device 0, and
+    target leaves restore does not understand (a string) were accepted."""
+    sharded = NamedSharding(mesh((8,), ("x",)), P("x"))
+    got = jaxjpeg.restore(PATH, target={"rows": sharded, "bias": sharded})
+    for name in ("rows", "bias"):
+        assert got[name].sharding.is_equivalent_to(sharded, got[name].ndim), got[name].sharding
+        np.testing.assert_array_equal(np.asarray(got[name]), REFERENCE[name])
+    for bad in ("not a target leaf", object()):
+        try:
+            jaxjpeg.restore(PATH, target={"bias": bad})
+        except TypeError as e:
+            assert "bias" in str(e) and "Sharding" in str(e), str(e)
+        else:
+            raise AssertionError(f"a target leaf {bad!r} was accepted")
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
