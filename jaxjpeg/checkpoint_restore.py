@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxjpeg import codec, ops, views
@@ -637,8 +638,9 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
     """A raw leaf restores its values or raises: integers outside the
     integer dtype they become (a narrower one asked for, or the 32-bit one
     jax gives 64-bit arrays while jax_enable_x64 is off) would wrap without
-    a word (a step counter of 2**40 came back 0), and finite floats beyond
-    float32 would become inf where jax narrows float64 or complex128."""
+    a word (a step counter of 2**40 came back 0), and finite values beyond
+    a narrower float dtype (asked for, or float32 where jax narrows float64
+    or complex128) would become inf: 1e5 as float16."""
     wanted = np.dtype(dtype)
     placed = jax.dtypes.canonicalize_dtype(wanted)
     hint = "" if placed == wanted else _X64_HINT
@@ -649,13 +651,28 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
         if lo < limits.min or hi > limits.max:
             raise ValueError(f"leaf {name!r}: its {array.dtype} values span [{lo}, {hi}], beyond "
                              f"{placed.name} [{limits.min}, {limits.max}]{hint}")
-    elif array.dtype.kind in "fc" and placed != wanted:
-        with np.errstate(over="ignore"):
+    elif _is_float(placed) and _largest(placed) < _largest(array.dtype):
+        with np.errstate(over="ignore", invalid="ignore"):
             lost = np.isfinite(array) & ~np.isfinite(array.astype(placed))
         if lost.any():
             raise ValueError(f"leaf {name!r}: {int(lost.sum())} finite {array.dtype} value(s), "
                              f"largest magnitude {np.abs(array[lost]).max():.3g}, would become "
                              f"inf as {placed.name}{hint}")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    """Floating or complex, ml_dtypes' too (numpy calls bfloat16 kind 'V')."""
+    return dtype.kind in "fc" or (dtype.kind == "V" and _largest(dtype) > 0)
+
+
+def _largest(dtype: np.dtype) -> float:
+    """The largest magnitude ``dtype`` holds (0 for bool and non-numbers)."""
+    if dtype.kind in "iu":
+        return float(max(-int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)))
+    try:
+        return float(ml_dtypes.finfo(dtype).max)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def place_raw(array: np.ndarray, request: LeafRequest, device):

@@ -881,6 +881,30 @@ def test_64_bit_leaves_restore_exactly_or_not_at_all(tmp_path):
         assert int(jaxjpeg.open(path).get_slice("u")[1]) == 2**64 - 1
 
 
+def test_raw_leaves_narrowed_to_a_smaller_float_raise_instead_of_becoming_inf(tmp_path):
+    """Found by review: restore(dtype=float16) turned a raw float32 1e5 into
+    inf, and an int32 counter of 70000 under a float16 target too, while an
+    int16 target was refused."""
+    path = tmp_path / "raw.jjpg"
+    jaxjpeg.save(path, {"var": np.array([1e5, 7e4, 1.0], np.float32),
+                        "count": np.array([70000], np.int32),
+                        "big": np.array([3.4e38], np.float32),
+                        "fine": np.array([0.5, 300.0], np.float32)})
+    half = jax.ShapeDtypeStruct((1,), jnp.float16)
+    with pytest.raises(ValueError, match="'var'.*2 finite float32 value.*inf as float16"):
+        jaxjpeg.restore(path, paths="var", dtype=jnp.float16)
+    with pytest.raises(ValueError, match="'count'.*inf as float16"):
+        jaxjpeg.restore(path, target={"count": half})
+    with pytest.raises(ValueError, match="'count'.*inf as float16"):
+        jaxjpeg.load(path, target={"count": half})
+    with pytest.raises(ValueError, match="'big'.*inf as bfloat16"):
+        jaxjpeg.restore(path, paths="big", dtype=jnp.bfloat16)
+    fine = jaxjpeg.restore(path, paths="fine", dtype=jnp.float16)["fine"]
+    assert fine.dtype == jnp.float16 and np.asarray(fine).tolist() == [0.5, 300.0]
+    count = jaxjpeg.restore(path, target={"count": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    assert np.asarray(count["count"]).tolist() == [70000.0]
+
+
 @pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])
 def test_long_double_leaves_are_refused_before_writing(tmp_path, dtype):
     """A float128 leaf was saved (inspect and verify said OK) and then
