@@ -204,6 +204,19 @@ def kept_values(ckpt: Checkpoint, leaf: SavedLeaf):
     return outliers.index.astype(index_dtype), np.asarray(outliers.values)
 
 
+def bucketed_kept(kept):
+    """A side list for a jitted decode: padded to codec.bucketed_size by
+    repeating its last entry (written twice, the same value), so that the
+    next checkpoint of a model, whose side lists differ a little in length,
+    runs the same compiled program."""
+    if kept is None or kept[0].size == 0:
+        return kept
+    index, values = kept
+    extra = codec.bucketed_size(index.size) - index.size
+    return (np.concatenate([index, np.repeat(index[-1:], extra)]),
+            np.concatenate([values, np.repeat(values[-1:], extra)]))
+
+
 def _finishes(requests) -> tuple:
     return tuple((r.leaf.shape, r.leaf.view.perm, r.leaf.view.split, r.leaf.outliers > 0,
                   np.dtype(r.dtype).name) for r in requests)
@@ -258,8 +271,8 @@ def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
         builder = codec.PlanBuilder()
         payload = sum(add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
                       for r in (requests[i] for i in indices))
-        kept = [kept_values(ckpt, leaf) for leaf in leaves if leaf.outliers]
-    plan = builder.finish(parallel_fills=True)
+        kept = [bucketed_kept(kept_values(ckpt, leaf)) for leaf in leaves if leaf.outliers]
+    plan = builder.finish(parallel_fills=True, bucketed=True)
     return _Prepared(indices, device, plan, kept, payload)
 
 
@@ -401,10 +414,10 @@ def _prepare_sharded(ckpt, requests, indices) -> list["_DevicePlan"]:
                 cut, region_kept, payload = add_region(plan.builder, ckpt, leaf, ranges,
                                                        requests[i].dtype, maps, kept)
                 plan.shards.append((i, cut, np.dtype(requests[i].dtype).name))
-                plan.kept.append(region_kept)
+                plan.kept.append(bucketed_kept(region_kept))
                 plan.payload += payload
         for plan in plans.values():
-            plan.plan = plan.builder.finish()
+            plan.plan = plan.builder.finish(bucketed=True)
             plan.builder = None
     return list(plans.values())
 
@@ -507,7 +520,8 @@ def plan_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps: 
     """The host half of decode_region: the region's tiles read into a plan."""
     builder = codec.PlanBuilder()
     cut, region_kept, payload = add_region(builder, ckpt, leaf, ranges, dtype, maps, kept)
-    return _Region(device, builder.finish(), cut, np.dtype(dtype), region_kept, payload)
+    return _Region(device, builder.finish(bucketed=True), cut, np.dtype(dtype),
+                   bucketed_kept(region_kept), payload)
 
 
 def _region_placement(leaf: SavedLeaf, ranges, rows: tuple[int, int], cols: tuple[int, int]):

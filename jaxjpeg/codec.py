@@ -545,10 +545,16 @@ class PlanBuilder:
         self._payload_size += size
         self._intervals += len(interval_starts) - 1
 
-    def finish(self, *, parallel_fills: bool = False) -> DecodePlan:
+    def finish(self, *, parallel_fills: bool = False, bucketed: bool = False) -> DecodePlan:
         """The plan; ``parallel_fills`` runs the tiles' fills concurrently
-        (reads straight into the payload, e.g. from a remote store)."""
-        payload = _aligned_empty(self._payload_size)
+        (reads straight into the payload, e.g. from a remote store).
+        ``bucketed``: the operands whose sizes depend on the data (payload,
+        tables, maps) padded to :func:`bucketed_size`, so that a jitted decode
+        compiled for one checkpoint serves the next of the same model (the
+        padding is never read: intervals, tiles and maps index below it)."""
+        size = bucketed_size if bucketed else (lambda n: n)
+        payload = _aligned_empty(size(self._payload_size))
+        payload[self._payload_size:] = 0
         bounds = np.cumsum([0] + self._sizes)
         tile_bytes = [payload[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         if parallel_fills and len(tile_bytes) > 1:
@@ -563,19 +569,38 @@ class PlanBuilder:
             row[0] = tables.setdefault(tile_tables.tobytes(), len(tables))
         starts = np.concatenate(self._starts + [np.array([self._payload_size], np.int64)])
         tiles = np.array(self._tiles, np.int64).reshape(-1, _native.TILE_COLUMNS)
+        tables = list(tables)
+        tables += tables[-1:] * (size(len(tables)) - len(tables))   # valid, never used
         return DecodePlan(
             payload=payload,
             interval_starts=starts,
             tiles=tiles,
-            tables=_aligned_concatenation(list(tables)),
-            row_scale=np.concatenate(self._scales or [np.zeros(0, np.float32)]),
-            row_offset=np.concatenate(self._offsets or [np.zeros(0, np.float32)]),
-            col_scale=np.concatenate(self._col_scales or [np.zeros(0, np.float32)]),
+            tables=_aligned_concatenation(tables),
+            row_scale=_padded(self._scales, size),
+            row_offset=_padded(self._offsets, size),
+            col_scale=_padded(self._col_scales, size),
             positions=_aligned_concatenation(self._positions, np.int64),
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
             block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
         )
+
+
+def bucketed_size(n: int) -> int:
+    """``n`` rounded up to one of 16 sizes per octave (m * 2^e, m in 16..31;
+    a power of two up to 16): at most 1/16 more beyond 16, and few distinct
+    sizes for the sizes that vary a little from one checkpoint of a model to
+    the next."""
+    if n <= 16:
+        return 0 if n == 0 else 1 << (n - 1).bit_length()
+    shift = n.bit_length() - 5
+    return -(-n >> shift) << shift
+
+
+def _padded(parts: list, size) -> np.ndarray:
+    """``parts`` (float32 maps) concatenated and zero-padded to ``size(n)``."""
+    values = np.concatenate(parts or [np.zeros(0, np.float32)])
+    return np.pad(values, (0, size(values.size) - values.size))
 
 
 FILL_CONCURRENCY = 16
@@ -629,10 +654,11 @@ def _copy_into(data: bytes):
 
 
 def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence,
-               placed: bool = False) -> DecodePlan:
+               placed: bool = False, bucketed: bool = False) -> DecodePlan:
     """One plan decoding every tile of every tensor into outputs of ``dtypes``:
     their 2-D views, or with ``placed`` each tensor in its own layout
-    (:func:`views.placement`; :func:`views.written_view` says which)."""
+    (:func:`views.placement`; :func:`views.written_view` says which);
+    ``bucketed``: see :meth:`PlanBuilder.finish`."""
     builder = PlanBuilder()
     for enc, dtype in zip(tensors, dtypes):
         out = builder.add_output(enc.matrix_shape, dtype, enc.row_scale, enc.row_offset,
@@ -643,7 +669,7 @@ def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence,
                              restart_interval=tile.restart_interval,
                              interval_starts=tile.interval_starts, size=len(tile.data),
                              fill=_copy_into(tile.data))
-    return builder.finish()
+    return builder.finish(bucketed=bucketed)
 
 
 def decode_tile(enc: EncodedTensor, tile: Tile, threads: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ import pytest
 from flax import nnx
 
 import jaxjpeg
-from jaxjpeg import _native
+from jaxjpeg import _native, codec, ops
 from jaxjpeg import checkpoint as ck
 from jaxjpeg import checkpoint_reader as ckr
 from jaxjpeg import treepaths
@@ -879,6 +879,68 @@ def test_64_bit_leaves_restore_exactly_or_not_at_all(tmp_path):
         assert int(tree["step"]) == 2**40 and tree["step"].dtype == np.int64
         assert int(tree["u"][1]) == 2**64 - 1
         assert int(jaxjpeg.open(path).get_slice("u")[1]) == 2**64 - 1
+
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _COMPILES.append(event) if "backend_compile" in event else None)
+
+
+def test_the_next_checkpoint_of_a_model_reuses_the_compiled_decode(tmp_path):
+    """Found by review: the decode programs are cached by output shapes, but
+    the payload, table, map and side-list sizes differ between checkpoints of
+    one model, so every new checkpoint compiled them again (1.4-2.7 s each,
+    and the programs piled up). Those operands are now padded to a few sizes
+    per octave (codec.bucketed_size); here the side lists differ (5 and 6
+    values kept aside) and the weights' scale (the maps)."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((192, 256)).astype(np.float32) * 0.05
+    v0 = (rng.standard_normal((3, 3, 32, 48)) * rng.uniform(0.1, 2, 48)).astype(np.float32)
+    trees, paths = [], []
+    for step in range(2):
+        w = w0 * np.float32(2.0 ** step)
+        w.reshape(-1)[rng.choice(w.size, 5 + step, replace=False)] = 40.0 * 2.0 ** step
+        trees.append({"w": w, "v": v0 * np.float32(2.0 ** -step), "b": rng.standard_normal(48)
+                      .astype(np.float32)})
+        paths.append(tmp_path / f"step{step}.jjpg")
+        jaxjpeg.save(paths[-1], trees[-1])
+    jax.block_until_ready(jaxjpeg.restore(paths[0]))
+    for path, t in zip(paths[1:], trees[1:]):
+        before = len(_COMPILES)
+        got = jax.block_until_ready(jaxjpeg.restore(path))
+        assert len(_COMPILES) == before, _COMPILES[before:]
+        for k in ("w", "v"):
+            error = np.linalg.norm(np.asarray(got[k]) - t[k]) / np.linalg.norm(t[k])
+            assert error < 0.1, (k, error)
+        kept = np.abs(t["w"]) > 30
+        assert kept.sum() > 4 and np.array_equal(np.asarray(got["w"])[kept], t["w"][kept])
+
+
+def test_bucketed_plans_of_different_sizes_have_the_same_operand_shapes():
+    """What the decode compiles for: plans whose payload, tables and maps
+    differ in size give operands of one shape once bucketed."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 512)).astype(np.float32)
+    encs = [codec.encode_tensor(x, bits=8, quant_step=step, col_weight=rng.uniform(0.5, 2, 512))
+            for step in np.linspace(3.0, 3.1, 6)]
+    sizes = [sum(len(t.data) for t in enc.tiles) for enc in encs]
+    # two codings whose payloads differ but share a bucket (of 16 per octave)
+    pair = next((a, b) for a in range(6) for b in range(a + 1, 6) if sizes[a] != sizes[b]
+                and codec.bucketed_size(sizes[a]) == codec.bucketed_size(sizes[b]))
+    for bucketed in (False, True):
+        plans = [codec.build_plan([encs[k]], [np.float32], bucketed=bucketed) for k in pair]
+        shapes = [[o.shape for o in ops.plan_operands(plan)] for plan in plans]
+        assert (shapes[0] == shapes[1]) == bucketed, shapes
+        for k, plan in zip(pair, plans):
+            (decoded,) = codec.run_plan(plan)
+            np.testing.assert_array_equal(decoded, codec.decode_tensor(encs[k]))
+
+
+def test_bucketed_sizes_are_few_and_close():
+    sizes = [codec.bucketed_size(n) for n in range(1, 5000)]
+    assert all(n <= b for n, b in zip(range(1, 5000), sizes))
+    assert all(b <= max(n + n / 16, 16) for n, b in zip(range(1, 5000), sizes))
+    assert sizes == sorted(sizes) and len(set(sizes)) <= 16 * 13
 
 
 def test_raw_leaves_narrowed_to_a_smaller_float_raise_instead_of_becoming_inf(tmp_path):
