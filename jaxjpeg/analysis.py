@@ -151,8 +151,9 @@ def view_rows(stats: LeafStats, view: views.MatrixView) -> SliceStats | None:
 
 def may_have_far_values(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) -> bool:
     """Whether some row might hold a value that :func:`jaxjpeg.views.find_outliers`
-    keeps (more than ``sigmas`` row RMS from the row mean), or the statistics
-    cannot tell (cancellation)."""
+    keeps by its first look (more than ``sigmas`` row RMS from the row
+    mean), or the statistics cannot tell (cancellation). Its second look, at
+    rows reaching ``sigmas / 2`` RMS, is :func:`may_hide_far_values`."""
     mean = rows.mean
     variance = rows.squares / max(1, rows.count) - mean * mean
     varies = rows.max > rows.min   # a constant row has no far values (its RMS is 0)
@@ -161,6 +162,22 @@ def may_have_far_values(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) 
     rms = np.sqrt(np.maximum(variance, 0.0))
     reach = np.maximum(rows.max - mean, mean - rows.min)
     return bool(np.any(varies & (reach > (1 - OUTLIER_MARGIN) * sigmas * rms)))
+
+
+def may_hide_far_values(rows: SliceStats, matrix: np.ndarray,
+                        sigmas: float = views.OUTLIER_SIGMAS) -> bool:
+    """Whether a row of ``matrix`` (whose statistics are ``rows``) holds far
+    values that inflate its RMS enough to hide (two in a row of 256 stand
+    only 11 RMS out): find_outliers' second look, on the rows reaching
+    ``sigmas / 2`` RMS only (a few rows of heavy-tailed weights)."""
+    mean = rows.mean
+    rms = np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0))
+    reach = np.maximum(rows.max - mean, mean - rows.min)
+    suspect = np.flatnonzero(reach > (1 - OUTLIER_MARGIN) * (sigmas / 2) * rms)
+    if suspect.size == 0:
+        return False
+    return bool(views.far_from_row_mean(np.asarray(matrix[suspect], np.float32), None,
+                                        (1 - OUTLIER_MARGIN) * sigmas).any())
 
 
 def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
@@ -185,6 +202,8 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     # rows are the leaf's last axis is its transpose: the encoder reads both
     # without a copy (codec.encodable).
     matrix = codec.encodable(chosen.to_matrix(x32))
+    if may_hide_far_values(rows, matrix):
+        return None
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared
                else rows.mean)
