@@ -62,6 +62,11 @@ def _impl(*operands, output_shapes, output_dtypes):
 def _batch(args, dims, *, output_shapes, output_dtypes):
     """vmap: one decode per batch element (each element is a full plan)."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if size == 0:   # no element to decode: empty results of each output's shape
+        elements = [a if d is None else jax.ShapeDtypeStruct(a.shape[:d] + a.shape[d + 1:], a.dtype)
+                    for a, d in zip(args, dims)]
+        avals = _abstract_eval(*elements, output_shapes=output_shapes, output_dtypes=output_dtypes)
+        return [jnp.zeros((0, *aval.shape), aval.dtype) for aval in avals], [0] * len(avals)
     moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     per_element = [
         decode_p.bind(*[m if d is None else m[i] for m, d in zip(moved, dims)],

@@ -105,6 +105,19 @@ def test_vmap_over_payloads_of_equal_structure():
         np.testing.assert_array_equal(np.asarray(batched[k]), jaxjpeg.decode_tensor(enc))
 
 
+def test_vmap_over_no_payloads_gives_empty_outputs():
+    """Found by review: an empty batch failed inside the batching rule with
+    'not enough values to unpack'."""
+    rng = np.random.default_rng(2)
+    plan = codec.build_plan([jaxjpeg.encode_tensor(_tensor(rng, (24, 40)), quant_step=4)],
+                            [np.float32])
+    empty = [np.zeros((0, *o.shape), o.dtype) for o in ops.plan_operands(plan)]
+    decode = lambda *a: ops.decode_plan(plan, a)[1][0]  # noqa: E731
+    for fn in (jax.vmap(decode), jax.jit(jax.vmap(decode))):
+        out = fn(*empty)
+        assert out.shape == (0, 24, 40) and out.dtype == np.float32
+
+
 def test_repeated_calls_reuse_the_compiled_program():
     rng = np.random.default_rng(3)
     encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), quant_step=4) for _ in range(2)]
