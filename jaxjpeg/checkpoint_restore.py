@@ -49,6 +49,7 @@ class LeafRequest:
     dtype: np.dtype
     sharding: Any = None  # a multi-device jax.sharding.Sharding, or None
     device: Any = None    # the one device of an unsharded leaf (None: the default)
+    memory_kind: Any = None   # the target's memory, where not the device's (host offloading)
 
 
 def restored_dtype(saved: np.dtype, override=None, wanted=None) -> np.dtype:
@@ -75,6 +76,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
             raise ValueError(f"{name}: target shape {want.shape} != saved shape {saved.shape}")
         want_dtype = restored_dtype(saved.dtype, dtype, want.dtype)
         sharding = want.sharding
+        memory_kind = other_memory_kind(sharding)
         device = None
         # One device of this process: decoded with the other unsharded leaves.
         # (One device of another process stays a sharding: this process holds
@@ -82,8 +84,34 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         if (sharding is not None and len(sharding.device_set) == 1
                 and next(iter(sharding.device_set)).process_index == jax.process_index()):
             (device,), sharding = tuple(sharding.device_set), None
-        requests.append(LeafRequest(saved, want_dtype, sharding, device))
+        requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind))
     return requests, treedef
+
+
+def other_memory_kind(sharding) -> str | None:
+    """The memory ``sharding`` asks for where it is not its devices' own
+    (``pinned_host`` to keep optimizer state off the accelerator), else None.
+    Decoding runs in device memory; such leaves move there after."""
+    kind = getattr(sharding, "memory_kind", None)
+    if kind is None:
+        return None
+    try:
+        default = next(iter(sharding.device_set)).default_memory().kind
+    except (AttributeError, RuntimeError, ValueError):   # a runtime without memories
+        return None
+    return None if kind == default else kind
+
+
+def in_memory_kind(value, request: LeafRequest, device):
+    """``value`` (placed on the request's device or sharding) moved to the
+    memory its target asked for (found by review: host memory kinds were
+    dropped, or failed deep in jax for JPEG leaves sharded over devices)."""
+    if request.memory_kind is None:
+        return value
+    where = (request.sharding if request.sharding is not None
+             else jax.sharding.SingleDeviceSharding(request.device or device,
+                                                    memory_kind=request.memory_kind))
+    return jax.device_put(value, where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +136,15 @@ def _target_leaf(name: str, want, saved: SavedLeaf) -> _Want:
         return _Want(tuple(saved.shape), None, None)
     raise TypeError(f"{name}: a target leaf must be an array, a jax.ShapeDtypeStruct or a "
                     f"jax.sharding.Sharding, got {type(want).__name__}")
+
+
+def _decoded_in(request: LeafRequest):
+    """The sharding a sharded leaf's decoded shards make: the target's, in
+    device memory (in_memory_kind moves it to the target's after)."""
+    if request.memory_kind is None:
+        return request.sharding
+    default = next(iter(request.sharding.device_set)).default_memory().kind
+    return request.sharding.with_memory_kind(default)
 
 
 def _shard_boxes(leaf: SavedLeaf, sharding) -> dict:
@@ -465,7 +502,7 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
     # are other processes'): no shards, and the dtype given, which jax cannot
     # take from an empty list.
     arrays = [jax.make_array_from_single_device_arrays(requests[i].leaf.shape,
-                                                       requests[i].sharding, shards[i],
+                                                       _decoded_in(requests[i]), shards[i],
                                                        dtype=np.dtype(requests[i].dtype))
               for i in indices]
     return statuses, arrays
@@ -770,6 +807,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             treedef = None
         values: list = [None] * len(requests)
         _restore_windows(ckpt, requests, values, device, stats)
+    values = [in_memory_kind(v, r, device) for v, r in zip(values, requests)]
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
-from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, finish_leaf, kept_values,
-                                        one_device, place_raw, restored_dtype,
-                                        target_requests)
+from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, finish_leaf,
+                                        in_memory_kind, kept_values, one_device, place_raw,
+                                        restored_dtype, target_requests)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
@@ -119,7 +119,8 @@ def _prefetched_leaf(ckpt, request, device):
 
 def _load_leaf(ckpt, request, device):
     if request.leaf.kind == "raw":
-        return place_raw(ckpt.read_raw(request.leaf), request, device)
+        return in_memory_kind(place_raw(ckpt.read_raw(request.leaf), request, device), request,
+                              device)
     if request.sharding is not None:
         raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed on one "
                          f"device, but the target shards it over {len(request.sharding.device_set)}"

@@ -141,10 +141,12 @@ class LazyReader:
         request = self._request(leaf, dtype, device)
         default = request.device or jax.local_devices()[0]
         if leaf.kind == "raw":
-            return cr.place_raw(self._read_raw(leaf), request, default)
-        if request.sharding is not None:
-            return cr._restore_sharded(self._ckpt, request, stats)
-        return cr._restore_unsharded(self._ckpt, [request], default, stats)[0]
+            value = cr.place_raw(self._read_raw(leaf), request, default)
+        elif request.sharding is not None:
+            value = cr._restore_sharded(self._ckpt, request, stats)
+        else:
+            value = cr._restore_unsharded(self._ckpt, [request], default, stats)[0]
+        return cr.in_memory_kind(value, request, default)
 
     def get_slice(self, name: str, index=None, *, dtype=None, device=None,
                   stats: cr.RestoreStats | None = None):
@@ -161,10 +163,11 @@ class LazyReader:
     def _request(self, leaf: SavedLeaf, dtype, device) -> cr.LeafRequest:
         want = cr.restored_dtype(leaf.dtype, dtype)
         if isinstance(device, jax.sharding.Sharding):
-            devices = device.device_set
+            devices, memory_kind = device.device_set, cr.other_memory_kind(device)
             if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
-                return cr.LeafRequest(leaf, want, device=next(iter(devices)))
-            return cr.LeafRequest(leaf, want, sharding=device)
+                return cr.LeafRequest(leaf, want, device=next(iter(devices)),
+                                      memory_kind=memory_kind)
+            return cr.LeafRequest(leaf, want, sharding=device, memory_kind=memory_kind)
         return cr.LeafRequest(leaf, want, device=device)
 
     def _read_raw(self, leaf: SavedLeaf) -> np.ndarray:
@@ -195,7 +198,7 @@ class LazyReader:
                             for a in range(out.ndim))]
         if drops:
             out = out.reshape([n for a, n in enumerate(out.shape) if a not in drops])
-        return out
+        return cr.in_memory_kind(out, request, device)
 
 
 class LeafSlice:

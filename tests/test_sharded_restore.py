@@ -42,6 +42,7 @@ CHECKS = [
     "sharded_leaves_decode_in_one_call_per_device",
     "a_device_argument_is_one_device",
     "sharding_target_leaves_place_their_leaves",
+    "host_memory_targets_come_back_in_host_memory",
 ]
 
 

@@ -542,6 +542,29 @@ def sharding_target_leaves_place_their_leaves():
             raise AssertionError(f"a target leaf {bad!r} was accepted")
 
 
+@check
+def host_memory_targets_come_back_in_host_memory():
+    """Found by review: a target asking for pinned_host memory (optimizer
+    state kept off the accelerator) got device memory on one device, and a
+    JPEG leaf sharded over devices failed inside jax."""
+    single = SingleDeviceSharding(jax.devices()[2], memory_kind="pinned_host")
+    sharded = NamedSharding(mesh((8,), ("x",)), P("x"), memory_kind="pinned_host")
+    for where in (single, sharded):
+        got = jaxjpeg.restore(PATH, target={"rows": where, "bias": where})
+        for name in ("rows", "bias"):
+            assert got[name].sharding.memory_kind == "pinned_host", (name, got[name].sharding)
+            assert got[name].sharding.device_set == where.device_set
+            np.testing.assert_array_equal(np.asarray(got[name]), REFERENCE[name])
+    with jaxjpeg.open(PATH) as f:
+        assert f.get("rows", device=single).sharding.memory_kind == "pinned_host"
+        assert f.get_slice("rows", np.s_[:8], device=single).sharding.memory_kind == "pinned_host"
+    loaded = jaxjpeg.load(PATH, target={"bias": jax.ShapeDtypeStruct((1024,), np.float32,
+                                                                      sharding=single)})
+    assert loaded["bias"].sharding.memory_kind == "pinned_host"
+    plain = jaxjpeg.restore(PATH, target={"bias": SingleDeviceSharding(jax.devices()[2])})
+    assert plain["bias"].sharding.memory_kind == "device"
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
