@@ -1215,6 +1215,8 @@ class _Save:
             extra, stored = {"kind": "raw"}, array.nbytes
             if enc is not None:
                 note = "stored raw: coding would not make it smaller"
+            elif name in self.exact:
+                note = "stored raw, exactly: the byte target has room for it"
         record.update(extra)
         return blobs, record, LeafReport(name, array.shape, str(array.dtype), record["kind"],
                                          array.nbytes, stored, note), warning

@@ -825,6 +825,8 @@ def test_a_target_beyond_every_finest_coding_stores_leaves_exactly(tmp_path):
     assert finest.file_bytes < report.file_bytes <= target
     kinds = sorted(leaf.kind for leaf in report.leaves)
     assert kinds == ["jpeg", "raw"], kinds
+    assert [leaf.note for leaf in report.leaves if leaf.kind == "raw"] == [
+        "stored raw, exactly: the byte target has room for it"]
     restored = jaxjpeg.restore(tmp_path / "x.jjpg")
     exact = [k for k in tree if np.array_equal(np.asarray(restored[k]), tree[k])]
     assert len(exact) == 1
