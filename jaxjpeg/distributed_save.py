@@ -94,9 +94,14 @@ def _boxes(leaf, shape) -> dict[int, set]:
 
 
 def _holders(leaf, processes: int) -> list[int]:
-    """Processes holding every element of ``leaf`` in their own shards."""
+    """Processes holding every element of ``leaf`` in their own shards. An
+    array this process holds whole (a numpy array, or a jax array on its own
+    devices, as jnp.asarray makes in each process) counts as every
+    process's, as a numpy leaf does: each process has its own copy (a global
+    array on one process's devices is seen so there only: prepare refuses
+    trees the processes see differently)."""
     import jax
-    if not isinstance(leaf, jax.Array):
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
         return list(range(processes))
     shape = leaf.shape
     size = int(np.prod(shape, dtype=np.int64))
@@ -278,16 +283,18 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
                   for records, leaf in flat]
         with_prior = batchnorm_prior and ck._prior_applies(leaves, saver_options)
         saver = ck._Save(path, leaves, **saver_options)
-        ready, error = "ok", None
+        ready, error = {"owners": owners, "gather": gather}, None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
     exchange.put(f"ready/{me}", ready)
     states = [exchange.get(f"ready/{i}") for i in range(processes)]
-    failed = [f"process {i}: {state}" for i, state in enumerate(states) if state != "ok"]
+    failed = [f"process {i}: {state}" for i, state in enumerate(states)
+              if not isinstance(state, dict)]
     if failed:
         if error is not None:
             raise error
         raise ValueError(f"distributed save of {path} refused in {failed[0]}")
+    _check_same_plan(path, states, [records for records, _ in flat])
     if with_prior:   # every process computes the same prior (its gathers are collectives)
         saver = ck._Save(path, leaves, prior=_batchnorm_prior(tree, processes),
                          **saver_options)
@@ -305,12 +312,27 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
         own = [(i, ck.SourceLeaf.of(records, gathered[i] if gather[i]
                                     else _local_copy(leaf, copy)))
                for i, (records, leaf) in enumerate(flat) if owners[i] == me]
-    except Exception as e:
+    except BaseException as e:
         why = f"{type(e).__name__}: {e}"
         _publish_failure(exchange, me, why)
         _abandon(None, exchange, me, f"process {me} failed: {why}")   # no temporary file yet
         raise
     return Prepared(path, saver, exchange, me, processes, own, len(flat))
+
+
+def _check_same_plan(path: str, plans: list, records: list) -> None:
+    """Every process must have planned the same owners: a leaf the processes
+    see differently (a global array on one process's devices) would be
+    coded by none or by two, and the file lose leaves (found by review: a
+    step that every process reported saved held one leaf of three)."""
+    from jaxjpeg.treepaths import path_string
+    for i in range(len(records)):
+        seen = {(plan["owners"][i], plan["gather"][i]) for plan in plans}
+        if len(seen) > 1:
+            raise ValueError(f"distributed save of {path}: the processes disagree on which of "
+                             f"them holds leaf {path_string(records[i])!r} whole (a jax array "
+                             "on one process's devices only?); give every process the same "
+                             "global array, or the same numpy array")
 
 
 def _publish_failure(exchange: "_Exchange", me: int, why: str) -> None:
@@ -354,7 +376,7 @@ def finish(prepared: Prepared):
         if saver.target is not None:
             saver.allocate(_analysed_everywhere(prepared))
         part = _code(saver, prepared.own, exchange, me, processes)
-    except Exception as e:
+    except BaseException as e:   # an interrupt too: the others would wait TIMEOUT_S
         _publish_failure(exchange, me, f"{type(e).__name__}: {e}")
         _abandon(temp, exchange, me, f"process {me} failed")
         raise
@@ -377,7 +399,7 @@ def finish(prepared: Prepared):
     try:
         _write_region(temp_path, bases[me], part["placed"])
         exchange.put(f"done/{me}", "ok")
-    except Exception as e:
+    except BaseException as e:
         why = f"process {me}: {type(e).__name__}: {e}"
         exchange.put(f"done/{me}", why)
         _abandon(temp, exchange, me, why)   # process 0 tells the others at once

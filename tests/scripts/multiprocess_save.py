@@ -244,6 +244,23 @@ def a_process_failing_while_coding_fails_every_process_quickly():
                                           (OSError, ValueError), "injected read error")
 
 
+@check
+def a_process_interrupted_while_coding_fails_every_process_quickly():
+    """Found by review: a KeyboardInterrupt in process 0 while coding (a
+    training loop stopping on Ctrl-C) left its temporary file, and the other
+    processes waited TIMEOUT_S for its part."""
+    def interrupted(real):
+        def store(self, index, leaf):
+            if PROCESS == 0 and not self.bias_correction.waits(leaf.name):
+                raise KeyboardInterrupt("injected interrupt")
+            return real(self, index, leaf)
+        return store
+
+    _injected_failure_fails_every_process("interrupted.jjpg", checkpoint._Save, "_store",
+                                          interrupted, (KeyboardInterrupt, ValueError),
+                                          "injected interrupt")
+
+
 def _failing_to_read_leaves(failing: int, name: str) -> None:
     """Process ``failing`` cannot read its leaves to the host (out of memory,
     say), after every process agreed on the save: every process raises
@@ -282,6 +299,34 @@ def a_second_save_replaces_the_first():
         assert sorted(f.keys()) == sorted(VALUES)
     # The replaced file's permissions are kept (they became 0644).
     assert os.stat(PATH + ".2").st_mode & 0o777 == 0o600, oct(os.stat(PATH + ".2").st_mode)
+
+
+@check
+def process_local_arrays_are_saved_like_numpy_leaves():
+    """Found by review: a jnp.asarray of the same values in every process
+    (each process's own device) made each process think it alone held it;
+    the plans differed, and the step held only that leaf (or failed with
+    KeyError: 0), while every process reported success."""
+    tree = {"w1": TREE["split"], "w2": TREE["replicated"],
+            "embed": jax.numpy.asarray(VALUES["local"])}
+    jaxjpeg.save(PATH + ".local", tree, distributed=True)
+    with jaxjpeg.open(PATH + ".local") as f:
+        assert sorted(f.keys()) == ["embed", "w1", "w2"], f.keys()
+    restored = jaxjpeg.restore(PATH + ".local")
+    assert np.abs(np.asarray(restored["embed"]) - VALUES["local"]).max() < 0.5
+    # A global array on one process's devices is held whole there only: the
+    # processes' views of it differ, and the save says so in every process.
+    mine = jax.sharding.Mesh(np.array(jax.devices()[:LOCAL_DEVICES]), ("x",))
+    only_0 = jax.make_array_from_callback(VALUES["bias"].shape, NamedSharding(mine, P("x")),
+                                          lambda index: VALUES["bias"][index], dtype=np.float32)
+    lopsided = {"w1": TREE["split"], "only_0": only_0}
+    try:
+        jaxjpeg.save(PATH + ".lopsided", lopsided, distributed=True)
+    except ValueError as e:
+        assert "only_0" in str(e) and "disagree" in str(e), str(e)
+    else:
+        raise AssertionError("a leaf the processes see differently was saved")
+    assert not os.path.exists(PATH + ".lopsided")
 
 
 results = {}
