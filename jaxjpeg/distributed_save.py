@@ -73,6 +73,7 @@ TIMEOUT_S = 600.0        # waiting for another process's part, writes or commit
 PIECE_CHARS = 1 << 20    # characters per key-value entry of a large value
 _KEY = "jaxjpeg_save"
 _saves_started = 0       # every process saves in the same order: the nth save's keys
+_earlier: list = []      # this process's exchanges of earlier saves, keys not deleted yet
 
 
 def _client():
@@ -198,6 +199,15 @@ class _Exchange:
         self.put(key, {"pieces": len(pieces)})
         self.large[key] = len(pieces)
 
+    def forget(self) -> None:
+        """Deletes every key this process put (the coordination service keeps
+        every key until the job ends: a few KB per million weights a save;
+        found by review). Only once no process may read them."""
+        self.delete_large()
+        for key in self.written:
+            self.client.key_value_delete(f"{self.prefix}/{key}")
+        self.written.clear()
+
     def delete_large(self) -> None:
         """Deletes the pieces of what this process put with :meth:`put_large`
         (the coordination service keeps every key until the job ends; a
@@ -271,6 +281,8 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     me, processes = jax.process_index(), jax.process_count()
     _saves_started += 1
     exchange = _Exchange(client, f"{_KEY}/{_saves_started}")
+    earlier = list(_earlier)
+    _earlier.append(exchange)
     path = os.fspath(path)
     # Everything a process may refuse on its own (its tree, the options) is
     # checked and agreed on before the first collective: a process that
@@ -288,6 +300,9 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
         ready, error = f"{type(e).__name__}: {e}", e
     exchange.put(f"ready/{me}", ready)
     states = [exchange.get(f"ready/{i}") for i in range(processes)]
+    for old in earlier:   # every process has started this save: none reads those
+        old.forget()
+        _earlier.remove(old)
     failed = [f"process {i}: {state}" for i, state in enumerate(states)
               if not isinstance(state, dict)]
     if failed:

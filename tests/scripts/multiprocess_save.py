@@ -329,6 +329,20 @@ def process_local_arrays_are_saved_like_numpy_leaves():
     assert not os.path.exists(PATH + ".lopsided")
 
 
+@check
+def earlier_saves_leave_no_keys_in_the_coordination_service():
+    """Found by review: every distributed save left its keys (about 1 KB per
+    million weights) in the coordination service for the rest of the job."""
+    client = distributed_save._client()
+    first = distributed_save._saves_started + 1
+    for _ in range(3):
+        jaxjpeg.save(PATH + ".keys", TREE, distributed=True)
+    for n in (first, first + 1):   # the last save's keys stay until the next
+        left = client.key_value_dir_get(f"{distributed_save._KEY}/{n}/")
+        assert not left, (n, [k for k, _ in left][:5])
+    assert client.key_value_dir_get(f"{distributed_save._KEY}/{first + 2}/")
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
