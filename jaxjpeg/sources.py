@@ -319,6 +319,22 @@ def _safetensors_source(path: str, shards: dict[str, set | None], files: _Files)
     return Source(path, [leaves[name] for name in sorted(leaves)], metadata or None)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _without_repeats(pairs: list) -> dict:
+    """A JSON object, refused when a name repeats (json.loads kept the last:
+    a safetensors header naming a tensor twice lost the first; found by
+    review)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(f"{key!r:.200} twice")
+        out[key] = value
+    return out
+
+
 def _safetensors_header(file: str, files: _Files) -> tuple[list, dict | None]:
     """(SourceLeaf per tensor, ``__metadata__``) of one safetensors file, from
     its header alone (two ranged reads), every entry checked against the
@@ -332,7 +348,9 @@ def _safetensors_header(file: str, files: _Files) -> tuple[list, dict | None]:
     text = files.read(file, 8, n)
     data_start, data_size = 8 + n, size - 8 - n
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_without_repeats)
+    except _RepeatedKey as e:
+        raise SourceError(f"{file}: not a valid safetensors file (its header names {e})") from None
     except (ValueError, RecursionError) as e:
         raise SourceError(f"{file}: not a valid safetensors file (header: "
                           f"{type(e).__name__})") from None
@@ -443,25 +461,35 @@ def _npz_leaf(path: str, info, files: _Files):
         start, head = _member_head(path, info, files, 2**16 + 16)
         shape, fortran, dtype, header_bytes = _npy_header(path, info.filename, head)
     nbytes = math.prod(shape) * dtype.itemsize
-    if info.compress_type == _STORED:
-        if header_bytes + nbytes != info.compress_size:
-            raise SourceError(f"{path}: member {info.filename!r:.200} holds "
-                              f"{info.compress_size} bytes, its header declares "
-                              f"{header_bytes + nbytes}")
-        return _ranged_leaf(files, path, records, shape, dtype, start + header_bytes, fortran)
+    if info.compress_type == _STORED and header_bytes + nbytes != info.compress_size:
+        raise SourceError(f"{path}: member {info.filename!r:.200} holds "
+                          f"{info.compress_size} bytes, its header declares "
+                          f"{header_bytes + nbytes}")
     if nbytes > MAX_EXPANSION * info.compress_size + EXPANSION_FLOOR:
         raise SourceError(f"{path}: member {info.filename!r:.200} declares {nbytes} bytes "
                           f"over {info.compress_size} compressed (refused before reading)")
 
     def load():
+        # Stored members' CRC is checked too (found by review: a damaged
+        # np.savez member was compressed without a word).
         packed = files.read(path, start, info.compress_size)
-        data = bytearray(zlib.decompressobj(-15).decompress(packed, header_bytes + nbytes))
+        data = (bytearray(packed) if info.compress_type == _STORED
+                else _inflated(path, info.filename, packed, header_bytes + nbytes))
         if len(data) != header_bytes + nbytes or zlib.crc32(data) != info.CRC:
             raise SourceError(f"{path}: member {info.filename!r:.200} is damaged "
                               "(size or CRC does not match)")
         array = np.frombuffer(data, dtype, offset=header_bytes)
         return array.reshape(shape, order="F" if fortran else "C")
     return SourceLeaf(records, shape, dtype, load)
+
+
+def _inflated(path: str, member: str, packed: bytes, limit: int) -> bytearray:
+    """A deflated member's first ``limit`` bytes; damage that the inflater
+    itself finds is a SourceError (it came out as a zlib.error traceback)."""
+    try:
+        return bytearray(zlib.decompressobj(-15).decompress(packed, limit))
+    except zlib.error as e:
+        raise SourceError(f"{path}: member {member!r:.200} is damaged ({e})") from None
 
 
 def _member_head(path: str, info, files: _Files, length: int) -> tuple[int, bytes]:
@@ -481,12 +509,14 @@ def _member_head(path: str, info, files: _Files, length: int) -> tuple[int, byte
     if len(head) < min(length, info.compress_size):   # a longer extra field than guessed
         head = bytes(files.read(path, start, min(length, info.compress_size)))
     if info.compress_type == _DEFLATED:
-        head = zlib.decompressobj(-15).decompress(head, length)
+        head = bytes(_inflated(path, info.filename, head, length))
     return start, head
 
 
 def _npy_header(path: str, member: str, head: bytes):
     """(shape, fortran order, dtype, header length) of a .npy file's start."""
+    import tokenize
+
     from numpy.lib import format as npy
 
     stream = io.BytesIO(head)
@@ -494,7 +524,7 @@ def _npy_header(path: str, member: str, head: bytes):
         version = npy.read_magic(stream)
         read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         shape, fortran, dtype = read(stream)
-    except (ValueError, SyntaxError, TypeError) as e:
+    except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as e:
         raise SourceError(f"{path}: member {member!r:.200} is not a .npy array "
                           f"({_first_line(e)})") from None
     if dtype.hasobject or (dtype.kind not in "biufc" and dtype.name not in _ML_DTYPE_NAMES):

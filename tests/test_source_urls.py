@@ -266,3 +266,38 @@ def test_url_errors_have_their_exit_codes(local, memory_fs, tmp_path, capsys):
         assert code == cli.EXIT_IO and "ignores ranged reads" in err, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_damaged_npz_member_is_refused_as_damaged(tmp_path, capsys, compressed):
+    """Found by review: a byte flipped in a stored (np.savez) member was
+    compressed without a word, and damage a deflated member's inflater finds
+    came out as a zlib.error traceback. Both exit 1, naming the member."""
+    import struct
+    import zipfile
+    data = bytearray(_npz_bytes(compressed))
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("embed/weight.npy")
+    name_len, extra_len = struct.unpack("<2H", data[info.header_offset + 26:][:4])
+    start = info.header_offset + 30 + name_len + extra_len   # the member's data
+    for at in [*range(start, start + 48, 3), start + 2000, start + info.compress_size // 2]:
+        damaged = bytearray(data)
+        damaged[at] ^= 0x5A
+        path = tmp_path / f"d{at}.npz"
+        path.write_bytes(bytes(damaged))
+        code, _, err = run(capsys, "compress", path, tmp_path / f"d{at}.jjpg")
+        assert code == 1 and "damaged" in err and "Traceback" not in err, (at, err)
+        assert not (tmp_path / f"d{at}.jjpg").exists()
+
+
+def test_a_safetensors_header_naming_a_tensor_twice_is_refused(tmp_path, capsys):
+    """Found by review: json.loads kept the second entry and the first
+    tensor was dropped silently."""
+    import json
+    import struct
+    header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "y": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    text = json.dumps(header).replace('"y"', '"x"').encode()
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + np.arange(4, dtype="<f4").tobytes())
+    code, _, err = run(capsys, "compress", path, tmp_path / "dup.jjpg")
+    assert code == 1 and "'x' twice" in err, err
