@@ -506,6 +506,17 @@ def _local_dir(text: str) -> str:
     return storage.local_path(path)
 
 
+def _local_path(text: str) -> str:
+    """A path the command writes to: local only (found by review: export to
+    memory://bucket/out made a local folder 'memory:' and said it wrote the
+    store)."""
+    from jaxjpeg import storage
+    path = _path(text)
+    if storage.local_path(path) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a local path, not a URL")
+    return storage.local_path(path)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -569,8 +580,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write decoded weights as safetensors (sharded with an "
                                       "index json when large)")
     p.add_argument("ckpt", metavar="CKPT", type=_path)
-    p.add_argument("out", metavar="OUT",
-                   help="a .safetensors file name, or a directory (gets model.safetensors)")
+    p.add_argument("out", metavar="OUT", type=_local_path,
+                   help="a local .safetensors file name, or a local directory (gets "
+                        "model.safetensors)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("-f", "--force", action="store_true", help="replace files that exist")

@@ -289,3 +289,16 @@ def test_compress_reads_the_source_one_tensor_at_a_time(tmp_path, capsys, monkey
         tracemalloc.stop()
     assert code == 0, err
     assert peak < total / 2, (peak, total)
+
+
+def test_export_to_a_url_is_refused(tmp_path, capsys, monkeypatch):
+    """Found by review: export to memory://bucket/out made a local folder
+    'memory:' and reported the store written."""
+    safetensors_numpy.save_file(_tensors(), str(tmp_path / "one.safetensors"))
+    ckpt = tmp_path / "one.jjpg"
+    assert run(capsys, "compress", tmp_path / "one.safetensors", ckpt)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    for url in ("memory://bucket/out", "gs://bucket/model.safetensors"):
+        code, _, err = run(capsys, "export", ckpt, url)
+        assert code == 2 and "not a URL" in err, err
+    assert not (tmp_path / "memory:").exists() and not (tmp_path / "gs:").exists()
