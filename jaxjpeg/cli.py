@@ -280,6 +280,7 @@ def _source_errors(args, ckpt) -> list[str]:
     """Relative RMS error of every leaf vs the source, restored in bounded batches."""
     import jax
     import jaxjpeg
+    from jaxjpeg.export import decode_on_host
     source = dict(_flatten(load_source(args.source)))
     device = jax.devices("cpu")[0]
     out = ["missing"] * len(ckpt.leaves)
@@ -289,6 +290,9 @@ def _source_errors(args, ckpt) -> list[str]:
             continue
         if np.shape(source[leaf.path]) != leaf.shape:
             out[i] = "shape!"
+            continue
+        if leaf.kind == "raw":   # read on the host: 64-bit values need no jax_enable_x64
+            out[i] = _relative_rms(decode_on_host(ckpt, leaf), np.asarray(source[leaf.path]))
             continue
         batch.append(i)
         batch_bytes += math.prod(leaf.shape) * 4
@@ -316,9 +320,12 @@ def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
         return "0"
     err = sq = 0.0
     flat_d, flat_r = decoded.reshape(-1), reference.reshape(-1)
+    # Scaled by the largest magnitude: float64 leaves of 1e300 square to inf.
+    finite = np.abs(flat_r[np.isfinite(flat_r)].astype(np.float64))
+    scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     for start in range(0, flat_d.size, 1 << 22):
-        d = flat_d[start:start + (1 << 22)].astype(np.float64)
-        r = flat_r[start:start + (1 << 22)].astype(np.float64)
+        d = flat_d[start:start + (1 << 22)].astype(np.float64) / scale
+        r = flat_r[start:start + (1 << 22)].astype(np.float64) / scale
         err += float(np.sum((d - r) ** 2))
         sq += float(np.sum(r * r))
     if err == 0:

@@ -302,3 +302,19 @@ def test_export_to_a_url_is_refused(tmp_path, capsys, monkeypatch):
         code, _, err = run(capsys, "export", ckpt, url)
         assert code == 2 and "not a URL" in err, err
     assert not (tmp_path / "memory:").exists() and not (tmp_path / "gs:").exists()
+
+
+def test_inspect_source_compares_64_bit_leaves_without_jax_x64(tmp_path, capsys):
+    """Found by review: float64 1e300 and uint64 2**63 + 5, kept exactly by
+    compress, made inspect --source die with a traceback (the comparison went
+    through restore, which refuses them while jax_enable_x64 is off)."""
+    tensors = {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32),
+               "big64": np.full((4,), 1e300), "u64": np.array([2**63 + 5, 1], np.uint64)}
+    safetensors_numpy.save_file(tensors, str(tmp_path / "s.safetensors"))
+    assert run(capsys, "compress", tmp_path / "s.safetensors", tmp_path / "s.jjpg")[0] == 0
+    code, out, err = run(capsys, "inspect", tmp_path / "s.jjpg", "--source",
+                         tmp_path / "s.safetensors")
+    assert code == 0 and "Traceback" not in err and "Warning" not in err, err
+    for name in ("big64", "u64"):
+        line = next(l for l in out.splitlines() if l.split() and l.split()[0] == name)
+        assert line.split()[-1] == "0", line
