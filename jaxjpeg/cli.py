@@ -127,7 +127,12 @@ RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "err
 
 
 def cmd_compress(args) -> int:
-    from jaxjpeg import checkpoint, storage
+    from jaxjpeg import checkpoint, codec, storage
+    if args.quant_step is not None:   # its range depends on --bits: before any input is read
+        try:
+            codec.quant_table(bits=args.bits or 8, quant_step=args.quant_step)
+        except ValueError as e:
+            raise CliError(f"--quant-step: {e}") from None
     if storage.scheme(args.src) not in ("http", "https"):  # a web server has no folders:
         _require(args.src)   # open_source looks for an Orbax item's _METADATA under it
     dst = storage.kind(args.dst)

@@ -64,6 +64,7 @@ def test_import_jaxjpeg_is_lazy_but_complete():
 @pytest.mark.parametrize("option", [
     ("--quality", "0"), ("--quality", "101"), ("--quality", "x"),
     ("--quant-step", "0"), ("--quant-step", "-1"), ("--quant-step", "nan"),
+    ("--quant-step", "0.5"), ("--quant-step", "300"),   # found by review: refused after reading
     ("--target-ratio", "inf"), ("--bits-per-weight", "-2"), ("--error-bound", "0"),
     ("--min-size", "-1"), ("--bits", "10"),
 ])
