@@ -394,9 +394,13 @@ class ContainerWriter:
         try:
             fs.put_file(self._temp_path, temp)
             fs.mv(temp, inner)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(Exception):
                 fs.rm(temp)
+            if isinstance(e, Exception) and not isinstance(e, OSError):
+                # a store's own error type (an HTTP status from aiohttp, say):
+                # an OSError, as every other failure to write is (found by review)
+                raise OSError(f"{self._remote}: uploading it: {type(e).__name__}: {e}") from e
             raise
         self._file.close()
         os.unlink(self._temp_path)

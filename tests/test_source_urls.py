@@ -305,3 +305,13 @@ def test_a_safetensors_header_naming_a_tensor_twice_is_refused(tmp_path, capsys)
     path.write_bytes(struct.pack("<Q", len(text)) + text + np.arange(4, dtype="<f4").tobytes())
     code, _, err = run(capsys, "compress", path, tmp_path / "dup.jjpg")
     assert code == 1 and "'x' twice" in err, err
+
+
+def test_an_upload_the_store_refuses_is_an_output_error(local, capsys):
+    """Found by review: a web server refusing the upload gave an aiohttp
+    ClientResponseError traceback; it is exit 3 (an output cannot be
+    written), one line."""
+    root, _ = local
+    with RangeServer(root) as server:   # it serves reads only
+        code, _, err = run(capsys, "compress", root / "one.safetensors", server.url("up.jjpg"))
+    assert code == 3 and "Traceback" not in err and "up.jjpg" in err, err
