@@ -431,12 +431,15 @@ def _npz_source(path: str, files: _Files) -> Source:
     ranged read of that member when the save reaches it."""
     import zipfile
 
+    ranged = _RangeFile(files.get(path))
     try:
         # Small buffered reads: the zip's end record, then its directory in one read.
-        directory = io.BufferedReader(_RangeFile(files.get(path)), buffer_size=1024)
+        directory = io.BufferedReader(ranged, buffer_size=1024)
         with zipfile.ZipFile(directory) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        if ranged.failure is not None:   # zipfile says BadZipFile for a read that failed
+            raise ranged.failure from None
         raise SourceError(f"{path}: not a valid npz file ({_first_line(e)})") from None
     # In the zip's order: np.savez writes a dict's arrays in its order, a
     # PyTorch state dict's being the network's (the BatchNorm prior pairs by it).
@@ -540,6 +543,7 @@ class _RangeFile(io.RawIOBase):
 
     def __init__(self, source):
         self._source, self._position = source, 0
+        self.failure: OSError | None = None   # the last read's, which zipfile hides
 
     def readable(self) -> bool:
         return True
@@ -556,7 +560,11 @@ class _RangeFile(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer) -> int:
-        n = self._source.readinto(self._position, memoryview(buffer).cast("B"))
+        try:
+            n = self._source.readinto(self._position, memoryview(buffer).cast("B"))
+        except OSError as e:
+            self.failure = e
+            raise
         self._position += n
         return n
 
