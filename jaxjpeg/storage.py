@@ -101,8 +101,11 @@ def kind(path) -> str | None:
     def remote(fs, inner):
         try:
             info = fs.info(inner)
-        except FileNotFoundError:
-            return None
+        except FileNotFoundError as e:
+            cause = not_found_for_its_cause(e, as_location(path), "asking for it")
+            if isinstance(cause, FileNotFoundError):
+                return None
+            raise cause from e   # a 403 or a server down read "no such file" (review)
         return "directory" if info.get("type") == "directory" else "file"
     return _ask(path, local, remote)
 
@@ -218,25 +221,29 @@ class RangeSource:
             raise OSError(f"{self.name}: {what}: {type(e).__name__}: {e}") from e
 
     def _not_found_for_its_cause(self, e: FileNotFoundError, what: str) -> OSError:
-        """fsspec's HTTP store reports every failure to find a file's size as
-        FileNotFoundError(url): a 403 and a server that is down read as "no
-        such file". The cause it chains says which."""
-        cause = e.__cause__ or e.__context__
-        if cause is None or isinstance(cause, FileNotFoundError):
-            return e
-        detail = f"{what}: {type(cause).__name__}: {cause}"
-        status = getattr(cause, "status", None)
-        if status == 404:
-            return FileNotFoundError(errno.ENOENT, detail, self.name)
-        if status in (401, 403):
-            return PermissionError(errno.EACCES, detail, self.name)
-        return OSError(errno.EIO, detail, self.name)
+        return not_found_for_its_cause(e, self.name, what)
 
     def close(self) -> None:
         if self._fs is None:
             self._file.close()
         else:
             self._closed = True
+
+
+def not_found_for_its_cause(e: FileNotFoundError, name: str, what: str) -> OSError:
+    """fsspec's HTTP store reports every failure to find a file's size as
+    FileNotFoundError(url): a 403 and a server that is down read as "no
+    such file". The cause it chains says which."""
+    cause = e.__cause__ or e.__context__
+    if cause is None or isinstance(cause, FileNotFoundError):
+        return e
+    detail = f"{what}: {type(cause).__name__}: {cause}"
+    status = getattr(cause, "status", None)
+    if status == 404:
+        return FileNotFoundError(errno.ENOENT, detail, name)
+    if status in (401, 403):
+        return PermissionError(errno.EACCES, detail, name)
+    return OSError(errno.EIO, detail, name)
 
 
 def open_source(path) -> RangeSource:

@@ -272,6 +272,10 @@ def test_url_errors_have_their_exit_codes(local, memory_fs, tmp_path, capsys):
         for name in ("t0.npz", "t1.npz"):
             code, _, err = run(capsys, "compress", server.url(name), out)
             assert code == cli.EXIT_IO and "ignores ranged reads" in err, err
+        server.ignore_ranges, server.status = False, 403   # found by review: "no such file"
+        code, _, err = run(capsys, "compress", server.url("one.safetensors"), out)
+        assert code == cli.EXIT_IO and "403" in err and "No such file" not in err, err
+        server.status = None
     assert "Traceback" not in err
     assert not out.exists()
 
