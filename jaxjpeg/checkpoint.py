@@ -169,11 +169,12 @@ def _check_paths(entries) -> None:
     for records, _ in entries:
         problem = layout.path_size_problem(records)
         if problem:
-            raise ValueError(f"leaf path {path_string(records)[:200]!r} is {problem}")
+            raise layout.Unstorable(f"leaf path {path_string(records)[:200]!r} is {problem}")
     clash = layout.path_clash(records for records, _ in entries)
     if clash is not None:
-        raise ValueError(f"leaf path {clash[:200]!r} collides with another once joined "
-                         "with '/' (paths must not repeat or nest inside each other)")
+        raise layout.Unstorable(f"leaf path {clash[:200]!r} collides with another once "
+                                "joined with '/' (paths must not repeat or nest inside each "
+                                "other)")
 
 
 def _leaves(tree) -> list:
@@ -219,9 +220,9 @@ def _check_storable(name: str, array: np.ndarray) -> None:
     try:
         parse_dtype(str(array.dtype))
     except fmt.FormatError:
-        raise TypeError(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold numeric "
-                        "(up to float64 and complex128), bool, bfloat16 and float8 arrays "
-                        "only") from None
+        raise layout.Unstorable(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold "
+                                "numeric (up to float64 and complex128), bool, bfloat16 and "
+                                "float8 arrays only") from None
 
 
 def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:

@@ -127,7 +127,7 @@ RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "err
 
 
 def cmd_compress(args) -> int:
-    from jaxjpeg import checkpoint, codec, storage
+    from jaxjpeg import checkpoint, codec, layout, storage
     if args.quant_step is not None:   # its range depends on --bits: before any input is read
         try:
             codec.quant_table(bits=args.bits or 8, quant_step=args.quant_step)
@@ -153,7 +153,9 @@ def cmd_compress(args) -> int:
                                             policy=policy, metadata=source.metadata, **rate)
         except SourceError:   # a tensor read as the save reached it: damaged, not usage
             raise
-        except (ValueError, TypeError) as e:  # leaves or options save refuses
+        except layout.Unstorable as e:   # what the source holds, not how it was asked for
+            raise SourceError(f"{args.src}: {_first_line(e)}") from None
+        except (ValueError, TypeError) as e:  # options save refuses
             raise CliError(_first_line(e)) from None
     coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
     coded_raw = sum(leaf.raw_bytes for leaf in coded)

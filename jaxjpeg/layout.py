@@ -18,6 +18,12 @@ import numpy as np
 from jaxjpeg.format import inflate_at_most
 from jaxjpeg.treepaths import path_string
 
+
+class Unstorable(ValueError, TypeError):
+    """A tree a checkpoint cannot hold as it is: paths that clash, too deep or
+    too long, a dtype no reader restores, metadata over its limit. What the
+    data is, not how the save was asked for (the CLI says exit 1, not 2)."""
+
 # Longest leaf path accepted, in keys and in characters of its slash-joined
 # form. Real models stay far below (tens of keys, a few hundred characters);
 # the caps keep every path operation cheap and recursion-free (nest()).
@@ -251,7 +257,7 @@ def checked_user_metadata(metadata) -> dict:
                       allow_nan=False)
     size = len(text.encode("utf-8"))
     if size > MAX_USER_METADATA_BYTES:
-        raise ValueError(f"metadata takes {size} bytes of JSON, more than the "
+        raise Unstorable(f"metadata takes {size} bytes of JSON, more than the "
                          f"{MAX_USER_METADATA_BYTES} allowed (it is read whole on every open; "
                          "store large data as a leaf)")
     return json.loads(text)

@@ -123,3 +123,22 @@ def test_relative_paths_everywhere(tmp_path, capsys, monkeypatch):
 def test_extract_refuses_a_url_outdir_before_reading(tmp_path, capsys):
     code, _, err = run(capsys, "extract", tmp_path / "missing.jjpg", "gs://bucket/tiles")
     assert code == EXIT_USAGE and "local directory" in err
+
+
+def test_sources_a_checkpoint_cannot_hold_are_damaged_input_not_usage(tmp_path, capsys):
+    """Found by review: leaf paths that nest ('a' and 'a/b', legal in
+    safetensors), metadata over its limit and a longdouble array exited 2
+    (bad arguments); they are the input's, exit 1, naming the source."""
+    from safetensors.numpy import save_file
+    save_file({"a": np.ones(3, np.float32), "a/b": np.ones(3, np.float32)},
+              str(tmp_path / "nested.safetensors"))
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "meta.safetensors"),
+              metadata={"k": "x" * (2 * 2**20)})
+    np.savez(tmp_path / "long.npz", a=np.ones(3, np.longdouble))
+    cases = [("nested.safetensors", "collides"), ("meta.safetensors", "metadata")]
+    if np.dtype(np.longdouble).itemsize > 8:   # x86-64: float128, which no reader restores
+        cases.append(("long.npz", "float128"))
+    for name, words in cases:
+        code, _, err = run(capsys, "compress", tmp_path / name, tmp_path / "o.jjpg")
+        assert code == 1 and words in err and name in err, err
+        assert not (tmp_path / "o.jjpg").exists()
