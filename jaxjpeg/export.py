@@ -18,6 +18,7 @@ Face names them (``model-00001-of-00003.safetensors``) next to an index
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -148,6 +149,19 @@ def _directory_and_stem(out: str) -> tuple[str, str]:
     return out, "model"
 
 
+def _check_destination(out: str) -> None:
+    """Clear errors for a destination that cannot be written (found by
+    review: the messages named the internal temporary file, or were a bare
+    'File exists')."""
+    if out.endswith(".safetensors"):
+        directory = os.path.dirname(out) or "."
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(errno.ENOENT, "its directory does not exist", out)
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory (name a "
+                                 ".safetensors file, or a directory)", out)
+
+
 def _earlier_export(out: str) -> list[str]:
     """The files of an export to ``out`` already there, with any number of
     shards: ``STEM.safetensors``, its index and ``STEM-NNNNN-of-NNNNN``
@@ -207,6 +221,7 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         metadata = safetensors_metadata(ckpt.user_metadata)
         shards = _shards(tensors, max_shard_size)
         paths, index_path = _outputs(out, len(shards))
+        _check_destination(out)
         if not out.endswith(".safetensors"):
             os.makedirs(out, exist_ok=True)
         existing = _earlier_export(out)

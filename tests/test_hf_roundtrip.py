@@ -318,3 +318,17 @@ def test_inspect_source_compares_64_bit_leaves_without_jax_x64(tmp_path, capsys)
     for name in ("big64", "u64"):
         line = next(l for l in out.splitlines() if l.split() and l.split()[0] == name)
         assert line.split()[-1] == "0", line
+
+
+def test_export_destinations_that_cannot_be_written_are_said_plainly(tmp_path, capsys):
+    """Found by review: a missing folder was reported by the temporary
+    file's name, a plain file where a directory was meant as a bare
+    '[Errno 17] File exists'."""
+    safetensors_numpy.save_file(_tensors(), str(tmp_path / "one.safetensors"))
+    ckpt = tmp_path / "one.jjpg"
+    assert run(capsys, "compress", tmp_path / "one.safetensors", ckpt)[0] == 0
+    code, _, err = run(capsys, "export", ckpt, tmp_path / "nodir" / "m.safetensors")
+    assert code == 3 and "does not exist" in err and ".tmp-" not in err, err
+    (tmp_path / "plain").write_text("x")
+    code, _, err = run(capsys, "export", ckpt, tmp_path / "plain")
+    assert code == 3 and "not a directory" in err and "Errno" not in err, err
