@@ -153,7 +153,8 @@ def may_have_far_values(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) 
     """Whether some row might hold a value that :func:`jaxjpeg.views.find_outliers`
     keeps by its first look (more than ``sigmas`` row RMS from the row
     mean), or the statistics cannot tell (cancellation). Its second look, at
-    rows reaching ``sigmas / 2`` RMS, is :func:`may_hide_far_values`."""
+    rows reaching ``sigmas / 2`` RMS, is :func:`suspect_rows` and
+    :func:`hide_far_values`."""
     mean = rows.mean
     variance = rows.squares / max(1, rows.count) - mean * mean
     varies = rows.max > rows.min   # a constant row has no far values (its RMS is 0)
@@ -164,20 +165,41 @@ def may_have_far_values(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) 
     return bool(np.any(varies & (reach > (1 - OUTLIER_MARGIN) * sigmas * rms)))
 
 
-def may_hide_far_values(rows: SliceStats, matrix: np.ndarray,
-                        sigmas: float = views.OUTLIER_SIGMAS) -> bool:
-    """Whether a row of ``matrix`` (whose statistics are ``rows``) holds far
-    values that inflate its RMS enough to hide (two in a row of 256 stand
-    only 11 RMS out): find_outliers' second look, on the rows reaching
-    ``sigmas / 2`` RMS only (a few rows of heavy-tailed weights)."""
+def suspect_rows(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) -> np.ndarray:
+    """The rows reaching ``sigmas / 2`` RMS from their mean (a few rows of
+    heavy-tailed weights): where far values may inflate the RMS enough to
+    hide (two in a row of 256 stand only 11 RMS out), and find_outliers
+    takes a second look (in rows of more than sigmas^2 + 1 values)."""
+    if rows.count <= sigmas * sigmas + 1:
+        return np.zeros(0, np.int64)
     mean = rows.mean
     rms = np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0))
     reach = np.maximum(rows.max - mean, mean - rows.min)
-    suspect = np.flatnonzero(reach > (1 - OUTLIER_MARGIN) * (sigmas / 2) * rms)
-    if suspect.size == 0:
-        return False
-    return bool(views.far_from_row_mean(np.asarray(matrix[suspect], np.float32), None,
+    return np.flatnonzero(reach > (1 - OUTLIER_MARGIN) * (sigmas / 2) * rms)
+
+
+def hide_far_values(suspects: np.ndarray, sigmas: float = views.OUTLIER_SIGMAS) -> bool:
+    """Whether the suspect rows (see :func:`suspect_rows`, as a matrix) hold
+    values find_outliers' second look keeps."""
+    return bool(views.far_from_row_mean(np.asarray(suspects, np.float32), None,
                                         (1 - OUTLIER_MARGIN) * sigmas).any())
+
+
+def no_far_values(x: np.ndarray, view: views.MatrixView) -> views.Outliers | None:
+    """An empty side list when one native pass over ``x`` (float32,
+    C-contiguous, finite) shows that :func:`views.find_outliers` would keep
+    nothing in ``view``, else None (find_outliers must look): saves its
+    passes over the leaf, most of a BatchNorm network's preparation."""
+    stats = _stats_for_prepare(x)
+    if stats is None or stats.special:
+        return None
+    rows = view_rows(stats, view)
+    if rows is None or may_have_far_values(rows):
+        return None
+    suspect = suspect_rows(rows)
+    if suspect.size and hide_far_values(view.to_matrix(x)[suspect]):
+        return None
+    return views.Outliers(np.zeros(0, np.int64), x.reshape(-1)[:0].copy())
 
 
 def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
@@ -202,7 +224,8 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     # rows are the leaf's last axis is its transpose: the encoder reads both
     # without a copy (codec.encodable).
     matrix = codec.encodable(chosen.to_matrix(x32))
-    if may_hide_far_values(rows, matrix):
+    suspect = suspect_rows(rows)
+    if suspect.size and hide_far_values(matrix[suspect]):
         return None
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared

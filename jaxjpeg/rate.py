@@ -146,7 +146,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     if input_covariance is not None:
         view = feedback.view_for(input_covariance, x.shape, view)
         fb = feedback.for_view(input_covariance, x.shape, view)
-    outliers = views.find_outliers(x, view, finite=finite)
+    outliers = analysis.no_far_values(x, view) or views.find_outliers(x, view, finite=finite)
     if outliers.count:
         coded = np.ones(x.size, bool)
         coded[outliers.index] = False
