@@ -169,9 +169,7 @@ def suspect_rows(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) -> np.n
     """The rows reaching ``sigmas / 2`` RMS from their mean (a few rows of
     heavy-tailed weights): where far values may inflate the RMS enough to
     hide (two in a row of 256 stand only 11 RMS out), and find_outliers
-    takes a second look (in rows of more than sigmas^2 + 1 values)."""
-    if rows.count <= sigmas * sigmas + 1:
-        return np.zeros(0, np.int64)
+    takes a second look."""
     mean = rows.mean
     rms = np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0))
     reach = np.maximum(rows.max - mean, mean - rows.min)
