@@ -232,11 +232,16 @@ def finish_leaf(matrix, shape, view: MatrixView, kept=None):
     return out
 
 
-def kept_values(ckpt: Checkpoint, leaf: SavedLeaf):
-    """(flat positions, values) of the leaf's side list, or None."""
+def kept_values(ckpt: Checkpoint, leaf: SavedLeaf, dtype=None):
+    """(flat positions, values) of the leaf's side list, or None; with the
+    ``dtype`` the leaf is decoded to, its values must fit it (found by
+    review: a kept 1e5 became inf as float16, silently, where a raw leaf's
+    is refused)."""
     outliers = ckpt.read_outliers(leaf)
     if outliers is None:
         return None
+    if dtype is not None:
+        check_values_fit(np.asarray(outliers.values), dtype, leaf.path)
     index_dtype = np.int32 if math.prod(leaf.shape) < 2**31 else np.int64
     return outliers.index.astype(index_dtype), np.asarray(outliers.values)
 
@@ -308,7 +313,8 @@ def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
         builder = codec.PlanBuilder()
         payload = sum(add_whole_leaf(builder, ckpt, r.leaf, r.dtype)
                       for r in (requests[i] for i in indices))
-        kept = [bucketed_kept(kept_values(ckpt, leaf)) for leaf in leaves if leaf.outliers]
+        kept = [bucketed_kept(kept_values(ckpt, r.leaf, r.dtype))
+                for r in (requests[i] for i in indices) if r.leaf.outliers]
     plan = builder.finish(parallel_fills=True, bucketed=True)
     return _Prepared(indices, device, plan, kept, payload)
 
@@ -445,7 +451,7 @@ def _prepare_sharded(ckpt, requests, indices) -> list["_DevicePlan"]:
             if not boxes[i]:   # all of the sharding's devices are other processes'
                 continue
             leaf = requests[i].leaf
-            maps, kept = read_maps(ckpt, leaf), kept_values(ckpt, leaf)
+            maps, kept = read_maps(ckpt, leaf), kept_values(ckpt, leaf, requests[i].dtype)
             for device, ranges in boxes[i].items():
                 plan = plans.setdefault(device, _DevicePlan(device))
                 cut, region_kept, payload = add_region(plan.builder, ckpt, leaf, ranges,

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
-from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, finish_leaf,
-                                        in_memory_kind, kept_values, one_device, place_raw,
-                                        restored_dtype, target_requests)
+from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, bucketed_kept,
+                                        finish_leaf, in_memory_kind, kept_values, one_device,
+                                        place_raw, restored_dtype, target_requests)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
@@ -80,8 +80,11 @@ class CompressedArray:
 def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     builder = codec.PlanBuilder()
     add_whole_leaf(builder, ckpt, leaf, dtype)
-    plan = builder.finish()
-    operands, kept = jax.device_put((ops.plan_operands(plan), kept_values(ckpt, leaf)), device)
+    # Bucketed as restore's (found by review: a user's jitted step taking the
+    # loaded tree compiled again for every new checkpoint of the model).
+    plan = builder.finish(bucketed=True)
+    kept = bucketed_kept(kept_values(ckpt, leaf, dtype))
+    operands, kept = jax.device_put((ops.plan_operands(plan), kept), device)
     return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype, leaf.view, kept)
 
 
@@ -121,6 +124,10 @@ def _load_leaf(ckpt, request, device):
     if request.leaf.kind == "raw":
         return in_memory_kind(place_raw(ckpt.read_raw(request.leaf), request, device), request,
                               device)
+    if request.memory_kind is not None:   # found by review: device memory, silently
+        raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed in its "
+                         f"device's memory, but the target asks for {request.memory_kind}; use "
+                         "jaxjpeg.restore, or decode and jax.device_put the result")
     if request.sharding is not None:
         raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed on one "
                          f"device, but the target shards it over {len(request.sharding.device_set)}"

@@ -936,6 +936,53 @@ def test_bucketed_plans_of_different_sizes_have_the_same_operand_shapes():
             np.testing.assert_array_equal(decoded, codec.decode_tensor(encs[k]))
 
 
+def test_a_jitted_step_taking_loaded_checkpoints_compiles_once(tmp_path):
+    """Found by review: load did not pad as restore does, so a user's jitted
+    step decoding a loaded tree compiled again for every new checkpoint."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((192, 256)).astype(np.float32) * 0.05
+    trees = [{"w": w0 * np.float32(2.0 ** step)} for step in range(2)]
+    for step, t in enumerate(trees):
+        t["w"].reshape(-1)[rng.choice(t["w"].size, 5 + step, replace=False)] = 40.0 * 2 ** step
+        jaxjpeg.save(tmp_path / f"s{step}.jjpg", t)
+    step_fn = jax.jit(lambda tree: jaxjpeg.decode(tree)["w"].sum())
+    step_fn(jaxjpeg.load(tmp_path / "s0.jjpg"))
+    before = len(_COMPILES)
+    loaded = jaxjpeg.load(tmp_path / "s1.jjpg")
+    total = step_fn(loaded)
+    assert len(_COMPILES) == before, _COMPILES[before:]
+    want = np.asarray(jaxjpeg.restore(tmp_path / "s1.jjpg")["w"], np.float64).sum()
+    assert abs(float(total) - want) <= 1e-3 * abs(want) + 1e-2
+
+
+def test_kept_values_beyond_the_decoded_dtype_are_refused(tmp_path):
+    """Found by review: a side-list value of 1e5 decoded to float16 became inf
+    silently (restore, load + decode), where a raw leaf's is refused."""
+    x = (0.05 * np.random.default_rng(1).standard_normal((64, 256))).astype(np.float32)
+    x[3, 3] = 1e5
+    jaxjpeg.save(tmp_path / "k.jjpg", {"w": x})
+    half = {"w": jax.ShapeDtypeStruct(x.shape, jnp.float16)}
+    for read in (lambda: jaxjpeg.restore(tmp_path / "k.jjpg", dtype=jnp.float16),
+                 lambda: jaxjpeg.load(tmp_path / "k.jjpg", target=half),
+                 lambda: jaxjpeg.open(tmp_path / "k.jjpg").get("w", dtype=jnp.float16),
+                 lambda: jaxjpeg.open(tmp_path / "k.jjpg").get_slice("w", np.s_[:8],
+                                                                    dtype=jnp.float16)):
+        with pytest.raises(ValueError, match="'w'.*inf as float16"):
+            read()
+    assert np.asarray(jaxjpeg.restore(tmp_path / "k.jjpg")["w"])[3, 3] == 1e5
+
+
+def test_load_refuses_host_memory_for_compressed_leaves(tmp_path):
+    """Found by review: a JPEG leaf's target in pinned_host memory was loaded
+    into device memory silently (raw leaves honour it)."""
+    x = (0.05 * np.random.default_rng(2).standard_normal((64, 64))).astype(np.float32)
+    jaxjpeg.save(tmp_path / "m.jjpg", {"w": x})
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    with pytest.raises(ValueError, match="pinned_host.*jaxjpeg.restore"):
+        jaxjpeg.load(tmp_path / "m.jjpg", target={"w": jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                             sharding=host)})
+
+
 def test_bucketed_sizes_are_few_and_close():
     sizes = [codec.bucketed_size(n) for n in range(1, 5000)]
     assert all(n <= b for n, b in zip(range(1, 5000), sizes))
