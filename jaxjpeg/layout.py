@@ -194,12 +194,29 @@ def path_size_problem(records: Sequence[Sequence]) -> str | None:
 
 
 class _Node:
-    __slots__ = ("children", "kind", "leaf")
+    __slots__ = ("children", "kind", "leaf", "keys", "key_types")
 
     def __init__(self):
         self.children: dict[str, _Node] = {}
         self.kind = None   # the record kind of the keys ending here (None: a part of a key)
         self.leaf = False
+        self.keys: dict = {}   # (kind, key as a Python dict sees it) -> its string, below here
+        self.key_types: set = set()   # "int" / "str" of the dict keys below here
+
+
+def _python_key_clash(parent: _Node, kind: str, key) -> bool:
+    """Keys a nested restore cannot keep apart under one parent (found by
+    review: ``True`` and ``1`` are one Python dict key, so one leaf of a
+    file vanished on restore), or that jax cannot sort (int and str dict
+    keys together, which no save writes: jax cannot flatten such a dict)."""
+    python_key = int(key) if isinstance(key, bool) else key
+    spelled = parent.keys.setdefault((kind, python_key), str(key))
+    if spelled != str(key):
+        return True
+    if kind == "key":
+        parent.key_types.add("str" if isinstance(key, str) else "int")
+        return len(parent.key_types) > 1
+    return False
 
 
 def path_clash(paths: Iterable[Sequence[Sequence]]) -> str | None:
@@ -219,6 +236,8 @@ def path_clash(paths: Iterable[Sequence[Sequence]]) -> str | None:
     for records in paths:
         node = root
         for kind, key in records:
+            if _python_key_clash(node, kind, key):
+                return path_string(records)
             parts = str(key).split("/")
             for i, part in enumerate(parts):
                 if node.leaf:

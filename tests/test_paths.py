@@ -35,6 +35,12 @@ def key(*names):
     ([key("a"), []], ""),
     ([[]], None),
     ([key("ab"), key("a", "b")], None),             # prefixes count only at '/'
+    # found by review: one Python dict key (True == 1), so restore kept one leaf
+    ([key(True), key(1)], "1"),
+    ([key(False), key(0, "x")], "0/x"),
+    ([key(1), key("b")], "b"),                      # int and str keys: jax cannot sort them
+    ([key(0), key(1), key(2)], None),
+    ([[["index", 0]], [["index", 1]]], None),
 ])
 def test_path_rule(paths, clash):
     assert layout.path_clash(paths) == clash
