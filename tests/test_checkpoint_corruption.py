@@ -655,3 +655,26 @@ def test_deflated_float16_leaves_refuse_a_short_stream(tmp_path):
     bad = rewrite(path, tmp_path / "bad.jjpg",
                   edit_meta=set_in(lambda m: m["leaves"][index], "deflated", "yes"))
     assert_clear_error(bad, "bad 'deflated'")
+
+
+def test_verify_checks_side_lists_as_restore_does(tmp_path, capsys):
+    """Found by review: a side list whose positions repeat passed verify
+    (exit 0) while restore refused the file."""
+    from jaxjpeg import cli, layout
+    x = (0.05 * np.random.default_rng(4).standard_normal((128, 256))).astype(np.float32)
+    x[1, 2], x[7, 9] = 40.0, -40.0
+    src = tmp_path / "s.jjpg"
+    jaxjpeg.save(src, {"w": x})
+
+    def repeat_first(blobs):
+        name = layout.outliers_blob(0)
+        count = 2
+        index = np.frombuffer(blobs[name][:4 * count], np.uint32).copy()
+        index[1] = index[0]
+        blobs[name] = index.tobytes() + blobs[name][4 * count:]
+
+    bad = rewrite(src, tmp_path / "bad.jjpg", edit_blobs=repeat_first)
+    with pytest.raises(fmt.FormatError, match="outlier positions"):
+        jaxjpeg.restore(bad)
+    assert cli.main(["verify", str(bad)]) == 1
+    assert "outlier positions" in capsys.readouterr().out
