@@ -95,7 +95,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         shape = tuple(int(d) for d in record["shape"])
         # A JPEG block takes at least 2 bits (a DC code and an EOB): no file
         # holds more than 256 weights per byte, whatever the shape claims.
-        if any(d < 0 for d in shape) or math.prod(shape) > file_size * 256 + 2**20:
+        # The other sides of an empty leaf bounded too: a zero next to 2**70
+        # made the product 0 and numpy fail later with its own errors (found
+        # by review); numpy takes at most 2**62 elements.
+        if (any(d < 0 for d in shape) or math.prod(shape) > file_size * 256 + 2**20
+                or math.prod(d for d in shape if d) >= 2**62):
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
                          parse_dtype(record["dtype"]), record["kind"])

@@ -678,3 +678,18 @@ def test_verify_checks_side_lists_as_restore_does(tmp_path, capsys):
         jaxjpeg.restore(bad)
     assert cli.main(["verify", str(bad)]) == 1
     assert "outlier positions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**40, 2**40]])
+def test_an_empty_leaf_of_impossible_sides_is_refused_at_open(tmp_path, shape):
+    """Found by review: a zero next to 2**70 made the shape's product 0 and
+    passed, then numpy failed with its own errors (verify with a traceback)."""
+    src = tmp_path / "e.jjpg"
+    jaxjpeg.save(src, {"e": np.zeros((0, 4), np.float32)})
+
+    def huge(meta):
+        meta["leaves"][0]["shape"] = shape
+
+    bad = rewrite(src, tmp_path / "bad.jjpg", edit_meta=huge)
+    with pytest.raises(fmt.FormatError, match="implausible shape"):
+        jaxjpeg.open(bad)
