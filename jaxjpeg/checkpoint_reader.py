@@ -92,7 +92,11 @@ def _check_path_records(index: int, records) -> None:
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
         _check_path_records(index, record["path"])
-        shape = tuple(int(d) for d in record["shape"])
+        if not isinstance(record["shape"], list) or any(type(d) is not int
+                                                         for d in record["shape"]):
+            raise fmt.FormatError(f"leaf {index}: malformed shape {record['shape']!r:.100} "
+                                  "(not a list of whole numbers)")   # 16.7 was read as 16
+        shape = tuple(record["shape"])
         # A JPEG block takes at least 2 bits (a DC code and an EOB): no file
         # holds more than 256 weights per byte, whatever the shape claims.
         # The other sides of an empty leaf bounded too: a zero next to 2**70

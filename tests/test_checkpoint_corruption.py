@@ -693,3 +693,17 @@ def test_an_empty_leaf_of_impossible_sides_is_refused_at_open(tmp_path, shape):
     bad = rewrite(src, tmp_path / "bad.jjpg", edit_meta=huge)
     with pytest.raises(fmt.FormatError, match="implausible shape"):
         jaxjpeg.open(bad)
+
+
+@pytest.mark.parametrize("shape", [[16.7, 4], "16", [True, 4]])
+def test_a_shape_that_is_not_whole_numbers_is_refused(tmp_path, shape):
+    """Found by review: 16.7 was read as 16, "16" as (1, 6)."""
+    src = tmp_path / "s.jjpg"
+    jaxjpeg.save(src, {"s": np.zeros((16, 4), np.int32)})
+
+    def odd(meta):
+        meta["leaves"][0]["shape"] = shape
+
+    bad = rewrite(src, tmp_path / "bad.jjpg", edit_meta=odd)
+    with pytest.raises(fmt.FormatError, match="whole numbers"):
+        jaxjpeg.open(bad)
