@@ -506,10 +506,25 @@ def _tap_sums(array, name: str, axes: tuple[int, int], load) -> np.ndarray | Non
 
 def _order_lost(ordered) -> bool:
     """Whether the leaves are listed sorted by name (a Flax NNX state, a
-    safetensors file), not in the order the network was built."""
+    safetensors file), not in the order the network was built: the whole
+    listing, or each top-level container's part of it ({"params": ...,
+    "batch_stats": ...} whose dicts a jax tree operation rebuilt with sorted
+    keys, as optax and TrainState do; found by review: every BatchNorm_i
+    then came before every Conv_i and all were paired with the last)."""
     names = [name for name, _ in ordered]
-    return len(names) > 2 and (names == sorted(names)
-                               or names == sorted(names, key=_natural_key))
+    if len(names) <= 2:
+        return False
+    if _listed_sorted(names):
+        return True
+    parts: dict[str, list] = {}
+    for name in names:
+        parts.setdefault(name.split("/", 1)[0], []).append(name)
+    return (len(parts) > 1 and any(len(p) > 2 for p in parts.values())
+            and all(_listed_sorted(p) for p in parts.values()))
+
+
+def _listed_sorted(names: list) -> bool:
+    return names == sorted(names) or names == sorted(names, key=_natural_key)
 
 
 def _natural_key(name: str) -> tuple:

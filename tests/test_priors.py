@@ -855,3 +855,34 @@ def test_measured_means_find_their_takers_in_a_sorted_listing():
     want = priors.shift_targets(dict(sd), out_axes)
     assert len(want) == 6
     assert priors.shift_targets(dict(sorted(sd.items())), out_axes) == want
+
+
+def test_containers_sorted_by_a_tree_operation_pair_as_built():
+    """Found by review: {"params": ..., "batch_stats": ...} whose dicts went
+    through jax.tree.map (sorted keys, as after optax) was taken for the
+    build order: every BatchNorm_i came before every Conv_i, and every
+    weight was modelled as fed by the last BatchNorm (logits error 0.116
+    against 0.059 over 6 seeds of a 6-layer CNN)."""
+    import jax
+    rng = np.random.default_rng(0)
+    params, stats, h = {}, {}, rng.standard_normal((64, 8, 8, 3))
+    for i in range(4):   # conv -> BatchNorm (statistics from data) -> ReLU
+        k = (rng.standard_normal((3, 3, h.shape[-1], 16)) * np.sqrt(2 / (9 * h.shape[-1])))
+        padded = np.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        z = sum(padded[:, a:a + 8, b:b + 8] @ k[a, b] for a in range(3) for b in range(3))
+        scale, bias = rng.uniform(0.3, 1.5, 16), rng.normal(-0.1, 0.5, 16)
+        mean, var = z.mean((0, 1, 2)), z.var((0, 1, 2))
+        params[f"Conv_{i}"] = {"kernel": k.astype(np.float32)}
+        params[f"BatchNorm_{i}"] = {"scale": scale.astype(np.float32),
+                                    "bias": bias.astype(np.float32)}
+        stats[f"BatchNorm_{i}"] = {"mean": mean.astype(np.float32), "var": var.astype(np.float32)}
+        h = np.maximum((z - mean) / np.sqrt(var + 1e-5) * scale + bias, 0)
+    params["Dense_0"] = {"kernel": (rng.standard_normal((16, 10)) * 0.3).astype(np.float32),
+                         "bias": np.zeros(10, np.float32)}
+    built = {"params": params, "batch_stats": stats}
+    resorted = {k: jax.tree.map(np.asarray, v) for k, v in built.items()}
+    assert list(resorted["params"])[0] == "BatchNorm_0"   # sorted keys
+    want, got = priors.batchnorm_prior(built), priors.batchnorm_prior(resorted)
+    assert sorted(want.moments) == sorted(got.moments) and len(want.moments) >= 4
+    for name, moments in want.moments.items():
+        np.testing.assert_array_equal(got.moments[name].mean, moments.mean, err_msg=name)
