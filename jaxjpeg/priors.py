@@ -124,7 +124,7 @@ import numpy as np
 
 from jaxjpeg.feedback import DiagonalPlusRankOne
 from jaxjpeg.quantized_vectors import LOG2, StepLimits
-from jaxjpeg.treepaths import leaves_with_paths, path_string
+from jaxjpeg.treepaths import leaves_with_paths, path_string, variable_name
 
 # Leaf names of a BatchNorm's affine parameters and of its running variance:
 # PyTorch, Keras, Flax ("scale"/"bias" in params, "var" in batch_stats).
@@ -688,13 +688,13 @@ def _output_biases(arrays: dict, names, channels) -> dict[str, str]:
 def may_be_batchnorm_vector(name: str, shape) -> bool:
     """Whether leaf ``name`` of ``shape`` may be a BatchNorm's parameter or
     statistic (what :func:`batchnorm_prior` reads the values of)."""
-    return len(shape) == 1 and _leaf(_variable_name(name)) in (*_SCALE, *_SHIFT, *_VARIANCE,
+    return len(shape) == 1 and _leaf(variable_name(name)) in (*_SCALE, *_SHIFT, *_VARIANCE,
                                                                 *_MEAN)
 
 
 def is_running_mean(name: str) -> bool:
     """Whether leaf ``name`` is a BatchNorm's running mean (by its last key)."""
-    return _leaf(_variable_name(name)) in _MEAN
+    return _leaf(variable_name(name)) in _MEAN
 
 
 def _running_mean(arrays: dict, parent: str, channels: int) -> str | None:
@@ -910,17 +910,13 @@ def _variable_names(ordered) -> tuple[list, dict[str, str]]:
     the key before it."""
     out, paths = [], {}
     for name, leaf in ordered:
-        short = _variable_name(name)
+        short = variable_name(name)
         if short != name:
             paths[short] = name
         out.append((short, leaf))
     return out, paths
 
 
-def _variable_name(path: str) -> str:
-    """``path`` less a last key ``value`` (see :func:`_variable_names`)."""
-    head, _, last = path.rpartition("/")
-    return head if last == "value" and head else path
 
 
 def _split(name: str) -> tuple[str, str]:

@@ -25,25 +25,35 @@ import re
 from collections import defaultdict
 from typing import Iterable
 
+from jaxjpeg.treepaths import variable_name
+
 # About int8's fidelity, 3 more bits a weight: Resemblyzer at the default
 # save, mean cosine 0.50 -> 0.97 (int8 per channel 0.98), 7.8x -> 4.6x.
 RECURRENT_STEP_FACTOR = 1 / 8
 
-_TORCH_WEIGHT = re.compile(r"(^|[./])weight_(ih|hh)(_l\d+)?(_reverse)?$")
+# weight_hr: the projection of nn.LSTM(proj_size > 0), applied every step
+_TORCH_WEIGHT = re.compile(r"(^|[./])weight_(ih|hh|hr)(_l\d+)?(_reverse)?$")
 # A module is a cell when its children with a kernel include all of one
 # signature's hidden-to-hidden gates and all of one's input gates; then every
 # gate child of it is coded as a recurrent weight.
+# ({"hh"}, {"ih"}): flax's ConvLSTMCell.
 _CELL_SIGNATURES = ({"hi", "hf", "hg", "ho"}, {"hr", "hz", "hn"}, {"hf", "hn"}, {"h"},
-                    {"dense_h"})
+                    {"dense_h"}, {"hh"})
 _CELL_INPUTS = ({"ii", "if", "ig", "io"}, {"ii", "if_", "ig", "io"}, {"ir", "iz", "in"},
-                {"if", "in"}, {"i"}, {"dense_i"})
+                {"if", "in"}, {"i"}, {"dense_i"}, {"ih"})
 _GATES = set().union(*_CELL_SIGNATURES, *_CELL_INPUTS)
 
 
 def recurrent_leaves(names: Iterable[str]) -> set[str]:
     """The names (slash-separated leaf paths) among ``names`` that are the
-    weight matrices of recurrent cells."""
-    names = list(names)
+    weight matrices of recurrent cells; NNX states' paths (``.../kernel/value``)
+    too (found by review: an ``nnx.state`` model's cells went unfound and
+    were coded 8x coarser)."""
+    originals = {variable_name(name): name for name in names}
+    return {originals[name] for name in _recurrent_variables(list(originals))}
+
+
+def _recurrent_variables(names: list) -> set[str]:
     present = set(names)
     found = {n for n in names if _TORCH_WEIGHT.search(n)}
     gates: dict[str, set[str]] = defaultdict(set)   # module path -> children with a kernel

@@ -19,6 +19,14 @@ def key_record(key) -> list:
     return ["key", str(key)]
 
 
+def variable_name(path: str) -> str:
+    """``path`` less a last key ``value``: Flax NNX keeps a variable's array
+    in its ``value`` (``nnx.state(model)`` has paths such as
+    ``conv1/kernel/value``), which names the leaf by the key before it."""
+    head, _, last = path.rpartition("/")
+    return head if last == "value" and head else path
+
+
 def path_string(records: Sequence[Sequence]) -> str:
     """The slash-separated form users match patterns against."""
     return "/".join(str(value) for _, value in records)

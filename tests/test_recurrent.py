@@ -47,6 +47,30 @@ def test_flax_nnx_cells_kernels(cell):
     assert kernels and recurrent.recurrent_leaves(names) == kernels
 
 
+@pytest.mark.parametrize("cell", [nnx.LSTMCell, nnx.GRUCell])
+def test_nnx_states_as_they_come_have_their_cells_found(cell):
+    """Found by review: nnx.state(model) as it is (paths ending in
+    kernel/value) had no cell found, so its kernels were coded 8x coarser."""
+    state = nnx.state(cell(3, 8, rngs=nnx.Rngs(0)), nnx.Param)
+    names = _paths(state)
+    kernels = {n for n in names if "kernel" in n}
+    assert kernels and all(n.endswith("/value") for n in kernels), names
+    assert recurrent.recurrent_leaves(names) == kernels
+
+
+def test_lstm_projections_and_conv_lstm_cells_are_recurrent():
+    """Found by review: nn.LSTM(proj_size > 0)'s weight_hr (applied every
+    step) and flax's ConvLSTMCell (children ih / hh) were not found."""
+    assert recurrent.recurrent_leaves(["lstm.weight_hr_l0", "lstm.weight_hh_l0",
+                                       "lstm.weight_ih_l0"]) == {
+        "lstm.weight_hr_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l0"}
+    cell = nn.ConvLSTMCell(features=4, kernel_size=(3, 3))
+    carry = cell.initialize_carry(jax.random.PRNGKey(0), (1, 6, 6, 2))
+    params = cell.init(jax.random.PRNGKey(0), carry, jnp.zeros((1, 6, 6, 2)))
+    names = _paths(params)
+    assert recurrent.recurrent_leaves(names) == {n for n in names if n.endswith("kernel")}
+
+
 def test_keras_recurrent_kernel_and_its_input_kernel():
     names = ["lstm/recurrent_kernel", "lstm/kernel", "lstm/bias", "dense/kernel"]
     assert recurrent.recurrent_leaves(names) == {"lstm/recurrent_kernel", "lstm/kernel"}
