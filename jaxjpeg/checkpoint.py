@@ -1057,6 +1057,7 @@ class _Save:
         if not given:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
+        _check_coding_options(bits, view, clip, restart_interval, encoder)
         if quality is not None or quant_step is not None or qtable is not None:
             # a bad table refused now, not by the first leaf's coding (which an
             # asynchronous save, Orbax's, runs after save() has returned)
@@ -1304,6 +1305,26 @@ def _broadcasts_to(shape, target) -> bool:
         return np.broadcast_shapes(shape, target) == tuple(target)
     except ValueError:
         return False
+
+
+def _check_coding_options(bits, view, clip, restart_interval, encoder) -> None:
+    """The options a leaf's coding would refuse, refused before anything is
+    coded (found by review: an asynchronous Orbax save returned True and the
+    first leaf's coding failed in its commit thread, losing that step and,
+    raised from the next save, the next one too)."""
+    from jaxjpeg import mapping, rate
+    if bits not in (None, 8, 12):
+        raise ValueError(f"bits must be 8, 12 or None, got {bits!r}")
+    if view not in rate.VIEWS:
+        raise ValueError(f"view must be one of {rate.VIEWS}, got {view!r}")
+    if clip not in mapping.CLIP_MODES:
+        raise ValueError(f"clip must be one of {mapping.CLIP_MODES}, got {clip!r}")
+    if (isinstance(restart_interval, bool) or not isinstance(restart_interval, (int, np.integer))
+            or not 0 <= restart_interval <= 65535):
+        raise ValueError(f"restart_interval must be a whole number of blocks in 0..65535, "
+                         f"got {restart_interval!r}")
+    if encoder is not None and not callable(encoder):
+        raise TypeError(f"encoder must be callable, got {type(encoder).__name__}")
 
 
 def _check_tile_shape(tile_shape) -> None:

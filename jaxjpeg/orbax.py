@@ -48,6 +48,7 @@ multi-host sharded arrays first).
 from __future__ import annotations
 
 import asyncio
+import copy as copy_module
 import dataclasses
 from typing import Any, List, Optional, Sequence
 
@@ -196,7 +197,24 @@ def _options(args: "JaxjpegSave") -> dict:
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     kwargs["progress"] = False
+    # Arrays among the options (importances, covariances, means) copied now,
+    # as the leaves are: the commit thread reads them after save returns,
+    # when the loop may have donated or changed them (found by review: a
+    # donated sensitivity array lost the step, "Array has been deleted").
+    for name in ("sensitivity", "input_covariance", "input_mean"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = _copied(kwargs[name])
     return kwargs
+
+
+def _copied(value):
+    """``value`` with every array in it copied to the host (dicts walked;
+    other objects, e.g. InputCovariance, deep-copied)."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return np.array(value, copy=True)
+    return copy_module.deepcopy(value)
 
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_save=True)

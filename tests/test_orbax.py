@@ -117,6 +117,12 @@ def test_plain_checkpointer_sync_and_async(tmp_path):
     (dict(save_kwargs={"tile_shape": (4, 4)}), ValueError, "tile_shape"),
     (dict(save_kwargs={"distributed": True}), TypeError, "distributes a save itself"),
     (dict(save_kwargs={"quant_stpe": 3}), TypeError, "not an option of jaxjpeg.save"),
+    # found by review: these were refused only by the first leaf's coding
+    (dict(bits=7), ValueError, "bits must be 8, 12"),
+    (dict(save_kwargs={"view": "bogus"}), ValueError, "view must be one of"),
+    (dict(save_kwargs={"clip": "bogus"}), ValueError, "clip must be one of"),
+    (dict(save_kwargs={"restart_interval": -3}), ValueError, "restart_interval"),
+    (dict(save_kwargs={"encoder": 5}), TypeError, "encoder must be callable"),
 ])
 def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, words):
     """They were checked in the commit thread: save(0) returned True, the
@@ -128,6 +134,23 @@ def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, w
         assert mngr.save(1, args=ocp.args.Composite(params=JaxjpegSave(params)))
         mngr.wait_until_finished()
         assert mngr.all_steps() == [1]
+
+
+def test_async_save_copies_array_options_before_returning(tmp_path):
+    """Found by review: a sensitivity of jax arrays the loop donated right
+    after save returned was read by the commit thread ("Array has been
+    deleted"): steps were lost, their errors raised by later saves."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray((0.05 * rng.standard_normal((256, 128))).astype(np.float32))}
+    fisher = {"w": jnp.ones((256, 128))}
+    update = jax.jit(lambda f: {"w": f["w"] * 1.5}, donate_argnums=0)
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        for step in range(3):
+            assert mngr.save(step, args=ocp.args.Composite(params=JaxjpegSave(
+                params, save_kwargs={"sensitivity": fisher})))
+            fisher = update(fisher)   # the saved one's buffer is donated
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [0, 1, 2]
 
 
 def test_save_kwargs_take_input_mean(tmp_path):
