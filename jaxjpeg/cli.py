@@ -47,6 +47,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -629,7 +630,9 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     _use_cpu()
     try:
-        return args.func(args)
+        with warnings.catch_warnings():   # a rate's warning as one line, as errors are
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -637,6 +640,15 @@ def main(argv=None) -> int:
         code, message = _classify(e)
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``jaxjpeg: warning: ...`` on stderr (found by review: the save's
+    warnings came out as Python's 'cli.py:605: UserWarning:' lines)."""
+    text = _first_line(message)
+    if text.startswith(f"{PROG}: "):
+        text = text[len(PROG) + 2:]
+    print(f"{PROG}: warning: {text}", file=sys.stderr)
 
 
 def _classify(e: Exception) -> tuple[int, str]:

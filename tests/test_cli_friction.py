@@ -142,3 +142,18 @@ def test_sources_a_checkpoint_cannot_hold_are_damaged_input_not_usage(tmp_path, 
         code, _, err = run(capsys, "compress", tmp_path / name, tmp_path / "o.jjpg")
         assert code == 1 and words in err and name in err, err
         assert not (tmp_path / "o.jjpg").exists()
+
+
+def test_a_save_warning_is_one_line_of_its_own(tmp_path, capsys):
+    """Found by review: a missed byte target's warning came out as Python's
+    'cli.py:605: UserWarning: ...' lines."""
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(0)
+    save_file({"w": rng.standard_normal((256, 256)).astype(np.float32)},
+              str(tmp_path / "s.safetensors"))
+    code, _, err = run(capsys, "compress", tmp_path / "s.safetensors", tmp_path / "o.jjpg",
+                       "--target-ratio", "1.05")
+    assert code == 0, err
+    lines = [l for l in err.splitlines() if "warning" in l.lower()]
+    assert lines and all(l.startswith("jaxjpeg: warning: target_ratio=1.05") for l in lines), err
+    assert "UserWarning" not in err
