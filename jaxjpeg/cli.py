@@ -515,21 +515,21 @@ def _path(text: str) -> str:
 
 def _local_dir(text: str) -> str:
     """A directory argument the command writes files into: local only."""
-    from jaxjpeg import storage
-    path = _path(text)
-    if storage.local_path(path) is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a local directory, not a URL")
-    return storage.local_path(path)
+    return _local(text, "directory")
 
 
 def _local_path(text: str) -> str:
     """A path the command writes to: local only (found by review: export to
     memory://bucket/out made a local folder 'memory:' and said it wrote the
     store)."""
+    return _local(text, "path")
+
+
+def _local(text: str, what: str) -> str:
     from jaxjpeg import storage
     path = _path(text)
     if storage.local_path(path) is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a local path, not a URL")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a local {what}, not a URL")
     return storage.local_path(path)
 
 

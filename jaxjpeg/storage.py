@@ -214,14 +214,11 @@ class RangeSource:
         try:
             return fn(*args, **kwargs)
         except FileNotFoundError as e:
-            raise self._not_found_for_its_cause(e, what) from e
+            raise not_found_for_its_cause(e, self.name, what) from e
         except OSError:
             raise
         except Exception as e:
             raise OSError(f"{self.name}: {what}: {type(e).__name__}: {e}") from e
-
-    def _not_found_for_its_cause(self, e: FileNotFoundError, what: str) -> OSError:
-        return not_found_for_its_cause(e, self.name, what)
 
     def close(self) -> None:
         if self._fs is None:
