@@ -437,11 +437,20 @@ class ContainerWriter:
 # ----------------------------------------------------------------------------- reader
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+class DuplicateKey(ValueError):
+    """A JSON object naming ``key`` twice (json.loads would keep the last)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` for json.loads: DuplicateKey on a repeated name."""
     result = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            raise DuplicateKey(key)
         result[key] = value
     return result
 
@@ -555,7 +564,7 @@ class ContainerReader:
         try:
             header = json.loads(
                 str(raw, "utf-8"),
-                object_pairs_hook=_reject_duplicate_keys,
+                object_pairs_hook=reject_duplicate_keys,
                 parse_constant=_reject_constant,
             )
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

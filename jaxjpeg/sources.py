@@ -36,6 +36,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
+from jaxjpeg import format as fmt
 from jaxjpeg import storage
 
 __all__ = ["Source", "SourceError", "load_source", "open_source"]
@@ -319,22 +320,6 @@ def _safetensors_source(path: str, shards: dict[str, set | None], files: _Files)
     return Source(path, [leaves[name] for name in sorted(leaves)], metadata or None)
 
 
-class _RepeatedKey(ValueError):
-    pass
-
-
-def _without_repeats(pairs: list) -> dict:
-    """A JSON object, refused when a name repeats (json.loads kept the last:
-    a safetensors header naming a tensor twice lost the first; found by
-    review)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedKey(f"{key!r:.200} twice")
-        out[key] = value
-    return out
-
-
 def _safetensors_header(file: str, files: _Files) -> tuple[list, dict | None]:
     """(SourceLeaf per tensor, ``__metadata__``) of one safetensors file, from
     its header alone (two ranged reads), every entry checked against the
@@ -348,9 +333,12 @@ def _safetensors_header(file: str, files: _Files) -> tuple[list, dict | None]:
     text = files.read(file, 8, n)
     data_start, data_size = 8 + n, size - 8 - n
     try:
-        header = json.loads(text, object_pairs_hook=_without_repeats)
-    except _RepeatedKey as e:
-        raise SourceError(f"{file}: not a valid safetensors file (its header names {e})") from None
+        # a repeated name refused: json.loads kept the last, and a header naming
+        # a tensor twice lost the first (found by review)
+        header = json.loads(text, object_pairs_hook=fmt.reject_duplicate_keys)
+    except fmt.DuplicateKey as e:
+        raise SourceError(f"{file}: not a valid safetensors file (its header names "
+                          f"{e.key!r:.200} twice)") from None
     except (ValueError, RecursionError) as e:
         raise SourceError(f"{file}: not a valid safetensors file (header: "
                           f"{type(e).__name__})") from None
