@@ -229,18 +229,24 @@ def _injected_failure_fails_every_process(name, owner, attribute, failing, error
     assert not [f for f in os.listdir(WORK) if f.startswith(name + ".tmp-")]
 
 
+def _store_raising(failing: int, error: BaseException):
+    """_Save._store replaced by one that raises ``error`` in process
+    ``failing`` on a weight no bias correction waits for."""
+    def failing_store(real):
+        def store(self, index, leaf):
+            if PROCESS == failing and not self.bias_correction.waits(leaf.name):
+                raise error
+            return real(self, index, leaf)
+        return store
+    return failing_store
+
+
 @check
 def a_process_failing_while_coding_fails_every_process_quickly():
     """Process 1 fails coding a weight (a disk error, say) while the others
     wait for its bias-correction shifts: every process raises at once."""
-    def failing(real):
-        def store(self, index, leaf):
-            if PROCESS == 1 and not self.bias_correction.waits(leaf.name):
-                raise OSError("injected read error")
-            return real(self, index, leaf)
-        return store
-
-    _injected_failure_fails_every_process("failed.jjpg", checkpoint._Save, "_store", failing,
+    _injected_failure_fails_every_process("failed.jjpg", checkpoint._Save, "_store",
+                                          _store_raising(1, OSError("injected read error")),
                                           (OSError, ValueError), "injected read error")
 
 
@@ -249,16 +255,10 @@ def a_process_interrupted_while_coding_fails_every_process_quickly():
     """Found by review: a KeyboardInterrupt in process 0 while coding (a
     training loop stopping on Ctrl-C) left its temporary file, and the other
     processes waited TIMEOUT_S for its part."""
-    def interrupted(real):
-        def store(self, index, leaf):
-            if PROCESS == 0 and not self.bias_correction.waits(leaf.name):
-                raise KeyboardInterrupt("injected interrupt")
-            return real(self, index, leaf)
-        return store
-
-    _injected_failure_fails_every_process("interrupted.jjpg", checkpoint._Save, "_store",
-                                          interrupted, (KeyboardInterrupt, ValueError),
-                                          "injected interrupt")
+    _injected_failure_fails_every_process(
+        "interrupted.jjpg", checkpoint._Save, "_store",
+        _store_raising(0, KeyboardInterrupt("injected interrupt")),
+        (KeyboardInterrupt, ValueError), "injected interrupt")
 
 
 def _failing_to_read_leaves(failing: int, name: str) -> None:
