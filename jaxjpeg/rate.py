@@ -130,7 +130,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    if importance is None and input_covariance is None and ROW_POWER == 0:
+    plain = importance is None and input_covariance is None and ROW_POWER == 0
+    if plain:
         p = analysis.prepare_plain(x, view, shards)   # one native pass, when it can decide
         if p is not None:
             return p
@@ -146,7 +147,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     if input_covariance is not None:
         view = feedback.view_for(input_covariance, x.shape, view)
         fb = feedback.for_view(input_covariance, x.shape, view)
-    outliers = analysis.no_far_values(x, view) or views.find_outliers(x, view, finite=finite)
+    # The native pass spares find_outliers where it would keep nothing; a
+    # leaf prepare_plain declined is one where it would not (no second pass).
+    outliers = ((None if plain else analysis.no_far_values(x, view))
+                or views.find_outliers(x, view, finite=finite))
     if outliers.count:
         coded = np.ones(x.size, bool)
         coded[outliers.index] = False
