@@ -112,6 +112,15 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     return unary + remainders, record
 
 
+def coded_bytes(values: np.ndarray, step: float) -> int:
+    """The bytes :func:`encode` takes for ``values`` on a linear ``step``
+    (counted, not coded)."""
+    codes = np.round(np.asarray(values, np.float64).ravel() / step).astype(np.int64)
+    folded = _zigzag(codes - int(np.median(codes)))
+    k = _rice_parameter(folded)
+    return -(-(int(np.sum(folded >> k)) + folded.size) // 8) + -(-folded.size * k // 8)
+
+
 def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
     """The float32 values of a blob :func:`encode` wrote, from the leaf's
     checked ``record`` fields (:func:`check_record`); ValueError when the

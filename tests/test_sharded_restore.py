@@ -27,6 +27,7 @@ CHECKS = [
     "replicated_every_device_reads_everything",
     "bfloat16_sharded_and_dtype_override",
     "raw_leaf_sharded",
+    "thin_quantized_leaf_sharded",
     "whole_tree_mixed_targets",
     "different_device_count_than_saved",
     "concrete_target_keeps_its_device",

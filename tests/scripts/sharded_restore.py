@@ -221,6 +221,24 @@ def raw_leaf_sharded():
 
 
 @check
+def thin_quantized_leaf_sharded():
+    """A thin leaf is stored quantized, not as JPEG (its 8x8 blocks would be
+    mostly padding): its shards come from the decoded values."""
+    thin = (0.02 * rng.normal(size=(32768, 2))).astype(np.float32)
+    path = os.path.join(WORK, "thin.jjpg")
+    report = jaxjpeg.save(path, {"thin": thin})
+    assert report.leaves[0].kind == "raw" and "8x8" in report.leaves[0].note, report.leaves
+    whole = np.asarray(jaxjpeg.restore(path)["thin"])
+    for sharding in (NamedSharding(mesh((8,), ("x",)), P("x")),
+                     NamedSharding(mesh((2,), ("x",)), P(None, "x"))):
+        target = {"thin": jax.ShapeDtypeStruct(thin.shape, thin.dtype, sharding=sharding)}
+        value = jaxjpeg.restore(path, target=target)["thin"]
+        assert value.sharding.is_equivalent_to(sharding, 2), (value.sharding, sharding)
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index])
+
+
+@check
 def whole_tree_mixed_targets():
     m = mesh((8,), ("x",))
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(m, P("x")))
