@@ -728,8 +728,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
       (named so that it is never mistaken for a training step);
     * ``quality``: the standard JPEG table scaled to 1..100; ``qtable``: any
       64-entry table;
-    * ``error_bound``: each leaf's relative RMS error at most this (the
-      step is searched per leaf, 8 or 12-bit samples);
+    * ``error_bound``: each leaf's relative RMS error at most this, over
+      the values it codes (those kept exactly count in neither the error
+      nor the norm; the step is searched per leaf, 8 or 12-bit samples);
     * ``target_ratio`` (against float32, whatever the leaves' dtypes),
       ``bits_per_weight`` (all-in: file bytes * 8 / weights) or
       ``target_bytes``: the whole file's size, shared across leaves by

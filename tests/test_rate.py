@@ -51,6 +51,25 @@ def test_error_bound_fixed_bits(bits):
     assert rate.relative_error(x, enc) <= 0.05
 
 
+@pytest.mark.parametrize("count,value", [(1, 1e4), (10, 1e30)])
+def test_error_bound_holds_for_the_values_not_kept_exactly(tmp_path, count, value):
+    """Found by review: the bound was relative to a norm that counted the
+    values kept exactly, so one kept 1e4 in a leaf of N(0, 1) let the rest
+    restore at relative error 0.998 under error_bound=0.05."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 256)).astype(np.float32)
+    far = rng.choice(x.size, count, replace=False)
+    x.reshape(-1)[far] = value
+    report = jaxjpeg.save(tmp_path / "t.jjpg", {"w": x}, error_bound=0.05)
+    assert "kept exactly" in report.leaves[0].note
+    restored = np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["w"], np.float64).reshape(-1)
+    rest = np.ones(x.size, bool)
+    rest[far] = False
+    coded = x.reshape(-1)[rest].astype(np.float64)
+    assert np.linalg.norm(restored[rest] - coded) <= 0.05 * np.linalg.norm(coded)
+    np.testing.assert_array_equal(restored[far], x.reshape(-1)[far])
+
+
 def test_tighter_bound_costs_more():
     x = _tensor("laplace", (128, 128), seed=1)
     sizes = [rate.encode_for_error(x, b).nbytes for b in (0.3, 0.1, 0.03, 0.01, 0.003)]
