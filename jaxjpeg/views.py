@@ -33,9 +33,13 @@ OUTLIER_SIGMAS = 12.0      # |w - row mean| beyond this many row RMS: kept exact
 # More far values than this: code them instead. A far value costs ~6 bytes
 # kept; coded, it stretches its row's range over every other weight (found
 # by review: at 1/256, spikes 1000x the weights at 0.42% of a leaf were
-# coded and the rest restored at relative error 3.4). No leaf of
-# EfficientNet-lite1/-lite2 or PP-OCRv6 has more than 13 far values.
+# coded and the rest restored at relative error 3.4). Values found only by
+# the second look (see MASKED_SIGMAS_FACTOR) keep the old 1/256: many of
+# them are a loud channel across the rows (one value of each row), which
+# the row maps code better. No leaf of EfficientNet-lite1/-lite2 or PP-OCRv6
+# has more than 13 far values.
 MAX_OUTLIER_FRACTION = 1 / 32
+MAX_MASKED_FRACTION = 1 / 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,17 +325,18 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
              else finite.reshape(-1))
     m = view.to_matrix(x32.reshape(x.shape))
     ok = ~view.to_matrix(must.reshape(x.shape)) if must.any() else None
-    far = np.empty(m.shape, bool)
+    first, masked = np.empty(m.shape, bool), np.empty(m.shape, bool)
     # Row statistics block by block: the temporaries stay in cache (a whole
     # leaf's deviations would be another leaf-sized pass through memory).
     step = max(1, ROW_BLOCK_ELEMENTS // max(1, m.shape[1]))
     for r in range(0, m.shape[0], step):
         rows = slice(r, r + step)
-        far[rows] = far_from_row_mean(m[rows], None if ok is None else ok[rows], sigmas)
-    far_flat = _flat_positions(far, view, x.shape)
-    if far_flat.size > MAX_OUTLIER_FRACTION * flat.size:
-        far_flat = np.zeros(0, np.int64)
-    index = np.union1d(np.flatnonzero(must), far_flat).astype(np.int64)
+        first[rows], masked[rows] = _far_masks(m[rows], None if ok is None else ok[rows], sigmas)
+    kept = [_flat_positions(far, view, x.shape) for far in (first, masked)]
+    for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION)):
+        if kept[k].size > limit * flat.size:
+            kept[k] = np.zeros(0, np.int64)
+    index = np.union1d(np.flatnonzero(must), np.union1d(*kept)).astype(np.int64)
     return Outliers(index, flat[index].copy())
 
 
@@ -361,13 +366,21 @@ def far_from_row_mean(m: np.ndarray, ok: np.ndarray | None, sigmas: float) -> np
     MASKED_SIGMAS_FACTOR times ``sigmas`` from those are far too (in a row
     of n values none can stand more than sqrt(n - 1) RMS out: in rows of
     up to 145 only this look can find one)."""
+    first, masked = _far_masks(m, ok, sigmas)
+    return first | masked
+
+
+def _far_masks(m: np.ndarray, ok: np.ndarray | None, sigmas: float):
+    """(far at the first look, far only at the second) of :func:`far_from_row_mean`."""
     dev, rms = _row_deviations(m, ok, ok)
-    far = (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
+    first = (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
     suspect = np.abs(dev) > np.float32(sigmas / 2) * rms[:, None]
+    masked = np.zeros_like(first)
     if suspect.any():
         dev, rms = _row_deviations(m, ~suspect if ok is None else ok & ~suspect, ok)
-        far |= (np.abs(dev) > MASKED_SIGMAS_FACTOR * sigmas * rms[:, None]) & (rms[:, None] > 0)
-    return far
+        masked = ((np.abs(dev) > MASKED_SIGMAS_FACTOR * sigmas * rms[:, None])
+                  & (rms[:, None] > 0) & ~first)
+    return first, masked
 
 
 def _row_deviations(m: np.ndarray, counted: np.ndarray | None,
