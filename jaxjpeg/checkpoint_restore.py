@@ -52,13 +52,20 @@ class LeafRequest:
     memory_kind: Any = None   # the target's memory, where not the device's (host offloading)
 
 
-def restored_dtype(saved: np.dtype, override=None, wanted=None) -> np.dtype:
+def restored_dtype(saved: np.dtype, override=None, wanted=None, name: str = "") -> np.dtype:
     """The dtype a leaf comes back in: the target's (``wanted``) or the saved
     one, changed to ``override`` (``dtype=`` of restore and load) only when
-    floating: a step counter or a mask keeps its integer or bool dtype."""
+    floating: a step counter or a mask keeps its integer or bool dtype.
+    Floating values are not cast to bool, nor complex ones to a real
+    dtype; to an integer dtype they must fit it (check_values_fit,
+    check_decoded_range)."""
     base = np.dtype(saved if wanted is None else wanted)
     if override is not None and jnp.issubdtype(base, jnp.floating):
-        return np.dtype(override)
+        base = np.dtype(override)
+    saved = np.dtype(saved)
+    if (_is_float(saved) and base.kind == "b") or (saved.kind == "c" and base.kind != "c"):
+        raise ValueError(f"leaf {name!r}: its {saved.name} values cannot be restored "
+                         f"as {base.name} (cast after restoring if that is meant)")
     return base
 
 
@@ -74,7 +81,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         want = _target_leaf(name, want, saved)
         if want.shape != saved.shape:
             raise ValueError(f"{name}: target shape {want.shape} != saved shape {saved.shape}")
-        want_dtype = restored_dtype(saved.dtype, dtype, want.dtype)
+        want_dtype = restored_dtype(saved.dtype, dtype, want.dtype, name)
         sharding = want.sharding
         memory_kind = other_memory_kind(sharding)
         device = None
@@ -216,8 +223,10 @@ def add_whole_leaf(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
     ``codec.written_dtype(dtype)`` in the layout ``views.written_view`` names
     (a view that moves data is placed by the decoder, not transposed after);
     returns the payload bytes added."""
+    maps = read_maps(ckpt, leaf)
+    check_decoded_range(leaf, maps, dtype)
     return add_leaf_tiles(builder, ckpt, leaf, list(range(len(leaf.tiles))), (0, 0),
-                          leaf.matrix_shape, codec.written_dtype(dtype), read_maps(ckpt, leaf),
+                          leaf.matrix_shape, codec.written_dtype(dtype), maps,
                           views.placement(leaf.view, leaf.shape))
 
 
@@ -244,6 +253,35 @@ def kept_values(ckpt: Checkpoint, leaf: SavedLeaf, dtype=None):
         check_values_fit(np.asarray(outliers.values), dtype, leaf.path)
     index_dtype = np.int32 if math.prod(leaf.shape) < 2**31 else np.int64
     return outliers.index.astype(index_dtype), np.asarray(outliers.values)
+
+
+def check_decoded_range(leaf: SavedLeaf, maps: "_LeafMaps", dtype) -> None:
+    """Refuses a float ``dtype`` narrower than float32 (float16) that the
+    leaf's coded values may not fit: its maps bound what the samples decode
+    to (found by review: N(0, 1e5) weights read as float16 came back with
+    33,500 of 65,536 values inf, silently, where its side list's values and
+    raw leaves are refused)."""
+    dtype = jax.dtypes.canonicalize_dtype(np.dtype(dtype))
+    if _is_float(dtype) and _largest(dtype) >= _largest(np.dtype(np.float32)):
+        return
+    top = float((1 << leaf.bits) - 1)
+    scale, offset = (np.asarray(m, np.float64) for m in (maps.scale, maps.offset))
+    ends = [offset.min(initial=0.0), offset.max(initial=0.0),
+            (offset + top * scale).min(initial=0.0), (offset + top * scale).max(initial=0.0)]
+    cols = ([1.0] if maps.col_scale is None
+            else [float(np.min(maps.col_scale, initial=1.0)),
+                  float(np.max(maps.col_scale, initial=1.0))])
+    lo, hi = min(e * c for e in ends for c in cols), max(e * c for e in ends for c in cols)
+    if _is_float(dtype):
+        fits = max(-lo, hi) <= _largest(dtype)
+        hint = "restore it as float32 or bfloat16"
+    else:   # astype truncates towards zero
+        limits = np.iinfo(dtype)
+        fits = limits.min - 1 < lo and hi < limits.max + 1
+        hint = "restore it as a float dtype"
+    if not fits:
+        raise ValueError(f"leaf {leaf.path!r}: its coded values may span [{lo:.3g}, "
+                         f"{hi:.3g}], beyond {dtype.name}: {hint}")
 
 
 def bucketed_kept(kept):
@@ -538,6 +576,7 @@ def add_region(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf, ra
                maps: _LeafMaps, kept) -> tuple[tuple, Any, int]:
     """The tiles of the region ``ranges`` as one output of ``builder``:
     (its cut, see _finish_shard; its side-list entries or None; payload bytes)."""
+    check_decoded_range(leaf, maps, dtype)
     tile_ids = region_tiles(leaf, ranges)
     tr0 = min(leaf.tiles[k][0] for k in tile_ids)
     tc0 = min(leaf.tiles[k][1] for k in tile_ids)
@@ -703,6 +742,10 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
     hint = "" if placed == wanted else _X64_HINT
     if array.size == 0:
         return
+    if array.dtype.kind == "f" or (array.dtype.kind == "V" and _is_float(array.dtype)):
+        if placed.kind in "iu":   # found by review: 300.2 came back 44 as uint8, silently
+            _check_floats_fit_integers(array, placed, name, hint)
+            return
     if array.dtype.kind in "iu" and placed.kind in "iu":
         lo, hi, limits = array.min(), array.max(), np.iinfo(placed)
         if lo < limits.min or hi > limits.max:
@@ -715,6 +758,17 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
             raise ValueError(f"leaf {name!r}: {int(lost.sum())} finite {array.dtype} value(s), "
                              f"largest magnitude {np.abs(array[lost]).max():.3g}, would become "
                              f"inf as {placed.name}{hint}")
+
+
+def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, hint: str):
+    """Float values cast to integers (towards zero) must be finite and in range."""
+    values = array.astype(np.float64)
+    limits = np.iinfo(placed)
+    bad = ~np.isfinite(values) | (values <= limits.min - 1) | (values >= limits.max + 1)
+    if bad.any():
+        raise ValueError(f"leaf {name!r}: {int(bad.sum())} {array.dtype} value(s), e.g. "
+                         f"{values[bad].flat[0]:.6g}, do not fit {placed.name} "
+                         f"[{limits.min}, {limits.max}]{hint}")
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -808,7 +862,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)
         else:
-            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype))
+            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))
                         for leaf in select_leaves(ckpt, paths)]
             treedef = None
         values: list = [None] * len(requests)

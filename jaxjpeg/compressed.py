@@ -106,7 +106,8 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     device = one_device(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
-            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype)) for leaf in ckpt.leaves]
+            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))
+                        for leaf in ckpt.leaves]
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
         values = [_prefetched_leaf(ckpt, r, device) for r in requests]

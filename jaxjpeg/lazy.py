@@ -161,7 +161,7 @@ class LazyReader:
         return piece if index is None else piece[index]
 
     def _request(self, leaf: SavedLeaf, dtype, device) -> cr.LeafRequest:
-        want = cr.restored_dtype(leaf.dtype, dtype)
+        want = cr.restored_dtype(leaf.dtype, dtype, name=leaf.path)
         if isinstance(device, jax.sharding.Sharding):
             devices, memory_kind = device.device_set, cr.other_memory_kind(device)
             if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
@@ -215,7 +215,7 @@ class LeafSlice:
 
     @property
     def dtype(self) -> np.dtype:
-        return cr.restored_dtype(self._leaf.dtype, self._dtype)
+        return cr.restored_dtype(self._leaf.dtype, self._dtype, name=self._leaf.path)
 
     @property
     def ndim(self) -> int:

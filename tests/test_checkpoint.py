@@ -1019,6 +1019,58 @@ def test_raw_leaves_narrowed_to_a_smaller_float_raise_instead_of_becoming_inf(tm
     assert np.asarray(count["count"]).tolist() == [70000.0]
 
 
+def test_coded_leaves_too_large_for_float16_are_refused_as_float16(tmp_path):
+    """Found by review: a coded leaf of N(0, 1e5) read as float16 came back
+    with about half its values inf, silently (through restore, a sharded
+    restore, get, get_slice and load alike), while a raw leaf's were refused."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "c.jjpg"
+    jaxjpeg.save(path, {"big": (1e5 * rng.standard_normal((256, 256))).astype(np.float32),
+                        "small": rng.standard_normal((256, 256)).astype(np.float32)})
+    half = {"big": jax.ShapeDtypeStruct((256, 256), jnp.float16)}
+    match = "'big'.*beyond float16: restore it as float32"
+    with pytest.raises(ValueError, match=match):
+        jaxjpeg.restore(path, paths="big", dtype=jnp.float16)
+    with pytest.raises(ValueError, match=match):
+        jaxjpeg.restore(path, target=half)
+    with pytest.raises(ValueError, match=match):
+        jaxjpeg.load(path, target=half)
+    with jaxjpeg.open(path) as f:
+        with pytest.raises(ValueError, match=match):
+            f.get("big", dtype=jnp.float16)
+        with pytest.raises(ValueError, match=match):
+            f.get_slice("big", np.s_[:8, :8], dtype=jnp.float16)
+    small = jaxjpeg.restore(path, paths="small", dtype=jnp.float16)["small"]
+    assert small.dtype == jnp.float16 and np.isfinite(np.asarray(small)).all()
+    big = jaxjpeg.restore(path, paths="big", dtype=jnp.bfloat16)["big"]
+    assert np.isfinite(np.asarray(big, np.float32)).all()
+
+
+def test_float_leaves_restore_as_integers_only_where_they_fit(tmp_path):
+    """Found by review: float32 [-3.7, 300.2, 1.5] under a uint8 target came
+    back [253, 44, 1], silently, where int32 [-3, 300, 1] is refused; a
+    coded leaf wrapped the same way."""
+    path = tmp_path / "f.jjpg"
+    rng = np.random.default_rng(1)
+    jaxjpeg.save(path, {"f": np.array([-3.7, 300.2, 1.5], np.float32),
+                        "w": (1000 * rng.standard_normal((128, 128))).astype(np.float32),
+                        "z": np.array([1 + 2j], np.complex64)})
+    refused = [("f", (3,), jnp.uint8, "do not fit uint8"),
+               ("w", (128, 128), jnp.int8, "beyond int8"),
+               ("w", (128, 128), jnp.bool_, "cannot be restored as bool"),
+               ("z", (1,), jnp.float32, "cannot be restored as float32")]
+    for name, shape, dtype, match in refused:
+        target = {name: jax.ShapeDtypeStruct(shape, dtype)}
+        with pytest.raises(ValueError, match=f"'{name}'.*{match}"):
+            jaxjpeg.restore(path, target=target)
+        with pytest.raises(ValueError, match=f"'{name}'.*{match}"):
+            jaxjpeg.load(path, target=target)
+    with pytest.raises(ValueError, match="'w'.*beyond int8"):
+        jaxjpeg.restore(path, paths="w", dtype=jnp.int8)
+    fits = jaxjpeg.restore(path, target={"f": jax.ShapeDtypeStruct((3,), jnp.int16)})["f"]
+    assert np.asarray(fits).tolist() == [-3, 300, 1]
+
+
 @pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])
 def test_long_double_leaves_are_refused_before_writing(tmp_path, dtype):
     """A float128 leaf was saved (inspect and verify said OK) and then
