@@ -235,3 +235,20 @@ def test_long_remainders_decode_in_bounded_memory():
     codes = np.where(remainders & 1, -((remainders + 1) >> 1), remainders >> 1)
     np.testing.assert_array_equal(values, (codes * 2.0 ** -40).astype(np.float32))
     assert peak < 8 * count * 8, peak   # a few int64 per code, not k of them
+
+
+@pytest.mark.parametrize("count", [4, 64])
+def test_hostile_unary_parts_are_refused_in_bounded_memory(count):
+    """Found by review: a blob whose unary part was 20 MB of zero bytes (160 M
+    codes for a leaf of 4) was unpacked to one byte per bit and an int64
+    position per zero before its count was checked: 1.5 GB to refuse it."""
+    import tracemalloc
+    blob = bytes(8 << 20)
+    record = {"rice": 0, "unary_bytes": len(blob), "center": 0, "step": 1.0,
+              "domain": qv.LINEAR, "offset": 0.0}
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="unary"):
+        qv.decoded_values(blob, count, record)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < len(blob) // 2, peak
