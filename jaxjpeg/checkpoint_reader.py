@@ -89,6 +89,17 @@ def _check_path_records(index: int, records) -> None:
         raise fmt.FormatError(f"leaf {index}: path is {problem}")
 
 
+MAX_NDIM = 64   # numpy's limit: no save writes more
+
+
+def _whole(value) -> int:
+    """A record's whole number; TypeError for anything else (512.5 was read
+    as 512, true as 1; found by review)."""
+    if type(value) is not int:
+        raise TypeError(f"{value!r:.40} is not a whole number")
+    return value
+
+
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
         _check_path_records(index, record["path"])
@@ -97,6 +108,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             raise fmt.FormatError(f"leaf {index}: malformed shape {record['shape']!r:.100} "
                                   "(not a list of whole numbers)")   # 16.7 was read as 16
         shape = tuple(record["shape"])
+        if len(shape) > MAX_NDIM:   # found by review: 71 axes failed deep in numpy
+            raise fmt.FormatError(f"leaf {index}: {len(shape)} axes (at most {MAX_NDIM})")
         # A JPEG block takes at least 2 bits (a DC code and an EOB): no file
         # holds more than 256 weights per byte, whatever the shape claims.
         # The other sides of an empty leaf bounded too: a zero next to 2**70
@@ -126,10 +139,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             return dataclasses.replace(leaf, stored_dtype=np.dtype(np.float16), deflated=deflated)
         if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
             raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
-        tiles = tuple(tuple(int(v) for v in t) for t in record["tiles"])
-        if not tiles or any(len(t) != 5 for t in tiles) or record["bits"] not in (8, 12):
+        tiles = tuple(tuple(_whole(v) for v in t) for t in record["tiles"])
+        if (not tiles or any(len(t) != 5 for t in tiles) or type(record["bits"]) is not int
+                or record["bits"] not in (8, 12)):
             raise fmt.FormatError(f"leaf {index}: bad tile records")
-        restart_interval = int(record["restart_interval"])
+        restart_interval = _whole(record["restart_interval"])
         if not 0 <= restart_interval <= 65535:
             raise fmt.FormatError(f"leaf {index}: bad restart interval {restart_interval}")
         affine = record.get("affine", "float32")
@@ -213,7 +227,8 @@ class Checkpoint:
         if meta.get("format") != CHECKPOINT_FORMAT:
             self.reader.close()
             raise fmt.FormatError(f"{self.path}: not a jaxjpeg checkpoint")
-        if meta.get("version") not in READABLE_VERSIONS:
+        version = meta.get("version")
+        if type(version) is not int or version not in READABLE_VERSIONS:   # true == 1
             self.reader.close()
             raise fmt.FormatError(f"{self.path}: checkpoint version {meta.get('version')!r} is "
                                   f"not supported (this jaxjpeg reads versions "
