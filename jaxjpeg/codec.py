@@ -723,6 +723,7 @@ def restore_view(matrix: np.ndarray, shape, view: MatrixView, outliers: Outliers
     """A whole-tensor decode's output (placed where ``view`` moves data, see
     build_plan) back in the tensor's shape, kept values written back."""
     out = np.ascontiguousarray(views.written_view(view, shape).from_matrix(matrix, shape))
+    out = out.reshape(shape)   # a 0-d tensor is coded as one value of a 1-D view
     if outliers is not None and outliers.count:
         outliers.apply(out.reshape(-1))
     return out

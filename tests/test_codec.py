@@ -284,3 +284,10 @@ def test_weights_past_float16s_range_save_without_numpy_warnings(tmp_path):
         jaxjpeg.save(tmp_path / "big.jjpg", {"w": w}, progress=False)
     restored = np.asarray(jaxjpeg.restore(tmp_path / "big.jjpg")["w"])
     assert np.sqrt(np.mean((restored - w) ** 2)) < 0.2e6
+
+
+def test_a_0d_tensor_decodes_to_0d():
+    """Found by review: encode_tensor of a 0-d array decoded with shape (1,)."""
+    enc = codec.encode_tensor(np.array(2.5, np.float32), quality=90)
+    out = codec.decode_tensor(enc)
+    assert enc.shape == () and out.shape == () and abs(float(out) - 2.5) < 0.05
