@@ -806,7 +806,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     ``bits`` (8 or 12) fixes the sample precision; by default it is 8 for
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
-    (:func:`jaxjpeg.mapping.row_affine`).
+    (:func:`jaxjpeg.mapping.row_affine`); other than "common" only with
+    ``quant_step``, ``quality``, ``qtable`` or ``error_bound``.
 
     ``metadata``: a dict of your own (str keys; str, int, float, bool, None,
     lists and dicts as values; at most 1 MiB of JSON) stored in the header
@@ -1059,6 +1060,15 @@ class _Save:
             relative_step = DEFAULT_RELATIVE_STEP
             given = {"relative_step": relative_step}
         _check_coding_options(bits, view, clip, restart_interval, encoder)
+        planned = sorted(set(given) & {"relative_step", "target_ratio", "target_bytes",
+                                       "bits_per_weight"})
+        if clip != "common" and planned:
+            # Found by review: their steps and curves are the shared scale's,
+            # so other maps missed byte targets by +37..105% and the default's
+            # step (3.9 bits a weight became 6.7).
+            raise ValueError(f"clip={clip!r} goes with quant_step, quality, qtable or "
+                             f"error_bound: {planned[0]} plans each leaf's steps on the shared "
+                             "scale of clip='common'")
         if quality is not None or quant_step is not None or qtable is not None:
             # a bad table refused now, not by the first leaf's coding (which an
             # asynchronous save, Orbax's, runs after save() has returned)
