@@ -213,10 +213,10 @@ def _python_key_clash(parent: _Node, kind: str, key) -> bool:
     spelled = parent.keys.setdefault((kind, python_key), str(key))
     if spelled != str(key):
         return True
-    if kind == "key":
-        parent.key_types.add("str" if isinstance(key, str) else "int")
-        return len(parent.key_types) > 1
-    return False
+    # Whatever their kinds (a "flat" -1 beside "key" "b", found by review),
+    # siblings nest into one dict or list: their keys all str or all int.
+    parent.key_types.add("str" if isinstance(key, str) else "int")
+    return len(parent.key_types) > 1
 
 
 def path_clash(paths: Iterable[Sequence[Sequence]]) -> str | None:

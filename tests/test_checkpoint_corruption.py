@@ -304,6 +304,9 @@ HOSTILE_META = {
     "path of wrong kind": (set_in(jpeg_leaf, "path", [["index", "w"]]), "malformed path"),
     "nested paths": (nested_paths, "nest"),
     "duplicate paths": (duplicate_paths, "repeat"),
+    # found by review: jax could not sort the dict restore nested these into
+    "flat index beside str keys": (set_in(lambda m: m["leaves"][0], "path", [["flat", 7]]),
+                                   "repeats or nests"),
 }
 
 def _shift_interval_start(shift, k=0, interval=2):
