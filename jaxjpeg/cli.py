@@ -464,8 +464,16 @@ def cmd_extract(args) -> int:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")
         created = not os.path.isdir(args.outdir)
-        os.makedirs(args.outdir, exist_ok=True)
         files = _tile_files(leaves)
+        if not created and not args.force:
+            # found by review: same-named files were replaced, and removed
+            # with the rest if a later tile failed its checksum
+            there = [f for f in files.values() if os.path.lexists(os.path.join(args.outdir, f))]
+            if there:
+                more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+                raise CliError(f"{os.path.join(args.outdir, there[0])}: exists{more} "
+                               "(use --force to replace)")
+        os.makedirs(args.outdir, exist_ok=True)
         total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
         bar = progress(total=total, desc="extract", unit="B")
         written = []
@@ -615,6 +623,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("extract", help="write each JPEG tile as a standalone .jpg")
+    p.add_argument("-f", "--force", action="store_true", help="replace files that exist")
     p.add_argument("ckpt", metavar="CKPT", type=_path)
     p.add_argument("outdir", metavar="OUTDIR", type=_local_dir)
     p.add_argument("--leaf", metavar="PATTERN", help="only leaves whose path matches this glob")

@@ -412,6 +412,22 @@ def test_extract_of_a_damaged_tile_leaves_nothing(tmp_path, capsys):
     assert code == 1 and os.listdir(existing) == ["mine.txt"]
 
 
+def test_extract_replaces_files_only_with_force(tmp_path, capsys):
+    """Found by review: extracting into a folder replaced same-named files
+    without asking (and a later damaged tile then removed them too)."""
+    ckpt = tmp_path / "x.jjpg"
+    jaxjpeg.save(ckpt, {"w": np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32)})
+    out = tmp_path / "tiles"
+    assert run(capsys, "extract", ckpt, out)[0] == 0
+    (name,) = os.listdir(out)
+    (out / name).write_bytes(b"mine")
+    code, _, err = run(capsys, "extract", ckpt, out)
+    assert code == 2 and "exists" in err and "--force" in err, err
+    assert (out / name).read_bytes() == b"mine"
+    assert run(capsys, "extract", "--force", ckpt, out)[0] == 0
+    assert (out / name).read_bytes()[:2] == b"\xff\xd8"
+
+
 def test_extract_leaf_by_its_exact_name_with_glob_characters(tmp_path, capsys):
     """``--leaf 'q*'`` names the leaf ``q*`` (as ``info`` lists it), not
     every leaf starting with q; a pattern matching no name is still a glob."""
