@@ -555,6 +555,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         leaf_coder.remember(leaf.name, p)
         curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
                               probe_size=rate.probe_elements(p.size, total), **coding)
+        if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
+            curve = dataclasses.replace(curve, norm2=np.array([rate.prepared_norm2(p)]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
             p, coding["restart_interval"], coding["tile_shape"])), 0
 
@@ -579,6 +581,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                          "leaves stored without JPEG and container overhead"
                          + ("" if coded else " (the policy codes none of the leaves: see "
                             "jaxjpeg.Policy)"))
+    curves = rate.capped_curves(curves, budget)
     raw_bytes = {leaf.name: leaf.nbytes for leaf in entries}
     exact = _exact_instead(curves, sens, tiles, raw_bytes, budget)
     for name in exact:

@@ -586,6 +586,41 @@ class Curve:
     sse: np.ndarray     # float [k], whole tensor
     # bool [k]: coded with per-row ranges (:func:`row_range_fallback`); None: none is
     row_ranges: np.ndarray | None = None
+    # float [1]: the coded values' squared norm (see capped_curves); None: unknown
+    norm2: np.ndarray | None = None
+
+    def from_candidate(self, k: int) -> "Curve":
+        """The curve without its candidates coarser than ``k``."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[k:] for f in dataclasses.fields(self)
+            if f.name != "norm2" and getattr(self, f.name) is not None})
+
+
+# A data-free byte target gives no leaf a relative RMS error above the first
+# of these that the budget allows every leaf: weighted by size^0.3, the
+# largest leaf of a tree was let go to ~1 (found by review: one 2048x2048
+# leaf beside 1000 of 64x64, at 12x / 16x: 0.86 / 0.98, the others 0.12 /
+# 0.14). No leaf of EfficientNet-lite1 or PP-OCRv6 comes near 0.5 at 4-10x
+# (the largest, lite1's classifier at 10x: 0.37).
+LEAF_ERROR_CAPS = (0.5, 0.7, 0.9)
+
+
+def capped_curves(curves: Mapping[str, Curve], budget: float) -> dict:
+    """``curves`` without the candidates erring beyond the first of
+    LEAF_ERROR_CAPS whose remaining coarsest candidates fit ``budget`` (each
+    curve keeps at least its finest); ``curves`` as they are if none does."""
+    for cap in LEAF_ERROR_CAPS:
+        capped = {name: _capped(c, cap) for name, c in curves.items()}
+        if sum(float(c.nbytes.min()) for c in capped.values()) <= budget:
+            return capped
+    return dict(curves)
+
+
+def _capped(c: Curve, cap: float) -> Curve:
+    if c.norm2 is None:
+        return c
+    within = c.sse <= cap * cap * float(c.norm2[0])
+    return c.from_candidate(int(np.argmax(within)) if within.any() else len(c.sse) - 1)
 
 
 @dataclasses.dataclass
