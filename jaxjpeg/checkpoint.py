@@ -338,6 +338,15 @@ class _LeafCoder:
             return dataclasses.replace(p, tile_cuts=plain[2])
         return p.with_even_splits(self.coding["tile_shape"])
 
+    def thin(self, name, p: codec.Prepared) -> bool:
+        """Whether leaf ``name`` (prepared as ``p``) may be quantized as a
+        thin leaf (rate.is_thin): not where a user's importance array or
+        input covariance shapes its steps inside it, which one step cannot."""
+        from jaxjpeg import rate
+
+        return (rate.is_thin(p) and _leaf_importance(self.sensitivity, name)[1] is None
+                and name not in self.input_covariance)
+
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``; for a leaf
         the native statistics pass prepared alone only its tile edges (it is
@@ -553,12 +562,15 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                      else stored)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
-        curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
-                              probe_size=rate.probe_elements(p.size, total), **coding)
+        if leaf_coder.thin(leaf.name, p):   # one raw blob, quantized
+            curve, overhead = rate.thin_curve(p.original), _SMALL_BLOB_OVERHEAD
+        else:
+            curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
+                                  probe_size=rate.probe_elements(p.size, total), **coding)
+            overhead = _coded_overhead(p, coding["restart_interval"], coding["tile_shape"])
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
             curve = dataclasses.replace(curve, norm2=np.array([rate.prepared_norm2(p)]))
-        return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), _coded_overhead(
-            p, coding["restart_interval"], coding["tile_shape"])), 0
+        return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead), 0
 
     def measure(floor):
         coded, kept, overhead, curves, sens, tiles = set(), 0, 0, {}, {}, {}
@@ -1102,6 +1114,7 @@ class _Save:
                                 input_covariance,
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
                                 prior, input_means)
+        self.leaf_coder = leaf_coder
         if leaf_coder.prior:   # the leaves the prior weighs
             self.rate.update(leaf_coder.prior.record())
 
@@ -1111,6 +1124,7 @@ class _Save:
                                        **leaf_coder.coding)
 
         self.encode = _custom_encoder(encoder, leaf_coder.shards) if encoder else table_encoder
+        self.user_encoder = encoder is not None   # its codings are stored as they are
         # A user's encoder and the byte budget (each leaf's share depends on
         # the ones coded before it) code one leaf at a time, in order.
         self.workers = 1 if encoder is not None else save_workers()
@@ -1206,6 +1220,16 @@ class _Save:
                                if leaf.name in self.coded])
         return phases
 
+    def _may_be_thin(self, name: str, enc: codec.EncodedTensor) -> bool:
+        """Whether a JPEG coding of a thin view may be replaced by a thin
+        coding within its error (not a user's encoder's choice)."""
+        from jaxjpeg import rate
+
+        return (not self.user_encoder
+                and min(enc.matrix_shape) < rate.THIN_SIDE
+                and _leaf_importance(self.leaf_coder.sensitivity, name)[1] is None
+                and name not in self.leaf_coder.input_covariance)
+
     def metadata(self, records: list) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,
                 "leaves": records,
@@ -1234,9 +1258,13 @@ class _Save:
                  if self.lossy_rate and not coded and name not in self.exact else None)
         # Every blob counts, the interval index too: a coding within a few
         # bytes of the raw size was stored larger than raw, and lossy.
-        jpeg = _jpeg_blobs(index, enc) if enc is not None else None
-        thin = (_thin_alternative(array, enc, jpeg[2], isinstance(self.encode, _BudgetEncoder))
-                if jpeg is not None else None)
+        from jaxjpeg import rate
+        if isinstance(enc, rate.ThinCoding):   # a byte target's choice (rate.thin_curve)
+            thin, enc, jpeg = _thin_stored(enc), None, None
+        else:
+            jpeg = _jpeg_blobs(index, enc) if enc is not None else None
+            thin = (_thin_alternative(array, enc, jpeg[2])
+                    if jpeg is not None and self._may_be_thin(name, enc) else None)
         if thin is not None:
             lossy, jpeg = thin, None
             self.bias_correction.add(name, lambda: _quantized_error(array, thin))
@@ -1496,41 +1524,35 @@ def _lossy_raw(array: np.ndarray, limits=None) -> tuple | None:
     return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
 
 
-# A view whose short side is under JPEG's 8-pixel block (a (N, 1) or (N, 2)
-# leaf) pads every block: 11 / 15 bits a weight at the default rate, where a
-# square leaf takes 4. Such a float32 leaf is also quantized on one uniform
-# step and Rice coded, the smaller kept: within the JPEG coding's squared
-# error, or under a byte target (whose allocation counted the JPEG coding's
-# bytes) the finest step within those bytes.
-THIN_SIDE = 8
+def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int) -> tuple | None:
+    """(blob, record fields, note) of a float32 leaf whose JPEG coding pads
+    its thin view (rate.THIN_SIDE) quantized on one step within that
+    coding's squared error, when that is smaller; else None."""
+    from jaxjpeg import rate
 
-
-def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,
-                      same_bytes: bool) -> tuple | None:
-    """(blob, record fields, note) of a thin float32 leaf quantized within its
-    JPEG coding's error (``same_bytes``: within its bytes), when that is
-    smaller (``same_bytes``: more exact) than the coding; else None."""
-    from jaxjpeg import quantized_vectors
-
-    if (array.dtype != np.float32 or enc.outliers is not None
-            or min(enc.matrix_shape) >= THIN_SIDE):
+    if array.dtype != np.float32 or enc.outliers is not None or array.ndim == 0:
         return None
     x = np.asarray(array, np.float64).reshape(-1)
     jpeg_error = float(np.mean(np.square(codec.decode_tensor(enc).reshape(-1) - x)))
-    if not (math.isfinite(jpeg_error) and jpeg_error > 0):
+    if jpeg_error == 0:   # exact (a constant leaf): its value is a step of its own
+        step = abs(float(x[0])) or 1.0
+        step = step if np.all(np.round(x / step) * step == x) else None
+    elif math.isfinite(jpeg_error):   # a uniform step's squared error is step^2 / 12
+        step = _step_within_error(x, math.sqrt(12 * jpeg_error), jpeg_error)
+    else:
+        step = None
+    coded = None if step is None else rate.thin_coding(array, step)
+    if coded is None or coded.record["step"] != step or coded.nbytes >= min(jpeg_bytes,
+                                                                             array.nbytes):
         return None
-    step = math.sqrt(12 * jpeg_error)   # a uniform step's squared error is step^2 / 12
-    if same_bytes:
-        step = _finest_step_within(x, step, min(jpeg_bytes, array.nbytes) - 1)
-    if step is None or _quantization_error(x, step) > jpeg_error:
-        step = _step_within_error(x, step or math.sqrt(12 * jpeg_error), jpeg_error)
-    coded = None if step is None else quantized_vectors.encode(
-        array, quantized_vectors.VectorStep(step))
-    if coded is None or len(coded[0]) >= min(jpeg_bytes, array.nbytes):
-        return None
-    return (coded[0], {"kind": "raw", **coded[1]},
-            f"quantized (linear step {step:.3g}): JPEG's 8x8 blocks would pad its "
-            f"{enc.matrix_shape[0]}x{enc.matrix_shape[1]} view")
+    return _thin_stored(coded)
+
+
+def _thin_stored(coded) -> tuple:
+    """(blob, record fields, note) of a rate.ThinCoding."""
+    return (coded.blob, {"kind": "raw", **coded.record},
+            f"quantized (linear step {coded.record['step']:.3g}): a view too thin for "
+            "JPEG's 8x8 blocks")
 
 
 def _quantization_error(x: np.ndarray, step: float) -> float:
@@ -1545,24 +1567,6 @@ def _step_within_error(x: np.ndarray, step: float, error: float) -> float | None
             return step
         step *= 0.999 * math.sqrt(error / measured)
     return None
-
-
-def _finest_step_within(x: np.ndarray, step: float, nbytes: int) -> float | None:
-    """The finest step (to 1%) whose Rice coding of ``x`` takes at most
-    ``nbytes``, searched from ``step`` down; None when ``step`` takes more."""
-    from jaxjpeg import quantized_vectors
-
-    if quantized_vectors.coded_bytes(x, step) > nbytes:
-        return None
-    coarse, fine = step, step / 2
-    while quantized_vectors.coded_bytes(x, fine) <= nbytes:   # one bit a value per halving
-        coarse, fine = fine, fine / 2
-        if fine < step * 2.0 ** -24:
-            return coarse
-    while coarse / fine > 1.01:
-        mid = math.sqrt(coarse * fine)
-        coarse, fine = (mid, fine) if quantized_vectors.coded_bytes(x, mid) <= nbytes else (coarse, mid)
-    return coarse
 
 
 def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:

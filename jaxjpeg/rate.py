@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import _native, analysis, codec, feedback, mapping, views
+from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.treepaths import key_record, path_string
 
@@ -588,6 +588,8 @@ class Curve:
     row_ranges: np.ndarray | None = None
     # float [1]: the coded values' squared norm (see capped_curves); None: unknown
     norm2: np.ndarray | None = None
+    # bool [k]: quantized on step q and Rice coded (see thin_curve); None: none is
+    thin: np.ndarray | None = None
 
     def from_candidate(self, k: int) -> "Curve":
         """The curve without its candidates coarser than ``k``."""
@@ -852,9 +854,11 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor,
 
 
 def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
-                     fallback=None) -> codec.EncodedTensor:
+                     fallback=None) -> "codec.EncodedTensor | ThinCoding":
     """Codes ``p`` as candidate ``k`` of its curve ``c``; ``fallback`` (a
     function, e.g. cached) gives ``row_range_fallback(p)`` to retries."""
+    if c.thin is not None and c.thin[k]:
+        return thin_coding(p.original, float(c.q[k]))
     if c.row_ranges is not None and c.row_ranges[k]:
         prepared = fallback() if fallback is not None else row_range_fallback(p)
         return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),
@@ -971,6 +975,73 @@ def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
         probe.matrix, bits, clip="common", scale=p.common_scale(bits)[probe.rows],
         shared=p.shared_map, with_samples=False, stats=probe.stats)
     return scale, offset
+
+
+# ----------------------------------------------------------------------------
+# Thin leaves
+# ----------------------------------------------------------------------------
+
+# A view whose short side is under JPEG's 8-pixel block (a (N, 1) or (N, 2)
+# leaf, a vector) pads every block: 11 / 15 bits a weight at the default
+# rate where a square leaf takes 4. Such float32 leaves are quantized on one
+# uniform step and Rice coded instead (jaxjpeg.quantized_vectors): 5.5 / 3.9
+# bits a weight at the same error.
+THIN_SIDE = 8
+THIN_PROBE = 1 << 16            # values a thin leaf's curve is measured on
+THIN_LADDER = np.arange(-8, 64) / 4   # steps q = rms * 2^-k, a quarter octave apart
+THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a value
+
+
+def is_thin(p: codec.Prepared) -> bool:
+    """Whether ``p`` (float32, nothing kept aside, at least one axis) has a
+    view too thin for JPEG's blocks."""
+    return (np.dtype(p.dtype) == np.float32 and p.outliers is None and len(p.shape) >= 1
+            and p.size > 0 and min(p.matrix.shape) < THIN_SIDE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinCoding:
+    """A thin leaf quantized on step ``record["step"]`` and Rice coded."""
+
+    blob: bytes
+    record: dict          # the raw leaf's quantization fields
+    outliers = None       # as EncodedTensor's: nothing kept aside
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+
+def thin_coding(x, q: float) -> ThinCoding | None:
+    """``x`` (float32, finite) quantized on step ``q``, or on coarser steps
+    where the coder refuses ``q`` (more than 16 bits a value); None if it
+    cannot be coded at all."""
+    for _ in range(8):
+        coded = quantized_vectors.encode(x, quantized_vectors.VectorStep(q))
+        if coded is not None:
+            return ThinCoding(*coded)
+        q *= 2
+    return None
+
+
+def thin_curve(x, seed: int = 0) -> Curve:
+    """Bytes and squared error of ``x`` (float32, finite) quantized on each
+    step of THIN_LADDER, measured on up to THIN_PROBE of its values."""
+    values = np.asarray(x, np.float32).reshape(-1)
+    if values.size > THIN_PROBE:
+        values = np.random.default_rng(seed).choice(values, THIN_PROBE, replace=False)
+    probe = values.astype(np.float64)
+    scale = np.asarray(x).size / max(1, probe.size)
+    rms = math.sqrt(float(np.mean(np.square(probe)))) or 1.0
+    steps = rms * np.exp2(-THIN_LADDER)
+    nbytes = np.array([quantized_vectors.coded_bytes(probe, q) * scale for q in steps])
+    sse = np.array([float(np.sum(np.square(np.round(probe / q) * q - probe))) * scale
+                    for q in steps])
+    keep = 8 * nbytes <= THIN_MAX_BITS * np.asarray(x).size
+    keep[0] = True   # the coarsest always
+    k = int(np.sum(keep))
+    return Curve(np.zeros(k, np.int64), np.zeros(k, np.int64), steps[keep], nbytes[keep],
+                 sse[keep], thin=np.ones(k, bool))
 
 
 # ----------------------------------------------------------------------------
@@ -1432,7 +1503,8 @@ class BudgetAllocator:
                 fits, lo = (mid, trial), mid
             else:
                 over, hi = (mid, trial), mid
-        if fits and over and p.feedback is None:
+        if (fits and over and p.feedback is None and isinstance(fits[1], codec.EncodedTensor)
+                and isinstance(over[1], codec.EncodedTensor)):
             return fits[0], _mixed_tiles(fits[1], over[1], left)
         return fits if fits is not None else over
 
