@@ -256,11 +256,11 @@ def kept_values(ckpt: Checkpoint, leaf: SavedLeaf, dtype=None):
 
 
 def check_decoded_range(leaf: SavedLeaf, maps: "_LeafMaps", dtype) -> None:
-    """Refuses a float ``dtype`` narrower than float32 (float16) that the
-    leaf's coded values may not fit: its maps bound what the samples decode
-    to (found by review: N(0, 1e5) weights read as float16 came back with
-    33,500 of 65,536 values inf, silently, where its side list's values and
-    raw leaves are refused)."""
+    """Refuses a ``dtype`` narrower than float32 (float16, an integer dtype)
+    that the leaf's coded values may not fit: its maps bound what the
+    samples decode to (found by review: N(0, 1e5) weights read as float16
+    came back with 33,500 of 65,536 values inf, and 300.2 as uint8 44,
+    silently, where raw leaves' values are refused)."""
     dtype = jax.dtypes.canonicalize_dtype(np.dtype(dtype))
     if _is_float(dtype) and _largest(dtype) >= _largest(np.dtype(np.float32)):
         return
