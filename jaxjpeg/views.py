@@ -240,8 +240,15 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
         row = min(channels)
     else:  # ties go to the larger axis, then the earlier one
         row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), shape[a], -a))
-    cols = sorted((a for a in range(ndim) if a != row),
-                  key=lambda a: (a not in lead, -shape[a], a))
+    cols = [a for a in range(ndim) if a != row]
+    # Among two or more channel-like columns, a short axis (planes of a
+    # feature grid) goes first: last, it interleaved the long axes' columns
+    # (found by review: a smooth (3, 32, 128, 128) triplane took 3.6 bits a
+    # weight at the default rate instead of 0.57). A kernel's taps beside
+    # one long axis stay last, as before.
+    short_first = sum(shape[a] >= MIN_CHANNEL for a in cols) >= 2
+    cols.sort(key=lambda a: (a not in lead, not (short_first and shape[a] < MIN_CHANNEL),
+                             -shape[a], a))
     return MatrixView((row, *cols), 1)
 
 
