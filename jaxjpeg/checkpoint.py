@@ -971,6 +971,11 @@ class SourceLeaf:
                              f"described as {self.dtype}{list(self.shape)}")
         if not array.dtype.isnative:  # big-endian input: stored (and restored) in native order
             array = array.astype(array.dtype.newbyteorder("="))
+        if array.dtype == np.bool_ and array.size and np.any(array.view(np.uint8) > 1):
+            # True as another byte than 1 (a safetensors or npz file may hold
+            # one): stored as 1, which readers check (found by review: such a
+            # save succeeded and no reader could open the file)
+            array = array.view(np.uint8) != 0
         return array
 
 

@@ -573,6 +573,26 @@ def test_load_accepts_targets_of_any_float_or_int_dtype(tmp_path):
 # ---------------------------------------------------------------- issue 9 defects
 
 
+def test_bool_bytes_other_than_0_and_1_are_stored_as_true(tmp_path, capsys):
+    """Found by review: a bool array holding bytes 2 or 255 (as a safetensors
+    or npz file may) was saved, and every reader then refused the file."""
+    import json
+    import struct
+
+    from jaxjpeg import cli
+    odd = np.array([0, 1, 2, 255], np.uint8).view(bool)
+    jaxjpeg.save(tmp_path / "b.jjpg", {"a": odd})
+    assert np.asarray(jaxjpeg.restore(tmp_path / "b.jjpg")["a"]).tolist() == [False, True,
+                                                                              True, True]
+    header = json.dumps({"a": {"dtype": "BOOL", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "s.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                             + bytes([0, 1, 2, 255]))
+    assert cli.main(["compress", str(tmp_path / "s.safetensors"), str(tmp_path / "s.jjpg")]) == 0
+    assert cli.main(["verify", str(tmp_path / "s.jjpg")]) == 0
+    capsys.readouterr()
+
+
 def test_big_endian_arrays_save_and_restore(tmp_path):
     """Defect 4: '>f4' / '>i4' leaves saved, then failed to restore
     (TypeError: Dtype >f4 is not a valid JAX array type)."""
