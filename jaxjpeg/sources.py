@@ -581,7 +581,14 @@ def _load_msgpack(path: str, files: _Files):
 
 
 def _is_orbax_item(path: str) -> bool:
-    return storage.kind(storage.join(path, "_METADATA")) == "file"
+    try:
+        return storage.kind(storage.join(path, "_METADATA")) == "file"
+    except PermissionError:
+        if storage.local_path(storage.as_location(path)) is not None:
+            raise
+        # An object store answers 403 for a missing object to whom may not
+        # list the bucket (found by review: every such URL failed to open)
+        return False
 
 
 # What jaxjpeg's Orbax handler (jaxjpeg.orbax.FILENAME) writes in its item directory.
@@ -768,8 +775,12 @@ def _web_orbax_records(directory: str, entry) -> list:
     value = entry.get("value_metadata") if isinstance(entry, dict) else None
     if not isinstance(keys, list) or not all(isinstance(k, dict) and "key" in k for k in keys):
         raise SourceError(f"{directory}: Orbax _METADATA entry without key_metadata")
-    records = [["index", int(k["key"])] if k.get("key_type") == 1 else ["key", str(k["key"])]
-               for k in keys]
+    try:
+        records = [["index", int(k["key"])] if k.get("key_type") == 1 else ["key", str(k["key"])]
+                   for k in keys]
+    except (TypeError, ValueError):   # found by review: a traceback
+        raise SourceError(f"{directory}: Orbax _METADATA has a sequence index that is not "
+                          "a whole number") from None
     if not isinstance(value, dict) or value.get("value_type") not in (
             "np.ndarray", "jax.Array", "scalar"):
         raise SourceError(f"{directory}: leaf {'/'.join(str(r[1]) for r in records)[:200]!r} "

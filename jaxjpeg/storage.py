@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import urllib.parse
 import re
 
 __all__ = ["RangeSource", "as_location", "exists", "filesystem", "is_dir", "join", "kind",
@@ -57,7 +58,9 @@ def local_path(location: str) -> str | None:
     if match is None:
         return location
     if match.group(1).lower() == "file":
-        return location[len("file://"):]
+        rest = location[len("file://"):]
+        # file://localhost/PATH names the local /PATH (RFC 8089; found by review)
+        return rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
     return None
 
 
@@ -136,6 +139,10 @@ def join(directory, name: str) -> str:
     """``directory/name`` for local paths and URLs alike."""
     location = as_location(directory)
     if _SCHEME.match(location):  # URLs, file:// included, join with "/"
+        parts = urllib.parse.urlsplit(location)
+        if parts.query or parts.fragment:   # into the path, not the query (review: ?download=1)
+            return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/"
+                                                          + name))
         return location.rstrip("/") + "/" + name
     return os.path.join(location, name)
 
@@ -182,13 +189,19 @@ class RangeSource:
             return done
         if not len(view):
             return 0
-        data = self._remote_call(f"reading bytes [{offset}, {offset + len(view)})",
-                                 self._fetch, offset, offset + len(view))
-        if len(data) > len(view):  # e.g. an HTTP server answering 200 with the whole file
-            raise OSError(f"{self.name}: the store answered a request for {len(view)} bytes "
-                          f"with {len(data)} (it ignores ranged reads, which jaxjpeg needs)")
-        view[:len(data)] = data
-        return len(data)
+        done = 0
+        while done < len(view):   # a server may answer part of a range (review: 64 KiB a time)
+            start, end = offset + done, offset + len(view)
+            data = self._remote_call(f"reading bytes [{start}, {end})", self._fetch, start, end)
+            if len(data) > end - start:  # e.g. an HTTP server answering 200 with the whole file
+                raise OSError(f"{self.name}: the store answered a request for {end - start} "
+                              f"bytes with {len(data)} (it ignores ranged reads, which jaxjpeg "
+                              "needs)")
+            if not data:
+                break
+            view[done:done + len(data)] = data
+            done += len(data)
+        return done
 
     def _range_fetcher(self):
         """fetch(start, end) -> bytes, safe from several threads. On a web
@@ -215,8 +228,13 @@ class RangeSource:
             return fn(*args, **kwargs)
         except FileNotFoundError as e:
             raise not_found_for_its_cause(e, self.name, what) from e
-        except OSError:
-            raise
+        except OSError as e:
+            if self.name in str(e):
+                raise
+            # found by review: a stalled server's FSTimeoutError printed as its
+            # bare name, without the file or what was being read
+            raise OSError(e.errno or errno.EIO, f"{what}: {type(e).__name__}"
+                          + (f": {e}" if str(e) else ""), self.name) from e
         except Exception as e:
             raise OSError(f"{self.name}: {what}: {type(e).__name__}: {e}") from e
 

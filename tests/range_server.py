@@ -30,6 +30,8 @@ class RangeServer:
         self.ignore_ranges = False      # answer every GET with the whole file (200)
         self.delay_s = 0.0              # each GET held this long while counted in flight
         self.status = None              # answer every request with this HTTP error
+        self.missing_status = 404       # for files that are not there (S3 answers 403)
+        self.range_cap = None           # answer at most this many bytes of a range
         self._lock = threading.Lock()
         server = self
 
@@ -62,7 +64,7 @@ class RangeServer:
                     return
                 path = os.path.join(server.directory, self.path.lstrip("/").split("?")[0])
                 if not os.path.isfile(path):
-                    self.send_error(404)
+                    self.send_error(server.missing_status)
                     return
                 size = os.path.getsize(path)
                 start, end = 0, size
@@ -73,6 +75,8 @@ class RangeServer:
                 if match and not server.ignore_ranges:
                     start = int(match.group(1))
                     end = min(size, int(match.group(2)) + 1 if match.group(2) else size)
+                    if server.range_cap is not None:   # a valid partial answer
+                        end = min(end, start + server.range_cap)
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
                 else:

@@ -142,6 +142,23 @@ def test_compress_over_http_reads_each_byte_once(local, tmp_path, capsys, name):
         assert server.bytes_served >= source_bytes * 0.9
 
 
+@pytest.mark.parametrize("name", ["one.safetensors", "t0.npz"])
+def test_http_sources_from_servers_that_answer_403_or_part_of_a_range(local, tmp_path, capsys,
+                                                                      name):
+    """Found by review: a server answering 403 for files that are not there
+    (S3 without list permission) failed the Orbax probe of every URL (exit
+    3); one answering 64 KiB of each range read as a file that shrank; and a
+    query string took the probe's "/_METADATA" into it."""
+    root, expected = local
+    with RangeServer(root) as server:
+        server.missing_status, server.range_cap = 403, 65536
+        for url in (server.url(name), server.url(name) + "?download=1"):
+            out = tmp_path / "h.jjpg"
+            code, _, err = run(capsys, "compress", "--force", url, out)
+            assert code == 0, err
+            assert out.read_bytes() == expected[name]
+
+
 def test_one_tensor_over_http_reads_about_its_bytes(local):
     """open_source reads headers only; one leaf's array() reads that tensor's
     bytes and nothing else."""
@@ -323,3 +340,22 @@ def test_an_upload_the_store_refuses_is_an_output_error(local, capsys):
     with RangeServer(root) as server:   # it serves reads only
         code, _, err = run(capsys, "compress", root / "one.safetensors", server.url("up.jjpg"))
     assert code == 3 and "Traceback" not in err and "up.jjpg" in err, err
+
+
+def test_bad_web_orbax_keys_and_bare_store_errors_are_one_line_errors(tmp_path):
+    """Found by review: a sequence key that is not a whole number raised a
+    traceback; a stalled server's FSTimeoutError printed as its bare name."""
+    entry = {"key_metadata": [{"key": "abc", "key_type": 1}],
+             "value_metadata": {"value_type": "np.ndarray"}}
+    with pytest.raises(sources.SourceError, match="not a whole number"):
+        sources._web_orbax_records("http://h/item", entry)
+    (tmp_path / "f").write_bytes(b"x")
+    from jaxjpeg import storage
+    source = storage.RangeSource(str(tmp_path / "f"))
+    source.name = "http://h/f"
+
+    def stall():
+        raise TimeoutError()
+    with pytest.raises(OSError, match="reading bytes.*TimeoutError.*http://h/f"):
+        source._remote_call("reading bytes [0, 1)", stall)
+    source.close()

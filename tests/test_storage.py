@@ -201,6 +201,8 @@ def test_windows_bound_host_memory_and_give_the_same_bits(local_file, tmp_path, 
 def test_storage_locations():
     assert storage.local_path("gs://b/x") is None
     assert storage.local_path("file:///tmp/x") == "/tmp/x"
+    assert storage.local_path("file://localhost/tmp/x") == "/tmp/x"   # RFC 8089 (review)
+    assert storage.join("https://h/d?sig=1", "f") == "https://h/d/f?sig=1"
     assert storage.join("gs://b/dir/", "f") == "gs://b/dir/f"
     assert storage.join("/tmp/d", "f") == "/tmp/d/f"
     assert storage.to_absolute("rel/x") == os.path.abspath("rel/x")
