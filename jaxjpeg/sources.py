@@ -463,8 +463,8 @@ def _npz_leaf(path: str, info, files: _Files):
     def load():
         # Stored members' CRC is checked too (found by review: a damaged
         # np.savez member was compressed without a word).
-        packed = files.read(path, start, info.compress_size)
-        data = (bytearray(packed) if info.compress_type == _STORED
+        packed = files.read(path, start, info.compress_size)   # a fresh bytearray
+        data = (packed if info.compress_type == _STORED   # not copied (review: 2 copies held)
                 else _inflated(path, info.filename, packed, header_bytes + nbytes))
         if len(data) != header_bytes + nbytes or zlib.crc32(data) != info.CRC:
             raise SourceError(f"{path}: member {info.filename!r:.200} is damaged "

@@ -359,3 +359,18 @@ def test_bad_web_orbax_keys_and_bare_store_errors_are_one_line_errors(tmp_path):
     with pytest.raises(OSError, match="reading bytes.*TimeoutError.*http://h/f"):
         source._remote_call("reading bytes [0, 1)", stall)
     source.close()
+
+
+def test_a_stored_npz_member_loads_as_one_copy(tmp_path):
+    """Found by review: a stored (np.savez) member was read, then copied."""
+    import tracemalloc
+    big = np.arange(2 << 20, dtype=np.int32)   # 8 MiB
+    np.savez(tmp_path / "s.npz", big=big)
+    with sources.open_source(str(tmp_path / "s.npz")) as source:
+        (leaf,) = source.leaves
+        tracemalloc.start()
+        array = leaf.array()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    np.testing.assert_array_equal(array, big)
+    assert peak < 1.3 * big.nbytes, peak
