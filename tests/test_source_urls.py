@@ -374,3 +374,17 @@ def test_a_stored_npz_member_loads_as_one_copy(tmp_path):
         tracemalloc.stop()
     np.testing.assert_array_equal(array, big)
     assert peak < 1.3 * big.nbytes, peak
+
+
+def test_an_empty_tensor_with_an_impossible_side_is_a_damaged_source(tmp_path, capsys):
+    """Found by review: shape [0, 2**62] failed inside numpy as a usage
+    error (exit 2) naming no file."""
+    import json
+    import struct
+    header = json.dumps({"a": {"dtype": "F32", "shape": [0, 2**62],
+                               "data_offsets": [0, 0]}}).encode()
+    header += b" " * (-len(header) % 8)
+    src = tmp_path / "s.safetensors"
+    src.write_bytes(struct.pack("<Q", len(header)) + header)
+    code, _, err = run(capsys, "compress", src, tmp_path / "o.jjpg")
+    assert code == 1 and "s.safetensors" in err and "impossible shape" in err, err
