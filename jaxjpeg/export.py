@@ -194,6 +194,32 @@ def _put_in_place(temps: list[str], finals: list[str], stale: list[str]) -> None
         os.unlink(path)
 
 
+def _first_missing(directory: str) -> str | None:
+    """The outermost of ``directory`` and its parents that does not exist."""
+    missing, path = None, os.path.abspath(directory)
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_made(directory: str, made: str | None) -> None:
+    """Removes ``directory`` and its parents up to ``made``, those left empty."""
+    if made is None:
+        return
+    path = os.path.abspath(directory)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == made:
+            return
+        path = os.path.dirname(path)
+
+
 def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                        force: bool = False, progress=None) -> list[str]:
     """Writes the decoded leaves of ``checkpoint_path`` as safetensors; returns
@@ -222,7 +248,9 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         shards = _shards(tensors, max_shard_size)
         paths, index_path = _outputs(out, len(shards))
         _check_destination(out)
+        made = None   # the outermost directory this export creates
         if not out.endswith(".safetensors"):
+            made = _first_missing(out)
             os.makedirs(out, exist_ok=True)
         existing = _earlier_export(out)
         if existing and not force:
@@ -251,6 +279,7 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
             for temp in temps:
                 if os.path.exists(temp):
                     os.unlink(temp)
+            _remove_made(out, made)   # found by review: left behind, empty
             raise
         finally:
             bar.close()

@@ -181,6 +181,24 @@ def test_export_keeps_scalars_and_calls_a_damaged_checkpoint_damaged(tmp_path, c
     assert code == cli.EXIT_DAMAGED and "Traceback" not in err, err
 
 
+def test_a_failed_export_removes_the_directories_it_made(tmp_path, capsys):
+    """Found by review: exporting a damaged checkpoint to out/deep/ exited 1
+    and left out/deep/ behind, empty."""
+    path = tmp_path / "d.jjpg"
+    jaxjpeg.save(path, {"b": np.arange(4096, dtype=np.float32)})
+    with jaxjpeg.checkpoint_reader.Checkpoint(path) as c:
+        blob = c.reader._blobs["leaf0/raw"]
+    data = bytearray(path.read_bytes())
+    data[blob.offset + blob.length // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "out" / "deep", tmp_path / "kept" / "new"):
+        code, _, err = run(capsys, "export", path, out)
+        assert code == cli.EXIT_DAMAGED, err
+    assert sorted(os.listdir(tmp_path)) == ["d.jjpg", "kept"]
+    assert os.listdir(tmp_path / "kept") == []
+
+
 def test_user_metadata_that_is_not_text_exports_as_json(tmp_path, capsys):
     path = tmp_path / "m.jjpg"
     jaxjpeg.save(path, {"w": np.ones((4, 4), np.float32)},
