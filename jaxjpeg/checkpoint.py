@@ -401,8 +401,9 @@ def _custom_encoder(encoder, shards: dict):
 def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: float,
                            steering: "_StepSteering | None" = None,
                            recurrent: frozenset = frozenset()):
-    """Each leaf at ``relative_step`` times its RMS, balanced by size, moved
-    by ``steering``; the ``recurrent`` cells' weights finer (jaxjpeg.recurrent)."""
+    """Each leaf at ``relative_step`` times its RMS about its rows' means
+    (rate.spread_rms), balanced by size, moved by ``steering``; the
+    ``recurrent`` cells' weights finer (jaxjpeg.recurrent)."""
     from jaxjpeg import rate
 
     if not 0 < relative_step < 16:
@@ -410,7 +411,7 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
 
     def encode(name, array):
         p = leaf_coder.prepare(name, array)
-        step = relative_step * rate.tensor_rms(p) * balanced_step_factor(array.size,
+        step = relative_step * rate.spread_rms(p) * balanced_step_factor(array.size,
                                                                          reference_size)
         if steering is not None:
             step *= steering.factor(name)
@@ -752,7 +753,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
 
     * ``relative_step`` (the default, ``DEFAULT_RELATIVE_STEP``): uniform
       quantization of every DCT coefficient with a step of this fraction of
-      the tensor's RMS for a leaf of the tree's typical size, coarser for
+      the tensor's RMS (about its rows' means, which the maps carry) for a
+      leaf of the tree's typical size, coarser for
       larger leaves and finer for smaller ones, by (size / typical
       size)^``STEP_SIZE_POWER``, as a data-free byte target would share the
       bytes (8 or 12-bit samples chosen per tensor);
