@@ -373,7 +373,8 @@ class _LeafCoder:
         user = _user_weight(self.sensitivity, name, p.shape)
         if user is not None:
             return user
-        return _data_free_weight(p.size, rate.prepared_norm2(p)) * self.feedback_gain(name, p)
+        spread2 = rate.spread_rms(p) ** 2 * p.size   # its rows' means are the maps'
+        return _data_free_weight(p.size, spread2) * self.feedback_gain(name, p)
 
     def feedback_gain(self, name, p: codec.Prepared) -> float:
         """Feedback's gain on a leaf a user's input covariance steers (its
