@@ -571,7 +571,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                   probe_size=rate.probe_elements(p.size, total), **coding)
             overhead = _coded_overhead(p, coding["restart_interval"], coding["tile_shape"])
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
-            curve = dataclasses.replace(curve, norm2=np.array([rate.prepared_norm2(p)]))
+            curve = dataclasses.replace(curve, norm2=np.array([rate.spread_rms(p) ** 2 * p.size]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead), 0
 
     def measure(floor):

@@ -606,7 +606,8 @@ class Curve:
     sse: np.ndarray     # float [k], whole tensor
     # bool [k]: coded with per-row ranges (:func:`row_range_fallback`); None: none is
     row_ranges: np.ndarray | None = None
-    # float [1]: the coded values' squared norm (see capped_curves); None: unknown
+    # float [1]: the coded values' squared norm about their rows' means
+    # (spread_rms; see capped_curves); None: unknown
     norm2: np.ndarray | None = None
     # bool [k]: quantized on step q and Rice coded (see thin_curve); None: none is
     thin: np.ndarray | None = None
