@@ -89,3 +89,33 @@ def test_block_map_rows():
     want_tiles = [0, 1, 3, 4]                  # intervals 0, 256, 512, 768
     want_kinds = [1, 1 | 8 | 4, 4 | 1, 1]      # 8-bit f32, 12-bit f32, 8-bit f16
     np.testing.assert_array_equal(got, np.array([want_tiles, want_kinds]).T)
+
+
+def test_the_bindings_refuse_buffers_that_are_not_c_contiguous():
+    """Found by review: only the last axis's stride was checked, so a
+    reversed or broadcast view read past its memory (crc32c of a broadcast
+    16-byte buffer read 1 GiB; a segfault)."""
+    from jaxjpeg import _native
+    base = np.arange(64, dtype=np.uint8)
+    for view in (base[::-1], base[::2], np.broadcast_to(base[:16], (1 << 20, 16)),
+                 base.reshape(8, 8)[:, ::-1]):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            _native.crc32c(view)
+    assert _native.crc32c(base.reshape(8, 8)) == _native.crc32c(base.tobytes())
+
+
+def test_run_plan_refuses_an_output_sharing_memory_with_an_operand():
+    """Found by review: an output viewing the positions array let the
+    decode rewrite placement offsets as it wrote and then write anywhere."""
+    from jaxjpeg import _native
+    data = _native.encode(np.full((16, 8), 100, np.float32), _native.quality_table(90, 8), bits=8)
+    info = _native.inspect(data)
+    positions = np.array([17] * 8 + [0] * 8 + [0] * 8, np.int64)
+    tiles = np.array([[0, 8, 8, 16, 0, 0, 0, 16, 0, 0, 0, -1, 0]], np.int64)
+    args = (np.frombuffer(data, np.uint8), np.asarray(info["interval_starts"], np.int64), tiles,
+            np.asarray(info["tables"]), np.zeros(16, np.float32), np.ones(16, np.float32))
+    with pytest.raises(ValueError, match="shares memory"):
+        _native.run_plan(*args, [positions.view(np.float32)], [0], 1, None, positions)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        _native.run_plan(*args, [out, out[8:]], [0, 0], 1, None, positions)

@@ -46,12 +46,26 @@ void Check(Status s, const std::string& where) {
   if (s != Status::kOk) Fail(s, where);
 }
 
+// Callers read size * itemsize bytes from ptr: every axis must be laid out
+// C-contiguously (found by review: a reversed or broadcast view passed the
+// old last-axis check, and crc32c read 1 GiB past a 16-byte buffer).
 py::buffer_info ContiguousBytes(const py::buffer& data) {
   py::buffer_info info = data.request();
-  if (info.ndim > 1 && info.strides.back() != info.itemsize) {
-    throw py::value_error("buffer must be C-contiguous");
+  int64_t expected = info.itemsize;
+  for (int64_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.shape[d] != 1 && info.strides[d] != expected) {
+      throw py::value_error("buffer must be C-contiguous");
+    }
+    expected *= info.shape[d];
   }
   return info;
+}
+
+// Whether [a, a + a_bytes) and [b, b + b_bytes) share a byte.
+bool Overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
+  const auto lo = reinterpret_cast<uintptr_t>(a), other = reinterpret_cast<uintptr_t>(b);
+  return a_bytes > 0 && b_bytes > 0 && lo < other + static_cast<uintptr_t>(b_bytes) &&
+         other < lo + static_cast<uintptr_t>(a_bytes);
 }
 
 struct ParsedStream {
@@ -227,6 +241,28 @@ const T* ArrayData(const py::array& a, int64_t expected, const char* name) {
   return static_cast<const T*>(a.data());
 }
 
+// The decoder reads the operands while it writes the outputs (a placed
+// tile's offsets are read again for every block): an output sharing memory
+// with an operand or another output let a decode write anywhere (found by
+// review: an output viewing the positions array).
+void CheckOutputsApart(const std::vector<PlanOutput>& outputs,
+                       const std::vector<std::pair<const void*, int64_t>>& inputs) {
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const int64_t bytes =
+        outputs[i].elements * (outputs[i].type == OutputType::kFloat32 ? 4 : 2);
+    bool shared = false;
+    for (const auto& [data, size] : inputs) shared |= Overlaps(outputs[i].data, bytes, data, size);
+    for (size_t j = 0; j < i; ++j) {
+      shared |= Overlaps(outputs[i].data, bytes, outputs[j].data,
+                         outputs[j].elements * (outputs[j].type == OutputType::kFloat32 ? 4 : 2));
+    }
+    if (shared) {
+      throw py::value_error("output " + std::to_string(i) +
+                            " shares memory with an operand or another output");
+    }
+  }
+}
+
 // A decode plan over numpy arrays; owns the output descriptors.
 struct HostPlan {
   DecodePlan plan{};
@@ -284,6 +320,13 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
   }
   plan.outputs = h.outputs.data();
   plan.num_outputs = static_cast<int64_t>(h.outputs.size());
+  std::vector<std::pair<const void*, int64_t>> inputs = {
+      {pay.ptr, pay.size * pay.itemsize}, {tab.ptr, table_bytes}};
+  for (const py::array* a : {&interval_starts, &tiles, &row_scale, &row_offset,
+                             col_scale ? &*col_scale : nullptr, positions ? &*positions : nullptr}) {
+    if (a != nullptr) inputs.emplace_back(a->data(), a->nbytes());
+  }
+  CheckOutputsApart(h.outputs, inputs);
   return h;
 }
 
