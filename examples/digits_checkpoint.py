@@ -33,11 +33,12 @@ def parse_args():
 
 
 def rate_options(args) -> dict:
-    if args.relative_step:
+    """The rate control given (0 included: save refuses it), else 8x."""
+    if args.relative_step is not None:
         return {"relative_step": args.relative_step}
-    if args.error_bound:
+    if args.error_bound is not None:
         return {"error_bound": args.error_bound}
-    return {"target_ratio": args.ratio or 8.0}
+    return {"target_ratio": 8.0 if args.ratio is None else args.ratio}
 
 
 def main():

@@ -576,9 +576,19 @@ def _int_in(low: int, high: float):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, as every other error (found by review:
+    argparse printed its usage block first)."""
+
+    def error(self, message):
+        command = "" if self.prog == PROG else f"{self.prog.split()[-1]}: "
+        print(f"{PROG}: error: {command}{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
     from jaxjpeg import __version__
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Compress, export, inspect, verify and extract jaxjpeg "
                                "checkpoints.",
         epilog="exit status: 0 success, 1 damaged input, 2 usage error, 3 I/O error "
@@ -649,8 +659,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
     except SystemExit as e:  # --help, --version (0); usage errors (argparse exits 2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    _use_cpu()
     try:
+        _use_cpu()   # imports jax: a Ctrl-C then is an interrupt too (found by review)
         with warnings.catch_warnings():   # a rate's warning as one line, as errors are
             warnings.showwarning = _show_warning
             return args.func(args)

@@ -157,3 +157,14 @@ def test_a_save_warning_is_one_line_of_its_own(tmp_path, capsys):
     lines = [l for l in err.splitlines() if "warning" in l.lower()]
     assert lines and all(l.startswith("jaxjpeg: warning: target_ratio=1.05") for l in lines), err
     assert "UserWarning" not in err
+
+
+@pytest.mark.parametrize("argv", [["compress", "--quality", "500", "a.npz", "b.jjpg"],
+                                  ["export", "x.jjpg", "memory://x"], ["bogus"], []])
+def test_usage_errors_are_one_line(capsys, argv):
+    """Found by review: errors argparse caught printed its usage block first
+    (6 lines for --quality 500), where the README promises one line."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == EXIT_USAGE and err.count("\n") == 1, err
+    assert err.startswith("jaxjpeg: error: ") and "--help" in err
