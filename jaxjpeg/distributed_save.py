@@ -170,8 +170,9 @@ def _region(stored: list) -> tuple[list, dict, int]:
 class _Exchange:
     """This save's keys in the coordination service's key-value store."""
 
-    def __init__(self, client, prefix: str):
-        self.client, self.prefix = client, prefix
+    def __init__(self, client, prefix: str, number: int = 0):
+        self.client, self.prefix, self.number = client, prefix, number
+        self.finished = False   # this process is done with the save (finish ended or failed)
         self.written: set[str] = set()
         self.large: dict[str, int] = {}   # key -> pieces, of put_large
 
@@ -280,9 +281,21 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     client = _client()
     me, processes = jax.process_index(), jax.process_count()
     _saves_started += 1
-    exchange = _Exchange(client, f"{_KEY}/{_saves_started}")
+    exchange = _Exchange(client, f"{_KEY}/{_saves_started}", _saves_started)
     earlier = list(_earlier)
     _earlier.append(exchange)
+    try:
+        return _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me,
+                        processes, exchange, earlier)
+    except BaseException:
+        exchange.finished = True   # no finish will run
+        raise
+
+
+def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, processes,
+             exchange, earlier) -> Prepared:
+    from jaxjpeg import checkpoint as ck
+
     path = os.fspath(path)
     # Everything a process may refuse on its own (its tree, the options) is
     # checked and agreed on before the first collective: a process that
@@ -298,11 +311,18 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
         ready, error = {"owners": owners, "gather": gather}, None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
-    exchange.put(f"ready/{me}", ready)
-    states = [exchange.get(f"ready/{i}") for i in range(processes)]
-    for old in earlier:   # every process has started this save: none reads those
-        old.forget()
-        _earlier.remove(old)
+    exchange.put(f"ready/{me}", {"state": ready,
+                                 "finished": [old.number for old in earlier if old.finished]})
+    answers = [exchange.get(f"ready/{i}") for i in range(processes)]
+    states = [answer["state"] for answer in answers]
+    # An earlier save's keys go once every process has finished it: an
+    # asynchronous save may still be committing (found by review: two items
+    # saved in one Orbax step lost their keys mid-save; the step hung and was lost).
+    done = set.intersection(*(set(answer["finished"]) for answer in answers))
+    for old in earlier:
+        if old.number in done:
+            old.forget()
+            _earlier.remove(old)
     failed = [f"process {i}: {state}" for i, state in enumerate(states)
               if not isinstance(state, dict)]
     if failed:
@@ -381,6 +401,15 @@ def finish(prepared: Prepared):
     collectives, only the coordination service's key-value store): process
     0 creates the temporary file, each process codes its leaves and writes
     its region, process 0 commits. Returns the SaveReport."""
+    from jaxjpeg import checkpoint as ck
+
+    try:
+        return _finish(prepared)
+    finally:
+        prepared.exchange.finished = True
+
+
+def _finish(prepared: Prepared):
     from jaxjpeg import checkpoint as ck
 
     path, saver, exchange, me = prepared.path, prepared.saver, prepared.exchange, prepared.me

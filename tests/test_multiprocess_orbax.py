@@ -24,8 +24,8 @@ ocp = pytest.importorskip("orbax.checkpoint")
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_orbax.py"
 NUM_PROCESSES = 2
 TIMEOUT_S = 240
-CHECKS = ["manager_async_save_is_distributed", "checkpointer_sync_save_is_distributed",
-          "one_process_refusing_fails_every_process"]
+CHECKS = ["manager_async_save_is_distributed", "two_items_of_one_step_save_asynchronously",
+          "checkpointer_sync_save_is_distributed", "one_process_refusing_fails_every_process"]
 
 
 @pytest.fixture(scope="module")

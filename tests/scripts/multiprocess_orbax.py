@@ -109,6 +109,31 @@ def manager_async_save_is_distributed():
 
 
 @check
+def two_items_of_one_step_save_asynchronously():
+    """Found by review: with two jaxjpeg items in one asynchronous step, the
+    second item's save deleted the first's keys while it was committing;
+    every process waited for them until the timeout and the step was lost."""
+    timeout = distributed_save.TIMEOUT_S
+    distributed_save.TIMEOUT_S = 60   # a hang fails this check, not the whole run
+    try:
+        directory = os.path.join(WORK, "two_items")
+        manager = ocp.CheckpointManager(directory,
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=3))
+        for step in (1, 2, 3):
+            manager.save(step, args=ocp.args.Composite(
+                params=JaxjpegSave(make_tree()), ema=JaxjpegSave(make_tree(), quality=90)))
+        manager.wait_until_finished()
+        assert manager.all_steps() == [1, 2, 3], manager.all_steps()
+        for item in ("params", "ema"):
+            assert os.path.isfile(os.path.join(directory, "3", item, "checkpoint.jjpg"))
+        assert_reference(manager.restore(3, args=ocp.args.Composite(
+            params=JaxjpegRestore()))["params"])
+        manager.close()
+    finally:
+        distributed_save.TIMEOUT_S = timeout
+
+
+@check
 def checkpointer_sync_save_is_distributed():
     before = distributed_save._saves_started
     with ocp.Checkpointer(JaxjpegCheckpointHandler()) as ckptr:
