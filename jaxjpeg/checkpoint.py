@@ -534,7 +534,7 @@ def analyse_here(analyse, entries, floor: bool) -> list:
 
 
 def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by=analyse_here,
-                    takers=frozenset()):
+                    takers=frozenset(), own=None):
     """Allocates the file's byte budget over the leaves that will be coded.
 
     Curves are measured on each leaf's probe first and the prepared copies
@@ -545,6 +545,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     ``analysed_by(analyse, entries, floor)``: every entry's ``analyse(leaf,
     floor)``, in order (a distributed save gathers them from its processes).
     ``takers``: the leaves bias correction will change (see _taker_bytes).
+    ``own`` (a distributed save): the names this process codes; it codes
+    them to their share of the budget at the whole tree's allocation, its
+    last leaf landing that share as a one-process save's lands the budget.
     """
     from jaxjpeg import rate
 
@@ -606,6 +609,15 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     if not coded:
         return (lambda name, array: None), coded, exact
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
+    if own is not None:
+        # Found by review: each process corrected only by its own leaves'
+        # misses and none settled the total (+1.8% / +3.4% at 2 / 4 processes).
+        mine = [name for name in curves if name in own]
+        if mine:
+            allocator = rate.BudgetAllocator({name: curves[name] for name in mine},
+                                             allocator.planned_bytes(mine),
+                                             sensitivity={name: sens[name] for name in mine},
+                                             **leaf_coder.coding)
     return _BudgetEncoder(allocator, leaf_coder), coded, exact
 
 
@@ -1175,10 +1187,12 @@ class _Save:
         self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
 
-    def allocate(self, analysed_by=analyse_here) -> None:
+    def allocate(self, analysed_by=None, own=None) -> None:
         """A byte target's analysis and allocation (``defer_budget``: left
-        until now; ``analysed_by`` as :func:`_target_encoder` takes it)."""
-        self.encode, self.coded, self.exact = self._budget(analysed_by=analysed_by)
+        until now; ``analysed_by`` and ``own`` as :func:`_target_encoder`
+        takes them)."""
+        self.encode, self.coded, self.exact = self._budget(
+            analysed_by=analysed_by or analyse_here, own=own)
         self._budget = None
 
     def run(self) -> SaveReport:

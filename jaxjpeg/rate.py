@@ -1323,6 +1323,11 @@ class BudgetAllocator:
         self.slope = 0.0
         self._log_slope = None   # log λ of the last choice (where the next bisection starts)
 
+    def planned_bytes(self, names) -> float:
+        """The predicted bytes of ``names`` at the allocation of the whole
+        budget (before any tensor is coded)."""
+        return sum(float(self.curves[name].nbytes[self._choose(name)]) for name in names)
+
     def _correction(self) -> float:
         """Actual / predicted bytes of the tensors coded so far, shrunk towards
         1 by CORRECTION_PRIOR of the budget."""

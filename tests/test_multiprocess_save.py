@@ -28,6 +28,7 @@ CHECKS = [
     "sharded_restore_over_the_global_mesh",
     "report_and_metadata",
     "byte_targets_allocate_one_budget_over_every_process",
+    "byte_targets_land_as_a_one_process_save_lands_them",
     "one_process_refusing_fails_every_process_quickly",
     "a_process_failing_while_coding_fails_every_process_quickly",
     "a_process_failing_to_read_its_leaves_fails_every_process_quickly",
