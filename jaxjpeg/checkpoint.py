@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxjpeg import analysis, codec, format as fmt, layout, storage
+from jaxjpeg import analysis, codec, embeddings, format as fmt, layout, storage
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
@@ -263,11 +263,15 @@ def _user_weight(sensitivity, name, shape) -> float | None:
     return factor
 
 
-def _data_free_weight(size: int, norm2: float) -> float:
+def _data_free_weight(size: int, norm2: float, weighing: int | None = None) -> float:
     """The data-free cost of squared error in a leaf of ``size`` values
     whose coded values' squared norm is ``norm2``: its relative error
-    weighted by size^LEAF_SIZE_POWER."""
-    return size ** LEAF_SIZE_POWER / norm2 if norm2 > 0 else 1.0
+    weighted by size^LEAF_SIZE_POWER; ``weighing``: the size it counts as
+    (jaxjpeg.embeddings), its values as important as such a leaf's."""
+    if not norm2 > 0:
+        return 1.0
+    weighing = weighing or size
+    return weighing ** LEAF_SIZE_POWER * (size / weighing) / norm2
 
 
 def _leaf_importance(sensitivity, name):
@@ -304,6 +308,7 @@ class _LeafCoder:
         # with Fisher means.)
         self.prior = prior.without(self.input_covariance) if prior is not None else None
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
+        self.weighing: dict = {}    # name -> the size its error is weighed by (jaxjpeg.embeddings)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
     def prepare(self, name, array) -> codec.Prepared:
@@ -337,6 +342,9 @@ class _LeafCoder:
             # with_even_splits of the same shape, view and tile shape, as before
             return dataclasses.replace(p, tile_cuts=plain[2])
         return p.with_even_splits(self.coding["tile_shape"])
+
+    def weighing_size(self, name: str, size: int) -> int:
+        return self.weighing.get(name, size)
 
     def thin(self, name, p: codec.Prepared) -> bool:
         """Whether leaf ``name`` (prepared as ``p``) may be quantized as a
@@ -374,7 +382,8 @@ class _LeafCoder:
         if user is not None:
             return user
         spread2 = rate.spread_rms(p) ** 2 * p.size   # its rows' means are the maps'
-        return _data_free_weight(p.size, spread2) * self.feedback_gain(name, p)
+        return (_data_free_weight(p.size, spread2, self.weighing_size(name, p.size))
+                * self.feedback_gain(name, p))
 
     def feedback_gain(self, name, p: codec.Prepared) -> float:
         """Feedback's gain on a leaf a user's input covariance steers (its
@@ -412,8 +421,8 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
 
     def encode(name, array):
         p = leaf_coder.prepare(name, array)
-        step = relative_step * rate.spread_rms(p) * balanced_step_factor(array.size,
-                                                                         reference_size)
+        step = relative_step * rate.spread_rms(p) * balanced_step_factor(
+            leaf_coder.weighing_size(name, array.size), reference_size)
         if steering is not None:
             step *= steering.factor(name)
         if name in recurrent:
@@ -444,9 +453,11 @@ class _StepSteering:
         return min(self.steered.get(name, 1.0) * self.common, MAX_STEERED_STEP)
 
     @classmethod
-    def of(cls, leaves, sensitivity, policy: "Policy") -> "_StepSteering | None":
+    def of(cls, leaves, sensitivity, policy: "Policy",
+           weighing: dict | None = None) -> "_StepSteering | None":
         """The steering of the coded ``leaves`` that ``sensitivity`` names
-        (loading those), or None when it names none."""
+        (loading those), or None when it names none; ``weighing``: the sizes
+        leaves are weighed by (_LeafCoder.weighing)."""
         coded = [leaf for leaf in leaves
                  if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())]
         from jaxjpeg import rate
@@ -459,7 +470,8 @@ class _StepSteering:
             if not (math.isfinite(factor) and factor >= 0):
                 raise ValueError(f"sensitivity of {leaf.name!r} must be finite and "
                                  f"non-negative, got {factor}")
-            data_free = _data_free_weight(leaf.size, rate.finite_norm2(leaf.array()))
+            data_free = _data_free_weight(leaf.size, rate.finite_norm2(leaf.array()),
+                                          (weighing or {}).get(leaf.name))
             steered[leaf.name] = math.sqrt(data_free / factor) if factor > 0 else math.inf
         if not steered:
             return None
@@ -1135,6 +1147,9 @@ class _Save:
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
                                 prior, input_means)
         self.leaf_coder = leaf_coder
+        leaf_coder.weighing = embeddings.weighing_sizes(
+            {leaf.name: leaf.size for leaf in leaves
+             if leaf.size > 0 and self.policy.should_compress(leaf.name, leaf.stand_in())})
         if leaf_coder.prior:   # the leaves the prior weighs
             self.rate.update(leaf_coder.prior.record())
 
@@ -1152,7 +1167,8 @@ class _Save:
         if relative_step is not None:
             reference = _step_reference_size(leaves, self.policy)
             self.rate["reference_size"] = round(reference)
-            steering = _StepSteering.of(leaves, sensitivity, self.policy) if sensitivity else None
+            steering = (_StepSteering.of(leaves, sensitivity, self.policy, leaf_coder.weighing)
+                        if sensitivity else None)
             if steering is not None:
                 self.rate["steered_leaves"] = len(steering.steered)
             # A sensitivity a user gives a recurrent leaf replaces the rule.
