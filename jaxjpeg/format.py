@@ -397,9 +397,11 @@ class ContainerWriter:
         except BaseException as e:
             with contextlib.suppress(Exception):
                 fs.rm(temp)
-            if isinstance(e, Exception) and not isinstance(e, OSError):
-                # a store's own error type (an HTTP status from aiohttp, say):
-                # an OSError, as every other failure to write is (found by review)
+            if isinstance(e, Exception) and (not isinstance(e, OSError)
+                                             or self._remote not in str(e)):
+                # a store's own error type (an HTTP status from aiohttp, say), or
+                # an OSError without the name (a server closing mid-body: a bare
+                # "Broken pipe"): an OSError naming the file (found by review)
                 raise OSError(f"{self._remote}: uploading it: {type(e).__name__}: {e}") from e
             raise
         self._file.close()
