@@ -172,7 +172,7 @@ def open_source(path, items=None) -> Source:
 def _check_shape(path: str, leaf) -> None:
     """Refuses shapes numpy cannot hold, an empty one's other sides too
     (found by review: [0, 2**62] failed inside numpy, as a usage error)."""
-    if math.prod(d for d in leaf.shape if d) >= 2**62:
+    if math.prod(d for d in leaf.shape if d) * max(1, leaf.dtype.itemsize) >= 2**62:
         raise SourceError(f"{path}: {leaf.name[:200]!r} has an impossible shape "
                           f"{list(leaf.shape)}")
 

@@ -220,6 +220,35 @@ def test_constant_thin_leaves_are_quantized_exactly(tmp_path, value):
         np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["x"]), x)
 
 
+@pytest.mark.parametrize("seed,ratio", [(0, 6), (1, 8), (2, 10), (3, 12)])
+def test_a_constant_thin_leaf_under_a_byte_target_restores_exactly(tmp_path, seed, ratio):
+    """Found by review: a stacked scale of ones coded last under a byte
+    target came back 1.1892 (the last leaf's settling kept the coarsest
+    step it tried, no smaller at equal bytes)."""
+    rng = np.random.default_rng(seed)
+    tree = {"a_kernel": (0.02 * rng.standard_normal((128, 160))).astype(np.float32),
+            "z_scale": np.ones((4, 1024), np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=ratio)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "c.jjpg")["z_scale"])
+    np.testing.assert_array_equal(got, tree["z_scale"])
+
+
+@pytest.mark.parametrize("shape", [(32768, 2), (5, 4096)])
+def test_a_thin_leaf_around_a_large_mean_is_coded_on_its_spread(tmp_path, shape):
+    """Found by review: 1000 + 0.01 N(0, 1) got a byte target's steps on its
+    RMS (the mean), none finer than its spread: error 0.525 of the spread at
+    4x, the file 20% under target."""
+    x = (1000 + 0.01 * np.random.default_rng(4).standard_normal(shape)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a missed target fails the test
+        report = jaxjpeg.save(tmp_path / "m.jjpg", {"x": x}, target_ratio=4)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["x"], np.float64)
+    assert np.linalg.norm(got - x) < 0.05 * np.linalg.norm(x - x.mean())
+    assert report.leaves[0].note.startswith("quantized")
+
+
 def test_an_importance_array_keeps_a_thin_leaf_out_of_one_step(tmp_path):
     """Found by review: the thin coding's one step ignored a sensitivity
     array (weighted error 3.4x the JPEG coding's)."""
