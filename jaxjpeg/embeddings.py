@@ -13,7 +13,7 @@ the largest other coded leaf (quantizers commonly keep them finer too).
 Found by name, in the layouts frameworks write: a path part naming an
 embedding (``embedding``, ``embed_tokens``, ``word_embeddings``,
 ``tok_embeddings``, ``wte``) or an output head (``lm_head``, a top-level
-``output`` kernel as Llama checkpoints name it).
+``output`` kernel as Llama checkpoints name it, ``params/output/kernel``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def is_lookup_table(name: str) -> bool:
     """Whether leaf path ``name`` (parts joined with '/' or '.') is a token
     embedding or an output head."""
     parts = re.split(r"[/.]", name)
-    if parts[:1] == ["output"] and parts[1:] in (["weight"], ["kernel"]):
-        return True
+    if len(parts) <= 3 and parts[-2:] in (["output", "weight"], ["output", "kernel"]):
+        return True   # a top-level head: output.weight, params/output/kernel
     return any(_PART.search(part) for part in parts)
 
 
