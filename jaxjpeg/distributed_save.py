@@ -404,8 +404,6 @@ def finish(prepared: Prepared):
     collectives, only the coordination service's key-value store): process
     0 creates the temporary file, each process codes its leaves and writes
     its region, process 0 commits. Returns the SaveReport."""
-    from jaxjpeg import checkpoint as ck
-
     try:
         return _finish(prepared)
     finally:
