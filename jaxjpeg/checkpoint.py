@@ -1349,25 +1349,32 @@ def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of,
         order = [largest] + [i for i in order if i != largest]
     futures: dict = {}
     in_flight = started = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        try:
-            for index in range(len(items)):
-                # Items before `index` in `order` have all started, so it is
-                # the next to start if it has not: the loop always starts it.
-                while started < len(order):
-                    nxt = order[started]
-                    full = len(futures) >= 2 * workers or in_flight + sizes[nxt] > window_bytes
-                    if full and futures and nxt != index:
-                        break
-                    futures[nxt] = pool.submit(fn, items[nxt])
-                    in_flight += sizes[nxt]
-                    started += 1
-                result = futures.pop(index).result()
-                in_flight -= sizes[index]
-                yield result
-        finally:  # an error (or the consumer stopping): start nothing more
-            for future in futures.values():
-                future.cancel()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    wait = True
+    try:
+        for index in range(len(items)):
+            # Items before `index` in `order` have all started, so it is
+            # the next to start if it has not: the loop always starts it.
+            while started < len(order):
+                nxt = order[started]
+                full = len(futures) >= 2 * workers or in_flight + sizes[nxt] > window_bytes
+                if full and futures and nxt != index:
+                    break
+                futures[nxt] = pool.submit(fn, items[nxt])
+                in_flight += sizes[nxt]
+                started += 1
+            result = futures.pop(index).result()
+            in_flight -= sizes[index]
+            yield result
+    except (KeyboardInterrupt, SystemExit):
+        # not waiting for the items in flight (found by review: a Ctrl-C
+        # waited out a stalled remote read, 300 s, and became its error)
+        wait = False
+        raise
+    finally:  # an error (or the consumer stopping): start nothing more
+        for future in futures.values():
+            future.cancel()
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _check_covariances(covariances, leaves, error_bound) -> None:

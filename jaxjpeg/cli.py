@@ -701,5 +701,17 @@ def _classify(e: Exception) -> tuple[int, str]:
     raise e
 
 
+def console() -> None:
+    """The ``jaxjpeg`` command: :func:`main`, exiting at once when
+    interrupted (a thread stalled on a remote read would otherwise hold the
+    interpreter's exit until its read timed out)."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -29,6 +29,8 @@ class RangeServer:
         self.fail_ranged_reads = False  # answer ranged GETs with 500
         self.ignore_ranges = False      # answer every GET with the whole file (200)
         self.delay_s = 0.0              # each GET held this long while counted in flight
+        self.stall_from = None          # GETs of ranges at least this long stall (for good)
+        self.stalled = 0                # GETs stalling now
         self.status = None              # answer every request with this HTTP error
         self.missing_status = 404       # for files that are not there (S3 answers 403)
         self.range_cap = None           # answer at most this many bytes of a range
@@ -53,10 +55,20 @@ class RangeServer:
                         # a slow server: requests a client sends at once overlap
                         # whatever the scheduler does (a loaded CI machine)
                         time.sleep(server.delay_s)
+                    if server.stall_from is not None and self._range_length() >= server.stall_from:
+                        with server._lock:
+                            server.stalled += 1
+                        time.sleep(3600)   # a daemon thread: the server closes without it
                     self._answer(body=True)
                 finally:
                     with server._lock:
                         server.in_flight -= 1
+
+            def _range_length(self) -> int:
+                match = _RANGE.match(self.headers.get("Range", ""))
+                if not match or not match.group(2):
+                    return 0
+                return int(match.group(2)) + 1 - int(match.group(1))
 
             def _answer(self, body: bool):
                 if server.status is not None:

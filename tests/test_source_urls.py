@@ -389,3 +389,35 @@ def test_an_empty_tensor_with_an_impossible_side_is_a_damaged_source(tmp_path, c
     src.write_bytes(struct.pack("<Q", len(header)) + header)
     code, _, err = run(capsys, "compress", src, tmp_path / "o.jjpg")
     assert code == 1 and "s.safetensors" in err and "impossible shape" in err, err
+
+
+def test_ctrl_c_while_a_remote_read_stalls_exits_at_once(tmp_path):
+    """Found by review: a Ctrl-C while the server stalled a ranged read
+    waited for it (aiohttp's 300 s timeout) and then exited 3 with the
+    read's timeout error; it is exit 130 at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "m.npz", **{f"w{i}": rng.standard_normal((256, 256)).astype(np.float32)
+                                    for i in range(4)})
+    with RangeServer(tmp_path) as server:
+        server.stall_from = 65536   # a tensor's read stalls; the zip directory's do not
+        proc = subprocess.Popen([sys.executable, "-m", "jaxjpeg.cli", "compress",
+                                 server.url("m.npz"), str(tmp_path / "o.jjpg")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while server.stalled == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.stalled > 0, "no tensor was read"
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
+    assert not (tmp_path / "o.jjpg").exists()
