@@ -347,12 +347,16 @@ class _LeafCoder:
         return self.weighing.get(name, size)
 
     def thin(self, name, p: codec.Prepared) -> bool:
-        """Whether leaf ``name`` (prepared as ``p``) may be quantized as a
-        thin leaf (rate.is_thin): not where a user's importance array or
-        input covariance shapes its steps inside it, which one step cannot."""
+        """Whether leaf ``name`` (prepared as ``p``) is quantized as a thin
+        leaf (rate.is_thin) under a byte target."""
         from jaxjpeg import rate
 
-        return (rate.is_thin(p) and _leaf_importance(self.sensitivity, name)[1] is None
+        return rate.is_thin(p) and self.one_step_fits(name)
+
+    def one_step_fits(self, name: str) -> bool:
+        """Whether one step may code leaf ``name`` (a thin coding): not where
+        a user's importance array or input covariance shapes its steps."""
+        return (_leaf_importance(self.sensitivity, name)[1] is None
                 and name not in self.input_covariance)
 
     def remember(self, name, p: codec.Prepared) -> None:
@@ -381,8 +385,7 @@ class _LeafCoder:
         user = _user_weight(self.sensitivity, name, p.shape)
         if user is not None:
             return user
-        spread2 = rate.spread_rms(p) ** 2 * p.size   # its rows' means are the maps'
-        return (_data_free_weight(p.size, spread2, self.weighing_size(name, p.size))
+        return (_data_free_weight(p.size, rate.spread_norm2(p), self.weighing_size(name, p.size))
                 * self.feedback_gain(name, p))
 
     def feedback_gain(self, name, p: codec.Prepared) -> float:
@@ -586,7 +589,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                   probe_size=rate.probe_elements(p.size, total), **coding)
             overhead = _coded_overhead(p, coding["restart_interval"], coding["tile_shape"])
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
-            curve = dataclasses.replace(curve, norm2=np.array([rate.spread_rms(p) ** 2 * p.size]))
+            curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead), 0
 
     def measure(floor):
@@ -1203,12 +1206,11 @@ class _Save:
         self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
 
-    def allocate(self, analysed_by=None, own=None) -> None:
+    def allocate(self, analysed_by=analyse_here, own=None) -> None:
         """A byte target's analysis and allocation (``defer_budget``: left
         until now; ``analysed_by`` and ``own`` as :func:`_target_encoder`
         takes them)."""
-        self.encode, self.coded, self.exact = self._budget(
-            analysed_by=analysed_by or analyse_here, own=own)
+        self.encode, self.coded, self.exact = self._budget(analysed_by=analysed_by, own=own)
         self._budget = None
 
     def run(self) -> SaveReport:
@@ -1263,10 +1265,8 @@ class _Save:
         coding within its error (not a user's encoder's choice)."""
         from jaxjpeg import rate
 
-        return (not self.user_encoder
-                and min(enc.matrix_shape) < rate.THIN_SIDE
-                and _leaf_importance(self.leaf_coder.sensitivity, name)[1] is None
-                and name not in self.leaf_coder.input_covariance)
+        return (not self.user_encoder and min(enc.matrix_shape) < rate.THIN_SIDE
+                and self.leaf_coder.one_step_fits(name))
 
     def metadata(self, records: list) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,
@@ -1579,18 +1579,8 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
         return None
     x = np.asarray(array, np.float64).reshape(-1)
     jpeg_error = float(np.mean(np.square(codec.decode_tensor(enc).reshape(-1) - x)))
-    if jpeg_error == 0:   # exact (a constant leaf): its value is a step of its own
-        step = abs(float(x[0])) or 1.0
-        step = step if np.all(np.round(x / step) * step == x) else None
-    elif math.isfinite(jpeg_error):   # a uniform step's squared error is step^2 / 12
-        step = _step_within_error(x, math.sqrt(12 * jpeg_error), jpeg_error)
-    else:
-        step = None
-    coded = None if step is None else rate.thin_coding(array, step)
-    if coded is None or coded.record["step"] != step or coded.nbytes >= min(jpeg_bytes,
-                                                                             array.nbytes):
-        return None
-    return _thin_stored(coded)
+    coded = rate.thin_within_error(array, jpeg_error, min(jpeg_bytes, array.nbytes))
+    return None if coded is None else _thin_stored(coded)
 
 
 def _thin_stored(coded) -> tuple:
@@ -1598,20 +1588,6 @@ def _thin_stored(coded) -> tuple:
     return (coded.blob, {"kind": "raw", **coded.record},
             f"quantized (linear step {coded.record['step']:.3g}): a view too thin for "
             "JPEG's 8x8 blocks")
-
-
-def _quantization_error(x: np.ndarray, step: float) -> float:
-    return float(np.mean(np.square(np.round(x / step) * step - x)))
-
-
-def _step_within_error(x: np.ndarray, step: float, error: float) -> float | None:
-    """``step``, shrunk where rounding on it errs by more than ``error``."""
-    for _ in range(4):
-        measured = _quantization_error(x, step)
-        if measured <= error:
-            return step
-        step *= 0.999 * math.sqrt(error / measured)
-    return None
 
 
 def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:

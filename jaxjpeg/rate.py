@@ -235,6 +235,11 @@ def _squares(p: codec.Prepared) -> float:
     return squares
 
 
+def spread_norm2(p: codec.Prepared) -> float:
+    """Squared norm of the coded values about their rows' centers (spread_rms)."""
+    return spread_rms(p) ** 2 * p.size
+
+
 def spread_rms(p: codec.Prepared) -> float:
     """RMS of the coded values about their rows' centers (what the row maps'
     offsets leave to the samples), in weight units: the scale a step must
@@ -1009,7 +1014,7 @@ def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
 # bits a weight at the same error.
 THIN_SIDE = 8
 THIN_PROBE = 1 << 16            # values a thin leaf's curve is measured on
-THIN_LADDER = np.arange(-8, 64) / 4   # steps q = rms * 2^-k, a quarter octave apart
+THIN_LADDER = np.arange(-8, 64) / 4   # steps q = spread * 2^-k, a quarter octave apart
 THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a value
 
 
@@ -1045,12 +1050,54 @@ def thin_coding(x, q: float) -> ThinCoding | None:
     return None
 
 
+def thin_within_error(x, error: float, max_bytes: int) -> ThinCoding | None:
+    """``x`` (float32, finite) quantized on one step with a mean squared
+    error of at most ``error`` (0: a step that codes it exactly), when
+    that takes fewer than ``max_bytes``; else None."""
+    values = np.asarray(x, np.float64).reshape(-1)
+    if error == 0:
+        step = _exact_step(values)
+    elif math.isfinite(error):   # a uniform step's squared error is step^2 / 12
+        step = _step_within_error(values, math.sqrt(12 * error), error)
+    else:
+        step = None
+    coded = None if step is None else thin_coding(x, step)
+    if coded is None or coded.record["step"] != step or coded.nbytes >= max_bytes:
+        return None
+    return coded
+
+
+def _exact_step(values: np.ndarray) -> float | None:
+    """A step that codes float64 ``values`` exactly, the first's magnitude
+    (1 for zero; any constant's), or None where it does not."""
+    if not values.size:
+        return None
+    step = abs(float(values[0])) or 1.0
+    return step if np.all(np.round(values / step) * step == values) else None
+
+
+def _rounding_sse(values: np.ndarray, step: float) -> float:
+    """Squared error of float64 ``values`` rounded to multiples of ``step``."""
+    return float(np.sum(np.square(np.round(values / step) * step - values)))
+
+
+def _step_within_error(values: np.ndarray, step: float, error: float) -> float | None:
+    """``step``, shrunk where rounding on it errs by more than ``error`` (a
+    mean squared error)."""
+    for _ in range(4):
+        measured = _rounding_sse(values, step) / max(1, values.size)
+        if measured <= error:
+            return step
+        step *= 0.999 * math.sqrt(error / measured)
+    return None
+
+
 def thin_curve(x, seed: int = 0) -> Curve:
     """Bytes and squared error of ``x`` (float32, finite) quantized on each
     step of THIN_LADDER, measured on up to THIN_PROBE of its values."""
     values = np.asarray(x, np.float32).reshape(-1)
     if values.size and np.all(values == values[0]):   # a constant: one exact step
-        step = abs(float(values[0])) or 1.0
+        step = _exact_step(values.astype(np.float64))
         coded = quantized_vectors.coded_bytes(values, step)
         return Curve(np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([step]),
                      np.array([float(coded)]), np.zeros(1), thin=np.ones(1, bool))
@@ -1064,8 +1111,7 @@ def thin_curve(x, seed: int = 0) -> Curve:
     spread = float(np.std(probe)) or 1.0
     steps = spread * np.exp2(-THIN_LADDER)
     nbytes = np.array([quantized_vectors.coded_bytes(probe, q) * scale for q in steps])
-    sse = np.array([float(np.sum(np.square(np.round(probe / q) * q - probe))) * scale
-                    for q in steps])
+    sse = np.array([_rounding_sse(probe, q) * scale for q in steps])
     keep = 8 * nbytes <= THIN_MAX_BITS * np.asarray(x).size
     keep[0] = True   # the coarsest always
     k = int(np.sum(keep))

@@ -150,18 +150,13 @@ def open_source(path, items=None) -> Source:
     if _is_web(path):   # a web server lists no folders: Orbax items are asked for by name
         chosen = _web_orbax_items(path, items)
         if chosen is not None:
-            source = _web_orbax_source(path, chosen, items)
-            for leaf in source.leaves:
-                _check_shape(path, leaf)
-            return source
+            return _shapes_checked(path, _web_orbax_source(path, chosen, items))
     kind = storage.kind(path)
     if kind is None:
         raise FileNotFoundError(2, "no such file or directory", path)
     files = _Files()
     try:
-        source = _open_kind(path, kind, items, files)
-        for leaf in source.leaves:
-            _check_shape(path, leaf)
+        source = _shapes_checked(path, _open_kind(path, kind, items, files))
     except BaseException:
         files.close()
         raise
@@ -169,12 +164,14 @@ def open_source(path, items=None) -> Source:
     return source
 
 
-def _check_shape(path: str, leaf) -> None:
-    """Refuses shapes numpy cannot hold, an empty one's other sides too
-    (found by review: [0, 2**62] failed inside numpy, as a usage error)."""
-    if math.prod(d for d in leaf.shape if d) * max(1, leaf.dtype.itemsize) >= 2**62:
-        raise SourceError(f"{path}: {leaf.name[:200]!r} has an impossible shape "
-                          f"{list(leaf.shape)}")
+def _shapes_checked(path: str, source: Source) -> Source:
+    """``source``, its shapes ones numpy can hold, an empty one's other sides
+    too (found by review: [0, 2**62] failed inside numpy, as a usage error)."""
+    for leaf in source.leaves:
+        if math.prod(d for d in leaf.shape if d) * max(1, leaf.dtype.itemsize) >= 2**62:
+            raise SourceError(f"{path}: {leaf.name[:200]!r} has an impossible shape "
+                              f"{list(leaf.shape)}")
+    return source
 
 
 def _open_kind(path: str, kind: str, items, files: _Files) -> Source:
