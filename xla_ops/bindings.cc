@@ -248,13 +248,11 @@ const T* ArrayData(const py::array& a, int64_t expected, const char* name) {
 void CheckOutputsApart(const std::vector<PlanOutput>& outputs,
                        const std::vector<std::pair<const void*, int64_t>>& inputs) {
   for (size_t i = 0; i < outputs.size(); ++i) {
-    const int64_t bytes =
-        outputs[i].elements * (outputs[i].type == OutputType::kFloat32 ? 4 : 2);
+    const int64_t bytes = outputs[i].bytes();
     bool shared = false;
     for (const auto& [data, size] : inputs) shared |= Overlaps(outputs[i].data, bytes, data, size);
     for (size_t j = 0; j < i; ++j) {
-      shared |= Overlaps(outputs[i].data, bytes, outputs[j].data,
-                         outputs[j].elements * (outputs[j].type == OutputType::kFloat32 ? 4 : 2));
+      shared |= Overlaps(outputs[i].data, bytes, outputs[j].data, outputs[j].bytes());
     }
     if (shared) {
       throw py::value_error("output " + std::to_string(i) +

@@ -44,6 +44,8 @@ struct PlanOutput {
   void* data;
   int64_t elements;
   OutputType type;
+
+  int64_t bytes() const { return elements * (type == OutputType::kFloat32 ? 4 : 2); }
 };
 
 // The destuff pass's results (destuff.h), for executors that run it before

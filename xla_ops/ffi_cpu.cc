@@ -59,7 +59,7 @@ struct PoolLoop {
 void AdviseHugePages(const PlanOutput* outputs, int64_t count) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t bytes = outputs[i].elements * (outputs[i].type == OutputType::kFloat32 ? 4 : 2);
+    const int64_t bytes = outputs[i].bytes();
     const uintptr_t begin = reinterpret_cast<uintptr_t>(outputs[i].data);
     const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
     const uintptr_t last = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
