@@ -105,16 +105,19 @@ class BiasCorrection:
         self.lock = threading.Lock()
 
     @classmethod
-    def of(cls, prior=None, input_means: dict | None = None) -> "BiasCorrection":
+    def of(cls, prior=None, input_means: dict | None = None,
+           exact=lambda taker: False) -> "BiasCorrection":
         """The prior's weights (data-free means) and the user's
-        ``{weight: (InputMean, taker)}``, which replace them."""
+        ``{weight: (InputMean, taker)}``, which replace them; none whose
+        taker is to be stored ``exact`` (a policy's lossless leaf)."""
         targets = {}
         if prior is not None:
             for weight, taker in {**prior.output_means, **prior.output_biases}.items():
                 targets[weight] = (taker, functools.partial(prior.output_shift, weight))
         for weight, (mean, taker) in (input_means or {}).items():
             targets[weight] = (taker, mean.output_shift)
-        return cls(targets)
+        return cls({weight: (taker, shift) for weight, (taker, shift) in targets.items()
+                    if not exact(taker)})
 
     def order(self, names) -> None:
         """The order weights are stored in: a taker sums its shifts in it,

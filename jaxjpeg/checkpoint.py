@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxjpeg import analysis, codec, embeddings, format as fmt, layout, storage
+from jaxjpeg import analysis, codec, embeddings, format as fmt, layout, magnitudes, storage
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
@@ -66,12 +66,17 @@ class Policy:
     def should_compress(self, path: str, leaf: np.ndarray) -> bool:
         if str(leaf.dtype) not in JPEG_DTYPES or leaf.size == 0:
             return False
-        if any(fnmatch.fnmatchcase(path, p) for p in self.lossless):
+        if self.names_lossless(path):
             return False
         if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
             return True
         return leaf.ndim >= self.min_ndim and leaf.size >= self.min_size
 
+    def names_lossless(self, path: str) -> bool:
+        """A ``lossless`` pattern matches: stored exactly under every rate
+        control (byte targets store the other small leaves as float16 or
+        quantized) and left as it is by bias correction."""
+        return any(fnmatch.fnmatchcase(path, p) for p in self.lossless)
 
 
 def patterns(value, what: str) -> tuple[str, ...]:
@@ -549,7 +554,7 @@ def analyse_here(analyse, entries, floor: bool) -> list:
 
 
 def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by=analyse_here,
-                    takers=frozenset(), own=None):
+                    takers=frozenset(), own=None, log_coding=None):
     """Allocates the file's byte budget over the leaves that will be coded.
 
     Curves are measured on each leaf's probe first and the prepared copies
@@ -563,6 +568,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     ``own`` (a distributed save): the names this process codes; it codes
     them to their share of the budget at the whole tree's allocation, its
     last leaf landing that share as a one-process save's lands the budget.
+    ``log_coding`` (a _LogCoding): leaves on log2 steps, of fixed size.
     """
     from jaxjpeg import rate
 
@@ -574,6 +580,11 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
+        signed = log_coding.signed(leaf.name, array) if log_coding is not None else None
+        if signed is not None:
+            return leaf.name, None, log_coding.stored_bytes(array, signed)
+        if policy.names_lossless(leaf.name):
+            return leaf.name, None, array.nbytes
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
@@ -964,6 +975,7 @@ class SourceLeaf:
     # The array's shards as (start, stop, step) per axis (shard_regions): a
     # coded leaf's tiles get edges at their boundaries. None: no sharding known.
     shards: tuple | None = None
+    resident: bool = False   # load() returns an array held in memory (read at no cost)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", np.dtype(self.dtype).newbyteorder("="))
@@ -971,7 +983,7 @@ class SourceLeaf:
 
     @classmethod
     def of(cls, records, array: np.ndarray, shards: tuple | None = None) -> "SourceLeaf":
-        return cls(records, tuple(array.shape), array.dtype, lambda: array, shards)
+        return cls(records, tuple(array.shape), array.dtype, lambda: array, shards, True)
 
     @property
     def name(self) -> str:
@@ -1142,6 +1154,7 @@ class _Save:
             codec.quant_table(bits=bits or 8, quality=quality, quant_step=quant_step,
                               qtable=qtable)
         self.rate = _rate_record(given)
+        self.log_coding = _LogCoding(leaves, self.policy, error_bound)
         _check_covariances(input_covariance, leaves, error_bound)
         _check_sensitivity_names(sensitivity, leaves)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
@@ -1197,10 +1210,12 @@ class _Save:
         # Every kernel the prior models, also one a user's sensitivity or
         # covariance steers: the shift its coding leaves is the same kind.
         # A user's input means correct their weights under any lossy coding.
-        self.bias_correction = BiasCorrection.of(prior, input_means)
+        self.bias_correction = BiasCorrection.of(prior, input_means,
+                                                 exact=self.policy.names_lossless)
         if target is not None:
             self._budget = functools.partial(_target_encoder, leaves, self.policy, target, bits,
-                                             leaf_coder, takers=self.bias_correction.takers)
+                                             leaf_coder, takers=self.bias_correction.takers,
+                                             log_coding=self.log_coding)
             if not defer_budget:
                 self.allocate()
         self.vector_limits = prior.vectors if prior is not None else {}
@@ -1286,14 +1301,20 @@ class _Save:
         name = leaf.name
         array = self.bias_correction.apply(name, leaf.array())
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
-        coded = (name in self.coded if self.coded is not None
-                 else _is_coded(self.policy, name, array))
+        signed = self.log_coding.signed(name, array)
+        coded = signed is None and (name in self.coded if self.coded is not None
+                                    else _is_coded(self.policy, name, array))
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
-        lossy = (_lossy_raw(array, self.vector_limits.get(name))
-                 if self.lossy_rate and not coded and name not in self.exact else None)
+        lossy = None
+        if signed is not None:
+            lossy = self.log_coding.stored(array, signed)
+            note = "" if lossy is not None else self.log_coding.exact_note(array)
+        elif (self.lossy_rate and not coded and name not in self.exact
+              and not self.policy.names_lossless(name)):   # found by review: float16
+            lossy = _lossy_raw(array, self.vector_limits.get(name))
         # Every blob counts, the interval index too: a coding within a few
         # bytes of the raw size was stored larger than raw, and lossy.
         from jaxjpeg import rate
@@ -1552,6 +1573,8 @@ def _lossy_raw(array: np.ndarray, limits=None) -> tuple | None:
     neither applies."""
     from jaxjpeg import quantized_vectors
 
+    if limits is None and magnitudes.beyond_half(array):
+        return magnitudes.encode(array, signed=False, step=magnitudes.HALF_LIKE_STEP)
     half = _half_copy(array)
     options = []
     if half is not None:
@@ -1591,13 +1614,56 @@ def _thin_stored(coded) -> tuple:
 
 
 def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
-    """Restored minus saved values (float64) of a leaf _thin_alternative quantized."""
+    """Restored minus saved values (float64) of a quantized leaf (blob,
+    record fields, note)."""
     from jaxjpeg import quantized_vectors
 
     blob, record, _ = lossy
-    fields = quantized_vectors.check_record(record, "thin leaf")
+    fields = quantized_vectors.check_record(record, "quantized leaf")
     restored = quantized_vectors.decoded_values(blob, array.size, fields)
     return restored.reshape(array.shape).astype(np.float64) - array
+
+
+class _LogCoding:
+    """The leaves the policy codes that are stored on log2 steps of their
+    magnitudes instead (:mod:`jaxjpeg.magnitudes`): second moments, and the
+    first moments paired with them among leaves held in memory."""
+
+    def __init__(self, leaves: Sequence[SourceLeaf], policy: Policy, error_bound=None):
+        self.policy, self.error_bound = policy, error_bound
+        self.step = magnitudes.step_for(error_bound)
+        held = [leaf for leaf in leaves if leaf.resident and leaf.size
+                and policy.should_compress(leaf.name, leaf.stand_in())]
+        second = [leaf for leaf in held if magnitudes.is_second_moment(leaf.array())]
+
+        def described(some):
+            return [(tuple(map(tuple, leaf.records)), leaf.shape) for leaf in some]
+        self.first = frozenset(path_string(path) for path in magnitudes.first_moments(
+            described(held), described(second)))
+
+    def signed(self, name: str, array: np.ndarray) -> bool | None:
+        """True: coded with signs; False: values >= 0; None: not on log2 steps."""
+        if not self.policy.should_compress(name, array):
+            return None
+        if name in self.first:
+            return True
+        return False if magnitudes.is_second_moment(array) else None
+
+    def stored(self, array: np.ndarray, signed: bool) -> tuple | None:
+        """(blob, record fields, note), or None: stored exactly."""
+        coded = magnitudes.encode(array, signed, self.step)
+        if coded is None or self.error_bound is None:
+            return coded
+        err = np.linalg.norm(_quantized_error(array, coded))
+        return coded if err <= self.error_bound * np.linalg.norm(array.astype(np.float64)) else None
+
+    def stored_bytes(self, array: np.ndarray, signed: bool) -> int:
+        coded = self.stored(array, signed)
+        return array.nbytes if coded is None else memoryview(coded[0]).nbytes
+
+    def exact_note(self, array: np.ndarray) -> str:
+        return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "
+                "(jaxjpeg.magnitudes)")
 
 
 def _stored_raw_bytes(array: np.ndarray, limits=None) -> int:

@@ -275,10 +275,12 @@ def check_decoded_range(leaf: SavedLeaf, maps: "_LeafMaps", dtype) -> None:
     if _is_float(dtype):
         fits = max(-lo, hi) <= _largest(dtype)
         hint = "restore it as float32 or bfloat16"
-    else:   # astype truncates towards zero
-        limits = np.iinfo(dtype)
+    elif _int_limits(dtype) is not None:   # astype truncates towards zero
+        limits = _int_limits(dtype)
         fits = limits.min - 1 < lo and hi < limits.max + 1
         hint = "restore it as a float dtype"
+    else:
+        fits, hint = False, "restore it as a float dtype"
     if not fits:
         raise ValueError(f"leaf {leaf.path!r}: its coded values may span [{lo:.3g}, "
                          f"{hi:.3g}], beyond {dtype.name}: {hint}")
@@ -742,28 +744,35 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
     hint = "" if placed == wanted else _X64_HINT
     if array.size == 0:
         return
+    placed_limits = _int_limits(placed)
     if array.dtype.kind == "f" or (array.dtype.kind == "V" and _is_float(array.dtype)):
-        if placed.kind in "iu":   # found by review: 300.2 came back 44 as uint8, silently
+        if placed_limits is not None:   # found by review: 300.2 came back 44 as uint8, silently
             _check_floats_fit_integers(array, placed, name, hint)
             return
-    if array.dtype.kind in "iu" and placed.kind in "iu":
-        lo, hi, limits = array.min(), array.max(), np.iinfo(placed)
+    if _int_limits(array.dtype) is not None and placed_limits is not None:
+        # int4 and uint4 too (ml_dtypes' kind 'V': found by review, 12 came back -4)
+        lo, hi, limits = array.min(), array.max(), placed_limits
         if lo < limits.min or hi > limits.max:
             raise ValueError(f"leaf {name!r}: its {array.dtype} values span [{lo}, {hi}], beyond "
                              f"{placed.name} [{limits.min}, {limits.max}]{hint}")
     elif _is_float(placed) and _largest(placed) < _largest(array.dtype):
+        # Beyond the top value by half a step: inf, or, in the formats without
+        # inf (float4_e2m1fn, float8_e4m3fn: found by review), the largest
+        # value or NaN without a word (1e30 came back 6.0).
         with np.errstate(over="ignore", invalid="ignore"):
-            lost = np.isfinite(array) & ~np.isfinite(array.astype(placed))
+            lost = np.isfinite(array) & (~np.isfinite(array.astype(placed))
+                                         | (np.abs(array) >= _overflow(placed)))
         if lost.any():
             raise ValueError(f"leaf {name!r}: {int(lost.sum())} finite {array.dtype} value(s), "
                              f"largest magnitude {np.abs(array[lost]).max():.3g}, would become "
-                             f"inf as {placed.name}{hint}")
+                             f"{'inf' if _has_inf(placed) else 'its largest value or NaN'} as "
+                             f"{placed.name}{hint}")
 
 
 def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, hint: str):
     """Float values cast to integers (towards zero) must be finite and in range."""
     values = array.astype(np.float64)
-    limits = np.iinfo(placed)
+    limits = _int_limits(placed)
     bad = ~np.isfinite(values) | (values <= limits.min - 1) | (values >= limits.max + 1)
     if bad.any():
         raise ValueError(f"leaf {name!r}: {int(bad.sum())} {array.dtype} value(s), e.g. "
@@ -776,14 +785,40 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind in "fc" or (dtype.kind == "V" and _largest(dtype) > 0)
 
 
+def _int_limits(dtype: np.dtype):
+    """iinfo of an integer dtype, ml_dtypes' int2/int4/uint4 too; else None."""
+    if dtype.kind in "iu":
+        return np.iinfo(dtype)
+    if dtype.kind != "V":
+        return None
+    try:
+        return ml_dtypes.iinfo(dtype)
+    except (TypeError, ValueError):
+        return None
+
+
 def _largest(dtype: np.dtype) -> float:
     """The largest magnitude ``dtype`` holds (0 for bool and non-numbers)."""
-    if dtype.kind in "iu":
-        return float(max(-int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)))
+    limits = _int_limits(dtype)
+    if limits is not None:
+        return float(max(-int(limits.min), int(limits.max)))
     try:
         return float(ml_dtypes.finfo(dtype).max)
     except (TypeError, ValueError):
         return 0.0
+
+
+def _has_inf(dtype: np.dtype) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.isinf(np.array(np.inf).astype(dtype)))
+
+
+def _overflow(dtype: np.dtype) -> float:
+    """The magnitude from which values round beyond a float dtype's largest:
+    half its top step above it (float16: 65520)."""
+    info = ml_dtypes.finfo(dtype)
+    top = float(info.max)
+    return top + 2.0 ** math.floor(math.log2(top)) * float(info.eps) / 2
 
 
 def place_raw(array: np.ndarray, request: LeafRequest, device):

@@ -6,9 +6,10 @@ BatchNorm's vectors need less: what they do is ``γ (x - μ) / σ + β`` with
 ``x ≈ μ ± σ``, so each one's error matters in units of the layer's output,
 not of its own values (:func:`jaxjpeg.priors.batchnorm_vector_steps` picks
 the steps). Here a vector is coded on the step it is given, ``linear``
-(``value ≈ code * step``) or ``log2`` (``value ≈ 2 ** (code * step) -
-offset``, values >= 0: a relative error of ``value + offset``), its codes
-less their median, zigzagged and Rice coded. Rice codes need no table,
+(``value ≈ code * step``), ``log2`` (``value ≈ 2 ** (code * step) -
+offset``, values >= 0: a relative error of ``value + offset``) or
+``signed_log2`` (``log2`` of the magnitudes, and a sign bit a value), its
+codes less their median, zigzagged and Rice coded. Rice codes need no table,
 which a vector of 32 values cannot afford: EfficientNet-lite's BatchNorm
 values take 9.5-9.8 bits each (float16: 12.5). Kernels too small for JPEG
 are coded the same way, flattened in C order, on 2^-8 of their RMS
@@ -16,7 +17,8 @@ are coded the same way, flattened in C order, on 2^-8 of their RMS
 
 The blob is the codes' unary parts (``q`` ones then a zero each, padded
 with ones to a byte), then their ``k``-bit remainders (most significant
-bit first, padded with zeros): both decode with whole-array operations,
+bit first, padded with zeros), then, in ``signed_log2``, one bit a value (1:
+negative, padded with zeros): all decode with whole-array operations,
 and every count is checked against the blob's size before it is used.
 """
 
@@ -27,8 +29,9 @@ import math
 
 import numpy as np
 
-LINEAR, LOG2 = "linear", "log2"
-DOMAINS = (LINEAR, LOG2)
+LINEAR, LOG2, SIGNED_LOG2 = "linear", "log2", "signed_log2"
+DOMAINS = (LINEAR, LOG2, SIGNED_LOG2)
+LOG_DOMAINS = (LOG2, SIGNED_LOG2)
 MAX_RICE = 40           # remainder bits at most
 MAX_QUOTIENT = 1 << 20  # a decoded unary part longer than this is refused
 MAX_CODE = 1 << 52      # |code| and |center| (exact in float64)
@@ -40,7 +43,8 @@ class VectorStep:
 
     step: float
     domain: str = LINEAR
-    offset: float = 0.0   # log2: the domain is log2(value + offset), values >= 0
+    offset: float = 0.0   # log2: the domain is log2(value + offset), values >= 0;
+                          # signed_log2: log2(|value| + offset)
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
@@ -77,12 +81,16 @@ class StepLimits:
 
 def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     """(blob, record fields) of a float32 vector quantized as ``how`` says,
-    or None when it cannot be (a non-finite value, a value not positive in
-    the log2 domain, codes out of range) or restores non-finite."""
+    or None when it cannot be (a non-finite value, a negative value in the
+    log2 domain, a zero without an offset, codes out of range) or restores
+    non-finite."""
     x = np.asarray(values, np.float64).ravel()
     if x.size == 0 or not np.all(np.isfinite(x)):
         return None
-    if how.domain == LOG2:
+    negative = None
+    if how.domain == SIGNED_LOG2:
+        negative, x = x < 0, np.abs(x)
+    if how.domain in LOG_DOMAINS:
         if np.any(x < 0) or np.any(x + how.offset <= 0):
             return None
         zero = x == 0
@@ -103,13 +111,16 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     bits = int(quotients.sum()) + folded.size * (k + 1)
     if quotients.max() >= MAX_QUOTIENT or bits > 16 * folded.size:
         return None
-    if not np.all(np.isfinite(restore(codes, 0, how.step, how.domain, how.offset))):
+    # restore is monotonic in the codes: the extremes bound every value
+    ends = np.array([codes.min(), codes.max()])
+    if not np.all(np.isfinite(restore(ends, 0, how.step, how.domain, how.offset))):
         return None
     unary, remainders = _rice_streams(folded, k)
+    signs = b"" if negative is None else np.packbits(negative).tobytes()
     record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
               "center": center, "rice": k, "unary_bytes": len(unary),
-              **({"offset": how.offset} if how.domain == LOG2 else {})}
-    return unary + remainders, record
+              **({"offset": how.offset} if how.domain in LOG_DOMAINS else {})}
+    return unary + remainders + signs, record
 
 
 def coded_bytes(values: np.ndarray, step: float) -> int:
@@ -128,8 +139,10 @@ def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
     data = np.frombuffer(codes_blob, np.uint8)
     k, split = record["rice"], record["unary_bytes"]
     remainder_bytes = (count * k + 7) // 8
-    if split + remainder_bytes != data.size:
-        raise ValueError(f"holds {data.size} bytes, expected {split} + {remainder_bytes}")
+    sign_bytes = (count + 7) // 8 if record["domain"] == SIGNED_LOG2 else 0
+    if split + remainder_bytes + sign_bytes != data.size:
+        raise ValueError(f"holds {data.size} bytes, expected {split} + {remainder_bytes}"
+                         + (f" + {sign_bytes}" if sign_bytes else ""))
     if 8 * split > count * (MAX_QUOTIENT + 1) + 7:   # longer than any valid unary part
         raise ValueError(f"holds a unary part of {split} bytes for {count} codes")
     zeros = _zero_bits(data[:split])
@@ -144,9 +157,12 @@ def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
         raise ValueError("holds a unary code too long")
     folded = quotients.astype(np.int64) << k
     if k:
-        folded |= _remainders(data[split:], count, k)
+        folded |= _remainders(data[split:split + remainder_bytes], count, k)
     values = restore(_unzigzag(folded), record["center"], record["step"], record["domain"],
                      record["offset"])
+    if sign_bytes:
+        negative = np.unpackbits(data[split + remainder_bytes:], count=count).astype(bool)
+        np.negative(values, out=values, where=negative)
     if not np.all(np.isfinite(values)):
         raise ValueError("restores values beyond float32's range")
     return values
@@ -186,7 +202,7 @@ def restore(codes: np.ndarray, center: int, step: float, domain: str,
     """float32 values of integer ``codes`` (less ``center``) on ``step``."""
     x = (codes.astype(np.float64) + center) * step
     with np.errstate(over="ignore"):
-        if domain == LOG2:
+        if domain in LOG_DOMAINS:   # signed_log2: the magnitudes
             x = np.maximum(np.exp2(np.minimum(x, 1024.0)) - offset, 0.0)
         return x.astype(np.float32)
 
@@ -213,18 +229,30 @@ def check_record(record: dict, where: str) -> dict:
 
 
 def _zigzag(c: np.ndarray) -> np.ndarray:
-    """0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
-    return np.where(c >= 0, 2 * c, -2 * c - 1)
+    """0, -1, 1, -2, ... -> 0, 1, 2, 3, ... (int64, |c| < 2^62)"""
+    return (c << 1) ^ (c >> 63)
 
 
 def _unzigzag(u: np.ndarray) -> np.ndarray:
-    return np.where(u & 1, -(u >> 1) - 1, u >> 1)
+    return (u >> 1) ^ -(u & 1)
 
 
 def _rice_parameter(folded: np.ndarray) -> int:
-    """The remainder width that codes ``folded`` in the fewest bits."""
-    costs = [int(np.sum(folded >> k)) + folded.size * (k + 1) for k in range(MAX_RICE + 1)]
-    return int(np.argmin(costs))
+    """The remainder width that codes ``folded`` in the fewest bits: the
+    cost is convex in it, so a walk from the mean's width finds it (each
+    width tried is a pass over the codes; all 41 took a third of a large
+    leaf's coding)."""
+    def cost(k):
+        return int(np.sum(folded >> k)) + folded.size * (k + 1)
+    k = min(MAX_RICE, max(0, int(np.log2(max(float(np.mean(folded)), 1.0)))))
+    known = {k: cost(k)}
+    for direction in (-1, 1):
+        while 0 <= k + direction <= MAX_RICE:
+            known.setdefault(k + direction, cost(k + direction))
+            if known[k + direction] >= known[k]:
+                break
+            k += direction
+    return k
 
 
 def _rice_streams(folded: np.ndarray, k: int) -> tuple[bytes, bytes]:

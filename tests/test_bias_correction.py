@@ -328,3 +328,24 @@ def test_a_byte_target_budgets_the_zero_bias_a_correction_fills(tmp_path, ratio)
     assert bias.stored_bytes > 1000   # it did take the shifts
     target = 4 * report.weights / ratio
     assert abs(report.file_bytes - target) <= 0.02 * target
+
+
+@pytest.mark.parametrize("options", [dict(target_ratio=8), dict(bits_per_weight=4), {}])
+def test_a_policys_lossless_leaves_stay_exact_under_every_rate(tmp_path, options):
+    """Found by review: under a byte target the leaves a Policy names
+    lossless were stored as float16 or quantized, and bias correction moved
+    the ones that take its shifts."""
+    tree, means = _net(np.random.default_rng(3))
+    policy = jaxjpeg.Policy(lossless=("fc.bias", "bn1.*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a small tree may miss its target
+        report = jaxjpeg.save(tmp_path / "l.jjpg", tree, input_mean=means, policy=policy,
+                              progress=False, **options)
+    got = jaxjpeg.restore(tmp_path / "l.jjpg")
+    for name in ("fc.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        np.testing.assert_array_equal(np.asarray(got[name]), tree[name], err_msg=name)
+    # the leaves no pattern names are still stored and corrected as before
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    if options:
+        assert not np.array_equal(np.asarray(got["bn2.running_mean"]), tree["bn2.running_mean"])
+        assert notes["bn2.bias"]

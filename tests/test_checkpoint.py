@@ -1015,6 +1015,31 @@ def test_bucketed_sizes_are_few_and_close():
     assert sizes == sorted(sizes) and len(set(sizes)) <= 16 * 13
 
 
+def test_narrow_ml_dtypes_targets_are_checked_like_int8_and_float16(tmp_path):
+    """Found by review: int4/uint4 targets (ml_dtypes' kind 'V') skipped the
+    range check, so 12 came back -4 and 100 came back 4 silently, and
+    float4_e2m1fn, which has no inf, saturated 1e30 to 6.0; a coded leaf
+    under an int4 target failed inside numpy."""
+    path = tmp_path / "narrow.jjpg"
+    jaxjpeg.save(path, {"q": np.array([-8, -1, 0, 7, 12, 100], np.int8),
+                        "f": np.array([1e30, -3.0, 7.5], np.float32),
+                        "small": np.array([-8, 7], np.int8),
+                        "w": np.random.default_rng(0).normal(0, 100, (64, 64)).astype(np.float32)})
+
+    def as_(name, dtype, shape):
+        return jaxjpeg.restore(path, target={name: jax.ShapeDtypeStruct(shape, dtype)})[name]
+    for dtype in (jnp.int4, jnp.uint4):
+        with pytest.raises(ValueError, match=f"'q'.*beyond {np.dtype(dtype).name}"):
+            as_("q", dtype, (6,))
+    with pytest.raises(ValueError, match="'f'.*do not fit int4"):
+        as_("f", jnp.int4, (3,))
+    with pytest.raises(ValueError, match="'f'.*largest value or NaN as float4_e2m1fn"):
+        as_("f", ml_dtypes.float4_e2m1fn, (3,))
+    with pytest.raises(ValueError, match="'w'.*beyond int4"):
+        as_("w", jnp.int4, (64, 64))
+    assert np.asarray(as_("small", jnp.int4, (2,))).astype(int).tolist() == [-8, 7]
+
+
 def test_raw_leaves_narrowed_to_a_smaller_float_raise_instead_of_becoming_inf(tmp_path):
     """Found by review: restore(dtype=float16) turned a raw float32 1e5 into
     inf, and an int32 counter of 70000 under a float16 target too, while an

@@ -1,0 +1,191 @@
+"""Optimizer states and other leaves whose values matter one by one: second
+moments (>= 0, spanning decades) and the first moments beside them are
+coded on log2 steps (jaxjpeg.magnitudes), so a training state restores and
+training goes on (found here: a default save gave back 80% of Adam's ``nu``
+as 0, the next update 2.7e5 times its norm off)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import jaxjpeg
+from jaxjpeg import magnitudes, quantized_vectors as qv
+from test_checkpoint_corruption import assert_clear_error, rewrite
+
+
+def _trained_adam(steps=60, seed=0):
+    """A two-layer network trained with Adam on a regression task whose
+    inputs' scales span decades (so do the gradients): (params, opt, state,
+    loss, batch)."""
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.normal(0, 1.5, 64)).astype(np.float32)
+    x = (rng.normal(size=(256, 64)) * scale).astype(np.float32)
+    y = np.tanh(x @ rng.normal(0, 0.1, (64, 8))).astype(np.float32)
+    params = {"l1": {"w": jnp.asarray(rng.normal(0, 0.1, (64, 128)), jnp.float32)},
+              "l2": {"w": jnp.asarray(rng.normal(0, 0.1, (128, 64)), jnp.float32)},
+              "out": {"w": jnp.asarray(rng.normal(0, 0.1, (64, 8)), jnp.float32)}}
+
+    def loss(p, x, y):
+        h = jnp.tanh(jnp.tanh(x @ p["l1"]["w"]) @ p["l2"]["w"])
+        return jnp.mean((h @ p["out"]["w"] - y) ** 2)
+
+    opt = optax.adam(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p, x, y)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, opt, state, step, jax.jit(lambda p: loss(p, x, y))
+
+
+def _update(opt, state, params, seed=1):
+    """One Adam update from ``state`` on a fixed gradient."""
+    g = jax.tree.map(lambda p: jnp.asarray(
+        np.random.default_rng(seed).normal(0, 1e-3, p.shape), jnp.float32), params)
+    return np.concatenate([np.ravel(u) for u in jax.tree.leaves(opt.update(g, state, params)[0])])
+
+
+def test_adam_state_restores_and_training_goes_on(tmp_path):
+    params, opt, state, step, loss = _trained_adam()
+    report = jaxjpeg.save(tmp_path / "s.jjpg", {"params": params, "opt_state": state})
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "magnitudes on log2 steps" in notes["opt_state/0/mu/l2/w"]
+    assert "values on log2 steps" in notes["opt_state/0/nu/l2/w"]
+    assert "log2" not in notes["params/l2/w"]   # weights stay JPEG-coded
+    got = jaxjpeg.restore(tmp_path / "s.jjpg", target={"params": params, "opt_state": state})
+    nu, nu_got = state[0].nu["l2"]["w"], got["opt_state"][0].nu["l2"]["w"]
+    mu, mu_got = state[0].mu["l2"]["w"], got["opt_state"][0].mu["l2"]["w"]
+    assert np.all(np.abs(nu_got - nu) <= 0.0222 * nu + 1e-30)
+    assert np.all(np.abs(mu_got - mu) <= 0.0222 * np.abs(mu) + 1e-30)
+    assert np.all(np.sign(mu_got) == np.sign(mu))
+    # The next update from the restored state (exact params) is close.
+    exact = _update(opt, state, params)
+    restored = _update(opt, got["opt_state"], params)
+    assert np.linalg.norm(restored - exact) <= 0.03 * np.linalg.norm(exact)
+    # Training goes on from the restored state as from the exact one (both
+    # from the restored weights, which JPEG coded).
+    p, s = got["params"], got["opt_state"]
+    q, t = got["params"], state
+    for _ in range(20):
+        p, s = step(p, s)
+        q, t = step(q, t)
+    assert float(loss(p)) <= 1.05 * float(loss(q))
+
+
+def test_adam_state_under_a_byte_target(tmp_path):
+    params, opt, state, _, _ = _trained_adam()
+    tree = {"params": params, "opt_state": state}
+    report = jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=4)
+    raw = sum(np.asarray(x).size for x in jax.tree.leaves(tree)) * 4
+    assert abs(raw / report.file_bytes / 4 - 1) < 0.02
+    got = jaxjpeg.restore(tmp_path / "s.jjpg", target=tree)
+    nu, nu_got = state[0].nu["l1"]["w"], got["opt_state"][0].nu["l1"]["w"]
+    assert np.all(np.abs(nu_got - nu) <= 0.0222 * nu + 1e-30)
+
+
+def test_an_error_bound_finer_than_the_log_step(tmp_path):
+    nu = np.exp(np.random.default_rng(0).normal(-12, 3, (128, 128))).astype(np.float32)
+    report = jaxjpeg.save(tmp_path / "n.jjpg", {"nu": nu}, error_bound=0.002)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "n.jjpg")["nu"])
+    assert np.linalg.norm(got - nu) <= 0.002 * np.linalg.norm(nu)
+    assert report.leaves[0].stored_bytes < nu.nbytes / 2
+
+
+def test_half_precision_second_moments_are_stored_exactly(tmp_path):
+    """The reader's quantized leaves are float32: a bfloat16 second moment
+    is stored exactly rather than JPEG-coded."""
+    nu = np.exp(np.random.default_rng(0).normal(-12, 3, (128, 128))).astype(ml_dtypes.bfloat16)
+    report = jaxjpeg.save(tmp_path / "n.jjpg", {"nu": nu})
+    assert report.leaves[0].kind == "raw" and "exactly" in report.leaves[0].note
+    got = np.asarray(jaxjpeg.restore(tmp_path / "n.jjpg")["nu"])
+    assert got.dtype == nu.dtype and np.array_equal(got.view(np.uint16), nu.view(np.uint16))
+
+
+def test_zeros_and_signs_restore_exactly(tmp_path):
+    rng = np.random.default_rng(2)
+    nu = np.exp(rng.normal(-10, 3, (64, 128))).astype(np.float32)
+    nu[:, :5] = 0   # parameters that never had a gradient
+    mu = (rng.choice([-1, 1], nu.shape) * np.sqrt(nu) * 0.3).astype(np.float32)
+    jaxjpeg.save(tmp_path / "z.jjpg", {"opt": {"mu": mu, "nu": nu}})
+    got = jaxjpeg.restore(tmp_path / "z.jjpg")["opt"]
+    assert np.all(np.asarray(got["nu"])[:, :5] == 0) and np.all(np.asarray(got["mu"])[:, :5] == 0)
+    assert np.all(np.sign(got["mu"]) == np.sign(mu)) and np.all(np.asarray(got["nu"]) >= 0)
+
+
+@pytest.mark.parametrize("values,spans", [
+    (np.exp(np.random.default_rng(0).normal(-15, 3, (64, 64))), True),    # a second moment
+    (np.random.default_rng(0).normal(0, 1, (64, 64)) ** 2 * 1e-6, True),   # chi-square(1)
+    (np.abs(np.random.default_rng(0).normal(0, 1, (64, 64))), False),      # half-normal
+    (np.random.default_rng(0).exponential(1, (64, 64)), True),
+    (np.random.default_rng(0).normal(1, 0.05, (12, 768)), False),         # LayerNorm scales
+    (np.random.default_rng(0).normal(0, 1, (64, 64)), False),             # signs: a weight
+    (np.zeros((64, 64)), False),
+    (np.full((64, 64), np.nan), False),
+])
+def test_is_second_moment(values, spans):
+    assert magnitudes.is_second_moment(values.astype(np.float32)) is spans
+
+
+def test_first_moments_are_paired_by_path_and_shape():
+    second = [(("opt", "0", "nu", "w"), (4, 4)), (("state", "3", "exp_avg_sq"), (8,))]
+    leaves = [(("opt", "0", "mu", "w"), (4, 4)),        # paired
+              (("opt", "0", "mu", "w"), (4, 5)),        # another shape
+              (("params", "w"), (4, 4)),                # another depth
+              (("opt", "1", "mu", "w"), (4, 4)),        # two components differ
+              (("state", "3", "exp_avg"), (8,)),
+              (("flat_w",), (2, 2))]                    # a flat dict's leaves do not pair
+    second.append((("flat_nu",), (2, 2)))
+    got = magnitudes.first_moments(leaves, second)
+    assert got == {("opt", "0", "mu", "w"): ("opt", "0", "nu", "w"),
+                   ("state", "3", "exp_avg"): ("state", "3", "exp_avg_sq")}
+
+
+def test_signed_log2_vectors():
+    rng = np.random.default_rng(3)
+    values = (rng.choice([-1, 1], 1001) * np.exp(rng.normal(0, 4, 1001))).astype(np.float32)
+    values[::7] = 0
+    how = qv.VectorStep(1 / 16, qv.SIGNED_LOG2, float(np.min(np.abs(values[values != 0]))) / 4)
+    blob, record = qv.encode(values, how)
+    fields = qv.check_record(record, "t")
+    got = qv.decoded_values(blob, values.size, fields)
+    assert np.all(np.abs(got - values) <= 0.0272 * np.abs(values))
+    assert np.all(got[values == 0] == 0) and np.all(np.sign(got) == np.sign(values))
+    with pytest.raises(ValueError, match="expected"):   # the sign plane cut short
+        qv.decoded_values(blob[:-1], values.size, fields)
+
+
+def test_a_cut_sign_plane_is_refused_clearly(tmp_path):
+    rng = np.random.default_rng(4)
+    nu = np.exp(rng.normal(-10, 3, (64, 64))).astype(np.float32)
+    mu = (rng.choice([-1, 1], nu.shape) * np.sqrt(nu)).astype(np.float32)
+    jaxjpeg.save(tmp_path / "a.jjpg", {"m": {"mu": mu}, "v": {"mu": nu}})
+
+    def cut(blobs):
+        name = next(n for n in blobs if n.endswith("raw") and len(blobs[n]) > 4096
+                    and n.startswith("leaf0"))
+        blobs[name] = blobs[name][:-1]
+    rewrite(tmp_path / "a.jjpg", tmp_path / "b.jjpg", edit_blobs=cut)
+    assert_clear_error(tmp_path / "b.jjpg", "expected")
+
+
+def test_small_second_moments_under_a_byte_target(tmp_path):
+    """A bias's second moment, kept out of JPEG by the policy, was stored as
+    float16 under a byte target: values below 2^-14 came back 0 or
+    subnormal (Adam's update then 1/sqrt(0))."""
+    rng = np.random.default_rng(5)
+    tree = {"w": rng.normal(0, 0.02, (256, 256)).astype(np.float32),
+            "opt": {"nu": np.exp(rng.normal(-9, 3, 256)).astype(np.float32),
+                    "var": np.exp(rng.normal(0, 0.3, 256)).astype(np.float32)}}
+    report = jaxjpeg.save(tmp_path / "b.jjpg", tree, target_ratio=6)
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "log2" in notes["opt/nu"] and "float16" in notes["opt/var"]   # the rest as before
+    got = np.asarray(jaxjpeg.restore(tmp_path / "b.jjpg")["opt"]["nu"])
+    nu = tree["opt"]["nu"]
+    assert np.all(np.abs(got - nu) <= 0.0015 * nu)
