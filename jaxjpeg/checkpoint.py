@@ -184,12 +184,22 @@ def _check_paths(entries) -> None:
 
 def _leaves(tree) -> list:
     try:
-        return leaves_with_paths(tree)
+        leaves = leaves_with_paths(tree)
     except (RecursionError, SystemError) as e:  # jax's flatten hits the recursion limit
         if isinstance(e, SystemError) and not isinstance(e.__cause__, RecursionError):
             raise
         raise ValueError(f"tree is nested too deeply to save (leaf paths may have at most "
                          f"{layout.MAX_PATH_DEPTH} keys)") from None
+    for records, leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            # found by review: numpy's conversion error, naming no leaf (an
+            # NNX model's nnx.Rngs and Dropout hold such keys)
+            raise layout.Unstorable(
+                f"leaf {path_string(records)!r} is a typed PRNG key array ({dtype}): save "
+                "jax.random.key_data(key) instead, or leave it out (nnx.state(model, "
+                "nnx.Param) holds the parameters only)")
+    return leaves
 
 
 LEAF_SIZE_POWER = 0.3
@@ -211,13 +221,19 @@ def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
     """JPEG-coded: the policy says so, few enough values are non-finite or
     extreme (those are kept exactly in the leaf's side list) and the values
     are not vanishingly small."""
-    if not policy.should_compress(name, array):
-        return False
+    return policy.should_compress(name, array) and _why_raw(array) is None
+
+
+def _why_raw(array: np.ndarray) -> str | None:
+    """Why a leaf the policy codes is stored raw, or None."""
     array = np.asarray(array)
     if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:
-        return False
+        return (f"stored raw: more than 1/{round(1 / MAX_KEPT_FRACTION)} of its values are "
+                "NaN, infinite or extreme")
     rms = analysis.last_rms(array)
-    return rms is None or not 0 < rms < MIN_CODED_RMS
+    if rms is not None and 0 < rms < MIN_CODED_RMS:
+        return "stored raw: its values are too small to code (RMS below 2^-90)"
+    return None
 
 
 def _check_storable(name: str, array: np.ndarray) -> None:
@@ -622,8 +638,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     if budget <= 0:
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"
-                         + ("" if coded else " (the policy codes none of the leaves: see "
-                            "jaxjpeg.Policy)"))
+                         + ("" if coded else " (none of the leaves is JPEG-coded: see "
+                            "jaxjpeg.Policy for which leaves it codes, and the notes of a "
+                            "default save's report for why others are stored raw)"))
     curves = rate.capped_curves(curves, budget)
     raw_bytes = {leaf.name: leaf.nbytes for leaf in entries}
     exact = _exact_instead(curves, sens, tiles, raw_bytes, budget)
@@ -1306,6 +1323,8 @@ class _Save:
                                     else _is_coded(self.policy, name, array))
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
+        if not coded and signed is None and self.policy.should_compress(name, array):
+            note = _why_raw(array) or note   # found by review: no word said why
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
         lossy = None

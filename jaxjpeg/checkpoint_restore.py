@@ -50,6 +50,9 @@ class LeafRequest:
     sharding: Any = None  # a multi-device jax.sharding.Sharding, or None
     device: Any = None    # the one device of an unsharded leaf (None: the default)
     memory_kind: Any = None   # the target's memory, where not the device's (host offloading)
+    # A one-device target sharding that is not a SingleDeviceSharding (a
+    # NamedSharding over a mesh of one): the result takes it, not the device's.
+    as_given: Any = None
 
 
 def restored_dtype(saved: np.dtype, override=None, wanted=None, name: str = "") -> np.dtype:
@@ -88,10 +91,13 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         # One device of this process: decoded with the other unsharded leaves.
         # (One device of another process stays a sharding: this process holds
         # none of it, and _restore_sharded then decodes nothing here.)
+        as_given = None
         if (sharding is not None and len(sharding.device_set) == 1
                 and next(iter(sharding.device_set)).process_index == jax.process_index()):
+            if not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+                as_given = sharding
             (device,), sharding = tuple(sharding.device_set), None
-        requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind))
+        requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind, as_given))
     return requests, treedef
 
 
@@ -109,10 +115,26 @@ def other_memory_kind(sharding) -> str | None:
     return None if kind == default else kind
 
 
+def with_device_memory(requests: list[LeafRequest], device) -> list[LeafRequest]:
+    """The requests placed on restore's or load's ``device=`` take its
+    memory kind where it is a one-device sharding with one of its own
+    (found by review: ``pinned_host`` was dropped without a word)."""
+    kind = other_memory_kind(device) if isinstance(device, jax.sharding.Sharding) else None
+    if kind is None:
+        return requests
+    return [dataclasses.replace(r, memory_kind=kind)
+            if r.sharding is None and r.device is None and r.memory_kind is None else r
+            for r in requests]
+
+
 def in_memory_kind(value, request: LeafRequest, device):
     """``value`` (placed on the request's device or sharding) moved to the
     memory its target asked for (found by review: host memory kinds were
-    dropped, or failed deep in jax for JPEG leaves sharded over devices)."""
+    dropped, or failed deep in jax for JPEG leaves sharded over devices),
+    with the one-device sharding it gave (found by review: a NamedSharding
+    over a mesh of one came back a SingleDeviceSharding)."""
+    if request.as_given is not None:
+        return jax.device_put(value, request.as_given)
     if request.memory_kind is None:
         return value
     where = (request.sharding if request.sharding is not None
@@ -892,7 +914,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     """
     if target is not None and paths is not None:
         raise ValueError("give target or paths, not both: a target already names the leaves")
-    device = one_device(device)
+    given, device = device, one_device(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)
@@ -900,6 +922,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))
                         for leaf in select_leaves(ckpt, paths)]
             treedef = None
+        requests = with_device_memory(requests, given)
         values: list = [None] * len(requests)
         _restore_windows(ckpt, requests, values, device, stats)
     values = [in_memory_kind(v, r, device) for v, r in zip(values, requests)]

@@ -17,7 +17,8 @@ import numpy as np
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
 from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, bucketed_kept,
                                         finish_leaf, in_memory_kind, kept_values, one_device,
-                                        place_raw, restored_dtype, target_requests)
+                                        place_raw, restored_dtype, target_requests,
+                                        with_device_memory)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
@@ -103,13 +104,14 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     on one device, so a target sharding it over several devices is refused
     (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
     """
-    device = one_device(device)
+    given, device = device, one_device(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
             requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))
                         for leaf in ckpt.leaves]
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
+        requests = with_device_memory(requests, given)
         values = [_prefetched_leaf(ckpt, r, device) for r in requests]
     if target is None:
         return nest([(r.leaf.records, v) for r, v in zip(requests, values)])
@@ -127,7 +129,7 @@ def _load_leaf(ckpt, request, device):
                               device)
     if request.memory_kind is not None:   # found by review: device memory, silently
         raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed in its "
-                         f"device's memory, but the target asks for {request.memory_kind}; use "
+                         f"device's memory, but {request.memory_kind} is asked for; use "
                          "jaxjpeg.restore, or decode and jax.device_put the result")
     if request.sharding is not None:
         raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed on one "

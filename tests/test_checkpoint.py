@@ -474,7 +474,7 @@ def test_a_target_no_coding_can_meet_is_refused_when_no_leaf_is_coded(tmp_path):
     rng = np.random.default_rng(0)
     tree = {f"m{i}/p": (rng.standard_normal((40, 40)) * 0.05).astype(np.float32)
             for i in range(50)}
-    with pytest.raises(ValueError, match="codes none of the leaves"):
+    with pytest.raises(ValueError, match="none of the leaves is JPEG-coded: see jaxjpeg.Policy"):
         jaxjpeg.save(tmp_path / "small.jjpg", tree, target_ratio=8, progress=False)
     assert not (tmp_path / "small.jjpg").exists()
     report = jaxjpeg.save(tmp_path / "small.jjpg", tree, target_ratio=2, progress=False)
@@ -1008,6 +1008,34 @@ def test_load_refuses_host_memory_for_compressed_leaves(tmp_path):
                                                                              sharding=host)})
 
 
+def test_device_given_as_a_sharding_keeps_its_memory_kind(tmp_path):
+    """Found by review: restore and load took device=<a one-device sharding
+    in pinned_host memory> for its device and dropped the memory kind."""
+    x = (0.05 * np.random.default_rng(2).standard_normal((64, 64))).astype(np.float32)
+    jaxjpeg.save(tmp_path / "m.jjpg", {"w": x, "b": np.ones(8, np.float32)})
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    got = jaxjpeg.restore(tmp_path / "m.jjpg", device=host)
+    assert {k: v.sharding.memory_kind for k, v in got.items()} == {"w": "pinned_host",
+                                                                   "b": "pinned_host"}
+    assert jaxjpeg.load(tmp_path / "m.jjpg", target={"b": 0}, device=host
+                        )["b"].sharding.memory_kind == "pinned_host"
+    with pytest.raises(ValueError, match="pinned_host is asked for.*jaxjpeg.restore"):
+        jaxjpeg.load(tmp_path / "m.jjpg", device=host)
+
+
+def test_a_one_device_named_sharding_comes_back_as_given(tmp_path):
+    """Found by review: a NamedSharding over a mesh of one device came back
+    as a SingleDeviceSharding (explicit mesh axes lost from the type)."""
+    x = (0.05 * np.random.default_rng(3).standard_normal((64, 64))).astype(np.float32)
+    jaxjpeg.save(tmp_path / "n.jjpg", {"w": x, "b": np.ones(8, np.float32)})
+    mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
+    target = {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+                  mesh, jax.sharding.PartitionSpec("d", None))),
+              "b": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    got = jaxjpeg.restore(tmp_path / "n.jjpg", target=target)
+    assert got["w"].sharding == target["w"].sharding and got["b"].sharding == target["b"]
+
+
 def test_bucketed_sizes_are_few_and_close():
     sizes = [codec.bucketed_size(n) for n in range(1, 5000)]
     assert all(n <= b for n, b in zip(range(1, 5000), sizes))
@@ -1139,7 +1167,11 @@ def test_vanishingly_small_leaves_are_stored_raw(tmp_path, rate):
     path = tmp_path / "tiny.jjpg"
     report = jaxjpeg.save(path, {"w": x}, **rate)
     assert report.leaves[0].kind == "raw"
+    assert "too small to code" in report.leaves[0].note   # found by review: no note
     assert np.array_equal(np.asarray(jaxjpeg.restore(path)["w"]), x)
+    # found by review: a byte target said the policy coded none of the leaves
+    with pytest.raises(ValueError, match="none of the leaves is JPEG-coded.*notes"):
+        jaxjpeg.save(path, {"w": x}, target_ratio=8)
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])

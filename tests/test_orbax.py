@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import jaxjpeg
 from jaxjpeg.orbax import FILENAME, JaxjpegCheckpointHandler, JaxjpegRestore, JaxjpegSave
 
 
@@ -184,3 +185,16 @@ def test_jaxjpeg_save_has_no_step_argument():
     with pytest.raises(TypeError):
         JaxjpegSave(_params(0), step=100)
     assert JaxjpegSave(_params(0), quant_step=4.0).quant_step == 4.0
+
+
+def test_typed_prng_keys_are_refused_naming_the_leaf(tmp_path):
+    """Found by review: a typed key (an NNX model's nnx.Rngs) failed with
+    numpy's conversion error naming no leaf, in save and in Orbax's handler."""
+    tree = {"params": {"w": jnp.ones((64, 64))}, "rngs": {"key": jax.random.key(0)}}
+    with pytest.raises(ValueError, match="'rngs/key' is a typed PRNG key.*key_data"):
+        jaxjpeg.save(tmp_path / "k.jjpg", tree)
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        with pytest.raises(ValueError, match="'rngs/key' is a typed PRNG key"):
+            mngr.save(0, args=ocp.args.Composite(params=JaxjpegSave(tree)))
+    jaxjpeg.save(tmp_path / "d.jjpg", {**tree, "rngs": {"key": jax.random.key_data(
+        tree["rngs"]["key"])}})
