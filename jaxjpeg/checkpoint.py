@@ -49,7 +49,10 @@ class Policy:
     A leaf is coded when it is a float32/bfloat16/float16 array with at least
     ``min_ndim`` dimensions and ``min_size`` elements, unless its path (slash
     separated, e.g. ``params/Dense_0/kernel``) matches a ``lossless`` glob
-    pattern; a path matching a ``compress`` pattern is coded whatever its size.
+    pattern; a path matching a ``compress`` pattern is coded whatever its
+    size. float64 leaves are coded only where a ``compress`` pattern names
+    them (their precision was chosen; they decode through float32, and one
+    with values beyond float32's range stays raw).
     """
 
     min_size: int = 4096
@@ -70,7 +73,8 @@ class Policy:
             return False
         if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
             return True
-        return leaf.ndim >= self.min_ndim and leaf.size >= self.min_size
+        return (leaf.dtype != np.float64 and leaf.ndim >= self.min_ndim
+                and leaf.size >= self.min_size)
 
     def names_lossless(self, path: str) -> bool:
         """A ``lossless`` pattern matches: stored exactly under every rate
@@ -227,6 +231,11 @@ def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
 def _why_raw(array: np.ndarray) -> str | None:
     """Why a leaf the policy codes is stored raw, or None."""
     array = np.asarray(array)
+    if array.dtype == np.float64 and array.size:
+        with np.errstate(invalid="ignore"):
+            top = np.max(np.abs(array), where=np.isfinite(array), initial=0.0)
+        if top > np.finfo(np.float32).max:   # tiles and side lists decode in float32
+            return "stored raw: float64 values beyond float32's range"
     if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:
         return (f"stored raw: more than 1/{round(1 / MAX_KEPT_FRACTION)} of its values are "
                 "NaN, infinite or extreme")

@@ -21,7 +21,7 @@ CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
 # version 1 files (framework-order views, rows only) read as they always did.
 CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-JPEG_DTYPES = ("float32", "bfloat16", "float16")
+JPEG_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 @dataclasses.dataclass(frozen=True)
 class SavedLeaf:

@@ -323,7 +323,13 @@ def bucketed_kept(kept):
 
 def _finishes(requests) -> tuple:
     return tuple((r.leaf.shape, r.leaf.view.perm, r.leaf.view.split, r.leaf.outliers > 0,
-                  np.dtype(r.dtype).name) for r in requests)
+                  placed_dtype(r.dtype).name) for r in requests)
+
+
+def placed_dtype(dtype) -> np.dtype:
+    """The dtype jax holds ``dtype`` in (float64 as float32 while
+    jax_enable_x64 is off): casting to it does not warn."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -705,7 +711,7 @@ def _shards_decoder(output_shapes, output_dtypes, cuts, dtypes):
 
     def run(operands, kept):
         status, boxes = decode(*operands)
-        return status, [_finish_shard(box, cut, k).astype(dtype)
+        return status, [_finish_shard(box, cut, k).astype(placed_dtype(dtype))
                         for box, cut, k, dtype in zip(boxes, cuts, kept, dtypes)]
     return jax.jit(run)
 

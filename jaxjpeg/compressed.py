@@ -17,7 +17,8 @@ import numpy as np
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
 from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, bucketed_kept,
                                         finish_leaf, in_memory_kind, kept_values, one_device,
-                                        place_raw, restored_dtype, target_requests,
+                                        place_raw, placed_dtype, restored_dtype,
+                                        target_requests,
                                         with_device_memory)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
@@ -58,7 +59,7 @@ class CompressedArray:
                                     output_dtypes=(codec.written_dtype(self.dtype),))
         if not isinstance(status, jax.core.Tracer):
             ops.check_status(status)
-        return finish_leaf(out, self.shape, self.view, self.kept).astype(self.dtype)
+        return finish_leaf(out, self.shape, self.view, self.kept).astype(placed_dtype(self.dtype))
 
     def tree_flatten(self):
         children = self.operands + (self.kept or ())

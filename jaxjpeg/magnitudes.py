@@ -61,7 +61,8 @@ def is_second_moment(array) -> bool:
     nonzero = sample[sample > 0]
     if nonzero.size == 0:
         return False
-    rms = math.sqrt(float(np.mean(np.square(sample))))
+    top = float(np.max(nonzero))   # squares of float64 values may overflow
+    rms = top * math.sqrt(float(np.mean(np.square(sample / top))))
     return float(np.quantile(nonzero, SPAN_QUANTILE)) < SPAN_RATIO * rms
 
 

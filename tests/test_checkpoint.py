@@ -1232,3 +1232,31 @@ def test_byte_targets_treat_a_leaf_of_tiny_values_as_any_other(tmp_path):
         errors[scale] = [float(np.linalg.norm(np.asarray(out[k], np.float64) - tree[k])
                                / np.linalg.norm(tree[k].astype(np.float64))) for k in "ab"]
     np.testing.assert_allclose(errors[1e-20], errors[1e-15], rtol=0.02)
+
+
+def test_float64_leaves_are_coded_where_a_compress_pattern_names_them(tmp_path):
+    """A float64 model was stored raw, twice float32's size, and no policy
+    could code it (found by review); by default it still is (its precision
+    was chosen), a compress pattern codes it through float32."""
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(0, 0.05, (256, 256)), "b": rng.normal(0, 0.1, 256),
+            "far": np.where(np.eye(64, dtype=bool), 1e300, rng.normal(size=(64, 64)))}
+    path = tmp_path / "f64.jjpg"
+    assert set(leaf_kinds(jaxjpeg.save(path, tree).path).values()) == {"raw"}
+    report = jaxjpeg.save(path, tree, policy=jaxjpeg.Policy(compress=("w", "far")),
+                          target_ratio=4)
+    assert report.ratio_vs_float32 > 3.9
+    notes = {leaf.path: (leaf.kind, leaf.note) for leaf in report.leaves}
+    assert notes["w"][0] == "jpeg" and notes["far"] == (
+        "raw", "stored raw: float64 values beyond float32's range")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no cast jax would narrow with a warning
+        got = jaxjpeg.restore(path, paths="w")["w"]
+        lazy = jaxjpeg.decode(jaxjpeg.load(path, target={"w": 0}))["w"]
+    assert got.dtype == np.float32 and np.array_equal(np.asarray(lazy), np.asarray(got))
+    assert rel_rms(got, tree["w"]) < 0.2
+    with jax.enable_x64(True):
+        got64 = jaxjpeg.restore(path)
+        assert got64["w"].dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(got64["far"]), tree["far"])
+        np.testing.assert_array_equal(np.asarray(got64["w"]), np.asarray(got, np.float64))
