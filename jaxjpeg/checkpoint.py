@@ -607,13 +607,14 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         array = leaf.array()
         signed = log_coding.signed(leaf.name, array) if log_coding is not None else None
         if signed is not None:
-            return leaf.name, None, log_coding.stored_bytes(array, signed)
+            return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed)
         if policy.names_lossless(leaf.name):
             return leaf.name, None, array.nbytes
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
-            stored = _stored_raw_bytes(array, limits)
+            stored = _stored_raw_bytes(array, limits, log_coding is not None
+                                       and leaf.name in log_coding.first)
             return leaf.name, None, (_taker_bytes(array, stored) if leaf.name in takers
                                      else stored)
         p = leaf_coder.prepare(leaf.name, array)
@@ -642,11 +643,18 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
 
     coded, kept, overhead, curves, sens, tiles = measure(floor)
     budget = target_bytes - kept - overhead
+    if log_coding is not None and own is None:   # coarser log2 steps where the budget is tight
+        freed = log_coding.settle(budget, sum(leaf.size for leaf in entries if leaf.name in coded))
+        kept, budget = kept - freed, budget + freed
     if floor and budget > 0 and rate.floors_exceed(curves, budget):
         coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
     if budget <= 0:
+        moments = log_coding.settled_bytes() if log_coding is not None else 0
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"
+                         + (f" ({moments} of them optimizer moments on log2 steps of "
+                            f"{log_coding.step:g}, the coarsest a byte target takes: save the "
+                            "parameters alone, or ask for less)" if moments else "")
                          + ("" if coded else " (none of the leaves is JPEG-coded: see "
                             "jaxjpeg.Policy for which leaves it codes, and the notes of a "
                             "default save's report for why others are stored raw)"))
@@ -1342,7 +1350,8 @@ class _Save:
             note = "" if lossy is not None else self.log_coding.exact_note(array)
         elif (self.lossy_rate and not coded and name not in self.exact
               and not self.policy.names_lossless(name)):   # found by review: float16
-            lossy = _lossy_raw(array, self.vector_limits.get(name))
+            lossy = _lossy_raw(array, self.vector_limits.get(name),
+                               name in self.log_coding.first)
         # Every blob counts, the interval index too: a coding within a few
         # bytes of the raw size was stored larger than raw, and lossy.
         from jaxjpeg import rate
@@ -1593,16 +1602,18 @@ def _small_kernel_limits(array: np.ndarray):
     return quantized_vectors.StepLimits(np.float64(SMALL_KERNEL_STEP * rms))
 
 
-def _lossy_raw(array: np.ndarray, limits=None) -> tuple | None:
+def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tuple | None:
     """(blob, record fields, note) of a leaf kept out of JPEG under a byte
     target: quantized within the step ``limits`` allow (a BatchNorm vector,
     see jaxjpeg.priors.batchnorm_vector_steps; a small kernel, see
     SMALL_KERNEL_STEP) or as float16, whichever is smaller; None when
-    neither applies."""
+    neither applies. A second moment or a ``first_moment`` with values
+    float16 would flush is quantized on fine log2 steps instead."""
     from jaxjpeg import quantized_vectors
 
-    if limits is None and magnitudes.beyond_half(array):
-        return magnitudes.encode(array, signed=False, step=magnitudes.HALF_LIKE_STEP)
+    if limits is None and magnitudes.below_half(array) and (
+            first_moment or magnitudes.is_second_moment(array)):
+        return magnitudes.encode(array, signed=first_moment, step=magnitudes.HALF_LIKE_STEP)
     half = _half_copy(array)
     options = []
     if half is not None:
@@ -1655,13 +1666,16 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
 class _LogCoding:
     """The leaves the policy codes that are stored on log2 steps of their
     magnitudes instead (:mod:`jaxjpeg.magnitudes`): second moments, and the
-    first moments paired with them among leaves held in memory."""
+    first moments paired with them among leaves held in memory (vectors the
+    policy keeps out of JPEG too: a byte target would store a bias's first
+    moment as float16, flushing its small values)."""
 
     def __init__(self, leaves: Sequence[SourceLeaf], policy: Policy, error_bound=None):
         self.policy, self.error_bound = policy, error_bound
         self.step = magnitudes.step_for(error_bound)
+        self.ladder: dict[str, tuple] = {}   # leaf -> (values, bytes at each LADDER step)
         held = [leaf for leaf in leaves if leaf.resident and leaf.size
-                and policy.should_compress(leaf.name, leaf.stand_in())]
+                and str(leaf.dtype) in JPEG_DTYPES and not policy.names_lossless(leaf.name)]
         second = [leaf for leaf in held if magnitudes.is_second_moment(leaf.array())]
 
         def described(some):
@@ -1677,25 +1691,56 @@ class _LogCoding:
             return True
         return False if magnitudes.is_second_moment(array) else None
 
-    def stored(self, array: np.ndarray, signed: bool) -> tuple | None:
+    def stored(self, array: np.ndarray, signed: bool, step: float | None = None) -> tuple | None:
         """(blob, record fields, note), or None: stored exactly."""
-        coded = magnitudes.encode(array, signed, self.step)
+        coded = magnitudes.encode(array, signed, step or self.step)
         if coded is None or self.error_bound is None:
             return coded
         err = np.linalg.norm(_quantized_error(array, coded))
         return coded if err <= self.error_bound * np.linalg.norm(array.astype(np.float64)) else None
 
-    def stored_bytes(self, array: np.ndarray, signed: bool) -> int:
-        coded = self.stored(array, signed)
-        return array.nbytes if coded is None else memoryview(coded[0]).nbytes
+    def stored_bytes(self, name: str, array: np.ndarray, signed: bool) -> int:
+        """Its bytes at this step; for a byte target, at every step of the
+        ladder it may move to (:meth:`settle`)."""
+        sizes = []
+        for step in (magnitudes.byte_target_steps(self.step) if self.error_bound is None
+                     else (self.step,)):
+            coded = self.stored(array, signed, step)
+            sizes.append(array.nbytes if coded is None else memoryview(coded[0]).nbytes)
+        self.ladder[name] = (array.size, sizes)
+        return sizes[0]
+
+    def settle(self, budget: float, coded_values: int) -> float:
+        """The bytes a byte target frees by coarser log2 steps: the finest
+        step of the ladder at which the JPEG-coded leaves keep at least half
+        the bits a value of these leaves (else the coarsest). A single-
+        process save (others' leaves are not measured here)."""
+        if not self.ladder:
+            return 0.0
+        values = sum(n for n, _ in self.ladder.values())
+        steps = magnitudes.byte_target_steps(self.step)
+        for i, step in enumerate(steps):
+            used = sum(sizes[i] for _, sizes in self.ladder.values())
+            freed = sum(sizes[0] for _, sizes in self.ladder.values()) - used
+            left = budget + freed
+            if not coded_values or 8 * left / coded_values >= 4 * used / values:
+                break
+        self.step = step
+        return freed
+
+    def settled_bytes(self) -> int:
+        """The measured leaves' bytes at the step settled on."""
+        steps = magnitudes.byte_target_steps(magnitudes.step_for(self.error_bound))
+        i = steps.index(self.step) if self.step in steps else 0
+        return sum(sizes[min(i, len(sizes) - 1)] for _, sizes in self.ladder.values())
 
     def exact_note(self, array: np.ndarray) -> str:
         return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "
                 "(jaxjpeg.magnitudes)")
 
 
-def _stored_raw_bytes(array: np.ndarray, limits=None) -> int:
-    lossy = _lossy_raw(array, limits)
+def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False) -> int:
+    lossy = _lossy_raw(array, limits, first_moment)
     return array.nbytes if lossy is None else memoryview(lossy[0]).nbytes
 
 

@@ -40,13 +40,16 @@ Exit status (errors are one line on stderr, without a traceback):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Iterable
 
@@ -82,9 +85,30 @@ def _use_cpu() -> None:
     """The CLI decodes on the host: keep jax off accelerators unless the user
     chose (JAX_PLATFORMS). main() calls this before anything starts a jax
     backend; once one has started the setting no longer matters."""
-    if not os.environ.get("JAX_PLATFORMS"):
+    with _interrupts_held():
         import jax
-        jax.config.update("jax_platforms", "cpu")
+        import jaxjpeg.checkpoint  # noqa: F401 - the rest of the heavy imports
+        if not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """A Ctrl-C held until the block ends, then raised (found by review: one
+    while jax imported crashed the process from C++ (SIGABRT, SIGSEGV) or was
+    swallowed by a garbage-collection callback, the command then running to
+    the end). Only the main thread can hold signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _size(n: float) -> str:
@@ -101,7 +125,9 @@ def _require(path: str, *, kind: str = "path") -> None:
     if not storage.exists(path):
         raise FileNotFoundError(errno.ENOENT, "no such file or directory", path)
     if kind == "file" and storage.is_dir(path):
-        raise CliError(f"{path}: is a directory, expected a jaxjpeg checkpoint file")
+        inside = storage.join(path, "checkpoint.jjpg")   # the Orbax handler's file
+        hint = f" (an Orbax item: give {inside})" if storage.exists(inside) else ""
+        raise CliError(f"{path}: is a directory, expected a jaxjpeg checkpoint file{hint}")
 
 
 def _open_checkpoint(path: str, verify: bool = True):
@@ -533,6 +559,17 @@ def _path(text: str) -> str:
     return storage.to_absolute(text)
 
 
+def _destination(text: str) -> str:
+    """Where compress writes: a local path or a URL of a store that outlives
+    the command (found by review: memory:// said it wrote, then the store
+    went with the process)."""
+    path = _path(text)
+    if path.startswith("memory://"):
+        raise argparse.ArgumentTypeError(f"{text!r}: memory:// lives only as long as this "
+                                         "command; write a file or a lasting store")
+    return path
+
+
 def _local_dir(text: str) -> str:
     """A directory argument the command writes files into: local only."""
     return _local(text, "directory")
@@ -599,7 +636,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="convert an Orbax / Flax msgpack / npz / safetensors "
                                         "checkpoint (path or URL) to jaxjpeg")
     p.add_argument("src", metavar="SRC", type=_path)
-    p.add_argument("dst", metavar="DST", type=_path)
+    p.add_argument("dst", metavar="DST", type=_destination)
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--quant-step", type=_positive,
                       help="flat quantization step in sample units (default: jaxjpeg's rate)")

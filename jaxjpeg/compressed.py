@@ -106,6 +106,11 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
     """
     given, device = device, one_device(device)
+    if given is None and jax.process_count() == 1:
+        # Uncommitted, as jax.device_put(x) leaves it (found by review: placed
+        # on the default device by name, jit(decode, out_shardings=<several
+        # devices>) refused the operands). One process's default device.
+        device = None
     with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
             requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))

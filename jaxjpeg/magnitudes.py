@@ -34,33 +34,41 @@ from jaxjpeg import quantized_vectors as qv
 # about 7-9 bits a value on Adam's moments (float32: 32).
 LOG_STEP = 1 / 16
 
-# A second moment: values >= 0, a quarter of the nonzero ones below a
-# quarter of the leaf's RMS, where JPEG's error (5-8% of the RMS at the
-# default step) is 20-30% of them or more. Adam's moments of a small
-# network's layers: 0.0002-0.21 of it; weights have signs, and leaves >= 0
-# such as stacked LayerNorm scales sit near 1 (0.97).
-SPAN_QUANTILE = 0.25
+# A second moment: values >= 0 with zeros (1/64 of them or more: a pruned
+# or masked network's, never updated) or with a hundredth of the nonzero
+# ones below a quarter of the leaf's RMS, where JPEG's error (5-8% of the
+# RMS at the default step) is 20-30% of them or more (found by review: a
+# trained MLP's nu with its 25% quantile at 0.56 of the RMS and its
+# smallest at 0.05 came back with a 0). Weights have signs; leaves >= 0
+# such as stacked LayerNorm scales sit near 1 (0.88 at the 1% quantile).
+SPAN_QUANTILE = 0.01
 SPAN_RATIO = 0.25
+ZERO_FRACTION = 1 / 64
 _SAMPLE = 1 << 16   # values a leaf's quantile is estimated from
 
 
 def is_second_moment(array) -> bool:
-    """True for a leaf of finite values >= 0, a quarter of its nonzero ones
-    below SPAN_RATIO of its RMS (a second moment, an accumulator, a leaf of
-    such values: JPEG would swamp its small ones)."""
+    """True for a leaf of values >= 0 (NaN and infinities aside: they are
+    kept exactly) with zeros or small values a relative precision must keep
+    (SPAN_QUANTILE, SPAN_RATIO, ZERO_FRACTION): a second moment, an
+    accumulator, a mask, a leaf of such values."""
     a = np.asarray(array)
     if a.size == 0 or a.dtype.kind not in "fV" or a.dtype.itemsize > 8:
         return False
     with np.errstate(invalid="ignore"):
-        if not float(np.min(a)) >= 0 or not math.isfinite(float(np.max(a))):
-            return False   # a negative value, NaN or infinity
+        finite = np.isfinite(a)
+        if not float(np.min(a, where=finite, initial=np.inf)) >= 0:
+            return False   # a negative value, or nothing finite
     flat = a.reshape(-1)
     if flat.size > _SAMPLE:   # positions drawn at random: strides may follow rows
         flat = flat[np.random.default_rng(0).integers(0, flat.size, _SAMPLE)]
     sample = flat.astype(np.float64)
+    sample = sample[np.isfinite(sample)]
     nonzero = sample[sample > 0]
     if nonzero.size == 0:
         return False
+    if nonzero.size <= (1 - ZERO_FRACTION) * sample.size:
+        return True
     top = float(np.max(nonzero))   # squares of float64 values may overflow
     rms = top * math.sqrt(float(np.mean(np.square(sample / top))))
     return float(np.quantile(nonzero, SPAN_QUANTILE)) < SPAN_RATIO * rms
@@ -74,11 +82,10 @@ HALF_LIKE_STEP = 2.0 ** -8
 _HALF_TINY = 2.0 ** -14
 
 
-def beyond_half(array) -> bool:
-    """A second moment with nonzero values below float16's normal range."""
+def below_half(array) -> bool:
+    """A float32 leaf with nonzero values below float16's normal range."""
     a = np.asarray(array)
-    return (a.dtype == np.float32 and is_second_moment(a)
-            and bool(np.any((a > 0) & (a < _HALF_TINY))))
+    return a.dtype == np.float32 and bool(np.any((a != 0) & (np.abs(a) < _HALF_TINY)))
 
 
 def first_moments(leaves: Iterable[tuple[tuple, tuple]], second: Iterable[tuple[tuple, tuple]]
@@ -103,6 +110,15 @@ def first_moments(leaves: Iterable[tuple[tuple, tuple]], second: Iterable[tuple[
     return out
 
 
+# Under a byte target too tight for LOG_STEP (a training state at 8x:
+# moments are two thirds of it) the step doubles up to 1 (within 41%).
+BYTE_TARGET_DOUBLINGS = 4
+
+
+def byte_target_steps(step: float = LOG_STEP) -> tuple[float, ...]:
+    return tuple(step * 2 ** i for i in range(BYTE_TARGET_DOUBLINGS + 1))
+
+
 def step_for(error_bound: float | None = None) -> float:
     """The log2 step: LOG_STEP, finer where an error bound (relative RMS)
     asks (uniform rounding of log2 by ``s`` leaves ln(2) s / sqrt(12))."""
@@ -111,26 +127,37 @@ def step_for(error_bound: float | None = None) -> float:
     return min(LOG_STEP, 0.9 * error_bound * math.sqrt(12) / math.log(2))
 
 
+def _smallest_nonzero(array: np.ndarray) -> tuple[float, bool]:
+    """(the smallest nonzero magnitude (inf: none), whether there are zeros),
+    a chunk at a time."""
+    flat, smallest, zeros = array.reshape(-1), math.inf, False
+    for start in range(0, flat.size, 1 << 20):
+        magnitude = np.abs(flat[start:start + (1 << 20)])
+        nonzero = magnitude[magnitude > 0]
+        zeros = zeros or nonzero.size < magnitude.size
+        smallest = min(smallest, float(np.min(nonzero, initial=np.inf)))
+    return smallest, zeros
+
+
 def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | None:
     """(blob, record fields, note) of a float32 leaf on log2 steps of its
     magnitudes (``signed``: with a sign bit a value), or None (another
     dtype, a non-finite value, or more bits than float16's)."""
     if array.dtype != np.float32 or array.size == 0:
         return None
-    magnitude = np.abs(array) if signed else array
-    nonzero = magnitude[magnitude > 0]
-    if nonzero.size == 0:
+    smallest, zeros = _smallest_nonzero(array)
+    if not math.isfinite(smallest):
         return None
     # An offset of a quarter of the smallest value keeps zeros exact (they
     # restore at or below it, clamped to 0) and costs that value 25% more
     # absolute error, within 2.7% of it.
-    offset = float(np.min(nonzero)) / 4 if nonzero.size < magnitude.size else 0.0
+    offset = smallest / 4 if zeros else 0.0
     domain = qv.SIGNED_LOG2 if signed else qv.LOG2
     coded = qv.encode(array, qv.VectorStep(step, domain, offset))
     if coded is None:
         return None
     blob, record = coded
-    bound = 2.0 ** (step / 2) - 1
+    bound = (2.0 ** (step / 2) - 1) * (1.25 if offset else 1.0)   # see the offset
     what = "magnitudes" if signed else "values"
     return blob, {"kind": "raw", **record}, (f"{what} on log2 steps of {step:.3g} (within "
                                              f"{bound:.1%} each)")

@@ -79,13 +79,19 @@ class StepLimits:
         return VectorStep(step, self.domain, self.offset)
 
 
-def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
-    """(blob, record fields) of a float32 vector quantized as ``how`` says,
-    or None when it cannot be (a non-finite value, a negative value in the
-    log2 domain, a zero without an offset, codes out of range) or restores
-    non-finite."""
-    x = np.asarray(values, np.float64).ravel()
-    if x.size == 0 or not np.all(np.isfinite(x)):
+# Codes a step: encode and decode hold a chunk's temporaries, not a leaf's
+# (a 64 MB leaf took 1.9 GB to code whole). A multiple of 8, so a chunk's
+# signs and k-bit remainders end on a byte.
+_CHUNK = 1 << 18
+_SAMPLE = 1 << 16   # codes a large leaf's center and Rice parameter come from
+_UNARY_CHUNK = 1 << 13   # bytes of unary parts a decoding step reads (64 K codes at most)
+
+
+def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
+    """(int64 codes, negative mask or None) of values, or None when they
+    cannot be coded."""
+    x = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(x)):
         return None
     negative = None
     if how.domain == SIGNED_LOG2:
@@ -99,28 +105,78 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
         codes = np.where(zero, np.floor(x), np.round(x))
     else:
         codes = np.round(x / how.step)
-    if np.max(np.abs(codes)) >= MAX_CODE:
+    if codes.size and np.max(np.abs(codes)) >= MAX_CODE:
         return None
-    codes = codes.astype(np.int64)
-    center = int(np.median(codes))
-    folded = _zigzag(codes - center)
-    k = _rice_parameter(folded)
-    quotients = folded >> k
+    return codes.astype(np.int64), negative
+
+
+def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
+    """(blob, record fields) of a float32 vector quantized as ``how`` says,
+    or None when it cannot be (a non-finite value, a negative value in the
+    log2 domain, a zero without an offset, codes out of range) or restores
+    non-finite. A chunk at a time: the codes' median and Rice parameter
+    come from a sample of a large vector (all of a small one)."""
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0:
+        return None
+    sample = (flat if flat.size <= _SAMPLE
+              else flat[np.random.default_rng(0).integers(0, flat.size, _SAMPLE)])
+    sampled = _codes(sample, how)
+    if sampled is None:
+        return None
+    center = int(np.median(sampled[0]))
+    k = _rice_parameter(_zigzag(sampled[0] - center))
+    unary, remainders, signs = _UnaryWriter(), [], []
+    lo, hi, bits, longest = math.inf, -math.inf, 0, 0
+    for start in range(0, flat.size, _CHUNK):
+        coded = _codes(flat[start:start + _CHUNK], how)
+        if coded is None:
+            return None
+        codes, negative = coded
+        lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
+        folded = _zigzag(codes - center)
+        quotients = folded >> k
+        longest = max(longest, int(quotients.max()))
+        bits += int(quotients.sum()) + folded.size * (k + 1)
+        unary.add(quotients)
+        remainders.append(_remainder_bytes(folded, k))
+        if negative is not None:
+            signs.append(np.packbits(negative).tobytes())
     # Never more than float16's 16 bits a value, nor a unary part the
     # decoder would refuse.
-    bits = int(quotients.sum()) + folded.size * (k + 1)
-    if quotients.max() >= MAX_QUOTIENT or bits > 16 * folded.size:
+    if longest >= MAX_QUOTIENT or bits > 16 * flat.size:
         return None
     # restore is monotonic in the codes: the extremes bound every value
-    ends = np.array([codes.min(), codes.max()])
-    if not np.all(np.isfinite(restore(ends, 0, how.step, how.domain, how.offset))):
+    if not np.all(np.isfinite(restore(np.array([lo, hi]), 0, how.step, how.domain, how.offset))):
         return None
-    unary, remainders = _rice_streams(folded, k)
-    signs = b"" if negative is None else np.packbits(negative).tobytes()
+    unary = unary.finish()
     record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
               "center": center, "rice": k, "unary_bytes": len(unary),
               **({"offset": how.offset} if how.domain in LOG_DOMAINS else {})}
-    return unary + remainders + signs, record
+    return b"".join([unary, *remainders, *signs]), record
+
+
+class _UnaryWriter:
+    """Unary parts (``q`` ones then a zero each) packed a chunk of codes at a
+    time, the bits past a chunk's last whole byte carried to the next."""
+
+    def __init__(self):
+        self.parts, self.carry = [], np.zeros(0, np.uint8)
+
+    def add(self, quotients: np.ndarray) -> None:
+        ends = np.cumsum(quotients + 1) - 1            # where each unary part's zero is
+        bits = np.ones(int(ends[-1]) + 1, np.uint8)
+        bits[ends] = 0
+        bits = np.concatenate([self.carry, bits])
+        whole = bits.size // 8 * 8
+        self.parts.append(np.packbits(bits[:whole]).tobytes())
+        self.carry = bits[whole:]
+
+    def finish(self) -> bytes:
+        """The unary stream, padded with ones to a byte."""
+        last = np.ones(-(-self.carry.size // 8) * 8, np.uint8)
+        last[:self.carry.size] = self.carry
+        return b"".join(self.parts) + np.packbits(last).tobytes()
 
 
 def coded_bytes(values: np.ndarray, step: float) -> int:
@@ -135,7 +191,8 @@ def coded_bytes(values: np.ndarray, step: float) -> int:
 def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
     """The float32 values of a blob :func:`encode` wrote, from the leaf's
     checked ``record`` fields (:func:`check_record`); ValueError when the
-    blob does not hold exactly ``count`` codes or they restore non-finite."""
+    blob does not hold exactly ``count`` codes or they restore non-finite.
+    The unary parts are read a chunk of bytes at a time."""
     data = np.frombuffer(codes_blob, np.uint8)
     k, split = record["rice"], record["unary_bytes"]
     remainder_bytes = (count * k + 7) // 8
@@ -148,24 +205,37 @@ def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
     zeros = _zero_bits(data[:split])
     if zeros != count:   # counted before anything grows with the blob's size
         raise ValueError(f"holds {zeros} unary codes, expected {count}")
-    unary = np.unpackbits(data[:split])
-    ends = np.flatnonzero(unary == 0)
-    if count and unary.size - ends[-1] - 1 >= 8:
+    unary, remainders = data[:split], data[split:split + remainder_bytes]
+    signs = data[split + remainder_bytes:]
+    out = np.empty(count, np.float32)
+    done, run = 0, 0   # codes decoded; ones since the last zero
+    for start in range(0, split, _UNARY_CHUNK):
+        bits = np.unpackbits(unary[start:start + _UNARY_CHUNK])
+        ends = np.flatnonzero(bits == 0)
+        if ends.size == 0:
+            run += bits.size
+            if run >= MAX_QUOTIENT:
+                raise ValueError("holds a unary code too long")
+            continue
+        quotients = np.diff(ends, prepend=-1) - 1
+        quotients[0] += run
+        run = bits.size - int(ends[-1]) - 1
+        if quotients.max() >= MAX_QUOTIENT:
+            raise ValueError("holds a unary code too long")
+        folded = quotients.astype(np.int64) << k
+        if k:
+            folded |= _remainders(remainders, done, ends.size, k)
+        values = restore(_unzigzag(folded), record["center"], record["step"],
+                         record["domain"], record["offset"])
+        if sign_bytes:
+            np.negative(values, out=values, where=_bits(signs, done, ends.size).astype(bool))
+        out[done:done + ends.size] = values
+        done += ends.size
+    if count and run >= 8:
         raise ValueError("holds a unary part padded by more than a byte")
-    quotients = np.diff(ends, prepend=-1) - 1
-    if quotients.size and quotients.max() >= MAX_QUOTIENT:
-        raise ValueError("holds a unary code too long")
-    folded = quotients.astype(np.int64) << k
-    if k:
-        folded |= _remainders(data[split:split + remainder_bytes], count, k)
-    values = restore(_unzigzag(folded), record["center"], record["step"], record["domain"],
-                     record["offset"])
-    if sign_bytes:
-        negative = np.unpackbits(data[split + remainder_bytes:], count=count).astype(bool)
-        np.negative(values, out=values, where=negative)
-    if not np.all(np.isfinite(values)):
+    if not np.all(np.isfinite(out)):
         raise ValueError("restores values beyond float32's range")
-    return values
+    return out
 
 
 _ZEROS_IN_BYTE = np.array([8 - bin(b).count("1") for b in range(256)], np.uint8)
@@ -180,21 +250,38 @@ def _zero_bits(data: np.ndarray) -> int:
                for i in range(0, data.size, _ZERO_CHUNK))
 
 
+def _bits(data: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Bits ``start`` .. ``start + count`` of ``data`` (most significant first)."""
+    first = start // 8
+    bits = np.unpackbits(data[first:(start + count + 7) // 8])
+    return bits[start - 8 * first:start - 8 * first + count]
+
+
+def _remainders(data: np.ndarray, start: int, count: int, k: int) -> np.ndarray:
+    """Remainders ``start`` .. ``start + count`` of the ``k``-bit big-endian
+    ones packed in ``data``, _REMAINDER_CHUNK at a time (found by review: all
+    at once, as an int64 bit matrix, a hostile blob took 77x its size)."""
+    weights = np.int64(1) << np.arange(k - 1, -1, -1, dtype=np.int64)
+    out = np.empty(count, np.int64)
+    for i in range(0, count, _REMAINDER_CHUNK):
+        n = min(_REMAINDER_CHUNK, count - i)
+        out[i:i + n] = _bits(data, (start + i) * k, n * k).reshape(n, k) @ weights
+    return out
+
+
 _REMAINDER_CHUNK = 8192   # codes a step (a multiple of 8: each chunk starts on a byte)
 
 
-def _remainders(data: np.ndarray, count: int, k: int) -> np.ndarray:
-    """The ``count`` ``k``-bit big-endian remainders packed in ``data``, a
-    chunk of codes at a time (found by review: all at once, as an int64 bit
-    matrix, a hostile blob took 77x its size in memory)."""
-    weights = np.int64(1) << np.arange(k - 1, -1, -1, dtype=np.int64)
-    out = np.empty(count, np.int64)
-    for start in range(0, count, _REMAINDER_CHUNK):
-        stop = min(count, start + _REMAINDER_CHUNK)
-        chunk = data[start * k // 8:(stop * k + 7) // 8]
-        bits = np.unpackbits(chunk)[:(stop - start) * k].reshape(stop - start, k)
-        out[start:stop] = bits @ weights
-    return out
+def _remainder_bytes(folded: np.ndarray, k: int) -> bytes:
+    """The ``k``-bit remainders of ``folded`` packed, most significant bit
+    first (a chunk of codes at a time: all at once, the bit matrix took 64
+    bytes a value at k = 8; found by review: 979 MB to code a 32 MB leaf)."""
+    if k == 0:
+        return b""
+    shifts = np.arange(k - 1, -1, -1, dtype=np.int64)
+    return b"".join(np.packbits(((folded[i:i + _REMAINDER_CHUNK, None] >> shifts) & 1)
+                                .astype(np.uint8).reshape(-1)).tobytes()
+                    for i in range(0, folded.size, _REMAINDER_CHUNK))
 
 
 def restore(codes: np.ndarray, center: int, step: float, domain: str,
@@ -253,21 +340,3 @@ def _rice_parameter(folded: np.ndarray) -> int:
                 break
             k += direction
     return k
-
-
-def _rice_streams(folded: np.ndarray, k: int) -> tuple[bytes, bytes]:
-    """(unary parts, remainders) of ``folded`` coded with parameter ``k``."""
-    quotients = folded >> k
-    ends = np.cumsum(quotients + 1) - 1            # where each unary part's zero is
-    unary = np.ones(-(-(int(ends[-1]) + 1) // 8) * 8, np.uint8)
-    unary[ends] = 0
-    if k == 0:
-        return np.packbits(unary).tobytes(), b""
-    shifts = np.arange(k - 1, -1, -1, dtype=np.int64)
-    # A chunk of codes at a time (a multiple of 8: each chunk ends on a byte):
-    # all at once, the bit matrix took 64 bytes a value at k = 8 (found by
-    # review: 979 MB to code a leaf of 32 MB).
-    chunks = [np.packbits(((folded[i:i + _REMAINDER_CHUNK, None] >> shifts) & 1)
-                          .astype(np.uint8).reshape(-1)).tobytes()
-              for i in range(0, folded.size, _REMAINDER_CHUNK)]
-    return np.packbits(unary).tobytes(), b"".join(chunks)

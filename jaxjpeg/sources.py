@@ -439,6 +439,11 @@ def _npz_source(path: str, files: _Files) -> Source:
         if ranged.failure is not None:   # zipfile says BadZipFile for a read that failed
             raise ranged.failure from None
         raise SourceError(f"{path}: not a valid npz file ({_first_line(e)})") from None
+    if any(info.filename.endswith("/data.pkl") for info in members):
+        # found by review: "member 'model/data.pkl' is not a .npy array"
+        raise SourceError(f"{path}: a PyTorch checkpoint (torch.save's zip of pickles), which "
+                          "jaxjpeg does not read: save its state_dict with "
+                          "safetensors.torch.save_file and compress that")
     # In the zip's order: np.savez writes a dict's arrays in its order, a
     # PyTorch state dict's being the network's (the BatchNorm prior pairs by it).
     leaves = [_npz_leaf(path, info, files) for info in members]

@@ -168,3 +168,47 @@ def test_usage_errors_are_one_line(capsys, argv):
     out, err = capsys.readouterr()
     assert code == EXIT_USAGE and err.count("\n") == 1, err
     assert err.startswith("jaxjpeg: error: ") and "--help" in err
+
+
+def test_a_ctrl_c_while_jax_imports_is_held_then_raised():
+    """Found by review: a Ctrl-C in the command's first half second, while
+    jax imported, crashed it from C++ (SIGABRT, SIGSEGV) or was swallowed by
+    a garbage-collection callback and the command ran to the end."""
+    import signal
+    import threading
+
+    from jaxjpeg import cli
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli._interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signal")   # not interrupted here
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    done = []   # another thread cannot hold signals: the block just runs
+    thread = threading.Thread(target=lambda: done.append(cli._interrupts_held().__enter__()))
+    thread.start()
+    thread.join()
+    assert done == [None]
+
+
+def test_unhelpful_cli_messages_found_by_review(tmp_path, capsys):
+    """A PyTorch .pt was "member 'x/data.pkl' is not a .npy array"; compress
+    to memory:// printed success and the store went with the process; an
+    Orbax item directory was only "is a directory"."""
+    import zipfile
+    pt = tmp_path / "model.pt"   # the layout torch.save writes
+    with zipfile.ZipFile(pt, "w") as z:
+        z.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr("model/data/0", b"\x00" * 16)
+    assert main(["compress", str(pt), str(tmp_path / "o.jjpg")]) == EXIT_DAMAGED
+    assert "a PyTorch checkpoint" in capsys.readouterr().err
+    src = tmp_path / "w.npz"
+    np.savez(src, w=np.ones((64, 64), np.float32))
+    assert main(["compress", str(src), "memory://bucket/o.jjpg"]) == EXIT_USAGE
+    assert "memory:// lives only as long as this command" in capsys.readouterr().err
+    item = tmp_path / "params"
+    item.mkdir()
+    jaxjpeg.save(item / "checkpoint.jjpg", {"w": np.ones((64, 64), np.float32)})
+    assert main(["inspect", str(item)]) == EXIT_USAGE
+    assert "an Orbax item: give" in capsys.readouterr().err

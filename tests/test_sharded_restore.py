@@ -44,6 +44,7 @@ CHECKS = [
     "a_device_argument_is_one_device",
     "sharding_target_leaves_place_their_leaves",
     "host_memory_targets_come_back_in_host_memory",
+    "loaded_leaves_decode_into_any_out_shardings",
 ]
 
 

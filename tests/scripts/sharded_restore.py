@@ -306,6 +306,18 @@ def load_honours_target_placement():
         raise AssertionError("a sharded JPEG target was silently loaded onto one device")
 
 
+@check
+def loaded_leaves_decode_into_any_out_shardings():
+    """Found by review: load placed its operands on the default device by
+    name (committed), so jit(decode, out_shardings=<8 devices>) refused them."""
+    sharded = NamedSharding(mesh((8,), ("x",)), P("x"))
+    loaded = jaxjpeg.load(PATH, target={"grid": 0, "bias": 0})
+    got = jax.jit(jaxjpeg.decode, out_shardings={"grid": sharded, "bias": sharded})(loaded)
+    assert got["grid"].sharding == sharded and got["bias"].sharding == sharded
+    np.testing.assert_array_equal(np.asarray(got["grid"]), REFERENCE["grid"])
+    np.testing.assert_array_equal(np.asarray(got["bias"]), TREE["bias"])
+
+
 def saved_sharded(name, shape, sharding, **options):
     """(path, array, per-device tile bytes of a restore with ``sharding``, the
     leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
