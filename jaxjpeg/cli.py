@@ -564,10 +564,13 @@ def _destination(text: str) -> str:
     the command (found by review: memory:// said it wrote, then the store
     went with the process)."""
     path = _path(text)
-    if path.startswith("memory://"):
+    if path.startswith("memory://") and _AS_COMMAND:   # main() called in a process stays
         raise argparse.ArgumentTypeError(f"{text!r}: memory:// lives only as long as this "
                                          "command; write a file or a lasting store")
     return path
+
+
+_AS_COMMAND = False   # console() runs: the process ends with the command
 
 
 def _local_dir(text: str) -> str:
@@ -742,6 +745,8 @@ def console() -> None:
     """The ``jaxjpeg`` command: :func:`main`, exiting at once when
     interrupted (a thread stalled on a remote read would otherwise hold the
     interpreter's exit until its read timed out)."""
+    global _AS_COMMAND
+    _AS_COMMAND = True
     code = main()
     if code == EXIT_INTERRUPTED:
         sys.stdout.flush()

@@ -47,6 +47,13 @@ ZERO_FRACTION = 1 / 64
 _SAMPLE = 1 << 16   # values a leaf's quantile is estimated from
 
 
+def _sampled(flat: np.ndarray, count: int) -> np.ndarray:
+    """``count`` values at positions drawn at random (strides may follow rows)."""
+    if flat.size <= count:
+        return flat
+    return flat[np.random.default_rng(0).integers(0, flat.size, count)]
+
+
 def is_second_moment(array) -> bool:
     """True for a leaf of values >= 0 (NaN and infinities aside: they are
     kept exactly) with zeros or small values a relative precision must keep
@@ -55,23 +62,24 @@ def is_second_moment(array) -> bool:
     a = np.asarray(array)
     if a.size == 0 or a.dtype.kind not in "fV" or a.dtype.itemsize > 8:
         return False
-    with np.errstate(invalid="ignore"):
-        finite = np.isfinite(a)
-        if not float(np.min(a, where=finite, initial=np.inf)) >= 0:
-            return False   # a negative value, or nothing finite
     flat = a.reshape(-1)
-    if flat.size > _SAMPLE:   # positions drawn at random: strides may follow rows
-        flat = flat[np.random.default_rng(0).integers(0, flat.size, _SAMPLE)]
-    sample = flat.astype(np.float64)
+    # Samples decide first: a weight's signs end it in a thousand values
+    # (every resident leaf is looked at, for the pairing), a full pass only
+    # confirms a leaf the samples call a second moment.
+    if np.any(_sampled(flat, 1024) < 0):
+        return False
+    sample = _sampled(flat, _SAMPLE).astype(np.float64)
     sample = sample[np.isfinite(sample)]
     nonzero = sample[sample > 0]
-    if nonzero.size == 0:
+    if nonzero.size == 0 or np.any(sample < 0):
         return False
-    if nonzero.size <= (1 - ZERO_FRACTION) * sample.size:
-        return True
-    top = float(np.max(nonzero))   # squares of float64 values may overflow
-    rms = top * math.sqrt(float(np.mean(np.square(sample / top))))
-    return float(np.quantile(nonzero, SPAN_QUANTILE)) < SPAN_RATIO * rms
+    if nonzero.size > (1 - ZERO_FRACTION) * sample.size:
+        top = float(np.max(nonzero))   # squares of float64 values may overflow
+        rms = top * math.sqrt(float(np.mean(np.square(sample / top))))
+        if float(np.quantile(nonzero, SPAN_QUANTILE)) >= SPAN_RATIO * rms:
+            return False
+    with np.errstate(invalid="ignore"):   # then no negative value anywhere
+        return float(np.min(a, where=np.isfinite(a), initial=np.inf)) >= 0
 
 
 # Under a byte target the small float32 leaves the policy keeps out of JPEG

@@ -205,8 +205,10 @@ def test_unhelpful_cli_messages_found_by_review(tmp_path, capsys):
     assert "a PyTorch checkpoint" in capsys.readouterr().err
     src = tmp_path / "w.npz"
     np.savez(src, w=np.ones((64, 64), np.float32))
-    assert main(["compress", str(src), "memory://bucket/o.jjpg"]) == EXIT_USAGE
-    assert "memory:// lives only as long as this command" in capsys.readouterr().err
+    command = subprocess.run([sys.executable, "-m", "jaxjpeg.cli", "compress", str(src),
+                              "memory://bucket/o.jjpg"], capture_output=True, text=True)
+    assert command.returncode == EXIT_USAGE
+    assert "memory:// lives only as long as this command" in command.stderr
     item = tmp_path / "params"
     item.mkdir()
     jaxjpeg.save(item / "checkpoint.jjpg", {"w": np.ones((64, 64), np.float32)})
