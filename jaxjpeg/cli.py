@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def _use_cpu() -> None:
     backend; once one has started the setting no longer matters."""
     with _interrupts_held():
         import jax
-        import jaxjpeg.checkpoint  # noqa: F401 - the rest of the heavy imports
+        importlib.import_module("jaxjpeg.checkpoint")   # the rest of the heavy imports
         if not os.environ.get("JAX_PLATFORMS"):
             jax.config.update("jax_platforms", "cpu")
 
