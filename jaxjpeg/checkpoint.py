@@ -232,10 +232,14 @@ def _why_raw(array: np.ndarray) -> str | None:
     """Why a leaf the policy codes is stored raw, or None."""
     array = np.asarray(array)
     if array.dtype == np.float64 and array.size:
-        with np.errstate(invalid="ignore"):
-            top = np.max(np.abs(array), where=np.isfinite(array), initial=0.0)
+        finite = np.isfinite(array)
+        top = float(np.max(np.abs(array), where=finite, initial=0.0))
         if top > np.finfo(np.float32).max:   # tiles and side lists decode in float32
             return "stored raw: float64 values beyond float32's range"
+        if top > 0:   # the RMS in float64 (found by review: 1e-60 was 0 in float32, all lost)
+            scaled = np.where(finite, array / top, 0.0)
+            if top * math.sqrt(float(np.mean(np.square(scaled)))) < MIN_CODED_RMS:
+                return "stored raw: its values are too small to code (RMS below 2^-90)"
     if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:
         return (f"stored raw: more than 1/{round(1 / MAX_KEPT_FRACTION)} of its values are "
                 "NaN, infinite or extreme")
@@ -652,8 +656,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         moments = log_coding.settled_bytes() if log_coding is not None else 0
         raise ValueError(f"target size {target_bytes} is below the {kept + overhead} bytes of "
                          "leaves stored without JPEG and container overhead"
-                         + (f" ({moments} of them optimizer moments on log2 steps of "
-                            f"{log_coding.step:g}, the coarsest a byte target takes: save the "
+                         + (f" ({moments} of them optimizer moments (jaxjpeg.magnitudes), "
+                            f"coded on log2 steps of {log_coding.step:g} at most: save the "
                             "parameters alone, or ask for less)" if moments else "")
                          + ("" if coded else " (none of the leaves is JPEG-coded: see "
                             "jaxjpeg.Policy for which leaves it codes, and the notes of a "
@@ -1674,14 +1678,19 @@ class _LogCoding:
         self.policy, self.error_bound = policy, error_bound
         self.step = magnitudes.step_for(error_bound)
         self.ladder: dict[str, tuple] = {}   # leaf -> (values, bytes at each LADDER step)
-        held = [leaf for leaf in leaves if leaf.resident and leaf.size
-                and str(leaf.dtype) in JPEG_DTYPES and not policy.names_lossless(leaf.name)]
-        second = [leaf for leaf in held if magnitudes.is_second_moment(leaf.array())]
+        held = {path_string(leaf.records): leaf for leaf in leaves
+                if leaf.resident and leaf.size and str(leaf.dtype) in JPEG_DTYPES
+                and not policy.names_lossless(leaf.name)}
+        second = {name for name, leaf in held.items()
+                  if magnitudes.is_second_moment(leaf.array())}
 
-        def described(some):
-            return [(tuple(map(tuple, leaf.records)), leaf.shape) for leaf in some]
-        self.first = frozenset(path_string(path) for path in magnitudes.first_moments(
-            described(held), described(second)))
+        def described(names):
+            return [(tuple(map(tuple, held[name].records)), held[name].shape) for name in names]
+        pairs = magnitudes.first_moments(described(held.keys() - second), described(second))
+        self.first = frozenset(
+            path_string(first) for first, partner in pairs.items()
+            if magnitudes.bounded_by(held[path_string(first)].array(),
+                                     held[path_string(partner)].array()))
 
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
@@ -1723,7 +1732,8 @@ class _LogCoding:
             used = sum(sizes[i] for _, sizes in self.ladder.values())
             freed = sum(sizes[0] for _, sizes in self.ladder.values()) - used
             left = budget + freed
-            if not coded_values or 8 * left / coded_values >= 4 * used / values:
+            # found by review: with no JPEG-coded leaf the first step was kept
+            if left > 0 and (not coded_values or 8 * left / coded_values >= 4 * used / values):
                 break
         self.step = step
         return freed

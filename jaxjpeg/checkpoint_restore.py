@@ -809,8 +809,10 @@ def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, h
 
 
 def _is_float(dtype: np.dtype) -> bool:
-    """Floating or complex, ml_dtypes' too (numpy calls bfloat16 kind 'V')."""
-    return dtype.kind in "fc" or (dtype.kind == "V" and _largest(dtype) > 0)
+    """Floating or complex, ml_dtypes' too (numpy calls bfloat16 kind 'V',
+    and int4 too: found by review, uint4 passed a float's range check)."""
+    return dtype.kind in "fc" or (dtype.kind == "V" and _int_limits(dtype) is None
+                                  and _largest(dtype) > 0)
 
 
 def _int_limits(dtype: np.dtype):

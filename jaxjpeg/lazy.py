@@ -47,7 +47,8 @@ class LeafInfo:
     tiles: int = 0             # jpeg: number of tiles
     kept: int = 0              # jpeg: values kept exactly in the side list
     stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
-    # raw, quantized under a byte target (a BatchNorm vector, a small kernel): (domain, step)
+    # raw, quantized on a step (a byte target's BatchNorm vector or small kernel, a thin
+    # leaf, an optimizer moment on log2 steps): (domain, step)
     quantized: tuple[str, float] | None = None
 
     @property

@@ -127,6 +127,33 @@ def byte_target_steps(step: float = LOG_STEP) -> tuple[float, ...]:
     return tuple(step * 2 ** i for i in range(BYTE_TARGET_DOUBLINGS + 1))
 
 
+# A first moment's magnitudes stay within a few roots of its second moment
+# (Adam's |m| <= (1 - b1) / sqrt(1 - b2) sqrt(v) before bias correction:
+# 3.2 at the defaults); the partner's nonzero values must spread, as a
+# second moment's do. Found by review: a pruned network's kernels paired
+# with its 0/1 masks, and every nu of a shape with the others, took the
+# kernels to 2.7x their JPEG size.
+FIRST_MOMENT_BOUND = 4.0
+_BOUND_SHARE = 0.99
+
+
+def bounded_by(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether ``first`` looks like the first moment of ``second``: its
+    magnitudes within FIRST_MOMENT_BOUND roots of it at 99% of positions (a
+    sample), and ``second``'s nonzero values spread (not a mask)."""
+    count = min(first.size, _SAMPLE)
+    at = (np.arange(first.size) if first.size <= _SAMPLE
+          else np.random.default_rng(1).integers(0, first.size, count))
+    m = np.abs(np.asarray(first).reshape(-1)[at].astype(np.float64))
+    v = np.asarray(second).reshape(-1)[at].astype(np.float64)
+    ok = np.isfinite(m) & np.isfinite(v)
+    m, v = m[ok], v[ok]
+    nonzero = v[v > 0]
+    if nonzero.size == 0 or np.quantile(nonzero, SPAN_QUANTILE) >= SPAN_RATIO * np.max(nonzero):
+        return False
+    return bool(np.mean(m <= FIRST_MOMENT_BOUND * np.sqrt(v)) >= _BOUND_SHARE)
+
+
 def step_for(error_bound: float | None = None) -> float:
     """The log2 step: LOG_STEP, finer where an error bound (relative RMS)
     asks (uniform rounding of log2 by ``s`` leaves ln(2) s / sqrt(12))."""

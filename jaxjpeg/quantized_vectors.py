@@ -113,21 +113,38 @@ def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
 def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     """(blob, record fields) of a float32 vector quantized as ``how`` says,
     or None when it cannot be (a non-finite value, a negative value in the
-    log2 domain, a zero without an offset, codes out of range) or restores
-    non-finite. A chunk at a time: the codes' median and Rice parameter
-    come from a sample of a large vector (all of a small one)."""
+    log2 domain, a zero without an offset, codes out of range, more than
+    float16's 16 bits a value before signs) or restores non-finite. A chunk
+    at a time: the codes' median and Rice parameter come from a sample of a
+    large vector (all of a small one); a value the sample missed that needs
+    a wider Rice parameter has the vector coded again with it."""
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return None
-    sample = (flat if flat.size <= _SAMPLE
-              else flat[np.random.default_rng(0).integers(0, flat.size, _SAMPLE)])
-    sampled = _codes(sample, how)
+    sampled = _codes(_sampled(flat), how)
     if sampled is None:
         return None
     center = int(np.median(sampled[0]))
     k = _rice_parameter(_zigzag(sampled[0] - center))
+    while True:
+        coded = _rice_coded(flat, how, center, k)
+        if not isinstance(coded, int):
+            return coded
+        k = coded   # wider, for a quotient too long (found by review: MemoryError)
+
+
+def _sampled(flat: np.ndarray) -> np.ndarray:
+    if flat.size <= _SAMPLE:
+        return flat
+    return flat[np.random.default_rng(0).integers(0, flat.size, _SAMPLE)]
+
+
+def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int):
+    """(blob, record) of ``flat`` on Rice parameter ``k``, None when it
+    cannot be coded, or the wider parameter a chunk's largest code needs
+    (every check before a chunk's unary bits are built)."""
     unary, remainders, signs = _UnaryWriter(), [], []
-    lo, hi, bits, longest = math.inf, -math.inf, 0, 0
+    lo, hi, bits = math.inf, -math.inf, 0
     for start in range(0, flat.size, _CHUNK):
         coded = _codes(flat[start:start + _CHUNK], how)
         if coded is None:
@@ -136,16 +153,16 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
         lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
         folded = _zigzag(codes - center)
         quotients = folded >> k
-        longest = max(longest, int(quotients.max()))
+        if int(quotients.max()) >= MAX_QUOTIENT:
+            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
+            return wider if k < wider <= MAX_RICE else None
         bits += int(quotients.sum()) + folded.size * (k + 1)
+        if bits > 16 * flat.size:   # more than float16 would take
+            return None
         unary.add(quotients)
         remainders.append(_remainder_bytes(folded, k))
         if negative is not None:
             signs.append(np.packbits(negative).tobytes())
-    # Never more than float16's 16 bits a value, nor a unary part the
-    # decoder would refuse.
-    if longest >= MAX_QUOTIENT or bits > 16 * flat.size:
-        return None
     # restore is monotonic in the codes: the extremes bound every value
     if not np.all(np.isfinite(restore(np.array([lo, hi]), 0, how.step, how.domain, how.offset))):
         return None
@@ -233,6 +250,8 @@ def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
         done += ends.size
     if count and run >= 8:
         raise ValueError("holds a unary part padded by more than a byte")
+    if sign_bytes and count % 8 and signs[-1] & ((1 << (8 - count % 8)) - 1):
+        raise ValueError("holds sign padding bits set")   # found by review
     if not np.all(np.isfinite(out)):
         raise ValueError("restores values beyond float32's range")
     return out

@@ -1065,6 +1065,8 @@ def test_narrow_ml_dtypes_targets_are_checked_like_int8_and_float16(tmp_path):
         as_("f", ml_dtypes.float4_e2m1fn, (3,))
     with pytest.raises(ValueError, match="'w'.*beyond int4"):
         as_("w", jnp.int4, (64, 64))
+    with pytest.raises(ValueError, match="'w'.*beyond uint4"):   # negative coded values
+        as_("w", jnp.uint4, (64, 64))
     assert np.asarray(as_("small", jnp.int4, (2,))).astype(int).tolist() == [-8, 7]
 
 
@@ -1240,10 +1242,11 @@ def test_float64_leaves_are_coded_where_a_compress_pattern_names_them(tmp_path):
     was chosen), a compress pattern codes it through float32."""
     rng = np.random.default_rng(0)
     tree = {"w": rng.normal(0, 0.05, (256, 256)), "b": rng.normal(0, 0.1, 256),
-            "far": np.where(np.eye(64, dtype=bool), 1e300, rng.normal(size=(64, 64)))}
+            "far": np.where(np.eye(64, dtype=bool), 1e300, rng.normal(size=(64, 64))),
+            "tiny": rng.normal(0, 1e-60, (16, 16))}   # found by review: restored all 0
     path = tmp_path / "f64.jjpg"
     assert set(leaf_kinds(jaxjpeg.save(path, tree).path).values()) == {"raw"}
-    report = jaxjpeg.save(path, tree, policy=jaxjpeg.Policy(compress=("w", "far")),
+    report = jaxjpeg.save(path, tree, policy=jaxjpeg.Policy(compress=("w", "far", "tiny")),
                           target_ratio=4)
     assert report.ratio_vs_float32 > 3.9
     notes = {leaf.path: (leaf.kind, leaf.note) for leaf in report.leaves}
@@ -1259,4 +1262,5 @@ def test_float64_leaves_are_coded_where_a_compress_pattern_names_them(tmp_path):
         got64 = jaxjpeg.restore(path)
         assert got64["w"].dtype == np.float64
         np.testing.assert_array_equal(np.asarray(got64["far"]), tree["far"])
+        np.testing.assert_array_equal(np.asarray(got64["tiny"]), tree["tiny"])
         np.testing.assert_array_equal(np.asarray(got64["w"]), np.asarray(got, np.float64))

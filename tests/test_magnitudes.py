@@ -166,6 +166,8 @@ def test_signed_log2_vectors():
     assert np.all(got[values == 0] == 0) and np.all(np.sign(got) == np.sign(values))
     with pytest.raises(ValueError, match="expected"):   # the sign plane cut short
         qv.decoded_values(blob[:-1], values.size, fields)
+    with pytest.raises(ValueError, match="sign padding"):   # 1001 values: 7 padding bits
+        qv.decoded_values(blob[:-1] + bytes([blob[-1] | 1]), values.size, fields)
 
 
 def test_a_cut_sign_plane_is_refused_clearly(tmp_path):
@@ -261,5 +263,34 @@ def test_a_bias_first_moment_under_a_byte_target(tmp_path):
 
 def test_a_byte_target_below_the_moments_names_them(tmp_path):
     params, _, state, _, _ = _trained_adam()
-    with pytest.raises(ValueError, match="optimizer moments on log2 steps of 1.*parameters alone"):
+    with pytest.raises(ValueError, match="optimizer moments .jaxjpeg.magnitudes., coded on log2 steps of 1 at most: save the parameters alone"):
         jaxjpeg.save(tmp_path / "s.jjpg", {"params": params, "opt_state": state}, target_ratio=12)
+
+
+def test_pairing_takes_first_moments_only(tmp_path):
+    """Found by review: a pruned network's kernels paired with its 0/1 masks
+    (2.7x their JPEG size), and each nu of a shape with the others (a sign
+    plane each); an Adam pair still pairs."""
+    rng = np.random.default_rng(9)
+    w = rng.normal(0, 0.05, (256, 256)).astype(np.float32)
+    mask = (rng.random((256, 256)) > 0.5).astype(np.float32)
+    nu = {k: np.exp(rng.normal(-12, 2, (256, 256))).astype(np.float32) for k in ("a", "b")}
+    mu = {k: (rng.choice([-1, 1], v.shape) * np.sqrt(v) * rng.random(v.shape)).astype(np.float32)
+          for k, v in nu.items()}
+    tree = {"params": {"k": w * mask}, "masks": {"k": mask}, "mu": mu, "nu": nu}
+    notes = {leaf.path: (leaf.kind, leaf.note)
+             for leaf in jaxjpeg.save(tmp_path / "p.jjpg", tree).leaves}
+    assert notes["params/k"][0] == "jpeg"
+    assert notes["nu/b"][1].startswith("values on log2") and notes["nu/a"][1].startswith("values")
+    assert notes["mu/a"][1].startswith("magnitudes on log2")
+
+
+def test_a_byte_target_coarsens_moments_without_jpeg_leaves(tmp_path):
+    """Found by review: with no JPEG-coded leaf the ladder kept 1/16 and
+    refused 4x for a tree of moments alone."""
+    rng = np.random.default_rng(10)
+    nu = np.exp(rng.normal(-12, 2, (256, 256))).astype(np.float32)
+    mu = (rng.choice([-1, 1], nu.shape) * np.sqrt(nu) * rng.random(nu.shape)).astype(np.float32)
+    tree = {"opt": {"mu": mu, "nu": nu}}
+    report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=5)
+    assert 2 * nu.nbytes / report.file_bytes >= 5 * 0.98
