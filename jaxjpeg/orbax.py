@@ -238,6 +238,12 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
     policy: Optional[_ckpt.Policy] = None
     save_kwargs: Optional[dict] = None
 
+    def __post_init__(self):
+        # Leaves no checkpoint holds (typed PRNG keys) refused here, before a
+        # manager's save starts: refused inside it, Orbax's waiting thread
+        # stays until its timeout.
+        _ckpt._leaves(self.item)
+
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_restore=True)
 @dataclasses.dataclass
