@@ -1667,6 +1667,9 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
     return restored.reshape(array.shape).astype(np.float64) - array
 
 
+_LADDER_PROBE = 1 << 18   # values a large moment's bytes at each log2 step are measured on
+
+
 class _LogCoding:
     """The leaves the policy codes that are stored on log2 steps of their
     magnitudes instead (:mod:`jaxjpeg.magnitudes`): second moments, and the
@@ -1710,12 +1713,19 @@ class _LogCoding:
 
     def stored_bytes(self, name: str, array: np.ndarray, signed: bool) -> int:
         """Its bytes at this step; for a byte target, at every step of the
-        ladder it may move to (:meth:`settle`)."""
+        ladder it may move to (:meth:`settle`): a large leaf's from a sample
+        of it (five codings of every moment took as long as the save)."""
+        steps = (magnitudes.byte_target_steps(self.step) if self.error_bound is None
+                 else (self.step,))
+        probe, scale = array, 1.0
+        if len(steps) > 1 and array.size > _LADDER_PROBE:
+            at = np.random.default_rng(0).integers(0, array.size, _LADDER_PROBE)
+            probe, scale = array.reshape(-1)[at], array.size / _LADDER_PROBE
         sizes = []
-        for step in (magnitudes.byte_target_steps(self.step) if self.error_bound is None
-                     else (self.step,)):
-            coded = self.stored(array, signed, step)
-            sizes.append(array.nbytes if coded is None else memoryview(coded[0]).nbytes)
+        for step in steps:
+            coded = self.stored(probe, signed, step)
+            sizes.append(array.nbytes if coded is None
+                         else round(scale * memoryview(coded[0]).nbytes))
         self.ladder[name] = (array.size, sizes)
         return sizes[0]
 
