@@ -14,7 +14,8 @@ value by value, so an error small against the leaf's spread is large where
 the second moment is small: with ``nu`` exact, a JPEG-coded ``mu`` moved
 that update by 66% of its norm. A leaf of a second moment's shape whose path
 differs from its path in one component (``opt_state/0/mu/w`` beside
-``opt_state/0/nu/w``, ``state/3/exp_avg`` beside ``state/3/exp_avg_sq``) is
+``opt_state/0/nu/w``, ``state/3/exp_avg`` beside ``state/3/exp_avg_sq``) and
+whose magnitudes stay within a few of its roots (:func:`bounded_by`) is
 coded on log2 steps of its magnitudes, with its signs (``signed_log2``).
 
 The reader's quantized leaves are float32: bfloat16 and float16 leaves such
@@ -55,8 +56,8 @@ def _sampled(flat: np.ndarray, count: int) -> np.ndarray:
 
 
 def is_second_moment(array) -> bool:
-    """True for a leaf of values >= 0 (NaN and infinities aside: they are
-    kept exactly) with zeros or small values a relative precision must keep
+    """True for a leaf of values >= 0 (NaN and infinities aside: such a leaf
+    is then stored exactly) with zeros or small values a relative precision must keep
     (SPAN_QUANTILE, SPAN_RATIO, ZERO_FRACTION): a second moment, an
     accumulator, a mask, a leaf of such values."""
     a = np.asarray(array)
