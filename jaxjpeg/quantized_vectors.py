@@ -252,6 +252,8 @@ def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
         raise ValueError("holds a unary part padded by more than a byte")
     if sign_bytes and count % 8 and signs[-1] & ((1 << (8 - count % 8)) - 1):
         raise ValueError("holds sign padding bits set")   # found by review
+    if remainder_bytes and count * k % 8 and remainders[-1] & ((1 << (8 - count * k % 8)) - 1):
+        raise ValueError("holds remainder padding bits set")
     if not np.all(np.isfinite(out)):
         raise ValueError("restores values beyond float32's range")
     return out

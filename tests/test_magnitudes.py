@@ -168,6 +168,11 @@ def test_signed_log2_vectors():
         qv.decoded_values(blob[:-1], values.size, fields)
     with pytest.raises(ValueError, match="sign padding"):   # 1001 values: 7 padding bits
         qv.decoded_values(blob[:-1] + bytes([blob[-1] | 1]), values.size, fields)
+    cut = fields["unary_bytes"] + (values.size * fields["rice"] + 7) // 8 - 1   # last remainder byte
+    if values.size * fields["rice"] % 8:
+        with pytest.raises(ValueError, match="remainder padding"):
+            qv.decoded_values(blob[:cut] + bytes([blob[cut] | 1]) + blob[cut + 1:], values.size,
+                              fields)
 
 
 def test_a_cut_sign_plane_is_refused_clearly(tmp_path):
