@@ -1681,6 +1681,7 @@ class _LogCoding:
         self.policy, self.error_bound = policy, error_bound
         self.step = magnitudes.step_for(error_bound)
         self.ladder: dict[str, tuple] = {}   # leaf -> (values, bytes at each LADDER step)
+        self.rung = 0   # the ladder's step settled on
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and leaf.size and str(leaf.dtype) in JPEG_DTYPES
                 and not policy.names_lossless(leaf.name)}
@@ -1715,12 +1716,14 @@ class _LogCoding:
         """Its bytes at this step; for a byte target, at every step of the
         ladder it may move to (:meth:`settle`): a large leaf's from a sample
         of it (five codings of every moment took as long as the save)."""
+        from jaxjpeg import quantized_vectors
+
         steps = (magnitudes.byte_target_steps(self.step) if self.error_bound is None
                  else (self.step,))
         probe, scale = array, 1.0
         if len(steps) > 1 and array.size > _LADDER_PROBE:
-            at = np.random.default_rng(0).integers(0, array.size, _LADDER_PROBE)
-            probe, scale = array.reshape(-1)[at], array.size / _LADDER_PROBE
+            probe = quantized_vectors.sampled(array.reshape(-1), _LADDER_PROBE)
+            scale = array.size / _LADDER_PROBE
         sizes = []
         for step in steps:
             coded = self.stored(probe, signed, step)
@@ -1745,14 +1748,12 @@ class _LogCoding:
             # found by review: with no JPEG-coded leaf the first step was kept
             if left > 0 and (not coded_values or 8 * left / coded_values >= 4 * used / values):
                 break
-        self.step = step
+        self.step, self.rung = step, i
         return freed
 
     def settled_bytes(self) -> int:
         """The measured leaves' bytes at the step settled on."""
-        steps = magnitudes.byte_target_steps(magnitudes.step_for(self.error_bound))
-        i = steps.index(self.step) if self.step in steps else 0
-        return sum(sizes[min(i, len(sizes) - 1)] for _, sizes in self.ladder.values())
+        return sum(sizes[self.rung] for _, sizes in self.ladder.values())
 
     def exact_note(self, array: np.ndarray) -> str:
         return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "

@@ -48,13 +48,6 @@ ZERO_FRACTION = 1 / 64
 _SAMPLE = 1 << 16   # values a leaf's quantile is estimated from
 
 
-def _sampled(flat: np.ndarray, count: int) -> np.ndarray:
-    """``count`` values at positions drawn at random (strides may follow rows)."""
-    if flat.size <= count:
-        return flat
-    return flat[np.random.default_rng(0).integers(0, flat.size, count)]
-
-
 def is_second_moment(array) -> bool:
     """True for a leaf of values >= 0 (NaN and infinities aside: such a leaf
     is then stored exactly) with zeros or small values a relative precision must keep
@@ -67,9 +60,9 @@ def is_second_moment(array) -> bool:
     # Samples decide first: a weight's signs end it in a thousand values
     # (every resident leaf is looked at, for the pairing), a full pass only
     # confirms a leaf the samples call a second moment.
-    if np.any(_sampled(flat, 1024) < 0):
+    if np.any(qv.sampled(flat, 1024) < 0):
         return False
-    sample = _sampled(flat, _SAMPLE).astype(np.float64)
+    sample = qv.sampled(flat, _SAMPLE).astype(np.float64)
     sample = sample[np.isfinite(sample)]
     nonzero = sample[sample > 0]
     if nonzero.size == 0 or np.any(sample < 0):
@@ -142,9 +135,7 @@ def bounded_by(first: np.ndarray, second: np.ndarray) -> bool:
     """Whether ``first`` looks like the first moment of ``second``: its
     magnitudes within FIRST_MOMENT_BOUND roots of it at 99% of positions (a
     sample), and ``second``'s nonzero values spread (not a mask)."""
-    count = min(first.size, _SAMPLE)
-    at = (np.arange(first.size) if first.size <= _SAMPLE
-          else np.random.default_rng(1).integers(0, first.size, count))
+    at = qv.sample_positions(first.size, _SAMPLE, seed=1)
     m = np.abs(np.asarray(first).reshape(-1)[at].astype(np.float64))
     v = np.asarray(second).reshape(-1)[at].astype(np.float64)
     ok = np.isfinite(m) & np.isfinite(v)

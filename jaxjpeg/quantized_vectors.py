@@ -18,8 +18,8 @@ are coded the same way, flattened in C order, on 2^-8 of their RMS
 The blob is the codes' unary parts (``q`` ones then a zero each, padded
 with ones to a byte), then their ``k``-bit remainders (most significant
 bit first, padded with zeros), then, in ``signed_log2``, one bit a value (1:
-negative, padded with zeros): all decode with whole-array operations,
-and every count is checked against the blob's size before it is used.
+negative, padded with zeros): all code and decode a chunk of values at a
+time, and every count is checked against the blob's size before it is used.
 """
 
 from __future__ import annotations
@@ -121,11 +121,11 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return None
-    sampled = _codes(_sampled(flat), how)
-    if sampled is None:
+    probe = _codes(sampled(flat), how)
+    if probe is None:
         return None
-    center = int(np.median(sampled[0]))
-    k = _rice_parameter(_zigzag(sampled[0] - center))
+    center = int(np.median(probe[0]))
+    k = _rice_parameter(_zigzag(probe[0] - center))
     while True:
         coded = _rice_coded(flat, how, center, k)
         if not isinstance(coded, int):
@@ -133,10 +133,18 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
         k = coded   # wider, for a quotient too long (found by review: MemoryError)
 
 
-def _sampled(flat: np.ndarray) -> np.ndarray:
-    if flat.size <= _SAMPLE:
-        return flat
-    return flat[np.random.default_rng(0).integers(0, flat.size, _SAMPLE)]
+def sample_positions(size: int, count: int, seed: int = 0):
+    """``count`` positions of ``size`` drawn at random from a fixed seed
+    (strides may follow rows), or every position (a slice) where there are
+    no more than ``count``."""
+    if size <= count:
+        return slice(None)
+    return np.random.default_rng(seed).integers(0, size, count)
+
+
+def sampled(flat: np.ndarray, count: int = _SAMPLE) -> np.ndarray:
+    """The values of a 1-D array at :func:`sample_positions`."""
+    return flat[sample_positions(flat.size, count)]
 
 
 def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int):
@@ -271,6 +279,9 @@ def _zero_bits(data: np.ndarray) -> int:
                for i in range(0, data.size, _ZERO_CHUNK))
 
 
+_REMAINDER_CHUNK = 8192   # codes a step (a multiple of 8: each chunk starts on a byte)
+
+
 def _bits(data: np.ndarray, start: int, count: int) -> np.ndarray:
     """Bits ``start`` .. ``start + count`` of ``data`` (most significant first)."""
     first = start // 8
@@ -288,9 +299,6 @@ def _remainders(data: np.ndarray, start: int, count: int, k: int) -> np.ndarray:
         n = min(_REMAINDER_CHUNK, count - i)
         out[i:i + n] = _bits(data, (start + i) * k, n * k).reshape(n, k) @ weights
     return out
-
-
-_REMAINDER_CHUNK = 8192   # codes a step (a multiple of 8: each chunk starts on a byte)
 
 
 def _remainder_bytes(folded: np.ndarray, k: int) -> bytes:
