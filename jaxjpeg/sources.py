@@ -607,11 +607,11 @@ def _is_orbax_item(path: str) -> bool:
 
 
 # What jaxjpeg's Orbax handler (jaxjpeg.orbax.FILENAME) writes in its item directory.
-_JAXJPEG_ITEM_FILE = "checkpoint.jjpg"
+JAXJPEG_ITEM_FILE = "checkpoint.jjpg"
 
 
 def _is_jaxjpeg_item(path: str) -> bool:
-    return storage.kind(storage.join(path, _JAXJPEG_ITEM_FILE)) == "file"
+    return storage.kind(storage.join(path, JAXJPEG_ITEM_FILE)) == "file"
 
 
 def _orbax_items(path: str) -> dict[str, str]:
@@ -650,7 +650,7 @@ def _chosen_items(path: str, items) -> dict[str, str]:
     jaxjpeg_items = [n for n, d in found.items() if _is_jaxjpeg_item(d)]
     if jaxjpeg_items:
         what = (f"item {jaxjpeg_items[0]!r} is already a jaxjpeg checkpoint "
-                f"({storage.join(found[jaxjpeg_items[0]], _JAXJPEG_ITEM_FILE)})")
+                f"({storage.join(found[jaxjpeg_items[0]], JAXJPEG_ITEM_FILE)})")
         hint = "choose the others" if items is not None else "choose items"
         raise SourceChoiceError(f"{path}: {what}; {hint} with --item (items: {names})")
     return found
