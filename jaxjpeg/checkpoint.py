@@ -18,12 +18,13 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from jaxjpeg import analysis, codec, embeddings, format as fmt, layout, magnitudes, storage
+from jaxjpeg import (analysis, codec, embeddings, format as fmt, layout, magnitudes, stacks,
+                     storage)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
@@ -59,6 +60,11 @@ class Policy:
     min_ndim: int = 2
     lossless: tuple[str, ...] = ()
     compress: tuple[str, ...] = ()
+    # Leaves that stack layers (jaxjpeg.stacks), path -> stack axis: sizes
+    # and dimensions are counted per layer, as if saved unstacked. A save
+    # fills it from the tree.
+    stacked: Mapping[str, int] = dataclasses.field(default_factory=dict, repr=False,
+                                                   compare=False)
 
     def __post_init__(self):
         # A lone string is one pattern (iterating it would give one pattern
@@ -73,8 +79,10 @@ class Policy:
             return False
         if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
             return True
-        return (leaf.dtype != np.float64 and leaf.ndim >= self.min_ndim
-                and leaf.size >= self.min_size)
+        axis = self.stacked.get(path)
+        layers = 1 if axis is None or leaf.ndim <= axis else max(1, leaf.shape[axis])
+        return (leaf.dtype != np.float64 and leaf.ndim - (layers > 1) >= self.min_ndim
+                and leaf.size // layers >= self.min_size)
 
     def names_lossless(self, path: str) -> bool:
         """A ``lossless`` pattern matches: stored exactly under every rate
@@ -343,6 +351,7 @@ class _LeafCoder:
         self.prior = prior.without(self.input_covariance) if prior is not None else None
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self.weighing: dict = {}    # name -> the size its error is weighed by (jaxjpeg.embeddings)
+        self.stacks: dict = {}      # name -> the axis it stacks layers along (jaxjpeg.stacks)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
     def prepare(self, name, array) -> codec.Prepared:
@@ -367,7 +376,8 @@ class _LeafCoder:
             if importance is None:   # a user's array takes the place of the input powers
                 importance = self.prior.importance(name, array.shape)
         try:
-            p = rate.prepare_leaf(array, importance, self.view, covariance, shards)
+            p = rate.prepare_leaf(array, importance, self.view, covariance, shards,
+                                  self.stacks.get(name))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if shards:
@@ -379,6 +389,16 @@ class _LeafCoder:
 
     def weighing_size(self, name: str, size: int) -> int:
         return self.weighing.get(name, size)
+
+    def step_rms(self, name: str, p: codec.Prepared) -> float:
+        """The scale a leaf's default step is relative to: its RMS about its
+        rows' means, or for a stacked leaf weighed by slice, its slices'
+        (the step each slice then gets is the one it would get alone)."""
+        from jaxjpeg import rate
+
+        if name in self.stacks and p.row_weight is not None and p.col_scale is None:
+            return stacks.slice_rms(p.row_weight) or rate.spread_rms(p)
+        return rate.spread_rms(p)
 
     def thin(self, name, p: codec.Prepared) -> bool:
         """Whether leaf ``name`` (prepared as ``p``) is quantized as a thin
@@ -458,7 +478,7 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
 
     def encode(name, array):
         p = leaf_coder.prepare(name, array)
-        step = relative_step * rate.spread_rms(p) * balanced_step_factor(
+        step = relative_step * leaf_coder.step_rms(name, p) * balanced_step_factor(
             leaf_coder.weighing_size(name, array.size), reference_size)
         if steering is not None:
             step *= steering.factor(name)
@@ -526,17 +546,25 @@ def balanced_step_factor(size: int, reference_size: float) -> float:
     return (size / reference_size) ** STEP_SIZE_POWER if reference_size > 0 else 1.0
 
 
-def _step_reference_size(leaves, policy: "Policy") -> float:
+def _step_reference_size(leaves, policy: "Policy", stacked: Mapping[str, int] | None = None) -> float:
     """The typical size of the leaves ``policy`` codes, exp of their
     log-sizes' mean weighted by size: the step each leaf's values get
     averages (in log) to relative_step times RMS, so the default's rate
-    stays about 4 bits/weight on Gaussian weights, as with one step per RMS."""
-    sizes = np.array([leaf.size for leaf in leaves
-                      if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())],
-                     np.float64)
-    if sizes.size == 0:
+    stays about 4 bits/weight on Gaussian weights, as with one step per RMS.
+    A stacked leaf counts as its layers (``stacked``: jaxjpeg.stacks)."""
+    coded = [leaf for leaf in leaves
+             if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())]
+    if not coded:
         return 0.0
-    return float(np.exp(np.sum(sizes * np.log(sizes)) / sizes.sum()))
+    sizes = np.array([leaf.size for leaf in coded], np.float64)
+    slices = np.array([_slice_size(leaf, stacked) for leaf in coded], np.float64)
+    return float(np.exp(np.sum(sizes * np.log(slices)) / sizes.sum()))
+
+
+def _slice_size(leaf, stacked: Mapping[str, int] | None) -> int:
+    """A leaf's size, or a layer's where it stacks layers (jaxjpeg.stacks)."""
+    axis = (stacked or {}).get(leaf.name)
+    return leaf.size if axis is None else leaf.size // leaf.shape[axis]
 
 
 def _error_bound_encoder(bound, bits, leaf_coder):
@@ -1155,7 +1183,8 @@ class _Save:
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a jaxjpeg.Policy, got {type(policy).__name__}")
         _check_tile_shape(tile_shape)
-        self.policy = policy or Policy()
+        stacked = stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves})
+        self.policy = dataclasses.replace(policy or Policy(), stacked=stacked)
         self.leaves = leaves
         for leaf in leaves:
             _check_storable(leaf.name, leaf)
@@ -1201,8 +1230,9 @@ class _Save:
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
                                 prior, input_means)
         self.leaf_coder = leaf_coder
+        leaf_coder.stacks = stacked
         leaf_coder.weighing = embeddings.weighing_sizes(
-            {leaf.name: leaf.size for leaf in leaves
+            {leaf.name: _slice_size(leaf, leaf_coder.stacks) for leaf in leaves
              if leaf.size > 0 and self.policy.should_compress(leaf.name, leaf.stand_in())})
         if leaf_coder.prior:   # the leaves the prior weighs
             self.rate.update(leaf_coder.prior.record())
@@ -1219,7 +1249,7 @@ class _Save:
         self.workers = 1 if encoder is not None else save_workers()
         self.window = SAVE_WINDOW_BYTES
         if relative_step is not None:
-            reference = _step_reference_size(leaves, self.policy)
+            reference = _step_reference_size(leaves, self.policy, leaf_coder.stacks)
             self.rate["reference_size"] = round(reference)
             steering = (_StepSteering.of(leaves, sensitivity, self.policy, leaf_coder.weighing)
                         if sensitivity else None)

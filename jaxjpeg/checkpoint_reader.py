@@ -159,7 +159,7 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         if intervals not in (None, layout.DELTA_INDEX):
             raise fmt.FormatError(f"leaf {index}: bad interval index encoding {intervals!r:.40}")
         affine_layout = record.get("affine_layout")
-        if affine_layout not in (None, layout.SHARED_SCALE):
+        if affine_layout not in (None, *layout.AFFINE_LAYOUTS):
             raise fmt.FormatError(f"leaf {index}: bad affine layout {affine_layout!r:.40}")
         return dataclasses.replace(leaf, bits=int(record["bits"]), tiles=tiles,
                                    restart_interval=restart_interval,

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, views
+from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.treepaths import key_record, path_string
 
@@ -107,7 +107,7 @@ VIEWS = ("auto", "framework")
 
 def prepare_leaf(x, importance=None, view: str = "auto",
                  input_covariance: feedback.InputCovariance | None = None,
-                 shards=None) -> codec.Prepared:
+                 shards=None, stack: int | None = None) -> codec.Prepared:
     """Chooses ``x``'s view, side list and per-row / per-column steps.
 
     ``view``: "auto" lets :func:`jaxjpeg.views.choose_view` pick the axes;
@@ -127,10 +127,18 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     step) per axis, see ``jaxjpeg.checkpoint.shard_regions``); the sharded
     axes then lead the columns of an "auto" view and tiles are cut along the
     shards' boundaries (:meth:`jaxjpeg.codec.Prepared.with_shards`).
+
+    ``stack`` (optional): the axis along which ``x`` stacks layers
+    (:mod:`jaxjpeg.stacks`); without an importance or input covariance, an
+    "auto" view then leads its rows with it and each layer's rows get steps
+    in proportion to the layer's RMS (:func:`jaxjpeg.stacks.slice_weights`).
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    plain = importance is None and input_covariance is None and ROW_POWER == 0
+    if view != "auto" or importance is not None or input_covariance is not None:
+        stack = None
+    plain = (importance is None and input_covariance is None and ROW_POWER == 0
+             and stack is None)
     if plain:
         p = analysis.prepare_plain(x, view, shards)   # one native pass, when it can decide
         if p is not None:
@@ -141,8 +149,13 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     x32 = x.astype(np.float32, copy=False)
     finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
-    view = (views.choose_view(probe, views.sharded_axes(shards)) if view == "auto"
-            else views.MatrixView.default(x.ndim))
+    lead = views.sharded_axes(shards)
+    if stack is not None:
+        view = views.stacked_view(probe, stack, lead)
+    elif view == "auto":
+        view = views.choose_view(probe, lead)
+    else:
+        view = views.MatrixView.default(x.ndim)
     fb = None
     if input_covariance is not None:
         view = feedback.view_for(input_covariance, x.shape, view)
@@ -156,7 +169,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         coded[outliers.index] = False
         probe = np.where(coded.reshape(x.shape), probe, 0)
     m = view.to_matrix(probe)
-    if importance is None:
+    if stack is not None:
+        row_weight = stacks.slice_weights(m, x.shape[stack], interleaved=view.perm[0] != stack)
+        col_weight = None
+    elif importance is None:
         row_weight, col_weight = _data_free_weights(m)
     else:
         row_weight, col_weight = _separable_weights(view, x.shape, importance)

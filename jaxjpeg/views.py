@@ -223,6 +223,24 @@ def choose_view(x: np.ndarray, lead: Sequence[int] = ()) -> MatrixView:
     return view_from_rms(x.shape, axis_rms(x), lead)
 
 
+def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = ()) -> MatrixView:
+    """The view of a leaf stacking layers along axis ``stack``
+    (:mod:`jaxjpeg.stacks`): the stack axis, then the rows of the view
+    :func:`choose_view` gives one layer, to rows; that view's columns to
+    columns. Each slice's rows are then a run of the view's rows; where
+    ``lead`` (sharded axes) holds the layer's row axis, the stack axis
+    follows it instead, so that a shard of it is a range of rows (each
+    slice's rows then every ``x.shape[stack]``-th row)."""
+    x = np.asarray(x)
+    rms = axis_rms(x)
+    inner = [a for a in range(x.ndim) if a != stack]
+    one = view_from_rms([x.shape[a] for a in inner], [rms[a] for a in inner],
+                        [inner.index(a) for a in lead if a != stack])
+    rows = [inner[a] for a in one.perm[:one.split]]
+    rows = [*rows, stack] if set(rows) & set(lead) else [stack, *rows]
+    return MatrixView((*rows, *(inner[a] for a in one.perm[one.split:])), one.split + 1)
+
+
 def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
                   lead: Sequence[int] = ()) -> MatrixView:
     """:func:`choose_view`'s rule from each axis's slice RMS (:func:`axis_rms`)."""

@@ -595,6 +595,40 @@ def host_memory_targets_come_back_in_host_memory():
     assert plain["bias"].sharding.memory_kind == "device"
 
 
+@check
+def stacked_layers_saved_sharded_read_their_share():
+    """A scanned model's kernels (8 layers stacked on axis 0, each its own
+    scale; jaxjpeg.stacks) saved from arrays sharded on the stack axis
+    (pipeline) or on the layer's output axis (tensor parallel): restored
+    with that sharding, each device reads about an eighth of the tiles and
+    gets the one-device restore's values."""
+    layers = np.geomspace(0.01, 0.08, 8)[:, None, None]
+    kernel = (rng.normal(size=(8, 256, 512)) * layers).astype(np.float32)
+    norm = (1 + 0.05 * rng.normal(size=(8, 256))).astype(np.float32)
+    for spec in (P("x"), P(None, "x"), P(None, None, "x")):
+        sharding = NamedSharding(mesh((8,), ("x",)), spec)
+        path = os.path.join(WORK, f"stacked_{len(spec)}.jjpg")
+        tree = {"layers": {"mlp": {"kernel": jax.device_put(kernel, sharding)},
+                           "norm": {"scale": norm}}}
+        jaxjpeg.save(path, tree)
+        whole = np.asarray(jaxjpeg.restore(path)["layers"]["mlp"]["kernel"])
+        errors = [np.linalg.norm(whole[l] - kernel[l]) / np.linalg.norm(kernel[l]) for l in range(8)]
+        assert max(errors) < 1.1 * min(errors), errors   # each layer at its own scale
+        stats = jaxjpeg.RestoreStats()
+        target = {"layers": {"mlp": {"kernel": jax.ShapeDtypeStruct(kernel.shape, np.float32,
+                                                                    sharding=sharding)}}}
+        value = jaxjpeg.restore(path, target=target, stats=stats)["layers"]["mlp"]["kernel"]
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index])
+        with ckr.Checkpoint(path) as c:
+            (leaf,) = [l for l in c.leaves if l.path == "layers/mlp/kernel"]
+            # the layer's row axis (1) sharded: the stack axis follows it
+            assert leaf.view.split == 2 and leaf.view.perm[:2] == (
+                (1, 0) if spec == P(None, "x") else (0, 1)), (spec, leaf.view)
+            total = sum(c.tile_size(leaf, k) for k in range(len(leaf.tiles)))
+        reads_own_share(stats.payload_bytes_per_device, total, 8)
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
