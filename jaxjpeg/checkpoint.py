@@ -377,7 +377,7 @@ class _LeafCoder:
                 importance = self.prior.importance(name, array.shape)
         try:
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards,
-                                  self.stacks.get(name))
+                                  self.stack_axis(name))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if shards:
@@ -390,13 +390,25 @@ class _LeafCoder:
     def weighing_size(self, name: str, size: int) -> int:
         return self.weighing.get(name, size)
 
+    def stack_axis(self, name: str) -> int | None:
+        """The axis along which leaf ``name`` is coded as stacked layers
+        (jaxjpeg.stacks), or None: also where a user's importance array, an
+        input covariance or the BatchNorm prior sets its steps instead, or
+        the framework's view is asked for."""
+        if (name not in self.stacks or self.view != "auto" or name in self.input_covariance
+                or _leaf_importance(self.sensitivity, name)[1] is not None
+                or (self.prior is not None and self.prior.models(name))):
+            return None
+        return self.stacks[name]
+
     def step_rms(self, name: str, p: codec.Prepared) -> float:
         """The scale a leaf's default step is relative to: its RMS about its
-        rows' means, or for a stacked leaf weighed by slice, its slices'
-        (the step each slice then gets is the one it would get alone)."""
+        rows' means, or for stacked layers their RMS (geometric mean over
+        layers), each layer's steps following its own (the step each then
+        gets is the one it would get alone)."""
         from jaxjpeg import rate
 
-        if name in self.stacks and p.row_weight is not None and p.col_scale is None:
+        if self.stack_axis(name) is not None and p.row_weight is not None:
             return stacks.slice_rms(p.row_weight) or rate.spread_rms(p)
         return rate.spread_rms(p)
 
@@ -405,7 +417,7 @@ class _LeafCoder:
         leaf (rate.is_thin) under a byte target."""
         from jaxjpeg import rate
 
-        return rate.is_thin(p) and self.one_step_fits(name)
+        return (rate.is_thin(p) or rate.is_sparse(p)) and self.one_step_fits(name)
 
     def one_step_fits(self, name: str) -> bool:
         """Whether one step may code leaf ``name`` (a thin coding): not where
@@ -1343,13 +1355,15 @@ class _Save:
                                if leaf.name in self.coded])
         return phases
 
-    def _may_be_thin(self, name: str, enc: codec.EncodedTensor) -> bool:
-        """Whether a JPEG coding of a thin view may be replaced by a thin
-        coding within its error (not a user's encoder's choice)."""
-        from jaxjpeg import rate
+    def _may_be_thin(self, name: str, array, enc: codec.EncodedTensor) -> bool:
+        """Whether a JPEG coding of a thin view or of a sparse leaf may be
+        replaced by a thin coding within its error (not a user's encoder's
+        choice)."""
+        from jaxjpeg import quantized_vectors, rate
 
-        return (not self.user_encoder and min(enc.matrix_shape) < rate.THIN_SIDE
-                and self.leaf_coder.one_step_fits(name))
+        return (not self.user_encoder and self.leaf_coder.one_step_fits(name)
+                and (min(enc.matrix_shape) < rate.THIN_SIDE
+                     or quantized_vectors.is_sparse(array)))
 
     def metadata(self, records: list) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,
@@ -1394,7 +1408,7 @@ class _Save:
         else:
             jpeg = _jpeg_blobs(index, enc) if enc is not None else None
             thin = (_thin_alternative(array, enc, jpeg[2])
-                    if jpeg is not None and self._may_be_thin(name, enc) else None)
+                    if jpeg is not None and self._may_be_thin(name, array, enc) else None)
         if thin is not None:
             lossy, jpeg = thin, None
             self.bias_correction.add(name, lambda: _quantized_error(array, thin))
@@ -1668,22 +1682,31 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
 def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int) -> tuple | None:
     """(blob, record fields, note) of a float32 leaf whose JPEG coding pads
     its thin view (rate.THIN_SIDE) quantized on one step within that
-    coding's squared error, when that is smaller; else None."""
-    from jaxjpeg import rate
+    coding's squared error, when that is smaller; else None. A sparse leaf
+    (quantized_vectors.is_sparse) keeps its zeros exact and its nonzero
+    values within the error JPEG gave them (its zeros took noise)."""
+    from jaxjpeg import quantized_vectors, rate
 
-    if array.dtype != np.float32 or enc.outliers is not None or array.ndim == 0:
+    sparse = quantized_vectors.is_sparse(array)
+    if array.dtype != np.float32 or array.ndim == 0 or (enc.outliers is not None and not sparse):
         return None
     x = np.asarray(array, np.float64).reshape(-1)
-    jpeg_error = float(np.mean(np.square(codec.decode_tensor(enc).reshape(-1) - x)))
+    squares = np.square(codec.decode_tensor(enc).reshape(-1) - x)
+    if sparse:   # a mean over every value of the nonzero values' errors
+        jpeg_error = float(np.sum(squares, where=x != 0)) / x.size
+    else:
+        jpeg_error = float(np.mean(squares))
     coded = rate.thin_within_error(array, jpeg_error, min(jpeg_bytes, array.nbytes))
     return None if coded is None else _thin_stored(coded)
 
 
 def _thin_stored(coded) -> tuple:
     """(blob, record fields, note) of a rate.ThinCoding."""
-    return (coded.blob, {"kind": "raw", **coded.record},
-            f"quantized (linear step {coded.record['step']:.3g}): a view too thin for "
-            "JPEG's 8x8 blocks")
+    record = coded.record
+    why = ("a view too thin for JPEG's 8x8 blocks" if record.get("nonzeros") is None else
+           f"sparse, its zeros kept exactly ({record['nonzeros']} values nonzero)")
+    return (coded.blob, {"kind": "raw", **record},
+            f"quantized (linear step {record['step']:.3g}): {why}")
 
 
 def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:

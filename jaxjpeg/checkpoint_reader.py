@@ -115,7 +115,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         # The other sides of an empty leaf bounded too: a zero next to 2**70
         # made the product 0 and numpy fail later with its own errors (found
         # by review); numpy takes at most 2**62 elements.
-        if (any(d < 0 for d in shape) or math.prod(shape) > file_size * 256 + 2**20
+        # A sparse quantized leaf's bitmap is deflated: at most 8 values a
+        # bit and zlib's 1032 bytes a byte.
+        per_byte = (8 * 1032 if record.get("stored") == "quantized" and "nonzeros" in record
+                    else 256)
+        if (any(d < 0 for d in shape) or math.prod(shape) > file_size * per_byte + 2**20
                 or math.prod(d for d in shape if d) >= 2**62):
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,

@@ -1041,6 +1041,16 @@ def is_thin(p: codec.Prepared) -> bool:
             and p.size > 0 and min(p.matrix.shape) < THIN_SIDE)
 
 
+def is_sparse(p: codec.Prepared) -> bool:
+    """Whether ``p`` (float32, every value finite) is sparse enough to be
+    quantized on one step with a bitmap of its nonzeros
+    (quantized_vectors.SPARSE_ZEROS): JPEG would code its zeros as values,
+    and restore them as noise (zero rows too, unless a whole 8-row block
+    is zero)."""
+    return (np.dtype(p.dtype) == np.float32 and quantized_vectors.is_sparse(p.original)
+            and analysis.count_special(p.original) == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ThinCoding:
     """A thin leaf quantized on step ``record["step"]`` and Rice coded."""
@@ -1074,7 +1084,10 @@ def thin_within_error(x, error: float, max_bytes: int) -> ThinCoding | None:
     if error == 0:
         step = _exact_step(values)
     elif math.isfinite(error):   # a uniform step's squared error is step^2 / 12
-        step = _step_within_error(values, math.sqrt(12 * error), error)
+        # on each nonzero value (zeros round to themselves: a sparse leaf's
+        # first guess was its share of nonzeros^½ too fine)
+        share = np.count_nonzero(values) / max(1, values.size)
+        step = _step_within_error(values, math.sqrt(12 * error / max(share, 1e-12)), error)
     else:
         step = None
     coded = None if step is None else thin_coding(x, step)

@@ -16,13 +16,13 @@ RMS, and the slice's size is what its error is weighed by
 (:func:`jaxjpeg.checkpoint._data_free_weight`).
 
 Found from shapes alone, where a scan leaves them: under one path prefix,
-two or more leaves share the length of axis 0 (else axis 1), every one of
-them has at least two axes and one has three, and either their numbers of
-axes differ (a layer's norm scales stacked beside its kernels) or a path
-part names a stack (``layers``, ``scan``, ``experts``, ...). A module's
-unstacked parameters fail this: its biases and norm scales are 1-D, and
-kernels alone (no bias) are 2-D or, as convolutions, share kernel taps
-but carry no stack name.
+two or more leaves share the length of axis 0 (or, under a path part that
+names a stack: ``layers``, ``scan``, ``experts``, ..., of axis 1), every
+one of them has at least two axes and one has three, and either their
+numbers of axes differ (a layer's norm scales stacked beside its kernels)
+or they are 3-D under a part naming a stack. A module's unstacked parameters fail this: its biases
+and norm scales are 1-D, and kernels alone (no bias) are 2-D or, as
+convolutions, 4-D.
 """
 
 from __future__ import annotations
@@ -44,34 +44,44 @@ def path_parts(name: str) -> tuple[str, ...]:
 
 def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """The stack axis of each stacked leaf among ``shapes`` (every leaf of
-    the tree, path -> shape); leaves not stacked are left out. The
-    shallowest prefix that passes decides for the leaves under it."""
+    the tree, path -> shape); leaves not stacked are left out.
+
+    Prefixes are tried deepest first; a shallower one that passes extends
+    the stack to every leaf under it (a scanned layer's norm scales beside
+    its attention and MLP modules), unless it would give a leaf found
+    stacked another axis: found by a test, a tree of one stacked run of
+    convolution blocks and a head of the blocks' width passed as stacked
+    along the channel axis."""
     parts = {name: path_parts(name) for name in shapes}
     found: dict[str, int] = {}
     depth = max((len(p) for p in parts.values()), default=0)
-    for level in range(depth):   # shallow prefixes first: a stack's whole group
+    for level in reversed(range(depth)):
         groups: dict[tuple, list[str]] = {}
         for name, p in parts.items():
             if len(p) > level:   # the leaf lies under the prefix p[:level]
                 groups.setdefault(p[:level], []).append(name)
         for prefix, names in groups.items():
-            if all(n in found for n in names):
-                continue
             axis = _group_axis(prefix, [tuple(shapes[n]) for n in names])
-            if axis is not None:
-                found.update((n, axis) for n in names if n not in found)
+            if axis is not None and all(found.get(n, axis) == axis for n in names):
+                found.update((n, axis) for n in names)
     return found
 
 
 def _group_axis(prefix: tuple, shapes: list[tuple]) -> int | None:
+    """The axis the leaves of ``shapes`` under ``prefix`` stack layers
+    along, or None: two or more leaves, none 1-D, one at least 3-D, sharing
+    the length of axis 0 (or, under a part naming a stack, of axis 1);
+    their numbers of axes differ, or they are all 3-D under a part naming a
+    stack (convolution kernels alone share their taps' length, and are 4-D)."""
     if len(shapes) < 2 or any(len(s) < 2 for s in shapes):
         return None
     ndims = {len(s) for s in shapes}
-    if max(ndims) < 3:
+    named = any(_STACK_NAME.search(part) for part in prefix)
+    if max(ndims) < 3 or not (len(ndims) > 1 or (ndims == {3} and named)):
         return None
-    if len(ndims) < 2 and not any(_STACK_NAME.search(part) for part in prefix):
-        return None
-    for axis in AXES:
+    # Axis 1 needs the name too: a channel axis is often shared (found by a
+    # test: a (256, 128) matrix beside a (64, 128, 3, 3) kernel).
+    for axis in AXES[:2 if named else 1]:
         lengths = {s[axis] for s in shapes}
         if len(lengths) == 1 and lengths.pop() >= 2:
             return axis

@@ -1,0 +1,101 @@
+"""Pruned (sparse) leaves: zeros kept exactly, nonzero values on one step."""
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import quantized_vectors as qv
+
+
+def _pruned(sparsity, shape=(512, 512), seed=0):
+    w = (0.05 * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+    w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0
+    return w
+
+
+def _relative(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("sparsity", [0.6, 0.9, 1.0])
+def test_sparse_vectors_round_trip(sparsity):
+    x = _pruned(sparsity, (10001,))
+    blob, record = qv.encode(x, qv.VectorStep(0.002))
+    assert record["nonzeros"] == np.count_nonzero(x)
+    y = qv.decoded_values(blob, x.size, qv.check_record(record, "t"))
+    assert np.all(y[x == 0] == 0)
+    assert np.max(np.abs(y - x)) <= 0.001 + 1e-7
+    assert qv.coded_bytes(x, 0.002) == len(blob)
+
+
+def test_a_damaged_bitmap_is_refused():
+    x = _pruned(0.9, (1001,))
+    blob, record = qv.encode(x, qv.VectorStep(0.002))
+    fields = qv.check_record(record, "t")
+    for bad, match in [(dict(fields, nonzeros=fields["nonzeros"] + 1), "nonzeros"),
+                       (dict(fields, mask_bytes=len(blob) + 1), "bitmap of"),
+                       (dict(fields, mask_bytes=fields["mask_bytes"] - 2), "bitmap|inflate")]:
+        with pytest.raises(ValueError, match=match):
+            qv.decoded_values(blob, x.size, bad)
+    with pytest.raises(ValueError, match="bitmap of the wrong size"):
+        qv.decoded_values(blob, x.size + 9, fields)
+    # padding bits past the last value set: 1001 values leave 7 in the last byte
+    import zlib
+    raw = bytearray(zlib.decompress(blob[:fields["mask_bytes"]]))
+    raw[-1] |= 1
+    mask = zlib.compress(bytes(raw))
+    with pytest.raises(ValueError, match="padding"):
+        qv.decoded_values(mask + blob[fields["mask_bytes"]:], x.size,
+                          dict(fields, mask_bytes=len(mask)))
+    with pytest.raises(ValueError, match="sparse vector on log2"):
+        qv.check_record(dict(record, domain="log2", offset=1.0), "t")
+    with pytest.raises(ValueError, match="bad nonzeros"):
+        qv.check_record(dict(record, nonzeros=-1), "t")
+
+
+@pytest.mark.parametrize("sparsity,most_bits", [(0.5, 3.5), (0.9, 1.3)])
+def test_a_pruned_kernel_keeps_its_zeros(tmp_path, sparsity, most_bits):
+    """Before: JPEG coded the zeros as values (3.9 bits a weight at both
+    sparsities) and restored 99.9% of them nonzero."""
+    w = _pruned(sparsity)
+    tree = {"w": w, "v": np.random.default_rng(1).normal(size=(256, 256)).astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "s", tree)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
+    assert np.all(got[w == 0] == 0)
+    (leaf,) = [l for l in report.leaves if l.path == "w"]
+    assert 8 * leaf.stored_bytes / w.size < most_bits, leaf
+    assert "zeros kept exactly" in leaf.note
+    # the nonzero values as close as the default codes a dense leaf's
+    assert _relative(got[w != 0], w[w != 0]) < 0.08
+
+
+def test_a_byte_target_codes_a_pruned_kernel_sparse(tmp_path):
+    w = _pruned(0.9)
+    tree = {"w": w, "v": np.random.default_rng(1).normal(size=(256, 256)).astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "s", tree, target_ratio=16)
+    assert abs(report.ratio_vs_float32 / 16 - 1) < 0.02
+    got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
+    assert np.all(got[w == 0] == 0)
+    assert _relative(got, w) < 0.1
+
+
+def test_a_leaf_with_few_zeros_stays_jpeg(tmp_path):
+    w = _pruned(0.3)
+    report = jaxjpeg.save(tmp_path / "s", {"w": w})
+    assert report.leaves[0].kind == "jpeg"
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_dead_channels_come_back_zero(tmp_path, layout):
+    """PP-OCRv6's detector has a (768, 384, 1, 1) kernel whose 491 output
+    channels are 0 throughout (64% of its values). JPEG gave those channels
+    noise (a block of 8 rows is exact only when all 8 are 0); stored sparse
+    they come back 0, in a smaller file."""
+    rng = np.random.default_rng(2)
+    w = (0.05 * rng.normal(size=(768, 384))).astype(np.float32)
+    w[rng.permutation(768)[:491]] = 0
+    w = w[:, :, None, None] if layout == "torch" else w.T[None, None]
+    report = jaxjpeg.save(tmp_path / "s", {"w": w})
+    got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
+    assert np.all(got[w == 0] == 0)
+    assert 8 * report.leaves[0].stored_bytes / w.size < 2.0, report.leaves[0]
