@@ -99,3 +99,20 @@ def test_dead_channels_come_back_zero(tmp_path, layout):
     got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
     assert np.all(got[w == 0] == 0)
     assert 8 * report.leaves[0].stored_bytes / w.size < 2.0, report.leaves[0]
+
+
+def test_a_step_is_found_for_a_pruned_leafs_error():
+    """Pruned values start at the cut: the first guess of a step (from
+    step^2 / 12 a value) rounds many to 0, and four tries to shrink it left
+    EfficientNet-lite1's two largest kernels, pruned to 75%, without a
+    step (stored as JPEG, zeros given noise)."""
+    from jaxjpeg import rate
+
+    x = np.random.default_rng(0).laplace(size=409600)   # trained weights' heavier tails
+    x[np.abs(x) < np.quantile(np.abs(x), 0.75)] = 0
+    x = x.astype(np.float32)
+    error = 0.05 ** 2 * float(np.sum(np.square(x, dtype=np.float64))) / x.size
+    coded = rate.thin_within_error(x, error, x.nbytes)
+    assert coded is not None
+    got = qv.decoded_values(coded.blob, x.size, qv.check_record(coded.record, "t"))
+    assert np.mean(np.square(got - x.reshape(-1), dtype=np.float64)) <= error
