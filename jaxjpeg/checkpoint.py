@@ -54,17 +54,22 @@ class Policy:
     size. float64 leaves are coded only where a ``compress`` pattern names
     them (their precision was chosen; they decode through float32, and one
     with values beyond float32's range stays raw).
+
+    ``stacked`` (path -> axis) names the leaves that stack layers along an
+    axis (``nn.scan``; :mod:`jaxjpeg.stacks`): each is coded as its layers
+    would be one by one, and ``min_ndim`` / ``min_size`` count per layer.
+    None (the default) finds them in the tree; ``{}`` codes every leaf as
+    one tensor.
     """
 
     min_size: int = 4096
     min_ndim: int = 2
     lossless: tuple[str, ...] = ()
     compress: tuple[str, ...] = ()
-    # Leaves that stack layers (jaxjpeg.stacks), path -> stack axis: sizes
-    # and dimensions are counted per layer, as if saved unstacked. A save
-    # fills it from the tree.
-    stacked: Mapping[str, int] = dataclasses.field(default_factory=dict, repr=False,
-                                                   compare=False)
+    # Leaves that stack layers (nn.scan; jaxjpeg.stacks), path -> stack
+    # axis: coded as their layers would be, sizes and dimensions counted per
+    # layer. None: a save finds them in the tree; {}: none is.
+    stacked: Mapping[str, int] | None = None
 
     def __post_init__(self):
         # A lone string is one pattern (iterating it would give one pattern
@@ -79,7 +84,7 @@ class Policy:
             return False
         if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
             return True
-        axis = self.stacked.get(path)
+        axis = (self.stacked or {}).get(path)
         layers = 1 if axis is None or leaf.ndim <= axis else max(1, leaf.shape[axis])
         return (leaf.dtype != np.float64 and leaf.ndim - (layers > 1) >= self.min_ndim
                 and leaf.size // layers >= self.min_size)
@@ -377,7 +382,7 @@ class _LeafCoder:
                 importance = self.prior.importance(name, array.shape)
         try:
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards,
-                                  self.stack_axis(name))
+                                  self.stack_axis(name), layer_steps=self.by_layer(name))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if shards:
@@ -391,15 +396,21 @@ class _LeafCoder:
         return self.weighing.get(name, size)
 
     def stack_axis(self, name: str) -> int | None:
-        """The axis along which leaf ``name`` is coded as stacked layers
-        (jaxjpeg.stacks), or None: also where a user's importance array, an
-        input covariance or the BatchNorm prior sets its steps instead, or
-        the framework's view is asked for."""
+        """The axis that leads the view of leaf ``name``, which stacks layers
+        along it (jaxjpeg.stacks), or None: not stacked, or an input
+        covariance or the BatchNorm prior shapes its view, or the
+        framework's view is asked for."""
         if (name not in self.stacks or self.view != "auto" or name in self.input_covariance
-                or _leaf_importance(self.sensitivity, name)[1] is not None
                 or (self.prior is not None and self.prior.models(name))):
             return None
         return self.stacks[name]
+
+    def by_layer(self, name: str) -> bool:
+        """Whether leaf ``name``'s layers get steps by their own RMS: a
+        stacked leaf the user's ``sensitivity`` leaves data-free (a number
+        weighs the whole leaf's squared error, as it weighs each layer's
+        when each is its own leaf; an array sets the steps)."""
+        return self.stack_axis(name) is not None and name not in (self.sensitivity or {})
 
     def step_rms(self, name: str, p: codec.Prepared) -> float:
         """The scale a leaf's default step is relative to: its RMS about its
@@ -408,7 +419,7 @@ class _LeafCoder:
         gets is the one it would get alone)."""
         from jaxjpeg import rate
 
-        if self.stack_axis(name) is not None and p.row_weight is not None:
+        if self.by_layer(name) and p.row_weight is not None:
             return stacks.slice_rms(p.row_weight) or rate.spread_rms(p)
         return rate.spread_rms(p)
 
@@ -417,13 +428,22 @@ class _LeafCoder:
         leaf (rate.is_thin) under a byte target."""
         from jaxjpeg import rate
 
-        return (rate.is_thin(p) or rate.is_sparse(p)) and self.one_step_fits(name)
+        return rate.is_thin(p) and self.one_step_fits(name)
+
+    def sparse(self, name, p: codec.Prepared) -> bool:
+        """Whether leaf ``name`` may be quantized with its zeros kept
+        (rate.is_sparse) under a byte target, beside its JPEG coding."""
+        from jaxjpeg import rate
+
+        return rate.is_sparse(p) and self.one_step_fits(name)
 
     def one_step_fits(self, name: str) -> bool:
         """Whether one step may code leaf ``name`` (a thin coding): not where
-        a user's importance array or input covariance shapes its steps."""
+        a user's importance array or input covariance shapes its steps, or
+        its layers' own scales do (found by review: a pruned stack coded on
+        one step gave its smallest layer 6x the largest's relative error)."""
         return (_leaf_importance(self.sensitivity, name)[1] is None
-                and name not in self.input_covariance)
+                and name not in self.input_covariance and not self.by_layer(name))
 
     def remember(self, name, p: codec.Prepared) -> None:
         """Keeps ``p``'s choices for the next prepare of ``name``; for a leaf
@@ -531,7 +551,7 @@ class _StepSteering:
                  if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())]
         from jaxjpeg import rate
 
-        steered = {}
+        steered, logs = {}, {}   # logs: the log multiplier each leaf's size counts with
         for leaf in coded:
             factor = _user_weight(sensitivity, leaf.name, leaf.shape)
             if factor is None:
@@ -539,16 +559,34 @@ class _StepSteering:
             if not (math.isfinite(factor) and factor >= 0):
                 raise ValueError(f"sensitivity of {leaf.name!r} must be finite and "
                                  f"non-negative, got {factor}")
-            data_free = _data_free_weight(leaf.size, rate.finite_norm2(leaf.array()),
+            array = leaf.array()
+            data_free = _data_free_weight(leaf.size, rate.finite_norm2(array),
                                           (weighing or {}).get(leaf.name))
             steered[leaf.name] = math.sqrt(data_free / factor) if factor > 0 else math.inf
+            axis = (policy.stacked or {}).get(leaf.name)
+            if axis is not None and factor > 0:
+                logs[leaf.name] = _layers_log_multiplier(array, axis, factor,
+                                                         (weighing or {}).get(leaf.name))
         if not steered:
             return None
-        weighed = [(leaf.size, steered.get(leaf.name, 1.0)) for leaf in coded]
+        weighed = [(leaf.size, logs.get(leaf.name, math.log(steered.get(leaf.name, 1.0))))
+                   for leaf in coded]
         weighed = [(size, m) for size, m in weighed if math.isfinite(m)]
         total = sum(size for size, _ in weighed)
-        log_mean = sum(size * math.log(m) for size, m in weighed) / total if total else 0.0
+        log_mean = sum(size * m for size, m in weighed) / total if total else 0.0
         return cls(steered, math.exp(-log_mean))
+
+
+def _layers_log_multiplier(array, axis: int, factor: float, weighing) -> float:
+    """The mean over a stacked leaf's layers of the log multiplier each
+    would get as a leaf of its own: the twin the common factor must match
+    (found by review: the stack's one multiplier, from its layers' summed
+    norms, moved every step by 1.3x where layers' scales spanned 8x)."""
+    x = np.moveaxis(np.asarray(array), axis, 0)
+    norm2 = np.array([float(np.sum(np.square(layer, dtype=np.float64))) for layer in x])
+    size = x[0].size
+    logs = [0.5 * math.log(_data_free_weight(size, n2, weighing) / factor) for n2 in norm2 if n2 > 0]
+    return float(np.mean(logs)) if logs else 0.0
 
 
 def balanced_step_factor(size: int, reference_size: float) -> float:
@@ -669,6 +707,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
                                   probe_size=rate.probe_elements(p.size, total), **coding)
             overhead = _coded_overhead(p, coding["restart_interval"], coding["tile_shape"])
+            if leaf_coder.sparse(leaf.name, p):   # JPEG, or its zeros kept, at each size
+                curve = rate.merged_curve(curve, rate.thin_curve(p.original))
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
             curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead), 0
@@ -1195,8 +1235,11 @@ class _Save:
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a jaxjpeg.Policy, got {type(policy).__name__}")
         _check_tile_shape(tile_shape)
-        stacked = stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves})
-        self.policy = dataclasses.replace(policy or Policy(), stacked=stacked)
+        self.policy = policy or Policy()
+        stacked = self.policy.stacked
+        if stacked is None:
+            stacked = stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves})
+            self.policy = dataclasses.replace(self.policy, stacked=stacked)
         self.leaves = leaves
         for leaf in leaves:
             _check_storable(leaf.name, leaf)
@@ -1690,12 +1733,16 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     sparse = quantized_vectors.is_sparse(array)
     if array.dtype != np.float32 or array.ndim == 0 or (enc.outliers is not None and not sparse):
         return None
-    x = np.asarray(array, np.float64).reshape(-1)
-    squares = np.square(codec.decode_tensor(enc).reshape(-1) - x)
-    if sparse:   # a mean over every value of the nonzero values' errors
-        jpeg_error = float(np.sum(squares, where=x != 0)) / x.size
+    if sparse and analysis.count_special(array):   # the thin coding takes finite values only
+        return None
+    flat = array.reshape(-1)
+    decoded = codec.decode_tensor(enc).reshape(-1)
+    if sparse:   # the nonzero values' errors (over every value, as thin_within_error takes it)
+        nonzero = flat != 0
+        diff = decoded[nonzero].astype(np.float64) - flat[nonzero]
     else:
-        jpeg_error = float(np.mean(squares))
+        diff = decoded.astype(np.float64) - flat
+    jpeg_error = float(np.dot(diff, diff)) / flat.size
     coded = rate.thin_within_error(array, jpeg_error, min(jpeg_bytes, array.nbytes))
     return None if coded is None else _thin_stored(coded)
 

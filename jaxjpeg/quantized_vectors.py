@@ -143,9 +143,15 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     return _encode_dense(values, how)
 
 
+def nonzero_mask(flat: np.ndarray) -> bytes:
+    """The deflated bitmap a sparse vector stores: bit i (most significant
+    first) set where value i is nonzero."""
+    return zlib.compress(np.packbits(flat != 0).tobytes(), _MASK_LEVEL)
+
+
 def _encode_sparse(flat: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     nonzero = flat != 0
-    mask = zlib.compress(np.packbits(nonzero).tobytes(), _MASK_LEVEL)
+    mask = nonzero_mask(flat)
     count = int(np.count_nonzero(nonzero))
     if count:
         coded = _encode_dense(flat[nonzero], how)
@@ -251,8 +257,7 @@ def coded_bytes(values: np.ndarray, step: float) -> int:
     flat = np.asarray(values).reshape(-1)
     if is_sparse(flat):
         nonzero = flat != 0
-        mask = len(zlib.compress(np.packbits(nonzero).tobytes(), _MASK_LEVEL))
-        return mask + (coded_bytes(flat[nonzero], step) if nonzero.any() else 0)
+        return len(nonzero_mask(flat)) + (coded_bytes(flat[nonzero], step) if nonzero.any() else 0)
     codes = np.round(flat.astype(np.float64) / step).astype(np.int64)
     folded = _zigzag(codes - int(np.median(codes)))
     k = _rice_parameter(folded)

@@ -107,7 +107,8 @@ VIEWS = ("auto", "framework")
 
 def prepare_leaf(x, importance=None, view: str = "auto",
                  input_covariance: feedback.InputCovariance | None = None,
-                 shards=None, stack: int | None = None) -> codec.Prepared:
+                 shards=None, stack: int | None = None,
+                 layer_steps: bool = True) -> codec.Prepared:
     """Chooses ``x``'s view, side list and per-row / per-column steps.
 
     ``view``: "auto" lets :func:`jaxjpeg.views.choose_view` pick the axes;
@@ -129,13 +130,15 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     shards' boundaries (:meth:`jaxjpeg.codec.Prepared.with_shards`).
 
     ``stack`` (optional): the axis along which ``x`` stacks layers
-    (:mod:`jaxjpeg.stacks`); without an importance or input covariance, an
-    "auto" view then leads its rows with it and each layer's rows get steps
-    in proportion to the layer's RMS (:func:`jaxjpeg.stacks.slice_weights`).
+    (:mod:`jaxjpeg.stacks`); without an input covariance, an "auto" view
+    then leads its rows with it (a layer's rows are a run of rows, not
+    interleaved with other layers' in JPEG's blocks), and where
+    ``layer_steps`` and no ``importance`` each layer's rows get steps in
+    proportion to the layer's RMS (:func:`jaxjpeg.stacks.slice_weights`).
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    if view != "auto" or importance is not None or input_covariance is not None:
+    if view != "auto" or input_covariance is not None:
         stack = None
     plain = (importance is None and input_covariance is None and ROW_POWER == 0
              and stack is None)
@@ -169,7 +172,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         coded[outliers.index] = False
         probe = np.where(coded.reshape(x.shape), probe, 0)
     m = view.to_matrix(probe)
-    if stack is not None:
+    if stack is not None and importance is None and layer_steps:
         row_weight = stacks.slice_weights(m, x.shape[stack], interleaved=view.perm[0] != stack)
         col_weight = None
     elif importance is None:
@@ -640,6 +643,29 @@ class Curve:
             if f.name != "norm2" and getattr(self, f.name) is not None})
 
 
+def merged_curve(a: Curve, b: Curve) -> Curve:
+    """The candidates of two codings of one tensor (e.g. JPEG's and a
+    sparse leaf's thin coding) as one curve: by bytes, each kept only where
+    it errs less than every smaller one (the allocator then picks either
+    coding at every size; found by review: a pruned leaf given only its
+    sparse coding's curve made targets JPEG met fail, and worse at 16x)."""
+    def flags(c: Curve, name: str) -> np.ndarray:
+        value = getattr(c, name)
+        return np.zeros(len(c.nbytes), bool) if value is None else value
+
+    joined = {f.name: np.concatenate([flags(a, f.name), flags(b, f.name)])
+              if f.name in ("row_ranges", "thin") else
+              np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+              for f in dataclasses.fields(Curve) if f.name != "norm2"}
+    order = np.argsort(joined["nbytes"], kind="stable")
+    best, keep = math.inf, []
+    for k in order:
+        if joined["sse"][k] < best:
+            best = joined["sse"][k]
+            keep.append(k)
+    return Curve(**{name: values[keep] for name, values in joined.items()}, norm2=a.norm2)
+
+
 # A data-free byte target gives no leaf a relative RMS error above the first
 # of these that the budget allows every leaf: weighted by size^0.3, the
 # largest leaf of a tree was let go to ~1 (found by review: one 2048x2048
@@ -1080,14 +1106,17 @@ def thin_within_error(x, error: float, max_bytes: int) -> ThinCoding | None:
     """``x`` (float32, finite) quantized on one step with a mean squared
     error of at most ``error`` (0: a step that codes it exactly), when
     that takes fewer than ``max_bytes``; else None."""
-    values = np.asarray(x, np.float64).reshape(-1)
+    flat = np.asarray(x).reshape(-1)
+    # Zeros round to themselves on any step: the step is found on the
+    # nonzero values, at their share of the error (a sparse leaf's first
+    # guess was its share of nonzeros^½ too fine, and float64 copies of
+    # every value took 3x a large pruned leaf's memory: review).
+    values = flat[flat != 0].astype(np.float64)
     if error == 0:
-        step = _exact_step(values)
+        step = _exact_step(values) if values.size else 1.0
     elif math.isfinite(error):   # a uniform step's squared error is step^2 / 12
-        # on each nonzero value (zeros round to themselves: a sparse leaf's
-        # first guess was its share of nonzeros^½ too fine)
-        share = np.count_nonzero(values) / max(1, values.size)
-        step = _step_within_error(values, math.sqrt(12 * error / max(share, 1e-12)), error)
+        per_value = error * flat.size / max(1, values.size)
+        step = _step_within_error(values, math.sqrt(12 * per_value), per_value)
     else:
         step = None
     coded = None if step is None else thin_coding(x, step)
@@ -1133,18 +1162,26 @@ def thin_curve(x, seed: int = 0) -> Curve:
         coded = quantized_vectors.coded_bytes(values, step)
         return Curve(np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([step]),
                      np.array([float(coded)]), np.zeros(1), thin=np.ones(1, bool))
+    mask = 0
+    if quantized_vectors.is_sparse(values):
+        # the bitmap does not depend on the step: its bytes counted on the
+        # whole leaf (a sample lost pruned rows' and blocks' structure:
+        # review, 3x too many), the nonzero values' on a sample of them
+        mask = len(quantized_vectors.nonzero_mask(values))
+        values = values[values != 0]
+    count = values.size
     if values.size > THIN_PROBE:
         values = np.random.default_rng(seed).choice(values, THIN_PROBE, replace=False)
     probe = values.astype(np.float64)
-    scale = np.asarray(x).size / max(1, probe.size)
+    scale = count / max(1, probe.size)
     # The codes are Rice coded about their median: steps relative to the
     # spread (found by review: 1000 + 0.01 N(0, 1) got no step finer than
     # its spread from a ladder on its RMS)
     spread = float(np.std(probe)) or 1.0
     steps = spread * np.exp2(-THIN_LADDER)
-    nbytes = np.array([quantized_vectors.coded_bytes(probe, q) * scale for q in steps])
+    nbytes = mask + np.array([quantized_vectors.coded_bytes(probe, q) * scale for q in steps])
     sse = np.array([_rounding_sse(probe, q) * scale for q in steps])
-    keep = 8 * nbytes <= THIN_MAX_BITS * np.asarray(x).size
+    keep = 8 * (nbytes - mask) <= THIN_MAX_BITS * max(1, count)
     keep[0] = True   # the coarsest always
     k = int(np.sum(keep))
     return Curve(np.zeros(k, np.int64), np.zeros(k, np.int64), steps[keep], nbytes[keep],

@@ -15,14 +15,14 @@ rows of its view, each slice's rows get steps in proportion to the slice's
 RMS, and the slice's size is what its error is weighed by
 (:func:`jaxjpeg.checkpoint._data_free_weight`).
 
-Found from shapes alone, where a scan leaves them: under one path prefix,
-two or more leaves share the length of axis 0 (or, under a path part that
-names a stack: ``layers``, ``scan``, ``experts``, ..., of axis 1), every
-one of them has at least two axes and one has three, and either their
-numbers of axes differ (a layer's norm scales stacked beside its kernels)
-or they are 3-D under a part naming a stack. A module's unstacked parameters fail this: its biases
-and norm scales are 1-D, and kernels alone (no bias) are 2-D or, as
-convolutions, 4-D.
+Found from the tree: a path part that names a scanned module
+(``ScanBlock_0``, as ``nn.scan`` names one, ``layers``, ``blocks``,
+``experts``, ``stack...``, ``repeat...``; the whole part, so a list's
+``layers_0`` is not one) whose leaves all share the length of axis 0 (or,
+failing that, of axis 1: MaxText), with no list index right below it (a
+list of layers, ``layers/0/...``, is unstacked). Shapes alone were
+tried first and found attention kernels (``(D, H, K)`` beside ``(D, D)``)
+and weight-normed convolutions stacked (found by review).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-_STACK_NAME = re.compile(r"scan|layers|experts|stack|repeat|blocks", re.IGNORECASE)
+_STACK_ROOT = re.compile(r"scan\w*|\w*_scan|scanned\w*|layers|blocks|experts|stack\w*|repeat\w*",
+                         re.IGNORECASE)
+_INDEX = re.compile(r"\d+")   # a list's entries (NNX lists, torch's ModuleList)
 AXES = (0, 1)   # linen/NNX scans stack on axis 0; MaxText's param_scan_axis is 1
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -44,46 +46,31 @@ def path_parts(name: str) -> tuple[str, ...]:
 
 def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """The stack axis of each stacked leaf among ``shapes`` (every leaf of
-    the tree, path -> shape); leaves not stacked are left out.
-
-    Prefixes are tried deepest first; a shallower one that passes extends
-    the stack to every leaf under it (a scanned layer's norm scales beside
-    its attention and MLP modules), unless it would give a leaf found
-    stacked another axis: found by a test, a tree of one stacked run of
-    convolution blocks and a head of the blocks' width passed as stacked
-    along the channel axis."""
+    the tree, path -> shape); leaves not stacked are left out."""
     parts = {name: path_parts(name) for name in shapes}
+    groups: dict[tuple, list[str]] = {}
+    for name, p in parts.items():
+        roots = [i for i, part in enumerate(p[:-1]) if _STACK_ROOT.fullmatch(part)]
+        if roots:   # the deepest named scanned module above the leaf
+            groups.setdefault(p[:roots[-1] + 1], []).append(name)
     found: dict[str, int] = {}
-    depth = max((len(p) for p in parts.values()), default=0)
-    for level in reversed(range(depth)):
-        groups: dict[tuple, list[str]] = {}
-        for name, p in parts.items():
-            if len(p) > level:   # the leaf lies under the prefix p[:level]
-                groups.setdefault(p[:level], []).append(name)
-        for prefix, names in groups.items():
-            axis = _group_axis(prefix, [tuple(shapes[n]) for n in names])
-            if axis is not None and all(found.get(n, axis) == axis for n in names):
-                found.update((n, axis) for n in names)
+    for prefix, names in groups.items():
+        if any(_INDEX.fullmatch(parts[n][len(prefix)]) for n in names):
+            continue   # a list of layers
+        axis = _group_axis([tuple(shapes[n]) for n in names])
+        if axis is not None:
+            found.update((n, axis) for n in names)
     return found
 
 
-def _group_axis(prefix: tuple, shapes: list[tuple]) -> int | None:
-    """The axis the leaves of ``shapes`` under ``prefix`` stack layers
-    along, or None: two or more leaves, none 1-D, one at least 3-D, sharing
-    the length of axis 0 (or, under a part naming a stack, of axis 1);
-    their numbers of axes differ, or they are all 3-D under a part naming a
-    stack (convolution kernels alone share their taps' length, and are 4-D)."""
-    if len(shapes) < 2 or any(len(s) < 2 for s in shapes):
+def _group_axis(shapes: list[tuple]) -> int | None:
+    """The axis every one of ``shapes`` has of one length (at least 2), 0
+    before 1, where one of them is at least 2-D (something to code)."""
+    if not any(len(s) >= 2 for s in shapes):
         return None
-    ndims = {len(s) for s in shapes}
-    named = any(_STACK_NAME.search(part) for part in prefix)
-    if max(ndims) < 3 or not (len(ndims) > 1 or (ndims == {3} and named)):
-        return None
-    # Axis 1 needs the name too: a channel axis is often shared (found by a
-    # test: a (256, 128) matrix beside a (64, 128, 3, 3) kernel).
-    for axis in AXES[:2 if named else 1]:
-        lengths = {s[axis] for s in shapes}
-        if len(lengths) == 1 and lengths.pop() >= 2:
+    for axis in AXES:
+        lengths = {s[axis] if len(s) > axis else None for s in shapes}
+        if len(lengths) == 1 and (n := lengths.pop()) is not None and n >= 2:
             return axis
     return None
 
