@@ -186,16 +186,22 @@ def cmd_compress(args) -> int:
             raise SourceError(f"{args.src}: {_first_line(e)}") from None
         except (ValueError, TypeError) as e:  # options save refuses
             raise CliError(_first_line(e)) from None
-    coded = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
+    jpeg = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
+    # raw leaves stored smaller are quantized (pruned, thin, moments, float16
+    # vectors): lossy too (found by review: two pruned leaves were printed as
+    # "0 JPEG-coded, 2 lossless", "0.00x on JPEG-coded leaves")
+    quantized = [leaf for leaf in report.leaves
+                 if leaf.kind != "jpeg" and leaf.stored_bytes < leaf.raw_bytes]
+    coded = jpeg + quantized
     coded_raw = sum(leaf.raw_bytes for leaf in coded)
     coded_stored = sum(leaf.stored_bytes for leaf in coded)
     print(f"{args.src} -> {args.dst}")
-    print(f"  leaves      {len(report.leaves)} ({len(coded)} JPEG-coded, "
-          f"{len(report.leaves) - len(coded)} lossless)")
+    print(f"  leaves      {len(report.leaves)} ({len(jpeg)} JPEG-coded, {len(quantized)} "
+          f"quantized, {len(report.leaves) - len(coded)} lossless)")
     print(f"  raw         {_size(report.raw_bytes)} ({report.raw_bytes} bytes)")
     print(f"  compressed  {_size(report.file_bytes)} ({report.file_bytes} bytes)")
     print(f"  ratio       {report.ratio_vs_float32:.2f}x vs float32, {report.ratio:.2f}x vs "
-          f"the stored dtypes, {coded_raw / max(1, coded_stored):.2f}x on JPEG-coded leaves")
+          f"the stored dtypes, {coded_raw / max(1, coded_stored):.2f}x on coded leaves")
     print(f"  bits/weight {report.bits_per_weight:.3f} (all-in)")
     return 0
 

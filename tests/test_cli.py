@@ -495,3 +495,21 @@ def test_inspect_shows_user_metadata(sources, tmp_path, capsys):
     assert run(capsys, "inspect", dst)[1].splitlines()[-1] == 'metadata: {"step": 7}'
     jaxjpeg.save(dst, sources["params"])
     assert "metadata:" not in run(capsys, "inspect", dst)[1]
+
+
+def test_compress_counts_quantized_leaves_as_coded(tmp_path, capsys):
+    """Found by review: two pruned (sparse, quantized) leaves were printed
+    as "0 JPEG-coded, 2 lossless" and "0.00x on JPEG-coded leaves"."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name in ("a", "b"):
+        w = rng.normal(size=(256, 256)).astype(np.float32)
+        w[np.abs(w) < np.quantile(np.abs(w), 0.9)] = 0
+        tensors[name] = w
+    src = tmp_path / "pruned.npz"
+    np.savez(src, **tensors)
+    code, out, err = run(capsys, "compress", src, tmp_path / "out.jjpg")
+    assert code == 0, err
+    assert "(0 JPEG-coded, 2 quantized, 0 lossless)" in out, out
+    ratio = float(re.search(r"(\d+\.\d+)x on coded leaves", out).group(1))
+    assert ratio > 10, out

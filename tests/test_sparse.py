@@ -172,7 +172,6 @@ def test_a_pruned_stack_keeps_each_layers_step(tmp_path):
     """Found by review: a stack of pruned layers (scales 0.08 ... 0.01) was
     coded sparse on one step: errors 0.016 ... 0.103 where unstacked every
     layer had 0.026."""
-    rng = np.random.default_rng(5)
     scales = [0.08, 0.04, 0.02, 0.01]
     kernel = np.stack([_pruned(0.9, (256, 256), seed=l) * s / 0.05 for l, s in enumerate(scales)])
     tree = {"layers": {"mlp": {"kernel": kernel.astype(np.float32)},
