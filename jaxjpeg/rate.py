@@ -1153,6 +1153,14 @@ def _step_within_error(values: np.ndarray, step: float, error: float) -> float |
     return None
 
 
+MASK_DEFLATE_OVERHEAD = 1.15   # zlib's bytes on random bits over their entropy (measured 1.1-1.3)
+
+
+def _entropy_bits(p: float) -> float:
+    """Binary entropy of ``p``, in bits."""
+    return 0.0 if p <= 0 or p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
 def thin_curve(x, seed: int = 0) -> Curve:
     """Bytes and squared error of ``x`` (float32, finite) quantized on each
     step of THIN_LADDER, measured on up to THIN_PROBE of its values."""
@@ -1179,7 +1187,20 @@ def thin_curve(x, seed: int = 0) -> Curve:
     # its spread from a ladder on its RMS)
     spread = float(np.std(probe)) or 1.0
     steps = spread * np.exp2(-THIN_LADDER)
-    nbytes = mask + np.array([quantized_vectors.coded_bytes(probe, q) * scale for q in steps])
+    if mask:
+        # The nonzero values' codes, magnitudes and signs; those rounding to
+        # 0 leave the bitmap too, which then also says which did: about
+        # their entropy, as deflated bits a little above it.
+        def values_bytes(q):
+            codes = np.round(probe / q).astype(np.int64)
+            kept = codes[codes != 0]
+            share = kept.size / max(1, codes.size)
+            return (quantized_vectors.sparse_value_bytes(kept)
+                    + MASK_DEFLATE_OVERHEAD * _entropy_bits(share) * codes.size / 8)
+    else:
+        def values_bytes(q):
+            return quantized_vectors.coded_bytes(probe, q)
+    nbytes = mask + np.array([values_bytes(q) * scale for q in steps])
     sse = np.array([_rounding_sse(probe, q) * scale for q in steps])
     keep = 8 * (nbytes - mask) <= THIN_MAX_BITS * max(1, count)
     keep[0] = True   # the coarsest always

@@ -164,8 +164,9 @@ def test_the_curve_counts_a_structured_bitmap_whole():
     w = (0.05 * np.random.default_rng(3).normal(size=(1024, 512))).astype(np.float32)
     w[np.random.default_rng(4).permutation(1024)[:768]] = 0
     curve = rate.thin_curve(w)
-    coded = rate.thin_coding(w, float(curve.q[0]))
-    assert abs(curve.nbytes[0] / coded.nbytes - 1) < 0.1, (curve.nbytes[0], coded.nbytes)
+    for k in (0, len(curve.q) // 4, len(curve.q) // 2):   # coarse steps round many values to 0
+        coded = rate.thin_coding(w, float(curve.q[k]))
+        assert abs(curve.nbytes[k] / coded.nbytes - 1) < 0.2, (k, curve.nbytes[k], coded.nbytes)
 
 
 def test_a_pruned_stack_keeps_each_layers_step(tmp_path):
