@@ -41,14 +41,9 @@ def pruned(native: dict, kinds: dict, sparsity: float) -> dict:
     return out
 
 
-@contextlib.contextmanager
 def sparse_off():
-    share = quantized_vectors.SPARSE_ZEROS
-    quantized_vectors.SPARSE_ZEROS = 2.0   # no leaf has more than all its values 0
-    try:
-        yield
-    finally:
-        quantized_vectors.SPARSE_ZEROS = share
+    """Sparse coding off: no leaf has more than all its values 0."""
+    return common.patched(quantized_vectors, "SPARSE_ZEROS", 2.0)
 
 
 def main():
@@ -57,13 +52,9 @@ def main():
     parser.add_argument("--sparsity", default="0.5,0.75,0.9")
     parser.add_argument("--ratios", default="8", help="comma-separated target ratios")
     args = parser.parse_args()
-    missing = common.missing_modules(effnet.required_modules(args.model))
-    if missing:
-        sys.exit(f"needs {', '.join(missing)}: run benchmarks/real_models.py once to install them")
-    case = effnet.EffNetCase(args.model, log=lambda *a: None)
+    case = effnet.installed_case(args.model)
     raw = 4 * sum(v.size for v in case.native.values())
-    settings = [("default", {})] + [(f"r{r:g}", {"target_ratio": r})
-                                    for r in map(float, args.ratios.split(","))]
+    settings = effnet.rate_settings(args.ratios)
     print(f"EfficientNet-{args.model}, kernels of >= 4096 weights pruned per leaf by magnitude")
     print(f"{'sparsity':>8} {'setting':8} {'coding':7} {'ratio':>6} {'bits/w':>7} "
           f"{'zeros kept':>10} {'KL':>9} {'top-1':>6}")

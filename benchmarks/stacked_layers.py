@@ -82,14 +82,9 @@ def unstack(tree: dict, runs: list[list[int]]) -> dict:
     return out
 
 
-@contextlib.contextmanager
 def detection_off():
-    found = stacks.stack_axes
-    stacks.stack_axes = lambda shapes: {}
-    try:
-        yield
-    finally:
-        stacks.stack_axes = found
+    """Stacks not looked for: every stacked leaf one tensor, as before."""
+    return common.patched(stacks, "stack_axes", lambda shapes: {})
 
 
 def main():
@@ -97,18 +92,14 @@ def main():
     parser.add_argument("--model", default="lite1", choices=["lite0", "lite1", "lite2"])
     parser.add_argument("--ratios", default="8", help="comma-separated target ratios")
     args = parser.parse_args()
-    missing = common.missing_modules(effnet.required_modules(args.model))
-    if missing:
-        sys.exit(f"needs {', '.join(missing)}: run benchmarks/real_models.py once to install them")
-    case = effnet.EffNetCase(args.model, log=lambda *a: None)
+    case = effnet.installed_case(args.model)
     ref = case.reference()
     runs = stacked_runs(case.native)
     stacked = stack(case.native, runs)
     print(f"EfficientNet-{args.model}: {len(runs)} runs of identical blocks stacked "
           f"({sum(len(r) for r in runs)} blocks, lengths {[len(r) for r in runs]}); "
           f"found stacked: {len(stacks.stack_axes(_shapes(stacked)))} leaves")
-    settings = [("default", {})] + [(f"r{r:g}", {"target_ratio": float(r)})
-                                    for r in map(float, args.ratios.split(","))]
+    settings = effnet.rate_settings(args.ratios)
     raw = 4 * sum(v.size for v in case.native.values())
     print(f"{'setting':8} {'tree':22} {'ratio':>6} {'KL':>9} {'top-1':>6}")
     with tempfile.TemporaryDirectory() as tmp:

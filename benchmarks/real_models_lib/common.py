@@ -40,6 +40,18 @@ class MissingDependencies(Exception):
                          f"install them with:\n    pip install {specs}")
 
 
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    """``owner.name`` set to ``value`` inside the block (a benchmark's
+    "before" row: a threshold or finder of the library turned off)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def missing_modules(names) -> list[str]:
     """The import names among ``names`` that cannot be imported."""
     missing = []

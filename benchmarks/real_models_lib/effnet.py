@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import types
 import warnings
@@ -43,6 +44,23 @@ SYNTHETIC_SCALE = 0.5
 
 def required_modules(name: str) -> list[str]:
     return PACKAGES + [WEIGHT_PACKAGES[name]]
+
+
+def installed_case(name: str, **options) -> "EffNetCase":
+    """The case of EfficientNet ``name`` for a benchmark of its own; exits
+    naming what is missing when the packages are not installed (the
+    side benchmarks leave installing to real_models.py)."""
+    missing = common.missing_modules(required_modules(name))
+    if missing:
+        sys.exit(f"needs {', '.join(missing)}: run benchmarks/real_models.py once to install them")
+    return EffNetCase(name, log=lambda *a: None, **options)
+
+
+def rate_settings(ratios: str) -> list[tuple[str, dict]]:
+    """("default", {}) and ("r<ratio>", {"target_ratio": ratio}) for each of
+    the comma-separated ``ratios``."""
+    return [("default", {})] + [(f"r{r:g}", {"target_ratio": r})
+                                for r in map(float, ratios.split(","))]
 
 
 def weights_file(name: str) -> str:
