@@ -86,6 +86,15 @@ def row_affine(view: np.ndarray, bits: int, *, clip: str = "mse", step: float = 
         # (center - offset) <= top * scale.
         low = np.full(view.shape[0], row_low.min()) if shared else row_low
         offset = np.where((low >= 0) & (offset < 0), 0.0, offset)
+        if not shared:
+            # A row of one value is its offset, exactly, at scale 0: on the
+            # tensor's scale its samples sat at one end of the range, where
+            # JPEG's error is not clipped away (found by review: a stacked
+            # leaf's all-zero layer came back as 5 samples' worth, 2.3e-4).
+            constant = row_low == stats[2]
+            if constant.any():
+                scale = np.where(constant, 0.0, scale)
+                offset = np.where(constant, row_low, offset)
     else:
         if row_weight is not None:
             raise ValueError("row_weight needs clip='common'")

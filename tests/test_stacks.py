@@ -276,3 +276,28 @@ def test_a_shared_channel_axis_is_not_a_stack():
     axis 1, and were all stored raw."""
     shapes = {"a_rows": (256, 128), "b_kernel": (64, 128, 3, 3), "c_matrix": (256, 128)}
     assert stacks.stack_axes(shapes) == {}
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.02])
+def test_a_constant_layer_in_a_stack_comes_back_exact(tmp_path, fill):
+    """Found by review: a stack's all-zero (frozen) layer came back as a
+    constant 2.3e-4, its samples at the bottom of the range where JPEG's
+    error is not clipped away; a constant 0.02 layer off by 5e-5. Alone
+    (unstacked) such a layer is exact."""
+    w = (0.02 * np.random.default_rng(6).normal(size=(8, 256, 256))).astype(np.float32)
+    w[5] = fill
+    tree = {"layers": {"mlp": {"kernel": w, "bias": np.zeros((8, 256), np.float32)}}}
+    for options in ({}, {"target_ratio": 8}, {"error_bound": 0.05}):
+        jaxjpeg.save(tmp_path / "s", tree, **options)
+        got = np.asarray(jaxjpeg.restore(tmp_path / "s")["layers"]["mlp"]["kernel"])
+        np.testing.assert_array_equal(got[5], w[5], err_msg=str(options))
+
+
+def test_dead_rows_come_back_exact(tmp_path):
+    """Rows of one value (dead channels) among live ones are their offset at
+    scale 0: exact, where they had JPEG's noise of the neighbouring rows."""
+    w = (0.02 * np.random.default_rng(7).normal(size=(256, 256))).astype(np.float32)
+    w[[3, 100, 101]] = 0
+    jaxjpeg.save(tmp_path / "s", {"w": w})
+    got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
+    assert np.all(got[[3, 100, 101]] == 0)
