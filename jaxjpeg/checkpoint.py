@@ -59,23 +59,29 @@ class Policy:
     axis (``nn.scan``; :mod:`jaxjpeg.stacks`): each is coded as its layers
     would be one by one, and ``min_ndim`` / ``min_size`` count per layer.
     None (the default) finds them in the tree; ``{}`` codes every leaf as
-    one tensor.
+    one tensor. Kept as sorted (path, axis) pairs (the policy stays
+    hashable); a save refuses a path that is not a leaf or an axis it lacks.
     """
 
     min_size: int = 4096
     min_ndim: int = 2
     lossless: tuple[str, ...] = ()
     compress: tuple[str, ...] = ()
-    # Leaves that stack layers (nn.scan; jaxjpeg.stacks), path -> stack
-    # axis: coded as their layers would be, sizes and dimensions counted per
-    # layer. None: a save finds them in the tree; {}: none is.
-    stacked: Mapping[str, int] | None = None
+    stacked: Mapping[str, int] | tuple | None = None
 
     def __post_init__(self):
         # A lone string is one pattern (iterating it would give one pattern
         # per character, and "*" matches everything).
         for name in ("lossless", "compress"):
             object.__setattr__(self, name, patterns(getattr(self, name), f"Policy.{name}"))
+        if self.stacked is not None:
+            pairs = tuple(sorted(_stack_pairs(self.stacked)))
+            object.__setattr__(self, "stacked", pairs)
+            object.__setattr__(self, "_stack_axes", dict(pairs))
+
+    def stack_axis(self, path: str) -> int | None:
+        """The axis leaf ``path`` stacks layers along (``stacked``), or None."""
+        return getattr(self, "_stack_axes", {}).get(path)
 
     def should_compress(self, path: str, leaf: np.ndarray) -> bool:
         if str(leaf.dtype) not in JPEG_DTYPES or leaf.size == 0:
@@ -84,9 +90,10 @@ class Policy:
             return False
         if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
             return True
-        axis = (self.stacked or {}).get(path)
-        layers = 1 if axis is None or leaf.ndim <= axis else max(1, leaf.shape[axis])
-        return (leaf.dtype != np.float64 and leaf.ndim - (layers > 1) >= self.min_ndim
+        axis = self.stack_axis(path)
+        stacked = axis is not None and leaf.ndim > axis
+        layers = max(1, leaf.shape[axis]) if stacked else 1
+        return (leaf.dtype != np.float64 and leaf.ndim - stacked >= self.min_ndim
                 and leaf.size // layers >= self.min_size)
 
     def names_lossless(self, path: str) -> bool:
@@ -94,6 +101,39 @@ class Policy:
         control (byte targets store the other small leaves as float16 or
         quantized) and left as it is by bias correction."""
         return any(fnmatch.fnmatchcase(path, p) for p in self.lossless)
+
+
+def _stack_pairs(stacked) -> list[tuple[str, int]]:
+    """``Policy.stacked`` as (path, axis) pairs; TypeError unless a mapping
+    (or pairs) of paths to whole numbers."""
+    try:
+        pairs = list(stacked.items() if isinstance(stacked, Mapping) else stacked)
+        if not all(len(pair) == 2 for pair in pairs):
+            raise TypeError
+    except TypeError:
+        raise TypeError(f"Policy.stacked must map leaf paths to axes, got {stacked!r:.200}") from None
+    for path, axis in pairs:
+        if (not isinstance(path, str) or isinstance(axis, (bool, np.bool_))
+                or not isinstance(axis, (int, np.integer))):
+            raise TypeError(f"Policy.stacked: {path!r} -> {axis!r} is not a leaf path and an "
+                            "axis (a whole number)")
+    return [(path, int(axis)) for path, axis in pairs]
+
+
+def _checked_stacks(policy: "Policy", leaves) -> "Policy":
+    """``policy`` with its stacked leaves' axes made non-negative; ValueError
+    for a path that is no leaf of the tree or an axis the leaf lacks."""
+    shapes = {leaf.name: leaf.shape for leaf in leaves}
+    checked = {}
+    for path, axis in policy.stacked:
+        if path not in shapes:
+            raise ValueError(f"Policy.stacked names {path!r}, which is not a leaf of the tree")
+        ndim = len(shapes[path])
+        if not -ndim <= axis < ndim or ndim < 2:
+            raise ValueError(f"Policy.stacked: {path!r} of shape {tuple(shapes[path])} has no "
+                             f"axis {axis} to stack layers along (a stack has 2 or more axes)")
+        checked[path] = axis % ndim
+    return dataclasses.replace(policy, stacked=checked)
 
 
 def patterns(value, what: str) -> tuple[str, ...]:
@@ -396,10 +436,10 @@ class _LeafCoder:
         return self.weighing.get(name, size)
 
     def stack_axis(self, name: str) -> int | None:
-        """The axis that leads the view of leaf ``name``, which stacks layers
-        along it (jaxjpeg.stacks), or None: not stacked, or an input
-        covariance or the BatchNorm prior shapes its view, or the
-        framework's view is asked for."""
+        """The axis leaf ``name`` stacks layers along (jaxjpeg.stacks), which
+        its view puts among its rows (views.stacked_view), or None: not
+        stacked, or an input covariance or the BatchNorm prior shapes its
+        view, or the framework's view is asked for."""
         if (name not in self.stacks or self.view != "auto" or name in self.input_covariance
                 or (self.prior is not None and self.prior.models(name))):
             return None
@@ -563,7 +603,7 @@ class _StepSteering:
             data_free = _data_free_weight(leaf.size, rate.finite_norm2(array),
                                           (weighing or {}).get(leaf.name))
             steered[leaf.name] = math.sqrt(data_free / factor) if factor > 0 else math.inf
-            axis = (policy.stacked or {}).get(leaf.name)
+            axis = policy.stack_axis(leaf.name)
             if axis is not None and factor > 0:
                 logs[leaf.name] = _layers_log_multiplier(array, axis, factor,
                                                          (weighing or {}).get(leaf.name))
@@ -579,13 +619,17 @@ class _StepSteering:
 
 def _layers_log_multiplier(array, axis: int, factor: float, weighing) -> float:
     """The mean over a stacked leaf's layers of the log multiplier each
-    would get as a leaf of its own: the twin the common factor must match
-    (found by review: the stack's one multiplier, from its layers' summed
-    norms, moved every step by 1.3x where layers' scales spanned 8x)."""
+    would get as a leaf of its own: what the common factor must see for the
+    stack to be steered as its unstacked twin (the stack's one multiplier,
+    from its layers' summed norms, is their arithmetic mean, not the
+    geometric one the twin's logs average to)."""
+    from jaxjpeg import rate
+
     x = np.moveaxis(np.asarray(array), axis, 0)
-    norm2 = np.array([float(np.sum(np.square(layer, dtype=np.float64))) for layer in x])
+    norm2 = [rate.finite_norm2(layer) for layer in x]   # values kept aside left out
     size = x[0].size
-    logs = [0.5 * math.log(_data_free_weight(size, n2, weighing) / factor) for n2 in norm2 if n2 > 0]
+    logs = [0.5 * math.log(_data_free_weight(size, n2, weighing) / factor)
+            for n2 in norm2 if n2 > 0]
     return float(np.mean(logs)) if logs else 0.0
 
 
@@ -1236,10 +1280,10 @@ class _Save:
             raise TypeError(f"policy must be a jaxjpeg.Policy, got {type(policy).__name__}")
         _check_tile_shape(tile_shape)
         self.policy = policy or Policy()
-        stacked = self.policy.stacked
-        if stacked is None:
-            stacked = stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves})
-            self.policy = dataclasses.replace(self.policy, stacked=stacked)
+        if self.policy.stacked is None:
+            self.policy = dataclasses.replace(
+                self.policy, stacked=stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves}))
+        self.policy = _checked_stacks(self.policy, leaves)
         self.leaves = leaves
         for leaf in leaves:
             _check_storable(leaf.name, leaf)
@@ -1285,7 +1329,7 @@ class _Save:
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
                                 prior, input_means)
         self.leaf_coder = leaf_coder
-        leaf_coder.stacks = stacked
+        leaf_coder.stacks = dict(self.policy.stacked)
         leaf_coder.weighing = embeddings.weighing_sizes(
             {leaf.name: _slice_size(leaf, leaf_coder.stacks) for leaf in leaves
              if leaf.size > 0 and self.policy.should_compress(leaf.name, leaf.stand_in())})

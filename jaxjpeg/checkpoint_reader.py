@@ -117,8 +117,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         # by review); numpy takes at most 2**62 elements.
         # A sparse quantized leaf's bitmap is deflated: at most 8 values a
         # bit and zlib's 1032 bytes a byte.
-        per_byte = (8 * 1032 if record.get("stored") == "quantized" and "nonzeros" in record
-                    else 256)
+        per_byte = (8 * 1032 if record.get("kind") == "raw" and record.get("stored") == "quantized"
+                    and "nonzeros" in record else 256)
         if (any(d < 0 for d in shape) or math.prod(shape) > file_size * per_byte + 2**20
                 or math.prod(d for d in shape if d) >= 2**62):
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")

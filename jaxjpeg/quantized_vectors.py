@@ -43,6 +43,7 @@ MAX_CODE = 1 << 52      # |code| and |center| (exact in float64)
 # them: a 90%-sparse 512 x 512 kernel took 3.9 bits a weight as JPEG (its
 # zeros restored as noise); see encode.
 SPARSE_ZEROS = 0.5
+SPARSE_MIN_SIZE = 256   # below, the bitmap's zlib header costs about what it saves
 _MASK_LEVEL = 6   # zlib's level for the bitmap (jaxjpeg.layout.DEFLATE_LEVEL)
 
 
@@ -123,7 +124,7 @@ def is_sparse(values: np.ndarray, how: VectorStep | None = None) -> bool:
     """Whether ``values`` are coded with a bitmap of their nonzeros (linear
     steps, SPARSE_ZEROS of them exactly zero)."""
     flat = np.asarray(values).reshape(-1)
-    return ((how is None or how.domain == LINEAR) and flat.size > 0
+    return ((how is None or how.domain == LINEAR) and flat.size >= SPARSE_MIN_SIZE
             and flat.size - np.count_nonzero(flat) >= SPARSE_ZEROS * flat.size)
 
 
@@ -149,78 +150,100 @@ def nonzero_mask(flat: np.ndarray) -> bytes:
     return zlib.compress(np.packbits(flat != 0).tobytes(), _MASK_LEVEL)
 
 
-def _sparse_codes(flat: np.ndarray, step: float) -> tuple[bytes, np.ndarray] | None:
-    """(deflated bitmap of the nonzero codes, those codes, int64) of
-    ``flat`` on a linear ``step``, a chunk at a time; None when a value is
-    not finite or its code out of range. A value that rounds to 0 is left
-    out like a zero (it restores as 0 either way)."""
-    bits, codes = [], []
+def _chunk_codes(values: np.ndarray, step: float) -> np.ndarray | None:
+    """int64 codes of a chunk on a linear ``step``; None when a value is not
+    finite or its code out of range."""
+    codes = np.round(values.astype(np.float64) / step)
+    if not np.all(np.isfinite(codes)) or (codes.size and np.max(np.abs(codes)) >= MAX_CODE):
+        return None
+    return codes.astype(np.int64)
+
+
+def _sparse_bitmap(flat: np.ndarray, step: float) -> tuple[bytes, int, int] | None:
+    """(deflated bitmap of ``flat``'s nonzero codes on ``step``, how many,
+    their smallest magnitude), a chunk at a time; None when a value cannot
+    be coded. A value that rounds to 0 is left out like a zero (it restores
+    as 0 either way)."""
+    bits, count, smallest = [], 0, MAX_CODE
     for start in range(0, flat.size, _CHUNK):   # _CHUNK is a multiple of 8: bytes join
-        chunk = np.round(flat[start:start + _CHUNK].astype(np.float64) / step)
-        if not np.all(np.isfinite(chunk)) or (chunk.size and np.max(np.abs(chunk)) >= MAX_CODE):
+        codes = _chunk_codes(flat[start:start + _CHUNK], step)
+        if codes is None:
             return None
-        kept = chunk != 0
+        kept = codes != 0
         bits.append(np.packbits(kept))
-        codes.append(chunk[kept].astype(np.int64))
-    mask = zlib.compress(np.concatenate(bits).tobytes() if bits else b"", _MASK_LEVEL)
-    return mask, np.concatenate(codes) if codes else np.zeros(0, np.int64)
+        if kept.any():
+            count += int(np.count_nonzero(kept))
+            smallest = min(smallest, int(np.abs(codes[kept]).min()))
+    packed = np.concatenate(bits).tobytes() if bits else b""
+    return zlib.compress(packed, _MASK_LEVEL), count, smallest if count else 0
+
+
+def _nonzero_codes(flat: np.ndarray, step: float):
+    """``flat``'s nonzero codes in order, in blocks of _CHUNK (the last
+    shorter): a block's signs and remainders then end on a byte. At most
+    two chunks' codes are held."""
+    pending, held = [], 0
+    for start in range(0, flat.size, _CHUNK):
+        codes = _chunk_codes(flat[start:start + _CHUNK], step)
+        pending.append(codes[codes != 0])
+        held += pending[-1].size
+        while held >= _CHUNK:
+            joined = np.concatenate(pending)
+            yield joined[:_CHUNK]
+            pending, held = [joined[_CHUNK:]], held - _CHUNK
+    if held:
+        yield np.concatenate(pending)
 
 
 def _encode_sparse(flat: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     """A sparse vector: the bitmap of its nonzero codes, then their
     magnitudes less the smallest (``center``), Rice coded, then their signs
     (a bit each, 1: negative). Pruned values start at their cut: codes
-    about their median took 6.0 bits where magnitudes and signs take 3.9
-    (review, 90% pruned)."""
-    coded = _sparse_codes(flat, how.step)
+    about their median spend a bit or two more a value on the gap between
+    the two clusters. Two passes over the vector, a chunk at a time."""
+    mapped = _sparse_bitmap(flat, how.step)
+    if mapped is None:
+        return None
+    mask, count, gap = mapped
+    sample = flat[sample_positions(flat.size, _SAMPLE)]
+    codes = _chunk_codes(sample, how.step)
+    magnitudes = np.abs(codes[codes != 0]) - gap
+    k = _rice_parameter(magnitudes) if magnitudes.size else 0
+    while True:   # widened where a magnitude the sample missed needs it
+        coded = _sparse_rice(flat, how.step, gap, k, count)
+        if not isinstance(coded, int):
+            break
+        k = coded
     if coded is None:
         return None
-    mask, codes = coded
-    magnitudes = np.abs(codes)
-    gap = int(magnitudes.min()) if codes.size else 0
-    folded = magnitudes - gap
-    k = _rice_parameter(sampled(folded)) if codes.size else 0
-    unary, remainders = _UnaryWriter(), []
-    for start in range(0, folded.size, _CHUNK):
-        part = folded[start:start + _CHUNK]
-        quotients = part >> k
-        if int(quotients.max()) >= MAX_QUOTIENT:
-            k = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
-            if k > MAX_RICE:
-                return None
-            return _encode_sparse_on(flat, how, mask, codes, gap, k)
-        unary.add(quotients)
-        remainders.append(_remainder_bytes(part, k))
-    return _sparse_blob(how, mask, codes, gap, k, unary, remainders)
-
-
-def _encode_sparse_on(flat, how, mask, codes, gap, k):
-    """_encode_sparse's codes on the wider Rice parameter ``k`` a value the
-    sample missed needs (found by review for dense vectors: MemoryError)."""
-    folded = np.abs(codes) - gap
-    unary, remainders = _UnaryWriter(), []
-    for start in range(0, folded.size, _CHUNK):
-        part = folded[start:start + _CHUNK]
-        unary.add(part >> k)
-        remainders.append(_remainder_bytes(part, k))
-    return _sparse_blob(how, mask, codes, gap, k, unary, remainders)
-
-
-def _sparse_blob(how, mask, codes, gap, k, unary, remainders) -> tuple[bytes, dict] | None:
-    count = codes.size
-    folded_bits = (int(np.sum((np.abs(codes) - gap) >> k)) + count * (k + 1)) if count else 0
-    if folded_bits > 16 * max(1, count):   # more than float16 would take, signs aside
+    unary, remainders, signs, largest = coded
+    if not np.isfinite(restore(np.array([gap + largest]), 0, how.step, LINEAR)).all():
         return None
-    top = restore(np.array([gap + int((np.abs(codes) - gap).max()) if count else 0]), 0,
-                  how.step, LINEAR)
-    if not np.all(np.isfinite(top)):
-        return None
-    unary_bytes = unary.finish() if count else b""
-    signs = np.packbits(codes < 0).tobytes()
     record = {"stored": "quantized", "step": float(how.step), "domain": LINEAR,
-              "center": gap, "rice": k, "unary_bytes": len(unary_bytes),
-              "nonzeros": int(count), "mask_bytes": len(mask)}
-    return b"".join([mask, unary_bytes, *remainders, signs]), record
+              "center": gap, "rice": k, "unary_bytes": len(unary),
+              "nonzeros": count, "mask_bytes": len(mask)}
+    return b"".join([mask, unary, remainders, signs]), record
+
+
+def _sparse_rice(flat, step: float, gap: int, k: int, count: int):
+    """(unary parts, remainders, sign plane, largest magnitude less ``gap``)
+    of ``flat``'s nonzero codes on Rice parameter ``k``; None past float16's
+    16 bits a value or MAX_RICE; or the wider ``k`` a magnitude needs."""
+    unary, remainders, signs, bits, largest = _UnaryWriter(), [], [], 0, 0
+    for codes in _nonzero_codes(flat, step):
+        folded = np.abs(codes) - gap
+        quotients = folded >> k
+        if int(quotients.max()) >= MAX_QUOTIENT:
+            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
+            return wider if k < wider <= MAX_RICE else None
+        bits += int(quotients.sum()) + folded.size * (k + 1)
+        if bits > 16 * count:
+            return None
+        largest = max(largest, int(folded.max()))
+        unary.add(quotients)
+        remainders.append(_remainder_bytes(folded, k))
+        signs.append(np.packbits(codes < 0).tobytes())
+    return (unary.finish() if count else b""), b"".join(remainders), b"".join(signs), largest
 
 
 def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
@@ -312,11 +335,11 @@ class _UnaryWriter:
 
 def coded_bytes(values: np.ndarray, step: float) -> int:
     """The bytes :func:`encode` takes for ``values`` on a linear ``step``
-    (counted, not coded; a sparse vector's bitmap deflated)."""
+    (counted, not coded; a sparse vector coded, its bitmap deflated)."""
     flat = np.asarray(values).reshape(-1)
     if is_sparse(flat):
-        coded = _sparse_codes(flat, step)
-        return len(coded[0]) + sparse_value_bytes(coded[1]) if coded is not None else 0
+        blob = _encode_sparse(flat, VectorStep(step))
+        return len(blob[0]) if blob is not None else 0
     codes = np.round(flat.astype(np.float64) / step).astype(np.int64)
     folded = _zigzag(codes - int(np.median(codes)))
     k = _rice_parameter(folded)
@@ -414,7 +437,7 @@ def _decoded_sparse(codes_blob, count: int, record: dict) -> np.ndarray:
     bits = np.frombuffer(raw, np.uint8)
     if count % 8 and bits[-1] & ((1 << (8 - count % 8)) - 1):
         raise ValueError("holds bitmap padding bits set")
-    nonzero = np.unpackbits(bits, count=count).astype(bool)
+    nonzero = np.unpackbits(bits, count=count).view(bool)
     if int(np.count_nonzero(nonzero)) != nonzeros:
         raise ValueError(f"holds a bitmap of {int(np.count_nonzero(nonzero))} nonzeros, "
                          f"expected {nonzeros}")

@@ -131,8 +131,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
 
     ``stack`` (optional): the axis along which ``x`` stacks layers
     (:mod:`jaxjpeg.stacks`); without an input covariance, an "auto" view
-    then leads its rows with it (a layer's rows are a run of rows, not
-    interleaved with other layers' in JPEG's blocks), and where
+    then puts it among its rows (:func:`jaxjpeg.views.stacked_view`: first,
+    so a layer's rows are a run of rows, or after a sharded row axis), and
+    where
     ``layer_steps`` and no ``importance`` each layer's rows get steps in
     proportion to the layer's RMS (:func:`jaxjpeg.stacks.slice_weights`).
     """

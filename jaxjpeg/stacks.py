@@ -19,10 +19,11 @@ Found from the tree: a path part that names a scanned module
 (``ScanBlock_0``, as ``nn.scan`` names one, ``layers``, ``blocks``,
 ``experts``, ``stack...``, ``repeat...``; the whole part, so a list's
 ``layers_0`` is not one) whose leaves all share the length of axis 0 (or,
-failing that, of axis 1: MaxText), with no list index right below it (a
-list of layers, ``layers/0/...``, is unstacked). Shapes alone were
-tried first and found attention kernels (``(D, H, K)`` beside ``(D, D)``)
-and weight-normed convolutions stacked (found by review).
+failing that, of axis 1: MaxText), with no list entry right below it (a
+list of layers, ``layers/0/...`` or linen's ``layers/layers_0/...``, is
+unstacked). Shapes alone cannot tell: attention kernels (``(D, H, K)``
+beside ``(D, D)``) and weight-normed convolutions share an axis's length
+too.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-_STACK_ROOT = re.compile(r"scan\w*|\w*_scan|scanned\w*|layers|blocks|experts|stack\w*|repeat\w*",
+_STACK_ROOT = re.compile(r"scan\w*|\w*_scan|layers|blocks|experts|stack\w*|repeat\w*",
                          re.IGNORECASE)
-_INDEX = re.compile(r"\d+")   # a list's entries (NNX lists, torch's ModuleList)
 AXES = (0, 1)   # linen/NNX scans stack on axis 0; MaxText's param_scan_axis is 1
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -55,8 +55,9 @@ def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
             groups.setdefault(p[:roots[-1] + 1], []).append(name)
     found: dict[str, int] = {}
     for prefix, names in groups.items():
-        if any(_INDEX.fullmatch(parts[n][len(prefix)]) for n in names):
-            continue   # a list of layers
+        entry = re.compile(rf"(?:{re.escape(prefix[-1])}_)?\d+")
+        if any(entry.fullmatch(parts[n][len(prefix)]) for n in names):
+            continue   # a list of layers: layers/0/..., or linen's layers/layers_0/...
         axis = _group_axis([tuple(shapes[n]) for n in names])
         if axis is not None:
             found.update((n, axis) for n in names)
@@ -65,12 +66,16 @@ def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
 
 def _group_axis(shapes: list[tuple]) -> int | None:
     """The axis every one of ``shapes`` has of one length (at least 2), 0
-    before 1, where one of them is at least 2-D (something to code)."""
+    before 1, where one of them is at least 2-D (something to code) and
+    not every one has that length on another axis too (square kernels
+    of one width are not a stack of that many layers)."""
     if not any(len(s) >= 2 for s in shapes):
         return None
     for axis in AXES:
         lengths = {s[axis] if len(s) > axis else None for s in shapes}
         if len(lengths) == 1 and (n := lengths.pop()) is not None and n >= 2:
+            if all(n in s[:axis] + s[axis + 1:] for s in shapes):
+                return None
             return axis
     return None
 

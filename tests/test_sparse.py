@@ -181,3 +181,10 @@ def test_a_pruned_stack_keeps_each_layers_step(tmp_path):
     got = np.asarray(jaxjpeg.restore(tmp_path / "s")["layers"]["mlp"]["kernel"])
     errors = [_relative(got[l][kernel[l] != 0], kernel[l][kernel[l] != 0]) for l in range(4)]
     assert max(errors) < 1.3 * min(errors), errors
+
+
+def test_a_small_zero_vector_stays_dense():
+    """Found by review: an all-zero 32-value vector (a bias at init) took 12
+    bytes sparse (the bitmap's zlib header) where dense takes 4."""
+    blob, record = qv.encode(np.zeros(32, np.float32), qv.VectorStep(0.01))
+    assert "nonzeros" not in record and len(blob) <= 4

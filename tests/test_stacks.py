@@ -301,3 +301,46 @@ def test_dead_rows_come_back_exact(tmp_path):
     jaxjpeg.save(tmp_path / "s", {"w": w})
     got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
     assert np.all(got[[3, 100, 101]] == 0)
+
+
+def test_a_sequential_of_equal_widths_is_not_a_stack(tmp_path):
+    """Found by review: linen's nn.Sequential named `layers` saves
+    layers/layers_0/kernel (256, 256), ...: taken for stacks of 256 layers
+    (each layer 1-D, so every kernel stored raw: 790 kB where 104 kB)."""
+    shapes = {f"layers/layers_{i}/{leaf}": shape for i in (0, 2, 4)
+              for leaf, shape in (("kernel", (256, 256)), ("bias", (256,)))}
+    assert stacks.stack_axes(shapes) == {}
+    # and square kernels alone, under any name: not as many layers as their width
+    assert stacks.stack_axes({"layers/q": (256, 256), "layers/k": (256, 256, 4)}) == {}
+
+
+def test_policy_stacked_is_checked_and_hashable(twins, tmp_path):
+    """Found by review: a bad axis failed deep in numpy (IndexError, "axes
+    don't match array"), a path not in the tree was ignored, and the
+    policy could not be hashed."""
+    _, stacked, _ = twins
+    assert hash(jaxjpeg.Policy(stacked={})) == hash(jaxjpeg.Policy(stacked={}))
+    with pytest.raises(TypeError, match="Policy.stacked"):
+        jaxjpeg.Policy(stacked={"layers/mlp/kernel": True})
+    with pytest.raises(TypeError, match="Policy.stacked"):
+        jaxjpeg.Policy(stacked={"layers/mlp/kernel": "0"})
+    for bad, match in [({"layers/mlp/kernel": 5}, "no axis 5"),
+                       ({"layers/mlp/kernel": -4}, "no axis -4"),
+                       ({"layers/nope": 0}, "not a leaf")]:
+        with pytest.raises(ValueError, match=match):
+            jaxjpeg.save(tmp_path / "s", stacked, policy=jaxjpeg.Policy(stacked=bad))
+    jaxjpeg.save(tmp_path / "s", stacked, policy=jaxjpeg.Policy(stacked={"layers/mlp/kernel": -3}))
+
+
+def test_a_stack_with_an_infinity_takes_a_sensitivity(tmp_path):
+    """Found by review: one infinity made a steered stack's layer norm
+    infinite and the save failed (math domain error)."""
+    w = (0.02 * np.random.default_rng(8).normal(size=(4, 128, 128))).astype(np.float32)
+    w[1, 2, 3] = np.inf
+    tree = {"layers": {"kernel": w, "bias": np.zeros((4, 128), np.float32)}}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # the note on the kept infinity
+        jaxjpeg.save(tmp_path / "s", tree, relative_step=0.1, sensitivity={"layers/kernel": 2.0})
+    got = np.asarray(jaxjpeg.restore(tmp_path / "s")["layers"]["kernel"])
+    assert np.isposinf(got[1, 2, 3])
