@@ -30,7 +30,7 @@ from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
-                                        parse_dtype)
+                                        SPARSE_HALF_DTYPES, parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
 
 
@@ -1775,7 +1775,9 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     from jaxjpeg import quantized_vectors, rate
 
     sparse = quantized_vectors.is_sparse(array)
-    if array.dtype != np.float32 or array.ndim == 0 or (enc.outliers is not None and not sparse):
+    dtypes = ("float32", *SPARSE_HALF_DTYPES) if sparse else ("float32",)
+    if str(array.dtype) not in dtypes or array.ndim == 0 or (enc.outliers is not None
+                                                              and not sparse):
         return None
     if sparse and analysis.count_special(array):   # the thin coding takes finite values only
         return None

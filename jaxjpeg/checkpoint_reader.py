@@ -100,6 +100,10 @@ def _whole(value) -> int:
     return value
 
 
+# Half-precision dtypes a sparse leaf may be quantized from (besides float32).
+SPARSE_HALF_DTYPES = ("bfloat16", "float16")
+
+
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
         _check_path_records(index, record["path"])
@@ -128,7 +132,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             stored = record.get("stored")
             if stored is None:
                 return leaf
-            if stored == "quantized" and leaf.dtype == np.float32 and len(shape) >= 1:
+            # float32 leaves, and a sparse leaf's half-precision ones
+            # (restored through float32)
+            if (stored == "quantized" and len(shape) >= 1
+                    and (leaf.dtype == np.float32
+                         or ("nonzeros" in record and str(leaf.dtype) in SPARSE_HALF_DTYPES))):
                 try:
                     fields = quantized_vectors.check_record(record, f"leaf {index}")
                 except ValueError as e:
@@ -311,7 +319,7 @@ class Checkpoint:
                                                           leaf.quantized)
             except ValueError as e:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
-            return values.reshape(leaf.shape)
+            return values.reshape(leaf.shape).astype(leaf.dtype, copy=False)
         stored = leaf.stored_dtype or leaf.dtype
         if leaf.deflated:
             try:

@@ -42,6 +42,7 @@ import numpy as np
 
 from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
+from jaxjpeg.checkpoint_reader import SPARSE_HALF_DTYPES
 from jaxjpeg.treepaths import key_record, path_string
 
 STEP_LIMIT = {8: 255, 12: 65535}
@@ -1074,7 +1075,8 @@ def is_sparse(p: codec.Prepared) -> bool:
     (quantized_vectors.SPARSE_ZEROS): JPEG would code its zeros as values,
     and restore them as noise (zero rows too, unless a whole 8-row block
     is zero)."""
-    return (np.dtype(p.dtype) == np.float32 and quantized_vectors.is_sparse(p.original)
+    return (p.dtype in ("float32", *SPARSE_HALF_DTYPES)
+            and quantized_vectors.is_sparse(p.original)
             and analysis.count_special(p.original) == 0)
 
 
