@@ -210,40 +210,33 @@ def _encode_sparse(flat: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | No
     magnitudes = np.abs(codes[codes != 0]) - gap
     k = _rice_parameter(magnitudes) if magnitudes.size else 0
     while True:   # widened where a magnitude the sample missed needs it
-        coded = _sparse_rice(flat, how.step, gap, k, count)
-        if not isinstance(coded, int):
+        try:
+            coded = _sparse_rice(flat, how.step, gap, k, count)
             break
-        k = coded
+        except _Wider as wider:
+            k = wider.k
     if coded is None:
         return None
-    unary, remainders, signs, largest = coded
+    (unary, rest), largest = coded
     if not np.isfinite(restore(np.array([gap + largest]), 0, how.step, LINEAR)).all():
         return None
     record = {"stored": "quantized", "step": float(how.step), "domain": LINEAR,
               "center": gap, "rice": k, "unary_bytes": len(unary),
               "nonzeros": count, "mask_bytes": len(mask)}
-    return b"".join([mask, unary, remainders, signs]), record
+    return b"".join([mask, unary, rest]), record
 
 
 def _sparse_rice(flat, step: float, gap: int, k: int, count: int):
-    """(unary parts, remainders, sign plane, largest magnitude less ``gap``)
-    of ``flat``'s nonzero codes on Rice parameter ``k``; None past float16's
-    16 bits a value or MAX_RICE; or the wider ``k`` a magnitude needs."""
-    unary, remainders, signs, bits, largest = _UnaryWriter(), [], [], 0, 0
+    """((unary parts, remainders and sign plane), largest magnitude less
+    ``gap``) of ``flat``'s nonzero codes on Rice parameter ``k``, or None
+    (see :class:`_RiceStreams`)."""
+    streams, largest = _RiceStreams(k, count), 0
     for codes in _nonzero_codes(flat, step):
         folded = np.abs(codes) - gap
-        quotients = folded >> k
-        if int(quotients.max()) >= MAX_QUOTIENT:
-            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
-            return wider if k < wider <= MAX_RICE else None
-        bits += int(quotients.sum()) + folded.size * (k + 1)
-        if bits > 16 * count:
+        if not streams.add(folded, codes < 0):
             return None
         largest = max(largest, int(folded.max()))
-        unary.add(quotients)
-        remainders.append(_remainder_bytes(folded, k))
-        signs.append(np.packbits(codes < 0).tobytes())
-    return (unary.finish() if count else b""), b"".join(remainders), b"".join(signs), largest
+    return streams.finish(), largest
 
 
 def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
@@ -256,10 +249,10 @@ def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | N
     center = int(np.median(probe[0]))
     k = _rice_parameter(_zigzag(probe[0] - center))
     while True:
-        coded = _rice_coded(flat, how, center, k)
-        if not isinstance(coded, int):
-            return coded
-        k = coded   # wider, for a quotient too long (found by review: MemoryError)
+        try:
+            return _rice_coded(flat, how, center, k)
+        except _Wider as wider:   # for a quotient too long (found by review: MemoryError)
+            k = wider.k
 
 
 def sample_positions(size: int, count: int, seed: int = 0):
@@ -277,37 +270,67 @@ def sampled(flat: np.ndarray, count: int = _SAMPLE) -> np.ndarray:
 
 
 def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int):
-    """(blob, record) of ``flat`` on Rice parameter ``k``, None when it
-    cannot be coded, or the wider parameter a chunk's largest code needs
-    (every check before a chunk's unary bits are built)."""
-    unary, remainders, signs = _UnaryWriter(), [], []
-    lo, hi, bits = math.inf, -math.inf, 0
+    """(blob, record) of ``flat`` on Rice parameter ``k``, or None when it
+    cannot be coded (see :class:`_RiceStreams`)."""
+    streams = _RiceStreams(k, flat.size)
+    lo, hi = math.inf, -math.inf
     for start in range(0, flat.size, _CHUNK):
         coded = _codes(flat[start:start + _CHUNK], how)
         if coded is None:
             return None
         codes, negative = coded
         lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
-        folded = _zigzag(codes - center)
-        quotients = folded >> k
-        if int(quotients.max()) >= MAX_QUOTIENT:
-            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
-            return wider if k < wider <= MAX_RICE else None
-        bits += int(quotients.sum()) + folded.size * (k + 1)
-        if bits > 16 * flat.size:   # more than float16 would take
+        if not streams.add(_zigzag(codes - center), negative):
             return None
-        unary.add(quotients)
-        remainders.append(_remainder_bytes(folded, k))
-        if negative is not None:
-            signs.append(np.packbits(negative).tobytes())
     # restore is monotonic in the codes: the extremes bound every value
     if not np.all(np.isfinite(restore(np.array([lo, hi]), 0, how.step, how.domain, how.offset))):
         return None
-    unary = unary.finish()
+    unary, rest = streams.finish()
     record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
               "center": center, "rice": k, "unary_bytes": len(unary),
               **({"offset": how.offset} if how.domain in LOG_DOMAINS else {})}
-    return b"".join([unary, *remainders, *signs]), record
+    return unary + rest, record
+
+
+class _Wider(Exception):
+    """A quotient too long for Rice parameter ``k``; this wider one codes it."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.k = k
+
+
+class _RiceStreams:
+    """Values folded to >= 0 Rice coded on parameter ``k``, a block at a time
+    (every block but the last a multiple of 8 values: its remainders and
+    signs end on a byte), with a sign plane where signs are given. Every
+    check runs before a block's unary bits are built: a quotient the decoder
+    would refuse raises :class:`_Wider` (or, past MAX_RICE, ``add`` returns
+    False), and so do more than float16's 16 bits a value of ``count``."""
+
+    def __init__(self, k: int, count: int):
+        self.k, self.limit, self.bits = k, 16 * count, 0
+        self.unary, self.remainders, self.signs = _UnaryWriter(), [], []
+
+    def add(self, folded: np.ndarray, negative: np.ndarray | None = None) -> bool:
+        quotients = folded >> self.k
+        if int(quotients.max()) >= MAX_QUOTIENT:
+            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
+            if self.k < wider <= MAX_RICE:
+                raise _Wider(wider)
+            return False
+        self.bits += int(quotients.sum()) + folded.size * (self.k + 1)
+        if self.bits > self.limit:   # more than float16 would take
+            return False
+        self.unary.add(quotients)
+        self.remainders.append(_remainder_bytes(folded, self.k))
+        if negative is not None:
+            self.signs.append(np.packbits(negative).tobytes())
+        return True
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """(the unary parts, then the remainders and the sign plane)."""
+        return self.unary.finish(), b"".join([*self.remainders, *self.signs])
 
 
 class _UnaryWriter:
@@ -341,9 +364,7 @@ def coded_bytes(values: np.ndarray, step: float) -> int:
         blob = _encode_sparse(flat, VectorStep(step))
         return len(blob[0]) if blob is not None else 0
     codes = np.round(flat.astype(np.float64) / step).astype(np.int64)
-    folded = _zigzag(codes - int(np.median(codes)))
-    k = _rice_parameter(folded)
-    return -(-(int(np.sum(folded >> k)) + folded.size) // 8) + -(-folded.size * k // 8)
+    return _rice_bytes(_zigzag(codes - int(np.median(codes))))
 
 
 def sparse_value_bytes(codes: np.ndarray) -> int:
@@ -352,10 +373,14 @@ def sparse_value_bytes(codes: np.ndarray) -> int:
     if not codes.size:
         return 0
     magnitudes = np.abs(codes)
-    folded = magnitudes - magnitudes.min()
+    return _rice_bytes(magnitudes - magnitudes.min()) + -(-codes.size // 8)
+
+
+def _rice_bytes(folded: np.ndarray) -> int:
+    """The bytes of ``folded`` (>= 0) Rice coded on its best parameter:
+    unary parts and remainders, each padded to a byte."""
     k = _rice_parameter(folded)
-    return (-(-(int(np.sum(folded >> k)) + folded.size) // 8) + -(-folded.size * k // 8)
-            + -(-folded.size // 8))
+    return -(-(int(np.sum(folded >> k)) + folded.size) // 8) + -(-folded.size * k // 8)
 
 
 def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
@@ -413,9 +438,9 @@ def _decoded_codes(codes_blob, count: int, record: dict, magnitudes: bool) -> np
         done += ends.size
     if count and run >= 8:
         raise ValueError("holds a unary part padded by more than a byte")
-    if sign_bytes and count % 8 and signs[-1] & ((1 << (8 - count % 8)) - 1):
+    if sign_bytes and _padding_set(signs, count):
         raise ValueError("holds sign padding bits set")   # found by review
-    if remainder_bytes and count * k % 8 and remainders[-1] & ((1 << (8 - count * k % 8)) - 1):
+    if remainder_bytes and _padding_set(remainders, count * k):
         raise ValueError("holds remainder padding bits set")
     if not np.all(np.isfinite(out)):
         raise ValueError("restores values beyond float32's range")
@@ -435,7 +460,7 @@ def _decoded_sparse(codes_blob, count: int, record: dict) -> np.ndarray:
     if len(raw) != (count + 7) // 8 or not complete:
         raise ValueError("holds a bitmap of the wrong size")
     bits = np.frombuffer(raw, np.uint8)
-    if count % 8 and bits[-1] & ((1 << (8 - count % 8)) - 1):
+    if bits.size and _padding_set(bits, count):
         raise ValueError("holds bitmap padding bits set")
     nonzero = np.unpackbits(bits, count=count).view(bool)
     if int(np.count_nonzero(nonzero)) != nonzeros:
@@ -444,6 +469,12 @@ def _decoded_sparse(codes_blob, count: int, record: dict) -> np.ndarray:
     out = np.zeros(count, np.float32)
     out[nonzero] = _decoded_codes(data[split:].tobytes(), nonzeros, record, magnitudes=True)
     return out
+
+
+def _padding_set(packed: np.ndarray, used: int) -> bool:
+    """Whether a bit past the first ``used`` of ``packed`` (its last byte's
+    padding, most significant bits first) is set."""
+    return bool(used % 8 and packed[-1] & ((1 << (8 - used % 8)) - 1))
 
 
 _ZEROS_IN_BYTE = np.array([8 - bin(b).count("1") for b in range(256)], np.uint8)
