@@ -30,7 +30,7 @@ from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
-                                        SPARSE_HALF_DTYPES, parse_dtype)
+                                        parse_dtype)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
 
 
@@ -1442,15 +1442,14 @@ class _Save:
                                if leaf.name in self.coded])
         return phases
 
-    def _may_be_thin(self, name: str, array, enc: codec.EncodedTensor) -> bool:
-        """Whether a JPEG coding of a thin view or of a sparse leaf may be
-        replaced by a thin coding within its error (not a user's encoder's
-        choice)."""
-        from jaxjpeg import quantized_vectors, rate
+    def _may_be_thin(self, name: str, enc: codec.EncodedTensor, sparse: bool) -> bool:
+        """Whether a JPEG coding of a thin view or of a ``sparse`` leaf
+        (rate.is_sparse_leaf) may be replaced by a thin coding within its
+        error (not a user's encoder's choice)."""
+        from jaxjpeg import rate
 
         return (not self.user_encoder and self.leaf_coder.one_step_fits(name)
-                and (min(enc.matrix_shape) < rate.THIN_SIDE
-                     or quantized_vectors.is_sparse(array)))
+                and (min(enc.matrix_shape) < rate.THIN_SIDE or sparse))
 
     def metadata(self, records: list) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,
@@ -1494,8 +1493,9 @@ class _Save:
             thin, enc, jpeg = _thin_stored(enc), None, None
         else:
             jpeg = _jpeg_blobs(index, enc) if enc is not None else None
-            thin = (_thin_alternative(array, enc, jpeg[2])
-                    if jpeg is not None and self._may_be_thin(name, array, enc) else None)
+            sparse = jpeg is not None and not self.user_encoder and rate.is_sparse_leaf(array)
+            thin = (_thin_alternative(array, enc, jpeg[2], sparse)
+                    if jpeg is not None and self._may_be_thin(name, enc, sparse) else None)
         if thin is not None:
             lossy, jpeg = thin, None
             self.bias_correction.add(name, lambda: _quantized_error(array, thin))
@@ -1766,20 +1766,17 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
     return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
 
 
-def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int) -> tuple | None:
+def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,
+                      sparse: bool) -> tuple | None:
     """(blob, record fields, note) of a float32 leaf whose JPEG coding pads
     its thin view (rate.THIN_SIDE) quantized on one step within that
-    coding's squared error, when that is smaller; else None. A sparse leaf
-    (quantized_vectors.is_sparse) keeps its zeros exact and its nonzero
-    values within the error JPEG gave them (its zeros took noise)."""
-    from jaxjpeg import quantized_vectors, rate
+    coding's squared error, when that is smaller; else None. A ``sparse``
+    leaf (rate.is_sparse_leaf) keeps its zeros exact and its nonzero values
+    within the error JPEG gave them (its zeros took noise)."""
+    from jaxjpeg import rate
 
-    sparse = quantized_vectors.is_sparse(array)
-    dtypes = ("float32", *SPARSE_HALF_DTYPES) if sparse else ("float32",)
-    if str(array.dtype) not in dtypes or array.ndim == 0 or (enc.outliers is not None
-                                                              and not sparse):
-        return None
-    if sparse and analysis.count_special(array):   # the thin coding takes finite values only
+    if not sparse and (array.dtype != np.float32 or array.ndim == 0
+                       or enc.outliers is not None):
         return None
     flat = array.reshape(-1)
     decoded = codec.decode_tensor(enc).reshape(-1)

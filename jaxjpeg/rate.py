@@ -1070,14 +1070,19 @@ def is_thin(p: codec.Prepared) -> bool:
 
 
 def is_sparse(p: codec.Prepared) -> bool:
-    """Whether ``p`` (float32, every value finite) is sparse enough to be
-    quantized on one step with a bitmap of its nonzeros
+    """:func:`is_sparse_leaf` of a prepared leaf."""
+    return is_sparse_leaf(p.original)
+
+
+def is_sparse_leaf(x) -> bool:
+    """Whether ``x`` (float32, bfloat16 or float16, every value finite) is
+    sparse enough to be quantized on one step with a bitmap of its nonzeros
     (quantized_vectors.SPARSE_ZEROS): JPEG would code its zeros as values,
     and restore them as noise (zero rows too, unless a whole 8-row block
     is zero)."""
-    return (p.dtype in ("float32", *SPARSE_HALF_DTYPES)
-            and quantized_vectors.is_sparse(p.original)
-            and analysis.count_special(p.original) == 0)
+    x = np.asarray(x)
+    return (str(x.dtype) in ("float32", *SPARSE_HALF_DTYPES)
+            and quantized_vectors.is_sparse(x) and analysis.count_special(x) == 0)
 
 
 @dataclasses.dataclass(frozen=True)
