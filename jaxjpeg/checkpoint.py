@@ -396,7 +396,7 @@ class _LeafCoder:
         self.prior = prior.without(self.input_covariance) if prior is not None else None
         self.shards = shards or {}  # name -> the shards of the array saved (SourceLeaf.shards)
         self.weighing: dict = {}    # name -> the size its error is weighed by (jaxjpeg.embeddings)
-        self.stacks: dict = {}      # name -> the axis it stacks layers along (jaxjpeg.stacks)
+        self.stacked = lambda name: None   # a leaf's stack axis (Policy.stack_axis)
         self._choices: dict = {}   # name -> what the analysis chose (small arrays only)
 
     def prepare(self, name, array) -> codec.Prepared:
@@ -440,10 +440,11 @@ class _LeafCoder:
         its view puts among its rows (views.stacked_view), or None: not
         stacked, or an input covariance or the BatchNorm prior shapes its
         view, or the framework's view is asked for."""
-        if (name not in self.stacks or self.view != "auto" or name in self.input_covariance
+        axis = self.stacked(name)
+        if (axis is None or self.view != "auto" or name in self.input_covariance
                 or (self.prior is not None and self.prior.models(name))):
             return None
-        return self.stacks[name]
+        return axis
 
     def by_layer(self, name: str) -> bool:
         """Whether leaf ``name``'s layers get steps by their own RMS: a
@@ -640,24 +641,24 @@ def balanced_step_factor(size: int, reference_size: float) -> float:
     return (size / reference_size) ** STEP_SIZE_POWER if reference_size > 0 else 1.0
 
 
-def _step_reference_size(leaves, policy: "Policy", stacked: Mapping[str, int] | None = None) -> float:
+def _step_reference_size(leaves, policy: "Policy") -> float:
     """The typical size of the leaves ``policy`` codes, exp of their
     log-sizes' mean weighted by size: the step each leaf's values get
     averages (in log) to relative_step times RMS, so the default's rate
     stays about 4 bits/weight on Gaussian weights, as with one step per RMS.
-    A stacked leaf counts as its layers (``stacked``: jaxjpeg.stacks)."""
+    A stacked leaf counts as its layers (``Policy.stacked``)."""
     coded = [leaf for leaf in leaves
              if leaf.size > 0 and policy.should_compress(leaf.name, leaf.stand_in())]
     if not coded:
         return 0.0
     sizes = np.array([leaf.size for leaf in coded], np.float64)
-    slices = np.array([_slice_size(leaf, stacked) for leaf in coded], np.float64)
+    slices = np.array([_slice_size(leaf, policy) for leaf in coded], np.float64)
     return float(np.exp(np.sum(sizes * np.log(slices)) / sizes.sum()))
 
 
-def _slice_size(leaf, stacked: Mapping[str, int] | None) -> int:
-    """A leaf's size, or a layer's where it stacks layers (jaxjpeg.stacks)."""
-    axis = (stacked or {}).get(leaf.name)
+def _slice_size(leaf, policy: "Policy") -> int:
+    """A leaf's size, or a layer's where it stacks layers (``Policy.stacked``)."""
+    axis = policy.stack_axis(leaf.name)
     return leaf.size if axis is None else leaf.size // leaf.shape[axis]
 
 
@@ -1329,9 +1330,9 @@ class _Save:
                                 {leaf.name: leaf.shards for leaf in leaves if leaf.shards},
                                 prior, input_means)
         self.leaf_coder = leaf_coder
-        leaf_coder.stacks = dict(self.policy.stacked)
+        leaf_coder.stacked = self.policy.stack_axis
         leaf_coder.weighing = embeddings.weighing_sizes(
-            {leaf.name: _slice_size(leaf, leaf_coder.stacks) for leaf in leaves
+            {leaf.name: _slice_size(leaf, self.policy) for leaf in leaves
              if leaf.size > 0 and self.policy.should_compress(leaf.name, leaf.stand_in())})
         if leaf_coder.prior:   # the leaves the prior weighs
             self.rate.update(leaf_coder.prior.record())
@@ -1348,7 +1349,7 @@ class _Save:
         self.workers = 1 if encoder is not None else save_workers()
         self.window = SAVE_WINDOW_BYTES
         if relative_step is not None:
-            reference = _step_reference_size(leaves, self.policy, leaf_coder.stacks)
+            reference = _step_reference_size(leaves, self.policy)
             self.rate["reference_size"] = round(reference)
             steering = (_StepSteering.of(leaves, sensitivity, self.policy, leaf_coder.weighing)
                         if sensitivity else None)
