@@ -18,8 +18,9 @@ differs from its path in one component (``opt_state/0/mu/w`` beside
 whose magnitudes stay within a few of its roots (:func:`bounded_by`) is
 coded on log2 steps of its magnitudes, with its signs (``signed_log2``).
 
-The reader's quantized leaves are float32: bfloat16 and float16 leaves such
-as these are stored exactly.
+The reader's log2-quantized leaves are float32 (half precision is quantized
+only as a sparse leaf's linear steps): bfloat16 and float16 leaves such as
+these are stored exactly.
 """
 
 from __future__ import annotations
