@@ -12,7 +12,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, format as fmt, layout, quantized_vectors, storage
+from jaxjpeg import _native, format as fmt, layout, prng_keys, quantized_vectors, storage
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -45,6 +45,7 @@ class SavedLeaf:
     stored_dtype: np.dtype | None = None      # raw leaves: the blob's dtype (None: the leaf's)
     deflated: bool = False                    # raw float16 leaves: as deflated byte planes
     quantized: dict | None = None             # raw leaves on a step: quantized_vectors' fields
+    prng_impl: str | None = None              # raw uint32 leaves: key data of typed PRNG keys
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -104,6 +105,19 @@ def _whole(value) -> int:
 SPARSE_HALF_DTYPES = ("bfloat16", "float16")
 
 
+def _key_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
+    """A typed PRNG key array's data: raw uint32 with at least one axis (the
+    implementation's name is checked when the key is wrapped, where a
+    process may have registered its own)."""
+    impl = record[prng_keys.FIELD]
+    if (not isinstance(impl, str) or not 0 < len(impl) <= prng_keys.MAX_NAME
+            or leaf.kind != "raw" or "stored" in record or leaf.dtype != np.uint32
+            or not leaf.shape):
+        raise fmt.FormatError(f"leaf {leaf.index}: bad PRNG key record ({impl!r:.40} for "
+                              f"{leaf.kind} {leaf.dtype}{list(leaf.shape)})")
+    return dataclasses.replace(leaf, prng_impl=impl)
+
+
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
         _check_path_records(index, record["path"])
@@ -128,6 +142,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
                          parse_dtype(record["dtype"]), record["kind"])
+        if prng_keys.FIELD in record:
+            return _key_leaf(leaf, record)
         if leaf.kind == "raw":
             stored = record.get("stored")
             if stored is None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import codec, ops, views
+from jaxjpeg import codec, ops, prng_keys, views
 from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import key_record, matching, nest, path_string
@@ -53,6 +53,24 @@ class LeafRequest:
     # A one-device target sharding that is not a SingleDeviceSharding (a
     # NamedSharding over a mesh of one): the result takes it, not the device's.
     as_given: Any = None
+    prng_impl: str | None = None   # key data restored as typed PRNG keys of this implementation
+
+    def finish(self, value):
+        """``value`` (restored and placed) as the request asks: key data wrapped."""
+        return prng_keys.wrap(value, self.prng_impl, self.leaf.path)
+
+
+def saved_request(leaf: SavedLeaf, dtype=None) -> LeafRequest:
+    """Leaf ``leaf`` as saved (``dtype``: restore's override), keys as keys."""
+    return LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path),
+                       prng_impl=leaf.prng_impl)
+
+
+def saved_struct(leaf: SavedLeaf) -> jax.ShapeDtypeStruct:
+    """The shape and dtype leaf ``leaf`` restores as (a key array's for key data)."""
+    if leaf.prng_impl is not None:
+        return prng_keys.key_struct(leaf.path, leaf.prng_impl, leaf.shape)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
 
 
 def restored_dtype(saved: np.dtype, override=None, wanted=None, name: str = "") -> np.dtype:
@@ -82,6 +100,9 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
             raise KeyError(f"{ckpt.path}: no leaf {name!r} in the checkpoint")
         saved = by_path[name]
         want = _target_leaf(name, want, saved)
+        impl = prng_keys.target_impl(name, saved.prng_impl, saved.shape, want)
+        if impl is not None:   # a key array asked of its saved key data
+            want = _Want(saved.shape, None, want.sharding)
         if want.shape != saved.shape:
             raise ValueError(f"{name}: target shape {want.shape} != saved shape {saved.shape}")
         want_dtype = restored_dtype(saved.dtype, dtype, want.dtype, name)
@@ -97,7 +118,8 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
             if not isinstance(sharding, jax.sharding.SingleDeviceSharding):
                 as_given = sharding
             (device,), sharding = tuple(sharding.device_set), None
-        requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind, as_given))
+        requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind, as_given,
+                                    impl))
     return requests, treedef
 
 
@@ -788,8 +810,9 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
         # inf (float4_e2m1fn, float8_e4m3fn: found by review), the largest
         # value or NaN without a word (1e30 came back 6.0).
         with np.errstate(over="ignore", invalid="ignore"):
-            lost = np.isfinite(array) & (~np.isfinite(array.astype(placed))
-                                         | (np.abs(array) >= _overflow(placed)))
+            size, top = np.abs(array), _overflow(placed)
+            beyond = (size >= top) if _ties_round_up(placed) else (size > top)
+            lost = np.isfinite(array) & (~np.isfinite(array.astype(placed)) | beyond)
         if lost.any():
             raise ValueError(f"leaf {name!r}: {int(lost.sum())} finite {array.dtype} value(s), "
                              f"largest magnitude {np.abs(array[lost]).max():.3g}, would become "
@@ -849,6 +872,15 @@ def _overflow(dtype: np.dtype) -> float:
     info = ml_dtypes.finfo(dtype)
     top = float(info.max)
     return top + 2.0 ** math.floor(math.log2(top)) * float(info.eps) / 2
+
+
+def _ties_round_up(dtype: np.dtype) -> bool:
+    """Whether a value half a step above ``dtype``'s largest rounds beyond
+    it: round-half-to-even leaves it at the largest where that one's last
+    significand bit is 0 (float8_e4m3fn's 448: 464 becomes 448, found by
+    review refused), and takes it up where it is 1 (float16, float4_e2m1fn)."""
+    largest = np.array(ml_dtypes.finfo(dtype).max, dtype)
+    return bool(largest.view(f"u{largest.itemsize}") & 1)
 
 
 def place_raw(array: np.ndarray, request: LeafRequest, device):
@@ -927,13 +959,12 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)
         else:
-            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))
-                        for leaf in select_leaves(ckpt, paths)]
+            requests = [saved_request(leaf, dtype) for leaf in select_leaves(ckpt, paths)]
             treedef = None
         requests = with_device_memory(requests, given)
         values: list = [None] * len(requests)
         _restore_windows(ckpt, requests, values, device, stats)
-    values = [in_memory_kind(v, r, device) for v, r in zip(values, requests)]
+    values = [r.finish(in_memory_kind(v, r, device)) for v, r in zip(values, requests)]
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return nest([(r.leaf.records, v) for r, v in zip(requests, values)])

@@ -254,7 +254,8 @@ def cmd_inspect(args) -> int:
                          for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
                                                     col_scale=leaf.col_scale_dtype is not None,
                                                     outliers=leaf.outliers > 0))
-            rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", str(leaf.dtype),
+            dtype = str(leaf.dtype) if leaf.prng_impl is None else f"key:{leaf.prng_impl}"
+            rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", dtype,
                          kind, _view_text(leaf), raw, stored, math.prod(leaf.shape)])
         errors = _source_errors(args, ckpt) if args.source else None
         file_bytes = ckpt.reader.file_size

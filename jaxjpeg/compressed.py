@@ -15,10 +15,9 @@ import jax
 import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
-from jaxjpeg.checkpoint_restore import (LeafRequest, add_whole_leaf, bucketed_kept,
-                                        finish_leaf, in_memory_kind, kept_values, one_device,
-                                        place_raw, placed_dtype, restored_dtype,
-                                        target_requests,
+from jaxjpeg.checkpoint_restore import (add_whole_leaf, bucketed_kept, finish_leaf,
+                                        in_memory_kind, kept_values, one_device, place_raw,
+                                        placed_dtype, saved_request, target_requests,
                                         with_device_memory)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
@@ -113,8 +112,7 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
         device = None
     with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
-            requests = [LeafRequest(leaf, restored_dtype(leaf.dtype, dtype, name=leaf.path))
-                        for leaf in ckpt.leaves]
+            requests = [saved_request(leaf, dtype) for leaf in ckpt.leaves]
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
         requests = with_device_memory(requests, given)
@@ -131,8 +129,8 @@ def _prefetched_leaf(ckpt, request, device):
 
 def _load_leaf(ckpt, request, device):
     if request.leaf.kind == "raw":
-        return in_memory_kind(place_raw(ckpt.read_raw(request.leaf), request, device), request,
-                              device)
+        return request.finish(in_memory_kind(place_raw(ckpt.read_raw(request.leaf), request,
+                                                       device), request, device))
     if request.memory_kind is not None:   # found by review: device memory, silently
         raise ValueError(f"{request.leaf.path}: load keeps a JPEG-coded leaf compressed in its "
                          f"device's memory, but {request.memory_kind} is asked for; use "

@@ -305,10 +305,10 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
     # raised alone would leave the others waiting in a gather.
     try:
         flat = ck._leaves(tree)
-        owners, gather = plan_owners([leaf for _, leaf in flat], processes)
+        owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes)
         leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None,
-                                ck.shard_regions(leaf))
-                  for records, leaf in flat]
+                                ck.shard_regions(leaf), prng_impl=impl)
+                  for records, leaf, impl in flat]
         with_prior = batchnorm_prior and ck._prior_applies(leaves, saver_options)
         saver = ck._Save(path, leaves, **saver_options)
         ready, error = {"owners": owners, "gather": gather}, None
@@ -332,12 +332,12 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         if error is not None:
             raise error
         raise ValueError(f"distributed save of {path} refused in {failed[0]}")
-    _check_same_plan(path, states, [records for records, _ in flat])
+    _check_same_plan(path, states, [records for records, _, _ in flat])
     if with_prior:   # every process computes the same prior (its gathers are collectives)
         saver = ck._Save(path, leaves, prior=_batchnorm_prior(tree, processes),
                          **saver_options)
     gathered = {}
-    for i, (_, leaf) in enumerate(flat):
+    for i, (_, leaf, _) in enumerate(flat):
         if gather[i]:   # every process joins, in leaf order
             from jax.experimental import multihost_utils
             array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
@@ -348,8 +348,8 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
     # TIMEOUT_S otherwise.
     try:
         own = [(i, ck.SourceLeaf.of(records, gathered[i] if gather[i]
-                                    else _local_copy(leaf, copy)))
-               for i, (records, leaf) in enumerate(flat) if owners[i] == me]
+                                    else _local_copy(leaf, copy), prng_impl=impl))
+               for i, (records, leaf, impl) in enumerate(flat) if owners[i] == me]
     except BaseException as e:
         why = f"{type(e).__name__}: {e}"
         _publish_failure(exchange, me, why)
@@ -387,7 +387,7 @@ def _batchnorm_prior(tree, processes: int):
     test loads, read as every process reads them (a leaf not every process
     holds whole is gathered, a collective every process joins: the prior
     reads the same leaves in the same order everywhere)."""
-    from jaxjpeg import checkpoint as ck, priors
+    from jaxjpeg import checkpoint as ck, priors, prng_keys
 
     def read(leaf) -> np.ndarray:
         if len(_holders(leaf, processes)) == processes:
@@ -395,8 +395,10 @@ def _batchnorm_prior(tree, processes: int):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
+    leaves = [(name, prng_keys.split(leaf)[0])   # typed keys as their data
+              for name, leaf in priors._in_insertion_order(tree)]
     return ck.prior_of_unloaded([(name, np.shape(leaf), _dtype(leaf), functools.partial(read, leaf))
-                                 for name, leaf in priors._in_insertion_order(tree)])
+                                 for name, leaf in leaves])
 
 
 def finish(prepared: Prepared):

@@ -50,6 +50,7 @@ class LeafInfo:
     # raw, quantized on a step (a byte target's BatchNorm vector or small kernel, a thin
     # leaf, an optimizer moment on log2 steps): (domain, step)
     quantized: tuple[str, float] | None = None
+    prng_impl: str | None = None   # raw uint32: the key data of typed PRNG keys of this implementation
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +123,8 @@ class LazyReader:
         if leaf.kind == "raw":
             q = leaf.quantized
             return LeafInfo(**common, stored_dtype=leaf.stored_dtype,
-                            quantized=None if q is None else (q["domain"], q["step"]))
+                            quantized=None if q is None else (q["domain"], q["step"]),
+                            prng_impl=leaf.prng_impl)
         return LeafInfo(**common, sample_bits=leaf.bits, restart_interval=leaf.restart_interval,
                         view=(leaf.view.perm, leaf.view.split), tiles=len(leaf.tiles),
                         kept=leaf.outliers)
@@ -147,7 +149,7 @@ class LazyReader:
             value = cr._restore_sharded(self._ckpt, request, stats)
         else:
             value = cr._restore_unsharded(self._ckpt, [request], default, stats)[0]
-        return cr.in_memory_kind(value, request, default)
+        return request.finish(cr.in_memory_kind(value, request, default))
 
     def get_slice(self, name: str, index=None, *, dtype=None, device=None,
                   stats: cr.RestoreStats | None = None):
@@ -162,20 +164,22 @@ class LazyReader:
         return piece if index is None else piece[index]
 
     def _request(self, leaf: SavedLeaf, dtype, device) -> cr.LeafRequest:
-        want = cr.restored_dtype(leaf.dtype, dtype, name=leaf.path)
+        saved = cr.saved_request(leaf, dtype)
         if isinstance(device, jax.sharding.Sharding):
             devices, memory_kind = device.device_set, cr.other_memory_kind(device)
             if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
-                return cr.LeafRequest(leaf, want, device=next(iter(devices)),
-                                      memory_kind=memory_kind)
-            return cr.LeafRequest(leaf, want, sharding=device, memory_kind=memory_kind)
-        return cr.LeafRequest(leaf, want, device=device)
+                return dataclasses.replace(saved, device=next(iter(devices)),
+                                           memory_kind=memory_kind)
+            return dataclasses.replace(saved, sharding=device, memory_kind=memory_kind)
+        return dataclasses.replace(saved, device=device)
 
     def _read_raw(self, leaf: SavedLeaf) -> np.ndarray:
         with self._ckpt.prefetch([leaf]):  # a large blob: read as pieces in parallel
             return self._ckpt.read_raw(leaf)
 
     def _read_region(self, leaf: SavedLeaf, index, dtype, device, stats) -> jax.Array:
+        if leaf.prng_impl is not None:   # a few words of key data: read whole, then indexed
+            return self.get(leaf.path, dtype, device, stats=stats)[index]
         ranges, flips, drops = _normalize_index(index, leaf.shape)
         request = self._request(leaf, dtype, device)
         if request.sharding is not None:
@@ -212,20 +216,22 @@ class LeafSlice:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self._leaf.shape
+        return tuple(cr.saved_struct(self._leaf).shape)
 
     @property
     def dtype(self) -> np.dtype:
+        if self._leaf.prng_impl is not None:
+            return cr.saved_struct(self._leaf).dtype
         return cr.restored_dtype(self._leaf.dtype, self._dtype, name=self._leaf.path)
 
     @property
     def ndim(self) -> int:
-        return len(self._leaf.shape)
+        return len(self.shape)
 
     def __len__(self) -> int:
-        if not self._leaf.shape:
+        if not self.shape:
             raise TypeError("len() of a 0-d leaf")
-        return self._leaf.shape[0]
+        return self.shape[0]
 
     def __getitem__(self, index) -> jax.Array:
         return self._reader._read_region(self._leaf, index, self._dtype, self._device,

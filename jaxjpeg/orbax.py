@@ -79,8 +79,8 @@ def _host_copy(tree) -> list:
                              "only to a file system every process writes (a local path or a "
                              "shared mount); for a remote store gather them first")
         return np.array(leaf, copy=True)
-    return [_ckpt.SourceLeaf.of(records, copy(leaf), _ckpt.shard_regions(leaf))
-            for records, leaf in _ckpt._leaves(tree)]
+    return [_ckpt.SourceLeaf.of(records, copy(leaf), _ckpt.shard_regions(leaf), impl)
+            for records, leaf, impl in _ckpt._leaves(tree)]
 
 
 class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
@@ -170,8 +170,7 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
         if not _storage.exists(path):
             return None
         with _reader.Checkpoint(path, verify=False) as ckpt:
-            entries = [(leaf.records, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-                       for leaf in ckpt.leaves]
+            entries = [(leaf.records, _restore.saved_struct(leaf)) for leaf in ckpt.leaves]
         return _nest(entries) if entries else {}
 
     def finalize(self, directory) -> None:
@@ -239,7 +238,7 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
     save_kwargs: Optional[dict] = None
 
     def __post_init__(self):
-        # Leaves no checkpoint holds (typed PRNG keys) refused here, before a
+        # A tree save refuses (nested too deeply) refused here, before a
         # manager's save starts: refused inside it, Orbax's waiting thread
         # stays until its timeout.
         _ckpt._leaves(self.item)

@@ -244,6 +244,7 @@ SAFETENSORS_DTYPES = {
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own cap on its JSON header
 MAX_INDEX_BYTES = 64 * 2**20
+MAX_ORBAX_PROCESSES = 4096   # array_metadatas/process_<i> files read at most
 MAX_DIMS = 64
 
 
@@ -772,13 +773,15 @@ def _web_orbax_leaves(directory: str) -> list:
     # One context for the item's arrays: the database's manifest and index
     # nodes are fetched once, not once per array (a small cache: no chunks kept).
     context = ts.Context({"cache_pool": {"total_bytes_limit": _WEB_ORBAX_CACHE_BYTES}})
+    key_impls = _orbax_key_impls(directory)
     leaves = []
     for entry in entries.values():
         records = _web_orbax_records(directory, entry)
         store = _web_orbax_array(directory, metadata, records, context)
         dtype = np.dtype(store.dtype.numpy_dtype)
         leaves.append(SourceLeaf(records, tuple(store.shape), dtype,
-                                 _web_orbax_loader(directory, store, records)))
+                                 _web_orbax_loader(directory, store, records),
+                                 prng_impl=key_impls.get(_orbax_array_name(records))))
     return sorted(leaves, key=lambda leaf: [(0, v) if k == "index" else (1, str(v))
                                             for k, v in leaf.records])
 
@@ -803,11 +806,15 @@ def _web_orbax_records(directory: str, entry) -> list:
     return records
 
 
+def _orbax_array_name(records: list) -> str:
+    return ".".join(str(value) for _, value in records)
+
+
 def _web_orbax_array(directory: str, metadata: dict, records: list, context):
     """The tensorstore of one array (Orbax names it by its keys joined with '.')."""
     import tensorstore as ts
 
-    name = ".".join(str(value) for _, value in records)
+    name = _orbax_array_name(records)
     base = directory.rstrip("/") + "/"
     driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
     kvstore = ({"driver": "ocdbt", "base": base, "path": name} if metadata.get("use_ocdbt")
@@ -856,6 +863,7 @@ def _orbax_item_leaves(directory: str) -> list:
 
     tree = _orbax_metadata(directory)
     described = jax.tree_util.tree_leaves_with_path(tree)
+    key_impls = _orbax_key_impls(directory)
     leaves = []
     for keys, meta in described:
         records = [key_record(k) for k in keys]
@@ -869,8 +877,35 @@ def _orbax_item_leaves(directory: str) -> list:
             raise SourceError(f"{directory}: leaf {path_string(records)[:200]!r} is not a "
                               "numeric array")
         leaves.append(SourceLeaf(records, tuple(shape), dtype,
-                                 _orbax_loader(directory, tree, path_string(records))))
+                                 _orbax_loader(directory, tree, path_string(records)),
+                                 prng_impl=key_impls.get(getattr(meta, "name", None))))
     return leaves
+
+
+def _orbax_key_impls(directory: str) -> dict[str, str]:
+    """{Orbax array name: PRNG implementation} of the item's typed key arrays,
+    which Orbax stores as their key data and names in its per-process array
+    metadata (``array_metadatas/process_<i>``, ``random_key_impl``); {} where
+    there is none."""
+    impls, files = {}, _Files()
+    try:
+        for process in range(MAX_ORBAX_PROCESSES):
+            try:
+                listed = json.loads(_read_whole(
+                    storage.join(directory, f"array_metadatas/process_{process}"),
+                    MAX_INDEX_BYTES, files))
+            except (OSError, ValueError, RecursionError):   # no such file, or not JSON
+                break
+            entries = listed.get("array_metadatas") if isinstance(listed, dict) else None
+            for entry in entries if isinstance(entries, list) else ():
+                meta = entry.get("array_metadata") if isinstance(entry, dict) else None
+                ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
+                impl = ext.get("random_key_impl") if isinstance(ext, dict) else None
+                if isinstance(impl, str) and isinstance(meta.get("param_name"), str):
+                    impls[meta["param_name"]] = impl
+    finally:
+        files.close()
+    return impls
 
 
 def _orbax_loader(directory: str, tree, name: str):

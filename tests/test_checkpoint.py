@@ -1070,6 +1070,23 @@ def test_narrow_ml_dtypes_targets_are_checked_like_int8_and_float16(tmp_path):
     assert np.asarray(as_("small", jnp.int4, (2,))).astype(int).tolist() == [-8, 7]
 
 
+
+def test_half_a_step_above_the_largest_float_is_refused_only_where_it_rounds_up(tmp_path):
+    """Round half to even: 464, half float8_e4m3fn's top step above its 448,
+    becomes 448 (whose last significand bit is 0), and was refused; 7, half
+    float4_e2m1fn's step above its 6, rounds up (6's last bit is 1)."""
+    path = tmp_path / "ties.jjpg"
+    jaxjpeg.save(path, {"tie": np.array([464.0, -464.0, 1.0], np.float32),
+                        "over": np.array([464.5, 1.0], np.float32),
+                        "e2m1": np.array([7.0, 1.0], np.float32)})
+    got = jaxjpeg.restore(path, paths=["tie"], dtype=ml_dtypes.float8_e4m3fn)["tie"]
+    assert np.asarray(got).astype(np.float32).tolist() == [448.0, -448.0, 1.0]
+    with pytest.raises(ValueError, match="'over'.*largest value or NaN as float8_e4m3fn"):
+        jaxjpeg.restore(path, paths=["over"], dtype=ml_dtypes.float8_e4m3fn)
+    with pytest.raises(ValueError, match="'e2m1'.*largest value or NaN as float4_e2m1fn"):
+        jaxjpeg.restore(path, paths=["e2m1"], dtype=ml_dtypes.float4_e2m1fn)
+
+
 def test_raw_leaves_narrowed_to_a_smaller_float_raise_instead_of_becoming_inf(tmp_path):
     """Found by review: restore(dtype=float16) turned a raw float32 1e5 into
     inf, and an int32 counter of 70000 under a float16 target too, while an

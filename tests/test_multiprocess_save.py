@@ -37,6 +37,7 @@ CHECKS = [
     "process_local_arrays_are_saved_like_numpy_leaves",
     "a_process_interrupted_while_coding_fails_every_process_quickly",
     "earlier_saves_leave_no_keys_in_the_coordination_service",
+    "typed_prng_keys_split_across_processes_are_saved",
 ]
 
 

@@ -187,13 +187,20 @@ def test_jaxjpeg_save_has_no_step_argument():
     assert JaxjpegSave(_params(0), quant_step=4.0).quant_step == 4.0
 
 
-def test_typed_prng_keys_are_refused_naming_the_leaf(tmp_path):
-    """Found by review: a typed key (an NNX model's nnx.Rngs) failed with
-    numpy's conversion error naming no leaf, in save and in Orbax's handler."""
-    tree = {"params": {"w": jnp.ones((64, 64))}, "rngs": {"key": jax.random.key(0)}}
-    with pytest.raises(ValueError, match="'rngs/key' is a typed PRNG key.*key_data"):
-        jaxjpeg.save(tmp_path / "k.jjpg", tree)
-    with pytest.raises(ValueError, match="'rngs/key' is a typed PRNG key"):
-        JaxjpegSave(tree)   # before a manager's save starts
-    jaxjpeg.save(tmp_path / "d.jjpg", {**tree, "rngs": {"key": jax.random.key_data(
-        tree["rngs"]["key"])}})
+def test_typed_prng_keys_save_and_restore_through_a_manager(tmp_path):
+    """Typed keys (an NNX model's nnx.Rngs) were refused; Orbax's own
+    checkpointers store them, so a training state came back from Orbax but
+    not from jaxjpeg."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    tree = {"params": _params(0), "rngs": {"key": keys}}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=JaxjpegSave(tree, save_kwargs={"target_ratio": 8}))
+        mngr.wait_until_finished()
+        restored = mngr.restore(1, args=JaxjpegRestore(jax.eval_shape(lambda: tree)))
+        meta = mngr.item_metadata(1)
+    got = restored["rngs"]["key"]
+    assert got.dtype == keys.dtype and got.shape == (4,)
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(keys))
+    assert meta["rngs"]["key"] == jax.ShapeDtypeStruct((4,), keys.dtype)
+
+

@@ -286,10 +286,10 @@ def _failing_to_read_leaves(failing: int, name: str) -> None:
     promptly (the others waited TIMEOUT_S), and no temporary file is left.
     SourceLeaf.of is made of each leaf read (only there in this save)."""
     def failing_copy(real):
-        def of(records, array, shards=None):
+        def of(records, array, shards=None, prng_impl=None):
             if PROCESS == failing:
                 raise MemoryError("injected host copy failure")
-            return real(records, array, shards)
+            return real(records, array, shards, prng_impl)
         return of
 
     _injected_failure_fails_every_process(name, checkpoint.SourceLeaf, "of", failing_copy,
@@ -346,6 +346,18 @@ def process_local_arrays_are_saved_like_numpy_leaves():
     else:
         raise AssertionError("a leaf the processes see differently was saved")
     assert not os.path.exists(PATH + ".lopsided")
+
+
+@check
+def typed_prng_keys_split_across_processes_are_saved():
+    """Typed keys (refused before) stored as their key data, gathered where
+    split across processes like any leaf, and restored as keys."""
+    data = np.arange(16 * 2, dtype=np.uint32).reshape(16, 2)
+    keys = jax.random.wrap_key_data(global_array(data, NamedSharding(GLOBAL, P("x"))))
+    jaxjpeg.save(PATH + ".keys", {"w1": TREE["split"], "keys": keys}, distributed=True)
+    restored = jaxjpeg.restore(PATH + ".keys")["keys"]
+    assert restored.dtype == keys.dtype and restored.shape == (16,), restored
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(restored)), data)
 
 
 @check

@@ -1,0 +1,65 @@
+"""Typed PRNG key arrays (``jax.random.key``; an NNX model's ``nnx.Rngs`` and
+``Dropout`` hold them) in a checkpoint.
+
+A key array is stored as its key data (uint32, lossless) with the name of its
+implementation in the leaf record (``prng_impl``); restore wraps the data
+again, so a training state comes back with its keys as Orbax gives them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FIELD = "prng_impl"
+MAX_NAME = 64
+
+
+def is_key(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def split(leaf):
+    """(leaf, None) for anything but a key array; (its key data, impl name) for one."""
+    if not is_key(leaf):
+        return leaf, None
+    return jax.random.key_data(leaf), str(jax.random.key_impl(leaf))
+
+
+def key_struct(name: str, impl: str, data_shape: tuple) -> jax.ShapeDtypeStruct:
+    """The key array ``impl`` makes of uint32 data of ``data_shape``, as a
+    shape and dtype; ValueError naming leaf ``name`` if it makes none."""
+    try:
+        return jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=impl),
+                              jax.ShapeDtypeStruct(tuple(data_shape), jnp.uint32))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"leaf {name!r}: its saved PRNG key data {list(data_shape)} is not "
+                         f"a key array of implementation {impl!r} here ({e})") from None
+
+
+def target_impl(name: str, saved_impl: str | None, saved_shape: tuple, want) -> str | None:
+    """The implementation a target leaf (its shape and dtype; dtype None: as
+    saved) asks the saved leaf back in, None for plain data; a key asked of
+    data saved as anything but keys of that dtype and shape is refused."""
+    if want.dtype is None:
+        return saved_impl
+    if not jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+        return None
+    if saved_impl is None:
+        raise ValueError(f"{name}: the target asks for a PRNG key array ({want.dtype}), the "
+                         "saved leaf is not one")
+    have = key_struct(name, saved_impl, saved_shape)
+    if have.dtype != want.dtype or tuple(have.shape) != tuple(want.shape):
+        raise ValueError(f"{name}: target {want.dtype}{list(want.shape)} != saved "
+                         f"{have.dtype}{list(have.shape)}")
+    return saved_impl
+
+
+def wrap(value, impl: str | None, name: str):
+    """``value`` (restored key data) as the key array it was saved from."""
+    if impl is None:
+        return value
+    key_struct(name, impl, np.shape(value))   # a clear error for data that makes no key
+    return jax.random.wrap_key_data(value, impl=impl)
