@@ -295,6 +295,16 @@ def _why_raw(array: np.ndarray) -> str | None:
     return None
 
 
+def check_leaves(tree) -> None:
+    """Refuses the leaves of ``tree`` no checkpoint holds (their dtypes and
+    paths), without reading their values."""
+    entries = [(records, leaf if hasattr(leaf, "dtype") else np.asarray(leaf))
+               for records, leaf, _ in _leaves(tree)]
+    for records, leaf in entries:
+        _check_storable(path_string(records), leaf)
+    _check_paths(entries)
+
+
 def _check_storable(name: str, array: np.ndarray) -> None:
     """Refuses, before anything is written, leaves a reader could not restore."""
     try:
@@ -1260,6 +1270,50 @@ def prior_of_unloaded(described: Sequence[tuple]):
     return priors.batchnorm_prior(stand_ins, load=lambda name: reads[name]())
 
 
+def check_save_options(*, relative_step=None, quant_step=None, quality=None, qtable=None,
+                       error_bound=None, target_ratio=None, target_bytes=None,
+                       bits_per_weight=None, bits=None, clip="common", view="auto",
+                       restart_interval=codec.DEFAULT_RESTART_INTERVAL,
+                       tile_shape=codec.DEFAULT_TILE_SHAPE, policy=None, encoder=None,
+                       metadata=None, **tree_options) -> dict:
+    """Refuses what :func:`save`'s options ask of any tree (the rest is
+    checked against the leaves); returns the rate control given, or the
+    default's. An Orbax manager checks them before its save starts."""
+    layout.checked_user_metadata(metadata)
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a jaxjpeg.Policy, got {type(policy).__name__}")
+    _check_tile_shape(tile_shape)
+    rates = dict(relative_step=relative_step, quant_step=quant_step, quality=quality,
+                 qtable=qtable, error_bound=error_bound, target_ratio=target_ratio,
+                 target_bytes=target_bytes, bits_per_weight=bits_per_weight, encoder=encoder)
+    given = {k: v for k, v in rates.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one rate control, got {sorted(given)}")
+    for name in ("error_bound", "quant_step", "target_ratio", "target_bytes",
+                 "bits_per_weight"):
+        value = given.get(name)
+        if value is not None and not (isinstance(value, (int, float, np.number))
+                                      and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    given = given or {"relative_step": DEFAULT_RELATIVE_STEP}
+    _check_coding_options(bits, view, clip, restart_interval, encoder)
+    planned = sorted(set(given) & {"relative_step", "target_ratio", "target_bytes",
+                                   "bits_per_weight"})
+    if clip != "common" and planned:
+        # Found by review: their steps and curves are the shared scale's,
+        # so other maps missed byte targets by +37..105% and the default's
+        # step (3.9 bits a weight became 6.7).
+        raise ValueError(f"clip={clip!r} goes with quant_step, quality, qtable or "
+                         f"error_bound: {planned[0]} plans each leaf's steps on the shared "
+                         "scale of clip='common'")
+    if quality is not None or quant_step is not None or qtable is not None:
+        # a bad table refused now, not by the first leaf's coding (which an
+        # asynchronous save, Orbax's, runs after save() has returned)
+        codec.quant_table(bits=bits or 8, quality=quality, quant_step=quant_step,
+                          qtable=qtable)
+    return given
+
+
 class _Save:
     """One save: the options checked, the encoder chosen, then the pipeline."""
 
@@ -1271,11 +1325,14 @@ class _Save:
                  progress=None, metadata=None, input_covariance=None, prior=None,
                  input_means=None, defer_budget=False):
         self.path = path
+        given = check_save_options(
+            relative_step=relative_step, quant_step=quant_step, quality=quality, qtable=qtable,
+            error_bound=error_bound, target_ratio=target_ratio, target_bytes=target_bytes,
+            bits_per_weight=bits_per_weight, bits=bits, clip=clip, view=view,
+            restart_interval=restart_interval, tile_shape=tile_shape, policy=policy,
+            encoder=encoder, metadata=metadata)
         self.user_metadata = layout.checked_user_metadata(metadata)
         self.has_metadata = metadata is not None
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a jaxjpeg.Policy, got {type(policy).__name__}")
-        _check_tile_shape(tile_shape)
         self.policy = policy or Policy()
         if self.policy.stacked is None:
             self.policy = dataclasses.replace(
@@ -1285,37 +1342,7 @@ class _Save:
         for leaf in leaves:
             _check_storable(leaf.name, leaf)
         _check_paths([(leaf.records, leaf) for leaf in leaves])
-        rates = dict(relative_step=relative_step, quant_step=quant_step, quality=quality,
-                     qtable=qtable, error_bound=error_bound, target_ratio=target_ratio,
-                     target_bytes=target_bytes, bits_per_weight=bits_per_weight,
-                     encoder=encoder)
-        given = {k: v for k, v in rates.items() if v is not None}
-        if len(given) > 1:
-            raise ValueError(f"give at most one rate control, got {sorted(given)}")
-        for name in ("error_bound", "quant_step", "target_ratio", "target_bytes",
-                     "bits_per_weight"):
-            value = given.get(name)
-            if value is not None and not (isinstance(value, (int, float, np.number))
-                                          and 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if not given:
-            relative_step = DEFAULT_RELATIVE_STEP
-            given = {"relative_step": relative_step}
-        _check_coding_options(bits, view, clip, restart_interval, encoder)
-        planned = sorted(set(given) & {"relative_step", "target_ratio", "target_bytes",
-                                       "bits_per_weight"})
-        if clip != "common" and planned:
-            # Found by review: their steps and curves are the shared scale's,
-            # so other maps missed byte targets by +37..105% and the default's
-            # step (3.9 bits a weight became 6.7).
-            raise ValueError(f"clip={clip!r} goes with quant_step, quality, qtable or "
-                             f"error_bound: {planned[0]} plans each leaf's steps on the shared "
-                             "scale of clip='common'")
-        if quality is not None or quant_step is not None or qtable is not None:
-            # a bad table refused now, not by the first leaf's coding (which an
-            # asynchronous save, Orbax's, runs after save() has returned)
-            codec.quant_table(bits=bits or 8, quality=quality, quant_step=quant_step,
-                              qtable=qtable)
+        relative_step = given.get("relative_step")
         self.rate = _rate_record(given)
         self.log_coding = _LogCoding(leaves, self.policy, error_bound)
         self.error_bound = error_bound

@@ -185,7 +185,20 @@ _PASSED_OPTIONS = frozenset(_ckpt._SAVE_OPTIONS) | {"batchnorm_prior", "input_me
 
 
 def _options(args: "JaxjpegSave") -> dict:
-    """jaxjpeg.save's keyword options from the save args."""
+    """jaxjpeg.save's keyword options from the save args, their arrays copied."""
+    kwargs = _kwargs(args)
+    # Arrays among the options (importances, covariances, means) copied now,
+    # as the leaves are: the commit thread reads them after save returns,
+    # when the loop may have donated or changed them (found by review: a
+    # donated sensitivity array lost the step, "Array has been deleted").
+    for name in ("sensitivity", "input_covariance", "input_mean"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = _copied(kwargs[name])
+    return kwargs
+
+
+def _kwargs(args: "JaxjpegSave") -> dict:
+    """jaxjpeg.save's keyword options from the save args, as given."""
     kwargs = dict(args.save_kwargs or {})
     unknown = sorted(set(kwargs) - _PASSED_OPTIONS)
     if unknown:
@@ -196,13 +209,6 @@ def _options(args: "JaxjpegSave") -> dict:
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     kwargs["progress"] = False
-    # Arrays among the options (importances, covariances, means) copied now,
-    # as the leaves are: the commit thread reads them after save returns,
-    # when the loop may have donated or changed them (found by review: a
-    # donated sensitivity array lost the step, "Array has been deleted").
-    for name in ("sensitivity", "input_covariance", "input_mean"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = _copied(kwargs[name])
     return kwargs
 
 
@@ -238,10 +244,12 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
     save_kwargs: Optional[dict] = None
 
     def __post_init__(self):
-        # A tree save refuses (nested too deeply) refused here, before a
-        # manager's save starts: refused inside it, Orbax's waiting thread
-        # stays until its timeout.
-        _ckpt._leaves(self.item)
+        # What save refuses of any tree, and leaves no checkpoint holds,
+        # refused here, before a manager's save starts: refused inside it,
+        # Orbax's signalling thread kept the interpreter from exiting until
+        # its timeout (found in session 29: more than 120 s after a bad policy).
+        _ckpt.check_save_options(**_kwargs(self))
+        _ckpt.check_leaves(self.item)
 
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_restore=True)

@@ -137,6 +137,33 @@ def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, w
         assert mngr.all_steps() == [1]
 
 
+@pytest.mark.parametrize("bad, words", [
+    ("policy=3", "policy must be a jaxjpeg.Policy"),
+    ("save_kwargs={'metadata': {'a': object()}}", "metadata"),
+    ("save_kwargs={'target_ratio': float('inf')}", "positive finite"),
+    ("item={'w': jnp.ones((64, 64)), 'name': 'abc'}", "'name' has dtype"),
+])
+def test_a_refused_save_lets_the_interpreter_exit(tmp_path, bad, words):
+    """Found in session 29: refused inside a manager's save (a bad policy or
+    metadata, a leaf no checkpoint holds), Orbax's signalling thread kept the
+    process from exiting for more than 120 s. Now JaxjpegSave refuses them."""
+    item = "" if bad.startswith("item=") else "{'w': jnp.ones((64, 64))}, "
+    script = (
+        "import jax.numpy as jnp, orbax.checkpoint as ocp\n"
+        "from jaxjpeg.orbax import JaxjpegSave\n"
+        f"with ocp.CheckpointManager({str(tmp_path)!r}) as mngr:\n"
+        "    try:\n"
+        f"        args = JaxjpegSave({item}{bad})\n"
+        "    except (TypeError, ValueError) as e:\n"
+        "        print('refused:', e)\n"
+        "    else:\n"
+        "        mngr.save(0, args=args)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and words in done.stdout, done.stdout
+
+
 def test_async_save_copies_array_options_before_returning(tmp_path):
     """Found by review: a sensitivity of jax arrays the loop donated right
     after save returned was read by the commit thread ("Array has been
