@@ -1524,6 +1524,12 @@ class _Save:
             sparse = jpeg is not None and not self.user_encoder and rate.is_sparse_leaf(array)
             thin = (_thin_alternative(array, enc, jpeg[2], sparse, self.error_bound)
                     if jpeg is not None and self._may_be_thin(name, enc, sparse) else None)
+            if (coded and enc is None and self.error_bound is not None
+                    and not self.user_encoder and _thin_shaped(array)):
+                # JPEG meets no such bound (review: 90% pruned at 1e-4, raw
+                # where 5% of it holds the leaf within the bound)
+                bounded = _bounded_thin(array, self.error_bound, array.nbytes)
+                thin = None if bounded is None else _thin_stored(bounded)
         if thin is not None:
             lossy, jpeg = thin, None
             self.bias_correction.add(name, lambda: _quantized_error(array, thin))
@@ -1801,22 +1807,22 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     coding's squared error, when that is smaller; else None. A ``sparse``
     leaf (rate.is_sparse_leaf) keeps its zeros exact and its nonzero values
     within the error JPEG gave them (its zeros took noise). Under an
-    ``error_bound`` the step takes the bound's whole error instead: JPEG's
-    coding is under it, and a sparse one spent some of it on the zeros
-    (found in session 29: 90% pruned, bound 0.1, error 0.032)."""
+    ``error_bound`` the step takes the bound's whole error instead
+    (:func:`_bounded_thin`): JPEG's coding is under it, and a sparse one
+    spent some of it on the zeros (found in session 29: 90% pruned, bound
+    0.1, error 0.032); not where JPEG keeps values aside, whose share of the
+    norm the bound leaves out (review: one 1e4 among N(0, 1) values zeroed
+    the rest)."""
     from jaxjpeg import rate
 
     if not sparse and (array.dtype != np.float32 or array.ndim == 0
                        or enc.outliers is not None):
         return None
+    if error_bound is not None and enc.outliers is None:
+        coded = _bounded_thin(array, error_bound, min(jpeg_bytes, array.nbytes))
+        if coded is not None:
+            return _thin_stored(coded)
     flat = array.reshape(-1)
-    if error_bound is not None:
-        wide = flat.astype(np.float64)
-        # the bound's mean squared error, less a margin for float32's rounding
-        budget = (1 - 1e-3) * error_bound ** 2 * float(np.dot(wide, wide)) / max(1, flat.size)
-        del wide
-        coded = rate.thin_within_error(array, budget, min(jpeg_bytes, array.nbytes))
-        return None if coded is None else _thin_stored(coded)
     decoded = codec.decode_tensor(enc).reshape(-1)
     if sparse:   # the nonzero values' errors (over every value, as thin_within_error takes it)
         nonzero = flat != 0
@@ -1828,6 +1834,24 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     return None if coded is None else _thin_stored(coded)
 
 
+def _bounded_thin(array: np.ndarray, bound: float, max_bytes: int):
+    """``array`` quantized on one step within relative RMS error ``bound``,
+    checked in its own dtype (review: a bfloat16 leaf's rounding took it 14%
+    over), exactly where a step codes it exactly in as few bytes (a leaf of
+    one value or of a few levels); a rate.ThinCoding of fewer than
+    ``max_bytes``, or None."""
+    from jaxjpeg import rate
+
+    norm2 = rate.finite_norm2(array)
+    exact = rate.thin_within_error(array, 0.0, max_bytes)
+    # the bound's mean squared error, less a margin for float32's rounding
+    budget = (1 - 1e-3) * bound ** 2 * norm2 / max(1, array.size)
+    coded = rate.thin_within_error(array, budget, exact.nbytes if exact else max_bytes)
+    if coded is None:
+        return exact
+    return coded if _quantized_sse(array, _thin_stored(coded)) <= bound ** 2 * norm2 else exact
+
+
 def _thin_stored(coded) -> tuple:
     """(blob, record fields, note) of a rate.ThinCoding."""
     record = coded.record
@@ -1837,15 +1861,32 @@ def _thin_stored(coded) -> tuple:
             f"quantized (linear step {record['step']:.3g}): {why}")
 
 
+def _quantized_sse(array: np.ndarray, lossy: tuple) -> float:
+    """Σ (restored - saved)² of a quantized leaf (blob, record fields, note),
+    restored in the leaf's dtype; a block at a time (no float64 copy)."""
+    from jaxjpeg import quantized_vectors, rate
+
+    blob, record, _ = lossy
+    fields = quantized_vectors.check_record(record, "quantized leaf")
+    restored = quantized_vectors.decoded_values(blob, array.size, fields)
+    flat, total = array.reshape(-1), 0.0
+    for start in range(0, flat.size, rate.ERROR_CHUNK):
+        part = slice(start, start + rate.ERROR_CHUNK)
+        diff = (restored[part].astype(array.dtype).astype(np.float64)
+                - flat[part].astype(np.float64))
+        total += float(np.einsum("i,i->", diff, diff))
+    return total
+
+
 def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
     """Restored minus saved values (float64) of a quantized leaf (blob,
-    record fields, note)."""
+    record fields, note), restored in the leaf's dtype."""
     from jaxjpeg import quantized_vectors
 
     blob, record, _ = lossy
     fields = quantized_vectors.check_record(record, "quantized leaf")
     restored = quantized_vectors.decoded_values(blob, array.size, fields)
-    return restored.reshape(array.shape).astype(np.float64) - array
+    return restored.reshape(array.shape).astype(array.dtype).astype(np.float64) - array
 
 
 _LADDER_PROBE = 1 << 18   # values a large moment's bytes at each log2 step are measured on
@@ -1963,6 +2004,19 @@ def _read_first_moments(leaves: Sequence[SourceLeaf], policy: Policy) -> frozens
                 and magnitudes.bounded_by(unread[path].array(), second)):
             first.add(unread[path].name)
     return frozenset(first)
+
+
+def _thin_shaped(array: np.ndarray) -> bool:
+    """Whether a leaf JPEG leaves raw under an error bound may be quantized
+    on one step within it: a sparse leaf (rate.is_sparse_leaf), or one whose
+    axes but the longest hold fewer than rate.THIN_SIDE values."""
+    from jaxjpeg import rate
+
+    if array.ndim == 0 or not array.size:
+        return False
+    return (rate.is_sparse_leaf(array)
+            or (array.dtype == np.float32 and array.size // max(array.shape) < rate.THIN_SIDE
+                and bool(np.isfinite(array).all())))
 
 
 def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False) -> int:

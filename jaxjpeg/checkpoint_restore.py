@@ -83,11 +83,24 @@ def restored_dtype(saved: np.dtype, override=None, wanted=None, name: str = "") 
     base = np.dtype(saved if wanted is None else wanted)
     if override is not None and jnp.issubdtype(base, jnp.floating):
         base = np.dtype(override)
+    if not _jax_holds(base):   # found by review: XLA's "Unknown NumPy dtype" after decoding
+        raise ValueError(f"leaf {name!r}: jax arrays cannot hold {base.name}")
     saved = np.dtype(saved)
     if (_is_float(saved) and base.kind == "b") or (saved.kind == "c" and base.kind != "c"):
         raise ValueError(f"leaf {name!r}: its {saved.name} values cannot be restored "
                          f"as {base.name} (cast after restoring if that is meant)")
     return base
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_holds(dtype: np.dtype) -> bool:
+    """Whether a jax array may have ``dtype`` (ml_dtypes has float6 formats
+    and others that XLA does not)."""
+    try:
+        jax.device_put(np.zeros(1, dtype), jax.local_devices(backend="cpu")[0])
+    except Exception:   # jax raises TypeError, XLA its runtime error
+        return False
+    return True
 
 
 def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:
@@ -810,14 +823,23 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
         # inf (float4_e2m1fn, float8_e4m3fn: found by review), the largest
         # value or NaN without a word (1e30 came back 6.0).
         with np.errstate(over="ignore", invalid="ignore"):
-            size, top = np.abs(array), _overflow(placed)
+            size, top, cast = np.abs(array), _overflow(placed), array.astype(placed)
             beyond = (size >= top) if _ties_round_up(placed) else (size > top)
-            lost = np.isfinite(array) & (~np.isfinite(array.astype(placed)) | beyond)
+            finite = np.isfinite(array)
+            lost = finite & (~np.isfinite(cast) | beyond)
+            # found by review: float4_e2m1fn (no NaN, no inf) gave NaN back
+            # as -0.0 and inf as 6.0; float8_e4m3fn gave inf back as NaN
+            changed = ~finite & ((np.isnan(array) != np.isnan(cast))
+                                 | (np.isinf(array) & ~np.isinf(cast)))
         if lost.any():
             raise ValueError(f"leaf {name!r}: {int(lost.sum())} finite {array.dtype} value(s), "
                              f"largest magnitude {np.abs(array[lost]).max():.3g}, would become "
                              f"{'inf' if _has_inf(placed) else 'its largest value or NaN'} as "
                              f"{placed.name}{hint}")
+        if changed.any():
+            raise ValueError(f"leaf {name!r}: {int(changed.sum())} NaN or infinite value(s) "
+                             f"would not stay so as {placed.name}, which holds "
+                             f"{'NaN but no inf' if _has_nan(placed) else 'neither'}{hint}")
 
 
 def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, hint: str):
@@ -872,6 +894,11 @@ def _overflow(dtype: np.dtype) -> float:
     info = ml_dtypes.finfo(dtype)
     top = float(info.max)
     return top + 2.0 ** math.floor(math.log2(top)) * float(info.eps) / 2
+
+
+def _has_nan(dtype: np.dtype) -> bool:
+    with np.errstate(invalid="ignore"):
+        return bool(np.isnan(np.array(np.nan, np.float32).astype(dtype)))
 
 
 def _ties_round_up(dtype: np.dtype) -> bool:

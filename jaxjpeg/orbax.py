@@ -248,8 +248,11 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
         # refused here, before a manager's save starts: refused inside it,
         # Orbax's signalling thread kept the interpreter from exiting until
         # its timeout (found in session 29: more than 120 s after a bad policy).
-        _ckpt.check_save_options(**_kwargs(self))
-        _ckpt.check_leaves(self.item)
+        # Not with several processes: one refusing alone here would leave the
+        # others waiting in the save, where they refuse together.
+        if jax.process_count() == 1:
+            _ckpt.check_save_options(**_kwargs(self))
+            _ckpt.check_leaves(self.item)
 
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_restore=True)

@@ -1071,6 +1071,28 @@ def test_narrow_ml_dtypes_targets_are_checked_like_int8_and_float16(tmp_path):
 
 
 
+def test_nan_and_inf_are_refused_where_the_dtype_cannot_hold_them(tmp_path):
+    """Review: float4_e2m1fn (no NaN, no inf) gave NaN back as -0.0 and inf
+    as 6.0, float8_e4m3fn inf as NaN, silently; float6 formats, which jax
+    arrays cannot have, failed in XLA ("Unknown NumPy dtype")."""
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    w[0, :3] = [np.nan, np.inf, -np.inf]
+    path = tmp_path / "nf.jjpg"
+    jaxjpeg.save(path, {"raw": np.array([1.0, np.nan, np.inf], np.float32), "w": w})
+    for leaf in ("raw", "w"):
+        with pytest.raises(ValueError, match=f"'{leaf}'.*would not stay so as float4_e2m1fn, "
+                                             "which holds neither"):
+            jaxjpeg.restore(path, paths=[leaf], dtype=ml_dtypes.float4_e2m1fn)
+        with pytest.raises(ValueError, match="would not stay so as float8_e4m3fn, which holds "
+                                             "NaN but no inf"):
+            jaxjpeg.restore(path, paths=[leaf], dtype=ml_dtypes.float8_e4m3fn)
+    got = np.asarray(jaxjpeg.restore(path, paths=["w"], dtype=np.float16)["w"])
+    assert np.isnan(got[0, 0]) and got[0, 1] == np.inf and got[0, 2] == -np.inf
+    if hasattr(ml_dtypes, "float6_e2m3fn"):
+        with pytest.raises(ValueError, match="jax arrays cannot hold float6_e2m3fn"):
+            jaxjpeg.restore(path, paths=["raw"], dtype=ml_dtypes.float6_e2m3fn)
+
+
 def test_half_a_step_above_the_largest_float_is_refused_only_where_it_rounds_up(tmp_path):
     """Round half to even: 464, half float8_e4m3fn's top step above its 448,
     becomes 448 (whose last significand bit is 0), and was refused; 7, half

@@ -1,5 +1,6 @@
 """Pruned (sparse) leaves: zeros kept exactly, nonzero values on one step."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -92,6 +93,56 @@ def test_an_error_bound_is_spent_on_a_pruned_kernel(tmp_path, sparsity):
         assert np.all(got[w == 0] == 0)
         assert 0.9 * bound < _relative(got, w) <= bound, (bound, _relative(got, w))
         assert "zeros kept exactly" in report.leaves[0].note
+
+
+def test_an_error_bound_leaves_jpegs_kept_values_their_share(tmp_path):
+    """Review: one 1e4 among a pruned leaf's N(0, 1) values took the whole
+    bound's norm, and every other value came back 0 (error 1.0 over them):
+    where JPEG keeps values aside, the sparse coding keeps JPEG's error."""
+    w = _pruned(0.9, (256, 256)) / 0.05
+    w[0, 0] = 1e4
+    jaxjpeg.save(tmp_path / "o", {"w": w}, error_bound=0.1)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "o")["w"])
+    rest = np.ones(w.shape, bool)
+    rest[0, 0] = False
+    assert _relative(got[rest], w[rest]) <= 0.1
+    assert np.count_nonzero(got[rest]) == np.count_nonzero(w[rest])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_error_bound_holds_in_half_precision(tmp_path, dtype):
+    """Review: the step's error was measured before rounding to the leaf's
+    dtype: a pruned bfloat16 leaf at bound 0.003 came back at 0.0034."""
+    w = _pruned(0.9, (256, 256)).astype(getattr(ml_dtypes, dtype, dtype))
+    want = w.astype(np.float64)
+    for bound in (0.001, 0.002, 0.003, 0.005, 0.01):
+        jaxjpeg.save(tmp_path / "h", {"w": w}, error_bound=bound)
+        got = np.asarray(jaxjpeg.restore(tmp_path / "h")["w"]).astype(np.float64)
+        assert _relative(got, want) <= bound, (bound, _relative(got, want))
+
+
+def test_an_error_bound_keeps_exact_codings_exact(tmp_path):
+    """Review: a leaf of one value or of three levels, coded exactly on one
+    step before, came back within the bound (a LayerNorm scale of ones as
+    1.039) in more bytes."""
+    ternary = np.random.default_rng(3).choice([-0.05, 0.0, 0.05], (256, 256), p=[.2, .6, .2])
+    tree = {"ones": np.ones((3, 3000), np.float32), "ternary": ternary.astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "c", tree, error_bound=0.05,
+                          policy=jaxjpeg.Policy(compress="*"))
+    got = jaxjpeg.restore(tmp_path / "c")
+    for name, want in tree.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), want)
+    assert report.leaves[0].stored_bytes < 0.04 * tree["ones"].nbytes, report.leaves[0]
+
+
+def test_a_tight_error_bound_codes_a_pruned_leaf_sparse(tmp_path):
+    """Review: no JPEG coding meets 1e-4, so a 90% pruned leaf was stored
+    raw (262144 B) where its sparse coding within the bound takes 14 kB."""
+    w = _pruned(0.9, (256, 256))
+    report = jaxjpeg.save(tmp_path / "t", {"w": w}, error_bound=1e-4)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "t")["w"])
+    assert _relative(got, w) <= 1e-4 and np.all(got[w == 0] == 0)
+    assert report.leaves[0].stored_bytes < 0.1 * w.nbytes, report.leaves[0]
 
 
 def test_a_leaf_with_few_zeros_stays_jpeg(tmp_path):
