@@ -1844,12 +1844,19 @@ def _bounded_thin(array: np.ndarray, bound: float, max_bytes: int):
 
     norm2 = rate.finite_norm2(array)
     exact = rate.thin_within_error(array, 0.0, max_bytes)
-    # the bound's mean squared error, less a margin for float32's rounding
-    budget = (1 - 1e-3) * bound ** 2 * norm2 / max(1, array.size)
-    coded = rate.thin_within_error(array, budget, exact.nbytes if exact else max_bytes)
-    if coded is None:
-        return exact
-    return coded if _quantized_sse(array, _thin_stored(coded)) <= bound ** 2 * norm2 else exact
+    allowed = bound ** 2 * norm2 / max(1, array.size)   # mean squared error
+    budget = (1 - 1e-3) * allowed   # a margin for float32's rounding
+    for _ in range(2):   # the second time less what the dtype's rounding added
+        coded = rate.thin_within_error(array, budget, exact.nbytes if exact else max_bytes)
+        if coded is None:
+            return exact
+        measured = _quantized_sse(array, _thin_stored(coded)) / max(1, array.size)
+        if measured <= allowed:
+            return coded
+        budget -= 1.1 * (measured - budget)
+        if budget <= 0:
+            break
+    return exact
 
 
 def _thin_stored(coded) -> tuple:
