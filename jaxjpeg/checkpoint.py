@@ -249,7 +249,7 @@ def _leaves(tree) -> list:
             raise
         raise ValueError(f"tree is nested too deeply to save (leaf paths may have at most "
                          f"{layout.MAX_PATH_DEPTH} keys)") from None
-    return [(records, *prng_keys.split(leaf)) for records, leaf in leaves]
+    return [(records, *prng_keys.split(leaf, path_string(records))) for records, leaf in leaves]
 
 
 LEAF_SIZE_POWER = 0.3
@@ -1147,6 +1147,8 @@ class SourceLeaf:
     def __post_init__(self):
         object.__setattr__(self, "dtype", np.dtype(self.dtype).newbyteorder("="))
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if self.prng_impl is not None:
+            prng_keys.check_data(self.name, self.prng_impl, self.shape, self.dtype)
 
     @classmethod
     def of(cls, records, array: np.ndarray, shards: tuple | None = None,

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxjpeg import layout
+
 FIELD = "prng_impl"
 MAX_NAME = 64
 
@@ -21,11 +23,39 @@ def is_key(leaf) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def split(leaf):
-    """(leaf, None) for anything but a key array; (its key data, impl name) for one."""
+def split(leaf, name: str = ""):
+    """(leaf, None) for anything but a key array; (its key data, impl name) for
+    one, whose implementation a reader can find by that name (found by
+    review: a jax.extend.random.define_prng_impl key saved under its tag,
+    which no reader resolves)."""
     if not is_key(leaf):
         return leaf, None
-    return jax.random.key_data(leaf), str(jax.random.key_impl(leaf))
+    data, impl = jax.random.key_data(leaf), str(jax.random.key_impl(leaf))
+    try:
+        same = key_struct(name, impl, data.shape).dtype == leaf.dtype
+    except ValueError:
+        same = False
+    if not same:
+        raise layout.Unstorable(
+            f"leaf {name!r}: its PRNG keys' implementation ({impl!r}) is not registered with "
+            "jax by that name, so no reader could wrap them again: save "
+            "jax.random.key_data(key) instead")
+    return data, impl
+
+
+def check_data(name: str, impl, shape: tuple, dtype) -> None:
+    """Refuses key data a reader would refuse (layout.Unstorable): a name
+    that is no string, data not uint32 of at least one axis, or not what a
+    key of ``impl`` holds (found by review: a damaged Orbax checkpoint's
+    name on a float leaf made a file nothing could open)."""
+    if (not isinstance(impl, str) or not 0 < len(impl) <= MAX_NAME
+            or np.dtype(dtype) != np.uint32 or not shape):
+        raise layout.Unstorable(f"leaf {name!r}: {np.dtype(dtype).name}{list(shape)} is not "
+                                f"PRNG key data (named {impl!r:.80})")
+    try:
+        key_struct(name, impl, shape)
+    except ValueError as e:
+        raise layout.Unstorable(str(e)) from None
 
 
 def key_struct(name: str, impl: str, data_shape: tuple) -> jax.ShapeDtypeStruct:
@@ -34,9 +64,17 @@ def key_struct(name: str, impl: str, data_shape: tuple) -> jax.ShapeDtypeStruct:
     try:
         return jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=impl),
                               jax.ShapeDtypeStruct(tuple(data_shape), jnp.uint32))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"leaf {name!r}: its saved PRNG key data {list(data_shape)} is not "
-                         f"a key array of implementation {impl!r} here ({e})") from None
+    except (TypeError, ValueError):
+        pass
+    try:
+        one = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+        why = f"its keys hold {list(one.shape)} words"
+    except (TypeError, ValueError):
+        why = "no implementation of that name is registered with jax here"
+    raise ValueError(f"leaf {name!r}: its saved PRNG key data {list(data_shape)} is not a key "
+                     f"array of implementation {impl!r} ({why}); restore the other leaves "
+                     "with paths=, or this one as uint32 data with a jax.ShapeDtypeStruct "
+                     "target") from None
 
 
 def target_impl(name: str, saved_impl: str | None, saved_shape: tuple, want) -> str | None:

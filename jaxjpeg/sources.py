@@ -756,8 +756,6 @@ def _web_orbax_source(path: str, chosen: dict, items) -> Source:
 
 
 def _web_orbax_leaves(directory: str) -> list:
-    from jaxjpeg.checkpoint import SourceLeaf
-
     files = _Files()
     try:
         metadata = json.loads(_read_whole(storage.join(directory, "_METADATA"),
@@ -779,9 +777,9 @@ def _web_orbax_leaves(directory: str) -> list:
         records = _web_orbax_records(directory, entry)
         store = _web_orbax_array(directory, metadata, records, context)
         dtype = np.dtype(store.dtype.numpy_dtype)
-        leaves.append(SourceLeaf(records, tuple(store.shape), dtype,
-                                 _web_orbax_loader(directory, store, records),
-                                 prng_impl=key_impls.get(_orbax_array_name(records))))
+        leaves.append(_orbax_leaf(directory, records, tuple(store.shape), dtype,
+                                  _web_orbax_loader(directory, store, records),
+                                  key_impls.get(_orbax_array_name(records))))
     return sorted(leaves, key=lambda leaf: [(0, v) if k == "index" else (1, str(v))
                                             for k, v in leaf.records])
 
@@ -858,7 +856,6 @@ _ORBAX_LOCK = threading.Lock()   # Orbax restores run one at a time (asyncio loo
 def _orbax_item_leaves(directory: str) -> list:
     """SourceLeaf of every array the item's metadata describes."""
     import jax
-    from jaxjpeg.checkpoint import SourceLeaf
     from jaxjpeg.treepaths import key_record, path_string
 
     tree = _orbax_metadata(directory)
@@ -876,10 +873,21 @@ def _orbax_item_leaves(directory: str) -> list:
                                               and dtype.name not in _ML_DTYPE_NAMES):
             raise SourceError(f"{directory}: leaf {path_string(records)[:200]!r} is not a "
                               "numeric array")
-        leaves.append(SourceLeaf(records, tuple(shape), dtype,
-                                 _orbax_loader(directory, tree, path_string(records)),
-                                 prng_impl=key_impls.get(getattr(meta, "name", None))))
+        leaves.append(_orbax_leaf(directory, records, tuple(shape), dtype,
+                                  _orbax_loader(directory, tree, path_string(records)),
+                                  key_impls.get(getattr(meta, "name", None))))
     return leaves
+
+
+def _orbax_leaf(directory: str, records, shape, dtype, load, prng_impl):
+    """A SourceLeaf of an Orbax item; a damaged key record is the item's error."""
+    from jaxjpeg import layout
+    from jaxjpeg.checkpoint import SourceLeaf
+
+    try:
+        return SourceLeaf(records, shape, dtype, load, prng_impl=prng_impl)
+    except layout.Unstorable as e:
+        raise SourceError(f"{directory}: {e}") from None
 
 
 def _orbax_key_impls(directory: str) -> dict[str, str]:

@@ -124,11 +124,17 @@ def test_damaged_key_records_are_refused_clearly(tmp_path):
         jaxjpeg.restore(_edit_key_record(src, tmp_path / "f.jjpg", dtype="float32"))
     unknown = _edit_key_record(src, tmp_path / "u.jjpg", prng_impl="no-such-rng")
     with pytest.raises(ValueError, match="'keys': its saved PRNG key data \\[3, 2\\] is not a "
-                                         "key array of implementation 'no-such-rng'"):
+                                         "key array of implementation 'no-such-rng' \\(no "
+                                         "implementation of that name is registered"):
         jaxjpeg.restore(unknown)
     assert jaxjpeg.open(unknown).info("w").shape == (5,)   # the rest of the file reads
+    assert jaxjpeg.restore(unknown, paths=["w"])["w"].shape == (5,)
+    from jaxjpeg.orbax import JaxjpegCheckpointHandler
+    meta = JaxjpegCheckpointHandler(filename=unknown.name).metadata(tmp_path)
+    assert meta["keys"] == jax.ShapeDtypeStruct((3, 2), jnp.uint32)   # as the data it is
     short = _edit_key_record(src, tmp_path / "s.jjpg", prng_impl="rbg")   # rbg keys are 4 words
-    with pytest.raises(ValueError, match="is not a key array of implementation 'rbg'"):
+    with pytest.raises(ValueError, match="is not a key array of implementation 'rbg' \\(its "
+                                         "keys hold \\[4\\] words\\)"):
         jaxjpeg.load(short)
     with fmt.ContainerReader(src) as r:   # what is stored: the key data, raw, and the name
         record = next(x for x in json.loads(json.dumps(r.metadata))["leaves"]
@@ -161,3 +167,41 @@ def test_orbax_checkpoints_keys_stay_keys_through_the_cli(tmp_path, capsys):
         np.testing.assert_array_equal(jax.random.key_data(got["dropout"]),
                                       jax.random.key_data(keys))
         assert got["params"].dtype == jax.random.key(0).dtype
+
+
+def test_keys_no_reader_could_wrap_are_refused_when_saved(tmp_path):
+    """Review: a key of a jax.extend.random.define_prng_impl implementation
+    was saved under its tag, which no reader resolves: saved, never restored."""
+    import jax.extend.random as jer
+
+    def wrapped(d):
+        return jax.random.wrap_key_data(d, impl="threefry2x32")
+    spec = jer.define_prng_impl(
+        key_shape=(2,), seed=lambda s: jax.random.key_data(jax.random.key(s)),
+        split=lambda k, shape: jax.random.key_data(jax.random.split(wrapped(k), shape)),
+        random_bits=lambda k, bits, shape: jax.random.bits(wrapped(k), shape,
+                                                           jnp.dtype(f"uint{bits}")),
+        fold_in=lambda k, d: jax.random.key_data(jax.random.fold_in(wrapped(k), d)),
+        name="custom_rng", tag="cst")
+    with pytest.raises(ValueError, match="'rngs/k'.*not registered with jax by that name"):
+        jaxjpeg.save(tmp_path / "c.jjpg", {"rngs": {"k": jax.random.key(1, impl=spec)}})
+    assert not (tmp_path / "c.jjpg").exists()
+
+
+def test_a_damaged_orbax_key_record_is_the_sources_error(tmp_path, capsys):
+    """Review: Orbax metadata naming a float leaf a key was written into the
+    file as is, and the reader then refused the whole file."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    from jaxjpeg import cli
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "item", {"w": np.ones((64, 64), np.float32),
+                                       "k": jax.random.key(0)})
+    listing = tmp_path / "item" / "array_metadatas" / "process_0"
+    meta = json.loads(listing.read_text())
+    meta["array_metadatas"].append({"array_metadata": {
+        "param_name": "w", "ext_metadata": {"random_key_impl": "threefry2x32"}}})
+    listing.write_text(json.dumps(meta))
+    assert cli.main(["compress", str(tmp_path / "item"), str(tmp_path / "o.jjpg")]) == 1
+    assert "'w': float32[64, 64] is not PRNG key data" in capsys.readouterr().err
+    assert not (tmp_path / "o.jjpg").exists()
