@@ -1929,8 +1929,7 @@ class _LogCoding:
             path_string(first) for first, partner in pairs.items()
             if magnitudes.bounded_by(held[path_string(first)].array(),
                                      held[path_string(partner)].array()))
-        if read:
-            self.first |= _read_first_moments(leaves, policy)
+        self.first |= _named_first_moments(leaves, policy, read)
 
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
@@ -1997,21 +1996,24 @@ class _LogCoding:
 
 
 
-def _read_first_moments(leaves: Sequence[SourceLeaf], policy: Policy) -> frozenset:
-    """The first moments among leaves not held in memory (a file's, read
-    tensor by tensor): paired by name (magnitudes.named_first_moments), then
-    each pair read to check it (found in session 29: ``jaxjpeg compress`` of
-    an Orbax training state JPEG-coded its mu, the next update 19% off)."""
-    unread = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
-              if not leaf.resident and leaf.size and str(leaf.dtype) in JPEG_DTYPES
-              and not policy.names_lossless(leaf.name)}
-    pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in unread.items())
+def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy,
+                         read: bool) -> frozenset:
+    """The first moments an optimizer's names pair (magnitudes.named_first_moments),
+    each pair checked on its values: held in memory, or (``read``) read from
+    a file once more (found in session 29: ``jaxjpeg compress`` of an Orbax
+    training state JPEG-coded its mu, the next update 19% off; review: flat
+    trees, ``{"mu", "nu"}``, were not paired in memory either)."""
+    named = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
+             if (leaf.resident or read) and leaf.size and str(leaf.dtype) in JPEG_DTYPES
+             and not policy.names_lossless(leaf.name)}
+    pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in named.items())
     first = set()
     for path, partner in pairs.items():
-        second = unread[partner].array()
+        second = named[partner].array()
         if (magnitudes.is_second_moment(second)
-                and magnitudes.bounded_by(unread[path].array(), second)):
-            first.add(unread[path].name)
+                and magnitudes.bounded_by(named[path].array(), second,
+                                          magnitudes.NAMED_MOMENT_BOUND)):
+            first.add(named[path].name)
     return frozenset(first)
 
 
