@@ -1906,9 +1906,9 @@ class _LogCoding:
     magnitudes instead (:mod:`jaxjpeg.magnitudes`): second moments, and the
     first moments paired with them (vectors the policy keeps out of JPEG
     too: a byte target would store a bias's first moment as float16,
-    flushing its small values): among leaves held in memory by their
-    values, among leaves read from a file (``read``) by the optimizers'
-    names first, each pair then read once to check its values."""
+    flushing its small values): among leaves held in memory by their paths
+    and values, and by the optimizers' names among these and (``read``)
+    leaves read from a file, each such pair read once more to check it."""
 
     def __init__(self, leaves: Sequence[SourceLeaf], policy: Policy, error_bound=None,
                  read: bool = True):
@@ -1993,7 +1993,6 @@ class _LogCoding:
     def exact_note(self, array: np.ndarray) -> str:
         return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "
                 "(jaxjpeg.magnitudes)")
-
 
 
 def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy,

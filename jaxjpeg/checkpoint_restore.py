@@ -94,10 +94,13 @@ def restored_dtype(saved: np.dtype, override=None, wanted=None, name: str = "") 
 
 @functools.lru_cache(maxsize=None)
 def _jax_holds(dtype: np.dtype) -> bool:
-    """Whether a jax array may have ``dtype`` (ml_dtypes has float6 formats
-    and others that XLA does not)."""
+    """Whether a jax array may have ``dtype``: numpy's own kinds may, of
+    ml_dtypes' (kind 'V') XLA knows some (bfloat16, float8 ...) and not
+    others (float6): one value placed on the default device tells."""
+    if np.dtype(dtype).kind != "V":
+        return True
     try:
-        jax.device_put(np.zeros(1, dtype), jax.local_devices(backend="cpu")[0])
+        jax.device_put(np.zeros(1, dtype)).block_until_ready()
     except Exception:   # jax raises TypeError, XLA its runtime error
         return False
     return True

@@ -93,8 +93,9 @@ def below_half(array) -> bool:
 
 
 # The names optimizers give a first moment and its second moment (optax's
-# ScaleByAdamState, PyTorch's Adam, Keras' and generic ones): leaves not
-# held in memory are paired by them before any is read.
+# ScaleByAdamState, PyTorch's Adam, Keras' and generic ones): leaves read
+# from a file are paired by them before any is read, and a pair they make
+# takes a looser bound (NAMED_MOMENT_BOUND).
 MOMENT_NAMES = {"mu": "nu", "exp_avg": "exp_avg_sq", "m": "v", "momentum": "velocity",
                 "first_moment": "second_moment", "m1": "m2"}
 
