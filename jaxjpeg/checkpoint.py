@@ -1929,7 +1929,7 @@ class _LogCoding:
             path_string(first) for first, partner in pairs.items()
             if magnitudes.bounded_by(held[path_string(first)].array(),
                                      held[path_string(partner)].array()))
-        self.first |= _named_first_moments(leaves, policy, read)
+        self.first |= _named_first_moments(leaves, policy, read, self.first)
 
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
@@ -1995,19 +1995,22 @@ class _LogCoding:
                 "(jaxjpeg.magnitudes)")
 
 
-def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy,
-                         read: bool) -> frozenset:
+def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: bool,
+                         paired: frozenset = frozenset()) -> frozenset:
     """The first moments an optimizer's names pair (magnitudes.named_first_moments),
     each pair checked on its values: held in memory, or (``read``) read from
     a file once more (found in session 29: ``jaxjpeg compress`` of an Orbax
     training state JPEG-coded its mu, the next update 19% off; review: flat
-    trees, ``{"mu", "nu"}``, were not paired in memory either)."""
+    trees, ``{"mu", "nu"}``, were not paired in memory either); those
+    ``paired`` already are not checked again."""
     named = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
              if (leaf.resident or read) and leaf.size and str(leaf.dtype) in JPEG_DTYPES
              and not policy.names_lossless(leaf.name)}
     pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in named.items())
     first = set()
     for path, partner in pairs.items():
+        if named[path].name in paired:
+            continue
         second = named[partner].array()
         if (magnitudes.is_second_moment(second)
                 and magnitudes.bounded_by(named[path].array(), second,
