@@ -101,8 +101,10 @@ def _whole(value) -> int:
     return value
 
 
-# Half-precision dtypes a sparse leaf may be quantized from (besides float32).
-SPARSE_HALF_DTYPES = ("bfloat16", "float16")
+# Half-precision dtypes a quantized leaf may have besides float32 (restored
+# through float32): a sparse leaf's, and since session 29 a byte target's
+# BatchNorm vectors and small kernels.
+QUANTIZED_HALF_DTYPES = ("bfloat16", "float16")
 
 
 def _key_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
@@ -148,11 +150,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             stored = record.get("stored")
             if stored is None:
                 return leaf
-            # float32 leaves, and a sparse leaf's half-precision ones
-            # (restored through float32)
             if (stored == "quantized" and len(shape) >= 1
-                    and (leaf.dtype == np.float32
-                         or ("nonzeros" in record and str(leaf.dtype) in SPARSE_HALF_DTYPES))):
+                    and (leaf.dtype == np.float32 or str(leaf.dtype) in QUANTIZED_HALF_DTYPES)):
                 try:
                     fields = quantized_vectors.check_record(record, f"leaf {index}")
                 except ValueError as e:

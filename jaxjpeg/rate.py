@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
-from jaxjpeg.checkpoint_reader import SPARSE_HALF_DTYPES
+from jaxjpeg.checkpoint_reader import QUANTIZED_HALF_DTYPES
 from jaxjpeg.treepaths import key_record, path_string
 
 STEP_LIMIT = {8: 255, 12: 65535}
@@ -1081,7 +1081,7 @@ def is_sparse_leaf(x) -> bool:
     and restore them as noise (zero rows too, unless a whole 8-row block
     is zero)."""
     x = np.asarray(x)
-    return (str(x.dtype) in ("float32", *SPARSE_HALF_DTYPES)
+    return (str(x.dtype) in ("float32", *QUANTIZED_HALF_DTYPES)
             and quantized_vectors.is_sparse(x) and analysis.count_special(x) == 0)
 
 
