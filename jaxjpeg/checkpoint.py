@@ -1506,6 +1506,10 @@ class _Save:
         note, warning = _coding_note(name, array, enc)
         if not coded and signed is None and self.policy.should_compress(name, array):
             note = _why_raw(array) or note   # found by review: no word said why
+        elif (not coded and signed is None and array.dtype == np.float64
+              and self.policy.should_compress(name, np.broadcast_to(np.float32(0), array.shape))):
+            note = ("stored raw: float64 leaves are coded only where Policy(compress=...) "
+                    "names them")
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
         lossy = None

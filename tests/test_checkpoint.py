@@ -1303,3 +1303,16 @@ def test_float64_leaves_are_coded_where_a_compress_pattern_names_them(tmp_path):
         np.testing.assert_array_equal(np.asarray(got64["far"]), tree["far"])
         np.testing.assert_array_equal(np.asarray(got64["tiny"]), tree["tiny"])
         np.testing.assert_array_equal(np.asarray(got64["w"]), np.asarray(got, np.float64))
+
+
+def test_a_float64_kernel_says_why_it_is_stored_raw(tmp_path):
+    """Found in session 29: a float64 kernel was stored raw with no note (a
+    float64 tree at the default rate came out 0.5x float32, silently)."""
+    w = np.random.default_rng(0).normal(0, 0.05, (256, 256))
+    notes = {leaf.path: leaf.note for leaf in jaxjpeg.save(
+        tmp_path / "d.jjpg", {"w": w, "b": np.zeros(256)}).leaves}
+    assert notes["w"] == ("stored raw: float64 leaves are coded only where Policy(compress=...) "
+                          "names them")
+    assert notes["b"] == ""   # too small to code whatever its dtype
+    coded = jaxjpeg.save(tmp_path / "c.jjpg", {"w": w}, policy=jaxjpeg.Policy(compress=["w"]))
+    assert coded.leaves[0].kind == "jpeg"
