@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", help="write the top-1/KL vs ratio plot (PNG) here")
     p.add_argument("--markdown", help="write the result tables (Markdown) here")
     p.add_argument("--debug", action="store_true", help="print tracebacks of failing saves")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the dtype jaxjpeg saves the weights in (restored, then cast to float32 "
+                        "to run; references and baselines stay float32)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.models:
@@ -177,7 +180,8 @@ def evaluate(case, ref, res: M.Result, layout: str, outputs_cache: dict | None =
 def run_model(name: str, args, table: Table, workdir: Path):
     start = time.perf_counter()
     case = make_case(name, args)
-    log(f"\n== {case.describe()}")
+    case.save_dtype = args.dtype
+    log(f"\n== {case.describe()}" + (f" (saved as {args.dtype})" if args.dtype != "float32" else ""))
     ref = case.reference()
     methods = args.methods
     if "float32" in methods:

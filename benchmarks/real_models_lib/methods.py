@@ -102,6 +102,10 @@ def run_jaxjpeg(case, layout: str, method: str, setting: str, kwargs: dict, work
     import jaxjpeg
 
     tree = common.to_layout(case.native, case.kinds, layout)
+    dtype = getattr(case, "save_dtype", "float32")
+    if dtype != "float32":   # --dtype: a half-precision copy of the network is what is saved
+        import ml_dtypes
+        tree = {k: v.astype(getattr(ml_dtypes, dtype, dtype)) for k, v in tree.items()}
     slug = "".join(c if c.isalnum() else "_" for c in f"{case.name}-{layout}-{method}-{setting}")
     path = workdir / f"{slug}.jjpg"
     t = time.perf_counter()
