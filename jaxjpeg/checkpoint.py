@@ -1536,6 +1536,8 @@ class _Save:
                 # where 5% of it holds the leaf within the bound)
                 bounded = _bounded_thin(array, self.error_bound, array.nbytes)
                 thin = None if bounded is None else _thin_stored(bounded)
+        if thin is not None and not _restores_finite(array, thin):
+            thin = None   # JPEG's coding, or raw
         if thin is not None:
             lossy, jpeg = thin, None
             self.bias_correction.add(name, lambda: _quantized_error(array, thin))
@@ -1804,9 +1806,28 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
     if how is not None:
         coded = quantized_vectors.encode(array, how)
         if coded is not None and memoryview(coded[0]).nbytes < array.nbytes:
-            options.append((coded[0], {"kind": "raw", **coded[1]},
-                            f"quantized ({coded[1]['domain']} step {how.step:.3g})"))
+            option = (coded[0], {"kind": "raw", **coded[1]},
+                      f"quantized ({coded[1]['domain']} step {how.step:.3g})")
+            if _restores_finite(array, option):
+                options.append(option)
     return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
+
+
+def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
+    """Whether a quantized leaf (blob, record fields, note) restores every
+    finite value finite in the leaf's dtype: a step past float16's largest
+    rounds to inf there (found by review: 65504 in a float16 kernel came
+    back inf under a byte target)."""
+    from jaxjpeg import quantized_vectors
+
+    if array.dtype == np.float32:
+        return True   # the decoder refuses codings past float32's range
+    blob, record, _ = lossy
+    fields = quantized_vectors.check_record(record, "quantized leaf")
+    restored = quantized_vectors.decoded_values(blob, array.size, fields).reshape(-1)
+    with np.errstate(over="ignore"):
+        kept = np.isfinite(restored.astype(array.dtype))
+    return bool(np.all(kept | ~np.isfinite(array.reshape(-1))))
 
 
 def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,
@@ -1819,16 +1840,18 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     ``error_bound`` the step takes the bound's whole error instead
     (:func:`_bounded_thin`): JPEG's coding is under it, and a sparse one
     spent some of it on the zeros (found in session 29: 90% pruned, bound
-    0.1, error 0.032); not where JPEG keeps values aside, whose share of the
-    norm the bound leaves out (review: one 1e4 among N(0, 1) values zeroed
-    the rest)."""
+    0.1, error 0.032), against the norm of the values JPEG does not keep
+    aside, which the bound leaves out (review: one 1e4 among N(0, 1) values
+    took the whole norm and zeroed the rest)."""
     from jaxjpeg import rate
 
     if not sparse and (array.dtype != np.float32 or array.ndim == 0
                        or enc.outliers is not None):
         return None
-    if error_bound is not None and enc.outliers is None:
-        coded = _bounded_thin(array, error_bound, min(jpeg_bytes, array.nbytes))
+    if error_bound is not None:
+        kept = None if enc.outliers is None else enc.outliers.index
+        coded = _bounded_thin(array, error_bound, min(jpeg_bytes, array.nbytes),
+                              rate.finite_norm2(array, kept))
         if coded is not None:
             return _thin_stored(coded)
     flat = array.reshape(-1)
@@ -1843,15 +1866,16 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     return None if coded is None else _thin_stored(coded)
 
 
-def _bounded_thin(array: np.ndarray, bound: float, max_bytes: int):
-    """``array`` quantized on one step within relative RMS error ``bound``,
-    checked in its own dtype (review: a bfloat16 leaf's rounding took it 14%
-    over), exactly where a step codes it exactly in as few bytes (a leaf of
-    one value or of a few levels); a rate.ThinCoding of fewer than
-    ``max_bytes``, or None."""
+def _bounded_thin(array: np.ndarray, bound: float, max_bytes: int, norm2: float | None = None):
+    """``array`` quantized on one step within relative RMS error ``bound``
+    (of ``norm2``, the squared norm the bound is relative to: the finite
+    values' by default), checked in its own dtype (review: a bfloat16 leaf's
+    rounding took it 14% over), exactly where a step codes it exactly in as
+    few bytes (a leaf of one value or of a few levels); a rate.ThinCoding of
+    fewer than ``max_bytes``, or None."""
     from jaxjpeg import rate
 
-    norm2 = rate.finite_norm2(array)
+    norm2 = rate.finite_norm2(array) if norm2 is None else norm2
     exact = rate.thin_within_error(array, 0.0, max_bytes)
     allowed = bound ** 2 * norm2 / max(1, array.size)   # mean squared error
     budget = (1 - 1e-3) * allowed   # a margin for float32's rounding

@@ -184,6 +184,18 @@ def test_half_precision_vectors_and_small_kernels_take_steps_too(tmp_path, dtype
         0.7 * sum(tree[n].nbytes for n in ("bn.weight", "bn.bias", "stem.weight")))
 
 
+def test_half_precision_steps_stay_within_the_dtypes_range(tmp_path):
+    """Review: a float16 kernel holding float16's largest values (±65504)
+    was quantized on a step that rounds them past it: restored as ±inf."""
+    w = np.random.default_rng(0).normal(0, 1, (1, 1, 16, 8)).astype(np.float16)
+    w[0, 0, 0, :2] = [65504, -65504]
+    tree = {"small": w, "big": np.random.default_rng(1).normal(0, 1, (256, 256)).astype(
+        np.float16)}
+    jaxjpeg.save(tmp_path / "f.jjpg", tree, target_ratio=8, progress=False)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "f.jjpg")["small"])
+    assert np.all(np.isfinite(got)) and got[0, 0, 0, :2].tolist() == [65504, -65504]
+
+
 def _damaged(tmp_path, edit_meta=None, edit_blobs=None):
     path = tmp_path / "q.jjpg"
     jaxjpeg.save(path, _batchnorm_net(np.random.default_rng(5)), target_ratio=8, progress=False)
