@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import threading
 
+import ml_dtypes
 import numpy as np
 
 from jaxjpeg.priors import is_running_mean
@@ -158,10 +159,21 @@ class BiasCorrection:
     def apply(self, name: str, array: np.ndarray) -> np.ndarray:
         with self.lock:
             given = dict(self.shifts.get(name, {}))
-        if not given or array.dtype.kind != "f":
+        # bfloat16 (ml_dtypes' kind 'V') too: found in session 29, a bfloat16
+        # network's running means never took their corrections
+        if not given or not _is_float(array.dtype):
             return array
         shift = 0.0
         for weight in sorted(given, key=lambda w: self.positions.get(w, -1)):
             shift = shift + given[weight]
         return (array.astype(np.float64) + shift).astype(array.dtype)
 
+
+def _is_float(dtype: np.dtype) -> bool:
+    if dtype.kind == "c":
+        return False
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
