@@ -1832,7 +1832,7 @@ def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
 
 def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,
                       sparse: bool, error_bound: float | None = None) -> tuple | None:
-    """(blob, record fields, note) of a float32 leaf whose JPEG coding pads
+    """(blob, record fields, note) of a leaf (rate.is_thin_dtype) whose JPEG coding pads
     its thin view (rate.THIN_SIDE) quantized on one step within that
     coding's squared error, when that is smaller; else None. A ``sparse``
     leaf (rate.is_sparse_leaf) keeps its zeros exact and its nonzero values
@@ -1845,7 +1845,7 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     took the whole norm and zeroed the rest)."""
     from jaxjpeg import rate
 
-    if not sparse and (array.dtype != np.float32 or array.ndim == 0
+    if not sparse and (not rate.is_thin_dtype(array.dtype) or array.ndim == 0
                        or enc.outliers is not None):
         return None
     if error_bound is not None:
@@ -2059,7 +2059,8 @@ def _thin_shaped(array: np.ndarray) -> bool:
     if array.ndim == 0 or not array.size:
         return False
     return (rate.is_sparse_leaf(array)
-            or (array.dtype == np.float32 and array.size // max(array.shape) < rate.THIN_SIDE
+            or (rate.is_thin_dtype(array.dtype)
+                and array.size // max(array.shape) < rate.THIN_SIDE
                 and bool(np.isfinite(array).all())))
 
 
