@@ -1962,6 +1962,20 @@ class _LogCoding:
                                      held[path_string(partner)].array()))
         self.first |= _named_first_moments(leaves, policy, read, self.first)
 
+    def named_pairs(self, leaves: Sequence[SourceLeaf]) -> dict[int, int]:
+        """{first moment: its second moment} as positions in ``leaves``, as
+        the optimizers' names pair them (a distributed save has one process
+        code both, which then checks them: :meth:`pair`)."""
+        paths = {tuple(map(tuple, leaf.records)): i for i, leaf in enumerate(leaves)}
+        pairs = magnitudes.named_first_moments(
+            (path, leaves[i].shape) for path, i in paths.items()
+            if _may_be_moment(leaves[i], self.policy))
+        return {paths[first]: paths[second] for first, second in pairs.items()}
+
+    def pair(self, leaves: Sequence[SourceLeaf]) -> None:
+        """Pairs the named first moments among ``leaves`` (held in memory)."""
+        self.first |= _named_first_moments(leaves, self.policy, False, self.first)
+
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
         if not self.policy.should_compress(name, array):
@@ -2035,8 +2049,7 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
     trees, ``{"mu", "nu"}``, were not paired in memory either); those
     ``paired`` already are not checked again."""
     named = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
-             if (leaf.resident or read) and leaf.size and str(leaf.dtype) in JPEG_DTYPES
-             and not policy.names_lossless(leaf.name)}
+             if (leaf.resident or read) and _may_be_moment(leaf, policy)}
     pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in named.items())
     first = set()
     for path, partner in pairs.items():
@@ -2048,6 +2061,11 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
                                           magnitudes.NAMED_MOMENT_BOUND)):
             first.add(named[path].name)
     return frozenset(first)
+
+
+def _may_be_moment(leaf: SourceLeaf, policy: Policy) -> bool:
+    return (leaf.size > 0 and str(leaf.dtype) in JPEG_DTYPES
+            and not policy.names_lossless(leaf.name))
 
 
 def _thin_shaped(array: np.ndarray) -> bool:

@@ -118,19 +118,25 @@ def _holders(leaf, processes: int) -> list[int]:
     return out
 
 
-def plan_owners(leaves: list, processes: int) -> tuple[list[int], list[bool]]:
+def plan_owners(leaves: list, processes: int, together: dict | None = None
+                ) -> tuple[list[int], list[bool]]:
     """(owner process of each leaf, whether it must be gathered first): the
-    bytes each process codes balanced, largest leaves first."""
+    bytes each process codes balanced, largest leaves first. ``together``
+    ({leaf: leaf}) pairs leaves one process codes (a first moment and its
+    second moment, checked on both their values)."""
     load = [0] * processes
     owners = [0] * len(leaves)
     gather = [False] * len(leaves)
-    order = sorted(range(len(leaves)), key=lambda i: (-_nbytes(leaves[i]), i))
-    for i in order:
-        candidates = _holders(leaves[i], processes)
-        if not candidates:
-            candidates, gather[i] = list(range(processes)), True
-        owners[i] = min(candidates, key=lambda p: (load[p], p))
-        load[owners[i]] += _nbytes(leaves[i])
+    units = [[i] for i in range(len(leaves)) if i not in (together or {})
+             and i not in (together or {}).values()]
+    units += [[i, j] for i, j in (together or {}).items()]
+    holders = [_holders(leaf, processes) for leaf in leaves]
+    for unit in sorted(units, key=lambda u: (-sum(_nbytes(leaves[i]) for i in u), u)):
+        candidates = sorted(set.intersection(*(set(holders[i]) for i in unit)))
+        owner = min(candidates or range(processes), key=lambda p: (load[p], p))
+        for i in unit:
+            owners[i], gather[i] = owner, owner not in holders[i]
+            load[owner] += _nbytes(leaves[i])
     return owners, gather
 
 
@@ -305,12 +311,13 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
     # raised alone would leave the others waiting in a gather.
     try:
         flat = ck._leaves(tree)
-        owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes)
         leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None,
                                 ck.shard_regions(leaf), prng_impl=impl)
                   for records, leaf, impl in flat]
         with_prior = batchnorm_prior and ck._prior_applies(leaves, saver_options)
         saver = ck._Save(path, leaves, **saver_options)
+        owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
+                                     saver.log_coding.named_pairs(leaves))
         ready, error = {"owners": owners, "gather": gather}, None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
@@ -350,6 +357,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         own = [(i, ck.SourceLeaf.of(records, gathered[i] if gather[i]
                                     else _local_copy(leaf, copy), prng_impl=impl))
                for i, (records, leaf, impl) in enumerate(flat) if owners[i] == me]
+        saver.log_coding.pair([leaf for _, leaf in own])   # moments its owner holds both of
     except BaseException as e:
         why = f"{type(e).__name__}: {e}"
         _publish_failure(exchange, me, why)

@@ -38,6 +38,7 @@ CHECKS = [
     "a_process_interrupted_while_coding_fails_every_process_quickly",
     "earlier_saves_leave_no_keys_in_the_coordination_service",
     "typed_prng_keys_split_across_processes_are_saved",
+    "adam_moments_split_across_processes_are_paired",
 ]
 
 

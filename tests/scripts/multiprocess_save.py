@@ -349,6 +349,25 @@ def process_local_arrays_are_saved_like_numpy_leaves():
 
 
 @check
+def adam_moments_split_across_processes_are_paired():
+    """Found in session 29: a distributed save paired no first moments (each
+    leaf's owner held one of the pair), so Adam's mu was JPEG-coded. Named
+    pairs now have one owner, which checks them on their values."""
+    moments = np.random.default_rng(11)
+    nu = np.exp(moments.normal(-12, 2, (512, 256))).astype(np.float32)
+    mu = (moments.choice([-1, 1], nu.shape) * np.sqrt(nu) * moments.random(nu.shape)
+          ).astype(np.float32)
+    tree = {"params": {"w": TREE["split"]},
+            "opt_state": {"mu": {"w": global_array(mu, NamedSharding(GLOBAL, P("x")))},
+                          "nu": {"w": global_array(nu, NamedSharding(GRID, P(None, "dev")))}}}
+    report = jaxjpeg.save(PATH + ".adam", tree, distributed=True)
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "magnitudes on log2 steps" in notes["opt_state/mu/w"], notes
+    got = np.asarray(jaxjpeg.restore(PATH + ".adam")["opt_state"]["mu"]["w"], np.float64)
+    assert np.all(np.abs(got - mu) <= 0.0222 * np.abs(mu) + 1e-30)
+
+
+@check
 def typed_prng_keys_split_across_processes_are_saved():
     """Typed keys (refused before) stored as their key data, gathered where
     split across processes like any leaf, and restored as keys."""
