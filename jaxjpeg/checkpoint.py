@@ -1510,6 +1510,10 @@ class _Save:
               and self.policy.should_compress(name, np.broadcast_to(np.float32(0), array.shape))):
             note = ("stored raw: float64 leaves are coded only where Policy(compress=...) "
                     "names them")
+        elif (not coded and signed is None and str(array.dtype) not in JPEG_DTYPES
+              and any(fnmatch.fnmatchcase(name, p) for p in self.policy.compress)):
+            note = (f"stored raw: {array.dtype} leaves are not coded (Policy(compress=...) "
+                    f"names it; JPEG codes {', '.join(JPEG_DTYPES)})")
         if coded and enc is None:
             note = "stored raw: no coding meets the error bound"
         lossy = None
@@ -1814,20 +1818,11 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
 
 
 def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
-    """Whether a quantized leaf (blob, record fields, note) restores every
-    finite value finite in the leaf's dtype: a step past float16's largest
-    rounds to inf there (found by review: 65504 in a float16 kernel came
-    back inf under a byte target)."""
+    """quantized_vectors.restores_finite of a quantized leaf (blob, record fields, note)."""
     from jaxjpeg import quantized_vectors
 
-    if array.dtype == np.float32:
-        return True   # the decoder refuses codings past float32's range
     blob, record, _ = lossy
-    fields = quantized_vectors.check_record(record, "quantized leaf")
-    restored = quantized_vectors.decoded_values(blob, array.size, fields).reshape(-1)
-    with np.errstate(over="ignore"):
-        kept = np.isfinite(restored.astype(array.dtype))
-    return bool(np.all(kept | ~np.isfinite(array.reshape(-1))))
+    return quantized_vectors.restores_finite(array, blob, record)
 
 
 def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,

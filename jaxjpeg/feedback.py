@@ -104,7 +104,7 @@ class InputCovariance:
         if h.shape != (n, n):
             raise ValueError(f"input covariance has shape {h.shape}; the input axes {self.axes} "
                              f"of shape {tuple(shape)} need ({n}, {n})")
-        if h.dtype.kind not in "fiu":
+        if h.dtype.kind not in "fiu" and str(h.dtype) != "bfloat16":   # bfloat16: kind 'V'
             raise ValueError(f"input covariance has dtype {h.dtype}; it must be real")
         if not all(np.isfinite(h[r:r + BATCH]).all() for r in range(0, n, BATCH)):
             raise ValueError("input covariance has NaN or infinite entries")

@@ -18,9 +18,8 @@ differs from its path in one component (``opt_state/0/mu/w`` beside
 whose magnitudes stay within a few of its roots (:func:`bounded_by`) is
 coded on log2 steps of its magnitudes, with its signs (``signed_log2``).
 
-The reader's log2-quantized leaves are float32 (half precision is quantized
-only as a sparse leaf's linear steps): bfloat16 and float16 leaves such as
-these are stored exactly.
+bfloat16 and float16 moments are coded so too and restored, in their dtype,
+through float32 (stored exactly before session 29, at twice float32's bits).
 """
 
 from __future__ import annotations
@@ -218,11 +217,15 @@ def _smallest_nonzero(array: np.ndarray) -> tuple[float, bool]:
 
 
 def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | None:
-    """(blob, record fields, note) of a float32 leaf on log2 steps of its
-    magnitudes (``signed``: with a sign bit a value), or None (another
-    dtype, a non-finite value, or more bits than float16's)."""
-    if array.dtype != np.float32 or array.size == 0:
+    """(blob, record fields, note) of a float32, bfloat16 or float16 leaf on
+    log2 steps of its magnitudes (``signed``: with a sign bit a value),
+    restored through float32, or None (another dtype, a non-finite value,
+    more bits than float16's, or a value restoring past a half dtype's
+    range). Half-precision moments were stored exactly, at twice float32's
+    bits (found by review in session 29: optax's ``mu_dtype=bfloat16``)."""
+    if str(array.dtype) not in ("float32", "bfloat16", "float16") or array.size == 0:
         return None
+    original, array = array, np.asarray(array, np.float32)
     smallest, zeros = _smallest_nonzero(array)
     if not math.isfinite(smallest):
         return None
@@ -232,7 +235,7 @@ def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | N
     offset = smallest / 4 if zeros else 0.0
     domain = qv.SIGNED_LOG2 if signed else qv.LOG2
     coded = qv.encode(array, qv.VectorStep(step, domain, offset))
-    if coded is None:
+    if coded is None or not qv.restores_finite(original, *coded):
         return None
     blob, record = coded
     bound = (2.0 ** (step / 2) - 1) * (1.25 if offset else 1.0)   # see the offset

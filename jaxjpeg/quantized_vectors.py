@@ -144,6 +144,19 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     return _encode_dense(values, how)
 
 
+def restores_finite(array: np.ndarray, blob, record: dict) -> bool:
+    """Whether the quantized ``array`` (blob, record fields) restores every
+    finite value finite in ``array``'s own dtype: a step past float16's
+    largest rounds to inf there (review: 65504 in a float16 kernel came
+    back inf); float32 always does (the decoder refuses codings past it)."""
+    if array.dtype == np.float32:
+        return True
+    restored = decoded_values(blob, array.size, check_record(record, "quantized leaf"))
+    with np.errstate(over="ignore"):
+        kept = np.isfinite(restored.reshape(-1).astype(array.dtype))
+    return bool(np.all(kept | ~np.isfinite(array.reshape(-1))))
+
+
 def nonzero_mask(flat: np.ndarray) -> bytes:
     """The deflated bitmap of ``flat``'s nonzero values (bit i, most
     significant first, set where value i is nonzero)."""

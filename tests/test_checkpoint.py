@@ -1316,3 +1316,6 @@ def test_a_float64_kernel_says_why_it_is_stored_raw(tmp_path):
     assert notes["b"] == ""   # too small to code whatever its dtype
     coded = jaxjpeg.save(tmp_path / "c.jjpg", {"w": w}, policy=jaxjpeg.Policy(compress=["w"]))
     assert coded.leaves[0].kind == "jpeg"
+    e5m2 = jaxjpeg.save(tmp_path / "e.jjpg", {"w": w.astype(ml_dtypes.float8_e5m2)},
+                        policy=jaxjpeg.Policy(compress=["w"]))
+    assert e5m2.leaves[0].note.startswith("stored raw: float8_e5m2 leaves are not coded")

@@ -156,6 +156,18 @@ def test_save_with_covariances_restores_closer_outputs(tmp_path):
     assert errors[1] < errors[0] / 1.5, errors
 
 
+def test_a_bfloat16_covariance_is_taken(tmp_path):
+    """Review (session 29): a bfloat16 covariance (numpy's kind 'V') was
+    refused as "not real"; float16 was taken."""
+    import ml_dtypes
+    tree, h = _tree()
+    cov = {"dense/kernel": jaxjpeg.InputCovariance(h.astype(ml_dtypes.bfloat16), (0,))}
+    shaped = jaxjpeg.save(tmp_path / "b.jjpg", tree, target_ratio=8, input_covariance=cov)
+    assert shaped.file_bytes > 0
+    with pytest.raises(ValueError, match="it must be real"):
+        feedback.InputCovariance(np.eye(4, dtype=np.complex64), (1,)).check((3, 4))
+
+
 def test_feedback_leaves_use_12_bit_samples(tmp_path):
     tree, h = _tree()
     jaxjpeg.save(tmp_path / "a.jjpg", tree, relative_step=0.3,

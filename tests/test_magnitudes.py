@@ -98,14 +98,43 @@ def test_an_error_bound_finer_than_the_log_step(tmp_path):
     assert report.leaves[0].stored_bytes < nu.nbytes / 2
 
 
-def test_half_precision_second_moments_are_stored_exactly(tmp_path):
-    """The reader's quantized leaves are float32: a bfloat16 second moment
-    is stored exactly rather than JPEG-coded."""
-    nu = np.exp(np.random.default_rng(0).normal(-12, 3, (128, 128))).astype(ml_dtypes.bfloat16)
-    report = jaxjpeg.save(tmp_path / "n.jjpg", {"nu": nu})
-    assert report.leaves[0].kind == "raw" and "exactly" in report.leaves[0].note
-    got = np.asarray(jaxjpeg.restore(tmp_path / "n.jjpg")["nu"])
-    assert got.dtype == nu.dtype and np.array_equal(got.view(np.uint16), nu.view(np.uint16))
+def test_bfloat16_moments_are_coded_on_log2_steps(tmp_path):
+    """Found by review in session 29: bfloat16/float16 moments (optax's
+    mu_dtype=bfloat16, a bfloat16 PyTorch optimizer file) were stored
+    exactly, at 16 bits a value where float32 ones take 7.7, and byte
+    targets refused such states. They are coded as float32's, restored in
+    their dtype through float32."""
+    params, opt, state, _, _ = _trained_adam()
+    cast = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16)
+                        if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    tree = {"params": params, "opt_state": cast}
+    report = jaxjpeg.save(tmp_path / "h.jjpg", tree)
+    leaves = {leaf.path: leaf for leaf in report.leaves}
+    for name in ("opt_state/0/mu/l2/w", "opt_state/0/nu/l2/w"):
+        assert "on log2 steps" in leaves[name].note, leaves[name]
+        assert 8 * leaves[name].stored_bytes / (leaves[name].raw_bytes / 2) < 9, leaves[name]
+    got = jaxjpeg.restore(tmp_path / "h.jjpg", target=tree)
+    nu, nu_got = (np.asarray(x[0].nu["l2"]["w"], np.float64) for x in (cast, got["opt_state"]))
+    assert got["opt_state"][0].nu["l2"]["w"].dtype == jnp.bfloat16
+    assert np.all(np.abs(nu_got - nu) <= 0.027 * nu + 1e-30)
+    jaxjpeg.save(tmp_path / "r.jjpg", tree, target_ratio=6)   # was refused
+
+
+def test_float16_moments_are_coded_within_float16s_range(tmp_path):
+    rng = np.random.default_rng(4)
+    nu = np.exp(rng.normal(-6, 1.5, (128, 128))).astype(np.float16)
+    mu = (rng.choice([-1, 1], nu.shape) * np.sqrt(nu.astype(np.float32))
+          * rng.random(nu.shape)).astype(np.float16)
+    report = jaxjpeg.save(tmp_path / "f.jjpg", {"opt": {"mu": mu, "nu": nu}})
+    assert all("on log2 steps" in leaf.note for leaf in report.leaves), report.leaves
+    got = jaxjpeg.restore(tmp_path / "f.jjpg")["opt"]
+    assert got["nu"].dtype == np.float16
+    want = nu.astype(np.float64)
+    assert np.all(np.abs(np.asarray(got["nu"], np.float64) - want) <= 0.027 * want + 1e-30)
+    edge = np.full((64, 64), 60000, np.float16)
+    edge[::2] = 65504
+    edge[0, 0] = 0.001
+    assert magnitudes.encode(edge, signed=False, step=0.25) is None   # 65504 would be inf
 
 
 def test_zeros_and_signs_restore_exactly(tmp_path):
