@@ -2039,16 +2039,21 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
                          paired: frozenset = frozenset()) -> frozenset:
     """The first moments an optimizer's names pair (magnitudes.named_first_moments),
     each pair checked on its values: held in memory, or (``read``) read from
-    a file once more (found in session 29: ``jaxjpeg compress`` of an Orbax
-    training state JPEG-coded its mu, the next update 19% off; review: flat
-    trees, ``{"mu", "nu"}``, were not paired in memory either); those
-    ``paired`` already are not checked again."""
+    a file once more, but for the names only optimizers give
+    (magnitudes.is_trusted_pair) (found in session 29: ``jaxjpeg compress``
+    of an Orbax training state JPEG-coded its mu, the next update 19% off;
+    review: flat trees, ``{"mu", "nu"}``, were not paired in memory either);
+    those ``paired`` already are not checked again."""
     named = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
              if (leaf.resident or read) and _may_be_moment(leaf, policy)}
     pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in named.items())
     first = set()
     for path, partner in pairs.items():
         if named[path].name in paired:
+            continue
+        if (not named[path].resident and not named[partner].resident
+                and magnitudes.is_trusted_pair(path, partner)):
+            first.add(named[path].name)
             continue
         second = named[partner].array()
         if (magnitudes.is_second_moment(second)

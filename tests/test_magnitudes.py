@@ -4,6 +4,8 @@ coded on log2 steps (jaxjpeg.magnitudes), so a training state restores and
 training goes on (found here: a default save gave back 80% of Adam's ``nu``
 as 0, the next update 2.7e5 times its norm off)."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -436,3 +438,29 @@ def test_named_first_moments():
         path("opt", "mu", "w"): path("opt", "nu", "w"),
         path("s", "0", "exp_avg"): path("s", "0", "exp_avg_sq"),
         path("state.1.exp_avg"): path("state.1.exp_avg_sq"), path("a/m.b"): path("a/v.b")}
+
+
+def test_trusted_moment_names_read_once_from_a_file(tmp_path):
+    """Review (session 29): every named pair read from a file was read in
+    full once more to check it (an Orbax state's compress 2.8 s -> 4.0 s).
+    Names only optimizers give (mu/nu, exp_avg/exp_avg_sq) are taken as
+    they are; others (m/v) are still checked on their values."""
+    from jaxjpeg import checkpoint
+    _, _, state, _, _ = _trained_adam()
+    mu, nu = np.asarray(state[0].mu["l2"]["w"]), np.asarray(state[0].nu["l2"]["w"])
+    reads = collections.Counter()
+
+    def leaf(path, array):
+        def load():
+            reads[path] += 1
+            return array
+        return checkpoint.SourceLeaf([["key", k] for k in path.split("/")], array.shape,
+                                     array.dtype, load)
+    leaves = [leaf("opt/mu/w", mu), leaf("opt/nu/w", nu), leaf("o/m/w", mu), leaf("o/v/w", nu)]
+    report = checkpoint.save_leaves(tmp_path / "r.jjpg", leaves)
+    assert reads == {"opt/mu/w": 1, "opt/nu/w": 1, "o/m/w": 2, "o/v/w": 2}, reads
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "magnitudes on log2" in notes["opt/mu/w"] and "magnitudes on log2" in notes["o/m/w"]
+    assert magnitudes.is_trusted_pair((("key", "state.0.exp_avg"),),
+                                      (("key", "state.0.exp_avg_sq"),))
+    assert not magnitudes.is_trusted_pair((("key", "m"),), (("key", "v"),))
