@@ -1976,7 +1976,10 @@ class _LogCoding:
         if not self.policy.should_compress(name, array):
             return None
         if name in self.first:
-            return True
+            # a first moment of no magnitude (step 0, a frozen weight's)
+            # takes the ordinary path: log2 steps code none (found by review:
+            # a zero mu from a file stored raw, 1 MB where sparse takes 52 B)
+            return True if magnitudes.has_magnitudes(array) else None
         return False if magnitudes.is_second_moment(array) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None) -> tuple | None:

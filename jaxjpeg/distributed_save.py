@@ -127,9 +127,7 @@ def plan_owners(leaves: list, processes: int, together: dict | None = None
     load = [0] * processes
     owners = [0] * len(leaves)
     gather = [False] * len(leaves)
-    units = [[i] for i in range(len(leaves)) if i not in (together or {})
-             and i not in (together or {}).values()]
-    units += [[i, j] for i, j in (together or {}).items()]
+    units = _units(len(leaves), together or {})
     holders = [_holders(leaf, processes) for leaf in leaves]
     for unit in sorted(units, key=lambda u: (-sum(_nbytes(leaves[i]) for i in u), u)):
         candidates = sorted(set.intersection(*(set(holders[i]) for i in unit)))
@@ -138,6 +136,26 @@ def plan_owners(leaves: list, processes: int, together: dict | None = None
             owners[i], gather[i] = owner, owner not in holders[i]
             load[owner] += _nbytes(leaves[i])
     return owners, gather
+
+
+def _units(count: int, together: dict) -> list[list[int]]:
+    """The leaves ``0 .. count-1`` as groups one process codes: the connected
+    pieces of ``together``'s pairs, each leaf in one (found by review: a leaf
+    in two pairs, ``nu/m`` beside ``mu/m`` and ``nu/v``, was given two
+    owners, the last splitting a pair)."""
+    root = list(range(count))
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+    for i, j in together.items():
+        root[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(count):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
 
 
 def _dtype(leaf) -> np.dtype:

@@ -149,12 +149,18 @@ def restores_finite(array: np.ndarray, blob, record: dict) -> bool:
     finite value finite in ``array``'s own dtype: a step past float16's
     largest rounds to inf there (review: 65504 in a float16 kernel came
     back inf); float32 always does (the decoder refuses codings past it)."""
-    if array.dtype == np.float32:
-        return True
+    return array.dtype == np.float32 or restored_in_dtype(array, blob, record) is not None
+
+
+def restored_in_dtype(array: np.ndarray, blob, record: dict) -> np.ndarray | None:
+    """The quantized ``array``'s values (flat) as restored in its own dtype,
+    or None where a finite value would not stay finite."""
     restored = decoded_values(blob, array.size, check_record(record, "quantized leaf"))
     with np.errstate(over="ignore"):
-        kept = np.isfinite(restored.reshape(-1).astype(array.dtype))
-    return bool(np.all(kept | ~np.isfinite(array.reshape(-1))))
+        restored = restored.reshape(-1).astype(array.dtype)
+    if not np.all(np.isfinite(restored) | ~np.isfinite(array.reshape(-1))):
+        return None
+    return restored
 
 
 def nonzero_mask(flat: np.ndarray) -> bytes:

@@ -69,3 +69,13 @@ def test_one_process_restores_the_distributed_file(run):
         np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(reference[name]))
     assert not list(workdir.glob("*.tmp-*")), "a temporary file was left behind"
     assert jaxjpeg.cli.main(["verify", str(workdir / "distributed.jjpg")]) == 0
+
+
+def test_named_pairs_that_share_a_leaf_have_one_owner():
+    """Review (session 29): a leaf in two named pairs (nu/m with mu/m, and
+    as an "m" beside nu/v) was given two owners, the last splitting a pair."""
+    from jaxjpeg.distributed_save import plan_owners
+    leaves = [np.zeros((64, 64), np.float32)] * 6
+    owners, gather = plan_owners(leaves, 2, {0: 2, 1: 3, 2: 3})
+    assert owners[0] == owners[1] == owners[2] == owners[3] and not any(gather)
+    assert plan_owners(leaves, 2)[0] == [0, 1, 0, 1, 0, 1]
