@@ -1902,13 +1902,11 @@ def _quantized_sse(array: np.ndarray, lossy: tuple) -> float:
     from jaxjpeg import quantized_vectors, rate
 
     blob, record, _ = lossy
-    fields = quantized_vectors.check_record(record, "quantized leaf")
-    restored = quantized_vectors.decoded_values(blob, array.size, fields)
+    restored = quantized_vectors.restored_values(array, blob, record)
     flat, total = array.reshape(-1), 0.0
     for start in range(0, flat.size, rate.ERROR_CHUNK):
         part = slice(start, start + rate.ERROR_CHUNK)
-        diff = (restored[part].astype(array.dtype).astype(np.float64)
-                - flat[part].astype(np.float64))
+        diff = restored[part].astype(np.float64) - flat[part].astype(np.float64)
         total += float(np.einsum("i,i->", diff, diff))
     return total
 
@@ -1919,9 +1917,8 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
     from jaxjpeg import quantized_vectors
 
     blob, record, _ = lossy
-    fields = quantized_vectors.check_record(record, "quantized leaf")
-    restored = quantized_vectors.decoded_values(blob, array.size, fields)
-    return restored.reshape(array.shape).astype(array.dtype).astype(np.float64) - array
+    restored = quantized_vectors.restored_values(array, blob, record)
+    return restored.reshape(array.shape).astype(np.float64) - array
 
 
 _LADDER_PROBE = 1 << 18   # values a large moment's bytes at each log2 step are measured on
@@ -1943,8 +1940,7 @@ class _LogCoding:
         self.ladder: dict[str, tuple] = {}   # leaf -> (values, bytes at each LADDER step)
         self.rung = 0   # the ladder's step settled on
         held = {path_string(leaf.records): leaf for leaf in leaves
-                if leaf.resident and leaf.size and str(leaf.dtype) in JPEG_DTYPES
-                and not policy.names_lossless(leaf.name)}
+                if leaf.resident and _may_be_moment(leaf, policy)}
         second = {name for name, leaf in held.items()
                   if magnitudes.is_second_moment(leaf.array())}
 

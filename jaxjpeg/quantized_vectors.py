@@ -153,14 +153,19 @@ def restores_finite(array: np.ndarray, blob, record: dict) -> bool:
 
 
 def restored_in_dtype(array: np.ndarray, blob, record: dict) -> np.ndarray | None:
-    """The quantized ``array``'s values (flat) as restored in its own dtype,
-    or None where a finite value would not stay finite."""
-    restored = decoded_values(blob, array.size, check_record(record, "quantized leaf"))
-    with np.errstate(over="ignore"):
-        restored = restored.reshape(-1).astype(array.dtype)
+    """:func:`restored_values`, or None where a finite value would not stay finite."""
+    restored = restored_values(array, blob, record)
     if not np.all(np.isfinite(restored) | ~np.isfinite(array.reshape(-1))):
         return None
     return restored
+
+
+def restored_values(array: np.ndarray, blob, record: dict) -> np.ndarray:
+    """The quantized ``array``'s values (blob, record fields), flat, as
+    restored in its own dtype (through float32)."""
+    restored = decoded_values(blob, array.size, check_record(record, "quantized leaf"))
+    with np.errstate(over="ignore"):
+        return restored.reshape(-1).astype(array.dtype, copy=False)
 
 
 def nonzero_mask(flat: np.ndarray) -> bytes:
