@@ -112,9 +112,8 @@ def _key_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
     implementation's name is checked when the key is wrapped, where a
     process may have registered its own)."""
     impl = record[prng_keys.FIELD]
-    if (not isinstance(impl, str) or not 0 < len(impl) <= prng_keys.MAX_NAME
-            or leaf.kind != "raw" or "stored" in record or leaf.dtype != np.uint32
-            or not leaf.shape):
+    if (not prng_keys.is_data(impl, leaf.shape, leaf.dtype) or leaf.kind != "raw"
+            or "stored" in record):
         raise fmt.FormatError(f"leaf {leaf.index}: bad PRNG key record ({impl!r:.40} for "
                               f"{leaf.kind} {leaf.dtype}{list(leaf.shape)})")
     return dataclasses.replace(leaf, prng_impl=impl)

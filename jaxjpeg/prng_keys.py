@@ -48,14 +48,22 @@ def check_data(name: str, impl, shape: tuple, dtype) -> None:
     that is no string, data not uint32 of at least one axis, or not what a
     key of ``impl`` holds (found by review: a damaged Orbax checkpoint's
     name on a float leaf made a file nothing could open)."""
-    if (not isinstance(impl, str) or not 0 < len(impl) <= MAX_NAME
-            or np.dtype(dtype) != np.uint32 or not shape):
+    if not is_data(impl, shape, dtype):
         raise layout.Unstorable(f"leaf {name!r}: {np.dtype(dtype).name}{list(shape)} is not "
                                 f"PRNG key data (named {impl!r:.80})")
     try:
         key_struct(name, impl, shape)
     except ValueError as e:
         raise layout.Unstorable(str(e)) from None
+
+
+def is_data(impl, shape: tuple, dtype) -> bool:
+    """Whether a leaf of ``shape`` and ``dtype`` named for implementation
+    ``impl`` may be key data: a name of 1..MAX_NAME characters, uint32 data
+    of at least one axis (whether ``impl`` makes keys of it is checked where
+    they are wrapped: a process may register its own implementations)."""
+    return (isinstance(impl, str) and 0 < len(impl) <= MAX_NAME
+            and np.dtype(dtype) == np.uint32 and len(shape) > 0)
 
 
 def key_struct(name: str, impl: str, data_shape: tuple) -> jax.ShapeDtypeStruct:
