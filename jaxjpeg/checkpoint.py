@@ -30,7 +30,7 @@ from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
-                                        QUANTIZED_HALF_DTYPES, parse_dtype)
+                                        parse_dtype, quantizable)
 from jaxjpeg.treepaths import leaves_with_paths, path_string
 
 
@@ -1804,7 +1804,7 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
     # Half-precision leaves too, restored through float32 (found in session
     # 29: EfficientNet-lite1 in bfloat16 kept its vectors and small kernels
     # raw, 100 kB more than float32's at 8x, KL 0.069 against 0.045).
-    if str(array.dtype) in ("float32", *QUANTIZED_HALF_DTYPES):
+    if quantizable(array.dtype):
         limits = limits if limits is not None else _small_kernel_limits(array)
         how = limits.step_for(array) if limits is not None else None
     if how is not None:
@@ -1827,7 +1827,7 @@ def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
 
 def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,
                       sparse: bool, error_bound: float | None = None) -> tuple | None:
-    """(blob, record fields, note) of a leaf (rate.is_thin_dtype) whose JPEG coding pads
+    """(blob, record fields, note) of a leaf (quantizable) whose JPEG coding pads
     its thin view (rate.THIN_SIDE) quantized on one step within that
     coding's squared error, when that is smaller; else None. A ``sparse``
     leaf (rate.is_sparse_leaf) keeps its zeros exact and its nonzero values
@@ -1840,7 +1840,7 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     took the whole norm and zeroed the rest)."""
     from jaxjpeg import rate
 
-    if not sparse and (not rate.is_thin_dtype(array.dtype) or array.ndim == 0
+    if not sparse and (not quantizable(array.dtype) or array.ndim == 0
                        or enc.outliers is not None):
         return None
     if error_bound is not None:
@@ -2076,7 +2076,7 @@ def _thin_shaped(array: np.ndarray) -> bool:
     if array.ndim == 0 or not array.size:
         return False
     return (rate.is_sparse_leaf(array)
-            or (rate.is_thin_dtype(array.dtype)
+            or (quantizable(array.dtype)
                 and array.size // max(array.shape) < rate.THIN_SIDE
                 and bool(np.isfinite(array).all())))
 

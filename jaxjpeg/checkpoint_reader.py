@@ -103,8 +103,16 @@ def _whole(value) -> int:
 
 # Half-precision dtypes a quantized leaf may have besides float32 (restored
 # through float32): a sparse leaf's, and since session 29 a byte target's
-# BatchNorm vectors and small kernels.
+# BatchNorm vectors and small kernels, optimizer moments and thin leaves.
 QUANTIZED_HALF_DTYPES = ("bfloat16", "float16")
+
+
+def quantizable(dtype) -> bool:
+    """Whether a leaf of ``dtype`` may be stored quantized on a step (``stored:
+    "quantized"``): float32, or half precision restored through float32
+    (since session 29: a bfloat16 (3, 8192) leaf was JPEG-coded as padding,
+    11.8 bits a weight where float32 takes 4.3)."""
+    return str(np.dtype(dtype)) in ("float32", *QUANTIZED_HALF_DTYPES)
 
 
 def _key_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
@@ -150,7 +158,7 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             if stored is None:
                 return leaf
             if (stored == "quantized" and len(shape) >= 1
-                    and (leaf.dtype == np.float32 or str(leaf.dtype) in QUANTIZED_HALF_DTYPES)):
+                    and quantizable(leaf.dtype)):
                 try:
                     fields = quantized_vectors.check_record(record, f"leaf {index}")
                 except ValueError as e:

@@ -31,7 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from jaxjpeg import quantized_vectors as qv
-from jaxjpeg.checkpoint_reader import QUANTIZED_HALF_DTYPES
+from jaxjpeg.checkpoint_reader import quantizable
 
 # The log2 step: values restore within 2^(1/32) - 1 = 2.2% (1.25% RMS), at
 # about 7-9 bits a value on Adam's moments (float32: 32).
@@ -269,7 +269,7 @@ def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | N
     more bits than float16's, or a value restoring past a half dtype's
     range). Half-precision moments were stored exactly, at twice float32's
     bits (found by review in session 29: optax's ``mu_dtype=bfloat16``)."""
-    if str(array.dtype) not in ("float32", *QUANTIZED_HALF_DTYPES) or array.size == 0:
+    if not quantizable(array.dtype) or array.size == 0:
         return None
     original, array = array, np.asarray(array, np.float32)
     smallest, zeros = _smallest_nonzero(array)

@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
-from jaxjpeg.checkpoint_reader import QUANTIZED_HALF_DTYPES
+from jaxjpeg.checkpoint_reader import quantizable
 from jaxjpeg.treepaths import key_record, path_string
 
 STEP_LIMIT = {8: 255, 12: 65535}
@@ -1065,17 +1065,8 @@ THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a val
 def is_thin(p: codec.Prepared) -> bool:
     """Whether ``p`` (float32, bfloat16 or float16, nothing kept aside, at
     least one axis) has a view too thin for JPEG's blocks."""
-    return (is_thin_dtype(p.dtype) and p.outliers is None and len(p.shape) >= 1
+    return (quantizable(p.dtype) and p.outliers is None and len(p.shape) >= 1
             and p.size > 0 and min(p.matrix.shape) < THIN_SIDE)
-
-
-def is_thin_dtype(dtype) -> bool:
-    """Whether a leaf of ``dtype`` may be quantized on one step (restored
-    through float32): half precision too since session 29 (a bfloat16 (3,
-    8192) leaf was JPEG-coded as padding, 11.8 bits a weight where float32
-    takes 4.3; at 8x 7.1 bits and error 0.23 where float32 takes 3.9 and
-    0.086)."""
-    return str(np.dtype(dtype)) in ("float32", *QUANTIZED_HALF_DTYPES)
 
 
 def is_sparse(p: codec.Prepared) -> bool:
@@ -1090,7 +1081,7 @@ def is_sparse_leaf(x) -> bool:
     and restore them as noise (zero rows too, unless a whole 8-row block
     is zero)."""
     x = np.asarray(x)
-    return (is_thin_dtype(x.dtype) and quantized_vectors.is_sparse(x)
+    return (quantizable(x.dtype) and quantized_vectors.is_sparse(x)
             and analysis.count_special(x) == 0)
 
 
