@@ -456,17 +456,6 @@ class _LeafCoder:
         when each is its own leaf; an array sets the steps)."""
         return self.stack_axis(name) is not None and name not in (self.sensitivity or {})
 
-    def step_rms(self, name: str, p: codec.Prepared) -> float:
-        """The scale a leaf's default step is relative to: its RMS about its
-        rows' means, or for stacked layers their RMS (geometric mean over
-        layers), each layer's steps following its own (the step each then
-        gets is the one it would get alone)."""
-        from jaxjpeg import rate
-
-        if self.by_layer(name) and p.row_weight is not None:
-            return stacks.slice_rms(p.row_weight) or rate.spread_rms(p)
-        return rate.spread_rms(p)
-
     def thin(self, name, p: codec.Prepared) -> bool:
         """Whether leaf ``name`` (prepared as ``p``) is quantized as a thin
         leaf (rate.is_thin) under a byte target."""
@@ -501,7 +490,7 @@ class _LeafCoder:
             return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
                                    col_scale=p.col_scale, feedback=p.feedback,
-                                   tile_cuts=p.tile_cuts)
+                                   tile_cuts=p.tile_cuts, row_spread=p.row_spread)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's
@@ -554,7 +543,7 @@ def _relative_step_encoder(relative_step, bits, leaf_coder, reference_size: floa
 
     def encode(name, array):
         p = leaf_coder.prepare(name, array)
-        step = relative_step * leaf_coder.step_rms(name, p) * balanced_step_factor(
+        step = relative_step * rate.reference_rms(p) * balanced_step_factor(
             leaf_coder.weighing_size(name, array.size), reference_size)
         if steering is not None:
             step *= steering.factor(name)

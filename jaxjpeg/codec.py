@@ -216,6 +216,9 @@ class Prepared:
     # (row cuts, col cuts) of the view that must be tile edges (see tile_grid):
     # the shard boundaries of the array saved, so each shard reads its own tiles.
     tile_cuts: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    # How far row_weight may spread the rows' steps (mapping.relative_steps;
+    # None: exact weights, uncapped).
+    row_spread: float | None = mapping.ROW_SPREAD
 
     def tiles(self, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         """The tiles this tensor is coded in (:func:`tile_grid`)."""
@@ -259,7 +262,8 @@ class Prepared:
         if bits not in self.scales:
             self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight,
                                                      shared=self.shared_map,
-                                                     stats=self.row_stats())
+                                                     stats=self.row_stats(),
+                                                     max_ratio=self.row_spread)
         return self.scales[bits]
 
     def row_stats(self):
@@ -288,14 +292,16 @@ class Prepared:
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
             outliers: Outliers | None = None, col_scale: np.ndarray | None = None,
-            feedback: Feedback | None = None, copy: bool = True) -> Prepared:
+            feedback: Feedback | None = None, copy: bool = True,
+            row_spread: float | None = mapping.ROW_SPREAD) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
     ``col_scale`` gives column scales directly (another Prepared's, to redo
     its preparation without its analysis); ``col_weight`` (per-column
     importance of the view) becomes column scales
     ``∝ col_weight^-½`` (geometric mean 1): column ``c``'s quantization step is
-    then that much finer or coarser. ``outliers`` are kept exactly; without
+    then that much finer or coarser. ``row_spread`` caps how far ``row_weight``
+    spreads the rows' steps (None: exact weights, uncapped). ``outliers`` are kept exactly; without
     them every value must be finite. ``feedback`` (see :mod:`jaxjpeg.feedback`)
     shapes the quantization error against the layer's inputs. ``copy=False``:
     the matrix is a view of ``x`` where nothing needs changing (float32, no
@@ -324,7 +330,7 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
-                    arr, shared, feedback=feedback)
+                    arr, shared, feedback=feedback, row_spread=row_spread)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None,

@@ -140,8 +140,13 @@ def _centers(view: np.ndarray, shared: bool) -> np.ndarray:
     return view.mean(axis=1, dtype=np.float64)
 
 
+# How far a row's step may stray from the rest's (either side of their
+# geometric mean) under importance weights, which are noisy estimates.
+ROW_SPREAD = 16.0
+
+
 def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = None, *,
-                 shared: bool = False, stats=None) -> np.ndarray:
+                 shared: bool = False, stats=None, max_ratio: float | None = ROW_SPREAD) -> np.ndarray:
     """Per-row scales of ``clip="common"``: equal (or ∝ row_weight^-½), every row fitting.
 
     Row ``r`` fits when its values lie within ``(2^bits)/2 - 1`` samples of its
@@ -157,19 +162,20 @@ def common_scale(view: np.ndarray, bits: int, row_weight: np.ndarray | None = No
     if row_weight is None:
         rel = np.ones(rows)
     else:
-        rel = relative_steps(row_weight, rows)
+        rel = relative_steps(row_weight, rows, max_ratio)
     c = float(np.max(half / (rel * room))) if rows else 0.0
     if not np.isfinite(c) or c <= 0:  # every row constant: offsets alone are exact
         c = 0.0
     return _f16_up(c * rel).astype(np.float32)
 
 
-def relative_steps(row_weight, rows: int, max_ratio: float = 16.0) -> np.ndarray:
+def relative_steps(row_weight, rows: int, max_ratio: float | None = ROW_SPREAD) -> np.ndarray:
     """Per-row step multipliers ∝ row_weight^-½, geometric mean 1, spread capped.
 
-    Rows with zero (or missing) weight get the coarsest allowed step; the
-    spread is capped at ``max_ratio`` either side of the geometric mean, since
-    gradient-based weights are noisy estimates.
+    Rows with zero (or missing) weight get the coarsest step; the spread is
+    capped at ``max_ratio`` either side of the geometric mean, since
+    gradient-based weights are noisy estimates (None: weights that are exact,
+    such as stacked layers' own scales, uncapped).
     """
     w = np.asarray(row_weight, np.float64).reshape(-1)
     if w.shape[0] != rows:
@@ -181,11 +187,12 @@ def relative_steps(row_weight, rows: int, max_ratio: float = 16.0) -> np.ndarray
         return np.ones(rows)
     logw = np.log(np.where(w > 0, w, positive.min()))
     rel = np.exp(-0.5 * (logw - logw.mean()))
-    rel = np.clip(rel, 1 / max_ratio, max_ratio)
+    if max_ratio is not None:
+        rel = np.clip(rel, 1 / max_ratio, max_ratio)
     return rel / np.exp(np.log(rel).mean())
 
 
-def column_scales(col_weight, cols: int, max_ratio: float = 16.0) -> np.ndarray:
+def column_scales(col_weight, cols: int, max_ratio: float = ROW_SPREAD) -> np.ndarray:
     """Per-column scales ∝ col_weight^-½ (geometric mean 1, spread capped), float16-exact.
 
     The coder divides column ``c`` by its scale before the row map and the

@@ -174,15 +174,16 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         coded[outliers.index] = False
         probe = np.where(coded.reshape(x.shape), probe, 0)
     m = view.to_matrix(probe)
+    row_spread = mapping.ROW_SPREAD
     if stack is not None and importance is None and layer_steps:
         row_weight = stacks.slice_weights(m, x.shape[stack], interleaved=view.perm[0] != stack)
-        col_weight = None
+        col_weight, row_spread = None, None   # the layers' own scales: exact, whatever their spread
     elif importance is None:
         row_weight, col_weight = _data_free_weights(m)
     else:
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
-                         outliers=outliers, feedback=fb).with_shards(shards)
+                         outliers=outliers, feedback=fb, row_spread=row_spread).with_shards(shards)
 
 
 def _data_free_weights(m: np.ndarray):
@@ -239,6 +240,18 @@ def _as_prepared(x, row_weight=None) -> codec.Prepared:
     if isinstance(x, codec.Prepared):
         return x
     return codec.prepare(x, row_weight=row_weight)
+
+
+def reference_rms(p: codec.Prepared) -> float:
+    """The scale a leaf's steps are relative to, the default save's and a
+    byte target's ladder alike: :func:`spread_rms`, or for stacked layers
+    coded on their own scales (exact row weights) the geometric mean of the
+    layers' (found by review: a ladder from the RMS of the whole leaf, mean
+    and largest layers included, erased leaves of values about a large mean
+    and stacked layers far smaller than the rest under byte targets)."""
+    if p.row_spread is None and p.row_weight is not None:
+        return stacks.slice_rms(p.row_weight) or spread_rms(p)
+    return spread_rms(p)
 
 
 def tensor_rms(p: codec.Prepared) -> float:
@@ -776,7 +789,7 @@ def rd_curve(p: codec.Prepared, bits: int | None = None, *, seed: int = 0,
     are measured only when the shared scale's finest coding is below it.
     """
     probe = _probe(p, np.random.default_rng(seed), probe_size)
-    steps = _ladder_steps(p, tensor_rms(p), bits)
+    steps = _ladder_steps(p, reference_rms(p), bits)
     first, costs = _ladder_costs(p, probe, steps, reach, floor, options)
     steps = steps[first:first + len(costs)]
     points = [(b, delta, delta * base_scale(p, b), nbytes, sse)
@@ -830,7 +843,7 @@ def _predicted_floor(p: codec.Prepared, steps: list, floor: float) -> int:
     """The finest of the ladder's first LADDER_FIRST - LADDER_BATCH + 1 steps
     whose bits/weight log2(rms / q) + GAUSSIAN_BITS is under ``floor`` (0
     when none is): where the ladder's coding starts."""
-    rms = tensor_rms(p)
+    rms = reference_rms(p)
     first = 0
     for i, (b, delta) in enumerate(steps[:LADDER_FIRST - LADDER_BATCH + 1]):
         q = delta * base_scale(p, b)

@@ -106,6 +106,12 @@ def slice_weights(matrix: np.ndarray, slices: int, interleaved: bool = False) ->
 def slice_rms(row_weight: np.ndarray) -> float:
     """The geometric mean of the slices' RMS, from :func:`slice_weights`:
     the scale a stacked leaf's step is relative to (so that each slice's
-    step is the one it would get as a leaf of its own)."""
-    w = row_weight[row_weight > 0]
-    return float(np.exp(-0.5 * np.mean(np.log(w)))) if w.size else 0.0
+    step is the one it would get as a leaf of its own). Constant slices
+    (weight 0) count as mapping.relative_steps counts them, at the least
+    weight (found in session 30: dropped here, they made the others' steps up
+    to 3x finer than alone)."""
+    positive = row_weight[row_weight > 0]
+    if not positive.size:
+        return 0.0
+    w = np.where(row_weight > 0, row_weight, positive.min())
+    return float(np.exp(-0.5 * np.mean(np.log(w))))

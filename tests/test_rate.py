@@ -1168,3 +1168,21 @@ def test_measure_steps_error_of_samples_at_the_range_ends(bits, steps):
     want = _decoded_costs(m, scale, offset, bits, steps, True)
     for step, got, (_, _, error) in zip(steps, sse, want):
         assert got == pytest.approx(error, rel=0.02), step
+
+
+@pytest.mark.parametrize("offset", [10.0, 1000.0])
+def test_a_byte_target_codes_values_about_a_large_mean_on_their_spread(tmp_path, offset):
+    """Found by review: a byte target's ladder ran from the leaf's RMS, its
+    mean included: at offset 1000 its finest step was coarser than the
+    spread, the leaf came back constant (error 0.996 of its spread) and the
+    file 90% under the target."""
+    import warnings
+
+    import jaxjpeg
+    x = (offset + 1e-3 * np.random.default_rng(0).standard_normal((128, 128))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "t.jjpg", {"x": x}, target_ratio=8)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["x"], np.float64)
+    assert np.linalg.norm(got - x) < 0.15 * np.linalg.norm(x - x.astype(np.float64).mean())
+    assert abs(report.file_bytes / (4 * x.size / 8) - 1) < 0.05, report.file_bytes
