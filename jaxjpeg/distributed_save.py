@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxjpeg import format as fmt
+from jaxjpeg import format as fmt, storage
 
 __all__ = ["Prepared", "finish", "plan_owners", "prepare", "save_distributed", "TIMEOUT_S"]
 
@@ -323,7 +323,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
              exchange, earlier) -> Prepared:
     from jaxjpeg import checkpoint as ck
 
-    path = os.fspath(path)
+    path = _shared_file(path)
     # Everything a process may refuse on its own (its tree, the options) is
     # checked and agreed on before the first collective: a process that
     # raised alone would leave the others waiting in a gather.
@@ -591,11 +591,27 @@ def _shifts_of(exchange: _Exchange, process: int) -> dict:
     return got["shifts"]
 
 
+def _shared_file(path) -> str:
+    """``path`` as a local path (bytes, os.PathLike and file:// URLs alike);
+    other URLs are refused: every process writes its part into one file in
+    place (found by review: bytes paths crashed, URLs were taken as local
+    names and refused as missing directories)."""
+    location = storage.as_location(path)
+    local = storage.local_path(location)
+    if local is None:
+        raise ValueError(f"{location}: a save from several processes writes its parts into "
+                         "one file in place: it needs a path on a file system every process "
+                         "shares, not a URL (save from one process to reach object stores)")
+    return local
+
+
 def _create_temp(path: str, exchange: _Exchange):
     """Process 0: the temporary file in the destination's directory, made as
     ContainerWriter makes its own (fmt.create_temp_file: a stale one is
-    cleaned up the same way, a replaced file's permissions kept)."""
-    temp_path, fd = fmt.create_temp_file(path)
+    cleaned up the same way, a replaced file's permissions kept), beside the
+    file a symlink names (found by review: made beside the link, its rename
+    across file systems failed after all the coding)."""
+    temp_path, fd = fmt.create_temp_file(fmt.replaced_file(path), path)
     exchange.put("temp", temp_path)
     return temp_path, fd
 
@@ -652,9 +668,9 @@ def _commit(temp, path: str, parts: list, bases: list, saver, exchange: _Exchang
         os.pwrite(fd, header, header_offset)
         os.pwrite(fd, fmt._pack_preamble(header_offset, len(header), fmt.crc32c(header), flags), 0)
         os.fsync(fd)
-        dir_fd = fmt._open_directory(os.path.dirname(os.path.abspath(path)))
+        target = fmt.replaced_file(path)
+        dir_fd = fmt._open_directory(os.path.dirname(os.path.abspath(target)))
         try:
-            target = os.path.realpath(path) if os.path.islink(path) else path
             os.replace(temp_path, target)
             if dir_fd is not None:
                 os.fsync(dir_fd)

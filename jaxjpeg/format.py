@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import operator
 import os
 import re
@@ -203,12 +204,31 @@ def _temp_stem(path: str) -> str:
     return name.decode("utf-8", "ignore")
 
 
+def replaced_file(path: str) -> str:
+    """The file a save to local ``path`` replaces: through a symlink, the file
+    it points to (the link stays), whose directory the temporary file must
+    be made in (a rename cannot cross file systems)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _refuse_remote_directory(location: str) -> None:
+    """Refuses, before any coding, a URL naming a "directory" of its store
+    (a prefix of other objects), which the move would copy into."""
+    fs, inner = storage.filesystem(location)
+    if inner.endswith("/") or fs.isdir(inner):
+        raise IsADirectoryError(errno.EISDIR, "cannot save: the URL names a directory", location)
+
+
 def create_temp_file(target: str, shown=None) -> tuple[str, int]:
     """(path, fd) of a new temporary file beside ``target``, to be renamed
     over it: named so that a dead writer's is found (stale ones removed
     first), locked while its writer lives, with the permission bits of the
     file it replaces (a 0600 file stays 0600). ``shown``: the path errors name."""
     shown = target if shown is None else shown
+    if os.path.isdir(target) or target.endswith(os.sep):
+        # found by review: refused only at the rename, after all the coding,
+        # naming the temporary file (one in the parent, for "dir/")
+        raise IsADirectoryError(errno.EISDIR, "cannot save: the path names a directory", shown)
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
@@ -224,6 +244,9 @@ def create_temp_file(target: str, shown=None) -> tuple[str, int]:
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} "
                                     "does not exist", shown) from None
+        except OSError as e:   # the error names the file saved, not the temporary one
+            raise type(e)(e.errno, f"cannot save: {e.strerror} (creating a file in "
+                          f"{directory!r})", shown) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive" for stale cleanup
             _keep_mode(target, fd)
@@ -297,15 +320,14 @@ class ContainerWriter:
         self.path = storage.as_location(path)
         local = storage.local_path(self.path)
         self._remote = None if local is not None else self.path
-        # Through a symlink, the file it points to is replaced and the link stays.
-        self._target = (None if local is None
-                        else os.path.realpath(local) if os.path.islink(local) else local)
+        self._target = None if local is None else replaced_file(local)
         self._metadata: dict = {}
         self._blobs: dict[str, BlobInfo] = {}
         self._position = PREAMBLE_SIZE
         if metadata is not None:
             self.set_metadata(metadata)
         if self._remote is not None:
+            _refuse_remote_directory(self._remote)
             fd, self._temp_path = tempfile.mkstemp(prefix="jaxjpeg-", suffix=".part")
         else:
             self._temp_path, fd = self._create_temp_file()
@@ -393,10 +415,14 @@ class ContainerWriter:
         temp = f"{inner}.tmp-{secrets.token_hex(8)}"
         try:
             fs.put_file(self._temp_path, temp)
-            fs.mv(temp, inner)
+            # One object each: fs.mv and fs.rm expand glob characters and copy
+            # into a "directory" (found by review: "run*1.jjpg" saved nothing
+            # readable, reported 0 bytes and left the temporary object).
+            fs.cp_file(temp, inner)
+            fs.rm_file(temp)
         except BaseException as e:
             with contextlib.suppress(Exception):
-                fs.rm(temp)
+                fs.rm_file(temp)
             if isinstance(e, Exception) and (not isinstance(e, OSError)
                                              or self._remote not in str(e)):
                 # a store's own error type (an HTTP status from aiohttp, say), or
@@ -459,6 +485,15 @@ def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 def _reject_constant(name: str):
     raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as float; one that overflows (1e999) is refused as the
+    writer refuses inf (found by review: read back as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows to {value}")
+    return value
 
 
 def _is_uint(value: Any, bits: int = 64) -> bool:
@@ -568,6 +603,7 @@ class ContainerReader:
                 str(raw, "utf-8"),
                 object_pairs_hook=reject_duplicate_keys,
                 parse_constant=_reject_constant,
+                parse_float=_finite_float,
             )
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise self._error(f"header is not valid JSON: {e}") from None

@@ -513,6 +513,9 @@ def test_hostile_blob_tables_are_refused(tmp_path, blobs, match):
     (b'{"blobs":{},"metadata":{"k":1,"k":2}}', "duplicate key 'k'"),
     (b'{"blobs":{},"metadata":{"v":NaN}}', "non-finite"),
     (b'{"blobs":{},"metadata":{"v":-Infinity}}', "non-finite"),
+    # found by review: a number overflowing to inf was read back as inf
+    (b'{"blobs":{},"metadata":{"v":1e999}}', "overflows"),
+    (b'{"blobs":{},"metadata":{"v":-1.5e400}}', "overflows"),
     (b'{"blobs":{},"metadata":{"v":"\xff"}}', "not valid JSON"),
     (b'{"blobs":{},"metadata":{}', "not valid JSON"),
     (b"", "not valid JSON"),

@@ -34,6 +34,7 @@ CHECKS = [
     "a_process_failing_to_read_its_leaves_fails_every_process_quickly",
     "process_0_failing_to_read_its_leaves_fails_every_process_quickly",
     "a_second_save_replaces_the_first",
+    "bytes_paths_file_urls_and_symlinks_are_local_files",
     "process_local_arrays_are_saved_like_numpy_leaves",
     "a_process_interrupted_while_coding_fails_every_process_quickly",
     "earlier_saves_leave_no_keys_in_the_coordination_service",

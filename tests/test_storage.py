@@ -80,6 +80,43 @@ def test_failed_save_to_a_url_keeps_the_old_object(memory_fs):
     assert fs.ls(root, detail=False) == [f"{root}/model.jjpg"]
 
 
+@pytest.mark.parametrize("name", ["run*1.jjpg", "what?.jjpg", "model[v2].jjpg"])
+def test_a_url_with_glob_characters_saves_that_one_object(memory_fs, name):
+    """Found by review: the move to the final name expanded glob characters
+    (and copied into a "directory"): "run*1.jjpg" reported success with 0
+    bytes, nothing readable, its temporary object left behind."""
+    fs, root = memory_fs
+    tree = {"w": np.arange(64, dtype=np.float32)}
+    report = jaxjpeg.save(f"memory://{root}/{name}", tree)
+    assert fs.ls(root, detail=False) == [f"{root}/{name}"]
+    assert report.file_bytes == fs.size(f"{root}/{name}") > 0
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(f"memory://{root}/{name}")["w"]),
+                                  tree["w"])
+
+
+def test_a_url_naming_a_directory_is_refused_before_coding(memory_fs, monkeypatch):
+    """Found by review: saving to a prefix of other objects reported success
+    (0 bytes) and left the file inside it under a temporary name."""
+    fs, root = memory_fs
+    jaxjpeg.save(f"memory://{root}/run/params.jjpg", {"w": np.ones(8, np.float32)})
+    monkeypatch.setattr(jaxjpeg.codec, "encode_tensor", None)   # never reached
+    for url in (f"memory://{root}/run", f"memory://{root}/run/"):
+        with pytest.raises(IsADirectoryError, match="names a directory"):
+            jaxjpeg.save(url, {"w": np.ones((64, 64), np.float32)})
+    assert fs.find(root) == [f"{root}/run/params.jjpg"]
+
+
+def test_a_local_directory_is_refused_naming_it(tmp_path):
+    """Found by review: refused only at the rename, after the coding, naming
+    the temporary file ("dir/" made one in the parent)."""
+    (tmp_path / "d").mkdir()
+    for path in (tmp_path / "d", str(tmp_path / "d") + os.sep, str(tmp_path / "new") + os.sep):
+        with pytest.raises(IsADirectoryError, match="names a directory") as info:
+            jaxjpeg.save(path, {"w": np.ones(8, np.float32)})
+        assert info.value.filename == str(path)
+    assert sorted(os.listdir(tmp_path)) == ["d"] and os.listdir(tmp_path / "d") == []
+
+
 def test_pathlike_epath_and_file_url(local_file, tmp_path):
     from etils import epath
     path, expected = local_file

@@ -321,6 +321,35 @@ def a_second_save_replaces_the_first():
 
 
 @check
+def bytes_paths_file_urls_and_symlinks_are_local_files():
+    """Found by review: a bytes path crashed, a file:// URL was taken as a
+    relative name, a URL of a store was refused as a missing directory, and
+    through a symlink into another directory the temporary file was made
+    beside the link (across file systems the rename failed after the coding)."""
+    small = {"w": np.ones((64, 64), np.float32), "b": np.arange(4, dtype=np.float32)}
+    elsewhere = os.path.join(WORK, "elsewhere")
+    if PROCESS == 0:
+        os.makedirs(elsewhere, exist_ok=True)
+        if not os.path.lexists(os.path.join(WORK, "link.jjpg")):
+            os.symlink(os.path.join(elsewhere, "target.jjpg"), os.path.join(WORK, "link.jjpg"))
+    jaxjpeg.save(os.path.join(WORK, "sync.jjpg"), small, distributed=True)   # the link made
+    for path in (os.fsencode(os.path.join(WORK, "bytes.jjpg")),
+                 "file://" + os.path.join(WORK, "url.jjpg"), os.path.join(WORK, "link.jjpg")):
+        jaxjpeg.save(path, small, distributed=True)
+    for name in ("bytes.jjpg", "url.jjpg", "elsewhere/target.jjpg"):
+        got = jaxjpeg.restore(os.path.join(WORK, name))
+        np.testing.assert_array_equal(np.asarray(got["b"]), small["b"])
+    assert os.path.islink(os.path.join(WORK, "link.jjpg"))
+    assert not [n for n in os.listdir(WORK) + os.listdir(elsewhere) if ".tmp-" in n]
+    try:
+        jaxjpeg.save("memory://bucket/x.jjpg", small, distributed=True)
+    except ValueError as e:
+        assert "not a URL" in str(e), e
+    else:
+        raise AssertionError("a save from several processes to a URL was not refused")
+
+
+@check
 def process_local_arrays_are_saved_like_numpy_leaves():
     """Found by review: a jnp.asarray of the same values in every process
     (each process's own device) made each process think it alone held it;
