@@ -88,7 +88,7 @@ class Policy:
             return False
         if self.names_lossless(path):
             return False
-        if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
+        if path_matches(path, self.compress):
             return True
         axis = self.stack_axis(path)
         stacked = axis is not None and leaf.ndim > axis
@@ -100,7 +100,14 @@ class Policy:
         """A ``lossless`` pattern matches: stored exactly under every rate
         control (byte targets store the other small leaves as float16 or
         quantized) and left as it is by bias correction."""
-        return any(fnmatch.fnmatchcase(path, p) for p in self.lossless)
+        return path_matches(path, self.lossless)
+
+
+def path_matches(path: str, patterns) -> bool:
+    """Whether one of ``patterns`` is ``path`` itself or matches it as a glob
+    (found by review: "layers[0]/kernel" and "head[*]" named no leaf of
+    those names, [...] being a glob class)."""
+    return path in patterns or any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
 def _stack_pairs(stacked) -> list[tuple[str, int]]:
@@ -369,7 +376,13 @@ def _leaf_importance(sensitivity, name):
     value = (sensitivity or {}).get(name)
     if value is None:
         return None, None
-    arr = np.asarray(value, np.float64)
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_:
+        raise TypeError(f"sensitivity of {name!r}: a number or an array of numbers, not a bool")
+    try:
+        arr = np.asarray(value, np.float64)
+    except (TypeError, ValueError) as e:   # found by review: numpy's message, no leaf named
+        raise TypeError(f"sensitivity of {name!r}: a number or an array of numbers, not "
+                        f"{type(value).__name__} ({e})") from None
     if arr.ndim == 0:
         return float(arr), None
     return None, arr
@@ -1500,7 +1513,7 @@ class _Save:
             note = ("stored raw: float64 leaves are coded only where Policy(compress=...) "
                     "names them")
         elif (not coded and signed is None and str(array.dtype) not in JPEG_DTYPES
-              and any(fnmatch.fnmatchcase(name, p) for p in self.policy.compress)):
+              and path_matches(name, self.policy.compress)):
             note = (f"stored raw: {array.dtype} leaves are not coded (Policy(compress=...) "
                     f"names it; JPEG codes {', '.join(JPEG_DTYPES)})")
         if coded and enc is None:

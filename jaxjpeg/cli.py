@@ -155,6 +155,21 @@ def _first_line(e: BaseException) -> str:
 RATE_OPTIONS = ("quant_step", "quality", "target_ratio", "bits_per_weight", "error_bound")
 
 
+def _refuse_replacing_the_source(dst, read: list) -> None:
+    """Refuses a DST that is a file the source reads (found by review:
+    ``compress m.safetensors m.safetensors --force`` replaced the original
+    with its lossy checkpoint; through a symlink too)."""
+    from jaxjpeg import storage
+    target = storage.local_path(storage.as_location(dst))
+    if target is None or not os.path.exists(target):
+        return
+    for location in read:
+        local = storage.local_path(storage.as_location(location))
+        if local is not None and os.path.isfile(local) and os.path.samefile(local, target):
+            raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
+                           "a new file beside it (choose another DST)")
+
+
 def cmd_compress(args) -> int:
     from jaxjpeg import checkpoint, codec, layout, storage
     if args.quant_step is not None:   # its range depends on --bits: before any input is read
@@ -174,12 +189,23 @@ def cmd_compress(args) -> int:
     with open_source(args.src, args.item) as source:
         if not source.leaves:
             raise CliError(f"{args.src}: holds no arrays")
+        read = source.files.locations() if source.files is not None else []
+        _refuse_replacing_the_source(args.dst, [args.src, *read])
         policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
+        for pattern in args.lossless or ():   # found by review: a typo kept nothing, silently
+            if not any(checkpoint.path_matches(leaf.name, (pattern,)) for leaf in source.leaves):
+                warnings.warn(f"--lossless {pattern!r} matches no leaf")
         rate = {name: getattr(args, name) for name in RATE_OPTIONS
                 if getattr(args, name) is not None}
+        metadata = source.metadata
+        try:
+            layout.checked_user_metadata(metadata)
+        except layout.Unstorable as e:   # found by review: the whole source refused as damaged
+            warnings.warn(f"{args.src}: its metadata is not kept: {_first_line(e)}")
+            metadata = None
         try:
             report = checkpoint.save_leaves(args.dst, source.leaves, bits=args.bits,
-                                            policy=policy, metadata=source.metadata, **rate)
+                                            policy=policy, metadata=metadata, **rate)
         except SourceError:   # a tensor read as the save reached it: damaged, not usage
             raise
         except layout.Unstorable as e:   # what the source holds, not how it was asked for
@@ -369,23 +395,32 @@ _RMS_CHUNK = 1 << 18
 
 
 def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
+    """The relative RMS error of ``decoded`` over the reference's finite
+    values; its NaN and infinities must come back as they were ("inf" if
+    not). Found by review: one kept NaN printed "nan" for the whole leaf,
+    lossless ones too, and complex leaves lost their imaginary parts."""
     if decoded.size == 0:
         return "0"
-    err = sq = 0.0
+    wide = np.complex128 if np.iscomplexobj(reference) or np.iscomplexobj(decoded) else np.float64
     flat_d, flat_r = decoded.reshape(-1), reference.reshape(-1)
     chunks = range(0, flat_d.size, _RMS_CHUNK)   # float64 temporaries of a chunk, not a leaf
     # Scaled by the largest magnitude: float64 leaves of 1e300 square to inf.
     scale = max((float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0))
-                 for r in (flat_r[i:i + _RMS_CHUNK].astype(np.float64) for i in chunks)),
+                 for r in (flat_r[i:i + _RMS_CHUNK].astype(wide) for i in chunks)),
                 default=0.0) or 1.0
+    err = sq = 0.0
     for start in chunks:
-        d = flat_d[start:start + _RMS_CHUNK].astype(np.float64) / scale
-        r = flat_r[start:start + _RMS_CHUNK].astype(np.float64) / scale
-        err += float(np.sum(np.square(d - r)))
-        sq += float(np.sum(r * r))
+        d = flat_d[start:start + _RMS_CHUNK].astype(wide)
+        r = flat_r[start:start + _RMS_CHUNK].astype(wide)
+        finite = np.isfinite(r)
+        if not np.array_equal(d[~finite], r[~finite], equal_nan=True):
+            return "inf"
+        d, r = d[finite] / scale, r[finite] / scale
+        err += float(np.sum(np.abs(d - r) ** 2))
+        sq += float(np.sum(np.abs(r) ** 2))
     if err == 0:
         return "0"
-    if sq == 0:
+    if sq == 0 or not math.isfinite(err):
         return "inf"
     return f"{math.sqrt(err / sq):.3e}"
 
@@ -663,9 +698,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(8, 12), default=None,
                    help="sample precision (default: chosen per tensor, as jaxjpeg.save does)")
     p.add_argument("--min-size", type=_int_in(0, math.inf), default=4096,
-                   help="leaves with fewer elements stay lossless (default 4096)")
+                   help="leaves with fewer elements are not JPEG-coded (default 4096): "
+                        "stored exactly, or under a byte target quantized on a fine step")
     p.add_argument("--lossless", action="append", metavar="GLOB",
-                   help="keep leaves whose path matches GLOB lossless (repeatable)")
+                   help="keep the leaf of this path, or whose path matches GLOB, "
+                        "lossless (repeatable)")
     p.add_argument("--item", action="append", metavar="NAME",
                    help="Orbax item of the step to compress (repeatable; default: every "
                         "item), e.g. params without opt_state")

@@ -87,6 +87,9 @@ def decode_on_host(ckpt, leaf) -> np.ndarray:
     builder = codec.PlanBuilder()
     add_whole_leaf(builder, ckpt, leaf, leaf.dtype)
     (matrix,) = codec.run_plan(builder.finish())
+    # a float64 leaf decodes as float32 (codec.written_dtype): back in its
+    # dtype before its kept values go in (found by review: export refused it)
+    matrix = matrix.astype(leaf.dtype, copy=False)
     return codec.restore_view(matrix, leaf.shape, leaf.view, ckpt.read_outliers(leaf))
 
 
@@ -244,6 +247,9 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         if unsupported:
             raise ValueError(f"{unsupported[0].name}: safetensors has no dtype "
                              f"{unsupported[0].dtype}")
+        if "__metadata__" in leaves:   # found by review: written over the metadata's key
+            raise ValueError("__metadata__: a leaf of this name cannot be a safetensors "
+                             "tensor (the name holds the file's metadata)")
         metadata = safetensors_metadata(ckpt.user_metadata)
         shards = _shards(tensors, max_shard_size)
         paths, index_path = _outputs(out, len(shards))

@@ -289,7 +289,11 @@ def checked_user_metadata(metadata) -> dict:
     _check_json_value(metadata, "metadata", 0)
     text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
-    size = len(text.encode("utf-8"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:   # a lone surrogate (found by review: a bare codec error)
+        raise ValueError(f"metadata: {text[e.start:e.end]!r} in {text[max(0, e.start - 40):e.end]!r} "
+                         "cannot be stored (not UTF-8: a lone surrogate)") from None
     if size > MAX_USER_METADATA_BYTES:
         raise Unstorable(f"metadata takes {size} bytes of JSON, more than the "
                          f"{MAX_USER_METADATA_BYTES} allowed (it is read whole on every open; "

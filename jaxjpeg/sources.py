@@ -29,8 +29,10 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import threading
+import urllib.parse
 import zlib
 
 import ml_dtypes
@@ -128,6 +130,11 @@ class _Files:
         if done != length:
             raise OSError(f"{location}: the file shrank while reading it")
         return data
+
+    def locations(self) -> list[str]:
+        """Every file opened so far."""
+        with self._lock:
+            return list(self._open)
 
     def close(self) -> None:
         with self._lock:
@@ -258,7 +265,9 @@ def _safetensors_shards(path: str, kind: str, files: _Files) -> dict[str, set | 
     index), or None when ``path`` is none. A folder with an index takes the
     shards it names; without, every ``*.safetensors`` file in it."""
     if kind == "file":
-        return _index_shards(path, files) if path.endswith(".index.json") else None
+        # the name, not a URL's query (found by review: "...index.json?download=true")
+        named = urllib.parse.urlsplit(path).path if _is_web(path) else path
+        return _index_shards(path, files) if named.endswith(".index.json") else None
     names = storage.listdir(path)
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1:
@@ -293,7 +302,12 @@ def _index_shards(index_path: str, files: _Files) -> dict[str, set]:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise SourceError(f"{index_path}: a safetensors index needs a 'weight_map' of "
                           "tensor names to shard file names")
-    folder = index_path[:max(index_path.rfind("/"), index_path.rfind(os.sep)) + 1]
+    if _is_web(index_path):   # shards beside the index, without its query
+        parts = urllib.parse.urlsplit(index_path)
+        folder = urllib.parse.urlunsplit(parts._replace(path=parts.path[:parts.path.rfind("/") + 1],
+                                                        query="", fragment=""))
+    else:
+        folder = index_path[:max(index_path.rfind("/"), index_path.rfind(os.sep)) + 1]
     shards = {}
     for name, shard in weight_map.items():
         if "/" in shard or os.sep in shard or shard in ("", ".", ".."):
@@ -538,6 +552,8 @@ def _npy_header(path: str, member: str, head: bytes):
         raise SourceError(f"{path}: member {member!r:.200} has dtype {dtype}, not a numeric one")
     if len(shape) > MAX_DIMS:
         raise SourceError(f"{path}: member {member!r:.200} has more than {MAX_DIMS} axes")
+    if not all(type(d) is int and d >= 0 for d in shape):   # found by review: (-4,), (True, 4)
+        raise SourceError(f"{path}: member {member!r:.200} has an invalid shape {shape!r:.200}")
     return tuple(shape), fortran, dtype, stream.tell()
 
 
@@ -615,6 +631,9 @@ def _is_jaxjpeg_item(path: str) -> bool:
     return storage.kind(storage.join(path, JAXJPEG_ITEM_FILE)) == "file"
 
 
+_STEP_NAME = re.compile(r"(?:.*_)?([0-9]+)")
+
+
 def _orbax_items(path: str) -> dict[str, str]:
     """Item name -> directory for an Orbax item, step directory or manager
     root (its latest step); jaxjpeg items (a step saved with jaxjpeg's Orbax
@@ -626,9 +645,11 @@ def _orbax_items(path: str) -> dict[str, str]:
              if _is_orbax_item(storage.join(path, d)) or _is_jaxjpeg_item(storage.join(path, d))}
     if items:
         return items
-    steps = [d for d in subdirs if d.isdigit()]
-    if steps:  # a CheckpointManager root: its latest step
-        latest = storage.join(path, max(steps, key=int))
+    # a CheckpointManager root: its latest step ("12", or "step_12" with a
+    # step_prefix: found by review, such roots were not recognised)
+    steps = {d: int(m.group(1)) for d in subdirs if (m := _STEP_NAME.fullmatch(d))}
+    if steps:
+        latest = storage.join(path, max(steps, key=steps.get))
         items = _orbax_items(latest)
         if items:
             return items
@@ -671,18 +692,27 @@ def _bytes_on_disk(directory: str) -> int:
     return total
 
 
-def _declared_bytes(tree) -> int:
+def _memory_bytes() -> int:
+    """This machine's physical memory (2^62 where it cannot tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
+
+
+def _declared_bytes(tree) -> tuple[int, int]:
+    """(bytes of every array the metadata describes, of the largest)."""
     import jax
-    total = 0
+    total = largest = 0
     for leaf in jax.tree_util.tree_leaves(tree):
         shape = getattr(leaf, "shape", None)
         if shape is None:
             continue
         if any(not isinstance(d, int) or d < 0 for d in shape):
             raise ValueError(f"bad shape {shape}")
-        itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
-        total += math.prod(shape) * itemsize
-    return total
+        nbytes = math.prod(shape) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+        total, largest = total + nbytes, max(largest, nbytes)
+    return total, largest
 
 
 def _orbax_source(path: str, items=None) -> Source:
@@ -840,11 +870,15 @@ def _orbax_metadata(directory: str):
     try:
         metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
         tree = getattr(metadata, "tree", metadata)
-        declared, on_disk = _declared_bytes(tree), _bytes_on_disk(directory)
+        (declared, largest), on_disk = _declared_bytes(tree), _bytes_on_disk(directory)
     except Exception as e:  # orbax raises many types on a damaged directory
         raise SourceError(f"{directory}: cannot read the Orbax checkpoint's metadata "
                           f"({type(e).__name__}: {_first_line(e)})") from None
-    if declared > MAX_EXPANSION * on_disk + EXPANSION_FLOOR:
+    # Arrays equal to their fill value take no chunks on disk (a fresh
+    # optimizer state's zeros, LoRA's B): out of proportion only where a leaf,
+    # read one at a time, would not fit in memory (found by review: a step-0
+    # state of zeros was refused as damaged).
+    if declared > MAX_EXPANSION * on_disk + EXPANSION_FLOOR and largest > _memory_bytes() // 4:
         raise SourceError(f"{directory}: declares {declared} bytes of arrays over "
                           f"{on_disk} bytes on disk (refused before reading)")
     return tree

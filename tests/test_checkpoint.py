@@ -1319,3 +1319,19 @@ def test_a_float64_kernel_says_why_it_is_stored_raw(tmp_path):
     e5m2 = jaxjpeg.save(tmp_path / "e.jjpg", {"w": w.astype(ml_dtypes.float8_e5m2)},
                         policy=jaxjpeg.Policy(compress=["w"]))
     assert e5m2.leaves[0].note.startswith("stored raw: float8_e5m2 leaves are not coded")
+
+
+@pytest.mark.parametrize("value, words", [("a", "not str"), (True, "not a bool"),
+                                          ([1.0, "x"], "not list"),
+                                          (np.ones(3, bool), "not a bool")])
+def test_a_sensitivity_that_is_no_number_is_refused_naming_its_leaf(tmp_path, value, words):
+    """Found by review: numpy's "could not convert string to float" naming no
+    leaf, and a bool taken as 1.0."""
+    tree = {"k": np.ones((64, 64), np.float32)}
+    with pytest.raises(TypeError, match=f"sensitivity of 'k'.*{words}"):
+        jaxjpeg.save(tmp_path / "s.jjpg", tree, sensitivity={"k": value})
+
+
+def test_metadata_with_a_lone_surrogate_is_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        jaxjpeg.save(tmp_path / "s.jjpg", {"a": np.ones(3)}, metadata={"a": "x\ud800y"})

@@ -513,3 +513,128 @@ def test_compress_counts_quantized_leaves_as_coded(tmp_path, capsys):
     assert "(0 JPEG-coded, 2 quantized, 0 lossless)" in out, out
     ratio = float(re.search(r"(\d+\.\d+)x on coded leaves", out).group(1))
     assert ratio > 10, out
+
+
+def test_compress_refuses_to_replace_its_source(tmp_path, capsys):
+    """Found by review: ``compress m.safetensors m.safetensors --force``
+    replaced the original with its lossy checkpoint; through a symlink too."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    src = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file({"w": w}, str(src))
+    np.savez(tmp_path / "m.npz", w=w)
+    os.symlink(tmp_path / "m.npz", tmp_path / "link.npz")
+    before = {p: p.read_bytes() for p in (src, tmp_path / "m.npz")}
+    for source, dst in ((src, src), (tmp_path / "link.npz", tmp_path / "m.npz"),
+                        (tmp_path / "m.npz", tmp_path / "link.npz")):
+        code, _, err = run(capsys, "compress", source, dst, "--force")
+        assert code == cli.EXIT_USAGE and "source's file" in err, (code, err)
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_lossless_takes_names_with_glob_characters_as_they_are(tmp_path, capsys):
+    """Found by review: "layers[0]/kernel" and "head[*]" kept nothing
+    lossless ([...] is a glob class); a pattern matching nothing is said."""
+    w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    np.savez(tmp_path / "s.npz", **{"layers[0]/kernel": w, "head[*]": w, "other": w})
+    code, _, err = run(capsys, "compress", tmp_path / "s.npz", tmp_path / "o.jjpg", "--min-size",
+                       "0", "--lossless", "layers[0]/kernel", "--lossless", "head[*]",
+                       "--lossless", "no/such/*")
+    assert code == 0, err
+    assert "'no/such/*' matches no leaf" in err and "layers" not in err
+    out = dict(cli._flatten(jaxjpeg.restore(tmp_path / "o.jjpg")))
+    np.testing.assert_array_equal(np.asarray(out["layers[0]/kernel"]), w)
+    np.testing.assert_array_equal(np.asarray(out["head[*]"]), w)
+    assert not np.array_equal(np.asarray(out["other"]), w)
+
+
+def test_inspect_source_counts_kept_non_finite_values_and_imaginary_parts(tmp_path, capsys):
+    """Found by review: one kept NaN printed "nan" for its whole leaf (exact
+    ones too), and a complex leaf's imaginary part was dropped (0 printed)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[3, 5] = np.nan
+    b = np.array([1.0, np.inf, -np.inf, np.nan], np.float32)
+    jaxjpeg.save(tmp_path / "a.jjpg", {"w": w, "b": b, "c": (b[:1] + 1j).astype(np.complex64)})
+    changed_c = np.array([1 + 5j], np.complex64)
+    for c, want_c in ((b[:1] + 1j, 0.0), (changed_c, 4 / np.sqrt(26))):   # |4j| / |1 + 5j|
+        np.savez(tmp_path / "s.npz", w=w, b=b, c=np.asarray(c, np.complex64))
+        code, out, err = run(capsys, "inspect", tmp_path / "a.jjpg", "--source", tmp_path / "s.npz")
+        assert code == 0 and "warning" not in err, err
+        rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:4]}
+        assert rows["b"] == "0" and 0.02 < float(rows["w"]) < 0.2, out
+        assert float(rows["c"]) == pytest.approx(want_c, rel=1e-3), out
+    b_changed = b.copy()
+    b_changed[1] = 7.0
+    np.savez(tmp_path / "s.npz", w=w, b=b_changed, c=changed_c)
+    code, out, _ = run(capsys, "inspect", tmp_path / "a.jjpg", "--source", tmp_path / "s.npz")
+    assert {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:4]}["b"] == "inf"
+
+
+def test_export_of_a_float64_coded_leaf_and_a_leaf_named_metadata(tmp_path, capsys):
+    """Found by review: a float64 leaf Policy(compress=...) codes could not be
+    exported ("decoded float32, expected float64"); a leaf named
+    __metadata__ was written over the file's metadata (unreadable file)."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    x = np.random.default_rng(0).standard_normal((128, 256))
+    jaxjpeg.save(tmp_path / "a.jjpg", {"d": x}, policy=jaxjpeg.Policy(compress=("d",)))
+    code, _, err = run(capsys, "export", tmp_path / "a.jjpg", tmp_path / "a.safetensors")
+    assert code == 0, err
+    got = safetensors_numpy.load_file(str(tmp_path / "a.safetensors"))["d"]
+    assert got.dtype == np.float64 and np.linalg.norm(got - x) < 0.2 * np.linalg.norm(x)
+    with jaxjpeg.open(tmp_path / "a.jjpg") as f:
+        np.testing.assert_array_equal(got.astype(np.float32), np.asarray(f.get("d")))
+    jaxjpeg.save(tmp_path / "m.jjpg", {"__metadata__": x[:4], "x": x[:4]}, metadata={"step": 1})
+    code, _, err = run(capsys, "export", tmp_path / "m.jjpg", tmp_path / "m.safetensors")
+    assert code == cli.EXIT_USAGE and "__metadata__" in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("shape", ["(-4,)", "(-4, -4)", "(True, 4)"])
+def test_npz_members_of_invalid_shapes_are_damaged_input(tmp_path, capsys, shape):
+    """Found by review: exit 2 (usage) with numpy's message, no file named."""
+    np.savez(tmp_path / "s.npz", x=np.zeros(16, np.float32))
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "s.npz") as z:
+        data = z.read("x.npy")
+    header = data[10:10 + int.from_bytes(data[8:10], "little")].replace(b"(16,)", shape.encode())
+    header = header.ljust(len(data[10:10 + int.from_bytes(data[8:10], "little")]))
+    with zipfile.ZipFile(tmp_path / "bad.npz", "w") as z:
+        z.writestr("x.npy", data[:10] + header + data[10 + len(header):])
+    code, _, err = run(capsys, "compress", tmp_path / "bad.npz", tmp_path / "o.jjpg",
+                       "--min-size", "0")
+    assert code == cli.EXIT_DAMAGED and "bad.npz: member 'x.npy' has an invalid shape" in err, err
+
+
+def test_source_metadata_too_large_to_keep_is_dropped_with_a_warning(tmp_path, capsys):
+    """Found by review: a safetensors file with 2 MiB of metadata could not
+    be compressed at all (reported as damaged)."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    w = np.ones((64, 64), np.float32)
+    safetensors_numpy.save_file({"w": w}, str(tmp_path / "s.safetensors"),
+                                metadata={"big": "x" * (2 << 20)})
+    code, _, err = run(capsys, "compress", tmp_path / "s.safetensors", tmp_path / "o.jjpg")
+    assert code == 0 and "its metadata is not kept" in err, err
+    with jaxjpeg.open(tmp_path / "o.jjpg") as f:
+        assert f.metadata == {}
+
+
+def test_orbax_sources_of_zeros_and_step_prefixes(tmp_path, capsys):
+    """Found by review: a fresh optimizer state (zeros: tensorstore writes no
+    chunks) was refused as declaring far more bytes than on disk; a manager
+    root saved with a step_prefix ("step_2") was not recognised."""
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as c:
+        c.save(tmp_path / "zeros", {"mu": np.zeros((4096, 4096), np.float32)})
+    code, _, err = run(capsys, "compress", tmp_path / "zeros", tmp_path / "z.jjpg")
+    assert code == 0, err
+    assert not np.any(np.asarray(jaxjpeg.restore(tmp_path / "z.jjpg")["mu"]))
+    options = ocp.CheckpointManagerOptions(step_prefix="step")
+    with ocp.CheckpointManager(tmp_path / "root", options=options) as m:
+        for step in (1, 2):
+            m.save(step, args=ocp.args.StandardSave({"w": np.full((8, 8), step, np.float32)}))
+        m.wait_until_finished()
+    assert sorted(os.listdir(tmp_path / "root")) == ["step_1", "step_2"]
+    code, _, err = run(capsys, "compress", tmp_path / "root", tmp_path / "r.jjpg")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "r.jjpg")["w"]), 2)

@@ -159,6 +159,18 @@ def test_http_sources_from_servers_that_answer_403_or_part_of_a_range(local, tmp
             assert out.read_bytes() == expected[name]
 
 
+def test_an_index_url_with_a_query_reads_its_shards(local, tmp_path, capsys):
+    """Found by review: "model.safetensors.index.json?download=true" was
+    not taken as an index (its name tested with the query), exit 1."""
+    root, expected = local
+    with RangeServer(root / "hf") as server:
+        out = tmp_path / "q.jjpg"
+        url = server.url("model.safetensors.index.json") + "?download=true"
+        code, _, err = run(capsys, "compress", url, out)
+        assert code == 0, err
+        assert out.read_bytes() == expected["hf/model.safetensors.index.json"]
+
+
 def test_one_tensor_over_http_reads_about_its_bytes(local):
     """open_source reads headers only; one leaf's array() reads that tensor's
     bytes and nothing else."""
