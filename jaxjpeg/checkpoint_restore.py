@@ -154,13 +154,19 @@ def other_memory_kind(sharding) -> str | None:
 
 
 def with_device_memory(requests: list[LeafRequest], device) -> list[LeafRequest]:
-    """The requests placed on restore's or load's ``device=`` take its
-    memory kind where it is a one-device sharding with one of its own
-    (found by review: ``pinned_host`` was dropped without a word)."""
-    kind = other_memory_kind(device) if isinstance(device, jax.sharding.Sharding) else None
-    if kind is None:
+    """The requests placed on restore's or load's ``device=`` take what a
+    one-device sharding given there asks: its memory kind where not its
+    device's own (found by review: ``pinned_host`` was dropped without a
+    word), and itself as the result's sharding where it is not a
+    SingleDeviceSharding (found by review: a NamedSharding over a mesh of
+    one came back a SingleDeviceSharding, as a target's once did)."""
+    if not isinstance(device, jax.sharding.Sharding):
         return requests
-    return [dataclasses.replace(r, memory_kind=kind)
+    kind = other_memory_kind(device)
+    given = None if isinstance(device, jax.sharding.SingleDeviceSharding) else device
+    if kind is None and given is None:
+        return requests
+    return [dataclasses.replace(r, memory_kind=kind, as_given=given)
             if r.sharding is None and r.device is None and r.memory_kind is None else r
             for r in requests]
 
@@ -197,10 +203,12 @@ def _target_leaf(name: str, want, saved: SavedLeaf) -> _Want:
     leaf on the default device, silently."""
     if isinstance(want, jax.sharding.Sharding):
         return _Want(tuple(saved.shape), None, want)
-    if hasattr(want, "shape") and hasattr(want, "dtype"):
-        return _Want(tuple(want.shape), want.dtype, getattr(want, "sharding", None))
+    # before the test of shape and dtype, which numpy numbers have too (found
+    # by review: np.float32(0) made an int32 step float32, refused a matrix)
     if isinstance(want, (bool, int, float, complex, np.generic)):
         return _Want(tuple(saved.shape), None, None)
+    if hasattr(want, "shape") and hasattr(want, "dtype"):
+        return _Want(tuple(want.shape), want.dtype, getattr(want, "sharding", None))
     raise TypeError(f"{name}: a target leaf must be an array, a jax.ShapeDtypeStruct or a "
                     f"jax.sharding.Sharding, got {type(want).__name__}")
 
@@ -615,7 +623,7 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
     # take from an empty list.
     arrays = [jax.make_array_from_single_device_arrays(requests[i].leaf.shape,
                                                        _decoded_in(requests[i]), shards[i],
-                                                       dtype=np.dtype(requests[i].dtype))
+                                                       dtype=placed_dtype(requests[i].dtype))
               for i in indices]
     return statuses, arrays
 
@@ -915,7 +923,9 @@ def _ties_round_up(dtype: np.dtype) -> bool:
 
 def place_raw(array: np.ndarray, request: LeafRequest, device):
     check_values_fit(array, request.dtype, request.leaf.path)
-    array = array.astype(request.dtype, copy=False)
+    # in the dtype jax holds it in (float64 as float32 without x64: found by
+    # review, a sharded placement warned where an unsharded one did not)
+    array = array.astype(placed_dtype(request.dtype), copy=False)
     if request.sharding is not None:
         # Not jax.device_put(array, sharding): with a sharding spanning several
         # processes it checks the value is the same in every process with a

@@ -168,10 +168,15 @@ class LazyReader:
         if isinstance(device, jax.sharding.Sharding):
             devices, memory_kind = device.device_set, cr.other_memory_kind(device)
             if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
+                # the sharding given comes back, as restore's targets keep theirs
+                # (found by review: a mesh of one came back a SingleDeviceSharding)
+                given = None if isinstance(device, jax.sharding.SingleDeviceSharding) else device
                 return dataclasses.replace(saved, device=next(iter(devices)),
-                                           memory_kind=memory_kind)
+                                           memory_kind=memory_kind, as_given=given)
             return dataclasses.replace(saved, sharding=device, memory_kind=memory_kind)
-        return dataclasses.replace(saved, device=device)
+        # checked as restore checks it (found by review: device=1 failed in jax,
+        # device=0 was taken for "the default")
+        return dataclasses.replace(saved, device=None if device is None else cr.one_device(device))
 
     def _read_raw(self, leaf: SavedLeaf) -> np.ndarray:
         with self._ckpt.prefetch([leaf]):  # a large blob: read as pieces in parallel
@@ -222,7 +227,9 @@ class LeafSlice:
     def dtype(self) -> np.dtype:
         if self._leaf.prng_impl is not None:
             return cr.saved_struct(self._leaf).dtype
-        return cr.restored_dtype(self._leaf.dtype, self._dtype, name=self._leaf.path)
+        # the dtype indexing returns (found by review: int64 said, int32 given without x64)
+        return cr.placed_dtype(cr.restored_dtype(self._leaf.dtype, self._dtype,
+                                                 name=self._leaf.path))
 
     @property
     def ndim(self) -> int:

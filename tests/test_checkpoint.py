@@ -1036,6 +1036,32 @@ def test_a_one_device_named_sharding_comes_back_as_given(tmp_path):
     assert got["w"].sharding == target["w"].sharding and got["b"].sharding == target["b"]
 
 
+def test_a_one_device_named_sharding_given_as_device_comes_back(tmp_path):
+    """Found by review: restore(device=), open().get and get_slice gave a
+    NamedSharding over a mesh of one back as a SingleDeviceSharding (a
+    target's has kept it since the review above)."""
+    x = (0.05 * np.random.default_rng(3).standard_normal((64, 64))).astype(np.float32)
+    jaxjpeg.save(tmp_path / "n.jjpg", {"w": x, "b": np.ones(8, np.float32)})
+    mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    got = jaxjpeg.restore(tmp_path / "n.jjpg", device=sharding)
+    assert got["w"].sharding == sharding and got["b"].sharding == sharding
+    with jaxjpeg.open(tmp_path / "n.jjpg") as f:
+        assert f.get("w", device=sharding).sharding == sharding
+        assert f.get("b", device=sharding).sharding == sharding
+        assert f.get_slice("w", device=sharding)[2:9].sharding == sharding
+
+
+def test_a_numpy_number_in_a_target_stands_for_the_saved_leaf(tmp_path):
+    """Found by review: np.float32(0) made an int32 step float32 and was
+    refused for a matrix (numpy numbers have a shape and a dtype)."""
+    x = np.ones((30, 20), np.float32)
+    jaxjpeg.save(tmp_path / "n.jjpg", {"w": x, "step": np.int32(7)})
+    got = jaxjpeg.restore(tmp_path / "n.jjpg", target={"w": np.float32(0), "step": np.float32(0)})
+    assert got["step"].dtype == np.int32 and int(got["step"]) == 7
+    assert got["w"].shape == x.shape
+
+
 def test_bucketed_sizes_are_few_and_close():
     sizes = [codec.bucketed_size(n) for n in range(1, 5000)]
     assert all(n <= b for n, b in zip(range(1, 5000), sizes))

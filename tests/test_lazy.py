@@ -204,6 +204,22 @@ def test_get_dtype_and_device(saved):
     assert on_sharding.devices() == {device}
 
 
+def test_get_checks_its_device_and_a_slice_says_the_dtype_it_gives(saved):
+    """Found by review: device=1 failed inside jax (device=0 was taken for
+    the default); LeafSlice.dtype said int64 / float64 where indexing gives
+    int32 / float32 (x64 off)."""
+    path, _ = saved
+    with jaxjpeg.open(path) as f:
+        for device in (0, 1, "cpu"):
+            with pytest.raises(TypeError, match="device must be a jax.Device"):
+                f.get("dense", device=device)
+            with pytest.raises(TypeError, match="device must be a jax.Device"):
+                f.get_slice("dense", device=device)[:2]
+        for name, dtype in (("step", None), ("dense", np.float64)):
+            piece = f.get_slice(name, dtype=dtype)
+            assert piece.dtype == piece[...].dtype, (name, piece.dtype)
+
+
 def test_get_reads_only_that_leafs_blobs(saved, blobs_read):
     path, _ = saved
     sizes = blob_sizes(path)
