@@ -1098,7 +1098,7 @@ def test_a_reach_leaves_out_only_the_ends_of_the_ladder(floor):
     # more than the one step under it is kept
     measured = [i for i in range(start + 1, len(full.nbytes))
                 if (full.bits[i], full.delta[i]) in set(rate._ladder_steps(
-                    p, rate.tensor_rms(p), None))]
+                    p, rate.reference_rms(p), None))]
     assert 8 * full.nbytes[measured[0]] / p.size >= rate.LADDER_FLOOR * 3.0 or start == 0
 
 
@@ -1108,6 +1108,9 @@ def test_a_wrong_floor_prediction_only_codes_more_steps(monkeypatch, shift):
     too few is extended coarser until a step costs under the floor: either
     way the curve is a run of the full one's, reaching under the floor."""
     p = rate.prepare_leaf(_tensor("row-scaled", (256, 512), 3))
+    # bends are measured above the floor only, so they would differ between
+    # the two curves; they have their own test
+    monkeypatch.setattr(rate, "BEND_BYTES_RATIO", math.inf)
     full = rate.rd_curve(p)
     monkeypatch.setattr(rate, "GAUSSIAN_BITS", rate.GAUSSIAN_BITS + shift)
     cut = rate.rd_curve(p, reach=4.0)
@@ -1115,7 +1118,7 @@ def test_a_wrong_floor_prediction_only_codes_more_steps(monkeypatch, shift):
     if shift > 0:   # no step predicted under the floor: the whole coarse end
         assert start == 0
     else:           # every first step predicted under it: extended from the sixth
-        steps = rate._ladder_steps(p, rate.tensor_rms(p), None)
+        steps = rate._ladder_steps(p, rate.reference_rms(p), None)
         assert steps.index((int(cut.bits[0]), int(cut.delta[0]))) < (rate.LADDER_FIRST
                                                                      - rate.LADDER_BATCH)
         assert 8 * cut.nbytes[0] / p.size < rate.LADDER_FLOOR * 4.0 or start == 0
@@ -1186,3 +1189,40 @@ def test_a_byte_target_codes_values_about_a_large_mean_on_their_spread(tmp_path,
     got = np.asarray(jaxjpeg.restore(tmp_path / "t.jjpg")["x"], np.float64)
     assert np.linalg.norm(got - x) < 0.15 * np.linalg.norm(x - x.astype(np.float64).mean())
     assert abs(report.file_bytes / (4 * x.size / 8) - 1) < 0.05, report.file_bytes
+
+
+@pytest.mark.parametrize("tree_name, ratio", [("one", 24), ("one", 48), ("mixed", 40)])
+def test_byte_targets_at_a_bit_a_weight_and_under_land(tmp_path, tree_name, ratio):
+    """Found by review: at 0.5-1.3 bits/weight (24-64x) byte targets missed
+    by 9-23%, the file not even monotone in the target: probes interpolated
+    across the bend where coefficients stop rounding to zero (up to 1.47x
+    the bytes predicted there), and error caps were taken whose predicted
+    floor just fit."""
+    import warnings
+
+    import jaxjpeg
+    rng = np.random.default_rng(1)
+    g = lambda *s: rng.normal(size=s).astype(np.float32)   # noqa: E731
+    tree = ({"k": g(512, 512)} if tree_name == "one" else
+            {"k1": g(256, 256), "k2": g(128, 512) * 0.01, "b": g(256), "s": g(512, 8)})
+    weights = sum(v.size for v in tree.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=ratio)
+    assert abs(report.file_bytes / (4 * weights / ratio) - 1) < 0.05, report.file_bytes
+
+
+def test_the_curve_follows_its_bend_at_the_coarsest_steps():
+    """Where coefficients stop rounding to zero (0.2-1 bits/weight) the
+    curve bends between two ladder steps; interpolated across it, candidates
+    cost up to 1.47x the bytes predicted and erred more (found by review)."""
+    x = np.random.default_rng(1).normal(size=(512, 512)).astype(np.float32)
+    p = codec.prepare(x)
+    c = rate.rd_curve(p)
+    rel = np.sqrt(c.sse / np.sum(x.astype(np.float64) ** 2))
+    checked = 0
+    for k in np.flatnonzero((rel > 0.6) & (rel < 0.95))[::3]:
+        actual = rate.encode_candidate(p, c, int(k), {}).nbytes
+        assert 0.8 < actual / c.nbytes[k] < 1.2, (k, actual, c.nbytes[k], rel[k])
+        checked += 1
+    assert checked >= 5
