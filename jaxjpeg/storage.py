@@ -23,7 +23,9 @@ import re
 __all__ = ["RangeSource", "as_location", "exists", "filesystem", "is_dir", "join", "kind",
            "listdir", "local_path", "open_source", "scheme", "size", "to_absolute"]
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# "gs://...", or fsspec's chained URLs, "simplecache::gs://..." (found by
+# review: taken for local paths), whose scheme is the first protocol's
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(?:::[A-Za-z][A-Za-z0-9+.-]*)*://")
 
 
 def as_location(path) -> str:
@@ -57,7 +59,7 @@ def local_path(location: str) -> str | None:
     match = _SCHEME.match(location)
     if match is None:
         return location
-    if match.group(1).lower() == "file":
+    if match.group(1).lower() == "file" and "::" not in match.group(0):
         rest = location[len("file://"):]
         # file://localhost/PATH names the local /PATH (RFC 8089; found by review)
         return rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest

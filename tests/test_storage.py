@@ -94,6 +94,17 @@ def test_a_url_with_glob_characters_saves_that_one_object(memory_fs, name):
                                   tree["w"])
 
 
+def test_chained_urls_are_urls(memory_fs):
+    """Found by review: fsspec's "simplecache::memory://..." was taken for a
+    local path (no such file)."""
+    fs, root = memory_fs
+    tree = {"w": np.arange(64, dtype=np.float32)}
+    jaxjpeg.save(f"memory://{root}/c.jjpg", tree)
+    assert storage.local_path(f"simplecache::memory://{root}/c.jjpg") is None
+    got = jaxjpeg.restore(f"simplecache::memory://{root}/c.jjpg")
+    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"])
+
+
 def test_a_url_naming_a_directory_is_refused_before_coding(memory_fs, monkeypatch):
     """Found by review: saving to a prefix of other objects reported success
     (0 bytes) and left the file inside it under a temporary name."""
