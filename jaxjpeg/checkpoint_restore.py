@@ -228,12 +228,6 @@ def _shard_boxes(leaf: SavedLeaf, sharding) -> dict:
             for device, index in sharding.addressable_devices_indices_map(leaf.shape).items()}
 
 
-def view_box(leaf: SavedLeaf, ranges) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(row range, col range) of the leaf's 2-D view that the region ``ranges``
-    ((start, stop, step) per axis, steps positive, none empty) lies in."""
-    return (leaf.view or MatrixView.default(len(leaf.shape))).box(leaf.shape, ranges)
-
-
 def _slice_triple(sl, dim: int) -> tuple[int, int, int]:
     return sl.indices(dim) if isinstance(sl, slice) else (int(sl), int(sl) + 1, 1)
 
@@ -245,11 +239,6 @@ def _view_positions(ranges, shape, axes) -> np.ndarray:
         return np.zeros(1, np.int64)
     grids = np.meshgrid(*[np.arange(*ranges[a]) for a in axes], indexing="ij")
     return np.ravel_multi_index([g.ravel() for g in grids], [shape[a] for a in axes])
-
-
-def _tiles_in_box(leaf: SavedLeaf, rows: tuple[int, int], cols: tuple[int, int]) -> list[int]:
-    return [k for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)
-            if r0 < rows[1] and r0 + h > rows[0] and c0 < cols[1] and c0 + w > cols[0]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -727,9 +716,20 @@ def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps
 
 
 def region_tiles(leaf: SavedLeaf, ranges) -> list[int]:
-    """Ids of the tiles the region ``ranges`` (as for decode_region) overlaps."""
-    rows, cols = view_box(leaf, ranges)
-    return _tiles_in_box(leaf, rows, cols)
+    """Ids of the tiles holding an element of the region ``ranges`` (as for
+    decode_region): not every tile of its box (found by review: a shard of
+    an inner axis, strided along the view's rows, decoded 15 tiles of a
+    scanned leaf where 8 hold its elements, 1.87x its bytes). The box the
+    tiles decode into keeps the rest undecoded: nothing is read from it."""
+    view = leaf.view or MatrixView.default(len(leaf.shape))
+    rows = _view_positions(ranges, leaf.shape, view.row_axes())   # sorted: steps positive
+    cols = _view_positions(ranges, leaf.shape, view.col_axes())
+
+    def holds(positions, start: int, length: int) -> bool:
+        return bool(np.searchsorted(positions, start) < np.searchsorted(positions, start + length))
+
+    return [k for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)
+            if holds(rows, r0, h) and holds(cols, c0, w)]
 
 
 def _kept_in_shard(kept, shape, ranges):

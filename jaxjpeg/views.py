@@ -108,12 +108,6 @@ class MatrixView:
     def col_axes(self) -> tuple[int, ...]:
         return self.perm[self.split:]
 
-    def box(self, shape: Sequence[int], ranges) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(row range, col range) of the view that the region ``ranges``
-        ((start, stop, step) per axis, steps positive, none empty) lies in."""
-        return (_side_range(shape, ranges, self.row_axes()),
-                _side_range(shape, ranges, self.col_axes()))
-
     def shard_cuts(self, shape: Sequence[int], regions) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(row cuts, col cuts): where tile edges must fall so that each of
         ``regions`` (shards, as for :meth:`box`) reads only tiles of its own.

@@ -603,20 +603,32 @@ def _split(shape, axis, ways):
                   for a, n in enumerate(shape)) for i in range(ways)]
 
 
-def test_view_box_is_the_span_of_the_regions_positions():
+def test_a_region_decodes_the_tiles_holding_its_elements_only(tmp_path):
+    """Found by review: tiles were chosen by the region's box, so a shard
+    strided along the view's rows (scanned layers sharded on their rows)
+    decoded 15 tiles where 8 hold its elements."""
+    import jaxjpeg
+    from jaxjpeg import checkpoint_restore as cr
+    from jaxjpeg.checkpoint_reader import Checkpoint
+
     rng = np.random.default_rng(3)
-    shape = (5, 6, 7, 4)
-    for _ in range(200):
-        view = views.MatrixView(tuple(rng.permutation(4)), int(rng.integers(0, 5)))
-        ranges = []
-        for n in shape:
-            start = int(rng.integers(0, n))
-            ranges.append((start, int(rng.integers(start + 1, n + 1)), int(rng.integers(1, 3))))
+    shape = (8, 1024, 256)
+    jaxjpeg.save(tmp_path / "s.jjpg", {"layers": {"w": rng.standard_normal(shape, np.float32)}})
+    with Checkpoint(str(tmp_path / "s.jjpg")) as ckpt:
+        leaf = ckpt.leaves[0]
+    assert len(leaf.tiles) > 4
+    regions = [((0, 8, 1), (0, 512, 1), (0, 256, 1))]   # the review's: half of each layer
+    for _ in range(100):
+        regions.append(tuple((a, int(rng.integers(a + 1, n + 1)), int(rng.integers(1, 4)))
+                             for a, n in ((int(rng.integers(0, n)), n) for n in shape)))
+    for ranges in regions:
         mask = np.zeros(shape, bool)
         mask[tuple(slice(*r) for r in ranges)] = True
-        rows, cols = np.nonzero(view.to_matrix(mask))
-        assert view.box(shape, ranges) == ((rows.min(), rows.max() + 1),
-                                           (cols.min(), cols.max() + 1))
+        held = leaf.view.to_matrix(mask)
+        want = [k for k, (r0, c0, h, w, _) in enumerate(leaf.tiles)
+                if held[r0:r0 + h, c0:c0 + w].any()]
+        assert cr.region_tiles(leaf, ranges) == want, ranges
+    assert len(cr.region_tiles(leaf, regions[0])) == len(leaf.tiles) // 2
 
 
 def test_shard_cuts_are_the_boundaries_of_contiguous_shards():
