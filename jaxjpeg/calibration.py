@@ -20,6 +20,7 @@ ONNX weights, build
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import jax
@@ -204,6 +205,7 @@ def _covariances(run, nn, leaf, damping=None) -> dict[str, InputCovariance]:
     axes: dict[str, tuple[int, ...]] = {}
 
     def record(mod, path, x):
+        _check_eager(mod, path, x, nn)
         features = None if x is None else _features(mod, x, nn)
         if features is not None:
             name = leaf(path, "kernel")
@@ -225,6 +227,7 @@ def _means(run, nn, leaf, stats_leaf) -> dict[str, InputMean]:
     calls: list = []
 
     def record(mod, path, x):
+        _check_eager(mod, path, x, nn)
         calls.append((mod, path))
         if x is not None and isinstance(mod, (nn.Dense, nn.Conv)):
             x = np.asarray(x, np.float64)
@@ -249,6 +252,17 @@ def _means(run, nn, leaf, stats_leaf) -> dict[str, InputMean]:
             for name, total in sums.items()}
 
 
+def _check_eager(mod, path, x, nn) -> None:
+    """Refuses a Dense or Conv called on traced inputs (inside nn.scan,
+    nn.remat, jax.jit): its statistics need the values (found by review: a
+    TracerArrayConversionError naming no layer)."""
+    if isinstance(x, jax.core.Tracer) and isinstance(mod, (nn.Dense, nn.Conv)):
+        raise ValueError(f"calibration records layers' inputs as they run: "
+                         f"{'/'.join(map(str, path)) or 'the model'} runs under a jax "
+                         "transform (scan, remat, jit), which hides them; calibrate a copy "
+                         "of the model without it")
+
+
 def _linen_leaf(prefix: str):
     return lambda path, key: prefix + "/".join((*path, key))
 
@@ -260,8 +274,9 @@ def _linen_run(module, variables, batches, method, apply_kwargs):
 
     def run(record):
         def intercept(next_fun, args, kwargs, context):
-            if context.method_name == "__call__":
-                record(context.module, context.module.path, args[0] if args else None)
+            if context.method_name == "__call__":   # the input by keyword too (review)
+                record(context.module, context.module.path,
+                       args[0] if args else kwargs.get("inputs"))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(intercept):
@@ -288,19 +303,29 @@ def _nnx_run(model, batches, call_kwargs):
     before every Linear, Conv and BatchNorm call."""
     def run(record):
         from flax import nnx
-        paths = {id(m): path for path, m in nnx.iter_modules(model)}
+        modules = list(nnx.iter_modules(model))
+        paths = {id(m): path for path, m in modules}
         kinds = _NnxKinds()
         originals = {cls: cls.__dict__["__call__"]
                      for cls in (kinds.Dense, kinds.Conv, kinds.BatchNorm)}
+        unseen = []   # layers a transform re-created (nnx.scan, nnx.remat, nnx.jit)
 
         def recording(call):
             def wrapped(self, x, *args, **kwargs):
                 if id(self) in paths:
                     record(self, paths[id(self)], x)
+                elif not isinstance(self, kinds.BatchNorm):
+                    unseen.append(type(self).__name__)
                 return call(self, x, *args, **kwargs)
             return wrapped
 
+        # In inference mode, as a restored model runs, and left as it was
+        # (found by review: a model in training mode, nnx's default, had its
+        # running statistics moved and dropout applied while recording).
+        modes = [(m, a, getattr(m, a)) for _, m in modules
+                 for a in ("deterministic", "use_running_average") if hasattr(m, a)]
         try:
+            model.eval()
             for cls, call in originals.items():
                 cls.__call__ = recording(call)
             for batch in batches:
@@ -309,6 +334,13 @@ def _nnx_run(model, batches, call_kwargs):
         finally:
             for cls, call in originals.items():
                 cls.__call__ = call
+            for module, attribute, value in modes:
+                setattr(module, attribute, value)
+        if unseen:
+            warnings.warn(f"{len(unseen)} calls of {unseen[0]} layers ran outside the model's "
+                          "own modules (under nnx.scan, nnx.remat or nnx.jit?): they have no "
+                          "statistics; calibrate a copy of the model without the transform",
+                          stacklevel=4)
     return run
 
 
@@ -325,10 +357,10 @@ def _kernel_mean(mod, mean: np.ndarray, nn) -> np.ndarray:
         return mean[:, None]
     groups, outputs = mod.feature_group_count, _outputs(mod)
     if groups == 1:
-        return mean.reshape((1,) * len(mod.kernel_size) + (len(mean), 1))
+        return mean.reshape((1,) * len(_window(mod)) + (len(mean), 1))
     per_group = mean.reshape(groups, -1)                        # (G, I / G)
     by_output = per_group[np.arange(outputs) // (outputs // groups)].T   # (I / G, O)
-    return by_output.reshape((1,) * len(mod.kernel_size) + by_output.shape)
+    return by_output.reshape((1,) * len(_window(mod)) + by_output.shape)
 
 
 def _features(mod, x, nn):
@@ -337,14 +369,14 @@ def _features(mod, x, nn):
         return jax.numpy.reshape(x, (-1, x.shape[-1]))
     if not isinstance(mod, nn.Conv) or mod.feature_group_count != 1:
         return None
-    padding = _lax_padding(mod.padding, len(mod.kernel_size))
+    padding = _lax_padding(mod.padding, len(_window(mod)))
     if padding is None:
         return None
-    nd = len(mod.kernel_size)
+    nd = len(_window(mod))
     batched = x if x.ndim == nd + 2 else x[None]
     spatial = "DHW"[-nd:]
     patches = jax.lax.conv_general_dilated_patches(
-        batched, tuple(mod.kernel_size), _tuple(mod.strides, nd), padding,
+        batched, _window(mod), _tuple(mod.strides, nd), padding,
         lhs_dilation=_tuple(mod.input_dilation, nd), rhs_dilation=_tuple(mod.kernel_dilation, nd),
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
     # Patch features come channel-major, (C, *window): see _kernel_input_axes.
@@ -356,8 +388,15 @@ def _kernel_input_axes(mod, nn) -> tuple[int, ...]:
     order of conv_general_dilated_patches' features."""
     if isinstance(mod, nn.Dense):
         return (0,)
-    nd = len(mod.kernel_size)
+    nd = len(_window(mod))
     return (nd,) + tuple(range(nd))
+
+
+def _window(mod) -> tuple[int, ...]:
+    """A Conv's kernel size as a tuple (linen takes an int for a 1-D
+    convolution: found by review, len() of it failed)."""
+    size = mod.kernel_size
+    return (int(size),) if isinstance(size, int) else tuple(int(k) for k in size)
 
 
 def _tuple(value, nd: int) -> tuple[int, ...]:

@@ -332,7 +332,8 @@ def _ordered_inverse_cholesky(h: np.ndarray, order: np.ndarray, unit: np.ndarray
     lower, info = lapack.dpotrf(a, lower=1, overwrite_a=1, clean=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"input covariance is not positive definite "
-                                    f"(LAPACK info {info})")
+                                    f"(LAPACK info {info}): one estimated from fewer samples "
+                                    "than features needs InputCovariance(..., damping=) > 0")
     inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"input covariance factor is singular (LAPACK info {info})")

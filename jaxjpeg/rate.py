@@ -1849,9 +1849,11 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
     ``jaxjpeg.save(..., sensitivity=)``; with ``per_element=True`` ``{leaf
     name: float64 array of the leaf's shape}``, which save also takes (the
     coder reduces it to per-row and per-column steps of the view it chooses);
-    with ``per_row=True`` ``{leaf name: float64 [rows]}``, the mean over each
-    row of the framework-order view (``row_weights`` of
-    :func:`allocate_to_target`). The squared gradient approximates the
+    with ``per_row=True`` ``{leaf name: float64 of the leaf's shape but its
+    last axis, 1}``, the mean over each row of the framework-order view
+    (``row_weights`` of :func:`allocate_to_target`; save broadcasts it over
+    the last axis: found by review, a flat [rows] array went onto the
+    columns of a square leaf). The squared gradient approximates the
     diagonal Fisher information, so ``sensitivity * squared error`` estimates
     the loss increase.
     """
@@ -1866,9 +1868,10 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
         g2 = jnp.square(g.astype(jnp.float32))
         if per_element:
             return g2
-        if per_row:
+        if per_row:   # shaped to broadcast over the last axis, as save takes it
             rows, cols = codec.matrix_shape(g.shape)
-            return jnp.mean(g2.reshape(rows, cols), axis=1)
+            means = jnp.mean(g2.reshape(rows, cols), axis=1)
+            return means.reshape(g.shape[:-1] + (1,)) if g.ndim else means
         return jnp.mean(g2)
 
     reduce_tree = jax.jit(lambda g: jax.tree_util.tree_map(reduce, g))

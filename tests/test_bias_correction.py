@@ -1,6 +1,7 @@
 """Bias correction with measured input means (jaxjpeg.InputMean)."""
 
 import collections
+import dataclasses
 import warnings
 
 import ml_dtypes
@@ -158,7 +159,6 @@ def test_a_mean_with_nothing_to_take_it_is_reported(tmp_path):
     ({"fc.weight": jaxjpeg.InputMean(np.full((1, C), np.nan), 0)}, "NaN or infinite"),
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 2)}, "out_axis 2"),
     ({"fc.bias": jaxjpeg.InputMean(np.ones(300), 0)}, "no input axis"),
-    ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 0, "nope")}, "taker 'nope' is not a leaf"),
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 0, "bn1.running_mean")},
      r"has shape \(256,\); the layer's 300 output channels"),
 ])
@@ -167,6 +167,20 @@ def test_bad_input_means_are_refused_before_anything_is_written(tmp_path, mean, 
     with pytest.raises((ValueError, TypeError), match=error):
         jaxjpeg.save(tmp_path / "bad.jjpg", tree, quality=50, progress=False, input_mean=mean)
     assert not (tmp_path / "bad.jjpg").exists()
+
+
+def test_a_taker_the_tree_does_not_hold_is_said_and_the_layer_bias_takes_it(tmp_path):
+    """Found by review: README's NNX recipe saves nnx.state(model, nnx.Param)
+    with nnx_input_means' takers, the BatchNorms' running means, which that
+    state does not hold: the save was refused. The shift now goes where the
+    tree's order finds a taker (the layer's own bias), and this is said."""
+    tree, means = _net(np.random.default_rng(5))
+    given = {"fc.weight": dataclasses.replace(means["fc.weight"], taker="bn9.running_mean")}
+    with pytest.warns(UserWarning, match="takers the tree does not hold.*bn9.running_mean"):
+        jaxjpeg.save(tmp_path / "t.jjpg", tree, quality=50, progress=False, input_mean=given)
+    jaxjpeg.save(tmp_path / "f.jjpg", tree, quality=50, progress=False,
+                 input_mean={"fc.weight": dataclasses.replace(given["fc.weight"], taker=None)})
+    assert (tmp_path / "t.jjpg").read_bytes() == (tmp_path / "f.jjpg").read_bytes()
 
 
 def test_input_means_are_refused_with_a_distributed_save(tmp_path):
@@ -320,6 +334,13 @@ def test_flax_nnx_calibration_is_the_linen_one_of_the_same_weights(tmp_path):
                  progress=False)
     got = jaxjpeg.restore(tmp_path / "c.jjpg", target=state)
     assert not np.array_equal(np.asarray(got["bn"]["mean"][...]), np.asarray(model.bn.mean[...]))
+    # README's recipe: the parameters alone, whose state holds no running
+    # means (found by review: refused, "taker 'bn/mean/value' is not a leaf")
+    params_only = nnx.state(model, nnx.Param)
+    with pytest.warns(UserWarning, match="takers the tree does not hold"):
+        jaxjpeg.save(tmp_path / "p.jjpg", params_only, target_ratio=8, input_covariance=covs,
+                     input_mean=means, progress=False)
+    jaxjpeg.restore(tmp_path / "p.jjpg", target=params_only)
 
 
 @pytest.mark.parametrize("ratio", [8, 16])

@@ -233,7 +233,8 @@ def test_sensitivity_from_gradients():
     assert sens["b/v"] == pytest.approx(4.0)
     assert sens["w"] == pytest.approx((1 + 4 + 9 + 16 + 9 + 4 + 1 + 0) / 8)
     rows = rate.sensitivity_from_gradients(loss, params, batches, per_row=True)
-    np.testing.assert_allclose(rows["w"], [5.0, 4.0, 5.0, 8.0])
+    np.testing.assert_allclose(rows["w"], [[5.0], [4.0], [5.0], [8.0]])
+    assert rows["b/v"].shape == (1,)
     elements = rate.sensitivity_from_gradients(loss, params, batches, per_element=True)
     assert elements["w"].shape == (4, 3)
     np.testing.assert_allclose(elements["w"][:, 0], [5.0, 4.0, 5.0, 8.0])
@@ -1226,3 +1227,21 @@ def test_the_curve_follows_its_bend_at_the_coarsest_steps():
         assert 0.8 < actual / c.nbytes[k] < 1.2, (k, actual, c.nbytes[k], rel[k])
         checked += 1
     assert checked >= 5
+
+
+def test_per_row_gradient_sensitivities_weigh_rows_in_save(tmp_path):
+    """Found by review: per_row=True gave a flat [rows] array, which save
+    broadcast over the last axis: on a square leaf it weighed columns."""
+    import jax.numpy as jnp
+
+    import jaxjpeg
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    weight = jnp.asarray(np.r_[np.full(32, 100.0), np.ones(224)], jnp.float32)[:, None]
+    sens = rate.sensitivity_from_gradients(lambda p, b: jnp.sum(p["w"] * weight * b),
+                                           {"w": jnp.asarray(w)}, [jnp.ones(256)], per_row=True)
+    assert sens["w"].shape == (256, 1)
+    jaxjpeg.save(tmp_path / "s.jjpg", {"w": w}, sensitivity=sens, quality=50)
+    err = np.asarray(jaxjpeg.restore(tmp_path / "s.jjpg")["w"]) - w
+    rms = lambda e: float(np.sqrt(np.mean(e ** 2)))   # noqa: E731
+    assert rms(err[:32]) < 0.8 * rms(err[32:]), (rms(err[:32]), rms(err[32:]))
+    assert 0.9 < rms(err[:, :32]) / rms(err[:, 32:]) < 1.1

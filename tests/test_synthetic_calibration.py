@@ -189,3 +189,72 @@ def test_a_synthetically_calibrated_save_restores(trained, tmp_path):
     got = np.asarray(restored["params"]["conv2"]["kernel"])
     assert got.shape == kernel.shape
     assert 0 < np.sqrt(np.mean((got - kernel) ** 2) / np.mean(kernel ** 2)) < 0.5
+
+
+def test_calibration_helpers_on_1d_convs_keyword_inputs_and_transforms():
+    """Found by review: a linen Conv with an int kernel_size (1-D) failed
+    (len() of an int); a Dense called as Dense(4)(inputs=x) was left out
+    silently; a layer under nn.scan / nn.remat failed with jax's
+    TracerArrayConversionError naming no layer."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class OneD(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, kernel_size=3)(x)
+            return nn.Dense(4)(inputs=x.mean(1))
+
+    x = np.random.default_rng(0).standard_normal((2, 16, 4)).astype(np.float32)
+    variables = OneD().init(jax.random.PRNGKey(0), x)
+    covs = calibration.input_covariances(OneD(), variables, [x])
+    means = calibration.input_means(OneD(), variables, [x])
+    assert set(covs) == set(means) == {"params/Conv_0/kernel", "params/Dense_0/kernel"}
+    assert covs["params/Conv_0/kernel"].matrix.shape == (12, 12)   # 3 taps x 4 channels
+
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.remat(nn.Dense)(4)(x)
+
+    variables = Remat().init(jax.random.PRNGKey(0), jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="runs under a jax transform"):
+        calibration.input_covariances(Remat(), variables, [np.ones((2, 3), np.float32)])
+
+
+def test_nnx_calibration_runs_in_inference_mode_and_leaves_the_model_as_it_was():
+    """Found by review: an NNX model in training mode (nnx's default) had
+    its running statistics moved and dropout applied while recording; layers
+    under nnx.remat were left out without a word."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 16, rngs=rngs)
+            self.bn = nnx.BatchNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.drop(nnx.relu(self.bn(self.fc(x)))))
+
+    model = Net(nnx.Rngs(0))
+    assert model.bn.use_running_average is False   # training mode
+    before = np.asarray(model.bn.mean[...]).copy()
+    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32) + 3
+    first = calibration.nnx_input_covariances(model, [x])["out/kernel/value"].matrix
+    again = calibration.nnx_input_covariances(model, [x])["out/kernel/value"].matrix
+    np.testing.assert_array_equal(first, again)            # no dropout drawn
+    np.testing.assert_array_equal(np.asarray(model.bn.mean[...]), before)
+    assert model.bn.use_running_average is False and model.drop.deterministic is False
+
+    class Remat(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(3, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.remat(lambda m, x: m(x))(self.fc, x)
+
+    with pytest.warns(UserWarning, match="ran outside the model's own modules"):
+        assert calibration.nnx_input_covariances(Remat(nnx.Rngs(0)), [np.ones((2, 3))]) == {}
