@@ -438,7 +438,8 @@ class _LeafCoder:
                 importance = self.prior.importance(name, array.shape)
         try:
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards,
-                                  self.stack_axis(name), layer_steps=self.by_layer(name))
+                                  self.stack_axis(name), layer_steps=self.by_layer(name),
+                                  row_steps=self.coding.get("clip", "common") == "common")
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if shards:
@@ -998,8 +999,8 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     (the default) it shares the default's bytes the same way: each steered
     leaf's step scales as ``(data-free weight / sensitivity)^½``, and every
     leaf's by one factor that keeps the size-weighted mean log step, so the
-    file stays about the default's size (a sensitivity of 0 drops the leaf
-    to zeros). A leaf without one keeps its data-free weight (its relative
+    file stays about the default's size (a sensitivity of 0 leaves only
+    each row's mean, which the maps keep). A leaf without one keeps its data-free weight (its relative
     error times size^``LEAF_SIZE_POWER``), against which a partial mapping's
     numbers count, as under a byte target; when every coded leaf has one,
     only their ratios matter. ``quant_step``, ``quality``, ``qtable`` and
@@ -1048,7 +1049,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     ``quant_step``/``quality``/``qtable`` and chosen per tensor by the other rate
     controls. ``clip`` selects the weight-to-sample mapping
     (:func:`jaxjpeg.mapping.row_affine`); other than "common" only with
-    ``quant_step``, ``quality``, ``qtable`` or ``error_bound``.
+    ``quant_step``, ``quality``, ``qtable`` or ``error_bound``, and then
+    each row's range is its own: stacked layers and importance arrays shape
+    column steps only.
 
     ``metadata``: a dict of your own (str keys; str, int, float, bool, None,
     lists and dicts as values; at most 1 MiB of JSON) stored in the header

@@ -260,7 +260,9 @@ class Checkpoint:
         meta = self.reader.metadata
         if meta.get("format") != CHECKPOINT_FORMAT:
             self.reader.close()
-            raise fmt.FormatError(f"{self.path}: not a jaxjpeg checkpoint")
+            found = meta.get("format")   # named, as docs/format.md says (found by review)
+            raise fmt.FormatError(f"{self.path}: not a jaxjpeg checkpoint (its container holds "
+                                  f"format {str(found)[:100]!r}, not {CHECKPOINT_FORMAT!r})")
         version = meta.get("version")
         if type(version) is not int or version not in READABLE_VERSIONS:   # true == 1
             self.reader.close()

@@ -128,6 +128,19 @@ def blob_alignment(version: int) -> int:
     return ALIGNMENT if version < 3 else SMALL_BLOB_ALIGNMENT
 
 
+def _check_keys(value, where: str) -> None:
+    """TypeError naming a dict key that is not a str, at any depth (found by
+    review: json turned 1 into "1", and mixed keys failed its sort)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; keys must be str")
+            _check_keys(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_keys(item, f"{where}[{i}]")
+
+
 def _canonical_json(obj: Any) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -345,6 +358,7 @@ class ContainerWriter:
         """Sets the user metadata (any JSON-able dict); it is copied now, written at close."""
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        _check_keys(metadata, "metadata")
         self._metadata = json.loads(_canonical_json(metadata))
 
     def add_blob(self, name: str, data) -> None:

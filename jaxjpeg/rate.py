@@ -109,7 +109,7 @@ VIEWS = ("auto", "framework")
 def prepare_leaf(x, importance=None, view: str = "auto",
                  input_covariance: feedback.InputCovariance | None = None,
                  shards=None, stack: int | None = None,
-                 layer_steps: bool = True) -> codec.Prepared:
+                 layer_steps: bool = True, row_steps: bool = True) -> codec.Prepared:
     """Chooses ``x``'s view, side list and per-row / per-column steps.
 
     ``view``: "auto" lets :func:`jaxjpeg.views.choose_view` pick the axes;
@@ -137,6 +137,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     where
     ``layer_steps`` and no ``importance`` each layer's rows get steps in
     proportion to the layer's RMS (:func:`jaxjpeg.stacks.slice_weights`).
+
+    ``row_steps=False``: no per-row steps (a ``clip`` other than "common"
+    sets each row's range from its own values: found by review, the row
+    weights of stacks and importance arrays failed its mapping mid-save).
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
@@ -182,6 +186,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _data_free_weights(m)
     else:
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
+    if not row_steps:
+        row_weight = None
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                          outliers=outliers, feedback=fb, row_spread=row_spread).with_shards(shards)
 

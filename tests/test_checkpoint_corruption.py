@@ -255,7 +255,8 @@ def _first_tile_one_interval(meta):  # index count agrees, tile needs more inter
 
 
 HOSTILE_META = {
-    "unknown format": (set_in(lambda m: m, "format", "other-format"), "not a jaxjpeg checkpoint"),
+    "unknown format": (set_in(lambda m: m, "format", "other-format"),
+                       "not a jaxjpeg checkpoint .*format 'other-format'"),
     "unknown version": (set_in(lambda m: m, "version", 99), "version 99"),
     "missing leaves": (drop_leaves, "leaves"),
     "leaves not a list": (leaves_not_list, "leaves"),

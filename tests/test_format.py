@@ -823,3 +823,14 @@ def test_a_forked_child_reads_in_parallel_after_the_parent_did(tmp_path):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's parallel read hung")
+
+
+@pytest.mark.parametrize("metadata", [{1: 2}, {"a": {1.5: 0}}, {1: "a", "1": "b"},
+                                      {"a": [{2: 3}]}])
+def test_metadata_keys_that_are_not_strings_are_refused(tmp_path, metadata):
+    """Found by review: json wrote {1: 2} as {"1": 2} (read back changed) and
+    mixed keys failed json's sort with an unrelated TypeError."""
+    with pytest.raises(TypeError, match="keys must be str"):
+        with fmt.ContainerWriter(tmp_path / "c", metadata=metadata):
+            pass
+    assert not os.listdir(tmp_path)

@@ -373,3 +373,19 @@ def test_each_layer_keeps_its_own_step_however_far_scales_spread(tmp_path, scale
         assert error < alone, (layer, error)
         if not options:   # the step each would get alone, not a finer one
             assert error > 0.06, (layer, error)
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_other_clips_code_stacks_and_importance_arrays(tmp_path, clip):
+    """Found by review: a stacked leaf, or a sensitivity array, with a clip
+    other than "common" failed mid-save ("row_weight needs clip='common'")."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((4, 128, 128)) * np.array([0.01, 0.1, 1, 10])[:, None, None])
+    tree = {"layers": {"kernel": w.astype(np.float32)}, "w": w[2].astype(np.float32)}
+    jaxjpeg.save(tmp_path / "s", tree, clip=clip, error_bound=0.05,
+                 sensitivity={"w": np.linspace(1, 2, 128)[:, None]})
+    got = jaxjpeg.restore(tmp_path / "s")
+    for layer in range(4):
+        want = tree["layers"]["kernel"][layer]
+        error = np.linalg.norm(got["layers"]["kernel"][layer] - want) / np.linalg.norm(want)
+        assert error < 0.07, (layer, error)
