@@ -212,7 +212,7 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     x32 = x.astype(np.float32, copy=False)
     if view == "auto":
         chosen = views.view_from_rms(stats.shape, [a.rms for a in stats.axes],
-                                     views.sharded_axes(shards))
+                                     views.sharded_axes(shards), views.narrow_axes(shards))
     else:
         chosen = views.MatrixView.default(x.ndim)
     rows = view_rows(stats, chosen)

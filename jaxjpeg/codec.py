@@ -47,8 +47,7 @@ MAX_TILE_SIDE = 65528              # largest multiple of 8 within JPEG's 65,535
 # 280-450 measured), and a leaf codes to about SPLIT_ESTIMATE_BITS per weight at
 # the default rate; extra tiles may cost SPLIT_COST_FRACTION of that.
 TILE_COST_BYTES = 450
-# Shards cut tiles no narrower than this (a 512 x 32 tile's header: ~5% of it).
-MIN_CUT_PIECE = 32
+MIN_CUT_PIECE = views.MIN_CUT_PIECE
 SPLIT_ESTIMATE_BITS = 4
 SPLIT_COST_FRACTION = 0.01
 

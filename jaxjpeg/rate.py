@@ -158,11 +158,11 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     x32 = x.astype(np.float32, copy=False)
     finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
-    lead = views.sharded_axes(shards)
+    lead, narrow = views.sharded_axes(shards), views.narrow_axes(shards)
     if stack is not None:
-        view = views.stacked_view(probe, stack, lead)
+        view = views.stacked_view(probe, stack, lead, narrow)
     elif view == "auto":
-        view = views.choose_view(probe, lead)
+        view = views.choose_view(probe, lead, narrow)
     else:
         view = views.MatrixView.default(x.ndim)
     fb = None

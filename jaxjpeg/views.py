@@ -155,6 +155,18 @@ def sharded_axes(regions) -> tuple[int, ...]:
     return tuple(a for a in range(len(regions[0])) if len({r[a] for r in regions}) > 1)
 
 
+# Shards cut tiles no narrower than this (a 512 x 32 tile's header: ~5% of it).
+MIN_CUT_PIECE = 32
+
+
+def narrow_axes(regions) -> tuple[int, ...]:
+    """The sharded axes whose shards are narrower than MIN_CUT_PIECE (a
+    tensor-parallel (heads, head_dim, features) kernel split on its 16 heads):
+    as the view's rows, no tile edges could follow their shards."""
+    return tuple(a for a in sharded_axes(regions)
+                 if min(len(range(*r[a])) for r in regions) < MIN_CUT_PIECE)
+
+
 def _side_range(shape, ranges, axes) -> tuple[int, int]:
     """[first, last + 1) of a region's positions along one side of a view
     (C order over ``axes``): the positions grow with every index, so the
@@ -202,7 +214,8 @@ def excess_spread(rms: np.ndarray, slice_size: int) -> float:
     return excess if excess >= MIN_SPREAD else 0.0
 
 
-def choose_view(x: np.ndarray, lead: Sequence[int] = ()) -> MatrixView:
+def choose_view(x: np.ndarray, lead: Sequence[int] = (),
+                narrow: Sequence[int] = ()) -> MatrixView:
     """The view of ``x``: the channel axis with the widest scale spread to
     rows (the earliest channel axis when none spreads beyond sampling noise,
     :func:`excess_spread`), the other axes to columns, larger axes first
@@ -210,14 +223,17 @@ def choose_view(x: np.ndarray, lead: Sequence[int] = ()) -> MatrixView:
 
     ``lead``: axes the array is sharded along; they go first among the
     columns, so that their shards are contiguous ranges of columns (tiles
-    can then be cut along them, see :meth:`MatrixView.shard_cuts`)."""
+    can then be cut along them, see :meth:`MatrixView.shard_cuts`); of them,
+    ``narrow`` ones (:func:`narrow_axes`) are not the rows where no axis
+    spreads."""
     x = np.asarray(x)
     if x.ndim < 2:
         return MatrixView.default(x.ndim)
-    return view_from_rms(x.shape, axis_rms(x), lead)
+    return view_from_rms(x.shape, axis_rms(x), lead, narrow)
 
 
-def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = ()) -> MatrixView:
+def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = (),
+                 narrow: Sequence[int] = ()) -> MatrixView:
     """The view of a leaf stacking layers along axis ``stack``
     (:mod:`jaxjpeg.stacks`): the stack axis, then the rows of the view
     :func:`choose_view` gives one layer, to rows; that view's columns to
@@ -229,14 +245,15 @@ def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = ()) -> MatrixV
     rms = axis_rms(x)
     inner = [a for a in range(x.ndim) if a != stack]
     one = view_from_rms([x.shape[a] for a in inner], [rms[a] for a in inner],
-                        [inner.index(a) for a in lead if a != stack])
+                        [inner.index(a) for a in lead if a != stack],
+                        [inner.index(a) for a in narrow if a != stack])
     rows = [inner[a] for a in one.perm[:one.split]]
     rows = [*rows, stack] if set(rows) & set(lead) else [stack, *rows]
     return MatrixView((*rows, *(inner[a] for a in one.perm[one.split:])), one.split + 1)
 
 
 def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
-                  lead: Sequence[int] = ()) -> MatrixView:
+                  lead: Sequence[int] = (), narrow: Sequence[int] = ()) -> MatrixView:
     """:func:`choose_view`'s rule from each axis's slice RMS (:func:`axis_rms`)."""
     ndim = len(shape)
     if ndim < 2:
@@ -248,8 +265,11 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
     if all(excess_spread(rms[a], size // max(1, shape[a])) == 0 for a in channels):
         # No axis has scales worth a map (noise, or a constant tensor): the
         # earliest, which makes 2-D and (O, I, ...) leaves their own view, so
-        # restoring them needs no transpose.
-        row = min(channels)
+        # restoring them needs no transpose; not a sharded axis too narrow for
+        # its shards' tiles (found by review: a (16, 64, 1024) kernel sharded
+        # 8 ways on its heads had 2 rows a shard, no cuts: every device
+        # decoded the whole leaf), which then leads the columns.
+        row = min([a for a in channels if a not in narrow] or channels)
     else:  # ties go to the larger axis, then the earlier one
         row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), shape[a], -a))
     cols = [a for a in range(ndim) if a != row]

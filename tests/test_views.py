@@ -777,3 +777,22 @@ def test_transposed_views_restore_in_place_without_xla_transposes(tmp_path):
         np.testing.assert_array_equal(on_host[name], want[name])
         np.testing.assert_array_equal(np.asarray(jax.jit(jaxjpeg.decode)(loaded[name])),
                                       want[name])
+
+
+def test_a_leaf_sharded_on_a_short_axis_gets_tiles_of_its_shards(tmp_path):
+    """Found by review: a (heads, head_dim, features) kernel sharded 8 ways
+    on its 16 heads took the heads as the view's rows (no axis spreads): 2
+    rows a shard, no tile edges could follow them, and every device decoded
+    the whole leaf. The heads now lead the columns."""
+    from jaxjpeg import checkpoint, checkpoint_restore as cr
+    from jaxjpeg.checkpoint_reader import Checkpoint
+
+    x = np.random.default_rng(0).standard_normal((16, 64, 1024)).astype(np.float32)
+    regions = tuple(((2 * i, 2 * i + 2, 1), (0, 64, 1), (0, 1024, 1)) for i in range(8))
+    checkpoint.save_leaves(str(tmp_path / "h.jjpg"),
+                           [checkpoint.SourceLeaf.of([["key", "w"]], x, regions)])
+    with Checkpoint(str(tmp_path / "h.jjpg")) as ckpt:
+        leaf = ckpt.leaves[0]
+    assert leaf.view.perm[0] != 0
+    for ranges in regions:
+        assert len(cr.region_tiles(leaf, ranges)) <= len(leaf.tiles) // 8
