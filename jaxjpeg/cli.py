@@ -607,6 +607,8 @@ def _destination(text: str) -> str:
     """Where compress writes: a local path or a URL of a store that outlives
     the command (found by review: memory:// said it wrote, then the store
     went with the process)."""
+    if text.endswith(("/", os.sep)):   # abspath dropped it: a file "dir" was written (review)
+        raise argparse.ArgumentTypeError(f"{text!r} names a directory; DST is the file to write")
     path = _path(text)
     if path.startswith("memory://") and _AS_COMMAND:   # main() called in a process stays
         raise argparse.ArgumentTypeError(f"{text!r}: memory:// lives only as long as this "

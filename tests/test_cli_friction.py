@@ -213,3 +213,12 @@ def test_unhelpful_cli_messages_found_by_review(tmp_path, capsys):
     jaxjpeg.save(item / "checkpoint.jjpg", {"w": np.ones((64, 64), np.float32)})
     assert main(["inspect", str(item)]) == EXIT_USAGE
     assert "an Orbax item: give" in capsys.readouterr().err
+
+
+def test_compress_to_a_path_ending_in_a_slash_is_refused(tmp_path, capsys):
+    """Found by review: "DST/" was made absolute without its slash and a
+    file named DST written."""
+    np.savez(tmp_path / "s.npz", w=np.ones((64, 64), np.float32))
+    code, _, err = run(capsys, "compress", tmp_path / "s.npz", f"{tmp_path}/out/")
+    assert code == EXIT_USAGE and "names a directory" in err
+    assert not (tmp_path / "out").exists()
