@@ -311,12 +311,14 @@ def _nnx_run(model, batches, call_kwargs):
         unseen = []   # layers a transform re-created (nnx.scan, nnx.remat, nnx.jit)
 
         def recording(call):
-            def wrapped(self, x, *args, **kwargs):
+            def wrapped(self, *args, **kwargs):
+                # the input by keyword too (found by review: self.out(inputs=x) failed)
+                x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
                 if id(self) in paths:
                     record(self, paths[id(self)], x)
                 elif not isinstance(self, kinds.BatchNorm):
                     unseen.append(type(self).__name__)
-                return call(self, x, *args, **kwargs)
+                return call(self, *args, **kwargs)
             return wrapped
 
         # In inference mode, as a restored model runs, and left as it was

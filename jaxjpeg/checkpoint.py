@@ -31,7 +31,7 @@ from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                         parse_dtype, quantizable)
-from jaxjpeg.treepaths import leaves_with_paths, path_string
+from jaxjpeg.treepaths import glob_escape, leaves_with_paths, path_string
 
 
 # Default rate: uniform quantization of DCT coefficients with a step of this
@@ -88,7 +88,7 @@ class Policy:
             return False
         if self.names_lossless(path):
             return False
-        if path_matches(path, self.compress):
+        if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
             return True
         axis = self.stack_axis(path)
         stacked = axis is not None and leaf.ndim > axis
@@ -100,14 +100,19 @@ class Policy:
         """A ``lossless`` pattern matches: stored exactly under every rate
         control (byte targets store the other small leaves as float16 or
         quantized) and left as it is by bias correction."""
-        return path_matches(path, self.lossless)
+        return any(fnmatch.fnmatchcase(path, p) for p in self.lossless)
 
+    def for_leaves(self, names) -> "Policy":
+        """This policy with each ``compress`` and ``lossless`` pattern that
+        spells a leaf's name taking that leaf alone, as ``restore``'s paths
+        do (treepaths.matching; found by review: "layers[0]/kernel" named no
+        leaf of that name, [...] being a glob class)."""
+        names = set(names)
 
-def path_matches(path: str, patterns) -> bool:
-    """Whether one of ``patterns`` is ``path`` itself or matches it as a glob
-    (found by review: "layers[0]/kernel" and "head[*]" named no leaf of
-    those names, [...] being a glob class)."""
-    return path in patterns or any(fnmatch.fnmatchcase(path, p) for p in patterns)
+        def exact(patterns):
+            return tuple(glob_escape(p) if p in names else p for p in patterns)
+        return dataclasses.replace(self, compress=exact(self.compress),
+                                   lossless=exact(self.lossless))
 
 
 def _stack_pairs(stacked) -> list[tuple[str, int]]:
@@ -1356,7 +1361,7 @@ class _Save:
         if self.policy.stacked is None:
             self.policy = dataclasses.replace(
                 self.policy, stacked=stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves}))
-        self.policy = _checked_stacks(self.policy, leaves)
+        self.policy = _checked_stacks(self.policy, leaves).for_leaves(leaf.name for leaf in leaves)
         self.leaves = leaves
         for leaf in leaves:
             _check_storable(leaf.name, leaf)
@@ -1528,7 +1533,7 @@ class _Save:
             note = ("stored raw: float64 leaves are coded only where Policy(compress=...) "
                     "names them")
         elif (not coded and signed is None and str(array.dtype) not in JPEG_DTYPES
-              and path_matches(name, self.policy.compress)):
+              and any(fnmatch.fnmatchcase(name, p) for p in self.policy.compress)):
             note = (f"stored raw: {array.dtype} leaves are not coded (Policy(compress=...) "
                     f"names it; JPEG codes {', '.join(JPEG_DTYPES)})")
         if coded and enc is None:

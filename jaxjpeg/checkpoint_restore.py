@@ -171,13 +171,21 @@ def with_device_memory(requests: list[LeafRequest], device) -> list[LeafRequest]
             for r in requests]
 
 
+def _fits(sharding, shape) -> bool:
+    """Whether ``sharding`` can lay out an array of ``shape`` (a one-device
+    P("x") given as device= cannot hold a scalar: found by review, its
+    leaves of lower rank then failed in jax; they take the device)."""
+    spec = getattr(sharding, "spec", None)
+    return spec is None or len(spec) <= len(shape)
+
+
 def in_memory_kind(value, request: LeafRequest, device):
     """``value`` (placed on the request's device or sharding) moved to the
     memory its target asked for (found by review: host memory kinds were
     dropped, or failed deep in jax for JPEG leaves sharded over devices),
     with the one-device sharding it gave (found by review: a NamedSharding
     over a mesh of one came back a SingleDeviceSharding)."""
-    if request.as_given is not None:
+    if request.as_given is not None and _fits(request.as_given, value.shape):
         return jax.device_put(value, request.as_given)
     if request.memory_kind is None:
         return value

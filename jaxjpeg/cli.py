@@ -163,15 +163,16 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
     target = storage.local_path(storage.as_location(dst))
     if target is None or not os.path.exists(target):
         return
-    for location in read:
+    replaced = os.path.realpath(target)   # the file the save's rename replaces: a
+    for location in read:                  # hard link to the source is not it (review)
         local = storage.local_path(storage.as_location(location))
-        if local is not None and os.path.isfile(local) and os.path.samefile(local, target):
+        if local is not None and os.path.isfile(local) and os.path.realpath(local) == replaced:
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")
 
 
 def cmd_compress(args) -> int:
-    from jaxjpeg import checkpoint, codec, layout, storage
+    from jaxjpeg import checkpoint, codec, layout, storage, treepaths
     if args.quant_step is not None:   # its range depends on --bits: before any input is read
         try:
             codec.quant_table(bits=args.bits or 8, quant_step=args.quant_step)
@@ -193,14 +194,15 @@ def cmd_compress(args) -> int:
         _refuse_replacing_the_source(args.dst, [args.src, *read])
         policy = checkpoint.Policy(min_size=args.min_size, lossless=tuple(args.lossless or ()))
         for pattern in args.lossless or ():   # found by review: a typo kept nothing, silently
-            if not any(checkpoint.path_matches(leaf.name, (pattern,)) for leaf in source.leaves):
+            if not treepaths.matching(pattern, (leaf.name for leaf in source.leaves)):
                 warnings.warn(f"--lossless {pattern!r} matches no leaf")
         rate = {name: getattr(args, name) for name in RATE_OPTIONS
                 if getattr(args, name) is not None}
         metadata = source.metadata
         try:
             layout.checked_user_metadata(metadata)
-        except layout.Unstorable as e:   # found by review: the whole source refused as damaged
+        except (layout.Unstorable, ValueError, TypeError) as e:   # found by review: the whole
+            # source refused as damaged (over 1 MiB), a traceback (a lone surrogate)
             warnings.warn(f"{args.src}: its metadata is not kept: {_first_line(e)}")
             metadata = None
         try:
@@ -341,10 +343,6 @@ def _print_table(header: list[str], rows: list[list[str]], right: set[int]) -> N
         print(fmt(row))
 
 
-def _glob_escape(path: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", path)
-
-
 def _source_errors(args, ckpt) -> list[str]:
     """Relative RMS error of every leaf vs the source, restored in bounded
     batches, each source tensor read when it is compared (found by review:
@@ -357,6 +355,7 @@ def _source_errors(args, ckpt) -> list[str]:
 def _errors_against(ckpt, source: dict) -> list[str]:
     import jax
     import jaxjpeg
+    from jaxjpeg import treepaths
     from jaxjpeg.export import decode_on_host
     device = jax.devices("cpu")[0]
     out = ["missing"] * len(ckpt.leaves)
@@ -380,7 +379,7 @@ def _errors_against(ckpt, source: dict) -> list[str]:
     bar = progress(total=sum(len(b) for b in batches), desc="decode", unit="leaf")
     try:
         for batch in batches:
-            patterns = [_glob_escape(ckpt.leaves[i].path) for i in batch]
+            patterns = [treepaths.glob_escape(ckpt.leaves[i].path) for i in batch]
             restored = dict(_flatten(jaxjpeg.restore(ckpt.path, paths=patterns, device=device)))
             for i in batch:
                 path = ckpt.leaves[i].path
@@ -610,7 +609,7 @@ def _destination(text: str) -> str:
     if text.endswith(("/", os.sep)):   # abspath dropped it: a file "dir" was written (review)
         raise argparse.ArgumentTypeError(f"{text!r} names a directory; DST is the file to write")
     path = _path(text)
-    if path.startswith("memory://") and _AS_COMMAND:   # main() called in a process stays
+    if "memory://" in path and _AS_COMMAND:   # simplecache::memory:// too (review)   # main() called in a process stays
         raise argparse.ArgumentTypeError(f"{text!r}: memory:// lives only as long as this "
                                          "command; write a file or a lasting store")
     return path

@@ -432,8 +432,12 @@ class ContainerWriter:
             # One object each: fs.mv and fs.rm expand glob characters and copy
             # into a "directory" (found by review: "run*1.jjpg" saved nothing
             # readable, reported 0 bytes and left the temporary object).
-            fs.cp_file(temp, inner)
-            fs.rm_file(temp)
+            try:
+                fs.cp_file(temp, inner)
+            except NotImplementedError:   # FTP, DBFS: no copy, a rename (no globs there)
+                fs.mv(temp, inner)
+            else:
+                fs.rm_file(temp)
         except BaseException as e:
             with contextlib.suppress(Exception):
                 fs.rm_file(temp)

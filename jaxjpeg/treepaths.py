@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Any, Sequence
 
 import jax
@@ -60,6 +61,11 @@ def _materialize(node):
         # A subset of a sequence (partial restore) keeps its indices as keys.
         return {k[1]: _materialize(node[k]) for k in keys}
     return {key: _materialize(value) for (_, key), value in node.items()}
+
+
+def glob_escape(name: str) -> str:
+    """A glob that matches ``name`` alone (``[``, ``*`` and ``?`` taken as themselves)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def matching(pattern: str, names) -> list[str]:

@@ -1052,6 +1052,23 @@ def test_a_one_device_named_sharding_given_as_device_comes_back(tmp_path):
         assert f.get_slice("w", device=sharding)[2:9].sharding == sharding
 
 
+def test_a_one_device_sharding_of_higher_rank_places_lower_rank_leaves(tmp_path):
+    """Found by review of the fix above: a NamedSharding P("x") given as
+    device= was put on every leaf, and a scalar (or an int index's slice)
+    failed in jax; such leaves take its device."""
+    x = np.ones((16, 16), np.float32)
+    jaxjpeg.save(tmp_path / "n.jjpg", {"w": x, "b": np.ones(16, np.float32),
+                                       "step": np.int32(3)})
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    for spec in (jax.sharding.PartitionSpec("x"), jax.sharding.PartitionSpec("x", None)):
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        got = jaxjpeg.restore(tmp_path / "n.jjpg", device=sharding)
+        assert got["w"].sharding == sharding and int(got["step"]) == 3
+        with jaxjpeg.open(tmp_path / "n.jjpg") as f:
+            assert int(f.get("step", device=sharding)) == 3
+            assert f.get_slice("w", device=sharding)[0, 0] == 1
+
+
 def test_a_numpy_number_in_a_target_stands_for_the_saved_leaf(tmp_path):
     """Found by review: np.float32(0) made an int32 step float32 and was
     refused for a matrix (numpy numbers have a shape and a dtype)."""

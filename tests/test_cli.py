@@ -638,3 +638,24 @@ def test_orbax_sources_of_zeros_and_step_prefixes(tmp_path, capsys):
     code, _, err = run(capsys, "compress", tmp_path / "root", tmp_path / "r.jjpg")
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "r.jjpg")["w"]), 2)
+
+
+def test_a_hard_link_to_the_source_may_be_replaced_and_odd_metadata_is_dropped(tmp_path, capsys):
+    """Found by review of the refusal above: a hard link to the source was
+    refused (the save's rename replaces the link, not the source); source
+    metadata holding a lone surrogate crashed compress with a traceback."""
+    import json
+    import struct
+    w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+    header = json.dumps({"__metadata__": {"note": "\ud800x"}, "w": {
+        "dtype": "F32", "shape": [128, 128], "data_offsets": [0, w.nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    src = tmp_path / "s.safetensors"
+    src.write_bytes(struct.pack("<Q", len(header)) + header + w.tobytes())
+    os.link(src, tmp_path / "hard.safetensors")
+    before = src.read_bytes()
+    code, _, err = run(capsys, "compress", src, tmp_path / "hard.safetensors", "--force")
+    assert code == 0 and "its metadata is not kept" in err, err
+    assert src.read_bytes() == before
+    with jaxjpeg.open(tmp_path / "hard.safetensors") as f:
+        assert f.metadata == {}

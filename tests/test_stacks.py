@@ -389,3 +389,15 @@ def test_other_clips_code_stacks_and_importance_arrays(tmp_path, clip):
         want = tree["layers"]["kernel"][layer]
         error = np.linalg.norm(got["layers"]["kernel"][layer] - want) / np.linalg.norm(want)
         assert error < 0.07, (layer, error)
+
+
+def test_an_exact_name_in_a_policy_takes_that_leaf_alone(tmp_path):
+    """Found by review: "layers[0]/kernel" named no leaf of that name (a glob
+    class), then, as name or glob, "layers0/kernel" as well; now as
+    restore's paths: the leaf it spells, else the leaves it matches."""
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    tree = {"layers[0]": {"kernel": w}, "layers0": {"kernel": w}}
+    report = jaxjpeg.save(tmp_path / "p", tree, policy=jaxjpeg.Policy(
+        lossless=("layers[0]/kernel",), min_size=0))
+    kinds = {leaf.path: leaf.kind for leaf in report.leaves}
+    assert kinds == {"layers[0]/kernel": "raw", "layers0/kernel": "jpeg"}, kinds

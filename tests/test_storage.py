@@ -94,6 +94,25 @@ def test_a_url_with_glob_characters_saves_that_one_object(memory_fs, name):
                                   tree["w"])
 
 
+def test_a_store_without_copies_saves_by_renaming(memory_fs, monkeypatch):
+    """Found by review of the one-object move: stores whose mv is a rename
+    and that have no cp_file (FTP, DBFS) failed to save."""
+    fs, root = memory_fs
+
+    def no_copy(*args, **kwargs):
+        raise NotImplementedError
+
+    def rename(self, path1, path2, **kwargs):   # as FTPFileSystem.mv: one object renamed
+        self.store[self._strip_protocol(path2)] = self.store.pop(self._strip_protocol(path1))
+    monkeypatch.setattr(type(fs), "cp_file", no_copy)
+    monkeypatch.setattr(type(fs), "mv", rename)
+    tree = {"w": np.arange(64, dtype=np.float32)}
+    jaxjpeg.save(f"memory://{root}/r.jjpg", tree)
+    assert fs.ls(root, detail=False) == [f"{root}/r.jjpg"]
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(f"memory://{root}/r.jjpg")["w"]),
+                                  tree["w"])
+
+
 def test_chained_urls_are_urls(memory_fs):
     """Found by review: fsspec's "simplecache::memory://..." was taken for a
     local path (no such file)."""
