@@ -631,7 +631,7 @@ def _is_jaxjpeg_item(path: str) -> bool:
     return storage.kind(storage.join(path, JAXJPEG_ITEM_FILE)) == "file"
 
 
-_STEP_NAME = re.compile(r"(?:.*_)?([0-9]+)")
+_STEP_NAME = re.compile(r"(?:(.*)_)?([0-9]+)")
 
 
 def _orbax_items(path: str) -> dict[str, str]:
@@ -647,7 +647,13 @@ def _orbax_items(path: str) -> dict[str, str]:
         return items
     # a CheckpointManager root: its latest step ("12", or "step_12" with a
     # step_prefix: found by review, such roots were not recognised)
-    steps = {d: int(m.group(1)) for d in subdirs if (m := _STEP_NAME.fullmatch(d))}
+    named = {d: (m.group(1) or "", m.group(2)) for d in subdirs
+             if (m := _STEP_NAME.fullmatch(d))}
+    prefixes = {prefix for prefix, _ in named.values()}
+    # plain numbers; else one prefix for all (not "backup_99999" beside "step_3")
+    if "" in prefixes or len(prefixes) > 1:
+        named = {d: g for d, g in named.items() if g[0] == ""}
+    steps = {d: int(number) for d, (_, number) in named.items()}
     if steps:
         latest = storage.join(path, max(steps, key=steps.get))
         items = _orbax_items(latest)
