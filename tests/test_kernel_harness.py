@@ -382,3 +382,43 @@ def test_placed_tensors_agree_on_corrupt_payloads(placed_kinds):
     assert any(np.isnan(o.astype(np.float32)).any() for o in host)
     for want, got in zip(host, harness):
         np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_a_tile_given_fewer_intervals_than_its_blocks_make_is_refused():
+    """Found by review: a plan giving a tile 4 of the 6 restart intervals its
+    blocks make decoded 4 and reported success, on the host, in the kernel
+    harness and through the custom call (whose output held stale memory
+    there). Each interval now checks its tile owns exactly its count."""
+    rng = np.random.default_rng(0)
+    q8 = _native.quality_table(75, 8)
+    a = np.frombuffer(_native.encode((rng.random((16, 24)) * 255).astype(np.float32), q8,
+                                     restart_interval=1), np.uint8)
+    b = np.frombuffer(_native.encode((rng.random((8, 8)) * 255).astype(np.float32), q8), np.uint8)
+    ia, ib = _native.inspect(a), _native.inspect(b)
+    assert ia["num_intervals"] == 6
+    for owned in (4, 6):   # too few, then the tile's own count
+        starts = np.concatenate([ia["interval_starts"][:owned],
+                                 ib["interval_starts"] + len(a)]).astype(np.int64)
+        tiles = np.array([[0, 8, 24, 16, 0, 0, 0, 24, 0, 0, 1, -1, -1],
+                          [1, 8, 8, 8, 1, 0, 0, 8, 16, owned, 0, -1, -1]], np.int64)
+        args = (np.concatenate([a, b]), starts, tiles, np.concatenate([ia["tables"], ib["tables"]]),
+                np.ones(24, np.float32), np.zeros(24, np.float32))
+        for run in (_native.run_plan, _native.run_plan_kernel_harness):
+            outs = [np.full((16, 24), np.nan, np.float32), np.full((8, 8), np.nan, np.float32)]
+            kwargs = {"threads": 1} if run is _native.run_plan else {}
+            if owned == 4:
+                with pytest.raises(_native.JpegError):
+                    run(*args, outs, [0, 0], **kwargs)
+            else:
+                run(*args, outs, [0, 0], **kwargs)
+                assert not np.isnan(outs[0]).any()
+
+
+def test_tile_squared_error_refuses_a_weights_view_beyond_a_tile():
+    """Found by review: the weights' shape was narrowed to int before any
+    check, so a (2^32 + 16, 24) view passed as the 16 x 24 tile."""
+    x = (np.random.default_rng(0).random((16, 24)) * 255).astype(np.float32)
+    jpg = np.frombuffer(_native.encode(x, _native.quality_table(50, 8)), np.uint8)
+    w = np.broadcast_to(np.zeros((1, 24), np.float32), (2**32 + 16, 24))
+    with pytest.raises(ValueError, match="larger than a JPEG tile"):
+        _native.tile_squared_error(jpg, w, np.ones(16, np.float32), np.zeros(16, np.float32))

@@ -691,6 +691,11 @@ double TileSquaredErrorOf(const py::buffer& data, const py::array& weights,
                           const std::optional<py::array>& kept) {
   const py::buffer_info b = ContiguousBytes(data);
   const StridedTile<float> w = StridedOf<float>(weights, "weights");
+  // Checked before narrowing (found by review: a (2^32 + 16, 24) view was
+  // taken for the 16 x 24 tile).
+  if (weights.shape(0) > kMaxDimension || weights.shape(1) > kMaxDimension) {
+    throw py::value_error("weights are larger than a JPEG tile can be");
+  }
   const int height = static_cast<int>(weights.shape(0)), width = static_cast<int>(weights.shape(1));
   if (row_scale.ndim() != 1 || row_offset.ndim() != 1 || row_scale.shape(0) != height ||
       row_offset.shape(0) != height) {

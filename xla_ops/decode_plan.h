@@ -317,7 +317,8 @@ JJ_HD inline bool PlacedIntervalFits(const DecodePlan& p, const IntervalWork& w,
 JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, IntervalWork* w,
                                         int64_t tile_hint = -1) {
   if (p.num_tiles < 1) return false;
-  const int64_t* tile = p.tiles + FindTileFrom(p, i, tile_hint) * kTileColumns;
+  const int64_t t = FindTileFrom(p, i, tile_hint);
+  const int64_t* tile = p.tiles + t * kTileColumns;
   w->tile = tile;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];
   if (width < 1 || height < 1 || width > kMaxDimension || height > kMaxDimension) return false;
@@ -332,7 +333,13 @@ JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, Interval
   const int64_t restart = tile[kTileRestartInterval];
   const int32_t per = restart > 0 && restart < blocks ? static_cast<int32_t>(restart) : blocks;
   const int64_t k = i - tile[kTileFirstInterval];
-  if (k < 0 || k >= (blocks + per - 1) / per) return false;
+  const int32_t intervals = (blocks + per - 1) / per;
+  if (k < 0 || k >= intervals) return false;
+  // The tile owns exactly the intervals its blocks make: with fewer, blocks
+  // past them were never decoded and the plan still succeeded (found by
+  // review: uninitialised output through the custom call).
+  const int64_t next = t + 1 < p.num_tiles ? TileFirstInterval(p, t + 1) : p.num_intervals;
+  if (next - tile[kTileFirstInterval] != intervals) return false;
   w->first_block = static_cast<int32_t>(k) * per;
   w->num_blocks = blocks - w->first_block < per ? blocks - w->first_block : per;
   // Comparisons by subtraction: the operands are hostile and a sum could
