@@ -403,17 +403,27 @@ def _feedback_fits(shape: tuple, out_axis: int) -> bool:
     return math.prod(shape) // max(shape[out_axis], 1) <= MAX_FEEDBACK_FEATURES
 
 
+# Module names that say a transposed convolution (Flax linen's own
+# "ConvTranspose_0"; "deconv" / "conv_transpose" as people name them): its
+# kernel (kh, kw, I, O) in Flax looks like a convolution's (found by review:
+# a stride-2 one's shift corrected 4x too much, the output means worse).
+_TRANSPOSED_NAME = re.compile(r"conv_?transpose|transpose_?conv|deconv", re.IGNORECASE)
+
+
 def _transposed_kernels(ordered, in_order: bool) -> frozenset:
-    """PyTorch-layout kernels of ``ordered`` that are transposed
-    convolutions', ``(I, O, *window)``: the vector that counts a kernel's
-    outputs (its bias, by name; else, in a tree listed in build order, the
-    first vector after it: its bias or the BatchNorm its output feeds)
-    counts ``shape[1]`` channels, not ``shape[0]``. A square kernel (I = O)
-    cannot tell, and reads as a convolution's."""
+    """Kernels of ``ordered`` that are transposed convolutions': named so
+    (_TRANSPOSED_NAME), or PyTorch-layout ``(I, O, *window)`` ones whose
+    outputs' vector (its bias, by name; else, in a tree listed in build
+    order, the first vector after it: its bias or the BatchNorm its output
+    feeds) counts ``shape[1]`` channels, not ``shape[0]``. A square kernel
+    (I = O) of another name cannot tell, and reads as a convolution's."""
     arrays = dict(ordered)
     out = set()
     for k, (name, array) in enumerate(ordered):
         shape = np.shape(array)
+        if len(shape) >= 3 and _TRANSPOSED_NAME.search(name):
+            out.add(name)
+            continue
         if len(shape) < 3 or shape[0] == shape[1] or kernel_axes(name, shape) != (1, 0):
             continue
         bias = arrays.get(_join(_split(name)[0], "bias"))

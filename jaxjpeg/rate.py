@@ -1870,7 +1870,11 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
     the last axis: found by review, a flat [rows] array went onto the
     columns of a square leaf). The squared gradient approximates the
     diagonal Fisher information, so ``sensitivity * squared error`` estimates
-    the loss increase.
+    the loss increase, for small errors: at 8x and beyond, review measured a
+    well-fitted digits MLP's KL 2.5x (per element) and 1.1x (per leaf) the
+    data-free save's, and EfficientNet-lite's per-leaf Fisher allocates
+    worse than the data-free weighting (docs/real_models.md, session 21):
+    check it on held-out data.
     """
     import jax
     import jax.numpy as jnp

@@ -886,3 +886,25 @@ def test_containers_sorted_by_a_tree_operation_pair_as_built():
     assert sorted(want.moments) == sorted(got.moments) and len(want.moments) >= 4
     for name, moments in want.moments.items():
         np.testing.assert_array_equal(got.moments[name].mean, moments.mean, err_msg=name)
+
+
+def test_a_flax_transposed_convolution_takes_no_shift_correction():
+    """Found by review: a Flax ConvTranspose kernel (kh, kw, I, O) reads as a
+    convolution's, and a stride-2 one's shift was corrected as if every tap
+    reached every output pixel (4.27x the true shift: the output means
+    came back worse than uncorrected). Its module name tells it apart."""
+    rng = np.random.default_rng(0)
+
+    def bn(c):
+        return ({"scale": np.ones(c, np.float32), "bias": rng.normal(0.5, 0.3, c).astype(np.float32)},
+                {"mean": rng.normal(0, 1, c).astype(np.float32), "var": np.ones(c, np.float32)})
+    (p0, s0), (p1, s1) = bn(64), bn(64)
+    for transposed in ("ConvTranspose_0", "Conv_1"):
+        tree = {"params": {"Conv_0": {"kernel": rng.normal(0, 0.1, (3, 3, 16, 64)).astype(np.float32)},
+                           "BatchNorm_0": p0,
+                           transposed: {"kernel": rng.normal(0, 0.1, (4, 4, 64, 64)).astype(np.float32)},
+                           "BatchNorm_1": p1},
+                "batch_stats": {"BatchNorm_0": s0, "BatchNorm_1": s1}}
+        prior = priors.batchnorm_prior(tree)
+        corrected = f"params/{transposed}/kernel" in prior.output_means
+        assert corrected == (transposed == "Conv_1"), (transposed, prior.output_means)
