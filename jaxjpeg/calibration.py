@@ -323,11 +323,19 @@ def _nnx_run(model, batches, call_kwargs):
 
         # In inference mode, as a restored model runs, and left as it was
         # (found by review: a model in training mode, nnx's default, had its
-        # running statistics moved and dropout applied while recording).
-        modes = [(m, a, getattr(m, a)) for _, m in modules
-                 for a in ("deterministic", "use_running_average") if hasattr(m, a)]
+        # running statistics moved and dropout applied while recording),
+        # where a module's flags can be set (a property may not be).
+        modes = []
         try:
-            model.eval()
+            for _, m in modules:
+                for attribute in ("deterministic", "use_running_average"):
+                    if hasattr(m, attribute):
+                        was = getattr(m, attribute)
+                        try:
+                            setattr(m, attribute, True)
+                        except (AttributeError, TypeError):
+                            continue
+                        modes.append((m, attribute, was))
             for cls, call in originals.items():
                 cls.__call__ = recording(call)
             for batch in batches:

@@ -88,7 +88,7 @@ class Policy:
             return False
         if self.names_lossless(path):
             return False
-        if any(fnmatch.fnmatchcase(path, p) for p in self.compress):
+        if path_matches(path, self.compress):
             return True
         axis = self.stack_axis(path)
         stacked = axis is not None and leaf.ndim > axis
@@ -100,19 +100,27 @@ class Policy:
         """A ``lossless`` pattern matches: stored exactly under every rate
         control (byte targets store the other small leaves as float16 or
         quantized) and left as it is by bias correction."""
-        return any(fnmatch.fnmatchcase(path, p) for p in self.lossless)
+        return path_matches(path, self.lossless)
 
     def for_leaves(self, names) -> "Policy":
         """This policy with each ``compress`` and ``lossless`` pattern that
         spells a leaf's name taking that leaf alone, as ``restore``'s paths
-        do (treepaths.matching; found by review: "layers[0]/kernel" named no
-        leaf of that name, [...] being a glob class)."""
+        do (treepaths.matching; found by review: "layers[0]/kernel" named
+        "layers0/kernel" too)."""
         names = set(names)
 
         def exact(patterns):
             return tuple(glob_escape(p) if p in names else p for p in patterns)
         return dataclasses.replace(self, compress=exact(self.compress),
                                    lossless=exact(self.lossless))
+
+
+def path_matches(path: str, patterns) -> bool:
+    """Whether one of ``patterns`` is ``path`` itself or matches it as a glob
+    (found by review: "layers[0]/kernel" named no leaf of that name, [...]
+    being a glob class; Policy.for_leaves keeps such a name from matching
+    others in a save)."""
+    return path in patterns or any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
 def _stack_pairs(stacked) -> list[tuple[str, int]]:
@@ -1533,7 +1541,7 @@ class _Save:
             note = ("stored raw: float64 leaves are coded only where Policy(compress=...) "
                     "names them")
         elif (not coded and signed is None and str(array.dtype) not in JPEG_DTYPES
-              and any(fnmatch.fnmatchcase(name, p) for p in self.policy.compress)):
+              and path_matches(name, self.policy.compress)):
             note = (f"stored raw: {array.dtype} leaves are not coded (Policy(compress=...) "
                     f"names it; JPEG codes {', '.join(JPEG_DTYPES)})")
         if coded and enc is None:

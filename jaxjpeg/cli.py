@@ -163,12 +163,21 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
     target = storage.local_path(storage.as_location(dst))
     if target is None or not os.path.exists(target):
         return
-    replaced = os.path.realpath(target)   # the file the save's rename replaces: a
-    for location in read:                  # hard link to the source is not it (review)
+    for location in read:
         local = storage.local_path(storage.as_location(location))
-        if local is not None and os.path.isfile(local) and os.path.realpath(local) == replaced:
+        if local is not None and os.path.isfile(local) and _same_entry(local, target):
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")
+
+
+def _same_entry(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one directory entry (symlinks
+    followed; a bind mount or another path to the same directory too): the
+    entry a save to ``b`` replaces. A hard link elsewhere is another entry
+    (found by review: refused, though the source survives its replacing)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return (os.path.basename(a) == os.path.basename(b)
+            and os.path.samefile(os.path.dirname(a), os.path.dirname(b)))
 
 
 def cmd_compress(args) -> int:

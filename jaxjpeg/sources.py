@@ -646,19 +646,20 @@ def _orbax_items(path: str) -> dict[str, str]:
     if items:
         return items
     # a CheckpointManager root: its latest step ("12", or "step_12" with a
-    # step_prefix: found by review, such roots were not recognised)
-    named = {d: (m.group(1) or "", m.group(2)) for d in subdirs
-             if (m := _STEP_NAME.fullmatch(d))}
-    prefixes = {prefix for prefix, _ in named.values()}
-    # plain numbers; else one prefix for all (not "backup_99999" beside "step_3")
-    if "" in prefixes or len(prefixes) > 1:
-        named = {d: g for d, g in named.items() if g[0] == ""}
-    steps = {d: int(number) for d, (_, number) in named.items()}
-    if steps:
+    # step_prefix: found by review, such roots were not recognised), of the
+    # first naming (plain numbers first, then by how many steps) whose
+    # latest holds items (not an "eval_1" or "backup_99999" folder beside)
+    groups: dict[str, dict[str, int]] = {}
+    for d in subdirs:
+        if m := _STEP_NAME.fullmatch(d):
+            groups.setdefault(m.group(1) or "", {})[d] = int(m.group(2))
+    for prefix in sorted(groups, key=lambda p: (p != "", -len(groups[p]), p)):
+        steps = groups[prefix]
         latest = storage.join(path, max(steps, key=steps.get))
-        items = _orbax_items(latest)
-        if items:
-            return items
+        if _is_orbax_item(latest) or any(
+                _is_orbax_item(storage.join(latest, d)) or _is_jaxjpeg_item(storage.join(latest, d))
+                for d in storage.listdir(latest) if storage.is_dir(storage.join(latest, d))):
+            return _orbax_items(latest)
     raise SourceError(f"{path}: not an Orbax checkpoint directory (no _METADATA found in it, "
                       f"its items or its steps), nor a folder of safetensors files")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -159,12 +159,13 @@ def sharded_axes(regions) -> tuple[int, ...]:
 MIN_CUT_PIECE = 32
 
 
-def narrow_axes(regions) -> tuple[int, ...]:
-    """The sharded axes whose shards are narrower than MIN_CUT_PIECE (a
-    tensor-parallel (heads, head_dim, features) kernel split on its 16 heads):
-    as the view's rows, no tile edges could follow their shards."""
-    return tuple(a for a in sharded_axes(regions)
-                 if min(len(range(*r[a])) for r in regions) < MIN_CUT_PIECE)
+def narrow_axes(regions) -> dict[int, int]:
+    """{axis: its narrowest shard} of the sharded axes whose shards are
+    narrower than MIN_CUT_PIECE (a tensor-parallel (heads, head_dim,
+    features) kernel split on its 16 heads): as the view's rows, no tile
+    edges could follow their shards."""
+    pieces = {a: min(len(range(*r[a])) for r in regions) for a in sharded_axes(regions)}
+    return {a: piece for a, piece in pieces.items() if piece < MIN_CUT_PIECE}
 
 
 def _side_range(shape, ranges, axes) -> tuple[int, int]:
@@ -215,7 +216,7 @@ def excess_spread(rms: np.ndarray, slice_size: int) -> float:
 
 
 def choose_view(x: np.ndarray, lead: Sequence[int] = (),
-                narrow: Sequence[int] = ()) -> MatrixView:
+                narrow: Mapping[int, int] | None = None) -> MatrixView:
     """The view of ``x``: the channel axis with the widest scale spread to
     rows (the earliest channel axis when none spreads beyond sampling noise,
     :func:`excess_spread`), the other axes to columns, larger axes first
@@ -233,7 +234,7 @@ def choose_view(x: np.ndarray, lead: Sequence[int] = (),
 
 
 def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = (),
-                 narrow: Sequence[int] = ()) -> MatrixView:
+                 narrow: Mapping[int, int] | None = None) -> MatrixView:
     """The view of a leaf stacking layers along axis ``stack``
     (:mod:`jaxjpeg.stacks`): the stack axis, then the rows of the view
     :func:`choose_view` gives one layer, to rows; that view's columns to
@@ -246,14 +247,15 @@ def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = (),
     inner = [a for a in range(x.ndim) if a != stack]
     one = view_from_rms([x.shape[a] for a in inner], [rms[a] for a in inner],
                         [inner.index(a) for a in lead if a != stack],
-                        [inner.index(a) for a in narrow if a != stack])
+                        {inner.index(a): piece for a, piece in (narrow or {}).items()
+                         if a != stack})
     rows = [inner[a] for a in one.perm[:one.split]]
     rows = [*rows, stack] if set(rows) & set(lead) else [stack, *rows]
     return MatrixView((*rows, *(inner[a] for a in one.perm[one.split:])), one.split + 1)
 
 
 def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
-                  lead: Sequence[int] = (), narrow: Sequence[int] = ()) -> MatrixView:
+                  lead: Sequence[int] = (), narrow: Mapping[int, int] | None = None) -> MatrixView:
     """:func:`choose_view`'s rule from each axis's slice RMS (:func:`axis_rms`)."""
     ndim = len(shape)
     if ndim < 2:
@@ -265,11 +267,8 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
     if all(excess_spread(rms[a], size // max(1, shape[a])) == 0 for a in channels):
         # No axis has scales worth a map (noise, or a constant tensor): the
         # earliest, which makes 2-D and (O, I, ...) leaves their own view, so
-        # restoring them needs no transpose; not a sharded axis too narrow for
-        # its shards' tiles (found by review: a (16, 64, 1024) kernel sharded
-        # 8 ways on its heads had 2 rows a shard, no cuts: every device
-        # decoded the whole leaf), which then leads the columns.
-        row = min([a for a in channels if a not in narrow] or channels)
+        # restoring them needs no transpose (see _default_row).
+        row = _default_row(shape, channels, narrow or {})
     else:  # ties go to the larger axis, then the earlier one
         row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), shape[a], -a))
     cols = [a for a in range(ndim) if a != row]
@@ -282,6 +281,22 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
     cols.sort(key=lambda a: (a not in lead, not (short_first and shape[a] < MIN_CHANNEL),
                              -shape[a], a))
     return MatrixView((row, *cols), 1)
+
+
+def _default_row(shape, channels: list, narrow: Mapping[int, int]) -> int:
+    """The earliest channel axis, unless it is a sharded axis too narrow for
+    its shards' tiles (:func:`narrow_axes`) that, leading the columns of the
+    next channel axis's view, would give cuts MIN_CUT_PIECE wide (found by
+    review: a (16, 64, 1024) kernel sharded 8 ways on its heads had 2 rows
+    a shard and no cuts, every device decoding the whole leaf; and a (64,
+    8192) one on 16-row shards gains nothing by moving)."""
+    row = min(channels)
+    others = [a for a in channels if a != row]
+    if row not in narrow or not others:
+        return row
+    alternative = min(others)
+    width = narrow[row] * math.prod(n for a, n in enumerate(shape) if a not in (row, alternative))
+    return alternative if width >= MIN_CUT_PIECE else row
 
 
 @dataclasses.dataclass(frozen=True)

@@ -635,6 +635,7 @@ def test_orbax_sources_of_zeros_and_step_prefixes(tmp_path, capsys):
             m.save(step, args=ocp.args.StandardSave({"w": np.full((8, 8), step, np.float32)}))
         m.wait_until_finished()
     assert sorted(os.listdir(tmp_path / "root")) == ["step_1", "step_2"]
+    (tmp_path / "root" / "eval_7").mkdir()   # a folder beside the steps (review: refused)
     code, _, err = run(capsys, "compress", tmp_path / "root", tmp_path / "r.jjpg")
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "r.jjpg")["w"]), 2)
@@ -652,6 +653,9 @@ def test_a_hard_link_to_the_source_may_be_replaced_and_odd_metadata_is_dropped(t
     header += b" " * (-len(header) % 8)
     src = tmp_path / "s.safetensors"
     src.write_bytes(struct.pack("<Q", len(header)) + header + w.tobytes())
+    os.symlink(tmp_path, tmp_path / "again")   # another path to the source's directory
+    code, _, err = run(capsys, "compress", src, tmp_path / "again" / "s.safetensors", "--force")
+    assert code == cli.EXIT_USAGE and "source's file" in err, err
     os.link(src, tmp_path / "hard.safetensors")
     before = src.read_bytes()
     code, _, err = run(capsys, "compress", src, tmp_path / "hard.safetensors", "--force")

@@ -401,3 +401,8 @@ def test_an_exact_name_in_a_policy_takes_that_leaf_alone(tmp_path):
         lossless=("layers[0]/kernel",), min_size=0))
     kinds = {leaf.path: leaf.kind for leaf in report.leaves}
     assert kinds == {"layers[0]/kernel": "raw", "layers0/kernel": "jpeg"}, kinds
+    # the Policy's own methods answer for the exact name too (review)
+    policy = jaxjpeg.Policy(lossless=("layers[0]/kernel",), compress=("head[*]",))
+    assert policy.names_lossless("layers[0]/kernel")
+    assert not policy.should_compress("layers[0]/kernel", w)
+    assert policy.should_compress("head[*]", w[:2, :2])

@@ -249,6 +249,23 @@ def test_nnx_calibration_runs_in_inference_mode_and_leaves_the_model_as_it_was()
     np.testing.assert_array_equal(np.asarray(model.bn.mean[...]), before)
     assert model.bn.use_running_average is False and model.drop.deterministic is False
 
+    class Flagged(nnx.Module):   # a read-only flag and an eval() of its own (review)
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(3, 4, rngs=rngs)
+
+        @property
+        def deterministic(self):
+            return True
+
+        def eval(self, x):
+            return self(x)
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    assert list(calibration.nnx_input_covariances(Flagged(nnx.Rngs(0)), [np.ones((2, 3))])) == [
+        "fc/kernel/value"]
+
     class Remat(nnx.Module):
         def __init__(self, rngs):
             self.fc = nnx.Linear(3, 4, rngs=rngs)
