@@ -1378,3 +1378,19 @@ def test_a_sensitivity_that_is_no_number_is_refused_naming_its_leaf(tmp_path, va
 def test_metadata_with_a_lone_surrogate_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="lone surrogate"):
         jaxjpeg.save(tmp_path / "s.jjpg", {"a": np.ones(3)}, metadata={"a": "x\ud800y"})
+
+
+def test_a_byte_target_too_small_for_the_leaves_kept_says_it_in_the_users_terms(tmp_path):
+    """Found by review: "target 565.0 bytes is below the smallest coding",
+    565 being what was left after the leaves kept out of JPEG."""
+    rng = np.random.default_rng(0)
+    tree = {"small": rng.standard_normal((256, 256)).astype(np.float32),
+            "coded": rng.standard_normal((200, 500)).astype(np.float32)}
+    policy = jaxjpeg.Policy(min_size=70000)   # "small" kept out of JPEG
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=4, policy=policy)
+    target = next(leaf.stored_bytes for leaf in report.leaves if leaf.path == "small") + 400
+    with pytest.raises(ValueError, match=rf"target size {target} is below the \d+ bytes of leaves "
+                                         r"stored without JPEG .* plus the \d+ of the JPEG-coded"):
+        jaxjpeg.save(tmp_path / "t.jjpg", tree, target_bytes=target, policy=policy)
