@@ -298,6 +298,9 @@ def _nnx_leaf(prefix: str):
     return lambda path, key: prefix + "/".join((*map(str, path), key, "value"))
 
 
+_UNSET = object()
+
+
 def _nnx_run(model, batches, call_kwargs):
     """``run(record)`` of an NNX model: ``record(layer, its path, input)``
     before every Linear, Conv and BatchNorm call."""
@@ -330,7 +333,11 @@ def _nnx_run(model, batches, call_kwargs):
             for _, m in modules:
                 for attribute in ("deterministic", "use_running_average"):
                     if hasattr(m, attribute):
-                        was = getattr(m, attribute)
+                        # (an attribute __getattr__ gives is removed after, not
+                        # frozen: found by review)
+                        own = attribute in vars(m) or isinstance(
+                            getattr(type(m), attribute, None), property)
+                        was = getattr(m, attribute) if own else _UNSET
                         try:
                             setattr(m, attribute, True)
                         except (AttributeError, TypeError):
@@ -345,7 +352,10 @@ def _nnx_run(model, batches, call_kwargs):
             for cls, call in originals.items():
                 cls.__call__ = call
             for module, attribute, value in modes:
-                setattr(module, attribute, value)
+                if value is _UNSET:
+                    delattr(module, attribute)
+                else:
+                    setattr(module, attribute, value)
         if unseen:
             warnings.warn(f"{len(unseen)} calls of {unseen[0]} layers ran outside the model's "
                           "own modules (under nnx.scan, nnx.remat or nnx.jit?): they have no "

@@ -1827,18 +1827,19 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
     target: quantized within the step ``limits`` allow (a BatchNorm vector,
     see jaxjpeg.priors.batchnorm_vector_steps; a small kernel, see
     SMALL_KERNEL_STEP) or as float16, whichever is smaller; None when
-    neither applies. A second moment or a ``first_moment``, of any float
-    dtype, is quantized on fine log2 steps instead (else stored exactly):
-    float16 flushes its values below 2^-14 and a linear step all those far
-    under its RMS (found by review: a bfloat16 Adam state at 4-8x restored
-    220 of a small kernel's 1270 nu values as 0, its next update 540x off)."""
+    neither applies. A second moment, or a ``first_moment``, of any float
+    dtype takes only codings that keep each value (_keeps_each_value), fine
+    log2 steps among them: float16 flushes values below 2^-14 and a linear
+    step all those far under its RMS (found by review: a bfloat16 Adam
+    state at 4-8x restored 220 of a small kernel's 1270 nu values as 0, its
+    next update 540x off; and 0/1 masks, which float16 keeps exactly, must
+    not take log2 steps 3-7x their size)."""
     from jaxjpeg import quantized_vectors
 
-    if limits is None and (first_moment or magnitudes.is_second_moment(array)):
-        return magnitudes.encode(array, signed=first_moment, step=magnitudes.HALF_LIKE_STEP)
+    moment = limits is None and (first_moment or magnitudes.is_second_moment(array))
     half = _half_copy(array)
     options = []
-    if half is not None:
+    if half is not None and (not moment or _keeps_each_value(array, half)):
         blob, extra = _half_blob(half)
         options.append((blob, extra, "stored as float16"))
     how = None
@@ -1853,9 +1854,27 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
         if coded is not None and memoryview(coded[0]).nbytes < array.nbytes:
             option = (coded[0], {"kind": "raw", **coded[1]},
                       f"quantized ({coded[1]['domain']} step {how.step:.3g})")
-            if _restores_finite(array, option):
+            if _restores_finite(array, option) and (not moment or _keeps_each_value(
+                    array, quantized_vectors.restored_values(array, coded[0], option[1]))):
                 options.append(option)
+    if moment:
+        logged = magnitudes.encode(array, signed=first_moment, step=magnitudes.HALF_LIKE_STEP)
+        if logged is not None:
+            options.append(logged)
     return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
+
+
+def _keeps_each_value(array: np.ndarray, restored) -> bool:
+    """Whether ``restored`` holds each of ``array``'s values within
+    magnitudes.HALF_LIKE_STEP of it, relatively (zeros as zeros, non-finite
+    ones as they were)."""
+    a = np.asarray(array, np.float64).reshape(-1)
+    r = np.asarray(restored, np.float64).reshape(-1)
+    finite = np.isfinite(a)
+    if not np.array_equal(a[~finite], r[~finite], equal_nan=True):
+        return False
+    a, r = a[finite], r[finite]
+    return bool(np.all(np.abs(r - a) <= magnitudes.HALF_LIKE_STEP * np.abs(a)))
 
 
 def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:

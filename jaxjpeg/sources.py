@@ -631,6 +631,13 @@ def _is_jaxjpeg_item(path: str) -> bool:
     return storage.kind(storage.join(path, JAXJPEG_ITEM_FILE)) == "file"
 
 
+def _holds_items(step: str) -> bool:
+    """Whether a manager's step folder is an Orbax item or holds items."""
+    return _is_orbax_item(step) or any(
+        _is_orbax_item(storage.join(step, d)) or _is_jaxjpeg_item(storage.join(step, d))
+        for d in storage.listdir(step) if storage.is_dir(storage.join(step, d)))
+
+
 _STEP_NAME = re.compile(r"(?:(.*)_)?([0-9]+)")
 
 
@@ -645,21 +652,19 @@ def _orbax_items(path: str) -> dict[str, str]:
              if _is_orbax_item(storage.join(path, d)) or _is_jaxjpeg_item(storage.join(path, d))}
     if items:
         return items
-    # a CheckpointManager root: its latest step ("12", or "step_12" with a
-    # step_prefix: found by review, such roots were not recognised), of the
-    # first naming (plain numbers first, then by how many steps) whose
-    # latest holds items (not an "eval_1" or "backup_99999" folder beside)
+    # a CheckpointManager root: its latest step holding items ("12", or
+    # "step_12" with a step_prefix: found by review, such roots were not
+    # recognised), of the main naming (plain numbers first, else the one of
+    # most steps); another naming ("eval_9", "backup_5") only where no step
+    # of the main one holds items (review: one unfinished step switched to it)
     groups: dict[str, dict[str, int]] = {}
     for d in subdirs:
         if m := _STEP_NAME.fullmatch(d):
             groups.setdefault(m.group(1) or "", {})[d] = int(m.group(2))
     for prefix in sorted(groups, key=lambda p: (p != "", -len(groups[p]), p)):
-        steps = groups[prefix]
-        latest = storage.join(path, max(steps, key=steps.get))
-        if _is_orbax_item(latest) or any(
-                _is_orbax_item(storage.join(latest, d)) or _is_jaxjpeg_item(storage.join(latest, d))
-                for d in storage.listdir(latest) if storage.is_dir(storage.join(latest, d))):
-            return _orbax_items(latest)
+        for step in sorted(groups[prefix], key=groups[prefix].get, reverse=True):
+            if _holds_items(storage.join(path, step)):
+                return _orbax_items(storage.join(path, step))
     raise SourceError(f"{path}: not an Orbax checkpoint directory (no _METADATA found in it, "
                       f"its items or its steps), nor a folder of safetensors files")
 

@@ -663,3 +663,23 @@ def test_a_hard_link_to_the_source_may_be_replaced_and_odd_metadata_is_dropped(t
     assert src.read_bytes() == before
     with jaxjpeg.open(tmp_path / "hard.safetensors") as f:
         assert f.metadata == {}
+
+
+def test_a_manager_root_reads_its_newest_complete_step_of_its_own_naming(tmp_path, capsys):
+    """Found by review: an unfinished newest step (no items yet) made the
+    root unreadable, or switched to another naming ("backup_5") silently."""
+    import orbax.checkpoint as ocp
+    root = tmp_path / "root"
+    with ocp.CheckpointManager(root) as m:
+        for step in (11, 12):
+            m.save(step, args=ocp.args.StandardSave({"w": np.full((8, 8), step, np.float32)}))
+        m.wait_until_finished()
+    (root / "13").mkdir()                                   # unfinished
+    with ocp.CheckpointManager(tmp_path / "other", options=ocp.CheckpointManagerOptions(
+            step_prefix="backup")) as m:
+        m.save(5, args=ocp.args.StandardSave({"w": np.full((8, 8), 5, np.float32)}))
+        m.wait_until_finished()
+    os.rename(tmp_path / "other" / "backup_5", root / "backup_5")
+    code, _, err = run(capsys, "compress", root, tmp_path / "r.jjpg")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "r.jjpg")["w"]), 12)

@@ -525,3 +525,23 @@ def test_small_moments_under_a_byte_target_keep_every_value(tmp_path, dtype):
         assert not np.any((back == 0) & (want != 0)), name
         rel = np.abs(back - want)[want != 0] / np.abs(want[want != 0])
         assert np.max(rel) < 0.01, (name, np.max(rel))
+
+
+def test_small_masks_and_counts_under_a_byte_target_stay_exact(tmp_path):
+    """Found by review of the fix above: 0/1 masks and integer counts (which
+    look like second moments: non-negative, spread) took log2 steps, lossy
+    and 3-7x the bytes of their exact float16 copies; one holding inf was
+    stored at full size."""
+    rng = np.random.default_rng(0)
+    tree = {"big": rng.standard_normal((512, 256)).astype(np.float32),
+            "mask": (rng.random((32, 64)) < 0.5).astype(np.float32),
+            "count": rng.poisson(2.0, (32, 32)).astype(np.float32),
+            "clip": np.r_[rng.uniform(1, 2, 511), np.inf].astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=8)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    for name in ("mask", "count"):
+        np.testing.assert_array_equal(np.asarray(got[name]), tree[name])
+    stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
+    assert stored["mask"] < 400 and stored["clip"] < 1024, stored

@@ -275,3 +275,30 @@ def test_nnx_calibration_runs_in_inference_mode_and_leaves_the_model_as_it_was()
 
     with pytest.warns(UserWarning, match="ran outside the model's own modules"):
         assert calibration.nnx_input_covariances(Remat(nnx.Rngs(0)), [np.ones((2, 3))]) == {}
+
+
+def test_nnx_flags_from_getattr_are_left_to_it():
+    """Found by review: a flag __getattr__ gave (from a config) was set on
+    the module and left there frozen at its old value after calibration."""
+    from flax import nnx
+
+    class Config:
+        deterministic = False
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(3, 4, rngs=rngs)
+
+        def __getattr__(self, name):
+            if name == "deterministic":
+                return Config.deterministic
+            raise AttributeError(name)
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    model = Net(nnx.Rngs(0))
+    calibration.nnx_input_covariances(model, [np.ones((2, 3), np.float32)])
+    assert "deterministic" not in vars(model)
+    Config.deterministic = True
+    assert model.deterministic is True
