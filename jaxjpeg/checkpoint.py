@@ -1836,6 +1836,8 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
     not take log2 steps 3-7x their size)."""
     from jaxjpeg import quantized_vectors
 
+    if array.ndim == 0:   # a step counter, a learning rate: exact (found by review:
+        return None       # PyTorch's step 3001 came back 3000, optax's b2 0.998)
     moment = limits is None and (first_moment or magnitudes.is_second_moment(array))
     half = _half_copy(array)
     options = []
@@ -2082,6 +2084,13 @@ class _LogCoding:
             # found by review: with no JPEG-coded leaf the first step was kept
             if left > 0 and (not coded_values or 8 * left / coded_values >= 4 * used / values):
                 break
+        else:   # refused as README says (found by review: the weights were left 0.34 bits)
+            if left > 0:
+                raise ValueError(
+                    f"the byte target leaves the JPEG-coded leaves {8 * left / coded_values:.2f} "
+                    f"bits a value, under half the {8 * used / values:.2f} of the optimizer "
+                    f"moments (jaxjpeg.magnitudes) on log2 steps of {step:g}, their coarsest: "
+                    "save the parameters alone, or ask for less")
         self.step, self.rung = step, i
         return freed
 

@@ -89,8 +89,12 @@ HALF_LIKE_STEP = 2.0 ** -8
 # ScaleByAdamState, PyTorch's Adam, Keras' and generic ones): leaves read
 # from a file are paired by them before any is read, and a pair they make
 # takes a looser bound (NAMED_MOMENT_BOUND).
-MOMENT_NAMES = {"mu": "nu", "exp_avg": "exp_avg_sq", "m": "v", "momentum": "velocity",
-                "first_moment": "second_moment", "m1": "m2"}
+# PyTorch's Adamax keeps exp_avg beside exp_inf, its centered RMSprop
+# grad_avg beside square_avg (found by review: unpaired in a flat state dict,
+# their first moments were JPEG-coded, the next update 9000x off or NaN).
+MOMENT_NAMES = {"mu": ("nu",), "exp_avg": ("exp_avg_sq", "exp_inf"), "m": ("v",),
+                "momentum": ("velocity",), "first_moment": ("second_moment",), "m1": ("m2",),
+                "grad_avg": ("square_avg",)}
 
 
 # Names only optimizers give (optax's, PyTorch's): a pair of leaves read
@@ -163,8 +167,7 @@ def _second_moment_paths(path: tuple):
             continue
         parts = re.split(r"([./])", key)
         for j in range(0, len(parts), 2):   # names; the odd places hold separators
-            second = MOMENT_NAMES.get(parts[j])
-            if second is not None:
+            for second in MOMENT_NAMES.get(parts[j], ()):
                 swapped = "".join(parts[:j] + [second] + parts[j + 1:])
                 yield (*path[:i], (kind, swapped), *path[i + 1:])
 

@@ -545,3 +545,60 @@ def test_small_masks_and_counts_under_a_byte_target_stay_exact(tmp_path):
         np.testing.assert_array_equal(np.asarray(got[name]), tree[name])
     stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
     assert stored["mask"] < 400 and stored["clip"] < 1024, stored
+
+
+@pytest.mark.parametrize("first, second", [("exp_avg", "exp_inf"), ("grad_avg", "square_avg")])
+def test_adamax_and_centered_rmsprop_moments_pair_by_name(tmp_path, first, second):
+    """Found by review: PyTorch's Adamax (exp_avg, exp_inf) and centered
+    RMSprop (grad_avg, square_avg) states, flat, left their first moment
+    JPEG-coded: zeros came back as noise, the next update 9000x off (Adamax)
+    or NaN (sqrt of square_avg - grad_avg^2 < 0)."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((128, 128)) * (rng.random((128, 128)) < 0.7)   # dead units: zeros
+    tree = {f"state.0.{first}": (0.1 * g).astype(np.float32),
+            f"state.0.{second}": (0.01 * g * g + 1e-12 * (g != 0)).astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "o.jjpg", tree)
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "log2 steps" in notes[f"state.0.{first}"], notes
+    got = np.asarray(jaxjpeg.restore(tmp_path / "o.jjpg")[f"state.0.{first}"])
+    np.testing.assert_array_equal(got == 0, tree[f"state.0.{first}"] == 0)
+
+
+def test_scalars_under_a_byte_target_stay_exact(tmp_path):
+    """Found by review: 0-d leaves (optax's injected hyperparameters,
+    PyTorch's float step counters) were rounded to float16 under byte
+    targets: step 3001 -> 3000, b2 0.999 -> 0.998, for 2 bytes each."""
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.standard_normal((256, 256)).astype(np.float32),
+            "step": np.float32(3001), "b2": np.float32(0.999), "lr": np.float64(1e-3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=6)
+    got = jaxjpeg.restore(tmp_path / "s.jjpg")
+    for name in ("step", "b2"):
+        assert np.asarray(got[name]) == tree[name], name
+
+
+def test_a_byte_target_never_leaves_the_weights_under_half_the_moments_bits(tmp_path):
+    """Found by review: between the targets that fit and those refused, the
+    moments' log2 steps stopped at their coarsest and the weights took what
+    was left, 0.34-1.77 bits a value (README: at least half the moments')."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    nu = np.exp(rng.uniform(-20, -8, (256, 256))).astype(np.float32)
+    mu = (rng.standard_normal((256, 256)) * np.sqrt(nu)).astype(np.float32)
+    tree = {"params": {"w": w}, "opt_state": {"mu": {"w": mu}, "nu": {"w": nu}}}
+    refused = 0
+    for ratio in (6, 8, 9, 10):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=ratio)
+        except ValueError as e:
+            assert "save the parameters alone, or ask for less" in str(e), e
+            refused += 1
+            continue
+        bits = {leaf.path: 8 * leaf.stored_bytes / w.size for leaf in report.leaves}
+        assert bits["params/w"] >= 0.5 * max(bits["opt_state/mu/w"], bits["opt_state/nu/w"]), (
+            ratio, bits)
+    assert refused == 2   # 9x and 10x (their weights would have had 1.24 / 0.17 bits)
