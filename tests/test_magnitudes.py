@@ -570,12 +570,13 @@ def test_scalars_under_a_byte_target_stay_exact(tmp_path):
     targets: step 3001 -> 3000, b2 0.999 -> 0.998, for 2 bytes each."""
     rng = np.random.default_rng(0)
     tree = {"w": rng.standard_normal((256, 256)).astype(np.float32),
-            "step": np.float32(3001), "b2": np.float32(0.999), "lr": np.float64(1e-3)}
+            "step": np.float32(3001), "b2": np.float32(0.999), "lr": np.float64(1e-3),
+            "step1": np.array([3001], np.float32)}   # size 1 of any shape too (review)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=6)
     got = jaxjpeg.restore(tmp_path / "s.jjpg")
-    for name in ("step", "b2"):
+    for name in ("step", "b2", "step1"):
         assert np.asarray(got[name]) == tree[name], name
 
 
