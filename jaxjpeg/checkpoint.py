@@ -2023,7 +2023,8 @@ class _LogCoding:
             path_string(first) for first, partner in pairs.items()
             if magnitudes.bounded_by(held[path_string(first)].array(),
                                      held[path_string(partner)].array()))
-        self.first |= _named_first_moments(leaves, policy, read, self.first)
+        first, self.magnitude_seconds = _named_first_moments(leaves, policy, read, self.first)
+        self.first |= first
 
     def named_pairs(self, leaves: Sequence[SourceLeaf]) -> dict[int, int]:
         """{first moment: its second moment} as positions in ``leaves``, as
@@ -2037,7 +2038,9 @@ class _LogCoding:
 
     def pair(self, leaves: Sequence[SourceLeaf]) -> None:
         """Pairs the named first moments among ``leaves`` (held in memory)."""
-        self.first |= _named_first_moments(leaves, self.policy, False, self.first)
+        first, seconds = _named_first_moments(leaves, self.policy, False, self.first)
+        self.first |= first
+        self.magnitude_seconds |= seconds
 
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
@@ -2048,6 +2051,8 @@ class _LogCoding:
             # takes the ordinary path: log2 steps code none (found by review:
             # a zero mu from a file stored raw, 1 MB where sparse takes 52 B)
             return True if magnitudes.has_magnitudes(array) else None
+        if name in self.magnitude_seconds:   # Adamax's exp_inf: its values span little
+            return False
         return False if magnitudes.is_second_moment(array) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None) -> tuple | None:
@@ -2116,31 +2121,45 @@ class _LogCoding:
 
 
 def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: bool,
-                         paired: frozenset = frozenset()) -> frozenset:
+                         paired: frozenset = frozenset()) -> tuple[frozenset, frozenset]:
     """The first moments an optimizer's names pair (magnitudes.named_first_moments),
     each pair checked on its values: held in memory, or (``read``) read from
     a file once more, but for the names only optimizers give
     (magnitudes.is_trusted_pair) (found in session 29: ``jaxjpeg compress``
     of an Orbax training state JPEG-coded its mu, the next update 19% off;
     review: flat trees, ``{"mu", "nu"}``, were not paired in memory either);
-    those ``paired`` already are not checked again."""
+    those ``paired`` already are not checked again. Also returns the
+    partners that are magnitudes, not squares (magnitudes.MAGNITUDE_NAMES:
+    Adamax's exp_inf, whose values span too little to pass as second
+    moments; found by review: in memory neither was paired, the next update
+    564x off at one value): coded on log2 steps by their name."""
     named = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
              if (leaf.resident or read) and _may_be_moment(leaf, policy)}
     pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in named.items())
-    first = set()
+    first, seconds = set(), set()
     for path, partner in pairs.items():
         if named[path].name in paired:
             continue
+        magnitude = magnitudes.is_magnitude_name(partner)
         if (not named[path].resident and not named[partner].resident
                 and magnitudes.is_trusted_pair(path, partner)):
             first.add(named[path].name)
+            if magnitude:
+                seconds.add(named[partner].name)
             continue
         second = named[partner].array()
-        if (magnitudes.is_second_moment(second)
+        if magnitude:   # |m| within the bound of u itself: squared, as bounded_by roots it
+            if (np.all(np.asarray(second, np.float32) >= 0)
+                    and magnitudes.bounded_by(named[path].array(),
+                                              np.square(np.asarray(second, np.float32)),
+                                              magnitudes.NAMED_MOMENT_BOUND)):
+                first.add(named[path].name)
+                seconds.add(named[partner].name)
+        elif (magnitudes.is_second_moment(second)
                 and magnitudes.bounded_by(named[path].array(), second,
                                           magnitudes.NAMED_MOMENT_BOUND)):
             first.add(named[path].name)
-    return frozenset(first)
+    return frozenset(first), frozenset(seconds)
 
 
 def _may_be_moment(leaf: SourceLeaf, policy: Policy) -> bool:

@@ -97,6 +97,19 @@ MOMENT_NAMES = {"mu": ("nu",), "exp_avg": ("exp_avg_sq", "exp_inf"), "m": ("v",)
                 "grad_avg": ("square_avg",)}
 
 
+# Second moments that are magnitudes, not squares (PyTorch's Adamax: a
+# decayed max of |g|), whose values may span too little to look like one.
+MAGNITUDE_NAMES = frozenset({"exp_inf"})
+
+
+def is_magnitude_name(path: tuple) -> bool:
+    """Whether a leaf's path (kind, key components) ends in MAGNITUDE_NAMES
+    (a key, or its last part between "." and "/")."""
+    if not path or not isinstance(path[-1][1], str):
+        return False
+    return re.split(r"[./]", path[-1][1])[-1] in MAGNITUDE_NAMES
+
+
 # Names only optimizers give (optax's, PyTorch's): a pair of leaves read
 # from a file is taken on them without reading the two once more to check
 # their values (review: that second read took an Orbax state's compress

@@ -555,8 +555,9 @@ def test_adamax_and_centered_rmsprop_moments_pair_by_name(tmp_path, first, secon
     or NaN (sqrt of square_avg - grad_avg^2 < 0)."""
     rng = np.random.default_rng(0)
     g = rng.standard_normal((128, 128)) * (rng.random((128, 128)) < 0.7)   # dead units: zeros
+    held = 0.2 * np.abs(g) if second == "exp_inf" else 0.01 * g * g   # a max of |g|; a square
     tree = {f"state.0.{first}": (0.1 * g).astype(np.float32),
-            f"state.0.{second}": (0.01 * g * g + 1e-12 * (g != 0)).astype(np.float32)}
+            f"state.0.{second}": (held + 1e-12 * (g != 0)).astype(np.float32)}
     report = jaxjpeg.save(tmp_path / "o.jjpg", tree)
     notes = {leaf.path: leaf.note for leaf in report.leaves}
     assert "log2 steps" in notes[f"state.0.{first}"], notes
@@ -598,3 +599,23 @@ def test_a_byte_target_says_when_the_weights_keep_under_half_the_moments_bits(tm
         assert bool(said) == starved, (ratio, said, bits)
         if not starved:
             assert bits["params/w"] >= 0.5 * bits["opt_state/mu/w"], (ratio, bits)
+
+
+def test_adamax_exp_inf_of_little_spread_pairs_by_name(tmp_path):
+    """Found by review: a real Adamax exp_inf (a decayed max of |g| plus eps)
+    spans too little to pass as a second moment, so in memory neither it
+    nor exp_avg was taken: both JPEG-coded, the next update 564x off at one
+    value. exp_inf is a magnitude by its name; exp_avg pairs with it."""
+    rng = np.random.default_rng(0)
+    u = rng.uniform(0.5, 2.0, (256, 64)).astype(np.float32)         # little spread
+    m = (rng.uniform(-0.8, 0.8, (256, 64)) * u).astype(np.float32)
+    m[:, :4] = 0                                                      # dead units
+    tree = {"state.0.exp_avg": m, "state.0.exp_inf": u}
+    report = jaxjpeg.save(tmp_path / "a.jjpg", tree)
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert all("log2 steps" in note for note in notes.values()), notes
+    got = jaxjpeg.restore(tmp_path / "a.jjpg")
+    update = m / u
+    back = np.asarray(got["state.0.exp_avg"]) / np.asarray(got["state.0.exp_inf"])
+    assert np.max(np.abs(back - update)) < 0.05 * np.max(np.abs(update))
+    assert np.all(np.asarray(got["state.0.exp_avg"])[:, :4] == 0)
