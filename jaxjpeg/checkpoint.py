@@ -2107,7 +2107,7 @@ class _LogCoding:
                     f"{8 * used / values:.2f} of the leaves on log2 steps (optimizer moments "
                     f"and other non-negative leaves spanning decades: jaxjpeg.magnitudes) at "
                     f"their coarsest, {step:g}: ask for less, or save those leaves apart",
-                    stacklevel=4)
+                    stacklevel=8)   # save()'s caller, through _Save's allocation
         self.step, self.rung = step, i
         return freed
 
