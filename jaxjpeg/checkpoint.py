@@ -2159,6 +2159,10 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
                 and magnitudes.bounded_by(named[path].array(), second,
                                           magnitudes.NAMED_MOMENT_BOUND)):
             first.add(named[path].name)
+    partners = set(pairs.values())
+    first |= {leaf.name for path, leaf in named.items()
+              if path not in pairs and path not in partners and leaf.name not in paired
+              and magnitudes.is_lone_first_moment(path)}
     return frozenset(first), frozenset(seconds)
 
 

@@ -619,3 +619,26 @@ def test_adamax_exp_inf_of_little_spread_pairs_by_name(tmp_path):
     back = np.asarray(got["state.0.exp_avg"]) / np.asarray(got["state.0.exp_inf"])
     assert np.max(np.abs(back - update)) < 0.05 * np.max(np.abs(update))
     assert np.all(np.asarray(got["state.0.exp_avg"])[:, :4] == 0)
+
+
+def test_lions_lone_mu_takes_log2_steps(tmp_path):
+    """Found by review: optax.lion keeps mu without a nu, so nothing paired
+    it: JPEG-coded, 12% of the next update's signs flipped (sign(mu) is
+    Lion's update); on log2 steps 0.07%. A "mu" outside an optimizer's
+    state (a VAE head's) stays a weight."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((256, 128)) * 0.05, jnp.float32)}
+    opt = optax.lion(1e-4)
+    state = opt.init(params)
+    for _ in range(20):
+        grads = {"w": jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)}
+        _, state = opt.update(grads, state, params)
+    tree = {"params": params, "opt_state": state,
+            "head": {"mu": {"kernel": np.asarray(params["w"])}}}
+    report = jaxjpeg.save(tmp_path / "l.jjpg", tree)
+    kinds = {leaf.path: (leaf.kind, leaf.note) for leaf in report.leaves}
+    assert "log2 steps" in kinds["opt_state/0/mu/w"][1], kinds
+    assert kinds["head/mu/kernel"][0] == "jpeg", kinds
+    got = jaxjpeg.restore(tmp_path / "l.jjpg", target=tree)
+    mu, back = np.asarray(state[0].mu["w"]), np.asarray(got["opt_state"][0].mu["w"])
+    assert np.mean(np.sign(mu) != np.sign(back)) < 0.005
