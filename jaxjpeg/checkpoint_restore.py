@@ -129,14 +129,27 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         # (One device of another process stays a sharding: this process holds
         # none of it, and _restore_sharded then decodes nothing here.)
         as_given = None
-        if (sharding is not None and len(sharding.device_set) == 1
-                and next(iter(sharding.device_set)).process_index == jax.process_index()):
-            if not isinstance(sharding, jax.sharding.SingleDeviceSharding):
-                as_given = sharding
-            (device,), sharding = tuple(sharding.device_set), None
+        if sharding is not None and own_device(sharding) is not None:
+            device, as_given, sharding = own_device(sharding), given_sharding(sharding), None
         requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind, as_given,
                                     impl))
     return requests, treedef
+
+
+def own_device(sharding) -> jax.Device | None:
+    """The one device of this process ``sharding`` places on, or None (it
+    spans several devices, or its one is another process's)."""
+    devices = sharding.device_set
+    if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
+        return next(iter(devices))
+    return None
+
+
+def given_sharding(sharding):
+    """A one-device ``sharding`` as the result placed there takes it: itself
+    (a NamedSharding over a mesh of one keeps its mesh), or None for a
+    SingleDeviceSharding, which the placement gives anyway."""
+    return None if isinstance(sharding, jax.sharding.SingleDeviceSharding) else sharding
 
 
 def other_memory_kind(sharding) -> str | None:
@@ -162,8 +175,7 @@ def with_device_memory(requests: list[LeafRequest], device) -> list[LeafRequest]
     one came back a SingleDeviceSharding, as a target's once did)."""
     if not isinstance(device, jax.sharding.Sharding):
         return requests
-    kind = other_memory_kind(device)
-    given = None if isinstance(device, jax.sharding.SingleDeviceSharding) else device
+    kind, given = other_memory_kind(device), given_sharding(device)
     if kind is None and given is None:
         return requests
     return [dataclasses.replace(r, memory_kind=kind, as_given=given)

@@ -166,13 +166,13 @@ class LazyReader:
     def _request(self, leaf: SavedLeaf, dtype, device) -> cr.LeafRequest:
         saved = cr.saved_request(leaf, dtype)
         if isinstance(device, jax.sharding.Sharding):
-            devices, memory_kind = device.device_set, cr.other_memory_kind(device)
-            if len(devices) == 1 and next(iter(devices)).process_index == jax.process_index():
+            memory_kind = cr.other_memory_kind(device)
+            if cr.own_device(device) is not None:
                 # the sharding given comes back, as restore's targets keep theirs
                 # (found by review: a mesh of one came back a SingleDeviceSharding)
-                given = None if isinstance(device, jax.sharding.SingleDeviceSharding) else device
-                return dataclasses.replace(saved, device=next(iter(devices)),
-                                           memory_kind=memory_kind, as_given=given)
+                return dataclasses.replace(saved, device=cr.own_device(device),
+                                           memory_kind=memory_kind,
+                                           as_given=cr.given_sharding(device))
             return dataclasses.replace(saved, sharding=device, memory_kind=memory_kind)
         # checked as restore checks it (found by review: device=1 failed in jax,
         # device=0 was taken for "the default")
