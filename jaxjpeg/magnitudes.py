@@ -102,12 +102,17 @@ MOMENT_NAMES = {"mu": ("nu",), "exp_avg": ("exp_avg_sq", "exp_inf"), "m": ("v",)
 MAGNITUDE_NAMES = frozenset({"exp_inf"})
 
 
+def _names(key) -> list[str]:
+    """A path component's names: the key, or its parts between "." and "/"
+    (a flat PyTorch state dict's ``state.0.exp_avg``)."""
+    return re.split(r"[./]", str(key))
+
+
 def is_magnitude_name(path: tuple) -> bool:
-    """Whether a leaf's path (kind, key components) ends in MAGNITUDE_NAMES
-    (a key, or its last part between "." and "/")."""
+    """Whether a leaf's path (kind, key components) ends in MAGNITUDE_NAMES."""
     if not path or not isinstance(path[-1][1], str):
         return False
-    return re.split(r"[./]", path[-1][1])[-1] in MAGNITUDE_NAMES
+    return _names(path[-1][1])[-1] in MAGNITUDE_NAMES
 
 
 # Names only optimizers give (optax's, PyTorch's): a pair of leaves read
@@ -128,8 +133,12 @@ def is_lone_first_moment(path: tuple) -> bool:
     a second (optax's Lion: ``opt_state/.../mu/...``): "mu" under a part
     naming an optimizer (found by review: Lion's mu was JPEG-coded and 12%
     of its next update's signs flipped; on log2 steps 0.07%)."""
-    parts = [part for _, key in path for part in re.split(r"[./]", str(key))]
-    return "mu" in parts and any(_OPTIMIZER_PART.fullmatch(part) for part in parts)
+    return "mu" in (name for _, key in path for name in _names(key)) and _under_optimizer(path)
+
+
+def _under_optimizer(path: tuple) -> bool:
+    """Whether one of a path's names names an optimizer's state."""
+    return any(_OPTIMIZER_PART.fullmatch(name) for _, key in path for name in _names(key))
 
 
 def is_trusted_pair(first: tuple, second: tuple) -> bool:
@@ -137,13 +146,10 @@ def is_trusted_pair(first: tuple, second: tuple) -> bool:
     name of TRUSTED_MOMENT_NAMES (``mu`` under a part naming an optimizer)."""
     for (_, a), (_, b) in zip(first, second):
         if a != b:
-            names = [x for x, y in zip(re.split(r"[./]", str(a)), re.split(r"[./]", str(b)))
-                     if x != y]
+            names = [x for x, y in zip(_names(a), _names(b)) if x != y]
             if len(names) != 1 or names[0] not in TRUSTED_MOMENT_NAMES:
                 return False
-            return names[0] != "mu" or any(
-                _OPTIMIZER_PART.fullmatch(part) for _, key in first
-                for part in re.split(r"[./]", str(key)))
+            return names[0] != "mu" or _under_optimizer(first)
     return False
 
 
