@@ -631,11 +631,20 @@ def _is_jaxjpeg_item(path: str) -> bool:
     return storage.kind(storage.join(path, JAXJPEG_ITEM_FILE)) == "file"
 
 
-def _holds_items(step: str) -> bool:
-    """Whether a manager's step folder is an Orbax item or holds items."""
-    return _is_orbax_item(step) or any(
-        _is_orbax_item(storage.join(step, d)) or _is_jaxjpeg_item(storage.join(step, d))
-        for d in storage.listdir(step) if storage.is_dir(storage.join(step, d)))
+def _items_in(path: str, subdirs=None) -> dict[str, str]:
+    """Item name -> directory of the Orbax items, jaxjpeg's too, that
+    ``path`` is ({"": path}) or holds (its ``subdirs``, listed if not
+    given); empty where none."""
+    if _is_orbax_item(path):
+        return {"": path}
+    if subdirs is None:
+        subdirs = _subdirs(path)
+    return {d: storage.join(path, d) for d in subdirs
+            if _is_orbax_item(storage.join(path, d)) or _is_jaxjpeg_item(storage.join(path, d))}
+
+
+def _subdirs(path: str) -> list[str]:
+    return [d for d in storage.listdir(path) if storage.is_dir(storage.join(path, d))]
 
 
 _STEP_NAME = re.compile(r"(?:(.*)_)?([0-9]+)")
@@ -647,9 +656,8 @@ def _orbax_items(path: str) -> dict[str, str]:
     handler) included."""
     if _is_orbax_item(path):
         return {"": path}
-    subdirs = [d for d in storage.listdir(path) if storage.is_dir(storage.join(path, d))]
-    items = {d: storage.join(path, d) for d in subdirs
-             if _is_orbax_item(storage.join(path, d)) or _is_jaxjpeg_item(storage.join(path, d))}
+    subdirs = _subdirs(path)
+    items = _items_in(path, subdirs)
     if items:
         return items
     # a CheckpointManager root: its latest step holding items ("12", or
@@ -663,8 +671,9 @@ def _orbax_items(path: str) -> dict[str, str]:
             groups.setdefault(m.group(1) or "", {})[d] = int(m.group(2))
     for prefix in sorted(groups, key=lambda p: (p != "", -len(groups[p]), p)):
         for step in sorted(groups[prefix], key=groups[prefix].get, reverse=True):
-            if _holds_items(storage.join(path, step)):
-                return _orbax_items(storage.join(path, step))
+            items = _items_in(storage.join(path, step))
+            if items:
+                return items
     raise SourceError(f"{path}: not an Orbax checkpoint directory (no _METADATA found in it, "
                       f"its items or its steps), nor a folder of safetensors files")
 
