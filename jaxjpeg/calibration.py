@@ -274,9 +274,8 @@ def _linen_run(module, variables, batches, method, apply_kwargs):
 
     def run(record):
         def intercept(next_fun, args, kwargs, context):
-            if context.method_name == "__call__":   # the input by keyword too (review)
-                record(context.module, context.module.path,
-                       args[0] if args else kwargs.get("inputs"))
+            if context.method_name == "__call__":
+                record(context.module, context.module.path, _first_input(args, kwargs))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(intercept):
@@ -298,6 +297,13 @@ def _nnx_leaf(prefix: str):
     return lambda path, key: prefix + "/".join((*map(str, path), key, "value"))
 
 
+def _first_input(args: tuple, kwargs: dict):
+    """A layer call's input, positional or by keyword (Dense and Conv name it
+    ``inputs``, BatchNorm ``x``; found by review: ``Dense(4)(inputs=x)`` was
+    left out, ``self.out(inputs=x)`` failed), or None."""
+    return args[0] if args else kwargs.get("inputs", kwargs.get("x"))
+
+
 _UNSET = object()
 
 
@@ -315,8 +321,7 @@ def _nnx_run(model, batches, call_kwargs):
 
         def recording(call):
             def wrapped(self, *args, **kwargs):
-                # the input by keyword too (found by review: self.out(inputs=x) failed)
-                x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
+                x = _first_input(args, kwargs)
                 if id(self) in paths:
                     record(self, paths[id(self)], x)
                 elif not isinstance(self, kinds.BatchNorm):

@@ -1366,13 +1366,13 @@ class _Save:
                  progress=None, metadata=None, input_covariance=None, prior=None,
                  input_means=None, defer_budget=False):
         self.path = path
+        self.user_metadata = layout.checked_user_metadata(metadata)   # checked once, kept
         given = check_save_options(
             relative_step=relative_step, quant_step=quant_step, quality=quality, qtable=qtable,
             error_bound=error_bound, target_ratio=target_ratio, target_bytes=target_bytes,
             bits_per_weight=bits_per_weight, bits=bits, clip=clip, view=view,
             restart_interval=restart_interval, tile_shape=tile_shape, policy=policy,
-            encoder=encoder, metadata=metadata)
-        self.user_metadata = layout.checked_user_metadata(metadata)
+            encoder=encoder)
         self.has_metadata = metadata is not None
         self.policy = policy or Policy()
         if self.policy.stacked is None:
@@ -1872,10 +1872,12 @@ def _keeps_each_value(array: np.ndarray, restored) -> bool:
     ones as they were); in float32 pieces, stopping at the first miss (found
     by review: float64 copies of whole leaves took a 16 M-value moment's
     choice from 0.6 s to 6 s)."""
+    from jaxjpeg import rate
+
     a_all, r_all = np.asarray(array).reshape(-1), np.asarray(restored).reshape(-1)
-    for start in range(0, a_all.size, _CHECK_PIECE):
-        a = a_all[start:start + _CHECK_PIECE].astype(np.float32)
-        r = r_all[start:start + _CHECK_PIECE].astype(np.float32)
+    for start in range(0, a_all.size, rate.ERROR_CHUNK):
+        a = a_all[start:start + rate.ERROR_CHUNK].astype(np.float32)
+        r = r_all[start:start + rate.ERROR_CHUNK].astype(np.float32)
         finite = np.isfinite(a)
         if not finite.all() and not np.array_equal(a[~finite], r[~finite], equal_nan=True):
             return False
@@ -1884,9 +1886,6 @@ def _keeps_each_value(array: np.ndarray, restored) -> bool:
                           where=finite):
                 return False
     return True
-
-
-_CHECK_PIECE = 1 << 20
 
 
 def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
@@ -2149,10 +2148,9 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
             continue
         second = named[partner].array()
         if magnitude:   # |m| within the bound of u itself: squared, as bounded_by roots it
-            if (np.all(np.asarray(second, np.float32) >= 0)
-                    and magnitudes.bounded_by(named[path].array(),
-                                              np.square(np.asarray(second, np.float32)),
-                                              magnitudes.NAMED_MOMENT_BOUND)):
+            u = np.asarray(second, np.float32)
+            if np.all(u >= 0) and magnitudes.bounded_by(named[path].array(), np.square(u),
+                                                        magnitudes.NAMED_MOMENT_BOUND):
                 first.add(named[path].name)
                 seconds.add(named[partner].name)
         elif (magnitudes.is_second_moment(second)

@@ -618,7 +618,8 @@ def _destination(text: str) -> str:
     if text.endswith(("/", os.sep)):   # abspath dropped it: a file "dir" was written (review)
         raise argparse.ArgumentTypeError(f"{text!r} names a directory; DST is the file to write")
     path = _path(text)
-    if "memory://" in path and _AS_COMMAND:   # simplecache::memory:// too (review)   # main() called in a process stays
+    # simplecache::memory:// too (review); main() called in a process stays
+    if "memory://" in path and _AS_COMMAND:
         raise argparse.ArgumentTypeError(f"{text!r}: memory:// lives only as long as this "
                                          "command; write a file or a lasting store")
     return path
