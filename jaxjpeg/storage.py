@@ -62,7 +62,9 @@ def local_path(location: str) -> str | None:
     if match.group(1).lower() == "file" and "::" not in match.group(0):
         rest = location[len("file://"):]
         # file://localhost/PATH names the local /PATH (RFC 8089; found by review)
-        return rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
+        rest = rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
+        # percent-decoded as pathlib's as_uri() encodes: "a%20b" names "a b"
+        return urllib.parse.unquote(rest)
     return None
 
 
@@ -141,6 +143,8 @@ def join(directory, name: str) -> str:
     """``directory/name`` for local paths and URLs alike."""
     location = as_location(directory)
     if _SCHEME.match(location):  # URLs, file:// included, join with "/"
+        if local_path(location) is not None:   # a file URL's path is percent-decoded
+            name = urllib.parse.quote(name)
         parts = urllib.parse.urlsplit(location)
         if parts.query or parts.fragment:   # into the path, not the query (review: ?download=1)
             return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/"

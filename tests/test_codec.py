@@ -291,3 +291,21 @@ def test_a_0d_tensor_decodes_to_0d():
     enc = codec.encode_tensor(np.array(2.5, np.float32), quality=90)
     out = codec.decode_tensor(enc)
     assert enc.shape == () and out.shape == () and abs(float(out) - 2.5) < 0.05
+
+
+@pytest.mark.parametrize("bad", [65537, 2.9, 0, -3, float("nan")])
+def test_native_steps_are_checked_not_narrowed(bad):
+    """A quantization step outside 1..65535 or not whole is refused by every
+    native entry point: a uint16 forcecast had coded 65537 as 1 and 2.9 as 2."""
+    samples = np.full((8, 8), 100.0, np.float32)
+    table = np.full(64, 2.0)
+    table[5] = bad
+    with pytest.raises(ValueError, match="1..65535"):
+        _native.encode(samples, table)
+    ones = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="1..65535"):
+        _native.encode_mapped(samples, ones, ones * 0, table)
+    with pytest.raises(ValueError, match="1..65535"):
+        _native.measure_steps(samples, ones, ones * 0, np.array([4.0, bad]), 8, 0)
+    ok = _native.encode(samples, np.full(64, 2.0))
+    assert ok == _native.encode(samples, np.full(64, 2, np.uint16))

@@ -352,3 +352,20 @@ def test_a_server_ignoring_ranges_is_refused_clearly(local_file):
         server.ignore_ranges = True
         with pytest.raises(OSError, match="ignores ranged reads"):
             jaxjpeg.restore(server.url(path.name))
+
+
+def test_file_urls_are_percent_decoded(tmp_path):
+    """A file:// URL names the path it encodes (pathlib's as_uri()): "a%20b"
+    was taken literally, so a save wrote a file of that name beside the one
+    named."""
+    folder = tmp_path / "a b#1%"
+    folder.mkdir()
+    target = folder / "m.jjpg"
+    tree = {"w": np.arange(64, dtype=np.float32).reshape(8, 8)}
+    jaxjpeg.save(target.as_uri(), tree)
+    assert os.listdir(folder) == ["m.jjpg"]
+    np.testing.assert_allclose(np.asarray(jaxjpeg.restore(target.as_uri())["w"]), tree["w"],
+                               atol=0.5)
+    assert storage.local_path("file:///tmp/a%20b") == "/tmp/a b"
+    joined = storage.join("file:///tmp/a%20b", "x%41 y")
+    assert storage.local_path(joined) == "/tmp/a b/x%41 y"

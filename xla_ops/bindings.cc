@@ -461,13 +461,32 @@ py::array_t<int64_t> BitReaderTrace(
   return trace;
 }
 
-EncodeOptions MakeEncodeOptions(const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+// Quantization steps as Python gives them (any numeric array), checked to be
+// whole numbers in 1..65535 before they are narrowed to a table's uint16:
+// a forcecast had turned 65537 into 1 and 2.9 into 2 silently.
+using StepArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+std::vector<uint16_t> CheckedSteps(const StepArray& steps, const char* what) {
+  std::vector<uint16_t> out(static_cast<size_t>(steps.size()));
+  for (py::ssize_t i = 0; i < steps.size(); ++i) {
+    const double v = steps.data()[i];
+    if (!(v >= 1.0 && v <= 65535.0) || v != std::floor(v)) {
+      throw py::value_error(std::string(what) + " entries must be whole numbers in 1..65535, got " +
+                            std::string(py::str(py::float_(v))));
+    }
+    out[static_cast<size_t>(i)] = static_cast<uint16_t>(v);
+  }
+  return out;
+}
+
+EncodeOptions MakeEncodeOptions(const StepArray& qtable,
                                 int bits, int restart_interval, bool optimize, bool rdo,
                                 bool avx2) {
   if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
+  const std::vector<uint16_t> table = CheckedSteps(qtable, "qtable");
   EncodeOptions options;
   options.bits = bits;
-  std::memcpy(options.qtable, qtable.data(), sizeof(options.qtable));
+  std::memcpy(options.qtable, table.data(), sizeof(options.qtable));
   options.restart_interval = restart_interval;
   options.optimize_huffman = optimize;
   options.rdo = rdo;
@@ -486,7 +505,7 @@ py::object EncodedResult(const std::vector<uint8_t>& out, const std::vector<int6
 }
 
 py::object Encode(const py::array_t<float, py::array::c_style | py::array::forcecast>& samples,
-                  const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                  const StepArray& qtable,
                   int bits, int restart_interval, bool optimize, bool rdo, bool with_intervals,
                   bool avx2) {
   if (samples.ndim() != 2) throw py::value_error("samples must be 2-D");
@@ -539,7 +558,7 @@ std::pair<py::ssize_t, bool> TileLayout(const py::array& a, const char* what) {
 py::object EncodeMapped(const py::array& weights,
                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
                         const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
-                        const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable,
+                        const StepArray& qtable,
                         int bits, int restart_interval, bool optimize, bool rdo,
                         bool with_intervals, bool avx2) {
   const auto [stride, transposed] = TileLayout(weights, "weights");
@@ -570,7 +589,7 @@ py::object EncodeMapped(const py::array& weights,
 py::tuple MeasureStepsOf(const py::array& weights,
                          const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
                          const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
-                         const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& steps,
+                         const StepArray& steps,
                          int bits, int restart_interval, const std::optional<py::array>& col_weight,
                          bool rdo) {
   const py::ssize_t stride = RowStride(weights, "weights");
@@ -591,6 +610,7 @@ py::tuple MeasureStepsOf(const py::array& weights,
     }
     col = static_cast<const float*>(col_weight->data());
   }
+  const std::vector<uint16_t> step_values = CheckedSteps(steps, "steps");
   const py::ssize_t n = steps.shape(0);
   std::vector<StepCost> costs(static_cast<size_t>(n));
   Status s;
@@ -598,7 +618,7 @@ py::tuple MeasureStepsOf(const py::array& weights,
     py::gil_scoped_release release;
     s = MeasureSteps(static_cast<const float*>(weights.data()), static_cast<int>(w),
                      static_cast<int>(h), stride, row_scale.data(), row_offset.data(), col, bits,
-                     restart_interval, rdo, steps.data(), static_cast<int>(n), costs.data());
+                     restart_interval, rdo, step_values.data(), static_cast<int>(n), costs.data());
   }
   Check(s, "measure_steps");
   py::array_t<int64_t> entropy(n), header(n);
@@ -645,7 +665,7 @@ py::tuple EncodeMappedWithErrorOf(
     const py::array& weights,
     const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
     const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
-    const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& qtable, int bits,
+    const StepArray& qtable, int bits,
     int restart_interval, const py::array& original,
     const std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>>& col_scale,
     const std::optional<py::array>& kept) {
