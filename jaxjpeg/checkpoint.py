@@ -1785,15 +1785,22 @@ def _half_copy(array: np.ndarray) -> np.ndarray | None:
 # float16 copies up to this size are stored as deflated byte planes: 8% less
 # on BatchNorm vectors (their high bytes repeat), too slow for large leaves.
 DEFLATE_HALF_MAX_BYTES = 4 * 2**20
+# Larger ones are deflated where their first 4 MiB deflate to at most this
+# share: masks and counts (a 3 M-value 0/1 mask: 8 -> 0.6 MB, 0.4 s).
+DEFLATE_PAYS = 0.5
 
 
 def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored as float16."""
     record = {"kind": "raw", "stored": "float16"}
-    if half.nbytes <= DEFLATE_HALF_MAX_BYTES:
-        packed = layout.deflate_planes(half.reshape(-1).astype("<f2"))
-        if len(packed) < half.nbytes:
-            return packed, {**record, "deflated": True}
+    flat = half.reshape(-1).astype("<f2")
+    if half.nbytes > DEFLATE_HALF_MAX_BYTES:   # larger ones when a sample shows it pays
+        sample = flat[:DEFLATE_HALF_MAX_BYTES // 2]
+        if len(layout.deflate_planes(sample)) > DEFLATE_PAYS * sample.nbytes:
+            return np.ascontiguousarray(half), record
+    packed = layout.deflate_planes(flat)
+    if len(packed) < half.nbytes:
+        return packed, {**record, "deflated": True}
     return np.ascontiguousarray(half), record
 
 
@@ -1864,6 +1871,26 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
         if logged is not None:
             options.append(logged)
     return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
+
+
+def _nbytes(stored: tuple) -> int:
+    return memoryview(stored[0]).nbytes
+
+
+def _exact_half(array: np.ndarray) -> tuple | None:
+    """(blob, record fields, note) of a float32 leaf every value of which
+    float16 holds exactly, stored as float16 bit for bit; else None."""
+    if array.dtype != np.float32 or array.size == 0:
+        return None
+    flat = array.reshape(-1)
+    head = flat[:4096]   # most leaves are refused here, before a full copy
+    if not np.array_equal(head.astype(np.float16).astype(np.float32), head):
+        return None
+    half = flat.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), flat):
+        return None
+    blob, record = _half_blob(half.reshape(array.shape))
+    return blob, record, "stored exactly as float16 (every value is one)"
 
 
 def _keeps_each_value(array: np.ndarray, restored) -> bool:
@@ -2055,8 +2082,14 @@ class _LogCoding:
         return False if magnitudes.is_second_moment(array) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None) -> tuple | None:
-        """(blob, record fields, note), or None: stored exactly."""
+        """(blob, record fields, note), or None: stored exactly. A leaf
+        float16 holds exactly (a 0/1 mask, counts) is stored so where that
+        is smaller (found in session 31: a float32 0/1 mask restored as 0 /
+        0.992 by default, 0 / 1.164 at 8x)."""
+        exact = _exact_half(array)
         coded = magnitudes.encode(array, signed, step or self.step)
+        if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
+            return exact
         if coded is None or self.error_bound is None:
             return coded
         err = np.linalg.norm(_quantized_error(array, coded))

@@ -642,3 +642,31 @@ def test_lions_lone_mu_takes_log2_steps(tmp_path):
     got = jaxjpeg.restore(tmp_path / "l.jjpg", target=tree)
     mu, back = np.asarray(state[0].mu["w"]), np.asarray(got["opt_state"][0].mu["w"])
     assert np.mean(np.sign(mu) != np.sign(back)) < 0.005
+
+
+@pytest.mark.parametrize("rows", [256, 1100])   # float16 copies under and over 4 MiB
+@pytest.mark.parametrize("target", [None, 8])
+def test_large_masks_and_counts_restore_exactly(tmp_path, rows, target):
+    """Found in session 31: a float32 0/1 mask large enough for JPEG is taken
+    for a second moment (non-negative, zeros) and took log2 steps, whose
+    offset for zeros moved every 1: 0 / 0.992 by default, 0 / 1.164 at 8x
+    (3.9 bits a value). A leaf float16 holds exactly is stored so, deflated
+    (over 4 MiB too, where a sample shows deflating pays)."""
+    rng = np.random.default_rng(rows)
+    tree = {"w": rng.standard_normal((512, 512)).astype(np.float32),
+            "mask": (rng.random((rows, 2048)) < 0.5).astype(np.float32),
+            "count": rng.poisson(3.0, (256, 256)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=target)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    for name in ("mask", "count"):
+        np.testing.assert_array_equal(np.asarray(got[name]), tree[name])
+    stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
+    assert 8 * stored["mask"] / tree["mask"].size < 1.5, stored
+    assert 8 * stored["count"] / tree["count"].size < 4, stored
+    # moments keep their log2 steps: float16 does not hold them exactly
+    nu = (rng.standard_normal((256, 256)) ** 2 * 1e-6).astype(np.float32)
+    jaxjpeg.save(tmp_path / "nu.jjpg", {"w": tree["w"], "nu": nu})
+    with jaxjpeg.open(tmp_path / "nu.jjpg") as f:
+        assert f.info("nu").quantized == ("log2", 0.0625)
