@@ -1387,6 +1387,7 @@ class _Save:
         self.rate = _rate_record(given)
         # (a distributed save's leaves are stand-ins, read by their owners later)
         self.log_coding = _LogCoding(leaves, self.policy, error_bound, read=not defer_budget)
+        self.leaf_index = {leaf.name: i for i, leaf in enumerate(leaves)}
         self.error_bound = error_bound
         _check_covariances(input_covariance, leaves, error_bound)
         _check_sensitivity_names(sensitivity, leaves)
@@ -1557,8 +1558,11 @@ class _Save:
             note = "stored raw: no coding meets the error bound"
         lossy = None
         if signed is not None:
-            lossy = self.log_coding.stored(array, signed)
+            lossy = self.log_coding.stored(array, signed, name=name)
             note = "" if lossy is not None else self.log_coding.exact_note(array)
+            if lossy is not None and lossy[1].get("stored") == magnitudes.STORED_ABOVE_SQUARE:
+                first = self.log_coding.centered[name].name
+                lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first]}, lossy[2])
         elif (self.lossy_rate and not coded and name not in self.exact
               and not self.policy.names_lossless(name)):   # found by review: float16
             lossy = _lossy_raw(array, self.vector_limits.get(name),
@@ -2063,6 +2067,19 @@ class _LogCoding:
                                      held[path_string(partner)].array()))
         first, self.magnitude_seconds = _named_first_moments(leaves, policy, read, self.first)
         self.first |= first
+        self.centered: dict[str, SourceLeaf] = {}   # second moment -> its first, centered
+        self._find_centered(held, {path_string(f): path_string(p) for f, p in pairs.items()})
+
+    def _find_centered(self, held: dict[str, SourceLeaf], value_pairs: dict[str, str]) -> None:
+        """The centered pairs (magnitudes.is_centered) among leaves held in
+        memory, paired by their values or their names."""
+        named = magnitudes.named_first_moments(
+            (tuple(map(tuple, leaf.records)), leaf.shape) for leaf in held.values())
+        pairs = {**{path_string(f): path_string(p) for f, p in named.items()}, **value_pairs}
+        for first, second in pairs.items():
+            if (first in self.first and second in held and second not in self.centered
+                    and magnitudes.is_centered(held[first].array(), held[second].array())):
+                self.centered[second] = held[first]
 
     def named_pairs(self, leaves: Sequence[SourceLeaf]) -> dict[int, int]:
         """{first moment: its second moment} as positions in ``leaves``, as
@@ -2079,6 +2096,8 @@ class _LogCoding:
         first, seconds = _named_first_moments(leaves, self.policy, False, self.first)
         self.first |= first
         self.magnitude_seconds |= seconds
+        self._find_centered({path_string(leaf.records): leaf for leaf in leaves
+                             if _may_be_moment(leaf, self.policy)}, {})
 
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
@@ -2093,11 +2112,16 @@ class _LogCoding:
             return False
         return False if magnitudes.is_second_moment(array) else None
 
-    def stored(self, array: np.ndarray, signed: bool, step: float | None = None) -> tuple | None:
+    def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
+               name: str | None = None) -> tuple | None:
         """(blob, record fields, note), or None: stored exactly. A leaf
         float16 holds exactly (a 0/1 mask, counts) is stored so where that
         is smaller (found in session 31: a float32 0/1 mask restored as 0 /
-        0.992 by default, 0 / 1.164 at 8x)."""
+        0.992 by default, 0 / 1.164 at 8x); a centered second moment
+        (``name`` in :attr:`centered`) as its variance."""
+        first = self.centered.get(name)
+        if first is not None:
+            return self._stored_centered(first.array(), array, step or self.step)
         exact = _exact_half(array)
         coded = magnitudes.encode(array, signed, step or self.step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
@@ -2106,6 +2130,18 @@ class _LogCoding:
             return coded
         err = np.linalg.norm(_quantized_error(array, coded))
         return coded if err <= self.error_bound * np.linalg.norm(array.astype(np.float64)) else None
+
+    def _stored_centered(self, first: np.ndarray, second: np.ndarray, step: float) -> tuple | None:
+        from jaxjpeg import quantized_vectors
+
+        coded = magnitudes.encode_centered(first, second, step)
+        if coded is None or self.error_bound is None:
+            return coded
+        variance = quantized_vectors.restored_values(
+            second, coded[0], {**coded[1], "stored": "quantized"})
+        restored = magnitudes.above_square(variance, first).astype(np.float64)
+        err = np.linalg.norm(restored - second.astype(np.float64))
+        return coded if err <= self.error_bound * np.linalg.norm(second.astype(np.float64)) else None
 
     def stored_bytes(self, name: str, array: np.ndarray, signed: bool) -> int:
         """Its bytes at this step; for a byte target, at every step of the

@@ -46,6 +46,7 @@ class SavedLeaf:
     deflated: bool = False                    # raw float16 leaves: as deflated byte planes
     quantized: dict | None = None             # raw leaves on a step: quantized_vectors' fields
     prng_impl: str | None = None              # raw uint32 leaves: key data of typed PRNG keys
+    square_of: int | None = None              # a centered second moment: its first's index
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -127,6 +128,38 @@ def _key_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
     return dataclasses.replace(leaf, prng_impl=impl)
 
 
+# A centered second moment (jaxjpeg.magnitudes.encode_centered): its variance
+# on log2 steps, restored plus the square of the leaf ``square_of`` names.
+STORED_ABOVE_SQUARE = "quantized_above_square"
+
+
+def _centered_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
+    square_of = record.get("square_of")
+    if (leaf.dtype != np.float32 or not leaf.shape or type(square_of) is not int
+            or record.get("domain") != quantized_vectors.LOG2):
+        raise fmt.FormatError(f"leaf {leaf.index}: bad centered moment record "
+                              f"(square_of {square_of!r:.40}, {leaf.dtype})")
+    try:
+        fields = quantized_vectors.check_record(record, f"leaf {leaf.index}")
+    except ValueError as e:
+        raise fmt.FormatError(str(e)) from None
+    return dataclasses.replace(leaf, quantized=fields, square_of=square_of)
+
+
+def _check_squares_of(leaves: list[SavedLeaf]) -> None:
+    """A centered moment's first moment is another leaf of its shape, a
+    float32 raw one that is not itself centered (no chains, no loops)."""
+    for leaf in leaves:
+        if leaf.square_of is None:
+            continue
+        first = leaves[leaf.square_of] if 0 <= leaf.square_of < len(leaves) else None
+        if (first is None or first.index == leaf.index or first.shape != leaf.shape
+                or first.kind != "raw" or first.dtype != np.float32
+                or first.square_of is not None or first.prng_impl is not None):
+            raise fmt.FormatError(f"leaf {leaf.index}: its first moment, leaf "
+                                  f"{leaf.square_of}, is not a float32 raw leaf of its shape")
+
+
 def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
     try:
         _check_path_records(index, record["path"])
@@ -164,6 +197,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
                 except ValueError as e:
                     raise fmt.FormatError(str(e)) from None
                 return dataclasses.replace(leaf, quantized=fields)
+            if stored == STORED_ABOVE_SQUARE:
+                return _centered_leaf(leaf, record)
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "
                                       f"{stored!r:.40}")
@@ -277,6 +312,7 @@ class Checkpoint:
             for leaf in self.leaves:
                 if leaf.kind == "jpeg":
                     _check_tiles_cover(leaf)
+            _check_squares_of(self.leaves)
             self._check_blobs_and_paths()
             self.user_metadata = meta.get(layout.USER_METADATA_KEY, {})
             if not isinstance(self.user_metadata, dict):
@@ -343,6 +379,11 @@ class Checkpoint:
                                                           leaf.quantized)
             except ValueError as e:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
+            if leaf.square_of is not None:
+                from jaxjpeg import magnitudes
+
+                values = magnitudes.above_square(values, self.read_raw(self.leaves[leaf.square_of])
+                                                 .reshape(-1))
             return values.reshape(leaf.shape).astype(leaf.dtype, copy=False)
         stored = leaf.stored_dtype or leaf.dtype
         if leaf.deflated:

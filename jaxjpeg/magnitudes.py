@@ -20,6 +20,15 @@ coded on log2 steps of its magnitudes, with its signs (``signed_log2``).
 
 bfloat16 and float16 moments are coded so too and restored, in their dtype,
 through float32 (stored exactly before session 29, at twice float32's bits).
+
+A centered RMSprop (optax's ``rmsprop(centered=True)``, PyTorch's
+``RMSprop(centered=True)``) divides by ``sqrt(nu - mu^2)``, a variance that
+steady gradients make a ten-thousandth of ``nu`` and less: under either
+moment's 2.2% it restored negative, and the next update was NaN at a
+quarter of its values (found in session 31). Where a float32 pair holds
+``nu >= mu^2`` at every value, as only moments of one decay do, the second
+is stored as that variance on log2 steps (:func:`encode_centered`) and
+restored as it plus the restored first moment's square.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Iterable
 import numpy as np
 
 from jaxjpeg import quantized_vectors as qv
-from jaxjpeg.checkpoint_reader import quantizable
+from jaxjpeg.checkpoint_reader import STORED_ABOVE_SQUARE, quantizable
 
 # The log2 step: values restore within 2^(1/32) - 1 = 2.2% (1.25% RMS), at
 # about 7-9 bits a value on Adam's moments (float32: 32).
@@ -284,6 +293,54 @@ def _smallest_nonzero(array: np.ndarray) -> tuple[float, bool]:
         zeros = zeros or nonzero.size < magnitude.size
         smallest = min(smallest, float(np.min(nonzero, initial=np.inf)))
     return smallest, zeros
+
+
+# nu >= mu^2 (1 - this) at every value: float32's rounding of two moving
+# averages of one decay (the identity holds exactly in real numbers) stays
+# within a few ulps; Adam's moments (b1 0.9, b2 0.999) break it early on.
+CENTERED_TOLERANCE = 2.0 ** -16
+
+
+def is_centered(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether float32 ``second`` >= ``first``² at every value (within
+    CENTERED_TOLERANCE), all finite: a centered second moment of ``first``."""
+    if not (first.dtype == second.dtype == np.float32 and first.shape == second.shape):
+        return False
+    m, n = first.reshape(-1), second.reshape(-1)
+    for start in range(0, n.size, 1 << 20):
+        part = slice(start, start + (1 << 20))
+        mm = m[part].astype(np.float64) ** 2
+        nn = n[part].astype(np.float64)
+        if not (np.all(np.isfinite(nn)) and np.all(np.isfinite(mm))
+                and np.all(nn >= mm * (1 - CENTERED_TOLERANCE))):
+            return False
+    return True
+
+
+def centered_variance(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """``second - first²`` (float32, at least 0) of a centered pair."""
+    m = first.astype(np.float64)
+    return np.maximum(second.astype(np.float64) - m * m, 0.0).astype(np.float32)
+
+
+def above_square(variance: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """A centered second moment restored: its variance plus the restored
+    first moment's square, as the optimizer squares it (float32)."""
+    first = np.asarray(first, np.float32)
+    return (np.asarray(variance, np.float32) + first * first).astype(np.float32)
+
+
+def encode_centered(first: np.ndarray, second: np.ndarray,
+                    step: float = LOG_STEP) -> tuple | None:
+    """(blob, record fields, note) of a centered second moment stored as its
+    variance on log2 steps (the record's ``square_of``, the first moment's
+    leaf, is the saver's to add), or None."""
+    coded = encode(centered_variance(first, second), False, step)
+    if coded is None:
+        return None
+    blob, record, note = coded
+    return blob, {**record, "stored": STORED_ABOVE_SQUARE}, (
+        "centered: " + note.replace("values", "its variance over the first moment's square", 1))
 
 
 def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | None:

@@ -670,3 +670,96 @@ def test_large_masks_and_counts_restore_exactly(tmp_path, rows, target):
     jaxjpeg.save(tmp_path / "nu.jjpg", {"w": tree["w"], "nu": nu})
     with jaxjpeg.open(tmp_path / "nu.jjpg") as f:
         assert f.info("nu").quantized == ("log2", 0.0625)
+
+
+def _centered_rmsprop_state(noise, steps=120, seed=0):
+    """(params, optax centered RMSprop, its state, the last gradient):
+    gradients steady up to ``noise`` (relative)."""
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((128, 128)).astype(np.float32))
+    opt = optax.rmsprop(1e-3, centered=True)
+    state = opt.init(w)
+    g0 = rng.standard_normal(w.shape).astype(np.float32)
+    for _ in range(steps):
+        g = jnp.asarray(g0 * (1 + noise * rng.standard_normal(w.shape).astype(np.float32)))
+        _, state = opt.update(g, state, w)
+    return w, opt, state, g
+
+
+@pytest.mark.parametrize("target", [None, 4])
+@pytest.mark.parametrize("noise", [0.1, 1.0])
+def test_centered_rmsprop_restores_a_finite_next_update(tmp_path, target, noise):
+    """Found in session 31: optax.rmsprop(centered=True) divides by
+    sqrt(nu - mu^2); coded apart, the moments' 2.2% errors made that
+    negative where gradients are steady: NaN at 9346 of 16384 values of the
+    next update (10% noise). nu is stored as its variance over mu^2."""
+    w, opt, state, g = _centered_rmsprop_state(noise)
+    tree = {"params": w, "opt_state": state}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=target)
+    back = jaxjpeg.restore(tmp_path / "s.jjpg", target=tree)
+    want, _ = opt.update(g, state, w)
+    got, _ = opt.update(g, back["opt_state"], back["params"])
+    assert not np.isnan(np.asarray(got)).any()
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.03
+    with jaxjpeg.open(tmp_path / "s.jjpg") as f:
+        nu = f.get("opt_state/0/nu")
+        np.testing.assert_allclose(np.asarray(nu), np.asarray(state[0].nu), rtol=0.05)
+        np.testing.assert_array_equal(np.asarray(f.get_slice("opt_state/0/nu")[3:5]),
+                                      np.asarray(nu)[3:5])
+
+
+def test_torch_centered_rmsprop_and_adam_pairs(tmp_path):
+    """PyTorch's centered RMSprop (grad_avg / square_avg, one decay: square_avg
+    >= grad_avg^2 everywhere) is stored as its variance; Adam's moments (b1 0.9,
+    b2 0.999) break that identity and keep their own coding."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(96, 96))
+    rms = torch.optim.RMSprop([p], lr=1e-3, centered=True)
+    q = torch.nn.Parameter(torch.randn(96, 96))
+    adam = torch.optim.Adam([q], lr=1e-3)
+    g0 = torch.randn(96, 96)
+    for _ in range(60):
+        for opt, param in ((rms, p), (adam, q)):
+            opt.zero_grad()
+            param.grad = g0 * (1 + 0.1 * torch.randn(96, 96))
+            opt.step()
+    tree = {f"rms.{k}": v.numpy() for k, v in rms.state_dict()["state"][0].items() if v.ndim}
+    tree |= {f"adam.{k}": v.numpy() for k, v in adam.state_dict()["state"][0].items() if v.ndim}
+    jaxjpeg.save(tmp_path / "t.jjpg", tree)
+    got = jaxjpeg.restore(tmp_path / "t.jjpg")
+    variance = tree["rms.square_avg"] - tree["rms.grad_avg"] ** 2
+    restored = np.asarray(got["rms.square_avg"]) - np.asarray(got["rms.grad_avg"]) ** 2
+    assert restored.min() >= 0
+    np.testing.assert_allclose(restored, variance, rtol=0.03, atol=1e-6 * variance.max())
+    meta = jaxjpeg.format.ContainerReader(tmp_path / "t.jjpg").metadata
+    stored = {tuple(r["path"][0])[1]: r.get("stored") for r in meta["leaves"]}
+    assert stored["rms.square_avg"] == "quantized_above_square"
+    assert stored["adam.exp_avg_sq"] == "quantized"
+
+
+@pytest.mark.parametrize("case, edit", [
+    ("out of range", lambda r, first: 99),
+    ("itself", lambda r, first: r["index"]),
+    ("chained", lambda r, first: "chain"),
+    ("not an int", lambda r, first: 1.0),
+])
+def test_hostile_centered_records_are_refused(tmp_path, case, edit):
+    w, opt, state, g = _centered_rmsprop_state(0.1, steps=20)
+    path = tmp_path / "s.jjpg"
+    jaxjpeg.save(path, {"opt_state": state})
+
+    def hostile(meta):
+        leaves = meta["leaves"]
+        (i,) = [i for i, r in enumerate(leaves) if "square_of" in r]
+        first = leaves[i]["square_of"]
+        value = edit({"index": i}, first)
+        if value == "chain":   # the first moment made centered on the second
+            leaves[first] = {**leaves[i], "path": leaves[first]["path"], "square_of": i}
+            return meta
+        leaves[i]["square_of"] = value
+        return meta
+    assert_clear_error(rewrite(path, tmp_path / "h.jjpg", edit_meta=hostile),
+                       "first moment|centered|holds")
