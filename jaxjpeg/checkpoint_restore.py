@@ -37,7 +37,7 @@ class RestoreStats:
     payload_bytes_per_device: dict = dataclasses.field(default_factory=dict)
 
     def add(self, device, n: int) -> None:
-        key = str(device)
+        key = str(device if device is not None else default_device())
         self.payload_bytes_per_device[key] = self.payload_bytes_per_device.get(key, 0) + n
 
 
@@ -202,7 +202,7 @@ def in_memory_kind(value, request: LeafRequest, device):
     if request.memory_kind is None:
         return value
     where = (request.sharding if request.sharding is not None
-             else jax.sharding.SingleDeviceSharding(request.device or device,
+             else jax.sharding.SingleDeviceSharding(request.device or device or default_device(),
                                                     memory_kind=request.memory_kind))
     return jax.device_put(value, where)
 
@@ -958,6 +958,26 @@ def place_raw(array: np.ndarray, request: LeafRequest, device):
     return jax.device_put(array, request.device or device)
 
 
+def default_device() -> jax.Device:
+    """The device jax places uncommitted arrays on: jax.default_device's, else
+    this process's first."""
+    chosen = jax.config.jax_default_device
+    if isinstance(chosen, jax.Device):
+        return chosen
+    return jax.local_devices(backend=chosen)[0] if chosen else jax.local_devices()[0]
+
+
+def placement(device) -> jax.Device | None:
+    """Where restore, load and get place leaves given ``device=``:
+    :func:`one_device`, or, none given in a one-process run, None: uncommitted
+    on jax's default device, as ``jax.device_put(x)`` leaves an array (found
+    by review: committed to device 0, a jitted step over a batch sharded on
+    a mesh refused them, and ``jax.default_device`` was not followed)."""
+    if device is None and jax.process_count() == 1:
+        return None
+    return one_device(device)
+
+
 def one_device(device) -> jax.Device:
     """The one device a restore places leaves on: ``device`` (a jax.Device, or
     a sharding of one device), or this process's first (jax.devices()[0]
@@ -1006,7 +1026,9 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     (possibly with shardings) whose structure, dtypes and placement the result
     takes, or of ``jax.sharding.Sharding`` (each leaf placed so, in its saved
     dtype); it may cover a subset of the saved leaves (partial restore).
-    Without a target, the saved structure comes back as nested dicts/lists;
+    ``device`` (a jax.Device or a one-device sharding) places the leaves no
+    target places; without it they come back uncommitted on jax's default
+    device, as ``jax.device_put(x)`` leaves an array. Without a target, the saved structure comes back as nested dicts/lists;
     ``paths`` (glob patterns over slash-separated leaf paths) then selects a
     subset (each pattern must match a leaf; give ``target`` or ``paths``, not
     both). ``dtype`` changes the dtype of every floating-point leaf; integer
@@ -1014,7 +1036,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     """
     if target is not None and paths is not None:
         raise ValueError("give target or paths, not both: a target already names the leaves")
-    given, device = device, one_device(device)
+    given, device = device, placement(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is not None:
             requests, treedef = target_requests(ckpt, target, dtype)

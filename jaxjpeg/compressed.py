@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
 from jaxjpeg.checkpoint_restore import (add_whole_leaf, bucketed_kept, finish_leaf,
-                                        in_memory_kind, kept_values, one_device, place_raw,
+                                        in_memory_kind, kept_values, placement, place_raw,
                                         placed_dtype, saved_request, target_requests,
                                         with_device_memory)
 from jaxjpeg.treepaths import nest
@@ -104,12 +104,9 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
     on one device, so a target sharding it over several devices is refused
     (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
     """
-    given, device = device, one_device(device)
-    if given is None and jax.process_count() == 1:
-        # Uncommitted, as jax.device_put(x) leaves it (found by review: placed
-        # on the default device by name, jit(decode, out_shardings=<several
-        # devices>) refused the operands). One process's default device.
-        device = None
+    # (uncommitted where none is given, found by review: placed on the default
+    # device by name, jit(decode, out_shardings=<several devices>) refused them)
+    given, device = device, placement(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is None:
             requests = [saved_request(leaf, dtype) for leaf in ckpt.leaves]

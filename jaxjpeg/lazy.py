@@ -134,7 +134,8 @@ class LazyReader:
     def get(self, name: str, dtype=None, device=None, *,
             stats: cr.RestoreStats | None = None) -> jax.Array:
         """Leaf ``name`` decoded on ``device`` (a device or a sharding; default:
-        this process's first device), from only its own blobs.
+        uncommitted on jax's default device, as restore places it), from only
+        its own blobs.
 
         ``dtype`` changes a floating-point leaf's dtype, as in restore; integer
         and bool leaves keep theirs. ``stats`` counts the compressed bytes
@@ -142,7 +143,7 @@ class LazyReader:
         """
         leaf = self._leaf(name)
         request = self._request(leaf, dtype, device)
-        default = request.device or jax.local_devices()[0]
+        default = request.device or cr.placement(None)
         if leaf.kind == "raw":
             value = cr.place_raw(self._read_raw(leaf), request, default)
         elif request.sharding is not None:
@@ -189,7 +190,7 @@ class LazyReader:
         request = self._request(leaf, dtype, device)
         if request.sharding is not None:
             raise ValueError("get_slice takes one device, not a sharding")
-        device = request.device or jax.local_devices()[0]
+        device = request.device or cr.placement(None)
         if leaf.kind == "raw":
             out = cr.place_raw(self._read_raw(leaf)[tuple(slice(*r) for r in ranges)], request,
                                device)

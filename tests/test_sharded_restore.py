@@ -45,6 +45,7 @@ CHECKS = [
     "sharding_target_leaves_place_their_leaves",
     "host_memory_targets_come_back_in_host_memory",
     "loaded_leaves_decode_into_any_out_shardings",
+    "unplaced_restores_follow_the_default_device_and_meshes",
     "stacked_layers_saved_sharded_read_their_share",
 ]
 

@@ -318,6 +318,28 @@ def loaded_leaves_decode_into_any_out_shardings():
     np.testing.assert_array_equal(np.asarray(got["bias"]), TREE["bias"])
 
 
+@check
+def unplaced_restores_follow_the_default_device_and_meshes():
+    """Found by review: restore and get committed every leaf to device 0, so a
+    jitted step over a batch sharded on a mesh refused them, and
+    jax.default_device was not followed. Uncommitted, as load leaves them."""
+    batch = jax.device_put(np.ones((8, TREE["bias"].shape[0]), np.float32),
+                           NamedSharding(mesh((8,), ("x",)), P("x")))
+    params = jaxjpeg.restore(PATH, paths=["bias", "grid"])
+    step = jax.jit(lambda p, x: (x + p["bias"]).sum() + p["grid"].sum())
+    step(params, batch).block_until_ready()
+    with jax.default_device(jax.devices()[3]):
+        restored = jaxjpeg.restore(PATH)
+        with jaxjpeg.open(PATH) as f:
+            got = [f.get("grid"), f.get("bias"), f.get_slice("grid")[1:3]]
+    for value in [*jax.tree_util.tree_leaves(restored), *got]:
+        assert value.devices() == {jax.devices()[3]}, value.devices()
+        assert not value.committed
+    pinned = jaxjpeg.restore(PATH, device=jax.devices()[2])
+    assert all(v.committed and v.devices() == {jax.devices()[2]}
+               for v in jax.tree_util.tree_leaves(pinned))
+
+
 def saved_sharded(name, shape, sharding, **options):
     """(path, array, per-device tile bytes of a restore with ``sharding``, the
     leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
