@@ -406,3 +406,22 @@ def test_an_exact_name_in_a_policy_takes_that_leaf_alone(tmp_path):
     assert policy.names_lossless("layers[0]/kernel")
     assert not policy.should_compress("layers[0]/kernel", w)
     assert policy.should_compress("head[*]", w[:2, :2])
+
+
+@pytest.mark.parametrize("rate", [{"quality": 90}, {"error_bound": 0.05}, {"quant_step": 4.0}])
+def test_a_number_for_a_stack_does_nothing_under_fixed_rates(tmp_path, rate):
+    """Found by review: naming a stacked leaf in `sensitivity` turned its
+    per-layer steps off whatever the rate control, so under quality=90 the
+    smallest expert's error went 0.149 -> 0.60 and error_bound=0.05 was no
+    longer met per layer (0.136); a number only weighs leaves where the
+    default's or a byte target's steps follow it."""
+    rng = np.random.default_rng(0)
+    scales = np.linspace(0.5, 2, 4)[:, None, None]
+    tree = {"experts": {"wi": (rng.standard_normal((4, 256, 512)) / 16 * scales)
+                        .astype(np.float32)}}
+    files = []
+    for sensitivity in (None, {"experts/wi": 3.0}):
+        path = tmp_path / f"{sensitivity is None}.jjpg"
+        jaxjpeg.save(path, tree, sensitivity=sensitivity, **rate)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
