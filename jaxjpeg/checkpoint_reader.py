@@ -245,44 +245,9 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
 
 
 def _check_tiles_cover(leaf: SavedLeaf) -> None:
-    rows, cols = leaf.matrix_shape
-    area = 0
-    for row0, col0, height, width, intervals in leaf.tiles:
-        if not (0 <= row0 and 0 <= col0 and 1 <= height <= 65535 and 1 <= width <= 65535
-                and row0 + height <= rows and col0 + width <= cols):
-            raise fmt.FormatError(f"{leaf.path}: tile outside the tensor")
-        # The decoder decodes only the intervals the index lists: fewer than the
-        # tile has would leave part of the output unwritten (uninitialized memory).
-        needed = layout.intervals_per_tile(height, width, leaf.restart_interval)
-        if intervals != needed:
-            raise fmt.FormatError(f"{leaf.path}: tile at ({row0}, {col0}) records {intervals} "
-                                  f"restart intervals, its size needs {needed}")
-        area += height * width
-    if area != rows * cols or not _tiles_disjoint(leaf.tiles):
-        # Equal area alone is not enough: overlapping tiles leave a gap elsewhere,
-        # and a gap would come back as uninitialized memory.
-        raise fmt.FormatError(f"{leaf.path}: tiles do not cover the tensor")
-
-
-def _tiles_disjoint(tiles) -> bool:
-    """Whether in-bounds tiles overlap nowhere, on the grid compressed to their edges.
-
-    The writer's tiles form a grid (one compressed cell per tile); a layout
-    needing many more cells than tiles is refused, which bounds the memory.
-    """
-    t = np.array(tiles, np.int64)[:, :4]
-    row_edges = np.unique(np.concatenate([t[:, 0], t[:, 0] + t[:, 2]]))
-    col_edges = np.unique(np.concatenate([t[:, 1], t[:, 1] + t[:, 3]]))
-    if (len(row_edges) - 1) * (len(col_edges) - 1) > 4 * len(t) + 64:
-        return False
-    r0, r1 = np.searchsorted(row_edges, t[:, 0]), np.searchsorted(row_edges, t[:, 0] + t[:, 2])
-    c0, c1 = np.searchsorted(col_edges, t[:, 1]), np.searchsorted(col_edges, t[:, 1] + t[:, 3])
-    diff = np.zeros((len(row_edges), len(col_edges)), np.int64)  # 2-D difference array
-    np.add.at(diff, (r0, c0), 1)
-    np.add.at(diff, (r0, c1), -1)
-    np.add.at(diff, (r1, c0), -1)
-    np.add.at(diff, (r1, c1), 1)
-    return bool(np.all(diff.cumsum(0).cumsum(1)[:-1, :-1] <= 1))
+    problem = layout.tiling_problem(leaf.matrix_shape, leaf.tiles, leaf.restart_interval)
+    if problem is not None:
+        raise fmt.FormatError(f"{leaf.path}: {problem}")
 
 
 class Checkpoint:

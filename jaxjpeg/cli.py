@@ -571,6 +571,7 @@ def cmd_extract(args) -> int:
             for leaf in leaves:
                 for k in range(len(leaf.tiles)):
                     data = ckpt.reader.read_blob(layout.tile_blob(leaf.index, k), verify=True)
+                    _check_tile_file(ckpt, leaf, k, data)
                     written.append(os.path.join(args.outdir, files[leaf.index, k]))
                     with open(written[-1], "wb") as f:
                         f.write(data)
@@ -582,6 +583,21 @@ def cmd_extract(args) -> int:
             bar.close()
     print(f"wrote {len(files)} JPEG file(s) from {len(leaves)} leaves to {args.outdir}")
     return 0
+
+
+def _check_tile_file(ckpt, leaf, k: int, data) -> None:
+    """A tile is a JPEG file of the size, depth and restart interval its leaf
+    records (found by review: bytes that are no JPEG, or a header claiming
+    65535 x 65535, were written as .jpg files and the command succeeded)."""
+    from jaxjpeg import _native
+    from jaxjpeg.format import FormatError
+
+    _, width, height, bits, restart_interval = _native.tile_header(data)
+    _, _, rows, cols, _ = leaf.tiles[k]
+    if (width, height, bits, restart_interval) != (cols, rows, leaf.bits, leaf.restart_interval):
+        raise FormatError(f"{ckpt.path}: {leaf.path} tile {k} is a {width}x{height} "
+                          f"{bits}-bit JPEG with restart interval {restart_interval}; its "
+                          f"record says {cols}x{rows}, {leaf.bits}-bit, {leaf.restart_interval}")
 
 
 def _remove_quietly(files, directory=None) -> None:

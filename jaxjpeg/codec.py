@@ -167,8 +167,10 @@ def quant_table(*, bits: int, quality: int | None = None, quant_step: float | No
                              f"got {quant_step}")
         return np.full(64, round(quant_step), np.uint16)
     table = np.asarray(qtable)
-    if table.shape != (64,) or table.min() < 1 or table.max() > limit:
-        raise ValueError(f"qtable must have 64 entries in 1..{limit}")
+    # whole numbers only (found by review: 2.9 was coded as 2, NaN as 0)
+    if (table.shape != (64,) or table.dtype.kind not in "iuf"
+            or not np.all((table >= 1) & (table <= limit) & (table == np.floor(table)))):
+        raise ValueError(f"qtable must have 64 whole numbers in 1..{limit}")
     return table.astype(np.uint16)
 
 
@@ -666,6 +668,7 @@ def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence,
     ``bucketed``: see :meth:`PlanBuilder.finish`."""
     builder = PlanBuilder()
     for enc, dtype in zip(tensors, dtypes):
+        check_tiling(enc)
         out = builder.add_output(enc.matrix_shape, dtype, enc.row_scale, enc.row_offset,
                                  enc.col_scale,
                                  views.placement(enc.view, enc.shape) if placed else None)
@@ -675,6 +678,23 @@ def build_plan(tensors: Sequence[EncodedTensor], dtypes: Sequence,
                              interval_starts=tile.interval_starts, size=len(tile.data),
                              fill=_copy_into(tile.data))
     return builder.finish(bucketed=bucketed)
+
+
+def check_tiling(enc: EncodedTensor) -> None:
+    """ValueError unless ``enc``'s tiles cover its 2-D view exactly once, all
+    of one sample depth and restart interval, as a checkpoint records them
+    (found by review: a save with a user's encoder wrote files no restore
+    reads, and decode_tensor returned uninitialized memory for a gap)."""
+    kinds = {(tile.bits, tile.restart_interval) for tile in enc.tiles}
+    if len(kinds) > 1 or any(bits != enc.bits for bits, _ in kinds):
+        raise ValueError(f"tiles of {len(kinds)} sample depths or restart intervals; a "
+                         "tensor's tiles share its bits and one restart interval")
+    problem = layout.tiling_problem(
+        enc.matrix_shape, [(t.row0, t.col0, t.height, t.width, t.num_intervals)
+                           for t in enc.tiles],
+        enc.tiles[0].restart_interval if enc.tiles else 0)
+    if problem is not None:
+        raise ValueError(f"bad tiling of the {enc.matrix_shape} view: {problem}")
 
 
 def decode_tile(enc: EncodedTensor, tile: Tile, threads: int = 0) -> np.ndarray:

@@ -195,6 +195,52 @@ def intervals_per_tile(height: int, width: int, restart_interval: int) -> int:
     return -(-blocks // restart_interval) if restart_interval else 1
 
 
+def tiling_problem(matrix_shape: tuple[int, int], tiles, restart_interval: int) -> str | None:
+    """Why tiles ``(row0, col0, height, width, intervals)`` do not cover a
+    ``matrix_shape`` view exactly once, each with the restart intervals its
+    size needs, or None. A decode writes only what the tiles' intervals
+    cover: a gap or an overlap would leave part of the output unwritten
+    (uninitialized memory)."""
+    rows, cols = matrix_shape
+    if not tiles:
+        return "no tiles"
+    area = 0
+    for row0, col0, height, width, intervals in tiles:
+        if not (0 <= row0 and 0 <= col0 and 1 <= height <= 65535 and 1 <= width <= 65535
+                and row0 + height <= rows and col0 + width <= cols):
+            return "tile outside the tensor"
+        needed = intervals_per_tile(height, width, restart_interval)
+        if intervals != needed:
+            return (f"tile at ({row0}, {col0}) records {intervals} restart intervals, its size "
+                    f"needs {needed}")
+        area += height * width
+    # Equal area alone is not enough: overlapping tiles leave a gap elsewhere.
+    if area != rows * cols or not _tiles_disjoint(tiles):
+        return "tiles do not cover the tensor"
+    return None
+
+
+def _tiles_disjoint(tiles) -> bool:
+    """Whether in-bounds tiles overlap nowhere, on the grid compressed to their edges.
+
+    The writer's tiles form a grid (one compressed cell per tile); a layout
+    needing many more cells than tiles is refused, which bounds the memory.
+    """
+    t = np.array(tiles, np.int64)[:, :4]
+    row_edges = np.unique(np.concatenate([t[:, 0], t[:, 0] + t[:, 2]]))
+    col_edges = np.unique(np.concatenate([t[:, 1], t[:, 1] + t[:, 3]]))
+    if (len(row_edges) - 1) * (len(col_edges) - 1) > 4 * len(t) + 64:
+        return False
+    r0, r1 = np.searchsorted(row_edges, t[:, 0]), np.searchsorted(row_edges, t[:, 0] + t[:, 2])
+    c0, c1 = np.searchsorted(col_edges, t[:, 1]), np.searchsorted(col_edges, t[:, 1] + t[:, 3])
+    diff = np.zeros((len(row_edges), len(col_edges)), np.int64)  # 2-D difference array
+    np.add.at(diff, (r0, c0), 1)
+    np.add.at(diff, (r0, c1), -1)
+    np.add.at(diff, (r1, c0), -1)
+    np.add.at(diff, (r1, c1), 1)
+    return bool(np.all(diff.cumsum(0).cumsum(1)[:-1, :-1] <= 1))
+
+
 # ---------------------------------------------------------------- leaf paths
 
 

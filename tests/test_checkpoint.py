@@ -1284,6 +1284,14 @@ def test_error_bound_holds_for_half_precision_leaves(tmp_path, dtype):
     (dict(quant_step=float("nan")), ValueError, "quant_step must be a positive finite"),
     (dict(target_bytes=float("nan")), ValueError, "target_bytes must be a positive finite"),
     (dict(target_ratio=float("inf")), ValueError, "target_ratio must be a positive finite"),
+    # found by review: an OverflowError, a TypeError of a comparison, True taken as 1
+    (dict(bits_per_weight=float("inf")), ValueError, "bits_per_weight must be a positive"),
+    (dict(target_ratio="8"), ValueError, "target_ratio must be a positive finite"),
+    (dict(target_ratio=True), ValueError, "target_ratio must be a positive finite"),
+    (dict(quality=True), ValueError, "quality must be in 1..100"),
+    (dict(quality=90.5), ValueError, "quality must be in 1..100"),
+    (dict(qtable=[2.9] * 64), ValueError, "64 whole numbers"),
+    (dict(qtable=[float("nan")] * 64), ValueError, "64 whole numbers"),
     (dict(error_bound=0.01, sensitivity={"w": -1.0}), ValueError, "finite and non-negative"),
     (dict(quant_step=4, sensitivity={"w": float("nan")}), ValueError, "finite and non-negative"),
 ])

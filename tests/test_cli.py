@@ -683,3 +683,25 @@ def test_a_manager_root_reads_its_newest_complete_step_of_its_own_naming(tmp_pat
     code, _, err = run(capsys, "compress", root, tmp_path / "r.jjpg")
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "r.jjpg")["w"]), 12)
+
+
+@pytest.mark.parametrize("damage", ["not a jpeg", "huge frame"])
+def test_extract_refuses_tiles_that_are_not_their_records_jpeg(tmp_path, capsys, damage):
+    """Found by review: a tile blob that is no JPEG, or whose frame claims
+    65535 x 65535 (valid checksums), was written as a .jpg and extract exited 0."""
+    from test_checkpoint_corruption import rewrite
+
+    src = tmp_path / "s.jjpg"
+    jaxjpeg.save(src, {"w": np.random.default_rng(0).normal(size=(64, 96)).astype(np.float32)})
+
+    def edit(blobs):
+        tile = blobs["leaf0/tile0.jpg"]
+        if damage == "not a jpeg":
+            blobs["leaf0/tile0.jpg"] = b"not a jpeg at all" * 8
+        else:   # the SOF0 frame's height and width fields
+            sof = tile.index(b"\xff\xc0")
+            blobs["leaf0/tile0.jpg"] = tile[:sof + 5] + b"\xff\xff\xff\xff" + tile[sof + 9:]
+    bad = rewrite(src, tmp_path / "bad.jjpg", edit_blobs=edit)
+    code, _, err = run(capsys, "extract", bad, tmp_path / "out")
+    assert code == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

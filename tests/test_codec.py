@@ -309,3 +309,27 @@ def test_native_steps_are_checked_not_narrowed(bad):
         _native.measure_steps(samples, ones, ones * 0, np.array([4.0, bad]), 8, 0)
     ok = _native.encode(samples, np.full(64, 2.0))
     assert ok == _native.encode(samples, np.full(64, 2, np.uint16))
+
+
+def test_tilings_that_leave_gaps_or_mix_intervals_are_refused(tmp_path):
+    """Found by review: decode_tensor of tiles leaving a quarter of the view
+    uncovered returned uninitialized memory there, and a save with a user's
+    encoder giving such tiles (or tiles of two restart intervals) wrote a
+    file no restore reads."""
+    import dataclasses
+
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    enc = codec.encode_tensor(x, quality=90, tile_shape=(32, 32))
+    other = codec.encode_tensor(x, quality=90, tile_shape=(32, 32), restart_interval=8)
+    moved = dataclasses.replace(enc.tiles[3], row0=0, col0=0)
+    bad = {"gap": dataclasses.replace(enc, tiles=enc.tiles[:3]),
+           "overlap": dataclasses.replace(enc, tiles=enc.tiles[:3] + (moved,)),
+           "mixed": dataclasses.replace(enc, tiles=enc.tiles[:2] + other.tiles[2:])}
+    for name, coding in bad.items():
+        with pytest.raises(ValueError, match="cover|restart intervals"):
+            codec.decode_tensor(coding)
+        with pytest.raises(ValueError, match="encoder's coding of 'w'"):
+            jaxjpeg.save(tmp_path / f"{name}.jjpg", {"w": x}, encoder=lambda n, a, c=coding: c)
+        assert not (tmp_path / f"{name}.jjpg").exists()
+    np.testing.assert_array_equal(codec.decode_tensor(enc), codec.decode_tensor(
+        dataclasses.replace(enc, tiles=enc.tiles[::-1])))
