@@ -23,8 +23,8 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxjpeg import (analysis, codec, embeddings, format as fmt, layout, magnitudes, prng_keys,
-                     stacks, storage)
+from jaxjpeg import (analysis, buffers, codec, embeddings, format as fmt, layout, magnitudes,
+                     prng_keys, stacks, storage)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
@@ -97,10 +97,13 @@ class Policy:
                 and leaf.size // layers >= self.min_size)
 
     def names_lossless(self, path: str) -> bool:
-        """A ``lossless`` pattern matches: stored exactly under every rate
-        control (byte targets store the other small leaves as float16 or
-        quantized) and left as it is by bias correction."""
-        return path_matches(path, self.lossless)
+        """A ``lossless`` pattern matches, or the path names a buffer computed
+        by a formula (jaxjpeg.buffers) that no ``compress`` pattern names:
+        stored exactly under every rate control (byte targets store the
+        other small leaves as float16 or quantized) and left as it is by
+        bias correction."""
+        return path_matches(path, self.lossless) or (
+            buffers.is_constant_buffer(path) and not path_matches(path, self.compress))
 
     def for_leaves(self, names) -> "Policy":
         """This policy with each ``compress`` and ``lossless`` pattern that
@@ -781,7 +784,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         if signed is not None:
             return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed)
         if policy.names_lossless(leaf.name):
-            return leaf.name, None, array.nbytes
+            return leaf.name, None, _exact_bytes(array)
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
@@ -1640,8 +1643,10 @@ class _Save:
             blobs = [(layout.raw_blob(index), blob)]
             stored = memoryview(blob).nbytes
         else:
-            blobs = [(layout.raw_blob(index), np.ascontiguousarray(array))]
-            extra, stored = {"kind": "raw"}, array.nbytes
+            blob, extra = ((np.ascontiguousarray(array), {"kind": "raw"})
+                           if leaf.prng_impl is not None else _exact_blob(array))
+            blobs = [(layout.raw_blob(index), blob)]
+            stored = blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
             if enc is not None:
                 note = "stored raw: coding would not make it smaller"
             elif name in self.exact:
@@ -1837,18 +1842,39 @@ DEFLATE_HALF_MAX_BYTES = 4 * 2**20
 DEFLATE_PAYS = 0.5
 
 
+def _deflated(array: np.ndarray) -> bytes | None:
+    """``array``'s values as deflated byte planes (layout.deflate_planes)
+    where that is smaller, else None; one over DEFLATE_HALF_MAX_BYTES only
+    where its first 4 MiB deflate to DEFLATE_PAYS of their size."""
+    flat = array.reshape(-1)
+    if flat.dtype.byteorder == ">":
+        flat = flat.astype(flat.dtype.newbyteorder("<"))
+    if flat.nbytes > DEFLATE_HALF_MAX_BYTES:
+        sample = flat[:DEFLATE_HALF_MAX_BYTES // flat.itemsize]
+        if len(layout.deflate_planes(sample)) > DEFLATE_PAYS * sample.nbytes:
+            return None
+    packed = layout.deflate_planes(flat)
+    return packed if len(packed) < flat.nbytes else None
+
+
 def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored as float16."""
     record = {"kind": "raw", "stored": "float16"}
-    flat = half.reshape(-1).astype("<f2")
-    if half.nbytes > DEFLATE_HALF_MAX_BYTES:   # larger ones when a sample shows it pays
-        sample = flat[:DEFLATE_HALF_MAX_BYTES // 2]
-        if len(layout.deflate_planes(sample)) > DEFLATE_PAYS * sample.nbytes:
-            return np.ascontiguousarray(half), record
-    packed = layout.deflate_planes(flat)
-    if len(packed) < half.nbytes:
+    packed = _deflated(half)
+    if packed is not None:
         return packed, {**record, "deflated": True}
     return np.ascontiguousarray(half), record
+
+
+def _exact_blob(array: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
+    """(blob, record fields) of a leaf stored exactly in its own dtype,
+    deflated where that is smaller (found by review: a (1024, 1024) causal
+    mask of finfo.min took 4 MB a layer, a bool one 1 MB; byte targets then
+    coded the first on a linear step, its finfo.min no longer exact)."""
+    packed = _deflated(array)
+    if packed is not None:
+        return packed, {"kind": "raw", "deflated": True}
+    return np.ascontiguousarray(array), {"kind": "raw"}
 
 
 # Under a byte target a float32 kernel too small for JPEG (ndim >= 2, kept
@@ -1919,7 +1945,10 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
         logged = magnitudes.encode(array, signed=first_moment, step=magnitudes.HALF_LIKE_STEP)
         if logged is not None:
             options.append(logged)
-    return min(options, key=lambda o: memoryview(o[0]).nbytes, default=None)
+    blob, extra = _exact_blob(array)
+    if extra.get("deflated"):   # masks, counts: exact and smaller than any of these
+        options.append((blob, extra, "stored exactly, deflated"))
+    return min(options, key=lambda o: _nbytes(o), default=None)
 
 
 def _within_half_range(array: np.ndarray) -> bool:
@@ -1933,7 +1962,8 @@ def _within_half_range(array: np.ndarray) -> bool:
 
 
 def _nbytes(stored: tuple) -> int:
-    return memoryview(stored[0]).nbytes
+    blob = stored[0]
+    return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
 
 def _exact_half(array: np.ndarray) -> tuple | None:
@@ -2309,7 +2339,13 @@ def _thin_shaped(array: np.ndarray) -> bool:
 
 def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False) -> int:
     lossy = _lossy_raw(array, limits, first_moment)
-    return array.nbytes if lossy is None else memoryview(lossy[0]).nbytes
+    return _exact_bytes(array) if lossy is None else _nbytes(lossy)
+
+
+def _exact_bytes(array: np.ndarray) -> int:
+    """The bytes of a leaf stored exactly (_exact_blob)."""
+    blob, _ = _exact_blob(array)
+    return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
 
 def _coding_note(name, array, enc) -> tuple[str, str | None]:

@@ -177,8 +177,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         # by review); numpy takes at most 2**62 elements.
         # A sparse quantized leaf's bitmap is deflated: at most 8 values a
         # bit and zlib's 1032 bytes a byte.
+        # Deflated raw values, zlib's 1032 bytes a byte at most.
         per_byte = (8 * 1032 if record.get("kind") == "raw" and record.get("stored") == "quantized"
-                    and "nonzeros" in record else 256)
+                    and "nonzeros" in record
+                    else 1032 if record.get("kind") == "raw" and record.get("deflated") is True
+                    else 256)
         if (any(d < 0 for d in shape) or math.prod(shape) > file_size * per_byte + 2**20
                 or math.prod(d for d in shape if d) >= 2**62):
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
@@ -188,8 +191,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
             return _key_leaf(leaf, record)
         if leaf.kind == "raw":
             stored = record.get("stored")
-            if stored is None:
-                return leaf
+            if stored is None:   # its own dtype; deflated byte planes since session 31
+                deflated = record.get("deflated", False)
+                if type(deflated) is not bool:
+                    raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
+                return dataclasses.replace(leaf, deflated=deflated)
             if (stored == "quantized" and len(shape) >= 1
                     and quantizable(leaf.dtype)):
                 try:
@@ -353,10 +359,10 @@ class Checkpoint:
         stored = leaf.stored_dtype or leaf.dtype
         if leaf.deflated:
             try:
-                values = layout.inflate_planes(data, stored.newbyteorder("<"), math.prod(leaf.shape))
+                data = layout.inflate_planes(data, stored.newbyteorder("<"),
+                                             math.prod(leaf.shape)).view(np.uint8)
             except ValueError as e:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
-            return values.reshape(leaf.shape).astype(leaf.dtype)
         expected = math.prod(leaf.shape) * stored.itemsize
         if len(data) != expected:
             raise fmt.FormatError(f"{self.path}: {leaf.path} holds {len(data)} bytes, "

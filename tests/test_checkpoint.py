@@ -1402,3 +1402,60 @@ def test_a_byte_target_too_small_for_the_leaves_kept_says_it_in_the_users_terms(
     with pytest.raises(ValueError, match=rf"target size {target} is below the \d+ bytes of leaves "
                                          r"stored without JPEG .* plus the \d+ of the JPEG-coded"):
         jaxjpeg.save(tmp_path / "t.jjpg", tree, target_bytes=target, policy=policy)
+
+
+@pytest.mark.parametrize("target", [None, 8])
+def test_masks_and_buffers_are_exact_and_deflated(tmp_path, target):
+    """Found by review: a (1, 1, 1024, 1024) causal mask of finfo.min was stored
+    raw (4 MB a layer) and under a byte target on a linear step (finfo.min came
+    back -3.4008e38); a bool one took 1 MB; rotary inv_freq took log2 steps at
+    8x (angles 3.3 rad off at position 4095) and its cosine tables were
+    JPEG-coded (0.25 off). Exact leaves are deflated where that is smaller,
+    and formula buffers (jaxjpeg.buffers) are kept exact."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+    angles = np.outer(np.arange(512, dtype=np.float32), inv_freq)
+    tree = {f"h.{i}.attn.c_attn.weight": rng.normal(0, 0.02, (768, 768)).astype(np.float32)
+            for i in range(4)}
+    tree |= {"h.0.attn.bias": np.triu(np.full((1, 1, 512, 512), np.finfo(np.float32).min,
+                                              np.float32), 1),
+             "h.0.attn.bool_mask": np.tril(np.ones((512, 512), bool)),
+             "h.0.attn.bf16_mask": np.triu(np.full((256, 256), ml_dtypes.finfo(
+                 ml_dtypes.bfloat16).min, ml_dtypes.bfloat16), 1),
+             "position_ids": np.arange(2048, dtype=np.int32)[None],
+             "rotary_emb.inv_freq": inv_freq,
+             "rotary_emb.cos_cached": np.cos(angles)[None, None]}
+    report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=target)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
+    for name in tree:
+        if "weight" not in name:
+            np.testing.assert_array_equal(np.asarray(got[name]), tree[name], err_msg=name)
+    assert stored["h.0.attn.bias"] < tree["h.0.attn.bias"].nbytes / 50
+    assert stored["h.0.attn.bool_mask"] < tree["h.0.attn.bool_mask"].nbytes / 50
+    assert stored["h.0.attn.bf16_mask"] < tree["h.0.attn.bf16_mask"].nbytes / 20
+    with jaxjpeg.open(tmp_path / "m.jjpg") as f:
+        np.testing.assert_array_equal(np.asarray(f.get_slice("h.0.attn.bool_mask")[3:7, :9]),
+                                      tree["h.0.attn.bool_mask"][3:7, :9])
+    coded = jaxjpeg.save(tmp_path / "c.jjpg", tree,
+                         policy=jaxjpeg.Policy(compress=("*cos_cached",)))
+    assert {leaf.path: leaf.kind for leaf in coded.leaves}["rotary_emb.cos_cached"] == "jpeg"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.update(deflated=1), "bad 'deflated'"),
+    (lambda r: r.update(deflated=False), "holds"),
+])
+def test_hostile_deflated_raw_leaves(tmp_path, edit, words):
+    from test_checkpoint_corruption import assert_clear_error, rewrite
+
+    src = tmp_path / "s.jjpg"
+    jaxjpeg.save(src, {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32),
+                       "mask": np.tril(np.ones((256, 256), bool))})
+
+    def hostile(meta):
+        (record,) = [r for r in meta["leaves"] if r.get("deflated")]
+        edit(record)
+    assert_clear_error(rewrite(src, tmp_path / "h.jjpg", edit_meta=hostile), words)

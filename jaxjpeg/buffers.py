@@ -1,0 +1,26 @@
+"""Buffers a model computes by a formula rather than learns, kept exact.
+
+Rotary position embeddings store their frequencies (``inv_freq``) and, in
+some models, tables of their cosines and sines (``cos_cached``,
+``sin_cached``, vLLM's ``cos_sin_cache``). They are not weights: every
+position's angle is ``position * inv_freq``, so a relative error of 2^-10
+in a frequency moves position 4095's angle by several radians (found by
+review: at 8x ``inv_freq`` took log2 steps, as a second moment would, and
+the angles were 3.3 rad off; by default the JPEG-coded cosine tables came
+back up to 0.25 off). Found by the last name of a leaf's path (parts split
+at '/' and '.'); a ``Policy(compress=...)`` pattern naming one codes it.
+"""
+
+from __future__ import annotations
+
+import re
+
+CONSTANT_BUFFER_NAMES = frozenset({
+    "inv_freq", "cos_cached", "sin_cached", "_cos_cached", "_sin_cached", "cos_sin_cache",
+    "freqs_cis", "freqs_cos", "freqs_sin", "rope_cache",
+})
+
+
+def is_constant_buffer(path: str) -> bool:
+    """Whether leaf ``path``'s last name is a formula's buffer's."""
+    return re.split(r"[/.]", path)[-1] in CONSTANT_BUFFER_NAMES
