@@ -289,7 +289,8 @@ def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf
         size = ckpt.tile_size(leaf, k)
         builder.add_tile(out, (r0 - origin[0], c0 - origin[1], h, w), bits=leaf.bits,
                          restart_interval=leaf.restart_interval, interval_starts=maps.index[k],
-                         size=size, fill=ckpt.tile_filler(leaf, k, maps.index[k]))
+                         size=size, fill=ckpt.tile_filler(leaf, k, maps.index[k]),
+                         label=f"{leaf.path} tile {k} in {ckpt.path}")
         payload += size
     return payload
 
@@ -456,25 +457,26 @@ def _dispatch(prepared: _Prepared, requests, stats):
         stats.add(prepared.device, prepared.payload)
     decode = _leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                              _finishes([requests[i] for i in prepared.indices]))
-    with ops.jpeg_errors():
+    with ops.jpeg_errors(plan.tile_labels):
         return decode(*jax.device_put((ops.plan_operands(plan), prepared.kept), prepared.device))
 
 
-def _check(status) -> None:
-    with ops.jpeg_errors():
-        ops.check_status(status)
+def _check(status, labels: codec.TileLabels) -> None:
+    with ops.jpeg_errors(labels):
+        ops.check_status(status, labels)
 
 
-def _check_all(statuses) -> None:
-    for status in statuses:
-        _check(status)
+def _check_all(checks) -> None:
+    """Each (status, its plan's tile labels) of ``checks``."""
+    for status, labels in checks:
+        _check(status, labels)
 
 
 def _restore_unsharded(ckpt, requests, device, stats) -> list:
     """Unsharded JPEG leaves in one decode call on one device."""
     prepared = _prepare_jpeg(ckpt, requests, list(range(len(requests))), device)
     status, outputs = _dispatch(prepared, requests, stats)
-    _check(status)
+    _check(status, prepared.plan.tile_labels)
     return outputs
 
 
@@ -540,12 +542,13 @@ def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
                                                          prepared.regions, stats)
                     for i, array in zip(prepared.indices, arrays):
                         values[i] = array
+                    checks = list(zip(statuses, (r.plan.tile_labels for r in prepared.regions)))
                 else:
                     status, outputs = _dispatch(prepared, requests, stats)
                     for i, array in zip(prepared.indices, outputs):
                         values[i] = array
-                    statuses = [status]
-                in_flight.append(statuses)
+                    checks = [(status, prepared.plan.tile_labels)]
+                in_flight.append(checks)
                 del prepared  # its host plan is the device's now
                 while len(in_flight) > _IN_FLIGHT:
                     _check_all(in_flight.popleft())
@@ -621,7 +624,7 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
         decode = _shards_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                                  tuple(cut for _, cut, _ in device_plan.shards),
                                  tuple(dtype for _, _, dtype in device_plan.shards))
-        with ops.jpeg_errors():
+        with ops.jpeg_errors(plan.tile_labels):
             status, outputs = decode(*jax.device_put((ops.plan_operands(plan), device_plan.kept),
                                                      device_plan.device))
         statuses.append(status)
@@ -638,10 +641,9 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
 
 
 def _restore_sharded(ckpt, request, stats) -> jax.Array:
-    statuses, (array,) = _dispatch_sharded([request], [0], _prepare_sharded(ckpt, [request], [0]),
-                                           stats)
-    for status in statuses:
-        _check(status)
+    plans = _prepare_sharded(ckpt, [request], [0])
+    statuses, (array,) = _dispatch_sharded([request], [0], plans, stats)
+    _check_all(zip(statuses, (p.plan.tile_labels for p in plans)))
     return array
 
 
@@ -717,7 +719,7 @@ def _dispatch_region(region: _Region, stats):
     # most of a sharded restore's time.)
     decode = _shards_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                              (region.cut,), (region.dtype.name,))
-    with ops.jpeg_errors():
+    with ops.jpeg_errors(plan.tile_labels):
         status, (shard,) = decode(*jax.device_put((ops.plan_operands(plan), [region.kept]),
                                                   region.device))
     return status, shard
@@ -729,9 +731,9 @@ def decode_region(ckpt: Checkpoint, leaf: SavedLeaf, ranges, dtype, device, maps
     none empty) of a JPEG leaf, decoded on ``device`` from only the tiles its
     2-D box overlaps; ``maps`` from :func:`read_maps`, ``kept`` from
     :func:`kept_values` (the leaf's whole side list, or None)."""
-    status, shard = _dispatch_region(plan_region(ckpt, leaf, ranges, dtype, device, maps, kept),
-                                     stats)
-    _check(status)
+    region = plan_region(ckpt, leaf, ranges, dtype, device, maps, kept)
+    status, shard = _dispatch_region(region, stats)
+    _check(status, region.plan.tile_labels)
     return shard
 
 

@@ -463,6 +463,11 @@ class DecodePlan:
     output_shapes: tuple[tuple[int, int], ...]
     output_dtypes: tuple[np.dtype, ...]
     block_map: np.ndarray        # int32 [CUDA decode blocks, 2]: a hint (see decode_plan.h)
+    labels: tuple = ()           # per tile: what an error names (a leaf's path and tile)
+
+    @property
+    def tile_labels(self) -> "TileLabels":
+        return TileLabels(self.tiles[:len(self.labels), _FIRST_INTERVAL].copy(), self.labels)
 
 
 class PlanBuilder:
@@ -474,6 +479,7 @@ class PlanBuilder:
     """
 
     def __init__(self):
+        self._labels: list[str | None] = []
         self._tiles: list[list[int]] = []
         self._starts: list[np.ndarray] = []
         self._fills: list = []
@@ -526,13 +532,16 @@ class PlanBuilder:
 
     def add_tile(self, output: int, tile_box: tuple[int, int, int, int], *, bits: int,
                  restart_interval: int, interval_starts: np.ndarray, size: int, fill,
-                 affine_row0: int | None = None, col_scale0: int | None = None) -> None:
+                 affine_row0: int | None = None, col_scale0: int | None = None,
+                 label: str | None = None) -> None:
         """A tile at ``tile_box = (row0, col0, height, width)`` of ``output``.
 
         ``affine_row0`` / ``col_scale0`` are the tile's first row in the
         output's affine arrays and first column in its column scales (default:
-        its row and column in the output).
+        its row and column in the output). ``label`` is what a decode error
+        in the tile names (:func:`failed_tile`).
         """
+        self._labels.append(label)
         row0, col0, height, width = tile_box
         affine_base, col_base = self._affine_bases[output], self._col_bases[output]
         rows, cols = self._shapes[output]
@@ -590,7 +599,32 @@ class PlanBuilder:
             output_shapes=tuple(self._shapes),
             output_dtypes=tuple(self._dtypes),
             block_map=_native.block_map(starts, tiles, [output_type(d) for d in self._dtypes]),
+            labels=tuple(self._labels),
         )
+
+
+_FIRST_INTERVAL = 9   # the plan's tiles column holding a tile's first interval
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLabels:
+    """What a decode error names: each tile's label and first interval of a
+    plan (small: kept until a decode's status is checked, the plan is not)."""
+
+    first_interval: np.ndarray
+    labels: tuple
+
+    def of_interval(self, interval: int) -> tuple[str, int] | None:
+        """(the label of the tile holding ``interval`` (a failure's), the
+        interval's number in that tile), or None (found by review: errors
+        named an interval of the plan, 12 from restore and 0 from get for
+        one damaged tile, and not the leaf)."""
+        if not self.labels or interval < 0:
+            return None
+        k = int(np.searchsorted(self.first_interval, interval, side="right")) - 1
+        if not 0 <= k < len(self.labels) or self.labels[k] is None:
+            return None
+        return self.labels[k], interval - int(self.first_interval[k])
 
 
 def bucketed_size(n: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -117,23 +118,35 @@ def decode_plan(plan: codec.DecodePlan, operands=None):
 _FAILURE_TEXT = _native.plan_failure(_native.pack_plan_status(0, 1)).split(" 0:")[0]
 
 
-def check_status(status) -> None:
-    """Raises JpegError if a decode reported a corrupt interval (waits for it)."""
+def check_status(status, labels: codec.TileLabels | None = None) -> None:
+    """Raises JpegError if a decode reported a corrupt interval (waits for it),
+    naming the tile it lies in where the plan's ``labels`` are given."""
     value = int(np.asarray(status)[0])
     if value != _native.PLAN_OK:
-        raise codec.JpegError(_native.plan_failure(value))
+        raise codec.JpegError(_naming_tile(_native.plan_failure(value), labels))
+
+
+def _naming_tile(text: str, labels: codec.TileLabels | None) -> str:
+    match = re.search(r"restart interval (\d+)", text)
+    found = None if labels is None or match is None else labels.of_interval(int(match[1]))
+    if found is None:
+        return text
+    label, interval = found
+    return f"{text[:match.start()]}restart interval {interval} of {label}{text[match.end():]}"
 
 
 @contextlib.contextmanager
-def jpeg_errors():
-    """Inside: a decode failure, however jax raises it, becomes a JpegError."""
+def jpeg_errors(labels: codec.TileLabels | None = None):
+    """Inside: a decode failure, however jax raises it, becomes a JpegError
+    (naming the tile, as check_status does)."""
     try:
         yield
     except (RuntimeError, ValueError) as e:
         if isinstance(e, codec.JpegError) or _FAILURE_TEXT not in str(e):
             raise
         text = str(e)
-        raise codec.JpegError(text[text.index(_FAILURE_TEXT):].splitlines()[0]) from None
+        raise codec.JpegError(_naming_tile(text[text.index(_FAILURE_TEXT):].splitlines()[0],
+                                           labels)) from None
 
 
 def run_checked(decode, operands):

@@ -17,6 +17,7 @@ Findings these tests pin down:
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -707,3 +708,17 @@ def test_verify_checks_side_lists_as_restore_does(tmp_path, capsys):
         jaxjpeg.restore(bad)
     assert cli.main(["verify", str(bad)]) == 1
     assert "outlier positions" in capsys.readouterr().out
+
+
+def test_decode_errors_name_the_leaf_and_tile(corrupt_stream, tmp_path):
+    """Found by review: a damaged interval was named by its number in the
+    decode plan (12 from restore, 0 from get for the same damage), and not
+    its leaf or tile; now every restore path names the tile's own interval."""
+    want = rf"restart interval 1 of w tile 1 in {re.escape(str(corrupt_stream))}"
+    with pytest.raises(jaxjpeg.JpegError, match=want):
+        jaxjpeg.restore(corrupt_stream)
+    with jaxjpeg.open(corrupt_stream) as f:
+        with pytest.raises(jaxjpeg.JpegError, match=want):
+            f.get("w")
+        with pytest.raises(jaxjpeg.JpegError, match=want):
+            f.get_slice("w")[:, 40:]
