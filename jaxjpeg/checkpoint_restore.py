@@ -674,6 +674,8 @@ def add_region(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf, ra
                              (tr1 - tr0, tc1 - tc0), codec.written_dtype(dtype), maps,
                              placement)
     region_kept = None if kept is None else _kept_in_shard(kept, leaf.shape, ranges)
+    if region_kept is not None:   # the region's own (found by review: a get_slice was
+        check_values_fit(region_kept[1], dtype, leaf.path)   # refused for another's)
     if placement is None:
         cut = ((tr1 - tr0, tc1 - tc0), tuple(leaf.shape), tuple(ranges), (tr0, tc0),
                leaf.view.perm, leaf.view.split, region_kept is not None, False)

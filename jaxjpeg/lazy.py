@@ -203,7 +203,7 @@ class LazyReader:
             with ckpt.prefetch([leaf], cr.region_tiles(leaf, ranges)):
                 out = cr.decode_region(ckpt, leaf, ranges, request.dtype, device,
                                        cr.read_maps(ckpt, leaf),
-                                       cr.kept_values(ckpt, leaf, request.dtype),
+                                       cr.kept_values(ckpt, leaf),   # checked by region
                                        stats)
         if flips:
             out = out[tuple(slice(None, None, -1) if a in flips else slice(None)

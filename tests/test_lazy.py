@@ -336,3 +336,20 @@ def test_a_closed_reader_refuses_reads(saved):
     with pytest.raises(ValueError):
         f.get("dense")
     assert math.prod(f.info("dense").shape) == TREE["dense"].size  # the header stays known
+
+
+def test_a_slice_is_refused_only_for_its_own_kept_values(tmp_path):
+    """Found by review: get_slice(dtype=bfloat16) of rows 0:10 was refused for
+    a kept -finfo.max in row 77; the rows holding it still are."""
+    import jax.numpy as jnp
+
+    k = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    k[77, 5] = -np.finfo(np.float32).max
+    jaxjpeg.save(tmp_path / "s.jjpg", {"k": k})
+    with jaxjpeg.open(tmp_path / "s.jjpg") as f:
+        rows = f.get_slice("k", dtype=jnp.bfloat16)[0:10]
+        assert rows.dtype == jnp.bfloat16 and rows.shape == (10, 256)
+        with pytest.raises(ValueError, match="would become inf"):
+            f.get_slice("k", dtype=jnp.bfloat16)[70:80]
+        with pytest.raises(ValueError, match="would become inf"):
+            f.get("k", dtype=jnp.bfloat16)
