@@ -538,12 +538,15 @@ def test_uncoded_float32_leaves_become_float16_only_under_byte_targets(tmp_path)
             "scale": (1 + 0.1 * rng.standard_normal(256)).astype(np.float32),
             "tiny_var": np.full(64, 1e-9, np.float32)}   # below float16's precision
     default = jaxjpeg.save(tmp_path / "d.jjpg", tree)
-    assert {l.path: l.stored_bytes for l in default.leaves}["scale"] == 1024
+    # exact (deflated where that is smaller, since session 31)
+    assert {l.path: l.stored_bytes for l in default.leaves}["scale"] <= 1024
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "d.jjpg")["scale"]),
+                                  tree["scale"])
     target = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=8)
     stored = {l.path: l for l in target.leaves}
     # float16 rounded to 8 significand bits, as deflated byte planes
     assert stored["scale"].stored_bytes < 512 and "float16" in stored["scale"].note
-    assert stored["tiny_var"].stored_bytes == 256
+    assert stored["tiny_var"].stored_bytes <= 256   # exact, deflated
     got = jaxjpeg.restore(tmp_path / "t.jjpg")
     assert got["scale"].dtype == jnp.float32
     assert _rel(got["scale"], tree["scale"]) < 2 ** -9
