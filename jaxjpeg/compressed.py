@@ -9,6 +9,7 @@ the compressed size and expand them in its own step function.
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -76,6 +77,20 @@ class CompressedArray:
     def __repr__(self):
         return (f"CompressedArray(shape={self.shape}, dtype={self.dtype.name}, "
                 f"nbytes={self.nbytes})")
+
+
+def _tuples(value):
+    """JSON's lists back as the tuples an aux datum holds."""
+    return tuple(map(_tuples, value)) if isinstance(value, list) else value
+
+
+# jax.export serializes the pytree structures of an exported function's
+# arguments: a loaded tree passed to an exported decode needs its node type
+# registered (found by review: serialize() refused CompressedArray).
+jax.export.register_pytree_node_serialization(
+    CompressedArray, serialized_name="jaxjpeg.CompressedArray",
+    serialize_auxdata=lambda aux: json.dumps(aux).encode(),
+    deserialize_auxdata=lambda data: _tuples(json.loads(data)))
 
 
 def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:

@@ -332,3 +332,19 @@ def test_cuda_lowering_sizes_the_workspace_for_the_destuff_pass(mixed):
     assert f"tensor<{n * _native.PLAN_OUTPUT_SIZE}xui8>" in cpu_results
     assert cuda_results.replace(str(want), "W") == cpu_results.replace(
         str(n * _native.PLAN_OUTPUT_SIZE), "W")
+
+
+def test_a_decoding_function_exports_and_serializes(tmp_path):
+    """Found by review: jax.export's serialize() refused the loaded tree's
+    CompressedArray nodes; README says how to export such a function."""
+    from jax import export
+
+    x = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    jaxjpeg.save(tmp_path / "e.jjpg", {"w": x})
+    loaded = jaxjpeg.load(tmp_path / "e.jjpg")
+    f = jax.jit(lambda c, v: v @ jaxjpeg.decode(c)["w"])
+    v = jnp.ones((2, 64))
+    exported = export.export(f, disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("jaxjpeg_decode")])(loaded, v)
+    again = export.deserialize(exported.serialize())
+    np.testing.assert_array_equal(np.asarray(again.call(loaded, v)), np.asarray(f(loaded, v)))
