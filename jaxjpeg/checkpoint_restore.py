@@ -123,6 +123,12 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
             raise ValueError(f"{name}: target shape {want.shape} != saved shape {saved.shape}")
         want_dtype = restored_dtype(saved.dtype, dtype, want.dtype, name)
         sharding = want.sharding
+        if sharding is not None:
+            try:   # found by review: jax's IndivisibleError named no leaf
+                sharding.addressable_devices_indices_map(saved.shape)
+            except ValueError as e:
+                raise ValueError(f"{name}: the target's sharding cannot lay out its shape "
+                                 f"{saved.shape}: {e}") from None
         memory_kind = other_memory_kind(sharding)
         device = None
         # One device of this process: decoded with the other unsharded leaves.

@@ -46,6 +46,7 @@ CHECKS = [
     "host_memory_targets_come_back_in_host_memory",
     "loaded_leaves_decode_into_any_out_shardings",
     "unplaced_restores_follow_the_default_device_and_meshes",
+    "an_indivisible_sharding_names_its_leaf",
     "stacked_layers_saved_sharded_read_their_share",
 ]
 

@@ -340,6 +340,20 @@ def unplaced_restores_follow_the_default_device_and_meshes():
                for v in jax.tree_util.tree_leaves(pinned))
 
 
+@check
+def an_indivisible_sharding_names_its_leaf():
+    """Found by review: jax's IndivisibleError named no leaf of the tree."""
+    target = {"bias": jax.ShapeDtypeStruct((1024,), np.float32),
+              "grid": jax.ShapeDtypeStruct((1024, 2048), np.float32,
+                                           sharding=NamedSharding(mesh((3,), ("x",)), P("x")))}
+    try:
+        jaxjpeg.restore(PATH, target=target)
+    except ValueError as e:
+        assert str(e).startswith("grid: the target's sharding cannot lay out"), e
+    else:
+        raise AssertionError("an indivisible sharding was taken")
+
+
 def saved_sharded(name, shape, sharding, **options):
     """(path, array, per-device tile bytes of a restore with ``sharding``, the
     leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
