@@ -234,7 +234,12 @@ def _target_leaf(name: str, want, saved: SavedLeaf) -> _Want:
     if isinstance(want, (bool, int, float, complex, np.generic)):
         return _Want(tuple(saved.shape), None, None)
     if hasattr(want, "shape") and hasattr(want, "dtype"):
-        return _Want(tuple(want.shape), want.dtype, getattr(want, "sharding", None))
+        # An uncommitted array places nothing, as jax would not (found by
+        # review: restore(path, target=model.init(...)) came back committed
+        # to device 0 and a step over a mesh-sharded batch refused it).
+        placed = not (isinstance(want, jax.Array) and not want.committed)
+        return _Want(tuple(want.shape), want.dtype,
+                     getattr(want, "sharding", None) if placed else None)
     raise TypeError(f"{name}: a target leaf must be an array, a jax.ShapeDtypeStruct or a "
                     f"jax.sharding.Sharding, got {type(want).__name__}")
 
@@ -1037,8 +1042,10 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     takes, or of ``jax.sharding.Sharding`` (each leaf placed so, in its saved
     dtype); it may cover a subset of the saved leaves (partial restore).
     ``device`` (a jax.Device or a one-device sharding) places the leaves no
-    target places; without it they come back uncommitted on jax's default
-    device, as ``jax.device_put(x)`` leaves an array. Without a target, the saved structure comes back as nested dicts/lists;
+    target places (an uncommitted array places none); without it they come
+    back uncommitted on jax's default device, as ``jax.device_put(x)``
+    leaves an array (under jax.distributed: committed to this process's
+    first device). Without a target, the saved structure comes back as nested dicts/lists;
     ``paths`` (glob patterns over slash-separated leaf paths) then selects a
     subset (each pattern must match a leaf; give ``target`` or ``paths``, not
     both). ``dtype`` changes the dtype of every floating-point leaf; integer

@@ -38,6 +38,9 @@ class CompressedArray:
         self.dtype = np.dtype(dtype)
         self.view = view or MatrixView.default(len(self.shape))
         self.kept = None if kept is None else tuple(kept)
+        # What an eager decode's error names (not a pytree field: traced
+        # copies have none, and a jitted decode's error cannot be renamed)
+        self.labels: codec.TileLabels | None = None
 
     @property
     def nbytes(self) -> int:
@@ -55,10 +58,11 @@ class CompressedArray:
         handler raises, while on the GPU the status word is not checked (the
         bytes were checksummed when loaded). Dtypes the decoder does not write
         (float64, integers) decode to float32 and are cast, as restore does."""
-        status, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
-                                    output_dtypes=(codec.written_dtype(self.dtype),))
-        if not isinstance(status, jax.core.Tracer):
-            ops.check_status(status)
+        with ops.jpeg_errors(self.labels):
+            status, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
+                                        output_dtypes=(codec.written_dtype(self.dtype),))
+            if not isinstance(status, jax.core.Tracer):
+                ops.check_status(status, self.labels)
         return finish_leaf(out, self.shape, self.view, self.kept).astype(placed_dtype(self.dtype))
 
     def tree_flatten(self):
@@ -101,7 +105,10 @@ def _compressed_leaf(ckpt, leaf, dtype, device) -> CompressedArray:
     plan = builder.finish(bucketed=True)
     kept = bucketed_kept(kept_values(ckpt, leaf, dtype))
     operands, kept = jax.device_put((ops.plan_operands(plan), kept), device)
-    return CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype, leaf.view, kept)
+    compressed = CompressedArray(operands, plan.output_shapes[0], leaf.shape, dtype, leaf.view,
+                                 kept)
+    compressed.labels = plan.tile_labels
+    return compressed
 
 
 def load(path, target=None, *, dtype=None, device=None, verify: bool = True):

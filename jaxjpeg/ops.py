@@ -127,7 +127,7 @@ def check_status(status, labels: codec.TileLabels | None = None) -> None:
 
 
 def _naming_tile(text: str, labels: codec.TileLabels | None) -> str:
-    match = re.search(r"restart interval (\d+)", text)
+    match = re.search(r"restart interval (\d+)(?! of )", text)   # (not named yet)
     found = None if labels is None or match is None else labels.of_interval(int(match[1]))
     if found is None:
         return text
@@ -142,7 +142,12 @@ def jpeg_errors(labels: codec.TileLabels | None = None):
     try:
         yield
     except (RuntimeError, ValueError) as e:
-        if isinstance(e, codec.JpegError) or _FAILURE_TEXT not in str(e):
+        if isinstance(e, codec.JpegError):   # raised inside, perhaps without the tile named
+            named = _naming_tile(str(e), labels)
+            if named == str(e):
+                raise
+            raise codec.JpegError(named) from None
+        if _FAILURE_TEXT not in str(e):
             raise
         text = str(e)
         raise codec.JpegError(_naming_tile(text[text.index(_FAILURE_TEXT):].splitlines()[0],

@@ -1459,3 +1459,11 @@ def test_hostile_deflated_raw_leaves(tmp_path, edit, words):
         (record,) = [r for r in meta["leaves"] if r.get("deflated")]
         edit(record)
     assert_clear_error(rewrite(src, tmp_path / "h.jjpg", edit_meta=hostile), words)
+
+
+def test_a_whole_float_quality_is_taken(tmp_path):
+    """Found by review: quality=90.0 was refused as not in 1..100."""
+    tree = {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)}
+    a = jaxjpeg.save(tmp_path / "a.jjpg", tree, quality=90.0)
+    b = jaxjpeg.save(tmp_path / "b.jjpg", tree, quality=90)
+    assert a.file_bytes == b.file_bytes

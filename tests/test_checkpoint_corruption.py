@@ -722,3 +722,5 @@ def test_decode_errors_name_the_leaf_and_tile(corrupt_stream, tmp_path):
             f.get("w")
         with pytest.raises(jaxjpeg.JpegError, match=want):
             f.get_slice("w")[:, 40:]
+    with pytest.raises(jaxjpeg.JpegError, match=want):   # an eager decode of a loaded tree
+        jaxjpeg.decode(jaxjpeg.load(corrupt_stream))

@@ -328,6 +328,9 @@ def unplaced_restores_follow_the_default_device_and_meshes():
     params = jaxjpeg.restore(PATH, paths=["bias", "grid"])
     step = jax.jit(lambda p, x: (x + p["bias"]).sum() + p["grid"].sum())
     step(params, batch).block_until_ready()
+    # a target of uncommitted arrays (model.init's) places nothing either
+    step(jaxjpeg.restore(PATH, target=jax.tree.map(jax.numpy.zeros_like, params)),
+         batch).block_until_ready()
     with jax.default_device(jax.devices()[3]):
         restored = jaxjpeg.restore(PATH)
         with jaxjpeg.open(PATH) as f:
