@@ -21,6 +21,11 @@ CONSTANT_BUFFER_NAMES = frozenset({
 })
 
 
+# ... and the last two: Meta's LLaMA checkpoints keep rope.freqs (found by review)
+CONSTANT_BUFFER_ENDINGS = frozenset({("rope", "freqs"), ("rotary_emb", "freqs")})
+
+
 def is_constant_buffer(path: str) -> bool:
-    """Whether leaf ``path``'s last name is a formula's buffer's."""
-    return re.split(r"[/.]", path)[-1] in CONSTANT_BUFFER_NAMES
+    """Whether leaf ``path``'s last name (or two) is a formula's buffer's."""
+    parts = re.split(r"[/.]", path)
+    return parts[-1] in CONSTANT_BUFFER_NAMES or tuple(parts[-2:]) in CONSTANT_BUFFER_ENDINGS

@@ -309,6 +309,8 @@ def _why_raw(array: np.ndarray) -> str | None:
             scaled = np.where(finite, array / top, 0.0)
             if top * math.sqrt(float(np.mean(np.square(scaled)))) < MIN_CODED_RMS:
                 return "stored raw: its values are too small to code (RMS below 2^-90)"
+    if _few_values(array):
+        return f"stored exactly: it takes at most {FEW_VALUES} distinct values (a mask?)"
     if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:
         return (f"stored raw: more than 1/{round(1 / MAX_KEPT_FRACTION)} of its values are "
                 "NaN, infinite or extreme")
@@ -766,13 +768,15 @@ def _error_bound_encoder(bound, bits, leaf_coder):
 # Bytes the container adds per blob and per leaf beyond the coded data:
 # alignment padding (on average 32 before a blob of fmt.LARGE_BLOB bytes or
 # more, 4 before a smaller one: fmt.blob_offset) and their records in the
-# deflated header (measured on EfficientNet-lite1: 16 per blob, 7 per leaf;
-# leaves' records are as repetitive as their names, so 12 leaves room for
-# less regular ones: 24 left 600 small leaves' targets 2-4% under, random
-# hex names too, found by review).
+# deflated header: 16 per blob, 2-7 per leaf (measured on EfficientNet-lite1
+# and on trees of 1-300 Dense layers), and the header's own 350-425 (its
+# JSON skeleton, the rate record, zlib's framing). Found by review: 24 per
+# leaf and no header left 600 small leaves' targets 2-4% under, a 10-leaf
+# training state's 2% over.
 _BLOB_RECORD = 16
 _SMALL_BLOB_OVERHEAD = 4 + _BLOB_RECORD
-_LEAF_OVERHEAD = 12
+_LEAF_OVERHEAD = 8
+_HEADER_OVERHEAD = 192
 
 
 def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape,
@@ -829,11 +833,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
+        if policy.names_lossless(leaf.name) or (log_coding is not None
+                                                and log_coding.keeps_exact(leaf.name, array)):
+            return leaf.name, None, _exact_bytes(array)
         signed = log_coding.signed(leaf.name, array) if log_coding is not None else None
         if signed is not None:
             return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed)
-        if policy.names_lossless(leaf.name):
-            return leaf.name, None, _exact_bytes(array)
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
@@ -864,7 +869,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 coded.add(name)
                 curves[name], sens[name], tiles[name] = measured
                 overhead += tiles[name]
-        overhead += (fmt.PREAMBLE_SIZE + _LEAF_OVERHEAD * len(entries)
+        overhead += (fmt.PREAMBLE_SIZE + _HEADER_OVERHEAD + _LEAF_OVERHEAD * len(entries)
                      + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
 
@@ -1622,6 +1627,21 @@ class _Save:
                 "leaves": records,
                 **({layout.USER_METADATA_KEY: self.user_metadata} if self.has_metadata else {})}
 
+    def _jpeg_coded(self, name: str, array: np.ndarray, signed: bool | None) -> bool:
+        return signed is None and (name in self.coded if self.coded is not None
+                                   else _is_coded(self.policy, name, array))
+
+    def _centered_first(self, name: str, values: np.ndarray) -> "tuple | None":
+        """(leaf, values) of the first moment of centered second moment
+        ``name`` (of ``values``), where it is stored as a raw leaf (a JPEG
+        one cannot be squared back), else None."""
+        found = self.log_coding.centered_first(name, values)
+        if found is None:
+            return None
+        first, array = found
+        signed = self.log_coding.signed(first.name, array)
+        return None if self._jpeg_coded(first.name, array, signed) else found
+
     def store(self, item) -> tuple[list, dict, LeafReport, str | None]:
         """Leaf ``index`` as (blobs, record, report, warning or None): loaded and
         coded (or kept raw)."""
@@ -1637,9 +1657,9 @@ class _Save:
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
         if leaf.prng_impl is not None:
             record[prng_keys.FIELD] = leaf.prng_impl
-        signed = self.log_coding.signed(name, array)
-        coded = signed is None and (name in self.coded if self.coded is not None
-                                    else _is_coded(self.policy, name, array))
+        paired_exact = self.log_coding.keeps_exact(name, array)
+        signed = None if paired_exact else self.log_coding.signed(name, array)
+        coded = not paired_exact and self._jpeg_coded(name, array, signed)
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
         if not coded and signed is None and self.policy.should_compress(name, array):
@@ -1656,11 +1676,15 @@ class _Save:
             note = "stored raw: no coding meets the error bound"
         lossy = None
         if signed is not None:
-            lossy = self.log_coding.stored(array, signed, name=name)
+            first, first_values = self._centered_first(name, array) or (None, None)
+            lossy = self.log_coding.stored(array, signed, first=first_values)
             note = "" if lossy is not None else self.log_coding.exact_note(array)
-            if lossy is not None and lossy[1].get("stored") == magnitudes.STORED_ABOVE_SQUARE:
-                first = self.log_coding.centered[name].name
-                lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first]}, lossy[2])
+            if first is not None and lossy is not None:
+                lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]},
+                         lossy[2])
+        elif paired_exact:
+            note = ("stored exactly: the other moment of its centered pair is kept lossless "
+                    "(jaxjpeg.magnitudes)")
         elif (self.lossy_rate and not coded and name not in self.exact
               and not self.policy.names_lossless(name)):   # found by review: float16
             lossy = _lossy_raw(array, self.vector_limits.get(name),
@@ -1895,24 +1919,57 @@ def _half_copy(array: np.ndarray) -> np.ndarray | None:
 # float16 copies up to this size are stored as deflated byte planes: 8% less
 # on BatchNorm vectors (their high bytes repeat), too slow for large leaves.
 DEFLATE_HALF_MAX_BYTES = 4 * 2**20
-# Larger ones are deflated where their first 4 MiB deflate to at most this
-# share: masks and counts (a 3 M-value 0/1 mask: 8 -> 0.6 MB, 0.4 s).
+# Larger ones are deflated where a sample deflates to at most this share:
+# masks and counts (a 3 M-value 0/1 mask: 8 -> 0.6 MB, 0.4 s).
 DEFLATE_PAYS = 0.5
+FAST_DEFLATE_BYTES = 64 * 2**20
 
 
 def _deflated(array: np.ndarray) -> bytes | None:
     """``array``'s values as deflated byte planes (layout.deflate_planes)
     where that is smaller, else None; one over DEFLATE_HALF_MAX_BYTES only
-    where its first 4 MiB deflate to DEFLATE_PAYS of their size."""
-    flat = array.reshape(-1)
-    if flat.dtype.byteorder == ">":
-        flat = flat.astype(flat.dtype.newbyteorder("<"))
-    if flat.nbytes > DEFLATE_HALF_MAX_BYTES:
-        sample = flat[:DEFLATE_HALF_MAX_BYTES // flat.itemsize]
-        if len(layout.deflate_planes(sample)) > DEFLATE_PAYS * sample.nbytes:
-            return None
-    packed = layout.deflate_planes(flat)
+    where a sample deflates to DEFLATE_PAYS of its size; one over
+    FAST_DEFLATE_BYTES at zlib's fastest level (found by review: 100 M int8
+    values of 0..3 took 10 s to deflate at level 6, 2 s at 1 for 13% more
+    bytes; a 0/1 mask's planes take 40% more at 1)."""
+    flat = _little_endian(array)
+    if flat.nbytes > DEFLATE_HALF_MAX_BYTES and _sampled_deflate_share(flat) > DEFLATE_PAYS:
+        return None
+    level = 1 if flat.nbytes > FAST_DEFLATE_BYTES else layout.DEFLATE_LEVEL
+    packed = layout.deflate_planes(flat, level)
     return packed if len(packed) < flat.nbytes else None
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    return flat.astype(flat.dtype.newbyteorder("<")) if flat.dtype.byteorder == ">" else flat
+
+
+# A large leaf's deflated share is estimated on this many pieces of 256 KiB
+# spread over it (found by review: its first 4 MiB alone were zeros, and a
+# random leaf was deflated whole for 8%).
+_DEFLATE_SAMPLE_PIECES = 16
+
+
+def _sampled_deflate_share(flat: np.ndarray) -> float:
+    """The share of its size a large 1-D ``flat`` deflates to, estimated at
+    zlib's fastest level on pieces spread over it."""
+    piece = max(1, (1 << 18) // flat.itemsize)
+    starts = np.linspace(0, max(0, flat.size - piece), _DEFLATE_SAMPLE_PIECES).astype(np.int64)
+    sample = np.concatenate([flat[s:s + piece] for s in starts])
+    return len(layout.deflate_planes(sample, 1)) / max(1, sample.nbytes)
+
+
+def _exact_bytes(array: np.ndarray) -> int:
+    """The bytes of a leaf stored exactly (_exact_blob); a large one's
+    estimated from a sample (a byte target's analysis deflated each such
+    leaf, and its store again)."""
+    flat = _little_endian(array)
+    if flat.nbytes <= DEFLATE_HALF_MAX_BYTES:
+        blob, _ = _exact_blob(array)
+        return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
+    share = _sampled_deflate_share(flat)
+    return flat.nbytes if share > DEFLATE_PAYS else int(share * flat.nbytes)
 
 
 def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
@@ -1928,11 +1985,32 @@ def _exact_blob(array: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored exactly in its own dtype,
     deflated where that is smaller (found by review: a (1024, 1024) causal
     mask of finfo.min took 4 MB a layer, a bool one 1 MB; byte targets then
-    coded the first on a linear step, its finfo.min no longer exact)."""
+    coded the first on a linear step, its finfo.min no longer exact), or as
+    float16 where that holds a float32 leaf exactly and is smaller still (a
+    0/1 mask: 1.3 bits a value, 2.6 as float32's planes)."""
     packed = _deflated(array)
-    if packed is not None:
-        return packed, {"kind": "raw", "deflated": True}
-    return np.ascontiguousarray(array), {"kind": "raw"}
+    best = ((packed, {"kind": "raw", "deflated": True}) if packed is not None
+            else (np.ascontiguousarray(array), {"kind": "raw"}))
+    half = _half_exactly(array)
+    if half is not None:
+        blob, record = _half_blob(half)
+        if _nbytes((blob,)) < _nbytes(best):
+            return blob, record
+    return best
+
+
+def _half_exactly(array: np.ndarray) -> np.ndarray | None:
+    """A float32 leaf as float16 where every value is one, else None."""
+    if array.dtype != np.float32 or array.size == 0:
+        return None
+    flat = array.reshape(-1)
+    head = flat[:4096]   # most leaves are refused here, before a full copy
+    if not np.array_equal(head.astype(np.float16).astype(np.float32), head, equal_nan=True):
+        return None
+    half = flat.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), flat, equal_nan=True):
+        return None
+    return half.reshape(array.shape)
 
 
 # Under a byte target a float32 kernel too small for JPEG (ndim >= 2, kept
@@ -1960,7 +2038,8 @@ def _small_kernel_limits(array: np.ndarray):
     return quantized_vectors.StepLimits(np.float64(SMALL_KERNEL_STEP * rms))
 
 
-def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tuple | None:
+def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
+               exact_option: bool = True) -> tuple | None:
     """(blob, record fields, note) of a leaf kept out of JPEG under a byte
     target: quantized within the step ``limits`` allow (a BatchNorm vector,
     see jaxjpeg.priors.batchnorm_vector_steps; a small kernel, see
@@ -1976,6 +2055,9 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
 
     if array.size <= 1:   # a step counter, a learning rate: exact (found by review:
         return None       # PyTorch's step 3001 came back 3000, optax's b2 0.998)
+    if _few_values(array):   # a mask, a code book: exact (review: a linear step moved -1e9)
+        blob, extra = _exact_blob(array)
+        return (blob, extra, "") if exact_option and extra.get("deflated") else None
     moment = limits is None and (first_moment or magnitudes.is_second_moment(array))
     # a moment's float16 copy is refused first where a value lies where
     # float16 holds none of its kind (a 16 M-value leaf's copy took seconds)
@@ -2003,8 +2085,8 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False) -> tu
         logged = magnitudes.encode(array, signed=first_moment, step=magnitudes.HALF_LIKE_STEP)
         if logged is not None:
             options.append(logged)
-    blob, extra = _exact_blob(array)
-    if extra.get("deflated"):   # masks, counts: exact and smaller than any of these
+    blob, extra = _exact_blob(array) if exact_option else (None, {})
+    if extra.get("deflated"):   # counts, buffers: exact and smaller than any of these
         options.append((blob, extra, ""))   # (its note: why it is not coded)
     return min(options, key=lambda o: _nbytes(o), default=None)
 
@@ -2024,20 +2106,56 @@ def _nbytes(stored: tuple) -> int:
     return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
 
-def _exact_half(array: np.ndarray) -> tuple | None:
-    """(blob, record fields, note) of a float32 leaf every value of which
-    float16 holds exactly, stored as float16 bit for bit; else None."""
-    if array.dtype != np.float32 or array.size == 0:
-        return None
+# A leaf of at most this many distinct values (a mask, a code book, a
+# quantized layer's levels) is stored exactly, deflated: JPEG and log2 steps
+# move the values it holds (found by review: a {0, -1e9} attention mask
+# came back 7.6e7 off where it attends, a float16 0/1 mask as 0 / 0.992).
+FEW_VALUES = 16
+
+
+def _few_values(array: np.ndarray) -> bool:
+    """Whether a float ``array`` takes 2 to FEW_VALUES distinct values, each
+    four times on average; a sample decides first, then each value is checked
+    against the sample's (a NaN never matches: such leaves are not few)."""
     flat = array.reshape(-1)
-    head = flat[:4096]   # most leaves are refused here, before a full copy
-    if not np.array_equal(head.astype(np.float16).astype(np.float32), head):
+    if flat.size < 2 or array.dtype.kind not in "fV":
+        return False
+    from jaxjpeg import quantized_vectors
+
+    values = np.unique(quantized_vectors.sampled(flat, 4096))
+    # not a constant leaf (JPEG's blocks are DC alone), and values that repeat
+    if not 2 <= values.size <= min(FEW_VALUES, flat.size // 4):
+        return False
+    for start in range(0, flat.size, 1 << 22):
+        if not np.isin(flat[start:start + (1 << 22)], values).all():
+            return False
+    return True
+
+
+def _exact_alternative(array: np.ndarray) -> tuple | None:
+    """(blob, record fields, note) of a leaf stored exactly: one of few
+    values in its own dtype, deflated; a float32 one every value of which
+    float16 holds as float16, deflated where that pays; else None."""
+    if array.size == 0:
         return None
-    half = flat.astype(np.float16)
-    if not np.array_equal(half.astype(np.float32), flat):
+    if _few_values(array):
+        blob, extra = _exact_blob(array)
+        return blob, extra, "stored exactly: a leaf of few values, deflated"
+    half = _half_exactly(array)
+    if half is None:
         return None
-    blob, record = _half_blob(half.reshape(array.shape))
+    blob, record = _half_blob(half)
     return blob, record, "stored exactly as float16 (every value is one)"
+
+
+def _stored_values(array: np.ndarray, stored: tuple | None) -> np.ndarray:
+    """The values a leaf stored as ``stored`` (blob, record fields, note; None:
+    exactly) restores to; exact codings give the leaf itself."""
+    from jaxjpeg import quantized_vectors
+
+    if stored is None or stored[1].get("stored") != "quantized":
+        return array
+    return quantized_vectors.restored_values(array, stored[0], stored[1])
 
 
 def _keeps_each_value(array: np.ndarray, restored) -> bool:
@@ -2198,19 +2316,55 @@ class _LogCoding:
                                      held[path_string(partner)].array()))
         first, self.magnitude_seconds = _named_first_moments(leaves, policy, read, self.first)
         self.first |= first
-        self.centered: dict[str, SourceLeaf] = {}   # second moment -> its first, centered
-        self._find_centered(held, {path_string(f): path_string(p) for f, p in pairs.items()})
-
-    def _find_centered(self, held: dict[str, SourceLeaf], value_pairs: dict[str, str]) -> None:
-        """The centered pairs (magnitudes.is_centered) among leaves held in
-        memory, paired by their values or their names."""
+        # Centered pairs (magnitudes.is_centered), found where a leaf is
+        # stored (found by review: looked for among leaves held in memory
+        # only, `jaxjpeg compress` of a centered RMSprop state restored NaN
+        # updates): the pairs by name among every leaf, lossless ones too,
+        # and by value among those held.
+        by_name = {path_string(leaf.records): leaf for leaf in leaves
+                   if leaf.size > 0 and leaf.dtype == np.float32}
         named = magnitudes.named_first_moments(
-            (tuple(map(tuple, leaf.records)), leaf.shape) for leaf in held.values())
-        pairs = {**{path_string(f): path_string(p) for f, p in named.items()}, **value_pairs}
-        for first, second in pairs.items():
-            if (first in self.first and second in held and second not in self.centered
-                    and magnitudes.is_centered(held[first].array(), held[second].array())):
-                self.centered[second] = held[first]
+            (tuple(map(tuple, leaf.records)), leaf.shape) for leaf in by_name.values())
+        self._pairs = {path_string(f): path_string(p) for f, p in named.items()}
+        self._pairs.update((path_string(f), path_string(p)) for f, p in pairs.items()
+                           if path_string(f) in by_name and path_string(p) in by_name)
+        self._leaves = by_name
+        self._partner = {**{s: f for f, s in self._pairs.items()}, **self._pairs}
+        self._centered: dict[str, bool] = {}   # a pair's first moment -> centered
+
+    def _is_centered_pair(self, first: str, first_values=None, second_values=None) -> bool:
+        """Whether the pair of first moment ``first`` is centered, from the
+        values given or read (once: the answer is kept)."""
+        if first not in self._centered:
+            if first_values is None:
+                first_values = self._leaves[first].array()
+            if second_values is None:
+                second_values = self._leaves[self._pairs[first]].array()
+            self._centered[first] = magnitudes.is_centered(first_values, second_values)
+        return self._centered[first]
+
+    def centered_first(self, name: str, values: np.ndarray) -> "tuple | None":
+        """(the first moment's leaf, its values) of second moment ``name``
+        (of ``values``) where the pair is centered, else None."""
+        first = self._partner.get(name)
+        if first is None or self._pairs.get(first) != name:
+            return None
+        first_values = self._leaves[first].array()
+        if not self._is_centered_pair(first, first_values, values):
+            return None
+        return self._leaves[first], first_values
+
+    def keeps_exact(self, name: str, values: np.ndarray) -> bool:
+        """Whether leaf ``name`` (of ``values``) is stored exactly because
+        the other leaf of its centered pair is (a ``lossless`` pattern names
+        it): coded alone, its error swamps the pair's variance (found by
+        review: NaN next updates at half the values)."""
+        partner = self._partner.get(name)
+        if partner is None or not self.policy.names_lossless(partner):
+            return False
+        if self._pairs.get(partner) == name:   # this is the second moment
+            return self._is_centered_pair(partner, second_values=values)
+        return name in self._pairs and self._is_centered_pair(name, first_values=values)
 
     def named_pairs(self, leaves: Sequence[SourceLeaf]) -> dict[int, int]:
         """{first moment: its second moment} as positions in ``leaves``, as
@@ -2227,8 +2381,9 @@ class _LogCoding:
         first, seconds = _named_first_moments(leaves, self.policy, False, self.first)
         self.first |= first
         self.magnitude_seconds |= seconds
-        self._find_centered({path_string(leaf.records): leaf for leaf in leaves
-                             if _may_be_moment(leaf, self.policy)}, {})
+        # its own leaves, held, stand in for the stand-ins (centered pairs)
+        self._leaves.update((path_string(leaf.records), leaf) for leaf in leaves
+                            if path_string(leaf.records) in self._leaves)
 
     def signed(self, name: str, array: np.ndarray) -> bool | None:
         """True: coded with signs; False: values >= 0; None: not on log2 steps."""
@@ -2244,17 +2399,18 @@ class _LogCoding:
         return False if magnitudes.is_second_moment(array) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
-               name: str | None = None) -> tuple | None:
-        """(blob, record fields, note), or None: stored exactly. A leaf
-        float16 holds exactly (a 0/1 mask, counts) is stored so where that
-        is smaller (found in session 31: a float32 0/1 mask restored as 0 /
-        0.992 by default, 0 / 1.164 at 8x); a centered second moment
-        (``name`` in :attr:`centered`) as its variance."""
-        first = self.centered.get(name)
+               first: np.ndarray | None = None) -> tuple | None:
+        """(blob, record fields, note), or None: stored exactly. A leaf of
+        few values or float16 holds exactly (a 0/1 mask, counts) is stored
+        exactly where that is smaller (found in session 31: a float32 0/1
+        mask restored as 0 / 0.992 by default, 0 / 1.164 at 8x; review: a
+        float16 one too); a centered second moment of ``first`` (the first
+        moment's values) as its variance."""
+        step = step or self.step
         if first is not None:
-            return self._stored_centered(first.array(), array, step or self.step)
-        exact = _exact_half(array)
-        coded = magnitudes.encode(array, signed, step or self.step)
+            return self._stored_centered(first, array, step)
+        exact = _exact_alternative(array)
+        coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
         if coded is None or self.error_bound is None:
@@ -2263,6 +2419,9 @@ class _LogCoding:
         return coded if err <= self.error_bound * np.linalg.norm(array.astype(np.float64)) else None
 
     def _stored_centered(self, first: np.ndarray, second: np.ndarray, step: float) -> tuple | None:
+        """The variance coding, its error under an error bound measured as
+        restore gives it: over the first moment as it is stored (found by
+        review: checked against its exact values, the bound was missed 2x)."""
         from jaxjpeg import quantized_vectors
 
         coded = magnitudes.encode_centered(first, second, step)
@@ -2270,8 +2429,9 @@ class _LogCoding:
             return coded
         variance = quantized_vectors.restored_values(
             second, coded[0], {**coded[1], "stored": "quantized"})
-        restored = magnitudes.above_square(variance, first).astype(np.float64)
-        err = np.linalg.norm(restored - second.astype(np.float64))
+        restored = magnitudes.above_square(variance, _stored_values(
+            first, self.stored(first, True, step))).astype(np.float64)
+        err = np.linalg.norm(restored.reshape(-1) - second.reshape(-1).astype(np.float64))
         return coded if err <= self.error_bound * np.linalg.norm(second.astype(np.float64)) else None
 
     def stored_bytes(self, name: str, array: np.ndarray, signed: bool) -> int:
@@ -2396,14 +2556,12 @@ def _thin_shaped(array: np.ndarray) -> bool:
 
 
 def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False) -> int:
-    lossy = _lossy_raw(array, limits, first_moment)
-    return _exact_bytes(array) if lossy is None else _nbytes(lossy)
-
-
-def _exact_bytes(array: np.ndarray) -> int:
-    """The bytes of a leaf stored exactly (_exact_blob)."""
-    blob, _ = _exact_blob(array)
-    return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
+    """A byte target's estimate of _lossy_raw's bytes (or the exact ones')."""
+    exact = _exact_bytes(array)
+    if _few_values(array):
+        return exact
+    lossy = _lossy_raw(array, limits, first_moment, exact_option=False)
+    return exact if lossy is None else min(_nbytes(lossy), exact)
 
 
 def _coding_note(name, array, enc) -> tuple[str, str | None]:

@@ -69,13 +69,13 @@ AFFINE_LAYOUTS = (SHARED_SCALE, DEFLATED_MAPS)
 DEFLATE_LEVEL = 6
 
 
-def deflate_planes(values: np.ndarray) -> bytes:
+def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
     """``values`` (1-D, little-endian) with their bytes grouped by significance
     (every value's first byte, then every second byte, ...), deflated. Side
     data is smooth or repetitive in its high bytes: an interval index
     shrinks 2.5x, a map's offsets 2.6x."""
     planes = np.ascontiguousarray(values).view(np.uint8).reshape(-1, values.dtype.itemsize)
-    return zlib.compress(np.ascontiguousarray(planes.T).tobytes(), DEFLATE_LEVEL)
+    return zlib.compress(np.ascontiguousarray(planes.T).tobytes(), level)
 
 
 def inflate_planes(data, dtype, count: int) -> np.ndarray:

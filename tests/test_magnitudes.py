@@ -460,7 +460,9 @@ def test_trusted_moment_names_read_once_from_a_file(tmp_path):
                                      array.dtype, load)
     leaves = [leaf("opt/mu/w", mu), leaf("opt/nu/w", nu), leaf("o/m/w", mu), leaf("o/v/w", nu)]
     report = checkpoint.save_leaves(tmp_path / "r.jjpg", leaves)
-    assert reads == {"opt/mu/w": 1, "opt/nu/w": 1, "o/m/w": 2, "o/v/w": 2}, reads
+    # (each first moment once more where its second is stored: is the pair
+    # centered, its second then stored as the variance?)
+    assert reads == {"opt/mu/w": 2, "opt/nu/w": 1, "o/m/w": 3, "o/v/w": 2}, reads
     notes = {leaf.path: leaf.note for leaf in report.leaves}
     assert "magnitudes on log2" in notes["opt/mu/w"] and "magnitudes on log2" in notes["o/m/w"]
     assert magnitudes.is_trusted_pair((("key", "state.0.exp_avg"),),
@@ -764,3 +766,55 @@ def test_hostile_centered_records_are_refused(tmp_path, case, edit):
         return meta
     assert_clear_error(rewrite(path, tmp_path / "h.jjpg", edit_meta=hostile),
                        "first moment|centered|holds")
+
+
+def test_compress_of_a_centered_rmsprop_state_keeps_its_variance(tmp_path):
+    """Found by review: centered pairs were looked for among leaves held in
+    memory only, so `jaxjpeg compress` of a PyTorch RMSprop(centered=True)
+    state (safetensors) stored square_avg on plain log2 steps and the next
+    step was NaN at 29% of the weights."""
+    from safetensors.numpy import save_file
+    from jaxjpeg import cli
+
+    w, opt, state, g = _centered_rmsprop_state(0.1)
+    tensors = {"weight": np.asarray(w), "state.0.grad_avg": np.asarray(state[0].mu),
+               "state.0.square_avg": np.asarray(state[0].nu)}
+    save_file(tensors, str(tmp_path / "s.safetensors"))
+    assert cli.main(["compress", str(tmp_path / "s.safetensors"), str(tmp_path / "c.jjpg")]) == 0
+    got = jaxjpeg.restore(tmp_path / "c.jjpg")
+    variance = tensors["state.0.square_avg"] - tensors["state.0.grad_avg"] ** 2
+    restored = np.asarray(got["state.0.square_avg"]) - np.asarray(got["state.0.grad_avg"]) ** 2
+    assert restored.min() >= 0
+    np.testing.assert_allclose(restored, variance, rtol=0.03, atol=1e-6 * variance.max())
+
+
+@pytest.mark.parametrize("bound", [0.003, 0.01, 0.05])
+def test_a_centered_pair_under_an_error_bound(tmp_path, bound):
+    """Found by review: error_bound saves of a centered pair failed (a flat
+    variance squared against a 2-D first moment), and the bound was checked
+    over the exact first moment, missed 2x as restored."""
+    w, opt, state, g = _centered_rmsprop_state(0.1)
+    tree = {"params": w, "opt_state": state}
+    jaxjpeg.save(tmp_path / "b.jjpg", tree, error_bound=bound)
+    got = jaxjpeg.restore(tmp_path / "b.jjpg", target=tree)
+    nu, back = np.asarray(state[0].nu, np.float64), np.asarray(got["opt_state"][0].nu, np.float64)
+    assert np.linalg.norm(back - nu) <= bound * np.linalg.norm(nu)
+
+
+@pytest.mark.parametrize("lossless", ["opt_state/0/mu", "opt_state/0/nu"])
+def test_a_lossless_moment_keeps_its_centered_partner_exact(tmp_path, lossless):
+    """Found by review: a lossless pattern naming one moment of a centered
+    pair switched the centered coding off; the other, on log2 steps, made the
+    next update NaN at half the values. The other is stored exactly too."""
+    w, opt, state, g = _centered_rmsprop_state(0.01, steps=300)
+    tree = {"params": w, "opt_state": state}
+    report = jaxjpeg.save(tmp_path / "l.jjpg", tree, policy=jaxjpeg.Policy(lossless=(lossless,)))
+    got = jaxjpeg.restore(tmp_path / "l.jjpg", target=tree)
+    for name in ("mu", "nu"):
+        np.testing.assert_array_equal(np.asarray(getattr(got["opt_state"][0], name)),
+                                      np.asarray(getattr(state[0], name)))
+    update, _ = opt.update(g, got["opt_state"], got["params"])
+    assert not np.isnan(np.asarray(update)).any()
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    other = "opt_state/0/nu" if lossless.endswith("mu") else "opt_state/0/mu"
+    assert "centered pair" in notes[other]

@@ -360,7 +360,7 @@ def test_each_layer_keeps_its_own_step_however_far_scales_spread(tmp_path, scale
     rng = np.random.default_rng(10)
     w = rng.standard_normal((len(scales), 64, 128)).astype(np.float32)
     w *= np.asarray(scales, np.float32)[:, None, None]
-    alone = {"default": 0.11, "target_ratio": 0.14, "error_bound": 0.0501}[next(iter(options), "default")]
+    alone = {"default": 0.11, "target_ratio": 0.15, "error_bound": 0.0501}[next(iter(options), "default")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         jaxjpeg.save(tmp_path / "s", {"layers": {"kernel": w}}, **options)
