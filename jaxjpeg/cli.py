@@ -287,6 +287,10 @@ def cmd_inspect(args) -> int:
                 kind = f"raw-{leaf.stored_dtype.name}"
             if leaf.quantized is not None:
                 kind = f"raw-{leaf.quantized['domain']}-step"
+            if leaf.square_of is not None:   # a centered moment: + that leaf's square
+                kind = f"raw-variance+sq({ckpt.leaves[leaf.square_of].path})"
+            elif leaf.deflated and leaf.stored_dtype is None:
+                kind = "raw-deflated"
             stored = sum(ckpt.reader.blob_info(n).length
                          for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
                                                     col_scale=leaf.col_scale_dtype is not None,

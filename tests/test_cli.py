@@ -705,3 +705,16 @@ def test_extract_refuses_tiles_that_are_not_their_records_jpeg(tmp_path, capsys,
     code, _, err = run(capsys, "extract", bad, tmp_path / "out")
     assert code == 1 and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_names_centered_moments_and_deflated_leaves(tmp_path, capsys):
+    """Found by review: a centered moment read as a plain log2 leaf, with no
+    word that it restores through another leaf's square."""
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(64, 64)).astype(np.float32)
+    nu = (mu ** 2 + rng.random((64, 64)) * 0.01).astype(np.float32)
+    path = tmp_path / "c.jjpg"
+    jaxjpeg.save(path, {"opt": {"mu": mu, "nu": nu}, "mask": np.tril(np.ones((256, 256), bool))})
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0
+    assert "raw-variance+sq(opt/mu)" in out and "raw-deflated" in out, out
