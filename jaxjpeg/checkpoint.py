@@ -2005,9 +2005,10 @@ def _half_exactly(array: np.ndarray) -> np.ndarray | None:
         return None
     flat = array.reshape(-1)
     head = flat[:4096]   # most leaves are refused here, before a full copy
-    if not np.array_equal(head.astype(np.float16).astype(np.float32), head, equal_nan=True):
-        return None
-    half = flat.astype(np.float16)
+    with np.errstate(over="ignore"):   # beyond float16's range: refused below
+        if not np.array_equal(head.astype(np.float16).astype(np.float32), head, equal_nan=True):
+            return None
+        half = flat.astype(np.float16)
     if not np.array_equal(half.astype(np.float32), flat, equal_nan=True):
         return None
     return half.reshape(array.shape)

@@ -124,11 +124,7 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         want_dtype = restored_dtype(saved.dtype, dtype, want.dtype, name)
         sharding = want.sharding
         if sharding is not None:
-            try:   # found by review: jax's IndivisibleError named no leaf
-                sharding.addressable_devices_indices_map(saved.shape)
-            except ValueError as e:
-                raise ValueError(f"{name}: the target's sharding cannot lay out its shape "
-                                 f"{saved.shape}: {e}") from None
+            check_layout(name, sharding, saved.shape)
         memory_kind = other_memory_kind(sharding)
         device = None
         # One device of this process: decoded with the other unsharded leaves.
@@ -140,6 +136,16 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         requests.append(LeafRequest(saved, want_dtype, sharding, device, memory_kind, as_given,
                                     impl))
     return requests, treedef
+
+
+def check_layout(name: str, sharding, shape) -> None:
+    """ValueError naming the leaf where ``sharding`` cannot lay out ``shape``
+    (found by review: jax's IndivisibleError named no leaf)."""
+    try:
+        sharding.addressable_devices_indices_map(tuple(shape))
+    except ValueError as e:
+        raise ValueError(f"{name}: the sharding cannot lay out its shape {tuple(shape)}: "
+                         f"{e}") from None
 
 
 def own_device(sharding) -> jax.Device | None:

@@ -594,9 +594,13 @@ def _check_tile_file(ckpt, leaf, k: int, data) -> None:
     records (found by review: bytes that are no JPEG, or a header claiming
     65535 x 65535, were written as .jpg files and the command succeeded)."""
     from jaxjpeg import _native
+    from jaxjpeg.codec import JpegError
     from jaxjpeg.format import FormatError
 
-    _, width, height, bits, restart_interval = _native.tile_header(data)
+    try:
+        _, width, height, bits, restart_interval = _native.tile_header(data)
+    except JpegError as e:   # found by review: the native error alone named no tile
+        raise FormatError(f"{ckpt.path}: {leaf.path} tile {k} is no JPEG file: {e}") from None
     _, _, rows, cols, _ = leaf.tiles[k]
     if (width, height, bits, restart_interval) != (cols, rows, leaf.bits, leaf.restart_interval):
         raise FormatError(f"{ckpt.path}: {leaf.path} tile {k} is a {width}x{height} "

@@ -167,6 +167,7 @@ class LazyReader:
     def _request(self, leaf: SavedLeaf, dtype, device) -> cr.LeafRequest:
         saved = cr.saved_request(leaf, dtype)
         if isinstance(device, jax.sharding.Sharding):
+            cr.check_layout(leaf.path, device, leaf.shape)
             memory_kind = cr.other_memory_kind(device)
             if cr.own_device(device) is not None:
                 # the sharding given comes back, as restore's targets keep theirs

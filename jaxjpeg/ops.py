@@ -127,7 +127,8 @@ def check_status(status, labels: codec.TileLabels | None = None) -> None:
 
 
 def _naming_tile(text: str, labels: codec.TileLabels | None) -> str:
-    match = re.search(r"restart interval (\d+)(?! of )", text)   # (not named yet)
+    # not named yet (found by review: "interval 12 of ..." matched as "1")
+    match = re.search(r"restart interval (\d+)(?!\d)(?! of )", text)
     found = None if labels is None or match is None else labels.of_interval(int(match[1]))
     if found is None:
         return text

@@ -724,3 +724,20 @@ def test_decode_errors_name_the_leaf_and_tile(corrupt_stream, tmp_path):
             f.get_slice("w")[:, 40:]
     with pytest.raises(jaxjpeg.JpegError, match=want):   # an eager decode of a loaded tree
         jaxjpeg.decode(jaxjpeg.load(corrupt_stream))
+
+
+def test_a_failure_status_is_named_once_whatever_its_interval(tmp_path):
+    """Found by review: where a decode returns a failure status (the CUDA
+    path), check_status named it and jpeg_errors named it again, matching
+    "interval 12 of ..." as "1": two labels, the first of the wrong tile."""
+    from jaxjpeg import checkpoint_restore
+
+    path = tmp_path / "r.jjpg"
+    jaxjpeg.save(path, {"w": np.random.default_rng(0).normal(size=(128, 160)).astype(np.float32)},
+                 tile_shape=(64, 80), restart_interval=4, quality=90)
+    labels = jaxjpeg.load(path)["w"].labels
+    status = np.array([_native.pack_plan_status(52, 1)], np.int32)   # tile 2's interval 12
+    with pytest.raises(jaxjpeg.JpegError) as caught:
+        checkpoint_restore._check(status, labels)
+    assert str(caught.value).count(" of ") == 1, caught.value
+    assert f"restart interval 12 of w tile 2 in {path}:" in str(caught.value), caught.value

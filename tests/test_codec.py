@@ -333,3 +333,15 @@ def test_tilings_that_leave_gaps_or_mix_intervals_are_refused(tmp_path):
         assert not (tmp_path / f"{name}.jjpg").exists()
     np.testing.assert_array_equal(codec.decode_tensor(enc), codec.decode_tensor(
         dataclasses.replace(enc, tiles=enc.tiles[::-1])))
+
+
+def test_an_irregular_tiling_is_not_called_a_gap():
+    """Found by review: a staggered (brick) tiling that covers the view was
+    refused as leaving a gap; it is refused as too irregular to check."""
+    from jaxjpeg import layout
+
+    splits = [8 * (1 + r % 15) for r in range(64)]   # each band split at its own column
+    tiles = [(8 * r, 0, 8, c, 1) for r, c in enumerate(splits)]
+    tiles += [(8 * r, c, 8, 128 - c, 1) for r, c in enumerate(splits)]
+    problem = layout.tiling_problem((512, 128), tiles, 0)
+    assert problem is not None and "irregular" in problem, problem
