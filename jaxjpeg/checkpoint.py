@@ -14,9 +14,11 @@ import fnmatch
 import functools
 import inspect
 import math
+import json
 import os
 import threading
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
@@ -767,16 +769,21 @@ def _error_bound_encoder(bound, bits, leaf_coder):
 
 # Bytes the container adds per blob and per leaf beyond the coded data:
 # alignment padding (on average 32 before a blob of fmt.LARGE_BLOB bytes or
-# more, 4 before a smaller one: fmt.blob_offset) and their records in the
-# deflated header: 16 per blob, 2-7 per leaf (measured on EfficientNet-lite1
-# and on trees of 1-300 Dense layers), and the header's own 350-425 (its
-# JSON skeleton, the rate record, zlib's framing). Found by review: 24 per
-# leaf and no header left 600 small leaves' targets 2-4% under, a 10-leaf
-# training state's 2% over.
+# more, 4 before a smaller one: fmt.blob_offset), 16 per blob for its record
+# in the deflated header, and the header's own: its skeleton (the rate
+# record, zlib's framing) and the leaves' paths, deflated as they are there
+# (_header_bytes: measured within 4% on one leaf, 20 leaves of 150-character
+# names and 600 leaves; found by review: 24 a leaf and no header left 600
+# small leaves' targets 2-4% under, one 64 x 64 leaf's 6-13% over).
 _BLOB_RECORD = 16
 _SMALL_BLOB_OVERHEAD = 4 + _BLOB_RECORD
-_LEAF_OVERHEAD = 8
-_HEADER_OVERHEAD = 192
+_HEADER_OVERHEAD = 256
+
+
+def _header_bytes(entries) -> int:
+    """The header's bytes beyond its blobs' records (see _HEADER_OVERHEAD)."""
+    paths = json.dumps([leaf.records for leaf in entries], default=str).encode()
+    return _HEADER_OVERHEAD + len(zlib.compress(paths, layout.DEFLATE_LEVEL))
 
 
 def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape,
@@ -861,6 +868,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead), 0
 
+    header = _header_bytes(entries)
+
     def measure(floor):
         coded, kept, overhead, curves, sens, tiles = set(), 0, 0, {}, {}, {}
         for name, measured, raw in analysed_by(analyse, entries, floor):
@@ -869,7 +878,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 coded.add(name)
                 curves[name], sens[name], tiles[name] = measured
                 overhead += tiles[name]
-        overhead += (fmt.PREAMBLE_SIZE + _HEADER_OVERHEAD + _LEAF_OVERHEAD * len(entries)
+        overhead += (fmt.PREAMBLE_SIZE + header
                      + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
 
@@ -1657,7 +1666,7 @@ class _Save:
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
         if leaf.prng_impl is not None:
             record[prng_keys.FIELD] = leaf.prng_impl
-        paired_exact = self.log_coding.keeps_exact(name, array)
+        paired_exact = self.log_coding.keeps_exact(name, array)   # (centered pairs)
         signed = None if paired_exact else self.log_coding.signed(name, array)
         coded = not paired_exact and self._jpeg_coded(name, array, signed)
         enc = self.encode(name, array) if coded else None
@@ -1683,12 +1692,21 @@ class _Save:
                 lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]},
                          lossy[2])
         elif paired_exact:
-            note = ("stored exactly: the other moment of its centered pair is kept lossless "
+            note = ("stored exactly with the other moment of its centered pair "
                     "(jaxjpeg.magnitudes)")
         elif (self.lossy_rate and not coded and name not in self.exact
               and not self.policy.names_lossless(name)):   # found by review: float16
-            lossy = _lossy_raw(array, self.vector_limits.get(name),
-                               name in self.log_coding.first)
+            found = self._centered_first(name, array)
+            if found is not None:   # a small centered moment (found by review: coded
+                first, first_values = found   # apart, NaN next updates at a fifth)
+                lossy = magnitudes.encode_centered(first_values, array,
+                                                   magnitudes.HALF_LIKE_STEP)
+                if lossy is not None:
+                    lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]},
+                             lossy[2])
+            else:
+                lossy = _lossy_raw(array, self.vector_limits.get(name),
+                                   name in self.log_coding.first)
         # Every blob counts, the interval index too: a coding within a few
         # bytes of the raw size was stored larger than raw, and lossy.
         from jaxjpeg import rate
@@ -1985,33 +2003,71 @@ def _exact_blob(array: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored exactly in its own dtype,
     deflated where that is smaller (found by review: a (1024, 1024) causal
     mask of finfo.min took 4 MB a layer, a bool one 1 MB; byte targets then
-    coded the first on a linear step, its finfo.min no longer exact), or as
-    float16 where that holds a float32 leaf exactly and is smaller still (a
-    0/1 mask: 1.3 bits a value, 2.6 as float32's planes)."""
+    coded the first on a linear step, its finfo.min no longer exact); as
+    float16 where that holds a float32 leaf bit for bit and is smaller (a 0/1
+    mask: 1.3 bits a value, 2.6 as float32's planes); a leaf of few values
+    on a uniform grid as its codes on it (_grid_exactly: ternary weights,
+    1.6 bits a value where deflated planes took 5.8, found by review)."""
     packed = _deflated(array)
-    best = ((packed, {"kind": "raw", "deflated": True}) if packed is not None
-            else (np.ascontiguousarray(array), {"kind": "raw"}))
+    options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
+               else (np.ascontiguousarray(array), {"kind": "raw"})]
     half = _half_exactly(array)
     if half is not None:
-        blob, record = _half_blob(half)
-        if _nbytes((blob,)) < _nbytes(best):
-            return blob, record
-    return best
+        options.append(_half_blob(half))
+    grid = _grid_exactly(array)
+    if grid is not None:
+        options.append(grid)
+    return min(options, key=_nbytes)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays of one itemsize hold the same bits (NaN payloads
+    and -0.0 included; found by review: equal_nan let float16 rewrite NaNs)."""
+    kind = f"u{a.dtype.itemsize}"
+    return a.shape == b.shape and np.array_equal(a.view(kind), b.view(kind))
 
 
 def _half_exactly(array: np.ndarray) -> np.ndarray | None:
-    """A float32 leaf as float16 where every value is one, else None."""
+    """A float32 leaf as float16 where every value is one, bit for bit, else
+    None (a spread sample refuses most leaves before a full copy: found by
+    review, a leaf whose first values were zeros took a 100 M-value copy)."""
     if array.dtype != np.float32 or array.size == 0:
         return None
+    from jaxjpeg import quantized_vectors
+
     flat = array.reshape(-1)
-    head = flat[:4096]   # most leaves are refused here, before a full copy
-    with np.errstate(over="ignore"):   # beyond float16's range: refused below
-        if not np.array_equal(head.astype(np.float16).astype(np.float32), head, equal_nan=True):
+    sample = np.ascontiguousarray(quantized_vectors.sampled(flat, 4096))
+    with np.errstate(over="ignore"):   # beyond float16's range: refused
+        if not _same_bits(sample.astype(np.float16).astype(np.float32), sample):
             return None
         half = flat.astype(np.float16)
-    if not np.array_equal(half.astype(np.float32), flat, equal_nan=True):
+    if not _same_bits(half.astype(np.float32), flat):
         return None
     return half.reshape(array.shape)
+
+
+def _grid_exactly(array: np.ndarray) -> tuple | None:
+    """(blob, record fields) of a leaf of few values, all whole multiples of
+    the smallest nonzero magnitude, as its codes on that step
+    (quantized_vectors, linear; restored bit for bit, else None)."""
+    from jaxjpeg import quantized_vectors
+
+    if not (quantizable(array.dtype) and _few_values(array)):
+        return None
+    values = np.unique(quantized_vectors.sampled(array.reshape(-1), 4096)).astype(np.float64)
+    nonzero = np.abs(values[values != 0])
+    if not nonzero.size or not np.all(np.isfinite(values)):
+        return None
+    step = float(nonzero.min())
+    if not np.array_equal(np.round(values / step) * step, values):
+        return None
+    coded = quantized_vectors.encode(array, quantized_vectors.VectorStep(step))
+    if coded is None:
+        return None
+    restored = quantized_vectors.restored_values(array, coded[0], coded[1])
+    if not _same_bits(np.asarray(restored, array.dtype).reshape(array.shape), array):
+        return None
+    return coded[0], {"kind": "raw", **coded[1]}
 
 
 # Under a byte target a float32 kernel too small for JPEG (ndim >= 2, kept
@@ -2332,6 +2388,7 @@ class _LogCoding:
         self._leaves = by_name
         self._partner = {**{s: f for f, s in self._pairs.items()}, **self._pairs}
         self._centered: dict[str, bool] = {}   # a pair's first moment -> centered
+        self._bound_misses: dict[str, bool] = {}   # ... -> its coding misses error_bound
 
     def _is_centered_pair(self, first: str, first_values=None, second_values=None) -> bool:
         """Whether the pair of first moment ``first`` is centered, from the
@@ -2356,16 +2413,36 @@ class _LogCoding:
         return self._leaves[first], first_values
 
     def keeps_exact(self, name: str, values: np.ndarray) -> bool:
-        """Whether leaf ``name`` (of ``values``) is stored exactly because
-        the other leaf of its centered pair is (a ``lossless`` pattern names
-        it): coded alone, its error swamps the pair's variance (found by
-        review: NaN next updates at half the values)."""
+        """Whether leaf ``name`` (of ``values``) of a centered pair is stored
+        exactly with its partner: a ``lossless`` pattern names the partner,
+        or the pair's coding misses an error bound; coded alone, its error
+        swamps the pair's variance (found by review: NaN next updates at half
+        the values)."""
         partner = self._partner.get(name)
-        if partner is None or not self.policy.names_lossless(partner):
+        if partner is None or (self.error_bound is None
+                               and not self.policy.names_lossless(partner)):
+            return False   # (nothing to read: a pair is only checked where it may be)
+        first = partner if self._pairs.get(partner) == name else name
+        if first not in self._pairs:
             return False
-        if self._pairs.get(partner) == name:   # this is the second moment
-            return self._is_centered_pair(partner, second_values=values)
-        return name in self._pairs and self._is_centered_pair(name, first_values=values)
+        as_first = values if first == name else None
+        as_second = values if first != name else None
+        if not self._is_centered_pair(first, as_first, as_second):
+            return False
+        return self.policy.names_lossless(partner) or self._misses_bound(first)
+
+    def _misses_bound(self, first: str) -> bool:
+        """Whether, under an error bound, the variance coding of ``first``'s
+        centered pair misses it: both are then stored exactly (found by
+        review: the second alone was, and the first's error made the next
+        update NaN at a third of its values)."""
+        if self.error_bound is None:
+            return False
+        if first not in self._bound_misses:
+            self._bound_misses[first] = self._stored_centered(
+                self._leaves[first].array(), self._leaves[self._pairs[first]].array(),
+                self.step) is None
+        return self._bound_misses[first]
 
     def named_pairs(self, leaves: Sequence[SourceLeaf]) -> dict[int, int]:
         """{first moment: its second moment} as positions in ``leaves``, as
@@ -2411,6 +2488,8 @@ class _LogCoding:
         if first is not None:
             return self._stored_centered(first, array, step)
         exact = _exact_alternative(array)
+        if exact is not None and _few_values(array):   # a mask: exact at any step (review:
+            return exact                                # a bfloat16 one came back 0 / 0.75)
         coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact

@@ -1514,3 +1514,31 @@ def test_a_large_leaf_is_deflated_by_a_sample_spread_over_it(tmp_path):
     assert report.leaves[0].stored_bytes < 0.4 * counts.nbytes
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "c.jjpg")["ids"]),
                                   counts)
+
+
+def test_few_values_stay_exact_under_tight_targets_and_nan_bits_survive(tmp_path):
+    """Found by review: a bfloat16 0/1 mask and {0, .7, 1.4} levels took log2
+    steps at 16x (0 / 0.75); ternary weights stored exactly took 5.8 bits a
+    value, so 16x was refused (now codes on their grid, about 2 bits); and a
+    lossless float32 leaf's NaN payloads were rewritten through float16."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    tree = {"mask": (rng.random((256, 256)) < 0.5).astype(ml_dtypes.bfloat16),
+            "levels": (rng.integers(0, 3, (256, 256)) * 0.7).astype(np.float32),
+            "ternary": (rng.integers(-1, 2, (256, 256)) * 0.0123).astype(np.float32),
+            "w": rng.standard_normal((512, 512)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=16)
+    got = jaxjpeg.restore(tmp_path / "t.jjpg")
+    for name in ("mask", "levels", "ternary"):
+        np.testing.assert_array_equal(np.asarray(got[name]), tree[name], err_msg=name)
+    stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
+    assert 8 * stored["ternary"] / tree["ternary"].size < 2.2, stored
+    m = np.tril(np.ones((64, 64), np.float32))
+    m.reshape(-1)[:4] = np.array([0x7FC00123, 0x7F800001, 0xFFC00000, 0x7FFFFFFF],
+                                 np.uint32).view(np.float32)
+    jaxjpeg.save(tmp_path / "n.jjpg", {"m": m}, policy=jaxjpeg.Policy(lossless=("m",)))
+    back = np.asarray(jaxjpeg.restore(tmp_path / "n.jjpg")["m"])
+    np.testing.assert_array_equal(back.view(np.uint32), m.view(np.uint32))
