@@ -778,12 +778,14 @@ def _error_bound_encoder(bound, bits, leaf_coder):
 _BLOB_RECORD = 16
 _SMALL_BLOB_OVERHEAD = 4 + _BLOB_RECORD
 _HEADER_OVERHEAD = 256
+_LEAF_RECORD = 8   # a leaf's fields beyond its path (EfficientNet-lite1: 7 deflated)
 
 
 def _header_bytes(entries) -> int:
     """The header's bytes beyond its blobs' records (see _HEADER_OVERHEAD)."""
     paths = json.dumps([leaf.records for leaf in entries], default=str).encode()
-    return _HEADER_OVERHEAD + len(zlib.compress(paths, layout.DEFLATE_LEVEL))
+    return (_HEADER_OVERHEAD + _LEAF_RECORD * len(entries)
+            + len(zlib.compress(paths, layout.DEFLATE_LEVEL)))
 
 
 def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape,
