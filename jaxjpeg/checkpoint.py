@@ -2511,8 +2511,8 @@ class _LogCoding:
             return coded
         variance = quantized_vectors.restored_values(
             second, coded[0], {**coded[1], "stored": "quantized"})
-        restored = magnitudes.above_square(variance, _stored_values(
-            first, self.stored(first, True, step))).astype(np.float64)
+        restored = magnitudes.above_square(np.reshape(variance, -1), np.reshape(_stored_values(
+            first, self.stored(first, True, step)), -1)).astype(np.float64)
         err = np.linalg.norm(restored.reshape(-1) - second.reshape(-1).astype(np.float64))
         return coded if err <= self.error_bound * np.linalg.norm(second.astype(np.float64)) else None
 

@@ -847,3 +847,17 @@ def test_a_lossless_moment_keeps_its_centered_partner_exact(tmp_path, lossless):
     notes = {leaf.path: leaf.note for leaf in report.leaves}
     other = "opt_state/0/nu" if lossless.endswith("mu") else "opt_state/0/mu"
     assert "centered pair" in notes[other]
+
+
+def test_a_centered_pair_whose_first_moment_is_stored_exactly_under_a_bound(tmp_path):
+    """Found by review: where the first moment's own coding missed the bound
+    (stored exactly, in its shape) the bound check of the pair failed on
+    shapes (64,) against (8, 8)."""
+    rng = np.random.default_rng(4)
+    mu = (rng.standard_normal((8, 8)) * 1e-2).astype(np.float32)
+    nu = (mu.astype(np.float64) ** 2 + 1e-10).astype(np.float32)
+    tree = {"opt": {"mu": mu, "nu": nu}}
+    jaxjpeg.save(tmp_path / "c.jjpg", tree, error_bound=1e-3)
+    got = jaxjpeg.restore(tmp_path / "c.jjpg")
+    assert np.all(np.asarray(got["opt"]["nu"], np.float64)
+                  >= np.asarray(got["opt"]["mu"], np.float64) ** 2)
