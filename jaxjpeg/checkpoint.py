@@ -9,6 +9,7 @@ bytes to the device and decodes them there with the custom call.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import functools
@@ -2385,8 +2386,17 @@ class _LogCoding:
         named = magnitudes.named_first_moments(
             (tuple(map(tuple, leaf.records)), leaf.shape) for leaf in by_name.values())
         self._pairs = {path_string(f): path_string(p) for f, p in named.items()}
-        self._pairs.update((path_string(f), path_string(p)) for f, p in pairs.items()
-                           if path_string(f) in by_name and path_string(p) in by_name)
+        # pairs by value where the names pair none, one first moment a second
+        # (found by review: an EMA of the weights beside mu took nu, whose
+        # centered pair was then missed: NaN next updates at 22%)
+        by_value = [(path_string(f), path_string(p)) for f, p in pairs.items()
+                    if path_string(f) in self.first and path_string(f) in by_name
+                    and path_string(p) in by_name]
+        named_seconds = set(self._pairs.values())
+        seconds = collections.Counter(p for _, p in by_value)
+        self._pairs.update((f, p) for f, p in by_value
+                           if p not in named_seconds and f not in self._pairs
+                           and seconds[p] == 1)
         self._leaves = by_name
         self._partner = {**{s: f for f, s in self._pairs.items()}, **self._pairs}
         self._centered: dict[str, bool] = {}   # a pair's first moment -> centered
@@ -2451,9 +2461,11 @@ class _LogCoding:
         the optimizers' names pair them (a distributed save has one process
         code both, which then checks them: :meth:`pair`)."""
         paths = {tuple(map(tuple, leaf.records)): i for i, leaf in enumerate(leaves)}
+        # lossless ones too: a centered pair is checked by the process coding
+        # either (found by review: a lossless mu went to another process)
         pairs = magnitudes.named_first_moments(
             (path, leaves[i].shape) for path, i in paths.items()
-            if _may_be_moment(leaves[i], self.policy))
+            if leaves[i].size > 0 and str(leaves[i].dtype) in JPEG_DTYPES)
         return {paths[first]: paths[second] for first, second in pairs.items()}
 
     def pair(self, leaves: Sequence[SourceLeaf]) -> None:

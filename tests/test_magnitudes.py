@@ -861,3 +861,17 @@ def test_a_centered_pair_whose_first_moment_is_stored_exactly_under_a_bound(tmp_
     got = jaxjpeg.restore(tmp_path / "c.jjpg")
     assert np.all(np.asarray(got["opt"]["nu"], np.float64)
                   >= np.asarray(got["opt"]["mu"], np.float64) ** 2)
+
+
+def test_a_centered_pair_beside_a_sibling_of_its_shape(tmp_path):
+    """Found by review: an EMA of the weights under opt_state, one path
+    component from nu, was paired with nu by value over the names' mu/nu
+    pair; the centered pair was missed and the next update NaN at 22%."""
+    w, opt, state, g = _centered_rmsprop_state(0.01, steps=60)
+    mu, nu = np.asarray(state[0].mu), np.asarray(state[0].nu)
+    tree = {"params": {"w": np.asarray(w)},
+            "opt_state": {"mu": {"w": mu}, "nu": {"w": nu}, "ema": {"w": 0.99 * np.asarray(w)}}}
+    jaxjpeg.save(tmp_path / "e.jjpg", tree)
+    got = jaxjpeg.restore(tmp_path / "e.jjpg")["opt_state"]
+    m, n = np.asarray(got["mu"]["w"], np.float64), np.asarray(got["nu"]["w"], np.float64)
+    assert np.all(n >= m * m)
