@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 
 CONSTANT_BUFFER_NAMES = frozenset({
-    "inv_freq", "cos_cached", "sin_cached", "_cos_cached", "_sin_cached", "cos_sin_cache",
-    "freqs_cis", "freqs_cos", "freqs_sin", "rope_cache",
+    "inv_freq", "original_inv_freq", "inv_freq_short", "inv_freq_long",
+    "cos_cached", "sin_cached", "_cos_cached", "_sin_cached", "cos_sin_cache",
+    "freqs_cis", "freqs_cos", "freqs_sin", "rope_cache", "embed_positions",
 })
 
 

@@ -1486,6 +1486,8 @@ def test_leaves_of_few_values_are_exact(tmp_path, target):
             "ternary": np.random.default_rng(0).choice([-0.05, 0, 0.05], (256, 256))
                                                 .astype(np.float32),
             "rope.freqs": inv_freq,
+            "rotary_emb.original_inv_freq": inv_freq,   # (review: HF's and GPT-J's names)
+            "attn.embed_positions": np.sin(np.outer(np.arange(512), inv_freq)).astype(np.float32),
             "w": np.random.default_rng(1).normal(size=(512, 512)).astype(np.float32)}
     report = jaxjpeg.save(tmp_path / "f.jjpg", tree, target_ratio=target)
     got = jaxjpeg.restore(tmp_path / "f.jjpg")
