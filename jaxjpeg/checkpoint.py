@@ -14,8 +14,8 @@ import dataclasses
 import fnmatch
 import functools
 import inspect
-import math
 import json
+import math
 import os
 import threading
 import warnings
@@ -629,12 +629,12 @@ class _StepSteering:
         return min(self.steered.get(name, 1.0) * self.common, MAX_STEERED_STEP)
 
     @classmethod
-    def of(cls, leaves, sensitivity, policy: "Policy", weighing: dict | None = None,
-           log_coding: "_LogCoding | None" = None) -> "_StepSteering | None":
-        """The steering of the JPEG-coded ``leaves`` that ``sensitivity``
-        names (loading those), or None when it names none; ``weighing``: the
-        sizes leaves are weighed by (_LeafCoder.weighing)."""
-        coded = _jpeg_candidates(leaves, policy, log_coding)
+    def of(cls, coded, sensitivity, policy: "Policy",
+           weighing: dict | None = None) -> "_StepSteering | None":
+        """The steering of the JPEG-coded leaves (``coded``:
+        _jpeg_candidates) that ``sensitivity`` names, or None when it names
+        none; ``weighing``: the sizes leaves are weighed by
+        (_LeafCoder.weighing)."""
         from jaxjpeg import rate
 
         steered, logs = {}, {}   # logs: the log multiplier each leaf's size counts with
@@ -680,15 +680,14 @@ def _jpeg_candidates(leaves, policy: "Policy", log_coding: "_LogCoding | None") 
             and (log_coding is None or log_coding.signed(leaf.name, leaf.array()) is None)]
 
 
-def _warn_partial_sensitivity(leaves, sensitivity, policy: "Policy", weighing: dict,
-                              log_coding: "_LogCoding | None" = None) -> None:
+def _warn_partial_sensitivity(coded, sensitivity, weighing: dict) -> None:
     """Warns where ``sensitivity`` names some coded leaves, not all, with
     numbers far from their data-free weights (found by review: {"b": 1.0}
     weighed b 3000x the data-free weights of the others, coded at relative
-    errors 0.62 / 0.92 where they had 0.05 / 0.07, without a word)."""
+    errors 0.62 / 0.92 where they had 0.05 / 0.07, without a word);
+    ``coded``: _jpeg_candidates."""
     from jaxjpeg import rate
 
-    coded = _jpeg_candidates(leaves, policy, log_coding)
     named = [leaf for leaf in coded if (sensitivity or {}).get(leaf.name) is not None]
     if not named or len(named) == len(coded):
         return
@@ -1499,6 +1498,9 @@ class _Save:
         # (a distributed save's leaves are stand-ins, read by their owners later)
         self.log_coding = _LogCoding(leaves, self.policy, error_bound, read=not defer_budget)
         self.leaf_index = {leaf.name: i for i, leaf in enumerate(leaves)}
+        # the leaves a sensitivity may weigh, found once (each read and tested)
+        candidates = functools.cache(
+            lambda: _jpeg_candidates(leaves, self.policy, self.log_coding))
         self.error_bound = error_bound
         _check_covariances(input_covariance, leaves, error_bound)
         _check_sensitivity_names(sensitivity, leaves)
@@ -1529,8 +1531,8 @@ class _Save:
         if relative_step is not None:
             reference = _step_reference_size(leaves, self.policy)
             self.rate["reference_size"] = round(reference)
-            steering = (_StepSteering.of(leaves, sensitivity, self.policy, leaf_coder.weighing,
-                                         self.log_coding) if sensitivity else None)
+            steering = (_StepSteering.of(candidates(), sensitivity, self.policy,
+                                         leaf_coder.weighing) if sensitivity else None)
             if steering is not None:
                 self.rate["steered_leaves"] = len(steering.steered)
             # A sensitivity a user gives a recurrent leaf replaces the rule.
@@ -1551,8 +1553,7 @@ class _Save:
         self.target = target
         leaf_coder.numbers_weigh = relative_step is not None or target is not None
         if sensitivity and leaf_coder.numbers_weigh:
-            _warn_partial_sensitivity(leaves, sensitivity, self.policy, leaf_coder.weighing,
-                                      self.log_coding)
+            _warn_partial_sensitivity(candidates(), sensitivity, leaf_coder.weighing)
         self.lossy_rate = target is not None
         self.coded = None   # the names of the leaves to code, when the analysis knows them
         self.exact = frozenset()   # leaves a byte target stores raw though the policy codes them
@@ -1654,6 +1655,13 @@ class _Save:
         signed = self.log_coding.signed(first.name, array)
         return None if self._jpeg_coded(first.name, array, signed) else found
 
+    def _square_of(self, first: "SourceLeaf | None", lossy: tuple | None) -> tuple | None:
+        """``lossy`` with its record naming the leaf of ``first`` where that
+        is a centered moment's first moment."""
+        if first is None or lossy is None:
+            return lossy
+        return lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]}, lossy[2]
+
     def store(self, item) -> tuple[list, dict, LeafReport, str | None]:
         """Leaf ``index`` as (blobs, record, report, warning or None): loaded and
         coded (or kept raw)."""
@@ -1689,11 +1697,9 @@ class _Save:
         lossy = None
         if signed is not None:
             first, first_values = self._centered_first(name, array) or (None, None)
-            lossy = self.log_coding.stored(array, signed, first=first_values)
+            lossy = self._square_of(first, self.log_coding.stored(array, signed,
+                                                                  first=first_values))
             note = "" if lossy is not None else self.log_coding.exact_note(array)
-            if first is not None and lossy is not None:
-                lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]},
-                         lossy[2])
         elif paired_exact:
             note = ("stored exactly with the other moment of its centered pair "
                     "(jaxjpeg.magnitudes)")
@@ -1702,11 +1708,8 @@ class _Save:
             found = self._centered_first(name, array)
             if found is not None:   # a small centered moment (found by review: coded
                 first, first_values = found   # apart, NaN next updates at a fifth)
-                lossy = magnitudes.encode_centered(first_values, array,
-                                                   magnitudes.HALF_LIKE_STEP)
-                if lossy is not None:
-                    lossy = (lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]},
-                             lossy[2])
+                lossy = self._square_of(first, magnitudes.encode_centered(
+                    first_values, array, magnitudes.HALF_LIKE_STEP))
             else:
                 lossy = _lossy_raw(array, self.vector_limits.get(name),
                                    name in self.log_coding.first)
@@ -1739,7 +1742,7 @@ class _Save:
             blob, extra, lossy_note = lossy
             note = lossy_note or note
             blobs = [(layout.raw_blob(index), blob)]
-            stored = memoryview(blob).nbytes
+            stored = _blob_bytes(blob)
         else:
             # A byte target's exact leaves are counted at their raw size (their
             # deflated one is not known where the allocation is made, in every
@@ -1749,7 +1752,7 @@ class _Save:
                            if leaf.prng_impl is not None or name in self.exact
                            else _exact_blob(array))
             blobs = [(layout.raw_blob(index), blob)]
-            stored = blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
+            stored = _blob_bytes(blob)
             if enc is not None:
                 note = "stored raw: coding would not make it smaller"
             elif name in self.exact:
@@ -1987,8 +1990,7 @@ def _exact_bytes(array: np.ndarray) -> int:
     leaf, and its store again)."""
     flat = _little_endian(array)
     if flat.nbytes <= DEFLATE_HALF_MAX_BYTES:
-        blob, _ = _exact_blob(array)
-        return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
+        return _nbytes(_exact_blob(array))
     share = _sampled_deflate_share(flat)
     return flat.nbytes if share > DEFLATE_PAYS else int(share * flat.nbytes)
 
@@ -2002,7 +2004,7 @@ def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     return np.ascontiguousarray(half), record
 
 
-def _exact_blob(array: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
+def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored exactly in its own dtype,
     deflated where that is smaller (found by review: a (1024, 1024) causal
     mask of finfo.min took 4 MB a layer, a bool one 1 MB; byte targets then
@@ -2010,14 +2012,15 @@ def _exact_blob(array: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     float16 where that holds a float32 leaf bit for bit and is smaller (a 0/1
     mask: 1.3 bits a value, 2.6 as float32's planes); a leaf of few values
     on a uniform grid as its codes on it (_grid_exactly: ternary weights,
-    1.6 bits a value where deflated planes took 5.8, found by review)."""
+    1.6 bits a value where deflated planes took 5.8, found by review).
+    ``few``: _few_values(array), where the caller knows it."""
     packed = _deflated(array)
     options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
                else (np.ascontiguousarray(array), {"kind": "raw"})]
     half = _half_exactly(array)
     if half is not None:
         options.append(_half_blob(half))
-    grid = _grid_exactly(array)
+    grid = _grid_exactly(array, _few_values(array) if few is None else few)
     if grid is not None:
         options.append(grid)
     return min(options, key=_nbytes)
@@ -2049,13 +2052,13 @@ def _half_exactly(array: np.ndarray) -> np.ndarray | None:
     return half.reshape(array.shape)
 
 
-def _grid_exactly(array: np.ndarray) -> tuple | None:
-    """(blob, record fields) of a leaf of few values, all whole multiples of
-    the smallest nonzero magnitude, as its codes on that step
-    (quantized_vectors, linear; restored bit for bit, else None)."""
+def _grid_exactly(array: np.ndarray, few: bool) -> tuple | None:
+    """(blob, record fields) of a leaf of ``few`` values (_few_values), all
+    whole multiples of the smallest nonzero magnitude, as its codes on that
+    step (quantized_vectors, linear; restored bit for bit, else None)."""
     from jaxjpeg import quantized_vectors
 
-    if not (quantizable(array.dtype) and _few_values(array)):
+    if not (few and quantizable(array.dtype)):
         return None
     values = np.unique(quantized_vectors.sampled(array.reshape(-1), 4096)).astype(np.float64)
     nonzero = np.abs(values[values != 0])
@@ -2116,7 +2119,7 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
     if array.size <= 1:   # a step counter, a learning rate: exact (found by review:
         return None       # PyTorch's step 3001 came back 3000, optax's b2 0.998)
     if _few_values(array):   # a mask, a code book: exact (review: a linear step moved -1e9)
-        blob, extra = _exact_blob(array)
+        blob, extra = _exact_blob(array, few=True)
         return (blob, extra, "") if exact_option and extra.get("deflated") else None
     moment = limits is None and (first_moment or magnitudes.is_second_moment(array))
     # a moment's float16 copy is refused first where a value lies where
@@ -2145,7 +2148,7 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
         logged = magnitudes.encode(array, signed=first_moment, step=magnitudes.HALF_LIKE_STEP)
         if logged is not None:
             options.append(logged)
-    blob, extra = _exact_blob(array) if exact_option else (None, {})
+    blob, extra = _exact_blob(array, few=False) if exact_option else (None, {})
     if extra.get("deflated"):   # counts, buffers: exact and smaller than any of these
         options.append((blob, extra, ""))   # (its note: why it is not coded)
     return min(options, key=lambda o: _nbytes(o), default=None)
@@ -2162,7 +2165,12 @@ def _within_half_range(array: np.ndarray) -> bool:
 
 
 def _nbytes(stored: tuple) -> int:
-    blob = stored[0]
+    """The bytes of a coding (blob, ...)."""
+    return _blob_bytes(stored[0])
+
+
+def _blob_bytes(blob) -> int:
+    """A blob's bytes: an array's (bfloat16's has no buffer protocol) or a bytes'."""
     return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
 
@@ -2192,14 +2200,15 @@ def _few_values(array: np.ndarray) -> bool:
     return True
 
 
-def _exact_alternative(array: np.ndarray) -> tuple | None:
-    """(blob, record fields, note) of a leaf stored exactly: one of few
-    values in its own dtype, deflated; a float32 one every value of which
-    float16 holds as float16, deflated where that pays; else None."""
+def _exact_alternative(array: np.ndarray, few: bool) -> tuple | None:
+    """(blob, record fields, note) of a leaf stored exactly: one of ``few``
+    values (_few_values) in its own dtype, deflated; a float32 one every
+    value of which float16 holds as float16, deflated where that pays; else
+    None."""
     if array.size == 0:
         return None
-    if _few_values(array):
-        blob, extra = _exact_blob(array)
+    if few:
+        blob, extra = _exact_blob(array, few=True)
         return blob, extra, "stored exactly: a leaf of few values, deflated"
     half = _half_exactly(array)
     if half is None:
@@ -2501,9 +2510,10 @@ class _LogCoding:
         step = step or self.step
         if first is not None:
             return self._stored_centered(first, array, step)
-        exact = _exact_alternative(array)
-        if exact is not None and _few_values(array):   # a mask: exact at any step (review:
-            return exact                                # a bfloat16 one came back 0 / 0.75)
+        few = _few_values(array)
+        exact = _exact_alternative(array, few)
+        if exact is not None and few:   # a mask: exact at any step (review: a bfloat16
+            return exact                # one came back 0 / 0.75)
         coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
@@ -2525,8 +2535,9 @@ class _LogCoding:
             second, coded[0], {**coded[1], "stored": "quantized"})
         restored = magnitudes.above_square(np.reshape(variance, -1), np.reshape(_stored_values(
             first, self.stored(first, True, step)), -1)).astype(np.float64)
-        err = np.linalg.norm(restored.reshape(-1) - second.reshape(-1).astype(np.float64))
-        return coded if err <= self.error_bound * np.linalg.norm(second.astype(np.float64)) else None
+        err = np.linalg.norm(restored - second.reshape(-1).astype(np.float64))
+        bound = self.error_bound * np.linalg.norm(second.astype(np.float64))
+        return coded if err <= bound else None
 
     def stored_bytes(self, name: str, array: np.ndarray, signed: bool) -> int:
         """Its bytes at this step; for a byte target, at every step of the
