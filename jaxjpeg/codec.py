@@ -539,7 +539,7 @@ class PlanBuilder:
         ``affine_row0`` / ``col_scale0`` are the tile's first row in the
         output's affine arrays and first column in its column scales (default:
         its row and column in the output). ``label`` is what a decode error
-        in the tile names (:func:`failed_tile`).
+        in the tile names (:class:`TileLabels`).
         """
         self._labels.append(label)
         row0, col0, height, width = tile_box
