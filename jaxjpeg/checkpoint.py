@@ -184,6 +184,7 @@ class LeafReport:
     raw_bytes: int
     stored_bytes: int
     note: str = ""      # e.g. values kept exactly, or why a coded leaf was stored raw
+    exact: bool = False  # restores bit for bit (raw, or exactly in a smaller form)
 
     @property
     def size(self) -> int:
@@ -1759,7 +1760,8 @@ class _Save:
                 note = "stored raw, exactly: the byte target has room for it"
         record.update(extra)
         return blobs, record, LeafReport(name, array.shape, str(array.dtype), record["kind"],
-                                         array.nbytes, stored, note), warning
+                                         array.nbytes, stored, note,
+                                         layout.stored_exactly(record)), warning
 
 
 def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of,
@@ -2004,6 +2006,14 @@ def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
     return np.ascontiguousarray(half), record
 
 
+def _exactly(blob_and_record: tuple) -> tuple:
+    """(blob, record fields) of an exact coding, its record marked so where
+    it is not the leaf's own dtype (inspect and the CLI's summary tell it
+    from a lossy one: found by review, a 0/1 mask counted as "quantized")."""
+    blob, record = blob_and_record
+    return blob, ({**record, "exact": True} if "stored" in record else record)
+
+
 def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored exactly in its own dtype,
     deflated where that is smaller (found by review: a (1024, 1024) causal
@@ -2023,7 +2033,7 @@ def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.
     grid = _grid_exactly(array, _few_values(array) if few is None else few)
     if grid is not None:
         options.append(grid)
-    return min(options, key=_nbytes)
+    return _exactly(min(options, key=_nbytes))
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -2213,7 +2223,7 @@ def _exact_alternative(array: np.ndarray, few: bool) -> tuple | None:
     half = _half_exactly(array)
     if half is None:
         return None
-    blob, record = _half_blob(half)
+    blob, record = _exactly(_half_blob(half))
     return blob, record, "stored exactly as float16 (every value is one)"
 
 

@@ -47,6 +47,7 @@ class SavedLeaf:
     quantized: dict | None = None             # raw leaves on a step: quantized_vectors' fields
     prng_impl: str | None = None              # raw uint32 leaves: key data of typed PRNG keys
     square_of: int | None = None              # a centered second moment: its first's index
+    exact: bool = False                       # restores bit for bit (layout.stored_exactly)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -186,7 +187,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
                 or math.prod(d for d in shape if d) >= 2**62):
             raise fmt.FormatError(f"leaf {index}: implausible shape {shape}")
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
-                         parse_dtype(record["dtype"]), record["kind"])
+                         parse_dtype(record["dtype"]), record["kind"],
+                         exact=layout.stored_exactly(record))
         if prng_keys.FIELD in record:
             return _key_leaf(leaf, record)
         if leaf.kind == "raw":

@@ -224,17 +224,17 @@ def cmd_compress(args) -> int:
         except (ValueError, TypeError) as e:  # options save refuses
             raise CliError(_first_line(e)) from None
     jpeg = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
-    # raw leaves stored smaller are quantized (pruned, thin, moments, float16
-    # vectors): lossy too (found by review: two pruned leaves were printed as
-    # "0 JPEG-coded, 2 lossless", "0.00x on JPEG-coded leaves")
-    quantized = [leaf for leaf in report.leaves
-                 if leaf.kind != "jpeg" and leaf.stored_bytes < leaf.raw_bytes]
+    # raw leaves stored lossily are quantized (pruned, thin, moments, float16
+    # vectors; found by review: two pruned leaves were printed as "0
+    # JPEG-coded, 2 lossless"); exact ones deflated or as float16 are not
+    # (review: a 0/1 mask was counted as quantized)
+    quantized = [leaf for leaf in report.leaves if leaf.kind != "jpeg" and not leaf.exact]
     coded = jpeg + quantized
     coded_raw = sum(leaf.raw_bytes for leaf in coded)
     coded_stored = sum(leaf.stored_bytes for leaf in coded)
     print(f"{args.src} -> {args.dst}")
     print(f"  leaves      {len(report.leaves)} ({len(jpeg)} JPEG-coded, {len(quantized)} "
-          f"quantized, {len(report.leaves) - len(coded)} lossless)")
+          f"quantized, {len(report.leaves) - len(coded)} exact)")
     print(f"  raw         {_size(report.raw_bytes)} ({report.raw_bytes} bytes)")
     print(f"  compressed  {_size(report.file_bytes)} ({report.file_bytes} bytes)")
     print(f"  ratio       {report.ratio_vs_float32:.2f}x vs float32, {report.ratio:.2f}x vs "
@@ -289,8 +289,10 @@ def cmd_inspect(args) -> int:
                 kind = f"raw-{leaf.quantized['domain']}-step"
             if leaf.square_of is not None:   # a centered moment: + that leaf's square
                 kind = f"raw-variance+sq({ckpt.leaves[leaf.square_of].path})"
-            elif leaf.deflated and leaf.stored_dtype is None:
+            elif leaf.deflated and leaf.stored_dtype is None and leaf.quantized is None:
                 kind = "raw-deflated"
+            if leaf.exact and kind != "raw" and kind != "raw-deflated":
+                kind += "(exact)"   # a smaller form that holds every value
             stored = sum(ckpt.reader.blob_info(n).length
                          for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
                                                     col_scale=leaf.col_scale_dtype is not None,

@@ -516,7 +516,7 @@ def _code(saver, own: list, exchange: _Exchange, me: int, processes: int) -> dic
     placed, table, size = _region(stored)
     records = {str(i): record for (i, _), (_, record, _, _) in zip(own, stored)}
     reports = {str(i): [r.path, list(r.shape), r.dtype, r.kind, r.raw_bytes, r.stored_bytes,
-                        r.note]
+                        r.note, r.exact]
                for (i, _), (_, _, r, _) in zip(own, stored)}
     return {"placed": placed,
             "public": {"size": size, "blobs": table, "records": records, "reports": reports}}

@@ -39,6 +39,13 @@ def raw_blob(index: int) -> str:
     return f"leaf{index}/raw"
 
 
+def stored_exactly(record: dict) -> bool:
+    """Whether a leaf's record says it restores bit for bit: raw in its own
+    dtype, or marked ``exact`` where a smaller form holds every value."""
+    return record.get("kind") == "raw" and ("stored" not in record
+                                            or record.get("exact") is True)
+
+
 def tile_blob(index: int, k: int) -> str:
     """Tile ``k`` of a JPEG-coded leaf: a complete JPEG file."""
     return f"leaf{index}/tile{k}.jpg"

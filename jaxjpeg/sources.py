@@ -455,8 +455,9 @@ def _npz_source(path: str, files: _Files) -> Source:
             raise ranged.failure from None
         raise SourceError(f"{path}: not a valid npz file ({_first_line(e)})") from None
     if any(info.filename.endswith("/data.pkl") for info in members):
-        # found by review: "member 'model/data.pkl' is not a .npy array"
-        raise SourceError(f"{path}: a PyTorch checkpoint (torch.save's zip of pickles), which "
+        # found by review: "member 'model/data.pkl' is not a .npy array";
+        # a format not read, not a damaged file (exit 2, not 1)
+        raise SourceChoiceError(f"{path}: a PyTorch checkpoint (torch.save's zip of pickles), which "
                           "jaxjpeg does not read: save its state_dict with "
                           "safetensors.torch.save_file and compress that")
     # In the zip's order: np.savez writes a dict's arrays in its order, a

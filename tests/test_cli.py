@@ -497,6 +497,31 @@ def test_inspect_shows_user_metadata(sources, tmp_path, capsys):
     assert "metadata:" not in run(capsys, "inspect", dst)[1]
 
 
+def test_compress_and_inspect_tell_exact_leaves_from_lossy(tmp_path, capsys):
+    """Found by review: exact leaves stored smaller than raw (a 0/1 mask as
+    float16, ternary weights as grid codes, a deflated count) were counted
+    as "quantized" and inspect showed them as raw-float16 / raw-linear-step,
+    the kinds of lossy leaves."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "exact.npz"
+    np.savez(src, mask=(rng.random((256, 256)) < 0.5).astype(np.float32),
+             ternary=rng.integers(-1, 2, (256, 256)).astype(np.float32) * 0.25,
+             counts=np.repeat(np.arange(64, dtype=np.int32), 1024),
+             w=rng.normal(size=(256, 256)).astype(np.float32))
+    dst = tmp_path / "out.jjpg"
+    code, out, err = run(capsys, "compress", src, dst)
+    assert code == 0, err
+    assert "(1 JPEG-coded, 0 quantized, 3 exact)" in out, out
+    code, out, err = run(capsys, "inspect", dst)
+    kinds = {line.split()[0]: line.split()[3] for line in out.splitlines()[1:5]}
+    assert kinds.pop("w").startswith("jpeg"), out
+    assert kinds == {"mask": "raw-float16(exact)", "ternary": "raw-linear-step(exact)",
+                     "counts": "raw-deflated"}, out
+    with jaxjpeg.open(dst) as f:
+        assert [f.get(k).tobytes() == v.tobytes() for k, v in np.load(src).items()
+                if k != "w"] == [True] * 3
+
+
 def test_compress_counts_quantized_leaves_as_coded(tmp_path, capsys):
     """Found by review: two pruned (sparse, quantized) leaves were printed
     as "0 JPEG-coded, 2 lossless" and "0.00x on JPEG-coded leaves"."""
@@ -510,7 +535,7 @@ def test_compress_counts_quantized_leaves_as_coded(tmp_path, capsys):
     np.savez(src, **tensors)
     code, out, err = run(capsys, "compress", src, tmp_path / "out.jjpg")
     assert code == 0, err
-    assert "(0 JPEG-coded, 2 quantized, 0 lossless)" in out, out
+    assert "(0 JPEG-coded, 2 quantized, 0 exact)" in out, out
     ratio = float(re.search(r"(\d+\.\d+)x on coded leaves", out).group(1))
     assert ratio > 10, out
 

@@ -200,7 +200,9 @@ def test_unhelpful_cli_messages_found_by_review(tmp_path, capsys):
     with zipfile.ZipFile(pt, "w") as z:
         z.writestr("model/data.pkl", b"\x80\x02}q\x00.")
         z.writestr("model/data/0", b"\x00" * 16)
-    assert main(["compress", str(pt), str(tmp_path / "o.jjpg")]) == EXIT_DAMAGED
+    # a format jaxjpeg does not read is the user's to convert: a usage error
+    # (it exited 1, "damaged", found by review)
+    assert main(["compress", str(pt), str(tmp_path / "o.jjpg")]) == EXIT_USAGE
     assert "a PyTorch checkpoint" in capsys.readouterr().err
     src = tmp_path / "w.npz"
     np.savez(src, w=np.ones((64, 64), np.float32))
