@@ -27,13 +27,13 @@ import jax
 import numpy as np
 
 from jaxjpeg import (analysis, buffers, codec, embeddings, format as fmt, layout, magnitudes,
-                     prng_keys, stacks, storage)
+                     prng_keys, stacks, storage, ties)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
-                                        parse_dtype, quantizable)
+                                       TIED, TIED_VERSION, parse_dtype, quantizable)
 from jaxjpeg.treepaths import glob_escape, leaves_with_paths, path_string
 
 
@@ -1192,6 +1192,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
     The file appears at ``path`` only when complete: a
     crash mid-save leaves any previous checkpoint there intact.
 
+    A leaf with the same bits as an earlier one (tied weights: one tensor
+    under two names) is stored once (:mod:`jaxjpeg.ties`).
+
     ``distributed=True``: every process of ``jax.distributed`` calls save
     with the same tree (global arrays, sharded any way); each codes and
     writes its share of the leaves in parallel and process 0 commits the one
@@ -1499,12 +1502,22 @@ class _Save:
         # (a distributed save's leaves are stand-ins, read by their owners later)
         self.log_coding = _LogCoding(leaves, self.policy, error_bound, read=not defer_budget)
         self.leaf_index = {leaf.name: i for i, leaf in enumerate(leaves)}
+        # Every kernel the prior models, also one a user's sensitivity or
+        # covariance steers: the shift its coding leaves is the same kind.
+        # A user's input means correct their weights under any lossy coding.
+        self.bias_correction = BiasCorrection.of(prior, input_means,
+                                                 exact=self.policy.names_lossless)
+        # (a distributed save's leaves, not held, are never tied)
+        self.tied = ties.tied_leaves(leaves, self._tie_treatment(sensitivity, input_covariance,
+                                                                 prior))
+        # every leaf but the tied ones is coded (and weighs in the rate's choices)
+        leaves = [leaf for i, leaf in enumerate(leaves) if i not in self.tied]
         # the leaves a sensitivity may weigh, found once (each read and tested)
         candidates = functools.cache(
             lambda: _jpeg_candidates(leaves, self.policy, self.log_coding))
         self.error_bound = error_bound
-        _check_covariances(input_covariance, leaves, error_bound)
-        _check_sensitivity_names(sensitivity, leaves)
+        _check_covariances(input_covariance, self.leaves, error_bound)
+        _check_sensitivity_names(sensitivity, self.leaves)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
@@ -1537,7 +1550,7 @@ class _Save:
             if steering is not None:
                 self.rate["steered_leaves"] = len(steering.steered)
             # A sensitivity a user gives a recurrent leaf replaces the rule.
-            recurrent = frozenset(recurrent_leaves(leaf.name for leaf in leaves)
+            recurrent = frozenset(recurrent_leaves(leaf.name for leaf in self.leaves)
                                   - set(sensitivity or ()))
             if recurrent:
                 self.rate["recurrent_leaves"] = len(recurrent)
@@ -1550,7 +1563,8 @@ class _Save:
             # the largest leaf's bytes in flight, not a window (a large leaf
             # then codes alone, its tiles on every core).
             self.window = max((leaf.nbytes for leaf in leaves), default=0)
-        target = _target_size(leaves, target_ratio, target_bytes, bits_per_weight)
+        # against the whole tree: its tied leaves' bytes go to the others
+        target = _target_size(self.leaves, target_ratio, target_bytes, bits_per_weight)
         self.target = target
         leaf_coder.numbers_weigh = relative_step is not None or target is not None
         if sensitivity and leaf_coder.numbers_weigh:
@@ -1559,11 +1573,6 @@ class _Save:
         self.coded = None   # the names of the leaves to code, when the analysis knows them
         self.exact = frozenset()   # leaves a byte target stores raw though the policy codes them
         self._budget = None
-        # Every kernel the prior models, also one a user's sensitivity or
-        # covariance steers: the shift its coding leaves is the same kind.
-        # A user's input means correct their weights under any lossy coding.
-        self.bias_correction = BiasCorrection.of(prior, input_means,
-                                                 exact=self.policy.names_lossless)
         if target is not None:
             self._budget = functools.partial(_target_encoder, leaves, self.policy, target, bits,
                                              leaf_coder, takers=self.bias_correction.takers,
@@ -1572,6 +1581,26 @@ class _Save:
                 self.allocate()
         self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
+
+    def _tie_treatment(self, sensitivity, input_covariance, prior):
+        """What the save does with a leaf by its name (ties.tied_leaves): None
+        where a name gives it a coding of its own (a sensitivity, an input
+        covariance, the BatchNorm prior, a bias correction, an optimizer
+        moment's pairing), else what a policy's patterns choose."""
+        recurrent = recurrent_leaves(leaf.name for leaf in self.leaves)
+        correction = self.bias_correction
+
+        def treatment(leaf):
+            name = leaf.name
+            if (name in (sensitivity or {}) or name in (input_covariance or {})
+                    or (prior is not None and _prior_names(prior, name))
+                    or name in correction.targets or name in correction.takers
+                    or self.log_coding.names_a_moment(name)):
+                return None
+            return (self.policy.should_compress(name, leaf.stand_in()),
+                    self.policy.names_lossless(name), self.policy.stack_axis(name),
+                    name in recurrent)
+        return treatment
 
     def allocate(self, analysed_by=analyse_here, own=None) -> None:
         """A byte target's analysis and allocation (``defer_budget``: left
@@ -1584,7 +1613,8 @@ class _Save:
         bar = progress_bar(total=sum(leaf.nbytes for leaf in self.leaves), desc="jaxjpeg save",
                            unit="B", enabled=self.progress)
         records, reports = [None] * len(self.leaves), [None] * len(self.leaves)
-        phases = self.storing_phases(list(enumerate(self.leaves)))
+        phases = self.storing_phases([(i, leaf) for i, leaf in enumerate(self.leaves)
+                                      if i not in self.tied])
         budgeted = isinstance(self.encode, _BudgetEncoder)
         try:
             with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
@@ -1600,6 +1630,9 @@ class _Save:
                         writer.add_blob(name, data)
                     records[index], reports[index] = record, report
                     bar.update(report.raw_bytes)
+                for index, first in self.tied.items():
+                    records[index], reports[index] = self._tied(index, first, reports[first])
+                    bar.update(reports[index].raw_bytes)
                 writer.set_metadata(self.metadata(records))
         finally:
             bar.close()
@@ -1608,6 +1641,15 @@ class _Save:
         if miss:
             warnings.warn(miss, stacklevel=4)
         return report
+
+    def _tied(self, index: int, first: int, first_report: LeafReport) -> tuple[dict, LeafReport]:
+        """(record, report) of leaf ``index``, tied to leaf ``first``."""
+        leaf = self.leaves[index]
+        record = {"path": leaf.records, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+                  "kind": TIED, "tied_to": first}
+        return record, LeafReport(leaf.name, leaf.shape, str(leaf.dtype), first_report.kind,
+                                  leaf.nbytes, 0, f"stored once with {first_report.path} "
+                                  "(the same values)", first_report.exact)
 
     def storing_phases(self, items: list) -> list:
         """``items`` ((index, leaf) this process stores) in two phases: the
@@ -1637,7 +1679,9 @@ class _Save:
                 and (min(enc.matrix_shape) < rate.THIN_SIDE or sparse))
 
     def metadata(self, records: list) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "rate": self.rate,
+        # files without tied leaves keep the version every reader since 2 reads
+        version = TIED_VERSION if self.tied else CHECKPOINT_VERSION
+        return {"format": CHECKPOINT_FORMAT, "version": version, "rate": self.rate,
                 "leaves": records,
                 **({layout.USER_METADATA_KEY: self.user_metadata} if self.has_metadata else {})}
 
@@ -2443,6 +2487,10 @@ class _LogCoding:
             return None
         return self._leaves[first], first_values
 
+    def names_a_moment(self, name: str) -> bool:
+        """Whether leaf ``name`` is a moment known by its name or its pair."""
+        return name in self.first or name in self.magnitude_seconds or name in self._partner
+
     def keeps_exact(self, name: str, values: np.ndarray) -> bool:
         """Whether leaf ``name`` (of ``values``) of a centered pair is stored
         exactly with its partner: a ``lossless`` pattern names the partner,
@@ -2649,6 +2697,13 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
               if path not in pairs and path not in partners and leaf.name not in paired
               and magnitudes.is_lone_first_moment(path)}
     return frozenset(first), frozenset(seconds)
+
+
+def _prior_names(prior, name: str) -> bool:
+    """Whether the BatchNorm prior codes or pairs leaf ``name``."""
+    return (prior.models(name) or name in prior.vectors or name in prior.output_means
+            or name in prior.output_means.values() or name in prior.output_biases
+            or name in prior.output_biases.values())
 
 
 def _may_be_moment(leaf: SourceLeaf, policy: Policy) -> bool:

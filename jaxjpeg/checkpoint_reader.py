@@ -19,8 +19,13 @@ from jaxjpeg.views import MatrixView, Outliers
 CHECKPOINT_FORMAT = "jaxjpeg-checkpoint"
 # Version 2 added the view, column scales and the side list of kept values;
 # version 1 files (framework-order views, rows only) read as they always did.
+# Version 3 (written only by files that hold one) added tied leaves.
 CHECKPOINT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+TIED_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# A leaf whose values are an earlier leaf's (tied weights): stored once, its
+# record names that leaf (``tied_to``) and holds no blobs.
+TIED = "tied"
 JPEG_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,12 @@ class SavedLeaf:
     prng_impl: str | None = None              # raw uint32 leaves: key data of typed PRNG keys
     square_of: int | None = None              # a centered second moment: its first's index
     exact: bool = False                       # restores bit for bit (layout.stored_exactly)
+    tied_to: int | None = None                # a tied leaf: the leaf whose blobs it reads
+
+    @property
+    def blob_index(self) -> int:
+        """The index its blobs are named by: its own, or a tied leaf's first's."""
+        return self.index if self.tied_to is None else self.tied_to
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -161,7 +172,9 @@ def _check_squares_of(leaves: list[SavedLeaf]) -> None:
                                   f"{leaf.square_of}, is not a float32 raw leaf of its shape")
 
 
-def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
+def _parse_leaf(index: int, record: dict, file_size: int,
+                parsed: list[SavedLeaf]) -> SavedLeaf:
+    """Leaf ``index`` of its ``record``, the leaves before it ``parsed``."""
     try:
         _check_path_records(index, record["path"])
         if not isinstance(record["shape"], list) or any(type(d) is not int
@@ -179,9 +192,11 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         # A sparse quantized leaf's bitmap is deflated: at most 8 values a
         # bit and zlib's 1032 bytes a byte.
         # Deflated raw values, zlib's 1032 bytes a byte at most.
+        # A tied leaf's shape is its first's (checked below), bounded so.
         per_byte = (8 * 1032 if record.get("kind") == "raw" and record.get("stored") == "quantized"
                     and "nonzeros" in record
                     else 1032 if record.get("kind") == "raw" and record.get("deflated") is True
+                    else math.inf if record.get("kind") == TIED
                     else 256)
         if (any(d < 0 for d in shape) or math.prod(shape) > file_size * per_byte + 2**20
                 or math.prod(d for d in shape if d) >= 2**62):
@@ -189,6 +204,8 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         leaf = SavedLeaf(index, record["path"], path_string(record["path"]), shape,
                          parse_dtype(record["dtype"]), record["kind"],
                          exact=layout.stored_exactly(record))
+        if leaf.kind == TIED:
+            return _tied_leaf(leaf, record, parsed)
         if prng_keys.FIELD in record:
             return _key_leaf(leaf, record)
         if leaf.kind == "raw":
@@ -252,6 +269,20 @@ def _parse_leaf(index: int, record: dict, file_size: int) -> SavedLeaf:
         raise fmt.FormatError(f"leaf {index}: malformed record ({e})") from None
 
 
+def _tied_leaf(leaf: SavedLeaf, record: dict, parsed: list[SavedLeaf]) -> SavedLeaf:
+    """A tied leaf: the earlier leaf it names, under its own index and path."""
+    to = record.get("tied_to")
+    if type(to) is not int or not 0 <= to < leaf.index:
+        raise fmt.FormatError(f"leaf {leaf.index}: bad 'tied_to' {to!r:.40} (the index of an "
+                              "earlier leaf)")
+    first = parsed[to]
+    if (first.shape, first.dtype) != (leaf.shape, leaf.dtype):
+        raise fmt.FormatError(f"leaf {leaf.index}: tied to leaf {to} of another shape or dtype "
+                              f"({leaf.dtype}{list(leaf.shape)}, {first.dtype}{list(first.shape)})")
+    return dataclasses.replace(first, index=leaf.index, records=leaf.records, path=leaf.path,
+                               tied_to=first.blob_index)
+
+
 def _check_tiles_cover(leaf: SavedLeaf) -> None:
     problem = layout.tiling_problem(leaf.matrix_shape, leaf.tiles, leaf.restart_interval)
     if problem is not None:
@@ -280,8 +311,9 @@ class Checkpoint:
         try:
             if not isinstance(meta.get("leaves"), list):
                 raise fmt.FormatError(f"{self.path}: metadata 'leaves' must be a list")
-            self.leaves = [_parse_leaf(i, r, self.reader.file_size)
-                           for i, r in enumerate(meta["leaves"])]
+            self.leaves = []
+            for i, record in enumerate(meta["leaves"]):
+                self.leaves.append(_parse_leaf(i, record, self.reader.file_size, self.leaves))
             for leaf in self.leaves:
                 if leaf.kind == "jpeg":
                     _check_tiles_cover(leaf)
@@ -299,7 +331,7 @@ class Checkpoint:
         path repeats or is a prefix of another (restore without target nests them)."""
         names = set(self.reader.blob_names)
         for leaf in self.leaves:
-            missing = [n for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+            missing = [n for n in layout.leaf_blobs(leaf.blob_index, leaf.kind, len(leaf.tiles),
                                                     col_scale=leaf.col_scale_dtype is not None,
                                                     outliers=leaf.outliers > 0)
                        if n not in names]
@@ -315,13 +347,13 @@ class Checkpoint:
 
     def blob_names(self, leaf: SavedLeaf, tiles=None) -> list[str]:
         """The names of a leaf's blobs: all, or its maps and only the tiles ``tiles``."""
-        names = layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+        names = layout.leaf_blobs(leaf.blob_index, leaf.kind, len(leaf.tiles),
                                   col_scale=leaf.col_scale_dtype is not None,
                                   outliers=leaf.outliers > 0)
         if tiles is None:
             return list(names)
-        keep = {layout.tile_blob(leaf.index, k) for k in tiles}
-        every_tile = {layout.tile_blob(leaf.index, k) for k in range(len(leaf.tiles))}
+        keep = {layout.tile_blob(leaf.blob_index, k) for k in tiles}
+        every_tile = {layout.tile_blob(leaf.blob_index, k) for k in range(len(leaf.tiles))}
         return [n for n in names if n not in every_tile or n in keep]
 
     def stored_bytes(self, leaf: SavedLeaf) -> int:
@@ -345,7 +377,7 @@ class Checkpoint:
         self.close()
 
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
-        data = self.reader.read_blob(layout.raw_blob(leaf.index), verify=self.verify)
+        data = self.reader.read_blob(layout.raw_blob(leaf.blob_index), verify=self.verify)
         if leaf.quantized is not None:
             try:
                 values = quantized_vectors.decoded_values(data, math.prod(leaf.shape),
@@ -380,7 +412,7 @@ class Checkpoint:
         if leaf.col_scale_dtype is None:
             return None
         cols = leaf.matrix_shape[1]
-        data = self.reader.read_blob(layout.col_scale_blob(leaf.index), verify=self.verify)
+        data = self.reader.read_blob(layout.col_scale_blob(leaf.blob_index), verify=self.verify)
         if len(data) != cols * leaf.col_scale_dtype.itemsize:
             raise fmt.FormatError(f"{self.path}: {leaf.path} column scales have the wrong size")
         return np.frombuffer(data, leaf.col_scale_dtype).astype(np.float32)
@@ -389,14 +421,14 @@ class Checkpoint:
         """The values the leaf keeps exactly, or None."""
         if not leaf.outliers:
             return None
-        data = self.reader.read_blob(layout.outliers_blob(leaf.index), verify=self.verify)
+        data = self.reader.read_blob(layout.outliers_blob(leaf.blob_index), verify=self.verify)
         try:
             return Outliers.from_bytes(data, leaf.outliers, math.prod(leaf.shape), leaf.dtype)
         except ValueError as e:
             raise fmt.FormatError(f"{self.path}: {leaf.path}: {e}") from None
 
     def read_affine(self, leaf: SavedLeaf) -> tuple[np.ndarray, np.ndarray]:
-        data = self.reader.read_blob(layout.affine_blob(leaf.index), verify=self.verify)
+        data = self.reader.read_blob(layout.affine_blob(leaf.blob_index), verify=self.verify)
         try:
             affine = layout.unpack_affine(data, leaf.affine_layout, leaf.affine_dtype,
                                           leaf.matrix_shape[0])
@@ -406,7 +438,7 @@ class Checkpoint:
 
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:
         """Per tile: interval starts (relative to the tile, n + 1 values)."""
-        data = self.reader.read_blob(layout.intervals_blob(leaf.index), verify=self.verify)
+        data = self.reader.read_blob(layout.intervals_blob(leaf.blob_index), verify=self.verify)
         counts = [t[4] + 1 for t in leaf.tiles]
         try:
             pieces = layout.unpack_interval_index(data, leaf.interval_encoding, counts)
@@ -419,14 +451,14 @@ class Checkpoint:
         return pieces
 
     def tile_size(self, leaf: SavedLeaf, k: int) -> int:
-        return self.reader.blob_info(layout.tile_blob(leaf.index, k)).length
+        return self.reader.blob_info(layout.tile_blob(leaf.blob_index, k)).length
 
     def tile_filler(self, leaf: SavedLeaf, k: int, interval_starts=None):
         """A ``fill(view)`` that reads tile ``k`` into ``view``; given the tile's
         interval index (:meth:`read_interval_index`), it also checks that every
         recorded start lands exactly where the tile's own restart markers put
         it (an index shifted by a few bytes decodes to other weights silently)."""
-        name = layout.tile_blob(leaf.index, k)
+        name = layout.tile_blob(leaf.blob_index, k)
 
         def fill(view):
             self.reader.read_blob(name, verify=self.verify, out=view)

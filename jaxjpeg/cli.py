@@ -294,9 +294,11 @@ def cmd_inspect(args) -> int:
             if leaf.exact and kind != "raw" and kind != "raw-deflated":
                 kind += "(exact)"   # a smaller form that holds every value
             stored = sum(ckpt.reader.blob_info(n).length
-                         for n in layout.leaf_blobs(leaf.index, leaf.kind, len(leaf.tiles),
+                         for n in layout.leaf_blobs(leaf.blob_index, leaf.kind, len(leaf.tiles),
                                                     col_scale=leaf.col_scale_dtype is not None,
                                                     outliers=leaf.outliers > 0))
+            if leaf.tied_to is not None:   # its bytes are counted once, at its first
+                kind, stored = f"tied({ckpt.leaves[leaf.tied_to].path})", 0
             dtype = str(leaf.dtype) if leaf.prng_impl is None else f"key:{leaf.prng_impl}"
             rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", dtype,
                          kind, _view_text(leaf), raw, stored, math.prod(leaf.shape)])
@@ -308,7 +310,8 @@ def cmd_inspect(args) -> int:
     table = []
     for i, (path, shape, dtype, kind, view, raw, stored, size) in enumerate(rows):
         line = [path, shape, dtype, kind, view, str(raw), str(stored),
-                f"{8 * stored / max(1, size):.3f}", f"{raw / max(1, stored):.2f}"]
+                f"{8 * stored / max(1, size):.3f}",
+                f"{raw / stored:.2f}" if stored else "-" if raw else "0.00"]
         if errors is not None:
             line.append(errors[i])
         table.append(line)
@@ -576,7 +579,7 @@ def cmd_extract(args) -> int:
         try:
             for leaf in leaves:
                 for k in range(len(leaf.tiles)):
-                    data = ckpt.reader.read_blob(layout.tile_blob(leaf.index, k), verify=True)
+                    data = ckpt.reader.read_blob(layout.tile_blob(leaf.blob_index, k), verify=True)
                     _check_tile_file(ckpt, leaf, k, data)
                     written.append(os.path.join(args.outdir, files[leaf.index, k]))
                     with open(written[-1], "wb") as f:

@@ -1,0 +1,143 @@
+"""Tied leaves (jaxjpeg.ties): one tensor under two names is stored once.
+
+Found by review: a PyTorch state dict's tied input embedding and output
+projection (one tensor, ``tensor.numpy()`` of each the same memory) were
+stored twice, and a byte target coded the copies apart: the restored
+model's tied weights differed.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import checkpoint_reader as ckr, format as fmt
+from test_checkpoint_corruption import rewrite
+
+
+def _tied_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    embed = (0.02 * rng.normal(size=(2048, 128))).astype(np.float32)
+    return {"embed_tokens.weight": embed,
+            "layers.0.mlp.weight": (0.02 * rng.normal(size=(512, 128))).astype(np.float32),
+            "lm_head.weight": embed}   # a state dict's tied weight: one array, two names
+
+
+def _version(path) -> int:
+    with fmt.ContainerReader(path) as r:
+        return r.metadata["version"]
+
+
+@pytest.mark.parametrize("options", [{}, {"target_ratio": 8}, {"error_bound": 0.01}])
+def test_a_tied_weight_is_stored_once_and_restores_equal(tmp_path, options):
+    tree = _tied_tree()
+    path = tmp_path / "tied.jjpg"
+    report = jaxjpeg.save(path, tree, **options)
+    untied = {k: v for k, v in tree.items() if k != "lm_head.weight"}
+    alone = jaxjpeg.save(tmp_path / "alone.jjpg", untied,
+                         **({} if "target_ratio" in options else options))
+    head = next(leaf for leaf in report.leaves if leaf.path == "lm_head.weight")
+    assert head.stored_bytes == 0 and "stored once with embed_tokens.weight" in head.note
+    # the whole tree's target: the one copy takes the bytes both took
+    if options.get("target_ratio"):
+        assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
+    else:   # the same codings as a tree without the second name, a record more
+        assert abs(report.file_bytes - alone.file_bytes) < 200
+    restored = jaxjpeg.restore(path)
+    assert np.array_equal(np.asarray(restored["lm_head.weight"]),
+                          np.asarray(restored["embed_tokens.weight"]))
+    error = np.linalg.norm(np.asarray(restored["lm_head.weight"]) - tree["lm_head.weight"])
+    assert error < options.get("error_bound", 0.1) * np.linalg.norm(tree["lm_head.weight"])
+    with jaxjpeg.open(path) as f:
+        assert np.array_equal(f.get("lm_head.weight"), np.asarray(restored["lm_head.weight"]))
+        assert np.array_equal(f.get_slice("lm_head.weight")[100:200],
+                              np.asarray(restored["lm_head.weight"])[100:200])
+    only = jaxjpeg.restore(path, target={"lm_head.weight": tree["lm_head.weight"]})
+    assert np.array_equal(np.asarray(only["lm_head.weight"]),
+                          np.asarray(restored["lm_head.weight"]))
+    loaded = jaxjpeg.decode(jaxjpeg.load(path))
+    assert np.array_equal(np.asarray(loaded["lm_head.weight"]),
+                          np.asarray(restored["lm_head.weight"]))
+    assert _version(path) == ckr.TIED_VERSION
+    assert _version(tmp_path / "alone.jjpg") == ckr.CHECKPOINT_VERSION   # readable as before
+
+
+def test_equal_values_in_other_memory_are_tied_too(tmp_path):
+    tree = _tied_tree()
+    tree["lm_head.weight"] = tree["lm_head.weight"].copy()
+    tree["other"] = tree["embed_tokens.weight"].copy()
+    tree["other"][5, 7] += 1e-3   # one value apart: not tied
+    report = jaxjpeg.save(tmp_path / "t.jjpg", tree)
+    stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}
+    assert stored["lm_head.weight"] == 0 and stored["other"] > 0
+    restored = jaxjpeg.restore(tmp_path / "t.jjpg")
+    assert not np.array_equal(np.asarray(restored["other"]),
+                              np.asarray(restored["embed_tokens.weight"]))
+
+
+def test_a_name_that_keeps_its_own_coding_is_not_tied(tmp_path):
+    """A lossless pattern or a sensitivity naming one copy: each keeps its
+    own (a tie would give the lossless name the other's coding)."""
+    tree = _tied_tree()
+    path = tmp_path / "t.jjpg"
+    report = jaxjpeg.save(path, tree, policy=jaxjpeg.Policy(lossless=("lm_head.weight",)))
+    assert all(leaf.stored_bytes > 0 for leaf in report.leaves)
+    restored = jaxjpeg.restore(path)
+    assert np.array_equal(np.asarray(restored["lm_head.weight"]), tree["lm_head.weight"])
+    report = jaxjpeg.save(path, tree, sensitivity={"lm_head.weight": 4.0})
+    assert all(leaf.stored_bytes > 0 for leaf in report.leaves)
+
+
+def test_optimizer_moments_and_small_leaves_are_not_tied(tmp_path):
+    """Moments pair by name (a centered second moment is stored against its
+    first); small leaves are not worth the comparison."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(256, 64)).astype(np.float32)
+    nu = np.square(rng.normal(size=(256, 64))).astype(np.float32) * 1e-4
+    tree = {"params": {"w": w, "v": w},
+            "opt_state": {"mu": {"w": w * 1e-2, "v": w * 1e-2}, "nu": {"w": nu, "v": nu}},
+            "b": np.ones(64, np.float32), "c": np.ones(64, np.float32)}
+    report = jaxjpeg.save(tmp_path / "t.jjpg", tree)
+    tied = {leaf.path for leaf in report.leaves if leaf.stored_bytes == 0}
+    assert tied == {"params/w"}, tied   # tree order: params/v comes first
+
+
+def _edited(src, dst, **fields):
+    def edit(meta):
+        meta["leaves"][2].update(fields)
+    return rewrite(src, dst, edit_meta=edit)
+
+
+def test_damaged_tied_records_are_refused_clearly(tmp_path):
+    src = tmp_path / "t.jjpg"
+    jaxjpeg.save(src, _tied_tree())
+    with ckr.Checkpoint(src) as c:
+        assert [leaf.tied_to for leaf in c.leaves] == [None, None, 0]
+    for bad in (2, 3, -1, "0", 0.0, None, True):
+        with pytest.raises(fmt.FormatError, match="bad 'tied_to'"):
+            jaxjpeg.restore(_edited(src, tmp_path / "b.jjpg", tied_to=bad))
+    with pytest.raises(fmt.FormatError, match="tied to leaf 1 of another shape"):
+        jaxjpeg.restore(_edited(src, tmp_path / "s.jjpg", tied_to=1))
+    with pytest.raises(fmt.FormatError, match="tied to leaf 0 of another shape or dtype"):
+        jaxjpeg.restore(_edited(src, tmp_path / "d.jjpg", dtype="float16"))
+    # a file of a newer checkpoint version: refused by name, not as damage
+    def newer(meta):
+        meta["version"] = ckr.READABLE_VERSIONS[-1] + 1
+    with pytest.raises(fmt.FormatError, match="checkpoint version .* is not supported"):
+        jaxjpeg.restore(rewrite(src, tmp_path / "n.jjpg", edit_meta=newer))
+
+
+def test_inspect_names_the_leaf_a_tied_one_reads(tmp_path, capsys):
+    from jaxjpeg.cli import main
+    path = tmp_path / "t.jjpg"
+    jaxjpeg.save(path, _tied_tree())
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("lm_head.weight"))
+    assert line.split()[3] == "tied(embed_tokens.weight)" and line.split()[6] == "0", out
+    assert main(["export", str(path), str(tmp_path / "t.safetensors")]) == 0
+    from safetensors.numpy import load_file
+    exported = load_file(tmp_path / "t.safetensors")
+    assert np.array_equal(exported["lm_head.weight"], exported["embed_tokens.weight"])
