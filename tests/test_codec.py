@@ -311,6 +311,27 @@ def test_native_steps_are_checked_not_narrowed(bad):
     assert ok == _native.encode(samples, np.full(64, 2, np.uint16))
 
 
+def test_native_direct_callers_get_errors_not_silent_values():
+    """Found by review: _native.encode coded a NaN sample as 0,
+    check_interval_starts truncated float offsets (1.9 -> 1) and
+    decode_workspace_bytes returned a negative size for a negative count."""
+    samples = np.full((8, 64), 100.0, np.float32)
+    samples[3, 5] = np.nan
+    with pytest.raises(ValueError, match="samples must be finite"):
+        _native.encode(samples, np.full(64, 2, np.uint16))
+    data, starts = _native.encode(np.full((8, 64), 100.0, np.float32),
+                                  np.full(64, 2, np.uint16), restart_interval=1,
+                                  with_intervals=True)
+    assert _native.check_interval_starts(data, starts)
+    assert _native.check_interval_starts(data, starts.astype(np.uint32))
+    with pytest.raises(TypeError, match="integer array"):
+        _native.check_interval_starts(data, starts.astype(np.float64) + 0.9)
+    assert _native.decode_workspace_bytes(1, 100, 2, 1) > 0
+    for bad in ((-1, 100, 2, 1), (1, -100, 2, 1), (1, 100, -2, 1), (1, 100, 2, -1)):
+        with pytest.raises(ValueError, match=">= 0"):
+            _native.decode_workspace_bytes(*bad)
+
+
 def test_tilings_that_leave_gaps_or_mix_intervals_are_refused(tmp_path):
     """Found by review: decode_tensor of tiles leaving a quarter of the view
     uncovered returned uninitialized memory there, and a save with a user's

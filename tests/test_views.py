@@ -585,14 +585,14 @@ def test_unknown_versions_are_refused_clearly(tmp_path):
     path = tmp_path / "v.jjpg"
     jaxjpeg.save(path, {"b": np.ones(3, np.float32)})
     reader = fmt.ContainerReader(str(path))
-    meta = dict(reader.metadata, version=3)
-    out = tmp_path / "v3.jjpg"
+    meta = dict(reader.metadata, version=4)   # 3 holds tied leaves (session 32)
+    out = tmp_path / "v4.jjpg"
     with fmt.ContainerWriter(str(out)) as writer:
         for name in reader.blob_names:
             writer.add_blob(name, np.frombuffer(bytes(reader.read_blob(name)), np.uint8))
         writer.set_metadata(meta)
     reader.close()
-    with pytest.raises(fmt.FormatError, match="version 3 is not supported"):
+    with pytest.raises(fmt.FormatError, match="version 4 is not supported"):
         jaxjpeg.restore(out)
 
 

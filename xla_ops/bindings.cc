@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -164,11 +165,15 @@ py::tuple TileHeader(const py::buffer& data) {
                         info.restart_interval);
 }
 
-bool CheckIntervalStarts(const py::buffer& data,
-                         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& starts) {
+bool CheckIntervalStarts(const py::buffer& data, const py::array& given) {
   const py::buffer_info b = ContiguousBytes(data);
   const auto* bytes = static_cast<const uint8_t*>(b.ptr);
   const int64_t size = b.size * b.itemsize;
+  // byte offsets: a float start would be truncated to another offset
+  const char kind = given.dtype().kind();
+  if (kind != 'i' && kind != 'u') throw py::type_error("starts must be an integer array");
+  const auto starts = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(given);
+  if (!starts) throw py::value_error("starts do not fit int64");
   if (starts.ndim() != 1) throw py::value_error("starts must be 1-D");
   StreamInfo info;
   Check(ParseStreamHeader(bytes, size, &info), "JPEG header");
@@ -512,6 +517,11 @@ py::object Encode(const py::array_t<float, py::array::c_style | py::array::force
   const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo, avx2);
   const py::ssize_t h = samples.shape(0), w = samples.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
+  // a NaN sample was coded as 0, silently
+  const float* first = samples.data();
+  if (!std::all_of(first, first + h * w, [](float v) { return std::isfinite(v); })) {
+    throw py::value_error("encode: samples must be finite");
+  }
   std::vector<uint8_t> out;
   std::vector<int64_t> starts;
   Status s;
@@ -939,7 +949,13 @@ PYBIND11_MODULE(_native, m) {
     return targets;
   }, "XLA FFI handler capsules for the CPU platform.");
   m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);
-  m.def("decode_workspace_bytes", &DecodeWorkspaceBytes, py::arg("num_outputs"),
+  m.def("decode_workspace_bytes", [](int64_t num_outputs, int64_t payload_size,
+                                     int64_t num_intervals, int64_t num_tables) {
+    if (num_outputs < 0 || payload_size < 0 || num_intervals < 0 || num_tables < 0) {
+      throw py::value_error("decode_workspace_bytes: counts and sizes must be >= 0");
+    }
+    return DecodeWorkspaceBytes(num_outputs, payload_size, num_intervals, num_tables);
+  }, py::arg("num_outputs"),
         py::arg("payload_size"), py::arg("num_intervals"), py::arg("num_tables"),
         "Bytes of the CUDA decode's workspace result: output descriptors, built tables and "
         "destuffed intervals.");
