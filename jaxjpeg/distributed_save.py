@@ -336,7 +336,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         saver = ck._Save(path, leaves, **saver_options)
         owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
                                      saver.log_coding.named_pairs(leaves))
-        ready, error = {"owners": owners, "gather": gather}, None
+        ready, error = {"owners": owners, "gather": gather, "path": os.path.abspath(path)}, None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
     exchange.put(f"ready/{me}", {"state": ready,
@@ -390,6 +390,14 @@ def _check_same_plan(path: str, plans: list, records: list) -> None:
     coded by none or by two, and the file lose leaves (found by review: a
     step that every process reported saved held one leaf of three)."""
     from jaxjpeg.treepaths import path_string
+    # one file: process 0's (found by review: a process naming another path,
+    # a relative one from another directory, was told its save had succeeded)
+    named = [plan["path"] for plan in plans]
+    if len(set(named)) > 1:
+        differ = next(i for i, p in enumerate(named) if p != named[0])
+        raise ValueError(f"distributed save: the processes name different files (process 0 "
+                         f"{named[0]!r}, process {differ} {named[differ]!r}): every process "
+                         "must name the same file, on a file system they share")
     for i in range(len(records)):
         seen = {(plan["owners"][i], plan["gather"][i]) for plan in plans}
         if len(seen) > 1:

@@ -226,6 +226,22 @@ def one_process_refusing_fails_every_process_quickly():
     assert not [f for f in os.listdir(WORK) if f.startswith("refused.jjpg.tmp-")]
 
 
+@check
+def processes_naming_different_files_fail_every_process():
+    """Found by review: a process naming its own file (or a relative path
+    from another directory) was handed a report of a save that wrote only
+    process 0's file."""
+    path = os.path.join(WORK, f"mine_{PROCESS}.jjpg")
+    try:
+        jaxjpeg.save(path, TREE, distributed=True)
+    except ValueError as e:
+        assert "the processes name different files" in str(e), str(e)
+        assert "mine_0.jjpg" in str(e) and "mine_1.jjpg" in str(e), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    assert not [f for f in os.listdir(WORK) if f.startswith("mine_")]
+
+
 def _injected_failure_fails_every_process(name, owner, attribute, failing, errors, words):
     """A distributed save with ``owner.attribute`` replaced by
     ``failing(real)``, which raises in some process: every process raises
