@@ -373,6 +373,9 @@ class ContainerWriter:
         offset = blob_offset(self._position, len(view))
         try:
             crc = self._write_padded(offset, view)
+        except OSError as e:
+            self.abort()
+            raise self._writing_error(e) from e
         except BaseException:  # a partial write would shift every later offset: give up
             self.abort()
             raise
@@ -398,19 +401,36 @@ class ContainerWriter:
             raise
         self._file = None
 
+    def _writing_error(self, e: OSError) -> OSError:
+        """``e`` naming the file being written where it names none (found by
+        review: a full disk was only "[Errno 28] No space left on device")."""
+        if e.filename is not None:
+            return e
+        why = e.strerror or str(e)
+        if self._remote is not None:   # a disk the user never named
+            return OSError(e.errno, f"{why} (writing the local temporary copy of "
+                           f"{self._remote}, which needs the file's size free in the "
+                           "system's temporary directory)", self._temp_path)
+        return OSError(e.errno, f"{why} (writing its temporary file {self._temp_path})",
+                       str(self.path))
+
     def _finish(self) -> None:
         header, flags = _encode_header(
             {name: info._asdict() for name, info in self._blobs.items()}, self._metadata)
         header_offset = _align_up(self._position)
-        self._file.write(bytes(header_offset - self._position))
-        self._file.write(header)
-        self._file.seek(0)
-        self._file.write(_pack_preamble(header_offset, len(header), crc32c(header), flags))
-        self._file.flush()
+        try:
+            self._file.write(bytes(header_offset - self._position))
+            self._file.write(header)
+            self._file.seek(0)
+            self._file.write(_pack_preamble(header_offset, len(header), crc32c(header), flags))
+            self._file.flush()
+            if self._remote is None:
+                os.fsync(self._file.fileno())
+        except OSError as e:
+            raise self._writing_error(e) from e
         if self._remote is not None:
             self._upload()
             return
-        os.fsync(self._file.fileno())
         # Opened before the rename: nothing may fail once the file is in place.
         dir_fd = _open_directory(os.path.dirname(os.path.abspath(self._target)))
         try:

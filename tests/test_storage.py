@@ -3,6 +3,8 @@ paths, PathLike, epath and fsspec URLs; reads are ranged, merged, parallel and
 pipelined in bounded windows."""
 
 import os
+import subprocess
+import sys
 import pathlib
 import tracemalloc
 
@@ -369,3 +371,36 @@ def test_file_urls_are_percent_decoded(tmp_path):
     assert storage.local_path("file:///tmp/a%20b") == "/tmp/a b"
     joined = storage.join("file:///tmp/a%20b", "x%41 y")
     assert storage.local_path(joined) == "/tmp/a b/x%41 y"
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import numpy as np, jaxjpeg
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write fails instead (EFBIG)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+tree = {f"l{i}": np.random.default_rng(i).normal(size=(128, 128)).astype(np.float32)
+        for i in range(8)}
+try:
+    jaxjpeg.save(sys.argv[1], tree, relative_step=0.01)
+except OSError as e:
+    print(e.filename)
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_failed_write_names_the_file(tmp_path, where):
+    """Found by review: a full disk during a save said only "[Errno 28] No
+    space left on device", naming no path (a URL save's is a local temporary
+    file the user never named). A file-size limit fails the writes alike."""
+    target = str(tmp_path / "ck.jjpg") if where == "local" else "memory://bucket/ck.jjpg"
+    run = subprocess.run([sys.executable, "-c", _FULL_DISK, target], capture_output=True,
+                         text=True, timeout=120)
+    filename, message = run.stdout.splitlines()[:2]
+    assert "File too large" in message, run.stdout + run.stderr
+    if where == "local":
+        assert filename == target and "writing its temporary file" in message
+        assert os.listdir(tmp_path) == []   # the temporary file went with the failure
+    else:
+        assert "local temporary copy of memory://bucket/ck.jjpg" in message
+        assert not os.path.exists(filename)
