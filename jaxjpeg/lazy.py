@@ -51,6 +51,10 @@ class LeafInfo:
     # leaf, an optimizer moment on log2 steps): (domain, step)
     quantized: tuple[str, float] | None = None
     prng_impl: str | None = None   # raw uint32: the key data of typed PRNG keys of this implementation
+    exact: bool = False        # raw: restores bit for bit (in its own dtype or a smaller form)
+    # tied weights: the leaf whose values and blobs this one shares (its
+    # stored_bytes are 0: they are that leaf's)
+    tied_to: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -116,10 +120,12 @@ class LazyReader:
     def info(self, name: str) -> LeafInfo:
         """Shape, dtype, coding and stored size of leaf ``name`` (KeyError if absent)."""
         leaf = self._leaf(name)
-        stored = self._ckpt.stored_bytes(leaf)
+        tied_to = None if leaf.tied_to is None else self._ckpt.leaves[leaf.tied_to].path
+        stored = 0 if tied_to is not None else self._ckpt.stored_bytes(leaf)
         size = math.prod(leaf.shape)
         common = dict(name=leaf.path, shape=leaf.shape, dtype=leaf.dtype, kind=leaf.kind,
-                      stored_bytes=stored, bits_per_weight=stored * 8 / size if size else 0.0)
+                      stored_bytes=stored, bits_per_weight=stored * 8 / size if size else 0.0,
+                      exact=leaf.exact, tied_to=tied_to)
         if leaf.kind == "raw":
             q = leaf.quantized
             return LeafInfo(**common, stored_dtype=leaf.stored_dtype,

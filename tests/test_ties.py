@@ -51,6 +51,11 @@ def test_a_tied_weight_is_stored_once_and_restores_equal(tmp_path, options):
     error = np.linalg.norm(np.asarray(restored["lm_head.weight"]) - tree["lm_head.weight"])
     assert error < options.get("error_bound", 0.1) * np.linalg.norm(tree["lm_head.weight"])
     with jaxjpeg.open(path) as f:
+        # its bytes are the first's, counted there (review: info() gave both
+        # the first's, their sum 1.85x the file)
+        info = f.info("lm_head.weight")
+        assert info.tied_to == "embed_tokens.weight" and info.stored_bytes == 0
+        assert sum(f.info(k).stored_bytes for k in f.keys()) < report.file_bytes
         assert np.array_equal(f.get("lm_head.weight"), np.asarray(restored["lm_head.weight"]))
         assert np.array_equal(f.get_slice("lm_head.weight")[100:200],
                               np.asarray(restored["lm_head.weight"])[100:200])
