@@ -7,7 +7,7 @@ position's angle is ``position * inv_freq``, so a relative error of 2^-10
 in a frequency moves position 4095's angle by several radians (found by
 review: at 8x ``inv_freq`` took log2 steps, as a second moment would, and
 the angles were 3.3 rad off; by default the JPEG-coded cosine tables came
-back up to 0.25 off). Found by the last name of a leaf's path (parts split
+back up to 0.25 off); ALiBi's slopes and tables likewise. Found by the last name of a leaf's path (parts split
 at '/' and '.'); a ``Policy(compress=...)`` pattern naming one codes it.
 """
 
@@ -19,6 +19,9 @@ CONSTANT_BUFFER_NAMES = frozenset({
     "inv_freq", "original_inv_freq", "inv_freq_short", "inv_freq_long",
     "cos_cached", "sin_cached", "_cos_cached", "_sin_cached", "cos_sin_cache",
     "freqs_cis", "freqs_cos", "freqs_sin", "rope_cache", "embed_positions",
+    # ALiBi's slopes and the bias tables made of them (found by review: a
+    # JPEG-coded table came back 1.7 off)
+    "alibi", "alibi_slopes", "alibi_bias", "alibi_mask",
 })
 
 

@@ -12,7 +12,7 @@ took 4.4-5.1, KL to float32 0.0071). So they are weighed as if no larger than
 the largest other coded leaf (quantizers commonly keep them finer too).
 Found by name, in the layouts frameworks write: a path part naming an
 embedding (``embedding``, ``embed_tokens``, ``word_embeddings``,
-``tok_embeddings``, ``wte``) or an output head (``lm_head``, a top-level
+``tok_embeddings``, ``wte``) or an output head (``lm_head``, ``logits_dense``, a top-level
 ``output`` kernel as Llama checkpoints name it, ``params/output/kernel``).
 """
 
@@ -21,7 +21,10 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-_PART = re.compile(r"(embed|^wte$|^lm_head$)", re.IGNORECASE)
+# MaxText's and T5X's head is logits_dense, PaxML's logits_ffn (found by
+# review: missed, the head became "the largest other leaf" and the embedding
+# lost its weighing too, both coded 2x coarser)
+_PART = re.compile(r"(embed|^wte$|^lm_head$|^logits_dense$|^logits_ffn$)", re.IGNORECASE)
 
 
 def is_lookup_table(name: str) -> bool:

@@ -1426,6 +1426,9 @@ def test_masks_and_buffers_are_exact_and_deflated(tmp_path, target):
              "position_ids": np.arange(2048, dtype=np.int32)[None],
              "rotary_emb.inv_freq": inv_freq,
              "rotary_emb.cos_cached": np.cos(angles)[None, None]}
+    slopes = 2.0 ** (-8 * np.arange(1, 9, dtype=np.float32) / 8)   # ALiBi (review: 1.7 off)
+    tree["h.0.attn.alibi"] = (slopes[:, None, None] * -np.abs(
+        np.arange(256)[None, :] - np.arange(256)[:, None])[None]).astype(np.float32)
     report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=target)
     got = jaxjpeg.restore(tmp_path / "m.jjpg")
     stored = {leaf.path: leaf.stored_bytes for leaf in report.leaves}

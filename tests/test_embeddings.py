@@ -15,6 +15,7 @@ from jaxjpeg import embeddings
     ("model.embed_tokens.weight", True), ("bert/embeddings/word_embeddings", True),
     ("lm_head.weight", True), ("params/lm_head/kernel", True), ("output.weight", True),
     ("params/output/kernel", True), ("layer.0.output.weight", False),
+    ("params/decoder/logits_dense/kernel", True), ("softmax/logits_ffn/linear/w", True),
     ("params/h/attn/out/kernel", False), ("encoder.layer.0.attention.output.dense.weight", False),
     ("_fc.weight", False), ("params/Dense_0/kernel", False), ("linear_8.w_0", False)])
 def test_names(name, table):
