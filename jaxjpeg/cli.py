@@ -66,6 +66,7 @@ EXIT_DAMAGED = 1
 EXIT_USAGE = 2
 EXIT_IO = 3
 EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141   # as a shell reports a command SIGPIPE ended
 
 
 def load_source(path: str):
@@ -793,10 +794,35 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as e:
+        if not _stdout_gone():
+            code, message = _classify(e)
+        else:   # `jaxjpeg inspect ... | head`: the reader had enough (found by review:
+            _drop_stdout()   # "error: [Errno 32] Broken pipe", exit 3)
+            return EXIT_PIPE_CLOSED
     except Exception as e:
         code, message = _classify(e)
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it."""
+    import select
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):   # no file descriptor (captured)
+        return False
+
+
+def _drop_stdout() -> None:
+    """Points standard output at /dev/null: the interpreter's last flush of
+    what is left in its buffer would fail again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -224,3 +224,15 @@ def test_compress_to_a_path_ending_in_a_slash_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "compress", tmp_path / "s.npz", f"{tmp_path}/out/")
     assert code == EXIT_USAGE and "names a directory" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
+    """Found by review: `jaxjpeg inspect CKPT | head` printed "error: [Errno
+    32] Broken pipe" and exited 3."""
+    path = tmp_path / "many.jjpg"
+    jaxjpeg.save(path, {f"l{i}": np.arange(8, dtype=np.float32) + i for i in range(3000)})
+    command = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m jaxjpeg.cli inspect {path} | head -2; "
+                       "echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True, timeout=120)
+    assert command.stdout.splitlines()[1].startswith("l0 "), command.stdout
+    assert command.stderr.strip() == "141", command.stderr
