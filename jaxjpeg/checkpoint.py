@@ -87,7 +87,7 @@ class Policy:
         return getattr(self, "_stack_axes", {}).get(path)
 
     def should_compress(self, path: str, leaf: np.ndarray) -> bool:
-        if str(leaf.dtype) not in JPEG_DTYPES or leaf.size == 0:
+        if not _jpeg_dtype(leaf.dtype) or leaf.size == 0:
             return False
         if self.names_lossless(path):
             return False
@@ -322,6 +322,13 @@ def _why_raw(array: np.ndarray) -> str | None:
     if rms is not None and 0 < rms < MIN_CODED_RMS:
         return "stored raw: its values are too small to code (RMS below 2^-90)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _jpeg_dtype(dtype: np.dtype) -> bool:
+    """Whether JPEG may code leaves of ``dtype`` (str(dtype) takes
+    microseconds: a save of many small leaves asks for each several times)."""
+    return str(dtype) in JPEG_DTYPES
 
 
 def check_leaves(tree) -> None:
@@ -1307,8 +1314,8 @@ class SourceLeaf:
         return cls(records, tuple(array.shape), array.dtype, lambda: array, shards, True,
                    prng_impl)
 
-    @property
-    def name(self) -> str:
+    @functools.cached_property
+    def name(self) -> str:   # (asked for often: 16 times a leaf by a save of 20,000)
         return path_string(self.records)
 
     @property
@@ -2532,7 +2539,7 @@ class _LogCoding:
         # either (found by review: a lossless mu went to another process)
         pairs = magnitudes.named_first_moments(
             (path, leaves[i].shape) for path, i in paths.items()
-            if leaves[i].size > 0 and str(leaves[i].dtype) in JPEG_DTYPES)
+            if leaves[i].size > 0 and _jpeg_dtype(leaves[i].dtype))
         return {paths[first]: paths[second] for first, second in pairs.items()}
 
     def pair(self, leaves: Sequence[SourceLeaf]) -> None:
@@ -2707,7 +2714,7 @@ def _prior_names(prior, name: str) -> bool:
 
 
 def _may_be_moment(leaf: SourceLeaf, policy: Policy) -> bool:
-    return (leaf.size > 0 and str(leaf.dtype) in JPEG_DTYPES
+    return (leaf.size > 0 and _jpeg_dtype(leaf.dtype)
             and not policy.names_lossless(leaf.name))
 
 

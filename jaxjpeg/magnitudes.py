@@ -82,10 +82,21 @@ def is_second_moment(array) -> bool:
     if nonzero.size > (1 - ZERO_FRACTION) * sample.size:
         top = float(np.max(nonzero))   # squares of float64 values may overflow
         rms = top * math.sqrt(float(np.mean(np.square(sample / top))))
-        if float(np.quantile(nonzero, SPAN_QUANTILE)) >= SPAN_RATIO * rms:
+        if _quantile(nonzero, SPAN_QUANTILE) >= SPAN_RATIO * rms:
             return False
     with np.errstate(invalid="ignore"):   # then no negative value anywhere
         return float(np.min(a, where=np.isfinite(a), initial=np.inf)) >= 0
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """np.quantile(values, q) (linear interpolation), by a partition: a
+    tenth of its time on small leaves (a save of 20,000 biases spent 1.3 s
+    in np.quantile)."""
+    position = q * (values.size - 1)
+    lo = math.floor(position)
+    hi = min(lo + 1, values.size - 1)
+    part = np.partition(values, (lo, hi))
+    return float(part[lo] + (part[hi] - part[lo]) * (position - lo))
 
 
 # Under a byte target the small leaves the policy keeps out of JPEG are
