@@ -846,6 +846,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     total = sum(leaf.size for leaf in entries)
     reach = rate.reach_of(target_bytes, total)
     floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
+    # Kernels too small for JPEG take one fine step (SMALL_KERNEL_STEP); where
+    # the target has no room for that they take the allocation's step, as
+    # thin leaves do (found by review: 1200 kernels of 32 x 64 made every
+    # target of 4x and more a refusal). Decided on the whole tree's figures:
+    # every process of a distributed save decides alike.
+    small_stepped = False
 
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
@@ -859,6 +865,15 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
+            if (small_stepped and limits is None and leaf.name not in takers
+                    and _small_kernel_stepped(leaf.name, array, policy, leaf_coder)):
+                p = leaf_coder.prepare(leaf.name, array)
+                leaf_coder.remember(leaf.name, p)
+                curve = rate.thin_curve(p.original)
+                if not leaf_coder.sensitivity:
+                    curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
+                return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p),
+                                   _SMALL_BLOB_OVERHEAD), 0
             stored = _stored_raw_bytes(array, limits, log_coding is not None
                                        and leaf.name in log_coding.first)
             return leaf.name, None, (_taker_bytes(array, stored) if leaf.name in takers
@@ -892,13 +907,21 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                      + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
 
-    coded, kept, overhead, curves, sens, tiles = measure(floor)
-    budget = target_bytes - kept - overhead
-    if log_coding is not None and own is None:   # coarser log2 steps where the budget is tight
-        freed = log_coding.settle(budget, sum(leaf.size for leaf in entries if leaf.name in coded))
-        kept, budget = kept - freed, budget + freed
-    if floor and budget > 0 and rate.floors_exceed(curves, budget):
-        coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
+    def plan(floor):
+        coded, kept, overhead, curves, sens, tiles = measure(floor)
+        budget = target_bytes - kept - overhead
+        if log_coding is not None and own is None:   # coarser log2 steps where it is tight
+            freed = log_coding.settle(budget, sum(leaf.size for leaf in entries
+                                                  if leaf.name in coded))
+            kept, budget = kept - freed, budget + freed
+        if floor and budget > 0 and rate.floors_exceed(curves, budget):
+            coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
+        return coded, kept, overhead, curves, sens, tiles, budget
+
+    coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
+    if budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget:
+        small_stepped = True   # small kernels' fine step does not fit: theirs allocated too
+        coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if budget <= 0:
         moments = log_coding.settled_bytes() if log_coding is not None else 0
         raise ValueError(f"target size {target_bytes} is below the {int(kept + overhead)} bytes of "
@@ -1769,7 +1792,9 @@ class _Save:
         # bytes of the raw size was stored larger than raw, and lossy.
         from jaxjpeg import rate
         if isinstance(enc, rate.ThinCoding):   # a byte target's choice (rate.thin_curve)
-            thin, enc, jpeg = _thin_stored(enc), None, None
+            # a kernel the policy keeps out of JPEG (_small_kernel_stepped), or a thin view
+            small = not self.policy.should_compress(name, array)
+            thin, enc, jpeg = _thin_stored(enc, small), None, None
         else:
             jpeg = _jpeg_blobs(index, enc) if enc is not None else None
             sparse = jpeg is not None and not self.user_encoder and rate.is_sparse_leaf(array)
@@ -2148,6 +2173,17 @@ def _grid_exactly(array: np.ndarray, few: bool) -> tuple | None:
 SMALL_KERNEL_STEP = 2.0 ** -8
 
 
+def _small_kernel_stepped(name: str, array: np.ndarray, policy: "Policy",
+                          leaf_coder: "_LeafCoder") -> bool:
+    """Whether a byte target may quantize a kernel the policy keeps out of
+    JPEG on a step its allocation chooses (when SMALL_KERNEL_STEP does not
+    fit): a float kernel of finite values the policy does not name
+    lossless, not few-valued, whose one step nothing else shapes."""
+    return (quantizable(array.dtype) and not policy.names_lossless(name)
+            and _small_kernel_limits(array) is not None and not _few_values(array)
+            and bool(np.all(np.isfinite(array))) and leaf_coder.one_step_fits(name))
+
+
 def _small_kernel_limits(array: np.ndarray):
     """The step limits of a raw kernel (see SMALL_KERNEL_STEP), or None (a
     vector, an empty or constant-zero kernel, or one with non-finite values,
@@ -2380,10 +2416,12 @@ def _bounded_thin(array: np.ndarray, bound: float, max_bytes: int, norm2: float 
     return exact
 
 
-def _thin_stored(coded) -> tuple:
-    """(blob, record fields, note) of a rate.ThinCoding."""
+def _thin_stored(coded, small: bool = False) -> tuple:
+    """(blob, record fields, note) of a rate.ThinCoding (``small``: of a
+    kernel the policy keeps out of JPEG)."""
     record = coded.record
-    why = ("a view too thin for JPEG's 8x8 blocks" if record.get("nonzeros") is None else
+    why = ("too small for JPEG, on the byte target's step" if small
+           else "a view too thin for JPEG's 8x8 blocks" if record.get("nonzeros") is None else
            f"sparse, its zeros kept exactly ({record['nonzeros']} values nonzero)")
     return (coded.blob, {"kind": "raw", **record},
             f"quantized (linear step {record['step']:.3g}): {why}")

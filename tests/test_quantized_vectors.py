@@ -157,6 +157,34 @@ def test_small_kernels_take_a_step_under_byte_targets(tmp_path):
                                   small)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_small_kernels_take_the_allocations_step_where_theirs_does_not_fit(tmp_path, dtype):
+    """Found by review: a tree of small kernels only (too small for JPEG,
+    each on 2^-8 of its RMS: 9-11 bits a value) made every byte target of
+    4x and more a refusal. Where that step does not fit they take a step
+    the allocation chooses, as thin leaves do, and the file lands."""
+    rng = np.random.default_rng(0)
+    tree = {f"layer{i}": {"kernel": (0.1 * rng.normal(size=(32, 64))).astype(dtype)}
+            for i in range(120)}
+    weights = sum(leaf["kernel"].size for leaf in tree.values())
+    for ratio in (4, 8):
+        report = jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=ratio, progress=False)
+        assert report.ratio_vs_float32 == pytest.approx(ratio, rel=0.02)
+        note = report.leaves[0].note
+        assert "too small for JPEG, on the byte target's step" in note, note
+        got = jaxjpeg.restore(tmp_path / "s.jjpg")
+        error = sum(float(np.sum((np.asarray(got[k]["kernel"], np.float64)
+                                  - tree[k]["kernel"].astype(np.float64)) ** 2)) for k in tree)
+        relative = np.sqrt(error / sum(float(np.sum(tree[k]["kernel"].astype(np.float64) ** 2))
+                                       for k in tree))
+        assert relative < {4: 0.02, 8: 0.15}[ratio], (ratio, relative)
+        assert 8 * report.file_bytes / weights < 32 / ratio * 1.02
+    # where the fine step fits, it is kept (3x: about 10 bits a value)
+    with pytest.warns(UserWarning, match="target_ratio=3 asks for"):   # (lands 3.6% under)
+        report = jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=3, progress=False)
+    assert "quantized (linear step" in report.leaves[0].note
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_vectors_and_small_kernels_take_steps_too(tmp_path, dtype):
     """Found in session 29: a bfloat16 network kept its BatchNorm vectors
