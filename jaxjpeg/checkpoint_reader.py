@@ -342,6 +342,11 @@ class Checkpoint:
             raise fmt.FormatError(f"{self.path}: leaf path {clash[:200]!r} repeats or nests "
                                   "inside another")
 
+    @property
+    def remote(self) -> bool:
+        """Whether the file is read from a store (a URL), not a local file."""
+        return storage.local_path(self.path) is None
+
     def close(self):
         self.reader.close()
 

@@ -19,7 +19,7 @@ from jaxjpeg.checkpoint_reader import Checkpoint, parse_dtype
 from jaxjpeg.checkpoint_restore import (add_whole_leaf, bucketed_kept, finish_leaf,
                                         in_memory_kind, kept_values, placement, place_raw,
                                         placed_dtype, saved_request, target_requests,
-                                        with_device_memory)
+                                        WINDOW_BYTES, windows, with_device_memory)
 from jaxjpeg.treepaths import nest
 from jaxjpeg.views import MatrixView
 from jaxjpeg import codec, ops
@@ -135,15 +135,15 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True):
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
         requests = with_device_memory(requests, given)
-        values = [_prefetched_leaf(ckpt, r, device) for r in requests]
+        values = []
+        # a window of leaves' blobs at once, as a few parallel ranged reads
+        # (found by review: a leaf's at a time, 203 requests one after another)
+        for window in windows(ckpt, requests, range(len(requests)), WINDOW_BYTES):
+            with ckpt.prefetch([requests[i].leaf for i in window]):
+                values += [_load_leaf(ckpt, requests[i], device) for i in window]
     if target is None:
         return nest([(r.leaf.records, v) for r, v in zip(requests, values)])
     return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def _prefetched_leaf(ckpt, request, device):
-    with ckpt.prefetch([request.leaf]):  # its blobs in a few parallel ranged reads
-        return _load_leaf(ckpt, request, device)
 
 
 def _load_leaf(ckpt, request, device):
