@@ -1054,8 +1054,9 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     target places (an uncommitted array places none); without it they come
     back uncommitted on jax's default device, as ``jax.device_put(x)``
     leaves an array (under jax.distributed: committed to this process's
-    first device). Without a target, the saved structure comes back as nested dicts/lists;
-    ``paths`` (glob patterns over slash-separated leaf paths) then selects a
+    first device). Without a target, the saved structure comes back as nested dicts/lists
+    of the saved leaves (a None or an empty container holds no leaf: only a
+    target brings it back); ``paths`` (glob patterns over slash-separated leaf paths) then selects a
     subset (each pattern must match a leaf; give ``target`` or ``paths``, not
     both). ``dtype`` changes the dtype of every floating-point leaf; integer
     and bool leaves keep theirs.
