@@ -238,8 +238,9 @@ def cmd_compress(args) -> int:
           f"quantized, {len(report.leaves) - len(coded)} exact)")
     print(f"  raw         {_size(report.raw_bytes)} ({report.raw_bytes} bytes)")
     print(f"  compressed  {_size(report.file_bytes)} ({report.file_bytes} bytes)")
+    on_coded = f", {coded_raw / max(1, coded_stored):.2f}x on coded leaves" if coded else ""
     print(f"  ratio       {report.ratio_vs_float32:.2f}x vs float32, {report.ratio:.2f}x vs "
-          f"the stored dtypes, {coded_raw / max(1, coded_stored):.2f}x on coded leaves")
+          f"the stored dtypes{on_coded}")
     print(f"  bits/weight {report.bits_per_weight:.3f} (all-in)")
     return 0
 
@@ -695,8 +696,8 @@ def _int_in(low: int, high: float):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if not low <= value <= high:
-            bound = f"{low}..{high}" if math.isfinite(high) else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{text!r} is not in {bound}")
+            bound = f"is not in {low}..{high}" if math.isfinite(high) else f"is below {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} {bound}")
         return value
     return parse
 

@@ -512,6 +512,12 @@ def test_compress_and_inspect_tell_exact_leaves_from_lossy(tmp_path, capsys):
     code, out, err = run(capsys, "compress", src, dst)
     assert code == 0, err
     assert "(1 JPEG-coded, 0 quantized, 3 exact)" in out, out
+    exact_only = tmp_path / "exact_only.npz"
+    np.savez(exact_only, counts=np.repeat(np.arange(64, dtype=np.int32), 1024))
+    code, out, err = run(capsys, "compress", exact_only, tmp_path / "e.jjpg")
+    assert code == 0 and "on coded leaves" not in out, out   # it said "0.00x on coded leaves"
+    code, out, err = run(capsys, "compress", "--min-size", "-5", src, tmp_path / "m.jjpg")
+    assert code == 2 and "'-5' is below 0" in err, err
     code, out, err = run(capsys, "inspect", dst)
     kinds = {line.split()[0]: line.split()[3] for line in out.splitlines()[1:5]}
     assert kinds.pop("w").startswith("jpeg"), out
