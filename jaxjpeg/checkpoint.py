@@ -185,6 +185,7 @@ class LeafReport:
     stored_bytes: int
     note: str = ""      # e.g. values kept exactly, or why a coded leaf was stored raw
     exact: bool = False  # restores bit for bit (raw, or exactly in a smaller form)
+    tied_to: str | None = None   # stored once with this leaf, of the same values (jaxjpeg.ties)
 
     @property
     def size(self) -> int:
@@ -1537,9 +1538,10 @@ class _Save:
         # A user's input means correct their weights under any lossy coding.
         self.bias_correction = BiasCorrection.of(prior, input_means,
                                                  exact=self.policy.names_lossless)
-        # (a distributed save's leaves, not held, are never tied)
-        self.tied = ties.tied_leaves(leaves, self._tie_treatment(sensitivity, input_covariance,
-                                                                 prior))
+        # (a distributed save's leaves, not held, are never tied; nor under a
+        # user's encoder, which may code each name its own way: review)
+        self.tied = ({} if encoder is not None else ties.tied_leaves(
+            leaves, self._tie_treatment(sensitivity, input_covariance, prior)))
         # every leaf but the tied ones is coded (and weighs in the rate's choices)
         leaves = [leaf for i, leaf in enumerate(leaves) if i not in self.tied]
         # the leaves a sensitivity may weigh, found once (each read and tested)
@@ -1679,7 +1681,7 @@ class _Save:
                   "kind": TIED, "tied_to": first}
         return record, LeafReport(leaf.name, leaf.shape, str(leaf.dtype), first_report.kind,
                                   leaf.nbytes, 0, f"stored once with {first_report.path} "
-                                  "(the same values)", first_report.exact)
+                                  "(the same values)", first_report.exact, first_report.path)
 
     def storing_phases(self, items: list) -> list:
         """``items`` ((index, leaf) this process stores) in two phases: the

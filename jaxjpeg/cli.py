@@ -224,18 +224,21 @@ def cmd_compress(args) -> int:
             raise SourceError(f"{args.src}: {_first_line(e)}") from None
         except (ValueError, TypeError) as e:  # options save refuses
             raise CliError(_first_line(e)) from None
-    jpeg = [leaf for leaf in report.leaves if leaf.kind == "jpeg"]
+    tied = [leaf for leaf in report.leaves if leaf.tied_to is not None]   # stored once
+    stored = [leaf for leaf in report.leaves if leaf.tied_to is None]
+    jpeg = [leaf for leaf in stored if leaf.kind == "jpeg"]
     # raw leaves stored lossily are quantized (pruned, thin, moments, float16
     # vectors; found by review: two pruned leaves were printed as "0
     # JPEG-coded, 2 lossless"); exact ones deflated or as float16 are not
     # (review: a 0/1 mask was counted as quantized)
-    quantized = [leaf for leaf in report.leaves if leaf.kind != "jpeg" and not leaf.exact]
+    quantized = [leaf for leaf in stored if leaf.kind != "jpeg" and not leaf.exact]
     coded = jpeg + quantized
     coded_raw = sum(leaf.raw_bytes for leaf in coded)
     coded_stored = sum(leaf.stored_bytes for leaf in coded)
     print(f"{args.src} -> {args.dst}")
     print(f"  leaves      {len(report.leaves)} ({len(jpeg)} JPEG-coded, {len(quantized)} "
-          f"quantized, {len(report.leaves) - len(coded)} exact)")
+          f"quantized, {len(stored) - len(coded)} exact"
+          + (f", {len(tied)} tied to another" if tied else "") + ")")
     print(f"  raw         {_size(report.raw_bytes)} ({report.raw_bytes} bytes)")
     print(f"  compressed  {_size(report.file_bytes)} ({report.file_bytes} bytes)")
     on_coded = f", {coded_raw / max(1, coded_stored):.2f}x on coded leaves" if coded else ""

@@ -58,12 +58,18 @@ def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
             groups.setdefault(p[:roots[-1] + 1], []).append(name)
     found: dict[str, int] = {}
     for prefix, names in groups.items():
-        entry = re.compile(rf"(?:{re.escape(prefix[-1])}_)?\d+")
+        # a list of layers: layers/0/..., linen's layers/layers_0/... and
+        # nn.Sequential's <attribute>/layers_0/... (found by review: a
+        # Sequential named hidden_layers was taken for a stack)
+        entry = re.compile(rf"(?:{re.escape(prefix[-1])}_|layers_)?\d+")
         if any(entry.fullmatch(parts[n][len(prefix)]) for n in names):
-            continue   # a list of layers: layers/0/..., or linen's layers/layers_0/...
+            continue
         axis = _group_axis([tuple(shapes[n]) for n in names])
-        if axis is not None:
-            found.update((n, axis) for n in names)
+        if axis is None:   # a router beside stacked experts (MaxText's MoeBlock_0/gate,
+            names = [n for n in names if len(shapes[n]) >= 3]   # found by review)
+            axis = _group_axis([tuple(shapes[n]) for n in names]) if len(names) >= 2 else None
+        if axis is not None:   # a per-layer scalar (L,) has nothing to stack
+            found.update((n, axis) for n in names if len(shapes[n]) >= 2)
     return found
 
 

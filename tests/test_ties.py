@@ -6,8 +6,6 @@ stored twice, and a byte target coded the copies apart: the restored
 model's tied weights differed.
 """
 
-import json
-import warnings
 
 import numpy as np
 import pytest
@@ -134,6 +132,27 @@ def test_damaged_tied_records_are_refused_clearly(tmp_path):
         jaxjpeg.restore(rewrite(src, tmp_path / "n.jjpg", edit_meta=newer))
 
 
+def test_a_users_encoder_codes_every_name(tmp_path):
+    """Found by review: under encoder= the tied copy was never offered to
+    the encoder, which asked for quality 95 on lm_head and 10 on the
+    embedding: lm_head came back with the embedding's coding, 13x the error."""
+    from jaxjpeg import codec
+    tree = _tied_tree()
+    calls = []
+
+    def encoder(name, array):
+        calls.append(name)
+        return codec.encode_tensor(array, quality=95 if "lm_head" in name else 10)
+
+    jaxjpeg.save(tmp_path / "e.jjpg", tree, encoder=encoder)
+    assert "lm_head.weight" in calls
+    restored = jaxjpeg.restore(tmp_path / "e.jjpg")
+    head = np.asarray(restored["lm_head.weight"])
+    embed = np.asarray(restored["embed_tokens.weight"])
+    original = tree["lm_head.weight"]
+    assert np.linalg.norm(head - original) < 0.2 * np.linalg.norm(embed - original)
+
+
 def test_inspect_names_the_leaf_a_tied_one_reads(tmp_path, capsys):
     from jaxjpeg.cli import main
     path = tmp_path / "t.jjpg"
@@ -142,6 +161,11 @@ def test_inspect_names_the_leaf_a_tied_one_reads(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("lm_head.weight"))
     assert line.split()[3] == "tied(embed_tokens.weight)" and line.split()[6] == "0", out
+    import flax.serialization   # a msgpack is read whole: its copies tie
+    (tmp_path / "t.msgpack").write_bytes(flax.serialization.msgpack_serialize(_tied_tree()))
+    assert main(["compress", str(tmp_path / "t.msgpack"), str(tmp_path / "m.jjpg")]) == 0
+    out = capsys.readouterr().out
+    assert "(2 JPEG-coded, 0 quantized, 0 exact, 1 tied to another)" in out, out
     assert main(["export", str(path), str(tmp_path / "t.safetensors")]) == 0
     from safetensors.numpy import load_file
     exported = load_file(tmp_path / "t.safetensors")
