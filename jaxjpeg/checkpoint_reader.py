@@ -276,6 +276,10 @@ def _tied_leaf(leaf: SavedLeaf, record: dict, parsed: list[SavedLeaf]) -> SavedL
         raise fmt.FormatError(f"leaf {leaf.index}: bad 'tied_to' {to!r:.40} (the index of an "
                               "earlier leaf)")
     first = parsed[to]
+    if record.get(prng_keys.FIELD) != first.prng_impl:   # keys only as keys (review)
+        raise fmt.FormatError(f"leaf {leaf.index}: tied to leaf {to}, whose PRNG key "
+                              f"implementation ({first.prng_impl!r:.40}) is not its own "
+                              f"({record.get(prng_keys.FIELD)!r:.40})")
     if (first.shape, first.dtype) != (leaf.shape, leaf.dtype):
         raise fmt.FormatError(f"leaf {leaf.index}: tied to leaf {to} of another shape or dtype "
                               f"({leaf.dtype}{list(leaf.shape)}, {first.dtype}{list(first.shape)})")

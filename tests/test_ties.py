@@ -125,6 +125,19 @@ def test_damaged_tied_records_are_refused_clearly(tmp_path):
         jaxjpeg.restore(_edited(src, tmp_path / "s.jjpg", tied_to=1))
     with pytest.raises(fmt.FormatError, match="tied to leaf 0 of another shape or dtype"):
         jaxjpeg.restore(_edited(src, tmp_path / "d.jjpg", dtype="float16"))
+    # key data restores as keys only where both records say so (review: a
+    # uint32 leaf tied to a key leaf came back as typed keys)
+    import jax
+    keyed = tmp_path / "k.jjpg"
+    jaxjpeg.save(keyed, {"a": jax.random.split(jax.random.key(0), 600),
+                         "b": np.zeros((600, 2), np.uint32), "c": np.ones(3, np.float32)})
+
+    def tie_b_to_a(meta):
+        meta["leaves"][1].update(kind="tied", tied_to=0)
+        for k in ("deflated", "stored", "exact"):
+            meta["leaves"][1].pop(k, None)
+    with pytest.raises(fmt.FormatError, match="PRNG key implementation"):
+        jaxjpeg.restore(rewrite(keyed, tmp_path / "kb.jjpg", edit_meta=tie_b_to_a))
     # a file of a newer checkpoint version: refused by name, not as damage
     def newer(meta):
         meta["version"] = ckr.READABLE_VERSIONS[-1] + 1
