@@ -867,6 +867,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
             if (small_stepped and limits is None and leaf.name not in takers
+                    and not (log_coding is not None and log_coding.names_a_moment(leaf.name))
                     and _small_kernel_stepped(leaf.name, array, policy, leaf_coder)):
                 p = leaf_coder.prepare(leaf.name, array)
                 leaf_coder.remember(leaf.name, p)
@@ -908,7 +909,11 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                      + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
 
+    settled_from = (log_coding.step, log_coding.rung) if log_coding is not None else None
+
     def plan(floor):
+        if log_coding is not None:   # its ladder from the first rung again (settle moves it)
+            log_coding.step, log_coding.rung = settled_from
         coded, kept, overhead, curves, sens, tiles = measure(floor)
         budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
@@ -2179,11 +2184,14 @@ def _small_kernel_stepped(name: str, array: np.ndarray, policy: "Policy",
                           leaf_coder: "_LeafCoder") -> bool:
     """Whether a byte target may quantize a kernel the policy keeps out of
     JPEG on a step its allocation chooses (when SMALL_KERNEL_STEP does not
-    fit): a float kernel of finite values the policy does not name
-    lossless, not few-valued, whose one step nothing else shapes."""
+    fit): a float kernel the policy does not name lossless, nothing would
+    keep raw (_why_raw: few values, special or vanishing ones), no second
+    moment (a linear step flushes its small values; review: nu of a small
+    kernel took one, 100% off), whose one step nothing else shapes."""
     return (quantizable(array.dtype) and not policy.names_lossless(name)
-            and _small_kernel_limits(array) is not None and not _few_values(array)
-            and bool(np.all(np.isfinite(array))) and leaf_coder.one_step_fits(name))
+            and _small_kernel_limits(array) is not None and _why_raw(array) is None
+            and bool(np.all(np.isfinite(array))) and not magnitudes.is_second_moment(array)
+            and leaf_coder.one_step_fits(name))
 
 
 def _small_kernel_limits(array: np.ndarray):
@@ -2217,9 +2225,17 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
 
     if array.size <= 1:   # a step counter, a learning rate: exact (found by review:
         return None       # PyTorch's step 3001 came back 3000, optax's b2 0.998)
+    flat = array.reshape(-1)
+    if limits is None and (array.size <= EXACT_VECTOR_VALUES or bool(np.all(flat == flat[0]))):
+        # hyperparameters and counters of a vmapped population, a constant
+        # (found by review: inject_hyperparams' b2 of 4 members 0.998, the
+        # next update 36% off; counts 1000..1009 rounded to even): exact
+        return None
     if _few_values(array):   # a mask, a code book: exact (review: a linear step moved -1e9)
         blob, extra = _exact_blob(array, few=True)
         return (blob, extra, "") if exact_option and extra.get("deflated") else None
+    if _half_exactly(array) is not None:   # float16 holds every value: no rounding
+        return _exact_alternative(array, False) if exact_option else None
     moment = limits is None and (first_moment or magnitudes.is_second_moment(array))
     # a moment's float16 copy is refused first where a value lies where
     # float16 holds none of its kind (a 16 M-value leaf's copy took seconds)
@@ -2272,6 +2288,10 @@ def _blob_bytes(blob) -> int:
     """A blob's bytes: an array's (bfloat16's has no buffer protocol) or a bytes'."""
     return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
+
+# A byte target keeps vectors of at most this many values exact (a vmapped
+# population's hyperparameters and counters; a few bytes each at most).
+EXACT_VECTOR_VALUES = 64
 
 # A leaf of at most this many distinct values (a mask, a code book, a
 # quantized layer's levels) is stored exactly, deflated: JPEG and log2 steps

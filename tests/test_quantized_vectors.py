@@ -319,3 +319,54 @@ def test_hostile_unary_parts_are_refused_in_bounded_memory(count):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < len(blob) // 2, peak
+
+
+def test_moments_of_small_kernels_keep_log2_steps_where_the_kernels_take_the_allocations(
+        tmp_path):
+    """Found by review: where kernels too small for JPEG took the
+    allocation's step (session 32), a PyTorch Adam state's exp_avg_sq of
+    such kernels took one too: its small values flushed, the next update
+    439% off. Moments keep their log2 steps."""
+    rng = np.random.default_rng(0)
+    model = {f"{i}.weight": (0.1 * rng.normal(size=(32, 64))).astype(np.float32)
+             for i in range(120)}
+    state = {}
+    for i in range(4):
+        g = (rng.normal(size=(32, 64)) * np.exp(rng.normal(0, 1, (32, 64))) * 1e-3)
+        state[str(i)] = {"step": np.float32(150), "exp_avg": (0.5 * g).astype(np.float32),
+                         "exp_avg_sq": (g * g * (1 + rng.random((32, 64)))).astype(np.float32)}
+    tree = {"model": model, "optimizer": {"state": state}}
+    report = jaxjpeg.save(tmp_path / "a.jjpg", tree, target_ratio=4, progress=False)
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "on the byte target's step" in notes["model/0.weight"]
+    restored = jaxjpeg.restore(tmp_path / "a.jjpg")["optimizer"]["state"]
+    for i in map(str, range(4)):
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert "byte target's step" not in notes[f"optimizer/state/{i}/{name}"]
+            got = np.asarray(restored[i][name], np.float64)
+            want = state[i][name].astype(np.float64)
+            assert np.max(np.abs(got - want) / np.abs(want)) < 0.01, (i, name)
+
+
+def test_byte_targets_keep_hyperparameters_and_counters_exact(tmp_path):
+    """Found by review: a vmapped population's inject_hyperparams state
+    ((N,) learning rates, b1, b2, eps) came back rounded to float16's 8
+    significand bits under target_ratio=8 (b2 0.999 -> 0.998, the next
+    update 36% off); a vector of counts 1000..1199 rounded to even."""
+    import jax
+    import optax
+
+    lrs = np.array([1e-3, 3e-4, 1e-4, 3e-5], np.float32)
+    params = {"w": np.asarray(jax.random.normal(jax.random.key(0), (4, 256, 256))) * 0.05}
+    opt_state = jax.vmap(lambda p, lr: optax.inject_hyperparams(optax.adam)(
+        learning_rate=lr).init(p))(params, lrs)
+    tree = {"params": params, "opt_state": opt_state,
+            "counts": np.arange(1000, 1200, dtype=np.float32),
+            "ones": np.ones(4096, np.float32)}
+    jaxjpeg.save(tmp_path / "h.jjpg", tree, target_ratio=8, progress=False)
+    restored = jaxjpeg.restore(tmp_path / "h.jjpg", target=tree)
+    for name, value in opt_state.hyperparams.items():
+        np.testing.assert_array_equal(np.asarray(restored["opt_state"].hyperparams[name]),
+                                      np.asarray(value), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(restored["counts"]), tree["counts"])
+    np.testing.assert_array_equal(np.asarray(restored["ones"]), tree["ones"])

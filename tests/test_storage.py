@@ -200,6 +200,7 @@ def test_restore_reads_tiles_into_the_plan_locally_and_as_merged_ranges_remotely
         # preamble, header, the JPEG window's one range, the raw leaves' two
         assert len(server.ranges) <= 5 < len(tiles), (server.ranges, len(tiles))
         assert set(tiles) <= set(prefetched)
+        server.delay_s = 0.005   # requests overlap however fast this machine answers
         for load in (jaxjpeg.restore, jaxjpeg.load):
             server.reset()
             monkeypatch.setattr(fmt, "_READ_PIECE", 8192)

@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -517,11 +516,6 @@ py::object Encode(const py::array_t<float, py::array::c_style | py::array::force
   const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, optimize, rdo, avx2);
   const py::ssize_t h = samples.shape(0), w = samples.shape(1);
   if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, "encode");
-  // a NaN sample was coded as 0, silently
-  const float* first = samples.data();
-  if (!std::all_of(first, first + h * w, [](float v) { return std::isfinite(v); })) {
-    throw py::value_error("encode: samples must be finite");
-  }
   std::vector<uint8_t> out;
   std::vector<int64_t> starts;
   Status s;
@@ -888,7 +882,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("encode", &Encode, py::arg("samples"), py::arg("qtable"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("optimize") = true, py::arg("rdo") = true,
         py::arg("with_intervals") = false, py::arg("avx2") = true,
-        "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file; with_intervals: "
+        "Encode float32 samples in [0, 2^bits-1] as a grayscale JPEG file (samples outside "
+        "are clamped into it, a NaN to 0, as encode_mapped clamps a leaf's special values "
+        "whose side list restores them); with_intervals: "
         "(bytes, interval start offsets + the EOI offset, as inspect finds them). avx2=False: "
         "the portable code even where the CPU has AVX2 (same bytes; for tests).");
   m.def("encode_mapped", &EncodeMapped, py::arg("weights"), py::arg("row_scale"),
