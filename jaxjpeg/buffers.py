@@ -33,3 +33,12 @@ def is_constant_buffer(path: str) -> bool:
     """Whether leaf ``path``'s last name (or two) is a formula's buffer's."""
     parts = re.split(r"[/.]", path)
     return parts[-1] in CONSTANT_BUFFER_NAMES or tuple(parts[-2:]) in CONSTANT_BUFFER_ENDINGS
+
+
+def is_hyperparameter(path: str) -> bool:
+    """Whether leaf ``path`` is a hyperparameter an optimizer's state holds:
+    optax.inject_hyperparams keeps them under ``hyperparams`` (found by
+    review: a vmapped population's learning rates and b2 came back rounded
+    to float16's 8 significand bits under a byte target, b2 0.999 as 0.998,
+    the next update 36% off)."""
+    return "hyperparams" in re.split(r"[/.]", path)[:-1]

@@ -101,12 +101,14 @@ class Policy:
 
     def names_lossless(self, path: str) -> bool:
         """A ``lossless`` pattern matches, or the path names a buffer computed
-        by a formula (jaxjpeg.buffers) that no ``compress`` pattern names:
+        by a formula or an optimizer's hyperparameter (jaxjpeg.buffers) that
+        no ``compress`` pattern names:
         stored exactly under every rate control (byte targets store the
         other small leaves as float16 or quantized) and left as it is by
         bias correction."""
         return path_matches(path, self.lossless) or (
-            buffers.is_constant_buffer(path) and not path_matches(path, self.compress))
+            (buffers.is_constant_buffer(path) or buffers.is_hyperparameter(path))
+            and not path_matches(path, self.compress))
 
     def for_leaves(self, names) -> "Policy":
         """This policy with each ``compress`` and ``lossless`` pattern that
@@ -2226,11 +2228,8 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
     if array.size <= 1:   # a step counter, a learning rate: exact (found by review:
         return None       # PyTorch's step 3001 came back 3000, optax's b2 0.998)
     flat = array.reshape(-1)
-    if limits is None and (array.size <= EXACT_VECTOR_VALUES or bool(np.all(flat == flat[0]))):
-        # hyperparameters and counters of a vmapped population, a constant
-        # (found by review: inject_hyperparams' b2 of 4 members 0.998, the
-        # next update 36% off; counts 1000..1009 rounded to even): exact
-        return None
+    if limits is None and bool(np.all(flat == flat[0])):   # a constant (a vmapped
+        return None   # population's b2, found by review: 0.999 came back 0.998): exact
     if _few_values(array):   # a mask, a code book: exact (review: a linear step moved -1e9)
         blob, extra = _exact_blob(array, few=True)
         return (blob, extra, "") if exact_option and extra.get("deflated") else None
@@ -2288,10 +2287,6 @@ def _blob_bytes(blob) -> int:
     """A blob's bytes: an array's (bfloat16's has no buffer protocol) or a bytes'."""
     return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
-
-# A byte target keeps vectors of at most this many values exact (a vmapped
-# population's hyperparameters and counters; a few bytes each at most).
-EXACT_VECTOR_VALUES = 64
 
 # A leaf of at most this many distinct values (a mask, a code book, a
 # quantized layer's levels) is stored exactly, deflated: JPEG and log2 steps
