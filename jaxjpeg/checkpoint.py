@@ -2233,8 +2233,9 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
     if _few_values(array):   # a mask, a code book: exact (review: a linear step moved -1e9)
         blob, extra = _exact_blob(array, few=True)
         return (blob, extra, "") if exact_option and extra.get("deflated") else None
-    if _half_exactly(array) is not None:   # float16 holds every value: no rounding
-        return _exact_alternative(array, False) if exact_option else None
+    half = _half_exactly(array)
+    if half is not None:   # float16 holds every value: no rounding (a vector of counts)
+        return _exact_alternative(array, False, half) if exact_option else None
     moment = limits is None and (first_moment or magnitudes.is_second_moment(array))
     # a moment's float16 copy is refused first where a value lies where
     # float16 holds none of its kind (a 16 M-value leaf's copy took seconds)
@@ -2314,17 +2315,17 @@ def _few_values(array: np.ndarray) -> bool:
     return True
 
 
-def _exact_alternative(array: np.ndarray, few: bool) -> tuple | None:
+def _exact_alternative(array: np.ndarray, few: bool, half=None) -> tuple | None:
     """(blob, record fields, note) of a leaf stored exactly: one of ``few``
     values (_few_values) in its own dtype, deflated; a float32 one every
-    value of which float16 holds as float16, deflated where that pays; else
-    None."""
+    value of which float16 holds as float16 (``half``, where the caller
+    has it), deflated where that pays; else None."""
     if array.size == 0:
         return None
     if few:
         blob, extra = _exact_blob(array, few=True)
         return blob, extra, "stored exactly: a leaf of few values, deflated"
-    half = _half_exactly(array)
+    half = _half_exactly(array) if half is None else half
     if half is None:
         return None
     blob, record = _exactly(_half_blob(half))
