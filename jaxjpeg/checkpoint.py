@@ -859,6 +859,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
         array = leaf.array()
+        if leaf.prng_impl is not None:   # key data: raw, as it is (the reader's rule)
+            return leaf.name, None, array.nbytes
         if policy.names_lossless(leaf.name) or (log_coding is not None
                                                 and log_coding.keeps_exact(leaf.name, array)):
             return leaf.name, None, _exact_bytes(array)
@@ -1788,6 +1790,7 @@ class _Save:
             note = ("stored exactly with the other moment of its centered pair "
                     "(jaxjpeg.magnitudes)")
         elif (self.lossy_rate and not coded and name not in self.exact
+              and leaf.prng_impl is None   # key data raw (review: deflated, unreadable)
               and not self.policy.names_lossless(name)):   # found by review: float16
             found = self._centered_first(name, array)
             if found is not None:   # a small centered moment (found by review: coded

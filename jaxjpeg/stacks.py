@@ -34,10 +34,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 # MaxText's experts live in MoeBlock_<n>, DeepSeek-style scans in
-# moe_layers / dense_layers (found by review: one step served every expert,
-# the smallest 16x worse)
+# moe_layers / dense_layers, big_vision's scanned ViT in encoderblock (found
+# by review: one step served every expert or layer, the smallest 16x worse)
 _STACK_ROOT = re.compile(r"scan\w*|\w*_scan|layers|\w+_layers|blocks|experts|moeblock\w*|"
-                         r"stack\w*|repeat\w*", re.IGNORECASE)
+                         r"encoderblock|decoderblock|stack\w*|repeat\w*", re.IGNORECASE)
 AXES = (0, 1)   # linen/NNX scans stack on axis 0; MaxText's param_scan_axis is 1
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -51,19 +51,28 @@ def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """The stack axis of each stacked leaf among ``shapes`` (every leaf of
     the tree, path -> shape); leaves not stacked are left out."""
     parts = {name: path_parts(name) for name in shapes}
-    groups: dict[tuple, list[str]] = {}
-    for name, p in parts.items():
-        roots = [i for i, part in enumerate(p[:-1]) if _STACK_ROOT.fullmatch(part)]
-        if roots:   # the deepest named scanned module above the leaf
-            groups.setdefault(p[:roots[-1] + 1], []).append(name)
-    found: dict[str, int] = {}
-    for prefix, names in groups.items():
+    roots = {name: [i for i, part in enumerate(p[:-1]) if _STACK_ROOT.fullmatch(part)]
+             for name, p in parts.items()}
+    while True:   # each leaf under the deepest named scanned module above it
+        groups: dict[tuple, list[str]] = {}
+        for name, found_roots in roots.items():
+            if found_roots:
+                groups.setdefault(parts[name][:found_roots[-1] + 1], []).append(name)
         # a list of layers: layers/0/..., linen's layers/layers_0/... and
         # nn.Sequential's <attribute>/layers_0/... (found by review: a
-        # Sequential named hidden_layers was taken for a stack)
-        entry = re.compile(rf"(?:{re.escape(prefix[-1])}_|layers_)?\d+")
-        if any(entry.fullmatch(parts[n][len(prefix)]) for n in names):
-            continue
+        # Sequential named hidden_layers was taken for a stack): its leaves
+        # go to the named module above it, which may scan (review: a scanned
+        # block holding such a Sequential was coded as one matrix)
+        lists = [prefix for prefix, names in groups.items()
+                 if any(re.fullmatch(rf"(?:{re.escape(prefix[-1])}_|layers_)?\d+",
+                                     parts[n][len(prefix)]) for n in names)]
+        if not lists:
+            break
+        for prefix in lists:
+            for name in groups[prefix]:
+                roots[name].pop()
+    found: dict[str, int] = {}
+    for names in groups.values():
         axis = _group_axis([tuple(shapes[n]) for n in names])
         if axis is None:   # a router beside stacked experts (MaxText's MoeBlock_0/gate,
             names = [n for n in names if len(shapes[n]) >= 3]   # found by review)

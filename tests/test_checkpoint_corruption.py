@@ -741,3 +741,23 @@ def test_a_failure_status_is_named_once_whatever_its_interval(tmp_path):
         checkpoint_restore._check(status, labels)
     assert str(caught.value).count(" of ") == 1, caught.value
     assert f"restart interval 12 of w tile 2 in {path}:" in str(caught.value), caught.value
+
+
+def test_a_damaged_blob_is_named_by_its_leaf(tiled, tmp_path):
+    """Found by review: a flipped byte in a tile was "blob 'leaf1/tile2.jpg'
+    checksum mismatch", naming no leaf a user knows; every reader now says
+    the leaf and which part of it."""
+    damaged = tmp_path / "d.jjpg"
+    data = bytearray(tiled.read_bytes())
+    with fmt.ContainerReader(tiled) as r:
+        tile = r.blob_info("leaf1/tile2.jpg")
+        raw = r.blob_info("leaf0/raw")
+    data[tile.offset + tile.length // 2] ^= 0xFF
+    data[raw.offset] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(fmt.FormatError, match=r"w tile 2: .*checksum mismatch"):
+        jaxjpeg.restore(damaged, paths=["w"])
+    with pytest.raises(fmt.FormatError, match=r"b its values: .*checksum mismatch"):
+        jaxjpeg.restore(damaged, paths=["b"])
+    with jaxjpeg.open(damaged) as f, pytest.raises(fmt.FormatError, match="w tile 2"):
+        f.get("w")

@@ -89,13 +89,23 @@ def test_a_scanned_linen_model_is_found_stacked():
       "decoder/layers_0/MoeBlock_0/wi_0": (8, 64, 256),
       "decoder/layers_0/MoeBlock_0/wi_1": (8, 64, 256),
       "decoder/layers_0/MoeBlock_0/wo": (8, 256, 64)}, 0),
+    # found by review: a scanned block holding an nn.Sequential (its list
+    # of layers defers to the scan above it); big_vision's scanned ViT
+    ({"params/ScanBlock_0/hidden_layers/layers_0/kernel": (6, 64, 96),
+      "params/ScanBlock_0/hidden_layers/layers_1/kernel": (6, 96, 64),
+      "params/ScanBlock_0/attn/kernel": (6, 64, 192), "params/norm/scale": (64,)}, 0),
+    ({"params/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel": (4, 64, 256),
+      "params/img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel": (4, 256, 64),
+      "params/img/Transformer/encoderblock/LayerNorm_0/scale": (4, 64),
+      "params/img/Transformer/encoder_norm/scale": (64,)}, 0),
     ({"decoder/moe_layers/mlp/wi/kernel": (64, 4, 256),
       "decoder/moe_layers/mlp/wo/kernel": (256, 4, 64),
       "decoder/moe_layers/pre_norm/scale": (64, 4), "decoder/norm/scale": (64,)}, 1),
 ])
 def test_other_stack_layouts(shapes, want):
     found = stacks.stack_axes(shapes)
-    routers = ("gate/kernel", "gate/bias", "decoder/norm/scale")
+    routers = ("gate/kernel", "gate/bias", "decoder/norm/scale", "params/norm/scale",
+               "encoder_norm/scale")
     assert len(found) == len([n for n in shapes if not n.endswith(routers)]), found
     assert set(found.values()) == {want}, found
 
