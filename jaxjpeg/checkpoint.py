@@ -901,10 +901,14 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
 
     header = _header_bytes(entries)
 
+    kept_moments = {}   # bytes of the moments kept out of the ladder (small leaves')
+
     def measure(floor):
         coded, kept, overhead, curves, sens, tiles = set(), 0, 0, {}, {}, {}
         for name, measured, raw in analysed_by(analyse, entries, floor):
             kept += raw
+            if log_coding is not None and log_coding.names_a_moment(name):
+                kept_moments[name] = raw
             if measured is not None:
                 coded.add(name)
                 curves[name], sens[name], tiles[name] = measured
@@ -932,16 +936,28 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     if budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget:
         small_stepped = True   # small kernels' fine step does not fit: theirs allocated too
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
+    def refusal(stored_apart: float, coarsest: float | None = None) -> ValueError:
+        """The target refused, in the user's terms (found by review: "target
+        565.0 bytes"; small leaves' moments went uncounted as moments)."""
+        laddered = small = 0
+        if log_coding is not None:
+            laddered = log_coding.settled_bytes()
+            small = sum(b for name, b in kept_moments.items() if name not in log_coding.ladder)
+        return ValueError(
+            f"target size {target_bytes} is below the {int(stored_apart)} bytes of leaves stored "
+            "without JPEG and container overhead"
+            + ("" if coarsest is None else f" plus the {int(coarsest)} of the coded leaves' "
+               "smallest coding")
+            + (f" ({laddered + small} of them optimizer moments (jaxjpeg.magnitudes)"
+               + (f", coded on log2 steps of {log_coding.step:g} at most" if laddered else "")
+               + (f", {small} of them small leaves' on steps of 2^-8" if small else "")
+               + ": save the parameters alone, or ask for less)" if laddered + small else "")
+            + ("" if coded else " (none of the leaves is JPEG-coded: see jaxjpeg.Policy for "
+               "which leaves it codes, and the notes of a default save's report for why "
+               "others are stored raw)"))
+
     if budget <= 0:
-        moments = log_coding.settled_bytes() if log_coding is not None else 0
-        raise ValueError(f"target size {target_bytes} is below the {int(kept + overhead)} bytes of "
-                         "leaves stored without JPEG and container overhead"
-                         + (f" ({moments} of them optimizer moments (jaxjpeg.magnitudes), "
-                            f"coded on log2 steps of {log_coding.step:g} at most: save the "
-                            "parameters alone, or ask for less)" if moments else "")
-                         + ("" if coded else " (none of the leaves is JPEG-coded: see "
-                            "jaxjpeg.Policy for which leaves it codes, and the notes of a "
-                            "default save's report for why others are stored raw)"))
+        raise refusal(kept + overhead)
     curves = rate.capped_curves(curves, budget)
     raw_bytes = {leaf.name: leaf.nbytes for leaf in entries}
     exact = _exact_instead(curves, sens, tiles, raw_bytes, budget + EXACT_SLACK * target_bytes)
@@ -953,11 +969,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     if not coded:
         return (lambda name, array: None), coded, exact
     coarsest = sum(float(c.nbytes.min()) for c in curves.values())
-    if coarsest > budget:   # in the user's terms (found by review: "target 565.0 bytes")
-        raise ValueError(f"target size {target_bytes} is below the {int(target_bytes - budget)} "
-                         f"bytes of leaves stored without JPEG and container overhead plus the "
-                         f"{int(coarsest)} of the JPEG-coded leaves' smallest coding (see "
-                         "jaxjpeg.Policy for which leaves it codes)")
+    if coarsest > budget:
+        raise refusal(target_bytes - budget, coarsest)
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
     if own is not None:
         # Found by review: each process corrected only by its own leaves'

@@ -300,8 +300,27 @@ def test_a_bias_first_moment_under_a_byte_target(tmp_path):
 
 def test_a_byte_target_below_the_moments_names_them(tmp_path):
     params, _, state, _, _ = _trained_adam()
-    with pytest.raises(ValueError, match="optimizer moments .jaxjpeg.magnitudes., coded on log2 steps of 1 at most: save the parameters alone"):
+    with pytest.raises(ValueError, match="optimizer moments .jaxjpeg.magnitudes., coded on log2 steps of 1 at most.*: save the parameters alone"):
         jaxjpeg.save(tmp_path / "s.jjpg", {"params": params, "opt_state": state}, target_ratio=12)
+
+
+def test_a_byte_target_below_small_leaves_moments_names_them(tmp_path):
+    """Found by review: the moments of kernels too small for JPEG (on log2
+    steps of 2^-8) were not counted as moments in the refusal, which said
+    "none of the leaves is JPEG-coded" or pointed at "the JPEG-coded leaves"."""
+    rng = np.random.default_rng(0)
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((32, 64)) * 0.1,
+                                                   jnp.float32)} for i in range(30)}
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 1e-2, jnp.float32),
+                     params)
+    for _ in range(3):
+        _, state = opt.update(g, state, params)
+    for ratio in (4, 8):
+        with pytest.raises(ValueError, match=r"\(\d+ of them optimizer moments"):
+            jaxjpeg.save(tmp_path / "s.jjpg", {"params": params, "opt_state": state},
+                         target_ratio=ratio)
 
 
 def test_pairing_takes_first_moments_only(tmp_path):
