@@ -870,6 +870,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
+            small_moment = (log_coding.small_signed(leaf.name, array)
+                            if small_stepped and log_coding is not None and limits is None
+                            and leaf.name not in takers else None)
+            if small_moment is not None:   # on the moments' ladder, from a finer step
+                return leaf.name, None, log_coding.stored_bytes(leaf.name, array, small_moment,
+                                                                small=True)
             if (small_stepped and limits is None and leaf.name not in takers
                     and not (log_coding is not None and log_coding.names_a_moment(leaf.name))
                     and _small_kernel_stepped(leaf.name, array, policy, leaf_coder)):
@@ -922,6 +928,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     def plan(floor):
         if log_coding is not None:   # its ladder from the first rung again (settle moves it)
             log_coding.step, log_coding.rung = settled_from
+            log_coding.small.clear()
         coded, kept, overhead, curves, sens, tiles = measure(floor)
         budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
@@ -939,19 +946,20 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     def refusal(stored_apart: float, coarsest: float | None = None) -> ValueError:
         """The target refused, in the user's terms (found by review: "target
         565.0 bytes"; small leaves' moments went uncounted as moments)."""
-        laddered = small = 0
+        large = small = 0
         if log_coding is not None:
-            laddered = log_coding.settled_bytes()
-            small = sum(b for name, b in kept_moments.items() if name not in log_coding.ladder)
+            large, small = log_coding.settled_bytes(small=False), log_coding.settled_bytes(True)
+            small += sum(b for name, b in kept_moments.items() if name not in log_coding.ladder)
         return ValueError(
             f"target size {target_bytes} is below the {int(stored_apart)} bytes of leaves stored "
             "without JPEG and container overhead"
             + ("" if coarsest is None else f" plus the {int(coarsest)} of the coded leaves' "
                "smallest coding")
-            + (f" ({laddered + small} of them optimizer moments (jaxjpeg.magnitudes)"
-               + (f", coded on log2 steps of {log_coding.step:g} at most" if laddered else "")
-               + (f", {small} of them small leaves' on steps of 2^-8" if small else "")
-               + ": save the parameters alone, or ask for less)" if laddered + small else "")
+            + (f" ({large + small} of them optimizer moments (jaxjpeg.magnitudes)"
+               + (f", coded on log2 steps of {log_coding.step:g} at most" if large else "")
+               + (f", {small} of small leaves' on log2 steps of "
+                  f"{log_coding.small_step_at_most():g} at most" if small else "")
+               + ": save the parameters alone, or ask for less)" if large + small else "")
             + ("" if coded else " (none of the leaves is JPEG-coded: see jaxjpeg.Policy for "
                "which leaves it codes, and the notes of a default save's report for why "
                "others are stored raw)"))
@@ -1806,10 +1814,14 @@ class _Save:
               and leaf.prng_impl is None   # key data raw (review: deflated, unreadable)
               and not self.policy.names_lossless(name)):   # found by review: float16
             found = self._centered_first(name, array)
+            small_step = self.log_coding.small_step(name)   # a small moment on the ladder
             if found is not None:   # a small centered moment (found by review: coded
                 first, first_values = found   # apart, NaN next updates at a fifth)
                 lossy = self._square_of(first, magnitudes.encode_centered(
-                    first_values, array, magnitudes.HALF_LIKE_STEP))
+                    first_values, array, small_step or magnitudes.HALF_LIKE_STEP))
+            elif small_step is not None:
+                lossy = self.log_coding.stored(array, self.log_coding.small_signed(name, array),
+                                               small_step)
             else:
                 lossy = _lossy_raw(array, self.vector_limits.get(name),
                                    name in self.log_coding.first)
@@ -2503,6 +2515,9 @@ class _LogCoding:
         self.policy, self.error_bound = policy, error_bound
         self.step = magnitudes.step_for(error_bound)
         self.ladder: dict[str, tuple] = {}   # leaf -> (values, bytes at each LADDER step)
+        # small leaves' moments a byte target moves along the ladder too, from
+        # HALF_LIKE_STEP (where their own step did not fit: _target_encoder)
+        self.small: set[str] = set()
         self.rung = 0   # the ladder's step settled on
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
@@ -2676,13 +2691,19 @@ class _LogCoding:
         bound = self.error_bound * np.linalg.norm(second.astype(np.float64))
         return coded if err <= bound else None
 
-    def stored_bytes(self, name: str, array: np.ndarray, signed: bool) -> int:
+    def stored_bytes(self, name: str, array: np.ndarray, signed: bool,
+                     small: bool = False) -> int:
         """Its bytes at this step; for a byte target, at every step of the
         ladder it may move to (:meth:`settle`): a large leaf's from a sample
-        of it (five codings of every moment took as long as the save)."""
+        of it (five codings of every moment took as long as the save).
+        ``small``: a moment of a leaf the policy keeps out of JPEG, whose
+        ladder starts at HALF_LIKE_STEP (see :meth:`small_step`)."""
         from jaxjpeg import quantized_vectors
 
-        steps = (magnitudes.byte_target_steps(self.step) if self.error_bound is None
+        if small:
+            self.small.add(name)
+        base = magnitudes.HALF_LIKE_STEP if small else self.step
+        steps = (magnitudes.byte_target_steps(base) if self.error_bound is None
                  else (self.step,))
         probe, scale = array, 1.0
         if len(steps) > 1 and array.size > _LADDER_PROBE:
@@ -2724,9 +2745,33 @@ class _LogCoding:
         self.step, self.rung = step, i
         return freed
 
-    def settled_bytes(self) -> int:
-        """The measured leaves' bytes at the step settled on."""
-        return sum(sizes[self.rung] for _, sizes in self.ladder.values())
+    def small_signed(self, name: str, array: np.ndarray) -> bool | None:
+        """For a leaf the policy keeps out of JPEG: whether a byte target
+        codes it as a first moment (True: with signs) or a second one
+        (False) on log2 steps, or None (neither; a constant or few values,
+        which are kept exact)."""
+        if array.size <= 1 or not quantizable(array.dtype) or _few_values(array):
+            return None
+        flat = array.reshape(-1)
+        if bool(np.all(flat == flat[0])):
+            return None
+        if name in self.first:
+            return True if magnitudes.has_magnitudes(array) else None
+        return False if magnitudes.is_second_moment(array) else None
+
+    def small_step(self, name: str) -> float | None:
+        """The settled step of a small leaf's moment on the ladder, or None."""
+        return self.small_step_at_most() if name in self.small else None
+
+    def settled_bytes(self, small: bool | None = None) -> int:
+        """The measured leaves' bytes at the step settled on (``small``: only
+        small leaves' moments, or only the others)."""
+        return sum(sizes[self.rung] for name, (_, sizes) in self.ladder.items()
+                   if small is None or (name in self.small) == small)
+
+    def small_step_at_most(self) -> float:
+        """The step small leaves' moments take at the rung settled on."""
+        return magnitudes.HALF_LIKE_STEP * 2 ** self.rung
 
     def exact_note(self, array: np.ndarray) -> str:
         return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "
