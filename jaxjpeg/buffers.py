@@ -7,8 +7,10 @@ position's angle is ``position * inv_freq``, so a relative error of 2^-10
 in a frequency moves position 4095's angle by several radians (found by
 review: at 8x ``inv_freq`` took log2 steps, as a second moment would, and
 the angles were 3.3 rad off; by default the JPEG-coded cosine tables came
-back up to 0.25 off); ALiBi's slopes and tables likewise. Found by the last name of a leaf's path (parts split
-at '/' and '.'); a ``Policy(compress=...)`` pattern naming one codes it.
+back up to 0.25 off); ALiBi's slopes and tables likewise. Found by the last
+name of a leaf's path (parts split at '/' and '.'); a ``Policy(compress=...)``
+pattern naming one codes it. An optimizer state's hyperparameters too
+(:func:`is_hyperparameter`).
 """
 
 from __future__ import annotations

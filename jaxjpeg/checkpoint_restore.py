@@ -503,16 +503,16 @@ def _restore_unsharded(ckpt, requests, device, stats) -> list:
 def windows(ckpt, requests, indices, window_bytes, size_of=None) -> list[list[int]]:
     """``indices`` cut, in order, into runs of about ``window_bytes`` stored
     bytes (or of ``size_of(request)``)."""
-    windows: list[list[int]] = []
+    runs: list[list[int]] = []
     size = 0
     for i in indices:
         leaf_bytes = (size_of or (lambda r: ckpt.stored_bytes(r.leaf)))(requests[i])
-        if not windows or size + leaf_bytes > window_bytes:
-            windows.append([])
+        if not runs or size + leaf_bytes > window_bytes:
+            runs.append([])
             size = 0
-        windows[-1].append(i)
+        runs[-1].append(i)
         size += leaf_bytes
-    return windows
+    return runs
 
 
 def _restore_windows(ckpt, requests, values, default_device, stats) -> None:
@@ -1054,9 +1054,10 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     target places (an uncommitted array places none); without it they come
     back uncommitted on jax's default device, as ``jax.device_put(x)``
     leaves an array (under jax.distributed: committed to this process's
-    first device). Without a target, the saved structure comes back as nested dicts/lists
-    of the saved leaves (a None or an empty container holds no leaf: only a
-    target brings it back); ``paths`` (glob patterns over slash-separated leaf paths) then selects a
+    first device). Without a target, the saved structure comes back as
+    nested dicts/lists of the saved leaves (a None or an empty container
+    holds no leaf: only a target brings it back); ``paths`` (glob patterns
+    over slash-separated leaf paths) then selects a
     subset (each pattern must match a leaf; give ``target`` or ``paths``, not
     both). ``dtype`` changes the dtype of every floating-point leaf; integer
     and bool leaves keep theirs.

@@ -457,9 +457,9 @@ def _npz_source(path: str, files: _Files) -> Source:
     if any(info.filename.endswith("/data.pkl") for info in members):
         # found by review: "member 'model/data.pkl' is not a .npy array";
         # a format not read, not a damaged file (exit 2, not 1)
-        raise SourceChoiceError(f"{path}: a PyTorch checkpoint (torch.save's zip of pickles), which "
-                          "jaxjpeg does not read: save its state_dict with "
-                          "safetensors.torch.save_file and compress that")
+        raise SourceChoiceError(f"{path}: a PyTorch checkpoint (torch.save's zip of pickles), "
+                                "which jaxjpeg does not read: save its state_dict with "
+                                "safetensors.torch.save_file and compress that")
     # In the zip's order: np.savez writes a dict's arrays in its order, a
     # PyTorch state dict's being the network's (the BatchNorm prior pairs by it).
     leaves = [_npz_leaf(path, info, files) for info in members]

@@ -171,7 +171,8 @@ bool CheckIntervalStarts(const py::buffer& data, const py::array& given) {
   // byte offsets: a float start would be truncated to another offset
   const char kind = given.dtype().kind();
   if (kind != 'i' && kind != 'u') throw py::type_error("starts must be an integer array");
-  const auto starts = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(given);
+  using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  const auto starts = Int64Array::ensure(given);
   if (!starts) throw py::value_error("starts do not fit int64");
   if (starts.ndim() != 1) throw py::value_error("starts must be 1-D");
   StreamInfo info;
