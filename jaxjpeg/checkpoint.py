@@ -876,6 +876,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             if small_moment is not None:   # on the moments' ladder, from a finer step
                 return leaf.name, None, log_coding.stored_bytes(leaf.name, array, small_moment,
                                                                 small=True)
+            centered = (log_coding.centered_first(leaf.name, array)
+                        if log_coding is not None and limits is None else None)
+            if centered is not None:   # stored as its variance (_Save._store), so counted
+                coded = magnitudes.encode_centered(centered[1], array, magnitudes.HALF_LIKE_STEP)
+                return leaf.name, None, (_nbytes(coded) if coded is not None
+                                         else _exact_bytes(array))
             if (small_stepped and limits is None and leaf.name not in takers
                     and not (log_coding is not None and log_coding.names_a_moment(leaf.name))
                     and _small_kernel_stepped(leaf.name, array, policy, leaf_coder)):
@@ -929,6 +935,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         if log_coding is not None:   # its ladder from the first rung again (settle moves it)
             log_coding.step, log_coding.rung = settled_from
             log_coding.small.clear()
+            log_coding.tight = None
         coded, kept, overhead, curves, sens, tiles = measure(floor)
         budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
@@ -940,9 +947,15 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         return coded, kept, overhead, curves, sens, tiles, budget
 
     coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
-    if budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget:
-        small_stepped = True   # small kernels' fine step does not fit: theirs allocated too
+    # The fine steps of leaves too small for JPEG do not fit, or the moments
+    # on log2 steps had to coarsen for them (found by review: 30 small
+    # kernels at 10 bits a value beside two large ones left 0.66: 78% off)
+    if (budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget
+            or (log_coding is not None and log_coding.rung > 0)):
+        small_stepped = True   # small kernels and their moments allocated too
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
+    if log_coding is not None and log_coding.tight:   # the plan kept's
+        warnings.warn(log_coding.tight, stacklevel=7)   # save()'s caller, through _Save
     def refusal(stored_apart: float, coarsest: float | None = None) -> ValueError:
         """The target refused, in the user's terms (found by review: "target
         565.0 bytes"; small leaves' moments went uncounted as moments)."""
@@ -2518,6 +2531,7 @@ class _LogCoding:
         # small leaves' moments a byte target moves along the ladder too, from
         # HALF_LIKE_STEP (where their own step did not fit: _target_encoder)
         self.small: set[str] = set()
+        self.tight: str | None = None   # settle's warning: the coded leaves are left little
         self.rung = 0   # the ladder's step settled on
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
@@ -2574,8 +2588,8 @@ class _LogCoding:
         """(the first moment's leaf, its values) of second moment ``name``
         (of ``values``) where the pair is centered, else None."""
         first = self._partner.get(name)
-        if first is None or self._pairs.get(first) != name:
-            return None
+        if first is None or self._pairs.get(first) != name or self._centered.get(first) is False:
+            return None   # (known not centered: its first moment not read again)
         first_values = self._leaves[first].array()
         if not self._is_centered_pair(first, first_values, values):
             return None
@@ -2705,13 +2719,19 @@ class _LogCoding:
         base = magnitudes.HALF_LIKE_STEP if small else self.step
         steps = (magnitudes.byte_target_steps(base) if self.error_bound is None
                  else (self.step,))
+        # a centered second moment is stored as its variance (found by review:
+        # counted as itself, small leaves' files landed 3-5% over)
+        found = None if signed else self.centered_first(name, array)
+        first = None if found is None else found[1]
         probe, scale = array, 1.0
         if len(steps) > 1 and array.size > _LADDER_PROBE:
             probe = quantized_vectors.sampled(array.reshape(-1), _LADDER_PROBE)
             scale = array.size / _LADDER_PROBE
+            if first is not None:   # the same positions
+                first = quantized_vectors.sampled(first.reshape(-1), _LADDER_PROBE)
         sizes = []
         for step in steps:
-            coded = self.stored(probe, signed, step)
+            coded = self.stored(probe, signed, step, first=first)
             sizes.append(array.nbytes if coded is None
                          else round(scale * memoryview(coded[0]).nbytes))
         self.ladder[name] = (array.size, sizes)
@@ -2735,13 +2755,15 @@ class _LogCoding:
                 break
         else:   # said (found by review: the weights were left 0.34 bits, silently)
             if left > 0 and coded_values:
-                warnings.warn(
-                    f"jaxjpeg: the byte target leaves the JPEG-coded leaves "
+                small = (f" (small leaves' {magnitudes.HALF_LIKE_STEP * 2 ** i:g})"
+                         if self.small else "")
+                self.tight = (
+                    f"jaxjpeg: the byte target leaves the coded leaves "
                     f"{8 * left / coded_values:.2f} bits a value, under half the "
                     f"{8 * used / values:.2f} of the leaves on log2 steps (optimizer moments "
                     f"and other non-negative leaves spanning decades: jaxjpeg.magnitudes) at "
-                    f"their coarsest, {step:g}: ask for less, or save those leaves apart",
-                    stacklevel=8)   # save()'s caller, through _Save's allocation
+                    f"their coarsest steps, {step:g}{small}: ask for less, or save those "
+                    "leaves apart")
         self.step, self.rung = step, i
         return freed
 

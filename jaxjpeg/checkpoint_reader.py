@@ -471,6 +471,10 @@ class Checkpoint:
     def tile_size(self, leaf: SavedLeaf, k: int) -> int:
         return self.reader.blob_info(layout.tile_blob(leaf.blob_index, k)).length
 
+    def read_tile(self, leaf: SavedLeaf, k: int) -> memoryview:
+        """Tile ``k`` of a JPEG-coded leaf: a complete JPEG file's bytes."""
+        return self._read(leaf, layout.tile_blob(leaf.blob_index, k), f"tile {k}")
+
     def tile_filler(self, leaf: SavedLeaf, k: int, interval_starts=None):
         """A ``fill(view)`` that reads tile ``k`` into ``view``; given the tile's
         interval index (:meth:`read_interval_index`), it also checks that every

@@ -469,12 +469,17 @@ def cmd_verify(args) -> int:
             names = reader.blob_names
             checks = progress(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
             damaged = {name for name, ok in checks if not ok}
-            bad += [f"{name}: checksum mismatch" for name in names if name in damaged]
             try:
                 ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
             except fmt.FormatError as e:
                 bad.append(f"metadata: {_first_line(e)}")
                 ckpt = None
+            # each damaged blob by the leaf it belongs to (found by review:
+            # "leaf1/tile2.jpg" named no leaf a user knows)
+            owner = {} if ckpt is None else {
+                n: leaf.path for leaf in reversed(ckpt.leaves) for n in ckpt.blob_names(leaf)}
+            bad += [f"{owner[name]}: blob {name}: checksum mismatch" if name in owner
+                    else f"{name}: checksum mismatch" for name in names if name in damaged]
             if ckpt is not None:
                 with ckpt:
                     for leaf in progress(ckpt.leaves, desc="decode", unit="leaf"):
@@ -557,7 +562,6 @@ def _tile_files(leaves) -> dict[tuple[int, int], str]:
 
 
 def cmd_extract(args) -> int:
-    from jaxjpeg import layout
     from jaxjpeg.treepaths import matching
     with _open_checkpoint(args.ckpt) as ckpt:
         chosen = (None if args.leaf is None
@@ -584,7 +588,7 @@ def cmd_extract(args) -> int:
         try:
             for leaf in leaves:
                 for k in range(len(leaf.tiles)):
-                    data = ckpt.reader.read_blob(layout.tile_blob(leaf.blob_index, k), verify=True)
+                    data = ckpt.read_tile(leaf, k)
                     _check_tile_file(ckpt, leaf, k, data)
                     written.append(os.path.join(args.outdir, files[leaf.index, k]))
                     with open(written[-1], "wb") as f:

@@ -761,3 +761,15 @@ def test_a_damaged_blob_is_named_by_its_leaf(tiled, tmp_path):
         jaxjpeg.restore(damaged, paths=["b"])
     with jaxjpeg.open(damaged) as f, pytest.raises(fmt.FormatError, match="w tile 2"):
         f.get("w")
+    import contextlib
+    import io
+    from jaxjpeg.cli import main   # (review: verify and extract still named blobs)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["verify", str(damaged)]) == 1
+    assert "BAD w: blob leaf1/tile2.jpg: checksum mismatch" in out.getvalue(), out.getvalue()
+    assert "BAD b: blob leaf0/raw: checksum mismatch" in out.getvalue(), out.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["extract", str(damaged), str(tmp_path / "tiles")]) == 1
+    assert "w tile 2: " in err.getvalue(), err.getvalue()

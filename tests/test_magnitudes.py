@@ -333,6 +333,46 @@ def test_small_leaves_moments_move_along_the_ladder_and_refusals_name_them(tmp_p
         jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=8)
 
 
+def test_small_leaves_join_the_allocation_where_the_moments_had_to_coarsen(tmp_path):
+    """Found by review: the small leaves' second plan ran only where the
+    first was refused; beside two large kernels, 30 small ones kept 10
+    bits a value (their moments 11.7) while the large kernels were left
+    0.66 (78% off) and the large moments coarsened to step 1."""
+    rng = np.random.default_rng(0)
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((32, 64)) * 0.1,
+                                                   jnp.float32)} for i in range(30)}
+    params["big0"] = {"kernel": jnp.asarray(rng.standard_normal((512, 256)) * 0.05, jnp.float32)}
+    params["big1"] = {"kernel": jnp.asarray(rng.standard_normal((256, 512)) * 0.05, jnp.float32)}
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = opt.update(jax.tree.map(lambda x: jnp.asarray(
+            rng.standard_normal(x.shape) * 1e-2, jnp.float32), params), state, params)
+    tree = {"params": params, "opt_state": state}
+    report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=8)
+    assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["params"]["big0"]["kernel"])
+    want = np.asarray(params["big0"]["kernel"])
+    assert np.linalg.norm(got - want) < 0.2 * np.linalg.norm(want)
+
+
+def test_a_small_centered_pair_is_counted_as_stored(tmp_path):
+    """Found by review: a small centered RMSprop second moment was counted as
+    itself and stored as its variance: files landed 3-5% over the target."""
+    rng = np.random.default_rng(0)
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((32, 64)) * 0.1,
+                                                   jnp.float32)} for i in range(30)}
+    opt = optax.rmsprop(1e-3, centered=True)
+    state = opt.init(params)
+    for _ in range(20):   # steady gradients
+        g = jax.tree.map(lambda x: jnp.asarray((3.0 + rng.standard_normal(x.shape)) * 1e-2,
+                                               jnp.float32), params)
+        _, state = opt.update(g, state, params)
+    report = jaxjpeg.save(tmp_path / "c.jjpg", {"params": params, "opt_state": state},
+                          target_ratio=4)
+    assert report.ratio_vs_float32 == pytest.approx(4, rel=0.02)
+
+
 def test_pairing_takes_first_moments_only(tmp_path):
     """Found by review: a pruned network's kernels paired with its 0/1 masks
     (2.7x their JPEG size), and each nu of a shape with the others (a sign

@@ -118,6 +118,10 @@ def test_other_stack_layouts(shapes, want):
     {"attn/q": (64, 64), "attn/k": (64, 64), "attn/v": (64, 64), "attn/o": (64, 64)},
     # convolutions without biases share their taps, not a stack
     {"block/conv_a/kernel": (3, 3, 32, 32), "block/conv_b/kernel": (3, 3, 32, 64)},
+    # found by review: an unscanned module named like a root (big_vision's
+    # scanned block is encoderblock), its kernels 2-D
+    {"params/encoderblock/Dense_0/kernel": (64, 256), "params/encoderblock/Dense_1/kernel": (64, 64),
+     "params/encoderblock/ln/scale": (64,)},
     # a PyTorch state dict's convolutions and BatchNorm
     {"layer1.0.conv1.weight": (64, 64, 3, 3), "layer1.0.bn1.weight": (64,),
      "layer1.0.conv2.weight": (64, 64, 3, 3), "layer1.0.bn2.weight": (64,)},
