@@ -893,7 +893,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p),
                                    _SMALL_BLOB_OVERHEAD), 0
             stored = _stored_raw_bytes(array, limits, log_coding is not None
-                                       and leaf.name in log_coding.first)
+                                       and log_coding.is_first(leaf.name))
             return leaf.name, None, (_taker_bytes(array, stored) if leaf.name in takers
                                      else stored)
         p = leaf_coder.prepare(leaf.name, array)
@@ -1837,7 +1837,7 @@ class _Save:
                                                small_step)
             else:
                 lossy = _lossy_raw(array, self.vector_limits.get(name),
-                                   name in self.log_coding.first)
+                                   self.log_coding.is_first(name))
         # Every blob counts, the interval index too: a coding within a few
         # bytes of the raw size was stored larger than raw, and lossy.
         from jaxjpeg import rate
@@ -2594,6 +2594,12 @@ class _LogCoding:
         if not self._is_centered_pair(first, first_values, values):
             return None
         return self._leaves[first], first_values
+
+    def is_first(self, name: str) -> bool:
+        """Whether leaf ``name`` is a first moment, by its values or by an
+        optimizer's names (found by review: mu of steady gradients, whose nu
+        spans too little to pass as a second moment, took a linear step)."""
+        return name in self.first or name in self._pairs
 
     def names_a_moment(self, name: str) -> bool:
         """Whether leaf ``name`` is a moment known by its name or its pair."""
