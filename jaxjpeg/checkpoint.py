@@ -2783,8 +2783,11 @@ class _LogCoding:
         flat = array.reshape(-1)
         if bool(np.all(flat == flat[0])):
             return None
-        if name in self.first:
+        if self.is_first(name):
             return True if magnitudes.has_magnitudes(array) else None
+        named_second = name in self._partner or name in self.magnitude_seconds
+        if named_second and bool(np.all(array >= 0)):   # by an optimizer's names
+            return False
         return False if magnitudes.is_second_moment(array) else None
 
     def small_step(self, name: str) -> float | None:
