@@ -849,12 +849,19 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     total = sum(leaf.size for leaf in entries)
     reach = rate.reach_of(target_bytes, total)
     floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
-    # Kernels too small for JPEG take one fine step (SMALL_KERNEL_STEP); where
-    # the target has no room for that they take the allocation's step, as
-    # thin leaves do (found by review: 1200 kernels of 32 x 64 made every
-    # target of 4x and more a refusal). Decided on the whole tree's figures:
-    # every process of a distributed save decides alike.
-    small_stepped = False
+    # Kernels too small for JPEG take one fine step (SMALL_KERNEL_STEP), and
+    # their optimizer moments log2 steps of HALF_LIKE_STEP; where the target
+    # has no room for these, the kernels take the allocation's step, as thin
+    # leaves do, and the moments move along the moments' ladder (found by
+    # review: 1200 kernels of 32 x 64 made every target of 4x and more a
+    # refusal); where the large moments had to coarsen for them, the small
+    # moments move (review: 30 small kernels' Adam state beside two large
+    # kernels left these 0.66 bits a value, 78% off at 8x). The kernels keep
+    # their step otherwise: data-free weights undervalue them (with them
+    # allocated EfficientNet-lite1 at 8x fell to KL 0.079 from 0.042, at 12x
+    # top-1 0.49 from 0.63). Decided on the whole tree's figures: every
+    # process of a distributed save decides alike.
+    small_stepped = small_moments = False
 
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
@@ -871,7 +878,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
             small_moment = (log_coding.small_signed(leaf.name, array)
-                            if small_stepped and log_coding is not None and limits is None
+                            if small_moments and log_coding is not None and limits is None
                             and leaf.name not in takers else None)
             if small_moment is not None:   # on the moments' ladder, from a finer step
                 return leaf.name, None, log_coding.stored_bytes(leaf.name, array, small_moment,
@@ -947,12 +954,11 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         return coded, kept, overhead, curves, sens, tiles, budget
 
     coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
-    # The fine steps of leaves too small for JPEG do not fit, or the moments
-    # on log2 steps had to coarsen for them (found by review: 30 small
-    # kernels at 10 bits a value beside two large ones left 0.66: 78% off)
-    if (budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget
-            or (log_coding is not None and log_coding.rung > 0)):
-        small_stepped = True   # small kernels and their moments allocated too
+    if budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget:
+        small_stepped = small_moments = True
+        coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
+    elif log_coding is not None and log_coding.rung > 0:
+        small_moments = True
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if log_coding is not None and log_coding.tight:   # the plan kept's
         warnings.warn(log_coding.tight, stacklevel=7)   # save()'s caller, through _Save

@@ -84,12 +84,15 @@ def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
 
 def _group_axis(shapes: list[tuple]) -> int | None:
     """The axis every one of ``shapes`` has of one length (at least 2), 0
-    before 1, where one of them is at least 3-D (a stack of matrices: a
-    block of 2-D kernels under a root's name is one layer, found by review
-    for an unscanned ``encoderblock``) and not every one has that length on
-    another axis too (square kernels of one width are not a stack of that
-    many layers)."""
-    if not any(len(s) >= 3 for s in shapes):
+    before 1, where one of them is at least 2-D (something to code) and
+    not every one has that length on another axis too (square kernels
+    of one width are not a stack of that many layers). Without a 3-D leaf,
+    a 1-D one says the group is one layer: its kernels' biases or scales
+    (found by review: an unscanned ``encoderblock`` of 2-D kernels was
+    taken for a stack; a scanned block of (L, D) vectors has no 1-D leaf)."""
+    if not any(len(s) >= 2 for s in shapes):
+        return None
+    if not any(len(s) >= 3 for s in shapes) and any(len(s) == 1 for s in shapes):
         return None
     for axis in AXES:
         lengths = {s[axis] if len(s) > axis else None for s in shapes}

@@ -333,11 +333,13 @@ def test_small_leaves_moments_move_along_the_ladder_and_refusals_name_them(tmp_p
         jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=8)
 
 
-def test_small_leaves_join_the_allocation_where_the_moments_had_to_coarsen(tmp_path):
+def test_small_moments_join_the_ladder_where_the_large_had_to_coarsen(tmp_path):
     """Found by review: the small leaves' second plan ran only where the
-    first was refused; beside two large kernels, 30 small ones kept 10
-    bits a value (their moments 11.7) while the large kernels were left
-    0.66 (78% off) and the large moments coarsened to step 1."""
+    first was refused; beside two large kernels, 30 small ones' moments kept
+    11.7 bits a value while the large kernels were left 0.66 (78% off) and
+    the large moments coarsened to step 1. The small moments now move along
+    the ladder; the small kernels keep their fine step (allocated, they
+    cost EfficientNet-lite1 KL 0.042 -> 0.079 at 8x)."""
     rng = np.random.default_rng(0)
     params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((32, 64)) * 0.1,
                                                    jnp.float32)} for i in range(30)}
@@ -353,7 +355,10 @@ def test_small_leaves_join_the_allocation_where_the_moments_had_to_coarsen(tmp_p
     assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
     got = np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["params"]["big0"]["kernel"])
     want = np.asarray(params["big0"]["kernel"])
-    assert np.linalg.norm(got - want) < 0.2 * np.linalg.norm(want)
+    assert np.linalg.norm(got - want) < 0.3 * np.linalg.norm(want)
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    assert "log2 steps of 0.0625" in notes["opt_state/0/mu/Dense_0/kernel"]
+    assert "byte target's step" not in notes["params/Dense_0/kernel"]
 
 
 def test_a_small_centered_pair_is_counted_as_stored(tmp_path):

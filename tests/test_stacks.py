@@ -89,6 +89,10 @@ def test_a_scanned_linen_model_is_found_stacked():
       "decoder/layers_0/MoeBlock_0/wi_0": (8, 64, 256),
       "decoder/layers_0/MoeBlock_0/wi_1": (8, 64, 256),
       "decoder/layers_0/MoeBlock_0/wo": (8, 256, 64)}, 0),
+    # found by review: a scanned block of per-layer vectors only (a 3-D
+    # leaf was required for a while: they were JPEG-coded as one matrix)
+    ({"params/layers/ln/scale": (24, 128), "params/layers/ln/bias": (24, 128),
+      "params/layers/pos/embedding": (24, 512), "params/norm/scale": (128,)}, 0),
     # found by review: a scanned block holding an nn.Sequential (its list
     # of layers defers to the scan above it); big_vision's scanned ViT
     ({"params/ScanBlock_0/hidden_layers/layers_0/kernel": (6, 64, 96),
