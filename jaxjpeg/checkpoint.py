@@ -2675,7 +2675,14 @@ class _LogCoding:
             return True if magnitudes.has_magnitudes(array) else None
         if name in self.magnitude_seconds:   # Adamax's exp_inf: its values span little
             return False
-        return False if magnitudes.is_second_moment(array) else None
+        if magnitudes.is_second_moment(array):
+            return False
+        # A centered pair an optimizer's names make, whatever its spread (found
+        # by review: steady gradients' nu passed as no moment, the pair was
+        # JPEG-coded apart and the next update NaN at 12x)
+        if name in self._pairs and self._is_centered_pair(name, array):
+            return True if magnitudes.has_magnitudes(array) else None
+        return False if self.centered_first(name, array) is not None else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
                first: np.ndarray | None = None) -> tuple | None:

@@ -384,6 +384,30 @@ def test_a_small_centered_pair_is_counted_as_stored(tmp_path):
         assert np.linalg.norm(flat(update) - flat(exact)) < 0.01 * np.linalg.norm(flat(exact))
 
 
+def test_a_centered_pair_of_steady_gradients_is_coded_as_one(tmp_path):
+    """Found by review: with steady gradients a centered RMSprop nu spans
+    too little to pass as a second moment by its values; the pair named
+    mu / nu was then JPEG-coded apart and the next update NaN at 12x. The
+    optimizer's names pair it, and its variance is stored."""
+    rng = np.random.default_rng(0)
+    params = {f"big{i}": {"kernel": jnp.asarray(rng.standard_normal((256, 256)) * 0.05,
+                                                jnp.float32)} for i in range(2)}
+    opt = optax.rmsprop(1e-3, centered=True)
+    state = opt.init(params)
+    for _ in range(20):
+        g = jax.tree.map(lambda x: jnp.asarray((3.0 + rng.standard_normal(x.shape)) * 1e-2,
+                                               jnp.float32), params)
+        _, state = opt.update(g, state, params)
+    tree = {"params": params, "opt_state": state}
+    for ratio in (12, 16):
+        report = jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=ratio)
+        notes = {leaf.path: leaf.note for leaf in report.leaves}
+        assert "centered" in notes["opt_state/0/nu/big0/kernel"], notes
+        got = jaxjpeg.restore(tmp_path / "c.jjpg", target=tree)
+        update, _ = opt.update(g, got["opt_state"], got["params"])
+        assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(update))
+
+
 def test_pairing_takes_first_moments_only(tmp_path):
     """Found by review: a pruned network's kernels paired with its 0/1 masks
     (2.7x their JPEG size), and each nu of a shape with the others (a sign
