@@ -2680,8 +2680,10 @@ class _LogCoding:
         # A centered pair an optimizer's names make, whatever its spread (found
         # by review: steady gradients' nu passed as no moment, the pair was
         # JPEG-coded apart and the next update NaN at 12x)
+        if not magnitudes.has_magnitudes(array):   # zeros (step 0): the ordinary path
+            return None
         if name in self._pairs and self._is_centered_pair(name, array):
-            return True if magnitudes.has_magnitudes(array) else None
+            return True
         return False if self.centered_first(name, array) is not None else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
