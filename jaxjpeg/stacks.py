@@ -84,15 +84,14 @@ def stack_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
 
 def _group_axis(shapes: list[tuple]) -> int | None:
     """The axis every one of ``shapes`` has of one length (at least 2), 0
-    before 1, where one of them is at least 2-D (something to code) and
+    before 1, where one of them is at least 3-D (a stack of matrices) and
     not every one has that length on another axis too (square kernels
-    of one width are not a stack of that many layers). Without a 3-D leaf,
-    a 1-D one says the group is one layer: its kernels' biases or scales
-    (found by review: an unscanned ``encoderblock`` of 2-D kernels was
-    taken for a stack; a scanned block of (L, D) vectors has no 1-D leaf)."""
-    if not any(len(s) >= 2 for s in shapes):
-        return None
-    if not any(len(s) >= 3 for s in shapes) and any(len(s) == 1 for s in shapes):
+    of one width are not a stack of that many layers). A group of 2-D
+    leaves is one layer of kernels (found by review: an unscanned
+    ``encoderblock``, a bias-free NNX ``Sequential`` named ``layers``,
+    stored raw as a stack of vectors, 1.18x); a scan of per-layer vectors
+    alone is not told from it (its vectors are then coded as one matrix)."""
+    if not any(len(s) >= 3 for s in shapes):
         return None
     for axis in AXES:
         lengths = {s[axis] if len(s) > axis else None for s in shapes}

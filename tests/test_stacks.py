@@ -89,10 +89,6 @@ def test_a_scanned_linen_model_is_found_stacked():
       "decoder/layers_0/MoeBlock_0/wi_0": (8, 64, 256),
       "decoder/layers_0/MoeBlock_0/wi_1": (8, 64, 256),
       "decoder/layers_0/MoeBlock_0/wo": (8, 256, 64)}, 0),
-    # found by review: a scanned block of per-layer vectors only (a 3-D
-    # leaf was required for a while: they were JPEG-coded as one matrix)
-    ({"params/layers/ln/scale": (24, 128), "params/layers/ln/bias": (24, 128),
-      "params/layers/pos/embedding": (24, 512), "params/norm/scale": (128,)}, 0),
     # found by review: a scanned block holding an nn.Sequential (its list
     # of layers defers to the scan above it); big_vision's scanned ViT
     ({"params/ScanBlock_0/hidden_layers/layers_0/kernel": (6, 64, 96),
@@ -122,6 +118,10 @@ def test_other_stack_layouts(shapes, want):
     {"attn/q": (64, 64), "attn/k": (64, 64), "attn/v": (64, 64), "attn/o": (64, 64)},
     # convolutions without biases share their taps, not a stack
     {"block/conv_a/kernel": (3, 3, 32, 32), "block/conv_b/kernel": (3, 3, 32, 64)},
+    # found by review: a bias-free NNX Sequential named layers (its list
+    # defers to the root above it) and a dict of experts' 2-D kernels
+    {"layers/layers/0/kernel": (256, 512), "layers/layers/2/kernel": (512, 512)},
+    {"params/moe/experts/wi/kernel": (256, 1024), "params/moe/experts/wg/kernel": (256, 1024)},
     # found by review: an unscanned module named like a root (big_vision's
     # scanned block is encoderblock), its kernels 2-D
     {"params/encoderblock/Dense_0/kernel": (64, 256), "params/encoderblock/Dense_1/kernel": (64, 64),
