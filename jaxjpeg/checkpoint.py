@@ -962,6 +962,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if log_coding is not None and log_coding.tight:   # the plan kept's
         warnings.warn(log_coding.tight, stacklevel=7)   # save()'s caller, through _Save
+
     def refusal(stored_apart: float, coarsest: float | None = None) -> ValueError:
         """The target refused, in the user's terms (found by review: "target
         565.0 bytes"; small leaves' moments went uncounted as moments)."""
@@ -2680,8 +2681,8 @@ class _LogCoding:
         # A centered pair an optimizer's names make, whatever its spread (found
         # by review: steady gradients' nu passed as no moment, the pair was
         # JPEG-coded apart and the next update NaN at 12x)
-        if not magnitudes.has_magnitudes(array):   # zeros (step 0): the ordinary path
-            return None
+        if name not in self._partner or not magnitudes.has_magnitudes(array):
+            return None   # (zeros at step 0: the ordinary path)
         if name in self._pairs and self._is_centered_pair(name, array):
             return True
         return False if self.centered_first(name, array) is not None else None
