@@ -2606,7 +2606,7 @@ class _LogCoding:
         """Whether leaf ``name`` is a first moment, by its values or by an
         optimizer's names (found by review: mu of steady gradients, whose nu
         spans too little to pass as a second moment, took a linear step)."""
-        return name in self.first or name in self._pairs
+        return name in self.first or (name in self._pairs and self._trusted(name))
 
     def names_a_moment(self, name: str) -> bool:
         """Whether leaf ``name`` is a moment known by its name or its pair."""
@@ -2681,11 +2681,21 @@ class _LogCoding:
         # A centered pair an optimizer's names make, whatever its spread (found
         # by review: steady gradients' nu passed as no moment, the pair was
         # JPEG-coded apart and the next update NaN at 12x)
-        if name not in self._partner or not magnitudes.has_magnitudes(array):
-            return None   # (zeros at step 0: the ordinary path)
-        if name in self._pairs and self._is_centered_pair(name, array):
-            return True
+        # (only names optimizers give, mu under an optimizer's part: review,
+        # a user's weights "mu" / "nu" were taken out of JPEG, nu 18x worse)
+        first = name if name in self._pairs else self._partner.get(name)
+        if (first is None or not self._trusted(first)
+                or not magnitudes.has_magnitudes(array)):   # zeros at step 0: ordinary
+            return None
+        if first == name:
+            return True if self._is_centered_pair(name, array) else None
         return False if self.centered_first(name, array) is not None else None
+
+    def _trusted(self, first: str) -> bool:
+        """Whether the pair of first moment ``first`` is one only an
+        optimizer's names make (magnitudes.is_trusted_pair)."""
+        records = [tuple(map(tuple, self._leaves[n].records)) for n in (first, self._pairs[first])]
+        return magnitudes.is_trusted_pair(*records)
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
                first: np.ndarray | None = None) -> tuple | None:
@@ -2801,7 +2811,10 @@ class _LogCoding:
             return None
         if self.is_first(name):
             return True if magnitudes.has_magnitudes(array) else None
-        named_second = name in self._partner or name in self.magnitude_seconds
+        first = self._partner.get(name)
+        named_second = (name in self.magnitude_seconds
+                        or (first is not None and self._pairs.get(first) == name
+                            and self._trusted(first)))
         if named_second and bool(np.all(array >= 0)):   # by an optimizer's names
             return False
         return False if magnitudes.is_second_moment(array) else None
