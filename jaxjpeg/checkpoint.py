@@ -874,6 +874,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         signed = log_coding.signed(leaf.name, array) if log_coding is not None else None
         if signed is not None:
             return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed)
+        small_kernel = False   # a kernel too small for JPEG on the allocation's step
         if not _is_coded(policy, leaf.name, array):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
@@ -889,23 +890,18 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 coded = magnitudes.encode_centered(centered[1], array, magnitudes.HALF_LIKE_STEP)
                 return leaf.name, None, (_nbytes(coded) if coded is not None
                                          else _exact_bytes(array))
-            if (small_stepped and limits is None and leaf.name not in takers
-                    and not (log_coding is not None and log_coding.names_a_moment(leaf.name))
-                    and _small_kernel_stepped(leaf.name, array, policy, leaf_coder)):
-                p = leaf_coder.prepare(leaf.name, array)
-                leaf_coder.remember(leaf.name, p)
-                curve = rate.thin_curve(p.original)
-                if not leaf_coder.sensitivity:
-                    curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
-                return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p),
-                                   _SMALL_BLOB_OVERHEAD), 0
-            stored = _stored_raw_bytes(array, limits, log_coding is not None
-                                       and log_coding.is_first(leaf.name))
-            return leaf.name, None, (_taker_bytes(array, stored) if leaf.name in takers
-                                     else stored)
+            small_kernel = (small_stepped and limits is None and leaf.name not in takers
+                            and not (log_coding is not None
+                                     and log_coding.names_a_moment(leaf.name))
+                            and _small_kernel_stepped(leaf.name, array, policy, leaf_coder))
+            if not small_kernel:
+                stored = _stored_raw_bytes(array, limits, log_coding is not None
+                                           and log_coding.is_first(leaf.name))
+                return leaf.name, None, (_taker_bytes(array, stored) if leaf.name in takers
+                                         else stored)
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
-        if leaf_coder.thin(leaf.name, p):   # one raw blob, quantized
+        if small_kernel or leaf_coder.thin(leaf.name, p):   # one raw blob, quantized
             curve, overhead = rate.thin_curve(p.original), _SMALL_BLOB_OVERHEAD
         else:
             curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
@@ -1675,7 +1671,7 @@ class _Save:
         def treatment(leaf):
             name = leaf.name
             if (name in (sensitivity or {}) or name in (input_covariance or {})
-                    or (prior is not None and _prior_names(prior, name))
+                    or (prior is not None and prior.involves(name))
                     or name in correction.targets or name in correction.takers
                     or self.log_coding.names_a_moment(name)):
                 return None
@@ -2606,7 +2602,7 @@ class _LogCoding:
         """Whether leaf ``name`` is a first moment, by its values or by an
         optimizer's names (found by review: mu of steady gradients, whose nu
         spans too little to pass as a second moment, took a linear step)."""
-        return name in self.first or (name in self._pairs and self._trusted(name))
+        return name in self.first or self._trusted_first(name) == name
 
     def names_a_moment(self, name: str) -> bool:
         """Whether leaf ``name`` is a moment known by its name or its pair."""
@@ -2681,11 +2677,8 @@ class _LogCoding:
         # A centered pair an optimizer's names make, whatever its spread (found
         # by review: steady gradients' nu passed as no moment, the pair was
         # JPEG-coded apart and the next update NaN at 12x)
-        # (only names optimizers give, mu under an optimizer's part: review,
-        # a user's weights "mu" / "nu" were taken out of JPEG, nu 18x worse)
-        first = name if name in self._pairs else self._partner.get(name)
-        if (first is None or not self._trusted(first)
-                or not magnitudes.has_magnitudes(array)):   # zeros at step 0: ordinary
+        first = self._trusted_first(name)
+        if first is None or not magnitudes.has_magnitudes(array):   # zeros at step 0: ordinary
             return None
         if first == name:
             return True if self._is_centered_pair(name, array) else None
@@ -2696,6 +2689,16 @@ class _LogCoding:
         optimizer's names make (magnitudes.is_trusted_pair)."""
         records = [tuple(map(tuple, self._leaves[n].records)) for n in (first, self._pairs[first])]
         return magnitudes.is_trusted_pair(*records)
+
+    def _trusted_first(self, name: str) -> str | None:
+        """The first moment of the pair leaf ``name`` is in (itself, or its
+        partner), where only an optimizer's names make that pair (found by
+        review: a model's own weights "mu" / "nu" were taken out of JPEG,
+        nu 18x worse); else None."""
+        first = name if name in self._pairs else self._partner.get(name)
+        if first is None or (first != name and self._pairs.get(first) != name):
+            return None
+        return first if self._trusted(first) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
                first: np.ndarray | None = None) -> tuple | None:
@@ -2811,10 +2814,8 @@ class _LogCoding:
             return None
         if self.is_first(name):
             return True if magnitudes.has_magnitudes(array) else None
-        first = self._partner.get(name)
         named_second = (name in self.magnitude_seconds
-                        or (first is not None and self._pairs.get(first) == name
-                            and self._trusted(first)))
+                        or self._trusted_first(name) not in (None, name))
         if named_second and bool(np.all(array >= 0)):   # by an optimizer's names
             return False
         return False if magnitudes.is_second_moment(array) else None
@@ -2881,13 +2882,6 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
               if path not in pairs and path not in partners and leaf.name not in paired
               and magnitudes.is_lone_first_moment(path)}
     return frozenset(first), frozenset(seconds)
-
-
-def _prior_names(prior, name: str) -> bool:
-    """Whether the BatchNorm prior codes or pairs leaf ``name``."""
-    return (prior.models(name) or name in prior.vectors or name in prior.output_means
-            or name in prior.output_means.values() or name in prior.output_biases
-            or name in prior.output_biases.values())
 
 
 def _may_be_moment(leaf: SourceLeaf, policy: Policy) -> bool:

@@ -281,7 +281,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from jaxjpeg import layout
     with _open_checkpoint(args.ckpt, verify=False) as ckpt:
         rows = []
         for leaf in ckpt.leaves:
@@ -298,12 +297,10 @@ def cmd_inspect(args) -> int:
                 kind = "raw-deflated"
             if leaf.exact and kind != "raw" and kind != "raw-deflated":
                 kind += "(exact)"   # a smaller form that holds every value
-            stored = sum(ckpt.reader.blob_info(n).length
-                         for n in layout.leaf_blobs(leaf.blob_index, leaf.kind, len(leaf.tiles),
-                                                    col_scale=leaf.col_scale_dtype is not None,
-                                                    outliers=leaf.outliers > 0))
             if leaf.tied_to is not None:   # its bytes are counted once, at its first
                 kind, stored = f"tied({ckpt.leaves[leaf.tied_to].path})", 0
+            else:
+                stored = ckpt.stored_bytes(leaf)
             dtype = str(leaf.dtype) if leaf.prng_impl is None else f"key:{leaf.prng_impl}"
             rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", dtype,
                          kind, _view_text(leaf), raw, stored, math.prod(leaf.shape)])

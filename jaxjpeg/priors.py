@@ -228,6 +228,13 @@ class Prior:
         with a common input mean)."""
         return name in self.moments or name in self.common_means
 
+    def involves(self, name: str) -> bool:
+        """Whether the prior codes leaf ``name``, steps it (a BatchNorm
+        vector) or moves it (a running mean or bias taking a shift)."""
+        return (self.models(name) or name in self.vectors or name in self.output_means
+                or name in self.output_means.values() or name in self.output_biases
+                or name in self.output_biases.values())
+
     def output_shift(self, name: str, error: np.ndarray) -> np.ndarray:
         """The mean shift a kernel error ``error`` adds to each output channel
         of leaf ``name``: Σ error·E[x] over its inputs and taps."""
