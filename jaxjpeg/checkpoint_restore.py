@@ -1022,6 +1022,21 @@ def one_device(device) -> jax.Device:
     return device
 
 
+def _restore_once(ckpt, requests, default_device, stats) -> list:
+    """Every request's value; tied leaves asked for alike (dtype, placement)
+    are read and decoded once and copied on the device (a copy, not the same
+    array: donating one leaf to a jitted step must not delete another)."""
+    firsts: dict = {}
+    first_of = [firsts.setdefault((r.leaf.blob_index, dataclasses.replace(r, leaf=None)), i)
+                for i, r in enumerate(requests)]
+    unique = sorted(firsts.values())
+    decoded: list = [None] * len(unique)
+    _restore_windows(ckpt, [requests[i] for i in unique], decoded, default_device, stats)
+    values = dict(zip(unique, decoded))
+    return [values[i] if first == i else jax.device_put(values[first], may_alias=False)
+            for i, first in enumerate(first_of)]
+
+
 def select_leaves(ckpt: Checkpoint, paths) -> list[SavedLeaf]:
     """The leaves any of ``paths`` selects (None: all): a leaf's exact name,
     or a glob (:func:`treepaths.matching`); every pattern must select at
@@ -1072,8 +1087,7 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
             requests = [saved_request(leaf, dtype) for leaf in select_leaves(ckpt, paths)]
             treedef = None
         requests = with_device_memory(requests, given)
-        values: list = [None] * len(requests)
-        _restore_windows(ckpt, requests, values, device, stats)
+        values = _restore_once(ckpt, requests, device, stats)
     values = [r.finish(in_memory_kind(v, r, device)) for v, r in zip(values, requests)]
     if treedef is not None:
         return jax.tree_util.tree_unflatten(treedef, values)

@@ -183,3 +183,26 @@ def test_inspect_names_the_leaf_a_tied_one_reads(tmp_path, capsys):
     from safetensors.numpy import load_file
     exported = load_file(tmp_path / "t.safetensors")
     assert np.array_equal(exported["lm_head.weight"], exported["embed_tokens.weight"])
+
+
+def test_a_tied_leaf_is_decoded_once_and_restored_as_its_own_array(tmp_path):
+    """Review: restore read and decoded a tied leaf's blobs once per name.
+    Now once (the payload handed to the device counts the embedding once),
+    and each name gets its own array: donating one must leave the other."""
+    import jax
+    tree = _tied_tree()
+    path = tmp_path / "tied.jjpg"
+    jaxjpeg.save(path, tree)
+    untied = {k: v for k, v in tree.items() if k != "lm_head.weight"}
+    jaxjpeg.save(tmp_path / "alone.jjpg", untied)
+    tied_stats, alone_stats = jaxjpeg.RestoreStats(), jaxjpeg.RestoreStats()
+    out = jaxjpeg.restore(path, stats=tied_stats)
+    jaxjpeg.restore(tmp_path / "alone.jjpg", stats=alone_stats)
+    assert tied_stats.payload_bytes_per_device == alone_stats.payload_bytes_per_device
+    np.testing.assert_array_equal(out["lm_head.weight"], out["embed_tokens.weight"])
+    assert out["lm_head.weight"] is not out["embed_tokens.weight"]
+    jax.jit(lambda x: x + 1, donate_argnums=0)(out["lm_head.weight"]).block_until_ready()
+    np.testing.assert_array_equal(np.asarray(out["embed_tokens.weight"]),
+                                  np.asarray(jaxjpeg.restore(path)["embed_tokens.weight"]))
+    as_float16 = jaxjpeg.restore(path, dtype=np.float16)
+    assert as_float16["lm_head.weight"].dtype == np.float16
