@@ -450,38 +450,50 @@ def _relative_rms(decoded: np.ndarray, reference: np.ndarray) -> str:
 def cmd_verify(args) -> int:
     """Exit 0 only if every checksum matches and every leaf decodes: the same
     checks restore makes (container, metadata, interval index against the
-    tiles' markers, affine and raw sizes), and every JPEG tile decoded."""
+    tiles' markers, affine and raw sizes), and every JPEG tile decoded. Each
+    blob is read once (a remote file's bytes cross the network once)."""
     from jaxjpeg import checkpoint_reader, format as fmt
     _require(args.ckpt, kind="file")
     bad: list[str] = []
     names: tuple = ()
     tiles = 0
     try:
-        reader = fmt.ContainerReader(args.ckpt)
-    except fmt.FormatError as e:  # truncated, not a container: damage, not a usage error
-        bad.append(f"container: {_first_line(e)}")
-        reader = None
-    if reader is not None:
-        with reader:
-            names = reader.blob_names
-            checks = progress(_verify_blobs(reader), total=len(names), desc="verify", unit="blob")
-            damaged = {name for name, ok in checks if not ok}
-            try:
-                ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
-            except fmt.FormatError as e:
-                bad.append(f"metadata: {_first_line(e)}")
-                ckpt = None
-            # each damaged blob by the leaf it belongs to (found by review:
-            # "leaf1/tile2.jpg" named no leaf a user knows)
-            owner = {} if ckpt is None else {
-                n: leaf.path for leaf in reversed(ckpt.leaves) for n in ckpt.blob_names(leaf)}
-            bad += [f"{owner[name]}: blob {name}: checksum mismatch" if name in owner
-                    else f"{name}: checksum mismatch" for name in names if name in damaged]
-            if ckpt is not None:
-                with ckpt:
-                    for leaf in progress(ckpt.leaves, desc="decode", unit="leaf"):
-                        bad += _verify_leaf(ckpt, leaf, damaged)
-                        tiles += len(leaf.tiles)
+        ckpt = checkpoint_reader.Checkpoint(args.ckpt, verify=True)
+    except fmt.FormatError as e:
+        bad.append(f"metadata: {_first_line(e)}")
+        ckpt = None
+    if ckpt is not None:
+        with ckpt:
+            names = ckpt.reader.blob_names
+            checked: set[str] = set()
+            for leaf in progress(ckpt.leaves, desc="verify", unit="leaf"):
+                if leaf.tied_to is not None:   # its first's blobs, checked with it
+                    continue
+                leaf_names = [n for n in ckpt.blob_names(leaf) if n not in checked]
+                checked.update(leaf_names)
+                # a leaf's blobs read once: checksummed, then decoded from memory
+                with ckpt.reader.prefetch(leaf_names):
+                    damaged = {n for n, ok in _checksums(ckpt.reader, leaf_names) if not ok}
+                    # each damaged blob by the leaf it belongs to (found by review:
+                    # "leaf1/tile2.jpg" named no leaf a user knows)
+                    bad += [f"{leaf.path}: blob {n}: checksum mismatch" for n in leaf_names
+                            if n in damaged]
+                    bad += _verify_leaf(ckpt, leaf, damaged)
+                tiles += len(leaf.tiles)
+            rest = [n for n in names if n not in checked]
+            bad += [f"{n}: checksum mismatch" for n, ok in _checksums(ckpt.reader, rest) if not ok]
+    else:
+        try:
+            reader = fmt.ContainerReader(args.ckpt)
+        except fmt.FormatError as e:  # truncated, not a container: damage, not a usage error
+            bad[:] = [f"container: {_first_line(e)}"]
+            reader = None
+        if reader is not None:
+            with reader:
+                names = reader.blob_names
+                checks = progress(_checksums(reader, names), total=len(names),
+                                  desc="verify", unit="blob")
+                bad += [f"{n}: checksum mismatch" for n, ok in checks if not ok]
     if bad:
         print(f"{args.ckpt}: {len(bad)} problem(s)")
         for line in bad:
@@ -491,16 +503,11 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def _verify_blobs(reader) -> Iterable[tuple[str, bool]]:
-    """reader.verify(), one blob at a time (so a bar can follow it)."""
-    from jaxjpeg import format as fmt
-    for name in reader.blob_names:
-        info = reader.blob_info(name)
-        crc = 0
-        for start in range(0, info.length, 16 * 2**20):
-            size = min(16 * 2**20, info.length - start)
-            crc = fmt.crc32c(reader.read_range(info.offset + start, size), crc)
-        yield name, crc == info.crc32c
+def _checksums(reader, names) -> Iterable[tuple[str, bool]]:
+    """(name, whether its checksum matches) of each blob, one at a time (so a
+    bar can follow them)."""
+    for name in names:
+        yield name, reader.checksum_matches(name)
 
 
 def _verify_leaf(ckpt, leaf, damaged: set[str]) -> list[str]:

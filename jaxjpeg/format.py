@@ -768,15 +768,21 @@ class ContainerReader:
 
     def verify(self) -> list[tuple[str, bool]]:
         """Checks every blob's checksum, reading in bounded chunks; never raises on a mismatch."""
+        return [(name, self.checksum_matches(name)) for name in self._blobs]
+
+    def checksum_matches(self, name: str) -> bool:
+        """Whether blob `name`'s bytes match its checksum: a prefetched blob
+        checked in memory, others read in bounded chunks. Never raises on a mismatch."""
         self._check_open()
-        results = []
-        for name, info in self._blobs.items():
-            crc = 0
-            for start in range(0, info.length, _IO_CHUNK):
-                size = min(_IO_CHUNK, info.length - start)
-                crc = crc32c(self._pread(info.offset + start, size), crc)
-            results.append((name, crc == info.crc32c))
-        return results
+        info = self._blobs[name]
+        view = self._prefetched.get(name)
+        if view is not None:
+            return crc32c(view) == info.crc32c
+        crc = 0
+        for start in range(0, info.length, _IO_CHUNK):
+            size = min(_IO_CHUNK, info.length - start)
+            crc = crc32c(self._pread(info.offset + start, size), crc)
+        return crc == info.crc32c
 
     def close(self) -> None:
         self._file.close()

@@ -138,6 +138,25 @@ def test_inspect_table_and_source_errors(sources, tmp_path, capsys):
     assert code == 0 and "rel_rms" not in out
 
 
+def test_verify_reads_each_blob_once(sources, tmp_path, capsys, monkeypatch):
+    """Review: verify read every blob twice (checksums, then the decode), so a
+    remote checkpoint crossed the network twice. Now a leaf's blobs are read
+    once, checksummed and decoded from memory."""
+    path = tmp_path / "p.jjpg"
+    jaxjpeg.save(path, sources["params"], quant_step=4)
+    read = []
+    real = ContainerReader._pread
+    monkeypatch.setattr(ContainerReader, "_pread",
+                        lambda self, offset, length, out=None:
+                        read.append(length) or real(self, offset, length, out))
+    code, out, _ = run(capsys, "verify", path)
+    with ContainerReader(path) as r:
+        blob_bytes = sum(r.blob_info(n).length for n in r.blob_names)
+    assert code == 0 and "OK" in out
+    # every blob once, the header and metadata about once more than once
+    assert blob_bytes < sum(read) < path.stat().st_size + 4096, (sum(read), blob_bytes)
+
+
 def test_verify_intact_checksum_damage_and_bad_jpeg(sources, tmp_path, capsys):
     good = tmp_path / "good.jjpg"
     jaxjpeg.save(good, sources["params"], quant_step=4)
