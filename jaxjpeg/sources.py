@@ -622,6 +622,11 @@ def _is_orbax_item(path: str) -> bool:
         # An object store answers 403 for a missing object to whom may not
         # list the bucket (found by review: every such URL failed to open)
         return False
+    except OSError:
+        # a server that is down fails every name: say so of the source the user
+        # named (found by review: a .safetensors URL's error named its "_METADATA")
+        storage.kind(path)
+        raise
 
 
 # What jaxjpeg's Orbax handler (jaxjpeg.orbax.FILENAME) writes in its item directory.

@@ -305,6 +305,10 @@ def test_url_errors_have_their_exit_codes(local, memory_fs, tmp_path, capsys):
         code, _, err = run(capsys, "compress", server.url("one.safetensors"), out)
         assert code == cli.EXIT_IO and "403" in err and "No such file" not in err, err
         server.status = None
+        down = server.url("one.safetensors")
+    # found by review: a server that is down was reported of ".../one.safetensors/_METADATA"
+    code, _, err = run(capsys, "compress", down, out)
+    assert code == cli.EXIT_IO and f"{down}: " in err and "_METADATA" not in err, err
     assert "Traceback" not in err
     assert not out.exists()
 
