@@ -1588,6 +1588,7 @@ class _Save:
         # user's encoder, which may code each name its own way: review)
         self.tied = ({} if encoder is not None else ties.tied_leaves(
             leaves, self._tie_treatment(sensitivity, input_covariance, prior)))
+        tied_to = {leaves[first].name for first in self.tied.values()}
         # every leaf but the tied ones is coded (and weighs in the rate's choices)
         leaves = [leaf for i, leaf in enumerate(leaves) if i not in self.tied]
         # the leaves a sensitivity may weigh, found once (each read and tested)
@@ -1605,7 +1606,8 @@ class _Save:
         leaf_coder.stacked = self.policy.stack_axis
         leaf_coder.weighing = embeddings.weighing_sizes(
             {leaf.name: _slice_size(leaf, self.policy) for leaf in leaves
-             if leaf.size > 0 and self.policy.should_compress(leaf.name, leaf.stand_in())})
+             if leaf.size > 0 and self.policy.should_compress(leaf.name, leaf.stand_in())},
+            tied_to)
         if leaf_coder.prior:   # the leaves the prior weighs
             self.rate.update(leaf_coder.prior.record())
 
