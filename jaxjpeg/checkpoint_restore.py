@@ -140,10 +140,12 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
 
 def check_layout(name: str, sharding, shape) -> None:
     """ValueError naming the leaf where ``sharding`` cannot lay out ``shape``
-    (found by review: jax's IndivisibleError named no leaf)."""
+    (found by review: jax's IndivisibleError named no leaf; a spec longer
+    than the leaf's rank was an IndexError from inside jax, or taken)."""
     try:
+        sharding.check_compatible_aval(tuple(shape))
         sharding.addressable_devices_indices_map(tuple(shape))
-    except ValueError as e:
+    except (ValueError, IndexError) as e:
         raise ValueError(f"{name}: the sharding cannot lay out its shape {tuple(shape)}: "
                          f"{e}") from None
 
@@ -863,6 +865,14 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
     if array.size == 0:
         return
     placed_limits = _int_limits(placed)
+    if placed.kind == "b" and array.dtype.kind != "b":
+        # found by review: int labels 0, 1, 2, 255 came back False, True, True, True
+        outside = (array != 0) & (array != 1)
+        if outside.any():
+            raise ValueError(f"leaf {name!r}: {int(outside.sum())} of its {array.dtype} values "
+                             f"are neither 0 nor 1, which bool cannot hold (cast after "
+                             f"restoring if that is meant)")
+        return
     if array.dtype.kind == "f" or (array.dtype.kind == "V" and _is_float(array.dtype)):
         if placed_limits is not None:   # found by review: 300.2 came back 44 as uint8, silently
             _check_floats_fit_integers(array, placed, name, hint)
