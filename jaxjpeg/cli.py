@@ -572,6 +572,8 @@ def cmd_extract(args) -> int:
                   else set(matching(args.leaf, (leaf.path for leaf in ckpt.leaves))))
         leaves = [leaf for leaf in ckpt.leaves if leaf.kind == "jpeg"
                   and (chosen is None or leaf.path in chosen)]
+        # a tied leaf's tiles are its first's: written once (found by review)
+        leaves = list({leaf.blob_index: leaf for leaf in reversed(leaves)}.values())[::-1]
         if not leaves:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")

@@ -206,3 +206,19 @@ def test_a_tied_leaf_is_decoded_once_and_restored_as_its_own_array(tmp_path):
                                   np.asarray(jaxjpeg.restore(path)["embed_tokens.weight"]))
     as_float16 = jaxjpeg.restore(path, dtype=np.float16)
     assert as_float16["lm_head.weight"].dtype == np.float16
+
+
+def test_extract_writes_a_tied_leafs_tiles_once(tmp_path, capsys):
+    """Found by review: extract wrote the tied head's tiles again, byte
+    copies of the embedding's ("28 JPEG files" from a file of 22 tiles)."""
+    from jaxjpeg.cli import main
+    path = tmp_path / "t.jjpg"
+    jaxjpeg.save(path, _tied_tree())
+    with ckr.Checkpoint(path) as ckpt:
+        tiles = sum(len(leaf.tiles) for leaf in ckpt.leaves
+                    if leaf.kind == "jpeg" and leaf.tied_to is None)
+    assert main(["extract", str(path), str(tmp_path / "all")]) == 0
+    assert len(list((tmp_path / "all").iterdir())) == tiles
+    assert not any(p.name.startswith("lm_head") for p in (tmp_path / "all").iterdir())
+    assert main(["extract", str(path), str(tmp_path / "head"), "--leaf", "lm_head.weight"]) == 0
+    assert any(p.name.startswith("lm_head") for p in (tmp_path / "head").iterdir())
