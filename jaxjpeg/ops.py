@@ -116,6 +116,7 @@ def decode_plan(plan: codec.DecodePlan, operands=None):
 # platform inside jit) and the CPU handler's error, which carries the same
 # text (_native.plan_failure, shared with the FFI handlers).
 _FAILURE_TEXT = _native.plan_failure(_native.pack_plan_status(0, 1)).split(" 0:")[0]
+_REFUSED_TEXT = "decode plan refused: "   # a plan the handler refuses whole (ffi_decode.h)
 
 
 def check_status(status, labels: codec.TileLabels | None = None) -> None:
@@ -148,10 +149,11 @@ def jpeg_errors(labels: codec.TileLabels | None = None):
             if named == str(e):
                 raise
             raise codec.JpegError(named) from None
-        if _FAILURE_TEXT not in str(e):
-            raise
         text = str(e)
-        raise codec.JpegError(_naming_tile(text[text.index(_FAILURE_TEXT):].splitlines()[0],
+        marker = next((m for m in (_FAILURE_TEXT, _REFUSED_TEXT) if m in text), None)
+        if marker is None:
+            raise
+        raise codec.JpegError(_naming_tile(text[text.index(marker):].splitlines()[0],
                                            labels)) from None
 
 

@@ -299,6 +299,41 @@ def test_plan_listing_more_intervals_than_a_tile_has_is_refused():
                 [out], [0])
 
 
+def test_plan_whose_tiles_own_no_intervals_is_refused():
+    """Found by review: an interval index ending before the tile table did
+    (none at all, or only the first tile's) decoded the tiles it reached and
+    left the others' outputs unwritten, and the call succeeded: memory's
+    leftovers came back as weights. Every tile must own its intervals; the
+    custom call, run_plan and the CUDA kernel body refuse it alike."""
+    rng = np.random.default_rng(9)
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (16, 64)), quant_step=2, restart_interval=4)
+            for _ in range(3)]
+    plan = codec.build_plan(encs, [np.float32] * 3)
+    firsts = plan.tiles[:, 9]
+    assert firsts.tolist()[0] == 0 and len(firsts) == 3
+    cut = {"no intervals": (plan.interval_starts[-1:], "more tiles than restart intervals"),
+           "the first tile's only": (np.r_[plan.interval_starts[:firsts[1]],
+                                           plan.interval_starts[firsts[1]]],
+                                     r"restart interval 1: invalid argument")}   # tile 1's check
+    for name, (starts, match) in cut.items():
+        starts = np.ascontiguousarray(starts, np.int64)
+        operands = list(ops.plan_operands(plan))
+        operands[1] = starts.view(np.int32)
+        with pytest.raises(jaxjpeg.JpegError, match=match):
+            ops.run_checked(jax.jit(lambda *a: ops.decode_plan(plan, a)), operands)
+        outs = [np.zeros(s, np.float32) for s in plan.output_shapes]
+        for run in (_native.run_plan, _native.run_plan_kernel_harness):
+            with pytest.raises(jaxjpeg.JpegError, match=match):
+                run(plan.payload, starts, plan.tiles, plan.tables, plan.row_scale,
+                    plan.row_offset, outs, [0] * 3)
+    shuffled = plan.tiles.copy()   # tiles out of their intervals' order
+    shuffled[[1, 2]] = shuffled[[2, 1]]
+    with pytest.raises(jaxjpeg.JpegError, match="invalid argument"):
+        _native.run_plan(plan.payload, plan.interval_starts, shuffled, plan.tables,
+                         plan.row_scale, plan.row_offset,
+                         [np.zeros(s, np.float32) for s in plan.output_shapes], [0] * 3)
+
+
 def _custom_call_types(hlo_text):
     """(operand types, result types) of the decode custom call in StableHLO text."""
     line = next(l for l in hlo_text.splitlines() if "custom_call @jaxjpeg_decode" in l)

@@ -330,6 +330,9 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
     if (a != nullptr) inputs.emplace_back(a->data(), a->nbytes());
   }
   CheckOutputsApart(h.outputs, inputs);
+  if (const char* error = PlanShapeError(h.plan)) {
+    throw JpegError(std::string("decode plan refused: ") + error);
+  }
   return h;
 }
 

@@ -54,7 +54,7 @@ inline void RecordFirstError(std::atomic<int32_t>& first_error, int32_t status) 
 
 // Returns kPlanOk, or the packed status of the first failing interval.
 inline int32_t RunDecodePlanOnHost(const DecodePlan& plan, int threads) {
-  if (plan.num_intervals > kMaxPlanIntervals) return PackPlanStatus(0, Status::kBadArgument);
+  if (PlanShapeError(plan) != nullptr) return PackPlanStatus(0, Status::kBadArgument);
   const int32_t starts = PlanStartsStatus(plan);
   if (starts != kPlanOk) {
     ParallelFor(plan.num_intervals, threads,

@@ -164,6 +164,28 @@ JJ_HD inline int64_t LastTileStartingBy(const DecodePlan& p, int64_t i, int64_t 
   return lo;
 }
 
+// Tile t's intervals [first, next) are non-empty, in order and inside the
+// plan, the first tile's from interval 0. Checked by interval t of every
+// executor (ResolveIntervalBlocks) with PlanShapeError's tiles <= intervals:
+// every tile is then checked, so none is left undecoded (found by review:
+// a tile table longer than its intervals left outputs unwritten, and the
+// plan succeeded).
+JJ_HD inline bool TileIntervalsValid(const DecodePlan& p, int64_t t) {
+  const int64_t first = TileFirstInterval(p, t);
+  const int64_t next = t + 1 < p.num_tiles ? TileFirstInterval(p, t + 1) : p.num_intervals;
+  return (t > 0 || first == 0) && 0 <= first && first < next && next <= p.num_intervals;
+}
+
+// Why a plan's sizes are refused before any interval runs, or nullptr: each
+// tile owns at least one interval (TileIntervalsValid), so a plan of more
+// tiles than intervals, or of none (found by review: zero intervals decoded
+// nothing and succeeded), cannot be whole.
+inline const char* PlanShapeError(const DecodePlan& p) {
+  if (p.num_intervals > kMaxPlanIntervals) return "too many restart intervals in one plan";
+  if (p.num_tiles > p.num_intervals) return "more tiles than restart intervals";
+  return nullptr;
+}
+
 // The tile holding interval i: the last tile whose first interval is <= i.
 JJ_HD inline int64_t FindTile(const DecodePlan& p, int64_t i) {
   return LastTileStartingBy(p, i, 0, p.num_tiles - 1);
@@ -317,6 +339,7 @@ JJ_HD inline bool PlacedIntervalFits(const DecodePlan& p, const IntervalWork& w,
 JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, IntervalWork* w,
                                         int64_t tile_hint = -1) {
   if (p.num_tiles < 1) return false;
+  if (i < p.num_tiles && !TileIntervalsValid(p, i)) return false;
   const int64_t t = FindTileFrom(p, i, tile_hint);
   const int64_t* tile = p.tiles + t * kTileColumns;
   w->tile = tile;

@@ -90,8 +90,8 @@ inline ffi::Error PlanFromOperands(const ffi::Buffer<ffi::U8>& payload,
   plan->num_positions = static_cast<int64_t>(positions.element_count() / 2);
   plan->block_map = block_map.typed_data();
   plan->num_map_blocks = static_cast<int64_t>(block_map.element_count() / kBlockMapColumns);
-  if (plan->num_intervals > kMaxPlanIntervals) {
-    return ffi::Error::InvalidArgument("too many restart intervals in one call");
+  if (const char* error = PlanShapeError(*plan)) {
+    return ffi::Error::InvalidArgument(std::string("decode plan refused: ") + error);
   }
   return ffi::Error::Success();
 }
