@@ -1570,6 +1570,14 @@ class _Save:
             self.policy = dataclasses.replace(
                 self.policy, stacked=stacks.stack_axes({leaf.name: leaf.shape for leaf in leaves}))
         self.policy = _checked_stacks(self.policy, leaves).for_leaves(leaf.name for leaf in leaves)
+        if prior is not None:
+            # A stack's layers are coded apart, each on its own scale
+            # (jaxjpeg.stacks); the prior's one model of a leaf's inputs does
+            # not describe them (found by review: a scanned attention output
+            # (L, H, head_dim, D) was taken for a convolution, its smallest
+            # layer 4x worse; a Policy(stacked=...) was overridden so).
+            prior = prior.without(leaf.name for leaf in leaves
+                                  if self.policy.stack_axis(leaf.name) is not None)
         self.leaves = leaves
         for leaf in leaves:
             _check_storable(leaf.name, leaf)
