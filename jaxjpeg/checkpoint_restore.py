@@ -143,7 +143,8 @@ def check_layout(name: str, sharding, shape) -> None:
     (found by review: jax's IndivisibleError named no leaf; a spec longer
     than the leaf's rank was an IndexError from inside jax, or taken)."""
     try:
-        sharding.check_compatible_aval(tuple(shape))
+        if len(sharding.device_set) > 1:   # one device's: a leaf of lower rank takes its device
+            sharding.check_compatible_aval(tuple(shape))
         sharding.addressable_devices_indices_map(tuple(shape))
     except (ValueError, IndexError) as e:
         raise ValueError(f"{name}: the sharding cannot lay out its shape {tuple(shape)}: "

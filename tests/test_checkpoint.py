@@ -1247,23 +1247,6 @@ def test_integer_leaves_restore_as_bool_only_where_they_are_0_or_1(tmp_path):
     assert mask.dtype == jnp.bool_ and np.asarray(mask).tolist() == [False, True, True, False]
 
 
-def test_a_sharding_of_another_rank_is_refused_naming_the_leaf(tmp_path):
-    """Found by review: a PartitionSpec longer than the leaf's rank was an
-    IndexError from inside jax (restore, load, get), or, padded with None,
-    taken: an array whose sharding jax.device_put refuses."""
-    path = tmp_path / "r.jjpg"
-    jaxjpeg.save(path, {"bias": np.arange(64, dtype=np.float32),
-                        "w": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)})
-    mesh = jax.make_mesh((1, 1), ("x", "y"), devices=jax.devices()[:1])
-    for name, spec in (("bias", ("x", "y")), ("w", ("x", "y", None))):
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-        with pytest.raises(ValueError, match=f"{name}: the sharding cannot lay out its shape.*rank"):
-            jaxjpeg.restore(path, target={name: sharding})
-        with pytest.raises(ValueError, match=f"{name}: the sharding cannot lay out"):
-            jaxjpeg.load(path, target={name: sharding})
-        with jaxjpeg.open(path) as f, pytest.raises(ValueError, match=f"{name}: the sharding"):
-            f.get(name, device=sharding)
-
 
 @pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])
 def test_long_double_leaves_are_refused_before_writing(tmp_path, dtype):

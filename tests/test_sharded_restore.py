@@ -47,6 +47,7 @@ CHECKS = [
     "loaded_leaves_decode_into_any_out_shardings",
     "unplaced_restores_follow_the_default_device_and_meshes",
     "an_indivisible_sharding_names_its_leaf",
+    "a_sharding_of_another_rank_names_its_leaf",
     "stacked_layers_saved_sharded_read_their_share",
 ]
 

@@ -364,6 +364,28 @@ def an_indivisible_sharding_names_its_leaf():
             raise AssertionError("an indivisible sharding was taken by get")
 
 
+@check
+def a_sharding_of_another_rank_names_its_leaf():
+    """Found by review: a PartitionSpec longer than the leaf's rank was an
+    IndexError from inside jax (restore, load, get), or, padded with None,
+    taken: an array whose sharding jax.device_put refuses."""
+    two_d = mesh((2, 4), ("x", "y"))
+    for name, spec in (("bias", P("x", "y")), ("grid", P("x", "y", None))):
+        sharding = NamedSharding(two_d, spec)
+        calls = {"restore": lambda: jaxjpeg.restore(PATH, target={name: sharding}),
+                 "load": lambda: jaxjpeg.load(PATH, target={name: sharding})}
+        with jaxjpeg.open(PATH) as f:
+            calls["get"] = lambda: f.get(name, device=sharding)
+            for call, run in calls.items():
+                try:
+                    run()
+                except ValueError as e:
+                    assert str(e).startswith(f"{name}: the sharding cannot lay out"), e
+                    assert "rank" in str(e), e
+                else:
+                    raise AssertionError(f"{call}: a sharding of rank {len(spec)} was taken")
+
+
 def saved_sharded(name, shape, sharding, **options):
     """(path, array, per-device tile bytes of a restore with ``sharding``, the
     leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
