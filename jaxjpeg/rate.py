@@ -15,7 +15,8 @@ is the one knob; the sample depth follows from it: 8-bit samples while
   the step varies over rows and columns (data-free: one step for all rows,
   ``ROW_POWER = 0``, the least squared error for the leaf's size, so a
   channel of small weights has a larger relative error than the others;
-  with calibration importances, the step follows ``importance^-½``, and
+  with calibration importances, the step follows ``(importance + mean)^-½``
+  (IMPORTANCE_DAMPING), and
   column scales are kept where their bytes pay for themselves).
 * :func:`encode_at_step` codes a tensor at a weight-domain step ``q``.
 * :func:`encode_for_error` finds the smallest coding whose decoded relative
