@@ -1543,6 +1543,10 @@ def check_save_options(*, relative_step=None, quant_step=None, quality=None, qta
                  "bits_per_weight", "relative_step"):
         if given.get(name) is not None:
             _check_positive(name, given[name])
+    if error_bound is not None and error_bound >= 1:
+        # found by review: error_bound=2 was taken (a file of zeros meets it)
+        raise ValueError(f"error_bound is a relative RMS error (0.05 is 5%), below 1; "
+                         f"got {error_bound!r}")
     if quality is not None and (isinstance(quality, (bool, np.bool_))
                                 or not isinstance(quality, (int, float, np.number))
                                 or not 1 <= quality <= 100 or quality != int(quality)):

@@ -1301,6 +1301,9 @@ def test_error_bound_holds_for_half_precision_leaves(tmp_path, dtype):
     (dict(policy="lossless"), TypeError, "jaxjpeg.Policy"),
     (dict(error_bound=0), ValueError, "error_bound must be a positive finite"),
     (dict(error_bound=float("nan")), ValueError, "error_bound must be a positive finite"),
+    # found by review: 2 (meant as 2%?) was taken, a file of near zeros meets it
+    (dict(error_bound=2), ValueError, r"error_bound is a relative RMS error \(0.05 is 5%\)"),
+    (dict(error_bound=1.0), ValueError, "below 1"),
     (dict(quant_step=float("nan")), ValueError, "quant_step must be a positive finite"),
     (dict(target_bytes=float("nan")), ValueError, "target_bytes must be a positive finite"),
     (dict(target_ratio=float("inf")), ValueError, "target_ratio must be a positive finite"),
