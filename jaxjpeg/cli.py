@@ -466,9 +466,14 @@ def cmd_verify(args) -> int:
         with ckpt:
             names = ckpt.reader.blob_names
             checked: set[str] = set()
+            damaged_leaves: set[int] = set()
             for leaf in progress(ckpt.leaves, desc="verify", unit="leaf"):
                 if leaf.tied_to is not None:   # its first's blobs, checked with it
+                    if leaf.tied_to in damaged_leaves:
+                        bad.append(f"{leaf.path}: tied to {ckpt.leaves[leaf.tied_to].path}, "
+                                   "which is damaged")
                     continue
+                found = len(bad)
                 leaf_names = [n for n in ckpt.blob_names(leaf) if n not in checked]
                 checked.update(leaf_names)
                 # a leaf's blobs read once: checksummed, then decoded from memory
@@ -479,6 +484,8 @@ def cmd_verify(args) -> int:
                     bad += [f"{leaf.path}: blob {n}: checksum mismatch" for n in leaf_names
                             if n in damaged]
                     bad += _verify_leaf(ckpt, leaf, damaged)
+                if len(bad) > found:
+                    damaged_leaves.add(leaf.index)
                 tiles += len(leaf.tiles)
             rest = [n for n in names if n not in checked]
             bad += [f"{n}: checksum mismatch" for n, ok in _checksums(ckpt.reader, rest) if not ok]
@@ -573,7 +580,8 @@ def cmd_extract(args) -> int:
         leaves = [leaf for leaf in ckpt.leaves if leaf.kind == "jpeg"
                   and (chosen is None or leaf.path in chosen)]
         # a tied leaf's tiles are its first's: written once (found by review)
-        leaves = list({leaf.blob_index: leaf for leaf in reversed(leaves)}.values())[::-1]
+        firsts: dict = {}
+        leaves = [leaf for leaf in leaves if firsts.setdefault(leaf.blob_index, leaf) is leaf]
         if not leaves:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")

@@ -226,3 +226,40 @@ def test_extract_writes_a_tied_leafs_tiles_once(tmp_path, capsys):
     assert not any(p.name.startswith("lm_head") for p in (tmp_path / "all").iterdir())
     assert main(["extract", str(path), str(tmp_path / "head"), "--leaf", "lm_head.weight"]) == 0
     assert any(p.name.startswith("lm_head") for p in (tmp_path / "head").iterdir())
+
+
+def test_extract_keeps_the_leaves_order_with_a_tie(tmp_path):
+    """Found by review of the fix above: dropping tied leaves reversed the
+    others' order, and the plain file name went to another leaf of the same
+    name stem (a/b's tiles written as a.b.leaf0, a.b's as a.b)."""
+    from jaxjpeg.cli import main
+    rng = np.random.default_rng(0)
+    w, x, z = (rng.normal(size=(64, 64)).astype(np.float32) for _ in range(3))
+    names = {}
+    for label, tree in (("untied", {"a": {"b": w}, "a.b": x, "c": z}),
+                        ("tied", {"a": {"b": w}, "a.b": x, "c": w})):
+        path = tmp_path / f"{label}.jjpg"
+        jaxjpeg.save(path, tree)
+        assert main(["extract", str(path), str(tmp_path / label)]) == 0
+        names[label] = {p.name: p.read_bytes() for p in (tmp_path / label).iterdir()}
+    assert set(names["tied"]) == set(names["untied"]) - {"c.tile0.jpg"}
+    assert names["tied"]["a.b.tile0.jpg"] == names["untied"]["a.b.tile0.jpg"]
+
+
+def test_verify_names_a_tied_leaf_whose_first_is_damaged(tmp_path, capsys):
+    """Found by review: verify checks a tied leaf's blobs with its first's
+    and said nothing of the tied name when they were damaged (a tile that
+    no longer decodes, its checksum valid): restoring it fails too."""
+    from jaxjpeg.cli import main
+    path = tmp_path / "t.jjpg"
+    jaxjpeg.save(path, _tied_tree())
+
+    def garble(blobs):
+        name = next(n for n in blobs if n.startswith("leaf0/tile"))
+        blobs[name] = blobs[name][:len(blobs[name]) // 2]
+    damaged = rewrite(path, tmp_path / "d.jjpg", edit_blobs=garble)
+    assert main(["verify", str(damaged)]) == 1
+    out = capsys.readouterr().out
+    assert "BAD embed_tokens.weight: " in out, out
+    assert "BAD lm_head.weight: tied to embed_tokens.weight, which is damaged" in out, out
+    assert main(["verify", str(path)]) == 0
