@@ -15,13 +15,14 @@ A token embedding only read as the network's input is another matter: on
 all-MiniLM-L6-v2 (a pretrained sentence encoder, its (30522, 384) table half
 its weights) weighing the table as a head gave 8x embeddings a cosine of
 0.976 to float32's; weighed by its own size, 0.990 (the table 3.0 bits a
-weight, the feed-forward kernels 4.8 instead of 3.9). Which one a table is
-is told by the tree where it can be: a table tied to another leaf
-(jaxjpeg.ties) is also a head; beside a head of its own it is an input only
-(its own size); GPT-2's ``wte`` with no head beside it is the head. Any other
-table with no head beside it may be either (a safetensors file drops a tied
-head): it is weighed at the geometric mean of the two sizes, which costs
-either case about the square root of its loss (MiniLM at 8x: 0.986).
+weight, the feed-forward kernels 4.8 instead of 3.9). But a table is often
+a head too, and the tree rarely says so: a safetensors file drops a tied
+head, Flax ties through ``Embed.attend``, and on a random-init untied
+Llama-shaped model (review) the input table weighed by its own size raised
+the logits' KL at 8x by half (0.047 -> 0.070). So only a table of an
+encoder, told by a token-type table or a pooler beside it and no head
+(BERT's family without its masked-LM head: the MiniLM measured), is weighed
+by its own size; every other table as a head.
 
 Found by name, in the layouts frameworks write: a path part naming an
 embedding (``embedding``, ``embed_tokens``, ``word_embeddings``,
@@ -31,14 +32,19 @@ embedding (``embedding``, ``embed_tokens``, ``word_embeddings``,
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Collection, Mapping
 
 # MaxText's and T5X's head is logits_dense, PaxML's logits_ffn (found by
 # review: missed, the head became "the largest other leaf" and the embedding
 # lost its weighing too, both coded 2x coarser)
-_HEAD = re.compile(r"(^lm_head$|^logits_dense$|^logits_ffn$)", re.IGNORECASE)
+# GPT-NeoX (Pythia) names its untied head embed_out (found by review)
+_HEAD = re.compile(r"(^lm_head$|^logits_dense$|^logits_ffn$|^embed_out$)", re.IGNORECASE)
+# BERT's family beside its token table: a token-type table or a pooler
+_ENCODER_PART = re.compile(r"(^token_type_embeddings$|^pooler$)", re.IGNORECASE)
+# ... and no masked-LM head (BERT's cls/predictions, which Flax ties to the
+# token table through attend: no leaf of its own)
+_MLM_PART = re.compile(r"^predictions$", re.IGNORECASE)
 _EMBEDDING = re.compile(r"(embed|^wte$)", re.IGNORECASE)
 
 
@@ -56,26 +62,27 @@ def is_head(name: str) -> bool:
     return any(_HEAD.search(part) for part in parts)
 
 
-def weighing_sizes(sizes: Mapping[str, int], tied: Collection[str] = ()) -> dict[str, int]:
+def weighing_sizes(sizes: Mapping[str, int], tied: Collection[str] = (),
+                   names: Collection[str] = ()) -> dict[str, int]:
     """The size each coded leaf is weighed by (module docstring): its own,
-    but no larger than the largest other leaf's for heads (by name, or
-    embeddings in ``tied``: leaves other leaves are tied to), the geometric
-    mean of the two for an embedding that may be a head."""
-    heads = {name for name in sizes if is_head(name)
-             or (is_lookup_table(name) and name in tied)}
-    inputs = {name for name in sizes if is_lookup_table(name)} - heads
-    if not heads:   # GPT-2's wte is its head
-        heads = {name for name in inputs if "wte" in _parts(name)}
-        inputs -= heads
-    others = max((size for name, size in sizes.items() if name not in heads | inputs),
-                 default=0)
+    but no larger than the largest other leaf's for heads and token
+    embeddings, save an encoder's untied token embedding (``tied``: the
+    leaves other leaves are tied to; ``names``: every leaf of the tree,
+    coded or not, which tell an encoder)."""
+    tables = {name for name in sizes if is_lookup_table(name)}
+    others = max((size for name, size in sizes.items() if name not in tables), default=0)
+    every = set(sizes) | set(names)
+    parts = {part for name in every for part in _parts(name)}
+    encoder = (not any(is_head(name) for name in every)
+               and any(_ENCODER_PART.search(part) for part in parts)
+               and not any(_MLM_PART.search(part) for part in parts))
 
     def weighing(name: str, size: int) -> int:
-        if others <= 0 or size <= others or (name in inputs and heads):
-            return size   # (an input table beside a head of its own: an input only)
-        if name in heads:
-            return others
-        return round(math.sqrt(size * others))   # a head or an input: not told
+        if name not in tables or others <= 0 or size <= others:
+            return size
+        if encoder and name not in tied and not is_head(name):
+            return size   # an encoder's input table (module docstring)
+        return others
     return {name: weighing(name, size) for name, size in sizes.items()}
 
 
