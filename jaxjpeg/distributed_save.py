@@ -336,7 +336,9 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         saver = ck._Save(path, leaves, **saver_options)
         owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
                                      saver.log_coding.named_pairs(leaves))
-        ready, error = {"owners": owners, "gather": gather, "path": os.path.abspath(path)}, None
+        ready, error = {"owners": owners, "gather": gather, "path": os.path.abspath(path),
+                        "leaves": _leaf_digests(flat), "options": _options_digest(saver_options)
+                        }, None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
     exchange.put(f"ready/{me}", {"state": ready,
@@ -398,6 +400,7 @@ def _check_same_plan(path: str, plans: list, records: list) -> None:
         raise ValueError(f"distributed save: the processes name different files (process 0 "
                          f"{named[0]!r}, process {differ} {named[differ]!r}): every process "
                          "must name the same file, on a file system they share")
+    _check_same_leaves(path, plans)
     for i in range(len(records)):
         seen = {(plan["owners"][i], plan["gather"][i]) for plan in plans}
         if len(seen) > 1:
@@ -405,6 +408,78 @@ def _check_same_plan(path: str, plans: list, records: list) -> None:
                              f"them holds leaf {path_string(records[i])!r} whole (a jax array "
                              "on one process's devices only?); give every process the same "
                              "global array, or the same numpy array")
+
+
+def _check_same_leaves(path: str, plans: list) -> None:
+    """Every process must save the same tree with the same options (found by
+    review: a process renaming a leaf, holding other numpy values or asking
+    for target_ratio=4 where process 0 asked for 8 had its save reported
+    done, the file holding process 0's tree, or leaves at either rate)."""
+    first = plans[0]
+    for k, plan in enumerate(plans[1:], 1):
+        if plan["options"] != first["options"]:
+            names = sorted(n for n in set(plan["options"]) | set(first["options"])
+                           if plan["options"].get(n) != first["options"].get(n))
+            raise ValueError(f"distributed save of {path}: process {k} was given other save "
+                             f"options than process 0 ({', '.join(names)}): every process must "
+                             "call save with the same options")
+        if plan["leaves"] != first["leaves"]:
+            ours = {leaf[0]: leaf for leaf in first["leaves"]}
+            theirs = {leaf[0]: leaf for leaf in plan["leaves"]}
+            name = next((n for n in list(ours) + list(theirs)
+                         if ours.get(n) != theirs.get(n)), None)
+            if name not in ours or name not in theirs:
+                what = f"leaf {name!r} is only in process {0 if name in ours else k}'s tree"
+            elif ours[name][1:3] != theirs[name][1:3]:
+                what = (f"leaf {name!r} is {ours[name][2]} {tuple(ours[name][1])} in process 0, "
+                        f"{theirs[name][2]} {tuple(theirs[name][1])} in process {k}")
+            elif ours[name][3] != theirs[name][3]:
+                what = (f"numpy leaf {name!r} holds other values in process {k} than in "
+                        "process 0 (numpy leaves must be held alike: one process codes each)")
+            else:
+                what = "the leaves come in another order"
+            raise ValueError(f"distributed save of {path}: the processes' trees differ: {what}")
+
+
+def _leaf_digests(flat) -> list:
+    """[path, shape, dtype, checksum of the values or None] of each leaf:
+    numpy leaves are checksummed (every process holds them whole), jax
+    arrays not (each process holds its shards)."""
+    from jaxjpeg.treepaths import path_string
+    out = []
+    for records, leaf, _ in flat:
+        values = None
+        if isinstance(leaf, (np.ndarray, np.generic)):
+            values = _checksum(leaf)
+        out.append([path_string(records), list(np.shape(leaf)), str(_dtype(leaf)), values])
+    return out
+
+
+def _checksum(array) -> int:
+    """crc32c of an array's bytes, any dtype (bfloat16, bool, 0-d)."""
+    data = np.ascontiguousarray(np.asarray(array)).reshape(-1)
+    return fmt.crc32c(data.view(np.uint8)) if data.size else 0
+
+
+def _options_digest(options: dict) -> dict:
+    """Each save option as a string the processes compare (arrays by shape,
+    dtype and checksum; a progress callback not at all)."""
+    def text(value) -> str:
+        if isinstance(value, np.ndarray) or (hasattr(value, "shape") and hasattr(value, "dtype")):
+            array = np.asarray(value)
+            return f"array{array.shape}{array.dtype}:{_checksum(array)}"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {text(v)}" for k, v in sorted(
+                value.items(), key=lambda kv: repr(kv[0]))) + "}"
+        if isinstance(value, (list, tuple)):
+            return "(" + ", ".join(text(v) for v in value) + ")"
+        if value is None or isinstance(value, (bool, int, float, str, np.number)):
+            return repr(value)
+        if dataclasses.is_dataclass(value):
+            return type(value).__name__ + text({f.name: getattr(value, f.name)
+                                                for f in dataclasses.fields(value)})
+        return type(value).__name__
+    return {name: text(value) for name, value in options.items() if name != "progress"}
 
 
 def _publish_failure(exchange: "_Exchange", me: int, why: str) -> None:

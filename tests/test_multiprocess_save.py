@@ -31,6 +31,7 @@ CHECKS = [
     "byte_targets_land_as_a_one_process_save_lands_them",
     "one_process_refusing_fails_every_process_quickly",
     "processes_naming_different_files_fail_every_process",
+    "processes_saving_other_trees_or_options_fail_every_process",
     "a_process_failing_while_coding_fails_every_process_quickly",
     "a_process_failing_to_read_its_leaves_fails_every_process_quickly",
     "process_0_failing_to_read_its_leaves_fails_every_process_quickly",

@@ -242,6 +242,32 @@ def processes_naming_different_files_fail_every_process():
     assert not [f for f in os.listdir(WORK) if f.startswith("mine_")]
 
 
+@check
+def processes_saving_other_trees_or_options_fail_every_process():
+    """Found by review: a process asking for target_ratio=4 where process 0
+    asked for 8 wrote half the leaves at each rate under a header saying 8;
+    a process renaming a leaf or holding other numpy values was told its
+    save had succeeded (the file held process 0's tree)."""
+    base = {"split": TREE["split"], "bias": VALUES["bias"]}
+    cases = [
+        ({**base}, {"target_ratio": 8 if PROCESS == 0 else 4},
+         "process 1 was given other save options than process 0 (target_ratio)"),
+        ({"split": TREE["split"], ("bias" if PROCESS == 0 else "renamed"): VALUES["bias"]}, {},
+         "leaf 'bias' is only in process 0's tree"),
+        ({**base, "bias": VALUES["bias"] + PROCESS}, {},
+         "numpy leaf 'bias' holds other values in process 1"),
+    ]
+    for tree, options, words in cases:
+        path = os.path.join(WORK, "differ.jjpg")
+        try:
+            jaxjpeg.save(path, tree, distributed=True, **options)
+        except ValueError as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"the save did not fail ({words})")
+        assert not os.path.exists(path)
+
+
 def _injected_failure_fails_every_process(name, owner, attribute, failing, errors, words):
     """A distributed save with ``owner.attribute`` replaced by
     ``failing(real)``, which raises in some process: every process raises
