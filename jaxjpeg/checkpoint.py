@@ -1042,7 +1042,6 @@ def _taker_bytes(array: np.ndarray, stored: int) -> int:
 # target_ratio=1 the raw file is over by its container's bytes (+0.09% on
 # one 256 x 256 leaf), and a lossy file 65% under was given (found by review).
 EXACT_SLACK = 0.005
-EXACT_GIVE = 0.25   # of the finest codings' bytes, see _exact_instead
 
 
 def _exact_instead(curves: dict, sens: dict, tiles: dict, raw_bytes: dict, budget: float) -> set:
@@ -1052,16 +1051,7 @@ def _exact_instead(curves: dict, sens: dict, tiles: dict, raw_bytes: dict, budge
     as their extra bytes fit (a knapsack: the better of filling by error per
     extra byte and by error). Found by review: such targets gave the finest
     codings' file, far under the target, and no leaf exact."""
-    finest = sum(float(c.nbytes[-1]) for c in curves.values())
-    room = budget - finest
-    if room <= 0:
-        return set()
-    # The others may step a little coarser than their finest for a leaf kept
-    # exact (the allocation then shares what is left): without that a leaf
-    # whose raw bytes passed the room by a little was never chosen and the
-    # file stayed far under (found by review: 22% under at 8x beside a
-    # constant leaf, every kernel on its finest step, none exact).
-    room += EXACT_GIVE * finest
+    room = budget - sum(float(c.nbytes[-1]) for c in curves.values())
     candidates = []   # (weighted squared error removed, extra bytes, name)
     for name, c in curves.items():
         extra = raw_bytes[name] + _SMALL_BLOB_OVERHEAD - float(c.nbytes[-1]) - tiles[name]

@@ -4,7 +4,7 @@
                              --bits-per-weight B | --error-bound E] [--bits 8|12]
                              [--item NAME]
     jaxjpeg export CKPT OUT [--max-shard-size 5GB]
-    jaxjpeg inspect CKPT [--source SRC]
+    jaxjpeg inspect CKPT [--source SRC [--item NAME ...]]
     jaxjpeg verify CKPT
     jaxjpeg extract CKPT OUTDIR [--leaf PATTERN]
 
@@ -368,8 +368,14 @@ def _source_errors(args, ckpt) -> list[str]:
     batches, each source tensor read when it is compared (found by review:
     the whole source was loaded first, 570 MB for a 200 MB file)."""
     from jaxjpeg.sources import open_source
-    with open_source(args.source) as source:
-        return _errors_against(ckpt, {leaf.name: leaf for leaf in source.leaves})
+    with open_source(args.source, args.item) as source:
+        errors = _errors_against(ckpt, {leaf.name: leaf for leaf in source.leaves})
+    if ckpt.leaves and all(e == "missing" for e in errors):
+        # found by review: every leaf "missing", exit 0 (an Orbax step's leaves
+        # are named under their items, a compressed --item's without)
+        raise CliError(f"{args.source}: holds none of {args.ckpt}'s leaves (names differ: "
+                       "an Orbax step's items are chosen with --item, as compress does)")
+    return errors
 
 
 def _errors_against(ckpt, source: dict) -> list[str]:
@@ -787,6 +793,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", metavar="CKPT", type=_path)
     p.add_argument("--source", metavar="SRC", type=_path,
                    help="original checkpoint: add each leaf's relative RMS error")
+    p.add_argument("--item", action="append", metavar="NAME",
+                   help="with --source: its Orbax items compared (as compress takes them)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check every checksum and that every JPEG tile parses")

@@ -39,12 +39,13 @@ from typing import Collection, Mapping
 # review: missed, the head became "the largest other leaf" and the embedding
 # lost its weighing too, both coded 2x coarser)
 # GPT-NeoX (Pythia) names its untied head embed_out (found by review)
-_HEAD = re.compile(r"(^lm_head$|^logits_dense$|^logits_ffn$|^embed_out$)", re.IGNORECASE)
+# ELECTRA's and ConvBERT's masked-LM generator: generator_lm_head (review)
+_HEAD = re.compile(r"((^|_)lm_head$|^logits_dense$|^logits_ffn$|^embed_out$)", re.IGNORECASE)
 # BERT's family beside its token table: a token-type table or a pooler
 _ENCODER_PART = re.compile(r"(^token_type_embeddings$|^pooler$)", re.IGNORECASE)
 # ... and no masked-LM head (BERT's cls/predictions, which Flax ties to the
 # token table through attend: no leaf of its own)
-_MLM_PART = re.compile(r"^predictions$", re.IGNORECASE)
+_MLM_PART = re.compile(r"(^|_)predictions$", re.IGNORECASE)   # (generator_predictions too)
 _EMBEDDING = re.compile(r"(embed|^wte$)", re.IGNORECASE)
 
 

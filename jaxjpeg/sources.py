@@ -660,8 +660,8 @@ def _orbax_items(path: str) -> dict[str, str]:
     """Item name -> directory for an Orbax item, step directory or manager
     root (its latest step); jaxjpeg items (a step saved with jaxjpeg's Orbax
     handler) included."""
-    if _is_orbax_item(path):
-        return {"": path}
+    if _is_orbax_item(path) or _is_jaxjpeg_item(path):   # (a jaxjpeg item: refused by
+        return {"": path}                                 # _chosen_items, found by review)
     subdirs = _subdirs(path)
     items = _items_in(path, subdirs)
     if items:
@@ -697,6 +697,11 @@ def _chosen_items(path: str, items) -> dict[str, str]:
             raise SourceChoiceError(f"{path}: no Orbax item {unknown[0]!r} (items: {names})")
         found = {n: found[n] for n in items}
     jaxjpeg_items = [n for n, d in found.items() if _is_jaxjpeg_item(d)]
+    if jaxjpeg_items and len(jaxjpeg_items) == len(found):   # nothing else to choose (review)
+        file = storage.join(found[jaxjpeg_items[0]], JAXJPEG_ITEM_FILE)
+        which = "" if jaxjpeg_items == [""] else f" (items: {names})"
+        raise SourceChoiceError(f"{path}: already a jaxjpeg checkpoint{which}: nothing to "
+                                f"compress (inspect, restore or export {file})")
     if jaxjpeg_items:
         what = (f"item {jaxjpeg_items[0]!r} is already a jaxjpeg checkpoint "
                 f"({storage.join(found[jaxjpeg_items[0]], JAXJPEG_ITEM_FILE)})")

@@ -41,6 +41,10 @@ def test_weighing_sizes():
         "embeddings.word_embeddings.weight"] == 1_000_000
     mlm = {**bert, "cls.predictions.transform.dense.weight": 1000}
     assert embeddings.weighing_sizes(mlm)["embeddings.word_embeddings.weight"] == 1_000_000
+    # ELECTRA's generator, its tied head dropped by save_pretrained (review)
+    for head in ("generator_lm_head.bias", "generator_predictions.dense.weight"):
+        electra = {**bert, head: 1000}
+        assert embeddings.weighing_sizes(electra)["embeddings.word_embeddings.weight"] == 1_000_000
 
 
 @pytest.mark.parametrize("options", [{}, {"target_ratio": 8}])

@@ -268,6 +268,16 @@ def test_manager_item_is_chosen_and_never_silently_dropped(manager_root, tmp_pat
 
     code, _, err = run(capsys, "compress", root, tmp_path / "p.jjpg", "--item", "params")
     assert code == 0, err
+    # found by review: inspect --source took no --item, and every leaf was
+    # "missing" with exit 0
+    code, out, err = run(capsys, "inspect", tmp_path / "p.jjpg", "--source", root / "3")
+    assert code == 2 and "choose items with --item" in err, err
+    code, out, err = run(capsys, "inspect", tmp_path / "p.jjpg", "--source", root / "3",
+                         "--item", "opt_state")
+    assert code == 2 and "holds none of" in err and "--item" in err, err
+    code, out, err = run(capsys, "inspect", tmp_path / "p.jjpg", "--source", root / "3",
+                         "--item", "params")
+    assert code == 0 and "missing" not in out, out
     restored = jaxjpeg.restore(tmp_path / "p.jjpg")
     assert set(restored) == {"dense"}    # the item's own tree, not under "params"
     np.testing.assert_array_equal(np.asarray(restored["dense"]["bias"]), params["dense"]["bias"])
@@ -284,6 +294,11 @@ def test_manager_item_is_chosen_and_never_silently_dropped(manager_root, tmp_pat
                         (("--item", "compressed"), "already a jaxjpeg checkpoint")):
         code, _, err = run(capsys, "compress", root, tmp_path / "x.jjpg", *argv)
         assert code == 2 and words in err, err
+    # found by review: the jaxjpeg item's own folder was "not an Orbax checkpoint
+    # directory" (exit 1, as if damaged)
+    code, _, err = run(capsys, "compress", root / "3" / "compressed", tmp_path / "x.jjpg")
+    assert code == 2 and "already a jaxjpeg checkpoint: nothing to compress" in err, err
+    assert "checkpoint.jjpg" in err and "--item" not in err, err
 
 
 def test_compress_reads_the_source_one_tensor_at_a_time(tmp_path, capsys, monkeypatch):

@@ -1366,24 +1366,26 @@ def test_an_importance_array_steers_steps_within_its_damping(tmp_path):
     assert 1.3 < others / important < 1.15 * math.sqrt(3), (important, others)
 
 
-@pytest.mark.parametrize("ratio", [7, 8, 9])
-def test_a_leaf_kept_exact_lets_the_others_step_coarser(tmp_path, ratio):
-    """Review of the fix above: beside a constant (1024, 1024) leaf, six
-    256 x 256 kernels on their finest codings left 8x 22% under, since
-    keeping one exact cost a little more than the room the finest codings
-    left (rate._exact_instead took none). The others may now step a little
-    coarser for it (EXACT_GIVE)."""
+def test_near_lossless_targets_keep_every_kernel_fine(tmp_path):
+    """Review of a version of this session that let the leaves left coded
+    step a quarter coarser for one kept exact (to land targets beside a
+    constant leaf): at 5x beside a causal mask a kernel came back 0.061 off
+    (0.0009 before), at 2x an MLP's kernels 0.0059 (0.0009; its 3x file
+    0.0014), and feasible targets were refused. Exact leaves are chosen from
+    what the finest codings leave, as before."""
     rng = np.random.default_rng(0)
-    tree = {"params": {f"Dense_{i}": {
-        "kernel": (rng.standard_normal((256, 256)) * 0.05).astype(np.float32),
-        "bias": (rng.standard_normal(256) * 0.01).astype(np.float32)} for i in range(6)},
-        "const": np.full((1024, 1024), 0.5, np.float32)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        report = jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=ratio)
-    assert report.ratio_vs_float32 == pytest.approx(ratio, rel=0.02)
-    restored = jaxjpeg.restore(tmp_path / "c.jjpg")
-    for i in range(6):
-        kernel = tree["params"][f"Dense_{i}"]["kernel"]
-        error = np.linalg.norm(np.asarray(restored["params"][f"Dense_{i}"]["kernel"]) - kernel)
-        assert error < 0.01 * np.linalg.norm(kernel)
+    params = {f"Dense_{i}": {"kernel": (rng.standard_normal((256, 256)) * 0.05).astype(np.float32),
+                             "bias": (rng.standard_normal(256) * 0.01).astype(np.float32)}
+              for i in range(6)}
+    mask = np.where(np.tril(np.ones((1024, 1024), bool)), 0,
+                    np.finfo(np.float32).min).astype(np.float32)
+
+    def worst(tree, ratio):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            jaxjpeg.save(tmp_path / "n.jjpg", tree, target_ratio=ratio)
+        back = jaxjpeg.restore(tmp_path / "n.jjpg")["params"]
+        return max(np.linalg.norm(np.asarray(back[k]["kernel"]) - v["kernel"])
+                   / np.linalg.norm(v["kernel"]) for k, v in params.items())
+    assert worst({"params": params, "mask": mask}, 5) < 0.002
+    assert worst({"params": params}, 2) <= worst({"params": params}, 3)
