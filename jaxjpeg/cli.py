@@ -887,12 +887,27 @@ def console() -> None:
     """The ``jaxjpeg`` command: :func:`main`, exiting at once when
     interrupted (a thread stalled on a remote read would otherwise hold the
     interpreter's exit until its read timed out)."""
+    import signal
     global _AS_COMMAND
     _AS_COMMAND = True
-    code = main()
+    result: list[int] = []
+
+    def interrupted(signum, frame):
+        # Once the work is done, a Ctrl-C while the interpreter shuts down
+        # ends it with that result (found by review: the process died by
+        # SIGINT after a complete summary, which a shell reads as interrupted).
+        if result:
+            os._exit(result[0])
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        code = main()
+    except KeyboardInterrupt:   # between main's own handling and its return
+        code = EXIT_INTERRUPTED
+    result.append(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
     if code == EXIT_INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 

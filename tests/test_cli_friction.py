@@ -236,3 +236,20 @@ def test_output_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
                        "echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True, timeout=120)
     assert command.stdout.splitlines()[1].startswith("l0 "), command.stdout
     assert command.stderr.strip() == "141", command.stderr
+
+
+def test_a_ctrl_c_after_the_work_is_done_ends_quietly_with_its_result():
+    """Found by review: a Ctrl-C just after compress printed its summary
+    (the interpreter shutting down) killed the process by SIGINT or printed
+    a KeyboardInterrupt traceback; the command's result stands."""
+    script = ("import os, signal, threading, time\n"
+              "from jaxjpeg import cli\n"
+              "def late():\n"
+              "    time.sleep(0.5)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.5)\n"
+              "cli.main = lambda argv=None: (threading.Thread(target=late).start(), 0)[1]\n"
+              "cli.console()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr, done.stderr
