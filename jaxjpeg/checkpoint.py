@@ -947,13 +947,15 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         nonlocal reach
         coded, kept, overhead, curves, sens, tiles = measure(floor)
         budget = target_bytes - kept - overhead
-        # Leaves stored apart for little (a mask) or coded for under 1/8 bit
-        # a value at their finest step (a constant leaf) leave the others
-        # more bits a value than the file's average: their curves are
+        # Leaves stored apart for little (a mask) or coded for fewer bits a
+        # value than the file's average at their finest step (a constant or
+        # smooth leaf: review) leave the others more: their curves are
         # measured again that far (found by review: beside a 512 x 512 zero
         # leaf a kernel's curve stopped short, the file 45% under its target).
+        average = 8 * target_bytes / max(1, sum(leaf.size for leaf in entries))
         wider = rate.reach_of(budget, sum(leaf.size for leaf in entries if leaf.name in coded
-                                          and 8 * curves[leaf.name].nbytes.max() > leaf.size / 8))
+                                          and 8 * curves[leaf.name].nbytes.max()
+                                          > average * leaf.size))
         if wider > WIDER_REACH * reach:
             reach = wider
             coded, kept, overhead, curves, sens, tiles = measure(floor)
@@ -1683,7 +1685,9 @@ class _Save:
         target = _target_size(self.leaves, target_ratio, target_bytes, bits_per_weight)
         self.target = target
         leaf_coder.numbers_weigh = relative_step is not None or target is not None
-        if sensitivity and leaf_coder.numbers_weigh:
+        # (not in a distributed save, whose leaves here are shapes only: found by
+        # review, every such save with a sensitivity and a byte target failed)
+        if sensitivity and leaf_coder.numbers_weigh and not defer_budget:
             _warn_partial_sensitivity(candidates(), sensitivity, leaf_coder.weighing)
         self.lossy_rate = target is not None
         self.coded = None   # the names of the leaves to code, when the analysis knows them
@@ -1843,6 +1847,7 @@ class _Save:
         coded = not paired_exact and self._jpeg_coded(name, array, signed)
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
+        warning = warning or _wide_integer_warning(name, array)
         if not coded and signed is None and self.policy.should_compress(name, array):
             note = _why_raw(array) or note   # found by review: no word said why
         elif (not coded and signed is None and array.dtype == np.float64
@@ -2796,6 +2801,11 @@ class _LogCoding:
         # counted as itself, small leaves' files landed 3-5% over)
         found = None if signed else self.centered_first(name, array)
         first = None if found is None else found[1]
+        few = _few_values(array) if found is None else None
+        exact = _exact_alternative(array, few) if few else None
+        if exact is not None:   # a mask, stored exact at every step (stored()): counted whole
+            self.ladder[name] = (array.size, [_nbytes(exact)] * len(steps))   # (review: its
+            return _nbytes(exact)   # sample, deflated alone, was counted 22x its bytes)
         probe, scale = array, 1.0
         if len(steps) > 1 and array.size > _LADDER_PROBE:
             probe = quantized_vectors.sampled(array.reshape(-1), _LADDER_PROBE)
@@ -2948,6 +2958,23 @@ def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False
         return exact
     lossy = _lossy_raw(array, limits, first_moment, exact_option=False)
     return exact if lossy is None else min(_nbytes(lossy), exact)
+
+
+def _wide_integer_warning(name, array) -> str | None:
+    """A warning where a 64-bit integer leaf holds values its 32-bit dtype
+    does not and jax_enable_x64 is off: restore would refuse it (found by
+    review: an ONNX Slice end of int64's max saved without a word, and every
+    restore of the file failed)."""
+    import jax
+    if array.dtype not in (np.int64, np.uint64) or not array.size or jax.config.jax_enable_x64:
+        return None
+    narrow = np.iinfo(np.int32 if array.dtype == np.int64 else np.uint32)
+    low, high = array.min(), array.max()
+    if narrow.min <= low and high <= narrow.max:
+        return None
+    return (f"jaxjpeg: {name} holds {array.dtype} values beyond {narrow.dtype} "
+            f"([{low}, {high}]); jax restores it only with jax_enable_x64 on "
+            "(jax.config.update('jax_enable_x64', True)); jaxjpeg export reads it as saved")
 
 
 def _coding_note(name, array, enc) -> tuple[str, str | None]:

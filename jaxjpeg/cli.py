@@ -304,6 +304,8 @@ def cmd_inspect(args) -> int:
             dtype = str(leaf.dtype) if leaf.prng_impl is None else f"key:{leaf.prng_impl}"
             rows.append([leaf.path, "x".join(map(str, leaf.shape)) or "()", dtype,
                          kind, _view_text(leaf), raw, stored, math.prod(leaf.shape)])
+        if args.item and not args.source:   # (review: taken without a word)
+            raise CliError("--item chooses the items of --source: give --source too")
         errors = _source_errors(args, ckpt) if args.source else None
         file_bytes = ckpt.reader.file_size
         rate = ckpt.reader.metadata.get("rate")

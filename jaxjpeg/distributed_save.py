@@ -433,9 +433,14 @@ def _check_same_leaves(path: str, plans: list) -> None:
             elif ours[name][1:3] != theirs[name][1:3]:
                 what = (f"leaf {name!r} is {ours[name][2]} {tuple(ours[name][1])} in process 0, "
                         f"{theirs[name][2]} {tuple(theirs[name][1])} in process {k}")
+            elif (ours[name][3] is None) != (theirs[name][3] is None):
+                what = (f"they disagree on which of them holds leaf {name!r} whole (a jax "
+                        "array on one process's devices only?); give every process the same "
+                        "global array, or the same numpy array")
             elif ours[name][3] != theirs[name][3]:
-                what = (f"numpy leaf {name!r} holds other values in process {k} than in "
-                        "process 0 (numpy leaves must be held alike: one process codes each)")
+                what = (f"leaf {name!r} holds other values in process {k} than in process 0 "
+                        "(leaves every process holds whole, numpy or on its own devices, "
+                        "must be held alike: one process codes each)")
             else:
                 what = "the leaves come in another order"
             raise ValueError(f"distributed save of {path}: the processes' trees differ: {what}")
@@ -443,21 +448,26 @@ def _check_same_leaves(path: str, plans: list) -> None:
 
 def _leaf_digests(flat) -> list:
     """[path, shape, dtype, checksum of the values or None] of each leaf:
-    numpy leaves are checksummed (every process holds them whole), jax
-    arrays not (each process holds its shards)."""
+    the leaves every process holds whole (numpy, Python numbers, a jax array
+    on this process's devices) are checksummed, global jax arrays not (each
+    process holds its shards; found by review: a Python number or a
+    process-local jax array differing between processes was saved silently)."""
     from jaxjpeg.treepaths import path_string
     out = []
     for records, leaf, _ in flat:
         values = None
-        if isinstance(leaf, (np.ndarray, np.generic)):
+        if getattr(leaf, "is_fully_addressable", True):
             values = _checksum(leaf)
         out.append([path_string(records), list(np.shape(leaf)), str(_dtype(leaf)), values])
     return out
 
 
-def _checksum(array) -> int:
-    """crc32c of an array's bytes, any dtype (bfloat16, bool, 0-d)."""
+def _checksum(array) -> int | None:
+    """crc32c of an array's bytes, any dtype (bfloat16, bool, 0-d); None
+    for what has no bytes to compare (object arrays, refused later)."""
     data = np.ascontiguousarray(np.asarray(array)).reshape(-1)
+    if data.dtype.hasobject:
+        return None
     return fmt.crc32c(data.view(np.uint8)) if data.size else 0
 
 
@@ -473,8 +483,10 @@ def _options_digest(options: dict) -> dict:
                 value.items(), key=lambda kv: repr(kv[0]))) + "}"
         if isinstance(value, (list, tuple)):
             return "(" + ", ".join(text(v) for v in value) + ")"
-        if value is None or isinstance(value, (bool, int, float, str, np.number)):
+        if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, str):
             return repr(value)
+        if isinstance(value, (int, float, np.number)):   # 8, 8.0 and np.float64(8) alike
+            return repr(float(value))
         if dataclasses.is_dataclass(value):
             return type(value).__name__ + text({f.name: getattr(value, f.name)
                                                 for f in dataclasses.fields(value)})

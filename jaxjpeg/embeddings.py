@@ -45,7 +45,9 @@ _HEAD = re.compile(r"((^|_)lm_head$|^logits_dense$|^logits_ffn$|^embed_out$)", r
 _ENCODER_PART = re.compile(r"(^token_type_embeddings$|^pooler$)", re.IGNORECASE)
 # ... and no masked-LM head (BERT's cls/predictions, which Flax ties to the
 # token table through attend: no leaf of its own)
-_MLM_PART = re.compile(r"(^|_)predictions$", re.IGNORECASE)   # (generator_predictions too)
+# (ELECTRA's generator_predictions too; not its discriminator_predictions, a
+# per-token binary head: review)
+_MLM_PART = re.compile(r"^(generator_)?predictions$", re.IGNORECASE)
 _EMBEDDING = re.compile(r"(embed|^wte$)", re.IGNORECASE)
 
 

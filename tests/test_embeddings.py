@@ -45,6 +45,9 @@ def test_weighing_sizes():
     for head in ("generator_lm_head.bias", "generator_predictions.dense.weight"):
         electra = {**bert, head: 1000}
         assert embeddings.weighing_sizes(electra)["embeddings.word_embeddings.weight"] == 1_000_000
+    # ... but its discriminator's per-token head is no masked-LM head (review)
+    discriminator = {**bert, "discriminator_predictions.dense.weight": 1000}
+    assert embeddings.weighing_sizes(discriminator) == discriminator
 
 
 @pytest.mark.parametrize("options", [{}, {"target_ratio": 8}])

@@ -278,6 +278,8 @@ def test_manager_item_is_chosen_and_never_silently_dropped(manager_root, tmp_pat
     code, out, err = run(capsys, "inspect", tmp_path / "p.jjpg", "--source", root / "3",
                          "--item", "params")
     assert code == 0 and "missing" not in out, out
+    code, out, err = run(capsys, "inspect", tmp_path / "p.jjpg", "--item", "params")
+    assert code == 2 and "give --source too" in err, err
     restored = jaxjpeg.restore(tmp_path / "p.jjpg")
     assert set(restored) == {"dense"}    # the item's own tree, not under "params"
     np.testing.assert_array_equal(np.asarray(restored["dense"]["bias"]), params["dense"]["bias"])

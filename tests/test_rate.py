@@ -1325,7 +1325,7 @@ def test_a_partial_sensitivity_far_from_the_data_free_weights_warns(tmp_path):
         jaxjpeg.save(tmp_path / "q.jjpg", tree, quality=90, sensitivity={"b": 1.0})
 
 
-@pytest.mark.parametrize("cheap", ["zeros", "constant", "causal_mask"])
+@pytest.mark.parametrize("cheap", ["zeros", "constant", "causal_mask", "tril_1024"])
 def test_a_target_beside_a_large_cheap_leaf_lands(tmp_path, cheap):
     """Found by review: beside a leaf stored for next to nothing (a zero or
     constant 512 x 512 leaf, a causal mask of 0 and float32's min) a kernel's
@@ -1339,7 +1339,10 @@ def test_a_target_beside_a_large_cheap_leaf_lands(tmp_path, cheap):
     big = {"zeros": np.zeros((512, 512), np.float32),
            "constant": np.full((512, 512), 0.3, np.float32),
            "causal_mask": np.where(np.tril(np.ones((512, 512), bool)), 0,
-                                   np.finfo(np.float32).min).astype(np.float32)}[cheap]
+                                   np.finfo(np.float32).min).astype(np.float32),
+           # review: a 0/1 float mask read as a second moment was counted from
+           # a sample (172 KB) and stored deflated whole (8 KB): 28% under
+           "tril_1024": np.tril(np.ones((1024, 1024), np.float32))}[cheap]
     tree = {**kernels, "cheap": big}
     target = 100_000
     with warnings.catch_warnings():
@@ -1389,3 +1392,17 @@ def test_near_lossless_targets_keep_every_kernel_fine(tmp_path):
                    / np.linalg.norm(v["kernel"]) for k, v in params.items())
     assert worst({"params": params, "mask": mask}, 5) < 0.002
     assert worst({"params": params}, 2) <= worst({"params": params}, 3)
+
+
+def test_a_smooth_leaf_leaves_a_kernel_its_full_curve(tmp_path):
+    """Review: beside a large smooth leaf (coded at its finest for fewer bits
+    a value than the file's average, yet above 1/8 bit) a kernel's curve
+    still stopped short: at 16x and 24x it came back 0.037 off where its
+    full curve gives 0.002."""
+    rng = np.random.default_rng(0)
+    kernel = rng.laplace(0, 0.05, (256, 512)).astype(np.float32)
+    x = np.linspace(0, 1, 1536, dtype=np.float32)
+    ramp = (np.outer(x, x) + 1e-4 * rng.normal(size=(1536, 1536))).astype(np.float32)
+    jaxjpeg.save(tmp_path / "s.jjpg", {"k": kernel, "ramp": ramp}, target_ratio=16)
+    back = np.asarray(jaxjpeg.restore(tmp_path / "s.jjpg")["k"])
+    assert np.linalg.norm(back - kernel) < 0.01 * np.linalg.norm(kernel)

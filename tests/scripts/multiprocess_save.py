@@ -255,8 +255,19 @@ def processes_saving_other_trees_or_options_fail_every_process():
         ({"split": TREE["split"], ("bias" if PROCESS == 0 else "renamed"): VALUES["bias"]}, {},
          "leaf 'bias' is only in process 0's tree"),
         ({**base, "bias": VALUES["bias"] + PROCESS}, {},
-         "numpy leaf 'bias' holds other values in process 1"),
+         "leaf 'bias' holds other values in process 1"),
+        # (review: a Python number and a process-local jax array were not compared)
+        ({**base, "lr": 0.1 * (PROCESS + 1)}, {}, "leaf 'lr' holds other values in process 1"),
+        ({**base, "local": jax.numpy.full((8,), PROCESS, np.float32)}, {},
+         "leaf 'local' holds other values in process 1"),
     ]
+    # the same option however written (review: 8 and 8.0 were refused)
+    jaxjpeg.save(os.path.join(WORK, "same.jjpg"), base, distributed=True,
+                 target_ratio=8 if PROCESS == 0 else 8.0)
+    # a sensitivity under a byte target (review: every such save failed,
+    # reading the stand-ins a distributed save describes its leaves with)
+    jaxjpeg.save(os.path.join(WORK, "sens.jjpg"), base, distributed=True, target_ratio=6,
+                 sensitivity={"split": 2.0})
     for tree, options, words in cases:
         path = os.path.join(WORK, "differ.jjpg")
         try:
