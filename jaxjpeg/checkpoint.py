@@ -1368,8 +1368,24 @@ def _check_taker(mean: InputMean, shape: tuple, shapes: dict) -> None:
 
 
 def _options(values: dict) -> dict:
-    """save()'s keyword options from its locals (passed on unchanged)."""
-    return {k: values[k] for k in _SAVE_OPTIONS}
+    """save()'s keyword options from its locals (passed on unchanged, but a
+    rate given as a 0-d array, jnp.float32(8) or jnp.array(8.0), is taken as
+    its number: found by review, refused as "not a positive finite number")."""
+    return {k: _as_number(values[k]) if k in _RATE_NUMBERS else values[k]
+            for k in _SAVE_OPTIONS}
+
+
+_RATE_NUMBERS = ("relative_step", "quant_step", "quality", "error_bound", "target_ratio",
+                 "target_bytes", "bits_per_weight")
+
+
+def _as_number(value):
+    """A 0-d integer or floating array as a Python number; anything else as given."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape == () and dtype is not None and np.dtype(dtype).kind in "iuf" \
+            and not isinstance(value, (int, float)):
+        return np.asarray(value).item()
+    return value
 
 
 _SAVE_OPTIONS = ("relative_step", "quant_step", "quality", "qtable", "error_bound",

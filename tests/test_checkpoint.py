@@ -1577,3 +1577,16 @@ def test_few_values_stay_exact_under_tight_targets_and_nan_bits_survive(tmp_path
     jaxjpeg.save(tmp_path / "n.jjpg", {"m": m}, policy=jaxjpeg.Policy(lossless=("m",)))
     back = np.asarray(jaxjpeg.restore(tmp_path / "n.jjpg")["m"])
     np.testing.assert_array_equal(back.view(np.uint32), m.view(np.uint32))
+
+
+def test_a_rate_given_as_a_0d_array_is_taken_as_its_number(tmp_path):
+    """Found by review: target_ratio=jnp.array(8.0) was refused as "not a
+    positive finite number" where np.float32(8) was taken."""
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    report = jaxjpeg.save(tmp_path / "a.jjpg", {"w": w}, target_ratio=jnp.array(8.0))
+    assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
+    with jaxjpeg.format.ContainerReader(tmp_path / "a.jjpg") as r:
+        assert r.metadata["rate"]["target_ratio"] == 8.0
+    for bad in (jnp.array(True), jnp.array([8.0])):
+        with pytest.raises(ValueError, match="target_ratio must be a positive finite number"):
+            jaxjpeg.save(tmp_path / "b.jjpg", {"w": w}, target_ratio=bad)
