@@ -953,10 +953,14 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         # measured again that far (found by review: beside a 512 x 512 zero
         # leaf a kernel's curve stopped short, the file 45% under its target).
         average = 8 * target_bytes / max(1, sum(leaf.size for leaf in entries))
-        wider = rate.reach_of(budget, sum(leaf.size for leaf in entries if leaf.name in coded
-                                          and 8 * curves[leaf.name].nbytes.max()
-                                          > average * leaf.size))
-        if wider > WIDER_REACH * reach:
+        taking = [leaf for leaf in entries if leaf.name in coded
+                  and 8 * curves[leaf.name].nbytes.max() > average * leaf.size]
+        # only where some stopped at the reach (review: re-measuring where
+        # none did cost 1.6x the time for the same file)
+        stopped = any(8 * curves[leaf.name].nbytes.max()
+                      > 0.9 * rate.LADDER_HEADROOM * reach * leaf.size for leaf in taking)
+        wider = rate.reach_of(budget, sum(leaf.size for leaf in taking)) if taking else 0.0
+        if stopped and wider > WIDER_REACH * reach:
             reach = wider
             coded, kept, overhead, curves, sens, tiles = measure(floor)
             budget = target_bytes - kept - overhead
@@ -1599,6 +1603,7 @@ class _Save:
                  progress=None, metadata=None, input_covariance=None, prior=None,
                  input_means=None, defer_budget=False):
         self.path = path
+        self.x64 = bool(jax.config.jax_enable_x64)   # this thread's (the workers' may differ)
         self.user_metadata = layout.checked_user_metadata(metadata)   # checked once, kept
         given = check_save_options(
             relative_step=relative_step, quant_step=quant_step, quality=quality, qtable=qtable,
@@ -1839,8 +1844,9 @@ class _Save:
     def _square_of(self, first: "SourceLeaf | None", lossy: tuple | None) -> tuple | None:
         """``lossy`` with its record naming the leaf of ``first`` where that
         is a centered moment's first moment."""
-        if first is None or lossy is None:
-            return lossy
+        if (first is None or lossy is None
+                or lossy[1].get("stored") != magnitudes.STORED_ABOVE_SQUARE):
+            return lossy   # (a few-valued second moment is stored exactly, alone)
         return lossy[0], {**lossy[1], "square_of": self.leaf_index[first.name]}, lossy[2]
 
     def store(self, item) -> tuple[list, dict, LeafReport, str | None]:
@@ -1863,7 +1869,7 @@ class _Save:
         coded = not paired_exact and self._jpeg_coded(name, array, signed)
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
-        warning = warning or _wide_integer_warning(name, array)
+        warning = warning or _wide_integer_warning(name, array, self.x64)
         if not coded and signed is None and self.policy.should_compress(name, array):
             note = _why_raw(array) or note   # found by review: no word said why
         elif (not coded and signed is None and array.dtype == np.float64
@@ -2768,12 +2774,12 @@ class _LogCoding:
         float16 one too); a centered second moment of ``first`` (the first
         moment's values) as its variance."""
         step = step or self.step
-        if first is not None:
-            return self._stored_centered(first, array, step)
         few = _few_values(array)
         exact = _exact_alternative(array, few)
         if exact is not None and few:   # a mask: exact at any step (review: a bfloat16
-            return exact                # one came back 0 / 0.75)
+            return exact                # one came back 0 / 0.75), a centered one too
+        if first is not None:           # (review: a two-valued nu took 24x its bytes, lossy)
+            return self._stored_centered(first, array, step)
         coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
@@ -2817,11 +2823,11 @@ class _LogCoding:
         # counted as itself, small leaves' files landed 3-5% over)
         found = None if signed else self.centered_first(name, array)
         first = None if found is None else found[1]
-        few = _few_values(array) if found is None else None
+        few = _few_values(array)
         exact = _exact_alternative(array, few) if few else None
         if exact is not None:   # a mask, stored exact at every step (stored()): counted whole
             self.ladder[name] = (array.size, [_nbytes(exact)] * len(steps))   # (review: its
-            return _nbytes(exact)   # sample, deflated alone, was counted 22x its bytes)
+            return _nbytes(exact)   # sample, deflated alone, was counted 22-33x its bytes)
         probe, scale = array, 1.0
         if len(steps) > 1 and array.size > _LADDER_PROBE:
             probe = quantized_vectors.sampled(array.reshape(-1), _LADDER_PROBE)
@@ -2976,13 +2982,13 @@ def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False
     return exact if lossy is None else min(_nbytes(lossy), exact)
 
 
-def _wide_integer_warning(name, array) -> str | None:
+def _wide_integer_warning(name, array, x64: bool) -> str | None:
     """A warning where a 64-bit integer leaf holds values its 32-bit dtype
-    does not and jax_enable_x64 is off: restore would refuse it (found by
-    review: an ONNX Slice end of int64's max saved without a word, and every
-    restore of the file failed)."""
-    import jax
-    if array.dtype not in (np.int64, np.uint64) or not array.size or jax.config.jax_enable_x64:
+    does not and jax_enable_x64 is off (``x64``: as the caller's thread has
+    it; review: jax.enable_x64() sets it for one thread, and the save's
+    workers read it off): restore would refuse it (found by review: an ONNX
+    Slice end of int64's max saved without a word, every restore failed)."""
+    if array.dtype not in (np.int64, np.uint64) or not array.size or x64:
         return None
     narrow = np.iinfo(np.int32 if array.dtype == np.int64 else np.uint32)
     low, high = array.min(), array.max()

@@ -1590,3 +1590,15 @@ def test_a_rate_given_as_a_0d_array_is_taken_as_its_number(tmp_path):
     for bad in (jnp.array(True), jnp.array([8.0])):
         with pytest.raises(ValueError, match="target_ratio must be a positive finite number"):
             jaxjpeg.save(tmp_path / "b.jjpg", {"w": w}, target_ratio=bad)
+
+
+def test_no_64_bit_warning_inside_jax_enable_x64(tmp_path):
+    """Review: jax.enable_x64() turns x64 on for its thread only; the save's
+    workers read it off and warned of a leaf the same block restores."""
+    import warnings
+    tree = {"ids": np.array([0, 2**40], np.int64)}
+    with jax.enable_x64(True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            jaxjpeg.save(tmp_path / "x.jjpg", tree)
+        assert int(jaxjpeg.restore(tmp_path / "x.jjpg")["ids"][1]) == 2**40
