@@ -2424,6 +2424,13 @@ def _few_values(array: np.ndarray) -> bool:
     return True
 
 
+def _stored_exactly(array: np.ndarray) -> bool:
+    """Whether a moment on log2 steps is stored exactly (_LogCoding.stored):
+    a leaf of few values with an exact coding."""
+    few = _few_values(array)
+    return few and _exact_alternative(array, few) is not None
+
+
 def _exact_alternative(array: np.ndarray, few: bool, half=None) -> tuple | None:
     """(blob, record fields, note) of a leaf stored exactly: one of ``few``
     values (_few_values) in its own dtype, deflated; a float32 one every
@@ -2776,9 +2783,14 @@ class _LogCoding:
         step = step or self.step
         few = _few_values(array)
         exact = _exact_alternative(array, few)
-        if exact is not None and few:   # a mask: exact at any step (review: a bfloat16
-            return exact                # one came back 0 / 0.75), a centered one too
-        if first is not None:           # (review: a two-valued nu took 24x its bytes, lossy)
+        # A mask: exact at any step (review: a bfloat16 one came back 0 / 0.75);
+        # a centered second moment only beside an exact first one (review: a
+        # two-valued nu took 24x its bytes, lossy), whose error its variance
+        # coding otherwise follows (review of that fix: nu exact beside a lossy
+        # mu made nu - mu^2 negative, the next update NaN)
+        if exact is not None and few and (first is None or _stored_exactly(first)):
+            return exact
+        if first is not None:
             return self._stored_centered(first, array, step)
         coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
@@ -2822,8 +2834,10 @@ class _LogCoding:
         # a centered second moment is stored as its variance (found by review:
         # counted as itself, small leaves' files landed 3-5% over)
         found = None if signed else self.centered_first(name, array)
-        first = None if found is None else found[1]
-        few = _few_values(array)
+        if found is not None and self.signed(found[0].name, found[1]) is None:
+            found = None   # its first moment JPEG-coded: stored alone (_Save._centered_first;
+        first = None if found is None else found[1]   # review: counted 33x its bytes)
+        few = _few_values(array) and (first is None or _stored_exactly(first))
         exact = _exact_alternative(array, few) if few else None
         if exact is not None:   # a mask, stored exact at every step (stored()): counted whole
             self.ladder[name] = (array.size, [_nbytes(exact)] * len(steps))   # (review: its
