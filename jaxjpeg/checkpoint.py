@@ -2834,7 +2834,8 @@ class _LogCoding:
         # a centered second moment is stored as its variance (found by review:
         # counted as itself, small leaves' files landed 3-5% over)
         found = None if signed else self.centered_first(name, array)
-        if found is not None and self.signed(found[0].name, found[1]) is None:
+        if (found is not None and self.signed(found[0].name, found[1]) is None
+                and _is_coded(self.policy, found[0].name, found[1])):
             found = None   # its first moment JPEG-coded: stored alone (_Save._centered_first;
         first = None if found is None else found[1]   # review: counted 33x its bytes)
         few = _few_values(array) and (first is None or _stored_exactly(first))
