@@ -83,7 +83,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_models_lib import common  # noqa: E402
+from real_models_lib import common, report  # noqa: E402
 
 MODELS = ("magika", "nudenet", "dnsmos")
 # model -> (package (import and pip name), ONNX file inside the package)
@@ -788,14 +788,7 @@ BASE_COLUMNS = [("model", "model", 8, "s"), ("method", "method", 8, "s"),
 TAIL_COLUMNS = [("seconds", "save s", 6, ".1f")]
 
 
-def _cell(value, spec, width) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value) and spec != "s"):
-        text = "-"
-    elif spec == "s":
-        text = str(value)
-    else:
-        text = format(value, spec)
-    return text.ljust(width) if spec == "s" else text.rjust(width)
+_cell = report._cell   # one cell of real_models.py's tables
 
 
 def header(case) -> str:
