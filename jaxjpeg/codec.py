@@ -752,7 +752,7 @@ def run_plan(plan: DecodePlan, threads: int = 0) -> list[np.ndarray]:
     types = [output_type(d) for d in plan.output_dtypes]
     _native.run_plan(plan.payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
                      plan.row_offset, [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
-                     types, threads, plan.col_scale, plan.positions)
+                     types, threads, plan.col_scale, plan.positions, whole_outputs=True)
     return outputs
 
 

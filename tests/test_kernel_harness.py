@@ -24,7 +24,7 @@ def _harness(plan, payload=None):
         plan.tables, plan.row_scale, plan.row_offset,
         [o.view(np.uint16) if o.itemsize == 2 else o for o in outputs],
         [codec.output_type(d) for d in plan.output_dtypes], col_scale=plan.col_scale, positions=plan.positions,
-        block_map=plan.block_map)
+        block_map=plan.block_map, whole_outputs=True)
     return outputs
 
 

@@ -334,6 +334,47 @@ def test_plan_whose_tiles_own_no_intervals_is_refused():
                          [np.zeros(s, np.float32) for s in plan.output_shapes], [0] * 3)
 
 
+def test_plan_whose_tiles_miss_or_repeat_output_elements_is_refused():
+    """Found by review: a plan whose tiles are each sound but do not write
+    their output exactly once (a tile dropped with its intervals, or moved
+    onto another) decoded "successfully" with memory's leftovers as weights.
+    The custom call, run_plan and the CUDA kernel body refuse it alike; the
+    kernel body (no exception inside a jitted program on the GPU) leaves the
+    uncovered output NaN and the others decoded."""
+    rng = np.random.default_rng(10)
+    encs = [jaxjpeg.encode_tensor(_tensor(rng, (32, 128)), quant_step=2, restart_interval=2,
+                                  tile_shape=(16, 64)) for _ in range(2)]
+    plan = codec.build_plan(encs, [np.float32] * 2)
+    tiles, starts = plan.tiles, plan.interval_starts
+    assert len(tiles) == 8 and tiles[:4, 4].tolist() == [0] * 4   # output 0's tiles first
+    moved = tiles.copy()
+    moved[1, 5:7] = moved[0, 5:7]                # tile 1 onto tile 0: row0, col0
+    dropped = tiles[:-1]                          # output 1's last tile, with its intervals
+    edits = {"moved": (moved, starts, 0), "dropped": (dropped, starts[:tiles[-1, 9] + 1], 1)}
+    for name, (edited_tiles, edited_starts, output) in edits.items():
+        edited_tiles = np.ascontiguousarray(edited_tiles)
+        edited_starts = np.ascontiguousarray(edited_starts)
+        match = f"decode plan refused: its tiles do not write every element of decoded tensor {output} "
+        operands = list(ops.plan_operands(plan))
+        operands[1] = edited_starts.view(np.int32)
+        operands[2] = edited_tiles.reshape(-1).view(np.int32)
+        with pytest.raises(jaxjpeg.JpegError, match=match):
+            ops.run_checked(jax.jit(lambda *a: ops.decode_plan(plan, a)), operands)
+        args = (plan.payload, edited_starts, edited_tiles, plan.tables, plan.row_scale,
+                plan.row_offset)
+        for run in (_native.run_plan, _native.run_plan_kernel_harness):
+            outs = [np.zeros(s, np.float32) for s in plan.output_shapes]
+            with pytest.raises(jaxjpeg.JpegError, match=match):
+                run(*args, outs, [0, 0], whole_outputs=True)
+            assert np.isnan(outs[output]).all(), name
+            assert np.isfinite(outs[1 - output]).all(), name
+            run(*args, outs, [0, 0])              # parts of outputs: tools and tests
+    whole = [np.zeros(s, np.float32) for s in plan.output_shapes]
+    _native.run_plan(plan.payload, starts, tiles, plan.tables, plan.row_scale, plan.row_offset,
+                     whole, [0, 0], whole_outputs=True)
+    assert all(np.isfinite(o).all() for o in whole)
+
+
 def _custom_call_types(hlo_text):
     """(operand types, result types) of the decode custom call in StableHLO text."""
     line = next(l for l in hlo_text.splitlines() if "custom_call @jaxjpeg_decode" in l)

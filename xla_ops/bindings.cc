@@ -346,13 +346,13 @@ void RunPlan(const py::buffer& payload, const py::array& interval_starts, const 
              const py::buffer& tables, const py::array& row_scale, const py::array& row_offset,
              const std::vector<py::array>& outputs, const std::vector<int>& output_types,
              int threads, const std::optional<py::array>& col_scale,
-             const std::optional<py::array>& positions) {
+             const std::optional<py::array>& positions, bool whole_outputs) {
   const HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale,
                                     row_offset, outputs, output_types, col_scale, positions);
   int32_t status;
   {
     py::gil_scoped_release release;
-    status = RunDecodePlanOnHost(h.plan, threads);
+    status = RunDecodePlanOnHost(h.plan, threads, whole_outputs);
   }
   RaiseOnFailure(status);
 }
@@ -365,7 +365,7 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
                           const std::optional<py::array>& col_scale,
                           const std::optional<py::array>& block_map,
                           std::optional<py::array> step_counts,
-                          const std::optional<py::array>& positions) {
+                          const std::optional<py::array>& positions, bool whole_outputs) {
   HostPlan h = PlanFromArrays(payload, interval_starts, tiles, tables, row_scale, row_offset,
                               outputs, output_types, col_scale, positions);
   if (block_map) {
@@ -386,7 +386,7 @@ void RunPlanKernelHarness(const py::buffer& payload, const py::array& interval_s
   HarnessCounts counts;
   {
     py::gil_scoped_release release;
-    status = RunKernelHarness(h.plan, &counts);
+    status = RunKernelHarness(h.plan, &counts, whole_outputs);
   }
   if (counts_out != nullptr) {
     counts_out[0] = counts.staged_steps;
@@ -864,13 +864,16 @@ PYBIND11_MODULE(_native, m) {
   m.def("run_plan", &RunPlan, py::arg("payload"), py::arg("interval_starts"), py::arg("tiles"),
         py::arg("tables"), py::arg("row_scale"), py::arg("row_offset"), py::arg("outputs"),
         py::arg("output_types"), py::arg("threads") = 0, py::arg("col_scale") = py::none(),
-        py::arg("positions") = py::none(),
-        "Decode many restart intervals of many tiles into preallocated outputs.");
+        py::arg("positions") = py::none(), py::arg("whole_outputs") = false,
+        "Decode many restart intervals of many tiles into preallocated outputs; "
+        "whole_outputs: the tiles must write every element of every output exactly once, "
+        "as the custom call requires (else JpegError, the uncovered outputs NaN).");
   m.def("run_plan_kernel_harness", &RunPlanKernelHarness, py::arg("payload"),
         py::arg("interval_starts"), py::arg("tiles"), py::arg("tables"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("outputs"), py::arg("output_types"),
         py::arg("col_scale") = py::none(), py::arg("block_map") = py::none(),
         py::arg("step_counts") = py::none(), py::arg("positions") = py::none(),
+        py::arg("whole_outputs") = false,
         "Run the CUDA kernel body over every (block, thread) on the host (tests); "
         "step_counts (int64 [2], written even when decoding fails): the warps' "
         "lock-step decode steps written staged and written lane by lane.");

@@ -7,6 +7,7 @@
 
 #include "decode_plan.h"
 #include "parallel_for.h"
+#include "plan_coverage.h"
 
 namespace jaxjpeg {
 
@@ -52,19 +53,23 @@ inline void RecordFirstError(std::atomic<int32_t>& first_error, int32_t status) 
   }
 }
 
-// Returns kPlanOk, or the packed status of the first failing interval.
-inline int32_t RunDecodePlanOnHost(const DecodePlan& plan, int threads) {
+// Returns kPlanOk, or the packed status of the first failing interval. With
+// `whole_outputs`, the tiles must also write each output exactly once
+// (plan_coverage.h): what the decode handlers require; tools and tests decode
+// parts of outputs too.
+inline int32_t RunDecodePlanOnHost(const DecodePlan& plan, int threads, bool whole_outputs) {
   if (PlanShapeError(plan) != nullptr) return PackPlanStatus(0, Status::kBadArgument);
-  const int32_t starts = PlanStartsStatus(plan);
-  if (starts != kPlanOk) {
+  std::atomic<int32_t> first_error{PlanStartsStatus(plan)};
+  if (first_error.load() != kPlanOk) {
     ParallelFor(plan.num_intervals, threads,
                 [&](int64_t i) { FillUndecodedIntervalWithNaN(plan, i); });
-    return starts;
+  } else {
+    ParallelForWith<WorkerTables>(plan.num_intervals, threads,
+                                  [&](WorkerTables& tables, int64_t i) {
+      RecordFirstError(first_error, DecodePlanInterval(plan, i, tables));
+    });
   }
-  std::atomic<int32_t> first_error{kPlanOk};
-  ParallelForWith<WorkerTables>(plan.num_intervals, threads, [&](WorkerTables& tables, int64_t i) {
-    RecordFirstError(first_error, DecodePlanInterval(plan, i, tables));
-  });
+  if (whole_outputs) RecordFirstError(first_error, PlanCoverageStatus(plan, /*fill=*/true));
   return first_error.load();
 }
 

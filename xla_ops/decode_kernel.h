@@ -19,6 +19,7 @@
 #define JAXJPEG_DECODE_KERNEL_H_
 
 #include "decode_plan.h"
+#include "plan_coverage.h"
 
 namespace jaxjpeg {
 
@@ -312,6 +313,16 @@ JJ_HD JJ_INLINE void CheckIntervalDecoded(const DecodePlan& p, int64_t i, int32_
   if (starts_usable && p.destuffed.lengths[i] < 0) return;
   if (starts_usable) RecordFirstError(status, PackPlanStatus(i, Status::kBadArgument));
   FillUndecodedIntervalWithNaN(p, i);
+}
+
+// Phase "coverage", after the check: an output its tiles do not write exactly
+// once (`sums` from AddTileCoverage over every tile, plan_coverage.h) is
+// reported and becomes NaN, elements first, first + step, ... by this thread.
+JJ_HD inline void CheckOutputCoverage(const DecodePlan& p, int64_t output, const uint64_t* sums,
+                                      int32_t* status, int64_t first, int64_t step) {
+  if (OutputCovered(p, output, sums)) return;
+  if (first == 0) RecordFirstError(status, UncoveredStatus(output));
+  FillOutputWithNaN(p.outputs[output], first, step);
 }
 
 // Calls visit.template operator()<kBits, kType>() for every decode kernel.

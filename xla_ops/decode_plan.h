@@ -116,21 +116,26 @@ inline int32_t PlanStartsStatus(const DecodePlan& p) {
   return kPlanOk;
 }
 
-// The device workspace of a decode call: the output descriptors, the built
-// tables, then the destuff pass's starts status, lengths and area
-// (DestuffedIntervals), each part 16-byte aligned. 15 bytes of slack align
-// the parts whatever the workspace's own alignment.
+// The device workspace of a decode call: the output descriptors, the
+// coverage sums, the built tables, then the destuff pass's starts status,
+// lengths and area (DestuffedIntervals), each part 16-byte aligned. 15 bytes
+// of slack align the parts whatever the workspace's own alignment.
 JJ_HD JJ_INLINE int64_t AlignUp16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// The per-output sums of the coverage check (plan_coverage.h), 64-bit words.
+constexpr int kCoverageWords = 3;
 
 inline int64_t DecodeWorkspaceBytes(int64_t num_outputs, int64_t payload_size,
                                     int64_t num_intervals, int64_t num_tables) {
   return 15 + AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput))) +
+         AlignUp16(num_outputs * kCoverageWords * 8) +
          AlignUp16(num_tables * static_cast<int64_t>(sizeof(DecoderTables))) + 16 +
          AlignUp16(8 * num_intervals) + DestuffAreaSize(payload_size, num_intervals);
 }
 
 struct DecodeWorkspace {
   PlanOutput* outputs;
+  uint64_t* coverage;  // kCoverageWords per output
   DecoderTables* built_tables;
   DestuffedIntervals destuffed;
 };
@@ -142,6 +147,8 @@ inline DecodeWorkspace LayOutDecodeWorkspace(void* base, int64_t num_outputs,
   DecodeWorkspace w;
   w.outputs = reinterpret_cast<PlanOutput*>(bytes);
   bytes += AlignUp16(num_outputs * static_cast<int64_t>(sizeof(PlanOutput)));
+  w.coverage = reinterpret_cast<uint64_t*>(bytes);
+  bytes += AlignUp16(num_outputs * kCoverageWords * 8);
   w.built_tables = reinterpret_cast<DecoderTables*>(bytes);
   bytes += AlignUp16(num_tables * static_cast<int64_t>(sizeof(DecoderTables)));
   w.destuffed.starts_status = reinterpret_cast<int32_t*>(bytes);

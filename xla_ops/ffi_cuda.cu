@@ -141,6 +141,19 @@ __global__ void __launch_bounds__(kDecodeThreadsPerBlock)
   if (i < plan.num_intervals) CheckIntervalDecoded(plan, i, status);
 }
 
+// Adds each tile's coverage sums to its output's (plan_coverage.h).
+__global__ void CoverageKernel(const __grid_constant__ DecodePlan plan, uint64_t* sums) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < plan.num_tiles) AddTileCoverage(plan, t, sums);
+}
+
+// A block per output: one its tiles do not write exactly once becomes NaN.
+__global__ void CheckCoverageKernel(const __grid_constant__ DecodePlan plan,
+                                    const uint64_t* __restrict__ sums,
+                                    int32_t* __restrict__ status) {
+  CheckOutputCoverage(plan, blockIdx.x, sums, status, threadIdx.x, blockDim.x);
+}
+
 // Launches the (kBits, kType) kernel over every interval.
 struct LaunchDecodeKernel {
   cudaStream_t stream;
@@ -217,6 +230,15 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
   if (err.failure()) return err;
   plan.outputs = descriptors;
   plan.num_outputs = static_cast<int64_t>(outputs.size());
+  constexpr int kCoverageThreads = 256;
+  if (plan.num_outputs > 0) {
+    cudaMemsetAsync(parts.coverage, 0, plan.num_outputs * kCoverageWords * sizeof(uint64_t),
+                    stream);
+    if (plan.num_tiles > 0) {
+      CoverageKernel<<<(plan.num_tiles + kCoverageThreads - 1) / kCoverageThreads,
+                       kCoverageThreads, 0, stream>>>(plan, parts.coverage);
+    }
+  }
   if (plan.num_intervals > 0) {
     const int64_t warps_per_block = kDestuffThreadsPerBlock / kDestuffLanes;
     DestuffKernel<<<(plan.num_intervals + warps_per_block - 1) / warps_per_block,
@@ -228,6 +250,10 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
     ForEachDecodeKernel(LaunchDecodeKernel{stream, plan, status->typed_data(), wanted_types});
     CheckDecodedKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0,
                          stream>>>(plan, status->typed_data());
+  }
+  if (plan.num_outputs > 0) {
+    CheckCoverageKernel<<<static_cast<unsigned>(plan.num_outputs), kCoverageThreads, 0, stream>>>(
+        plan, parts.coverage, status->typed_data());
   }
   return LaunchError("launching the decode kernel");
 }

@@ -121,6 +121,10 @@ inline ffi::Error DescribeOutput(ffi::RemainingRets& rets, size_t i, PlanOutput*
 }
 
 inline std::string PlanFailure(int32_t status) {
+  if ((status & 15) == static_cast<int32_t>(Status::kUncovered)) {
+    return "decode plan refused: its tiles do not write every element of decoded tensor " +
+           std::to_string(status >> 4) + " exactly once";
+  }
   return "jaxjpeg decode failed in restart interval " + std::to_string(status >> 4) + ": " +
          StatusMessage(static_cast<Status>(status & 15));
 }

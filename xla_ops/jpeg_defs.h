@@ -41,6 +41,7 @@ enum class Status : int32_t {
   kTrailingData = 10,        // an interval left whole unused bytes
   kBadArgument = 11,         // caller error (buffer too small, bad stride)
   kMissingTable = 12,        // scan references a table never defined
+  kUncovered = 13,           // a plan's tiles do not write an output exactly once
 };
 
 JJ_HD inline const char* StatusMessage(Status s) {
@@ -58,6 +59,7 @@ JJ_HD inline const char* StatusMessage(Status s) {
     case Status::kTrailingData: return "unused bytes left at the end of an entropy-coded interval";
     case Status::kBadArgument: return "invalid argument";
     case Status::kMissingTable: return "scan references an undefined table";
+    case Status::kUncovered: return "the plan's tiles do not write every element exactly once";
   }
   return "unknown error";
 }

@@ -144,9 +144,12 @@ inline Status RunBuildTablesBlock(const DecodePlan& plan, int64_t index, Decoder
 }
 
 // Runs the destuff kernel (a call per interval stands for its warp), the
-// table kernel and every decode kernel, as the CUDA handler launches them,
-// with the same workspace layout.
-inline int32_t RunKernelHarness(const DecodePlan& host_plan, HarnessCounts* counts = nullptr) {
+// table kernel, every decode kernel and the check kernels, as the CUDA
+// handler launches them, with the same workspace layout. Without
+// `whole_outputs` the coverage kernels are left out (tests decode parts of
+// outputs; the handler always runs them).
+inline int32_t RunKernelHarness(const DecodePlan& host_plan, HarnessCounts* counts = nullptr,
+                                bool whole_outputs = true) {
   HarnessCounts ignored;
   DecodePlan plan = host_plan;
   std::vector<uint8_t> workspace(DecodeWorkspaceBytes(plan.num_outputs, plan.payload_size,
@@ -165,6 +168,12 @@ inline int32_t RunKernelHarness(const DecodePlan& host_plan, HarnessCounts* coun
   auto shared = std::make_unique<KernelShared>();
   ForEachDecodeKernel(HarnessKernel{plan, *shared, &status, counts ? counts : &ignored});
   for (int64_t i = 0; i < plan.num_intervals; ++i) CheckIntervalDecoded(plan, i, &status);
+  if (whole_outputs) {
+    for (int64_t t = 0; t < plan.num_tiles; ++t) AddTileCoverage(plan, t, parts.coverage);
+    for (int64_t o = 0; o < plan.num_outputs; ++o) {
+      CheckOutputCoverage(plan, o, parts.coverage, &status, 0, 1);
+    }
+  }
   return status;
 }
 
