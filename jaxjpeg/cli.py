@@ -32,7 +32,9 @@ Exit status (errors are one line on stderr, without a traceback):
      is read), DST exists without --force, nothing to do
   3  I/O error: an input is missing or unreadable, an output cannot be
      written, a remote store cannot be reached
-  130 interrupted (Ctrl-C)
+  130 interrupted (Ctrl-C); 143 and 129 ended by SIGTERM and SIGHUP (the
+      output left as before, temporary files removed, as for Ctrl-C)
+  141 the reader of standard output closed it (``| head``), quietly
 
 ``jaxjpeg --help`` and ``jaxjpeg --version`` answer without importing jax.
 """
@@ -67,6 +69,25 @@ EXIT_USAGE = 2
 EXIT_IO = 3
 EXIT_INTERRUPTED = 130
 EXIT_PIPE_CLOSED = 141   # as a shell reports a command SIGPIPE ended
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as an interrupt is so that every cleanup a
+    Ctrl-C runs runs (found by review: `timeout`, systemd or docker ending a
+    compress left its temporary file, exit 143 without a word); the command
+    exits 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# The signals the command ends on cleanly (console(); _interrupts_held).
+_ENDING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum)
 
 
 def load_source(path: str):
@@ -104,13 +125,16 @@ def _interrupts_held():
         yield
         return
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    held = [getattr(signal, name) for name in _ENDING_SIGNALS if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, lambda signum, _: pressed.append(signum))
+                for signum in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if pressed:
-        raise KeyboardInterrupt
+        raise _interruption(pressed[0])
 
 
 def _size(n: float) -> str:
@@ -166,19 +190,9 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
         return
     for location in read:
         local = storage.local_path(storage.as_location(location))
-        if local is not None and os.path.isfile(local) and _same_entry(local, target):
+        if local is not None and os.path.isfile(local) and storage.same_entry(local, target):
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")
-
-
-def _same_entry(a: str, b: str) -> bool:
-    """Whether paths ``a`` and ``b`` name one directory entry (symlinks
-    followed; a bind mount or another path to the same directory too): the
-    entry a save to ``b`` replaces. A hard link elsewhere is another entry
-    (found by review: refused, though the source survives its replacing)."""
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return (os.path.basename(a) == os.path.basename(b)
-            and os.path.samefile(os.path.dirname(a), os.path.dirname(b)))
 
 
 def cmd_compress(args) -> int:
@@ -718,6 +732,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A relative error: in (0, 1), as jaxjpeg.save takes it (found by
+    review: --error-bound 5 was refused only after the source was read)."""
+    value = _positive(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be below 1 (a relative RMS error: "
+                                         "0.05 is 5%)")
+    return value
+
+
 def _int_in(low: int, high: float):
     def parse(text: str) -> int:
         try:
@@ -747,7 +771,8 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG, description="Compress, export, inspect, verify and extract jaxjpeg "
                                "checkpoints.",
         epilog="exit status: 0 success, 1 damaged input, 2 usage error, 3 I/O error "
-               "(missing or unreadable input, unwritable output), 130 interrupted")
+               "(missing or unreadable input, unwritable output), 130 interrupted, "
+               "141 output pipe closed, 143/129 SIGTERM/SIGHUP")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -764,7 +789,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="file size as a ratio against float32 (e.g. 8)")
     rate.add_argument("--bits-per-weight", type=_positive,
                       help="file size in bits per weight, all-in (e.g. 4)")
-    rate.add_argument("--error-bound", type=_positive,
+    rate.add_argument("--error-bound", type=_fraction,
                       help="each leaf's relative RMS error at most this (e.g. 0.05)")
     p.add_argument("--bits", type=int, choices=(8, 12), default=None,
                    help="sample precision (default: chosen per tensor, as jaxjpeg.save does)")
@@ -823,6 +848,9 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():   # a rate's warning as one line, as errors are
             warnings.showwarning = _show_warning
             return args.func(args)
+    except _Terminated as e:
+        print(f"{PROG}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -889,7 +917,6 @@ def console() -> None:
     """The ``jaxjpeg`` command: :func:`main`, exiting at once when
     interrupted (a thread stalled on a remote read would otherwise hold the
     interpreter's exit until its read timed out)."""
-    import signal
     global _AS_COMMAND
     _AS_COMMAND = True
     result: list[int] = []
@@ -900,16 +927,20 @@ def console() -> None:
         # SIGINT after a complete summary, which a shell reads as interrupted).
         if result:
             os._exit(result[0])
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, interrupted)
+        raise _interruption(signum)
+    for name in _ENDING_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupted)
     try:
         code = main()
-    except KeyboardInterrupt:   # between main's own handling and its return
+    except _Terminated as e:   # between main's own handling and its return
+        code = 128 + e.signum
+    except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     result.append(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    if code == EXIT_INTERRUPTED:
+    if code > 128 and code != EXIT_PIPE_CLOSED:   # interrupted: nothing left to wait for
         os._exit(code)
     sys.exit(code)
 

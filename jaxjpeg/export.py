@@ -152,6 +152,23 @@ def _directory_and_stem(out: str) -> tuple[str, str]:
     return out, "model"
 
 
+def _refuse_replacing_the_checkpoint(checkpoint_path, written: list[str]) -> None:
+    """Refuses an export that would write over or remove the checkpoint it
+    reads (found by review: ``export c.safetensors c.safetensors --force``
+    replaced the checkpoint with its export, and a checkpoint named
+    ``model.safetensors`` in the output directory was removed as an earlier
+    export)."""
+    from jaxjpeg import storage
+
+    local = storage.local_path(storage.as_location(checkpoint_path))
+    if local is None:
+        return
+    for path in written:
+        if os.path.exists(path) and storage.same_entry(local, path):
+            raise ValueError(f"{path}: is the checkpoint being exported: the export would "
+                             "replace or remove it (choose another output)")
+
+
 def _check_destination(out: str) -> None:
     """Clear errors for a destination that cannot be written (found by
     review: the messages named the internal temporary file, or were a bare
@@ -259,9 +276,10 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
             made = _first_missing(out)
             os.makedirs(out, exist_ok=True)
         existing = _earlier_export(out)
+        finals = paths + ([index_path] if index_path else [])
+        _refuse_replacing_the_checkpoint(checkpoint_path, finals + existing)
         if existing and not force:
             raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
-        finals = paths + ([index_path] if index_path else [])
 
         def decode(name):
             return decode_on_host(ckpt, leaves[name])

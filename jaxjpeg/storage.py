@@ -54,6 +54,16 @@ def scheme(location: str) -> str | None:
     return None if match is None else match.group(1).lower()
 
 
+def same_entry(a: str, b: str) -> bool:
+    """Whether local paths ``a`` and ``b`` name one directory entry (symlinks
+    followed; a bind mount or another path to the same directory too): the
+    entry a write to ``b`` replaces. A hard link elsewhere is another entry
+    (found by review: refused, though the source survives its replacing)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return (os.path.basename(a) == os.path.basename(b)
+            and os.path.samefile(os.path.dirname(a), os.path.dirname(b)))
+
+
 def local_path(location: str) -> str | None:
     """The local file-system path of a location, or None for a remote URL."""
     match = _SCHEME.match(location)

@@ -66,6 +66,7 @@ def test_import_jaxjpeg_is_lazy_but_complete():
     ("--quant-step", "0"), ("--quant-step", "-1"), ("--quant-step", "nan"),
     ("--quant-step", "0.5"), ("--quant-step", "300"),   # found by review: refused after reading
     ("--target-ratio", "inf"), ("--bits-per-weight", "-2"), ("--error-bound", "0"),
+    ("--error-bound", "1"), ("--error-bound", "5"),   # found by review: after reading
     ("--min-size", "-1"), ("--bits", "10"),
 ])
 def test_option_values_are_checked_before_the_source_is_read(tmp_path, capsys, option):
@@ -75,6 +76,28 @@ def test_option_values_are_checked_before_the_source_is_read(tmp_path, capsys, o
     assert code == EXIT_USAGE, err
     assert option[0] in err and "Traceback" not in err
     assert not (tmp_path / "o.jjpg").exists()
+
+
+def test_export_refuses_to_replace_or_remove_its_own_checkpoint(tmp_path, capsys):
+    """Found by review: with --force, an export over its checkpoint replaced
+    it, and a checkpoint named model.safetensors in the output directory
+    was removed as an earlier export."""
+    (tmp_path / "sub").mkdir()
+    cases = [(tmp_path / "c.safetensors", tmp_path / "c.safetensors"),
+             (tmp_path / "sub" / "model.safetensors", tmp_path / "sub"),
+             (tmp_path / "sub" / "model-00001-of-00002.safetensors", tmp_path / "sub")]
+    for ckpt, out in cases:
+        jaxjpeg.save(ckpt, PARAMS)
+        before = ckpt.read_bytes()
+        for shards in ("10GB", "200KB"):
+            code, _, err = run(capsys, "export", ckpt, out, "--force", "--max-shard-size", shards)
+            assert code == EXIT_USAGE and "is the checkpoint being exported" in err, (ckpt, err)
+            assert ckpt.read_bytes() == before
+        ckpt.unlink()
+    ckpt = tmp_path / "sub" / "model.jjpg"    # beside, not replaced: exported
+    jaxjpeg.save(ckpt, PARAMS)
+    assert run(capsys, "export", ckpt, tmp_path / "sub", "--force")[0] == 0
+    assert ckpt.exists() and (tmp_path / "sub" / "model.safetensors").exists()
 
 
 def test_exit_codes_usage_damaged_io(tmp_path, capsys):
@@ -189,6 +212,34 @@ def test_a_ctrl_c_while_jax_imports_is_held_then_raised():
     thread.start()
     thread.join()
     assert done == [None]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_compress_removes_its_temporary_file(tmp_path, signum):
+    """Found by review: SIGTERM (timeout, systemd, docker) or SIGHUP ended a
+    compress without a word and left its temporary file beside DST; they
+    now end it as Ctrl-C does, exiting 128 + the signal's number."""
+    import signal
+    import time
+    src, dst = tmp_path / "big.npz", tmp_path / "out.jjpg"
+    np.savez(src, **{f"w{i}": np.random.default_rng(i).standard_normal((1024, 2048))
+                     .astype(np.float32) for i in range(12)})
+    proc = subprocess.Popen([sys.executable, "-m", "jaxjpeg.cli", "compress", str(src),
+                             str(dst), "--target-ratio", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("out.jjpg.tmp-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no temporary file appeared"
+            time.sleep(0.01)
+        assert proc.poll() is None, "compress ended before the signal"
+        proc.send_signal(getattr(signal, signum))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, signum), err
+    assert f"terminated ({signum})" in err and "Traceback" not in err, err
+    assert not dst.exists() and not list(tmp_path.glob("out.jjpg.tmp-*"))
 
 
 def test_unhelpful_cli_messages_found_by_review(tmp_path, capsys):
