@@ -787,25 +787,66 @@ def _error_bound_encoder(bound, bits, leaf_coder):
     return encode
 
 
-# Bytes the container adds per blob and per leaf beyond the coded data:
-# alignment padding (on average 32 before a blob of fmt.LARGE_BLOB bytes or
-# more, 4 before a smaller one: fmt.blob_offset), 16 per blob for its record
-# in the deflated header, and the header's own: its skeleton (the rate
-# record, zlib's framing) and the leaves' paths, deflated as they are there
-# (_header_bytes: measured within 4% on one leaf, 20 leaves of 150-character
-# names and 600 leaves; found by review: 24 a leaf and no header left 600
-# small leaves' targets 2-4% under, one 64 x 64 leaf's 6-13% over).
-_BLOB_RECORD = 16
-_SMALL_BLOB_OVERHEAD = 4 + _BLOB_RECORD
-_HEADER_OVERHEAD = 256
-_LEAF_RECORD = 8   # a leaf's fields beyond its path (EfficientNet-lite1: 7 deflated)
+# Bytes the container adds per blob beyond the coded data: alignment
+# padding (on average 32 before a blob of fmt.LARGE_BLOB bytes or more, 4
+# before a smaller one: fmt.blob_offset); the blobs' records and the leaves'
+# are in the deflated header (_header_estimate). A raw blob's padding and
+# record, where a leaf moves between JPEG and raw (_exact_instead): 4 + 16.
+_BLOB_PADDING = 4
+_SMALL_BLOB_OVERHEAD = _BLOB_PADDING + 16
 
 
-def _header_bytes(entries) -> int:
-    """The header's bytes beyond its blobs' records (see _HEADER_OVERHEAD)."""
-    paths = json.dumps([leaf.records for leaf in entries], default=str).encode()
-    return (_HEADER_OVERHEAD + _LEAF_RECORD * len(entries)
-            + len(zlib.compress(paths, layout.DEFLATE_LEVEL)))
+def _header_estimate(entries, coded: dict, kept: dict, rounded: dict, target_bytes: int,
+                     tile_shape) -> int:
+    """The deflated header's bytes, measured on a header of the same shape:
+    each leaf's record with its kind's fields (``coded``: name -> its tile
+    count, 0 for one raw blob, a quantized one; ``rounded``: name -> the
+    fields of a leaf kept out of JPEG but rounded), JPEG-coded leaves' tile
+    lists, and the blob table with offsets spread over the target's bytes
+    and checksums of random bits. Found by review: counted as 256 + 8
+    a leaf + 16 a blob (measured within 4% on EfficientNet-lite1, 20 long
+    names and 600 leaves), a tree of 102 small ONNX leaves was counted 18%
+    over its header, 3% of its file: its targets landed 2.5-3.4% under."""
+    rng = np.random.default_rng(0)
+    records, blob_sizes = [], []
+    total = max(1, sum(leaf.size for leaf in entries))
+    height, width = tile_shape or codec.DEFAULT_TILE_SHAPE
+    # in the leaves' names' order: a tree and the same leaves given in another
+    # order (save_leaves) get the same estimate, so the same allocation
+    for i, leaf in enumerate(sorted(entries, key=lambda leaf: json.dumps(leaf.records,
+                                                                         default=str))):
+        record = {"dtype": str(leaf.dtype), "kind": "raw", "path": leaf.records,
+                  "shape": list(leaf.shape)}
+        tiles = coded.get(leaf.name, 0)
+        share = target_bytes * leaf.size / total
+        if leaf.name in coded and tiles:
+            record.update(kind="jpeg", affine="float16", affine_layout="deflated-shared-scale",
+                          bits=8, intervals="deflated-uint16-deltas", restart_interval=32,
+                          view={"perm": list(range(len(leaf.shape))), "split": 1},
+                          tiles=[[k * height, 0, height, width, 64] for k in range(tiles)])
+            blob_sizes += [(f"leaf{i}/affine", share / 50), (f"leaf{i}/intervals", tiles * 8)]
+            blob_sizes += [(f"leaf{i}/tile{k}.jpg", share / tiles) for k in range(tiles)]
+            records.append(record)
+            continue
+        if leaf.name in rounded:
+            record.update(rounded[leaf.name])
+        elif leaf.name in coded:   # one raw blob, quantized
+            record.update(center=int(rng.integers(0, 300)), domain="linear", rice=7,
+                          step=float(rng.random()), stored="quantized",
+                          unary_bytes=int(rng.integers(1, 400)))
+        elif kept.get(leaf.name, 0) < leaf.nbytes:
+            record["deflated"] = True
+        records.append(record)
+        blob_sizes.append((f"leaf{i}/raw", kept.get(leaf.name, share)))
+    offsets = fmt.PREAMBLE_SIZE + np.cumsum([0] + [size for _, size in blob_sizes])
+    crcs = rng.integers(0, 2**32, len(blob_sizes))
+    blobs = {key: {"crc32c": int(crc), "length": int(size), "offset": int(offset)}
+             for (key, size), offset, crc in zip(blob_sizes, offsets, crcs)}
+    header = {"blobs": blobs, "metadata": {"format": CHECKPOINT_FORMAT, "leaves": records,
+                                           "rate": {"target_ratio": 8.0}, "version": 2}}
+    return len(zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":"),
+                                        ensure_ascii=False, default=str).encode(),
+                             layout.DEFLATE_LEVEL))
 
 
 def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape,
@@ -817,10 +858,9 @@ def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape,
     301 leaves at 64x landed 6.6% under)."""
     tiles = p.tiles(tile_shape)
     side_blobs = 2 + (p.col_scale is not None) + (p.outliers is not None)  # + intervals, affine
-    overhead = _SMALL_BLOB_OVERHEAD * side_blobs
+    overhead = _BLOB_PADDING * side_blobs
     for _, _, h, w in tiles:
-        padding = 32 if h * w * bytes_per_value >= fmt.LARGE_BLOB else 4
-        overhead += padding + _BLOB_RECORD
+        overhead += 32 if h * w * bytes_per_value >= fmt.LARGE_BLOB else _BLOB_PADDING
         overhead += layout.intervals_per_tile(h, w, restart_interval) + 1  # ~1 byte deflated
     return overhead
 
@@ -913,14 +953,16 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                                   and log_coding.is_first(leaf.name))
                 if leaf.name in takers:
                     return leaf.name, None, _taker_bytes(array, stored)
-                if lossy and not (log_coding is not None
-                                  and log_coding.names_a_moment(leaf.name)):
+                if lossy is not None:   # see _header_estimate
+                    records[leaf.name] = lossy
+                if lossy is not None and not (log_coding is not None
+                                              and log_coding.names_a_moment(leaf.name)):
                     rounded[leaf.name] = array.nbytes - stored   # see _room_for_exact
                 return leaf.name, None, stored
         p = leaf_coder.prepare(leaf.name, array)
         leaf_coder.remember(leaf.name, p)
         if small_kernel or leaf_coder.thin(leaf.name, p):   # one raw blob, quantized
-            curve, overhead = rate.thin_curve(p.original), _SMALL_BLOB_OVERHEAD
+            curve, overhead = rate.thin_curve(p.original), _BLOB_PADDING
         else:
             curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
                                   probe_size=rate.probe_elements(p.size, total), **coding)
@@ -932,14 +974,18 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead), 0
 
-    header = _header_bytes(entries)
     rounded = {}   # leaves kept out of JPEG but rounded: their bytes short of exact
+    records = {}   # the record fields of those stored rounded
+    sizes = {leaf.name: leaf.size for leaf in entries}
 
     kept_moments = {}   # bytes of the moments kept out of the ladder (small leaves')
 
     def measure(floor):
         coded, kept, overhead, curves, sens, tiles = set(), 0, 0, {}, {}, {}
+        kept_by, tile_counts = {}, {}
         rounded.clear()
+        records.clear()
+        height, width = coding.get("tile_shape") or codec.DEFAULT_TILE_SHAPE
         for name, measured, raw in analysed_by(analyse, entries, floor):
             kept += raw
             if log_coding is not None and log_coding.names_a_moment(name):
@@ -948,8 +994,16 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 coded.add(name)
                 curves[name], sens[name], tiles[name] = measured
                 overhead += tiles[name]
+                size = sizes[name]   # its tiles at the default tiling; a thin one's blob: 0
+                tile_counts[name] = (0 if tiles[name] == _BLOB_PADDING
+                                     else max(1, -(-size // (height * width))))
+            else:
+                kept_by[name] = raw
+        # each process alike: its own leaves' rounding is not known of the others'
+        header = _header_estimate(entries, tile_counts, kept_by,
+                                  records if own is None else {}, target_bytes, (height, width))
         overhead += (fmt.PREAMBLE_SIZE + header
-                     + _SMALL_BLOB_OVERHEAD * (len(entries) - len(coded)))
+                     + _BLOB_PADDING * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
 
     settled_from = (log_coding.step, log_coding.rung) if log_coding is not None else None
@@ -3050,13 +3104,15 @@ def _thin_shaped(array: np.ndarray) -> bool:
 
 def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False) -> tuple:
     """A byte target's estimate of the bytes of a leaf kept out of JPEG:
-    (stored, whether rounded), stored the smaller of _lossy_raw's and the
-    exact ones'."""
+    (stored, its record's fields where rounded, else None), stored the
+    smaller of _lossy_raw's and the exact ones'."""
     exact = _exact_bytes(array)
     if _few_values(array):
-        return exact, False
+        return exact, None
     lossy = _lossy_raw(array, limits, first_moment, exact_option=False)
-    return (exact, False) if lossy is None or _nbytes(lossy) >= exact else (_nbytes(lossy), True)
+    if lossy is None or _nbytes(lossy) >= exact:
+        return exact, None
+    return _nbytes(lossy), lossy[1]
 
 
 def _wide_integer_warning(name, array, x64: bool) -> str | None:

@@ -317,7 +317,10 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     view = view or MatrixView.default(arr.ndim)
     in_place = (not copy and arr.dtype == np.float32 and col_weight is None
                 and col_scale is None and not (outliers is not None and outliers.count))
-    matrix = view.to_matrix(arr) if in_place else np.array(view.to_matrix(arr), np.float32)
+    matrix = view.to_matrix(arr)
+    if not in_place:   # a private float32 copy: one (a moving view's reshape copies already)
+        matrix = np.asarray(matrix, np.float32)
+        matrix = matrix.copy() if np.may_share_memory(matrix, arr) else matrix
     if outliers is not None and outliers.count:
         matrix = fill_outliers(matrix, outliers, view, arr.shape)
     else:
@@ -467,7 +470,8 @@ class DecodePlan:
 
     @property
     def tile_labels(self) -> "TileLabels":
-        return TileLabels(self.tiles[:len(self.labels), _FIRST_INTERVAL].copy(), self.labels)
+        return TileLabels(self.tiles[:len(self.labels), _FIRST_INTERVAL].copy(), self.labels,
+                          self.tiles[:len(self.labels), _OUTPUT].copy())
 
 
 class PlanBuilder:
@@ -579,9 +583,12 @@ class PlanBuilder:
             for fill, view in zip(self._fills, tile_bytes):
                 fill(view)
         tables: dict[bytes, int] = {}
-        for row, view in zip(self._tiles, tile_bytes):
-            tile_tables, *geometry = _native.tile_header(view)
-            _check_tile_geometry(row, geometry)
+        for row, view, label in zip(self._tiles, tile_bytes, self._labels):
+            try:
+                tile_tables, *geometry = _native.tile_header(view)
+                _check_tile_geometry(row, geometry)
+            except JpegError as e:   # named (found by review: "JPEG header: ..." alone)
+                raise JpegError(f"{label}: {e}" if label else str(e)) from None
             row[0] = tables.setdefault(tile_tables.tobytes(), len(tables))
         starts = np.concatenate(self._starts + [np.array([self._payload_size], np.int64)])
         tiles = np.array(self._tiles, np.int64).reshape(-1, _native.TILE_COLUMNS)
@@ -604,6 +611,7 @@ class PlanBuilder:
 
 
 _FIRST_INTERVAL = 9   # the plan's tiles column holding a tile's first interval
+_OUTPUT = 4           # and the output it lands in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,6 +621,14 @@ class TileLabels:
 
     first_interval: np.ndarray
     labels: tuple
+    outputs: np.ndarray | None = None   # per tile: the output it lands in
+
+    def of_output(self, output: int) -> str | None:
+        """The label of output ``output``'s first tile, or None."""
+        if self.outputs is None:
+            return None
+        found = np.flatnonzero(self.outputs == output)
+        return self.labels[found[0]] if found.size else None
 
     def of_interval(self, interval: int) -> tuple[str, int] | None:
         """(the label of the tile holding ``interval`` (a failure's), the

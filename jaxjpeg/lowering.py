@@ -14,6 +14,13 @@ from jax.interpreters import mlir
 from jaxjpeg import _native
 
 TARGET_NAME = "jaxjpeg_decode"
+# The same decode of outputs its tiles may write in part (a region's box):
+# no check that every element is written (xla_ops/plan_coverage.h).
+PARTS_TARGET_NAME = "jaxjpeg_decode_parts"
+
+
+def _target(whole_outputs: bool) -> str:
+    return TARGET_NAME if whole_outputs else PARTS_TARGET_NAME
 
 try:
     from jaxjpeg import _native_cuda
@@ -28,15 +35,11 @@ def cuda_available() -> bool:
     return _native_cuda is not None
 
 
-def _rule_without_params(rule):
-    """Primitive params (output shapes and dtypes) shape the results, not the
-    handler: they are dropped rather than sent as FFI attributes."""
-
-    def lower(ctx, *operands, **params):
-        del params
-        return rule(ctx, *operands)
-
-    return lower
+def _cpu_rule(ctx, *operands, output_shapes, output_dtypes, whole_outputs):
+    """Output shapes and dtypes shape the results, not the handler: they are
+    not sent as FFI attributes; ``whole_outputs`` chooses the target."""
+    del output_shapes, output_dtypes
+    return jax.ffi.ffi_lowering(_target(whole_outputs))(ctx, *operands)
 
 
 def cuda_workspace_bytes(avals_in, num_outputs: int) -> int:
@@ -50,19 +53,20 @@ def cuda_workspace_bytes(avals_in, num_outputs: int) -> int:
                                           tables.shape[0] // _native.PACKED_TABLES_SIZE)
 
 
-def _cuda_rule(ctx, *operands, **params):
+def _cuda_rule(ctx, *operands, output_shapes, output_dtypes, whole_outputs):
     """The CUDA handler destuffs every interval into its workspace before
     decoding, so that result is larger there than the primitive's (whose
     first bytes it returns). A result buffer, not scratch memory the handler
     allocates: XLA owns it, so a captured CUDA graph keeps a valid address."""
-    del params
+    del output_shapes, output_dtypes
     status, workspace, *outputs = ctx.avals_out
     size = cuda_workspace_bytes(ctx.avals_in, len(outputs))
     results = [jax.ShapeDtypeStruct(a.shape, a.dtype)
                for a in (status, jax.core.ShapedArray((size,), np.uint8), *outputs)]
 
     def run(*args):
-        got_status, got_workspace, *got = jax.ffi.ffi_call(TARGET_NAME, results)(*args)
+        got_status, got_workspace, *got = jax.ffi.ffi_call(_target(whole_outputs),
+                                                           results)(*args)
         return [got_status, got_workspace[:workspace.shape[0]], *got]
 
     return mlir.lower_fun(run, multiple_results=True)(ctx, *operands)
@@ -75,8 +79,7 @@ def register(primitive) -> None:
         return
     for name, capsule in _native.ffi_targets().items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    mlir.register_lowering(primitive, _rule_without_params(jax.ffi.ffi_lowering(TARGET_NAME)),
-                           platform="cpu")
+    mlir.register_lowering(primitive, _cpu_rule, platform="cpu")
     if _native_cuda is not None:
         for name, capsule in _native_cuda.ffi_targets().items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")

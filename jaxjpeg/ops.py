@@ -30,7 +30,7 @@ OPERAND_NAMES = ("payload", "interval_starts", "tiles", "tables", "row_scale", "
                  "col_scale", "positions", "block_map")
 
 
-def _abstract_eval(*operands, output_shapes, output_dtypes):
+def _abstract_eval(*operands, output_shapes, output_dtypes, whole_outputs):
     if len(operands) != len(OPERAND_NAMES):
         raise TypeError(f"jaxjpeg decode takes {len(OPERAND_NAMES)} operands "
                         f"({', '.join(OPERAND_NAMES)}), got {len(operands)}")
@@ -47,31 +47,34 @@ def _abstract_eval(*operands, output_shapes, output_dtypes):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_impl(output_shapes, output_dtypes):
+def _compiled_impl(output_shapes, output_dtypes, whole_outputs):
     return jax.jit(functools.partial(decode_p.bind, output_shapes=output_shapes,
-                                     output_dtypes=output_dtypes))
+                                     output_dtypes=output_dtypes, whole_outputs=whole_outputs))
 
 
-def _impl(*operands, output_shapes, output_dtypes):
+def _impl(*operands, output_shapes, output_dtypes, whole_outputs):
     """Eager calls run the same compiled custom call as jit does; a corrupt
     stream is a JpegError here (waited for, so asynchronous dispatch cannot
     let it surface later as another error type)."""
     with jpeg_errors():
-        return jax.block_until_ready(_compiled_impl(output_shapes, output_dtypes)(*operands))
+        return jax.block_until_ready(
+            _compiled_impl(output_shapes, output_dtypes, whole_outputs)(*operands))
 
 
-def _batch(args, dims, *, output_shapes, output_dtypes):
+def _batch(args, dims, *, output_shapes, output_dtypes, whole_outputs):
     """vmap: one decode per batch element (each element is a full plan)."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if size == 0:   # no element to decode: empty results of each output's shape
         elements = [a if d is None else jax.ShapeDtypeStruct(a.shape[:d] + a.shape[d + 1:], a.dtype)
                     for a, d in zip(args, dims)]
-        avals = _abstract_eval(*elements, output_shapes=output_shapes, output_dtypes=output_dtypes)
+        avals = _abstract_eval(*elements, output_shapes=output_shapes, output_dtypes=output_dtypes,
+                               whole_outputs=whole_outputs)
         return [jnp.zeros((0, *aval.shape), aval.dtype) for aval in avals], [0] * len(avals)
     moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     per_element = [
         decode_p.bind(*[m if d is None else m[i] for m, d in zip(moved, dims)],
-                      output_shapes=output_shapes, output_dtypes=output_dtypes)
+                      output_shapes=output_shapes, output_dtypes=output_dtypes,
+                      whole_outputs=whole_outputs)
         for i in range(size)
     ]
     stacked = [jnp.stack(results) for results in zip(*per_element)]
@@ -98,11 +101,16 @@ def plan_operands(plan: codec.DecodePlan) -> tuple[np.ndarray, ...]:
             plan.positions.view(np.int32), plan.block_map.reshape(-1))
 
 
-def decode(*operands, output_shapes, output_dtypes):
-    """Binds the primitive; returns (status, [decoded 2-D tensors])."""
+def decode(*operands, output_shapes, output_dtypes, whole_outputs: bool = True):
+    """Binds the primitive; returns (status, [decoded 2-D tensors]).
+    ``whole_outputs``: the plan's tiles write every element of each output
+    exactly once, which the decode checks (xla_ops/plan_coverage.h); False
+    for a region's box, whose tiles may leave parts of it unwritten (the
+    restore's own plans, never a loaded tree's operands)."""
     shapes = tuple(tuple(int(d) for d in s) for s in output_shapes)
     dtypes = tuple(np.dtype(d).name for d in output_dtypes)
-    status, _, *outputs = decode_p.bind(*operands, output_shapes=shapes, output_dtypes=dtypes)
+    status, _, *outputs = decode_p.bind(*operands, output_shapes=shapes, output_dtypes=dtypes,
+                                        whole_outputs=bool(whole_outputs))
     return status, outputs
 
 
@@ -128,6 +136,11 @@ def check_status(status, labels: codec.TileLabels | None = None) -> None:
 
 
 def _naming_tile(text: str, labels: codec.TileLabels | None) -> str:
+    output = re.search(r"decoded tensor (\d+)(?!\d)(?! \()", text)   # a plan's output
+    if output is not None and labels is not None:   # (found by review: named by number)
+        label = labels.of_output(int(output[1]))
+        if label is not None:
+            return f"{text[:output.end()]} ({label}){text[output.end():]}"
     # not named yet (found by review: "interval 12 of ..." matched as "1")
     match = re.search(r"restart interval (\d+)(?!\d)(?! of )", text)
     found = None if labels is None or match is None else labels.of_interval(int(match[1]))
@@ -169,13 +182,14 @@ def run_checked(decode, operands):
 
 
 @functools.lru_cache(maxsize=None)
-def plan_decoder(output_shapes: tuple, output_dtypes: tuple, final_shapes: tuple):
+def plan_decoder(output_shapes: tuple, output_dtypes: tuple, final_shapes: tuple,
+                 whole_outputs: bool = True):
     """A jitted decode whose outputs are reshaped to ``final_shapes``; cached
     so restoring the same structure again reuses the compiled program."""
 
     def run(*operands):
         status, outputs = decode(*operands, output_shapes=output_shapes,
-                                 output_dtypes=output_dtypes)
+                                 output_dtypes=output_dtypes, whole_outputs=whole_outputs)
         return status, [o.reshape(s) for o, s in zip(outputs, final_shapes)]
 
     return jax.jit(run)

@@ -102,6 +102,33 @@ class MatrixView:
         return tuple(_offsets([int(shape[a]) for a in axes], [int(strides[a]) for a in axes])
                      for axes in (self.row_axes(), self.col_axes()))
 
+    def cells(self, shape: Sequence[int], flat_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) in the view of the C-order flat positions
+        ``flat_index`` of a tensor of ``shape``: memory by their count, not
+        the tensor's."""
+        shape = tuple(int(n) for n in shape)
+        at = np.unravel_index(np.asarray(flat_index, np.int64), shape) if shape else ()
+        rows, cols = self.matrix_shape(shape)
+        def flat(axes):
+            if not axes:
+                return np.zeros(np.shape(flat_index), np.int64)
+            return np.ravel_multi_index([at[a] for a in axes], [shape[a] for a in axes])
+        return flat(self.row_axes()), flat(self.col_axes())
+
+    def flat_index(self, shape: Sequence[int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The C-order flat positions in a tensor of ``shape`` of the view's
+        cells (``rows``, ``cols``): the inverse of :meth:`cells`."""
+        shape = tuple(int(n) for n in shape)
+        at = [None] * len(shape)
+        for axes, index in ((self.row_axes(), rows), (self.col_axes(), cols)):
+            if axes:
+                for a, i in zip(axes, np.unravel_index(np.asarray(index, np.int64),
+                                                       [shape[a] for a in axes])):
+                    at[a] = i
+        if not shape:
+            return np.zeros(np.shape(rows), np.int64)
+        return np.ravel_multi_index(at, shape).astype(np.int64)
+
     def row_axes(self) -> tuple[int, ...]:
         return self.perm[:self.split]
 
@@ -379,14 +406,21 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
              else finite.reshape(-1))
     m = view.to_matrix(x32.reshape(x.shape))
     ok = ~view.to_matrix(must.reshape(x.shape)) if must.any() else None
-    first, masked = np.empty(m.shape, bool), np.empty(m.shape, bool)
     # Row statistics block by block: the temporaries stay in cache (a whole
-    # leaf's deviations would be another leaf-sized pass through memory).
+    # leaf's deviations would be another leaf-sized pass through memory),
+    # and only the far values' cells are kept (found by review: leaf-sized
+    # masks of them took more memory than the leaf).
+    cells = ([], []), ([], [])
     step = max(1, ROW_BLOCK_ELEMENTS // max(1, m.shape[1]))
     for r in range(0, m.shape[0], step):
         rows = slice(r, r + step)
-        first[rows], masked[rows] = _far_masks(m[rows], None if ok is None else ok[rows], sigmas)
-    kept = [_flat_positions(far, view, x.shape) for far in (first, masked)]
+        for far, (at_rows, at_cols) in zip(
+                _far_masks(m[rows], None if ok is None else ok[rows], sigmas), cells):
+            block_rows, block_cols = np.nonzero(far)
+            at_rows.append(block_rows + r)
+            at_cols.append(block_cols)
+    kept = [np.sort(view.flat_index(x.shape, np.concatenate(at_rows), np.concatenate(at_cols)))
+            for at_rows, at_cols in cells]
     for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION)):
         if kept[k].size > limit * flat.size:
             kept[k] = np.zeros(0, np.int64)
@@ -456,23 +490,17 @@ def _row_deviations(m: np.ndarray, counted: np.ndarray | None,
     return dev, rms
 
 
-def _flat_positions(mask_matrix: np.ndarray, view: MatrixView, shape) -> np.ndarray:
-    """C-order flat positions in the tensor of the True entries of a view-shaped mask."""
-    return np.flatnonzero(view.from_matrix(mask_matrix, shape))
-
-
 def fill_outliers(m: np.ndarray, outliers: Outliers, view: MatrixView, shape) -> np.ndarray:
     """The view ``m`` (float32, modified in place) with each kept value replaced
     by the mean of the coded values of its row, so the coder sees a smooth row."""
     if outliers.count == 0:
         return m
-    mask = np.zeros(math.prod(shape), bool)
-    mask[outliers.index] = True
-    mask_m = view.to_matrix(mask.reshape(shape))
-    keep = ~mask_m
-    sums = np.where(keep, m, 0).sum(axis=1, dtype=np.float64)
-    counts = keep.sum(axis=1)
+    # by the kept values' cells alone (found by review: masks and a masked
+    # copy of the view took three times the leaf's size beyond it)
+    rows, cols = view.cells(shape, outliers.index)
+    m[rows, cols] = 0
+    sums = m.sum(axis=1, dtype=np.float64)
+    counts = m.shape[1] - np.bincount(rows, minlength=m.shape[0])
     means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
-    rows, cols = np.nonzero(mask_m)
     m[rows, cols] = means[rows]
     return m

@@ -773,3 +773,25 @@ def test_a_damaged_blob_is_named_by_its_leaf(tiled, tmp_path):
     with contextlib.redirect_stderr(err):
         assert main(["extract", str(damaged), str(tmp_path / "tiles")]) == 1
     assert "w tile 2: " in err.getvalue(), err.getvalue()
+
+
+def test_a_tile_whose_header_is_not_its_records_names_its_leaf(tmp_path):
+    """Found by review: a tile whose frame header was edited (checksums
+    recomputed) failed restore with "tile header says ..." naming no leaf,
+    tile or file (decode failures name them)."""
+    src = tmp_path / "s.jjpg"
+    rng = np.random.default_rng(0)
+    jaxjpeg.save(src, {"a": rng.normal(size=(32, 144)).astype(np.float32),
+                       "b": rng.normal(size=(64, 96)).astype(np.float32)})
+
+    def edit(blobs):   # the SOF0 frame's height: 8 rows fewer
+        tile = blobs["leaf1/tile0.jpg"]
+        sof = tile.index(b"\xff\xc0")
+        height = int.from_bytes(tile[sof + 5:sof + 7], "big")
+        blobs["leaf1/tile0.jpg"] = (tile[:sof + 5] + (height - 8).to_bytes(2, "big")
+                                    + tile[sof + 7:])
+    bad = rewrite(src, tmp_path / "bad.jjpg", edit_blobs=edit)
+    with pytest.raises(jaxjpeg.JpegError, match=r"^b tile 0 in .*bad\.jjpg: tile header says"):
+        jaxjpeg.restore(bad)
+    with jaxjpeg.open(bad) as f, pytest.raises(jaxjpeg.JpegError, match=r"^b tile 0 in "):
+        f.get("b")

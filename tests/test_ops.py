@@ -375,6 +375,25 @@ def test_plan_whose_tiles_miss_or_repeat_output_elements_is_refused():
     assert all(np.isfinite(o).all() for o in whole)
 
 
+def test_an_edited_loaded_leaf_whose_tiles_miss_elements_is_named(tmp_path):
+    """A loaded leaf's operands edited (a tile moved onto another): its eager
+    decode is refused naming the leaf, not a plan's output number (found by
+    review: "decoded tensor 0")."""
+    rng = np.random.default_rng(11)
+    jaxjpeg.save(tmp_path / "m.jjpg", {"w": _tensor(rng, (1024, 768))}, tile_shape=(256, 256))
+    leaf = jaxjpeg.load(tmp_path / "m.jjpg")["w"]
+    tiles = np.asarray(leaf.operands[2]).view(np.int64).reshape(-1, _native.TILE_COLUMNS).copy()
+    assert len(tiles) > 1
+    tiles[1, 5:7] = tiles[0, 5:7]
+    operands = list(leaf.operands)
+    operands[2] = jnp.asarray(tiles.reshape(-1).view(np.int32))
+    edited = type(leaf)(operands, leaf.matrix_shape, leaf.shape, leaf.dtype, leaf.view, leaf.kept)
+    edited.labels = leaf.labels
+    with pytest.raises(jaxjpeg.JpegError, match=r"decoded tensor 0 \(w tile 0 in .*m\.jjpg\) "
+                                                r"exactly once"):
+        edited.decode()
+
+
 def _custom_call_types(hlo_text):
     """(operand types, result types) of the decode custom call in StableHLO text."""
     line = next(l for l in hlo_text.splitlines() if "custom_call @jaxjpeg_decode" in l)

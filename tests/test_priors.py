@@ -744,23 +744,33 @@ def test_a_flax_nnx_state_gets_the_prior_its_variables_names_give():
 def test_a_flax_nnx_state_saves_as_its_arrays_named_without_value(tmp_path):
     """The tree, its leaves given one by one (the CLI's and the Orbax
     handler's route) and the same arrays under the variables' own names
-    make the same file content."""
+    are coded alike: the BatchNorm prior pairs them, every leaf is stored
+    the same way, at about the same error. (Their files differ by the
+    paths' bytes in the header, which the byte target counts since session
+    34, so the last leaf's coding may differ by those bytes.)"""
     from jaxjpeg.checkpoint import SourceLeaf, save_leaves
 
     state = _nnx_cnn_state(1)
     ordered = priors._in_insertion_order(state)
     plain = {name[:-len("/value")]: np.asarray(v) for name, v in ordered}
-    jaxjpeg.save(tmp_path / "nnx.jjpg", state, target_ratio=8, progress=False)
-    jaxjpeg.save(tmp_path / "plain.jjpg", plain, target_ratio=8, progress=False)
-    save_leaves(tmp_path / "leaves.jjpg", [SourceLeaf.of([["key", n]], np.asarray(v))
-                                           for n, v in ordered], target_ratio=8, progress=False)
+    reports = {
+        "nnx": jaxjpeg.save(tmp_path / "nnx.jjpg", state, target_ratio=8, progress=False),
+        "plain": jaxjpeg.save(tmp_path / "plain.jjpg", plain, target_ratio=8, progress=False),
+        "leaves": save_leaves(tmp_path / "leaves.jjpg",
+                              [SourceLeaf.of([["key", n]], np.asarray(v)) for n, v in ordered],
+                              target_ratio=8, progress=False)}
     got = {k: _by_path(jaxjpeg.restore(tmp_path / f"{k}.jjpg")) for k in ("nnx", "plain", "leaves")}
-    with Checkpoint(tmp_path / "nnx.jjpg") as ckpt:
-        assert ckpt.reader.metadata["rate"]["batchnorm_prior"] == 2
-    for name, _ in ordered:
-        want = got["plain"][name[:-len("/value")]]
-        np.testing.assert_array_equal(got["nnx"][name], want)
-        np.testing.assert_array_equal(got["leaves"][name], want)
+    for k in got:
+        with Checkpoint(tmp_path / f"{k}.jjpg") as ckpt:
+            assert ckpt.reader.metadata["rate"]["batchnorm_prior"] == 2, k
+    stored = {k: {leaf.path.removesuffix("/value"): (leaf.kind, leaf.note)
+                  for leaf in report.leaves} for k, report in reports.items()}
+    assert stored["nnx"] == stored["plain"] == stored["leaves"]
+    for name, value in ordered:
+        want = np.linalg.norm(got["plain"][name[:-len("/value")]] - np.asarray(value))
+        for k in ("nnx", "leaves"):
+            error = np.linalg.norm(got[k][name] - np.asarray(value))
+            assert error <= 1.25 * want + 1e-3 * np.linalg.norm(np.asarray(value)), (k, name)
     # bias correction moved the classifier's bias, as in the plain tree
     assert not np.array_equal(got["nnx"]["fc/bias/value"], plain["fc/bias"])
 

@@ -48,6 +48,8 @@ CHECKS = [
     "unplaced_restores_follow_the_default_device_and_meshes",
     "an_indivisible_sharding_names_its_leaf",
     "a_sharding_of_another_rank_names_its_leaf",
+    "key_leaves_are_laid_out_as_keys",
+    "a_shard_of_an_inner_axis_decodes_its_box_in_part",
     "stacked_layers_saved_sharded_read_their_share",
 ]
 

@@ -949,6 +949,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("ffi_targets", [] {
     py::dict targets;
     targets["jaxjpeg_decode"] = py::capsule(reinterpret_cast<void*>(&JaxjpegDecodeCpu));
+    targets["jaxjpeg_decode_parts"] =
+        py::capsule(reinterpret_cast<void*>(&JaxjpegDecodePartsCpu));
     return targets;
   }, "XLA FFI handler capsules for the CPU platform.");
   m.attr("PLAN_OUTPUT_SIZE") = sizeof(PlanOutput);

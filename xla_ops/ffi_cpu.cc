@@ -84,6 +84,10 @@ int32_t RunOnPool(const DecodePlan& plan, ffi::ThreadPool& pool) {
   return loop->first_error.load();
 }
 
+// kWholeOutputs: every output element must be written exactly once
+// (plan_coverage.h); the "parts" target decodes regions' boxes, which their
+// tiles may write in part (the restore's own plans).
+template <bool kWholeOutputs>
 ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
                          ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
                          ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
@@ -108,7 +112,8 @@ ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
   // The first failure, as the CUDA handler's atomic min over both checks;
   // XLA drops the outputs of a failed call.
   const int32_t decoded = RunOnPool(plan, pool);
-  const int32_t result = std::min(decoded, PlanCoverageStatus(plan, /*fill=*/false));
+  const int32_t result =
+      kWholeOutputs ? std::min(decoded, PlanCoverageStatus(plan, /*fill=*/false)) : decoded;
   status->typed_data()[0] = result;
   if (result != kPlanOk) return ffi::Error(ffi::ErrorCode::kDataLoss, PlanFailure(result));
   return ffi::Error::Success();
@@ -116,7 +121,9 @@ ffi::Error DecodeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> payload,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxjpegDecodeCpu, DecodeCpuImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxjpegDecodeCpu, DecodeCpuImpl<true>,
+                              BindDecodeOperands(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxjpegDecodePartsCpu, DecodeCpuImpl<false>,
                               BindDecodeOperands(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace jaxjpeg

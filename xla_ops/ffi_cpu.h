@@ -1,4 +1,5 @@
-// The CPU decode handler symbol, registered with XLA as "jaxjpeg_decode".
+// The CPU decode handler symbols, registered with XLA as "jaxjpeg_decode"
+// and "jaxjpeg_decode_parts" (outputs its tiles may write in part).
 #ifndef JAXJPEG_FFI_CPU_H_
 #define JAXJPEG_FFI_CPU_H_
 
@@ -6,6 +7,7 @@
 
 namespace jaxjpeg {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxjpegDecodeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxjpegDecodePartsCpu);
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_FFI_CPU_H_

@@ -197,6 +197,8 @@ ffi::Error WriteDescriptors(cudaStream_t stream, ffi::RemainingRets& rets, PlanO
   return LaunchError("writing output descriptors");
 }
 
+// kWholeOutputs: as the CPU handler's (ffi_cpu.cc).
+template <bool kWholeOutputs>
 ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
                           ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tiles,
                           ffi::Buffer<ffi::U8> tables, ffi::Buffer<ffi::F32> row_scale,
@@ -231,7 +233,7 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
   plan.outputs = descriptors;
   plan.num_outputs = static_cast<int64_t>(outputs.size());
   constexpr int kCoverageThreads = 256;
-  if (plan.num_outputs > 0) {
+  if (kWholeOutputs && plan.num_outputs > 0) {
     cudaMemsetAsync(parts.coverage, 0, plan.num_outputs * kCoverageWords * sizeof(uint64_t),
                     stream);
     if (plan.num_tiles > 0) {
@@ -251,7 +253,7 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
     CheckDecodedKernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, 0,
                          stream>>>(plan, status->typed_data());
   }
-  if (plan.num_outputs > 0) {
+  if (kWholeOutputs && plan.num_outputs > 0) {
     CheckCoverageKernel<<<static_cast<unsigned>(plan.num_outputs), kCoverageThreads, 0, stream>>>(
         plan, parts.coverage, status->typed_data());
   }
@@ -261,7 +263,11 @@ ffi::Error DecodeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> payload,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxjpegDecodeCuda, DecodeCudaImpl,
+    JaxjpegDecodeCuda, DecodeCudaImpl<true>,
+    BindDecodeOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxjpegDecodePartsCuda, DecodeCudaImpl<false>,
     BindDecodeOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});
 
@@ -273,6 +279,8 @@ PYBIND11_MODULE(_native_cuda, m) {
     pybind11::dict targets;
     targets["jaxjpeg_decode"] =
         pybind11::capsule(reinterpret_cast<void*>(&jaxjpeg::JaxjpegDecodeCuda));
+    targets["jaxjpeg_decode_parts"] =
+        pybind11::capsule(reinterpret_cast<void*>(&jaxjpeg::JaxjpegDecodePartsCuda));
     return targets;
   });
 }

@@ -386,6 +386,47 @@ def a_sharding_of_another_rank_names_its_leaf():
                     raise AssertionError(f"{call}: a sharding of rank {len(spec)} was taken")
 
 
+@check
+def a_shard_of_an_inner_axis_decodes_its_box_in_part():
+    """Found by review: a shard strided along the view's rows decodes the
+    tiles holding its elements into their box, leaving the rest unwritten;
+    the decode's check that outputs are written whole refused it."""
+    x = rng.normal(size=(8, 1024, 256)).astype(np.float32)
+    path = os.path.join(WORK, "inner.jjpg")
+    jaxjpeg.save(path, {"layers": {"w": x}})   # scanned layers: rows (8, 1024)
+    whole = np.asarray(jaxjpeg.restore(path)["layers"]["w"])
+    sharding = NamedSharding(mesh((8,), ("d",)), P(None, "d", None))
+    value = jaxjpeg.restore(path, target={"layers": {"w": sharding}})["layers"]["w"]
+    for shard in value.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index])
+
+
+@check
+def key_leaves_are_laid_out_as_keys():
+    """Found by review: a Sharding target of a PRNG key leaf was checked
+    against its data's shape, (16, 2) for 16 keys: a spec over the words
+    was taken, and the restored keys failed at first use ("trailing dims of
+    extended dtypes should be replicated")."""
+    keys = jax.random.split(jax.random.key(4), 16)
+    path = os.path.join(WORK, "keys.jjpg")
+    jaxjpeg.save(path, {"keys": keys, "one": jax.random.key(1)})
+    two_d = mesh((2, 4), ("x", "y"))
+    for name, spec in (("keys", P(None, "x")), ("one", P("x"))):
+        sharding = NamedSharding(two_d, spec)
+        for call in (jaxjpeg.restore, jaxjpeg.load):
+            try:
+                call(path, target={name: sharding})
+            except ValueError as e:
+                assert str(e).startswith(f"{name}: the sharding cannot lay out its shape"), e
+            else:
+                raise AssertionError(f"{call.__name__}: keys split between their words")
+    sharding = NamedSharding(two_d, P(("x", "y")))
+    restored = jaxjpeg.restore(path, target={"keys": sharding})["keys"]
+    assert restored.sharding.is_equivalent_to(sharding, 1), restored.sharding
+    np.testing.assert_array_equal(jax.random.key_data(restored), jax.random.key_data(keys))
+    jax.block_until_ready(jax.jit(jax.vmap(lambda k: jax.random.normal(k, (2,))))(restored))
+
+
 def saved_sharded(name, shape, sharding, **options):
     """(path, array, per-device tile bytes of a restore with ``sharding``, the
     leaf's tile bytes, its tile records) of a leaf saved from a jax.Array
