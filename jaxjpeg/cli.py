@@ -595,6 +595,7 @@ def _tile_files(leaves) -> dict[tuple[int, int], str]:
 
 
 def cmd_extract(args) -> int:
+    from jaxjpeg import storage
     from jaxjpeg.treepaths import matching
     with _open_checkpoint(args.ckpt) as ckpt:
         chosen = (None if args.leaf is None
@@ -627,7 +628,7 @@ def cmd_extract(args) -> int:
                     data = ckpt.read_tile(leaf, k)
                     _check_tile_file(ckpt, leaf, k, data)
                     written.append(os.path.join(args.outdir, files[leaf.index, k]))
-                    with open(written[-1], "wb") as f:
+                    with storage.naming_write_errors(written[-1]), open(written[-1], "wb") as f:
                         f.write(data)
                     bar.update(len(data))
         except BaseException:   # a damaged tile (or ^C): no half of an extraction left

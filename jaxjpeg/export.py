@@ -254,6 +254,7 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
     the index only once every shard it names is in place. With ``force``,
     an earlier export there (any number of shards) is replaced whole.
     """
+    from jaxjpeg import storage
     from jaxjpeg.checkpoint_reader import Checkpoint
     from jaxjpeg.progress import progress as progress_bar
 
@@ -290,13 +291,15 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         try:
             for path, shard in zip(paths, shards):
                 temps.append(f"{path}.tmp-{secrets.token_hex(8)}")
-                _write_shard(temps[-1], shard, metadata, decode, bar)
+                with storage.naming_write_errors(path):
+                    _write_shard(temps[-1], shard, metadata, decode, bar)
             if index_path is not None:
                 temps.append(f"{index_path}.tmp-{secrets.token_hex(8)}")
                 index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                          "weight_map": {t.name: os.path.basename(p)
                                         for p, shard in zip(paths, shards) for t in shard}}
-                with open(temps[-1], "w", encoding="utf-8") as f:
+                with storage.naming_write_errors(index_path), \
+                        open(temps[-1], "w", encoding="utf-8") as f:
                     json.dump(index, f, indent=2, ensure_ascii=False)
             _put_in_place(temps, finals, [p for p in existing if p not in finals])
         except BaseException:

@@ -15,6 +15,7 @@ from several threads at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import urllib.parse
@@ -52,6 +53,18 @@ def scheme(location: str) -> str | None:
     """A URL's scheme in lower case (``"gs"``, ``"https"``...), None for a plain path."""
     match = _SCHEME.match(location)
     return None if match is None else match.group(1).lower()
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str):
+    """An OSError of a write that names no file (a full disk: "[Errno 28] No
+    space left on device", found by review) names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
 
 
 def same_entry(a: str, b: str) -> bool:

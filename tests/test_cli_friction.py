@@ -304,3 +304,40 @@ def test_a_ctrl_c_after_the_work_is_done_ends_quietly_with_its_result():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
+def test_a_full_disk_names_the_file_export_and_extract_were_writing(tmp_path, capsys, monkeypatch):
+    """Found by review: "jaxjpeg: error: [Errno 28] No space left on device",
+    naming no file (compress names its output)."""
+    import builtins
+    import errno
+    ckpt = tmp_path / "c.jjpg"
+    jaxjpeg.save(ckpt, PARAMS)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if "w" in mode and str(tmp_path) in str(path) else f
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    for argv, named in ((("export", ckpt, tmp_path / "out"), "model.safetensors"),
+                        (("extract", ckpt, tmp_path / "tiles"), ".jpg")):
+        code, _, err = run(capsys, *argv)
+        assert code == EXIT_IO and "No space left on device" in err, err
+        assert named in err and ".tmp-" not in err, err
