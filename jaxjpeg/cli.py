@@ -42,7 +42,6 @@ Exit status (errors are one line on stderr, without a traceback):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import hashlib
 import importlib
@@ -52,12 +51,12 @@ import os
 import re
 import signal
 import sys
-import threading
 import warnings
 from typing import Any, Iterable
 
 import numpy as np
 
+from jaxjpeg import interrupts
 from jaxjpeg.progress import progress
 
 __all__ = ["EXIT_DAMAGED", "EXIT_IO", "EXIT_OK", "EXIT_USAGE", "main", "load_source"]
@@ -69,25 +68,6 @@ EXIT_USAGE = 2
 EXIT_IO = 3
 EXIT_INTERRUPTED = 130
 EXIT_PIPE_CLOSED = 141   # as a shell reports a command SIGPIPE ended
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised as an interrupt is so that every cleanup a
-    Ctrl-C runs runs (found by review: `timeout`, systemd or docker ending a
-    compress left its temporary file, exit 143 without a word); the command
-    exits 128 + the signal's number, as a shell reports it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-# The signals the command ends on cleanly (console(); _interrupts_held).
-_ENDING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
-
-
-def _interruption(signum: int) -> KeyboardInterrupt:
-    return KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum)
 
 
 def load_source(path: str):
@@ -108,33 +88,11 @@ def _use_cpu() -> None:
     """The CLI decodes on the host: keep jax off accelerators unless the user
     chose (JAX_PLATFORMS). main() calls this before anything starts a jax
     backend; once one has started the setting no longer matters."""
-    with _interrupts_held():
+    with interrupts.held():
         import jax
         importlib.import_module("jaxjpeg.checkpoint")   # the rest of the heavy imports
         if not os.environ.get("JAX_PLATFORMS"):
             jax.config.update("jax_platforms", "cpu")
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """A Ctrl-C held until the block ends, then raised (found by review: one
-    while jax imported crashed the process from C++ (SIGABRT, SIGSEGV) or was
-    swallowed by a garbage-collection callback, the command then running to
-    the end). Only the main thread can hold signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = []
-    held = [getattr(signal, name) for name in _ENDING_SIGNALS if hasattr(signal, name)]
-    previous = {signum: signal.signal(signum, lambda signum, _: pressed.append(signum))
-                for signum in held}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if pressed:
-        raise _interruption(pressed[0])
 
 
 def _size(n: float) -> str:
@@ -849,7 +807,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():   # a rate's warning as one line, as errors are
             warnings.showwarning = _show_warning
             return args.func(args)
-    except _Terminated as e:
+    except interrupts.Terminated as e:
         print(f"{PROG}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
@@ -921,24 +879,21 @@ def console() -> None:
     global _AS_COMMAND
     _AS_COMMAND = True
     result: list[int] = []
-
-    def interrupted(signum, frame):
-        # Once the work is done, a Ctrl-C while the interpreter shuts down
-        # ends it with that result (found by review: the process died by
-        # SIGINT after a complete summary, which a shell reads as interrupted).
-        if result:
-            os._exit(result[0])
-        raise _interruption(signum)
-    for name in _ENDING_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), interrupted)
+    # Once the work is done, a signal while the interpreter shuts down ends
+    # it with that result (found by review: the process died by SIGINT after
+    # a complete summary, which a shell reads as interrupted).
+    handle = interrupts.ending_handler(result)
+    for signum in interrupts.ENDING_SIGNALS:
+        signal.signal(signum, handle)
     try:
         code = main()
-    except _Terminated as e:   # between main's own handling and its return
+    except interrupts.Terminated as e:   # between main's own handling and its return
         code = 128 + e.signum
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     result.append(code)
+    for signum in interrupts.ENDING_SIGNALS:   # the interpreter's shutdown puts back the
+        signal.signal(signum, signal.SIG_IGN)   # default handlers, not ignored ones (review)
     sys.stdout.flush()
     sys.stderr.flush()
     if code > 128 and code != EXIT_PIPE_CLOSED:   # interrupted: nothing left to wait for

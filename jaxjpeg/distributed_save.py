@@ -646,16 +646,16 @@ def _analysed_everywhere(prepared: Prepared):
 
 
 def _packed(result) -> list:
-    """A leaf's analysis (name, (Curve, sensitivity, overhead) or None, raw
-    bytes) as JSON values: the curve's arrays as base64 of their deflated
-    bytes (exact)."""
+    """A leaf's analysis (name, (Curve, sensitivity, overhead, tile count) or
+    None, raw bytes) as JSON values: the curve's arrays as base64 of their
+    deflated bytes (exact)."""
     name, analysis, raw = result
     if analysis is None:
         return [name, None, int(raw)]
-    curve, sensitivity, overhead = analysis
+    curve, sensitivity, overhead, tiles = analysis
     arrays = {f.name: _array_text(getattr(curve, f.name)) for f in dataclasses.fields(curve)
               if getattr(curve, f.name) is not None}
-    return [name, [arrays, float(sensitivity), int(overhead)], int(raw)]
+    return [name, [arrays, float(sensitivity), int(overhead), int(tiles)], int(raw)]
 
 
 def _unpacked(packed: list):
@@ -663,9 +663,9 @@ def _unpacked(packed: list):
     name, analysis, raw = packed
     if analysis is None:
         return name, None, raw
-    arrays, sensitivity, overhead = analysis
+    arrays, sensitivity, overhead, tiles = analysis
     curve = rate.Curve(**{k: _text_array(v) for k, v in arrays.items()})
-    return name, (curve, sensitivity, overhead), raw
+    return name, (curve, sensitivity, overhead, tiles), raw
 
 
 def _array_text(a: np.ndarray) -> list:

@@ -254,7 +254,7 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
     the index only once every shard it names is in place. With ``force``,
     an earlier export there (any number of shards) is replaced whole.
     """
-    from jaxjpeg import storage
+    from jaxjpeg import interrupts, storage
     from jaxjpeg.checkpoint_reader import Checkpoint
     from jaxjpeg.progress import progress as progress_bar
 
@@ -301,7 +301,8 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
                 with storage.naming_write_errors(index_path), \
                         open(temps[-1], "w", encoding="utf-8") as f:
                     json.dump(index, f, indent=2, ensure_ascii=False)
-            _put_in_place(temps, finals, [p for p in existing if p not in finals])
+            with interrupts.held():   # all renamed or none (review: shards mixed)
+                _put_in_place(temps, finals, [p for p in existing if p not in finals])
         except BaseException:
             for temp in temps:
                 if os.path.exists(temp):
