@@ -54,18 +54,20 @@ def held():
 
 def ending_handler(result: list):
     """The command's handler of ENDING_SIGNALS: the first raises its
-    interruption; later ones are ignored, so that the cleanup the first
+    interruption; the second is ignored, so that the cleanup the first
     started runs to its end (found by review: a second SIGTERM 3 ms after the
-    first left 200 MB of temporary shards). Once ``result`` holds the
-    command's exit status, a signal ends the process with it."""
+    first left 200 MB of temporary shards); a third ends the process at once
+    (a cleanup stalled on a store that stopped answering). Once ``result``
+    holds the command's exit status, a signal ends the process with it."""
+    import os
     taken = []
 
     def handle(signum, frame):
         if result:
-            import os
             os._exit(result[0])
-        if taken:
-            return
         taken.append(signum)
-        raise interruption(signum)
+        if len(taken) == 1:
+            raise interruption(signum)
+        if len(taken) > 2:
+            os._exit(128 + taken[0])
     return handle

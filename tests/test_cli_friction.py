@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -394,3 +395,29 @@ def test_a_signal_after_the_work_is_done_leaves_the_result(tmp_path):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, (signum, done.returncode, done.stderr)
+
+
+def test_a_third_signal_ends_a_stalled_cleanup():
+    """The second signal is ignored while the first's cleanup runs; a third
+    ends the process at once, for a cleanup stalled on a store that stopped
+    answering."""
+    script = ("import os, signal, threading, time\n"
+              "from jaxjpeg import cli\n"
+              "def send():\n"
+              "    for _ in range(3):\n"
+              "        time.sleep(0.3)\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "def command(argv=None):\n"
+              "    threading.Thread(target=send, daemon=True).start()\n"
+              "    try:\n"
+              "        time.sleep(30)\n"
+              "    finally:\n"
+              "        print('cleanup', flush=True)\n"
+              "        time.sleep(30)   # stalled\n"
+              "cli.main = command\n"
+              "cli.console()\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 143 and "cleanup" in done.stdout, (done.returncode, done.stderr)
+    assert time.monotonic() - started < 20
