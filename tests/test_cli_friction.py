@@ -381,7 +381,6 @@ def test_a_signal_after_the_work_is_done_leaves_the_result(tmp_path):
     command's result (found by review: a SIGTERM or SIGHUP late in the
     shutdown, after it put back the default handlers, killed a command that
     had succeeded; that moment is not reached from here, an earlier one is)."""
-    import signal
     for signum in ("SIGTERM", "SIGHUP", "SIGINT"):
         script = ("import os, signal, threading, time\n"
                   "from jaxjpeg import cli\n"
