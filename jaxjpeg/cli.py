@@ -883,8 +883,9 @@ def console() -> None:
     # it with that result (found by review: the process died by SIGINT after
     # a complete summary, which a shell reads as interrupted).
     handle = interrupts.ending_handler(result)
-    for signum in interrupts.ENDING_SIGNALS:
-        signal.signal(signum, handle)
+    for signum in interrupts.ENDING_SIGNALS:   # not those inherited ignored (nohup, a
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # script's background job: review)
+            signal.signal(signum, handle)
     try:
         code = main()
     except interrupts.Terminated as e:   # between main's own handling and its return

@@ -420,3 +420,40 @@ def test_a_third_signal_ends_a_stalled_cleanup():
                           timeout=60)
     assert done.returncode == 143 and "cleanup" in done.stdout, (done.returncode, done.stderr)
     assert time.monotonic() - started < 20
+
+
+def test_held_signals_go_to_the_callers_own_handlers(tmp_path):
+    """Found by review: an export called from the caller's code, signalled
+    while it renamed its files, raised jaxjpeg's interruption and bypassed
+    the caller's handler (or the caller's SIG_IGN)."""
+    import signal
+    from jaxjpeg import interrupts
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)   # ignored, as the caller asked
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_command_keeps_signals_it_inherited_ignored():
+    """Found by review: under nohup (SIGHUP ignored) the command still ended
+    on a hangup."""
+    script = ("import os, signal, threading, time\n"
+              "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+              "from jaxjpeg import cli\n"
+              "def command(argv=None):\n"
+              "    os.kill(os.getpid(), signal.SIGHUP)\n"
+              "    time.sleep(0.2)\n"
+              "    print('survived', flush=True)\n"
+              "    return 0\n"
+              "cli.main = command\n"
+              "cli.console()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr)
