@@ -47,9 +47,12 @@ def held():
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if pressed:   # delivered as the handler held back would have (found by review:
-        deliver(pressed[0], previous[pressed[0]])   # a caller's own handler was bypassed)
+            if handler is not None:   # None: a handler set outside Python, not restorable
+                signal.signal(signum, handler)
+        # each delivered as the handler held back would have (found by review: a
+        # caller's own handler was bypassed; one after an ignored one was lost)
+        for signum in dict.fromkeys(pressed):
+            deliver(signum, previous[signum])
 
 
 def deliver(signum: int, handler) -> None:
