@@ -796,12 +796,12 @@ _BLOB_PADDING = 4
 _SMALL_BLOB_OVERHEAD = _BLOB_PADDING + 16
 
 
-def _header_estimate(entries, coded: dict, kept: dict, rounded: dict, target_bytes: int,
+def _header_estimate(entries, coded: dict, kept: dict, rounded_fields: dict, target_bytes: int,
                      tile_shape, user_metadata=None) -> int:
     """The deflated header's bytes, measured on a header of the same shape:
     each leaf's record with its kind's fields (``coded``: name -> its tile
-    count, 0 for one raw blob, a quantized one; ``rounded``: name -> the
-    fields of a leaf kept out of JPEG but rounded), JPEG-coded leaves' tile
+    count, 0 for one raw blob, a quantized one; ``rounded_fields``: name ->
+    the fields of a leaf kept out of JPEG but rounded), JPEG-coded leaves' tile
     lists, and the blob table with offsets spread over the target's bytes
     and checksums of random bits; ``user_metadata`` as given. Found by review: counted as 256 + 8
     a leaf + 16 a blob (measured within 4% on EfficientNet-lite1, 20 long
@@ -828,8 +828,8 @@ def _header_estimate(entries, coded: dict, kept: dict, rounded: dict, target_byt
             blob_sizes += [(f"leaf{i}/tile{k}.jpg", share / tiles) for k in range(tiles)]
             records.append(record)
             continue
-        if leaf.name in rounded:
-            record.update(rounded[leaf.name])
+        if leaf.name in rounded_fields:
+            record.update(rounded_fields[leaf.name])
         elif leaf.name in coded:   # one raw blob, quantized
             record.update(center=int(rng.integers(0, 300)), domain="linear", rice=7,
                           step=float(rng.random()), stored="quantized",
@@ -959,7 +959,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 if leaf.name in takers:
                     return leaf.name, None, _taker_bytes(array, stored)
                 if lossy is not None:   # see _header_estimate
-                    records[leaf.name] = lossy
+                    rounded_fields[leaf.name] = lossy
                 if lossy is not None and not (log_coding is not None
                                               and log_coding.names_a_moment(leaf.name)):
                     rounded[leaf.name] = array.nbytes - stored   # see _room_for_exact
@@ -982,7 +982,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                            tile_count), 0
 
     rounded = {}   # leaves kept out of JPEG but rounded: their bytes short of exact
-    records = {}   # the record fields of those stored rounded
+    rounded_fields = {}   # the record fields of those (moments too) stored rounded
 
     kept_moments = {}   # bytes of the moments kept out of the ladder (small leaves')
 
@@ -990,7 +990,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         coded, kept, overhead, curves, sens, tiles = set(), 0, 0, {}, {}, {}
         kept_by, tile_counts = {}, {}
         rounded.clear()
-        records.clear()
+        rounded_fields.clear()
         height, width = coding.get("tile_shape") or codec.DEFAULT_TILE_SHAPE
         for name, measured, raw in analysed_by(analyse, entries, floor):
             kept += raw
@@ -1004,8 +1004,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 kept_by[name] = raw
         # each process alike: its own leaves' rounding is not known of the others'
         header = _header_estimate(entries, tile_counts, kept_by,
-                                  records if own is None else {}, target_bytes, (height, width),
-                                  user_metadata)
+                                  rounded_fields if own is None else {}, target_bytes,
+                                  (height, width), user_metadata)
         overhead += (fmt.PREAMBLE_SIZE + header + fmt.ALIGNMENT // 2   # the header's alignment
                      + _BLOB_PADDING * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
