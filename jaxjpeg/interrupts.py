@@ -32,11 +32,12 @@ def interruption(signum: int) -> KeyboardInterrupt:
 
 @contextlib.contextmanager
 def held():
-    """Ending signals held until the block ends, then the first raised (found
-    by review: a Ctrl-C while jax imported crashed the process from C++, or
-    was swallowed by a garbage-collection callback; one between an export's
-    renames left old and new shards mixed). Only the main thread can hold
-    signals; elsewhere the block just runs."""
+    """Ending signals held until the block ends, then each delivered to the
+    handler it was held from (found by review: a Ctrl-C while jax imported
+    crashed the process from C++, or was swallowed by a garbage-collection
+    callback; one between an export's renames left old and new shards
+    mixed). Only the main thread can hold signals; elsewhere the block just
+    runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -552,11 +552,22 @@ def test_targets_near_raw_make_kernels_exact_before_vectors(tmp_path):
         assert any(leaf.exact and leaf.path.endswith("kernel") for leaf in report.leaves)
 
 
+def _refused_smallest(path, tree) -> int:
+    """The smallest file a byte target's refusals name: the leaves kept
+    apart (a tiny target), then those and the coded leaves' smallest codings."""
+    import re
+
+    def named(target):
+        with pytest.raises(ValueError) as refused:
+            jaxjpeg.save(path, tree, target_bytes=target, progress=False)
+        return sum(int(n) for n in re.findall(r"the (\d+) (?:bytes|of)", str(refused.value)))
+    return named(int(1.01 * named(1000)))
+
+
 def test_a_target_the_smallest_file_only_nears_is_refused_not_overshot(tmp_path):
     """Found by review: a target within 2% of the estimated smallest file
     was taken, and small trees' smallest codings, measured on probes, are
     3-5% larger: files 4-8% over their targets, where they had been refused."""
-    import re
     import ml_dtypes
     rng = np.random.default_rng(3)
     bf16 = ml_dtypes.bfloat16
@@ -564,12 +575,7 @@ def test_a_target_the_smallest_file_only_nears_is_refused_not_overshot(tmp_path)
             "h": {f"d{i}": {"kernel": (rng.standard_normal((256, 256)) * 0.05).astype(bf16),
                             "bias": (rng.standard_normal(256) * 0.05).astype(bf16)}
                   for i in range(4)}}
-    def refusal_sum(target):   # the bytes the refusal says the smallest file takes
-        with pytest.raises(ValueError) as refused:
-            jaxjpeg.save(tmp_path / "s.jjpg", tree, target_bytes=target, progress=False)
-        return sum(int(n) for n in re.findall(r"the (\d+) (?:bytes|of)", str(refused.value)))
-    # the leaves kept apart, then those and the coded leaves' smallest coding
-    smallest = refusal_sum(int(1.01 * refusal_sum(1000)))
+    smallest = _refused_smallest(tmp_path / "s.jjpg", tree)
     for share in (0.995, 0.985):
         target = int(share * smallest)
         try:
@@ -584,17 +590,11 @@ def test_a_target_at_the_smallest_file_the_refusal_names_is_met(tmp_path):
     """Found by review: a margin on the probes' smallest codings refused
     targets above the smallest file the refusal named; a target at or just
     above it is met, never more than 2% over."""
-    import re
     rng = np.random.default_rng(0)
     tree = {f"layer{i}": {"kernel": rng.standard_normal((512, 512)).astype(np.float32),
                           "bias": (rng.standard_normal(512) * 0.1).astype(np.float32)}
             for i in range(4)}
-
-    def refusal_sum(target):
-        with pytest.raises(ValueError) as refused:
-            jaxjpeg.save(tmp_path / "s.jjpg", tree, target_bytes=target, progress=False)
-        return sum(int(n) for n in re.findall(r"the (\d+) (?:bytes|of)", str(refused.value)))
-    smallest = refusal_sum(int(1.01 * refusal_sum(1000)))
+    smallest = _refused_smallest(tmp_path / "s.jjpg", tree)
     for share in (1.0, 1.01):
         target = int(share * smallest)
         with warnings.catch_warnings():
