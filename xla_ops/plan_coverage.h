@@ -122,8 +122,8 @@ JJ_HD inline void FillOutputWithNaN(const PlanOutput& out, int64_t first, int64_
 // The packed status of an output its tiles do not cover exactly once: the
 // output's index in the interval's place (PlanFailure tells them apart).
 JJ_HD JJ_INLINE int32_t UncoveredStatus(int64_t output) {
-  return PackPlanStatus(output < kMaxPlanIntervals ? output : kMaxPlanIntervals,
-                        Status::kUncovered);
+  return PackPlanStatus(output < kMaxPlanIntervals ? output : kMaxPlanIntervals - 1,
+                        Status::kUncovered);   // (interval << 4) fits 31 bits
 }
 
 // The host's check of every output, after decoding: kPlanOk or the first
