@@ -1265,7 +1265,7 @@ def _coarsest_coded_bytes(entries, curves: dict, leaf_coder: "_LeafCoder") -> di
 
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
-                 all_exact: bool = False) -> str | None:
+                 all_exact: bool = False, all_finest: bool = False) -> str | None:
     """A warning when the file's size missed a byte target by more than
     TARGET_TOLERANCE (every leaf at its finest coding, or no coding the
     allocation tried between two candidates lies closer; found by review:
@@ -1275,7 +1275,9 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
         return None
     asked = ", ".join(f"{k}={v:g}" for k, v in rate.items()
                       if k in ("target_ratio", "target_bytes", "bits_per_weight"))
-    why = ("every leaf is stored exactly" if all_exact and file_bytes < target
+    under = file_bytes < target
+    why = ("every leaf is stored exactly" if all_exact and under
+           else "every coded leaf at its finest coding" if all_finest and under   # (found by review: "the closest coding" said there)
            else "the closest coding of its leaves the allocation found")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
@@ -1910,8 +1912,10 @@ class _Save:
         finally:
             bar.close()
         report = SaveReport(storage.as_location(self.path), reports, storage.size(self.path))
+        allocator = getattr(self.encode, "allocator", None)
         miss = _target_miss(self.target, report.file_bytes, self.rate,
-                            all(leaf.exact for leaf in reports))
+                            all(leaf.exact for leaf in reports),
+                            allocator is not None and allocator.all_finest)
         if miss:
             warnings.warn(miss, stacklevel=4)
         return report

@@ -1561,6 +1561,7 @@ class BudgetAllocator:
         self.slope = 0.0
         self._log_slope = None   # log λ of the last choice (where the next bisection starts)
         self._planned_total = 0.0   # the last choice's predicted bytes, corrected
+        self.all_finest = True   # every tensor coded so far at its finest candidate
 
     def planned_bytes(self, names) -> float:
         """The predicted bytes of ``names`` at the allocation of the whole
@@ -1826,6 +1827,7 @@ class BudgetAllocator:
         else:
             k, enc = self._settle_starving(name, p, c, k, enc, fallback, choices)
         self.pending.discard(name)
+        self.all_finest = self.all_finest and k == len(c.nbytes) - 1
         self.spent += enc.nbytes
         self.predicted_spent += float(c.nbytes[k])
         self.steps[name] = float(c.q[k])

@@ -603,6 +603,14 @@ def test_a_target_at_the_smallest_file_the_refusal_names_is_met(tmp_path):
         assert report.file_bytes <= 1.02 * target, (share, report.file_bytes, target)
 
 
+def test_a_target_beyond_the_finest_codings_says_so(tmp_path):
+    """Found by review: a file under its target with every coded leaf at its
+    finest coding was called "the closest coding the allocation found"."""
+    kernel = (np.random.default_rng(1).standard_normal((256, 256)) * 0.05).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"\(-4\d\.\d%\), every coded leaf at its finest coding"):
+        jaxjpeg.save(tmp_path / "f.jjpg", {"kernel": kernel}, target_ratio=1.6, progress=False)
+
+
 def test_a_target_no_coding_can_meet_is_refused_when_no_leaf_is_coded(tmp_path):
     """Defect: with every leaf below the policy's size to code, target_ratio=8
     gave a 2.3x file without a word."""
