@@ -42,18 +42,27 @@ def held():
         yield
         return
     pressed = []
+    # not those whose handler was set outside Python: it could not be put back
+    # (found by review: an embedding program's own handler was replaced for good)
     previous = {signum: signal.signal(signum, lambda signum, _: pressed.append(signum))
-                for signum in ENDING_SIGNALS}
+                for signum in ENDING_SIGNALS if signal.getsignal(signum) is not None}
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None:   # None: a handler set outside Python, not restorable
-                signal.signal(signum, handler)
-        # each delivered as the handler held back would have (found by review: a
-        # caller's own handler was bypassed; one after an ignored one was lost)
-        for signum in dict.fromkeys(pressed):
-            deliver(signum, previous[signum])
+            signal.signal(signum, handler)
+        # each, repeats too, delivered as the handler held back would have, the
+        # later ones also where an earlier one raises (found by review: a
+        # caller's own handler was bypassed; one after another was lost)
+        _deliver_all([(signum, previous[signum]) for signum in pressed])
+
+
+def _deliver_all(signals: list) -> None:
+    if signals:
+        try:
+            deliver(*signals[0])
+        finally:
+            _deliver_all(signals[1:])
 
 
 def deliver(signum: int, handler) -> None:

@@ -457,3 +457,34 @@ def test_the_command_keeps_signals_it_inherited_ignored():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr)
+
+
+def test_every_held_signal_is_delivered_even_after_one_raises():
+    """Found by review: SIGINT then SIGTERM held, the default SIGINT handler
+    raised and SIGTERM was lost (exit 0 where the plain process ends 143);
+    two SIGINTs reached the caller's handler once."""
+    script = ("import os, signal, sys\n"
+              "from jaxjpeg import interrupts\n"
+              "try:\n"
+              "    with interrupts.held():\n"
+              "        os.kill(os.getpid(), signal.SIGINT)\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "except KeyboardInterrupt:\n"
+              "    pass\n"
+              "print('not ended', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == -15 and "not ended" not in done.stdout, done
+    import signal
+    from jaxjpeg import interrupts
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls == [signal.SIGINT, signal.SIGINT]
