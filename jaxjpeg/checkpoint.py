@@ -19,7 +19,6 @@ import math
 import os
 import threading
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
@@ -803,8 +802,9 @@ def _header_estimate(entries, coded: dict, kept: dict, rounded_fields: dict, tar
     count, 0 for one raw blob, a quantized one; ``rounded_fields``: name ->
     the fields of a leaf kept out of JPEG but rounded), JPEG-coded leaves' tile
     lists, and the blob table with offsets spread over the target's bytes
-    and checksums of random bits; ``user_metadata`` as given. Found by review: counted as 256 + 8
-    a leaf + 16 a blob (measured within 4% on EfficientNet-lite1, 20 long
+    and checksums of random bits; ``user_metadata`` as given; encoded as the
+    writer encodes its header. Found by review: counted as 256 + 8 a leaf +
+    16 a blob (measured within 4% on EfficientNet-lite1, 20 long
     names and 600 leaves), a tree of 102 small ONNX leaves was counted 18%
     over its header, 3% of its file: its targets landed 2.5-3.4% under."""
     rng = np.random.default_rng(0)
@@ -846,10 +846,7 @@ def _header_estimate(entries, coded: dict, kept: dict, rounded_fields: dict, tar
                 "version": 2}
     if user_metadata is not None:   # (found by review: uncounted, 17% over with 3000 floats)
         metadata[layout.USER_METADATA_KEY] = user_metadata
-    header = {"blobs": blobs, "metadata": metadata}
-    return len(zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":"),
-                                        ensure_ascii=False, default=str).encode(),
-                             layout.DEFLATE_LEVEL))
+    return len(fmt._encode_header(blobs, metadata)[0])
 
 
 def _coded_overhead(p: codec.Prepared, restart_interval, tile_shape,
@@ -991,7 +988,6 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         kept_by, tile_counts = {}, {}
         rounded.clear()
         rounded_fields.clear()
-        height, width = coding.get("tile_shape") or codec.DEFAULT_TILE_SHAPE
         for name, measured, raw in analysed_by(analyse, entries, floor):
             kept += raw
             if log_coding is not None and log_coding.names_a_moment(name):
@@ -1005,7 +1001,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         # each process alike: its own leaves' rounding is not known of the others'
         header = _header_estimate(entries, tile_counts, kept_by,
                                   rounded_fields if own is None else {}, target_bytes,
-                                  (height, width), user_metadata)
+                                  coding.get("tile_shape"), user_metadata)
         overhead += (fmt.PREAMBLE_SIZE + header + fmt.ALIGNMENT // 2   # the header's alignment
                      + _BLOB_PADDING * (len(entries) - len(coded)))
         return coded, kept, overhead, curves, sens, tiles
@@ -1090,7 +1086,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         # and raising the budget to coded figures below the probes' left a
         # pruned tree's file 5x over)
         smallest = coarsest if own is not None else max(
-            coarsest, sum(_coarsest_coded_bytes(entries, curves, leaf_coder).values()))
+            coarsest, _coarsest_coded_bytes(entries, curves, leaf_coder))
         if smallest > budget + slack:
             raise refusal(target_bytes - budget, smallest)
         budget = max(budget, coarsest)
@@ -1250,18 +1246,17 @@ TARGET_TOLERANCE = 0.02   # byte targets promise the file's size within 2%
 NEAR_SMALLEST = 0.9
 
 
-def _coarsest_coded_bytes(entries, curves: dict, leaf_coder: "_LeafCoder") -> dict:
-    """Each coded leaf's smallest coding's bytes, the leaf coded so."""
+def _coarsest_coded_bytes(entries, curves: dict, leaf_coder: "_LeafCoder") -> int:
+    """The bytes of the coded leaves' smallest codings, each leaf coded so."""
     from jaxjpeg import rate
 
     arrays = {leaf.name: leaf for leaf in entries}
-    coded = {}
+    total = 0
     for name, c in curves.items():
         p = leaf_coder.prepare(name, arrays[name].array())
         leaf_coder.remember(name, p)   # coded again, as prepared, if it is saved
-        coded[name] = rate.encode_candidate(p, c, int(np.argmin(c.nbytes)),
-                                            leaf_coder.coding).nbytes
-    return coded
+        total += rate.encode_candidate(p, c, int(np.argmin(c.nbytes)), leaf_coder.coding).nbytes
+    return total
 
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
@@ -1276,8 +1271,10 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     asked = ", ".join(f"{k}={v:g}" for k, v in rate.items()
                       if k in ("target_ratio", "target_bytes", "bits_per_weight"))
     under = file_bytes < target
+    # (found by review: "the closest coding" was said where every coded leaf
+    # was at its finest)
     why = ("every leaf is stored exactly" if all_exact and under
-           else "every coded leaf at its finest coding" if all_finest and under   # (found by review: "the closest coding" said there)
+           else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")

@@ -108,7 +108,7 @@ class MatrixView:
         the tensor's."""
         shape = tuple(int(n) for n in shape)
         at = np.unravel_index(np.asarray(flat_index, np.int64), shape) if shape else ()
-        rows, cols = self.matrix_shape(shape)
+
         def flat(axes):
             if not axes:
                 return np.zeros(np.shape(flat_index), np.int64)

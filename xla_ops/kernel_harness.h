@@ -146,8 +146,8 @@ inline Status RunBuildTablesBlock(const DecodePlan& plan, int64_t index, Decoder
 // Runs the destuff kernel (a call per interval stands for its warp), the
 // table kernel, every decode kernel and the check kernels, as the CUDA
 // handler launches them, with the same workspace layout. Without
-// `whole_outputs` the coverage kernels are left out (tests decode parts of
-// outputs; the handler always runs them).
+// `whole_outputs` the coverage kernels are left out, as the handler's
+// "parts" target leaves them out (tests decode parts of outputs too).
 inline int32_t RunKernelHarness(const DecodePlan& host_plan, HarnessCounts* counts = nullptr,
                                 bool whole_outputs = true) {
   HarnessCounts ignored;
