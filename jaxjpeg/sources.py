@@ -785,6 +785,10 @@ def _item_sources(path: str, chosen: dict, items, item_leaves) -> Source:
 
 
 _WEB_ORBAX_CACHE_BYTES = 8 * 2**20
+# A web server's failed reads are tried 4 times over about 8 s, then the
+# compress fails naming the file (tensorstore's default retries a server
+# answering 500 for 9 minutes and more; found by review).
+_WEB_ORBAX_RETRIES = {"max_retries": 4, "initial_delay": "500ms", "max_delay": "4s"}
 
 
 def _is_web(path: str) -> bool:
@@ -832,7 +836,8 @@ def _web_orbax_leaves(directory: str) -> list:
     import tensorstore as ts
     # One context for the item's arrays: the database's manifest and index
     # nodes are fetched once, not once per array (a small cache: no chunks kept).
-    context = ts.Context({"cache_pool": {"total_bytes_limit": _WEB_ORBAX_CACHE_BYTES}})
+    context = ts.Context({"cache_pool": {"total_bytes_limit": _WEB_ORBAX_CACHE_BYTES},
+                          "http_request_retries": _WEB_ORBAX_RETRIES})
     key_impls = _orbax_key_impls(directory)
     leaves = []
     for entry in entries.values():

@@ -32,6 +32,7 @@ class RangeServer:
         self.stall_from = None          # GETs of ranges at least this long stall (for good)
         self.stalled = 0                # GETs stalling now
         self.status = None              # answer every request with this HTTP error
+        self.failing = None             # (regex, status): requests whose path matches get it
         self.missing_status = 404       # for files that are not there (S3 answers 403)
         self.range_cap = None           # answer at most this many bytes of a range
         self._lock = threading.Lock()
@@ -73,6 +74,9 @@ class RangeServer:
             def _answer(self, body: bool):
                 if server.status is not None:
                     self.send_error(server.status)
+                    return
+                if server.failing is not None and re.search(server.failing[0], self.path):
+                    self.send_error(server.failing[1])
                     return
                 path = os.path.join(server.directory, self.path.lstrip("/").split("?")[0])
                 if not os.path.isfile(path):

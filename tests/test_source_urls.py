@@ -274,6 +274,28 @@ def test_orbax_over_http_equals_local(orbax_dirs, tmp_path, capsys):
         assert code == cli.EXIT_USAGE and "no Orbax item 'nope'" in err
 
 
+def test_orbax_over_http_from_a_failing_server_is_an_io_error_not_a_hang(orbax_dirs, tmp_path,
+                                                                      capsys):
+    """Found by review: a server answering 500 for an Orbax item's arrays
+    (its _METADATA read) had tensorstore retry each read for 9+ minutes.
+    Now a few tries, then exit 3 naming the file and the status."""
+    import threading
+
+    root, _ = orbax_dirs
+    result = {}
+    with RangeServer(root) as server:
+        server.failing = (r"/item/(d|manifest)", 500)
+        worker = threading.Thread(target=lambda: result.update(
+            answer=run(capsys, "compress", server.url("item"), tmp_path / "f.jjpg")), daemon=True)
+        worker.start()
+        worker.join(120)   # a hang guard, not a speed target: the retries take about 8 s
+        assert not worker.is_alive(), "compress still retrying after 120 s"
+    code, _, err = result["answer"]
+    assert code == cli.EXIT_IO, err
+    assert "cannot open" in err and "500" in err and server.url("item") in err
+    assert not (tmp_path / "f.jjpg").exists()
+
+
 def test_url_errors_have_their_exit_codes(local, memory_fs, tmp_path, capsys):
     root, _ = local
     fs, mem = memory_fs
