@@ -423,3 +423,16 @@ def test_a_failed_write_names_the_file(tmp_path, where):
     else:
         assert "local temporary copy of memory://bucket/ck.jjpg" in message
         assert not os.path.exists(filename)
+
+
+def test_a_save_to_a_web_url_does_not_download_what_it_replaces(tmp_path):
+    """Found by review: the check that a URL names no directory was fsspec's
+    isdir, which on a web server GETs the whole file to look for links in
+    it (8 MiB read before the save's upload). A web server has no directories."""
+    (tmp_path / "big.jjpg").write_bytes(b"x" * (8 << 20))
+    with RangeServer(tmp_path) as server:
+        with pytest.raises(OSError, match="uploading"):   # this server takes no uploads
+            jaxjpeg.save(server.url("big.jjpg"), {"w": np.ones((64, 64), np.float32)})
+        assert server.bytes_served == 0
+        with pytest.raises(IsADirectoryError):
+            jaxjpeg.save(server.url("d/"), {"w": np.ones((64, 64), np.float32)})
