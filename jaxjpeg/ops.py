@@ -129,7 +129,14 @@ _REFUSED_TEXT = "decode plan refused: "   # a plan the handler refuses whole (ff
 
 def check_status(status, labels: codec.TileLabels | None = None) -> None:
     """Raises JpegError if a decode reported a corrupt interval (waits for it),
-    naming the tile it lies in where the plan's ``labels`` are given."""
+    naming the tile it lies in where the plan's ``labels`` are given.
+    Under a trace (``jax.jit`` around ``restore`` or a lazy ``get``) there is
+    no status to read yet: a TypeError says what to call instead (found by
+    review: jax's TracerArrayConversionError from inside jaxjpeg)."""
+    if isinstance(status, jax.core.Tracer):
+        raise TypeError("jaxjpeg.restore and jaxjpeg.open(...).get read and check the file "
+                        "eagerly and cannot run under jax.jit, vmap or grad: call "
+                        "jaxjpeg.load(path) outside and jaxjpeg.decode(loaded) inside")
     value = int(np.asarray(status)[0])
     if value != _native.PLAN_OK:
         raise codec.JpegError(_naming_tile(_native.plan_failure(value), labels))

@@ -1134,6 +1134,21 @@ def test_a_jitted_step_taking_loaded_checkpoints_compiles_once(tmp_path):
     assert abs(float(total) - want) <= 1e-3 * abs(want) + 1e-2
 
 
+def test_restore_under_jit_says_to_load_outside_and_decode_inside(tmp_path):
+    """Found by review: restore (and a lazy get) under jax.jit failed with
+    jax's TracerArrayConversionError from inside jaxjpeg's status check."""
+    w = (0.05 * np.random.default_rng(0).standard_normal((256, 128))).astype(np.float32)
+    path = tmp_path / "c.jjpg"
+    jaxjpeg.save(path, {"w": w})
+    with jaxjpeg.open(path) as f:
+        for read in (lambda: jaxjpeg.restore(path), lambda: f.get("w")):
+            with pytest.raises(TypeError, match="jaxjpeg.load.*jaxjpeg.decode"):
+                jax.jit(read)()
+    loaded = jaxjpeg.load(path)
+    np.testing.assert_array_equal(jax.jit(jaxjpeg.decode)(loaded)["w"],
+                                  jaxjpeg.restore(path)["w"])
+
+
 def test_kept_values_beyond_the_decoded_dtype_are_refused(tmp_path):
     """Found by review: a side-list value of 1e5 decoded to float16 became inf
     silently (restore, load + decode), where a raw leaf's is refused."""
