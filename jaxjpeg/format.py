@@ -241,6 +241,8 @@ def create_temp_file(target: str, shown=None) -> tuple[str, int]:
     first), locked while its writer lives, with the permission bits of the
     file it replaces (a 0600 file stays 0600). ``shown``: the path errors name."""
     shown = target if shown is None else shown
+    if not target:   # found by review: coded whole, then a rename onto '' failed
+        raise FileNotFoundError(errno.ENOENT, "cannot save: the path is empty", shown)
     if os.path.isdir(target) or target.endswith(os.sep):
         # found by review: refused only at the rename, after all the coding,
         # naming the temporary file (one in the parent, for "dir/")

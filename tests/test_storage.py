@@ -149,6 +149,17 @@ def test_a_local_directory_is_refused_naming_it(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["d"] and os.listdir(tmp_path / "d") == []
 
 
+def test_an_empty_path_is_refused_before_coding(tmp_path, monkeypatch):
+    """Found by review: save("") coded the whole tree, made its temporary
+    file in the working directory's parent and failed at the rename onto ''."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(jaxjpeg.codec, "encode_tensor", None)   # never reached
+    with pytest.raises(FileNotFoundError, match="path is empty"):
+        jaxjpeg.save("", {"w": np.ones((64, 64), np.float32)})
+    assert sorted(os.listdir(tmp_path)) == ["cwd"] and os.listdir(tmp_path / "cwd") == []
+
+
 def test_pathlike_epath_and_file_url(local_file, tmp_path):
     from etils import epath
     path, expected = local_file
