@@ -120,6 +120,11 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
         if impl is not None:   # a key array asked of its saved key data
             want = _Want(saved.shape, None, want.sharding)
         if want.shape != saved.shape:
+            if saved.prng_impl is not None:   # found by review: "saved shape (2,)" for one key
+                keys = prng_keys.key_struct(name, saved.prng_impl, saved.shape)
+                raise ValueError(f"{name}: target shape {want.shape} != saved PRNG keys "
+                                 f"{keys.dtype}{list(keys.shape)} (their data: uint32"
+                                 f"{list(saved.shape)})")
             raise ValueError(f"{name}: target shape {want.shape} != saved shape {saved.shape}")
         want_dtype = restored_dtype(saved.dtype, dtype, want.dtype, name)
         sharding = want.sharding

@@ -119,6 +119,10 @@ def test_targets_ask_for_keys_or_their_data(tmp_path):
                                                                3)})
     with pytest.raises(ValueError, match="count: the target asks for a PRNG key array"):
         jaxjpeg.restore(path, target={"count": keys})
+    # found by review: a float target of the keys' own shape was told "saved shape (3, 2)"
+    with pytest.raises(ValueError, match=r"keys: target shape \(3,\) != saved PRNG keys "
+                                         r"key<fry>\[3\] \(their data: uint32\[3, 2\]\)"):
+        jaxjpeg.restore(path, target={"keys": jax.ShapeDtypeStruct((3,), jnp.float32)})
 
 
 def _edit_key_record(src, dst, **fields):
