@@ -33,7 +33,7 @@ def tied_leaves(leaves: Sequence, treatment: Callable[[object], Hashable | None]
             continue
         key = treatment(leaf)
         if key is not None:
-            groups.setdefault((leaf.shape, leaf.dtype, leaf.shards, key), []).append(i)
+            groups.setdefault((leaf.shape, leaf.dtype, key), []).append(i)
     tied = {}
     for members in groups.values():
         firsts: list[tuple[int, np.ndarray, bytes]] = []

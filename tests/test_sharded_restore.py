@@ -51,6 +51,7 @@ CHECKS = [
     "key_leaves_are_laid_out_as_keys",
     "a_shard_of_an_inner_axis_decodes_its_box_in_part",
     "stacked_layers_saved_sharded_read_their_share",
+    "equal_leaves_sharded_apart_are_tied",
 ]
 
 

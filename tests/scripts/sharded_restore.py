@@ -510,6 +510,28 @@ def saved_sharded_restores_on_other_shardings():
 
 
 @check
+def equal_leaves_sharded_apart_are_tied():
+    """Found by review: an embedding and its head of the same values, held
+    on other shardings, were coded twice (the file twice the size, and the
+    copies not restoring equal)."""
+    x = rng.normal(size=(512, 384)).astype(np.float32)
+    m = mesh((2, 4), ("a", "b"))
+    path = os.path.join(WORK, "tied_apart.jjpg")
+    single = os.path.join(WORK, "tied_host.jjpg")
+    jaxjpeg.save(single, {"embed": x, "head": x.copy()})
+    for head in (P(), P(None, "b")):
+        jaxjpeg.save(path, {"embed": jax.device_put(x, NamedSharding(m, P("a"))),
+                            "head": jax.device_put(x, NamedSharding(m, head))})
+        with jaxjpeg.open(path) as f:
+            assert f.info("head").tied_to == "embed", head
+        assert os.path.getsize(path) <= 1.01 * os.path.getsize(single), head
+        target = {"embed": NamedSharding(m, P("a")), "head": NamedSharding(m, head)}
+        got = jaxjpeg.restore(path, target=target)
+        assert got["head"].sharding.spec == head
+        np.testing.assert_array_equal(np.asarray(got["head"]), np.asarray(got["embed"]))
+
+
+@check
 def orbax_handler_cuts_tiles_along_shards():
     """The Orbax handler (training loops' save) copies leaves to host and keeps
     their shards: the issue's case reads a quarter per device from its file."""
