@@ -132,6 +132,16 @@ _SCALE = ("weight", "gamma", "scale")
 _SHIFT = ("bias", "beta")
 _VARIANCE = ("running_var", "moving_variance", "var")
 _MEAN = ("running_mean", "moving_mean", "mean")
+# PaddlePaddle's generated names, which its ONNX exports keep: layer
+# "conv2d_3" holds "conv2d_3.w_0" (its weight) and "conv2d_3.b_0" (bias); a
+# BatchNorm "batch_norm2d_5" its scale w_0, shift b_0, running mean w_1 and
+# running variance w_2. Read as the names above (found by review: a Paddle
+# detector's 94 BatchNorms went unseen, 8x recall 0.78 against 0.89 with
+# PyTorch's names).
+_PADDLE_LAYER = re.compile(r"[a-z][a-z0-9_]*_\d+")
+_PADDLE_NORM = re.compile(r"(sync_)?batch_norm(\d+d)?_\d+")
+_PADDLE_LEAVES = {"w_0": "weight", "b_0": "bias"}
+_PADDLE_NORM_LEAVES = {**_PADDLE_LEAVES, "w_1": "running_mean", "w_2": "running_var"}
 # Flax keeps a module's parameters and its running statistics in two
 # collections with the same module paths below them.
 _FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
@@ -317,7 +327,7 @@ def batchnorm_prior(tree, load=None) -> Prior:
     if load is not None:
         load = (lambda read: lambda name: read(paths.get(name, name)))(load)
     norms = _batchnorms(dict(ordered))
-    order_lost = _order_lost(ordered)
+    order_lost = _order_lost(ordered, paths)
     transposed = _transposed_kernels(ordered, in_order=not order_lost)
     paired = _paired(ordered, norms, transposed)
     # Kernels fed by a BatchNorm that follows its activation: neither a
@@ -521,14 +531,15 @@ def _tap_sums(array, name: str, axes: tuple[int, int], load) -> np.ndarray | Non
     return taps.sum(axis=tuple(range(2, taps.ndim)), dtype=np.float64)
 
 
-def _order_lost(ordered) -> bool:
+def _order_lost(ordered, paths: Mapping[str, str]) -> bool:
     """Whether the leaves are listed sorted by name (a Flax NNX state, a
-    safetensors file), not in the order the network was built: the whole
+    safetensors file; by their paths, ``paths`` giving those of names
+    :func:`_canonical` changed), not in the order the network was built: the whole
     listing, or each top-level container's part of it ({"params": ...,
     "batch_stats": ...} whose dicts a jax tree operation rebuilt with sorted
     keys, as optax and TrainState do; found by review: every BatchNorm_i
     then came before every Conv_i and all were paired with the last)."""
-    names = [name for name, _ in ordered]
+    names = [paths.get(name, name) for name, _ in ordered]
     if len(names) <= 2:
         return False
     if _listed_sorted(names):
@@ -648,7 +659,8 @@ def shift_targets(tree, out_axes: Mapping[str, int]) -> dict[str, str]:
     channels = {short.get(name, name): np.shape(arrays[short.get(name, name)])[axis]
                 for name, axis in out_axes.items() if short.get(name, name) in arrays}
     norms = _batchnorms(arrays)
-    fitted = _paired_by_fit(ordered, _preceding(norms)) if norms and _order_lost(ordered) else None
+    lost = bool(norms) and _order_lost(ordered, paths)
+    fitted = _paired_by_fit(ordered, _preceding(norms)) if lost else None
     means, biases = _shift_takers(ordered, norms, channels, fitted)
     return {paths.get(k, k): paths.get(v, v) for k, v in {**means, **biases}.items()}
 
@@ -705,13 +717,26 @@ def _output_biases(arrays: dict, names, channels) -> dict[str, str]:
 def may_be_batchnorm_vector(name: str, shape) -> bool:
     """Whether leaf ``name`` of ``shape`` may be a BatchNorm's parameter or
     statistic (what :func:`batchnorm_prior` reads the values of)."""
-    return len(shape) == 1 and _leaf(variable_name(name)) in (*_SCALE, *_SHIFT, *_VARIANCE,
-                                                                *_MEAN)
+    return len(shape) == 1 and _leaf(_canonical(name)) in (*_SCALE, *_SHIFT, *_VARIANCE, *_MEAN)
 
 
 def is_running_mean(name: str) -> bool:
     """Whether leaf ``name`` is a BatchNorm's running mean (by its last key)."""
-    return _leaf(variable_name(name)) in _MEAN
+    return _leaf(_canonical(name)) in _MEAN
+
+
+def _canonical(name: str) -> str:
+    """``name`` as this module reads it: an NNX variable's path without its
+    ``value`` key (treepaths.variable_name), a Paddle name's last key as the
+    PyTorch one it stands for (_PADDLE_LEAVES)."""
+    short = variable_name(name)
+    parent, leaf = _split(short)
+    if leaf not in _PADDLE_NORM_LEAVES or not parent.endswith("."):
+        return short
+    layer = parent[:-1].rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+    table = (_PADDLE_NORM_LEAVES if _PADDLE_NORM.fullmatch(layer)
+             else _PADDLE_LEAVES if _PADDLE_LAYER.fullmatch(layer) else {})
+    return parent + table[leaf] if leaf in table else short
 
 
 def _running_mean(arrays: dict, parent: str, channels: int) -> str | None:
@@ -763,7 +788,7 @@ def input_power(tree) -> dict[str, tuple[int, np.ndarray]]:
     """{weight leaf path: (its input-channel axis, estimated E[x²] per input
     channel)} for every weight fed by a BatchNorm in ``tree``."""
     ordered, paths = _variable_names(_in_insertion_order(tree))
-    transposed = _transposed_kernels(ordered, in_order=not _order_lost(ordered))
+    transposed = _transposed_kernels(ordered, in_order=not _order_lost(ordered, paths))
     paired = _paired(ordered, _batchnorms(dict(ordered)), transposed)
     return {paths.get(name, name): (m.axis, m.power) for name, (_, m) in paired.items()
             if m is not None}
@@ -927,7 +952,7 @@ def _variable_names(ordered) -> tuple[list, dict[str, str]]:
     the key before it."""
     out, paths = [], {}
     for name, leaf in ordered:
-        short = variable_name(name)
+        short = _canonical(name)
         if short != name:
             paths[short] = name
         out.append((short, leaf))

@@ -918,3 +918,52 @@ def test_a_flax_transposed_convolution_takes_no_shift_correction():
         prior = priors.batchnorm_prior(tree)
         corrected = f"params/{transposed}/kernel" in prior.output_means
         assert corrected == (transposed == "Conv_1"), (transposed, prior.output_means)
+
+
+_PADDLE = {"weight": "w_0", "bias": "b_0", "running_mean": "w_1", "running_var": "w_2"}
+
+
+def _paddle_named(tree: dict) -> tuple[dict, dict]:
+    """(``tree`` with PaddlePaddle's generated names, {paddle name: torch
+    name}): "convK"/"bnK" modules become conv2d_K / batch_norm2d_K."""
+    names = {}
+    for name in tree:
+        module, leaf = name.rsplit(".", 1)
+        layer = module.replace("conv", "conv2d_").replace("bn", "batch_norm2d_")
+        names[f"{layer}.{_PADDLE[leaf]}"] = name
+    return {p: tree[t] for p, t in names.items()}, names
+
+
+@pytest.mark.parametrize("listing", ["network order", "sorted"])
+def test_paddle_names_read_as_the_pytorch_ones_they_stand_for(tmp_path, listing):
+    """Found by review: a Paddle-exported detector (conv2d_N.w_0,
+    batch_norm2d_N.w_0 / b_0 / w_1 / w_2) got no BatchNorm prior: its 8x
+    recall 0.78, 0.88 with the same weights under PyTorch's names. The
+    prior, its bias corrections and the running means' sign now read the
+    Paddle names as those."""
+    rng = np.random.default_rng(5)
+    torch_tree = collections.OrderedDict(_bn(32, rng, "bn0"))
+    torch_tree["conv1.weight"] = rng.normal(size=(64, 32, 3, 3)).astype(np.float32)
+    torch_tree.update(_bn(64, rng, "bn1"))
+    torch_tree["bn1.running_mean"] = rng.normal(0, 0.5, 64).astype(np.float32)
+    torch_tree["conv2.weight"] = rng.normal(size=(16, 64, 1, 1)).astype(np.float32)
+    torch_tree["conv2.bias"] = rng.normal(size=16).astype(np.float32)
+    paddle_tree, names = _paddle_named(torch_tree)
+    if listing == "sorted":
+        torch_tree = dict(sorted(torch_tree.items()))
+        paddle_tree = dict(sorted(paddle_tree.items()))
+    want = priors.batchnorm_prior(dict(torch_tree))
+    got = priors.batchnorm_prior(paddle_tree)
+    assert got.record() == want.record() and want.record().get("batchnorm_prior")
+
+    def as_torch(d):
+        return {names[k]: names.get(v, v) if isinstance(v, str) else v for k, v in d.items()}
+    assert as_torch(got.output_means) == want.output_means
+    assert as_torch(got.output_biases) == want.output_biases
+    assert priors.is_running_mean("batch_norm2d_1.w_1")
+    assert not priors.is_running_mean("conv2d_2.b_0") and not priors.is_running_mean("fc.w_1")
+    jaxjpeg.save(tmp_path / "t.jjpg", dict(torch_tree), progress=False)
+    jaxjpeg.save(tmp_path / "p.jjpg", paddle_tree, progress=False)
+    t, p = jaxjpeg.restore(tmp_path / "t.jjpg"), jaxjpeg.restore(tmp_path / "p.jjpg")
+    for paddle, torch in names.items():
+        np.testing.assert_array_equal(np.asarray(p[paddle]), np.asarray(t[torch]))
