@@ -132,13 +132,15 @@ _SCALE = ("weight", "gamma", "scale")
 _SHIFT = ("bias", "beta")
 _VARIANCE = ("running_var", "moving_variance", "var")
 _MEAN = ("running_mean", "moving_mean", "mean")
-# PaddlePaddle's generated names, which its ONNX exports keep: layer
+# PaddlePaddle's generated names, which its ONNX exports keep: convolution
 # "conv2d_3" holds "conv2d_3.w_0" (its weight) and "conv2d_3.b_0" (bias); a
 # BatchNorm "batch_norm2d_5" its scale w_0, shift b_0, running mean w_1 and
 # running variance w_2. Read as the names above (found by review: a Paddle
 # detector's 94 BatchNorms went unseen, 8x recall 0.78 against 0.89 with
-# PyTorch's names).
-_PADDLE_LAYER = re.compile(r"[a-z][a-z0-9_]*_\d+")
+# PyTorch's names). Paddle's Linear weights ("linear_0.w_0", (I, O)) are
+# not: PP-OCRv6's recognizer lists two after a BatchNorm of their input
+# size that does not feed them (a LayerNorm does).
+_PADDLE_LAYER = re.compile(r"(depthwise_)?conv[123]d(_transpose)?_\d+")
 _PADDLE_NORM = re.compile(r"(sync_)?batch_norm(\d+d)?_\d+")
 _PADDLE_LEAVES = {"w_0": "weight", "b_0": "bias"}
 _PADDLE_NORM_LEAVES = {**_PADDLE_LEAVES, "w_1": "running_mean", "w_2": "running_var"}
