@@ -576,6 +576,8 @@ def cmd_extract(args) -> int:
                 more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
                 raise CliError(f"{os.path.join(args.outdir, there[0])}: exists{more} "
                                "(use --force to replace)")
+        for name in files.values():   # with --force: opening a FIFO there waits for a reader
+            storage.refuse_special_file(os.path.join(args.outdir, name))
         os.makedirs(args.outdir, exist_ok=True)
         total = sum(ckpt.tile_size(leaf, k) for leaf in leaves for k in range(len(leaf.tiles)))
         bar = progress(total=total, desc="extract", unit="B")

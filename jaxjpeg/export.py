@@ -279,6 +279,8 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         existing = _earlier_export(out)
         finals = paths + ([index_path] if index_path else [])
         _refuse_replacing_the_checkpoint(checkpoint_path, finals + existing)
+        for path in finals + existing:   # a device or FIFO would become a file
+            storage.refuse_special_file(path)
         if existing and not force:
             raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
 

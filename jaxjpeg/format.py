@@ -247,6 +247,7 @@ def create_temp_file(target: str, shown=None) -> tuple[str, int]:
         # found by review: refused only at the rename, after all the coding,
         # naming the temporary file (one in the parent, for "dir/")
         raise IsADirectoryError(errno.EISDIR, "cannot save: the path names a directory", shown)
+    storage.refuse_special_file(target, shown)
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import urllib.parse
 import re
 
@@ -64,6 +65,38 @@ def naming_write_errors(path: str):
     except OSError as e:
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def refuse_special_file(path: str, shown=None) -> None:
+    """OSError for a local ``path`` that is there and is neither a regular
+    file nor a directory (a device, a FIFO, a socket; through symlinks):
+    a save or an export would replace it by a file, and opening a FIFO waits
+    for a writer (found by review: a save replaced a device node, and
+    inspect of a FIFO never returned)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)",
+                      path if shown is None else shown)
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading, unbuffered, refused unless a regular
+    file (without waiting for a FIFO's writer: opened non-blocking first)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
         raise
 
 
@@ -187,7 +220,7 @@ class RangeSource:
         self.name = location
         local = local_path(location)
         if local is not None:
-            self._file = open(local, "rb", buffering=0)
+            self._file = _open_regular(local)
             self._fs = None
             self.size = os.fstat(self._file.fileno()).st_size
         else:

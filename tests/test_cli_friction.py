@@ -488,3 +488,46 @@ def test_every_held_signal_is_delivered_even_after_one_raises():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert calls == [signal.SIGINT, signal.SIGINT]
+
+
+def test_fifos_and_devices_are_refused_not_replaced_or_waited_on(tmp_path, capsys):
+    """Found by review: save and `compress -f` replaced a FIFO (a device
+    node too) by a regular file, and inspect, verify, open and `extract -f`
+    onto a FIFO waited for its other end for ever."""
+    import threading
+
+    ckpt = tmp_path / "c.jjpg"
+    jaxjpeg.save(ckpt, {"w": np.ones((64, 64), np.float32)})
+    src = tmp_path / "s.npz"
+    np.savez(src, w=np.ones((64, 64), np.float32))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = tmp_path / "tiles"
+    out.mkdir()
+    assert run(capsys, "extract", str(ckpt), str(out))[0] == 0
+    (name,) = os.listdir(out)
+    os.unlink(out / name)
+    os.mkfifo(out / name)
+    (tmp_path / "x").mkdir()
+    os.mkfifo(tmp_path / "x" / "model.safetensors")
+    answers = {}
+
+    def attempt():
+        answers["save"] = pytest.raises(OSError, jaxjpeg.save, fifo, {"w": np.ones(8, np.float32)})
+        answers["open"] = pytest.raises(OSError, jaxjpeg.open, fifo)
+        for command in (["compress", "-f", str(src), str(fifo)], ["inspect", str(fifo)],
+                        ["verify", str(fifo)], ["extract", "-f", str(ckpt), str(out)],
+                        ["export", "-f", str(ckpt), str(tmp_path / "x")]):
+            answers[command[0]] = run(capsys, *command)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(60)   # a hang guard: each answer takes milliseconds
+    assert not worker.is_alive(), f"still waiting after {sorted(answers)}"
+    for what in ("save", "open"):
+        assert "not a regular file" in str(answers[what].value), what
+    for command in ("compress", "inspect", "verify", "extract", "export"):
+        code, _, err = answers[command]
+        assert code == EXIT_IO and "not a regular file" in err, (command, code, err)
+    assert fifo.is_fifo() and (out / name).is_fifo()
+    assert (tmp_path / "x" / "model.safetensors").is_fifo()
