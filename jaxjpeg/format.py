@@ -517,6 +517,10 @@ class DuplicateKey(ValueError):
         self.key = key
 
 
+# A JSON escape of a UTF-16 surrogate (half of a pair, or alone).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     """``object_pairs_hook`` for json.loads: DuplicateKey on a repeated name."""
     result = {}
@@ -651,6 +655,12 @@ class ContainerReader:
             )
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise self._error(f"header is not valid JSON: {e}") from None
+        if _SURROGATE_ESCAPE.search(raw.obj):
+            try:   # a pair is one character; a lone half no text holds (found by review:
+                json.dumps(header, ensure_ascii=False).encode("utf-8")   # inspect's traceback)
+            except UnicodeEncodeError:
+                raise self._error("header holds a lone UTF-16 surrogate (\\ud800-\\udfff "
+                                  "escape): names and metadata must be text") from None
         if not isinstance(header, dict) or header.keys() != _HEADER_KEYS:
             keys = sorted(header) if isinstance(header, dict) else type(header).__name__
             raise self._error(f"header must be an object with keys {sorted(_HEADER_KEYS)}, got {keys}")

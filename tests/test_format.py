@@ -834,3 +834,37 @@ def test_metadata_keys_that_are_not_strings_are_refused(tmp_path, metadata):
         with fmt.ContainerWriter(tmp_path / "c", metadata=metadata):
             pass
     assert not os.listdir(tmp_path)
+
+
+def _with_header_text(src, dst, edit_text):
+    """A copy of ``src`` whose deflated header is ``edit_text`` of its ASCII
+    JSON (escapes left as typed); checksums valid."""
+    import struct
+    data = open(src, "rb").read()
+    offset, length = struct.unpack_from("<QQ", data, 16)
+    text = json.dumps(json.loads(zlib.decompress(data[offset:offset + length])),
+                      sort_keys=True, separators=(",", ":"))
+    header = zlib.compress(edit_text(text).encode("ascii"), 6)
+    preamble = fmt._pack_preamble(offset, len(header), fmt.crc32c(header),
+                                  fmt.FLAG_DEFLATED_HEADER)
+    open(dst, "wb").write(preamble + data[len(preamble):offset] + header)
+    return dst
+
+
+def test_a_header_with_a_lone_surrogate_is_refused(tmp_path, capsys):
+    """Found by review: a leaf path escaping "\\ud800" (text UTF-8 cannot
+    encode) restored, and inspect then died with a traceback; a surrogate
+    pair (one character) is text and reads."""
+    import jaxjpeg
+    from jaxjpeg import cli
+    src = tmp_path / "s.jjpg"
+    jaxjpeg.save(src, {"w": np.arange(64, dtype=np.float32)})
+    pair = _with_header_text(src, tmp_path / "p.jjpg",
+                             lambda t: t.replace('"w"]', '"w\\ud83d\\ude00"]'))
+    assert list(jaxjpeg.restore(pair)) == ["w\U0001F600"]
+    lone = _with_header_text(src, tmp_path / "l.jjpg", lambda t: t.replace('"w"]', '"w\\ud800"]'))
+    with pytest.raises(fmt.FormatError, match="lone UTF-16 surrogate"):
+        jaxjpeg.restore(lone)
+    assert cli.main(["inspect", str(lone)]) == cli.EXIT_DAMAGED
+    err = capsys.readouterr().err
+    assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1, err
