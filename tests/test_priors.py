@@ -934,14 +934,7 @@ def _paddle_named(tree: dict) -> tuple[dict, dict]:
     return {p: tree[t] for p, t in names.items()}, names
 
 
-@pytest.mark.parametrize("listing", ["network order", "sorted"])
-def test_paddle_names_read_as_the_pytorch_ones_they_stand_for(tmp_path, listing):
-    """Found by review: a Paddle-exported detector (conv2d_N.w_0,
-    batch_norm2d_N.w_0 / b_0 / w_1 / w_2) got no BatchNorm prior: its 8x
-    recall 0.78, 0.88 with the same weights under PyTorch's names. The
-    prior, its bias corrections and the running means' sign now read the
-    Paddle names as those."""
-    rng = np.random.default_rng(5)
+def _paddle_and_torch_trees(rng):
     torch_tree = collections.OrderedDict(_bn(32, rng, "bn0"))
     torch_tree["conv1.weight"] = rng.normal(size=(64, 32, 3, 3)).astype(np.float32)
     torch_tree.update(_bn(64, rng, "bn1"))
@@ -949,9 +942,16 @@ def test_paddle_names_read_as_the_pytorch_ones_they_stand_for(tmp_path, listing)
     torch_tree["conv2.weight"] = rng.normal(size=(16, 64, 1, 1)).astype(np.float32)
     torch_tree["conv2.bias"] = rng.normal(size=16).astype(np.float32)
     paddle_tree, names = _paddle_named(torch_tree)
-    if listing == "sorted":
-        torch_tree = dict(sorted(torch_tree.items()))
-        paddle_tree = dict(sorted(paddle_tree.items()))
+    return dict(torch_tree), paddle_tree, names
+
+
+def test_paddle_names_read_as_the_pytorch_ones_they_stand_for(tmp_path):
+    """Found by review: a Paddle-exported detector (conv2d_N.w_0,
+    batch_norm2d_N.w_0 / b_0 / w_1 / w_2) got no BatchNorm prior: its 8x
+    recall 0.78, 0.88 with the same weights under PyTorch's names. The
+    prior, its bias corrections and the running means' sign now read the
+    Paddle names as those."""
+    torch_tree, paddle_tree, names = _paddle_and_torch_trees(np.random.default_rng(5))
     want = priors.batchnorm_prior(dict(torch_tree))
     got = priors.batchnorm_prior(paddle_tree)
     assert got.record() == want.record() and want.record().get("batchnorm_prior")
@@ -967,3 +967,26 @@ def test_paddle_names_read_as_the_pytorch_ones_they_stand_for(tmp_path, listing)
     t, p = jaxjpeg.restore(tmp_path / "t.jjpg"), jaxjpeg.restore(tmp_path / "p.jjpg")
     for paddle, torch in names.items():
         np.testing.assert_array_equal(np.asarray(p[paddle]), np.asarray(t[torch]))
+
+
+def test_sorted_paddle_names_pair_by_fit_only():
+    """Found by review: PP-OCRv4's ONNX files list Paddle's names sorted
+    (every batch_norm2d_* before every conv2d_*), then the exporter's helper
+    constants, which broke the sorted test: two SE convolutions were paired
+    with the BatchNorms listed before them. Such a listing is sorted
+    (SORTED_SHARE of neighbours in order), and Paddle's kernels there take
+    no BatchNorm by their neighbours (module paths keep theirs: a sorted
+    state dict's classifier takes the head's BatchNorm before it)."""
+    torch_tree, paddle_tree, _ = _paddle_and_torch_trees(np.random.default_rng(5))
+    paddle_tree["whswish_b_0.w_1"] = np.ones(64, np.float32)   # sorts after the helpers
+    paddle_sorted = dict(sorted(paddle_tree.items()))
+    helpers = {f"p2o.helper.constant.{i}": np.ones(2, np.float32) for i in range(30)}
+    listing = [(name, None) for name in [*paddle_sorted, *helpers]]
+    assert not priors._listed_sorted([n for n, _ in listing])
+    assert priors._order_lost(listing, {})
+    state_dict_order = [(name, None) for name in torch_tree]
+    assert not priors._order_lost(state_dict_order, {})
+    assert priors.batchnorm_prior(dict(paddle_sorted, **helpers)).moments == {}
+    assert priors.batchnorm_prior(paddle_tree).moments   # in the network's order: paired
+    torch_sorted = priors.batchnorm_prior(dict(sorted(torch_tree.items())))
+    assert torch_sorted.record() == priors.batchnorm_prior(torch_tree).record()
