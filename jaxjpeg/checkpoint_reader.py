@@ -6,7 +6,6 @@ blob size is checked before use (see docs/format.md).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 
@@ -14,7 +13,6 @@ import ml_dtypes
 import numpy as np
 
 from jaxjpeg import _native, format as fmt, layout, prng_keys, quantized_vectors, storage
-from jaxjpeg.ties import MAX_TIES
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -289,15 +287,6 @@ def _tied_leaf(leaf: SavedLeaf, record: dict, parsed: list[SavedLeaf]) -> SavedL
                                tied_to=first.blob_index)
 
 
-def _check_ties(leaves: list[SavedLeaf]) -> None:
-    counts = collections.Counter(leaf.tied_to for leaf in leaves if leaf.tied_to is not None)
-    blob, count = max(counts.items(), key=lambda item: item[1], default=(None, 0))
-    if count > MAX_TIES:   # a save never ties more
-        first = next(leaf for leaf in leaves if leaf.tied_to is None and leaf.blob_index == blob)
-        raise fmt.FormatError(f"{count} leaves are tied to leaf {first.index} ({first.path!r:.200}); "
-                              f"at most {MAX_TIES} may be")
-
-
 def _check_tiles_cover(leaf: SavedLeaf) -> None:
     problem = layout.tiling_problem(leaf.matrix_shape, leaf.tiles, leaf.restart_interval)
     if problem is not None:
@@ -332,7 +321,6 @@ class Checkpoint:
             for leaf in self.leaves:
                 if leaf.kind == "jpeg":
                     _check_tiles_cover(leaf)
-            _check_ties(self.leaves)
             _check_squares_of(self.leaves)
             self._check_blobs_and_paths()
             self.user_metadata = meta.get(layout.USER_METADATA_KEY, {})

@@ -18,12 +18,6 @@ from jaxjpeg import quantized_vectors
 
 # Smaller leaves are not looked at: a tie saves fewer bytes than comparing costs.
 MIN_VALUES = 1024
-# The most leaves tied to one (readers refuse more): each restores as its
-# own array, so a header of a thousand tied records made a 160 KB file
-# restore 1.2 GB (found by review). Models tie a handful of names (an
-# embedding, its head, an encoder's and a decoder's copies); a save codes
-# the copy after the last one allowed again, and ties the next ones to it.
-MAX_TIES = 64
 _FINGERPRINT_VALUES = 64   # a spread sample tells most different leaves apart
 _CHUNK = 1 << 22
 
@@ -33,7 +27,7 @@ def tied_leaves(leaves: Sequence, treatment: Callable[[object], Hashable | None]
     (SourceLeaf) held in memory, of one shape and dtype (whatever their
     shardings: a tied leaf restores into any), whose ``treatment(leaf)`` is
     the same (what the save does by a leaf's name: None where a leaf must
-    keep its own coding); at most MAX_TIES to one."""
+    keep its own coding)."""
     groups: dict[tuple, list[int]] = {}
     for i, leaf in enumerate(leaves):
         if not leaf.resident or leaf.prng_impl is not None or leaf.size < MIN_VALUES:
@@ -41,19 +35,15 @@ def tied_leaves(leaves: Sequence, treatment: Callable[[object], Hashable | None]
         key = treatment(leaf)
         if key is not None:
             groups.setdefault((leaf.shape, leaf.dtype, key), []).append(i)
-    tied, ties_of = {}, {}
+    tied = {}
     for members in groups.values():
         firsts: list[tuple[int, np.ndarray, bytes]] = []
         for i in members:
             values = leaves[i].array()
             mark = _fingerprint(values)
-            for j, first, first_mark in reversed(firsts):   # the newest first of its values
+            for j, first, first_mark in firsts:
                 if mark == first_mark and _same_bits(values, first):
-                    if ties_of.get(j, 0) < MAX_TIES:
-                        tied[i] = j
-                        ties_of[j] = ties_of.get(j, 0) + 1
-                    else:
-                        firsts.append((i, values, mark))
+                    tied[i] = j
                     break
             else:
                 firsts.append((i, values, mark))
