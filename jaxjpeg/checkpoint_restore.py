@@ -1055,8 +1055,20 @@ def _restore_once(ckpt, requests, default_device, stats) -> list:
     decoded: list = [None] * len(unique)
     _restore_windows(ckpt, [requests[i] for i in unique], decoded, default_device, stats)
     values = dict(zip(unique, decoded))
-    return [values[i] if first == i else jax.device_put(values[first], may_alias=False)
+    return [values[i] if first == i else _copied(values[first])
             for i, first in enumerate(first_of)]
+
+
+def _copied(value: jax.Array) -> jax.Array:
+    """A copy of ``value`` placed as it is: an array spanning other
+    processes' devices is copied shard by shard (found by review:
+    device_put(value) refuses one not fully addressable here, and a copy
+    onto its sharding is a multi-process computation, which XLA's CPU
+    backend has not); others stay uncommitted where they were."""
+    if value.is_fully_addressable:
+        return jax.device_put(value, may_alias=False)
+    shards = [jax.device_put(s.data, s.device, may_alias=False) for s in value.addressable_shards]
+    return jax.make_array_from_single_device_arrays(value.shape, value.sharding, shards)
 
 
 def select_leaves(ckpt: Checkpoint, paths) -> list[SavedLeaf]:

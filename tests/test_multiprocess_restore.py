@@ -32,6 +32,7 @@ CHECKS = [
     "raw_leaf_sharded",
     "whole_tree_mixed_targets",
     "compressed_load_on_local_device",
+    "tied_leaves_on_one_global_sharding",
 ]
 
 
