@@ -99,8 +99,9 @@ def _jax_holds(dtype: np.dtype) -> bool:
     others (float6): one value placed on the default device tells."""
     if np.dtype(dtype).kind != "V":
         return True
-    try:
-        jax.device_put(np.zeros(1, dtype)).block_until_ready()
+    try:   # eagerly even under a trace (found by review: a restore under jit
+        with jax.ensure_compile_time_eval():   # cached False for bfloat16)
+            jax.device_put(np.zeros(1, dtype)).block_until_ready()
     except Exception:   # jax raises TypeError, XLA its runtime error
         return False
     return True

@@ -1147,6 +1147,12 @@ def test_restore_under_jit_says_to_load_outside_and_decode_inside(tmp_path):
     loaded = jaxjpeg.load(path)
     np.testing.assert_array_equal(jax.jit(jaxjpeg.decode)(loaded)["w"],
                                   jaxjpeg.restore(path)["w"])
+    # found by review: the probe of whether jax holds bfloat16 ran under the
+    # trace, failed, and its cached answer refused every later bfloat16 restore
+    ckrestore._jax_holds.cache_clear()
+    with pytest.raises(TypeError, match="jaxjpeg.load.*jaxjpeg.decode"):
+        jax.jit(lambda: jaxjpeg.restore(path, dtype=jnp.bfloat16))()
+    assert jaxjpeg.restore(path, dtype=jnp.bfloat16)["w"].dtype == jnp.bfloat16
 
 
 def test_kept_values_beyond_the_decoded_dtype_are_refused(tmp_path):
