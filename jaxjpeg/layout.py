@@ -262,7 +262,18 @@ def path_size_problem(records: Sequence[Sequence]) -> str | None:
     length = sum(len(str(value)) + 1 for _, value in records)
     if length > MAX_PATH_CHARS + 1:
         return f"{length - 1} characters long (at most {MAX_PATH_CHARS})"
+    for _, value in records:   # found by review: refused only when the header was written
+        if isinstance(value, str) and not _encodable(value):
+            return "not text UTF-8 can encode (a lone UTF-16 surrogate)"
     return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Node:

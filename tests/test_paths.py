@@ -165,3 +165,25 @@ def test_checkpoint_with_20k_leaves_opens(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 256 * 2**20, peak
+
+
+def test_a_key_utf8_cannot_encode_is_refused_before_coding(tmp_path, monkeypatch, capsys):
+    """Found by review: a key holding a lone UTF-16 surrogate was coded
+    whole, then failed writing the header with a bare UnicodeEncodeError
+    (`compress` of a safetensors file so named: exit 2, naming no leaf)."""
+    from jaxjpeg import cli
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    source = tmp_path / "s.safetensors"
+    safetensors_numpy.save_file({"w": np.ones((64, 64), np.float32)}, str(source))
+    data = source.read_bytes()   # the header's name escaped as JSON does: "w\ud800"
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].replace(b'"w"', b'"w\\ud800"')
+    header += b" " * (-len(header) % 8)
+    source.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    monkeypatch.setattr(jaxjpeg.codec, "encode_tensor", None)   # never reached
+    with pytest.raises(layout.Unstorable, match="not text UTF-8 can encode"):
+        jaxjpeg.save(tmp_path / "a.jjpg", {"a\udcff": np.ones((64, 64), np.float32)})
+    assert cli.main(["compress", str(source), str(tmp_path / "b.jjpg")]) == cli.EXIT_DAMAGED
+    err = capsys.readouterr().err
+    assert "'w\\ud800' is not text UTF-8 can encode" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
