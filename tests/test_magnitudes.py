@@ -338,8 +338,10 @@ def test_small_moments_join_the_ladder_where_the_large_had_to_coarsen(tmp_path):
     first was refused; beside two large kernels, 30 small ones' moments kept
     11.7 bits a value while the large kernels were left 0.66 (78% off) and
     the large moments coarsened to step 1. The small moments now move along
-    the ladder; the small kernels keep their fine step (allocated, they
-    cost EfficientNet-lite1 KL 0.042 -> 0.079 at 8x)."""
+    the ladder. The small kernels (a fifth of the weights, at 10 bits a
+    value on their fine step, more bytes than the large kernels got) take
+    the allocation's step too since session 35 (checkpoint.SMALL_STEP_SHARE):
+    the large kernels' error 0.25 -> 0.12, the weights' 0.18 -> 0.09."""
     rng = np.random.default_rng(0)
     params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((32, 64)) * 0.1,
                                                    jnp.float32)} for i in range(30)}
@@ -355,10 +357,10 @@ def test_small_moments_join_the_ladder_where_the_large_had_to_coarsen(tmp_path):
     assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
     got = np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["params"]["big0"]["kernel"])
     want = np.asarray(params["big0"]["kernel"])
-    assert np.linalg.norm(got - want) < 0.3 * np.linalg.norm(want)
+    assert np.linalg.norm(got - want) < 0.15 * np.linalg.norm(want)
     notes = {leaf.path: leaf.note for leaf in report.leaves}
     assert "log2 steps of 0.0625" in notes["opt_state/0/mu/Dense_0/kernel"]
-    assert "byte target's step" not in notes["params/Dense_0/kernel"]
+    assert "byte target's step" in notes["params/Dense_0/kernel"]
 
 
 def test_a_small_centered_pair_is_counted_as_stored(tmp_path):
