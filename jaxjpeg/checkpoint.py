@@ -882,16 +882,17 @@ WIDER_REACH = 1.5
 # Small kernels (and small leaves' moments) leave their fine steps for the
 # allocation's where, beside them, the coded leaves would get less than this
 # share of the file's average bits a value, squeezed below their finest
-# coding, and fewer bytes than the small kernels take (a training state's
-# moments, not its small kernels, may be what squeezes them: 30 small
-# kernels beside two large ones and Adam's moments kept their steps, the
-# large ones' error at 6x 0.04 against 0.11 allocated) (found by review: PP-OCR's 134 K-value direction classifier, a
-# third of it in small kernels, had its large kernels at 1.1 bits a value
-# and relative error up to 0.9 at 6x while the small ones kept 10 bits, and
-# agreed with float32 on 43% of crops at 6x, 85% at 8x; now 97% at 6x, its
-# weights' error rising with the ratio). At 0.5, 5x on its PyTorch-named
-# copy still starved (0.51 of the average); the benchmarks' networks, whose
-# small kernels are a few percent of them, code as before.
+# coding, and fewer bytes than the small kernels take. Found by review:
+# PP-OCR's 134 K-value direction classifier, a third of it in small
+# kernels, had its large kernels at 1.1 bits a value and relative error up
+# to 0.9 at 6x while the small ones kept 10 bits, and agreed with float32
+# on 43% of crops at 6x, 85% at 8x; now 97% at 6x, its weights' error
+# rising with the ratio. At 0.5, 5x on its PyTorch-named copy still starved
+# (0.51 of the average). The bytes test: a training state's moments, not
+# its small kernels, may be what squeezes the coded leaves (30 small
+# kernels beside two large ones and Adam's moments keep their steps at 6x,
+# the large ones' error 0.04 against 0.11 allocated). The benchmarks'
+# networks, whose small kernels are a few percent of them, code as before.
 SMALL_STEP_SHARE = 0.75
 
 
