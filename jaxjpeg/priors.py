@@ -999,8 +999,9 @@ def _in_insertion_order(tree) -> list[tuple[str, Any]]:
 
 
 def _variable_names(ordered) -> tuple[list, dict[str, str]]:
-    """(``ordered`` with the last key dropped from each path ending in
-    ``value``, {name so shortened: the leaf's path}). Flax NNX keeps a
+    """(``ordered`` with each name as :func:`_canonical` reads it -- the last
+    key dropped from each path ending in ``value``, Paddle's generated names
+    as PyTorch's --, {name so read: the leaf's path}). Flax NNX keeps a
     variable's array in its ``value``: ``nnx.state(model)`` has paths such as
     ``bn1/mean/value`` and ``conv1/kernel/value``, which name their leaves by
     the key before it."""

@@ -78,9 +78,13 @@ def refuse_special_file(path: str, shown=None) -> None:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)",
-                      path if shown is None else shown)
+    if not stat.S_ISDIR(mode):
+        _refuse_special_mode(mode, path if shown is None else shown)
+
+
+def _refuse_special_mode(mode: int, shown: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", shown)
 
 
 def _open_regular(path: str):
@@ -91,8 +95,7 @@ def _open_regular(path: str):
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
+        _refuse_special_mode(mode, path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0)
     except BaseException:
