@@ -1854,8 +1854,7 @@ class _Save:
             if steering is not None:
                 self.rate["steered_leaves"] = len(steering.steered)
             # A sensitivity a user gives a recurrent leaf replaces the rule.
-            recurrent = frozenset(recurrent_leaves(leaf.name for leaf in self.leaves)
-                                  - set(sensitivity or ()))
+            recurrent = frozenset(self._recurrent() - set(sensitivity or ()))
             if recurrent:
                 self.rate["recurrent_leaves"] = len(recurrent)
             self.encode = _relative_step_encoder(relative_step, bits, leaf_coder, reference,
@@ -1889,12 +1888,16 @@ class _Save:
         self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
 
+    def _recurrent(self) -> set[str]:
+        return recurrent_leaves((leaf.name for leaf in self.leaves),
+                                {leaf.name: leaf.shape for leaf in self.leaves})
+
     def _tie_treatment(self, sensitivity, input_covariance, prior):
         """What the save does with a leaf by its name (ties.tied_leaves): None
         where a name gives it a coding of its own (a sensitivity, an input
         covariance, the BatchNorm prior, a bias correction, an optimizer
         moment's pairing), else what a policy's patterns choose."""
-        recurrent = recurrent_leaves(leaf.name for leaf in self.leaves)
+        recurrent = self._recurrent()
         correction = self.bias_correction
 
         def treatment(leaf):

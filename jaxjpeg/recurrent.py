@@ -16,14 +16,19 @@ frameworks write:
 * Flax (linen and NNX): a module whose child modules carry a cell's gate
   names, each with a ``kernel`` (LSTM ``ii if ig io hi hf hg ho``, NNX
   ``if_``; GRU ``ir iz in hr hz hn``; MGU ``if in hf hn``; SimpleCell ``i h``;
-  NNX's fused cells ``dense_i dense_h``).
+  NNX's fused cells ``dense_i dense_h``);
+* ONNX ``LSTM`` / ``GRU`` / ``RNN`` nodes, whose initializers carry names the
+  exporter makes up (torch ``onnx::LSTM_462``, tf2onnx ``R0__31``): by their
+  shapes, ``W`` (D, gH, I), ``R`` (D, gH, H) and ``B`` (D, 2gH) for D
+  directions and g gates (found by review: a tf2onnx seq2seq LSTM's default
+  save kept ``R`` at relative error 0.090; as a cell's, 0.011).
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from jaxjpeg.treepaths import variable_name
 
@@ -42,15 +47,35 @@ _CELL_SIGNATURES = ({"hi", "hf", "hg", "ho"}, {"hr", "hz", "hn"}, {"hf", "hn"}, 
 _CELL_INPUTS = ({"ii", "if", "ig", "io"}, {"ii", "if_", "ig", "io"}, {"ir", "iz", "in"},
                 {"if", "in"}, {"i"}, {"dense_i"}, {"ih"})
 _GATES = set().union(*_CELL_SIGNATURES, *_CELL_INPUTS)
+# Gates per ONNX node: LSTM, GRU, RNN.
+_ONNX_GATE_COUNTS = (4, 3, 1)
 
 
-def recurrent_leaves(names: Iterable[str]) -> set[str]:
+def recurrent_leaves(names: Iterable[str],
+                     shapes: Mapping[str, tuple] | None = None) -> set[str]:
     """The names (slash-separated leaf paths) among ``names`` that are the
     weight matrices of recurrent cells; NNX states' paths (``.../kernel/value``)
     too (found by review: an ``nnx.state`` model's cells went unfound and
-    were coded 8x coarser)."""
+    were coded 8x coarser). ``shapes`` (name -> shape) finds ONNX's."""
     originals = {variable_name(name): name for name in names}
-    return {originals[name] for name in _recurrent_variables(list(originals))}
+    found = {originals[name] for name in _recurrent_variables(list(originals))}
+    return found | _onnx_recurrent(shapes or {})
+
+
+def _onnx_recurrent(shapes: Mapping[str, tuple]) -> set[str]:
+    """The ``W`` and ``R`` of ONNX recurrent nodes: an ``R`` is a (D, gH, H)
+    leaf beside a (D, 2gH) bias; every (D, gH, I) leaf beside them is a ``W``.
+    The bias is required: a 3-D leaf alone, e.g. (1, 4H, H), is no evidence."""
+    biases = {tuple(s) for s in shapes.values() if len(s) == 2}
+    cells = set()   # (D, gH) of the R's found
+    for shape in shapes.values():
+        if len(shape) == 3 and shape[0] in (1, 2) and shape[2] > 0:
+            directions, rows, hidden = shape
+            if any(rows == g * hidden and (directions, 2 * rows) in biases
+                   for g in _ONNX_GATE_COUNTS):
+                cells.add((directions, rows))
+    return {name for name, shape in shapes.items()
+            if len(shape) == 3 and tuple(shape[:2]) in cells}
 
 
 def _recurrent_variables(names: list) -> set[str]:

@@ -84,6 +84,25 @@ def test_lookalike_names_are_not_cells():
     assert recurrent.recurrent_leaves(names) == set()
 
 
+# An ONNX bidirectional LSTM of hidden size 256 on 80 inputs and a GRU of 128
+# on its 512 outputs, as torch's exporter and tf2onnx name them.
+ONNX_RNNS = {"onnx::LSTM_460": (2, 2048), "onnx::LSTM_461": (2, 1024, 80),
+             "onnx::LSTM_462": (2, 1024, 256), "W0__30": (1, 384, 512),
+             "R0__31": (1, 384, 128), "B0__32": (1, 768), "onnx::MatMul_535": (128, 40)}
+
+
+def test_onnx_recurrent_weights_found_by_their_shapes():
+    found = recurrent.recurrent_leaves(ONNX_RNNS, ONNX_RNNS)
+    assert found == {"onnx::LSTM_461", "onnx::LSTM_462", "W0__30", "R0__31"}
+
+
+def test_onnx_lookalike_shapes_are_not_cells():
+    shapes = {"pos": (1, 1024, 256),            # an R's shape, no bias beside it
+              "conv1d": (2, 512, 128), "scale": (2, 512),   # bias of 1x rows, not 2x
+              "tokens": (1, 300, 120), "mask": (1, 600)}    # rows not g times columns
+    assert recurrent.recurrent_leaves(shapes, shapes) == set()
+
+
 def _relative_error(restored, original) -> float:
     return float(np.linalg.norm(np.asarray(restored) - original) / np.linalg.norm(original))
 
@@ -101,6 +120,22 @@ def test_default_save_codes_recurrent_weights_finer(tmp_path):
     recurrent_error = _relative_error(restored["lstm.weight_hh_l0"], w)
     other_error = _relative_error(restored["linear.weight"], w)
     assert 6 < other_error / recurrent_error < 10
+    with Checkpoint(path) as ckpt:
+        assert ckpt.reader.metadata["rate"]["recurrent_leaves"] == 1
+
+
+def test_default_save_codes_onnx_recurrent_weights_finer(tmp_path):
+    """An ONNX LSTM's W and R under an exporter's names were coded as any
+    matrix (found by review on a tf2onnx seq2seq model)."""
+    rng = np.random.default_rng(5)
+    r = (rng.standard_normal((1, 512, 128)) * 0.05).astype(np.float32)
+    tree = {"R0__31": r, "B0__32": np.zeros((1, 1024), np.float32),
+            "other": r.reshape(512, 128).copy()}
+    path = tmp_path / "onnx_rnn.jjpg"
+    jaxjpeg.save(path, tree)
+    restored = jaxjpeg.restore(path)
+    ratio = _relative_error(restored["other"], r[0]) / _relative_error(restored["R0__31"], r)
+    assert 6 < ratio < 10
     with Checkpoint(path) as ckpt:
         assert ckpt.reader.metadata["rate"]["recurrent_leaves"] == 1
 
