@@ -531,3 +531,18 @@ def test_fifos_and_devices_are_refused_not_replaced_or_waited_on(tmp_path, capsy
         assert code == EXIT_IO and "not a regular file" in err, (command, code, err)
     assert fifo.is_fifo() and (out / name).is_fifo()
     assert (tmp_path / "x" / "model.safetensors").is_fifo()
+
+
+def test_export_onto_a_fifo_without_force_says_it_exists(tmp_path, capsys):
+    """As compress does (exit 2); export refused it as a special file first
+    (exit 3), though without --force nothing is replaced anyway."""
+    ckpt = tmp_path / "c.jjpg"
+    jaxjpeg.save(ckpt, {"w": np.ones((64, 64), np.float32)})
+    os.mkfifo(tmp_path / "model.safetensors")
+    os.mkfifo(tmp_path / "pipe")
+    src = tmp_path / "s.npz"
+    np.savez(src, w=np.ones((64, 64), np.float32))
+    for command in (["export", str(ckpt), str(tmp_path / "model.safetensors")],
+                    ["compress", str(src), str(tmp_path / "pipe")]):
+        code, _, err = run(capsys, *command)
+        assert code == EXIT_USAGE and "exists" in err, (command, code, err)
