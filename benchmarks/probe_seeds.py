@@ -20,7 +20,9 @@ repeats it on N batches from other noise seeds and pools them),
 ``fisher-leaf`` (one diagonal-Fisher mean per leaf as ``sensitivity``),
 ``nnx`` (the default save of the weights as a Flax NNX state holds them:
 Flax layout, paths ending in ``value``, sorted; see ``common.to_nnx_state``),
-``sorted`` (the state dict sorted by name, as a safetensors file lists it).
+``sorted`` (the state dict sorted by name, as a safetensors file lists it),
+``keras`` (Flax layout named as Keras 2's ``model.weights``: ``gamma`` /
+``moving_mean`` / ``kernel``, each ending in ``:0``; see ``common.to_keras_names``).
 Needs the packages of ``benchmarks/real_models.py``.
 """
 
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from real_models_lib import common, effnet, methods as M  # noqa: E402
 
 SETTINGS = ("prior", "no-prior", "feedback", "means", "fisher-leaf", "nnx", "sorted",
-            "synthetic")
+            "keras", "synthetic")
 
 
 def save_kwargs(case, setting: str, ratio: float, draw: int = 0) -> dict:
@@ -55,7 +57,7 @@ def save_kwargs(case, setting: str, ratio: float, draw: int = 0) -> dict:
         kwargs.update(input_covariance=covariances, input_mean=means)
     elif setting == "means":
         kwargs["input_mean"] = M.layout_means(case.input_means(), case.kinds, "torch")
-    elif setting in ("nnx", "sorted"):
+    elif setting in ("nnx", "sorted", "keras"):
         kwargs["listing"] = setting
     elif setting == "fisher-leaf":
         kwargs["sensitivity"] = {k: float(np.mean(v)) for k, v in case.sensitivity().items()}
@@ -74,9 +76,10 @@ def restored_weights(case, kwargs: dict, seed: int, workdir: Path) -> dict:
 
     kwargs = dict(kwargs)   # the same settings serve every seed
     listing = kwargs.pop("listing", None)
-    nnx = listing == "nnx"
-    if nnx:
-        tree, names = common.to_nnx_state(case.native, case.kinds)
+    flax = listing in ("nnx", "keras")
+    if flax:
+        to_flax = common.to_nnx_state if listing == "nnx" else common.to_keras_names
+        tree, names = to_flax(case.native, case.kinds)
     else:
         tree = dict(sorted(case.native.items())) if listing == "sorted" else case.native
         names = {k: k for k in case.native}
@@ -86,7 +89,7 @@ def restored_weights(case, kwargs: dict, seed: int, workdir: Path) -> dict:
     restored = {treepaths.path_string(r): np.asarray(v, np.float32)
                 for r, v in treepaths.leaves_with_paths(jaxjpeg.restore(path))}
     weights = {names[k]: v for k, v in restored.items()}
-    if nnx:
+    if flax:
         weights = dict(case.native, **common.from_layout(weights, case.kinds, "flax"))
     return weights
 

@@ -1006,11 +1006,14 @@ def _variable_names(ordered) -> tuple[list, dict[str, str]]:
     ``bn1/mean/value`` and ``conv1/kernel/value``, which name their leaves by
     the key before it."""
     out, paths = [], {}
+    taken = {name for name, _ in ordered}
     for name, leaf in ordered:
         short = _canonical(name)
-        if short != name:
+        if short != name and short not in taken:   # "w:0" beside "w" keeps its name
             paths[short] = name
-        out.append((short, leaf))
+            taken.add(short)
+            name = short
+        out.append((name, leaf))
     return out, paths
 
 

@@ -84,6 +84,14 @@ def test_lookalike_names_are_not_cells():
     assert recurrent.recurrent_leaves(names) == set()
 
 
+def test_keras_names_with_tensorflow_output_indices():
+    """Keras 2 names an LSTM's weights ``lstm_cell/kernel:0``: its input
+    kernel beside ``recurrent_kernel:0`` went unfound."""
+    names = ["lstm/lstm_cell/kernel:0", "lstm/lstm_cell/recurrent_kernel:0",
+             "lstm/lstm_cell/bias:0", "dense/kernel:0"]
+    assert recurrent.recurrent_leaves(names) == set(names[:2])
+
+
 # An ONNX bidirectional LSTM of hidden size 256 on 80 inputs and a GRU of 128
 # on its 512 outputs, as torch's exporter and tf2onnx name them.
 ONNX_RNNS = {"onnx::LSTM_460": (2, 2048), "onnx::LSTM_461": (2, 1024, 80),

@@ -160,6 +160,29 @@ def to_nnx_state(tree: dict, kinds: dict) -> tuple[dict, dict]:
     return {p: flax[paths[p]] for p in ordered}, {p: paths[p] for p in ordered}
 
 
+_KERAS_BATCHNORM = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+                    "running_var": "moving_variance"}
+
+
+def to_keras_names(tree: dict, kinds: dict) -> tuple[dict, dict]:
+    """(``tree`` in Flax layout named as Keras 2's ``model.weights`` name
+    them, in build order, {Keras name: native name}): ``/``-separated
+    modules, BatchNorm vectors ``gamma`` / ``beta`` / ``moving_mean`` /
+    ``moving_variance``, kernels ``kernel``, each with TensorFlow's output
+    index ``:0`` (``_blocks/0/_bn1/moving_mean:0``)."""
+    def keras_name(name: str) -> str:
+        *parents, last = name.split(".")
+        if kinds.get(name) == "bn":
+            last = _KERAS_BATCHNORM.get(last, last)
+        elif last == "weight":
+            last = "kernel"
+        return "/".join(parents + [last]) + ":0"
+
+    flax = to_layout(tree, kinds, "flax")
+    names = {keras_name(n): n for n in flax if not n.endswith("num_batches_tracked")}
+    return {k: flax[n] for k, n in names.items()}, names
+
+
 # ----------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------
