@@ -20,18 +20,20 @@ def key_record(key) -> list:
     return ["key", str(key)]
 
 
-# TensorFlow's tensor names: a variable's value is its op's output 0
-# (Keras 2's ``model.weights``, its h5 files: ``bn/moving_mean:0``).
-_OUTPUT_INDEX = re.compile(r":\d+$")
+# TensorFlow's names of a variable's value: its op's output 0 (Keras 2's
+# ``model.weights``, its h5 files: ``bn/moving_mean:0``), or its entry in an
+# object-based checkpoint (``bn/moving_mean/.ATTRIBUTES/VARIABLE_VALUE``).
+_TF_VALUE = re.compile(r"(:\d+|/\.ATTRIBUTES/VARIABLE_VALUE)$")
 
 
 def variable_name(path: str) -> str:
-    """``path`` less a last key ``value`` and a TensorFlow output index
-    (``:0``): Flax NNX keeps a variable's array in its ``value``
-    (``nnx.state(model)`` has paths such as ``conv1/kernel/value``), which
-    names the leaf by the key before it; Keras 2 names it ``conv1/kernel:0``
-    (found in review: its BatchNorms went unseen, LSTMs half found)."""
-    path = _OUTPUT_INDEX.sub("", path) or path
+    """``path`` less a last key ``value`` and TensorFlow's value suffixes
+    (``:0``, ``/.ATTRIBUTES/VARIABLE_VALUE``): Flax NNX keeps a variable's
+    array in its ``value`` (``nnx.state(model)`` has paths such as
+    ``conv1/kernel/value``), which names the leaf by the key before it;
+    Keras 2 names it ``conv1/kernel:0`` (its BatchNorms went unseen, its
+    LSTMs half found)."""
+    path = _TF_VALUE.sub("", path) or path
     head, _, last = path.rpartition("/")
     return head if last == "value" and head else path
 
