@@ -125,8 +125,9 @@ MAGNITUDE_NAMES = frozenset({"exp_inf"})
 
 def _names(key) -> list[str]:
     """A path component's names: the key, or its parts between "." and "/"
-    (a flat PyTorch state dict's ``state.0.exp_avg``)."""
-    return re.split(r"[./]", str(key))
+    (a flat PyTorch state dict's ``state.0.exp_avg``), less TensorFlow's
+    output index (Keras 2's ``Adam/dense/kernel/m:0``, found unpaired)."""
+    return re.split(r"[./]", re.sub(r":\d+$", "", str(key)))
 
 
 def is_magnitude_name(path: tuple) -> bool:
@@ -214,7 +215,7 @@ def _second_moment_paths(path: tuple):
     for i, (kind, key) in enumerate(path):
         if not isinstance(key, str):
             continue
-        parts = re.split(r"([./])", key)
+        parts = re.split(r"([./]|:\d+$)", key)   # TensorFlow's ":0" too, as _names
         for j in range(0, len(parts), 2):   # names; the odd places hold separators
             for second in MOMENT_NAMES.get(parts[j], ()):
                 swapped = "".join(parts[:j] + [second] + parts[j + 1:])

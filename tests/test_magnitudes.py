@@ -548,6 +548,17 @@ def test_flat_and_dotted_moment_names_are_paired(tmp_path):
             assert [f.info(k).quantized[0] for k in first] == ["signed_log2"], path
 
 
+def test_keras_moment_names_with_tensorflow_output_indices_are_paired(tmp_path):
+    """Keras 2 names Adam's slots ``Adam/dense/kernel/m:0`` and ``.../v:0``:
+    unpaired, its first moment was JPEG-coded."""
+    _, _, state, _, _ = _trained_adam()
+    mu, nu = np.asarray(state[0].mu["l2"]["w"]), np.asarray(state[0].nu["l2"]["w"])
+    path = tmp_path / "keras.jjpg"
+    jaxjpeg.save(path, {"Adam/dense/kernel/m:0": mu, "Adam/dense/kernel/v:0": nu})
+    with jaxjpeg.open(path) as f:
+        assert f.info("Adam/dense/kernel/m:0").quantized[0] == "signed_log2"
+
+
 def test_named_first_moments():
     def path(*keys):
         return tuple(("key", k) for k in keys)
@@ -556,11 +567,13 @@ def test_named_first_moments():
               (path("s", "0", "exp_avg"), (3,)), (path("s", "0", "exp_avg_sq"), (3,)),
               (path("p", "w"), (4, 4)), (path("mu", "nu"), (2,)),
               (path("state.1.exp_avg"), (6,)), (path("state.1.exp_avg_sq"), (6,)),
-              (path("a/m.b"), (7,)), (path("a/v.b"), (7,)), (path("mum"), (8,)), (path("num"), (8,))]
+              (path("a/m.b"), (7,)), (path("a/v.b"), (7,)), (path("mum"), (8,)), (path("num"), (8,)),
+              (path("Adam/k/m:0"), (9,)), (path("Adam/k/v:0"), (9,))]
     assert magnitudes.named_first_moments(leaves) == {
         path("opt", "mu", "w"): path("opt", "nu", "w"),
         path("s", "0", "exp_avg"): path("s", "0", "exp_avg_sq"),
-        path("state.1.exp_avg"): path("state.1.exp_avg_sq"), path("a/m.b"): path("a/v.b")}
+        path("state.1.exp_avg"): path("state.1.exp_avg_sq"), path("a/m.b"): path("a/v.b"),
+        path("Adam/k/m:0"): path("Adam/k/v:0")}
 
 
 def test_trusted_moment_names_read_once_from_a_file(tmp_path):
