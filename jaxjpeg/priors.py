@@ -406,8 +406,10 @@ def batchnorm_vector_steps(arrays: dict, norms: dict) -> dict[str, StepLimits]:
             continue
         step = VECTOR_STEP * unit
         gain = np.maximum(np.sqrt(norm.variance), GAIN_FLOOR * unit)
+        out[shift] = StepLimits(np.float64(step))
         scale = _scale_leaf(arrays, parent)
-        out[scale] = out[shift] = StepLimits(np.float64(step))
+        if scale is not None:
+            out[scale] = out[shift]
         out[mean] = StepLimits(step * np.sqrt(var + VARIANCE_FLOOR) / gain)
         out[variance] = StepLimits(2 * step / (gain * math.log(2)), LOG2, VARIANCE_FLOOR)
     return out
@@ -897,12 +899,17 @@ def _batchnorms(arrays: dict) -> dict[str, _Norm]:
         if leaf not in _SHIFT or np.ndim(array) != 1:
             continue
         scale = _scale_leaf(arrays, parent)
-        if (scale is None or np.shape(arrays[scale]) != np.shape(array)
-                or not _has_variance(arrays, parent)):
+        mean = _running_mean(arrays, parent, len(array))
+        if scale is None and mean is not None:   # γ = 1: Keras' scale=False (Inception),
+            gamma = np.ones(len(array))           # Flax's use_scale=False
+        elif scale is not None and np.shape(arrays[scale]) == np.shape(array):
+            gamma = np.asarray(arrays[scale], np.float64)
+        else:
             continue
-        shift, gamma = np.asarray(array, np.float64), np.asarray(arrays[scale], np.float64)
+        if not _has_variance(arrays, parent):
+            continue
+        shift = np.asarray(array, np.float64)
         if np.all(np.isfinite(shift)) and np.all(np.isfinite(gamma)):
-            mean = _running_mean(arrays, parent, len(shift))
             rectified = mean is not None and _normalises_activations(arrays[mean])
             out[name] = _Norm(relu_mean(shift, gamma), relu_power(shift, gamma), shift,
                               gamma * gamma, rectified)

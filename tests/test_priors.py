@@ -1051,3 +1051,28 @@ def test_an_indexed_name_beside_its_plain_name_keeps_its_own():
     tree["conv2/kernel:0"] = tree["conv2/kernel"].copy()
     prior = priors.batchnorm_prior(tree)
     assert "conv2/kernel" in prior.moments and "conv2/kernel:0" not in prior.moments
+
+
+def test_batchnorms_without_a_scale_are_read_with_unit_gains(tmp_path):
+    """Keras' BatchNormalization(scale=False) (its InceptionV3) and Flax's
+    use_scale=False keep no γ: such BatchNorms went unseen (no prior, their
+    vectors exact under byte targets). Read as γ = 1, as they compute."""
+    with_ones = _keras_tree(np.random.default_rng(8), "")
+    for name in with_ones:
+        if name.endswith("/gamma"):
+            with_ones[name] = np.ones_like(with_ones[name])
+    scaleless = {k: v for k, v in with_ones.items() if not k.endswith("/gamma")}
+    want = priors.batchnorm_prior(with_ones)
+    got = priors.batchnorm_prior(scaleless)
+    assert want.record().get("batchnorm_prior") and got.record() == want.record()
+    assert set(got.vectors) == set(want.vectors) - {k for k in with_ones if k.endswith("/gamma")}
+    jaxjpeg.save(tmp_path / "a.jjpg", with_ones, progress=False, target_ratio=6)
+    jaxjpeg.save(tmp_path / "b.jjpg", scaleless, progress=False, target_ratio=6)
+    a, b = jaxjpeg.restore(tmp_path / "a.jjpg"), jaxjpeg.restore(tmp_path / "b.jjpg")
+    np.testing.assert_array_equal(np.asarray(b["conv2/kernel"]), np.asarray(a["conv2/kernel"]))
+
+
+def test_a_bias_beside_running_statistics_of_another_width_is_no_batchnorm():
+    tree = {"head/bias": np.zeros(8, np.float32), "head/mean": np.zeros(4, np.float32),
+            "head/var": np.ones(4, np.float32), "head/kernel": np.ones((4, 8), np.float32)}
+    assert not priors.batchnorm_prior(tree).record().get("batchnorm_prior")
