@@ -336,7 +336,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         saver = ck._Save(path, leaves, **saver_options)
         owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
                                      saver.log_coding.named_pairs(leaves))
-        ready, error = {"owners": owners, "gather": gather, "path": os.path.abspath(path),
+        ready, error = {"owners": owners, "gather": gather, "path": storage.absolute(path),
                         "leaves": _leaf_digests(flat), "options": _options_digest(saver_options)
                         }, None
     except Exception as e:
@@ -764,7 +764,7 @@ def _commit(temp, path: str, parts: list, bases: list, saver, exchange: _Exchang
         os.pwrite(fd, fmt._pack_preamble(header_offset, len(header), fmt.crc32c(header), flags), 0)
         os.fsync(fd)
         target = fmt.replaced_file(path)
-        dir_fd = fmt._open_directory(os.path.dirname(os.path.abspath(target)))
+        dir_fd = fmt._open_directory(os.path.dirname(storage.absolute(target)))
         try:
             os.replace(temp_path, target)
             if dir_fd is not None:

@@ -248,7 +248,7 @@ def create_temp_file(target: str, shown=None) -> tuple[str, int]:
         # naming the temporary file (one in the parent, for "dir/")
         raise IsADirectoryError(errno.EISDIR, "cannot save: the path names a directory", shown)
     storage.refuse_special_file(target, shown)
-    directory = os.path.dirname(os.path.abspath(target))
+    directory = os.path.dirname(storage.absolute(target))
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
                                 "not exist", shown)
@@ -438,7 +438,7 @@ class ContainerWriter:
             self._upload()
             return
         # Opened before the rename: nothing may fail once the file is in place.
-        dir_fd = _open_directory(os.path.dirname(os.path.abspath(self._target)))
+        dir_fd = _open_directory(os.path.dirname(storage.absolute(self._target)))
         try:
             os.replace(self._temp_path, self._target)
             self._file.close()  # releases the lock only now: never unlocked before in place

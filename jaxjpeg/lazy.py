@@ -192,6 +192,8 @@ class LazyReader:
 
     def _read_region(self, leaf: SavedLeaf, index, dtype, device, stats) -> jax.Array:
         if leaf.prng_impl is not None:   # a few words of key data: read whole, then indexed
+            # (checked first: jax clamps an index out of range, found by review)
+            _normalize_index(index, tuple(cr.saved_struct(leaf).shape))
             return self.get(leaf.path, dtype, device, stats=stats)[index]
         ranges, flips, drops = _normalize_index(index, leaf.shape)
         request = self._request(leaf, dtype, device)

@@ -131,7 +131,17 @@ def to_absolute(path) -> str:
     """A local path made absolute (what Orbax insists on); URLs as they are."""
     location = as_location(path)
     local = local_path(location)
-    return location if local is None else os.path.abspath(local)
+    return location if local is None else absolute(local)
+
+
+def absolute(path: str) -> str:
+    """``path`` joined to the working directory, its ``..`` left for the
+    system to resolve: after a symlink, ``..`` is the parent of the link's
+    target, and ``os.path.abspath``'s cancelling of the two names another
+    file (found by review: ``compress src lnk/../o.jjpg`` wrote where the
+    API and ``open()`` do not look)."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def filesystem(location: str):

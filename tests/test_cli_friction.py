@@ -546,3 +546,28 @@ def test_export_onto_a_fifo_without_force_says_it_exists(tmp_path, capsys):
                     ["compress", str(src), str(tmp_path / "pipe")]):
         code, _, err = run(capsys, *command)
         assert code == EXIT_USAGE and "exists" in err, (command, code, err)
+
+
+def test_a_symlinks_parent_is_the_one_the_system_resolves(tmp_path, capsys, monkeypatch):
+    """Found by review: the CLI cancelled ``lnk/..`` as text (abspath), so
+    ``compress src lnk/../o.jjpg`` wrote ``./o.jjpg`` where ``open()`` and
+    ``jaxjpeg.restore`` look in the parent of the link's target."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    os.symlink(tmp_path / "real" / "sub", tmp_path / "work" / "lnk")
+    monkeypatch.chdir(tmp_path / "work")
+    np.savez("s.npz", w=np.ones((64, 64), np.float32))
+    code, _, err = run(capsys, "compress", "s.npz", "lnk/../o.jjpg")
+    assert code == 0, err
+    assert (tmp_path / "real" / "o.jjpg").is_file() and not os.path.exists("o.jjpg")
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore("lnk/../o.jjpg")["w"]), 1)
+    assert run(capsys, "inspect", "lnk/../o.jjpg")[0] == 0
+
+
+def test_save_under_a_missing_directorys_parent_is_refused_before_coding(tmp_path):
+    """Found by review: ``missing/../x.jjpg`` passed the directory check
+    (abspath cancelled it), the tree was coded whole, then the rename failed
+    naming the temporary file."""
+    with pytest.raises(FileNotFoundError, match="cannot save: directory"):
+        jaxjpeg.save(tmp_path / "missing" / ".." / "x.jjpg", {"w": np.ones((64, 64), np.float32)})
+    assert not list(tmp_path.iterdir())
