@@ -12,6 +12,9 @@ frameworks write:
 
 * PyTorch ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` and their cells:
   ``weight_ih_l0``, ``weight_hh_l1_reverse``, ``weight_ih``, ``weight_hh``;
+  those names joined by ``_`` or shortened to ``w_ih`` / ``w_hh``, where
+  both halves are there (g2p_en's GRUs ``enc_w_ih`` / ``enc_w_hh``, found
+  by review: phonemes as float32's 0.877 at the default save, 0.963 so);
 * Keras: ``recurrent_kernel`` and the ``kernel`` beside it;
 * Flax (linen and NNX): a module whose child modules carry a cell's gate
   names, each with a ``kernel`` (LSTM ``ii if ig io hi hf hg ho``, NNX
@@ -38,6 +41,9 @@ RECURRENT_STEP_FACTOR = 1 / 8
 
 # weight_hr: the projection of nn.LSTM(proj_size > 0), applied every step
 _TORCH_WEIGHT = re.compile(r"(^|[./])weight_(ih|hh|hr)(_l\d+)?(_reverse)?$")
+# The same names shortened or joined by "_" (g2p_en's numpy checkpoint:
+# enc_w_ih beside enc_w_hh), taken with their other half only.
+_JOINED_WEIGHT = re.compile(r"(^|[./_])(weight|w)_(ih|hh)(_l\d+)?(_reverse)?$")
 # A module is a cell when its children with a kernel include all of one
 # signature's hidden-to-hidden gates and all of one's input gates; then every
 # gate child of it is coded as a recurrent weight.
@@ -80,7 +86,7 @@ def _onnx_recurrent(shapes: Mapping[str, tuple]) -> set[str]:
 
 def _recurrent_variables(names: list) -> set[str]:
     present = set(names)
-    found = {n for n in names if _TORCH_WEIGHT.search(n)}
+    found = {n for n in names if _TORCH_WEIGHT.search(n) or _other_half(n) in present}
     gates: dict[str, set[str]] = defaultdict(set)   # module path -> children with a kernel
     for name in names:
         parent, _, key = name.rpartition("/")
@@ -97,6 +103,16 @@ def _recurrent_variables(names: list) -> set[str]:
             prefix = f"{module}/" if module else ""
             found.update(f"{prefix}{child}/kernel" for child in children if child in _GATES)
     return found
+
+
+def _other_half(name: str) -> str | None:
+    """The hidden-to-hidden matrix's name for an input matrix's (``w_ih``),
+    and the other way, when ``name`` is one of _JOINED_WEIGHT's."""
+    match = _JOINED_WEIGHT.search(name)
+    if match is None:
+        return None
+    other = "hh" if match.group(3) == "ih" else "ih"
+    return name[:match.start(3)] + other + name[match.end(3):]
 
 
 def _is_cell(children: set[str]) -> bool:
