@@ -75,8 +75,14 @@ a random conv kernel's by 5%, the real networks' by 0.4% (recognizer),
 1.2% (detector), 1.4% (NudeNet), 0.04% (EfficientNet-lite), while the
 recognizer's characters go 0.960 -> 0.994, the detector's IoU
 0.975 -> 0.982, NudeNet's output error 0.0318 -> 0.0292 and lite0 / lite1 /
-lite2's KL 0.036 / 0.033 / 0.029 -> 0.033 / 0.031 / 0.026. 1-D convolutions
-(3-d kernels) are not modelled: not measured.
+lite2's KL 0.036 / 0.033 / 0.029 -> 0.033 / 0.031 / 0.026. PyTorch's 1-D
+convolutions (O, I, k) with a window take the common mean too (not a Flax
+(k, I, O) kernel, whose shape a DenseGeneral's (heads, head_dim, features)
+shares): silero-vad's folded encoder (found by review), mean |Δp| of its
+speech probability on 6 synthetic clips, 16 / 8 kHz, 6.25x 0.039 / 0.108 ->
+0.048 / 0.054, 8x 0.128 / 0.189 -> 0.051 / 0.110; at 6.85x its 16 kHz path
+stays at 0.245 (int4-g32 at that size 0.133), a cliff the rounding errors
+of four layers make together (each alone 0.009-0.068), not understood.
 
 A BatchNorm whose running means are all >= 0 (some > 0) has only seen
 non-negative inputs: it follows its activation (conv -> ReLU -> BatchNorm,
@@ -416,14 +422,17 @@ def batchnorm_vector_steps(arrays: dict, norms: dict) -> dict[str, StepLimits]:
 
 
 def _common_means(ordered, exclude, transposed=frozenset()) -> dict[str, CommonMean]:
-    """{kernel: CommonMean} of the 2-D convolution kernels in ``ordered``
-    that ``exclude`` does not model, up to MAX_FEEDBACK_FEATURES inputs
-    (those in ``transposed``: PyTorch's (I, O, kh, kw))."""
+    """{kernel: CommonMean} of the convolution kernels in ``ordered`` that
+    ``exclude`` does not model, up to MAX_FEEDBACK_FEATURES inputs (those in
+    ``transposed``: PyTorch's (I, O, kh, kw)): 2-D ones, and 1-D ones in
+    PyTorch's (O, I, k) with a window (Flax's (k, I, O) is a DenseGeneral's
+    (heads, head_dim, features) too; an (O, I, 1) one may read raw frames,
+    as DNSMOS's STFT kernels (161, 320, 1) do)."""
     out = {}
     for name, array in ordered:
         shape = np.shape(array)
-        axes = None if name in exclude or len(shape) != 4 else kernel_axes(name, shape)
-        if axes is None:
+        axes = None if name in exclude or len(shape) not in (3, 4) else kernel_axes(name, shape)
+        if axes is None or (len(shape) == 3 and (axes != (1, 0) or shape[2] == 1)):
             continue
         in_axis, out_axis = (0, 1) if name in transposed and axes == (1, 0) else axes
         if not _feedback_fits(shape, out_axis):
