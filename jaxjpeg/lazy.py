@@ -245,6 +245,16 @@ class LeafSlice:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def get_shape(self) -> list[int]:
+        """The shape as safetensors' slices give it (found by review: code
+        written against ``safe_open(...).get_slice`` called these)."""
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        """The dtype as safetensors names it (``"F32"``, ``"BF16"``)."""
+        from jaxjpeg.export import SAFETENSORS_DTYPES
+        return SAFETENSORS_DTYPES.get(self.dtype.name, self.dtype.name)
+
     def __len__(self) -> int:
         if not self.shape:
             raise TypeError("len() of a 0-d leaf")

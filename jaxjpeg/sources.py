@@ -656,6 +656,16 @@ def _subdirs(path: str) -> list[str]:
 _STEP_NAME = re.compile(r"(?:(.*)_)?([0-9]+)")
 
 
+def _not_an_item(found: dict[str, str], name: str) -> str:
+    """Why ``name`` is not among the ``found`` items: absent, or a folder
+    beside them that holds no arrays (found by review: a JsonSave item was
+    called missing)."""
+    steps = {d.rstrip("/").rpartition("/")[0] for n, d in found.items() if n}
+    if any(storage.is_dir(storage.join(step, name)) for step in steps):
+        return f"Orbax item {name!r} holds no arrays (no _METADATA: JSON or another non-PyTree item)"
+    return f"no Orbax item {name!r}"
+
+
 def _orbax_items(path: str) -> dict[str, str]:
     """Item name -> directory for an Orbax item, step directory or manager
     root (its latest step); jaxjpeg items (a step saved with jaxjpeg's Orbax
@@ -694,7 +704,8 @@ def _chosen_items(path: str, items) -> dict[str, str]:
     if items is not None:
         unknown = [n for n in items if n not in found]
         if unknown:
-            raise SourceChoiceError(f"{path}: no Orbax item {unknown[0]!r} (items: {names})")
+            raise SourceChoiceError(f"{path}: {_not_an_item(found, unknown[0])} "
+                                    f"(items: {names})")
         found = {n: found[n] for n in items}
     jaxjpeg_items = [n for n, d in found.items() if _is_jaxjpeg_item(d)]
     if jaxjpeg_items and len(jaxjpeg_items) == len(found):   # nothing else to choose (review)

@@ -367,3 +367,20 @@ def test_export_destinations_that_cannot_be_written_are_said_plainly(tmp_path, c
     (tmp_path / "plain").write_text("x")
     code, _, err = run(capsys, "export", ckpt, tmp_path / "plain")
     assert code == 3 and "not a directory" in err and "Errno" not in err, err
+
+
+def test_an_item_that_holds_no_arrays_is_named_as_such(tmp_path, capsys):
+    """Found by review: ``--item meta`` on a JsonSave item answered "no Orbax
+    item 'meta'" though the step holds it."""
+    import orbax.checkpoint as ocp
+
+    root = tmp_path / "ckpt"
+    with ocp.CheckpointManager(root) as mngr:
+        mngr.save(4, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"w": np.ones((8, 8), np.float32)}),
+            meta=ocp.args.JsonSave({"epoch": 4})))
+        mngr.wait_until_finished()
+    code, _, err = run(capsys, "compress", root, tmp_path / "x.jjpg", "--item", "meta")
+    assert code == 2 and "Orbax item 'meta' holds no arrays" in err, err
+    code, _, err = run(capsys, "compress", root / "4", tmp_path / "x.jjpg", "--item", "nope")
+    assert code == 2 and "no Orbax item 'nope'" in err, err

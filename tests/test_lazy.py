@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxjpeg
-from jaxjpeg import format as fmt, layout
+from jaxjpeg import export, format as fmt, layout
 
 rng = np.random.default_rng(10)
 TREE = {
@@ -274,6 +274,8 @@ def test_get_slice_equals_restore_sliced(saved, name, index):
     with jaxjpeg.open(path) as f:
         piece = f.get_slice(name)
         assert piece.shape == TREE[name].shape and piece.dtype == TREE[name].dtype
+        assert piece.get_shape() == list(TREE[name].shape)   # as safetensors' slices
+        assert piece.get_dtype() == export.SAFETENSORS_DTYPES[TREE[name].dtype.name]
         value = piece[index]
         again = f.get_slice(name, index)
     assert bits(value) == bits(restored[name][index])
