@@ -165,6 +165,9 @@ def cmd_compress(args) -> int:
     dst = storage.kind(args.dst)
     if dst == "directory":
         raise CliError(f"{args.dst}: is a directory")
+    local = storage.local_path(storage.as_location(args.dst))
+    if local is not None:   # --force would not help (as export and extract say: review)
+        storage.refuse_special_file(local, args.dst)
     if dst is not None and not args.force:
         raise CliError(f"{args.dst}: exists (use --force to replace it)")
     # Tensors are described now and read one at a time as the save codes them.

@@ -279,10 +279,10 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         existing = _earlier_export(out)
         finals = paths + ([index_path] if index_path else [])
         _refuse_replacing_the_checkpoint(checkpoint_path, finals + existing)
-        if existing and not force:   # as compress says, a FIFO there included
-            raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
         for path in finals + existing:   # a device or FIFO would become a file
             storage.refuse_special_file(path)
+        if existing and not force:
+            raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
 
         def decode(name):
             return decode_on_host(ckpt, leaves[name])

@@ -251,9 +251,11 @@ class LeafSlice:
         return list(self.shape)
 
     def get_dtype(self) -> str:
-        """The dtype as safetensors names it (``"F32"``, ``"BF16"``)."""
+        """The saved dtype as safetensors names it (``"F32"``, ``"BF16"``; a
+        key leaf's key data's), whatever indexing gives without x64."""
         from jaxjpeg.export import SAFETENSORS_DTYPES
-        return SAFETENSORS_DTYPES.get(self.dtype.name, self.dtype.name)
+        name = np.dtype(self._leaf.dtype).name
+        return SAFETENSORS_DTYPES.get(name, name)
 
     def __len__(self) -> int:
         if not self.shape:

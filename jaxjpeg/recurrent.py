@@ -20,7 +20,7 @@ frameworks write:
   names, each with a ``kernel`` (LSTM ``ii if ig io hi hf hg ho``, NNX
   ``if_``; GRU ``ir iz in hr hz hn``; MGU ``if in hf hn``; SimpleCell ``i h``;
   NNX's fused cells ``dense_i dense_h``);
-* ONNX ``LSTM`` / ``GRU`` / ``RNN`` nodes, whose initializers carry names the
+* ONNX ``LSTM`` / ``GRU`` nodes, whose initializers carry names the
   exporter makes up (torch ``onnx::LSTM_462``, tf2onnx ``R0__31``): by their
   shapes, ``W`` (D, gH, I), ``R`` (D, gH, H) and ``B`` (D, 2gH) for D
   directions and g gates (found by review: a tf2onnx seq2seq LSTM's default
@@ -30,7 +30,7 @@ frameworks write:
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable, Mapping
 
 from jaxjpeg.treepaths import variable_name
@@ -53,8 +53,13 @@ _CELL_SIGNATURES = ({"hi", "hf", "hg", "ho"}, {"hr", "hz", "hn"}, {"hf", "hn"}, 
 _CELL_INPUTS = ({"ii", "if", "ig", "io"}, {"ii", "if_", "ig", "io"}, {"ir", "iz", "in"},
                 {"if", "in"}, {"i"}, {"dense_i"}, {"ih"})
 _GATES = set().union(*_CELL_SIGNATURES, *_CELL_INPUTS)
-# Gates per ONNX node: LSTM, GRU, RNN.
-_ONNX_GATE_COUNTS = (4, 3, 1)
+# Gates per ONNX node: LSTM, GRU. (An RNN node's one gate, (D, H, H) beside
+# (D, 2H), is what a vmapped or scanned stack of two square layers holds:
+# found by review, a twin critic's and a scanned transformer's kernels.)
+_ONNX_GATE_COUNTS = (4, 3)
+# Framework parameter names: an ONNX recurrent node's W and R are tensors its
+# exporter made, named ``onnx::LSTM_461`` or ``R0__31``, never these.
+_LAYER_PARAMETER = re.compile(r"(^|[./])(kernel|weight|bias|scale|embedding)$")
 
 
 def recurrent_leaves(names: Iterable[str],
@@ -70,18 +75,21 @@ def recurrent_leaves(names: Iterable[str],
 
 def _onnx_recurrent(shapes: Mapping[str, tuple]) -> set[str]:
     """The ``W`` and ``R`` of ONNX recurrent nodes: an ``R`` is a (D, gH, H)
-    leaf beside a (D, 2gH) bias; every (D, gH, I) leaf beside them is a ``W``.
-    The bias is required: a 3-D leaf alone, e.g. (1, 4H, H), is no evidence."""
-    biases = {tuple(s) for s in shapes.values() if len(s) == 2}
+    leaf beside a (D, 2gH) bias and a ``W``, another (D, gH, I) leaf. The
+    bias is required: a 3-D leaf alone, e.g. (1, 4H, H), is no evidence."""
+    shapes = {name: tuple(shape) for name, shape in shapes.items()
+              if not _LAYER_PARAMETER.search(variable_name(name))}
+    biases = {s for s in shapes.values() if len(s) == 2}
+    matrices = Counter(s[:2] for s in shapes.values() if len(s) == 3)
     cells = set()   # (D, gH) of the R's found
     for shape in shapes.values():
         if len(shape) == 3 and shape[0] in (1, 2) and shape[2] > 0:
             directions, rows, hidden = shape
-            if any(rows == g * hidden and (directions, 2 * rows) in biases
-                   for g in _ONNX_GATE_COUNTS):
+            if (matrices[directions, rows] >= 2 and (directions, 2 * rows) in biases
+                    and any(rows == g * hidden for g in _ONNX_GATE_COUNTS)):
                 cells.add((directions, rows))
     return {name for name, shape in shapes.items()
-            if len(shape) == 3 and tuple(shape[:2]) in cells}
+            if len(shape) == 3 and shape[:2] in cells}
 
 
 def _recurrent_variables(names: list) -> set[str]:

@@ -135,13 +135,21 @@ def to_absolute(path) -> str:
 
 
 def absolute(path: str) -> str:
-    """``path`` joined to the working directory, its ``..`` left for the
-    system to resolve: after a symlink, ``..`` is the parent of the link's
-    target, and ``os.path.abspath``'s cancelling of the two names another
-    file (found by review: ``compress src lnk/../o.jjpg`` wrote where the
-    API and ``open()`` do not look)."""
+    """``path`` absolute, as the system reads it: after a symlink, ``..`` is
+    the parent of the link's target, where ``os.path.abspath`` cancels the
+    two and names another file (found by review: ``compress src
+    lnk/../o.jjpg`` wrote where ``open()`` does not look). Where its folder
+    is there, that folder's real path (every reader, Orbax's text-normalised
+    paths too, then names one place) and the last name as given (a link
+    there is what a save replaces the target of); else joined to the working
+    directory as given, to fail where the system fails (``missing/..`` is no
+    folder, though ``os.path.realpath`` reads it as one)."""
     path = os.fspath(path)
-    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    joined = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    head, tail = os.path.split(joined)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(joined) if os.path.isdir(joined) else joined
+    return os.path.join(os.path.realpath(head), tail) if os.path.isdir(head) else joined
 
 
 def filesystem(location: str):

@@ -533,9 +533,10 @@ def test_fifos_and_devices_are_refused_not_replaced_or_waited_on(tmp_path, capsy
     assert (tmp_path / "x" / "model.safetensors").is_fifo()
 
 
-def test_export_onto_a_fifo_without_force_says_it_exists(tmp_path, capsys):
-    """As compress does (exit 2); export refused it as a special file first
-    (exit 3), though without --force nothing is replaced anyway."""
+def test_a_fifo_is_refused_as_such_with_or_without_force(tmp_path, capsys):
+    """compress said "exists (use --force to replace it)" of a FIFO (exit 2),
+    then refused it with --force (exit 3); export refused it at once. Both
+    refuse it at once now (review)."""
     ckpt = tmp_path / "c.jjpg"
     jaxjpeg.save(ckpt, {"w": np.ones((64, 64), np.float32)})
     os.mkfifo(tmp_path / "model.safetensors")
@@ -545,7 +546,7 @@ def test_export_onto_a_fifo_without_force_says_it_exists(tmp_path, capsys):
     for command in (["export", str(ckpt), str(tmp_path / "model.safetensors")],
                     ["compress", str(src), str(tmp_path / "pipe")]):
         code, _, err = run(capsys, *command)
-        assert code == EXIT_USAGE and "exists" in err, (command, code, err)
+        assert code == EXIT_IO and "not a regular file" in err, (command, code, err)
 
 
 def test_a_symlinks_parent_is_the_one_the_system_resolves(tmp_path, capsys, monkeypatch):

@@ -384,3 +384,22 @@ def test_an_item_that_holds_no_arrays_is_named_as_such(tmp_path, capsys):
     assert code == 2 and "Orbax item 'meta' holds no arrays" in err, err
     code, _, err = run(capsys, "compress", root / "4", tmp_path / "x.jjpg", "--item", "nope")
     assert code == 2 and "no Orbax item 'nope'" in err, err
+
+
+def test_an_orbax_root_reached_through_a_symlinks_parent(tmp_path, capsys, monkeypatch):
+    """Found by review: ``compress runs/latest/..`` (latest -> store/mgr/5)
+    listed the manager's steps where the system finds them, then Orbax,
+    normalising the path as text, opened runs/5: "cannot read the Orbax
+    checkpoint's metadata" (exit 1, as if damaged)."""
+    import orbax.checkpoint as ocp
+
+    w = np.arange(64, dtype=np.float32).reshape(8, 8)
+    with ocp.CheckpointManager(tmp_path / "store" / "mgr") as mngr:
+        mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": w})))
+        mngr.wait_until_finished()
+    (tmp_path / "runs").mkdir()
+    os.symlink(tmp_path / "store" / "mgr" / "5", tmp_path / "runs" / "latest")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "compress", "runs/latest/..", "o.jjpg", "--lossless", "*")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore("o.jjpg")["state"]["w"]), w)

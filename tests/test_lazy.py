@@ -355,3 +355,11 @@ def test_a_slice_is_refused_only_for_its_own_kept_values(tmp_path):
             f.get_slice("k", dtype=jnp.bfloat16)[70:80]
         with pytest.raises(ValueError, match="would become inf"):
             f.get("k", dtype=jnp.bfloat16)
+
+
+def test_get_dtype_names_the_saved_dtype(tmp_path):
+    """As safetensors' slices: an int64 leaf is "I64" though indexing it
+    without x64 gives int32 (found by review)."""
+    jaxjpeg.save(tmp_path / "i.jjpg", {"n": np.arange(6, dtype=np.int64)})
+    with jaxjpeg.open(tmp_path / "i.jjpg") as f:
+        assert f.get_slice("n").get_dtype() == "I64"

@@ -100,6 +100,7 @@ def test_every_reader_gives_keys(tmp_path):
         assert piece.shape == (3, 4) and piece.dtype == keys.dtype and len(piece) == 3
         np.testing.assert_array_equal(jax.random.key_data(piece[1:, 2]), want[1:, 2])
         np.testing.assert_array_equal(jax.random.key_data(piece[..., 3]), want[:, 3])
+        assert piece.get_dtype() == "U32"   # its key data's, as safetensors names it
         for outside in (3, -4, (0, 4)):   # jax clamps these (found by review)
             with pytest.raises(IndexError):
                 piece[outside]

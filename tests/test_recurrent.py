@@ -112,6 +112,20 @@ def test_onnx_recurrent_weights_found_by_their_shapes():
     assert found == {"onnx::LSTM_461", "onnx::LSTM_462", "W0__30", "R0__31"}
 
 
+def test_stacked_layers_are_not_onnx_cells():
+    """Found by review: a vmapped twin critic's (2, 256, 256) kernels beside a
+    (2, 512) bias, and a scanned 2-layer transformer's, read as ONNX RNN
+    cells: default saves 22-25% larger."""
+    critic = {"params/Dense_0/kernel": (2, 64, 512), "params/Dense_0/bias": (2, 512),
+              "params/Dense_2/kernel": (2, 256, 256), "params/Dense_3/kernel": (2, 256, 256),
+              "params/Dense_4/kernel": (2, 768, 256), "params/Dense_4/bias": (2, 1536)}
+    scanned = {"layers/query/kernel": (2, 256, 256), "layers/value/kernel": (2, 256, 256),
+               "layers/mlp_in/bias": (2, 512), "layers/mlp_in/kernel": (2, 256, 512)}
+    lone = {"R0__31": (1, 384, 128), "B0__32": (1, 768)}   # no W beside it
+    for shapes in (critic, scanned, lone):
+        assert recurrent.recurrent_leaves(shapes, shapes) == set(), shapes
+
+
 def test_onnx_lookalike_shapes_are_not_cells():
     shapes = {"pos": (1, 1024, 256),            # an R's shape, no bias beside it
               "conv1d": (2, 512, 128), "scale": (2, 512),   # bias of 1x rows, not 2x
@@ -145,7 +159,8 @@ def test_default_save_codes_onnx_recurrent_weights_finer(tmp_path):
     matrix (found by review on a tf2onnx seq2seq model)."""
     rng = np.random.default_rng(5)
     r = (rng.standard_normal((1, 512, 128)) * 0.05).astype(np.float32)
-    tree = {"R0__31": r, "B0__32": np.zeros((1, 1024), np.float32),
+    tree = {"W0__30": (rng.standard_normal((1, 512, 64)) * 0.05).astype(np.float32),
+            "R0__31": r, "B0__32": np.zeros((1, 1024), np.float32),
             "other": r.reshape(512, 128).copy()}
     path = tmp_path / "onnx_rnn.jjpg"
     jaxjpeg.save(path, tree)
@@ -153,7 +168,7 @@ def test_default_save_codes_onnx_recurrent_weights_finer(tmp_path):
     ratio = _relative_error(restored["other"], r[0]) / _relative_error(restored["R0__31"], r)
     assert 6 < ratio < 10
     with Checkpoint(path) as ckpt:
-        assert ckpt.reader.metadata["rate"]["recurrent_leaves"] == 1
+        assert ckpt.reader.metadata["rate"]["recurrent_leaves"] == 2
 
 
 def test_a_sensitivity_for_a_recurrent_leaf_replaces_the_rule(tmp_path):

@@ -393,6 +393,13 @@ def bytes_paths_file_urls_and_symlinks_are_local_files():
         got = jaxjpeg.restore(os.path.join(WORK, name))
         np.testing.assert_array_equal(np.asarray(got["b"]), small["b"])
     assert os.path.islink(os.path.join(WORK, "link.jjpg"))
+    # each process from its own folder (found by review: refused as naming
+    # different files once paths kept their "..")
+    own = os.path.join(WORK, f"task{PROCESS}")
+    os.makedirs(own, exist_ok=True)
+    jaxjpeg.save(os.path.join(own, "..", "dotdot.jjpg"), small, distributed=True)
+    got = jaxjpeg.restore(os.path.join(WORK, "dotdot.jjpg"))
+    np.testing.assert_array_equal(np.asarray(got["b"]), small["b"])
     assert not [n for n in os.listdir(WORK) + os.listdir(elsewhere) if ".tmp-" in n]
     try:
         jaxjpeg.save("memory://bucket/x.jjpg", small, distributed=True)
