@@ -918,6 +918,17 @@ def _coded_leaves_starve(entries, coded, curves, budget: float, target_bytes: in
     return 8 * budget / coded_values < SMALL_STEP_SHARE * average
 
 
+def _optimizer_moments(entries) -> bool:
+    """Whether the leaves include an optimizer's moments by their names
+    (magnitudes.MOMENT_NAMES; Lion's lone mu): not a BatchNorm's mean and
+    var, which log2 steps may code alike (found by review: a Flax CNN's
+    non-negative running means made it a training state here)."""
+    records = [tuple(map(tuple, leaf.records)) for leaf in entries]
+    return (bool(magnitudes.named_first_moments(
+                (path, leaf.shape) for path, leaf in zip(records, entries)))
+            or any(magnitudes.is_lone_first_moment(path) for path in records))
+
+
 def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by=analyse_here,
                     takers=frozenset(), own=None, log_coding=None, user_metadata=None):
     """Allocates the file's byte budget over the leaves that will be coded.
@@ -1085,7 +1096,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if (budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget
             or _coded_leaves_starve(entries, coded, curves, budget, target_bytes,
-                                    sum(fine_kernels.values()), bool(kept_moments))):
+                                    sum(fine_kernels.values()), _optimizer_moments(entries))):
         small_stepped = small_moments = True
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     elif log_coding is not None and log_coding.rung > 0:

@@ -218,6 +218,11 @@ def test_small_kernels_under_the_coded_leaves_budget_leave_their_step_too(tmp_pa
     tree = {f"small{i:02d}": (0.1 * rng.standard_normal((32, 64))).astype(np.float32)
             for i in range(24)}
     tree["big"] = (0.05 * rng.standard_normal((256, 600))).astype(np.float32)
+    # a BatchNorm after a ReLU: running means >= 0 beside their variances,
+    # which log2 steps code as they code moments (found by review: taken
+    # for an optimizer's, they kept the cliff in a Flax CNN)
+    tree["batch_stats"] = {"BatchNorm_0": {"mean": np.abs(rng.standard_normal(64)).astype(
+        np.float32), "var": (0.5 + rng.random(64)).astype(np.float32)}}
     errors = []
     for ratio in (5, 6, 7):
         jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=ratio, progress=False)
