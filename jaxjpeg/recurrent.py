@@ -24,7 +24,8 @@ frameworks write:
   exporter makes up (torch ``onnx::LSTM_462``, tf2onnx ``R0__31``): by their
   shapes, ``W`` (D, gH, I), ``R`` (D, gH, H) and ``B`` (D, 2gH) for D
   directions and g gates (found by review: a tf2onnx seq2seq LSTM's default
-  save kept ``R`` at relative error 0.090; as a cell's, 0.011).
+  save kept ``R`` at relative error 0.090; as a cell's, 0.011); torch's
+  ``onnx::RNN_N`` and cells without ``B`` by those names.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ _ONNX_GATE_COUNTS = (4, 3)
 # Framework parameter names: an ONNX recurrent node's W and R are tensors its
 # exporter made, named ``onnx::LSTM_461`` or ``R0__31``, never these.
 _LAYER_PARAMETER = re.compile(r"(^|[./])(kernel|weight|bias|scale|embedding)$")
+# torch's exporter names them after the node: an RNN's one gate and a cell
+# without biases are found by that name (review: nn.RNN's went unfound).
+_TORCH_ONNX_NODE = re.compile(r"onnx::(LSTM|GRU|RNN)_\d+$")
 
 
 def recurrent_leaves(names: Iterable[str],
@@ -75,18 +79,22 @@ def recurrent_leaves(names: Iterable[str],
 
 def _onnx_recurrent(shapes: Mapping[str, tuple]) -> set[str]:
     """The ``W`` and ``R`` of ONNX recurrent nodes: an ``R`` is a (D, gH, H)
-    leaf beside a (D, 2gH) bias and a ``W``, another (D, gH, I) leaf. The
-    bias is required: a 3-D leaf alone, e.g. (1, 4H, H), is no evidence."""
+    leaf beside a ``W``, another (D, gH, I) leaf, and a (D, 2gH) bias, which
+    only torch's node names (_TORCH_ONNX_NODE) stand in for: a 3-D leaf
+    alone, e.g. (1, 4H, H), is no evidence."""
     shapes = {name: tuple(shape) for name, shape in shapes.items()
               if not _LAYER_PARAMETER.search(variable_name(name))}
     biases = {s for s in shapes.values() if len(s) == 2}
     matrices = Counter(s[:2] for s in shapes.values() if len(s) == 3)
     cells = set()   # (D, gH) of the R's found
-    for shape in shapes.values():
+    for name, shape in shapes.items():
         if len(shape) == 3 and shape[0] in (1, 2) and shape[2] > 0:
             directions, rows, hidden = shape
-            if (matrices[directions, rows] >= 2 and (directions, 2 * rows) in biases
-                    and any(rows == g * hidden for g in _ONNX_GATE_COUNTS)):
+            named = _TORCH_ONNX_NODE.search(name) is not None
+            gates = _ONNX_GATE_COUNTS + ((1,) if named else ())
+            if (matrices[directions, rows] >= 2
+                    and (named or (directions, 2 * rows) in biases)
+                    and any(rows == g * hidden for g in gates)):
                 cells.add((directions, rows))
     return {name for name, shape in shapes.items()
             if len(shape) == 3 and shape[:2] in cells}

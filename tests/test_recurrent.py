@@ -112,6 +112,15 @@ def test_onnx_recurrent_weights_found_by_their_shapes():
     assert found == {"onnx::LSTM_461", "onnx::LSTM_462", "W0__30", "R0__31"}
 
 
+def test_torch_exported_rnn_and_biasless_cells_found_by_their_node_names():
+    """torch names an exported node's weights after it: nn.RNN's (one gate)
+    and an LSTM without biases are found by that (review)."""
+    rnn = {"onnx::RNN_35": (1, 16, 20), "onnx::RNN_36": (1, 16, 16), "onnx::RNN_37": (1, 32)}
+    bare = {"onnx::LSTM_40": (2, 64, 8), "onnx::LSTM_41": (2, 64, 16)}
+    assert recurrent.recurrent_leaves(rnn, rnn) == {"onnx::RNN_35", "onnx::RNN_36"}
+    assert recurrent.recurrent_leaves(bare, bare) == set(bare)
+
+
 def test_stacked_layers_are_not_onnx_cells():
     """Found by review: a vmapped twin critic's (2, 256, 256) kernels beside a
     (2, 512) bias, and a scanned 2-layer transformer's, read as ONNX RNN
