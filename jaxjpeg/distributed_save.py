@@ -336,9 +336,9 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         saver = ck._Save(path, leaves, **saver_options)
         owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
                                      saver.log_coding.named_pairs(leaves))
-        ready, error = {"owners": owners, "gather": gather, "path": storage.absolute(path),
-                        "leaves": _leaf_digests(flat), "options": _options_digest(saver_options)
-                        }, None
+        ready, error = {"owners": owners, "gather": gather, "path": os.path.abspath(path),
+                        "real": storage.absolute(path), "leaves": _leaf_digests(flat),
+                        "options": _options_digest(saver_options)}, None
     except Exception as e:
         ready, error = f"{type(e).__name__}: {e}", e
     exchange.put(f"ready/{me}", {"state": ready,
@@ -394,8 +394,11 @@ def _check_same_plan(path: str, plans: list, records: list) -> None:
     from jaxjpeg.treepaths import path_string
     # one file: process 0's (found by review: a process naming another path,
     # a relative one from another directory, was told its save had succeeded)
+    # Either spelling agreeing will do: the text (hosts that mount a shared
+    # folder through different symlinks) or the real folders (processes in
+    # different folders, one through a symlink's "..").
     named = [plan["path"] for plan in plans]
-    if len(set(named)) > 1:
+    if len(set(named)) > 1 and len({plan["real"] for plan in plans}) > 1:
         differ = next(i for i, p in enumerate(named) if p != named[0])
         raise ValueError(f"distributed save: the processes name different files (process 0 "
                          f"{named[0]!r}, process {differ} {named[differ]!r}): every process "

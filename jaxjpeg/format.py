@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxjpeg import storage
+from jaxjpeg import interrupts, storage
 from jaxjpeg.threads import SharedPool
 from jaxjpeg._native import crc32c as _native_crc32c  # xla_ops/crc32c.h
 
@@ -347,11 +347,16 @@ class ContainerWriter:
             self.set_metadata(metadata)
         if self._remote is not None:
             _refuse_remote_directory(self._remote)
-            fd, self._temp_path = tempfile.mkstemp(prefix="jaxjpeg-", suffix=".part")
-        else:
-            self._temp_path, fd = self._create_temp_file()
-        self._file = os.fdopen(fd, "wb")
+        self._file = None
         try:
+            # A signal between the file's creation and this object's knowing
+            # it would leave it (a flaky test: SIGHUP just as it appeared).
+            with interrupts.held():
+                if self._remote is not None:
+                    fd, self._temp_path = tempfile.mkstemp(prefix="jaxjpeg-", suffix=".part")
+                else:
+                    self._temp_path, fd = self._create_temp_file()
+                self._file = os.fdopen(fd, "wb")
             self._file.write(bytes(PREAMBLE_SIZE))  # placeholder until close()
         except BaseException:
             self.abort()

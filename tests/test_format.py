@@ -868,3 +868,20 @@ def test_a_header_with_a_lone_surrogate_is_refused(tmp_path, capsys):
     assert cli.main(["inspect", str(lone)]) == cli.EXIT_DAMAGED
     err = capsys.readouterr().err
     assert err.startswith("jaxjpeg: error: ") and err.count("\n") == 1, err
+
+
+def test_a_signal_as_the_temporary_file_appears_leaves_none(tmp_path, monkeypatch):
+    """A flaky CLI test (SIGHUP just as the temporary file appeared) left it:
+    a signal between its creation and the writer's knowing it is now held
+    until the writer can remove the file."""
+    real = fmt.create_temp_file
+
+    def create_then_signal(*args):
+        made = real(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(fmt, "create_temp_file", create_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        fmt.ContainerWriter(tmp_path / "c.jjpg")
+    assert not list(tmp_path.iterdir())
