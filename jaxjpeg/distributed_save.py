@@ -336,7 +336,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         saver = ck._Save(path, leaves, **saver_options)
         owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
                                      saver.log_coding.named_pairs(leaves))
-        ready, error = {"owners": owners, "gather": gather, "path": os.path.abspath(path),
+        ready, error = {"owners": owners, "gather": gather, "path": _as_typed(path),
                         "real": storage.absolute(path), "leaves": _leaf_digests(flat),
                         "options": _options_digest(saver_options)}, None
     except Exception as e:
@@ -386,6 +386,11 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
     return Prepared(path, saver, exchange, me, processes, own, len(flat))
 
 
+def _as_typed(path: str) -> str:
+    """``path`` joined to the working folder, its ".." and "." as typed."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
 def _check_same_plan(path: str, plans: list, records: list) -> None:
     """Every process must have planned the same owners: a leaf the processes
     see differently (a global array on one process's devices) would be
@@ -394,9 +399,12 @@ def _check_same_plan(path: str, plans: list, records: list) -> None:
     from jaxjpeg.treepaths import path_string
     # one file: process 0's (found by review: a process naming another path,
     # a relative one from another directory, was told its save had succeeded)
-    # Either spelling agreeing will do: the text (hosts that mount a shared
-    # folder through different symlinks) or the real folders (processes in
-    # different folders, one through a symlink's "..").
+    # Either spelling agreeing will do: the text as typed, joined to the
+    # working folder (hosts that mount a shared folder through different
+    # symlinks), or the real folders (processes in different folders; one
+    # through a symlink's ".."). Not os.path.abspath's: it cancels "lnk/.."
+    # as text, which names another file (found by review: lnk/../ck.jjpg
+    # and ck.jjpg were taken for one).
     named = [plan["path"] for plan in plans]
     if len(set(named)) > 1 and len({plan["real"] for plan in plans}) > 1:
         differ = next(i for i, p in enumerate(named) if p != named[0])

@@ -486,16 +486,18 @@ class ContainerWriter:
         """Discards everything written; the file at `path` is left as it was."""
         if self._file is None:
             return
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        finally:
-            self._file = None
+        # a second signal (a double Ctrl-C) waits for the file to go (review)
+        with interrupts.held():
             try:
-                os.unlink(self._temp_path)
-            except FileNotFoundError:
+                self._file.close()
+            except OSError:
                 pass
+            finally:
+                self._file = None
+                try:
+                    os.unlink(self._temp_path)
+                except FileNotFoundError:
+                    pass
 
     def _check_open(self) -> None:
         if self._file is None:

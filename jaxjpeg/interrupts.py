@@ -42,19 +42,50 @@ def held():
         yield
         return
     pressed = []
-    # not those whose handler was set outside Python: it could not be put back
-    # (found by review: an embedding program's own handler was replaced for good)
-    previous = {signum: signal.signal(signum, lambda signum, _: pressed.append(signum))
-                for signum in ENDING_SIGNALS if signal.getsignal(signum) is not None}
+    previous = {}
+
+    def hold(signum, _):
+        pressed.append(signum)
+
     try:
+        # One at a time, each recorded before it is swapped: a signal already
+        # waiting runs its handler inside signal.signal, which may raise, and
+        # what was swapped must still be put back (found by review: a
+        # raising handler left this one installed, Ctrl-C swallowed for good).
+        # Not those whose handler was set outside Python: it could not be put
+        # back (found by review: an embedding program's own handler was
+        # replaced for good).
+        for signum in ENDING_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not None:
+                previous[signum] = handler
+                signal.signal(signum, hold)
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        raised = _restore(previous)
         # each, repeats too, delivered as the handler held back would have, the
         # later ones also where an earlier one raises (found by review: a
         # caller's own handler was bypassed; one after another was lost)
-        _deliver_all([(signum, previous[signum]) for signum in pressed])
+        try:
+            _deliver_all([(signum, previous[signum]) for signum in pressed])
+        finally:
+            if raised is not None:
+                raise raised
+
+
+def _restore(previous: dict) -> BaseException | None:
+    """Every handler of ``previous`` put back, even where a signal arriving
+    meanwhile runs a handler that raises (each swap is retried); the first
+    such exception, returned."""
+    raised = None
+    for signum, handler in previous.items():
+        while True:
+            try:
+                signal.signal(signum, handler)
+                break
+            except BaseException as e:   # a waiting signal's handler ran, and raised
+                raised = raised or e
+    return raised
 
 
 def _deliver_all(signals: list) -> None:

@@ -572,3 +572,49 @@ def test_save_under_a_missing_directorys_parent_is_refused_before_coding(tmp_pat
     with pytest.raises(FileNotFoundError, match="cannot save: directory"):
         jaxjpeg.save(tmp_path / "missing" / ".." / "x.jjpg", {"w": np.ones((64, 64), np.float32)})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("swap, signame", [(2, "SIGTERM"), (5, "SIGINT")])
+def test_a_signal_while_held_swaps_handlers_leaves_the_callers_in_place(monkeypatch, swap,
+                                                                        signame):
+    """Found by review: a signal arriving during one of held()'s swaps ran
+    the caller's handler inside signal.signal; where it raised (a training
+    loop's preemption handler, the default Ctrl-C), the swap stopped half
+    way and held()'s own catch-all stayed installed: later signals were
+    swallowed for good. Simulated here: the signal is sent just before the
+    Nth swap (installing SIGTERM's, restoring SIGTERM's)."""
+    import signal
+    from jaxjpeg import interrupts
+
+    class Preempted(Exception):
+        pass
+
+    def preempt(signum, frame):
+        raise Preempted()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, preempt)
+    signal.signal(signal.SIGINT, interrupt)
+    real, count = signal.signal, [0]
+
+    def swapping(signum, handler):
+        count[0] += 1
+        if count[0] == swap:
+            os.kill(os.getpid(), getattr(signal, signame))   # pending: runs inside the call
+        return real(signum, handler)
+
+    try:
+        monkeypatch.setattr(signal, "signal", swapping)
+        with pytest.raises((Preempted, KeyboardInterrupt)):
+            with interrupts.held():
+                pass
+        monkeypatch.setattr(signal, "signal", real)
+        assert signal.getsignal(signal.SIGTERM) is preempt
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        monkeypatch.setattr(signal, "signal", real)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

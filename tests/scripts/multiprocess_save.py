@@ -240,6 +240,20 @@ def processes_naming_different_files_fail_every_process():
     else:
         raise AssertionError("the save did not fail")
     assert not [f for f in os.listdir(WORK) if f.startswith("mine_")]
+    # "lnk/.." is the parent of the link's target, not WORK (found by review:
+    # taken for one file as text, the save wrote only process 0's)
+    other = os.path.join(WORK, "other", "sub")
+    os.makedirs(other, exist_ok=True)
+    link = os.path.join(WORK, f"lnk{PROCESS}")
+    if not os.path.lexists(link):
+        os.symlink(other, link)
+    named = os.path.join(link, "..", "far.jjpg") if PROCESS == 0 else os.path.join(WORK, "far.jjpg")
+    try:
+        jaxjpeg.save(named, TREE, distributed=True)
+    except ValueError as e:
+        assert "the processes name different files" in str(e), str(e)
+    else:
+        raise AssertionError("the save through lnk/.. did not fail")
 
 
 @check
