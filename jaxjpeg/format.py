@@ -484,10 +484,10 @@ class ContainerWriter:
 
     def abort(self) -> None:
         """Discards everything written; the file at `path` is left as it was."""
-        if self._file is None:
-            return
         # a second signal (a double Ctrl-C) waits for the file to go (review)
         with interrupts.held():
+            if self._file is None:
+                return
             try:
                 self._file.close()
             except OSError:
