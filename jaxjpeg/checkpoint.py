@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -918,6 +918,17 @@ def _coded_leaves_starve(entries, coded, curves, budget: float, target_bytes: in
     return 8 * budget / coded_values < SMALL_STEP_SHARE * average
 
 
+# FINE_TARGET: where every coded leaf's finest JPEG coding (12-bit samples under the rows'
+# maps: about 10-11 bits a value) leaves bytes of the target unspent, a byte
+# target offers each one fine step's thin coding too (rate.thin_curve, up to
+# 15.5 bits a value): between JPEG's finest and raw (32) nothing was offered,
+# and a tree of few large leaves landed under its target (found by review:
+# Magika at 2.4 / 3.0x -17.9 / -1.5%, Whisper tiny.en in float16 at 2.2x
+# -8.6%). Within FINE_MARGIN of the budget, as probes measure the finest
+# codings a few percent over what they take (Magika at 3.2x: -4.2%).
+FINE_MARGIN = 1.05
+
+
 def _optimizer_moments(entries) -> bool:
     """Whether the leaves include an optimizer's moments by their names
     (magnitudes.MOMENT_NAMES; Lion's lone mu): not a BatchNorm's mean and
@@ -966,6 +977,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     # top-1 0.49 from 0.63). Decided on the whole tree's figures: every
     # process of a distributed save decides alike.
     small_stepped = small_moments = False
+    fine_target = False   # every coded leaf offered a thin coding too (see FINE_TARGET)
+    fine_thin = set()   # the leaves offered one for that alone (their reports say so)
 
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
@@ -1021,8 +1034,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             overhead, tile_count = _coded_overhead(p, coding["restart_interval"],
                                                    coding["tile_shape"],
                                                    target_bytes / max(1, total))
-            if leaf_coder.sparse(leaf.name, p):   # JPEG, or its zeros kept, at each size
+            sparse = leaf_coder.sparse(leaf.name, p)
+            if sparse or (fine_target and leaf_coder.one_step_fits(leaf.name)):
+                # JPEG, or its zeros kept / one fine step (FINE_TARGET), at each size
                 curve = rate.merged_curve(curve, rate.thin_curve(p.original))
+                if not sparse:
+                    fine_thin.add(leaf.name)
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
             curve = dataclasses.replace(curve, norm2=np.array([rate.spread_norm2(p)]))
         return leaf.name, (curve, leaf_coder.leaf_sensitivity(leaf.name, p), overhead,
@@ -1094,6 +1111,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         return coded, kept, overhead, curves, sens, tiles, budget
 
     coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
+    if curves and 0 < sum(float(c.nbytes.max()) for c in curves.values()) < FINE_MARGIN * budget:
+        fine_target = True   # JPEG's finest codings leave bytes unspent (see FINE_TARGET)
+        coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if (budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget
             or _coded_leaves_starve(entries, coded, curves, budget, target_bytes,
                                     sum(fine_kernels.values()), _optimizer_moments(entries))):
@@ -1172,7 +1192,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                              allocator.planned_bytes(mine),
                                              sensitivity={name: sens[name] for name in mine},
                                              **leaf_coder.coding)
-    return _BudgetEncoder(allocator, leaf_coder), coded, exact
+    return _BudgetEncoder(allocator, leaf_coder, fine_thin), coded, exact
 
 
 def _taker_bytes(array: np.ndarray, stored: int) -> int:
@@ -1271,9 +1291,10 @@ class _BudgetEncoder:
     of a save coding one leaf at a time while the loading, preparing and
     packing of other leaves overlap the coding."""
 
-    def __init__(self, allocator, leaf_coder: "_LeafCoder"):
+    def __init__(self, allocator, leaf_coder: "_LeafCoder", fine: Collection[str] = ()):
         self.allocator = allocator
         self.leaf_coder = leaf_coder
+        self.fine = frozenset(fine)   # offered one fine step beside JPEG (FINE_TARGET)
         self.turns = _Turns([])
 
     def order(self, names: Sequence[str]) -> None:
@@ -2097,7 +2118,8 @@ class _Save:
         if isinstance(enc, rate.ThinCoding):   # a byte target's choice (rate.thin_curve)
             # a kernel the policy keeps out of JPEG (_small_kernel_stepped), or a thin view
             small = not self.policy.should_compress(name, array)
-            thin, enc, jpeg = _thin_stored(enc, small), None, None
+            fine = name in getattr(self.encode, "fine", ())
+            thin, enc, jpeg = _thin_stored(enc, small, fine), None, None
         else:
             jpeg = _jpeg_blobs(index, enc) if enc is not None else None
             sparse = jpeg is not None and not self.user_encoder and rate.is_sparse_leaf(array)
@@ -2743,13 +2765,15 @@ def _bounded_thin(array: np.ndarray, bound: float, max_bytes: int, norm2: float 
     return exact
 
 
-def _thin_stored(coded, small: bool = False) -> tuple:
+def _thin_stored(coded, small: bool = False, fine: bool = False) -> tuple:
     """(blob, record fields, note) of a rate.ThinCoding (``small``: of a
-    kernel the policy keeps out of JPEG)."""
+    kernel the policy keeps out of JPEG; ``fine``: finer than JPEG codes)."""
     record = coded.record
     why = ("too small for JPEG, on the byte target's step" if small
-           else "a view too thin for JPEG's 8x8 blocks" if record.get("nonzeros") is None else
-           f"sparse, its zeros kept exactly ({record['nonzeros']} values nonzero)")
+           else f"sparse, its zeros kept exactly ({record['nonzeros']} values nonzero)"
+           if record.get("nonzeros") is not None else
+           "one fine step: JPEG's finest codings left the byte target unspent" if fine
+           else "a view too thin for JPEG's 8x8 blocks")
     return (coded.blob, {"kind": "raw", **record},
             f"quantized (linear step {record['step']:.3g}): {why}")
 

@@ -933,18 +933,33 @@ def test_a_target_beyond_every_finest_coding_stores_leaves_exactly(tmp_path):
     import jaxjpeg
 
     tree = {"a": _tensor("gauss", (256, 256), 1), "b": _tensor("gauss", (256, 256), 2)}
-    finest = jaxjpeg.save(tmp_path / "f.jjpg", tree, target_ratio=2.9, progress=False)
-    assert all(leaf.kind == "jpeg" for leaf in finest.leaves)
     report = jaxjpeg.save(tmp_path / "x.jjpg", tree, target_ratio=1.3, progress=False)
     target = 2 * tree["a"].nbytes / 1.3
-    assert finest.file_bytes < report.file_bytes <= target
-    kinds = sorted(leaf.kind for leaf in report.leaves)
-    assert kinds == ["jpeg", "raw"], kinds
-    assert [leaf.note for leaf in report.leaves if leaf.kind == "raw"] == [
-        "stored raw, exactly: the byte target has room for it"]
+    assert 0.95 * target < report.file_bytes <= target
+    notes = sorted(leaf.note for leaf in report.leaves)
+    assert "stored raw, exactly: the byte target has room for it" in notes, notes
     restored = jaxjpeg.restore(tmp_path / "x.jjpg")
     exact = [k for k in tree if np.array_equal(np.asarray(restored[k]), tree[k])]
     assert len(exact) == 1
+
+
+@pytest.mark.parametrize("ratio", [2.0, 2.5, 2.9])
+def test_targets_past_jpegs_finest_coding_take_one_fine_step(ratio, tmp_path):
+    """Found by review: between JPEG's finest coding (about 11 bits a value)
+    and raw nothing was offered, so trees of few large leaves landed under
+    their targets (Magika at 2.4x -17.9%; here 2.87x for targets of 2.0 and
+    2.5, 3.01x for 2.9). A one-step coding up to 15.5 bits a value is offered
+    beside JPEG's where JPEG's finest leave bytes unspent (FINE_TARGET)."""
+    import jaxjpeg
+
+    tree = {"a": _tensor("gauss", (256, 256), 1), "b": _tensor("gauss", (256, 256), 2)}
+    report = jaxjpeg.save(tmp_path / "x.jjpg", tree, target_ratio=ratio, progress=False)
+    assert report.ratio_vs_float32 == pytest.approx(ratio, rel=0.04)
+    assert all("JPEG's finest codings left" in leaf.note for leaf in report.leaves)
+    restored = jaxjpeg.restore(tmp_path / "x.jjpg")
+    for k, v in tree.items():
+        error = np.linalg.norm(np.asarray(restored[k]) - v) / np.linalg.norm(v)
+        assert error < 1e-3, (k, error)
 
 
 def test_per_row_ranges_only_where_ranges_spread():
