@@ -918,7 +918,7 @@ def _coded_leaves_starve(entries, coded, curves, budget: float, target_bytes: in
     return 8 * budget / coded_values < SMALL_STEP_SHARE * average
 
 
-# FINE_TARGET: where every coded leaf's finest JPEG coding (12-bit samples under the rows'
+# Where every coded leaf's finest JPEG coding (12-bit samples under the rows'
 # maps: about 10-11 bits a value) leaves bytes of the target unspent, a byte
 # target offers each one fine step's thin coding too (rate.thin_curve, up to
 # 15.5 bits a value): between JPEG's finest and raw (32) nothing was offered,
@@ -977,7 +977,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     # top-1 0.49 from 0.63). Decided on the whole tree's figures: every
     # process of a distributed save decides alike.
     small_stepped = small_moments = False
-    fine_target = False   # every coded leaf offered a thin coding too (see FINE_TARGET)
+    fine_target = False   # every coded leaf offered a thin coding too (see FINE_MARGIN)
     fine_thin = set()   # the leaves offered one for that alone (their reports say so)
 
     def analyse(leaf, floor):
@@ -1036,7 +1036,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                                    target_bytes / max(1, total))
             sparse = leaf_coder.sparse(leaf.name, p)
             if sparse or (fine_target and leaf_coder.one_step_fits(leaf.name)):
-                # JPEG, or its zeros kept / one fine step (FINE_TARGET), at each size
+                # JPEG, or its zeros kept / one fine step (FINE_MARGIN), at each size
                 curve = rate.merged_curve(curve, rate.thin_curve(p.original))
                 if not sparse:
                     fine_thin.add(leaf.name)
@@ -1112,7 +1112,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
 
     coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if curves and 0 < sum(float(c.nbytes.max()) for c in curves.values()) < FINE_MARGIN * budget:
-        fine_target = True   # JPEG's finest codings leave bytes unspent (see FINE_TARGET)
+        fine_target = True   # JPEG's finest codings leave bytes unspent (see FINE_MARGIN)
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if (budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget
             or _coded_leaves_starve(entries, coded, curves, budget, target_bytes,
@@ -1294,7 +1294,7 @@ class _BudgetEncoder:
     def __init__(self, allocator, leaf_coder: "_LeafCoder", fine: Collection[str] = ()):
         self.allocator = allocator
         self.leaf_coder = leaf_coder
-        self.fine = frozenset(fine)   # offered one fine step beside JPEG (FINE_TARGET)
+        self.fine = frozenset(fine)   # offered one fine step beside JPEG (FINE_MARGIN)
         self.turns = _Turns([])
 
     def order(self, names: Sequence[str]) -> None:

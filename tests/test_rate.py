@@ -949,7 +949,7 @@ def test_targets_past_jpegs_finest_coding_take_one_fine_step(ratio, tmp_path):
     and raw nothing was offered, so trees of few large leaves landed under
     their targets (Magika at 2.4x -17.9%; here 2.87x for targets of 2.0 and
     2.5, 3.01x for 2.9). A one-step coding up to 15.5 bits a value is offered
-    beside JPEG's where JPEG's finest leave bytes unspent (FINE_TARGET)."""
+    beside JPEG's where JPEG's finest leave bytes unspent (FINE_MARGIN)."""
     import jaxjpeg
 
     tree = {"a": _tensor("gauss", (256, 256), 1), "b": _tensor("gauss", (256, 256), 2)}
