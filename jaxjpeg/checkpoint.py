@@ -1894,7 +1894,7 @@ class _Save:
             if steering is not None:
                 self.rate["steered_leaves"] = len(steering.steered)
             # A sensitivity a user gives a recurrent leaf replaces the rule.
-            recurrent = frozenset(self._recurrent() - set(sensitivity or ()))
+            recurrent = frozenset(self.recurrent - set(sensitivity or ()))
             if recurrent:
                 self.rate["recurrent_leaves"] = len(recurrent)
             self.encode = _relative_step_encoder(relative_step, bits, leaf_coder, reference,
@@ -1928,16 +1928,18 @@ class _Save:
         self.vector_limits = prior.vectors if prior is not None else {}
         self.progress = progress
 
-    def _recurrent(self) -> set[str]:
-        return recurrent_leaves((leaf.name for leaf in self.leaves),
-                                {leaf.name: leaf.shape for leaf in self.leaves})
+    @functools.cached_property
+    def recurrent(self) -> frozenset:
+        """The leaves of recurrent cells (jaxjpeg.recurrent), found once."""
+        return frozenset(recurrent_leaves((leaf.name for leaf in self.leaves),
+                                          {leaf.name: leaf.shape for leaf in self.leaves}))
 
     def _tie_treatment(self, sensitivity, input_covariance, prior):
         """What the save does with a leaf by its name (ties.tied_leaves): None
         where a name gives it a coding of its own (a sensitivity, an input
         covariance, the BatchNorm prior, a bias correction, an optimizer
         moment's pairing), else what a policy's patterns choose."""
-        recurrent = self._recurrent()
+        recurrent = self.recurrent
         correction = self.bias_correction
 
         def treatment(leaf):

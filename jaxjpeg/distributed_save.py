@@ -336,7 +336,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         saver = ck._Save(path, leaves, **saver_options)
         owners, gather = plan_owners([leaf for _, leaf, _ in flat], processes,
                                      saver.log_coding.named_pairs(leaves))
-        ready, error = {"owners": owners, "gather": gather, "path": _as_typed(path),
+        ready, error = {"owners": owners, "gather": gather, "path": storage.as_typed(path),
                         "real": storage.absolute(path), "leaves": _leaf_digests(flat),
                         "options": _options_digest(saver_options)}, None
     except Exception as e:
@@ -384,11 +384,6 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         _abandon(None, exchange, me, f"process {me} failed: {why}")   # no temporary file yet
         raise
     return Prepared(path, saver, exchange, me, processes, own, len(flat))
-
-
-def _as_typed(path: str) -> str:
-    """``path`` joined to the working folder, its ".." and "." as typed."""
-    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _check_same_plan(path: str, plans: list, records: list) -> None:

@@ -144,12 +144,17 @@ def absolute(path: str) -> str:
     there is what a save replaces the target of); else joined to the working
     directory as given, to fail where the system fails (``missing/..`` is no
     folder, though ``os.path.realpath`` reads it as one)."""
-    path = os.fspath(path)
-    joined = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    joined = as_typed(path)
     head, tail = os.path.split(joined)
     if tail in ("", ".", ".."):
         return os.path.realpath(joined) if os.path.isdir(joined) else joined
     return os.path.join(os.path.realpath(head), tail) if os.path.isdir(head) else joined
+
+
+def as_typed(path: str) -> str:
+    """``path`` joined to the working directory, its ".." and "." as typed."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def filesystem(location: str):
