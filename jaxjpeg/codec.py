@@ -343,7 +343,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                   view: MatrixView | None = None, outliers: Outliers | None = None,
                   restart_interval: int = DEFAULT_RESTART_INTERVAL,
                   tile_shape: tuple[int, int] = DEFAULT_TILE_SHAPE,
-                  threads: int | None = None, squared_error_of=None):
+                  threads: int | None = None, squared_error_of=None, widen: float = 1.0):
     """Encodes a float tensor (or a :class:`Prepared` one) as JPEG tiles.
 
     Exactly one of ``quality`` (the standard table scaled, 1..100), ``quant_step``
@@ -351,7 +351,10 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     ``qtable`` (64 steps, natural order) sets the rate. ``clip`` chooses the
     per-row sample range and ``row_weight`` per-row importances (see
     :func:`jaxjpeg.mapping.row_affine`); ``view``, ``col_weight`` and
-    ``outliers`` as in :func:`prepare`.
+    ``outliers`` as in :func:`prepare`. ``widen`` (``clip="common"`` only,
+    >= 1): the rows' scales times this, so an integer ``quant_step`` codes a
+    weight-domain step between it and the next (integer steps of 1-8 are
+    4-60% apart; see rate._densify).
 
     ``squared_error_of`` (optional): (the tensor's float32 view, read in
     place; the bool mask of its side list's positions in that view, or None).
@@ -368,10 +371,15 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     else:
         p = prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                     outliers=outliers)
+    if not (widen >= 1 and math.isfinite(widen)) or (widen != 1 and clip != "common"):
+        raise ValueError(f"widen must be finite and >= 1, with clip='common'; got {widen}")
     table = quant_table(bits=bits, quality=quality, quant_step=quant_step, qtable=qtable)
+    common = None
+    if clip == "common":
+        common = p.common_scale(bits) if widen == 1 else mapping.widened(p.common_scale(bits), widen)
     _, scale, offset = mapping.row_affine(
         p.matrix, bits, clip=clip, step=float(table.mean()), row_weight=p.row_weight,
-        scale=p.common_scale(bits) if clip == "common" else None,
+        scale=common,
         shared=p.shared_map and clip == "common", with_samples=False,
         stats=p.row_stats() if clip == "common" else None)
     # Error feedback runs across the whole leaf, so it needs all its samples.

@@ -202,6 +202,13 @@ def column_scales(col_weight, cols: int, max_ratio: float = ROW_SPREAD) -> np.nd
     return rel.astype(np.float16).astype(np.float32)
 
 
+def widened(scale: np.ndarray, factor: float) -> np.ndarray:
+    """Row scales times ``factor`` (>= 1: every row still fits), rounded up
+    to float16-representable values where float16 holds them (as
+    :func:`common_scale`'s, so the maps cost as many bytes)."""
+    return _f16_up(np.asarray(scale, np.float64) * factor).astype(np.float32)
+
+
 def _f16_up(x) -> np.ndarray:
     """float64 values rounded up to float16-representable ones where float16 holds them."""
     x = np.asarray(x, np.float64)

@@ -999,7 +999,11 @@ def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
         prepared = fallback() if fallback is not None else row_range_fallback(p)
         return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),
                                 **dict(options, clip="minmax"))
-    return encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **options)
+    bits, delta = int(c.bits[k]), int(c.delta[k])
+    widen = float(c.q[k]) / (delta * base_scale(p, bits))   # 1 but between integer steps
+    if widen > 1 + 1e-9:
+        options = dict(options, widen=widen)
+    return encode_with_step(p, bits, delta, **options)
 
 
 def _ladder_steps(p: codec.Prepared, rms: float, bits: int | None) -> list:
@@ -1039,25 +1043,60 @@ def _densify(points, base: dict):
     """Adds candidates between measured steps, bytes and error interpolated
     linearly in log step (both are smooth there), so a budget is met closely
     even by one tensor. Between an 8-bit and a 12-bit step the candidates are
-    12-bit (the two code alike at equal step). Sorted coarse to fine."""
+    12-bit (the two code alike at equal step). Where two integer steps lie
+    more than DENSE_SPACING apart (steps under 32, the finest rates), the
+    candidates between them are the smaller with its rows' scales widened
+    (``q > Δ · base``, see :func:`encode_candidate`): 12-bit steps 2 and 3
+    landed 3.5% under its target. A widened step's error is its integer
+    step's times the widening squared (everything in sample units scales;
+    measured), and it is left out where a coarser candidate errs less
+    (widening step 1 towards 2: the decoder's rounding of samples then grows
+    as much as the step). Sorted coarse to fine."""
     out = []
     for (b0, d0, q0, n0, e0), (b1, d1, q1, n1, e1) in zip(points, points[1:]):
-        out.append((b0, d0, q0, n0, e0))
+        out.append((b0, d0, q0, n0, e0, False))
         if min(n0, n1, e0, e1) <= 0:
             continue
         # the coarse end in the finer point's units, within what they can code
         top = min(int(q0 / base[b1]), STEP_LIMIT[int(b1)] + 1)
         span, log_n0, log_n1 = math.log(q0 / q1), math.log(n0), math.log(n1)
         log_e0, log_e1 = math.log(e0), math.log(e1)
-        for d in _between(d1, top):
-            q = d * base[b1]
-            if not q1 < q < q0:
-                continue
+
+        def at(q, log_0, log_1):
             t = math.log(q0 / q) / span
-            out.append((b1, d, q, math.exp((1 - t) * log_n0 + t * log_n1),
-                        math.exp((1 - t) * log_e0 + t * log_e1)))
-    out.append(points[-1])
-    return (np.array(v) for v in zip(*out))
+            return math.exp((1 - t) * log_0 + t * log_1)
+
+        for d, q in _steps_between(d1, top, q1, q0, base[b1]):
+            step = d * base[b1]
+            out.append((b1, d, q, at(q, log_n0, log_n1),
+                        at(step, log_e0, log_e1) * (q / step) ** 2, q > step))
+    out.append((*points[-1], False))
+    least, kept = math.inf, []
+    for point in out:
+        if not (point[5] and point[4] >= least):
+            kept.append(point[:5])
+            least = min(least, point[4])
+    return (np.array(v) for v in zip(*kept))
+
+
+def _steps_between(lo: int, hi: int, q_lo: float, q_hi: float, base: float) -> list:
+    """``(Δ, q)`` strictly between steps ``q_lo`` (``Δ = lo``) and ``q_hi``,
+    coarse to fine, at most DENSE_SPACING apart in ratio: the integers
+    between lo and hi, and between two of them too far apart, the smaller
+    widened (``q`` above ``Δ · base``)."""
+    out = []
+    coarser = q_hi
+    for d in [*_between(lo, hi), lo]:
+        step = d * base
+        q, widened = step * DENSE_SPACING, []
+        while q * math.sqrt(DENSE_SPACING) < coarser:
+            widened.append((d, q))
+            q *= DENSE_SPACING
+        out += widened[::-1]
+        if d != lo and q_lo < step < q_hi:
+            out.append((d, step))
+        coarser = min(coarser, step)
+    return out
 
 
 def _between(lo: int, hi: int) -> list[int]:
