@@ -135,7 +135,13 @@ class BiasCorrection:
         if name not in self.targets:
             return
         taker, shift_of = self.targets[name]
-        shift = shift_of(error())
+        # Non-finite weights are kept exactly: their NaN - NaN or inf - inf is
+        # no error (found by review: it made a finite running mean NaN).
+        with np.errstate(invalid="ignore"):
+            e = np.asarray(error(), np.float64)
+        shift = np.asarray(shift_of(np.where(np.isfinite(e), e, 0.0)), np.float64)
+        if not np.all(np.isfinite(shift)):   # weights near float's limits
+            return
         if not is_running_mean(taker):   # a bias gives the shift back
             shift = -shift
         with self.lock:
@@ -166,7 +172,12 @@ class BiasCorrection:
         shift = 0.0
         for weight in sorted(given, key=lambda w: self.positions.get(w, -1)):
             shift = shift + given[weight]
-        return (array.astype(np.float64) + shift).astype(array.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            shifted = (array.astype(np.float64) + shift).astype(array.dtype)
+            # a value the shift would take past the dtype's range keeps its own
+            # (found by review: a float16 bias of 65400 restored as inf)
+            overflow = ~np.isfinite(shifted) & np.isfinite(array)
+        return np.where(overflow, array, shifted) if overflow.any() else shifted
 
 
 def _is_float(dtype: np.dtype) -> bool:

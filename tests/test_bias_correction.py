@@ -389,3 +389,62 @@ def test_a_policys_lossless_leaves_stay_exact_under_every_rate(tmp_path, options
     if options:
         assert not np.array_equal(np.asarray(got["bn2.running_mean"]), tree["bn2.running_mean"])
         assert notes["bn2.bias"]
+
+
+def _flax_cnn(dtype=np.float32, seed=0):
+    """Conv_0 -> BatchNorm_0 -> Conv_1 -> BatchNorm_1, then a Dense layer."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    params = {"Conv_0": {"kernel": normal(3, 3, 16, 64, scale=0.1)},
+              "BatchNorm_0": {"scale": np.ones(64, dtype), "bias": normal(64, scale=0.5)},
+              "Conv_1": {"kernel": normal(3, 3, 64, 64, scale=0.1)},
+              "BatchNorm_1": {"scale": np.ones(64, dtype), "bias": np.zeros(64, dtype)},
+              "Dense_0": {"kernel": normal(64, 64), "bias": np.zeros(64, dtype)}}
+    stats = {f"BatchNorm_{i}": {"mean": normal(64), "var": np.ones(64, dtype)} for i in (0, 1)}
+    return {"params": params, "batch_stats": stats}
+
+
+@pytest.mark.parametrize("options", [{}, {"target_ratio": 8}])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_shifts_no_taker(tmp_path, options, value):
+    """Found by review: a NaN or inf weight, kept exactly, gave its output
+    channel a NaN shift (NaN - NaN, inf - inf): the finite running mean and
+    the Dense bias after it restored as NaN."""
+    tree = _flax_cnn()
+    tree["params"]["Conv_1"]["kernel"][1, 1, 7, 9] = value
+    tree["params"]["Dense_0"]["kernel"][5, 3] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        jaxjpeg.save(tmp_path / "c.jjpg", tree, **options)
+    got = jaxjpeg.restore(tmp_path / "c.jjpg")
+    kernel = np.asarray(got["params"]["Conv_1"]["kernel"])
+    np.testing.assert_array_equal(kernel[1, 1, 7, 9], value)
+    assert np.isfinite(np.delete(kernel.ravel(), np.ravel_multi_index((1, 1, 7, 9),
+                                                                      kernel.shape))).all()
+    assert np.isfinite(np.asarray(got["batch_stats"]["BatchNorm_1"]["mean"])).all()
+    assert np.isfinite(np.asarray(got["params"]["Dense_0"]["bias"])).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_a_shift_past_the_dtypes_range_leaves_the_taker_as_it_was(tmp_path, dtype):
+    """Found by review: a float16 Dense bias of 65400 (the dtype's largest
+    is 65504) took its correction and restored as inf."""
+    tree = _flax_cnn(np.float16)
+    top = float(ml_dtypes.finfo(dtype).max)
+    tree = jax_tree_astype(tree, dtype)
+    tree["params"]["BatchNorm_1"]["bias"] = np.full(64, 400, dtype)
+    tree["params"]["Dense_0"]["bias"] = np.full(64, top, dtype)
+    tree["params"]["Dense_0"]["bias"][::2] = -top
+    for options in ({}, {"target_ratio": 8}):
+        jaxjpeg.save(tmp_path / "c.jjpg", tree, **options)
+        got = jaxjpeg.restore(tmp_path / "c.jjpg")
+        bias = np.asarray(got["params"]["Dense_0"]["bias"]).astype(np.float64)
+        assert np.isfinite(bias).all()
+
+
+def jax_tree_astype(tree, dtype):
+    import jax
+    return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype), tree)
