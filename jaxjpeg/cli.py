@@ -219,7 +219,8 @@ def cmd_compress(args) -> int:
     on_coded = f", {coded_raw / max(1, coded_stored):.2f}x on coded leaves" if coded else ""
     print(f"  ratio       {report.ratio_vs_float32:.2f}x vs float32, {report.ratio:.2f}x vs "
           f"the stored dtypes{on_coded}")
-    print(f"  bits/weight {report.bits_per_weight:.3f} (all-in)")
+    if report.weights:
+        print(f"  bits/weight {report.bits_per_weight:.3f} (all-in)")
     return 0
 
 
@@ -299,8 +300,8 @@ def cmd_inspect(args) -> int:
     _print_table(header, table, right={5, 6, 7, 8, 9})
     total_raw = sum(r[5] for r in rows)
     weights = sum(r[7] for r in rows)
-    print(f"{len(rows)} leaves, {_size(total_raw)} raw, {_size(file_bytes)} file: "
-          f"{8 * file_bytes / max(1, weights):.3f} bits/weight, "
+    per_weight = f"{8 * file_bytes / weights:.3f} bits/weight" if weights else "no weights"
+    print(f"{len(rows)} leaves, {_size(total_raw)} raw, {_size(file_bytes)} file: {per_weight}, "
           f"{4 * weights / max(1, file_bytes):.2f}x vs float32, "
           f"{total_raw / max(1, file_bytes):.2f}x vs the stored dtypes")
     if isinstance(rate, dict):
@@ -811,11 +812,15 @@ def main(argv=None) -> int:
         _use_cpu()   # imports jax: a Ctrl-C then is an interrupt too (found by review)
         with warnings.catch_warnings():   # a rate's warning as one line, as errors are
             warnings.showwarning = _show_warning
-            return args.func(args)
+            code = args.func(args)
+        interrupts.raise_pending()   # a signal whose interruption was dropped
+        return code
     except interrupts.Terminated as e:
+        interrupts.taken()
         print(f"{PROG}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
+        interrupts.taken()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError as e:
@@ -888,6 +893,7 @@ def console() -> None:
     # it with that result (found by review: the process died by SIGINT after
     # a complete summary, which a shell reads as interrupted).
     handle = interrupts.ending_handler(result)
+    sys.unraisablehook = interrupts.quiet_when_dropped(sys.unraisablehook)
     for signum in interrupts.ENDING_SIGNALS:   # not those inherited ignored (nohup, a
         if signal.getsignal(signum) is not signal.SIG_IGN:   # script's background job: review)
             signal.signal(signum, handle)

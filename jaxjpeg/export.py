@@ -303,6 +303,7 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
                 with storage.naming_write_errors(index_path), \
                         open(temps[-1], "w", encoding="utf-8") as f:
                     json.dump(index, f, indent=2, ensure_ascii=False)
+            interrupts.raise_pending()   # not put in place after a dropped signal
             with interrupts.held():   # all renamed or none (review: shards mixed)
                 _put_in_place(temps, finals, [p for p in existing if p not in finals])
         except BaseException:

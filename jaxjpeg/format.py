@@ -439,6 +439,7 @@ class ContainerWriter:
                 os.fsync(self._file.fileno())
         except OSError as e:
             raise self._writing_error(e) from e
+        interrupts.raise_pending()   # not put in place after a dropped signal
         if self._remote is not None:
             self._upload()
             return

@@ -30,6 +30,36 @@ def interruption(signum: int) -> KeyboardInterrupt:
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
+# The signal an ending handler raised until the command takes its
+# interruption (taken()): raised inside a garbage-collection callback or a
+# __del__, an exception is printed and dropped, and the work went on (found
+# by a flaky test: jax's gc callback took a SIGTERM, compress wrote its file
+# and exited 0).
+_pending: list[int] = []
+
+
+def raise_pending() -> None:
+    """Raises again an ending signal whose interruption was dropped; called
+    before a step that cannot be undone (a file put in place)."""
+    if _pending:
+        raise interruption(_pending[0])
+
+
+def taken() -> None:
+    """The command has its interruption: nothing is pending any more."""
+    _pending.clear()
+
+
+def quiet_when_dropped(previous):
+    """A sys.unraisablehook that says nothing of a pending interruption
+    (raise_pending raises it again; Python printed its traceback), and
+    passes anything else to ``previous``."""
+    def hook(unraisable):
+        if not (_pending and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            previous(unraisable)
+    return hook
+
+
 @contextlib.contextmanager
 def held():
     """Ending signals held until the block ends, then each delivered to the
@@ -120,6 +150,7 @@ def ending_handler(result: list):
             os._exit(result[0])
         taken.append(signum)
         if len(taken) == 1:
+            _pending.append(signum)
             raise interruption(signum)
         if len(taken) > 2:
             os._exit(128 + taken[0])

@@ -768,3 +768,17 @@ def test_inspect_names_centered_moments_and_deflated_leaves(tmp_path, capsys):
     code, out, _ = run(capsys, "inspect", path)
     assert code == 0
     assert "raw-variance+sq(opt/mu)" in out and "raw-deflated" in out, out
+
+
+def test_an_empty_tree_has_no_bits_per_weight(tmp_path, capsys):
+    """Found by review: an empty tree's 178-byte file was said to hold
+    1424 bits a weight (its bytes over max(1, weights))."""
+    import math
+
+    import jaxjpeg
+    report = jaxjpeg.save(tmp_path / "e.jjpg", {})
+    assert math.isnan(report.bits_per_weight)
+    assert "no weights" in report.summary() and "1424" not in report.summary()
+    assert cli.main(["inspect", str(tmp_path / "e.jjpg")]) == 0
+    out = capsys.readouterr().out
+    assert "no weights" in out and "bits/weight" not in out

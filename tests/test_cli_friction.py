@@ -243,6 +243,43 @@ def test_sigterm_mid_compress_removes_its_temporary_file(tmp_path, signum):
     assert not dst.exists() and not list(tmp_path.glob("out.jjpg.tmp-*"))
 
 
+_DROPPED_SIGTERM = """
+import gc, os, signal, sys
+import numpy as np
+from jaxjpeg import cli
+src, dst = sys.argv[1:]
+np.savez(src, w=np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32))
+fired = []
+def collecting(phase, info):
+    if not fired:
+        fired.append(phase)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):   # the handler runs here; gc drops its exception
+                pass
+        except BaseException as e:
+            print("raised in the callback:", type(e).__name__, file=sys.stderr)
+            raise
+gc.callbacks.append(collecting)
+sys.argv = ["jaxjpeg", "compress", src, dst]
+cli.console()
+"""
+
+
+def test_a_sigterm_dropped_by_a_gc_callback_still_ends_compress(tmp_path):
+    """Found by a flaky test: a SIGTERM whose interruption was raised inside
+    jax's garbage-collection callback was printed and dropped, and compress
+    wrote its file and exited 0. The interruption is raised again before the
+    file is put in place."""
+    dst = tmp_path / "out.jjpg"
+    proc = subprocess.run([sys.executable, "-c", _DROPPED_SIGTERM, str(tmp_path / "w.npz"),
+                           str(dst)], capture_output=True, text=True, timeout=300)
+    assert "raised in the callback: Terminated" in proc.stderr
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not dst.exists() and not list(tmp_path.glob("out.jjpg.tmp-*"))
+
+
 def test_unhelpful_cli_messages_found_by_review(tmp_path, capsys):
     """A PyTorch .pt was "member 'x/data.pkl' is not a .npy array"; compress
     to memory:// printed success and the store went with the process; an
