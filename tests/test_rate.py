@@ -1084,8 +1084,8 @@ def test_a_widened_step_codes_between_two_integer_steps():
 
 
 def test_widened_steps_fill_the_finest_integer_steps_gaps():
-    """Candidates under 10% apart between 12-bit steps 2 and 8 (integer
-    steps: 14-50%), none widened where a coarser candidate errs less (step
+    """Candidates under 10% apart between 12-bit steps 2 and 4 (integer
+    steps: 33-50%), none widened where a coarser candidate errs less (step
     1 widened past ~1.6 errs more than step 2: the decoder's rounding of
     samples grows as much as the step; step Δ widened close to Δ + 1, about
     as much as Δ + 1)."""
@@ -1093,7 +1093,7 @@ def test_widened_steps_fill_the_finest_integer_steps_gaps():
     p = codec.prepare(x)
     c = rate.rd_curve(p)
     base = rate.base_scale(p, 12)
-    fine = c.q <= 8 * base * (1 + 1e-9)
+    fine = c.q <= rate.WIDEN_BELOW * base * (1 + 1e-9)
     assert np.all(c.bits[fine] == 12) and c.q[-1] == base
     assert np.all(np.diff(c.sse[fine]) < 0)
     two = fine & (c.q >= 2 * base * (1 - 1e-9))
