@@ -328,9 +328,23 @@ def test_small_leaves_moments_move_along_the_ladder_and_refusals_name_them(tmp_p
         got = np.asarray(getattr(restored, which)["Dense_0"]["kernel"], np.float64)
         want = np.asarray(getattr(state[0], which)["Dense_0"]["kernel"], np.float64)
         assert np.max(np.abs(got - want) / np.abs(want)) < 0.03, which   # each value kept
-    with pytest.raises(ValueError, match=r"\(\d+ of them optimizer moments .*\d+ of small "
-                                         r"leaves' on log2 steps of 0.0625 at most"):
+    with pytest.raises(ValueError, match=r"\(\d+ bytes of them optimizer moments .*\d+ of "
+                                         r"small leaves' on log2 steps of 0.0625 at most: "
+                                         r"save the parameters alone"):
         jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=8)
+
+
+def test_a_refusal_names_moments_as_the_remedy_only_where_they_weigh(tmp_path):
+    """Found by review: a tree whose vectors the policy kept was refused
+    with "save the parameters alone", for 7 bytes of positive parameters
+    read as second moments ("7 of them optimizer moments": bytes, not leaves)."""
+    rng = np.random.default_rng(0)
+    tree = {"kernel": rng.standard_normal((64, 64)).astype(np.float32),
+            "freqs": np.linspace(1, 8, 8).astype(np.float32),
+            **{f"bias_{i}": rng.standard_normal(4000).astype(np.float32) for i in range(4)}}
+    with pytest.raises(ValueError, match="below the") as refused:
+        jaxjpeg.save(tmp_path / "r.jjpg", tree, target_ratio=8)
+    assert "save the parameters alone" not in str(refused.value)
 
 
 def test_small_moments_join_the_ladder_where_the_large_had_to_coarsen(tmp_path):
