@@ -1069,7 +1069,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             sparse = leaf_coder.sparse(leaf.name, p)
             if sparse or (fine_target and leaf_coder.one_step_fits(leaf.name)):
                 # JPEG, or its zeros kept / one fine step (FINE_MARGIN), at each size
-                curve = rate.merged_curve(curve, rate.thin_curve(p.original))
+                curve = rate.merged_curve(curve, rate.thin_curve(p.original, dense=True))
                 if not sparse:
                     fine_thin.add(leaf.name)
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
