@@ -172,12 +172,13 @@ class BiasCorrection:
         shift = 0.0
         for weight in sorted(given, key=lambda w: self.positions.get(w, -1)):
             shift = shift + given[weight]
-        with np.errstate(over="ignore", invalid="ignore"):
-            shifted = (array.astype(np.float64) + shift).astype(array.dtype)
-            # a value the shift would take past the dtype's range keeps its own
-            # (found by review: a float16 bias of 65400 restored as inf)
-            overflow = ~np.isfinite(shifted) & np.isfinite(array)
-        return np.where(overflow, array, shifted) if overflow.any() else shifted
+        values = array.astype(np.float64)
+        top = float(ml_dtypes.finfo(array.dtype).max)
+        # a finite value the shift would take past the dtype's range stops at
+        # its limit (found by review: a float16 bias of 65400 restored as inf);
+        # a non-finite one stays as it is
+        shifted = np.where(np.isfinite(values), np.clip(values + shift, -top, top), values)
+        return shifted.astype(array.dtype)
 
 
 def _is_float(dtype: np.dtype) -> bool:

@@ -812,15 +812,11 @@ def main(argv=None) -> int:
         _use_cpu()   # imports jax: a Ctrl-C then is an interrupt too (found by review)
         with warnings.catch_warnings():   # a rate's warning as one line, as errors are
             warnings.showwarning = _show_warning
-            code = args.func(args)
-        interrupts.raise_pending()   # a signal whose interruption was dropped
-        return code
+            return args.func(args)
     except interrupts.Terminated as e:
-        interrupts.taken()
         print(f"{PROG}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        interrupts.taken()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError as e:
@@ -831,6 +827,10 @@ def main(argv=None) -> int:
             return EXIT_PIPE_CLOSED
     except Exception as e:
         code, message = _classify(e)
+    finally:
+        # a signal dropped where nothing was put in place is dropped for good
+        # (found by review: left pending, it made every later save raise)
+        interrupts.taken()
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
 
@@ -893,7 +893,8 @@ def console() -> None:
     # it with that result (found by review: the process died by SIGINT after
     # a complete summary, which a shell reads as interrupted).
     handle = interrupts.ending_handler(result)
-    sys.unraisablehook = interrupts.quiet_when_dropped(sys.unraisablehook)
+    hook = sys.unraisablehook
+    sys.unraisablehook = interrupts.quiet_when_dropped(hook)
     for signum in interrupts.ENDING_SIGNALS:   # not those inherited ignored (nohup, a
         if signal.getsignal(signum) is not signal.SIG_IGN:   # script's background job: review)
             signal.signal(signum, handle)
@@ -904,6 +905,7 @@ def console() -> None:
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     result.append(code)
+    sys.unraisablehook = hook
     for signum in interrupts.ENDING_SIGNALS:   # the interpreter's shutdown puts back the
         signal.signal(signum, signal.SIG_IGN)   # default handlers, not ignored ones (review)
     sys.stdout.flush()

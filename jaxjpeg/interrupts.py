@@ -144,6 +144,7 @@ def ending_handler(result: list):
     holds the command's exit status, a signal ends the process with it."""
     import os
     taken = []
+    _pending.clear()   # a new command's
 
     def handle(signum, frame):
         if result:

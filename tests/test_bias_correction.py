@@ -429,20 +429,24 @@ def test_a_non_finite_weight_shifts_no_taker(tmp_path, options, value):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
-def test_a_shift_past_the_dtypes_range_leaves_the_taker_as_it_was(tmp_path, dtype):
+def test_a_shift_past_the_dtypes_range_stops_at_its_limit(tmp_path, dtype):
     """Found by review: a float16 Dense bias of 65400 (the dtype's largest
-    is 65504) took its correction and restored as inf."""
+    is 65504) took its correction and restored as inf. A taker's own
+    non-finite value stays as it is."""
     tree = _flax_cnn(np.float16)
     top = float(ml_dtypes.finfo(dtype).max)
     tree = jax_tree_astype(tree, dtype)
     tree["params"]["BatchNorm_1"]["bias"] = np.full(64, 400, dtype)
     tree["params"]["Dense_0"]["bias"] = np.full(64, top, dtype)
     tree["params"]["Dense_0"]["bias"][::2] = -top
+    tree["params"]["Dense_0"]["bias"][1] = np.inf
     for options in ({}, {"target_ratio": 8}):
         jaxjpeg.save(tmp_path / "c.jjpg", tree, **options)
         got = jaxjpeg.restore(tmp_path / "c.jjpg")
         bias = np.asarray(got["params"]["Dense_0"]["bias"]).astype(np.float64)
-        assert np.isfinite(bias).all()
+        others = np.delete(bias, 1)
+        assert bias[1] == np.inf
+        assert np.isfinite(others).all() and np.abs(others).max() <= top
 
 
 def jax_tree_astype(tree, dtype):

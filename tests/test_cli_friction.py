@@ -655,3 +655,23 @@ def test_a_signal_while_held_swaps_handlers_leaves_the_callers_in_place(monkeypa
         monkeypatch.setattr(signal, "signal", real)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_dropped_signal_does_not_outlive_its_command(tmp_path):
+    """Found by review: a dropped interruption (pending) stayed after the
+    command failed for another reason, and every later library save then
+    raised Terminated; a read-only command that had done its work exited
+    143. Each command's pending signal ends with it."""
+    import signal
+
+    from jaxjpeg import interrupts
+    handle = interrupts.ending_handler([])
+    with pytest.raises(interrupts.Terminated):
+        handle(signal.SIGTERM, None)   # raised where nothing took it: dropped
+    assert main(["inspect", str(tmp_path / "missing.jjpg")]) != 0
+    jaxjpeg.save(tmp_path / "after.jjpg", {"w": np.ones((4, 4), np.float32)})
+    assert (tmp_path / "after.jjpg").exists()
+    handle = interrupts.ending_handler([])
+    with pytest.raises(interrupts.Terminated):
+        handle(signal.SIGTERM, None)
+    assert main(["inspect", str(tmp_path / "after.jjpg")]) == 0
