@@ -353,8 +353,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     :func:`jaxjpeg.mapping.row_affine`); ``view``, ``col_weight`` and
     ``outliers`` as in :func:`prepare`. ``widen`` (``clip="common"`` only,
     >= 1): the rows' scales times this, so an integer ``quant_step`` codes a
-    weight-domain step between it and the next (integer steps of 1-8 are
-    4-60% apart; see rate._densify).
+    weight-domain step between it and the next (integer steps 1-4 are
+    33-100% apart; see rate._densify).
 
     ``squared_error_of`` (optional): (the tensor's float32 view, read in
     place; the bool mask of its side list's positions in that view, or None).
