@@ -570,6 +570,8 @@ def cmd_extract(args) -> int:
         if not leaves:
             what = f"matching {args.leaf!r}" if args.leaf else "at all"
             raise CliError(f"{args.ckpt}: no JPEG-coded leaves {what}")
+        if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):   # (review: "File exists")
+            raise CliError(f"{args.outdir}: exists and is not a directory")
         created = not os.path.isdir(args.outdir)
         files = _tile_files(leaves)
         if not created and not args.force:

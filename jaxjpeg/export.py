@@ -175,6 +175,8 @@ def _check_destination(out: str) -> None:
     'File exists')."""
     if out.endswith(".safetensors"):
         directory = os.path.dirname(out) or "."
+        if os.path.exists(directory) and not os.path.isdir(directory):   # (review)
+            raise NotADirectoryError(errno.ENOTDIR, f"{directory} is a file, not a directory", out)
         if not os.path.isdir(directory):
             raise FileNotFoundError(errno.ENOENT, "its directory does not exist", out)
     elif os.path.exists(out) and not os.path.isdir(out):

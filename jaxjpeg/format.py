@@ -777,8 +777,13 @@ class ContainerReader:
         elif out is not None:
             view = _copy_into(out, view)
         if verify and crc32c(view) != info.crc32c:
+            # a remote file is read again at each range: a new save there
+            # reads as damage (found by review: said "damaged", while
+            # verify, opening the new file, said OK)
+            why = ("damaged" if storage.local_path(self.path) is not None
+                   else "damaged, or the file was replaced since it was opened")
             raise self._error(f"blob {name!r} checksum mismatch (bytes [{info.offset}, "
-                              f"{info.offset + info.length}) damaged)")
+                              f"{info.offset + info.length}) {why})")
         return view.toreadonly() if out is None else view
 
     def read_range(self, offset: int, length: int) -> bytes:

@@ -96,6 +96,13 @@ class JaxjpegCheckpointHandler(ocp.handlers.AsyncCheckpointHandler):
     """
 
     def __init__(self, filename: str = FILENAME, *, primary_host: Optional[int] = 0):
+        # one name inside the step's item directory (found by review:
+        # "../../shared.jjpg" made every step write one file outside its own,
+        # and restoring step 0 gave step 1's values)
+        if (not isinstance(filename, str) or filename in ("", ".", "..")
+                or "/" in filename or "\\" in filename):
+            raise ValueError(f"filename must be one file name inside the item directory, "
+                             f"got {filename!r}")
         self._filename = filename
         self._primary_host = primary_host
 

@@ -339,7 +339,10 @@ def not_found_for_its_cause(e: FileNotFoundError, name: str, what: str) -> OSErr
     such file". The cause it chains says which."""
     cause = e.__cause__ or e.__context__
     if cause is None or isinstance(cause, FileNotFoundError):
-        return e
+        # naming the file as the user wrote it (found by review: memory://'s
+        # was the store's bare inner path, filename None)
+        return e if e.filename == name else FileNotFoundError(
+            errno.ENOENT, f"{what}: no such file", name)
     detail = f"{what}: {type(cause).__name__}: {cause}"
     status = getattr(cause, "status", None)
     if status == 404:

@@ -782,3 +782,16 @@ def test_an_empty_tree_has_no_bits_per_weight(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "e.jjpg")]) == 0
     out = capsys.readouterr().out
     assert "no weights" in out and "bits/weight" not in out
+
+
+def test_an_output_directory_that_is_a_file_is_said(tmp_path, capsys):
+    """Found by review: extract into a file said only "File exists"; export
+    to file/x.safetensors said its directory did not exist."""
+    ckpt, blocker = tmp_path / "c.jjpg", tmp_path / "ofile"
+    jaxjpeg.save(ckpt, {"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)})
+    blocker.write_text("")
+    assert cli.main(["extract", str(ckpt), str(blocker)]) == cli.EXIT_USAGE
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert cli.main(["export", str(ckpt), str(blocker / "x.safetensors")]) == cli.EXIT_IO
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == ""

@@ -231,3 +231,15 @@ def test_typed_prng_keys_save_and_restore_through_a_manager(tmp_path):
     assert meta["rngs"]["key"] == jax.ShapeDtypeStruct((4,), keys.dtype)
 
 
+
+
+@pytest.mark.parametrize("filename", ["../../shared.jjpg", "", "sub/x.jjpg", "/etc/x.jjpg", ".."])
+def test_the_handlers_filename_is_one_name_in_the_item_directory(filename):
+    """Found by review: "../../shared.jjpg" made every step write one file
+    outside its own directory, and restoring step 0 gave step 1's values;
+    "" and "sub/dir/x.jjpg" failed only when saving, leaving a temporary
+    step directory."""
+    from jaxjpeg.orbax import JaxjpegCheckpointHandler
+    with pytest.raises(ValueError, match="one file name inside the item directory"):
+        JaxjpegCheckpointHandler(filename)
+    JaxjpegCheckpointHandler("weights.jjpg")

@@ -447,3 +447,25 @@ def test_a_save_to_a_web_url_does_not_download_what_it_replaces(tmp_path):
         assert server.bytes_served == 0
         with pytest.raises(IsADirectoryError):
             jaxjpeg.save(server.url("d/"), {"w": np.ones((64, 64), np.float32)})
+
+
+def test_a_missing_memory_file_is_named_as_given():
+    """Found by review: memory:// reported its store's bare inner path
+    ("'/bucket/missing.jjpg'", no filename) for a file that is not there."""
+    url = "memory://bucket-missing/missing.jjpg"
+    for read in (jaxjpeg.open, jaxjpeg.restore, jaxjpeg.load):
+        with pytest.raises(FileNotFoundError) as missing:
+            read(url)
+        assert missing.value.filename == url and "no such file" in str(missing.value)
+
+
+def test_a_remote_file_replaced_under_an_open_reader_is_said(tmp_path):
+    """Found by review: a lazy reader of a memory:// file replaced by a new
+    save said its blobs were damaged (verify then said the file was OK)."""
+    url = "memory://bucket-replaced/m.jjpg"
+    rng = np.random.default_rng(0)
+    jaxjpeg.save(url, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
+    with jaxjpeg.open(url) as lazy:
+        jaxjpeg.save(url, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
+        with pytest.raises(jaxjpeg.format.FormatError, match="replaced since it was opened"):
+            lazy.get("w")
