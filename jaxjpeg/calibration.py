@@ -398,7 +398,10 @@ def _features(mod, x, nn):
     if padding is None:
         return None
     nd = len(_window(mod))
-    batched = x if x.ndim == nd + 2 else x[None]
+    # Flax takes any number of batch axes (found by review: two crashed in
+    # lax, no layer named): folded into one, or one added where there is none
+    batched = (x[None] if x.ndim == nd + 1
+               else jax.numpy.reshape(x, (-1,) + tuple(x.shape[-nd - 1:])))
     spatial = "DHW"[-nd:]
     patches = jax.lax.conv_general_dilated_patches(
         batched, _window(mod), _tuple(mod.strides, nd), padding,

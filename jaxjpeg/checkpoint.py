@@ -2298,6 +2298,10 @@ def _check_sensitivity_names(sensitivity, leaves) -> None:
         if importance is not None and not _broadcasts_to(importance.shape, shapes[name]):
             raise ValueError(f"{name}: importance of shape {importance.shape} does not "
                              f"broadcast to the leaf's shape {shapes[name]}")
+        # every leaf's array, coded or not (found by review: a NaN array for a
+        # bias kept exact was accepted; coded leaves' were refused)
+        if importance is not None and not np.all(np.isfinite(importance) & (importance >= 0)):
+            raise ValueError(f"{name}: importance must be finite and non-negative")
 
 
 def _broadcasts_to(shape, target) -> bool:

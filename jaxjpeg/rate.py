@@ -2045,7 +2045,9 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
         if per_row:   # shaped to broadcast over the last axis, as save takes it
             rows, cols = codec.matrix_shape(g.shape)
             means = jnp.mean(g2.reshape(rows, cols), axis=1)
-            return means.reshape(g.shape[:-1] + (1,)) if g.ndim else means
+            # a scalar leaf's one number has its shape () (found by review:
+            # shape (1,), which save refused)
+            return means.reshape(g.shape[:-1] + (1,)) if g.ndim else means.reshape(())
         return jnp.mean(g2)
 
     reduce_tree = jax.jit(lambda g: jax.tree_util.tree_map(reduce, g))

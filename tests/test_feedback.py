@@ -517,3 +517,27 @@ def test_the_native_rank_one_feedback_gives_the_same_bits_with_and_without_avx2(
     _native.shape_rank_one(portable, q, bits, w, carriers, avx2=False)
     assert not np.array_equal(fast, samples)
     np.testing.assert_array_equal(fast, portable)
+
+
+def test_a_conv_called_with_two_batch_axes_is_calibrated_as_one():
+    """Found by review: Flax's Conv takes any number of batch axes; with two,
+    input_covariances crashed inside lax without naming a layer."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxjpeg import calibration
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(nn.relu(nn.Conv(16, (3, 3))(x)))
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8, 8, 4)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    two = calibration.input_covariances(model, variables, [x])
+    one = calibration.input_covariances(model, variables, [x.reshape(6, 8, 8, 4)])
+    assert set(two) == set(one) == {"params/Conv_0/kernel", "params/Dense_0/kernel"}
+    for name in one:
+        np.testing.assert_allclose(two[name].matrix, one[name].matrix, rtol=1e-5, atol=1e-6)

@@ -1562,3 +1562,34 @@ def test_a_last_tensor_settles_among_steps_whose_tiles_mix():
     for ratio in (3.6, 3.8, 4.1):
         report = jaxjpeg.save(_tmp_file(), tree, target_ratio=ratio, progress=False)
         assert abs(report.ratio_vs_float32 / ratio - 1) < 0.01, ratio
+
+
+def test_per_row_sensitivities_of_a_scalar_leaf_are_a_scalar(tmp_path):
+    """Found by review: sensitivity_from_gradients(per_row=True) gave a
+    learned scalar (a temperature) shape (1,), which save refused."""
+    import jax
+    import jax.numpy as jnp
+    params = {"temp": jnp.float32(1.5), "w": jnp.ones((64, 64), jnp.float32) * 0.1}
+
+    def loss(p, x):
+        return jnp.mean((x @ p["w"] * p["temp"]) ** 2)
+
+    batches = [jnp.asarray(np.random.default_rng(i).normal(size=(8, 64)), jnp.float32)
+               for i in range(2)]
+    sens = rate.sensitivity_from_gradients(loss, params, batches, per_row=True)
+    assert np.shape(sens["temp"]) == () and np.shape(sens["w"]) == (64, 1)
+    jaxjpeg.save(tmp_path / "s.jjpg", jax.tree_util.tree_map(np.asarray, params),
+                 target_ratio=8, sensitivity=sens)
+
+
+@pytest.mark.parametrize("options", [{}, {"target_ratio": 8}, {"quality": 80}])
+def test_a_bad_importance_array_is_refused_for_a_leaf_kept_exact(tmp_path, options):
+    """Found by review: a NaN importance array for a bias (kept exact, not
+    coded) was accepted under every rate control; a coded leaf's was refused."""
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.standard_normal((64, 64)).astype(np.float32),
+            "bias": rng.standard_normal(64).astype(np.float32)}
+    for bad in (np.full(64, np.nan), -np.ones(64)):
+        with pytest.raises(ValueError, match="importance must be finite and non-negative"):
+            jaxjpeg.save(tmp_path / "b.jjpg", tree, sensitivity={"bias": bad}, **options)
+    assert not (tmp_path / "b.jjpg").exists()
