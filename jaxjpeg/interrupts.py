@@ -143,16 +143,16 @@ def ending_handler(result: list):
     (a cleanup stalled on a store that stopped answering). Once ``result``
     holds the command's exit status, a signal ends the process with it."""
     import os
-    taken = []
+    seen = []
     _pending.clear()   # a new command's
 
     def handle(signum, frame):
         if result:
             os._exit(result[0])
-        taken.append(signum)
-        if len(taken) == 1:
+        seen.append(signum)
+        if len(seen) == 1:
             _pending.append(signum)
             raise interruption(signum)
-        if len(taken) > 2:
-            os._exit(128 + taken[0])
+        if len(seen) > 2:
+            os._exit(128 + seen[0])
     return handle

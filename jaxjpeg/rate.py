@@ -996,14 +996,21 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor,
     return dataclasses.replace(fits, tiles=tuple(tiles))
 
 
+def _widening(p: codec.Prepared, c: Curve, k: int) -> float:
+    """How far candidate ``k`` (of the rows' common scale) widens the rows'
+    scales: 1 at an integer step, more between two (see _densify)."""
+    return float(c.q[k]) / (int(c.delta[k]) * base_scale(p, int(c.bits[k])))
+
+
+def _own_scale(c: Curve, k: int) -> bool:
+    """Candidate ``k`` codes on its own scales: thin, or per-row ranges."""
+    return any(flags is not None and flags[k] for flags in (c.thin, c.row_ranges))
+
+
 def _unwidened(p: codec.Prepared, c: Curve) -> np.ndarray:
     """Which candidates of ``c`` code on the rows' own scales (bool mask)."""
-    plain = np.ones(len(c.q), bool)
-    for flags in (c.thin, c.row_ranges):
-        if flags is not None:
-            plain &= ~flags
-    base = np.array([base_scale(p, int(b)) if ok else 0.0 for b, ok in zip(c.bits, plain)])
-    return ~plain | (c.q <= c.delta * base * (1 + 1e-9))
+    return np.array([_own_scale(c, k) or _widening(p, c, k) <= 1 + 1e-9
+                     for k in range(len(c.q))])
 
 
 def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
@@ -1016,11 +1023,10 @@ def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
         prepared = fallback() if fallback is not None else row_range_fallback(p)
         return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),
                                 **dict(options, clip="minmax"))
-    bits, delta = int(c.bits[k]), int(c.delta[k])
-    widen = float(c.q[k]) / (delta * base_scale(p, bits))   # 1 but between integer steps
+    widen = _widening(p, c, k)
     if widen > 1 + 1e-9:
         options = dict(options, widen=widen)
-    return encode_with_step(p, bits, delta, **options)
+    return encode_with_step(p, int(c.bits[k]), int(c.delta[k]), **options)
 
 
 def _ladder_steps(p: codec.Prepared, rms: float, bits: int | None) -> list:
