@@ -68,7 +68,8 @@ def open(path, *, verify: bool = True) -> "LazyReader":  # noqa: A001
 
     The header is read and validated now (as :func:`jaxjpeg.restore` does);
     leaves are read when asked for. ``verify=False`` skips the checksums of
-    the blobs read.
+    the blobs read from a local file (a remote file's blobs, read by separate
+    requests that a new save there could answer, are always checked).
     """
     return LazyReader(path, verify=verify)
 

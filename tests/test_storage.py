@@ -469,3 +469,17 @@ def test_a_remote_file_replaced_under_an_open_reader_is_said(tmp_path):
         jaxjpeg.save(url, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
         with pytest.raises(jaxjpeg.format.FormatError, match="replaced since it was opened"):
             lazy.get("w")
+
+
+def test_a_replaced_remote_file_is_said_without_verification():
+    """Found by review: with ``verify=False`` a lazy reader of a memory://
+    file replaced by a new save of the same shape returned the new file's
+    bytes read through the old index (wrong values, no error). A remote
+    file's blobs come from separate requests, so they are always checked."""
+    url = "memory://bucket-replaced-unverified/m.jjpg"
+    rng = np.random.default_rng(1)
+    jaxjpeg.save(url, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
+    with jaxjpeg.open(url, verify=False) as lazy:
+        jaxjpeg.save(url, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
+        with pytest.raises(jaxjpeg.format.FormatError, match="replaced since it was opened"):
+            lazy.get("w")
