@@ -1692,6 +1692,7 @@ class BudgetAllocator:
             raise ValueError("no tensors to allocate")
         self.names = list(curves)
         self.options = options
+        self._tile_shape = options.get("tile_shape") or codec.DEFAULT_TILE_SHAPE
         self.sens = {n: float((sensitivity or {}).get(n, 1.0)) for n in self.names}
         if any(not (s >= 0 and math.isfinite(s)) for s in self.sens.values()):
             raise ValueError("sensitivities must be finite and non-negative")
@@ -1931,21 +1932,14 @@ class BudgetAllocator:
         candidates with real codings (at most LAST_TENSOR_RETRIES) for the
         largest that fits what is left (or ``left``)."""
         left = self.budget - self.spent if left is None else left
-        tile_shape = self.options.get("tile_shape", codec.DEFAULT_TILE_SHAPE)
-        coded, coded_k = p, k
-        if p.feedback is not None and isinstance(enc, codec.EncodedTensor):
-            # found by review: a calibrated kernel's codings at steps 1 and 2
-            # are 17% apart, and a file of one landed 14% under its target
-            p = _in_output_bands(p, enc.nbytes, tile_shape)
         # Tiles of two codings mix only on one map: a tensor that can mix
         # them settles among its integer steps (found by review: settled
         # between widened candidates, a file of one kernel landed 2% under
         # where mixing its steps 2 and 1 had landed it within 1%).
         allowed = (_unwidened(p, c) if isinstance(enc, codec.EncodedTensor)
-                   and _mixing_groups(p, tile_shape) > 1 else None)
+                   and _mixing_groups(p, self._tile_shape) > 1 else None)
         if allowed is not None and not allowed[k]:
             k = int(np.flatnonzero(allowed[:k + 1])[-1]) if allowed[:k + 1].any() else k
-        if p is not coded or k != coded_k:
             enc = encode_candidate(p, c, k, self.options, fallback)
         fits, over = (k, enc), None
         if enc.nbytes > left:
@@ -1991,7 +1985,19 @@ class BudgetAllocator:
         share = self.budget - self.spent - rest
         if enc.nbytes - share <= STARVING_SHARE * rest:
             return k, enc
+        banded = self._for_mixing(p, c, k)
+        if banded is not p:
+            p, enc = banded, encode_candidate(banded, c, k, self.options, fallback)
         return self._settle_last(p, c, k, enc, fallback, left=share)
+
+    def _for_mixing(self, p: codec.Prepared, c: Curve, k: int) -> codec.Prepared:
+        """``p`` as a tensor settled between two steps codes it: a kernel
+        coded with error feedback cut into output bands (found by review:
+        its codings at steps 1 and 2 were 17% apart and could not mix, and a
+        file of one calibrated kernel landed 14% under its target)."""
+        if p.feedback is None or (c.thin is not None and c.thin[k]):
+            return p
+        return _in_output_bands(p, float(c.nbytes[k]), self._tile_shape)
 
     @staticmethod
     def _guess_between(c: Curve, lo: int, hi: int, fits, over, left,
@@ -2020,6 +2026,8 @@ class BudgetAllocator:
         c = self.curves[name]
         choices = self._choices()
         k = choices[name]
+        if self.pending == {name}:   # cut before it is coded
+            p = self._for_mixing(p, c, k)
         fallback = functools.cache(lambda: row_range_fallback(p))   # prepared once, if at all
         enc = encode_candidate(p, c, k, self.options, fallback)
         if self.pending == {name}:

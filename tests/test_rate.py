@@ -1661,3 +1661,25 @@ def test_mixing_takes_the_subset_of_groups_nearest_the_room():
     assert sorted(rate._taken_groups([34, 32, 14, 20], 13)) == []
     assert sorted(rate._taken_groups([34, 32, 14, 20], 13, overshoot=1)) == [2]
     assert sorted(rate._taken_groups([34, 32, 14, 20], 66)) == [0, 1]
+
+
+@pytest.mark.parametrize("ratio", [3.6, 4.5])
+def test_a_conv_fed_by_a_batchnorm_lands_its_byte_target(tmp_path, ratio):
+    """The data-free prior codes a BatchNorm-fed convolution with error
+    feedback; as the file's dominant leaf it landed 3.9% (3.6x) and 2.3%
+    (4.5x) under its target with a warning, its codings not mixed."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+
+    def batchnorm(name, n):
+        return {f"{name}.weight": (1 + 0.2 * rng.standard_normal(n)).astype(f),
+                f"{name}.bias": (0.1 * rng.standard_normal(n)).astype(f),
+                f"{name}.running_mean": (0.1 * rng.standard_normal(n)).astype(f),
+                f"{name}.running_var": (0.5 + rng.random(n)).astype(f)}
+    tree = {**batchnorm("bn1", 256),
+            "conv2.weight": (rng.standard_t(6, (512, 256, 5, 1)) * 0.02).astype(f),
+            **batchnorm("bn2", 512)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = jaxjpeg.save(tmp_path / "b.jjpg", tree, target_ratio=ratio, progress=False)
+    assert abs(report.ratio_vs_float32 / ratio - 1) < 0.01
