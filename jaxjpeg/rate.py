@@ -1062,15 +1062,15 @@ def _output_side(p: codec.Prepared) -> int:
     return 1 if p.feedback.along_rows else 0
 
 
-def _in_bands(p: codec.Prepared, side: int, nbytes: float, tile_shape,
+def _in_bands(p: codec.Prepared, side: int, enc: codec.EncodedTensor, tile_shape,
               gains: np.ndarray | None = None) -> codec.Prepared:
     """``p`` with tile edges cutting its ``side`` (0: rows, 1: columns) into
     up to MIXING_BANDS bands holding 1/2, 1/4, ..., 1/2^(n-1), 1/2^(n-1) of
-    it, as many as cost at most BAND_COST_SHARE of ``nbytes`` in extra tiles,
-    so a byte target can mix its codings at two steps band by band
-    (_mixed_tiles) in steps of the smallest band; as it is when no cut pays.
-    ``gains`` (per 8 lines of the side, e.g. _block_row_gains) share the
-    bands out instead of the lines' count."""
+    it, as many as cost at most BAND_COST_SHARE of its coding ``enc``'s bytes
+    in extra tiles (_tile_cost), so a byte target can mix its codings at two
+    steps band by band (_mixed_tiles) in steps of the smallest band; as it
+    is when no cut pays. ``gains`` (per 8 lines of the side, e.g.
+    _block_row_gains) share the bands out instead of the lines' count."""
     length = p.matrix.shape[side]
     blocks = -(-length // 8)
     weight = np.ones(blocks) if gains is None else np.maximum(np.asarray(gains, np.float64), 0)
@@ -1086,10 +1086,20 @@ def _in_bands(p: codec.Prepared, side: int, nbytes: float, tile_shape,
         if min(np.diff([0, *tile_cuts[side], length])) < codec.MIN_CUT_PIECE:
             continue
         banded = dataclasses.replace(p, tile_cuts=tuple(tile_cuts))
-        if (len(banded.tiles(tile_shape)) - uniform) * codec.TILE_COST_BYTES \
-                <= BAND_COST_SHARE * nbytes:
+        if (len(banded.tiles(tile_shape)) - uniform) * _tile_cost(enc) \
+                <= BAND_COST_SHARE * enc.nbytes:
             return banded
     return p
+
+
+TILE_RECORD_BYTES = 40   # a tile's entry in the container's header and index (measured 180-210
+                         # bytes a tile in all, its JPEG header ~170 of them)
+
+
+def _tile_cost(enc: codec.EncodedTensor) -> float:
+    """Bytes one more tile of ``enc``'s costs: its JPEG header (up to its
+    first interval) and its record."""
+    return max(t.interval_starts[0] for t in enc.tiles) + TILE_RECORD_BYTES
 
 
 def _block_row_gains(fits: codec.EncodedTensor, over: codec.EncodedTensor) -> np.ndarray:
@@ -1721,6 +1731,7 @@ STARVING_SHARE = 0.25
 # around what is left when it is over by at most this share of the budget
 # (found in session 31: a thin last leaf landed its file 2.3% under).
 LAST_OVERSHOOT = 0.01
+UNSPENT_SLACK = 0.005   # of the budget a tensor may leave that the rest cannot take
 
 
 class BudgetAllocator:
@@ -1776,6 +1787,8 @@ class BudgetAllocator:
         self.spent = 0
         self.predicted_spent = 0.0
         self.pending = set(self.names)
+        self._most = {n: float(np.max(c.nbytes)) for n, c in curves.items()}
+        self._most_pending = sum(self._most.values())
         self.steps: dict = {}
         self.squared_errors: dict = {}
         self.slope = 0.0
@@ -1979,14 +1992,16 @@ class BudgetAllocator:
     def _settle_last(self, p, c: Curve, k: int, enc, fallback, left=None):
         """The last tensor has nothing after it to absorb a miss: bisect its
         candidates with real codings (at most LAST_TENSOR_RETRIES) for the
-        largest that fits what is left (or ``left``)."""
+        largest that fits what is left (or ``left``, a starving tensor's
+        share: then nothing over it), mixing the two nearest where they can."""
+        overshoot = int(LAST_OVERSHOOT * self.budget) if left is None else 0
         left = self.budget - self.spent if left is None else left
         # Tiles of two codings mix only on one map: a tensor that can mix
         # them settles among its integer steps (found by review: settled
         # between widened candidates, a file of one kernel landed 2% under
         # where mixing its steps 2 and 1 had landed it within 1%).
-        allowed = (_unwidened(p, c) if isinstance(enc, codec.EncodedTensor)
-                   and _mixing_groups(p, self._tile_shape) > 1 else None)
+        allowed = (_unwidened(p, c) if p.feedback is None and isinstance(enc, codec.EncodedTensor)
+                   and len(enc.tiles) > 1 else None)
         if allowed is not None and not allowed[k]:
             k = int(np.flatnonzero(allowed[:k + 1])[-1]) if allowed[:k + 1].any() else k
             enc = encode_candidate(p, c, k, self.options, fallback)
@@ -2013,48 +2028,62 @@ class BudgetAllocator:
                 hi = mid
                 if over is None or trial.nbytes < over[1].nbytes:
                     over = (mid, trial)
-        if (fits and over and isinstance(fits[1], codec.EncodedTensor)
+        if not (fits and over and isinstance(fits[1], codec.EncodedTensor)
                 and isinstance(over[1], codec.EncodedTensor)):
-            overshoot = int(LAST_OVERSHOOT * self.budget)
-            mixed = _mixed_tiles(fits[1], over[1], left, p, overshoot)
-            if left - mixed.nbytes > 0.005 * self.budget:
-                mixed = self._mixed_in_row_bands(p, c, fits, over, left, overshoot, mixed)
-            return fits[0], mixed
-        if fits and over and (over[1].nbytes - left < left - fits[1].nbytes
-                              and over[1].nbytes - left <= LAST_OVERSHOOT * self.budget):
-            return over   # a coding that cannot be mixed: the nearer, a little over
-        return fits if fits is not None else over
+            if fits and over and (over[1].nbytes - left < left - fits[1].nbytes
+                                  and over[1].nbytes - left <= overshoot):
+                return over   # a coding that cannot be mixed: the nearer, a little over
+            return fits if fits is not None else over
+        mixed = _mixed_tiles(fits[1], over[1], left, p, overshoot)
+        if left - mixed.nbytes > 0.005 * self.budget:
+            mixed = self._mixed_in_bands(p, c, fits, over, left, overshoot, mixed)
+        return fits[0], mixed
 
-    def _mixed_in_row_bands(self, p, c: Curve, fits, over, left: int, overshoot: int,
-                            best: codec.EncodedTensor) -> codec.EncodedTensor:
-        """Where ``fits`` and ``over`` (candidates of ``c``) differ in their
-        row maps, so they mix only by whole row bands: ``p``'s rows cut into
-        bands that share out the rows' byte gains (_in_bands), both codings
-        coded again there and mixed; twice, the second time cut by the
-        gains of the first cut's codings (each tile has its own Huffman
-        tables, so cutting changes them). The nearest to ``left`` of those
-        and ``best``. Found by review: a kernel whose rows' ranges spread 300x
-        had no coding between its shared scale's finest step and per-row
-        ranges at step 4 (20% apart), and coded last it landed up to 16.6%
-        under its target."""
+    def _mixed_in_bands(self, p, c: Curve, fits, over, left: int, overshoot: int,
+                        best: codec.EncodedTensor) -> codec.EncodedTensor:
+        """Where ``fits`` and ``over`` (candidates of ``c``) left ``best``
+        short: ``p`` cut into bands (_in_bands), its two codings around
+        ``left`` coded again there and mixed band by band; the nearest to
+        ``left`` of those and ``best``.
+
+        A kernel coded with error feedback mixes by output bands, between
+        its integer steps (found by review: its codings at steps 1 and 2 are
+        17% apart, not widened, and were not mixed: a file of one calibrated
+        kernel landed 14% under its target). Two codings on different row
+        maps (a shared scale's and per-row ranges') mix by row bands, cut
+        where their restart intervals put the bytes they differ by
+        (_block_row_gains), twice: cutting changes each tile's Huffman
+        tables, so the second cut follows the first's codings (found by
+        review: a kernel whose rows' ranges spread 300x had no coding
+        between the two, 20% apart, and landed up to 16.6% under)."""
         a, b = fits[1], over[1]
-        if (p.feedback is not None or a.view != b.view
-                or (np.array_equal(a.row_scale, b.row_scale)
-                    and np.array_equal(a.row_offset, b.row_offset))):
-            return best
 
         def miss(enc):
             return abs(left - enc.nbytes) if enc.nbytes <= left + overshoot else math.inf
+        if p.feedback is not None:
+            unwidened = np.flatnonzero(_unwidened(p, c))
+            lower, upper = unwidened[unwidened <= fits[0]], unwidened[unwidened >= over[0]]
+            if not (len(lower) and len(upper)):
+                return best
+            banded = _in_bands(p, _output_side(p), a, self._tile_shape)
+            if banded is not p:
+                a, b = (encode_candidate(banded, c, int(k), self.options)
+                        for k in (lower[-1], upper[0]))
+                mixed = _mixed_tiles(a, b, left, banded, overshoot)
+                best = mixed if miss(mixed) < miss(best) else best
+            return best
+        if a.view != b.view or (np.array_equal(a.row_scale, b.row_scale)
+                                and np.array_equal(a.row_offset, b.row_offset)):
+            return best
         for _ in range(2):
-            banded = _in_bands(p, 0, a.nbytes, self._tile_shape, _block_row_gains(a, b))
+            banded = _in_bands(p, 0, a, self._tile_shape, _block_row_gains(a, b))
             if banded is p:
                 break
             fallback = functools.cache(lambda: row_range_fallback(banded))
             a, b = (encode_candidate(banded, c, k, self.options, fallback)
                     for k in (fits[0], over[0]))
             mixed = _mixed_tiles(a, b, left, banded, overshoot)
-            if miss(mixed) < miss(best):
-                best = mixed
+            best = mixed if miss(mixed) < miss(best) else best
         return best
 
     def _settle_starving(self, name, p, c: Curve, k: int, enc, fallback, choices):
@@ -2062,26 +2091,20 @@ class BudgetAllocator:
         bytes the tensors after it are to get is settled as the last one is,
         to leave them those bytes (found by review: a 418 K-value kernel 3.5%
         over its prediction left the 16 K-value kernel coded after it 43% of
-        its bytes, relative error 0.46 against 0.02 when coded first)."""
+        its bytes, relative error 0.46 against 0.02 when coded first); so is
+        one that leaves more than those tensors can take at their finest
+        codings (found by review: a 655 K-value kernel coded before three
+        64 x 64 ones left 2.4% of a file unspent)."""
+        correction = self._correction()
         # the pending tensors' predicted total (_choices), less this one's
-        rest = self._planned_total - self._correction() * float(
+        rest = self._planned_total - correction * float(
             self._nbytes[self._rows[name], choices[name]])
         share = self.budget - self.spent - rest
-        if enc.nbytes - share <= STARVING_SHARE * rest:
+        most = correction * (self._most_pending - self._most[name])   # the rest at their finest
+        if (enc.nbytes - share <= STARVING_SHARE * rest
+                and share - enc.nbytes <= most - rest + UNSPENT_SLACK * self.budget):
             return k, enc
-        banded = self._for_mixing(p, c, k)
-        if banded is not p:
-            p, enc = banded, encode_candidate(banded, c, k, self.options, fallback)
         return self._settle_last(p, c, k, enc, fallback, left=share)
-
-    def _for_mixing(self, p: codec.Prepared, c: Curve, k: int) -> codec.Prepared:
-        """``p`` as a tensor settled between two steps codes it: a kernel
-        coded with error feedback cut into output bands (found by review:
-        its codings at steps 1 and 2 were 17% apart and could not mix, and a
-        file of one calibrated kernel landed 14% under its target)."""
-        if p.feedback is None or (c.thin is not None and c.thin[k]):
-            return p
-        return _in_bands(p, _output_side(p), float(c.nbytes[k]), self._tile_shape)
 
     @staticmethod
     def _guess_between(c: Curve, lo: int, hi: int, fits, over, left,
@@ -2110,8 +2133,6 @@ class BudgetAllocator:
         c = self.curves[name]
         choices = self._choices()
         k = choices[name]
-        if self.pending == {name}:   # cut before it is coded
-            p = self._for_mixing(p, c, k)
         fallback = functools.cache(lambda: row_range_fallback(p))   # prepared once, if at all
         enc = encode_candidate(p, c, k, self.options, fallback)
         if self.pending == {name}:
@@ -2119,6 +2140,7 @@ class BudgetAllocator:
         else:
             k, enc = self._settle_starving(name, p, c, k, enc, fallback, choices)
         self.pending.discard(name)
+        self._most_pending -= self._most[name]
         self.all_finest = self.all_finest and k == len(c.nbytes) - 1
         self.spent += enc.nbytes
         self.predicted_spent += float(c.nbytes[k])

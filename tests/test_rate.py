@@ -1628,8 +1628,8 @@ def test_feedback_codings_mix_whole_output_bands():
     p = rate.prepare_leaf(kernel, input_covariance=feedback.InputCovariance(cov, (0,)))
     p = dataclasses.replace(p, tile_cuts=((128, 256, 384), ()))   # inputs cut too
     tile_shape = codec.DEFAULT_TILE_SHAPE
-    banded = rate._in_bands(p, rate._output_side(p), 10 ** 9, tile_shape)
-    assert rate._mixing_groups(banded, tile_shape) >= 4   # 160, 80, 40, 40 outputs
+    banded = rate._in_bands(p, rate._output_side(p), rate.encode_with_step(p, 12, 2), tile_shape)
+    assert rate._mixing_groups(banded, tile_shape) >= 3
     fits, over = (rate.encode_with_step(banded, 12, d) for d in (2, 1))
     left = (fits.nbytes + over.nbytes) // 2
     mixed = rate._mixed_tiles(fits, over, left, banded)
@@ -1643,16 +1643,17 @@ def test_feedback_codings_mix_whole_output_bands():
     assert {True, False} == set().union(*taken.values())
 
 
-def test_output_bands_are_cut_only_where_their_tiles_pay():
-    """A small feedback leaf keeps its tiles: cutting it would cost more
-    than BAND_COST_SHARE of its bytes in JPEG headers."""
+def test_bands_are_cut_only_where_their_tiles_pay():
+    """A small leaf keeps its tiles: one more would cost more than
+    BAND_COST_SHARE of its bytes in JPEG header and record (_tile_cost)."""
     from jaxjpeg import feedback
-    kernel, cov = _calibrated_kernel(256, 128)
-    p = rate.prepare_leaf(kernel, input_covariance=feedback.InputCovariance(cov, (0,)))
-    nbytes = rate.encode_with_step(p, 12, 2).nbytes
-    side = rate._output_side(p)
-    assert rate._in_bands(p, side, nbytes, codec.DEFAULT_TILE_SHAPE) is p
-    assert rate._in_bands(p, side, 10 ** 9, codec.DEFAULT_TILE_SHAPE) is not p
+    tile_shape = codec.DEFAULT_TILE_SHAPE
+    for (rows, cols), cut in (((128, 64), False), ((1024, 640), True)):
+        kernel, cov = _calibrated_kernel(rows, cols)
+        p = rate.prepare_leaf(kernel, input_covariance=feedback.InputCovariance(cov, (0,)))
+        enc = rate.encode_with_step(p, 12, 2)
+        assert 150 < rate._tile_cost(enc) < 400
+        assert (rate._in_bands(p, rate._output_side(p), enc, tile_shape) is not p) == cut
 
 
 def test_mixing_takes_the_subset_of_groups_nearest_the_room():
@@ -1717,3 +1718,19 @@ def test_block_row_gains_add_up_to_the_tiles_bytes():
         return sum(int(t.interval_starts[-1] - t.interval_starts[0]) for t in enc.tiles)
     assert gains.sum() == pytest.approx(coded(b) - coded(a))
     assert (gains > 0).all()
+
+
+@pytest.mark.parametrize("ratio", [3.14, 3.82])
+def test_a_dominant_leaf_leaves_no_more_than_the_rest_can_take(tmp_path, ratio):
+    """Found by review: a 655 K-value kernel coded before three 64 x 64 ones
+    came in under its share by more than they could take at their finest
+    codings: the file landed 2.2% (3.14x) and 2.4% (3.82x) under its target.
+    Such a tensor is settled as the last one is."""
+    rng = np.random.default_rng(1)
+    f = np.float32
+    tree = {"dense": {"kernel": (rng.standard_normal((1024, 640)) * 0.05).astype(f),
+                      "bias": (rng.standard_normal(640) * 0.01).astype(f)},
+            "small": {f"k{i}": (rng.standard_normal((64, 64)) * 0.1).astype(f) for i in range(3)},
+            "ln": {"scale": (1 + 0.05 * rng.standard_normal(640)).astype(f)}}
+    report = jaxjpeg.save(tmp_path / "d.jjpg", tree, target_ratio=ratio, progress=False)
+    assert abs(report.ratio_vs_float32 / ratio - 1) < 0.01
