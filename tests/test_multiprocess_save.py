@@ -29,6 +29,7 @@ CHECKS = [
     "report_and_metadata",
     "byte_targets_allocate_one_budget_over_every_process",
     "byte_targets_land_as_a_one_process_save_lands_them",
+    "a_share_between_two_candidates_is_landed",
     "one_process_refusing_fails_every_process_quickly",
     "processes_naming_different_files_fail_every_process",
     "processes_saving_other_trees_or_options_fail_every_process",
