@@ -1119,13 +1119,6 @@ def _block_row_gains(fits: codec.EncodedTensor, over: codec.EncodedTensor) -> np
     return per_block_row(over) - per_block_row(fits)
 
 
-def _mixing_groups(p: codec.Prepared, tile_shape) -> int:
-    """How many parts of ``p``'s tiles two codings on the same maps can mix
-    (_mixed_tiles)."""
-    cells = p.tiles(tile_shape)
-    return len(cells) if p.feedback is None else len({_output_band(p, c) for c in cells})
-
-
 def _widening(p: codec.Prepared, c: Curve, k: int) -> float:
     """How far candidate ``k`` (of the rows' common scale) widens the rows'
     scales: 1 at an integer step, more between two (see _densify)."""
