@@ -1108,8 +1108,9 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     nested dicts/lists of the saved leaves (a None or an empty container
     holds no leaf: only a target brings it back); ``paths`` (glob patterns
     over slash-separated leaf paths) then selects a
-    subset (each pattern must match a leaf; give ``target`` or ``paths``, not
-    both). ``dtype`` changes the dtype of every floating-point leaf; integer
+    subset (each pattern must match a leaf; one that spells a leaf's path,
+    as ``"layers[0]/kernel"`` or ``"w*"`` may, takes that leaf alone; give
+    ``target`` or ``paths``, not both). ``dtype`` changes the dtype of every floating-point leaf; integer
     and bool leaves keep theirs.
     """
     if target is not None and paths is not None:
