@@ -1073,10 +1073,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                                    coding["tile_shape"],
                                                    target_bytes / max(1, total))
             sparse = leaf_coder.sparse(leaf.name, p)
-            # not a leaf with values kept aside (NaN, inf, 1e30), which one
-            # step would code with the others (found by review: NaN steps
-            # crashed the analysis; a 1e30 row left no thin coding at all)
-            if sparse or (fine_target and p.outliers is None
+            if sparse or (fine_target and rate.one_step_holds(p)
                           and leaf_coder.one_step_fits(leaf.name)):
                 # JPEG, or its zeros kept / one fine step (FINE_MARGIN), at each size
                 # the fine step's steps as close as JPEG's (a sparse leaf's

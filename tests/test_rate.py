@@ -1665,11 +1665,13 @@ def test_mixing_takes_the_subset_of_groups_nearest_the_room():
     assert sorted(rate._taken_groups([34, 32, 14, 20], 66)) == [0, 1]
 
 
-@pytest.mark.parametrize("ratio", [3.6, 4.5])
+@pytest.mark.parametrize("ratio", [3.0, 3.2, 3.6, 4.5])
 def test_a_conv_fed_by_a_batchnorm_lands_its_byte_target(tmp_path, ratio):
     """The data-free prior codes a BatchNorm-fed convolution with error
     feedback; as the file's dominant leaf it landed 3.9% (3.6x) and 2.3%
-    (4.5x) under its target with a warning, its codings not mixed."""
+    (4.5x) under its target with a warning, its codings not mixed. At 3.0 /
+    3.2x it takes one step past JPEG's finest, with its heavy tail's values
+    kept aside (a first fix for NaN side lists refused it: -9.7 / -3.6%)."""
     rng = np.random.default_rng(0)
     f = np.float32
 
@@ -1687,13 +1689,16 @@ def test_a_conv_fed_by_a_batchnorm_lands_its_byte_target(tmp_path, ratio):
     assert abs(report.ratio_vs_float32 / ratio - 1) < 0.01
 
 
-@pytest.mark.parametrize("ratio", [3.6, 3.85])
+@pytest.mark.parametrize("ratio", [3.6, 3.85, 4.06, 4.2])
 def test_a_kernel_between_its_shared_scale_and_row_ranges_lands(tmp_path, ratio):
     """Found by review: a kernel whose rows' ranges spread 300x has no coding
     between its shared scale's finest step and per-row ranges at step 4 (20%
     apart, on different row maps, so their tiles did not mix): coded last,
     it landed 4-16% under targets of 3.34-3.98x. Its rows are now cut into
-    bands that share out the codings' byte difference, and mixed by them."""
+    bands that share out the codings' byte difference, and mixed by them.
+    Between its shared scale's steps 2 and 1 (4.06, 4.2x: 2.0 / 2.1% under)
+    both codings shrink 8% once cut (each tile's Huffman tables fit its
+    rows), and the next pair of candidates is taken."""
     rng = np.random.default_rng(1)
     tree = {"kernel": (rng.standard_normal((512, 1024)) * np.logspace(0, 2.5, 512)[:, None]
                        * 1e-3).astype(np.float32),
