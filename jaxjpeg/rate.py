@@ -291,9 +291,23 @@ def spread_rms(p: codec.Prepared) -> float:
     are small; far less for values around a large mean (found by review:
     scanned LayerNorm scales, 1 +- 0.05 in (12, 768), took a default step
     of 0.28 and came back constant, 0.36 bits a weight). With column
-    scales or error feedback, tensor_rms."""
-    if p.col_scale is not None or p.feedback is not None:
+    scales, tensor_rms; with error feedback too, unless the spread is under
+    a FEEDBACK_SPREAD_SHARE of it (found by review: a conv kernel coded with
+    feedback and one output channel held at 10 took a step from those 10s
+    and restored its other weights as 0)."""
+    if p.col_scale is not None:
         return tensor_rms(p)
+    if p.feedback is not None:
+        spread = _spread_about_centers(p)
+        return spread if 0 < spread < FEEDBACK_SPREAD_SHARE * tensor_rms(p) else tensor_rms(p)
+    return _spread_about_centers(p) or tensor_rms(p)
+
+
+FEEDBACK_SPREAD_SHARE = 0.25
+
+
+def _spread_about_centers(p: codec.Prepared) -> float:
+    """RMS of ``p``'s coded values about their rows' centers (0 if none)."""
     centers = np.asarray(p.row_stats()[0], np.float64)
     squares = _squares(p)
     about = squares - p.matrix.shape[1] * float(np.dot(centers, centers))
@@ -302,8 +316,7 @@ def spread_rms(p: codec.Prepared) -> float:
         # review: an embedding with a constant row of 1e30 got a spread of
         # 1e23, and every other row came back as 0): summed about the centers
         about = _squares_about(p, centers)
-    rms = math.sqrt(max(about, 0.0) / max(1, p.size))
-    return rms if rms > 0 else tensor_rms(p)
+    return math.sqrt(max(about, 0.0) / max(1, p.size))
 
 
 CANCELLATION_SHARE = 1e-6   # spread under this share of the squares: summed directly
