@@ -410,23 +410,21 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     # leaf's deviations would be another leaf-sized pass through memory),
     # and only the far values' cells are kept (found by review: leaf-sized
     # masks of them took more memory than the leaf).
-    cells = ([], []), ([], []), ([], [])
+    cells = ([], []), ([], [])
     step = max(1, ROW_BLOCK_ELEMENTS // max(1, m.shape[1]))
     for r in range(0, m.shape[0], step):
         rows = slice(r, r + step)
-        first, masked = _far_masks(m[rows], None if ok is None else ok[rows], sigmas,
-                                   gross=True)
-        for far, (at_rows, at_cols) in zip((first, *masked), cells):
+        for far, (at_rows, at_cols) in zip(
+                _far_masks(m[rows], None if ok is None else ok[rows], sigmas), cells):
             block_rows, block_cols = np.nonzero(far)
             at_rows.append(block_rows + r)
             at_cols.append(block_cols)
     kept = [np.sort(view.flat_index(x.shape, np.concatenate(at_rows), np.concatenate(at_cols)))
             for at_rows, at_cols in cells]
-    for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION, MAX_OUTLIER_FRACTION)):
+    for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION)):
         if kept[k].size > limit * flat.size:
             kept[k] = np.zeros(0, np.int64)
-    index = np.union1d(np.flatnonzero(must), np.union1d(np.union1d(kept[0], kept[1]),
-                                                        kept[2])).astype(np.int64)
+    index = np.union1d(np.flatnonzero(must), np.union1d(*kept)).astype(np.int64)
     return Outliers(index, flat[index].copy())
 
 
@@ -442,12 +440,6 @@ ROW_BLOCK_ELEMENTS = 1 << 16   # elements per block of rows in find_outliers
 # -> 0.917. At 4x: EfficientNet and the recognizer unchanged, the detector's
 # IoU at 8x 0.974 / 0.977 -> 0.973 / 0.976 (Flax / ONNX layout).
 MASKED_SIGMAS_FACTOR = 4.0
-# Values the second look finds this many times ``sigmas`` out are kept up to
-# MAX_OUTLIER_FRACTION, not MAX_MASKED_FRACTION: coded, a channel of them
-# spread over every row of the view wrecked the rest (found by review: a conv
-# kernel with one input channel at 10, 200 RMS out at 1.6% of the values,
-# restored its other weights at relative error 1.09, at 1e4 with errors of 49).
-GROSS_SIGMAS_FACTOR = 12.0
 
 
 def far_from_row_mean(m: np.ndarray, ok: np.ndarray | None, sigmas: float) -> np.ndarray:
@@ -466,23 +458,17 @@ def far_from_row_mean(m: np.ndarray, ok: np.ndarray | None, sigmas: float) -> np
     return first | masked
 
 
-def _far_masks(m: np.ndarray, ok: np.ndarray | None, sigmas: float, gross: bool = False):
-    """(far at the first look, far only at the second) of :func:`far_from_row_mean`;
-    with ``gross``, the second as (far, gross): those also GROSS_SIGMAS_FACTOR
-    times ``sigmas`` out, and the rest."""
+def _far_masks(m: np.ndarray, ok: np.ndarray | None, sigmas: float):
+    """(far at the first look, far only at the second) of :func:`far_from_row_mean`."""
     dev, rms = _row_deviations(m, ok, ok)
     first = (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
     suspect = np.abs(dev) > np.float32(sigmas / 2) * rms[:, None]
-    masked = far_out = np.zeros_like(first)
+    masked = np.zeros_like(first)
     if suspect.any():
         dev, rms = _row_deviations(m, ~suspect if ok is None else ok & ~suspect, ok)
         masked = ((np.abs(dev) > MASKED_SIGMAS_FACTOR * sigmas * rms[:, None])
                   & (rms[:, None] > 0) & ~first)
-        if gross:
-            far_out = masked & (np.abs(dev) > GROSS_SIGMAS_FACTOR * sigmas * rms[:, None])
-    if not gross:
-        return first, masked
-    return first, (masked & ~far_out, far_out)
+    return first, masked
 
 
 def _row_deviations(m: np.ndarray, counted: np.ndarray | None,
