@@ -2119,7 +2119,9 @@ class _Save:
 
     def _store(self, index, leaf) -> tuple[list, dict, LeafReport, str | None]:
         name = leaf.name
-        array = self.bias_correction.apply(name, leaf.array())
+        given = leaf.array()
+        array = self.bias_correction.apply(name, given)
+        moved = array is not given   # bias correction shifted it (apply returns it otherwise)
         record = {"path": leaf.records, "shape": list(array.shape), "dtype": str(array.dtype)}
         if leaf.prng_impl is not None:
             record[prng_keys.FIELD] = leaf.prng_impl
@@ -2213,9 +2215,12 @@ class _Save:
             elif name in self.exact:
                 note = "stored raw, exactly: the byte target has room for it"
         record.update(extra)
+        if moved:   # found by review: reported exact, restoring the shifted values
+            note = "; ".join(filter(None, [note, "moved by bias correction (the mean shift "
+                                                 "its weights' coding adds to the outputs)"]))
         return blobs, record, LeafReport(name, array.shape, str(array.dtype), record["kind"],
                                          array.nbytes, stored, note,
-                                         layout.stored_exactly(record)), warning
+                                         layout.stored_exactly(record) and not moved), warning
 
 
 def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of,

@@ -452,3 +452,18 @@ def test_a_shift_past_the_dtypes_range_stops_at_its_limit(tmp_path, dtype):
 def jax_tree_astype(tree, dtype):
     import jax
     return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype), tree)
+
+
+def test_the_report_does_not_call_a_moved_taker_exact(tmp_path):
+    """Found by review: a bias that bias correction shifted (stored raw, so
+    bit for bit what was stored) was reported exact, though it does not
+    restore the values saved; its note now says it was moved."""
+    tree, means = _net(np.random.default_rng(0))
+    report = jaxjpeg.save(tmp_path / "m.jjpg", tree, input_mean=means, progress=False,
+                          quality=60)
+    leaves = {leaf.path: leaf for leaf in report.leaves}
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    for taker in ("fc.bias", "bn1.running_mean", "bn2.running_mean"):
+        assert not np.array_equal(np.asarray(got[taker]), tree[taker])
+        assert not leaves[taker].exact and "moved by bias correction" in leaves[taker].note
+    assert leaves["bn1.running_var"].exact
