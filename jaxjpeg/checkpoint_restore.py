@@ -1110,8 +1110,8 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     over slash-separated leaf paths) then selects a
     subset (each pattern must match a leaf; one that spells a leaf's path,
     as ``"layers[0]/kernel"`` or ``"w*"`` may, takes that leaf alone; give
-    ``target`` or ``paths``, not both). ``dtype`` changes the dtype of every floating-point leaf; integer
-    and bool leaves keep theirs.
+    ``target`` or ``paths``, not both). ``dtype`` changes the dtype of every
+    floating-point leaf; integer and bool leaves keep theirs.
     """
     if target is not None and paths is not None:
         raise ValueError("give target or paths, not both: a target already names the leaves")

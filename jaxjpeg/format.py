@@ -569,6 +569,11 @@ class ContainerReader:
     def __init__(self, path, *, verify_header: bool = True,
                  max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         self.path = storage.as_location(path)
+        # A remote file is read again at each range, so a new save there
+        # would be read through the old index: its blobs are always checked
+        # (found by review: verify=False returned the new file's bytes as the
+        # old leaf's values). A local file keeps its descriptor.
+        self._remote = storage.local_path(self.path) is None
         self._file = storage.open_source(self.path)
         self._prefetched: dict[str, memoryview] = {}
         try:
@@ -776,15 +781,11 @@ class ContainerReader:
             view = self._pread(info.offset, info.length, out)
         elif out is not None:
             view = _copy_into(out, view)
-        # A remote file is read again at each range, so a new save there
-        # would be read through the old index: its blobs are always checked
-        # (found by review: verify=False returned the new file's bytes as the
-        # old leaf's values). A local file keeps its descriptor.
-        remote = storage.local_path(self.path) is None
-        if (verify or remote) and crc32c(view) != info.crc32c:
+        if (verify or self._remote) and crc32c(view) != info.crc32c:
             # found by review: said "damaged", while verify, opening the new
             # file, said OK
-            why = "damaged, or the file was replaced since it was opened" if remote else "damaged"
+            why = ("damaged, or the file was replaced since it was opened" if self._remote
+                   else "damaged")
             raise self._error(f"blob {name!r} checksum mismatch (bytes [{info.offset}, "
                               f"{info.offset + info.length}) {why})")
         return view.toreadonly() if out is None else view

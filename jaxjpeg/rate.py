@@ -329,7 +329,7 @@ def _squares_about(p: codec.Prepared, centers: np.ndarray) -> float:
     total = 0.0
     for r in range(0, p.matrix.shape[0], rows):
         w = p.weight_domain(p.matrix[r:r + rows]).astype(np.float64)
-        total += float(np.sum((w - centers[r:r + rows, None]) ** 2))
+        total += _sum_of_squares((w - centers[r:r + rows, None]).reshape(-1))
     return total
 
 
