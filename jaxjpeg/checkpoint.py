@@ -582,8 +582,9 @@ class _LeafCoder:
                 self._choices[name] = {"plain": (p.view, p.matrix.shape, p.tile_cuts)}
             return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
-                                   col_scale=p.col_scale, feedback=p.feedback,
-                                   tile_cuts=p.tile_cuts, row_spread=p.row_spread)
+                                   col_scale=p.col_scale, balanced=p.balanced,
+                                   feedback=p.feedback, tile_cuts=p.tile_cuts,
+                                   row_spread=p.row_spread)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's
@@ -1079,7 +1080,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 # the fine step's steps as close as JPEG's (a sparse leaf's
                 # measured steps only: with them dense, PP-OCRv6's detector
                 # at 8x erred more over 4 probe seeds, mean |dp| 0.0021 -> 0.0023)
-                curve = rate.merged_curve(curve, rate.thin_curve(p.original, dense=not sparse))
+                curve = rate.merged_curve(curve, rate.thin_curve(
+                    p.original, dense=not sparse, error_weight=rate.balanced_error_weight(p)))
                 if not sparse:
                     fine_thin.add(leaf.name)
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves

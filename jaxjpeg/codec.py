@@ -220,6 +220,11 @@ class Prepared:
     # How far row_weight may spread the rows' steps (mapping.relative_steps;
     # None: exact weights, uncapped).
     row_spread: float | None = mapping.ROW_SPREAD
+    # True: col_scale balances loud inputs (priors.loud_column_scales)
+    # and the divided matrix is coded as if it were the weights: steps, error
+    # feedback and the rate model's errors are in its units; only restoring
+    # (and errors measured against the leaf itself) multiplies back.
+    balanced: bool = False
 
     def tiles(self, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         """The tiles this tensor is coded in (:func:`tile_grid`)."""
@@ -295,14 +300,19 @@ class Prepared:
                 + (0 if self.outliers is None else self.outliers.nbytes(self.size)))
 
     def weight_domain(self, matrix: np.ndarray) -> np.ndarray:
-        """Values of the (column-normalised) view back in weight units."""
-        return matrix if self.col_scale is None else matrix * self.col_scale
+        """Values of the (column-normalised) view back in the units it is
+        coded in: weight units, or a balanced leaf's own."""
+        return matrix if self.col_scale is None or self.balanced else matrix * self.col_scale
+
+    def feedback_units(self) -> np.ndarray | None:
+        """The column scales error feedback sees (none for a balanced leaf)."""
+        return None if self.balanced else self.col_scale
 
 
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
             outliers: Outliers | None = None, col_scale: np.ndarray | None = None,
             feedback: Feedback | None = None, copy: bool = True,
-            row_spread: float | None = mapping.ROW_SPREAD) -> Prepared:
+            row_spread: float | None = mapping.ROW_SPREAD, balanced: bool = False) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
     ``col_scale`` gives column scales directly (another Prepared's, to redo
@@ -312,7 +322,9 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     then that much finer or coarser. ``row_spread`` caps how far ``row_weight``
     spreads the rows' steps (None: exact weights, uncapped). ``outliers`` are kept exactly; without
     them every value must be finite. ``feedback`` (see :mod:`jaxjpeg.feedback`)
-    shapes the quantization error against the layer's inputs. ``copy=False``:
+    shapes the quantization error against the layer's inputs.
+    ``balanced``: ``col_scale`` balances loud inputs
+    (:attr:`Prepared.balanced`). ``copy=False``:
     the matrix is a view of ``x`` where nothing needs changing (float32, no
     side list or column scales; the caller keeps ``x`` unchanged while it
     codes).
@@ -342,7 +354,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
-                    arr, shared, feedback=feedback, row_spread=row_spread)
+                    arr, shared, feedback=feedback, row_spread=row_spread,
+                    balanced=balanced and col_scale is not None)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
@@ -396,7 +409,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                          "not error feedback's")
     shaped = None if p.feedback is None else shape_errors(
         mapping.to_samples(p.matrix, scale, offset, bits), table, bits, p.feedback, scale,
-        p.col_scale)
+        p.feedback_units())
 
     errors = []
 

@@ -139,6 +139,10 @@ class DiagonalPlusRankOne:
     diagonal: np.ndarray
     vector: np.ndarray
     axes: tuple[int, ...]
+    # False: the diagonal is a stand-in for powers nobody measured (the
+    # common-mean prior's ones), which loud input channels may contradict
+    # (:func:`jaxjpeg.priors.loud_column_scales`).
+    known_power: bool = True
 
     __post_init__ = _axes_as_tuple
     axes_of = InputCovariance.axes_of
@@ -150,7 +154,7 @@ class DiagonalPlusRankOne:
     def ordered(self, shape: tuple[int, ...], index: np.ndarray) -> "DiagonalPlusRankOne":
         self._check_size(shape)
         return DiagonalPlusRankOne(axes=self.axes, diagonal=self.diagonal[index],
-                                   vector=self.vector[index])
+                                   vector=self.vector[index], known_power=self.known_power)
 
     def _check_size(self, shape) -> None:
         n = math.prod(shape[a] for a in self.axes_of(shape))

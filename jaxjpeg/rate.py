@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
+from jaxjpeg import _native, analysis, codec, feedback, mapping, priors, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.checkpoint_reader import quantizable
 from jaxjpeg.treepaths import key_record, path_string
@@ -191,9 +191,20 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     if not row_steps:
         row_weight = None
+    balance = None
+    if fb is not None and col_weight is None and _power_unknown(fb):
+        balance = priors.loud_column_scales(m)
     del m
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
-                         outliers=outliers, feedback=fb, row_spread=row_spread).with_shards(shards)
+                         col_scale=balance, balanced=balance is not None, outliers=outliers,
+                         feedback=fb, row_spread=row_spread).with_shards(shards)
+
+
+def _power_unknown(fb: feedback.Feedback) -> bool:
+    """Whether ``fb``'s inputs are on the view's columns with powers nobody
+    measured (the common-mean prior's)."""
+    return (not fb.along_rows and isinstance(fb.matrix, feedback.DiagonalPlusRankOne)
+            and not fb.matrix.known_power)
 
 
 def _data_free_weights(m: np.ndarray):
@@ -265,7 +276,8 @@ def reference_rms(p: codec.Prepared) -> float:
 
 
 def tensor_rms(p: codec.Prepared) -> float:
-    """RMS of the coded values in weight units (the side list excluded)."""
+    """RMS of the coded values in weight units (a balanced leaf's: its own;
+    the side list excluded)."""
     rms = math.sqrt(_squares(p) / max(1, p.size))
     return rms if rms > 0 else 1.0
 
@@ -286,16 +298,16 @@ def spread_norm2(p: codec.Prepared) -> float:
 
 def spread_rms(p: codec.Prepared) -> float:
     """RMS of the coded values about their rows' centers (what the row maps'
-    offsets leave to the samples), in weight units: the scale a step must
-    be relative to. About the tensor_rms of trained weights, whose means
+    offsets leave to the samples), in weight units (a balanced leaf's: its
+    own): the scale a step must be relative to. About the tensor_rms of trained weights, whose means
     are small; far less for values around a large mean (found by review:
     scanned LayerNorm scales, 1 +- 0.05 in (12, 768), took a default step
     of 0.28 and came back constant, 0.36 bits a weight). With column
-    scales, tensor_rms; with error feedback too, unless the spread is under
+    scales (not balanced ones), tensor_rms; with error feedback too, unless the spread is under
     a FEEDBACK_SPREAD_SHARE of it (found by review: a conv kernel coded with
     feedback and one output channel held at 10 took a step from those 10s
     and restored its other weights as 0)."""
-    if p.col_scale is not None:
+    if p.col_scale is not None and not p.balanced:
         return tensor_rms(p)
     if p.feedback is not None:
         spread = _spread_about_centers(p)
@@ -538,8 +550,8 @@ def prepared_norm2(p: codec.Prepared) -> float:
     positions: the squares the native statistics pass counted when it
     prepared ``p`` (a leaf without special values or a side list), else a
     float64 pass over the leaf."""
-    squares = p.scales.get("squares")
-    if squares is not None and p.outliers is None:
+    squares = p.scales.get("squares")   # in weight units unless balanced
+    if squares is not None and p.outliers is None and not p.balanced:
         return float(squares)
     return finite_norm2(p.original, None if p.outliers is None else p.outliers.index)
 
@@ -779,10 +791,12 @@ def probe_elements(size: int, total: int) -> int:
 def _probe(p: codec.Prepared, rng: np.random.Generator, elements: int = PROBE_ELEMENTS) -> _Probe:
     """Stratified over rows: one patch of 8 rows at a random column offset per
     8-row band (bands sampled when there are too many), so rows of every
-    scale are represented; patch width fills about ``elements``."""
+    scale are represented; patch width fills about ``elements``. Its errors
+    are in weight units (a balanced leaf's: its own)."""
     rows, cols = p.matrix.shape
+    units = None if p.balanced else p.col_scale
     if p.size <= 2 * elements:
-        col = None if p.col_scale is None else np.broadcast_to(p.col_scale, p.matrix.shape)
+        col = None if units is None else np.broadcast_to(units, p.matrix.shape)
         return _Probe(p.matrix, np.arange(rows), col, 1.0, p.row_stats())
     bands = -(-rows // 8)
     width = int(min(cols, max(MIN_PROBE_WIDTH, elements // (8 * bands) // 8 * 8)))
@@ -797,7 +811,7 @@ def _probe(p: codec.Prepared, rng: np.random.Generator, elements: int = PROBE_EL
     row_ids, starts = row_ids[inside], starts[inside]
     col_ids = starts[:, None] + np.arange(width)
     matrix = _patches(p.matrix, chosen, offsets, row_ids, starts, width)
-    return _Probe(matrix, row_ids, None if p.col_scale is None else p.col_scale[col_ids],
+    return _Probe(matrix, row_ids, None if units is None else units[col_ids],
                   matrix.size / p.size, mapping.row_stats(matrix, p.shared_map))
 
 
@@ -1387,14 +1401,15 @@ THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a val
 
 def is_thin(p: codec.Prepared) -> bool:
     """Whether ``p`` (float32, bfloat16 or float16, nothing kept aside, at
-    least one axis) has a view too thin for JPEG's blocks."""
+    least one axis, not balanced: a thin leaf's steps and errors are in
+    weight units) has a view too thin for JPEG's blocks."""
     return (quantizable(p.dtype) and p.outliers is None and len(p.shape) >= 1
-            and p.size > 0 and min(p.matrix.shape) < THIN_SIDE)
+            and p.size > 0 and min(p.matrix.shape) < THIN_SIDE and not p.balanced)
 
 
 def is_sparse(p: codec.Prepared) -> bool:
-    """:func:`is_sparse_leaf` of a prepared leaf."""
-    return is_sparse_leaf(p.original)
+    """:func:`is_sparse_leaf` of a prepared leaf, not balanced (see :func:`is_thin`)."""
+    return not p.balanced and is_sparse_leaf(p.original)
 
 
 def is_sparse_leaf(x) -> bool:
@@ -1465,9 +1480,20 @@ def _exact_step(values: np.ndarray) -> float | None:
     return step if np.all(np.round(values / step) * step == values) else None
 
 
-def _rounding_sse(values: np.ndarray, step: float) -> float:
-    """Squared error of float64 ``values`` rounded to multiples of ``step``."""
-    return float(np.sum(np.square(np.round(values / step) * step - values)))
+def _rounding_sse(values: np.ndarray, step: float, weight=None) -> float:
+    """Squared error of float64 ``values`` rounded to multiples of ``step``
+    (each value's times ``weight``, if given)."""
+    squares = np.square(np.round(values / step) * step - values)
+    return float(np.sum(squares if weight is None else squares * weight))
+
+
+def balanced_error_weight(p: codec.Prepared):
+    """For :func:`thin_curve`: a balanced leaf's errors in its own units
+    (each column's divided by its scale, squared), or None."""
+    if not p.balanced:
+        return None
+    inverse = 1.0 / np.square(p.col_scale.astype(np.float64))
+    return lambda flat_index: inverse[p.view.cells(p.shape, flat_index)[1]]
 
 
 def _step_within_error(values: np.ndarray, step: float, error: float) -> float | None:
@@ -1508,13 +1534,15 @@ def one_step_holds(p: codec.Prepared) -> bool:
                 and (not kept.size or kept.max() <= ONE_STEP_RANGE * reference_rms(p)))
 
 
-def thin_curve(x, seed: int = 0, dense: bool = False) -> Curve:
+def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None) -> Curve:
     """Bytes and squared error of ``x`` (float32, finite) quantized on each
     step of THIN_LADDER, measured on up to THIN_PROBE of its values; with
     ``dense``, steps DENSE_SPACING apart between them, bytes and error
     interpolated in log step (beside a JPEG curve, as long: found by review,
     a kernel on its fine step landed a file 2.4% under its target, the
-    ladder's steps a quarter octave apart)."""
+    ladder's steps a quarter octave apart). ``error_weight`` (optional):
+    C-order flat positions -> each one's weight in the squared error
+    (:func:`balanced_error_weight`; ``x`` not sparse)."""
     values = np.asarray(x, np.float32).reshape(-1)
     if values.size and np.all(values == values[0]):   # a constant: one exact step
         step = _exact_step(values.astype(np.float64))
@@ -1529,9 +1557,14 @@ def thin_curve(x, seed: int = 0, dense: bool = False) -> Curve:
         mask = len(quantized_vectors.nonzero_mask(values))
         values = values[values != 0]
     count = values.size
-    if values.size > THIN_PROBE:
-        values = np.random.default_rng(seed).choice(values, THIN_PROBE, replace=False)
+    at = slice(None)
+    if values.size > THIN_PROBE:   # the draw choice(values, THIN_PROBE, ...) makes
+        at = np.random.default_rng(seed).choice(count, THIN_PROBE, replace=False)
+        values = values[at]
     probe = values.astype(np.float64)
+    weight = None
+    if error_weight is not None and not mask:
+        weight = error_weight(np.arange(count)[at] if isinstance(at, slice) else at)
     scale = count / max(1, probe.size)
     # The codes are Rice coded about their median: steps relative to the
     # spread (found by review: 1000 + 0.01 N(0, 1) got no step finer than
@@ -1552,7 +1585,7 @@ def thin_curve(x, seed: int = 0, dense: bool = False) -> Curve:
         def values_bytes(q):
             return quantized_vectors.coded_bytes(probe, q)
     nbytes = mask + np.array([values_bytes(q) * scale for q in steps])
-    sse = np.array([_rounding_sse(probe, q) * scale for q in steps])
+    sse = np.array([_rounding_sse(probe, q, weight) * scale for q in steps])
     keep = 8 * (nbytes - mask) <= THIN_MAX_BITS * max(1, count)
     keep[0] = True   # the coarsest always
     steps, nbytes, sse = steps[keep], nbytes[keep], sse[keep]
