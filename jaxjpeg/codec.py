@@ -220,7 +220,7 @@ class Prepared:
     # How far row_weight may spread the rows' steps (mapping.relative_steps;
     # None: exact weights, uncapped).
     row_spread: float | None = mapping.ROW_SPREAD
-    # True: col_scale balances loud inputs (priors.loud_column_scales)
+    # True: col_scale balances loud inputs (views.loud_column_scales)
     # and the divided matrix is coded as if it were the weights: steps, error
     # feedback and the rate model's errors are in its units; only restoring
     # (and errors measured against the leaf itself) multiplies back.

@@ -141,7 +141,7 @@ class DiagonalPlusRankOne:
     axes: tuple[int, ...]
     # False: the diagonal is a stand-in for powers nobody measured (the
     # common-mean prior's ones), which loud input channels may contradict
-    # (:func:`jaxjpeg.priors.loud_column_scales`).
+    # (:func:`jaxjpeg.views.loud_column_scales`).
     known_power: bool = True
 
     __post_init__ = _axes_as_tuple

@@ -315,58 +315,6 @@ class CommonMean:
                                    known_power=False)
 
 
-# The common-mean prior's unit powers give a kernel one step for all its
-# inputs (the least squared error were their inputs alike); columns whose
-# weights' RMS is LOUD_COLUMN times the median column's or more say
-# otherwise, where they hold most of the kernel's energy (its RMS at least
-# LOUD_SHARE_RMS times the other columns'): see loud_column_scales.
-LOUD_COLUMN = 8.0
-LOUD_SHARE_RMS = 2.0
-
-
-def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
-    """Column scales of a kernel coded against the common-mean prior
-    (inputs of unknown power, :class:`CommonMean`), ``m`` its view with the
-    inputs on the columns (one column: an input channel at one tap), or
-    None where it needs none.
-
-    A trained layer's weights on an input scale inversely to that input (a
-    reparametrised branch folded into one tap, an unnormalised feature), so
-    the prior reads a column whose weights are more than LOUD_COLUMN times
-    the median column's as a quieter input carrying as much signal as the
-    others: it is divided by its excess over that bound, and the leaf is
-    coded as if those were its weights (:attr:`jaxjpeg.codec.Prepared.balanced`).
-    Only where such columns hold most of the leaf's energy: there one step
-    for the whole kernel, set by their RMS, restored every other weight as 0
-    (found by review: a (3, 3, 64, 128) kernel with one input channel held at
-    10 came back at relative error 1.09 outside it, 423 at 1e4). Silero VAD,
-    whose reparametrised 1-D convolutions have taps 20-126x the median
-    column, mean |Δ speech probability| (16 / 8 kHz models): default save
-    0.087 / 0.036 -> 0.051 / 0.028; at 4 / 6 / 8 / 10x 0.016 / 0.035 /
-    0.080 / 0.085 -> 0.004 / 0.017 / 0.043 / 0.103 (16 kHz) and 0.015 /
-    0.020 / 0.037 / 0.152 -> 0.006 / 0.019 / 0.043 / 0.048 (8 kHz). No leaf
-    of EfficientNet-lite0/1/2, Magika or PP-OCRv6 qualifies (the most: a
-    leaf's RMS 1.56 times its other columns')."""
-    power = np.einsum("ij,ij->j", m, m, dtype=np.float64) / max(1, m.shape[0])
-    rms = np.sqrt(power)
-    median = float(np.median(rms))
-    if not (median > 0 and np.all(np.isfinite(rms))):
-        return None
-    excess = np.maximum(rms / (LOUD_COLUMN * median), 1.0)
-    loud = excess > 1
-    if not loud.any() or power.mean() < LOUD_SHARE_RMS ** 2 * power[~loud].mean():
-        return None
-    return _stored_exactly(excess)
-
-
-def _stored_exactly(scale: np.ndarray) -> np.ndarray:
-    """float32 ``scale`` (>= 1), rounded to float16 where float16 holds it,
-    so that it is stored at 2 bytes a column."""
-    fits = scale <= float(np.finfo(np.float16).max)
-    half = np.where(fits, scale, 1.0).astype(np.float16).astype(np.float32)
-    return np.where(fits, half, scale.astype(np.float32))
-
-
 def _along(values: np.ndarray, axis: int, shape: tuple) -> np.ndarray:
     """``values`` on ``axis`` of an array broadcastable to ``shape``."""
     if shape[axis] != len(values):

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import _native, analysis, codec, feedback, mapping, priors, quantized_vectors, stacks, views
+from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.checkpoint_reader import quantizable
 from jaxjpeg.treepaths import key_record, path_string
@@ -160,6 +160,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     lead, narrow = views.sharded_axes(shards), views.narrow_axes(shards)
+    # a view free to put a loud axis on the columns, to balance them
+    may_balance = (view == "auto" and stack is None and x.ndim >= 2 and importance is None
+                   and input_covariance is None and not lead)
     if stack is not None:
         view = views.stacked_view(probe, stack, lead, narrow)
     elif view == "auto":
@@ -174,6 +177,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     # leaf prepare_plain declined is one where it would not (no second pass).
     outliers = ((None if plain else analysis.no_far_values(x, view))
                 or views.find_outliers(x, view, finite=finite))
+    loud = _loud_axis(probe, outliers) if may_balance else None
+    if loud is not None and views.loud_view(x.shape, loud) != view:
+        view = views.loud_view(x.shape, loud)
+        outliers = views.find_outliers(x, view, finite=finite)
     del finite
     m = view.to_matrix(probe)
     del probe, x32   # only m is needed, and only until the weights are known
@@ -192,12 +199,19 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     if not row_steps:
         row_weight = None
     balance = None
-    if fb is not None and col_weight is None and _power_unknown(fb):
-        balance = priors.loud_column_scales(m)
+    if col_weight is None and (loud is not None or (fb is not None and _power_unknown(fb))):
+        balance = views.loud_column_scales(m)
     del m
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                          col_scale=balance, balanced=balance is not None, outliers=outliers,
                          feedback=fb, row_spread=row_spread).with_shards(shards)
+
+
+def _loud_axis(probe: np.ndarray, outliers: views.Outliers) -> int | None:
+    """:func:`views.loud_axis` of the values coded: without the side list
+    (values it keeps exactly, found in one view, would make their slices
+    loud in another and move the view for nothing)."""
+    return views.loud_axis(probe.shape, views.axis_rms(probe, outliers.index))
 
 
 def _power_unknown(fb: feedback.Feedback) -> bool:

@@ -1118,24 +1118,3 @@ def test_a_bias_beside_running_statistics_of_another_width_is_no_batchnorm():
             "head/var": np.ones(4, np.float32), "head/kernel": np.ones((4, 8), np.float32)}
     assert not priors.batchnorm_prior(tree).record().get("batchnorm_prior")
 
-
-def test_loud_column_scales_balance_only_columns_that_set_the_step():
-    rng = np.random.default_rng(0)
-    m = (rng.standard_normal((128, 576)) * 0.05).astype(np.float32)
-    assert priors.loud_column_scales(m) is None                   # alike: one step
-    louder = m.copy()
-    louder[:, :9] *= 10                                           # loud, but 61% of the energy
-    assert priors.loud_column_scales(louder) is None
-    loud = m.copy()
-    loud[:, :9] *= 100
-    scale = priors.loud_column_scales(loud)
-    assert scale.dtype == np.float32 and scale.shape == (576,)
-    assert np.all(scale[9:] == 1) and np.all(scale[:9] > 8)
-    np.testing.assert_array_equal(scale, scale.astype(np.float16))  # stored at 2 bytes
-    # what the balance leaves: those columns at most LOUD_COLUMN times the median
-    rms = np.sqrt(np.mean(np.square(loud / scale, dtype=np.float64), axis=0))
-    assert rms.max() <= priors.LOUD_COLUMN * np.median(rms) * 1.01
-    huge = m.copy()
-    huge[:, :9] = 1e30                                            # past float16: float32 scales
-    assert np.isfinite(priors.loud_column_scales(huge)).all()
-    assert priors.loud_column_scales(np.zeros((8, 16), np.float32)) is None

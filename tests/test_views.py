@@ -850,3 +850,52 @@ def test_preparing_a_leaf_with_outliers_holds_less_than_twice_its_size():
             tracemalloc.stop()
         assert p.outliers is not None and p.outliers.count > 10
         assert peak < 2 * x.nbytes, (shape, peak / x.nbytes)
+
+
+def test_loud_column_scales_balance_only_columns_that_set_the_step():
+    rng = np.random.default_rng(0)
+    m = (rng.standard_normal((128, 576)) * 0.05).astype(np.float32)
+    assert views.loud_column_scales(m) is None                   # alike: one step
+    louder = m.copy()
+    louder[:, :9] *= 10                                           # loud, but 61% of the energy
+    assert views.loud_column_scales(louder) is None
+    loud = m.copy()
+    loud[:, :9] *= 100
+    scale = views.loud_column_scales(loud)
+    assert scale.dtype == np.float32 and scale.shape == (576,)
+    assert np.all(scale[9:] == 1) and np.all(scale[:9] > 8)
+    np.testing.assert_array_equal(scale, scale.astype(np.float16))  # stored at 2 bytes
+    # what the balance leaves: those columns at most LOUD_COLUMN times the median
+    rms = np.sqrt(np.mean(np.square(loud / scale, dtype=np.float64), axis=0))
+    assert rms.max() <= views.LOUD_COLUMN * np.median(rms) * 1.01
+    huge = m.copy()
+    huge[:, :9] = 1e30                                            # past float16: float32 scales
+    assert np.isfinite(views.loud_column_scales(huge)).all()
+    assert views.loud_column_scales(np.zeros((8, 16), np.float32)) is None
+
+
+def test_loud_axis_finds_the_axis_whose_few_slices_hold_the_energy():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((512, 256)) * 0.05).astype(np.float32)
+    assert views.loud_axis(x.shape, views.axis_rms(x)) is None
+    for axis in (0, 1):
+        y = x.copy()
+        np.moveaxis(y, axis, 0)[:8] *= 100
+        assert views.loud_axis(y.shape, views.axis_rms(y)) == axis
+        view = views.loud_view(y.shape, axis)
+        assert view.col_axes() == (axis,)
+    vector = np.ones(64, np.float32)
+    vector[:2] = 1e3
+    assert views.loud_axis(vector.shape, views.axis_rms(vector)) is None   # not JPEG-coded
+    thin = np.ones((4, 512), np.float32)
+    thin[:, :4] = 1e3
+    assert views.loud_axis(thin.shape, views.axis_rms(thin)) is None       # a side under 8
+
+
+def test_axis_rms_without_positions_counts_them_as_zero():
+    x = np.random.default_rng(0).standard_normal((300, 70, 5)).astype(np.float32)
+    index = np.sort(np.random.default_rng(1).choice(x.size, 500, replace=False))
+    zeroed = x.copy()
+    zeroed.reshape(-1)[index] = 0
+    for got, want in zip(views.axis_rms(x, index), views.axis_rms(zeroed)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
