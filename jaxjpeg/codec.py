@@ -341,16 +341,17 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     if not in_place:   # a private float32 copy: one (a moving view's reshape copies already)
         matrix = np.asarray(matrix, np.float32)
         matrix = matrix.copy() if np.may_share_memory(matrix, arr) else matrix
-    if outliers is not None and outliers.count:
+    if col_weight is not None:   # else col_scale as given (a Prepared's, reused)
+        col_scale = mapping.column_scales(col_weight, matrix.shape[1])
+    if col_scale is not None:   # first: kept values take their rows' means in coded units
+        with np.errstate(invalid="ignore", over="ignore"):   # (found by review: a NaN kept
+            matrix /= col_scale   # in a balanced leaf took a mean of its loud columns, 156x
+    if outliers is not None and outliers.count:   # the rest of its row, and zeroed it)
         matrix = fill_outliers(matrix, outliers, view, arr.shape)
     else:
         outliers = None
     if not np.all(np.isfinite(matrix)):
         raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
-    if col_weight is not None:   # else col_scale as given (a Prepared's, reused)
-        col_scale = mapping.column_scales(col_weight, matrix.shape[1])
-    if col_scale is not None:
-        matrix /= col_scale
     shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,

@@ -110,7 +110,8 @@ VIEWS = ("auto", "framework")
 def prepare_leaf(x, importance=None, view: str = "auto",
                  input_covariance: feedback.InputCovariance | None = None,
                  shards=None, stack: int | None = None,
-                 layer_steps: bool = True, row_steps: bool = True) -> codec.Prepared:
+                 layer_steps: bool = True, row_steps: bool = True,
+                 balance: bool = True) -> codec.Prepared:
     """Chooses ``x``'s view, side list and per-row / per-column steps.
 
     ``view``: "auto" lets :func:`jaxjpeg.views.choose_view` pick the axes;
@@ -142,6 +143,11 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     ``row_steps=False``: no per-row steps (a ``clip`` other than "common"
     sets each row's range from its own values: found by review, the row
     weights of stacks and importance arrays failed its mapping mid-save).
+
+    ``balance``: loud columns may be balanced (:func:`jaxjpeg.views.loud_column_scales`;
+    without ``importance``: a few loud slices of an "auto" view, or the loud
+    inputs of a kernel under the common-mean prior); False keeps the leaf in
+    weight units throughout.
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
@@ -161,8 +167,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     lead, narrow = views.sharded_axes(shards), views.narrow_axes(shards)
     # a view free to put a loud axis on the columns, to balance them
-    may_balance = (view == "auto" and stack is None and x.ndim >= 2 and importance is None
-                   and input_covariance is None and not lead)
+    may_balance = (balance and view == "auto" and stack is None and x.ndim >= 2
+                   and importance is None and input_covariance is None and not lead)
     if stack is not None:
         view = views.stacked_view(probe, stack, lead, narrow)
     elif view == "auto":
@@ -198,12 +204,13 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     if not row_steps:
         row_weight = None
-    balance = None
-    if col_weight is None and (loud is not None or (fb is not None and _power_unknown(fb))):
-        balance = views.loud_column_scales(m)
+    scales = None
+    if (balance and col_weight is None
+            and (loud is not None or _power_unknown(fb, input_covariance, x.shape))):
+        scales = views.loud_column_scales(m)
     del m
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
-                         col_scale=balance, balanced=balance is not None, outliers=outliers,
+                         col_scale=scales, balanced=scales is not None, outliers=outliers,
                          feedback=fb, row_spread=row_spread).with_shards(shards)
 
 
@@ -214,11 +221,14 @@ def _loud_axis(probe: np.ndarray, outliers: views.Outliers) -> int | None:
     return views.loud_axis(probe.shape, views.axis_rms(probe, outliers.index))
 
 
-def _power_unknown(fb: feedback.Feedback) -> bool:
+def _power_unknown(fb: feedback.Feedback | None, cov, shape) -> bool:
     """Whether ``fb``'s inputs are on the view's columns with powers nobody
-    measured (the common-mean prior's)."""
-    return (not fb.along_rows and isinstance(fb.matrix, feedback.DiagonalPlusRankOne)
-            and not fb.matrix.known_power)
+    measured (the common-mean prior's), over several input channels (not a
+    depthwise kernel's taps of one channel, which see one input: found by
+    review, a loud centre tap balanced held the wrong tap sum)."""
+    return (fb is not None and not fb.along_rows
+            and isinstance(fb.matrix, feedback.DiagonalPlusRankOne) and not fb.matrix.known_power
+            and any(shape[a] >= views.MIN_CHANNEL for a in cov.axes_of(shape)))
 
 
 def _data_free_weights(m: np.ndarray):

@@ -343,6 +343,10 @@ LOUD_SHARE_RMS = 2.0
 # (BatchNorm-trained output channels, an embedding's rows) is coded on one
 # step, the squared-error optimum the data-free design keeps.
 LOUD_FEW = 1 / 32
+# Balanced columns are at most this share of a leaf's (found by review: with
+# 40 of a kernel's 64 input channels near dead, the median column was a dead
+# one and every live column read as loud; Silero VAD's most: 20%).
+LOUD_MOST = 1 / 4
 
 
 def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
@@ -370,11 +374,11 @@ def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
     (8 kHz). No leaf of EfficientNet-lite0/1/2, Magika or PP-OCRv6
     qualifies (the most: a leaf's RMS 1.56 times its other columns')."""
     power = np.einsum("ij,ij->j", m, m, dtype=np.float64) / max(1, m.shape[0])
-    excess = _loud(power)
+    excess = _loud(power, LOUD_MOST)
     return None if excess is None else _stored_exactly(excess)
 
 
-def _loud(power: np.ndarray, most: float = 1.0) -> np.ndarray | None:
+def _loud(power: np.ndarray, most: float) -> np.ndarray | None:
     """Each slice's excess over LOUD_COLUMN times the median slice's RMS
     (1 where none), from the slices' mean squares ``power``; None unless
     some slice has one, at most ``most`` of them, and those hold most of

@@ -1928,6 +1928,64 @@ def test_a_matrix_with_a_few_loud_rows_keeps_the_rest(tmp_path, shape, axis, cou
         assert abs(path.stat().st_size - target) <= 0.02 * target
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_balanced_kernel_with_a_kept_value_keeps_the_rest(tmp_path, dtype):
+    """Found by review: a value kept in the side list (a NaN, a far weight)
+    was filled with its row's mean in weight units, which the loud channel
+    set, before the columns were balanced: 156x the rest of its row, the
+    quiet weights restored at relative error 0.93, and a float16 leaf was
+    refused on restore ("beyond float16"). Filled in coded units now."""
+    kernel, loud = _kernel_with_loud_input("hwio", "=4e3" if dtype == np.float16 else "=1e4")
+    kernel[0, 0, 5, 0] = np.nan
+    kernel = kernel.astype(dtype)
+    path = tmp_path / "k.jjpg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the NaN is said
+        jaxjpeg.save(path, {"k": kernel}, progress=False)
+    got = np.asarray(jaxjpeg.restore(path)["k"], np.float64)
+    rest = ~loud & ~np.isnan(kernel)
+    w = kernel.astype(np.float64)
+    assert np.isnan(got[0, 0, 5, 0])
+    assert np.linalg.norm(got[rest] - w[rest]) < 0.2 * np.linalg.norm(w[rest])
+
+
+@pytest.mark.parametrize("ratio", [4, 8])
+def test_a_thin_balanced_kernel_is_not_swapped_for_one_step(tmp_path, ratio):
+    """Found by review: a balanced kernel with a thin view (a PyTorch conv of
+    4 outputs) was planned on its JPEG curve, then swapped for a one-step
+    coding within its error in weight units: the file landed 15-20% under."""
+    head = (np.random.default_rng(3).standard_normal((4, 128, 3, 3)) * 0.05).astype(np.float32)
+    head[:, 5] = 10.0
+    body = (np.random.default_rng(2).standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32)
+    path = tmp_path / "t.jjpg"
+    jaxjpeg.save(path, {"head": head, "body": body}, target_ratio=ratio, progress=False)
+    target = (head.nbytes + body.nbytes) / ratio
+    assert abs(path.stat().st_size - target) <= 0.02 * target
+
+
+def _col_scaled(path) -> dict:
+    with checkpoint_reader.Checkpoint(path) as c:
+        return {leaf.path: leaf.col_scale_dtype is not None for leaf in c.leaves}
+
+
+def test_what_is_not_balanced(tmp_path):
+    """Found by review: a user's sensitivity factor weighed balanced units'
+    error; a depthwise kernel's loud centre tap (taps of one channel, one
+    input) was balanced and the tap sum held wrong; with most input channels
+    near dead, every live one read as loud."""
+    rng = np.random.default_rng(4)
+    kernel, _ = _kernel_with_loud_input("hwio", "=10")
+    depthwise = (rng.standard_normal((3, 3, 1, 8192)) * 0.05).astype(np.float32)
+    depthwise[1, 1] = 1.0
+    dead = (rng.standard_normal((3, 3, 64, 128)) * 0.05).astype(np.float32)
+    dead[:, :, :40] *= 1e-3
+    jaxjpeg.save(tmp_path / "a.jjpg", {"k": kernel, "dw": depthwise, "dead": dead},
+                 progress=False)
+    assert _col_scaled(tmp_path / "a.jjpg") == {"k": True, "dw": False, "dead": False}
+    jaxjpeg.save(tmp_path / "b.jjpg", {"k": kernel}, sensitivity={"k": 2.0}, progress=False)
+    assert _col_scaled(tmp_path / "b.jjpg") == {"k": False}
+
+
 def test_an_error_bound_on_a_balanced_kernel_holds_in_weight_units(tmp_path):
     """A balanced leaf is coded in its own units; an error bound is still
     met in the leaf's (relative to the whole leaf, as documented)."""
