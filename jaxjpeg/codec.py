@@ -343,10 +343,13 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
         matrix = matrix.copy() if np.may_share_memory(matrix, arr) else matrix
     if col_weight is not None:   # else col_scale as given (a Prepared's, reused)
         col_scale = mapping.column_scales(col_weight, matrix.shape[1])
-    if col_scale is not None:   # first: kept values take their rows' means in coded units
-        with np.errstate(invalid="ignore", over="ignore"):   # (found by review: a NaN kept
-            matrix /= col_scale   # in a balanced leaf took a mean of its loud columns, 156x
-    if outliers is not None and outliers.count:   # the rest of its row, and zeroed it)
+    if col_scale is not None:
+        # before the kept values' fill, so that they take their rows' means in
+        # coded units (found by review: a NaN kept in a balanced leaf took a
+        # mean of its loud columns, 156x the rest of its row, and zeroed it)
+        with np.errstate(invalid="ignore", over="ignore"):
+            matrix /= col_scale
+    if outliers is not None and outliers.count:
         matrix = fill_outliers(matrix, outliers, view, arr.shape)
     else:
         outliers = None

@@ -323,12 +323,13 @@ def spread_norm2(p: codec.Prepared) -> float:
 def spread_rms(p: codec.Prepared) -> float:
     """RMS of the coded values about their rows' centers (what the row maps'
     offsets leave to the samples), in weight units (a balanced leaf's: its
-    own): the scale a step must be relative to. About the tensor_rms of trained weights, whose means
-    are small; far less for values around a large mean (found by review:
-    scanned LayerNorm scales, 1 +- 0.05 in (12, 768), took a default step
-    of 0.28 and came back constant, 0.36 bits a weight). With column
-    scales (not balanced ones), tensor_rms; with error feedback too, unless the spread is under
-    a FEEDBACK_SPREAD_SHARE of it (found by review: a conv kernel coded with
+    own): the scale a step must be relative to. About the tensor_rms of
+    trained weights, whose means are small; far less for values around a
+    large mean (found by review: scanned LayerNorm scales, 1 +- 0.05 in
+    (12, 768), took a default step of 0.28 and came back constant, 0.36
+    bits a weight). With column scales (not balanced ones), tensor_rms;
+    with error feedback too, unless the spread is under a
+    FEEDBACK_SPREAD_SHARE of it (found by review: a conv kernel coded with
     feedback and one output channel held at 10 took a step from those 10s
     and restored its other weights as 0)."""
     if p.col_scale is not None and not p.balanced:

@@ -415,9 +415,10 @@ def loud_axis(shape: Sequence[int], rms: Sequence[np.ndarray]) -> int | None:
 
 
 def loud_view(shape: Sequence[int], axis: int) -> MatrixView:
-    """The view with ``axis`` alone on the columns, the other axes on rows
-    in their order: its loud slices become columns to balance."""
-    rows = tuple(a for a in range(len(shape)) if a != axis)
+    """The view with ``axis`` alone on the columns (its loud slices become
+    columns to balance), the other axes on rows, larger first (ties: their
+    order), so every layout of the same weights gives one matrix."""
+    rows = sorted((a for a in range(len(shape)) if a != axis), key=lambda a: (-shape[a], a))
     return MatrixView((*rows, axis), len(rows))
 
 
