@@ -510,12 +510,13 @@ class _LeafCoder:
             if importance is None:   # a user's array takes the place of the input powers
                 importance = self.prior.importance(name, array.shape)
         try:
-            # a user's factor weighs the leaf's squared error in weight units:
-            # not balanced (found by review: it weighed balanced units' error)
+            # not balanced: a leaf a user's factor weighs (its squared error in
+            # weight units), nor per-row ranges, which fit loud rows already
+            # (found by review: balanced, both erred more)
+            common = self.coding.get("clip", "common") == "common"
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards,
                                   self.stack_axis(name), layer_steps=self.by_layer(name),
-                                  row_steps=self.coding.get("clip", "common") == "common",
-                                  balance=factor is None)
+                                  row_steps=common, balance=factor is None and common)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if shards:

@@ -183,10 +183,14 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     # leaf prepare_plain declined is one where it would not (no second pass).
     outliers = ((None if plain else analysis.no_far_values(x, view))
                 or views.find_outliers(x, view, finite=finite))
-    loud = _loud_axis(probe, outliers) if may_balance else None
-    if loud is not None and views.loud_view(x.shape, loud) != view:
-        view = views.loud_view(x.shape, loud)
-        outliers = views.find_outliers(x, view, finite=finite)
+    scales = None   # column scales balancing loud slices or inputs (views.loud_column_scales)
+    loud = _loud_slices(probe, outliers) if may_balance else None
+    if loud is not None and not is_sparse_leaf(x):   # a pruned leaf keeps its exact zeros
+        view = views.loud_view(x.shape, loud[0])
+        scales = loud[1]
+        # their values are not far once balanced (found by review: looked at
+        # unbalanced, the side list took most of them and nothing was balanced)
+        outliers = views.find_outliers(x, view, finite=finite, col_scale=scales)
     del finite
     m = view.to_matrix(probe)
     del probe, x32   # only m is needed, and only until the weights are known
@@ -204,21 +208,36 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     if not row_steps:
         row_weight = None
-    scales = None
-    if (balance and col_weight is None
-            and (loud is not None or _power_unknown(fb, input_covariance, x.shape))):
+    if balance and col_weight is None and _power_unknown(fb, input_covariance, x.shape):
         scales = views.loud_column_scales(m)
+        if scales is not None and is_sparse_leaf(x):
+            scales = None
     del m
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                          col_scale=scales, balanced=scales is not None, outliers=outliers,
                          feedback=fb, row_spread=row_spread).with_shards(shards)
 
 
-def _loud_axis(probe: np.ndarray, outliers: views.Outliers) -> int | None:
-    """:func:`views.loud_axis` of the values coded: without the side list
+def _loud_slices(probe: np.ndarray, outliers: views.Outliers):
+    """:func:`views.loud_slices` of the values coded: without the side list
     (values it keeps exactly, found in one view, would make their slices
-    loud in another and move the view for nothing)."""
-    return views.loud_axis(probe.shape, views.axis_rms(probe, outliers.index))
+    loud in another and move the view for nothing), and by the loud
+    slices' spread about their own means: a constant one (a sentinel row of
+    1e30) is coded exactly by its row's offset in the view it has (found by
+    review). The scales are from the slices' RMS, means included."""
+    rms = views.axis_rms(probe, outliers.index)
+    found = views.loud_slices(probe.shape, rms)
+    if found is None:
+        return None
+    axis, scales = found
+    loud = np.flatnonzero(scales > 1)
+    values = np.moveaxis(np.take(probe, loud, axis=axis), axis, 0).reshape(len(loud), -1)
+    values = values.astype(np.float64)
+    rms[axis] = rms[axis].copy()
+    rms[axis][loud] = np.sqrt(np.mean(np.square(values - values.mean(axis=1, keepdims=True)),
+                                      axis=1))
+    again = views.loud_slices(probe.shape, rms)
+    return found if again is not None and again[0] == axis else None
 
 
 def _power_unknown(fb: feedback.Feedback | None, cov, shape) -> bool:

@@ -335,7 +335,7 @@ def _default_row(shape, channels: list, narrow: Mapping[int, int]) -> int:
 # alike; slices (rows, columns) whose RMS is LOUD_COLUMN times the median
 # slice's or more say otherwise, where they hold most of the leaf's energy
 # (its RMS at least LOUD_SHARE_RMS times the other slices'): see
-# loud_column_scales and loud_axis.
+# loud_column_scales and loud_slices.
 LOUD_COLUMN = 8.0
 LOUD_SHARE_RMS = 2.0
 # An axis's loud slices, to be balanced, are at most this share of its
@@ -347,6 +347,10 @@ LOUD_FEW = 1 / 32
 # 40 of a kernel's 64 input channels near dead, the median column was a dead
 # one and every live column read as loud; Silero VAD's most: 20%).
 LOUD_MOST = 1 / 4
+# A column scale costs 2 bytes: balanced columns are at least this many
+# values long, at most 1/4 bit a value (found by review: (4096, 16) with 64
+# loud rows paid 1 bit a weight for its scales, and erred more than unbalanced).
+LOUD_MIN_ROWS = 64
 
 
 def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
@@ -373,6 +377,8 @@ def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
     kHz) and 0.015 / 0.020 / 0.037 / 0.152 -> 0.006 / 0.019 / 0.043 / 0.048
     (8 kHz). No leaf of EfficientNet-lite0/1/2, Magika or PP-OCRv6
     qualifies (the most: a leaf's RMS 1.56 times its other columns')."""
+    if m.shape[0] < LOUD_MIN_ROWS:
+        return None
     power = np.einsum("ij,ij->j", m, m, dtype=np.float64) / max(1, m.shape[0])
     excess = _loud(power, LOUD_MOST)
     return None if excess is None else _stored_exactly(excess)
@@ -396,22 +402,25 @@ def _loud(power: np.ndarray, most: float) -> np.ndarray | None:
     return excess
 
 
-def loud_axis(shape: Sequence[int], rms: Sequence[np.ndarray]) -> int | None:
-    """The axis whose few loud slices (:func:`_loud`, at most LOUD_FEW of
-    them, from each axis's slice RMS, :func:`axis_rms`) hold most of a
-    leaf's energy, or None: a leaf JPEG codes (both sides of
-    :func:`loud_view` at least MIN_CHANNEL). Of two, the one whose quiet
-    slices are quieter."""
+def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray]) -> tuple[int, np.ndarray] | None:
+    """(axis, column scales of :func:`loud_view`) where an axis's few loud
+    slices (:func:`_loud`, at most LOUD_FEW of them, from each axis's slice
+    RMS, :func:`axis_rms`) hold most of a leaf's energy, or None; its
+    slices are MIN_CHANNEL or more, of LOUD_MIN_ROWS values or more. Of
+    two, the one whose quiet slices are quieter."""
     size = math.prod(shape)
     found = {}
     for a, r in enumerate(rms):
-        if shape[a] < MIN_CHANNEL or size // max(1, shape[a]) < MIN_CHANNEL:
+        if shape[a] < MIN_CHANNEL or size // max(1, shape[a]) < LOUD_MIN_ROWS:
             continue
         power = np.square(np.asarray(r, np.float64))
         excess = _loud(power, LOUD_FEW)
         if excess is not None:
-            found[a] = power[excess == 1].mean() / power.mean()
-    return min(found, key=found.get) if found else None
+            found[a] = (power[excess == 1].mean() / power.mean(), excess)
+    if not found:
+        return None
+    axis = min(found, key=lambda a: found[a][0])
+    return axis, _stored_exactly(found[axis][1])
 
 
 def loud_view(shape: Sequence[int], axis: int) -> MatrixView:
@@ -494,12 +503,15 @@ def count_special(x: np.ndarray) -> int:
 
 
 def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS, *,
-                  finite: np.ndarray | None = None) -> Outliers:
+                  finite: np.ndarray | None = None,
+                  col_scale: np.ndarray | None = None) -> Outliers:
     """The side list of ``x``: every non-finite or extreme value, and values more
     than ``sigmas`` row RMS (about the row mean, in ``view``) from the mean, as
     long as those are few (far outliers cost more bits in a DCT block than the
     ~6 bytes a side-list entry takes, and stretch the sample range).
-    ``finite`` (optional): ``|x| <= extreme_limit`` already computed."""
+    ``finite`` (optional): ``|x| <= extreme_limit`` already computed.
+    ``col_scale`` (optional): the view's columns are looked at divided by
+    these (a balanced leaf's: its loud columns' values are not far)."""
     x = np.asarray(x)
     flat = x.reshape(-1)
     # float32 throughout (every value kept here is within float32's range):
@@ -519,7 +531,8 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     for r in range(0, m.shape[0], step):
         rows = slice(r, r + step)
         for far, (at_rows, at_cols) in zip(
-                _far_masks(m[rows], None if ok is None else ok[rows], sigmas), cells):
+                _far_masks(m[rows] if col_scale is None else m[rows] / col_scale,
+                           None if ok is None else ok[rows], sigmas), cells):
             block_rows, block_cols = np.nonzero(far)
             at_rows.append(block_rows + r)
             at_cols.append(block_cols)

@@ -874,22 +874,23 @@ def test_loud_column_scales_balance_only_columns_that_set_the_step():
     assert views.loud_column_scales(np.zeros((8, 16), np.float32)) is None
 
 
-def test_loud_axis_finds_the_axis_whose_few_slices_hold_the_energy():
+def test_loud_slices_finds_the_axis_whose_few_slices_hold_the_energy():
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((512, 256)) * 0.05).astype(np.float32)
-    assert views.loud_axis(x.shape, views.axis_rms(x)) is None
+    assert views.loud_slices(x.shape, views.axis_rms(x)) is None
     for axis in (0, 1):
         y = x.copy()
         np.moveaxis(y, axis, 0)[:8] *= 100
-        assert views.loud_axis(y.shape, views.axis_rms(y)) == axis
-        view = views.loud_view(y.shape, axis)
-        assert view.col_axes() == (axis,)
+        found, scales = views.loud_slices(y.shape, views.axis_rms(y))
+        assert found == axis and scales.shape == (y.shape[axis],)
+        assert np.all(scales[:8] > 1) and np.all(scales[8:] == 1)
+        assert views.loud_view(y.shape, axis).col_axes() == (axis,)
     vector = np.ones(64, np.float32)
     vector[:2] = 1e3
-    assert views.loud_axis(vector.shape, views.axis_rms(vector)) is None   # not JPEG-coded
-    thin = np.ones((4, 512), np.float32)
-    thin[:, :4] = 1e3
-    assert views.loud_axis(thin.shape, views.axis_rms(thin)) is None       # a side under 8
+    assert views.loud_slices(vector.shape, views.axis_rms(vector)) is None   # not JPEG-coded
+    short = np.ones((32, 512), np.float32)
+    short[:, :4] = 1e3   # 2 bytes a scale over 32 values: not worth it
+    assert views.loud_slices(short.shape, views.axis_rms(short)) is None
 
 
 def test_axis_rms_without_positions_counts_them_as_zero():
