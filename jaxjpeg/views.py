@@ -373,7 +373,7 @@ def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
     x100, 0.97). Silero VAD, whose reparametrised 1-D convolutions have taps
     20-126x the median column, mean |Δ speech probability| (16 / 8 kHz
     models): default save 0.087 / 0.036 -> 0.051 / 0.028; at 4 / 6 / 8 /
-    10x 0.016 / 0.035 / 0.080 / 0.085 -> 0.004 / 0.017 / 0.043 / 0.103 (16
+    10x 0.016 / 0.035 / 0.080 / 0.085 -> 0.005 / 0.016 / 0.043 / 0.103 (16
     kHz) and 0.015 / 0.020 / 0.037 / 0.152 -> 0.006 / 0.019 / 0.043 / 0.048
     (8 kHz). No leaf of EfficientNet-lite0/1/2, Magika or PP-OCRv6
     qualifies (the most: a leaf's RMS 1.56 times its other columns')."""
