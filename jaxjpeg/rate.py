@@ -244,7 +244,7 @@ def _loud_slices(probe: np.ndarray, outliers: views.Outliers):
     count = np.maximum(coded.sum(axis=1), 1)
     values = np.where(coded, values.astype(np.float64), 0.0)
     mean = values.sum(axis=1) / count
-    spread = np.sqrt(np.where(coded, values - mean[:, None], 0.0).__pow__(2).sum(axis=1) / count)
+    spread = np.sqrt(np.square(np.where(coded, values - mean[:, None], 0.0)).sum(axis=1) / count)
     return None if np.any(np.abs(mean) > spread) else found
 
 
