@@ -302,10 +302,13 @@ class Prepared:
     def weight_domain(self, matrix: np.ndarray) -> np.ndarray:
         """Values of the (column-normalised) view back in the units it is
         coded in: weight units, or a balanced leaf's own."""
-        return matrix if self.col_scale is None or self.balanced else matrix * self.col_scale
+        units = self.coded_units()
+        return matrix if units is None else matrix * units
 
-    def feedback_units(self) -> np.ndarray | None:
-        """The column scales error feedback sees (none for a balanced leaf)."""
+    def coded_units(self) -> np.ndarray | None:
+        """The column scales that take the matrix to the units its steps,
+        error feedback and rate curves are in: its column scales, or none for
+        a balanced leaf (coded in its own units)."""
         return None if self.balanced else self.col_scale
 
 
@@ -413,7 +416,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
                          "not error feedback's")
     shaped = None if p.feedback is None else shape_errors(
         mapping.to_samples(p.matrix, scale, offset, bits), table, bits, p.feedback, scale,
-        p.feedback_units())
+        p.coded_units())
 
     errors = []
 

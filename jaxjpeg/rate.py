@@ -846,7 +846,7 @@ def _probe(p: codec.Prepared, rng: np.random.Generator, elements: int = PROBE_EL
     scale are represented; patch width fills about ``elements``. Its errors
     are in weight units (a balanced leaf's: its own)."""
     rows, cols = p.matrix.shape
-    units = None if p.balanced else p.col_scale
+    units = p.coded_units()
     if p.size <= 2 * elements:
         col = None if units is None else np.broadcast_to(units, p.matrix.shape)
         return _Probe(p.matrix, np.arange(rows), col, 1.0, p.row_stats())
@@ -1460,8 +1460,9 @@ def is_thin(p: codec.Prepared) -> bool:
 
 
 def is_sparse(p: codec.Prepared) -> bool:
-    """:func:`is_sparse_leaf` of a prepared leaf, not balanced (see :func:`is_thin`)."""
-    return not p.balanced and is_sparse_leaf(p.original)
+    """:func:`is_sparse_leaf` of a prepared leaf (never a balanced one:
+    prepare_leaf does not balance sparse leaves)."""
+    return is_sparse_leaf(p.original)
 
 
 def is_sparse_leaf(x) -> bool:
@@ -1609,14 +1610,14 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None) -> Curv
         mask = len(quantized_vectors.nonzero_mask(values))
         values = values[values != 0]
     count = values.size
-    at = slice(None)
-    if values.size > THIN_PROBE:   # the draw choice(values, THIN_PROBE, ...) makes
+    at = None   # the positions probed: all, or the draw choice(values, THIN_PROBE, ...) makes
+    if values.size > THIN_PROBE:
         at = np.random.default_rng(seed).choice(count, THIN_PROBE, replace=False)
         values = values[at]
     probe = values.astype(np.float64)
     weight = None
     if error_weight is not None and not mask:
-        weight = error_weight(np.arange(count)[at] if isinstance(at, slice) else at)
+        weight = error_weight(np.arange(count) if at is None else at)
     scale = count / max(1, probe.size)
     # The codes are Rice coded about their median: steps relative to the
     # spread (found by review: 1000 + 0.01 N(0, 1) got no step finer than
