@@ -69,6 +69,11 @@ class MatrixView:
     def record(self) -> dict:
         return {"perm": list(self.perm), "split": self.split}
 
+    def transposed(self) -> "MatrixView":
+        """This view's columns as rows and its rows as columns."""
+        return MatrixView(self.perm[self.split:] + self.perm[:self.split],
+                          len(self.perm) - self.split)
+
     def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         rows = math.prod(shape[a] for a in self.perm[:self.split])
         cols = math.prod(shape[a] for a in self.perm[self.split:])
@@ -353,11 +358,13 @@ LOUD_MOST = 1 / 4
 LOUD_MIN_ROWS = 64
 
 
-def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
-    """Column scales that balance ``m``'s loud columns, or None where it
-    has none (see :func:`_loud`). One column of a kernel coded with the
-    common-mean prior's feedback is an input channel at one tap; of a leaf
-    viewed by :func:`loud_view`, a slice of its loud axis.
+def loud_column_scales(m: np.ndarray, most: float = LOUD_MOST) -> np.ndarray | None:
+    """Column scales that balance ``m``'s loud columns (at most ``most`` of
+    them), or None where it has none (see :func:`_loud`). One column of a
+    kernel coded with the common-mean prior's feedback is an input channel
+    at one tap, or in its transposed view an output channel
+    (``rate._loud_outputs``); of a leaf viewed by :func:`loud_view`, a slice
+    of its loud axis.
 
     A trained layer's weights on an input scale inversely to that input (a
     reparametrised branch folded into one tap, an unnormalised feature, a
@@ -380,7 +387,7 @@ def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
     if m.shape[0] < LOUD_MIN_ROWS:
         return None
     power = np.einsum("ij,ij->j", m, m, dtype=np.float64) / max(1, m.shape[0])
-    excess = _loud(power, LOUD_MOST)
+    excess = _loud(power, most)
     return None if excess is None else _stored_exactly(excess)
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import warnings
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -2069,3 +2070,75 @@ def test_a_conv_kernel_with_one_loud_channel_keeps_the_rest(tmp_path, axis, valu
     assert (got[loud] == value).all()
     rest = ~loud
     assert np.linalg.norm(got[rest] - kernel[rest]) < 0.15 * np.linalg.norm(kernel[rest])
+
+
+def _kernel_with_loud_outputs(layout: str, count: int, factor: float):
+    """A (3, 3, 64, 128) kernel (HWIO, or its OIHW transpose) of std 0.05
+    whose first ``count`` output channels are ``factor`` times louder."""
+    rng = np.random.default_rng(0)
+    kernel = (rng.standard_normal((3, 3, 64, 128)) * 0.05).astype(np.float32)
+    loud = np.zeros(kernel.shape, bool)
+    loud[..., :count] = True
+    kernel[loud] *= factor
+    if layout == "oihw":
+        kernel, loud = (np.ascontiguousarray(a.transpose(3, 2, 0, 1)) for a in (kernel, loud))
+    return kernel, loud
+
+
+@pytest.mark.parametrize("layout", ["hwio", "oihw"])
+@pytest.mark.parametrize("count, factor, options", [
+    (3, 100.0, {}), (1, 1e3, {}), (8, 30.0, {}), (3, 1e3, {"target_ratio": 8}),
+    (3, 100.0, {"target_ratio": 6}), (3, 100.0, {"target_ratio": 2.5})])
+def test_a_conv_kernel_with_loud_output_channels_keeps_the_rest(tmp_path, layout, count,
+                                                                factor, options):
+    """Found in session 39: a (3, 3, 64, 128) kernel whose 3 random output
+    channels were 100x (1000x) the others, coded with the common-mean
+    prior's feedback on one step set by them, restored its other weights at
+    relative error 0.98 (2.78: noise larger than they are), 38x (58x) under
+    float32; at target_ratio=8 1000x louder outputs landed at 13.9x, the
+    rest at 0.80. The kernel is now coded transposed, its loud outputs
+    balanced as columns (rate._loud_outputs)."""
+    kernel, loud = _kernel_with_loud_outputs(layout, count, factor)
+    path = tmp_path / "k.jjpg"
+    jaxjpeg.save(path, {"k": kernel}, progress=False, **options)
+    got = np.asarray(jaxjpeg.restore(path)["k"], np.float64)
+    kernel = kernel.astype(np.float64)
+    assert np.linalg.norm(got[~loud] - kernel[~loud]) < 0.2 * np.linalg.norm(kernel[~loud])
+    assert np.linalg.norm(got[loud] - kernel[loud]) < 0.05 * np.linalg.norm(kernel[loud])
+    target = got.size * 4 / options.get("target_ratio", 8)
+    if "target_ratio" in options:
+        assert abs(path.stat().st_size - target) <= 0.02 * target
+    else:   # about the default save's usual 8x, not far smaller
+        assert path.stat().st_size > 0.75 * target
+    if options.get("target_ratio", 8) > 3:   # JPEG-coded (else on one fine step)
+        with checkpoint_reader.Checkpoint(path) as c:
+            assert c.leaves[0].col_scale_dtype is not None   # the balance is stored
+
+
+def test_loud_outputs_about_a_large_mean_keep_their_offsets(tmp_path):
+    """A loud output channel whose mean is larger than its spread keeps its
+    row offset (not balanced): a constant one stays exact."""
+    kernel, loud = _kernel_with_loud_outputs("hwio", 3, 1.0)
+    kernel[loud] = 1e4
+    jaxjpeg.save(tmp_path / "k.jjpg", {"k": kernel}, progress=False)
+    assert _col_scaled(tmp_path / "k.jjpg") == {"k": False}
+    got = np.asarray(jaxjpeg.restore(tmp_path / "k.jjpg")["k"])
+    assert (got[loud] == 1e4).all()
+
+
+def test_a_kernel_balanced_by_its_outputs_restores_alike_everywhere(tmp_path):
+    """The transposed view restores the same on every path: whole, a slice,
+    inside jit, and in its other layout's save (the same coded matrix)."""
+    kernel, loud = _kernel_with_loud_outputs("hwio", 3, 100.0)
+    torch_kernel = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    jaxjpeg.save(tmp_path / "a.jjpg", {"k": kernel}, progress=False)
+    jaxjpeg.save(tmp_path / "b.jjpg", {"k": torch_kernel}, progress=False)
+    assert abs((tmp_path / "a.jjpg").stat().st_size - (tmp_path / "b.jjpg").stat().st_size) < 64
+    got = np.asarray(jaxjpeg.restore(tmp_path / "a.jjpg")["k"])
+    other = np.asarray(jaxjpeg.restore(tmp_path / "b.jjpg")["k"])
+    np.testing.assert_array_equal(got, other.transpose(2, 3, 1, 0))
+    with jaxjpeg.open(tmp_path / "a.jjpg") as ckpt:
+        np.testing.assert_array_equal(np.asarray(ckpt.get_slice("k", np.s_[1, :, 5:9, :4])),
+                                      got[1, :, 5:9, :4])
+    jitted = jax.jit(jaxjpeg.decode)(jaxjpeg.load(tmp_path / "a.jjpg"))["k"]
+    np.testing.assert_array_equal(np.asarray(jitted), got)
