@@ -587,6 +587,7 @@ class _LeafCoder:
             return
         self._choices[name] = dict(view=p.view, row_weight=p.row_weight, outliers=p.outliers,
                                    col_scale=p.col_scale, balanced=p.balanced,
+                                   row_factor=p.row_factor,
                                    feedback=p.feedback, tile_cuts=p.tile_cuts,
                                    row_spread=p.row_spread)
 

@@ -220,11 +220,16 @@ class Prepared:
     # How far row_weight may spread the rows' steps (mapping.relative_steps;
     # None: exact weights, uncapped).
     row_spread: float | None = mapping.ROW_SPREAD
-    # True: col_scale balances loud inputs (views.loud_column_scales)
-    # and the divided matrix is coded as if it were the weights: steps, error
-    # feedback and the rate model's errors are in its units; only restoring
-    # (and errors measured against the leaf itself) multiplies back.
+    # True: col_scale balances loud inputs (views.loud_column_scales), or
+    # row_factor loud outputs (views.loud_row_factors), and the divided
+    # matrix is coded as if it were the weights: steps, error feedback and
+    # the rate model's errors are in its units; only restoring (and errors
+    # measured against the leaf itself) multiplies back.
     balanced: bool = False
+    # float32 [rows], powers of two: the matrix's rows are divided by them,
+    # and each row's map is multiplied back by its factor when coded (so the
+    # file holds maps in weight units, and restoring needs nothing else).
+    row_factor: np.ndarray | None = None
 
     def tiles(self, tile_shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         """The tiles this tensor is coded in (:func:`tile_grid`)."""
@@ -315,7 +320,8 @@ class Prepared:
 def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=None,
             outliers: Outliers | None = None, col_scale: np.ndarray | None = None,
             feedback: Feedback | None = None, copy: bool = True,
-            row_spread: float | None = mapping.ROW_SPREAD, balanced: bool = False) -> Prepared:
+            row_spread: float | None = mapping.ROW_SPREAD, balanced: bool = False,
+            row_factor: np.ndarray | None = None) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
     ``col_scale`` gives column scales directly (another Prepared's, to redo
@@ -326,8 +332,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     spreads the rows' steps (None: exact weights, uncapped). ``outliers`` are kept exactly; without
     them every value must be finite. ``feedback`` (see :mod:`jaxjpeg.feedback`)
     shapes the quantization error against the layer's inputs.
-    ``balanced``: ``col_scale`` balances loud inputs
-    (:attr:`Prepared.balanced`). ``copy=False``:
+    ``balanced``: ``col_scale`` balances loud inputs, or ``row_factor`` (per
+    row, powers of two) loud outputs (:attr:`Prepared.balanced`). ``copy=False``:
     the matrix is a view of ``x`` where nothing needs changing (float32, no
     side list or column scales; the caller keeps ``x`` unchanged while it
     codes).
@@ -339,7 +345,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
         raise ValueError("cannot JPEG-code an empty tensor")
     view = view or MatrixView.default(arr.ndim)
     in_place = (not copy and arr.dtype == np.float32 and col_weight is None
-                and col_scale is None and not (outliers is not None and outliers.count))
+                and col_scale is None and row_factor is None
+                and not (outliers is not None and outliers.count))
     matrix = view.to_matrix(arr)
     if not in_place:   # a private float32 copy: one (a moving view's reshape copies already)
         matrix = np.asarray(matrix, np.float32)
@@ -352,17 +359,22 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
         # mean of its loud columns, 156x the rest of its row, and zeroed it)
         with np.errstate(invalid="ignore", over="ignore"):
             matrix /= col_scale
+    if row_factor is not None:
+        row_factor = np.asarray(row_factor, np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            matrix /= row_factor[:, None]
     if outliers is not None and outliers.count:
         matrix = fill_outliers(matrix, outliers, view, arr.shape)
     else:
         outliers = None
     if not np.all(np.isfinite(matrix)):
         raise ValueError("tensor has NaN or infinite values; store it losslessly instead")
-    shared = row_weight is None and matrix.shape[1] < SHARED_MAP_COLS
+    shared = row_weight is None and row_factor is None and matrix.shape[1] < SHARED_MAP_COLS
     return Prepared(tuple(arr.shape), str(arr.dtype), view, matrix,
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
                     arr, shared, feedback=feedback, row_spread=row_spread,
-                    balanced=balanced and col_scale is not None)
+                    balanced=balanced and (col_scale is not None or row_factor is not None),
+                    row_factor=row_factor)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
@@ -411,9 +423,9 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
         shared=p.shared_map and clip == "common", with_samples=False,
         stats=p.row_stats() if clip == "common" else None)
     # Error feedback runs across the whole leaf, so it needs all its samples.
-    if squared_error_of is not None and p.feedback is not None:
-        raise ValueError("squared_error_of measures codings of the weights' own samples, "
-                         "not error feedback's")
+    if squared_error_of is not None and (p.feedback is not None or p.row_factor is not None):
+        raise ValueError("squared_error_of measures codings of the weights' own samples "
+                         "on their own maps, not error feedback's or balanced rows'")
     shaped = None if p.feedback is None else shape_errors(
         mapping.to_samples(p.matrix, scale, offset, bits), table, bits, p.feedback, scale,
         p.coded_units())
@@ -454,6 +466,8 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             tiles = tuple(pool.map(encode_one, cells))
+    if p.row_factor is not None:   # the balanced rows' maps back in weight units
+        scale, offset = scale * p.row_factor, offset * p.row_factor
     enc = EncodedTensor(p.shape, p.dtype, bits, tiles, scale, offset, p.view, p.col_scale,
                         p.outliers)
     if squared_error_of is None:

@@ -208,19 +208,16 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     if not row_steps:
         row_weight = None
-    outputs = None   # column scales balancing loud outputs, in the transposed view
+    factors = None   # row factors balancing loud outputs (views.loud_row_factors)
     if (balance and col_weight is None and _power_unknown(fb, input_covariance, x.shape)
             and not quantized_vectors.is_sparse(x)):
         scales = views.loud_column_scales(m)
-        if scales is None and row_weight is None:
-            outputs = _loud_outputs(m)
+        if row_weight is None:
+            factors = views.loud_row_factors(m, scales)
     del m
-    if outputs is not None:
-        view, scales = view.transposed(), outputs
-        fb = feedback.for_view(input_covariance, x.shape, view)
-        outliers = views.find_outliers(x, view, col_scale=scales)
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
-                         col_scale=scales, balanced=scales is not None, outliers=outliers,
+                         col_scale=scales, row_factor=factors,
+                         balanced=scales is not None or factors is not None, outliers=outliers,
                          feedback=fb, row_spread=row_spread).with_shards(shards)
 
 
@@ -252,26 +249,6 @@ def _loud_slices(probe: np.ndarray, outliers: views.Outliers):
     mean = values.sum(axis=1) / count
     spread = np.sqrt(np.square(np.where(coded, values - mean[:, None], 0.0)).sum(axis=1) / count)
     return None if np.any(np.abs(mean) > spread) else found
-
-
-def _loud_outputs(m: np.ndarray) -> np.ndarray | None:
-    """Column scales balancing a kernel's few loud outputs (the rows of
-    ``m``, coded with the common-mean prior's feedback on its columns), to
-    code it in the transposed view (feedback then runs along its rows), or
-    None. The same reading as loud inputs' (:func:`views.loud_column_scales`):
-    one step set by their RMS restored every other output as 0, or as noise
-    larger than itself (a (3, 3, 64, 128) kernel with 3 random output
-    channels x100 / x1000: relative error 0.98 / 2.78 outside them). No
-    kernel of EfficientNet-lite0/1/2, Magika, PP-OCRv6 or Silero VAD
-    qualifies (PP-OCRv6's detector has one with 311 of its 768 outputs
-    loud: a near-dead majority). Not where a loud output's mean is larger
-    than its spread: its row offset keeps a constant channel exact (see
-    :func:`_loud_slices`)."""
-    scales = views.loud_column_scales(m.T)
-    if scales is None:
-        return None
-    loud = m[scales > 1].astype(np.float64)
-    return None if np.any(np.abs(loud.mean(axis=1)) > loud.std(axis=1)) else scales
 
 
 def _power_unknown(fb: feedback.Feedback | None, cov, shape) -> bool:
@@ -537,7 +514,7 @@ def encode_measured(p: codec.Prepared, bits: int, delta: int, **options):
     decoding the tiles again."""
     original = np.asarray(p.original)
     in_place = None
-    if original.dtype == np.float32 and p.feedback is None:
+    if original.dtype == np.float32 and p.feedback is None and p.row_factor is None:
         in_place = _in_place_operands(original, p.view, p.outliers)
     if in_place is None:
         enc = encode_with_step(p, bits, delta, **options)
@@ -1568,11 +1545,18 @@ def _rounding_sse(values: np.ndarray, step: float, weight=None) -> float:
 
 def balanced_error_weight(p: codec.Prepared):
     """For :func:`thin_curve`: a balanced leaf's errors in its own units
-    (each column's divided by its scale, squared), or None."""
+    (each value's divided by its column's scale and its row's factor,
+    squared), or None."""
     if not p.balanced:
         return None
-    inverse = 1.0 / np.square(p.col_scale.astype(np.float64))
-    return lambda flat_index: inverse[p.view.cells(p.shape, flat_index)[1]]
+    by_row, by_col = (None if f is None else 1.0 / np.square(f.astype(np.float64))
+                      for f in (p.row_factor, p.col_scale))
+
+    def weight(flat_index):
+        rows, cols = p.view.cells(p.shape, flat_index)
+        return ((1.0 if by_row is None else by_row[rows])
+                * (1.0 if by_col is None else by_col[cols]))
+    return weight
 
 
 def _step_within_error(values: np.ndarray, step: float, error: float) -> float | None:
@@ -1605,12 +1589,16 @@ def one_step_holds(p: codec.Prepared) -> bool:
     kept aside included: they are finite and within ONE_STEP_RANGE of the
     coded values' RMS (found by review: offered beside JPEG, a NaN made the
     steps NaN and crashed the analysis, and a 1e30 row left no coding at
-    all; a heavy-tailed kernel's kept values are within it)."""
+    all; a heavy-tailed kernel's kept values are within it). The one step
+    is in weight units, a balanced leaf's too: so is its range (found by
+    review: against the balanced units' RMS, a kernel with an output 1000x
+    the others lost its one fine step, and a tree of it at 2.5x landed
+    18.8% under, its quiet weights at 3x their error before)."""
     if p.outliers is None:
         return True
     kept = np.abs(np.asarray(p.outliers.values, np.float64))
-    return bool(np.isfinite(kept).all()
-                and (not kept.size or kept.max() <= ONE_STEP_RANGE * reference_rms(p)))
+    rms = math.sqrt(prepared_norm2(p) / max(1, p.size)) if p.balanced else reference_rms(p)
+    return bool(np.isfinite(kept).all() and (not kept.size or kept.max() <= ONE_STEP_RANGE * rms))
 
 
 def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None) -> Curve:
