@@ -399,17 +399,25 @@ def loud_row_factors(m: np.ndarray, col_scale: np.ndarray | None = None) -> np.n
     dead output, which the spread never calls loud, stays exact; a row of
     50 +- 1.5 is balanced by its 1.5). Rows under 64 values share a map
     (``codec.SHARED_MAP_COLS``): not balanced."""
-    rows, cols = m.shape
+    cols = m.shape[1]
     if cols < LOUD_MIN_ROWS:
         return None
     inverse = np.ones(cols) if col_scale is None else 1.0 / np.asarray(col_scale, np.float64)
     mean = np.einsum("ij,j->i", m, inverse, dtype=np.float64) / cols
     power = np.einsum("ij,ij,j->i", m, m, inverse * inverse, dtype=np.float64) / cols
-    excess = _loud(np.maximum(power - mean * mean, 0.0), LOUD_MOST)
+    spread = power - mean * mean
+    # a difference this far under its terms is rounding: a constant row
+    # of 1e30 would read as loud
+    spread[spread <= SPREAD_ROUNDING * power] = 0.0
+    excess = _loud(spread, LOUD_MOST)
     if excess is None:
         return None
-    factor = np.exp2(np.round(np.log2(excess)))
+    factor = np.exp2(np.minimum(np.round(np.log2(excess)), MAX_ROW_FACTOR_LOG2))
     return factor.astype(np.float32) if np.any(factor > 1) else None
+
+
+SPREAD_ROUNDING = 1e-9
+MAX_ROW_FACTOR_LOG2 = 100   # factors stay finite in float32 (at most 2^127)
 
 
 def _loud(power: np.ndarray, most: float) -> np.ndarray | None:

@@ -2167,6 +2167,11 @@ def test_loud_row_factors_read_spread_and_keep_maps_exact():
     assert list(np.flatnonzero(factors > 1)) == [0, 1, 2]
     assert set(np.log2(factors).tolist()) <= {0.0, 3.0, 4.0}   # 100 / 8 = 12.5 -> 16
     assert views.loud_row_factors(m[:, :32]) is None   # rows sharing one map
+    m[6] = 1e30   # constant: its rounded spread is no spread
+    assert views.loud_row_factors(m)[6] == 1
+    tiny = (rng.standard_normal((128, 576)) * 1e-37).astype(np.float32)
+    tiny[0] = rng.standard_normal(576) * 1e30
+    assert np.isfinite(views.loud_row_factors(tiny)).all()   # at most 2^100
 
 
 @pytest.mark.parametrize("ratio", [2.5, 3])
