@@ -351,6 +351,8 @@ LOUD_MOST = 1 / 4
 # values long, at most 1/4 bit a value (found by review: (4096, 16) with 64
 # loud rows paid 1 bit a weight for its scales, and erred more than unbalanced).
 LOUD_MIN_ROWS = 64
+MAX_EXCESS = 2.0 ** 100   # a balanced slice's largest scale (float32 holds up to 2^128)
+SPREAD_ROUNDING = 1e-9    # spreads under this share of their rows' mean squares: rounding
 
 
 def loud_column_scales(m: np.ndarray) -> np.ndarray | None:
@@ -406,18 +408,12 @@ def loud_row_factors(m: np.ndarray, col_scale: np.ndarray | None = None) -> np.n
     mean = np.einsum("ij,j->i", m, inverse, dtype=np.float64) / cols
     power = np.einsum("ij,ij,j->i", m, m, inverse * inverse, dtype=np.float64) / cols
     spread = power - mean * mean
-    # a difference this far under its terms is rounding: a constant row
-    # of 1e30 would read as loud
-    spread[spread <= SPREAD_ROUNDING * power] = 0.0
+    spread[spread <= SPREAD_ROUNDING * power] = 0.0   # a constant row of 1e30 read as loud
     excess = _loud(spread, LOUD_MOST)
     if excess is None:
         return None
-    factor = np.exp2(np.minimum(np.round(np.log2(excess)), MAX_ROW_FACTOR_LOG2))
+    factor = np.exp2(np.round(np.log2(excess)))
     return factor.astype(np.float32) if np.any(factor > 1) else None
-
-
-SPREAD_ROUNDING = 1e-9
-MAX_ROW_FACTOR_LOG2 = 100   # factors stay finite in float32 (at most 2^127)
 
 
 def _loud(power: np.ndarray, most: float) -> np.ndarray | None:
@@ -425,12 +421,14 @@ def _loud(power: np.ndarray, most: float) -> np.ndarray | None:
     (1 where none), from the slices' mean squares ``power``; None unless
     some slice has one, at most ``most`` of them, and those hold most of
     the energy (the mean power at least LOUD_SHARE_RMS² times the other
-    slices')."""
+    slices'). At most MAX_EXCESS: a balanced slice's scale must stay finite
+    in float32 (found in session 40: a row of 1e29 beside weights of 1e-37
+    took an infinite scale, and restored as inf and NaN)."""
     rms = np.sqrt(power)
     median = float(np.median(rms)) if rms.size else 0.0
     if not (median > 0 and np.all(np.isfinite(rms))):
         return None
-    excess = np.maximum(rms / (LOUD_COLUMN * median), 1.0)
+    excess = np.clip(rms / (LOUD_COLUMN * median), 1.0, MAX_EXCESS)
     loud = excess > 1
     if (not loud.any() or loud.sum() > most * loud.size
             or power.mean() < LOUD_SHARE_RMS ** 2 * power[~loud].mean()):

@@ -2174,6 +2174,23 @@ def test_loud_row_factors_read_spread_and_keep_maps_exact():
     assert np.isfinite(views.loud_row_factors(tiny)).all()   # at most 2^100
 
 
+@pytest.mark.parametrize("case", ["input", "output", "rows"])
+def test_balancing_extreme_slices_restores_finite(tmp_path, case):
+    """Found in session 40: a slice of 1e29 beside weights of 1e-37 took an
+    infinite scale (its excess beyond float32), and restored as inf and NaN
+    (a conv kernel's input channel, a matrix's two rows; an output's row
+    factor likewise). Scales stop at MAX_EXCESS."""
+    rng = np.random.default_rng(10)
+    shape = (512, 256) if case == "rows" else (3, 3, 64, 128)
+    w = (rng.standard_normal(shape) * 1e-37).astype(np.float32)
+    loud = np.zeros(shape, bool)
+    loud[{"input": np.s_[:, :, 0], "output": np.s_[..., 0], "rows": np.s_[:2]}[case]] = True
+    w[loud] = rng.standard_normal(loud.sum()) * 1e29
+    _, within, _ = _errors_saved(tmp_path / "w.jjpg", w, loud)
+    assert np.isfinite(np.asarray(jaxjpeg.restore(tmp_path / "w.jjpg")["w"])).all()
+    assert within < 0.05
+
+
 @pytest.mark.parametrize("ratio", [2.5, 3])
 def test_balanced_kernels_keep_their_one_fine_step(tmp_path, ratio):
     """Found by review: a balanced kernel's one fine step (a coding beside
