@@ -148,7 +148,8 @@ def _half_if_exact(values) -> np.ndarray:
     # converted (numpy signals underflow for each tiny value, slowly).
     if np.any(values.view(np.uint32) & 0x1FFF):
         return values
-    half = values.astype(np.float16)
+    with np.errstate(over="ignore"):   # beyond float16: inf, then kept float32 (found by
+        half = values.astype(np.float16)   # review: balanced rows' maps of 1e6 warned)
     return half if np.array_equal(half.astype(np.float32), values) else values
 
 

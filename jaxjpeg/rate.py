@@ -213,7 +213,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
             and not quantized_vectors.is_sparse(x)):
         scales = views.loud_column_scales(m)
         if row_weight is None:
-            factors = views.loud_row_factors(m, scales)
+            kept = (None if not outliers.count else np.bincount(
+                view.cells(x.shape, outliers.index)[0], minlength=m.shape[0]))
+            factors = views.loud_row_factors(m, scales, kept)
     del m
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                          col_scale=scales, row_factor=factors,
