@@ -148,8 +148,10 @@ def _half_if_exact(values) -> np.ndarray:
     # converted (numpy signals underflow for each tiny value, slowly).
     if np.any(values.view(np.uint32) & 0x1FFF):
         return values
-    with np.errstate(over="ignore"):   # beyond float16: inf, then kept float32 (found by
-        half = values.astype(np.float16)   # review: balanced rows' maps of 1e6 warned)
+    # Past float16's range the cast gives inf (the maps then stay float32),
+    # which numpy warns of (found by review: balanced rows' maps of 1e6).
+    with np.errstate(over="ignore"):
+        half = values.astype(np.float16)
     return half if np.array_equal(half.astype(np.float32), values) else values
 
 

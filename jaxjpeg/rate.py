@@ -146,8 +146,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
 
     ``balance``: loud columns may be balanced (:func:`jaxjpeg.views.loud_column_scales`;
     without ``importance``: a few loud slices of an "auto" view, or the loud
-    inputs of a kernel under the common-mean prior); False keeps the leaf in
-    weight units throughout.
+    inputs of a kernel under the common-mean prior), and that kernel's loud
+    outputs (:func:`jaxjpeg.views.loud_row_factors`); False keeps the leaf
+    in weight units throughout.
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")

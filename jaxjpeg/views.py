@@ -400,8 +400,9 @@ def loud_row_factors(m: np.ndarray, col_scale: np.ndarray | None = None,
     ``m``, left out of its spread). As :func:`loud_column_scales` reads
     loud inputs, a row whose spread about its mean is LOUD_COLUMN times the
     median row's or more, where such rows (at most LOUD_FEW of them, as a
-    plain leaf's loud slices) hold most of the spread, is read as a quieter
-    output carrying as much signal (one step set by three random outputs
+    plain leaf's loud slices) hold most of the spread and are not the tail
+    of a spread of scales (LOUD_TAIL), is read as a quieter output carrying
+    as much signal (one step set by three random outputs
     100x / 1000x the others restored the rest at relative error 0.98 /
     2.78). Up to a quarter of them (as loud inputs), review found spreads
     over decades balanced (lognormal output scales: default saves 5-29%
