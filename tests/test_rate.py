@@ -2268,3 +2268,28 @@ def test_balanced_maps_beyond_float16_save_without_warnings(tmp_path):
         warnings.simplefilter("error")
         jaxjpeg.save(tmp_path / "k.jjpg", {"k": kernel}, progress=False)
     assert np.isfinite(np.asarray(jaxjpeg.restore(tmp_path / "k.jjpg")["k"])).all()
+
+
+@pytest.mark.parametrize("case", ["kernel", "embedding"])
+def test_constant_rows_stay_exact_beside_balanced_columns(tmp_path, case):
+    """Found by review: an output channel of 0.03 beside an input channel
+    1000x the others came back with errors up to 1.06 (its values in the
+    balanced columns, divided by their scales, made the row uneven, and its
+    offset could no longer code it). Those values are now kept exactly; an
+    embedding's constant row beside loud columns alike."""
+    rng = np.random.default_rng(13)
+    if case == "kernel":
+        w = (rng.standard_normal((128, 64, 3, 3)) * 0.05).astype(np.float32)
+        w[:, :1] *= 1000
+        rows = [50, 60]
+    else:
+        w = (rng.standard_normal((2048, 256)) * 0.02).astype(np.float32)
+        w[:, :4] *= 100
+        rows = [7]
+    for r, value in zip(rows, (0.03, -0.5)):
+        w[r] = value
+    jaxjpeg.save(tmp_path / "w.jjpg", {"w": w}, progress=False)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "w.jjpg")["w"])
+    for r in rows:
+        np.testing.assert_array_equal(got[r], w[r])
+    assert _col_scaled(tmp_path / "w.jjpg") == {"w": True}
