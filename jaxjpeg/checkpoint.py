@@ -2088,7 +2088,9 @@ class _Save:
         error (not a user's encoder's choice, nor a balanced leaf's: one step
         within its error in weight units, which its loud columns set, was
         what balancing refuses; found by review: byte targets then landed
-        8-28% under)."""
+        8-28% under). An encoding keeps no balanced flag: its column scales
+        tell balanced columns; balanced rows leave no trace, but such a leaf
+        is never thin (32 rows or more of 64 values or more) nor sparse."""
         from jaxjpeg import rate
 
         return (not self.user_encoder and self.leaf_coder.one_step_fits(name)

@@ -412,8 +412,9 @@ def loud_row_factors(m: np.ndarray, col_scale: np.ndarray | None = None,
     stored; a power of two keeps a float16 map exact. By spread, not RMS:
     the map's offset codes a row's mean exactly (a constant or dead output,
     which the spread never calls loud, stays exact; a row of 50 +- 1.5 is
-    balanced by its 1.5). Rows under 64 values share a map
-    (``codec.SHARED_MAP_COLS``): not balanced."""
+    balanced by its 1.5). Rows under LOUD_MIN_ROWS values are not balanced:
+    factors give each row a map of its own, which views that narrow share
+    (``codec.SHARED_MAP_COLS``)."""
     cols = m.shape[1]
     if cols < LOUD_MIN_ROWS:
         return None
