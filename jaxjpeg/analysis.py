@@ -183,6 +183,24 @@ def hide_far_values(suspects: np.ndarray, sigmas: float = views.OUTLIER_SIGMAS) 
                                         (1 - OUTLIER_MARGIN) * sigmas).any())
 
 
+def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
+    """Whether some loud row of ``matrix`` (the view of the leaf whose row
+    statistics are ``rows``) might hold gross values, which find_outliers
+    keeps (:func:`jaxjpeg.views.gross_values`): bounds
+    OUTLIER_MARGIN looser, so rounding never hides one; only loud rows are
+    read."""
+    mean = rows.mean
+    rms = np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0))
+    bound = views.quiet_bound(rms, matrix.shape[1])
+    if bound is None:
+        return False
+    bound *= 1 - OUTLIER_MARGIN
+    loud = np.flatnonzero(rms > bound)
+    step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+    return any(views.gross_values(matrix[loud[i:i + step]], None, bound).any()
+               for i in range(0, loud.size, step))
+
+
 def no_far_values(x: np.ndarray, view: views.MatrixView) -> views.Outliers | None:
     """An empty side list when one native pass over ``x`` (float32,
     C-contiguous, finite) shows that :func:`views.find_outliers` would keep
@@ -195,7 +213,8 @@ def no_far_values(x: np.ndarray, view: views.MatrixView) -> views.Outliers | Non
     if rows is None or may_have_far_values(rows):
         return None
     suspect = suspect_rows(rows)
-    if suspect.size and hide_far_values(view.to_matrix(x)[suspect]):
+    matrix = view.to_matrix(x)
+    if suspect.size and hide_far_values(matrix[suspect]) or has_gross_values(rows, matrix):
         return None
     return views.Outliers(np.zeros(0, np.int64), x.reshape(-1)[:0].copy())
 
@@ -226,7 +245,7 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     # without a copy (codec.encodable).
     matrix = codec.encodable(chosen.to_matrix(x32))
     suspect = suspect_rows(rows)
-    if suspect.size and hide_far_values(matrix[suspect]):
+    if suspect.size and hide_far_values(matrix[suspect]) or has_gross_values(rows, matrix):
         return None
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared

@@ -591,23 +591,89 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     # leaf's deviations would be another leaf-sized pass through memory),
     # and only the far values' cells are kept (found by review: leaf-sized
     # masks of them took more memory than the leaf).
-    cells = ([], []), ([], [])
+    none = np.zeros(0, np.int64)
+    cells = tuple(([none], [none]) for _ in range(3))   # first look, second, gross values
+    balanced = (lambda rows: m[rows]) if col_scale is None else (lambda rows: m[rows] / col_scale)
     step = max(1, ROW_BLOCK_ELEMENTS // max(1, m.shape[1]))
+    row_rms = []
     for r in range(0, m.shape[0], step):
         rows = slice(r, r + step)
-        for far, (at_rows, at_cols) in zip(
-                _far_masks(m[rows] if col_scale is None else m[rows] / col_scale,
-                           None if ok is None else ok[rows], sigmas), cells):
-            block_rows, block_cols = np.nonzero(far)
-            at_rows.append(block_rows + r)
-            at_cols.append(block_cols)
+        first, masked, rms = _far_masks(balanced(rows), None if ok is None else ok[rows], sigmas)
+        row_rms.append(rms)
+        _add_cells(cells[0], first, r)
+        _add_cells(cells[1], masked, r)
+    row_rms = np.concatenate(row_rms)
+    bound = quiet_bound(row_rms, m.shape[1])
+    loud = np.zeros(0, np.int64) if bound is None else np.flatnonzero(row_rms > bound)
+    for start in range(0, loud.size, step):
+        rows = loud[start:start + step]
+        gross = gross_values(balanced(rows), None if ok is None else ok[rows], bound)
+        at_rows, at_cols = np.nonzero(gross)
+        cells[2][0].append(rows[at_rows])
+        cells[2][1].append(at_cols)
     kept = [np.sort(view.flat_index(x.shape, np.concatenate(at_rows), np.concatenate(at_cols)))
             for at_rows, at_cols in cells]
-    for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION)):
+    for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION, MAX_OUTLIER_FRACTION)):
         if kept[k].size > limit * flat.size:
             kept[k] = np.zeros(0, np.int64)
-    index = np.union1d(np.flatnonzero(must), np.union1d(*kept)).astype(np.int64)
+    index = np.union1d(np.flatnonzero(must), np.union1d(np.union1d(kept[0], kept[1]), kept[2]))
+    index = index.astype(np.int64)
     return Outliers(index, flat[index].copy())
+
+
+def _add_cells(cells, mask: np.ndarray, first_row: int) -> None:
+    """Appends ``mask``'s (row, column) cells, its rows from ``first_row`` on."""
+    rows, cols = np.nonzero(mask)
+    cells[0].append(rows + first_row)
+    cells[1].append(cols)
+
+
+# Gross values: in a loud row (beyond the quiet bound, quiet_bound), values
+# more than LOUD_COLUMN times that bound from the row's median -- 64x the
+# median row's RMS -- are kept exactly where they are at most this share of
+# the row's values. Found by review: a block of them (3 outputs x 5 inputs of
+# 1e10 in a (128, 64, 3, 3) kernel, 7.8% of those rows) set its rows'
+# spread, and balanced or not, the step it took gave the other weights
+# errors of 1e8 (blocks of 100x / 500x the others' RMS: relative error 0.62 /
+# 0.29-0.33 outside them, 0.081 kept). Only where they stand apart: their
+# RMS about the median at least LOUD_COLUMN times the other values' (a loud
+# row of Gaussian values 30x the median row's has 3% beyond that bound, its
+# tails, at 2.8x the others' RMS: they are coded with it).
+LOUD_VALUES_FEW = 1 / 8
+
+
+def quiet_bound(rms: np.ndarray, cols: int) -> float | None:
+    """LOUD_COLUMN times the median row's RMS (``rms``: each row's, about
+    its mean): rows beyond it are loud (as :func:`loud_row_factors` reads
+    them). None where rows are under LOUD_MIN_ROWS values or the median row
+    is constant."""
+    if cols < LOUD_MIN_ROWS or not rms.size:
+        return None
+    bound = LOUD_COLUMN * float(np.median(rms))
+    return bound if bound > 0 and math.isfinite(bound) else None
+
+
+def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.ndarray:
+    """Where ``rows`` (loud ones, beyond the quiet ``bound``; ``ok``: the
+    values that count) hold gross values (LOUD_VALUES_FEW): more than
+    LOUD_COLUMN times ``bound`` from the row's median, in rows where they
+    are at most LOUD_VALUES_FEW of its values and their RMS about the median
+    is LOUD_COLUMN times the other values' or more. The side list's share
+    limit (MAX_OUTLIER_FRACTION) still holds."""
+    rows = np.asarray(rows, np.float32)
+    counted = rows if ok is None else np.where(ok, rows, np.float32(np.nan))
+    with np.errstate(invalid="ignore"):
+        center = np.nanmedian(counted, axis=1, keepdims=True)
+        dev = np.abs(counted - center).astype(np.float64)   # NaN where not counted
+        far = dev > LOUD_COLUMN * bound                      # NaN: False
+        near = dev <= LOUD_COLUMN * bound
+    squares = np.where(far | near, dev * dev, 0.0)
+    count_far, count_near = far.sum(axis=1), near.sum(axis=1)
+    far_power = np.einsum("ij,ij->i", squares, far) / np.maximum(count_far, 1)
+    near_power = np.einsum("ij,ij->i", squares, near) / np.maximum(count_near, 1)
+    few = ((count_far <= LOUD_VALUES_FEW * (count_far + count_near))
+           & (far_power >= LOUD_COLUMN ** 2 * near_power))
+    return far & few[:, None]
 
 
 ROW_BLOCK_ELEMENTS = 1 << 16   # elements per block of rows in find_outliers
@@ -636,13 +702,15 @@ def far_from_row_mean(m: np.ndarray, ok: np.ndarray | None, sigmas: float) -> np
     MASKED_SIGMAS_FACTOR times ``sigmas`` from those are far too (in a row
     of n values none can stand more than sqrt(n - 1) RMS out: in rows of
     up to 145 only this look can find one)."""
-    first, masked = _far_masks(m, ok, sigmas)
+    first, masked, _ = _far_masks(m, ok, sigmas)
     return first | masked
 
 
 def _far_masks(m: np.ndarray, ok: np.ndarray | None, sigmas: float):
-    """(far at the first look, far only at the second) of :func:`far_from_row_mean`."""
+    """(far at the first look, far only at the second, the rows' RMS about
+    their means) of :func:`far_from_row_mean`."""
     dev, rms = _row_deviations(m, ok, ok)
+    row_rms = rms
     first = (np.abs(dev) > sigmas * rms[:, None]) & (rms[:, None] > 0)
     suspect = np.abs(dev) > np.float32(sigmas / 2) * rms[:, None]
     masked = np.zeros_like(first)
@@ -650,7 +718,7 @@ def _far_masks(m: np.ndarray, ok: np.ndarray | None, sigmas: float):
         dev, rms = _row_deviations(m, ~suspect if ok is None else ok & ~suspect, ok)
         masked = ((np.abs(dev) > MASKED_SIGMAS_FACTOR * sigmas * rms[:, None])
                   & (rms[:, None] > 0) & ~first)
-    return first, masked
+    return first, masked, row_rms
 
 
 def _row_deviations(m: np.ndarray, counted: np.ndarray | None,

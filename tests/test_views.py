@@ -500,6 +500,48 @@ def test_spikes_a_little_denser_than_1_in_256_are_still_kept_aside(tmp_path, opt
     assert _rel(got[rest], x.reshape(-1)[rest]) < 0.12
 
 
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+@pytest.mark.parametrize("block, value", [((3, 5), 1e10), ((3, 5), 25.0), ((1, 2), 1e4)])
+def test_a_block_of_gross_values_is_kept_aside_not_coded_with_its_rows(
+        tmp_path, layout, block, value):
+    """Found by review: 3 outputs x 5 inputs of 1e10 in a (128, 64, 3, 3)
+    kernel (all 9 taps) hold 7.8% of their rows: their rows' RMS hid them
+    from the side list, and the step they set left the other weights at
+    errors of 1e8 (relative 5.6e7; 1e4: 56; 25, 500x the others' RMS:
+    0.29-0.33)."""
+    w = (0.05 * np.random.default_rng(0).standard_normal((128, 64, 3, 3))).astype(np.float32)
+    w[:block[0], :block[1]] = value
+    gross = np.zeros(w.shape, bool)
+    gross[:block[0], :block[1]] = True
+    if layout == "flax":
+        w, gross = w.transpose(2, 3, 1, 0), gross.transpose(2, 3, 1, 0)
+    jaxjpeg.save(tmp_path / "b.jjpg", {"w": w})
+    got = np.asarray(jaxjpeg.restore(tmp_path / "b.jjpg")["w"])
+    np.testing.assert_array_equal(got[gross], w[gross])
+    assert _rel(got[~gross], w[~gross]) < 0.1
+
+
+def test_gross_values_are_those_standing_apart_in_few_loud_rows():
+    """views.gross_values: beyond LOUD_COLUMN times the quiet bound from the
+    row median, at most LOUD_VALUES_FEW of the row, and apart from the rest
+    (the tails of a loud Gaussian row are not)."""
+    rng = np.random.default_rng(1)
+    bound = 8.0   # a median row's RMS of 1
+    block = rng.standard_normal((1, 512))
+    block[0, :40] = 1e4                                      # 7.8% of the row
+    assert views.gross_values(block, None, bound)[0, :40].all()
+    assert views.gross_values(block, None, bound).sum() == 40
+    wide = block.copy()
+    wide[0, :80] = 1e4                                       # 16%: a loud row, balanced instead
+    assert not views.gross_values(wide, None, bound).any()
+    tails = 30 * rng.standard_normal((4, 4096))              # 3% beyond 64: tails
+    assert (np.abs(tails) > 64).mean() > 0.02
+    assert not views.gross_values(tails, None, bound).any()
+    ok = np.ones(block.shape, bool)
+    ok[0, :40] = False                                       # not counted: never gross
+    assert not views.gross_values(block, ok, bound).any()
+
+
 def test_compressed_leaves_decode_in_jit_with_views_and_side_lists(tmp_path):
     rng = np.random.default_rng(10)
     tree = {"conv": _layouts(_trained_like_conv(rng))["torch"],
