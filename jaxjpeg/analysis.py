@@ -186,18 +186,18 @@ def hide_far_values(suspects: np.ndarray, sigmas: float = views.OUTLIER_SIGMAS) 
 def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
     """Whether some loud row of ``matrix`` (the view of the leaf whose row
     statistics are ``rows``) might hold gross values, which find_outliers
-    keeps (:func:`jaxjpeg.views.gross_values`): bounds
-    OUTLIER_MARGIN looser, so rounding never hides one; only loud rows are
-    read."""
+    keeps (:func:`jaxjpeg.views.gross_values`): its bounds OUTLIER_MARGIN
+    either way (found by review: lowered only, the count of far values
+    could pass the rule's limit and the gate missed a block gross at the
+    rule's own bound); only loud rows are read."""
     mean = rows.mean
     rms = np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0))
     bound = views.quiet_bound(rms, matrix.shape[1])
     if bound is None:
         return False
-    bound *= 1 - OUTLIER_MARGIN
-    loud = np.flatnonzero(rms > bound)
+    loud = np.flatnonzero(rms > (1 - OUTLIER_MARGIN) * bound)
     step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
-    return any(views.gross_values(matrix[loud[i:i + step]], None, bound).any()
+    return any(views.may_hold_gross_values(matrix[loud[i:i + step]], bound, OUTLIER_MARGIN)
                for i in range(0, loud.size, step))
 
 
