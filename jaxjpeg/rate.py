@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import warnings
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -2490,8 +2491,29 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
     if count == 0:
         raise ValueError("no batches")
     flat, _ = jax.tree_util.tree_flatten_with_path(acc)
-    out = {}
-    for path, value in flat:
-        value = np.asarray(value, np.float64) / count
-        out[leaf_name(path)] = value if (per_row or per_element) else float(value)
-    return out
+    out = {leaf_name(path): np.asarray(value, np.float64) / count for path, value in flat}
+    out = _unreached_as_least(out)
+    return out if (per_row or per_element) else {name: float(v) for name, v in out.items()}
+
+
+def _unreached_as_least(sensitivity: dict) -> dict:
+    """``sensitivity`` with the leaves whose squared gradients were 0 on
+    every batch weighed as the least of the others (their mean, over the
+    leaf): the batches did not reach them (an expert never routed to, a
+    frozen or stopped branch), which says nothing of what they do at
+    inference, and a weight of 0 would give them no bytes (found by review:
+    an unrouted expert restored at relative error 0.998). Warns, naming
+    them."""
+    unreached = sorted(name for name, v in sensitivity.items() if v.size and not np.any(v))
+    reached = [float(np.mean(v)) for name, v in sensitivity.items() if v.size and np.any(v)]
+    if not unreached:
+        return sensitivity
+    if not reached:
+        raise ValueError("the gradients were 0 for every leaf on every batch: "
+                         "the loss does not depend on the parameters")
+    least = min(reached)
+    warnings.warn(f"the gradients were 0 on every batch for {len(unreached)} leaves "
+                  f"({', '.join(map(repr, unreached[:3]))}{', ...' if len(unreached) > 3 else ''}): "
+                  f"they are weighed as the least of the others ({least:.3g})", stacklevel=3)
+    return {name: np.full_like(v, least) if name in unreached else v
+            for name, v in sensitivity.items()}

@@ -445,7 +445,9 @@ def test_a_common_sensitivity_equalises_the_default_saves_errors(tmp_path):
 def test_a_zero_sensitivity_leaf_is_dropped_by_the_default_save(tmp_path):
     tree = {"a": _tensor("gauss", (256, 512), 5), "b": _tensor("gauss", (256, 512), 6)}
     jaxjpeg.save(tmp_path / "plain.jjpg", tree, progress=False)
-    jaxjpeg.save(tmp_path / "zero.jjpg", tree, progress=False, sensitivity={"a": 0.0, "b": 1.0})
+    with pytest.warns(UserWarning, match="sensitivity is 0 for 1 leaves"):
+        jaxjpeg.save(tmp_path / "zero.jjpg", tree, progress=False,
+                     sensitivity={"a": 0.0, "b": 1.0})
     plain, zero = (_rms_errors(tmp_path / f, tree) for f in ("plain.jjpg", "zero.jjpg"))
     assert zero["a"] == pytest.approx(float(np.sqrt(np.mean(tree["a"].astype(np.float64) ** 2))),
                                       rel=0.01)
@@ -1332,6 +1334,53 @@ def test_the_curve_follows_its_bend_at_the_coarsest_steps():
         assert 0.8 < actual / c.nbytes[k] < 1.2, (k, actual, c.nbytes[k], rel[k])
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize("mode", [{}, {"per_row": True}, {"per_element": True}])
+def test_leaves_no_gradient_reaches_are_weighed_as_the_least_reached(tmp_path, mode):
+    """Found by review: an MoE expert the calibration batches never routed
+    to had squared gradients 0, so sensitivity 0: save gave it no bytes and
+    it restored at relative error 0.998, without a word."""
+    jnp = jax.numpy
+    rng = np.random.default_rng(0)
+    params = {"used": jnp.asarray(rng.standard_normal((256, 256)), jnp.float32),
+              "small": jnp.asarray(rng.standard_normal((256, 256)), jnp.float32),
+              "expert": jnp.asarray(rng.standard_normal((256, 256)), jnp.float32)}
+
+    def loss(p, batch):   # the expert is never routed to
+        return jnp.sum((batch @ p["used"]) ** 2) + 0.3 * jnp.sum((batch @ p["small"]) ** 2)
+
+    batches = [jnp.asarray(rng.standard_normal((4, 256)), jnp.float32) for _ in range(2)]
+    with pytest.warns(UserWarning, match="gradients were 0 on every batch for 1 leaves.*'expert'"):
+        sens = rate.sensitivity_from_gradients(loss, params, batches, **mode)
+    np.testing.assert_allclose(np.mean(sens["expert"]), np.mean(sens["small"]))
+    assert np.mean(sens["expert"]) > 0
+    tree = {k: np.asarray(v) for k, v in params.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing left weighed at 0
+        jaxjpeg.save(tmp_path / "e.jjpg", tree, sensitivity=sens)
+    got = {k: np.asarray(v) for k, v in jaxjpeg.restore(tmp_path / "e.jjpg").items()}
+    error = {k: np.linalg.norm(got[k] - tree[k]) / np.linalg.norm(tree[k]) for k in tree}
+    assert error["expert"] < 0.5
+    assert error["expert"] == pytest.approx(error["small"], rel=0.2)
+
+
+def test_gradients_that_never_depend_on_the_parameters_are_refused():
+    jnp = jax.numpy
+    with pytest.raises(ValueError, match="0 for every leaf"):
+        rate.sensitivity_from_gradients(lambda p, b: jnp.sum(b), {"w": jnp.ones((4, 4))},
+                                        [jnp.ones(3)])
+
+
+@pytest.mark.parametrize("weight", [0.0, np.zeros((64, 1))])
+def test_a_sensitivity_of_zero_warns_that_the_leaf_gets_no_bytes(tmp_path, weight):
+    """Found by review: a frozen layer given sensitivity 0 restored at
+    relative error 0.999 without a word."""
+    rng = np.random.default_rng(1)
+    tree = {"frozen": rng.standard_normal((64, 128)).astype(np.float32),
+            "live": rng.standard_normal((64, 128)).astype(np.float32)}
+    with pytest.warns(UserWarning, match="sensitivity is 0 for 1 leaves \\('frozen'\\)"):
+        jaxjpeg.save(tmp_path / "z.jjpg", tree, sensitivity={"frozen": weight, "live": 1.0})
 
 
 def test_per_row_gradient_sensitivities_weigh_rows_in_save(tmp_path):
