@@ -2325,17 +2325,19 @@ def _check_sensitivity_names(sensitivity, leaves) -> None:
 
 
 def _warn_weightless(sensitivity, shapes) -> None:
-    """Warns of the leaves ``sensitivity`` weighs at 0: they are given no
-    bytes and restore at about their mean (found by review: an expert
-    the calibration batches never routed to, its squared gradients 0, came
-    back at relative error 0.998 without a word)."""
+    """Warns of the leaves ``sensitivity`` weighs at 0 (empty ones aside):
+    coded, the default save and byte targets give them no bytes (found by
+    review: an expert the calibration batches never routed to, its squared
+    gradients 0, came back at relative error 0.998 without a word)."""
     weightless = sorted(name for name in sensitivity or {}
-                        if _user_weight(sensitivity, name, shapes[name]) == 0)
+                        if math.prod(shapes[name])
+                        and _user_weight(sensitivity, name, shapes[name]) == 0)
     if weightless:
         warnings.warn(f"sensitivity is 0 for {len(weightless)} leaves "
                       f"({', '.join(map(repr, weightless[:3]))}{', ...' if len(weightless) > 3 else ''}): "
-                      "they are given no bytes and restore at about their mean; give them a "
-                      "positive weight to keep them", stacklevel=7)   # save()'s caller
+                      "coded, the default save and byte targets give them no bytes and they "
+                      "restore at about their mean; give them a positive weight to keep them",
+                      stacklevel=7)   # save()'s caller
 
 
 def _broadcasts_to(shape, target) -> bool:

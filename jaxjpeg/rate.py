@@ -2474,6 +2474,8 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
         g2 = jnp.square(g.astype(jnp.float32))
         if per_element:
             return g2
+        if not g.size:   # nothing to weigh (found by review: the mean of none, NaN)
+            return jnp.zeros(g.shape[:-1] + (1,) if per_row and g.ndim else ())
         if per_row:   # shaped to broadcast over the last axis, as save takes it
             rows, cols = codec.matrix_shape(g.shape)
             means = jnp.mean(g2.reshape(rows, cols), axis=1)
@@ -2492,20 +2494,26 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
         raise ValueError("no batches")
     flat, _ = jax.tree_util.tree_flatten_with_path(acc)
     out = {leaf_name(path): np.asarray(value, np.float64) / count for path, value in flat}
-    out = _unreached_as_least(out)
+    sizes = {leaf_name(path): np.size(leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = _unreached_as_least(out, sizes)
     return out if (per_row or per_element) else {name: float(v) for name, v in out.items()}
 
 
-def _unreached_as_least(sensitivity: dict) -> dict:
+def _unreached_as_least(sensitivity: dict, sizes: dict) -> dict:
     """``sensitivity`` with the leaves whose squared gradients were 0 on
     every batch weighed as the least of the others (their mean, over the
     leaf): the batches did not reach them (an expert never routed to, a
     frozen or stopped branch), which says nothing of what they do at
     inference, and a weight of 0 would give them no bytes (found by review:
     an unrouted expert restored at relative error 0.998). Warns, naming
-    them."""
-    unreached = sorted(name for name, v in sensitivity.items() if v.size and not np.any(v))
-    reached = [float(np.mean(v)) for name, v in sensitivity.items() if v.size and np.any(v)]
+    them. Empty leaves (``sizes``: each leaf's values) have nothing to
+    weigh; a leaf whose gradients were not finite is left for save to
+    refuse, and weighs nothing here."""
+    unreached = sorted(name for name, v in sensitivity.items()
+                       if sizes[name] and not np.any(v))
+    means = [float(np.mean(v)) for name, v in sensitivity.items() if sizes[name]]
+    reached = [m for m in means if math.isfinite(m) and m > 0]
     if not unreached:
         return sensitivity
     if not reached:

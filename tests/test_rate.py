@@ -1365,6 +1365,39 @@ def test_leaves_no_gradient_reaches_are_weighed_as_the_least_reached(tmp_path, m
     assert error["expert"] == pytest.approx(error["small"], rel=0.2)
 
 
+@pytest.mark.parametrize("mode", [{}, {"per_row": True}])
+def test_unreached_leaves_ignore_empty_and_non_finite_leaves(mode):
+    """Found by review: a leaf whose gradient was NaN, first in the tree,
+    made the least weight NaN (and the unreached leaf with it); an empty
+    leaf's mean of nothing was NaN, so a tree of it and an unreached leaf
+    was not refused."""
+    jnp = jax.numpy
+    params = {"a_empty": jnp.zeros((0, 64)), "a_nan": jnp.ones((8, 64)),
+              "w": jnp.ones((8, 64)), "z_unused": jnp.ones((8, 64))}
+
+    def loss(p, batch):
+        return jnp.sum(p["w"]) * batch + jnp.sum(jnp.sqrt(-p["a_nan"])) + jnp.sum(p["a_empty"])
+
+    with pytest.warns(UserWarning, match="for 1 leaves \\('z_unused'\\)"):
+        sens = rate.sensitivity_from_gradients(loss, params, [jnp.float32(1.0)], **mode)
+    np.testing.assert_allclose(sens["z_unused"], sens["w"])
+    assert np.all(np.asarray(sens["a_empty"]) == 0)
+    with pytest.raises(ValueError, match="0 for every leaf"):
+        rate.sensitivity_from_gradients(lambda p, b: jnp.sum(p["e"]) * b,
+                                        {"e": jnp.zeros((0, 4)), "u": jnp.ones((4, 4))},
+                                        [jnp.float32(1.0)], **mode)
+
+
+def test_an_empty_leaf_weighed_at_zero_saves_without_warnings(tmp_path):
+    """Found by review: save's check of weightless leaves took the mean of
+    an empty leaf's importance (numpy's RuntimeWarnings)."""
+    tree = {"e": np.zeros((0, 64), np.float32),
+            "w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxjpeg.save(tmp_path / "e.jjpg", tree, sensitivity={"e": np.ones((0, 1)), "w": 1.0})
+
+
 def test_gradients_that_never_depend_on_the_parameters_are_refused():
     jnp = jax.numpy
     with pytest.raises(ValueError, match="0 for every leaf"):
