@@ -649,6 +649,38 @@ def test_the_gate_reads_leaves_without_a_median_row_as_find_outliers_does():
             assert kept == 0, (trial, shape, k)
 
 
+@pytest.mark.parametrize("shape", [(960, 1, 5, 5), (3, 3, 1, 768), (30000, 16), (4096, 2)])
+def test_narrow_leaves_whose_channel_scales_spread_have_no_gross_values(shape):
+    """Found by review: read as one population, the loud channels of narrow
+    leaves whose channel scales spread (log2 std 3: depthwise kernels,
+    16-wide embeddings) were taken for gross values; default files 78-777%
+    larger, and no better at equal size. Scale mixtures leave no gap below
+    their far values."""
+    rng = np.random.default_rng(9)
+    channels = shape[-1] if shape[0] == 3 else shape[0]
+    scale = np.exp2(3.0 * rng.standard_normal(channels))
+    scale = scale if shape[0] == 3 else scale.reshape((-1,) + (1,) * (len(shape) - 1))
+    x = (0.05 * scale * rng.standard_normal(shape)).astype(np.float32)
+    m = views.choose_view(x).to_matrix(x)
+    assert views.gross_in_leaf(np.ascontiguousarray(m))[0].size == 0
+    kept = rate.prepare_leaf(x).outliers
+    assert kept is None or kept.count <= 16
+
+
+def test_reading_a_long_row_as_one_population_holds_no_leaf_sized_copies():
+    """Found by review: a 1-D leaf's one row was read as one float64 block,
+    several temporaries twice its size (find_outliers on 128 MiB: 352 ->
+    1441 MiB at peak)."""
+    import tracemalloc
+    x = (0.05 * np.random.default_rng(10).standard_normal(1 << 22)).astype(np.float32)
+    m = x.reshape(1, -1)
+    tracemalloc.start()
+    views.gross_in_leaf(m)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.25 * x.nbytes, peak
+
+
 def test_pruned_rows_keep_their_weights_coded():
     """Found by review: zeros set the median and the other values' RMS of a
     pruned row, so every surviving weight of a loud row read as gross (a
