@@ -671,7 +671,8 @@ def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.nd
     (found by review: in pruned rows the median and the other values' RMS
     were the zeros', and every surviving weight of a loud row read as gross:
     a default save 44-50% larger). The side list's share limit
-    (MAX_OUTLIER_FRACTION) still holds."""
+    (LOUD_VALUES_FEW of a leaf, beside the other entries' MAX_OUTLIER_FRACTION)
+    holds."""
     dev = _median_deviations(rows, ok)
     with np.errstate(invalid="ignore"):
         far = dev > np.float32(LOUD_COLUMN * bound)     # NaN (not counted): False
@@ -719,6 +720,7 @@ def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float) -> bool
 
 
 GROSS_SAMPLE = 1 << 16   # values a leaf's median and spread are read from (gross_in_leaf)
+MAX_OCTAVES = 256        # float64 spans 2^2098: octaves past this are one
 
 
 def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
@@ -734,11 +736,16 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     sigma), from GROSS_SAMPLE values drawn at fixed positions: values
     more than LOUD_COLUMN² such sigmas from the median, where the leaf is
     loud by its RMS, they are at most LOUD_VALUES_FEW of its counted values
-    and stand apart, with a gap below them: at most one value between
-    LOUD_COLUMN and LOUD_COLUMN² sigmas for every LOUD_COLUMN of them (found
-    by review: without it, the loud channels of narrow leaves whose channel
+    and stand apart; and only those above a gap: the first octave of that
+    bound (64-128 sigmas, 128-256, ...) that holds no value. Found by
+    review: without a gap, the loud channels of narrow leaves whose channel
     scales spread -- depthwise kernels, 16-wide embeddings, log2 scales of
-    std 2-3.6 -- read as gross, default files 17-777% larger for nothing).
+    std 2-3.6 -- read as gross, default files 17-777% larger for nothing; a
+    gap counted in values (few between 8 and 64 sigmas, then in the octave
+    below the bound) let the tails of rows spread by a log2 std of 0.75-2
+    veto blocks of 0.01-2% of a (30000, 16) leaf, the rest lost. A spread
+    tail fills its octaves; a block 1e4x the rest leaves empty ones below
+    it.
     Blocks of at most ROW_BLOCK_ELEMENTS values: no leaf-sized temporaries."""
     none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     rows, cols = m.shape
@@ -754,17 +761,24 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     sigma = 1.4826 * float(np.median(np.abs(sample - center)))
     if not (sigma > 0 and math.isfinite(sigma)):
         return none
-    gap_bound, far_bound = LOUD_COLUMN * sigma, LOUD_COLUMN * LOUD_COLUMN * sigma
-    # First the counts alone, in float32 (most leaves have no far value)
-    far_count = gap_count = 0
-    for block in _blocks(m, ok, col_scale, np.float32):
-        dev = np.abs(block[2] - np.float32(center))
+    far_bound = LOUD_COLUMN * LOUD_COLUMN * sigma
+    # First how far values lie, by octaves of the bound, in float32 (most
+    # leaves have none): the gross ones lie above the first empty octave.
+    octaves = np.zeros(0, np.int64)
+    for _, _, block in _blocks(m, ok, col_scale, np.float32):
+        dev = np.abs(block - np.float32(center))
         with np.errstate(invalid="ignore"):
-            far_count += int(np.count_nonzero(dev > np.float32(far_bound)))
-            gap_count += int(np.count_nonzero(dev > np.float32(gap_bound)))
-    gap_count -= far_count
-    if not far_count or far_count > LOUD_VALUES_FEW * m.size or gap_count > far_count / LOUD_COLUMN:
-        return none   # none far, too many, or no gap below them
+            far = dev[dev > np.float32(far_bound)].astype(np.float64)
+        if far.size:
+            octave = np.minimum(np.log2(far / far_bound), MAX_OCTAVES).astype(np.int64)
+            octaves = np.bincount(octave, minlength=octaves.size) + np.pad(
+                octaves, (0, max(0, octave.max() + 1 - octaves.size)))
+        if octaves.sum() > LOUD_VALUES_FEW * m.size:
+            return none   # too many, whatever the rest holds
+    empty = np.flatnonzero(octaves == 0)
+    if not empty.size:
+        return none   # none far, or a tail reaching up without a gap
+    far_bound *= 2.0 ** (empty[0] + 1)
     found = []
     counts = np.zeros(2)   # far, near
     sums = np.zeros(4)     # far's and near's squared deviations, the values, their squares
