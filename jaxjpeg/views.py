@@ -643,7 +643,7 @@ def _add_cells(cells, mask: np.ndarray, first_row: int) -> None:
 # errors of 1e8 (blocks of 100x / 500x the others' RMS: relative error 0.62 /
 # 0.29-0.33 outside them, 0.081 kept). One value past 1/8 of the row and the
 # block is coded again (review: errors of 5e7); a quarter made PP-OCRv6's
-# detector keep 20% of 170 rows' values, past the side list's limit of 1/32.
+# detector take 20% of the values of 170 rows of a kernel for gross.
 # Only where they stand apart: their RMS about the median at least
 # LOUD_COLUMN times the other values' (a loud row of Gaussian values 30x the
 # median row's has 3% beyond that bound, its tails, at 2.8x the others' RMS:
@@ -745,8 +745,8 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     below the bound) let the tails of rows spread by a log2 std of 0.75-2
     veto blocks of 0.01-2% of a (30000, 16) leaf, the rest lost. A spread
     tail fills its octaves; a block 1e4x the rest leaves empty ones below
-    it.
-    Blocks of at most ROW_BLOCK_ELEMENTS values: no leaf-sized temporaries."""
+    it. Blocks of at most ROW_BLOCK_ELEMENTS values: no leaf-sized
+    temporaries."""
     none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     rows, cols = m.shape
     if not m.size:
