@@ -734,18 +734,21 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     As :func:`gross_values` with the leaf as the row and the median row's
     RMS read as 1.4826 times the median absolute deviation (a Gaussian's
     sigma), from GROSS_SAMPLE values drawn at fixed positions: values
-    more than LOUD_COLUMN² such sigmas from the median, where the leaf is
-    loud by its RMS, they are at most LOUD_VALUES_FEW of its counted values
-    and stand apart; and only those above a gap: the first octave of that
-    bound (64-128 sigmas, 128-256, ...) that holds no value. Found by
-    review: without a gap, the loud channels of narrow leaves whose channel
-    scales spread -- depthwise kernels, 16-wide embeddings, log2 scales of
-    std 2-3.6 -- read as gross, default files 17-777% larger for nothing; a
-    gap counted in values (few between 8 and 64 sigmas, then in the octave
-    below the bound) let the tails of rows spread by a log2 std of 0.75-2
-    veto blocks of 0.01-2% of a (30000, 16) leaf, the rest lost. A spread
-    tail fills its octaves; a block 1e4x the rest leaves empty ones below
-    it. Blocks of at most ROW_BLOCK_ELEMENTS values: no leaf-sized
+    more than LOUD_COLUMN² such sigmas from the median, where they are at
+    most LOUD_VALUES_FEW of its counted values and stand apart (not where
+    the leaf is loud by its RMS alone: narrow rows share one map, whose
+    range a few such values stretch; review: 8 values at 100 sigmas of a
+    (4096, 2) leaf, the rest at 0.40); and only those above a gap: the first octave of
+    LOUD_COLUMN sigmas (8-16 sigmas, 16-32, ...) that holds no value. Found
+    by review: without a gap, the loud channels of narrow leaves whose
+    channel scales spread -- depthwise kernels, 16-wide embeddings, log2
+    scales of std 2-3.6 -- read as gross, default files 17-777% larger for
+    nothing; a gap counted in values let the tails of rows spread by a log2
+    std of 0.75-2 veto blocks of 0.01-2% of a (30000, 16) leaf, the rest
+    lost; octaves from 64 sigmas up never kept a block at 64-128 sigmas or
+    one filling neighbouring octaves (10% of a (8192, 8) leaf at 100x: the
+    rest at 1.21). A spread tail fills its octaves; a block far above the
+    rest leaves empty ones below it. Blocks of at most ROW_BLOCK_ELEMENTS values: no leaf-sized
     temporaries."""
     none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     rows, cols = m.shape
@@ -761,42 +764,40 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     sigma = 1.4826 * float(np.median(np.abs(sample - center)))
     if not (sigma > 0 and math.isfinite(sigma)):
         return none
-    far_bound = LOUD_COLUMN * LOUD_COLUMN * sigma
-    # First how far values lie, by octaves of the bound, in float32 (most
-    # leaves have none): the gross ones lie above the first empty octave.
+    # First how the values beyond LOUD_COLUMN sigmas lie, by octaves, in
+    # float32 (most leaves have none far): the gross ones lie above the
+    # first empty octave, and LOUD_COLUMN² sigmas or more from the median.
+    gap_bound = LOUD_COLUMN * sigma
     octaves = np.zeros(0, np.int64)
     for _, _, block in _blocks(m, ok, col_scale, np.float32):
         dev = np.abs(block - np.float32(center))
         with np.errstate(invalid="ignore"):
-            far = dev[dev > np.float32(far_bound)].astype(np.float64)
-        if far.size:
-            octave = np.minimum(np.log2(far / far_bound), MAX_OCTAVES).astype(np.int64)
+            beyond = dev[dev > np.float32(gap_bound)].astype(np.float64)
+        if beyond.size:
+            octave = np.minimum(np.log2(beyond / gap_bound), MAX_OCTAVES).astype(np.int64)
             octaves = np.bincount(octave, minlength=octaves.size) + np.pad(
                 octaves, (0, max(0, octave.max() + 1 - octaves.size)))
-        if octaves.sum() > LOUD_VALUES_FEW * m.size:
+        if octaves.sum() > 2 * LOUD_VALUES_FEW * m.size:
             return none   # too many, whatever the rest holds
     empty = np.flatnonzero(octaves == 0)
     if not empty.size:
         return none   # none far, or a tail reaching up without a gap
-    far_bound *= 2.0 ** (empty[0] + 1)
+    far_bound = max(LOUD_COLUMN * gap_bound, gap_bound * 2.0 ** (empty[0] + 1))
     found = []
     counts = np.zeros(2)   # far, near
-    sums = np.zeros(4)     # far's and near's squared deviations, the values, their squares
+    sums = np.zeros(2)     # their squared deviations
     for r, c, block in _blocks(m, ok, col_scale, np.float64):
         dev = np.abs(block - center)
         with np.errstate(invalid="ignore"):
             far, near = dev > far_bound, dev <= far_bound
-        counted = np.where(far | near, block, 0.0)
         counts += far.sum(), near.sum()
-        sums += (np.sum(np.where(far, dev * dev, 0.0)), np.sum(np.where(near, dev * dev, 0.0)),
-                 counted.sum(), np.sum(counted * counted))
+        sums += np.sum(np.where(far, dev * dev, 0.0)), np.sum(np.where(near, dev * dev, 0.0))
         if far.any():
             block_rows, block_cols = np.nonzero(far)
             found.append((block_rows + r, block_cols + c))
     n = counts.sum()
-    loud = sums[3] / max(n, 1) - (sums[2] / max(n, 1)) ** 2 > (LOUD_COLUMN * sigma) ** 2
     apart = sums[0] / max(counts[0], 1) >= LOUD_COLUMN ** 2 * sums[1] / max(counts[1], 1)
-    if not (found and loud and apart and counts[0] <= LOUD_VALUES_FEW * n):
+    if not (found and apart and counts[0] <= LOUD_VALUES_FEW * n):
         return none
     return tuple(np.concatenate(part) for part in zip(*found))
 
