@@ -1480,7 +1480,7 @@ def _probe_map(p: codec.Prepared, probe: _Probe, bits: int):
 # rate where a square leaf takes 4. Such float32 leaves are quantized on one
 # uniform step and Rice coded instead (jaxjpeg.quantized_vectors): 5.5 / 3.9
 # bits a weight at the same error.
-THIN_SIDE = 8
+THIN_SIDE = views.THIN_SIDE
 THIN_PROBE = 1 << 16            # values a thin leaf's curve is measured on
 THIN_LADDER = np.arange(-8, 64) / 4   # steps q = spread * 2^-k, a quarter octave apart
 THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a value

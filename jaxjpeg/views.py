@@ -720,6 +720,7 @@ def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float) -> bool
 
 
 GROSS_SAMPLE = 1 << 16   # values a leaf's median and spread are read from (gross_in_leaf)
+THIN_SIDE = 8            # views thinner than JPEG's blocks: coded on one step (rate.is_thin)
 MAX_OCTAVES = 256        # float64 spans 2^2098: octaves past this are one
 
 
@@ -735,10 +736,16 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     RMS read as 1.4826 times the median absolute deviation (a Gaussian's
     sigma), from GROSS_SAMPLE values drawn at fixed positions: values
     more than LOUD_COLUMN² such sigmas from the median, where they are at
-    most LOUD_VALUES_FEW of its counted values and stand apart (not where
-    the leaf is loud by its RMS alone: narrow rows share one map, whose
-    range a few such values stretch; review: 8 values at 100 sigmas of a
-    (4096, 2) leaf, the rest at 0.40); and only those above a gap: the first octave of
+    most LOUD_VALUES_FEW of its counted values and stand apart (in a view
+    of rows LOUD_MIN_ROWS wide or more whatever the leaf's RMS: narrow rows
+    share one map, whose range a few such values stretch; review: 8 values
+    at 100 sigmas of a (8192, 8) leaf, the rest at 0.131. But a view under
+    THIN_SIDE on a side is coded on one step without JPEG's blocks, and
+    only where its RMS is LOUD_COLUMN sigmas or more do they set that step:
+    review found a few values kept in realistic thin leaves -- token-type
+    tables and class heads with outlier dimensions -- that cost them their
+    thin coding, files 1.7-4.9x larger and 3-12x worse at equal size); and
+    only those above a gap: the first octave of
     LOUD_COLUMN sigmas (8-16 sigmas, 16-32, ...) that holds no value. Found
     by review: without a gap, the loud channels of narrow leaves whose
     channel scales spread -- depthwise kernels, 16-wide embeddings, log2
@@ -785,19 +792,23 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     far_bound = max(LOUD_COLUMN * gap_bound, gap_bound * 2.0 ** (empty[0] + 1))
     found = []
     counts = np.zeros(2)   # far, near
-    sums = np.zeros(2)     # their squared deviations
+    sums = np.zeros(4)     # their squared deviations, the values, their squares
     for r, c, block in _blocks(m, ok, col_scale, np.float64):
         dev = np.abs(block - center)
         with np.errstate(invalid="ignore"):
             far, near = dev > far_bound, dev <= far_bound
+        counted = np.where(far | near, block, 0.0)
         counts += far.sum(), near.sum()
-        sums += np.sum(np.where(far, dev * dev, 0.0)), np.sum(np.where(near, dev * dev, 0.0))
+        sums += (np.sum(np.where(far, dev * dev, 0.0)), np.sum(np.where(near, dev * dev, 0.0)),
+                 counted.sum(), np.sum(counted * counted))
         if far.any():
             block_rows, block_cols = np.nonzero(far)
             found.append((block_rows + r, block_cols + c))
     n = counts.sum()
     apart = sums[0] / max(counts[0], 1) >= LOUD_COLUMN ** 2 * sums[1] / max(counts[1], 1)
-    if not (found and apart and counts[0] <= LOUD_VALUES_FEW * n):
+    loud = (min(m.shape) >= THIN_SIDE
+            or sums[3] / max(n, 1) - (sums[2] / max(n, 1)) ** 2 > (LOUD_COLUMN * sigma) ** 2)
+    if not (found and apart and loud and counts[0] <= LOUD_VALUES_FEW * n):
         return none
     return tuple(np.concatenate(part) for part in zip(*found))
 
