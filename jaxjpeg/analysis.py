@@ -45,6 +45,12 @@ class SliceStats:
         return self.sum / max(1, self.count)
 
     @property
+    def variance(self) -> np.ndarray:
+        """Each slice's mean square about its mean (float64; rounding can
+        leave it below 0 where the mean dwarfs the spread)."""
+        return self.squares / max(1, self.count) - self.mean * self.mean
+
+    @property
     def rms(self) -> np.ndarray:
         """Root mean square of each slice (as :func:`jaxjpeg.views.axis_rms`)."""
         return np.sqrt(self.squares / max(1, self.count))
@@ -156,7 +162,7 @@ def may_have_far_values(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) 
     rows reaching ``sigmas / 2`` RMS, is :func:`suspect_rows` and
     :func:`hide_far_values`."""
     mean = rows.mean
-    variance = rows.squares / max(1, rows.count) - mean * mean
+    variance = rows.variance
     varies = rows.max > rows.min   # a constant row has no far values (its RMS is 0)
     if np.any(varies & (variance < MIN_VARIANCE_FRACTION * mean * mean)):
         return True
@@ -171,7 +177,7 @@ def suspect_rows(rows: SliceStats, sigmas: float = views.OUTLIER_SIGMAS) -> np.n
     hide (two in a row of 256 stand only 11 RMS out), and find_outliers
     takes a second look."""
     mean = rows.mean
-    rms = np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0))
+    rms = np.sqrt(np.maximum(rows.variance, 0.0))
     reach = np.maximum(rows.max - mean, mean - rows.min)
     return np.flatnonzero(reach > (1 - OUTLIER_MARGIN) * (sigmas / 2) * rms)
 
@@ -192,11 +198,9 @@ def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
     rule's own bound); only loud rows are read. Where there is no median row,
     find_outliers reads the leaf as one population, and so does this, with
     the same function (:func:`jaxjpeg.views.gross_in_leaf`)."""
-    mean = rows.mean
     # a constant row's RMS is 0 exactly, as find_outliers finds it (rows
     # whose variance cancels never reach here: may_have_far_values)
-    rms = np.where(rows.max > rows.min,
-                   np.sqrt(np.maximum(rows.squares / max(1, rows.count) - mean * mean, 0.0)), 0.0)
+    rms = np.where(rows.max > rows.min, np.sqrt(np.maximum(rows.variance, 0.0)), 0.0)
     bound = views.quiet_bound(rms, matrix.shape[1])
     if bound is None:
         return views.gross_in_leaf(matrix)[0].size > 0

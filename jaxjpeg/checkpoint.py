@@ -33,7 +33,7 @@ from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
                                        TIED, TIED_VERSION, parse_dtype, quantizable)
-from jaxjpeg.treepaths import glob_escape, leaves_with_paths, path_string
+from jaxjpeg.treepaths import first_names, glob_escape, leaves_with_paths, path_string
 
 
 # Default rate: uniform quantization of DCT coefficients with a step of this
@@ -1618,7 +1618,7 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
     if unused:
         warnings.warn(f"input_mean of {len(unused)} leaves unused: no BatchNorm after the "
                       f"layer and no bias of its output size to take its shift "
-                      f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
+                      f"({first_names(unused)})",
                       stacklevel=3)
     return {name: (input_mean[name], taker) for name, taker in takers.items()}
 
@@ -2334,7 +2334,7 @@ def _warn_weightless(sensitivity, shapes) -> None:
                         and _user_weight(sensitivity, name, shapes[name]) == 0)
     if weightless:
         warnings.warn(f"sensitivity is 0 for {len(weightless)} leaves "
-                      f"({', '.join(map(repr, weightless[:3]))}{', ...' if len(weightless) > 3 else ''}): "
+                      f"({first_names([repr(name) for name in weightless])}): "
                       "coded, the default save and byte targets give them no bytes and they "
                       "restore at about their mean; give them a positive weight to keep them",
                       stacklevel=7)   # save()'s caller

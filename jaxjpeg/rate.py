@@ -45,7 +45,7 @@ import numpy as np
 from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.checkpoint_reader import quantizable
-from jaxjpeg.treepaths import key_record, path_string
+from jaxjpeg.treepaths import first_names, key_record, path_string
 
 STEP_LIMIT = {8: 255, 12: 65535}
 MIN_STEP_8BIT = 8          # below this 8-bit rounding noise exceeds 1/64 of the coding noise
@@ -2512,16 +2512,16 @@ def _unreached_as_least(sensitivity: dict, sizes: dict) -> dict:
     refuse, and weighs nothing here."""
     unreached = sorted(name for name, v in sensitivity.items()
                        if sizes[name] and not np.any(v))
-    means = [float(np.mean(v)) for name, v in sensitivity.items() if sizes[name]]
-    reached = [m for m in means if math.isfinite(m) and m > 0]
     if not unreached:
         return sensitivity
+    means = [float(np.mean(v)) for name, v in sensitivity.items() if sizes[name]]
+    reached = [m for m in means if math.isfinite(m) and m > 0]
     if not reached:
         raise ValueError("the gradients were 0 for every leaf on every batch: "
                          "the loss does not depend on the parameters")
     least = min(reached)
     warnings.warn(f"the gradients were 0 on every batch for {len(unreached)} leaves "
-                  f"({', '.join(map(repr, unreached[:3]))}{', ...' if len(unreached) > 3 else ''}): "
+                  f"({first_names([repr(name) for name in unreached])}): "
                   f"they are weighed as the least of the others ({least:.3g})", stacklevel=3)
     return {name: np.full_like(v, least) if name in unreached else v
             for name, v in sensitivity.items()}

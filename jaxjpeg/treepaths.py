@@ -87,3 +87,9 @@ def matching(pattern: str, names) -> list[str]:
     if pattern in names:
         return [pattern]
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def first_names(names: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and ", ..." where
+    there are more (for messages naming leaves)."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")

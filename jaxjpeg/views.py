@@ -610,20 +610,20 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
         at_rows, at_cols = gross_in_leaf(m, ok, col_scale)
         cells[2][0].append(at_rows)
         cells[2][1].append(at_cols)
-    loud = np.zeros(0, np.int64) if bound is None else np.flatnonzero(row_rms > bound)
-    for start in range(0, loud.size, step):
-        rows = loud[start:start + step]
-        gross = gross_values(balanced(rows), None if ok is None else ok[rows], bound)
-        at_rows, at_cols = np.nonzero(gross)
-        cells[2][0].append(rows[at_rows])
-        cells[2][1].append(at_cols)
+    else:
+        loud = np.flatnonzero(row_rms > bound)
+        for start in range(0, loud.size, step):
+            rows = loud[start:start + step]
+            gross = gross_values(balanced(rows), None if ok is None else ok[rows], bound)
+            at_rows, at_cols = np.nonzero(gross)
+            cells[2][0].append(rows[at_rows])
+            cells[2][1].append(at_cols)
     kept = [np.sort(view.flat_index(x.shape, np.concatenate(at_rows), np.concatenate(at_cols)))
             for at_rows, at_cols in cells]
     for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION, LOUD_VALUES_FEW)):
         if kept[k].size > limit * flat.size:
             kept[k] = np.zeros(0, np.int64)
-    index = np.union1d(np.flatnonzero(must), np.union1d(np.union1d(kept[0], kept[1]), kept[2]))
-    index = index.astype(np.int64)
+    index = np.union1d(np.flatnonzero(must), np.concatenate(kept)).astype(np.int64)
     return Outliers(index, flat[index].copy())
 
 
@@ -680,11 +680,9 @@ def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.nd
     dev, far_some = dev[some].astype(np.float64), far[some]
     near = ~far_some & ~np.isnan(dev)
     squares = np.where(far_some | near, dev * dev, 0.0)
-    count_far, count_near = far_some.sum(axis=1), near.sum(axis=1)
-    far_power = np.einsum("ij,ij->i", squares, far_some) / np.maximum(count_far, 1)
-    near_power = np.einsum("ij,ij->i", squares, near) / np.maximum(count_near, 1)
-    few = ((count_far <= LOUD_VALUES_FEW * (count_far + count_near))
-           & (far_power >= LOUD_COLUMN ** 2 * near_power))
+    count_far = far_some.sum(axis=1)
+    few = ((count_far <= LOUD_VALUES_FEW * (count_far + near.sum(axis=1)))
+           & (_masked_mean(squares, far_some) >= LOUD_COLUMN ** 2 * _masked_mean(squares, near)))
     far[some[~few]] = False
     return far
 
@@ -712,11 +710,13 @@ def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float) -> bool
     dev = dev[rows_].astype(np.float64)
     squares = np.where(np.isnan(dev), 0.0, dev * dev)
     beyond, within = beyond[rows_], within[rows_]
-    count_beyond = beyond.sum(axis=1)
-    far_most = np.where(count_beyond > 0, np.einsum("ij,ij->i", squares, beyond)
-                        / np.maximum(count_beyond, 1), float(high) ** 2)
-    near_least = np.einsum("ij,ij->i", squares, within) / np.maximum(within.sum(axis=1), 1)
-    return bool(np.any(far_most >= LOUD_COLUMN ** 2 * near_least))
+    far_most = np.where(beyond.any(axis=1), _masked_mean(squares, beyond), float(high) ** 2)
+    return bool(np.any(far_most >= LOUD_COLUMN ** 2 * _masked_mean(squares, within)))
+
+
+def _masked_mean(squares: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each row's mean of ``squares`` over ``mask`` (0 where it holds none)."""
+    return np.einsum("ij,ij->i", squares, mask) / np.maximum(mask.sum(axis=1), 1)
 
 
 GROSS_SAMPLE = 1 << 16   # values a leaf's median and spread are read from (gross_in_leaf)
