@@ -170,7 +170,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     lead, narrow = views.sharded_axes(shards), views.narrow_axes(shards)
     # a view free to put a loud axis on the columns, to balance them
     may_balance = (balance and view == "auto" and stack is None and x.ndim >= 2
-                   and importance is None and input_covariance is None and not lead)
+                   and importance is None and input_covariance is None)
     if stack is not None:
         view = views.stacked_view(probe, stack, lead, narrow)
     elif view == "auto":
@@ -186,9 +186,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     outliers = ((None if plain else analysis.no_far_values(x, view))
                 or views.find_outliers(x, view, finite=finite))
     scales = None   # column scales balancing loud slices or inputs (views.loud_column_scales)
-    loud = _loud_slices(probe, outliers) if may_balance else None
+    loud = _loud_slices(probe, outliers, shards) if may_balance else None
     if loud is not None and not quantized_vectors.is_sparse(x):   # a pruned leaf: its exact zeros
-        view = views.loud_view(x.shape, loud[0])
+        view = views.loud_view(x.shape, loud[0], lead)
         scales = loud[1]
         # their values are not far once balanced (found by review: looked at
         # unbalanced, the side list took most of them and nothing was balanced)
@@ -253,7 +253,7 @@ def _constant_rows_kept(x, view: views.MatrixView, m: np.ndarray, scales: np.nda
     return views.Outliers(index, x[np.unravel_index(index, x.shape)]), m
 
 
-def _loud_slices(probe: np.ndarray, outliers: views.Outliers):
+def _loud_slices(probe: np.ndarray, outliers: views.Outliers, shards=None):
     """:func:`views.loud_slices` of the values coded: without the side list
     (values it keeps exactly, found in one view, would make their slices
     loud in another and move the view for nothing); None where a loud
@@ -262,7 +262,7 @@ def _loud_slices(probe: np.ndarray, outliers: views.Outliers):
     (1e30), exact by its row's offset, came back within 5%, and rows of 50
     +- 1.5 coded their spread 125x coarser than the rest (found by review)."""
     rms = views.axis_rms(probe, outliers.index)
-    found = views.loud_slices(probe.shape, rms)
+    found = views.loud_slices(probe.shape, rms, shards)
     if found is None:
         return None
     axis, scales = found

@@ -467,12 +467,19 @@ def _loud(power: np.ndarray, most: float) -> np.ndarray | None:
     return excess
 
 
-def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray]) -> tuple[int, np.ndarray] | None:
+def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray],
+                regions=None) -> tuple[int, np.ndarray] | None:
     """(axis, column scales of :func:`loud_view`) where an axis's few loud
     slices (:func:`_loud`, at most LOUD_FEW of them, from each axis's slice
     RMS, :func:`axis_rms`) hold most of a leaf's energy, or None; its
     slices are MIN_CHANNEL or more, of LOUD_MIN_ROWS values or more. Of
-    two, the one whose quiet slices are quieter."""
+    two, the one whose quiet slices are quieter.
+
+    ``regions`` (the shards of a sharded array): where the view coded
+    without balancing (:func:`view_from_rms`) lets each shard decode tiles
+    of its own (:func:`reads_own_tiles`), only an axis whose loud view does
+    too (found by review: sharded saves were never balanced, their quiet
+    weights 3x worse than an unsharded save's)."""
     size = math.prod(shape)
     found = {}
     for a, r in enumerate(rms):
@@ -482,18 +489,45 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray]) -> tuple[int, n
         excess = _loud(power, LOUD_FEW)
         if excess is not None:
             found[a] = (power[excess == 1].mean() / power.mean(), excess)
+    if found and regions:
+        lead = sharded_axes(regions)
+        if reads_own_tiles(view_from_rms(shape, rms, lead, narrow_axes(regions)), shape, regions):
+            found = {a: v for a, v in found.items()
+                     if reads_own_tiles(loud_view(shape, a, lead), shape, regions)}
     if not found:
         return None
     axis = min(found, key=lambda a: found[a][0])
     return axis, _stored_exactly(found[axis][1])
 
 
-def loud_view(shape: Sequence[int], axis: int) -> MatrixView:
+def loud_view(shape: Sequence[int], axis: int, lead: Sequence[int] = ()) -> MatrixView:
     """The view with ``axis`` alone on the columns (its loud slices become
     columns to balance), the other axes on rows, larger first (ties: their
-    order), so every layout of the same weights gives one matrix."""
-    rows = sorted((a for a in range(len(shape)) if a != axis), key=lambda a: (-shape[a], a))
+    order), so every layout of the same weights gives one matrix; ``lead``
+    (sharded axes) first among the rows, so that a shard of one is a range
+    of rows."""
+    rows = sorted((a for a in range(len(shape)) if a != axis),
+                  key=lambda a: (a not in lead, -shape[a], a))
     return MatrixView((*rows, axis), len(rows))
+
+
+def reads_own_tiles(view: MatrixView, shape: Sequence[int], regions) -> bool:
+    """Whether, with tile edges at ``regions``' boundaries (the cuts of
+    :meth:`MatrixView.shard_cuts`, kept where no piece is narrower than
+    MIN_CUT_PIECE, as :meth:`jaxjpeg.codec.Prepared.with_shards` keeps
+    them), each region (shard) spans whole tiles of ``view``: on each side,
+    the whole side or a contiguous range between two edges."""
+    for axes, length, cuts in zip((view.row_axes(), view.col_axes()),
+                                  view.matrix_shape(shape), view.shard_cuts(shape, regions)):
+        if cuts and np.diff([0, *cuts, length]).min() < MIN_CUT_PIECE:
+            cuts = ()
+        edges = {0, *cuts, length}
+        for ranges in regions:
+            start, stop = _side_range(shape, ranges, axes)
+            count = math.prod(len(range(*ranges[a])) for a in axes)
+            if stop - start != count or start not in edges or stop not in edges:
+                return False
+    return True
 
 
 def _stored_exactly(scale: np.ndarray) -> np.ndarray:

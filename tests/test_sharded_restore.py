@@ -35,6 +35,7 @@ CHECKS = [
     "saved_sharded_last_axis_4_ways_reads_a_quarter",
     "saved_sharded_first_axis_reads_its_share",
     "saved_on_2x4_mesh_reads_an_eighth",
+    "saved_sharded_loud_slices_are_balanced_as_unsharded",
     "saved_sharded_restores_on_other_shardings",
     "orbax_handler_cuts_tiles_along_shards",
     "custom_encoder_gets_the_shards",

@@ -1159,6 +1159,46 @@ def test_loud_slices_finds_the_axis_whose_few_slices_hold_the_energy():
     assert views.loud_slices(short.shape, views.axis_rms(short)) is None
 
 
+def test_reads_own_tiles_wants_each_shard_a_run_of_whole_tiles():
+    view = views.MatrixView.default(2)
+    shape = (1024, 512)
+    assert views.reads_own_tiles(view, shape, _split(shape, 0, 8))     # 128 rows each
+    assert views.reads_own_tiles(view, shape, _split(shape, 1, 4))
+    assert views.reads_own_tiles(view, shape, [((0, 1024, 1), (0, 512, 1))] * 2)  # replicated
+    assert not views.reads_own_tiles(view, shape, _split(shape, 1, 32))  # 16 wide: no cuts
+    strided = views.MatrixView((1, 0), 1)   # a shard of axis 0 is every row's run of columns
+    assert views.reads_own_tiles(strided, shape, _split(shape, 0, 8))
+    conv = (64, 32, 3, 3)   # (O, I, kh, kw) as rows (I, O, kh) x columns (kw): O is strided
+    assert not views.reads_own_tiles(views.MatrixView((1, 0, 2, 3), 3), conv, _split(conv, 0, 2))
+
+
+def test_sharded_loud_slices_are_balanced_where_shards_keep_their_tiles():
+    """Found by review: a sharded save never balanced loud slices (quiet
+    weights of a (1024, 512) leaf with 8 columns 30x the rest at 0.32
+    instead of 0.113). Now it does, with the sharded axes leading the loud
+    view's rows, unless balancing would cost shards the tiles of their own
+    that the unbalanced view gives them."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1024, 512)).astype(np.float32)
+    x[:, :8] *= 30
+    for axis in (0, 1):
+        regions = _split(x.shape, axis, 8)
+        assert views.loud_slices(x.shape, views.axis_rms(x), regions)[0] == 1
+        p = rate.prepare_leaf(x, shards=regions)
+        assert p.view.col_axes() == (1,) and p.col_scale is not None
+        assert views.reads_own_tiles(p.view, x.shape, regions)
+    kernel = rng.standard_normal((64, 512, 9)).astype(np.float32)
+    kernel *= np.exp2(rng.normal(scale=3, size=(64, 1, 1))).astype(np.float32)
+    kernel[:, 3:5] *= 60   # 2 loud of 512 inputs, sharded 8 ways below
+    lead = views.loud_view(kernel.shape, 1, (0,))
+    assert lead.row_axes() == (0, 2)
+    assert views.loud_slices(kernel.shape, views.axis_rms(kernel))[0] == 1
+    narrow = _split(kernel.shape, 1, 64)   # 8 inputs a shard: columns too narrow to cut
+    assert views.loud_slices(kernel.shape, views.axis_rms(kernel), narrow) is None
+    p = rate.prepare_leaf(kernel, shards=narrow)
+    assert p.col_scale is None and views.reads_own_tiles(p.view, kernel.shape, narrow)
+
+
 def test_axis_rms_without_positions_counts_them_as_zero():
     x = np.random.default_rng(0).standard_normal((300, 70, 5)).astype(np.float32)
     index = np.sort(np.random.default_rng(1).choice(x.size, 500, replace=False))
