@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxjpeg import (analysis, buffers, codec, embeddings, format as fmt, layout, magnitudes,
-                     prng_keys, stacks, storage, ties)
+                     prng_keys, quantized_slices, stacks, storage, ties)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
@@ -358,6 +358,10 @@ def _why_raw(array: np.ndarray) -> str | None:
                 return "stored raw: its values are too small to code (RMS below 2^-90)"
     if _few_values(array):
         return f"stored exactly: it takes at most {FEW_VALUES} distinct values (a mask?)"
+    sliced = _sliced_grid(array)
+    if sliced is not None:
+        return (f"stored exactly: each slice along axis {sliced[0]} takes at most "
+                f"{quantized_slices.LEVELS} values on a step of its own (quantized per channel?)")
     if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:
         return (f"stored raw: more than 1/{round(1 / MAX_KEPT_FRACTION)} of its values are "
                 "NaN, infinite or extreme")
@@ -2490,6 +2494,9 @@ def _exact_bytes(array: np.ndarray) -> int:
     flat = _little_endian(array)
     if flat.nbytes <= DEFLATE_HALF_MAX_BYTES:
         return _nbytes(_exact_blob(array))
+    sliced = _sliced_grid_exactly(array)   # its codes, smaller than any deflated planes
+    if sliced is not None:
+        return _nbytes(sliced)
     share = _sampled_deflate_share(flat)
     if share > DEFLATE_PAYS:
         return flat.nbytes
@@ -2534,6 +2541,9 @@ def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.
     grid = _grid_exactly(array, _few_values(array) if few is None else few)
     if grid is not None:
         options.append(grid)
+    sliced = _sliced_grid_exactly(array)
+    if sliced is not None:
+        options.append(sliced)
     return _exactly(min(options, key=_nbytes))
 
 
@@ -2583,6 +2593,28 @@ def _grid_exactly(array: np.ndarray, few: bool) -> tuple | None:
         return None
     restored = quantized_vectors.restored_values(array, coded[0], coded[1])
     if not _same_bits(np.asarray(restored, array.dtype).reshape(array.shape), array):
+        return None
+    return coded[0], {"kind": "raw", **coded[1]}
+
+
+def _sliced_grid(array: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """:func:`jaxjpeg.quantized_slices.find` of a leaf that may be stored
+    quantized (float32 or half precision)."""
+    if not quantizable(array.dtype) or array.ndim < 2:
+        return None
+    return quantized_slices.find(array)
+
+
+def _sliced_grid_exactly(array: np.ndarray) -> tuple | None:
+    """(blob, record fields) of a leaf quantized per slice (_sliced_grid), as
+    its codes and its slices' steps, where that restores it bit for bit."""
+    found = _sliced_grid(array)
+    coded = None if found is None else quantized_slices.encode(array, *found)
+    if coded is None:
+        return None
+    restored = quantized_slices.restore(coded[0], array.shape, quantized_slices.check_record(
+        coded[1], array.shape, "a leaf quantized per slice"))
+    if not _same_bits(restored.astype(array.dtype), array):
         return None
     return coded[0], {"kind": "raw", **coded[1]}
 
@@ -2649,6 +2681,8 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
     if _few_values(array):   # a mask, a code book: exact (review: a linear step moved -1e9)
         blob, extra = _exact_blob(array, few=True)
         return (blob, extra, "") if exact_option and extra.get("deflated") else None
+    if _sliced_grid(array) is not None:   # quantized per channel: exact, as its codes
+        return None
     half = _half_exactly(array)
     if half is not None:   # float16 holds every value: no rounding (a vector of counts)
         return _exact_alternative(array, False, half) if exact_option else None
@@ -3313,7 +3347,7 @@ def _stored_raw_bytes(array: np.ndarray, limits=None, first_moment: bool = False
     (stored, its record's fields where rounded, else None), stored the
     smaller of _lossy_raw's and the exact ones'."""
     exact = _exact_bytes(array)
-    if _few_values(array):
+    if _few_values(array) or _sliced_grid(array) is not None:
         return exact, None
     lossy = _lossy_raw(array, limits, first_moment, exact_option=False)
     if lossy is None or _nbytes(lossy) >= exact:

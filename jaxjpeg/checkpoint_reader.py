@@ -12,7 +12,8 @@ import math
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import _native, format as fmt, layout, prng_keys, quantized_vectors, storage
+from jaxjpeg import (_native, format as fmt, layout, prng_keys, quantized_slices,
+                     quantized_vectors, storage)
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -158,6 +159,19 @@ def _centered_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
     return dataclasses.replace(leaf, quantized=fields, square_of=square_of)
 
 
+def _sliced_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
+    """A leaf quantized per slice (jaxjpeg.quantized_slices): its codes'
+    fields, and the axis its slices' steps run along."""
+    if not quantizable(leaf.dtype):
+        raise fmt.FormatError(f"leaf {leaf.index}: a {leaf.dtype} leaf cannot be stored as "
+                              f"{quantized_slices.STORED!r}")
+    try:
+        fields = quantized_slices.check_record(record, leaf.shape, f"leaf {leaf.index}")
+    except ValueError as e:
+        raise fmt.FormatError(str(e)) from None
+    return dataclasses.replace(leaf, quantized=fields)
+
+
 def _check_squares_of(leaves: list[SavedLeaf]) -> None:
     """A centered moment's first moment is another leaf of its shape, a
     float32 raw one that is not itself centered (no chains, no loops)."""
@@ -193,7 +207,8 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         # bit and zlib's 1032 bytes a byte.
         # Deflated raw values, zlib's 1032 bytes a byte at most.
         # A tied leaf's shape is its first's (checked below), bounded so.
-        per_byte = (8 * 1032 if record.get("kind") == "raw" and record.get("stored") == "quantized"
+        per_byte = (8 * 1032 if record.get("kind") == "raw"
+                    and record.get("stored") in ("quantized", quantized_slices.STORED)
                     and "nonzeros" in record
                     else 1032 if record.get("kind") == "raw" and record.get("deflated") is True
                     else math.inf if record.get("kind") == TIED
@@ -224,6 +239,8 @@ def _parse_leaf(index: int, record: dict, file_size: int,
                 return dataclasses.replace(leaf, quantized=fields)
             if stored == STORED_ABOVE_SQUARE:
                 return _centered_leaf(leaf, record)
+            if stored == quantized_slices.STORED:
+                return _sliced_leaf(leaf, record)
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "
                                       f"{stored!r:.40}")
@@ -398,8 +415,10 @@ class Checkpoint:
         data = self._read(leaf, layout.raw_blob(leaf.blob_index), "its values")
         if leaf.quantized is not None:
             try:
-                values = quantized_vectors.decoded_values(data, math.prod(leaf.shape),
-                                                          leaf.quantized)
+                values = (quantized_slices.restore(data, leaf.shape, leaf.quantized)
+                          if "slice_axis" in leaf.quantized else
+                          quantized_vectors.decoded_values(data, math.prod(leaf.shape),
+                                                           leaf.quantized))
             except ValueError as e:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
             if leaf.square_of is not None:

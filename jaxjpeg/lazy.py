@@ -48,7 +48,8 @@ class LeafInfo:
     kept: int = 0              # jpeg: values kept exactly in the side list
     stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
     # raw, quantized on a step (a byte target's BatchNorm vector or small kernel, a thin
-    # leaf, an optimizer moment on log2 steps): (domain, step)
+    # leaf, an optimizer moment on log2 steps): (domain, step); quantized per
+    # channel (jaxjpeg.quantized_slices): ("per_slice", the axis the steps run along)
     quantized: tuple[str, float] | None = None
     prng_impl: str | None = None   # raw uint32: the key data of typed PRNG keys of this implementation
     exact: bool = False        # raw: restores bit for bit (in its own dtype or a smaller form)
@@ -130,7 +131,8 @@ class LazyReader:
         if leaf.kind == "raw":
             q = leaf.quantized
             return LeafInfo(**common, stored_dtype=leaf.stored_dtype,
-                            quantized=None if q is None else (q["domain"], q["step"]),
+                            quantized=(None if q is None else ("per_slice", q["slice_axis"])
+                                       if "slice_axis" in q else (q["domain"], q["step"])),
                             prng_impl=leaf.prng_impl)
         return LeafInfo(**common, sample_bits=leaf.bits, restart_interval=leaf.restart_interval,
                         view=(leaf.view.perm, leaf.view.split), tiles=len(leaf.tiles),

@@ -1,0 +1,217 @@
+"""Leaves quantized per channel (jaxjpeg.quantized_slices): stored as their codes.
+
+Found by review: weights fake-quantized to 4 bits per output channel (QAT,
+dequantized QDQ exports) were JPEG-coded, a third of their codes moved at
+the default save and at 8x, where their information is 4 bits a weight.
+"""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxjpeg
+from jaxjpeg import checkpoint_reader as ckr
+from jaxjpeg import cli, quantized_slices
+from jaxjpeg import format as fmt
+
+from test_checkpoint_corruption import rewrite
+
+
+def per_channel(w, axis, levels=16, style="round", zero_point=False, dtype=np.float32):
+    """``w`` fake-quantized per slice along ``axis``: ``round(w / s) * s`` as
+    JAX code writes it (-0.0 where a small negative rounds to 0), or
+    PyTorch's integer codes times the scale ("torch": +0.0); ``zero_point``:
+    asymmetric, ``(k - z) * s`` with k in [0, levels); scales and values in
+    ``dtype``."""
+    others = tuple(a for a in range(w.ndim) if a != axis)
+    if zero_point:
+        low, high = w.min(axis=others, keepdims=True), w.max(axis=others, keepdims=True)
+        s = ((high - low) / (levels - 1)).astype(np.float32)
+        z = np.round(-low / s)
+        k = np.clip(np.round(w / s) + z, 0, levels - 1)
+        return ((k - z).astype(np.int32) * s).astype(np.float32)
+    s = (np.max(np.abs(w), axis=others, keepdims=True) / (levels // 2 - 1)).astype(dtype)
+    s = s.astype(np.float32)
+    k = np.clip(np.round(w / s), -(levels // 2), levels // 2 - 1)
+    if style == "torch":
+        k = k.astype(np.int32)
+    return (k * s).astype(dtype)
+
+
+def _bits(x):
+    return np.asarray(x).view(f"u{np.asarray(x).dtype.itemsize}")
+
+
+def _rng_weights(shape, scale_axis, seed=0):
+    rng = np.random.default_rng(seed)
+    scales = np.exp(rng.normal(size=shape[scale_axis]))
+    shaped = [1] * len(shape)
+    shaped[scale_axis] = -1
+    return (rng.standard_normal(shape) * scales.reshape(shaped)).astype(np.float32)
+
+
+CASES = {
+    "flax_dense_out": ((512, 1024), 1, {}),
+    "torch_linear_out": ((1024, 512), 0, {"style": "torch"}),
+    "torch_conv_out": ((256, 128, 3, 3), 0, {"style": "torch"}),
+    "flax_conv_out": ((3, 3, 128, 256), 3, {}),
+    "asymmetric": ((512, 768), 0, {"zero_point": True}),
+    "ternary_rows": ((256, 512), 0, {"levels": 4}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("options", [{}, {"target_ratio": 8}])
+def test_leaves_quantized_per_channel_restore_bit_for_bit(tmp_path, case, options):
+    shape, axis, how = CASES[case]
+    q = per_channel(_rng_weights(shape, axis), axis, **how)
+    path = tmp_path / "q.jjpg"
+    report = jaxjpeg.save(path, {"w": q}, **options)
+    restored = np.asarray(jaxjpeg.restore(path)["w"])
+    np.testing.assert_array_equal(_bits(restored), _bits(q))
+    assert q.nbytes / path.stat().st_size > 8.5, path.stat().st_size
+    (leaf,) = report.leaves
+    assert "quantized per channel" in leaf.note, leaf.note
+    with ckr.Checkpoint(str(path)) as c:
+        assert c.leaves[0].exact and c.leaves[0].quantized["slice_axis"] == axis
+    with jaxjpeg.open(path) as f:
+        assert f.info("w").quantized == ("per_slice", axis) and f.info("w").exact
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_half_precision_leaves_quantized_per_channel(tmp_path, dtype):
+    q = per_channel(_rng_weights((256, 512), 0), 0, style="torch", dtype=dtype)
+    path = tmp_path / "q.jjpg"
+    jaxjpeg.save(path, {"w": q})
+    restored = np.asarray(jaxjpeg.restore(path)["w"])
+    assert restored.dtype == q.dtype
+    np.testing.assert_array_equal(_bits(restored), _bits(q))
+    assert q.nbytes / path.stat().st_size > 4
+
+
+def test_a_byte_target_spends_the_rest_on_the_float_leaves(tmp_path):
+    """A QAT layer beside float ones: kept exactly, the target still met."""
+    rng = np.random.default_rng(1)
+    tree = {"quantized": per_channel(_rng_weights((512, 512), 1), 1),
+            "float": rng.standard_normal((512, 512)).astype(np.float32)}
+    path = tmp_path / "q.jjpg"
+    jaxjpeg.save(path, tree, target_ratio=8)
+    restored = jaxjpeg.restore(path)
+    np.testing.assert_array_equal(_bits(restored["quantized"]), _bits(tree["quantized"]))
+    raw = sum(v.nbytes for v in tree.values())
+    assert abs(path.stat().st_size - raw / 8) < 0.02 * raw / 8, path.stat().st_size
+
+
+def test_what_is_not_quantized_per_channel():
+    rng = np.random.default_rng(2)
+    w = _rng_weights((256, 512), 0)
+    assert quantized_slices.find(w) is None                       # float weights
+    assert quantized_slices.find(per_channel(w, 0, levels=256)) is None   # 8 bits: coded
+    q = per_channel(w, 0)
+    q[100, 7] += 0.37 * np.abs(q[100][q[100] != 0]).min()   # one value off its row's step
+    assert quantized_slices.find(q) is None
+    assert quantized_slices.find(per_channel(w, 0)[:, :32]) is None   # too few to repeat
+    assert quantized_slices.find(per_channel(w, 0)[0]) is None        # a vector
+    assert quantized_slices.find(np.zeros((64, 256), np.float32)) is None   # JPEG's DC
+    assert quantized_slices.find(np.full((64, 256), 0.5, np.float32)) is None
+    nan = per_channel(w, 0)
+    nan[3, 3] = np.nan
+    assert quantized_slices.find(nan) is None
+    found = quantized_slices.find(per_channel(rng.standard_normal((64, 4096)), 1))
+    assert found is not None and found[0] == 1 and found[1].shape == (4096,)
+
+
+def test_zero_slices_and_sparse_codes(tmp_path):
+    """A pruned channel (all zeros, step 1) and mostly-zero codes (the
+    sparse coding of the codes) restore bit for bit."""
+    q = per_channel(_rng_weights((256, 512), 0), 0)
+    q[5] = 0
+    q[np.random.default_rng(3).random(q.shape) < 0.7] = 0
+    path = tmp_path / "q.jjpg"
+    jaxjpeg.save(path, {"w": q})
+    np.testing.assert_array_equal(_bits(jaxjpeg.restore(path)["w"]), _bits(q))
+
+
+def _saved(tmp_path):
+    q = per_channel(_rng_weights((128, 256), 0), 0)   # holds -0.0: a sign plane
+    assert np.signbit(q[q == 0]).any()
+    path = str(tmp_path / "q.jjpg")
+    jaxjpeg.save(path, {"w": q})
+    return path, q
+
+
+def _leaf(meta):
+    return meta["leaves"][0] if "leaves" in meta else meta["tree"]["leaves"][0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(slice_axis=2), "bad slice axis"),
+    (lambda r: r.update(slice_axis="0"), "bad slice axis"),
+    (lambda r: r.update(domain="log2"), "per-slice codes on"),
+    (lambda r: r.update(zero_sign_bytes=-1), "bad zero sign size"),
+    (lambda r: r.update(zero_sign_bytes=r["zero_sign_bytes"] + 1), "holds"),
+])
+def test_bad_records_are_refused(tmp_path, edit, message):
+    path, _ = _saved(tmp_path)
+
+    def edit_meta(meta):
+        leaf = _find_record(meta)
+        edit(leaf)
+    bad = rewrite(path, str(tmp_path / "bad.jjpg"), edit_meta=edit_meta)
+    with pytest.raises((fmt.FormatError, ValueError), match=message):
+        jaxjpeg.restore(bad)
+
+
+def _find_record(meta):
+    """The leaf record holding ``slice_axis`` (wherever the header nests it)."""
+    stack = [meta]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "slice_axis" in node:
+                return node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError("no per-slice record: " + json.dumps(meta)[:300])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan_step", "not finite and positive"),
+    ("truncated", "fewer than its"),
+    ("sign_padding", "padding"),
+    ("extra_sign_byte", "bytes of signs"),
+])
+def test_bad_blobs_are_refused(tmp_path, damage, message):
+    path, q = _saved(tmp_path)
+    with ckr.Checkpoint(path) as c:
+        signs = c.leaves[0].quantized["zero_sign_bytes"]
+        zeros = int(np.count_nonzero(q == 0))
+
+    def edit_blobs(blobs):
+        (name,) = [n for n in blobs if n.startswith("leaf0")]
+        data = bytearray(blobs[name])
+        if damage == "nan_step":
+            data[:4] = np.float32(np.nan).tobytes()
+        elif damage == "truncated":
+            data = data[:100]
+        elif damage == "extra_sign_byte":
+            data[4 * q.shape[0] + signs:4 * q.shape[0] + signs] = b"\0"
+        else:
+            assert zeros % 8, "the plane needs padding bits to set"
+            data[4 * q.shape[0] + signs - 1] |= 1
+        blobs[name] = bytes(data)
+    def edit_meta(meta):
+        if damage == "extra_sign_byte":
+            _find_record(meta)["zero_sign_bytes"] += 1
+    bad = rewrite(path, str(tmp_path / "bad.jjpg"), edit_meta=edit_meta, edit_blobs=edit_blobs)
+    with pytest.raises((fmt.FormatError, ValueError), match=message):
+        jaxjpeg.restore(bad)
+
+
+def test_inspect_names_the_coding(tmp_path, capsys):
+    path, _ = _saved(tmp_path)
+    assert cli.main(["inspect", path]) == 0
+    assert "raw-step-per-slice(exact)" in capsys.readouterr().out
