@@ -118,10 +118,13 @@ def to_samples(view: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: in
     """float32 samples of the rows of ``view`` under their maps (``scale``,
     ``offset``: those rows' entries of :func:`row_affine`'s), clipped to
     ``[0, 2^bits - 1]``; elementwise, so a tile's samples may be computed
-    from the tile alone."""
+    from the tile alone. A constant row (scale 0, restored as its offset
+    whatever its samples) is the middle sample, the level the rows around
+    it average (the encoder's ConstantLine, xla_ops/encoder.cc)."""
     divisor = np.where(scale > 0, scale, np.float32(1))
     samples = (np.asarray(view, np.float32) - offset[:, None]) / divisor[:, None]
     np.clip(samples, 0, sample_max(bits), out=samples)
+    samples[~(np.asarray(scale) > 0)] = 0.5 * (sample_max(bits) + 1)
     return samples.astype(np.float32, copy=False)
 
 

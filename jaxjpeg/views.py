@@ -296,11 +296,23 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
     if not channels:
         channels = [int(np.argmax(shape))]
     size = math.prod(shape)
-    if all(excess_spread(rms[a], size // max(1, shape[a])) == 0 for a in channels):
+    # all-zero slices (dead units, pruned channels): each axis's slices hold
+    # that many fewer values, whose RMS scatters more by sampling
+    zero = [int(np.count_nonzero(np.asarray(r) == 0)) for r in rms]
+    live = [1 - z / max(1, n) for z, n in zip(zero, shape)]
+
+    def sampled_values(a):
+        return size // max(1, shape[a]) * math.prod(live[b] for b in range(ndim) if b != a)
+    if all(excess_spread(rms[a], round(sampled_values(a))) == 0 for a in channels):
         # No axis has scales worth a map (noise, or a constant tensor): the
+        # one with the most values in all-zero slices, whose row offsets
+        # restore them as zeros (found by review: a Flax Dense kernel's dead
+        # outputs, columns, came back as the coding's noise); else the
         # earliest, which makes 2-D and (O, I, ...) leaves their own view, so
         # restoring them needs no transpose (see _default_row).
-        row = _default_row(shape, channels, narrow or {})
+        dead = [a for a in channels if a not in (narrow or {}) and 0 < zero[a] < shape[a]]
+        row = (max(dead, key=lambda a: (zero[a] * (size // shape[a]), -a)) if dead
+               else _default_row(shape, channels, narrow or {}))
     else:  # ties go to the larger axis, then the earlier one
         row = max(channels, key=lambda a: (round(scale_spread(rms[a]), 6), shape[a], -a))
     cols = [a for a in range(ndim) if a != row]

@@ -98,6 +98,18 @@ JJ_INLINE void RowMap(const SampleSource& source, int y, float* offset, float* d
   *divisor = source.row_scale[y] > 0.0f ? source.row_scale[y] : 1.0f;
 }
 
+// Whether line r of the block whose top row is y0 is a constant row (scale
+// <= 0): the decoder restores it as its offset whatever its samples, which
+// are then the middle sample (centered 0), as the rows around it average.
+// Sample 0, where (w - offset) put them, was a step of half the range in
+// every block beside them, coded at many bits (found by review: a Dense
+// kernel's dead outputs as rows cost 8% more than as columns).
+JJ_INLINE bool ConstantLine(const SampleSource& source, int y0, int r) {
+  if (source.row_scale == nullptr) return false;
+  const int y = y0 + r < source.height ? y0 + r : source.height - 1;
+  return !(source.row_scale[y] > 0.0f);
+}
+
 // Eight values of a line from ``start``; from ``limit`` on, the last one
 // repeats (a block past the image edge).
 JJ_INLINE void LoadEdgeClamped(const float* line, int start, int limit, float values[8]) {
@@ -124,8 +136,11 @@ JJ_INLINE void GatherCenteredBlock(const SampleSource& source, int x0, int y0, f
       float offset = 0.0f, divisor = 1.0f;
       if (mapped) RowMap(source, y, &offset, &divisor);
       for (int half = 0; half < 8; half += 4) {
-        StoreFloat4(block + r * 8 + half, CenteredSamples(LoadFloat4(values + half), zero + offset,
-                                                          zero + divisor, top, middle, mapped));
+        StoreFloat4(block + r * 8 + half, ConstantLine(source, y0, r)
+                                              ? zero
+                                              : CenteredSamples(LoadFloat4(values + half),
+                                                                zero + offset, zero + divisor,
+                                                                top, middle, mapped));
       }
     }
     return;
@@ -156,7 +171,9 @@ JJ_INLINE void GatherCenteredBlock(const SampleSource& source, int x0, int y0, f
   }
   Transpose8x8(half);  // half[h][r]: columns 4h..4h+3 of row r
   for (int h = 0; h < 2; ++h) {
-    for (int r = 0; r < 8; ++r) StoreFloat4(block + r * 8 + 4 * h, half[h][r]);
+    for (int r = 0; r < 8; ++r) {
+      StoreFloat4(block + r * 8 + 4 * h, ConstantLine(source, y0, r) ? zero : half[h][r]);
+    }
   }
 }
 
@@ -196,8 +213,10 @@ __attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleS
       const __m256 values = LoadEdgeClampedAvx2(source.data + y * source.stride, x0, source.width);
       float offset = 0.0f, divisor = 1.0f;
       if (mapped) RowMap(source, y, &offset, &divisor);
-      rows[r] = CenteredSamplesAvx2(values, _mm256_set1_ps(offset), _mm256_set1_ps(divisor), top,
-                                    middle, mapped);
+      rows[r] = ConstantLine(source, y0, r)
+                    ? _mm256_setzero_ps()
+                    : CenteredSamplesAvx2(values, _mm256_set1_ps(offset),
+                                          _mm256_set1_ps(divisor), top, middle, mapped);
     }
     return;
   }
@@ -218,6 +237,9 @@ __attribute__((target("avx2"))) inline void GatherCenteredRowsAvx2(const SampleS
     rows[c] = CenteredSamplesAvx2(values, offset, divisor, top, middle, mapped);
   }
   Transpose8x8Avx2(rows);
+  for (int r = 0; r < 8; ++r) {
+    if (ConstantLine(source, y0, r)) rows[r] = _mm256_setzero_ps();
+  }
 }
 #endif
 
