@@ -195,19 +195,23 @@ def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
     keeps (:func:`jaxjpeg.views.gross_values`): its bounds OUTLIER_MARGIN
     either way (found by review: lowered only, the count of far values
     could pass the rule's limit and the gate missed a block gross at the
-    rule's own bound); only loud rows are read. Where there is no median row,
-    find_outliers reads the leaf as one population, and so does this, with
-    the same function (:func:`jaxjpeg.views.gross_in_leaf`)."""
+    rule's own bound); only loud rows are read. Where there is no quiet
+    median row (none, or gross values in every row:
+    :func:`jaxjpeg.views.rows_hide_gross_values`), find_outliers reads the
+    leaf as one population, and so does this, with the same functions
+    (:func:`jaxjpeg.views.gross_in_leaf`)."""
     # a constant row's RMS is 0 exactly, as find_outliers finds it (rows
     # whose variance cancels never reach here: may_have_far_values)
     rms = np.where(rows.max > rows.min, np.sqrt(np.maximum(rows.variance, 0.0)), 0.0)
     bound = views.quiet_bound(rms, matrix.shape[1])
-    if bound is None:
-        return views.gross_in_leaf(matrix)[0].size > 0
-    loud = np.flatnonzero(rms > (1 - OUTLIER_MARGIN) * bound)
-    step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
-    return any(views.may_hold_gross_values(matrix[loud[i:i + step]], bound, OUTLIER_MARGIN)
-               for i in range(0, loud.size, step))
+    if bound is not None:
+        loud = np.flatnonzero(rms > (1 - OUTLIER_MARGIN) * bound)
+        step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+        if any(views.may_hold_gross_values(matrix[loud[i:i + step]], bound, OUTLIER_MARGIN)
+               for i in range(0, loud.size, step)):
+            return True
+    return ((bound is None or views.rows_hide_gross_values(matrix))
+            and views.gross_in_leaf(matrix)[0].size > 0)
 
 
 def no_far_values(x: np.ndarray, view: views.MatrixView) -> views.Outliers | None:
