@@ -328,11 +328,12 @@ MAX_KEPT_FRACTION = 1 / 16  # leaves with more non-finite or extreme values are 
 MIN_CODED_RMS = 2.0 ** -90
 
 
-def _is_coded(policy: "Policy", name: str, array: np.ndarray) -> bool:
+def _is_coded(policy: "Policy", name: str, array: np.ndarray, per_slice: bool = True) -> bool:
     """JPEG-coded: the policy says so, few enough values are non-finite or
     extreme (those are kept exactly in the leaf's side list) and the values
-    are not vanishingly small."""
-    return policy.should_compress(name, array) and _why_raw(array) is None
+    are not vanishingly small (nor, with ``per_slice``, quantized per
+    channel: see :func:`_why_raw`)."""
+    return policy.should_compress(name, array) and _why_raw(array, per_slice) is None
 
 
 def _jpeg_coded(policy: "Policy", coded: "set | None", name: str, array: np.ndarray,
@@ -344,8 +345,10 @@ def _jpeg_coded(policy: "Policy", coded: "set | None", name: str, array: np.ndar
                                else _is_coded(policy, name, array))
 
 
-def _why_raw(array: np.ndarray) -> str | None:
-    """Why a leaf the policy codes is stored raw, or None."""
+def _why_raw(array: np.ndarray, per_slice: bool = True) -> str | None:
+    """Why a leaf the policy codes is stored raw, or None. ``per_slice``:
+    a leaf quantized per channel is stored exactly as its codes (a byte
+    target says where: _sliced_fits)."""
     array = np.asarray(array)
     if array.dtype == np.float64 and array.size:
         finite = np.isfinite(array)
@@ -358,7 +361,7 @@ def _why_raw(array: np.ndarray) -> str | None:
                 return "stored raw: its values are too small to code (RMS below 2^-90)"
     if _few_values(array):
         return f"stored exactly: it takes at most {FEW_VALUES} distinct values (a mask?)"
-    sliced = _sliced_grid(array)
+    sliced = _sliced_grid(array) if per_slice else None
     if sliced is not None:
         return (f"stored exactly: each slice along axis {sliced[0]} takes at most "
                 f"{quantized_slices.LEVELS} values on a step of its own (quantized per channel?)")
@@ -1034,7 +1037,11 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         if signed is not None:
             return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed)
         small_kernel = False   # a kernel too small for JPEG on the allocation's step
-        if not _is_coded(policy, leaf.name, array):
+        # a leaf quantized per channel stays exact where its codes fit its
+        # share of the target (found by review: exact on short slices, 4.3-4.6
+        # bits a weight, such leaves made targets that had been met refused)
+        per_slice = _sliced_fits(array, target_bytes * array.size / max(1, total))
+        if not _is_coded(policy, leaf.name, array, per_slice=per_slice):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
             small_moment = (log_coding.small_signed(leaf.name, array)
@@ -2568,19 +2575,22 @@ def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.
     mask: 1.3 bits a value, 2.6 as float32's planes); a leaf of few values
     on a uniform grid as its codes on it (_grid_exactly: ternary weights,
     1.6 bits a value where deflated planes took 5.8, found by review).
-    ``few``: _few_values(array), where the caller knows it."""
+    ``few``: _few_values(array), where the caller knows it. A leaf quantized
+    per slice that takes more values (_sliced_grid_exactly) as its codes:
+    a third of its deflated planes or less, which are not tried."""
+    few = _few_values(array) if few is None else few
+    sliced = None if few else _sliced_grid_exactly(array)
+    if sliced is not None:
+        return _exactly(sliced)
     packed = _deflated(array)
     options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
                else (np.ascontiguousarray(array), {"kind": "raw"})]
     half = _half_exactly(array)
     if half is not None:
         options.append(_half_blob(half))
-    grid = _grid_exactly(array, _few_values(array) if few is None else few)
+    grid = _grid_exactly(array, few)
     if grid is not None:
         options.append(grid)
-    sliced = _sliced_grid_exactly(array)
-    if sliced is not None:
-        options.append(sliced)
     return _exactly(min(options, key=_nbytes))
 
 
@@ -2642,18 +2652,19 @@ def _sliced_grid(array: np.ndarray) -> tuple[int, np.ndarray] | None:
     return quantized_slices.find(array)
 
 
+def _sliced_fits(array: np.ndarray, share: float) -> bool:
+    """Whether ``array`` is quantized per slice and its codes (_sliced_grid_exactly)
+    take at most ``share`` bytes."""
+    sliced = _sliced_grid_exactly(array)
+    return sliced is not None and _nbytes(sliced) <= share
+
+
 def _sliced_grid_exactly(array: np.ndarray) -> tuple | None:
     """(blob, record fields) of a leaf quantized per slice (_sliced_grid), as
-    its codes and its slices' steps, where that restores it bit for bit."""
-    found = _sliced_grid(array)
+    its codes and its slices' steps: bit for bit (its zeros' signs kept)."""
+    found = _sliced_grid(array)   # which checked every value against its code and step
     coded = None if found is None else quantized_slices.encode(array, *found)
-    if coded is None:
-        return None
-    restored = quantized_slices.restore(coded[0], array.shape, quantized_slices.check_record(
-        coded[1], array.shape, "a leaf quantized per slice"))
-    if not _same_bits(restored.astype(array.dtype), array):
-        return None
-    return coded[0], {"kind": "raw", **coded[1]}
+    return None if coded is None else (coded[0], {"kind": "raw", **coded[1]})
 
 
 # Under a byte target a float32 kernel too small for JPEG (ndim >= 2, kept

@@ -426,7 +426,13 @@ class Checkpoint:
 
                 values = magnitudes.above_square(values, self.read_raw(self.leaves[leaf.square_of])
                                                  .reshape(-1))
-            return values.reshape(leaf.shape).astype(leaf.dtype, copy=False)
+            with np.errstate(over="ignore"):
+                values = values.reshape(leaf.shape).astype(leaf.dtype, copy=False)
+            if leaf.dtype != np.float32 and not np.all(np.isfinite(values)):
+                # (found by review: a float16 leaf's steps past its range restored inf)
+                raise fmt.FormatError(f"{self.path}: {leaf.path} restores values beyond "
+                                      f"{leaf.dtype}'s range")
+            return values
         stored = leaf.stored_dtype or leaf.dtype
         if leaf.deflated:
             try:

@@ -30,7 +30,7 @@ STORED = "quantized_slices"
 LEVELS = 16          # values a slice may take (4 bits)
 MIN_REPEATS = 4      # values a slice holds per level at least (else nothing repeats)
 _PROBE_VALUES = 4096  # values of each of three slices looked at first
-_BLOCK_VALUES = 1 << 22
+_BLOCK_VALUES = 1 << 20   # (4 MiB of float32: the passes' temporaries stay small)
 
 
 def find(array: np.ndarray) -> tuple[int, np.ndarray] | None:
@@ -38,8 +38,8 @@ def find(array: np.ndarray) -> tuple[int, np.ndarray] | None:
     float ``array`` along that axis takes at most LEVELS values, whole
     multiples of the slice's step (its smallest nonzero magnitude; an
     all-zero slice's is 1), restored equal by :func:`restore`; else None.
-    The first values of three slices decide first, a block of slices at a
-    time after."""
+    The first values of three slices decide first, then two passes over the
+    leaf a chunk of at most about _BLOCK_VALUES values at a time."""
     array = np.asarray(array)
     if array.ndim < 2:
         return None
@@ -49,17 +49,26 @@ def find(array: np.ndarray) -> tuple[int, np.ndarray] | None:
         slices = np.moveaxis(array, axis, 0)
         probe = np.stack([_head(slices[i], _PROBE_VALUES) for i in (0, n // 2, n - 1)])
         # a constant leaf is JPEG's (its blocks DC alone: a bit a value here)
-        if np.all(probe == probe.flat[0]) or _steps(probe, array.dtype) is None:
+        if np.all(probe == probe.flat[0]) or _on_steps(probe, _smallest(probe), array.dtype) is None:
             continue
-        block = max(1, _BLOCK_VALUES // (array.size // n))
-        steps = []
-        for start in range(0, n, block):
-            found = _steps(slices[start:start + block].reshape(-1, array.size // n), array.dtype)
-            if found is None:
+        steps = np.full(n, np.inf, np.float32)
+        for chunk in _chunks(array, axis):
+            if not np.all(np.isfinite(chunk)):
                 break
-            steps.append(found)
+            steps = np.minimum(steps, _smallest(chunk))
         else:
-            return axis, np.concatenate(steps)
+            steps[~np.isfinite(steps)] = 1.0
+            span = [np.full(n, np.inf), np.full(n, -np.inf)]
+            for chunk in _chunks(array, axis):
+                codes = _on_steps(chunk, steps, array.dtype)
+                if codes is None:
+                    break
+                span = [np.minimum(span[0], codes.min(axis=1)),
+                        np.maximum(span[1], codes.max(axis=1))]
+                if np.any(span[1] - span[0] >= LEVELS):
+                    break
+            else:
+                return axis, steps
     return None
 
 
@@ -71,26 +80,43 @@ def _head(x: np.ndarray, count: int) -> np.ndarray:
     return x[:rows].reshape(-1)[:count] if rows > 1 else _head(x[0], count)
 
 
-def _steps(rows: np.ndarray, dtype) -> np.ndarray | None:
-    """Each row's step (see :func:`find`), or None where a row is not on it."""
+def _chunks(array: np.ndarray, axis: int):
+    """``array`` in float32 chunks along its longest other axis, each as
+    (its slices along ``axis``, their values in the chunk)."""
+    along = max((a for a in range(array.ndim) if a != axis), key=lambda a: array.shape[a])
+    length = max(1, _BLOCK_VALUES * array.shape[along] // max(1, array.size))
+    for start in range(0, array.shape[along], length):
+        part = np.take(array, np.arange(start, min(start + length, array.shape[along])), along)
+        yield np.moveaxis(part, axis, 0).reshape(array.shape[axis], -1).astype(np.float32)
+
+
+def _smallest(rows: np.ndarray) -> np.ndarray:
+    """Each row's smallest nonzero magnitude (inf where it holds none)."""
+    magnitude = np.abs(rows.astype(np.float32))
+    return np.min(magnitude, axis=1, where=magnitude > 0, initial=np.inf)
+
+
+def _on_steps(rows: np.ndarray, steps: np.ndarray, dtype) -> np.ndarray | None:
+    """The codes of ``rows`` on their ``steps`` (inf: 1), where every value
+    is its code times its step, rounded to ``dtype`` (-0.0 as 0.0) and the
+    codes span fewer than LEVELS; else None."""
     x = rows.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        return None
-    magnitude = np.abs(x)
-    step = np.min(magnitude, axis=1, where=magnitude > 0, initial=np.inf)
-    step[~np.isfinite(step)] = 1.0
-    codes = np.rint(x / step[:, None])
-    if np.any(codes.max(axis=1) - codes.min(axis=1) >= LEVELS):
-        return None
-    restored = (codes * step[:, None]).astype(dtype).astype(np.float32)
-    return step.astype(np.float32) if np.array_equal(restored, x) else None   # -0.0 == 0.0
+    steps = np.where(np.isfinite(steps), steps, np.float32(1.0)).astype(np.float32)[:, None]
+    with np.errstate(all="ignore"):   # subnormal steps: huge codes, refused below
+        codes = np.rint(x / steps)
+        if not np.all(np.isfinite(codes)) or np.any(codes.max(axis=1) - codes.min(axis=1)
+                                                     >= LEVELS):
+            return None
+        restored = (codes * steps).astype(dtype).astype(np.float32)
+    return codes if np.array_equal(restored, x) else None
 
 
 def encode(array: np.ndarray, axis: int, steps: np.ndarray) -> tuple[bytes, dict] | None:
     """(blob, record fields) of ``array`` on its slices' ``steps`` (:func:`find`),
     or None where the codes cannot be coded."""
     x = np.asarray(array, np.float32)
-    codes = np.rint(x / steps.reshape(_broadcast_shape(array.shape, axis)))
+    codes = x / steps.reshape(_broadcast_shape(array.shape, axis))
+    np.rint(codes, out=codes)   # one leaf-sized copy
     coded = quantized_vectors.encode(codes, quantized_vectors.VectorStep(1.0))
     if coded is None:
         return None
@@ -112,6 +138,10 @@ def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
         raise ValueError(f"{where}: bad slice axis {axis!r:.40} for shape {shape}")
     if record.get("domain") != quantized_vectors.LINEAR:
         raise ValueError(f"{where}: per-slice codes on {record.get('domain')!r:.40} steps")
+    if record.get("step") != 1.0:   # the slices' steps scale the codes (found by review:
+        # a step of 2 doubled every value, silently)
+        raise ValueError(f"{where}: per-slice codes on a step of {record.get('step')!r:.40}, "
+                         "not 1")
     signs = record.get("zero_sign_bytes", 0)
     if type(signs) is not int or signs < 0:
         raise ValueError(f"{where}: bad zero sign size {signs!r:.40}")
