@@ -1389,6 +1389,26 @@ def test_unreached_leaves_ignore_empty_and_non_finite_leaves(mode):
                                         [jnp.float32(1.0)], **mode)
 
 
+@pytest.mark.parametrize("mode", [{}, {"per_row": True}, {"per_element": True}])
+def test_tiny_gradients_are_not_taken_for_unreached_leaves(mode):
+    """Found by review: float32 gradients under 1e-23 squared to 0, and
+    their leaves were weighed as unreached (the least of the others', with
+    a warning). Squared over their largest magnitude, they keep their size."""
+    jnp = jax.numpy
+    params = {"tiny": jnp.ones((8, 64)), "w": jnp.ones((8, 64))}
+
+    def loss(p, batch):
+        return jnp.sum(p["w"]) * batch + 1e-26 * jnp.sum(p["tiny"]) * batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sens = rate.sensitivity_from_gradients(loss, params, [jnp.float32(1.0),
+                                                              jnp.float32(2.0)], **mode)
+    np.testing.assert_allclose(sens["w"], 2.5, rtol=1e-6)
+    expected = 2.5 * float(jnp.float32(1e-26)) ** 2
+    np.testing.assert_allclose(sens["tiny"], expected, rtol=1e-5)
+
+
 def test_an_empty_leaf_weighed_at_zero_saves_without_warnings(tmp_path):
     """Found by review: save's check of weightless leaves took the mean of
     an empty leaf's importance (numpy's RuntimeWarnings)."""
