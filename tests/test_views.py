@@ -655,7 +655,8 @@ def test_a_byte_target_warns_when_kept_values_take_its_bytes(tmp_path):
     rng = np.random.default_rng(10)
     x = (0.05 * rng.standard_normal((1024, 1024))).astype(np.float32)
     x.reshape(-1)[rng.choice(x.size, x.size // 20, replace=False)] = 1e4
-    with pytest.warns(UserWarning, match=r"values kept exactly .* take 4[0-9,]+ of the file's "
+    with pytest.warns(UserWarning, match=r"values kept exactly .* not finite\) take 4[0-9,]+ "
+                                         r"of the file's "
                                          r"5[0-9,]+ bytes \(8[0-9]%\): x \(52,428 values\)"):
         jaxjpeg.save(tmp_path / "g.jjpg", {"x": x}, target_ratio=8)
     few = (0.05 * rng.standard_normal((1024, 1024))).astype(np.float32)
@@ -664,6 +665,54 @@ def test_a_byte_target_warns_when_kept_values_take_its_bytes(tmp_path):
         warnings.simplefilter("error")   # a few kept values: nothing to say
         report = jaxjpeg.save(tmp_path / "few.jjpg", {"x": few}, target_ratio=8)
     assert report.leaves[0].note == "8 values kept exactly"
+
+
+def _far_cases(rng):
+    base = lambda shape: (0.05 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    fifty = base((512, 512))
+    fifty.reshape(-1)[rng.choice(fifty.size, fifty.size // 10, replace=False)] = 2.5
+    spread = base((1024, 1024))
+    at = rng.choice(spread.size, spread.size // 100, replace=False)
+    spread.reshape(-1)[at] = 0.05 * 10 ** rng.uniform(1, 6, at.size)
+    rows = base((1024, 1024))
+    rows[:100][rng.random((100, 1024)) < 0.15] = 1e4
+    columns = base((1024, 1024))
+    columns[:, :8] = 1e4 * rng.choice([-1, 1], (1024, 8)) * (rng.random((1024, 8)) < 0.6)
+    return {"10% at 50 sigmas": fifty, "1% spread over 10-1e6 sigmas": spread,
+            "rows 15% gross": rows, "sign-mixed loud columns": columns}
+
+
+@pytest.mark.parametrize("case", ["10% at 50 sigmas", "1% spread over 10-1e6 sigmas",
+                                  "rows 15% gross", "sign-mixed loud columns"])
+def test_a_bulk_lost_to_far_values_is_warned_of(tmp_path, case):
+    """Found by review: values far from the rest that the side list does not
+    keep (too many, too spread, in rows past its share, sign-mixed loud
+    columns) set the coding's step and the rest restored at relative error
+    0.9-5700, without a word. The save now warns where it restores worse
+    than zeros (checkpoint._bulk_lost)."""
+    x = _far_cases(np.random.default_rng(11))[case]
+    with pytest.warns(UserWarning, match=r"w: the bulk of its values \(within 8 sigmas of its "
+                                         r"median, .*\) restores at relative error [0-9.e+]+, worse than zeros"):
+        jaxjpeg.save(tmp_path / "f.jjpg", {"w": x})
+
+
+@pytest.mark.parametrize("draw", ["normal", "student2", "spread_rows", "decayed", "gross_kept"])
+def test_a_bulk_coded_well_is_not_warned_of(tmp_path, draw):
+    rng = np.random.default_rng(12)
+    shape = (512, 512)
+    x = {"normal": lambda: rng.standard_normal(shape),
+         "student2": lambda: rng.standard_t(2, shape),
+         "spread_rows": lambda: rng.standard_normal(shape) * np.exp2(
+             rng.normal(scale=3, size=(512, 1))),
+         # a detector's kernels: half their weights decayed to 1e-7 or less
+         "decayed": lambda: rng.standard_normal(shape) * np.where(
+             rng.random((512, 1)) < 0.5, 1.0, 1e-7),
+         "gross_kept": lambda: np.where(rng.random(shape) < 0.01, 1e4,
+                                        rng.standard_normal(shape))}[draw]().astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxjpeg.save(tmp_path / "f.jjpg", {"w": x})
+        jaxjpeg.save(tmp_path / "f8.jjpg", {"w": x}, target_ratio=8)
 
 
 def test_gross_values_beside_mostly_zero_rows_are_kept(tmp_path):
