@@ -713,6 +713,7 @@ def quiet_bound(rms: np.ndarray, cols: int) -> float | None:
 # Rows at fixed positions that tell whether gross values lie in every row
 # (rows_hide_gross_values).
 HIDING_ROWS = 8
+HIDING_COLUMNS = 1024   # of each, at most
 
 
 def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
@@ -732,7 +733,9 @@ def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
     if cols < LOUD_MIN_ROWS or rows < MIN_CHANNEL:
         return False
     at = np.unique(np.linspace(0, rows - 1, HIDING_ROWS).round().astype(np.int64))
-    block = _balanced_block(m, ok, col_scale, at[:, None], np.arange(cols)[None, :])
+    cols_at = np.unique(np.linspace(0, cols - 1, min(cols, HIDING_COLUMNS))
+                        .round().astype(np.int64))   # a wide row's values at fixed columns
+    block = _balanced_block(m, ok, col_scale, at[:, None], cols_at[None, :])
     # nor subnormal values: weights decayed to nothing (PP-OCRv6's detector
     # holds rows of them around a few live ones), zeros in all but name
     block[np.abs(block) < np.finfo(np.float32).tiny] = np.nan
@@ -742,8 +745,8 @@ def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
         return False
     block = block[usable]
     with np.errstate(invalid="ignore"):
-        dev = np.abs(block - np.nanmedian(block, axis=1, keepdims=True))
-        sigma = 1.4826 * np.nanmedian(dev, axis=1, keepdims=True)
+        dev = np.abs(block - _row_medians(block))
+        sigma = 1.4826 * _row_medians(dev)
         # Columns far in most of these rows are loud columns (an input
         # channel held at 10), which balancing scales, not gross values
         # (found by test: read as gross, 1,152 values of such a kernel were
@@ -754,6 +757,17 @@ def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
         sigma = sigma[:, 0]
         ratio = np.where(sigma > 0, rms / np.where(sigma > 0, sigma, 1.0), np.inf)
     return bool(np.median(ratio) >= LOUD_COLUMN)
+
+
+def _row_medians(block: np.ndarray) -> np.ndarray:
+    """Each row's median over its values that are not NaN, as a column
+    (np.nanmedian's, by one sort: a save asks of every leaf)."""
+    ordered = np.sort(block, axis=1)   # NaN last
+    counted = np.count_nonzero(~np.isnan(block), axis=1)
+    low = np.maximum(counted - 1, 0) // 2
+    middle = (np.take_along_axis(ordered, low[:, None], 1)
+              + np.take_along_axis(ordered, (counted // 2)[:, None], 1)) / 2
+    return np.where(counted[:, None] > 0, middle, np.nan)
 
 
 def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.ndarray:
