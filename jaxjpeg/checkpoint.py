@@ -3441,16 +3441,17 @@ def _coding_note(name, array, enc) -> tuple[str, str | None]:
 
 # A coded leaf whose bulk -- its values within BULK_SIGMAS of its median, in
 # sigmas of 1.4826 times the median absolute deviation of about BULK_SAMPLE
-# values at fixed positions -- restores at a relative error over BULK_ERROR (worse
-# than zeros) is warned of: values far from it, too many or too spread to be
-# kept aside, set the coding's step. Found by review: 1% of a leaf at 80 sigmas, 5% at
-# 50, magnitudes spread from 10 to 1e6 sigmas, rows 15% gross, sign-mixed
-# loud columns left the rest at relative error 0.66-5700, without a word.
-# Only leaves whose RMS about the median is BULK_CHECK sigmas or more are
-# decoded to check (ordinary weights: 1-2.5), and the far values must be at
-# most views.LOUD_VALUES_FEW of the leaf: where more lie far, the "bulk" is
-# what weight decay left of dead units (PP-OCRv6's detector: 38-57% of four
-# kernels' values within 1e-7 of 0), not the weights.
+# values at fixed positions -- restores at a relative error over BULK_ERROR
+# (worse than zeros) is warned of: values far from it, too many or too
+# spread to be kept aside, set the coding's step. Found by review: 10% of a
+# leaf at 50 sigmas, magnitudes spread from 10 to 1e6 sigmas, rows 15%
+# gross, sign-mixed loud columns left the rest at relative error 1.3-5700,
+# without a word. Only leaves whose RMS about the median is BULK_CHECK
+# sigmas or more are decoded to check (ordinary weights: 1-2.5), and the far
+# values must be at most views.LOUD_VALUES_FEW of the leaf: where more lie
+# far, the "bulk" is what weight decay left of dead units (PP-OCRv6's
+# detector: 38-57% of four kernels' values within 1e-7 of 0), not the
+# weights.
 BULK_SIGMAS = 8.0
 BULK_CHECK = 4.0
 BULK_ERROR = 1.0
@@ -3483,8 +3484,8 @@ def _bulk_lost(name: str, array: np.ndarray, enc) -> str | None:
     return (f"jaxjpeg: {name}: the bulk of its values (within {BULK_SIGMAS:g} sigmas of its "
             f"median, {int(bulk.sum()):,} of {flat.size:,}) restores at relative error "
             f"{relative:.3g}, worse than zeros: {far:,} values far from it ({kept:,} of them "
-            "kept exactly) set "
-            f"its coding's step; Policy(lossless=[...]) stores the leaf exactly")
+            "kept exactly) set its coding's step; Policy(lossless=[...]) stores the leaf "
+            "exactly")
 
 
 def _rate_record(given: dict) -> dict:

@@ -49,7 +49,8 @@ def find(array: np.ndarray) -> tuple[int, np.ndarray] | None:
         slices = np.moveaxis(array, axis, 0)
         probe = np.stack([_head(slices[i], _PROBE_VALUES) for i in (0, n // 2, n - 1)])
         # a constant leaf is JPEG's (its blocks DC alone: a bit a value here)
-        if np.all(probe == probe.flat[0]) or _on_steps(probe, _smallest(probe), array.dtype) is None:
+        constant = np.all(probe == probe.flat[0])
+        if constant or _on_steps(probe, _smallest(probe), array.dtype) is None:
             continue
         steps = np.full(n, np.inf, np.float32)
         for chunk in _chunks(array, axis):

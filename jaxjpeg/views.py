@@ -719,8 +719,8 @@ HIDING_COLUMNS = 1024   # of each, at most
 def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
                            col_scale: np.ndarray | None = None) -> bool:
     """Whether gross values lie in every row of ``m`` (over its column
-    scales; ``ok``: the values that count, zeros and subnormal ones never), so that no
-    row is quiet to read the loud ones by (:func:`quiet_bound`): at
+    scales; ``ok``: the values that count, zeros and subnormal ones never),
+    so that no row is quiet to read the loud ones by (:func:`quiet_bound`): at
     HIDING_ROWS rows spread evenly over ``m``, the median of each row's RMS
     about its median over 1.4826 times its median absolute deviation (a
     Gaussian's sigma) is LOUD_COLUMN or more (a Gaussian row's is 1, a
