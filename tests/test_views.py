@@ -696,6 +696,14 @@ def test_a_bulk_lost_to_far_values_is_warned_of(tmp_path, case):
         jaxjpeg.save(tmp_path / "f.jjpg", {"w": x})
 
 
+def test_a_lost_bulk_is_warned_of_beside_other_warnings(tmp_path):
+    """Found by review: a NaN's warning, given first, hid the lost bulk's."""
+    x = _far_cases(np.random.default_rng(11))["sign-mixed loud columns"]
+    x[5, 100] = np.nan
+    with pytest.warns(UserWarning, match=r"(?s)NaN or infinite.*the bulk of its values"):
+        jaxjpeg.save(tmp_path / "f.jjpg", {"w": x})
+
+
 @pytest.mark.parametrize("draw", ["normal", "student2", "spread_rows", "decayed", "gross_kept"])
 def test_a_bulk_coded_well_is_not_warned_of(tmp_path, draw):
     rng = np.random.default_rng(12)
