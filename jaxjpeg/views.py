@@ -19,6 +19,7 @@ column matters, and which values are kept exactly in a sparse side list
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -732,10 +733,8 @@ def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
     rows, cols = m.shape
     if cols < LOUD_MIN_ROWS or rows < MIN_CHANNEL:
         return False
-    at = np.unique(np.linspace(0, rows - 1, HIDING_ROWS).round().astype(np.int64))
-    cols_at = np.unique(np.linspace(0, cols - 1, min(cols, HIDING_COLUMNS))
-                        .round().astype(np.int64))   # a wide row's values at fixed columns
-    block = _balanced_block(m, ok, col_scale, at[:, None], cols_at[None, :])
+    at, cols_at = _hiding_cells(rows, cols)
+    block = _balanced_block(m, ok, col_scale, at, cols_at)
     # nor subnormal values: weights decayed to nothing (PP-OCRv6's detector
     # holds rows of them around a few live ones), zeros in all but name
     block[np.abs(block) < np.finfo(np.float32).tiny] = np.nan
@@ -753,10 +752,24 @@ def rows_hide_gross_values(m: np.ndarray, ok: np.ndarray | None = None,
         # kept at 8 bytes each where one column scale each does)
         far = dev > LOUD_COLUMN * sigma
         dev[:, 2 * far.sum(axis=0) > far.shape[0]] = np.nan
-        rms = np.sqrt(np.nanmean(dev * dev, axis=1))
+        counted = ~np.isnan(dev)
+        rms = np.sqrt(np.where(counted, dev * dev, 0.0).sum(axis=1)
+                      / np.maximum(counted.sum(axis=1), 1))
         sigma = sigma[:, 0]
         ratio = np.where(sigma > 0, rms / np.where(sigma > 0, sigma, 1.0), np.inf)
     return bool(np.median(ratio) >= LOUD_COLUMN)
+
+
+@functools.lru_cache(maxsize=256)
+def _hiding_cells(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows as a column, columns as a row) that rows_hide_gross_values
+    reads: HIDING_ROWS rows spread evenly, a wide row's values at most
+    HIDING_COLUMNS fixed columns (read-only: shared between calls)."""
+    at = np.unique(np.linspace(0, rows - 1, HIDING_ROWS).round().astype(np.int64))
+    cols_at = np.unique(np.linspace(0, cols - 1, min(cols, HIDING_COLUMNS)).round()
+                        .astype(np.int64))
+    at.flags.writeable = cols_at.flags.writeable = False
+    return at[:, None], cols_at[None, :]
 
 
 def _row_medians(block: np.ndarray) -> np.ndarray:
@@ -764,10 +777,10 @@ def _row_medians(block: np.ndarray) -> np.ndarray:
     (np.nanmedian's, by one sort: a save asks of every leaf)."""
     ordered = np.sort(block, axis=1)   # NaN last
     counted = np.count_nonzero(~np.isnan(block), axis=1)
-    low = np.maximum(counted - 1, 0) // 2
-    middle = (np.take_along_axis(ordered, low[:, None], 1)
-              + np.take_along_axis(ordered, (counted // 2)[:, None], 1)) / 2
-    return np.where(counted[:, None] > 0, middle, np.nan)
+    rows = np.arange(block.shape[0])
+    middle = (ordered[rows, np.maximum(counted - 1, 0) // 2]
+              + ordered[rows, np.minimum(counted // 2, block.shape[1] - 1)]) / 2
+    return np.where(counted > 0, middle, np.nan)[:, None]
 
 
 def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.ndarray:
