@@ -197,20 +197,24 @@ def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
     could pass the rule's limit and the gate missed a block gross at the
     rule's own bound); only loud rows are read. Where there is no quiet
     median row (none, or gross values in every row:
-    :func:`jaxjpeg.views.rows_hide_gross_values`), find_outliers reads the
-    leaf as one population, and so does this, with the same functions
-    (:func:`jaxjpeg.views.gross_in_leaf`)."""
+    :func:`jaxjpeg.views.rows_hide_gross_values`) or a row may hold more
+    than its share, find_outliers reads the leaf as one population, and so
+    does this, with the same functions (:func:`jaxjpeg.views.gross_in_leaf`)."""
     # a constant row's RMS is 0 exactly, as find_outliers finds it (rows
     # whose variance cancels never reach here: may_have_far_values)
     rms = np.where(rows.max > rows.min, np.sqrt(np.maximum(rows.variance, 0.0)), 0.0)
     bound = views.quiet_bound(rms, matrix.shape[1])
+    crowded = False
     if bound is not None:
         loud = np.flatnonzero(rms > (1 - OUTLIER_MARGIN) * bound)
         step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
-        if any(views.may_hold_gross_values(matrix[loud[i:i + step]], bound, OUTLIER_MARGIN)
-               for i in range(0, loud.size, step)):
-            return True
-    return ((bound is None or views.rows_hide_gross_values(matrix))
+        for i in range(0, loud.size, step):
+            rows = matrix[loud[i:i + step]]
+            if views.may_hold_gross_values(rows, bound, OUTLIER_MARGIN):
+                return True
+            crowded = crowded or views.may_hold_gross_values(rows, bound, OUTLIER_MARGIN,
+                                                             crowded=True)
+    return ((bound is None or crowded or views.rows_hide_gross_values(matrix))
             and views.gross_in_leaf(matrix)[0].size > 0)
 
 

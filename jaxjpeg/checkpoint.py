@@ -3446,20 +3446,19 @@ def _coding_note(name, array, enc) -> tuple[str, str | None]:
 # (worse than zeros) is warned of: values far from it, too many or too
 # spread to be kept aside, or rows at scales decades apart, set the coding's
 # step. Found by review: 10% of a leaf at 50 sigmas, magnitudes spread from
-# 10 to 1e6 sigmas, rows 15% gross, sign-mixed loud columns left the rest at
-# relative error 1.3-5700, without a word. Only leaves whose RMS about the
-# median is BULK_CHECK sigmas or more are decoded to check (ordinary
-# weights: 1-2.5), and only where at most views.LOUD_VALUES_FEW of the leaf
-# lies far: where more does, the "bulk" is what weight decay left of dead
-# units (PP-OCRv6's detector: 38-57% of four kernels' values within 1e-7 of
-# 0), or the quiet channels of a leaf whose channel scales spread over
-# decades (its 7 x 7 depthwise kernel's, 43% far, at 4.5), which the
-# squared-error optimum codes on one step; row scales of log2 std 3 are not
-# warned of (their quiet rows at 1.1-2.4, review).
+# 10 to 1e6 sigmas, 13% of a leaf gross left the rest at relative error
+# 1.3-5700, row scales of log2 std 3 their quiet rows at 1.1-2.4, without a
+# word. Only leaves whose RMS about the median is BULK_CHECK sigmas or more
+# are decoded to check (ordinary weights: 1-2.5), and only where at most
+# BULK_FAR_MOST of the leaf lies far: where more does, the "bulk" is what
+# weight decay left of dead units (PP-OCRv6's detector: 38-57% of four
+# kernels' values within 1e-7 of 0), or the quiet channels of a leaf whose
+# channel scales spread further (its 7 x 7 depthwise kernel's, 43% far).
 BULK_SIGMAS = 8.0
 BULK_CHECK = 4.0
 BULK_ERROR = 1.0
 BULK_SAMPLE = 1024
+BULK_FAR_MOST = 1 / 4
 _BULK_CHUNK = 1 << 20
 
 
@@ -3485,7 +3484,7 @@ def _bulk_lost(name: str, array: np.ndarray, enc) -> str | None:
             return x, np.abs(x - center) <= BULK_SIGMAS * sigma
     far_count = sum(int(np.count_nonzero(~bulk & np.isfinite(x)))
                     for x, bulk in map(bulk_of, chunks))
-    if far_count > views.LOUD_VALUES_FEW * flat.size:
+    if far_count > BULK_FAR_MOST * flat.size:
         return None
     decoded = codec.decode_tensor(enc).reshape(-1)
     sums = np.zeros(3)   # the bulk's squared errors, squares and count

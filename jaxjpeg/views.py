@@ -653,19 +653,23 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
         _add_cells(cells[1], masked, r)
     row_rms = np.concatenate(row_rms)
     bound = quiet_bound(row_rms, m.shape[1])
-    if bound is None or rows_hide_gross_values(m, ok, col_scale):
-        # no quiet median row to read loud rows by: the leaf as one population
-        at_rows, at_cols = gross_in_leaf(m, ok, col_scale)
-        cells[2][0].append(at_rows)
-        cells[2][1].append(at_cols)
-    if bound is not None:   # and the rows louder than their median one
+    crowded = []
+    if bound is not None:   # the rows louder than their median one
         loud = np.flatnonzero(row_rms > bound)
         for start in range(0, loud.size, step):
             rows = loud[start:start + step]
-            gross = gross_values(balanced(rows), None if ok is None else ok[rows], bound)
+            gross = gross_values(balanced(rows), None if ok is None else ok[rows], bound,
+                                 crowded)
             at_rows, at_cols = np.nonzero(gross)
             cells[2][0].append(rows[at_rows])
             cells[2][1].append(at_cols)
+    # and the leaf as one population: where no quiet median row reads loud
+    # rows, or some row holds more than its share (found by review: rows 15%
+    # gross restored the rest at 571)
+    if bound is None or crowded or rows_hide_gross_values(m, ok, col_scale):
+        at_rows, at_cols = gross_in_leaf(m, ok, col_scale)
+        cells[2][0].append(at_rows)
+        cells[2][1].append(at_cols)
     # (distinct: a gross value may be found by both readings)
     kept = [np.unique(view.flat_index(x.shape, np.concatenate(at_rows), np.concatenate(at_cols)))
             for at_rows, at_cols in cells]
@@ -698,6 +702,7 @@ def _add_cells(cells, mask: np.ndarray, first_row: int) -> None:
 # median row's has 3% beyond that bound, its tails, at 2.8x the others' RMS:
 # they are coded with it).
 LOUD_VALUES_FEW = 1 / 8
+CROWDED_MOST = 1 / 2   # a row's gross values past its share, up to this (gross_values)
 
 
 def quiet_bound(rms: np.ndarray, cols: int) -> float | None:
@@ -783,7 +788,8 @@ def _row_medians(block: np.ndarray) -> np.ndarray:
     return np.where(counted > 0, middle, np.nan)[:, None]
 
 
-def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.ndarray:
+def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float,
+                 crowded: list | None = None) -> np.ndarray:
     """Where ``rows`` (loud ones, beyond the quiet ``bound``; ``ok``: the
     values that count) hold gross values (LOUD_VALUES_FEW): more than
     LOUD_COLUMN times ``bound`` from the row's median, in rows where they
@@ -793,7 +799,9 @@ def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.nd
     were the zeros', and every surviving weight of a loud row read as gross:
     a default save 44-50% larger). The side list's share limit
     (LOUD_VALUES_FEW of a leaf, beside the other entries' MAX_OUTLIER_FRACTION)
-    holds."""
+    holds. ``crowded`` (a list): True is appended where some row holds
+    values that stand apart but are more than its share (the leaf is then
+    read whole too, :func:`find_outliers`)."""
     dev = _median_deviations(rows, ok)
     with np.errstate(invalid="ignore"):
         far = dev > np.float32(LOUD_COLUMN * bound)     # NaN (not counted): False
@@ -802,15 +810,22 @@ def gross_values(rows: np.ndarray, ok: np.ndarray | None, bound: float) -> np.nd
     near = ~far_some & ~np.isnan(dev)
     squares = np.where(far_some | near, dev * dev, 0.0)
     count_far = far_some.sum(axis=1)
-    few = ((count_far <= LOUD_VALUES_FEW * (count_far + near.sum(axis=1)))
-           & (_masked_mean(squares, far_some) >= LOUD_COLUMN ** 2 * _masked_mean(squares, near)))
-    far[some[~few]] = False
+    apart = _masked_mean(squares, far_some) >= LOUD_COLUMN ** 2 * _masked_mean(squares, near)
+    counted = count_far + near.sum(axis=1)
+    few = count_far <= LOUD_VALUES_FEW * counted
+    # (at most half: in a row hundreds of times the median one, most of its
+    # Gaussian values lie that far, and they stand apart from its middle)
+    if crowded is not None and np.any(apart & ~few & (count_far <= CROWDED_MOST * counted)):
+        crowded.append(True)
+    far[some[~(few & apart)]] = False
     return far
 
 
-def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float) -> bool:
+def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float,
+                          crowded: bool = False) -> bool:
     """Whether :func:`gross_values` of ``rows`` (every value counted) might
-    find some with a quiet bound within ``margin`` (relative) of ``bound``.
+    find some with a quiet bound within ``margin`` (relative) of ``bound``
+    (``crowded``: might find values standing apart past a row's share).
     Each of its tests is taken at the end of that range that passes it most
     easily: a value beyond the lowest far bound; few enough beyond the
     highest; standing apart, the far values' power bounded above by those
@@ -824,8 +839,11 @@ def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float) -> bool
     with np.errstate(invalid="ignore"):
         some = (dev > low).any(axis=1)
         beyond, within = dev > high, dev <= low
-    rows_ = np.flatnonzero(some & (beyond.sum(axis=1)
-                                   <= LOUD_VALUES_FEW * np.count_nonzero(~np.isnan(dev), axis=1)))
+    counted = np.count_nonzero(~np.isnan(dev), axis=1)
+    share = ((np.count_nonzero(~within & ~np.isnan(dev), axis=1) > LOUD_VALUES_FEW * counted)
+             & (beyond.sum(axis=1) <= CROWDED_MOST * counted)
+             if crowded else beyond.sum(axis=1) <= LOUD_VALUES_FEW * counted)
+    rows_ = np.flatnonzero(some & share)
     if not rows_.size:
         return False
     dev = dev[rows_].astype(np.float64)
