@@ -209,11 +209,11 @@ def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
         loud = np.flatnonzero(rms > (1 - OUTLIER_MARGIN) * bound)
         step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
         for i in range(0, loud.size, step):
-            rows = matrix[loud[i:i + step]]
-            if views.may_hold_gross_values(rows, bound, OUTLIER_MARGIN):
+            gross, past_share = views.gross_prospects(matrix[loud[i:i + step]], bound,
+                                                      OUTLIER_MARGIN)
+            if gross:
                 return True
-            crowded = crowded or views.may_hold_gross_values(rows, bound, OUTLIER_MARGIN,
-                                                             crowded=True)
+            crowded = crowded or past_share
     return ((bound is None or crowded or views.rows_hide_gross_values(matrix))
             and views.gross_in_leaf(matrix)[0].size > 0)
 

@@ -1403,6 +1403,12 @@ def _coarsest_coded_bytes(entries, curves: dict, leaf_coder: "_LeafCoder") -> in
     return total
 
 
+def _asked(rate: dict) -> str:
+    """The byte target a save was given, as the user wrote it ("target_ratio=8")."""
+    return ", ".join(f"{k}={v:g}" for k, v in rate.items()
+                     if k in ("target_ratio", "target_bytes", "bits_per_weight"))
+
+
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
                  all_exact: bool = False, all_finest: bool = False) -> str | None:
     """A warning when the file's size missed a byte target by more than
@@ -1412,8 +1418,7 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     targets above the leaves' finest codings), else None."""
     if target is None or abs(file_bytes - target) <= TARGET_TOLERANCE * target:
         return None
-    asked = ", ".join(f"{k}={v:g}" for k, v in rate.items()
-                      if k in ("target_ratio", "target_bytes", "bits_per_weight"))
+    asked = _asked(rate)
     under = file_bytes < target
     # (found by review: "the closest coding" was said where every coded leaf
     # was at its finest)
@@ -1448,8 +1453,7 @@ def _side_list_warning(target: int | None, rate: dict, records: list,
     total = sum(b for _, b in kept.values())
     if total <= SIDE_LIST_SHARE * file_bytes:
         return None
-    asked = ", ".join(f"{k}={v:g}" for k, v in rate.items()
-                      if k in ("target_ratio", "target_bytes", "bits_per_weight"))
+    asked = _asked(rate)
     largest = sorted(kept, key=lambda name: -kept[name][1])
     leaves = first_names([f"{name} ({kept[name][0]:,} values)" for name in largest])
     return (f"jaxjpeg: {asked}: values kept exactly (far from the rest of their leaves, or "
@@ -3472,8 +3476,7 @@ def _bulk_lost(name: str, array: np.ndarray, enc) -> str | None:
     at = (np.arange(BULK_SAMPLE) * 0.6180339887498949 * flat.size).astype(np.int64) % flat.size
     sample = np.asarray(flat[at], np.float64)
     sample = sample[np.isfinite(sample)]
-    center = float(np.median(sample)) if sample.size else 0.0
-    sigma = 1.4826 * float(np.median(np.abs(sample - center))) if sample.size else 0.0
+    center, sigma = views.median_and_sigma(sample) if sample.size else (0.0, 0.0)
     if not (sigma > 0 and np.sqrt(np.mean((sample - center) ** 2)) >= BULK_CHECK * sigma):
         return None
     chunks = range(0, flat.size, _BULK_CHUNK)   # (no leaf-sized float64 copies)

@@ -2503,11 +2503,10 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
         count += 1
     if count == 0:
         raise ValueError("no batches")
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    out = {leaf_name(path): value / count for path, value in zip(paths, acc)}
-    sizes = {leaf_name(path): np.size(leaf)
-             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    out = _unreached_as_least(out, sizes)
+    flat = [(leaf_name(path), leaf) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(params)[0]]
+    out = {name: value / count for (name, _), value in zip(flat, acc)}
+    out = _unreached_as_least(out, {name: np.size(leaf) for name, leaf in flat})
     return out if (per_row or per_element) else {name: float(v) for name, v in out.items()}
 
 

@@ -834,7 +834,18 @@ def may_hold_gross_values(rows: np.ndarray, bound: float, margin: float,
     test, the Gaussian tails of loud rows sent leaves whose row scales
     spread (lognormal, sigma 1-3) to the full analysis: saves 3x slower, for
     nothing kept)."""
+    return _prospect(_median_deviations(rows, None), bound, margin, crowded)
+
+
+def gross_prospects(rows: np.ndarray, bound: float, margin: float) -> tuple[bool, bool]:
+    """(:func:`may_hold_gross_values` of ``rows``, and with ``crowded``),
+    from one pass of their deviations."""
     dev = _median_deviations(rows, None)
+    return _prospect(dev, bound, margin, False), _prospect(dev, bound, margin, True)
+
+
+def _prospect(dev: np.ndarray, bound: float, margin: float, crowded: bool) -> bool:
+    """:func:`may_hold_gross_values` from the rows' deviations from their medians."""
     low, high = (np.float32(LOUD_COLUMN * bound * (1 + e)) for e in (-margin, margin))
     with np.errstate(invalid="ignore"):
         some = (dev > low).any(axis=1)
@@ -861,6 +872,13 @@ def _masked_mean(squares: np.ndarray, mask: np.ndarray) -> np.ndarray:
 GROSS_SAMPLE = 1 << 16   # values a leaf's median and spread are read from (gross_in_leaf)
 THIN_SIDE = 8            # views thinner than JPEG's blocks: coded on one step (rate.is_thin)
 MAX_OCTAVES = 256        # float64 spans 2^2098: octaves past this are one
+
+
+def median_and_sigma(sample: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 times the median absolute deviation: a Gaussian's
+    sigma) of a non-empty sample."""
+    center = float(np.median(sample))
+    return center, 1.4826 * float(np.median(np.abs(sample - center)))
 
 
 def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
@@ -906,8 +924,7 @@ def gross_in_leaf(m: np.ndarray, ok: np.ndarray | None = None,
     sample = sample[~np.isnan(sample)]
     if sample.size < LOUD_MIN_ROWS:
         return none
-    center = float(np.median(sample))
-    sigma = 1.4826 * float(np.median(np.abs(sample - center)))
+    center, sigma = median_and_sigma(sample)
     if not (sigma > 0 and math.isfinite(sigma)):
         return none
     # First how the values beyond LOUD_COLUMN sigmas lie, by octaves, in
