@@ -12,7 +12,9 @@ column matters, and which values are kept exactly in a sparse side list
   whose slices differ most in scale: in trained networks that is the output
   channel (BatchNorm renormalises each output channel, so its weights' scale
   is free and varies widely). Column axes follow in a canonical order
-  (larger first), so every layout of the same weights gives one matrix.
+  (larger first), so every layout of the same weights gives one matrix;
+  the slices of an axis whose scales spread share no 8 x 8 block
+  (``_slices_apart``).
 * :func:`find_outliers` -- the side list.
 """
 
@@ -30,6 +32,18 @@ MIN_CHANNEL = 8            # axes shorter than this (kernel taps) never become r
 # alike: what Gaussian noise leaves after the correction is ~0.005-0.016
 # (768 to 64 slices); trained layers measured here spread 0.047 and more.
 MIN_SPREAD = 0.03
+# Slices of an axis that spread this much (std of log2 RMS, beyond
+# sampling) share no 8 x 8 block (views._slices_apart): a block's coding
+# noise reaches all its 64 values, so a quiet slice beside a loud one took
+# the loud one's noise (an unnamed stack of layers at 1 / 0.1 / 0.01 /
+# 0.001, its layers interleaved among the columns: the quietest at relative
+# error 41; 8 layers from 1 to 0.01 as 8 rows, each block one row of each:
+# 3.4). A quiet slice apart costs what its own values need. Where a short
+# axis only led the columns, each row's offset, the loud slices' mean, set
+# the quiet slice's level: 13.8.
+APART_SPREAD = 1.0
+APART_MAX_ROWS = 64
+APART_MIN_COLUMNS = 128   # rows' maps (4 bytes each) at most 1/4 bit a value
 OUTLIER_SIGMAS = 12.0      # |w - row mean| beyond this many row RMS: kept exactly
 # More far values than this: code them instead. A far value costs ~6 bytes
 # kept; coded, it stretches its row's range over every other weight (found
@@ -325,7 +339,28 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
     short_first = sum(shape[a] >= MIN_CHANNEL for a in cols) >= 2
     cols.sort(key=lambda a: (a not in lead, not (short_first and shape[a] < MIN_CHANNEL),
                              -shape[a], a))
-    return MatrixView((row, *cols), 1)
+    if lead:
+        return MatrixView((row, *cols), 1)
+    return _slices_apart(shape, row, cols, lambda a: excess_spread(
+        rms[a], round(sampled_values(a))) >= APART_SPREAD)
+
+
+def _slices_apart(shape, row: int, cols: list, spreads) -> MatrixView:
+    """The view of rows ``row`` and columns ``cols``, changed so that the
+    slices of an axis that ``spreads`` share no 8 x 8 block: a column axis
+    of fewer than APART_MAX_ROWS slices leads the rows, and where the row
+    axis has that few, the first column axis joins the rows after it (each
+    slice a run of rows); each change only where APART_MIN_COLUMNS columns
+    are left."""
+    def enough(rest):
+        return math.prod(shape[a] for a in rest) >= APART_MIN_COLUMNS
+    apart = [a for a in cols if shape[a] < APART_MAX_ROWS and spreads(a)]
+    rest = [a for a in cols if a not in apart]
+    rows = [*apart, row] if enough(rest) else [row]
+    rest = [a for a in cols if a not in rows]
+    if len(rest) > 1 and shape[row] < APART_MAX_ROWS and spreads(row) and enough(rest[1:]):
+        rows.append(rest.pop(0))
+    return MatrixView((*rows, *rest), len(rows))
 
 
 def _default_row(shape, channels: list, narrow: Mapping[int, int]) -> int:
