@@ -363,6 +363,10 @@ def _why_raw(array: np.ndarray, per_slice: bool = True) -> str | None:
         return f"stored exactly: it takes at most {FEW_VALUES} distinct values (a mask?)"
     sliced = _sliced_grid(array) if per_slice else None
     if sliced is not None:
+        if len(sliced) == 3:
+            return (f"stored exactly: each run of {sliced[2]} values along axis {sliced[0]} takes "
+                    f"at most {quantized_slices.LEVELS} values on a step of its own (quantized "
+                    "in groups?)")
         return (f"stored exactly: each slice along axis {sliced[0]} takes at most "
                 f"{quantized_slices.LEVELS} values on a step of its own (quantized per channel?)")
     if analysis.count_special(array) > MAX_KEPT_FRACTION * array.size:

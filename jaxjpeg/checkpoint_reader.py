@@ -160,11 +160,11 @@ def _centered_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
 
 
 def _sliced_leaf(leaf: SavedLeaf, record: dict) -> SavedLeaf:
-    """A leaf quantized per slice (jaxjpeg.quantized_slices): its codes'
-    fields, and the axis its slices' steps run along."""
+    """A leaf quantized per slice or in groups (jaxjpeg.quantized_slices):
+    its codes' fields, the axis its steps run along and its group size."""
     if not quantizable(leaf.dtype):
         raise fmt.FormatError(f"leaf {leaf.index}: a {leaf.dtype} leaf cannot be stored as "
-                              f"{quantized_slices.STORED!r}")
+                              f"{record.get('stored')!r}")
     try:
         fields = quantized_slices.check_record(record, leaf.shape, f"leaf {leaf.index}")
     except ValueError as e:
@@ -208,7 +208,8 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         # Deflated raw values, zlib's 1032 bytes a byte at most.
         # A tied leaf's shape is its first's (checked below), bounded so.
         per_byte = (8 * 1032 if record.get("kind") == "raw"
-                    and record.get("stored") in ("quantized", quantized_slices.STORED)
+                    and record.get("stored") in ("quantized", quantized_slices.STORED,
+                                                 quantized_slices.STORED_GROUPS)
                     and "nonzeros" in record
                     else 1032 if record.get("kind") == "raw" and record.get("deflated") is True
                     else math.inf if record.get("kind") == TIED
@@ -239,7 +240,7 @@ def _parse_leaf(index: int, record: dict, file_size: int,
                 return dataclasses.replace(leaf, quantized=fields)
             if stored == STORED_ABOVE_SQUARE:
                 return _centered_leaf(leaf, record)
-            if stored == quantized_slices.STORED:
+            if stored in (quantized_slices.STORED, quantized_slices.STORED_GROUPS):
                 return _sliced_leaf(leaf, record)
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "

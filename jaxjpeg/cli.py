@@ -266,7 +266,8 @@ def cmd_inspect(args) -> int:
             if leaf.stored_dtype is not None:
                 kind = f"raw-{leaf.stored_dtype.name}"
             if leaf.quantized is not None:
-                kind = ("raw-step-per-slice" if "slice_axis" in leaf.quantized
+                kind = ("raw-step-per-group" if leaf.quantized.get("group_size")
+                        else "raw-step-per-slice" if "slice_axis" in leaf.quantized
                         else f"raw-{leaf.quantized['domain']}-step")
             if leaf.square_of is not None:   # a centered moment: + that leaf's square
                 kind = f"raw-variance+sq({ckpt.leaves[leaf.square_of].path})"

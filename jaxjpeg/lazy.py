@@ -49,7 +49,8 @@ class LeafInfo:
     stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
     # raw, quantized on a step (a byte target's BatchNorm vector or small kernel, a thin
     # leaf, an optimizer moment on log2 steps): (domain, step); quantized per
-    # channel (jaxjpeg.quantized_slices): ("per_slice", the axis the steps run along)
+    # channel (jaxjpeg.quantized_slices): ("per_slice", the axis the steps run along),
+    # or in groups: ("per_group", the axis the groups run along, their size)
     quantized: tuple[str, float] | None = None
     prng_impl: str | None = None   # raw uint32: the key data of typed PRNG keys of this implementation
     exact: bool = False        # raw: restores bit for bit (in its own dtype or a smaller form)
@@ -64,6 +65,13 @@ class LeafInfo:
 
 
 # Named like safetensors' safe_open's role; shadows the builtin only in this module.
+def _sliced(fields: dict) -> tuple:
+    """LeafInfo.quantized of a leaf quantized per slice or in groups."""
+    if fields.get("group_size"):
+        return "per_group", fields["slice_axis"], fields["group_size"]
+    return "per_slice", fields["slice_axis"]
+
+
 def open(path, *, verify: bool = True) -> "LazyReader":  # noqa: A001
     """Opens a checkpoint for reading leaf by leaf; use it as a context manager.
 
@@ -131,8 +139,8 @@ class LazyReader:
         if leaf.kind == "raw":
             q = leaf.quantized
             return LeafInfo(**common, stored_dtype=leaf.stored_dtype,
-                            quantized=(None if q is None else ("per_slice", q["slice_axis"])
-                                       if "slice_axis" in q else (q["domain"], q["step"])),
+                            quantized=(None if q is None else _sliced(q) if "slice_axis" in q
+                                       else (q["domain"], q["step"])),
                             prng_impl=leaf.prng_impl)
         return LeafInfo(**common, sample_bits=leaf.bits, restart_interval=leaf.restart_interval,
                         view=(leaf.view.perm, leaf.view.split), tiles=len(leaf.tiles),

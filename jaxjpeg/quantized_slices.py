@@ -16,61 +16,304 @@ s`` gives it), the sign bits of its values coded 0 (``zero_sign_bytes`` of
 them, packed most significant bit first, C order), then the codes' blob.
 Every value restores bit for bit, in about the codes' entropy (3-4 bits a
 value).
+
+A slice's step is its smallest nonzero magnitude, over 2, 3, ... where that
+is no code's multiple (a pruned row without a ±1 code), and in half
+precision the float32 step within every value's rounding interval over its
+code (weights quantized in float32, then cast); found by review, each of
+these was coded lossily, as were leaves whose three probed slices were dead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 
+import ml_dtypes
 import numpy as np
 
 from jaxjpeg import quantized_vectors
 
 STORED = "quantized_slices"
+STORED_GROUPS = "quantized_groups"
 LEVELS = 16          # values a slice may take (4 bits)
 MIN_REPEATS = 4      # values a slice holds per level at least (else nothing repeats)
+GROUPS = (256, 128, 64, 32)   # group sizes of GPTQ / AWQ exports, the largest (fewest steps) first
+MIN_GROUPS = 64      # groups a leaf holds at least
 _PROBE_VALUES = 4096  # values of each of three slices looked at first
 _BLOCK_VALUES = 1 << 20   # (4 MiB of float32: the passes' temporaries stay small)
 
 
-def find(array: np.ndarray) -> tuple[int, np.ndarray] | None:
+def find(array: np.ndarray) -> tuple | None:
     """(axis, float32 step of each slice along it) where every slice of a
     float ``array`` along that axis takes at most LEVELS values, whole
-    multiples of the slice's step (its smallest nonzero magnitude; an
-    all-zero slice's is 1), restored equal by :func:`restore`; else None.
-    The first values of three slices decide first, then two passes over the
-    leaf a chunk of at most about _BLOCK_VALUES values at a time."""
+    multiples of the slice's step, restored equal by :func:`restore`; for a
+    2-D leaf quantized in groups instead (GPTQ, AWQ: each run of ``group``
+    values of a row or column on a step of its own), (axis the groups run
+    along, the groups' steps in C order, group); else None. Three slices or
+    groups decide first (unless they are one value: dead channels), then
+    passes over the leaf a chunk of at most about _BLOCK_VALUES values at a
+    time (:func:`_steps_along`)."""
     array = np.asarray(array)
     if array.ndim < 2:
         return None
-    for axis, n in enumerate(array.shape):
-        if n < 2 or array.size // n < MIN_REPEATS * LEVELS:
+    key = constant = None
+    spread = {}   # axis: whether its smallest groups spread past any grid (the larger too)
+    for axis, group in _candidates(array.shape):
+        if group is not None:
+            if axis not in spread:
+                spread[axis] = _spread_past_levels(_probe(array, axis, GROUPS[-1]))
+            if spread[axis]:
+                continue
+        probe = _probe(array, axis, group)
+        dead = np.all(probe == probe.flat[0])
+        if not dead and (_spread_past_levels(probe)
+                         or _Grid(_smallest(probe), array.dtype).fit(probe) is None):
             continue
-        slices = np.moveaxis(array, axis, 0)
-        probe = np.stack([_head(slices[i], _PROBE_VALUES) for i in (0, n // 2, n - 1)])
-        # a constant leaf is JPEG's (its blocks DC alone: a bit a value here)
-        constant = np.all(probe == probe.flat[0])
-        if constant or _on_steps(probe, _smallest(probe), array.dtype) is None:
-            continue
-        steps = np.full(n, np.inf, np.float32)
-        for chunk in _chunks(array, axis):
-            if not np.all(np.isfinite(chunk)):
-                break
-            steps = np.minimum(steps, _smallest(chunk))
+        if dead and (constant := np.all(array == probe.flat[0]) if constant is None
+                     else constant):
+            return None   # a constant leaf is JPEG's (its blocks DC alone)
+        if key is None:   # a leaf a probe passes: found once per content a thread
+            key = _content_key(array)
+            if key is not None and getattr(_last, "key", None) == key:
+                return _last.found
+        if group is None:
+            steps = _steps_along(array, axis, every_slice_alike_refused=dead)
         else:
-            steps[~np.isfinite(steps)] = 1.0
-            span = [np.full(n, np.inf), np.full(n, -np.inf)]
-            for chunk in _chunks(array, axis):
-                codes = _on_steps(chunk, steps, array.dtype)
-                if codes is None:
-                    break
-                span = [np.minimum(span[0], codes.min(axis=1)),
-                        np.maximum(span[1], codes.max(axis=1))]
-                if np.any(span[1] - span[0] >= LEVELS):
-                    break
-            else:
-                return axis, steps
+            steps = _steps_along(_grouped(array, axis, group), 0, every_slice_alike_refused=dead)
+        if steps is not None:
+            return _remembered(key, (axis, steps) if group is None else (axis, steps, group))
+    return _remembered(key, None)
+
+
+def _spread_past_levels(probe: np.ndarray) -> bool:
+    """Whether some row of ``probe`` spans LEVELS or more of its smallest
+    magnitude: on no grid (any finer step spans more), told at once."""
+    smallest = _smallest(probe)
+    with np.errstate(all="ignore"):
+        span = (probe.max(axis=1) - probe.min(axis=1)) / np.where(np.isfinite(smallest),
+                                                                   smallest, 1)
+    return bool(np.any(~(span < LEVELS - 0.5)))
+
+
+def _candidates(shape):
+    """(axis, None) of each axis whose slices are long enough to repeat
+    their levels, then (axis, group) of each group size along each axis of a
+    2-D leaf (its columns' runs first: PyTorch's (O, I))."""
+    for axis, n in enumerate(shape):
+        if n >= 2 and math.prod(shape) // n >= MIN_REPEATS * LEVELS:
+            yield axis, None
+    if len(shape) == 2:
+        for axis in (1, 0):
+            for group in GROUPS:
+                if (shape[axis] % group == 0 and shape[axis] > group
+                        and math.prod(shape) // group >= MIN_GROUPS):
+                    yield axis, group
+
+
+def _probe(array: np.ndarray, axis: int, group: int | None) -> np.ndarray:
+    """Three slices' first values (or three whole groups), as rows."""
+    if group is None:
+        slices = np.moveaxis(array, axis, 0)
+        n = slices.shape[0]
+        return np.stack([_head(slices[i], _PROBE_VALUES) for i in (0, n // 2, n - 1)])
+    runs = np.moveaxis(array.reshape(_split(array.shape, axis, group)), axis + 1, -1)
+    n = array.size // group
+    return np.stack([runs[np.unravel_index(i, runs.shape[:-1])] for i in (0, n // 2, n - 1)])
+
+
+def _split(shape, axis: int, group: int) -> tuple[int, ...]:
+    """``shape`` with ``axis`` split into (runs, group)."""
+    return (*shape[:axis], shape[axis] // group, group, *shape[axis + 1:])
+
+
+def _grouped(array: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """The groups of ``group`` values along ``axis`` as rows, in the C order
+    of the leaf with that axis divided by ``group`` (a copy unless they are
+    runs of its last axis)."""
+    runs = np.moveaxis(array.reshape(_split(array.shape, axis, group)), axis + 1, -1)
+    return np.ascontiguousarray(runs).reshape(-1, group)
+
+
+# The last leaf find() read past its probe in this thread, by its content:
+# a save asks of one leaf up to 7 times (whether it is kept raw, its blob,
+# its bytes, whether it fits a byte target's share), each a pass or more
+# over it (a 32 MB bfloat16 leaf: 0.9 s).
+_last = threading.local()
+
+
+def _content_key(array: np.ndarray) -> tuple | None:
+    """Shape, dtype and a digest of a C-contiguous ``array``'s bytes (None
+    for other layouts): equal only for equal contents, however the array
+    changed in between."""
+    if not array.flags.c_contiguous:
+        return None
+    digest = hashlib.blake2b(array.reshape(-1).view(np.uint8), digest_size=16).digest()
+    return array.shape, array.dtype.str, digest
+
+
+def _remembered(key, found):
+    if key is not None:
+        _last.key, _last.found = key, found
+    return found
+
+
+def _steps_along(array: np.ndarray, axis: int, every_slice_alike_refused: bool):
+    """The slices' steps along ``axis`` (:func:`find`), or None: their
+    smallest magnitudes first, then each chunk's codes on them, the steps of
+    the slices that miss refined (:class:`_Grid`), and the chunks read again
+    where a step changed."""
+    n = array.shape[axis]
+    smallest = np.full(n, np.inf, np.float32)
+    for chunk in _chunks(array, axis):
+        if not np.all(np.isfinite(chunk)):
+            return None
+        smallest = np.minimum(smallest, _smallest(chunk))
+    grid = _Grid(smallest, array.dtype)
+    for _ in range(_PASSES):
+        grid.start()
+        span = [np.full(n, np.inf), np.full(n, -np.inf)]
+        for chunk in _chunks(array, axis):
+            codes = grid.fit(chunk)
+            if codes is None:
+                return None
+            span = [np.minimum(span[0], codes.min(axis=1)), np.maximum(span[1], codes.max(axis=1))]
+        if not grid.finish():
+            return None
+        if grid.changed:   # read again on the steps it refined
+            continue
+        if np.any(span[1] - span[0] >= LEVELS):
+            return None
+        # a constant leaf is JPEG's (its blocks DC alone: a bit a value here)
+        if every_slice_alike_refused and np.all(span[0] == span[1]) and np.ptp(
+                span[0] * grid.steps) == 0:
+            return None
+        return grid.steps
     return None
+
+
+_PASSES = 3   # over the chunks, at most: a pruned row's step, a half's, the check
+
+
+class _Grid:
+    """Each row's step: its smallest nonzero magnitude, over the code its
+    smallest magnitude is (1, but 2, 3, ... in a pruned row), and in half
+    precision the float32 step every value of the row rounds from (a leaf
+    quantized in float32, then cast): each value's rounding interval bounds
+    it, and their intersection over the leaf holds the scale."""
+
+    def __init__(self, smallest: np.ndarray, dtype):
+        self.smallest = smallest
+        self.steps = np.where(np.isfinite(smallest), smallest, np.float32(1.0)).astype(np.float32)
+        self.dtype = np.dtype(dtype)
+        self.half = self.dtype.itemsize < 4
+        self.start()
+
+    def start(self) -> None:
+        """A pass over the leaf begins: no row refined yet."""
+        n = len(self.steps)
+        self.bounds = [np.zeros(n), np.full(n, np.inf)]
+        self.inexact = np.zeros(n, bool)   # rows whose values round from another step
+        self.rekeyed = np.zeros(n, bool)   # rows whose smallest code moved this pass
+        self.changed = False
+
+    def fit(self, rows: np.ndarray) -> np.ndarray | None:
+        """The codes of ``rows`` (every slice, some of its values) on the
+        steps, a pruned row's step refined first; None where some row is on
+        no grid."""
+        x = rows.astype(np.float32)
+        codes, miss = _codes(x, self.steps, self.dtype)
+        if miss.any():
+            with np.errstate(invalid="ignore"):   # a finer step only widens the codes
+                if np.any(np.ptp(codes[miss], axis=1) >= LEVELS):
+                    return None
+            near = _near(x[miss], codes[miss], self.steps[miss])
+            for r in np.flatnonzero(miss)[~near]:
+                step = self._rekeyed(x[r], r)
+                if step is None:
+                    return None
+                self.steps[r], self.rekeyed[r] = step, True
+            codes, miss = _codes(x, self.steps, self.dtype)
+            if miss.any() and not (self.half and np.all(_near(x[miss], codes[miss],
+                                                               self.steps[miss]))):
+                return None
+            self.inexact |= miss
+        if self.half:
+            self._bound(x, codes)
+        return codes
+
+    def finish(self) -> bool:
+        """The pass ends: half-precision rows off their steps take the middle
+        of their values' bounds; False where those leave no step."""
+        rows = self.inexact & ~self.rekeyed   # (a rekeyed row's bounds mix two codings)
+        low, high = self.bounds[0][rows], self.bounds[1][rows]
+        if not np.all(low < high):
+            return False
+        self.steps[rows] = ((low + high) / 2).astype(np.float32)
+        self.changed = bool(self.inexact.any() or self.rekeyed.any())
+        return True
+
+    def _rekeyed(self, row: np.ndarray, r: int) -> np.float32 | None:
+        """Row ``r``'s smallest magnitude over the first code k (2, 3, ...)
+        that puts ``row`` near a grid, or None."""
+        if not np.isfinite(self.smallest[r]):
+            return None
+        for k in range(2, LEVELS // 2 + 1):
+            step = np.float32(self.smallest[r] / np.float32(k))
+            with np.errstate(all="ignore"):
+                codes = np.rint(row / step)
+            if step > 0 and np.ptp(codes) < LEVELS and _near(row[None], codes[None],
+                                                              np.array([step]))[0]:
+                return step
+        return None
+
+    def _bound(self, x: np.ndarray, codes: np.ndarray) -> None:
+        """Narrows each row's step bounds by the rounding intervals of its
+        values in ``x`` (half precision, as float32) over their codes."""
+        value = np.abs(x)
+        down, up = _neighbours(value, self.dtype)
+        count = 2 * np.abs(codes).astype(np.float64)
+        with np.errstate(all="ignore"):   # code 0: no bound (inf below it, 0 above)
+            low = np.max((value + down) / np.where(count > 0, count, np.inf), axis=1)
+            high = np.min((value + up) / count, axis=1)
+        self.bounds = [np.maximum(self.bounds[0], low), np.minimum(self.bounds[1], high)]
+
+
+def _neighbours(value: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The ``dtype`` values next below and above positive ``value`` (float32
+    holding ``dtype`` values), as float32; bfloat16's by its bits (its
+    nextafter is several times slower)."""
+    if dtype == np.dtype(ml_dtypes.bfloat16):
+        bits, unit = value.view(np.uint32), np.uint32(1 << 16)
+        return (np.maximum(bits, unit) - unit).view(np.float32), (bits + unit).view(np.float32)
+    half = value.astype(dtype)
+    return (np.nextafter(half, np.array(0, dtype)).astype(np.float32),
+            np.nextafter(half, np.array(np.inf, dtype)).astype(np.float32))
+
+
+_NEAR = 1 / 64   # a value off its code's multiple by more than this share of itself is off
+
+
+def _near(x: np.ndarray, codes: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Per row of ``x``, whether every value is within _NEAR of its code
+    times its row's step, the codes spanning fewer than LEVELS."""
+    with np.errstate(all="ignore"):
+        off = np.abs(x - codes * steps.astype(np.float32)[:, None]) <= _NEAR * np.abs(x)
+        return np.all(off, axis=1) & (np.ptp(codes, axis=1) < LEVELS)
+
+
+def _codes(x: np.ndarray, steps: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(codes of float32 rows ``x`` on ``steps``, the rows whose values are
+    not their codes times their steps rounded to ``dtype`` (-0.0 as 0.0), or
+    whose codes span LEVELS or more)."""
+    steps = steps.astype(np.float32)[:, None]
+    with np.errstate(all="ignore"):   # subnormal steps: huge codes, refused
+        codes = np.rint(x / steps)
+        restored = (codes * steps).astype(dtype).astype(np.float32)
+    miss = (~np.all(np.isfinite(codes), axis=1) | (np.ptp(codes, axis=1) >= LEVELS)
+            | ~np.all(restored == x, axis=1))
+    return codes, miss
 
 
 def _head(x: np.ndarray, count: int) -> np.ndarray:
@@ -97,46 +340,50 @@ def _smallest(rows: np.ndarray) -> np.ndarray:
     return np.min(magnitude, axis=1, where=magnitude > 0, initial=np.inf)
 
 
-def _on_steps(rows: np.ndarray, steps: np.ndarray, dtype) -> np.ndarray | None:
-    """The codes of ``rows`` on their ``steps`` (inf: 1), where every value
-    is its code times its step, rounded to ``dtype`` (-0.0 as 0.0) and the
-    codes span fewer than LEVELS; else None."""
-    x = rows.astype(np.float32)
-    steps = np.where(np.isfinite(steps), steps, np.float32(1.0)).astype(np.float32)[:, None]
-    with np.errstate(all="ignore"):   # subnormal steps: huge codes, refused below
-        codes = np.rint(x / steps)
-        if not np.all(np.isfinite(codes)) or np.any(codes.max(axis=1) - codes.min(axis=1)
-                                                     >= LEVELS):
-            return None
-        restored = (codes * steps).astype(dtype).astype(np.float32)
-    return codes if np.array_equal(restored, x) else None
-
-
-def encode(array: np.ndarray, axis: int, steps: np.ndarray) -> tuple[bytes, dict] | None:
-    """(blob, record fields) of ``array`` on its slices' ``steps`` (:func:`find`),
-    or None where the codes cannot be coded."""
+def encode(array: np.ndarray, axis: int, steps: np.ndarray,
+           group: int | None = None) -> tuple[bytes, dict] | None:
+    """(blob, record fields) of ``array`` on its slices' (or groups')
+    ``steps`` (:func:`find`), or None where the codes cannot be coded."""
     x = np.asarray(array, np.float32)
-    codes = x / steps.reshape(_broadcast_shape(array.shape, axis))
+    shape = tuple(array.shape)
+    codes = (x.reshape(_split(shape, axis, group)) if group else x) / _broadcast(
+        steps, shape, axis, group)
+    codes = codes.reshape(shape)
     np.rint(codes, out=codes)   # one leaf-sized copy
     coded = quantized_vectors.encode(codes, quantized_vectors.VectorStep(1.0))
     if coded is None:
         return None
     blob, record = coded
-    record = {**record, "stored": STORED, "slice_axis": axis}
+    record = {**record, "stored": STORED, "slice_axis": axis} if not group else {
+        **record, "stored": STORED_GROUPS, "group_axis": axis, "group_size": group}
     signs = np.signbit(x[codes == 0])
     plane = np.packbits(signs).tobytes() if signs.any() else b""
     if plane:
         record["zero_sign_bytes"] = len(plane)
-    return np.asarray(steps, "<f4").tobytes() + plane + bytes(blob), record
+    stored_steps = np.asarray(steps, "<f4")
+    with np.errstate(over="ignore"):
+        half = stored_steps.astype("<f2")
+    if group and np.all(half.astype(np.float32) == stored_steps) and np.all(half > 0):
+        # GPTQ / AWQ scales are float16: a step in 2 bytes (2-16 values' codes share one)
+        stored_steps, record["step_bytes"] = half, 2
+    return stored_steps.tobytes() + plane + bytes(blob), record
 
 
 def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
     """A leaf record's fields for :func:`restore` (the codes' fields of
-    :func:`jaxjpeg.quantized_vectors.check_record`, and ``slice_axis``), or
-    ValueError naming the bad one."""
-    axis = record.get("slice_axis")
-    if type(axis) is not int or not 0 <= axis < len(shape) or len(shape) < 2:
-        raise ValueError(f"{where}: bad slice axis {axis!r:.40} for shape {shape}")
+    :func:`jaxjpeg.quantized_vectors.check_record`, ``slice_axis``: the axis
+    the steps run along, or the groups', and ``group_size``: 0 for slices),
+    or ValueError naming the bad one."""
+    grouped = record.get("stored") == STORED_GROUPS
+    axis = record.get("group_axis" if grouped else "slice_axis")
+    if type(axis) is not int or not 0 <= axis < len(shape) or len(shape) != 2 and (
+            grouped or len(shape) < 2):
+        raise ValueError(f"{where}: bad {'group' if grouped else 'slice'} axis "
+                         f"{axis!r:.40} for shape {shape}")
+    group = record.get("group_size") if grouped else 0
+    if grouped and (type(group) is not int or group < 2 or shape[axis] % group):
+        raise ValueError(f"{where}: bad group size {group!r:.40} for axis {axis} of shape "
+                         f"{shape}")
     if record.get("domain") != quantized_vectors.LINEAR:
         raise ValueError(f"{where}: per-slice codes on {record.get('domain')!r:.40} steps")
     if record.get("step") != 1.0:   # the slices' steps scale the codes (found by review:
@@ -146,27 +393,33 @@ def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
     signs = record.get("zero_sign_bytes", 0)
     if type(signs) is not int or signs < 0:
         raise ValueError(f"{where}: bad zero sign size {signs!r:.40}")
+    step_bytes = record.get("step_bytes", 4) if grouped else 4
+    if type(step_bytes) is not int or step_bytes not in (2, 4):
+        raise ValueError(f"{where}: bad step size {step_bytes!r:.40} (2 or 4 bytes)")
     return {**quantized_vectors.check_record(record, where), "slice_axis": axis,
-            "zero_sign_bytes": signs}
+            "group_size": group, "zero_sign_bytes": signs, "step_bytes": step_bytes}
 
 
 def restore(blob, shape: tuple[int, ...], fields: dict) -> np.ndarray:
     """The float32 values of a blob :func:`encode` wrote, from the leaf's
     checked record ``fields`` (:func:`check_record`); ValueError where the
     blob is not such a leaf's."""
-    axis, sign_bytes = fields["slice_axis"], fields["zero_sign_bytes"]
+    axis, group, sign_bytes = fields["slice_axis"], fields["group_size"], fields["zero_sign_bytes"]
     data = np.frombuffer(blob, np.uint8)
-    head = 4 * shape[axis]
+    count = math.prod(shape) // group if group else shape[axis]
+    head = fields["step_bytes"] * count
     if data.size < head + sign_bytes:
-        raise ValueError(f"holds {data.size} bytes, fewer than its {shape[axis]} slice steps"
+        raise ValueError(f"holds {data.size} bytes, fewer than its {count} "
+                         f"{'group' if group else 'slice'} steps"
                          + (f" and {sign_bytes} bytes of zero signs" if sign_bytes else ""))
-    steps = data[:head].view("<f4").astype(np.float32)
+    steps = data[:head].view(f"<f{fields['step_bytes']}").astype(np.float32)
     if not np.all(np.isfinite(steps) & (steps > 0)):
         raise ValueError("holds a slice step that is not finite and positive")
     codes = quantized_vectors.decoded_values(data[head + sign_bytes:], math.prod(shape), fields)
-    codes = codes.reshape(shape)
     with np.errstate(over="ignore"):
-        values = codes * steps.reshape(_broadcast_shape(shape, axis))
+        values = ((codes.reshape(_split(shape, axis, group)) if group else codes.reshape(shape))
+                  * _broadcast(steps, shape, axis, group)).reshape(shape)
+    codes = codes.reshape(shape)
     if not np.all(np.isfinite(values)):
         raise ValueError("restores values beyond float32's range")
     if sign_bytes:
@@ -181,5 +434,11 @@ def restore(blob, shape: tuple[int, ...], fields: dict) -> np.ndarray:
     return values
 
 
-def _broadcast_shape(shape, axis: int) -> tuple[int, ...]:
-    return tuple(n if a == axis else 1 for a, n in enumerate(shape))
+def _broadcast(steps: np.ndarray, shape, axis: int, group: int | None) -> np.ndarray:
+    """``steps`` shaped to scale the codes: along ``axis`` (slices), or
+    against the leaf with ``axis`` split in (runs, group) (groups)."""
+    if not group:
+        return steps.reshape(tuple(n if a == axis else 1 for a, n in enumerate(shape)))
+    runs = list(_split(shape, axis, group))
+    runs[axis + 1] = 1
+    return steps.reshape(runs)
