@@ -2186,6 +2186,10 @@ class _Save:
             if isinstance(self.encode, _BudgetEncoder):
                 self.encode.release(item[1].name)
 
+    def _layer_axis(self, name: str) -> int | None:
+        """The axis of leaf ``name``'s layers where each is coded on its own scale."""
+        return self.leaf_coder.stack_axis(name) if self.leaf_coder.by_layer(name) else None
+
     def _store(self, index, leaf) -> tuple[list, dict, LeafReport, str | None]:
         name = leaf.name
         given = leaf.array()
@@ -2200,8 +2204,9 @@ class _Save:
         enc = self.encode(name, array) if coded else None
         note, warning = _coding_note(name, array, enc)
         # each said (found by review: a NaN's warning, given first, hid a lost bulk's)
-        warning = "\n".join(filter(None, [warning, _wide_integer_warning(name, array, self.x64),
-                                          _bulk_lost(name, array, enc)])) or None
+        warning = ("\n".join(filter(None, [warning, _wide_integer_warning(name, array, self.x64),
+                                           _bulk_lost(name, array, enc, self._layer_axis(name))]))
+                   or None)
         if not coded and signed is None and self.policy.should_compress(name, array):
             note = _why_raw(array) or note   # found by review: no word said why
         elif (not coded and signed is None and array.dtype == np.float64
@@ -2384,17 +2389,20 @@ def _check_sensitivity_names(sensitivity, leaves) -> None:
 
 def _warn_weightless(sensitivity, shapes) -> None:
     """Warns of the leaves ``sensitivity`` weighs at 0 (empty ones aside):
-    coded, the default save and byte targets give them no bytes (found by
-    review: an expert the calibration batches never routed to, its squared
-    gradients 0, came back at relative error 0.998 without a word)."""
+    coded, the default save gives them no bytes, byte targets only those no
+    other leaf takes (found by review: an expert the calibration batches
+    never routed to, its squared gradients 0, came back at relative error
+    0.998 without a word; and the warning said byte targets gave none where
+    the other leaves, at their finest, left a leaf of weight 0 21 KB)."""
     weightless = sorted(name for name in sensitivity or {}
                         if math.prod(shapes[name])
                         and _user_weight(sensitivity, name, shapes[name]) == 0)
     if weightless:
         warnings.warn(f"sensitivity is 0 for {len(weightless)} leaves "
                       f"({first_names([repr(name) for name in weightless])}): "
-                      "coded, the default save and byte targets give them no bytes and they "
-                      "restore at about their mean; give them a positive weight to keep them",
+                      "coded, the default save gives them no bytes and they restore at about "
+                      "their mean, and byte targets only the bytes no other leaf takes; give "
+                      "them a positive weight to keep them",
                       stacklevel=7)   # save()'s caller
 
 
@@ -2957,7 +2965,8 @@ def _thin_stored(coded, small: bool = False, fine: bool = False) -> tuple:
     kernel the policy keeps out of JPEG; ``fine``: finer than JPEG codes)."""
     record = coded.record
     why = ("too small for JPEG, on the byte target's step" if small
-           else f"sparse, its zeros kept exactly ({record['nonzeros']} values nonzero)"
+           # (as +0.0: found by review, "exactly" said of -0.0 restored +0.0)
+           else f"sparse, its zeros kept as zeros ({record['nonzeros']} values nonzero)"
            if record.get("nonzeros") is not None else
            "one fine step: JPEG's finest codings left the byte target unspent" if fine
            else "a view too thin for JPEG's 8x8 blocks")
@@ -3470,9 +3479,34 @@ BULK_FAR_MOST = 1 / 4
 _BULK_CHUNK = 1 << 20
 
 
-def _bulk_lost(name: str, array: np.ndarray, enc) -> str | None:
-    """The warning of BULK_ERROR for a JPEG-coded leaf, or None."""
-    if not isinstance(enc, codec.EncodedTensor) or array.size < BULK_SAMPLE:
+def _bulk_lost(name: str, array: np.ndarray, enc, layer_axis: int | None = None) -> str | None:
+    """The warning of BULK_ERROR for a JPEG-coded leaf, or None; of each
+    layer apart for a stack whose layers are coded on their own scales
+    (``layer_axis``: found by review, a loud layer's few small values, in
+    the bulk of the whole leaf, made a stack restoring every layer at 0.08
+    read as lost, 7.59)."""
+    if not isinstance(enc, codec.EncodedTensor):
+        return None
+    decoded = []
+
+    def decoded_leaf():
+        if not decoded:
+            decoded.append(codec.decode_tensor(enc).reshape(array.shape))
+        return decoded[0]
+    if layer_axis is None:
+        return _bulk_lost_in(name, array, decoded_leaf)
+    for i in range(array.shape[layer_axis]):
+        found = _bulk_lost_in(f"{name} (layer {i} of axis {layer_axis})",
+                              np.take(array, i, axis=layer_axis),
+                              lambda: np.take(decoded_leaf(), i, axis=layer_axis))
+        if found is not None:
+            return found
+    return None
+
+
+def _bulk_lost_in(name: str, array: np.ndarray, decode) -> str | None:
+    """_bulk_lost of ``array``, ``decode()`` its restored values."""
+    if array.size < BULK_SAMPLE:
         return None
     flat = array.reshape(-1)
     # at golden-ratio strides: no row or column of a view read alone (found by
@@ -3493,17 +3527,18 @@ def _bulk_lost(name: str, array: np.ndarray, enc) -> str | None:
                     for x, bulk in map(bulk_of, chunks))
     if far_count > BULK_FAR_MOST * flat.size:
         return None
-    decoded = codec.decode_tensor(enc).reshape(-1)
-    sums = np.zeros(3)   # the bulk's squared errors, squares and count
+    decoded = np.asarray(decode()).reshape(-1)
+    sums = np.zeros(4)   # the bulk's squared errors, squares and count; far values kept
     for start in chunks:
         x, bulk = bulk_of(start)
-        error = decoded[start:start + _BULK_CHUNK][bulk] - x[bulk]
-        sums += (error @ error, x[bulk] @ x[bulk], bulk.sum())
-    bulk_count = int(sums[2])
+        restored = decoded[start:start + _BULK_CHUNK]
+        error = restored[bulk] - x[bulk]
+        sums += (error @ error, x[bulk] @ x[bulk], bulk.sum(),
+                 np.count_nonzero(~bulk & (restored == x)))
+    bulk_count, kept = int(sums[2]), int(sums[3])
     relative = float(np.sqrt(sums[0] / max(sums[1], np.finfo(float).tiny)))
     if not relative > BULK_ERROR:
         return None
-    kept = 0 if enc.outliers is None else enc.outliers.count
     return (f"jaxjpeg: {name}: the bulk of its values (within {BULK_SIGMAS:g} sigmas of its "
             f"median, {bulk_count:,} of {flat.size:,}) restores at relative error "
             f"{relative:.3g}, worse than zeros: {far_count:,} values far from it ({kept:,} "

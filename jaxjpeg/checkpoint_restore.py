@@ -491,7 +491,7 @@ def _dispatch(prepared: _Prepared, requests, stats):
         stats.add(prepared.device, prepared.payload)
     decode = _leaves_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                              _finishes([requests[i] for i in prepared.indices]))
-    with ops.jpeg_errors(plan.tile_labels):
+    with ops.jpeg_errors(plan.tile_labels), ops.outside_mesh():
         return decode(*jax.device_put((ops.plan_operands(plan), prepared.kept), prepared.device))
 
 
@@ -658,7 +658,7 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
         decode = _shards_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                                  tuple(cut for _, cut, _ in device_plan.shards),
                                  tuple(dtype for _, _, dtype in device_plan.shards))
-        with ops.jpeg_errors(plan.tile_labels):
+        with ops.jpeg_errors(plan.tile_labels), ops.outside_mesh():
             status, outputs = decode(*jax.device_put((ops.plan_operands(plan), device_plan.kept),
                                                      device_plan.device))
         statuses.append(status)
@@ -755,7 +755,7 @@ def _dispatch_region(region: _Region, stats):
     # most of a sharded restore's time.)
     decode = _shards_decoder(plan.output_shapes, tuple(d.name for d in plan.output_dtypes),
                              (region.cut,), (region.dtype.name,))
-    with ops.jpeg_errors(plan.tile_labels):
+    with ops.jpeg_errors(plan.tile_labels), ops.outside_mesh():
         status, (shard,) = decode(*jax.device_put((ops.plan_operands(plan), [region.kept]),
                                                   region.device))
     return status, shard
@@ -918,6 +918,24 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
             raise ValueError(f"leaf {name!r}: {int(changed.sum())} NaN or infinite value(s) "
                              f"would not stay so as {placed.name}, which holds "
                              f"{'NaN but no inf' if _has_nan(placed) else 'neither'}{hint}")
+    if _int_limits(array.dtype) is not None and _is_float(placed):
+        _check_integers_stay_whole(array, placed, name, hint)
+
+
+def _check_integers_stay_whole(array: np.ndarray, placed: np.dtype, name: str, hint: str):
+    """Integers cast to a float dtype must come back as themselves (found by
+    review: int32 16777217 restored as float32 16777216, ids and PRNG key
+    data asked for as float32 rounded without a word)."""
+    whole = 2 ** (ml_dtypes.finfo(placed).nmant + 1)   # every integer up to it is exact
+    wide = np.abs(array.astype(np.float64)) > whole
+    if not wide.any():
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        moved = wide & (array.astype(placed).astype(np.float64) != array.astype(np.float64))
+    if moved.any():
+        raise ValueError(f"leaf {name!r}: {int(moved.sum())} of its {array.dtype} values, e.g. "
+                         f"{array[moved].flat[0]}, would round as {placed.name} (integers above "
+                         f"{whole} are not all held); restore it as an integer dtype{hint}")
 
 
 def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, hint: str):

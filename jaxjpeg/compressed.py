@@ -9,6 +9,7 @@ the compressed size and expand them in its own step function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -44,9 +45,12 @@ class CompressedArray:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held (payload, index, tables, maps, side list)."""
+        """Device bytes held (payload, index, tables, maps, side list); 0 for
+        what jax.tree.map put in their place (shapes, specs: found by review,
+        printing such a tree raised)."""
         held = self.operands + (self.kept or ())
-        return sum(int(np.prod(o.shape)) * o.dtype.itemsize for o in held)
+        return sum(int(np.prod(o.shape)) * np.dtype(o.dtype).itemsize for o in held
+                   if hasattr(o, "shape") and hasattr(o, "dtype"))
 
     @property
     def size(self) -> int:
@@ -58,12 +62,15 @@ class CompressedArray:
         handler raises, while on the GPU the status word is not checked (the
         bytes were checksummed when loaded). Dtypes the decoder does not write
         (float64, integers) decode to float32 and are cast, as restore does."""
-        with ops.jpeg_errors(self.labels):
+        traced = any(isinstance(o, jax.core.Tracer) for o in self.operands)
+        with ops.jpeg_errors(self.labels), (contextlib.nullcontext() if traced
+                                            else ops.outside_mesh()):
             status, (out,) = ops.decode(*self.operands, output_shapes=(self.matrix_shape,),
                                         output_dtypes=(codec.written_dtype(self.dtype),))
-            if not isinstance(status, jax.core.Tracer):
+            if not traced:
                 ops.check_status(status, self.labels)
-        return finish_leaf(out, self.shape, self.view, self.kept).astype(placed_dtype(self.dtype))
+            return finish_leaf(out, self.shape, self.view, self.kept).astype(
+                placed_dtype(self.dtype))
 
     def tree_flatten(self):
         children = self.operands + (self.kept or ())

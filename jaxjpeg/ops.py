@@ -56,7 +56,7 @@ def _impl(*operands, output_shapes, output_dtypes, whole_outputs):
     """Eager calls run the same compiled custom call as jit does; a corrupt
     stream is a JpegError here (waited for, so asynchronous dispatch cannot
     let it surface later as another error type)."""
-    with jpeg_errors():
+    with jpeg_errors(), outside_mesh():
         return jax.block_until_ready(
             _compiled_impl(output_shapes, output_dtypes, whole_outputs)(*operands))
 
@@ -155,6 +155,19 @@ def _naming_tile(text: str, labels: codec.TileLabels | None) -> str:
         return text
     label, interval = found
     return f"{text[:match.start()]}restart interval {interval} of {label}{text[match.end():]}"
+
+
+@contextlib.contextmanager
+def outside_mesh():
+    """Decodes of arrays committed to one device run outside a user's
+    ``jax.set_mesh`` context, under which jit refuses them (found by review:
+    a restore into the context mesh's own sharding failed); not inside a
+    trace, where jax.set_mesh is refused."""
+    if jax.sharding.get_abstract_mesh().empty:   # (get_mesh is refused under jit)
+        yield
+        return
+    with jax.set_mesh(None):
+        yield
 
 
 @contextlib.contextmanager

@@ -357,6 +357,25 @@ def test_a_slice_is_refused_only_for_its_own_kept_values(tmp_path):
             f.get("k", dtype=jnp.bfloat16)
 
 
+def test_integers_that_would_round_as_floats_are_refused(tmp_path):
+    """Found by review: "a raw leaf restores its values or raises", but an
+    int32 16777217 restored as float32 came back 16777216 (ids, PRNG key
+    data asked for as float32); integers a float holds still restore. (get's
+    dtype leaves integer leaves theirs.)"""
+    import jax.numpy as jnp
+
+    tree = {"ids": np.array([1, 16777217], np.int32), "small": np.arange(-5, 2050, dtype=np.int32),
+            "keys": np.array([4294967295, 7], np.uint32)}
+    path = tmp_path / "i.jjpg"
+    jaxjpeg.save(path, tree)
+    for name, dtype in (("ids", np.float32), ("keys", np.float32), ("small", jnp.float16)):
+        with pytest.raises(ValueError, match=f"'{name}'.*would round as"):
+            jaxjpeg.restore(path, target={name: jax.ShapeDtypeStruct(tree[name].shape, dtype)})
+    fine = jaxjpeg.restore(path, target={"small": jax.ShapeDtypeStruct((2055,), np.float32)})
+    np.testing.assert_array_equal(np.asarray(fine["small"]), tree["small"].astype(np.float32))
+    assert np.asarray(jaxjpeg.restore(path, paths="ids")["ids"])[1] == 16777217
+
+
 def test_get_dtype_names_the_saved_dtype(tmp_path):
     """As safetensors' slices: an int64 leaf is "I64" though indexing it
     without x64 gives int32 (found by review)."""

@@ -1433,7 +1433,8 @@ def test_a_sensitivity_of_zero_warns_that_the_leaf_gets_no_bytes(tmp_path, weigh
     rng = np.random.default_rng(1)
     tree = {"frozen": rng.standard_normal((64, 128)).astype(np.float32),
             "live": rng.standard_normal((64, 128)).astype(np.float32)}
-    with pytest.warns(UserWarning, match="sensitivity is 0 for 1 leaves \\('frozen'\\)"):
+    with pytest.warns(UserWarning, match="sensitivity is 0 for 1 leaves \\('frozen'\\).*byte "
+                                         "targets only the bytes no other leaf takes"):
         jaxjpeg.save(tmp_path / "z.jjpg", tree, sensitivity={"frozen": weight, "live": 1.0})
 
 

@@ -53,6 +53,7 @@ CHECKS = [
     "a_shard_of_an_inner_axis_decodes_its_box_in_part",
     "stacked_layers_saved_sharded_read_their_share",
     "equal_leaves_sharded_apart_are_tied",
+    "restores_inside_a_context_mesh",
 ]
 
 

@@ -65,7 +65,7 @@ def test_a_pruned_kernel_keeps_its_zeros(tmp_path, sparsity, most_bits):
     assert np.all(got[w == 0] == 0)
     (leaf,) = [l for l in report.leaves if l.path == "w"]
     assert 8 * leaf.stored_bytes / w.size < most_bits, leaf
-    assert "zeros kept exactly" in leaf.note
+    assert "zeros kept as zeros" in leaf.note
     # the nonzero values as close as the default codes a dense leaf's
     assert _relative(got[w != 0], w[w != 0]) < 0.08
 
@@ -92,7 +92,7 @@ def test_an_error_bound_is_spent_on_a_pruned_kernel(tmp_path, sparsity):
         got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
         assert np.all(got[w == 0] == 0)
         assert 0.9 * bound < _relative(got, w) <= bound, (bound, _relative(got, w))
-        assert "zeros kept exactly" in report.leaves[0].note
+        assert "zeros kept as zeros" in report.leaves[0].note
 
 
 def test_an_error_bound_leaves_jpegs_kept_values_their_share(tmp_path):
@@ -265,7 +265,7 @@ def test_a_pruned_half_precision_leaf_keeps_its_zeros(tmp_path, dtype):
 
     w = _pruned(0.9).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
     report = jaxjpeg.save(tmp_path / "s", {"w": w})
-    assert report.leaves[0].kind == "raw" and "zeros kept exactly" in report.leaves[0].note
+    assert report.leaves[0].kind == "raw" and "zeros kept as zeros" in report.leaves[0].note
     got = np.asarray(jaxjpeg.restore(tmp_path / "s")["w"])
     assert got.dtype == w.dtype
     wf, gf = w.astype(np.float32), got.astype(np.float32)

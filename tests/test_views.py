@@ -752,6 +752,25 @@ def test_a_bulk_lost_to_far_values_is_warned_of(tmp_path, case):
         jaxjpeg.save(tmp_path / "f.jjpg", {"w": x})
 
 
+def test_the_bulk_of_a_stack_is_read_layer_by_layer(tmp_path):
+    """Found by review: a stack of 16 layers, one 1e4 times the rest, each
+    coded on its own scale and restoring at 0.08, was warned of as a bulk at
+    7.59 (the loud layer's few small values fell in the whole leaf's bulk).
+    Each layer's bulk is read apart; a layer lost is still named."""
+    rng = np.random.default_rng(3)
+    stack = (0.05 * rng.standard_normal((16, 128, 128))).astype(np.float32)
+    stack[9] *= 1e4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for options in ({}, {"target_ratio": 8}, {"error_bound": 0.05}):
+            jaxjpeg.save(tmp_path / "s.jjpg", {"layers": {"kernel": stack}}, **options)
+    lost = (0.05 * rng.standard_normal((4, 512, 512))).astype(np.float32)
+    lost[2] = _far_cases(np.random.default_rng(11))["10% at 50 sigmas"]
+    with pytest.warns(UserWarning, match=r"layers/kernel \(layer 2 of axis 0\): the bulk of its "
+                                         r"values .* worse than zeros"):
+        jaxjpeg.save(tmp_path / "s.jjpg", {"layers": {"kernel": lost}})
+
+
 def test_a_lost_bulk_is_warned_of_beside_other_warnings(tmp_path):
     """Found by review: a NaN's warning, given first, hid the lost bulk's."""
     x = _far_cases(np.random.default_rng(11))["1% spread over 10-1e6 sigmas"]

@@ -797,6 +797,31 @@ def stacked_layers_saved_sharded_read_their_share():
         reads_own_share(stats.payload_bytes_per_device, total, 8)
 
 
+@check
+def restores_inside_a_context_mesh():
+    """Found by review: inside ``with jax.set_mesh(mesh)`` a restore into
+    that mesh's own sharding, one onto a device, a lazy get and an eager
+    decode failed: jit refused each device's operands, committed to it,
+    under the context mesh."""
+    context = mesh((8,), ("x",))
+    sharded = NamedSharding(context, P("x"))
+    target = {"grid": jax.ShapeDtypeStruct((1024, 2048), np.float32, sharding=sharded)}
+    with jax.set_mesh(context):
+        got = jaxjpeg.restore(PATH, target=target)["grid"]
+        assert got.sharding == sharded
+        np.testing.assert_array_equal(np.asarray(got), REFERENCE["grid"])
+        on_one = jaxjpeg.restore(PATH, device=jax.devices()[3], paths=["grid"])["grid"]
+        assert on_one.devices() == {jax.devices()[3]}
+        with jaxjpeg.open(PATH) as f:
+            np.testing.assert_array_equal(np.asarray(f.get("grid", device=sharded)),
+                                          REFERENCE["grid"])
+        loaded = jaxjpeg.load(PATH, device=jax.devices()[2])
+        np.testing.assert_array_equal(np.asarray(jaxjpeg.decode(loaded)["grid"]),
+                                      REFERENCE["grid"])
+        assert "nbytes=0" in repr(jax.tree.map(lambda x: x.shape, loaded))   # review: raised
+    assert jax.sharding.get_mesh().empty
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
