@@ -157,6 +157,12 @@ def as_typed(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
+# A web server that sends no byte of an answer for this long fails the read
+# (found by review: a stalled server held a restore 300 s, aiohttp's whole-
+# request limit, which also failed answers still arriving after 300 s).
+HTTP_READ_TIMEOUT = 60.0
+
+
 def filesystem(location: str):
     """(fsspec file system, path inside it) for a URL; a clear ImportError
     naming the extra to install when fsspec (or the store's backend) is missing."""
@@ -166,9 +172,20 @@ def filesystem(location: str):
         raise ImportError(f"{location}: reading or writing URLs needs fsspec "
                           "(pip install 'jaxjpeg[remote]')") from None
     try:
-        return fsspec.core.url_to_fs(location)
+        return fsspec.core.url_to_fs(location, **_http_options(location))
     except ImportError as e:  # e.g. gcsfs, s3fs, aiohttp not installed
         raise ImportError(f"{location}: {e}") from None
+
+
+def _http_options(location: str) -> dict:
+    """fsspec's HTTP options: each read fails after HTTP_READ_TIMEOUT without
+    a byte, however long the whole answer takes."""
+    if not location.lower().startswith(("http://", "https://")):
+        return {}
+    import aiohttp
+
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(
+        total=None, sock_connect=HTTP_READ_TIMEOUT, sock_read=HTTP_READ_TIMEOUT)}}
 
 
 def _ask(path, on_local, on_store):

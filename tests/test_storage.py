@@ -483,3 +483,22 @@ def test_a_replaced_remote_file_is_said_without_verification():
         jaxjpeg.save(url, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
         with pytest.raises(jaxjpeg.format.FormatError, match="replaced since it was opened"):
             lazy.get("w")
+
+
+def test_a_stalled_web_server_fails_the_read_after_the_read_timeout(tmp_path, monkeypatch):
+    """Found by review: a server that stopped answering held a restore for
+    300 s (aiohttp's whole-request limit); a read without a byte for
+    storage.HTTP_READ_TIMEOUT fails it, naming the bytes."""
+    import time
+
+    from jaxjpeg import storage
+
+    monkeypatch.setattr(storage, "HTTP_READ_TIMEOUT", 1.5)
+    jaxjpeg.save(tmp_path / "s.jjpg", {"w": np.random.default_rng(0).standard_normal((128, 256))
+                                       .astype(np.float32)})
+    with RangeServer(tmp_path) as server:
+        server.stall_from = 1000   # the tensor's read stalls; the header's does not
+        start = time.monotonic()
+        with pytest.raises(OSError, match="reading bytes"):
+            jaxjpeg.restore(server.url("s.jjpg"))
+        assert time.monotonic() - start < 30
