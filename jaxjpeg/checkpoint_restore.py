@@ -925,17 +925,28 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
 def _check_integers_stay_whole(array: np.ndarray, placed: np.dtype, name: str, hint: str):
     """Integers cast to a float dtype must come back as themselves (found by
     review: int32 16777217 restored as float32 16777216, ids and PRNG key
-    data asked for as float32 rounded without a word)."""
-    whole = 2 ** (ml_dtypes.finfo(placed).nmant + 1)   # every integer up to it is exact
-    wide = np.abs(array.astype(np.float64)) > whole
+    data asked for as float32 rounded without a word): a float of p
+    significand bits holds an integer exactly where its odd part (the
+    integer over its largest power of 2) is below 2^p. Counted in integers
+    (review: compared as float64, int64 above 2^53 rounded on both sides)."""
+    bits = ml_dtypes.finfo(placed).nmant + 1
+    if array.dtype.itemsize * 8 - (array.dtype.kind == "i") <= bits:
+        return   # every value of the dtype is held
+    signed = array.astype(np.int64) if array.dtype.kind == "i" else None
+    magnitude = (array.astype(np.uint64) if signed is None
+                 else np.where(signed < 0, (-(signed + 1)).astype(np.uint64) + np.uint64(1),
+                               signed.astype(np.uint64)))
+    wide = magnitude >= np.uint64(1 << bits)
     if not wide.any():
         return
-    with np.errstate(over="ignore", invalid="ignore"):
-        moved = wide & (array.astype(placed).astype(np.float64) != array.astype(np.float64))
+    large = magnitude[wide]
+    odd = large // (large & (~large + np.uint64(1)))   # over the lowest set bit
+    moved = odd >= np.uint64(1 << bits)
     if moved.any():
         raise ValueError(f"leaf {name!r}: {int(moved.sum())} of its {array.dtype} values, e.g. "
-                         f"{array[moved].flat[0]}, would round as {placed.name} (integers above "
-                         f"{whole} are not all held); restore it as an integer dtype{hint}")
+                         f"{array[wide][moved].flat[0]}, would round as {placed.name} (integers "
+                         f"above {1 << bits} are not all held); restore it as an integer "
+                         f"dtype{hint}")
 
 
 def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, hint: str):

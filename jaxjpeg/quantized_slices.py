@@ -38,6 +38,8 @@ from jaxjpeg import quantized_vectors
 STORED = "quantized_slices"
 STORED_GROUPS = "quantized_groups"
 LEVELS = 16          # values a slice may take (4 bits)
+WIDE_LEVELS = 256    # (8 bits): stored so only where a byte target leaves their bytes
+_SMALLEST_CODES = 8  # a pruned row's smallest code tried up to this
 MIN_REPEATS = 4      # values a slice holds per level at least (else nothing repeats)
 GROUPS = (256, 128, 64, 32)   # group sizes of GPTQ / AWQ exports, the largest (fewest steps) first
 MIN_GROUPS = 64      # groups a leaf holds at least
@@ -45,9 +47,9 @@ _PROBE_VALUES = 4096  # values of each of three slices looked at first
 _BLOCK_VALUES = 1 << 20   # (4 MiB of float32: the passes' temporaries stay small)
 
 
-def find(array: np.ndarray) -> tuple | None:
+def find(array: np.ndarray, levels: int = LEVELS) -> tuple | None:
     """(axis, float32 step of each slice along it) where every slice of a
-    float ``array`` along that axis takes at most LEVELS values, whole
+    float ``array`` along that axis takes at most ``levels`` values, whole
     multiples of the slice's step, restored equal by :func:`restore`; for a
     2-D leaf quantized in groups instead (GPTQ, AWQ: each run of ``group``
     values of a row or column on a step of its own), (axis the groups run
@@ -60,51 +62,49 @@ def find(array: np.ndarray) -> tuple | None:
         return None
     key = constant = None
     spread = {}   # axis: whether its smallest groups spread past any grid (the larger too)
-    for axis, group in _candidates(array.shape):
+    for axis, group in _candidates(array.shape, levels):
         if group is not None:
             if axis not in spread:
-                spread[axis] = _spread_past_levels(_probe(array, axis, GROUPS[-1]))
+                spread[axis] = _spread_past(_probe(array, axis, GROUPS[-1]), levels)
             if spread[axis]:
                 continue
         probe = _probe(array, axis, group)
         dead = np.all(probe == probe.flat[0])
-        if not dead and (_spread_past_levels(probe)
-                         or _Grid(_smallest(probe), array.dtype).fit(probe) is None):
+        if not dead and (_spread_past(probe, levels) or _Grid(
+                _smallest(probe), array.dtype, levels).fit(probe) is None):
             continue
         if dead and (constant := np.all(array == probe.flat[0]) if constant is None
                      else constant):
             return None   # a constant leaf is JPEG's (its blocks DC alone)
         if key is None:   # a leaf a probe passes: found once per content a thread
-            key = _content_key(array)
+            key = _content_key(array, levels)
             if key is not None and getattr(_last, "key", None) == key:
                 return _last.found
-        if group is None:
-            steps = _steps_along(array, axis, every_slice_alike_refused=dead)
-        else:
-            steps = _steps_along(_grouped(array, axis, group), 0, every_slice_alike_refused=dead)
+        rows, along = (array, axis) if group is None else (_grouped(array, axis, group), 0)
+        steps = _steps_along(rows, along, levels, every_slice_alike_refused=dead)
         if steps is not None:
             return _remembered(key, (axis, steps) if group is None else (axis, steps, group))
     return _remembered(key, None)
 
 
-def _spread_past_levels(probe: np.ndarray) -> bool:
-    """Whether some row of ``probe`` spans LEVELS or more of its smallest
+def _spread_past(probe: np.ndarray, levels: int) -> bool:
+    """Whether some row of ``probe`` spans ``levels`` or more of its smallest
     magnitude: on no grid (any finer step spans more), told at once."""
     smallest = _smallest(probe)
     with np.errstate(all="ignore"):
         span = (probe.max(axis=1) - probe.min(axis=1)) / np.where(np.isfinite(smallest),
                                                                    smallest, 1)
-    return bool(np.any(~(span < LEVELS - 0.5)))
+    return bool(np.any(~(span < levels - 0.5)))
 
 
-def _candidates(shape):
+def _candidates(shape, levels: int):
     """(axis, None) of each axis whose slices are long enough to repeat
-    their levels, then (axis, group) of each group size along each axis of a
-    2-D leaf (its columns' runs first: PyTorch's (O, I))."""
+    their levels, then, for 4-bit grids, (axis, group) of each group size
+    along each axis of a 2-D leaf (its columns' runs first: PyTorch's (O, I))."""
     for axis, n in enumerate(shape):
-        if n >= 2 and math.prod(shape) // n >= MIN_REPEATS * LEVELS:
+        if n >= 2 and math.prod(shape) // n >= MIN_REPEATS * levels:
             yield axis, None
-    if len(shape) == 2:
+    if len(shape) == 2 and levels <= LEVELS:
         for axis in (1, 0):
             for group in GROUPS:
                 if (shape[axis] % group == 0 and shape[axis] > group
@@ -143,14 +143,14 @@ def _grouped(array: np.ndarray, axis: int, group: int) -> np.ndarray:
 _last = threading.local()
 
 
-def _content_key(array: np.ndarray) -> tuple | None:
+def _content_key(array: np.ndarray, levels: int) -> tuple | None:
     """Shape, dtype and a digest of a C-contiguous ``array``'s bytes (None
     for other layouts): equal only for equal contents, however the array
     changed in between."""
     if not array.flags.c_contiguous:
         return None
     digest = hashlib.blake2b(array.reshape(-1).view(np.uint8), digest_size=16).digest()
-    return array.shape, array.dtype.str, digest
+    return array.shape, array.dtype.str, digest, levels
 
 
 def _remembered(key, found):
@@ -159,7 +159,7 @@ def _remembered(key, found):
     return found
 
 
-def _steps_along(array: np.ndarray, axis: int, every_slice_alike_refused: bool):
+def _steps_along(array: np.ndarray, axis: int, levels: int, every_slice_alike_refused: bool):
     """The slices' steps along ``axis`` (:func:`find`), or None: their
     smallest magnitudes first, then each chunk's codes on them, the steps of
     the slices that miss refined (:class:`_Grid`), and the chunks read again
@@ -170,7 +170,7 @@ def _steps_along(array: np.ndarray, axis: int, every_slice_alike_refused: bool):
         if not np.all(np.isfinite(chunk)):
             return None
         smallest = np.minimum(smallest, _smallest(chunk))
-    grid = _Grid(smallest, array.dtype)
+    grid = _Grid(smallest, array.dtype, levels)
     for _ in range(_PASSES):
         grid.start()
         span = [np.full(n, np.inf), np.full(n, -np.inf)]
@@ -183,7 +183,7 @@ def _steps_along(array: np.ndarray, axis: int, every_slice_alike_refused: bool):
             return None
         if grid.changed:   # read again on the steps it refined
             continue
-        if np.any(span[1] - span[0] >= LEVELS):
+        if np.any(span[1] - span[0] >= levels):
             return None
         # a constant leaf is JPEG's (its blocks DC alone: a bit a value here)
         if every_slice_alike_refused and np.all(span[0] == span[1]) and np.ptp(
@@ -203,8 +203,8 @@ class _Grid:
     quantized in float32, then cast): each value's rounding interval bounds
     it, and their intersection over the leaf holds the scale."""
 
-    def __init__(self, smallest: np.ndarray, dtype):
-        self.smallest = smallest
+    def __init__(self, smallest: np.ndarray, dtype, levels: int = LEVELS):
+        self.smallest, self.levels = smallest, levels
         self.steps = np.where(np.isfinite(smallest), smallest, np.float32(1.0)).astype(np.float32)
         self.dtype = np.dtype(dtype)
         self.half = self.dtype.itemsize < 4
@@ -223,20 +223,20 @@ class _Grid:
         steps, a pruned row's step refined first; None where some row is on
         no grid."""
         x = rows.astype(np.float32)
-        codes, miss = _codes(x, self.steps, self.dtype)
+        codes, miss = _codes(x, self.steps, self.dtype, self.levels)
         if miss.any():
             with np.errstate(invalid="ignore"):   # a finer step only widens the codes
-                if np.any(np.ptp(codes[miss], axis=1) >= LEVELS):
+                if np.any(np.ptp(codes[miss], axis=1) >= self.levels):
                     return None
-            near = _near(x[miss], codes[miss], self.steps[miss])
+            near = _near(x[miss], codes[miss], self.steps[miss], self.levels)
             for r in np.flatnonzero(miss)[~near]:
                 step = self._rekeyed(x[r], r)
                 if step is None:
                     return None
                 self.steps[r], self.rekeyed[r] = step, True
-            codes, miss = _codes(x, self.steps, self.dtype)
+            codes, miss = _codes(x, self.steps, self.dtype, self.levels)
             if miss.any() and not (self.half and np.all(_near(x[miss], codes[miss],
-                                                               self.steps[miss]))):
+                                                               self.steps[miss], self.levels))):
                 return None
             self.inexact |= miss
         if self.half:
@@ -259,12 +259,12 @@ class _Grid:
         that puts ``row`` near a grid, or None."""
         if not np.isfinite(self.smallest[r]):
             return None
-        for k in range(2, LEVELS // 2 + 1):
+        for k in range(2, _SMALLEST_CODES + 1):
             step = np.float32(self.smallest[r] / np.float32(k))
             with np.errstate(all="ignore"):
                 codes = np.rint(row / step)
-            if step > 0 and np.ptp(codes) < LEVELS and _near(row[None], codes[None],
-                                                              np.array([step]))[0]:
+            if step > 0 and np.ptp(codes) < self.levels and _near(
+                    row[None], codes[None], np.array([step]), self.levels)[0]:
                 return step
         return None
 
@@ -295,23 +295,23 @@ def _neighbours(value: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
 _NEAR = 1 / 64   # a value off its code's multiple by more than this share of itself is off
 
 
-def _near(x: np.ndarray, codes: np.ndarray, steps: np.ndarray) -> np.ndarray:
+def _near(x: np.ndarray, codes: np.ndarray, steps: np.ndarray, levels: int) -> np.ndarray:
     """Per row of ``x``, whether every value is within _NEAR of its code
-    times its row's step, the codes spanning fewer than LEVELS."""
+    times its row's step, the codes spanning fewer than ``levels``."""
     with np.errstate(all="ignore"):
         off = np.abs(x - codes * steps.astype(np.float32)[:, None]) <= _NEAR * np.abs(x)
-        return np.all(off, axis=1) & (np.ptp(codes, axis=1) < LEVELS)
+        return np.all(off, axis=1) & (np.ptp(codes, axis=1) < levels)
 
 
-def _codes(x: np.ndarray, steps: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _codes(x: np.ndarray, steps: np.ndarray, dtype, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes of float32 rows ``x`` on ``steps``, the rows whose values are
     not their codes times their steps rounded to ``dtype`` (-0.0 as 0.0), or
-    whose codes span LEVELS or more)."""
+    whose codes span ``levels`` or more)."""
     steps = steps.astype(np.float32)[:, None]
     with np.errstate(all="ignore"):   # subnormal steps: huge codes, refused
         codes = np.rint(x / steps)
         restored = (codes * steps).astype(dtype).astype(np.float32)
-    miss = (~np.all(np.isfinite(codes), axis=1) | (np.ptp(codes, axis=1) >= LEVELS)
+    miss = (~np.all(np.isfinite(codes), axis=1) | (np.ptp(codes, axis=1) >= levels)
             | ~np.all(restored == x, axis=1))
     return codes, miss
 

@@ -33,7 +33,7 @@ MIN_CHANNEL = 8            # axes shorter than this (kernel taps) never become r
 # (768 to 64 slices); trained layers measured here spread 0.047 and more.
 MIN_SPREAD = 0.03
 # Slices of an axis that spread this much (std of log2 RMS, beyond
-# sampling) share no 8 x 8 block (views._slices_apart): a block's coding
+# sampling) share no 8 x 8 block (_slices_apart): a block's coding
 # noise reaches all its 64 values, so a quiet slice beside a loud one took
 # the loud one's noise (an unnamed stack of layers at 1 / 0.1 / 0.01 /
 # 0.001, its layers interleaved among the columns: the quietest at relative
@@ -43,7 +43,8 @@ MIN_SPREAD = 0.03
 # the quiet slice's level: 13.8.
 APART_SPREAD = 1.0
 APART_MAX_ROWS = 64
-APART_MIN_COLUMNS = 128   # rows' maps (4 bytes each) at most 1/4 bit a value
+BLOCK = 8   # a JPEG block's rows
+APART_MIN_COLUMNS = 64   # rows' maps (4 bytes each) at most 1/2 bit a value
 OUTLIER_SIGMAS = 12.0      # |w - row mean| beyond this many row RMS: kept exactly
 # More far values than this: code them instead. A far value costs ~6 bytes
 # kept; coded, it stretches its row's range over every other weight (found
@@ -347,20 +348,31 @@ def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
 
 def _slices_apart(shape, row: int, cols: list, spreads) -> MatrixView:
     """The view of rows ``row`` and columns ``cols``, changed so that the
-    slices of an axis that ``spreads`` share no 8 x 8 block: a column axis
-    of fewer than APART_MAX_ROWS slices leads the rows, and where the row
-    axis has that few, the first column axis joins the rows after it (each
-    slice a run of rows); each change only where APART_MIN_COLUMNS columns
-    are left."""
-    def enough(rest):
-        return math.prod(shape[a] for a in rest) >= APART_MIN_COLUMNS
-    apart = [a for a in cols if shape[a] < APART_MAX_ROWS and spreads(a)]
-    rest = [a for a in cols if a not in apart]
-    rows = [*apart, row] if enough(rest) else [row]
-    rest = [a for a in cols if a not in rows]
-    if len(rest) > 1 and shape[row] < APART_MAX_ROWS and spreads(row) and enough(rest[1:]):
-        rows.append(rest.pop(0))
-    return MatrixView((*rows, *rest), len(rows))
+    slices of an axis that ``spreads`` and has fewer than APART_MAX_ROWS of
+    them share no 8 x 8 block (``row`` only in a 3-D leaf): such axes lead
+    the rows, ``row`` after them,
+    and the columns keep the other axes, or, where those are fewer than
+    APART_MIN_COLUMNS (or ``row`` is itself such an axis), the largest axis
+    left alone, the rest joining the rows; unchanged where no axis left is
+    APART_MIN_COLUMNS long or a slice would be under a block's 8 rows."""
+    def apart(a):
+        return shape[a] < APART_MAX_ROWS and spreads(a)
+    # the row axis only of a stack of matrices (L, A, B): in a kernel's
+    # (O, I, kh, kw) its taps would join the rows, 4 bytes of map a row
+    leading = [a for a in cols if apart(a)] + ([row] if len(shape) == 3 and apart(row) else [])
+    if not leading:
+        return MatrixView((row, *cols), 1)
+    rest = [a for a in cols if a not in leading]
+    if (row not in leading and shape[row] >= BLOCK
+            and math.prod(shape[a] for a in rest) >= APART_MIN_COLUMNS):
+        return MatrixView((*leading, row, *rest), len(leading) + 1)
+    left = [a for a in (row, *rest) if a not in leading]
+    widest = max(left, key=lambda a: (shape[a], -a), default=None)
+    runs = [a for a in left if a != widest]   # each leading slice's rows
+    if (widest is None or shape[widest] < APART_MIN_COLUMNS
+            or math.prod(shape[a] for a in runs) < BLOCK):
+        return MatrixView((row, *cols), 1)
+    return MatrixView((*leading, *runs, widest), len(leading) + len(runs))
 
 
 def _default_row(shape, channels: list, narrow: Mapping[int, int]) -> int:

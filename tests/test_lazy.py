@@ -365,10 +365,12 @@ def test_integers_that_would_round_as_floats_are_refused(tmp_path):
     import jax.numpy as jnp
 
     tree = {"ids": np.array([1, 16777217], np.int32), "small": np.arange(-5, 2050, dtype=np.int32),
-            "keys": np.array([4294967295, 7], np.uint32)}
+            "keys": np.array([4294967295, 7], np.uint32),
+            "big": np.array([1, 2**53 + 1], np.int64)}   # review: compared as float64, let by
     path = tmp_path / "i.jjpg"
     jaxjpeg.save(path, tree)
-    for name, dtype in (("ids", np.float32), ("keys", np.float32), ("small", jnp.float16)):
+    for name, dtype in (("ids", np.float32), ("keys", np.float32), ("small", jnp.float16),
+                        ("big", np.float32)):
         with pytest.raises(ValueError, match=f"'{name}'.*would round as"):
             jaxjpeg.restore(path, target={name: jax.ShapeDtypeStruct(tree[name].shape, dtype)})
     fine = jaxjpeg.restore(path, target={"small": jax.ShapeDtypeStruct((2055,), np.float32)})

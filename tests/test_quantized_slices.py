@@ -384,3 +384,23 @@ def test_bad_group_records_are_refused(tmp_path, edit, message):
     bad = rewrite(path, str(tmp_path / "bad.jjpg"), edit_meta=edit_meta)
     with pytest.raises((fmt.FormatError, ValueError), match=message):
         jaxjpeg.restore(bad)
+
+
+def test_8_bit_grids_stay_exact_where_a_byte_target_leaves_their_bytes(tmp_path):
+    """Found by review: an int8 per-channel leaf at target_ratio=4 (8 bits a
+    weight) was JPEG-coded, 13% of its codes moved, where its codes take
+    7.4. A default save still codes it (4 bits a weight); a byte target
+    keeps it exact where its codes fit its share."""
+    q8 = per_channel(_rng_weights((1024, 1024), 0), 0, levels=256)
+    tree = {"q": q8, "w": _rng_weights((512, 512), 1, seed=3)}
+    raw = sum(v.nbytes for v in tree.values())
+    path = tmp_path / "q.jjpg"
+    assert jaxjpeg.save(path, tree).leaves[1].kind == "jpeg"
+    for ratio, exact in ((4, True), (8, False)):
+        report = jaxjpeg.save(path, tree, target_ratio=ratio)
+        (leaf,) = [l for l in report.leaves if l.path == "q"]
+        assert (leaf.kind == "raw") == exact and abs(path.stat().st_size * ratio / raw - 1) < 0.02
+        restored = np.asarray(jaxjpeg.restore(path)["q"])
+        assert np.array_equal(_bits(restored), _bits(q8)) == exact
+    notes = {l.path: l.note for l in jaxjpeg.save(path, tree, target_ratio=4).leaves}
+    assert "at most 256 values" in notes["q"], notes
