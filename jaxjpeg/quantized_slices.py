@@ -60,7 +60,7 @@ def find(array: np.ndarray, levels: int = LEVELS) -> tuple | None:
     array = np.asarray(array)
     if array.ndim < 2:
         return None
-    key = constant = None
+    key = constant = sparse = None
     spread = {}   # axis: whether its smallest groups spread past any grid (the larger too)
     for axis, group in _candidates(array.shape, levels):
         if group is not None:
@@ -76,6 +76,9 @@ def find(array: np.ndarray, levels: int = LEVELS) -> tuple | None:
         if dead and (constant := np.all(array == probe.flat[0]) if constant is None
                      else constant):
             return None   # a constant leaf is JPEG's (its blocks DC alone)
+        if group is not None and (sparse := np.count_nonzero(array) < array.size / 4
+                                  if sparse is None else sparse):
+            continue   # (review: groups of one nonzero value each fit a grid, 3x larger)
         if key is None:   # a leaf a probe passes: found once per content a thread
             key = _content_key(array, levels)
             if key is not None and getattr(_last, "key", None) == key:
@@ -83,14 +86,16 @@ def find(array: np.ndarray, levels: int = LEVELS) -> tuple | None:
         rows, along = (array, axis) if group is None else (_grouped(array, axis, group), 0)
         steps = _steps_along(rows, along, levels, every_slice_alike_refused=dead)
         if steps is not None:
-            return _remembered(key, (axis, steps) if group is None else (axis, steps, group))
-    return _remembered(key, None)
+            found = (axis, steps) if group is None else (axis, steps, group)
+            return _remembered(key, found, array, levels)
+    return _remembered(key, None, array, levels)
 
 
-def _spread_past(probe: np.ndarray, levels: int) -> bool:
+def _spread_past(probe: np.ndarray, levels: int, smallest: np.ndarray | None = None) -> bool:
     """Whether some row of ``probe`` spans ``levels`` or more of its smallest
-    magnitude: on no grid (any finer step spans more), told at once."""
-    smallest = _smallest(probe)
+    magnitude (``smallest``, where known): on no grid (any finer step spans
+    more), told at once."""
+    smallest = _smallest(probe) if smallest is None else smallest
     with np.errstate(all="ignore"):
         span = (probe.max(axis=1) - probe.min(axis=1)) / np.where(np.isfinite(smallest),
                                                                    smallest, 1)
@@ -153,8 +158,11 @@ def _content_key(array: np.ndarray, levels: int) -> tuple | None:
     return array.shape, array.dtype.str, digest, levels
 
 
-def _remembered(key, found):
-    if key is not None:
+def _remembered(key, found, array, levels: int):
+    """``found``, remembered for ``key`` where the leaf's content is still
+    that (review: changed in place during the search, it was remembered for
+    the content it had before)."""
+    if key is not None and _content_key(array, levels) == key:
         _last.key, _last.found = key, found
     return found
 
@@ -167,9 +175,11 @@ def _steps_along(array: np.ndarray, axis: int, levels: int, every_slice_alike_re
     n = array.shape[axis]
     smallest = np.full(n, np.inf, np.float32)
     for chunk in _chunks(array, axis):
-        if not np.all(np.isfinite(chunk)):
+        # rows spanning ``levels`` of their part's smallest span more of their own
+        part = _smallest(chunk)
+        if not np.all(np.isfinite(chunk)) or _spread_past(chunk, levels, part):
             return None
-        smallest = np.minimum(smallest, _smallest(chunk))
+        smallest = np.minimum(smallest, part)
     grid = _Grid(smallest, array.dtype, levels)
     for _ in range(_PASSES):
         grid.start()
@@ -193,21 +203,25 @@ def _steps_along(array: np.ndarray, axis: int, levels: int, every_slice_alike_re
     return None
 
 
-_PASSES = 3   # over the chunks, at most: a pruned row's step, a half's, the check
+_PASSES = 5   # over the chunks at most: a pruned row's k, its bounds kept, its step, the check
 
 
 class _Grid:
     """Each row's step: its smallest nonzero magnitude, over the code its
-    smallest magnitude is (1, but 2, 3, ... in a pruned row), and in half
-    precision the float32 step every value of the row rounds from (a leaf
-    quantized in float32, then cast): each value's rounding interval bounds
-    it, and their intersection over the leaf holds the scale."""
+    smallest magnitude is (1, but 2, 3, ... in a pruned row: the k whose
+    codes lie nearest their values), and where its values round from a
+    step that is no float of their own dtype (a leaf quantized in float32,
+    then cast to half precision; smallest / k one float32 ulp off the scale)
+    the float32 step every value's rounding interval over its code allows:
+    their intersection over the leaf holds the scale. Intervals are kept
+    for every row of a half-precision leaf, for a float32 one's rows that
+    needed them (``watched``: a pass more)."""
 
     def __init__(self, smallest: np.ndarray, dtype, levels: int = LEVELS):
         self.smallest, self.levels = smallest, levels
         self.steps = np.where(np.isfinite(smallest), smallest, np.float32(1.0)).astype(np.float32)
         self.dtype = np.dtype(dtype)
-        self.half = self.dtype.itemsize < 4
+        self.watched = np.full(len(smallest), self.dtype.itemsize < 4)
         self.start()
 
     def start(self) -> None:
@@ -228,64 +242,75 @@ class _Grid:
             with np.errstate(invalid="ignore"):   # a finer step only widens the codes
                 if np.any(np.ptp(codes[miss], axis=1) >= self.levels):
                     return None
-            near = _near(x[miss], codes[miss], self.steps[miss], self.levels)
-            for r in np.flatnonzero(miss)[~near]:
-                step = self._rekeyed(x[r], r)
-                if step is None:
+            off = miss.copy()
+            off[miss] = ~_near(x[miss], codes[miss], self.steps[miss], self.levels)
+            if off.any():
+                steps = self._rekeyed(x[off], self.smallest[off])
+                if steps is None:
                     return None
-                self.steps[r], self.rekeyed[r] = step, True
-            codes, miss = _codes(x, self.steps, self.dtype, self.levels)
-            if miss.any() and not (self.half and np.all(_near(x[miss], codes[miss],
-                                                               self.steps[miss], self.levels))):
+                self.steps[off], self.rekeyed[off] = steps, True
+                codes, miss = _codes(x, self.steps, self.dtype, self.levels)
+            if miss.any() and not np.all(_near(x[miss], codes[miss], self.steps[miss],
+                                               self.levels)):
                 return None
             self.inexact |= miss
-        if self.half:
-            self._bound(x, codes)
+        if self.watched.any():
+            self._bound(x, codes, self.watched)
         return codes
 
     def finish(self) -> bool:
-        """The pass ends: half-precision rows off their steps take the middle
-        of their values' bounds; False where those leave no step."""
+        """The pass ends: rows off their steps whose bounds were kept take
+        their middle (False where those leave no step); the others' are kept
+        from the next pass on."""
         rows = self.inexact & ~self.rekeyed   # (a rekeyed row's bounds mix two codings)
-        low, high = self.bounds[0][rows], self.bounds[1][rows]
-        if not np.all(low < high):
+        bounded = rows & self.watched
+        low, high = self.bounds[0][bounded], self.bounds[1][bounded]
+        if not np.all(low <= high):   # (equal: the scale itself, at two values' ties)
             return False
-        self.steps[rows] = ((low + high) / 2).astype(np.float32)
+        self.steps[bounded] = ((low + high) / 2).astype(np.float32)
+        self.watched |= rows | self.rekeyed
         self.changed = bool(self.inexact.any() or self.rekeyed.any())
         return True
 
-    def _rekeyed(self, row: np.ndarray, r: int) -> np.float32 | None:
-        """Row ``r``'s smallest magnitude over the first code k (2, 3, ...)
-        that puts ``row`` near a grid, or None."""
-        if not np.isfinite(self.smallest[r]):
-            return None
-        for k in range(2, _SMALLEST_CODES + 1):
-            step = np.float32(self.smallest[r] / np.float32(k))
+    def _rekeyed(self, x: np.ndarray, smallest: np.ndarray) -> np.ndarray | None:
+        """Per row of ``x``, its smallest magnitude over the code k (1 to
+        _SMALLEST_CODES) whose codes lie nearest its values (the smaller k
+        of two as near), or None where a row is near no grid (found by
+        review: the first k within _NEAR took 7 for 8, and a row at a time
+        took seconds)."""
+        best = np.full(len(x), np.nan, np.float32)
+        nearest = np.full(len(x), np.inf)
+        magnitude = np.where(x != 0, np.abs(x), np.inf)
+        for k in range(1, _SMALLEST_CODES + 1):
+            step = (smallest / np.float32(k)).astype(np.float32)
             with np.errstate(all="ignore"):
-                codes = np.rint(row / step)
-            if step > 0 and np.ptp(codes) < self.levels and _near(
-                    row[None], codes[None], np.array([step]), self.levels)[0]:
-                return step
-        return None
+                codes = np.rint(x / step[:, None])
+                off = np.max(np.abs(x - codes * step[:, None]) / magnitude, axis=1)
+            better = (np.ptp(codes, axis=1) < self.levels) & (off <= _NEAR) & (off < nearest)
+            best[better], nearest[better] = step[better], off[better]
+        return None if np.isnan(best).any() else best
 
-    def _bound(self, x: np.ndarray, codes: np.ndarray) -> None:
-        """Narrows each row's step bounds by the rounding intervals of its
-        values in ``x`` (half precision, as float32) over their codes."""
-        value = np.abs(x)
-        down, up = _neighbours(value, self.dtype)
-        count = 2 * np.abs(codes).astype(np.float64)
+    def _bound(self, x: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> None:
+        """Narrows ``rows``' step bounds by the rounding intervals of their
+        values in ``x`` (``dtype`` values as float32) over their codes."""
+        value = np.abs(x[rows])
+        down, up = (v.astype(np.float64) for v in _neighbours(value, self.dtype))
+        value = value.astype(np.float64)   # (float32 sums of neighbours round)
+        count = 2 * np.abs(codes[rows]).astype(np.float64)
         with np.errstate(all="ignore"):   # code 0: no bound (inf below it, 0 above)
             low = np.max((value + down) / np.where(count > 0, count, np.inf), axis=1)
             high = np.min((value + up) / count, axis=1)
-        self.bounds = [np.maximum(self.bounds[0], low), np.minimum(self.bounds[1], high)]
+        self.bounds[0][rows] = np.maximum(self.bounds[0][rows], low)
+        self.bounds[1][rows] = np.minimum(self.bounds[1][rows], high)
 
 
 def _neighbours(value: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
     """The ``dtype`` values next below and above positive ``value`` (float32
-    holding ``dtype`` values), as float32; bfloat16's by its bits (its
-    nextafter is several times slower)."""
-    if dtype == np.dtype(ml_dtypes.bfloat16):
-        bits, unit = value.view(np.uint32), np.uint32(1 << 16)
+    holding ``dtype`` values), as float32; float32's and bfloat16's by their
+    bits (bfloat16's nextafter is several times slower)."""
+    if dtype == np.dtype(ml_dtypes.bfloat16) or dtype == np.float32:
+        bits = value.view(np.uint32)
+        unit = np.uint32(1 << 16 if dtype != np.float32 else 1)
         return (np.maximum(bits, unit) - unit).view(np.float32), (bits + unit).view(np.float32)
     half = value.astype(dtype)
     return (np.nextafter(half, np.array(0, dtype)).astype(np.float32),
@@ -346,10 +371,13 @@ def encode(array: np.ndarray, axis: int, steps: np.ndarray,
     ``steps`` (:func:`find`), or None where the codes cannot be coded."""
     x = np.asarray(array, np.float32)
     shape = tuple(array.shape)
-    codes = (x.reshape(_split(shape, axis, group)) if group else x) / _broadcast(
-        steps, shape, axis, group)
-    codes = codes.reshape(shape)
+    split = _split(shape, axis, group) if group else shape
+    scale = _broadcast(steps, shape, axis, group)
+    codes = x.reshape(split) / scale
     np.rint(codes, out=codes)   # one leaf-sized copy
+    if not _restores(x.reshape(split), codes, scale, array.dtype):
+        return None
+    codes = codes.reshape(shape)
     coded = quantized_vectors.encode(codes, quantized_vectors.VectorStep(1.0))
     if coded is None:
         return None
@@ -432,6 +460,21 @@ def restore(blob, shape: tuple[int, ...], fields: dict) -> np.ndarray:
             raise ValueError("holds zero sign padding bits set")
         values[zeros] = np.where(signs[:count].astype(bool), np.float32(-0.0), np.float32(0.0))
     return values
+
+
+def _restores(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, dtype) -> bool:
+    """Whether ``codes`` times ``scale`` (broadcast) give ``x`` back in
+    ``dtype`` (-0.0 as 0.0: its sign is stored apart), a block of the first
+    axis at a time: steps come from a search over the leaf as it was read,
+    which a change in place during it could have moved (found by review)."""
+    block = max(1, _BLOCK_VALUES // max(1, x[0].size))
+    for i in range(0, x.shape[0], block):
+        part = scale[i:i + block] if scale.shape[0] > 1 else scale
+        with np.errstate(over="ignore"):
+            back = (codes[i:i + block] * part).astype(dtype).astype(np.float32)
+        if not np.array_equal(back, x[i:i + block]):
+            return False
+    return True
 
 
 def _broadcast(steps: np.ndarray, shape, axis: int, group: int | None) -> np.ndarray:

@@ -404,3 +404,68 @@ def test_8_bit_grids_stay_exact_where_a_byte_target_leaves_their_bytes(tmp_path)
         assert np.array_equal(_bits(restored), _bits(q8)) == exact
     notes = {l.path: l.note for l in jaxjpeg.save(path, tree, target_ratio=4).leaves}
     assert "at most 256 values" in notes["q"], notes
+
+
+def test_pruned_grids_whose_smallest_code_is_large():
+    """Found by review: rows or groups without a ±1 code took their step as
+    their smallest magnitude over the first k within 1/64 (7 for 8), one
+    float32 division (an ulp off the scale: no grid found), a row at a time
+    in Python (12 s for a 16 MB leaf). The k whose codes lie nearest, over
+    all rows at once, then the float32 step inside every value's rounding
+    interval."""
+    rng = np.random.default_rng(0)
+    codes = rng.choice([-7, -6, -5, -4, -3, 3, 4, 5, 6, 7], size=(256, 1024)).astype(np.float32)
+    codes[:, 0] = 3   # every row's smallest code 3
+    scales = rng.uniform(0.01, 0.02, (256, 1)).astype(np.float32)
+    q = codes * scales
+    assert np.sum(np.float32(3 * scales[:, 0]) / np.float32(3) != scales[:, 0]) > 10
+    found = quantized_slices.find(q)
+    assert found is not None
+    blob, record = quantized_slices.encode(q, *found)
+    np.testing.assert_array_equal(quantized_slices.restore(
+        blob, q.shape, quantized_slices.check_record(record, q.shape, "q")), q)
+    big = rng.integers(8, 24, size=(2000, 64)).astype(np.float32)   # 16 levels, 8 to 23
+    big[:, 0] = 8   # smallest code 8: at 7 the codes lie within 1/64 too
+    grid = big * np.float32(0.5) ** rng.integers(4, 8, (2000, 1)).astype(np.float32)
+    found = quantized_slices.find(grid)
+    assert found is not None and quantized_slices.encode(grid, *found) is not None
+
+
+def test_sparse_leaves_are_not_taken_for_groups(tmp_path):
+    """Found by review: groups holding one nonzero value each fit a grid
+    trivially; stored with a float32 step a group they took 3.1x the bytes
+    of the sparse coding (1.31 against 0.43 bits a weight)."""
+    rng = np.random.default_rng(1)
+    w = np.zeros((512, 1024), np.float32)
+    w[np.arange(512)[:, None], np.arange(0, 1024, 32)[None, :] + rng.integers(0, 32, (512, 32))] = \
+        rng.standard_normal((512, 32))
+    assert quantized_slices.find(w) is None
+    report = jaxjpeg.save(tmp_path / "s.jjpg", {"w": w})
+    assert report.leaves[0].bits_per_weight < 0.6, report.leaves[0]
+
+
+def test_steps_that_do_not_restore_the_leaf_are_refused():
+    """encode checks the codes give every value back (review: a leaf changed
+    in place during the search left steps of the old content remembered)."""
+    q = per_channel(_rng_weights((256, 512), 0), 0)
+    axis, steps = quantized_slices.find(q)
+    assert quantized_slices.encode(q, axis, steps) is not None
+    assert quantized_slices.encode(q, axis, steps * 2) is None
+    calls = []
+    key = quantized_slices._content_key
+
+    def key_then_changed(array, *rest):   # another thread doubles it right after the digest
+        calls.append(key(array, *rest))
+        if len(calls) == 1:
+            np.multiply(array, 2, out=array)
+        return calls[-1]
+    x = per_channel(_rng_weights((256, 512), 1), 0)
+    original = x.copy()
+    quantized_slices._content_key = key_then_changed
+    try:
+        quantized_slices.find(x)
+    finally:
+        quantized_slices._content_key = key
+    np.copyto(x, original)
+    axis, steps = quantized_slices.find(x)
+    assert quantized_slices.encode(x, axis, steps) is not None
