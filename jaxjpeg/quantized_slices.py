@@ -17,11 +17,21 @@ them, packed most significant bit first, C order), then the codes' blob.
 Every value restores bit for bit, in about the codes' entropy (3-4 bits a
 value).
 
-A slice's step is its smallest nonzero magnitude, over 2, 3, ... where that
-is no code's multiple (a pruned row without a ±1 code), and in half
-precision the float32 step within every value's rounding interval over its
-code (weights quantized in float32, then cast); found by review, each of
-these was coded lossily, as were leaves whose three probed slices were dead.
+2-D leaves quantized in groups (GPTQ, AWQ: each run of 32-256 values of a
+row or column on a step of its own) are stored alike with one step a group
+(``stored: "quantized_groups"``, ``group_axis``, ``group_size``; float16
+steps where they are float16 values, ``step_bytes``: 2). Slices on 8-bit
+grids (WIDE_LEVELS) are stored so only where a byte target leaves their
+codes the bytes (``jaxjpeg.checkpoint._sliced_fits``); a default save codes
+them in about half their codes' bits.
+
+A slice's step is its smallest nonzero magnitude over the code that is (1,
+or in a pruned row without a ±1 code the k whose codes lie nearest), and
+where the values round from a step no float of their dtype holds (weights
+quantized in float32, then cast to half precision; smallest / k an ulp off
+a float32 scale) the float32 step within every value's rounding interval
+over its code; found by review, each of these was coded lossily, as were
+leaves whose three probed slices were dead.
 """
 
 from __future__ import annotations
