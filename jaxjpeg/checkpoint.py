@@ -1028,6 +1028,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     small_stepped = small_moments = False
     fine_target = False   # every coded leaf offered a thin coding too (see FINE_MARGIN)
     fine_thin = set()   # the leaves offered one for that alone (their reports say so)
+    grid_codes = {}   # name -> bytes of the codes of a coded leaf quantized per slice
 
     def analyse(leaf, floor):
         """(name, (curve, sensitivity, tile overhead) or None when kept raw, raw bytes)."""
@@ -1044,7 +1045,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         # a leaf quantized per channel stays exact where its codes fit its
         # share of the target (found by review: exact on short slices, 4.3-4.6
         # bits a weight, such leaves made targets that had been met refused)
-        per_slice = _sliced_fits(array, target_bytes * array.size / max(1, total))
+        per_slice, codes = _sliced_fits(array, target_bytes * array.size / max(1, total))
+        if codes is not None and not per_slice:
+            grid_codes[leaf.name] = codes
         if not _is_coded(policy, leaf.name, array, per_slice=per_slice):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
@@ -1233,7 +1236,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             raise refusal(target_bytes - budget, smallest)
         budget = max(budget, coarsest)
     curves = rate.capped_curves(curves, budget)
-    raw_bytes = {leaf.name: leaf.nbytes for leaf in entries}
+    if own is not None:   # (each process knows its own leaves' codes only)
+        grid_codes.clear()
+    raw_bytes = {leaf.name: grid_codes.get(leaf.name, leaf.nbytes) for leaf in entries}
     exact = _exact_instead(curves, sens, tiles, raw_bytes, budget + EXACT_SLACK * target_bytes)
     for name in exact:
         coded.discard(name)
@@ -1249,8 +1254,23 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     budget -= sum(rounded[name] for name in vectors)
     exact |= vectors
     if not coded:
-        return (lambda name, array: None), coded, exact
+        return (lambda name, array: None), coded, _as_stored(exact, grid_codes)
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
+    # Leaves on a grid whose codes take no more than the allocation plans for
+    # them are stored exactly, their bytes planned again for the others
+    # (found by review: int8 per channel coded at 7.8-15 bits a value, lossy,
+    # where its codes take 7.4)
+    grids = {name: b for name, b in grid_codes.items()
+             if name in curves and b <= allocator.planned_bytes([name])} if own is None else {}
+    for name, codes in grids.items():
+        coded.discard(name)
+        exact.add(name)
+        budget -= codes + _SMALL_BLOB_OVERHEAD - tiles[name]
+        del curves[name], sens[name]
+    if grids:
+        if not coded:
+            return (lambda name, array: None), coded, _as_stored(exact, grid_codes)
+        allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
     if own is not None:
         # Found by review: each process corrected only by its own leaves'
         # misses and none settled the total (+1.8% / +3.4% at 2 / 4 processes).
@@ -1260,7 +1280,14 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                              allocator.planned_bytes(mine),
                                              sensitivity={name: sens[name] for name in mine},
                                              **leaf_coder.coding)
-    return _BudgetEncoder(allocator, leaf_coder, fine_thin), coded, exact
+    return _BudgetEncoder(allocator, leaf_coder, fine_thin), coded, _as_stored(exact, grid_codes)
+
+
+def _as_stored(exact: set, grid_codes: dict) -> dict:
+    """A byte target's exact leaves, each True where stored as its codes on
+    a grid (counted at their bytes), False where raw (counted at the raw
+    size, as stored: see _Save._store)."""
+    return {name: name in grid_codes for name in exact}
 
 
 def _taker_bytes(array: np.ndarray, stored: int) -> int:
@@ -2027,7 +2054,8 @@ class _Save:
             _warn_partial_sensitivity(candidates(), sensitivity, leaf_coder.weighing)
         self.lossy_rate = target is not None
         self.coded = None   # the names of the leaves to code, when the analysis knows them
-        self.exact = frozenset()   # leaves a byte target stores raw though the policy codes them
+        self.exact = {}   # leaves a byte target stores exactly though the policy codes them
+        # (name -> True: as its codes on a grid, False: raw)
         self._budget = None
         if target is not None:
             self._budget = functools.partial(
@@ -2283,14 +2311,16 @@ class _Save:
             # process of a distributed save alike): stored so (found by
             # review: deflated, they left the file 5-16% under its target).
             blob, extra = ((np.ascontiguousarray(array), {"kind": "raw"})
-                           if leaf.prng_impl is not None or name in self.exact
+                           if leaf.prng_impl is not None or self.exact.get(name) is False
                            else _exact_blob(array))
             blobs = [(layout.raw_blob(index), blob)]
             stored = _blob_bytes(blob)
             if enc is not None:
                 note = "stored raw: coding would not make it smaller"
             elif name in self.exact:
-                note = "stored raw, exactly: the byte target has room for it"
+                note = ("stored exactly as its codes on a grid per slice: the byte target has "
+                        "room for them" if self.exact[name] else
+                        "stored raw, exactly: the byte target has room for it")
         record.update(extra)
         if moved:   # found by review: reported exact, restoring the shifted values
             note = "; ".join(filter(None, [note, "moved by bias correction (the mean shift "
@@ -2687,19 +2717,20 @@ def _on_a_grid(array: np.ndarray) -> bool:
 WIDE_GRID_BITS = 5.0
 
 
-def _sliced_fits(array: np.ndarray, share: float) -> int:
-    """The levels of the grid ``array`` is quantized on per slice
-    (_sliced_grid_exactly: 4-bit, or 8-bit where ``share`` gives WIDE_GRID_BITS
-    a value) where its codes take at most ``share`` bytes, else 0 (found by
-    review: int8 per-channel leaves at 4x were JPEG-coded, 13% of their codes
-    moved, where their codes took 7.4 bits a value)."""
+def _sliced_fits(array: np.ndarray, share: float) -> tuple[int, int | None]:
+    """(the levels of the grid ``array`` is quantized on per slice where its
+    codes take at most ``share`` bytes, else 0; the codes' bytes, None where
+    it is on no grid): 4-bit, or 8-bit where ``share`` gives WIDE_GRID_BITS a
+    value (_sliced_grid_exactly; found by review: int8 per-channel leaves at
+    4x were JPEG-coded, 13% of their codes moved, where their codes took 7.4
+    bits a value)."""
     for levels in (quantized_slices.LEVELS, quantized_slices.WIDE_LEVELS):
         if levels > quantized_slices.LEVELS and 8 * share < WIDE_GRID_BITS * array.size:
             break
         sliced = _sliced_grid_exactly(array, levels)
         if sliced is not None:
-            return levels if _nbytes(sliced) <= share else 0
-    return 0
+            return (levels if _nbytes(sliced) <= share else 0), _nbytes(sliced)
+    return 0, None
 
 
 def _sliced_grid_exactly(array: np.ndarray, levels: int = quantized_slices.LEVELS) -> tuple | None:

@@ -469,3 +469,25 @@ def test_steps_that_do_not_restore_the_leaf_are_refused():
     np.copyto(x, original)
     axis, steps = quantized_slices.find(x)
     assert quantized_slices.encode(x, axis, steps) is not None
+
+
+def test_grids_are_kept_exact_where_the_allocation_gives_them_their_codes_bytes(tmp_path):
+    """Found by review: beside other leaves a byte target gave an int8
+    per-channel leaf 7.8-15 bits a value, lossy, where its codes take 7.4:
+    its codes were weighed against its share of the target alone, not what
+    the allocation then gave it. Codes no larger than the allocation's plan
+    are stored, and the rest planned again."""
+    tree = {"q4": per_channel(_rng_weights((1024, 1024), 0, seed=2), 0),
+            "q8": per_channel(_rng_weights((512, 1024), 0), 0, levels=256),
+            "f1": _rng_weights((256, 512), 1, seed=4)}
+    path = tmp_path / "q.jjpg"
+    target = sum(v.size for v in tree.values()) * 5.5 / 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = jaxjpeg.save(path, tree, bits_per_weight=5.5)
+    size = path.stat().st_size
+    assert size <= 1.02 * target and (size >= 0.98 * target or any(
+        "every coded leaf at its finest" in str(w.message) for w in caught)), size
+    np.testing.assert_array_equal(_bits(jaxjpeg.restore(path)["q8"]), _bits(tree["q8"]))
+    (leaf,) = [l for l in report.leaves if l.path == "q8"]
+    assert leaf.exact and leaf.bits_per_weight < 7.6 and "codes" in leaf.note, leaf
