@@ -360,6 +360,11 @@ def _slices_apart(shape, row: int, cols: list, spreads) -> MatrixView:
     # the row axis only of a stack of matrices (L, A, B): in a kernel's
     # (O, I, kh, kw) its taps would join the rows, 4 bytes of map a row
     leading = [a for a in cols if apart(a)] + ([row] if len(shape) == 3 and apart(row) else [])
+    if leading == cols[:1] and math.prod(shape[a] for a in cols[1:]) % BLOCK == 0:
+        # leading the columns, each slice whole blocks of them: apart already
+        # (found by review: moved to the rows, a stack of layers whose heads
+        # spread took 2-4% more bytes, or 7-11% more error at 8x)
+        return MatrixView((row, *cols), 1)
     if not leading:
         return MatrixView((row, *cols), 1)
     rest = [a for a in cols if a not in leading]
