@@ -3225,7 +3225,11 @@ class _LogCoding:
         if name in self.magnitude_seconds:   # Adamax's exp_inf: its values span little
             return False
         if magnitudes.is_second_moment(array):
-            return False
+            # unless on a grid per slice and no optimizer's moment by its names:
+            # stored exactly as its codes (found by review: unsigned 4-bit
+            # groups on log2 steps, 7 bits a value lossy)
+            return (None if not self.names_a_moment(name) and _sliced_grid(array) is not None
+                    else False)
         # A centered pair an optimizer's names make, whatever its spread (found
         # by review: steady gradients' nu passed as no moment, the pair was
         # JPEG-coded apart and the next update NaN at 12x)

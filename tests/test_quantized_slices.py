@@ -491,3 +491,19 @@ def test_grids_are_kept_exact_where_the_allocation_gives_them_their_codes_bytes(
     np.testing.assert_array_equal(_bits(jaxjpeg.restore(path)["q8"]), _bits(tree["q8"]))
     (leaf,) = [l for l in report.leaves if l.path == "q8"]
     assert leaf.exact and leaf.bits_per_weight < 7.6 and "codes" in leaf.note, leaf
+
+
+def test_non_negative_grids_are_not_taken_for_optimizer_moments(tmp_path):
+    """Found by review: unsigned 4-bit codes in groups (all values >= 0) were
+    taken for a second moment and stored on log2 steps, 7.0 bits a value,
+    every value moved; they are stored as their codes."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(256, 512)).astype(np.float32)
+    steps = rng.uniform(0.001, 0.01, (256, 8)).astype(np.float16).astype(np.float32)
+    q = codes * np.repeat(steps, 64, axis=1)
+    report = jaxjpeg.save(tmp_path / "n.jjpg", {"w": q})
+    np.testing.assert_array_equal(_bits(jaxjpeg.restore(tmp_path / "n.jjpg")["w"]), _bits(q))
+    assert report.leaves[0].bits_per_weight < 5, report.leaves[0]
+    moments = np.abs(rng.standard_normal((256, 512))).astype(np.float32) ** 2   # an Adam nu
+    report = jaxjpeg.save(tmp_path / "m.jjpg", {"nu": moments})
+    assert "log2" in report.leaves[0].note, report.leaves[0].note
