@@ -1256,21 +1256,6 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     if not coded:
         return (lambda name, array: None), coded, _as_stored(exact, grid_codes)
     allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
-    # Leaves on a grid whose codes take no more than the allocation plans for
-    # them are stored exactly, their bytes planned again for the others
-    # (found by review: int8 per channel coded at 7.8-15 bits a value, lossy,
-    # where its codes take 7.4)
-    grids = {name: b for name, b in grid_codes.items()
-             if name in curves and b <= allocator.planned_bytes([name])} if own is None else {}
-    for name, codes in grids.items():
-        coded.discard(name)
-        exact.add(name)
-        budget -= codes + _SMALL_BLOB_OVERHEAD - tiles[name]
-        del curves[name], sens[name]
-    if grids:
-        if not coded:
-            return (lambda name, array: None), coded, _as_stored(exact, grid_codes)
-        allocator = rate.BudgetAllocator(curves, budget, sensitivity=sens, **leaf_coder.coding)
     if own is not None:
         # Found by review: each process corrected only by its own leaves'
         # misses and none settled the total (+1.8% / +3.4% at 2 / 4 processes).
@@ -3384,7 +3369,11 @@ class _LogCoding:
                         or self._trusted_first(name) not in (None, name))
         if named_second and bool(np.all(array >= 0)):   # by an optimizer's names
             return False
-        return False if magnitudes.is_second_moment(array) else None
+        if not magnitudes.is_second_moment(array):
+            return None
+        # on a grid per slice: its codes (review: under a byte target beside
+        # Adam's state, an unsigned 4-bit leaf on log2 steps at 9 bits a value)
+        return None if _sliced_grid(array) is not None else False
 
     def small_step(self, name: str) -> float | None:
         """The settled step of a small leaf's moment on the ladder, or None."""
