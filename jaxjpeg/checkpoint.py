@@ -3369,11 +3369,9 @@ class _LogCoding:
                         or self._trusted_first(name) not in (None, name))
         if named_second and bool(np.all(array >= 0)):   # by an optimizer's names
             return False
-        if not magnitudes.is_second_moment(array):
-            return None
-        # on a grid per slice: its codes (review: under a byte target beside
-        # Adam's state, an unsigned 4-bit leaf on log2 steps at 9 bits a value)
-        return None if _sliced_grid(array) is not None else False
+        # (on a grid per slice: its codes, as signed() says; review: under a byte
+        # target beside Adam's state, an unsigned 4-bit leaf on log2 steps at 9 bits)
+        return False if magnitudes.is_second_moment(array) and _sliced_grid(array) is None else None
 
     def small_step(self, name: str) -> float | None:
         """The settled step of a small leaf's moment on the ladder, or None."""

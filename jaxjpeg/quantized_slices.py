@@ -133,7 +133,7 @@ def _probe(array: np.ndarray, axis: int, group: int | None) -> np.ndarray:
         slices = np.moveaxis(array, axis, 0)
         n = slices.shape[0]
         return np.stack([_head(slices[i], _PROBE_VALUES) for i in (0, n // 2, n - 1)])
-    runs = np.moveaxis(array.reshape(_split(array.shape, axis, group)), axis + 1, -1)
+    runs = _runs(array, axis, group)
     n = array.size // group
     return np.stack([runs[np.unravel_index(i, runs.shape[:-1])] for i in (0, n // 2, n - 1)])
 
@@ -143,12 +143,16 @@ def _split(shape, axis: int, group: int) -> tuple[int, ...]:
     return (*shape[:axis], shape[axis] // group, group, *shape[axis + 1:])
 
 
+def _runs(array: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """``array`` with ``axis`` split in (runs, group), the group's values last."""
+    return np.moveaxis(array.reshape(_split(array.shape, axis, group)), axis + 1, -1)
+
+
 def _grouped(array: np.ndarray, axis: int, group: int) -> np.ndarray:
     """The groups of ``group`` values along ``axis`` as rows, in the C order
     of the leaf with that axis divided by ``group`` (a copy unless they are
     runs of its last axis)."""
-    runs = np.moveaxis(array.reshape(_split(array.shape, axis, group)), axis + 1, -1)
-    return np.ascontiguousarray(runs).reshape(-1, group)
+    return np.ascontiguousarray(_runs(array, axis, group)).reshape(-1, group)
 
 
 # The last leaf find() read past its probe in this thread, by its content:
