@@ -267,7 +267,8 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared
                else rows.mean)
-    caches = {"stats": (centers, rows.min, rows.max), "squares": stats.total_squares}
+    caches = {"stats": (centers, rows.min, rows.max), "squares": stats.total_squares,
+              "row_variance": rows.variance}
     p = codec.Prepared(tuple(x.shape), str(x.dtype), chosen, matrix, None, None, None, x,
                        shared, scales=caches)
     return p.with_shards(shards)

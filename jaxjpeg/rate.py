@@ -1116,11 +1116,12 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor, left: int
     its own coding's maps. Error-feedback codings (``p``'s feedback) mix by
     whole output bands (_output_band): a tile's errors were shaped against
     the rounding of the tiles before it along its inputs, not of others."""
+    fits, over = _unfitted(fits), _unfitted(over)   # fitted again once mixed
     same_maps = (np.array_equal(fits.row_scale, over.row_scale)
                  and np.array_equal(fits.row_offset, over.row_offset))
     feedback = p is not None and p.feedback is not None
     if not _mixable(fits, over) or (feedback and p.feedback.along_rows and not same_maps):
-        return fits
+        return codec.fit_rows(fits)
     groups: dict = {}
     for i, t in enumerate(fits.tiles):
         cell = (t.row0, t.col0, t.height, t.width)
@@ -1131,7 +1132,7 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor, left: int
     room = left - fits.nbytes
     for _ in range(4):
         taken = _taken_groups(gains, room, overshoot)
-        mixed = _with_groups(fits, over, [members[g] for g in taken])
+        mixed = codec.fit_rows(_with_groups(fits, over, [members[g] for g in taken]))
         if mixed.nbytes <= left + overshoot:
             return mixed
         # the maps' stored bytes, which the gains leave out, taken from the
@@ -1139,7 +1140,15 @@ def _mixed_tiles(fits: codec.EncodedTensor, over: codec.EncodedTensor, left: int
         # scale's, and a mix of every band, over by them, was dropped for
         # no mix at all, where three bands landed within 0.02%)
         room = left - fits.nbytes - (mixed.nbytes - fits.nbytes - sum(gains[g] for g in taken))
-    return fits
+    return codec.fit_rows(fits)
+
+
+def _unfitted(enc: codec.EncodedTensor) -> codec.EncodedTensor:
+    """``enc`` on the maps chosen before its coding (codec.fit_rows)."""
+    if enc.base_maps is None:
+        return enc
+    return dataclasses.replace(enc, row_scale=enc.base_maps[0], row_offset=enc.base_maps[1],
+                               base_maps=None)
 
 
 def _with_groups(fits: codec.EncodedTensor, over: codec.EncodedTensor,

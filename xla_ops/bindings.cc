@@ -473,6 +473,8 @@ py::array_t<int64_t> BitReaderTrace(
 // whole numbers in 1..65535 before they are narrowed to a table's uint16:
 // a forcecast had turned 65537 into 1 and 2.9 into 2 silently.
 using StepArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
 std::vector<uint16_t> CheckedSteps(const StepArray& steps, const char* what) {
   std::vector<uint16_t> out(static_cast<size_t>(steps.size()));
@@ -667,48 +669,79 @@ std::optional<StridedTile<uint8_t>> KeptOf(const std::optional<py::array>& kept,
 }
 
 // EncodeTileWithError over numpy arrays: (bytes, interval starts, squared
-// error); weights as encode_mapped takes them, original, col_scale and kept
-// as tile_squared_error does.
-py::tuple EncodeMappedWithErrorOf(
-    const py::array& weights,
-    const py::array_t<float, py::array::c_style | py::array::forcecast>& row_scale,
-    const py::array_t<float, py::array::c_style | py::array::forcecast>& row_offset,
-    const StepArray& qtable, int bits,
-    int restart_interval, const py::array& original,
-    const std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>>& col_scale,
-    const std::optional<py::array>& kept) {
+// error or None, row sums or None); weights as encode_mapped takes them,
+// original (None: no error summed), col_scale and kept as tile_squared_error
+// does; row_sums: each row's RowSum values as a [height, kRowSums] array.
+py::tuple EncodeTileMeasured(const py::array& weights, const FloatArray& row_scale,
+                             const FloatArray& row_offset, const StepArray& qtable, int bits,
+                             int restart_interval, const std::optional<py::array>& original,
+                             const std::optional<FloatArray>& col_scale,
+                             const std::optional<py::array>& kept, bool row_sums,
+                             const char* what,
+                             const std::optional<ByteArray>& bands = std::nullopt) {
   const auto [stride, transposed] = TileLayout(weights, "weights");
   const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, true, true, true);
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
-  if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) {
-    Fail(Status::kBadSize, "encode_mapped_with_error");
-  }
+  if (h < 1 || w < 1 || h > kMaxDimension || w > kMaxDimension) Fail(Status::kBadSize, what);
   if (row_scale.ndim() != 1 || row_offset.ndim() != 1 || row_scale.shape(0) != h ||
       row_offset.shape(0) != h) {
     throw py::value_error("row_scale and row_offset must hold one value per row");
   }
-  const StridedTile<float> o = StridedOf<float>(original, "original");
-  if (original.shape(0) != h || original.shape(1) != w) {
-    throw py::value_error("original must have the weights' shape");
+  StridedTile<float> o{nullptr, 0, 0};
+  if (original.has_value()) {
+    o = StridedOf<float>(*original, "original");
+    if (original->shape(0) != h || original->shape(1) != w) {
+      throw py::value_error("original must have the weights' shape");
+    }
   }
   if (col_scale.has_value() && (col_scale->ndim() != 1 || col_scale->shape(0) != w)) {
     throw py::value_error("col_scale must hold one value per column");
   }
   const std::optional<StridedTile<uint8_t>> k = KeptOf(kept, h, w);
+  if (bands.has_value() && (bands->ndim() != 1 || bands->shape(0) != (h + 7) / 8)) {
+    throw py::value_error("bands must hold one value per row of 8 x 8 blocks");
+  }
   std::vector<uint8_t> out;
   std::vector<int64_t> starts;
   double error = 0.0;
+  py::array_t<double> sums;
+  if (row_sums) sums = py::array_t<double>({h, static_cast<py::ssize_t>(kRowSums)});
   Status s;
   {
     py::gil_scoped_release release;
     s = EncodeTileWithError(static_cast<const float*>(weights.data()), static_cast<int>(w),
                             static_cast<int>(h), stride, transposed, row_scale.data(),
                             row_offset.data(), options, o, k ? &*k : nullptr,
-                            col_scale ? col_scale->data() : nullptr, &out, &starts, &error);
+                            col_scale ? col_scale->data() : nullptr, &out, &starts,
+                            original.has_value() ? &error : nullptr,
+                            row_sums ? sums.mutable_data() : nullptr,
+                            bands ? bands->data() : nullptr);
   }
-  Check(s, "encode_mapped_with_error");
+  Check(s, what);
   py::object coded = EncodedResult(out, starts, true);
-  return py::make_tuple(coded[py::int_(0)], coded[py::int_(1)], error);
+  return py::make_tuple(coded[py::int_(0)], coded[py::int_(1)],
+                        original.has_value() ? py::object(py::float_(error)) : py::none(),
+                        row_sums ? py::object(sums) : py::none());
+}
+
+py::tuple EncodeMappedWithErrorOf(const py::array& weights, const FloatArray& row_scale,
+                                  const FloatArray& row_offset, const StepArray& qtable,
+                                  int bits, int restart_interval, const py::array& original,
+                                  const std::optional<FloatArray>& col_scale,
+                                  const std::optional<py::array>& kept) {
+  const py::tuple r = EncodeTileMeasured(weights, row_scale, row_offset, qtable, bits,
+                                         restart_interval, original, col_scale, kept, false,
+                                         "encode_mapped_with_error");
+  return py::make_tuple(r[0], r[1], r[2]);
+}
+
+py::tuple EncodeMappedWithRowSumsOf(
+    const py::array& weights, const FloatArray& row_scale, const FloatArray& row_offset,
+    const StepArray& qtable, int bits, int restart_interval,
+    const std::optional<py::array>& original, const std::optional<FloatArray>& col_scale,
+    const std::optional<py::array>& kept, const std::optional<ByteArray>& bands) {
+  return EncodeTileMeasured(weights, row_scale, row_offset, qtable, bits, restart_interval,
+                            original, col_scale, kept, true, "encode_mapped_with_row_sums", bands);
 }
 
 // TileSquaredError over numpy arrays (weights and kept read in place).
@@ -910,6 +943,17 @@ PYBIND11_MODULE(_native, m) {
         "as tile_squared_error(data, original, row_scale, row_offset, col_scale, kept) gives "
         "it, to the last bit, from the values coded instead of decoding the file: "
         "(bytes, interval starts, error).");
+  m.def("encode_mapped_with_row_sums", &EncodeMappedWithRowSumsOf, py::arg("weights"),
+        py::arg("row_scale"), py::arg("row_offset"), py::arg("qtable"), py::arg("bits"),
+        py::arg("restart_interval"), py::arg("original") = py::none(),
+        py::arg("col_scale") = py::none(), py::arg("kept") = py::none(),
+        py::arg("bands") = py::none(),
+        "encode_mapped_with_error (original None: no error) that also returns, for each row "
+        "of the tile, over its positions kept leaves out, [count, sum s, sum w, sum s^2, "
+        "sum s*w, sum w^2] of the samples s the decoder reads back and the weights w coded: "
+        "(bytes, interval starts, error or None, float64 [height, 6]). bands (uint8, one per "
+        "row of 8 x 8 blocks; without original only): the rows of the blocks set only, the "
+        "others' sums 0.");
   m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(), py::arg("rdo") = true,

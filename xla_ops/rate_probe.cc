@@ -5,6 +5,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "encoder.h"
@@ -42,6 +43,46 @@ struct TileErrorSink {
   }
 };
 
+// Each row's RowSum values of the decoded samples (rate_probe.h).
+template <bool kKept>
+struct RowSumsSink {
+  const float* weights;
+  std::ptrdiff_t row_step, col_step;  // weights' element steps (a tile or its transpose)
+  const StridedTile<uint8_t>* kept;   // kKept only
+  double* sums;                       // kRowSums a row
+
+  void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    double* row = sums + kRowSums * static_cast<std::ptrdiff_t>(y);
+    const float* w = weights + y * row_step + x0 * col_step;
+    for (int i = 0; i < count; ++i) {
+      if (kKept && kept->at(y, x0 + i) != 0) continue;
+      const double s = samples[i], v = w[i * col_step];
+      row[kCount] += 1.0;
+      row[kSumS] += s;
+      row[kSumW] += v;
+      row[kSumSS] += s * s;
+      row[kSumSW] += s * v;
+      row[kSumWW] += v * v;
+    }
+  }
+};
+
+// Two sinks fed the same rows.
+template <typename First, typename Second>
+struct BothSinks {
+  First first;
+  Second second;
+  void PutRow(int y, int x0, const int32_t* samples, int count) const {
+    first.PutRow(y, x0, samples, count);
+    second.PutRow(y, x0, samples, count);
+  }
+};
+
+// A sink that takes nothing.
+struct NoSink {
+  void PutRow(int, int, const int32_t*, int) const {}
+};
+
 // Decodes every restart interval of a coded tile into `sink`.
 template <int kBits, typename Sink>
 Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const DecoderTables& tables,
@@ -63,13 +104,16 @@ Status DecodeIntoSink(const uint8_t* data, const StreamInfo& info, const Decoder
 // decoder stores it, its islow IDCT (a constant block: its one sample), then
 // its rows: the same values and the same calls, in the same order, as
 // DecodeInterval over the file, without reading its Huffman codes back.
+// bands (optional, one per row of blocks): only the rows of blocks set.
 template <int kBits, typename Sink>
 JJ_INLINE void PutCodedBlocks(const int16_t* coefficients, int width, int height,
-                              const int32_t* quant, const Sink& sink) {
+                              const int32_t* quant, const Sink& sink,
+                              const uint8_t* bands = nullptr) {
   int32_t coef[64], ws[64], samples[64];
   const BlockScratch<1, true> scratch{coef, ws, samples, ZigzagTable()};
   const int blocks_wide = (width + 7) / 8, blocks_high = (height + 7) / 8;
   for (int by = 0; by < blocks_high; ++by) {
+    if (bands != nullptr && bands[by] == 0) continue;
     for (int bx = 0; bx < blocks_wide; ++bx) {
       const int16_t* block = coefficients + 64 * (static_cast<int64_t>(by) * blocks_wide + bx);
       int ac = 0;  // nonzero when any AC value is (a loop the compiler vectorizes)
@@ -97,8 +141,9 @@ JJ_INLINE void PutCodedBlocks(const int16_t* coefficients, int width, int height
 #if defined(JAXJPEG_AVX2_DISPATCH)
 template <int kBits, typename Sink>
 __attribute__((target("avx2,bmi2"), noinline)) void PutCodedBlocksAvx2(
-    const int16_t* coefficients, int width, int height, const int32_t* quant, const Sink& sink) {
-  PutCodedBlocks<kBits>(coefficients, width, height, quant, sink);
+    const int16_t* coefficients, int width, int height, const int32_t* quant, const Sink& sink,
+    const uint8_t* bands) {
+  PutCodedBlocks<kBits>(coefficients, width, height, quant, sink, bands);
 }
 #endif
 
@@ -106,14 +151,14 @@ __attribute__((target("avx2,bmi2"), noinline)) void PutCodedBlocksAvx2(
 // where the CPU has them (as the decoder dispatches: the same bits).
 template <int kBits, typename Sink>
 void SumCodedError(const int16_t* coefficients, int width, int height, const int32_t* quant,
-                   const Sink& sink) {
+                   const Sink& sink, const uint8_t* bands = nullptr) {
 #if defined(JAXJPEG_AVX2_DISPATCH)
   if (detail::HostHasAvx2()) {
-    PutCodedBlocksAvx2<kBits>(coefficients, width, height, quant, sink);
+    PutCodedBlocksAvx2<kBits>(coefficients, width, height, quant, sink, bands);
     return;
   }
 #endif
-  PutCodedBlocks<kBits>(coefficients, width, height, quant, sink);
+  PutCodedBlocks<kBits>(coefficients, width, height, quant, sink, bands);
 }
 
 // A coding's table as the decoder holds it: 32-bit steps, natural order.
@@ -385,8 +430,11 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
                            const EncodeOptions& options, StridedTile<float> original,
                            const StridedTile<uint8_t>* kept, const float* col_scale,
                            std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
-                           double* squared_error) {
-  if (original.data == nullptr || squared_error == nullptr) return Status::kBadArgument;
+                           double* squared_error, double* row_sums, const uint8_t* bands) {
+  if ((squared_error == nullptr && row_sums == nullptr) ||
+      (squared_error != nullptr && original.data == nullptr)) {
+    return Status::kBadArgument;
+  }
   std::vector<int16_t> coefficients;
   const size_t size = out->size();
   Status s = EncodeMappedGrayscaleWithCoefficients(weights, width, height, stride, row_scale,
@@ -399,16 +447,36 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
   }
   int32_t quant[64];
   DecoderQuant(options, quant);
+  if (row_sums != nullptr) std::fill(row_sums, row_sums + kRowSums * static_cast<size_t>(height), 0.0);
+  // weights as the encoder read them: row y of the tile at y * stride, or
+  // column y of its transpose
+  const std::ptrdiff_t row_step = transposed ? 1 : stride, col_step = transposed ? stride : 1;
   double total = 0.0;
-  const auto sum = [&](const auto& sink) {
-    if (options.bits == 12) {
-      SumCodedError<12>(coefficients.data(), width, height, quant, sink);
+  const auto sum = [&](const auto& errors) {
+    // every block for an error; for the row sums alone, the bands asked for
+    const uint8_t* only = squared_error == nullptr ? bands : nullptr;
+    const auto with_sums = [&](const auto& sink) {
+      if (options.bits == 12) {
+        SumCodedError<12>(coefficients.data(), width, height, quant, sink, only);
+      } else {
+        SumCodedError<8>(coefficients.data(), width, height, quant, sink, only);
+      }
+    };
+    using Errors = std::decay_t<decltype(errors)>;
+    if (row_sums == nullptr) {
+      with_sums(errors);
+    } else if (kept != nullptr) {
+      with_sums(BothSinks<Errors, RowSumsSink<true>>{
+          errors, {weights, row_step, col_step, kept, row_sums}});
     } else {
-      SumCodedError<8>(coefficients.data(), width, height, quant, sink);
+      with_sums(BothSinks<Errors, RowSumsSink<false>>{
+          errors, {weights, row_step, col_step, nullptr, row_sums}});
     }
   };
   // The sinks TileSquaredError decodes the file into: the same sums.
-  if (kept != nullptr && col_scale != nullptr) {
+  if (squared_error == nullptr) {
+    sum(NoSink{});
+  } else if (kept != nullptr && col_scale != nullptr) {
     sum(TileErrorSink<true, true>{original, kept, row_scale, row_offset, col_scale, &total});
   } else if (kept != nullptr) {
     sum(TileErrorSink<true, false>{original, kept, row_scale, row_offset, nullptr, &total});
@@ -417,7 +485,7 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
   } else {
     sum(TileErrorSink<false, false>{original, nullptr, row_scale, row_offset, nullptr, &total});
   }
-  *squared_error = total;
+  if (squared_error != nullptr) *squared_error = total;
   return Status::kOk;
 }
 
