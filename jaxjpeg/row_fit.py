@@ -1,57 +1,64 @@
-"""Row maps fitted to the samples a coding decodes to.
+"""Rows a coding lost, restored as their means.
 
 A row's map (``w = s * scale + offset``) is chosen before coding, from the
-weights alone. Coding then adds noise to the samples, and a block's noise
-reaches all 64 of them: a row far quieter than the rows it shares blocks
-with (one scale for every row, :func:`jaxjpeg.mapping.common_scale`)
-restored at up to 400 times its own RMS, worse than its mean alone. Once a
-tile is coded the encoder knows what its samples decode to
-(``_native.encode_mapped_with_row_sums``); the map that restores such a row
-best is the least-squares fit of its weights on those samples, which
-restores it no worse than its mean. The decoders are unchanged: only the
-maps' numbers move.
+weights alone. Rows share one scale (:func:`jaxjpeg.mapping.common_scale`)
+and a block's coding noise reaches all 64 of its samples, so a row far
+quieter than the rows it shares blocks with took their noise: rows 1,000x
+quieter than the loudest came back at up to 414 times their own RMS (4,461
+in a narrow view whose rows share one map). Once a tile is coded the
+encoder knows what each row's samples decode to
+(``_native.encode_mapped_with_row_sums`` sums them from the coded
+coefficients); a row whose squared error exceeds LOST times its spread is
+then mapped to its mean (slope 0), so no row restores at more than twice
+its RMS about its mean. The decoders and the format are unchanged: only
+the maps' numbers move.
 
-Only rows that may come back worse than their mean are fitted: their spread
-in samples is below what a coding at the table's coarsest step can add
-(:func:`candidates`), and their coding did (:func:`refitted`). Other rows
-keep the maps the rate control chose, so its predictions hold.
+Only rows a coding may lose are summed (:func:`candidates`); the rows it
+did not lose keep the maps the rate control chose, so its predictions hold.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# _native.encode_mapped_with_row_sums' columns
+# _native.encode_mapped_with_row_sums' columns (weights less their row's center)
 COUNT, SUM_S, SUM_W, SUM_SS, SUM_SW, SUM_WW = range(6)
-WEIGHT_SUMS = [SUM_W, SUM_SW]   # linear in the weights (SUM_WW: squared)
-# A row is refitted where its coding's squared error exceeds this many times
-# its spread (its squared deviation from its mean): restored at twice its
-# RMS, the coding has left little of it. Below, the least-squares gain
-# (shrinking a row towards its mean) cost more than it saved: PP-OCRv6's
-# recognizer at 10x, 3,800 of its classifier's rows at 1-3 times their
-# spread refitted, read no line of 24 exactly (8 before).
+# A row is mapped to its mean where its coding's squared error exceeds this
+# many times its spread (its squared deviation from its mean): at twice its
+# RMS, the coding has left little of it. At 1 (every row worse than its
+# mean), least-squares maps shrank 3,600-3,800 of PP-OCRv6's recognizer's
+# classifier rows at 10x towards their means: none of its 24 lines read
+# exactly (8 before).
 LOST = 4.0
-# How much above its mean's error a refitted map may restore a row (float16
-# rounding of the map).
+# Rows of fewer values are left as they are: less than a block wide, a row's
+# mean is barely a statistic, and a map of its own costs about as much as
+# its values (a (65536, 1) leaf's rows, one value each, all "lost", were
+# stored as their maps, larger than raw).
+MIN_ROW_VALUES = 8
+# candidates(): a row may be lost below this RMS in samples, in coarsest
+# steps plus samples (every row whose 8-row band of blocks holds one is
+# inverse-transformed as it is coded: at one step plus one sample, 85% of a
+# transformer-like tree's tiles, for one row lost, +20% save time).
+NOISE_STEPS, NOISE_SAMPLES = 0.6, 0.5
+# How much above its spread a row mapped to its mean as float16 may restore.
 FIT_TOLERANCE = 1 + 1 / 64
 
 
 def candidates(row_variance: np.ndarray, scale: np.ndarray, coarsest_step: float) -> np.ndarray:
-    """Rows a coding may lose (restore at more than twice their RMS about
-    their mean): a row's coding noise stays within about half the coarsest
-    step (sample units) a sample, plus the decoder's rounding (an RMS of
-    at most 1.04 steps measured over flat tables of 8 and 12 bits, rows
-    spread over decades and loud columns), so a row whose RMS about its
-    mean reaches a step and a sample is not one; nor is a constant row
-    (scale 0, restored exactly)."""
-    limit = coarsest_step + 1.0
+    """Rows a coding may lose: their RMS about their mean (in samples)
+    under NOISE_STEPS coarsest steps plus NOISE_SAMPLES samples. The noise
+    a row takes stayed within 1.04 steps RMS (rounding included) over flat
+    8- and 12-bit tables, rows spread over decades and loud columns, so a
+    row past that bound restores within (1.04 / 0.6)² = 3 times its spread,
+    short of LOST; a constant row (scale 0, restored exactly) is none."""
+    limit = NOISE_STEPS * coarsest_step + NOISE_SAMPLES
     spread = np.sqrt(np.maximum(row_variance, 0.0))
     return (scale > 0) & (spread < limit * scale.astype(np.float64))
 
 
 def _errors(sums: np.ndarray, slope, offset) -> np.ndarray:
-    """Σ (w - (s * slope + offset))² per row, from the sums (centered forms:
-    a row's mean can dwarf its spread)."""
+    """Σ (w - (s * slope + offset))² per row, from the sums (w and offset
+    less the row's center, so that a mean far above the spread cancels)."""
     n = np.maximum(sums[:, COUNT], 1.0)
     mean_s, mean_w = sums[:, SUM_S] / n, sums[:, SUM_W] / n
     var_s = np.maximum(sums[:, SUM_SS] - n * mean_s * mean_s, 0.0)
@@ -62,49 +69,44 @@ def _errors(sums: np.ndarray, slope, offset) -> np.ndarray:
     return np.maximum(spread - 2 * slope * cov + slope * slope * var_s, 0.0) + n * bias * bias
 
 
-def refitted(scale: np.ndarray, offset: np.ndarray, sums: np.ndarray,
-             rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def centers(scale: np.ndarray, offset: np.ndarray, middle: float) -> np.ndarray:
+    """The values the rows' weights are summed about (the native
+    RowSumsCenter): what each map gives the middle sample, in float64."""
+    return np.asarray(offset, np.float64) + np.asarray(scale, np.float64) * middle
+
+
+def refitted(scale: np.ndarray, offset: np.ndarray, sums: np.ndarray, rows: np.ndarray,
+             middle: float) -> tuple[np.ndarray, np.ndarray]:
     """(scale, offset) with each of ``rows`` whose coding lost it (squared
-    error above LOST times its spread) refitted: by least squares on its
-    samples, or (float16 maps, where every map is float16 and the fit's
-    offset does not round well enough) to its mean at slope 0, whichever
-    restores it better; float32 least squares where neither float16 map
-    restores it about as well as its mean."""
-    lost = rows & (sums[:, COUNT] > 0)
+    error above LOST times its spread) mapped to its mean: slope 0, offset
+    the mean as float16 where every map is float16 and that restores the row
+    within FIT_TOLERANCE of its spread, else as float32 (where that restores
+    it better than its coding: a mean between two float32 values of a row of
+    such values does not reach its spread). ``sums`` about :func:`centers`
+    of ``(scale, offset, middle)``."""
+    lost = rows & (sums[:, COUNT] >= MIN_ROW_VALUES)
     if not lost.any():
         return scale, offset
+    center = centers(scale, offset, middle)
     n = np.maximum(sums[:, COUNT], 1.0)
-    mean_s, mean_w = sums[:, SUM_S] / n, sums[:, SUM_W] / n
-    var_s = sums[:, SUM_SS] - n * mean_s * mean_s
-    cov = sums[:, SUM_SW] - n * mean_s * mean_w
-    spread = np.maximum(sums[:, SUM_WW] - n * mean_w * mean_w, 0.0)
-    coded = _errors(sums, scale, offset)
+    mean = sums[:, SUM_W] / n   # about the center
+    spread = np.maximum(sums[:, SUM_WW] - n * mean * mean, 0.0)
+    coded = _errors(sums, scale, np.asarray(offset, np.float64) - center)
     lost &= coded > LOST * spread
     if not lost.any():
         return scale, offset
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slope = np.where(var_s > 0, cov / var_s, 0.0)
-    slope = np.where(np.isfinite(slope), slope, 0.0)
-    fits = [(slope, mean_w - slope * mean_s)]
-    if _all_half(scale) and _all_half(offset):
-        # The offset is about the slope times the middle sample (2048 at 12
-        # bits): float16's rounding of it can cost more than the fit gains.
-        fits = [_rounded(slope, mean_w - slope * mean_s, np.float16),
-                _rounded(np.zeros_like(slope), mean_w, np.float16)] + fits
     scale, offset = scale.copy(), offset.copy()
-    for a, b in fits:
-        a, b = _rounded(a, b, np.float32)
-        error = _errors(sums, a, b)
-        better = (lost & np.isfinite(a) & np.isfinite(b) & (error < coded)
-                  & (error <= spread * FIT_TOLERANCE))
-        scale[better], offset[better] = a[better], b[better]
-        lost &= ~better
+    zero = np.zeros_like(scale)
+    half = _all_half(scale) and _all_half(offset)
+    for dtype in (np.float16, np.float32) if half else (np.float32,):
+        with np.errstate(over="ignore"):
+            level = (center + mean).astype(dtype).astype(np.float32)
+        error = _errors(sums, zero, level.astype(np.float64) - center)
+        bound = spread * FIT_TOLERANCE if dtype == np.float16 else coded
+        near = lost & np.isfinite(level) & (error <= bound) & (error < coded)
+        scale[near], offset[near] = 0.0, level[near]
+        lost &= ~near
     return scale, offset
-
-
-def _rounded(a, b, dtype):
-    with np.errstate(over="ignore"):
-        return a.astype(dtype).astype(np.float32), b.astype(dtype).astype(np.float32)
 
 
 def _all_half(values: np.ndarray) -> bool:

@@ -671,14 +671,14 @@ std::optional<StridedTile<uint8_t>> KeptOf(const std::optional<py::array>& kept,
 // EncodeTileWithError over numpy arrays: (bytes, interval starts, squared
 // error or None, row sums or None); weights as encode_mapped takes them,
 // original (None: no error summed), col_scale and kept as tile_squared_error
-// does; row_sums: each row's RowSum values as a [height, kRowSums] array.
+// does; row_sums: each row's RowSum values as a [height, kRowSums] array,
+// of the bands of 8 x 8 blocks `bands` sets where given.
 py::tuple EncodeTileMeasured(const py::array& weights, const FloatArray& row_scale,
                              const FloatArray& row_offset, const StepArray& qtable, int bits,
                              int restart_interval, const std::optional<py::array>& original,
                              const std::optional<FloatArray>& col_scale,
                              const std::optional<py::array>& kept, bool row_sums,
-                             const char* what,
-                             const std::optional<ByteArray>& bands = std::nullopt) {
+                             const char* what, const std::optional<ByteArray>& bands = {}) {
   const auto [stride, transposed] = TileLayout(weights, "weights");
   const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, true, true, true);
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
@@ -698,14 +698,26 @@ py::tuple EncodeTileMeasured(const py::array& weights, const FloatArray& row_sca
     throw py::value_error("col_scale must hold one value per column");
   }
   const std::optional<StridedTile<uint8_t>> k = KeptOf(kept, h, w);
-  if (bands.has_value() && (bands->ndim() != 1 || bands->shape(0) != (h + 7) / 8)) {
-    throw py::value_error("bands must hold one value per row of 8 x 8 blocks");
+  py::array_t<double> sums;
+  // the weights as the encoder reads them: row y at y * stride, or column y
+  // of a transpose
+  RowSums request{nullptr,
+                  {static_cast<const float*>(weights.data()), transposed ? 1 : stride,
+                   transposed ? stride : 1},
+                  row_scale.data(), row_offset.data()};
+  if (row_sums) {
+    sums = py::array_t<double>({h, static_cast<py::ssize_t>(kRowSums)});
+    request.sums = sums.mutable_data();
+    if (bands.has_value()) {
+      if (bands->ndim() != 1 || bands->shape(0) != (h + 7) / 8) {
+        throw py::value_error("bands must hold one value per row of 8 x 8 blocks");
+      }
+      request.bands = bands->data();
+    }
   }
   std::vector<uint8_t> out;
   std::vector<int64_t> starts;
   double error = 0.0;
-  py::array_t<double> sums;
-  if (row_sums) sums = py::array_t<double>({h, static_cast<py::ssize_t>(kRowSums)});
   Status s;
   {
     py::gil_scoped_release release;
@@ -714,8 +726,7 @@ py::tuple EncodeTileMeasured(const py::array& weights, const FloatArray& row_sca
                             row_offset.data(), options, o, k ? &*k : nullptr,
                             col_scale ? col_scale->data() : nullptr, &out, &starts,
                             original.has_value() ? &error : nullptr,
-                            row_sums ? sums.mutable_data() : nullptr,
-                            bands ? bands->data() : nullptr);
+                            row_sums ? &request : nullptr);
   }
   Check(s, what);
   py::object coded = EncodedResult(out, starts, true);
@@ -950,10 +961,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("bands") = py::none(),
         "encode_mapped_with_error (original None: no error) that also returns, for each row "
         "of the tile, over its positions kept leaves out, [count, sum s, sum w, sum s^2, "
-        "sum s*w, sum w^2] of the samples s the decoder reads back and the weights w coded: "
-        "(bytes, interval starts, error or None, float64 [height, 6]). bands (uint8, one per "
-        "row of 8 x 8 blocks; without original only): the rows of the blocks set only, the "
-        "others' sums 0.");
+        "sum s*w, sum w^2] of the samples s the decoder reads back and w = weight - center, "
+        "center = row_offset + row_scale * 2^(bits-1) in float64: (bytes, interval starts, "
+        "error or None, float64 [height, 6]). bands (uint8, one per row of 8 x 8 blocks; "
+        "without original only): the rows of the blocks set only, the others' sums 0.");
   m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(), py::arg("rdo") = true,

@@ -46,17 +46,19 @@ struct TileErrorSink {
 // Each row's RowSum values of the decoded samples (rate_probe.h).
 template <bool kKept>
 struct RowSumsSink {
-  const float* weights;
-  std::ptrdiff_t row_step, col_step;  // weights' element steps (a tile or its transpose)
+  StridedTile<float> values;
+  const float* row_scale;
+  const float* row_offset;
+  double middle;                      // the middle sample, 2^(bits - 1)
   const StridedTile<uint8_t>* kept;   // kKept only
   double* sums;                       // kRowSums a row
 
   void PutRow(int y, int x0, const int32_t* samples, int count) const {
     double* row = sums + kRowSums * static_cast<std::ptrdiff_t>(y);
-    const float* w = weights + y * row_step + x0 * col_step;
+    const double center = RowSumsCenter(row_scale[y], row_offset[y], middle);
     for (int i = 0; i < count; ++i) {
       if (kKept && kept->at(y, x0 + i) != 0) continue;
-      const double s = samples[i], v = w[i * col_step];
+      const double s = samples[i], v = values.at(y, x0 + i) - center;
       row[kCount] += 1.0;
       row[kSumS] += s;
       row[kSumW] += v;
@@ -430,9 +432,11 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
                            const EncodeOptions& options, StridedTile<float> original,
                            const StridedTile<uint8_t>* kept, const float* col_scale,
                            std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
-                           double* squared_error, double* row_sums, const uint8_t* bands) {
+                           double* squared_error, const RowSums* row_sums) {
   if ((squared_error == nullptr && row_sums == nullptr) ||
-      (squared_error != nullptr && original.data == nullptr)) {
+      (squared_error != nullptr && original.data == nullptr) ||
+      (row_sums != nullptr && (row_sums->sums == nullptr || row_sums->values.data == nullptr ||
+                               row_sums->row_scale == nullptr || row_sums->row_offset == nullptr))) {
     return Status::kBadArgument;
   }
   std::vector<int16_t> coefficients;
@@ -447,14 +451,15 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
   }
   int32_t quant[64];
   DecoderQuant(options, quant);
-  if (row_sums != nullptr) std::fill(row_sums, row_sums + kRowSums * static_cast<size_t>(height), 0.0);
-  // weights as the encoder read them: row y of the tile at y * stride, or
-  // column y of its transpose
-  const std::ptrdiff_t row_step = transposed ? 1 : stride, col_step = transposed ? stride : 1;
+  if (row_sums != nullptr) {
+    std::fill(row_sums->sums, row_sums->sums + kRowSums * static_cast<size_t>(height), 0.0);
+  }
+  const double middle = static_cast<double>(1 << (options.bits - 1));
   double total = 0.0;
   const auto sum = [&](const auto& errors) {
     // every block for an error; for the row sums alone, the bands asked for
-    const uint8_t* only = squared_error == nullptr ? bands : nullptr;
+    const uint8_t* only =
+        squared_error == nullptr && row_sums != nullptr ? row_sums->bands : nullptr;
     const auto with_sums = [&](const auto& sink) {
       if (options.bits == 12) {
         SumCodedError<12>(coefficients.data(), width, height, quant, sink, only);
@@ -467,10 +472,12 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
       with_sums(errors);
     } else if (kept != nullptr) {
       with_sums(BothSinks<Errors, RowSumsSink<true>>{
-          errors, {weights, row_step, col_step, kept, row_sums}});
+          errors, {row_sums->values, row_sums->row_scale, row_sums->row_offset, middle, kept,
+                   row_sums->sums}});
     } else {
       with_sums(BothSinks<Errors, RowSumsSink<false>>{
-          errors, {weights, row_step, col_step, nullptr, row_sums}});
+          errors, {row_sums->values, row_sums->row_scale, row_sums->row_offset, middle, nullptr,
+                   row_sums->sums}});
     }
   };
   // The sinks TileSquaredError decodes the file into: the same sums.

@@ -57,30 +57,44 @@ struct StridedTile {
 };
 
 // Sums per row of a coded tile, over the row's positions the side list does
-// not keep, with s the sample the decoder reads back and w the weight coded
-// (in the row map's units): what a least-squares fit of the row's map to its
-// decoded samples needs (jaxjpeg/row_fit.py).
+// not keep, with s the sample the decoder reads back and w the weight (in
+// the row map's units) less the row's center, RowSumsCenter: what mapping a
+// row to its mean needs (jaxjpeg/row_fit.py), about a value near the mean so
+// that a row whose mean dwarfs its spread keeps that spread in the sums.
 enum RowSum { kCount, kSumS, kSumW, kSumSS, kSumSW, kSumWW, kRowSums };
+
+// The value a row's weights are summed about: what its map gives the middle
+// sample, in double (jaxjpeg/row_fit.py computes it the same way).
+inline double RowSumsCenter(float scale, float offset, double middle) {
+  return static_cast<double>(offset) + static_cast<double>(scale) * middle;
+}
+
+// What EncodeTileWithError sums per row.
+struct RowSums {
+  double* sums;                  // kRowSums * height, overwritten
+  StridedTile<float> values;     // the weights w, in the maps' units
+  const float* row_scale;        // the maps their centers come from
+  const float* row_offset;
+  const uint8_t* bands = nullptr;  // optional, one a row of blocks: only those set
+};
 
 // EncodeMappedGrayscale (its arguments; transposed as there) that also sets
 // *squared_error to what TileSquaredError gives for the file it appends to
 // *out, against `original`, `kept` and `col_scale` as TileSquaredError takes
 // them: the same sum to the last bit, from the values the encoder coded
 // instead of Huffman-decoding the file (an error-bound search measures each
-// coding it tries). row_sums (optional, kRowSums * height doubles,
-// overwritten): each row's RowSum values, `kept` positions left out.
-// squared_error null: no error summed (original unused), and where `bands`
-// is given (one a row of 8 x 8 blocks), only the rows of the blocks set are
-// decoded and summed (the others' sums stay 0). Errors as
-// EncodeMappedGrayscale (squared_error and row_sums both null, or
-// squared_error without original: kBadArgument).
+// coding it tries). row_sums (optional): each row's RowSum values, `kept`
+// positions left out. squared_error null: no error summed (original
+// unused), and where row_sums' bands are given, only the rows of the blocks
+// set are decoded and summed (the others' sums stay 0). Errors as
+// EncodeMappedGrayscale (squared_error and row_sums both null, squared_error
+// without original, row_sums with a null pointer but bands: kBadArgument).
 Status EncodeTileWithError(const float* weights, int width, int height, std::ptrdiff_t stride,
                            bool transposed, const float* row_scale, const float* row_offset,
                            const EncodeOptions& options, StridedTile<float> original,
                            const StridedTile<uint8_t>* kept, const float* col_scale,
                            std::vector<uint8_t>* out, std::vector<int64_t>* interval_starts,
-                           double* squared_error, double* row_sums = nullptr,
-                           const uint8_t* bands = nullptr);
+                           double* squared_error, const RowSums* row_sums = nullptr);
 
 // Σ (w - decoded)² in double over a coded tile (a complete JPEG file of
 // `size` bytes) against the float32 weights it codes, the decoded value being
