@@ -77,8 +77,8 @@ class Tile:
     bits: int
     restart_interval: int
     interval_starts: np.ndarray  # int64, offsets into data, one per interval + end
-    # float64 [height, 6]: each row's sums over the samples it decodes to
-    # (row_fit's columns, weights in the maps' units), where they were taken
+    # float64 [height, len(row_fit.SUMS)]: each row's sums of its weights and
+    # of what it decodes to (row_fit's columns), where they were taken
     row_sums: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -471,6 +471,9 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
     kept_view = None
     if fitted is not None:
         kept_view = squared_error_of[1] if squared_error_of is not None else p.kept_in_view()
+    # the rows' errors in the dtype the decoder writes (in coded units, as
+    # float32, where column scales multiply it after)
+    written = output_type(written_dtype(p.dtype) if p.col_scale is None else np.float32)
 
     errors = []
 
@@ -487,7 +490,7 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
             encodable(p.matrix[box]), scale[box[0]], offset[box[0]], table, bits,
             restart_interval, original,
             None if p.col_scale is None or original is None else p.col_scale[box[1]],
-            kept, bands)
+            kept, bands, written)
         if bands is not None:   # rows not summed
             sums[~np.repeat(bands.astype(bool), 8)[:h]] = np.nan
         if original is not None:
@@ -550,7 +553,7 @@ def fit_rows(enc: EncodedTensor) -> EncodedTensor:
     with another's fits again)."""
     scale, offset = enc.base_maps or (enc.row_scale, enc.row_offset)
     rows = enc.matrix_shape[0]
-    sums, covered = np.zeros((rows, 6)), np.zeros(rows, np.int64)
+    sums, covered = np.zeros((rows, len(row_fit.SUMS))), np.zeros(rows, np.int64)
     width = enc.matrix_shape[1]
     for t in enc.tiles:
         if t.row_sums is not None:
@@ -559,8 +562,9 @@ def fit_rows(enc: EncodedTensor) -> EncodedTensor:
     complete = (covered == width) & np.isfinite(sums).all(axis=1)
     if not complete.any():
         return dataclasses.replace(enc, row_scale=scale, row_offset=offset, base_maps=None)
+    dtype = written_dtype(enc.dtype) if enc.col_scale is None else np.dtype(np.float32)
     new_scale, new_offset = row_fit.refitted(scale, offset, sums, complete,
-                                             float(1 << (enc.bits - 1)))
+                                             float(1 << (enc.bits - 1)), dtype)
     moved = bool(np.any((new_scale != scale) | (new_offset != offset)))
     return dataclasses.replace(enc, row_scale=new_scale, row_offset=new_offset,
                                base_maps=(scale, offset) if moved else None)

@@ -10,8 +10,9 @@ encoder knows what each row's samples decode to
 (``_native.encode_mapped_with_row_sums`` sums them from the coded
 coefficients); a row whose squared error exceeds LOST times its spread is
 then mapped to its mean (slope 0), so no row restores at more than twice
-its RMS about its mean. The decoders and the format are unchanged: only
-the maps' numbers move.
+its RMS about its mean (in the dtype the decoder writes, whose rounding
+counts). The decoders and the format are unchanged: only the maps'
+numbers move.
 
 Only rows a coding may lose are summed (:func:`candidates`); the rows it
 did not lose keep the maps the rate control chose, so its predictions hold.
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# _native.encode_mapped_with_row_sums' columns (weights less their row's center)
-COUNT, SUM_S, SUM_W, SUM_SS, SUM_SW, SUM_WW = range(6)
+# _native.encode_mapped_with_row_sums' columns: weights less their row's
+# center, and the squared error of what the decoder writes for them
+SUMS = COUNT, SUM_W, SUM_WW, SUM_ERROR = range(4)
 # A row is mapped to its mean where its coding's squared error exceeds this
 # many times its spread (its squared deviation from its mean): at twice its
 # RMS, the coding has left little of it. At 1 (every row worse than its
@@ -56,19 +58,6 @@ def candidates(row_variance: np.ndarray, scale: np.ndarray, coarsest_step: float
     return (scale > 0) & (spread < limit * scale.astype(np.float64))
 
 
-def _errors(sums: np.ndarray, slope, offset) -> np.ndarray:
-    """Σ (w - (s * slope + offset))² per row, from the sums (w and offset
-    less the row's center, so that a mean far above the spread cancels)."""
-    n = np.maximum(sums[:, COUNT], 1.0)
-    mean_s, mean_w = sums[:, SUM_S] / n, sums[:, SUM_W] / n
-    var_s = np.maximum(sums[:, SUM_SS] - n * mean_s * mean_s, 0.0)
-    cov = sums[:, SUM_SW] - n * mean_s * mean_w
-    spread = np.maximum(sums[:, SUM_WW] - n * mean_w * mean_w, 0.0)
-    slope = np.asarray(slope, np.float64)
-    bias = mean_w - slope * mean_s - np.asarray(offset, np.float64)
-    return np.maximum(spread - 2 * slope * cov + slope * slope * var_s, 0.0) + n * bias * bias
-
-
 def centers(scale: np.ndarray, offset: np.ndarray, middle: float) -> np.ndarray:
     """The values the rows' weights are summed about (the native
     RowSumsCenter): what each map gives the middle sample, in float64."""
@@ -76,34 +65,35 @@ def centers(scale: np.ndarray, offset: np.ndarray, middle: float) -> np.ndarray:
 
 
 def refitted(scale: np.ndarray, offset: np.ndarray, sums: np.ndarray, rows: np.ndarray,
-             middle: float) -> tuple[np.ndarray, np.ndarray]:
+             middle: float, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """(scale, offset) with each of ``rows`` whose coding lost it (squared
     error above LOST times its spread) mapped to its mean: slope 0, offset
     the mean as float16 where every map is float16 and that restores the row
     within FIT_TOLERANCE of its spread, else as float32 (where that restores
     it better than its coding: a mean between two float32 values of a row of
     such values does not reach its spread). ``sums`` about :func:`centers`
-    of ``(scale, offset, middle)``."""
+    of ``(scale, offset, middle)``, errors in ``dtype``, the dtype the
+    decoder writes (its rounding of a mean counts too)."""
     lost = rows & (sums[:, COUNT] >= MIN_ROW_VALUES)
     if not lost.any():
         return scale, offset
-    center = centers(scale, offset, middle)
     n = np.maximum(sums[:, COUNT], 1.0)
     mean = sums[:, SUM_W] / n   # about the center
     spread = np.maximum(sums[:, SUM_WW] - n * mean * mean, 0.0)
-    coded = _errors(sums, scale, np.asarray(offset, np.float64) - center)
+    coded = sums[:, SUM_ERROR]
     lost &= coded > LOST * spread
     if not lost.any():
         return scale, offset
+    center = centers(scale, offset, middle)
     scale, offset = scale.copy(), offset.copy()
-    zero = np.zeros_like(scale)
     half = _all_half(scale) and _all_half(offset)
-    for dtype in (np.float16, np.float32) if half else (np.float32,):
+    for maps in (np.float16, np.float32) if half else (np.float32,):
         with np.errstate(over="ignore"):
-            level = (center + mean).astype(dtype).astype(np.float32)
-        error = _errors(sums, zero, level.astype(np.float64) - center)
-        bound = spread * FIT_TOLERANCE if dtype == np.float16 else coded
-        near = lost & np.isfinite(level) & (error <= bound) & (error < coded)
+            level = (center + mean).astype(maps).astype(np.float32)
+            restored = level.astype(dtype).astype(np.float64)
+        error = spread + n * (mean - (restored - center)) ** 2
+        bound = spread * FIT_TOLERANCE if maps == np.float16 else coded
+        near = lost & np.isfinite(restored) & (error <= bound) & (error < coded)
         scale[near], offset[near] = 0.0, level[near]
         lost &= ~near
     return scale, offset

@@ -678,7 +678,8 @@ py::tuple EncodeTileMeasured(const py::array& weights, const FloatArray& row_sca
                              int restart_interval, const std::optional<py::array>& original,
                              const std::optional<FloatArray>& col_scale,
                              const std::optional<py::array>& kept, bool row_sums,
-                             const char* what, const std::optional<ByteArray>& bands = {}) {
+                             const char* what, const std::optional<ByteArray>& bands = {},
+                             int written = 0) {
   const auto [stride, transposed] = TileLayout(weights, "weights");
   const EncodeOptions options = MakeEncodeOptions(qtable, bits, restart_interval, true, true, true);
   const py::ssize_t h = weights.shape(0), w = weights.shape(1);
@@ -706,6 +707,8 @@ py::tuple EncodeTileMeasured(const py::array& weights, const FloatArray& row_sca
                    transposed ? stride : 1},
                   row_scale.data(), row_offset.data()};
   if (row_sums) {
+    if (written < 0 || written > 2) throw py::value_error("output_type must be 0, 1 or 2");
+    request.written = static_cast<OutputType>(written);
     sums = py::array_t<double>({h, static_cast<py::ssize_t>(kRowSums)});
     request.sums = sums.mutable_data();
     if (bands.has_value()) {
@@ -750,9 +753,11 @@ py::tuple EncodeMappedWithRowSumsOf(
     const py::array& weights, const FloatArray& row_scale, const FloatArray& row_offset,
     const StepArray& qtable, int bits, int restart_interval,
     const std::optional<py::array>& original, const std::optional<FloatArray>& col_scale,
-    const std::optional<py::array>& kept, const std::optional<ByteArray>& bands) {
+    const std::optional<py::array>& kept, const std::optional<ByteArray>& bands,
+    int output_type) {
   return EncodeTileMeasured(weights, row_scale, row_offset, qtable, bits, restart_interval,
-                            original, col_scale, kept, true, "encode_mapped_with_row_sums", bands);
+                            original, col_scale, kept, true, "encode_mapped_with_row_sums", bands,
+                            output_type);
 }
 
 // TileSquaredError over numpy arrays (weights and kept read in place).
@@ -958,13 +963,15 @@ PYBIND11_MODULE(_native, m) {
         py::arg("row_scale"), py::arg("row_offset"), py::arg("qtable"), py::arg("bits"),
         py::arg("restart_interval"), py::arg("original") = py::none(),
         py::arg("col_scale") = py::none(), py::arg("kept") = py::none(),
-        py::arg("bands") = py::none(),
+        py::arg("bands") = py::none(), py::arg("output_type") = 0,
         "encode_mapped_with_error (original None: no error) that also returns, for each row "
-        "of the tile, over its positions kept leaves out, [count, sum s, sum w, sum s^2, "
-        "sum s*w, sum w^2] of the samples s the decoder reads back and w = weight - center, "
-        "center = row_offset + row_scale * 2^(bits-1) in float64: (bytes, interval starts, "
-        "error or None, float64 [height, 6]). bands (uint8, one per row of 8 x 8 blocks; "
-        "without original only): the rows of the blocks set only, the others' sums 0.");
+        "of the tile, over its positions kept leaves out, [count, sum w, sum w^2, sum e^2] "
+        "with w = weight - center, center = row_offset + row_scale * 2^(bits-1) in float64, "
+        "and e = weight - what the decoder writes for it (its sample on the row's map, "
+        "rounded to output_type: 0 float32, 1 bfloat16, 2 float16; no column scales): "
+        "(bytes, interval starts, error or None, float64 [height, 4]). bands (uint8, one per "
+        "row of 8 x 8 blocks; without original only): the rows of the blocks set only, the "
+        "others' sums 0.");
   m.def("measure_steps", &MeasureStepsOf, py::arg("weights"), py::arg("row_scale"),
         py::arg("row_offset"), py::arg("steps"), py::arg("bits") = 8,
         py::arg("restart_interval") = 0, py::arg("col_weight") = py::none(), py::arg("rdo") = true,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -43,6 +44,25 @@ struct TileErrorSink {
   }
 };
 
+// A float32 value as the decoder writes it in `type`, back in double.
+double WrittenValue(float v, OutputType type) {
+  if (type == OutputType::kBFloat16) {
+    const uint32_t bits = static_cast<uint32_t>(FloatToBFloat16(v)) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  if (type == OutputType::kFloat16) {
+    const uint16_t h = FloatToHalf(v);
+    const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    const double sign = (h & 0x8000) ? -1.0 : 1.0;
+    if (exponent == 0x1f) return mantissa ? std::nan("") : sign * HUGE_VAL;
+    if (exponent == 0) return sign * std::ldexp(mantissa, -24);
+    return sign * std::ldexp(mantissa + 1024, exponent - 25);
+  }
+  return v;
+}
+
 // Each row's RowSum values of the decoded samples (rate_probe.h).
 template <bool kKept>
 struct RowSumsSink {
@@ -50,21 +70,23 @@ struct RowSumsSink {
   const float* row_scale;
   const float* row_offset;
   double middle;                      // the middle sample, 2^(bits - 1)
+  OutputType written;
   const StridedTile<uint8_t>* kept;   // kKept only
   double* sums;                       // kRowSums a row
 
   void PutRow(int y, int x0, const int32_t* samples, int count) const {
     double* row = sums + kRowSums * static_cast<std::ptrdiff_t>(y);
-    const double center = RowSumsCenter(row_scale[y], row_offset[y], middle);
+    const float scale = row_scale[y], offset = row_offset[y];
+    const double center = RowSumsCenter(scale, offset, middle);
     for (int i = 0; i < count; ++i) {
       if (kKept && kept->at(y, x0 + i) != 0) continue;
-      const double s = samples[i], v = values.at(y, x0 + i) - center;
+      const float v = values.at(y, x0 + i);
+      const double w = v - center;
+      const double d = v - WrittenValue(AffineSample(samples[i], scale, offset), written);
       row[kCount] += 1.0;
-      row[kSumS] += s;
-      row[kSumW] += v;
-      row[kSumSS] += s * s;
-      row[kSumSW] += s * v;
-      row[kSumWW] += v * v;
+      row[kSumW] += w;
+      row[kSumWW] += w * w;
+      row[kSumError] += d * d;
     }
   }
 };
@@ -472,12 +494,12 @@ Status EncodeTileWithError(const float* weights, int width, int height, std::ptr
       with_sums(errors);
     } else if (kept != nullptr) {
       with_sums(BothSinks<Errors, RowSumsSink<true>>{
-          errors, {row_sums->values, row_sums->row_scale, row_sums->row_offset, middle, kept,
-                   row_sums->sums}});
+          errors, {row_sums->values, row_sums->row_scale, row_sums->row_offset, middle,
+                   row_sums->written, kept, row_sums->sums}});
     } else {
       with_sums(BothSinks<Errors, RowSumsSink<false>>{
-          errors, {row_sums->values, row_sums->row_scale, row_sums->row_offset, middle, nullptr,
-                   row_sums->sums}});
+          errors, {row_sums->values, row_sums->row_scale, row_sums->row_offset, middle,
+                   row_sums->written, nullptr, row_sums->sums}});
     }
   };
   // The sinks TileSquaredError decodes the file into: the same sums.

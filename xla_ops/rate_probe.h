@@ -15,6 +15,7 @@
 
 #include "encoder.h"
 #include "jpeg_defs.h"
+#include "output_stage.h"
 
 namespace jaxjpeg {
 
@@ -57,11 +58,12 @@ struct StridedTile {
 };
 
 // Sums per row of a coded tile, over the row's positions the side list does
-// not keep, with s the sample the decoder reads back and w the weight (in
-// the row map's units) less the row's center, RowSumsCenter: what mapping a
-// row to its mean needs (jaxjpeg/row_fit.py), about a value near the mean so
-// that a row whose mean dwarfs its spread keeps that spread in the sums.
-enum RowSum { kCount, kSumS, kSumW, kSumSS, kSumSW, kSumWW, kRowSums };
+// not keep: the count, the sum of the weights w (in the row map's units)
+// less the row's center (RowSumsCenter: about a value near the mean, so that
+// a mean that dwarfs the spread keeps it), the sum of their squares, and the
+// squared error of the values the decoder writes for them (in the output
+// dtype): what mapping a lost row to its mean needs (jaxjpeg/row_fit.py).
+enum RowSum { kCount, kSumW, kSumWW, kSumError, kRowSums };
 
 // The value a row's weights are summed about: what its map gives the middle
 // sample, in double (jaxjpeg/row_fit.py computes it the same way).
@@ -76,6 +78,7 @@ struct RowSums {
   const float* row_scale;        // the maps their centers come from
   const float* row_offset;
   const uint8_t* bands = nullptr;  // optional, one a row of blocks: only those set
+  OutputType written = OutputType::kFloat32;  // the dtype the decoder writes
 };
 
 // EncodeMappedGrayscale (its arguments; transposed as there) that also sets
