@@ -546,11 +546,13 @@ def encode_tensor(x, *, bits: int = 8, quality: int | None = None,
 
 
 def fit_rows(enc: EncodedTensor) -> EncodedTensor:
-    """``enc`` with the maps of the rows its coding lost fitted to their
-    decoded samples (:func:`jaxjpeg.row_fit.refitted`), from the row sums
-    of its tiles (rows some tile of which has none, or NaN, keep their maps); maps
-    taken from ``enc.base_maps`` where set (a coding whose tiles were mixed
-    with another's fits again)."""
+    """``enc`` with the rows its coding lost mapped to their means
+    (:func:`jaxjpeg.row_fit.refitted`), from the row sums of its tiles (a
+    row some tile of which has none, or NaN, keeps its map); from the maps
+    ``enc.base_maps`` where set (a coding whose tiles were mixed with
+    another's is fitted again)."""
+    if enc.base_maps is None and all(t.row_sums is None for t in enc.tiles):
+        return enc
     scale, offset = enc.base_maps or (enc.row_scale, enc.row_offset)
     rows = enc.matrix_shape[0]
     sums, covered = np.zeros((rows, len(row_fit.SUMS))), np.zeros(rows, np.int64)

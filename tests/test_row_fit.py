@@ -67,6 +67,9 @@ def test_row_sums_of_the_bands_asked_for_only():
     assert not some[3][~asked].any()
     with pytest.raises(ValueError, match="one value per row of 8 x 8 blocks"):
         _native.encode_mapped_with_row_sums(x, scale, offset, table, 8, 2, bands=bands[:4])
+    with pytest.raises(TypeError):   # found by review: -1 and 300 had wrapped to 255 and 44
+        _native.encode_mapped_with_row_sums(x, scale, offset, table, 8, 2,
+                                            bands=np.array([-1, 300, 0, 0, 1]))
 
 
 def test_row_sums_without_an_original_give_no_error():

@@ -474,7 +474,8 @@ py::array_t<int64_t> BitReaderTrace(
 // a forcecast had turned 65537 into 1 and 2.9 into 2 silently.
 using StepArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+// no forcecast: a band flag of 300 or -1 had wrapped to 44 or 255 silently
+using ByteArray = py::array_t<uint8_t, py::array::c_style>;
 
 std::vector<uint16_t> CheckedSteps(const StepArray& steps, const char* what) {
   std::vector<uint16_t> out(static_cast<size_t>(steps.size()));
