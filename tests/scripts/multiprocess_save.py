@@ -37,7 +37,10 @@ from jaxjpeg.checkpoint_reader import Checkpoint  # noqa: E402
 
 rng = np.random.default_rng(0)   # same seed everywhere: every process knows VALUES
 VALUES = {
-    "split": rng.normal(size=(2048, 1024)).astype(np.float32),       # rows across processes
+    # rows across processes; their scales spread over decades, so that some
+    # rows are lost and mapped to their means (row_fit)
+    "split": (rng.normal(size=(2048, 1024))
+              * np.exp2(np.random.default_rng(7).normal(0, 3, (2048, 1)))).astype(np.float32),
     "local": rng.normal(size=(1024, 2048)).astype(np.float32),       # whole in each process
     "replicated": rng.normal(size=(256, 1024)).astype(jax.numpy.bfloat16),
     "conv": (0.1 * rng.normal(size=(3, 3, 64, 128))).astype(np.float32),   # numpy
