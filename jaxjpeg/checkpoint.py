@@ -10,6 +10,7 @@ bytes to the device and decodes them there with the custom call.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -2092,12 +2093,19 @@ class _Save:
         phases = self.storing_phases([(i, leaf) for i, leaf in enumerate(self.leaves)
                                       if i not in self.tied])
         budgeted = isinstance(self.encode, _BudgetEncoder)
+
+        def coded():
+            for phase in phases:   # (yield from closes in_order when closed)
+                yield from in_order(self.store, phase, self.workers, self.window,
+                                    lambda item: item[1].nbytes, largest_first=not budgeted)
+
         try:
-            with fmt.ContainerWriter(storage.as_location(self.path)) as writer:
-                stored = (result for phase in phases
-                          for result in in_order(self.store, phase, self.workers, self.window,
-                                                 lambda item: item[1].nbytes,
-                                                 largest_first=not budgeted))
+            # closed here, whatever ends the save: left to the garbage
+            # collector (a failed upload's traceback kept it), its threads
+            # were joined in whichever thread collected it, which hung a
+            # later save starting a thread (found in CI)
+            with fmt.ContainerWriter(storage.as_location(self.path)) as writer, \
+                    contextlib.closing(coded()) as stored:
                 for (index, _), (blobs, record, report, warning) in zip(
                         phases[0] + phases[1], stored):
                     if warning:   # run <- save_leaves <- save <- the caller
@@ -2315,6 +2323,10 @@ class _Save:
                                          layout.stored_exactly(record) and not moved), warning
 
 
+# The names of the threads in_order codes leaves on.
+SAVE_THREAD_PREFIX = "jaxjpeg-save"
+
+
 def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of,
              largest_first: bool = True):
     """Yields ``fn(item)`` for every item, in order, computing up to
@@ -2338,7 +2350,7 @@ def in_order(fn, items: Sequence, workers: int, window_bytes: int, size_of,
         order = [largest] + [i for i in order if i != largest]
     futures: dict = {}
     in_flight = started = 0
-    pool = ThreadPoolExecutor(max_workers=workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=SAVE_THREAD_PREFIX)
     wait = True
     try:
         for index in range(len(items)):

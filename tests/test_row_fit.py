@@ -1,7 +1,7 @@
-"""Row maps refitted to the samples their coding decodes to (jaxjpeg.row_fit)."""
+"""Rows a coding lost, restored as their means (jaxjpeg.row_fit), and the row sums
+the encoder takes to find them (_native.encode_mapped_with_row_sums)."""
 
 import io
-import os
 
 import ml_dtypes
 import numpy as np

@@ -449,6 +449,26 @@ def test_a_save_to_a_web_url_does_not_download_what_it_replaces(tmp_path):
             jaxjpeg.save(server.url("d/"), {"w": np.ones((64, 64), np.float32)})
 
 
+def test_a_failed_save_stops_its_coding_threads_before_it_raises(tmp_path):
+    """Found in CI: a save whose upload failed left its coding generator to
+    the garbage collector (the error's traceback held it), which joined its
+    threads in whichever thread collected it; inside a later save's thread
+    start that hung the test run. Its threads are joined before the error
+    reaches the caller, whatever holds the error."""
+    import threading
+
+    from jaxjpeg import checkpoint
+
+    tree = {f"w{i}": np.ones((64, 64), np.float32) * i for i in range(4)}
+    with RangeServer(tmp_path) as server:
+        with pytest.raises(OSError, match="uploading") as failed:   # no uploads here
+            jaxjpeg.save(server.url("x.jjpg"), tree)
+    assert failed.value is not None   # the traceback is still held
+    coding = [t.name for t in threading.enumerate()
+              if t.name.startswith(checkpoint.SAVE_THREAD_PREFIX)]
+    assert coding == []
+
+
 def test_a_missing_memory_file_is_named_as_given():
     """Found by review: memory:// reported its store's bare inner path
     ("'/bucket/missing.jjpg'", no filename) for a file that is not there."""
