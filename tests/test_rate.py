@@ -341,22 +341,14 @@ def test_leaf_name_is_the_checkpoint_path():
     assert names == ["a/0", "a/1/b", "c/left", "c/right/0"]
 
 
-def _unfitted(enc):
-    """``enc`` on the maps chosen before its coding (codec.fit_rows refits
-    the rows the coding lost, which the rate model does not predict)."""
-    if enc.base_maps is None:
-        return enc
-    return dataclasses.replace(enc, row_scale=enc.base_maps[0], row_offset=enc.base_maps[1])
-
-
 @pytest.mark.parametrize("row_weighted", [False, True])
 def test_probe_predicts_the_whole_tensors_error(row_weighted):
     """The probe codes its rows with the tensor's own row scales: a probe that
     misses the widest rows must not predict a finer step than the tensor
     gets (it computed its own, narrower scale), and per-row steps from
     importances must show in the prediction (of the coding on the maps
-    chosen before it: the rows it lost are refitted after it, which only
-    lowers the error)."""
+    chosen before it: codec.fit_rows then maps the rows it lost to their
+    means, which only lowers the error)."""
     rng = np.random.default_rng(11)
     m = rng.standard_normal((4096, 256)).astype(np.float32)
     m[5] *= 40.0                                   # one wide row sets the common scale
@@ -365,7 +357,8 @@ def test_probe_predicts_the_whole_tensors_error(row_weighted):
     curve = rate.rd_curve(p, 12)
     for i in (len(curve.delta) // 3, len(curve.delta) // 2):
         enc = rate.encode_candidate(p, curve, i, {})   # widened between integer steps
-        sse = float(np.sum((codec.decode_tensor(_unfitted(enc)).astype(np.float64) - m) ** 2))
+        before_fit = codec.decode_tensor(rate._unfitted(enc)).astype(np.float64)
+        sse = float(np.sum((before_fit - m) ** 2))
         assert curve.sse[i] == pytest.approx(sse, rel=0.15), (i, curve.delta[i])
         stored = float(np.sum((codec.decode_tensor(enc).astype(np.float64) - m) ** 2))
         assert stored <= sse
@@ -619,7 +612,7 @@ def _probe_cost_by_coding(p, probe, bits, delta):
                          probe.matrix, None, None, None, probe.matrix, shared_map=p.shared_map,
                          scales={bits: p.common_scale(bits)[probe.rows], "stats": probe.stats})
     enc = codec.encode_tensor(sub, bits=bits, quant_step=delta, clip="common")
-    diff = codec.decode_tensor(_unfitted(enc)).astype(np.float64) - probe.matrix
+    diff = codec.decode_tensor(rate._unfitted(enc)).astype(np.float64) - probe.matrix
     if probe.col_scale is not None:
         diff *= probe.col_scale
     entropy = sum(int(t.interval_starts[-1] - t.interval_starts[0]) for t in enc.tiles)
