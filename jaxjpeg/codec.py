@@ -314,11 +314,8 @@ class Prepared:
 
     def kept_in_view(self) -> np.ndarray | None:
         """Bool [rows, cols]: the side list's positions in the view (None: none)."""
-        if self.outliers is None or not self.outliers.count:
-            return None
-        kept = np.zeros(math.prod(self.shape), bool)
-        kept[self.outliers.index] = True
-        return np.ascontiguousarray(self.view.to_matrix(kept.reshape(self.shape)))
+        kept = index_mask(None if self.outliers is None else self.outliers.index, self.shape)
+        return None if kept is None else self.view.to_matrix(kept)
 
     @property
     def size(self) -> int:
@@ -584,12 +581,29 @@ def _errors_again(enc: EncodedTensor, errors, squared_error_of) -> list:
         t = tiles[r, c]
         if moved[r:r + t.height].any():
             box = (slice(r, r + t.height), slice(c, c + t.width))
-            error = _native.tile_squared_error(
-                t.data, original[box], enc.row_scale[box[0]], enc.row_offset[box[0]],
-                None if enc.col_scale is None else enc.col_scale[box[1]],
-                None if kept is None else kept[box])
+            error = tile_error(enc, t, original[box], None if kept is None else kept[box])
         again.append((r, c, error))
     return again
+
+
+def tile_error(enc: EncodedTensor, tile: Tile, original: np.ndarray, kept) -> float:
+    """Σ (original - decoded)² over one tile of float32 weights (``original``,
+    the tile's values, read in place), ``kept`` positions excluded: decoded
+    and summed natively on the tile's maps and column scales."""
+    rows = slice(tile.row0, tile.row0 + tile.height)
+    cols = None if enc.col_scale is None else enc.col_scale[tile.col0:tile.col0 + tile.width]
+    return _native.tile_squared_error(tile.data, original, enc.row_scale[rows],
+                                      enc.row_offset[rows], cols, kept)
+
+
+def index_mask(index, shape) -> np.ndarray | None:
+    """Bool ``shape``, True at the flat positions ``index`` (e.g. those the
+    side list keeps exactly); None when there are none."""
+    if index is None or not len(index):
+        return None
+    mask = np.zeros(math.prod(shape), bool)
+    mask[index] = True
+    return mask.reshape(shape)
 
 
 def encodable(tile: np.ndarray) -> np.ndarray:

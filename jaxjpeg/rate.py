@@ -516,7 +516,7 @@ def squared_error(x, enc: codec.EncodedTensor) -> float:
         if matrix.dtype == np.float32 and len(enc.tiles) > 1:   # decoded natively, one tile a core
             return sum(codec.tile_pool().map(tile_error, enc.tiles))
         return sum(map(tile_error, enc.tiles))
-    kept = _index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
+    kept = codec.index_mask(None if enc.outliers is None else enc.outliers.index, original.shape)
     decoded = codec.run_plan(codec.build_plan([enc], [np.float32]))[0]
     return _block_error(original, _as_restored(enc.view.from_matrix(decoded, enc.shape),
                                                original.dtype), kept)
@@ -535,7 +535,7 @@ def _in_place_operands(original: np.ndarray, view: views.MatrixView, outliers):
     matrix = view.to_matrix(original)
     if not np.shares_memory(matrix, original):
         return None
-    kept = _index_mask(None if outliers is None else outliers.index, original.shape)
+    kept = codec.index_mask(None if outliers is None else outliers.index, original.shape)
     return matrix, None if kept is None else view.to_matrix(kept)
 
 
@@ -561,10 +561,7 @@ def _tile_error(enc: codec.EncodedTensor, tile: codec.Tile, original: np.ndarray
     if original.dtype != np.float32:
         return _block_error(original, _as_restored(codec.decode_tile(enc, tile), original.dtype),
                             kept)
-    rows = slice(tile.row0, tile.row0 + tile.height)
-    cols = None if enc.col_scale is None else enc.col_scale[tile.col0:tile.col0 + tile.width]
-    return _native.tile_squared_error(tile.data, original, enc.row_scale[rows],
-                                      enc.row_offset[rows], cols, kept)
+    return codec.tile_error(enc, tile, original, kept)
 
 
 def _block_error(original: np.ndarray, decoded: np.ndarray, kept) -> float:
@@ -585,16 +582,6 @@ def _sum_of_squares(v: np.ndarray) -> float:
     BLAS threads on a busy machine the dot was 20x slower (0.12 s against
     6 ms for 16 MiB on 2 shared cores) and its sum depended on the thread count."""
     return float(np.einsum("i,i->", v, v))
-
-
-def _index_mask(index, shape) -> np.ndarray | None:
-    """Bool ``shape``, True at the flat positions ``index`` (e.g. those the
-    side list keeps exactly); None when there are none."""
-    if index is None or not len(index):
-        return None
-    mask = np.zeros(math.prod(shape), bool)
-    mask[index] = True
-    return mask.reshape(shape)
 
 
 def _blocks(shape, size: int):
@@ -618,7 +605,7 @@ def finite_norm2(x, excluded=None) -> float:
     exactly in the side list, would make any relative error meaningless),
     without the flat positions ``excluded`` (optional) either."""
     values = np.asarray(x).reshape(-1)
-    skip = _index_mask(excluded, values.shape)
+    skip = codec.index_mask(excluded, values.shape)
     total = 0.0
     for start in range(0, values.size, ERROR_CHUNK):
         block = values[start:start + ERROR_CHUNK].astype(np.float64)
