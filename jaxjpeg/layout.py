@@ -41,9 +41,11 @@ def raw_blob(index: int) -> str:
 
 def stored_exactly(record: dict) -> bool:
     """Whether a leaf's record says it restores bit for bit: raw in its own
-    dtype, or marked ``exact`` where a smaller form holds every value."""
-    return record.get("kind") == "raw" and ("stored" not in record
-                                            or record.get("exact") is True)
+    dtype, or marked ``exact`` where a smaller form (or a JPEG coding of
+    constant rows) holds every value."""
+    if record.get("exact") is True:
+        return record.get("kind") in ("raw", "jpeg")
+    return record.get("kind") == "raw" and "stored" not in record
 
 
 def tile_blob(index: int, k: int) -> str:

@@ -53,7 +53,7 @@ class LeafInfo:
     # or in groups: ("per_group", the axis the groups run along, their size)
     quantized: tuple[str, float] | None = None
     prng_impl: str | None = None   # raw uint32: the key data of typed PRNG keys of this implementation
-    exact: bool = False        # raw: restores bit for bit (in its own dtype or a smaller form)
+    exact: bool = False        # restores bit for bit (raw, a smaller form, constant rows)
     # tied weights: the leaf whose values and blobs this one shares (its
     # stored_bytes are 0: they are that leaf's)
     tied_to: str | None = None

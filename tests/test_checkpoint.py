@@ -666,11 +666,27 @@ def test_unrestorable_leaves_are_refused_before_writing(tmp_path, leaf):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 @pytest.mark.parametrize("value", [0.1, -3.3, 1000.3, 0.0])
-def test_constant_tensors_come_back_exactly(tmp_path, value):
-    tree = {"w": np.full((64, 64), value, np.float32)}
-    jaxjpeg.save(tmp_path / "c.jjpg", tree)
-    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "c.jjpg")["w"]), tree["w"])
+def test_constant_tensors_come_back_exactly_and_say_so(tmp_path, value, dtype):
+    """Found by review: reported lossy (exact=False) by save and inspect."""
+    tree = {"w": np.full((64, 64), value, dtype),
+            "rows": np.repeat(np.linspace(-2, 3, 96, dtype=np.float32)[:, None], 64, 1).astype(dtype)}
+    report = jaxjpeg.save(tmp_path / "c.jjpg", tree)
+    restored = jaxjpeg.restore(tmp_path / "c.jjpg")
+    for leaf in report.leaves:
+        np.testing.assert_array_equal(np.asarray(restored[leaf.path]), tree[leaf.path])
+        assert leaf.exact, leaf
+    with jaxjpeg.open(tmp_path / "c.jjpg") as reader:
+        assert all(reader.info(name).exact for name in reader)
+
+
+def test_coded_leaves_that_lose_values_are_not_reported_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.standard_normal((256, 256)).astype(np.float32),
+            "near": np.full((256, 256), 0.1, np.float64)}
+    report = jaxjpeg.save(tmp_path / "l.jjpg", tree, policy=jaxjpeg.Policy(compress=["near"]))
+    assert [leaf.exact for leaf in report.leaves] == [False, False]   # float64 restores as float32
 
 
 @pytest.mark.parametrize("restart_interval", [0, 8, 64])
