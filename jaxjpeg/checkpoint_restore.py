@@ -1027,10 +1027,17 @@ def place_raw(array: np.ndarray, request: LeafRequest, device):
         # processes it checks the value is the same in every process with a
         # cross-process collective (fails where CPU collectives are off, and
         # needs every process in lockstep). Each process has read the whole
-        # leaf anyway, so it places just the slices its own devices hold.
+        # leaf anyway, so it places just the slices its own devices hold, each
+        # by an explicit device_put (jax.make_array_from_callback's transfers
+        # are implicit ones, which jax.transfer_guard("disallow") refuses).
         # (dtype given: jax needs it where no device of the sharding is ours.)
-        return jax.make_array_from_callback(array.shape, request.sharding,
-                                            lambda index: array[index], dtype=array.dtype)
+        sharding = request.sharding
+        slices = sharding.addressable_devices_indices_map(array.shape)
+        return jax.make_array_from_single_device_arrays(
+            array.shape, sharding,
+            [jax.device_put(array[index],
+                            jax.sharding.SingleDeviceSharding(d, memory_kind=sharding.memory_kind))
+             for d, index in slices.items()], dtype=array.dtype)
     return jax.device_put(array, request.device or device)
 
 

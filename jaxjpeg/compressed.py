@@ -10,6 +10,7 @@ the compressed size and expand them in its own step function.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 
@@ -69,8 +70,7 @@ class CompressedArray:
                                         output_dtypes=(codec.written_dtype(self.dtype),))
             if not traced:
                 ops.check_status(status, self.labels)
-            return finish_leaf(out, self.shape, self.view, self.kept).astype(
-                placed_dtype(self.dtype))
+            return _finished(out, self.shape, self.view, placed_dtype(self.dtype), self.kept)
 
     def tree_flatten(self):
         children = self.operands + (self.kept or ())
@@ -176,3 +176,11 @@ def decode(tree):
     """Decodes every CompressedArray in ``tree``; works inside jax.jit."""
     return jax.tree_util.tree_map(lambda x: x.decode() if _is_compressed(x) else x, tree,
                                   is_leaf=_is_compressed)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _finished(out, shape, view: MatrixView, dtype, kept):
+    """finish_leaf, cast to ``dtype``, compiled even when decoded eagerly:
+    eager indexing moves Python scalars to the device, which
+    ``jax.transfer_guard("disallow")`` refuses (found by review)."""
+    return finish_leaf(out, shape, view, kept).astype(dtype)

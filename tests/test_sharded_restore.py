@@ -54,6 +54,7 @@ CHECKS = [
     "stacked_layers_saved_sharded_read_their_share",
     "equal_leaves_sharded_apart_are_tied",
     "restores_inside_a_context_mesh",
+    "restores_under_a_transfer_guard",
 ]
 
 

@@ -822,6 +822,34 @@ def restores_inside_a_context_mesh():
     assert jax.sharding.get_mesh().empty
 
 
+
+@check
+def restores_under_a_transfer_guard():
+    """Found by review: under ``jax.transfer_guard("disallow")`` (which
+    refuses implicit host-to-device transfers, not explicit ones) a raw
+    leaf's placement onto a sharding and an eager decode's side-list write
+    were refused: their transfers were implicit."""
+    loud = rng.normal(size=(64, 64)).astype(np.float32)
+    loud[3, 5], loud[7, 9] = 1e30, np.nan
+    tree = {"bias": np.arange(16, dtype=np.int32), "loud": loud,
+            "w": rng.normal(size=(256, 256)).astype(np.float32)}
+    path = os.path.join(WORK, "guarded.jjpg")
+    jaxjpeg.save(path, tree)
+    whole = {k: np.asarray(v) for k, v in jaxjpeg.restore(path).items()}
+    sharded = NamedSharding(mesh((8,), ("x",)), P("x"))
+    with jax.transfer_guard("disallow"):
+        placed = jaxjpeg.restore(path, target={k: sharded for k in tree})
+        eager = jaxjpeg.decode(jaxjpeg.load(path, device=jax.devices()[1]))
+        jitted = jax.jit(jaxjpeg.decode)(jaxjpeg.load(path))
+        with jaxjpeg.open(path) as f:
+            lazy = {k: f.get(k, device=sharded) for k in tree}
+            part = f.get_slice("loud", (slice(1, 9),))
+    for got in (placed, eager, jitted, lazy):
+        for k in tree:
+            np.testing.assert_array_equal(np.asarray(got[k]), whole[k])
+    np.testing.assert_array_equal(np.asarray(part), whole["loud"][1:9])
+    assert placed["bias"].sharding == sharded and eager["loud"].devices() == {jax.devices()[1]}
+
 results = {}
 for name, fn in CHECKS.items():
     try:
