@@ -157,6 +157,28 @@ def test_small_kernels_take_a_step_under_byte_targets(tmp_path):
                                   small)
 
 
+@pytest.mark.parametrize("dtype, outlier", [("float32", 50.0), ("float32", 1000.0),
+                                            ("float32", 1e31), ("float16", 1000.0),
+                                            ("float16", 60000.0), ("bfloat16", 1000.0)])
+def test_a_small_kernels_outlier_does_not_set_its_step(tmp_path, dtype, outlier):
+    """Found by review: one value of a small kernel 50-1e33 times the rest
+    set its step under byte targets, and the other 2,303 values restored
+    as 0 (or 8% of them, at 50x), without a word."""
+    rng = np.random.default_rng(9)
+    small = (0.02 * rng.standard_normal((48, 48))).astype(dtype)
+    small[0, 0] = outlier
+    tree = {"w": rng.standard_normal((512, 512)).astype(np.float32), "k": small}
+    for rate in ({"target_ratio": 8}, {"bits_per_weight": 3}):
+        jaxjpeg.save(tmp_path / "k.jjpg", tree, progress=False, **rate)
+        got = np.asarray(jaxjpeg.restore(tmp_path / "k.jjpg")["k"], np.float64)
+        want = small.astype(np.float64)
+        assert got[0, 0] == pytest.approx(want[0, 0], rel=1e-3)
+        rest = np.ones(small.shape, bool)
+        rest[0, 0] = False
+        error = np.sqrt(np.mean((got - want)[rest] ** 2) / np.mean(want[rest] ** 2))
+        assert error < 0.01, (rate, error)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_small_kernels_take_the_allocations_step_where_theirs_does_not_fit(tmp_path, dtype):
     """Found by review: a tree of small kernels only (too small for JPEG,
