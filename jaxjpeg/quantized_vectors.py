@@ -138,10 +138,30 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     a wider Rice parameter has the vector coded again with it. A sparse
     vector (:func:`is_sparse`) stores its bitmap, then its nonzero values
     so coded (record fields ``nonzeros`` and ``mask_bytes``): its zeros
-    restore exactly, at about the bitmap's entropy."""
+    restore exactly, at about the bitmap's entropy. A vector holding an
+    extreme value (beyond EXTREME) is not quantized: such values are kept
+    exactly (found by review: a BatchNorm variance's 1e38 on log2 steps came
+    back 1.00077e38)."""
+    if _holds_extreme(values):
+        return None
     if is_sparse(values, how):
         return _encode_sparse(np.asarray(values).reshape(-1), how)
     return _encode_dense(values, how)
+
+
+# Magnitudes beyond this are kept exactly (views.extreme_limit's for float32;
+# half dtypes' own are below their range, which restores_finite checks).
+EXTREME = 1e30
+
+
+def _holds_extreme(values) -> bool:
+    """Whether a finite-or-not ``values`` holds a magnitude beyond EXTREME
+    (a NaN does not count: encoding refuses it anyway)."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.nanmax(values) > EXTREME or np.nanmin(values) < -EXTREME)
 
 
 def restores_finite(array: np.ndarray, blob, record: dict) -> bool:

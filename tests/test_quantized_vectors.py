@@ -157,6 +157,33 @@ def test_small_kernels_take_a_step_under_byte_targets(tmp_path):
                                   small)
 
 
+@pytest.mark.parametrize("extreme", [1e31, 1e38, -3e38])
+def test_extreme_values_of_stepped_vectors_are_kept_exactly(tmp_path, extreme):
+    """Found by review: under byte targets a BatchNorm variance's 1e38 (on
+    log2 steps, as a centered pair's variance) came back 1.00077e38, a
+    non-negative vector's 1e31 1.00048e31; values beyond 1e30 are kept
+    exactly."""
+    rng = np.random.default_rng(7)
+    var = np.abs(1 + 0.3 * rng.standard_normal(256)).astype(np.float32)
+    var[9] = abs(extreme)
+    moment = np.abs(rng.standard_normal(512)).astype(np.float32)
+    moment[::7] = 0
+    moment[5] = extreme
+    tree = {"params": {"Conv_0": {"kernel": (0.05 * rng.standard_normal((3, 3, 128, 256))
+                                              ).astype(np.float32)},
+                       "BatchNorm_0": {"scale": np.ones(256, np.float32),
+                                       "bias": np.zeros(256, np.float32)}},
+            "batch_stats": {"BatchNorm_0": {"mean": (0.1 * rng.standard_normal(256)
+                                                     ).astype(np.float32), "var": var}},
+            "moment": moment}
+    for rate in ({"target_ratio": 8}, {"bits_per_weight": 3}, {}):
+        jaxjpeg.save(tmp_path / "x.jjpg", tree, progress=False, **rate)
+        got = jaxjpeg.restore(tmp_path / "x.jjpg")
+        assert float(got["batch_stats"]["BatchNorm_0"]["var"][9]) == np.float32(abs(extreme)), rate
+        assert float(got["moment"][5]) == np.float32(extreme), rate
+    assert qv.encode(moment, qv.VectorStep(0.01)) is None
+
+
 @pytest.mark.parametrize("dtype, outlier", [("float32", 50.0), ("float32", 1000.0),
                                             ("float32", 1e31), ("float16", 1000.0),
                                             ("float16", 60000.0), ("bfloat16", 1000.0)])
