@@ -3022,7 +3022,7 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     from jaxjpeg import rate
 
     if not sparse and (not quantizable(array.dtype) or array.ndim == 0
-                       or enc.outliers is not None):
+                       or (enc.outliers is not None and not enc.outliers.steppable())):
         return None
     if error_bound is not None:
         kept = None if enc.outliers is None else enc.outliers.index

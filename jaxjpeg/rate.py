@@ -1483,11 +1483,15 @@ THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a val
 
 
 def is_thin(p: codec.Prepared) -> bool:
-    """Whether ``p`` (float32, bfloat16 or float16, nothing kept aside, at
-    least one axis, not balanced: a thin leaf's steps and errors are in
-    weight units) has a view too thin for JPEG's blocks."""
-    return (quantizable(p.dtype) and p.outliers is None and len(p.shape) >= 1
-            and p.size > 0 and min(p.matrix.shape) < THIN_SIDE and not p.balanced)
+    """Whether ``p`` (float32, bfloat16 or float16, nothing kept aside but
+    finite values a step holds, at least one axis, not balanced: a thin
+    leaf's steps and errors are in weight units) has a view too thin for
+    JPEG's blocks. A far value takes a long code on the step (found by
+    review: one 1e3 among 300,000 N(0, 1) values sent the leaf to JPEG, 1.9x
+    the bytes, 0.62 relative error at 8x where the thin coding had 0.09)."""
+    return (quantizable(p.dtype) and (p.outliers is None or p.outliers.steppable())
+            and len(p.shape) >= 1 and p.size > 0 and min(p.matrix.shape) < THIN_SIDE
+            and not p.balanced)
 
 
 def is_sparse(p: codec.Prepared) -> bool:
