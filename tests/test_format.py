@@ -441,6 +441,21 @@ def test_hostile_deflated_headers_are_refused(tmp_path, header, kwargs, match):
     expect_format_error(tmp_path / "c", match=match, **kwargs)
 
 
+def test_a_header_inflating_far_past_its_size_is_refused(tmp_path):
+    """Found by review: a 217 KB file whose header inflated to 212 MB (one
+    long metadata string) took 0.94 GB of host memory to open."""
+    text = json.dumps(header_with({}, {"user": "x" * (100 * 2**20)})).encode()
+    build_raw(tmp_path / "c", zlib.compress(text, 9), version=2, flags=fmt.FLAG_DEFLATED_HEADER)
+    assert (tmp_path / "c").stat().st_size < 256 * 2**10
+    del text
+    tracemalloc.start()
+    try:
+        expect_format_error(tmp_path / "c", match=r"inflates past the limit .* 128x")
+        assert tracemalloc.get_traced_memory()[1] < 80 * 2**20   # 32 MiB inflated, twice
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_huge_header_limit_still_inflates(tmp_path):
     path = tmp_path / "c"
     write_small(path, {"name": "x"})
