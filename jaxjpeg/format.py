@@ -661,7 +661,10 @@ class ContainerReader:
                      max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict:
         raw = self._pread(offset, length)
         if verify and crc32c(raw) != expected_crc:
-            raise self._error("header checksum mismatch (file damaged)")
+            # a remote file is read in several requests (found by review: one
+            # replaced between them was called damaged)
+            raise self._error("header checksum mismatch (file damaged" + (
+                ", or replaced while it was opened)" if self._remote else ")"))
         if self._deflated:
             raw = self._inflate_header(raw, max_header_bytes)
         tokens = sum(raw.obj.count(c) for c in (b"{", b"[", b","))

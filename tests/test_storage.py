@@ -271,6 +271,18 @@ def test_open_get_over_http_reads_about_one_leaf(local_file):
         assert header < 0.05 * size and leaf_bytes < 0.4 * size
 
 
+def test_a_remote_header_that_does_not_match_may_have_been_replaced(local_file, memory_fs):
+    """Found by review: a remote file replaced between the requests that
+    read its preamble and its header was called damaged, where its blobs'
+    mismatches say it may have been replaced."""
+    fs, root = memory_fs
+    data = bytearray(open(local_file[0], "rb").read())
+    data[-1] ^= 0xFF   # the header's last byte: its checksum no longer matches
+    fs.pipe(f"{root}/swapped.jjpg", bytes(data))
+    with pytest.raises(jaxjpeg.FormatError, match=r"damaged, or replaced while it was opened"):
+        jaxjpeg.restore(f"memory://{root}/swapped.jjpg")
+
+
 def test_missing_url_is_an_oserror(memory_fs):
     fs, root = memory_fs
     with pytest.raises(FileNotFoundError):
