@@ -139,7 +139,7 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     vector (:func:`is_sparse`) stores its bitmap, then its nonzero values
     so coded (record fields ``nonzeros`` and ``mask_bytes``): its zeros
     restore exactly, at about the bitmap's entropy. A vector holding an
-    extreme value (beyond EXTREME) is not quantized: such values are kept
+    extreme value (_holds_extreme) is not quantized: such values are kept
     exactly (found by review: a BatchNorm variance's 1e38 on log2 steps came
     back 1.00077e38)."""
     if _holds_extreme(values):
@@ -149,19 +149,18 @@ def encode(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
     return _encode_dense(values, how)
 
 
-# Magnitudes beyond this are kept exactly (views.extreme_limit's for float32;
-# half dtypes' own are below their range, which restores_finite checks).
-EXTREME = 1e30
-
-
 def _holds_extreme(values) -> bool:
-    """Whether a finite-or-not ``values`` holds a magnitude beyond EXTREME
-    (a NaN does not count: encoding refuses it anyway)."""
-    values = np.asarray(values)
-    if values.size == 0:
+    """Whether ``values`` holds a magnitude beyond float32's extreme limit
+    (views.extreme_limit; half dtypes' own lie below their range, which
+    restores_finite checks). NaN does not count (encoding refuses it
+    anyway); fmax / fmin skip it without a leaf-sized temporary."""
+    from jaxjpeg.views import extreme_limit
+
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0:
         return False
-    with np.errstate(invalid="ignore"):
-        return bool(np.nanmax(values) > EXTREME or np.nanmin(values) < -EXTREME)
+    limit = extreme_limit(np.float32)
+    return float(np.fmax.reduce(flat)) > limit or float(np.fmin.reduce(flat)) < -limit
 
 
 def restores_finite(array: np.ndarray, blob, record: dict) -> bool:
