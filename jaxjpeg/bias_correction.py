@@ -77,6 +77,10 @@ class InputMean:
             raise ValueError(f"out_axis {self.out_axis} is not an axis of a {len(shape)}-d leaf")
         if not np.all(np.isfinite(self.values)):
             raise ValueError("input mean has NaN or infinite values")
+        if np.any(np.abs(self.values) > np.finfo(np.float32).max):
+            # no float32 activation averages that (found by review: 1e300 took
+            # the bias it corrected to float32's largest, silently)
+            raise ValueError("input mean has values beyond float32's range")
         try:
             fits = np.broadcast_shapes(self.values.shape, tuple(shape)) == tuple(shape)
         except ValueError:

@@ -335,9 +335,12 @@ def _ordered_inverse_cholesky(h: np.ndarray, order: np.ndarray, unit: np.ndarray
 
     lower, info = lapack.dpotrf(a, lower=1, overwrite_a=1, clean=1)
     if info != 0:
+        # (found by review: a matrix that is no covariance was told about damping alone)
         raise np.linalg.LinAlgError(f"input covariance is not positive definite "
-                                    f"(LAPACK info {info}): one estimated from fewer samples "
-                                    "than features needs InputCovariance(..., damping=) > 0")
+                                    f"(LAPACK info {info}), even damped: a matrix of E[x xᵀ] "
+                                    "over real inputs is (symmetrized, this one has a negative "
+                                    "eigenvalue), and one estimated from fewer samples than "
+                                    "features needs InputCovariance(..., damping=) > 0")
     inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"input covariance factor is singular (LAPACK info {info})")

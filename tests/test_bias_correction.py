@@ -157,6 +157,7 @@ def test_a_mean_with_nothing_to_take_it_is_reported(tmp_path):
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C - 1)), 0)}, "does not broadcast"),
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, 1, C)), 0)}, "does not broadcast"),
     ({"fc.weight": jaxjpeg.InputMean(np.full((1, C), np.nan), 0)}, "NaN or infinite"),
+    ({"fc.weight": jaxjpeg.InputMean(np.full((1, C), 1e300), 0)}, "beyond float32's range"),
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 2)}, "out_axis 2"),
     ({"fc.bias": jaxjpeg.InputMean(np.ones(300), 0)}, "no input axis"),
     ({"fc.weight": jaxjpeg.InputMean(np.ones((1, C)), 0, "bn1.running_mean")},

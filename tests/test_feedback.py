@@ -184,6 +184,9 @@ def test_feedback_leaves_use_12_bit_samples(tmp_path):
      r"dense/kernel.*need \(160, 160\)"),
     ({"dense/kernel": feedback.InputCovariance(np.eye(160), (0,))}, {"error_bound": 0.1},
      ValueError, "error_bound"),
+    # found by review: told only that a few samples' estimate needs damping
+    ({"dense/kernel": feedback.InputCovariance(np.eye(160) - 2 * np.eye(160)[::-1], (0,))}, {},
+     np.linalg.LinAlgError, "has a negative eigenvalue"),
 ])
 def test_misused_covariances_are_refused_before_writing(tmp_path, covariances, kwargs, error,
                                                          message):
