@@ -517,10 +517,12 @@ class _LeafCoder:
                 return dataclasses.replace(codec.prepare(array, **choices), tile_cuts=cuts)
         factor, importance = _leaf_importance(self.sensitivity, name)
         covariance = self.input_covariance.get(name)
+        outputs = None   # the prior's weights of quiet output channels
         if self.prior is not None and self.prior.models(name):
             covariance = self.prior.covariance(name, array.shape)
             if importance is None:   # a user's array takes the place of the input powers
                 importance = self.prior.importance(name, array.shape)
+                outputs = self.prior.output_importance(name, array)
         try:
             # not balanced: a leaf a user's factor weighs (its squared error in
             # weight units), nor per-row ranges, which fit loud rows already
@@ -528,7 +530,8 @@ class _LeafCoder:
             common = self.coding.get("clip", "common") == "common"
             p = rate.prepare_leaf(array, importance, self.view, covariance, shards,
                                   self.stack_axis(name), layer_steps=self.by_layer(name),
-                                  row_steps=common, balance=factor is None and common)
+                                  row_steps=common, balance=factor is None and common,
+                                  output_weights=outputs)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if shards:

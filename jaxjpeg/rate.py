@@ -42,7 +42,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from jaxjpeg import _native, analysis, codec, feedback, mapping, quantized_vectors, stacks, views
+from jaxjpeg import (_native, analysis, codec, feedback, mapping, priors, quantized_vectors,
+                     stacks, views)
 from jaxjpeg.feedback import InputCovariance  # noqa: F401  (jaxjpeg.rate.InputCovariance)
 from jaxjpeg.checkpoint_reader import quantizable
 from jaxjpeg.treepaths import first_names, key_record, path_string
@@ -112,7 +113,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
                  input_covariance: feedback.InputCovariance | None = None,
                  shards=None, stack: int | None = None,
                  layer_steps: bool = True, row_steps: bool = True,
-                 balance: bool = True) -> codec.Prepared:
+                 balance: bool = True, output_weights=None) -> codec.Prepared:
     """Chooses ``x``'s view, side list and per-row / per-column steps.
 
     ``view``: "auto" lets :func:`jaxjpeg.views.choose_view` pick the axes;
@@ -144,6 +145,13 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     ``row_steps=False``: no per-row steps (a ``clip`` other than "common"
     sets each row's range from its own values: found by review, the row
     weights of stacks and importance arrays failed its mapping mid-save).
+
+    ``output_weights`` (optional, with ``input_covariance`` and no
+    ``importance``): weights broadcastable to ``x.shape`` along its output
+    axes, which the tree states exactly (the BatchNorm prior's quiet
+    channels, :meth:`jaxjpeg.priors.Prior.output_importance`): each row's
+    step ∝ its weight^-½, neither damped nor capped as an estimate's are
+    (within priors.OUTPUT_SPREAD of their geometric mean).
 
     ``balance``: loud columns may be balanced (:func:`jaxjpeg.views.loud_column_scales`;
     without ``importance``: a few loud slices of an "auto" view, or the loud
@@ -208,6 +216,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _data_free_weights(m)
     else:
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
+    if output_weights is not None and importance is None and fb is not None and not fb.along_rows:
+        row_weight = view.to_matrix(np.broadcast_to(output_weights, x.shape)).mean(axis=1)
+        row_spread = priors.OUTPUT_SPREAD
     if not row_steps:
         row_weight = None
     factors = None   # row factors balancing loud outputs (views.loud_row_factors)

@@ -485,6 +485,30 @@ def _conv_then_batchnorm(rng):
 
 
 @pytest.mark.parametrize("options", [dict(target_ratio=8), {}], ids=["target", "default"])
+@pytest.mark.parametrize("quiet", [10, 100])
+def test_quiet_channels_a_batchnorm_scales_back_keep_their_signal(tmp_path, options, quiet):
+    """Found by review: an output channel 100x quieter than the rest, its
+    running variance 10^-4 of theirs (the BatchNorm after it scales it back),
+    shared the others' step and restored at 6.9x its own signal (0.07 the
+    rest); the prior now gives it a step of its own. A dead channel (no
+    variance to scale back) is left alone."""
+    tree, x = _conv_then_batchnorm(np.random.default_rng(13))
+    w = tree["conv.weight"]
+    w[[5, 20]] /= quiet
+    tree["bn_out.running_var"][[5, 20]] /= quiet ** 2
+    w[30] *= 1e-4   # dead: its variance left at the rest's
+    outputs = np.asarray(priors.batchnorm_prior(tree).output_importance("conv.weight", w))
+    assert outputs[[5, 20]].min() > 1 and np.all(np.delete(outputs.ravel(), [5, 20]) == 1)
+    jaxjpeg.save(tmp_path / "q.jjpg", tree, progress=False, **options)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "q.jjpg")["conv.weight"], np.float64)
+    signal = x @ w.reshape(len(w), -1).T
+    error = x @ (got - w).reshape(len(w), -1).T
+    relative = error.std(axis=0) / signal.std(axis=0)
+    rest = np.median(np.delete(relative, [5, 20, 30]))
+    assert relative[[5, 20]].max() < 2 * rest, (relative[[5, 20]], rest)
+
+
+@pytest.mark.parametrize("options", [dict(target_ratio=8), {}], ids=["target", "default"])
 def test_bias_correction_moves_the_next_running_mean_by_the_output_shift(tmp_path, options):
     """The BatchNorm after a modelled kernel takes the kernel's output shift
     error·E[x] into its running mean: the normalised output's mean is then
