@@ -151,6 +151,17 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
         if local is not None and os.path.isfile(local) and storage.same_entry(local, target):
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")
+        if local is not None and os.path.isdir(local) and _inside(target, local):
+            # found by review: --force into an Orbax item replaced its _METADATA
+            # or a data file with the checkpoint, and the item no longer read
+            raise CliError(f"{dst}: is a file of the source directory {location}: compress "
+                           "would replace it (choose a DST outside that directory)")
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` (links resolved) lies under ``directory``."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 def cmd_compress(args) -> int:
@@ -238,6 +249,10 @@ def cmd_export(args) -> int:
     _require(args.ckpt, kind="file")
     if os.path.isdir(args.out) and args.out.endswith(".safetensors"):
         raise CliError(f"{args.out}: is a directory")
+    if (not args.out.endswith(".safetensors") and os.path.exists(args.out)
+            and not os.path.isdir(args.out)):   # found by review: exit 3, an I/O error
+        raise CliError(f"{args.out}: exists and is not a directory (name a .safetensors file, "
+                       "or a directory)")
     try:
         files = export_safetensors(args.ckpt, args.out, max_shard_size=max_shard_size,
                                    force=args.force)

@@ -256,6 +256,9 @@ def create_temp_file(target: str, shown=None) -> tuple[str, int]:
     storage.refuse_special_file(target, shown)
     directory = os.path.dirname(storage.absolute(target))
     if not os.path.isdir(directory):
+        if os.path.exists(directory):   # found by review: said "does not exist"
+            raise NotADirectoryError(errno.ENOTDIR, f"cannot save: {directory!r} is not a "
+                                     "directory", shown)
         raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} does "
                                 "not exist", shown)
     stem = _temp_stem(target)
@@ -266,9 +269,9 @@ def create_temp_file(target: str, shown=None) -> tuple[str, int]:
             fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"cannot save: directory {directory!r} "
-                                    "does not exist", shown) from None
+        except FileNotFoundError as e:   # it was there a moment ago, or takes no files (/proc)
+            raise FileNotFoundError(errno.ENOENT, f"cannot save: no file can be created in "
+                                    f"{directory!r} ({e.strerror})", shown) from None
         except OSError as e:   # the error names the file saved, not the temporary one
             raise type(e)(e.errno, f"cannot save: {e.strerror} (creating a file in "
                           f"{directory!r})", shown) from None

@@ -582,6 +582,22 @@ def test_compress_refuses_to_replace_its_source(tmp_path, capsys):
     assert all(p.read_bytes() == data for p, data in before.items())
 
 
+def test_compress_refuses_to_replace_a_file_of_its_source_directory(sources, tmp_path, capsys):
+    """Found by review: ``compress ITEM ITEM/_METADATA --force`` (or one of
+    its data files) replaced the Orbax item's own file with the checkpoint,
+    and the item no longer read."""
+    import shutil
+    item = tmp_path / "item"
+    shutil.copytree(sources["orbax"], item)
+    files = sorted(p for p in item.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    for dst in (item / "_METADATA", files[-1]):
+        code, _, err = run(capsys, "compress", item, dst, "--force")
+        assert code == cli.EXIT_USAGE and "source directory" in err, (code, err)
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert run(capsys, "compress", item, tmp_path / "beside.jjpg")[0] == 0
+
+
 def test_lossless_takes_names_with_glob_characters_as_they_are(tmp_path, capsys):
     """Found by review: "layers[0]/kernel" and "head[*]" kept nothing
     lossless ([...] is a glob class); a pattern matching nothing is said."""
@@ -795,3 +811,8 @@ def test_an_output_directory_that_is_a_file_is_said(tmp_path, capsys):
     assert cli.main(["export", str(ckpt), str(blocker / "x.safetensors")]) == cli.EXIT_IO
     assert "is a file, not a directory" in capsys.readouterr().err
     assert blocker.read_text() == ""
+    # found by review: exporting onto a file (the checkpoint itself) was an I/O error (3)
+    for out in (blocker, ckpt):
+        assert cli.main(["export", "--force", str(ckpt), str(out)]) == cli.EXIT_USAGE
+        assert "exists and is not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "" and jaxjpeg.restore(ckpt)["w"].shape == (64, 64)

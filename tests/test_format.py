@@ -729,6 +729,14 @@ def test_missing_directory_error_names_the_users_path(tmp_path):
     assert "does not exist" in str(info.value)
 
 
+def test_a_parent_that_is_a_file_is_named_so(tmp_path):
+    """Found by review: a parent that is a file was said not to exist."""
+    (tmp_path / "m.npz").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is not a directory") as info:
+        ContainerWriter(tmp_path / "m.npz" / "c")
+    assert info.value.filename == str(tmp_path / "m.npz" / "c")
+
+
 def test_save_into_a_directory_without_read_permission(tmp_path):
     """Defect 12: in a write-and-search-only directory the file was replaced
     and then save raised from the directory fsync. Root ignores permissions,

@@ -183,6 +183,17 @@ def test_a_far_value_keeps_a_thin_leaf_on_its_step(tmp_path, shape):
         assert abs(got[1234] - 1e3) <= 1e-3 * 1e3
 
 
+def test_a_half_precision_leaf_on_a_step_warns_nothing(tmp_path):
+    """Found by review: the check for values beyond 1e30 compared a float16
+    leaf with 1e30 in float16 ("overflow encountered in cast")."""
+    import warnings
+    x = (0.05 * np.random.default_rng(0).standard_normal(4096)).astype(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = jaxjpeg.save(tmp_path / "h.jjpg", {"x": x}, progress=False)
+    assert "quantized" in report.leaves[0].note
+
+
 @pytest.mark.parametrize("extreme", [1e31, 1e38, -3e38])
 def test_extreme_values_of_stepped_vectors_are_kept_exactly(tmp_path, extreme):
     """Found by review: under byte targets a BatchNorm variance's 1e38 (on
