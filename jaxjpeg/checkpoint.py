@@ -2301,7 +2301,7 @@ class _Save:
         elif lossy is not None:
             blob, extra, lossy_note = lossy
             note = lossy_note or note
-            if "exact" not in extra and _constant_restored(array, blob, extra):
+            if extra.get("stored") == "quantized" and _constant_restored(array, blob, extra):
                 extra = {**extra, "exact": True}
             blobs = [(layout.raw_blob(index), blob)]
             stored = _blob_bytes(blob)

@@ -681,6 +681,26 @@ def test_constant_tensors_come_back_exactly_and_say_so(tmp_path, value, dtype):
         assert all(reader.info(name).exact for name in reader)
 
 
+def test_a_constant_leaf_stored_exactly_in_another_form_saves(tmp_path):
+    """Found by review: a float16 BatchNorm's constant scale, stored exactly
+    under a byte target, was read as a quantized leaf to tell whether it
+    restores bit for bit, and the save crashed."""
+    rng = np.random.default_rng(0)
+    tree, cin = {}, 16
+    for i, cout in enumerate([64, 128]):
+        tree[f"layer{i}.conv.weight"] = (0.1 * rng.standard_normal((cout, cin, 3, 3))).astype(np.float16)
+        tree[f"layer{i}.bn.weight"] = np.ones(cout, np.float16)
+        tree[f"layer{i}.bn.bias"] = np.zeros(cout, np.float16)
+        tree[f"layer{i}.bn.running_mean"] = np.zeros(cout, np.float16)
+        tree[f"layer{i}.bn.running_var"] = rng.uniform(0.5, 2, cout).astype(np.float16)
+        cin = cout
+    report = jaxjpeg.save(tmp_path / "h.jjpg", tree, target_ratio=8, progress=False)
+    restored = jaxjpeg.restore(tmp_path / "h.jjpg")
+    for leaf in report.leaves:
+        if leaf.exact:
+            np.testing.assert_array_equal(np.asarray(restored[leaf.path]), tree[leaf.path])
+
+
 def test_coded_leaves_that_lose_values_are_not_reported_exact(tmp_path):
     rng = np.random.default_rng(0)
     tree = {"w": rng.standard_normal((256, 256)).astype(np.float32),
