@@ -456,6 +456,21 @@ def test_a_header_inflating_far_past_its_size_is_refused(tmp_path):
         tracemalloc.stop()
 
 
+def test_a_header_deflating_past_what_readers_inflate_is_written_plain(tmp_path):
+    """Found by review: 9,000 leaves of 1,686-character paths made a header
+    that deflated 154x past the 32 MiB floor, and the reader refused the file
+    its writer had just written. Such a header is stored as it is."""
+    metadata = {"names": ["layers/" * 240 + f"{i}" for i in range(30000)]}
+    write_small(tmp_path / "c", metadata)
+    data = (tmp_path / "c").read_bytes()
+    _, _, flags, _, length, _, _, _ = PREAMBLE.unpack(data[:64])
+    assert flags == 0 and length > fmt.HEADER_INFLATION_FLOOR
+    with ContainerReader(tmp_path / "c") as reader:
+        assert reader.metadata == metadata
+    write_small(tmp_path / "d", {"names": metadata["names"][:100]})   # deflated as ever
+    assert PREAMBLE.unpack((tmp_path / "d").read_bytes()[:64])[2] == fmt.FLAG_DEFLATED_HEADER
+
+
 def test_a_huge_header_limit_still_inflates(tmp_path):
     path = tmp_path / "c"
     write_small(path, {"name": "x"})
