@@ -151,9 +151,11 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
         if local is not None and os.path.isfile(local) and storage.same_entry(local, target):
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")
-        if local is not None and os.path.isdir(local) and _inside(target, local):
+        if (local is not None and os.path.isdir(local) and _inside(target, local)
+                and not _is_checkpoint(target)):
             # found by review: --force into an Orbax item replaced its _METADATA
-            # or a data file with the checkpoint, and the item no longer read
+            # or a data file with the checkpoint, and the item no longer read;
+            # a checkpoint compress wrote there before is no file of the source
             raise CliError(f"{dst}: is a file of the source directory {location}: compress "
                            "would replace it (choose a DST outside that directory)")
 
@@ -162,6 +164,16 @@ def _inside(path: str, directory: str) -> bool:
     """Whether ``path`` (links resolved) lies under ``directory``."""
     path, directory = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([path, directory]) == directory
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether the file at ``path`` starts as a jaxjpeg container does."""
+    from jaxjpeg.format import MAGIC
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def cmd_compress(args) -> int:

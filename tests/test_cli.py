@@ -596,6 +596,9 @@ def test_compress_refuses_to_replace_a_file_of_its_source_directory(sources, tmp
         assert code == cli.EXIT_USAGE and "source directory" in err, (code, err)
     assert all(p.read_bytes() == data for p, data in before.items())
     assert run(capsys, "compress", item, tmp_path / "beside.jjpg")[0] == 0
+    # a checkpoint written there before is replaced (review: a rerun was refused)
+    assert run(capsys, "compress", item, item / "model.jjpg")[0] == 0
+    assert run(capsys, "compress", item, item / "model.jjpg", "--force")[0] == 0
 
 
 def test_lossless_takes_names_with_glob_characters_as_they_are(tmp_path, capsys):
