@@ -46,6 +46,7 @@ APART_MAX_ROWS = 64
 BLOCK = 8   # a JPEG block's rows
 APART_MIN_COLUMNS = 64   # rows' maps (4 bytes each) at most 1/2 bit a value
 OUTLIER_SIGMAS = 12.0      # |w - row mean| beyond this many row RMS: kept exactly
+STEPPED_FAR = 1024.0   # Outliers.steppable: how far a kept value may lie on a thin coding
 # More far values than this: code them instead. A far value costs ~6 bytes
 # kept; coded, it stretches its row's range over every other weight (found
 # by review: at 1/256, spikes 1000x the weights at 0.42% of a leaf were
@@ -613,11 +614,20 @@ class Outliers:
     def count(self) -> int:
         return int(self.index.size)
 
-    def steppable(self) -> bool:
-        """Whether every kept value is finite and within extreme_limit: one
-        a uniform step (a thin coding) can hold too."""
+    def steppable(self, center: float, spread: float, size: int) -> bool:
+        """Whether one uniform step on the rest of a leaf of ``size`` values
+        (``center``, ``spread``: their mean and RMS about it) holds the kept
+        values too at little cost: each finite, within extreme_limit and
+        STEPPED_FAR spreads of the center, their distances summing to under
+        a quarter spread a value (a thin coding's Rice codes grow with the
+        distance: found by review, one value 10^6 spreads off took a
+        50,000-value leaf's whole budget at 8x, every other value restored
+        as 0)."""
         values = self.values.astype(np.float64)
-        return bool(np.all(np.abs(values) <= extreme_limit(self.values.dtype)))
+        if not (spread > 0 and np.all(np.abs(values) <= extreme_limit(self.values.dtype))):
+            return False
+        far = np.abs(values - center) / spread
+        return bool(far.max(initial=0.0) <= STEPPED_FAR and far.sum() <= size / 4)
 
     @staticmethod
     def index_dtype(size: int) -> np.dtype:

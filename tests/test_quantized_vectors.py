@@ -183,6 +183,23 @@ def test_a_far_value_keeps_a_thin_leaf_on_its_step(tmp_path, shape):
         assert abs(got[1234] - 1e3) <= 1e-3 * 1e3
 
 
+@pytest.mark.parametrize("shape, far", [((3, 50000), 1e8), ((50000,), 1e6), ((16384, 2), 1e6)])
+def test_a_thin_leaf_keeps_values_a_step_cannot_hold_cheaply_aside(tmp_path, shape, far):
+    """Found by review: values 10^6-10^8 spreads off, taken on a thin
+    coding's step as long codes, left the rest of the leaf restored as 0
+    at 8x, or the file 3x its target. Beyond STEPPED_FAR spreads they stay
+    in JPEG's side list."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[17] = far
+    report = jaxjpeg.save(tmp_path / "f.jjpg", {"x": x}, target_ratio=8, progress=False)
+    assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
+    got = np.asarray(jaxjpeg.restore(tmp_path / "f.jjpg")["x"], np.float64)
+    rest = np.abs(x) < 100
+    assert got.reshape(-1)[17] == np.float32(far)
+    assert np.linalg.norm((got - x)[rest]) / np.linalg.norm(x[rest]) < 0.9
+
+
 def test_a_half_precision_leaf_on_a_step_warns_nothing(tmp_path):
     """Found by review: the check for values beyond 1e30 compared a float16
     leaf with 1e30 in float16 ("overflow encountered in cast")."""
