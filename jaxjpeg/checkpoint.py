@@ -2767,7 +2767,7 @@ def _small_kernel_stepped(name: str, array: np.ndarray, policy: "Policy",
     return (quantizable(array.dtype) and not policy.names_lossless(name)
             and _small_kernel_limits(array) is not None and _why_raw(array) is None
             and bool(np.all(np.isfinite(array))) and not magnitudes.is_second_moment(array)
-            and _bulk_rms(array) is None and leaf_coder.one_step_fits(name))
+            and leaf_coder.one_step_fits(name))
 
 
 def _small_kernel_limits(array: np.ndarray):
@@ -2776,7 +2776,12 @@ def _small_kernel_limits(array: np.ndarray):
     whose RMS is not finite). The step is on its bulk's RMS where a few
     values dwarf the rest (_bulk_rms): on the whole RMS one value 50,000
     times the rest set a step that restored all 2,303 others as 0 (found by
-    review); the few then take long codes, or the kernel float16."""
+    review); the few then take long codes, or the kernel float16. Where the
+    target has no room for such steps the allocation's step codes the
+    kernel, gross values and all (kept off it, a lone (768, 2) head with one
+    made an 8x target a refusal: review); heavy-tailed kernels (Student-t of
+    1-2 degrees of freedom) take about 10 bits a value here, 4 on the whole
+    RMS."""
     from jaxjpeg import quantized_vectors
 
     if array.ndim < 2 or array.size == 0:

@@ -262,6 +262,17 @@ def test_a_small_kernels_outlier_does_not_set_its_step(tmp_path, dtype, outlier)
         assert error < 0.01, (rate, error)
 
 
+def test_a_small_kernel_with_a_gross_value_alone_meets_its_target(tmp_path):
+    """Found by review: a (768, 2) head with one value 100x the rest's RMS,
+    kept off the allocation's step, made a lone 8x target a refusal."""
+    rng = np.random.default_rng(1)
+    head = (0.05 * rng.standard_normal((768, 2))).astype(np.float32)
+    head[100, 0] = 5.0
+    report = jaxjpeg.save(tmp_path / "h.jjpg", {"head": head}, target_ratio=8, progress=False)
+    assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
+    assert float(jaxjpeg.restore(tmp_path / "h.jjpg")["head"][100, 0]) == pytest.approx(5, rel=0.01)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_small_kernels_take_the_allocations_step_where_theirs_does_not_fit(tmp_path, dtype):
     """Found by review: a tree of small kernels only (too small for JPEG,
