@@ -169,6 +169,8 @@ OUTPUT_SPREAD = 1024.0
 # three lite1 / lite2 kernels (spread 2e-4 of the median, running variance
 # ~1e-9) read as scaled back and took fine steps: 4-seed KL at 8x 0.0444 /
 # 0.0437 -> 0.0447 / 0.0442, top-1 0.839 / 0.878 -> 0.841 / 0.865. At 1e-3
+# two channels of one lite1 depthwise kernel qualify (11x and 9x quieter,
+# gains 47x and 8x the median): 0.0444 -> 0.0441, top-1 0.839 -> 0.849; and
 # a channel 100x quieter whose variance says so is still found (its gain
 # ~900x the rest's); one 1,000x quieter is not (kept as before: its error
 # ~75x its signal after a BatchNorm of epsilon 1e-5; a `sensitivity` of
@@ -328,7 +330,7 @@ class Prior:
         not scale back (a dead one: its gain times its spread far under the
         rest's) is left alone."""
         gain = self.output_gains.get(name)
-        m = self.moments.get(name)
+        m = self.moments.get(name) or self.common_means.get(name)
         if gain is None or m is None or name not in self.feedback:
             return None
         rows = np.moveaxis(np.asarray(array, np.float64), m.out_axis, 0).reshape(len(gain), -1)
@@ -340,7 +342,11 @@ class Prior:
         if live.sum() < 2:
             return None
         typical, typical_scaled = np.median(spread[live]), np.median(scaled[live])
-        quiet = live & (spread < typical / QUIET) & (scaled > typical_scaled / QUIET)
+        # scaled back by the BatchNorm: to within QUIET of the rest, by a gain
+        # QUIET times theirs or more (depthwise kernels' channels spread 8-11x
+        # by nature, their gains 1.2-5x the median: EfficientNet-lite)
+        quiet = (live & (spread < typical / QUIET) & (scaled > typical_scaled / QUIET)
+                 & (gain > QUIET * np.median(gain[live])))
         if not quiet.any():
             return None
         weight = np.ones(len(gain))
@@ -435,8 +441,10 @@ def batchnorm_prior(tree, load=None) -> Prior:
                **{name: m for name, (_, m, _) in fitted.items()}}
     common = _common_means(ordered, exclude=moments.keys() | unmodelled, transposed=transposed)
     vectors = batchnorm_vector_steps(dict(ordered), norms)
-    gains = ({} if lost else
-             _output_gains(ordered, norms, {n: c for n, c in channels.items() if n in feedback}))
+    arrays = dict(ordered)   # the feedback kernels' outputs, a common mean's too
+    outputs = {**{n: c for n, c in channels.items() if n in feedback},
+               **{n: np.shape(arrays[n])[c.out_axis] for n, c in common.items()}}
+    gains = {} if lost else _output_gains(ordered, norms, outputs)
     return Prior(moments, frozenset(feedback | set(common)), means, biases, common,
                  vectors, gains).renamed(paths)
 

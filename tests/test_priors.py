@@ -486,13 +486,17 @@ def _conv_then_batchnorm(rng):
 
 @pytest.mark.parametrize("options", [dict(target_ratio=8), {}], ids=["target", "default"])
 @pytest.mark.parametrize("quiet", [10, 100])
-def test_quiet_channels_a_batchnorm_scales_back_keep_their_signal(tmp_path, options, quiet):
+@pytest.mark.parametrize("fed", [True, False], ids=["fed", "first"])
+def test_quiet_channels_a_batchnorm_scales_back_keep_their_signal(tmp_path, options, quiet, fed):
     """Found by review: an output channel 100x quieter than the rest, its
     running variance 10^-4 of theirs (the BatchNorm after it scales it back),
     shared the others' step and restored at 6.9x its own signal (0.07 the
-    rest); the prior now gives it a step of its own. A dead channel (no
-    variance to scale back) is left alone."""
+    rest); the prior now gives it a step of its own, in a network's first
+    convolution too (no BatchNorm before it: a common mean's kernel). A dead
+    channel (no variance to scale back) is left alone."""
     tree, x = _conv_then_batchnorm(np.random.default_rng(13))
+    if not fed:
+        tree = {k: v for k, v in tree.items() if not k.startswith("bn.")}
     w = tree["conv.weight"]
     w[[5, 20]] /= quiet
     tree["bn_out.running_var"][[5, 20]] /= quiet ** 2
