@@ -66,19 +66,19 @@ _VERSION_FLAGS = {1: 0, 2: FLAG_DEFLATED_HEADER, 3: FLAG_DEFLATED_HEADER}
 ALIGNMENT = 64
 SMALL_BLOB_ALIGNMENT = 8
 LARGE_BLOB = 4096
-DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
+# Parsing a header of n bytes takes ~3-4n of host memory (its bytes, their
+# text, the objects: found by review, a 217 KB file whose deflated header
+# inflated to 212 MB, one metadata string, took 0.94 GB to open at 256 MiB).
+# A cap on the inflation ratio refused files earlier writers had written (a
+# 12,000-leaf tree of 4,000-character paths deflates 180x), so the cap is on
+# the size: 20,000 leaves of ordinary names take 7.5 MB.
+DEFAULT_MAX_HEADER_BYTES = 128 * 2**20
 # Parsing JSON builds a Python object per value (a dict of "{}" costs ~30x its
 # two bytes). Headers may hold at most this many containers and separators
 # ("{", "[", ","; counted before parsing, strings included, so an over-count)
 # or one per 16 bytes of the file, whichever is more: parsing then takes at
 # most ~0.5 GB, or ~4x the file's size for very large files.
 MIN_HEADER_TOKENS = 2**23
-# A deflated header inflates to at most this many times its size, or to
-# HEADER_INFLATION_FLOOR: headers jaxjpeg writes deflate 4-15x (20,000 leaves:
-# 7.5 MB to 0.5 MB); found by review, a 217 KB file's header inflating to
-# 212 MB (one long metadata string) took 0.94 GB of host memory to open.
-HEADER_INFLATION = 128
-HEADER_INFLATION_FLOOR = 32 * 2**20
 
 # magic, version, flags, header_offset, header_length, header_crc32c, reserved; then preamble_crc32c.
 _PREAMBLE_BODY = struct.Struct("<8sIIQQI24s")
@@ -162,25 +162,13 @@ def _pack_preamble(header_offset: int, header_length: int, header_crc: int,
 
 
 def _encode_header(blobs: dict, metadata: dict) -> tuple[bytes, int]:
-    """(header bytes as stored, preamble flags): the canonical JSON, deflated
-    where readers inflate that far (header_inflation_limit), else as it is
-    (found by review: 9,000 leaves of 1,686-character paths deflated 154x,
-    and the file was refused by the reader that had written it)."""
+    """(header bytes as stored, preamble flags): the canonical JSON, deflated."""
     header = _canonical_json({"blobs": blobs, "metadata": metadata})
     if len(header) > DEFAULT_MAX_HEADER_BYTES:
         raise ValueError(
             f"header of {len(header)} bytes exceeds the {DEFAULT_MAX_HEADER_BYTES} readers accept"
         )
-    deflated = zlib.compress(header, 6)
-    if len(header) > header_inflation_limit(len(deflated)):
-        return header, 0
-    return deflated, FLAG_DEFLATED_HEADER
-
-
-def header_inflation_limit(deflated_bytes: int,
-                           max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> int:
-    """The most a deflated header of ``deflated_bytes`` may inflate to."""
-    return min(max_header_bytes, max(HEADER_INFLATION_FLOOR, HEADER_INFLATION * deflated_bytes))
+    return zlib.compress(header, 6), FLAG_DEFLATED_HEADER
 
 
 def inflate_at_most(data, limit: int) -> tuple[bytes, bool]:
@@ -657,17 +645,13 @@ class ContainerReader:
 
     def _inflate_header(self, raw: memoryview, max_header_bytes: int) -> memoryview:
         """The JSON of a deflated header, never more than ``max_header_bytes``
-        of it (a small stream can inflate to gigabytes), nor more than
-        HEADER_INFLATION times its deflated size beyond HEADER_INFLATION_FLOOR."""
-        limit = header_inflation_limit(len(raw), max_header_bytes)
+        of it (a small stream can inflate to gigabytes)."""
         try:
-            text, complete = inflate_at_most(raw, limit)
+            text, complete = inflate_at_most(raw, max_header_bytes)
         except ValueError as e:
             raise self._error(f"deflated header {e}") from None
-        if len(text) > limit:
-            raise self._error(f"header inflates past the limit of {limit} bytes (at most "
-                              f"{HEADER_INFLATION}x its {len(raw)} deflated bytes, or "
-                              f"{max_header_bytes})")
+        if len(text) > max_header_bytes:
+            raise self._error(f"header inflates past the limit of {max_header_bytes} bytes")
         if not complete:
             raise self._error("deflated header is truncated or has bytes after its end")
         return memoryview(text)
