@@ -3030,9 +3030,7 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     from jaxjpeg import rate
 
     if not sparse and (not quantizable(array.dtype) or array.ndim == 0 or (
-            enc.outliers is not None
-            and not rate._steppable(enc.outliers, np.where(codec.index_mask(
-                enc.outliers.index, array.shape), 0, array), array.size))):
+            enc.outliers is not None and not rate.steppable(enc.outliers, array))):
         return None
     if error_bound is not None:
         kept = None if enc.outliers is None else enc.outliers.index

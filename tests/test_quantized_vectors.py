@@ -200,6 +200,19 @@ def test_a_thin_leaf_keeps_values_a_step_cannot_hold_cheaply_aside(tmp_path, sha
     assert np.linalg.norm((got - x)[rest]) / np.linalg.norm(x[rest]) < 0.9
 
 
+def test_a_thin_leaf_about_a_large_mean_with_a_far_value_meets_its_target(tmp_path):
+    """Found by review: the allocation read a far value of 1020 among
+    200,000 values of 1000 +- 0.01 as 2,000 spreads off (JPEG's curve), the
+    thin alternative after it, reading the side list's places as zeros, as
+    near (a smaller coding): the file 56% under its 8x target."""
+    rng = np.random.default_rng(0)
+    x = (1000 + 0.01 * rng.standard_normal(200000)).astype(np.float32)
+    x[17] = 1020
+    tree = {"x": x, "k": rng.standard_normal((256, 256)).astype(np.float32)}
+    report = jaxjpeg.save(tmp_path / "m.jjpg", tree, target_ratio=8, progress=False)
+    assert report.ratio_vs_float32 == pytest.approx(8, rel=0.02)
+
+
 def test_a_half_precision_leaf_on_a_step_warns_nothing(tmp_path):
     """Found by review: the check for values beyond 1e30 compared a float16
     leaf with 1e30 in float16 ("overflow encountered in cast")."""
