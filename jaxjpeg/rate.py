@@ -2533,45 +2533,56 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
             jax.tree_util.tree_flatten_with_path(params)[0]]
     out = {name: value / count for (name, _), value in zip(flat, acc)}
 
-    def mean_squares() -> dict:
-        square = jax.jit(lambda x: jnp.mean(jnp.square(x.astype(jnp.float32))))
-        return {name: float(square(jnp.asarray(leaf))) if np.size(leaf) else 0.0
-                for name, leaf in flat}
-    out = _unreached_as_least(out, {name: np.size(leaf) for name, leaf in flat}, mean_squares)
+    leaves_by_name = dict(flat)
+
+    def mean_square(name: str) -> float:
+        """A leaf's mean square, in float64 on the host: over its largest
+        magnitude in float32 (found by review: squared as they are, 1e20
+        overflowed to inf and 1e-21 to 0), on its device."""
+        x = jnp.asarray(leaves_by_name[name]).astype(jnp.float32)
+        if not x.size:
+            return 0.0
+        top = float(unit_of(x))
+        return float(jnp.mean(jnp.square(x / top))) * top * top
+    out = _unreached_as_least(out, {name: np.size(leaf) for name, leaf in flat}, mean_square)
     return out if (per_row or per_element) else {name: float(v) for name, v in out.items()}
 
 
-def _unreached_as_least(sensitivity: dict, sizes: dict, mean_squares) -> dict:
+def _unreached_as_least(sensitivity: dict, sizes: dict, mean_square) -> dict:
     """``sensitivity`` with the leaves whose squared gradients were 0 on
     every batch weighed as the least of the others, per unit of relative
-    squared error (their mean over the leaf times the leaf's mean square,
-    ``mean_squares()``: {leaf: float}): the batches did not reach them (an
-    expert never routed to, a frozen or stopped branch), which says nothing
-    of what they do at inference, and a weight of 0 would give them no bytes
-    (found by review: an unrouted expert restored at relative error 0.998).
-    Per unit of squared error instead, an unused kernel 16x the RMS of the
-    reached ones took their bytes: at 16x a hidden layer restored at 0.994
-    (review). Warns, naming them. Empty leaves (``sizes``: each leaf's
-    values) have nothing to weigh; a leaf whose gradients were not finite is
-    left for save to refuse, and weighs nothing here."""
+    squared error: the reached leaf of least sensitivity (its mean over the
+    leaf) lends its weight times its mean square (``mean_square(name)``),
+    shared out over each unreached leaf's own. The batches did not reach
+    them (an expert never routed to, a frozen or stopped branch), which says
+    nothing of what they do at inference, and a weight of 0 would give them
+    no bytes (found by review: an unrouted expert restored at relative error
+    0.998). Per unit of squared error instead, an unused kernel 16x the RMS
+    of the reached ones took their bytes: at 16x a hidden layer restored at
+    0.998 (review). Only the few leaves that need it are squared (once per
+    leaf of a tree of 300 distinct shapes took 15 s more: review). Warns,
+    naming them. Empty leaves (``sizes``: each leaf's values) have nothing
+    to weigh; a leaf whose gradients were not finite is left for save to
+    refuse, and weighs nothing here."""
     unreached = sorted(name for name, v in sensitivity.items()
                        if sizes[name] and not np.any(v))
     if not unreached:
         return sensitivity
-    squares = mean_squares()
-    relative = [float(np.mean(v)) * squares[name] for name, v in sensitivity.items()
-                if sizes[name] and np.any(v)]
-    reached = [r for r in relative if math.isfinite(r) and r > 0]
+    means = {name: float(np.mean(v)) for name, v in sensitivity.items()
+             if sizes[name] and np.any(v)}
+    reached = {name: m for name, m in means.items() if math.isfinite(m) and m > 0}
     if not reached:
         raise ValueError("the gradients were 0 for every leaf on every batch: "
                          "the loss does not depend on the parameters")
-    least = min(reached)
+    lender = min(reached, key=reached.get)
+    least = reached[lender] * mean_square(lender)
     warnings.warn(f"the gradients were 0 on every batch for {len(unreached)} leaves "
                   f"({first_names([repr(name) for name in unreached])}): "
-                  f"they are weighed as the least of the others, relative to each leaf's "
-                  f"mean square ({least:.3g})", stacklevel=3)
+                  f"they are weighed as the least of the others ({lender!r}), relative to "
+                  f"each leaf's mean square", stacklevel=3)
 
-    def weight(name):   # an all-zero leaf: per unit of squared error
-        return least / squares[name] if squares[name] > 0 else least
+    def weight(name):   # an all-zero leaf (or an all-zero lender): per unit of squared error
+        square = mean_square(name)
+        return least / square if least > 0 and square > 0 else reached[lender]
     return {name: np.full_like(v, weight(name)) if name in unreached else v
             for name, v in sensitivity.items()}

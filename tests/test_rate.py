@@ -1401,6 +1401,19 @@ def test_an_unreached_leaf_louder_than_the_rest_does_not_take_their_bytes(tmp_pa
     assert error["unused"] < 0.9, error
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-21])
+def test_an_unreached_leaf_of_extreme_values_is_weighed(scale):
+    """Found by review: squared in float32, an unused leaf of 1e20 overflowed
+    (weight 0: no bytes), one of 1e-21 underflowed."""
+    jnp = jax.numpy
+    params = {"w": jnp.full((8, 64), 0.1), "unused": jnp.full((8, 64), scale, jnp.float32)}
+    with pytest.warns(UserWarning, match="'unused'"):
+        sens = rate.sensitivity_from_gradients(lambda p, b: jnp.sum(p["w"] ** 2) * b, params,
+                                               [jnp.float32(1.0)])
+    relative = sens["unused"] * scale ** 2
+    assert relative == pytest.approx(sens["w"] * 0.1 ** 2, rel=1e-4)
+
+
 @pytest.mark.parametrize("mode", [{}, {"per_row": True}])
 def test_unreached_leaves_ignore_empty_and_non_finite_leaves(mode):
     """Found by review: a leaf whose gradient was NaN, first in the tree,
