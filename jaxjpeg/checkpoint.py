@@ -604,7 +604,7 @@ class _LeafCoder:
                                    col_scale=p.col_scale, balanced=p.balanced,
                                    row_factor=p.row_factor,
                                    feedback=p.feedback, tile_cuts=p.tile_cuts,
-                                   row_spread=p.row_spread)
+                                   row_spread=p.row_spread, row_lightest=p.row_lightest)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's

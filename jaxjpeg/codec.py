@@ -228,6 +228,10 @@ class Prepared:
     # How far row_weight may spread the rows' steps (mapping.relative_steps;
     # None: exact weights, uncapped).
     row_spread: float | None = mapping.ROW_SPREAD
+    # True: the steps row_weight sets are relative to the lightest row's, not
+    # their geometric mean: weights only make rows finer (the prior's
+    # quiet channels; mapping.relative_steps).
+    row_lightest: bool = False
     # True: col_scale balances loud inputs (views.loud_column_scales), or
     # row_factor loud outputs (views.loud_row_factors), and the divided
     # matrix is coded as if it were the weights: steps, error feedback and
@@ -290,7 +294,8 @@ class Prepared:
             self.scales[bits] = mapping.common_scale(self.matrix, bits, self.row_weight,
                                                      shared=self.shared_map,
                                                      stats=self.row_stats(),
-                                                     max_ratio=self.row_spread)
+                                                     max_ratio=self.row_spread,
+                                                     lightest=self.row_lightest)
         return self.scales[bits]
 
     def row_stats(self):
@@ -346,7 +351,7 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
             outliers: Outliers | None = None, col_scale: np.ndarray | None = None,
             feedback: Feedback | None = None, copy: bool = True,
             row_spread: float | None = mapping.ROW_SPREAD, balanced: bool = False,
-            row_factor: np.ndarray | None = None) -> Prepared:
+            row_factor: np.ndarray | None = None, row_lightest: bool = False) -> Prepared:
     """Puts ``x`` in ``view`` (default: the framework's order) for coding.
 
     ``col_scale`` gives column scales directly (another Prepared's, to redo
@@ -354,7 +359,8 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
     importance of the view) becomes column scales
     ``∝ col_weight^-½`` (geometric mean 1): column ``c``'s quantization step is
     then that much finer or coarser. ``row_spread`` caps how far ``row_weight``
-    spreads the rows' steps (None: exact weights, uncapped). ``outliers`` are kept exactly; without
+    spreads the rows' steps (None: exact weights, uncapped); ``row_lightest``: relative to the
+    lightest row's step, not their geometric mean. ``outliers`` are kept exactly; without
     them every value must be finite. ``feedback`` (see :mod:`jaxjpeg.feedback`)
     shapes the quantization error against the layer's inputs.
     ``balanced``: ``col_scale`` balances loud inputs, or ``row_factor`` (per
@@ -399,7 +405,7 @@ def prepare(x, *, view: MatrixView | None = None, row_weight=None, col_weight=No
                     None if row_weight is None else np.asarray(row_weight), col_scale, outliers,
                     arr, shared, feedback=feedback, row_spread=row_spread,
                     balanced=balanced and (col_scale is not None or row_factor is not None),
-                    row_factor=row_factor)
+                    row_factor=row_factor, row_lightest=row_lightest)
 
 
 def encode_tensor(x, *, bits: int = 8, quality: int | None = None,

@@ -150,8 +150,9 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     ``importance``): weights broadcastable to ``x.shape`` along its output
     axes, which the tree states exactly (the BatchNorm prior's quiet
     channels, :meth:`jaxjpeg.priors.Prior.output_importance`): each row's
-    step ∝ its weight^-½, neither damped nor capped as an estimate's are
-    (within priors.OUTPUT_SPREAD of their geometric mean).
+    step ∝ its weight^-½, neither damped nor capped as an estimate's are,
+    and relative to the lightest row's (the rest keep their step; within
+    priors.OUTPUT_SPREAD of it).
 
     ``balance``: loud columns may be balanced (:func:`jaxjpeg.views.loud_column_scales`;
     without ``importance``: a few loud slices of an "auto" view, or the loud
@@ -208,7 +209,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         # masked copies of the leaf held three times its size beyond it)
         m = np.array(m) if np.may_share_memory(m, x) else m
         m[view.cells(x.shape, outliers.index)] = 0
-    row_spread = mapping.ROW_SPREAD
+    row_spread, lightest = mapping.ROW_SPREAD, False
     if stack is not None and importance is None and layer_steps:
         row_weight = stacks.slice_weights(m, x.shape[stack], interleaved=view.perm[0] != stack)
         col_weight, row_spread = None, None   # the layers' own scales: exact, whatever their spread
@@ -218,7 +219,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         row_weight, col_weight = _separable_weights(view, x.shape, importance)
     if output_weights is not None and importance is None and fb is not None and not fb.along_rows:
         row_weight = view.to_matrix(np.broadcast_to(output_weights, x.shape)).mean(axis=1)
-        row_spread = priors.OUTPUT_SPREAD
+        row_spread, lightest = priors.OUTPUT_SPREAD, True
     if not row_steps:
         row_weight = None
     factors = None   # row factors balancing loud outputs (views.loud_row_factors)
@@ -236,7 +237,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                          col_scale=scales, row_factor=factors,
                          balanced=scales is not None or factors is not None, outliers=outliers,
-                         feedback=fb, row_spread=row_spread).with_shards(shards)
+                         feedback=fb, row_spread=row_spread,
+                         row_lightest=lightest).with_shards(shards)
 
 
 # Values of constant rows kept for their exactness beside balanced columns,
@@ -449,13 +451,17 @@ def _squares_about(p: codec.Prepared, centers: np.ndarray) -> float:
 
 def base_scale(x, bits: int, row_weight=None) -> float:
     """The weight-domain step of ``Δ = 1`` at ``bits`` (geometric mean over
-    rows; cached with the row scales: a probe ladder asks dozens of times)."""
+    rows, or the lightest row's where the steps are relative to it:
+    codec.Prepared.row_lightest; cached with the row scales: a probe ladder
+    asks dozens of times)."""
     p = _as_prepared(x, row_weight)
     key = ("base", bits)
     if key not in p.scales:
         scale = p.common_scale(bits).astype(np.float64)
-        # constant rows: any step codes them exactly
-        p.scales[key] = float(np.exp(np.mean(np.log(scale)))) if np.all(scale > 0) else 1.0
+        if p.row_lightest and np.any(scale > 0):   # the rows row_weight leaves at 1
+            p.scales[key] = float(scale.max())
+        else:   # constant rows: any step codes them exactly
+            p.scales[key] = float(np.exp(np.mean(np.log(scale)))) if np.all(scale > 0) else 1.0
     return p.scales[key]
 
 

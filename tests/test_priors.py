@@ -512,6 +512,34 @@ def test_quiet_channels_a_batchnorm_scales_back_keep_their_signal(tmp_path, opti
     assert relative[[5, 20]].max() < 2 * rest, (relative[[5, 20]], rest)
 
 
+def test_half_the_channels_quiet_keep_the_rest_at_their_step(tmp_path):
+    """Found by review: with half a kernel's channels 100x quieter (their
+    variances to match), medians between the two groups found 22 of 32, and
+    the quiet rows' weights, taken about their geometric mean, made the
+    default save's loud channels 3.8x worse (0.057 -> 0.215). The loud ones'
+    spread and gain are read where up to half are quiet, and the quiet rows
+    only get finer (codec.Prepared.row_lightest)."""
+    tree, x = _conv_then_batchnorm(np.random.default_rng(13))
+    w = tree["conv.weight"]
+    loud_only = {k: v.copy() for k, v in tree.items()}
+    quiet = np.arange(0, len(w), 2)
+    w[quiet] /= 100
+    tree["bn_out.running_var"][quiet] /= 1e4
+    outputs = np.asarray(priors.batchnorm_prior(tree).output_importance("conv.weight", w)).ravel()
+    assert np.all(outputs[quiet] > 1) and np.all(np.delete(outputs, quiet) == 1)
+    errors = {}
+    for name, t in (("quiet", tree), ("loud only", loud_only)):
+        jaxjpeg.save(tmp_path / "h.jjpg", t, progress=False)
+        got = np.asarray(jaxjpeg.restore(tmp_path / "h.jjpg")["conv.weight"], np.float64)
+        wt = t["conv.weight"].reshape(len(w), -1)
+        relative = ((x @ (got.reshape(len(w), -1) - wt).T).std(axis=0)
+                    / (x @ wt.T).std(axis=0))
+        errors[name] = relative
+    loud = np.setdiff1d(np.arange(len(w)), quiet)
+    assert np.median(errors["quiet"][loud]) < 1.1 * np.median(errors["loud only"][loud])
+    assert np.median(errors["quiet"][quiet]) < 2 * np.median(errors["quiet"][loud])
+
+
 @pytest.mark.parametrize("options", [dict(target_ratio=8), {}], ids=["target", "default"])
 def test_bias_correction_moves_the_next_running_mean_by_the_output_shift(tmp_path, options):
     """The BatchNorm after a modelled kernel takes the kernel's output shift
