@@ -1095,8 +1095,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             curve, overhead, tile_count = (rate.thin_curve(p.original, dense=dense),
                                            _BLOB_PADDING, 0)
         else:
+            # a leaf whose quiet rows take finer steps (the prior's quiet
+            # channels) is probed whole: on a probe, 16-48x targets of trees
+            # with 10% such channels landed 3-8% under in 11 of 80 (review)
             curve = rate.rd_curve(p, bits, reach=reach, floor=floor,
-                                  probe_size=rate.probe_elements(p.size, total), **coding)
+                                  probe_size=(p.size if p.row_lightest else
+                                              rate.probe_elements(p.size, total)), **coding)
             overhead, tile_count = _coded_overhead(p, coding["restart_interval"],
                                                    coding["tile_shape"],
                                                    target_bytes / max(1, total))

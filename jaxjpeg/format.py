@@ -67,12 +67,13 @@ ALIGNMENT = 64
 SMALL_BLOB_ALIGNMENT = 8
 LARGE_BLOB = 4096
 # Parsing a header of n bytes takes ~3-4n of host memory (its bytes, their
-# text, the objects: found by review, a 217 KB file whose deflated header
-# inflated to 212 MB, one metadata string, took 0.94 GB to open at 256 MiB).
-# A cap on the inflation ratio refused files earlier writers had written (a
-# 12,000-leaf tree of 4,000-character paths deflates 180x), so the cap is on
-# the size: 20,000 leaves of ordinary names take 7.5 MB.
-DEFAULT_MAX_HEADER_BYTES = 128 * 2**20
+# text, the objects): a 217 KB file whose deflated header inflates to 212 MB
+# (one metadata string) takes 0.94 GB to open (found by review). Neither a
+# cap on the inflation ratio (files earlier writers wrote, 12,000 leaves of
+# 4,000-character paths, deflate 180x) nor a lower limit (40,000 leaves of
+# 3,640-character paths exceed 128 MiB) keeps every file they wrote readable:
+# the limit stays.
+DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
 # Parsing JSON builds a Python object per value (a dict of "{}" costs ~30x its
 # two bytes). Headers may hold at most this many containers and separators
 # ("{", "[", ","; counted before parsing, strings included, so an over-count)

@@ -2542,10 +2542,11 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
     leaves_by_name = dict(flat)
 
     def mean_square(name: str) -> float:
-        """A leaf's mean square, in float64 on the host: over its largest
-        magnitude in float32 (found by review: squared as they are, 1e20
-        overflowed to inf and 1e-21 to 0), on its device."""
+        """A leaf's mean square of its finite values, in float64 on the host:
+        over its largest magnitude in float32 (found by review: squared as
+        they are, 1e20 overflowed to inf and 1e-21 to 0), on its device."""
         x = jnp.asarray(leaves_by_name[name]).astype(jnp.float32)
+        x = jnp.where(jnp.isfinite(x), x, 0.0)   # found by review: one inf, weight 0
         if not x.size:
             return 0.0
         top = float(unit_of(x))
