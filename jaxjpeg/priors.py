@@ -157,11 +157,12 @@ _PADDLE_NORM_LEAVES = {**_PADDLE_LEAVES, "w_1": "running_mean", "w_2": "running_
 # collections with the same module paths below them.
 _FLAX_PARAMS, _FLAX_STATS = "params", "batch_stats"
 SEARCH_BACK = 16   # leaves looked back from a weight for its BatchNorm
-# Output channels whose spread is under 1/QUIET of the leaf's median one while
-# the BatchNorm after them scales them to over 1/QUIET of its median output
-# get steps of their own (Prior.output_importance), up to OUTPUT_SPREAD times
-# finer than the rest's (the statistics are the tree's own, not estimates:
-# mapping.ROW_SPREAD caps those).
+# Output channels whose spread is under 1/QUIET of the loud channels' (the
+# 75th percentile) while the BatchNorm after them, by a gain QUIET times the
+# loud channels' (the 25th percentile) or more, scales them to over 1/QUIET
+# of its median output get steps of their own (Prior.output_importance), up
+# to OUTPUT_SPREAD times finer than the rest's (the statistics are the tree's
+# own, not estimates: mapping.ROW_SPREAD caps those).
 QUIET = 8.0
 OUTPUT_SPREAD = 1024.0
 # The BatchNorm's epsilon, which a state dict does not hold: Keras' and
@@ -319,7 +320,7 @@ class Prior:
         """Row steps, broadcastable to ``array`` (feedback leaf ``name``), for
         its output channels far quieter than the rest that the BatchNorm after
         it scales back (QUIET, its gains): each weighs its squared error by
-        (the leaf's median channel spread / its own)², so its step follows its
+        (the loud channels' spread / its own)², so its step follows its
         spread; every other channel 1. None where it has none.
 
         A row's coding noise comes from the blocks it shares with louder rows
