@@ -346,7 +346,10 @@ class Prior:
         # the loud channels' spread and gain read where up to half are quiet
         # (found by review: with half, medians between the two found 22 of 32)
         typical, typical_scaled = np.percentile(spread[live], 75), np.median(scaled[live])
-        typical_gain = np.percentile(gain[live], 25)
+        gained = live & (gain > 0)   # a zero gain (γ = 0) would waive the test (review)
+        if not gained.any():
+            return None
+        typical_gain = np.percentile(gain[gained], 25)
         # scaled back by the BatchNorm: to within QUIET of the rest, by a gain
         # QUIET times theirs or more (depthwise kernels' channels spread 8-11x
         # by nature, their gains 1.2-5x the median: EfficientNet-lite)

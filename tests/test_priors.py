@@ -540,6 +540,17 @@ def test_half_the_channels_quiet_keep_the_rest_at_their_step(tmp_path):
     assert np.median(errors["quiet"][quiet]) < 2 * np.median(errors["quiet"][loud])
 
 
+def test_zero_gains_do_not_waive_the_gain_test():
+    """Found by review: with a quarter of a BatchNorm's scales 0, the gains'
+    25th percentile was 0 and channels only 10x quieter, their variance
+    unchanged (nothing scales them back), were boosted (weight 115)."""
+    tree, _ = _conv_then_batchnorm(np.random.default_rng(13))
+    w = tree["conv.weight"]
+    w[[5, 20]] /= 10
+    tree["bn_out.weight"][:16] = 0
+    assert priors.batchnorm_prior(tree).output_importance("conv.weight", w) is None
+
+
 def test_a_target_lands_where_quiet_channels_take_finer_steps(tmp_path):
     """Found by review: leaves whose quiet channels take finer steps were
     probed on a sample of rows, which read their bytes 7-11% low: a 48x
