@@ -2987,7 +2987,8 @@ def _constant_rows_restored(array: np.ndarray, enc: codec.EncodedTensor) -> bool
     Decoded only where every slope is 0; other codings are taken as lossy."""
     if enc.row_scale.size == 0 or np.any(enc.row_scale != 0):
         return False
-    return _same_bits(codec.decode_tensor(enc, codec.written_dtype(enc.dtype)), array)
+    restored = codec.decode_tensor(enc, codec.written_dtype(enc.dtype))
+    return _same_bits(restored.astype(array.dtype, copy=False), array)   # as a restore casts it
 
 
 def _constant_restored(array: np.ndarray, blob, record: dict) -> bool:
@@ -2998,16 +2999,8 @@ def _constant_restored(array: np.ndarray, blob, record: dict) -> bool:
     flat = array.reshape(-1)
     if flat.size == 0 or not np.all(flat == flat[0]):
         return False
-    return _same_bits(quantized_vectors.restored_values(array, blob, record), array)
-
-
-def _same_bits(restored: np.ndarray, array: np.ndarray) -> bool:
-    """Whether ``restored`` (cast to ``array``'s dtype, as a restore casts
-    what the decoder writes) holds ``array``'s bits."""
-    restored = np.asarray(restored).astype(array.dtype, copy=False)
-    return (restored.size == array.size
-            and bool(np.array_equal(restored.reshape(-1).view(np.uint8),
-                                    np.ascontiguousarray(array).reshape(-1).view(np.uint8))))
+    return _same_bits(quantized_vectors.restored_values(array, blob, record).reshape(array.shape),
+                      array)
 
 
 def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
@@ -3034,7 +3027,7 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
     from jaxjpeg import rate
 
     if not sparse and (not quantizable(array.dtype) or array.ndim == 0 or (
-            enc.outliers is not None and not rate.steppable(enc.outliers, array))):
+            enc.outliers is not None and not enc.outliers.steppable(array))):
         return None
     if error_bound is not None:
         kept = None if enc.outliers is None else enc.outliers.index

@@ -1508,22 +1508,7 @@ def is_thin(p: codec.Prepared) -> bool:
     the bytes, 0.62 relative error at 8x where the thin coding had 0.09)."""
     return (quantizable(p.dtype) and len(p.shape) >= 1 and p.size > 0
             and min(p.matrix.shape) < THIN_SIDE and not p.balanced
-            and (p.outliers is None or steppable(p.outliers, p.original)))
-
-
-def steppable(outliers: views.Outliers, original) -> bool:
-    """Outliers.steppable of a thin leaf's side list against the rest of
-    the leaf (``original`` without the side list's places, in float64: the
-    allocation and the default save's thin alternative read the same; found
-    by review, one filling the places with zeros read 1000 +- 0.01 as spread
-    by 2.2, and a byte target landed 56% under)."""
-    flat = np.asarray(original).reshape(-1)
-    if not np.all(np.isfinite(outliers.values)):
-        return False
-    rest = np.delete(flat, outliers.index).astype(np.float64)
-    if not rest.size:
-        return False
-    return outliers.steppable(float(rest.mean()), float(rest.std()), flat.size)
+            and (p.outliers is None or p.outliers.steppable(p.original)))
 
 
 def is_sparse(p: codec.Prepared) -> bool:
