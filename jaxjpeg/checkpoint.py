@@ -287,6 +287,11 @@ def shard_regions(leaf) -> tuple | None:
     return tuple(sorted(regions)) if len(regions) > 1 else None
 
 
+# The fewest header bytes a leaf's record takes besides its path: its dtype,
+# kind and shape, and one blob's offset, length and checksum.
+LEAST_HEADER_BYTES_PER_LEAF = 64
+
+
 def _check_paths(entries) -> None:
     """Refuses paths a reader would refuse: too deep or long, or breaking the
     uniqueness rule of :func:`jaxjpeg.layout.path_clash` (linear time)."""
@@ -294,6 +299,15 @@ def _check_paths(entries) -> None:
         problem = layout.path_size_problem(records)
         if problem:
             raise layout.Unstorable(f"leaf path {path_string(records)[:200]!r} is {problem}")
+    least = sum(len(json.dumps(records, separators=(",", ":"), ensure_ascii=False).encode())
+                for records, _ in entries)
+    least += LEAST_HEADER_BYTES_PER_LEAF * len(entries)
+    if least > fmt.DEFAULT_MAX_HEADER_BYTES:
+        # refused before any leaf is coded (a tree of 200,000 long paths
+        # took 55 s of coding to be refused by the writer: review)
+        raise layout.Unstorable(
+            f"the {len(entries)} leaves' paths alone take {least} bytes of header, beyond the "
+            f"{fmt.DEFAULT_MAX_HEADER_BYTES} readers accept")
     clash = layout.path_clash(records for records, _ in entries)
     if clash is not None:
         raise layout.Unstorable(f"leaf path {clash[:200]!r} collides with another once "

@@ -187,3 +187,24 @@ def test_a_key_utf8_cannot_encode_is_refused_before_coding(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "'w\\ud800' is not text UTF-8 can encode" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
+def test_paths_beyond_the_header_limit_are_refused_before_coding(tmp_path, monkeypatch):
+    """Found by review: a tree whose paths alone exceed the header limit
+    readers accept (200,000 leaves of 1,400-character paths) was coded whole,
+    55 s, before the writer refused its header. The limit is lowered here so
+    that 300 leaves of 4,000-character paths cross it."""
+    monkeypatch.setattr(fmt, "DEFAULT_MAX_HEADER_BYTES", 2**20)
+    tree = {f"{i:04d}" + "x" * 3996: np.ones(4, np.float32) for i in range(300)}
+    coded = []
+
+    def encoder(path, array):
+        coded.append(path)
+        return jaxjpeg.codec.encode_tensor(jaxjpeg.codec.prepare(array), quant_step=1.0)
+
+    with pytest.raises(layout.Unstorable, match="paths alone take .* bytes of header"):
+        jaxjpeg.save(tmp_path / "a.jjpg", tree, encoder=encoder)
+    assert coded == [] and list(tmp_path.iterdir()) == []
+    small = dict(list(tree.items())[:200])   # 0.8 MB of paths: saved and read back
+    jaxjpeg.save(tmp_path / "b.jjpg", small)
+    assert sorted(jaxjpeg.restore(tmp_path / "b.jjpg")) == sorted(small)
