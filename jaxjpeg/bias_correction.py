@@ -66,7 +66,11 @@ class InputMean:
     taker: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "values", np.asarray(self.values, np.float64))
+        values = np.asarray(self.values)
+        if values.dtype.kind not in "fiu" and str(values.dtype) != "bfloat16":
+            # (found by review: complex means lost their imaginary parts)
+            raise ValueError(f"input mean has dtype {values.dtype}; it must be real")
+        object.__setattr__(self, "values", values.astype(np.float64))
         object.__setattr__(self, "out_axis", int(self.out_axis))
 
     def check(self, shape: tuple[int, ...]) -> None:

@@ -9,7 +9,7 @@ bytes to the device and decodes them there with the custom call.
 
 from __future__ import annotations
 
-import collections
+import collections.abc
 import contextlib
 import dataclasses
 import fnmatch
@@ -2423,6 +2423,8 @@ def _check_sensitivity_names(sensitivity, leaves) -> None:
     broadcast to its leaf, under every rate control (before anything is
     coded)."""
     shapes = {leaf.name: leaf.shape for leaf in leaves}
+    if sensitivity is not None:
+        _check_mapping("sensitivity", sensitivity, "a number or an array")
     for name in sensitivity or {}:
         if name not in shapes:
             raise ValueError(f"sensitivity names {name!r}, which is not a leaf of the tree")
@@ -2497,9 +2499,18 @@ def _check_tile_shape(tile_shape) -> None:
         raise ValueError(f"tile_shape must be two integers in 8..65535, got {tile_shape!r}")
 
 
+def _check_mapping(option: str, given, values: str) -> None:
+    """TypeError unless a per-leaf option is a mapping (found by review: a
+    list of covariances failed on a missing ``items``)."""
+    if not isinstance(given, collections.abc.Mapping):
+        raise TypeError(f"{option} must be a dict of leaf path -> {values}, "
+                        f"got {type(given).__name__}")
+
+
 def _check_per_leaf(option: str, given: dict, kind: type, shapes: dict, check) -> None:
     """Refuses a per-leaf option's unknown leaves, values not of ``kind``, and
     values ``check(value, shape)`` finds do not fit (ValueError)."""
+    _check_mapping(option, given, f"jaxjpeg.{kind.__name__}")
     for name, value in given.items():
         if name not in shapes:
             raise ValueError(f"{option} names {name!r}, which is not a leaf of the tree")

@@ -330,8 +330,9 @@ def _neighbours(value: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
         unit = np.uint32(1 << 16 if dtype != np.float32 else 1)
         return (np.maximum(bits, unit) - unit).view(np.float32), (bits + unit).view(np.float32)
     half = value.astype(dtype)
-    return (np.nextafter(half, np.array(0, dtype)).astype(np.float32),
-            np.nextafter(half, np.array(np.inf, dtype)).astype(np.float32))
+    with np.errstate(over="ignore"):   # above float16's largest: inf (review: warned)
+        return (np.nextafter(half, np.array(0, dtype)).astype(np.float32),
+                np.nextafter(half, np.array(np.inf, dtype)).astype(np.float32))
 
 
 _NEAR = 1 / 64   # a value off its code's multiple by more than this share of itself is off

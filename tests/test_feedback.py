@@ -137,6 +137,28 @@ def test_bad_covariances_are_refused(matrix, axes, message):
         feedback.InputCovariance(matrix, axes).check((3, 4))
 
 
+@pytest.mark.parametrize("option, given", [
+    ("input_covariance", [feedback.InputCovariance(np.eye(64), (0,))]),
+    ("input_mean", [jaxjpeg.InputMean(np.ones((1, 64)), 0)]),
+    ("sensitivity", [1.0]),
+])
+def test_per_leaf_options_that_are_not_mappings_are_refused(tmp_path, option, given):
+    """Found by review: a list of covariances failed on a missing ``items``
+    (AttributeError); a list of sensitivities was iterated as leaf names."""
+    with pytest.raises(TypeError, match=f"{option} must be a dict of leaf path"):
+        jaxjpeg.save(tmp_path / "w.jjpg", {"w": np.ones((64, 64), np.float32)},
+                     target_ratio=8, **{option: given})
+    assert not (tmp_path / "w.jjpg").exists()
+
+
+@pytest.mark.parametrize("values", [np.ones((1, 4)) * (1 + 1j), np.ones((1, 4), bool)])
+def test_input_means_that_are_not_real_are_refused(values):
+    """Found by review: a complex mean lost its imaginary part with only
+    numpy's ComplexWarning (a complex covariance was refused)."""
+    with pytest.raises(ValueError, match="it must be real"):
+        jaxjpeg.InputMean(values, 0)
+
+
 def _tree():
     w, _, h = _layer(seed=5)
     rng = np.random.default_rng(6)

@@ -134,6 +134,17 @@ def test_subnormal_values_raise_no_warnings(tmp_path):
     np.testing.assert_array_equal(_bits(jaxjpeg.restore(tmp_path / "w.jjpg")["q"]), _bits(q))
 
 
+def test_a_float16_mask_of_the_dtypes_minimum_raises_no_warning(tmp_path):
+    """Found by review: a float16 causal mask of finfo(float16).min warned
+    "overflow encountered in nextafter" (an error under -W error)."""
+    lower = np.tril(np.ones((256, 256), bool))
+    mask = np.where(lower, 0, np.finfo(np.float16).min).astype(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxjpeg.save(tmp_path / "m.jjpg", {"mask": mask})
+    np.testing.assert_array_equal(jaxjpeg.restore(tmp_path / "m.jjpg")["mask"], mask)
+
+
 def test_what_is_not_quantized_per_channel():
     rng = np.random.default_rng(2)
     w = _rng_weights((256, 512), 0)
