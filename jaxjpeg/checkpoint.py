@@ -1226,7 +1226,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             "without JPEG and container overhead"
             + ("" if coarsest is None else f" plus the {int(coarsest)} of the coded leaves' "
                "smallest coding")
-            + (f" ({large + small} bytes of them optimizer moments (jaxjpeg.magnitudes)"
+            + (f" ({large + small} bytes of them leaves on log2 steps (jaxjpeg.magnitudes: "
+               "optimizer moments, scales, small vectors)"
                + (f", coded on log2 steps of {log_coding.step:g} at most" if large else "")
                + (f", {small} of small leaves' on log2 steps of "
                   f"{log_coding.small_step_at_most():g} at most" if small else "")
@@ -3446,8 +3447,8 @@ class _LogCoding:
                 self.tight = (
                     f"jaxjpeg: the byte target leaves the coded leaves "
                     f"{8 * left / coded_values:.2f} bits a value, under half the "
-                    f"{8 * used / values:.2f} of the leaves on log2 steps (optimizer moments "
-                    f"and other non-negative leaves spanning decades: jaxjpeg.magnitudes) at "
+                    f"{8 * used / values:.2f} of the leaves on log2 steps (jaxjpeg.magnitudes: "
+                    f"optimizer moments, scales, small vectors) at "
                     f"their coarsest steps, {step:g}{small}: ask for less, or save those "
                     "leaves apart")
         self.step, self.rung = step, i

@@ -300,7 +300,8 @@ def test_a_bias_first_moment_under_a_byte_target(tmp_path):
 
 def test_a_byte_target_below_the_moments_names_them(tmp_path):
     params, _, state, _, _ = _trained_adam()
-    with pytest.raises(ValueError, match="optimizer moments .jaxjpeg.magnitudes., coded on log2 "
+    with pytest.raises(ValueError, match="log2 steps .jaxjpeg.magnitudes: optimizer moments, "
+                       "scales, small vectors., coded on log2 "
                                          "steps of 1 at most.*: save the parameters alone"):
         jaxjpeg.save(tmp_path / "s.jjpg", {"params": params, "opt_state": state}, target_ratio=12)
 
@@ -328,7 +329,7 @@ def test_small_leaves_moments_move_along_the_ladder_and_refusals_name_them(tmp_p
         got = np.asarray(getattr(restored, which)["Dense_0"]["kernel"], np.float64)
         want = np.asarray(getattr(state[0], which)["Dense_0"]["kernel"], np.float64)
         assert np.max(np.abs(got - want) / np.abs(want)) < 0.03, which   # each value kept
-    with pytest.raises(ValueError, match=r"\(\d+ bytes of them optimizer moments .*\d+ of "
+    with pytest.raises(ValueError, match=r"\(\d+ bytes of them leaves on log2 steps .*\d+ of "
                                          r"small leaves' on log2 steps of 0.0625 at most: "
                                          r"save the parameters alone"):
         jaxjpeg.save(tmp_path / "s.jjpg", tree, target_ratio=8)
