@@ -301,8 +301,8 @@ def test_a_bias_first_moment_under_a_byte_target(tmp_path):
 def test_a_byte_target_below_the_moments_names_them(tmp_path):
     params, _, state, _, _ = _trained_adam()
     with pytest.raises(ValueError, match="log2 steps .jaxjpeg.magnitudes: optimizer moments, "
-                       "scales, small vectors., coded on log2 "
-                                         "steps of 1 at most.*: save the parameters alone"):
+                       "scales, small vectors., coded on log2 steps of 1 at most.*: save the "
+                       "parameters alone"):
         jaxjpeg.save(tmp_path / "s.jjpg", {"params": params, "opt_state": state}, target_ratio=12)
 
 
