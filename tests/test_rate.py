@@ -2068,21 +2068,28 @@ def test_a_conv_kernel_with_one_loud_input_channel_keeps_the_rest(tmp_path, layo
 @pytest.mark.parametrize("shape, axis, count, factor, options", [
     ((512, 256), 0, 8, 100.0, {}), ((512, 256), 0, 8, 30.0, {}), ((512, 256), 1, 8, 100.0, {}),
     ((512, 256), 0, 2, 1e4, {}), ((512, 256), 1, 2, 1e4, {}), ((64, 48, 40), 1, 1, 1e3, {}),
-    ((512, 256), 0, 8, 100.0, {"target_ratio": 6})])
+    ((512, 256), 0, 8, 100.0, {"target_ratio": 6}),
+    ((512, 256), 1, 16, 100.0, {}), ((512, 256), 0, 40, 100.0, {}),
+    ((512, 256), 0, 40, 100.0, {"target_ratio": 8})])
 def test_a_matrix_with_a_few_loud_rows_keeps_the_rest(tmp_path, shape, axis, count, factor,
                                                       options):
     """Found in session 39: a (512, 256) matrix whose 8 input rows were 100x
     the others (30x) restored the rest at relative error 0.97 (0.33): one
     step for the leaf, set by those rows; two rows 1e4x louder, only partly
     kept in the side list, 2.08 (as columns: 11.0). The loud axis now goes
-    to the columns, which are balanced (views.loud_slices)."""
+    to the columns, which are balanced (views.loud_slices). Beyond 1/32 of
+    the slices (16 of 256, 40 of 512) they were not, and the rest restored
+    worse than zeros (review, session 46: 1.30 for 5% of 1024 columns); they
+    are balanced to 8x the others' RMS, so the more they are, the more of
+    the bytes they take."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
     loud = np.zeros(shape, bool)
     np.moveaxis(loud, axis, 0)[:count] = True
     w[loud] *= factor
     rest, within, miss = _errors_saved(tmp_path / "w.jjpg", w, loud, **options)
-    assert rest < 0.2 and within < 0.05 and abs(miss) <= 0.02
+    assert rest < (0.2 if count <= shape[axis] / 32 else 0.25), rest
+    assert within < 0.05 and abs(miss) <= 0.02
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

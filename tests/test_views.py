@@ -1367,6 +1367,14 @@ def test_loud_slices_finds_the_axis_whose_few_slices_hold_the_energy():
         assert found == axis and scales.shape == (y.shape[axis],)
         assert np.all(scales[:8] > 1) and np.all(scales[8:] == 1)
         assert views.loud_view(y.shape, axis).col_axes() == (axis,)
+    apart = x.copy()
+    apart[:, :32] *= 100   # an eighth of the columns, standing apart: balanced
+    assert views.loud_slices(apart.shape, views.axis_rms(apart))[0] == 1
+    spread = x * np.exp(rng.normal(0, 1.5, 256)).astype(np.float32)   # scales over decades
+    assert views.loud_slices(spread.shape, views.axis_rms(spread)) is None
+    more = x.copy()
+    more[:, :40] *= 100   # more than an eighth: not outliers
+    assert views.loud_slices(more.shape, views.axis_rms(more)) is None
     vector = np.ones(64, np.float32)
     vector[:2] = 1e3
     assert views.loud_slices(vector.shape, views.axis_rms(vector)) is None   # not JPEG-coded
