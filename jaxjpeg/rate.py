@@ -2461,7 +2461,8 @@ def leaf_name(path) -> str:
 
 
 def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
-                               per_row: bool = False, per_element: bool = False) -> dict:
+                               per_row: bool = False, per_element: bool = False,
+                               prefix: str = "") -> dict:
     """Mean squared gradient of ``loss_fn(params, batch)`` per leaf, over ``batches``.
 
     Returns ``{leaf name: float}`` (names as :func:`leaf_name`), usable as
@@ -2478,7 +2479,10 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
     well-fitted digits MLP's KL 2.5x (per element) and 1.1x (per leaf) the
     data-free save's, and EfficientNet-lite's per-leaf Fisher allocates
     worse than the data-free weighting (docs/real_models.md, session 21):
-    check it on held-out data.
+    check it on held-out data. ``prefix`` goes before every name: "params/"
+    where ``params`` is ``variables["params"]`` and the whole ``variables``
+    are saved (as :func:`jaxjpeg.calibration.input_covariances` names them;
+    found by review: without it such a save was refused).
     """
     import jax
     import jax.numpy as jnp
@@ -2520,7 +2524,7 @@ def sensitivity_from_gradients(loss_fn: Callable, params, batches: Iterable, *,
         count += 1
     if count == 0:
         raise ValueError("no batches")
-    flat = [(leaf_name(path), leaf) for path, leaf in
+    flat = [(prefix + leaf_name(path), leaf) for path, leaf in
             jax.tree_util.tree_flatten_with_path(params)[0]]
     out = {name: value / count for (name, _), value in zip(flat, acc)}
 

@@ -273,6 +273,28 @@ def test_sensitivity_from_gradients():
         assert abs(report.ratio_vs_float32 / 8 - 1) < 0.05
 
 
+def test_sensitivity_from_gradients_names_leaves_under_a_prefix(tmp_path):
+    """Found by review: differentiating ``variables["params"]`` and saving
+    the whole ``variables`` (BatchNorm statistics beside the parameters)
+    was refused: the names lacked "params/"."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (64, 64))
+    variables = {"params": {"dense": {"kernel": kernel}},
+                 "batch_stats": {"bn": {"mean": jnp.zeros(64)}}}
+
+    def loss(params, batch):
+        return jnp.sum((batch @ params["dense"]["kernel"]) ** 2)
+
+    batches = [jax.random.normal(jax.random.PRNGKey(2), (8, 64))]
+    sens = rate.sensitivity_from_gradients(loss, variables["params"], batches,
+                                           prefix="params/")
+    assert list(sens) == ["params/dense/kernel"]
+    plain = rate.sensitivity_from_gradients(loss, variables["params"], batches)
+    assert sens["params/dense/kernel"] == plain["dense/kernel"]
+    jaxjpeg.save(tmp_path / "v.jjpg", variables, target_ratio=8, sensitivity=sens)
+
+
 @pytest.mark.parametrize("clip", mapping.CLIP_MODES)
 @pytest.mark.parametrize("bits", [8, 12])
 def test_mapping_modes_round_trip(clip, bits):
