@@ -1375,6 +1375,11 @@ def test_loud_slices_finds_the_axis_whose_few_slices_hold_the_energy():
     more = x.copy()
     more[:, :40] *= 100   # more than an eighth: not outliers
     assert views.loud_slices(more.shape, views.axis_rms(more)) is None
+    live = x * 1e-3
+    live[:, :16] = x[:, :16]   # a live sixteenth beside near-dead columns (review)
+    assert views.loud_slices(live.shape, views.axis_rms(live)) is None
+    live[:, :8] *= 1e-3   # a live 32nd, as before
+    assert views.loud_slices(live.shape, views.axis_rms(live))[0] == 1
     vector = np.ones(64, np.float32)
     vector[:2] = 1e3
     assert views.loud_slices(vector.shape, views.axis_rms(vector)) is None   # not JPEG-coded
