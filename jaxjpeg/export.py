@@ -28,17 +28,14 @@ from typing import Callable
 
 import numpy as np
 
+from jaxjpeg import sources
+
 __all__ = ["export_safetensors", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9   # bytes; transformers' default shard size
 
 # numpy dtype name -> safetensors dtype (and back, in sources).
-SAFETENSORS_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
-    "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16",
-    "bfloat16": "BF16", "float32": "F32", "float64": "F64", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
+SAFETENSORS_DTYPES = {name: kind for kind, name in sources.SAFETENSORS_DTYPES.items()}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
