@@ -480,6 +480,19 @@ class Checkpoint:
             raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
         return affine[0], affine[1]
 
+    def check_maps(self, leaf: SavedLeaf, scale, offset, col_scale) -> None:
+        """FormatError where a leaf's maps would restore a value that is not
+        finite in float32: a writer keeps such values in the side list (found
+        by review: a NaN scale or a scale of 3e38, checksums intact, restored
+        rows of NaN and inf without a word, and verify passed)."""
+        largest = np.abs(scale.astype(np.float64)) * ((1 << leaf.bits) - 1) + np.abs(offset)
+        top = float(np.max(largest, initial=0.0))
+        if col_scale is not None:
+            top *= float(np.max(np.abs(col_scale.astype(np.float64)), initial=0.0))
+        if not top <= np.finfo(np.float32).max:   # NaN too
+            raise fmt.FormatError(f"{self.path}: {leaf.path} has row maps or column scales "
+                                  "that restore values beyond float32 (or not numbers)")
+
     def read_interval_index(self, leaf: SavedLeaf) -> list[np.ndarray]:
         """Per tile: interval starts (relative to the tile, n + 1 values)."""
         data = self._read(leaf, layout.intervals_blob(leaf.blob_index), "its interval index")

@@ -304,7 +304,9 @@ class _LeafMaps:
 
 def read_maps(ckpt: Checkpoint, leaf: SavedLeaf) -> _LeafMaps:
     scale, offset = ckpt.read_affine(leaf)
-    return _LeafMaps(scale, offset, ckpt.read_col_scale(leaf), ckpt.read_interval_index(leaf))
+    col_scale = ckpt.read_col_scale(leaf)
+    ckpt.check_maps(leaf, scale, offset, col_scale)
+    return _LeafMaps(scale, offset, col_scale, ckpt.read_interval_index(leaf))
 
 
 def add_leaf_tiles(builder: codec.PlanBuilder, ckpt: Checkpoint, leaf: SavedLeaf,

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import jax
 import jaxjpeg
 from jaxjpeg import _native, cli
 from jaxjpeg import checkpoint_reader as ckr
@@ -383,6 +384,33 @@ def test_header_number_overflowing_to_infinity(tiled, tmp_path):
 def test_hostile_blobs(tiled, tmp_path, case):
     edit, match = HOSTILE_BLOBS[case]
     assert_clear_error(rewrite(tiled, tmp_path / "hostile.jjpg", edit_blobs=edit), match)
+
+
+def _affine_value(index, value):
+    """An edit setting value ``index`` of the leaf's float16 maps (0: the
+    shared scale, then the rows' offsets)."""
+    def edit(blobs):
+        maps = layout.inflate_planes(blobs["leaf1/affine"], "<f2", 97).copy()
+        maps[index] = value
+        blobs["leaf1/affine"] = layout.deflate_planes(maps)
+    return edit
+
+
+@pytest.mark.parametrize("index, value", [(5, np.nan), (5, np.inf), (0, -np.inf)])
+def test_maps_that_restore_values_beyond_float32_are_refused(tiled, tmp_path, capsys,
+                                                            index, value):
+    """Found by review: a NaN or infinite row map (checksums intact)
+    restored rows of NaN and inf without a word on every read path, and
+    verify passed; a writer keeps such values in the side list."""
+    path = rewrite(tiled, tmp_path / "maps.jjpg", edit_blobs=_affine_value(index, value))
+    match = "row maps or column scales that restore values beyond float32"
+    assert_clear_error(path, match)
+    with pytest.raises(DETECTED, match=match):
+        jaxjpeg.open(path).get("w")
+    with pytest.raises(DETECTED, match=match):
+        jax.jit(jaxjpeg.decode)(jaxjpeg.load(path))
+    assert cli.main(["verify", str(path)]) == cli.EXIT_DAMAGED
+    assert match in capsys.readouterr().out
 
 
 def test_unchanged_rewrite_restores_identically(tiled, tmp_path):
