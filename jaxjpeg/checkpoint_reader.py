@@ -252,9 +252,11 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
             raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
         tiles = tuple(tuple(_whole(v) for v in t) for t in record["tiles"])
-        if (not tiles or any(len(t) != 5 for t in tiles) or type(record["bits"]) is not int
-                or record["bits"] not in (8, 12)):
+        if not tiles or any(len(t) != 5 for t in tiles):
             raise fmt.FormatError(f"leaf {index}: bad tile records")
+        if type(record["bits"]) is not int or record["bits"] not in (8, 12):
+            raise fmt.FormatError(f"leaf {index}: bad sample precision {record['bits']!r:.40} "
+                                  "(8 or 12 bits)")
         restart_interval = _whole(record["restart_interval"])
         if not 0 <= restart_interval <= 65535:
             raise fmt.FormatError(f"leaf {index}: bad restart interval {restart_interval}")

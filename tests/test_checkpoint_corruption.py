@@ -284,10 +284,10 @@ HOSTILE_META = {
                           "unsupported dtype"),
     "int dtype jpeg": (set_in(jpeg_leaf, "dtype", "int32"), "bad kind"),
     "unknown kind": (set_in(jpeg_leaf, "kind", "zip"), "bad kind"),
-    "bits 16": (set_in(jpeg_leaf, "bits", 16), "bad tile records"),
+    "bits 16": (set_in(jpeg_leaf, "bits", 16), "bad sample precision 16"),
     # found by review: numbers of the wrong type read as others (512.5 as 512,
     # true as version 1), and 71 axes failing deep in numpy (verify: a traceback)
-    "bits 8.0": (set_in(jpeg_leaf, "bits", 8.0), "bad tile records"),
+    "bits 8.0": (set_in(jpeg_leaf, "bits", 8.0), "bad sample precision 8.0"),
     "fractional tile side": (tile_edit(0, 2, 48.5), "not a whole number"),
     "fractional restart interval": (set_in(jpeg_leaf, "restart_interval", 32.7),
                                     "not a whole number"),

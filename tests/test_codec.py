@@ -293,6 +293,23 @@ def test_a_0d_tensor_decodes_to_0d():
     assert enc.shape == () and out.shape == () and abs(float(out) - 2.5) < 0.05
 
 
+@pytest.mark.parametrize("bits, interval, match", [
+    (10, 0, "bits must be 8 or 12, got 10"),
+    (8, 100000, r"restart_interval must be in \[0, 65535\], got 100000"),
+    (12, -1, r"restart_interval must be in \[0, 65535\], got -1")])
+def test_native_codings_name_the_argument_they_refuse(bits, interval, match):
+    """Found by review: the encoder's status said only "invalid argument"."""
+    samples = np.full((16, 16), 100.0, np.float32)
+    ones = np.ones(16, np.float32)
+    with pytest.raises(ValueError, match=match):
+        _native.encode(samples, np.ones(64), bits=bits, restart_interval=interval)
+    with pytest.raises(ValueError, match=match):
+        _native.encode_mapped(samples, ones, ones * 0, np.ones(64), bits=bits,
+                              restart_interval=interval)
+    with pytest.raises(ValueError, match=match):
+        _native.measure_steps(samples, ones, ones * 0, np.array([1.0]), bits, interval)
+
+
 @pytest.mark.parametrize("bad", [65537, 2.9, 0, -3, float("nan")])
 def test_native_steps_are_checked_not_narrowed(bad):
     """A quantization step outside 1..65535 or not whole is refused by every

@@ -490,9 +490,22 @@ std::vector<uint16_t> CheckedSteps(const StepArray& steps, const char* what) {
   return out;
 }
 
+// The sample precision and restart interval named where they are refused
+// (found by review: the encoder's status said only "invalid argument").
+void CheckCoding(int bits, int restart_interval) {
+  if (bits != 8 && bits != 12) {
+    throw py::value_error("bits must be 8 or 12, got " + std::to_string(bits));
+  }
+  if (restart_interval < 0 || restart_interval > 65535) {
+    throw py::value_error("restart_interval must be in [0, 65535], got " +
+                          std::to_string(restart_interval));
+  }
+}
+
 EncodeOptions MakeEncodeOptions(const StepArray& qtable,
                                 int bits, int restart_interval, bool optimize, bool rdo,
                                 bool avx2) {
+  CheckCoding(bits, restart_interval);
   if (qtable.size() != 64) throw py::value_error("qtable must have 64 entries");
   const std::vector<uint16_t> table = CheckedSteps(qtable, "qtable");
   EncodeOptions options;
@@ -613,6 +626,7 @@ py::tuple MeasureStepsOf(const py::array& weights,
     throw py::value_error("row_scale and row_offset must hold one value per row");
   }
   if (steps.ndim() != 1) throw py::value_error("steps must be 1-D");
+  CheckCoding(bits, restart_interval);
   const float* col = nullptr;
   if (col_weight.has_value()) {
     if (RowStride(*col_weight, "col_weight") != stride || col_weight->shape(0) != h ||
