@@ -519,6 +519,10 @@ def _member_head(path: str, info, files: _Files, length: int) -> tuple[int, byte
     if deflated), from one ranged read of its local header and data start."""
     name = len(info.filename.encode("utf-8"))   # the local name's length, mostly
     guess = _ZIP_LOCAL_HEADER.size + name + _ZIP_EXTRA_GUESS
+    if not 0 <= info.header_offset < files.get(path).size:
+        # (found by review: a damaged directory's offset of -1 was asked of
+        # a server as a range, an I/O error where a local file's was damage)
+        raise SourceError(f"{path}: member {info.filename!r:.200} has no local header")
     local = files.read(path, info.header_offset, guess + length)
     if len(local) < _ZIP_LOCAL_HEADER.size or local[:4] != _ZIP_MAGIC:
         raise SourceError(f"{path}: member {info.filename!r:.200} has no local header")

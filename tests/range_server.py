@@ -35,6 +35,7 @@ class RangeServer:
         self.failing = None             # (regex, status): requests whose path matches get it
         self.missing_status = 404       # for files that are not there (S3 answers 403)
         self.range_cap = None           # answer at most this many bytes of a range
+        self.range_headers = []         # every GET's Range header, as sent
         self._lock = threading.Lock()
         server = self
 
@@ -49,6 +50,7 @@ class RangeServer:
 
             def do_GET(self):
                 with server._lock:
+                    server.range_headers.append(self.headers.get("Range"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:

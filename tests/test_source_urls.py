@@ -356,6 +356,20 @@ def test_a_damaged_npz_member_is_refused_as_damaged(tmp_path, capsys, compressed
         assert not (tmp_path / f"d{at}.jjpg").exists()
 
 
+def test_an_npz_cut_at_its_start_is_damaged_over_http_as_on_disk(tmp_path, capsys):
+    """Found by review: an npz missing its first byte (its first member's
+    local header then at offset -1) was refused as damaged from disk (exit
+    1), but over HTTP its offset was asked of the server as a range: an I/O
+    error (exit 3)."""
+    (tmp_path / "cut.npz").write_bytes(_npz_bytes(False)[1:])
+    code, _, err = run(capsys, "compress", tmp_path / "cut.npz", tmp_path / "a.jjpg")
+    assert code == 1 and "has no local header" in err, err
+    with RangeServer(tmp_path) as server:
+        code, _, err = run(capsys, "compress", server.url("cut.npz"), tmp_path / "b.jjpg")
+    assert code == 1 and "has no local header" in err, err
+    assert not [r for r in server.range_headers if r and r.startswith("bytes=-")]
+
+
 def test_a_safetensors_header_naming_a_tensor_twice_is_refused(tmp_path, capsys):
     """Found by review: json.loads kept the second entry and the first
     tensor was dropped silently."""
