@@ -213,9 +213,22 @@ class _Exchange:
             self.put(key, value)
 
     def get(self, key: str) -> Any:
-        text = self.client.blocking_key_value_get(f"{self.prefix}/{key}",
-                                                  int(TIMEOUT_S * 1000))
-        return json.loads(text)
+        return json.loads(self._wait(key))
+
+    def _wait(self, key: str) -> str:
+        """The value another process puts at ``key``; TimeoutError naming it
+        after TIMEOUT_S (found by review: a process that had exited before
+        its save left the others a bare DEADLINE_EXCEEDED of a store key)."""
+        try:
+            return self.client.blocking_key_value_get(f"{self.prefix}/{key}",
+                                                      int(TIMEOUT_S * 1000))
+        except Exception as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+            raise TimeoutError(
+                f"distributed save: waited {TIMEOUT_S:g} s for {key!r} from another process "
+                "(one that exited or stalls before this point of the save; "
+                "jaxjpeg.distributed_save.TIMEOUT_S sets the wait)") from None
 
     def put_large(self, key: str, value: Any) -> None:
         """:meth:`put` of a value of any size, in pieces of at most
@@ -251,9 +264,7 @@ class _Exchange:
         head = self.get(key)
         if "error" in head:
             raise ValueError(head["error"])
-        return json.loads("".join(
-            self.client.blocking_key_value_get(f"{self.prefix}/{key}/{j}", int(TIMEOUT_S * 1000))
-            for j in range(head["pieces"])))
+        return json.loads("".join(self._wait(f"{key}/{j}") for j in range(head["pieces"])))
 
 
 def _failed(parts: list) -> str | None:

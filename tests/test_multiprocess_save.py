@@ -84,3 +84,15 @@ def test_named_pairs_that_share_a_leaf_have_one_owner():
     owners, gather = plan_owners(leaves, 2, {0: 2, 1: 3, 2: 3})
     assert owners[0] == owners[1] == owners[2] == owners[3] and not any(gather)
     assert plan_owners(leaves, 2)[0] == [0, 1, 0, 1, 0, 1]
+
+
+def test_a_process_that_exited_before_saving_is_named_after_the_wait(tmp_path):
+    """Found by review: process 0 waited TIMEOUT_S for a process that had
+    exited, then raised a bare DEADLINE_EXCEEDED of a coordination key."""
+    from multiprocess_launch import free_loopback_port, launch
+    script = Path(__file__).parent / "scripts" / "dead_peer_save.py"
+    runs = launch(script, tmp_path, free_loopback_port(), 2, 120)
+    assert [code for code, _, _ in runs] == [0, 0], runs
+    said = runs[0][1].strip().splitlines()[-1]
+    assert said.startswith("TimeoutError: distributed save: waited 3 s for 'ready/1'"), said
+    assert not (tmp_path / "d.jjpg").exists()
