@@ -9,11 +9,18 @@ killing the whole pytest run; a clean JpegError comes back as a value.
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
 
 import pytest
+
+# A run started in the background by a shell inherits SIGINT ignored, which
+# Python, and the commands the tests start, then keep: the tests of Ctrl-C
+# need it as an interactive run has it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _WORKER_SOURCE = r"""
 import os, pickle, resource, struct, sys

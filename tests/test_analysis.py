@@ -132,7 +132,7 @@ def test_encode_mapped_refuses_bad_arguments():
         _native.encode_mapped(w.astype(np.float64), ones, ones, table)
     with pytest.raises(ValueError, match="contiguous"):
         _native.encode_mapped(np.zeros((16, 32), np.float32)[:, ::2], ones, ones, table)
-    with pytest.raises(_native.JpegError):
+    with pytest.raises(ValueError, match="bits must be 8 or 12, got 10"):
         _native.encode_mapped(w, ones, ones, table, bits=10)
     with pytest.raises(_native.JpegError):
         _native.encode_mapped(np.zeros((16, 0), np.float32), ones, ones, table)
