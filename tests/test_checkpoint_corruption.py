@@ -413,6 +413,20 @@ def test_maps_that_restore_values_beyond_float32_are_refused(tiled, tmp_path, ca
     assert match in capsys.readouterr().out
 
 
+def test_maps_of_rows_near_float32s_limit_are_read(tmp_path, monkeypatch):
+    """Review of the check above: bounding each row by |scale| * top +
+    |offset| refused files a writer without side lists (version 1) wrote,
+    rows of values up to 1.2e38, which restore finite."""
+    from jaxjpeg import views
+    monkeypatch.setattr(views, "extreme_limit", lambda dtype: float("inf"))
+    w = (np.random.default_rng(0).uniform(-1, 1, (256, 256)) * 1.2e38).astype(np.float32)
+    jaxjpeg.save(tmp_path / "big.jjpg", {"w": w})
+    with ckr.Checkpoint(tmp_path / "big.jjpg") as c:
+        assert c.leaves[0].kind == "jpeg"
+    assert np.all(np.isfinite(jaxjpeg.restore(tmp_path / "big.jjpg")["w"]))
+    assert cli.main(["verify", str(tmp_path / "big.jjpg")]) == 0
+
+
 def test_unchanged_rewrite_restores_identically(tiled, tmp_path):
     """The rewriting helper itself changes nothing when asked to change nothing."""
     copy = rewrite(tiled, tmp_path / "copy.jjpg")
