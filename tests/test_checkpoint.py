@@ -1138,6 +1138,37 @@ def test_the_next_checkpoint_of_a_model_reuses_the_compiled_decode(tmp_path):
         assert kept.sum() > 4 and np.array_equal(np.asarray(got["w"])[kept], t["w"][kept])
 
 
+def test_a_load_like_the_last_runs_its_compiled_decode(tmp_path):
+    """Found by review: with tens of leaves some leaf's size crossed into the
+    next bucket at almost every checkpoint, so a user's function jitted on
+    the loaded tree compiled again each time (6 of 6 checkpoints of a small
+    transformer). ``load(like=)`` pads each leaf to the earlier tree's sizes
+    where they fit: here a smaller payload and side list."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((256, 256)) * 0.05).astype(np.float32)
+    first, second = w.copy(), w.copy()
+    first.reshape(-1)[rng.choice(w.size, 20, replace=False)] = 40.0
+    second.reshape(-1)[rng.choice(w.size, 12, replace=False)] = 40.0
+    jaxjpeg.save(tmp_path / "a.jjpg", {"w": first})
+    jaxjpeg.save(tmp_path / "b.jjpg", {"w": second}, relative_step=0.6)   # fewer bytes
+    earlier = jaxjpeg.load(tmp_path / "a.jjpg")
+    plain, like = jaxjpeg.load(tmp_path / "b.jjpg"), jaxjpeg.load(tmp_path / "b.jjpg", like=earlier)
+
+    def shapes(tree):
+        return [x.shape for x in jax.tree_util.tree_leaves(tree)]
+    assert shapes(plain) != shapes(earlier) and shapes(like) == shapes(earlier)
+    decode = jax.jit(jaxjpeg.decode)
+    jax.block_until_ready(decode(earlier))
+    before = len(_COMPILES)
+    got = jax.block_until_ready(decode(like))
+    assert len(_COMPILES) == before, _COMPILES[before:]
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(jaxjpeg.decode(plain)["w"]))
+    grown = jaxjpeg.load(tmp_path / "a.jjpg", like=plain)   # outgrew: sizes of its own
+    assert shapes(grown) == shapes(earlier)
+    with pytest.raises(ValueError, match="like holds 2 leaves, this load 1"):
+        jaxjpeg.load(tmp_path / "a.jjpg", like={"w": earlier["w"], "x": earlier["w"]})
+
+
 def test_bucketed_plans_of_different_sizes_have_the_same_operand_shapes():
     """What the decode compiles for: plans whose payload, tables and maps
     differ in size give operands of one shape once bucketed."""
