@@ -53,7 +53,7 @@ def main():
     report = jaxjpeg.save(path, params, **rate_options(args))
     raw = report.raw_bytes
     print(f"saved {path}: {report.file_bytes:,} bytes for {raw:,} bytes of parameters "
-          f"({report.ratio:.2f}x, {8 * report.file_bytes / (raw / 4):.2f} bits/weight all-in)")
+          f"({report.ratio_vs_float32:.2f}x vs float32, {8 * report.file_bytes / (raw / 4):.2f} bits/weight all-in)")
 
     # Restore inside a jit-compiled load function: the compressed bytes go to
     # the device and the custom call decodes them there.

@@ -70,7 +70,7 @@ def main():
     report = jaxjpeg.save(args.ckpt, state, error_bound=0.01)
     print(f"epoch {half}: loss {loss:.4f}, accuracy "
           f"{100 * digits_accuracy(model, {'params': state['params']}, x_test, y_test):.2f}%; "
-          f"checkpoint {report.file_bytes:,} bytes ({report.ratio:.1f}x)")
+          f"checkpoint {report.file_bytes:,} bytes ({report.ratio_vs_float32:.1f}x vs float32)")
 
     # --- a restarted job: only the checkpoint survives --------------------
     abstract = jax.eval_shape(lambda: state)
