@@ -225,9 +225,11 @@ def test_sigterm_mid_compress_removes_its_temporary_file(tmp_path, signum):
     src, dst = tmp_path / "big.npz", tmp_path / "out.jjpg"
     np.savez(src, **{f"w{i}": np.random.default_rng(i).standard_normal((1024, 2048))
                      .astype(np.float32) for i in range(12)})
+    # (a run under nohup passes SIGHUP on ignored, which a command keeps)
     proc = subprocess.Popen([sys.executable, "-m", "jaxjpeg.cli", "compress", str(src),
                              str(dst), "--target-ratio", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("out.jjpg.tmp-*")) and proc.poll() is None:
