@@ -488,8 +488,8 @@ class Checkpoint:
         by review: a NaN scale or a scale of 3e38, checksums intact, restored
         rows of NaN and inf without a word, and verify passed)."""
         offset = offset.astype(np.float64)
-        ends = np.abs(np.stack([offset, offset + scale.astype(np.float64) * ((1 << leaf.bits) - 1)]))
-        top = float(np.max(ends, initial=0.0))   # a row's values lie between its two ends
+        far = offset + scale.astype(np.float64) * ((1 << leaf.bits) - 1)
+        top = float(np.max(np.abs([offset, far]), initial=0.0))   # a row lies between its ends
         if col_scale is not None:
             top *= float(np.max(np.abs(col_scale.astype(np.float64)), initial=0.0))
         if not top <= np.finfo(np.float32).max:   # NaN too

@@ -121,9 +121,9 @@ def _compressed_leaf(ckpt, leaf, dtype, device, like=None) -> CompressedArray:
     return compressed
 
 
-# The operands whose sizes depend on the coded data (plan_operands' order):
-# payload, tables, row scales, row offsets, column scales.
-_DATA_SIZED = {0: "payload", 3: "tables", 4: "maps", 5: "maps", 6: "maps"}
+# The operands whose sizes depend on the coded data, in plan_operands' order:
+# payload (0), tables (3), row scales, row offsets and column scales (4-6).
+_DATA_SIZED = frozenset({0, 3, 4, 5, 6})
 
 
 def _padded_like(operands, kept, like: CompressedArray, matrix_shape, leaf, dtype):
