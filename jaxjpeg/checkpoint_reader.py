@@ -488,8 +488,10 @@ class Checkpoint:
         by review: a NaN scale or a scale of 3e38, checksums intact, restored
         rows of NaN and inf without a word, and verify passed)."""
         offset = offset.astype(np.float64)
-        far = offset + scale.astype(np.float64) * ((1 << leaf.bits) - 1)
-        top = float(np.max(np.abs([offset, far]), initial=0.0))   # a row lies between its ends
+        product = scale.astype(np.float64) * ((1 << leaf.bits) - 1)
+        # a row's values lie between its two ends; the decoder forms the
+        # sample's product before adding the offset, in float32 (review)
+        top = float(np.max(np.abs([offset, offset + product, product]), initial=0.0))
         if col_scale is not None:
             top *= float(np.max(np.abs(col_scale.astype(np.float64)), initial=0.0))
         if not top <= np.finfo(np.float32).max:   # NaN too

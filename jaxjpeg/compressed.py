@@ -22,7 +22,7 @@ from jaxjpeg.checkpoint_restore import (add_whole_leaf, bucketed_kept, finish_le
                                         in_memory_kind, kept_values, placement, place_raw,
                                         placed_dtype, saved_request, target_requests,
                                         WINDOW_BYTES, windows, with_device_memory)
-from jaxjpeg.treepaths import nest
+from jaxjpeg.treepaths import key_record, nest, path_string
 from jaxjpeg.views import MatrixView
 from jaxjpeg import _native, codec, ops
 
@@ -124,6 +124,10 @@ def _compressed_leaf(ckpt, leaf, dtype, device, like=None) -> CompressedArray:
 # The operands whose sizes depend on the coded data, in plan_operands' order:
 # payload (0), tables (3), row scales, row offsets and column scales (4-6).
 _DATA_SIZED = frozenset({0, 3, 4, 5, 6})
+# A leaf is padded to its size in ``like`` only where that is at most this
+# many times its own (found by review: an earlier checkpoint coded finer, or
+# holding 2% NaN, held every later one at 3.8x / 2.6x its device bytes).
+LIKE_MOST = 1.5
 
 
 def _padded_like(operands, kept, like: CompressedArray, matrix_shape, leaf, dtype):
@@ -141,6 +145,9 @@ def _padded_like(operands, kept, like: CompressedArray, matrix_shape, leaf, dtyp
         if (o.shape != size and i not in _DATA_SIZED) or o.shape[0] > size[0]:
             return operands, kept
     if kept is not None and any(k.shape[0] > l.shape[0] for k, l in zip(kept, like.kept)):
+        return operands, kept
+    own = sum(o.nbytes for o in (*operands, *(kept or ())))
+    if like.nbytes > LIKE_MOST * own:
         return operands, kept
     tables = _native.PACKED_TABLES_SIZE
     if (sizes[3][0] - operands[3].shape[0]) % tables:
@@ -181,7 +188,8 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True, lik
     of 16 sizes per octave, and with tens of leaves some leaf's size crosses
     into the next at almost every checkpoint (found by review: 6 of 6
     checkpoints of a small transformer compiled the user's step again). A
-    leaf that grew past its size in ``like`` takes a size of its own.
+    leaf that grew past its size in ``like``, or whose size there is over
+    LIKE_MOST times its own, takes a size of its own.
     """
     # (uncommitted where none is given, found by review: placed on the default
     # device by name, jit(decode, out_shardings=<several devices>) refused them)
@@ -192,7 +200,7 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True, lik
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
         requests = with_device_memory(requests, given)
-        likes = _like_leaves(like, len(requests))
+        likes = _like_leaves(like, requests, by_path=target is None)
         values = []
         # a window of leaves' blobs at once, as a few parallel ranged reads
         # (found by review: a leaf's at a time, 203 requests one after another)
@@ -204,16 +212,27 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True, lik
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _like_leaves(like, count: int) -> list:
+def _like_leaves(like, requests, by_path: bool) -> list:
     """``like``'s leaves in the order of a load's requests (None each
-    without one); ValueError where it holds another number of leaves."""
+    without one): by their saved paths without a target (a load nests them
+    in the file's order, which jax's flattening sorts: found by review, a
+    state dict's leaves were paired with others and never padded), else in
+    the target's order; ValueError where it holds other leaves."""
     if like is None:
-        return [None] * count
-    leaves = jax.tree_util.tree_leaves(like, is_leaf=_is_compressed)
-    if len(leaves) != count:
-        raise ValueError(f"like holds {len(leaves)} leaves, this load {count}: give what load "
-                         "returned for an earlier checkpoint of the model, with the same target")
-    return leaves
+        return [None] * len(requests)
+    leaves = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_compressed)[0]
+    if len(leaves) != len(requests):
+        raise ValueError(f"like holds {len(leaves)} leaves, this load {len(requests)}: give what "
+                         "load returned for an earlier checkpoint of the model, with the same "
+                         "target")
+    if not by_path:
+        return [leaf for _, leaf in leaves]
+    named = {path_string([key_record(k) for k in path]): leaf for path, leaf in leaves}
+    missing = [r.leaf.path for r in requests if r.leaf.path not in named]
+    if missing:
+        raise ValueError(f"like holds no leaf {missing[0]!r}: give what load returned for an "
+                         "earlier checkpoint of the model")
+    return [named[r.leaf.path] for r in requests]
 
 
 def _load_leaf(ckpt, request, device, like=None):

@@ -1146,11 +1146,15 @@ def test_a_load_like_the_last_runs_its_compiled_decode(tmp_path):
     where they fit: here a smaller payload and side list."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((256, 256)) * 0.05).astype(np.float32)
+    v = (rng.standard_normal((128, 192)) * 0.05).astype(np.float32)
     first, second = w.copy(), w.copy()
-    first.reshape(-1)[rng.choice(w.size, 20, replace=False)] = 40.0
-    second.reshape(-1)[rng.choice(w.size, 12, replace=False)] = 40.0
-    jaxjpeg.save(tmp_path / "a.jjpg", {"w": first})
-    jaxjpeg.save(tmp_path / "b.jjpg", {"w": second}, relative_step=0.6)   # fewer bytes
+    far = rng.choice(w.size, 20, replace=False)
+    first.reshape(-1)[far] = 40.0
+    second.reshape(-1)[far[:12]] = 40.0
+    # keys out of jax's sorted order, as a state dict's are (review: paired
+    # by jax's order, each leaf met another's sizes and none was padded)
+    jaxjpeg.save(tmp_path / "a.jjpg", {"w": first, "v": v})
+    jaxjpeg.save(tmp_path / "b.jjpg", {"w": second, "v": v}, relative_step=0.6)   # fewer bytes
     earlier = jaxjpeg.load(tmp_path / "a.jjpg")
     plain, like = jaxjpeg.load(tmp_path / "b.jjpg"), jaxjpeg.load(tmp_path / "b.jjpg", like=earlier)
 
@@ -1162,11 +1166,18 @@ def test_a_load_like_the_last_runs_its_compiled_decode(tmp_path):
     before = len(_COMPILES)
     got = jax.block_until_ready(decode(like))
     assert len(_COMPILES) == before, _COMPILES[before:]
-    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(jaxjpeg.decode(plain)["w"]))
+    for k in ("w", "v"):
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(jaxjpeg.decode(plain)[k]))
     grown = jaxjpeg.load(tmp_path / "a.jjpg", like=plain)   # outgrew: sizes of its own
     assert shapes(grown) == shapes(earlier)
-    with pytest.raises(ValueError, match="like holds 2 leaves, this load 1"):
-        jaxjpeg.load(tmp_path / "a.jjpg", like={"w": earlier["w"], "x": earlier["w"]})
+    # an earlier checkpoint far larger (coded far finer) is not copied (review: 3.8x the bytes)
+    jaxjpeg.save(tmp_path / "fine.jjpg", {"w": first, "v": v}, relative_step=0.02)
+    held = jaxjpeg.load(tmp_path / "b.jjpg", like=jaxjpeg.load(tmp_path / "fine.jjpg"))
+    assert shapes(held) == shapes(plain)
+    with pytest.raises(ValueError, match="like holds 1 leaves, this load 2"):
+        jaxjpeg.load(tmp_path / "a.jjpg", like={"w": earlier["w"]})
+    with pytest.raises(ValueError, match="like holds no leaf 'v'"):
+        jaxjpeg.load(tmp_path / "a.jjpg", like={"w": earlier["w"], "x": earlier["v"]})
 
 
 def test_bucketed_plans_of_different_sizes_have_the_same_operand_shapes():

@@ -425,6 +425,10 @@ def test_maps_of_rows_near_float32s_limit_are_read(tmp_path, monkeypatch):
         assert c.leaves[0].kind == "jpeg"
     assert np.all(np.isfinite(jaxjpeg.restore(tmp_path / "big.jjpg")["w"]))
     assert cli.main(["verify", str(tmp_path / "big.jjpg")]) == 0
+    # rows of +-2e38: their ends are finite, but the decoder's sample * scale,
+    # formed first, is not (review of the bound by the ends alone: 13,271 inf)
+    jaxjpeg.save(tmp_path / "over.jjpg", {"w": w * np.float32(2e38 / 1.2e38)})
+    assert_clear_error(tmp_path / "over.jjpg", "restore values beyond float32")
 
 
 def test_unchanged_rewrite_restores_identically(tiled, tmp_path):
