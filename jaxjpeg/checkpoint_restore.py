@@ -107,6 +107,18 @@ def _jax_holds(dtype: np.dtype) -> bool:
     return True
 
 
+def _nested_hint(name: str, saved) -> str:
+    """Where the file holds ``name`` under a prefix (a target of params for
+    a saved ``{"params": ..., ...}``: found by review, the error named the
+    leaf alone), that path, and how to reach it."""
+    under = next((path for path in saved if path.endswith("/" + name)), None)
+    if under is None:
+        return ""
+    prefix = under[:-len(name)]
+    return (f" (it holds {under!r}: give the target under {prefix!r}, or restore that "
+            f"subtree with paths=[{(prefix + '*')!r}])")
+
+
 def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:
     by_path = {leaf.path: leaf for leaf in ckpt.leaves}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
@@ -114,7 +126,8 @@ def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest],
     for path, want in leaves:
         name = path_string([key_record(k) for k in path])
         if name not in by_path:
-            raise KeyError(f"{ckpt.path}: no leaf {name!r} in the checkpoint")
+            raise KeyError(f"{ckpt.path}: no leaf {name!r} in the checkpoint"
+                           + _nested_hint(name, by_path))
         saved = by_path[name]
         want = _target_leaf(name, want, saved)
         impl = prng_keys.target_impl(name, saved.prng_impl, saved.shape, want)

@@ -389,6 +389,10 @@ def test_target_errors(tmp_path, cnn_params):
     jaxjpeg.save(path, cnn_params)
     with pytest.raises(KeyError, match="no leaf"):
         jaxjpeg.restore(path, target={"params": {"Conv_9": {"kernel": jnp.zeros((1,))}}})
+    # the params alone for a saved {"params": ...} (review: no hint of the prefix)
+    with pytest.raises(KeyError, match=r"no leaf 'Conv_0/bias' .*it holds 'params/Conv_0/"
+                                       r"bias': give the target under 'params/'"):
+        jaxjpeg.restore(path, target=cnn_params["params"])
     with pytest.raises(ValueError, match="target shape"):
         jaxjpeg.restore(path, target={"params": {"Conv_1": {
             "kernel": jax.ShapeDtypeStruct((3, 3, 32, 65), jnp.float32)}}})
