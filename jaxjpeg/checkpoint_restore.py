@@ -27,7 +27,7 @@ import numpy as np
 from jaxjpeg import codec, ops, prng_keys, views
 from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
-from jaxjpeg.treepaths import key_record, matching, nest, path_string
+from jaxjpeg.treepaths import glob_escape, key_record, matching, nest, path_string
 from jaxjpeg.views import MatrixView
 
 @dataclasses.dataclass
@@ -110,13 +110,16 @@ def _jax_holds(dtype: np.dtype) -> bool:
 def _nested_hint(name: str, saved) -> str:
     """Where the file holds ``name`` under a prefix (a target of params for
     a saved ``{"params": ..., ...}``: found by review, the error named the
-    leaf alone), that path, and how to reach it."""
-    under = next((path for path in saved if path.endswith("/" + name)), None)
-    if under is None:
+    leaf alone), those paths, and how to reach one."""
+    under = [path for path in saved if path.endswith("/" + name)]
+    if not under:
         return ""
-    prefix = under[:-len(name)]
-    return (f" (it holds {under!r}: give the target under {prefix!r}, or restore that "
-            f"subtree with paths=[{(prefix + '*')!r}])")
+    if len(under) > 1:
+        return (f" (it holds {len(under)} leaves under prefixes, e.g. {under[0]!r} and "
+                f"{under[1]!r}: give the target under the prefix meant)")
+    prefix = under[0][:-len(name)]
+    return (f" (it holds {under[0]!r}: give the target under {prefix!r}, or restore that "
+            f"subtree with paths=[{(glob_escape(prefix) + '*')!r}])")
 
 
 def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:

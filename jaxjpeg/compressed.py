@@ -182,7 +182,7 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True, lik
     (use :func:`jaxjpeg.restore`, which decodes each shard on its device).
 
     ``like``: what ``load`` gave for an earlier checkpoint of the same model
-    (with the same ``target``): each compressed leaf's operands are padded to
+    (its leaves paired with these by path): each compressed leaf's operands are padded to
     that leaf's sizes where they fit, so a function jitted on that tree runs
     this one without compiling again. Without it operands are padded to one
     of 16 sizes per octave, and with tens of leaves some leaf's size crosses
@@ -200,7 +200,7 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True, lik
         else:
             requests, treedef = target_requests(ckpt, target, dtype)
         requests = with_device_memory(requests, given)
-        likes = _like_leaves(like, requests, by_path=target is None)
+        likes = _like_leaves(like, requests)
         values = []
         # a window of leaves' blobs at once, as a few parallel ranged reads
         # (found by review: a leaf's at a time, 203 requests one after another)
@@ -212,21 +212,19 @@ def load(path, target=None, *, dtype=None, device=None, verify: bool = True, lik
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _like_leaves(like, requests, by_path: bool) -> list:
+def _like_leaves(like, requests) -> list:
     """``like``'s leaves in the order of a load's requests (None each
-    without one): by their saved paths without a target (a load nests them
-    in the file's order, which jax's flattening sorts: found by review, a
-    state dict's leaves were paired with others and never padded), else in
-    the target's order; ValueError where it holds other leaves."""
+    without one), paired by path: a load without a target nests the file's
+    order, which jax's flattening sorts, and a target's NamedTuples keep
+    their fields' order (found by review: paired by position, a state
+    dict's leaves met others' sizes and none was padded); a target's paths
+    are the saved ones. ValueError where it holds other leaves."""
     if like is None:
         return [None] * len(requests)
     leaves = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_compressed)[0]
     if len(leaves) != len(requests):
         raise ValueError(f"like holds {len(leaves)} leaves, this load {len(requests)}: give what "
-                         "load returned for an earlier checkpoint of the model, with the same "
-                         "target")
-    if not by_path:
-        return [leaf for _, leaf in leaves]
+                         "load returned for an earlier checkpoint of the model")
     named = {path_string([key_record(k) for k in path]): leaf for path, leaf in leaves}
     missing = [r.leaf.path for r in requests if r.leaf.path not in named]
     if missing:

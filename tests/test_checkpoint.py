@@ -16,8 +16,10 @@ relative RMS error below 0.10 for Gaussian (Flax-initialised) weights at the
 default step of 8 (measured 0.084..0.088).
 """
 
+import collections
 import math
 import os
+import re
 import warnings
 
 import flax.linen as nn
@@ -393,6 +395,17 @@ def test_target_errors(tmp_path, cnn_params):
     with pytest.raises(KeyError, match=r"no leaf 'Conv_0/bias' .*it holds 'params/Conv_0/"
                                        r"bias': give the target under 'params/'"):
         jaxjpeg.restore(path, target=cnn_params["params"])
+    # the paths it suggests are escaped, and several prefixes are said (review)
+    jaxjpeg.save(tmp_path / "b.jjpg", {"layers[0]": {"bias": np.ones(3, np.float32)},
+                                       "layers0": {"gain": np.zeros(3, np.float32)}})
+    with pytest.raises(KeyError) as refused:
+        jaxjpeg.restore(tmp_path / "b.jjpg", target={"bias": np.ones(3, np.float32)})
+    suggested = re.search(r"paths=\['(.*)'\]", str(refused.value)).group(1)
+    assert list(jaxjpeg.restore(tmp_path / "b.jjpg", paths=[suggested])) == ["layers[0]"]
+    jaxjpeg.save(tmp_path / "c.jjpg", {"enc": {"b": np.ones(3, np.float32)},
+                                       "dec": {"b": np.ones(3, np.float32)}})
+    with pytest.raises(KeyError, match="it holds 2 leaves under prefixes"):
+        jaxjpeg.restore(tmp_path / "c.jjpg", target={"b": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match="target shape"):
         jaxjpeg.restore(path, target={"params": {"Conv_1": {
             "kernel": jax.ShapeDtypeStruct((3, 3, 32, 65), jnp.float32)}}})
@@ -1178,6 +1191,11 @@ def test_a_load_like_the_last_runs_its_compiled_decode(tmp_path):
     jaxjpeg.save(tmp_path / "fine.jjpg", {"w": first, "v": v}, relative_step=0.02)
     held = jaxjpeg.load(tmp_path / "b.jjpg", like=jaxjpeg.load(tmp_path / "fine.jjpg"))
     assert shapes(held) == shapes(plain)
+    # a target whose order is not jax's sorted one, beside a like loaded without (review)
+    pair = collections.namedtuple("Pair", "w v")
+    target = pair(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (w, v)))
+    paired = jaxjpeg.load(tmp_path / "b.jjpg", target=target, like=earlier)
+    assert [x.shape for x in paired.w.operands] == [x.shape for x in earlier["w"].operands]
     with pytest.raises(ValueError, match="like holds 1 leaves, this load 2"):
         jaxjpeg.load(tmp_path / "a.jjpg", like={"w": earlier["w"]})
     with pytest.raises(ValueError, match="like holds no leaf 'v'"):

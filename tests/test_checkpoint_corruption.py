@@ -431,6 +431,31 @@ def test_maps_of_rows_near_float32s_limit_are_read(tmp_path, monkeypatch):
     assert_clear_error(tmp_path / "over.jjpg", "restore values beyond float32")
 
 
+def test_a_row_ending_at_float32s_largest_value_is_refused(tmp_path):
+    """Review: a row whose exact end is float32's largest value passed the
+    check, but the decoder's two float32 roundings (4095 * scale lands
+    halfway, then the offset) made it inf."""
+    src = tmp_path / "src.jjpg"
+    jaxjpeg.save(src, {"w": np.random.default_rng(0).standard_normal((64, 64))
+                       .astype(np.float32)}, bits=12)
+    with ckr.Checkpoint(src) as c:
+        leaf = c.leaves[0]
+        assert leaf.kind == "jpeg" and leaf.bits == 12
+    rows = leaf.matrix_shape[0]
+    scale, offset = np.float32(8193 * 2.0 ** 103), np.float32(4095 * 2.0 ** 103)
+    assert 4095 * float(scale) + float(offset) == float(np.finfo(np.float32).max)
+
+    def float32_maps(meta):
+        meta["leaves"][0]["affine"] = "float32"
+        meta["leaves"][0].pop("affine_layout", None)
+
+    def maps(blobs):
+        blobs["leaf0/affine"] = np.stack([np.full(rows, scale), np.full(rows, offset)]).astype(
+            "<f4").tobytes()
+    path = rewrite(src, tmp_path / "edge.jjpg", edit_meta=float32_maps, edit_blobs=maps)
+    assert_clear_error(path, "restore values beyond float32")
+
+
 def test_unchanged_rewrite_restores_identically(tiled, tmp_path):
     """The rewriting helper itself changes nothing when asked to change nothing."""
     copy = rewrite(tiled, tmp_path / "copy.jjpg")
