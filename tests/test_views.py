@@ -777,6 +777,22 @@ def test_a_bulk_lost_to_far_values_is_warned_of(tmp_path, case):
         jaxjpeg.save(tmp_path / "f.jjpg", {"w": x})
 
 
+def test_a_bulk_about_as_bad_as_zeros_is_warned_of(tmp_path):
+    """Found by review: a (4, 256, 1024) leaf whose layers each had their own
+    6% of columns 50x (no one axis's slices to balance) restored the rest at
+    relative error 1.004 by default; its bulk, which holds the loud
+    columns' small values too, read 0.90, under the bound of 1: no word."""
+    rng = np.random.default_rng(2)
+    layers = []
+    for _ in range(4):
+        scale = np.ones(1024)
+        scale[rng.permutation(1024)[:61]] = 50.0
+        layers.append(rng.standard_normal((256, 1024)) * scale)
+    with pytest.warns(UserWarning, match=r"s: the bulk of its values .* restores at relative "
+                                         r"error 0\.[89][0-9]*, about as bad as zeros"):
+        jaxjpeg.save(tmp_path / "s.jjpg", {"s": np.stack(layers).astype(np.float32)})
+
+
 def test_the_bulk_of_a_stack_is_read_layer_by_layer(tmp_path):
     """Found by review: a stack of 16 layers, one 1e4 times the rest, each
     coded on its own scale and restoring at 0.08, was warned of as a bulk at
