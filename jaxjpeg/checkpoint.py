@@ -669,6 +669,9 @@ def _custom_encoder(encoder, shards: dict):
                 codec.check_tiling(enc)
             except ValueError as e:
                 raise ValueError(f"encoder's coding of {name!r}: {e}") from None
+        elif enc is not None:   # (found by review: an AttributeError from deep inside)
+            raise TypeError(f"encoder returned {type(enc).__name__} for {name!r}: an "
+                            "EncodedTensor, or None to store the leaf raw")
         return enc
     return checked
 
@@ -1564,7 +1567,9 @@ def save(path, tree, *, relative_step: float | None = None, quant_step: float | 
       marginal rate-distortion (a size beyond every leaf's finest coding,
       about 3x, stores the leaves whose error weighs most raw, exactly, as
       far as the bytes allow);
-    * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control;
+    * ``encoder(path, array) -> EncodedTensor`` for full per-leaf control
+      (None stores the leaf raw; ``bits``, ``clip``, ``view``, ``tile_shape``
+      and ``restart_interval`` are then the encoder's to choose, refused here);
       an encoder that takes a ``shards`` keyword gets the leaf's shards
       ((start, stop, step) per axis of each; None when none are known) to
       cut its tiles along, as the built-in coding does:
@@ -1929,6 +1934,7 @@ def check_save_options(*, relative_step=None, quant_step=None, quality=None, qta
         raise ValueError(f"quality must be in 1..100 (a whole number), got {quality!r}")
     given = given or {"relative_step": DEFAULT_RELATIVE_STEP}
     _check_coding_options(bits, view, clip, restart_interval, encoder)
+    _check_encoder_options(encoder, bits, view, clip, restart_interval, tile_shape)
     planned = sorted(set(given) & {"relative_step", "target_ratio", "target_bytes",
                                    "bits_per_weight"})
     if clip != "common" and planned:
@@ -1965,6 +1971,10 @@ class _Save:
             bits_per_weight=bits_per_weight, bits=bits, clip=clip, view=view,
             restart_interval=restart_interval, tile_shape=tile_shape, policy=policy,
             encoder=encoder)
+        # Python ints from here (found by review: numpy integers passed the
+        # checks, then failed writing the header, after every leaf was coded)
+        bits = None if bits is None else int(bits)
+        restart_interval, tile_shape = int(restart_interval), tuple(map(int, tile_shape))
         self.has_metadata = metadata is not None
         self.policy = (policy or Policy()).resolved(leaves)
         if self.policy.stacked is None:
@@ -2265,7 +2275,8 @@ class _Save:
             note = (f"stored raw: {array.dtype} leaves are not coded (Policy(compress=...) "
                     f"names it; JPEG codes {', '.join(JPEG_DTYPES)})")
         if coded and enc is None:
-            note = "stored raw: no coding meets the error bound"
+            note = ("stored raw: the encoder returned None" if self.user_encoder
+                    else "stored raw: no coding meets the error bound")
         lossy = None
         if signed is not None:
             first, first_values = self._centered_first(name, array) or (None, None)
@@ -2478,7 +2489,8 @@ def _check_coding_options(bits, view, clip, restart_interval, encoder) -> None:
     first leaf's coding failed in its commit thread, losing that step and,
     raised from the next save, the next one too)."""
     from jaxjpeg import mapping, rate
-    if bits not in (None, 8, 12):
+    if bits is not None and (isinstance(bits, (bool, np.bool_))
+                             or not isinstance(bits, (int, np.integer)) or bits not in (8, 12)):
         raise ValueError(f"bits must be 8, 12 or None, got {bits!r}")
     if view not in rate.VIEWS:
         raise ValueError(f"view must be one of {rate.VIEWS}, got {view!r}")
@@ -2492,15 +2504,34 @@ def _check_coding_options(bits, view, clip, restart_interval, encoder) -> None:
         raise TypeError(f"encoder must be callable, got {type(encoder).__name__}")
 
 
+def _check_encoder_options(encoder, bits, view, clip, restart_interval, tile_shape) -> None:
+    """Refuses the coding options a user's encoder makes moot (found by
+    review: bits=12, tile_shape, restart_interval, clip and view beside
+    ``encoder=`` were taken and ignored without a word)."""
+    if encoder is None:
+        return
+    moot = [name for name, value, default in (
+        ("bits", bits, None), ("view", view, "auto"), ("clip", clip, "common"),
+        ("restart_interval", restart_interval, codec.DEFAULT_RESTART_INTERVAL),
+        ("tile_shape", tuple(tile_shape), tuple(codec.DEFAULT_TILE_SHAPE)))
+        if value != default]
+    if moot:
+        raise ValueError(f"{', '.join(moot)} cannot go with encoder=: the encoder codes each "
+                         "leaf as it chooses (pass them to the codec calls it makes)")
+
+
 def _check_tile_shape(tile_shape) -> None:
-    """Two whole numbers of rows and columns a JPEG image can have, at least
-    a block (smaller or non-positive shapes had coded 8x8 tiles, 6x larger)."""
+    """Two whole numbers of rows and columns a JPEG image can have, whole
+    blocks (smaller or non-positive shapes had coded 8x8 tiles, 6x larger;
+    (9, 9) became 8x8 tiles without a word: review)."""
     try:
         rows, cols = tile_shape
     except (TypeError, ValueError):
         raise TypeError(f"tile_shape must be (rows, cols), got {tile_shape!r}") from None
-    if not all(isinstance(n, (int, np.integer)) and 8 <= n <= 65535 for n in (rows, cols)):
-        raise ValueError(f"tile_shape must be two integers in 8..65535, got {tile_shape!r}")
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+               and 8 <= n <= 65535 and n % 8 == 0 for n in (rows, cols)):
+        raise ValueError(f"tile_shape must be two multiples of 8 in 8..65535, got "
+                         f"{tile_shape!r}")
 
 
 def _check_mapping(option: str, given, values: str) -> None:

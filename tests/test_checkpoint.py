@@ -1570,12 +1570,35 @@ def test_error_bound_holds_for_half_precision_leaves(tmp_path, dtype):
     assert 0.004 < worst <= 0.005
 
 
+def test_numpy_integers_as_options_and_an_encoders_none(tmp_path):
+    """Found by review: numpy integers for bits, restart_interval and
+    tile_shape passed the checks, then failed writing the header after every
+    leaf was coded; an encoder returning None was noted as missing an error
+    bound, and one returning a str failed with an AttributeError."""
+    x = {"w": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)}
+    for options in (dict(bits=np.int64(12)), dict(restart_interval=np.int64(8)),
+                    dict(tile_shape=(np.int64(128), np.int64(128)))):
+        jaxjpeg.save(tmp_path / "n.jjpg", x, **options)
+        assert np.asarray(jaxjpeg.restore(tmp_path / "n.jjpg")["w"]).shape == (256, 256)
+    report = jaxjpeg.save(tmp_path / "e.jjpg", x, encoder=lambda name, a: None)
+    assert report.leaves[0].note == "stored raw: the encoder returned None"
+    with pytest.raises(TypeError, match="encoder returned str for 'w'"):
+        jaxjpeg.save(tmp_path / "s.jjpg", x, encoder=lambda name, a: "x")
+
+
 @pytest.mark.parametrize("options, error, words", [
     (dict(tile_shape=(0, 0)), ValueError, "8..65535"),
     (dict(tile_shape=(7, 7)), ValueError, "8..65535"),
     (dict(tile_shape=(-5, -5)), ValueError, "8..65535"),
     (dict(tile_shape=(70000, 8)), ValueError, "8..65535"),
     (dict(tile_shape=8), TypeError, "rows, cols"),
+    # found by review: (9, 9) coded 8x8 tiles (3.8 -> 22.3 bits a weight),
+    # bits=8.0 failed deep in the coder, and options beside encoder= were ignored
+    (dict(tile_shape=(9, 9)), ValueError, "multiples of 8"),
+    (dict(bits=8.0), ValueError, "bits must be 8, 12 or None"),
+    (dict(encoder=lambda name, x: None, bits=12), ValueError, "bits cannot go with encoder="),
+    (dict(encoder=lambda name, x: None, tile_shape=(64, 64), clip="mse"), ValueError,
+     "clip, tile_shape cannot go with encoder="),
     (dict(policy="lossless"), TypeError, "jaxjpeg.Policy"),
     (dict(error_bound=0), ValueError, "error_bound must be a positive finite"),
     (dict(error_bound=float("nan")), ValueError, "error_bound must be a positive finite"),
