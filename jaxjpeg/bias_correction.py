@@ -175,7 +175,7 @@ class BiasCorrection:
             given = dict(self.shifts.get(name, {}))
         # bfloat16 (ml_dtypes' kind 'V') too: found in session 29, a bfloat16
         # network's running means never took their corrections
-        if not given or not _is_float(array.dtype):
+        if not given or not takes_shifts(array.dtype):
             return array
         shift = 0.0
         for weight in sorted(given, key=lambda w: self.positions.get(w, -1)):
@@ -189,7 +189,8 @@ class BiasCorrection:
         return shifted.astype(array.dtype)
 
 
-def _is_float(dtype: np.dtype) -> bool:
+def takes_shifts(dtype: np.dtype) -> bool:
+    """Whether a leaf of ``dtype`` can take a shift: a real floating-point one."""
     if dtype.kind == "c":
         return False
     try:

@@ -26,8 +26,9 @@ from typing import Callable, Collection, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxjpeg import (analysis, buffers, codec, embeddings, format as fmt, layout, magnitudes,
-                     prng_keys, quantized_slices, stacks, storage, ties, views)
+from jaxjpeg import (analysis, bias_correction, buffers, codec, embeddings, format as fmt,
+                     layout, magnitudes, prng_keys, quantized_slices, stacks, storage, ties,
+                     views)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.progress import progress as progress_bar
@@ -1688,10 +1689,11 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
     from jaxjpeg import priors
 
     shapes = {leaf.name: leaf.shape for leaf in leaves}
+    dtypes = {leaf.name: leaf.dtype for leaf in leaves}
 
     def check(mean, shape):
         mean.check(shape)
-        _check_taker(mean, shape, shapes)
+        _check_taker(mean, shape, shapes, dtypes)
     _check_per_leaf("input_mean", input_mean, InputMean, shapes, check)
     # A taker not saved (found by review: README's NNX recipe saves
     # nnx.state(model, nnx.Param), whose BatchNorms' running means the
@@ -1709,17 +1711,20 @@ def _input_mean_takers(input_mean: dict, leaves, tree) -> dict:
     found = priors.shift_targets(tree, {name: mean.out_axis % len(shapes[name])
                                         for name, mean in input_mean.items()
                                         if not mean.taker})
-    takers = {**found, **given}
+    # an integer bias found in the tree's order cannot take a shift (found by
+    # review: the correction was dropped without a word)
+    takers = {name: taker for name, taker in {**found, **given}.items()
+              if bias_correction.takes_shifts(dtypes[taker])}
     unused = sorted(set(input_mean) - set(takers))
     if unused:
         warnings.warn(f"input_mean of {len(unused)} leaves unused: no BatchNorm after the "
-                      f"layer and no bias of its output size to take its shift "
+                      f"layer and no floating-point bias of its output size to take its shift "
                       f"({first_names(unused)})",
                       stacklevel=3)
     return {name: (input_mean[name], taker) for name, taker in takers.items()}
 
 
-def _check_taker(mean: InputMean, shape: tuple, shapes: dict) -> None:
+def _check_taker(mean: InputMean, shape: tuple, shapes: dict, dtypes: dict) -> None:
     if mean.taker is None:
         return
     channels = shape[mean.out_axis]
@@ -1728,6 +1733,9 @@ def _check_taker(mean: InputMean, shape: tuple, shapes: dict) -> None:
     if shapes[mean.taker] != (channels,):
         raise ValueError(f"taker {mean.taker!r} has shape {shapes[mean.taker]}; the layer's "
                          f"{channels} output channels need ({channels},)")
+    if not bias_correction.takes_shifts(dtypes[mean.taker]):
+        raise ValueError(f"taker {mean.taker!r} holds {dtypes[mean.taker]} values, which cannot "
+                         "take the layer's shift: name a floating-point bias or running mean")
 
 
 def _options(values: dict) -> dict:
@@ -2967,21 +2975,33 @@ FEW_VALUES = 16
 
 def _few_values(array: np.ndarray) -> bool:
     """Whether a float ``array`` takes 2 to FEW_VALUES distinct values, each
-    four times on average; a sample decides first, then each value is checked
-    against the sample's (a NaN never matches: such leaves are not few)."""
+    four times on average, NaN and infinities among them however rare (found
+    by review: a NaN, equal to nothing, or an -inf the sample missed had a
+    {0, -1e9} mask JPEG-coded); a sample decides first, then each finite
+    value is checked against the sample's."""
     flat = array.reshape(-1)
     if flat.size < 2 or array.dtype.kind not in "fV":
         return False
     from jaxjpeg import quantized_vectors
 
-    values = np.unique(quantized_vectors.sampled(flat, 4096))
+    sample = quantized_vectors.sampled(flat, 4096)
+    values = np.unique(sample[np.isfinite(sample)])
+    specials = set()   # which of NaN, inf and -inf the leaf holds
     # not a constant leaf (JPEG's blocks are DC alone), and values that repeat
-    if not 2 <= values.size <= min(FEW_VALUES, flat.size // 4):
+    most = min(FEW_VALUES, flat.size // 4)
+    if not values.size <= most:
         return False
     for start in range(0, flat.size, 1 << 22):
-        if not np.isin(flat[start:start + (1 << 22)], values).all():
+        chunk = flat[start:start + (1 << 22)]
+        finite = np.isfinite(chunk)
+        if not np.isin(chunk[finite], values).all():
             return False
-    return True
+        if not finite.all():
+            odd = chunk[~finite]
+            specials.update(kind for kind, seen in (("nan", np.isnan(odd).any()),
+                                                    ("inf", (odd > 0).any()),
+                                                    ("-inf", (odd < 0).any())) if seen)
+    return 2 <= values.size + len(specials) <= most
 
 
 def _stored_exactly(array: np.ndarray) -> bool:

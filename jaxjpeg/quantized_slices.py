@@ -51,6 +51,9 @@ LEVELS = 16          # values a slice may take (4 bits)
 WIDE_LEVELS = 256    # (8 bits): stored so only where a byte target leaves their bytes
 _SMALLEST_CODES = 8  # a pruned row's smallest code tried up to this
 MIN_REPEATS = 4      # values a slice holds per level at least (else nothing repeats)
+# ... of an 8-bit grid, once a level: an int8 Linear's input channels are
+# often fewer than 1,024 (found by review: BERT-base's 768 x 768 never found)
+MIN_WIDE_REPEATS = 1
 GROUPS = (256, 128, 64, 32)   # group sizes of GPTQ / AWQ exports, the largest (fewest steps) first
 MIN_GROUPS = 64      # groups a leaf holds at least
 _PROBE_VALUES = 4096  # values of each of three slices looked at first
@@ -116,8 +119,9 @@ def _candidates(shape, levels: int):
     """(axis, None) of each axis whose slices are long enough to repeat
     their levels, then, for 4-bit grids, (axis, group) of each group size
     along each axis of a 2-D leaf (its columns' runs first: PyTorch's (O, I))."""
+    repeats = MIN_REPEATS if levels <= LEVELS else MIN_WIDE_REPEATS
     for axis, n in enumerate(shape):
-        if n >= 2 and math.prod(shape) // n >= MIN_REPEATS * levels:
+        if n >= 2 and math.prod(shape) // n >= repeats * levels:
             yield axis, None
     if len(shape) == 2 and levels <= LEVELS:
         for axis in (1, 0):

@@ -178,10 +178,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     lead, narrow = views.sharded_axes(shards), views.narrow_axes(shards)
     # a view free to put a loud axis on the columns, to balance them
-    may_balance = (balance and view == "auto" and stack is None and x.ndim >= 2
-                   and importance is None and input_covariance is None)
+    may_balance = (balance and view == "auto" and x.ndim >= 2 and importance is None
+                   and input_covariance is None and (stack is None or layer_steps))
     if stack is not None:
-        view = views.stacked_view(probe, stack, lead, narrow)
+        view, slices = views.stacked_view(probe, stack, lead, narrow)
     elif view == "auto":
         view = views.choose_view(probe, lead, narrow)
     else:
@@ -195,10 +195,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     outliers = ((None if plain else analysis.no_far_values(x, view))
                 or views.find_outliers(x, view, finite=finite))
     scales = None   # column scales balancing loud slices or inputs (views.loud_column_scales)
-    loud = _loud_slices(probe, outliers, shards) if may_balance else None
-    if loud is not None and not quantized_vectors.is_sparse(x):   # a pruned leaf: its exact zeros
-        view = views.loud_view(x.shape, loud[0], lead)
-        scales = loud[1]
+    loud = (_loud_slices(probe, outliers, shards, stack, view)
+            if may_balance and not quantized_vectors.is_sparse(x) else None)   # a pruned leaf:
+    if loud is not None:                                                     # its exact zeros
+        view, scales = loud
         # their values are not far once balanced (found by review: looked at
         # unbalanced, the side list took most of them and nothing was balanced)
         outliers = views.find_outliers(x, view, finite=finite, col_scale=scales)
@@ -210,8 +210,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         m = np.array(m) if np.may_share_memory(m, x) else m
         m[view.cells(x.shape, outliers.index)] = 0
     row_spread, lightest = mapping.ROW_SPREAD, False
-    if stack is not None and importance is None and layer_steps:
-        row_weight = stacks.slice_weights(m, x.shape[stack], interleaved=view.perm[0] != stack)
+    if stack is not None and importance is None and layer_steps and loud is None:
+        row_weight = stacks.slice_weights(m, slices, interleaved=view.perm[0] != stack)
         col_weight, row_spread = None, None   # the layers' own scales: exact, whatever their spread
     elif importance is None:
         row_weight, col_weight = _data_free_weights(m)
@@ -266,34 +266,50 @@ def _constant_rows_kept(x, view: views.MatrixView, m: np.ndarray, scales: np.nda
     return views.Outliers(index, x[np.unravel_index(index, x.shape)]), m
 
 
-def _loud_slices(probe: np.ndarray, outliers: views.Outliers, shards=None):
-    """:func:`views.loud_slices` of the values coded: without the side list
-    (values it keeps exactly, found in one view, would make their slices
-    loud in another and move the view for nothing); None where a loud
-    slice's mean is larger than its spread about it. Balanced, the loud
-    slices become columns, which have no offsets: a constant sentinel row
-    (1e30), exact by its row's offset, came back within 5%, and rows of 50
-    +- 1.5 coded their spread 125x coarser than the rest (found by review)."""
-    rms = views.axis_rms(probe, outliers.index)
-    found = views.loud_slices(probe.shape, rms, shards)
-    if found is None:
+def _loud_slices(probe: np.ndarray, outliers: views.Outliers, shards=None, stack=None,
+                 unbalanced: views.MatrixView | None = None):
+    """(view, column scales) balancing loud slices (:func:`views.loud_slices`,
+    or a stacked leaf's layers' own, :func:`views.stacked_loud_slices`) of
+    the values coded: without the side list (values it keeps exactly, found
+    in one view, would make their slices loud in another and move the view
+    for nothing); None where a loud slice's mean is larger than its spread
+    about it. Balanced, the loud slices become columns, which have no
+    offsets: a constant sentinel row (1e30), exact by its row's offset, came
+    back within 5%, and rows of 50 +- 1.5 coded their spread 125x coarser
+    than the rest (found by review)."""
+    lead = views.sharded_axes(shards)
+    if stack is None:
+        found = views.loud_slices(probe.shape, views.axis_rms(probe, outliers.index), shards)
+        if found is None:
+            return None
+        (axis, scales), loud = found, found[1] > 1
+        view = views.loud_view(probe.shape, axis, lead)
+    else:
+        found = views.stacked_loud_slices(probe, stack, outliers.index, shards, unbalanced)
+        if found is None:
+            return None
+        view, scales, loud = found
+    if _means_exceed_spreads(probe, view, np.flatnonzero(loud), outliers):
         return None
-    axis, scales = found
-    loud = np.flatnonzero(scales > 1)
-    values = np.moveaxis(np.take(probe, loud, axis=axis), axis, 0).reshape(len(loud), -1)
+    return view, scales
+
+
+def _means_exceed_spreads(probe: np.ndarray, view: views.MatrixView, columns: np.ndarray,
+                          outliers: views.Outliers) -> bool:
+    """Whether any of ``columns`` of ``probe``'s ``view`` has a mean larger
+    than its spread about it, over its values the side list does not keep."""
+    row_at, col_at = view.positions(probe.shape)
+    values = probe.flat[row_at[:, None] + col_at[columns][None, :]].astype(np.float64).T
     coded = np.ones(values.shape, bool)
-    if outliers.count:   # the side list's values in these slices are not coded
-        at = np.unravel_index(outliers.index, probe.shape)
-        inside = np.isin(at[axis], loud)
-        others = [b for b in range(probe.ndim) if b != axis]
-        coded[np.searchsorted(loud, at[axis][inside]),
-              np.ravel_multi_index([at[b][inside] for b in others],
-                                   [probe.shape[b] for b in others])] = False
+    if outliers.count:   # the side list's values in these columns are not coded
+        rows, cols = view.cells(probe.shape, outliers.index)
+        inside = np.isin(cols, columns)
+        coded[np.searchsorted(columns, cols[inside]), rows[inside]] = False
     count = np.maximum(coded.sum(axis=1), 1)
-    values = np.where(coded, values.astype(np.float64), 0.0)
+    values = np.where(coded, values, 0.0)
     mean = values.sum(axis=1) / count
     spread = np.sqrt(np.square(np.where(coded, values - mean[:, None], 0.0)).sum(axis=1) / count)
-    return None if np.any(np.abs(mean) > spread) else found
+    return bool(np.any(np.abs(mean) > spread))
 
 
 def _power_unknown(fb: feedback.Feedback | None, cov, shape) -> bool:

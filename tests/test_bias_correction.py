@@ -170,6 +170,24 @@ def test_bad_input_means_are_refused_before_anything_is_written(tmp_path, mean, 
     assert not (tmp_path / "bad.jjpg").exists()
 
 
+def test_an_integer_bias_cannot_take_a_shift_and_says_so(tmp_path):
+    """Found by review: with an int32 bias after the layer, its correction
+    was dropped without a word (found in the tree's order), and an integer
+    taker named by the user too."""
+    rng = np.random.default_rng(4)
+    tree = {"fc.weight": rng.normal(size=(32, 64)).astype(np.float32),
+            "fc.bias": np.zeros(32, np.int32)}
+    mean = jaxjpeg.InputMean(np.ones((1, 64)), 0)
+    with pytest.warns(UserWarning, match="input_mean of 1 leaves unused.*floating-point bias"):
+        jaxjpeg.save(tmp_path / "i.jjpg", tree, quality=50, progress=False,
+                     input_mean={"fc.weight": mean})
+    named = dataclasses.replace(mean, taker="fc.bias")
+    with pytest.raises(ValueError, match="'fc.bias' holds int32 values, which cannot take"):
+        jaxjpeg.save(tmp_path / "j.jjpg", tree, quality=50, progress=False,
+                     input_mean={"fc.weight": named})
+    assert not (tmp_path / "j.jjpg").exists()
+
+
 def test_a_taker_the_tree_does_not_hold_is_said_and_the_layer_bias_takes_it(tmp_path):
     """Found by review: README's NNX recipe saves nnx.state(model, nnx.Param)
     with nnx_input_means' takers, the BatchNorms' running means, which that

@@ -1833,6 +1833,32 @@ def test_leaves_of_few_values_are_exact(tmp_path, target):
     assert lone.file_bytes < 0.05 * tree["additive"].nbytes
 
 
+@pytest.mark.parametrize("target", [None, 8])
+def test_few_values_beside_a_few_nan_or_inf_stay_exact(tmp_path, target):
+    """Found by review: one NaN or inf made a leaf of few values no longer
+    one (a NaN matches nothing; a rare -inf missed the sample), so it was
+    JPEG-coded: a {0, -1e9} mask with 3 -inf restored its zeros as -2.5e6 to
+    2.5e7, ternary weights with one NaN moved every value."""
+    rng = np.random.default_rng(4)
+    mask = np.where(rng.random((256, 256)) < 0.5, 0, -1e9).astype(np.float32)
+    mask[0, :3] = -np.inf
+    ternary = (rng.integers(-1, 2, (256, 256)) * 0.05).astype(np.float32)
+    ternary[5, 5] = np.nan
+    ternary[7, 7] = np.inf
+    tree = {"mask": mask, "ternary": ternary,
+            "w": rng.standard_normal((256, 256)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "f.jjpg", tree, target_ratio=target)
+    got = jaxjpeg.restore(tmp_path / "f.jjpg")
+    notes = {leaf.path: leaf.note for leaf in report.leaves}
+    for name in ("mask", "ternary"):
+        back = np.asarray(got[name])
+        np.testing.assert_array_equal(back.view(np.uint32), tree[name].view(np.uint32),
+                                      err_msg=name)
+        assert "exactly" in notes[name], notes
+
+
 def test_a_large_leaf_is_deflated_by_a_sample_spread_over_it(tmp_path):
     """Found by review: whether a large exact leaf deflates was judged on its
     first 4 MiB; zeros there had a random leaf deflated whole, for 8%, at

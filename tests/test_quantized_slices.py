@@ -417,6 +417,20 @@ def test_8_bit_grids_stay_exact_where_a_byte_target_leaves_their_bytes(tmp_path)
     assert "at most 256 values" in notes["q"], notes
 
 
+@pytest.mark.parametrize("shape", [(1024, 512), (768, 768), (512, 256)])
+def test_8_bit_grids_of_short_slices_stay_exact_too(tmp_path, shape):
+    """Found by review: slices under 1,024 values (4 a level) were never
+    searched for an 8-bit grid, so a PyTorch (O, I) int8 Linear of I < 1024
+    (BERT-base's 768 x 768) was JPEG-coded at target_ratio=3: every value
+    moved, at 10.6 bits a weight where its codes take 7.1."""
+    q8 = per_channel(_rng_weights(shape, 0, seed=4), 0, levels=256, style="torch")
+    path = tmp_path / "q.jjpg"
+    report = jaxjpeg.save(path, {"q": q8}, target_ratio=3)
+    assert report.leaves[0].kind == "raw" and "at most 256 values" in report.leaves[0].note
+    assert 8 * report.leaves[0].stored_bytes / q8.size < 8.5
+    np.testing.assert_array_equal(_bits(jaxjpeg.restore(path)["q"]), _bits(q8))
+
+
 def test_pruned_grids_whose_smallest_code_is_large():
     """Found by review: rows or groups without a ±1 code took their step as
     their smallest magnitude over the first k within 1/64 (7 for 8), one

@@ -52,6 +52,7 @@ CHECKS = [
     "key_leaves_are_laid_out_as_keys",
     "a_shard_of_an_inner_axis_decodes_its_box_in_part",
     "stacked_layers_saved_sharded_read_their_share",
+    "stacked_loud_columns_saved_sharded_are_balanced",
     "equal_leaves_sharded_apart_are_tied",
     "restores_inside_a_context_mesh",
     "restores_under_a_transfer_guard",

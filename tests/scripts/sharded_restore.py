@@ -798,6 +798,37 @@ def stacked_layers_saved_sharded_read_their_share():
 
 
 @check
+def stacked_loud_columns_saved_sharded_are_balanced():
+    """A stack whose layers each have their own 5% of columns 40x
+    (views.stacked_loud_slices), saved sharded on the stack axis, the
+    layer's rows or its loud columns: balanced as unsharded (the last with
+    each loud column's layers as its run of columns), each device reading
+    about an eighth of the tiles."""
+    kernel = rng.normal(size=(8, 256, 512))
+    loud = np.zeros((8, 512), bool)
+    for layer in range(8):
+        loud[layer, rng.choice(512, 26, replace=False)] = True
+    kernel = np.where(loud[:, None, :], 40 * kernel, kernel).astype(np.float32)
+    quiet = ~np.repeat(loud[:, None, :], 256, axis=1)
+    for spec in (P("x"), P(None, "x"), P(None, None, "x")):
+        sharding = NamedSharding(mesh((8,), ("x",)), spec)
+        path = os.path.join(WORK, f"stacked_loud_{len(spec)}.jjpg")
+        jaxjpeg.save(path, {"layers": {"kernel": jax.device_put(kernel, sharding)}})
+        stats = jaxjpeg.RestoreStats()
+        target = {"layers": {"kernel": jax.ShapeDtypeStruct(kernel.shape, np.float32,
+                                                            sharding=sharding)}}
+        value = jaxjpeg.restore(path, target=target, stats=stats)["layers"]["kernel"]
+        whole = np.asarray(value)
+        error = np.linalg.norm((whole - kernel)[quiet]) / np.linalg.norm(kernel[quiet])
+        assert error < 0.25, (spec, error)
+        with ckr.Checkpoint(path) as c:
+            (leaf,) = c.leaves
+            assert leaf.col_scale_dtype is not None, spec
+            total = sum(c.tile_size(leaf, k) for k in range(len(leaf.tiles)))
+        reads_own_share(stats.payload_bytes_per_device, total, 8)
+
+
+@check
 def restores_inside_a_context_mesh():
     """Found by review: inside ``with jax.set_mesh(mesh)`` a restore into
     that mesh's own sharding, one onto a device, a lazy get and an eager
