@@ -147,7 +147,11 @@ class BiasCorrection:
         # no error (found by review: it made a finite running mean NaN).
         with np.errstate(invalid="ignore"):
             e = np.asarray(error(), np.float64)
-        shift = np.asarray(shift_of(np.where(np.isfinite(e), e, 0.0)), np.float64)
+        bad = ~np.isfinite(e)
+        if bad.any():
+            e = np.where(bad, 0.0, e)
+        del bad
+        shift = np.asarray(shift_of(e), np.float64)
         if not np.all(np.isfinite(shift)):   # weights near float's limits
             return
         if not is_running_mean(taker):   # a bias gives the shift back

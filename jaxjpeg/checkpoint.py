@@ -622,7 +622,8 @@ class _LeafCoder:
                                    col_scale=p.col_scale, balanced=p.balanced,
                                    row_factor=p.row_factor,
                                    feedback=p.feedback, tile_cuts=p.tile_cuts,
-                                   row_spread=p.row_spread, row_lightest=p.row_lightest)
+                                   row_spread=p.row_spread, row_lightest=p.row_lightest,
+                                   copy=False)
 
     def leaf_sensitivity(self, name, p: codec.Prepared) -> float:
         """How much one unit of squared error in this leaf costs: the user's
@@ -1831,7 +1832,11 @@ class SourceLeaf:
 
 # Leaves coded at once (each on its own thread; the native encoder releases
 # the GIL) and source bytes loaded ahead of the writer at most: the window
-# bounds memory to about this much beyond the largest leaf.
+# bounds memory to about this much beyond the largest leaf, for leaves
+# under it. Each leaf coded takes a working copy or two of itself (its
+# float32 matrix, where its view transposes it; statistics block by block),
+# and the largest leaf and the next in order are coded at once whatever
+# their size: two 302 MB leaves took about 1 GB (found by review).
 SAVE_WINDOW_BYTES = 128 * 2**20
 
 
@@ -2334,8 +2339,8 @@ class _Save:
             lossy, jpeg = thin, None
             self.bias_correction.add(name, lambda: _quantized_error(array, thin))
         if jpeg is not None and jpeg[2] < array.nbytes:
-            self.bias_correction.add(
-                name, lambda: codec.decode_tensor(enc).astype(np.float64) - array)
+            self.bias_correction.add(   # one float64 array, not three (found by review)
+                name, lambda: np.subtract(codec.decode_tensor(enc), array, dtype=np.float64))
             blobs, extra, stored = jpeg
             if _constant_rows_restored(array, enc):
                 extra = {**extra, "exact": True}

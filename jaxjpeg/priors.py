@@ -289,8 +289,12 @@ class Prior:
         """The mean shift a kernel error ``error`` adds to each output channel
         of leaf ``name``: Σ error·E[x] over its inputs and taps."""
         m = self.moments[name]
-        error = np.moveaxis(np.asarray(error, np.float64), (m.out_axis, m.axis), (0, 1))
-        return error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2) @ m.mean
+        error = np.asarray(error)
+        out, inputs = m.out_axis % error.ndim, m.axis % error.ndim
+        # the taps summed first, in place: no leaf-sized float64 transpose
+        taps = tuple(a for a in range(error.ndim) if a not in (out, inputs))
+        summed = error.sum(axis=taps, dtype=np.float64)
+        return (summed if out < inputs else summed.T) @ m.mean
 
     def covariance(self, name: str, shape: tuple) -> DiagonalPlusRankOne | None:
         """``diag(Var x) + E[x] E[x]ᵀ`` over a feedback leaf's input features

@@ -174,7 +174,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     # float32 (every coded dtype fits it; NaN compares False); a float32 leaf
     # with nothing to keep aside is used as it is, without a copy.
     x32 = x.astype(np.float32, copy=False)
-    finite = np.abs(x32) <= np.float32(views.extreme_limit(x.dtype))
+    finite = views.within_limit(x32, x.dtype)
     probe = x32 if finite.all() else np.where(finite, x32, np.float32(0))
     lead, narrow = views.sharded_axes(shards), views.narrow_axes(shards)
     # a view free to put a loud axis on the columns, to balance them
@@ -193,7 +193,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     # The native pass spares find_outliers where it would keep nothing; a
     # leaf prepare_plain declined is one where it would not (no second pass).
     outliers = ((None if plain else analysis.no_far_values(x, view))
-                or views.find_outliers(x, view, finite=finite))
+                or views.find_outliers(x, view, finite=finite, as_float32=x32))
     scales = None   # column scales balancing loud slices or inputs (views.loud_column_scales)
     loud = (_loud_slices(probe, outliers, shards, stack, view)
             if may_balance and not quantized_vectors.is_sparse(x) else None)   # a pruned leaf:
@@ -201,7 +201,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         view, scales = loud
         # their values are not far once balanced (found by review: looked at
         # unbalanced, the side list took most of them and nothing was balanced)
-        outliers = views.find_outliers(x, view, finite=finite, col_scale=scales)
+        outliers = views.find_outliers(x, view, finite=finite, col_scale=scales, as_float32=x32)
     del finite
     m = view.to_matrix(probe)
     del probe, x32   # only m is needed, and only until the weights are known
@@ -237,8 +237,8 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     return codec.prepare(x, view=view, row_weight=row_weight, col_weight=col_weight,
                          col_scale=scales, row_factor=factors,
                          balanced=scales is not None or factors is not None, outliers=outliers,
-                         feedback=fb, row_spread=row_spread,
-                         row_lightest=lightest).with_shards(shards)
+                         feedback=fb, row_spread=row_spread, row_lightest=lightest,
+                         copy=False).with_shards(shards)   # as analysis.prepare_plain
 
 
 # Values of constant rows kept for their exactness beside balanced columns,
@@ -339,19 +339,24 @@ def _data_free_weights(m: np.ndarray):
 def _separable_weights(view: views.MatrixView, shape, importance):
     """(row weights, column weights or None) of the view from an importance array."""
     imp = np.asarray(importance, np.float64)
+    if not np.all(np.isfinite(imp)) or np.any(imp < 0):
+        raise ValueError("importance must be finite and non-negative")
     try:
         imp = np.broadcast_to(imp, shape)
     except ValueError:
         raise ValueError(f"importance of shape {imp.shape} does not broadcast to the "
                          f"leaf's shape {tuple(shape)}") from None
-    if not np.all(np.isfinite(imp)) or np.any(imp < 0):
-        raise ValueError("importance must be finite and non-negative")
-    m = view.to_matrix(imp)
-    rows, cols = m.shape
-    u = _damped(m.mean(axis=1))
+    rows, cols = view.matrix_shape(shape)
+    # the view's row and column means, summed over the broadcast array in
+    # place (found by review: as a matrix, the prior's input powers were a
+    # leaf-sized float64 array, and dividing it by the row means another)
+    row_axes, col_axes = list(view.row_axes()), list(view.col_axes())
+    u = _damped(np.einsum(imp, list(range(len(shape))), row_axes).reshape(-1) / cols)
     if u is None:
         return None, None
-    v = _damped((m / u[:, None]).mean(axis=0))
+    inverse = (1.0 / u).reshape([shape[a] for a in row_axes])
+    v = _damped(np.einsum(imp, list(range(len(shape))), inverse, row_axes, col_axes)
+                .reshape(-1) / rows)
     if cols < 2 or v is None:
         return u, None
     gamma2 = mapping.relative_steps(v, cols) ** 2

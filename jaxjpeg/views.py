@@ -804,6 +804,13 @@ def extreme_limit(dtype) -> float:
     return float(np.finfo(np.float16).max) / 4 if np.dtype(dtype) == np.float16 else 1e30
 
 
+def within_limit(x32: np.ndarray, dtype) -> np.ndarray:
+    """``|x32| <= extreme_limit(dtype)`` (False for NaN), without a
+    leaf-sized float temporary."""
+    limit = np.float32(extreme_limit(dtype))
+    return np.less_equal(x32, limit) & np.greater_equal(x32, -limit)
+
+
 def count_special(x: np.ndarray) -> int:
     """How many values of ``x`` are non-finite or extreme (beyond
     :func:`extreme_limit`), counted a block at a time in float32 (no
@@ -819,8 +826,8 @@ def count_special(x: np.ndarray) -> int:
 
 
 def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMAS, *,
-                  finite: np.ndarray | None = None,
-                  col_scale: np.ndarray | None = None) -> Outliers:
+                  finite: np.ndarray | None = None, col_scale: np.ndarray | None = None,
+                  as_float32: np.ndarray | None = None) -> Outliers:
     """The side list of ``x``: every non-finite or extreme value, and values more
     than ``sigmas`` row RMS (about the row mean, in ``view``) from the mean, as
     long as those are few (far outliers cost more bits in a DCT block than the
@@ -829,15 +836,19 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     of the leaf, since coded they lose the rest).
     ``finite`` (optional): ``|x| <= extreme_limit`` already computed.
     ``col_scale`` (optional): the view's columns are looked at divided by
-    these (a balanced leaf's: its loud columns' values are not far)."""
+    these (a balanced leaf's: its loud columns' values are not far).
+    ``as_float32`` (optional): ``x`` as float32, where the caller has it."""
     x = np.asarray(x)
     flat = x.reshape(-1)
     # float32 throughout (every value kept here is within float32's range):
-    # a float64 copy of a large leaf would cost twice its size again.
-    x32 = flat.astype(np.float32, copy=False)   # a float32 leaf is not copied
+    # a float64 copy of a large leaf would cost twice its size again. A
+    # float32 leaf is not copied, nor a half-precision one whose float32
+    # copy the caller has (found by review: a bfloat16 leaf's save held
+    # three float32 copies of it at once, 8x its size)
+    x32 = (flat.astype(np.float32, copy=False) if as_float32 is None
+           else as_float32.reshape(-1))
     # `finite`: the caller's mask of values within the limit, if it has one
-    must = ~(np.abs(x32) <= np.float32(extreme_limit(x.dtype)) if finite is None
-             else finite.reshape(-1))
+    must = ~(within_limit(x32, x.dtype) if finite is None else finite.reshape(-1))
     m = view.to_matrix(x32.reshape(x.shape))
     ok = ~view.to_matrix(must.reshape(x.shape)) if must.any() else None
     # Row statistics block by block: the temporaries stay in cache (a whole
