@@ -256,7 +256,8 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     x32 = x.astype(np.float32, copy=False)
     rms = [a.rms for a in stats.axes]
     lead = views.sharded_axes(shards)
-    if view == "auto" and views.loud_slices(stats.shape, rms, shards) is not None:
+    if view == "auto" and views.loud_slices(stats.shape, rms, shards,
+                                            views.merged_rms(x32, rms)) is not None:
         return None   # loud slices, balanced by the full analysis (rate.prepare_leaf)
     if view == "auto":
         chosen = views.view_from_rms(stats.shape, rms, lead, views.narrow_axes(shards))

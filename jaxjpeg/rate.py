@@ -181,7 +181,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     may_balance = (balance and view == "auto" and x.ndim >= 2 and importance is None
                    and input_covariance is None and (stack is None or layer_steps))
     if stack is not None:
-        view, slices = views.stacked_view(probe, stack, lead, narrow)
+        view = views.stacked_view(probe, stack, lead, narrow)
     elif view == "auto":
         view = views.choose_view(probe, lead, narrow)
     else:
@@ -211,7 +211,7 @@ def prepare_leaf(x, importance=None, view: str = "auto",
         m[view.cells(x.shape, outliers.index)] = 0
     row_spread, lightest = mapping.ROW_SPREAD, False
     if stack is not None and importance is None and layer_steps and loud is None:
-        row_weight = stacks.slice_weights(m, slices, interleaved=view.perm[0] != stack)
+        row_weight = stacks.slice_weights(m, x.shape[stack], interleaved=view.perm[0] != stack)
         col_weight, row_spread = None, None   # the layers' own scales: exact, whatever their spread
     elif importance is None:
         row_weight, col_weight = _data_free_weights(m)
@@ -279,7 +279,9 @@ def _loud_slices(probe: np.ndarray, outliers: views.Outliers, shards=None, stack
     than the rest (found by review)."""
     lead = views.sharded_axes(shards)
     if stack is None:
-        found = views.loud_slices(probe.shape, views.axis_rms(probe, outliers.index), shards)
+        rms = views.axis_rms(probe, outliers.index)
+        found = views.loud_slices(probe.shape, rms, shards,
+                                  views.merged_rms(probe, rms, outliers.index))
         if found is None:
             return None
         (axis, scales), loud = found, found[1] > 1

@@ -283,19 +283,14 @@ def choose_view(x: np.ndarray, lead: Sequence[int] = (),
 
 
 def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = (),
-                 narrow: Mapping[int, int] | None = None) -> tuple[MatrixView, int]:
-    """(the view of a leaf stacking layers along axis ``stack``
-    (:mod:`jaxjpeg.stacks`), the slices its rows are runs of): the stack
-    axis, then the rows of the view :func:`choose_view` gives one layer, to
-    rows; that view's columns to columns. Each layer's rows are then a run
-    of the view's rows, and so is each slice of an axis the layer's view
-    puts first among its rows to keep its slices apart (a layer's experts
-    whose scales spread, :func:`_slices_apart`): those slices are the
-    layer's own (found by review: an expert 7x quieter than the others in
-    every layer of a (layers, experts, D, F) stack restored at relative
-    error 0.89, 0.08 alone). Where ``lead`` (sharded axes) holds the layer's
-    row axis, the stack axis follows it instead, so that a shard of it is a
-    range of rows (each layer's rows then every ``x.shape[stack]``-th row)."""
+                 narrow: Mapping[int, int] | None = None) -> MatrixView:
+    """The view of a leaf stacking layers along axis ``stack``
+    (:mod:`jaxjpeg.stacks`): the stack axis, then the rows of the view
+    :func:`choose_view` gives one layer, to rows; that view's columns to
+    columns. Each slice's rows are then a run of the view's rows; where
+    ``lead`` (sharded axes) holds the layer's row axis, the stack axis
+    follows it instead, so that a shard of it is a range of rows (each
+    slice's rows then every ``x.shape[stack]``-th row)."""
     x = np.asarray(x)
     rms = axis_rms(x)
     inner = [a for a in range(x.ndim) if a != stack]
@@ -304,16 +299,8 @@ def stacked_view(x: np.ndarray, stack: int, lead: Sequence[int] = (),
                         {inner.index(a): piece for a, piece in (narrow or {}).items()
                          if a != stack})
     rows = [inner[a] for a in one.perm[:one.split]]
-    slices = x.shape[stack]
-    if set(rows) & set(lead):
-        rows = [*rows, stack]
-    else:
-        first = rows[0]
-        if (len(rows) > 1 and x.shape[first] < APART_MAX_ROWS and excess_spread(
-                rms[first], x.size // max(1, x.shape[first])) >= APART_SPREAD):
-            slices *= x.shape[first]
-        rows = [stack, *rows]
-    return MatrixView((*rows, *(inner[a] for a in one.perm[one.split:])), one.split + 1), slices
+    rows = [*rows, stack] if set(rows) & set(lead) else [stack, *rows]
+    return MatrixView((*rows, *(inner[a] for a in one.perm[one.split:])), one.split + 1)
 
 
 def view_from_rms(shape: Sequence[int], rms: Sequence[np.ndarray],
@@ -579,14 +566,17 @@ def _loud_apart(power: np.ndarray) -> np.ndarray | None:
     return excess if np.median(excess[excess > 1]) <= LOUD_APART_EXCESS else None
 
 
-def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray],
-                regions=None) -> tuple[int, np.ndarray] | None:
+def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray], regions=None,
+                merged: Mapping[tuple, np.ndarray] | None = None
+                ) -> tuple[int | tuple, np.ndarray] | None:
     """(axis, column scales of :func:`loud_view`) where an axis's few loud
     slices (:func:`_loud_apart`, at most LOUD_FEW of them or LOUD_APART
     standing apart, from each axis's slice
     RMS, :func:`axis_rms`) hold most of a leaf's energy, or None; its
     slices are MIN_CHANNEL or more, of LOUD_MIN_ROWS values or more. Of
-    two, the one whose quiet slices are quieter.
+    two, the one whose quiet slices are quieter. ``merged`` ({axes: RMS of
+    each slice of those adjacent axes taken as one}, :func:`merged_rms`)
+    adds them as candidates (the axis returned is then that tuple).
 
     ``regions`` (the shards of a sharded array): where the view coded
     without balancing (:func:`view_from_rms`) lets each shard decode tiles
@@ -595,13 +585,27 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray],
     weights 3x worse than an unsharded save's)."""
     size = math.prod(shape)
     found = {}
-    for a, r in enumerate(rms):
-        if shape[a] < MIN_CHANNEL or size // max(1, shape[a]) < LOUD_MIN_ROWS:
+    candidates = [*enumerate(rms), *(merged or {}).items()]
+    for a, r in candidates:
+        count = np.asarray(r).size
+        if count < MIN_CHANNEL or size // max(1, count) < LOUD_MIN_ROWS:
             continue
         power = np.square(np.asarray(r, np.float64))
         excess = _loud_apart(power)
         if excess is not None:
             found[a] = (power[excess == 1].mean() / power.mean(), excess)
+    # adjacent axes as one only where they hold the loudness in fewer
+    # values than one of them alone (a few dimensions of one head, not the
+    # head), which then gives way
+    def loud_values(a):
+        return np.sum(found[a][1] > 1) * (size // found[a][1].size)
+    for group in [a for a in found if isinstance(a, tuple)]:
+        alone = [a for a in group if a in found]
+        if any(loud_values(group) >= loud_values(a) for a in alone):
+            del found[group]
+        else:
+            for a in alone:
+                del found[a]
     if found and regions:
         lead = sharded_axes(regions)
         if reads_own_tiles(view_from_rms(shape, rms, lead, narrow_axes(regions)), shape, regions):
@@ -611,6 +615,47 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray],
         return None
     axis = min(found, key=lambda a: found[a][0])
     return axis, _stored_exactly(found[axis][1])
+
+
+# A 3-D leaf's adjacent axes are looked at as one (merged_rms) only where
+# one of them has slices whose RMS over all is this many times the median
+# slice's: loud cells holding most of the energy (LOUD_SHARE_RMS) make the
+# mean power of the slices of each axis they lie along (in under half of
+# them) 4x the median's (heads' scales spread lognormally, sigma 0.5: 1.3x).
+MERGED_PROSPECT = 2.0
+
+
+def merged_rms(x: np.ndarray, rms: Sequence[np.ndarray],
+               without: np.ndarray | None = None) -> dict[tuple, np.ndarray]:
+    """{(a, a + 1): the RMS of each slice of adjacent axes a and a + 1
+    taken as one} of a 3-D ``x`` (a reshape each, :func:`axis_rms` without
+    the values at the sorted flat positions ``without``), where one of the
+    two axes (their slices' RMS ``rms``) may hold loud cells
+    (MERGED_PROSPECT); empty for other leaves. A DenseGeneral kernel (D, H,
+    K) whose loud outputs are a few dimensions of one head (found by review:
+    balanced as whole slices of K, every head's, the rest restored at 0.33
+    by default where the same weights as a (D, H * K) matrix gave 0.14)."""
+    if x.ndim != 3:
+        return {}
+
+    def prospect(a):
+        r = np.asarray(rms[a], np.float64)
+        median = float(np.median(r)) if r.size else 0.0
+        return median > 0 and math.sqrt(float(np.mean(r * r))) >= MERGED_PROSPECT * median
+    out = {}
+    for a in (0, 1):
+        if prospect(a) or prospect(a + 1):
+            shape = (x.shape[0], x.shape[1] * x.shape[2]) if a else (x.shape[0] * x.shape[1],
+                                                                      x.shape[2])
+            out[(a, a + 1)] = axis_rms(x.reshape(shape), without)[a]
+    return out
+
+
+# A stack's balanced columns span at most this (layers' RMS times their loud
+# excess): beyond, one row's map spans values too far apart in float32
+# (found by review: layers at 1e-18 ... 1e18 restored at relative error
+# 8,000, 1e-15 ... 1e15 at 0.065 where their own steps gave 0.040).
+MAX_LAYER_SPREAD = 2.0 ** 40
 
 
 def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = None,
@@ -640,7 +685,10 @@ def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = 
     power = {a: np.zeros((shape[stack], shape[a])) for a in axes}
     kept = _layer_positions(shape, stack, without)
     for layer in range(shape[stack]):
-        rms = axis_rms(np.take(x, layer, axis=stack), kept.get(layer))
+        values = np.take(x, layer, axis=stack)
+        if layer not in kept and values.size and values.min() == values.max():
+            return None   # a constant layer: exact only on its own rows' offsets
+        rms = axis_rms(values, kept.get(layer))
         for a in axes:
             power[a][layer] = np.square(rms[inner.index(a)])
     found = {}
@@ -663,7 +711,10 @@ def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = 
     balanced = np.mean(power[axis] / np.square(excess), axis=1)
     quietest = balanced[balanced > 0].min() if np.any(balanced > 0) else 1.0
     layer_scale = np.sqrt(np.where(balanced > 0, balanced, quietest) / quietest)
-    scale = np.clip(layer_scale[:, None] * excess, 1.0, MAX_EXCESS)
+    scale = np.maximum(layer_scale[:, None] * excess, 1.0)
+    if scale.max() > MAX_LAYER_SPREAD:
+        return None   # layers too far apart for one row's map: their own steps
+    scale = np.minimum(scale, MAX_EXCESS)
     view = stacked_loud_view(shape, stack, axis, lead)
     if view.perm[-1] == stack:   # columns by slice, then layer
         scale, excess = scale.T, excess.T
@@ -694,15 +745,16 @@ def stacked_loud_view(shape: Sequence[int], stack: int, axis: int,
     return MatrixView((*rows, *cols), len(rows))
 
 
-def loud_view(shape: Sequence[int], axis: int, lead: Sequence[int] = ()) -> MatrixView:
-    """The view with ``axis`` alone on the columns (its loud slices become
-    columns to balance), the other axes on rows, larger first (ties: their
-    order), so every layout of the same weights gives one matrix; ``lead``
-    (sharded axes) first among the rows, so that a shard of one is a range
-    of rows."""
-    rows = sorted((a for a in range(len(shape)) if a != axis),
+def loud_view(shape: Sequence[int], axis: int | tuple, lead: Sequence[int] = ()) -> MatrixView:
+    """The view with ``axis`` (or adjacent axes, a tuple, as one) alone on
+    the columns (its loud slices become columns to balance), the other
+    axes on rows, larger first (ties: their order), so every layout of the
+    same weights gives one matrix; ``lead`` (sharded axes) first among the
+    rows, so that a shard of one is a range of rows."""
+    cols = tuple(axis) if isinstance(axis, tuple) else (axis,)
+    rows = sorted((a for a in range(len(shape)) if a not in cols),
                   key=lambda a: (a not in lead, -shape[a], a))
-    return MatrixView((*rows, axis), len(rows))
+    return MatrixView((*rows, *cols), len(rows))
 
 
 def reads_own_tiles(view: MatrixView, shape: Sequence[int], regions) -> bool:
