@@ -2255,6 +2255,21 @@ class _Save:
             if isinstance(self.encode, _BudgetEncoder):
                 self.encode.release(item[1].name)
 
+    def _small_layers(self, name: str, array: np.ndarray) -> str | None:
+        """Why a stacked leaf large enough to code is stored raw: each of its
+        layers is under Policy.min_size values, as a leaf of its own would
+        be (found by review: said nothing)."""
+        axis = self.policy.stack_axis(name)
+        if (axis is None or array.ndim <= axis or str(array.dtype) not in JPEG_DTYPES
+                or array.size < self.policy.min_size or self.policy.names_lossless(name)):
+            return None
+        layers = max(1, array.shape[axis])
+        if array.size // layers >= self.policy.min_size:
+            return None
+        return (f"stored raw: it stacks {layers} layers along axis {axis} (jaxjpeg.stacks), "
+                f"each under Policy.min_size ({self.policy.min_size:,} values), as each "
+                "stored alone would be")
+
     def _layer_axis(self, name: str) -> int | None:
         """The axis of leaf ``name``'s layers where each is coded on its own scale."""
         return self.leaf_coder.stack_axis(name) if self.leaf_coder.by_layer(name) else None
@@ -2279,6 +2294,8 @@ class _Save:
         if not coded and signed is None and self.policy.should_compress(name, array):
             note = (_why_raw(array) or _why_raw(array, quantized_slices.WIDE_LEVELS)
                     or note)   # found by review: no word said why
+        elif not coded and signed is None and (small := self._small_layers(name, array)):
+            note = small
         elif (not coded and signed is None and array.dtype == np.float64
               and self.policy.should_compress(name, np.broadcast_to(np.float32(0), array.shape))):
             note = ("stored raw: float64 leaves are coded only where Policy(compress=...) "

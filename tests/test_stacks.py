@@ -607,3 +607,14 @@ def test_a_stack_with_loud_columns_keeps_far_or_constant_layers_on_their_own_ste
             assert error == 0, (layer, error)
         else:
             assert error / norm < 0.1, (layer, error / norm)
+
+
+def test_a_stack_of_layers_too_small_to_code_says_why_it_is_raw(tmp_path):
+    """Found by review: a leaf found stacked whose layers are each under
+    Policy.min_size values was stored raw with an empty note."""
+    x = np.random.default_rng(0).normal(size=(128, 4, 256)).astype(np.float32)
+    report = jaxjpeg.save(tmp_path / "s.jjpg", {"decoder": {"layers": {"wi": {"kernel": x}}}})
+    (leaf,) = report.leaves
+    assert leaf.kind == "raw" and "stacks 128 layers along axis 0" in leaf.note, leaf.note
+    np.testing.assert_array_equal(
+        np.asarray(jaxjpeg.restore(tmp_path / "s.jjpg")["decoder"]["layers"]["wi"]["kernel"]), x)
