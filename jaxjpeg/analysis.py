@@ -238,7 +238,7 @@ def no_far_values(x: np.ndarray, view: views.MatrixView) -> views.Outliers | Non
     if rows is None or may_have_far_values(rows):
         return None
     suspect = suspect_rows(rows)
-    matrix = view.to_matrix(x)
+    matrix = views.read_matrix(x, view)
     if hide_far_values(matrix, suspect) or has_gross_values(rows, matrix):
         return None
     return views.Outliers(np.zeros(0, np.int64), x.reshape(-1)[:0].copy())

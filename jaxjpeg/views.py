@@ -608,9 +608,14 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray], regions=None,
                 del found[a]
     if found and regions:
         lead = sharded_axes(regions)
-        if reads_own_tiles(view_from_rms(shape, rms, lead, narrow_axes(regions)), shape, regions):
-            found = {a: v for a, v in found.items()
-                     if reads_own_tiles(loud_view(shape, a, lead), shape, regions)}
+        # merged axes only where their shards read their own tiles (found by
+        # review: beside a view that read none of its own, one read the
+        # whole leaf on every device where a single axis's read half)
+        own = reads_own_tiles(view_from_rms(shape, rms, lead, narrow_axes(regions)), shape,
+                              regions)
+        found = {a: v for a, v in found.items()
+                 if not (own or isinstance(a, tuple))
+                 or reads_own_tiles(loud_view(shape, a, lead), shape, regions)}
     if not found:
         return None
     axis = min(found, key=lambda a: found[a][0])
@@ -644,6 +649,9 @@ def merged_rms(x: np.ndarray, rms: Sequence[np.ndarray],
         return median > 0 and math.sqrt(float(np.mean(r * r))) >= MERGED_PROSPECT * median
     out = {}
     for a in (0, 1):
+        count = x.shape[a] * x.shape[a + 1]
+        if count < MIN_CHANNEL or x.size // max(1, count) < LOUD_MIN_ROWS:
+            continue   # no loud_slices candidate
         if prospect(a) or prospect(a + 1):
             shape = (x.shape[0], x.shape[1] * x.shape[2]) if a else (x.shape[0] * x.shape[1],
                                                                       x.shape[2])
@@ -686,7 +694,8 @@ def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = 
     kept = _layer_positions(shape, stack, without)
     for layer in range(shape[stack]):
         values = np.take(x, layer, axis=stack)
-        if layer not in kept and values.size and values.min() == values.max():
+        coded = values if layer not in kept else np.delete(values.reshape(-1), kept[layer])
+        if coded.size and coded.min() == coded.max():
             return None   # a constant layer: exact only on its own rows' offsets
         rms = axis_rms(values, kept.get(layer))
         for a in axes:
@@ -900,9 +909,10 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     x32 = (flat.astype(np.float32, copy=False) if as_float32 is None
            else as_float32.reshape(-1))
     # `finite`: the caller's mask of values within the limit, if it has one
-    must = ~(within_limit(x32, x.dtype) if finite is None else finite.reshape(-1))
-    m = view.to_matrix(x32.reshape(x.shape))
-    ok = ~view.to_matrix(must.reshape(x.shape)) if must.any() else None
+    counted = within_limit(x32, x.dtype) if finite is None else finite.reshape(-1)
+    special = not counted.all()   # values kept whatever else is found
+    m = read_matrix(x32.reshape(x.shape), view)
+    ok = read_matrix(counted.reshape(x.shape), view) if special else None
     # Row statistics block by block: the temporaries stay in cache (a whole
     # leaf's deviations would be another leaf-sized pass through memory),
     # and only the far values' cells are kept (found by review: leaf-sized
@@ -943,8 +953,50 @@ def find_outliers(x: np.ndarray, view: MatrixView, sigmas: float = OUTLIER_SIGMA
     for k, limit in enumerate((MAX_OUTLIER_FRACTION, MAX_MASKED_FRACTION, LOUD_VALUES_FEW)):
         if kept[k].size > limit * flat.size:
             kept[k] = np.zeros(0, np.int64)
-    index = np.union1d(np.flatnonzero(must), np.concatenate(kept)).astype(np.int64)
+    must = np.flatnonzero(~counted) if special else np.zeros(0, np.int64)
+    index = np.union1d(must, np.concatenate(kept)).astype(np.int64)
     return Outliers(index, flat[index].copy())
+
+
+class GatheredMatrix:
+    """The view matrix of a C-contiguous tensor whose view moves its data,
+    its elements gathered where they are read (``m[rows]``, ``m[rows, cols]``
+    with slices or index arrays, as numpy reads them): the statistics passes
+    read it a block at a time, and a transposed copy of the whole leaf was
+    a leaf's size beyond it (found by review: a bfloat16 leaf's save held
+    its float32 copy and this one at once)."""
+
+    def __init__(self, x: np.ndarray, view: MatrixView):
+        self._flat = x.reshape(-1)
+        self._row_at, self._col_at = view.positions(x.shape)
+        self.shape = view.matrix_shape(x.shape)
+        self.size = self.shape[0] * self.shape[1]
+        self.dtype = x.dtype
+        self.ndim = 2
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        at_rows, at_cols = self._row_at[rows], self._col_at[cols]
+        if isinstance(rows, slice) or isinstance(cols, slice):
+            return self._flat[np.add.outer(at_rows, at_cols)]
+        return self._flat[at_rows + at_cols]   # index arrays pair up
+
+
+def read_matrix(x: np.ndarray, view: MatrixView):
+    """``view.to_matrix(x)`` for reading by blocks of rows (or cells): a
+    :class:`GatheredMatrix` where that would copy a C-contiguous tensor."""
+    if view.moves_data(x.shape) and x.flags.c_contiguous and x.size and not _strided(view, x.shape):
+        return GatheredMatrix(x, view)
+    return view.to_matrix(x)
+
+
+def _strided(view: MatrixView, shape) -> bool:
+    """Whether ``view``'s matrix of a C-contiguous tensor of ``shape`` is a
+    strided view of it (each side's axes, but those of length 1, a run in
+    memory order: a transposed 2-D leaf), not a copy."""
+    return all(all(b == a + 1 for a, b in zip(kept, kept[1:]))
+               for kept in ([a for a in side if shape[a] != 1]
+                            for side in (view.row_axes(), view.col_axes())))
 
 
 def _add_cells(cells, mask: np.ndarray, first_row: int) -> None:

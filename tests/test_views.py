@@ -1601,3 +1601,38 @@ def test_loud_dimensions_of_a_few_heads_are_balanced_in_every_layout(tmp_path, o
         sizes[name] = report.file_bytes
     assert max(errors.values()) < 0.13 and max(errors.values()) < 1.05 * min(errors.values()), errors
     assert max(sizes.values()) < 1.03 * min(sizes.values()), sizes
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_side_list_of_a_transposing_view_is_found_without_a_copy(monkeypatch, balanced):
+    """find_outliers reads a view that moves a leaf's data by gathering
+    blocks (views.GatheredMatrix): the same side list as from the
+    transposed copy, which was a leaf's size beyond it (found by review: a
+    bfloat16 leaf's save held its float32 copy and this one at once)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_t(4, (16, 256, 512)).astype(np.float32)
+    x[3, 7, 11] = 500.0
+    x[5, :, 40] *= 30           # a loud column in one layer
+    x[9, 100, 200] = np.nan
+    view = views.MatrixView((0, 2, 1), 2)
+    scale = (np.where(np.arange(256) % 17 == 0, 4.0, 1.0).astype(np.float32)
+             if balanced else None)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        finite = views.within_limit(x, x.dtype)   # as rate.prepare_leaf passes it
+        start = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        found = views.find_outliers(x, view, finite=finite, col_scale=scale)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * x.nbytes, peak / x.nbytes
+    monkeypatch.setattr(views, "read_matrix", lambda a, v: v.to_matrix(a))
+    copied = views.find_outliers(x, view, col_scale=scale)
+    np.testing.assert_array_equal(found.index, copied.index)
+    np.testing.assert_array_equal(found.values, copied.values)
+    assert found.count >= 2
