@@ -278,6 +278,30 @@ def test_custom_call_rounds_tiny_weights_like_numpy(dtype):
     np.testing.assert_array_equal(_bits(out), _bits(expected))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_custom_call_keeps_float32_subnormals_as_the_kernel_does(dtype):
+    """Found by review: XLA runs its CPU threads with flush-to-zero and
+    denormals-are-zero set, so the custom call read subnormal row maps as 0
+    and flushed subnormal results, where the CUDA kernel (and its CPU
+    harness) keeps them: weights around 1e-39 decoded to 0 on the CPU."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((256, 512)) * 1e-39).astype(np.float32)
+    enc = jaxjpeg.encode_tensor(x, bits=8, quant_step=2, restart_interval=4,
+                                tile_shape=(128, 256))
+    plan = codec.build_plan([enc], [dtype])
+    (out,) = _decode_checked(plan)
+    harness = np.full(plan.output_shapes[0], np.nan, dtype)
+    _native.run_plan_kernel_harness(plan.payload, plan.interval_starts, plan.tiles, plan.tables,
+                                    plan.row_scale, plan.row_offset,
+                                    [harness.view(np.uint16) if harness.itemsize == 2 else harness],
+                                    [codec.output_type(dtype)],
+                                    col_scale=plan.col_scale, positions=plan.positions,
+                                    block_map=plan.block_map, whole_outputs=True)
+    if dtype == np.float32:
+        assert np.count_nonzero(np.asarray(out)) > 120_000
+    np.testing.assert_array_equal(_bits(out), _bits(harness))
+
+
 def test_plan_listing_more_intervals_than_a_tile_has_is_refused():
     """An interval index with one interval more than the last tile holds: the
     extra interval would decode nothing and leave no trace. Refused by the

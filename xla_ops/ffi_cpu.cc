@@ -12,6 +12,7 @@
 
 #include "cpu_executor.h"
 #include "ffi_decode.h"
+#include "float_modes.h"
 #include "plan_coverage.h"
 
 namespace jaxjpeg {
@@ -32,6 +33,7 @@ struct PoolLoop {
 
   void Work() {
     active.fetch_add(1);
+    KeepSubnormals modes;  // XLA's threads flush them; the GPU does not
     WorkerTables tables;
     for (int64_t start; (start = next.fetch_add(chunk)) < num_intervals;) {
       const int64_t stop = std::min(num_intervals, start + chunk);
