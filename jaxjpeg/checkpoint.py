@@ -853,9 +853,10 @@ def _error_bound_encoder(bound, bits, leaf_coder):
     from jaxjpeg import rate
 
     def encode(name, array):
+        layers = leaf_coder.stack_axis(name) if leaf_coder.by_layer(name) else None
         try:
             return rate.encode_for_error(leaf_coder.prepare(name, array), bound, bits=bits,
-                                         **leaf_coder.coding)
+                                         layer_axis=layers, **leaf_coder.coding)
         except rate.BoundUnreachable:
             return None   # stored raw: exact, so within any bound
     return encode
