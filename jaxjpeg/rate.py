@@ -195,9 +195,10 @@ def prepare_leaf(x, importance=None, view: str = "auto",
     outliers = ((None if plain else analysis.no_far_values(x, view))
                 or views.find_outliers(x, view, finite=finite, as_float32=x32))
     scales = None   # column scales balancing loud slices or inputs (views.loud_column_scales)
-    loud = (_loud_slices(probe, outliers, shards, stack, view)
-            if may_balance and not quantized_vectors.is_sparse(x) else None)   # a pruned leaf:
-    if loud is not None:                                                     # its exact zeros
+    loud = _loud_slices(probe, outliers, shards, stack, view) if may_balance else None
+    if loud is not None and quantized_vectors.is_sparse(x):   # a pruned leaf: its exact zeros
+        loud = None
+    if loud is not None:
         view, scales = loud
         # their values are not far once balanced (found by review: looked at
         # unbalanced, the side list took most of them and nothing was balanced)

@@ -670,10 +670,10 @@ def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = 
                         regions=None, unbalanced: MatrixView | None = None
                         ) -> tuple[MatrixView, np.ndarray, np.ndarray] | None:
     """(:func:`stacked_loud_view`, its column scales, which of its columns
-    are loud) where some layer of
-    a leaf stacking layers along ``stack`` has loud slices along ``axis``
-    (:func:`_loud_apart`, each layer's own, from its slices' RMS without the
-    values at the sorted flat positions ``without``), or None. Each column is
+    are loud) where some layer of a leaf stacking layers along ``stack`` has
+    loud slices along one of its axes (:func:`_loud_apart`, each layer's
+    own, from its slices' RMS without the values at the sorted flat
+    positions ``without``), or None. Each column is
     one layer's slice: its scale is its excess over the layer's loud bound
     times the layer's balanced RMS over the quietest layer's, so that every
     layer, its loud slices balanced, is coded at one relative step (what
