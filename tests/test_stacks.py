@@ -649,3 +649,17 @@ def test_error_bound_holds_for_each_layer_of_a_stack(tmp_path, loud):
     errors = [np.linalg.norm(back[l] - x[l]) / np.linalg.norm(x[l].astype(np.float64))
               for l in range(6)]
     assert max(errors) <= 0.05 * 1.001 and sorted(errors)[1] > 0.045, errors
+
+
+def test_a_layer_too_small_to_code_does_not_send_its_stack_raw_under_error_bound(tmp_path):
+    """Found by review: held to the bound, a layer of values around 1e-45
+    (which saved alone is stored raw) sent its whole stack raw, 5.8x the
+    file; such layers are not held to it, the others are."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 128, 256)).astype(np.float32)
+    x[2] = (rng.integers(-3, 4, (128, 256)) * 1.4e-45).astype(np.float32)
+    report = jaxjpeg.save(tmp_path / "s.jjpg", {"layers": {"w": x}}, error_bound=0.05)
+    assert report.leaves[0].kind == "jpeg" and report.file_bytes < 0.3 * x.nbytes
+    back = np.asarray(jaxjpeg.restore(tmp_path / "s.jjpg")["layers"]["w"], np.float64)
+    for layer in (0, 1, 3, 4, 5):
+        assert np.linalg.norm(back[layer] - x[layer]) <= 0.05 * np.linalg.norm(x[layer]) * 1.001
