@@ -189,7 +189,7 @@ def hide_far_values(matrix: np.ndarray, suspect: np.ndarray,
     (found by review: all at once, the rows of heavy-tailed leaves, most of
     them suspect, took six leaf-sized temporaries, and a default save of a
     1 GB CNN held 13 of its 38 MB leaves)."""
-    step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+    step = views.rows_per_block(matrix)
     for start in range(0, suspect.size, step):
         rows = np.asarray(matrix[suspect[start:start + step]], np.float32)
         if views.far_from_row_mean(rows, None, (1 - OUTLIER_MARGIN) * sigmas).any():
@@ -215,7 +215,7 @@ def has_gross_values(rows: SliceStats, matrix: np.ndarray) -> bool:
     crowded = False
     if bound is not None:
         loud = np.flatnonzero(rms > (1 - OUTLIER_MARGIN) * bound)
-        step = max(1, views.ROW_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+        step = views.rows_per_block(matrix)
         for i in range(0, loud.size, step):
             gross, past_share = views.gross_prospects(matrix[loud[i:i + step]], bound,
                                                       OUTLIER_MARGIN)
