@@ -594,14 +594,16 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray], regions=None,
         excess = _loud_apart(power)
         if excess is not None:
             found[a] = (power[excess == 1].mean() / power.mean(), excess)
-    # adjacent axes as one only where they hold the loudness in fewer
-    # values than one of them alone (a few dimensions of one head, not the
-    # head), which then gives way
+    # two axes as one only where they hold the loudness in at most
+    # MERGED_FEWER of the values one of them alone does (a few dimensions of
+    # one head, not the head), which then gives way (found by review: 2%
+    # fewer, a (4096, 64, 16) leaf's loud rows took 65,536 column scales
+    # instead of 4,096, its file 2.6% larger and 7% worse at 8x)
     def loud_values(a):
         return np.sum(found[a][1] > 1) * (size // found[a][1].size)
     for group in [a for a in found if isinstance(a, tuple)]:
         alone = [a for a in group if a in found]
-        if any(loud_values(group) >= loud_values(a) for a in alone):
+        if any(loud_values(group) > MERGED_FEWER * loud_values(a) for a in alone):
             del found[group]
         else:
             for a in alone:
@@ -628,6 +630,7 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray], regions=None,
 # mean power of the slices of each axis they lie along (in under half of
 # them) 4x the median's (heads' scales spread lognormally, sigma 0.5: 1.3x).
 MERGED_PROSPECT = 2.0
+MERGED_FEWER = 0.5
 
 
 def merged_rms(x: np.ndarray, rms: Sequence[np.ndarray],
