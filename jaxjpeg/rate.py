@@ -751,10 +751,9 @@ def _layers_measure(p: codec.Prepared, axis: int):
     layer_of = np.unravel_index(np.arange(p.view.matrix_shape(original.shape)[side]),
                                 [original.shape[a] for a in axes])[axes.index(axis)]
     layers = original.shape[axis]
-    kept = None if p.outliers is None else p.outliers.index
-    norms = np.array([finite_norm2(np.take(original, layer, axis=axis),
-                                   None if kept is None else _within_layer(
-                                       kept, original.shape, axis, layer))
+    kept = views.layer_positions(original.shape, axis,
+                                 None if p.outliers is None else p.outliers.index)
+    norms = np.array([finite_norm2(np.take(original, layer, axis=axis), kept.get(layer))
                       for layer in range(layers)])
     held = norms > MIN_CODED_RMS ** 2 * (original.size // max(1, layers))
     total = float(norms.sum())
@@ -784,15 +783,6 @@ def _layers_measure(p: codec.Prepared, axis: int):
         worst = float(relative[held].max()) if held.any() else 0.0
         return enc, worst * total
     return measure
-
-
-def _within_layer(flat_index: np.ndarray, shape, axis: int, layer: int) -> np.ndarray:
-    """The positions in layer ``layer`` (along ``axis``) of the flat
-    positions ``flat_index`` of a tensor of ``shape``, flat in the layer."""
-    at = np.unravel_index(np.asarray(flat_index, np.int64), shape)
-    inside = at[axis] == layer
-    others = [a for a in range(len(shape)) if a != axis]
-    return np.ravel_multi_index([at[a][inside] for a in others], [shape[a] for a in others])
 
 
 def _largest_step_within(p: codec.Prepared, bits, budget, options, measure=None):

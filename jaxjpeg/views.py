@@ -575,8 +575,8 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray], regions=None,
     RMS, :func:`axis_rms`) hold most of a leaf's energy, or None; its
     slices are MIN_CHANNEL or more, of LOUD_MIN_ROWS values or more. Of
     two, the one whose quiet slices are quieter. ``merged`` ({axes: RMS of
-    each slice of those adjacent axes taken as one}, :func:`merged_rms`)
-    adds them as candidates (the axis returned is then that tuple).
+    each slice of those two axes taken as one}, :func:`merged_rms`) adds
+    them as candidates (the axis returned is then that tuple).
 
     ``regions`` (the shards of a sharded array): where the view coded
     without balancing (:func:`view_from_rms`) lets each shard decode tiles
@@ -624,7 +624,7 @@ def loud_slices(shape: Sequence[int], rms: Sequence[np.ndarray], regions=None,
     return axis, _stored_exactly(found[axis][1])
 
 
-# A 3-D leaf's adjacent axes are looked at as one (merged_rms) only where
+# A 3-D leaf's pairs of axes are looked at as one (merged_rms) only where
 # one of them has slices whose RMS over all is this many times the median
 # slice's: loud cells holding most of the energy (LOUD_SHARE_RMS) make the
 # mean power of the slices of each axis they lie along (in under half of
@@ -665,9 +665,7 @@ def merged_rms(x: np.ndarray, rms: Sequence[np.ndarray],
                                                                       x.shape[2])
             out[(a, b)] = axis_rms(x.reshape(shape), without)[a]
         else:   # the first and last: each first-axis slice's columns (a stack's layers' own)
-            kept = _layer_positions(x.shape, 0, without)
-            out[(a, b)] = np.concatenate([axis_rms(x[i], kept.get(i))[1]
-                                          for i in range(x.shape[0])])
+            out[(a, b)] = np.concatenate([rms[1] for _, _, rms in layers_rms(x, 0, without)])
     return out
 
 
@@ -703,13 +701,9 @@ def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = 
     if not axes or shape[stack] < 1:
         return None
     power = {a: np.zeros((shape[stack], shape[a])) for a in axes}
-    kept = _layer_positions(shape, stack, without)
-    for layer in range(shape[stack]):
-        values = np.take(x, layer, axis=stack)
-        coded = values if layer not in kept else np.delete(values.reshape(-1), kept[layer])
+    for layer, coded, rms in layers_rms(x, stack, without):
         if coded.size and coded.min() == coded.max():
             return None   # a constant layer: exact only on its own rows' offsets
-        rms = axis_rms(values, kept.get(layer))
         for a in axes:
             power[a][layer] = np.square(rms[inner.index(a)])
     found = {}
@@ -742,7 +736,18 @@ def stacked_loud_slices(x: np.ndarray, stack: int, without: np.ndarray | None = 
     return view, _stored_exactly(scale.reshape(-1)), excess.reshape(-1) > 1
 
 
-def _layer_positions(shape, stack: int, flat_index: np.ndarray | None) -> dict[int, np.ndarray]:
+def layers_rms(x: np.ndarray, stack: int, without: np.ndarray | None = None):
+    """Yields (layer, its values but those at the sorted flat positions
+    ``without``, :func:`axis_rms` of the layer without them) for each layer
+    of ``x`` along axis ``stack``."""
+    kept = layer_positions(x.shape, stack, without)
+    for layer in range(x.shape[stack]):
+        values = np.take(x, layer, axis=stack)
+        coded = values if layer not in kept else np.delete(values.reshape(-1), kept[layer])
+        yield layer, coded, axis_rms(values, kept.get(layer))
+
+
+def layer_positions(shape, stack: int, flat_index: np.ndarray | None) -> dict[int, np.ndarray]:
     """{layer: sorted flat positions within the layer} of the C-order flat
     positions ``flat_index`` of a tensor of ``shape`` stacking layers along ``stack``."""
     if flat_index is None or not len(flat_index):
@@ -767,7 +772,7 @@ def stacked_loud_view(shape: Sequence[int], stack: int, axis: int,
 
 
 def loud_view(shape: Sequence[int], axis: int | tuple, lead: Sequence[int] = ()) -> MatrixView:
-    """The view with ``axis`` (or adjacent axes, a tuple, as one) alone on
+    """The view with ``axis`` (or two axes, a tuple, as one) alone on
     the columns (its loud slices become columns to balance), the other
     axes on rows, larger first (ties: their order), so every layout of the
     same weights gives one matrix; ``lead`` (sharded axes) first among the
