@@ -6,6 +6,8 @@
 #ifndef JAXJPEG_IDCT_ISLOW_H_
 #define JAXJPEG_IDCT_ISLOW_H_
 
+#include <type_traits>
+
 #include "jpeg_defs.h"
 
 namespace jaxjpeg {
@@ -26,9 +28,16 @@ constexpr int32_t k2_053119869 = 16819;
 constexpr int32_t k2_562915447 = 20995;
 constexpr int32_t k3_072711026 = 25172;
 
+// x >> n, arithmetic: the 8-bit accumulator is unsigned (wrapping), but its
+// bits are a two's-complement value and descaling keeps its sign.
+template <typename Acc>
+JJ_HD JJ_INLINE Acc ShiftRight(Acc x, int n) {
+  return static_cast<Acc>(static_cast<std::make_signed_t<Acc>>(x) >> n);
+}
+
 template <typename Acc>
 JJ_HD JJ_INLINE Acc Descale(Acc x, int n) {
-  return (x + (Acc(1) << (n - 1))) >> n;
+  return ShiftRight<Acc>(x + (Acc(1) << (n - 1)), n);
 }
 
 // One 8-point 1-D inverse DCT, outputs descaled by `shift` bits. `in` and
@@ -77,14 +86,18 @@ JJ_HD JJ_INLINE int RangeLimit(int32_t x) {
 
 }  // namespace idct
 
-// Traits of a sample precision: 8-bit uses 32-bit arithmetic (enough for every
-// coefficient a conforming 8-bit stream can carry; overflow wraps, see
-// BUILD.md), 12-bit needs 64 bits like libjpeg's JLONG.
+// Traits of a sample precision: 8-bit uses 32-bit arithmetic like
+// libjpeg-turbo's SIMD code (enough for every coefficient a conforming 8-bit
+// stream can carry). A hostile stream may overflow it, so it is unsigned: the
+// sums wrap by the language's rules on the host and the GPU alike, where
+// signed overflow would be undefined and the device compiler may assume it
+// never happens. 12-bit needs 64 bits like libjpeg's JLONG (it cannot
+// overflow: its inputs are 32-bit).
 template <int kBits>
 struct IdctTraits;
 template <>
 struct IdctTraits<8> {
-  using Acc = int32_t;
+  using Acc = uint32_t;
   static constexpr int kPass1Bits = 2;
 };
 template <>
@@ -105,7 +118,7 @@ template <int kBits, typename Acc>
 JJ_HD JJ_INLINE int32_t DescaleToSample(Acc x, int shift) {
   constexpr int32_t kMax = (1 << kBits) - 1, kCenter = 1 << (kBits - 1);
   const Acc rounded = x + ((Acc(1) << (shift - 1)) + (Acc(kCenter) << shift));
-  const int32_t t = static_cast<int32_t>(rounded >> shift) & (4 * (kMax + 1) - 1);
+  const int32_t t = static_cast<int32_t>(ShiftRight<Acc>(rounded, shift)) & (4 * (kMax + 1) - 1);
   const int32_t high = t < 2 * (kMax + 1) + kCenter ? kMax : 0;
   return t <= kMax ? t : high;
 }

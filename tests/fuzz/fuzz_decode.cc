@@ -3,7 +3,7 @@
 // same path jaxjpeg._native.decode_samples takes (single-threaded here).
 //
 // Build and run (see docs/fuzzing.md):
-//   clang++ -std=c++17 -g -O1 -fwrapv -ffp-contract=off \
+//   clang++ -std=c++17 -g -O1 -ffp-contract=off \
 //     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 //     -I xla_ops tests/fuzz/fuzz_decode.cc xla_ops/stream_header.cc -o /tmp/fuzz_decode
 //   /tmp/fuzz_decode -max_total_time=600 -max_len=65536 /tmp/jj_corpus
