@@ -31,6 +31,7 @@ from jaxjpeg import (analysis, bias_correction, buffers, codec, embeddings, form
                      views)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
+from jaxjpeg.dtypes import packed_nbytes, value_bits
 from jaxjpeg.progress import progress as progress_bar
 from jaxjpeg.recurrent import RECURRENT_STEP_FACTOR, recurrent_leaves
 from jaxjpeg.checkpoint_reader import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JPEG_DTYPES,
@@ -420,8 +421,9 @@ def _check_storable(name: str, array: np.ndarray) -> None:
         parse_dtype(str(array.dtype))
     except fmt.FormatError:
         raise layout.Unstorable(f"leaf {name!r} has dtype {array.dtype}: checkpoints hold "
-                                "numeric (up to float64 and complex128), bool, bfloat16 and "
-                                "float8 arrays only") from None
+                                "numeric (up to float64 and complex128), bool and ml_dtypes' "
+                                "(bfloat16, float8, float6, float4, int4, uint4, int2, uint2) "
+                                "arrays only") from None
 
 
 def _jpeg_blobs(index: int, enc: codec.EncodedTensor) -> tuple[list, dict, int]:
@@ -2187,7 +2189,7 @@ class _Save:
         record = {"path": leaf.records, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
                   "kind": TIED, "tied_to": first}
         return record, LeafReport(leaf.name, leaf.shape, str(leaf.dtype), first_report.kind,
-                                  leaf.nbytes, 0, f"stored once with {first_report.path} "
+                                  packed_nbytes(leaf.size, leaf.dtype), 0, f"stored once with {first_report.path} "
                                   "(the same values)", first_report.exact, first_report.path)
 
     def storing_phases(self, items: list) -> list:
@@ -2390,7 +2392,7 @@ class _Save:
             note = "; ".join(filter(None, [note, "moved by bias correction (the mean shift "
                                                  "its weights' coding adds to the outputs)"]))
         return blobs, record, LeafReport(name, array.shape, str(array.dtype), record["kind"],
-                                         array.nbytes, stored, note,
+                                         packed_nbytes(array.size, array.dtype), stored, note,
                                          layout.stored_exactly(record) and not moved), warning
 
 
@@ -2689,6 +2691,9 @@ def _exact_bytes(array: np.ndarray) -> int:
     sliced = _sliced_grid_exactly(array)   # its codes, smaller than any deflated planes
     if sliced is not None:
         return _nbytes(sliced)
+    packed = _packed_codes(array)   # a sub-byte leaf's values, as they are stored
+    if packed is not None:
+        flat = packed
     share = _sampled_deflate_share(flat)
     if share > DEFLATE_PAYS:
         return flat.nbytes
@@ -2734,6 +2739,9 @@ def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.
     packed = _deflated(array)
     options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
                else (np.ascontiguousarray(array), {"kind": "raw"})]
+    low_bits = _packed_blob(array)
+    if low_bits is not None:
+        options.append(low_bits)
     half = _half_exactly(array)
     if half is not None:
         options.append(_half_blob(half))
@@ -2745,6 +2753,31 @@ def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.
     elif not few and (wide := _sliced_grid_exactly(array, quantized_slices.WIDE_LEVELS)):
         options.append(wide)   # 8-bit codes, where a byte target keeps such a leaf exact
     return _exactly(min(options, key=_nbytes))
+
+
+def _packed_codes(array: np.ndarray) -> np.ndarray | None:
+    """A sub-byte leaf's (int4, float4_e2m1fn, ...) values' bits packed
+    (layout.pack_low_bits); None for other dtypes, or where a byte holds bits
+    above its value's (a view of other bytes: they would not come back)."""
+    width = value_bits(array.dtype)
+    if width >= 8:
+        return None
+    codes = array.reshape(-1).view(np.uint8)
+    if np.any(codes >> width):
+        return None
+    return layout.pack_low_bits(codes, width)
+
+
+def _packed_blob(array: np.ndarray) -> tuple | None:
+    """(blob, record fields) of a sub-byte leaf as its packed bits
+    (layout.PACKED), deflated where that is smaller; None where _packed_codes is."""
+    packed = _packed_codes(array)
+    if packed is None:
+        return None
+    deflated = _deflated(packed)
+    if deflated is not None:
+        return deflated, {"kind": "raw", "stored": layout.PACKED, "deflated": True}
+    return packed, {"kind": "raw", "stored": layout.PACKED}
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:

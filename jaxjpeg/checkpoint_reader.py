@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import ml_dtypes
 import numpy as np
 
 from jaxjpeg import (_native, format as fmt, layout, prng_keys, quantized_slices,
                      quantized_vectors, storage)
+from jaxjpeg.dtypes import ML_DTYPE_NAMES, numpy_dtype, packed_nbytes, value_bits
 from jaxjpeg.treepaths import path_string
 from jaxjpeg.views import MatrixView, Outliers
 
@@ -50,6 +50,7 @@ class SavedLeaf:
     outliers: int = 0                         # values kept exactly
     stored_dtype: np.dtype | None = None      # raw leaves: the blob's dtype (None: the leaf's)
     deflated: bool = False                    # raw float16 leaves: as deflated byte planes
+    packed_bits: int = 0                      # raw sub-byte leaves: bits a value (layout.PACKED)
     quantized: dict | None = None             # raw leaves on a step: quantized_vectors' fields
     prng_impl: str | None = None              # raw uint32 leaves: key data of typed PRNG keys
     square_of: int | None = None              # a centered second moment: its first's index
@@ -66,15 +67,11 @@ class SavedLeaf:
         return (self.view or MatrixView.default(len(self.shape))).matrix_shape(self.shape)
 
 
-# Dtypes numpy spells only through ml_dtypes; stored as raw leaves (bfloat16 may be coded).
-_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
 def parse_dtype(name: str) -> np.dtype:
     """A leaf's dtype from its recorded name: numeric, bool or an ml_dtypes
     float, in native byte order (the writer stores every leaf native)."""
-    if name in _ML_DTYPES:
-        return np.dtype(getattr(ml_dtypes, name))
+    if name in ML_DTYPE_NAMES:
+        return numpy_dtype(name)
     try:
         dtype = np.dtype(name)
     except TypeError:
@@ -205,12 +202,15 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         # by review); numpy takes at most 2**62 elements.
         # A sparse quantized leaf's bitmap is deflated: at most 8 values a
         # bit and zlib's 1032 bytes a byte.
-        # Deflated raw values, zlib's 1032 bytes a byte at most.
+        # Deflated raw values, zlib's 1032 bytes a byte at most (packed: up to
+        # 4 values a byte).
         # A tied leaf's shape is its first's (checked below), bounded so.
         per_byte = (8 * 1032 if record.get("kind") == "raw"
                     and record.get("stored") in ("quantized", quantized_slices.STORED,
                                                  quantized_slices.STORED_GROUPS)
                     and "nonzeros" in record
+                    else 1032 * 4 if record.get("kind") == "raw" and record.get("deflated") is True
+                    and record.get("stored") == layout.PACKED   # int2: 4 values a byte
                     else 1032 if record.get("kind") == "raw" and record.get("deflated") is True
                     else math.inf if record.get("kind") == TIED
                     else 256)
@@ -238,6 +238,12 @@ def _parse_leaf(index: int, record: dict, file_size: int,
                 except ValueError as e:
                     raise fmt.FormatError(str(e)) from None
                 return dataclasses.replace(leaf, quantized=fields)
+            if stored == layout.PACKED and value_bits(leaf.dtype) < 8:
+                deflated = record.get("deflated", False)
+                if type(deflated) is not bool:
+                    raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
+                return dataclasses.replace(leaf, packed_bits=value_bits(leaf.dtype),
+                                           deflated=deflated)
             if stored == STORED_ABOVE_SQUARE:
                 return _centered_leaf(leaf, record)
             if stored in (quantized_slices.STORED, quantized_slices.STORED_GROUPS):
@@ -436,6 +442,8 @@ class Checkpoint:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} restores values beyond "
                                       f"{leaf.dtype}'s range")
             return values
+        if leaf.packed_bits:
+            return self._unpacked(leaf, data)
         stored = leaf.stored_dtype or leaf.dtype
         if leaf.deflated:
             try:
@@ -452,6 +460,21 @@ class Checkpoint:
             raise fmt.FormatError(f"{self.path}: {leaf.path} is bool but holds bytes other "
                                   "than 0 and 1")
         return np.frombuffer(data, stored).reshape(leaf.shape).astype(leaf.dtype, copy=False)
+
+    def _unpacked(self, leaf: SavedLeaf, data) -> np.ndarray:
+        """A sub-byte leaf's values from their packed bits (layout.PACKED)."""
+        count = math.prod(leaf.shape)
+        expected = packed_nbytes(count, leaf.dtype)
+        try:
+            packed = (layout.inflate_planes(data, np.uint8, expected) if leaf.deflated
+                      else np.frombuffer(data, np.uint8))
+        except ValueError as e:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
+        if packed.size != expected:
+            raise fmt.FormatError(f"{self.path}: {leaf.path} holds {packed.size} packed bytes, "
+                                  f"expected {expected}")
+        return (layout.unpack_low_bits(packed, leaf.packed_bits, count).view(leaf.dtype)
+                .reshape(leaf.shape))
 
     def read_col_scale(self, leaf: SavedLeaf) -> np.ndarray | None:
         """float32 [cols] column scales, or None for a leaf without them."""

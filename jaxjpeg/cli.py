@@ -284,10 +284,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from jaxjpeg.dtypes import packed_nbytes
+
     with _open_checkpoint(args.ckpt, verify=False) as ckpt:
         rows = []
         for leaf in ckpt.leaves:
-            raw = math.prod(leaf.shape) * leaf.dtype.itemsize
+            raw = packed_nbytes(math.prod(leaf.shape), leaf.dtype)
             kind = f"jpeg{leaf.bits}" if leaf.kind == "jpeg" else "raw"
             # Checkpoint() has refused files missing any of these blobs.
             if leaf.stored_dtype is not None:
@@ -298,9 +300,11 @@ def cmd_inspect(args) -> int:
                         else f"raw-{leaf.quantized['domain']}-step")
             if leaf.square_of is not None:   # a centered moment: + that leaf's square
                 kind = f"raw-variance+sq({ckpt.leaves[leaf.square_of].path})"
+            elif leaf.packed_bits:
+                kind = f"raw-packed{leaf.packed_bits}" + ("-deflated" if leaf.deflated else "")
             elif leaf.deflated and leaf.stored_dtype is None and leaf.quantized is None:
                 kind = "raw-deflated"
-            if leaf.exact and kind != "raw" and kind != "raw-deflated":
+            if leaf.exact and kind != "raw" and kind != "raw-deflated" and not leaf.packed_bits:
                 kind += "(exact)"   # a smaller form that holds every value
             if leaf.tied_to is not None:   # its bytes are counted once, at its first
                 kind, stored = f"tied({ckpt.leaves[leaf.tied_to].path})", 0

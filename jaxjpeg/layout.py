@@ -86,6 +86,40 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
     return zlib.compress(np.ascontiguousarray(planes.T).tobytes(), level)
 
 
+# The record's "stored" value for a leaf of a sub-byte dtype (int4, uint4,
+# int2, uint2, float4_e2m1fn: numpy keeps one value per byte) as its values'
+# low bits, 8 // bits to a byte, the first value in the lowest bits; its
+# "deflated" says whether those bytes are deflated. Deflating one byte per
+# value instead took 4.10 bits a value on int4 weights, packed 3.48.
+PACKED = "packed"
+
+
+def pack_low_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """The low ``width`` bits (1, 2 or 4) of every byte of ``values``
+    (one-byte items), 8 // width to a uint8, first in the lowest bits."""
+    per = 8 // width
+    codes = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    whole = codes.size // per * per
+    packed = np.zeros(-(-codes.size // per), np.uint8)
+    groups = codes[:whole].reshape(-1, per)
+    tail = codes[whole:]
+    for k in range(per):
+        packed[:groups.shape[0]] |= (groups[:, k] & ((1 << width) - 1)) << (k * width)
+        if k < tail.size:
+            packed[-1] |= (tail[k] & ((1 << width) - 1)) << (k * width)
+    return packed
+
+
+def unpack_low_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """The ``count`` bytes :func:`pack_low_bits` packed (uint8, each its
+    value's low ``width`` bits)."""
+    per = 8 // width
+    out = np.empty((packed.size, per), np.uint8)
+    for k in range(per):
+        np.bitwise_and(packed >> (k * width), (1 << width) - 1, out=out[:, k])
+    return out.reshape(-1)[:count]
+
+
 def inflate_planes(data, dtype, count: int) -> np.ndarray:
     """The ``count`` values of ``dtype`` :func:`deflate_planes` stored in
     ``data``; ValueError unless it inflates to exactly that many (never more

@@ -35,11 +35,11 @@ import threading
 import urllib.parse
 import zlib
 
-import ml_dtypes
 import numpy as np
 
 from jaxjpeg import format as fmt
 from jaxjpeg import storage
+from jaxjpeg.dtypes import ML_DTYPE_NAMES, numpy_dtype
 
 __all__ = ["Source", "SourceError", "load_source", "open_source"]
 
@@ -50,7 +50,6 @@ MAX_EXPANSION = 1024
 EXPANSION_FLOOR = 64 * 2**20
 MAX_MSGPACK_BYTES = 64 * 2**30
 _JAXJPEG_MAGIC = b"\x89JAXJPG\n"
-_ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 # The stores Orbax (tensorstore) reads checkpoints from, besides local paths.
 _ORBAX_SCHEMES = ("gs", "s3")
 
@@ -223,7 +222,7 @@ def _check_leaves(path: str, tree):
             raise SourceError(f"{path}: leaf {path_string(records)[:200]!r} is a "
                               f"{type(leaf).__name__}, not an array")
         dtype = np.asarray(leaf).dtype
-        if dtype.kind not in "biufc" and dtype.name not in _ML_DTYPE_NAMES:
+        if dtype.kind not in "biufc" and dtype.name not in ML_DTYPE_NAMES:
             raise SourceError(f"{path}: leaf {path_string(records)[:200]!r} has dtype "
                               f"{dtype}, not a numeric one")
     return jax.tree_util.tree_map(np.asarray, tree)
@@ -253,10 +252,6 @@ MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own cap on its JSON 
 MAX_INDEX_BYTES = 64 * 2**20
 MAX_ORBAX_PROCESSES = 4096   # array_metadatas/process_<i> files read at most
 MAX_DIMS = 64
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    return np.dtype(getattr(ml_dtypes, name) if name in _ML_DTYPE_NAMES else name)
 
 
 def _safetensors_shards(path: str, kind: str, files: _Files) -> dict[str, set | None] | None:
@@ -402,7 +397,7 @@ def _safetensors_entry(file: str, name: str, entry, data_size: int):
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(
             type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise bad(f"data_offsets must be [begin, end] inside the {data_size} data bytes")
-    dtype = _numpy_dtype(SAFETENSORS_DTYPES[kind])
+    dtype = numpy_dtype(SAFETENSORS_DTYPES[kind])
     if dtype.kind in "biufc":
         dtype = dtype.newbyteorder("<")   # the format is little-endian
     if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
@@ -553,7 +548,7 @@ def _npy_header(path: str, member: str, head: bytes):
     except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as e:
         raise SourceError(f"{path}: member {member!r:.200} is not a .npy array "
                           f"({_first_line(e)})") from None
-    if dtype.hasobject or (dtype.kind not in "biufc" and dtype.name not in _ML_DTYPE_NAMES):
+    if dtype.hasobject or (dtype.kind not in "biufc" and dtype.name not in ML_DTYPE_NAMES):
         raise SourceError(f"{path}: member {member!r:.200} has dtype {dtype}, not a numeric one")
     if len(shape) > MAX_DIMS:
         raise SourceError(f"{path}: member {member!r:.200} has more than {MAX_DIMS} axes")
@@ -956,7 +951,7 @@ def _orbax_item_leaves(directory: str) -> list:
         except TypeError:
             dtype = None
         if shape is None or dtype is None or (dtype.kind not in "biufc"
-                                              and dtype.name not in _ML_DTYPE_NAMES):
+                                              and dtype.name not in ML_DTYPE_NAMES):
             raise SourceError(f"{directory}: leaf {path_string(records)[:200]!r} is not a "
                               "numeric array")
         leaves.append(_orbax_leaf(directory, records, tuple(shape), dtype,
