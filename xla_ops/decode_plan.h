@@ -348,6 +348,10 @@ JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, Interval
   if (p.num_tiles < 1) return false;
   if (i < p.num_tiles && !TileIntervalsValid(p, i)) return false;
   const int64_t t = FindTileFrom(p, i, tile_hint);
+  // Its tile's intervals too, before they are subtracted: another tile's
+  // first interval may be anything (INT64_MIN), and signed overflow is
+  // undefined on the GPU, which reads tile tables the host never checked.
+  if (t != i && !TileIntervalsValid(p, t)) return false;
   const int64_t* tile = p.tiles + t * kTileColumns;
   w->tile = tile;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu_executor.h"
@@ -85,6 +86,38 @@ void DecodePlacedTransposed(const jaxjpeg::DecodePlan& strided, const int64_t* t
   }
 }
 
+// A tile table of the stream's tile plus tiles whose first intervals are
+// extreme (INT64_MIN; -1 then INT64_MAX): every executor refuses the plan,
+// and computing an interval's place in such a tile must not overflow (found
+// by review: i - first and next - first were signed overflow, undefined on
+// the GPU, which reads tile tables the host never checked).
+void RefuseExtremeTileFirsts(const jaxjpeg::DecodePlan& plan, const int64_t* tile) {
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  const std::vector<std::vector<int64_t>> cases = {{kMin}, {-1, kMax}};
+  for (const std::vector<int64_t>& firsts : cases) {
+    const int64_t num_tiles = 1 + static_cast<int64_t>(firsts.size());
+    if (num_tiles > plan.num_intervals) continue;  // PlanShapeError refuses it first
+    std::vector<int64_t> tiles(tile, tile + jaxjpeg::kTileColumns);
+    for (int64_t first : firsts) {
+      tiles.insert(tiles.end(), tile, tile + jaxjpeg::kTileColumns);
+      tiles[tiles.size() - jaxjpeg::kTileColumns + jaxjpeg::kTileFirstInterval] = first;
+    }
+    jaxjpeg::DecodePlan hostile = plan;
+    hostile.tiles = tiles.data();
+    hostile.num_tiles = num_tiles;
+    int32_t host = jaxjpeg::kPlanOk;
+    jaxjpeg::WorkerTables tables;
+    for (int64_t i = 0; i < hostile.num_intervals; ++i) {
+      const int32_t s = jaxjpeg::DecodePlanInterval(hostile, i, tables);
+      if (s < host) host = s;
+    }
+    if (host == jaxjpeg::kPlanOk || jaxjpeg::RunKernelHarness(hostile) == jaxjpeg::kPlanOk) {
+      std::abort();
+    }
+  }
+}
+
 // The same interval again through the decode-plan executor body with a
 // float32 affine output, as run_plan and the custom call do; then through
 // the CUDA decode's CPU harness (destuff pass, destuffed reader, block map),
@@ -140,6 +173,7 @@ void DecodeAsPlan(const uint8_t* data, int64_t size, const jaxjpeg::StreamInfo& 
     std::abort();
   }
   DecodePlacedTransposed(plan, tile, host, out);
+  RefuseExtremeTileFirsts(plan, tile);
 }
 
 }  // namespace
