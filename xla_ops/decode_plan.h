@@ -348,10 +348,6 @@ JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, Interval
   if (p.num_tiles < 1) return false;
   if (i < p.num_tiles && !TileIntervalsValid(p, i)) return false;
   const int64_t t = FindTileFrom(p, i, tile_hint);
-  // Its tile's intervals too, before they are subtracted: another tile's
-  // first interval may be anything (INT64_MIN), and signed overflow is
-  // undefined on the GPU, which reads tile tables the host never checked.
-  if (t != i && !TileIntervalsValid(p, t)) return false;
   const int64_t* tile = p.tiles + t * kTileColumns;
   w->tile = tile;
   const int64_t width = tile[kTileWidth], height = tile[kTileHeight];
@@ -366,14 +362,19 @@ JJ_HD inline bool ResolveIntervalBlocks(const DecodePlan& p, int64_t i, Interval
   const int32_t blocks = static_cast<int32_t>(((width + 7) / 8) * ((height + 7) / 8));
   const int64_t restart = tile[kTileRestartInterval];
   const int32_t per = restart > 0 && restart < blocks ? static_cast<int32_t>(restart) : blocks;
-  const int64_t k = i - tile[kTileFirstInterval];
+  // Differences of interval numbers wrap (unsigned): another tile's first
+  // interval may be anything (INT64_MIN), signed overflow is undefined on the
+  // GPU, which reads tile tables the host never checked, and a negative
+  // difference wraps to one no tile's interval count reaches.
+  const uint64_t first = static_cast<uint64_t>(tile[kTileFirstInterval]);
+  const uint64_t k = static_cast<uint64_t>(i) - first;
   const int32_t intervals = (blocks + per - 1) / per;
-  if (k < 0 || k >= intervals) return false;
+  if (k >= static_cast<uint64_t>(intervals)) return false;
   // The tile owns exactly the intervals its blocks make: with fewer, blocks
   // past them were never decoded and the plan still succeeded (found by
   // review: uninitialised output through the custom call).
   const int64_t next = t + 1 < p.num_tiles ? TileFirstInterval(p, t + 1) : p.num_intervals;
-  if (next - tile[kTileFirstInterval] != intervals) return false;
+  if (static_cast<uint64_t>(next) - first != static_cast<uint64_t>(intervals)) return false;
   w->first_block = static_cast<int32_t>(k) * per;
   w->num_blocks = blocks - w->first_block < per ? blocks - w->first_block : per;
   // Comparisons by subtraction: the operands are hostile and a sum could
