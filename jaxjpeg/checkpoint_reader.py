@@ -206,8 +206,7 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         # 4 values a byte).
         # A tied leaf's shape is its first's (checked below), bounded so.
         per_byte = (8 * 1032 if record.get("kind") == "raw"
-                    and record.get("stored") in ("quantized", quantized_slices.STORED,
-                                                 quantized_slices.STORED_GROUPS)
+                    and record.get("stored") in ("quantized", *quantized_slices.STORED_NAMES)
                     and "nonzeros" in record
                     else 1032 * 4 if record.get("kind") == "raw" and record.get("deflated") is True
                     and record.get("stored") == layout.PACKED   # int2: 4 values a byte
@@ -246,7 +245,7 @@ def _parse_leaf(index: int, record: dict, file_size: int,
                                            deflated=deflated)
             if stored == STORED_ABOVE_SQUARE:
                 return _centered_leaf(leaf, record)
-            if stored in (quantized_slices.STORED, quantized_slices.STORED_GROUPS):
+            if stored in quantized_slices.STORED_NAMES:
                 return _sliced_leaf(leaf, record)
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "

@@ -31,7 +31,10 @@ where the values round from a step no float of their dtype holds (weights
 quantized in float32, then cast to half precision; smallest / k an ulp off
 a float32 scale) the float32 step within every value's rounding interval
 over its code; found by review, each of these was coded lossily, as were
-leaves whose three probed slices were dead.
+leaves whose three probed slices were dead. Where no float32 step lies
+there (weights quantized with float64 scales, numpy's default, then cast to
+float32) the float64 middle of that interval, stored as float64 steps
+(``stored: "quantized_slices_float64_steps"``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ from jaxjpeg import quantized_vectors
 
 STORED = "quantized_slices"
 STORED_GROUPS = "quantized_groups"
+# Slices on float64 steps: their values round to the leaf's dtype from
+# steps no float32 holds (weights quantized with numpy's float64 scales,
+# then cast to float32: every value moved by JPEG before, found by review).
+# A `stored` value of its own so that readers before it refuse the file.
+STORED_FLOAT64 = "quantized_slices_float64_steps"
+STORED_NAMES = (STORED, STORED_GROUPS, STORED_FLOAT64)
 LEVELS = 16          # values a slice may take (4 bits)
 WIDE_LEVELS = 256    # (8 bits): stored so only where a byte target leaves their bytes
 _SMALLEST_CODES = 8  # a pruned row's smallest code tried up to this
@@ -217,7 +226,7 @@ def _steps_along(array: np.ndarray, axis: int, levels: int, every_slice_alike_re
         if every_slice_alike_refused and np.all(span[0] == span[1]) and np.ptp(
                 span[0] * grid.steps) == 0:
             return None
-        return grid.steps
+        return grid.found_steps()
     return None
 
 
@@ -238,6 +247,8 @@ class _Grid:
     def __init__(self, smallest: np.ndarray, dtype, levels: int = LEVELS):
         self.smallest, self.levels = smallest, levels
         self.steps = np.where(np.isfinite(smallest), smallest, np.float32(1.0)).astype(np.float32)
+        # a row's float64 step where no float32 one lies within its bounds (NaN: none)
+        self.fine = np.full(len(smallest), np.nan)
         self.dtype = np.dtype(dtype)
         self.watched = np.full(len(smallest), self.dtype.itemsize < 4)
         self.start()
@@ -255,7 +266,7 @@ class _Grid:
         steps, a pruned row's step refined first; None where some row is on
         no grid."""
         x = rows.astype(np.float32)
-        codes, miss = _codes(x, self.steps, self.dtype, self.levels)
+        codes, miss = _codes(x, self.steps, self.dtype, self.levels, self.fine)
         if miss.any():
             with np.errstate(invalid="ignore"):   # a finer step only widens the codes
                 if np.any(np.ptp(codes[miss], axis=1) >= self.levels):
@@ -267,7 +278,8 @@ class _Grid:
                 if steps is None:
                     return None
                 self.steps[off], self.rekeyed[off] = steps, True
-                codes, miss = _codes(x, self.steps, self.dtype, self.levels)
+                self.fine[off] = np.nan
+                codes, miss = _codes(x, self.steps, self.dtype, self.levels, self.fine)
             if miss.any() and not np.all(_near(x[miss], codes[miss], self.steps[miss],
                                                self.levels)):
                 return None
@@ -285,13 +297,24 @@ class _Grid:
         low, high = self.bounds[0][bounded], self.bounds[1][bounded]
         if not np.all(low <= high):   # (equal: the scale itself, at two values' ties)
             return False
-        middle = ((low + high) / 2).astype(np.float32)
-        if np.any(middle == self.steps[bounded]):   # off its grid on the step its bounds
-            return False   # give (found by review: every pass again, 3.6 s for None)
-        self.steps[bounded] = middle
+        middle = (low + high) / 2
+        single = middle.astype(np.float32)
+        # Where the float32 middle is the step the row missed on, its values
+        # round from a step no float32 holds: the float64 middle (numpy's
+        # float64 scales, then a cast to float32: found by review).
+        stuck = single == self.steps[bounded]
+        if np.any(stuck & (middle == self.fine[bounded])):   # off its grid on the step its
+            return False   # bounds give (found by review: every pass again, 3.6 s for None)
+        self.steps[bounded] = single
+        self.fine[bounded] = np.where(stuck, middle, np.nan)
         self.watched |= rows | self.rekeyed
         self.changed = bool(self.inexact.any() or self.rekeyed.any())
         return True
+
+    def found_steps(self) -> np.ndarray:
+        """The rows' steps: float32, or float64 where some row needs one."""
+        wide = ~np.isnan(self.fine)
+        return np.where(wide, self.fine, self.steps) if wide.any() else self.steps
 
     def _rekeyed(self, x: np.ndarray, smallest: np.ndarray) -> np.ndarray | None:
         """Per row of ``x``, its smallest magnitude over the code k (1 to
@@ -350,17 +373,33 @@ def _near(x: np.ndarray, codes: np.ndarray, steps: np.ndarray, levels: int) -> n
         return np.all(off, axis=1) & (np.ptp(codes, axis=1) < levels)
 
 
-def _codes(x: np.ndarray, steps: np.ndarray, dtype, levels: int) -> tuple[np.ndarray, np.ndarray]:
+def _codes(x: np.ndarray, steps: np.ndarray, dtype, levels: int,
+           fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes of float32 rows ``x`` on ``steps``, the rows whose values are
     not their codes times their steps rounded to ``dtype`` (-0.0 as 0.0), or
-    whose codes span ``levels`` or more)."""
+    whose codes span ``levels`` or more); the rows ``fine`` gives a float64
+    step (not NaN) on it, as :func:`restore` computes those."""
     steps = steps.astype(np.float32)[:, None]
     with np.errstate(all="ignore"):   # subnormal steps: huge codes, refused
         codes = np.rint(x / steps)
         restored = (codes * steps).astype(dtype).astype(np.float32)
+    wide = None if fine is None else ~np.isnan(fine)
+    if wide is not None and wide.any():
+        step = fine[wide][:, None]
+        with np.errstate(all="ignore"):
+            codes[wide] = np.rint(x[wide] / step)
+            restored[wide] = _values(codes[wide], step).astype(dtype).astype(np.float32)
     miss = (~np.all(np.isfinite(codes), axis=1) | (np.ptp(codes, axis=1) >= levels)
             | ~np.all(restored == x, axis=1))
     return codes, miss
+
+
+def _values(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Codes times their steps as :func:`restore` computes them: in float32
+    on float32 steps, in float64 then rounded to float32 on float64 ones."""
+    if scale.dtype == np.float64:
+        return (codes.astype(np.float64) * scale).astype(np.float32)
+    return codes * scale
 
 
 def _head(x: np.ndarray, count: int) -> np.ndarray:
@@ -394,9 +433,11 @@ def encode(array: np.ndarray, axis: int, steps: np.ndarray,
     x = np.asarray(array, np.float32)
     shape = tuple(array.shape)
     split = _split(shape, axis, group) if group else shape
-    scale = _broadcast(steps, shape, axis, group)
-    codes = x.reshape(split) / scale
-    np.rint(codes, out=codes)   # one leaf-sized copy
+    wide = np.asarray(steps).dtype == np.float64
+    if wide and group:
+        return None   # (groups on float64 steps: not stored so)
+    scale = _broadcast(np.asarray(steps, np.float64 if wide else np.float32), shape, axis, group)
+    codes = _rounded_codes(x.reshape(split), scale)
     if not _restores(x.reshape(split), codes, scale, array.dtype):
         return None
     codes = codes.reshape(shape)
@@ -404,19 +445,34 @@ def encode(array: np.ndarray, axis: int, steps: np.ndarray,
     if coded is None:
         return None
     blob, record = coded
-    record = {**record, "stored": STORED, "slice_axis": axis} if not group else {
-        **record, "stored": STORED_GROUPS, "group_axis": axis, "group_size": group}
+    record = ({**record, "stored": STORED_FLOAT64 if wide else STORED, "slice_axis": axis}
+              if not group else
+              {**record, "stored": STORED_GROUPS, "group_axis": axis, "group_size": group})
     signs = np.signbit(x[codes == 0])
     plane = np.packbits(signs).tobytes() if signs.any() else b""
     if plane:
         record["zero_sign_bytes"] = len(plane)
-    stored_steps = np.asarray(steps, "<f4")
+    stored_steps = np.asarray(steps, "<f8" if wide else "<f4")
     with np.errstate(over="ignore"):
         half = stored_steps.astype("<f2")
     if group and np.all(half.astype(np.float32) == stored_steps) and np.all(half > 0):
         # GPTQ / AWQ scales are float16: a step in 2 bytes (2-16 values' codes share one)
         stored_steps, record["step_bytes"] = half, 2
     return stored_steps.tobytes() + plane + bytes(blob), record
+
+
+def _rounded_codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """rint(x / scale) as float32, one leaf-sized copy (float64 steps: the
+    division in float64, a block at a time)."""
+    if scale.dtype != np.float64:
+        codes = x / scale
+        return np.rint(codes, out=codes)
+    codes = np.empty(x.shape, np.float32)
+    block = max(1, _BLOCK_VALUES // max(1, x[0].size))
+    for i in range(0, x.shape[0], block):
+        part = scale[i:i + block] if scale.shape[0] > 1 else scale
+        codes[i:i + block] = np.rint(x[i:i + block] / part)
+    return codes
 
 
 def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
@@ -443,9 +499,11 @@ def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
     signs = record.get("zero_sign_bytes", 0)
     if type(signs) is not int or signs < 0:
         raise ValueError(f"{where}: bad zero sign size {signs!r:.40}")
-    step_bytes = record.get("step_bytes", 4) if grouped else 4
+    step_bytes = (record.get("step_bytes", 4) if grouped
+                  else 8 if record.get("stored") == STORED_FLOAT64 else 4)
     if type(step_bytes) is not int or step_bytes not in (2, 4):
-        raise ValueError(f"{where}: bad step size {step_bytes!r:.40} (2 or 4 bytes)")
+        if step_bytes != 8 or grouped:
+            raise ValueError(f"{where}: bad step size {step_bytes!r:.40} (2 or 4 bytes)")
     return {**quantized_vectors.check_record(record, where), "slice_axis": axis,
             "group_size": group, "zero_sign_bytes": signs, "step_bytes": step_bytes}
 
@@ -462,13 +520,15 @@ def restore(blob, shape: tuple[int, ...], fields: dict) -> np.ndarray:
         raise ValueError(f"holds {data.size} bytes, fewer than its {count} "
                          f"{'group' if group else 'slice'} steps"
                          + (f" and {sign_bytes} bytes of zero signs" if sign_bytes else ""))
-    steps = data[:head].view(f"<f{fields['step_bytes']}").astype(np.float32)
+    steps = data[:head].view(f"<f{fields['step_bytes']}")
+    steps = steps.astype(np.float64 if fields["step_bytes"] == 8 else np.float32)
     if not np.all(np.isfinite(steps) & (steps > 0)):
         raise ValueError("holds a slice step that is not finite and positive")
     codes = quantized_vectors.decoded_values(data[head + sign_bytes:], math.prod(shape), fields)
     with np.errstate(over="ignore"):
-        values = ((codes.reshape(_split(shape, axis, group)) if group else codes.reshape(shape))
-                  * _broadcast(steps, shape, axis, group)).reshape(shape)
+        values = _values(codes.reshape(_split(shape, axis, group)) if group
+                         else codes.reshape(shape),
+                         _broadcast(steps, shape, axis, group)).reshape(shape)
     codes = codes.reshape(shape)
     if not np.all(np.isfinite(values)):
         raise ValueError("restores values beyond float32's range")
@@ -493,7 +553,7 @@ def _restores(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, dtype) -> boo
     for i in range(0, x.shape[0], block):
         part = scale[i:i + block] if scale.shape[0] > 1 else scale
         with np.errstate(over="ignore"):
-            back = (codes[i:i + block] * part).astype(dtype).astype(np.float32)
+            back = _values(codes[i:i + block], part).astype(dtype).astype(np.float32)
         if not np.array_equal(back, x[i:i + block]):
             return False
     return True
