@@ -410,7 +410,9 @@ def check_decoded_range(leaf: SavedLeaf, maps: "_LeafMaps", dtype) -> None:
                   float(np.max(maps.col_scale, initial=1.0))])
     lo, hi = min(e * c for e in ends for c in cols), max(e * c for e in ends for c in cols)
     if _is_float(dtype):
-        fits = max(-lo, hi) <= _largest(dtype)
+        # (a dtype of no zero and no sign, float8_e8m0fnu, holds no value <= 0:
+        # found by review, such values came back NaN)
+        fits = max(-lo, hi) <= _largest(dtype) and (lo > 0 or ml_dtypes.finfo(dtype).min < 0)
         hint = "restore it as float32 or bfloat16"
     elif _int_limits(dtype) is not None:   # astype truncates towards zero
         limits = _int_limits(dtype)
@@ -947,6 +949,24 @@ def check_values_fit(array: np.ndarray, dtype, name: str) -> None:
                              f"{'NaN but no inf' if _has_nan(placed) else 'neither'}{hint}")
     if _int_limits(array.dtype) is not None and _is_float(placed):
         _check_integers_stay_whole(array, placed, name, hint)
+    if _is_float(placed) and placed != array.dtype:
+        _check_no_new_nan(array, placed, name, hint)
+
+
+def _check_no_new_nan(array: np.ndarray, placed: np.dtype, name: str, hint: str):
+    """Values a float dtype holds nothing near become NaN: refused (found by
+    review: zeros and negatives as float8_e8m0fnu, which holds neither, and
+    float8_e4m3's inf as float8_e4m3fn, which holds none, came back NaN
+    without a word, whatever the dtypes' ranges)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        cast = np.isnan(array.astype(placed))
+        if _is_float(array.dtype):
+            cast &= ~np.isnan(array.astype(np.float32))
+    if cast.any():
+        example = array[cast].flat[0]
+        raise ValueError(f"leaf {name!r}: {int(cast.sum())} of its {array.dtype} values, e.g. "
+                         f"{example}, would become NaN as {placed.name}, which holds no value "
+                         f"near them{hint}")
 
 
 def _check_integers_stay_whole(array: np.ndarray, placed: np.dtype, name: str, hint: str):

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxjpeg import format as fmt, storage
+from jaxjpeg import dtypes, format as fmt, storage
 
 __all__ = ["Prepared", "finish", "plan_owners", "prepare", "save_distributed", "TIMEOUT_S"]
 
@@ -165,6 +165,19 @@ def _dtype(leaf) -> np.dtype:
 
 def _nbytes(leaf) -> int:
     return int(np.prod(np.shape(leaf), dtype=np.int64)) * _dtype(leaf).itemsize
+
+
+def _allgather(leaf) -> np.ndarray:
+    """A global array's values, gathered from every process (a collective).
+    2-bit integers travel as 8-bit ones: XLA's CPU all-gather of int2 /
+    uint2 crashes the process (SIGSEGV; found by review)."""
+    from jax.experimental import multihost_utils
+
+    if dtypes.value_bits(leaf.dtype) < 4 and not dtypes.is_float(leaf.dtype):
+        wide = np.int8 if np.dtype(leaf.dtype).name.startswith("int") else np.uint8
+        return np.asarray(multihost_utils.process_allgather(leaf.astype(wide), tiled=True)
+                          ).astype(leaf.dtype)
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
 
 def _local_copy(leaf, copy: bool = False) -> np.ndarray:
@@ -377,8 +390,7 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
     gathered = {}
     for i, (_, leaf, _) in enumerate(flat):
         if gather[i]:   # every process joins, in leaf order
-            from jax.experimental import multihost_utils
-            array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+            array = _allgather(leaf)
             if owners[i] == me:
                 gathered[i] = array
     # Past the last collective, a process failing alone (reading its leaves

@@ -27,7 +27,7 @@ def value_bits(dtype) -> int:
     float4_e2m1fn, which numpy keeps one per byte."""
     dtype = np.dtype(dtype)
     if dtype.name in ML_DTYPE_NAMES:
-        info = ml_dtypes.iinfo(dtype) if dtype.name.startswith(("int", "uint")) else ml_dtypes.finfo(dtype)
+        info = ml_dtypes.finfo(dtype) if is_float(dtype) else ml_dtypes.iinfo(dtype)
         return info.bits
     return 8 * dtype.itemsize
 
@@ -36,3 +36,12 @@ def packed_nbytes(size: int, dtype) -> int:
     """Bytes of ``size`` values of ``dtype`` packed at :func:`value_bits` each: what
     reports count as a leaf's raw size."""
     return -(-size * value_bits(dtype) // 8)
+
+
+def is_float(dtype) -> bool:
+    """Floating point, ml_dtypes' floats included (numpy calls them and the
+    narrow integers alike kind 'V')."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return True
+    return dtype.name in ML_DTYPE_NAMES and not dtype.name.startswith(("int", "uint"))

@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxjpeg import quantized_vectors as qv
 from jaxjpeg.checkpoint_reader import STORED_ABOVE_SQUARE, quantizable
+from jaxjpeg.dtypes import is_float
 
 # The log2 step: values restore within 2^(1/32) - 1 = 2.2% (1.25% RMS), at
 # about 7-9 bits a value on Adam's moments (float32: 32).
@@ -65,7 +66,8 @@ def is_second_moment(array) -> bool:
     (SPAN_QUANTILE, SPAN_RATIO, ZERO_FRACTION): a second moment, an
     accumulator, a mask, a leaf of such values."""
     a = np.asarray(array)
-    if a.size == 0 or a.dtype.kind not in "fV" or a.dtype.itemsize > 8:
+    # (floats only: a uint4 leaf, kind 'V' as bfloat16 is, overflowed below, found by review)
+    if a.size == 0 or not is_float(a.dtype) or a.dtype.itemsize > 8:
         return False
     flat = a.reshape(-1)
     # Samples decide first: a weight's signs end it in a thousand values

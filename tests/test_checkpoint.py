@@ -1406,32 +1406,39 @@ def test_sub_byte_leaves_are_stored_as_their_bits(tmp_path):
     and reports counted 8 bits a value as their raw size (1.96x "vs the
     stored dtype" for a leaf stored larger than its bits). Packed, then
     deflated: under the dtype's own bits, even for values of full entropy;
-    a view of bytes with bits above the value's still comes back (bit for bit
-    from the file; jax's arrays hold the value's bits only)."""
+    a view of bytes with bits above the value's still comes back: packed
+    where its low bits hold the same values (int8 codes viewed as int4,
+    sign-extended: review), else as the bytes they are (a float4 view, whose
+    high bits change the value)."""
     rng = np.random.default_rng(1)
     tree = {"gauss": _ml_dtype_leaves(rng, (256, 256))["int4"],
             "uniform": rng.integers(-8, 8, (256, 256)).astype(ml_dtypes.int4),
             "crumbs": rng.integers(0, 4, 1001).astype(ml_dtypes.uint2),
             "fp4": rng.standard_normal(999).astype(ml_dtypes.float4_e2m1fn),
-            "view": rng.integers(0, 256, 4096).astype(np.uint8).view(ml_dtypes.int4)}
+            "view": rng.integers(0, 256, 4096).astype(np.uint8).view(ml_dtypes.int4),
+            "codes": rng.integers(-8, 8, 4096).astype(np.int8).view(ml_dtypes.int4),
+            "fp4_view": rng.integers(0, 256, 4096).astype(np.uint8).view(ml_dtypes.float4_e2m1fn)}
     path = tmp_path / "packed.jjpg"
     report = {leaf.path: leaf for leaf in jaxjpeg.save(path, tree).leaves}
-    bits = {"gauss": 4, "uniform": 4, "crumbs": 2, "fp4": 4, "view": 4}
+    bits = {"gauss": 4, "uniform": 4, "crumbs": 2, "fp4": 4, "view": 4, "codes": 4, "fp4_view": 4}
     for name, width in bits.items():
         assert report[name].raw_bytes == -(-tree[name].size * width // 8), name
     assert report["gauss"].bits_per_weight < 3.6            # its entropy: 3.33 bits
     assert report["uniform"].bits_per_weight < 4.02         # 4 bits of entropy: packed, as is
     assert report["crumbs"].stored_bytes <= report["crumbs"].raw_bytes
     restored = jaxjpeg.restore(path)
-    for name, want in tree.items():
-        assert np.array_equal(np.asarray(restored[name]).astype(np.float32),
-                              want.astype(np.float32)), name
+    for name, want in tree.items():   # as jax holds the leaf (a float4 view's high bits
+        as_jax = np.asarray(jnp.asarray(want)).astype(np.float32)   # are not its values there)
+        assert np.array_equal(np.asarray(restored[name]).astype(np.float32), as_jax), name
     with jaxjpeg.open(path) as f:
         assert f.info("uniform").stored_bytes == report["uniform"].stored_bytes
+    assert report["codes"].bits_per_weight < 4.1 and report["view"].bits_per_weight < 4.1
     with ckr.Checkpoint(path) as ckpt:
         for leaf in ckpt.leaves:
-            want = tree[leaf.path]
-            assert np.array_equal(ckpt.read_raw(leaf).view(np.uint8), want.view(np.uint8))
+            want, got = tree[leaf.path], ckpt.read_raw(leaf)
+            assert np.array_equal(got.astype(np.float32).view(np.uint32),
+                                  want.astype(np.float32).view(np.uint32)), leaf.path
+            assert leaf.packed_bits == (0 if leaf.path == "fp4_view" else bits[leaf.path])
 
 
 def test_a_packed_record_on_a_whole_byte_dtype_is_refused(tmp_path):
@@ -1470,6 +1477,34 @@ def test_a_packed_record_on_a_whole_byte_dtype_is_refused(tmp_path):
         meta["leaves"][0]["deflated"] = False
     with pytest.raises(jaxjpeg.FormatError, match="holds 23 packed bytes, expected 24"):
         jaxjpeg.restore(rewrite(src, tmp_path / "b.jjpg", not_deflated, blob=bytes(23)))
+
+
+def test_targets_that_would_turn_values_into_nan_are_refused(tmp_path):
+    """Found by review: float8_e8m0fnu holds no zero and no sign, so zeros and
+    negatives (a JPEG-coded kernel's, a float16, float8 or int8 leaf's) came
+    back NaN as it, and float8_e4m3's inf came back NaN as float8_e4m3fn,
+    silently: the checks ran only where the target's range is narrower."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "nan.jjpg"
+    tree = {"w": rng.standard_normal((256, 256)).astype(np.float32),
+            "f8": np.array([0.0, -1.0, 2.0], ml_dtypes.float8_e4m3fn),
+            "f16": np.array([0.0, -1.0, 2.0], np.float16),
+            "i8": np.array([0, 2, 4], np.int8),
+            "e4m3": np.array([np.inf, 1.0], ml_dtypes.float8_e4m3),
+            "powers": np.array([0.25, 1.0, 64.0], np.float32)}
+    jaxjpeg.save(path, tree)
+    e8m0 = ml_dtypes.float8_e8m0fnu
+    with pytest.raises(ValueError, match="'w'.*beyond float8_e8m0fnu"):
+        jaxjpeg.restore(path, paths=["w"], dtype=e8m0)
+    with jaxjpeg.open(path) as f, pytest.raises(ValueError, match="beyond float8_e8m0fnu"):
+        f.get("w", dtype=e8m0)
+    for name, target in (("f8", e8m0), ("f16", e8m0), ("i8", e8m0),
+                         ("e4m3", ml_dtypes.float8_e4m3fn)):
+        with pytest.raises(ValueError, match=f"'{name}'.*would become NaN as "
+                                             f"{np.dtype(target).name}"):
+            jaxjpeg.restore(path, target={name: jax.ShapeDtypeStruct(tree[name].shape, target)})
+    got = jaxjpeg.restore(path, paths=["powers"], dtype=e8m0)["powers"]
+    assert np.asarray(got).astype(np.float32).tolist() == [0.25, 1.0, 64.0]
 
 
 def test_narrow_ml_dtypes_targets_are_checked_like_int8_and_float16(tmp_path):

@@ -42,6 +42,7 @@ CHECKS = [
     "a_process_interrupted_while_coding_fails_every_process_quickly",
     "earlier_saves_leave_no_keys_in_the_coordination_service",
     "typed_prng_keys_split_across_processes_are_saved",
+    "sub_byte_leaves_split_across_processes_are_saved",
     "adam_moments_split_across_processes_are_paired",
     "a_centered_pair_with_a_lossless_first_moment_split_across_processes",
 ]
