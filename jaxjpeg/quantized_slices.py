@@ -434,8 +434,6 @@ def encode(array: np.ndarray, axis: int, steps: np.ndarray,
     shape = tuple(array.shape)
     split = _split(shape, axis, group) if group else shape
     wide = np.asarray(steps).dtype == np.float64
-    if wide and group:
-        return None   # (groups on float64 steps: not stored so)
     scale = _broadcast(np.asarray(steps, np.float64 if wide else np.float32), shape, axis, group)
     codes = _rounded_codes(x.reshape(split), scale)
     if not _restores(x.reshape(split), codes, scale, array.dtype):
@@ -453,9 +451,12 @@ def encode(array: np.ndarray, axis: int, steps: np.ndarray,
     if plane:
         record["zero_sign_bytes"] = len(plane)
     stored_steps = np.asarray(steps, "<f8" if wide else "<f4")
+    if wide and group:   # (older readers refuse 8-byte steps)
+        record["step_bytes"] = 8
     with np.errstate(over="ignore"):
         half = stored_steps.astype("<f2")
-    if group and np.all(half.astype(np.float32) == stored_steps) and np.all(half > 0):
+    if (group and not wide and np.all(half.astype(np.float32) == stored_steps)
+            and np.all(half > 0)):
         # GPTQ / AWQ scales are float16: a step in 2 bytes (2-16 values' codes share one)
         stored_steps, record["step_bytes"] = half, 2
     return stored_steps.tobytes() + plane + bytes(blob), record
@@ -501,9 +502,8 @@ def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
         raise ValueError(f"{where}: bad zero sign size {signs!r:.40}")
     step_bytes = (record.get("step_bytes", 4) if grouped
                   else 8 if record.get("stored") == STORED_FLOAT64 else 4)
-    if type(step_bytes) is not int or step_bytes not in (2, 4):
-        if step_bytes != 8 or grouped:
-            raise ValueError(f"{where}: bad step size {step_bytes!r:.40} (2 or 4 bytes)")
+    if type(step_bytes) is not int or step_bytes not in (2, 4, 8):
+        raise ValueError(f"{where}: bad step size {step_bytes!r:.40} (2, 4 or 8 bytes)")
     return {**quantized_vectors.check_record(record, where), "slice_axis": axis,
             "group_size": group, "zero_sign_bytes": signs, "step_bytes": step_bytes}
 
