@@ -3288,7 +3288,8 @@ class _LogCoding:
             path_string(first) for first, partner in pairs.items()
             if magnitudes.bounded_by(held[path_string(first)].array(),
                                      held[path_string(partner)].array()))
-        first, self.magnitude_seconds = _named_first_moments(leaves, policy, read, self.first)
+        first, self.magnitude_seconds, self.named_seconds = _named_first_moments(
+            leaves, policy, read, self.first)
         self.first |= first
         # Centered pairs (magnitudes.is_centered), found where a leaf is
         # stored (found by review: looked for among leaves held in memory
@@ -3408,9 +3409,10 @@ class _LogCoding:
 
     def pair(self, leaves: Sequence[SourceLeaf]) -> None:
         """Pairs the named first moments among ``leaves`` (held in memory)."""
-        first, seconds = _named_first_moments(leaves, self.policy, False, self.first)
+        first, seconds, named = _named_first_moments(leaves, self.policy, False, self.first)
         self.first |= first
         self.magnitude_seconds |= seconds
+        self.named_seconds |= named
         # its own leaves, held, stand in for the stand-ins (centered pairs)
         self._leaves.update((path_string(leaf.records), leaf) for leaf in leaves
                             if path_string(leaf.records) in self._leaves)
@@ -3426,6 +3428,12 @@ class _LogCoding:
             return True if magnitudes.has_magnitudes(array) else None
         if name in self.magnitude_seconds:   # Adamax's exp_inf: its values span little
             return False
+        if name in self.named_seconds and bool(np.all(array >= 0)):
+            # the second moment of a first one on log2 steps, as optimizers' names
+            # pair them (found by review: a trained LM's Adam nu, no small values,
+            # was JPEG-coded beside its mu on log2 steps, the next update 3.4% off;
+            # review of that fix: bfloat16 / float16 ones too)
+            return False if magnitudes.has_magnitudes(array) else None
         if magnitudes.is_second_moment(array):
             # unless on a grid per slice and no optimizer's moment by its names:
             # stored exactly as its codes (found by review: unsigned 4-bit
@@ -3440,12 +3448,7 @@ class _LogCoding:
             return None
         if first == name:
             return True if self._is_centered_pair(name, array) else None
-        if self.centered_first(name, array) is not None:
-            return False
-        # the second moment of a first one on log2 steps, as its names pair them
-        # (found by review: a trained LM's Adam nu, no small values, was
-        # JPEG-coded beside its mu on log2 steps, the next update 3.4% off)
-        return False if first in self.first and bool(np.all(array >= 0)) else None
+        return False if self.centered_first(name, array) is not None else None
 
     def _trusted(self, first: str) -> bool:
         """Whether the pair of first moment ``first`` is one only an
@@ -3587,7 +3590,7 @@ class _LogCoding:
             return None
         if self.is_first(name):
             return True if magnitudes.has_magnitudes(array) else None
-        named_second = (name in self.magnitude_seconds
+        named_second = (name in self.magnitude_seconds or name in self.named_seconds
                         or self._trusted_first(name) not in (None, name))
         if named_second and bool(np.all(array >= 0)):   # by an optimizer's names
             return False
@@ -3615,7 +3618,8 @@ class _LogCoding:
 
 
 def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: bool,
-                         paired: frozenset = frozenset()) -> tuple[frozenset, frozenset]:
+                         paired: frozenset = frozenset()
+                         ) -> tuple[frozenset, frozenset, frozenset]:
     """The first moments an optimizer's names pair (magnitudes.named_first_moments),
     each pair checked on its values: held in memory, or (``read``) read from
     a file once more, but for the names only optimizers give
@@ -3626,20 +3630,23 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
     partners that are magnitudes, not squares (magnitudes.MAGNITUDE_NAMES:
     Adamax's exp_inf, whose values span too little to pass as second
     moments; found by review: in memory neither was paired, the next update
-    564x off at one value): coded on log2 steps by their name."""
+    564x off at one value): coded on log2 steps by their name; and the
+    second moments of the pairs only an optimizer's names make
+    (magnitudes.is_trusted_pair), coded on log2 steps where >= 0."""
     named = {tuple(map(tuple, leaf.records)): leaf for leaf in leaves
              if (leaf.resident or read) and _may_be_moment(leaf, policy)}
     pairs = magnitudes.named_first_moments((path, leaf.shape) for path, leaf in named.items())
-    first, seconds = set(), set()
+    first, seconds, trusted_seconds = set(), set(), set()
     for path, partner in pairs.items():
-        if named[path].name in paired:
-            continue
         magnitude = magnitudes.is_magnitude_name(partner)
         trusted = magnitudes.is_trusted_pair(path, partner)
+        if named[path].name in paired:
+            if trusted and not magnitude:
+                trusted_seconds.add(named[partner].name)
+            continue
         if trusted and not named[path].resident and not named[partner].resident:
             first.add(named[path].name)
-            if magnitude:
-                seconds.add(named[partner].name)
+            (seconds if magnitude else trusted_seconds).add(named[partner].name)
             continue
         second = named[partner].array()
         if trusted and not magnitude:   # in memory as from a file (found by review: a
@@ -3648,6 +3655,7 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
             if (bool(np.all(np.asarray(second) >= 0)) and magnitudes.bounded_by(
                     named[path].array(), second, magnitudes.NAMED_MOMENT_BOUND)):
                 first.add(named[path].name)
+                trusted_seconds.add(named[partner].name)
             continue
         if magnitude:   # |m| within the bound of u itself: squared, as bounded_by roots it
             u = np.asarray(second, np.float32)
@@ -3663,7 +3671,7 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
     first |= {leaf.name for path, leaf in named.items()
               if path not in pairs and path not in partners and leaf.name not in paired
               and magnitudes.is_lone_first_moment(path)}
-    return frozenset(first), frozenset(seconds)
+    return frozenset(first), frozenset(seconds), frozenset(trusted_seconds)
 
 
 def _may_be_moment(leaf: SourceLeaf, policy: Policy) -> bool:

@@ -148,8 +148,12 @@ TRUSTED_MOMENT_NAMES = frozenset({"mu", "exp_avg", "first_moment"})
 
 
 # "mu" names other things too (a VAE head's): trusted under an optimizer's
-# state only (review: weights at head/mu and head/nu were log2-coded, +44%).
-_OPTIMIZER_PART = re.compile(r"opt\w*|optim\w*|\w*_opt\w*", re.IGNORECASE)
+# state only (review: weights at head/mu and head/nu were log2-coded, +44%):
+# opt_state, optimizer, optim, g_opt_state, optimizer_state_dict, opt_state_1;
+# not options, optical_flow, img_optics (review: their mu / nu weights took
+# log2 steps, the file 61% larger).
+_OPTIMIZER_PART = re.compile(
+    r"(\w+_)?(opt|optax|optim|optimi[sz]er)(_?states?|_state_dict)?(_?\d+)?", re.IGNORECASE)
 
 
 def is_lone_first_moment(path: tuple) -> bool:
