@@ -1460,7 +1460,8 @@ def _asked(rate: dict) -> str:
 
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
-                 all_exact: bool = False, all_finest: bool = False) -> str | None:
+                 all_exact: bool = False, all_finest: bool = False,
+                 log2_coded: bool = False) -> str | None:
     """A warning when the file's size missed a byte target by more than
     TARGET_TOLERANCE (every leaf at its finest coding, or no coding the
     allocation tried between two candidates lies closer; found by review:
@@ -1475,6 +1476,9 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     why = ("every leaf is stored exactly" if all_exact and under
            else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
+    if under and log2_coded:   # (review: "finest" where moments could have been exact)
+        why += ("; leaves on log2 steps (optimizer moments) go no finer than their step, "
+                "within 2.2% a value")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -2175,7 +2179,8 @@ class _Save:
         allocator = getattr(self.encode, "allocator", None)
         miss = _target_miss(self.target, report.file_bytes, self.rate,
                             all(leaf.exact for leaf in reports),
-                            allocator is not None and allocator.all_finest)
+                            allocator is not None and allocator.all_finest,
+                            any("log2 steps" in leaf.note for leaf in reports))
         if miss:
             warnings.warn(miss, stacklevel=4)
         side = _side_list_warning(self.target, self.rate, records, report.file_bytes)
@@ -3649,11 +3654,12 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
             (seconds if magnitude else trusted_seconds).add(named[partner].name)
             continue
         second = named[partner].array()
-        if trusted and not magnitude:   # in memory as from a file (found by review: a
-            # trained LM's Adam nu, no small values, passed as no second moment, and
-            # mu and nu were JPEG-coded: the next update 7.6% off, 1.4% from the CLI)
-            if (bool(np.all(np.asarray(second) >= 0)) and magnitudes.bounded_by(
-                    named[path].array(), second, magnitudes.NAMED_MOMENT_BOUND)):
+        if trusted and not magnitude:   # in memory as from a file, whatever nu's spread
+            # or mu's size against it (found by review: a trained LM's Adam nu, no
+            # small values, passed as no second moment, and mu and nu were
+            # JPEG-coded: the next update 7.6% off, 1.4% from the CLI; review of
+            # that fix: nu of i.i.d. gradients, AdaBelief's steady mu at 191 roots)
+            if bool(np.all(np.asarray(second) >= 0)) and magnitudes.has_magnitudes(second):
                 first.add(named[path].name)
                 trusted_seconds.add(named[partner].name)
             continue
@@ -3667,6 +3673,10 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
                 and magnitudes.bounded_by(named[path].array(), second,
                                           magnitudes.NAMED_MOMENT_BOUND)):
             first.add(named[path].name)
+    for path, partner in pairs.items():   # amsgrad's running maxima beside the pairs taken
+        if named[partner].name in trusted_seconds:
+            trusted_seconds.update(named[m].name for m in magnitudes.maximum_paths(partner)
+                                   if m in named and named[m].shape == named[partner].shape)
     partners = set(pairs.values())
     first |= {leaf.name for path, leaf in named.items()
               if path not in pairs and path not in partners and leaf.name not in paired
