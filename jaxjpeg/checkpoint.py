@@ -2194,8 +2194,9 @@ class _Save:
         record = {"path": leaf.records, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
                   "kind": TIED, "tied_to": first}
         return record, LeafReport(leaf.name, leaf.shape, str(leaf.dtype), first_report.kind,
-                                  packed_nbytes(leaf.size, leaf.dtype), 0, f"stored once with {first_report.path} "
-                                  "(the same values)", first_report.exact, first_report.path)
+                                  packed_nbytes(leaf.size, leaf.dtype), 0,
+                                  f"stored once with {first_report.path} (the same values)",
+                                  first_report.exact, first_report.path)
 
     def storing_phases(self, items: list) -> list:
         """``items`` ((index, leaf) this process stores) in two phases: the
@@ -3628,7 +3629,8 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
     """The first moments an optimizer's names pair (magnitudes.named_first_moments),
     each pair checked on its values: held in memory, or (``read``) read from
     a file once more, but for the names only optimizers give
-    (magnitudes.is_trusted_pair) (found in session 29: ``jaxjpeg compress``
+    (magnitudes.is_trusted_pair), taken as they are (from a file, unread; in
+    memory, where the second is >= 0) (found in session 29: ``jaxjpeg compress``
     of an Orbax training state JPEG-coded its mu, the next update 19% off;
     review: flat trees, ``{"mu", "nu"}``, were not paired in memory either);
     those ``paired`` already are not checked again. Also returns the

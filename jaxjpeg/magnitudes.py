@@ -161,20 +161,13 @@ _OPTIMIZER_PART = re.compile(
 # A second moment's running maximum beside it, which the update divides by
 # (optax's amsgrad: nu_max; PyTorch's Adam(amsgrad=True): max_exp_avg_sq; found
 # by review JPEG-coded, the next update 3.9% off where nu's pair gave 1.3%).
-SECOND_MAXIMA = {"nu": "nu_max", "exp_avg_sq": "max_exp_avg_sq"}
+SECOND_MAXIMA = {"nu": ("nu_max",), "exp_avg_sq": ("max_exp_avg_sq",)}
 
 
 def maximum_paths(second: tuple):
     """``second``'s path with one second moment's name swapped for its running
     maximum's (SECOND_MAXIMA), each way it holds one."""
-    for i, (kind, key) in enumerate(second):
-        if not isinstance(key, str):
-            continue
-        parts = re.split(r"([./]|:\d+$)", key)
-        for j in range(0, len(parts), 2):
-            if parts[j] in SECOND_MAXIMA:
-                swapped = "".join(parts[:j] + [SECOND_MAXIMA[parts[j]]] + parts[j + 1:])
-                yield (*second[:i], (kind, swapped), *second[i + 1:])
+    return _swapped(second, SECOND_MAXIMA)
 
 
 def is_lone_first_moment(path: tuple) -> bool:
@@ -239,13 +232,19 @@ def named_first_moments(leaves: Iterable[tuple[tuple, tuple]]) -> dict[tuple, tu
 def _second_moment_paths(path: tuple):
     """``path`` with one first moment's name swapped for its second's, each
     way it holds one."""
+    return _swapped(path, MOMENT_NAMES)
+
+
+def _swapped(path: tuple, names: dict):
+    """``path`` with one name swapped for each of the names ``names`` gives
+    it, each way it holds one."""
     for i, (kind, key) in enumerate(path):
         if not isinstance(key, str):
             continue
         parts = re.split(r"([./]|:\d+$)", key)   # TensorFlow's ":0" too, as _names
         for j in range(0, len(parts), 2):   # names; the odd places hold separators
-            for second in MOMENT_NAMES.get(parts[j], ()):
-                swapped = "".join(parts[:j] + [second] + parts[j + 1:])
+            for other in names.get(parts[j], ()):
+                swapped = "".join(parts[:j] + [other] + parts[j + 1:])
                 yield (*path[:i], (kind, swapped), *path[i + 1:])
 
 
