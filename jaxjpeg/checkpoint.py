@@ -1477,8 +1477,8 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
            else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
     if under and log2_coded:   # (review: "finest" where moments could have been exact)
-        why += ("; leaves on log2 steps (optimizer moments) go no finer than their step, "
-                "within 2.2% a value")
+        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
+                ">= 0 of a wide spread) go no finer than their step")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -3402,16 +3402,22 @@ class _LogCoding:
         return self._bound_misses[first]
 
     def named_pairs(self, leaves: Sequence[SourceLeaf]) -> dict[int, int]:
-        """{first moment: its second moment} as positions in ``leaves``, as
-        the optimizers' names pair them (a distributed save has one process
-        code both, which then checks them: :meth:`pair`)."""
+        """{first moment: its second moment, and a running maximum beside it:
+        that second moment} as positions in ``leaves``, as the optimizers'
+        names pair them (a distributed save has one process code them all,
+        which then checks them: :meth:`pair`; review: amsgrad's nu_max on
+        another process than nu stayed JPEG-coded)."""
         paths = {tuple(map(tuple, leaf.records)): i for i, leaf in enumerate(leaves)}
         # lossless ones too: a centered pair is checked by the process coding
         # either (found by review: a lossless mu went to another process)
         pairs = magnitudes.named_first_moments(
             (path, leaves[i].shape) for path, i in paths.items()
             if leaves[i].size > 0 and _jpeg_dtype(leaves[i].dtype))
-        return {paths[first]: paths[second] for first, second in pairs.items()}
+        together = {paths[first]: paths[second] for first, second in pairs.items()}
+        together.update((paths[m], paths[second]) for second in pairs.values()
+                        for m in magnitudes.maximum_paths(second)
+                        if m in paths and leaves[paths[m]].shape == leaves[paths[second]].shape)
+        return together
 
     def pair(self, leaves: Sequence[SourceLeaf]) -> None:
         """Pairs the named first moments among ``leaves`` (held in memory)."""
@@ -3434,11 +3440,13 @@ class _LogCoding:
             return True if magnitudes.has_magnitudes(array) else None
         if name in self.magnitude_seconds:   # Adamax's exp_inf: its values span little
             return False
-        if name in self.named_seconds and bool(np.all(array >= 0)):
+        if (name in self.named_seconds and bool(np.all(array >= 0))
+                and not bool(np.all(array == array.flat[0])) and not _few_values(array)):
             # the second moment of a first one on log2 steps, as optimizers' names
             # pair them (found by review: a trained LM's Adam nu, no small values,
             # was JPEG-coded beside its mu on log2 steps, the next update 3.4% off;
-            # review of that fix: bfloat16 / float16 ones too)
+            # review of that fix: bfloat16 / float16 ones too; a constant or few-valued
+            # one keeps its exact coding)
             return False if magnitudes.has_magnitudes(array) else None
         if magnitudes.is_second_moment(array):
             # unless on a grid per slice and no optimizer's moment by its names:
@@ -3656,11 +3664,13 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
             (seconds if magnitude else trusted_seconds).add(named[partner].name)
             continue
         second = named[partner].array()
-        if trusted and not magnitude:   # in memory as from a file, whatever nu's spread
-            # or mu's size against it (found by review: a trained LM's Adam nu, no
-            # small values, passed as no second moment, and mu and nu were
-            # JPEG-coded: the next update 7.6% off, 1.4% from the CLI; review of
-            # that fix: nu of i.i.d. gradients, AdaBelief's steady mu at 191 roots)
+        if trusted and not magnitude and magnitudes.under_optimizer(path):
+            # in memory as from a file, whatever nu's spread or mu's size against it
+            # (found by review: a trained LM's Adam nu, no small values, passed as no
+            # second moment, and mu and nu were JPEG-coded: the next update 7.6% off,
+            # 1.4% from the CLI; review of that fix: nu of i.i.d. gradients,
+            # AdaBelief's steady mu at 191 roots). Only under an optimizer's part:
+            # a statistics module's exp_avg / exp_avg_sq took log2 steps (+25%).
             if bool(np.all(np.asarray(second) >= 0)) and magnitudes.has_magnitudes(second):
                 first.add(named[path].name)
                 trusted_seconds.add(named[partner].name)

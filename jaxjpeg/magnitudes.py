@@ -150,12 +150,13 @@ TRUSTED_MOMENT_NAMES = frozenset({"mu", "exp_avg", "first_moment"})
 # "mu" names other things too (a VAE head's): trusted under an optimizer's
 # state only (review: weights at head/mu and head/nu were log2-coded, +44%):
 # opt_state, optimizer, optim, g_opt_state, optimizer_state_dict, opt_state_1,
-# opt_state_gen, optimizerD, optimizers; not options, optical_flow, img_optics
-# (review: their mu / nu weights took log2 steps, the file 61% larger; review
-# of the narrower rule: GANs' opt_state_g, optimizer_G were missed).
+# opt_state_gen, opt_g, optimizer_G, optimizerD, optimizers; not options,
+# optical_flow, img_optics, opt_head, opt_layer, OPTICS (review: their mu / nu
+# weights took log2 steps, the file 52-61% larger; review of a narrower rule:
+# GANs' opt_state_g, optimizer_G were missed).
 _OPTIMIZER_PART = re.compile(
-    r"(\w+_)?(opt|optax|optim|optimi[sz]ers?)(_?states?|_\w+|(?-i:[A-Z])\w*|\d+)?",
-    re.IGNORECASE)
+    r"(\w+_)?(opt|optax|optim|optimi[sz]ers?)"
+    r"(_?states?(_\w+)?|_state_dict|_?\d+|_[a-z]|(?-i:[A-Z]))?", re.IGNORECASE)
 
 
 # A second moment's running maximum beside it, which the update divides by
@@ -175,10 +176,10 @@ def is_lone_first_moment(path: tuple) -> bool:
     a second (optax's Lion: ``opt_state/.../mu/...``): "mu" under a part
     naming an optimizer (found by review: Lion's mu was JPEG-coded and 12%
     of its next update's signs flipped; on log2 steps 0.07%)."""
-    return "mu" in (name for _, key in path for name in _names(key)) and _under_optimizer(path)
+    return "mu" in (name for _, key in path for name in _names(key)) and under_optimizer(path)
 
 
-def _under_optimizer(path: tuple) -> bool:
+def under_optimizer(path: tuple) -> bool:
     """Whether one of a path's names names an optimizer's state."""
     return any(_OPTIMIZER_PART.fullmatch(name) for _, key in path for name in _names(key))
 
@@ -191,7 +192,7 @@ def is_trusted_pair(first: tuple, second: tuple) -> bool:
             names = [x for x, y in zip(_names(a), _names(b)) if x != y]
             if len(names) != 1 or names[0] not in TRUSTED_MOMENT_NAMES:
                 return False
-            return names[0] != "mu" or _under_optimizer(first)
+            return names[0] != "mu" or under_optimizer(first)
     return False
 
 

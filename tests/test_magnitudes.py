@@ -1184,7 +1184,8 @@ def test_half_precision_adam_moments_paired_by_their_names(tmp_path, dtype):
     assert np.max(np.abs(back - nu) / nu) < 0.03
 
 
-@pytest.mark.parametrize("module", ["optical_flow", "options", "img_optics"])
+@pytest.mark.parametrize("module", ["optical_flow", "options", "img_optics", "opt_head",
+                                    "opt_layer", "OPTICS"])
 def test_mu_and_nu_under_modules_named_like_optimizers_stay_weights(tmp_path, module):
     """Found by review: a part matching opt\\w* (optical_flow, options) took a
     model's own mu / nu kernels for Adam's moments: log2 steps, the file 61%
@@ -1246,5 +1247,22 @@ def test_a_generous_target_says_why_moments_leave_it_under(tmp_path):
     moments stay on their log2 steps (never finer, never exact)."""
     tree, *_ = _adam_state_of_iid_gradients(optax.adam(1e-3))
     with pytest.warns(UserWarning, match=r"the file has .* \(-.*leaves on log2 steps "
-                                         r"\(optimizer moments\) go no finer"):
+                                         r"\(jaxjpeg.magnitudes: optimizer moments.* go no finer"):
         jaxjpeg.save(tmp_path / "g.jjpg", tree, target_ratio=3)
+
+
+def test_named_pairs_outside_an_optimizer_keep_their_value_checks(tmp_path):
+    """Review: with the in-memory value checks dropped for every pair of
+    optimizers' names, a statistics module's exp_avg / exp_avg_sq (no
+    optimizer part) took log2 steps, the file 25% larger; and a constant nu
+    under opt_state lost its exact coding. Both as before the session."""
+    rng = np.random.default_rng(0)
+    stats = {"stats": {"exp_avg": rng.standard_normal((256, 256)).astype(np.float32),
+                       "exp_avg_sq": (1 + rng.random((256, 256))).astype(np.float32)}}
+    assert {l.kind for l in jaxjpeg.save(tmp_path / "a.jjpg", stats).leaves} == {"jpeg"}
+    mu = (1e-2 * rng.standard_normal((256, 256))).astype(np.float32)   # (not centered)
+    state = {"opt_state": {"mu": {"w": mu}, "nu": {"w": np.full((256, 256), 1e-6, np.float32)}}}
+    report = {l.path: l for l in jaxjpeg.save(tmp_path / "b.jjpg", state).leaves}
+    assert report["opt_state/nu/w"].exact, report["opt_state/nu/w"]
+    got = jaxjpeg.restore(tmp_path / "b.jjpg")["opt_state"]["nu"]["w"]
+    assert np.all(np.asarray(got) == np.float32(1e-6))

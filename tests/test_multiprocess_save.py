@@ -87,6 +87,26 @@ def test_named_pairs_that_share_a_leaf_have_one_owner():
     assert plan_owners(leaves, 2)[0] == [0, 1, 0, 1, 0, 1]
 
 
+def test_a_running_maximum_has_its_moments_owner():
+    """Review: amsgrad's nu_max (PyTorch's max_exp_avg_sq) went to another
+    process than its nu, whose pair() then never saw the pair: JPEG-coded
+    where a one-process save put it on log2 steps. The optimizers' names keep
+    it with its second moment."""
+    from jaxjpeg import checkpoint as ck
+    from jaxjpeg.distributed_save import plan_owners
+
+    zeros = np.zeros((64, 64), np.float32)
+    leaves = [ck.SourceLeaf.of([["key", "opt_state"], ["key", name], ["key", "w"]], zeros)
+              for name in ("mu", "nu", "nu_max")]
+    leaves += [ck.SourceLeaf.of([["key", "state.0." + name]], zeros)
+               for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+    saver = ck._Save("unused.jjpg", leaves)
+    together = saver.log_coding.named_pairs(leaves)
+    assert together == {0: 1, 2: 1, 3: 4, 5: 4}, together
+    owners, _ = plan_owners([np.zeros((64, 64), np.float32)] * 6, 2, together)
+    assert owners[0] == owners[1] == owners[2] and owners[3] == owners[4] == owners[5]
+
+
 def test_a_process_that_exited_before_saving_is_named_after_the_wait(tmp_path):
     """Found by review: process 0 waited TIMEOUT_S for a process that had
     exited, then raised a bare DEADLINE_EXCEEDED of a coordination key."""
