@@ -469,11 +469,17 @@ def _rounded_codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
         codes = x / scale
         return np.rint(codes, out=codes)
     codes = np.empty(x.shape, np.float32)
+    for rows, part in _row_blocks(x, scale):
+        codes[rows] = np.rint(x[rows] / part)
+    return codes
+
+
+def _row_blocks(x: np.ndarray, scale: np.ndarray):
+    """(slice of ``x``'s first axis, ``scale`` for it) over blocks of about
+    _BLOCK_VALUES values (``scale`` broadcast against ``x``)."""
     block = max(1, _BLOCK_VALUES // max(1, x[0].size))
     for i in range(0, x.shape[0], block):
-        part = scale[i:i + block] if scale.shape[0] > 1 else scale
-        codes[i:i + block] = np.rint(x[i:i + block] / part)
-    return codes
+        yield slice(i, i + block), (scale[i:i + block] if scale.shape[0] > 1 else scale)
 
 
 def check_record(record: dict, shape: tuple[int, ...], where: str) -> dict:
@@ -549,12 +555,10 @@ def _restores(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, dtype) -> boo
     ``dtype`` (-0.0 as 0.0: its sign is stored apart), a block of the first
     axis at a time: steps come from a search over the leaf as it was read,
     which a change in place during it could have moved (found by review)."""
-    block = max(1, _BLOCK_VALUES // max(1, x[0].size))
-    for i in range(0, x.shape[0], block):
-        part = scale[i:i + block] if scale.shape[0] > 1 else scale
+    for rows, part in _row_blocks(x, scale):
         with np.errstate(over="ignore"):
-            back = _values(codes[i:i + block], part).astype(dtype).astype(np.float32)
-        if not np.array_equal(back, x[i:i + block]):
+            back = _values(codes[rows], part).astype(dtype).astype(np.float32)
+        if not np.array_equal(back, x[rows]):
             return False
     return True
 

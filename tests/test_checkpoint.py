@@ -1444,23 +1444,8 @@ def test_sub_byte_leaves_are_stored_as_their_bits(tmp_path):
 def test_a_packed_record_on_a_whole_byte_dtype_is_refused(tmp_path):
     """The reader takes layout.PACKED only for sub-byte dtypes, and a packed
     blob of the wrong size is a FormatError, not a numpy error."""
-    import json
-
-    from jaxjpeg import format as fmt, layout
-
-    def rewrite(src, dst, edit_meta=None, blob=None):
-        with fmt.ContainerReader(src) as r:
-            meta = json.loads(json.dumps(r.metadata))
-            blobs = {n: bytes(r.read_blob(n)) for n in r.blob_names}
-        if edit_meta:
-            edit_meta(meta)
-        if blob:
-            blobs[layout.raw_blob(0)] = blob
-        with fmt.ContainerWriter(dst) as w:
-            for name, data in blobs.items():
-                w.add_blob(name, data)
-            w.set_metadata(meta)
-        return dst
+    from jaxjpeg import layout
+    from test_checkpoint_corruption import rewrite
 
     src = tmp_path / "src.jjpg"
     jaxjpeg.save(src, {"w": np.arange(-8, 8).repeat(3).astype(ml_dtypes.int4)})
@@ -1471,12 +1456,16 @@ def test_a_packed_record_on_a_whole_byte_dtype_is_refused(tmp_path):
     def as_int8(meta):
         meta["leaves"][0]["dtype"] = "int8"
     with pytest.raises(jaxjpeg.FormatError, match="cannot be stored as 'packed'"):
-        jaxjpeg.restore(rewrite(src, tmp_path / "a.jjpg", as_int8))
+        jaxjpeg.restore(rewrite(src, tmp_path / "a.jjpg", edit_meta=as_int8))
 
     def not_deflated(meta):
         meta["leaves"][0]["deflated"] = False
+
+    def short_blob(blobs):
+        blobs[layout.raw_blob(0)] = bytes(23)
     with pytest.raises(jaxjpeg.FormatError, match="holds 23 packed bytes, expected 24"):
-        jaxjpeg.restore(rewrite(src, tmp_path / "b.jjpg", not_deflated, blob=bytes(23)))
+        jaxjpeg.restore(rewrite(src, tmp_path / "b.jjpg", edit_meta=not_deflated,
+                                edit_blobs=short_blob))
 
 
 def test_targets_that_would_turn_values_into_nan_are_refused(tmp_path):
