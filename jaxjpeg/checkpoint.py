@@ -1005,6 +1005,11 @@ def _coded_leaves_starve(entries, coded, curves, budget: float, target_bytes: in
 # -8.6%). Within FINE_MARGIN of the budget, as probes measure the finest
 # codings a few percent over what they take (Magika at 3.2x: -4.2%).
 FINE_MARGIN = 1.05
+# A byte target of at least this many bits a value may leave bytes beyond the
+# coded leaves' finest codings for the leaves on log2 steps, which then
+# measure finer steps too (_LogCoding.settle): at LOG_STEP an optimizer's
+# moments take 7-9 bits a value, its parameters at most 32.
+GENEROUS_BITS = 6
 
 
 def _optimizer_moments(entries) -> bool:
@@ -1041,6 +1046,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     coding = leaf_coder.coding
     total = sum(leaf.size for leaf in entries)
     reach = rate.reach_of(target_bytes, total)
+    if log_coding is not None:   # finer log2 steps measured where a target may want them
+        log_coding.finer = own is None and 8 * target_bytes >= GENEROUS_BITS * total
     floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
     # Kernels too small for JPEG take one fine step (SMALL_KERNEL_STEP), and
     # their optimizer moments log2 steps of HALF_LIKE_STEP; where the target
@@ -1204,7 +1211,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
             freed = log_coding.settle(budget, sum(leaf.size for leaf in entries
-                                                  if leaf.name in coded))
+                                                  if leaf.name in coded),
+                                      (sum(float(c.nbytes.min()) for c in curves.values()),
+                                       sum(float(c.nbytes.max()) for c in curves.values())))
             kept, budget = kept - freed, budget + freed
         if floor and budget > 0 and rate.floors_exceed(curves, budget):
             coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
@@ -1478,7 +1487,9 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
            else "the closest coding of its leaves the allocation found")
     if under and log2_coded:   # (review: "finest" where moments could have been exact)
         why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
-                ">= 0 of a wide spread) go no finer than their step")
+                f">= 0 of a wide spread) go no finer than "
+                f"{min(filter(None, magnitudes.byte_target_steps(finer=True))):g} but to exact, "
+                "all of them at once")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -3281,7 +3292,8 @@ class _LogCoding:
         # HALF_LIKE_STEP (where their own step did not fit: _target_encoder)
         self.small: set[str] = set()
         self.tight: str | None = None   # settle's warning: the coded leaves are left little
-        self.rung = 0   # the ladder's step settled on
+        self.rung = 0   # the ladder's step settled on, in doublings of the save's own
+        self.finer = False   # whether the ladder goes finer too (see _target_encoder)
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
         second = {name for name, leaf in held.items()
@@ -3487,10 +3499,12 @@ class _LogCoding:
         exactly where that is smaller (found in session 31: a float32 0/1
         mask restored as 0 / 0.992 by default, 0 / 1.164 at 8x; review: a
         float16 one too); a centered second moment of ``first`` (the first
-        moment's values) as its variance."""
-        step = step or self.step
+        moment's values) as its variance. Step 0.0: the ladder's exact rung."""
+        step = self.step if step is None else step
         few = _few_values(array)
         exact = _exact_alternative(array, few)
+        if step == 0.0:
+            return exact
         # A mask: exact at any step (review: a bfloat16 one came back 0 / 0.75);
         # a centered second moment only beside an exact first one (review: a
         # two-valued nu took 24x its bytes, lossy), whose error its variance
@@ -3537,7 +3551,7 @@ class _LogCoding:
         if small:
             self.small.add(name)
         base = magnitudes.HALF_LIKE_STEP if small else self.step
-        steps = (magnitudes.byte_target_steps(base) if self.error_bound is None
+        steps = (magnitudes.byte_target_steps(base, self.finer) if self.error_bound is None
                  else (self.step,))
         # a centered second moment is stored as its variance (found by review:
         # counted as itself, small leaves' files landed 3-5% over)
@@ -3560,37 +3574,68 @@ class _LogCoding:
             sizes.append(array.nbytes if coded is None
                          else round(scale * memoryview(coded[0]).nbytes))
         self.ladder[name] = (array.size, sizes)
-        return sizes[0]
+        return sizes[magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0]
 
-    def settle(self, budget: float, coded_values: int) -> float:
-        """The bytes a byte target frees by coarser log2 steps: the finest
-        step of the ladder at which the JPEG-coded leaves keep at least half
-        the bits a value of these leaves (else the coarsest). A single-
-        process save (others' leaves are not measured here)."""
+    def settle(self, budget: float, coded_values: int,
+               coded_bytes: tuple[float, float] = (0.0, 0.0)) -> float:
+        """The bytes a byte target frees by coarser log2 steps (negative: takes
+        by finer ones). Where the coded leaves' largest codings leave bytes
+        of ``budget`` unspent (``coded_bytes``: their smallest and largest
+        totals), the coarsest finer step at which they take the rest (else
+        exact); otherwise the finest step at which the JPEG-coded leaves
+        keep at least half the bits a value of these leaves (else the
+        coarsest). A single-process save (others' leaves are not measured
+        here)."""
         if not self.ladder:
             return 0.0
-        values = sum(n for n, _ in self.ladder.values())
-        steps = magnitudes.byte_target_steps(self.step)
-        for i, step in enumerate(steps):
-            used = sum(sizes[i] for _, sizes in self.ladder.values())
-            freed = sum(sizes[0] for _, sizes in self.ladder.values()) - used
-            left = budget + freed
-            # found by review: with no JPEG-coded leaf the first step was kept
-            if left > 0 and (not coded_values or 8 * left / coded_values >= 4 * used / values):
+        base = magnitudes.ladder_base(self.finer)
+        steps = magnitudes.byte_target_steps(self.step, self.finer)
+
+        def used(i):
+            return sum(sizes[i] for _, sizes in self.ladder.values())
+        if base and budget > coded_bytes[1]:
+            i = self._finer_rung(budget, *coded_bytes, used)
+        else:
+            i = self._coarser_rung(budget, coded_values, used, steps)
+        self.step, self.rung = steps[i], i - base
+        return used(base) - used(i)
+
+    def _finer_rung(self, budget: float, smallest: float, largest: float, used) -> int:
+        """The ladder's index of the coarsest finer step whose extra bytes
+        leave the coded leaves no more than their largest codings take, and
+        no less than their smallest (the file lands under, not over)."""
+        base = i = magnitudes.ladder_base(self.finer)
+        while i > 0:
+            left = budget - (used(i - 1) - used(base))
+            if left < smallest:
                 break
-        else:   # said (found by review: the weights were left 0.34 bits, silently)
-            if left > 0 and coded_values:
-                small = (f" (small leaves' {magnitudes.HALF_LIKE_STEP * 2 ** i:g})"
-                         if self.small else "")
-                self.tight = (
-                    f"jaxjpeg: the byte target leaves the coded leaves "
-                    f"{8 * left / coded_values:.2f} bits a value, under half the "
-                    f"{8 * used / values:.2f} of the leaves on log2 steps (jaxjpeg.magnitudes: "
-                    f"optimizer moments, scales, small vectors) at "
-                    f"their coarsest steps, {step:g}{small}: ask for less, or save those "
-                    "leaves apart")
-        self.step, self.rung = step, i
-        return freed
+            i -= 1
+            if left <= largest:
+                break
+        return i
+
+    def _coarser_rung(self, budget: float, coded_values: int, used, steps) -> int:
+        """The ladder's index of the finest step, the save's own or coarser,
+        that leaves the JPEG-coded leaves at least half these leaves' bits a
+        value (else the coarsest, said in ``tight``)."""
+        base = magnitudes.ladder_base(self.finer)
+        values = sum(n for n, _ in self.ladder.values())
+        for i in range(base, len(steps)):
+            left = budget + used(base) - used(i)
+            # found by review: with no JPEG-coded leaf the first step was kept
+            if left > 0 and (not coded_values or 8 * left / coded_values >= 4 * used(i) / values):
+                return i
+        if left > 0 and coded_values:   # said (found by review: the weights were left 0.34
+            small = (f" (small leaves' {magnitudes.HALF_LIKE_STEP * 2 ** (i - base):g})"   # bits)
+                     if self.small else "")
+            self.tight = (
+                f"jaxjpeg: the byte target leaves the coded leaves "
+                f"{8 * left / coded_values:.2f} bits a value, under half the "
+                f"{8 * used(i) / values:.2f} of the leaves on log2 steps (jaxjpeg.magnitudes: "
+                f"optimizer moments, scales, small vectors) at "
+                f"their coarsest steps, {steps[i]:g}{small}: ask for less, or save those "
+                "leaves apart")
+        return i
 
     def small_signed(self, name: str, array: np.ndarray) -> bool | None:
         """For a leaf the policy keeps out of JPEG: whether a byte target
@@ -3619,12 +3664,14 @@ class _LogCoding:
     def settled_bytes(self, small: bool | None = None) -> int:
         """The measured leaves' bytes at the step settled on (``small``: only
         small leaves' moments, or only the others)."""
-        return sum(sizes[self.rung] for name, (_, sizes) in self.ladder.items()
+        at = self.rung + magnitudes.ladder_base(self.finer)
+        return sum(sizes[at] for name, (_, sizes) in self.ladder.items()
                    if small is None or (name in self.small) == small)
 
     def small_step_at_most(self) -> float:
         """The step small leaves' moments take at the rung settled on."""
-        return magnitudes.HALF_LIKE_STEP * 2 ** self.rung
+        return magnitudes.byte_target_steps(magnitudes.HALF_LIKE_STEP, self.finer)[
+            self.rung + magnitudes.ladder_base(self.finer)]
 
     def exact_note(self, array: np.ndarray) -> str:
         return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "

@@ -274,10 +274,25 @@ def first_moments(leaves: Iterable[tuple[tuple, tuple]], second: Iterable[tuple[
 # Under a byte target too tight for LOG_STEP (a training state at 8x:
 # moments are two thirds of it) the step doubles up to 1 (within 41%).
 BYTE_TARGET_DOUBLINGS = 4
+# Under one too generous for it (2-3x: the parameters stored whole, bytes
+# left over) it halves down to 1/1024 (a bit a value more each time; 13-15
+# bits, short of the 16 at which a coding is refused), then the values are
+# kept exactly (step 0.0 on the ladder). Found by review: the moments stayed
+# at 1/16, targets of 1.5-3x landed 5-38% under, the next update 1.3% off.
+BYTE_TARGET_HALVINGS = 6
 
 
-def byte_target_steps(step: float = LOG_STEP) -> tuple[float, ...]:
-    return tuple(step * 2 ** i for i in range(BYTE_TARGET_DOUBLINGS + 1))
+def byte_target_steps(step: float = LOG_STEP, finer: bool = False) -> tuple[float, ...]:
+    """The steps a byte target moves log2-coded leaves along, from ``step``
+    (``finer``: from exact, 0.0, and the halvings first)."""
+    first = -BYTE_TARGET_HALVINGS if finer else 0
+    return (0.0,) * finer + tuple(step * 2.0 ** i
+                                  for i in range(first, BYTE_TARGET_DOUBLINGS + 1))
+
+
+def ladder_base(finer: bool) -> int:
+    """The index of the save's own step in :func:`byte_target_steps`."""
+    return (BYTE_TARGET_HALVINGS + 1) if finer else 0
 
 
 # A first moment's magnitudes stay within a few roots of its second moment:
