@@ -180,8 +180,13 @@ def is_lone_first_moment(path: tuple) -> bool:
 
 
 def under_optimizer(path: tuple) -> bool:
-    """Whether one of a path's names names an optimizer's state."""
-    return any(_OPTIMIZER_PART.fullmatch(name) for _, key in path for name in _names(key))
+    """Whether one of a path's names names an optimizer's state, or the path
+    is laid out as PyTorch's ``optimizer.state_dict()``: ``state`` then a
+    parameter's index (found by review: such a dict in memory kept the value
+    checks, nu of i.i.d. gradients JPEG-coded, the next update 7% off)."""
+    names = [name for _, key in path for name in _names(key)]
+    return (any(_OPTIMIZER_PART.fullmatch(name) for name in names)
+            or any(a == "state" and b.isdigit() for a, b in zip(names, names[1:])))
 
 
 def is_trusted_pair(first: tuple, second: tuple) -> bool:
