@@ -144,7 +144,9 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
     with its lossy checkpoint; through a symlink too)."""
     from jaxjpeg import storage
     target = storage.local_path(storage.as_location(dst))
-    if target is None or not os.path.exists(target):
+    if target is None:
+        return _refuse_replacing_a_stored_source(storage.as_location(dst), read)
+    if not os.path.exists(target):
         return
     for location in read:
         local = storage.local_path(storage.as_location(location))
@@ -160,6 +162,27 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
                            "would replace it (choose a DST outside that directory)")
 
 
+def _refuse_replacing_a_stored_source(dst: str, read: list) -> None:
+    """The same refusals for a DST URL, on the store's paths (found by
+    review: ``compress memory://m/s.npz memory://m/s.npz --force`` replaced
+    the npz with its checkpoint and exited 0)."""
+    from jaxjpeg import storage
+    if storage.kind(dst) != "file":   # nothing there to replace
+        return
+    store, target = storage.stored_entry(dst)
+    for location in map(storage.as_location, read):
+        if storage.local_path(location) is not None:
+            continue
+        source_store, path = storage.stored_entry(location)
+        if (source_store, path) == (store, target):
+            raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
+                           "a new file beside it (choose another DST)")
+        if (source_store == store and target.startswith(path + "/")
+                and storage.is_dir(location) and not _is_checkpoint(dst)):
+            raise CliError(f"{dst}: is a file of the source directory {location}: compress "
+                           "would replace it (choose a DST outside that directory)")
+
+
 def _inside(path: str, directory: str) -> bool:
     """Whether ``path`` (links resolved) lies under ``directory``."""
     path, directory = os.path.realpath(path), os.path.realpath(directory)
@@ -167,11 +190,17 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def _is_checkpoint(path: str) -> bool:
-    """Whether the file at ``path`` starts as a jaxjpeg container does."""
+    """Whether the file at ``path`` (a local path or a URL) starts as a
+    jaxjpeg container does."""
+    from jaxjpeg import storage
     from jaxjpeg.format import MAGIC
     try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+        source = storage.open_source(path)
+        try:
+            head = bytearray(len(MAGIC))
+            return source.readinto(0, memoryview(head)) == len(MAGIC) and head == MAGIC
+        finally:
+            source.close()
     except OSError:
         return False
 

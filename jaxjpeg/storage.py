@@ -113,6 +113,15 @@ def same_entry(a: str, b: str) -> bool:
             and os.path.samefile(os.path.dirname(a), os.path.dirname(b)))
 
 
+def stored_entry(location: str) -> tuple[str, str]:
+    """A URL's store and path in it, as one key: ``memory://m/a`` and
+    ``memory:///m/a`` (or ``gs://`` and ``gcs://`` of one object) name one
+    entry. The store is its file system's kind (options aside: two sets of
+    credentials for one bucket are taken as one store)."""
+    fs, inner = filesystem(location)
+    return type(fs).__qualname__, fs._strip_protocol(inner).rstrip("/")
+
+
 def local_path(location: str) -> str | None:
     """The local file-system path of a location, or None for a remote URL."""
     match = _SCHEME.match(location)

@@ -582,6 +582,35 @@ def test_compress_refuses_to_replace_its_source(tmp_path, capsys):
     assert all(p.read_bytes() == data for p, data in before.items())
 
 
+def test_compress_refuses_to_replace_its_source_at_a_url(capsys):
+    """Found by review: the refusals above held for local paths only:
+    ``compress memory://m/s.npz memory://m/s.npz --force`` replaced the npz
+    with its lossy checkpoint and exited 0 (gs:// and s3:// alike)."""
+    fsspec = pytest.importorskip("fsspec")
+    pytest.importorskip("safetensors")
+    import io
+    memory = fsspec.filesystem("memory")
+    w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, w=w)
+    memory.pipe("/refuse/s.npz", buffer.getvalue())
+    from safetensors.numpy import save as safetensors_bytes
+    memory.pipe("/refuse/shards/a.safetensors", safetensors_bytes({"w": w}))
+    memory.pipe("/refuse/shards/notes.txt", b"kept")
+    try:
+        for source, dst in (("memory://refuse/s.npz", "memory://refuse/s.npz"),
+                            ("memory://refuse/s.npz", "memory:///refuse/s.npz"),
+                            ("memory://refuse/shards", "memory://refuse/shards/a.safetensors"),
+                            ("memory://refuse/shards", "memory://refuse/shards/notes.txt")):
+            code, _, err = run(capsys, "compress", source, dst, "--force")
+            assert code == cli.EXIT_USAGE and "source" in err and "choose" in err, (code, err)
+        assert memory.cat("/refuse/s.npz") == buffer.getvalue()
+        assert memory.cat("/refuse/shards/notes.txt") == b"kept"
+        assert memory.cat("/refuse/shards/a.safetensors") == safetensors_bytes({"w": w})
+    finally:
+        memory.rm("/refuse", recursive=True)
+
+
 def test_compress_refuses_to_replace_a_file_of_its_source_directory(sources, tmp_path, capsys):
     """Found by review: ``compress ITEM ITEM/_METADATA --force`` (or one of
     its data files) replaced the Orbax item's own file with the checkpoint,
