@@ -203,9 +203,11 @@ class LazyReader:
 
     def _read_region(self, leaf: SavedLeaf, index, dtype, device, stats) -> jax.Array:
         if leaf.prng_impl is not None:   # a few words of key data: read whole, then indexed
-            # (checked first: jax clamps an index out of range, found by review)
-            _normalize_index(index, tuple(cr.saved_struct(leaf).shape))
-            return self.get(leaf.path, dtype, device, stats=stats)[index]
+            # by the index checked (found by review: jax clamps one out of range,
+            # and a step past int64 was a TypeError)
+            ranges, flips, drops = _normalize_index(index, tuple(cr.saved_struct(leaf).shape))
+            keys = self.get(leaf.path, dtype, device, stats=stats)
+            return _reversed_and_dropped(keys[tuple(slice(*r) for r in ranges)], flips, drops)
         ranges, flips, drops = _normalize_index(index, leaf.shape)
         request = self._request(leaf, dtype, device)
         if request.sharding is not None:
@@ -225,12 +227,18 @@ class LazyReader:
                                        cr.read_maps(ckpt, leaf),
                                        cr.kept_values(ckpt, leaf),   # checked by region
                                        stats)
-        if flips:
-            out = out[tuple(slice(None, None, -1) if a in flips else slice(None)
-                            for a in range(out.ndim))]
-        if drops:
-            out = out.reshape([n for a, n in enumerate(out.shape) if a not in drops])
-        return cr.in_memory_kind(out, request, device)
+        return cr.in_memory_kind(_reversed_and_dropped(out, flips, drops), request, device)
+
+
+def _reversed_and_dropped(out, flips: set, drops: set):
+    """A region read with positive steps, as its index asked: the ``flips``
+    axes reversed, the ``drops`` axes (an int's) gone."""
+    if flips:
+        out = out[tuple(slice(None, None, -1) if a in flips else slice(None)
+                        for a in range(out.ndim))]
+    if drops:
+        out = out.reshape([n for a, n in enumerate(out.shape) if a not in drops])
+    return out
 
 
 class LeafSlice:
