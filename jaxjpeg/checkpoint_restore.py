@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import codec, ops, prng_keys, views
+from jaxjpeg import codec, dtypes, ops, prng_keys, views
 from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import glob_escape, key_record, matching, nest, path_string
@@ -1010,8 +1010,7 @@ def _check_floats_fit_integers(array: np.ndarray, placed: np.dtype, name: str, h
 def _is_float(dtype: np.dtype) -> bool:
     """Floating or complex, ml_dtypes' too (numpy calls bfloat16 kind 'V',
     and int4 too: found by review, uint4 passed a float's range check)."""
-    return dtype.kind in "fc" or (dtype.kind == "V" and _int_limits(dtype) is None
-                                  and _largest(dtype) > 0)
+    return dtype.kind == "c" or dtypes.is_float(dtype)
 
 
 def _int_limits(dtype: np.dtype):
