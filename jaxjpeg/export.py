@@ -29,6 +29,8 @@ from typing import Callable
 import numpy as np
 
 from jaxjpeg import sources
+from jaxjpeg.dtypes import packed_nbytes, value_bits
+from jaxjpeg.layout import pack_low_bits
 
 __all__ = ["export_safetensors", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
 
@@ -62,7 +64,8 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        """Its bytes in the file: sub-byte values packed (safetensors' F4)."""
+        return packed_nbytes(math.prod(self.shape), self.dtype)
 
 
 def safetensors_metadata(user: dict) -> dict[str, str]:
@@ -126,7 +129,9 @@ def _write_shard(path: str, tensors: list[_Tensor], metadata: dict[str, str],
             if array.shape != t.shape or array.dtype != t.dtype:
                 raise ValueError(f"{t.name}: decoded {array.dtype}{list(array.shape)}, "
                                  f"expected {t.dtype}{list(t.shape)}")
-            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            bits = value_bits(array.dtype)
+            f.write(memoryview(array.reshape(-1).view(np.uint8)) if bits % 8 == 0
+                    else pack_low_bits(array, bits))
             progress.update(t.nbytes)
         f.flush()
         os.fsync(f.fileno())

@@ -39,7 +39,8 @@ import numpy as np
 
 from jaxjpeg import format as fmt
 from jaxjpeg import storage
-from jaxjpeg.dtypes import ML_DTYPE_NAMES, numpy_dtype
+from jaxjpeg.dtypes import ML_DTYPE_NAMES, numpy_dtype, packed_nbytes, value_bits
+from jaxjpeg.layout import unpack_low_bits
 
 __all__ = ["Source", "SourceError", "load_source", "open_source"]
 
@@ -240,13 +241,18 @@ def _looks_like_safetensors(path: str, head: bytes) -> bool:
     return 2 <= n <= MAX_HEADER_BYTES and head[8:9] == b"{"
 
 
-# safetensors dtype -> numpy dtype name (jaxjpeg.export writes the reverse).
-SAFETENSORS_DTYPES = {
+# safetensors dtype -> numpy dtype name (jaxjpeg.export writes the reverse),
+# as safetensors 0.8 spells them: F8_E8M0 is MX formats' scales, F4 holds two
+# float4_e2m1fn values a byte, the first in the low bits (as PyTorch's
+# float4_e2m1fn_x2 saves them). Not F6_E2M3 / F6_E3M2 (jaxjpeg.dtypes: no
+# XLA array holds them). Only the ml_dtypes this install has.
+SAFETENSORS_DTYPES = {kind: name for kind, name in {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
     "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
     "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}
+    "F8_E5M2": "float8_e5m2", "C64": "complex64", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F4": "float4_e2m1fn",
+}.items() if name in ML_DTYPE_NAMES or not name.startswith(("float8", "float4", "bfloat"))}
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own cap on its JSON header
 MAX_INDEX_BYTES = 64 * 2**20
@@ -400,24 +406,28 @@ def _safetensors_entry(file: str, name: str, entry, data_size: int):
     dtype = numpy_dtype(SAFETENSORS_DTYPES[kind])
     if dtype.kind in "biufc":
         dtype = dtype.newbyteorder("<")   # the format is little-endian
-    if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
-        raise bad(f"shape {shape} of {kind} needs {math.prod(shape) * dtype.itemsize} bytes, "
-                  f"its offsets span {offsets[1] - offsets[0]}")
+    if packed_nbytes(math.prod(shape), dtype) != offsets[1] - offsets[0]:
+        raise bad(f"shape {shape} of {kind} needs {packed_nbytes(math.prod(shape), dtype)} "
+                  f"bytes, its offsets span {offsets[1] - offsets[0]}")
     return dtype, tuple(shape), tuple(offsets)
 
 
 def _ranged_leaf(files: _Files, file: str, records: list, shape: tuple, dtype: np.dtype,
                  offset: int, fortran: bool = False):
-    """A SourceLeaf whose bytes (``dtype``, in its byte order) lie at
-    ``offset`` in ``file``: ``load()`` is one ranged read of exactly them."""
+    """A SourceLeaf whose bytes (``dtype``, in its byte order; sub-byte
+    values packed, the first in the low bits) lie at ``offset`` in ``file``:
+    ``load()`` is one ranged read of exactly them."""
     from jaxjpeg.checkpoint import SourceLeaf
 
     def load():
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = packed_nbytes(math.prod(shape), dtype)
         data = files.read(file, offset, nbytes)
         if len(data) != nbytes:
             raise SourceError(f"{file}: {records[-1][1]!r:.200} is cut short")
-        return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+        bits = value_bits(dtype)
+        values = (np.frombuffer(data, dtype) if bits % 8 == 0 else unpack_low_bits(
+            np.frombuffer(data, np.uint8), bits, math.prod(shape)).view(dtype))
+        return values.reshape(shape, order="F" if fortran else "C")
     return SourceLeaf(records, shape, dtype, load)
 
 

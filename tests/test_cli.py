@@ -317,6 +317,43 @@ def test_float8_safetensors_compress_losslessly(tmp_path, capsys):
     assert np.asarray(restored["b"]).tobytes() == e5m2.tobytes()
 
 
+def test_mx_and_fnuz_safetensors_dtypes_compress_and_export_as_they_were(tmp_path, capsys):
+    """Found by review: safetensors' F8_E8M0 (MX formats' scales), F4 (two
+    float4_e2m1fn a byte, the first in the low bits, as PyTorch's
+    float4_e2m1fn_x2 saves them) and the fnuz float8s were refused as
+    dtypes jaxjpeg does not store. Now read, stored exactly and exported
+    back byte for byte."""
+    rng = np.random.default_rng(0)
+    fp4 = rng.integers(0, 16, (4, 6), dtype=np.uint8)   # float4_e2m1fn codes
+    fp4_bytes = (fp4.reshape(-1)[0::2] | (fp4.reshape(-1)[1::2] << 4)).tobytes()
+    scales = (2.0 ** rng.integers(-8, 8, 12)).astype(ml_dtypes.float8_e8m0fnu)
+    fnuz = rng.standard_normal(8).astype(ml_dtypes.float8_e4m3fnuz)
+    data = fp4_bytes + scales.tobytes() + fnuz.tobytes()
+    header = {"blocks": {"dtype": "F4", "shape": [4, 6], "data_offsets": [0, 12]},
+              "scales": {"dtype": "F8_E8M0", "shape": [12], "data_offsets": [12, 24]},
+              "w": {"dtype": "F8_E4M3FNUZ", "shape": [8], "data_offsets": [24, 32]}}
+    src = _safetensors_file(tmp_path / "mx.safetensors", header, data)
+    code, _, err = run(capsys, "compress", src, tmp_path / "o.jjpg")
+    assert code == 0, err
+    restored = jaxjpeg.restore(tmp_path / "o.jjpg")
+    want_fp4 = fp4.view(ml_dtypes.float4_e2m1fn)
+    assert restored["blocks"].dtype == want_fp4.dtype
+    np.testing.assert_array_equal(np.asarray(restored["blocks"]).view(np.uint8) & 15, fp4)
+    assert np.asarray(restored["scales"]).tobytes() == scales.tobytes()
+    assert np.asarray(restored["w"]).tobytes() == fnuz.tobytes()
+    code, _, err = run(capsys, "export", tmp_path / "o.jjpg", tmp_path / "back.safetensors")
+    assert code == 0, err
+    back = (tmp_path / "back.safetensors").read_bytes()
+    size = int.from_bytes(back[:8], "little")
+    entries = json.loads(back[8:8 + size])
+    assert {k: (v["dtype"], v["shape"]) for k, v in entries.items()} == {
+        k: (v["dtype"], v["shape"]) for k, v in header.items()}
+    body = back[8 + size:]
+    for k, v in header.items():
+        begin, end = entries[k]["data_offsets"]
+        assert body[begin:end] == data[slice(*v["data_offsets"])], k
+
+
 def _msgpack_bytes(obj):
     import msgpack
     return msgpack.packb(obj, use_bin_type=True)
