@@ -6,6 +6,8 @@
 // as a captured graph that uses it.
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include <pybind11/pybind11.h>
 
 #include "decode_kernel.h"
@@ -154,6 +156,22 @@ __global__ void CheckCoverageKernel(const __grid_constant__ DecodePlan plan,
   CheckOutputCoverage(plan, blockIdx.x, sums, status, threadIdx.x, blockDim.x);
 }
 
+// Lets `kernel` take KernelShared as dynamic shared memory on the current
+// device, once per device (`devices_done`: a bit per ordinal): the setting
+// lasts as long as the device's context, and the call is host work that
+// every decode paid. A failure is left for the launch's error check.
+template <typename Kernel>
+void AllowKernelShared(Kernel kernel, std::atomic<uint64_t>& devices_done) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (devices_done.load(std::memory_order_relaxed) & bit) != 0) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           sizeof(KernelShared)) == cudaSuccess) {
+    devices_done.fetch_or(bit, std::memory_order_relaxed);
+  }
+}
+
 // Launches the (kBits, kType) kernel over every interval.
 struct LaunchDecodeKernel {
   cudaStream_t stream;
@@ -165,8 +183,8 @@ struct LaunchDecodeKernel {
   void operator()() const {
     if (!wanted_types[static_cast<int>(kType)]) return;
     const auto kernel = DecodeKernel<kBits, kType>;
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         sizeof(KernelShared));
+    static std::atomic<uint64_t> devices_done{0};  // one per kernel
+    AllowKernelShared(kernel, devices_done);
     kernel<<<KernelBlockCount(plan.num_intervals), kDecodeThreadsPerBlock, sizeof(KernelShared),
              stream>>>(plan, status);
   }
