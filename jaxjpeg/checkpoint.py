@@ -1210,10 +1210,13 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             coded, kept, overhead, curves, sens, tiles = measure(floor)
             budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
+            raw_extras = [grid_codes.get(leaf.name, leaf.nbytes) + _SMALL_BLOB_OVERHEAD
+                          - float(curves[leaf.name].nbytes[-1]) - tiles[leaf.name]
+                          for leaf in entries if leaf.name in coded]
             freed = log_coding.settle(budget, sum(leaf.size for leaf in entries
                                                   if leaf.name in coded),
-                                      (sum(float(c.nbytes.min()) for c in curves.values()),
-                                       sum(float(c.nbytes.max()) for c in curves.values())))
+                                      sum(float(c.nbytes.max()) for c in curves.values()),
+                                      raw_extras)
             kept, budget = kept - freed, budget + freed
         if floor and budget > 0 and rate.floors_exceed(curves, budget):
             coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
@@ -1335,6 +1338,15 @@ def _taker_bytes(array: np.ndarray, stored: int) -> int:
 # target_ratio=1 the raw file is over by its container's bytes (+0.09% on
 # one 256 x 256 leaf), and a lossy file 65% under was given (found by review).
 EXACT_SLACK = 0.005
+
+
+def _unfilled(room: float, extras: Sequence[float]) -> float:
+    """The bytes of ``room`` left once the ``extras`` that fit are taken,
+    the largest first."""
+    for extra in sorted(extras, reverse=True):
+        if 0 < extra <= room:
+            room -= extra
+    return room
 
 
 def _room_for_exact(rounded: dict, room: float) -> set:
@@ -1488,8 +1500,7 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     if under and log2_coded:   # (review: "finest" where moments could have been exact)
         why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
                 f">= 0 of a wide spread) go no finer than "
-                f"{min(filter(None, magnitudes.byte_target_steps(finer=True))):g} but to exact, "
-                "all of them at once")
+                f"{magnitudes.FINEST_STEP:g} but to exact")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -2331,6 +2342,7 @@ class _Save:
         if signed is not None:
             first, first_values = self._centered_first(name, array) or (None, None)
             lossy = self._square_of(first, self.log_coding.stored(array, signed,
+                                                                  self.log_coding.step_of(name),
                                                                   first=first_values))
             note = "" if lossy is not None else self.log_coding.exact_note(array)
         elif paired_exact:
@@ -3294,6 +3306,7 @@ class _LogCoding:
         self.tight: str | None = None   # settle's warning: the coded leaves are left little
         self.rung = 0   # the ladder's step settled on, in doublings of the save's own
         self.finer = False   # whether the ladder goes finer too (see _target_encoder)
+        self.one_finer: set[str] = set()   # leaves settled a rung finer than the rest
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
         second = {name for name, leaf in held.items()
@@ -3503,17 +3516,18 @@ class _LogCoding:
         step = self.step if step is None else step
         few = _few_values(array)
         exact = _exact_alternative(array, few)
-        if step == 0.0:
-            return exact
         # A mask: exact at any step (review: a bfloat16 one came back 0 / 0.75);
         # a centered second moment only beside an exact first one (review: a
         # two-valued nu took 24x its bytes, lossy), whose error its variance
         # coding otherwise follows (review of that fix: nu exact beside a lossy
-        # mu made nu - mu^2 negative, the next update NaN)
+        # mu made nu - mu^2 negative, the next update NaN), on the ladder's
+        # finest step at most
         if exact is not None and few and (first is None or _stored_exactly(first)):
             return exact
         if first is not None:
-            return self._stored_centered(first, array, step)
+            return self._stored_centered(first, array, step or magnitudes.FINEST_STEP)
+        if step < magnitudes.dtype_step(array.dtype):   # the exact rung, or finer than the
+            return exact   # dtype holds (review: bfloat16 moments at 2^-10 took more than exact)
         coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
@@ -3568,24 +3582,31 @@ class _LogCoding:
             scale = array.size / _LADDER_PROBE
             if first is not None:   # the same positions
                 first = quantized_vectors.sampled(first.reshape(-1), _LADDER_PROBE)
-        sizes = []
+        sizes, exact = [], None
         for step in steps:
             coded = self.stored(probe, signed, step, first=first)
-            sizes.append(array.nbytes if coded is None
-                         else round(scale * memoryview(coded[0]).nbytes))
+            if coded is None:   # stored exactly, deflated (review: counted raw, a bfloat16
+                exact = _exact_bytes(array) if exact is None else exact   # state's 2.5x
+                sizes.append(exact)   # target landed 25% under)
+            else:
+                sizes.append(round(scale * memoryview(coded[0]).nbytes))
         self.ladder[name] = (array.size, sizes)
         return sizes[magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0]
 
-    def settle(self, budget: float, coded_values: int,
-               coded_bytes: tuple[float, float] = (0.0, 0.0)) -> float:
+    def settle(self, budget: float, coded_values: int, coded_bytes: float = 0.0,
+               raw_extras: Sequence[float] = ()) -> float:
         """The bytes a byte target frees by coarser log2 steps (negative: takes
-        by finer ones). Where the coded leaves' largest codings leave bytes
-        of ``budget`` unspent (``coded_bytes``: their smallest and largest
-        totals), the coarsest finer step at which they take the rest (else
-        exact); otherwise the finest step at which the JPEG-coded leaves
-        keep at least half the bits a value of these leaves (else the
-        coarsest). A single-process save (others' leaves are not measured
-        here)."""
+        by finer ones). Where the coded leaves' largest codings
+        (``coded_bytes``) leave bytes of ``budget`` unspent, finer steps
+        (:meth:`_finer`), before or after coded leaves stored raw instead
+        (``raw_extras``: the bytes each would add; _exact_instead), as
+        leaves the fewer bytes unspent (found by review: moments first, a
+        training state's 2x landed 10.7% under where raw kernels beside
+        moments at 1/16 had landed it 1.2% under); otherwise the finest step
+        at which the JPEG-coded leaves keep at least half the bits a value
+        of these leaves (else the coarsest). A single-process save (others'
+        leaves are not measured here)."""
+        self.one_finer = set()
         if not self.ladder:
             return 0.0
         base = magnitudes.ladder_base(self.finer)
@@ -3593,26 +3614,40 @@ class _LogCoding:
 
         def used(i):
             return sum(sizes[i] for _, sizes in self.ladder.values())
-        if base and budget > coded_bytes[1]:
-            i = self._finer_rung(budget, *coded_bytes, used)
+        if base and budget > coded_bytes:
+            first = self._finer(budget - coded_bytes, used)
+            raw = budget - coded_bytes - _unfilled(budget - coded_bytes, raw_extras)
+            after = self._finer(budget - coded_bytes - raw, used)
+            i, self.one_finer, taken, _ = min(
+                (first, after), key=lambda f: _unfilled(f[3], raw_extras))
         else:
-            i = self._coarser_rung(budget, coded_values, used, steps)
+            i, taken = self._coarser_rung(budget, coded_values, used, steps), 0
         self.step, self.rung = steps[i], i - base
-        return used(base) - used(i)
+        return used(base) - used(i) - taken
 
-    def _finer_rung(self, budget: float, smallest: float, largest: float, used) -> int:
-        """The ladder's index of the coarsest finer step whose extra bytes
-        leave the coded leaves no more than their largest codings take, and
-        no less than their smallest (the file lands under, not over)."""
+    def _finer(self, spare: float, used) -> tuple[int, set, float, float]:
+        """(ladder index, leaves a step finer still, their extra bytes, bytes
+        left) of the finest step whose extra bytes ``spare`` holds, and the
+        leaves moved one finer again, the largest steps first, while it
+        holds them."""
         base = i = magnitudes.ladder_base(self.finer)
-        while i > 0:
-            left = budget - (used(i - 1) - used(base))
-            if left < smallest:
-                break
+        while i > 0 and used(i - 1) - used(base) <= spare:
             i -= 1
-            if left <= largest:
-                break
-        return i
+        spare -= used(i) - used(base)
+        names, taken = set(), 0
+        if i > 0:
+            for extra, name in sorted(((sizes[i - 1] - sizes[i], name) for name, (_, sizes)
+                                       in self.ladder.items()), reverse=True):
+                if 0 < extra <= spare - taken:
+                    names.add(name)
+                    taken += extra
+        return i, names, taken, spare - taken
+
+    def step_of(self, name: str) -> float:
+        """The step leaf ``name`` settled on (see :meth:`settle`)."""
+        if name not in self.one_finer:
+            return self.step
+        return 0.0 if self.rung + magnitudes.ladder_base(self.finer) == 1 else self.step / 2
 
     def _coarser_rung(self, budget: float, coded_values: int, used, steps) -> int:
         """The ladder's index of the finest step, the save's own or coarser,
@@ -3665,8 +3700,8 @@ class _LogCoding:
         """The measured leaves' bytes at the step settled on (``small``: only
         small leaves' moments, or only the others)."""
         at = self.rung + magnitudes.ladder_base(self.finer)
-        return sum(sizes[at] for name, (_, sizes) in self.ladder.items()
-                   if small is None or (name in self.small) == small)
+        return sum(sizes[at - (name in self.one_finer)] for name, (_, sizes)
+                   in self.ladder.items() if small is None or (name in self.small) == small)
 
     def small_step_at_most(self) -> float:
         """The step small leaves' moments take at the rung settled on."""

@@ -37,6 +37,7 @@ import math
 import re
 from typing import Iterable
 
+import ml_dtypes
 import numpy as np
 
 from jaxjpeg import quantized_vectors as qv
@@ -293,6 +294,15 @@ def byte_target_steps(step: float = LOG_STEP, finer: bool = False) -> tuple[floa
     first = -BYTE_TARGET_HALVINGS if finer else 0
     return (0.0,) * finer + tuple(step * 2.0 ** i
                                   for i in range(first, BYTE_TARGET_DOUBLINGS + 1))
+
+
+FINEST_STEP = LOG_STEP * 2.0 ** -BYTE_TARGET_HALVINGS   # the ladder's finest but exact
+
+
+def dtype_step(dtype) -> float:
+    """The log2 step a float dtype's own values lie about apart (2^-mantissa
+    bits): finer steps hold a value no better than the value itself."""
+    return 2.0 ** -int(ml_dtypes.finfo(dtype).nmant)
 
 
 def ladder_base(finer: bool) -> int:
