@@ -1005,11 +1005,6 @@ def _coded_leaves_starve(entries, coded, curves, budget: float, target_bytes: in
 # -8.6%). Within FINE_MARGIN of the budget, as probes measure the finest
 # codings a few percent over what they take (Magika at 3.2x: -4.2%).
 FINE_MARGIN = 1.05
-# A byte target of at least this many bits a value may leave bytes beyond the
-# coded leaves' finest codings for the leaves on log2 steps, which then
-# measure finer steps too (_LogCoding.settle): at LOG_STEP an optimizer's
-# moments take 7-9 bits a value, its parameters at most 32.
-GENEROUS_BITS = 6
 
 
 def _optimizer_moments(entries) -> bool:
@@ -1046,8 +1041,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     coding = leaf_coder.coding
     total = sum(leaf.size for leaf in entries)
     reach = rate.reach_of(target_bytes, total)
-    if log_coding is not None:   # finer log2 steps measured where a target may want them
-        log_coding.finer = own is None and 8 * target_bytes >= GENEROUS_BITS * total
+    if log_coding is not None:   # finer log2 steps measured once a plan wants them (refine)
+        log_coding.finer = False
     floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
     # Kernels too small for JPEG take one fine step (SMALL_KERNEL_STEP), and
     # their optimizer moments log2 steps of HALF_LIKE_STEP; where the target
@@ -1210,13 +1205,16 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             coded, kept, overhead, curves, sens, tiles = measure(floor)
             budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
+            largest = sum(float(c.nbytes.max()) for c in curves.values())
+            if budget > largest and not log_coding.finer:   # finer steps may take the rest:
+                log_coding.refine([leaf for leaf in entries   # measured now (review: for every
+                                   if leaf.name in log_coding.ladder])   # target, 1.7-2x the CPU)
             raw_extras = [grid_codes.get(leaf.name, leaf.nbytes) + _SMALL_BLOB_OVERHEAD
                           - float(curves[leaf.name].nbytes[-1]) - tiles[leaf.name]
                           for leaf in entries if leaf.name in coded]
             freed = log_coding.settle(budget, sum(leaf.size for leaf in entries
-                                                  if leaf.name in coded),
-                                      sum(float(c.nbytes.max()) for c in curves.values()),
-                                      raw_extras)
+                                                  if leaf.name in coded), largest, raw_extras,
+                                      TARGET_TOLERANCE / 2 * target_bytes)
             kept, budget = kept - freed, budget + freed
         if floor and budget > 0 and rate.floors_exceed(curves, budget):
             coded, kept, overhead, curves, sens, tiles = measure(False)   # the same budget
@@ -1482,7 +1480,7 @@ def _asked(rate: dict) -> str:
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
                  all_exact: bool = False, all_finest: bool = False,
-                 log2_coded: bool = False) -> str | None:
+                 log2_step: float | None = None) -> str | None:
     """A warning when the file's size missed a byte target by more than
     TARGET_TOLERANCE (every leaf at its finest coding, or no coding the
     allocation tried between two candidates lies closer; found by review:
@@ -1497,10 +1495,10 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     why = ("every leaf is stored exactly" if all_exact and under
            else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
-    if under and log2_coded:   # (review: "finest" where moments could have been exact)
-        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
-                f">= 0 of a wide spread) go no finer than "
-                f"{magnitudes.FINEST_STEP:g} but to exact")
+    if under and log2_step is not None:   # (review: "finest" where moments could be exact;
+        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "  # said
+                f">= 0 of a wide spread) are on steps of {log2_step:g} (at the finest "  # of
+                f"{magnitudes.FINEST_STEP:g}, then exact)")   # steps they were not on: review)
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -2202,7 +2200,8 @@ class _Save:
         miss = _target_miss(self.target, report.file_bytes, self.rate,
                             all(leaf.exact for leaf in reports),
                             allocator is not None and allocator.all_finest,
-                            any("log2 steps" in leaf.note for leaf in reports))
+                            self.log_coding.step if any("log2 steps" in leaf.note
+                                                        for leaf in reports) else None)
         if miss:
             warnings.warn(miss, stacklevel=4)
         side = _side_list_warning(self.target, self.rate, records, report.file_bytes)
@@ -3307,6 +3306,8 @@ class _LogCoding:
         self.rung = 0   # the ladder's step settled on, in doublings of the save's own
         self.finer = False   # whether the ladder goes finer too (see _target_encoder)
         self.one_finer: set[str] = set()   # leaves settled a rung finer than the rest
+        self.measured: dict[str, tuple] = {}   # ladder leaf -> stored_bytes' (signed, small)
+        self.sizes_at: dict[tuple, int] = {}   # (leaf, step, signed, alone) -> bytes measured
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
         second = {name for name, leaf in held.items()
@@ -3564,6 +3565,7 @@ class _LogCoding:
 
         if small:
             self.small.add(name)
+        self.measured[name] = (signed, small)
         base = magnitudes.HALF_LIKE_STEP if small else self.step
         steps = (magnitudes.byte_target_steps(base, self.finer) if self.error_bound is None
                  else (self.step,))
@@ -3582,27 +3584,38 @@ class _LogCoding:
             scale = array.size / _LADDER_PROBE
             if first is not None:   # the same positions
                 first = quantized_vectors.sampled(first.reshape(-1), _LADDER_PROBE)
-        sizes, exact = [], None
-        for step in steps:
-            coded = self.stored(probe, signed, step, first=first)
-            if coded is None:   # stored exactly, deflated (review: counted raw, a bfloat16
-                exact = _exact_bytes(array) if exact is None else exact   # state's 2.5x
-                sizes.append(exact)   # target landed 25% under)
-            else:
-                sizes.append(round(scale * memoryview(coded[0]).nbytes))
+        sizes = []
+        for step in steps:   # each plan of a save measures again: its leaves are the same
+            key = (name, step, signed, first is None)
+            if key not in self.sizes_at:
+                coded = self.stored(probe, signed, step, first=first)
+                # stored exactly, deflated (review: counted raw, a bfloat16 state's 2.5x
+                # landed 25% under)
+                self.sizes_at[key] = (_exact_bytes(array) if coded is None
+                                      else round(scale * memoryview(coded[0]).nbytes))
+            sizes.append(self.sizes_at[key])
         self.ladder[name] = (array.size, sizes)
         return sizes[magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0]
 
+    def refine(self, leaves: Sequence[SourceLeaf]) -> None:
+        """The ladder of these leaves (the ladder's) measured at finer steps
+        too, from now on (a plan that leaves bytes beyond the coded leaves'
+        largest codings)."""
+        self.finer = True
+        for leaf in leaves:
+            self.stored_bytes(leaf.name, leaf.array(), *self.measured[leaf.name])
+
     def settle(self, budget: float, coded_values: int, coded_bytes: float = 0.0,
-               raw_extras: Sequence[float] = ()) -> float:
+               raw_extras: Sequence[float] = (), slack: float = 0.0) -> float:
         """The bytes a byte target frees by coarser log2 steps (negative: takes
         by finer ones). Where the coded leaves' largest codings
         (``coded_bytes``) leave bytes of ``budget`` unspent, finer steps
-        (:meth:`_finer`), before or after coded leaves stored raw instead
-        (``raw_extras``: the bytes each would add; _exact_instead), as
-        leaves the fewer bytes unspent (found by review: moments first, a
-        training state's 2x landed 10.7% under where raw kernels beside
-        moments at 1/16 had landed it 1.2% under); otherwise the finest step
+        (:meth:`_finer`), before coded leaves stored raw instead
+        (``raw_extras``: the bytes each would add; _exact_instead) where
+        that leaves no more than ``slack`` unspent, else as leaves the
+        fewer (found by review: moments first, a training state's 2x landed
+        10.7% under where raw kernels beside moments at 1/16 had landed it
+        1.2% under); otherwise the finest step
         at which the JPEG-coded leaves keep at least half the bits a value
         of these leaves (else the coarsest). A single-process save (others'
         leaves are not measured here)."""
@@ -3616,10 +3629,11 @@ class _LogCoding:
             return sum(sizes[i] for _, sizes in self.ladder.values())
         if base and budget > coded_bytes:
             first = self._finer(budget - coded_bytes, used)
-            raw = budget - coded_bytes - _unfilled(budget - coded_bytes, raw_extras)
-            after = self._finer(budget - coded_bytes - raw, used)
-            i, self.one_finer, taken, _ = min(
-                (first, after), key=lambda f: _unfilled(f[3], raw_extras))
+            if _unfilled(first[3], raw_extras) > slack:
+                raw = budget - coded_bytes - _unfilled(budget - coded_bytes, raw_extras)
+                after = self._finer(budget - coded_bytes - raw, used)
+                first = min((first, after), key=lambda f: _unfilled(f[3], raw_extras))
+            i, self.one_finer, taken, _ = first
         else:
             i, taken = self._coarser_rung(budget, coded_values, used, steps), 0
         self.step, self.rung = steps[i], i - base
@@ -3746,7 +3760,7 @@ def _named_first_moments(leaves: Sequence[SourceLeaf], policy: Policy, read: boo
             (seconds if magnitude else trusted_seconds).add(named[partner].name)
             continue
         second = named[partner].array()
-        if trusted and not magnitude and magnitudes.under_optimizer(path):
+        if trusted and not magnitude and magnitudes.in_optimizer_state(path):
             # in memory as from a file, whatever nu's spread or mu's size against it
             # (found by review: a trained LM's Adam nu, no small values, passed as no
             # second moment, and mu and nu were JPEG-coded: the next update 7.6% off,

@@ -181,13 +181,20 @@ def is_lone_first_moment(path: tuple) -> bool:
 
 
 def under_optimizer(path: tuple) -> bool:
-    """Whether one of a path's names names an optimizer's state, or the path
-    is laid out as PyTorch's ``optimizer.state_dict()``: ``state`` then a
-    parameter's index (found by review: such a dict in memory kept the value
-    checks, nu of i.i.d. gradients JPEG-coded, the next update 7% off)."""
-    names = [name for _, key in path for name in _names(key)]
-    return (any(_OPTIMIZER_PART.fullmatch(name) for name in names)
-            or any(a == "state" and b.isdigit() for a, b in zip(names, names[1:])))
+    """Whether one of a path's names names an optimizer's state."""
+    return any(_OPTIMIZER_PART.fullmatch(name) for _, key in path for name in _names(key))
+
+
+def in_optimizer_state(first: tuple) -> bool:
+    """Whether a trusted pair's first moment (is_trusted_pair) lies in an
+    optimizer's state: under a part naming one, or PyTorch's exp_avg as
+    ``optimizer.state_dict()`` lays it out, ``state`` then the parameter's
+    index (found by review: such a dict in memory kept the value checks, nu
+    of i.i.d. gradients JPEG-coded; review of that fix: a model's
+    state/0/mu taken for Lion's, +45%)."""
+    names = [name for _, key in first for name in _names(key)]
+    return under_optimizer(first) or ("exp_avg" in names and any(
+        a == "state" and b.isdigit() for a, b in zip(names, names[1:])))
 
 
 def is_trusted_pair(first: tuple, second: tuple) -> bool:

@@ -1248,8 +1248,9 @@ def test_a_generous_target_says_why_moments_leave_it_under(tmp_path):
     exact: at 1.5x this state's three leaves still land under)."""
     tree, *_ = _adam_state_of_iid_gradients(optax.adam(1e-3))
     with pytest.warns(UserWarning, match=r"the file has .* \(-.*leaves on log2 steps "
-                                         r"\(jaxjpeg.magnitudes: optimizer moments.* go no finer "
-                                         r"than 0.000976562 but to exact"):
+                                         r"\(jaxjpeg.magnitudes: optimizer moments.* are on "
+                                         r"steps of 0.000976562 \(at the finest 0.000976562, "
+                                         r"then exact\)"):
         jaxjpeg.save(tmp_path / "g.jjpg", tree, target_ratio=1.5)
 
 
@@ -1308,9 +1309,14 @@ def test_a_pytorch_optimizers_state_in_memory_pairs_as_from_a_file(tmp_path):
     assert "values on log2 steps" in notes["state/0/exp_avg_sq"], notes
     got = jaxjpeg.restore(tmp_path / "t.jjpg", target=tree)["state"][0]
     assert np.all(np.abs(np.asarray(got["exp_avg_sq"]) - nu) <= 0.0222 * nu)
-    # a model's own state / 0 / exp_avg without an optimizer's pair stays JPEG-coded
+    # a model's own state / 0 / exp_avg without an optimizer's pair stays JPEG-coded,
+    # and so does a model's state / 0 / mu (review: taken for Lion's lone mu, +45%)
     lone = {"state": {0: {"exp_avg": mu}}}
     assert {l.kind for l in jaxjpeg.save(tmp_path / "l.jjpg", lone).leaves} == {"jpeg"}
+    rng = np.random.default_rng(0)
+    vae = {"state": [{"mu": {"kernel": rng.standard_normal((256, 256)).astype(np.float32)},
+                      "logvar": {"kernel": rng.standard_normal((256, 256)).astype(np.float32)}}]}
+    assert {l.kind for l in jaxjpeg.save(tmp_path / "v.jjpg", vae).leaves} == {"jpeg"}
 
 
 @pytest.mark.parametrize("dtype, ratio", [(ml_dtypes.bfloat16, 2.5), (np.float32, 2)])
