@@ -1782,8 +1782,10 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None) -> Curv
             return (quantized_vectors.sparse_value_bytes(kept)
                     + MASK_DEFLATE_OVERHEAD * _entropy_bits(share) * codes.size / 8)
     else:
+        middle = quantized_vectors.middle_values(probe) if probe.size else None
+
         def values_bytes(q):
-            return quantized_vectors.coded_bytes(probe, q)
+            return quantized_vectors.coded_bytes(probe, q, middle)
     nbytes = mask + np.array([values_bytes(q) * scale for q in steps])
     sse = np.array([_rounding_sse(probe, q, weight) * scale for q in steps])
     keep = 8 * (nbytes - mask) <= THIN_MAX_BITS * max(1, count)
