@@ -269,6 +269,14 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         if unsupported:
             raise ValueError(f"{unsupported[0].name}: safetensors has no dtype "
                              f"{unsupported[0].dtype}")
+        # safetensors reads sub-byte tensors whole bytes at a time (review: a (7,)
+        # float4 leaf was written, and the file refused by safetensors 0.8)
+        odd = [t for t in tensors if packed_nbytes(math.prod(t.shape), t.dtype) * 8
+               != math.prod(t.shape) * value_bits(t.dtype)]
+        if odd:
+            raise ValueError(f"{odd[0].name}: {math.prod(odd[0].shape)} {odd[0].dtype} values do "
+                             f"not fill whole bytes, which safetensors' "
+                             f"{SAFETENSORS_DTYPES[odd[0].dtype.name]} needs")
         if "__metadata__" in leaves:   # found by review: written over the metadata's key
             raise ValueError("__metadata__: a leaf of this name cannot be a safetensors "
                              "tensor (the name holds the file's metadata)")

@@ -352,6 +352,12 @@ def test_mx_and_fnuz_safetensors_dtypes_compress_and_export_as_they_were(tmp_pat
     for k, v in header.items():
         begin, end = entries[k]["data_offsets"]
         assert body[begin:end] == data[slice(*v["data_offsets"])], k
+    # an odd count of float4 values fills no whole byte: refused (review: written,
+    # and the file refused by safetensors)
+    jaxjpeg.save(tmp_path / "odd.jjpg", {"w": fp4.reshape(-1)[:7].view(ml_dtypes.float4_e2m1fn)})
+    code, _, err = run(capsys, "export", tmp_path / "odd.jjpg", tmp_path / "odd.safetensors")
+    assert code == cli.EXIT_USAGE and "7 float4_e2m1fn values do not fill whole bytes" in err, err
+    assert not (tmp_path / "odd.safetensors").exists()
 
 
 def _msgpack_bytes(obj):
