@@ -1480,7 +1480,7 @@ def _asked(rate: dict) -> str:
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
                  all_exact: bool = False, all_finest: bool = False,
-                 log2_step: float | None = None) -> str | None:
+                 log2_steps: Sequence[float] = ()) -> str | None:
     """A warning when the file's size missed a byte target by more than
     TARGET_TOLERANCE (every leaf at its finest coding, or no coding the
     allocation tried between two candidates lies closer; found by review:
@@ -1495,10 +1495,11 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     why = ("every leaf is stored exactly" if all_exact and under
            else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
-    if under and log2_step is not None:   # (review: "finest" where moments could be exact;
-        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "  # said
-                f">= 0 of a wide spread) are on steps of {log2_step:g} (at the finest "  # of
-                f"{magnitudes.FINEST_STEP:g}, then exact)")   # steps they were not on: review)
+    if under and log2_steps:   # (review: "finest" where moments could be exact; said of
+        steps = "-".join(f"{s:g}" for s in sorted({min(log2_steps), max(log2_steps)}))  # steps
+        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "  # they
+                f">= 0 of a wide spread) are on steps of {steps} (at the finest "  # were not on:
+                f"{magnitudes.FINEST_STEP:g}, then exact)")   # review)
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -2195,13 +2196,15 @@ class _Save:
                 writer.set_metadata(self.metadata(records))
         finally:
             bar.close()
+        from jaxjpeg import quantized_vectors
+
         report = SaveReport(storage.as_location(self.path), reports, storage.size(self.path))
         allocator = getattr(self.encode, "allocator", None)
         miss = _target_miss(self.target, report.file_bytes, self.rate,
                             all(leaf.exact for leaf in reports),
                             allocator is not None and allocator.all_finest,
-                            self.log_coding.step if any("log2 steps" in leaf.note
-                                                        for leaf in reports) else None)
+                            [r["step"] for r in records
+                             if r.get("domain") in quantized_vectors.LOG_DOMAINS])
         if miss:
             warnings.warn(miss, stacklevel=4)
         side = _side_list_warning(self.target, self.rate, records, report.file_bytes)
@@ -2340,9 +2343,9 @@ class _Save:
         lossy = None
         if signed is not None:
             first, first_values = self._centered_first(name, array) or (None, None)
-            lossy = self._square_of(first, self.log_coding.stored(array, signed,
-                                                                  self.log_coding.step_of(name),
-                                                                  first=first_values))
+            lossy = self._square_of(first, self.log_coding.stored(
+                array, signed, self.log_coding.step_of(name), first=first_values,
+                first_step=None if first is None else self.log_coding.step_of(first.name)))
             note = "" if lossy is not None else self.log_coding.exact_note(array)
         elif paired_exact:
             note = ("stored exactly with the other moment of its centered pair "
@@ -3507,13 +3510,15 @@ class _LogCoding:
         return first if self._trusted(first) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
-               first: np.ndarray | None = None) -> tuple | None:
+               first: np.ndarray | None = None, first_step: float | None = None
+               ) -> tuple | None:
         """(blob, record fields, note), or None: stored exactly. A leaf of
         few values or float16 holds exactly (a 0/1 mask, counts) is stored
         exactly where that is smaller (found in session 31: a float32 0/1
         mask restored as 0 / 0.992 by default, 0 / 1.164 at 8x; review: a
         float16 one too); a centered second moment of ``first`` (the first
-        moment's values) as its variance. Step 0.0: the ladder's exact rung."""
+        moment's values, on ``first_step``) as its variance. Step 0.0: the
+        ladder's exact rung."""
         step = self.step if step is None else step
         few = _few_values(array)
         exact = _exact_alternative(array, few)
@@ -3525,7 +3530,9 @@ class _LogCoding:
         # finest step at most
         if exact is not None and few and (first is None or _stored_exactly(first)):
             return exact
-        if first is not None:
+        if first is not None:   # exact beside an exact first moment only (review: never)
+            if step == 0.0 and first_step == 0.0:
+                return exact
             return self._stored_centered(first, array, step or magnitudes.FINEST_STEP)
         if step < magnitudes.dtype_step(array.dtype):   # the exact rung, or finer than the
             return exact   # dtype holds (review: bfloat16 moments at 2^-10 took more than exact)
@@ -3588,7 +3595,7 @@ class _LogCoding:
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
-                coded = self.stored(probe, signed, step, first=first)
+                coded = self.stored(probe, signed, step, first=first, first_step=step)
                 # stored exactly, deflated (review: counted raw, a bfloat16 state's 2.5x
                 # landed 25% under)
                 self.sizes_at[key] = (_exact_bytes(array) if coded is None
