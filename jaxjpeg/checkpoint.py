@@ -3715,7 +3715,10 @@ class _LogCoding:
 
     def small_step(self, name: str) -> float | None:
         """The settled step of a small leaf's moment on the ladder, or None."""
-        return self.small_step_at_most() if name in self.small else None
+        if name not in self.small:
+            return None
+        return magnitudes.byte_target_steps(magnitudes.HALF_LIKE_STEP, self.finer)[
+            self.rung + magnitudes.ladder_base(self.finer) - (name in self.one_finer)]
 
     def settled_bytes(self, small: bool | None = None) -> int:
         """The measured leaves' bytes at the step settled on (``small``: only

@@ -143,13 +143,13 @@ def _refuse_replacing_the_source(dst, read: list) -> None:
     ``compress m.safetensors m.safetensors --force`` replaced the original
     with its lossy checkpoint; through a symlink too)."""
     from jaxjpeg import storage
-    target = storage.local_path(storage.as_location(dst))
+    target = storage.local_path(storage.written_location(storage.as_location(dst)))
     if target is None:
         return _refuse_replacing_a_stored_source(storage.as_location(dst), read)
     if not os.path.exists(target):
         return
     for location in read:
-        local = storage.local_path(storage.as_location(location))
+        local = storage.local_path(storage.written_location(storage.as_location(location)))
         if local is not None and os.path.isfile(local) and storage.same_entry(local, target):
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")
@@ -169,11 +169,12 @@ def _refuse_replacing_a_stored_source(dst: str, read: list) -> None:
     from jaxjpeg import storage
     if storage.kind(dst) != "file":   # nothing there to replace
         return
-    store, target = storage.stored_entry(dst)
+    store, target = storage.stored_entry(storage.written_location(dst))
     for location in map(storage.as_location, read):
-        if storage.local_path(location) is not None:
+        written = storage.written_location(location)
+        if storage.local_path(written) is not None:
             continue
-        source_store, path = storage.stored_entry(location)
+        source_store, path = storage.stored_entry(written)
         if (source_store, path) == (store, target):
             raise CliError(f"{dst}: is the source's file {location} itself: compress writes "
                            "a new file beside it (choose another DST)")

@@ -113,6 +113,16 @@ def same_entry(a: str, b: str) -> bool:
             and os.path.samefile(os.path.dirname(a), os.path.dirname(b)))
 
 
+def written_location(location: str) -> str:
+    """Where a write to ``location`` lands: a chained URL's last
+    (``simplecache::gs://b/o`` writes ``gs://b/o``), a ``local://`` URL's
+    path (found by review: a source compress refused to replace as
+    ``memory://m/s.npz`` or ``/d/s.npz`` it replaced as
+    ``simplecache::memory://m/s.npz`` or ``local:///d/s.npz``)."""
+    last = location.rsplit("::", 1)[-1]
+    return last[len("local://"):] if scheme(last) == "local" else last
+
+
 def stored_entry(location: str) -> tuple[str, str]:
     """A URL's store and path in it, as one key: ``memory://m/a`` and
     ``memory:///m/a`` (or ``gs://`` and ``gcs://`` of one object) name one

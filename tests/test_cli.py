@@ -619,7 +619,10 @@ def test_compress_refuses_to_replace_its_source(tmp_path, capsys):
     os.symlink(tmp_path / "m.npz", tmp_path / "link.npz")
     before = {p: p.read_bytes() for p in (src, tmp_path / "m.npz")}
     for source, dst in ((src, src), (tmp_path / "link.npz", tmp_path / "m.npz"),
-                        (tmp_path / "m.npz", tmp_path / "link.npz")):
+                        (tmp_path / "m.npz", tmp_path / "link.npz"),
+                        # as URLs: file://, local://, a cache's chain (review)
+                        (src, f"local://{src}"), (f"simplecache::file://{src}", src),
+                        (src, f"simplecache::file://{src}")):
         code, _, err = run(capsys, "compress", source, dst, "--force")
         assert code == cli.EXIT_USAGE and "source's file" in err, (code, err)
     assert all(p.read_bytes() == data for p, data in before.items())
@@ -644,7 +647,10 @@ def test_compress_refuses_to_replace_its_source_at_a_url(capsys):
         for source, dst in (("memory://refuse/s.npz", "memory://refuse/s.npz"),
                             ("memory://refuse/s.npz", "memory:///refuse/s.npz"),
                             ("memory://refuse/shards", "memory://refuse/shards/a.safetensors"),
-                            ("memory://refuse/shards", "memory://refuse/shards/notes.txt")):
+                            ("memory://refuse/shards", "memory://refuse/shards/notes.txt"),
+                            # (review: through a cache's chain, either way)
+                            ("memory://refuse/s.npz", "simplecache::memory://refuse/s.npz"),
+                            ("simplecache::memory://refuse/s.npz", "memory://refuse/s.npz")):
             code, _, err = run(capsys, "compress", source, dst, "--force")
             assert code == cli.EXIT_USAGE and "source" in err and "choose" in err, (code, err)
         assert memory.cat("/refuse/s.npz") == buffer.getvalue()
