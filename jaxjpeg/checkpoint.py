@@ -1206,9 +1206,10 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
             budget = target_bytes - kept - overhead
         if log_coding is not None and own is None:   # coarser log2 steps where it is tight
             largest = sum(float(c.nbytes.max()) for c in curves.values())
-            if budget > largest and not log_coding.finer:   # finer steps may take the rest:
-                log_coding.refine([leaf for leaf in entries   # measured now (review: for every
-                                   if leaf.name in log_coding.ladder])   # target, 1.7-2x the CPU)
+            if budget > largest and not log_coding.finer:
+                # finer steps may take the rest: measured only now (found by
+                # review: measured under every target, 1.7-2x the CPU)
+                log_coding.refine([leaf for leaf in entries if leaf.name in log_coding.ladder])
             raw_extras = [grid_codes.get(leaf.name, leaf.nbytes) + _SMALL_BLOB_OVERHEAD
                           - float(curves[leaf.name].nbytes[-1]) - tiles[leaf.name]
                           for leaf in entries if leaf.name in coded]
@@ -1495,11 +1496,13 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     why = ("every leaf is stored exactly" if all_exact and under
            else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
-    if under and log2_steps:   # (review: "finest" where moments could be exact; said of
-        steps = "-".join(f"{s:g}" for s in sorted({min(log2_steps), max(log2_steps)}))  # steps
-        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "  # they
-                f">= 0 of a wide spread) are on steps of {steps} (at the finest "  # were not on:
-                f"{magnitudes.FINEST_STEP:g}, then exact)")   # review)
+    if under and log2_steps:
+        # the steps the leaves are on (found by review: "finest" where moments
+        # could be exact; then steps they were not on)
+        steps = "-".join(f"{s:g}" for s in sorted({min(log2_steps), max(log2_steps)}))
+        why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
+                f">= 0 of a wide spread) are on steps of {steps} (at the finest "
+                f"{magnitudes.FINEST_STEP:g}, then exact)")
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 
@@ -3534,8 +3537,10 @@ class _LogCoding:
             if step == 0.0 and first_step == 0.0:
                 return exact
             return self._stored_centered(first, array, step or magnitudes.FINEST_STEP)
-        if step < magnitudes.dtype_step(array.dtype):   # the exact rung, or finer than the
-            return exact   # dtype holds (review: bfloat16 moments at 2^-10 took more than exact)
+        # the exact rung, or finer than the dtype holds (found by review:
+        # bfloat16 moments at 2^-10 took more than exact)
+        if step < magnitudes.dtype_step(array.dtype):
+            return exact
         coded = magnitudes.encode(array, signed, step)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
@@ -3596,8 +3601,8 @@ class _LogCoding:
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
                 coded = self.stored(probe, signed, step, first=first, first_step=step)
-                # stored exactly, deflated (review: counted raw, a bfloat16 state's 2.5x
-                # landed 25% under)
+                # None: stored exactly, deflated (found by review: counted raw,
+                # a bfloat16 state's 2.5x landed 25% under)
                 self.sizes_at[key] = (_exact_bytes(array) if coded is None
                                       else round(scale * memoryview(coded[0]).nbytes))
             sizes.append(self.sizes_at[key])
@@ -3622,10 +3627,10 @@ class _LogCoding:
         that leaves no more than ``slack`` unspent, else as leaves the
         fewer (found by review: moments first, a training state's 2x landed
         10.7% under where raw kernels beside moments at 1/16 had landed it
-        1.2% under); otherwise the finest step
-        at which the JPEG-coded leaves keep at least half the bits a value
-        of these leaves (else the coarsest). A single-process save (others'
-        leaves are not measured here)."""
+        1.2% under); otherwise the finest step at which the JPEG-coded leaves
+        keep at least half the bits a value of these leaves (else the
+        coarsest). A single-process save (others' leaves are not measured
+        here)."""
         self.one_finer = set()
         if not self.ladder:
             return 0.0
