@@ -74,6 +74,9 @@ __all__ = ["Prepared", "finish", "plan_owners", "prepare", "save_distributed", "
 
 TIMEOUT_S = 600.0        # waiting for another process's part, writes or commit
 PIECE_CHARS = 1 << 20    # characters per key-value entry of a large value
+# A byte target's analysis rounds at most (checkpoint._target_encoder: up to
+# 3 plans of up to 3 measures each): a failing process answers them all.
+ANALYSIS_ROUNDS = 16
 _KEY = "jaxjpeg_save"
 _saves_started = 0       # every process saves in the same order: the nth save's keys
 _earlier: list = []      # this process's exchanges of earlier saves, keys not deleted yet
@@ -320,15 +323,9 @@ def prepare(path, tree, saver_options: dict, *, copy: bool = False) -> Prepared:
     global _saves_started
     saver_options = dict(saver_options)
     batchnorm_prior = saver_options.pop("batchnorm_prior", True)
-    if saver_options.get("encoder") is not None:
-        raise ValueError("distributed=True codes each leaf in one process: a custom encoder "
-                         "is not supported (it may not be safe to run in every process)")
-    if saver_options.get("sensitivity") and ck._uses_relative_step(saver_options):
-        raise ValueError("distributed=True: sensitivity steers a byte target's allocation here "
-                         "(target_ratio, target_bytes or bits_per_weight); with the default "
-                         "relative_step its steps would need every steered leaf's values in "
-                         "one process")
     saver_options["defer_budget"] = True   # a byte target's analysis needs the leaves: finish
+    if jax.process_count() == 1:   # no other process to agree with (see _prepare)
+        _check_distributable(saver_options)
     client = _client()
     me, processes = jax.process_index(), jax.process_count()
     _saves_started += 1
@@ -347,11 +344,14 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
              exchange, earlier) -> Prepared:
     from jaxjpeg import checkpoint as ck
 
-    path = _shared_file(path)
-    # Everything a process may refuse on its own (its tree, the options) is
-    # checked and agreed on before the first collective: a process that
-    # raised alone would leave the others waiting in a gather.
+    # Everything a process may refuse on its own (its path, its tree, the
+    # options) is checked and agreed on before the first collective: a
+    # process that raised alone would leave the others waiting in a gather,
+    # or (found by review: a sensitivity one process alone passed) answering
+    # its next save.
     try:
+        _check_distributable(saver_options)
+        path = _shared_file(path)
         flat = ck._leaves(tree)
         leaves = [ck.SourceLeaf(records, tuple(np.shape(leaf)), _dtype(leaf), lambda: None,
                                 ck.shard_regions(leaf), prng_impl=impl)
@@ -407,6 +407,19 @@ def _prepare(path, tree, saver_options, copy, batchnorm_prior, client, me, proce
         _abandon(None, exchange, me, f"process {me} failed: {why}")   # no temporary file yet
         raise
     return Prepared(path, saver, exchange, me, processes, own, len(flat))
+
+
+def _check_distributable(options: dict) -> None:
+    """ValueError for the options a distributed save does not take."""
+    from jaxjpeg import checkpoint as ck
+    if options.get("encoder") is not None:
+        raise ValueError("distributed=True codes each leaf in one process: a custom encoder "
+                         "is not supported (it may not be safe to run in every process)")
+    if options.get("sensitivity") and ck._uses_relative_step(options):
+        raise ValueError("distributed=True: sensitivity steers a byte target's allocation here "
+                         "(target_ratio, target_bytes or bits_per_weight); with the default "
+                         "relative_step its steps would need every steered leaf's values in "
+                         "one process")
 
 
 def _check_same_plan(path: str, plans: list, records: list) -> None:
@@ -525,8 +538,12 @@ def _options_digest(options: dict) -> dict:
 
 def _publish_failure(exchange: "_Exchange", me: int, why: str) -> None:
     """What this process failing tells the others, who may wait for its
-    bias-correction shifts or its part."""
+    bias-correction shifts, a byte target's analyses (each round it did not
+    answer: found by review, a process failing before them left the others
+    waiting TIMEOUT_S) or its part."""
     exchange.put_once(f"shifts/{me}", {"error": why})
+    for round_ in range(ANALYSIS_ROUNDS):
+        exchange.put_once(f"analysis/{round_}/{me}", {"error": f"process {me}: {why}"})
     exchange.put(f"part/{me}", {"error": why})
 
 
@@ -658,7 +675,10 @@ def _analysed_everywhere(prepared: Prepared):
     rounds = itertools.count()
 
     def analysed_by(analyse, entries, floor):
-        key = f"analysis/{next(rounds)}"
+        round_ = next(rounds)
+        if round_ >= ANALYSIS_ROUNDS:   # every process alike: a failure could not be told
+            raise RuntimeError(f"distributed save: more than {ANALYSIS_ROUNDS} analysis rounds")
+        key = f"analysis/{round_}"
         try:
             mine = ck.analyse_here(analyse, [own[e.name] for e in entries if e.name in own],
                                    floor)

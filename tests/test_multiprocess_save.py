@@ -36,6 +36,8 @@ CHECKS = [
     "a_process_failing_while_coding_fails_every_process_quickly",
     "a_process_failing_to_read_its_leaves_fails_every_process_quickly",
     "process_0_failing_to_read_its_leaves_fails_every_process_quickly",
+    "a_process_failing_under_a_byte_target_fails_every_process_quickly",
+    "a_process_refusing_its_options_alone_keeps_the_processes_in_step",
     "a_second_save_replaces_the_first",
     "bytes_paths_file_urls_and_symlinks_are_local_files",
     "process_local_arrays_are_saved_like_numpy_leaves",

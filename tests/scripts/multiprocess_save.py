@@ -313,7 +313,8 @@ def processes_saving_other_trees_or_options_fail_every_process():
         assert not os.path.exists(path)
 
 
-def _injected_failure_fails_every_process(name, owner, attribute, failing, errors, words):
+def _injected_failure_fails_every_process(name, owner, attribute, failing, errors, words,
+                                          **options):
     """A distributed save with ``owner.attribute`` replaced by
     ``failing(real)``, which raises in some process: every process raises
     one of ``errors`` naming ``words`` within a minute (not TIMEOUT_S), and
@@ -323,7 +324,7 @@ def _injected_failure_fails_every_process(name, owner, attribute, failing, error
     setattr(owner, attribute, failing(getattr(owner, attribute)))
     start = time.monotonic()
     try:
-        jaxjpeg.save(path, TREE, distributed=True)
+        jaxjpeg.save(path, TREE, distributed=True, **options)
     except errors as e:
         assert words in str(e), str(e)
     else:
@@ -367,7 +368,7 @@ def a_process_interrupted_while_coding_fails_every_process_quickly():
         (KeyboardInterrupt, ValueError), "injected interrupt")
 
 
-def _failing_to_read_leaves(failing: int, name: str) -> None:
+def _failing_to_read_leaves(failing: int, name: str, **options) -> None:
     """Process ``failing`` cannot read its leaves to the host (out of memory,
     say), after every process agreed on the save: every process raises
     promptly (the others waited TIMEOUT_S), and no temporary file is left.
@@ -381,7 +382,7 @@ def _failing_to_read_leaves(failing: int, name: str) -> None:
 
     _injected_failure_fails_every_process(name, checkpoint.SourceLeaf, "of", failing_copy,
                                           (MemoryError, ValueError),
-                                          "injected host copy failure")
+                                          "injected host copy failure", **options)
 
 
 @check
@@ -392,6 +393,33 @@ def a_process_failing_to_read_its_leaves_fails_every_process_quickly():
 @check
 def process_0_failing_to_read_its_leaves_fails_every_process_quickly():
     _failing_to_read_leaves(0, "unread0.jjpg")
+
+
+@check
+def a_process_failing_under_a_byte_target_fails_every_process_quickly():
+    """Found by review: under a byte target the others waited TIMEOUT_S for
+    the failed process's analysis (it told them of its part only)."""
+    _failing_to_read_leaves(1, "unread_target.jjpg", target_ratio=8)
+
+
+@check
+def a_process_refusing_its_options_alone_keeps_the_processes_in_step():
+    """Found by review: a sensitivity one process alone passed (refused
+    without a byte target) was refused before the processes agreed: that
+    process raised, the other's save paired with its next one and reported
+    success, and the next save then waited TIMEOUT_S. Now every process
+    raises, and the next save, alike everywhere, succeeds."""
+    path = os.path.join(WORK, "alone.jjpg")
+    try:
+        jaxjpeg.save(path, TREE, distributed=True,
+                     **({"sensitivity": {"split": 2.0}} if PROCESS == 1 else {}))
+    except ValueError as e:
+        assert "sensitivity" in str(e), str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    assert not os.path.exists(path)
+    jaxjpeg.save(path, TREE, distributed=True)
+    assert os.path.exists(path)
 
 
 @check
