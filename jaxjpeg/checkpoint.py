@@ -3314,6 +3314,7 @@ class _LogCoding:
         self.one_finer: set[str] = set()   # leaves settled a rung finer than the rest
         self.measured: dict[str, tuple] = {}   # ladder leaf -> stored_bytes' (signed, small)
         self.sizes_at: dict[tuple, int] = {}   # (leaf, step, signed, alone) -> bytes measured
+        self.centered: dict[str, str] = {}   # ladder's centered second moment -> its first
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
         second = {name for name, leaf in held.items()
@@ -3585,6 +3586,8 @@ class _LogCoding:
         # counted as itself, small leaves' files landed 3-5% over)
         found = None if signed else self.stored_pair_first(name, array)
         first = None if found is None else found[1]
+        if found is not None:
+            self.centered[name] = found[0].name
         few = _few_values(array) and (first is None or _stored_exactly(first))
         exact = _exact_alternative(array, few) if few else None
         if exact is not None:   # a mask, stored exact at every step (stored()): counted whole
@@ -3662,12 +3665,26 @@ class _LogCoding:
         spare -= used(i) - used(base)
         names, taken = set(), 0
         if i > 0:
-            for extra, name in sorted(((sizes[i - 1] - sizes[i], name) for name, (_, sizes)
-                                       in self.ladder.items()), reverse=True):
-                if 0 < extra <= spare - taken:
-                    names.add(name)
-                    taken += extra
+            def extra(unit):
+                return sum(self.ladder[n][1][i - 1] - self.ladder[n][1][i] for n in unit)
+            for unit in sorted(self._moving_units(), key=extra, reverse=True):
+                if 0 < extra(unit) <= spare - taken:
+                    names.update(unit)
+                    taken += extra(unit)
         return i, names, taken, spare - taken
+
+    def _moving_units(self) -> list[tuple[str, ...]]:
+        """The ladder's leaves as they move a step finer: a centered second
+        moment with its first (its exact rung is counted beside an exact
+        first, the only place it is exact: found by review, a nu moved
+        alone kept its step, the bytes counted for it unspent, a 1.5x file
+        10.9% under), the others alone."""
+        units = {name: (name,) for name in self.ladder}
+        for second, first in self.centered.items():
+            if second in units and first in units:
+                del units[first]
+                units[second] = (first, second)
+        return list(units.values())
 
     def step_of(self, name: str) -> float:
         """The step leaf ``name`` settled on (see :meth:`settle`)."""

@@ -1373,3 +1373,28 @@ def test_a_centered_second_moment_is_exact_beside_an_exact_first(tmp_path):
     got = jaxjpeg.restore(tmp_path / "c.jjpg", target=tree)
     update, _ = opt.update(g, got["opt_state"], got["params"])
     assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(update))
+
+
+def test_a_centered_pair_moves_a_step_finer_together(tmp_path):
+    """Review: leaves moved one step finer were chosen one by one, so a
+    centered nu could go to its exact rung (counted beside an exact mu)
+    while its mu did not; stored centered beside a lossy mu, the bytes
+    counted for it went unspent: 1.5x landed 10.9% under (2.3% now)."""
+    rng = np.random.default_rng(0)
+    params = {f"big{i}": {"kernel": jnp.asarray(rng.standard_normal((192, 256)) * 0.05),
+                          "bias": jnp.asarray(rng.standard_normal(256) * 0.01)} for i in range(3)}
+    opt = optax.rmsprop(1e-3, centered=True)
+    state = opt.init(params)
+    for _ in range(10):
+        g = jax.tree.map(lambda x: jnp.asarray((1.0 + rng.standard_normal(x.shape)) * 1e-2,
+                                               x.dtype), params)
+        _, state = opt.update(g, state, params)
+    tree = {"params": params, "opt_state": state}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=1.5)
+    assert report.ratio_vs_float32 <= 1.5 / 0.97
+    leaves = {leaf.path: leaf for leaf in report.leaves}
+    for k in params:   # nu exact exactly where its mu is
+        assert (leaves[f"opt_state/0/nu/{k}/kernel"].exact
+                == leaves[f"opt_state/0/mu/{k}/kernel"].exact), leaves
