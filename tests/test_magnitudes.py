@@ -378,19 +378,25 @@ def test_small_moments_join_the_ladder_where_the_large_had_to_coarsen(tmp_path):
     assert "byte target's step" in notes["params/Dense_0/kernel"]
 
 
+def _rmsprop_on_steady_gradients(params, rng, steps=20, mean=3.0):
+    """(tree of params and state, optax centered RMSprop, its state, the last
+    gradient) after ``steps`` gradients of ``mean`` plus unit noise, times 1e-2."""
+    opt = optax.rmsprop(1e-3, centered=True)
+    state = opt.init(params)
+    for _ in range(steps):
+        g = jax.tree.map(lambda x: jnp.asarray((mean + rng.standard_normal(x.shape)) * 1e-2,
+                                               x.dtype), params)
+        _, state = opt.update(g, state, params)
+    return {"params": params, "opt_state": state}, opt, state, g
+
+
 def test_a_small_centered_pair_is_counted_as_stored(tmp_path):
     """Found by review: a small centered RMSprop second moment was counted as
     itself and stored as its variance: files landed 3-5% over the target."""
     rng = np.random.default_rng(0)
     params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((32, 64)) * 0.1,
                                                    jnp.float32)} for i in range(30)}
-    opt = optax.rmsprop(1e-3, centered=True)
-    state = opt.init(params)
-    for _ in range(20):   # steady gradients
-        g = jax.tree.map(lambda x: jnp.asarray((3.0 + rng.standard_normal(x.shape)) * 1e-2,
-                                               jnp.float32), params)
-        _, state = opt.update(g, state, params)
-    tree = {"params": params, "opt_state": state}
+    tree, opt, state, g = _rmsprop_on_steady_gradients(params, rng)
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])   # noqa: E731
     exact, _ = opt.update(g, state, params)
     for ratio in (4, 6):   # (6x was refused: these moments did not move along the ladder)
@@ -409,13 +415,7 @@ def test_a_centered_pair_of_steady_gradients_is_coded_as_one(tmp_path):
     rng = np.random.default_rng(0)
     params = {f"big{i}": {"kernel": jnp.asarray(rng.standard_normal((256, 256)) * 0.05,
                                                 jnp.float32)} for i in range(2)}
-    opt = optax.rmsprop(1e-3, centered=True)
-    state = opt.init(params)
-    for _ in range(20):
-        g = jax.tree.map(lambda x: jnp.asarray((3.0 + rng.standard_normal(x.shape)) * 1e-2,
-                                               jnp.float32), params)
-        _, state = opt.update(g, state, params)
-    tree = {"params": params, "opt_state": state}
+    tree, opt, state, g = _rmsprop_on_steady_gradients(params, rng)
     for ratio in (12, 16):
         report = jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=ratio)
         notes = {leaf.path: leaf.note for leaf in report.leaves}
@@ -1354,13 +1354,7 @@ def test_a_centered_second_moment_is_exact_beside_an_exact_first(tmp_path):
     rng = np.random.default_rng(0)
     params = {f"big{i}": {"kernel": jnp.asarray(rng.standard_normal((256, 256)) * 0.05,
                                                 jnp.float32)} for i in range(3)}
-    opt = optax.rmsprop(1e-3, centered=True)
-    state = opt.init(params)
-    for _ in range(20):
-        g = jax.tree.map(lambda x: jnp.asarray((3.0 + rng.standard_normal(x.shape)) * 1e-2,
-                                               jnp.float32), params)
-        _, state = opt.update(g, state, params)
-    tree = {"params": params, "opt_state": state}
+    tree, opt, state, g = _rmsprop_on_steady_gradients(params, rng)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=1.2)
@@ -1383,13 +1377,7 @@ def test_a_centered_pair_moves_a_step_finer_together(tmp_path):
     rng = np.random.default_rng(0)
     params = {f"big{i}": {"kernel": jnp.asarray(rng.standard_normal((192, 256)) * 0.05),
                           "bias": jnp.asarray(rng.standard_normal(256) * 0.01)} for i in range(3)}
-    opt = optax.rmsprop(1e-3, centered=True)
-    state = opt.init(params)
-    for _ in range(10):
-        g = jax.tree.map(lambda x: jnp.asarray((1.0 + rng.standard_normal(x.shape)) * 1e-2,
-                                               x.dtype), params)
-        _, state = opt.update(g, state, params)
-    tree = {"params": params, "opt_state": state}
+    tree, *_ = _rmsprop_on_steady_gradients(params, rng, steps=10, mean=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = jaxjpeg.save(tmp_path / "c.jjpg", tree, target_ratio=1.5)
