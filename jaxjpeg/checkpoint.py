@@ -1481,7 +1481,7 @@ def _asked(rate: dict) -> str:
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
                  all_exact: bool = False, all_finest: bool = False,
-                 log2_steps: Sequence[float] = ()) -> str | None:
+                 log2_steps: Sequence[float] = (), distributed: bool = False) -> str | None:
     """A warning when the file's size missed a byte target by more than
     TARGET_TOLERANCE (every leaf at its finest coding, or no coding the
     allocation tried between two candidates lies closer; found by review:
@@ -1501,8 +1501,9 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
         # could be exact; then steps they were not on)
         steps = "-".join(f"{s:g}" for s in sorted({min(log2_steps), max(log2_steps)}))
         why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
-                f">= 0 of a wide spread) are on steps of {steps} (at the finest "
-                f"{magnitudes.FINEST_STEP:g}, then exact)")
+                f">= 0 of a wide spread) are on steps of {steps} "
+                + ("(a distributed save keeps them there: each process codes its own leaves)"
+                   if distributed else f"(at the finest {magnitudes.FINEST_STEP:g}, then exact)"))
     return (f"jaxjpeg: {asked} asks for {target:,} bytes; the file has {file_bytes:,} "
             f"({file_bytes / target - 1:+.1%}), {why}")
 

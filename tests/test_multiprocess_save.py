@@ -47,6 +47,7 @@ CHECKS = [
     "sub_byte_leaves_split_across_processes_are_saved",
     "adam_moments_split_across_processes_are_paired",
     "a_centered_pair_with_a_lossless_first_moment_split_across_processes",
+    "a_generous_target_says_a_distributed_save_keeps_its_moments_steps",
 ]
 
 
