@@ -21,14 +21,14 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from jaxjpeg import (analysis, bias_correction, buffers, codec, embeddings, format as fmt,
-                     layout, magnitudes, prng_keys, quantized_slices, stacks, storage, ties,
-                     views)
+                     layout, magnitudes, prng_keys, quantized_slices, quantized_vectors, stacks,
+                     storage, ties, views)
 from jaxjpeg.bias_correction import BiasCorrection, InputMean
 from jaxjpeg.feedback import InputCovariance
 from jaxjpeg.dtypes import packed_nbytes, value_bits
@@ -1481,7 +1481,7 @@ def _asked(rate: dict) -> str:
 
 def _target_miss(target: int | None, file_bytes: int, rate: dict,
                  all_exact: bool = False, all_finest: bool = False,
-                 log2_steps: Sequence[float] = (), distributed: bool = False) -> str | None:
+                 records: Iterable[dict] = (), distributed: bool = False) -> str | None:
     """A warning when the file's size missed a byte target by more than
     TARGET_TOLERANCE (every leaf at its finest coding, or no coding the
     allocation tried between two candidates lies closer; found by review:
@@ -1496,9 +1496,10 @@ def _target_miss(target: int | None, file_bytes: int, rate: dict,
     why = ("every leaf is stored exactly" if all_exact and under
            else "every coded leaf at its finest coding" if all_finest and under
            else "the closest coding of its leaves the allocation found")
+    # the steps the leaves on log2 steps are on (found by review: "finest"
+    # where moments could be exact; then steps they were not on)
+    log2_steps = [r["step"] for r in records if r.get("domain") in quantized_vectors.LOG_DOMAINS]
     if under and log2_steps:
-        # the steps the leaves are on (found by review: "finest" where moments
-        # could be exact; then steps they were not on)
         steps = "-".join(f"{s:g}" for s in sorted({min(log2_steps), max(log2_steps)}))
         why += ("; leaves on log2 steps (jaxjpeg.magnitudes: optimizer moments, values "
                 f">= 0 of a wide spread) are on steps of {steps} "
@@ -2200,15 +2201,11 @@ class _Save:
                 writer.set_metadata(self.metadata(records))
         finally:
             bar.close()
-        from jaxjpeg import quantized_vectors
-
         report = SaveReport(storage.as_location(self.path), reports, storage.size(self.path))
         allocator = getattr(self.encode, "allocator", None)
         miss = _target_miss(self.target, report.file_bytes, self.rate,
                             all(leaf.exact for leaf in reports),
-                            allocator is not None and allocator.all_finest,
-                            [r["step"] for r in records
-                             if r.get("domain") in quantized_vectors.LOG_DOMAINS])
+                            allocator is not None and allocator.all_finest, records)
         if miss:
             warnings.warn(miss, stacklevel=4)
         side = _side_list_warning(self.target, self.rate, records, report.file_bytes)
@@ -2834,8 +2831,6 @@ def _half_exactly(array: np.ndarray) -> np.ndarray | None:
     review, a leaf whose first values were zeros took a 100 M-value copy)."""
     if array.dtype != np.float32 or array.size == 0:
         return None
-    from jaxjpeg import quantized_vectors
-
     flat = array.reshape(-1)
     sample = np.ascontiguousarray(quantized_vectors.sampled(flat, 4096))
     with np.errstate(over="ignore"):   # beyond float16's range: refused
@@ -2851,8 +2846,6 @@ def _grid_exactly(array: np.ndarray, few: bool) -> tuple | None:
     """(blob, record fields) of a leaf of ``few`` values (_few_values), all
     whole multiples of the smallest nonzero magnitude, as its codes on that
     step (quantized_vectors, linear; restored bit for bit, else None)."""
-    from jaxjpeg import quantized_vectors
-
     if not (few and quantizable(array.dtype)):
         return None
     values = np.unique(quantized_vectors.sampled(array.reshape(-1), 4096)).astype(np.float64)
@@ -2951,8 +2944,6 @@ def _small_kernel_limits(array: np.ndarray):
     made an 8x target a refusal: review); heavy-tailed kernels (Student-t of
     1-2 degrees of freedom) take about 10 bits a value here, 4 on the whole
     RMS."""
-    from jaxjpeg import quantized_vectors
-
     if array.ndim < 2 or array.size == 0:
         return None
     rms = _bulk_rms(array) or math.sqrt(float(np.mean(np.square(array, dtype=np.float64))))
@@ -2995,8 +2986,6 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
     state at 4-8x restored 220 of a small kernel's 1270 nu values as 0, its
     next update 540x off; and 0/1 masks, which float16 keeps exactly, must
     not take log2 steps 3-7x their size)."""
-    from jaxjpeg import quantized_vectors
-
     if array.size <= 1:   # a step counter, a learning rate: exact (found by review:
         return None       # PyTorch's step 3001 came back 3000, optax's b2 0.998)
     flat = array.reshape(-1)
@@ -3079,8 +3068,6 @@ def _few_values(array: np.ndarray) -> bool:
     flat = array.reshape(-1)
     if flat.size < 2 or array.dtype.kind not in "fV":
         return False
-    from jaxjpeg import quantized_vectors
-
     sample = quantized_vectors.sampled(flat, 4096)
     values = np.unique(sample[np.isfinite(sample)])
     specials = set()   # which of NaN, inf and -inf the leaf holds
@@ -3128,8 +3115,6 @@ def _exact_alternative(array: np.ndarray, few: bool, half=None) -> tuple | None:
 def _stored_values(array: np.ndarray, stored: tuple | None) -> np.ndarray:
     """The values a leaf stored as ``stored`` (blob, record fields, note; None:
     exactly) restores to; exact codings give the leaf itself."""
-    from jaxjpeg import quantized_vectors
-
     if stored is None or stored[1].get("stored") != "quantized":
         return array
     return quantized_vectors.restored_values(array, stored[0], stored[1])
@@ -3171,8 +3156,6 @@ def _constant_rows_restored(array: np.ndarray, enc: codec.EncodedTensor) -> bool
 def _constant_restored(array: np.ndarray, blob, record: dict) -> bool:
     """Whether a quantized leaf of one value (all zeros, a constant) restores
     bit for bit; other quantized leaves are taken as lossy."""
-    from jaxjpeg import quantized_vectors
-
     flat = array.reshape(-1)
     if flat.size == 0 or not np.all(flat == flat[0]):
         return False
@@ -3182,8 +3165,6 @@ def _constant_restored(array: np.ndarray, blob, record: dict) -> bool:
 
 def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
     """quantized_vectors.restores_finite of a quantized leaf (blob, record fields, note)."""
-    from jaxjpeg import quantized_vectors
-
     blob, record, _ = lossy
     return quantized_vectors.restores_finite(array, blob, record)
 
@@ -3267,7 +3248,7 @@ def _thin_stored(coded, small: bool = False, fine: bool = False) -> tuple:
 def _quantized_sse(array: np.ndarray, lossy: tuple) -> float:
     """Σ (restored - saved)² of a quantized leaf (blob, record fields, note),
     restored in the leaf's dtype; a block at a time (no float64 copy)."""
-    from jaxjpeg import quantized_vectors, rate
+    from jaxjpeg import rate
 
     blob, record, _ = lossy
     restored = quantized_vectors.restored_values(array, blob, record)
@@ -3282,8 +3263,6 @@ def _quantized_sse(array: np.ndarray, lossy: tuple) -> float:
 def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
     """Restored minus saved values (float64) of a quantized leaf (blob,
     record fields, note), restored in the leaf's dtype."""
-    from jaxjpeg import quantized_vectors
-
     blob, record, _ = lossy
     restored = quantized_vectors.restored_values(array, blob, record)
     return restored.reshape(array.shape).astype(np.float64) - array
@@ -3555,8 +3534,6 @@ class _LogCoding:
         """The variance coding, its error under an error bound measured as
         restore gives it: over the first moment as it is stored (found by
         review: checked against its exact values, the bound was missed 2x)."""
-        from jaxjpeg import quantized_vectors
-
         coded = magnitudes.encode_centered(first, second, step)
         if coded is None or self.error_bound is None:
             return coded
@@ -3575,8 +3552,6 @@ class _LogCoding:
         of it (five codings of every moment took as long as the save).
         ``small``: a moment of a leaf the policy keeps out of JPEG, whose
         ladder starts at HALF_LIKE_STEP (see :meth:`small_step`)."""
-        from jaxjpeg import quantized_vectors
-
         if small:
             self.small.add(name)
         self.measured[name] = (signed, small)
@@ -3687,11 +3662,16 @@ class _LogCoding:
                 units[second] = (first, second)
         return list(units.values())
 
+    def _settled_index(self, name: str | None = None) -> int:
+        """The ladder's index of the step settled on (of leaf ``name``'s:
+        one lower where it moved a step finer)."""
+        return self.rung + magnitudes.ladder_base(self.finer) - (name in self.one_finer)
+
     def step_of(self, name: str) -> float:
         """The step leaf ``name`` settled on (see :meth:`settle`)."""
         if name not in self.one_finer:
             return self.step
-        return 0.0 if self.rung + magnitudes.ladder_base(self.finer) == 1 else self.step / 2
+        return 0.0 if self._settled_index(name) == 0 else self.step / 2
 
     def _coarser_rung(self, budget: float, coded_values: int, used, steps) -> int:
         """The ladder's index of the finest step, the save's own or coarser,
@@ -3738,22 +3718,19 @@ class _LogCoding:
 
     def small_step(self, name: str) -> float | None:
         """The settled step of a small leaf's moment on the ladder, or None."""
-        if name not in self.small:
-            return None
-        return magnitudes.byte_target_steps(magnitudes.HALF_LIKE_STEP, self.finer)[
-            self.rung + magnitudes.ladder_base(self.finer) - (name in self.one_finer)]
+        return self.small_step_at_most(name) if name in self.small else None
 
     def settled_bytes(self, small: bool | None = None) -> int:
         """The measured leaves' bytes at the step settled on (``small``: only
         small leaves' moments, or only the others)."""
-        at = self.rung + magnitudes.ladder_base(self.finer)
-        return sum(sizes[at - (name in self.one_finer)] for name, (_, sizes)
+        return sum(sizes[self._settled_index(name)] for name, (_, sizes)
                    in self.ladder.items() if small is None or (name in self.small) == small)
 
-    def small_step_at_most(self) -> float:
-        """The step small leaves' moments take at the rung settled on."""
+    def small_step_at_most(self, name: str | None = None) -> float:
+        """The step small leaves' moments take at the rung settled on (leaf
+        ``name``'s)."""
         return magnitudes.byte_target_steps(magnitudes.HALF_LIKE_STEP, self.finer)[
-            self.rung + magnitudes.ladder_base(self.finer)]
+            self._settled_index(name)]
 
     def exact_note(self, array: np.ndarray) -> str:
         return (f"stored exactly: a {array.dtype} leaf whose values matter one by one "

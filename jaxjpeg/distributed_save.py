@@ -626,10 +626,8 @@ def _finish(prepared: Prepared):
         if not isinstance(outcome, int):
             raise ValueError(f"distributed save of {path} failed: {outcome}")
         file_bytes = outcome
-    from jaxjpeg import quantized_vectors
     miss = ck._target_miss(saver.target, file_bytes, saver.rate,
-                           log2_steps=[r["step"] for p in parts for r in p["records"].values()
-                                       if r.get("domain") in quantized_vectors.LOG_DOMAINS],
+                           records=[r for p in parts for r in p["records"].values()],
                            distributed=True)
     if miss:   # finish <- save_distributed <- save <- the caller
         warnings.warn(miss, stacklevel=4)

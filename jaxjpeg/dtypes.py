@@ -17,6 +17,12 @@ _CANDIDATES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "f
 ML_DTYPE_NAMES = tuple(name for name in _CANDIDATES if hasattr(ml_dtypes, name))
 
 
+def spelled_here(name: str) -> bool:
+    """Whether this install spells dtype ``name``: numpy's own, or one of
+    ml_dtypes' that this ml_dtypes provides."""
+    return name in ML_DTYPE_NAMES or name not in _CANDIDATES
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """np.dtype(name), ml_dtypes' names included."""
     return np.dtype(getattr(ml_dtypes, name) if name in ML_DTYPE_NAMES else name)

@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxjpeg import format as fmt
 from jaxjpeg import storage
-from jaxjpeg.dtypes import ML_DTYPE_NAMES, numpy_dtype, packed_nbytes, value_bits
+from jaxjpeg.dtypes import ML_DTYPE_NAMES, numpy_dtype, packed_nbytes, spelled_here, value_bits
 from jaxjpeg.layout import unpack_low_bits
 
 __all__ = ["Source", "SourceError", "load_source", "open_source"]
@@ -252,7 +252,7 @@ SAFETENSORS_DTYPES = {kind: name for kind, name in {
     "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2", "C64": "complex64", "F8_E8M0": "float8_e8m0fnu",
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F4": "float4_e2m1fn",
-}.items() if name in ML_DTYPE_NAMES or not name.startswith(("float8", "float4", "bfloat"))}
+}.items() if spelled_here(name)}
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own cap on its JSON header
 MAX_INDEX_BYTES = 64 * 2**20
