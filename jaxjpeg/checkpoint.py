@@ -3061,10 +3061,12 @@ FEW_VALUES = 16
 
 def _few_values(array: np.ndarray) -> bool:
     """Whether a float ``array`` takes 2 to FEW_VALUES distinct values, each
-    four times on average, NaN and infinities among them however rare (found
-    by review: a NaN, equal to nothing, or an -inf the sample missed had a
-    {0, -1e9} mask JPEG-coded); a sample decides first, then each finite
-    value is checked against the sample's."""
+    four times on average, NaN, infinities and finite values among them
+    however rare (found by review: a NaN, equal to nothing, or an -inf the
+    sample missed had a {0, -1e9} mask JPEG-coded; so did one float32 lowest
+    as a sentinel in a 0/1 mask, its 0s and 1s restored up to 0.18 off); a
+    sample decides first, then the values it missed join its own while they
+    stay few."""
     flat = array.reshape(-1)
     if flat.size < 2 or array.dtype.kind not in "fV":
         return False
@@ -3078,8 +3080,12 @@ def _few_values(array: np.ndarray) -> bool:
     for start in range(0, flat.size, 1 << 22):
         chunk = flat[start:start + (1 << 22)]
         finite = np.isfinite(chunk)
-        if not np.isin(chunk[finite], values).all():
-            return False
+        held = chunk[finite]
+        missed = held[~np.isin(held, values)]
+        if missed.size:
+            values = np.union1d(values, missed[:most + 1])
+            if values.size > most or not np.isin(missed, values).all():
+                return False
         if not finite.all():
             odd = chunk[~finite]
             specials.update(kind for kind, seen in (("nan", np.isnan(odd).any()),

@@ -1987,6 +1987,29 @@ def test_few_values_beside_a_few_nan_or_inf_stay_exact(tmp_path, target):
         assert "exactly" in notes[name], notes
 
 
+@pytest.mark.parametrize("rate", [{}, {"error_bound": 0.01}, {"target_ratio": 8}])
+def test_few_values_with_one_value_the_sample_missed_stay_exact(tmp_path, rate):
+    """Found by review: one float32 lowest (a sentinel) in a 0/1 mask, one
+    100 among {-3, 1, 7} levels, one 1e6 in a 0/1 mask: the sample missed
+    it, so the leaf was JPEG- or log2-coded, its 0s and 1s restored up to
+    0.18 off (the 1s as 0.992), a {0, -1e9} mask's by 1.9e8."""
+    rng = np.random.default_rng(5)
+    tree = {"w": rng.standard_normal((512, 512)).astype(np.float32)}
+    for name, (levels, lone) in {"sentinel": ([0, 1], np.finfo(np.float32).min),
+                                 "additive": ([0, -1e9], np.finfo(np.float32).min),
+                                 "levels": ([-3, 1, 7], 100.0),
+                                 "loud": ([0, 1], 1e6)}.items():
+        tree[name] = rng.choice(np.array(levels, np.float32), (256, 256))
+        tree[name][3, 3] = lone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jaxjpeg.save(tmp_path / "m.jjpg", tree, **rate)
+    got = jaxjpeg.restore(tmp_path / "m.jjpg")
+    for name in ("sentinel", "additive", "levels", "loud"):
+        np.testing.assert_array_equal(np.asarray(got[name]).view(np.uint32),
+                                      tree[name].view(np.uint32), err_msg=name)
+
+
 def test_a_large_leaf_is_deflated_by_a_sample_spread_over_it(tmp_path):
     """Found by review: whether a large exact leaf deflates was judged on its
     first 4 MiB; zeros there had a random leaf deflated whole, for 8%, at
