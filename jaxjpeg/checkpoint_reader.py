@@ -422,11 +422,13 @@ class Checkpoint:
     def read_raw(self, leaf: SavedLeaf) -> np.ndarray:
         data = self._read(leaf, layout.raw_blob(leaf.blob_index), "its values")
         if leaf.quantized is not None:
+            kept = None   # values kept aside: set once the coded ones are checked
             try:
-                values = (quantized_slices.restore(data, leaf.shape, leaf.quantized)
-                          if "slice_axis" in leaf.quantized else
-                          quantized_vectors.decoded_values(data, math.prod(leaf.shape),
-                                                           leaf.quantized))
+                if "slice_axis" in leaf.quantized:
+                    values = quantized_slices.restore(data, leaf.shape, leaf.quantized)
+                else:
+                    values, kept = quantized_vectors.decoded_parts(data, math.prod(leaf.shape),
+                                                                   leaf.quantized)
             except ValueError as e:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
             if leaf.square_of is not None:
@@ -440,6 +442,12 @@ class Checkpoint:
                 # (found by review: a float16 leaf's steps past its range restored inf)
                 raise fmt.FormatError(f"{self.path}: {leaf.path} restores values beyond "
                                       f"{leaf.dtype}'s range")
+            if kept is not None:
+                held = kept[1].astype(leaf.dtype)
+                if not np.array_equal(held.astype(np.float32), kept[1], equal_nan=True):
+                    raise fmt.FormatError(f"{self.path}: {leaf.path} keeps values beyond "
+                                          f"{leaf.dtype}'s own")
+                values.reshape(-1)[kept[0]] = held
             return values
         if leaf.packed_bits:
             return self._unpacked(leaf, data)

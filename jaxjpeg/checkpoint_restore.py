@@ -107,10 +107,28 @@ def _jax_holds(dtype: np.dtype) -> bool:
     return True
 
 
+def _nnx_hint(name: str, saved) -> str:
+    """Where an NNX State and its pure dict (nnx.to_pure_dict) meet: the
+    State's leaves are Variables, saved with a ``/value`` key after their
+    path (found by review: a State's file restored into a pure dict said
+    only that ``bias`` was missing)."""
+    if name + "/value" in saved:
+        return (f" (it holds {name + '/value'!r}: an nnx.State was saved; restore into the "
+                "abstract nnx.State itself, not its nnx.to_pure_dict)")
+    if name.endswith("/value") and name[:-len("/value")] in saved:
+        return (f" (it holds {name[:-len('/value')]!r}: a pure dict was saved; restore into "
+                "nnx.to_pure_dict(abstract_state), then nnx.replace_by_pure_dict)")
+    return ""
+
+
 def _nested_hint(name: str, saved) -> str:
     """Where the file holds ``name`` under a prefix (a target of params for
     a saved ``{"params": ..., ...}``: found by review, the error named the
-    leaf alone), those paths, and how to reach one."""
+    leaf alone), those paths, and how to reach one; or as an NNX State's
+    Variable or its pure dict's value (:func:`_nnx_hint`)."""
+    nnx = _nnx_hint(name, saved)
+    if nnx:
+        return nnx
     under = [path for path in saved if path.endswith("/" + name)]
     if not under:
         return ""
@@ -691,6 +709,7 @@ def _dispatch_sharded(requests, indices, plans: list[_DevicePlan], stats) -> tup
         with ops.jpeg_errors(plan.tile_labels), ops.outside_mesh():
             status, outputs = decode(*jax.device_put((ops.plan_operands(plan), device_plan.kept),
                                                      device_plan.device))
+        ops.refuse_traced(status)
         statuses.append(status)
         for (i, _, _), shard in zip(device_plan.shards, outputs):
             shards[i].append(shard)
@@ -788,6 +807,7 @@ def _dispatch_region(region: _Region, stats):
     with ops.jpeg_errors(plan.tile_labels), ops.outside_mesh():
         status, (shard,) = decode(*jax.device_put((ops.plan_operands(plan), [region.kept]),
                                                   region.device))
+    ops.refuse_traced(status)
     return status, shard
 
 

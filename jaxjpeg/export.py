@@ -294,7 +294,12 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         for path in finals + existing:   # a device or FIFO would become a file
             storage.refuse_special_file(path)
         if existing and not force:
-            raise FileExistsError(f"{existing[0]}: exists (use --force to replace it)")
+            written = [p for p in existing if p in finals]
+            if written:
+                raise FileExistsError(f"{written[0]}: exists (use --force to replace it)")
+            # (found by review: named as if written over)
+            raise FileExistsError(f"{existing[0]}: exists, a file of an earlier export this one "
+                                  "would remove (use --force to replace that export)")
 
         def decode(name):
             return decode_on_host(ckpt, leaves[name])
@@ -305,14 +310,14 @@ def export_safetensors(checkpoint_path, out: str, *, max_shard_size: int = DEFAU
         try:
             for path, shard in zip(paths, shards):
                 temps.append(f"{path}.tmp-{secrets.token_hex(8)}")
-                with storage.naming_write_errors(path):
+                with storage.naming_write_errors(path, temps[-1]):
                     _write_shard(temps[-1], shard, metadata, decode, bar)
             if index_path is not None:
                 temps.append(f"{index_path}.tmp-{secrets.token_hex(8)}")
                 index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                          "weight_map": {t.name: os.path.basename(p)
                                         for p, shard in zip(paths, shards) for t in shard}}
-                with storage.naming_write_errors(index_path), \
+                with storage.naming_write_errors(index_path, temps[-1]), \
                         open(temps[-1], "w", encoding="utf-8") as f:
                     json.dump(index, f, indent=2, ensure_ascii=False)
             interrupts.raise_pending()   # not put in place after a dropped signal

@@ -127,16 +127,27 @@ _FAILURE_TEXT = _native.plan_failure(_native.pack_plan_status(0, 1)).split(" 0:"
 _REFUSED_TEXT = "decode plan refused: "   # a plan the handler refuses whole (ffi_decode.h)
 
 
+_EAGER_ONLY = ("jaxjpeg.restore and jaxjpeg.open(...).get read and check the file eagerly "
+               "and cannot run under jax.jit, vmap or grad: call jaxjpeg.load(path) outside "
+               "and jaxjpeg.decode(loaded) inside")
+
+
+def refuse_traced(status) -> None:
+    """Raises check_status's TypeError where a decode's ``status`` is a
+    tracer (a restore traced by jax.jit): called as soon as a decode returns,
+    since a sharded target failed first in jax's own assembly of the shards
+    (found by review)."""
+    if isinstance(status, jax.core.Tracer):
+        raise TypeError(_EAGER_ONLY)
+
+
 def check_status(status, labels: codec.TileLabels | None = None) -> None:
     """Raises JpegError if a decode reported a corrupt interval (waits for it),
     naming the tile it lies in where the plan's ``labels`` are given.
     Under a trace (``jax.jit`` around ``restore`` or a lazy ``get``) there is
     no status to read yet: a TypeError says what to call instead (found by
     review: jax's TracerArrayConversionError from inside jaxjpeg)."""
-    if isinstance(status, jax.core.Tracer):
-        raise TypeError("jaxjpeg.restore and jaxjpeg.open(...).get read and check the file "
-                        "eagerly and cannot run under jax.jit, vmap or grad: call "
-                        "jaxjpeg.load(path) outside and jaxjpeg.decode(loaded) inside")
+    refuse_traced(status)
     value = int(np.asarray(status)[0])
     if value != _native.PLAN_OK:
         raise codec.JpegError(_naming_tile(_native.plan_failure(value), labels))

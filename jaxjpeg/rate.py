@@ -1389,7 +1389,7 @@ def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
     """Codes ``p`` as candidate ``k`` of its curve ``c``; ``fallback`` (a
     function, e.g. cached) gives ``row_range_fallback(p)`` to retries."""
     if c.thin is not None and c.thin[k]:
-        return thin_coding(p.original, float(c.q[k]))
+        return thin_coding(p.original, float(c.q[k]), kept_aside(p))
     if c.row_ranges is not None and c.row_ranges[k]:
         prepared = fallback() if fallback is not None else row_range_fallback(p)
         return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),
@@ -1584,15 +1584,25 @@ THIN_MAX_BITS = 15.5            # the Rice coder refuses more than 16 bits a val
 
 
 def is_thin(p: codec.Prepared) -> bool:
-    """Whether ``p`` (float32, bfloat16 or float16, nothing kept aside but
-    finite values a step holds, at least one axis, not balanced: a thin
-    leaf's steps and errors are in weight units) has a view too thin for
-    JPEG's blocks. A far value takes a long code on the step (found by
-    review: one 1e3 among 300,000 N(0, 1) values sent the leaf to JPEG, 1.9x
-    the bytes, 0.62 relative error at 8x where the thin coding had 0.09)."""
+    """Whether ``p`` (float32, bfloat16 or float16, at least one axis, not
+    balanced: a thin leaf's steps and errors are in weight units, at most an
+    eighth of its values kept aside) has a view too thin for JPEG's blocks.
+    What its side list keeps, the thin coding keeps aside too where one
+    step would not hold it (:func:`kept_aside`; found by review: one 1e3,
+    NaN or infinity among 300,000 N(0, 1) values sent the leaf to JPEG, 1.9x
+    the bytes, 0.62-0.70 relative error at 8x where the thin coding had 0.08)."""
     return (quantizable(p.dtype) and len(p.shape) >= 1 and p.size > 0
             and min(p.matrix.shape) < THIN_SIDE and not p.balanced
-            and (p.outliers is None or p.outliers.steppable(p.original)))
+            and (p.outliers is None or 8 * p.outliers.count <= p.size))
+
+
+def kept_aside(p: codec.Prepared) -> np.ndarray | None:
+    """The flat positions a thin coding of ``p`` keeps aside exactly: its
+    side list's, unless one step holds them at little cost (they are then
+    coded with the rest: views.Outliers.steppable); else None."""
+    if p.outliers is None or not p.outliers.count or p.outliers.steppable(p.original):
+        return None
+    return p.outliers.index
 
 
 def is_sparse(p: codec.Prepared) -> bool:
@@ -1625,28 +1635,33 @@ class ThinCoding:
         return len(self.blob)
 
 
-def thin_coding(x, q: float) -> ThinCoding | None:
-    """``x`` (float32, finite) quantized on step ``q``, or on coarser steps
-    where the coder refuses ``q`` (more than 16 bits a value); None if it
-    cannot be coded at all."""
+def thin_coding(x, q: float, kept=None) -> ThinCoding | None:
+    """``x`` (float32, finite but at ``kept``) quantized on step ``q``, or on
+    coarser steps where the coder refuses ``q`` (more than 16 bits a value);
+    None if it cannot be coded at all. ``kept``: flat positions kept aside
+    exactly (quantized_vectors.encode)."""
     for _ in range(8):
-        coded = quantized_vectors.encode(x, quantized_vectors.VectorStep(q))
+        coded = quantized_vectors.encode(x, quantized_vectors.VectorStep(q), kept)
         if coded is not None:
             return ThinCoding(*coded)
         q *= 2
     return None
 
 
-def thin_within_error(x, error: float, max_bytes: int) -> ThinCoding | None:
-    """``x`` (float32, finite) quantized on one step with a mean squared
-    error of at most ``error`` (0: a step that codes it exactly), when
-    that takes fewer than ``max_bytes``; else None."""
+def thin_within_error(x, error: float, max_bytes: int, kept=None) -> ThinCoding | None:
+    """``x`` (float32, finite but at ``kept``) quantized on one step with a
+    mean squared error of at most ``error`` (0: a step that codes it
+    exactly), the values at ``kept`` kept aside exactly, when that takes
+    fewer than ``max_bytes``; else None."""
     flat = np.asarray(x).reshape(-1)
     # Zeros round to themselves on any step: the step is found on the
     # nonzero values, at their share of the error (a sparse leaf's first
     # guess was its share of nonzeros^½ too fine, and float64 copies of
     # every value took 3x a large pruned leaf's memory: review).
-    values = flat[flat != 0].astype(np.float64)
+    coded_here = flat != 0
+    if kept is not None:
+        coded_here[kept] = False
+    values = flat[coded_here].astype(np.float64)
     if error == 0:
         step = _exact_step(values) if values.size else 1.0
     elif math.isfinite(error):   # a uniform step's squared error is step^2 / 12
@@ -1654,7 +1669,7 @@ def thin_within_error(x, error: float, max_bytes: int) -> ThinCoding | None:
         step = _step_within_error(values, math.sqrt(12 * per_value), per_value)
     else:
         step = None
-    coded = None if step is None else thin_coding(x, step)
+    coded = None if step is None else thin_coding(x, step, kept)
     if coded is None or coded.record["step"] != step or coded.nbytes >= max_bytes:
         return None
     return coded
@@ -1734,19 +1749,26 @@ def one_step_holds(p: codec.Prepared) -> bool:
     return bool(np.isfinite(kept).all() and (not kept.size or kept.max() <= ONE_STEP_RANGE * rms))
 
 
-def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None) -> Curve:
-    """Bytes and squared error of ``x`` (float32, finite) quantized on each
-    step of THIN_LADDER, measured on up to THIN_PROBE of its values; with
-    ``dense``, steps DENSE_SPACING apart between them, bytes and error
-    interpolated in log step (beside a JPEG curve, as long: found by review,
-    a kernel on its fine step landed a file 2.4% under its target, the
-    ladder's steps a quarter octave apart). ``error_weight`` (optional):
-    C-order flat positions -> each one's weight in the squared error
-    (:func:`balanced_error_weight`; ``x`` not sparse)."""
+def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
+               kept=None) -> Curve:
+    """Bytes and squared error of ``x`` (float32, finite but at ``kept``)
+    quantized on each step of THIN_LADDER, measured on up to THIN_PROBE of
+    its values; with ``dense``, steps DENSE_SPACING apart between them,
+    bytes and error interpolated in log step (beside a JPEG curve, as long:
+    found by review, a kernel on its fine step landed a file 2.4% under its
+    target, the ladder's steps a quarter octave apart). ``error_weight``
+    (optional): C-order flat positions -> each one's weight in the squared
+    error (:func:`balanced_error_weight`; ``x`` not sparse, nothing kept).
+    ``kept`` (optional): flat positions kept aside exactly (their bytes
+    counted, no error)."""
     values = np.asarray(x, np.float32).reshape(-1)
+    side = 0
+    if kept is not None:
+        side = quantized_vectors.kept_bytes(len(kept), values.size)
+        values = np.delete(values, kept)
     if values.size and np.all(values == values[0]):   # a constant: one exact step
         step = _exact_step(values.astype(np.float64))
-        coded = quantized_vectors.coded_bytes(values, step)
+        coded = quantized_vectors.coded_bytes(values, step) + side
         return Curve(np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([step]),
                      np.array([float(coded)]), np.zeros(1), thin=np.ones(1, bool))
     mask = 0
@@ -1786,9 +1808,9 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None) -> Curv
 
         def values_bytes(q):
             return quantized_vectors.coded_bytes(probe, q, middle)
-    nbytes = mask + np.array([values_bytes(q) * scale for q in steps])
+    nbytes = mask + side + np.array([values_bytes(q) * scale for q in steps])
     sse = np.array([_rounding_sse(probe, q, weight) * scale for q in steps])
-    keep = 8 * (nbytes - mask) <= THIN_MAX_BITS * max(1, count)
+    keep = 8 * (nbytes - mask - side) <= THIN_MAX_BITS * max(1, count)
     keep[0] = True   # the coarsest always
     steps, nbytes, sse = steps[keep], nbytes[keep], sse[keep]
     if dense:

@@ -196,7 +196,30 @@ def _open_kind(path: str, kind: str, items, files: _Files) -> Source:
         return _safetensors_source(path, {path: None}, files)
     if head.startswith(_ZIP_MAGIC) or path.endswith(".npz"):
         return _npz_source(path, files)
+    _refuse_formats_not_read(path, head)
     return Source.of_tree(path, _load_msgpack(path, files))
+
+
+_SAVE_AS_SAFETENSORS = ("save its state_dict with safetensors.torch.save_file and compress "
+                        "that")
+
+
+def _refuse_formats_not_read(path: str, head: bytes) -> None:
+    """A usage error (exit 2, as for torch.save's zip) for a file of a format
+    jaxjpeg does not read, told by its first bytes or, for ONNX's protobuf,
+    its name (found by review: a legacy torch.save, a .npy or an .onnx file
+    were "not a Flax msgpack ... (ExtraData)", exit 1, as if damaged)."""
+    named = urllib.parse.urlsplit(path).path if _is_web(path) else path
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:   # pickle protocols 2-5
+        raise SourceChoiceError(f"{path}: a Python pickle (a legacy torch.save?), which jaxjpeg "
+                                "does not read: " + _SAVE_AS_SAFETENSORS)
+    if head.startswith(b"\x93NUMPY"):
+        raise SourceChoiceError(f"{path}: one .npy array: save it in an .npz (np.savez) and "
+                                "compress that")
+    if named.endswith(".onnx"):
+        raise SourceChoiceError(f"{path}: an ONNX model, which jaxjpeg does not read: save its "
+                                "initializers (onnx.numpy_helper.to_array) with np.savez or "
+                                "safetensors and compress that")
 
 
 def load_source(path, items=None):
@@ -311,6 +334,9 @@ def _index_shards(index_path: str, files: _Files) -> dict[str, set]:
         folder = index_path[:max(index_path.rfind("/"), index_path.rfind(os.sep)) + 1]
     shards = {}
     for name, shard in weight_map.items():
+        if shard.endswith((".bin", ".pt", ".pth", ".ckpt")):   # transformers' PyTorch shards
+            raise SourceChoiceError(f"{index_path}: indexes PyTorch files ({shard!r:.200}), "
+                                    "which jaxjpeg does not read: " + _SAVE_AS_SAFETENSORS)
         if "/" in shard or os.sep in shard or shard in ("", ".", ".."):
             raise SourceError(f"{index_path}: shard {shard!r:.200} of {name!r:.200} is not a "
                               "file name in the index's folder")
@@ -354,6 +380,9 @@ def _safetensors_header(file: str, files: _Files) -> tuple[list, dict | None]:
     head = files.read(file, 0, 8)
     (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
     if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+        if head == _JAXJPEG_MAGIC:   # one saved into a folder of shards (found by review)
+            raise SourceChoiceError(f"{file}: a jaxjpeg checkpoint, not a safetensors file: "
+                                    "move it out of the folder, or give the shards' index")
         raise SourceError(f"{file}: not a valid safetensors file (header length {n} "
                           f"for {size} bytes)")
     text = files.read(file, 8, n)
@@ -611,8 +640,8 @@ def _load_msgpack(path: str, files: _Files):
     try:
         tree = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises its own types on garbage, RecursionError on depth
-        raise SourceError(f"{path}: not a Flax msgpack, safetensors or jaxjpeg file, nor an "
-                          f"Orbax directory ({type(e).__name__})") from None
+        raise SourceError(f"{path}: not a Flax msgpack, safetensors, npz or jaxjpeg file, nor "
+                          f"an Orbax directory") from None
     if not isinstance(tree, (dict, list)):
         raise SourceError(f"{path}: msgpack holds a {type(tree).__name__}, "
                           "not a pytree of arrays")

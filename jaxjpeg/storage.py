@@ -57,12 +57,17 @@ def scheme(location: str) -> str | None:
 
 
 @contextlib.contextmanager
-def naming_write_errors(path: str):
+def naming_write_errors(path: str, temp: str | None = None):
     """An OSError of a write that names no file (a full disk: "[Errno 28] No
-    space left on device", found by review) names ``path``."""
+    space left on device", found by review), or names ``temp``, the
+    temporary file written for ``path`` (review: "model.safetensors.tmp-e626f30a:
+    Permission denied", a name the user never gave), names ``path``."""
     try:
         yield
     except OSError as e:
+        if e.errno is not None and temp is not None and e.filename == temp:
+            raise type(e)(e.errno, f"cannot write: {e.strerror} (creating a file in "
+                          f"{os.path.dirname(temp) or '.'!r})", path) from None
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror, path) from None
         raise
@@ -87,6 +92,25 @@ def _refuse_special_mode(mode: int, shown: str) -> None:
         raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", shown)
 
 
+def _item_hint(directory: str) -> str:
+    """Where a directory given for a checkpoint file holds one: an Orbax
+    item's, or a step's items' (found by review: a bare IsADirectoryError
+    where the command line named the file)."""
+    from jaxjpeg.sources import JAXJPEG_ITEM_FILE
+
+    try:
+        if exists(join(directory, JAXJPEG_ITEM_FILE)):
+            return f" (an Orbax item: give {join(directory, JAXJPEG_ITEM_FILE)})"
+        items = [name for name in sorted(listdir(directory))[:16]   # a request each, remote
+                 if exists(join(join(directory, name), JAXJPEG_ITEM_FILE))]
+    except OSError:
+        return ""
+    if items:
+        return (f" (an Orbax step: give one of its items' files, e.g. "
+                f"{join(join(directory, items[0]), JAXJPEG_ITEM_FILE)})")
+    return ""
+
+
 def _open_regular(path: str):
     """``path`` opened for reading, unbuffered, refused unless a regular
     file (without waiting for a FIFO's writer: opened non-blocking first)."""
@@ -94,7 +118,8 @@ def _open_regular(path: str):
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR) + _item_hint(path),
+                                    path)
         _refuse_special_mode(mode, path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0)
@@ -291,7 +316,7 @@ class RangeSource:
             self._closed = False
             info = self._remote_call("reading its size", self._fs.info, self._inner)
             if info.get("type") == "directory":
-                raise IsADirectoryError(f"{location}: is a directory")
+                raise IsADirectoryError(f"{location}: is a directory{_item_hint(location)}")
             if info.get("size") is None:
                 raise OSError(f"{location}: the server does not report the file's size "
                               "(ranged reads need it)")

@@ -386,6 +386,24 @@ def test_a_leafs_exact_name_selects_it_even_with_glob_characters(tmp_path):
     assert sorted(flat(jaxjpeg.restore(path, paths="a?b"))) == ["a*b", "axb"]  # still a glob
 
 
+def test_an_nnx_state_and_its_pure_dict_name_each_other(tmp_path):
+    """Found by review: a file of an nnx.State (its Variables' paths end in
+    /value) restored into nnx.to_pure_dict of the abstract state said only
+    that 'bias' was missing; so did the other way round."""
+    from flax import nnx
+
+    def linear():
+        return nnx.Linear(16, 32, rngs=nnx.Rngs(0))
+
+    abstract = nnx.state(nnx.eval_shape(linear))
+    jaxjpeg.save(tmp_path / "s.jjpg", nnx.state(linear()))
+    with pytest.raises(KeyError, match="an nnx.State was saved"):
+        jaxjpeg.restore(tmp_path / "s.jjpg", target=nnx.to_pure_dict(abstract))
+    jaxjpeg.save(tmp_path / "d.jjpg", nnx.to_pure_dict(nnx.state(linear())))
+    with pytest.raises(KeyError, match="a pure dict was saved"):
+        jaxjpeg.restore(tmp_path / "d.jjpg", target=abstract)
+
+
 def test_target_errors(tmp_path, cnn_params):
     path = tmp_path / "cnn.jjpg"
     jaxjpeg.save(path, cnn_params)

@@ -677,3 +677,61 @@ def test_a_dropped_signal_does_not_outlive_its_command(tmp_path):
     with pytest.raises(interrupts.Terminated):
         handle(signal.SIGTERM, None)
     assert main(["inspect", str(tmp_path / "after.jjpg")]) == 0
+
+
+def test_formats_not_read_are_usage_errors_naming_the_format(tmp_path, capsys):
+    """Found by review: a legacy (pickled) torch.save, a pickle, a .npy or an
+    .onnx file was "not a Flax msgpack, safetensors or jaxjpeg file, nor an
+    Orbax directory (ExtraData)", exit 1 as if damaged, and a transformers
+    index of PyTorch .bin shards "not a valid safetensors file"; a zip
+    torch.save already said what to do, exit 2."""
+    import json
+    import pickle
+
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps({"w": [1.0] * 64}, protocol=2))
+    (tmp_path / "state.pkl").write_bytes(pickle.dumps({"w": [1.0] * 64}, protocol=5))
+    np.save(tmp_path / "one.npy", np.ones((8, 8), np.float32))
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(64))
+    (tmp_path / "pytorch_model-00001-of-00001.bin").write_bytes(b"PK\x03\x04" + bytes(64))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"w": "pytorch_model-00001-of-00001.bin"}}))
+    for name, words in [("legacy.pt", "a Python pickle"), ("state.pkl", "a Python pickle"),
+                        ("one.npy", "one .npy array"), ("model.onnx", "an ONNX model"),
+                        ("pytorch_model.bin.index.json", "indexes PyTorch files")]:
+        assert main(["compress", str(tmp_path / name), str(tmp_path / "o.jjpg")]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert words in err and "ExtraData" not in err, err
+    assert not (tmp_path / "o.jjpg").exists()
+
+
+def test_an_earlier_exports_shards_are_named_as_removed_not_written(tmp_path, capsys):
+    """Found by review: after a sharded export, a one-file export to the same
+    name said "my-00001-of-00003.safetensors: exists", a file it would
+    remove, not write."""
+    rng = np.random.default_rng(0)
+    jaxjpeg.save(tmp_path / "c.jjpg", {f"w{i}": rng.standard_normal((128, 128)).astype(np.float32)
+                                       for i in range(3)})
+    out = str(tmp_path / "out" / "my.safetensors")
+    (tmp_path / "out").mkdir()
+    assert main(["export", str(tmp_path / "c.jjpg"), out, "--max-shard-size", "20KB"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "c.jjpg"), out]) == EXIT_USAGE
+    assert "an earlier export this one would remove" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "c.jjpg"), out, "--max-shard-size", "20KB"]) == EXIT_USAGE
+    assert "exists (use --force to replace it)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_among_shards_is_named_not_read_as_damage(tmp_path, capsys):
+    """Found by review: `compress . small.safetensors` in a folder of shards
+    wrote the checkpoint there; the next `compress .` said it was a broken
+    safetensors file (exit 1)."""
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}).encode()
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + np.ones(64, np.float32).tobytes())
+    assert main(["compress", str(tmp_path), str(tmp_path / "small.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path), str(tmp_path / "again.jjpg")]) == EXIT_USAGE
+    assert "small.safetensors: a jaxjpeg checkpoint, not a safetensors file" in capsys.readouterr().err

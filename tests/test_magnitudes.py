@@ -1386,3 +1386,19 @@ def test_a_centered_pair_moves_a_step_finer_together(tmp_path):
     for k in params:   # nu exact exactly where its mu is
         assert (leaves[f"opt_state/0/nu/{k}/kernel"].exact
                 == leaves[f"opt_state/0/mu/{k}/kernel"].exact), leaves
+
+
+def test_a_second_moment_near_float32s_largest_restores_finite(tmp_path):
+    """Found by review: beside a first moment of 1e19, a second moment of
+    3.39e38 (float32's largest: 3.40e38), stored as its variance over the
+    first's square, restored as inf."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((512, 512)) * 0.05).astype(np.float32)
+    mu, nu = w * np.float32(0.01), w * w * np.float32(1e-3)
+    for largest in (np.float32(3.39e38), np.finfo(np.float32).max):
+        mu[0, 0], nu[0, 0] = 1e19, largest
+        tree = {"params": {"w": w}, "opt_state": {"mu": {"w": mu}, "nu": {"w": nu}}}
+        jaxjpeg.save(tmp_path / "m.jjpg", tree, progress=False)
+        got = np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["opt_state"]["nu"]["w"])
+        assert np.isfinite(got).all()
+        assert got[0, 0] == pytest.approx(largest, rel=0.05)

@@ -4,6 +4,7 @@ restore without args in a fresh manager, and mixing with Orbax's own handlers. E
 bounds are loose: these test the round trip, not fidelity."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxjpeg
+from jaxjpeg.layout import Unstorable
 from jaxjpeg.orbax import FILENAME, JaxjpegCheckpointHandler, JaxjpegRestore, JaxjpegSave
 
 
@@ -243,3 +245,37 @@ def test_the_handlers_filename_is_one_name_in_the_item_directory(filename):
     with pytest.raises(ValueError, match="one file name inside the item directory"):
         JaxjpegCheckpointHandler(filename)
     JaxjpegCheckpointHandler("weights.jjpg")
+
+
+@pytest.mark.parametrize("leaf", ["deleted", "abstract"])
+def test_leaves_without_values_are_refused_before_a_manager_saves(tmp_path, leaf):
+    """Found by review: JaxjpegSave took a deleted array (a donated buffer)
+    and a jax.ShapeDtypeStruct; refused inside the manager's save, the
+    interpreter then often did not exit (Orbax's own StandardSave alike),
+    and the abstract leaf was said to have "dtype object"."""
+    if leaf == "deleted":
+        value = jnp.ones((64, 64))
+        value.delete()
+    else:
+        value = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    words = "deleted array" if leaf == "deleted" else "no values to save"
+    with pytest.raises(Unstorable, match=words):
+        JaxjpegSave({"w": value})
+    with pytest.raises(Unstorable, match=words):
+        jaxjpeg.save(tmp_path / "w.jjpg", {"w": value})
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_item_directory_given_for_its_file_names_the_file(tmp_path):
+    """Found by review: restore and open of an Orbax item's (or step's)
+    directory raised a bare IsADirectoryError, where the command line named
+    the file to give."""
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        mngr.save(0, args=ocp.args.Composite(params=JaxjpegSave({"w": np.ones((64, 64),
+                                                                            np.float32)})))
+        mngr.wait_until_finished()
+    item = tmp_path / "m" / "0" / "params"
+    for given in (item, item.parent):
+        for read in (jaxjpeg.restore, jaxjpeg.open):
+            with pytest.raises(IsADirectoryError, match=re.escape(str(item / FILENAME))):
+                read(given)

@@ -56,6 +56,7 @@ CHECKS = [
     "equal_leaves_sharded_apart_are_tied",
     "restores_inside_a_context_mesh",
     "restores_under_a_transfer_guard",
+    "a_restore_traced_by_jit_says_to_load_and_decode",
 ]
 
 

@@ -534,3 +534,15 @@ def test_a_stalled_web_server_fails_the_read_after_the_read_timeout(tmp_path, mo
         with pytest.raises(OSError, match="reading bytes"):
             jaxjpeg.restore(server.url("s.jjpg"))
         assert time.monotonic() - start < 30
+
+
+def test_a_write_error_on_a_temporary_file_names_the_file_written(tmp_path):
+    """Found by review: export into a read-only folder said
+    "model.safetensors.tmp-e626f30ad65400c3: Permission denied", a name the
+    user never gave."""
+    final, temp = str(tmp_path / "model.safetensors"), str(tmp_path / "model.safetensors.tmp-1")
+    with pytest.raises(PermissionError) as info:
+        with storage.naming_write_errors(final, temp):
+            raise PermissionError(13, "Permission denied", temp)
+    assert info.value.filename == final and "creating a file in" in str(info.value)
+    assert ".tmp-" not in str(info.value)

@@ -881,6 +881,24 @@ def restores_under_a_transfer_guard():
     np.testing.assert_array_equal(np.asarray(part), whole["loud"][1:9])
     assert placed["bias"].sharding == sharded and eager["loud"].devices() == {jax.devices()[1]}
 
+
+@check
+def a_restore_traced_by_jit_says_to_load_and_decode():
+    """Found by review: under jax.jit a sharded target failed in jax's own
+    assembly of the shards (make_array_from_single_device_arrays) instead
+    of saying what to call."""
+    sharding = NamedSharding(mesh((8,), ("d",)), P("d"))
+    target = {"rows": jax.ShapeDtypeStruct(TREE["rows"].shape, np.float32, sharding=sharding)}
+    for fn in (lambda: jaxjpeg.restore(PATH, target=target),
+               lambda: jaxjpeg.open(PATH).get("rows", device=sharding)):
+        try:
+            jax.jit(fn)()
+        except TypeError as e:
+            assert "jaxjpeg.load(path) outside" in str(e), e
+        else:
+            raise AssertionError("a traced restore ran")
+
+
 results = {}
 for name, fn in CHECKS.items():
     try:
