@@ -1084,6 +1084,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     measured = {}
 
     def once(key, measure_it):
+        if os.environ.get("NOMEMO"):
+            return measure_it()
         if key not in measured:
             measured[key] = measure_it()
         return measured[key]
@@ -3320,6 +3322,7 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
 
 
 _LADDER_PROBE = 1 << 18   # values a large moment's bytes at each log2 step are measured on
+_FINE_LADDER_PROBE = 1 << 16   # at the steps finer than the save's own (_LogCoding.refine)
 
 
 class _LogCoding:
@@ -3631,13 +3634,22 @@ class _LogCoding:
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
-                coded = self.stored(probe, signed, step, first=first, first_step=step)
+                on, pair, times = probe, first, scale
+                if 0 < step < base and probe.size > _FINE_LADDER_PROBE:
+                    # the steps a generous target adds (refine) on a quarter of
+                    # the probe: its draws are random, so are its first ones
+                    # (found by review: a training state's 3x took 4.8x a
+                    # default save's time, most of it here)
+                    on = probe.reshape(-1)[:_FINE_LADDER_PROBE]
+                    pair = None if first is None else first.reshape(-1)[:_FINE_LADDER_PROBE]
+                    times = array.size / _FINE_LADDER_PROBE
+                coded = self.stored(on, signed, step, first=pair, first_step=step)
                 # None: stored exactly, deflated (found by review: counted raw,
                 # a bfloat16 state's 2.5x landed 25% under)
                 if coded is None and (name, None) not in self.sizes_at:   # every exact rung's
                     self.sizes_at[name, None] = _exact_bytes(array)
                 self.sizes_at[key] = (self.sizes_at[name, None] if coded is None
-                                      else round(scale * memoryview(coded[0]).nbytes))
+                                      else round(times * memoryview(coded[0]).nbytes))
             sizes.append(self.sizes_at[key])
         self.ladder[name] = (array.size, sizes)
         return sizes[magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0]

@@ -837,11 +837,10 @@ class Outliers:
         if not np.all(np.abs(values) <= extreme_limit(self.values.dtype)):   # NaN: False
             return False
         flat = np.asarray(original).reshape(-1)
-        rest = np.delete(flat, self.index).astype(np.float64)
-        spread = float(rest.std()) if rest.size else 0.0
+        mean, spread = _rest_mean_and_std(flat, self.index)
         if not spread > 0:
             return False
-        far = np.abs(values - float(rest.mean())) / spread
+        far = np.abs(values - mean) / spread
         return bool(far.max(initial=0.0) <= STEPPED_FAR and far.sum() <= flat.size / 4)
 
     @staticmethod
@@ -874,6 +873,25 @@ class Outliers:
         """``flat`` (1-D numpy) with the kept values written back."""
         flat[self.index] = self.values.astype(flat.dtype)
         return flat
+
+
+def _rest_mean_and_std(flat: np.ndarray, index: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (float64) of ``flat`` but its positions
+    ``index`` (sorted), two passes a block at a time (a float64 copy of the
+    rest took 12 bytes a value: 144 MB for a 12 M-value leaf's thin coding)."""
+    count = flat.size - index.size
+    if count <= 0:
+        return 0.0, 0.0
+    step = 4 * ROW_BLOCK_ELEMENTS
+
+    def blocks():
+        for start in range(0, flat.size, step):
+            block = flat[start:start + step].astype(np.float64)
+            lo, hi = np.searchsorted(index, [start, start + block.size])
+            yield np.delete(block, index[lo:hi] - start)
+    mean = sum(float(np.sum(b)) for b in blocks()) / count
+    variance = sum(float(np.sum(np.square(b - mean))) for b in blocks()) / count
+    return mean, math.sqrt(variance)
 
 
 def extreme_limit(dtype) -> float:
