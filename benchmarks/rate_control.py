@@ -4,6 +4,8 @@
     python benchmarks/rate_control.py --mb 1024    # the 1 GB tree of issue 8
     python benchmarks/rate_control.py --quick      # ~32 MB
     python benchmarks/rate_control.py --rounds 3   # 3 interleaved runs, least time each
+    python benchmarks/rate_control.py --state      # the parameters beside Adam's moments
+    python benchmarks/rate_control.py --generous   # target_ratio=2 and 3 too
 
 Each mode saves the same tree in a fresh child process and reports:
 
@@ -21,7 +23,10 @@ Each mode saves the same tree in a fresh child process and reports:
 The tree: ``--layers`` transformer blocks of width ``d`` (attention q/k/v/o
 ``d x d``, MLP ``d x 4d`` and ``4d x d``, two norm scales), an embedding
 ``(8d, d)``, with per-output-channel scale spread and a few outlier columns,
-so views, the side list and the allocation all have work to do.
+so views, the side list and the allocation all have work to do. With
+``--state`` the tree is a training state: the parameters (half the bytes)
+beside Adam's first and second moments after three steps of gradients
+whose rows differ in scale, under optax's names (``mu`` / ``nu``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,33 @@ MODES = {
     "bits_per_weight=3": {"bits_per_weight": 3},
     "error_bound=0.08": {"error_bound": 0.08},
 }
+
+
+GENEROUS = {"target_ratio=3": {"target_ratio": 3}, "target_ratio=2": {"target_ratio": 2}}
+
+
+def make_state(mb: float, seed: int = 0) -> dict:
+    """A training state of about ``mb`` MB: parameters and Adam's moments."""
+    params = make_tree(mb / 2, seed)
+    rng = np.random.default_rng(seed + 1)
+    mu, nu = {}, {}
+
+    def moments(path, w):
+        scale = 0.01 * np.exp(0.7 * rng.standard_normal((w.shape[0],) + (1,) * (w.ndim - 1)))
+        m = v = 0.0
+        for _ in range(3):
+            g = scale * rng.standard_normal(w.shape)
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        return m.astype(np.float32), v.astype(np.float32)
+
+    for name, value in params.items():
+        if isinstance(value, dict):
+            pairs = {k: moments(k, w) for k, w in value.items()}
+            mu[name] = {k: m for k, (m, _) in pairs.items()}
+            nu[name] = {k: v for k, (_, v) in pairs.items()}
+        else:
+            mu[name], nu[name] = moments(name, value)
+    return {"params": params, "opt_state": {"mu": mu, "nu": nu}}
 
 
 def make_tree(mb: float, seed: int = 0) -> dict:
@@ -106,19 +138,23 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def child(mode: str, mb: float, path: str) -> None:
+def _leaves(tree) -> list:
+    return [leaf for value in tree.values()
+            for leaf in (_leaves(value) if isinstance(value, dict) else [value])]
+
+
+def child(mode: str, mb: float, path: str, state: bool) -> None:
     import jaxjpeg
     import jaxjpeg.checkpoint  # noqa: F401  (imports jax: not part of any save's time)
 
-    tree = make_tree(mb)
-    leaves = [v for layer in tree.values() for v in (layer.values() if isinstance(layer, dict)
-                                                      else [layer])]
+    tree = make_state(mb) if state else make_tree(mb)
+    leaves = _leaves(tree)
     _release_freed_heap()
     before = _rss_bytes()
     reset = _reset_peak_rss()
     cpu = _cpu_seconds()
     start = time.perf_counter()
-    report = jaxjpeg.save(path, tree, **MODES[mode])
+    report = jaxjpeg.save(path, tree, **{**MODES, **GENEROUS}[mode])
     seconds = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu
     peak = _peak_rss_bytes(reset)
@@ -135,21 +171,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of every mode, interleaved (a shared machine's load varies); "
                              "each mode's least wall and CPU time are reported")
+    parser.add_argument("--state", action="store_true",
+                        help="a training state: the parameters beside Adam's moments")
+    parser.add_argument("--generous", action="store_true", help="target_ratio=3 and 2 too")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], float(args.child[1]), args.child[2])
+        child(args.child[0], float(args.child[1]), args.child[2], args.state)
         return
     mb = 32 if args.quick else args.mb
-    print(f"tree: ~{mb:.0f} MB float32; {os.cpu_count()} CPUs; each mode in a fresh process; "
+    modes = {**MODES, **(GENEROUS if args.generous else {})}
+    print(f"tree: ~{mb:.0f} MB float32{' training state' if args.state else ''}; "
+          f"{os.cpu_count()} CPUs; each mode in a fresh process; "
           f"load average {os.getloadavg()[0]:.2f}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for mode in MODES:
+            for mode in modes:
                 out = subprocess.run([sys.executable, __file__, "--child", mode, str(mb),
-                                      os.path.join(tmp, "c.jjpg")], capture_output=True,
-                                     text=True, check=True)
+                                      os.path.join(tmp, "c.jjpg")]
+                                     + (["--state"] if args.state else []),
+                                     capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 if mode in results:
                     r["seconds"] = min(r["seconds"], results[mode]["seconds"])
@@ -163,7 +205,7 @@ def main() -> None:
           f"{'excess/leaf':>13}{'ratio':>8}{'bits/w':>8}{'miss':>8}")
     for mode, r in results.items():
         excess = (r["peak_growth"] - base["peak_growth"]) / leaf
-        target = MODES[mode]
+        target = modes[mode]
         miss = ""
         if "target_ratio" in target:
             miss = f"{r['ratio'] / target['target_ratio'] - 1:+.1%}"

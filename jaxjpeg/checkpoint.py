@@ -3300,11 +3300,16 @@ def _thin_stored(coded, small: bool = False, fine: bool = False) -> tuple:
 def _quantized_sse(array: np.ndarray, lossy: tuple) -> float:
     """Σ (restored - saved)² of a quantized leaf (blob, record fields, note),
     restored in the leaf's dtype; a block at a time (no float64 copy)."""
+    blob, record, _ = lossy
+    return _restored_sse(quantized_vectors.restored_values(array, blob, record), array)
+
+
+def _restored_sse(restored: np.ndarray, array: np.ndarray) -> float:
+    """Σ (restored - saved)² of ``restored`` (flat) against ``array``, a
+    block at a time (no float64 copy of either)."""
     from jaxjpeg import rate
 
-    blob, record, _ = lossy
-    restored = quantized_vectors.restored_values(array, blob, record)
-    flat, total = array.reshape(-1), 0.0
+    restored, flat, total = restored.reshape(-1), array.reshape(-1), 0.0
     for start in range(0, flat.size, rate.ERROR_CHUNK):
         part = slice(start, start + rate.ERROR_CHUNK)
         diff = restored[part].astype(np.float64) - flat[part].astype(np.float64)
@@ -3582,8 +3587,16 @@ class _LogCoding:
             return exact
         if coded is None or self.error_bound is None:
             return coded
-        err = np.linalg.norm(_quantized_error(array, coded))
-        return coded if err <= self.error_bound * np.linalg.norm(array.astype(np.float64)) else None
+        # a block at a time (found by review: float64 copies of the leaf and
+        # its error took an error bound on a training state 2.3 leaves of
+        # memory past a default save)
+        return coded if self._within_bound(_quantized_sse(array, coded), array) else None
+
+    def _within_bound(self, sse: float, array: np.ndarray) -> bool:
+        """Whether a coding of ``array`` erring by ``sse`` meets the error bound."""
+        from jaxjpeg import rate
+
+        return math.sqrt(sse) <= self.error_bound * math.sqrt(rate.finite_norm2(array))
 
     def _stored_centered(self, first: np.ndarray, second: np.ndarray, step: float) -> tuple | None:
         """The variance coding, its error under an error bound measured as
@@ -3595,10 +3608,8 @@ class _LogCoding:
         variance = quantized_vectors.restored_values(
             second, coded[0], {**coded[1], "stored": "quantized"})
         restored = magnitudes.above_square(np.reshape(variance, -1), np.reshape(_stored_values(
-            first, self.stored(first, True, step)), -1)).astype(np.float64)
-        err = np.linalg.norm(restored - second.reshape(-1).astype(np.float64))
-        bound = self.error_bound * np.linalg.norm(second.astype(np.float64))
-        return coded if err <= bound else None
+            first, self.stored(first, True, step)), -1))
+        return coded if self._within_bound(_restored_sse(restored, second), second) else None
 
     def stored_bytes(self, name: str, array: np.ndarray, signed: bool,
                      small: bool = False) -> int:
