@@ -284,32 +284,32 @@ def _encode_sparse(flat: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | No
     k = _rice_parameter(magnitudes) if magnitudes.size else 0
     while True:   # widened where a magnitude the sample missed needs it
         try:
-            coded = _sparse_rice(flat, how.step, gap, k, count)
+            coded = _sparse_rice(flat, how.step, gap, k, count, mask)
             break
         except _Wider as wider:
             k = wider.k
     if coded is None:
         return None
-    (unary, rest), largest = coded
+    (blob, unary_bytes), largest = coded
     if not np.isfinite(restore(np.array([gap + largest]), 0, how.step, LINEAR)).all():
         return None
     record = {"stored": "quantized", "step": float(how.step), "domain": LINEAR,
-              "center": gap, "rice": k, "unary_bytes": len(unary),
+              "center": gap, "rice": k, "unary_bytes": unary_bytes,
               "nonzeros": count, "mask_bytes": len(mask)}
-    return b"".join([mask, unary, rest]), record
+    return blob, record
 
 
-def _sparse_rice(flat, step: float, gap: int, k: int, count: int):
-    """((unary parts, remainders and sign plane), largest magnitude less
-    ``gap``) of ``flat``'s nonzero codes on Rice parameter ``k``, or None
-    (see :class:`_RiceStreams`)."""
+def _sparse_rice(flat, step: float, gap: int, k: int, count: int, mask: bytes):
+    """((``mask``, then the unary parts, remainders and sign plane; the
+    unary parts' bytes), largest magnitude less ``gap``) of ``flat``'s
+    nonzero codes on Rice parameter ``k``, or None (see :class:`_RiceStreams`)."""
     streams, largest = _RiceStreams(k, count), 0
     for codes in _nonzero_codes(flat, step):
         folded = np.abs(codes) - gap
         if not streams.add(folded, codes < 0):
             return None
         largest = max(largest, int(folded.max()))
-    return streams.finish(), largest
+    return streams.finish(mask), largest
 
 
 def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
@@ -358,11 +358,11 @@ def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int):
     # restore is monotonic in the codes: the extremes bound every value
     if not np.all(np.isfinite(restore(np.array([lo, hi]), 0, how.step, how.domain, how.offset))):
         return None
-    unary, rest = streams.finish()
+    blob, unary_bytes = streams.finish()
     record = {"stored": "quantized", "step": float(how.step), "domain": how.domain,
-              "center": center, "rice": k, "unary_bytes": len(unary),
+              "center": center, "rice": k, "unary_bytes": unary_bytes,
               **({"offset": how.offset} if how.domain in LOG_DOMAINS else {})}
-    return unary + rest, record
+    return blob, record
 
 
 class _Wider(Exception):
@@ -401,9 +401,13 @@ class _RiceStreams:
             self.signs.append(np.packbits(negative).tobytes())
         return True
 
-    def finish(self) -> tuple[bytes, bytes]:
-        """(the unary parts, then the remainders and the sign plane)."""
-        return self.unary.finish(), b"".join([*self.remainders, *self.signs])
+    def finish(self, prefix: bytes = b"") -> tuple[bytes, int]:
+        """(``prefix``, the unary parts, then the remainders and the sign
+        plane, joined once: each join holds its parts and its result; the
+        unary parts' bytes)."""
+        unary = self.unary.parts()
+        blob = b"".join([prefix, *unary, *self.remainders, *self.signs])
+        return blob, sum(len(part) for part in unary)
 
 
 class _UnaryWriter:
@@ -411,7 +415,7 @@ class _UnaryWriter:
     time, the bits past a chunk's last whole byte carried to the next."""
 
     def __init__(self):
-        self.parts, self.carry = [], np.zeros(0, np.uint8)
+        self.parts_done, self.carry = [], np.zeros(0, np.uint8)
 
     def add(self, quotients: np.ndarray) -> None:
         ends = np.cumsum(quotients + 1) - 1            # where each unary part's zero is
@@ -419,14 +423,14 @@ class _UnaryWriter:
         bits[ends] = 0
         bits = np.concatenate([self.carry, bits])
         whole = bits.size // 8 * 8
-        self.parts.append(np.packbits(bits[:whole]).tobytes())
+        self.parts_done.append(np.packbits(bits[:whole]).tobytes())
         self.carry = bits[whole:]
 
-    def finish(self) -> bytes:
-        """The unary stream, padded with ones to a byte."""
+    def parts(self) -> list[bytes]:
+        """The unary stream's pieces, the last padded with ones to a byte."""
         last = np.ones(-(-self.carry.size // 8) * 8, np.uint8)
         last[:self.carry.size] = self.carry
-        return b"".join(self.parts) + np.packbits(last).tobytes()
+        return [*self.parts_done, np.packbits(last).tobytes()]
 
 
 def coded_bytes(values: np.ndarray, step: float, middle: np.ndarray | None = None) -> int:
