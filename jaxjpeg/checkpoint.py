@@ -1170,9 +1170,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 # measured steps only: with them dense, PP-OCRv6's detector
                 # at 8x erred more over 4 probe seeds, mean |dp| 0.0021 -> 0.0023)
                 finest = None if sparse else 8 * float(curve.nbytes.max()) / max(1, p.size)
+                # (a sparse leaf's far values kept aside, as its thin coding keeps
+                # them: found by review, planned as JPEG, then replaced by the
+                # smaller thin coding, a 4x target landed at 7.3x)
                 curve = rate.merged_curve(curve, once(("fine", leaf.name, finest), lambda: rate.thin_curve(
                     p.original, dense=not sparse, error_weight=rate.balanced_error_weight(p),
-                    min_bits=finest)))
+                    kept=rate.kept_aside(p) if sparse else None, min_bits=finest)))
                 if not sparse:
                     fine_thin.add(leaf.name)
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
@@ -3295,8 +3298,10 @@ def _thin_stored(coded, small: bool = False, fine: bool = False) -> tuple:
            if record.get("nonzeros") is not None else
            "one fine step: JPEG's finest codings left the byte target unspent" if fine
            else "a view too thin for JPEG's 8x8 blocks")
+    kept = record.get("outliers", 0)
     return (coded.blob, {"kind": "raw", **record},
-            f"quantized (linear step {record['step']:.3g}): {why}")
+            f"quantized (linear step {record['step']:.3g}): {why}"
+            + (f"; {kept} values kept exactly" if kept else ""))
 
 
 def _quantized_sse(array: np.ndarray, lossy: tuple) -> float:
@@ -3637,7 +3642,7 @@ class _LogCoding:
         if exact is not None:   # a mask, stored exact at every step (stored()): counted whole
             self.ladder[name] = (array.size, [_nbytes(exact)] * len(steps))   # (review: its
             return _nbytes(exact)   # sample, deflated alone, was counted 22-33x its bytes)
-        probe, scale = array, 1.0
+        probe, scale, first_whole = array, 1.0, first
         if len(steps) > 1 and array.size > _LADDER_PROBE:
             probe = quantized_vectors.sampled(array.reshape(-1), _LADDER_PROBE)
             scale = array.size / _LADDER_PROBE
@@ -3648,13 +3653,16 @@ class _LogCoding:
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
                 on, pair, times = probe, first, scale
-                if 0 < step < base and probe.size > _FINE_LADDER_PROBE:
-                    # the steps a generous target adds (refine) on a quarter of
-                    # the probe: its draws are random, so are its first ones
-                    # (found by review: a training state's 3x took 4.8x a
-                    # default save's time, most of it here)
-                    on = probe.reshape(-1)[:_FINE_LADDER_PROBE]
-                    pair = None if first is None else first.reshape(-1)[:_FINE_LADDER_PROBE]
+                if 0 < step < base and array.size > _FINE_LADDER_PROBE:
+                    # the steps a generous target adds (refine) on a smaller
+                    # sample (found by review: a training state's 3x took 4.8x
+                    # a default save's time, most of it here), drawn from the
+                    # whole leaf (review of that: a leaf under _LADDER_PROBE
+                    # is its own probe, whose first values are no sample: a
+                    # moment's zero rows there put a 2.5x target 26% over)
+                    at = quantized_vectors.sample_positions(array.size, _FINE_LADDER_PROBE)
+                    on = array.reshape(-1)[at]
+                    pair = None if first is None else first_whole.reshape(-1)[at]
                     times = array.size / _FINE_LADDER_PROBE
                 coded = self.stored(on, signed, step, first=pair, first_step=step)
                 # None: stored exactly, deflated (found by review: counted raw,

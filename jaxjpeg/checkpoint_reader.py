@@ -443,8 +443,8 @@ class Checkpoint:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} restores values beyond "
                                       f"{leaf.dtype}'s range")
             if kept is not None:
-                held = kept[1].astype(leaf.dtype)
-                if not np.array_equal(held.astype(np.float32), kept[1], equal_nan=True):
+                held = quantized_vectors.narrowed(kept[1], leaf.dtype)
+                if held is None:
                     raise fmt.FormatError(f"{self.path}: {leaf.path} keeps values beyond "
                                           f"{leaf.dtype}'s own")
                 values.reshape(-1)[kept[0]] = held

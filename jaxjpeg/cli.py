@@ -384,8 +384,9 @@ def _clipped(text: str, limit: int) -> str:
 def _view_text(leaf) -> str:
     """The leaf's coding view: row axes|column axes, then what rides along
     (+cols: column scales, +N kept: values in the side list)."""
-    if leaf.kind != "jpeg":
-        return "-"
+    if leaf.kind != "jpeg":   # a thin leaf's values kept aside after its codes
+        kept = (leaf.quantized or {}).get("outliers", 0)
+        return f"-+{kept}kept" if kept else "-"
     rows = ",".join(map(str, leaf.view.row_axes())) or "-"
     cols = ",".join(map(str, leaf.view.col_axes())) or "-"
     extra = ("+cols" if leaf.col_scale_dtype is not None else "") + (

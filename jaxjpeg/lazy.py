@@ -45,7 +45,7 @@ class LeafInfo:
     restart_interval: int = 0  # jpeg: blocks per restart interval (0: one per tile)
     view: tuple[tuple[int, ...], int] | None = None  # jpeg: (axis permutation, row axes)
     tiles: int = 0             # jpeg: number of tiles
-    kept: int = 0              # jpeg: values kept exactly in the side list
+    kept: int = 0              # values kept exactly: a JPEG leaf's side list, a thin leaf's
     stored_dtype: np.dtype | None = None  # raw: dtype of the blob when it differs
     # raw, quantized on a step (a byte target's BatchNorm vector or small kernel, a thin
     # leaf, an optimizer moment on log2 steps): (domain, step); quantized per
@@ -141,7 +141,8 @@ class LazyReader:
             return LeafInfo(**common, stored_dtype=leaf.stored_dtype,
                             quantized=(None if q is None else _sliced(q) if "slice_axis" in q
                                        else (q["domain"], q["step"])),
-                            prng_impl=leaf.prng_impl)
+                            prng_impl=leaf.prng_impl,
+                            kept=0 if q is None else q.get("outliers", 0))
         return LeafInfo(**common, sample_bits=leaf.bits, restart_interval=leaf.restart_interval,
                         view=(leaf.view.perm, leaf.view.split), tiles=len(leaf.tiles),
                         kept=leaf.outliers)

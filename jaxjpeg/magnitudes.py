@@ -411,19 +411,18 @@ def encode_centered(first: np.ndarray, second: np.ndarray,
                     step: float = LOG_STEP) -> tuple | None:
     """(blob, record fields, note) of a centered second moment stored as its
     variance on log2 steps (the record's ``square_of``, the first moment's
-    leaf, is the saver's to add), or None, also where a value near float32's
-    largest would restore past it (found by review: a second moment of
-    3.4e38 beside a first of 1e19 restored inf)."""
-    variance = centered_variance(first, second)
-    coded = encode(variance, False, step)
+    leaf, is the saver's to add), or None, also where a value lies within 4x
+    of float32's largest: restored as its variance plus the square of the
+    first moment as stored, each up to 2^(1/2) over on the ladder's
+    coarsest step, it could pass it (found by review: a second moment of
+    3.4e38 beside a first of 1e19 restored inf; checked against the first
+    moment's exact values, 1.84e19 beside 3.4e38 still did)."""
+    if float(np.max(second, initial=0.0)) > float(np.finfo(np.float32).max) / 4:
+        return None
+    coded = encode(centered_variance(first, second), False, step)
     if coded is None:
         return None
     blob, record, note = coded
-    if float(np.max(second, initial=0.0)) > float(np.finfo(np.float32).max) / 2:
-        restored = above_square(qv.restored_values(variance, blob, record),
-                                np.asarray(first).reshape(-1))
-        if not np.all(np.isfinite(restored)):
-            return None
     return blob, {**record, "stored": STORED_ABOVE_SQUARE}, (
         "centered: " + note.replace("values", "its variance over the first moment's square", 1))
 

@@ -206,16 +206,22 @@ _SAVE_AS_SAFETENSORS = ("save its state_dict with safetensors.torch.save_file an
 
 def _refuse_formats_not_read(path: str, head: bytes) -> None:
     """A usage error (exit 2, as for torch.save's zip) for a file of a format
-    jaxjpeg does not read, told by its first bytes or, for ONNX's protobuf,
-    its name (found by review: a legacy torch.save, a .npy or an .onnx file
-    were "not a Flax msgpack ... (ExtraData)", exit 1, as if damaged)."""
-    named = urllib.parse.urlsplit(path).path if _is_web(path) else path
+    jaxjpeg does not read, told by its first bytes (ONNX's by its name where
+    it is no msgpack: :func:`_refuse_onnx`; found by review: a legacy
+    torch.save, a .npy or an .onnx file were "not a Flax msgpack ...
+    (ExtraData)", exit 1, as if damaged)."""
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:   # pickle protocols 2-5
         raise SourceChoiceError(f"{path}: a Python pickle (a legacy torch.save?), which jaxjpeg "
                                 "does not read: " + _SAVE_AS_SAFETENSORS)
     if head.startswith(b"\x93NUMPY"):
         raise SourceChoiceError(f"{path}: one .npy array: save it in an .npz (np.savez) and "
                                 "compress that")
+
+
+def _refuse_onnx(path: str) -> None:
+    """ONNX's protobuf has no magic: a file named so that is no msgpack
+    (review: a msgpack named .onnx was refused by its name alone)."""
+    named = urllib.parse.urlsplit(path).path if _is_web(path) else path
     if named.endswith(".onnx"):
         raise SourceChoiceError(f"{path}: an ONNX model, which jaxjpeg does not read: save its "
                                 "initializers (onnx.numpy_helper.to_array) with np.savez or "
@@ -639,7 +645,8 @@ def _load_msgpack(path: str, files: _Files):
     data = _read_whole(path, MAX_MSGPACK_BYTES, files)
     try:
         tree = serialization.msgpack_restore(data)
-    except Exception as e:  # msgpack raises its own types on garbage, RecursionError on depth
+    except Exception:  # msgpack raises its own types on garbage, RecursionError on depth
+        _refuse_onnx(path)
         raise SourceError(f"{path}: not a Flax msgpack, safetensors, npz or jaxjpeg file, nor "
                           f"an Orbax directory") from None
     if not isinstance(tree, (dict, list)):

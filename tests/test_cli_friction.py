@@ -702,6 +702,10 @@ def test_formats_not_read_are_usage_errors_naming_the_format(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "ExtraData" not in err, err
     assert not (tmp_path / "o.jjpg").exists()
+    from flax import serialization   # a msgpack named .onnx is read (review: refused by name)
+    (tmp_path / "flax.onnx").write_bytes(serialization.msgpack_serialize(
+        {"w": np.ones((8, 8), np.float32)}))
+    assert main(["compress", str(tmp_path / "flax.onnx"), str(tmp_path / "o.jjpg")]) == 0
 
 
 def test_an_earlier_exports_shards_are_named_as_removed_not_written(tmp_path, capsys):

@@ -888,9 +888,14 @@ def a_restore_traced_by_jit_says_to_load_and_decode():
     assembly of the shards (make_array_from_single_device_arrays) instead
     of saying what to call."""
     sharding = NamedSharding(mesh((8,), ("d",)), P("d"))
-    target = {"rows": jax.ShapeDtypeStruct(TREE["rows"].shape, np.float32, sharding=sharding)}
-    for fn in (lambda: jaxjpeg.restore(PATH, target=target),
-               lambda: jaxjpeg.open(PATH).get("rows", device=sharding)):
+    for name in ("rows", "bias"):   # JPEG, raw (review: raw leaves were missed)
+        target = {name: jax.ShapeDtypeStruct(TREE[name].shape, np.float32, sharding=sharding)}
+        _refused_under_jit(lambda: jaxjpeg.restore(PATH, target=target),
+                           lambda: jaxjpeg.open(PATH).get(name, device=sharding))
+
+
+def _refused_under_jit(*fns):
+    for fn in fns:
         try:
             jax.jit(fn)()
         except TypeError as e:
