@@ -1772,7 +1772,7 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
     counted, no error). ``min_bits`` (optional): steps predicted to take
     fewer bits a value than this less FINE_BITS_MARGIN are not measured
     (the coarsest measured always is)."""
-    values = np.asarray(x, np.float32).reshape(-1)
+    values = np.asarray(x).reshape(-1)   # in its own dtype: only the probe is widened
     side = 0
     if kept is not None:
         side = quantized_vectors.kept_bytes(len(kept), values.size)
