@@ -1084,8 +1084,6 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     measured = {}
 
     def once(key, measure_it):
-        if os.environ.get("NOMEMO"):
-            return measure_it()
         if key not in measured:
             measured[key] = measure_it()
         return measured[key]
@@ -1170,12 +1168,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 # measured steps only: with them dense, PP-OCRv6's detector
                 # at 8x erred more over 4 probe seeds, mean |dp| 0.0021 -> 0.0023)
                 finest = None if sparse else 8 * float(curve.nbytes.max()) / max(1, p.size)
-                # (a sparse leaf's far values kept aside, as its thin coding keeps
-                # them: found by review, planned as JPEG, then replaced by the
-                # smaller thin coding, a 4x target landed at 7.3x)
                 curve = rate.merged_curve(curve, once(("fine", leaf.name, finest), lambda: rate.thin_curve(
                     p.original, dense=not sparse, error_weight=rate.balanced_error_weight(p),
-                    kept=rate.kept_aside(p) if sparse else None, min_bits=finest)))
+                    min_bits=finest)))
                 if not sparse:
                     fine_thin.add(leaf.name)
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves
@@ -2413,7 +2408,8 @@ class _Save:
         else:
             jpeg = _jpeg_blobs(index, enc) if enc is not None else None
             sparse = jpeg is not None and not self.user_encoder and rate.is_sparse_leaf(array)
-            thin = (_thin_alternative(array, enc, jpeg[2], sparse, self.error_bound)
+            thin = (_thin_alternative(array, enc, jpeg[2], sparse, self.error_bound,
+                                      keep_aside=not (sparse and self.target is not None))
                     if jpeg is not None and self._may_be_thin(name, enc, sparse) else None)
             if (coded and enc is None and self.error_bound is not None
                     and not self.user_encoder and _thin_shaped(array)):
@@ -3216,7 +3212,8 @@ def _restores_finite(array: np.ndarray, lossy: tuple) -> bool:
 
 
 def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: int,
-                      sparse: bool, error_bound: float | None = None) -> tuple | None:
+                      sparse: bool, error_bound: float | None = None,
+                      keep_aside: bool = True) -> tuple | None:
     """(blob, record fields, note) of a leaf (quantizable) whose JPEG coding pads
     its thin view (rate.THIN_SIDE) quantized on one step within that
     coding's squared error, when that is smaller; else None. A ``sparse``
@@ -3234,10 +3231,14 @@ def _thin_alternative(array: np.ndarray, enc: codec.EncodedTensor, jpeg_bytes: i
         return None
     # JPEG's side list, kept aside where one step would not hold it (a NaN:
     # found by review, a thin leaf with one took JPEG's 12-bit view, 2x
-    # the bytes of its thin coding)
+    # the bytes of its thin coding); not by a sparse leaf under a byte
+    # target (``keep_aside``), whose plan measured its thin coding with them
+    # on the step (review: planned as JPEG, replaced by the smaller coding,
+    # 4x landed at 7.3x; measured so, trees where JPEG and raw leaves had
+    # met 4x landed at 6.3x, every leaf at its finest)
     kept = None
     if enc.outliers is not None and enc.outliers.count and not enc.outliers.steppable(array):
-        if 8 * enc.outliers.count > array.size:
+        if not keep_aside or 8 * enc.outliers.count > array.size:
             return None
         kept = enc.outliers.index
     if error_bound is not None:
@@ -3333,8 +3334,10 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
     return restored.reshape(array.shape).astype(np.float64) - array
 
 
-_LADDER_PROBE = 1 << 18   # values a large moment's bytes at each log2 step are measured on
-_FINE_LADDER_PROBE = 1 << 16   # at the steps finer than the save's own (_LogCoding.refine)
+# Values a large moment's bytes at each log2 step are measured on (the finer
+# steps a generous target adds too: measured on a quarter of it, the sample
+# of a moment of mostly zero rows put 2-3x targets 43-83% over; review).
+_LADDER_PROBE = 1 << 18
 
 
 class _LogCoding:
@@ -3642,7 +3645,7 @@ class _LogCoding:
         if exact is not None:   # a mask, stored exact at every step (stored()): counted whole
             self.ladder[name] = (array.size, [_nbytes(exact)] * len(steps))   # (review: its
             return _nbytes(exact)   # sample, deflated alone, was counted 22-33x its bytes)
-        probe, scale, first_whole = array, 1.0, first
+        probe, scale = array, 1.0
         if len(steps) > 1 and array.size > _LADDER_PROBE:
             probe = quantized_vectors.sampled(array.reshape(-1), _LADDER_PROBE)
             scale = array.size / _LADDER_PROBE
@@ -3652,25 +3655,13 @@ class _LogCoding:
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
-                on, pair, times = probe, first, scale
-                if 0 < step < base and array.size > _FINE_LADDER_PROBE:
-                    # the steps a generous target adds (refine) on a smaller
-                    # sample (found by review: a training state's 3x took 4.8x
-                    # a default save's time, most of it here), drawn from the
-                    # whole leaf (review of that: a leaf under _LADDER_PROBE
-                    # is its own probe, whose first values are no sample: a
-                    # moment's zero rows there put a 2.5x target 26% over)
-                    at = quantized_vectors.sample_positions(array.size, _FINE_LADDER_PROBE)
-                    on = array.reshape(-1)[at]
-                    pair = None if first is None else first_whole.reshape(-1)[at]
-                    times = array.size / _FINE_LADDER_PROBE
-                coded = self.stored(on, signed, step, first=pair, first_step=step)
+                coded = self.stored(probe, signed, step, first=first, first_step=step)
                 # None: stored exactly, deflated (found by review: counted raw,
                 # a bfloat16 state's 2.5x landed 25% under)
                 if coded is None and (name, None) not in self.sizes_at:   # every exact rung's
                     self.sizes_at[name, None] = _exact_bytes(array)
                 self.sizes_at[key] = (self.sizes_at[name, None] if coded is None
-                                      else round(times * memoryview(coded[0]).nbytes))
+                                      else round(scale * memoryview(coded[0]).nbytes))
             sizes.append(self.sizes_at[key])
         self.ladder[name] = (array.size, sizes)
         return sizes[magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0]

@@ -411,15 +411,21 @@ def encode_centered(first: np.ndarray, second: np.ndarray,
                     step: float = LOG_STEP) -> tuple | None:
     """(blob, record fields, note) of a centered second moment stored as its
     variance on log2 steps (the record's ``square_of``, the first moment's
-    leaf, is the saver's to add), or None, also where a value lies within 4x
-    of float32's largest: restored as its variance plus the square of the
+    leaf, is the saver's to add), or None, also where a value could restore
+    past float32's largest: restored as its variance plus the square of the
     first moment as stored, each up to 2^(1/2) over on the ladder's
-    coarsest step, it could pass it (found by review: a second moment of
-    3.4e38 beside a first of 1e19 restored inf; checked against the first
-    moment's exact values, 1.84e19 beside 3.4e38 still did)."""
-    if float(np.max(second, initial=0.0)) > float(np.finfo(np.float32).max) / 4:
-        return None
-    coded = encode(centered_variance(first, second), False, step)
+    coarsest step (found by review: a second moment of 3.4e38 beside a first
+    of 1e19 restored inf; checked against the first moment's exact values,
+    1.84e19 beside 3.4e38 still did; refused for any value within 4x of the
+    largest, ten values of 1e38 sent a whole leaf exact)."""
+    variance = centered_variance(first, second)
+    largest = float(np.finfo(np.float32).max)
+    if float(np.max(second, initial=0.0)) > largest / 4:   # rare: checked value by value
+        worst = (2.0 * np.square(np.asarray(first, np.float64))
+                 + math.sqrt(2.0) * variance.astype(np.float64))
+        if float(np.max(worst, initial=0.0)) > largest:
+            return None
+    coded = encode(variance, False, step)
     if coded is None:
         return None
     blob, record, note = coded

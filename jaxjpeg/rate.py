@@ -1389,8 +1389,7 @@ def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
     """Codes ``p`` as candidate ``k`` of its curve ``c``; ``fallback`` (a
     function, e.g. cached) gives ``row_range_fallback(p)`` to retries."""
     if c.thin is not None and c.thin[k]:   # (a wide leaf's one fine step codes every value)
-        kept = kept_aside(p) if is_thin(p) or is_sparse(p) else None
-        return thin_coding(p.original, float(c.q[k]), kept)
+        return thin_coding(p.original, float(c.q[k]), kept_aside(p) if is_thin(p) else None)
     if c.row_ranges is not None and c.row_ranges[k]:
         prepared = fallback() if fallback is not None else row_range_fallback(p)
         return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),

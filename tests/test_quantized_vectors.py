@@ -297,6 +297,27 @@ def test_a_sparse_leaf_with_far_values_aside_meets_its_target(tmp_path, ratio):
     np.testing.assert_array_equal(got.reshape(-1)[[5, 700, 9000]], np.float32(1e29))
 
 
+def test_pruned_leaves_with_far_values_beside_a_dense_one_meet_4x(tmp_path):
+    """Found by review: with pruned leaves' far values kept aside in the
+    plan, their finest codings took so little that a dense leaf beside them
+    had the rest of a 4x target to itself, and the file landed at 6.3x
+    (every leaf at its finest); with them on the step, as the default
+    save's JPEG side list aside, the dense leaf is stored raw: 4.03x."""
+    rng = np.random.default_rng(1)
+    tree = {}
+    for name, shape in [("k1", (512, 512)), ("k2", (1024, 256)), ("v", (4096,)),
+                        ("small", (64, 48))]:
+        w = rng.standard_normal(shape) * 0.05
+        w[rng.random(shape) < 0.9] = 0
+        w.reshape(-1)[rng.choice(w.size, 20, replace=False)] = rng.choice([-1, 1], 20) * 40.0
+        tree[name] = w.astype(np.float32)
+    tree["dense"] = (rng.standard_normal((512, 256)) * 0.05).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = jaxjpeg.save(tmp_path / "p.jjpg", tree, target_ratio=4, progress=False)
+    assert report.ratio_vs_float32 == pytest.approx(4, rel=0.02)
+
+
 def test_a_thin_leaf_about_a_large_mean_with_a_far_value_meets_its_target(tmp_path):
     """Found by review: the allocation read a far value of 1020 among
     200,000 values of 1000 +- 0.01 as 2,000 spreads off (JPEG's curve), the
