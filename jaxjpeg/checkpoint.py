@@ -1168,9 +1168,10 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 # measured steps only: with them dense, PP-OCRv6's detector
                 # at 8x erred more over 4 probe seeds, mean |dp| 0.0021 -> 0.0023)
                 finest = None if sparse else 8 * float(curve.nbytes.max()) / max(1, p.size)
-                curve = rate.merged_curve(curve, once(("fine", leaf.name, finest), lambda: rate.thin_curve(
+                fine = once(("fine", leaf.name, finest), lambda: rate.thin_curve(
                     p.original, dense=not sparse, error_weight=rate.balanced_error_weight(p),
-                    min_bits=finest)))
+                    min_bits=finest))
+                curve = rate.merged_curve(curve, fine)
                 if not sparse:
                     fine_thin.add(leaf.name)
         if not leaf_coder.sensitivity:   # data-free: see rate.capped_curves

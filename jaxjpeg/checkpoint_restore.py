@@ -1099,8 +1099,9 @@ def place_raw(array: np.ndarray, request: LeafRequest, device):
         # (dtype given: jax needs it where no device of the sharding is ours.)
         sharding = request.sharding
         slices = sharding.addressable_devices_indices_map(array.shape)
+        memory_kind = sharding.memory_kind
         shards = [jax.device_put(array[index],
-                                 jax.sharding.SingleDeviceSharding(d, memory_kind=sharding.memory_kind))
+                                 jax.sharding.SingleDeviceSharding(d, memory_kind=memory_kind))
                   for d, index in slices.items()]
         for shard in shards[:1]:   # traced by jit: said as a decode says it (found by review)
             ops.refuse_traced(shard)

@@ -20,6 +20,9 @@ with ones to a byte), then their ``k``-bit remainders (most significant
 bit first, padded with zeros), then, in ``signed_log2``, one bit a value (1:
 negative, padded with zeros): all code and decode a chunk of values at a
 time, and every count is checked against the blob's size before it is used.
+Values kept aside (record field ``outliers``: a thin leaf's NaN or far
+values) follow: their positions (little-endian uint32, uint64 past 2^32
+values), then their float32 values.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import zlib
 
 import numpy as np
 
+from jaxjpeg import _native
 from jaxjpeg.format import inflate_at_most
 
 LINEAR, LOG2, SIGNED_LOG2 = "linear", "log2", "signed_log2"
@@ -431,25 +435,24 @@ class _RiceStreams:
 
 class _UnaryWriter:
     """Unary parts (``q`` ones then a zero each) packed a chunk of codes at a
-    time, the bits past a chunk's last whole byte carried to the next."""
+    time (xla_ops/rice_code.h: 4x numpy's bit arrays, whose packing was most
+    of a byte target's coding of fine steps), the bits past a chunk's last
+    whole byte carried to the next."""
 
     def __init__(self):
-        self.parts_done, self.carry = [], np.zeros(0, np.uint8)
+        self.parts_done, self.carry, self.carry_count = [], 0, 0
 
     def add(self, quotients: np.ndarray) -> None:
-        ends = np.cumsum(quotients + 1) - 1            # where each unary part's zero is
-        bits = np.ones(int(ends[-1]) + 1, np.uint8)
-        bits[ends] = 0
-        bits = np.concatenate([self.carry, bits])
-        whole = bits.size // 8 * 8
-        self.parts_done.append(np.packbits(bits[:whole]).tobytes())
-        self.carry = bits[whole:]
+        data, self.carry, self.carry_count = _native.rice_unary(quotients, self.carry,
+                                                                self.carry_count)
+        self.parts_done.append(data)
 
     def parts(self) -> list[bytes]:
         """The unary stream's pieces, the last padded with ones to a byte."""
-        last = np.ones(-(-self.carry.size // 8) * 8, np.uint8)
-        last[:self.carry.size] = self.carry
-        return [*self.parts_done, np.packbits(last).tobytes()]
+        if not self.carry_count:
+            return list(self.parts_done)
+        pad = 8 - self.carry_count
+        return [*self.parts_done, bytes([(self.carry << pad) | ((1 << pad) - 1)])]
 
 
 def coded_bytes(values: np.ndarray, step: float, middle: np.ndarray | None = None) -> int:
@@ -645,14 +648,9 @@ def _remainders(data: np.ndarray, start: int, count: int, k: int) -> np.ndarray:
 
 def _remainder_bytes(folded: np.ndarray, k: int) -> bytes:
     """The ``k``-bit remainders of ``folded`` packed, most significant bit
-    first (a chunk of codes at a time: all at once, the bit matrix took 64
-    bytes a value at k = 8; found by review: 979 MB to code a 32 MB leaf)."""
-    if k == 0:
-        return b""
-    shifts = np.arange(k - 1, -1, -1, dtype=np.int64)
-    return b"".join(np.packbits(((folded[i:i + _REMAINDER_CHUNK, None] >> shifts) & 1)
-                                .astype(np.uint8).reshape(-1)).tobytes()
-                    for i in range(0, folded.size, _REMAINDER_CHUNK))
+    first (xla_ops/rice_code.h; no bit matrix: found by review, numpy's took
+    64 bytes a value at k = 8, 979 MB to code a 32 MB leaf)."""
+    return _native.rice_remainders(folded, k) if k else b""
 
 
 def restore(codes: np.ndarray, center: int, step: float, domain: str,

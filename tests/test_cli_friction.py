@@ -738,4 +738,5 @@ def test_a_checkpoint_saved_among_shards_is_named_not_read_as_damage(tmp_path, c
     assert main(["compress", str(tmp_path), str(tmp_path / "small.safetensors")]) == 0
     capsys.readouterr()
     assert main(["compress", str(tmp_path), str(tmp_path / "again.jjpg")]) == EXIT_USAGE
-    assert "small.safetensors: a jaxjpeg checkpoint, not a safetensors file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "small.safetensors: a jaxjpeg checkpoint, not a safetensors file" in err

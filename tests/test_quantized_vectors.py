@@ -663,3 +663,43 @@ def test_byte_targets_keep_hyperparameters_and_counters_exact(tmp_path):
                                       np.asarray(value), err_msg=name)
     np.testing.assert_array_equal(np.asarray(restored["counts"]), tree["counts"])
     np.testing.assert_array_equal(np.asarray(restored["ones"]), tree["ones"])
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 8, 13])
+def test_native_rice_streams_decode_as_the_reader_reads_them(k):
+    """The native packing of Rice codes (xla_ops/rice_code.h), chunk by
+    chunk as the encoder calls it, against the Python decoder; and its
+    refusals of what the decoder could never read."""
+    from jaxjpeg import _native
+
+    rng = np.random.default_rng(k)
+    codes = np.concatenate([rng.integers(0, 1 << (k + 2), 20000),
+                            [0, (1 << (k + 2)) - 1]]).astype(np.int64)
+    streams = qv._RiceStreams(k, codes.size)
+    for start in range(0, codes.size, 8192):   # blocks of a multiple of 8 values, as encode's
+        assert streams.add(codes[start:start + 8192])
+    blob, unary_bytes = streams.finish()
+    record = {"step": 1.0, "domain": qv.LINEAR, "center": 0, "rice": k,
+              "unary_bytes": unary_bytes, "offset": 0.0}
+    back = qv.decoded_values(blob, codes.size, record)
+    np.testing.assert_array_equal(qv._unzigzag(codes), back.astype(np.int64))
+    with pytest.raises(ValueError, match="quotient"):
+        _native.rice_unary(np.array([-1], np.int64), 0, 0)
+    with pytest.raises(ValueError, match="quotient"):
+        _native.rice_unary(np.array([(1 << 20) + 1], np.int64), 0, 0)
+    with pytest.raises(ValueError, match="pending"):
+        _native.rice_unary(np.array([1], np.int64), 0x100, 8)
+    with pytest.raises(ValueError, match="k must"):
+        _native.rice_remainders(codes, 63)
+
+
+@pytest.mark.parametrize("k", [31, 32, 33, 40])
+def test_native_wide_remainders_read_back(k):
+    """Remainders wider than 32 bits (the packer writes them in two parts)
+    against the decoder's reading of them."""
+    from jaxjpeg import _native
+
+    values = np.random.default_rng(k).integers(0, 1 << k, 1001).astype(np.int64)
+    data = np.frombuffer(_native.rice_remainders(values, k), np.uint8)
+    assert data.size == -(-values.size * k // 8)
+    np.testing.assert_array_equal(qv._remainders(data, 0, values.size, k), values)

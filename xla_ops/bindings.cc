@@ -27,6 +27,7 @@
 #include "parallel_for.h"
 #include "quant_tables.h"
 #include "rate_probe.h"
+#include "rice_code.h"
 #include "stream_header.h"
 
 namespace py = pybind11;
@@ -828,6 +829,43 @@ py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
                         py::make_tuple(col_sum, col_squares, col_min, col_max));
 }
 
+using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+// The Rice quotients' unary parts after `pending` bits (the low `count` of
+// `bits`): (whole bytes, bits pending, their count). Quotients are refused
+// outside 0..2^20 (the decoder's longest unary part), so that the bytes
+// written are bounded by the values given.
+py::tuple RiceUnaryOf(const Int64Array& quotients, uint32_t bits, int count) {
+  if (count < 0 || count > 7 || bits >> count) throw py::value_error("bad pending bits");
+  const int64_t* q = quotients.data();
+  int64_t total = count;
+  for (py::ssize_t i = 0; i < quotients.size(); ++i) {
+    if (q[i] < 0 || q[i] > (int64_t{1} << 20)) throw py::value_error("quotient out of range");
+    total += q[i] + 1;
+  }
+  std::vector<uint8_t> out;
+  out.reserve(static_cast<size_t>(total / 8));
+  PendingBits pending{bits, count};
+  {
+    py::gil_scoped_release release;
+    AppendUnary(q, quotients.size(), pending, out);
+  }
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(out.data()), out.size()),
+                        pending.bits, pending.count);
+}
+
+// The `k` low bits of every value (each in 0..2^k), padded to a byte.
+py::bytes RiceRemaindersOf(const Int64Array& values, int k) {
+  if (k < 1 || k > 62) throw py::value_error("k must be 1..62");
+  std::vector<uint8_t> out;
+  out.reserve(static_cast<size_t>((values.size() * k + 7) / 8));
+  {
+    py::gil_scoped_release release;
+    AppendRemainders(values.data(), values.size(), k, out);
+  }
+  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
 py::array_t<float> ForwardDctOf(
     const py::array_t<float, py::array::c_style | py::array::forcecast>& blocks, bool avx2) {
   if (blocks.ndim() != 2 || blocks.shape(1) != 64) {
@@ -1007,6 +1045,11 @@ PYBIND11_MODULE(_native, m) {
         "!(|x| <= limit), (row sum, row sum of squares, row min, row max), (the same per "
         "column)); sums in float64. avx2=False: the portable code even where the CPU has "
         "AVX2 (the same bits; for tests).");
+  m.def("rice_unary", &RiceUnaryOf, py::arg("quotients"), py::arg("bits"), py::arg("count"),
+        "jaxjpeg.quantized_vectors' Rice quotients in unary after `count` pending bits: "
+        "(whole bytes, pending bits, their count).");
+  m.def("rice_remainders", &RiceRemaindersOf, py::arg("values"), py::arg("k"),
+        "The k low bits of each value, most significant first, padded with 0 bits to a byte.");
   m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
         "The encoder's forward DCT of (n, 64) row-major float32 blocks, coefficients in "
         "natural order; avx2=False: the portable code even where the CPU has AVX2 (tests).");

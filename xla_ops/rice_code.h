@@ -1,0 +1,35 @@
+// Rice codes of the quantized vectors (jaxjpeg.quantized_vectors, host
+// only): a value v >= 0 on parameter k is its quotient v >> k in unary (that
+// many 1 bits, then a 0) and its k low bits; each stream is written most
+// significant bit first. The unary parts run on from one call to the next
+// (a block of codes at a time), their last bits pending; remainders end a
+// call padded with 0 bits (every block but the last holds a multiple of 8
+// values, so the blocks' remainders join as one stream).
+#ifndef JAXJPEG_RICE_CODE_H_
+#define JAXJPEG_RICE_CODE_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace jaxjpeg {
+
+// Bits pending at the end of a unary stream: `count` (< 8) of them in the
+// low bits of `bits`, the first written the most significant.
+struct PendingBits {
+  uint32_t bits = 0;
+  int count = 0;
+};
+
+// Appends to `out` the whole bytes of `pending` followed by the unary parts
+// of `quotients` (each >= 0); the bits past the last whole byte are left in
+// `pending`.
+void AppendUnary(const int64_t* quotients, int64_t n, PendingBits& pending,
+                 std::vector<uint8_t>& out);
+
+// Appends to `out` the `k` (1..62) low bits of each of `values`, then 0
+// bits to the next byte.
+void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8_t>& out);
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_RICE_CODE_H_
