@@ -132,12 +132,12 @@ _EAGER_ONLY = ("jaxjpeg.restore and jaxjpeg.open(...).get read and check the fil
                "and jaxjpeg.decode(loaded) inside")
 
 
-def refuse_traced(status) -> None:
-    """Raises check_status's TypeError where a decode's ``status`` is a
-    tracer (a restore traced by jax.jit): called as soon as a decode returns,
-    since a sharded target failed first in jax's own assembly of the shards
-    (found by review)."""
-    if isinstance(status, jax.core.Tracer):
+def refuse_traced(value) -> None:
+    """Raises check_status's TypeError where ``value`` (a decode's status, a
+    shard placed) is a tracer (a restore traced by jax.jit): checked as soon
+    as a decode returns or a raw leaf's shard is placed, since a sharded
+    target failed first in jax's own assembly of the shards (found by review)."""
+    if isinstance(value, jax.core.Tracer):
         raise TypeError(_EAGER_ONLY)
 
 
