@@ -61,7 +61,7 @@ def make_state(mb: float, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed + 1)
     mu, nu = {}, {}
 
-    def moments(path, w):
+    def moments(w):
         scale = 0.01 * np.exp(0.7 * rng.standard_normal((w.shape[0],) + (1,) * (w.ndim - 1)))
         m = v = 0.0
         for _ in range(3):
@@ -71,11 +71,11 @@ def make_state(mb: float, seed: int = 0) -> dict:
 
     for name, value in params.items():
         if isinstance(value, dict):
-            pairs = {k: moments(k, w) for k, w in value.items()}
+            pairs = {k: moments(w) for k, w in value.items()}
             mu[name] = {k: m for k, (m, _) in pairs.items()}
             nu[name] = {k: v for k, (_, v) in pairs.items()}
         else:
-            mu[name], nu[name] = moments(name, value)
+            mu[name], nu[name] = moments(value)
     return {"params": params, "opt_state": {"mu": mu, "nu": nu}}
 
 

@@ -106,13 +106,11 @@ def _size(n: float) -> str:
 def _require(path: str, *, kind: str = "path") -> None:
     """A missing input is an I/O error (exit 3); a directory given for a file, usage (2)."""
     from jaxjpeg import storage
-    from jaxjpeg.sources import JAXJPEG_ITEM_FILE
     if not storage.exists(path):
         raise FileNotFoundError(errno.ENOENT, "no such file or directory", path)
     if kind == "file" and storage.is_dir(path):
-        inside = storage.join(path, JAXJPEG_ITEM_FILE)
-        hint = f" (an Orbax item: give {inside})" if storage.exists(inside) else ""
-        raise CliError(f"{path}: is a directory, expected a jaxjpeg checkpoint file{hint}")
+        raise CliError(f"{path}: is a directory, expected a jaxjpeg checkpoint file"
+                       f"{storage.item_hint(path)}")
 
 
 def _open_checkpoint(path: str, verify: bool = True):

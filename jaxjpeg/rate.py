@@ -1389,7 +1389,7 @@ def encode_candidate(p: codec.Prepared, c: Curve, k: int, options,
     """Codes ``p`` as candidate ``k`` of its curve ``c``; ``fallback`` (a
     function, e.g. cached) gives ``row_range_fallback(p)`` to retries."""
     if c.thin is not None and c.thin[k]:   # (a wide leaf's one fine step codes every value)
-        return thin_coding(p.original, float(c.q[k]), kept_aside(p) if is_thin(p) else None)
+        return thin_coding(p.original, float(c.q[k]), kept_aside(p))
     if c.row_ranges is not None and c.row_ranges[k]:
         prepared = fallback() if fallback is not None else row_range_fallback(p)
         return encode_with_step(prepared, int(c.bits[k]), int(c.delta[k]),
@@ -1597,10 +1597,12 @@ def is_thin(p: codec.Prepared) -> bool:
 
 
 def kept_aside(p: codec.Prepared) -> np.ndarray | None:
-    """The flat positions a thin coding of ``p`` keeps aside exactly: its
-    side list's, unless one step holds them at little cost (they are then
-    coded with the rest: views.Outliers.steppable); else None."""
-    if p.outliers is None or not p.outliers.count or p.outliers.steppable(p.original):
+    """The flat positions a thin coding of ``p`` keeps aside exactly: a thin
+    leaf's side list (:func:`is_thin`; a wide leaf's one fine step, or a
+    small kernel's, codes every value), unless one step holds it at little
+    cost (it is then coded with the rest: views.Outliers.steppable); else None."""
+    if (p.outliers is None or not p.outliers.count or not is_thin(p)
+            or p.outliers.steppable(p.original)):
         return None
     return p.outliers.index
 

@@ -218,11 +218,16 @@ def _refuse_formats_not_read(path: str, head: bytes) -> None:
                                 "compress that")
 
 
+def _named(path: str) -> str:
+    """``path``'s name, not a URL's query (found by review: an index named
+    "...index.json?download=true")."""
+    return urllib.parse.urlsplit(path).path if _is_web(path) else path
+
+
 def _refuse_onnx(path: str) -> None:
     """ONNX's protobuf has no magic: a file named so that is no msgpack
     (review: a msgpack named .onnx was refused by its name alone)."""
-    named = urllib.parse.urlsplit(path).path if _is_web(path) else path
-    if named.endswith(".onnx"):
+    if _named(path).endswith(".onnx"):
         raise SourceChoiceError(f"{path}: an ONNX model, which jaxjpeg does not read: save its "
                                 "initializers (onnx.numpy_helper.to_array) with np.savez or "
                                 "safetensors and compress that")
@@ -295,9 +300,7 @@ def _safetensors_shards(path: str, kind: str, files: _Files) -> dict[str, set | 
     index), or None when ``path`` is none. A folder with an index takes the
     shards it names; without, every ``*.safetensors`` file in it."""
     if kind == "file":
-        # the name, not a URL's query (found by review: "...index.json?download=true")
-        named = urllib.parse.urlsplit(path).path if _is_web(path) else path
-        return _index_shards(path, files) if named.endswith(".index.json") else None
+        return _index_shards(path, files) if _named(path).endswith(".index.json") else None
     names = storage.listdir(path)
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1:

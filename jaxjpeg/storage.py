@@ -92,7 +92,7 @@ def _refuse_special_mode(mode: int, shown: str) -> None:
         raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", shown)
 
 
-def _item_hint(directory: str) -> str:
+def item_hint(directory: str) -> str:
     """Where a directory given for a checkpoint file holds one: an Orbax
     item's, or a step's items' (found by review: a bare IsADirectoryError
     where the command line named the file)."""
@@ -118,7 +118,7 @@ def _open_regular(path: str):
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR) + _item_hint(path),
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR) + item_hint(path),
                                     path)
         _refuse_special_mode(mode, path)
         os.set_blocking(fd, True)
@@ -316,7 +316,7 @@ class RangeSource:
             self._closed = False
             info = self._remote_call("reading its size", self._fs.info, self._inner)
             if info.get("type") == "directory":
-                raise IsADirectoryError(f"{location}: is a directory{_item_hint(location)}")
+                raise IsADirectoryError(f"{location}: is a directory{item_hint(location)}")
             if info.get("size") is None:
                 raise OSError(f"{location}: the server does not report the file's size "
                               "(ranged reads need it)")
