@@ -2736,10 +2736,10 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
 _DEFLATE_SAMPLE_PIECES = 16
 
 
-def _sampled_deflate_share(flat: np.ndarray, level: int = 1) -> float:
+def _sampled_deflate_share(flat: np.ndarray, level: int = 1, piece_bytes: int = 1 << 18) -> float:
     """The share of its size a large 1-D ``flat`` deflates to at zlib's
-    ``level``, estimated on pieces spread over it."""
-    piece = max(1, (1 << 18) // flat.itemsize)
+    ``level``, estimated on pieces of ``piece_bytes`` spread over it."""
+    piece = max(1, piece_bytes // flat.itemsize)
     starts = np.linspace(0, max(0, flat.size - piece), _DEFLATE_SAMPLE_PIECES).astype(np.int64)
     sample = np.concatenate([flat[s:s + piece] for s in starts])
     return len(layout.deflate_planes(sample, level)) / max(1, sample.nbytes)
@@ -2751,30 +2751,41 @@ def _deflate_level(flat: np.ndarray) -> int:
 
 
 def _exact_bytes(array: np.ndarray) -> int:
-    """The bytes of a leaf stored exactly (_exact_blob); a large one's
-    estimated from a sample (a byte target's analysis deflated each such
-    leaf, and its store again)."""
+    """The bytes of a leaf stored exactly (_exact_blob), its deflated planes
+    estimated (_deflated_estimate): a byte target's analysis deflated each
+    moment whole for its exact rung, a sixth of a training state's 2x save."""
+    return _nbytes(_exact_blob(array, deflate=_deflated_estimate))
+
+
+# _deflated_estimate's sample: _DEFLATE_SAMPLE_PIECES pieces of this many
+# bytes, from leaves at least twice their size. On a training state's Adam
+# moments (2-23 MB) within 0.3% of their deflated planes, at 64 KiB a piece
+# (16 KiB: 0.3%, 4 KiB: 0.6%); data that deflates to a third or less is
+# overestimated up to 1% (4-bit codes, half-step values, pruned kernels;
+# 0/1 masks 4%, but those are few values, deflated whole): 50 ms where
+# deflating took 85-1300 ms.
+_ESTIMATE_PIECE_BYTES = 1 << 16
+
+
+def _deflated_estimate(array: np.ndarray) -> quantized_vectors.Counted | bytes | None:
+    """What _deflated takes of ``array``: a large one's size (a
+    quantized_vectors.Counted) from a sample, by _deflated's rules; a small
+    one's bytes."""
     flat = _little_endian(array)
-    if flat.nbytes <= DEFLATE_HALF_MAX_BYTES:
-        return _nbytes(_exact_blob(array))
-    sliced = _sliced_grid_exactly(array)   # its codes, smaller than any deflated planes
-    if sliced is not None:
-        return _nbytes(sliced)
-    packed = _packed_codes(array)   # a sub-byte leaf's values, as they are stored
-    if packed is not None:
-        flat = packed
-    share = _sampled_deflate_share(flat)
-    if share > DEFLATE_PAYS:
-        return flat.nbytes
-    # at the level it is stored at (found by review: a quantized graph's 8 MB
-    # uint8 leaf, sampled at level 1, was counted 9% over its bytes)
-    return int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
+    if flat.nbytes < 2 * _DEFLATE_SAMPLE_PIECES * _ESTIMATE_PIECE_BYTES:
+        return _deflated(array)
+    if (flat.nbytes > DEFLATE_HALF_MAX_BYTES
+            and _sampled_deflate_share(flat, 1, _ESTIMATE_PIECE_BYTES) > DEFLATE_PAYS):
+        return None
+    share = _sampled_deflate_share(flat, _deflate_level(flat), _ESTIMATE_PIECE_BYTES)
+    size = int(share * flat.nbytes)
+    return quantized_vectors.Counted(size) if size < flat.nbytes else None
 
 
-def _half_blob(half: np.ndarray) -> tuple[bytes | np.ndarray, dict]:
-    """(blob, record fields) of a leaf stored as float16."""
+def _half_blob(half: np.ndarray, deflate=None) -> tuple[bytes | np.ndarray, dict]:
+    """(blob, record fields) of a leaf stored as float16 (``deflate``: see _exact_blob)."""
     record = {"kind": "raw", "stored": "float16"}
-    packed = _deflated(half)
+    packed = (deflate or _deflated)(half)
     if packed is not None:
         return packed, {**record, "deflated": True}
     return np.ascontiguousarray(half), record
@@ -2788,7 +2799,8 @@ def _exactly(blob_and_record: tuple) -> tuple:
     return blob, ({**record, "exact": True} if "stored" in record else record)
 
 
-def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.ndarray, dict]:
+def _exact_blob(array: np.ndarray, few: bool | None = None,
+                deflate=None) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored exactly in its own dtype,
     deflated where that is smaller (found by review: a (1024, 1024) causal
     mask of finfo.min took 4 MB a layer, a bool one 1 MB; byte targets then
@@ -2800,20 +2812,22 @@ def _exact_blob(array: np.ndarray, few: bool | None = None) -> tuple[bytes | np.
     ``few``: _few_values(array), where the caller knows it. A leaf quantized
     per slice (_sliced_grid_exactly) as its codes, among the options where it
     takes few values, else at once: a third of its deflated planes or less,
-    which are not tried."""
+    which are not tried. ``deflate``: deflates planes where that pays
+    (_deflated; _deflated_estimate, where only the size is wanted)."""
     few = _few_values(array) if few is None else few
     sliced = _sliced_grid_exactly(array)
     if sliced is not None and not few:
         return _exactly(sliced)
-    packed = _deflated(array)
+    deflate = deflate or _deflated
+    packed = deflate(array)
     options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
                else (np.ascontiguousarray(array), {"kind": "raw"})]
-    low_bits = _packed_blob(array)
+    low_bits = _packed_blob(array, deflate)
     if low_bits is not None:
         options.append(low_bits)
     half = _half_exactly(array)
     if half is not None:
-        options.append(_half_blob(half))
+        options.append(_half_blob(half, deflate))
     grid = _grid_exactly(array, few)
     if grid is not None:
         options.append(grid)
@@ -2843,13 +2857,14 @@ def _packed_codes(array: np.ndarray) -> np.ndarray | None:
     return packed
 
 
-def _packed_blob(array: np.ndarray) -> tuple | None:
+def _packed_blob(array: np.ndarray, deflate=None) -> tuple | None:
     """(blob, record fields) of a sub-byte leaf as its packed bits
-    (layout.PACKED), deflated where that is smaller; None where _packed_codes is."""
+    (layout.PACKED), deflated where that is smaller (``deflate``: see
+    _exact_blob); None where _packed_codes is."""
     packed = _packed_codes(array)
     if packed is None:
         return None
-    deflated = _deflated(packed)
+    deflated = (deflate or _deflated)(packed)
     if deflated is not None:
         return deflated, {"kind": "raw", "stored": layout.PACKED, "deflated": True}
     return packed, {"kind": "raw", "stored": layout.PACKED}
@@ -3085,7 +3100,8 @@ def _nbytes(stored: tuple) -> int:
 
 
 def _blob_bytes(blob) -> int:
-    """A blob's bytes: an array's (bfloat16's has no buffer protocol) or a bytes'."""
+    """A blob's bytes: an array's (bfloat16's has no buffer protocol), a
+    bytes' or a quantized_vectors.Counted's."""
     return blob.nbytes if isinstance(blob, np.ndarray) else len(blob)
 
 
@@ -3339,6 +3355,7 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
 # steps a generous target adds too: measured on a quarter of it, the sample
 # of a moment of mostly zero rows put 2-3x targets 43-83% over; review).
 _LADDER_PROBE = 1 << 18
+_EXACT_RUNG = object()   # a ladder's size: the leaf stored exactly (_LogCoding.rung_bytes)
 
 
 class _LogCoding:
@@ -3363,8 +3380,10 @@ class _LogCoding:
         self.finer = False   # whether the ladder goes finer too (see _target_encoder)
         self.one_finer: set[str] = set()   # leaves settled a rung finer than the rest
         self.measured: dict[str, tuple] = {}   # ladder leaf -> stored_bytes' (signed, small)
-        # (leaf, step, signed, alone) -> bytes measured; (leaf, None): stored exactly
+        # (leaf, step, signed, alone) -> bytes measured (_EXACT_RUNG: stored
+        # exactly); (leaf, None): stored exactly
         self.sizes_at: dict[tuple, int] = {}
+        self._values_of: dict[str, Callable[[], np.ndarray]] = {}   # ladder leaf -> its values
         self.centered: dict[str, str] = {}   # ladder's centered second moment -> its first
         held = {path_string(leaf.records): leaf for leaf in leaves
                 if leaf.resident and _may_be_moment(leaf, policy)}
@@ -3565,15 +3584,16 @@ class _LogCoding:
         return first if self._trusted(first) else None
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
-               first: np.ndarray | None = None, first_step: float | None = None
-               ) -> tuple | None:
+               first: np.ndarray | None = None, first_step: float | None = None,
+               counted: bool = False) -> tuple | None:
         """(blob, record fields, note), or None: stored exactly. A leaf of
         few values or float16 holds exactly (a 0/1 mask, counts) is stored
         exactly where that is smaller (found in session 31: a float32 0/1
         mask restored as 0 / 0.992 by default, 0 / 1.164 at 8x; review: a
         float16 one too); a centered second moment of ``first`` (the first
         moment's values, on ``first_step``) as its variance. Step 0.0: the
-        ladder's exact rung."""
+        ladder's exact rung. ``counted``: a log2 coding's blob counted
+        (quantized_vectors.Counted), where no error bound is checked on it."""
         step = self.step if step is None else step
         few = _few_values(array)
         exact = _exact_alternative(array, few)
@@ -3588,12 +3608,12 @@ class _LogCoding:
         if first is not None:   # exact beside an exact first moment only (review: never)
             if step == 0.0 and first_step == 0.0:
                 return exact
-            return self._stored_centered(first, array, step or magnitudes.FINEST_STEP)
+            return self._stored_centered(first, array, step or magnitudes.FINEST_STEP, counted)
         # the exact rung, or finer than the dtype holds (found by review:
         # bfloat16 moments at 2^-10 took more than exact)
         if step < magnitudes.dtype_step(array.dtype):
             return exact
-        coded = magnitudes.encode(array, signed, step)
+        coded = magnitudes.encode(array, signed, step, counted and self.error_bound is None)
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
         if coded is None or self.error_bound is None:
@@ -3609,11 +3629,13 @@ class _LogCoding:
 
         return math.sqrt(sse) <= self.error_bound * math.sqrt(rate.finite_norm2(array))
 
-    def _stored_centered(self, first: np.ndarray, second: np.ndarray, step: float) -> tuple | None:
+    def _stored_centered(self, first: np.ndarray, second: np.ndarray, step: float,
+                         counted: bool = False) -> tuple | None:
         """The variance coding, its error under an error bound measured as
         restore gives it: over the first moment as it is stored (found by
         review: checked against its exact values, the bound was missed 2x)."""
-        coded = magnitudes.encode_centered(first, second, step)
+        coded = magnitudes.encode_centered(first, second, step,
+                                           counted and self.error_bound is None)
         if coded is None or self.error_bound is None:
             return coded
         variance = quantized_vectors.restored_values(
@@ -3623,15 +3645,20 @@ class _LogCoding:
         return coded if self._within_bound(_restored_sse(restored, second), second) else None
 
     def stored_bytes(self, name: str, array: np.ndarray, signed: bool,
-                     small: bool = False) -> int:
+                     small: bool = False, values_of: Callable[[], np.ndarray] | None = None
+                     ) -> int:
         """Its bytes at this step; for a byte target, at every step of the
         ladder it may move to (:meth:`settle`): a large leaf's from a sample
         of it (five codings of every moment took as long as the save).
         ``small``: a moment of a leaf the policy keeps out of JPEG, whose
-        ladder starts at HALF_LIKE_STEP (see :meth:`small_step`)."""
+        ladder starts at HALF_LIKE_STEP (see :meth:`small_step`).
+        ``values_of``: gives ``array`` again, where its exact rung may be
+        measured later, when a plan reaches it (:meth:`rung_bytes`)."""
         if small:
             self.small.add(name)
         self.measured[name] = (signed, small)
+        if values_of is not None:
+            self._values_of[name] = values_of
         base = magnitudes.HALF_LIKE_STEP if small else self.step
         steps = (magnitudes.byte_target_steps(base, self.finer) if self.error_bound is None
                  else (self.step,))
@@ -3656,16 +3683,35 @@ class _LogCoding:
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
-                coded = self.stored(probe, signed, step, first=first, first_step=step)
+                coded = self.stored(probe, signed, step, first=first, first_step=step,
+                                    counted=True)
                 # None: stored exactly, deflated (found by review: counted raw,
                 # a bfloat16 state's 2.5x landed 25% under)
-                if coded is None and (name, None) not in self.sizes_at:   # every exact rung's
-                    self.sizes_at[name, None] = _exact_bytes(array)
-                self.sizes_at[key] = (self.sizes_at[name, None] if coded is None
-                                      else round(scale * memoryview(coded[0]).nbytes))
+                self.sizes_at[key] = (_EXACT_RUNG if coded is None
+                                      else round(scale * _nbytes(coded)))
             sizes.append(self.sizes_at[key])
         self.ladder[name] = (array.size, sizes)
-        return sizes[magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0]
+        if name not in self._values_of:   # measured now, its values not kept
+            for i, size in enumerate(sizes):
+                if size is _EXACT_RUNG:
+                    self.rung_bytes(name, i, array)
+        return self.rung_bytes(name, magnitudes.ladder_base(self.finer) if len(sizes) > 1 else 0,
+                               array)
+
+    def rung_bytes(self, name: str, i: int, array: np.ndarray | None = None) -> int:
+        """Ladder leaf ``name``'s bytes at the ladder's index ``i``; stored
+        exactly there, its values deflated (one reading of ``array``, or of
+        its values as stored_bytes was given them) the first time a plan
+        asks: deflating every moment for its exact rung, which only a 2x
+        target reaches, was a third of a 3x target's time on a training
+        state."""
+        size = self.ladder[name][1][i]
+        if size is not _EXACT_RUNG:
+            return size
+        if (name, None) not in self.sizes_at:
+            self.sizes_at[name, None] = _exact_bytes(
+                self._values_of[name]() if array is None else array)
+        return self.sizes_at[name, None]
 
     def refine(self, leaves: Sequence[SourceLeaf]) -> None:
         """The ladder of these leaves (the ladder's) measured at finer steps
@@ -3673,7 +3719,8 @@ class _LogCoding:
         largest codings)."""
         self.finer = True
         for leaf in leaves:
-            self.stored_bytes(leaf.name, leaf.array(), *self.measured[leaf.name])
+            self.stored_bytes(leaf.name, leaf.array(), *self.measured[leaf.name],
+                              values_of=leaf.array)
 
     def settle(self, budget: float, coded_values: int, coded_bytes: float = 0.0,
                raw_extras: Sequence[float] = (), slack: float = 0.0) -> float:
@@ -3696,7 +3743,7 @@ class _LogCoding:
         steps = magnitudes.byte_target_steps(self.step, self.finer)
 
         def used(i):
-            return sum(sizes[i] for _, sizes in self.ladder.values())
+            return sum(self.rung_bytes(name, i) for name in self.ladder)
         if base and budget > coded_bytes:
             first = self._finer(budget - coded_bytes, used)
             if _unfilled(first[3], raw_extras) > slack:
@@ -3721,7 +3768,7 @@ class _LogCoding:
         names, taken = set(), 0
         if i > 0:
             def extra(unit):
-                return sum(self.ladder[n][1][i - 1] - self.ladder[n][1][i] for n in unit)
+                return sum(self.rung_bytes(n, i - 1) - self.rung_bytes(n, i) for n in unit)
             for unit in sorted(self._moving_units(), key=extra, reverse=True):
                 if 0 < extra(unit) <= spare - taken:
                     names.update(unit)
@@ -3802,8 +3849,8 @@ class _LogCoding:
     def settled_bytes(self, small: bool | None = None) -> int:
         """The measured leaves' bytes at the step settled on (``small``: only
         small leaves' moments, or only the others)."""
-        return sum(sizes[self._settled_index(name)] for name, (_, sizes)
-                   in self.ladder.items() if small is None or (name in self.small) == small)
+        return sum(self.rung_bytes(name, self._settled_index(name)) for name in self.ladder
+                   if small is None or (name in self.small) == small)
 
     def small_step_at_most(self, name: str | None = None) -> float:
         """The step small leaves' moments take at the rung settled on (leaf

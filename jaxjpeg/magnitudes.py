@@ -408,7 +408,7 @@ def above_square(variance: np.ndarray, first: np.ndarray) -> np.ndarray:
 
 
 def encode_centered(first: np.ndarray, second: np.ndarray,
-                    step: float = LOG_STEP) -> tuple | None:
+                    step: float = LOG_STEP, counted: bool = False) -> tuple | None:
     """(blob, record fields, note) of a centered second moment stored as its
     variance on log2 steps (the record's ``square_of``, the first moment's
     leaf, is the saver's to add), or None, also where a value could restore
@@ -425,7 +425,7 @@ def encode_centered(first: np.ndarray, second: np.ndarray,
                  + math.sqrt(2.0) * variance.astype(np.float64))
         if float(np.max(worst, initial=0.0)) > largest:
             return None
-    coded = encode(variance, False, step)
+    coded = encode(variance, False, step, counted)
     if coded is None:
         return None
     blob, record, note = coded
@@ -433,13 +433,16 @@ def encode_centered(first: np.ndarray, second: np.ndarray,
         "centered: " + note.replace("values", "its variance over the first moment's square", 1))
 
 
-def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | None:
+def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP,
+           counted: bool = False) -> tuple | None:
     """(blob, record fields, note) of a float32, bfloat16 or float16 leaf on
     log2 steps of its magnitudes (``signed``: with a sign bit a value),
     restored through float32, or None (another dtype, a non-finite value,
     more bits than float16's, or a value restoring past a half dtype's
     range). Half-precision moments were stored exactly, at twice float32's
-    bits (found by review in session 29: optax's ``mu_dtype=bfloat16``)."""
+    bits (found by review in session 29: optax's ``mu_dtype=bfloat16``).
+    ``counted``: the blob of a float32 leaf a quantized_vectors.Counted
+    (a half one's is restored to check it)."""
     if not quantizable(array.dtype) or array.size == 0:
         return None
     original, array = array, np.asarray(array, np.float32)
@@ -451,7 +454,8 @@ def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP) -> tuple | N
     # absolute error, within 2.7% of it.
     offset = smallest / 4 if zeros else 0.0
     domain = qv.SIGNED_LOG2 if signed else qv.LOG2
-    coded = qv.encode(array, qv.VectorStep(step, domain, offset))
+    coded = qv.encode(array, qv.VectorStep(step, domain, offset),
+                      counted=counted and original.dtype == np.float32)
     if coded is None:
         return None
     blob, record = coded

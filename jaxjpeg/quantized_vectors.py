@@ -28,6 +28,7 @@ values), then their float32 values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 
@@ -104,22 +105,27 @@ _UNARY_CHUNK = 1 << 13   # bytes of unary parts a decoding step reads (64 K code
 def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
     """(int64 codes, negative mask or None) of values, or None when they
     cannot be coded."""
-    x = np.asarray(values, np.float64)
+    x = np.array(values, np.float64)   # a copy: worked on in place (a ladder codes many steps)
     if not np.all(np.isfinite(x)):
         return None
     negative = None
     if how.domain == SIGNED_LOG2:
-        negative, x = x < 0, np.abs(x)
+        negative = x < 0
+        np.abs(x, out=x)
     if how.domain in LOG_DOMAINS:
-        if np.any(x < 0) or np.any(x + how.offset <= 0):
+        # x + offset > 0 at every value: x >= 0, and no zero without an offset
+        if x.size and (x.min() < 0 or (how.offset <= 0 and x.min() == 0)):
             return None
-        zero = x == 0
-        x = np.log2(x + how.offset) / how.step
-        # zeros restore exactly: 2^(code step) <= offset, clamped to 0
-        codes = np.where(zero, np.floor(x), np.round(x))
+        zero = x == 0 if how.offset > 0 else None
+        np.add(x, how.offset, out=x)
+        np.log2(x, out=x)
+        np.divide(x, how.step, out=x)
+        codes = np.round(x)
+        if zero is not None:   # zeros restore exactly: 2^(code step) <= offset, clamped to 0
+            codes[zero] = np.floor(x[zero])
     else:
-        codes = np.round(x / how.step)
-    if codes.size and np.max(np.abs(codes)) >= MAX_CODE:
+        codes = np.round(np.divide(x, how.step, out=x), out=x)
+    if codes.size and max(codes.max(), -codes.min()) >= MAX_CODE:
         return None
     return codes.astype(np.int64), negative
 
@@ -132,7 +138,23 @@ def is_sparse(values: np.ndarray, how: VectorStep | None = None) -> bool:
             and flat.size - np.count_nonzero(flat) >= SPARSE_ZEROS * flat.size)
 
 
-def encode(values: np.ndarray, how: VectorStep, kept=None) -> tuple[bytes, dict] | None:
+class Counted:
+    """A blob counted, not packed: its size (``len``) as :func:`encode`
+    would pack it, for callers that only measure (a byte target's ladder
+    of log2 steps: packing was half its coding). No bytes: anything that
+    reads it as a blob fails."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+def encode(values: np.ndarray, how: VectorStep, kept=None,
+           counted: bool = False) -> tuple[bytes, dict] | None:
     """(blob, record fields) of a float32 vector quantized as ``how`` says,
     or None when it cannot be (a non-finite value, a negative value in the
     log2 domain, a zero without an offset, codes out of range, more than
@@ -155,12 +177,15 @@ def encode(values: np.ndarray, how: VectorStep, kept=None) -> tuple[bytes, dict]
     a 300,000-value vector sent it to JPEG, the rest restored at relative
     error 0.70 at 8x where its thin coding gave 0.08). They are coded as a
     filler value, and follow the codes (:func:`kept_bytes`); record field
-    ``outliers``: how many."""
+    ``outliers``: how many.
+
+    ``counted``: the blob of a dense vector is a :class:`Counted`, its
+    size, every check made as for the bytes."""
     if kept is not None and len(kept):
         return _encode_with_kept(values, how, np.asarray(kept, np.int64))
     if is_sparse(values, how):
         return _encode_sparse(np.asarray(values).reshape(-1), how)
-    return _encode_dense(values, how)
+    return _encode_dense(values, how, counted)
 
 
 def kept_bytes(count: int, size: int) -> int:
@@ -335,7 +360,8 @@ def _sparse_rice(flat, step: float, gap: int, k: int, count: int, mask: bytes):
     return streams.finish(mask), largest
 
 
-def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
+def _encode_dense(values: np.ndarray, how: VectorStep,
+                  counted: bool = False) -> tuple[bytes, dict] | None:
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return None
@@ -346,7 +372,7 @@ def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | N
     k = _rice_parameter(_zigzag(probe[0] - center))
     while True:
         try:
-            return _rice_coded(flat, how, center, k)
+            return _rice_coded(flat, how, center, k, counted)
         except _Wider as wider:   # for a quotient too long (found by review: MemoryError)
             k = wider.k
 
@@ -354,10 +380,18 @@ def _encode_dense(values: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | N
 def sample_positions(size: int, count: int, seed: int = 0):
     """``count`` positions of ``size`` drawn at random from a fixed seed
     (strides may follow rows), or every position (a slice) where there are
-    no more than ``count``."""
+    no more than ``count``; read-only, drawn once for the last few sizes
+    asked (a byte target's ladder samples each moment at every step)."""
     if size <= count:
         return slice(None)
-    return np.random.default_rng(seed).integers(0, size, count)
+    return _drawn_positions(size, count, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _drawn_positions(size: int, count: int, seed: int) -> np.ndarray:
+    positions = np.random.default_rng(seed).integers(0, size, count)
+    positions.flags.writeable = False
+    return positions
 
 
 def sampled(flat: np.ndarray, count: int = _SAMPLE) -> np.ndarray:
@@ -365,10 +399,12 @@ def sampled(flat: np.ndarray, count: int = _SAMPLE) -> np.ndarray:
     return flat[sample_positions(flat.size, count)]
 
 
-def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int):
+def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int,
+                counted: bool = False):
     """(blob, record) of ``flat`` on Rice parameter ``k``, or None when it
-    cannot be coded (see :class:`_RiceStreams`)."""
-    streams = _RiceStreams(k, flat.size)
+    cannot be coded (see :class:`_RiceStreams`; ``counted``: the blob a
+    :class:`Counted`)."""
+    streams = (_CountedStreams if counted else _RiceStreams)(k, flat.size)
     lo, hi = math.inf, -math.inf
     for start in range(0, flat.size, _CHUNK):
         coded = _codes(flat[start:start + _CHUNK], how)
@@ -409,20 +445,27 @@ class _RiceStreams:
         self.unary, self.remainders, self.signs = _UnaryWriter(), [], []
 
     def add(self, folded: np.ndarray, negative: np.ndarray | None = None) -> bool:
-        quotients = folded >> self.k
-        if int(quotients.max()) >= MAX_QUOTIENT:
-            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
-            if self.k < wider <= MAX_RICE:
-                raise _Wider(wider)
-            return False
-        self.bits += int(quotients.sum()) + folded.size * (self.k + 1)
-        if self.bits > self.limit:   # more than float16 would take
+        quotients = self._checked(folded)
+        if quotients is None:
             return False
         self.unary.add(quotients)
         self.remainders.append(_remainder_bytes(folded, self.k))
         if negative is not None:
             self.signs.append(np.packbits(negative).tobytes())
         return True
+
+    def _checked(self, folded: np.ndarray) -> np.ndarray | None:
+        """The quotients of a block, counted; None where the block cannot be coded."""
+        quotients = folded >> self.k
+        if int(quotients.max()) >= MAX_QUOTIENT:
+            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
+            if self.k < wider <= MAX_RICE:
+                raise _Wider(wider)
+            return None
+        self.bits += int(quotients.sum()) + folded.size * (self.k + 1)
+        if self.bits > self.limit:   # more than float16 would take
+            return None
+        return quotients
 
     def finish(self, prefix: bytes = b"") -> tuple[bytes, int]:
         """(``prefix``, the unary parts, then the remainders and the sign
@@ -431,6 +474,30 @@ class _RiceStreams:
         unary = self.unary.parts()
         blob = b"".join([prefix, *unary, *self.remainders, *self.signs])
         return blob, sum(len(part) for part in unary)
+
+
+class _CountedStreams(_RiceStreams):
+    """:class:`_RiceStreams` counted: the same checks, the bytes they would
+    pack (unary parts run on across blocks; a block's remainders and signs
+    end on a byte) summed instead of packed."""
+
+    def __init__(self, k: int, count: int):
+        super().__init__(k, count)
+        self.unary_bits = self.side_bytes = 0
+
+    def add(self, folded: np.ndarray, negative: np.ndarray | None = None) -> bool:
+        quotients = self._checked(folded)
+        if quotients is None:
+            return False
+        self.unary_bits += int(quotients.sum()) + folded.size   # q ones, then a zero
+        self.side_bytes += -(-folded.size * self.k // 8)
+        if negative is not None:
+            self.side_bytes += -(-folded.size // 8)
+        return True
+
+    def finish(self, prefix: bytes = b"") -> tuple[Counted, int]:
+        unary = -(-self.unary_bits // 8)
+        return Counted(len(prefix) + unary + self.side_bytes), unary
 
 
 class _UnaryWriter:
@@ -703,7 +770,9 @@ def check_record(record: dict, where: str) -> dict:
 
 def _zigzag(c: np.ndarray) -> np.ndarray:
     """0, -1, 1, -2, ... -> 0, 1, 2, 3, ... (int64, |c| < 2^62)"""
-    return (c << 1) ^ (c >> 63)
+    folded = c << 1
+    folded ^= c >> 63
+    return folded
 
 
 def _unzigzag(u: np.ndarray) -> np.ndarray:

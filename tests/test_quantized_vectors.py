@@ -703,3 +703,26 @@ def test_native_wide_remainders_read_back(k):
     data = np.frombuffer(_native.rice_remainders(values, k), np.uint8)
     assert data.size == -(-values.size * k // 8)
     np.testing.assert_array_equal(qv._remainders(data, 0, values.size, k), values)
+
+
+@pytest.mark.parametrize("how,values", [
+    (qv.VectorStep(0.01), np.random.default_rng(0).normal(1, 0.3, 70000)),
+    (qv.VectorStep(0.0625, qv.LOG2, 0.0), np.exp(np.random.default_rng(1).normal(-12, 3, 300001))),
+    (qv.VectorStep(2.0 ** -10, qv.SIGNED_LOG2, 1e-9),
+     np.random.default_rng(2).standard_t(3, 300001) * (np.arange(300001) % 5 != 0)),
+    (qv.VectorStep(2.0 ** -12, qv.LOG2, 0.0), np.exp(np.random.default_rng(3).normal(0, 40, 9999))),
+    (qv.VectorStep(1e-30), np.random.default_rng(4).normal(0, 1, 100)),   # over 16 bits a value
+])
+def test_a_counted_coding_takes_the_bytes_of_the_packed_one(how, values):
+    """A byte target's ladder counts its log2 codings instead of packing
+    them (quantized_vectors.Counted): the same size, record and refusals as
+    the bytes, across chunks, signs and widened Rice parameters."""
+    values = values.astype(np.float32)
+    packed, counted = qv.encode(values, how), qv.encode(values, how, counted=True)
+    assert (packed is None) == (counted is None)
+    if packed is not None:
+        assert isinstance(counted[0], qv.Counted)
+        assert len(counted[0]) == len(packed[0])
+        assert counted[1] == packed[1]
+        with pytest.raises(TypeError):
+            memoryview(counted[0])   # never read as a blob
