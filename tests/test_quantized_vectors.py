@@ -726,3 +726,31 @@ def test_a_counted_coding_takes_the_bytes_of_the_packed_one(how, values):
         assert counted[1] == packed[1]
         with pytest.raises(TypeError):
             memoryview(counted[0])   # never read as a blob
+
+
+@pytest.mark.parametrize("dtype,largest,how,fast", [
+    (np.float16, 0.1, qv.VectorStep(0.5), True),
+    (np.float16, 0.4, qv.VectorStep(0.25, qv.LOG2, 0.0), True),
+    ("bfloat16", 0.4, qv.VectorStep(0.5), True),
+    ("bfloat16", 0.4, qv.VectorStep(0.25, qv.LOG2, 0.0), True),
+    (np.float16, 0.499, qv.VectorStep(0.5), False),
+    ("bfloat16", 0.7, qv.VectorStep(0.25, qv.LOG2, 0.0), False),
+    (np.float16, 1.0, qv.VectorStep(0.5), False),   # decoded: finite
+    (np.float16, 1.0, qv.VectorStep(0.25, qv.LOG2, 0.0), False),   # decoded: 65504 -> inf
+])
+def test_finite_restores_are_told_without_decoding_far_from_the_largest(dtype, largest, how,
+                                                                         fast):
+    """restores_finite decodes only a leaf whose values come within 2x of
+    its dtype's largest (decoding every half-precision thin leaf was a
+    fifth of a 3x save): the same answer as decoding, on either side."""
+    import ml_dtypes
+
+    top = float(ml_dtypes.finfo(dtype).max)
+    values = np.abs(np.random.default_rng(0).normal(0, 0.02, 5000)) * top
+    values[7] = largest * top
+    array = np.minimum(values, top).astype(dtype)
+    step = qv.VectorStep(how.step * top / 64 if how.domain == qv.LINEAR else how.step,
+                         how.domain, how.offset)
+    coded = qv.encode(array.astype(np.float32), step)
+    assert qv._far_below_largest(array, coded[1]) == fast
+    assert qv.restores_finite(array, *coded) == (qv.restored_in_dtype(array, *coded) is not None)
