@@ -1820,13 +1820,13 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
             share = kept.size / max(1, codes.size)
             return (quantized_vectors.sparse_value_bytes(kept)
                     + MASK_DEFLATE_OVERHEAD * _entropy_bits(share) * codes.size / 8)
+        nbytes = mask + side + np.array([values_bytes(q) * scale for q in steps])
+        sse = np.array([_rounding_sse(probe, q, weight) * scale for q in steps])
     else:
-        middle = quantized_vectors.middle_values(probe) if probe.size else None
-
-        def values_bytes(q):
-            return quantized_vectors.coded_bytes(probe, q, middle)
-    nbytes = mask + side + np.array([values_bytes(q) * scale for q in steps])
-    sse = np.array([_rounding_sse(probe, q, weight) * scale for q in steps])
+        middle = quantized_vectors.middle_values(probe)
+        counted, rounding = quantized_vectors.step_rates(probe, steps, middle, weight)
+        nbytes = mask + side + counted * scale
+        sse = rounding * scale
     keep = 8 * (nbytes - mask - side) <= THIN_MAX_BITS * max(1, count)
     keep[0] = True   # the coarsest always
     steps, nbytes, sse = steps[keep], nbytes[keep], sse[keep]

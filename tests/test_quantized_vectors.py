@@ -754,3 +754,23 @@ def test_finite_restores_are_told_without_decoding_far_from_the_largest(dtype, l
     coded = qv.encode(array.astype(np.float32), step)
     assert qv._far_below_largest(array, coded[1]) == fast
     assert qv.restores_finite(array, *coded) == (qv.restored_in_dtype(array, *coded) is not None)
+
+
+@pytest.mark.parametrize("values,weighted", [
+    (np.random.default_rng(0).standard_normal(70001), False),
+    (np.random.default_rng(1).standard_t(2, 5000) * 3 + 100, True),
+    (np.round(np.random.default_rng(2).standard_normal(3000) * 8) / 8, False),
+    (np.array([1e13, -3.0, 0.5, 7e12]), True),   # codes past 2^52 at 1e-3: counted by numpy
+])
+def test_native_step_rates_are_the_counted_bytes_and_rounding_error(values, weighted):
+    """A thin curve's bytes and squared errors at each step, counted natively
+    (xla_ops/rice_code.h), bit for bit those coded_bytes and the rounding
+    error in numpy give."""
+    from jaxjpeg import rate
+
+    weight = np.random.default_rng(3).random(values.size) if weighted else None
+    steps = np.append((float(np.std(values)) or 1.0) * np.exp2(-rate.THIN_LADDER[::5]), 1e-3)
+    middle = qv.middle_values(values)
+    nbytes, sse = qv.step_rates(values, steps, middle, weight)
+    np.testing.assert_array_equal(nbytes, [qv.coded_bytes(values, q, middle) for q in steps])
+    np.testing.assert_array_equal(sse, [rate._rounding_sse(values, q, weight) for q in steps])

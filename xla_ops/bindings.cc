@@ -866,6 +866,28 @@ py::bytes RiceRemaindersOf(const Int64Array& values, int k) {
   return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
 }
 
+// quantized_vectors.step_rates: one step's bytes (RiceStepBytes), its
+// squared errors left in `squares` for numpy's sum (the sum thin curves took).
+int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, double step,
+                        int64_t center, py::object weights, int max_rice,
+                        py::array_t<double, py::array::c_style> squares) {
+  const py::ssize_t n = values.size();
+  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
+  if (max_rice < 0 || max_rice > 62) throw py::value_error("max_rice must be 0..62");
+  if (squares.size() != n) throw py::value_error("one square a value");
+  std::optional<py::array_t<double, py::array::c_style>> w;
+  if (!weights.is_none()) {
+    w = weights.cast<py::array_t<double, py::array::c_style>>();
+    if (w->size() != n) throw py::value_error("one weight a value");
+  }
+  std::vector<int64_t> folded(static_cast<size_t>(n));
+  const double* v = values.data();
+  const double* wv = w ? w->data() : nullptr;
+  double* sq = squares.mutable_data();
+  py::gil_scoped_release release;
+  return RiceStepBytes(v, wv, n, step, center, max_rice, sq, folded.data());
+}
+
 py::array_t<float> ForwardDctOf(
     const py::array_t<float, py::array::c_style | py::array::forcecast>& blocks, bool avx2) {
   if (blocks.ndim() != 2 || blocks.shape(1) != 64) {
@@ -1050,6 +1072,10 @@ PYBIND11_MODULE(_native, m) {
         "(whole bytes, pending bits, their count).");
   m.def("rice_remainders", &RiceRemaindersOf, py::arg("values"), py::arg("k"),
         "The k low bits of each value, most significant first, padded with 0 bits to a byte.");
+  m.def("rice_step_bytes", &RiceStepBytesOf, py::arg("values"), py::arg("step"),
+        py::arg("center"), py::arg("weights"), py::arg("max_rice"), py::arg("squares"),
+        "Bytes of float64 values quantized on step about center and Rice coded on their best "
+        "parameter (-1: a code past 2^52); their squared errors (times weights) in squares.");
   m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
         "The encoder's forward DCT of (n, 64) row-major float32 blocks, coefficients in "
         "natural order; avx2=False: the portable code even where the CPU has AVX2 (tests).");

@@ -1,5 +1,9 @@
 #include "rice_code.h"
 
+#include <algorithm>
+#include <cmath>
+#include <map>
+
 namespace jaxjpeg {
 namespace {
 
@@ -55,6 +59,46 @@ void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8
   }
   const PendingBits rest = sink.Pending();
   if (rest.count) sink.Put(0, 8 - rest.count);
+}
+
+namespace {
+
+// Bits of the Rice coding of `folded` on parameter k, less n (k + 1).
+int64_t QuotientBits(const int64_t* folded, int64_t n, int k) {
+  int64_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += folded[i] >> k;
+  return sum;
+}
+
+}  // namespace
+
+int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
+                      int64_t center, int max_rice, double* squares, int64_t* folded) {
+  constexpr double kLargestCode = 4503599627370496.0;  // 2^52
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double code = std::nearbyint(values[i] / step);
+    if (!(std::fabs(code) < kLargestCode)) return -1;
+    const double error = code * step - values[i];
+    squares[i] = weights ? error * error * weights[i] : error * error;
+    const int64_t c = static_cast<int64_t>(code) - center;
+    folded[i] = static_cast<int64_t>(static_cast<uint64_t>(c) << 1) ^ (c >> 63);
+    total += folded[i];
+  }
+  // the walk of quantized_vectors._rice_parameter: the cost is convex in k
+  const double mean = n ? static_cast<double>(total) / static_cast<double>(n) : 0.0;
+  int k = std::min(max_rice, std::max(0, static_cast<int>(std::log2(std::max(mean, 1.0)))));
+  std::map<int, int64_t> known{{k, QuotientBits(folded, n, k) + n * (k + 1)}};
+  for (int direction : {-1, 1}) {
+    while (k + direction >= 0 && k + direction <= max_rice) {
+      const int next = k + direction;
+      if (!known.count(next)) known[next] = QuotientBits(folded, n, next) + n * (next + 1);
+      if (known[next] >= known[k]) break;
+      k = next;
+    }
+  }
+  const int64_t quotients = QuotientBits(folded, n, k);
+  return (quotients + n + 7) / 8 + (n * k + 7) / 8;
 }
 
 }  // namespace jaxjpeg

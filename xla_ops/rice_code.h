@@ -30,6 +30,15 @@ void AppendUnary(const int64_t* quotients, int64_t n, PendingBits& pending,
 // bits to the next byte.
 void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8_t>& out);
 
+// The bytes `values` (n) take quantized on `step` (codes rounded half to
+// even) about `center`, folded to >= 0 and Rice coded on their best
+// parameter in 0..max_rice (unary parts and remainders each padded to a
+// byte: jaxjpeg.quantized_vectors.coded_bytes), with each value's squared
+// rounding error, times `weights[i]` where given, in `squares` (n); -1 where
+// a code reaches 2^52 (not counted). `folded`: scratch of n values.
+int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
+                      int64_t center, int max_rice, double* squares, int64_t* folded);
+
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_RICE_CODE_H_
