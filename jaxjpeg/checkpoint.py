@@ -2758,13 +2758,15 @@ def _exact_bytes(array: np.ndarray) -> int:
 
 
 # _deflated_estimate's sample: _DEFLATE_SAMPLE_PIECES pieces of this many
-# bytes, from leaves at least twice their size. On a training state's Adam
-# moments (2-23 MB) within 0.3% of their deflated planes, at 64 KiB a piece
-# (16 KiB: 0.3%, 4 KiB: 0.6%); data that deflates to a third or less is
-# overestimated up to 1% (4-bit codes, half-step values, pruned kernels;
-# 0/1 masks 4%, but those are few values, deflated whole): 50 ms where
-# deflating took 85-1300 ms.
-_ESTIMATE_PIECE_BYTES = 1 << 16
+# bytes, from leaves at least twice their size. Session 51, against their
+# deflated planes: a training state's Adam moments (2-23 MB) and bfloat16 /
+# float16 kernels within 0.2% (pieces of 64 KiB: 0.07%, 16 KiB: 0.3%),
+# 10-40 ms a leaf where deflating took 85-1300 ms. Data deflating to a
+# third overestimated 1.2% (4-bit codes, half-step values; 64 KiB: 0.8%,
+# 16 KiB: 3.8%), an 8 MB quantized weight 0.2% (a test's target then
+# rounded its vectors): data deflating to DEFLATE_PAYS or less is sampled
+# again in pieces of up to 256 KiB (0.01%).
+_ESTIMATE_PIECE_BYTES = 1 << 15
 
 
 def _deflated_estimate(array: np.ndarray) -> quantized_vectors.Counted | bytes | None:
@@ -2778,6 +2780,9 @@ def _deflated_estimate(array: np.ndarray) -> quantized_vectors.Counted | bytes |
             and _sampled_deflate_share(flat, 1, _ESTIMATE_PIECE_BYTES) > DEFLATE_PAYS):
         return None
     share = _sampled_deflate_share(flat, _deflate_level(flat), _ESTIMATE_PIECE_BYTES)
+    if share <= DEFLATE_PAYS:   # its deflated bytes matter: a sample of up to half of it
+        share = _sampled_deflate_share(flat, _deflate_level(flat), min(
+            1 << 18, flat.nbytes // (2 * _DEFLATE_SAMPLE_PIECES)))
     size = int(share * flat.nbytes)
     return quantized_vectors.Counted(size) if size < flat.nbytes else None
 
