@@ -100,7 +100,7 @@ class StepLimits:
 # signs and k-bit remainders end on a byte.
 _CHUNK = 1 << 18
 _SAMPLE = 1 << 16   # codes a large leaf's center and Rice parameter come from
-_UNARY_CHUNK = 1 << 13   # bytes of unary parts a decoding step reads (64 K codes at most)
+_DECODE_CHUNK = 1 << 16   # codes a decoding step holds
 
 
 def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
@@ -665,30 +665,17 @@ def _decoded_codes(codes_blob, count: int, record: dict, magnitudes: bool) -> np
     unary, remainders = data[:split], data[split:split + remainder_bytes]
     signs = data[split + remainder_bytes:]
     out = np.empty(count, np.float32)
-    done, run = 0, 0   # codes decoded; ones since the last zero
-    for start in range(0, split, _UNARY_CHUNK):
-        bits = np.unpackbits(unary[start:start + _UNARY_CHUNK])
-        ends = np.flatnonzero(bits == 0)
-        if ends.size == 0:
-            run += bits.size
-            if run >= MAX_QUOTIENT:
-                raise ValueError("holds a unary code too long")
-            continue
-        quotients = np.diff(ends, prepend=-1) - 1
-        quotients[0] += run
-        run = bits.size - int(ends[-1]) - 1
-        if quotients.max() >= MAX_QUOTIENT:
-            raise ValueError("holds a unary code too long")
-        folded = quotients.astype(np.int64) << k
-        if k:
-            folded |= _remainders(remainders, done, ends.size, k)
+    unary_bit = remainder_bit = 0
+    for done in range(0, count, _DECODE_CHUNK):   # natively (xla_ops/rice_code.h)
+        n = min(_DECODE_CHUNK, count - done)
+        folded, unary_bit, remainder_bit = _native.rice_decode(
+            unary, unary_bit, remainders, remainder_bit, k, MAX_QUOTIENT, n)
         values = restore(folded if magnitudes else _unzigzag(folded), record["center"],
                          record["step"], record["domain"], record["offset"])
         if sign_bytes:
-            np.negative(values, out=values, where=_bits(signs, done, ends.size).astype(bool))
-        out[done:done + ends.size] = values
-        done += ends.size
-    if count and run >= 8:
+            np.negative(values, out=values, where=_bits(signs, done, n).astype(bool))
+        out[done:done + n] = values
+    if count and 8 * split - unary_bit >= 8:   # (the bits past the last code are ones)
         raise ValueError("holds a unary part padded by more than a byte")
     if sign_bytes and _padding_set(signs, count):
         raise ValueError("holds sign padding bits set")   # found by review
@@ -741,26 +728,11 @@ def _zero_bits(data: np.ndarray) -> int:
                for i in range(0, data.size, _ZERO_CHUNK))
 
 
-_REMAINDER_CHUNK = 8192   # codes a step (a multiple of 8: each chunk starts on a byte)
-
-
 def _bits(data: np.ndarray, start: int, count: int) -> np.ndarray:
     """Bits ``start`` .. ``start + count`` of ``data`` (most significant first)."""
     first = start // 8
     bits = np.unpackbits(data[first:(start + count + 7) // 8])
     return bits[start - 8 * first:start - 8 * first + count]
-
-
-def _remainders(data: np.ndarray, start: int, count: int, k: int) -> np.ndarray:
-    """Remainders ``start`` .. ``start + count`` of the ``k``-bit big-endian
-    ones packed in ``data``, _REMAINDER_CHUNK at a time (found by review: all
-    at once, as an int64 bit matrix, a hostile blob took 77x its size)."""
-    weights = np.int64(1) << np.arange(k - 1, -1, -1, dtype=np.int64)
-    out = np.empty(count, np.int64)
-    for i in range(0, count, _REMAINDER_CHUNK):
-        n = min(_REMAINDER_CHUNK, count - i)
-        out[i:i + n] = _bits(data, (start + i) * k, n * k).reshape(n, k) @ weights
-    return out
 
 
 def _remainder_bytes(folded: np.ndarray, k: int) -> bytes:

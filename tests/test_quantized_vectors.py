@@ -702,7 +702,10 @@ def test_native_wide_remainders_read_back(k):
     values = np.random.default_rng(k).integers(0, 1 << k, 1001).astype(np.int64)
     data = np.frombuffer(_native.rice_remainders(values, k), np.uint8)
     assert data.size == -(-values.size * k // 8)
-    np.testing.assert_array_equal(qv._remainders(data, 0, values.size, k), values)
+    unary = np.zeros(-(-values.size // 8), np.uint8)   # quotients 0: the remainders alone
+    back, _, read = _native.rice_decode(unary, 0, data, 0, k, qv.MAX_QUOTIENT, values.size)
+    np.testing.assert_array_equal(back, values)
+    assert read == values.size * k
 
 
 @pytest.mark.parametrize("how,values", [
@@ -774,3 +777,43 @@ def test_native_step_rates_are_the_counted_bytes_and_rounding_error(values, weig
     nbytes, sse = qv.step_rates(values, steps, middle, weight)
     np.testing.assert_array_equal(nbytes, [qv.coded_bytes(values, q, middle) for q in steps])
     np.testing.assert_array_equal(sse, [rate._rounding_sse(values, q, weight) for q in steps])
+
+
+def test_the_native_rice_decoder_refuses_what_it_cannot_read():
+    """The native Rice decoder (xla_ops/rice_code.h) stops inside its
+    buffers: a unary stream that ends early, a quotient too long, too few
+    remainder bits and bad arguments are ValueErrors; random blobs given a
+    plausible record decode or are refused, never read past their end."""
+    from jaxjpeg import _native
+
+    ones, zeros = np.full(4, 0xFF, np.uint8), np.zeros(4, np.uint8)
+    with pytest.raises(ValueError, match="fewer unary codes"):
+        _native.rice_decode(zeros, 0, zeros, 0, 0, qv.MAX_QUOTIENT, 33)
+    with pytest.raises(ValueError, match="too long"):
+        _native.rice_decode(np.append(ones, 0).astype(np.uint8), 0, zeros, 0, 0, 20, 1)
+    with pytest.raises(ValueError, match="too few remainder"):
+        _native.rice_decode(zeros, 0, zeros, 0, 5, qv.MAX_QUOTIENT, 7)
+    with pytest.raises(ValueError, match="k must"):
+        _native.rice_decode(zeros, 0, zeros, 0, 63, qv.MAX_QUOTIENT, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native.rice_decode(np.zeros(8, np.uint8)[::2], 0, zeros, 0, 0, qv.MAX_QUOTIENT, 1)
+    rng = np.random.default_rng(0)
+    decoded = 0
+    for trial in range(300):   # valid streams with bytes flipped
+        count, k = int(rng.integers(1, 3000)), int(rng.integers(0, 12))
+        codes = (rng.geometric(0.3, count) << k) | rng.integers(0, 1 << k, count)
+        streams = qv._RiceStreams(k, count)
+        assert streams.add(codes.astype(np.int64), rng.random(count) < 0.5)
+        blob, split = streams.finish()
+        blob = bytearray(blob)
+        for at in rng.integers(0, len(blob), int(rng.integers(0, 3))):
+            blob[at] = int(rng.integers(0, 256))
+        record = {"step": 0.5, "domain": qv.SIGNED_LOG2, "center": 3, "rice": k,
+                  "unary_bytes": split, "offset": 0.0}
+        try:
+            values = qv.decoded_values(bytes(blob), count, record)
+        except ValueError:
+            continue
+        assert values.shape == (count,) and np.all(np.isfinite(values))
+        decoded += 1
+    assert 0 < decoded < 300, decoded

@@ -866,6 +866,38 @@ py::bytes RiceRemaindersOf(const Int64Array& values, int k) {
   return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
 }
 
+// quantized_vectors._decoded_codes: `n` folded Rice codes from the given bit
+// positions of the unary and remainder streams: (codes, unary bit, remainder
+// bit) after them, or ValueError saying what the blob holds instead.
+py::tuple RiceDecodeOf(const py::buffer& unary, int64_t unary_bit, const py::buffer& remainders,
+                       int64_t remainder_bit, int k, int64_t max_quotient, int64_t n) {
+  const py::buffer_info u = unary.request(), r = remainders.request();
+  if (u.itemsize != 1 || r.itemsize != 1 || u.ndim != 1 || r.ndim != 1 ||
+      (u.size > 1 && u.strides[0] != 1) || (r.size > 1 && r.strides[0] != 1)) {
+    throw py::value_error("streams must be contiguous bytes");
+  }
+  if (k < 0 || k > 62) throw py::value_error("k must be 0..62");
+  if (n < 0 || unary_bit < 0 || remainder_bit < 0 || max_quotient < 1 ||
+      max_quotient > (int64_t{1} << 40)) {
+    throw py::value_error("bad decode positions or bounds");
+  }
+  py::array_t<int64_t> out(n);
+  RiceStatus status;
+  {
+    py::gil_scoped_release release;
+    status = DecodeRice(static_cast<const uint8_t*>(u.ptr), u.size, unary_bit,
+                        static_cast<const uint8_t*>(r.ptr), r.size, remainder_bit, k,
+                        max_quotient, n, out.mutable_data());
+  }
+  switch (status) {
+    case RiceStatus::kShortUnary: throw py::value_error("holds fewer unary codes than values");
+    case RiceStatus::kLongQuotient: throw py::value_error("holds a unary code too long");
+    case RiceStatus::kShortRemainders: throw py::value_error("holds too few remainder bits");
+    case RiceStatus::kOk: break;
+  }
+  return py::make_tuple(out, unary_bit, remainder_bit);
+}
+
 // quantized_vectors.step_rates: one step's bytes (RiceStepBytes), its
 // squared errors left in `squares` for numpy's sum (the sum thin curves took).
 int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, double step,
@@ -1072,6 +1104,11 @@ PYBIND11_MODULE(_native, m) {
         "(whole bytes, pending bits, their count).");
   m.def("rice_remainders", &RiceRemaindersOf, py::arg("values"), py::arg("k"),
         "The k low bits of each value, most significant first, padded with 0 bits to a byte.");
+  m.def("rice_decode", &RiceDecodeOf, py::arg("unary"), py::arg("unary_bit"),
+        py::arg("remainders"), py::arg("remainder_bit"), py::arg("k"), py::arg("max_quotient"),
+        py::arg("n"),
+        "n folded Rice codes on parameter k from the given bit positions of the unary and "
+        "remainder streams (uint8): (int64 codes, unary bit, remainder bit) after them.");
   m.def("rice_step_bytes", &RiceStepBytesOf, py::arg("values"), py::arg("step"),
         py::arg("center"), py::arg("weights"), py::arg("max_rice"), py::arg("squares"),
         "Bytes of float64 values quantized on step about center and Rice coded on their best "

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
 namespace jaxjpeg {
@@ -99,6 +100,67 @@ int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, do
   }
   const int64_t quotients = QuotientBits(folded, n, k);
   return (quotients + n + 7) / 8 + (n * k + 7) / 8;
+}
+
+namespace {
+
+// The 64 bits of `data` (`bytes` long) from bit `pos`, most significant
+// first: 64 - (pos & 7) of them read, the rest (and any past the end) 0.
+inline uint64_t Window(const uint8_t* data, int64_t bytes, int64_t pos) {
+  const int64_t at = pos >> 3;
+  uint64_t w = 0;
+  if (at + 8 <= bytes) {
+    std::memcpy(&w, data + at, 8);
+    w = __builtin_bswap64(w);
+  } else {
+    for (int64_t i = at; i < at + 8; ++i) w = (w << 8) | (i < bytes ? data[i] : 0);
+  }
+  return w << (pos & 7);
+}
+
+// The `k` (1..62) bits of `data` from bit `pos` (inside it).
+inline uint64_t BitsAt(const uint8_t* data, int64_t bytes, int64_t pos, int k) {
+  if (k <= 56) return Window(data, bytes, pos) >> (64 - k);
+  const int high = k - 32;
+  return (Window(data, bytes, pos) >> (64 - high)) << 32 |
+         Window(data, bytes, pos + high) >> 32;
+}
+
+}  // namespace
+
+RiceStatus DecodeRice(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_bit,
+                      const uint8_t* remainders, int64_t remainder_bytes,
+                      int64_t& remainder_bit, int k, int64_t max_quotient, int64_t n,
+                      int64_t* folded) {
+  const int64_t unary_bits = 8 * unary_bytes;
+  const int64_t remainder_bits = 8 * remainder_bytes;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t q = 0;   // ones up to the next zero, a window at a time
+    for (;;) {
+      const int64_t left = unary_bits - unary_bit;
+      if (left <= 0) return RiceStatus::kShortUnary;
+      const int64_t read = std::min<int64_t>(64 - (unary_bit & 7), left);
+      const uint64_t zeros = ~Window(unary, unary_bytes, unary_bit);
+      const int64_t ones = zeros ? __builtin_clzll(zeros) : 64;
+      if (ones < read) {   // the zero lies inside what was read
+        q += ones;
+        unary_bit += ones + 1;
+        break;
+      }
+      q += read;
+      unary_bit += read;
+      if (q >= max_quotient) return RiceStatus::kLongQuotient;
+    }
+    if (q >= max_quotient) return RiceStatus::kLongQuotient;
+    uint64_t r = 0;
+    if (k) {
+      if (remainder_bit + k > remainder_bits) return RiceStatus::kShortRemainders;
+      r = BitsAt(remainders, remainder_bytes, remainder_bit, k);
+      remainder_bit += k;
+    }
+    folded[i] = static_cast<int64_t>((static_cast<uint64_t>(q) << k) | r);
+  }
+  return RiceStatus::kOk;
 }
 
 }  // namespace jaxjpeg

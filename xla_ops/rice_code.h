@@ -39,6 +39,19 @@ void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8
 int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
                       int64_t center, int max_rice, double* squares, int64_t* folded);
 
+// Why DecodeRice stopped before its count of codes.
+enum class RiceStatus { kOk, kShortUnary, kLongQuotient, kShortRemainders };
+
+// Reads `n` Rice codes on parameter `k` (0..62) into `folded`: their unary
+// parts from bit `unary_bit` of `unary` (`unary_bytes` long), their
+// remainders from bit `remainder_bit` of `remainders`; both positions move
+// past what was read. A quotient of `max_quotient` or more, or a part past
+// its buffer's end, stops it (nothing is read outside the buffers).
+RiceStatus DecodeRice(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_bit,
+                      const uint8_t* remainders, int64_t remainder_bytes,
+                      int64_t& remainder_bit, int k, int64_t max_quotient, int64_t n,
+                      int64_t* folded);
+
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_RICE_CODE_H_
