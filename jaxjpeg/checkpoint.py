@@ -2751,39 +2751,25 @@ def _deflate_level(flat: np.ndarray) -> int:
 
 
 def _exact_bytes(array: np.ndarray) -> int:
-    """The bytes of a leaf stored exactly (_exact_blob), its deflated planes
-    estimated (_deflated_estimate): a byte target's analysis deflated each
-    moment whole for its exact rung, a sixth of a training state's 2x save."""
+    """The bytes of a leaf stored exactly (_exact_blob), a large one's
+    deflated planes estimated (_deflated_estimate)."""
     return _nbytes(_exact_blob(array, deflate=_deflated_estimate))
 
 
-# _deflated_estimate's sample: _DEFLATE_SAMPLE_PIECES pieces of this many
-# bytes, from leaves at least twice their size. Session 51, against their
-# deflated planes: a training state's Adam moments (2-23 MB) and bfloat16 /
-# float16 kernels within 0.2% (pieces of 64 KiB: 0.07%, 16 KiB: 0.3%),
-# 10-40 ms a leaf where deflating took 85-1300 ms. Data deflating to a
-# third overestimated 1.2% (4-bit codes, half-step values; 64 KiB: 0.8%,
-# 16 KiB: 3.8%), an 8 MB quantized weight 0.2% (a test's target then
-# rounded its vectors): data deflating to DEFLATE_PAYS or less is sampled
-# again in pieces of up to 256 KiB (0.01%).
-_ESTIMATE_PIECE_BYTES = 1 << 15
-
-
 def _deflated_estimate(array: np.ndarray) -> quantized_vectors.Counted | bytes | None:
-    """What _deflated takes of ``array``: a large one's size (a
-    quantized_vectors.Counted) from a sample, by _deflated's rules; a small
-    one's bytes."""
+    """What _deflated takes of ``array``: a leaf over DEFLATE_HALF_MAX_BYTES
+    from a sample by _deflated's rules (its size, a quantized_vectors.Counted;
+    found by review: estimated at the fastest level, a quantized graph's
+    8 MB uint8 leaf was counted 9% over), a smaller one deflated. Pieces of
+    a sample hold 64 KiB of each float32 byte plane (its repeats in zlib's
+    32 KiB window: found by review, smaller pieces counted tables whose rows
+    repeat 26-340% over)."""
     flat = _little_endian(array)
-    if flat.nbytes < 2 * _DEFLATE_SAMPLE_PIECES * _ESTIMATE_PIECE_BYTES:
+    if flat.nbytes <= DEFLATE_HALF_MAX_BYTES:
         return _deflated(array)
-    if (flat.nbytes > DEFLATE_HALF_MAX_BYTES
-            and _sampled_deflate_share(flat, 1, _ESTIMATE_PIECE_BYTES) > DEFLATE_PAYS):
+    if _sampled_deflate_share(flat) > DEFLATE_PAYS:
         return None
-    share = _sampled_deflate_share(flat, _deflate_level(flat), _ESTIMATE_PIECE_BYTES)
-    if share <= DEFLATE_PAYS:   # its deflated bytes matter: a sample of up to half of it
-        share = _sampled_deflate_share(flat, _deflate_level(flat), min(
-            1 << 18, flat.nbytes // (2 * _DEFLATE_SAMPLE_PIECES)))
-    size = int(share * flat.nbytes)
+    size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
     return quantized_vectors.Counted(size) if size < flat.nbytes else None
 
 

@@ -817,3 +817,13 @@ def test_the_native_rice_decoder_refuses_what_it_cannot_read():
         assert values.shape == (count,) and np.all(np.isfinite(values))
         decoded += 1
     assert 0 < decoded < 300, decoded
+
+
+def test_native_step_bytes_refuse_sums_past_int64():
+    """Found by review: 65,536 codes of 2^50 summed past int64 in the native
+    count, which came back positive and wrong; now -1 (counted by numpy)."""
+    from jaxjpeg import _native
+
+    values = np.full(1 << 16, 2.0 ** 50)
+    values[::2] *= -1
+    assert _native.rice_step_bytes(values, 1.0, 0, None, qv.MAX_RICE, np.empty(values.size)) == -1

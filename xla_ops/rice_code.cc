@@ -84,11 +84,12 @@ int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, do
     squares[i] = weights ? error * error * weights[i] : error * error;
     const int64_t c = static_cast<int64_t>(code) - center;
     folded[i] = static_cast<int64_t>(static_cast<uint64_t>(c) << 1) ^ (c >> 63);
-    total += folded[i];
+    if (__builtin_add_overflow(total, folded[i], &total)) return -1;
   }
   // the walk of quantized_vectors._rice_parameter: the cost is convex in k
   const double mean = n ? static_cast<double>(total) / static_cast<double>(n) : 0.0;
   int k = std::min(max_rice, std::max(0, static_cast<int>(std::log2(std::max(mean, 1.0)))));
+  // (the codes' sum fit: so does every sum of their quotients)
   std::map<int, int64_t> known{{k, QuotientBits(folded, n, k) + n * (k + 1)}};
   for (int direction : {-1, 1}) {
     while (k + direction >= 0 && k + direction <= max_rice) {
@@ -99,6 +100,7 @@ int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, do
     }
   }
   const int64_t quotients = QuotientBits(folded, n, k);
+  if (quotients > INT64_MAX - n - 7) return -1;
   return (quotients + n + 7) / 8 + (n * k + 7) / 8;
 }
 
