@@ -3700,9 +3700,24 @@ class _LogCoding:
         if size is not _EXACT_RUNG:
             return size
         if (name, None) not in self.sizes_at:
-            self.sizes_at[name, None] = _exact_bytes(
-                self._values_of[name]() if array is None else array)
+            if array is not None:
+                self.sizes_at[name, None] = _exact_bytes(array)
+            else:   # every leaf's exact rung here, as a plan sums them: on the save's threads
+                self._measure_exact([n for n, (_, sizes) in self.ladder.items()
+                                     if sizes[i] is _EXACT_RUNG and (n, None) not in self.sizes_at
+                                     and n in self._values_of])
         return self.sizes_at[name, None]
+
+    def _measure_exact(self, names: list[str]) -> None:
+        """The exact bytes of ladder leaves ``names`` (zlib lets go of the
+        interpreter: a training state's 2x target deflated its moments one
+        at a time), with a leaf's bytes in flight at most."""
+        def measured(name):
+            return name, _exact_bytes(self._values_of[name]())
+        size = {name: self.ladder[name][0] for name in names}
+        for name, nbytes in in_order(measured, names, save_workers(), max(size.values()) * 4,
+                                     lambda name: 4 * size[name], largest_first=False):
+            self.sizes_at[name, None] = nbytes
 
     def refine(self, leaves: Sequence[SourceLeaf]) -> None:
         """The ladder of these leaves (the ladder's) measured at finer steps
