@@ -2736,10 +2736,10 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
 _DEFLATE_SAMPLE_PIECES = 16
 
 
-def _sampled_deflate_share(flat: np.ndarray, level: int = 1, piece_bytes: int = 1 << 18) -> float:
+def _sampled_deflate_share(flat: np.ndarray, level: int = 1) -> float:
     """The share of its size a large 1-D ``flat`` deflates to at zlib's
-    ``level``, estimated on pieces of ``piece_bytes`` spread over it."""
-    piece = max(1, piece_bytes // flat.itemsize)
+    ``level``, estimated on pieces spread over it."""
+    piece = max(1, (1 << 18) // flat.itemsize)
     starts = np.linspace(0, max(0, flat.size - piece), _DEFLATE_SAMPLE_PIECES).astype(np.int64)
     sample = np.concatenate([flat[s:s + piece] for s in starts])
     return len(layout.deflate_planes(sample, level)) / max(1, sample.nbytes)

@@ -616,7 +616,7 @@ def decoded_values(codes_blob, count: int, record: dict) -> np.ndarray:
     """The float32 values of a blob :func:`encode` wrote, from the leaf's
     checked ``record`` fields (:func:`check_record`); ValueError when the
     blob does not hold exactly ``count`` codes or they restore non-finite.
-    The unary parts are read a chunk of bytes at a time."""
+    The codes are read natively, _DECODE_CHUNK at a time."""
     values, kept = decoded_parts(codes_blob, count, record)
     if kept is not None:
         values[kept[0]] = kept[1]

@@ -827,3 +827,5 @@ def test_native_step_bytes_refuse_sums_past_int64():
     values = np.full(1 << 16, 2.0 ** 50)
     values[::2] *= -1
     assert _native.rice_step_bytes(values, 1.0, 0, None, qv.MAX_RICE, np.empty(values.size)) == -1
+    with pytest.raises(TypeError):   # squares into a converted copy would be lost
+        _native.rice_step_bytes(values, 1.0, 0, None, qv.MAX_RICE, np.empty(values.size, "f4"))

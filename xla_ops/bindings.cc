@@ -1109,8 +1109,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("n"),
         "n folded Rice codes on parameter k from the given bit positions of the unary and "
         "remainder streams (uint8): (int64 codes, unary bit, remainder bit) after them.");
+  // noconvert: squares written into a converted copy would be lost
   m.def("rice_step_bytes", &RiceStepBytesOf, py::arg("values"), py::arg("step"),
-        py::arg("center"), py::arg("weights"), py::arg("max_rice"), py::arg("squares"),
+        py::arg("center"), py::arg("weights"), py::arg("max_rice"),
+        py::arg("squares").noconvert(),
         "Bytes of float64 values quantized on step about center and Rice coded on their best "
         "parameter (-1: a code past 2^52); their squared errors (times weights) in squares.");
   m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
