@@ -3724,9 +3724,9 @@ class _LogCoding:
         too, from now on (a plan that leaves bytes beyond the coded leaves'
         largest codings)."""
         self.finer = True
-        for leaf in leaves:
+        for leaf in leaves:   # a leaf read from a file measured now (review: read again)
             self.stored_bytes(leaf.name, leaf.array(), *self.measured[leaf.name],
-                              values_of=leaf.array)
+                              values_of=leaf.array if leaf.resident else None)
 
     def settle(self, budget: float, coded_values: int, coded_bytes: float = 0.0,
                raw_extras: Sequence[float] = (), slack: float = 0.0) -> float:

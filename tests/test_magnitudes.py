@@ -1508,3 +1508,32 @@ def _eager_rungs(rung_bytes):
             rung_bytes(self, name, j, array)
         return rung_bytes(self, name, i, array)
     return every_rung
+
+
+def test_moments_read_from_a_file_are_not_read_again_for_their_exact_rung(tmp_path):
+    """Found by review: a moment read from a file (not held in memory) was
+    read once more where a 2x plan reached its exact rung; it is measured
+    as it is read, as at 3x (where no plan reaches that rung)."""
+    import collections
+    from jaxjpeg import checkpoint
+
+    params, _, state, _, _ = _trained_adam(steps=20)
+    loads = collections.Counter()
+
+    def from_file(records, value):
+        leaf = checkpoint.SourceLeaf.of(records, np.asarray(value))
+
+        def load():
+            loads[checkpoint.path_string(records)] += 1
+            return np.asarray(value)
+        return checkpoint.SourceLeaf(leaf.records, leaf.shape, leaf.dtype, load, leaf.shards,
+                                     False, leaf.prng_impl)
+    leaves = [from_file(records, value) for records, value, _ in
+              checkpoint._leaves({"params": params, "opt_state": state})]
+    counted = {}
+    for ratio in (2, 3):
+        loads.clear()
+        report = checkpoint.save_leaves(tmp_path / f"{ratio}.jjpg", leaves, target_ratio=ratio)
+        assert report.ratio_vs_float32 == pytest.approx(ratio, rel=0.02)
+        counted[ratio] = dict(loads)
+    assert counted[2] == counted[3]
