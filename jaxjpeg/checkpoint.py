@@ -3576,7 +3576,7 @@ class _LogCoding:
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
                first: np.ndarray | None = None, first_step: float | None = None,
-               counted: bool = False) -> tuple | None:
+               counted: bool = False, ladder=None) -> tuple | None:
         """(blob, record fields, note), or None: stored exactly. A leaf of
         few values or float16 holds exactly (a 0/1 mask, counts) is stored
         exactly where that is smaller (found in session 31: a float32 0/1
@@ -3584,7 +3584,8 @@ class _LogCoding:
         float16 one too); a centered second moment of ``first`` (the first
         moment's values, on ``first_step``) as its variance. Step 0.0: the
         ladder's exact rung. ``counted``: a log2 coding's blob counted
-        (quantized_vectors.Counted), where no error bound is checked on it."""
+        (quantized_vectors.Counted), where no error bound is checked on it;
+        ``ladder``: magnitudes.counted_ladder(array, signed), for those."""
         step = self.step if step is None else step
         few = _few_values(array)
         exact = _exact_alternative(array, few)
@@ -3604,7 +3605,9 @@ class _LogCoding:
         # bfloat16 moments at 2^-10 took more than exact)
         if step < magnitudes.dtype_step(array.dtype):
             return exact
-        coded = magnitudes.encode(array, signed, step, counted and self.error_bound is None)
+        counted = counted and self.error_bound is None
+        coded = (ladder(step) if counted and ladder is not None
+                 else magnitudes.encode(array, signed, step, counted))
         if exact is not None and (coded is None or _nbytes(exact) <= _nbytes(coded)):
             return exact
         if coded is None or self.error_bound is None:
@@ -3670,12 +3673,14 @@ class _LogCoding:
             scale = array.size / _LADDER_PROBE
             if first is not None:   # the same positions
                 first = quantized_vectors.sampled(first.reshape(-1), _LADDER_PROBE)
-        sizes = []
+        sizes, ladder = [], None
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
+                if ladder is None and first is None:
+                    ladder = magnitudes.counted_ladder(probe, signed)
                 coded = self.stored(probe, signed, step, first=first, first_step=step,
-                                    counted=True)
+                                    counted=True, ladder=ladder)
                 # None: stored exactly, deflated (found by review: counted raw,
                 # a bfloat16 state's 2.5x landed 25% under)
                 self.sizes_at[key] = (_EXACT_RUNG if coded is None

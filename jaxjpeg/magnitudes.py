@@ -446,25 +446,60 @@ def encode(array: np.ndarray, signed: bool, step: float = LOG_STEP,
     if not quantizable(array.dtype) or array.size == 0:
         return None
     original, array = array, np.asarray(array, np.float32)
-    smallest, zeros = _smallest_nonzero(array)
-    if not math.isfinite(smallest):
+    how = _log2_domain(array, signed)
+    if how is None:
         return None
-    # An offset of a quarter of the smallest value keeps zeros exact (they
-    # restore at or below it, clamped to 0) and costs that value 25% more
-    # absolute error, within 2.7% of it.
-    offset = smallest / 4 if zeros else 0.0
-    domain = qv.SIGNED_LOG2 if signed else qv.LOG2
-    coded = qv.encode(array, qv.VectorStep(step, domain, offset),
+    coded = qv.encode(array, qv.VectorStep(step, *how),
                       counted=counted and original.dtype == np.float32)
     if coded is None:
         return None
     blob, record = coded
-    bound = (2.0 ** (step / 2) - 1) * (1.25 if offset else 1.0)   # see the offset
+    bound = _step_bound(step, how[1])
     if original.dtype != np.float32:   # the half dtype's own rounding on top
         restored = qv.restored_in_dtype(original, blob, record)
         if restored is None:
             return None
         bound = max(bound, _worst_relative_error(array.reshape(-1), restored))
+    return _described(blob, record, signed, step, bound)
+
+
+def _log2_domain(array: np.ndarray, signed: bool) -> tuple[str, float] | None:
+    """(domain, offset) of float32 ``array``'s log2 coding, or None (no
+    nonzero finite magnitude). An offset of a quarter of the smallest value
+    keeps zeros exact (they restore at or below it, clamped to 0) and costs
+    that value 25% more absolute error, within 2.7% of it."""
+    smallest, zeros = _smallest_nonzero(array)
+    if not math.isfinite(smallest):
+        return None
+    return (qv.SIGNED_LOG2 if signed else qv.LOG2), (smallest / 4 if zeros else 0.0)
+
+
+def _step_bound(step: float, offset: float) -> float:
+    """The relative error a value on log2 ``step`` keeps within (its offset
+    adds 25%: see _log2_domain)."""
+    return (2.0 ** (step / 2) - 1) * (1.25 if offset else 1.0)
+
+
+def _described(blob, record: dict, signed: bool, step: float, bound: float) -> tuple:
+    """:func:`encode`'s (blob, record fields, note)."""
     what = "magnitudes" if signed else "values"
     return blob, {"kind": "raw", **record}, (f"{what} on log2 steps of {step:.3g} (within "
                                              f"{bound:.1%} each)")
+
+
+def counted_ladder(array: np.ndarray, signed: bool):
+    """``step -> encode(array, signed, step, counted=True)``, the log2 of a
+    float32 leaf's magnitudes taken once for every step (qv.Ladder: a byte
+    target's ladder took it again at each)."""
+    if array.dtype != np.float32 or array.size == 0:
+        return lambda step: encode(array, signed, step, counted=True)
+    how = _log2_domain(array, signed)
+    if how is None:
+        return lambda step: None
+    ladder = qv.Ladder(array, *how)
+
+    def at(step):
+        coded = ladder.counted(step)
+        return None if coded is None else _described(*coded, signed, step,
+                                                     _step_bound(step, how[1]))
+    return at

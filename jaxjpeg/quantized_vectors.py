@@ -106,10 +106,19 @@ _DECODE_CHUNK = 1 << 16   # codes a decoding step holds
 def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
     """(int64 codes, negative mask or None) of values, or None when they
     cannot be coded."""
-    x = np.array(values, np.float64)   # a copy: worked on in place (a ladder codes many steps)
+    transformed = _transformed(values, how)
+    return None if transformed is None else _stepped(transformed, how.step)
+
+
+def _transformed(values: np.ndarray, how: VectorStep) -> tuple | None:
+    """What codes of ``values`` take before a step: (float64 values, their
+    log2 plus ``how``'s offset in log2 domains; negative mask or None; zero
+    mask or None), or None when they cannot be coded (a value not finite;
+    in log2 domains a negative one, or a zero without an offset)."""
+    x = np.array(values, np.float64)   # a copy: worked on in place
     if not np.all(np.isfinite(x)):
         return None
-    negative = None
+    negative = zero = None
     if how.domain == SIGNED_LOG2:
         negative = x < 0
         np.abs(x, out=x)
@@ -120,12 +129,17 @@ def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
         zero = x == 0 if how.offset > 0 else None
         np.add(x, how.offset, out=x)
         np.log2(x, out=x)
-        np.divide(x, how.step, out=x)
-        codes = np.round(x)
-        if zero is not None:   # zeros restore exactly: 2^(code step) <= offset, clamped to 0
-            codes[zero] = np.floor(x[zero])
-    else:
-        codes = np.round(np.divide(x, how.step, out=x), out=x)
+    return x, negative, zero
+
+
+def _stepped(transformed: tuple, step: float) -> tuple | None:
+    """(int64 codes, negative mask or None) of _transformed values on
+    ``step``, or None where a code is out of range."""
+    x, negative, zero = transformed
+    x = x / step
+    codes = np.round(x, out=x) if zero is None else np.round(x)
+    if zero is not None:   # zeros restore exactly: 2^(code step) <= offset, clamped to 0
+        codes[zero] = np.floor(x[zero])
     if codes.size and max(codes.max(), -codes.min()) >= MAX_CODE:
         return None
     return codes.astype(np.int64), negative
@@ -391,16 +405,48 @@ def _encode_dense(values: np.ndarray, how: VectorStep,
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return None
-    probe = _codes(sampled(flat), how)
+    return _dense_coded(flat.size, how, counted, lambda: _codes(sampled(flat), how),
+                        lambda: (_codes(flat[start:start + _CHUNK], how)
+                                 for start in range(0, flat.size, _CHUNK)))
+
+
+def _dense_coded(size: int, how: VectorStep, counted: bool, sample_codes, chunk_codes):
+    """:func:`_encode_dense` of ``size`` values given their codes on
+    ``how``: ``sample_codes()``, a sample's (the center and Rice parameter
+    come from it), and ``chunk_codes()``, every _CHUNK's in order (each
+    _codes' answer)."""
+    probe = sample_codes()
     if probe is None:
         return None
     center = int(np.median(probe[0]))
     k = _rice_parameter(_zigzag(probe[0] - center))
     while True:
         try:
-            return _rice_coded(flat, how, center, k, counted)
+            return _rice_coded(size, how, center, k, counted, chunk_codes)
         except _Wider as wider:   # for a quotient too long (found by review: MemoryError)
             k = wider.k
+
+
+class Ladder:
+    """A nonempty vector's dense codings counted (:class:`Counted`) on many
+    steps of one domain and offset, the part of its codes no step changes
+    (its values' log2) taken once: a byte target's ladder of log2 steps
+    took each step's log2 of a moment's probe and of its sample again."""
+
+    def __init__(self, values: np.ndarray, domain: str, offset: float = 0.0):
+        flat = np.asarray(values).reshape(-1)
+        how = VectorStep(1.0, domain, offset)
+        self.size, self.domain, self.offset = flat.size, domain, offset
+        self.sample = _transformed(sampled(flat), how)
+        self.chunks = [_transformed(flat[start:start + _CHUNK], how)
+                       for start in range(0, flat.size, _CHUNK)]
+
+    def counted(self, step: float) -> tuple[Counted, dict] | None:
+        """:func:`encode` of the values on ``step``, counted."""
+        def stepped(transformed):
+            return None if transformed is None else _stepped(transformed, step)
+        return _dense_coded(self.size, VectorStep(step, self.domain, self.offset), True,
+                            lambda: stepped(self.sample), lambda: map(stepped, self.chunks))
 
 
 def sample_positions(size: int, count: int, seed: int = 0):
@@ -425,15 +471,13 @@ def sampled(flat: np.ndarray, count: int = _SAMPLE) -> np.ndarray:
     return flat[sample_positions(flat.size, count)]
 
 
-def _rice_coded(flat: np.ndarray, how: VectorStep, center: int, k: int,
-                counted: bool = False):
-    """(blob, record) of ``flat`` on Rice parameter ``k``, or None when it
-    cannot be coded (see :class:`_RiceStreams`; ``counted``: the blob a
-    :class:`Counted`)."""
-    streams = (_CountedStreams if counted else _RiceStreams)(k, flat.size)
+def _rice_coded(size: int, how: VectorStep, center: int, k: int, counted: bool, chunk_codes):
+    """(blob, record) of ``size`` values (their codes ``chunk_codes()``, see
+    :func:`_dense_coded`) on Rice parameter ``k``, or None when they cannot
+    be coded (see :class:`_RiceStreams`; ``counted``: the blob a :class:`Counted`)."""
+    streams = (_CountedStreams if counted else _RiceStreams)(k, size)
     lo, hi = math.inf, -math.inf
-    for start in range(0, flat.size, _CHUNK):
-        coded = _codes(flat[start:start + _CHUNK], how)
+    for coded in chunk_codes():
         if coded is None:
             return None
         codes, negative = coded

@@ -1537,3 +1537,21 @@ def test_moments_read_from_a_file_are_not_read_again_for_their_exact_rung(tmp_pa
         assert report.ratio_vs_float32 == pytest.approx(ratio, rel=0.02)
         counted[ratio] = dict(loads)
     assert counted[2] == counted[3]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_counted_ladder_gives_each_steps_counted_coding(signed):
+    """magnitudes.counted_ladder takes a moment's log2 once for every step
+    of a byte target's ladder: each step's coding is encode's, counted (the
+    same size, record and note; None where encode refuses)."""
+    rng = np.random.default_rng(0)
+    for values in (np.abs(rng.standard_normal(300000)) * 1e-4,
+                   rng.standard_normal(70000) * (rng.random(70000) < 0.7),
+                   np.exp(rng.normal(0, 40, 5000)), np.zeros(100), np.full(7, 3e38)):
+        values = values.astype(np.float32)
+        ladder = magnitudes.counted_ladder(values, signed)
+        for step in magnitudes.byte_target_steps(finer=True)[1:]:
+            got, want = ladder(step), magnitudes.encode(values, signed, step, counted=True)
+            assert (got is None) == (want is None), step
+            if got is not None:
+                assert (len(got[0]), got[1], got[2]) == (len(want[0]), want[1], want[2])
