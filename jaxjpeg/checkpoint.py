@@ -3677,7 +3677,7 @@ class _LogCoding:
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
-                if ladder is None and first is None:
+                if ladder is None and first is None and len(steps) > 1:   # (a probe's)
                     ladder = magnitudes.counted_ladder(probe, signed)
                 coded = self.stored(probe, signed, step, first=first, first_step=step,
                                     counted=True, ladder=ladder)

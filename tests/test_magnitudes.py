@@ -1555,3 +1555,19 @@ def test_a_counted_ladder_gives_each_steps_counted_coding(signed):
             assert (got is None) == (want is None), step
             if got is not None:
                 assert (len(got[0]), got[1], got[2]) == (len(want[0]), want[1], want[2])
+
+
+def test_only_byte_targets_build_ladders_of_moments(tmp_path, monkeypatch):
+    """A ladder (a probe's log2 held in float64 for its steps) is built for
+    byte targets' many steps only: a single step's (an error bound's
+    measure, should one come through stored_bytes) would hold a whole
+    leaf's for nothing."""
+    params, _, state, _, _ = _trained_adam(steps=20)
+    built = []
+    real = magnitudes.counted_ladder
+    monkeypatch.setattr(magnitudes, "counted_ladder", lambda a, s: built.append(a.size) or real(a, s))
+    tree = {"params": params, "opt_state": state}
+    jaxjpeg.save(tmp_path / "e.jjpg", tree, error_bound=0.05)
+    assert not built
+    jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=3)
+    assert built
