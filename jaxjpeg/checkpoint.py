@@ -2711,16 +2711,25 @@ DEFLATE_PAYS = 0.5
 FAST_DEFLATE_BYTES = 64 * 2**20
 
 
-def _deflated(array: np.ndarray) -> bytes | None:
+def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
     """``array``'s values as deflated byte planes (layout.deflate_planes)
     where that is smaller, else None; one over DEFLATE_HALF_MAX_BYTES only
     where a sample deflates to DEFLATE_PAYS of its size; one over
     FAST_DEFLATE_BYTES at zlib's fastest level (found by review: 100 M int8
     values of 0..3 took 10 s to deflate at level 6, 2 s at 1 for 13% more
-    bytes; a 0/1 mask's planes take 40% more at 1)."""
+    bytes; a 0/1 mask's planes take 40% more at 1). ``counted``: one over
+    DEFLATE_HALF_MAX_BYTES as its size (a quantized_vectors.Counted) from
+    the sample at the level it is stored at (found by review: estimated at
+    the fastest, a quantized graph's 8 MB uint8 leaf was counted 9% over;
+    pieces smaller than the sample's 64 KiB of a float32 byte plane missed
+    repeats zlib's 32 KiB window finds, tables of repeating rows 26-340% over)."""
     flat = _little_endian(array)
-    if flat.nbytes > DEFLATE_HALF_MAX_BYTES and _sampled_deflate_share(flat) > DEFLATE_PAYS:
-        return None
+    if flat.nbytes > DEFLATE_HALF_MAX_BYTES:
+        if _sampled_deflate_share(flat) > DEFLATE_PAYS:
+            return None
+        if counted:
+            size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
+            return quantized_vectors.Counted(size) if size < flat.nbytes else None
     packed = layout.deflate_planes(flat, _deflate_level(flat))
     return packed if len(packed) < flat.nbytes else None
 
@@ -2752,31 +2761,14 @@ def _deflate_level(flat: np.ndarray) -> int:
 
 def _exact_bytes(array: np.ndarray) -> int:
     """The bytes of a leaf stored exactly (_exact_blob), a large one's
-    deflated planes estimated (_deflated_estimate)."""
-    return _nbytes(_exact_blob(array, deflate=_deflated_estimate))
+    deflated planes counted from a sample (_deflated)."""
+    return _nbytes(_exact_blob(array, counted=True))
 
 
-def _deflated_estimate(array: np.ndarray) -> quantized_vectors.Counted | bytes | None:
-    """What _deflated takes of ``array``: a leaf over DEFLATE_HALF_MAX_BYTES
-    from a sample by _deflated's rules (its size, a quantized_vectors.Counted;
-    found by review: estimated at the fastest level, a quantized graph's
-    8 MB uint8 leaf was counted 9% over), a smaller one deflated. Pieces of
-    a sample hold 64 KiB of each float32 byte plane (its repeats in zlib's
-    32 KiB window: found by review, smaller pieces counted tables whose rows
-    repeat 26-340% over)."""
-    flat = _little_endian(array)
-    if flat.nbytes <= DEFLATE_HALF_MAX_BYTES:
-        return _deflated(array)
-    if _sampled_deflate_share(flat) > DEFLATE_PAYS:
-        return None
-    size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
-    return quantized_vectors.Counted(size) if size < flat.nbytes else None
-
-
-def _half_blob(half: np.ndarray, deflate=None) -> tuple[bytes | np.ndarray, dict]:
-    """(blob, record fields) of a leaf stored as float16 (``deflate``: see _exact_blob)."""
+def _half_blob(half: np.ndarray, counted: bool = False) -> tuple[bytes | np.ndarray, dict]:
+    """(blob, record fields) of a leaf stored as float16 (``counted``: see _deflated)."""
     record = {"kind": "raw", "stored": "float16"}
-    packed = (deflate or _deflated)(half)
+    packed = _deflated(half, counted)
     if packed is not None:
         return packed, {**record, "deflated": True}
     return np.ascontiguousarray(half), record
@@ -2791,7 +2783,7 @@ def _exactly(blob_and_record: tuple) -> tuple:
 
 
 def _exact_blob(array: np.ndarray, few: bool | None = None,
-                deflate=None) -> tuple[bytes | np.ndarray, dict]:
+                counted: bool = False) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored exactly in its own dtype,
     deflated where that is smaller (found by review: a (1024, 1024) causal
     mask of finfo.min took 4 MB a layer, a bool one 1 MB; byte targets then
@@ -2803,22 +2795,21 @@ def _exact_blob(array: np.ndarray, few: bool | None = None,
     ``few``: _few_values(array), where the caller knows it. A leaf quantized
     per slice (_sliced_grid_exactly) as its codes, among the options where it
     takes few values, else at once: a third of its deflated planes or less,
-    which are not tried. ``deflate``: deflates planes where that pays
-    (_deflated; _deflated_estimate, where only the size is wanted)."""
+    which are not tried. ``counted``: a large leaf's deflated planes as
+    their size (see _deflated), where only the size is wanted."""
     few = _few_values(array) if few is None else few
     sliced = _sliced_grid_exactly(array)
     if sliced is not None and not few:
         return _exactly(sliced)
-    deflate = deflate or _deflated
-    packed = deflate(array)
+    packed = _deflated(array, counted)
     options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
                else (np.ascontiguousarray(array), {"kind": "raw"})]
-    low_bits = _packed_blob(array, deflate)
+    low_bits = _packed_blob(array, counted)
     if low_bits is not None:
         options.append(low_bits)
     half = _half_exactly(array)
     if half is not None:
-        options.append(_half_blob(half, deflate))
+        options.append(_half_blob(half, counted))
     grid = _grid_exactly(array, few)
     if grid is not None:
         options.append(grid)
@@ -2848,14 +2839,14 @@ def _packed_codes(array: np.ndarray) -> np.ndarray | None:
     return packed
 
 
-def _packed_blob(array: np.ndarray, deflate=None) -> tuple | None:
+def _packed_blob(array: np.ndarray, counted: bool = False) -> tuple | None:
     """(blob, record fields) of a sub-byte leaf as its packed bits
-    (layout.PACKED), deflated where that is smaller (``deflate``: see
-    _exact_blob); None where _packed_codes is."""
+    (layout.PACKED), deflated where that is smaller (``counted``: see
+    _deflated); None where _packed_codes is."""
     packed = _packed_codes(array)
     if packed is None:
         return None
-    deflated = (deflate or _deflated)(packed)
+    deflated = _deflated(packed, counted)
     if deflated is not None:
         return deflated, {"kind": "raw", "stored": layout.PACKED, "deflated": True}
     return packed, {"kind": "raw", "stored": layout.PACKED}

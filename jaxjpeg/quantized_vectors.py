@@ -625,11 +625,17 @@ def step_rates(values: np.ndarray, steps, middle: np.ndarray,
                                              squares) if abs(center) < 2**52 else -1)
         if nbytes[i] < 0:   # a code too far to count natively
             nbytes[i] = coded_bytes(values, step, middle)
-            np.square(np.round(values / step) * step - values, out=squares)
-            if weight is not None:
-                squares *= weight
-        sse[i] = float(np.sum(squares))
+            sse[i] = rounding_sse(values, step, weight)
+        else:
+            sse[i] = float(np.sum(squares))
     return nbytes, sse
+
+
+def rounding_sse(values: np.ndarray, step: float, weight=None) -> float:
+    """Squared error of float64 ``values`` rounded to multiples of ``step``
+    (each value's times ``weight``, if given)."""
+    squares = np.square(np.round(values / step) * step - values)
+    return float(np.sum(squares if weight is None else squares * weight))
 
 
 def middle_values(values: np.ndarray) -> np.ndarray:

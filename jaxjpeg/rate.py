@@ -1686,13 +1686,6 @@ def _exact_step(values: np.ndarray) -> float | None:
     return step if np.all(np.round(values / step) * step == values) else None
 
 
-def _rounding_sse(values: np.ndarray, step: float, weight=None) -> float:
-    """Squared error of float64 ``values`` rounded to multiples of ``step``
-    (each value's times ``weight``, if given)."""
-    squares = np.square(np.round(values / step) * step - values)
-    return float(np.sum(squares if weight is None else squares * weight))
-
-
 def balanced_error_weight(p: codec.Prepared):
     """For :func:`thin_curve`: a balanced leaf's errors in its own units
     (each value's divided by its column's scale and its row's factor,
@@ -1716,7 +1709,7 @@ def _step_within_error(values: np.ndarray, step: float, error: float) -> float |
     than step^2 / 12 (four tries left EfficientNet-lite1's largest kernels,
     pruned to 75%, without a step and coded as JPEG)."""
     for _ in range(16):
-        measured = _rounding_sse(values, step) / max(1, values.size)
+        measured = quantized_vectors.rounding_sse(values, step) / max(1, values.size)
         if measured <= error:
             return step
         step *= 0.999 * math.sqrt(error / measured)
@@ -1821,7 +1814,7 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
             return (quantized_vectors.sparse_value_bytes(kept)
                     + MASK_DEFLATE_OVERHEAD * _entropy_bits(share) * codes.size / 8)
         nbytes = mask + side + np.array([values_bytes(q) * scale for q in steps])
-        sse = np.array([_rounding_sse(probe, q, weight) * scale for q in steps])
+        sse = np.array([quantized_vectors.rounding_sse(probe, q, weight) * scale for q in steps])
     else:
         middle = quantized_vectors.middle_values(probe)
         counted, rounding = quantized_vectors.step_rates(probe, steps, middle, weight)

@@ -776,7 +776,7 @@ def test_native_step_rates_are_the_counted_bytes_and_rounding_error(values, weig
     middle = qv.middle_values(values)
     nbytes, sse = qv.step_rates(values, steps, middle, weight)
     np.testing.assert_array_equal(nbytes, [qv.coded_bytes(values, q, middle) for q in steps])
-    np.testing.assert_array_equal(sse, [rate._rounding_sse(values, q, weight) for q in steps])
+    np.testing.assert_array_equal(sse, [qv.rounding_sse(values, q, weight) for q in steps])
 
 
 def test_the_native_rice_decoder_refuses_what_it_cannot_read():
