@@ -103,18 +103,12 @@ _SAMPLE = 1 << 16   # codes a large leaf's center and Rice parameter come from
 _DECODE_CHUNK = 1 << 16   # codes a decoding step holds
 
 
-def _codes(values: np.ndarray, how: VectorStep) -> tuple | None:
-    """(int64 codes, negative mask or None) of values, or None when they
-    cannot be coded."""
-    transformed = _transformed(values, how)
-    return None if transformed is None else _stepped(transformed, how.step)
-
-
 def _transformed(values: np.ndarray, how: VectorStep) -> tuple | None:
     """What codes of ``values`` take before a step: (float64 values, their
     log2 plus ``how``'s offset in log2 domains; negative mask or None; zero
-    mask or None), or None when they cannot be coded (a value not finite;
-    in log2 domains a negative one, or a zero without an offset)."""
+    flags as uint8, what the native count reads, or None), or None when
+    they cannot be coded (a value not finite; in log2 domains a negative
+    one, or a zero without an offset)."""
     x = np.array(values, np.float64)   # a copy: worked on in place
     if not np.all(np.isfinite(x)):
         return None
@@ -126,23 +120,10 @@ def _transformed(values: np.ndarray, how: VectorStep) -> tuple | None:
         # x + offset > 0 at every value: x >= 0, and no zero without an offset
         if x.size and (x.min() < 0 or (how.offset <= 0 and x.min() == 0)):
             return None
-        zero = x == 0 if how.offset > 0 else None
+        zero = (x == 0).view(np.uint8) if how.offset > 0 else None
         np.add(x, how.offset, out=x)
         np.log2(x, out=x)
     return x, negative, zero
-
-
-def _stepped(transformed: tuple, step: float) -> tuple | None:
-    """(int64 codes, negative mask or None) of _transformed values on
-    ``step``, or None where a code is out of range."""
-    x, negative, zero = transformed
-    x = x / step
-    codes = np.round(x, out=x) if zero is None else np.round(x)
-    if zero is not None:   # zeros restore exactly: 2^(code step) <= offset, clamped to 0
-        codes[zero] = np.floor(x[zero])
-    if codes.size and max(codes.max(), -codes.min()) >= MAX_CODE:
-        return None
-    return codes.astype(np.int64), negative
 
 
 def is_sparse(values: np.ndarray, how: VectorStep | None = None) -> bool:
@@ -405,24 +386,30 @@ def _encode_dense(values: np.ndarray, how: VectorStep,
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return None
-    return _dense_coded(flat.size, how, counted, lambda: _codes(sampled(flat), how),
-                        lambda: (_codes(flat[start:start + _CHUNK], how)
+    return _dense_coded(flat.size, how, counted, _transformed(sampled(flat), how),
+                        lambda: (_transformed(flat[start:start + _CHUNK], how)
                                  for start in range(0, flat.size, _CHUNK)))
 
 
-def _dense_coded(size: int, how: VectorStep, counted: bool, sample_codes, chunk_codes):
-    """:func:`_encode_dense` of ``size`` values given their codes on
-    ``how``: ``sample_codes()``, a sample's (the center and Rice parameter
-    come from it), and ``chunk_codes()``, every _CHUNK's in order (each
-    _codes' answer)."""
-    probe = sample_codes()
-    if probe is None:
+def _dense_coded(size: int, how: VectorStep, counted: bool, sample, chunks, middle=None):
+    """:func:`_encode_dense` of ``size`` values given a sample's
+    :func:`_transformed` values (the center and Rice parameter
+    come from them; None: they cannot be coded) and ``chunks()``, every
+    _CHUNK's in order. A step's codes are counted natively in one pass
+    (xla_ops/rice_code.h CountStepCodes), the center from the sample's
+    middle order statistics (``middle``: :func:`_middle_order` of it, where
+    the caller keeps it)."""
+    if sample is None:
         return None
-    center = int(np.median(probe[0]))
-    k = _rice_parameter(_zigzag(probe[0] - center))
+    x, _, zero = sample
+    center = _center(*(middle or _middle_order(x, zero)), how.step)
+    folded = np.empty(x.size, np.int64)
+    if center is None or _native.step_counts(x, zero, how.step, center, 0, folded) is None:
+        return None
+    k = _native.rice_parameter(folded, MAX_RICE)
     while True:
         try:
-            return _rice_coded(size, how, center, k, counted, chunk_codes)
+            return _rice_coded(size, how, center, k, counted, chunks)
         except _Wider as wider:   # for a quotient too long (found by review: MemoryError)
             k = wider.k
 
@@ -430,8 +417,9 @@ def _dense_coded(size: int, how: VectorStep, counted: bool, sample_codes, chunk_
 class Ladder:
     """A nonempty vector's dense codings counted (:class:`Counted`) on many
     steps of one domain and offset, the part of its codes no step changes
-    (its values' log2) taken once: a byte target's ladder of log2 steps
-    took each step's log2 of a moment's probe and of its sample again."""
+    (its values' log2, the sample's middle order statistics) taken once: a
+    byte target's ladder of log2 steps took each step's log2, codes and
+    median over again."""
 
     def __init__(self, values: np.ndarray, domain: str, offset: float = 0.0):
         flat = np.asarray(values).reshape(-1)
@@ -440,13 +428,31 @@ class Ladder:
         self.sample = _transformed(sampled(flat), how)
         self.chunks = [_transformed(flat[start:start + _CHUNK], how)
                        for start in range(0, flat.size, _CHUNK)]
+        self.middle = None if self.sample is None else _middle_order(*self.sample[::2])
 
     def counted(self, step: float) -> tuple[Counted, dict] | None:
         """:func:`encode` of the values on ``step``, counted."""
-        def stepped(transformed):
-            return None if transformed is None else _stepped(transformed, step)
         return _dense_coded(self.size, VectorStep(step, self.domain, self.offset), True,
-                            lambda: stepped(self.sample), lambda: map(stepped, self.chunks))
+                            self.sample, lambda: iter(self.chunks), self.middle)
+
+
+def _middle_order(x: np.ndarray, zero: np.ndarray | None) -> tuple[list, int]:
+    """([(i, x_i)] of the two order statistics whose codes' mean np.median
+    takes (the same one twice for odd sizes), the count of zeros): codes
+    keep the order of x, a zero's (floored) first among equal x (zeros are
+    the smallest x)."""
+    positions = [(x.size - 1) // 2, x.size // 2]
+    values = np.partition(x, positions)[positions]
+    zeros = 0 if zero is None else int(np.count_nonzero(zero))
+    return [(i, float(v)) for i, v in zip(positions, values)], zeros
+
+
+def _center(middle: list, zeros: int, step: float) -> int | None:
+    """``int(np.median(codes))`` of a sample's codes on ``step`` from its
+    :func:`_middle_order`; None out of range."""
+    codes = [np.floor(x / step) if i < zeros else np.round(x / step) for i, x in middle]
+    center = (codes[0] + codes[1]) / 2
+    return int(center) if abs(center) < MAX_CODE else None
 
 
 def sample_positions(size: int, count: int, seed: int = 0):
@@ -471,19 +477,30 @@ def sampled(flat: np.ndarray, count: int = _SAMPLE) -> np.ndarray:
     return flat[sample_positions(flat.size, count)]
 
 
-def _rice_coded(size: int, how: VectorStep, center: int, k: int, counted: bool, chunk_codes):
-    """(blob, record) of ``size`` values (their codes ``chunk_codes()``, see
-    :func:`_dense_coded`) on Rice parameter ``k``, or None when they cannot
-    be coded (see :class:`_RiceStreams`; ``counted``: the blob a :class:`Counted`)."""
+def _rice_coded(size: int, how: VectorStep, center: int, k: int, counted: bool, chunks):
+    """(blob, record) of ``size`` values (their transformed chunks
+    ``chunks()``, see :func:`_dense_coded`) on Rice parameter ``k``, or
+    None when they cannot be coded (see :class:`_RiceStreams`;
+    ``counted``: the blob a :class:`Counted`)."""
     streams = (_CountedStreams if counted else _RiceStreams)(k, size)
     lo, hi = math.inf, -math.inf
-    for coded in chunk_codes():
-        if coded is None:
+    for chunk in chunks():
+        if chunk is None:
             return None
-        codes, negative = coded
-        lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
-        if not streams.add(_zigzag(codes - center), negative):
+        x, negative, zero = chunk
+        folded = None if counted else np.empty(x.size, np.int64)
+        counts = _native.step_counts(x, zero, how.step, center, k, folded)
+        if counts is None:
             return None
+        lo, hi = min(lo, counts[0]), max(hi, counts[1])
+        if not streams.add_counted(x.size, counts[2], counts[3], folded, negative):
+            return None
+    return _finished(streams, how, center, k, lo, hi)
+
+
+def _finished(streams, how: VectorStep, center: int, k: int, lo, hi) -> tuple | None:
+    """(blob, record) of dense Rice ``streams`` whose codes span ``lo`` to
+    ``hi``, or None where those restore non-finite."""
     # restore is monotonic in the codes: the extremes bound every value
     if not np.all(np.isfinite(restore(np.array([lo, hi]), 0, how.step, how.domain, how.offset))):
         return None
@@ -515,27 +532,31 @@ class _RiceStreams:
         self.unary, self.remainders, self.signs = _UnaryWriter(), [], []
 
     def add(self, folded: np.ndarray, negative: np.ndarray | None = None) -> bool:
-        quotients = self._checked(folded)
-        if quotients is None:
+        """A block of folded codes (counted by numpy) and their signs."""
+        return self.add_counted(folded.size, int(folded.max()), int((folded >> self.k).sum()),
+                                folded, negative)
+
+    def add_counted(self, size: int, largest: int, quotient_sum: int,
+                    folded: np.ndarray | None, negative: np.ndarray | None) -> bool:
+        """:meth:`add` of a block given its counts: ``size`` folded codes
+        ``folded`` (unread where only counted), the largest ``largest``,
+        their quotients summing to ``quotient_sum``; signs ``negative``."""
+        if largest >> self.k >= MAX_QUOTIENT:
+            wider = largest.bit_length() - (MAX_QUOTIENT.bit_length() - 2)
+            if self.k < wider <= MAX_RICE:
+                raise _Wider(wider)
             return False
-        self.unary.add(quotients)
+        self.bits += quotient_sum + size * (self.k + 1)
+        if self.bits > self.limit:   # more than float16 would take
+            return False
+        self._put(size, quotient_sum, folded, negative)
+        return True
+
+    def _put(self, size: int, quotient_sum: int, folded: np.ndarray, negative) -> None:
+        self.unary.add(folded >> self.k)
         self.remainders.append(_remainder_bytes(folded, self.k))
         if negative is not None:
             self.signs.append(np.packbits(negative).tobytes())
-        return True
-
-    def _checked(self, folded: np.ndarray) -> np.ndarray | None:
-        """The quotients of a block, counted; None where the block cannot be coded."""
-        quotients = folded >> self.k
-        if int(quotients.max()) >= MAX_QUOTIENT:
-            wider = int(folded.max()).bit_length() - (MAX_QUOTIENT.bit_length() - 2)
-            if self.k < wider <= MAX_RICE:
-                raise _Wider(wider)
-            return None
-        self.bits += int(quotients.sum()) + folded.size * (self.k + 1)
-        if self.bits > self.limit:   # more than float16 would take
-            return None
-        return quotients
 
     def finish(self, prefix: bytes = b"") -> tuple[bytes, int]:
         """(``prefix``, the unary parts, then the remainders and the sign
@@ -555,15 +576,11 @@ class _CountedStreams(_RiceStreams):
         super().__init__(k, count)
         self.unary_bits = self.side_bytes = 0
 
-    def add(self, folded: np.ndarray, negative: np.ndarray | None = None) -> bool:
-        quotients = self._checked(folded)
-        if quotients is None:
-            return False
-        self.unary_bits += int(quotients.sum()) + folded.size   # q ones, then a zero
-        self.side_bytes += -(-folded.size * self.k // 8)
+    def _put(self, size: int, quotient_sum: int, folded, negative) -> None:
+        self.unary_bits += quotient_sum + size   # q ones, then a zero
+        self.side_bytes += -(-size * self.k // 8)
         if negative is not None:
-            self.side_bytes += -(-folded.size // 8)
-        return True
+            self.side_bytes += -(-size // 8)
 
     def finish(self, prefix: bytes = b"") -> tuple[Counted, int]:
         unary = -(-self.unary_bits // 8)

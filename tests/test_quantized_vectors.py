@@ -779,6 +779,71 @@ def test_native_step_rates_are_the_counted_bytes_and_rounding_error(values, weig
     np.testing.assert_array_equal(sse, [qv.rounding_sse(values, q, weight) for q in steps])
 
 
+def _ladder_cases():
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 3, 8, 1001, 65537, 300001):
+        normal = rng.standard_normal(size)
+        half_zeros = np.abs(normal) * (rng.random(size) < 0.5)
+        yield normal, (qv.SIGNED_LOG2, 0.0)
+        yield half_zeros, (qv.LOG2, 1e-8)
+        yield half_zeros * (rng.random(size) < 0.2), (qv.LOG2, 1e-3)   # mostly zeros
+        yield rng.choice([0.0, 1e-30, 1e30, 3.0], size), (qv.SIGNED_LOG2, 0.0)   # wide codes
+        yield np.full(size, 2.0 ** -9), (qv.LOG2, 2.0 ** -9)   # ties between zeros and not
+
+
+@pytest.mark.parametrize("values,how", list(_ladder_cases()))
+def test_a_ladder_counts_each_step_as_encode_does(values, how):
+    """quantized_vectors.Ladder counts a step's codes natively in one pass,
+    its center from the sample's middle order statistics: the size and
+    record of encode's counted coding at every step, and its refusals
+    (codes past 2^52, more than 16 bits a value, widened Rice parameters)."""
+    values = values.astype(np.float32)
+    ladder = qv.Ladder(values, *how)
+    for step in (2.0 ** -12, 2.0 ** -4, 0.5, 4.0, 1e-15, 1e-17, 1e-300):
+        got = ladder.counted(step)
+        want = qv.encode(values, qv.VectorStep(step, *how), counted=True)
+        assert (got is None) == (want is None), step
+        if got is not None:
+            assert (len(got[0]), got[1]) == (len(want[0]), want[1]), step
+
+
+def test_native_step_counts_are_numpys_codes_and_rice_parameter():
+    """The native count of one step's codes (xla_ops/rice_code.h
+    CountStepCodes) gives numpy's codes (half to even, zeros floored),
+    extremes, largest folded code and quotient sum; BestRiceParameter
+    numpy's walk; bad arguments are ValueErrors or TypeErrors."""
+    from jaxjpeg import _native
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(5000) * 40, np.arange(-6, 7) * 0.5,
+                        [2.0 ** 51 + 0.5, -(2.0 ** 51) - 1.5]])
+    zero = (rng.random(x.size) < 0.1).astype(np.uint8)
+    for step, center, k in ((0.25, 3, 2), (1.0, -7, 0), (3.0, 0, 5), (2.0 ** -40, 0, 0)):
+        folded = np.empty(x.size, np.int64)
+        counts = _native.step_counts(x, zero, step, center, k, folded)
+        scaled = x / step
+        codes = np.where(zero == 1, np.floor(scaled), np.round(scaled))
+        if np.abs(codes).max() >= qv.MAX_CODE:
+            assert counts is None
+            continue
+        codes = codes.astype(np.int64)
+        want = qv._zigzag(codes - center)
+        np.testing.assert_array_equal(folded, want)
+        assert counts == (codes.min(), codes.max(), want.max(), int((want >> k).sum()))
+        assert _native.rice_parameter(folded, qv.MAX_RICE) == qv._rice_parameter(want)
+    assert _native.step_counts(x, None, 1.0, 0, 0, None)[:2] == (np.round(x).min(), np.round(x).max())
+    with pytest.raises(ValueError, match="center"):
+        _native.step_counts(x, None, 1.0, 1 << 52, 0, None)
+    with pytest.raises(ValueError, match="step"):
+        _native.step_counts(x, None, 0.0, 0, 0, None)
+    with pytest.raises(ValueError, match="one zero flag"):
+        _native.step_counts(x, zero[1:], 1.0, 0, 0, None)
+    with pytest.raises(TypeError, match="int64"):
+        _native.step_counts(x, None, 1.0, 0, 0, np.empty(x.size, np.int32))
+    with pytest.raises(ValueError, match=">= 0"):
+        _native.rice_parameter(np.array([3, -1]), qv.MAX_RICE)
+
+
 def test_the_native_rice_decoder_refuses_what_it_cannot_read():
     """The native Rice decoder (xla_ops/rice_code.h) stops inside its
     buffers: a unary stream that ends early, a quotient too long, too few

@@ -920,6 +920,43 @@ int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, d
   return RiceStepBytes(v, wv, n, step, center, max_rice, sq, folded.data());
 }
 
+// quantized_vectors.Ladder: one step's codes of transformed values counted
+// (CountStepCodes); None where a code reaches 2^52.
+py::object StepCountsOf(const py::array_t<double, py::array::c_style>& x, py::object zero,
+                        double step, int64_t center, int k, py::object folded) {
+  const py::ssize_t n = x.size();
+  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
+  if (k < 0 || k > 62) throw py::value_error("k must be 0..62");
+  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
+    throw py::value_error("center must be within 2^52");
+  }
+  std::optional<py::array_t<uint8_t, py::array::c_style>> z;
+  if (!zero.is_none()) {
+    z = zero.cast<py::array_t<uint8_t, py::array::c_style>>();
+    if (z->size() != n) throw py::value_error("one zero flag a value");
+  }
+  std::optional<py::array_t<int64_t, py::array::c_style>> out;
+  if (!folded.is_none()) {
+    // (cast, not converted: folded codes written into a copy would be lost)
+    if (!py::isinstance<py::array_t<int64_t, py::array::c_style>>(folded)) {
+      throw py::type_error("folded must be a C-contiguous int64 array");
+    }
+    out = folded.cast<py::array_t<int64_t, py::array::c_style>>();
+    if (out->size() != n) throw py::value_error("one folded code a value");
+  }
+  const double* xv = x.data();
+  const uint8_t* zv = z ? z->data() : nullptr;
+  int64_t* fv = out ? out->mutable_data() : nullptr;
+  StepCounts counts;
+  bool in_range;
+  {
+    py::gil_scoped_release release;
+    in_range = CountStepCodes(xv, zv, n, step, center, k, counts, fv);
+  }
+  if (!in_range) return py::none();
+  return py::make_tuple(counts.lo, counts.hi, counts.largest, counts.quotients);
+}
+
 py::array_t<float> ForwardDctOf(
     const py::array_t<float, py::array::c_style | py::array::forcecast>& blocks, bool avx2) {
   if (blocks.ndim() != 2 || blocks.shape(1) != 64) {
@@ -1115,6 +1152,24 @@ PYBIND11_MODULE(_native, m) {
         py::arg("squares").noconvert(),
         "Bytes of float64 values quantized on step about center and Rice coded on their best "
         "parameter (-1: a code past 2^52); their squared errors (times weights) in squares.");
+  m.def("step_counts", &StepCountsOf, py::arg("x"), py::arg("zero"), py::arg("step"),
+        py::arg("center"), py::arg("k"), py::arg("folded"),
+        "Codes of float64 x on step (half to even; floored where the uint8 zero flags are "
+        "set), folded about center: (lowest, highest, largest folded, sum of folded >> k), "
+        "each folded code written to the int64 array folded where given; None where a code "
+        "reaches 2^52.");
+  m.def("rice_parameter", [](const py::array_t<int64_t, py::array::c_style>& folded,
+                             int max_rice) {
+    if (max_rice < 0 || max_rice > 62) throw py::value_error("max_rice must be 0..62");
+    const int64_t* f = folded.data();
+    const py::ssize_t n = folded.size();
+    for (py::ssize_t i = 0; i < n; ++i) {
+      if (f[i] < 0) throw py::value_error("folded codes must be >= 0");
+    }
+    py::gil_scoped_release release;
+    return BestRiceParameter(f, n, max_rice);
+  }, py::arg("folded"), py::arg("max_rice"),
+        "The Rice parameter in 0..max_rice coding folded int64 codes (>= 0) in the fewest bits.");
   m.def("forward_dct", &ForwardDctOf, py::arg("blocks"), py::arg("avx2") = true,
         "The encoder's forward DCT of (n, 64) row-major float32 blocks, coefficients in "
         "natural order; avx2=False: the portable code even where the CPU has AVX2 (tests).");

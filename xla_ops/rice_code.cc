@@ -8,77 +8,126 @@
 namespace jaxjpeg {
 namespace {
 
-// Bits written most significant first through a 64-bit accumulator.
-class BitSink {
+// Bits written most significant first into a buffer sized for them, 32 at
+// a time through a 64-bit accumulator (a byte at a time into a growing
+// vector was most of a Rice coding's time).
+class BitWriter {
  public:
-  BitSink(std::vector<uint8_t>& out, PendingBits start) : out_(out) {
-    acc_ = start.bits;
-    count_ = start.count;
-  }
+  BitWriter(uint8_t* out, PendingBits start) : out_(out), acc_(start.bits), count_(start.count) {}
 
   // The `n` (<= 32) low bits of `bits`.
   void Put(uint64_t bits, int n) {
     acc_ = (acc_ << n) | (bits & ((uint64_t{1} << n) - 1));
     count_ += n;
-    while (count_ >= 8) {
-      count_ -= 8;
-      out_.push_back(static_cast<uint8_t>(acc_ >> count_));
+    if (count_ >= 32) {   // (count_ < 32 before: the accumulator held < 64 bits)
+      count_ -= 32;
+      const uint32_t word = static_cast<uint32_t>(acc_ >> count_);
+      out_[0] = static_cast<uint8_t>(word >> 24);
+      out_[1] = static_cast<uint8_t>(word >> 16);
+      out_[2] = static_cast<uint8_t>(word >> 8);
+      out_[3] = static_cast<uint8_t>(word);
+      out_ += 4;
+      acc_ &= (uint64_t{1} << count_) - 1;
     }
-    acc_ &= (uint64_t{1} << count_) - 1;
   }
 
-  PendingBits Pending() const { return {static_cast<uint32_t>(acc_), count_}; }
+  // Writes the whole bytes put; the bits past them are left pending.
+  PendingBits Finish() {
+    while (count_ >= 8) {
+      count_ -= 8;
+      *out_++ = static_cast<uint8_t>(acc_ >> count_);
+    }
+    acc_ &= (uint64_t{1} << count_) - 1;
+    return {static_cast<uint32_t>(acc_), count_};
+  }
 
  private:
-  std::vector<uint8_t>& out_;
+  uint8_t* out_;
   uint64_t acc_;
   int count_;
 };
+
+// Grows `out` by `bits` / 8 bytes: where a BitWriter puts that many bits.
+uint8_t* Grown(std::vector<uint8_t>& out, int64_t bits) {
+  const size_t before = out.size();
+  out.resize(before + static_cast<size_t>(bits / 8));
+  return out.data() + before;
+}
 
 }  // namespace
 
 void AppendUnary(const int64_t* quotients, int64_t n, PendingBits& pending,
                  std::vector<uint8_t>& out) {
-  BitSink sink(out, pending);
+  int64_t bits = pending.count;
+  for (int64_t i = 0; i < n; ++i) bits += quotients[i] + 1;
+  BitWriter writer(Grown(out, bits), pending);
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t ones = quotients[i]; ones > 0; ones -= 32) {
-      const int run = ones < 32 ? static_cast<int>(ones) : 32;
-      sink.Put(~uint64_t{0}, run);
-    }
-    sink.Put(0, 1);
+    int64_t ones = quotients[i];
+    for (; ones >= 32; ones -= 32) writer.Put(~uint64_t{0}, 32);
+    writer.Put(((uint64_t{1} << ones) - 1) << 1, static_cast<int>(ones) + 1);   // then a 0
   }
-  pending = sink.Pending();
+  pending = writer.Finish();
 }
 
 void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8_t>& out) {
-  BitSink sink(out, PendingBits{});
+  BitWriter writer(Grown(out, n * k + 7), PendingBits{});
   const int high = k > 32 ? k - 32 : 0;   // Put takes 32 bits at most
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t v = static_cast<uint64_t>(values[i]);
-    if (high) sink.Put(v >> 32, high);
-    sink.Put(v, k - high);
+    if (high) writer.Put(v >> 32, high);
+    writer.Put(v, k - high);
   }
-  const PendingBits rest = sink.Pending();
-  if (rest.count) sink.Put(0, 8 - rest.count);
+  const PendingBits rest = writer.Finish();
+  if (rest.count) writer.Put(0, 8 - rest.count);
+  writer.Finish();
 }
 
 namespace {
 
-// Bits of the Rice coding of `folded` on parameter k, less n (k + 1).
-int64_t QuotientBits(const int64_t* folded, int64_t n, int k) {
-  int64_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += folded[i] >> k;
-  return sum;
+// Sum of folded[i] >> k, wrapping past 2^63 as numpy's int64 sum does.
+int64_t QuotientSum(const int64_t* folded, int64_t n, int k) {
+  uint64_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<uint64_t>(folded[i] >> k);
+  return static_cast<int64_t>(sum);
 }
+
+// x rounded half to even (the default rounding mode): the 2^52 + 2^51
+// trick inline where it is exact, else nearbyint (a call: most of a pass).
+inline double RoundHalfEven(double x) {
+  constexpr double kShift = 6755399441055744.0;  // 2^52 + 2^51
+  if (std::fabs(x) < 2251799813685248.0) return (x + kShift) - kShift;  // |x| < 2^51
+  return std::nearbyint(x);
+}
+
+constexpr double kLargestCode = 4503599627370496.0;  // 2^52
 
 }  // namespace
 
+int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice) {
+  __int128 total = 0;
+  for (int64_t i = 0; i < n; ++i) total += folded[i];
+  const double mean = n ? static_cast<double>(total) / static_cast<double>(n) : 0.0;
+  const auto cost = [&](int k) {
+    return static_cast<__int128>(QuotientSum(folded, n, k)) + static_cast<__int128>(n) * (k + 1);
+  };
+  int k = std::min(max_rice, std::max(0, static_cast<int>(std::log2(std::max(mean, 1.0)))));
+  std::map<int, __int128> known{{k, cost(k)}};
+  for (int direction : {-1, 1}) {
+    while (k + direction >= 0 && k + direction <= max_rice) {
+      const int next = k + direction;
+      if (!known.count(next)) known[next] = cost(next);
+      if (known[next] >= known[k]) break;
+      k = next;
+    }
+  }
+  return k;
+}
+
 int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
                       int64_t center, int max_rice, double* squares, int64_t* folded) {
-  constexpr double kLargestCode = 4503599627370496.0;  // 2^52
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double code = std::nearbyint(values[i] / step);
+    const double code = RoundHalfEven(values[i] / step);
     if (!(std::fabs(code) < kLargestCode)) return -1;
     const double error = code * step - values[i];
     squares[i] = weights ? error * error * weights[i] : error * error;
@@ -86,22 +135,32 @@ int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, do
     folded[i] = static_cast<int64_t>(static_cast<uint64_t>(c) << 1) ^ (c >> 63);
     if (__builtin_add_overflow(total, folded[i], &total)) return -1;
   }
-  // the walk of quantized_vectors._rice_parameter: the cost is convex in k
-  const double mean = n ? static_cast<double>(total) / static_cast<double>(n) : 0.0;
-  int k = std::min(max_rice, std::max(0, static_cast<int>(std::log2(std::max(mean, 1.0)))));
   // (the codes' sum fit: so does every sum of their quotients)
-  std::map<int, int64_t> known{{k, QuotientBits(folded, n, k) + n * (k + 1)}};
-  for (int direction : {-1, 1}) {
-    while (k + direction >= 0 && k + direction <= max_rice) {
-      const int next = k + direction;
-      if (!known.count(next)) known[next] = QuotientBits(folded, n, next) + n * (next + 1);
-      if (known[next] >= known[k]) break;
-      k = next;
-    }
-  }
-  const int64_t quotients = QuotientBits(folded, n, k);
+  const int k = BestRiceParameter(folded, n, max_rice);
+  const int64_t quotients = QuotientSum(folded, n, k);
   if (quotients > INT64_MAX - n - 7) return -1;
   return (quotients + n + 7) / 8 + (n * k + 7) / 8;
+}
+
+bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,
+                    int64_t center, int k, StepCounts& counts, int64_t* folded) {
+  int64_t lo = INT64_MAX, hi = INT64_MIN, largest = 0;
+  uint64_t quotients = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double scaled = x[i] / step;
+    const double code = zero && zero[i] ? std::floor(scaled) : RoundHalfEven(scaled);
+    if (!(std::fabs(code) < kLargestCode)) return false;
+    const int64_t c = static_cast<int64_t>(code);
+    lo = std::min(lo, c);
+    hi = std::max(hi, c);
+    const int64_t d = c - center;   // |center| < 2^52: no overflow
+    const int64_t f = static_cast<int64_t>(static_cast<uint64_t>(d) << 1) ^ (d >> 63);
+    largest = std::max(largest, f);
+    quotients += static_cast<uint64_t>(f >> k);
+    if (folded) folded[i] = f;
+  }
+  counts = {lo, hi, largest, static_cast<int64_t>(quotients)};
+  return true;
 }
 
 namespace {
