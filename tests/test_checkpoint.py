@@ -939,6 +939,41 @@ def test_error_bound_with_nan_and_extreme_values(tmp_path):
     assert err <= 0.02
 
 
+def _masked_bias(shape, mask, sentinel, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.where(mask, sentinel, rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("sentinel", [-8.0, -1e4, -1e9, 1e29])
+@pytest.mark.parametrize("thin", [False, True])
+def test_a_mask_added_to_logits_restores_the_rest_exactly(tmp_path, sentinel, thin):
+    """A leaf more than an eighth of which is one value far from the rest (a
+    causal bias masked with -1e4 or -1e9) was coded as one population: the
+    rest of a 512 x 512 one restored up to 843 (-1e4) and 8.4e7 (-1e9) off
+    where its values' RMS was 0.5, a thin one's as 0. It is stored raw, its
+    note says why; everything restores exactly."""
+    n = 256
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    bias = _masked_bias((n, n), cols > rows, sentinel)
+    if thin:
+        bias = bias.reshape(-1)
+    path = tmp_path / "mask.jjpg"
+    report = jaxjpeg.save(path, {"bias": bias})
+    assert report.leaves[0].exact and "(a mask?)" in report.leaves[0].note
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(path)["bias"]), bias)
+
+
+@pytest.mark.parametrize("share,sentinel", [(0.1, -1e4), (0.3, -2.0), (0.5, 0.0)])
+def test_values_the_side_list_keeps_or_near_ones_leave_a_leaf_coded(tmp_path, share, sentinel):
+    """Not a mask to store raw: a sentinel on at most an eighth of the
+    values (the side list keeps it exactly), one within SENTINEL_SPAN of
+    the others' RMS, or pruned zeros."""
+    mask = np.random.default_rng(1).random((256, 256)) < share
+    bias = _masked_bias((256, 256), mask, sentinel)
+    leaf = jaxjpeg.save(tmp_path / "coded.jjpg", {"bias": bias}).leaves[0]
+    assert not leaf.exact and "(a mask?)" not in (leaf.note or "")
+
+
 def _started_order(sizes, largest_first, workers=2, window=10**9):
     """(values in_order yields, the items in the order fn started them)."""
     import threading
