@@ -944,7 +944,12 @@ def _masked_bias(shape, mask, sentinel, seed=0):
     return np.where(mask, sentinel, rng.standard_normal(shape) * 0.5).astype(np.float32)
 
 
-@pytest.mark.parametrize("sentinel", [-8.0, -1e4, -1e9, 1e29])
+def _causal(n):
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return cols > rows
+
+
+@pytest.mark.parametrize("sentinel", [-64.0, -1e4, -1e9, 1e29])
 @pytest.mark.parametrize("thin", [False, True])
 def test_a_mask_added_to_logits_restores_the_rest_exactly(tmp_path, sentinel, thin):
     """A leaf more than an eighth of which is one value far from the rest (a
@@ -952,9 +957,7 @@ def test_a_mask_added_to_logits_restores_the_rest_exactly(tmp_path, sentinel, th
     rest of a 512 x 512 one restored up to 843 (-1e4) and 8.4e7 (-1e9) off
     where its values' RMS was 0.5, a thin one's as 0. It is stored raw, its
     note says why; everything restores exactly."""
-    n = 256
-    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    bias = _masked_bias((n, n), cols > rows, sentinel)
+    bias = _masked_bias((256, 256), _causal(256), sentinel)
     if thin:
         bias = bias.reshape(-1)
     path = tmp_path / "mask.jjpg"
@@ -963,15 +966,41 @@ def test_a_mask_added_to_logits_restores_the_rest_exactly(tmp_path, sentinel, th
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(path)["bias"]), bias)
 
 
-@pytest.mark.parametrize("share,sentinel", [(0.1, -1e4), (0.3, -2.0), (0.5, 0.0)])
-def test_values_the_side_list_keeps_or_near_ones_leave_a_leaf_coded(tmp_path, share, sentinel):
-    """Not a mask to store raw: a sentinel on at most an eighth of the
-    values (the side list keeps it exactly), one within SENTINEL_SPAN of
-    the others' RMS, or pruned zeros."""
+@pytest.mark.parametrize("further", ["one value", "a column of finfo.min", "padding at -1e9"])
+def test_a_mask_is_found_past_a_few_values_further_out(tmp_path, further):
+    """Found by review: the mask value was taken at the leaf's end, so one
+    value beyond it, a column of finfo.min kept apart, or a second mask value
+    on a few padded columns hid it (the rest restored 857-993 off)."""
+    bias = _masked_bias((256, 256), _causal(256), -1e4)
+    if further == "one value":
+        bias[3, 200] = -2e4
+    elif further == "a column of finfo.min":
+        bias[:, 250] = np.finfo(np.float32).min
+    else:
+        bias[:, 248:] = -1e9   # 8 of 256 columns: under a sixteenth
+    report = jaxjpeg.save(tmp_path / "m.jjpg", {"bias": bias})
+    assert "(a mask?)" in report.leaves[0].note
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["bias"]), bias)
+
+
+@pytest.mark.parametrize("share,sentinel,scale", [
+    (0.1, -1e4, 0.5),   # the side list keeps it exactly
+    (0.3, -2.0, 0.5),   # near the others
+    (0.25, 1.0, 0.05),  # a gate of 1.0 over N(0, 0.05): 20x, coded (review: 4x was met)
+    (0.5, 0.0, 0.5),    # pruned zeros
+    (1.0, 1.0, 0.5),    # a constant (review: numpy warned of an empty mean)
+])
+def test_values_the_side_list_keeps_or_near_ones_leave_a_leaf_coded(tmp_path, share, sentinel,
+                                                                   scale):
+    """Not a mask to store raw: a value on at most an eighth of the values
+    (the side list keeps it exactly), one within SENTINEL_SPAN of the
+    others' RMS, pruned zeros or a constant leaf; no warning either."""
     mask = np.random.default_rng(1).random((256, 256)) < share
-    bias = _masked_bias((256, 256), mask, sentinel)
-    leaf = jaxjpeg.save(tmp_path / "coded.jjpg", {"bias": bias}).leaves[0]
-    assert not leaf.exact and "(a mask?)" not in (leaf.note or "")
+    bias = np.where(mask, sentinel, np.random.default_rng(0).standard_normal((256, 256)) * scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        leaf = jaxjpeg.save(tmp_path / "coded.jjpg", {"bias": bias.astype(np.float32)}).leaves[0]
+    assert "(a mask?)" not in (leaf.note or "")
 
 
 def _started_order(sizes, largest_first, workers=2, window=10**9):
