@@ -844,6 +844,46 @@ def test_native_step_counts_are_numpys_codes_and_rice_parameter():
         _native.rice_parameter(np.array([3, -1]), qv.MAX_RICE)
 
 
+def test_native_counts_two_at_a_time_are_the_exact_ones():
+    """The native counts take blocks two values at a time in doubles where
+    every scaled value and the center lie under 2^49 (x / step as a product
+    where the step is a power of two), else one at a time: numpy's codes,
+    counts, bytes and squared errors either way, across blocks that fall
+    back, odd sizes, ties and zero flags."""
+    from jaxjpeg import _native
+
+    rng = np.random.default_rng(3)
+    for trial in range(240):
+        n = int(rng.choice([1, 2, 511, 513, 1025, 3000]))
+        scale = float(rng.choice([1e-3, 40.0, 2.0 ** 48, 2.0 ** 50]))
+        x = rng.standard_normal(n) * scale
+        if trial % 4 == 1:
+            x = np.round(x * 2) / 2   # ties
+        if trial % 4 == 2:
+            x[rng.integers(0, n)] = 2.0 ** 49   # one block falls back
+        step = float(rng.choice([1.0, 2.0 ** -6, 0.3, 3.7]))
+        zero = (rng.random(n) < 0.2).astype(np.uint8) if trial % 2 else None
+        center, k = int(rng.choice([0, -7, 2 ** 48, 2 ** 50])), int(rng.integers(0, 12))
+        scaled = x / step
+        codes = np.round(scaled) if zero is None else np.where(zero == 1, np.floor(scaled),
+                                                               np.round(scaled))
+        folded = np.empty(n, np.int64)
+        counts = _native.step_counts(x, zero, step, center, k, folded)
+        if np.abs(codes).max() >= qv.MAX_CODE:
+            assert counts is None
+            continue
+        want = qv._zigzag(codes.astype(np.int64) - center)
+        np.testing.assert_array_equal(folded, want)
+        assert counts == (codes.min(), codes.max(), want.max(), int((want >> k).sum()))
+        if zero is None and abs(center) < 2 ** 49:
+            weight = rng.random(n)
+            squares = np.empty(n)
+            nbytes = _native.rice_step_bytes(x, step, center, weight, qv.MAX_RICE, squares)
+            best = qv._rice_parameter(want)
+            assert nbytes == -(-(int((want >> best).sum()) + n) // 8) + -(-n * best // 8)
+            np.testing.assert_array_equal(squares, np.square(codes * step - x) * weight)
+
+
 def test_the_native_rice_decoder_refuses_what_it_cannot_read():
     """The native Rice decoder (xla_ops/rice_code.h) stops inside its
     buffers: a unary stream that ends early, a quotient too long, too few

@@ -786,8 +786,9 @@ def _far_cases(rng):
     spread = base((1024, 1024))
     at = rng.choice(spread.size, spread.size // 100, replace=False)
     spread.reshape(-1)[at] = 0.05 * 10 ** rng.uniform(1, 6, at.size)
-    many = base((1024, 1024))
-    many.reshape(-1)[rng.choice(many.size, many.size * 13 // 100, replace=False)] = 1e4
+    many = base((1024, 1024))   # (not one value: one is a mask, stored raw, checkpoint._sentinel)
+    many.reshape(-1)[rng.choice(many.size, many.size * 13 // 100, replace=False)] = (
+        1e4 * rng.uniform(1, 2, many.size * 13 // 100))
     decades = (rng.standard_normal((512, 512)) * np.exp2(rng.normal(scale=3, size=(512, 1))))
     return {"10% at 50 sigmas": fifty, "1% spread over 10-1e6 sigmas": spread,
             "13% gross": many, "row scales of log2 std 3": decades.astype(np.float32)}

@@ -5,6 +5,10 @@
 #include <cstring>
 #include <map>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace jaxjpeg {
 namespace {
 
@@ -94,13 +98,185 @@ int64_t QuotientSum(const int64_t* folded, int64_t n, int k) {
 
 // x rounded half to even (the default rounding mode): the 2^52 + 2^51
 // trick inline where it is exact, else nearbyint (a call: most of a pass).
+constexpr double kShift = 6755399441055744.0;  // 2^52 + 2^51
 inline double RoundHalfEven(double x) {
-  constexpr double kShift = 6755399441055744.0;  // 2^52 + 2^51
   if (std::fabs(x) < 2251799813685248.0) return (x + kShift) - kShift;  // |x| < 2^51
   return std::nearbyint(x);
 }
 
 constexpr double kLargestCode = 4503599627370496.0;  // 2^52
+
+// Values counted a block at a time: two at a time in doubles where every
+// scaled value and the center lie under 2^49 (codes, their folding about
+// the center and their quotients are then exact in doubles), else one at
+// a time in integers (the same answers; any block the fast pass doubts).
+constexpr int64_t kBlock = 512;
+constexpr double kFastLimit = 562949953421312.0;  // 2^49
+
+inline int64_t Zigzag(int64_t d) {
+  return static_cast<int64_t>(static_cast<uint64_t>(d) << 1) ^ (d >> 63);
+}
+
+// A step's bytes: one block of RiceStepBytes' values one at a time; false
+// where a code reaches 2^52 or the folded codes' sum passes 2^63.
+bool StepBlockExact(const double* values, const double* weights, int64_t m, double step,
+                    int64_t center, double* squares, int64_t* folded, int64_t& sum) {
+  sum = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double code = RoundHalfEven(values[i] / step);
+    if (!(std::fabs(code) < kLargestCode)) return false;
+    const double error = code * step - values[i];
+    squares[i] = weights ? error * error * weights[i] : error * error;
+    folded[i] = Zigzag(static_cast<int64_t>(code) - center);
+    if (__builtin_add_overflow(sum, folded[i], &sum)) return false;
+  }
+  return true;
+}
+
+// One block of CountStepCodes' values one at a time; false where a code
+// reaches 2^52.
+bool CountBlockExact(const double* x, const uint8_t* zero, int64_t m, double step,
+                     int64_t center, int k, StepCounts& counts, int64_t* folded) {
+  uint64_t quotients = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double scaled = x[i] / step;
+    const double code = zero && zero[i] ? std::floor(scaled) : RoundHalfEven(scaled);
+    if (!(std::fabs(code) < kLargestCode)) return false;
+    const int64_t c = static_cast<int64_t>(code);
+    counts.lo = std::min(counts.lo, c);
+    counts.hi = std::max(counts.hi, c);
+    const int64_t f = Zigzag(c - center);   // |center| < 2^52: no overflow
+    counts.largest = std::max(counts.largest, f);
+    quotients += static_cast<uint64_t>(f) >> k;
+    if (folded) folded[i] = f;
+  }
+  counts.quotients = static_cast<int64_t>(static_cast<uint64_t>(counts.quotients) + quotients);
+  return true;
+}
+
+#if defined(__SSE2__)
+// Lanes of two doubles.
+inline __m128d RoundedPair(__m128d s) {
+  const __m128d shift = _mm_set1_pd(kShift);
+  return _mm_sub_pd(_mm_add_pd(s, shift), shift);
+}
+
+// Whether |s| < 2^49 in both lanes, and-ed into `ok` (NaN: false).
+inline __m128d UnderFastLimit(__m128d ok, __m128d s) {
+  return _mm_and_pd(ok, _mm_cmplt_pd(_mm_andnot_pd(_mm_set1_pd(-0.0), s),
+                                     _mm_set1_pd(kFastLimit)));
+}
+
+// Zigzag of integral d (|d| < 2^50): 2d, or -2d - 1 below 0.
+inline __m128d ZigzagPair(__m128d d) {
+  const __m128d twice = _mm_andnot_pd(_mm_set1_pd(-0.0), _mm_add_pd(d, d));
+  return _mm_sub_pd(twice, _mm_and_pd(_mm_cmplt_pd(d, _mm_setzero_pd()), _mm_set1_pd(1.0)));
+}
+
+// Integral v in [0, 2^52) as int64: its bits once 2^52 is added.
+inline __m128i IntegerPair(__m128d v) {
+  const __m128d two52 = _mm_set1_pd(4503599627370496.0);
+  return _mm_sub_epi64(_mm_castpd_si128(_mm_add_pd(v, two52)), _mm_castpd_si128(two52));
+}
+
+inline int64_t LaneSum(__m128i v) {
+  int64_t lanes[2];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), v);
+  return lanes[0] + lanes[1];
+}
+
+// StepBlockExact two values at a time; false (nothing trusted) where a
+// scaled value or the center is not under 2^49. Its sum stays under 2^61.
+bool StepBlockFast(const double* values, const double* weights, int64_t m, double step,
+                   int64_t center, double* squares, int64_t* folded, int64_t& sum) {
+  if (!(std::fabs(static_cast<double>(center)) < kFastLimit) || m % 2) return false;
+  const __m128d vstep = _mm_set1_pd(step), vcenter = _mm_set1_pd(static_cast<double>(center));
+  __m128d ok = _mm_cmpeq_pd(vstep, vstep);
+  __m128i total = _mm_setzero_si128();
+  for (int64_t i = 0; i < m; i += 2) {
+    const __m128d v = _mm_loadu_pd(values + i);
+    const __m128d s = _mm_div_pd(v, vstep);
+    ok = UnderFastLimit(ok, s);
+    const __m128d code = RoundedPair(s);
+    const __m128d error = _mm_sub_pd(_mm_mul_pd(code, vstep), v);
+    __m128d square = _mm_mul_pd(error, error);
+    if (weights) square = _mm_mul_pd(square, _mm_loadu_pd(weights + i));
+    _mm_storeu_pd(squares + i, square);
+    const __m128i f = IntegerPair(ZigzagPair(_mm_sub_pd(code, vcenter)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(folded + i), f);
+    total = _mm_add_epi64(total, f);
+  }
+  sum = LaneSum(total);
+  return _mm_movemask_pd(ok) == 3;
+}
+
+// CountBlockExact two values at a time (x / step as x times `inverse`
+// where that is 1 / step exactly: the same correctly rounded quotient);
+// false (nothing counted) where a scaled value or the center is not under
+// 2^49 (a quotient, at most a folded code, then stays under 2^51).
+bool CountBlockFast(const double* x, const uint8_t* zero, int64_t m, double step,
+                    double inverse, int64_t center, int k, StepCounts& counts,
+                    int64_t* folded) {
+  if (!(std::fabs(static_cast<double>(center)) < kFastLimit) || m % 2) return false;
+  const __m128d vstep = _mm_set1_pd(step), vinverse = _mm_set1_pd(inverse);
+  const __m128d vcenter = _mm_set1_pd(static_cast<double>(center));
+  const __m128d unit = _mm_set1_pd(std::ldexp(1.0, -k)), one = _mm_set1_pd(1.0);
+  __m128d ok = _mm_cmpeq_pd(vstep, vstep);
+  __m128d lo = _mm_set1_pd(INFINITY), hi = _mm_set1_pd(-INFINITY), largest = _mm_setzero_pd();
+  __m128i quotients = _mm_setzero_si128();
+  for (int64_t i = 0; i < m; i += 2) {
+    const __m128d v = _mm_loadu_pd(x + i);
+    const __m128d s = inverse ? _mm_mul_pd(v, vinverse) : _mm_div_pd(v, vstep);
+    ok = UnderFastLimit(ok, s);
+    __m128d code = RoundedPair(s);
+    if (zero) {   // floored: one less where rounding went up
+      const __m128d flagged = _mm_castsi128_pd(
+          _mm_set_epi64x(-static_cast<int64_t>(zero[i + 1] != 0),
+                         -static_cast<int64_t>(zero[i] != 0)));
+      code = _mm_sub_pd(code, _mm_and_pd(_mm_and_pd(flagged, _mm_cmpgt_pd(code, s)), one));
+    }
+    lo = _mm_min_pd(lo, code);
+    hi = _mm_max_pd(hi, code);
+    const __m128d f = ZigzagPair(_mm_sub_pd(code, vcenter));
+    largest = _mm_max_pd(largest, f);
+    const __m128d scaled = _mm_mul_pd(f, unit);   // f >> k: scaled, floored
+    __m128d q = RoundedPair(scaled);
+    q = _mm_sub_pd(q, _mm_and_pd(_mm_cmpgt_pd(q, scaled), one));
+    quotients = _mm_add_epi64(quotients, IntegerPair(q));
+    if (folded) _mm_storeu_si128(reinterpret_cast<__m128i*>(folded + i), IntegerPair(f));
+  }
+  if (_mm_movemask_pd(ok) != 3) return false;
+  double l[2], h[2], g[2];
+  _mm_storeu_pd(l, lo);
+  _mm_storeu_pd(h, hi);
+  _mm_storeu_pd(g, largest);
+  counts.lo = std::min(counts.lo, static_cast<int64_t>(std::min(l[0], l[1])));
+  counts.hi = std::max(counts.hi, static_cast<int64_t>(std::max(h[0], h[1])));
+  counts.largest = std::max(counts.largest, static_cast<int64_t>(std::max(g[0], g[1])));
+  counts.quotients = static_cast<int64_t>(static_cast<uint64_t>(counts.quotients) +
+                                          static_cast<uint64_t>(LaneSum(quotients)));
+  return true;
+}
+#else
+bool StepBlockFast(const double*, const double*, int64_t, double, int64_t, double*, int64_t*,
+                   int64_t&) {
+  return false;
+}
+
+bool CountBlockFast(const double*, const uint8_t*, int64_t, double, double, int64_t, int,
+                    StepCounts&, int64_t*) {
+  return false;
+}
+#endif
+
+// 1 / step where that is exact (a power of two whose inverse is finite and
+// nonzero), else 0.
+double ExactInverse(double step) {
+  int exponent;
+  if (std::frexp(step, &exponent) != 0.5) return 0.0;
+  const double inverse = std::ldexp(1.0, 1 - exponent);
+  return std::isfinite(inverse) && inverse != 0.0 ? inverse : 0.0;
+}
 
 }  // namespace
 
@@ -127,14 +303,18 @@ int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice) {
 int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
                       int64_t center, int max_rice, double* squares, int64_t* folded) {
   int64_t total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double code = RoundHalfEven(values[i] / step);
-    if (!(std::fabs(code) < kLargestCode)) return -1;
-    const double error = code * step - values[i];
-    squares[i] = weights ? error * error * weights[i] : error * error;
-    const int64_t c = static_cast<int64_t>(code) - center;
-    folded[i] = static_cast<int64_t>(static_cast<uint64_t>(c) << 1) ^ (c >> 63);
-    if (__builtin_add_overflow(total, folded[i], &total)) return -1;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min(kBlock, n - start);
+    const double* w = weights ? weights + start : nullptr;
+    int64_t sum;
+    if (!StepBlockFast(values + start, w, m, step, center, squares + start, folded + start,
+                       sum) &&
+        !StepBlockExact(values + start, w, m, step, center, squares + start, folded + start,
+                        sum)) {
+      return -1;
+    }
+    // (the folded codes are >= 0: the running sum passes 2^63 iff the total does)
+    if (__builtin_add_overflow(total, sum, &total)) return -1;
   }
   // (the codes' sum fit: so does every sum of their quotients)
   const int k = BestRiceParameter(folded, n, max_rice);
@@ -145,22 +325,19 @@ int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, do
 
 bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,
                     int64_t center, int k, StepCounts& counts, int64_t* folded) {
-  int64_t lo = INT64_MAX, hi = INT64_MIN, largest = 0;
-  uint64_t quotients = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double scaled = x[i] / step;
-    const double code = zero && zero[i] ? std::floor(scaled) : RoundHalfEven(scaled);
-    if (!(std::fabs(code) < kLargestCode)) return false;
-    const int64_t c = static_cast<int64_t>(code);
-    lo = std::min(lo, c);
-    hi = std::max(hi, c);
-    const int64_t d = c - center;   // |center| < 2^52: no overflow
-    const int64_t f = static_cast<int64_t>(static_cast<uint64_t>(d) << 1) ^ (d >> 63);
-    largest = std::max(largest, f);
-    quotients += static_cast<uint64_t>(f >> k);
-    if (folded) folded[i] = f;
+  const double inverse = ExactInverse(step);
+  counts = {INT64_MAX, INT64_MIN, 0, 0};
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min(kBlock, n - start);
+    const uint8_t* z = zero ? zero + start : nullptr;
+    int64_t* out = folded ? folded + start : nullptr;
+    StepCounts block = counts;
+    if (CountBlockFast(x + start, z, m, step, inverse, center, k, block, out)) {
+      counts = block;
+    } else if (!CountBlockExact(x + start, z, m, step, center, k, counts, out)) {
+      return false;
+    }
   }
-  counts = {lo, hi, largest, static_cast<int64_t>(quotients)};
   return true;
 }
 
