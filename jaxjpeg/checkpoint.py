@@ -454,10 +454,10 @@ def _sentinels(sample: np.ndarray, repeats_only: bool = False) -> list[float]:
         return []
     inner = sample.size // 16
     ends = np.partition(sample, (inner, sample.size - 1 - inner))
+    share = (1 / 16) if repeats_only else views.LOUD_VALUES_FEW
     found = []
     for end, others in ((ends[inner], sample > ends[inner]),
                         (ends[-1 - inner], sample < ends[-1 - inner])):
-        share = (1 / 16) if repeats_only else views.LOUD_VALUES_FEW
         if end == 0 or np.count_nonzero(sample == end) <= share * sample.size:
             continue
         others = sample[others]

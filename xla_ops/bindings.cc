@@ -920,8 +920,8 @@ int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, d
   return RiceStepBytes(v, wv, n, step, center, max_rice, sq, folded.data());
 }
 
-// quantized_vectors.Ladder: one step's codes of transformed values counted
-// (CountStepCodes); None where a code reaches 2^52.
+// quantized_vectors' dense codings: one step's codes of transformed values
+// counted (CountStepCodes); None where a code reaches 2^52.
 py::object StepCountsOf(const py::array_t<double, py::array::c_style>& x, py::object zero,
                         double step, int64_t center, int k, py::object folded) {
   const py::ssize_t n = x.size();

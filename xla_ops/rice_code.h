@@ -41,12 +41,13 @@ int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, do
 
 // The remainder width in 0..max_rice that codes `folded` (n, each >= 0) in
 // the fewest bits: quantized_vectors._rice_parameter's walk from the mean's
-// width (the mean taken exactly here, numpy's in float64: a start that
-// differs can only land on another width of equal cost).
+// width (the mean taken exactly here; numpy's float64 mean is the same while
+// the codes' sum is under 2^53, and a start that differs can only land on
+// another width of equal cost).
 int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice);
 
-// What quantized_vectors counts of one step's codes (`_stepped`, folded as
-// `_zigzag` about a center).
+// What quantized_vectors counts of one step's codes (folded as `_zigzag`
+// about a center).
 struct StepCounts {
   int64_t lo, hi;      // the codes' extremes
   int64_t largest;     // the largest folded code
@@ -57,7 +58,7 @@ struct StepCounts {
 // to even, floored where `zero` (n, or null) is set; counted about `center`
 // (|center| < 2^52) on Rice parameter `k` into `counts`, each folded code
 // written to `folded` (n) where given. False where a code reaches 2^52
-// (nothing counted).
+// (`counts` and `folded` then unspecified).
 bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,
                     int64_t center, int k, StepCounts& counts, int64_t* folded);
 
