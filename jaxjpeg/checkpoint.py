@@ -419,7 +419,7 @@ def _why_raw(array: np.ndarray, per_slice: int = quantized_slices.LEVELS) -> str
 
 
 # A leaf more than the side list keeps of which (views.LOUD_VALUES_FEW) is one
-# value beyond all but a sixteenth of the others, over this many times their
+# value beyond all but an eighth of the others, over this many times their
 # RMS, is a mask added to logits (-1e4, -1e9 where attention may not look):
 # coded, the others take that value's error (a causal bias of RMS 13 masked
 # with -1e4 restored up to 859 off by default, with -1e9 8.4e7). Stored raw.
@@ -430,12 +430,15 @@ SENTINEL_SPAN = 64.0
 
 def _sentinel(array: np.ndarray) -> float | None:
     """The value that more than views.LOUD_VALUES_FEW of ``array``'s take,
-    beyond all but a sixteenth of the others (a few values further out, a
-    column of finfo.min or a second mask value, do not hide it: found by
-    review), over SENTINEL_SPAN times the RMS of the values on its other
-    side, found on a sample of them; or None. A leaf none of whose values
-    repeats so often among a few thousand of them is told at once (the
-    whole sample's partition took 7% of a 2x target's save)."""
+    beyond all but an eighth of the others (values further out, a column of
+    finfo.min or a second mask value, do not hide it: found by review), over
+    SENTINEL_SPAN times the RMS of the values on its other side, found on a
+    sample of them; or None. Such a run of values holds the sample's value
+    an eighth in from its end, with room for a sample's noise either side:
+    a leaf where that value repeats in no more than a sixteenth of a few
+    thousand values is told at once (the whole sample's partition took 7% of
+    a 2x target's save; found by review, a sixteenth in, the few thousand
+    missed a run starting near it that the whole sample found)."""
     values = np.asarray(array)
     flat = values.reshape(-1) if values.flags.c_contiguous else values.flat   # (no copy)
     few = quantized_vectors.sample_positions(values.size, 1 << 12)
@@ -452,7 +455,7 @@ def _sentinels(sample: np.ndarray, repeats_only: bool = False) -> list[float]:
     sample = sample[np.isfinite(sample)]
     if sample.size < 16:
         return []
-    inner = sample.size // 16
+    inner = sample.size // 8
     ends = np.partition(sample, (inner, sample.size - 1 - inner))
     share = (1 / 16) if repeats_only else views.LOUD_VALUES_FEW
     found = []

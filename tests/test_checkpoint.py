@@ -966,18 +966,29 @@ def test_a_mask_added_to_logits_restores_the_rest_exactly(tmp_path, sentinel, th
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(path)["bias"]), bias)
 
 
-@pytest.mark.parametrize("further", ["one value", "a column of finfo.min", "padding at -1e9"])
+@pytest.mark.parametrize("further", ["one value", "a column of finfo.min", "padding at -1e9",
+                                     "6.2% spread"])
 def test_a_mask_is_found_past_a_few_values_further_out(tmp_path, further):
     """Found by review: the mask value was taken at the leaf's end, so one
     value beyond it, a column of finfo.min kept apart, or a second mask value
-    on a few padded columns hid it (the rest restored 857-993 off)."""
+    on a few padded columns hid it (the rest restored 857-993 off); then, a
+    sixteenth in from the end, 6.2% of distinct values further out hid it
+    from the first look at 4,096 values (the rest 6.3e4 off)."""
     bias = _masked_bias((256, 256), _causal(256), -1e4)
     if further == "one value":
         bias[3, 200] = -2e4
     elif further == "a column of finfo.min":
         bias[:, 250] = np.finfo(np.float32).min
+    elif further == "padding at -1e9":
+        bias[:, 248:] = -1e9   # 8 of 256 columns
     else:
-        bias[:, 248:] = -1e9   # 8 of 256 columns: under a sixteenth
+        rng = np.random.default_rng(1002)
+        bias = rng.standard_normal(1 << 20).astype(np.float32)
+        u = rng.random(1 << 20)
+        bias[u < 0.14] = -1e4
+        far = (u >= 0.14) & (u < 0.202)
+        bias[far] = rng.uniform(-1e6, -2e4, int(far.sum()))
+        bias = bias.reshape(1024, 1024)
     report = jaxjpeg.save(tmp_path / "m.jjpg", {"bias": bias})
     assert "(a mask?)" in report.leaves[0].note
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["bias"]), bias)

@@ -842,6 +842,8 @@ def test_native_step_counts_are_numpys_codes_and_rice_parameter():
         _native.step_counts(x, None, 1.0, 0, 0, np.empty(x.size, np.int32))
     with pytest.raises(ValueError, match=">= 0"):
         _native.rice_parameter(np.array([3, -1]), qv.MAX_RICE)
+    with pytest.raises(ValueError, match="center"):   # (review: folded codes wrapped negative)
+        _native.rice_step_bytes(x, 1.0, -(1 << 62), None, qv.MAX_RICE, np.empty(x.size))
 
 
 def test_native_counts_two_at_a_time_are_the_exact_ones():

@@ -906,6 +906,10 @@ int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, d
   const py::ssize_t n = values.size();
   if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
   if (max_rice < 0 || max_rice > 62) throw py::value_error("max_rice must be 0..62");
+  // (found by review: codes folded about a farther center wrapped negative)
+  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
+    throw py::value_error("center must be within 2^52");
+  }
   if (squares.size() != n) throw py::value_error("one square a value");
   std::optional<py::array_t<double, py::array::c_style>> w;
   if (!weights.is_none()) {
