@@ -179,8 +179,10 @@ inline __m128i IntegerPair(__m128d v) {
   return _mm_sub_epi64(_mm_castpd_si128(_mm_add_pd(v, two52)), _mm_castpd_si128(two52));
 }
 
-inline int64_t LaneSum(__m128i v) {
-  int64_t lanes[2];
+// The two lanes' sum, wrapping (a pass that fails its checks sums garbage:
+// found by the sanitizer build, a signed overflow without -fwrapv).
+inline uint64_t LaneSum(__m128i v) {
+  uint64_t lanes[2];
   _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), v);
   return lanes[0] + lanes[1];
 }
@@ -206,7 +208,7 @@ bool StepBlockFast(const double* values, const double* weights, int64_t m, doubl
     _mm_storeu_si128(reinterpret_cast<__m128i*>(folded + i), f);
     total = _mm_add_epi64(total, f);
   }
-  sum = LaneSum(total);
+  sum = static_cast<int64_t>(LaneSum(total));
   return _mm_movemask_pd(ok) == 3;
 }
 
@@ -254,7 +256,7 @@ bool CountBlockFast(const double* x, const uint8_t* zero, int64_t m, double step
   counts.hi = std::max(counts.hi, static_cast<int64_t>(std::max(h[0], h[1])));
   counts.largest = std::max(counts.largest, static_cast<int64_t>(std::max(g[0], g[1])));
   counts.quotients = static_cast<int64_t>(static_cast<uint64_t>(counts.quotients) +
-                                          static_cast<uint64_t>(LaneSum(quotients)));
+                                          LaneSum(quotients));
   return true;
 }
 #else
