@@ -410,64 +410,67 @@ def _why_raw(array: np.ndarray, per_slice: int = quantized_slices.LEVELS) -> str
                 "NaN, infinite or extreme")
     sentinel = _sentinel(array)
     if sentinel is not None:
-        return (f"stored raw: more than 1/{round(1 / views.LOUD_VALUES_FEW)} of its values are "
-                f"{sentinel:g}, over {SENTINEL_SPAN:g}x the RMS of the rest (a mask?)")
+        return (f"stored raw: more than 1/{round(1 / views.LOUD_VALUES_FEW)} of its values lie "
+                f"about {sentinel:g}, over {SENTINEL_SPAN:g}x the RMS of the rest away (a mask?)")
     rms = analysis.last_rms(array)
     if rms is not None and 0 < rms < MIN_CODED_RMS:
         return "stored raw: its values are too small to code (RMS below 2^-90)"
     return None
 
 
-# A leaf more than the side list keeps of which (views.LOUD_VALUES_FEW) is one
-# value beyond all but an eighth of the others, over this many times their
-# RMS, is a mask added to logits (-1e4, -1e9 where attention may not look):
-# coded, the others take that value's error (a causal bias of RMS 13 masked
-# with -1e4 restored up to 859 off by default, with -1e9 8.4e7). Stored raw.
-# Masks are 1e4x their biases and more; a gate of 1.0 over N(0, 0.05) is
-# coded (found by review: at 8x its rest is not kept, 4x met before).
+# A leaf more than the side list keeps of which (views.LOUD_VALUES_FEW) lies
+# in one tight cluster at its end, over this many times both the RMS of the
+# rest and the cluster's own spread away from zero, is a mask added to logits
+# (-1e4, -1e9 where attention may not look; added to a bias, -1e4 + b): coded,
+# the rest takes the cluster's error (a causal bias of RMS 13 masked with
+# -1e4 restored up to 859 off by default, with -1e9 8.4e7; -1e4 added to
+# N(0, 0.5) values, 993 off without a word). Stored raw. Masks are 1e4x
+# their biases and more; a gate of 1.0 over N(0, 0.05) is coded (found by
+# review: at 8x its rest is not kept, 4x met before).
 SENTINEL_SPAN = 64.0
 
 
 def _sentinel(array: np.ndarray) -> float | None:
-    """The value that more than views.LOUD_VALUES_FEW of ``array``'s take,
-    beyond all but an eighth of the others (values further out, a column of
-    finfo.min or a second mask value, do not hide it: found by review), over
-    SENTINEL_SPAN times the RMS of the values on its other side, found on a
-    sample of them; or None. Such a run of values holds the sample's value
-    an eighth in from its end, with room for a sample's noise either side:
-    a leaf where that value repeats in no more than a sixteenth of a few
-    thousand values is told at once (the whole sample's partition took 7% of
-    a 2x target's save; found by review, a sixteenth in, the few thousand
-    missed a run starting near it that the whole sample found)."""
+    """The center of the mask (see SENTINEL_SPAN) of ``array``, found on a
+    sample of its values, or None. The cluster is the values beyond half
+    the value an eighth in from an end (values further out, a column of
+    finfo.min or a second mask value, do not hide it: found by review), which
+    holds more than an eighth of them with room for a sample's noise either
+    side; a leaf without one among a few thousand values (a sixteenth of
+    them, a quarter of the span) is told at once (the whole sample's look
+    took 7% of a 2x target's save)."""
     values = np.asarray(array)
     flat = values.reshape(-1) if values.flags.c_contiguous else values.flat   # (no copy)
-    few = quantized_vectors.sample_positions(values.size, 1 << 12)
-    if not _sentinels(np.asarray(flat[few], np.float64), repeats_only=True):
+    few = flat[quantized_vectors.sample_positions(values.size, 1 << 12)]
+    if _mask_center(np.asarray(few, np.float64), 1 / 16, SENTINEL_SPAN / 4) is None:
         return None
     sample = flat[quantized_vectors.sample_positions(values.size, 1 << 16)]
-    found = _sentinels(np.asarray(sample, np.float64))
-    return found[0] if found else None
+    return _mask_center(np.asarray(sample, np.float64), views.LOUD_VALUES_FEW, SENTINEL_SPAN)
 
 
-def _sentinels(sample: np.ndarray, repeats_only: bool = False) -> list[float]:
-    """_sentinel's values of a sample (``repeats_only``: the candidates
-    there that more than a sixteenth of it takes, the span unchecked)."""
+def _mask_center(sample: np.ndarray, share: float, span: float) -> float | None:
+    """The median of the values of ``sample`` (float64) beyond half its
+    value an eighth in from an end, that value negative at the low end or
+    positive at the high one, where more than ``share`` of them are and
+    that value is over ``span`` times both the others' RMS and their median
+    distance from their median; or None."""
     sample = sample[np.isfinite(sample)]
     if sample.size < 16:
-        return []
+        return None
     inner = sample.size // 8
     ends = np.partition(sample, (inner, sample.size - 1 - inner))
-    share = (1 / 16) if repeats_only else views.LOUD_VALUES_FEW
-    found = []
-    for end, others in ((ends[inner], sample > ends[inner]),
-                        (ends[-1 - inner], sample < ends[-1 - inner])):
-        if end == 0 or np.count_nonzero(sample == end) <= share * sample.size:
+    for end, outward in ((ends[inner], -1.0), (ends[-1 - inner], 1.0)):
+        if end * outward <= 0:
             continue
-        others = sample[others]
-        if repeats_only or (others.size and   # (a constant: found by review, numpy's warnings)
-                            abs(end) > SENTINEL_SPAN * math.sqrt(np.mean(np.square(others)))):
-            found.append(float(end))
-    return found
+        far = sample * outward >= abs(end) / 2
+        cluster, rest = sample[far], sample[~far]
+        if (cluster.size <= share * sample.size or not rest.size   # (a constant: review)
+                or abs(end) <= span * math.sqrt(np.mean(np.square(rest)))):
+            continue
+        center = float(np.median(cluster))
+        if abs(end) > span * float(np.median(np.abs(cluster - center))):
+            return center
+    return None
 
 
 @functools.lru_cache(maxsize=None)

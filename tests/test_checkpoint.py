@@ -994,12 +994,30 @@ def test_a_mask_is_found_past_a_few_values_further_out(tmp_path, further):
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "m.jjpg")["bias"]), bias)
 
 
+@pytest.mark.parametrize("added", ["a learned bias", "ALiBi"])
+def test_a_mask_added_to_a_bias_restores_the_rest_exactly(tmp_path, added):
+    """Found by review: a mask added to a bias (-1e4 + b, no value repeated)
+    was coded as one population, the rest restored up to 993 (learned
+    N(0, 0.5)) and 916 (ALiBi) off, without a warning. A cluster that tight
+    that far out is a mask too: stored raw."""
+    rows, cols = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    rng = np.random.default_rng(0)
+    bias = (rng.standard_normal((256, 256)) * 0.5 if added == "a learned bias"
+            else -0.0625 * (rows - cols) * (cols <= rows) + 0.01 * rng.standard_normal((256, 256)))
+    bias = (bias + np.where(cols > rows, -1e4, 0.0)).astype(np.float32)
+    report = jaxjpeg.save(tmp_path / "a.jjpg", {"bias": bias})
+    assert report.leaves[0].exact and "(a mask?)" in report.leaves[0].note
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "a.jjpg")["bias"]), bias)
+
+
 @pytest.mark.parametrize("share,sentinel,scale", [
     (0.1, -1e4, 0.5),   # the side list keeps it exactly
     (0.3, -2.0, 0.5),   # near the others
     (0.25, 1.0, 0.05),  # a gate of 1.0 over N(0, 0.05): 20x, coded (review: 4x was met)
     (0.5, 0.0, 0.5),    # pruned zeros
     (1.0, 1.0, 0.5),    # a constant (review: numpy warned of an empty mean)
+    (0.3, "3 +- 0.5", 0.05),   # a loud cluster that spreads
+    (1.0, "5 +- 0.1", 0.5),    # every value offset
 ])
 def test_values_the_side_list_keeps_or_near_ones_leave_a_leaf_coded(tmp_path, share, sentinel,
                                                                    scale):
@@ -1007,6 +1025,9 @@ def test_values_the_side_list_keeps_or_near_ones_leave_a_leaf_coded(tmp_path, sh
     (the side list keeps it exactly), one within SENTINEL_SPAN of the
     others' RMS, pruned zeros or a constant leaf; no warning either."""
     mask = np.random.default_rng(1).random((256, 256)) < share
+    if isinstance(sentinel, str):   # "center +- spread"
+        center, spread = map(float, sentinel.split(" +- "))
+        sentinel = center + spread * np.random.default_rng(2).standard_normal((256, 256))
     bias = np.where(mask, sentinel, np.random.default_rng(0).standard_normal((256, 256)) * scale)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
