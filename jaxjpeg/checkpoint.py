@@ -419,15 +419,20 @@ def _why_raw(array: np.ndarray, per_slice: int = quantized_slices.LEVELS) -> str
 
 
 # A leaf more than the side list keeps of which (views.LOUD_VALUES_FEW) lies
-# in one tight cluster at its end, over this many times both the RMS of the
-# rest and the cluster's own spread away from zero, is a mask added to logits
-# (-1e4, -1e9 where attention may not look; added to a bias, -1e4 + b): coded,
-# the rest takes the cluster's error (a causal bias of RMS 13 masked with
-# -1e4 restored up to 859 off by default, with -1e9 8.4e7; -1e4 added to
-# N(0, 0.5) values, 993 off without a word). Stored raw. Masks are 1e4x
-# their biases and more; a gate of 1.0 over N(0, 0.05) is coded (found by
-# review: at 8x its rest is not kept, 4x met before).
+# in one tight cluster at its end, over SENTINEL_SPAN times the RMS of the
+# rest and 1 / MASK_SPREAD times the cluster's own spread away from zero, is
+# a mask added to logits (-1e4, -1e9 where attention may not look; added to
+# a bias, -1e4 + b): coded, the rest takes the cluster's error (a causal bias
+# of RMS 13 masked with -1e4 restored up to 859 off by default, with -1e9
+# 8.4e7; -1e4 added to N(0, 0.5) values, 993 off without a word). Stored
+# raw. Masks are 1e4x their biases and more; a gate of 1.0 over N(0, 0.05)
+# is coded (found by review: at 8x its rest is not kept, 4x met before), and
+# so are tight clusters JPEG codes well by rows or columns (found by review:
+# a conditional BatchNorm's gamma N(1, 0.01) beside its beta N(0, 0.005), a
+# fused LayerNorm's scale and bias, columns of 3 +- 0.01, raw at 5-6x the
+# bytes with a spread of 1/150-1/450 of the cluster's value).
 SENTINEL_SPAN = 64.0
+MASK_SPREAD = 2.0 ** -10
 
 
 def _sentinel(array: np.ndarray) -> float | None:
@@ -437,38 +442,41 @@ def _sentinel(array: np.ndarray) -> float | None:
     finfo.min or a second mask value, do not hide it: found by review), which
     holds more than an eighth of them with room for a sample's noise either
     side; a leaf without one among a few thousand values (a sixteenth of
-    them, a quarter of the span) is told at once (the whole sample's look
-    took 7% of a 2x target's save)."""
+    them, read a sixteenth in too, at 4x looser spans) is told at once (the
+    whole sample's look took 7% of a 2x target's save; found by review, read
+    an eighth in only, the few thousand missed masks of 13% of a leaf)."""
     values = np.asarray(array)
     flat = values.reshape(-1) if values.flags.c_contiguous else values.flat   # (no copy)
-    few = flat[quantized_vectors.sample_positions(values.size, 1 << 12)]
-    if _mask_center(np.asarray(few, np.float64), 1 / 16, SENTINEL_SPAN / 4) is None:
+    few = np.asarray(flat[quantized_vectors.sample_positions(values.size, 1 << 12)], np.float64)
+    if all(_mask_center(few, 1 / 16, 4, inner) is None for inner in (1 / 16, 1 / 8)):
         return None
     sample = flat[quantized_vectors.sample_positions(values.size, 1 << 16)]
-    return _mask_center(np.asarray(sample, np.float64), views.LOUD_VALUES_FEW, SENTINEL_SPAN)
+    return _mask_center(np.asarray(sample, np.float64), views.LOUD_VALUES_FEW)
 
 
-def _mask_center(sample: np.ndarray, share: float, span: float) -> float | None:
+def _mask_center(sample: np.ndarray, share: float, loose: float = 1,
+                 inner: float = 1 / 8) -> float | None:
     """The median of the values of ``sample`` (float64) beyond half its
-    value an eighth in from an end, that value negative at the low end or
-    positive at the high one, where more than ``share`` of them are and
-    that value is over ``span`` times both the others' RMS and their median
-    distance from their median; or None."""
+    value ``inner`` in from an end, that value negative at the low end or
+    positive at the high one, where more than ``share`` of them are and that
+    value is over SENTINEL_SPAN times the others' RMS and 1 / MASK_SPREAD
+    times their median distance from their median (each ``loose`` times
+    less); or None."""
     sample = sample[np.isfinite(sample)]
     if sample.size < 16:
         return None
-    inner = sample.size // 8
-    ends = np.partition(sample, (inner, sample.size - 1 - inner))
-    for end, outward in ((ends[inner], -1.0), (ends[-1 - inner], 1.0)):
+    at = int(sample.size * inner)
+    ends = np.partition(sample, (at, sample.size - 1 - at))
+    for end, outward in ((ends[at], -1.0), (ends[-1 - at], 1.0)):
         if end * outward <= 0:
             continue
         far = sample * outward >= abs(end) / 2
         cluster, rest = sample[far], sample[~far]
         if (cluster.size <= share * sample.size or not rest.size   # (a constant: review)
-                or abs(end) <= span * math.sqrt(np.mean(np.square(rest)))):
+                or loose * abs(end) <= SENTINEL_SPAN * math.sqrt(np.mean(np.square(rest)))):
             continue
         center = float(np.median(cluster))
-        if abs(end) > span * float(np.median(np.abs(cluster - center))):
+        if float(np.median(np.abs(cluster - center))) < loose * MASK_SPREAD * abs(end):
             return center
     return None
 
@@ -3104,7 +3112,9 @@ def _lossy_raw(array: np.ndarray, limits=None, first_moment: bool = False,
     # Half-precision leaves too, restored through float32 (found in session
     # 29: EfficientNet-lite1 in bfloat16 kept its vectors and small kernels
     # raw, 100 kB more than float32's at 8x, KL 0.069 against 0.045).
-    if quantizable(array.dtype):
+    # not a mask: a linear step set by it loses the rest (found by review: a
+    # -1e9 mask added to a bias, its rest restored as 0 at 4x and 8x)
+    if quantizable(array.dtype) and _sentinel(array) is None:
         limits = limits if limits is not None else _small_kernel_limits(array)
         how = limits.step_for(array) if limits is not None else None
     if how is not None:
