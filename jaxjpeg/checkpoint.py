@@ -448,64 +448,43 @@ def _sentinel(array: np.ndarray) -> float | None:
     values = np.asarray(array)
     flat = values.reshape(-1) if values.flags.c_contiguous else values.flat   # (no copy)
     few = np.asarray(flat[quantized_vectors.sample_positions(values.size, 1 << 12)], np.float64)
-    if not _may_be_masked(few):
+    if _mask_center(few, 1 / 16, 4, (1 / 16, 1 / 8)) is None:
         return None
     sample = flat[quantized_vectors.sample_positions(values.size, 1 << 16)]
-    return _mask_center(np.asarray(sample, np.float64))
+    return _mask_center(np.asarray(sample, np.float64), views.LOUD_VALUES_FEW)
 
 
-def _may_be_masked(few: np.ndarray) -> bool:
-    """Whether a few thousand values (float64) may hold a mask: _mask_center
-    at 4x looser spans, a sixteenth of them, read a sixteenth and an eighth
-    in, on one sort (its sums of squares from the rest's side, clear of a
-    huge mask's)."""
-    s = np.sort(few[np.isfinite(few)])
+def _mask_center(sample: np.ndarray, share: float, loose: float = 1,
+                 inners: tuple[float, ...] = (1 / 8,)) -> float | None:
+    """The median of the values of ``sample`` (float64) beyond half its
+    value ``inners`` in from an end, that value negative at the low end or
+    positive at the high one, where more than ``share`` of them are and that
+    value is over SENTINEL_SPAN times the others' RMS and 1 / MASK_SPREAD
+    times their median distance from their median (each ``loose`` times
+    less); or None. One sort, the others' sums of squares taken from their
+    side (clear of a huge mask's)."""
+    s = np.sort(sample[np.isfinite(sample)])
     n = s.size
     if n < 16:
-        return False
+        return None
     squares = s * s
     below, above = np.cumsum(squares), np.cumsum(squares[::-1])
-    for at in (n // 16, n // 8):
+    for at in (int(n * inner) for inner in inners):
         for end, outward in ((s[at], -1.0), (s[n - 1 - at], 1.0)):
             if end * outward <= 0:
                 continue
-            if outward < 0:   # the cluster s[:k], the rest after it
+            if outward < 0:   # the cluster s[:k], the others after it
                 k = int(np.searchsorted(s, end / 2, "right"))
-                cluster, rest, rest_squares = s[:k], n - k, above[n - k - 1] if k < n else 0.0
+                cluster, others, others_squares = s[:k], n - k, above[n - k - 1] if k < n else 0
             else:
                 k = int(np.searchsorted(s, end / 2, "left"))
-                cluster, rest, rest_squares = s[k:], k, below[k - 1] if k else 0.0
-            if (cluster.size <= n / 16 or not rest
-                    or 4 * abs(end) <= SENTINEL_SPAN * math.sqrt(rest_squares / rest)):
+                cluster, others, others_squares = s[k:], k, below[k - 1] if k else 0
+            if (cluster.size <= share * n or not others   # (a constant: found by review)
+                    or loose * abs(end) <= SENTINEL_SPAN * math.sqrt(others_squares / others)):
                 continue
             center = float(np.median(cluster))
-            if float(np.median(np.abs(cluster - center))) < 4 * MASK_SPREAD * abs(end):
-                return True
-    return False
-
-
-def _mask_center(sample: np.ndarray) -> float | None:
-    """The median of the values of ``sample`` (float64) beyond half its
-    value an eighth in from an end, that value negative at the low end or
-    positive at the high one, where more than views.LOUD_VALUES_FEW of them
-    are and that value is over SENTINEL_SPAN times the others' RMS and
-    1 / MASK_SPREAD times their median distance from their median; or None."""
-    sample = sample[np.isfinite(sample)]
-    if sample.size < 16:
-        return None
-    at = sample.size // 8
-    ends = np.partition(sample, (at, sample.size - 1 - at))
-    for end, outward in ((ends[at], -1.0), (ends[-1 - at], 1.0)):
-        if end * outward <= 0:
-            continue
-        far = sample * outward >= abs(end) / 2
-        cluster, rest = sample[far], sample[~far]
-        if (cluster.size <= views.LOUD_VALUES_FEW * sample.size   # (not rest: a constant, review)
-                or not rest.size or abs(end) <= SENTINEL_SPAN * math.sqrt(np.mean(np.square(rest)))):
-            continue
-        center = float(np.median(cluster))
-        if float(np.median(np.abs(cluster - center))) < MASK_SPREAD * abs(end):
-            return center
+            if float(np.median(np.abs(cluster - center))) < loose * MASK_SPREAD * abs(end):
+                return center
     return None
 
 
