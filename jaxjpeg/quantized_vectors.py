@@ -436,22 +436,22 @@ class Ladder:
                             self.sample, lambda: iter(self.chunks), self.middle)
 
 
-def _middle_order(x: np.ndarray, zero: np.ndarray | None) -> tuple[list, int]:
-    """([(i, x_i)] of the two order statistics whose codes' mean np.median
-    takes (the same one twice for odd sizes), the count of zeros): codes
-    keep the order of x, a zero's (floored) first among equal x (zeros are
-    the smallest x)."""
-    positions = [(x.size - 1) // 2, x.size // 2]
-    values = np.partition(x, positions)[positions]
+def _middle_order(x: np.ndarray, zero: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(:func:`middle_values` of ``x``, how many of them, the first, are
+    zeros': floored) of a sample's transformed values. Codes keep the order
+    of x, a zero's (floored) first among equal x (zeros are the smallest x)."""
     zeros = 0 if zero is None else int(np.count_nonzero(zero))
-    return [(i, float(v)) for i, v in zip(positions, values)], zeros
+    floored = sum(at < zeros for at in sorted({(x.size - 1) // 2, x.size // 2}))
+    return middle_values(x), floored
 
 
-def _center(middle: list, zeros: int, step: float) -> int | None:
-    """``int(np.median(codes))`` of a sample's codes on ``step`` from its
-    :func:`_middle_order`; None out of range."""
-    codes = [np.floor(x / step) if i < zeros else np.round(x / step) for i, x in middle]
-    center = (codes[0] + codes[1]) / 2
+def _center(middle: np.ndarray, floored: int, step: float) -> int | None:
+    """``int(np.median(codes))`` of values' codes on ``step`` from their
+    middle values (:func:`middle_values`; the first ``floored`` of them
+    zeros', floored: :func:`_middle_order`); None out of range."""
+    codes = np.round(middle / step)
+    codes[:floored] = np.floor(middle[:floored] / step)
+    center = float(np.median(codes))
     return int(center) if abs(center) < MAX_CODE else None
 
 
@@ -637,9 +637,10 @@ def step_rates(values: np.ndarray, steps, middle: np.ndarray,
     squares = np.empty(values.size)
     nbytes, sse = np.zeros(len(steps), np.int64), np.zeros(len(steps))
     for i, step in enumerate(steps):
-        center = int(np.median(np.round(middle / step)))
-        nbytes[i] = (_native.rice_step_bytes(values, float(step), center, weight, MAX_RICE,
-                                             squares) if abs(center) < 2**52 else -1)
+        center = _center(middle, 0, step)
+        nbytes[i] = (-1 if center is None else
+                     _native.rice_step_bytes(values, float(step), center, weight, MAX_RICE,
+                                             squares))
         if nbytes[i] < 0:   # a code too far to count natively
             nbytes[i] = coded_bytes(values, step, middle)
             sse[i] = rounding_sse(values, step, weight)

@@ -898,18 +898,24 @@ py::tuple RiceDecodeOf(const py::buffer& unary, int64_t unary_bit, const py::buf
   return py::make_tuple(out, unary_bit, remainder_bit);
 }
 
+// A step and the center codes are folded about, for the Rice step counts:
+// a positive finite step, a center within 2^52 (found by review: codes
+// folded about a farther one wrapped negative).
+void CheckStepAndCenter(double step, int64_t center) {
+  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
+  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
+    throw py::value_error("center must be within 2^52");
+  }
+}
+
 // quantized_vectors.step_rates: one step's bytes (RiceStepBytes), its
 // squared errors left in `squares` for numpy's sum (the sum thin curves took).
 int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, double step,
                         int64_t center, py::object weights, int max_rice,
                         py::array_t<double, py::array::c_style> squares) {
   const py::ssize_t n = values.size();
-  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
+  CheckStepAndCenter(step, center);
   if (max_rice < 0 || max_rice > 62) throw py::value_error("max_rice must be 0..62");
-  // (found by review: codes folded about a farther center wrapped negative)
-  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
-    throw py::value_error("center must be within 2^52");
-  }
   if (squares.size() != n) throw py::value_error("one square a value");
   std::optional<py::array_t<double, py::array::c_style>> w;
   if (!weights.is_none()) {
@@ -929,11 +935,8 @@ int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, d
 py::object StepCountsOf(const py::array_t<double, py::array::c_style>& x, py::object zero,
                         double step, int64_t center, int k, py::object folded) {
   const py::ssize_t n = x.size();
-  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
+  CheckStepAndCenter(step, center);
   if (k < 0 || k > 62) throw py::value_error("k must be 0..62");
-  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
-    throw py::value_error("center must be within 2^52");
-  }
   std::optional<py::array_t<uint8_t, py::array::c_style>> z;
   if (!zero.is_none()) {
     z = zero.cast<py::array_t<uint8_t, py::array::c_style>>();
