@@ -1319,7 +1319,7 @@ def test_a_pytorch_optimizers_state_in_memory_pairs_as_from_a_file(tmp_path):
     assert {l.kind for l in jaxjpeg.save(tmp_path / "v.jjpg", vae).leaves} == {"jpeg"}
 
 
-@pytest.mark.parametrize("dtype, ratio", [(ml_dtypes.bfloat16, 2.5), (np.float32, 2)])
+@pytest.mark.parametrize("dtype, ratio", [(ml_dtypes.bfloat16, 2.7), (np.float32, 2)])
 def test_generous_targets_weigh_finer_moments_against_raw_kernels(tmp_path, dtype, ratio):
     """Review of finer moments under generous targets: a bfloat16 state's
     exact rung was counted at its raw bytes, stored deflated (2.5x landed
@@ -1327,7 +1327,8 @@ def test_generous_targets_weigh_finer_moments_against_raw_kernels(tmp_path, dtyp
     took the bytes that had stored its kernels raw, and the kernels' next
     coding down (one fine step) left the 2x file 10.7% under. Now the
     exact rung is counted as stored, and finer moments are weighed against
-    raw kernels by the bytes each leaves unspent."""
+    raw kernels by the bytes each leaves unspent. (bfloat16 at 2.7x: with
+    its planes run-coded the whole state stored exactly fits 2.5x.)"""
     rng = np.random.default_rng(1)
     params = {"a": (rng.standard_normal((512, 1024)) / 22.6).astype(dtype),
               "b": (rng.standard_normal((1024, 512)) / 32).astype(dtype)}
