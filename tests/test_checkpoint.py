@@ -2289,7 +2289,7 @@ def test_a_dominant_flattened_vector_lands_its_byte_target(tmp_path, ratio):
 def test_exact_rungs_of_noisy_leaves_are_counted_from_a_sample():
     """A byte target counts every moment's exact rung: deflating each of
     1-4 MiB whole was a third of a training state's 2x target. Where the
-    planes do not repeat, 4 pieces of 256 KiB count them (within 0.5%)."""
+    planes do not repeat, 4 pieces of 128 KiB count them (within 0.5%)."""
     from jaxjpeg import checkpoint, quantized_vectors
 
     rng = np.random.default_rng(3)
