@@ -3809,9 +3809,14 @@ class _LogCoding:
         too, from now on (a plan that leaves bytes beyond the coded leaves'
         largest codings)."""
         self.finer = True
-        for leaf in leaves:   # a leaf read from a file measured now (review: read again)
+
+        def measure(leaf):   # a leaf read from a file measured now (review: read again)
             self.stored_bytes(leaf.name, leaf.array(), *self.measured[leaf.name],
                               values_of=leaf.array if leaf.resident else None)
+        for _ in in_order(measure, leaves, save_workers(),   # on the save's threads, as
+                          max((leaf.nbytes for leaf in leaves), default=0),   # analysed
+                          lambda leaf: leaf.nbytes):
+            pass
 
     def settle(self, budget: float, coded_values: int, coded_bytes: float = 0.0,
                raw_extras: Sequence[float] = (), slack: float = 0.0) -> float:
