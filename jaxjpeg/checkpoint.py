@@ -3225,6 +3225,12 @@ def _stored_exactly(array: np.ndarray) -> bool:
     return few and _exact_alternative(array, few) is not None
 
 
+def _alternative(array: np.ndarray) -> tuple[bool, tuple | None]:
+    """(_few_values, _exact_alternative) of ``array``."""
+    few = _few_values(array)
+    return few, _exact_alternative(array, few)
+
+
 def _exact_alternative(array: np.ndarray, few: bool, half=None) -> tuple | None:
     """(blob, record fields, note) of a leaf stored exactly: one of ``few``
     values (_few_values) in its own dtype, deflated; a float32 one every
@@ -3656,7 +3662,7 @@ class _LogCoding:
 
     def stored(self, array: np.ndarray, signed: bool, step: float | None = None,
                first: np.ndarray | None = None, first_step: float | None = None,
-               counted: bool = False, ladder=None) -> tuple | None:
+               counted: bool = False, ladder=None, alternative=None) -> tuple | None:
         """(blob, record fields, note), or None: stored exactly. A leaf of
         few values or float16 holds exactly (a 0/1 mask, counts) is stored
         exactly where that is smaller (found in session 31: a float32 0/1
@@ -3665,10 +3671,11 @@ class _LogCoding:
         moment's values, on ``first_step``) as its variance. Step 0.0: the
         ladder's exact rung. ``counted``: a log2 coding's blob counted
         (quantized_vectors.Counted), where no error bound is checked on it;
-        ``ladder``: magnitudes.counted_ladder(array, signed), for those."""
+        ``ladder``: magnitudes.counted_ladder(array, signed), for those;
+        ``alternative``: (_few_values, _exact_alternative) of ``array``,
+        where the caller has them (a ladder's steps of one probe)."""
         step = self.step if step is None else step
-        few = _few_values(array)
-        exact = _exact_alternative(array, few)
+        few, exact = alternative or _alternative(array)
         # A mask: exact at any step (review: a bfloat16 one came back 0 / 0.75);
         # a centered second moment only beside an exact first one (review: a
         # two-valued nu took 24x its bytes, lossy), whose error its variance
@@ -3753,14 +3760,15 @@ class _LogCoding:
             scale = array.size / _LADDER_PROBE
             if first is not None:   # the same positions
                 first = quantized_vectors.sampled(first.reshape(-1), _LADDER_PROBE)
-        sizes, ladder = [], None
+        sizes, ladder, alternative = [], None, None
         for step in steps:   # each plan of a save measures again: its leaves are the same
             key = (name, step, signed, first is None)
             if key not in self.sizes_at:
                 if ladder is None and first is None and len(steps) > 1:   # (a probe's)
                     ladder = magnitudes.counted_ladder(probe, signed)
+                alternative = alternative or _alternative(probe)
                 coded = self.stored(probe, signed, step, first=first, first_step=step,
-                                    counted=True, ladder=ladder)
+                                    counted=True, ladder=ladder, alternative=alternative)
                 # None: stored exactly, deflated (found by review: counted raw,
                 # a bfloat16 state's 2.5x landed 25% under)
                 self.sizes_at[key] = (_EXACT_RUNG if coded is None
