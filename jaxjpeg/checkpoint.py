@@ -2783,13 +2783,6 @@ DEFLATE_HALF_MAX_BYTES = 4 * 2**20
 # masks and counts (a 3 M-value 0/1 mask: 8 -> 0.6 MB, 0.4 s).
 DEFLATE_PAYS = 0.5
 FAST_DEFLATE_BYTES = 64 * 2**20
-# Deflated sizes wanted alone (a byte target's exact rungs) are counted from
-# 4 pieces of 128 KiB over this size where they deflate to over DEFLATE_PAYS
-# (every moment of a training state deflated whole was a third of its 2x
-# target's time; a smaller share is matches, which do not scale: a table
-# whose rows repeat counted from pieces took 2.5x its bytes).
-COUNTED_WHOLE_BYTES = 2**19
-COUNTED_PIECE_BYTES = 2**17
 
 
 def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
@@ -2799,21 +2792,17 @@ def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
     FAST_DEFLATE_BYTES at zlib's fastest level (found by review: 100 M int8
     values of 0..3 took 10 s to deflate at level 6, 2 s at 1 for 13% more
     bytes; a 0/1 mask's planes take 40% more at 1). ``counted``: one over
-    COUNTED_WHOLE_BYTES as its size (a quantized_vectors.Counted) from a
-    sample (4 small pieces up to DEFLATE_HALF_MAX_BYTES, where their share
-    is over DEFLATE_PAYS) at the level it is stored at (found by review:
-    estimated at the fastest, a quantized graph's 8 MB uint8 leaf was counted 9% over;
+    DEFLATE_HALF_MAX_BYTES as its size (a quantized_vectors.Counted) from
+    the sample at the level it is stored at (found by review: estimated at
+    the fastest, a quantized graph's 8 MB uint8 leaf was counted 9% over;
     pieces smaller than the sample's 64 KiB of a float32 byte plane missed
     repeats zlib's 32 KiB window finds, tables of repeating rows 26-340% over)."""
     flat = _little_endian(array)
-    if flat.nbytes > DEFLATE_HALF_MAX_BYTES and _sampled_deflate_share(flat) > DEFLATE_PAYS:
-        return None
-    if counted and flat.nbytes > COUNTED_WHOLE_BYTES:
-        large = flat.nbytes > DEFLATE_HALF_MAX_BYTES
-        share = (_sampled_deflate_share(flat, _deflate_level(flat)) if large else
-                 _sampled_deflate_share(flat, _deflate_level(flat), 4, COUNTED_PIECE_BYTES))
-        if large or share > DEFLATE_PAYS:   # else matches may make it: deflated whole
-            size = int(share * flat.nbytes)
+    if flat.nbytes > DEFLATE_HALF_MAX_BYTES:
+        if _sampled_deflate_share(flat) > DEFLATE_PAYS:
+            return None
+        if counted:
+            size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
             return quantized_vectors.Counted(size) if size < flat.nbytes else None
     packed = layout.deflate_planes(flat, _deflate_level(flat))
     return packed if len(packed) < flat.nbytes else None
@@ -2830,13 +2819,11 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
 _DEFLATE_SAMPLE_PIECES = 16
 
 
-def _sampled_deflate_share(flat: np.ndarray, level: int = 1,
-                           pieces: int = _DEFLATE_SAMPLE_PIECES,
-                           piece_bytes: int = 1 << 18) -> float:
+def _sampled_deflate_share(flat: np.ndarray, level: int = 1) -> float:
     """The share of its size a large 1-D ``flat`` deflates to at zlib's
-    ``level``, estimated on ``pieces`` of ``piece_bytes`` spread over it."""
-    piece = max(1, piece_bytes // flat.itemsize)
-    starts = np.linspace(0, max(0, flat.size - piece), pieces).astype(np.int64)
+    ``level``, estimated on pieces spread over it."""
+    piece = max(1, (1 << 18) // flat.itemsize)
+    starts = np.linspace(0, max(0, flat.size - piece), _DEFLATE_SAMPLE_PIECES).astype(np.int64)
     sample = np.concatenate([flat[s:s + piece] for s in starts])
     return len(layout.deflate_planes(sample, level)) / max(1, sample.nbytes)
 

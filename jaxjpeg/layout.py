@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxjpeg import _native
 from jaxjpeg.treepaths import path_string
 
 
@@ -85,7 +86,7 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
     a plane (:func:`_plane_stream`): string matching (at ``level``) only
     where it may pay."""
     planes = np.ascontiguousarray(values).view(np.uint8).reshape(-1, values.dtype.itemsize).T
-    if planes.size <= _REPEATS_PIECE:   # side data: its planes matched into each other
+    if planes.size <= _SMALL_BYTES:   # side data: its planes matched into each other
         planes = np.ascontiguousarray(planes).reshape(1, -1)
     checksum, parts = zlib.adler32(b""), [_ZLIB_HEADER]
     for k, plane in enumerate(planes):
@@ -102,13 +103,15 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
 # float32) and Huffman codes took 0.836 of an 8 MB embedding's planes in 49
 # ms, zlib's level 6 0.853 in 350 ms (its matches cost more bits than the
 # bytes they replace).
-_REPEATS_PIECE = 1 << 16
+_SMALL_BYTES = 1 << 16   # data, or a plane, this small is matched at its level too
+_MATCH_CODE_BYTES = 3   # a match's length and distance codes, about
 # Huffman codes take a bit a byte at least: where a plane took under this
 # share, matching (a code for many bytes) may win where zlib's fastest level
-# does not show it (a 0 / -1e9 mask's planes).
-_HUFFMAN_FLOOR_SHARE = 3 / 16
-# The share of a plane's run-coded bytes its fastest matching must save to be
-# tried at the plane's level (random bytes: both stored, a few bytes apart).
+# does not show it (a 0 / -1e9 mask's planes; a table of sines' exponents:
+# 0.20 run-coded, 0.10 at level 6, 2% less at level 1: review).
+_HUFFMAN_FLOOR_SHARE = 1 / 4
+# The share of a plane's run-coded bytes matching must save to be tried at
+# the plane's level.
 _MATCHING_PAYS = 1 / 64
 # A zlib stream's header (deflate, 32 KiB window, no dictionary); the planes'
 # raw deflate streams follow it, then the Adler-32 of all their bytes.
@@ -121,7 +124,7 @@ def _plane_stream(plane: np.ndarray, level: int, last: bool) -> bytes:
     boundary (a sync flush) unless ``last``, so the next plane's follow it."""
     end = zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH
     coded = _raw_deflate(plane, zlib.Z_RLE, level, end)
-    if (plane.size <= _REPEATS_PIECE or len(coded) < _HUFFMAN_FLOOR_SHARE * plane.size
+    if (plane.size <= _SMALL_BYTES or len(coded) < _HUFFMAN_FLOOR_SHARE * plane.size
             or _repeats_pay(plane, len(coded))):
         coded = min(coded, _raw_deflate(plane, zlib.Z_DEFAULT_STRATEGY, level, end), key=len)
     return coded
@@ -135,16 +138,14 @@ def _raw_deflate(data: np.ndarray, strategy: int, level: int = DEFLATE_LEVEL,
 
 
 def _repeats_pay(plane: np.ndarray, run_coded_bytes: int) -> bool:
-    """Whether string matching at zlib's fastest level shortens a large
-    ``plane`` by over _MATCHING_PAYS of its run coding (``run_coded_bytes``),
-    judged on pieces evenly inside it, each twice zlib's 32 KiB window (the
-    farthest back a match reaches): one, or two in a plane over 8 pieces."""
-    count = 1 if plane.size <= 8 * _REPEATS_PIECE else 2
-    starts = np.linspace(0, plane.size - _REPEATS_PIECE, count + 2)[1:-1].astype(np.int64)
-    pieces = [plane[s:s + _REPEATS_PIECE] for s in starts]
-    matched = sum(len(_raw_deflate(piece, zlib.Z_DEFAULT_STRATEGY, 1)) for piece in pieces)
-    run_coded = sum(len(_raw_deflate(piece, zlib.Z_RLE)) for piece in pieces)
-    return matched < (1 - _MATCHING_PAYS) * run_coded
+    """Whether string matching may shorten ``plane`` by over _MATCHING_PAYS
+    of its run coding (``run_coded_bytes``): the bytes inside the repeats a
+    fast matcher meets (xla_ops/repeats.h: runs aside, 5 GB/s on noise,
+    where zlib's fastest level took 70 MB/s) at their share of that coding,
+    less about 3 bytes a match."""
+    matched, matches = _native.repeats(plane)
+    saving = matched * run_coded_bytes / max(1, plane.size) - _MATCH_CODE_BYTES * matches
+    return saving > _MATCHING_PAYS * run_coded_bytes
 
 
 # The record's "stored" value for a leaf of a sub-byte dtype (int4, uint4,

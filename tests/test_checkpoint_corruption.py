@@ -695,13 +695,26 @@ def test_float_noise_planes_are_not_string_matched(size):
     np.testing.assert_array_equal(layout.inflate_planes(data, "<f4", size), values)
 
 
-@pytest.mark.parametrize("kind", ["mask", "table", "ramp", "half_zero_bytes", "two_regions"])
+def _rows_of_one_row(rng, shape, rows):
+    table = rng.normal(0, 1, shape).astype("<f4")
+    table[rows] = table.mean(axis=0)
+    return table.reshape(-1)
+
+
+@pytest.mark.parametrize("kind", ["mask", "table", "ramp", "half_zero_bytes", "two_regions",
+                                  "tail_rows", "middle_rows", "period_32000"])
 def test_planes_with_repeats_are_still_matched(kind):
     """Where matching pays (masks of two values, repeating rows, smooth or
     partly constant bytes), the planes deflate no larger than level 6 did
-    (but for each plane's flush: a few bytes)."""
+    (but for each plane's flush: a few bytes). Found by review: judged on a
+    piece or two of each plane, an embedding whose last quarter of rows is
+    its mean row (resized with mean rows) took 27% more, one with rows
+    1000-8999 so 23%."""
     rng = np.random.default_rng(2)
     values = {
+        "tail_rows": lambda: _rows_of_one_row(rng, (8192, 256), slice(6144, None)),
+        "middle_rows": lambda: _rows_of_one_row(rng, (32000, 64), slice(1000, 9000)),
+        "period_32000": lambda: np.tile(rng.normal(0, 1, 32000), 32).astype("<f4"),
         "mask": lambda: np.where(rng.random(400_000) < 0.5, 0, -1e9).astype("<f4"),
         "table": lambda: np.tile(rng.integers(0, 1 << 30, 16384), 30).astype("<i4"),
         "ramp": lambda: (np.arange(500_000) // 7).astype("<u4"),
@@ -710,8 +723,27 @@ def test_planes_with_repeats_are_still_matched(kind):
                                                np.zeros(200_000, "<f4")]),
     }[kind]()
     data = layout.deflate_planes(values)
-    assert len(data) <= len(_planes_at_level(values)) + 32
+    assert len(data) <= 1.002 * len(_planes_at_level(values)) + 32
     np.testing.assert_array_equal(layout.inflate_planes(data, values.dtype, values.size), values)
+
+
+def test_repeats_are_counted_past_runs_and_within_the_window():
+    """The matcher the planes are judged by (xla_ops/repeats.h) counts
+    copies 2 to 32,768 bytes back, not runs of one byte (Z_RLE codes them)."""
+    from jaxjpeg import _native
+
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    assert _native.repeats(noise) == (0, 0)
+    assert _native.repeats(np.zeros(1 << 20, np.uint8))[0] == 0
+    for period, counted in ((2, True), (32_000, True), (32_768, True), (40_000, False)):
+        data = np.tile(rng.integers(0, 256, period, dtype=np.uint8), 200_000 // period + 2)
+        matched, matches = _native.repeats(data)
+        assert (matched > 0.9 * (data.size - period)) == counted, period
+        assert matched <= data.size and 8 * matches <= matched
+    assert _native.repeats(np.arange(7, dtype=np.uint8)) == (0, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native.repeats(noise[::2])
 
 
 @pytest.mark.parametrize("kind", ["smooth", "random"])

@@ -27,6 +27,7 @@
 #include "parallel_for.h"
 #include "quant_tables.h"
 #include "rate_probe.h"
+#include "repeats.h"
 #include "rice_code.h"
 #include "stream_header.h"
 
@@ -1031,6 +1032,16 @@ py::array_t<uint16_t> QualityTable(int quality, int bits) {
   return table;
 }
 
+py::tuple RepeatsOf(const py::buffer& data) {
+  const py::buffer_info b = ContiguousBytes(data);
+  RepeatCount count;
+  {
+    py::gil_scoped_release release;
+    count = CountRepeats(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize);
+  }
+  return py::make_tuple(count.bytes, count.matches);
+}
+
 uint32_t Crc32cOf(const py::buffer& data, uint32_t crc) {
   const py::buffer_info b = ContiguousBytes(data);
   py::gil_scoped_release release;
@@ -1193,6 +1204,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
+  m.def("repeats", &RepeatsOf, py::arg("data"),
+        "(bytes inside matches, matches) of a greedy pass over C-contiguous bytes for earlier "
+        "copies 2 to 32,768 bytes back of 8 bytes or more (xla_ops/repeats.h).");
   m.def("ffi_targets", [] {
     py::dict targets;
     targets["jaxjpeg_decode"] = py::capsule(reinterpret_cast<void*>(&JaxjpegDecodeCpu));

@@ -1,0 +1,29 @@
+// Repeats within deflate's window, counted in one pass (jaxjpeg.layout,
+// host only): whether deflate's string matching may pay on a byte plane
+// beyond coding its runs and Huffman codes (zlib's Z_RLE), without running
+// zlib's matcher (3x Z_RLE's time on float weights, where it never pays).
+#ifndef JAXJPEG_REPEATS_H_
+#define JAXJPEG_REPEATS_H_
+
+#include <cstdint>
+
+namespace jaxjpeg {
+
+struct RepeatCount {
+  int64_t bytes = 0;     // bytes inside the matches
+  int64_t matches = 0;   // how many matches
+};
+
+// Greedy, as a fast LZ77 matcher: each position's 4-byte hash finds the last
+// position that shared it; where that lies 2 to 32,768 bytes back and the
+// next kRepeatMinMatch bytes agree, the match is extended (to 258 bytes,
+// deflate's longest) and counted, and the scan goes on past it; after every
+// 64 misses in a row one more position is skipped (up to 31). Runs of one
+// byte are left out (distance 1, or 8 equal bytes): Z_RLE codes them too.
+RepeatCount CountRepeats(const uint8_t* data, int64_t n);
+
+constexpr int kRepeatMinMatch = 8;   // (IsRun reads them as one 64-bit word)
+
+}  // namespace jaxjpeg
+
+#endif  // JAXJPEG_REPEATS_H_
