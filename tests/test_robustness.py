@@ -723,52 +723,44 @@ def test_fuzz_regressions_under_sanitizers(tmp_path):
     assert f"replayed {len(inputs)} inputs" in run.stderr
 
 
-def test_rice_code_under_sanitizers(tmp_path):
-    """The quantized vectors' native Rice code (xla_ops/rice_code.cc: counts
-    two values at a time or one, the parameter walk, packing, decoding and
-    streams cut short) on 4,000 random vectors, built with ASan + UBSan and
-    without -fwrapv (tests/fuzz/rice_checks.cc): no read or write past a
-    buffer, no signed overflow (found so: the two-at-a-time pass summed a
-    failed block's lanes in signed arithmetic), the counts a plain
-    reference's."""
+def _sanitized_run(tmp_path, harness: str, source: str) -> str:
+    """stdout of tests/fuzz/``harness`` built beside xla_ops/``source``
+    with ASan + UBSan (without -fwrapv: signed overflow is reported) and
+    run; the test fails on a failed build or run."""
     import shutil
     import subprocess
 
     compiler = shutil.which("clang++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    binary = tmp_path / "rice_checks"
+    binary = tmp_path / harness.removesuffix(".cc")
     build = subprocess.run(
         [compiler, "-std=c++17", "-g", "-O1", "-ffp-contract=off",
          "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-         "-I", str(REPO_ROOT / "xla_ops"), str(FUZZ_DIR / "rice_checks.cc"),
-         str(REPO_ROOT / "xla_ops" / "rice_code.cc"), "-o", str(binary)],
+         "-I", str(REPO_ROOT / "xla_ops"), str(FUZZ_DIR / harness),
+         str(REPO_ROOT / "xla_ops" / source), "-o", str(binary)],
         capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "rice checks: 4000 vectors, 0 failures" in run.stdout
+    return run.stdout
+
+
+def test_rice_code_under_sanitizers(tmp_path):
+    """The quantized vectors' native Rice code (xla_ops/rice_code.cc: counts
+    two values at a time or one, the parameter walk, packing, decoding and
+    streams cut short) on 4,000 random vectors (tests/fuzz/rice_checks.cc):
+    no read or write past a buffer, no signed overflow (found so: the
+    two-at-a-time pass summed a failed block's lanes in signed arithmetic),
+    the counts a plain reference's."""
+    out = _sanitized_run(tmp_path, "rice_checks.cc", "rice_code.cc")
+    assert "rice checks: 4000 vectors, 0 failures" in out
 
 
 def test_repeat_counter_under_sanitizers(tmp_path):
     """The byte planes' repeat counter (xla_ops/repeats.cc, which decides
     whether deflate's string matching is tried) on 400 random buffers with
-    repeats at distances up to 40,000, built with ASan + UBSan
-    (tests/fuzz/repeats_checks.cc): no read past a buffer, the counts a
-    plain reference's."""
-    import shutil
-    import subprocess
-
-    compiler = shutil.which("clang++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    binary = tmp_path / "repeats_checks"
-    build = subprocess.run(
-        [compiler, "-std=c++17", "-g", "-O1", "-fsanitize=address,undefined",
-         "-fno-sanitize-recover=undefined", "-I", str(REPO_ROOT / "xla_ops"),
-         str(FUZZ_DIR / "repeats_checks.cc"), str(REPO_ROOT / "xla_ops" / "repeats.cc"),
-         "-o", str(binary)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "repeat checks: 400 buffers, 0 failures" in run.stdout
+    repeats at distances up to 40,000 (tests/fuzz/repeats_checks.cc): no
+    read past a buffer, the counts a plain reference's."""
+    out = _sanitized_run(tmp_path, "repeats_checks.cc", "repeats.cc")
+    assert "repeat checks: 400 buffers, 0 failures" in out
