@@ -106,9 +106,10 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
 _SMALL_BYTES = 1 << 16   # data, or a plane, this small is matched at its level too
 _MATCH_CODE_BYTES = 3   # a match's length and distance codes, about
 # Huffman codes take a bit a byte at least: where a plane took under this
-# share, matching (a code for many bytes) may win where zlib's fastest level
-# does not show it (a 0 / -1e9 mask's planes; a table of sines' exponents:
-# 0.20 run-coded, 0.10 at level 6, 2% less at level 1: review).
+# share, level 6's short matches may win (a 0 / -1e9 mask's planes; a table
+# of sines' exponents: 0.20 run-coded, 0.10 at level 6: review); zlib's
+# fastest level's seldom do (a 100 M-value 0/1 mask: 0.145 at level 1, 0.103
+# run-coded, the two taking 1.7x level 1's time: review).
 _HUFFMAN_FLOOR_SHARE = 1 / 4
 # The share of a plane's run-coded bytes matching must save to be tried at
 # the plane's level.
@@ -124,8 +125,8 @@ def _plane_stream(plane: np.ndarray, level: int, last: bool) -> bytes:
     boundary (a sync flush) unless ``last``, so the next plane's follow it."""
     end = zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH
     coded = _raw_deflate(plane, zlib.Z_RLE, level, end)
-    if (plane.size <= _SMALL_BYTES or len(coded) < _HUFFMAN_FLOOR_SHARE * plane.size
-            or _repeats_pay(plane, len(coded))):
+    near_floor = level > 1 and len(coded) < _HUFFMAN_FLOOR_SHARE * plane.size
+    if plane.size <= _SMALL_BYTES or near_floor or _repeats_pay(plane, len(coded)):
         coded = min(coded, _raw_deflate(plane, zlib.Z_DEFAULT_STRATEGY, level, end), key=len)
     return coded
 
