@@ -729,19 +729,23 @@ def test_planes_with_repeats_are_still_matched(kind):
 
 def test_repeats_are_counted_past_runs_and_within_the_window():
     """The matcher the planes are judged by (xla_ops/repeats.h) counts
-    copies 2 to 32,768 bytes back, not runs of one byte (Z_RLE codes them)."""
+    copies 2 to 32,768 bytes back, not runs of one byte (Z_RLE codes them),
+    matches of 4-7 bytes apart from longer ones."""
     from jaxjpeg import _native
 
     rng = np.random.default_rng(5)
     noise = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
-    assert _native.repeats(noise) == (0, 0)
-    assert _native.repeats(np.zeros(1 << 20, np.uint8))[0] == 0
+    assert _native.repeats(noise) == ((0, 0), (0, 0))
+    assert _native.repeats(np.zeros(1 << 20, np.uint8)) == ((0, 0), (0, 0))
     for period, counted in ((2, True), (32_000, True), (32_768, True), (40_000, False)):
         data = np.tile(rng.integers(0, 256, period, dtype=np.uint8), 200_000 // period + 2)
-        matched, matches = _native.repeats(data)
-        assert (matched > 0.9 * (data.size - period)) == counted, period
-        assert matched <= data.size and 8 * matches <= matched
-    assert _native.repeats(np.arange(7, dtype=np.uint8)) == (0, 0)
+        (short, shorts), (long, longs) = _native.repeats(data)
+        assert (long > 0.9 * (data.size - period)) == counted, period
+        assert long + short <= data.size and 8 * longs <= long and 4 * shorts <= short
+    motifs = rng.integers(0, 256, (64, 5), dtype=np.uint8)[rng.integers(0, 64, 50_000)]
+    (short, shorts), (long, longs) = _native.repeats(motifs.reshape(-1))
+    assert short > 0.5 * motifs.size and long < 0.2 * motifs.size
+    assert _native.repeats(np.arange(3, dtype=np.uint8)) == ((0, 0), (0, 0))
     with pytest.raises(ValueError, match="contiguous"):
         _native.repeats(noise[::2])
 

@@ -1039,7 +1039,8 @@ py::tuple RepeatsOf(const py::buffer& data) {
     py::gil_scoped_release release;
     count = CountRepeats(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize);
   }
-  return py::make_tuple(count.bytes, count.matches);
+  return py::make_tuple(py::make_tuple(count.bytes[0], count.matches[0]),
+                        py::make_tuple(count.bytes[1], count.matches[1]));
 }
 
 uint32_t Crc32cOf(const py::buffer& data, uint32_t crc) {
@@ -1205,8 +1206,8 @@ PYBIND11_MODULE(_native, m) {
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
   m.def("repeats", &RepeatsOf, py::arg("data"),
-        "(bytes inside matches, matches) of a greedy pass over C-contiguous bytes for earlier "
-        "copies 2 to 32,768 bytes back of 8 bytes or more (xla_ops/repeats.h).");
+        "((bytes inside, count) of matches of 4-7 bytes, the same of longer ones) of a greedy "
+        "pass over C-contiguous bytes for copies 2 to 32,768 bytes back (xla_ops/repeats.h).");
   m.def("ffi_targets", [] {
     py::dict targets;
     targets["jaxjpeg_decode"] = py::capsule(reinterpret_cast<void*>(&JaxjpegDecodeCpu));

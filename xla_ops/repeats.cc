@@ -7,6 +7,7 @@
 namespace jaxjpeg {
 namespace {
 
+static_assert(kRepeatMinMatch == 4, "HashOf and IsRun read 4 bytes");
 constexpr int kHashBits = 15;
 constexpr int64_t kWindow = 32768;   // deflate's: the farthest back a match reaches
 constexpr int64_t kLongestMatch = 258;
@@ -18,11 +19,11 @@ uint32_t HashOf(const uint8_t* p) {
   return (word * 2654435761u) >> (32 - kHashBits);   // Knuth's multiplicative hash
 }
 
-// Whether the kRepeatMinMatch bytes at `p` are one byte repeated.
+// Whether the kRepeatMinMatch (4) bytes at `p` are one byte repeated.
 bool IsRun(const uint8_t* p) {
-  uint64_t word;
+  uint32_t word;
   std::memcpy(&word, p, sizeof word);
-  return word == p[0] * uint64_t{0x0101010101010101};
+  return word == p[0] * 0x01010101u;
 }
 
 }  // namespace
@@ -51,8 +52,9 @@ RepeatCount CountRepeats(const uint8_t* data, int64_t n) {
            data[candidate + length] == data[i + length]) {
       ++length;
     }
-    count.bytes += length;
-    ++count.matches;
+    const int kind = length >= kRepeatLongMatch;
+    count.bytes[kind] += length;
+    ++count.matches[kind];
     misses = 0;
     i += length;
   }

@@ -9,9 +9,16 @@
 
 namespace jaxjpeg {
 
+constexpr int kRepeatMinMatch = 4;
+constexpr int kRepeatLongMatch = 8;
+
+// Matches shorter than kRepeatLongMatch and the others apart: a short
+// match's code may cost more than its bytes did (chance matches in a
+// plane's skewed bytes), and must not hide the long ones a copied stretch
+// gives.
 struct RepeatCount {
-  int64_t bytes = 0;     // bytes inside the matches
-  int64_t matches = 0;   // how many matches
+  int64_t bytes[2] = {0, 0};     // bytes inside the short matches, the long ones
+  int64_t matches[2] = {0, 0};   // how many
 };
 
 // Greedy, as a fast LZ77 matcher: each position's 4-byte hash finds the last
@@ -19,10 +26,8 @@ struct RepeatCount {
 // next kRepeatMinMatch bytes agree, the match is extended (to 258 bytes,
 // deflate's longest) and counted, and the scan goes on past it; after every
 // 64 misses in a row one more position is skipped (up to 31). Runs of one
-// byte are left out (distance 1, or 8 equal bytes): Z_RLE codes them too.
+// byte are left out (distance 1, or 4 equal bytes): Z_RLE codes them too.
 RepeatCount CountRepeats(const uint8_t* data, int64_t n);
-
-constexpr int kRepeatMinMatch = 8;   // (IsRun reads them as one 64-bit word)
 
 }  // namespace jaxjpeg
 

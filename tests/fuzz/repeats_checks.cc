@@ -23,16 +23,16 @@ void Expect(bool ok, const char* what, int trial) {
 // CountRepeats' pass written plainly: byte by byte, no word loads.
 jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n) {
   jaxjpeg::RepeatCount count;
-  if (n < 8) return count;
+  if (n < 4) return count;
   std::vector<int64_t> last(1 << 15, -1);
   int64_t i = 0, misses = 0;
-  while (i <= n - 8) {
+  while (i <= n - 4) {
     const uint32_t word = d[i] | d[i + 1] << 8 | d[i + 2] << 16 | uint32_t{d[i + 3]} << 24;
     const uint32_t h = (word * 2654435761u) >> 17;
     const int64_t candidate = last[h];
     last[h] = i;
     bool run = true, same = candidate >= 0;
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
       run = run && d[i + j] == d[i];
       same = same && d[candidate + j] == d[i + j];
     }
@@ -41,10 +41,10 @@ jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n) {
       i += skip < 32 ? skip : 32;
       continue;
     }
-    int64_t length = 8;
+    int64_t length = 4;
     while (length < 258 && i + length < n && d[candidate + length] == d[i + length]) ++length;
-    count.bytes += length;
-    ++count.matches;
+    count.bytes[length >= 8] += length;
+    ++count.matches[length >= 8];
     misses = 0;
     i += length;
   }
@@ -55,7 +55,7 @@ jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n) {
 
 int main() {
   std::mt19937_64 rng(11);
-  const int64_t sizes[] = {0, 1, 7, 8, 9, 258, 4096, 40000, 70001, 300000};
+  const int64_t sizes[] = {0, 1, 3, 4, 5, 258, 4096, 40000, 70001, 300000};
   const int kTrials = 400;
   int64_t matched = 0;
   for (int trial = 0; trial < kTrials; ++trial) {
@@ -69,12 +69,18 @@ int main() {
     }
     const jaxjpeg::RepeatCount got = jaxjpeg::CountRepeats(data.get(), n);
     const jaxjpeg::RepeatCount want = Reference(data.get(), n);
-    Expect(got.bytes == want.bytes && got.matches == want.matches, "counts differ", trial);
-    Expect(got.bytes <= n && got.matches * 8 <= got.bytes, "counts out of range", trial);
-    matched += got.bytes;
+    for (int kind = 0; kind < 2; ++kind) {
+      Expect(got.bytes[kind] == want.bytes[kind] && got.matches[kind] == want.matches[kind],
+             "counts differ", trial);
+      Expect(got.matches[kind] * (kind ? 8 : 4) <= got.bytes[kind] &&
+                 got.bytes[kind] <= (kind ? 258 : 7) * got.matches[kind],
+             "counts out of range", trial);
+      matched += got.bytes[kind];
+    }
+    Expect(got.bytes[0] + got.bytes[1] <= n, "more bytes than the buffer", trial);
   }
   Expect(matched > 0, "no repeat met in any buffer", -1);
-  Expect(jaxjpeg::CountRepeats(nullptr, 100).bytes == 0, "a null buffer counted", -1);
+  Expect(jaxjpeg::CountRepeats(nullptr, 100).matches[1] == 0, "a null buffer counted", -1);
   std::printf("repeat checks: %d buffers, %d failures\n", kTrials, failures);
   return failures ? 1 : 0;
 }
