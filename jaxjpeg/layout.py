@@ -86,7 +86,7 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
     a plane (:func:`_plane_stream`): string matching (at ``level``) only
     where it may pay."""
     planes = np.ascontiguousarray(values).view(np.uint8).reshape(-1, values.dtype.itemsize).T
-    if planes.size <= _SMALL_BYTES:   # side data: its planes matched into each other
+    if planes.size <= _ONE_STREAM_BYTES:   # side data: its planes matched into each other
         planes = np.ascontiguousarray(planes).reshape(1, -1)
     checksum, parts = zlib.adler32(b""), [_ZLIB_HEADER]
     for k, plane in enumerate(planes):
@@ -103,8 +103,19 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
 # float32) and Huffman codes took 0.836 of an 8 MB embedding's planes in 49
 # ms, zlib's level 6 0.853 in 350 ms (its matches cost more bits than the
 # bytes they replace).
-_SMALL_BYTES = 1 << 16   # data, or a plane, this small is matched at its level too
+_SMALL_BYTES = 1 << 16   # a plane this small is matched at its level too
+# Data this small is one stream, its planes in order: one plane may copy
+# another (found by review: grey RGBA pixels of 16,385-32,500 values took
+# 2.9x their bytes coded a plane at a time).
+_ONE_STREAM_BYTES = 1 << 17
 _MATCH_CODE_BYTES = 3   # a match's length and distance codes, about
+# Where matches of 4-7 bytes cover this share of a plane or more, their
+# codes' cost is not known well enough (deflate's Huffman codes make the
+# frequent ones short): zlib's fastest level is tried on a piece of the
+# plane (found by review: smooth int8 rows, level 6 0.22 of their bytes,
+# run-coded 0.33, saved nothing at 3 bytes a match).
+_SHORT_MATCHES_SHARE = 1 / 4
+_PIECE_BYTES = 1 << 16   # twice the farthest back a match reaches
 # Huffman codes take a bit a byte at least: where a plane took under this
 # share, level 6's short matches may win (a 0 / -1e9 mask's planes; a table
 # of sines' exponents: 0.20 run-coded, 0.10 at level 6: review); zlib's
@@ -145,11 +156,20 @@ def _repeats_pay(plane: np.ndarray, run_coded_bytes: int) -> bool:
     where zlib's fastest level took 70 MB/s) at their share of that coding,
     less about 3 bytes a match, short matches and long ones apart (found by
     review: counting 8 bytes or more, it missed smooth int8 rows' 3-7 byte
-    repeats, 1.7x level 6's bytes)."""
+    repeats, 1.7x level 6's bytes); where short ones are many, zlib's
+    fastest level on a piece decides (_SHORT_MATCHES_SHARE)."""
     share = run_coded_bytes / max(1, plane.size)
+    counts = _native.repeats(plane)   # (short matches, long ones)
     saving = sum(max(0.0, matched * share - _MATCH_CODE_BYTES * matches)
-                 for matched, matches in _native.repeats(plane))   # short matches, long ones
-    return saving > _MATCHING_PAYS * run_coded_bytes
+                 for matched, matches in counts)
+    if saving > _MATCHING_PAYS * run_coded_bytes:
+        return True
+    if counts[0][0] < _SHORT_MATCHES_SHARE * plane.size:
+        return False
+    middle = max(0, (plane.size - _PIECE_BYTES) // 2)
+    piece = plane[middle:middle + _PIECE_BYTES]
+    return (len(_raw_deflate(piece, zlib.Z_DEFAULT_STRATEGY, 1))
+            < (1 - _MATCHING_PAYS) * len(_raw_deflate(piece, zlib.Z_RLE)))
 
 
 # The record's "stored" value for a leaf of a sub-byte dtype (int4, uint4,
