@@ -1584,10 +1584,7 @@ def test_sub_byte_leaves_are_stored_as_their_bits(tmp_path):
             want, got = tree[leaf.path], ckpt.read_raw(leaf)
             assert np.array_equal(got.astype(np.float32).view(np.uint32),
                                   want.astype(np.float32).view(np.uint32)), leaf.path
-            if leaf.path == "fp4":   # 999 Gaussian values: Huffman-coded bytes take less
-                assert leaf.packed_bits in (0, 4) and report["fp4"].bits_per_weight < 3.6
-            else:
-                assert leaf.packed_bits == (0 if leaf.path == "fp4_view" else bits[leaf.path])
+            assert leaf.packed_bits == (0 if leaf.path == "fp4_view" else bits[leaf.path])
 
 
 def test_a_packed_record_on_a_whole_byte_dtype_is_refused(tmp_path):
