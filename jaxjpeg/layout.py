@@ -82,9 +82,10 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
     """``values`` (1-D, little-endian) with their bytes grouped by significance
     (every value's first byte, then every second byte, ...), deflated. Side
     data is smooth or repetitive in its high bytes: an interval index
-    shrinks 2.5x, a map's offsets 2.6x. One zlib stream of a deflate stream
-    a plane (:func:`_plane_stream`): string matching (at ``level``) only
-    where it may pay."""
+    shrinks 2.5x, a map's offsets 2.6x. Over _TINY_BYTES, one zlib stream
+    of a deflate stream a plane (:func:`_plane_stream`: string matching at
+    ``level`` only where it may pay), up to _ONE_STREAM_BYTES the smaller of
+    that and one such stream of all the planes in order."""
     planes = np.ascontiguousarray(values).view(np.uint8).reshape(-1, values.dtype.itemsize).T
     if planes.size > _ONE_STREAM_BYTES:
         return _zlib_stream(planes, level)
