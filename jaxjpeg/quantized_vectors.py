@@ -131,7 +131,14 @@ def is_sparse(values: np.ndarray, how: VectorStep | None = None) -> bool:
     steps, SPARSE_ZEROS of them exactly zero)."""
     flat = np.asarray(values).reshape(-1)
     return ((how is None or how.domain == LINEAR) and flat.size >= SPARSE_MIN_SIZE
-            and flat.size - np.count_nonzero(flat) >= SPARSE_ZEROS * flat.size)
+            and flat.size - count_nonzero(flat) >= SPARSE_ZEROS * flat.size)
+
+
+def count_nonzero(values: np.ndarray) -> int:
+    """``np.count_nonzero(values)``, 3x faster on floats: numpy counts a
+    bool array's ones faster than it tests floats one by one (-0.0 and NaN
+    alike: equal to 0 and not)."""
+    return int(np.count_nonzero(values != 0))
 
 
 class Counted:
@@ -451,8 +458,15 @@ def _center(middle: np.ndarray, floored: int, step: float) -> int | None:
     zeros', floored: :func:`_middle_order`); None out of range."""
     codes = np.round(middle / step)
     codes[:floored] = np.floor(middle[:floored] / step)
-    center = float(np.median(codes))
+    center = _median_of_middle(codes)
     return int(center) if abs(center) < MAX_CODE else None
+
+
+def _median_of_middle(codes: np.ndarray) -> float:
+    """``np.median`` of one or two middle codes, the same float without its
+    partition (a byte target's ladders ask it at every step of every probe:
+    np.median's overhead was 5% of a 2x target's time)."""
+    return float(codes[0]) if codes.size == 1 else (float(codes[0]) + float(codes[1])) / 2
 
 
 def sample_positions(size: int, count: int, seed: int = 0):
@@ -621,7 +635,8 @@ def coded_bytes(values: np.ndarray, step: float, middle: np.ndarray | None = Non
         return len(blob[0]) if blob is not None else 0
     codes = np.round(flat.astype(np.float64) / step).astype(np.int64)
     # rounding keeps the values' order: the middle codes are the middle values'
-    center = np.median(codes if middle is None else np.round(middle / step))
+    center = (np.median(codes) if middle is None
+              else _median_of_middle(np.round(middle / step)))
     return _rice_bytes(_zigzag(codes - int(center)))
 
 
