@@ -2516,3 +2516,29 @@ def test_a_dense_leaf_whose_probe_is_sparse_is_counted_dense(tmp_path):
             "w": np.random.default_rng(7).normal(0, .05, (512, 512)).astype(np.float32)}
     report = jaxjpeg.save(tmp_path / "h.jjpg", tree, target_ratio=4, progress=False)
     assert report.ratio_vs_float32 == pytest.approx(4, rel=0.02)
+
+
+@pytest.mark.parametrize("kind", ["normal", "laplace", "t1.5", "bimodal", "uniform"])
+@pytest.mark.parametrize("min_bits", [None, 10.0])
+def test_a_dense_thin_curve_measured_half_an_octave_apart_keeps_its_figures(
+        monkeypatch, kind, min_bits):
+    """Past OCTAVE_BITS a dense thin curve measures every second quarter
+    octave and interpolates the rest: its bytes and its error within 2% of
+    measuring every one (1.5% at most seen), from the same coarsest to the same
+    finest step (the coder's limit falls between two measured steps)."""
+    rng = np.random.default_rng(3)
+    n = 200_000
+    x = {"normal": rng.standard_normal(n), "laplace": rng.laplace(size=n),
+         "t1.5": np.clip(rng.standard_t(1.5, n), -1e3, 1e3),
+         "bimodal": 0.1 * rng.standard_normal(n) + np.sign(rng.standard_normal(n)),
+         "uniform": rng.uniform(-1, 1, n)}[kind].astype(np.float32)
+    sparse = rate.thin_curve(x, dense=True, min_bits=min_bits)
+    monkeypatch.setattr(rate, "_measured_steps", lambda steps, spread: np.arange(len(steps)))
+    full = rate.thin_curve(x, dense=True, min_bits=min_bits)
+    assert sparse.q[[0, -1]] == pytest.approx(full.q[[0, -1]], rel=1e-12)
+    at = np.log(sparse.q[::-1])
+
+    def interpolated(values):
+        return np.exp(np.interp(at, np.log(full.q[::-1]), np.log(values[::-1])))[::-1]
+    assert np.abs(sparse.nbytes / interpolated(full.nbytes) - 1).max() < 0.02
+    assert np.abs(sparse.sse / interpolated(full.sse) - 1).max() < 0.02
