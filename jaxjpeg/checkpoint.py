@@ -1095,6 +1095,10 @@ def _coded_leaves_starve(entries, coded, curves, budget: float, target_bytes: in
 # -8.6%). Within FINE_MARGIN of the budget, as probes measure the finest
 # codings a few percent over what they take (Magika at 3.2x: -4.2%).
 FINE_MARGIN = 1.05
+# Targets of this many bits a value or more offer the fine step from their
+# first plan: JPEG's finest codings take about as many (10-12 under 12-bit
+# samples), and a plan that found them short measured every leaf again.
+FINE_FROM_BITS = 10.0
 
 
 def _optimizer_moments(entries) -> bool:
@@ -1147,7 +1151,9 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     # top-1 0.49 from 0.63). Decided on the whole tree's figures: every
     # process of a distributed save decides alike.
     small_stepped = small_moments = False
-    fine_target = False   # every coded leaf offered a thin coding too (see FINE_MARGIN)
+    # every coded leaf offered a thin coding too (see FINE_MARGIN), from the
+    # first plan where the target is as fine as JPEG's finest codings
+    fine_target = 8 * target_bytes >= FINE_FROM_BITS * max(1, total)
     fine_thin = set()   # the leaves offered one for that alone (their reports say so)
     grid_codes = {}   # name -> bytes of the codes of a coded leaf quantized per slice
 
@@ -1177,10 +1183,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         # a leaf quantized per channel stays exact where its codes fit its
         # share of the target (found by review: exact on short slices, 4.3-4.6
         # bits a weight, such leaves made targets that had been met refused)
-        per_slice, codes = _sliced_fits(array, target_bytes * array.size / max(1, total))
+        per_slice, codes = once(("sliced", leaf.name), lambda: _sliced_fits(
+            array, target_bytes * array.size / max(1, total)))
         if codes is not None and not per_slice:
             grid_codes[leaf.name] = codes
-        if not _is_coded(policy, leaf.name, array, per_slice=per_slice):
+        if not once(("coded", leaf.name),
+                    lambda: _is_coded(policy, leaf.name, array, per_slice=per_slice)):
             prior = leaf_coder.prior   # may model no weight (all steered): still its vectors
             limits = prior.vectors.get(leaf.name) if prior is not None else None
             small_moment = (log_coding.small_signed(leaf.name, array)
@@ -1246,7 +1254,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 finest = None if sparse else 8 * float(curve.nbytes.max()) / max(1, p.size)
                 fine = once(("fine", leaf.name, finest), lambda: rate.thin_curve(
                     p.original, dense=not sparse, error_weight=rate.balanced_error_weight(p),
-                    min_bits=finest))
+                    min_bits=finest, probe_size=rate.THIN_PROBE if sparse else rate.FINE_PROBE))
             # JPEG's per-row ranges, past its shared scale's finest step, where
             # a fine target needs codings past it and one step does not err
             # less there already (on transformer kernels a step's squared
@@ -1345,7 +1353,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
         return coded, kept, overhead, curves, sens, tiles, budget
 
     coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
-    if curves and 0 < sum(float(c.nbytes.max()) for c in curves.values()) < FINE_MARGIN * budget:
+    if (not fine_target and curves
+            and 0 < sum(float(c.nbytes.max()) for c in curves.values()) < FINE_MARGIN * budget):
         fine_target = True   # JPEG's finest codings leave bytes unspent (see FINE_MARGIN)
         coded, kept, overhead, curves, sens, tiles, budget = plan(floor)
     if (budget <= 0 or sum(float(c.nbytes.min()) for c in curves.values()) > budget
