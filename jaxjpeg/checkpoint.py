@@ -1257,18 +1257,13 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                     min_bits=finest, probe_size=rate.THIN_PROBE if sparse else rate.FINE_PROBE))
             # JPEG's per-row ranges, past its shared scale's finest step, where
             # a fine target needs codings past it and one step does not err
-            # less there already (on transformer kernels a step's squared
-            # error was 0.15-0.65 of theirs at equal bytes, 7.5-11.5 bits a
-            # value, and measuring them was half of a 2x target's JPEG
-            # curves); the step then only past them: a last leaf landing
-            # between a JPEG and a thin coding cannot mix their tiles (found
-            # in review: a kernel whose rows spread 300x landed 2% under)
+            # less there already: on transformer kernels a step's squared
+            # error was 0.15-0.65 of theirs at equal bytes (7.5-11.5 bits a
+            # value), and measuring them was half of a 2x target's JPEG curves
             if fine_target and (fine is None or not rate.errs_less_at_finest(fine, curve)):
                 curve = once(("ranges", leaf.name, reach, floor, probe_size),
                              lambda: rate.with_row_ranges(p, curve, reach=reach,
                                                           probe_size=probe_size, **coding))
-                if fine is not None and not sparse:
-                    fine = rate.past(fine, float(curve.nbytes.max()))
             if fine is not None:
                 curve = rate.merged_curve(curve, fine)
                 if not sparse:

@@ -71,6 +71,11 @@ COLUMN_SCALE_BITS = 16     # stored cost of one column scale (float16)
 # byte targets also try per-row ranges (clip="minmax") below that step.
 ROW_RANGE_SPREAD = 8.0
 ROW_RANGE_DELTAS = (256, 128, 64, 32, 16, 8, 4, 2, 1)   # 12-bit steps tried there
+# A last leaf landing past its shared scale's finest step mixes in per-row
+# ranges whose steps d err at most about as much: d under this many times
+# the widest row's range over the rows' RMS range (at 1, a kernel whose rows
+# spread 300x had only step 2, 45% more bytes, and landed 2.2% under)
+ROW_RANGE_LANDING = 1.25
 SPREAD_SAMPLE_ROWS = 256   # rows whose column ranges stand for the columns'
 # Per-row ranges cost a copy of the leaf and nine more probe codings, so a
 # curve measures them only when its shared scale's finest coding is under
@@ -1057,13 +1062,6 @@ def with_row_ranges(p: codec.Prepared, curve: Curve, *, seed: int = 0,
     fallback = row_range_fallback(p)
     return curve if fallback is None else _with_row_ranges(curve, fallback, seed, probe_size,
                                                            options)
-
-
-def past(c: Curve, nbytes: float) -> Curve | None:
-    """The candidates of ``c`` (by rising bytes) that take more than
-    ``nbytes``; None where none does."""
-    k = int(np.searchsorted(c.nbytes, nbytes, side="right"))
-    return c.from_candidate(k) if k < len(c.nbytes) else None
 
 
 def errs_less_at_finest(thin: Curve, curve: Curve) -> bool:
@@ -2460,8 +2458,17 @@ class BudgetAllocator:
                 over = (0, trial)
         if fits is None and over[0] == 0 and isinstance(over[1], codec.EncodedTensor):
             fits = self._coarser_than_curve(p, c, left)
+        if (fits and over and isinstance(fits[1], codec.EncodedTensor)
+                and not isinstance(over[1], codec.EncodedTensor)
+                and left - fits[1].nbytes > 0.005 * self.budget):
+            fits, over = self._finest_jpeg_between(p, c, fits, over, left, allowed, fallback)
         if not (fits and over and isinstance(fits[1], codec.EncodedTensor)
                 and isinstance(over[1], codec.EncodedTensor)):
+            if (fits and over and isinstance(fits[1], codec.EncodedTensor)
+                    and left - fits[1].nbytes > 0.005 * self.budget):
+                landed = self._row_range_landing(p, c, fits, left, overshoot, fallback)
+                if landed is not None:
+                    return fits[0], landed
             if fits and over and (over[1].nbytes - left < left - fits[1].nbytes
                                   and over[1].nbytes - left <= overshoot):
                 return over   # a coding that cannot be mixed: the nearer, a little over
@@ -2470,6 +2477,57 @@ class BudgetAllocator:
         if left - mixed.nbytes > 0.005 * self.budget:
             mixed = self._mixed_in_bands(p, c, fits, over, left, overshoot, mixed)
         return fits[0], mixed
+
+    def _finest_jpeg_between(self, p, c: Curve, fits, over, left: int, allowed, fallback):
+        """(fits, over) with the finest JPEG candidate of ``c`` between them
+        (of ``allowed``) coded and taken as the one it is: the bisection may
+        stop at a thin coding past JPEG's finest, which cannot mix its tiles
+        (found by review: a kernel whose rows spread 300x, alone in its tree,
+        settled 18% under 4x on its shared scale's step 2, step 1 untried)."""
+        between = [j for j in range(fits[0] + 1, over[0])
+                   if not (c.thin is not None and c.thin[j]) and (allowed is None or allowed[j])]
+        if not between:
+            return fits, over
+        j = between[-1]
+        trial = encode_candidate(p, c, j, self.options, fallback)
+        return ((j, trial), over) if trial.nbytes <= left else (fits, (j, trial))
+
+    def _row_range_landing(self, p, c: Curve, fits, left: int, overshoot: int, fallback):
+        """``fits`` (a candidate of ``c`` and its coding), the shared scale's
+        finest step, mixed by row bands with the coarsest per-row-range
+        coding over ``left`` that errs about as much or less (its rows'
+        steps, d times their range / 4095, err less while d is under the
+        widest row's range over the rows' RMS range; see
+        ROW_RANGE_LANDING), for a last leaf whose next candidate is a thin
+        coding, which has no tiles to mix: a kernel whose rows spread 300x,
+        its curve's row ranges passed over by one fine step that errs less,
+        landed 2% under its target. None where that comes no nearer
+        ``left`` than ``fits``."""
+        k, enc = fits
+        if (int(c.bits[k]), int(c.delta[k])) != (12, 1) or (c.row_ranges is not None
+                                                            and c.row_ranges[k]):
+            return None
+        prepared = fallback()
+        if prepared is None:
+            return None
+        _, low, high = prepared.row_stats()
+        ranges = np.asarray(high, np.float64) - low
+        within = float(ranges.max()) / max(float(np.sqrt(np.mean(ranges ** 2))), 1e-300)
+        over = None
+        for d in ROW_RANGE_DELTAS:   # coarse to fine
+            if d < ROW_RANGE_LANDING * within:
+                over = encode_with_step(prepared, 12, d, **dict(self.options, clip="minmax"))
+                if over.nbytes > left:
+                    break
+        if over is None or over.nbytes <= left:
+            return None
+        pair = Curve(np.array([12, 12]), np.array([1, d]), np.array([c.q[k], c.q[k] * d]),
+                     np.array([enc.nbytes, over.nbytes], np.float64), np.zeros(2),
+                     row_ranges=np.array([False, True]))
+        mixed = _mixed_tiles(enc, over, left, p, overshoot)
+        mixed = self._mixed_in_bands(p, pair, (0, enc), (1, over), left, overshoot, mixed)
+        return mixed if abs(left - mixed.nbytes) < left - enc.nbytes and (
+            mixed.nbytes <= left + overshoot) else None
 
     def _coarser_than_curve(self, p, c: Curve, left: int):
         """(0, a coding of ``p`` on a step coarser than its curve's coarsest
@@ -2562,8 +2620,14 @@ class BudgetAllocator:
             elif a.nbytes > left and lo > 0:
                 lo, hi = lo - 1, lo
                 a, b = encode_candidate(banded, c, lo, self.options, fallback), a
-            if not (isinstance(a, codec.EncodedTensor) and isinstance(b, codec.EncodedTensor)):
-                break   # the next pair reaches a thin coding, whose tiles there are none
+            if not isinstance(b, codec.EncodedTensor):
+                # the next candidate a thin coding (no tiles): per-row ranges past ``a``
+                landed = self._row_range_landing(banded, c, (lo, a), left, overshoot, fallback)
+                if landed is not None and miss(landed) < miss(best):
+                    best = landed
+                break
+            if not isinstance(a, codec.EncodedTensor):
+                break
             mixed = _mixed_tiles(a, b, left, banded, overshoot)
             best = mixed if miss(mixed) < miss(best) else best
         return best
