@@ -2522,7 +2522,7 @@ def test_a_dense_leaf_whose_probe_is_sparse_is_counted_dense(tmp_path):
 @pytest.mark.parametrize("min_bits", [None, 10.0])
 def test_a_dense_thin_curve_measured_half_an_octave_apart_keeps_its_figures(
         monkeypatch, kind, min_bits):
-    """Past OCTAVE_BITS a dense thin curve measures every second quarter
+    """Past SPARSE_STEPS_FROM_BITS a dense thin curve measures every second quarter
     octave and interpolates the rest: its bytes and its error within 2% of
     measuring every one (1.5% at most seen), from the same coarsest to the same
     finest step (the coder's limit falls between two measured steps)."""
