@@ -1264,6 +1264,8 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                 curve = once(("ranges", leaf.name, reach, floor, probe_size),
                              lambda: rate.with_row_ranges(p, curve, reach=reach,
                                                           probe_size=probe_size, **coding))
+                if fine is not None and not sparse:
+                    fine = rate.under_row_range_mix(fine, curve)
             if fine is not None:
                 curve = rate.merged_curve(curve, fine)
                 if not sparse:
