@@ -1878,7 +1878,7 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
         if dense:
             steps = steps[_measured_steps(steps, spread)]
         counted, rounding = quantized_vectors.step_rates(probe, steps, middle, weight)
-        if dense:   # the finest octave too, where the coder's limit falls within it
+        if dense:   # the quarter octaves too where the coder's limit falls between two
             steps, counted, rounding = _finest_quarters(probe, steps, counted, rounding, middle,
                                                       weight, THIN_MAX_BITS * probe.size / 8)
         nbytes = mask + side + counted * scale
