@@ -1812,11 +1812,10 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
                kept=None, min_bits: float | None = None, probe_size: int = THIN_PROBE) -> Curve:
     """Bytes and squared error of ``x`` (float32, finite but at ``kept``)
     quantized on each step of THIN_LADDER, measured on up to ``probe_size``
-    of its values; with ``dense``, past SPARSE_STEPS_FROM_BITS only some
-    of the steps (_measured_steps), and steps DENSE_SPACING apart between
-    those measured, bytes and error interpolated in log step (beside a JPEG
-    curve, as long: found by review, a kernel on its fine step landed a file
-    2.4% under its target, the ladder's steps a quarter octave apart). ``error_weight``
+    of its values; with ``dense``, steps DENSE_SPACING apart between them,
+    bytes and error interpolated in log step (beside a JPEG curve, as long:
+    found by review, a kernel on its fine step landed a file 2.4% under its
+    target, the ladder's steps a quarter octave apart). ``error_weight``
     (optional): C-order flat positions -> each one's weight in the squared
     error (:func:`balanced_error_weight`; ``x`` not sparse, nothing kept).
     ``kept`` (optional): flat positions kept aside exactly (their bytes
@@ -1875,12 +1874,7 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
         sse = np.array([quantized_vectors.rounding_sse(probe, q, weight) * scale for q in steps])
     else:
         middle = quantized_vectors.middle_values(probe)
-        if dense:
-            steps = steps[_measured_steps(steps, spread)]
         counted, rounding = quantized_vectors.step_rates(probe, steps, middle, weight)
-        if dense:   # the quarter octaves too where the coder's limit falls between two
-            steps, counted, rounding = _finest_quarters(probe, steps, counted, rounding, middle,
-                                                      weight, THIN_MAX_BITS * probe.size / 8)
         nbytes = mask + side + counted * scale
         sse = rounding * scale
     keep = 8 * (nbytes - mask - side) <= THIN_MAX_BITS * max(1, count)
@@ -1891,48 +1885,6 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
     k = len(steps)
     return Curve(np.zeros(k, np.int64), np.zeros(k, np.int64), steps, nbytes, sse,
                  thin=np.ones(k, bool))
-
-
-# Steps predicted to take more than this many bits a value are measured
-# every HALF_OCTAVES quarter octaves on a dense curve, the steps between
-# interpolated: there the bits grow one a halving of the step and the error
-# four times, and log interpolation of the quarter octaves between erred by
-# 1.5% at most in bytes on N(0, 1), Laplace, t(1.5), uniform, bimodal and
-# EfficientNet-lite kernels' values (an octave apart: 2.5%; every quarter
-# octave measured was a third of a 2x target's time).
-SPARSE_STEPS_FROM_BITS = 6.0
-HALF_OCTAVES = 2
-
-
-def _measured_steps(steps: np.ndarray, spread: float) -> np.ndarray:
-    """Indices of the falling ``steps`` (of a ``spread``) a dense thin curve
-    measures: each up to SPARSE_STEPS_FROM_BITS and the first past it, then
-    every HALF_OCTAVES-th counted from the finest."""
-    bits = np.log2(spread / steps) + 2
-    fine = np.flatnonzero(bits > SPARSE_STEPS_FROM_BITS)
-    if fine.size <= 1:
-        return np.arange(len(steps))
-    sparse = fine[::-HALF_OCTAVES][::-1]   # counted from the finest
-    return np.concatenate([np.arange(fine[0] + 1), sparse[sparse > fine[0]]])
-
-
-def _finest_quarters(probe, steps, counted, rounding, middle, weight, limit):
-    """``steps`` (measured: ``counted`` bytes, ``rounding`` error) with the
-    quarter octaves measured between the last within ``limit`` bytes and the
-    first past it, when those are further apart: the coder's limit cuts the
-    curve there, which interpolation would leave short."""
-    over = np.flatnonzero(counted > limit)
-    if not over.size or over[0] == 0:
-        return steps, counted, rounding
-    i = over[0]
-    quarters = round(4 * math.log2(steps[i - 1] / steps[i]))
-    if quarters <= 1:
-        return steps, counted, rounding
-    between = steps[i - 1] * np.exp2(-np.arange(1, quarters) / 4)
-    more, more_sse = quantized_vectors.step_rates(probe, between, middle, weight)
-    return (np.concatenate([steps[:i], between, steps[i:]]),
-            np.concatenate([counted[:i], more, counted[i:]]),
-            np.concatenate([rounding[:i], more_sse, rounding[i:]]))
 
 
 @functools.lru_cache(maxsize=8)
