@@ -469,19 +469,22 @@ def _median_of_middle(codes: np.ndarray) -> float:
     return float(codes[0]) if codes.size == 1 else (float(codes[0]) + float(codes[1])) / 2
 
 
-def sample_positions(size: int, count: int, seed: int = 0):
+def sample_positions(size: int, count: int, seed: int = 0, distinct: bool = False):
     """``count`` positions of ``size`` drawn at random from a fixed seed
-    (strides may follow rows), or every position (a slice) where there are
-    no more than ``count``; read-only, drawn once for the last few sizes
-    asked (a byte target's ladder samples each moment at every step)."""
+    (strides may follow rows; with ``distinct``, each once), or every
+    position (a slice) where there are no more than ``count``; read-only,
+    drawn once for the last few sizes asked (a byte target's ladder samples
+    each moment at every step, and a layer's shapes repeat)."""
     if size <= count:
         return slice(None)
-    return _drawn_positions(size, count, seed)
+    return _drawn_positions(size, count, seed, distinct)
 
 
-@functools.lru_cache(maxsize=8)
-def _drawn_positions(size: int, count: int, seed: int) -> np.ndarray:
-    positions = np.random.default_rng(seed).integers(0, size, count)
+@functools.lru_cache(maxsize=16)
+def _drawn_positions(size: int, count: int, seed: int, distinct: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    positions = (rng.choice(size, count, replace=False) if distinct
+                 else rng.integers(0, size, count))
     positions.flags.writeable = False
     return positions
 

@@ -888,8 +888,12 @@ class Curve:
 
     def from_candidate(self, k: int) -> "Curve":
         """The curve without its candidates coarser than ``k``."""
+        return self.taken(slice(k, None))
+
+    def taken(self, index) -> "Curve":
+        """The curve's candidates at ``index`` (a slice or a mask)."""
         return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name)[k:] for f in dataclasses.fields(self)
+            f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
             if f.name != "norm2" and getattr(self, f.name) is not None})
 
 
@@ -1084,11 +1088,7 @@ def under_row_range_mix(thin: Curve, curve: Curve) -> Curve | None:
     # either end; the last mixes the bands that gain most first, under it)
     chord = e0 + (thin.nbytes - b0) / (b1 - b0) * (e1 - e0)
     keep = (thin.nbytes <= b0) | (thin.nbytes >= b1) | (thin.sse < chord)
-    if not keep.any():
-        return None
-    return dataclasses.replace(thin, **{f.name: getattr(thin, f.name)[keep]
-                                        for f in dataclasses.fields(thin)
-                                        if f.name != "norm2" and getattr(thin, f.name) is not None})
+    return thin.taken(keep) if keep.any() else None
 
 
 def errs_less_at_finest(thin: Curve, curve: Curve) -> bool:
@@ -1841,9 +1841,9 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
         mask = len(quantized_vectors.nonzero_mask(values))
         values = values[values != 0]
     count = values.size
-    at = None   # the positions probed: all, or the draw choice(values, probe_size, ...) makes
+    at = None   # the positions probed: all, or probe_size distinct ones drawn
     if values.size > probe_size:
-        at = _thin_probe_positions(count, probe_size, seed)
+        at = quantized_vectors.sample_positions(count, probe_size, seed, distinct=True)
         values = values[at]
     probe = values.astype(np.float64)
     weight = None
@@ -1885,16 +1885,6 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
     k = len(steps)
     return Curve(np.zeros(k, np.int64), np.zeros(k, np.int64), steps, nbytes, sse,
                  thin=np.ones(k, bool))
-
-
-@functools.lru_cache(maxsize=8)
-def _thin_probe_positions(count: int, size: int, seed: int) -> np.ndarray:
-    """``size`` distinct positions of ``count`` from a fixed ``seed``,
-    read-only, drawn once for the last few counts asked (a layer's shapes
-    repeat; the draw was a third of a fine curve's own time)."""
-    at = np.random.default_rng(seed).choice(count, size, replace=False)
-    at.flags.writeable = False
-    return at
 
 
 def _log_interpolated(steps, nbytes, sse):
@@ -2441,14 +2431,15 @@ class BudgetAllocator:
         if (fits and over and isinstance(fits[1], codec.EncodedTensor)
                 and not isinstance(over[1], codec.EncodedTensor)
                 and left - fits[1].nbytes > 0.005 * self.budget):
+            # a JPEG coding short of what is left beside a thin one, whose tiles cannot mix
             fits, over = self._finest_jpeg_between(p, c, fits, over, left, allowed, fallback)
-        if not (fits and over and isinstance(fits[1], codec.EncodedTensor)
-                and isinstance(over[1], codec.EncodedTensor)):
-            if (fits and over and isinstance(fits[1], codec.EncodedTensor)
-                    and left - fits[1].nbytes > 0.005 * self.budget):
+            if not isinstance(over[1], codec.EncodedTensor) and (
+                    left - fits[1].nbytes > 0.005 * self.budget):
                 landed = self._row_range_landing(p, c, fits, left, overshoot, fallback)
                 if landed is not None:
                     return fits[0], landed
+        if not (fits and over and isinstance(fits[1], codec.EncodedTensor)
+                and isinstance(over[1], codec.EncodedTensor)):
             if fits and over and (over[1].nbytes - left < left - fits[1].nbytes
                                   and over[1].nbytes - left <= overshoot):
                 return over   # a coding that cannot be mixed: the nearer, a little over
