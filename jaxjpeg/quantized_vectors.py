@@ -648,23 +648,27 @@ def step_rates(values: np.ndarray, steps, middle: np.ndarray,
     """(bytes, squared rounding error) of float64 ``values`` on each of
     ``steps``: :func:`coded_bytes` (``middle``: :func:`middle_values` of
     them) of a dense vector and the sum of its squared errors (each times
-    ``weight``, if given), a step at a time natively (xla_ops/rice_code.h:
-    numpy's passes over the codes were most of a byte target's thin curves)."""
+    ``weight``, if given), every step natively in one call
+    (xla_ops/rice_code.h: numpy's passes over the codes, then a call and a
+    numpy sum a step, were most of a byte target's thin curves)."""
     values = np.ascontiguousarray(values, np.float64)
     weight = None if weight is None else np.ascontiguousarray(weight, np.float64)
-    squares = np.empty(values.size)
-    nbytes, sse = np.zeros(len(steps), np.int64), np.zeros(len(steps))
-    for i, step in enumerate(steps):
-        center = _center(middle, 0, step)
-        nbytes[i] = (-1 if center is None else
-                     _native.rice_step_bytes(values, float(step), center, weight, MAX_RICE,
-                                             squares))
-        if nbytes[i] < 0:   # a code too far to count natively
-            nbytes[i] = coded_bytes(values, step, middle)
-            sse[i] = rounding_sse(values, step, weight)
-        else:
-            sse[i] = float(np.sum(squares))
+    steps = np.ascontiguousarray(steps, np.float64).reshape(-1)
+    nbytes, sse = _native.rice_step_rates(values, steps, _centers(middle, steps), weight,
+                                          MAX_RICE)
+    for i in np.flatnonzero(nbytes < 0):   # a code too far to count natively
+        nbytes[i] = coded_bytes(values, steps[i], middle)
+        sse[i] = rounding_sse(values, steps[i], weight)
     return nbytes, sse
+
+
+def _centers(middle: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """:func:`_center` of unfloored ``middle`` values on each of ``steps``
+    (int64; one of MAX_CODE or more where it is None)."""
+    codes = np.round(middle[None, :] / steps[:, None])
+    center = codes[:, 0] if middle.size == 1 else (codes[:, 0] + codes[:, 1]) / 2
+    far = ~(np.abs(center) < MAX_CODE)
+    return np.where(far, MAX_CODE, np.trunc(np.where(far, 0.0, center))).astype(np.int64)
 
 
 def rounding_sse(values: np.ndarray, step: float, weight=None) -> float:

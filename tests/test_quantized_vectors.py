@@ -766,17 +766,46 @@ def test_finite_restores_are_told_without_decoding_far_from_the_largest(dtype, l
     (np.array([1e13, -3.0, 0.5, 7e12]), True),   # codes past 2^52 at 1e-3: counted by numpy
 ])
 def test_native_step_rates_are_the_counted_bytes_and_rounding_error(values, weighted):
-    """A thin curve's bytes and squared errors at each step, counted natively
-    (xla_ops/rice_code.h), bit for bit those coded_bytes and the rounding
-    error in numpy give."""
+    """A thin curve's bytes and squared errors at each step (every quarter
+    octave: most steps scale another's quotients), counted natively
+    (xla_ops/rice_code.h): the bytes those coded_bytes gives, the errors
+    numpy's rounding error summed in another order."""
     from jaxjpeg import rate
 
     weight = np.random.default_rng(3).random(values.size) if weighted else None
-    steps = np.append((float(np.std(values)) or 1.0) * np.exp2(-rate.THIN_LADDER[::5]), 1e-3)
+    steps = np.append((float(np.std(values)) or 1.0) * np.exp2(-rate.THIN_LADDER), 1e-3)
     middle = qv.middle_values(values)
     nbytes, sse = qv.step_rates(values, steps, middle, weight)
     np.testing.assert_array_equal(nbytes, [qv.coded_bytes(values, q, middle) for q in steps])
-    np.testing.assert_array_equal(sse, [qv.rounding_sse(values, q, weight) for q in steps])
+    np.testing.assert_allclose(sse, [qv.rounding_sse(values, q, weight) for q in steps],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("values", [
+    np.random.default_rng(0).standard_normal(1027),
+    np.round(np.random.default_rng(1).standard_normal(514) * 4) / 8,   # ties at every step
+    np.array([1e-300, -3e-300, 2.5e-301, 0.0, 7e-299, 1e-310, 3.0]),   # quotients under 2^-1022
+    np.array([1e300, -1e300, 3e299, 1.0, np.nan]),   # a value that cannot be coded
+])
+def test_steps_of_one_mantissa_scale_one_division(values):
+    """Steps whose mantissas repeat divide the values once and scale those
+    quotients by powers of two (exact where they are normal; those under
+    2^-1022 round to 0 either way): the bytes and errors of each step alone,
+    from the portable and the AVX2 passes alike."""
+    from jaxjpeg import _native
+
+    rng = np.random.default_rng(4)
+    steps = np.concatenate([[1e10, 1e10 * 2.0 ** -40], 2.0 ** -np.arange(0, 12, 0.25),
+                            0.3 * 2.0 ** -np.arange(5), [1e-300, 1e-300 * 2.0 ** 30]])
+    centers = rng.integers(-3, 4, steps.size)
+    weight = rng.random(values.size)
+    for w in (None, weight):
+        alone = [_native.rice_step_rates(values, steps[i:i + 1], centers[i:i + 1], w,
+                                         qv.MAX_RICE) for i in range(steps.size)]
+        for avx2 in (True, False):
+            nbytes, sse = _native.rice_step_rates(values, steps, centers, w, qv.MAX_RICE, avx2)
+            np.testing.assert_array_equal(nbytes, [a[0][0] for a in alone])
+            np.testing.assert_array_equal(sse, [a[1][0] for a in alone])
 
 
 def _ladder_cases():
@@ -842,8 +871,13 @@ def test_native_step_counts_are_numpys_codes_and_rice_parameter():
         _native.step_counts(x, None, 1.0, 0, 0, np.empty(x.size, np.int32))
     with pytest.raises(ValueError, match=">= 0"):
         _native.rice_parameter(np.array([3, -1]), qv.MAX_RICE)
-    with pytest.raises(ValueError, match="center"):   # (review: folded codes wrapped negative)
-        _native.rice_step_bytes(x, 1.0, -(1 << 62), None, qv.MAX_RICE, np.empty(x.size))
+    # (review: folded codes about a center past 2^52 wrapped negative)
+    nbytes, _ = _native.rice_step_rates(x, np.ones(1), np.array([-(1 << 62)]), None, qv.MAX_RICE)
+    assert nbytes[0] == -1
+    with pytest.raises(ValueError, match="steps must be positive"):
+        _native.rice_step_rates(x, np.zeros(1), np.zeros(1, np.int64), None, qv.MAX_RICE)
+    with pytest.raises(ValueError, match="one center a step"):
+        _native.rice_step_rates(x, np.ones(2), np.zeros(1, np.int64), None, qv.MAX_RICE)
 
 
 def test_native_counts_two_at_a_time_are_the_exact_ones():
@@ -879,11 +913,13 @@ def test_native_counts_two_at_a_time_are_the_exact_ones():
         assert counts == (codes.min(), codes.max(), want.max(), int((want >> k).sum()))
         if zero is None and abs(center) < 2 ** 49:
             weight = rng.random(n)
-            squares = np.empty(n)
-            nbytes = _native.rice_step_bytes(x, step, center, weight, qv.MAX_RICE, squares)
-            best = qv._rice_parameter(want)
-            assert nbytes == -(-(int((want >> best).sum()) + n) // 8) + -(-n * best // 8)
-            np.testing.assert_array_equal(squares, np.square(codes * step - x) * weight)
+            for avx2 in (True, False):
+                nbytes, sse = _native.rice_step_rates(x, np.array([step]), np.array([center]),
+                                                      weight, qv.MAX_RICE, avx2)
+                best = qv._rice_parameter(want)
+                assert nbytes[0] == -(-(int((want >> best).sum()) + n) // 8) + -(-n * best // 8)
+                np.testing.assert_allclose(sse[0], np.sum(np.square(codes * step - x) * weight),
+                                           rtol=1e-12)
 
 
 def test_the_native_rice_decoder_refuses_what_it_cannot_read():
@@ -933,6 +969,6 @@ def test_native_step_bytes_refuse_sums_past_int64():
 
     values = np.full(1 << 16, 2.0 ** 50)
     values[::2] *= -1
-    assert _native.rice_step_bytes(values, 1.0, 0, None, qv.MAX_RICE, np.empty(values.size)) == -1
-    with pytest.raises(TypeError):   # squares into a converted copy would be lost
-        _native.rice_step_bytes(values, 1.0, 0, None, qv.MAX_RICE, np.empty(values.size, "f4"))
+    nbytes, _ = _native.rice_step_rates(values, np.ones(1), np.zeros(1, np.int64), None,
+                                        qv.MAX_RICE)
+    assert nbytes[0] == -1

@@ -909,26 +909,38 @@ void CheckStepAndCenter(double step, int64_t center) {
   }
 }
 
-// quantized_vectors.step_rates: one step's bytes (RiceStepBytes), its
-// squared errors left in `squares` for numpy's sum (the sum thin curves took).
-int64_t RiceStepBytesOf(const py::array_t<double, py::array::c_style>& values, double step,
-                        int64_t center, py::object weights, int max_rice,
-                        py::array_t<double, py::array::c_style> squares) {
-  const py::ssize_t n = values.size();
-  CheckStepAndCenter(step, center);
-  if (max_rice < 0 || max_rice > 62) throw py::value_error("max_rice must be 0..62");
-  if (squares.size() != n) throw py::value_error("one square a value");
+// quantized_vectors.step_rates: each step's bytes about its center
+// (RiceStepBytes; -1 where a code or the center reaches 2^52) and squared
+// error, every step in one call (a thin curve's steps one call each spent
+// as long in numpy's sums and the calls as in the counts).
+py::tuple RiceStepRatesOf(const py::array_t<double, py::array::c_style>& values,
+                          const py::array_t<double, py::array::c_style>& steps,
+                          const py::array_t<int64_t, py::array::c_style>& centers,
+                          py::object weights, int max_rice, bool avx2) {
+  const py::ssize_t n = values.size(), count = steps.size();
+  if (centers.size() != count) throw py::value_error("one center a step");
+  if (max_rice < 0 || max_rice > kMaxRiceWidth) throw py::value_error("max_rice must be 0..62");
+  const double* s = steps.data();
+  for (py::ssize_t i = 0; i < count; ++i) {
+    if (!(s[i] > 0) || !std::isfinite(s[i])) throw py::value_error("steps must be positive");
+  }
   std::optional<py::array_t<double, py::array::c_style>> w;
   if (!weights.is_none()) {
     w = weights.cast<py::array_t<double, py::array::c_style>>();
     if (w->size() != n) throw py::value_error("one weight a value");
   }
-  std::vector<int64_t> folded(static_cast<size_t>(n));
+  py::array_t<int64_t> nbytes(count);
+  py::array_t<double> sse(count);
   const double* v = values.data();
   const double* wv = w ? w->data() : nullptr;
-  double* sq = squares.mutable_data();
-  py::gil_scoped_release release;
-  return RiceStepBytes(v, wv, n, step, center, max_rice, sq, folded.data());
+  const int64_t* c = centers.data();
+  int64_t* out = nbytes.mutable_data();
+  double* errors = sse.mutable_data();
+  {
+    py::gil_scoped_release release;
+    RiceStepRates(v, wv, n, s, c, count, max_rice, out, errors, avx2);
+  }
+  return py::make_tuple(nbytes, sse);
 }
 
 // quantized_vectors' dense codings: one step's codes of transformed values
@@ -1165,12 +1177,12 @@ PYBIND11_MODULE(_native, m) {
         py::arg("n"),
         "n folded Rice codes on parameter k from the given bit positions of the unary and "
         "remainder streams (uint8): (int64 codes, unary bit, remainder bit) after them.");
-  // noconvert: squares written into a converted copy would be lost
-  m.def("rice_step_bytes", &RiceStepBytesOf, py::arg("values"), py::arg("step"),
-        py::arg("center"), py::arg("weights"), py::arg("max_rice"),
-        py::arg("squares").noconvert(),
-        "Bytes of float64 values quantized on step about center and Rice coded on their best "
-        "parameter (-1: a code past 2^52); their squared errors (times weights) in squares.");
+  m.def("rice_step_rates", &RiceStepRatesOf, py::arg("values"), py::arg("steps"),
+        py::arg("centers"), py::arg("weights"), py::arg("max_rice"), py::arg("avx2") = true,
+        "(int64 bytes, float64 squared errors) of float64 values quantized on each of steps "
+        "about its int64 center and Rice coded on their best parameter (-1: a code or the "
+        "center reaches 2^52); squared errors times weights where given. avx2=False: the "
+        "portable code even where the CPU has AVX2 (the same bits; for tests).");
   m.def("step_counts", &StepCountsOf, py::arg("x"), py::arg("zero"), py::arg("step"),
         py::arg("center"), py::arg("k"), py::arg("folded"),
         "Codes of float64 x on step (half to even; floored where the uint8 zero flags are "
@@ -1179,7 +1191,9 @@ PYBIND11_MODULE(_native, m) {
         "reaches 2^52.");
   m.def("rice_parameter", [](const py::array_t<int64_t, py::array::c_style>& folded,
                              int max_rice) {
-    if (max_rice < 0 || max_rice > 62) throw py::value_error("max_rice must be 0..62");
+    if (max_rice < 0 || max_rice > kMaxRiceWidth) {
+      throw py::value_error("max_rice must be 0..62");
+    }
     const int64_t* f = folded.data();
     const py::ssize_t n = folded.size();
     for (py::ssize_t i = 0; i < n; ++i) {

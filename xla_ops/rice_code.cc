@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
-#include <map>
+#include <utility>
+
+#include "cpu_features.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -88,14 +91,6 @@ void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8
 
 namespace {
 
-// Sum of folded[i] >> k (each >= 0), wrapping past 2^63 as numpy's int64
-// sum does; unsigned shifts, which the compiler vectorizes (half the time).
-int64_t QuotientSum(const int64_t* folded, int64_t n, int k) {
-  uint64_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<uint64_t>(folded[i]) >> k;
-  return static_cast<int64_t>(sum);
-}
-
 // x rounded half to even (the default rounding mode): the 2^52 + 2^51
 // trick inline where it is exact, else nearbyint (a call: most of a pass).
 constexpr double kShift = 6755399441055744.0;  // 2^52 + 2^51
@@ -117,16 +112,18 @@ inline int64_t Zigzag(int64_t d) {
   return static_cast<int64_t>(static_cast<uint64_t>(d) << 1) ^ (d >> 63);
 }
 
-// A step's bytes: one block of RiceStepBytes' values one at a time; false
-// where a code reaches 2^52 or the folded codes' sum passes 2^63.
+// A step's bytes: one block of RiceStepBytes' values one at a time, their
+// squared errors summed into `sse`; false where a code reaches 2^52 or the
+// folded codes' sum passes 2^63.
 bool StepBlockExact(const double* values, const double* weights, int64_t m, double step,
-                    int64_t center, double* squares, int64_t* folded, int64_t& sum) {
+                    int64_t center, int64_t* folded, int64_t& sum, double& sse) {
   sum = 0;
+  sse = 0.0;
   for (int64_t i = 0; i < m; ++i) {
     const double code = RoundHalfEven(values[i] / step);
     if (!(std::fabs(code) < kLargestCode)) return false;
     const double error = code * step - values[i];
-    squares[i] = weights ? error * error * weights[i] : error * error;
+    sse += weights ? error * error * weights[i] : error * error;
     folded[i] = Zigzag(static_cast<int64_t>(code) - center);
     if (__builtin_add_overflow(sum, folded[i], &sum)) return false;
   }
@@ -187,31 +184,6 @@ inline uint64_t LaneSum(__m128i v) {
   return lanes[0] + lanes[1];
 }
 
-// StepBlockExact two values at a time; false (nothing trusted) where a
-// scaled value or the center is not under 2^49. Its sum stays under 2^61.
-bool StepBlockFast(const double* values, const double* weights, int64_t m, double step,
-                   int64_t center, double* squares, int64_t* folded, int64_t& sum) {
-  if (!(std::fabs(static_cast<double>(center)) < kFastLimit) || m % 2) return false;
-  const __m128d vstep = _mm_set1_pd(step), vcenter = _mm_set1_pd(static_cast<double>(center));
-  __m128d ok = _mm_cmpeq_pd(vstep, vstep);
-  __m128i total = _mm_setzero_si128();
-  for (int64_t i = 0; i < m; i += 2) {
-    const __m128d v = _mm_loadu_pd(values + i);
-    const __m128d s = _mm_div_pd(v, vstep);
-    ok = UnderFastLimit(ok, s);
-    const __m128d code = RoundedPair(s);
-    const __m128d error = _mm_sub_pd(_mm_mul_pd(code, vstep), v);
-    __m128d square = _mm_mul_pd(error, error);
-    if (weights) square = _mm_mul_pd(square, _mm_loadu_pd(weights + i));
-    _mm_storeu_pd(squares + i, square);
-    const __m128i f = IntegerPair(ZigzagPair(_mm_sub_pd(code, vcenter)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(folded + i), f);
-    total = _mm_add_epi64(total, f);
-  }
-  sum = static_cast<int64_t>(LaneSum(total));
-  return _mm_movemask_pd(ok) == 3;
-}
-
 // CountBlockExact two values at a time (x / step as x times `inverse`
 // where that is 1 / step exactly: the same correctly rounded quotient);
 // false (nothing counted) where a scaled value or the center is not under
@@ -260,11 +232,6 @@ bool CountBlockFast(const double* x, const uint8_t* zero, int64_t m, double step
   return true;
 }
 #else
-bool StepBlockFast(const double*, const double*, int64_t, double, int64_t, double*, int64_t*,
-                   int64_t&) {
-  return false;
-}
-
 bool CountBlockFast(const double*, const uint8_t*, int64_t, double, double, int64_t, int,
                     StepCounts&, int64_t*) {
   return false;
@@ -282,47 +249,301 @@ double ExactInverse(double step) {
 
 }  // namespace
 
-int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice) {
-  __int128 total = 0;
-  for (int64_t i = 0; i < n; ++i) total += folded[i];
-  const double mean = n ? static_cast<double>(total) / static_cast<double>(n) : 0.0;
-  const auto cost = [&](int k) {
-    return static_cast<__int128>(QuotientSum(folded, n, k)) + static_cast<__int128>(n) * (k + 1);
-  };
-  int k = std::min(max_rice, std::max(0, static_cast<int>(std::log2(std::max(mean, 1.0)))));
-  std::map<int, __int128> known{{k, cost(k)}};
-  for (int direction : {-1, 1}) {
-    while (k + direction >= 0 && k + direction <= max_rice) {
-      const int next = k + direction;
-      if (!known.count(next)) known[next] = cost(next);
-      if (known[next] >= known[k]) break;
-      k = next;
+namespace {
+
+#define JAXJPEG_INLINE inline __attribute__((always_inline))
+
+// The step passes are written once, always inlined into a portable function
+// and into one built for AVX2 (StepBytes): four values at a time, in two
+// vectors of two lanes (SSE2) or one of four (AVX2; GCC/Clang vector
+// extensions). Each lane does the same arithmetic either way, and the sums
+// keep the same order, so both give the same bits.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"   // (inlined: no call passes these)
+#endif
+typedef double Lanes2 __attribute__((vector_size(16)));
+typedef int64_t IntLanes2 __attribute__((vector_size(16)));
+typedef uint64_t SumLanes2 __attribute__((vector_size(16)));
+typedef double Lanes4 __attribute__((vector_size(32)));
+typedef int64_t IntLanes4 __attribute__((vector_size(32)));
+typedef uint64_t SumLanes4 __attribute__((vector_size(32)));
+
+template <class L>
+JAXJPEG_INLINE L LoadLanes(const double* p) {
+  L v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// One value of StepBlockLanes past its last four.
+JAXJPEG_INLINE bool StepOne(double v, double s, double w, double step, double center,
+                            double& square, int64_t& folded) {
+  if (!(std::fabs(s) < kFastLimit)) return false;
+  const double code = (s + kShift) - kShift;
+  const double error = code * step - v;
+  square = error * error * w;
+  folded = Zigzag(static_cast<int64_t>(code - center));
+  return true;
+}
+
+// StepBlockExact four values at a time (the last m % 4 one at a time), in
+// vectors L of doubles, IL of int64s and UL of uint64s (sums that wrap: a
+// failed block sums garbage); false (nothing trusted) where a
+// scaled value or the center is not under 2^49 (codes, their folding and
+// sums are then exact in doubles; the sum stays under 2^61). `quotients`
+// (or null): the values divided by a step of this one's mantissa, this
+// step `factor` (a power of two) times finer: their products are the
+// values' quotients by this step exactly (those under 2^-1022, which may
+// differ in their last bits, round to 0 either way).
+template <class L, class IL, class UL>
+JAXJPEG_INLINE bool StepBlockLanes(const double* values, const double* weights, int64_t m,
+                                   double step, const double* quotients, double factor,
+                                   int64_t center, int64_t* folded, int64_t& sum, double& sse) {
+  constexpr int kLanes = sizeof(L) / sizeof(double), kVectors = 4 / kLanes;
+  const double c = static_cast<double>(center);
+  if (!(std::fabs(c) < kFastLimit)) return false;
+  const L zero = {}, one = zero + 1.0, two52 = zero + kLargestCode;
+  const IL sign = IL{} + INT64_MIN;
+  IL ok = IL{} - 1;
+  UL total = {};
+  L squares[kVectors] = {};
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    for (int j = 0; j < kVectors; ++j) {
+      const int64_t at = i + j * kLanes;
+      const L v = LoadLanes<L>(values + at);
+      const L s = quotients ? LoadLanes<L>(quotients + at) * factor : v / step;
+      ok &= (s < kFastLimit) & (s > -kFastLimit);   // (NaN: false)
+      const L code = (s + kShift) - kShift;          // half to even
+      const L error = code * step - v;
+      L square = error * error;
+      if (weights) square *= LoadLanes<L>(weights + at);
+      squares[j] += square;
+      const L d = code - c;
+      // zigzag: 2d, or -2d - 1 below 0; as int64 by its bits once 2^52 is added
+      const L twice = reinterpret_cast<L>(reinterpret_cast<IL>(d + d) & ~sign);
+      const L z = twice - reinterpret_cast<L>((d < zero) & reinterpret_cast<IL>(one));
+      const IL f = reinterpret_cast<IL>(z + two52) - reinterpret_cast<IL>(two52);
+      std::memcpy(folded + at, &f, sizeof(f));
+      total += reinterpret_cast<UL>(f);
     }
   }
+  double partial[4];   // the squares' sums of positions i % 4 == 0, 1, 2, 3
+  uint64_t whole = 0;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    if (!ok[lane]) return false;
+    whole += total[lane];
+    for (int j = 0; j < kVectors; ++j) partial[j * kLanes + lane] = squares[j][lane];
+  }
+  double rest = 0.0;
+  for (; i < m; ++i) {
+    double square;
+    if (!StepOne(values[i], quotients ? quotients[i] * factor : values[i] / step,
+                 weights ? weights[i] : 1.0, step, c, square, folded[i])) {
+      return false;
+    }
+    rest += square;
+    whole += static_cast<uint64_t>(folded[i]);
+  }
+  sum = static_cast<int64_t>(whole);
+  sse = ((partial[0] + partial[2]) + (partial[1] + partial[3])) + rest;
+  return true;
+}
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+// Sums of folded[i] >> j (each >= 0) for the three widths j from `k`
+// (those past 63 taken at 63), in one pass, wrapping past 2^63 as numpy's
+// int64 sums do.
+JAXJPEG_INLINE void QuotientSums(const int64_t* folded, int64_t n, int k, uint64_t sums[3]) {
+  uint64_t a = 0, b = 0, c = 0;
+  const int kb = std::min(k + 1, 63), kc = std::min(k + 2, 63);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t f = static_cast<uint64_t>(folded[i]);
+    a += f >> k;
+    b += f >> kb;
+    c += f >> kc;
+  }
+  sums[0] = a;
+  sums[1] = b;
+  sums[2] = c;
+}
+
+// The Rice costs (bits) of `folded` (n) on width k and its neighbours in
+// 0..max_rice into `cost`, unless `known` already.
+JAXJPEG_INLINE void CostsAround(const int64_t* folded, int64_t n, int max_rice, int k,
+                                __int128* cost, bool* known) {
+  if (known[k]) return;
+  const int lo = std::max(0, k - 1), hi = std::min(max_rice, k + 1);
+  uint64_t sums[3];
+  QuotientSums(folded, n, lo, sums);
+  for (int j = lo; j <= hi; ++j) {
+    cost[j] = static_cast<__int128>(static_cast<int64_t>(sums[j - lo])) +
+              static_cast<__int128>(n) * (j + 1);
+    known[j] = true;
+  }
+}
+
+// The Rice walk of BestRiceParameter from the codes' `mean` (and the sum
+// of their quotients on the width found, in `quotients` where given), a
+// width's cost taken with its two neighbours' in one pass: a walk's first
+// step needs all three (separate passes were most of a thin curve's step).
+JAXJPEG_INLINE int RiceWalk(const int64_t* folded, int64_t n, int max_rice, double mean,
+                            int64_t* quotients = nullptr) {
+  max_rice = std::clamp(max_rice, 0, kMaxRiceWidth);
+  __int128 cost[kMaxRiceWidth + 1];
+  bool known[kMaxRiceWidth + 1] = {};
+  int k = std::min(max_rice, std::max(0, static_cast<int>(std::log2(std::max(mean, 1.0)))));
+  CostsAround(folded, n, max_rice, k, cost, known);
+  for (int direction : {-1, 1}) {
+    while (k + direction >= 0 && k + direction <= max_rice) {
+      CostsAround(folded, n, max_rice, k + direction, cost, known);
+      if (cost[k + direction] >= cost[k]) break;
+      k += direction;
+    }
+  }
+  if (quotients) *quotients = static_cast<int64_t>(cost[k] - static_cast<__int128>(n) * (k + 1));
   return k;
 }
 
-int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
-                      int64_t center, int max_rice, double* squares, int64_t* folded) {
+// RiceStepBytes, the fast pass given the values' `quotients` by a step of
+// this one's mantissa `factor` times this step (or null: dividing).
+template <class L, class IL, class UL>
+JAXJPEG_INLINE int64_t StepBytesBody(const double* values, const double* weights, int64_t n,
+                                     double step, const double* quotients, double factor,
+                                     int64_t center, int max_rice, double& sse,
+                                     int64_t* folded) {
   int64_t total = 0;
+  sse = 0.0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
     const double* w = weights ? weights + start : nullptr;
+    const double* q = quotients ? quotients + start : nullptr;
     int64_t sum;
-    if (!StepBlockFast(values + start, w, m, step, center, squares + start, folded + start,
-                       sum) &&
-        !StepBlockExact(values + start, w, m, step, center, squares + start, folded + start,
-                        sum)) {
+    double block_sse;
+    if (!StepBlockLanes<L, IL, UL>(values + start, w, m, step, q, factor, center,
+                                   folded + start, sum, block_sse) &&
+        !StepBlockExact(values + start, w, m, step, center, folded + start, sum, block_sse)) {
       return -1;
     }
     // (the folded codes are >= 0: the running sum passes 2^63 iff the total does)
     if (__builtin_add_overflow(total, sum, &total)) return -1;
+    sse += block_sse;
   }
-  // (the codes' sum fit: so does every sum of their quotients)
-  const int k = BestRiceParameter(folded, n, max_rice);
-  const int64_t quotients = QuotientSum(folded, n, k);
-  if (quotients > INT64_MAX - n - 7) return -1;
-  return (quotients + n + 7) / 8 + (n * k + 7) / 8;
+  // (the codes' sum fit: so does every sum of their quotients; their mean
+  // as BestRiceParameter takes it, the sum exact in int64)
+  int64_t quotient_sum;
+  const int k = RiceWalk(folded, n, max_rice,
+                         n ? static_cast<double>(total) / static_cast<double>(n) : 0.0,
+                         &quotient_sum);
+  if (quotient_sum > INT64_MAX - n - 7) return -1;
+  return (quotient_sum + n + 7) / 8 + (n * k + 7) / 8;
+}
+
+int64_t StepBytesPortable(const double* values, const double* weights, int64_t n, double step,
+                          const double* quotients, double factor, int64_t center, int max_rice,
+                          double& sse, int64_t* folded) {
+  return StepBytesBody<Lanes2, IntLanes2, SumLanes2>(values, weights, n, step, quotients, factor,
+                                                     center, max_rice, sse, folded);
+}
+
+#if defined(JAXJPEG_X86_DISPATCH)
+__attribute__((target("avx2"))) int64_t StepBytesAvx2(
+    const double* values, const double* weights, int64_t n, double step,
+    const double* quotients, double factor, int64_t center, int max_rice, double& sse,
+    int64_t* folded) {
+  return StepBytesBody<Lanes4, IntLanes4, SumLanes4>(values, weights, n, step, quotients, factor,
+                                                     center, max_rice, sse, folded);
+}
+#endif
+
+int64_t StepBytes(const double* values, const double* weights, int64_t n, double step,
+                  const double* quotients, double factor, int64_t center, int max_rice,
+                  double& sse, int64_t* folded, bool allow_avx2) {
+#if defined(JAXJPEG_X86_DISPATCH)
+  if (allow_avx2 && CpuHasAvx2()) {
+    return StepBytesAvx2(values, weights, n, step, quotients, factor, center, max_rice, sse,
+                         folded);
+  }
+#endif
+  (void)allow_avx2;
+  return StepBytesPortable(values, weights, n, step, quotients, factor, center, max_rice, sse,
+                           folded);
+}
+
+// The values divided by up to kKeptMantissas steps of distinct mantissas:
+// a thin curve's steps a quarter octave apart take four, and every other
+// step scales one of them by a power of two instead of dividing again.
+class StepQuotients {
+ public:
+  StepQuotients(const double* values, int64_t n) : values_(values), n_(n) {}
+
+  // (quotients, factor) for `step`: quotients by a step of its mantissa
+  // and the power of two that takes them to this step's; null where none
+  // is kept (the values then divided in the pass).
+  std::pair<const double*, double> For(double step) {
+    int exponent;
+    const double mantissa = std::frexp(step, &exponent);
+    for (const Kept& kept : kept_) {
+      const int shift = kept.exponent - exponent;
+      // (|shift| bounded: the product of a quotient under 2^-1022 stays
+      // under 2^-1022 times 2^shift, and rounds to 0 only while that does)
+      if (kept.mantissa == mantissa && std::abs(shift) < 900) {
+        return {kept.quotients.data(), std::ldexp(1.0, shift)};
+      }
+    }
+    if (kept_.size() == kKeptMantissas) return {nullptr, 1.0};
+    kept_.push_back({mantissa, exponent, std::vector<double>(static_cast<size_t>(n_))});
+    double* q = kept_.back().quotients.data();
+    for (int64_t i = 0; i < n_; ++i) q[i] = values_[i] / step;
+    return {q, 1.0};
+  }
+
+ private:
+  static constexpr size_t kKeptMantissas = 4;
+  struct Kept {
+    double mantissa;
+    int exponent;
+    std::vector<double> quotients;
+  };
+  const double* values_;
+  int64_t n_;
+  std::vector<Kept> kept_;
+};
+
+}  // namespace
+
+int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice) {
+  __int128 total = 0;
+  for (int64_t i = 0; i < n; ++i) total += folded[i];
+  return RiceWalk(folded, n, max_rice,
+                  n ? static_cast<double>(total) / static_cast<double>(n) : 0.0);
+}
+
+int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
+                      int64_t center, int max_rice, double& sse, int64_t* folded) {
+  return StepBytes(values, weights, n, step, nullptr, 1.0, center, max_rice, sse, folded, true);
+}
+
+void RiceStepRates(const double* values, const double* weights, int64_t n,
+                   const double* steps, const int64_t* centers, int64_t count, int max_rice,
+                   int64_t* nbytes, double* sse, bool allow_avx2) {
+  std::vector<int64_t> folded(static_cast<size_t>(n));
+  StepQuotients quotients(values, n);
+  for (int64_t i = 0; i < count; ++i) {
+    sse[i] = 0.0;
+    // (a center past 2^52 would wrap its folded codes)
+    if (centers[i] <= -(int64_t{1} << 52) || centers[i] >= (int64_t{1} << 52)) {
+      nbytes[i] = -1;
+      continue;
+    }
+    const auto [q, factor] = quotients.For(steps[i]);
+    nbytes[i] = StepBytes(values, weights, n, steps[i], q, factor, centers[i], max_rice,
+                          sse[i], folded.data(), allow_avx2);
+  }
 }
 
 bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,

@@ -30,21 +30,35 @@ void AppendUnary(const int64_t* quotients, int64_t n, PendingBits& pending,
 // bits to the next byte.
 void AppendRemainders(const int64_t* values, int64_t n, int k, std::vector<uint8_t>& out);
 
+// The widest Rice parameter the counts and codes take.
+constexpr int kMaxRiceWidth = 62;
+
 // The bytes `values` (n) take quantized on `step` (codes rounded half to
 // even) about `center`, folded to >= 0 and Rice coded on their best
-// parameter in 0..max_rice (unary parts and remainders each padded to a
-// byte: jaxjpeg.quantized_vectors.coded_bytes), with each value's squared
-// rounding error, times `weights[i]` where given, in `squares` (n); -1 where
-// a code reaches 2^52 (not counted). `folded`: scratch of n values.
+// parameter in 0..max_rice (<= kMaxRiceWidth; unary parts and remainders
+// each padded to a byte: jaxjpeg.quantized_vectors.coded_bytes), with the
+// sum of the values' squared rounding errors, each times `weights[i]`
+// where given, in `sse`; -1 where a code reaches 2^52 (not counted).
+// `folded`: scratch of n values.
 int64_t RiceStepBytes(const double* values, const double* weights, int64_t n, double step,
-                      int64_t center, int max_rice, double* squares, int64_t* folded);
+                      int64_t center, int max_rice, double& sse, int64_t* folded);
+
+// RiceStepBytes of `values` (n) on each of `count` positive finite `steps`
+// about its `centers[i]` into `nbytes` (-1 also where the center is not
+// within 2^52) and `sse`. The same figures, fewer divisions: steps whose
+// mantissas repeat (a ladder of steps a quarter octave apart) scale one
+// division's quotients by powers of two, which is exact. `allow_avx2`:
+// AVX2 code where the CPU has it (the same bits).
+void RiceStepRates(const double* values, const double* weights, int64_t n,
+                   const double* steps, const int64_t* centers, int64_t count, int max_rice,
+                   int64_t* nbytes, double* sse, bool allow_avx2 = true);
 
 // The remainder width in 0..max_rice that codes `folded` (n, each >= 0) in
 // the fewest bits: quantized_vectors._rice_parameter's walk from the mean's
 // width (the mean taken exactly here; numpy's float64 mean is the same while
 // the codes' sum is under 2^53, and a start that differs can only land on
 // another width of equal cost).
-int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice);
+int BestRiceParameter(const int64_t* folded, int64_t n, int max_rice);   // max_rice <= 62
 
 // What quantized_vectors counts of one step's codes (folded as `_zigzag`
 // about a center).

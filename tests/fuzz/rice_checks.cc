@@ -112,12 +112,32 @@ int main() {
       if ((got.largest >> k) < (int64_t{1} << 20)) RoundTrip(folded, k, trial);
     }
 
-    std::vector<double> squares(x.size()), weights(x.size(), 0.5);
+    std::vector<double> weights(x.size(), 0.5);
     std::vector<int64_t> scratch(x.size());
+    double sse = 0.0;
     const int64_t nbytes = jaxjpeg::RiceStepBytes(x.data(), trial % 4 ? weights.data() : nullptr,
-                                                  n, step, center, 40, squares.data(),
-                                                  scratch.data());
+                                                  n, step, center, 40, sse, scratch.data());
     Expect(nbytes >= -1, "negative bytes", trial);
+    // a ladder of steps a quarter octave apart, divided once a mantissa, on
+    // both passes: the same figures as the steps one at a time
+    const double ladder[6] = {step, step * 0.8408964152537145, step / 2, step / 4,
+                              step * 0.8408964152537145 / 8, step * 1024};
+    const int64_t centers[6] = {center, center, center, center, center, center};
+    int64_t by_ladder[2][6];
+    double ladder_sse[2][6];
+    for (int avx2 = 0; avx2 < 2; ++avx2) {
+      jaxjpeg::RiceStepRates(x.data(), nullptr, n, ladder, centers, 6, 40, by_ladder[avx2],
+                             ladder_sse[avx2], avx2 == 1);
+    }
+    for (int i = 0; i < 6; ++i) {
+      double one_sse = 0.0;
+      const int64_t one = jaxjpeg::RiceStepBytes(x.data(), nullptr, n, ladder[i], center, 40,
+                                                 one_sse, scratch.data());
+      Expect(by_ladder[0][i] == one && by_ladder[1][i] == one, "ladder bytes differ", trial);
+      Expect(one < 0 || (ladder_sse[0][i] == ladder_sse[1][i] &&
+                         std::fabs(ladder_sse[0][i] - one_sse) <= 1e-9 * one_sse),
+             "ladder errors differ", trial);
+    }
     if (nbytes >= 0 && !flags) {
       const int best = jaxjpeg::BestRiceParameter(scratch.data(), n, 40);
       Expect(best >= 0 && best <= 40, "parameter out of range", trial);
