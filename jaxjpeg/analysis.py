@@ -244,16 +244,24 @@ def no_far_values(x: np.ndarray, view: views.MatrixView) -> views.Outliers | Non
     return views.Outliers(np.zeros(0, np.int64), x.reshape(-1)[:0].copy())
 
 
-def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
+def prepare_plain(x, view: str, shards=None,
+                  checked: views.MatrixView | None = None) -> codec.Prepared | None:
     """:func:`jaxjpeg.rate.prepare_leaf` of a leaf without importance or input
     covariance, from :func:`leaf_stats`; None when the leaf needs the full
     analysis (special or far values, or a layout the native pass does not read).
+    ``checked``: the view a prepare_plain of these same values chose (a byte
+    target prepares each leaf twice): its checks for loud slices and far
+    values, which passed then, are not taken again.
     """
     x = np.asarray(x)
     stats = _stats_for_prepare(x)
     if stats is None or stats.special:
         return None
     x32 = x.astype(np.float32, copy=False)
+    if checked is not None:
+        rows = view_rows(stats, checked)
+        return None if rows is None else _plain_prepared(
+            x, stats, checked, rows, codec.encodable(checked.to_matrix(x32)), shards)
     rms = [a.rms for a in stats.axes]
     lead = views.sharded_axes(shards)
     if view == "auto" and views.loud_slices(stats.shape, rms, shards,
@@ -273,11 +281,17 @@ def prepare_plain(x, view: str, shards=None) -> codec.Prepared | None:
     suspect = suspect_rows(rows)
     if hide_far_values(matrix, suspect) or has_gross_values(rows, matrix):
         return None
+    return _plain_prepared(x, stats, chosen, rows, matrix, shards)
+
+
+def _plain_prepared(x: np.ndarray, stats: LeafStats, view: views.MatrixView,
+                    rows: SliceStats, matrix: np.ndarray, shards) -> codec.Prepared:
+    """prepare_plain's leaf once its checks have passed."""
     shared = matrix.shape[1] < codec.SHARED_MAP_COLS
     centers = (np.full(matrix.shape[0], rows.sum.sum() / max(1, matrix.size)) if shared
                else rows.mean)
     caches = {"stats": (centers, rows.min, rows.max), "squares": stats.total_squares,
               "row_variance": rows.variance}
-    p = codec.Prepared(tuple(x.shape), str(x.dtype), chosen, matrix, None, None, None, x,
+    p = codec.Prepared(tuple(x.shape), str(x.dtype), view, matrix, None, None, None, x,
                        shared, scales=caches)
     return p.with_shards(shards)

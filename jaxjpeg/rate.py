@@ -1890,18 +1890,23 @@ def thin_curve(x, seed: int = 0, dense: bool = False, error_weight=None,
 def _log_interpolated(steps, nbytes, sse):
     """Points DENSE_SPACING apart between each two of ``steps`` (falling),
     bytes and error linear in log step between them (where both are positive)."""
-    out = [[steps[0]], [nbytes[0]], [sse[0]]]
-    for i in range(1, len(steps)):
-        q0, q1 = steps[i - 1], steps[i]
-        n = max(1, round(math.log(q0 / q1) / math.log(DENSE_SPACING)))
-        if min(nbytes[i - 1], nbytes[i], sse[i - 1], sse[i]) > 0:
-            for t in np.arange(1, n) / n:
-                out[0].append(q0 * (q1 / q0) ** t)
-                out[1].append(nbytes[i - 1] * (nbytes[i] / nbytes[i - 1]) ** t)
-                out[2].append(sse[i - 1] * (sse[i] / sse[i - 1]) ** t)
-        for values, v in zip(out, (q1, nbytes[i], sse[i])):
-            values.append(v)
-    return (np.array(v, np.float64) for v in out)
+    steps, nbytes, sse = (np.asarray(v, np.float64) for v in (steps, nbytes, sse))
+    parts = np.maximum(1, np.round(np.log(steps[:-1] / steps[1:]) / math.log(DENSE_SPACING)))
+    positive = np.minimum(np.minimum(nbytes[:-1], nbytes[1:]),
+                          np.minimum(sse[:-1], sse[1:])) > 0
+    between = np.where(positive, parts - 1, 0).astype(np.intp)   # points inside each gap
+    gap = np.repeat(np.arange(len(between)), between)
+    first = np.cumsum(between) - between   # each gap's first point among them all
+    t = (np.arange(gap.size) - first[gap] + 1) / parts[gap]
+    order = np.argsort(np.concatenate([np.arange(len(steps)), gap + t]), kind="stable")
+    at = t.tolist()
+
+    def between_points(v):
+        # libm's pow, a value at a time: numpy's vectorized power differs in
+        # the last bit where the CPU has AVX-512 (a save then differs by machine)
+        ratios = (v[gap + 1] / v[gap]).tolist()
+        return v[gap] * np.array([math.pow(r, x) for r, x in zip(ratios, at)])
+    return (np.concatenate([v, between_points(v)])[order] for v in (steps, nbytes, sse))
 
 
 # ----------------------------------------------------------------------------

@@ -178,6 +178,24 @@ def test_one_pass_analysis_is_what_a_default_save_uses():
         assert np.shares_memory(p.matrix, leaf)   # the view itself, not a copy
 
 
+@pytest.mark.parametrize("shape", [(96, 40), (3, 3, 16, 32), (300,)])
+def test_a_checked_view_prepares_the_same_leaf(shape):
+    """A byte target's second prepare of a leaf the one pass took (its view
+    given as checked): the same view, matrix and statistics, without the
+    checks; a view whose rows the native pass does not read is declined."""
+    x = _laplace(shape, seed=len(shape))
+    first = analysis.prepare_plain(x, "auto")
+    again = analysis.prepare_plain(x, "auto", checked=first.view)
+    assert again.view == first.view and again.shared_map == first.shared_map
+    np.testing.assert_array_equal(again.matrix, first.matrix)
+    for got, want in zip(again.row_stats(), first.row_stats()):
+        np.testing.assert_array_equal(got, want)
+    assert again.scales["squares"] == first.scales["squares"]
+    if x.ndim == 4:   # rows mixing axes otherwise than the flat rows
+        odd = views.MatrixView((1, 3, 0, 2), 2)
+        assert analysis.prepare_plain(x, "auto", checked=odd) is None
+
+
 def test_one_pass_analysis_leaves_special_and_far_values_to_the_full_one():
     x = _laplace((400, 48))   # rows of 400 (a value can lie 12 RMS out only in rows of > 145)
     nan = x.copy()
