@@ -1892,8 +1892,10 @@ def _log_interpolated(steps, nbytes, sse):
     bytes and error linear in log step between them (where both are positive)."""
     steps, nbytes, sse = (np.asarray(v, np.float64) for v in (steps, nbytes, sse))
     parts = np.maximum(1, np.round(np.log(steps[:-1] / steps[1:]) / math.log(DENSE_SPACING)))
-    positive = np.minimum(np.minimum(nbytes[:-1], nbytes[1:]),
-                          np.minimum(sse[:-1], sse[1:])) > 0
+    # Python's min, as the points were chosen before (a NaN past the first
+    # of the four does not stop the gap's points; review)
+    positive = np.array([min(quad) > 0 for quad in zip(
+        nbytes[:-1].tolist(), nbytes[1:].tolist(), sse[:-1].tolist(), sse[1:].tolist())], bool)
     between = np.where(positive, parts - 1, 0).astype(np.intp)   # points inside each gap
     gap = np.repeat(np.arange(len(between)), between)
     first = np.cumsum(between) - between   # each gap's first point among them all
