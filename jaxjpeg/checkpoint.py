@@ -1538,6 +1538,10 @@ class _Turns:
         self.next = 0
         self.changed = threading.Condition()
 
+    def reached(self, name: str) -> bool:
+        """Whether ``name``'s turn has come (it need not wait)."""
+        return self.next >= self.position[name]
+
     def wait(self, name: str) -> None:
         position = self.position[name]
         with self.changed:
@@ -1570,9 +1574,12 @@ class _BudgetEncoder:
 
     def __call__(self, name, array):
         p = self.leaf_coder.prepare(name, array)
+        # coded meanwhile where it must wait (the coding its turn keeps, if
+        # it chooses alike: BudgetAllocator.coded_ahead)
+        ahead = None if self.turns.reached(name) else self.allocator.coded_ahead(name, p)
         self.turns.wait(name)
         try:
-            return self.allocator.encode(name, p)
+            return self.allocator.encode(name, p, ahead)
         finally:
             self.turns.done(name)
 

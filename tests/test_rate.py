@@ -1311,6 +1311,57 @@ def test_budget_files_do_not_depend_on_the_cores(monkeypatch, tmp_path):
     assert files[0] == files[1]
 
 
+@pytest.mark.parametrize("ratio", [3, 8])
+def test_leaves_coded_ahead_of_their_turn_give_the_same_file(monkeypatch, tmp_path, ratio):
+    """Under a byte target each leaf is coded in its turn (its choice
+    depends on the bytes the leaves before it took); the save's threads code
+    the next leaves meanwhile at the last choice's candidates, kept where
+    their turn chooses alike (BudgetAllocator.coded_ahead). The file is the
+    one a save coding one leaf at a time writes, with most leaves coded
+    ahead, and where every coding ahead fails (coded in their turns)."""
+    import threading
+
+    from jaxjpeg import checkpoint
+
+    tree = {f"w{i}": _tensor("row-scaled", (96, 64 + 8 * (i % 5)), seed=i) for i in range(30)}
+    tree.update({f"thin{i}": _tensor("gauss", (4096, 2), seed=40 + i) for i in range(6)})
+    ahead, turn = [], threading.local()
+    coded_ahead, encode, encode_candidate = (rate.BudgetAllocator.coded_ahead,
+                                             rate.BudgetAllocator.encode, rate.encode_candidate)
+
+    def counted_ahead(self, name, p):
+        got = coded_ahead(self, name, p)
+        ahead.append(got is not None)
+        return got
+
+    def in_turn(self, name, p, guess=None):
+        turn.now = True
+        try:
+            return encode(self, name, p, guess)
+        finally:
+            turn.now = False
+
+    def failing_ahead(*args, **kwargs):
+        if not getattr(turn, "now", False):
+            raise MemoryError("coded ahead")
+        return encode_candidate(*args, **kwargs)
+
+    monkeypatch.setattr(rate.BudgetAllocator, "coded_ahead", counted_ahead)
+    monkeypatch.setattr(rate.BudgetAllocator, "encode", in_turn)
+    files = []
+    for workers, fails in ((1, False), (4, False), (4, True)):
+        monkeypatch.setattr(checkpoint, "save_workers", lambda workers=workers: workers)
+        if fails:
+            monkeypatch.setattr(rate, "encode_candidate", failing_ahead)
+        ahead.clear()
+        path = tmp_path / f"w{workers}{fails}.jjpg"
+        jaxjpeg.save(path, tree, target_ratio=ratio, progress=False)
+        files.append(path.read_bytes())
+        if workers > 1:
+            assert (sum(ahead) > len(tree) // 2) != fails, ahead
+    assert files[0] == files[1] == files[2]
+
+
 @pytest.mark.parametrize("bits,steps", [(8, [20, 9]), (12, [300, 70, 9])])
 def test_measure_steps_error_of_samples_at_the_range_ends(bits, steps):
     """Non-negative rows map their zeros to sample 0, and the decoder clamps
