@@ -839,18 +839,18 @@ using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 py::tuple RiceUnaryOf(const Int64Array& quotients, uint32_t bits, int count) {
   if (count < 0 || count > 7 || bits >> count) throw py::value_error("bad pending bits");
   const int64_t* q = quotients.data();
-  int64_t total = count;
-  for (py::ssize_t i = 0; i < quotients.size(); ++i) {
-    if (q[i] < 0 || q[i] > (int64_t{1} << 20)) throw py::value_error("quotient out of range");
-    total += q[i] + 1;
-  }
+  const int64_t n = quotients.size();
   std::vector<uint8_t> out;
-  out.reserve(static_cast<size_t>(total / 8));
   PendingBits pending{bits, count};
+  bool in_range = true;
   {
+    // (checked without the interpreter: holding it, the check kept the
+    // threads coding other leaves waiting)
     py::gil_scoped_release release;
-    AppendUnary(q, quotients.size(), pending, out);
+    for (int64_t i = 0; i < n; ++i) in_range &= q[i] >= 0 && q[i] <= (int64_t{1} << 20);
+    if (in_range) AppendUnary(q, n, pending, out);
   }
+  if (!in_range) throw py::value_error("quotient out of range");
   return py::make_tuple(py::bytes(reinterpret_cast<const char*>(out.data()), out.size()),
                         pending.bits, pending.count);
 }
