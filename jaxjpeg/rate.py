@@ -2653,7 +2653,8 @@ class BudgetAllocator:
         coarser = between[between <= guess]
         return int(coarser[-1]) if len(coarser) else int(between[0])
 
-    def coded_ahead(self, name: str, p: codec.Prepared) -> tuple | None:
+    def coded_ahead(self, name: str, p: codec.Prepared,
+                    room: Callable[[float], bool] = lambda nbytes: True) -> tuple | None:
         """Tensor ``name`` coded before its turn as the last tensor's choice
         chose it (candidate, coding, its row-range fallback), for
         :meth:`encode` to keep where its own choice is the same (choices
@@ -2661,10 +2662,11 @@ class BudgetAllocator:
         them stayed): tensors are coded in order, each choice depending on
         the bytes the tensors before it took, and a save codes the next
         ones meanwhile on its other threads, the files the same. None where
-        no choice was made yet, or the coding failed (its turn codes it)."""
+        no choice was made yet, ``room(predicted bytes)`` refuses to hold
+        the coding, or the coding failed (its turn codes it)."""
         k = self._last_choices.get(name)
         c = self.curves.get(name)
-        if k is None or c is None:
+        if k is None or c is None or not room(float(c.nbytes[k])):
             return None
         fallback = functools.cache(lambda: row_range_fallback(p))
         try:
@@ -2685,8 +2687,9 @@ class BudgetAllocator:
         k = choices[name]
         if ahead is not None and ahead[0] == k:
             enc, fallback = ahead[1], ahead[2]
-        else:
-            fallback = functools.cache(lambda: row_range_fallback(p))   # prepared once, if at all
+        else:   # (a row-range fallback coding ahead prepared is p's as well)
+            fallback = (ahead[2] if ahead is not None   # prepared once, if at all
+                        else functools.cache(lambda: row_range_fallback(p)))
             enc = encode_candidate(p, c, k, self.options, fallback)
         if self.pending == {name}:
             k, enc = self._settle_last(p, c, k, enc, fallback)
