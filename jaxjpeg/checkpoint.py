@@ -1559,10 +1559,12 @@ class _Turns:
 
 class _BudgetEncoder:
     """Codes leaves under a byte budget: each leaf is prepared on the save's
-    threads, then coded in its turn (the allocator's choice for a leaf
-    depends on the bytes the leaves before it took), so the files are those
-    of a save coding one leaf at a time while the loading, preparing and
-    packing of other leaves overlap the coding."""
+    threads, coded ahead at the last choice's candidate while it waits,
+    then chosen in its turn (the allocator's choice for a leaf depends on
+    the bytes the leaves before it took), the coding ahead kept where the
+    choice is the same: the files are those of a save coding one leaf at a
+    time while the loading, preparing, coding and packing of other leaves
+    overlap the turns."""
 
     def __init__(self, allocator, leaf_coder: "_LeafCoder", fine: Collection[str] = (),
                  ahead_bytes: float = 0.0):
