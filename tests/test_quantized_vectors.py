@@ -691,6 +691,12 @@ def test_native_rice_streams_decode_as_the_reader_reads_them(k):
         _native.rice_unary(np.array([1], np.int64), 0x100, 8)
     with pytest.raises(ValueError, match="k must"):
         _native.rice_remainders(codes, 63)
+    with pytest.raises(TypeError):   # (review: floats were truncated to codes)
+        _native.rice_unary(np.array([3.7, 2.2]), 0, 0)
+    with pytest.raises(TypeError):
+        _native.rice_remainders(np.array([3.7, 2.2]), 3)
+    assert _native.rice_unary(np.array([3, 2], np.int32), 0, 0) == \
+        _native.rice_unary(np.array([3, 2], np.int64), 0, 0)
 
 
 @pytest.mark.parametrize("k", [31, 32, 33, 40])

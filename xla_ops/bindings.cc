@@ -830,7 +830,10 @@ py::tuple MatrixStatsOf(const py::array& matrix, float limit, bool avx2) {
                         py::make_tuple(col_sum, col_squares, col_min, col_max));
 }
 
-using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+// Codes for the Rice packers: int64 (or an integer type that widens to it
+// exactly), C-contiguous; floats are refused, not truncated (found by
+// review: [3.7, 2.2] was packed as [3, 2]).
+using Int64Array = py::array_t<int64_t, py::array::c_style>;
 
 // The Rice quotients' unary parts after `pending` bits (the low `count` of
 // `bits`): (whole bytes, bits pending, their count). Quotients are refused
