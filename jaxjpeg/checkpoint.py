@@ -1139,8 +1139,6 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     coding = leaf_coder.coding
     total = sum(leaf.size for leaf in entries)
     reach = rate.reach_of(target_bytes, total)
-    if log_coding is not None:   # finer log2 steps measured once a plan wants them (refine)
-        log_coding.finer = False
     floor = not leaf_coder.sensitivity   # see rate.LADDER_FLOOR
     # Kernels too small for JPEG take one fine step (SMALL_KERNEL_STEP), and
     # their optimizer moments log2 steps of HALF_LIKE_STEP; where the target
@@ -1158,6 +1156,12 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
     # every coded leaf offered a thin coding too (see FINE_MARGIN), from the
     # first plan where the target is as fine as JPEG's finest codings
     fine_target = 8 * target_bytes >= FINE_FROM_BITS * max(1, total)
+    if log_coding is not None:
+        # finer log2 steps measured once a plan wants them (refine), from the
+        # first where the target is this fine (its plans wanted them: a second
+        # pass over every moment, its probe and ladder again, was a fifth of
+        # a training state's 3x); the plans choose alike either way
+        log_coding.finer = fine_target and own is None
     fine_thin = set()   # the leaves offered one for that alone (their reports say so)
     grid_codes = {}   # name -> bytes of the codes of a coded leaf quantized per slice
 
@@ -1181,8 +1185,11 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                                                 and log_coding.keeps_exact(leaf.name, array)):
             return leaf.name, None, once(("exact", leaf.name), lambda: _exact_bytes(array))
         signed = log_coding.signed(leaf.name, array) if log_coding is not None else None
+        # (a resident leaf's exact rung measured only when a plan reaches it)
+        values_of = leaf.array if leaf.resident else None
         if signed is not None:
-            return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed)
+            return leaf.name, None, log_coding.stored_bytes(leaf.name, array, signed,
+                                                            values_of=values_of)
         small_kernel = False   # a kernel too small for JPEG on the allocation's step
         # a leaf quantized per channel stays exact where its codes fit its
         # share of the target (found by review: exact on short slices, 4.3-4.6
@@ -1200,7 +1207,7 @@ def _target_encoder(entries, policy, target_bytes, bits, leaf_coder, analysed_by
                             and leaf.name not in takers else None)
             if small_moment is not None:   # on the moments' ladder, from a finer step
                 return leaf.name, None, log_coding.stored_bytes(leaf.name, array, small_moment,
-                                                                small=True)
+                                                                small=True, values_of=values_of)
             centered = (log_coding.centered_first(leaf.name, array)
                         if log_coding is not None and limits is None else None)
             if centered is not None:   # stored as its variance (_Save._store), so counted
