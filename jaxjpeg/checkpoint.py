@@ -2857,8 +2857,9 @@ def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
     where a sample deflates to DEFLATE_PAYS of its size; one over
     FAST_DEFLATE_BYTES at zlib's fastest level (found by review: 100 M int8
     values of 0..3 took 10 s to deflate at level 6, 2 s at 1 for 13% more
-    bytes; a 0/1 mask's planes take 40% more at 1). ``counted``: one over
-    DEFLATE_HALF_MAX_BYTES as its size (a quantized_vectors.Counted) from
+    bytes; a 0/1 mask's planes take 40% more at 1). ``counted``: its size (a
+    quantized_vectors.Counted), a smaller one's planes counted, not written
+    (layout.deflated_planes_size), one over DEFLATE_HALF_MAX_BYTES's from
     the sample at the level it is stored at (found by review: estimated at
     the fastest, a quantized graph's 8 MB uint8 leaf was counted 9% over;
     pieces smaller than the sample's 64 KiB of a float32 byte plane missed
@@ -2870,6 +2871,9 @@ def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
         if counted:
             size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
             return quantized_vectors.Counted(size) if size < flat.nbytes else None
+    if counted:
+        size = layout.deflated_planes_size(flat, _deflate_level(flat))
+        return quantized_vectors.Counted(size) if size < flat.nbytes else None
     packed = layout.deflate_planes(flat, _deflate_level(flat))
     return packed if len(packed) < flat.nbytes else None
 
@@ -2891,7 +2895,7 @@ def _sampled_deflate_share(flat: np.ndarray, level: int = 1) -> float:
     piece = max(1, (1 << 18) // flat.itemsize)
     starts = np.linspace(0, max(0, flat.size - piece), _DEFLATE_SAMPLE_PIECES).astype(np.int64)
     sample = np.concatenate([flat[s:s + piece] for s in starts])
-    return len(layout.deflate_planes(sample, level)) / max(1, sample.nbytes)
+    return layout.deflated_planes_size(sample, level) / max(1, sample.nbytes)
 
 
 def _deflate_level(flat: np.ndarray) -> int:

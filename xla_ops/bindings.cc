@@ -16,6 +16,7 @@
 #include "cpu_executor.h"
 #include "crc32c.h"
 #include "decode_kernel.h"
+#include "deflate_runs.h"
 #include "destuff.h"
 #include "encoder.h"
 #include "error_feedback.h"
@@ -1058,6 +1059,24 @@ py::tuple RepeatsOf(const py::buffer& data) {
                         py::make_tuple(count.bytes[1], count.matches[1]));
 }
 
+py::bytes RunDeflateOf(const py::buffer& data, bool last) {
+  const py::buffer_info b = ContiguousBytes(data);
+  std::vector<uint8_t> out;
+  bool written;
+  {
+    py::gil_scoped_release release;
+    written = RunDeflate(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, last, &out);
+  }
+  if (!written) throw std::runtime_error("run_deflate: the blocks written differ from their plan");
+  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+int64_t RunDeflatedSizeOf(const py::buffer& data, bool last) {
+  const py::buffer_info b = ContiguousBytes(data);
+  py::gil_scoped_release release;
+  return RunDeflatedSize(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, last);
+}
+
 uint32_t Crc32cOf(const py::buffer& data, uint32_t crc) {
   const py::buffer_info b = ContiguousBytes(data);
   py::gil_scoped_release release;
@@ -1222,6 +1241,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("quality_table", &QualityTable, py::arg("quality"), py::arg("bits") = 8,
         "The Annex K luminance table scaled to a 1..100 quality (natural order).");
   m.def("crc32c", &Crc32cOf, py::arg("data"), py::arg("crc") = 0, "CRC-32C (Castagnoli).");
+  m.def("run_deflate", &RunDeflateOf, py::arg("data"), py::arg("last"),
+        "C-contiguous bytes as raw deflate blocks of literals and runs of one byte, "
+        "ended on a byte boundary by a sync flush unless last (xla_ops/deflate_runs.h).");
+  m.def("run_deflated_size", &RunDeflatedSizeOf, py::arg("data"), py::arg("last"),
+        "len(run_deflate(data, last)), without writing it.");
   m.def("repeats", &RepeatsOf, py::arg("data"),
         "((bytes inside, count) of matches of 4-7 bytes, the same of longer ones) of a greedy "
         "pass over C-contiguous bytes for copies 2 to 32,768 bytes back (xla_ops/repeats.h).");

@@ -1,7 +1,8 @@
 #include "huffman_encode.h"
 
 #include <algorithm>
-#include <array>
+
+#include "code_lengths.h"
 
 namespace jaxjpeg {
 namespace {
@@ -42,11 +43,7 @@ constexpr uint8_t kAcLuminanceSymbols[162] = {
 constexpr int kReservedSymbol = 256;
 constexpr int kMaxLeaves = 257;
 
-struct Leaf {
-  uint64_t count;
-  int symbol;
-  int length;
-};
+using Leaf = CodeLeaf;
 
 // Used symbols plus the reserved one, rarest first. On equal counts the
 // reserved symbol comes first so it tends to land on a longest code.
@@ -62,45 +59,10 @@ int CollectLeaves(const SymbolHistogram& histogram, Leaf* leaves) {
   return n;
 }
 
-// Huffman tree depths of leaves sorted by count. Two queues (leaves and merged
-// nodes, both in increasing weight order) replace a priority queue.
-void AssignTreeDepths(Leaf* leaves, int n) {
-  std::array<uint64_t, 2 * kMaxLeaves> weight;
-  std::array<int, 2 * kMaxLeaves> parent;
-  for (int i = 0; i < n; ++i) weight[i] = leaves[i].count;
-  int next_leaf = 0;
-  int next_merged = n;
-  auto take_lightest = [&](int merged_end) {
-    const bool take_leaf =
-        next_leaf < n && (next_merged >= merged_end || weight[next_leaf] <= weight[next_merged]);
-    return take_leaf ? next_leaf++ : next_merged++;
-  };
-  for (int node = n; node < 2 * n - 1; ++node) {
-    const int a = take_lightest(node);
-    const int b = take_lightest(node);
-    weight[node] = weight[a] + weight[b];
-    parent[a] = parent[b] = node;
-  }
-  std::array<int, 2 * kMaxLeaves> depth;
-  depth[2 * n - 2] = 0;
-  for (int node = 2 * n - 3; node >= 0; --node) depth[node] = depth[parent[node]] + 1;
-  for (int i = 0; i < n; ++i) leaves[i].length = depth[i];
-}
-
-// T.81 Figure K.3: while a code is longer than 16 bits, take two sibling codes
-// of the longest length, move one up a level and hang both under a shorter
-// code split in two. Afterwards drop one longest code: the reserved one.
-void LimitCodeLengths(int* length_counts, int max_length) {
-  for (int length = max_length; length > kMaxHuffmanCodeLength; --length) {
-    while (length_counts[length] > 0) {
-      int shorter = length - 2;
-      while (length_counts[shorter] == 0) --shorter;
-      length_counts[length] -= 2;
-      length_counts[length - 1] += 1;
-      length_counts[shorter + 1] += 2;
-      length_counts[shorter] -= 1;
-    }
-  }
+// Codes of at most 16 bits (T.81 Figure K.3), then one longest code dropped:
+// the reserved one.
+void LimitJpegCodeLengths(int* length_counts, int max_length) {
+  LimitCodeLengths(length_counts, max_length, kMaxHuffmanCodeLength);
   int longest = kMaxHuffmanCodeLength;
   while (length_counts[longest] == 0) --longest;
   length_counts[longest] -= 1;
@@ -129,7 +91,7 @@ HuffmanSpec BuildOptimalSpec(const SymbolHistogram& histogram) {
     ++length_counts[leaves[i].length];
     max_length = std::max(max_length, leaves[i].length);
   }
-  LimitCodeLengths(length_counts, max_length);
+  LimitJpegCodeLengths(length_counts, max_length);
 
   // Symbols by (original length, value), reserved last: lengths are then
   // handed out in this order from the limited counts, so the reserved symbol
