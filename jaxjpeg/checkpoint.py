@@ -3490,6 +3490,9 @@ def _quantized_error(array: np.ndarray, lossy: tuple) -> np.ndarray:
 # of a moment of mostly zero rows put 2-3x targets 43-83% over; review).
 _LADDER_PROBE = 1 << 18
 _EXACT_RUNG = object()   # a ladder's size: the leaf stored exactly (_LogCoding.rung_bytes)
+# A ladder's size coarser than a fine target's own step, measured when a plan
+# reaches it (_LogCoding.rung_bytes): such a target's plans go finer.
+_UNMEASURED = object()
 
 
 class _LogCoding:
@@ -3790,8 +3793,9 @@ class _LogCoding:
         of it (five codings of every moment took as long as the save).
         ``small``: a moment of a leaf the policy keeps out of JPEG, whose
         ladder starts at HALF_LIKE_STEP (see :meth:`small_step`).
-        ``values_of``: gives ``array`` again, where its exact rung may be
-        measured later, when a plan reaches it (:meth:`rung_bytes`)."""
+        ``values_of``: gives ``array`` again, where its exact rung and a fine
+        target's steps coarser than its own (``finer``: its plans go finer)
+        may be measured later, when a plan reaches them (:meth:`rung_bytes`)."""
         if small:
             self.small.add(name)
         self.measured[name] = (signed, small)
@@ -3817,9 +3821,15 @@ class _LogCoding:
             scale = array.size / _LADDER_PROBE
             if first is not None:   # the same positions
                 first = quantized_vectors.sampled(first.reshape(-1), _LADDER_PROBE)
+        # a fine target's coarser steps later, where the values can be read again
+        later = (magnitudes.ladder_base(self.finer) + 1 if self.finer and values_of is not None
+                 else len(steps))
         sizes, ladder, alternative = [], None, None
-        for step in steps:   # each plan of a save measures again: its leaves are the same
-            key = (name, step, signed, first is None)
+        for i, step in enumerate(steps):   # each plan of a save measures again: its
+            key = (name, step, signed, first is None)   # leaves are the same
+            if key not in self.sizes_at and i >= later:
+                sizes.append(_UNMEASURED)
+                continue
             if key not in self.sizes_at:
                 if ladder is None and first is None and len(steps) > 1:   # (a probe's)
                     ladder = magnitudes.counted_ladder(probe, signed)
@@ -3847,6 +3857,10 @@ class _LogCoding:
         target reaches, was a third of a 3x target's time on a training
         state."""
         size = self.ladder[name][1][i]
+        if size is _UNMEASURED:
+            self._measure_coarser([n for n, (_, sizes) in self.ladder.items()
+                                   if sizes[i] is _UNMEASURED])
+            size = self.ladder[name][1][i]
         if size is not _EXACT_RUNG:
             return size
         if (name, None) not in self.sizes_at:
@@ -3868,6 +3882,16 @@ class _LogCoding:
         for name, nbytes in in_order(measured, names, save_workers(), max(size.values()) * 4,
                                      lambda name: 4 * size[name], largest_first=False):
             self.sizes_at[name, None] = nbytes
+
+    def _measure_coarser(self, names: list[str]) -> None:
+        """Every step of ladder leaves ``names`` (their values read again, on
+        the save's threads, a leaf's bytes in flight at most)."""
+        def measure(name):
+            self.stored_bytes(name, self._values_of[name](), *self.measured[name])
+        size = {name: self.ladder[name][0] for name in names}
+        for _ in in_order(measure, names, save_workers(), max(size.values()) * 4,
+                          lambda name: 4 * size[name], largest_first=False):
+            pass
 
     def refine(self, leaves: Sequence[SourceLeaf]) -> None:
         """The ladder of these leaves (the ladder's) measured at finer steps

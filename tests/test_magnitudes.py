@@ -1503,6 +1503,44 @@ def test_a_3x_target_leaves_the_moments_exact_rung_unmeasured(tmp_path, monkeypa
     assert (tmp_path / "a.jjpg").read_bytes() == (tmp_path / "b.jjpg").read_bytes()
 
 
+def test_a_fine_target_measures_coarser_moment_steps_only_where_a_plan_reaches_them(
+        tmp_path, monkeypatch):
+    """A target of 10 bits a value or more goes finer than its moments' own
+    log2 step: their coarser steps are measured only where a plan reaches
+    them (four of a ladder's eleven steps, a fifth of a training state's
+    2x save's ladder). Adam moments spread over float32's whole range take
+    more bits at their own step than 3x leaves them, so a 3x plan reaches
+    the coarser steps; the file is the one every step measured at once
+    gives, and a trained state's 3x measures none."""
+    import optax
+    from jaxjpeg import checkpoint
+
+    measured = []
+    real = checkpoint._LogCoding._measure_coarser
+    monkeypatch.setattr(checkpoint._LogCoding, "_measure_coarser",
+                        lambda self, names: measured.append(len(names)) or real(self, names))
+    params, _, state, _, _ = _trained_adam(steps=20)
+    jaxjpeg.save(tmp_path / "t.jjpg", {"params": params, "opt_state": state}, target_ratio=3)
+    assert measured == []
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(0, 0.05, (256, 256)).astype(np.float32)}
+    spread = [2.0 ** rng.uniform(-125, 125, (256, 256)) for _ in range(2)]
+    mu = (np.sign(rng.normal(size=(256, 256))) * spread[0]).astype(np.float32)
+    adam = optax.adam(1e-3).init(params)
+    tree = {"params": params, "opt_state": (
+        adam[0]._replace(mu={"w": mu}, nu={"w": spread[1].astype(np.float32)}), adam[1])}
+    report = jaxjpeg.save(tmp_path / "a.jjpg", tree, target_ratio=3)
+    assert report.ratio_vs_float32 == pytest.approx(3, rel=0.02)
+    assert measured == [2]
+    eager = checkpoint._LogCoding.stored_bytes   # every step measured at once, as before
+    monkeypatch.setattr(checkpoint._LogCoding, "stored_bytes",
+                        lambda self, *args, values_of=None, **kwargs: eager(self, *args, **kwargs))
+    jaxjpeg.save(tmp_path / "b.jjpg", tree, target_ratio=3)
+    assert measured == [2]
+    assert (tmp_path / "a.jjpg").read_bytes() == (tmp_path / "b.jjpg").read_bytes()
+
+
 def _eager_rungs(rung_bytes):
     def every_rung(self, name, i, array=None):
         for j in range(len(self.ladder[name][1])):
