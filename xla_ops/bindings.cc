@@ -950,7 +950,7 @@ py::tuple RiceStepRatesOf(const py::array_t<double, py::array::c_style>& values,
 // quantized_vectors' dense codings: one step's codes of transformed values
 // counted (CountStepCodes); None where a code reaches 2^52.
 py::object StepCountsOf(const py::array_t<double, py::array::c_style>& x, py::object zero,
-                        double step, int64_t center, int k, py::object folded) {
+                        double step, int64_t center, int k, py::object folded, bool avx2) {
   const py::ssize_t n = x.size();
   CheckStepAndCenter(step, center);
   if (k < 0 || k > 62) throw py::value_error("k must be 0..62");
@@ -975,7 +975,7 @@ py::object StepCountsOf(const py::array_t<double, py::array::c_style>& x, py::ob
   bool in_range;
   {
     py::gil_scoped_release release;
-    in_range = CountStepCodes(xv, zv, n, step, center, k, counts, fv);
+    in_range = CountStepCodes(xv, zv, n, step, center, k, counts, fv, avx2);
   }
   if (!in_range) return py::none();
   return py::make_tuple(counts.lo, counts.hi, counts.largest, counts.quotients);
@@ -1206,11 +1206,12 @@ PYBIND11_MODULE(_native, m) {
         "center reaches 2^52); squared errors times weights where given. avx2=False: the "
         "portable code even where the CPU has AVX2 (the same bits; for tests).");
   m.def("step_counts", &StepCountsOf, py::arg("x"), py::arg("zero"), py::arg("step"),
-        py::arg("center"), py::arg("k"), py::arg("folded"),
+        py::arg("center"), py::arg("k"), py::arg("folded"), py::arg("avx2") = true,
         "Codes of float64 x on step (half to even; floored where the uint8 zero flags are "
         "set), folded about center: (lowest, highest, largest folded, sum of folded >> k), "
         "each folded code written to the int64 array folded where given; None where a code "
-        "reaches 2^52.");
+        "reaches 2^52. avx2=False: the portable code even where the CPU has AVX2 (the same "
+        "answers; for tests).");
   m.def("rice_parameter", [](const py::array_t<int64_t, py::array::c_style>& folded,
                              int max_rice) {
     if (max_rice < 0 || max_rice > kMaxRiceWidth) {

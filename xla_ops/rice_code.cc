@@ -151,93 +151,6 @@ bool CountBlockExact(const double* x, const uint8_t* zero, int64_t m, double ste
   return true;
 }
 
-#if defined(__SSE2__)
-// Lanes of two doubles.
-inline __m128d RoundedPair(__m128d s) {
-  const __m128d shift = _mm_set1_pd(kShift);
-  return _mm_sub_pd(_mm_add_pd(s, shift), shift);
-}
-
-// Whether |s| < 2^49 in both lanes, and-ed into `ok` (NaN: false).
-inline __m128d UnderFastLimit(__m128d ok, __m128d s) {
-  return _mm_and_pd(ok, _mm_cmplt_pd(_mm_andnot_pd(_mm_set1_pd(-0.0), s),
-                                     _mm_set1_pd(kFastLimit)));
-}
-
-// Zigzag of integral d (|d| < 2^50): 2d, or -2d - 1 below 0.
-inline __m128d ZigzagPair(__m128d d) {
-  const __m128d twice = _mm_andnot_pd(_mm_set1_pd(-0.0), _mm_add_pd(d, d));
-  return _mm_sub_pd(twice, _mm_and_pd(_mm_cmplt_pd(d, _mm_setzero_pd()), _mm_set1_pd(1.0)));
-}
-
-// Integral v in [0, 2^52) as int64: its bits once 2^52 is added.
-inline __m128i IntegerPair(__m128d v) {
-  const __m128d two52 = _mm_set1_pd(4503599627370496.0);
-  return _mm_sub_epi64(_mm_castpd_si128(_mm_add_pd(v, two52)), _mm_castpd_si128(two52));
-}
-
-// The two lanes' sum, wrapping (a pass that fails its checks sums garbage:
-// found by the sanitizer build, a signed overflow without -fwrapv).
-inline uint64_t LaneSum(__m128i v) {
-  uint64_t lanes[2];
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), v);
-  return lanes[0] + lanes[1];
-}
-
-// CountBlockExact two values at a time (x / step as x times `inverse`
-// where that is 1 / step exactly: the same correctly rounded quotient);
-// false (nothing counted) where a scaled value or the center is not under
-// 2^49 (a quotient, at most a folded code, then stays under 2^51).
-bool CountBlockFast(const double* x, const uint8_t* zero, int64_t m, double step,
-                    double inverse, int64_t center, int k, StepCounts& counts,
-                    int64_t* folded) {
-  if (!(std::fabs(static_cast<double>(center)) < kFastLimit) || m % 2) return false;
-  const __m128d vstep = _mm_set1_pd(step), vinverse = _mm_set1_pd(inverse);
-  const __m128d vcenter = _mm_set1_pd(static_cast<double>(center));
-  const __m128d unit = _mm_set1_pd(std::ldexp(1.0, -k)), one = _mm_set1_pd(1.0);
-  __m128d ok = _mm_cmpeq_pd(vstep, vstep);
-  __m128d lo = _mm_set1_pd(INFINITY), hi = _mm_set1_pd(-INFINITY), largest = _mm_setzero_pd();
-  __m128i quotients = _mm_setzero_si128();
-  for (int64_t i = 0; i < m; i += 2) {
-    const __m128d v = _mm_loadu_pd(x + i);
-    const __m128d s = inverse ? _mm_mul_pd(v, vinverse) : _mm_div_pd(v, vstep);
-    ok = UnderFastLimit(ok, s);
-    __m128d code = RoundedPair(s);
-    if (zero) {   // floored: one less where rounding went up
-      const __m128d flagged = _mm_castsi128_pd(
-          _mm_set_epi64x(-static_cast<int64_t>(zero[i + 1] != 0),
-                         -static_cast<int64_t>(zero[i] != 0)));
-      code = _mm_sub_pd(code, _mm_and_pd(_mm_and_pd(flagged, _mm_cmpgt_pd(code, s)), one));
-    }
-    lo = _mm_min_pd(lo, code);
-    hi = _mm_max_pd(hi, code);
-    const __m128d f = ZigzagPair(_mm_sub_pd(code, vcenter));
-    largest = _mm_max_pd(largest, f);
-    const __m128d scaled = _mm_mul_pd(f, unit);   // f >> k: scaled, floored
-    __m128d q = RoundedPair(scaled);
-    q = _mm_sub_pd(q, _mm_and_pd(_mm_cmpgt_pd(q, scaled), one));
-    quotients = _mm_add_epi64(quotients, IntegerPair(q));
-    if (folded) _mm_storeu_si128(reinterpret_cast<__m128i*>(folded + i), IntegerPair(f));
-  }
-  if (_mm_movemask_pd(ok) != 3) return false;
-  double l[2], h[2], g[2];
-  _mm_storeu_pd(l, lo);
-  _mm_storeu_pd(h, hi);
-  _mm_storeu_pd(g, largest);
-  counts.lo = std::min(counts.lo, static_cast<int64_t>(std::min(l[0], l[1])));
-  counts.hi = std::max(counts.hi, static_cast<int64_t>(std::max(h[0], h[1])));
-  counts.largest = std::max(counts.largest, static_cast<int64_t>(std::max(g[0], g[1])));
-  counts.quotients = static_cast<int64_t>(static_cast<uint64_t>(counts.quotients) +
-                                          LaneSum(quotients));
-  return true;
-}
-#else
-bool CountBlockFast(const double*, const uint8_t*, int64_t, double, double, int64_t, int,
-                    StepCounts&, int64_t*) {
-  return false;
-}
-#endif
-
 // 1 / step where that is exact (a power of two whose inverse is finite and
 // nonzero), else 0.
 double ExactInverse(double step) {
@@ -349,6 +262,62 @@ JAXJPEG_INLINE bool StepBlockLanes(const double* values, const double* weights, 
   sum = static_cast<int64_t>(whole);
   sse = ((partial[0] + partial[2]) + (partial[1] + partial[3])) + rest;
   return true;
+}
+
+// CountBlockExact four values at a time (the last m % 4 one at a time),
+// in vectors as StepBlockLanes (x / step as x times `inverse` where that is
+// 1 / step exactly: the same correctly rounded quotient); false (`counts`
+// untouched) where a scaled value or the center is not under 2^49.
+template <class L, class IL, class UL>
+JAXJPEG_INLINE bool CountBlockLanes(const double* x, const uint8_t* zero, int64_t m, double step,
+                                    double inverse, int64_t center, int k, StepCounts& counts,
+                                    int64_t* folded) {
+  constexpr int kLanes = sizeof(L) / sizeof(double), kVectors = 4 / kLanes;
+  const double c = static_cast<double>(center);
+  if (!(std::fabs(c) < kFastLimit)) return false;
+  const L none = {}, one = none + 1.0, two52 = none + kLargestCode;
+  const IL sign = IL{} + INT64_MIN;
+  IL ok = IL{} - 1;
+  UL quotients = {};
+  L lo = none + INFINITY, hi = none - INFINITY, largest = none;
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    for (int j = 0; j < kVectors; ++j) {
+      const int64_t at = i + j * kLanes;
+      const L v = LoadLanes<L>(x + at);
+      const L s = inverse ? v * inverse : v / step;
+      ok &= (s < kFastLimit) & (s > -kFastLimit);   // (NaN: false)
+      L code = (s + kShift) - kShift;                // half to even
+      if (zero) {   // floored: one less where rounding went up
+        IL flagged;
+        for (int lane = 0; lane < kLanes; ++lane) flagged[lane] = zero[at + lane] ? -1 : 0;
+        code -= reinterpret_cast<L>(flagged & (code > s) & reinterpret_cast<IL>(one));
+      }
+      lo = code < lo ? code : lo;
+      hi = code > hi ? code : hi;
+      const L d = code - c;   // zigzag as StepBlockLanes
+      const L twice = reinterpret_cast<L>(reinterpret_cast<IL>(d + d) & ~sign);
+      const L z = twice - reinterpret_cast<L>((d < none) & reinterpret_cast<IL>(one));
+      largest = z > largest ? z : largest;
+      const IL f = reinterpret_cast<IL>(z + two52) - reinterpret_cast<IL>(two52);
+      quotients += reinterpret_cast<UL>(f) >> k;
+      if (folded) std::memcpy(folded + at, &f, sizeof(f));
+    }
+  }
+  StepCounts block = counts;
+  uint64_t sum = static_cast<uint64_t>(block.quotients);
+  for (int lane = 0; lane < kLanes && i > 0; ++lane) {   // (i > 0: every lane holds values)
+    if (!ok[lane]) return false;
+    block.lo = std::min(block.lo, static_cast<int64_t>(lo[lane]));
+    block.hi = std::max(block.hi, static_cast<int64_t>(hi[lane]));
+    block.largest = std::max(block.largest, static_cast<int64_t>(largest[lane]));
+    sum += quotients[lane];
+  }
+  block.quotients = static_cast<int64_t>(sum);
+  const bool rest_ok = i == m || CountBlockExact(x + i, zero ? zero + i : nullptr, m - i, step,
+                                                 center, k, block, folded ? folded + i : nullptr);
+  if (rest_ok) counts = block;
+  return rest_ok;
 }
 
 #if defined(__GNUC__)
@@ -546,22 +515,49 @@ void RiceStepRates(const double* values, const double* weights, int64_t n,
   }
 }
 
-bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,
-                    int64_t center, int k, StepCounts& counts, int64_t* folded) {
+// CountStepCodes, a block at a time in lanes of L where it can.
+template <class L, class IL, class UL>
+JAXJPEG_INLINE bool CountStepCodesBody(const double* x, const uint8_t* zero, int64_t n,
+                                       double step, int64_t center, int k, StepCounts& counts,
+                                       int64_t* folded) {
   const double inverse = ExactInverse(step);
   counts = {INT64_MAX, INT64_MIN, 0, 0};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
     const uint8_t* z = zero ? zero + start : nullptr;
     int64_t* out = folded ? folded + start : nullptr;
-    StepCounts block = counts;
-    if (CountBlockFast(x + start, z, m, step, inverse, center, k, block, out)) {
-      counts = block;
-    } else if (!CountBlockExact(x + start, z, m, step, center, k, counts, out)) {
+    if (!CountBlockLanes<L, IL, UL>(x + start, z, m, step, inverse, center, k, counts, out) &&
+        !CountBlockExact(x + start, z, m, step, center, k, counts, out)) {
       return false;
     }
   }
   return true;
+}
+
+bool CountStepCodesPortable(const double* x, const uint8_t* zero, int64_t n, double step,
+                            int64_t center, int k, StepCounts& counts, int64_t* folded) {
+  return CountStepCodesBody<Lanes2, IntLanes2, SumLanes2>(x, zero, n, step, center, k, counts,
+                                                          folded);
+}
+
+#if defined(JAXJPEG_X86_DISPATCH)
+__attribute__((target("avx2"))) bool CountStepCodesAvx2(
+    const double* x, const uint8_t* zero, int64_t n, double step, int64_t center, int k,
+    StepCounts& counts, int64_t* folded) {
+  return CountStepCodesBody<Lanes4, IntLanes4, SumLanes4>(x, zero, n, step, center, k, counts,
+                                                          folded);
+}
+#endif
+
+bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,
+                    int64_t center, int k, StepCounts& counts, int64_t* folded,
+                    bool allow_avx2) {
+#if defined(JAXJPEG_X86_DISPATCH)
+  if (allow_avx2 && CpuHasAvx2()) {
+    return CountStepCodesAvx2(x, zero, n, step, center, k, counts, folded);
+  }
+#endif
+  return CountStepCodesPortable(x, zero, n, step, center, k, counts, folded);
 }
 
 namespace {

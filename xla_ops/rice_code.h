@@ -72,9 +72,11 @@ struct StepCounts {
 // to even, floored where `zero` (n, or null) is set; counted about `center`
 // (|center| < 2^52) on Rice parameter `k` into `counts`, each folded code
 // written to `folded` (n) where given. False where a code reaches 2^52
-// (`counts` and `folded` then unspecified).
+// (`counts` and `folded` then unspecified). allow_avx2 = false: the portable
+// pass even where the CPU has AVX2 (the same answers; for tests).
 bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step,
-                    int64_t center, int k, StepCounts& counts, int64_t* folded);
+                    int64_t center, int k, StepCounts& counts, int64_t* folded,
+                    bool allow_avx2 = true);
 
 // Why DecodeRice stopped before its count of codes.
 enum class RiceStatus { kOk, kShortUnary, kLongQuotient, kShortRemainders };
