@@ -1059,16 +1059,25 @@ py::tuple RepeatsOf(const py::buffer& data) {
                         py::make_tuple(count.bytes[1], count.matches[1]));
 }
 
+// Written straight into the bytes object returned (its size planned first).
 py::bytes RunDeflateOf(const py::buffer& data, bool last) {
   const py::buffer_info b = ContiguousBytes(data);
-  std::vector<uint8_t> out;
-  bool written;
+  std::optional<RunBlocks> blocks;
   {
     py::gil_scoped_release release;
-    written = RunDeflate(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, last, &out);
+    blocks.emplace(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize, last);
+  }
+  PyObject* raw = PyBytes_FromStringAndSize(nullptr, blocks->size());
+  if (raw == nullptr) throw py::error_already_set();
+  py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+  bool written;
+  {
+    // (the bytes object is not shared yet: written without the interpreter)
+    py::gil_scoped_release release;
+    written = blocks->Write(reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(raw)));
   }
   if (!written) throw std::runtime_error("run_deflate: the blocks written differ from their plan");
-  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+  return out;
 }
 
 int64_t RunDeflatedSizeOf(const py::buffer& data, bool last) {

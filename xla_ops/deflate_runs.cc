@@ -280,11 +280,17 @@ struct Block {
   int code;  // index of its DynamicCode in the plan
 };
 
-struct Plan {
+}  // namespace
+
+struct RunBlocks::Plan {
   std::vector<Block> blocks;
   std::vector<DynamicCode> codes;
   uint64_t bits = 0;
 };
+
+namespace {
+
+using Plan = RunBlocks::Plan;
 
 // Closes a block: the type of fewest bits where it starts.
 void AddBlock(Plan* plan, const Histogram& histogram, int64_t begin, int64_t end) {
@@ -353,7 +359,7 @@ class LsbBitWriter {
     pending_ |= bits << filled_;
     filled_ += count;
     if (filled_ >= 32) {
-      for (int i = 0; i < 4; ++i) PutByte(static_cast<uint8_t>(pending_ >> (8 * i)));
+      PutWord(static_cast<uint32_t>(pending_));
       pending_ >>= 32;
       filled_ -= 32;
     }
@@ -384,6 +390,18 @@ class LsbBitWriter {
       return;
     }
     *next_++ = byte;
+  }
+
+  // Four bytes, least significant first.
+  void PutWord(uint32_t word) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (end_ - next_ >= 4) {
+      std::memcpy(next_, &word, 4);
+      next_ += 4;
+      return;
+    }
+#endif
+    for (int i = 0; i < 4; ++i) PutByte(static_cast<uint8_t>(word >> (8 * i)));
   }
 
   uint8_t* next_;
@@ -513,18 +531,28 @@ void WriteBlocks(const uint8_t* data, const Plan& plan, bool last, LsbBitWriter*
 
 }  // namespace
 
+RunBlocks::RunBlocks(const uint8_t* data, int64_t n, bool last)
+    : data_(data), last_(last), plan_(std::make_unique<Plan>(PlanBlocks(data, n, last))) {}
+
+RunBlocks::~RunBlocks() = default;
+
+int64_t RunBlocks::size() const { return static_cast<int64_t>(plan_->bits / 8); }
+
+bool RunBlocks::Write(uint8_t* out) const {
+  LsbBitWriter writer(out, out + size());
+  WriteBlocks(data_, *plan_, last_, &writer);
+  return !writer.overflow() && writer.next() == out + size();
+}
+
 int64_t RunDeflatedSize(const uint8_t* data, int64_t n, bool last) {
-  return static_cast<int64_t>(PlanBlocks(data, n, last).bits / 8);
+  return RunBlocks(data, n, last).size();
 }
 
 bool RunDeflate(const uint8_t* data, int64_t n, bool last, std::vector<uint8_t>* out) {
-  const Plan plan = PlanBlocks(data, n, last);
+  const RunBlocks blocks(data, n, last);
   const size_t start = out->size();
-  const size_t size = static_cast<size_t>(plan.bits / 8);
-  out->resize(start + size);
-  LsbBitWriter writer(out->data() + start, out->data() + start + size);
-  WriteBlocks(data, plan, last, &writer);
-  return !writer.overflow() && writer.next() == out->data() + start + size;
+  out->resize(start + static_cast<size_t>(blocks.size()));
+  return blocks.Write(out->data() + start);
 }
 
 }  // namespace jaxjpeg

@@ -7,21 +7,44 @@
 #define JAXJPEG_DEFLATE_RUNS_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace jaxjpeg {
 
+// `data` (n bytes) as deflate blocks, planned: their size is known before a
+// bit is written. Blocks cover whole chunks of kRunChunkBytes, merged while
+// that saves bits; each is dynamic, static or stored, the fewest bits.
+// Unless `last`, a sync flush's empty stored block ends them on a byte
+// boundary (another plane's blocks follow in the same stream, as zlib's
+// Z_SYNC_FLUSH leaves them); if `last`, the final block has BFINAL set and
+// zero bits pad it to a byte. A run never reaches back before data: a
+// plane's bytes alone decide its blocks. `data` must outlive the plan.
+class RunBlocks {
+ public:
+  RunBlocks(const uint8_t* data, int64_t n, bool last);
+  ~RunBlocks();
+  RunBlocks(const RunBlocks&) = delete;
+  RunBlocks& operator=(const RunBlocks&) = delete;
+
+  int64_t size() const;
+
+  // Writes the blocks to `out` (size() bytes). False: the bits written did
+  // not fill them exactly (a defect; `out` is garbage).
+  bool Write(uint8_t* out) const;
+
+  struct Plan;  // (deflate_runs.cc)
+
+ private:
+  const uint8_t* data_;
+  bool last_;
+  std::unique_ptr<Plan> plan_;
+};
+
 // The bytes RunDeflate writes for `data`.
 int64_t RunDeflatedSize(const uint8_t* data, int64_t n, bool last);
 
-// Appends `data` (n bytes) as deflate blocks to `out`. Blocks cover whole
-// chunks of kRunChunkBytes, merged while that saves bits; each is dynamic,
-// static or stored, the fewest bits. Unless `last`, a sync flush's empty
-// stored block ends it on a byte boundary (another plane's blocks follow in
-// the same stream, as zlib's Z_SYNC_FLUSH leaves them); if `last`, its final
-// block has BFINAL set and zero bits pad it to a byte. A run never reaches
-// back before data: a plane's bytes alone decide its blocks. False: the
-// bits written did not fill the size planned (a defect; `out` is garbage).
+// Appends RunBlocks(data, n, last) to `out`; false as RunBlocks::Write.
 bool RunDeflate(const uint8_t* data, int64_t n, bool last, std::vector<uint8_t>* out);
 
 constexpr int64_t kRunChunkBytes = int64_t{1} << 15;
