@@ -30,6 +30,16 @@ void AssignTreeDepths(CodeLeaf* leaves, int n) {
   for (int i = 0; i < n; ++i) leaves[i].length = depth[i];
 }
 
+int TreeLengthCounts(CodeLeaf* leaves, int n, int* length_counts) {
+  AssignTreeDepths(leaves, n);
+  int max_length = 0;
+  for (int i = 0; i < n; ++i) {
+    ++length_counts[leaves[i].length];
+    max_length = std::max(max_length, leaves[i].length);
+  }
+  return max_length;
+}
+
 void LimitCodeLengths(int* length_counts, int max_length, int limit) {
   for (int length = max_length; length > limit; --length) {
     while (length_counts[length] > 0) {
@@ -55,14 +65,8 @@ void DeflateCodeLengths(const uint64_t* counts, int n, int limit, uint8_t* lengt
   }
   std::stable_sort(leaves, leaves + used,
                    [](const CodeLeaf& a, const CodeLeaf& b) { return a.count < b.count; });
-  AssignTreeDepths(leaves, used);
   int length_counts[kMaxCodeLeaves + 1] = {};
-  int max_length = 0;
-  for (int i = 0; i < used; ++i) {
-    ++length_counts[leaves[i].length];
-    max_length = std::max(max_length, leaves[i].length);
-  }
-  LimitCodeLengths(length_counts, max_length, limit);
+  LimitCodeLengths(length_counts, TreeLengthCounts(leaves, used, length_counts), limit);
   // The limited lengths, shortest first, to the leaves most counted first.
   int length = 1;
   for (int i = used - 1; i >= 0; --i) {

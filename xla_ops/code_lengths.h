@@ -21,6 +21,10 @@ struct CodeLeaf {
 // rarest first.
 void AssignTreeDepths(CodeLeaf* leaves, int n);
 
+// AssignTreeDepths, then how many codes each length has into
+// `length_counts` (kMaxCodeLeaves + 1, zeroed); returns the longest.
+int TreeLengthCounts(CodeLeaf* leaves, int n, int* length_counts);
+
 // T.81 Figure K.3 on `length_counts` (codes per length, up to `max_length`):
 // while a code is longer than `limit`, two sibling codes of the longest
 // length move up and hang under a shorter code split in two. The Kraft sum

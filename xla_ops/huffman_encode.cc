@@ -83,15 +83,8 @@ const HuffmanSpec& StandardLuminanceAcSpec() {
 HuffmanSpec BuildOptimalSpec(const SymbolHistogram& histogram) {
   Leaf leaves[kMaxLeaves + 1];
   const int n = CollectLeaves(histogram, leaves);
-  AssignTreeDepths(leaves, n);
-
-  int length_counts[kMaxLeaves + 1] = {};
-  int max_length = 0;
-  for (int i = 0; i < n; ++i) {
-    ++length_counts[leaves[i].length];
-    max_length = std::max(max_length, leaves[i].length);
-  }
-  LimitJpegCodeLengths(length_counts, max_length);
+  int length_counts[kMaxCodeLeaves + 1] = {};
+  LimitJpegCodeLengths(length_counts, TreeLengthCounts(leaves, n, length_counts));
 
   // Symbols by (original length, value), reserved last: lengths are then
   // handed out in this order from the limited counts, so the reserved symbol
