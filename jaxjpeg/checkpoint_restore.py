@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxjpeg import codec, dtypes, ops, prng_keys, views
+from jaxjpeg import codec, dtypes, ops, prng_keys, threads, views
 from jaxjpeg.checkpoint import patterns
 from jaxjpeg.checkpoint_reader import Checkpoint, SavedLeaf
 from jaxjpeg.treepaths import glob_escape, key_record, matching, nest, path_string
@@ -525,10 +525,18 @@ def _prepare_jpeg(ckpt, requests, indices, device) -> _Prepared:
     return _Prepared(indices, device, plan, kept, payload)
 
 
+# A window's raw leaves are decoded at once on this pool (Rice codes decode
+# natively, their steps in numpy, both without the interpreter): one at a
+# time, a training state's moments took one core.
+_RAW_POOL = threads.SharedPool(threads.cores, "jaxjpeg-raw")
+
+
 def _prepare_raw(ckpt, requests, indices) -> _Prepared:
     leaves = [requests[i].leaf for i in indices]
     with ckpt.prefetch(leaves):
-        return _Prepared(indices, None, arrays=[ckpt.read_raw(leaf) for leaf in leaves])
+        arrays = (list(_RAW_POOL.get().map(ckpt.read_raw, leaves)) if len(leaves) > 1
+                  else [ckpt.read_raw(leaf) for leaf in leaves])
+        return _Prepared(indices, None, arrays=arrays)
 
 
 def _dispatch(prepared: _Prepared, requests, stats):
