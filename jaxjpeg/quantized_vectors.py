@@ -758,13 +758,13 @@ def _decoded_codes(codes_blob, count: int, record: dict, magnitudes: bool) -> np
     unary_bit = remainder_bit = 0
     for done in range(0, count, _DECODE_CHUNK):   # natively (xla_ops/rice_code.h)
         n = min(_DECODE_CHUNK, count - done)
-        folded, unary_bit, remainder_bit = _native.rice_decode(
-            unary, unary_bit, remainders, remainder_bit, k, MAX_QUOTIENT, n)
-        values = restore(folded if magnitudes else _unzigzag(folded), record["center"],
-                         record["step"], record["domain"], record["offset"])
+        scaled, unary_bit, remainder_bit = _native.rice_decode_steps(
+            unary, unary_bit, remainders, remainder_bit, k, MAX_QUOTIENT, n,
+            not magnitudes, record["center"], record["step"])
+        values = out[done:done + n]
+        _from_scaled(scaled, record["domain"], record["offset"], values)
         if sign_bytes:
-            np.negative(values, out=values, where=_bits(signs, done, n).astype(bool))
-        out[done:done + n] = values
+            np.negative(values, out=values, where=_bits(signs, done, n).view(bool))
     if count and 8 * split - unary_bit >= 8:   # (the bits past the last code are ones)
         raise ValueError("holds a unary part padded by more than a byte")
     if sign_bytes and _padding_set(signs, count):
@@ -835,11 +835,22 @@ def _remainder_bytes(folded: np.ndarray, k: int) -> bytes:
 def restore(codes: np.ndarray, center: int, step: float, domain: str,
             offset: float = 0.0) -> np.ndarray:
     """float32 values of integer ``codes`` (less ``center``) on ``step``."""
-    x = (codes.astype(np.float64) + center) * step
+    out = np.empty(np.shape(codes), np.float32)
+    _from_scaled((codes.astype(np.float64) + center) * step, domain, offset, out)
+    return out
+
+
+def _from_scaled(x: np.ndarray, domain: str, offset: float, out: np.ndarray) -> None:
+    """float32 values into ``out`` of codes scaled to their step (float64
+    ``x``, changed in place): in a log2 domain 2^x less ``offset``, at
+    least 0 (signed_log2: the magnitudes)."""
     with np.errstate(over="ignore"):
-        if domain in LOG_DOMAINS:   # signed_log2: the magnitudes
-            x = np.maximum(np.exp2(np.minimum(x, 1024.0)) - offset, 0.0)
-        return x.astype(np.float32)
+        if domain in LOG_DOMAINS:
+            np.minimum(x, 1024.0, out=x)
+            np.exp2(x, out=x)
+            x -= offset
+            np.maximum(x, 0.0, out=x)
+        np.copyto(out, x, casting="same_kind")
 
 
 def check_record(record: dict, where: str) -> dict:
@@ -885,10 +896,6 @@ def _zigzag(c: np.ndarray) -> np.ndarray:
     folded = c << 1
     folded ^= c >> 63
     return folded
-
-
-def _unzigzag(u: np.ndarray) -> np.ndarray:
-    return (u >> 1) ^ -(u & 1)
 
 
 def _rice_parameter(folded: np.ndarray) -> int:

@@ -874,9 +874,9 @@ py::bytes RiceRemaindersOf(const Int64Array& values, int k) {
 // quantized_vectors._decoded_codes: `n` folded Rice codes from the given bit
 // positions of the unary and remainder streams: (codes, unary bit, remainder
 // bit) after them, or ValueError saying what the blob holds instead.
-py::tuple RiceDecodeOf(const py::buffer& unary, int64_t unary_bit, const py::buffer& remainders,
-                       int64_t remainder_bit, int k, int64_t max_quotient, int64_t n) {
-  const py::buffer_info u = unary.request(), r = remainders.request();
+// Rice streams as contiguous bytes, and decode positions and bounds in range.
+void CheckRiceStreams(const py::buffer_info& u, const py::buffer_info& r, int k, int64_t n,
+                      int64_t unary_bit, int64_t remainder_bit, int64_t max_quotient) {
   if (u.itemsize != 1 || r.itemsize != 1 || u.ndim != 1 || r.ndim != 1 ||
       (u.size > 1 && u.strides[0] != 1) || (r.size > 1 && r.strides[0] != 1)) {
     throw py::value_error("streams must be contiguous bytes");
@@ -886,6 +886,21 @@ py::tuple RiceDecodeOf(const py::buffer& unary, int64_t unary_bit, const py::buf
       max_quotient > (int64_t{1} << 40)) {
     throw py::value_error("bad decode positions or bounds");
   }
+}
+
+void ThrowOnRiceStatus(RiceStatus status) {
+  switch (status) {
+    case RiceStatus::kShortUnary: throw py::value_error("holds fewer unary codes than values");
+    case RiceStatus::kLongQuotient: throw py::value_error("holds a unary code too long");
+    case RiceStatus::kShortRemainders: throw py::value_error("holds too few remainder bits");
+    case RiceStatus::kOk: break;
+  }
+}
+
+py::tuple RiceDecodeOf(const py::buffer& unary, int64_t unary_bit, const py::buffer& remainders,
+                       int64_t remainder_bit, int k, int64_t max_quotient, int64_t n) {
+  const py::buffer_info u = unary.request(), r = remainders.request();
+  CheckRiceStreams(u, r, k, n, unary_bit, remainder_bit, max_quotient);
   py::array_t<int64_t> out(n);
   RiceStatus status;
   {
@@ -894,12 +909,30 @@ py::tuple RiceDecodeOf(const py::buffer& unary, int64_t unary_bit, const py::buf
                         static_cast<const uint8_t*>(r.ptr), r.size, remainder_bit, k,
                         max_quotient, n, out.mutable_data());
   }
-  switch (status) {
-    case RiceStatus::kShortUnary: throw py::value_error("holds fewer unary codes than values");
-    case RiceStatus::kLongQuotient: throw py::value_error("holds a unary code too long");
-    case RiceStatus::kShortRemainders: throw py::value_error("holds too few remainder bits");
-    case RiceStatus::kOk: break;
+  ThrowOnRiceStatus(status);
+  return py::make_tuple(out, unary_bit, remainder_bit);
+}
+
+// RiceDecodeOf, the codes as the values they stand for on `step` about
+// `center` (DecodeRiceSteps).
+py::tuple RiceDecodeStepsOf(const py::buffer& unary, int64_t unary_bit,
+                            const py::buffer& remainders, int64_t remainder_bit, int k,
+                            int64_t max_quotient, int64_t n, bool zigzag, int64_t center,
+                            double step) {
+  const py::buffer_info u = unary.request(), r = remainders.request();
+  CheckRiceStreams(u, r, k, n, unary_bit, remainder_bit, max_quotient);
+  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
+    throw py::value_error("center must be within 2^52");
   }
+  py::array_t<double> out(n);
+  RiceStatus status;
+  {
+    py::gil_scoped_release release;
+    status = DecodeRiceSteps(static_cast<const uint8_t*>(u.ptr), u.size, unary_bit,
+                             static_cast<const uint8_t*>(r.ptr), r.size, remainder_bit, k,
+                             max_quotient, n, zigzag, center, step, out.mutable_data());
+  }
+  ThrowOnRiceStatus(status);
   return py::make_tuple(out, unary_bit, remainder_bit);
 }
 
@@ -1208,6 +1241,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("n"),
         "n folded Rice codes on parameter k from the given bit positions of the unary and "
         "remainder streams (uint8): (int64 codes, unary bit, remainder bit) after them.");
+  m.def("rice_decode_steps", &RiceDecodeStepsOf, py::arg("unary"), py::arg("unary_bit"),
+        py::arg("remainders"), py::arg("remainder_bit"), py::arg("k"), py::arg("max_quotient"),
+        py::arg("n"), py::arg("zigzag"), py::arg("center"), py::arg("step"),
+        "rice_decode, each code (unzigzagged where zigzag) as (code + center) * step in "
+        "float64: (values, unary bit, remainder bit).");
   m.def("rice_step_rates", &RiceStepRatesOf, py::arg("values"), py::arg("steps"),
         py::arg("centers"), py::arg("weights"), py::arg("max_rice"), py::arg("avx2") = true,
         "(int64 bytes, float64 squared errors) of float64 values quantized on each of steps "

@@ -621,4 +621,26 @@ RiceStatus DecodeRice(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_
   return RiceStatus::kOk;
 }
 
+RiceStatus DecodeRiceSteps(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_bit,
+                           const uint8_t* remainders, int64_t remainder_bytes,
+                           int64_t& remainder_bit, int k, int64_t max_quotient, int64_t n,
+                           bool zigzag, int64_t center, double step, double* values) {
+  constexpr int64_t kPiece = 2048;   // codes decoded, then scaled, a piece at a time
+  int64_t folded[kPiece];
+  const double c = static_cast<double>(center);
+  for (int64_t done = 0; done < n; done += kPiece) {
+    const int64_t m = std::min(kPiece, n - done);
+    const RiceStatus status = DecodeRice(unary, unary_bytes, unary_bit, remainders,
+                                         remainder_bytes, remainder_bit, k, max_quotient, m,
+                                         folded);
+    if (status != RiceStatus::kOk) return status;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t f = folded[i];
+      const int64_t code = zigzag ? (f >> 1) ^ -(f & 1) : f;
+      values[done + i] = (static_cast<double>(code) + c) * step;
+    }
+  }
+  return RiceStatus::kOk;
+}
+
 }  // namespace jaxjpeg

@@ -91,6 +91,14 @@ RiceStatus DecodeRice(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_
                       int64_t& remainder_bit, int k, int64_t max_quotient, int64_t n,
                       int64_t* folded);
 
+// DecodeRice, each code written as the value it stands for on a step:
+// (code + center) * step in doubles (the code unzigzagged where `zigzag`),
+// as quantized_vectors.restore scales codes before its domain's transform.
+RiceStatus DecodeRiceSteps(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_bit,
+                           const uint8_t* remainders, int64_t remainder_bytes,
+                           int64_t& remainder_bit, int k, int64_t max_quotient, int64_t n,
+                           bool zigzag, int64_t center, double step, double* values);
+
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_RICE_CODE_H_
