@@ -928,6 +928,36 @@ def test_native_counts_two_at_a_time_are_the_exact_ones():
                                            rtol=1e-12)
 
 
+def test_rice_codes_decode_to_their_steps_as_numpy_scales_them():
+    """rice_decode_steps (what restore decodes with) gives rice_decode's
+    codes, unzigzagged where asked, as (code + center) * step exactly as
+    numpy's float64 takes it, across the pieces it decodes at a time, and
+    refuses what rice_decode refuses."""
+    from jaxjpeg import _native
+
+    rng = np.random.default_rng(3)
+    for count, k, center, step in ((1, 0, 0, 1.0), (2049, 3, -7, 0.0625), (5000, 11, 3, 0.3),
+                                   (4097, 12, (1 << 52) - 1, 2.0 ** -30)):
+        folded = (rng.geometric(0.2, count).astype(np.int64) << k) | rng.integers(0, 1 << k, count)
+        streams = qv._RiceStreams(k, count)
+        assert streams.add(folded)
+        blob, split = streams.finish()
+        data = np.frombuffer(blob, np.uint8)
+        unary, remainders = data[:split], data[split:]
+        codes, ub, rb = _native.rice_decode(unary, 0, remainders, 0, k, qv.MAX_QUOTIENT, count)
+        for zigzag in (True, False):
+            got, gub, grb = _native.rice_decode_steps(unary, 0, remainders, 0, k, qv.MAX_QUOTIENT,
+                                                      count, zigzag, center, step)
+            want = ((codes >> 1) ^ -(codes & 1)) if zigzag else codes
+            np.testing.assert_array_equal(got, (want.astype(np.float64) + center) * step)
+            assert (gub, grb) == (ub, rb)
+    zeros = np.zeros(4, np.uint8)
+    with pytest.raises(ValueError, match="fewer unary codes"):
+        _native.rice_decode_steps(zeros, 0, zeros, 0, 0, qv.MAX_QUOTIENT, 33, True, 0, 1.0)
+    with pytest.raises(ValueError, match="center"):
+        _native.rice_decode_steps(zeros, 0, zeros, 0, 0, qv.MAX_QUOTIENT, 1, True, 1 << 52, 1.0)
+
+
 def test_the_native_rice_decoder_refuses_what_it_cannot_read():
     """The native Rice decoder (xla_ops/rice_code.h) stops inside its
     buffers: a unary stream that ends early, a quotient too long, too few
