@@ -938,7 +938,7 @@ def test_rice_codes_decode_to_their_steps_as_numpy_scales_them():
     rng = np.random.default_rng(3)
     for count, k, center, step in ((1, 0, 0, 1.0), (2049, 3, -7, 0.0625), (5000, 11, 3, 0.3),
                                    (4097, 12, (1 << 52) - 1, 2.0 ** -30)):
-        folded = (rng.geometric(0.2, count).astype(np.int64) << k) | rng.integers(0, 1 << k, count)
+        folded = (rng.geometric(0.6, count).astype(np.int64) << k) | rng.integers(0, 1 << k, count)
         streams = qv._RiceStreams(k, count)
         assert streams.add(folded)
         blob, split = streams.finish()
