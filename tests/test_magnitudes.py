@@ -1545,7 +1545,9 @@ def test_a_windows_quantized_leaves_decode_on_the_raw_pool(tmp_path, monkeypatch
     """Restore decodes a window's raw leaves (a training state's moments on
     log2 steps) at once on its pool, not one at a time on the reader's
     thread (which used one core: a 204 MiB state at 3x, 1.0 -> 0.5 s on
-    two): the values are those one worker gives."""
+    two), but for leaves of under _POOLED_BYTES (these leaves' 16 KB and
+    less), decoded on the reader's thread: the values are those one worker
+    gives."""
     import threading
     from jaxjpeg import checkpoint_reader, checkpoint_restore, threads
 
@@ -1559,6 +1561,10 @@ def test_a_windows_quantized_leaves_decode_on_the_raw_pool(tmp_path, monkeypatch
         names.append(threading.current_thread().name)
         return read_raw(self, leaf)
     monkeypatch.setattr(checkpoint_reader.Checkpoint, "read_raw", recorded)
+    jaxjpeg.restore(tmp_path / "s.jjpg")
+    assert len(names) > 4 and not any(n.startswith("jaxjpeg-raw") for n in names), names
+    names.clear()
+    monkeypatch.setattr(checkpoint_restore, "_POOLED_BYTES", 0)
     pooled = jax.tree_util.tree_leaves(jaxjpeg.restore(tmp_path / "s.jjpg"))
     assert len(names) > 4 and all(n.startswith("jaxjpeg-raw") for n in names), names
     monkeypatch.setattr(checkpoint_restore, "_RAW_POOL", threads.SharedPool(lambda: 1, "one"))
