@@ -101,7 +101,7 @@ inline double RoundHalfEven(double x) {
 
 constexpr double kLargestCode = 4503599627370496.0;  // 2^52
 
-// Values counted a block at a time: two at a time in doubles where every
+// Values counted a block at a time: four at a time in doubles where every
 // scaled value and the center lie under 2^49 (codes, their folding about
 // the center and their quotients are then exact in doubles), else one at
 // a time in integers (the same answers; any block the fast pass doubts).
