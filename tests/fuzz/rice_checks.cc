@@ -1,11 +1,10 @@
 // The quantized vectors' native Rice code (xla_ops/rice_code.cc) on random
 // vectors, built with -fsanitize=address,undefined and without -fwrapv by
 // tests/test_robustness.py::test_rice_code_under_sanitizers: every count
-// (four values at a time on the portable and AVX2 passes, or one) against a plain
-// reference, every coding
-// packed, decoded back and cut short. Exactly-sized heap buffers, so
-// AddressSanitizer sees any read or write past one; UBSan any signed
-// overflow. Prints "rice checks: N vectors, 0 failures" and exits 0 when
+// (four values at a time on the portable and AVX2 passes, or one) against a
+// plain reference, every coding packed, decoded back and cut short.
+// Exactly-sized heap buffers, so AddressSanitizer sees any read or write past
+// one; UBSan any signed overflow. Prints "rice checks: N vectors, 0 failures" and exits 0 when
 // every check holds.
 #include <cmath>
 #include <cstdint>
