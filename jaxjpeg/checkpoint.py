@@ -21,7 +21,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -3873,25 +3873,27 @@ class _LogCoding:
         return self.sizes_at[name, None]
 
     def _measure_exact(self, names: list[str]) -> None:
-        """The exact bytes of ladder leaves ``names`` (zlib lets go of the
-        interpreter: a training state's 2x target deflated its moments one
-        at a time), with a leaf's bytes in flight at most."""
+        """The exact bytes of ladder leaves ``names`` (their planes counted
+        without the interpreter: a training state's 2x target had deflated
+        its moments one at a time)."""
         def measured(name):
             return name, _exact_bytes(self._values_of[name]())
-        size = {name: self.ladder[name][0] for name in names}
-        for name, nbytes in in_order(measured, names, save_workers(), max(size.values()) * 4,
-                                     lambda name: 4 * size[name], largest_first=False):
+        for name, nbytes in self._read_again(measured, names):
             self.sizes_at[name, None] = nbytes
 
     def _measure_coarser(self, names: list[str]) -> None:
-        """Every step of ladder leaves ``names`` (their values read again, on
-        the save's threads, a leaf's bytes in flight at most)."""
-        def measure(name):
-            self.stored_bytes(name, self._values_of[name](), *self.measured[name])
-        size = {name: self.ladder[name][0] for name in names}
-        for _ in in_order(measure, names, save_workers(), max(size.values()) * 4,
-                          lambda name: 4 * size[name], largest_first=False):
+        """Every step of ladder leaves ``names`` (their values read again)."""
+        for _ in self._read_again(lambda name: self.stored_bytes(
+                name, self._values_of[name](), *self.measured[name]), names):
             pass
+
+    def _read_again(self, measure: Callable[[str], Any], names: list[str]):
+        """``measure(name)`` of ladder leaves ``names``, each reading its
+        values again, on the save's threads (a leaf's float32 bytes in
+        flight at most), in order."""
+        size = {name: self.ladder[name][0] for name in names}
+        return in_order(measure, names, save_workers(), max(size.values()) * 4,
+                        lambda name: 4 * size[name], largest_first=False)
 
     def refine(self, leaves: Sequence[SourceLeaf]) -> None:
         """The ladder of these leaves (the ladder's) measured at finer steps

@@ -874,6 +874,16 @@ py::bytes RiceRemaindersOf(const Int64Array& values, int k) {
 // quantized_vectors._decoded_codes: `n` folded Rice codes from the given bit
 // positions of the unary and remainder streams: (codes, unary bit, remainder
 // bit) after them, or ValueError saying what the blob holds instead.
+// A step and the center codes are folded about, for the Rice step counts
+// and decoding: a positive finite step, a center within 2^52 (found by review: codes
+// folded about a farther one wrapped negative).
+void CheckStepAndCenter(double step, int64_t center) {
+  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
+  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
+    throw py::value_error("center must be within 2^52");
+  }
+}
+
 // Rice streams as contiguous bytes, and decode positions and bounds in range.
 void CheckRiceStreams(const py::buffer_info& u, const py::buffer_info& r, int k, int64_t n,
                       int64_t unary_bit, int64_t remainder_bit, int64_t max_quotient) {
@@ -921,9 +931,7 @@ py::tuple RiceDecodeStepsOf(const py::buffer& unary, int64_t unary_bit,
                             double step) {
   const py::buffer_info u = unary.request(), r = remainders.request();
   CheckRiceStreams(u, r, k, n, unary_bit, remainder_bit, max_quotient);
-  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
-    throw py::value_error("center must be within 2^52");
-  }
+  CheckStepAndCenter(step, center);
   py::array_t<double> out(n);
   RiceStatus status;
   {
@@ -934,16 +942,6 @@ py::tuple RiceDecodeStepsOf(const py::buffer& unary, int64_t unary_bit,
   }
   ThrowOnRiceStatus(status);
   return py::make_tuple(out, unary_bit, remainder_bit);
-}
-
-// A step and the center codes are folded about, for the Rice step counts:
-// a positive finite step, a center within 2^52 (found by review: codes
-// folded about a farther one wrapped negative).
-void CheckStepAndCenter(double step, int64_t center) {
-  if (!(step > 0) || !std::isfinite(step)) throw py::value_error("step must be positive");
-  if (center <= -(int64_t{1} << 52) || center >= (int64_t{1} << 52)) {
-    throw py::value_error("center must be within 2^52");
-  }
 }
 
 // quantized_vectors.step_rates: each step's bytes about its center

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "code_lengths.h"
 
@@ -546,13 +547,6 @@ bool RunBlocks::Write(uint8_t* out) const {
 
 int64_t RunDeflatedSize(const uint8_t* data, int64_t n, bool last) {
   return RunBlocks(data, n, last).size();
-}
-
-bool RunDeflate(const uint8_t* data, int64_t n, bool last, std::vector<uint8_t>* out) {
-  const RunBlocks blocks(data, n, last);
-  const size_t start = out->size();
-  out->resize(start + static_cast<size_t>(blocks.size()));
-  return blocks.Write(out->data() + start);
 }
 
 }  // namespace jaxjpeg

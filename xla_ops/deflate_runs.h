@@ -8,7 +8,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <vector>
 
 namespace jaxjpeg {
 
@@ -41,11 +40,8 @@ class RunBlocks {
   std::unique_ptr<Plan> plan_;
 };
 
-// The bytes RunDeflate writes for `data`.
+// RunBlocks(data, n, last).size().
 int64_t RunDeflatedSize(const uint8_t* data, int64_t n, bool last);
-
-// Appends RunBlocks(data, n, last) to `out`; false as RunBlocks::Write.
-bool RunDeflate(const uint8_t* data, int64_t n, bool last, std::vector<uint8_t>* out);
 
 constexpr int64_t kRunChunkBytes = int64_t{1} << 15;
 

@@ -8,9 +8,6 @@
 
 #include "cpu_features.h"
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 namespace jaxjpeg {
 namespace {
@@ -112,6 +109,8 @@ inline int64_t Zigzag(int64_t d) {
   return static_cast<int64_t>(static_cast<uint64_t>(d) << 1) ^ (d >> 63);
 }
 
+inline int64_t Unzigzag(int64_t f) { return (f >> 1) ^ -(f & 1); }
+
 // A step's bytes: one block of RiceStepBytes' values one at a time, their
 // squared errors summed into `sse`; false where a code reaches 2^52 or the
 // folded codes' sum passes 2^63.
@@ -189,6 +188,21 @@ JAXJPEG_INLINE L LoadLanes(const double* p) {
   return v;
 }
 
+// Zigzag of integral lanes d (|d| < 2^50): 2d, or -2d - 1 below 0, in doubles.
+template <class L, class IL>
+JAXJPEG_INLINE L ZigzagLanes(L d) {
+  const L none = {}, one = none + 1.0;
+  const L twice = reinterpret_cast<L>(reinterpret_cast<IL>(d + d) & ~(IL{} + INT64_MIN));
+  return twice - reinterpret_cast<L>((d < none) & reinterpret_cast<IL>(one));
+}
+
+// Integral lanes z in [0, 2^52) as int64s: their bits once 2^52 is added.
+template <class L, class IL>
+JAXJPEG_INLINE IL Int64Lanes(L z) {
+  const L two52 = L{} + kLargestCode;
+  return reinterpret_cast<IL>(z + two52) - reinterpret_cast<IL>(two52);
+}
+
 // One value of StepBlockLanes past its last four.
 JAXJPEG_INLINE bool StepOne(double v, double s, double w, double step, double center,
                             double& square, int64_t& folded) {
@@ -216,8 +230,6 @@ JAXJPEG_INLINE bool StepBlockLanes(const double* values, const double* weights, 
   constexpr int kLanes = sizeof(L) / sizeof(double), kVectors = 4 / kLanes;
   const double c = static_cast<double>(center);
   if (!(std::fabs(c) < kFastLimit)) return false;
-  const L zero = {}, one = zero + 1.0, two52 = zero + kLargestCode;
-  const IL sign = IL{} + INT64_MIN;
   IL ok = IL{} - 1;
   UL total = {};
   L squares[kVectors] = {};
@@ -233,11 +245,7 @@ JAXJPEG_INLINE bool StepBlockLanes(const double* values, const double* weights, 
       L square = error * error;
       if (weights) square *= LoadLanes<L>(weights + at);
       squares[j] += square;
-      const L d = code - c;
-      // zigzag: 2d, or -2d - 1 below 0; as int64 by its bits once 2^52 is added
-      const L twice = reinterpret_cast<L>(reinterpret_cast<IL>(d + d) & ~sign);
-      const L z = twice - reinterpret_cast<L>((d < zero) & reinterpret_cast<IL>(one));
-      const IL f = reinterpret_cast<IL>(z + two52) - reinterpret_cast<IL>(two52);
+      const IL f = Int64Lanes<L, IL>(ZigzagLanes<L, IL>(code - c));
       std::memcpy(folded + at, &f, sizeof(f));
       total += reinterpret_cast<UL>(f);
     }
@@ -275,8 +283,7 @@ JAXJPEG_INLINE bool CountBlockLanes(const double* x, const uint8_t* zero, int64_
   constexpr int kLanes = sizeof(L) / sizeof(double), kVectors = 4 / kLanes;
   const double c = static_cast<double>(center);
   if (!(std::fabs(c) < kFastLimit)) return false;
-  const L none = {}, one = none + 1.0, two52 = none + kLargestCode;
-  const IL sign = IL{} + INT64_MIN;
+  const L none = {}, one = none + 1.0;
   IL ok = IL{} - 1;
   UL quotients = {};
   L lo = none + INFINITY, hi = none - INFINITY, largest = none;
@@ -295,11 +302,9 @@ JAXJPEG_INLINE bool CountBlockLanes(const double* x, const uint8_t* zero, int64_
       }
       lo = code < lo ? code : lo;
       hi = code > hi ? code : hi;
-      const L d = code - c;   // zigzag as StepBlockLanes
-      const L twice = reinterpret_cast<L>(reinterpret_cast<IL>(d + d) & ~sign);
-      const L z = twice - reinterpret_cast<L>((d < none) & reinterpret_cast<IL>(one));
+      const L z = ZigzagLanes<L, IL>(code - c);
       largest = z > largest ? z : largest;
-      const IL f = reinterpret_cast<IL>(z + two52) - reinterpret_cast<IL>(two52);
+      const IL f = Int64Lanes<L, IL>(z);
       quotients += reinterpret_cast<UL>(f) >> k;
       if (folded) std::memcpy(folded + at, &f, sizeof(f));
     }
@@ -557,6 +562,7 @@ bool CountStepCodes(const double* x, const uint8_t* zero, int64_t n, double step
     return CountStepCodesAvx2(x, zero, n, step, center, k, counts, folded);
   }
 #endif
+  (void)allow_avx2;
   return CountStepCodesPortable(x, zero, n, step, center, k, counts, folded);
 }
 
@@ -636,7 +642,7 @@ RiceStatus DecodeRiceSteps(const uint8_t* unary, int64_t unary_bytes, int64_t& u
     if (status != RiceStatus::kOk) return status;
     for (int64_t i = 0; i < m; ++i) {
       const int64_t f = folded[i];
-      const int64_t code = zigzag ? (f >> 1) ^ -(f & 1) : f;
+      const int64_t code = zigzag ? Unzigzag(f) : f;
       values[done + i] = (static_cast<double>(code) + c) * step;
     }
   }

@@ -75,9 +75,9 @@ int main() {
     const bool last = trial % 2 == 1;
     std::unique_ptr<uint8_t[]> data(new uint8_t[n > 0 ? n : 1]);
     Fill(rng, data.get(), n, kind);
-    std::vector<uint8_t> stream;
-    const bool written = jaxjpeg::RunDeflate(data.get(), n, last, &stream);
-    Expect(written, "blocks written differ from their plan", trial);
+    const jaxjpeg::RunBlocks blocks(data.get(), n, last);
+    std::vector<uint8_t> stream(static_cast<size_t>(blocks.size()));
+    Expect(blocks.Write(stream.data()), "blocks written differ from their plan", trial);
     Expect(static_cast<int64_t>(stream.size()) == jaxjpeg::RunDeflatedSize(data.get(), n, last),
            "size counted differs from size written", trial);
     Expect(Inflates(stream, data.get(), n, last), "zlib inflates other bytes", trial);
