@@ -2160,8 +2160,8 @@ def test_a_large_leaf_is_deflated_by_a_sample_spread_over_it(tmp_path):
     """Found by review: whether a large exact leaf deflates was judged on its
     first 4 MiB; zeros there had a random leaf deflated whole, for 8%, at
     several times the save's time."""
-    values = np.random.default_rng(0).integers(-128, 128, 24 << 20).astype(np.int8)
-    values[:8 << 20] = 0
+    values = np.random.default_rng(0).integers(-128, 128, 48 << 20).astype(np.int8)
+    values[:2 << 20] = 0
     report = jaxjpeg.save(tmp_path / "r.jjpg", {"ids": values})
     assert report.leaves[0].stored_bytes == values.nbytes
     counts = np.random.default_rng(1).integers(0, 4, 24 << 20).astype(np.int8)
@@ -2169,6 +2169,28 @@ def test_a_large_leaf_is_deflated_by_a_sample_spread_over_it(tmp_path):
     assert report.leaves[0].stored_bytes < 0.4 * counts.nbytes
     np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(tmp_path / "c.jjpg")["ids"]),
                                   counts)
+
+
+@pytest.mark.parametrize("kind", ["int8 codes", "4-bit codes", "bfloat16"])
+def test_a_large_exact_leaf_is_deflated_where_a_tenth_of_it_pays(tmp_path, kind):
+    """Found in session 57: exact leaves over 4 MiB were deflated only where
+    a sample shrank to half, so int8 codes of quantized weights (0.80 of
+    their bytes), 4-bit codes held in int8 (0.51) and bfloat16 weights kept
+    losslessly (0.67) were stored raw over 4 MiB and deflated under it."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    values = {"int8 codes": lambda: np.clip(np.round(rng.normal(0, 20, 8 << 20)), -127, 127),
+              "4-bit codes": lambda: rng.integers(-8, 8, 8 << 20),
+              "bfloat16": lambda: rng.normal(0, 0.02, 4 << 20)}[kind]()
+    values = values.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.int8)
+    report = jaxjpeg.save(tmp_path / "q.jjpg", {"q": values},
+                          policy=jaxjpeg.Policy(lossless=("q",)))
+    share = {"int8 codes": 0.82, "4-bit codes": 0.52, "bfloat16": 0.70}[kind]
+    assert report.leaves[0].stored_bytes < share * values.nbytes
+    back = np.asarray(jaxjpeg.restore(tmp_path / "q.jjpg")["q"])
+    assert back.dtype == values.dtype
+    np.testing.assert_array_equal(back.view(np.uint8), values.view(np.uint8))
 
 
 def test_few_values_stay_exact_under_tight_targets_and_nan_bits_survive(tmp_path):
