@@ -2856,9 +2856,10 @@ DEFLATE_PAYS = 0.9
 FAST_DEFLATE_BYTES = 64 * 2**20
 
 
-def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
-    """``array``'s values as deflated byte planes (layout.deflate_planes)
-    where that is smaller, else None; one over DEFLATE_HALF_MAX_BYTES only
+def _deflated(array: np.ndarray, counted: bool = False) -> tuple | None:
+    """(blob, record fields) of ``array``'s values as deflated byte planes
+    (layout.deflate_planes_in_pieces) where that is smaller, else None; the
+    fields say so and where its pieces start. One over DEFLATE_HALF_MAX_BYTES only
     where a sample deflates to DEFLATE_PAYS of its size; one over
     FAST_DEFLATE_BYTES at zlib's fastest level (found by review: 100 M int8
     values of 0..3 took 10 s to deflate at level 6, 2 s at 1 for 13% more
@@ -2875,12 +2876,19 @@ def _deflated(array: np.ndarray, counted: bool = False) -> bytes | None:
             return None
         if counted:
             size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
-            return quantized_vectors.Counted(size) if size < flat.nbytes else None
+            return _counted_deflated(size, flat.nbytes)
     if counted:
-        size = layout.deflated_planes_size(flat, _deflate_level(flat))
-        return quantized_vectors.Counted(size) if size < flat.nbytes else None
-    packed = layout.deflate_planes(flat, _deflate_level(flat))
-    return packed if len(packed) < flat.nbytes else None
+        return _counted_deflated(layout.deflated_planes_size(flat, _deflate_level(flat)),
+                                 flat.nbytes)
+    packed, pieces = layout.deflate_planes_in_pieces(flat, _deflate_level(flat))
+    if len(packed) >= flat.nbytes:
+        return None
+    return packed, {"deflated": True, **({"pieces": pieces.to_record()} if pieces else {})}
+
+
+def _counted_deflated(size: int, raw_bytes: int) -> tuple | None:
+    """_deflated's answer where only its size is wanted."""
+    return (quantized_vectors.Counted(size), {"deflated": True}) if size < raw_bytes else None
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:
@@ -2917,9 +2925,9 @@ def _exact_bytes(array: np.ndarray) -> int:
 def _half_blob(half: np.ndarray, counted: bool = False) -> tuple[bytes | np.ndarray, dict]:
     """(blob, record fields) of a leaf stored as float16 (``counted``: see _deflated)."""
     record = {"kind": "raw", "stored": "float16"}
-    packed = _deflated(half, counted)
-    if packed is not None:
-        return packed, {**record, "deflated": True}
+    deflated = _deflated(half, counted)
+    if deflated is not None:
+        return deflated[0], {**record, **deflated[1]}
     return np.ascontiguousarray(half), record
 
 
@@ -2950,8 +2958,8 @@ def _exact_blob(array: np.ndarray, few: bool | None = None,
     sliced = _sliced_grid_exactly(array)
     if sliced is not None and not few:
         return _exactly(sliced)
-    packed = _deflated(array, counted)
-    options = [(packed, {"kind": "raw", "deflated": True}) if packed is not None
+    deflated = _deflated(array, counted)
+    options = [(deflated[0], {"kind": "raw", **deflated[1]}) if deflated is not None
                else (np.ascontiguousarray(array), {"kind": "raw"})]
     low_bits = _packed_blob(array, counted)
     if low_bits is not None:
@@ -2997,7 +3005,7 @@ def _packed_blob(array: np.ndarray, counted: bool = False) -> tuple | None:
         return None
     deflated = _deflated(packed, counted)
     if deflated is not None:
-        return deflated, {"kind": "raw", "stored": layout.PACKED, "deflated": True}
+        return deflated[0], {"kind": "raw", "stored": layout.PACKED, **deflated[1]}
     return packed, {"kind": "raw", "stored": layout.PACKED}
 
 

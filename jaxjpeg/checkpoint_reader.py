@@ -50,6 +50,7 @@ class SavedLeaf:
     outliers: int = 0                         # values kept exactly
     stored_dtype: np.dtype | None = None      # raw leaves: the blob's dtype (None: the leaf's)
     deflated: bool = False                    # raw float16 leaves: as deflated byte planes
+    pieces: layout.Pieces | None = None       # where a deflated leaf's plane pieces start
     packed_bits: int = 0                      # raw sub-byte leaves: bits a value (layout.PACKED)
     quantized: dict | None = None             # raw leaves on a step: quantized_vectors' fields
     prng_impl: str | None = None              # raw uint32 leaves: key data of typed PRNG keys
@@ -226,10 +227,7 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         if leaf.kind == "raw":
             stored = record.get("stored")
             if stored is None:   # its own dtype; deflated byte planes since session 31
-                deflated = record.get("deflated", False)
-                if type(deflated) is not bool:
-                    raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
-                return dataclasses.replace(leaf, deflated=deflated)
+                return dataclasses.replace(leaf, **_deflated_fields(record, index))
             if (stored == "quantized" and len(shape) >= 1
                     and quantizable(leaf.dtype)):
                 try:
@@ -238,11 +236,8 @@ def _parse_leaf(index: int, record: dict, file_size: int,
                     raise fmt.FormatError(str(e)) from None
                 return dataclasses.replace(leaf, quantized=fields)
             if stored == layout.PACKED and value_bits(leaf.dtype) < 8:
-                deflated = record.get("deflated", False)
-                if type(deflated) is not bool:
-                    raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
                 return dataclasses.replace(leaf, packed_bits=value_bits(leaf.dtype),
-                                           deflated=deflated)
+                                           **_deflated_fields(record, index))
             if stored == STORED_ABOVE_SQUARE:
                 return _centered_leaf(leaf, record)
             if stored in quantized_slices.STORED_NAMES:
@@ -250,10 +245,8 @@ def _parse_leaf(index: int, record: dict, file_size: int,
             if stored != "float16" or leaf.dtype != np.float32:
                 raise fmt.FormatError(f"leaf {index}: a {leaf.dtype} leaf cannot be stored as "
                                       f"{stored!r:.40}")
-            deflated = record.get("deflated", False)
-            if type(deflated) is not bool:
-                raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
-            return dataclasses.replace(leaf, stored_dtype=np.dtype(np.float16), deflated=deflated)
+            return dataclasses.replace(leaf, stored_dtype=np.dtype(np.float16),
+                                       **_deflated_fields(record, index))
         if leaf.kind != "jpeg" or str(leaf.dtype) not in JPEG_DTYPES:
             raise fmt.FormatError(f"leaf {index}: bad kind {leaf.kind!r} for {leaf.dtype}")
         tiles = tuple(tuple(_whole(v) for v in t) for t in record["tiles"])
@@ -292,6 +285,22 @@ def _parse_leaf(index: int, record: dict, file_size: int,
         if isinstance(e, fmt.FormatError):
             raise
         raise fmt.FormatError(f"leaf {index}: malformed record ({e})") from None
+
+
+def _deflated_fields(record: dict, index: int) -> dict:
+    """A raw record's ``deflated`` and ``pieces`` (layout.Pieces), checked."""
+    deflated = record.get("deflated", False)
+    if type(deflated) is not bool:
+        raise fmt.FormatError(f"leaf {index}: bad 'deflated' {deflated!r:.40}")
+    if "pieces" not in record:
+        return {"deflated": deflated}
+    try:
+        pieces = layout.Pieces.from_record(record["pieces"])
+    except ValueError as e:
+        raise fmt.FormatError(f"leaf {index}: {e}") from None
+    if not deflated:
+        raise fmt.FormatError(f"leaf {index}: 'pieces' of a leaf not deflated")
+    return {"deflated": True, "pieces": pieces}
 
 
 def _tied_leaf(leaf: SavedLeaf, record: dict, parsed: list[SavedLeaf]) -> SavedLeaf:
@@ -455,7 +464,7 @@ class Checkpoint:
         if leaf.deflated:
             try:
                 data = layout.inflate_planes(data, stored.newbyteorder("<"),
-                                             math.prod(leaf.shape)).view(np.uint8)
+                                             math.prod(leaf.shape), leaf.pieces).view(np.uint8)
             except ValueError as e:
                 raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None
         expected = math.prod(leaf.shape) * stored.itemsize
@@ -473,7 +482,7 @@ class Checkpoint:
         count = math.prod(leaf.shape)
         expected = packed_nbytes(count, leaf.dtype)
         try:
-            packed = (layout.inflate_planes(data, np.uint8, expected) if leaf.deflated
+            packed = (layout.inflate_planes(data, np.uint8, expected, leaf.pieces) if leaf.deflated
                       else np.frombuffer(data, np.uint8))
         except ValueError as e:
             raise fmt.FormatError(f"{self.path}: {leaf.path} {e}") from None

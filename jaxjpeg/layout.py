@@ -8,6 +8,7 @@ and the writer and the reader apply the same path rule (docs/format.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import zlib
@@ -15,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from jaxjpeg import _native
+from jaxjpeg import _native, threads
 from jaxjpeg.treepaths import path_string
 
 
@@ -89,22 +90,34 @@ def deflate_planes(values: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
     return _planes_deflated(values, level, sized=False)
 
 
+def deflate_planes_in_pieces(values: np.ndarray,
+                             level: int = DEFLATE_LEVEL) -> tuple[bytes, Pieces | None]:
+    """:func:`deflate_planes`' bytes, and where each plane's pieces of
+    PIECE_BYTES start in them (None where no plane is that long): restore
+    inflates the pieces at once (:func:`inflate_planes`)."""
+    starts: list[int] = []
+    packed = _planes_deflated(values, level, sized=False, starts=starts)
+    return packed, Pieces(PIECE_BYTES, tuple(starts)) if starts else None
+
+
 def deflated_planes_size(values: np.ndarray, level: int = DEFLATE_LEVEL) -> int:
     """``len(deflate_planes(values, level))``, the planes' runs and Huffman
     codes counted, not written (xla_ops/deflate_runs.h)."""
     return _planes_deflated(values, level, sized=True)
 
 
-def _planes_deflated(values: np.ndarray, level: int, sized: bool) -> bytes | int:
-    """deflate_planes' bytes, or (``sized``) their length."""
+def _planes_deflated(values: np.ndarray, level: int, sized: bool,
+                     starts: list[int] | None = None) -> bytes | int:
+    """deflate_planes' bytes, or (``sized``) their length; the pieces'
+    starts appended to ``starts`` where planes are split."""
     planes = np.ascontiguousarray(values).view(np.uint8).reshape(-1, values.dtype.itemsize).T
     if planes.size <= _TINY_BYTES:   # side data: its planes matched into each other
         packed = zlib.compress(np.ascontiguousarray(planes), level)
         return len(packed) if sized else packed
-    streams = [planes]
-    if planes.size <= _ONE_STREAM_BYTES:
-        one = np.ascontiguousarray(planes).reshape(1, -1)
-        streams = [one] if len(planes) == 1 else [one, planes]
+    if planes.size > _ONE_STREAM_BYTES:
+        return _zlib_stream(planes, level, sized, starts)
+    one = np.ascontiguousarray(planes).reshape(1, -1)
+    streams = [one] if len(planes) == 1 else [one, planes]
     return min((_zlib_stream(each, level, sized) for each in streams), key=_size)
 
 
@@ -113,14 +126,21 @@ def _size(coded: bytes | int) -> int:
     return coded if isinstance(coded, int) else len(coded)
 
 
-def _zlib_stream(planes: np.ndarray, level: int, sized: bool = False) -> bytes | int:
-    """One zlib stream of a deflate stream each of ``planes`` (rows of uint8);
-    ``sized``: its length."""
-    checksum, streams = zlib.adler32(b""), []
-    for k, plane in enumerate(planes):
-        plane = np.ascontiguousarray(plane)
-        streams.append(_plane_stream(plane, level, k == len(planes) - 1, sized))
-        checksum = checksum if sized else zlib.adler32(plane, checksum)
+def _zlib_stream(planes: np.ndarray, level: int, sized: bool = False,
+                 starts: list[int] | None = None) -> bytes | int:
+    """One zlib stream of a deflate stream each of ``planes``' pieces (rows
+    of uint8, split where longer than PIECE_BYTES); ``sized``: its length.
+    Where planes are split, every piece's start is appended to ``starts``."""
+    pieces = [plane[at:at + PIECE_BYTES] for plane in planes
+              for at in range(0, max(1, len(plane)), PIECE_BYTES)]
+    checksum, streams, at = zlib.adler32(b""), [], len(_ZLIB_HEADER)
+    for k, piece in enumerate(pieces):
+        piece = np.ascontiguousarray(piece)
+        if starts is not None and len(pieces) > len(planes):
+            starts.append(at)
+        streams.append(_plane_stream(piece, level, k == len(pieces) - 1, sized))
+        at += _size(streams[-1])
+        checksum = checksum if sized else zlib.adler32(piece, checksum)
     if sized:
         return len(_ZLIB_HEADER) + sum(streams) + _ADLER32_BYTES
     return b"".join([_ZLIB_HEADER, *streams, checksum.to_bytes(_ADLER32_BYTES, "big")])
@@ -161,6 +181,38 @@ _MATCHING_PAYS = 1 / 64
 # raw deflate streams follow it, then the Adler-32 of all their bytes.
 _ZLIB_HEADER = bytes([0x78, 0x9C])
 _ADLER32_BYTES = 4
+# A byte plane longer than this is deflated a piece of this many bytes at a
+# time, each piece a deflate stream of its own ended on a byte boundary (a
+# few hundred bytes more a piece, for its codes): restore inflates the
+# pieces at once where the record says where they start (one core's zlib
+# inflates 170-350 MB/s). Longer than _ONE_STREAM_BYTES: data coded as one
+# stream is never split.
+PIECE_BYTES = 1 << 21
+
+
+@dataclasses.dataclass(frozen=True)
+class Pieces:
+    """Where a deflated leaf's pieces start in its stream, plane after plane,
+    each covering ``bytes`` of its plane (the last of a plane fewer); a
+    record's ``"pieces"``."""
+
+    bytes: int
+    starts: tuple[int, ...]
+
+    def to_record(self) -> dict:
+        return {"bytes": self.bytes, "starts": list(self.starts)}
+
+    @staticmethod
+    def from_record(value) -> Pieces:
+        """The record's ``"pieces"``; ValueError unless it is one."""
+        if not isinstance(value, dict) or set(value) != {"bytes", "starts"}:
+            raise ValueError(f"bad 'pieces' {value!r:.60}")
+        size, starts = value["bytes"], value["starts"]
+        if (type(size) is not int or size < 1 or not isinstance(starts, list) or not starts
+                or any(type(s) is not int for s in starts)
+                or any(b <= a for a, b in zip(starts, starts[1:]))):
+            raise ValueError(f"bad 'pieces' {value!r:.60}")
+        return Pieces(size, tuple(starts))
 
 
 def _plane_stream(plane: np.ndarray, level: int, last: bool, sized: bool = False) -> bytes | int:
@@ -243,19 +295,29 @@ def unpack_low_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count]
 
 
-def inflate_planes(data, dtype, count: int) -> np.ndarray:
+def inflate_planes(data, dtype, count: int, pieces: Pieces | None = None) -> np.ndarray:
     """The ``count`` values of ``dtype`` :func:`deflate_planes` stored in
     ``data``; ValueError unless it inflates to exactly that many (never more
     is inflated). Inflated a piece at a time straight into the values' bytes,
     the input fed a piece at a time (zlib copies what a call leaves unread:
     fed whole, restoring a 512 MB leaf took 24 s where inflating it whole
     took 4: review): a raw leaf of 320 MB peaked at ~3.3x its size inflated
-    whole, then transposed (found by review)."""
+    whole, then transposed (found by review). ``pieces``: where the planes'
+    pieces start (:func:`deflate_planes_in_pieces`), inflated at once."""
     dtype = np.dtype(dtype)
-    size = count * dtype.itemsize
     values = np.empty((count, dtype.itemsize), np.uint8)
     stream = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else \
         memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    if pieces is not None:
+        _inflate_pieces(stream, values, pieces)
+    else:
+        _inflate_whole(stream, values)
+    return values.view(dtype).reshape(count)
+
+
+def _inflate_whole(stream: memoryview, values: np.ndarray) -> None:
+    """inflate_planes' one zlib stream, inflated into ``values``' bytes."""
+    size = values.size
     inflater = zlib.decompressobj()
     fed, pending, done = 0, b"", 0
     while not inflater.eof:
@@ -274,7 +336,71 @@ def inflate_planes(data, dtype, count: int) -> np.ndarray:
         done += len(piece)
     if done != size or not inflater.eof or inflater.unused_data or fed != len(stream):
         raise ValueError("inflates to the wrong size")
-    return values.view(dtype).reshape(count)
+
+
+_INFLATE_POOL = threads.SharedPool(threads.cores, "jaxjpeg-inflate")
+
+
+def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> None:
+    """inflate_planes' stream of planes in ``pieces``, every piece inflated
+    on its own (at once where there are cores for it), its Adler-32 combined
+    into the stream's and checked."""
+    count, planes = values.shape
+    per_plane = -(-count // pieces.bytes)
+    starts, end = pieces.starts, len(stream) - _ADLER32_BYTES
+    if len(starts) != per_plane * planes:
+        raise ValueError(f"holds {len(starts)} pieces, expected {per_plane * planes}")
+    if (len(stream) < len(_ZLIB_HEADER) + _ADLER32_BYTES or stream[0] & 0x0F != 8
+            or stream[1] & 0x20 or (stream[0] << 8 | stream[1]) % 31
+            or starts[0] != len(_ZLIB_HEADER) or starts[-1] >= end):
+        raise ValueError("does not inflate (a bad header or piece start)")
+    bounds = list(zip(starts, [*starts[1:], end]))
+
+    def rows(k: int) -> range:   # the rows of values piece k fills
+        first = k % per_plane * pieces.bytes
+        return range(first, min(count, first + pieces.bytes))
+
+    def inflate(k: int) -> int:
+        out = _inflated_piece(stream[slice(*bounds[k])], len(rows(k)), k == len(bounds) - 1)
+        values[rows(k).start:rows(k).stop, k // per_plane] = np.frombuffer(out, np.uint8)
+        return zlib.adler32(out)
+
+    if len(bounds) > 1 and threads.cores() > 1:
+        checksums = list(_INFLATE_POOL.get().map(inflate, range(len(bounds))))
+    else:
+        checksums = [inflate(k) for k in range(len(bounds))]
+    checksum = zlib.adler32(b"")
+    for k, piece_checksum in enumerate(checksums):
+        checksum = adler32_combine(checksum, piece_checksum, len(rows(k)))
+    if checksum != int.from_bytes(stream[end:], "big"):
+        raise ValueError("does not inflate (a bad checksum)")
+
+
+def _inflated_piece(chunk: memoryview, size: int, last: bool) -> bytes:
+    """A piece's ``size`` bytes from its own raw deflate stream ``chunk``,
+    which must end there: with the final block where ``last``, else on a
+    byte boundary after a block that is not final."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(chunk, size + 1)
+    except zlib.error as e:
+        raise ValueError(f"does not inflate ({e})") from None
+    if len(out) != size or inflater.unconsumed_tail or inflater.eof != last \
+            or inflater.unused_data:
+        raise ValueError("inflates to the wrong size")
+    return out
+
+
+_ADLER_BASE = 65521
+
+
+def adler32_combine(first: int, second: int, second_size: int) -> int:
+    """The Adler-32 of two byte strings one after the other, from each one's
+    and the second's length (zlib's adler32_combine, which Python lacks)."""
+    rem = second_size % _ADLER_BASE
+    low = ((first & 0xFFFF) + (second & 0xFFFF) - 1) % _ADLER_BASE
+    high = ((first >> 16) + (second >> 16) + rem * (first & 0xFFFF) - rem) % _ADLER_BASE
+    return low | high << 16
 
 
 # Bytes inflated at a time, and bytes of the stream fed at a time (each

@@ -806,10 +806,110 @@ def test_planes_are_counted_at_the_size_they_deflate_to(level):
              rng.normal(0, 1, 300_000).astype("<f4"), rng.integers(0, 3, 200_000).astype("<u2"),
              np.where(rng.random(300_000) < 0.5, 0, -1e9).astype("<f4"),
              np.tile(rng.integers(0, 1 << 30, 16384), 10).astype("<i4"),
-             rng.integers(0, 256, 50_000).astype(np.uint8)]
+             rng.integers(0, 256, 50_000).astype(np.uint8),
+             rng.integers(-8, 8, 2 * layout.PIECE_BYTES + 5).astype("<i2")]   # in pieces
     for values in cases:
         assert layout.deflated_planes_size(values, level) == len(
             layout.deflate_planes(values, level))
+
+
+def _in_pieces():
+    """Two byte planes of 3 pieces each, deflated."""
+    values = np.random.default_rng(4).integers(-8, 8, 2 * layout.PIECE_BYTES + 5).astype("<i2")
+    packed, pieces = layout.deflate_planes_in_pieces(values)
+    return values, packed, pieces
+
+
+def test_long_planes_are_deflated_in_pieces_any_inflater_reads_whole(monkeypatch):
+    """A plane longer than layout.PIECE_BYTES is deflated a piece at a time,
+    each piece a deflate stream of its own whose start is returned: restore
+    inflates them at once, one core or several, and the bytes are still one
+    zlib stream (files' readers before the pieces read them whole)."""
+    from jaxjpeg import threads
+
+    values, packed, pieces = _in_pieces()
+    assert packed == layout.deflate_planes(values)
+    assert pieces.bytes == layout.PIECE_BYTES and len(pieces.starts) == 6
+    planes = values.view(np.uint8).reshape(-1, 2).T.tobytes()
+    assert zlib.decompress(packed) == planes
+    for got in (layout.inflate_planes(packed, "<i2", values.size, pieces),
+                layout.inflate_planes(packed, "<i2", values.size)):
+        np.testing.assert_array_equal(got, values)
+    monkeypatch.setattr(threads, "cores", lambda: 1)
+    np.testing.assert_array_equal(layout.inflate_planes(packed, "<i2", values.size, pieces),
+                                  values)
+    assert layout.deflate_planes_in_pieces(values[:layout.PIECE_BYTES])[1] is None
+
+
+def test_adler32s_combine_as_zlib_combines_them():
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 5, 65_521, 65_522, 300_000):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        for cut in {0, size // 3, size}:
+            head, tail = data[:cut], data[cut:]
+            assert layout.adler32_combine(zlib.adler32(head), zlib.adler32(tail),
+                                          len(tail)) == zlib.adler32(data)
+
+
+@pytest.mark.parametrize("record, words", [
+    ([1, 2], "bad 'pieces'"), ({"bytes": 4}, "bad 'pieces'"),
+    ({"bytes": 4, "starts": [2], "more": 1}, "bad 'pieces'"),
+    ({"bytes": True, "starts": [2]}, "bad 'pieces'"), ({"bytes": 0, "starts": [2]}, "bad 'pieces'"),
+    ({"bytes": 4, "starts": []}, "bad 'pieces'"), ({"bytes": 4, "starts": [2, 2]}, "bad 'pieces'"),
+    ({"bytes": 4, "starts": [2, 1.5]}, "bad 'pieces'"), ({"bytes": 4, "starts": "2"}, "bad 'pieces'"),
+])
+def test_malformed_pieces_are_refused(record, words):
+    with pytest.raises(ValueError, match=words):
+        layout.Pieces.from_record(record)
+
+
+def _shifted(pieces, k, by):
+    starts = list(pieces.starts)
+    starts[k] += by
+    return layout.Pieces(pieces.bytes, tuple(starts))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p, d: (layout.Pieces(p.bytes, p.starts[:-1]), d), "holds 5 pieces, expected 6"),
+    (lambda p, d: (layout.Pieces(p.bytes // 2, p.starts), d), "holds 6 pieces, expected 10"),
+    (lambda p, d: (layout.Pieces(p.bytes * 4, p.starts), d), "holds 6 pieces, expected 2"),
+    (lambda p, d: (_shifted(p, 0, 1), d), "bad header or piece start"),
+    (lambda p, d: (_shifted(p, 5, len(d)), d), "bad header or piece start"),
+    (lambda p, d: (_shifted(p, 3, 1), d), "does not inflate|wrong size"),
+    (lambda p, d: (_shifted(p, 3, -1), d), "does not inflate|wrong size"),
+    (lambda p, d: (p, d[:1] + bytes([d[1] ^ 0x20]) + d[2:]), "bad header"),
+    (lambda p, d: (p, d[:-1] + bytes([d[-1] ^ 1])), "bad checksum"),
+    (lambda p, d: (p, d[:-4]), "does not inflate|wrong size|bad header"),
+    (lambda p, d: (p, d[:p.starts[4] - 6] + bytes([d[p.starts[4] - 6] ^ 0x10])
+                   + d[p.starts[4] - 5:]), "does not inflate|wrong size|checksum"),
+])
+def test_hostile_pieces_are_refused(edit, words):
+    values, packed, pieces = _in_pieces()
+    pieces, packed = edit(pieces, packed)
+    with pytest.raises(ValueError, match=words):
+        layout.inflate_planes(packed, "<i2", values.size, pieces)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.update(pieces={"bytes": 1}), "bad 'pieces'"),
+    (lambda r: r.update(pieces={"bytes": r["pieces"]["bytes"], "starts": r["pieces"]["starts"][1:]}),
+     "pieces, expected"),
+    (lambda r: r.update(deflated=False), "'pieces' of a leaf not deflated"),
+    (lambda r: r.update(pieces={"bytes": r["pieces"]["bytes"] // 2,
+                                "starts": r["pieces"]["starts"]}), "pieces, expected"),
+])
+def test_a_leaf_deflated_in_pieces_restores_and_refuses_hostile_pieces(tmp_path, edit, words):
+    codes = np.random.default_rng(0).integers(-8, 8, ((5 << 20) // 64, 64)).astype(np.int8)
+    src = tmp_path / "s.jjpg"
+    jaxjpeg.save(src, {"codes": codes})
+    np.testing.assert_array_equal(np.asarray(jaxjpeg.restore(src)["codes"]), codes)
+    with fmt.ContainerReader(src) as r:
+        (record,) = r.metadata["leaves"]
+    assert record["deflated"] and len(record["pieces"]["starts"]) == 3
+
+    def hostile(meta):
+        edit(meta["leaves"][0])
+    assert_clear_error(rewrite(src, tmp_path / "h.jjpg", edit_meta=hostile), words)
 
 
 def test_repeats_are_counted_past_runs_and_within_the_window():
