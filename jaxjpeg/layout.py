@@ -129,21 +129,28 @@ def _size(coded: bytes | int) -> int:
 def _zlib_stream(planes: np.ndarray, level: int, sized: bool = False,
                  starts: list[int] | None = None) -> bytes | int:
     """One zlib stream of a deflate stream each of ``planes``' pieces (rows
-    of uint8, split where longer than PIECE_BYTES); ``sized``: its length.
-    Where planes are split, every piece's start is appended to ``starts``."""
+    of uint8, split where longer than PIECE_BYTES, coded at once); ``sized``:
+    its length. Where planes are split, every piece's start is appended to
+    ``starts``."""
     pieces = [plane[at:at + PIECE_BYTES] for plane in planes
               for at in range(0, max(1, len(plane)), PIECE_BYTES)]
-    checksum, streams, at = zlib.adler32(b""), [], len(_ZLIB_HEADER)
-    for k, piece in enumerate(pieces):
-        piece = np.ascontiguousarray(piece)
+
+    def code(k: int) -> tuple[bytes | int, int]:
+        piece = np.ascontiguousarray(pieces[k])
+        coded = _plane_stream(piece, level, k == len(pieces) - 1, sized)
+        return coded, 0 if sized else zlib.adler32(piece)
+
+    streams = _at_once(code, len(pieces))
+    if sized:
+        return len(_ZLIB_HEADER) + sum(coded for coded, _ in streams) + _ADLER32_BYTES
+    checksum, at = zlib.adler32(b""), len(_ZLIB_HEADER)
+    for piece, (coded, piece_checksum) in zip(pieces, streams):
         if starts is not None and len(pieces) > len(planes):
             starts.append(at)
-        streams.append(_plane_stream(piece, level, k == len(pieces) - 1, sized))
-        at += _size(streams[-1])
-        checksum = checksum if sized else zlib.adler32(piece, checksum)
-    if sized:
-        return len(_ZLIB_HEADER) + sum(streams) + _ADLER32_BYTES
-    return b"".join([_ZLIB_HEADER, *streams, checksum.to_bytes(_ADLER32_BYTES, "big")])
+        at += len(coded)
+        checksum = adler32_combine(checksum, piece_checksum, len(piece))
+    return b"".join([_ZLIB_HEADER, *(coded for coded, _ in streams),
+                     checksum.to_bytes(_ADLER32_BYTES, "big")])
 
 
 # Deflate's string matching pays on repeats (masks, counts, tables of equal
@@ -338,7 +345,17 @@ def _inflate_whole(stream: memoryview, values: np.ndarray) -> None:
         raise ValueError("inflates to the wrong size")
 
 
-_INFLATE_POOL = threads.SharedPool(threads.cores, "jaxjpeg-inflate")
+# Pieces are deflated and inflated on it (zlib and the run coder let go of
+# the interpreter); its tasks never wait on it.
+_PIECES_POOL = threads.SharedPool(threads.cores, "jaxjpeg-pieces")
+
+
+def _at_once(task, count: int) -> list:
+    """[task(k) for k in range(count)], on _PIECES_POOL where there are
+    pieces and cores for it."""
+    if count > 1 and threads.cores() > 1:
+        return list(_PIECES_POOL.get().map(task, range(count)))
+    return [task(k) for k in range(count)]
 
 
 def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> None:
@@ -365,10 +382,7 @@ def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> N
         values[rows(k).start:rows(k).stop, k // per_plane] = np.frombuffer(out, np.uint8)
         return zlib.adler32(out)
 
-    if len(bounds) > 1 and threads.cores() > 1:
-        checksums = list(_INFLATE_POOL.get().map(inflate, range(len(bounds))))
-    else:
-        checksums = [inflate(k) for k in range(len(bounds))]
+    checksums = _at_once(inflate, len(bounds))
     checksum = zlib.adler32(b"")
     for k, piece_checksum in enumerate(checksums):
         checksum = adler32_combine(checksum, piece_checksum, len(rows(k)))
