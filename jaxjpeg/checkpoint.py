@@ -2860,7 +2860,8 @@ def _deflated(array: np.ndarray, counted: bool = False) -> tuple | None:
     """(blob, record fields) of ``array``'s values as deflated byte planes
     (layout.deflate_planes_in_pieces) where that is smaller, else None; the
     fields say so and where its pieces start. One over DEFLATE_HALF_MAX_BYTES only
-    where a sample deflates to DEFLATE_PAYS of its size; one over
+    where a sample deflates to DEFLATE_PAYS of its size at the level it is
+    stored at (one sample decides and counts it); one over
     FAST_DEFLATE_BYTES at zlib's fastest level (found by review: 100 M int8
     values of 0..3 took 10 s to deflate at level 6, 2 s at 1 for 13% more
     bytes; a 0/1 mask's planes take 40% more at 1). ``counted``: its size (a
@@ -2872,11 +2873,11 @@ def _deflated(array: np.ndarray, counted: bool = False) -> tuple | None:
     repeats zlib's 32 KiB window finds, tables of repeating rows 26-340% over)."""
     flat = _little_endian(array)
     if flat.nbytes > DEFLATE_HALF_MAX_BYTES:
-        if _sampled_deflate_share(flat) > DEFLATE_PAYS:
+        share = _sampled_deflate_share(flat, _deflate_level(flat))
+        if share > DEFLATE_PAYS:
             return None
         if counted:
-            size = int(_sampled_deflate_share(flat, _deflate_level(flat)) * flat.nbytes)
-            return _counted_deflated(size, flat.nbytes)
+            return _counted_deflated(int(share * flat.nbytes), flat.nbytes)
     if counted:
         return _counted_deflated(layout.deflated_planes_size(flat, _deflate_level(flat)),
                                  flat.nbytes)
@@ -2902,7 +2903,7 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
 _DEFLATE_SAMPLE_PIECES = 16
 
 
-def _sampled_deflate_share(flat: np.ndarray, level: int = 1) -> float:
+def _sampled_deflate_share(flat: np.ndarray, level: int) -> float:
     """The share of its size a large 1-D ``flat`` deflates to at zlib's
     ``level``, estimated on pieces spread over it."""
     piece = max(1, (1 << 18) // flat.itemsize)
