@@ -119,7 +119,7 @@ void ParseChunk(const uint8_t* data, int64_t begin, int64_t end, Sink& sink) {
   int64_t i = begin;
   while (i < end) {
     if (i > 0 && i + 8 <= end && !MayRun(data + i)) {
-      for (int k = 0; k < 6; ++k) sink.Literal(data[i + k]);
+      sink.SixLiterals(data + i);
       i += 6;
       continue;
     }
@@ -152,6 +152,9 @@ struct Counter {
   const LengthCodes& codes;
 
   void Literal(uint8_t byte) { ++histogram->count[byte]; }
+  void SixLiterals(const uint8_t* bytes) {
+    for (int k = 0; k < 6; ++k) Literal(bytes[k]);
+  }
   void Run(int length) {
     const LengthCode& code = codes.of[length];
     ++histogram->count[code.symbol];
@@ -442,11 +445,21 @@ struct Emitter {
   const LengthCodes& runs;
 
   void Literal(uint8_t byte) { writer->Put(codes[byte], lengths[byte]); }
+  // Two codes a write: 2 x 15 bits fit one Put (noise's literals took most
+  // of the writing).
+  void SixLiterals(const uint8_t* bytes) {
+    static_assert(2 * kMaxCodeBits <= 32, "two codes must fit one Put");
+    for (int k = 0; k < 6; k += 2) {
+      const uint8_t a = bytes[k], b = bytes[k + 1];
+      writer->Put(codes[a] | (uint64_t{codes[b]} << lengths[a]), lengths[a] + lengths[b]);
+    }
+  }
+  // The length's code and extra bits, then the distance's code (all zero
+  // bits), in one Put: at most 15 + 5 + 5 bits.
   void Run(int length) {
     const LengthCode& code = runs.of[length];
     writer->Put(codes[code.symbol] | (uint64_t{code.extra} << lengths[code.symbol]),
-                lengths[code.symbol] + code.extra_bits);
-    writer->Put(0, distance_bits);
+                lengths[code.symbol] + code.extra_bits + distance_bits);
   }
 };
 
