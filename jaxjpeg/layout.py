@@ -174,7 +174,7 @@ _MATCH_CODE_BYTES = 3   # a match's length and distance codes, about
 # plane (found by review: smooth int8 rows, level 6 0.22 of their bytes,
 # run-coded 0.33, saved nothing at 3 bytes a match).
 _SHORT_MATCHES_SHARE = 1 / 4
-_PIECE_BYTES = 1 << 16   # twice the farthest back a match reaches
+_TRIAL_BYTES = 1 << 16   # twice the farthest back a match reaches
 # Huffman codes take a bit a byte at least: where a plane took under this
 # share, level 6's short matches may win (a 0 / -1e9 mask's planes; a table
 # of sines' exponents: 0.20 run-coded, 0.10 at level 6: review); zlib's
@@ -262,8 +262,8 @@ def _repeats_pay(plane: np.ndarray, run_coded_bytes: int) -> bool:
         return True
     if counts[0][0] < _SHORT_MATCHES_SHARE * plane.size:
         return False
-    middle = max(0, (plane.size - _PIECE_BYTES) // 2)
-    piece = plane[middle:middle + _PIECE_BYTES]
+    middle = max(0, (plane.size - _TRIAL_BYTES) // 2)
+    piece = plane[middle:middle + _TRIAL_BYTES]
     return (len(_raw_deflate(piece, zlib.Z_DEFAULT_STRATEGY, 1))
             < (1 - _MATCHING_PAYS) * _native.run_deflated_size(piece, True))
 
@@ -390,18 +390,29 @@ def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> N
         raise ValueError("does not inflate (a bad checksum)")
 
 
+# An empty final block (fixed codes: BFINAL 1, BTYPE 01, end of block): fed
+# after a piece that is not the last, it ends the stream only where the
+# piece ended between blocks on a byte boundary.
+_EMPTY_FINAL_BLOCK = b"\x03\x00"
+
+
 def _inflated_piece(chunk: memoryview, size: int, last: bool) -> bytes:
     """A piece's ``size`` bytes from its own raw deflate stream ``chunk``,
     which must end there: with the final block where ``last``, else on a
-    byte boundary after a block that is not final."""
+    byte boundary after a block that is not final (found by review: a piece
+    cut inside a block inflated, where a reader of the whole stream refuses
+    it)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         out = inflater.decompress(chunk, size + 1)
+        ended = last or (not inflater.eof and not inflater.unconsumed_tail
+                         and not inflater.decompress(_EMPTY_FINAL_BLOCK, 1))
     except zlib.error as e:
         raise ValueError(f"does not inflate ({e})") from None
-    if len(out) != size or inflater.unconsumed_tail or inflater.eof != last \
-            or inflater.unused_data:
+    if len(out) != size:
         raise ValueError("inflates to the wrong size")
+    if not ended or inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise ValueError("does not inflate (a piece does not end where the next starts)")
     return out
 
 

@@ -880,6 +880,9 @@ def _shifted(pieces, k, by):
     (lambda p, d: (p, d[:1] + bytes([d[1] ^ 0x20]) + d[2:]), "bad header"),
     (lambda p, d: (p, d[:-1] + bytes([d[-1] ^ 1])), "bad checksum"),
     (lambda p, d: (p, d[:-4]), "does not inflate|wrong size|bad header"),
+    # (found by review: a piece cut inside a block inflated, its values right)
+    (lambda p, d: (layout.Pieces(p.bytes, (2, *(s + 1 for s in p.starts[1:]))),
+                   d[:p.starts[1]] + b"\x00" + d[p.starts[1]:]), "does not end where the next"),
     (lambda p, d: (p, d[:p.starts[4] - 6] + bytes([d[p.starts[4] - 6] ^ 0x10])
                    + d[p.starts[4] - 5:]), "does not inflate|wrong size|checksum"),
 ])
@@ -888,6 +891,29 @@ def test_hostile_pieces_are_refused(edit, words):
     pieces, packed = edit(pieces, packed)
     with pytest.raises(ValueError, match=words):
         layout.inflate_planes(packed, "<i2", values.size, pieces)
+
+
+def test_pieces_are_refused_where_the_whole_stream_is():
+    """Found by review: bit flips in a sync flush's empty stored block left
+    a piece ending inside a block, which inflated piece by piece (the
+    values right) where zlib refuses the whole stream."""
+    values, packed, pieces = _in_pieces()
+    for at in range(pieces.starts[1] - 6, pieces.starts[1]):
+        for bit in range(8):
+            edited = bytearray(packed)
+            edited[at] ^= 1 << bit
+            try:
+                zlib.decompress(edited)
+                whole = True
+            except zlib.error:
+                whole = False
+            try:
+                got = layout.inflate_planes(edited, "<i2", values.size, pieces)
+            except ValueError:
+                assert not whole, (at, bit)
+                continue
+            assert whole, (at, bit)
+            np.testing.assert_array_equal(got, values)
 
 
 @pytest.mark.parametrize("edit, words", [
