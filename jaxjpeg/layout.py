@@ -424,8 +424,9 @@ _ADLER_BASE = 65521
 
 
 def adler32_combine(first: int, second: int, second_size: int) -> int:
-    """The Adler-32 of two byte strings one after the other, from each one's
-    and the second's length (zlib's adler32_combine, which Python lacks)."""
+    """The Adler-32 of two byte strings one after the other, from the
+    Adler-32 of each and the second's length (zlib's adler32_combine, which
+    Python lacks)."""
     rem = second_size % _ADLER_BASE
     low = ((first & 0xFFFF) + (second & 0xFFFF) - 1) % _ADLER_BASE
     high = ((first >> 16) + (second >> 16) + rem * (first & 0xFFFF) - rem) % _ADLER_BASE
