@@ -882,7 +882,7 @@ def _shifted(pieces, k, by):
     (lambda p, d: (p, d[:-4]), "does not inflate|wrong size|bad header"),
     # (found by review: a piece cut inside a block inflated, its values right)
     (lambda p, d: (layout.Pieces(p.bytes, (2, *(s + 1 for s in p.starts[1:]))),
-                   d[:p.starts[1]] + b"\x00" + d[p.starts[1]:]), "does not end where the next"),
+                   d[:p.starts[1]] + b"\x00" + d[p.starts[1]:]), "does not inflate"),
     (lambda p, d: (p, d[:p.starts[4] - 6] + bytes([d[p.starts[4] - 6] ^ 0x10])
                    + d[p.starts[4] - 5:]), "does not inflate|wrong size|checksum"),
 ])

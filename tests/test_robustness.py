@@ -748,6 +748,18 @@ def _sanitized_run(tmp_path, harness: str, *sources: str, libraries: tuple = ())
     return run.stdout
 
 
+def test_inflater_under_sanitizers(tmp_path):
+    """The plane pieces' inflater (xla_ops/inflate.cc) on 500 streams the
+    run writer and zlib wrote (every strategy, levels 1, 6 and 9, ended by
+    the final block or a sync flush) and 20,000 mutations of them
+    (tests/fuzz/inflate_checks.cc): no read or write past a buffer; every
+    stream inflates back; it takes exactly the streams zlib's inflate takes
+    as such a piece, with zlib's bytes."""
+    out = _sanitized_run(tmp_path, "inflate_checks.cc", "inflate.cc", "deflate_runs.cc",
+                         "code_lengths.cc", libraries=("z",))
+    assert "inflate checks: 500 streams, 20000 mutations, 0 failures" in out
+
+
 def test_rice_code_under_sanitizers(tmp_path):
     """The quantized vectors' native Rice code (xla_ops/rice_code.cc: counts
     two values at a time or one, the parameter walk, packing, decoding and
