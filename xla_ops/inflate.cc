@@ -246,7 +246,9 @@ InflateStatus Stored(BitReader* reader, int64_t in_size, Output* out) {
   const int64_t consumed = reader->Consumed();
   if (consumed > 8 * in_size || length > in_size - consumed / 8) return InflateStatus::kTruncated;
   if (length > out->size - out->at) return InflateStatus::kTooLong;
-  std::memcpy(out->data + out->at, reader->begin() + consumed / 8, length);
+  if (length > 0) {  // (found by review: memcpy of nothing to a null output is undefined)
+    std::memcpy(out->data + out->at, reader->begin() + consumed / 8, length);
+  }
   out->at += length;
   reader->Seek(consumed / 8 + length);
   return InflateStatus::kOk;

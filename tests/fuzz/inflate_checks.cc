@@ -151,6 +151,12 @@ int main() {
       if (ours_ok && zlib_ok) Expect(ours == theirs, "other bytes than zlib's", trial);
     }
   }
+  // Null buffers of no bytes: an empty stored block, an empty fixed block.
+  const uint8_t empty_stored[] = {0x01, 0x00, 0x00, 0xFF, 0xFF}, empty_fixed[] = {0x03, 0x00};
+  Expect(jaxjpeg::InflatePiece(empty_stored, 5, nullptr, 0, true) == jaxjpeg::InflateStatus::kOk,
+         "an empty stored block", -1);
+  Expect(jaxjpeg::InflatePiece(empty_fixed, 2, nullptr, 0, true) == jaxjpeg::InflateStatus::kOk,
+         "an empty fixed block", -1);
   std::printf("inflate checks: %d streams, %d mutations, %d failures\n", streams, mutations,
               failures);
   return failures == 0 ? 0 : 1;
