@@ -5,31 +5,30 @@
 #include <vector>
 
 #include "code_lengths.h"
+#include "deflate_format.h"
 
 namespace jaxjpeg {
 namespace {
 
-constexpr int kLiteralLengthSymbols = 286;  // literals 0..255, end of block, run lengths
-constexpr int kEndOfBlock = 256;
-// The static code's lengths cover two more symbols, never sent: its canonical
-// codes count them (RFC 1951 3.2.6).
-constexpr int kStaticSymbols = 288;
+using deflate::kCodeLengthOrder;
+using deflate::kCodeLengthSymbols;
+using deflate::kEndOfBlock;
+using deflate::kMaxCodeBits;
+using deflate::kStaticDistanceBits;
+using deflate::StaticLength;
+
+constexpr int kLiteralLengthSymbols = deflate::kLiteralLengthCodes;
+constexpr int kStaticSymbols = deflate::kStaticLiteralLengthSymbols;
 constexpr int kMinRun = 3;
 constexpr int kMaxRun = 258;
-constexpr int kMaxCodeBits = 15;
 constexpr int kMaxCodeLengthBits = 7;
-constexpr int kCodeLengthSymbols = 19;
 constexpr int64_t kStoredMaxBytes = 65535;
 // A run is a match 1 byte back: distance code 0. A second code, never used,
 // makes the distance code complete (as zlib writes it): 1 bit each.
-constexpr int kDistanceCodes = 2;
-constexpr uint8_t kDistanceLengths[kDistanceCodes] = {1, 1};
-constexpr int kStaticDistanceBits = 5;
+constexpr int kSentDistanceCodes = 2;
+constexpr uint8_t kDistanceLengths[kSentDistanceCodes] = {1, 1};
 constexpr int kBlockHeaderBits = 3;  // BFINAL, BTYPE
 constexpr int kStoredLengthBits = 32;  // LEN, NLEN
-// The order the code-length code's lengths are sent in (RFC 1951 3.2.7).
-constexpr uint8_t kCodeLengthOrder[kCodeLengthSymbols] = {16, 17, 18, 0, 8,  7, 9,  6, 10, 5,
-                                                          11, 4,  12, 3, 13, 2, 14, 1, 15};
 
 enum BlockType : uint8_t { kStored = 0, kStatic = 1, kDynamic = 2 };
 
@@ -44,16 +43,12 @@ struct LengthCodes {
   LengthCode of[kMaxRun + 1];
 
   LengthCodes() {
-    static constexpr uint16_t kBase[29] = {3,  4,  5,  6,  7,  8,  9,   10,  11,  13,
-                                           15, 17, 19, 23, 27, 31, 35,  43,  51,  59,
-                                           67, 83, 99, 115, 131, 163, 195, 227, 258};
-    static constexpr uint8_t kExtraBits[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2,
-                                               2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
-    for (int code = 0; code < 29; ++code) {
-      const int end = code + 1 < 29 ? kBase[code + 1] : kMaxRun + 1;
-      for (int length = kBase[code]; length < end; ++length) {
-        of[length] = {static_cast<uint16_t>(257 + code), kExtraBits[code],
-                      static_cast<uint16_t>(length - kBase[code])};
+    using deflate::kLengthBase;
+    for (int code = 0; code < deflate::kLengthCodes; ++code) {
+      const int end = code + 1 < deflate::kLengthCodes ? kLengthBase[code + 1] : kMaxRun + 1;
+      for (int length = kLengthBase[code]; length < end; ++length) {
+        of[length] = {static_cast<uint16_t>(257 + code), deflate::kLengthExtraBits[code],
+                      static_cast<uint16_t>(length - kLengthBase[code])};
       }
     }
   }
@@ -64,9 +59,6 @@ const LengthCodes& RunLengthCodes() {
   return codes;
 }
 
-int StaticLength(int symbol) {
-  return symbol < 144 ? 8 : symbol < 256 ? 9 : symbol < 280 ? 7 : 8;
-}
 
 // What a block's bits depend on.
 struct Histogram {
@@ -184,7 +176,7 @@ int CodeLengthExtraBits(int symbol) {
 struct DynamicCode {
   uint8_t lengths[kLiteralLengthSymbols];
   int literal_codes;  // HLIT + 257
-  CodeLengthSymbol sequence[kLiteralLengthSymbols + kDistanceCodes];
+  CodeLengthSymbol sequence[kLiteralLengthSymbols + kSentDistanceCodes];
   int sequence_size = 0;
   uint8_t code_length_lengths[kCodeLengthSymbols];
   int code_length_codes;  // HCLEN + 4
@@ -224,11 +216,11 @@ void BuildDynamicCode(const Histogram& histogram, DynamicCode* code) {
   while (code->literal_codes > 257 && code->lengths[code->literal_codes - 1] == 0) {
     --code->literal_codes;
   }
-  uint8_t all[kLiteralLengthSymbols + kDistanceCodes];
+  uint8_t all[kLiteralLengthSymbols + kSentDistanceCodes];
   std::memcpy(all, code->lengths, code->literal_codes);
-  std::memcpy(all + code->literal_codes, kDistanceLengths, kDistanceCodes);
+  std::memcpy(all + code->literal_codes, kDistanceLengths, kSentDistanceCodes);
   code->sequence_size = 0;
-  RunLengthCode(all, code->literal_codes + kDistanceCodes, code);
+  RunLengthCode(all, code->literal_codes + kSentDistanceCodes, code);
 
   uint64_t counts[kCodeLengthSymbols] = {};
   for (int i = 0; i < code->sequence_size; ++i) ++counts[code->sequence[i].symbol];
@@ -465,7 +457,7 @@ struct Emitter {
 
 void WriteDynamicHeader(const DynamicCode& code, LsbBitWriter* writer) {
   writer->Put(code.literal_codes - 257, 5);
-  writer->Put(kDistanceCodes - 1, 5);
+  writer->Put(kSentDistanceCodes - 1, 5);
   writer->Put(code.code_length_codes - 4, 4);
   for (int i = 0; i < code.code_length_codes; ++i) {
     writer->Put(code.code_length_lengths[kCodeLengthOrder[i]], 3);

@@ -3,27 +3,24 @@
 #include <algorithm>
 #include <cstring>
 
+#include "deflate_format.h"
+
 namespace jaxjpeg {
 namespace {
 
-constexpr int kMaxBits = 15;
-constexpr int kRootBits = 11;  // codes this short decode with one table read
-constexpr int kLiteralLengthSymbols = 288;
-constexpr int kDistanceSymbols = 32;
-constexpr int kCodeLengthSymbols = 19;
-constexpr int kEndOfBlock = 256;
+using deflate::kCodeLengthOrder;
+using deflate::kCodeLengthSymbols;
+using deflate::kDistanceBase;
+using deflate::kDistanceExtraBits;
+using deflate::kEndOfBlock;
+using deflate::kLengthBase;
+using deflate::kLengthExtraBits;
+using deflate::kStaticDistanceSymbols;
+using deflate::kStaticLiteralLengthSymbols;
 
-constexpr uint16_t kLengthBase[29] = {3,  4,  5,  6,  7,  8,  9,  10, 11,  13,  15,  17,  19,  23, 27,
-                                      31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258};
-constexpr uint8_t kLengthExtra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2,
-                                      2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
-constexpr uint16_t kDistanceBase[30] = {1,    2,    3,    4,    5,    7,     9,     13,    17,  25,
-                                        33,   49,   65,   97,   129,  193,   257,   385,   513, 769,
-                                        1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
-constexpr uint8_t kDistanceExtra[30] = {0, 0, 0, 0, 1, 1, 2, 2,  3,  3,  4,  4,  5,  5,  6,
-                                        6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
-constexpr uint8_t kCodeLengthOrder[kCodeLengthSymbols] = {16, 17, 18, 0, 8,  7, 9,  6, 10, 5,
-                                                          11, 4,  12, 3, 13, 2, 14, 1, 15};
+constexpr int kMaxBits = deflate::kMaxCodeBits;
+constexpr int kRootBits = 11;  // codes this short decode with one table read
+constexpr int kLiteralLengthSymbols = kStaticLiteralLengthSymbols;
 
 // Bits least significant first; zeros past the input's end, counted, so
 // that a block reading them is found truncated when it ends.
@@ -191,14 +188,14 @@ void CopyBack(Output* out, int64_t distance, int length) {
 // extra bits, its distance, copied.
 InflateStatus CopyMatch(BitReader* reader, int symbol, const Huffman& distances, Output* out) {
   const int length_code = symbol - 257;
-  if (length_code >= 29) return InflateStatus::kBadSymbol;
+  if (length_code >= deflate::kLengthCodes) return InflateStatus::kBadSymbol;
   const int length =
-      kLengthBase[length_code] + static_cast<int>(reader->Take(kLengthExtra[length_code]));
+      kLengthBase[length_code] + static_cast<int>(reader->Take(kLengthExtraBits[length_code]));
   const int distance_code = Decode(reader, distances);
   if (distance_code < 0) return InflateStatus::kBadCode;
-  if (distance_code >= 30) return InflateStatus::kBadSymbol;
+  if (distance_code >= deflate::kDistanceCodes) return InflateStatus::kBadSymbol;
   const int64_t distance = kDistanceBase[distance_code] +
-                           static_cast<int64_t>(reader->Take(kDistanceExtra[distance_code]));
+                           static_cast<int64_t>(reader->Take(kDistanceExtraBits[distance_code]));
   if (distance > out->at) return InflateStatus::kTooFar;
   if (length > out->size - out->at) return InflateStatus::kTooLong;
   CopyBack(out, distance, length);
@@ -258,7 +255,7 @@ const Huffman& FixedLengths() {
   static const Huffman code = [] {
     uint8_t lengths[kLiteralLengthSymbols];
     for (int s = 0; s < kLiteralLengthSymbols; ++s) {
-      lengths[s] = s < 144 ? 8 : s < 256 ? 9 : s < 280 ? 7 : 8;
+      lengths[s] = static_cast<uint8_t>(deflate::StaticLength(s));
     }
     Huffman built;
     Build(lengths, kLiteralLengthSymbols, false, &built);
@@ -269,10 +266,10 @@ const Huffman& FixedLengths() {
 
 const Huffman& FixedDistances() {
   static const Huffman code = [] {
-    uint8_t lengths[kDistanceSymbols];
-    std::fill(lengths, lengths + kDistanceSymbols, 5);
+    uint8_t lengths[kStaticDistanceSymbols];
+    std::fill(lengths, lengths + kStaticDistanceSymbols, deflate::kStaticDistanceBits);
     Huffman built;
-    Build(lengths, kDistanceSymbols, false, &built);
+    Build(lengths, kStaticDistanceSymbols, false, &built);
     return built;
   }();
   return code;
@@ -285,7 +282,9 @@ InflateStatus DynamicCodes(BitReader* reader, Huffman* lengths, Huffman* distanc
   const int literal_codes = static_cast<int>(reader->Take(5)) + 257;
   const int distance_codes = static_cast<int>(reader->Take(5)) + 1;
   const int length_codes = static_cast<int>(reader->Take(4)) + 4;
-  if (literal_codes > 286 || distance_codes > 30) return InflateStatus::kBadCode;
+  if (literal_codes > deflate::kLiteralLengthCodes || distance_codes > deflate::kDistanceCodes) {
+    return InflateStatus::kBadCode;
+  }
   uint8_t code_lengths[kCodeLengthSymbols] = {};
   for (int i = 0; i < length_codes; ++i) {
     if (reader->held() < 3) reader->Refill();
@@ -295,7 +294,7 @@ InflateStatus DynamicCodes(BitReader* reader, Huffman* lengths, Huffman* distanc
   if (!Build(code_lengths, kCodeLengthSymbols, false, &code_length_code)) {
     return InflateStatus::kBadCode;
   }
-  uint8_t all[286 + 30] = {};
+  uint8_t all[deflate::kLiteralLengthCodes + deflate::kDistanceCodes] = {};
   const int total = literal_codes + distance_codes;
   for (int at = 0; at < total;) {
     if (reader->held() < 32) reader->Refill();
