@@ -349,8 +349,8 @@ def _inflate_whole(stream: memoryview, values: np.ndarray) -> None:
         raise ValueError("inflates to the wrong size")
 
 
-# Pieces are deflated and inflated on it (zlib and the run coder let go of
-# the interpreter); its tasks never wait on it.
+# Pieces are deflated and inflated on it (the run coder, zlib and the
+# inflater let go of the interpreter); its tasks never wait on it.
 _PIECES_POOL = threads.SharedPool(threads.cores, "jaxjpeg-pieces")
 
 
@@ -382,7 +382,14 @@ def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> N
         return range(first, min(count, first + pieces.bytes))
 
     def inflate(k: int) -> int:
-        out = _inflated_piece(stream[slice(*bounds[k])], len(rows(k)), k == len(bounds) - 1)
+        # jaxjpeg's own inflater (xla_ops/inflate.h; 1.3-1.7x zlib's speed
+        # on the planes' runs and literals): the piece must end where the
+        # next starts, on a byte boundary past a block that is not final, or
+        # with the final block (found by review: zlib's streaming inflate
+        # took a piece cut inside a block, which a reader of the whole
+        # stream refuses).
+        out = _native.inflate_piece(stream[slice(*bounds[k])], len(rows(k)),
+                                    k == len(bounds) - 1)
         values[rows(k).start:rows(k).stop, k // per_plane] = np.frombuffer(out, np.uint8)
         return zlib.adler32(out)
 
@@ -392,16 +399,6 @@ def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> N
         checksum = adler32_combine(checksum, piece_checksum, len(rows(k)))
     if checksum != int.from_bytes(stream[end:], "big"):
         raise ValueError("does not inflate (a bad checksum)")
-
-
-def _inflated_piece(chunk: memoryview, size: int, last: bool) -> bytes:
-    """A piece's ``size`` bytes from its own raw deflate stream ``chunk``,
-    which must end there: with the final block where ``last``, else on a
-    byte boundary after a block that is not final (found by review: zlib's
-    streaming inflate took a piece cut inside a block, where a reader of the
-    whole stream refuses it). jaxjpeg's own inflater (xla_ops/inflate.h):
-    1.3-1.7x zlib's speed on the planes' runs and literals."""
-    return _native.inflate_piece(chunk, size, last)
 
 
 _ADLER_BASE = 65521
