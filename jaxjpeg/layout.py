@@ -388,9 +388,13 @@ def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> N
         # with the final block (found by review: zlib's streaming inflate
         # took a piece cut inside a block, which a reader of the whole
         # stream refuses).
-        out = _native.inflate_piece(stream[slice(*bounds[k])], len(rows(k)),
-                                    k == len(bounds) - 1)
-        values[rows(k).start:rows(k).stop, k // per_plane] = np.frombuffer(out, np.uint8)
+        # One-byte values take it in place; wider ones a plane's piece at a
+        # time, scattered after.
+        into = values[rows(k).start:rows(k).stop, k // per_plane]
+        out = into if planes == 1 else np.empty(len(rows(k)), np.uint8)
+        _native.inflate_piece_into(stream[slice(*bounds[k])], out, k == len(bounds) - 1)
+        if out is not into:
+            into[:] = out
         return zlib.adler32(out)
 
     checksums = _at_once(inflate, len(bounds))

@@ -841,6 +841,27 @@ def test_long_planes_are_deflated_in_pieces_any_inflater_reads_whole(monkeypatch
     assert layout.deflate_planes_in_pieces(values[:layout.PIECE_BYTES])[1] is None
 
 
+def test_a_piece_inflates_only_into_its_own_writable_bytes():
+    from jaxjpeg import _native
+
+    data = np.arange(5000, dtype=np.uint8) % 7
+    stream = _native.run_deflate(data, True)
+    out = np.empty(data.size, np.uint8)
+    _native.inflate_piece_into(stream, out, True)
+    np.testing.assert_array_equal(out, data)
+    read_only = np.empty(data.size, np.uint8)
+    read_only.flags.writeable = False
+    buffer = np.zeros(2 * len(stream) + data.size, np.uint8)
+    buffer[:len(stream)] = np.frombuffer(stream, np.uint8)
+    for target, source, words in ((read_only, stream, "read-only|not writable"),
+                                  (buffer[len(stream) // 2:][:data.size], buffer[:len(stream)],
+                                   "overlaps"),
+                                  (out[::2], stream, "contiguous"),
+                                  (np.empty(data.size + 1, np.uint8), stream, "does not inflate")):
+        with pytest.raises(ValueError, match=words):
+            _native.inflate_piece_into(source, target, True)
+
+
 def test_adler32s_combine_as_zlib_combines_them():
     rng = np.random.default_rng(0)
     for size in (0, 1, 5, 65_521, 65_522, 300_000):

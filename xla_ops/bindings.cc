@@ -1112,25 +1112,25 @@ py::bytes RunDeflateOf(const py::buffer& data, bool last) {
   return out;
 }
 
-// A plane piece's raw deflate stream inflated to exactly `size` bytes (see
-// InflatePiece), written straight into the bytes object returned.
-py::bytes InflatePieceOf(const py::buffer& data, int64_t size, bool last) {
+// A plane piece's raw deflate stream inflated into `out` (writable,
+// C-contiguous; its size the piece's: see InflatePiece).
+void InflatePieceInto(const py::buffer& data, const py::buffer& out, bool last) {
   const py::buffer_info b = ContiguousBytes(data);
-  if (size < 0) throw py::value_error("inflate_piece: a negative size");
-  PyObject* raw = PyBytes_FromStringAndSize(nullptr, size);
-  if (raw == nullptr) throw py::error_already_set();
-  py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+  const py::buffer_info o = out.request(/*writable=*/true);
+  if (o.readonly) throw py::value_error("inflate_piece_into: out is read-only");
+  ContiguousBytes(out);
+  if (Overlaps(b.ptr, b.size * b.itemsize, o.ptr, o.size * o.itemsize)) {
+    throw py::value_error("inflate_piece_into: out overlaps data");
+  }
   InflateStatus status;
   {
-    // (the bytes object is not shared yet: written without the interpreter)
     py::gil_scoped_release release;
     status = InflatePiece(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize,
-                          reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(raw)), size, last);
+                          static_cast<uint8_t*>(o.ptr), o.size * o.itemsize, last);
   }
   if (status != InflateStatus::kOk) {
     throw py::value_error(std::string("does not inflate (") + InflateStatusText(status) + ")");
   }
-  return out;
 }
 
 int64_t RunDeflatedSizeOf(const py::buffer& data, bool last) {
@@ -1312,8 +1312,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("run_deflate", &RunDeflateOf, py::arg("data"), py::arg("last"),
         "C-contiguous bytes as raw deflate blocks of literals and runs of one byte, "
         "ended on a byte boundary by a sync flush unless last (xla_ops/deflate_runs.h).");
-  m.def("inflate_piece", &InflatePieceOf, py::arg("data"), py::arg("size"), py::arg("last"),
-        "A raw deflate stream inflated to exactly size bytes, ended by its final block "
+  m.def("inflate_piece_into", &InflatePieceInto, py::arg("data"), py::arg("out"),
+        py::arg("last"),
+        "A raw deflate stream inflated into exactly out's bytes, ended by its final block "
         "(last) or, on a byte boundary, by a block that is not final; ValueError otherwise.");
   m.def("run_deflated_size", &RunDeflatedSizeOf, py::arg("data"), py::arg("last"),
         "len(run_deflate(data, last)), without writing it.");
