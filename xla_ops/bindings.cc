@@ -53,8 +53,8 @@ void Check(Status s, const std::string& where) {
 // Callers read size * itemsize bytes from ptr: every axis must be laid out
 // C-contiguously (found by review: a reversed or broadcast view passed the
 // old last-axis check, and crc32c read 1 GiB past a 16-byte buffer).
-py::buffer_info ContiguousBytes(const py::buffer& data) {
-  py::buffer_info info = data.request();
+// `info`, refused unless C-contiguous.
+py::buffer_info Contiguous(py::buffer_info info) {
   int64_t expected = info.itemsize;
   for (int64_t d = info.ndim - 1; d >= 0; --d) {
     if (info.shape[d] != 1 && info.strides[d] != expected) {
@@ -64,6 +64,8 @@ py::buffer_info ContiguousBytes(const py::buffer& data) {
   }
   return info;
 }
+
+py::buffer_info ContiguousBytes(const py::buffer& data) { return Contiguous(data.request()); }
 
 // Whether [a, a + a_bytes) and [b, b + b_bytes) share a byte.
 bool Overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
@@ -1116,9 +1118,8 @@ py::bytes RunDeflateOf(const py::buffer& data, bool last) {
 // C-contiguous; its size the piece's: see InflatePiece).
 void InflatePieceInto(const py::buffer& data, const py::buffer& out, bool last) {
   const py::buffer_info b = ContiguousBytes(data);
-  const py::buffer_info o = out.request(/*writable=*/true);
+  const py::buffer_info o = Contiguous(out.request(/*writable=*/true));
   if (o.readonly) throw py::value_error("inflate_piece_into: out is read-only");
-  ContiguousBytes(out);
   if (Overlaps(b.ptr, b.size * b.itemsize, o.ptr, o.size * o.itemsize)) {
     throw py::value_error("inflate_piece_into: out overlaps data");
   }
