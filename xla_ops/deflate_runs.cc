@@ -90,30 +90,47 @@ uint64_t ZeroBytes(uint64_t word) {
   return ~(((word & kLow7) + kLow7) | word | kLow7);
 }
 
-// Whether a run may start at one of the 6 positions from `at` (>= 1, 8
-// bytes readable from it): a byte equal to the one before it, and the two
-// after it too.
-bool MayRun(const uint8_t* at) {
+// Positions tested at once for a run's start (noise's literals in bulk).
+constexpr int kLiteralSpan = 14;
+
+// The first of the kLiteralSpan positions from `at` (>= 1, 16 bytes
+// readable from it) where a run starts: a byte equal to the one before it,
+// and the two after it too; kLiteralSpan where none does.
+int FirstRunStart(const uint8_t* at) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  const uint64_t equal = ZeroBytes(Load64(at) ^ Load64(at - 1));
-  return (equal & (equal >> 8) & (equal >> 16) & 0x0000808080808080ull) != 0;
+  const uint64_t low = ZeroBytes(Load64(at) ^ Load64(at - 1));       // positions 0-7
+  const uint64_t high = ZeroBytes(Load64(at + 8) ^ Load64(at + 7));  // positions 8-15
+  const uint64_t starts_low = low & (low >> 8 | high << 56) & (low >> 16 | high << 48);
+  const uint64_t starts_high = high & (high >> 8) & (high >> 16) & 0x0000808080808080ull;
+  if (starts_low) return __builtin_ctzll(starts_low) >> 3;
+  if (starts_high) return 8 + (__builtin_ctzll(starts_high) >> 3);
+  return kLiteralSpan;
 #else
   (void)at;
-  return true;
+  return 0;
 #endif
 }
 
 // Literals and runs of [begin, end), greedy: a byte equal to the one before
-// it starts a run, kept where 3 or more long (zlib's deflate_rle). Where no
-// run can start among the next 6 bytes (noise), they are literals at once.
+// it starts a run, kept where 3 or more long (zlib's deflate_rle). The
+// bytes before the next run start found (FirstRunStart) are literals at
+// once.
 template <typename Sink>
 void ParseChunk(const uint8_t* data, int64_t begin, int64_t end, Sink& sink) {
   int64_t i = begin;
   while (i < end) {
-    if (i > 0 && i + 8 <= end && !MayRun(data + i)) {
-      sink.SixLiterals(data + i);
-      i += 6;
-      continue;
+    if (i > 0 && i + 16 <= end) {
+      const int literals = FirstRunStart(data + i);
+      if (literals == kLiteralSpan) {   // noise: a fixed count, unrolled
+        sink.Literals(data + i, kLiteralSpan);
+        i += kLiteralSpan;
+        continue;
+      }
+      if (literals > 0) {
+        sink.Literals(data + i, literals);
+        i += literals;
+        continue;
+      }
     }
     if (i > 0 && data[i] == data[i - 1]) {
       const uint8_t repeated = data[i - 1];
@@ -139,13 +156,16 @@ void ParseBlock(const uint8_t* data, int64_t begin, int64_t end, Sink& sink) {
   }
 }
 
+// Literals counted in four tables, merged at the end: a byte repeated
+// close by waits on its own count's store otherwise.
 struct Counter {
   Histogram* histogram;
   const LengthCodes& codes;
+  uint32_t literals[4][256] = {};
 
-  void Literal(uint8_t byte) { ++histogram->count[byte]; }
-  void SixLiterals(const uint8_t* bytes) {
-    for (int k = 0; k < 6; ++k) Literal(bytes[k]);
+  void Literal(uint8_t byte) { ++literals[0][byte]; }
+  __attribute__((always_inline)) void Literals(const uint8_t* bytes, int count) {
+    for (int k = 0; k < count; ++k) ++literals[k & 3][bytes[k]];
   }
   void Run(int length) {
     const LengthCode& code = codes.of[length];
@@ -153,12 +173,20 @@ struct Counter {
     histogram->extra_bits += code.extra_bits;
     ++histogram->runs;
   }
+  void Finish() {
+    for (int byte = 0; byte < 256; ++byte) {
+      histogram->count[byte] += uint64_t{literals[0][byte]} + literals[1][byte] +
+                                literals[2][byte] + literals[3][byte];
+    }
+  }
 };
 
 Histogram Count(const uint8_t* data, int64_t begin, int64_t end) {
+  static_assert(kRunChunkBytes < (int64_t{1} << 32), "a chunk's counts fit 32 bits");
   Histogram histogram;
   Counter counter{&histogram, RunLengthCodes()};
   ParseBlock(data, begin, end, counter);
+  counter.Finish();
   histogram.bytes = end - begin;
   return histogram;
 }
@@ -439,12 +467,14 @@ struct Emitter {
   void Literal(uint8_t byte) { writer->Put(codes[byte], lengths[byte]); }
   // Two codes a write: 2 x 15 bits fit one Put (noise's literals took most
   // of the writing).
-  void SixLiterals(const uint8_t* bytes) {
+  __attribute__((always_inline)) void Literals(const uint8_t* bytes, int count) {
     static_assert(2 * kMaxCodeBits <= 32, "two codes must fit one Put");
-    for (int k = 0; k < 6; k += 2) {
+    int k = 0;
+    for (; k + 2 <= count; k += 2) {
       const uint8_t a = bytes[k], b = bytes[k + 1];
       writer->Put(codes[a] | (uint64_t{codes[b]} << lengths[a]), lengths[a] + lengths[b]);
     }
+    if (k < count) Literal(bytes[k]);
   }
   // The length's code and extra bits, then the distance's code (all zero
   // bits), in one Put: at most 15 + 5 + 5 bits.
