@@ -1082,15 +1082,22 @@ py::array_t<uint16_t> QualityTable(int quality, int bits) {
   return table;
 }
 
-py::tuple RepeatsOf(const py::buffer& data) {
+py::tuple RepeatsOf(const py::buffer& data, bool long_only) {
   const py::buffer_info b = ContiguousBytes(data);
   RepeatCount count;
   {
     py::gil_scoped_release release;
-    count = CountRepeats(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize);
+    count = CountRepeats(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize,
+                         long_only ? kRepeatLongMatch : kRepeatMinMatch);
   }
   return py::make_tuple(py::make_tuple(count.bytes[0], count.matches[0]),
                         py::make_tuple(count.bytes[1], count.matches[1]));
+}
+
+double SequentialDependenceOf(const py::buffer& data) {
+  const py::buffer_info b = ContiguousBytes(data);
+  py::gil_scoped_release release;
+  return SequentialDependence(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize);
 }
 
 // Written straight into the bytes object returned (its size planned first).
@@ -1319,9 +1326,13 @@ PYBIND11_MODULE(_native, m) {
         "(last) or, on a byte boundary, by a block that is not final; ValueError otherwise.");
   m.def("run_deflated_size", &RunDeflatedSizeOf, py::arg("data"), py::arg("last"),
         "len(run_deflate(data, last)), without writing it.");
-  m.def("repeats", &RepeatsOf, py::arg("data"),
+  m.def("repeats", &RepeatsOf, py::arg("data"), py::arg("long_only") = false,
         "((bytes inside, count) of matches of 4-7 bytes, the same of longer ones) of a greedy "
-        "pass over C-contiguous bytes for copies 2 to 32,768 bytes back (xla_ops/repeats.h).");
+        "pass over C-contiguous bytes for copies 2 to 32,768 bytes back (xla_ops/repeats.h); "
+        "long_only: matches under 8 bytes passed over, not counted.");
+  m.def("sequential_dependence", &SequentialDependenceOf, py::arg("data"),
+        "The share of C-contiguous bytes' entropy that the byte before each removes (0-1), on "
+        "a sample of 64 KiB (xla_ops/repeats.h).");
   m.def("ffi_targets", [] {
     py::dict targets;
     targets["jaxjpeg_decode"] = py::capsule(reinterpret_cast<void*>(&JaxjpegDecodeCpu));

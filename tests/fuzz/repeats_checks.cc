@@ -21,7 +21,7 @@ void Expect(bool ok, const char* what, int trial) {
 }
 
 // CountRepeats' pass written plainly: byte by byte, no word loads.
-jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n) {
+jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n, int min_match) {
   jaxjpeg::RepeatCount count;
   if (n < 4) return count;
   std::vector<int64_t> last(1 << 15, -1);
@@ -43,6 +43,11 @@ jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n) {
     }
     int64_t length = 4;
     while (length < 258 && i + length < n && d[candidate + length] == d[i + length]) ++length;
+    if (length < min_match) {   // passed over as a miss
+      const int64_t skip = 1 + (misses++ >> 6);
+      i += skip < 32 ? skip : 32;
+      continue;
+    }
     count.bytes[length >= 8] += length;
     ++count.matches[length >= 8];
     misses = 0;
@@ -67,8 +72,13 @@ int main() {
       const bool repeat = trial % 3 == 1 && i >= period && (i / 1000) % 3 != 0;
       data[i] = repeat ? data[i - period] : static_cast<uint8_t>(rng() % alphabet);
     }
-    const jaxjpeg::RepeatCount got = jaxjpeg::CountRepeats(data.get(), n);
-    const jaxjpeg::RepeatCount want = Reference(data.get(), n);
+    const int min_match = trial % 2 ? jaxjpeg::kRepeatLongMatch : jaxjpeg::kRepeatMinMatch;
+    const jaxjpeg::RepeatCount got = jaxjpeg::CountRepeats(data.get(), n, min_match);
+    const jaxjpeg::RepeatCount want = Reference(data.get(), n, min_match);
+    Expect(min_match == jaxjpeg::kRepeatMinMatch || got.matches[0] == 0,
+           "a short match counted where only long ones are", trial);
+    const double dependence = jaxjpeg::SequentialDependence(data.get(), n);
+    Expect(dependence >= 0.0 && dependence <= 1.0, "dependence outside 0-1", trial);
     for (int kind = 0; kind < 2; ++kind) {
       Expect(got.bytes[kind] == want.bytes[kind] && got.matches[kind] == want.matches[kind],
              "counts differ", trial);
@@ -81,6 +91,7 @@ int main() {
   }
   Expect(matched > 0, "no repeat met in any buffer", -1);
   Expect(jaxjpeg::CountRepeats(nullptr, 100).matches[1] == 0, "a null buffer counted", -1);
+  Expect(jaxjpeg::SequentialDependence(nullptr, 100) == 1.0, "a null buffer's dependence", -1);
   std::printf("repeat checks: %d buffers, %d failures\n", kTrials, failures);
   return failures ? 1 : 0;
 }
