@@ -6,12 +6,14 @@
 // Prints "deflate checks: N buffers, 0 failures" and exits 0 when all hold.
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <random>
 #include <vector>
 
+#include "code_lengths.h"
 #include "deflate_runs.h"
 
 namespace {
@@ -64,8 +66,56 @@ bool Inflates(const std::vector<uint8_t>& stream, const uint8_t* data, int64_t n
 
 }  // namespace
 
+// DeflateCodeLengths with the leaves sorted by std::stable_sort: what its
+// radix sort must give.
+void ReferenceLengths(const uint64_t* counts, int n, int limit, uint8_t* lengths) {
+  jaxjpeg::CodeLeaf leaves[jaxjpeg::kMaxCodeLeaves];
+  int used = 0;
+  for (int s = 0; s < n; ++s) {
+    lengths[s] = 0;
+    if (counts[s] > 0) leaves[used++] = {counts[s], s, 0};
+  }
+  for (int s = 0; used < 2 && s < n; ++s) {
+    if (counts[s] == 0) leaves[used++] = {0, s, 0};
+  }
+  std::stable_sort(leaves, leaves + used, [](const jaxjpeg::CodeLeaf& a,
+                                             const jaxjpeg::CodeLeaf& b) { return a.count < b.count; });
+  int length_counts[jaxjpeg::kMaxCodeLeaves + 1] = {};
+  jaxjpeg::LimitCodeLengths(length_counts, jaxjpeg::TreeLengthCounts(leaves, used, length_counts),
+                            limit);
+  for (int i = used - 1, length = 1; i >= 0; --i) {
+    while (length_counts[length] == 0) ++length;
+    --length_counts[length];
+    lengths[leaves[i].symbol] = static_cast<uint8_t>(length);
+  }
+}
+
+// Code lengths of random counts (ties, a few symbols or all 286, counts past
+// 2^24) against the reference; every code complete within its limit.
+void CheckCodeLengths(std::mt19937_64& rng, int trials) {
+  for (int trial = 0; trial < trials; ++trial) {
+    const int n = trial % 3 == 0 ? 19 : 286;
+    const int limit = n == 19 ? 7 : 15;
+    const uint64_t spread = uint64_t{1} << (rng() % 40);
+    const int used = 1 + static_cast<int>(rng() % n);
+    std::vector<uint64_t> counts(n, 0);
+    for (int k = 0; k < used; ++k) counts[rng() % n] = trial % 2 ? 1 + rng() % 4 : rng() % spread;
+    uint8_t got[jaxjpeg::kMaxCodeLeaves], want[jaxjpeg::kMaxCodeLeaves];
+    jaxjpeg::DeflateCodeLengths(counts.data(), n, limit, got);
+    ReferenceLengths(counts.data(), n, limit, want);
+    Expect(std::equal(got, got + n, want), "code lengths differ from the stable sort's", trial);
+    double kraft = 0.0;
+    for (int s = 0; s < n; ++s) {
+      Expect(got[s] <= limit, "a code over its limit", trial);
+      if (got[s]) kraft += 1.0 / static_cast<double>(uint64_t{1} << got[s]);
+    }
+    Expect(kraft == 1.0, "an incomplete code", trial);
+  }
+}
+
 int main() {
   std::mt19937_64 rng(13);
+  CheckCodeLengths(rng, 3000);
   const int64_t sizes[] = {0,     1,     2,     3,     4,     258,   259,    32767,
                            32768, 32769, 65535, 65536, 65537, 98304, 200003};
   const int kTrials = 600;
