@@ -404,14 +404,11 @@ def _inflate_pieces(stream: memoryview, values: np.ndarray, pieces: Pieces) -> N
         # with the final block (found by review: zlib's streaming inflate
         # took a piece cut inside a block, which a reader of the whole
         # stream refuses).
-        # One-byte values take it in place; wider ones a plane's piece at a
-        # time, scattered after.
+        # It returns the piece's Adler-32. One-byte values take the piece in
+        # place; wider ones through a buffer of the piece's size, written
+        # out a value apart in the pass that sums it (xla_ops/adler32.h).
         into = values[rows(k).start:rows(k).stop, k // per_plane]
-        out = into if planes == 1 else np.empty(len(rows(k)), np.uint8)
-        _native.inflate_piece_into(stream[slice(*bounds[k])], out, k == len(bounds) - 1)
-        if out is not into:
-            into[:] = out
-        return zlib.adler32(out)
+        return _native.inflate_piece_into(stream[slice(*bounds[k])], into, k == len(bounds) - 1)
 
     checksums = _at_once(inflate, len(bounds))
     checksum = zlib.adler32(b"")

@@ -842,21 +842,31 @@ def test_long_planes_are_deflated_in_pieces_any_inflater_reads_whole(monkeypatch
 
 
 def test_a_piece_inflates_only_into_its_own_writable_bytes():
+    """Into C-contiguous bytes, or a byte plane of wider values (bytes a
+    positive stride apart), returning their Adler-32; nothing else."""
     from jaxjpeg import _native
 
     data = np.arange(5000, dtype=np.uint8) % 7
     stream = _native.run_deflate(data, True)
     out = np.empty(data.size, np.uint8)
-    _native.inflate_piece_into(stream, out, True)
+    assert _native.inflate_piece_into(stream, out, True) == zlib.adler32(data.tobytes())
     np.testing.assert_array_equal(out, data)
+    values = np.zeros((data.size, 4), np.uint8)   # plane 2 of 4-byte values
+    assert _native.inflate_piece_into(stream, values[:, 2], True) == zlib.adler32(data.tobytes())
+    np.testing.assert_array_equal(values[:, 2], data)
+    assert not values[:, [0, 1, 3]].any()
     read_only = np.empty(data.size, np.uint8)
     read_only.flags.writeable = False
     buffer = np.zeros(2 * len(stream) + data.size, np.uint8)
     buffer[:len(stream)] = np.frombuffer(stream, np.uint8)
+    spread = np.zeros(4 * data.size + len(stream), np.uint8)   # data inside the plane's span
+    spread[1:1 + len(stream)] = np.frombuffer(stream, np.uint8)
     for target, source, words in ((read_only, stream, "read-only|not writable"),
                                   (buffer[len(stream) // 2:][:data.size], buffer[:len(stream)],
                                    "overlaps"),
-                                  (out[::2], stream, "contiguous"),
+                                  (spread[::4][:data.size], spread[1:1 + len(stream)], "overlaps"),
+                                  (out[::-1], stream, "positive stride"),
+                                  (values.T[:, :2], stream, "contiguous"),
                                   (np.empty(data.size + 1, np.uint8), stream, "does not inflate")):
         with pytest.raises(ValueError, match=words):
             _native.inflate_piece_into(source, target, True)

@@ -754,7 +754,8 @@ def test_inflater_under_sanitizers(tmp_path):
     the final block or a sync flush) and 20,000 mutations of them
     (tests/fuzz/inflate_checks.cc): no read or write past a buffer; every
     stream inflates back; it takes exactly the streams zlib's inflate takes
-    as such a piece, with zlib's bytes."""
+    as such a piece, with zlib's bytes; Adler-32s (xla_ops/adler32.h) are
+    zlib's, alone and written out a stride apart."""
     out = _sanitized_run(tmp_path, "inflate_checks.cc", "inflate.cc", "deflate_runs.cc",
                          "code_lengths.cc", libraries=("z",))
     assert "inflate checks: 500 streams, 20000 mutations, 0 failures" in out

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "adler32.h"
 #include "cpu_executor.h"
 #include "crc32c.h"
 #include "decode_kernel.h"
@@ -1123,22 +1124,59 @@ py::bytes RunDeflateOf(const py::buffer& data, bool last) {
 
 // A plane piece's raw deflate stream inflated into `out` (writable,
 // C-contiguous; its size the piece's: see InflatePiece).
-void InflatePieceInto(const py::buffer& data, const py::buffer& out, bool last) {
-  const py::buffer_info b = ContiguousBytes(data);
-  const py::buffer_info o = Contiguous(out.request(/*writable=*/true));
+// Where inflate_piece_into writes: `bytes` bytes `stride` apart from `data`.
+struct PieceOutput {
+  uint8_t* data;
+  int64_t bytes;
+  int64_t stride;
+};
+
+// A writable C-contiguous buffer (its bytes one apart), or a 1-D view of
+// bytes a positive stride apart (a byte plane of wider values).
+PieceOutput PieceOutputOf(const py::buffer& out) {
+  py::buffer_info o = out.request(/*writable=*/true);
   if (o.readonly) throw py::value_error("inflate_piece_into: out is read-only");
-  if (Overlaps(b.ptr, b.size * b.itemsize, o.ptr, o.size * o.itemsize)) {
+  if (o.ndim == 1 && o.itemsize == 1 && o.shape[0] > 1 && o.strides[0] != 1) {
+    if (o.strides[0] < 1) {
+      throw py::value_error("inflate_piece_into: out must be C-contiguous or bytes a positive "
+                            "stride apart");
+    }
+    return {static_cast<uint8_t*>(o.ptr), o.shape[0], o.strides[0]};
+  }
+  const py::buffer_info c = Contiguous(std::move(o));
+  return {static_cast<uint8_t*>(c.ptr), c.size * c.itemsize, 1};
+}
+
+// A piece inflated into `out`, its bytes' Adler-32 returned. Strided, it is
+// inflated into a buffer of its own, then written out with its Adler-32 in
+// one pass.
+uint32_t InflatePieceInto(const py::buffer& data, const py::buffer& out, bool last) {
+  const py::buffer_info b = ContiguousBytes(data);
+  const PieceOutput o = PieceOutputOf(out);
+  const int64_t span = o.bytes > 0 ? (o.bytes - 1) * o.stride + 1 : 0;
+  if (Overlaps(b.ptr, b.size * b.itemsize, o.data, span)) {
     throw py::value_error("inflate_piece_into: out overlaps data");
   }
+  const auto* in = static_cast<const uint8_t*>(b.ptr);
   InflateStatus status;
+  uint32_t adler = 1;
   {
     py::gil_scoped_release release;
-    status = InflatePiece(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize,
-                          static_cast<uint8_t*>(o.ptr), o.size * o.itemsize, last);
+    if (o.stride == 1) {
+      status = InflatePiece(in, b.size * b.itemsize, o.data, o.bytes, last);
+      if (status == InflateStatus::kOk) adler = Adler32(1, o.data, o.bytes);
+    } else {
+      std::unique_ptr<uint8_t[]> piece(new uint8_t[static_cast<size_t>(o.bytes)]);
+      status = InflatePiece(in, b.size * b.itemsize, piece.get(), o.bytes, last);
+      if (status == InflateStatus::kOk) {
+        adler = ScatterAdler32(1, piece.get(), o.bytes, o.data, o.stride);
+      }
+    }
   }
   if (status != InflateStatus::kOk) {
     throw py::value_error(std::string("does not inflate (") + InflateStatusText(status) + ")");
   }
+  return adler;
 }
 
 int64_t RunDeflatedSizeOf(const py::buffer& data, bool last) {
@@ -1322,8 +1360,9 @@ PYBIND11_MODULE(_native, m) {
         "ended on a byte boundary by a sync flush unless last (xla_ops/deflate_runs.h).");
   m.def("inflate_piece_into", &InflatePieceInto, py::arg("data"), py::arg("out"),
         py::arg("last"),
-        "A raw deflate stream inflated into exactly out's bytes, ended by its final block "
-        "(last) or, on a byte boundary, by a block that is not final; ValueError otherwise.");
+        "A raw deflate stream inflated into exactly out's bytes (C-contiguous, or a 1-D view of "
+        "bytes a positive stride apart), ended by its final block (last) or, on a byte "
+        "boundary, by a block that is not final; their Adler-32. ValueError otherwise.");
   m.def("run_deflated_size", &RunDeflatedSizeOf, py::arg("data"), py::arg("last"),
         "len(run_deflate(data, last)), without writing it.");
   m.def("repeats", &RepeatsOf, py::arg("data"), py::arg("long_only") = false,

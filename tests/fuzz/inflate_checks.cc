@@ -6,7 +6,9 @@
 // it (bit flips, cuts, inserted and overwritten bytes) are inflated from a
 // heap buffer of exactly their size (AddressSanitizer sees any read past
 // it) and by zlib: the two must accept the same streams, with the same
-// bytes. Prints "inflate checks: N streams, M mutations, 0 failures".
+// bytes. Each buffer's Adler-32 (xla_ops/adler32.h), alone and written out
+// a stride apart, must be zlib's. Prints "inflate checks: N streams, M
+// mutations, 0 failures".
 #include <zlib.h>
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <random>
 #include <vector>
 
+#include "adler32.h"
 #include "deflate_runs.h"
 #include "inflate.h"
 
@@ -140,6 +143,18 @@ int main() {
            trial);
     Expect(ZlibAccepts(stream, n, last, &theirs) && theirs == data, "zlib refused a stream",
            trial);
+    const uint32_t adler = static_cast<uint32_t>(adler32(1, data.data(), static_cast<uInt>(n)));
+    Expect(jaxjpeg::Adler32(1, data.data(), n) == adler, "another Adler-32 than zlib's", trial);
+    const int64_t stride = 1 + trial % 5;
+    std::unique_ptr<uint8_t[]> spread(new uint8_t[static_cast<size_t>(n * stride + 1)]);
+    Expect(jaxjpeg::ScatterAdler32(1, data.data(), n, spread.get(), stride) == adler,
+           "another Adler-32 than zlib's, written out", trial);
+    for (int64_t k = 0; k < n; ++k) {
+      if (spread[k * stride] != data[k]) {
+        Expect(false, "a byte written out elsewhere", trial);
+        break;
+      }
+    }
     Expect(!OursAccepts(stream, n + 1, last, &ours), "a short stream was taken", trial);
     if (n > 0) Expect(!OursAccepts(stream, n - 1, last, &ours), "a long stream was taken", trial);
     for (int m = 0; m < 40; ++m, ++mutations) {
@@ -150,6 +165,13 @@ int main() {
              trial);
       if (ours_ok && zlib_ok) Expect(ours == theirs, "other bytes than zlib's", trial);
     }
+  }
+  // The sums' largest: every byte 255, runs of kAdlerRun and past them.
+  for (const int64_t n : {jaxjpeg::kAdlerRun - 1, jaxjpeg::kAdlerRun, 3 * jaxjpeg::kAdlerRun + 7}) {
+    const std::vector<uint8_t> full(static_cast<size_t>(n), 255);
+    Expect(jaxjpeg::Adler32(1, full.data(), n) ==
+               static_cast<uint32_t>(adler32(1, full.data(), static_cast<uInt>(n))),
+           "another Adler-32 than zlib's over bytes of 255", -1);
   }
   // Null buffers of no bytes: an empty stored block, an empty fixed block.
   const uint8_t empty_stored[] = {0x01, 0x00, 0x00, 0xFF, 0xFF}, empty_fixed[] = {0x03, 0x00};
