@@ -179,19 +179,19 @@ _MATCH_CODE_BYTES = 3   # a match's length and distance codes, about
 # run-coded 0.33, saved nothing at 3 bytes a match).
 _SHORT_MATCHES_SHARE = 1 / 4
 _TRIAL_BYTES = 1 << 16   # twice the farthest back a match reaches
-# Skewed bytes independent of each other (a float's exponent plane, 4-bit
-# codes held in int8) repeat 4-7 bytes by chance all over (92% of an Adam
-# moment's exponent plane); their codes already price those bytes, so
-# copying them cannot pay (zlib's fastest level took 1.17-1.30x their run
-# coding). Counting them and the trial took 35% of a training state's
-# moments' exact sizes (4-bit codes: 12.3 ms a 2 MiB plane, long matches
-# alone 0.26 ms). Planes run-coded under _CHANCE_SHARE (noise is not
-# skewed: none of its chance repeats), where knowing the byte before
-# removes under _DEPENDENT of a byte's entropy (sequential_dependence on 64
-# KiB: i.i.d. 4-bit codes 0.001, exponent planes 0.001-0.03, rows of a
-# random walk in int8 0.90), count their long matches only.
+# Skewed bytes (a float's exponent plane, 4-bit codes held in int8) repeat
+# 4-7 bytes by chance all over (92% of an Adam moment's exponent plane): the
+# matcher meets one every 4-5 bytes, at a tenth of its pace on noise
+# (4-bit codes: 12.3 ms a 2 MiB plane, long matches alone 0.26 ms). Planes
+# run-coded under _CHANCE_SHARE of their bytes, from _SHORTS_SAMPLED_FROM
+# bytes on, have their short matches counted on the trial's piece (where
+# the trial reads whether they pay) and their long ones over the whole
+# plane (copied stretches anywhere). Short motifs repeating can pay while
+# no byte tells the next (200 motifs of 5 codes of 12 values: level 6 0.37
+# of the bytes, run-coded 0.46): whether a byte depends on the one before
+# cannot stand in for the count.
 _CHANCE_SHARE = 3 / 4
-_DEPENDENT = 1 / 10
+_SHORTS_SAMPLED_FROM = 4 * _TRIAL_BYTES
 # Huffman codes take a bit a byte at least: where a plane took under this
 # share, level 6's short matches may win (a 0 / -1e9 mask's planes; a table
 # of sines' exponents: 0.20 run-coded, 0.10 at level 6: review); zlib's
@@ -270,20 +270,23 @@ def _repeats_pay(plane: np.ndarray, run_coded_bytes: int) -> bool:
     less about 3 bytes a match, short matches and long ones apart (found by
     review: counting 8 bytes or more, it missed smooth int8 rows' 3-7 byte
     repeats, 1.7x level 6's bytes); where short ones are many, zlib's
-    fastest level on a piece decides (_SHORT_MATCHES_SHARE). Skewed bytes
-    that hardly depend on the byte before (_CHANCE_SHARE, _DEPENDENT) have
-    only their long matches counted, and no trial."""
+    fastest level on a piece decides (_SHORT_MATCHES_SHARE). On skewed
+    planes (_CHANCE_SHARE) short matches are counted on that piece."""
     share = run_coded_bytes / max(1, plane.size)
-    chance = share < _CHANCE_SHARE and _native.sequential_dependence(plane) < _DEPENDENT
-    counts = _native.repeats(plane, long_only=chance)   # (short matches, long ones)
+    middle = max(0, (plane.size - _TRIAL_BYTES) // 2)
+    piece = plane[middle:middle + _TRIAL_BYTES]
+    if share < _CHANCE_SHARE and plane.size >= _SHORTS_SAMPLED_FROM:
+        (short, shorts), _ = _native.repeats(piece)
+        scale = plane.size / piece.size
+        counts = ((short * scale, shorts * scale), _native.repeats(plane, long_only=True)[1])
+    else:
+        counts = _native.repeats(plane)   # (short matches, long ones)
     saving = sum(max(0.0, matched * share - _MATCH_CODE_BYTES * matches)
                  for matched, matches in counts)
     if saving > _MATCHING_PAYS * run_coded_bytes:
         return True
-    if chance or counts[0][0] < _SHORT_MATCHES_SHARE * plane.size:
+    if counts[0][0] < _SHORT_MATCHES_SHARE * plane.size:
         return False
-    middle = max(0, (plane.size - _TRIAL_BYTES) // 2)
-    piece = plane[middle:middle + _TRIAL_BYTES]
     return (len(_raw_deflate(piece, zlib.Z_DEFAULT_STRATEGY, 1))
             < (1 - _MATCHING_PAYS) * _native.run_deflated_size(piece, True))
 

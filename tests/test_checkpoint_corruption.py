@@ -992,40 +992,37 @@ def test_repeats_are_counted_past_runs_and_within_the_window():
         _native.repeats(noise[::2])
 
 
-def test_chance_repeats_of_independent_bytes_leave_long_ones_counted():
-    """Skewed bytes independent of each other (4-bit codes held in int8, a
-    float's exponent plane) repeat 4-7 bytes by chance all over; there only
-    long matches are counted, and no trial is run (layout._CHANCE_SHARE,
-    _DEPENDENT). A copied stretch is still found and matched."""
+def test_skewed_planes_count_short_repeats_on_a_piece():
+    """Skewed bytes (4-bit codes held in int8, a float's exponent plane)
+    repeat 4-7 bytes by chance all over: their short matches are counted on
+    the trial's piece, their long ones over the whole plane (layout.
+    _CHANCE_SHARE). Short motifs that pay are still matched (200 motifs of
+    5 codes: the dependence of a byte on the one before, 0.02, once gated
+    this, and their planes were run-coded at 1.25x level 6's bytes), and so
+    are copied stretches."""
     from jaxjpeg import _native
 
     rng = np.random.default_rng(6)
     codes = rng.integers(-8, 8, 1 << 20).astype(np.int8).view(np.uint8)
-    exponents = rng.normal(0, 0.02, 1 << 18).astype("<f4").view(np.uint8)[3::4].copy()
-    walk = np.clip(np.round(np.cumsum(rng.normal(0, 1, 1 << 20)) * 0.3) % 200 - 100,
-                   -127, 127).astype(np.int8).view(np.uint8)
-    assert _native.sequential_dependence(codes) < 0.02
-    assert _native.sequential_dependence(exponents) < 0.1
-    assert _native.sequential_dependence(walk) > 0.5
-    assert _native.sequential_dependence(np.zeros(1000, np.uint8)) == 1.0
-    assert _native.sequential_dependence(np.zeros(1, np.uint8)) == 1.0
     (short, shorts), _ = _native.repeats(codes)
     assert short > 0.4 * codes.size   # chance repeats, by the full count
     assert _native.repeats(codes, long_only=True)[0] == (0, 0)
     run = _native.run_deflated_size(codes, False)
     assert not layout._repeats_pay(codes, run)
-    assert len(layout.deflate_planes(codes.view(np.int8))) <= 1.002 * run + 64
 
+    motifs = rng.integers(0, 12, (200, 5)).astype(np.int8)
     copied = codes.copy()   # every other 20,000 bytes repeat the 20,000 before
     for at in range(20_000, copied.size - 20_000, 40_000):
         copied[at:at + 20_000] = copied[at - 20_000:at]
     (long_bytes, longs) = _native.repeats(copied, long_only=True)[1]
     assert long_bytes > 0.4 * copied.size and 8 * longs <= long_bytes
-    assert layout._repeats_pay(copied, _native.run_deflated_size(copied, False))
-    values = copied.view(np.int8)
-    data = layout.deflate_planes(values)
-    assert len(data) <= 1.002 * len(_planes_at_level(values)) + 32
-    np.testing.assert_array_equal(layout.inflate_planes(data, values.dtype, values.size), values)
+    for values in (motifs[rng.integers(0, 200, 1 << 18)].reshape(-1), copied.view(np.int8)):
+        plane = values.view(np.uint8)
+        assert layout._repeats_pay(plane, _native.run_deflated_size(plane, False))
+        data = layout.deflate_planes(values)
+        assert len(data) <= 1.002 * len(_planes_at_level(values)) + 32
+        np.testing.assert_array_equal(layout.inflate_planes(data, values.dtype, values.size),
+                                      values)
 
 
 @pytest.mark.parametrize("kind", ["smooth", "random"])

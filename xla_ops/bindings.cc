@@ -1095,12 +1095,6 @@ py::tuple RepeatsOf(const py::buffer& data, bool long_only) {
                         py::make_tuple(count.bytes[1], count.matches[1]));
 }
 
-double SequentialDependenceOf(const py::buffer& data) {
-  const py::buffer_info b = ContiguousBytes(data);
-  py::gil_scoped_release release;
-  return SequentialDependence(static_cast<const uint8_t*>(b.ptr), b.size * b.itemsize);
-}
-
 // Written straight into the bytes object returned (its size planned first).
 py::bytes RunDeflateOf(const py::buffer& data, bool last) {
   const py::buffer_info b = ContiguousBytes(data);
@@ -1369,9 +1363,6 @@ PYBIND11_MODULE(_native, m) {
         "((bytes inside, count) of matches of 4-7 bytes, the same of longer ones) of a greedy "
         "pass over C-contiguous bytes for copies 2 to 32,768 bytes back (xla_ops/repeats.h); "
         "long_only: matches under 8 bytes passed over, not counted.");
-  m.def("sequential_dependence", &SequentialDependenceOf, py::arg("data"),
-        "The share of C-contiguous bytes' entropy that the byte before each removes (0-1), on "
-        "a sample of 64 KiB (xla_ops/repeats.h).");
   m.def("ffi_targets", [] {
     py::dict targets;
     targets["jaxjpeg_decode"] = py::capsule(reinterpret_cast<void*>(&JaxjpegDecodeCpu));

@@ -1,7 +1,6 @@
 #include "repeats.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -64,47 +63,6 @@ RepeatCount CountRepeats(const uint8_t* data, int64_t n, int min_match) {
     i += length;
   }
   return count;
-}
-
-namespace {
-
-constexpr int kDependenceWindows = 4;
-
-// Sum of c log2 c over `counts`.
-template <typename Count>
-double CountLogCount(const Count* counts, int n) {
-  double sum = 0.0;
-  for (int i = 0; i < n; ++i) {
-    if (counts[i] > 1) sum += static_cast<double>(counts[i]) * std::log2(counts[i]);
-  }
-  return sum;
-}
-
-}  // namespace
-
-double SequentialDependence(const uint8_t* data, int64_t n) {
-  if (data == nullptr || n < 2) return 1.0;
-  // kDependenceWindows windows spread over data (all of it where small)
-  const bool whole = n <= kDependenceSample;
-  const int windows = whole ? 1 : kDependenceWindows;
-  const int64_t length = whole ? n : kDependenceSample / kDependenceWindows;
-  std::vector<uint32_t> pairs(size_t{1} << 16, 0);
-  uint32_t firsts[256] = {};
-  int64_t total = 0;
-  for (int w = 0; w < windows; ++w) {
-    const int64_t start = windows == 1 ? 0 : (n - length) / (windows - 1) * w;
-    for (int64_t i = start + 1; i < start + length; ++i) {
-      ++pairs[data[i - 1] << 8 | data[i]];
-      ++firsts[data[i - 1]];
-      ++total;
-    }
-  }
-  // H(X) = log2 N - Σ c log2 c / N; H(Y | X) = H(X, Y) - H(X)
-  const double log_total = std::log2(static_cast<double>(total));
-  const double order0 = log_total - CountLogCount(firsts, 256) / total;
-  const double joint = log_total - CountLogCount(pairs.data(), 1 << 16) / total;
-  if (order0 <= 0.0) return 1.0;
-  return std::clamp(1.0 - (joint - order0) / order0, 0.0, 1.0);
 }
 
 }  // namespace jaxjpeg

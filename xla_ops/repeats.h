@@ -31,13 +31,6 @@ struct RepeatCount {
 // only long ones counted.
 RepeatCount CountRepeats(const uint8_t* data, int64_t n, int min_match = kRepeatMinMatch);
 
-// How much a byte depends on the byte before it, on up to
-// kDependenceSample bytes spread over `data`: the share of their entropy
-// (order 0) that knowing the byte before removes, 0 (independent) to 1; 1
-// where their entropy is 0. Chance repeats in skewed bytes come with 0.
-double SequentialDependence(const uint8_t* data, int64_t n);
-
-constexpr int64_t kDependenceSample = int64_t{1} << 16;
 
 }  // namespace jaxjpeg
 

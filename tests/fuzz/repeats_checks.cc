@@ -77,8 +77,6 @@ int main() {
     const jaxjpeg::RepeatCount want = Reference(data.get(), n, min_match);
     Expect(min_match == jaxjpeg::kRepeatMinMatch || got.matches[0] == 0,
            "a short match counted where only long ones are", trial);
-    const double dependence = jaxjpeg::SequentialDependence(data.get(), n);
-    Expect(dependence >= 0.0 && dependence <= 1.0, "dependence outside 0-1", trial);
     for (int kind = 0; kind < 2; ++kind) {
       Expect(got.bytes[kind] == want.bytes[kind] && got.matches[kind] == want.matches[kind],
              "counts differ", trial);
@@ -91,7 +89,6 @@ int main() {
   }
   Expect(matched > 0, "no repeat met in any buffer", -1);
   Expect(jaxjpeg::CountRepeats(nullptr, 100).matches[1] == 0, "a null buffer counted", -1);
-  Expect(jaxjpeg::SequentialDependence(nullptr, 100) == 1.0, "a null buffer's dependence", -1);
   std::printf("repeat checks: %d buffers, %d failures\n", kTrials, failures);
   return failures ? 1 : 0;
 }
