@@ -52,8 +52,8 @@ RepeatCount CountRepeats(const uint8_t* data, int64_t n, int min_match) {
            data[candidate + length] == data[i + length]) {
       ++length;
     }
-    if (length < min_match) {
-      i += std::min<int64_t>(1 + (misses++ >> 6), kLongestSkip);
+    if (length < min_match) {   // passed over, counted as a miss
+      i += length + std::min<int64_t>(misses++ >> 6, kLongestSkip - 1);
       continue;
     }
     const int kind = length >= kRepeatLongMatch;

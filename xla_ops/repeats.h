@@ -27,8 +27,9 @@ struct RepeatCount {
 // deflate's longest) and counted, and the scan goes on past it; after every
 // 64 misses in a row one more position is skipped (up to 31). Runs of one
 // byte are left out (distance 1, or 4 equal bytes): Z_RLE codes them too.
-// `min_match` kRepeatLongMatch: shorter matches are passed over as misses,
-// only long ones counted.
+// `min_match` kRepeatLongMatch: only long matches counted; a shorter one is
+// passed over as a miss (skipped past, and the skips grow: skewed bytes
+// repeat 4-7 bytes by chance every few bytes).
 RepeatCount CountRepeats(const uint8_t* data, int64_t n, int min_match = kRepeatMinMatch);
 
 

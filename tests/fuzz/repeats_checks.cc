@@ -43,9 +43,9 @@ jaxjpeg::RepeatCount Reference(const uint8_t* d, int64_t n, int min_match) {
     }
     int64_t length = 4;
     while (length < 258 && i + length < n && d[candidate + length] == d[i + length]) ++length;
-    if (length < min_match) {   // passed over as a miss
-      const int64_t skip = 1 + (misses++ >> 6);
-      i += skip < 32 ? skip : 32;
+    if (length < min_match) {   // passed over, counted as a miss
+      const int64_t skip = misses++ >> 6;
+      i += length + (skip < 31 ? skip : 31);
       continue;
     }
     count.bytes[length >= 8] += length;
