@@ -181,15 +181,15 @@ _SHORT_MATCHES_SHARE = 1 / 4
 _TRIAL_BYTES = 1 << 16   # twice the farthest back a match reaches
 # Skewed bytes (a float's exponent plane, 4-bit codes held in int8) repeat
 # 4-7 bytes by chance all over (92% of an Adam moment's exponent plane): the
-# matcher meets one every 4-5 bytes, at a tenth of its pace on noise
-# (4-bit codes: 12.3 ms a 2 MiB plane, long matches alone 0.26 ms). Planes
+# matcher meets one every 4-5 bytes, at a tenth of its pace on noise. Planes
 # run-coded under _CHANCE_SHARE of their bytes, from _SHORTS_SAMPLED_FROM
 # bytes on, have their short matches counted on the trial's piece (where
 # the trial reads whether they pay) and their long ones over the whole
-# plane (copied stretches anywhere). Short motifs repeating can pay while
-# no byte tells the next (200 motifs of 5 codes of 12 values: level 6 0.37
-# of the bytes, run-coded 0.46): whether a byte depends on the one before
-# cannot stand in for the count.
+# plane, short ones passed over as misses (copied stretches anywhere): 2
+# MiB of 4-bit codes 14 -> 0.3 ms, an Adam state's 60 exponent planes 77 ->
+# 44 ms. Whether a byte depends on the one before cannot stand in for the
+# short count: short motifs can pay while no byte tells the next (200
+# motifs of 5 codes of 12 values: level 6 0.37 of the bytes, run-coded 0.46).
 _CHANCE_SHARE = 3 / 4
 _SHORTS_SAMPLED_FROM = 4 * _TRIAL_BYTES
 # Huffman codes take a bit a byte at least: where a plane took under this
