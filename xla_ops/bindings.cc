@@ -1116,8 +1116,6 @@ py::bytes RunDeflateOf(const py::buffer& data, bool last) {
   return out;
 }
 
-// A plane piece's raw deflate stream inflated into `out` (writable,
-// C-contiguous; its size the piece's: see InflatePiece).
 // Where inflate_piece_into writes: `bytes` bytes `stride` apart from `data`.
 struct PieceOutput {
   uint8_t* data;
@@ -1141,7 +1139,8 @@ PieceOutput PieceOutputOf(const py::buffer& out) {
   return {static_cast<uint8_t*>(c.ptr), c.size * c.itemsize, 1};
 }
 
-// A piece inflated into `out`, its bytes' Adler-32 returned. Strided, it is
+// A plane piece's raw deflate stream inflated into `out` (its size the
+// piece's: see InflatePiece), its bytes' Adler-32 returned. Strided, it is
 // inflated into a buffer of its own, then written out with its Adler-32 in
 // one pass.
 uint32_t InflatePieceInto(const py::buffer& data, const py::buffer& out, bool last) {

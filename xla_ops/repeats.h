@@ -32,7 +32,6 @@ struct RepeatCount {
 // repeat 4-7 bytes by chance every few bytes).
 RepeatCount CountRepeats(const uint8_t* data, int64_t n, int min_match = kRepeatMinMatch);
 
-
 }  // namespace jaxjpeg
 
 #endif  // JAXJPEG_REPEATS_H_
