@@ -786,8 +786,8 @@ def test_run_deflater_under_sanitizers(tmp_path):
     buffers of noise, few values, runs and pieces of each, sizes about its
     chunks and stored blocks (tests/fuzz/deflate_runs_checks.cc): no read or
     write past a buffer, the size counted the size written, zlib's inflate
-    gives every buffer back; 3,000 count vectors' code lengths are a stable
-    sort's, complete and within their limit."""
+    gives every buffer back; 3,000 count vectors' leaves sorted as a stable
+    sort sorts them, their code lengths complete and within their limit."""
     out = _sanitized_run(tmp_path, "deflate_runs_checks.cc", "deflate_runs.cc",
                          "code_lengths.cc", libraries=("z",))
     assert "deflate checks: 600 buffers, 0 failures" in out

@@ -59,11 +59,9 @@ constexpr int kDigitBits = 8;
 constexpr int kRadixPasses = 3;   // counts under 2^24: every chunk's, most blocks'
 constexpr int kFewLeaves = 48;    // std::stable_sort beats a radix pass's 256 buckets
 
-// `leaves` sorted by count, stably: a least-significant-digit radix sort
-// where they are many and their counts fit kRadixPasses digits (a deflate
-// block's cost builds two codes a 32 KiB chunk; on noise, std::stable_sort
-// took a quarter of it), else std::stable_sort.
-void SortByCount(CodeLeaf* leaves, int n) {
+}  // namespace
+
+void SortLeavesByCount(CodeLeaf* leaves, int n) {
   uint64_t largest = 0;
   for (int i = 0; i < n; ++i) largest = std::max(largest, leaves[i].count);
   if (n <= kFewLeaves || largest >> (kDigitBits * kRadixPasses)) {
@@ -84,8 +82,6 @@ void SortByCount(CodeLeaf* leaves, int n) {
   if (from != leaves) std::copy(from, from + n, leaves);
 }
 
-}  // namespace
-
 void DeflateCodeLengths(const uint64_t* counts, int n, int limit, uint8_t* lengths) {
   CodeLeaf leaves[kMaxCodeLeaves];
   int used = 0;
@@ -96,7 +92,7 @@ void DeflateCodeLengths(const uint64_t* counts, int n, int limit, uint8_t* lengt
   for (int symbol = 0; used < 2 && symbol < n; ++symbol) {
     if (counts[symbol] == 0) leaves[used++] = {0, symbol, 0};
   }
-  SortByCount(leaves, used);
+  SortLeavesByCount(leaves, used);
   int length_counts[kMaxCodeLeaves + 1] = {};
   LimitCodeLengths(length_counts, TreeLengthCounts(leaves, used, length_counts), limit);
   // The limited lengths, shortest first, to the leaves most counted first.

@@ -59,7 +59,6 @@ const LengthCodes& RunLengthCodes() {
   return codes;
 }
 
-
 // What a block's bits depend on.
 struct Histogram {
   uint64_t count[kLiteralLengthSymbols] = {};  // the end of block counted once

@@ -66,32 +66,9 @@ bool Inflates(const std::vector<uint8_t>& stream, const uint8_t* data, int64_t n
 
 }  // namespace
 
-// DeflateCodeLengths with the leaves sorted by std::stable_sort: what its
-// radix sort must give.
-void ReferenceLengths(const uint64_t* counts, int n, int limit, uint8_t* lengths) {
-  jaxjpeg::CodeLeaf leaves[jaxjpeg::kMaxCodeLeaves];
-  int used = 0;
-  for (int s = 0; s < n; ++s) {
-    lengths[s] = 0;
-    if (counts[s] > 0) leaves[used++] = {counts[s], s, 0};
-  }
-  for (int s = 0; used < 2 && s < n; ++s) {
-    if (counts[s] == 0) leaves[used++] = {0, s, 0};
-  }
-  std::stable_sort(leaves, leaves + used, [](const jaxjpeg::CodeLeaf& a,
-                                             const jaxjpeg::CodeLeaf& b) { return a.count < b.count; });
-  int length_counts[jaxjpeg::kMaxCodeLeaves + 1] = {};
-  jaxjpeg::LimitCodeLengths(length_counts, jaxjpeg::TreeLengthCounts(leaves, used, length_counts),
-                            limit);
-  for (int i = used - 1, length = 1; i >= 0; --i) {
-    while (length_counts[length] == 0) ++length;
-    --length_counts[length];
-    lengths[leaves[i].symbol] = static_cast<uint8_t>(length);
-  }
-}
-
-// Code lengths of random counts (ties, a few symbols or all 286, counts past
-// 2^24) against the reference; every code complete within its limit.
+// Random leaf counts (ties, 19 or 286 leaves, counts past 2^24) sorted as
+// std::stable_sort sorts them; deflate code lengths of such counts complete
+// and within their limit.
 void CheckCodeLengths(std::mt19937_64& rng, int trials) {
   for (int trial = 0; trial < trials; ++trial) {
     const int n = trial % 3 == 0 ? 19 : 286;
@@ -100,14 +77,27 @@ void CheckCodeLengths(std::mt19937_64& rng, int trials) {
     const int used = 1 + static_cast<int>(rng() % n);
     std::vector<uint64_t> counts(n, 0);
     for (int k = 0; k < used; ++k) counts[rng() % n] = trial % 2 ? 1 + rng() % 4 : rng() % spread;
-    uint8_t got[jaxjpeg::kMaxCodeLeaves], want[jaxjpeg::kMaxCodeLeaves];
-    jaxjpeg::DeflateCodeLengths(counts.data(), n, limit, got);
-    ReferenceLengths(counts.data(), n, limit, want);
-    Expect(std::equal(got, got + n, want), "code lengths differ from the stable sort's", trial);
+    std::vector<jaxjpeg::CodeLeaf> got, want;
+    for (int s = 0; s < n; ++s) {
+      if (counts[s] > 0) got.push_back({counts[s], s, 0});
+    }
+    want = got;
+    jaxjpeg::SortLeavesByCount(got.data(), static_cast<int>(got.size()));
+    std::stable_sort(want.begin(), want.end(), [](const jaxjpeg::CodeLeaf& a,
+                                                  const jaxjpeg::CodeLeaf& b) {
+      return a.count < b.count;
+    });
+    Expect(std::equal(got.begin(), got.end(), want.begin(),
+                      [](const jaxjpeg::CodeLeaf& a, const jaxjpeg::CodeLeaf& b) {
+                        return a.count == b.count && a.symbol == b.symbol;
+                      }),
+           "leaves sorted otherwise than by a stable sort", trial);
+    uint8_t lengths[jaxjpeg::kMaxCodeLeaves];
+    jaxjpeg::DeflateCodeLengths(counts.data(), n, limit, lengths);
     double kraft = 0.0;
     for (int s = 0; s < n; ++s) {
-      Expect(got[s] <= limit, "a code over its limit", trial);
-      if (got[s]) kraft += 1.0 / static_cast<double>(uint64_t{1} << got[s]);
+      Expect(lengths[s] <= limit, "a code over its limit", trial);
+      if (lengths[s]) kraft += 1.0 / static_cast<double>(uint64_t{1} << lengths[s]);
     }
     Expect(kraft == 1.0, "an incomplete code", trial);
   }
