@@ -97,8 +97,12 @@ class StepLimits:
 
 # Codes a step: encode and decode hold a chunk's temporaries, not a leaf's
 # (a 64 MB leaf took 1.9 GB to code whole). A multiple of 8, so a chunk's
-# signs and k-bit remainders end on a byte.
-_CHUNK = 1 << 18
+# signs and k-bit remainders end on a byte. At 2^18 the temporaries of two
+# chunks a thread (float64 values, int64 codes) were 14 MiB of a 1 GB
+# tree's peak at target_ratio=3.
+_CHUNK = 1 << 16
+# A Ladder's chunks: all held at once, counted at each of its steps.
+_LADDER_CHUNK = 1 << 18
 _SAMPLE = 1 << 16   # codes a large leaf's center and Rice parameter come from
 _DECODE_CHUNK = 1 << 16   # codes a decoding step holds
 
@@ -433,8 +437,8 @@ class Ladder:
         how = VectorStep(1.0, domain, offset)
         self.size, self.domain, self.offset = flat.size, domain, offset
         self.sample = _transformed(sampled(flat), how)
-        self.chunks = [_transformed(flat[start:start + _CHUNK], how)
-                       for start in range(0, flat.size, _CHUNK)]
+        self.chunks = [_transformed(flat[start:start + _LADDER_CHUNK], how)
+                       for start in range(0, flat.size, _LADDER_CHUNK)]
         self.middle = None if self.sample is None else _middle_order(*self.sample[::2])
 
     def counted(self, step: float) -> tuple[Counted, dict] | None:

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxjpeg import _native, analysis, codec, mapping, rate, views
+from jaxjpeg import _native, analysis, checkpoint, codec, mapping, rate, views
 
 
 def _laplace(shape, seed=0):
@@ -311,3 +311,15 @@ def test_importance_broadcast_over_a_kernel_is_summed_in_place():
         np.testing.assert_allclose(v, want_v, rtol=1e-12)
     peak = _numpy_peak(lambda: rate._separable_weights(view, shape, importance))
     assert peak < 0.05 * math.prod(shape) * 8
+
+
+def test_the_bulk_check_reads_a_leaf_a_block_at_a_time():
+    """Measured: the check that a coded leaf's bulk was not lost read 2^20
+    values at a time: a 4 MiB leaf whole, in five temporaries of its size or
+    twice it, the peak of a 1 GB tree's default save (29 of 38 MiB)."""
+    rng = np.random.default_rng(4)
+    x = (0.05 * rng.standard_normal((2048, 1024))).astype(np.float32)
+    x.reshape(-1)[rng.choice(x.size, x.size // 10, replace=False)] = 2.5   # gets it decoded
+    decoded = np.zeros_like(x)
+    assert checkpoint._bulk_lost_in("w", x, lambda: decoded) is not None   # zeros: lost
+    assert _numpy_peak(lambda: checkpoint._bulk_lost_in("w", x, lambda: decoded)) < 0.35 * x.nbytes
