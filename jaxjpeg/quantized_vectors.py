@@ -141,8 +141,11 @@ def is_sparse(values: np.ndarray, how: VectorStep | None = None) -> bool:
 def count_nonzero(values: np.ndarray) -> int:
     """``np.count_nonzero(values)``, 3x faster on floats: numpy counts a
     bool array's ones faster than it tests floats one by one (-0.0 and NaN
-    alike: equal to 0 and not)."""
-    return int(np.count_nonzero(values != 0))
+    alike: equal to 0 and not); a chunk's bools at a time, not a leaf's (a
+    quarter of a float32 leaf, 2 MiB of a 1 GB tree's peak at 8x)."""
+    flat = np.asarray(values).reshape(-1)
+    return sum(int(np.count_nonzero(flat[start:start + _CHUNK] != 0))
+               for start in range(0, flat.size, _CHUNK))
 
 
 class Counted:
