@@ -20,6 +20,12 @@ Each mode saves the same tree in a fresh child process and reports:
 - the achieved ratio against float32 / bits per weight and the miss against
   the target (target: within 2%).
 
+With ``--live`` (glibc only) each save's peak of live heap (bytes malloc'd
+and not freed, glibc's ``mallinfo2`` read every millisecond by a thread
+beside the save) is printed too: what a save holds, apart from the freed
+pages the allocator keeps (per-thread arenas, fragments) that RSS counts.
+The reading thread slows the save a little: time ``--live`` runs apart.
+
 The tree: ``--layers`` transformer blocks of width ``d`` (attention q/k/v/o
 ``d x d``, MLP ``d x 4d`` and ``4d x d``, two norm scales), an embedding
 ``(8d, d)``, with per-output-channel scale spread and a few outlier columns,
@@ -40,6 +46,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -133,6 +140,38 @@ def _peak_rss_bytes(reset: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+class _LiveHeapPeak:
+    """The most bytes malloc'd at once (glibc's mallinfo2: heap chunks in use
+    plus mmapped ones), read every millisecond on a thread of its own."""
+
+    def __init__(self):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        self._info = libc.mallinfo2   # AttributeError before glibc 2.33, or not glibc
+        self._info.restype = _Mallinfo2
+        self.start, self.peak, self._stop = self._live(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _live(self) -> int:
+        info = self._info()
+        return info.uordblks + info.hblkhd
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._live() - self.start)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._live() - self.start)
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -143,7 +182,7 @@ def _leaves(tree) -> list:
             for leaf in (_leaves(value) if isinstance(value, dict) else [value])]
 
 
-def child(mode: str, mb: float, path: str, state: bool) -> None:
+def child(mode: str, mb: float, path: str, state: bool, live: bool) -> None:
     import jaxjpeg
     import jaxjpeg.checkpoint  # noqa: F401  (imports jax: not part of any save's time)
 
@@ -152,6 +191,7 @@ def child(mode: str, mb: float, path: str, state: bool) -> None:
     _release_freed_heap()
     before = _rss_bytes()
     reset = _reset_peak_rss()
+    heap = _LiveHeapPeak() if live else None
     cpu = _cpu_seconds()
     start = time.perf_counter()
     report = jaxjpeg.save(path, tree, **{**MODES, **GENEROUS}[mode])
@@ -159,6 +199,7 @@ def child(mode: str, mb: float, path: str, state: bool) -> None:
     cpu = _cpu_seconds() - cpu
     peak = _peak_rss_bytes(reset)
     print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_growth": max(0, peak - before),
+                      "live_peak": heap.stop() if heap is not None else None,
                       "largest_leaf": max(v.nbytes for v in leaves),
                       "tree_bytes": sum(v.nbytes for v in leaves),
                       "ratio": report.ratio_vs_float32, "bits": report.bits_per_weight}))
@@ -174,10 +215,12 @@ def main() -> None:
     parser.add_argument("--state", action="store_true",
                         help="a training state: the parameters beside Adam's moments")
     parser.add_argument("--generous", action="store_true", help="target_ratio=3 and 2 too")
+    parser.add_argument("--live", action="store_true",
+                        help="also the peak of live heap (glibc mallinfo2, read every ms)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], float(args.child[1]), args.child[2], args.state)
+        child(args.child[0], float(args.child[1]), args.child[2], args.state, args.live)
         return
     mb = 32 if args.quick else args.mb
     modes = {**MODES, **(GENEROUS if args.generous else {})}
@@ -190,7 +233,8 @@ def main() -> None:
             for mode in modes:
                 out = subprocess.run([sys.executable, __file__, "--child", mode, str(mb),
                                       os.path.join(tmp, "c.jjpg")]
-                                     + (["--state"] if args.state else []),
+                                     + (["--state"] if args.state else [])
+                                     + (["--live"] if args.live else []),
                                      capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 if mode in results:
@@ -202,7 +246,8 @@ def main() -> None:
     leaf = base["largest_leaf"]
     print(f"tree {base['tree_bytes'] / 2**20:.1f} MiB, largest leaf {leaf / 2**20:.1f} MiB")
     print(f"{'mode':<20}{'wall s':>8}{'x def':>7}{'CPU s':>8}{'x def':>7}{'peak MiB':>10}"
-          f"{'excess/leaf':>13}{'ratio':>8}{'bits/w':>8}{'miss':>8}")
+          f"{'excess/leaf':>13}{'ratio':>8}{'bits/w':>8}{'miss':>8}"
+          + (f"{'live MiB':>10}{'excess/leaf':>13}" if args.live else ""))
     for mode, r in results.items():
         excess = (r["peak_growth"] - base["peak_growth"]) / leaf
         target = modes[mode]
@@ -213,7 +258,9 @@ def main() -> None:
             miss = f"{r['bits'] / target['bits_per_weight'] - 1:+.1%}"
         print(f"{mode:<20}{r['seconds']:>8.2f}{r['seconds'] / base['seconds']:>7.2f}"
               f"{r['cpu']:>8.2f}{r['cpu'] / base['cpu']:>7.2f}{r['peak_growth'] / 2**20:>10.1f}"
-              f"{excess:>13.2f}{r['ratio']:>8.2f}{r['bits']:>8.3f}{miss:>8}")
+              f"{excess:>13.2f}{r['ratio']:>8.2f}{r['bits']:>8.3f}{miss:>8}"
+              + (f"{r['live_peak'] / 2**20:>10.1f}"
+                 f"{(r['live_peak'] - base['live_peak']) / leaf:>13.2f}" if args.live else ""))
 
 
 if __name__ == "__main__":
