@@ -151,8 +151,11 @@ class _LiveHeapPeak:
     plus mmapped ones), read every millisecond on a thread of its own."""
 
     def __init__(self):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        self._info = libc.mallinfo2   # AttributeError before glibc 2.33, or not glibc
+        try:
+            self._info = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+        except (OSError, AttributeError, TypeError):
+            raise SystemExit("--live reads glibc's mallinfo2 (glibc 2.33 or later), "
+                             "which this C library lacks") from None
         self._info.restype = _Mallinfo2
         self.start, self.peak, self._stop = self._live(), 0, threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
