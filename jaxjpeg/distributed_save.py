@@ -202,11 +202,14 @@ def _region(stored: list) -> tuple[list, dict, int]:
     placed, table, position = [], {}, 0
     for blobs, _, _, _ in stored:
         for name, data in blobs:
-            view = fmt._as_byte_view(data)
-            offset = fmt.blob_offset(position, len(view))
-            placed.append((offset, view))
-            table[name] = [offset, len(view), fmt.crc32c(view)]
-            position = offset + len(view)
+            views = fmt.byte_views(data)
+            offset = fmt.blob_offset(position, sum(view.nbytes for view in views))
+            position, crc = offset, 0
+            for view in views:
+                placed.append((position, view))
+                crc = fmt.crc32c(view, crc)
+                position += view.nbytes
+            table[name] = [offset, position - offset, crc]
     return placed, table, position
 
 

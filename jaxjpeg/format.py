@@ -185,6 +185,40 @@ def inflate_at_most(data, limit: int) -> tuple[bytes, bool]:
     return text, inflater.eof and not inflater.unused_data
 
 
+class BlobParts:
+    """A blob given as its parts (bytes-like), written back to back: a coder's
+    parts are never joined. A join holds every part beside the whole, a
+    second copy of each save thread's coding (16 MB for a 32 MiB leaf Rice
+    coded at 2x). ``len`` is the blob's bytes; ``bytes`` joins it, for a
+    reader that needs one buffer."""
+
+    __slots__ = ("views", "nbytes")
+
+    def __init__(self, parts):
+        self.views = tuple(_as_byte_view(part) for part in parts)
+        self.nbytes = sum(v.nbytes for v in self.views)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.views)
+
+    def __add__(self, tail) -> "BlobParts":
+        return BlobParts((*self.views, tail))
+
+
+def byte_views(data) -> tuple[memoryview, ...]:
+    """Flat uint8 views of a blob's data: a :class:`BlobParts`' own, or
+    :func:`_as_byte_view` of anything else."""
+    return data.views if isinstance(data, BlobParts) else (_as_byte_view(data),)
+
+
+def contiguous(data):
+    """``data`` as one buffer: a :class:`BlobParts` joined, anything else as it is."""
+    return bytes(data) if isinstance(data, BlobParts) else data
+
+
 def _as_byte_view(data) -> memoryview:
     """A flat uint8 view of bytes-like objects and C-contiguous arrays, without copying."""
     if not isinstance(data, np.ndarray):
@@ -383,33 +417,36 @@ class ContainerWriter:
         self._metadata = json.loads(_canonical_json(metadata))
 
     def add_blob(self, name: str, data) -> None:
-        """Appends `data` (bytes-like or C-contiguous array, written raw) as blob `name`."""
+        """Appends `data` (bytes-like, C-contiguous array or :class:`BlobParts`, written raw)
+        as blob `name`."""
         self._check_open()
         if not isinstance(name, str):
             raise TypeError(f"blob names must be str, got {type(name).__name__}")
         name.encode("utf-8")  # lone surrogates cannot go in a UTF-8 header: fail now
         if name in self._blobs:
             raise ValueError(f"duplicate blob name {name!r}")
-        view = _as_byte_view(data)
-        offset = blob_offset(self._position, len(view))
+        views = byte_views(data)
+        length = sum(view.nbytes for view in views)
+        offset = blob_offset(self._position, length)
         try:
-            crc = self._write_padded(offset, view)
+            crc = self._write_padded(offset, views)
         except OSError as e:
             self.abort()
             raise self._writing_error(e) from e
         except BaseException:  # a partial write would shift every later offset: give up
             self.abort()
             raise
-        self._blobs[name] = BlobInfo(offset, len(view), crc)
-        self._position = offset + len(view)
+        self._blobs[name] = BlobInfo(offset, length, crc)
+        self._position = offset + length
 
-    def _write_padded(self, offset: int, view: memoryview) -> int:
+    def _write_padded(self, offset: int, views) -> int:
         self._file.write(bytes(offset - self._position))
         crc = 0
-        for start in range(0, len(view), _IO_CHUNK):
-            piece = view[start : start + _IO_CHUNK]
-            self._file.write(piece)
-            crc = crc32c(piece, crc)
+        for view in views:
+            for start in range(0, len(view), _IO_CHUNK):
+                piece = view[start : start + _IO_CHUNK]
+                self._file.write(piece)
+                crc = crc32c(piece, crc)
         return crc
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxjpeg import _native
-from jaxjpeg.format import inflate_at_most
+from jaxjpeg.format import BlobParts, contiguous, inflate_at_most
 
 LINEAR, LOG2, SIGNED_LOG2 = "linear", "log2", "signed_log2"
 DOMAINS = (LINEAR, LOG2, SIGNED_LOG2)
@@ -164,7 +164,7 @@ class Counted:
 
 
 def encode(values: np.ndarray, how: VectorStep, kept=None,
-           counted: bool = False) -> tuple[bytes, dict] | None:
+           counted: bool = False) -> tuple[BlobParts, dict] | None:
     """(blob, record fields) of a float32 vector quantized as ``how`` says,
     or None when it cannot be (a non-finite value, a negative value in the
     log2 domain, a zero without an offset, codes out of range, more than
@@ -351,7 +351,7 @@ def _nonzero_codes(flat: np.ndarray, step: float):
         yield np.concatenate(pending)
 
 
-def _encode_sparse(flat: np.ndarray, how: VectorStep) -> tuple[bytes, dict] | None:
+def _encode_sparse(flat: np.ndarray, how: VectorStep) -> tuple[BlobParts, dict] | None:
     """A sparse vector: the bitmap of its nonzero codes, then their
     magnitudes less the smallest (``center``), Rice coded, then their signs
     (a bit each, 1: negative). Pruned values start at their cut: codes
@@ -396,7 +396,7 @@ def _sparse_rice(flat, step: float, gap: int, k: int, count: int, mask: bytes):
 
 
 def _encode_dense(values: np.ndarray, how: VectorStep,
-                  counted: bool = False) -> tuple[bytes, dict] | None:
+                  counted: bool = False) -> tuple[BlobParts, dict] | None:
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return None
@@ -582,12 +582,12 @@ class _RiceStreams:
         if negative is not None:
             self.signs.append(np.packbits(negative).tobytes())
 
-    def finish(self, prefix: bytes = b"") -> tuple[bytes, int]:
+    def finish(self, prefix: bytes = b"") -> tuple[BlobParts, int]:
         """(``prefix``, the unary parts, then the remainders and the sign
-        plane, joined once: each join holds its parts and its result; the
-        unary parts' bytes)."""
+        plane, as :class:`BlobParts`: never joined, see there; the unary
+        parts' bytes)."""
         unary = self.unary.parts()
-        blob = b"".join([prefix, *unary, *self.remainders, *self.signs])
+        blob = BlobParts([prefix, *unary, *self.remainders, *self.signs])
         return blob, sum(len(part) for part in unary)
 
 
@@ -725,7 +725,7 @@ def decoded_parts(codes_blob, count: int, record: dict) -> tuple:
     kept aside coded as fillers, or None: (positions, float32 values)), for
     a caller that checks the coded values alone in the leaf's dtype."""
     kept = record.get("outliers", 0)
-    blob = memoryview(codes_blob).cast("B")
+    blob = memoryview(contiguous(codes_blob)).cast("B")
     side = kept_bytes(kept, count)
     if kept > count or side > blob.nbytes:
         raise ValueError(f"holds {blob.nbytes} bytes, fewer than its {kept} kept values take")

@@ -132,6 +132,42 @@ def test_round_trip_many_blobs_and_arrays(tmp_path):
         assert reader.verify() == [(name, True) for name in reader.blob_names]
 
 
+def test_a_blob_given_as_pieces_is_written_as_their_join(tmp_path):
+    """A coder's parts (fmt.BlobParts) are written back to back, never joined:
+    the same file as the joined bytes, in a container and in a distributed
+    save's region alike."""
+    from jaxjpeg import distributed_save
+
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (0, 1, 4095, 70000, 3)]
+    pieces = fmt.BlobParts(parts[:-1]) + parts[-1]
+    joined = b"".join(parts)
+    assert len(pieces) == len(joined) and bytes(pieces) == joined
+    assert fmt.contiguous(pieces) == joined and fmt.contiguous(joined) is joined
+    files = []
+    for blob in (pieces, joined):
+        files.append(tmp_path / f"{len(files)}.jjc")
+        with ContainerWriter(files[-1]) as w:
+            w.add_blob("head", b"12345")
+            w.add_blob("coded", blob)
+            w.add_blob("tail", b"6")
+    assert files[0].read_bytes() == files[1].read_bytes()
+    with ContainerReader(files[0]) as reader:
+        assert reader.read_blob("coded") == joined
+    stored = [([("head", b"12345"), ("coded", blob), ("tail", b"6")], None, None, None)
+              for blob in (pieces, joined)]
+    regions = [distributed_save._region([one]) for one in stored]
+    assert regions[0][1:] == regions[1][1:]   # the blob table and the region's size
+
+    def written(placed, size):
+        out = bytearray(size)
+        for offset, view in placed:
+            out[offset:offset + len(view)] = view
+        return bytes(out)
+
+    assert written(regions[0][0], regions[0][2]) == written(regions[1][0], regions[1][2])
+
+
 def test_read_blob_into_aligned_buffer_reads_only_its_range(tmp_path, monkeypatch):
     path = tmp_path / "c"
     blobs = write_small(path)

@@ -32,6 +32,7 @@ def test_sparse_vectors_round_trip(sparsity):
 def test_a_damaged_bitmap_is_refused():
     x = _pruned(0.9, (1001,))
     blob, record = qv.encode(x, qv.VectorStep(0.002))
+    blob = bytes(blob)   # one buffer, to cut and damage
     fields = qv.check_record(record, "t")
     for bad, match in [(dict(fields, nonzeros=fields["nonzeros"] + 1), "nonzeros"),
                        (dict(fields, mask_bytes=len(blob) + 1), "bitmap of"),
