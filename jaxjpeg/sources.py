@@ -239,7 +239,10 @@ def load_source(path, items=None):
     from jaxjpeg.treepaths import nest
 
     with open_source(path, items) as source:
-        return nest([(leaf.records, leaf.array()) for leaf in source.leaves])
+        try:
+            return nest([(leaf.records, leaf.array()) for leaf in source.leaves])
+        except ValueError as e:
+            raise SourceError(f"{path}: {e}") from None
 
 
 def _check_leaves(path: str, tree):
@@ -309,6 +312,9 @@ def _safetensors_shards(path: str, kind: str, files: _Files) -> dict[str, set | 
     if indexes:
         return _index_shards(storage.join(path, indexes[0]), files)
     files = [storage.join(path, n) for n in names if n.endswith(".safetensors")]
+    for file in files:
+        if storage.kind(file) != "file":   # (review: an I/O error, "Is a directory")
+            raise SourceError(f"{file}: not a file, in a folder of safetensors shards")
     return {file: None for file in files} or None
 
 
@@ -326,7 +332,10 @@ def _index_shards(index_path: str, files: _Files) -> dict[str, set]:
     """The shard files an index json names (checked: plain file names inside
     the index's folder, every one present), with the tensors each must hold."""
     try:
-        index = json.loads(_read_whole(index_path, MAX_INDEX_BYTES, files))
+        # a tensor named twice refused: json.loads kept the last shard, and the
+        # first was never read (found by review)
+        index = json.loads(_read_whole(index_path, MAX_INDEX_BYTES, files),
+                           object_pairs_hook=fmt.reject_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise SourceError(f"{index_path}: not a readable safetensors index "
                           f"({_first_line(e)})") from None
@@ -433,8 +442,8 @@ def _safetensors_entry(file: str, name: str, entry, data_size: int):
     if not isinstance(entry, dict):
         raise bad("its header entry is not an object")
     kind, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if kind not in SAFETENSORS_DTYPES:
-        raise bad(f"has dtype {str(kind)[:20]}, which jaxjpeg does not store")
+    if not isinstance(kind, str) or kind not in SAFETENSORS_DTYPES:   # (review: a list
+        raise bad(f"has dtype {str(kind)[:20]}, which jaxjpeg does not store")   # was a TypeError)
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(
             type(d) is int and d >= 0 for d in shape)):
         raise bad(f"shape must be at most {MAX_DIMS} non-negative integers")
@@ -444,6 +453,10 @@ def _safetensors_entry(file: str, name: str, entry, data_size: int):
     dtype = numpy_dtype(SAFETENSORS_DTYPES[kind])
     if dtype.kind in "biufc":
         dtype = dtype.newbyteorder("<")   # the format is little-endian
+    if math.prod(shape) * value_bits(dtype) % 8:
+        # the format ends every tensor on a byte (review: 3 float4 values in 2
+        # bytes were compressed, and the checkpoint could not be exported)
+        raise bad(f"{math.prod(shape)} {kind} values do not fill whole bytes")
     if packed_nbytes(math.prod(shape), dtype) != offsets[1] - offsets[0]:
         raise bad(f"shape {shape} of {kind} needs {packed_nbytes(math.prod(shape), dtype)} "
                   f"bytes, its offsets span {offsets[1] - offsets[0]}")
@@ -493,7 +506,9 @@ def _npz_source(path: str, files: _Files) -> Source:
         directory = io.BufferedReader(ranged, buffer_size=1024)
         with zipfile.ZipFile(directory) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
-    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:
+        # (NotImplementedError: a "version needed to extract" zipfile does not
+        # know, found by review as a traceback)
         if ranged.failure is not None:   # zipfile says BadZipFile for a read that failed
             raise ranged.failure from None
         raise SourceError(f"{path}: not a valid npz file ({_first_line(e)})") from None
@@ -505,13 +520,27 @@ def _npz_source(path: str, files: _Files) -> Source:
                                 "safetensors.torch.save_file and compress that")
     # In the zip's order: np.savez writes a dict's arrays in its order, a
     # PyTorch state dict's being the network's (the BatchNorm prior pairs by it).
-    leaves = [_npz_leaf(path, info, files) for info in members]
-    if not leaves:
+    placed = [_npz_leaf(path, info, files) for info in members]
+    if not placed:
         raise SourceError(f"{path}: holds no arrays")
-    return Source(path, leaves)
+    _refuse_shared_bytes(path, [(span, info.filename) for (_, span), info in zip(placed, members)])
+    return Source(path, [leaf for leaf, _ in placed])
+
+
+def _refuse_shared_bytes(path: str, spans: list) -> None:
+    """Members whose local headers and data (``((start, end), name)``) share
+    bytes are refused: a zip's directory may point many members at one
+    deflated member, each bounded alone (found by review: a 174 KB file
+    declared 125 GiB of arrays, every one inflating the same 64 MiB)."""
+    spans = sorted(spans)
+    for ((_, end), first), ((start, _), second) in zip(spans, spans[1:]):
+        if start < end:
+            raise SourceError(f"{path}: members {first!r:.100} and {second!r:.100} "
+                              "share bytes")
 
 
 def _npz_leaf(path: str, info, files: _Files):
+    """(SourceLeaf of a member, the bytes its local header and data span)."""
     from jaxjpeg.checkpoint import SourceLeaf
 
     name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
@@ -545,7 +574,7 @@ def _npz_leaf(path: str, info, files: _Files):
                               "(size or CRC does not match)")
         array = np.frombuffer(data, dtype, offset=header_bytes)
         return array.reshape(shape, order="F" if fortran else "C")
-    return SourceLeaf(records, shape, dtype, load)
+    return SourceLeaf(records, shape, dtype, load), (info.header_offset, start + info.compress_size)
 
 
 def _inflated(path: str, member: str, packed: bytes, limit: int) -> bytearray:
@@ -655,7 +684,33 @@ def _load_msgpack(path: str, files: _Files):
     if not isinstance(tree, (dict, list)):
         raise SourceError(f"{path}: msgpack holds a {type(tree).__name__}, "
                           "not a pytree of arrays")
+    _check_msgpack_maps(path, data)
     return tree
+
+
+class _OddMap(Exception):
+    """A msgpack map :func:`_check_msgpack_maps` refuses, and why."""
+
+
+def _check_msgpack_maps(path: str, data) -> None:
+    """Refuses a msgpack whose maps repeat a key (unpacking kept the last
+    value: the first leaf was lost) or mix kinds of keys (they do not sort
+    into a pytree: a traceback), both found by review; a second pass over
+    the bytes, arrays not decoded."""
+    import msgpack
+
+    def checked(pairs):
+        keys = [key for key, _ in pairs]
+        if len({type(key) for key in keys}) > 1:
+            raise _OddMap(f"keys of mixed kinds ({', '.join(sorted({type(k).__name__ for k in keys}))})")
+        if len(set(keys)) < len(keys):
+            raise _OddMap(f"the key {next(k for k in keys if keys.count(k) > 1)!r:.200} twice")
+
+    try:
+        msgpack.unpackb(data, raw=False, strict_map_key=False, object_pairs_hook=checked,
+                        ext_hook=lambda code, payload: None)
+    except _OddMap as e:
+        raise SourceError(f"{path}: a map of the msgpack holds {e}") from None
 
 
 # ---------------------------------------------------------------- Orbax

@@ -48,21 +48,34 @@ def leaves_with_paths(tree) -> list[tuple[list, Any]]:
     return [([key_record(k) for k in path], leaf) for path, leaf in leaves]
 
 
+class _Node(dict):
+    """A subtree being nested (a leaf may be a dict too)."""
+
+
 def nest(entries: list[tuple[list, Any]]):
-    """Rebuilds nested dicts/lists from recorded paths (restore without target)."""
+    """Rebuilds nested dicts/lists from recorded paths (restore without
+    target); ValueError where two entries take one place (two leaves, or a
+    leaf and a subtree: an npz of members "a" and "a/b" lost one or raised
+    an IndexError, found by review)."""
     if len(entries) == 1 and not entries[0][0]:
         return entries[0][1]
-    root: dict = {}
+    root = _Node()
     for records, value in entries:
         node = root
         for kind, key in records[:-1]:
-            node = node.setdefault((kind, key), {})
-        node[tuple(records[-1])] = value
+            node = node.setdefault((kind, key), _Node())
+            if type(node) is not _Node:
+                break
+        last = tuple(records[-1]) if records else None
+        if type(node) is not _Node or last is None or last in node:
+            raise ValueError(f"{path_string(records)!r:.200} is taken twice: by two leaves, "
+                             "or by a leaf and a subtree")
+        node[last] = value
     return _materialize(root)
 
 
 def _materialize(node):
-    if not isinstance(node, dict):
+    if type(node) is not _Node:
         return node
     if node and all(kind == "index" for kind, _ in node):
         keys = sorted(node, key=lambda k: k[1])

@@ -285,6 +285,11 @@ HOSTILE_SAFETENSORS = {
     "offsets past the end": _st_entry(nbytes=6400),
     "unknown dtype": _st_entry(dtype="F128"),
     "huge shape": _st_entry(shape=(200000, 200000)),
+    # found by review: a TypeError traceback (unhashable), and a tensor compressed
+    # that safetensors refuses and export could not write back
+    "dtype is a list": _st_entry(dtype=["F32"]),
+    "dtype is an object": _st_entry(dtype={"x": 1}),
+    "3 float4 values in 2 bytes": _st_entry(dtype="F4", shape=(3,), nbytes=2),
 }
 
 
@@ -371,6 +376,11 @@ HOSTILE_MSGPACK = {
     "unknown ext type": lambda: _msgpack_bytes({"w": __import__("msgpack").ExtType(42, b"xx")}),
     "100k-deep": lambda: b"\x91" * 100000 + b"\x01",
     "list of strings": lambda: _msgpack_bytes({"w": ["a", "b"]}),
+    # found by review: keys that do not sort (a traceback), and a map naming a
+    # key twice, compressed with the first leaf lost
+    "keys of mixed kinds": lambda: _msgpack_bytes({"a": 1.0, 1: 2.0}),
+    "a key twice": lambda: b"\x82" + _msgpack_bytes("a") + _msgpack_bytes(1.0)
+                           + _msgpack_bytes("a") + _msgpack_bytes(2.0),
 }
 
 
@@ -897,3 +907,90 @@ def test_an_output_directory_that_is_a_file_is_said(tmp_path, capsys):
         assert cli.main(["export", "--force", str(ckpt), str(out)]) == cli.EXIT_USAGE
         assert "exists and is not a directory" in capsys.readouterr().err
     assert blocker.read_text() == "" and jaxjpeg.restore(ckpt)["w"].shape == (64, 64)
+
+
+# ---------------------------------------------------------------- found by review (session 60)
+
+
+def _npy(array) -> bytes:
+    import io
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def test_an_npz_of_a_zip_version_not_known_is_damaged_input(tmp_path, capsys):
+    """Found by review: zipfile's NotImplementedError ("zip file version
+    10.0") came out as a traceback."""
+    np.savez(tmp_path / "s.npz", a=np.arange(6, dtype=np.float32))
+    data = bytearray((tmp_path / "s.npz").read_bytes())
+    data[data.rfind(b"PK\x01\x02") + 6] = 100   # the directory's "version needed"
+    (tmp_path / "v.npz").write_bytes(bytes(data))
+    code, _, err = run(capsys, "compress", tmp_path / "v.npz", tmp_path / "o.jjpg")
+    assert code == cli.EXIT_DAMAGED and "v.npz: not a valid npz file" in err, err
+
+
+def test_npz_members_sharing_bytes_are_refused(tmp_path, capsys):
+    """Found by review: a zip's directory may point many members at one
+    deflated member, each bounded alone: a 174 KB file declared 125 GiB of
+    arrays, each inflating the same 64 MiB."""
+    import struct
+    import zlib
+
+    raw = _npy(np.zeros(4096, np.float32))
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = deflater.compress(raw) + deflater.flush()
+    local = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, 8, 0, 0, zlib.crc32(raw),
+                        len(packed), len(raw), 6, 0) + b"w0.npy"
+    directory = b"".join(
+        struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 0, 20, 0, 0, 8, 0, 0, zlib.crc32(raw),
+                    len(packed), len(raw), 6, 0, 0, 0, 0, 0, 0) + f"w{i}.npy".encode()
+        for i in range(3))
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 3, 3, len(directory),
+                      len(local) + len(packed), 0)
+    (tmp_path / "o.npz").write_bytes(local + packed + directory + end)
+    code, _, err = run(capsys, "compress", tmp_path / "o.npz", tmp_path / "o.jjpg")
+    assert code == cli.EXIT_DAMAGED and "members 'w0.npy' and 'w1.npy' share bytes" in err, err
+    assert not (tmp_path / "o.jjpg").exists()
+
+
+@pytest.mark.parametrize("members", [("a.npy", "a/b.npy"), ("a/b.npy", "a.npy"),
+                                     ("a.npy", "a.npy")])
+def test_load_source_refuses_members_taking_one_place(tmp_path, members):
+    """Found by review: members "a" and "a/b" gave an IndexError, or "a/b"
+    was dropped; a repeated name dropped the first."""
+    import warnings
+    import zipfile
+
+    from jaxjpeg.sources import SourceError, load_source
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # zipfile on a repeated name
+        with zipfile.ZipFile(tmp_path / "n.npz", "w") as z:
+            for i, member in enumerate(members):
+                z.writestr(member, _npy(np.full(3, float(i), np.float32)))
+    with pytest.raises(SourceError, match="is taken twice"):
+        load_source(tmp_path / "n.npz")
+
+
+def test_a_safetensors_index_naming_a_tensor_twice_is_refused(tmp_path, capsys):
+    """Found by review: json.loads kept the last shard named, and the first
+    was never read."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy.save_file({"a": np.full(2, 1, np.float32)}, str(tmp_path / "s1.safetensors"))
+    safetensors_numpy.save_file({"a": np.full(2, 2, np.float32), "b": np.zeros(2, np.float32)},
+                                str(tmp_path / "s2.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors", "a": "s2.safetensors"}}')
+    code, _, err = run(capsys, "compress", tmp_path, tmp_path / "o.jjpg")
+    assert code == cli.EXIT_DAMAGED and "duplicate key 'a'" in err, err
+
+
+def test_a_folder_named_as_a_shard_is_damaged_input(tmp_path, capsys):
+    """Found by review: an I/O error ("Is a directory", exit 3)."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    (tmp_path / "shards" / "extra.safetensors").mkdir(parents=True)
+    safetensors_numpy.save_file({"a": np.ones(4, np.float32)},
+                                str(tmp_path / "shards" / "model-00001.safetensors"))
+    code, _, err = run(capsys, "compress", tmp_path / "shards", tmp_path / "o.jjpg")
+    assert code == cli.EXIT_DAMAGED and "extra.safetensors: not a file" in err, err
