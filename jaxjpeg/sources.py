@@ -702,7 +702,8 @@ def _check_msgpack_maps(path: str, data) -> None:
     def checked(pairs):
         keys = [key for key, _ in pairs]
         if len({type(key) for key in keys}) > 1:
-            raise _OddMap(f"keys of mixed kinds ({', '.join(sorted({type(k).__name__ for k in keys}))})")
+            kinds = ", ".join(sorted({type(key).__name__ for key in keys}))
+            raise _OddMap(f"keys of mixed kinds ({kinds})")
         if len(set(keys)) < len(keys):
             raise _OddMap(f"the key {next(k for k in keys if keys.count(k) > 1)!r:.200} twice")
 
