@@ -94,11 +94,13 @@ def restored_dtype(saved: np.dtype, override=None, wanted=None, name: str = "") 
 
 @functools.lru_cache(maxsize=None)
 def _jax_holds(dtype: np.dtype) -> bool:
-    """Whether a jax array may have ``dtype``: numpy's own kinds may, of
-    ml_dtypes' (kind 'V') XLA knows some (bfloat16, float8 ...) and not
-    others (float6): one value placed on the default device tells."""
+    """Whether a jax array may have ``dtype``: numpy's numeric kinds may
+    (objects, strings and dates may not: found by review, jax's own error
+    naming no leaf), of ml_dtypes' (kind 'V') XLA knows some (bfloat16,
+    float8 ...) and not others (float6): one value placed on the default
+    device tells."""
     if np.dtype(dtype).kind != "V":
-        return True
+        return np.dtype(dtype).kind in "biufc"
     try:   # eagerly even under a trace (found by review: a restore under jit
         with jax.ensure_compile_time_eval():   # cached False for bfloat16)
             jax.device_put(np.zeros(1, dtype)).block_until_ready()
@@ -107,28 +109,49 @@ def _jax_holds(dtype: np.dtype) -> bool:
     return True
 
 
-def _nnx_hint(name: str, saved) -> str:
-    """Where an NNX State and its pure dict (nnx.to_pure_dict) meet: the
-    State's leaves are Variables, saved with a ``/value`` key after their
-    path (found by review: a State's file restored into a pure dict said
-    only that ``bias`` was missing)."""
+def _boxed_hint(name: str, saved) -> str:
+    """Where boxed values and plain ones meet: an NNX State's Variables and
+    linen's nn.Partitioned boxes are saved with a ``/value`` key after their
+    path, their pure dict (nnx.to_pure_dict) and unboxed variables
+    (nn.unbox) without (found by review: a State's file restored into a pure
+    dict said only that ``bias`` was missing; a linen file of boxes was
+    said to hold an nnx.State)."""
     if name + "/value" in saved:
-        return (f" (it holds {name + '/value'!r}: an nnx.State was saved; restore into the "
-                "abstract nnx.State itself, not its nnx.to_pure_dict)")
+        return (f" (it holds {name + '/value'!r}: boxed values were saved, an nnx.State's "
+                "Variables or linen's nn.Partitioned; restore into a target boxed alike, "
+                "the abstract nnx.State or linen variables themselves, not nnx.to_pure_dict "
+                "or nn.unbox of them)")
     if name.endswith("/value") and name[:-len("/value")] in saved:
-        return (f" (it holds {name[:-len('/value')]!r}: a pure dict was saved; restore into "
-                "nnx.to_pure_dict(abstract_state), then nnx.replace_by_pure_dict)")
+        return (f" (it holds {name[:-len('/value')]!r}: plain values were saved; restore "
+                "into nnx.to_pure_dict(abstract_state), then nnx.replace_by_pure_dict, or "
+                "into nn.unbox of linen's boxed variables)")
     return ""
+
+
+def _refuse_compressed_target(target) -> None:
+    """A target holding jaxjpeg.load's leaves is refused, naming the leaf: a
+    CompressedArray flattens into its coded operands, which were asked of
+    the file as leaves (found by review: "no leaf 'params/qkv/0'")."""
+    from jaxjpeg.compressed import CompressedArray
+
+    def compressed(x) -> bool:
+        return isinstance(x, CompressedArray)
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target, is_leaf=compressed)[0]:
+        if compressed(leaf):
+            raise ValueError(f"{path_string([key_record(k) for k in path])!r}: the target holds "
+                             "a jaxjpeg.load result (a CompressedArray); give its shapes, "
+                             "jax.eval_shape(jaxjpeg.decode, loaded), or a restored tree")
 
 
 def _nested_hint(name: str, saved) -> str:
     """Where the file holds ``name`` under a prefix (a target of params for
     a saved ``{"params": ..., ...}``: found by review, the error named the
-    leaf alone), those paths, and how to reach one; or as an NNX State's
-    Variable or its pure dict's value (:func:`_nnx_hint`)."""
-    nnx = _nnx_hint(name, saved)
-    if nnx:
-        return nnx
+    leaf alone), those paths, and how to reach one; or boxed, or not
+    (:func:`_boxed_hint`)."""
+    boxed = _boxed_hint(name, saved)
+    if boxed:
+        return boxed
     under = [path for path in saved if path.endswith("/" + name)]
     if not under:
         return ""
@@ -141,6 +164,7 @@ def _nested_hint(name: str, saved) -> str:
 
 
 def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:
+    _refuse_compressed_target(target)
     by_path = {leaf.path: leaf for leaf in ckpt.leaves}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     requests = []
@@ -1233,6 +1257,8 @@ def restore(path, target=None, *, paths: Sequence[str] | None = None, dtype=None
     """
     if target is not None and paths is not None:
         raise ValueError("give target or paths, not both: a target already names the leaves")
+    if stats is not None and not isinstance(stats, RestoreStats):   # (review: an AttributeError)
+        raise TypeError(f"stats must be a jaxjpeg.RestoreStats, got {type(stats).__name__}")
     given, device = device, placement(device)
     with Checkpoint(path, verify=verify) as ckpt:
         if target is not None:

@@ -218,13 +218,12 @@ def _like_leaves(like, requests) -> list:
     order, which jax's flattening sorts, and a target's NamedTuples keep
     their fields' order (found by review: paired by position, a state
     dict's leaves met others' sizes and none was padded); a target's paths
-    are the saved ones. ValueError where it holds other leaves."""
+    are the saved ones; a ``like`` of more leaves (an earlier full load,
+    for a partial one: found by review, refused) gives those asked.
+    ValueError where it lacks one."""
     if like is None:
         return [None] * len(requests)
     leaves = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_compressed)[0]
-    if len(leaves) != len(requests):
-        raise ValueError(f"like holds {len(leaves)} leaves, this load {len(requests)}: give what "
-                         "load returned for an earlier checkpoint of the model")
     named = {path_string([key_record(k) for k in path]): leaf for path, leaf in leaves}
     missing = [r.leaf.path for r in requests if r.leaf.path not in named]
     if missing:
