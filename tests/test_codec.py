@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 import io
 import warnings
+import zlib
 
 import jaxjpeg
 from jaxjpeg import _native, codec, mapping
@@ -344,6 +345,74 @@ def test_native_direct_callers_get_errors_not_silent_values():
     for bad in ((-1, 100, 2, 1), (1, -100, 2, 1), (1, 100, -2, 1), (1, 100, 2, -1)):
         with pytest.raises(ValueError, match=">= 0"):
             _native.decode_workspace_bytes(*bad)
+
+
+def test_native_sizes_statuses_and_skips_past_their_ranges_are_refused():
+    """Found by review (session 60): decode_workspace_bytes wrapped negative
+    for 2^63 - 1 outputs or bytes; pack_plan_status packed code 16 as
+    interval 1's "ok" and wrapped intervals past 2^27; bit_reader_trace
+    narrowed skips of 2^32 + 1 and 1.5 to 1."""
+    for huge in ((2**63 - 1, 0, 0, 0), (0, 2**63 - 1, 0, 0), (0, 0, 2**63 - 1, 0),
+                 (0, 0, 0, 2**63 - 1)):
+        with pytest.raises(ValueError, match="too large"):
+            _native.decode_workspace_bytes(*huge)
+    for interval, code in ((0, 16), (1, 0), (2**27, 1), (-1, 1), (0, -1)):
+        with pytest.raises(ValueError, match="pack_plan_status"):
+            _native.pack_plan_status(interval, code)
+    assert "interval 7" in _native.plan_failure(_native.pack_plan_status(7, 11))
+    for skips in ([2**32 + 1], [1.5], [0], [17]):
+        with pytest.raises(ValueError, match="skips must be 1..16"):
+            _native.bit_reader_trace(b"\xff\x00\x12", np.array(skips))
+    assert _native.bit_reader_trace(b"\xff\x00\x12", [1, 16]).shape == (3, 3)
+
+
+def _closes_refused(call, buffer):
+    """(how many closes of ``buffer``, an mmap, were refused, tried from
+    this thread until one is done while ``call()`` runs on another with the
+    GIL released; what the call returned). Only the call's native work runs
+    without the GIL: a close done was done after the call let go of the
+    buffer, and one refused was tried while the call held it."""
+    import threading
+
+    started, refused, result = threading.Event(), 0, []
+    worker = threading.Thread(target=lambda: (started.set(), result.append(call())))
+    worker.start()
+    started.wait()
+    while worker.is_alive():
+        try:
+            buffer.close()
+            break
+        except BufferError:
+            refused += 1
+    worker.join()
+    assert result, "the call failed"
+    return refused, result[0]
+
+
+def test_native_calls_hold_the_buffers_they_read_and_write():
+    """Found by review: run_plan and inflate_piece_into let go of their
+    buffers' exports before working on them with the GIL released, so
+    another thread could close an mmap they were reading or writing (then
+    a segfault). Held, each close during the call is refused."""
+    import mmap
+
+    x = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    plan = codec.build_plan([codec.encode_tensor(x, bits=8, quality=95, restart_interval=1)],
+                            [np.float32])
+    payload = mmap.mmap(-1, len(plan.payload))
+    payload[:] = plan.payload.tobytes()
+    out = np.empty(plan.output_shapes[0], np.float32)
+    refused, _ = _closes_refused(lambda: _native.run_plan(
+        payload, plan.interval_starts, plan.tiles, plan.tables, plan.row_scale,
+        plan.row_offset, [out], [0], threads=1, col_scale=plan.col_scale,
+        positions=plan.positions, whole_outputs=True), payload)
+    assert refused > 0
+    np.testing.assert_array_equal(out, codec.run_plan(plan)[0])
+    data = _native.run_deflate(bytes(64 << 20), True)
+    target = mmap.mmap(-1, 64 << 20)
+    refused, adler = _closes_refused(lambda: _native.inflate_piece_into(data, target, True),
+                                     target)
+    assert refused > 0 and adler == zlib.adler32(bytes(64 << 20))
 
 
 def test_tilings_that_leave_gaps_or_mix_intervals_are_refused(tmp_path):

@@ -1029,3 +1029,24 @@ def test_a_vector_is_coded_without_joining_its_parts():
     assert peak < 1.8 * len(blob)
     got = qv.decoded_values(blob, x.size, qv.check_record(record, "t"))
     assert np.max(np.abs(got - x)) <= 0.5e-3 + 1e-6
+
+
+def test_the_native_rice_decoder_bounds_positions_codes_and_counts():
+    """Found by review (session 60): a remainder position near 2^63 wrapped
+    and the decoder read 2^60 bytes away (a segfault); a code past int64
+    (q << k) wrapped to 0 silently; 2^40 codes asked of a 1-byte stream
+    allocated 8 TiB (MemoryError) before the stream was looked at."""
+    from jaxjpeg import _native
+
+    for decode in (lambda *a: _native.rice_decode(*a),
+                   lambda *a: _native.rice_decode_steps(*a, True, 0, 1.0)):
+        with pytest.raises(ValueError, match="positions"):
+            decode(b"\x00", 0, b"\x00", 2**63 - 8, 20, 10, 1)
+        with pytest.raises(ValueError, match="positions"):
+            decode(b"\x00", 9, b"\x00", 0, 1, 10, 1)
+        with pytest.raises(ValueError, match="too long"):
+            decode(b"\xf0", 0, b"\x00" * 8, 0, 62, 2**40, 1)
+        with pytest.raises(ValueError, match="fewer unary codes"):
+            decode(b"\x00", 0, b"\x00", 0, 0, 10, 2**40)
+    codes, unary_bit, remainder_bit = _native.rice_decode(b"\x7f", 0, b"", 0, 0, 10, 1)
+    assert list(codes) == [0] and (unary_bit, remainder_bit) == (1, 0)

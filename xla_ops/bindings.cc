@@ -273,10 +273,14 @@ void CheckOutputsApart(const std::vector<PlanOutput>& outputs,
   }
 }
 
-// A decode plan over numpy arrays; owns the output descriptors.
+// A decode plan over numpy arrays; owns the output descriptors and holds the
+// exports of the buffers it points into (found by review: released when
+// PlanFromArrays returned, an mmap payload closed mid-decode was read after
+// it was unmapped).
 struct HostPlan {
   DecodePlan plan{};
   std::vector<PlanOutput> outputs;
+  py::buffer_info payload_view, tables_view;
 };
 
 HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_starts,
@@ -286,8 +290,8 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
                         const std::optional<py::array>& col_scale,
                         const std::optional<py::array>& positions) {
   if (outputs.size() != output_types.size()) throw py::value_error("one type per output");
-  const py::buffer_info pay = ContiguousBytes(payload);
-  const py::buffer_info tab = ContiguousBytes(tables);
+  py::buffer_info pay = ContiguousBytes(payload);
+  py::buffer_info tab = ContiguousBytes(tables);
   const int64_t table_bytes = tab.size * tab.itemsize;
   if (table_bytes % sizeof(PackedTables) != 0) throw py::value_error("tables size mismatch");
   if (interval_starts.ndim() != 1 || interval_starts.size() < 1) {
@@ -340,6 +344,8 @@ HostPlan PlanFromArrays(const py::buffer& payload, const py::array& interval_sta
   if (const char* error = PlanShapeError(h.plan)) {
     throw JpegError(std::string("decode plan refused: ") + error);
   }
+  h.payload_view = std::move(pay);
+  h.tables_view = std::move(tab);
   return h;
 }
 
@@ -422,7 +428,7 @@ py::array_t<int32_t> BlockMap(const py::array& interval_starts, const py::array&
   if (!error.empty()) throw py::value_error("decode plan refused: " + error);
   py::array_t<int32_t> out({static_cast<py::ssize_t>(map.size() / kBlockMapColumns),
                             static_cast<py::ssize_t>(kBlockMapColumns)});
-  std::memcpy(out.mutable_data(), map.data(), map.size() * sizeof(int32_t));
+  if (!map.empty()) std::memcpy(out.mutable_data(), map.data(), map.size() * sizeof(int32_t));
   return out;
 }
 
@@ -455,23 +461,27 @@ void TraceReader(Reader r, const int32_t* skips, int64_t n, int64_t* row) {
 // DestuffedBitReader over the destuff pass's output.
 py::array_t<int64_t> BitReaderTrace(
     const py::buffer& data,
-    const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& skips,
+    const py::array_t<double, py::array::c_style | py::array::forcecast>& skips_given,
     bool destuffed) {
   const py::buffer_info b = ContiguousBytes(data);
   const auto* begin = static_cast<const uint8_t*>(b.ptr);
   const int64_t size = b.size * b.itemsize;
-  const int64_t n = skips.size();
+  const int64_t n = skips_given.size();
+  // checked before narrowing (found by review: 2^32 + 1 and 1.5 passed as 1)
+  std::vector<int32_t> skip_bits(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
-    if (skips.data()[j] < 1 || skips.data()[j] > 16) throw py::value_error("skips must be 1..16");
+    const double v = skips_given.data()[j];
+    if (!(v >= 1 && v <= 16) || v != std::floor(v)) throw py::value_error("skips must be 1..16");
+    skip_bits[static_cast<size_t>(j)] = static_cast<int32_t>(v);
   }
+  const int32_t* skips = skip_bits.data();
   py::array_t<int64_t> trace({static_cast<py::ssize_t>(n + 1), py::ssize_t(3)});
   if (destuffed) {
     std::vector<uint8_t> bytes(DestuffCapacity(size));
     const int64_t length = DestuffOnHost(begin, begin + size, bytes.data());
-    TraceReader(MakeDestuffedBitReader(bytes.data(), length), skips.data(), n,
-                trace.mutable_data());
+    TraceReader(MakeDestuffedBitReader(bytes.data(), length), skips, n, trace.mutable_data());
   } else {
-    TraceReader(MakeBitReader(begin, begin + size), skips.data(), n, trace.mutable_data());
+    TraceReader(MakeBitReader(begin, begin + size), skips, n, trace.mutable_data());
   }
   return trace;
 }
@@ -897,8 +907,13 @@ void CheckRiceStreams(const py::buffer_info& u, const py::buffer_info& r, int k,
   }
   if (k < 0 || k > 62) throw py::value_error("k must be 0..62");
   if (n < 0 || unary_bit < 0 || remainder_bit < 0 || max_quotient < 1 ||
-      max_quotient > (int64_t{1} << 40)) {
+      max_quotient > (int64_t{1} << 40) || unary_bit > 8 * u.size ||
+      remainder_bit > 8 * r.size) {
+    // (found by review: a remainder position of 2^63 - 8 wrapped, then read 2^60 bytes away)
     throw py::value_error("bad decode positions or bounds");
+  }
+  if (n > 8 * u.size - unary_bit) {   // a bit a code at least: refused before allocating
+    throw py::value_error("holds fewer unary codes than values");
   }
 }
 
@@ -1118,6 +1133,10 @@ py::bytes RunDeflateOf(const py::buffer& data, bool last) {
 
 // Where inflate_piece_into writes: `bytes` bytes `stride` apart from `data`.
 struct PieceOutput {
+  // Held while the GIL is released: the export keeps `out` from being
+  // closed or resized meanwhile (found by review: an mmap closed by another
+  // thread mid-inflate was written after it was unmapped).
+  py::buffer_info view;
   uint8_t* data;
   int64_t bytes;
   int64_t stride;
@@ -1133,10 +1152,14 @@ PieceOutput PieceOutputOf(const py::buffer& out) {
       throw py::value_error("inflate_piece_into: out must be C-contiguous or bytes a positive "
                             "stride apart");
     }
-    return {static_cast<uint8_t*>(o.ptr), o.shape[0], o.strides[0]};
+    auto* data = static_cast<uint8_t*>(o.ptr);
+    const int64_t bytes = o.shape[0], stride = o.strides[0];
+    return {std::move(o), data, bytes, stride};
   }
-  const py::buffer_info c = Contiguous(std::move(o));
-  return {static_cast<uint8_t*>(c.ptr), c.size * c.itemsize, 1};
+  py::buffer_info c = Contiguous(std::move(o));
+  auto* data = static_cast<uint8_t*>(c.ptr);
+  const int64_t bytes = c.size * c.itemsize;
+  return {std::move(c), data, bytes, 1};
 }
 
 // A plane piece's raw deflate stream inflated into `out` (its size the
@@ -1375,6 +1398,11 @@ PYBIND11_MODULE(_native, m) {
     if (num_outputs < 0 || payload_size < 0 || num_intervals < 0 || num_tables < 0) {
       throw py::value_error("decode_workspace_bytes: counts and sizes must be >= 0");
     }
+    // bounds under which its sums fit (found by review: 2^63 - 1 outputs wrapped negative)
+    if (num_outputs > (int64_t{1} << 31) || num_tables > (int64_t{1} << 31) ||
+        num_intervals > kMaxPlanIntervals || payload_size > (int64_t{1} << 52)) {
+      throw py::value_error("decode_workspace_bytes: counts or sizes too large for a plan");
+    }
     return DecodeWorkspaceBytes(num_outputs, payload_size, num_intervals, num_tables);
   }, py::arg("num_outputs"),
         py::arg("payload_size"), py::arg("num_intervals"), py::arg("num_tables"),
@@ -1386,6 +1414,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("plan_failure", &PlanFailure, py::arg("status"),
         "The text of a failed decode's packed status word, as the FFI handlers report it.");
   m.def("pack_plan_status", [](int64_t interval, int code) {
+    // (found by review: code 16 read as interval 1's "ok", intervals past 2^27 wrapped)
+    if (interval < 0 || interval >= kMaxPlanIntervals || code < 1 ||
+        code > static_cast<int>(Status::kUncovered)) {
+      throw py::value_error("pack_plan_status: an interval in 0..2^27-1 and a failure code");
+    }
     return PackPlanStatus(interval, static_cast<Status>(code));
   }, py::arg("interval"), py::arg("code"), "The packed status word of a failed interval.");
 }

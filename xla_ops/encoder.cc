@@ -1,5 +1,6 @@
 #include "encoder.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1104,7 +1105,9 @@ SymbolCodes MakeSymbolCodes(const HuffmanCodeTable& dc, const HuffmanCodeTable& 
   for (int i = 0; i < 512; ++i) {
     const bool is_dc = i >= kDcIndex;
     const int symbol = is_dc ? i - kDcIndex : i;
-    const int extra = is_dc ? symbol : symbol & 15;
+    // DC symbols past 16 never occur: their extra bits capped keep the
+    // shifts below defined (found by review, UBSan: a shift of up to 255)
+    const int extra = is_dc ? std::min(symbol, 16) : symbol & 15;
     const HuffmanCodeTable& table = is_dc ? dc : ac;
     codes.prefix[i] = static_cast<uint32_t>(table.code[symbol]) << extra;
     codes.extra_mask[i] = static_cast<uint16_t>((1u << extra) - 1);

@@ -616,9 +616,12 @@ RiceStatus DecodeRice(const uint8_t* unary, int64_t unary_bytes, int64_t& unary_
       if (q >= max_quotient) return RiceStatus::kLongQuotient;
     }
     if (q >= max_quotient) return RiceStatus::kLongQuotient;
+    // a code past int64 is too long too (found by review: q << k wrapped to 0)
+    if (k && (q >> (63 - k)) != 0) return RiceStatus::kLongQuotient;
     uint64_t r = 0;
     if (k) {
-      if (remainder_bit + k > remainder_bits) return RiceStatus::kShortRemainders;
+      // (as a difference: remainder_bit + k overflowed for a position near 2^63)
+      if (k > remainder_bits - remainder_bit) return RiceStatus::kShortRemainders;
       r = BitsAt(remainders, remainder_bytes, remainder_bit, k);
       remainder_bit += k;
     }
