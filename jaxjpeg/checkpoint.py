@@ -92,6 +92,14 @@ class Policy:
         # per character, and "*" matches everything).
         for name in ("lossless", "compress"):
             object.__setattr__(self, name, patterns(getattr(self, name), f"Policy.{name}"))
+        # whole numbers >= 0 (found by review: -5, 1.5 and True were taken
+        # silently, min_ndim=2.5 kept 2-D leaves raw, "4" failed late unnamed)
+        for name in ("min_size", "min_ndim"):
+            value = getattr(self, name)
+            if not (value is None and name == "min_ndim") and not (
+                    isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                    and value >= 0):
+                raise ValueError(f"Policy.{name} must be a whole number >= 0, got {value!r:.40}")
         if self.stacked is not None:
             pairs = tuple(sorted(_stack_pairs(self.stacked)))
             object.__setattr__(self, "stacked", pairs)
@@ -763,6 +771,10 @@ def _custom_encoder(encoder, shards: dict):
         review: a save wrote tiles leaving a gap, and no restore read it)."""
         enc = call(name, array)
         if isinstance(enc, codec.EncodedTensor):
+            # another shape's coding (found by review: saved, and the file refused)
+            if tuple(enc.shape) != tuple(np.shape(array)):
+                raise ValueError(f"encoder's coding of {name!r} has shape {tuple(enc.shape)}, "
+                                 f"the leaf {tuple(np.shape(array))}")
             try:
                 codec.check_tiling(enc)
             except ValueError as e:

@@ -228,8 +228,9 @@ def _parse_leaf(index: int, record: dict, file_size: int,
             stored = record.get("stored")
             if stored is None:   # its own dtype; deflated byte planes since session 31
                 return dataclasses.replace(leaf, **_deflated_fields(record, index))
-            if (stored == "quantized" and len(shape) >= 1
-                    and quantizable(leaf.dtype)):
+            # any shape, 0-d too (found by review: a scalar a policy sent to a byte
+            # target was written so, and the file was refused)
+            if stored == "quantized" and quantizable(leaf.dtype):
                 try:
                     fields = quantized_vectors.check_record(record, f"leaf {index}")
                 except ValueError as e:

@@ -224,6 +224,9 @@ def _kwargs(args: "JaxjpegSave") -> dict:
         raise TypeError(f"JaxjpegSave.save_kwargs: {', '.join(map(repr, unknown))}: {why}")
     for name in ("quant_step", "quality", "bits", "policy"):
         if getattr(args, name) is not None:
+            if name in kwargs:   # (found by review: the field won silently)
+                raise TypeError(f"JaxjpegSave: {name!r} given both as a field and in "
+                                "save_kwargs: give it once")
             kwargs[name] = getattr(args, name)
     kwargs["progress"] = False
     return kwargs

@@ -2392,3 +2392,53 @@ def test_a_table_of_repeating_rows_is_counted_as_it_deflates(tmp_path):
         warnings.simplefilter("error")
         report = jaxjpeg.save(tmp_path / "t.jjpg", tree, target_ratio=10, progress=False)
     assert report.ratio_vs_float32 == pytest.approx(10, rel=0.02)
+
+
+# ---------------------------------------------------------------- found by review (session 60)
+
+
+@pytest.mark.parametrize("rate", [dict(target_ratio=2), dict(target_ratio=1.01),
+                                  dict(bits_per_weight=20)])
+def test_a_scalar_a_policy_sends_to_a_byte_target_restores(tmp_path, rate):
+    """Found by review: a 0-d float leaf a policy named, under a byte target
+    with room to code it, was stored quantized (exactly, 1 byte) and the
+    reader refused the file ("a float32 leaf cannot be stored as
+    'quantized'"), which had replaced the checkpoint at its path."""
+    rng = np.random.default_rng(9)
+    tree = {"heavy": rng.standard_cauchy((64, 64)).astype(np.float32), "s0": np.float32(1.5)}
+    path = tmp_path / "s.jjpg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the target's miss on so small a tree
+        jaxjpeg.save(path, tree, policy=jaxjpeg.Policy(compress=("s0",)), **rate)
+    got = jaxjpeg.restore(path)
+    assert got["s0"].shape == () and float(got["s0"]) == 1.5
+    with jaxjpeg.open(path) as f:
+        assert float(f.get("s0")) == 1.5
+    assert float(jaxjpeg.decode(jaxjpeg.load(path))["s0"]) == 1.5
+
+
+def test_an_encoders_coding_of_another_shape_is_refused(tmp_path):
+    """Found by review: an encoder= coding a (32, 32) array for a (128, 128)
+    leaf was saved (over the file at the path), and the file refused."""
+    x = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+
+    def encoder(name, array):
+        return codec.encode_tensor(array[:32, :32], bits=8, quality=90)
+
+    jaxjpeg.save(tmp_path / "a.jjpg", {"a": x})
+    before = (tmp_path / "a.jjpg").read_bytes()
+    with pytest.raises(ValueError, match=r"coding of 'a' has shape \(32, 32\), the leaf "
+                                         r"\(128, 128\)"):
+        jaxjpeg.save(tmp_path / "a.jjpg", {"a": x}, encoder=encoder)
+    assert (tmp_path / "a.jjpg").read_bytes() == before
+
+
+@pytest.mark.parametrize("field, value", [("min_size", -5), ("min_size", 1.5),
+                                          ("min_size", True), ("min_size", "4"),
+                                          ("min_ndim", -1), ("min_ndim", 2.5)])
+def test_policy_sizes_must_be_whole_numbers(field, value):
+    """Found by review: these were taken silently (min_ndim=2.5 kept 2-D
+    leaves raw), or failed late with a TypeError naming no option."""
+    with pytest.raises(ValueError, match=f"Policy.{field} must be a whole number"):
+        jaxjpeg.Policy(**{field: value})
+    assert jaxjpeg.Policy(min_size=np.int64(0), min_ndim=0).min_size == 0

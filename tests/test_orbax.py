@@ -126,6 +126,9 @@ def test_plain_checkpointer_sync_and_async(tmp_path):
     (dict(save_kwargs={"clip": "bogus"}), ValueError, "clip must be one of"),
     (dict(save_kwargs={"restart_interval": -3}), ValueError, "restart_interval"),
     (dict(save_kwargs={"encoder": 5}), TypeError, "encoder must be callable"),
+    # found by review (session 60): the field won silently
+    (dict(quant_step=4.0, save_kwargs={"quant_step": 40.0}), TypeError, "given both"),
+    (dict(bits=8, save_kwargs={"bits": 12}), TypeError, "given both"),
 ])
 def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, words):
     """They were checked in the commit thread: save(0) returned True, the
