@@ -271,8 +271,10 @@ class JaxjpegSave(ocp.args.CheckpointArgs):
         # Not with several processes: one refusing alone here would leave the
         # others waiting in the save, where they refuse together.
         if jax.process_count() == 1:
-            _ckpt.check_save_options(**_kwargs(self))
+            kwargs = _kwargs(self)
+            _ckpt.check_save_options(**kwargs)
             _ckpt.check_leaves(self.item)
+            _ckpt.check_tree_options(self.item, **kwargs)
 
 
 @ocp.args.register_with_handler(JaxjpegCheckpointHandler, for_restore=True)

@@ -129,6 +129,10 @@ def test_plain_checkpointer_sync_and_async(tmp_path):
     # found by review (session 60): the field won silently
     (dict(quant_step=4.0, save_kwargs={"quant_step": 40.0}), TypeError, "given both"),
     (dict(bits=8, save_kwargs={"bits": 12}), TypeError, "given both"),
+    # found by review (session 60): refused inside the manager, a temporary
+    # directory left and the interpreter held 300 s at exit
+    (dict(save_kwargs={"sensitivity": {"w": np.ones(3)}}), ValueError, "does not broadcast"),
+    (dict(save_kwargs={"sensitivity": {"v": 2.0}}), ValueError, "not a leaf of the tree"),
 ])
 def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, words):
     """They were checked in the commit thread: save(0) returned True, the
@@ -137,6 +141,7 @@ def test_async_save_refuses_bad_options_before_returning(tmp_path, bad, error, w
     with ocp.CheckpointManager(tmp_path) as mngr:
         with pytest.raises(error, match=words):
             mngr.save(0, args=ocp.args.Composite(params=JaxjpegSave(params, **bad)))
+        assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]   # nothing begun
         assert mngr.save(1, args=ocp.args.Composite(params=JaxjpegSave(params)))
         mngr.wait_until_finished()
         assert mngr.all_steps() == [1]
