@@ -2254,7 +2254,10 @@ class _Save:
             lambda: _jpeg_candidates(leaves, self.policy, self.log_coding))
         self.error_bound = error_bound
         _check_covariances(input_covariance, self.leaves, error_bound)
-        _check_sensitivity_names(sensitivity, self.leaves)
+        fixed = [name for name, value in (("quant_step", quant_step), ("quality", quality),
+                                          ("qtable", qtable), ("error_bound", error_bound))
+                 if value is not None]
+        _check_sensitivity_names(sensitivity, self.leaves, fixed_by=(fixed or [None])[0])
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,
@@ -2699,12 +2702,14 @@ def check_tree_options(tree, *, sensitivity=None, input_covariance=None, error_b
     _check_sensitivity_names(sensitivity, leaves, warn=False)
 
 
-def _check_sensitivity_names(sensitivity, leaves, warn: bool = True) -> None:
+def _check_sensitivity_names(sensitivity, leaves, warn: bool = True,
+                             fixed_by: str | None = None) -> None:
     """Refuses a ``sensitivity`` naming a leaf the tree does not have (a
     misspelt path would otherwise steer nothing, silently), a factor that
     is negative or not finite, and an importance array that does not
     broadcast to its leaf, under every rate control (before anything is
-    coded); ``warn``: of the leaves it weighs at 0."""
+    coded); ``warn``: of the leaves it weighs at 0 (``fixed_by``: the
+    option that fixes each leaf's step, where numbers steer nothing)."""
     shapes = {leaf.name: leaf.shape for leaf in leaves}
     if sensitivity is not None:
         _check_mapping("sensitivity", sensitivity, "a number or an array")
@@ -2723,10 +2728,10 @@ def _check_sensitivity_names(sensitivity, leaves, warn: bool = True) -> None:
         if importance is not None and not np.all(np.isfinite(importance) & (importance >= 0)):
             raise ValueError(f"{name}: importance must be finite and non-negative")
     if warn:
-        _warn_weightless(sensitivity, shapes)
+        _warn_weightless(sensitivity, shapes, fixed_by)
 
 
-def _warn_weightless(sensitivity, shapes) -> None:
+def _warn_weightless(sensitivity, shapes, fixed_by: str | None = None) -> None:
     """Warns of the leaves ``sensitivity`` weighs at 0 (empty ones aside):
     coded, the default save gives them no bytes, byte targets only those no
     other leaf takes (found by review: an expert the calibration batches
@@ -2736,7 +2741,12 @@ def _warn_weightless(sensitivity, shapes) -> None:
     weightless = sorted(name for name in sensitivity or {}
                         if math.prod(shapes[name])
                         and _user_weight(sensitivity, name, shapes[name]) == 0)
-    if weightless:
+    if weightless and fixed_by is not None:   # (found by review: said "no bytes")
+        warnings.warn(f"sensitivity is 0 for {len(weightless)} leaves "
+                      f"({first_names([repr(name) for name in weightless])}), but {fixed_by} "
+                      "fixes each leaf's step or error: a number steers nothing there (an "
+                      "array only shapes the steps inside its leaf)", stacklevel=7)
+    elif weightless:
         warnings.warn(f"sensitivity is 0 for {len(weightless)} leaves "
                       f"({first_names([repr(name) for name in weightless])}): "
                       "coded, the default save gives them no bytes and they restore at about "

@@ -2442,3 +2442,19 @@ def test_policy_sizes_must_be_whole_numbers(field, value):
     with pytest.raises(ValueError, match=f"Policy.{field} must be a whole number"):
         jaxjpeg.Policy(**{field: value})
     assert jaxjpeg.Policy(min_size=np.int64(0), min_ndim=0).min_size == 0
+
+
+@pytest.mark.parametrize("rate", [dict(error_bound=0.05), dict(quality=90), dict(quant_step=4)])
+def test_a_zero_sensitivity_under_a_fixed_step_is_said_to_steer_nothing(tmp_path, rate):
+    """Found by review: under error_bound / quality / quant_step (each fixes
+    a leaf's step: a number steers nothing, as documented) a 0 was warned of
+    as leaving the leaf "no bytes", at about its mean; it came back at 0.0495."""
+    rng = np.random.default_rng(7)
+    tree = {"c": rng.standard_normal((256, 256)).astype(np.float32),
+            "d": rng.standard_normal((256, 256)).astype(np.float32)}
+    with pytest.warns(UserWarning, match="fixes each leaf's step or error: a number steers "
+                                         "nothing") as caught:
+        jaxjpeg.save(tmp_path / "z.jjpg", tree, sensitivity={"c": 0.0}, **rate)
+    assert not any("no bytes" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="gives them no bytes"):   # where it does steer
+        jaxjpeg.save(tmp_path / "d.jjpg", tree, sensitivity={"c": 0.0})
