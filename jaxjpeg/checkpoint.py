@@ -2254,10 +2254,10 @@ class _Save:
             lambda: _jpeg_candidates(leaves, self.policy, self.log_coding))
         self.error_bound = error_bound
         _check_covariances(input_covariance, self.leaves, error_bound)
-        fixed = [name for name, value in (("quant_step", quant_step), ("quality", quality),
-                                          ("qtable", qtable), ("error_bound", error_bound))
-                 if value is not None]
-        _check_sensitivity_names(sensitivity, self.leaves, fixed_by=(fixed or [None])[0])
+        fixed_by = next((name for name, value in (
+            ("quant_step", quant_step), ("quality", quality), ("qtable", qtable),
+            ("error_bound", error_bound)) if value is not None), None)
+        _check_sensitivity_names(sensitivity, self.leaves, fixed_by=fixed_by)
         leaf_coder = _LeafCoder(sensitivity, view, dict(restart_interval=restart_interval,
                                                         tile_shape=tile_shape, clip=clip),
                                 input_covariance,

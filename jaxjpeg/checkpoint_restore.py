@@ -128,22 +128,6 @@ def _boxed_hint(name: str, saved) -> str:
     return ""
 
 
-def _refuse_compressed_target(target) -> None:
-    """A target holding jaxjpeg.load's leaves is refused, naming the leaf: a
-    CompressedArray flattens into its coded operands, which were asked of
-    the file as leaves (found by review: "no leaf 'params/qkv/0'")."""
-    from jaxjpeg.compressed import CompressedArray
-
-    def compressed(x) -> bool:
-        return isinstance(x, CompressedArray)
-
-    for path, leaf in jax.tree_util.tree_flatten_with_path(target, is_leaf=compressed)[0]:
-        if compressed(leaf):
-            raise ValueError(f"{path_string([key_record(k) for k in path])!r}: the target holds "
-                             "a jaxjpeg.load result (a CompressedArray); give its shapes, "
-                             "jax.eval_shape(jaxjpeg.decode, loaded), or a restored tree")
-
-
 def _nested_hint(name: str, saved) -> str:
     """Where the file holds ``name`` under a prefix (a target of params for
     a saved ``{"params": ..., ...}``: found by review, the error named the
@@ -164,12 +148,21 @@ def _nested_hint(name: str, saved) -> str:
 
 
 def target_requests(ckpt: Checkpoint, target, dtype) -> tuple[list[LeafRequest], Any]:
-    _refuse_compressed_target(target)
+    from jaxjpeg.compressed import CompressedArray
+
     by_path = {leaf.path: leaf for leaf in ckpt.leaves}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    # jaxjpeg.load's leaves kept whole: flattened, a CompressedArray's coded
+    # operands were asked of the file as leaves (found by review: "no leaf
+    # 'params/qkv/0'")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        target, is_leaf=lambda x: isinstance(x, CompressedArray))
     requests = []
     for path, want in leaves:
         name = path_string([key_record(k) for k in path])
+        if isinstance(want, CompressedArray):
+            raise ValueError(f"{name!r}: the target holds a jaxjpeg.load result (a "
+                             "CompressedArray); give its shapes, jax.eval_shape(jaxjpeg.decode, "
+                             "loaded), or a restored tree")
         if name not in by_path:
             raise KeyError(f"{ckpt.path}: no leaf {name!r} in the checkpoint"
                            + _nested_hint(name, by_path))

@@ -453,12 +453,13 @@ def _safetensors_entry(file: str, name: str, entry, data_size: int):
     dtype = numpy_dtype(SAFETENSORS_DTYPES[kind])
     if dtype.kind in "biufc":
         dtype = dtype.newbyteorder("<")   # the format is little-endian
-    if math.prod(shape) * value_bits(dtype) % 8:
+    count = math.prod(shape)
+    if count * value_bits(dtype) % 8:
         # the format ends every tensor on a byte (review: 3 float4 values in 2
         # bytes were compressed, and the checkpoint could not be exported)
-        raise bad(f"{math.prod(shape)} {kind} values do not fill whole bytes")
-    if packed_nbytes(math.prod(shape), dtype) != offsets[1] - offsets[0]:
-        raise bad(f"shape {shape} of {kind} needs {packed_nbytes(math.prod(shape), dtype)} "
+        raise bad(f"{count} {kind} values do not fill whole bytes")
+    if packed_nbytes(count, dtype) != offsets[1] - offsets[0]:
+        raise bad(f"shape {shape} of {kind} needs {packed_nbytes(count, dtype)} "
                   f"bytes, its offsets span {offsets[1] - offsets[0]}")
     return dtype, tuple(shape), tuple(offsets)
 
